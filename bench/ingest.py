@@ -1,0 +1,266 @@
+"""Ingest benchmark: C-STORE a generated corpus into each receiver, with K concurrent associations.
+
+    python -m bench.ingest --kind small --count 2000 --associations 1 4 --repeat 3 \
+        [--receivers stowage,storescp,storescp-fork,pynetdicom] [--json out.json]
+
+For every receiver × association count × repeat: start the receiver on a free
+127.0.0.1 port in a fresh temp dir, wait for it to answer C-ECHO, split the corpus
+into K equal contiguous shares and send each with its own DCMTK ``storescu``
+process, then SIGTERM the receiver. Wall time runs from the first sender start to
+the last sender exit; CPU and peak RSS cover the receiver's whole process tree.
+Medians over repeats are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.corpus import KINDS, generate, series_layout
+from bench.procs import TreeMonitor, echo, find_dcmtk, free_port, stop_tree, tail
+from bench.receivers import RECEIVERS, REPO_ROOT, Receiver, Unavailable
+
+MAX_ARGV_BYTES = 1 << 20  # beyond this a share is passed as a directory of symlinks (+sd)
+
+
+class StartFailed(Exception):
+    """The receiver exited or did not answer C-ECHO in time."""
+
+
+@dataclass
+class Run:
+    """One measured transfer."""
+
+    wall_s: float
+    inst_per_s: float
+    mb_per_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    senders_ok: bool
+    received: int | None = None
+    leftover_procs: int = 0
+    max_procs: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    """All repeats of one receiver × association count."""
+
+    receiver: str
+    associations: int
+    status: str  # ok | errors | skipped | failed
+    note: str = ""
+    command: list[str] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+    median: dict[str, float] = field(default_factory=dict)
+
+
+def _sender_argv(storescu: str, port: int, aet: str, names: list[str], share_dir: Path) -> list[str]:
+    base = [storescu, "-aet", "BENCH", "-aec", aet, "-ta", "600", "127.0.0.1", str(port)]
+    if sum(len(n) + 1 for n in names) < MAX_ARGV_BYTES:
+        return [*base, *names]
+    share_dir.mkdir(parents=True)
+    for n in names:
+        (share_dir / n).symlink_to(Path(n).resolve())
+    return [*base, "+sd", str(share_dir)]
+
+
+def _start(rcv: Receiver, cmd: list[str], port: int, logs: Path, echoscu: str,
+           timeout: float) -> tuple[subprocess.Popen, TreeMonitor]:
+    """Start the receiver and wait until it answers C-ECHO."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    with open(logs / "receiver.out", "wb") as out, open(logs / "receiver.err", "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                start_new_session=True, env={**os.environ, "PYTHONPATH": pythonpath})
+    mon = TreeMonitor(proc.pid).start()
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            why = f"exited with {proc.returncode} before answering C-ECHO"
+        elif echo(echoscu, port, rcv.aet):
+            return proc, mon
+        elif time.monotonic() > deadline:
+            why = f"no C-ECHO answer within {timeout:.0f} s"
+        else:
+            time.sleep(0.1)
+            continue
+        mon.stop()
+        stop_tree(proc, mon, timeout=5)
+        err = tail(logs / "receiver.err") or tail(logs / "receiver.out")
+        raise StartFailed(f"{why}; stderr tail:\n{err}")
+
+
+def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
+             tools: dict[str, str], args: argparse.Namespace) -> tuple[Run, list[str]]:
+    """Start ``rcv`` fresh, send ``files`` over ``k`` associations, stop it; return the measurement."""
+    work = Path(tempfile.mkdtemp(prefix=f"stowage-bench-{rcv.name}-", dir=args.tmp))
+    data, logs = work / "data", work / "logs"
+    data.mkdir()
+    logs.mkdir()
+    senders: list[subprocess.Popen] = []
+    proc = mon = None
+    try:
+        port = free_port()
+        cmd = rcv.build(port, data, args.stowage_workers)
+        proc, mon = _start(rcv, cmd, port, logs, tools["echoscu"], args.start_timeout)
+        corpus = files[0].parent
+        names = [f.name for f in files]
+        shares = [names[r.start:r.stop] for r in series_layout(len(names), k)]
+        argvs = [_sender_argv(tools["storescu"], port, rcv.aet, s, work / f"share{i}") for i, s in enumerate(shares) if s]
+        cpu0 = mon.sample()
+        t0 = time.perf_counter()
+        for i, argv in enumerate(argvs):
+            with open(logs / f"sender{i}.out", "wb") as out:
+                senders.append(subprocess.Popen(argv, cwd=corpus, stdin=subprocess.DEVNULL, stdout=out,
+                                                stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + args.send_timeout
+        errors: list[str] = []
+        for s in senders:
+            try:
+                s.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                s.kill()
+                s.wait()
+                errors.append(f"sender pid {s.pid} killed after --send-timeout {args.send_timeout:.0f} s")
+        wall = time.perf_counter() - t0
+        errors += [f"sender {i} exit {s.returncode}: {tail(logs / f'sender{i}.out', 5)}"
+                   for i, s in enumerate(senders) if s.returncode != 0]
+        if proc.poll() is not None:
+            errors.append(f"receiver died (exit {proc.returncode}): {tail(logs / 'receiver.err', 5)}")
+        mon.stop()
+        leftovers = stop_tree(proc, mon)
+        received = sum(1 for p in data.rglob("*") if p.is_file()) if rcv.one_file_per_instance else None
+        if received is not None and received != len(files):
+            errors.append(f"receiver stored {received} of {len(files)} files")
+        run = Run(wall_s=wall, inst_per_s=len(files) / wall, mb_per_s=total_bytes / 1e6 / wall,
+                  cpu_s=mon.cpu - cpu0, peak_rss_mb=mon.peak_rss / 1e6, senders_ok=not errors,
+                  received=received, leftover_procs=leftovers, max_procs=mon.max_procs, errors=errors)
+        return run, cmd
+    finally:
+        for s in senders:
+            if s.poll() is None:
+                s.kill()
+                s.wait()
+        if proc is not None and proc.poll() is None:
+            if mon is not None:
+                mon.stop()
+            stop_tree(proc, mon)
+        if args.keep:
+            print(f"    kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_config(name: str, k: int, files: list[Path], total: int, tools: dict[str, str],
+                 args: argparse.Namespace) -> Result:
+    """All repeats of one receiver × association count."""
+    rcv = RECEIVERS[name]
+    res = Result(name, k, "ok")
+    for rep in range(args.repeat):
+        try:
+            run, res.command = run_once(rcv, files, total, k, tools, args)
+        except Unavailable as e:
+            res.status, res.note = "skipped", str(e)
+            return res
+        except StartFailed as e:
+            res.status, res.note = "failed", str(e)
+            return res
+        res.runs.append(run)
+        flag = "" if run.senders_ok else "  ERRORS: " + " | ".join(run.errors)
+        print(f"  {name:<14} assoc={k} rep={rep + 1}: {run.inst_per_s:8.1f} inst/s  {run.mb_per_s:7.1f} MB/s"
+              f"  cpu {run.cpu_s:6.2f} s  rss {run.peak_rss_mb:6.1f} MB  procs<={run.max_procs}{flag}",
+              file=sys.stderr, flush=True)
+    for key in ("wall_s", "inst_per_s", "mb_per_s", "cpu_s", "peak_rss_mb"):
+        res.median[key] = statistics.median(getattr(r, key) for r in res.runs)
+    if not all(r.senders_ok for r in res.runs):
+        res.status = "errors"
+        res.note = "; ".join(e for r in res.runs for e in r.errors)[:2000]
+    return res
+
+
+def format_table(results: list[Result]) -> str:
+    """The human-readable summary table (plus notes for skipped/failed rows)."""
+    base = {r.associations: r.median["inst_per_s"] for r in results if r.receiver == "stowage" and r.runs}
+    head = ("receiver", "assoc", "inst/s", "MB/s", "cpu s", "peak RSS MB", "ratio vs stowage (inst/s)", "ok")
+    rows, notes = [], []
+    for r in results:
+        if not r.runs:
+            rows.append((r.receiver, str(r.associations), r.status, "", "", "", "", "-"))
+            notes.append(f"{r.receiver} (assoc {r.associations}) {r.status}: {r.note}")
+            continue
+        m = r.median
+        ratio = f"{m['inst_per_s'] / base[r.associations]:.2f}" if r.associations in base else "-"
+        ok = "yes" if r.status == "ok" else "NO"
+        rows.append((r.receiver, str(r.associations), f"{m['inst_per_s']:.1f}", f"{m['mb_per_s']:.1f}",
+                     f"{m['cpu_s']:.2f}", f"{m['peak_rss_mb']:.1f}", ratio, ok))
+        if r.status != "ok":
+            notes.append(f"{r.receiver} (assoc {r.associations}) errors: {r.note}")
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(head), "-+-".join("-" * w for w in widths), *map(line, rows)]
+    return "\n".join(out + ([""] + notes if notes else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n")[0])
+    ap.add_argument("--kind", choices=sorted(KINDS), default="small")
+    ap.add_argument("--count", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--receivers", default=",".join(RECEIVERS))
+    ap.add_argument("--json", type=Path, help="also write results here")
+    ap.add_argument("--corpus", type=Path, help="send the *.dcm files of this dir instead of generating")
+    ap.add_argument("--stowage-workers", type=int, default=2)
+    ap.add_argument("--start-timeout", type=float, default=15.0)
+    ap.add_argument("--send-timeout", type=float, default=1800.0)
+    ap.add_argument("--tmp", help="parent dir for temp dirs (default: system temp)")
+    ap.add_argument("--keep", action="store_true", help="keep receiver temp dirs (for debugging)")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.receivers.split(",") if n.strip()]
+    if bad := [n for n in names if n not in RECEIVERS]:
+        ap.error(f"unknown receivers {bad}; known: {', '.join(RECEIVERS)}")
+    tools = {t: find_dcmtk(t) for t in ("storescu", "echoscu")}
+    if missing := [t for t, p in tools.items() if p is None]:
+        print(f"DCMTK {', '.join(missing)} not found (set DCMTK_BIN); cannot send", file=sys.stderr)
+        return 2
+    corpus_tmp = None if args.corpus else Path(tempfile.mkdtemp(prefix="stowage-bench-corpus-", dir=args.tmp))
+    try:
+        if args.corpus:
+            files = sorted(args.corpus.glob("*.dcm"))
+        else:
+            t = time.perf_counter()
+            files = generate(corpus_tmp, args.kind, args.count, seed=args.seed)
+            print(f"generated {len(files)} {args.kind} files in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        if not files:
+            print("empty corpus", file=sys.stderr)
+            return 2
+        total = sum(f.stat().st_size for f in files)
+        env = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+               "storescu": tools["storescu"], "files": len(files), "bytes": total}
+        print(f"corpus: {len(files)} files, {total / 1e6:.1f} MB; {env['cpus']} CPUs", file=sys.stderr)
+        results = [bench_config(n, k, files, total, tools, args) for n in names for k in args.associations]
+    finally:
+        if corpus_tmp is not None:
+            shutil.rmtree(corpus_tmp, ignore_errors=True)
+    print(format_table(results))
+    if args.json:
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"config": config, "env": env, "results": [asdict(r) for r in results]},
+                                        indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Process plumbing for the benchmarks: DCMTK lookup, free ports, tree monitoring, stopping."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from functools import cache
+from pathlib import Path
+
+import psutil
+
+
+@cache
+def find_dcmtk(name: str) -> str | None:
+    """Absolute path of the DCMTK tool ``name``, or None.
+
+    Plain PATH lookup is not enough: pynetdicom installs console scripts with the same
+    names (storescp, storescu, echoscu) that may shadow DCMTK, so each candidate must
+    say "dcmtk" in its ``--version``. ``$DCMTK_BIN`` is tried first.
+    """
+    dirs = [os.environ.get("DCMTK_BIN", "")] + os.environ.get("PATH", "").split(os.pathsep)
+    seen: set[str] = set()
+    for d in [*dirs, "/usr/bin", "/usr/local/bin"]:
+        exe = os.path.realpath(os.path.join(d, name)) if d else ""
+        if not exe or exe in seen or not os.access(exe, os.X_OK):
+            continue
+        seen.add(exe)
+        try:
+            r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in (r.stdout + r.stderr).lower():
+            return exe
+    return None
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (tiny race until the receiver binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a text file ('' if missing)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def echo(echoscu: str, port: int, aet: str) -> bool:
+    """True if a DICOM C-ECHO to 127.0.0.1:port succeeds."""
+    cmd = [echoscu, "-to", "2", "-ta", "5", "-aec", aet, "127.0.0.1", str(port)]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+class TreeMonitor:
+    """Samples CPU seconds and RSS of a process and all its descendants.
+
+    CPU of one sample = Σ over the live tree (incl. zombies) of user+system plus
+    children_user+children_system (descendants already reaped), so children that
+    come and go between samples (``storescp --fork``) are still counted once they
+    are waited for. ``cpu`` is the maximum seen, ``peak_rss`` the largest summed RSS
+    (forked children share pages copy-on-write, so this over-counts them).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.cpu = 0.0
+        self.peak_rss = 0
+        self.max_procs = 0
+        self.seen: dict[int, float] = {}  # pid -> create_time, for cleanup
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)
+
+    def start(self) -> "TreeMonitor":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> float:
+        """Take one sample; return the tree CPU seconds it saw."""
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]  # parents before children
+        except psutil.Error:
+            return self.cpu
+        cpu, rss = 0.0, 0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                cpu += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                continue
+            try:
+                rss += p.memory_info().rss
+                self.seen.setdefault(p.pid, p.create_time())
+            except psutil.Error:
+                pass
+        with self._lock:
+            self.cpu = max(self.cpu, cpu)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.max_procs = max(self.max_procs, len(procs))
+        return cpu
+
+    def stop(self) -> None:
+        """Stop the sampling thread and take a final sample."""
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def stop_tree(proc: subprocess.Popen, monitor: TreeMonitor | None, timeout: float = 10.0) -> int:
+    """SIGTERM ``proc``, SIGKILL after ``timeout``; then kill any of its descendants left
+    behind (by PID, checking create_time). Returns how many leftovers had to be killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    leftovers: list[psutil.Process] = []
+    for pid, created in (monitor.seen if monitor else {}).items():
+        if pid == proc.pid:
+            continue
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                leftovers.append(p)
+        except psutil.Error:
+            pass
+    if not leftovers:
+        return 0
+    _, alive = psutil.wait_procs(leftovers, timeout=2.0)
+    for p in alive:
+        p.terminate()
+    _, still = psutil.wait_procs(alive, timeout=timeout)
+    for p in still:
+        p.kill()
+    return len(alive)

@@ -1,0 +1,87 @@
+"""The manifest: which Parquet files make up the sealed catalog, and how far each
+segment is sealed. Readers open only the files it names; writers replace it atomically
+(write, fsync, rename) under an inter-process lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST = "manifest.json"
+RETIRE_GRACE_S = 120.0  # superseded files stay this long for readers that still hold them
+
+
+@dataclass
+class Manifest:
+    files: dict[str, int] = field(default_factory=dict)         # parquet name -> rows
+    watermarks: dict[str, int] = field(default_factory=dict)    # segment -> sealed byte offset
+    retired: dict[str, float] = field(default_factory=dict)     # parquet name -> retired at
+    generation: int = 0
+
+    def sealed_upto(self, segment: str) -> int:
+        return self.watermarks.get(segment, 0)
+
+
+def load(directory: Path) -> Manifest:
+    try:
+        with open(directory / MANIFEST, "rb") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        return Manifest()
+    return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"])
+
+
+def _store(directory: Path, m: Manifest) -> None:
+    tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"files": m.files, "watermarks": m.watermarks, "retired": m.retired,
+                   "generation": m.generation}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def lock(directory: Path, name: str = "manifest.lock", blocking: bool = True) -> Iterator[bool]:
+    """An inter-process lock; yields False when non-blocking and someone else holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / name, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def update(directory: Path) -> Iterator[Manifest]:
+    """Read-modify-write the manifest under the lock; the change lands atomically on exit."""
+    with lock(directory):
+        m = load(directory)
+        yield m
+        m.generation += 1
+        _purge_retired(directory, m)
+        _store(directory, m)
+
+
+def _purge_retired(directory: Path, m: Manifest) -> None:
+    now = time.time()
+    for name, at in list(m.retired.items()):
+        if now - at > RETIRE_GRACE_S:
+            (directory / name).unlink(missing_ok=True)
+            del m.retired[name]

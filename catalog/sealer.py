@@ -1,0 +1,119 @@
+"""Sealing: turning tail rows into immutable Parquet files named by the manifest, and
+merging small Parquet files in the background so that reads stay fast.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catalog import manifest
+from catalog.schema import SCHEMA
+from catalog.tail import SUFFIX, TailWriter
+
+log = logging.getLogger("stowage.catalog")
+SORT_KEYS = [("study_instance_uid", "ascending"), ("series_instance_uid", "ascending"),
+             ("sop_instance_uid", "ascending")]
+COMPACT_MAX_ROWS = 2_000_000  # files at least this big are left alone
+
+
+def _write_parquet(directory: Path, table: pa.Table) -> str:
+    name = f"part-{time.time_ns():020d}-{os.getpid()}.parquet"
+    tmp = directory / f".{name}.tmp"
+    pq.write_table(table.sort_by(SORT_KEYS), tmp, compression="zstd", row_group_size=65536,
+                   write_statistics=True)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / name)
+    return name
+
+
+def seal_rows(directory: Path, rows: pa.Table | list[dict[str, Any]]) -> str | None:
+    """Write `rows` as a Parquet file and advance the watermarks of their segments."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=SCHEMA)
+    if table.num_rows == 0:
+        return None
+    name = _write_parquet(directory, table)
+    ends: dict[str, int] = {}
+    for seg, off, length in zip(table["segment"].to_pylist(), table["offset"].to_pylist(),
+                                table["record_length"].to_pylist()):
+        ends[seg] = max(ends.get(seg, 0), off + length)
+    with manifest.update(directory) as m:
+        m.files[name] = table.num_rows
+        for seg, end in ends.items():
+            m.watermarks[seg] = max(m.watermarks.get(seg, 0), end)
+    return name
+
+
+def advance_watermark(directory: Path, segment: str, end: int) -> None:
+    """Record that `segment` holds nothing to seal before `end` (e.g. an empty or cut tail)."""
+    with manifest.update(directory) as m:
+        m.watermarks[segment] = max(m.watermarks.get(segment, 0), end)
+
+
+def compact(directory: Path, min_files: int) -> str | None:
+    """Merge the small Parquet files into one, if there are at least `min_files` of them."""
+    with manifest.lock(directory, "compact.lock", blocking=False) as got:
+        if not got:
+            return None
+        small = [n for n, rows in manifest.load(directory).files.items() if rows < COMPACT_MAX_ROWS]
+        if len(small) < min_files:
+            return None
+        merged = pa.concat_tables(pq.read_table(directory / n, schema=SCHEMA) for n in small)
+        name = _write_parquet(directory, merged)
+        with manifest.update(directory) as m:
+            now = time.time()
+            for n in small:
+                m.files.pop(n, None)
+                m.retired[n] = now
+            m.files[name] = merged.num_rows
+        log.info("compacted %d catalog files (%d rows) into %s", len(small), merged.num_rows, name)
+        return name
+
+
+class Sealer:
+    """One worker's tail: rows of committed batches go to the tail file at once, and to
+    Parquet on `seal()`."""
+
+    def __init__(self, directory: Path, slot: int, compact_min_files: int = 8) -> None:
+        self.directory = directory
+        self.tails = directory / "tails"
+        self.slot = slot
+        self.compact_min_files = compact_min_files
+        self._lock = threading.Lock()
+        self._rows: list[dict[str, Any]] = []
+        self._generation = 0
+        self._tail = self._new_tail()
+
+    def _new_tail(self) -> TailWriter:
+        self._generation += 1
+        return TailWriter(self.tails / f"{self.slot:03d}-{os.getpid()}-{self._generation:08d}{SUFFIX}")
+
+    def commit(self, rows: list[dict[str, Any]]) -> None:
+        """Make the rows of a durable batch visible to every process."""
+        with self._lock:
+            self._tail.append(rows)
+            self._rows.extend(rows)
+
+    def seal(self) -> None:
+        with self._lock:
+            if not self._rows:
+                return
+            rows, self._rows = self._rows, []
+            old, self._tail = self._tail, self._new_tail()
+        old.close()
+        seal_rows(self.directory, rows)
+        old.path.unlink(missing_ok=True)
+        compact(self.directory, self.compact_min_files)
+
+    def close(self) -> None:
+        self.seal()
+        with self._lock:
+            self._tail.close()
+            self._tail.path.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""The engine: process model, configuration, the segment store and the CLI."""

@@ -1,0 +1,285 @@
+"""The acceptor/supervisor process: accepts TCP connections, admits them under the global
+association cap, hands each to the least-loaded worker (SCM_RIGHTS), restarts workers
+that die, and drains on SIGTERM/SIGINT. It does no per-instance work.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import Config
+from engine.recovery import recover
+
+log = logging.getLogger("stowage.acceptor")
+# A-ASSOCIATE-RJ: rejected-transient (2), service-provider presentation (3), local-limit-exceeded (2)
+A_ASSOCIATE_RJ_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2])
+_REJECT_LINGER_S = 2.0
+_READY_TIMEOUT_S = 120.0
+
+
+class ServeError(RuntimeError):
+    """The archive cannot start; the message says why and what to do."""
+
+
+@dataclass
+class WorkerSlot:
+    slot: int
+    process: subprocess.Popen | None = None
+    control: socket.socket | None = None
+    ready: bool = False
+    active: int = 0
+    started_at: float = 0.0
+    restarts: list[float] = field(default_factory=list)
+
+
+class Acceptor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.sel = selectors.DefaultSelector()
+        self.slots = [WorkerSlot(i) for i in range(config.worker_count)]
+        self.listener: socket.socket | None = None
+        self.draining = False
+        self._rejected: dict[socket.socket, float] = {}
+        self._pending_restart: dict[int, float] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._lock_file = None
+
+    # -- start-up -----------------------------------------------------------------
+
+    def _lock_data_dir(self) -> None:
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.config.data_dir / "serve.lock", "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServeError(f"another stowage process is serving {self.config.data_dir}; stop it first") from None
+
+    def _listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.config.bind else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.config.bind, self.config.port))
+        except OSError as e:
+            sock.close()
+            raise ServeError(f"cannot listen on {self.config.bind}:{self.config.port}: {e.strerror}") from None
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    def _spawn(self, ws: WorkerSlot) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ, STOWAGE_WORKER_CONFIG=json.dumps(self.config.to_dict()))
+        ws.process = subprocess.Popen([sys.executable, "-m", "workers.worker", str(ws.slot), str(child.fileno())],
+                                      pass_fds=[child.fileno()], env=env)
+        child.close()
+        ws.control, ws.ready, ws.active, ws.started_at = parent, False, 0, time.monotonic()
+        parent.setblocking(False)
+        self.sel.register(parent, selectors.EVENT_READ, ("worker", ws))
+        log.info("worker %d started (pid %d)", ws.slot, ws.process.pid)
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self) -> int:
+        self._lock_data_dir()
+        recovered = recover(self.config.data_dir)
+        if recovered:
+            log.info("start-up recovery indexed %d record(s)", recovered)
+        self.listener = self._listen()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: self._wake_w.send(b"c"))
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        for ws in self.slots:
+            self._spawn(ws)
+        self._wait_ready()
+        self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
+        log.info("%s listening on %s:%d with %d workers, data in %s", self.config.aet, self.config.bind,
+                 self.config.port, len(self.slots), self.config.data_dir)
+        while not self.draining:
+            self._tick(0.5)
+        return self._drain()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while not all(ws.ready for ws in self.slots):
+            if time.monotonic() > deadline:
+                raise ServeError("workers did not become ready; see the log above")
+            if self.draining:
+                return
+            self._tick(0.2)
+
+    def _tick(self, timeout: float) -> None:
+        for key, _mask in self.sel.select(timeout):
+            kind, ws = key.data
+            if kind == "listen":
+                self._accept()
+            elif kind == "worker":
+                self._from_worker(ws)
+            elif kind == "wake":
+                try:
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            elif kind == "rejected":
+                self._finish_reject(key.fileobj)
+        self._reap()
+        self._expire_rejects()
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        if not self.draining:
+            log.info("signal %d: draining", signum)
+        self.draining = True
+        try:
+            self._wake_w.send(b"s")
+        except OSError:
+            pass
+
+    # -- admission ----------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept: %s; refusing connections for a moment", e.strerror)
+                    time.sleep(0.1)
+                    return
+                raise
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        live = [ws for ws in self.slots if ws.ready and ws.control is not None]
+        total = sum(ws.active for ws in self.slots)
+        if total >= self.config.max_associations or not live:
+            self._reject(conn, "association cap reached" if live else "no worker is ready")
+            return
+        for ws in sorted(live, key=lambda w: w.active):
+            try:
+                socket.send_fds(ws.control, [b"A"], [conn.fileno()])
+            except OSError:
+                continue
+            ws.active += 1
+            conn.close()
+            return
+        self._reject(conn, "no worker took the connection")
+
+    def _reject(self, conn: socket.socket, why: str) -> None:
+        log.warning("A-ASSOCIATE-RJ to %s: %s", conn.getpeername()[0] if conn else "?", why)
+        try:
+            conn.setblocking(False)
+            conn.send(A_ASSOCIATE_RJ_LIMIT)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        # Read what the peer sends until it closes, so our close does not reset the RJ away.
+        self._rejected[conn] = time.monotonic() + _REJECT_LINGER_S
+        self.sel.register(conn, selectors.EVENT_READ, ("rejected", None))
+
+    def _finish_reject(self, conn: socket.socket) -> None:
+        try:
+            if conn.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close_rejected(conn)
+
+    def _close_rejected(self, conn: socket.socket) -> None:
+        self._rejected.pop(conn, None)
+        self.sel.unregister(conn)
+        conn.close()
+
+    def _expire_rejects(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c, t in self._rejected.items() if t < now]:
+            self._close_rejected(conn)
+
+    # -- workers ------------------------------------------------------------------
+
+    def _from_worker(self, ws: WorkerSlot) -> None:
+        while True:
+            try:
+                msg = ws.control.recv(16)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = b""
+            if not msg:  # the worker is gone; _reap restarts it
+                self.sel.unregister(ws.control)
+                ws.control.close()
+                ws.control, ws.ready = None, False
+                return
+            if msg == b"R":
+                ws.ready = True
+                log.info("worker %d ready", ws.slot)
+            elif msg == b"E":
+                ws.active = max(0, ws.active - 1)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for ws in self.slots:
+            if ws.process is None or ws.process.poll() is None:
+                continue
+            code = ws.process.returncode
+            if ws.control is not None:
+                self.sel.unregister(ws.control)
+                ws.control.close()
+            ws.process, ws.control, ws.ready, ws.active = None, None, False, 0
+            if self.draining:
+                continue
+            log.error("worker %d exited with %s; restarting it (its open associations were lost)", ws.slot, code)
+            ws.restarts = [t for t in ws.restarts if now - t < 60] + [now]
+            delay = min(30.0, 0.5 * 2 ** (len(ws.restarts) - 1)) if len(ws.restarts) > 3 else 0.0
+            self._pending_restart[ws.slot] = now + delay
+        for slot, at in list(self._pending_restart.items()):
+            if at <= now and not self.draining:
+                del self._pending_restart[slot]
+                self._spawn(self.slots[slot])
+
+    # -- shutdown -----------------------------------------------------------------
+
+    def _drain(self) -> int:
+        if self.listener is not None:
+            self.sel.unregister(self.listener)
+            self.listener.close()
+        for ws in self.slots:
+            if ws.control is not None:
+                try:
+                    ws.control.send(b"D")
+                except OSError:
+                    pass
+        deadline = time.monotonic() + self.config.drain_timeout + 15
+        for ws in self.slots:
+            if ws.process is None:
+                continue
+            try:
+                ws.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d did not finish draining; killing it", ws.slot)
+                ws.process.kill()
+                ws.process.wait()
+        log.info("stopped")
+        return 0
+
+
+def serve(config: Config) -> int:
+    return Acceptor(config).run()

@@ -1,0 +1,159 @@
+"""The archive's storage API for one worker process: validate, deduplicate, compress and
+durably append an instance; everything here is independent of any network protocol."""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from catalog.attributes import UnreadableDataset, extract
+from catalog.bloom import UidFilter
+from catalog.reader import Catalog
+from catalog.sealer import Sealer
+from engine.config import Config
+from engine.filemeta import file_meta
+from engine.segment import FLAG_ZSTD, encode_record
+from engine.writer import OutOfResources, SegmentWriter
+
+log = logging.getLogger("stowage.store")
+audit = logging.getLogger("stowage.audit")
+
+SUCCESS = 0x0000
+DUPLICATE_SOP_INSTANCE = 0x0111       # PS3.7 C.4: duplicate SOP instance
+OUT_OF_RESOURCES = 0xA700             # PS3.4 B.2.3
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_INCOMPRESSIBLE = 0.97  # keep the raw bytes when zstd saves less than 3 %
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    status: int
+    comment: str = ""  # becomes the Error Comment (LO): keep it within 64 characters
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+def valid_uid(uid: str | None) -> bool:
+    return bool(uid) and len(uid) <= 64 and bool(_UID.match(uid))
+
+
+def _check_identity(attrs: dict[str, Any], sop_class_uid: str, sop_instance_uid: str) -> StoreResult | None:
+    """A refusal when the dataset does not identify itself as the request says, else None."""
+    for column, tag, name in (("sop_instance_uid", "(0008,0018)", "SOP Instance UID"),
+                              ("study_instance_uid", "(0020,000D)", "Study Instance UID"),
+                              ("series_instance_uid", "(0020,000E)", "Series Instance UID")):
+        if not attrs.get(column):
+            return StoreResult(CANNOT_UNDERSTAND, f"no {name} {tag} in the dataset")
+        if not valid_uid(attrs[column]):
+            return StoreResult(CANNOT_UNDERSTAND, f"{name} {tag} is not a valid UID")
+    if attrs.get("sop_class_uid") != sop_class_uid:
+        return StoreResult(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                           "dataset SOP Class UID differs from Affected SOP Class UID")
+    if attrs["sop_instance_uid"] != sop_instance_uid:
+        return StoreResult(CANNOT_UNDERSTAND,
+                           "dataset SOP Instance UID differs from Affected SOP Instance UID")
+    return None
+
+
+class Archive:
+    """Storage for one worker: its segment writer, its tail, and a view of the catalog."""
+
+    def __init__(self, config: Config, slot: int) -> None:
+        self.config = config
+        self.data_dir = config.data_dir
+        self.catalog_dir = config.data_dir / "catalog"
+        self.sealer = Sealer(self.catalog_dir, slot, config.compact_min_files)
+        self.catalog = Catalog(self.catalog_dir, config.duplicates)
+        self.writer = SegmentWriter(config.data_dir / "segments", slot, segment_size=config.segment_size,
+                                    fsync=config.durability == "fsync", on_commit=self.sealer.commit)
+        self.known = UidFilter()
+        self.known.update(uid for (uid,) in self.catalog.execute("SELECT sop_instance_uid FROM records")[1])
+        self._local = threading.local()
+        self._stop = threading.Event()
+        self._seal_thread = threading.Thread(target=self._seal_loop, name="sealer", daemon=True)
+        self._seal_thread.start()
+
+    # -- the store path -------------------------------------------------------------
+
+    def store(self, dataset: bytes, transfer_syntax_uid: str, sop_class_uid: str,
+              sop_instance_uid: str, calling_ae: str = "", called_ae: str = "") -> StoreResult:
+        """Store one instance exactly as received; the result is final and durable."""
+        try:
+            attrs = extract(dataset, transfer_syntax_uid)
+        except UnreadableDataset as e:
+            return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {e}")
+        refusal = _check_identity(attrs, sop_class_uid, sop_instance_uid)
+        if refusal:
+            return refusal
+        crc = zlib.crc32(dataset)
+        if sop_instance_uid in self.known:
+            verdict = self._duplicate(sop_instance_uid, crc, len(dataset), calling_ae)
+            if verdict is not None:
+                return verdict
+        if shutil.disk_usage(self.data_dir).free < self.config.min_free_bytes:
+            return StoreResult(OUT_OF_RESOURCES, "archive disk full (below min_free_bytes); not stored")
+        meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
+        payload, flags = self._payload(meta, dataset)
+        row = dict(attrs, transfer_syntax_uid=transfer_syntax_uid, dataset_length=len(dataset),
+                   stored_length=len(payload), dataset_crc32=crc, calling_ae=calling_ae,
+                   called_ae=called_ae, received_at=time.time_ns() // 1000)
+        header = dict(row, meta_length=len(meta))
+        try:
+            self.writer.append(encode_record(header, payload, flags), row)
+        except OutOfResources as e:
+            return StoreResult(OUT_OF_RESOURCES, f"{e.strerror}; nothing was stored")
+        self.known.add(sop_instance_uid)
+        return StoreResult(SUCCESS)
+
+    def _payload(self, meta: bytes, dataset: bytes) -> tuple[bytes, int]:
+        raw = meta + dataset
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.config.zstd_level)
+        packed = cctx.compress(raw)
+        return (packed, FLAG_ZSTD) if len(packed) < _INCOMPRESSIBLE * len(raw) else (raw, 0)
+
+    def _duplicate(self, uid: str, crc: int, length: int, calling_ae: str) -> StoreResult | None:
+        """The answer for an instance already held, or None to store this one too."""
+        kept = self.catalog.lookup(uid)
+        if kept is None:
+            return None
+        if kept["dataset_crc32"] == crc and kept["dataset_length"] == length:
+            audit.info("duplicate identical instance %s from %s: already stored, not stored again", uid, calling_ae)
+            return StoreResult(SUCCESS)
+        policy = self.config.duplicates
+        audit.warning("duplicate instance %s from %s with different content: policy %s", uid, calling_ae, policy)
+        if policy == "keep-first":
+            return StoreResult(SUCCESS)
+        if policy == "reject":
+            return StoreResult(DUPLICATE_SOP_INSTANCE, "instance already stored with other content (policy: reject)")
+        return None  # keep-newest: store it; the catalog serves the newest
+
+    # -- background sealing ---------------------------------------------------------
+
+    def _seal_loop(self) -> None:
+        while not self._stop.wait(self.config.seal_interval):
+            try:
+                self.sealer.seal()
+                self.known.update(uid for (uid,) in self.catalog.execute("SELECT sop_instance_uid FROM tail_rows")[1])
+            except Exception:
+                log.exception("sealing the catalog tail failed; will retry")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._seal_thread.join()
+        self.writer.close()
+        self.sealer.close()
+        self.catalog.close()

@@ -1,0 +1,153 @@
+"""Configuration: embedded defaults, then a TOML file, then STOWAGE_* variables, then flags.
+
+Every key of `Config` can be set in all four places under the same name (dashes in
+flags, upper case in the environment: `--max-pdu`, `STOWAGE_MAX_PDU`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DURABILITY_MODES = ("fsync", "os-buffer")
+DUPLICATE_POLICIES = ("keep-newest", "keep-first", "reject")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no controls
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A remote AE: C-MOVE destination, commitment callback, `send` target."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    aet: str = "STOWAGE"
+    bind: str = "0.0.0.0"
+    port: int = 11112
+    data_dir: Path = Path("stowage-data")
+    workers: int = 0                       # 0: one per core
+    max_associations: int = 64             # global cap, enforced by the acceptor
+    max_pdu: int = 262144                  # advertised maximum PDU length we receive
+    network_timeout: float = 60.0          # a peer silent this long mid-association is dropped
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    drain_timeout: float = 30.0            # SIGTERM: how long in-flight associations may finish
+    durability: str = "fsync"              # "os-buffer" skips fsync: never the default
+    zstd_level: int = 3
+    segment_size: int = 1 << 30            # roll the active segment past this many bytes
+    group_commit_ms: float = 2.0           # longest a store waits for others to share its fsync
+    seal_interval: float = 1.0             # seconds between sealing tails into Parquet
+    compact_min_files: int = 8             # merge when this many small Parquet files exist
+    min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700
+    duplicates: str = "keep-newest"
+    log_format: str = "text"               # or "json"
+    log_level: str = "info"
+    remotes: Mapping[str, Remote] = field(default_factory=dict)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+    def validate(self) -> "Config":
+        if not _AE_TITLE.match(self.aet) or not self.aet.strip():
+            raise ConfigError(f"aet: {self.aet!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port: {self.port} is outside 1-65535")
+        if self.durability not in DURABILITY_MODES:
+            raise ConfigError(f"durability: {self.durability!r} is not one of {', '.join(DURABILITY_MODES)}")
+        if self.duplicates not in DUPLICATE_POLICIES:
+            raise ConfigError(f"duplicates: {self.duplicates!r} is not one of {', '.join(DUPLICATE_POLICIES)}")
+        if not 4096 <= self.max_pdu <= (1 << 26):
+            raise ConfigError(f"max_pdu: {self.max_pdu} is outside 4096-67108864 (0, unlimited, is refused)")
+        if not 1 <= self.zstd_level <= 22:
+            raise ConfigError(f"zstd_level: {self.zstd_level} is outside 1-22")
+        if self.workers < 0 or self.max_associations < 1:
+            raise ConfigError("workers must be >= 0 and max_associations >= 1")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, for handing the configuration to a worker process."""
+        d = dataclasses.asdict(self)
+        d["data_dir"] = str(self.data_dir)
+        d["remotes"] = {k: dataclasses.asdict(v) for k, v in self.remotes.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        return _build(dict(d))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = _FIELDS[key].default
+    try:
+        if key == "data_dir":
+            return Path(value)
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a valid {type(default).__name__}") from None
+
+
+def _remotes(table: Mapping[str, Any]) -> dict[str, Remote]:
+    remotes = {}
+    for title, spec in table.items():
+        try:
+            remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"remotes.{title}: needs host (string) and port (number)") from None
+        if not _AE_TITLE.match(title):
+            raise ConfigError(f"remotes.{title}: not a valid AE title")
+    return remotes
+
+
+def _build(values: dict[str, Any]) -> Config:
+    unknown = set(values) - set(_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s): {', '.join(sorted(unknown))}")
+    remotes = values.pop("remotes", None) or {}
+    kwargs = {k: _coerce(k, v) for k, v in values.items()}
+    if not all(isinstance(v, Remote) for v in remotes.values()):
+        remotes = _remotes(remotes)
+    return Config(**kwargs, remotes=remotes).validate()
+
+
+def load(path: Path | None = None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < TOML file < STOWAGE_* environment < explicit overrides (flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                values.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    env = os.environ if env is None else env
+    for key in _FIELDS:
+        if key != "remotes" and f"STOWAGE_{key.upper()}" in env:
+            values[key] = env[f"STOWAGE_{key.upper()}"]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(values)

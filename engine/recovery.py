@@ -1,0 +1,106 @@
+"""Recovery: index every segment record the catalog lacks, cut off torn tails.
+
+The same path serves a restart after a crash (records past each segment's sealed
+watermark) and `rebuild-catalog` (every record, into an empty catalog).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from catalog import manifest
+from catalog.sealer import advance_watermark, seal_rows
+from catalog.tail import SUFFIX
+from engine.segment import MAGIC, Record, iter_records, valid_end
+
+log = logging.getLogger("stowage.recovery")
+_ROW_BATCH = 100_000
+
+
+def row_of(segment: str, rec: Record) -> dict[str, Any]:
+    row = {k: v for k, v in rec.header.items() if k != "meta_length"}
+    row.update(segment=segment, offset=rec.offset, record_length=rec.length)
+    return row
+
+
+def _next_good(path: Path, after: int) -> int | None:
+    """Offset of the next verifiable record after a bad one, if any."""
+    data = path.read_bytes()
+    pos = data.find(MAGIC, after + 1)
+    while pos != -1:
+        if valid_end(path, pos) > pos:
+            return pos
+        pos = data.find(MAGIC, pos + 1)
+    return None
+
+
+def _cut_torn_tail(path: Path, end: int, size: int) -> None:
+    """Keep the unverifiable bytes aside in lost+found, then truncate the segment."""
+    lost = path.parent / "lost+found"
+    lost.mkdir(exist_ok=True)
+    with open(path, "rb") as src, open(lost / f"{path.name}.{end}.torn", "wb") as dst:
+        src.seek(end)
+        shutil.copyfileobj(src, dst)
+    with open(path, "rb+") as f:
+        f.truncate(end)
+        os.fsync(f.fileno())
+    log.warning("segment %s: cut a torn record at byte %d (%d bytes kept in lost+found)", path.name, end, size - end)
+
+
+def recover_segment(catalog_dir: Path, path: Path, start: int) -> int:
+    """Seal the rows of every record of `path` from `start`; returns how many."""
+    rows: list[dict[str, Any]] = []
+    count, offset, size = 0, start, path.stat().st_size
+    while offset < size:
+        for rec in iter_records(path, offset):
+            rows.append(row_of(path.name, rec))
+            offset = rec.offset + rec.length
+            if len(rows) >= _ROW_BATCH:
+                count += len(rows)
+                seal_rows(catalog_dir, rows)
+                rows = []
+        if offset >= size:
+            break
+        good = _next_good(path, offset)
+        if good is None:
+            _cut_torn_tail(path, offset, size)
+            break
+        log.error("segment %s: corrupt bytes %d-%d skipped; the records after them are kept",
+                  path.name, offset, good)
+        offset = good
+    count += len(rows)
+    if rows:
+        seal_rows(catalog_dir, rows)
+    else:
+        advance_watermark(catalog_dir, path.name, offset)
+    return count
+
+
+def recover(data_dir: Path, slot: int | None = None) -> int:
+    """Index what the catalog lacks from the segments of `slot` (all slots if None), and
+    drop their stale tails. Run while no live process writes those segments."""
+    segments, catalog_dir = data_dir / "segments", data_dir / "catalog"
+    catalog_dir.mkdir(parents=True, exist_ok=True)
+    prefix = "" if slot is None else f"{slot:03d}-"
+    m = manifest.load(catalog_dir)
+    total = 0
+    for path in sorted(segments.glob(f"{prefix}*.seg")):
+        start = m.sealed_upto(path.name)
+        if start < path.stat().st_size:
+            total += recover_segment(catalog_dir, path, start)
+    for tail in (catalog_dir / "tails").glob(f"{prefix}*{SUFFIX}"):
+        tail.unlink(missing_ok=True)
+    if total:
+        log.info("recovered %d record(s) into the catalog", total)
+    return total
+
+
+def rebuild(data_dir: Path) -> int:
+    """Throw the catalog away and index every segment record again."""
+    catalog_dir = data_dir / "catalog"
+    if catalog_dir.exists():
+        shutil.rmtree(catalog_dir)
+    return recover(data_dir)

@@ -1,0 +1,30 @@
+"""The presentation contexts we accept, generated from the conformance CSV and from the
+SOP classes and transfer syntaxes pydicom and pynetdicom know."""
+from __future__ import annotations
+
+import csv
+from functools import cache
+from importlib import resources
+
+from pydicom._uid_dict import UID_dictionary
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import sop_class
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+@cache
+def storage_sop_classes() -> tuple[str, ...]:
+    """Every storage SOP class: the conformance target's (retired and trial included),
+    pydicom's and pynetdicom's."""
+    with resources.files("workers").joinpath("storage_sop_classes.csv").open() as f:
+        target = {row["sop_class_uid"] for row in csv.DictReader(f)} - {VERIFICATION}
+    from_pydicom = {uid for uid, (name, kind, *_rest) in UID_dictionary.items()
+                    if kind == "SOP Class" and "Storage" in name and "Commitment" not in name}
+    return tuple(sorted(target | from_pydicom | set(sop_class._STORAGE_CLASSES.values())))
+
+
+def transfer_syntaxes() -> list[str]:
+    """Every transfer syntax pydicom knows, the uncompressed ones first."""
+    first = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"]
+    return first + sorted(set(map(str, AllTransferSyntaxes)) - set(first))

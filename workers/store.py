@@ -1,0 +1,31 @@
+"""Storage SCP (C-STORE): hands the received bytes, untouched, to the archive."""
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+
+from engine.archive import Archive
+
+log = logging.getLogger("stowage.store")
+
+
+def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
+    req = event.request
+    result = archive.store(
+        req.DataSet.getvalue(),  # the dataset bytes exactly as received; never decoded here
+        str(event.context.transfer_syntax),
+        str(req.AffectedSOPClassUID),
+        str(req.AffectedSOPInstanceUID),
+        calling_ae=event.assoc.requestor.ae_title,
+        called_ae=event.assoc.acceptor.ae_title,
+    )
+    if result.ok:
+        return 0x0000
+    log.warning("C-STORE %s from %s refused 0x%04X: %s", req.AffectedSOPInstanceUID,
+                event.assoc.requestor.ae_title, result.status, result.comment)
+    rsp = Dataset()
+    rsp.Status = result.status
+    rsp.ErrorComment = result.comment[:64]  # LO: 64 characters at most
+    return rsp

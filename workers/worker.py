@@ -1,0 +1,144 @@
+"""A worker process: receives accepted sockets from the acceptor and runs them as
+associations until told to drain.
+
+Control channel (a SOCK_SEQPACKET pair with the acceptor), one byte per message:
+  acceptor -> worker   b"A" + fd (SCM_RIGHTS): a new connection;  b"D": drain and exit
+  worker -> acceptor   b"R": ready;  b"E": an association ended
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from pynetdicom import AE, _config, evt
+
+from engine.archive import Archive
+from engine.config import Config
+from engine.logs import setup_logging
+from engine.recovery import recover
+from workers import association
+from workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
+from workers.echo import handle_echo
+from workers.store import handle_store
+
+log = logging.getLogger("stowage.worker")
+
+
+def build_ae(config: Config) -> AE:
+    _config.LOG_HANDLER_LEVEL = "none"  # the standard handlers lock the AE on every PDU
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    ae = AE(config.aet)
+    ae.maximum_pdu_size = config.max_pdu
+    ae.acse_timeout = config.acse_timeout
+    ae.dimse_timeout = config.dimse_timeout
+    ae.network_timeout = config.network_timeout
+    ae.require_called_aet = False
+    syntaxes = transfer_syntaxes()
+    ae.add_supported_context(VERIFICATION, syntaxes)
+    for uid in storage_sop_classes():
+        ae.add_supported_context(uid, syntaxes)
+    return ae
+
+
+class Worker:
+    def __init__(self, config: Config, slot: int, control: socket.socket) -> None:
+        self.config = config
+        self.slot = slot
+        self.control = control
+        self._send_lock = threading.Lock()
+        self._active: set[threading.Thread] = set()
+        self._active_lock = threading.Lock()
+        recover(config.data_dir, slot=slot)
+        self.archive = Archive(config, slot)
+        self.ae = build_ae(config)
+        self.handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, (handle_store, [self.archive]))]
+
+    def _tell(self, message: bytes) -> None:
+        with self._send_lock:
+            try:
+                self.control.send(message)
+            except OSError:
+                pass  # the acceptor is gone; we drain when its end of the channel closes
+
+    def serve(self) -> int:
+        self._tell(b"R")
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.control, 16, 1)
+            except InterruptedError:
+                continue
+            if msg == b"A" and fds:
+                self._start(fds[0])
+                continue
+            for fd in fds:
+                os.close(fd)
+            if msg == b"D" or not msg:  # drain, or the acceptor died
+                return self.drain()
+
+    def _start(self, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        try:
+            association.tune(sock, self.config.network_timeout)
+            assoc = association.create(self.ae, sock, self.ae.supported_contexts, self.handlers, self.config.aet)
+        except OSError as e:  # the peer went away before we got to it
+            log.info("connection dropped before association start: %s", e)
+            sock.close()
+            self._tell(b"E")
+            return
+        t = threading.Thread(target=self._run, args=(assoc, sock), daemon=True,
+                             name=f"assoc-{sock.fileno()}")
+        with self._active_lock:
+            self._active.add(t)
+        t.start()
+
+    def _run(self, assoc, sock: socket.socket) -> None:
+        try:
+            assoc.start()
+            assoc.join()
+        except Exception:
+            log.exception("association failed")
+        finally:
+            sock.close()
+            with self._active_lock:
+                self._active.discard(threading.current_thread())
+            self._tell(b"E")
+
+    def drain(self) -> int:
+        deadline = time.monotonic() + self.config.drain_timeout
+        while time.monotonic() < deadline:
+            with self._active_lock:
+                if not self._active:
+                    break
+            time.sleep(0.05)
+        with self._active_lock:
+            left = len(self._active)
+        if left:
+            log.warning("drain timeout: aborting %d association(s) still open", left)
+        self.archive.close()  # finishes queued records and seals the tail
+        return 0
+
+
+def main() -> None:
+    slot, fd = int(sys.argv[1]), int(sys.argv[2])
+    config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
+    setup_logging(config, f"worker-{slot}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the acceptor decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    control = socket.socket(fileno=fd)
+    try:
+        code = Worker(config, slot, control).serve()
+    except Exception:
+        log.exception("worker %d failed", slot)
+        code = 1
+    logging.shutdown()
+    os._exit(code)  # pynetdicom's DUL threads are not daemons
+
+
+if __name__ == "__main__":
+    main()
