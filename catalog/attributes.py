@@ -39,6 +39,7 @@ Raw = dict[int, tuple[str, bytes]]  # tag -> (VR, value bytes as encoded)
 
 _COLUMN_OF: dict[int, str] = {tag_for_keyword(kw): col for col, kw in DICOM_COLUMNS}
 _WANTED = frozenset(_COLUMN_OF)
+_WANTED_LIST = sorted(_WANTED)
 _MAX_TAG = max(_WANTED)
 _DICTIONARY_VR: dict[int, str] = {tag: dictionary_VR(tag) for tag in _WANTED}
 _CHARSET_TAG = tag_for_keyword("SpecificCharacterSet")
@@ -77,9 +78,10 @@ def extract(dataset: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, 
     Raises UnreadableDataset when neither the scanner nor pydicom can read it.
     """
     buf = memoryview(dataset)
-    if buf.ndim != 1 or buf.format not in ("B", "b", "c"):
-        buf = buf.cast("B")
-    mode = _syntax(transfer_syntax_uid.strip(" \x00"))
+    if buf.format != "B" or buf.ndim != 1:  # the scanner indexes single bytes
+        buf = buf.cast("B") if buf.c_contiguous else memoryview(buf.tobytes())
+    uid = transfer_syntax_uid.strip(" \x00")
+    mode = _syntax(uid)
     raw = None
     if mode != "slow":
         try:
@@ -87,7 +89,7 @@ def extract(dataset: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, 
         except _Fallback:
             pass
     if raw is None:
-        raw = _slow_path(buf, transfer_syntax_uid.strip(" \x00"))
+        raw = _slow_path(dataset, uid)
     return _to_strings(raw)
 
 
@@ -196,14 +198,14 @@ def _tag_at(buf: memoryview, pos: int) -> int:
 # --- slow path -----------------------------------------------------------------------
 
 
-def _slow_path(buf: memoryview, transfer_syntax_uid: str) -> Raw:
+def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Raw:
     """Raw wanted values read by pydicom: big endian, deflated, or what the scanner refused."""
     try:
         syntax = UID(transfer_syntax_uid)
         implicit, little, deflated = syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
     except ValueError:  # not a known transfer syntax: explicit VR little endian, as pydicom
         implicit, little, deflated = False, True, False
-    data = bytes(buf)
+    data = bytes(dataset)  # no copy when it already is bytes
     if deflated:
         try:
             data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
@@ -212,7 +214,7 @@ def _slow_path(buf: memoryview, transfer_syntax_uid: str) -> Raw:
     fp = BytesIO(data)
     try:
         ds = read_dataset(fp, implicit, little, stop_when=_past_wanted,
-                          specific_tags=sorted(_WANTED))
+                          specific_tags=_WANTED_LIST)
         # keep_deferred: an empty raw value is None, and must not be converted
         elements = [ds.get_item(tag, keep_deferred=True) for tag in _WANTED if tag in ds]
     except Exception as exc:  # pydicom signals bad data with many exception types

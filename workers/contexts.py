@@ -9,6 +9,7 @@ from importlib import resources
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import sop_class
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -21,7 +22,18 @@ def storage_sop_classes() -> tuple[str, ...]:
         target = {row["sop_class_uid"] for row in csv.DictReader(f)} - {VERIFICATION}
     from_pydicom = {uid for uid, (name, kind, *_rest) in UID_dictionary.items()
                     if kind == "SOP Class" and "Storage" in name and "Commitment" not in name}
-    return tuple(sorted(target | from_pydicom | set(sop_class._STORAGE_CLASSES.values())))
+    uids = tuple(sorted(target | from_pydicom | set(sop_class._STORAGE_CLASSES.values())))
+    _register_storage(uids)
+    return uids
+
+
+def _register_storage(uids: tuple[str, ...]) -> None:
+    """pynetdicom aborts a C-STORE for a SOP class it maps to no service (retired, trial and
+    newer classes): register those as Storage."""
+    for uid in uids:
+        if sop_class.uid_to_service_class(uid) is ServiceClass:
+            name = UID_dictionary.get(uid, ("",) * 5)[4] or f"Storage_{uid.replace('.', '_')}"
+            sop_class.register_uid(uid, name, StorageServiceClass, "C-STORE")
 
 
 def transfer_syntaxes() -> list[str]:

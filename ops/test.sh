@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install everything the tests need (DCMTK from Debian, stowage and its test extras from
+# PyPI), then run the whole test suite. Root or sudo is needed for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if ! command -v storescu >/dev/null; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk >/dev/null
+fi
+python3 -m pip install -q -e '.[test]'
+exec python3 -m pytest -q "$@"

@@ -1,0 +1,128 @@
+"""Shared fixtures: a real `stowage serve` on a free loopback port, stopped by PID."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from pynetdicom import AE
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def echo_ok(port: int, aet: str = "STOWAGE", timeout: float = 2.0) -> bool:
+    ae = AE(b"TESTSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    assoc = ae.associate(HOST, port, ae_title=aet)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+@dataclass
+class Server:
+    data_dir: Path
+    port: int
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def start(self, wait: bool = True) -> "Server":
+        self.log_path = self.data_dir.parent / f"serve-{self.port}-{time.monotonic_ns()}.log"
+        cmd = [sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(self.data_dir),
+               "--port", str(self.port), "--bind", HOST, *self.args]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, **self.env), start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stowage serve exited {self.proc.returncode}:\n{self.log()}")
+            if echo_ok(self.port, timeout=1.0):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"stowage serve not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def workers(self) -> list[psutil.Process]:
+        return [p for p in psutil.Process(self.proc.pid).children() if "workers.worker" in " ".join(p.cmdline())]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then SIGKILL to the whole process group if it hangs; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """kill -9 the acceptor and every worker at once."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    servers: list[Server] = []
+
+    def make(*args: str, data_dir: Path | None = None, port: int | None = None, start: bool = True,
+             **env: str) -> Server:
+        s = Server(data_dir or tmp_path / "data", port or free_port(), list(args), env)
+        servers.append(s)
+        return s.start() if start else s
+
+    yield make
+    for s in servers:
+        s.kill()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server("--workers", "2")
+
+
+def export_all(data_dir: Path, out: Path, *selector: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", "export", "--data-dir", str(data_dir),
+                           "--out", str(out), *(selector or ("--all",))], capture_output=True, text=True,
+                          timeout=120)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes of a Part-10 file after its file meta group."""
+    from pydicom.filereader import read_preamble, _read_file_meta_info
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        _read_file_meta_info(f)
+        return f.read()
