@@ -32,6 +32,18 @@ from bench.receivers import RECEIVERS, REPO_ROOT, Receiver, Unavailable
 MAX_ARGV_BYTES = 1 << 20  # beyond this a share is passed as a directory of symlinks (+sd)
 
 
+def tool_env(nagle: bool) -> dict[str, str]:
+    """Environment for every child. Debian/Ubuntu DCMTK leaves Nagle's algorithm on unless
+    ``TCP_NODELAY`` is set, which caps a DCMTK peer at ~1 C-STORE per 40 ms delayed ACK."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    if nagle:
+        env.pop("TCP_NODELAY", None)
+    else:
+        env["TCP_NODELAY"] = "1"
+    return env
+
+
 class StartFailed(Exception):
     """The receiver exited or did not answer C-ECHO in time."""
 
@@ -75,19 +87,18 @@ def _sender_argv(storescu: str, port: int, aet: str, names: list[str], share_dir
     return [*base, "+sd", str(share_dir)]
 
 
-def _start(rcv: Receiver, cmd: list[str], port: int, logs: Path, echoscu: str,
-           timeout: float) -> tuple[subprocess.Popen, TreeMonitor]:
+def _start(rcv: Receiver, cmd: list[str], port: int, logs: Path, echoscu: str, timeout: float,
+           env: dict[str, str]) -> tuple[subprocess.Popen, TreeMonitor]:
     """Start the receiver and wait until it answers C-ECHO."""
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     with open(logs / "receiver.out", "wb") as out, open(logs / "receiver.err", "wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, env={**os.environ, "PYTHONPATH": pythonpath})
+                                start_new_session=True, env=env)
     mon = TreeMonitor(proc.pid).start()
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             why = f"exited with {proc.returncode} before answering C-ECHO"
-        elif echo(echoscu, port, rcv.aet):
+        elif echo(echoscu, port, rcv.aet, env):
             return proc, mon
         elif time.monotonic() > deadline:
             why = f"no C-ECHO answer within {timeout:.0f} s"
@@ -112,7 +123,8 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
     try:
         port = free_port()
         cmd = rcv.build(port, data, args.stowage_workers)
-        proc, mon = _start(rcv, cmd, port, logs, tools["echoscu"], args.start_timeout)
+        env = tool_env(args.nagle)
+        proc, mon = _start(rcv, cmd, port, logs, tools["echoscu"], args.start_timeout, env)
         corpus = files[0].parent
         names = [f.name for f in files]
         shares = [names[r.start:r.stop] for r in series_layout(len(names), k)]
@@ -122,7 +134,7 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
         for i, argv in enumerate(argvs):
             with open(logs / f"sender{i}.out", "wb") as out:
                 senders.append(subprocess.Popen(argv, cwd=corpus, stdin=subprocess.DEVNULL, stdout=out,
-                                                stderr=subprocess.STDOUT))
+                                                stderr=subprocess.STDOUT, env=env))
         deadline = time.monotonic() + args.send_timeout
         errors: list[str] = []
         for s in senders:
@@ -227,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--send-timeout", type=float, default=1800.0)
     ap.add_argument("--tmp", help="parent dir for temp dirs (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep receiver temp dirs (for debugging)")
+    ap.add_argument("--nagle", action="store_true",
+                    help="do not set TCP_NODELAY=1 for the children (DCMTK then waits on delayed ACKs)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.receivers.split(",") if n.strip()]
     if bad := [n for n in names if n not in RECEIVERS]:

@@ -52,11 +52,11 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def echo(echoscu: str, port: int, aet: str) -> bool:
+def echo(echoscu: str, port: int, aet: str, env: dict[str, str] | None = None) -> bool:
     """True if a DICOM C-ECHO to 127.0.0.1:port succeeds."""
     cmd = [echoscu, "-to", "2", "-ta", "5", "-aec", aet, "127.0.0.1", str(port)]
     try:
-        return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+        return subprocess.run(cmd, capture_output=True, timeout=10, env=env).returncode == 0
     except subprocess.TimeoutExpired:
         return False
 

@@ -71,7 +71,8 @@ _TAG = struct.Struct("<HH").unpack_from
 
 
 def extract(dataset: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, str | None]:
-    """Catalog attributes of an encoded dataset (no file meta, no preamble: the bytes of a C-STORE data set).
+    """Catalog attributes of an encoded dataset (no file meta, no preamble: the bytes
+    of a C-STORE data set).
 
     One key per column of ``DICOM_COLUMNS``; the value is the element's value as
     ``str`` (backslash-separated when multi-valued) or None when absent or empty.
@@ -202,7 +203,8 @@ def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Raw:
     """Raw wanted values read by pydicom: big endian, deflated, or what the scanner refused."""
     try:
         syntax = UID(transfer_syntax_uid)
-        implicit, little, deflated = syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
+        implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+        deflated = syntax.is_deflated
     except ValueError:  # not a known transfer syntax: explicit VR little endian, as pydicom
         implicit, little, deflated = False, True, False
     data = bytes(dataset)  # no copy when it already is bytes

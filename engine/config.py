@@ -47,7 +47,6 @@ class Config:
     durability: str = "fsync"              # "os-buffer" skips fsync: never the default
     zstd_level: int = 3
     segment_size: int = 1 << 30            # roll the active segment past this many bytes
-    group_commit_ms: float = 2.0           # longest a store waits for others to share its fsync
     seal_interval: float = 1.0             # seconds between sealing tails into Parquet
     compact_min_files: int = 8             # merge when this many small Parquet files exist
     min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700

@@ -195,7 +195,8 @@ def test_test_files_cover_every_path() -> None:
 def test_big_endian_and_deflated_take_the_slow_path(name: str, slow_only: None) -> None:
     path = get_testdata_file(name)
     syntax, body = _split_file(path)
-    _assert_agrees_with_pydicom(extract(body, syntax), pydicom.dcmread(path, stop_before_pixels=True))
+    expected = pydicom.dcmread(path, stop_before_pixels=True)
+    _assert_agrees_with_pydicom(extract(body, syntax), expected)
 
 
 @pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_implicit.dcm", "CT_small.dcm",
@@ -256,7 +257,8 @@ def test_truncated_data_set_raises_or_returns_only_whole_values(name: str) -> No
     whole = extract(body, syntax)
     header = read_dataset(BytesIO(body), syntax == ImplicitVRLittleEndian, True,
                           stop_when=lambda tag, vr, length: tag > attributes._MAX_TAG)
-    inside_a_value = {cut for elem in (header.get_item(t, keep_deferred=True) for t in header.keys())
+    elements = [header.get_item(tag, keep_deferred=True) for tag in header.keys()]
+    inside_a_value = {cut for elem in elements
                       for cut in range(elem.value_tell + 1, elem.value_tell + elem.length)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -279,7 +281,8 @@ def test_truncated_unwanted_element_is_unreadable() -> None:
 
 
 def test_length_past_the_end_is_unreadable() -> None:
-    body = _explicit(0x0008, 0x0016, b"UI", b"1.2.3\x00") + struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", 64) + b"1.2"
+    body = (_explicit(0x0008, 0x0016, b"UI", b"1.2.3\x00")
+            + struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", 64) + b"1.2")
     with pytest.raises(UnreadableDataset, match="truncated"):
         extract(body, ExplicitVRLittleEndian)
     implicit = struct.pack("<HHL", 0x0008, 0x0016, 200) + b"1.2.3"
@@ -346,9 +349,12 @@ def test_invalid_utf8_is_replaced(fast_only: None) -> None:
 def test_unknown_charset_and_bad_escape_do_not_crash() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for charset, name in ((b"ISO_IR 999", b"Caf\xe9"), (b"\\ISO 2022 IR 87", b"\x1b$B\xff\xff\x1b(B"),
-                              (b"GB18030 ", b"\x81\x30"), (b"\\ISO 2022 IR 87", b"\x1b%Zjunk ")):
-            body = _explicit(0x0008, 0x0005, b"CS", charset) + _explicit(0x0010, 0x0010, b"PN", name)
+        for charset, name in ((b"ISO_IR 999", b"Caf\xe9"),
+                              (b"\\ISO 2022 IR 87", b"\x1b$B\xff\xff\x1b(B"),
+                              (b"GB18030 ", b"\x81\x30"),
+                              (b"\\ISO 2022 IR 87", b"\x1b%Zjunk ")):
+            body = (_explicit(0x0008, 0x0005, b"CS", charset)
+                    + _explicit(0x0010, 0x0010, b"PN", name))
             assert isinstance(extract(body, ExplicitVRLittleEndian)["patient_name"], str)
 
 
@@ -369,7 +375,8 @@ def test_iso_ir_192_utf8_name(fast_only: None) -> None:
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PatientName = "Wang^XiaoDong=王^小东"
     got = extract(_encode(ds), ExplicitVRLittleEndian)
-    assert got == _expect(patient_name="Wang^XiaoDong=王^小东", study_description="Ünïcödé ☃ study",
+    assert got == _expect(patient_name="Wang^XiaoDong=王^小东",
+                          study_description="Ünïcödé ☃ study",
                           specific_character_set="ISO_IR 192")
 
 
