@@ -77,13 +77,14 @@ class Result:
     median: dict[str, float] = field(default_factory=dict)
 
 
-def _sender_argv(storescu: str, port: int, aet: str, names: list[str], share_dir: Path) -> list[str]:
+def _sender_argv(storescu: str, port: int, aet: str, corpus: Path, names: list[str], share_dir: Path) -> list[str]:
+    """storescu argv for one share: file names relative to ``corpus`` (its cwd), or a symlink dir."""
     base = [storescu, "-aet", "BENCH", "-aec", aet, "-ta", "600", "127.0.0.1", str(port)]
     if sum(len(n) + 1 for n in names) < MAX_ARGV_BYTES:
         return [*base, *names]
     share_dir.mkdir(parents=True)
     for n in names:
-        (share_dir / n).symlink_to(Path(n).resolve())
+        (share_dir / n).symlink_to(corpus.resolve() / n)
     return [*base, "+sd", str(share_dir)]
 
 
@@ -128,7 +129,7 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
         corpus = files[0].parent
         names = [f.name for f in files]
         shares = [names[r.start:r.stop] for r in series_layout(len(names), k)]
-        argvs = [_sender_argv(tools["storescu"], port, rcv.aet, s, work / f"share{i}") for i, s in enumerate(shares) if s]
+        argvs = [_sender_argv(tools["storescu"], port, rcv.aet, corpus, s, work / f"share{i}") for i, s in enumerate(shares) if s]
         cpu0 = mon.sample()
         t0 = time.perf_counter()
         for i, argv in enumerate(argvs):

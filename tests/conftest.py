@@ -11,10 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import pydicom
+from pydicom.data import get_testdata_file
 import pytest
 from pynetdicom import AE
 
 HOST = "127.0.0.1"
+CT = Path(get_testdata_file("CT_small.dcm"))
+MR = Path(get_testdata_file("MR_small.dcm"))
 
 
 def free_port() -> int:
@@ -126,3 +130,20 @@ def dataset_bytes(path: Path) -> bytes:
         read_preamble(f, False)
         _read_file_meta_info(f)
         return f.read()
+
+
+def copies(src: Path, out: Path, n: int, tag: str) -> list[Path]:
+    """n copies of `src` with fresh SOP Instance UIDs (one series), as Part-10 files."""
+    out.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(src)
+    series = pydicom.uid.generate_uid()
+    paths = []
+    for i in range(n):
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesInstanceUID = series
+        ds.InstanceNumber = i + 1
+        p = out / f"{tag}-{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths

@@ -8,35 +8,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.data import get_testdata_files
 from pynetdicom import AE, _config
 
 from workers.contexts import storage_sop_classes, transfer_syntaxes
-from conftest import HOST, dataset_bytes, export_all
+from conftest import CT, HOST, MR, copies, dataset_bytes, export_all
 
-CT = Path(get_testdata_file("CT_small.dcm"))
-MR = Path(get_testdata_file("MR_small.dcm"))
 
 
 def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def copies(src: Path, out: Path, n: int, tag: str) -> list[Path]:
-    """n copies of `src` with fresh SOP Instance UIDs (one series), as Part-10 files."""
-    out.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(src)
-    series = pydicom.uid.generate_uid()
-    paths = []
-    for i in range(n):
-        ds.SOPInstanceUID = pydicom.uid.generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.SeriesInstanceUID = series
-        ds.InstanceNumber = i + 1
-        p = out / f"{tag}-{i:04d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
 
 
 def assert_exported_identical(data_dir: Path, out: Path, sent: list[Path]) -> None:
