@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,6 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    generate_uid,
 )
 
 __all__ = ["KINDS", "Kind", "generate", "series_layout", "main"]
@@ -63,8 +63,17 @@ def series_layout(count: int, n_series: int) -> list[range]:
     return [range(bounds[s], bounds[s + 1]) for s in range(n_series)]
 
 
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:stowage-bench:corpus")
+
+
 def _uid(*parts: object) -> UID:
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A ``2.25.`` UID from a name-based (v5) UUID of ``parts``.
+
+    Not ``generate_uid(prefix=None, entropy_srcs=...)``: with ``prefix=None`` pydicom
+    ignores ``entropy_srcs`` and returns a random UUID; it also joins the sources
+    without a separator, so ("1", "23") and ("12", "3") would collide.
+    """
+    return UID(f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(map(str, parts))).int}")
 
 
 _GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -57,7 +57,8 @@ class Run:
     mb_per_s: float
     cpu_s: float
     peak_rss_mb: float
-    senders_ok: bool
+    peak_pss_mb: float
+    senders_ok: bool  # every storescu exited 0
     received: int | None = None
     leftover_procs: int = 0
     max_procs: int = 0
@@ -109,7 +110,7 @@ def _start(rcv: Receiver, cmd: list[str], port: int, logs: Path, echoscu: str, t
         mon.stop()
         stop_tree(proc, mon, timeout=5)
         err = tail(logs / "receiver.err") or tail(logs / "receiver.out")
-        raise StartFailed(f"{why}; stderr tail:\n{err}")
+        raise StartFailed(f"{why}; output tail:\n{err}")
 
 
 def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
@@ -156,7 +157,8 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
         if received is not None and received != len(files):
             errors.append(f"receiver stored {received} of {len(files)} files")
         run = Run(wall_s=wall, inst_per_s=len(files) / wall, mb_per_s=total_bytes / 1e6 / wall,
-                  cpu_s=mon.cpu - cpu0, peak_rss_mb=mon.peak_rss / 1e6, senders_ok=not errors,
+                  cpu_s=mon.cpu - cpu0, peak_rss_mb=mon.peak_rss / 1e6, peak_pss_mb=mon.peak_pss / 1e6,
+                  senders_ok=all(s.returncode == 0 for s in senders),
                   received=received, leftover_procs=leftovers, max_procs=mon.max_procs, errors=errors)
         return run, cmd
     finally:
@@ -189,13 +191,14 @@ def bench_config(name: str, k: int, files: list[Path], total: int, tools: dict[s
             res.status, res.note = "failed", str(e)
             return res
         res.runs.append(run)
-        flag = "" if run.senders_ok else "  ERRORS: " + " | ".join(run.errors)
+        flag = "  ERRORS: " + " | ".join(run.errors) if run.errors else ""
         print(f"  {name:<14} assoc={k} rep={rep + 1}: {run.inst_per_s:8.1f} inst/s  {run.mb_per_s:7.1f} MB/s"
-              f"  cpu {run.cpu_s:6.2f} s  rss {run.peak_rss_mb:6.1f} MB  procs<={run.max_procs}{flag}",
+              f"  cpu {run.cpu_s:6.2f} s  rss {run.peak_rss_mb:6.1f} MB  pss {run.peak_pss_mb:6.1f} MB"
+              f"  procs<={run.max_procs}{flag}",
               file=sys.stderr, flush=True)
-    for key in ("wall_s", "inst_per_s", "mb_per_s", "cpu_s", "peak_rss_mb"):
+    for key in ("wall_s", "inst_per_s", "mb_per_s", "cpu_s", "peak_rss_mb", "peak_pss_mb"):
         res.median[key] = statistics.median(getattr(r, key) for r in res.runs)
-    if not all(r.senders_ok for r in res.runs):
+    if any(r.errors for r in res.runs):
         res.status = "errors"
         res.note = "; ".join(e for r in res.runs for e in r.errors)[:2000]
     return res

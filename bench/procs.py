@@ -68,7 +68,8 @@ class TreeMonitor:
     children_user+children_system (descendants already reaped), so children that
     come and go between samples (``storescp --fork``) are still counted once they
     are waited for. ``cpu`` is the maximum seen, ``peak_rss`` the largest summed RSS
-    (forked children share pages copy-on-write, so this over-counts them).
+    (forked children share pages copy-on-write, so this over-counts them) and
+    ``peak_pss`` the largest summed PSS, which splits shared pages (0 if unreadable).
     """
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
@@ -76,6 +77,7 @@ class TreeMonitor:
         self.interval = interval
         self.cpu = 0.0
         self.peak_rss = 0
+        self.peak_pss = 0
         self.max_procs = 0
         self.seen: dict[int, float] = {}  # pid -> create_time, for cleanup
         self._lock = threading.Lock()
@@ -97,7 +99,7 @@ class TreeMonitor:
             procs = [self.root, *self.root.children(recursive=True)]  # parents before children
         except psutil.Error:
             return self.cpu
-        cpu, rss = 0.0, 0
+        cpu, rss, pss = 0.0, 0, 0
         for p in procs:
             try:
                 t = p.cpu_times()
@@ -105,13 +107,15 @@ class TreeMonitor:
             except psutil.Error:
                 continue
             try:
-                rss += p.memory_info().rss
                 self.seen.setdefault(p.pid, p.create_time())
-            except psutil.Error:
+                rss += p.memory_info().rss
+                pss += getattr(p.memory_full_info(), "pss", 0)
+            except (psutil.Error, OSError):
                 pass
         with self._lock:
             self.cpu = max(self.cpu, cpu)
             self.peak_rss = max(self.peak_rss, rss)
+            self.peak_pss = max(self.peak_pss, pss)
             self.max_procs = max(self.max_procs, len(procs))
         return cpu
 

@@ -83,11 +83,6 @@ class Catalog:
             [sop_instance_uid])
         return [dict(zip(cols, r)) for r in rows]
 
-    def uids_since(self, received_after_us: int) -> list[str]:
-        cols, rows = self.execute(
-            "SELECT sop_instance_uid FROM tail_rows WHERE epoch_us(received_at) > ?", [received_after_us])
-        return [r[0] for r in rows]
-
 
 def _unsealed(tails: pa.Table, m: manifest.Manifest) -> pa.Table:
     """Tail rows past their segment's sealed watermark."""

@@ -33,6 +33,7 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _INCOMPRESSIBLE = 0.97  # keep the raw bytes when zstd saves less than 3 %
+_LEARN_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,10 @@ class Archive:
         self.known.update(uid for (uid,) in self.catalog.execute("SELECT sop_instance_uid FROM records")[1])
         self._local = threading.local()
         self._stop = threading.Event()
-        self._seal_thread = threading.Thread(target=self._seal_loop, name="sealer", daemon=True)
-        self._seal_thread.start()
+        self._threads = [threading.Thread(target=self._seal_loop, name="sealer", daemon=True),
+                         threading.Thread(target=self._learn_loop, name="uid-learner", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     # -- the store path -------------------------------------------------------------
 
@@ -147,13 +150,28 @@ class Archive:
         while not self._stop.wait(self.config.seal_interval):
             try:
                 self.sealer.seal()
-                self.known.update(uid for (uid,) in self.catalog.execute("SELECT sop_instance_uid FROM tail_rows")[1])
             except Exception:
                 log.exception("sealing the catalog tail failed; will retry")
 
+    def _learn_loop(self) -> None:
+        """Teach the UID filter what other workers stored, from their tails, every 0.1 s."""
+        seen = 0
+        while not self._stop.wait(_LEARN_INTERVAL_S):
+            try:
+                _cols, rows = self.catalog.execute(
+                    "SELECT sop_instance_uid, epoch_us(received_at) FROM tail_rows WHERE epoch_us(received_at) > ?",
+                    [seen])
+            except Exception:
+                log.exception("reading other workers' tails failed; will retry")
+                continue
+            for uid, at in rows:
+                self.known.add(uid)
+                seen = max(seen, at)
+
     def close(self) -> None:
         self._stop.set()
-        self._seal_thread.join()
+        for t in self._threads:
+            t.join()
         self.writer.close()
         self.sealer.close()
         self.catalog.close()

@@ -1,0 +1,77 @@
+"""Configuration precedence and the CLI's answers to bad input: one line, non-zero exit."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import Config, ConfigError, load
+
+from conftest import HOST, free_port
+
+
+def stowage(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_defaults_are_the_embedded_ones():
+    c = load(None, env={})
+    assert (c.aet, c.port, c.data_dir, c.durability, c.duplicates) == \
+        ("STOWAGE", 11112, Path("stowage-data"), "fsync", "keep-newest")
+
+
+def test_precedence_file_env_flags(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('aet = "FROMFILE"\nport = 2000\nworkers = 3\nzstd_level = 5\n'
+                 '[remotes.VIEWER]\nhost = "10.0.0.5"\nport = 104\n')
+    c = load(f, env={"STOWAGE_PORT": "3000", "STOWAGE_WORKERS": "4"}, overrides={"workers": 5, "aet": None})
+    assert (c.aet, c.port, c.workers, c.zstd_level) == ("FROMFILE", 3000, 5, 5)
+    assert c.remotes["VIEWER"].host == "10.0.0.5" and c.remotes["VIEWER"].port == 104
+    assert Config.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("values,needle", [({"port": 0}, "port"), ({"aet": "A\\B"}, "aet"),
+                                           ({"durability": "maybe"}, "durability"),
+                                           ({"max_pdu": 0}, "max_pdu"), ({"nonsense": 1}, "nonsense"),
+                                           ({"workers": "many"}, "workers")])
+def test_bad_values_name_the_key(values, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load(None, env={}, overrides=values)
+
+
+def test_cli_bad_flag_is_one_clear_line(tmp_path):
+    r = stowage("serve", "--data-dir", str(tmp_path), "--port", "70000")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "port" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_config_file(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("port = [\n")
+    r = stowage("serve", "--config", str(f))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "bad.toml" in r.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        s.listen()
+        r = stowage("serve", "--data-dir", str(tmp_path / "d"), "--bind", HOST, "--port",
+                    str(s.getsockname()[1]), "--workers", "1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "cannot listen" in r.stderr
+
+
+def test_one_server_per_data_dir(server):
+    r = stowage("serve", "--data-dir", str(server.data_dir), "--bind", HOST, "--port", str(free_port()),
+                "--workers", "1")
+    assert r.returncode != 0 and "another stowage process" in r.stderr
+
+
+def test_export_of_a_missing_archive(tmp_path):
+    r = stowage("export", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--all")
+    assert r.returncode != 0 and "no archive" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,48 @@
+"""`stowage serve` lifecycle: SIGTERM drains in-flight associations and exits 0; the
+acceptor spreads associations over workers."""
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pydicom
+from pynetdicom import AE, _config
+
+from conftest import CT, HOST, copies, export_all
+
+
+def test_sigterm_drains_in_flight_associations(make_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    server = make_server("--workers", "2")
+    files = copies(CT, tmp_path / "in", 3, "a")
+    ae = AE("DRAINSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    assert assoc.send_c_store(files[0]).Status == 0
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with socket.socket() as s:  # no longer accepting
+        s.settimeout(2)
+        assert s.connect_ex((HOST, server.port)) != 0
+    for f in files[1:]:  # the open association still finishes its work
+        assert assoc.send_c_store(f).Status == 0
+    assoc.release()
+    assert server.proc.wait(60) == 0
+    r = export_all(server.data_dir, tmp_path / "out")
+    assert r.returncode == 0 and len(list((tmp_path / "out").glob("*.dcm"))) == 3
+    tails = list((server.data_dir / "catalog" / "tails").glob("*"))
+    assert not tails, "a clean stop seals every tail"
+
+
+def test_associations_spread_over_workers(make_server):
+    server = make_server("--workers", "2")
+    ae = AE("SPREAD")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assocs = [ae.associate(HOST, server.port, ae_title="STOWAGE") for _ in range(4)]
+    assert all(a.is_established for a in assocs)
+    busy = {w.pid: len(w.connections(kind="tcp")) for w in server.workers()}
+    for a in assocs:
+        a.release()
+    assert sorted(busy.values()) == [2, 2], busy
