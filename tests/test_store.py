@@ -160,3 +160,51 @@ def test_pynetdicom_concurrent_senders(server, tmp_path):
     r = export_all(server.data_dir, tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "out").glob("*.dcm"))) == 30
+
+
+def test_every_conformance_storage_class_and_syntax_is_accepted(server):
+    """The conformance target's storage SOP classes (retired and trial included) and every
+    transfer syntax pydicom knows are accepted in negotiation."""
+    import csv
+    from importlib import resources
+    with resources.files("workers").joinpath("storage_sop_classes.csv").open() as f:
+        classes = [r["sop_class_uid"] for r in csv.DictReader(f) if r["sop_class_uid"] != "1.2.840.10008.1.1"]
+    syntaxes = transfer_syntaxes()
+    proposals = [(c, [ts]) for c in classes for ts in syntaxes[:2]] + \
+                [("1.2.840.10008.5.1.4.1.1.2", [ts]) for ts in syntaxes]
+    for start in range(0, len(proposals), 120):
+        ae = AE("NEGOTIATE")
+        for uid, ts in proposals[start:start + 120]:
+            ae.add_requested_context(uid, ts)
+        assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+        assert assoc.is_established
+        rejected = [(cx.abstract_syntax, cx.transfer_syntax) for cx in assoc.rejected_contexts]
+        assoc.release()
+        assert not rejected
+
+
+def test_read_your_writes_from_another_process(server, tmp_path, monkeypatch):
+    """The moment a C-STORE is acknowledged, a catalog reader in another process sees it."""
+    from catalog.reader import Catalog
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    files = copies(CT, tmp_path / "in", 5, "r")
+    catalog = Catalog(server.data_dir / "catalog")
+    ae = AE("RYW")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    for f in files:
+        assert assoc.send_c_store(f).Status == 0
+        row = catalog.lookup(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        assert row is not None and row["transfer_syntax_uid"] == "1.2.840.10008.1.2.1"
+        assert row["calling_ae"] == "RYW" and row["patient_id"] == pydicom.dcmread(f).PatientID
+    assoc.release()
+    catalog.close()
+
+
+def test_segments_roll_at_the_configured_size(make_server, tmp_path):
+    server = make_server("--workers", "1", STOWAGE_SEGMENT_SIZE="100000")
+    files = copies(CT, tmp_path / "in", 12, "roll")
+    r = run("storescu", "-aec", "STOWAGE", HOST, str(server.port), *map(str, files))
+    assert r.returncode == 0, r.stderr
+    assert len(list((server.data_dir / "segments").glob("*.seg"))) > 1
+    assert_exported_identical(server.data_dir, tmp_path / "out", files)

@@ -1,0 +1,441 @@
+"""What the archive does with bad input: datasets that do not identify themselves as the
+request says, malformed or oversized PDUs, stalled peers, a full disk, the association
+cap, and a worker killed mid-service. Every check is one an operator would make: the
+status and Error Comment a sender sees, what `stowage export` returns afterwards, that
+the server still answers, and that no worker process died or bloated."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pynetdicom import AE, _config
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
+                                       MaximumLengthNotification)
+from pynetdicom.presentation import build_context
+from pynetdicom.transport import AddressInformation
+
+from conftest import HOST, dataset_bytes, echo_ok, export_all
+
+CT = Path(get_testdata_file("CT_small.dcm"))
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+VERIFICATION = "1.2.840.10008.1.1"
+A_ABORT, A_ASSOCIATE_RJ = 0x07, 0x03
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+def part10(path: Path, *, meta_class: str | None = None, meta_instance: str | None = None,
+           drop: tuple[str, ...] = (), pixels: bytes | None = None) -> Path:
+    """A copy of CT_small with fresh UIDs, written as a Part-10 file whose file meta may
+    deliberately disagree with its dataset (the C-STORE request is built from the meta)."""
+    ds = pydicom.dcmread(CT)
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    if pixels is not None:
+        ds.Rows = ds.Columns = int((len(pixels) // 2) ** 0.5)
+        ds.PixelData = pixels
+    for keyword in drop:
+        delattr(ds, keyword)
+    ds.file_meta.MediaStorageSOPClassUID = meta_class or ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = meta_instance or ds.SOPInstanceUID
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=False)  # True would "fix" the meta from the dataset
+    back = pydicom.dcmread(path, stop_before_pixels=True)
+    assert back.file_meta.MediaStorageSOPClassUID == ds.file_meta.MediaStorageSOPClassUID
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+    return path
+
+
+def request_uid(path: Path) -> str:
+    """The SOP Instance UID a C-STORE of this file announces (from its file meta)."""
+    return pydicom.dcmread(path, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID
+
+
+def scu(aet: bytes = b"BADINPUT", timeout: float = 10.0) -> AE:
+    ae = AE(aet)
+    ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
+    ae.add_requested_context(VERIFICATION)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    return ae
+
+
+def store_file(ae: AE, port: int, path: Path):
+    """One association, one C-STORE of the file's raw bytes, release; the response."""
+    assoc = ae.associate(HOST, port, ae_title="STOWAGE")
+    assert assoc.is_established, "association refused"
+    try:
+        return assoc.send_c_store(path)
+    finally:
+        assoc.release()
+
+
+def exported(data_dir: Path, out: Path) -> dict[str, Path]:
+    r = export_all(data_dir, out)
+    assert r.returncode == 0, r.stderr
+    return {p.stem: p for p in out.glob("*.dcm")}
+
+
+def associate_rq(port: int, called: str = "STOWAGE", max_pdu: int = 16384) -> bytes:
+    """A well-formed A-ASSOCIATE-RQ PDU (Verification and CT Image Storage), as bytes."""
+    prim = A_ASSOCIATE()
+    prim.application_context_name = "1.2.840.10008.3.1.1.1"
+    prim.calling_ae_title = "RAWSCU"
+    prim.called_ae_title = called
+    prim.calling_presentation_address = AddressInformation(HOST, 0)
+    prim.called_presentation_address = AddressInformation(HOST, port)
+    contexts = []
+    for i, uid in enumerate((VERIFICATION, CT_STORAGE)):
+        cx = build_context(uid, ["1.2.840.10008.1.2", EXPLICIT_LE])
+        cx.context_id = 2 * i + 1
+        contexts.append(cx)
+    prim.presentation_context_definition_list = contexts
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.3.0.4"
+    prim.user_information = [length, impl]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(prim)
+    return pdu.encode()
+
+
+def raw_connect(port: int) -> socket.socket:
+    return socket.create_connection((HOST, port), timeout=5)
+
+
+def read_pdu_or_close(sock: socket.socket, timeout: float) -> bytes:
+    """The first whole PDU the server sends, or b"" if it closes (or resets) first.
+    Raises TimeoutError if it does neither within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no PDU and no close within {timeout}s (got {buf[:16].hex()})")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return b""
+        except socket.timeout:
+            continue
+        if not chunk:
+            return b"" if len(buf) < 6 else buf
+        buf += chunk
+        if len(buf) >= 6 and len(buf) >= 6 + int.from_bytes(buf[2:6], "big"):
+            return buf[: 6 + int.from_bytes(buf[2:6], "big")]
+
+
+def wait_closed(sock: socket.socket, timeout: float) -> float:
+    """Seconds until the server closes the connection (whatever it sends first is read
+    and dropped); raises TimeoutError if it is still open after `timeout`."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"connection still open after {timeout}s")
+        sock.settimeout(left)
+        try:
+            if not sock.recv(65536):
+                return time.monotonic() - start
+        except ConnectionResetError:
+            return time.monotonic() - start
+        except socket.timeout:
+            continue
+
+
+def assert_abort_or_close(reply: bytes) -> None:
+    assert reply == b"" or reply[0] == A_ABORT, f"expected A-ABORT or close, got {reply[:16].hex()}"
+    if reply:
+        assert len(reply) == 10 and reply[2:6] == b"\x00\x00\x00\x04", reply.hex()
+
+
+def worker_pids(server) -> set[int]:
+    return {p.pid for p in server.workers()}
+
+
+def workers_rss(server) -> int:
+    return sum(p.memory_info().rss for p in server.workers())
+
+
+# -- 1. datasets that do not identify themselves as the request says --------------------
+
+def test_mismatched_or_unidentified_datasets_are_refused(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the file's bytes, meta's UIDs
+    d = tmp_path / "in"
+    wrong_class = d / "wrong-class.dcm"
+    part10(wrong_class, meta_class=CT_STORAGE)
+    ds = pydicom.dcmread(wrong_class)
+    ds.SOPClassUID = MR_STORAGE  # the dataset says MR; its file meta (the request) says CT
+    ds.save_as(wrong_class, enforce_file_format=False)
+    assert pydicom.dcmread(wrong_class).file_meta.MediaStorageSOPClassUID == CT_STORAGE
+    cases = [  # (file, expected status, words the Error Comment must contain)
+        (wrong_class, 0xA900, ("SOP Class",)),
+        (part10(d / "wrong-instance.dcm", meta_instance=pydicom.uid.generate_uid()), 0xC000, ("SOP Instance",)),
+        (part10(d / "no-study.dcm", drop=("StudyInstanceUID",)), 0xC000, ("Study Instance UID",)),
+        (part10(d / "no-series.dcm", drop=("SeriesInstanceUID",)), 0xC000, ("Series Instance UID",)),
+    ]
+    good = part10(d / "good.dcm")
+    ae = scu()
+    for path, expected, words in cases:
+        status = store_file(ae, server.port, path)
+        assert "Status" in status, f"{path.name}: no C-STORE response"
+        assert status.Status == expected, f"{path.name}: 0x{status.Status:04X} {status.get('ErrorComment')}"
+        comment = str(status.get("ErrorComment") or "")
+        assert comment.strip(), f"{path.name}: refused without an Error Comment"
+        for w in words:
+            assert w in comment, f"{path.name}: Error Comment {comment!r} does not mention {w!r}"
+    status = store_file(ae, server.port, good)  # a control: the same path does store
+    assert status.Status == 0x0000
+
+    got = exported(server.data_dir, tmp_path / "out")
+    refused_uids = {request_uid(p) for p, *_ in cases} | {pydicom.dcmread(p).SOPInstanceUID for p, *_ in cases}
+    assert not refused_uids & set(got), "a refused dataset was exported"
+    assert set(got) == {request_uid(good)}
+    assert dataset_bytes(got[request_uid(good)]) == dataset_bytes(good)
+
+
+# -- 2. malformed PDUs -----------------------------------------------------------------
+
+def test_malformed_pdus_are_aborted_and_harm_nobody(server, tmp_path):
+    before = worker_pids(server)
+    assert len(before) == 2
+    files = [part10(tmp_path / "in" / f"ct-{i}.dcm") for i in range(4)]
+    ae = scu()
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")  # opened before the bad peers
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
+        bad_pdus = {
+            "unknown PDU type 0x0A": bytes([0x0A, 0, 0, 0, 0, 32]) + os.urandom(32),
+            "unknown PDU type 0xFF": bytes([0xFF, 0, 0, 0, 0, 4]) + b"junk",
+            "A-ASSOCIATE-RQ with a garbage body": bytes([0x01, 0, 0, 0, 0, 200]) + os.urandom(200),
+            "A-ASSOCIATE-RQ shorter than its fixed fields": bytes([0x01, 0, 0, 0, 0, 8]) + b"\x00\x01" + b"\xff" * 6,
+            "P-DATA-TF before any association": bytes([0x04, 0, 0, 0, 0, 6]) + b"\x00\x00\x00\x02\x01\x03",
+        }
+        for name, pdu in bad_pdus.items():
+            with raw_connect(server.port) as s:
+                s.sendall(pdu)
+                try:
+                    reply = read_pdu_or_close(s, timeout=15)
+                except TimeoutError as e:
+                    pytest.fail(f"{name}: {e}")
+                assert_abort_or_close(reply)
+        for f in files[1:]:  # the association opened earlier still stores
+            status = assoc.send_c_store(pydicom.dcmread(f))
+            assert status and status.Status == 0, f"{f.name}: {status}"
+    finally:
+        assoc.release()
+    assert worker_pids(server) == before, "a worker died on a malformed PDU"
+    assert echo_ok(server.port)
+    got = exported(server.data_dir, tmp_path / "out")
+    assert set(got) == {request_uid(f) for f in files}
+
+
+# -- 3. a peer that stalls mid-PDU ------------------------------------------------------
+
+def test_peer_stalled_mid_pdu_is_dropped(make_server):
+    server = make_server("--workers", "2", STOWAGE_NETWORK_TIMEOUT="2")
+    before = worker_pids(server)
+    rq = associate_rq(server.port)
+    with raw_connect(server.port) as s:
+        s.sendall(rq[:10])  # declares the whole A-ASSOCIATE-RQ, sends 10 bytes of it
+        elapsed = wait_closed(s, timeout=15)
+    assert elapsed >= 1.0, f"closed after {elapsed:.2f}s, before the 2 s network timeout"
+    assert elapsed < 15
+    # Same once associated: a P-DATA-TF header declaring 64 KiB, then 4 bytes, then nothing.
+    with raw_connect(server.port) as s:
+        s.sendall(rq)
+        ac = read_pdu_or_close(s, timeout=10)
+        assert ac and ac[0] == 0x02, f"expected A-ASSOCIATE-AC, got {ac[:16].hex()}"
+        s.sendall(bytes([0x04, 0, 0, 1, 0, 0]) + b"\x00\x00\xff\xfc")
+        elapsed = wait_closed(s, timeout=15)
+    assert 1.0 <= elapsed < 15, elapsed
+    assert worker_pids(server) == before
+    assert echo_ok(server.port)
+
+
+# -- 4. a declared PDU length far above the advertised maximum --------------------------
+
+@pytest.mark.parametrize("when", ["first PDU", "after A-ASSOCIATE-AC"])
+def test_huge_declared_pdu_length_is_aborted_without_buffering(make_server, when):
+    server = make_server("--workers", "2")
+    before_pids = worker_pids(server)
+    rss_before = workers_rss(server)
+    for _ in range(3):
+        with raw_connect(server.port) as s:
+            if when == "first PDU":
+                s.sendall(bytes([0x01, 0]) + (0xF0000000).to_bytes(4, "big") + b"\x00\x01\x00\x00")
+            else:
+                s.sendall(associate_rq(server.port))
+                ac = read_pdu_or_close(s, timeout=10)
+                assert ac and ac[0] == 0x02, f"expected A-ASSOCIATE-AC, got {ac[:16].hex()}"
+                s.sendall(bytes([0x04, 0]) + (0xF0000000).to_bytes(4, "big") + os.urandom(4096))
+            start = time.monotonic()
+            reply = read_pdu_or_close(s, timeout=10)
+            assert_abort_or_close(reply)
+            assert time.monotonic() - start < 10
+            # and it does not keep reading: the connection ends
+            wait_closed(s, timeout=10)
+    growth = workers_rss(server) - rss_before
+    assert growth < 50 << 20, f"workers grew by {growth >> 20} MiB"
+    assert worker_pids(server) == before_pids
+    assert echo_ok(server.port)
+
+
+# -- 5. disk full -----------------------------------------------------------------------
+
+def test_min_free_bytes_refuses_with_out_of_resources(make_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    server = make_server("--workers", "2", STOWAGE_MIN_FREE_BYTES=str(10**18))
+    files = [part10(tmp_path / "in" / f"ct-{i}.dcm") for i in range(2)]
+    ae = scu()
+    for f in files:
+        status = store_file(ae, server.port, f)
+        assert status.Status == 0xA700, f"0x{status.Status:04X}"
+        assert str(status.get("ErrorComment") or "").strip()
+    assert echo_ok(server.port)
+    assert exported(server.data_dir, tmp_path / "out") == {}
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {(r.stderr or r.stdout).strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_full_filesystem(make_server, small_tmpfs, tmp_path, monkeypatch):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    data_dir = small_tmpfs / "data"
+    server = make_server("--workers", "2", data_dir=data_dir, STOWAGE_MIN_FREE_BYTES="0")
+    try:
+        ae = scu()
+        stored: list[Path] = []
+        refused: list[Path] = []
+        for i in range(100):
+            # 512x512x16-bit random pixels: ~520 KB that zstd cannot shrink
+            f = part10(tmp_path / "in" / f"ct-{i:03d}.dcm", pixels=os.urandom(512 * 512 * 2))
+            status = store_file(ae, server.port, f)
+            assert "Status" in status, f"{f.name}: no C-STORE response"
+            if status.Status == 0x0000:
+                stored.append(f)
+                continue
+            assert status.Status == 0xA700, f"{f.name}: 0x{status.Status:04X} {status.get('ErrorComment')}"
+            assert str(status.get("ErrorComment") or "").strip()
+            refused.append(f)
+            if len(refused) >= 3:
+                break
+        assert refused, f"the 12 MB filesystem never filled after {len(stored)} stores"
+        assert len(stored) >= 5, f"only {len(stored)} stores before the disk was full"
+        assert echo_ok(server.port)
+        time.sleep(2.5)  # let the sealer try (and perhaps fail) to seal the tail
+        got = exported(data_dir, tmp_path / "out-live")  # out on the big disk
+        missing = [f.name for f in stored if request_uid(f) not in got]
+        assert not missing, f"acknowledged but not exported while serving: {missing}\n{server.log()[-4000:]}"
+        for f in stored:
+            assert dataset_bytes(got[request_uid(f)]) == dataset_bytes(f), f"{f.name}: bytes differ"
+        assert not {request_uid(f) for f in refused} & set(got), "a refused instance was exported"
+        assert len(got) == len(stored)
+        assert server.stop() == 0, server.log()[-4000:]
+    finally:
+        server.kill()
+    # After a stop (and the sealing it does on a full disk) the same holds.
+    got = exported(data_dir, tmp_path / "out-stopped")
+    assert {request_uid(f) for f in stored} == set(got), server.log()[-4000:]
+
+
+# -- 6. association cap -----------------------------------------------------------------
+
+def test_association_cap_rejects_transient_then_recovers(make_server):
+    server = make_server("--workers", "2", STOWAGE_MAX_ASSOCIATIONS="1")
+    ae = scu(timeout=5)
+    first = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert first.is_established
+    try:
+        second = ae.associate(HOST, server.port, ae_title="STOWAGE")
+        assert second.is_rejected, "a second association past the cap of 1 was not rejected"
+        with raw_connect(server.port) as s:
+            s.sendall(associate_rq(server.port))
+            rj = read_pdu_or_close(s, timeout=10)
+        assert rj[:6] == bytes([A_ASSOCIATE_RJ, 0, 0, 0, 0, 4]), rj.hex()
+        result, source, reason = rj[7], rj[8], rj[9]
+        assert (result, source, reason) == (2, 3, 2), "want rejected-transient, provider (presentation), local limit"
+        assert first.send_c_echo().Status == 0  # the admitted one is untouched
+    finally:
+        first.release()
+    # The slot frees once the worker reports the association ended (a moment after release).
+    deadline, attempts = time.monotonic() + 10, 0
+    while True:
+        attempts += 1
+        third = ae.associate(HOST, server.port, ae_title="STOWAGE")
+        if third.is_established:
+            break
+        assert time.monotonic() < deadline and attempts < 20, "no association admitted after the release"
+        time.sleep(0.25)
+    assert third.send_c_echo().Status == 0
+    third.release()
+
+
+# -- 7. a worker killed while another association is idle ---------------------------------
+
+def _worker_with_connection(server, local_port: int) -> psutil.Process | None:
+    for w in server.workers():
+        for c in w.net_connections(kind="tcp"):
+            if c.raddr and c.raddr.port == local_port and c.laddr.port == server.port:
+                return w
+    return None
+
+
+def test_killed_worker_is_replaced_and_other_associations_survive(server, tmp_path):
+    files = [part10(tmp_path / "in" / f"ct-{i}.dcm") for i in range(4)]
+    ae = scu()
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
+        local_port = assoc.dul.socket.socket.getsockname()[1]
+        holder = _worker_with_connection(server, local_port)
+        assert holder is not None, "no worker holds our association"
+        workers = server.workers()
+        assert len(workers) == 2
+        victim = next(w for w in workers if w.pid != holder.pid)
+        victim.kill()  # SIGKILL, by PID
+        victim.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = worker_pids(server)
+            if len(now) == 2 and victim.pid not in now:
+                break
+            time.sleep(0.2)
+        now = worker_pids(server)
+        assert len(now) == 2 and victim.pid not in now and holder.pid in now, (now, victim.pid)
+        # the new worker serves (wait until it is ready: echo is bounded, a few tries)
+        assert any(echo_ok(server.port) or time.sleep(0.5) for _ in range(10))
+        for f in files[1:]:  # the idle association on the surviving worker goes on storing
+            status = assoc.send_c_store(pydicom.dcmread(f))
+            assert status and status.Status == 0, f"{f.name}: {status}"
+    finally:
+        assoc.release()
+    got = exported(server.data_dir, tmp_path / "out")
+    assert set(got) == {request_uid(f) for f in files}
