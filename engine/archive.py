@@ -20,7 +20,7 @@ from catalog.reader import Catalog
 from catalog.sealer import Sealer
 from engine.config import Config
 from engine.filemeta import file_meta
-from engine.segment import FLAG_ZSTD, encode_record
+from engine.segment import FLAG_ZSTD, FileRange, Part, record_parts
 from engine.writer import OutOfResources, SegmentWriter
 
 log = logging.getLogger("stowage.store")
@@ -34,6 +34,7 @@ CANNOT_UNDERSTAND = 0xC000
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _INCOMPRESSIBLE = 0.97  # keep the raw bytes when zstd saves less than 3 %
 _LEARN_INTERVAL_S = 0.1
+_HEAD_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,24 @@ class StoreResult:
     @property
     def ok(self) -> bool:
         return self.status == SUCCESS
+
+
+def _head(dataset: bytes | FileRange) -> bytes:
+    """Enough of the dataset to find the catalog attributes (they come before pixel data)."""
+    if isinstance(dataset, bytes):
+        return dataset
+    with open(dataset.path, "rb") as f:
+        f.seek(dataset.offset)
+        return f.read(min(dataset.length, _HEAD_BYTES))
+
+
+def _crc32(dataset: bytes | FileRange) -> tuple[int, int]:
+    if isinstance(dataset, bytes):
+        return zlib.crc32(dataset), len(dataset)
+    crc = 0
+    for chunk in dataset.chunks():
+        crc = zlib.crc32(chunk, crc)
+    return crc, dataset.length
 
 
 def valid_uid(uid: str | None) -> bool:
@@ -90,43 +109,67 @@ class Archive:
 
     # -- the store path -------------------------------------------------------------
 
-    def store(self, dataset: bytes, transfer_syntax_uid: str, sop_class_uid: str,
+    def store(self, dataset: bytes | FileRange, transfer_syntax_uid: str, sop_class_uid: str,
               sop_instance_uid: str, calling_ae: str = "", called_ae: str = "") -> StoreResult:
-        """Store one instance exactly as received; the result is final and durable."""
+        """Store one instance exactly as received (in memory, or spooled to a file when
+        large); the result is final and durable."""
         try:
-            attrs = extract(dataset, transfer_syntax_uid)
+            attrs = extract(_head(dataset), transfer_syntax_uid)
         except UnreadableDataset as e:
             return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {e}")
         refusal = _check_identity(attrs, sop_class_uid, sop_instance_uid)
         if refusal:
             return refusal
-        crc = zlib.crc32(dataset)
+        crc, length = _crc32(dataset)
         if sop_instance_uid in self.known:
-            verdict = self._duplicate(sop_instance_uid, crc, len(dataset), calling_ae)
+            verdict = self._duplicate(sop_instance_uid, crc, length, calling_ae)
             if verdict is not None:
                 return verdict
-        if shutil.disk_usage(self.data_dir).free < self.config.min_free_bytes:
+        if shutil.disk_usage(self.data_dir).free < self.config.min_free_bytes + length:
             return StoreResult(OUT_OF_RESOURCES, "archive disk full (below min_free_bytes); not stored")
         meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
-        payload, flags = self._payload(meta, dataset)
-        row = dict(attrs, transfer_syntax_uid=transfer_syntax_uid, dataset_length=len(dataset),
-                   stored_length=len(payload), dataset_crc32=crc, calling_ae=calling_ae,
-                   called_ae=called_ae, received_at=time.time_ns() // 1000)
-        header = dict(row, meta_length=len(meta))
         try:
-            self.writer.append(encode_record(header, payload, flags), row)
+            payload, flags, spooled = self._payload(meta, dataset)
+        except OSError as e:
+            return StoreResult(OUT_OF_RESOURCES, f"cannot spool the dataset: {e.strerror}")
+        try:
+            row = dict(attrs, transfer_syntax_uid=transfer_syntax_uid, dataset_length=length,
+                       stored_length=sum(len(p) if isinstance(p, bytes) else p.length for p in payload),
+                       dataset_crc32=crc, calling_ae=calling_ae, called_ae=called_ae,
+                       received_at=time.time_ns() // 1000)
+            header = dict(row, meta_length=len(meta))
+            self.writer.append(record_parts(header, payload, flags), row)
         except OutOfResources as e:
             return StoreResult(OUT_OF_RESOURCES, f"{e.strerror}; nothing was stored")
+        finally:
+            if spooled is not None:
+                spooled.unlink(missing_ok=True)
         self.known.add(sop_instance_uid)
         return StoreResult(SUCCESS)
 
-    def _payload(self, meta: bytes, dataset: bytes) -> tuple[bytes, int]:
-        raw = meta + dataset
+    def _compressor(self) -> zstandard.ZstdCompressor:
         cctx = getattr(self._local, "cctx", None)
         if cctx is None:
             cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.config.zstd_level)
-        packed = cctx.compress(raw)
-        return (packed, FLAG_ZSTD) if len(packed) < _INCOMPRESSIBLE * len(raw) else (raw, 0)
+        return cctx
+
+    def _payload(self, meta: bytes, dataset: bytes | FileRange) -> tuple[list[Part], int, Path | None]:
+        """The payload parts, their flags, and the spool file to delete once appended."""
+        if isinstance(dataset, bytes):
+            raw = meta + dataset
+            packed = self._compressor().compress(raw)
+            return ([packed], FLAG_ZSTD, None) if len(packed) < _INCOMPRESSIBLE * len(raw) else ([raw], 0, None)
+        packed_path = dataset.path.with_suffix(".zst")
+        with open(packed_path, "wb") as out:
+            with self._compressor().stream_writer(out, size=len(meta) + dataset.length, closefd=False) as z:
+                z.write(meta)
+                for chunk in dataset.chunks():
+                    z.write(chunk)
+            packed_length = out.tell()
+        if packed_length < _INCOMPRESSIBLE * (len(meta) + dataset.length):
+            return [FileRange(packed_path, 0, packed_length)], FLAG_ZSTD, packed_path
+        packed_path.unlink()
+        return [meta, dataset], 0, None
 
     def _duplicate(self, uid: str, crc: int, length: int, calling_ae: str) -> StoreResult | None:
         """The answer for an instance already held, or None to store this one too."""

@@ -50,6 +50,7 @@ class Config:
     seal_interval: float = 1.0             # seconds between sealing tails into Parquet
     compact_min_files: int = 8             # merge when this many small Parquet files exist
     min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700
+    spill_threshold: int = 16 << 20        # datasets larger than this are received to a spool file
     duplicates: str = "keep-newest"
     log_format: str = "text"               # or "json"
     log_level: str = "info"

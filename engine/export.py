@@ -7,7 +7,7 @@ from pathlib import Path
 
 from catalog.reader import Catalog
 from engine.filemeta import PREAMBLE
-from engine.segment import read_payload
+from engine.segment import stream_payload
 
 SELECTORS = {"patient": "patient_id", "study": "study_instance_uid",
              "series": "series_instance_uid", "instance": "sop_instance_uid"}
@@ -38,16 +38,17 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
     out.mkdir(parents=True, exist_ok=True)
     result = ExportResult(failed=[])
     for uid, segment, offset in rows:
-        try:
-            _rec, payload = read_payload(data_dir / "segments" / segment, offset)
-        except (OSError, ValueError) as e:
-            result.failed.append(f"{uid}: {e}")
-            continue
         target = out / f"{uid}.dcm"  # a validated UID: digits and dots only
         tmp = out / f".{uid}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(PREAMBLE)
-            f.write(payload)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(PREAMBLE)
+                for chunk in stream_payload(data_dir / "segments" / segment, offset):
+                    f.write(chunk)
+        except (OSError, ValueError) as e:  # CorruptRecord is a ValueError
+            tmp.unlink(missing_ok=True)
+            result.failed.append(f"{uid}: {e}")
+            continue
         os.replace(tmp, target)
         result.written += 1
     return result

@@ -28,6 +28,7 @@ _PREFIX = struct.Struct("<4sHHIQ")
 _CRC = struct.Struct("<I")
 PREFIX_SIZE = _PREFIX.size + _CRC.size
 MAX_HEADER = 1 << 20
+_CHUNK = 1 << 20
 
 
 class CorruptRecord(ValueError):
@@ -46,12 +47,44 @@ class Record:
     payload_length: int
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Payload bytes that live in a (spool) file: large instances never sit in memory."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def chunks(self, size: int = _CHUNK) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            left = self.length
+            while left:
+                chunk = f.read(min(size, left))
+                if not chunk:
+                    raise OSError(f"{self.path} ends before its recorded length")
+                left -= len(chunk)
+                yield chunk
+
+
+Part = bytes | FileRange
+
+
 def encode_record(header: dict[str, Any], payload: bytes, flags: int) -> bytes:
     """The whole record, ready to append."""
+    return b"".join(record_parts(header, [payload], flags))  # type: ignore[arg-type]
+
+
+def record_parts(header: dict[str, Any], payload: list[Part], flags: int) -> list[Part]:
+    """The record as parts to append in order: its head, then the payload parts."""
     hdr = msgpack.packb(header, use_bin_type=True)
-    prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(hdr), len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(hdr, zlib.crc32(prefix)))
-    return b"".join((prefix, _CRC.pack(crc), hdr, payload))
+    length = sum(len(p) if isinstance(p, bytes) else p.length for p in payload)
+    prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(hdr), length)
+    crc = zlib.crc32(hdr, zlib.crc32(prefix))
+    for part in payload:
+        for chunk in ([part] if isinstance(part, bytes) else part.chunks()):
+            crc = zlib.crc32(chunk, crc)
+    return [prefix + _CRC.pack(crc) + hdr, *payload]
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
@@ -61,26 +94,46 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     return data
 
 
-def _read_at(f: BinaryIO, offset: int, verify_payload: bool = True) -> tuple[Record, bytes | None]:
+def _read_head(f: BinaryIO, offset: int) -> tuple[Record, int, int]:
+    """The record at `offset` (header decoded), its stored CRC, and the CRC of its prefix
+    and header, to be continued over the payload."""
     f.seek(offset)
     raw = _read_exact(f, PREFIX_SIZE)
     magic, version, flags, hlen, plen = _PREFIX.unpack_from(raw)
-    (crc,) = _CRC.unpack_from(raw, _PREFIX.size)
+    (expected,) = _CRC.unpack_from(raw, _PREFIX.size)
     if magic != MAGIC or version != VERSION or hlen > MAX_HEADER:
         raise CorruptRecord(f"no valid record at byte {offset}")
     hdr = _read_exact(f, hlen)
     running = zlib.crc32(hdr, zlib.crc32(raw[: _PREFIX.size]))
-    payload = None
-    if verify_payload:
-        payload = _read_exact(f, plen)
-        if zlib.crc32(payload, running) != crc:
-            raise CorruptRecord(f"checksum mismatch in record at byte {offset}")
     try:
         header = msgpack.unpackb(hdr, raw=False)
     except (ValueError, msgpack.UnpackException) as e:
         raise CorruptRecord(f"undecodable header in record at byte {offset}: {e}") from None
+    if not isinstance(header, dict):
+        raise CorruptRecord(f"header of the record at byte {offset} is not a map")
     rec = Record(offset, PREFIX_SIZE + hlen + plen, flags, header, offset + PREFIX_SIZE + hlen, plen)
-    return rec, payload
+    return rec, expected, running
+
+
+def _payload_chunks(f: BinaryIO, rec: Record, expected: int, running: int) -> Iterator[bytes]:
+    """The payload as stored, in chunks; raises CorruptRecord after the last chunk if the
+    CRC does not hold (so consumers must discard what they got)."""
+    f.seek(rec.payload_offset)
+    left = rec.payload_length
+    while left:
+        chunk = _read_exact(f, min(_CHUNK, left))
+        running = zlib.crc32(chunk, running)
+        left -= len(chunk)
+        yield chunk
+    if running != expected:
+        raise CorruptRecord(f"checksum mismatch in record at byte {rec.offset}")
+
+
+def _verified(f: BinaryIO, offset: int) -> Record:
+    rec, expected, running = _read_head(f, offset)
+    for _ in _payload_chunks(f, rec, expected, running):
+        pass
+    return rec
 
 
 def iter_records(path: Path, start: int = 0) -> Iterator[Record]:
@@ -92,7 +145,7 @@ def iter_records(path: Path, start: int = 0) -> Iterator[Record]:
         offset = start
         while True:
             try:
-                rec, _ = _read_at(f, offset)
+                rec = _verified(f, offset)
             except CorruptRecord:
                 return
             yield rec
@@ -107,14 +160,27 @@ def valid_end(path: Path, start: int = 0) -> int:
     return end
 
 
-def read_payload(path: Path, offset: int) -> tuple[Record, bytes]:
-    """The record at `offset` and its payload, checksum-verified and decompressed."""
+def stream_payload(path: Path, offset: int) -> Iterator[bytes]:
+    """The record's payload (file meta + dataset as received), decompressed, in chunks;
+    raises CorruptRecord, after the last chunk at the latest, if its checksum fails."""
     with open(path, "rb") as f:
-        rec, payload = _read_at(f, offset)
-    assert payload is not None
-    if rec.flags & FLAG_ZSTD:
-        payload = zstandard.ZstdDecompressor().decompress(payload)
-    return rec, payload
+        rec, expected, running = _read_head(f, offset)
+        chunks = _payload_chunks(f, rec, expected, running)
+        if not rec.flags & FLAG_ZSTD:
+            yield from chunks
+            return
+        dctx = zstandard.ZstdDecompressor().decompressobj()
+        for chunk in chunks:
+            out = dctx.decompress(chunk)
+            if out:
+                yield out
+        if not dctx.eof:
+            raise CorruptRecord(f"compressed payload of the record at byte {offset} is incomplete")
+
+
+def read_payload(path: Path, offset: int) -> bytes:
+    """The record's payload, checksum-verified and decompressed, in memory (small records)."""
+    return b"".join(stream_payload(path, offset))
 
 
 def segment_name(slot: int, sequence: int) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.segment import fsync_dir, next_sequence, segment_name
+from engine.segment import FileRange, Part, fsync_dir, next_sequence, segment_name
 
 log = logging.getLogger("stowage.writer")
 _IOV_MAX = 512
@@ -34,9 +34,13 @@ class Appended:
     length: int = 0
 
 
+def _length(part: Part) -> int:
+    return len(part) if isinstance(part, bytes) else part.length
+
+
 @dataclass
 class _Pending:
-    record: bytes
+    record: list[Part]
     row: dict[str, Any]
     done: threading.Event = field(default_factory=threading.Event)
     where: Appended = field(default_factory=Appended)
@@ -69,9 +73,10 @@ class SegmentWriter:
     def active_segment(self) -> str:
         return self._name
 
-    def append(self, record: bytes, row: dict[str, Any]) -> Appended:
-        """Queue a record and wait until it is durable; raises OutOfResources if it is not."""
-        item = _Pending(record, row)
+    def append(self, record: bytes | list[Part], row: dict[str, Any]) -> Appended:
+        """Queue a record (whole, or as parts) and wait until it is durable; raises
+        OutOfResources if it is not."""
+        item = _Pending([record] if isinstance(record, bytes) else record, row)
         with self._cond:
             if self._closed:
                 raise OutOfResources(errno.ESHUTDOWN, "the segment writer is shutting down")
@@ -98,7 +103,7 @@ class SegmentWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._name = segment_name(self.slot, next_sequence(self.directory, self.slot))
         path = self.directory / self._name
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # one writer: we own the position
         self._size = 0
         fsync_dir(self.directory)
 
@@ -115,7 +120,7 @@ class SegmentWriter:
     def _commit(self, batch: list[_Pending]) -> None:
         start = self._size
         try:
-            self._write_all([p.record for p in batch])
+            self._write_all([part for p in batch for part in p.record])
             if self.fsync:
                 os.fdatasync(self._fd)
         except OSError as e:
@@ -123,9 +128,10 @@ class SegmentWriter:
             return
         offset = start
         for p in batch:
-            p.where = Appended(self._name, offset, len(p.record))
-            p.row.update(segment=self._name, offset=offset, record_length=len(p.record))
-            offset += len(p.record)
+            length = sum(map(_length, p.record))
+            p.where = Appended(self._name, offset, length)
+            p.row.update(segment=self._name, offset=offset, record_length=length)
+            offset += length
         self._size = offset
         try:
             self.on_commit([p.row for p in batch])
@@ -138,21 +144,46 @@ class SegmentWriter:
         if self._size >= self.segment_size:
             self._open_next()
 
-    def _write_all(self, chunks: list[bytes]) -> None:
-        for i in range(0, len(chunks), _IOV_MAX):
-            part = chunks[i:i + _IOV_MAX]
-            total = sum(len(c) for c in part)
-            written = os.writev(self._fd, part)
-            if written != total:  # short write: finish it byte-wise
-                rest = b"".join(part)[written:]
-                while rest:
-                    rest = rest[os.write(self._fd, rest):]
+    def _write_all(self, parts: list[Part]) -> None:
+        run: list[bytes] = []
+        for part in parts:
+            if isinstance(part, bytes):
+                run.append(part)
+                if len(run) == _IOV_MAX:
+                    self._writev(run)
+                    run = []
+                continue
+            self._writev(run)
+            run = []
+            self._copy(part)
+        self._writev(run)
+
+    def _writev(self, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
+        written = os.writev(self._fd, chunks)
+        if written != sum(map(len, chunks)):  # short write: finish it byte-wise
+            rest = b"".join(chunks)[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest):]
+
+    def _copy(self, part: FileRange) -> None:
+        """Copy a spooled payload into the segment in the kernel, without reading it in."""
+        with open(part.path, "rb") as src:
+            offset, left = part.offset, part.length
+            while left:
+                sent = os.copy_file_range(src.fileno(), self._fd, left, offset)
+                if sent == 0:
+                    raise OSError(errno.EIO, f"{part.path} ended before its recorded length")
+                offset += sent
+                left -= sent
 
     def _fail(self, batch: list[_Pending], start: int, e: OSError) -> None:
         """Cut the segment back to its last good record and refuse the whole batch."""
         log.error("segment %s: %s; %d store(s) refused", self._name, e.strerror or e, len(batch))
         try:
             os.ftruncate(self._fd, start)
+            os.lseek(self._fd, start, os.SEEK_SET)
             if e.errno != errno.ENOSPC:  # an I/O error leaves the file suspect: start another
                 self._open_next()
         except OSError:

@@ -21,6 +21,16 @@ CT = Path(get_testdata_file("CT_small.dcm"))
 MR = Path(get_testdata_file("MR_small.dcm"))
 
 
+def dcmtk(name: str) -> str:
+    """The DCMTK tool `name` (pynetdicom installs scripts of the same names that may come
+    first on PATH)."""
+    from bench.procs import find_dcmtk
+    path = find_dcmtk(name)
+    if path is None:
+        pytest.fail(f"DCMTK's {name} is not installed: apt-get install dcmtk (ops/test.sh does)")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

@@ -7,20 +7,25 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from engine.archive import Archive
+from engine.segment import FileRange
+from workers.spill import SpillBuffer
 
 log = logging.getLogger("stowage.store")
 
 
 def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
     req = event.request
-    result = archive.store(
-        req.DataSet.getvalue(),  # the dataset bytes exactly as received; never decoded here
-        str(event.context.transfer_syntax),
-        str(req.AffectedSOPClassUID),
-        str(req.AffectedSOPInstanceUID),
-        calling_ae=event.assoc.requestor.ae_title,
-        called_ae=event.assoc.acceptor.ae_title,
-    )
+    buf = req.DataSet
+    try:
+        # The dataset bytes exactly as received, never decoded here: in memory, or the
+        # spool file a large dataset went to.
+        dataset = FileRange(*_spooled(buf)) if isinstance(buf, SpillBuffer) and buf.spilled else buf.getvalue()
+        result = archive.store(dataset, str(event.context.transfer_syntax), str(req.AffectedSOPClassUID),
+                               str(req.AffectedSOPInstanceUID), calling_ae=event.assoc.requestor.ae_title,
+                               called_ae=event.assoc.acceptor.ae_title)
+    finally:
+        if isinstance(buf, SpillBuffer):
+            buf.discard()
     if result.ok:
         return 0x0000
     log.warning("C-STORE %s from %s refused 0x%04X: %s", req.AffectedSOPInstanceUID,
@@ -29,3 +34,8 @@ def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
     rsp.Status = result.status
     rsp.ErrorComment = result.comment[:64]  # LO: 64 characters at most
     return rsp
+
+
+def _spooled(buf: SpillBuffer) -> tuple:
+    path, length = buf.finish()
+    return path, 0, length

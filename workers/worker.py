@@ -22,7 +22,7 @@ from engine.archive import Archive
 from engine.config import Config
 from engine.logs import setup_logging
 from engine.recovery import recover
-from workers import association
+from workers import association, spill
 from workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
 from workers.echo import handle_echo
 from workers.store import handle_store
@@ -55,6 +55,7 @@ class Worker:
         self._active: set[threading.Thread] = set()
         self._active_lock = threading.Lock()
         recover(config.data_dir, slot=slot)
+        spill.install(config.data_dir / "spool" / f"{slot:03d}", config.spill_threshold)
         self.archive = Archive(config, slot)
         self.ae = build_ae(config)
         self.handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, (handle_store, [self.archive]))]
