@@ -157,3 +157,27 @@ def copies(src: Path, out: Path, n: int, tag: str) -> list[Path]:
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     return paths
+
+
+def received_by_dcmtk(files: list[Path], out: Path) -> dict[str, bytes]:
+    """What DCMTK storescu really sends for `files` (it re-encodes: e.g. it drops Data Set
+    Trailing Padding), as received bit-preserving by DCMTK storescp: uid -> dataset bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    scp = subprocess.Popen([dcmtk("storescp"), "+B", "-od", str(out), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not echo_ok(port, aet="ANY-SCP", timeout=1.0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        r = subprocess.run([dcmtk("storescu"), HOST, str(port), *map(str, files)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    got = {}
+    for p in out.iterdir():
+        uid = pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        got[uid] = dataset_bytes(p)
+    return got

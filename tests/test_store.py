@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_files
 from pynetdicom import AE, _config
 
 from workers.contexts import storage_sop_classes, transfer_syntaxes
-from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, export_all
+from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, export_all, received_by_dcmtk
 
 
 
@@ -21,13 +21,17 @@ def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def assert_exported_identical(data_dir: Path, out: Path, sent: list[Path]) -> None:
+    """Export holds exactly the sent instances, each with the dataset bytes that DCMTK
+    storescu puts on the wire for that file."""
     r = export_all(data_dir, out)
     assert r.returncode == 0, r.stderr
+    wire = received_by_dcmtk(sent, out.parent / f"{out.name}-dcmtk")
+    assert len(wire) == len(sent)
     for p in sent:
         uid = pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
         got = out / f"{uid}.dcm"
         assert got.exists(), f"{p.name} ({uid}) was acknowledged but is not exported"
-        assert dataset_bytes(got) == dataset_bytes(p), f"{p.name}: exported dataset bytes differ"
+        assert dataset_bytes(got) == wire[uid], f"{p.name}: exported dataset bytes differ from those sent"
     assert len(list(out.glob("*.dcm"))) == len(sent)
 
 
