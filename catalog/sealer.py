@@ -20,7 +20,7 @@ from catalog.tail import SUFFIX, TailWriter
 log = logging.getLogger("stowage.catalog")
 SORT_KEYS = [("study_instance_uid", "ascending"), ("series_instance_uid", "ascending"),
              ("sop_instance_uid", "ascending")]
-COMPACT_MAX_ROWS = 2_000_000  # files at least this big are left alone
+COMPACT_MAX_ROWS = 4_000_000  # files at least this big are left alone
 
 
 def _write_parquet(directory: Path, table: pa.Table) -> str:
@@ -57,13 +57,34 @@ def advance_watermark(directory: Path, segment: str, end: int) -> None:
         m.watermarks[segment] = max(m.watermarks.get(segment, 0), end)
 
 
+def _tier(rows: int, fan_in: int) -> int:
+    tier = 0
+    while rows >= fan_in:
+        rows //= fan_in
+        tier += 1
+    return tier
+
+
+def _pick(files: dict[str, int], min_files: int) -> list[str]:
+    """Size-tiered: the smallest tier holding `min_files` files of similar size, so each
+    row is rewritten about log(rows) times in all, never once per sealing."""
+    tiers: dict[int, list[str]] = {}
+    for name, rows in files.items():
+        if rows < COMPACT_MAX_ROWS:
+            tiers.setdefault(_tier(rows, min_files), []).append(name)
+    for tier in sorted(tiers):
+        if len(tiers[tier]) >= min_files:
+            return sorted(tiers[tier])
+    return []
+
+
 def compact(directory: Path, min_files: int) -> str | None:
-    """Merge the small Parquet files into one, if there are at least `min_files` of them."""
+    """Merge small Parquet files of similar size into one, when there are enough of them."""
     with manifest.lock(directory, "compact.lock", blocking=False) as got:
         if not got:
             return None
-        small = [n for n, rows in manifest.load(directory).files.items() if rows < COMPACT_MAX_ROWS]
-        if len(small) < min_files:
+        small = _pick(manifest.load(directory).files, max(2, min_files))
+        if not small:
             return None
         merged = pa.concat_tables(pq.read_table(directory / n, schema=SCHEMA) for n in small)
         name = _write_parquet(directory, merged)
