@@ -88,5 +88,7 @@ def _unsealed(tails: pa.Table, m: manifest.Manifest) -> pa.Table:
     """Tail rows past their segment's sealed watermark."""
     if tails.num_rows == 0:
         return tails
-    marks = pa.array([m.sealed_upto(s) for s in tails["segment"].to_pylist()], pa.int64())
-    return tails.filter(pc.greater_equal(tails["offset"], marks))
+    segments = pc.unique(tails["segment"])
+    marks = pa.array([m.sealed_upto(s) for s in segments.to_pylist()], pa.int64())
+    per_row = pc.take(marks, pc.index_in(tails["segment"], value_set=segments))
+    return tails.filter(pc.greater_equal(tails["offset"], per_row))

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import zstandard
 
 from catalog.attributes import UnreadableDataset, extract
 from catalog.bloom import UidFilter
 from catalog.reader import Catalog
 from catalog.sealer import Sealer
+from catalog.tail import read_tails
 from engine.config import Config
 from engine.filemeta import file_meta
 from engine.segment import FLAG_ZSTD, FileRange, Part, record_parts
@@ -198,18 +201,17 @@ class Archive:
 
     def _learn_loop(self) -> None:
         """Teach the UID filter what other workers stored, from their tails, every 0.1 s."""
-        seen = 0
+        seen = pa.scalar(0, pa.timestamp("us", tz="UTC"))
         while not self._stop.wait(_LEARN_INTERVAL_S):
             try:
-                _cols, rows = self.catalog.execute(
-                    "SELECT sop_instance_uid, epoch_us(received_at) FROM tail_rows WHERE epoch_us(received_at) > ?",
-                    [seen])
+                tails = read_tails(self.catalog.tails_dir)
+                fresh = tails.filter(pc.greater(tails["received_at"], seen))
             except Exception:
                 log.exception("reading other workers' tails failed; will retry")
                 continue
-            for uid, at in rows:
-                self.known.add(uid)
-                seen = max(seen, at)
+            if fresh.num_rows:
+                self.known.update(fresh["sop_instance_uid"].to_pylist())
+                seen = pc.max(fresh["received_at"])
 
     def close(self) -> None:
         self._stop.set()
