@@ -180,10 +180,13 @@ class Archive:
         if kept is None:
             return None
         if kept["dataset_crc32"] == crc and kept["dataset_length"] == length:
-            audit.info("duplicate identical instance %s from %s: already stored, not stored again", uid, calling_ae)
+            audit.info("duplicate identical instance %s from %s: already stored, not stored again", uid, calling_ae,
+                       extra={"fields": {"event": "duplicate", "sop_instance_uid": uid, "identical": True}})
             return StoreResult(SUCCESS)
         policy = self.config.duplicates
-        audit.warning("duplicate instance %s from %s with different content: policy %s", uid, calling_ae, policy)
+        audit.warning("duplicate instance %s from %s with different content: policy %s", uid, calling_ae, policy,
+                      extra={"fields": {"event": "duplicate", "sop_instance_uid": uid, "identical": False,
+                                        "policy": policy}})
         if policy == "keep-first":
             return StoreResult(SUCCESS)
         if policy == "reject":

@@ -15,6 +15,7 @@ class JsonFormatter(logging.Formatter):
         d = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
              "level": record.levelname.lower(), "logger": record.name, "process": record.processName,
              "msg": record.getMessage()}
+        d.update(getattr(record, "fields", {}))
         if record.exc_info:
             d["exc"] = self.formatException(record.exc_info)
         return json.dumps(d)
@@ -33,4 +34,6 @@ def setup_logging(config: Config, process: str) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     audit = logging.FileHandler(config.data_dir / "audit.jsonl")
     audit.setFormatter(JsonFormatter())
-    logging.getLogger("stowage.audit").addHandler(audit)
+    audit_logger = logging.getLogger("stowage.audit")
+    audit_logger.addHandler(audit)
+    audit_logger.propagate = False  # one line per store belongs in the audit file, not on stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -212,3 +213,22 @@ def test_segments_roll_at_the_configured_size(make_server, tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(list((server.data_dir / "segments").glob("*.seg"))) > 1
     assert_exported_identical(server.data_dir, tmp_path / "out", files)
+
+
+def test_audit_log_has_associations_and_stores(server, tmp_path):
+    import json
+    files = copies(CT, tmp_path / "in", 2, "audit")
+    r = run(dcmtk("storescu"), "-aet", "AUDITSCU", "-aec", "STOWAGE", HOST, str(server.port), *map(str, files))
+    assert r.returncode == 0, r.stderr
+    lines = []
+    for _ in range(50):  # the association line is written as the association ends
+        lines = [json.loads(l) for l in (server.data_dir / "audit.jsonl").read_text().splitlines()]
+        if any(l.get("event") == "association" and l["calling_ae"] == "AUDITSCU" for l in lines):
+            break
+        time.sleep(0.1)
+    stores = [l for l in lines if l.get("event") == "store" and l["calling_ae"] == "AUDITSCU"]
+    assert sorted(l["sop_instance_uid"] for l in stores) == \
+        sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
+    assert all(l["status"] == "0x0000" for l in stores)
+    (assoc,) = [l for l in lines if l.get("event") == "association" and l["calling_ae"] == "AUDITSCU"]
+    assert assoc["outcome"] == "released" and assoc["stored"] == 2 and assoc["refused"] == 0

@@ -8,12 +8,13 @@ from pynetdicom import evt
 
 from engine.archive import Archive
 from engine.segment import FileRange
+from workers.audit import Trail
 from workers.spill import SpillBuffer
 
 log = logging.getLogger("stowage.store")
 
 
-def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
+def handle_store(event: evt.Event, archive: Archive, trail: Trail) -> int | Dataset:
     req = event.request
     buf = req.DataSet
     try:
@@ -26,6 +27,8 @@ def handle_store(event: evt.Event, archive: Archive) -> int | Dataset:
     finally:
         if isinstance(buf, SpillBuffer):
             buf.discard()
+    trail.stored(event.assoc, str(req.AffectedSOPInstanceUID), result.status,
+                 dataset.length if isinstance(dataset, FileRange) else len(dataset), result.comment)
     if result.ok:
         return 0x0000
     log.warning("C-STORE %s from %s refused 0x%04X: %s", req.AffectedSOPInstanceUID,

@@ -23,6 +23,7 @@ from engine.config import Config
 from engine.logs import setup_logging
 from engine.recovery import recover
 from workers import association, spill
+from workers.audit import Trail
 from workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
 from workers.echo import handle_echo
 from workers.store import handle_store
@@ -58,7 +59,9 @@ class Worker:
         spill.install(config.data_dir / "spool" / f"{slot:03d}", config.spill_threshold)
         self.archive = Archive(config, slot)
         self.ae = build_ae(config)
-        self.handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, (handle_store, [self.archive]))]
+        self.trail = Trail()
+        self.handlers = [(evt.EVT_C_ECHO, handle_echo),
+                         (evt.EVT_C_STORE, (handle_store, [self.archive, self.trail]))]
 
     def _tell(self, message: bytes) -> None:
         with self._send_lock:
@@ -75,7 +78,11 @@ class Worker:
             except InterruptedError:
                 continue
             if msg == b"A" and fds:
-                self._start(fds[0])
+                try:
+                    self._start(fds[0])
+                except Exception:  # never let one connection take the worker down
+                    log.exception("could not start an association")
+                    self._tell(b"E")
                 continue
             for fd in fds:
                 os.close(fd)
@@ -86,25 +93,29 @@ class Worker:
         sock = socket.socket(fileno=fd)
         try:
             association.tune(sock, self.config.network_timeout)
+            peer = "%s:%d" % sock.getpeername()[:2]
             assoc = association.create(self.ae, sock, self.ae.supported_contexts, self.handlers, self.config.aet)
         except OSError as e:  # the peer went away before we got to it
             log.info("connection dropped before association start: %s", e)
             sock.close()
             self._tell(b"E")
             return
-        t = threading.Thread(target=self._run, args=(assoc, sock), daemon=True,
+        t = threading.Thread(target=self._run, args=(assoc, sock, peer), daemon=True,
                              name=f"assoc-{sock.fileno()}")
         with self._active_lock:
             self._active.add(t)
         t.start()
 
-    def _run(self, assoc, sock: socket.socket) -> None:
+    def _run(self, assoc, sock: socket.socket, peer: str) -> None:
+        key = id(assoc)
+        self.trail.opened(key, peer)
         try:
             assoc.start()
             assoc.join()
         except Exception:
             log.exception("association failed")
         finally:
+            self.trail.closed(key, assoc)
             sock.close()
             with self._active_lock:
                 self._active.discard(threading.current_thread())
