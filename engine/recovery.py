@@ -26,14 +26,27 @@ def row_of(segment: str, rec: Record) -> dict[str, Any]:
     return row
 
 
+def _magic_offsets(path: Path, start: int, window: int = 8 << 20):
+    """Offsets of the record magic at or after `start`, scanning in bounded windows."""
+    with open(path, "rb") as f:
+        base = start
+        while True:
+            f.seek(base)
+            data = f.read(window + len(MAGIC) - 1)
+            if len(data) < len(MAGIC):
+                return
+            pos = data.find(MAGIC)
+            while pos != -1 and pos < window:
+                yield base + pos
+                pos = data.find(MAGIC, pos + 1)
+            base += window
+
+
 def _next_good(path: Path, after: int) -> int | None:
     """Offset of the next verifiable record after a bad one, if any."""
-    data = path.read_bytes()
-    pos = data.find(MAGIC, after + 1)
-    while pos != -1:
+    for pos in _magic_offsets(path, after + 1):
         if valid_end(path, pos) > pos:
             return pos
-        pos = data.find(MAGIC, pos + 1)
     return None
 
 
