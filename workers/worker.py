@@ -16,35 +16,15 @@ import sys
 import threading
 import time
 
-from pynetdicom import AE, _config, evt
-
 from engine.archive import Archive
 from engine.config import Config
 from engine.logs import setup_logging
 from engine.recovery import recover
 from workers import association, spill
 from workers.audit import Trail
-from workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
-from workers.echo import handle_echo
-from workers.store import handle_store
+from workers.services import Services, build_ae
 
 log = logging.getLogger("stowage.worker")
-
-
-def build_ae(config: Config) -> AE:
-    _config.LOG_HANDLER_LEVEL = "none"  # the standard handlers lock the AE on every PDU
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    ae = AE(config.aet)
-    ae.maximum_pdu_size = config.max_pdu
-    ae.acse_timeout = config.acse_timeout
-    ae.dimse_timeout = config.dimse_timeout
-    ae.network_timeout = config.network_timeout
-    ae.require_called_aet = False
-    syntaxes = transfer_syntaxes()
-    ae.add_supported_context(VERIFICATION, syntaxes)
-    for uid in storage_sop_classes():
-        ae.add_supported_context(uid, syntaxes)
-    return ae
 
 
 class Worker:
@@ -60,8 +40,7 @@ class Worker:
         self.archive = Archive(config, slot)
         self.ae = build_ae(config)
         self.trail = Trail()
-        self.handlers = [(evt.EVT_C_ECHO, handle_echo),
-                         (evt.EVT_C_STORE, (handle_store, [self.archive, self.trail]))]
+        self.handlers = Services(config, self.archive, self.trail).handlers()
 
     def _tell(self, message: bytes) -> None:
         with self._send_lock:

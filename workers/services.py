@@ -1,0 +1,47 @@
+"""The services a worker offers: which presentation contexts it accepts and which
+handler serves each DIMSE event. Adding a service is one entry here and one module."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pynetdicom import AE, _config, evt
+
+from engine.archive import Archive
+from engine.config import Config
+from workers.audit import Trail
+from workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
+from workers.echo import handle_echo
+from workers.store import handle_store
+
+
+@dataclass
+class Services:
+    """What every handler may need: the archive API, the audit trail, the configuration."""
+
+    config: Config
+    archive: Archive
+    trail: Trail
+
+    def handlers(self) -> list[tuple[Any, Callable | tuple[Callable, list]]]:
+        return [
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, (handle_store, [self.archive, self.trail])),
+        ]
+
+
+def build_ae(config: Config) -> AE:
+    """The AE whose supported contexts every association of this worker negotiates against."""
+    _config.LOG_HANDLER_LEVEL = "none"  # the standard handlers lock the AE on every PDU
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    ae = AE(config.aet)
+    ae.maximum_pdu_size = config.max_pdu
+    ae.acse_timeout = config.acse_timeout
+    ae.dimse_timeout = config.dimse_timeout
+    ae.network_timeout = config.network_timeout
+    ae.require_called_aet = False
+    syntaxes = transfer_syntaxes()
+    ae.add_supported_context(VERIFICATION, syntaxes)
+    for uid in storage_sop_classes():
+        ae.add_supported_context(uid, syntaxes)
+    return ae
