@@ -20,7 +20,7 @@ from engine.archive import Archive
 from engine.config import Config
 from engine.logs import setup_logging
 from engine.recovery import recover
-from workers import association, spill
+from workers import association, reactor, spill
 from workers.audit import Trail
 from workers.services import Services, build_ae
 
@@ -37,8 +37,10 @@ class Worker:
         self._active_lock = threading.Lock()
         recover(config.data_dir, slot=slot)
         spill.install(config.data_dir / "spool" / f"{slot:03d}", config.spill_threshold)
+        reactor.install()
         self.archive = Archive(config, slot)
         self.ae = build_ae(config)
+        self.contexts = self.ae.supported_contexts  # built once, shared read-only by every association
         self.trail = Trail()
         self.handlers = Services(config, self.archive, self.trail).handlers()
 
@@ -73,7 +75,8 @@ class Worker:
         try:
             association.tune(sock, self.config.network_timeout)
             peer = "%s:%d" % sock.getpeername()[:2]
-            assoc = association.create(self.ae, sock, self.ae.supported_contexts, self.handlers, self.config.aet)
+            assoc = association.create(self.ae, sock, self.contexts, self.handlers, self.config.aet)
+            reactor.make_event_driven(assoc)
         except OSError as e:  # the peer went away before we got to it
             log.info("connection dropped before association start: %s", e)
             sock.close()
