@@ -101,5 +101,68 @@ def rebuild_catalog(config_file, data_dir) -> None:
     click.echo(f"catalog rebuilt: {count} record(s) indexed")
 
 
+@main.command()
+@click.argument("target")
+@_common
+@click.option("--aet", help="Our (calling) AE title [the configured aet].")
+@click.option("--aec", help="Called AE title, for a host:port target [ANY-SCP].")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the peer.")
+def echo(target, config_file, data_dir, aet, aec, timeout) -> None:
+    """C-ECHO a remote AE: a configured AE title, or host:port."""
+    from engine.client import PeerError, echo as run, resolve
+    from engine.send_cli import quiet_libraries
+    quiet_libraries()
+    config = _load(config_file, data_dir=data_dir)
+    try:
+        peer = resolve(target, config, aec)
+        status = run(peer, aet or config.aet, timeout)
+    except PeerError as e:
+        raise click.ClickException(str(e)) from None
+    if status != 0:
+        raise click.ClickException(f"{peer} answered C-ECHO with status 0x{status:04X}")
+    click.echo(f"{peer}: C-ECHO ok")
+
+
+def _split(values) -> list[str]:
+    return [v for value in values for v in value.replace(",", " ").split()]
+
+
+@main.command()
+@_common
+@click.option("--to", "target", required=True, help="Destination: a configured AE title, or host:port.")
+@click.option("--aet", help="Our (calling) AE title [the configured aet].")
+@click.option("--aec", help="Called AE title, for a host:port destination [ANY-SCP].")
+@click.option("--patient", multiple=True, help="Patient ID (repeatable).")
+@click.option("--study", multiple=True, help="Study Instance UID (repeatable, or comma-separated).")
+@click.option("--series", multiple=True, help="Series Instance UID (repeatable, or comma-separated).")
+@click.option("--instance", multiple=True, help="SOP Instance UID (repeatable, or comma-separated).")
+@click.option("--query", "query_text", help="Catalog matches, e.g. 'Modality=CT PatientName=DOE*'.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for each C-STORE response (one retry on a new association).")
+@click.option("--commit", is_flag=True, help="Then ask the destination for storage commitment of what arrived.")
+@click.option("--commit-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the commitment report.")
+@click.option("--commit-port", type=int, help="Also listen on this port for a report sent on a new association.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def send(config_file, data_dir, target, aet, aec, patient, study, series, instance, query_text, timeout,
+         commit, commit_timeout, commit_port, quiet) -> None:
+    """Send stored instances to another AE (C-STORE), byte-exact where the peer allows."""
+    from engine.send_cli import SendCommandError, run_send
+    chosen = [(lvl, _split(v)) for lvl, v in (("patient", patient), ("study", study), ("series", series),
+                                              ("instance", instance)) if v]
+    if len(chosen) + bool(query_text) != 1:
+        raise click.UsageError("choose exactly one of --patient, --study, --series, --instance, --query")
+    config = _load(config_file, data_dir=data_dir)
+    level, values = chosen[0] if chosen else (None, [])
+    try:
+        ok = run_send(config, target, level, values, query_text, calling_aet=aet, called_aet=aec,
+                      timeout=timeout, commit=commit, commit_timeout=commit_timeout, commit_port=commit_port,
+                      progress=not quiet)
+    except SendCommandError as e:
+        raise click.ClickException(str(e)) from None
+    if not ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

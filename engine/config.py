@@ -29,6 +29,9 @@ class Remote:
     ae_title: str
     host: str
     port: int
+    # Storage commitment: send the N-EVENT-REPORT on the requester's own association when
+    # it is still open there (PS3.4 J.3.3); false: always on a new association to host:port.
+    commitment_same_association: bool = True
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,16 @@ def _coerce(key: str, value: Any) -> Any:
 def _remotes(table: Mapping[str, Any]) -> dict[str, Remote]:
     remotes = {}
     for title, spec in table.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"remotes.{title}: must be a table with host and port")
+        unknown = set(spec) - {"ae_title", "host", "port", "commitment_same_association"}
+        if unknown:
+            raise ConfigError(f"remotes.{title}: unknown key(s) {', '.join(sorted(unknown))}")
+        same = spec.get("commitment_same_association", True)
+        if not isinstance(same, bool):
+            raise ConfigError(f"remotes.{title}.commitment_same_association: must be true or false")
         try:
-            remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]))
+            remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]), same)
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"remotes.{title}: needs host (string) and port (number)") from None
         if not _AE_TITLE.match(title):

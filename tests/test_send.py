@@ -1,0 +1,225 @@
+"""`stowage send` and `stowage echo` as users run them, against DCMTK storescp (bit-
+preserving, so what arrives is exactly what went over the wire) and pynetdicom."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port
+
+RLE_SRC = Path(get_testdata_file("MR_small_RLE.dcm"))
+J2K_SRC = Path(get_testdata_file("MR_small_jp2klossless.dcm"))  # the same SOP Instance UID as RLE_SRC
+
+
+@pytest.fixture
+def compressed(tmp_path) -> list[Path]:
+    """One RLE and one JPEG 2000 instance, with UIDs of their own."""
+    return copies(RLE_SRC, tmp_path / "rle", 1, "rle") + copies(J2K_SRC, tmp_path / "j2k", 1, "j2k")
+
+
+def stowage(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def store(port: int, paths: list[Path]) -> None:
+    """C-STORE files to stowage, each in the transfer syntax it is encoded in."""
+    metas = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    ae = AE("MODALITY")
+    for pair in sorted({(str(m.SOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas}):
+        ae.add_requested_context(*pair[:1], [pair[1]])
+    assoc = ae.associate(HOST, port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        for p in paths:
+            status = assoc.send_c_store(p)
+            assert status.Status == 0, p
+    finally:
+        assoc.release()
+
+
+def as_implicit(src: Path, out: Path, n: int, tag: str) -> list[Path]:
+    paths = copies(src, out, n, tag)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(p, enforce_file_format=True)
+    return paths
+
+
+class StoreSCP:
+    """DCMTK storescp writing what it receives, bit-preserving, into a directory."""
+
+    def __init__(self, out: Path, *options: str, aet: str = "DEST") -> None:
+        self.out, self.port, self.aet = out, free_port(), aet
+        out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([dcmtk("storescp"), "+B", "-aet", aet, "-od", str(out), *options,
+                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not echo_ok(self.port, aet=aet, timeout=1.0):
+            assert time.monotonic() < deadline, "storescp did not start"
+            time.sleep(0.1)
+
+    def received(self) -> dict[str, Path]:
+        return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in self.out.iterdir()}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def scps():
+    started: list[StoreSCP] = []
+
+    def make(out: Path, *options: str, aet: str = "DEST") -> StoreSCP:
+        s = StoreSCP(out, *options, aet=aet)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def config_with(tmp_path: Path, **remotes: tuple[str, int]) -> Path:
+    cfg = tmp_path / "stowage.toml"
+    cfg.write_text("".join(f'[remotes.{aet}]\nhost = "{host}"\nport = {port}\n\n'
+                           for aet, (host, port) in remotes.items()))
+    return cfg
+
+
+def study_of(path: Path) -> str:
+    return pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+
+
+def test_send_study_byte_exact_to_dcmtk(server, tmp_path, scps, compressed):
+    ct = copies(CT, tmp_path / "ct", 20, "ct")
+    implicit = as_implicit(CT, tmp_path / "imp", 5, "imp")
+    store(server.port, ct + implicit + compressed)
+    dest = scps(tmp_path / "rx", "+xa")
+    cfg = config_with(tmp_path, DEST=(HOST, dest.port))
+    exported = tmp_path / "exported"
+    assert export_all(server.data_dir, exported).returncode == 0
+    r = stowage("send", "--config", str(cfg), "--data-dir", str(server.data_dir), "--to", "DEST",
+                "--study", f"{study_of(CT)},{study_of(compressed[0])}")
+    assert r.returncode == 0, r.stderr
+    assert "27 completed, 0 warning, 0 failed (0 converted" in r.stdout, r.stdout
+    got = dest.received()
+    assert len(got) == 27
+    for uid, path in got.items():
+        want = exported / f"{uid}.dcm"
+        assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == \
+            pydicom.dcmread(want, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        assert dataset_bytes(path) == dataset_bytes(want), f"{uid} did not arrive byte-exact"
+
+
+def test_send_converts_for_an_implicit_only_destination(server, tmp_path, scps, compressed):
+    ct = copies(CT, tmp_path / "ct", 3, "ct")
+    store(server.port, ct + compressed)
+    dest = scps(tmp_path / "rx", "+xi")
+    cfg = config_with(tmp_path, DEST=(HOST, dest.port))
+    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in ct + compressed]
+    r = stowage("send", "--config", str(cfg), "--data-dir", str(server.data_dir), "--to", "DEST",
+                *[a for u in uids for a in ("--instance", u)])
+    assert r.returncode == 0, r.stderr
+    assert "5 completed, 0 warning, 0 failed (5 converted" in r.stdout, r.stdout
+    got = dest.received()
+    assert set(got) == set(uids)
+    for src in ct + compressed:
+        original = pydicom.dcmread(src)
+        arrived = pydicom.dcmread(got[original.SOPInstanceUID])
+        assert arrived.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert (arrived.pixel_array == original.pixel_array).all(), "conversion changed the pixels"
+        assert arrived.PatientName == original.PatientName
+
+
+def test_send_by_query_and_series(server, tmp_path, scps):
+    ct = copies(CT, tmp_path / "ct", 4, "ct")
+    mr = copies(MR, tmp_path / "mr", 3, "mr")
+    store(server.port, ct + mr)
+    dest = scps(tmp_path / "rx")
+    cfg = config_with(tmp_path, DEST=(HOST, dest.port))
+    base = ("send", "--config", str(cfg), "--data-dir", str(server.data_dir), "--to", "DEST", "-q")
+    r = stowage(*base, "--query", "Modality=MR")
+    assert r.returncode == 0, r.stderr
+    assert len(dest.received()) == 3
+    series = pydicom.dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID
+    r = stowage(*base, "--series", series)
+    assert r.returncode == 0, r.stderr
+    assert len(dest.received()) == 7
+    r = stowage(*base, "--query", "PatientName=Nobody*")
+    assert r.returncode != 0 and "nothing matches" in r.stderr
+    r = stowage(*base, "--query", "Bogus=1")
+    assert r.returncode != 0 and "unknown key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_send_to_unknown_ae_and_unreachable_host(server, tmp_path):
+    store(server.port, copies(CT, tmp_path / "ct", 2, "ct"))
+    dead = free_port()
+    cfg = config_with(tmp_path, GONE=(HOST, dead))
+    base = ("send", "--config", str(cfg), "--data-dir", str(server.data_dir), "--study", study_of(CT))
+    r = stowage(*base, "--to", "NOBODY")
+    assert r.returncode != 0
+    assert "unknown AE 'NOBODY'" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    started = time.monotonic()
+    r = stowage(*base, "--to", "GONE", "-q")
+    assert r.returncode != 0
+    assert "unreachable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_send_counts_a_corrupt_record_as_failed(server, tmp_path, scps):
+    ct = copies(CT, tmp_path / "ct", 3, "ct")
+    store(server.port, ct)
+    victim = pydicom.dcmread(ct[1], stop_before_pixels=True).SOPInstanceUID
+    flip_payload(server.data_dir, victim)
+    dest = scps(tmp_path / "rx")
+    cfg = config_with(tmp_path, DEST=(HOST, dest.port))
+    r = stowage("send", "--config", str(cfg), "--data-dir", str(server.data_dir), "--to", "DEST", "-q",
+                "--series", pydicom.dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2 completed, 0 warning, 1 failed" in r.stdout
+    assert victim in r.stderr and "checksum" in r.stderr
+    assert victim not in dest.received()
+
+
+def flip_payload(data_dir: Path, sop_instance_uid: str) -> None:
+    """Corrupt the payload of the stored record of `sop_instance_uid` (flip 8 bytes)."""
+    from catalog.reader import Catalog
+    from engine.segment import _read_head
+    catalog = Catalog(data_dir / "catalog")
+    try:
+        row = catalog.lookup(sop_instance_uid)
+    finally:
+        catalog.close()
+    path = data_dir / "segments" / row["segment"]
+    with open(path, "r+b") as f:
+        rec, _crc, _running = _read_head(f, row["offset"])
+        at = rec.payload_offset + rec.payload_length // 2
+        f.seek(at)
+        data = f.read(8)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_echo(tmp_path, scps):
+    dest = scps(tmp_path / "rx", aet="DEST")
+    cfg = config_with(tmp_path, DEST=(HOST, dest.port), GONE=(HOST, free_port()))
+    r = stowage("echo", "--config", str(cfg), "DEST")
+    assert r.returncode == 0 and "C-ECHO ok" in r.stdout, r.stderr
+    r = stowage("echo", f"{HOST}:{dest.port}", "--aec", "DEST")
+    assert r.returncode == 0, r.stderr
+    r = stowage("echo", "--config", str(cfg), "NOBODY")
+    assert r.returncode == 1 and "unknown AE 'NOBODY'" in r.stderr and "Traceback" not in r.stderr
+    r = stowage("echo", "--config", str(cfg), "GONE")
+    assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
