@@ -110,31 +110,59 @@ class Sealer:
         self._lock = threading.Lock()
         self._rows: list[dict[str, Any]] = []
         self._generation = 0
-        self._tail = self._new_tail()
+        self._retired: list[Path] = []  # tail files whose rows wait for the next seal
+        self._tail: TailWriter | None = self._new_tail()
 
     def _new_tail(self) -> TailWriter:
         self._generation += 1
         return TailWriter(self.tails / f"{self.slot:03d}-{os.getpid()}-{self._generation:08d}{SUFFIX}")
 
     def commit(self, rows: list[dict[str, Any]]) -> None:
-        """Make the rows of a durable batch visible to every process."""
+        """Make the rows of a durable batch visible to every process; raises OSError if
+        they could not be (e.g. disk full), leaving the tail readable."""
         with self._lock:
-            self._tail.append(rows)
+            if self._tail is None:
+                self._tail = self._new_tail()
+            try:
+                self._tail.append(rows)
+            except OSError:
+                self._set_aside_broken_tail()
+                raise
             self._rows.extend(rows)
+
+    def _set_aside_broken_tail(self) -> None:
+        """A failed append may leave half a batch at the end of the tail file: readers stop
+        there, so the batches before it stay readable, but nothing more may be appended."""
+        broken, self._tail = self._tail, None
+        try:
+            broken.close()
+        except OSError:
+            pass
+        self._retired.append(broken.path)
 
     def seal(self) -> None:
         with self._lock:
             if not self._rows:
                 return
             rows, self._rows = self._rows, []
-            old, self._tail = self._tail, self._new_tail()
-        old.close()
-        seal_rows(self.directory, rows)
-        old.path.unlink(missing_ok=True)
+            old, self._tail = self._tail, None
+            done, self._retired = self._retired + ([old.path] if old else []), []
+        if old is not None:
+            old.close()
+        try:
+            seal_rows(self.directory, rows)
+        except BaseException:  # keep them for the next try; the tail files still serve them
+            with self._lock:
+                self._rows[:0] = rows
+                self._retired[:0] = done
+            raise
+        for path in done:
+            path.unlink(missing_ok=True)
         compact(self.directory, self.compact_min_files)
 
     def close(self) -> None:
         self.seal()
         with self._lock:
-            self._tail.close()
-            self._tail.path.unlink(missing_ok=True)
+            if self._tail is not None:
+                self._tail.close()
+                self._tail.path.unlink(missing_ok=True)

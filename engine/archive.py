@@ -30,6 +30,7 @@ log = logging.getLogger("stowage.store")
 audit = logging.getLogger("stowage.audit")
 
 SUCCESS = 0x0000
+PROCESSING_FAILURE = 0x0110           # PS3.7 C.4: processing failure
 DUPLICATE_SOP_INSTANCE = 0x0111       # PS3.7 C.4: duplicate SOP instance
 OUT_OF_RESOURCES = 0xA700             # PS3.4 B.2.3
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900

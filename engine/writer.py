@@ -132,11 +132,14 @@ class SegmentWriter:
             p.where = Appended(self._name, offset, length)
             p.row.update(segment=self._name, offset=offset, record_length=length)
             offset += length
-        self._size = offset
         try:
             self.on_commit([p.row for p in batch])
-        except Exception:  # the records are durable; recovery rebuilds what the catalog missed
-            log.exception("catalog tail update failed; rows will be recovered from the segment")
+        except OSError as e:
+            # Acknowledged means visible to every reader (read-your-writes): rows that could
+            # not reach the catalog tail are refused, and their records cut from the segment.
+            self._fail(batch, start, e)
+            return
+        self._size = offset
         self.batches += 1
         self.records += len(batch)
         for p in batch:

@@ -26,10 +26,22 @@ class BoundedSocket(AssociationSocket):
     """An AssociationSocket that refuses to buffer a PDU longer than we advertised or of an
     unknown type, and re-arms TCP_QUICKACK so the peer's next PDU is not held by delayed ACKs."""
 
-    def __init__(self, assoc: Association, client_socket: socket.socket, limit: int) -> None:
+    def __init__(self, assoc: Association, client_socket: socket.socket, limit: int,
+                 pushback: bytes = b"") -> None:
         super().__init__(assoc, client_socket=client_socket)
         self._limit = max(limit, _MIN_PDU_LIMIT)
         self._header_next = True
+        self._pushback = pushback  # bytes already read from the peer (its A-ASSOCIATE-RQ)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._pushback) or super().ready
+
+    def _take(self, n: int) -> bytearray:
+        if not self._pushback:
+            return super().recv(n)
+        head, self._pushback = self._pushback[:n], self._pushback[n:]
+        return bytearray(head) + (super().recv(n - len(head)) if len(head) < n else b"")
 
     def recv(self, nr_bytes: int) -> bytearray:
         header = self._header_next  # pynetdicom reads each PDU as recv(6), then recv(length)
@@ -39,7 +51,7 @@ class BoundedSocket(AssociationSocket):
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except OSError:
             pass
-        data = super().recv(nr_bytes)
+        data = self._take(nr_bytes)
         if header and len(data) == 6 and data[0] not in _PDU_TYPES:
             self._abort(f"sent an unknown PDU type 0x{data[0]:02X}")
         self._header_next = not header or len(data) < 6
@@ -65,10 +77,11 @@ def tune(sock: socket.socket, network_timeout: float) -> None:
 
 
 def create(ae: AE, sock: socket.socket, contexts: list, handlers: list[tuple[Any, Any]],
-           ae_title: str) -> Association:
-    """An acceptor-mode Association over `sock`, ready to start()."""
+           ae_title: str, pushback: bytes = b"") -> Association:
+    """An acceptor-mode Association over `sock`, ready to start(); `pushback` holds bytes
+    already read from the peer, which pynetdicom reads first."""
     assoc = Association(ae, MODE_ACCEPTOR)
-    assoc.set_socket(BoundedSocket(assoc, sock, ae.maximum_pdu_size))
+    assoc.set_socket(BoundedSocket(assoc, sock, ae.maximum_pdu_size, pushback))
     assoc.acceptor.maximum_length = ae.maximum_pdu_size
     assoc.acceptor.ae_title = ae_title
     assoc.acceptor.address_info = AddressInformation.from_tuple(sock.getsockname()[:2])

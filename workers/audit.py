@@ -14,8 +14,6 @@ log = logging.getLogger("stowage.association")
 
 @dataclass
 class AssociationRecord:
-    calling_ae: str = ""
-    called_ae: str = ""
     peer: str = ""
     started: float = field(default_factory=time.monotonic)
     statuses: Counter = field(default_factory=Counter)
@@ -33,28 +31,31 @@ class Trail:
         with self._lock:
             self._records[key] = AssociationRecord(peer=peer)
 
-    def stored(self, assoc, sop_instance_uid: str, status: int, length: int, comment: str = "") -> None:
-        rec = self._records.get(id(assoc))
+    def stored(self, key: int, calling_ae: str, sop_instance_uid: str, status: int, length: int,
+               comment: str = "") -> None:
+        rec = self._records.get(key)
         if rec is not None:
-            rec.calling_ae, rec.called_ae = assoc.requestor.ae_title, assoc.acceptor.ae_title
             rec.statuses[status] += 1
             rec.bytes_in += length
         audit.info("store %s 0x%04X", sop_instance_uid, status, extra={"fields": {
             "event": "store", "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}", "bytes": length,
-            "calling_ae": assoc.requestor.ae_title, **({"comment": comment} if comment else {})}})
+            "calling_ae": calling_ae, **({"comment": comment} if comment else {})}})
 
-    def closed(self, key: int, assoc) -> None:
+    def closed(self, key: int, calling_ae: str, called_ae: str, outcome: str) -> None:
         with self._lock:
             rec = self._records.pop(key, AssociationRecord())
-        outcome = "aborted" if assoc.is_aborted else "released" if assoc.is_released else \
-            "rejected" if assoc.is_rejected else "closed"
         seconds = time.monotonic() - rec.started
         ok = rec.statuses.get(0, 0)
         failed = sum(rec.statuses.values()) - ok
         audit.info("association %s %s", outcome, rec.peer, extra={"fields": {
-            "event": "association", "peer": rec.peer, "calling_ae": assoc.requestor.ae_title,
-            "called_ae": assoc.acceptor.ae_title, "outcome": outcome, "seconds": round(seconds, 3),
-            "stored": ok, "refused": failed, "bytes": rec.bytes_in}})
-        log.info("%s %s from %s (%s): %d stored, %d refused, %.1f MB in %.2f s", outcome,
-                 assoc.requestor.ae_title or "-", rec.peer, assoc.acceptor.ae_title, ok, failed,
-                 rec.bytes_in / 1e6, seconds)
+            "event": "association", "peer": rec.peer, "calling_ae": calling_ae, "called_ae": called_ae,
+            "outcome": outcome, "seconds": round(seconds, 3), "stored": ok, "refused": failed,
+            "bytes": rec.bytes_in}})
+        log.info("%s %s from %s (%s): %d stored, %d refused, %.1f MB in %.2f s", outcome, calling_ae or "-",
+                 rec.peer, called_ae, ok, failed, rec.bytes_in / 1e6, seconds)
+
+
+def outcome_of(assoc) -> str:
+    """How a pynetdicom association ended, in the trail's words."""
+    return "aborted" if assoc.is_aborted else "released" if assoc.is_released else \
+        "rejected" if assoc.is_rejected else "closed"

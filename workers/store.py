@@ -27,8 +27,9 @@ def handle_store(event: evt.Event, archive: Archive, trail: Trail) -> int | Data
     finally:
         if isinstance(buf, SpillBuffer):
             buf.discard()
-    trail.stored(event.assoc, str(req.AffectedSOPInstanceUID), result.status,
-                 dataset.length if isinstance(dataset, FileRange) else len(dataset), result.comment)
+    trail.stored(id(event.assoc), event.assoc.requestor.ae_title, str(req.AffectedSOPInstanceUID),
+                 result.status, dataset.length if isinstance(dataset, FileRange) else len(dataset),
+                 result.comment)
     if result.ok:
         return 0x0000
     log.warning("C-STORE %s from %s refused 0x%04X: %s", req.AffectedSOPInstanceUID,

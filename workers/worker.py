@@ -20,8 +20,10 @@ from engine.archive import Archive
 from engine.config import Config
 from engine.logs import setup_logging
 from engine.recovery import recover
-from workers import association, reactor, spill
-from workers.audit import Trail
+from workers import association, negotiation, reactor, spill
+from workers.audit import Trail, outcome_of
+from workers.contexts import VERIFICATION, storage_sop_classes
+from workers.ingest import StorageAssociation
 from workers.services import Services, build_ae
 
 log = logging.getLogger("stowage.worker")
@@ -41,6 +43,7 @@ class Worker:
         self.archive = Archive(config, slot)
         self.ae = build_ae(config)
         self.contexts = self.ae.supported_contexts  # built once, shared read-only by every association
+        self.storage_uids = frozenset({VERIFICATION, *storage_sop_classes()})
         self.trail = Trail()
         self.handlers = Services(config, self.archive, self.trail).handlers()
 
@@ -75,33 +78,62 @@ class Worker:
         try:
             association.tune(sock, self.config.network_timeout)
             peer = "%s:%d" % sock.getpeername()[:2]
-            assoc = association.create(self.ae, sock, self.contexts, self.handlers, self.config.aet)
-            reactor.make_event_driven(assoc)
         except OSError as e:  # the peer went away before we got to it
             log.info("connection dropped before association start: %s", e)
             sock.close()
             self._tell(b"E")
             return
-        t = threading.Thread(target=self._run, args=(assoc, sock, peer), daemon=True,
-                             name=f"assoc-{sock.fileno()}")
+        t = threading.Thread(target=self._run, args=(sock, peer), daemon=True, name=f"assoc-{peer}")
         with self._active_lock:
             self._active.add(t)
         t.start()
 
-    def _run(self, assoc, sock: socket.socket, peer: str) -> None:
-        key = id(assoc)
+    def _run(self, sock: socket.socket, peer: str) -> None:
+        key = id(sock)
         self.trail.opened(key, peer)
+        calling, called, outcome = "", self.config.aet, "closed"
         try:
-            assoc.start()
-            assoc.join()
+            req = negotiation.read_request(sock, max(self.config.max_pdu, 1 << 16))
+            calling, called = req.calling_ae, req.called_ae
+            if negotiation.storage_only(req, self.storage_uids):
+                outcome = self._serve_storage(sock, req, key)
+            else:
+                outcome = self._serve_pynetdicom(sock, req)
+        except negotiation.ProtocolError as e:
+            log.warning("%s: %s; aborting", peer, e)
+            _send_quietly(sock, e.abort)
+            outcome = "aborted: protocol error"
+        except (negotiation.PeerClosed, OSError) as e:
+            outcome = f"closed before association: {e}"
         except Exception:
-            log.exception("association failed")
+            log.exception("association from %s failed", peer)
+            outcome = "failed"
         finally:
-            self.trail.closed(key, assoc)
+            self.trail.closed(key, calling, called, outcome)
             sock.close()
             with self._active_lock:
                 self._active.discard(threading.current_thread())
             self._tell(b"E")
+
+    def _serve_storage(self, sock: socket.socket, req: negotiation.Request, key: int) -> str:
+        """The lean path: answer the A-ASSOCIATE-RQ here and receive without pynetdicom."""
+        accepted = negotiation.accept(req, self.contexts, self.config.max_pdu,
+                                      self.ae.implementation_class_uid, self.ae.implementation_version_name)
+        sock.sendall(accepted.ac)
+        calling = req.calling_ae
+
+        def on_store(uid: str, status: int, size: int, comment: str) -> None:
+            self.trail.stored(key, calling, uid, status, size, comment)
+
+        return StorageAssociation(sock, accepted, self.archive, calling, req.called_ae,
+                                  self.config.max_pdu, on_store).run()
+
+    def _serve_pynetdicom(self, sock: socket.socket, req: negotiation.Request) -> str:
+        assoc = association.create(self.ae, sock, self.contexts, self.handlers, self.config.aet, req.raw)
+        reactor.make_event_driven(assoc)
+        assoc.start()
+        assoc.join()
+        return outcome_of(assoc)
 
     def drain(self) -> int:
         deadline = time.monotonic() + self.config.drain_timeout
@@ -116,6 +148,13 @@ class Worker:
             log.warning("drain timeout: aborting %d association(s) still open", left)
         self.archive.close()  # finishes queued records and seals the tail
         return 0
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
 
 
 def main() -> None:

@@ -1,0 +1,97 @@
+"""DIMSE command sets (PS3.7 9.3, Annex E) for the lean receive path: decode the few
+elements of a C-STORE-RQ / C-ECHO-RQ, encode their responses from templates.
+
+Command sets are always Implicit VR Little Endian (PS3.7 6.3.1).
+"""
+from __future__ import annotations
+
+import struct
+
+C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
+C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
+C_CANCEL_RQ = 0x0FFF
+NO_DATASET = 0x0101
+
+_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+_UL = struct.Struct("<I")
+
+# (0000,eeee) elements we read, and how
+_UIDS = {0x0002: "affected_sop_class_uid", 0x1000: "affected_sop_instance_uid",
+         0x1030: "move_originator_ae"}
+_SHORTS = {0x0100: "command_field", 0x0110: "message_id", 0x0700: "priority",
+           0x0800: "dataset_type", 0x1031: "move_originator_message_id"}
+
+
+class CommandError(ValueError):
+    """A command set that cannot be decoded."""
+
+
+def decode(data: bytes | bytearray) -> dict[str, int | str]:
+    """The elements of a command set that the lean path uses."""
+    out: dict[str, int | str] = {}
+    view, pos, end = memoryview(data), 0, len(data)
+    while pos + 8 <= end:
+        group, elem, length = _ELEMENT.unpack_from(view, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > end:
+            raise CommandError(f"malformed command element ({group:04X},{elem:04X}) length {length}")
+        if elem in _SHORTS and length == 2:
+            out[_SHORTS[elem]] = _US.unpack_from(view, pos)[0]
+        elif elem in _UIDS:
+            out[_UIDS[elem]] = bytes(view[pos:pos + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+        pos += length
+    if pos != end:
+        raise CommandError("command set ends inside an element header")
+    if "command_field" not in out or "message_id" not in out:
+        raise CommandError("command set lacks Command Field or Message ID")
+    return out
+
+
+def _el(elem: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0x0000, elem, len(value)) + value
+
+
+def _ui(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _lo(text: str) -> bytes:
+    raw = text[:64].encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def _with_group_length(body: bytes) -> bytes:
+    return _el(0x0000, _UL.pack(len(body))) + body
+
+
+def store_response(message_id: int, sop_class: str, sop_instance: str, status: int,
+                   comment: str = "") -> bytes:
+    body = b"".join((
+        _el(0x0002, _ui(sop_class)),
+        _el(0x0100, _US.pack(C_STORE_RSP)),
+        _el(0x0120, _US.pack(message_id)),
+        _el(0x0800, _US.pack(NO_DATASET)),
+        _el(0x0900, _US.pack(status)),
+        _el(0x0902, _lo(comment)) if comment else b"",
+        _el(0x1000, _ui(sop_instance)),
+    ))
+    return _with_group_length(body)
+
+
+def echo_response(message_id: int, sop_class: str) -> bytes:
+    body = b"".join((
+        _el(0x0002, _ui(sop_class)),
+        _el(0x0100, _US.pack(C_ECHO_RSP)),
+        _el(0x0120, _US.pack(message_id)),
+        _el(0x0800, _US.pack(NO_DATASET)),
+        _el(0x0900, _US.pack(0x0000)),
+    ))
+    return _with_group_length(body)
+
+
+def p_data(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF PDU carrying one whole command set in one PDV."""
+    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BxI", 0x04, len(pdv)) + pdv

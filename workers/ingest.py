@@ -1,0 +1,176 @@
+"""The lean receive path for storage-only associations (PS3.8 P-DATA, PS3.7 C-STORE and
+C-ECHO): one thread per association, blocking reads, no polling.
+
+pynetdicom spends two threads and several 1 ms sleeps on every message; an ingest
+association needs none of that. Here a P-DATA-TF PDU is read whole (its declared length
+checked against our limit first), its PDVs reassembled into a command set and a dataset,
+the dataset handed byte-exact to the archive (spilling to disk when large), and the
+response sent from a template. Everything other than C-STORE, C-ECHO, A-RELEASE and
+A-ABORT ends the association with an A-ABORT.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from typing import Callable
+
+from engine.archive import PROCESSING_FAILURE, Archive, StoreResult
+from engine.segment import FileRange
+from workers import commands
+from workers.negotiation import A_ABORT_UNEXPECTED_PDU, Accepted, PeerClosed, ProtocolError, read_pdu
+from workers.spill import SpillBuffer
+
+log = logging.getLogger("stowage.ingest")
+P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x04, 0x05, 0x07
+A_RELEASE_RP = bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+_PDV = struct.Struct(">IBB")
+_PDU_SLACK = 1024  # PDV item headers on top of the advertised maximum
+
+
+class _Message:
+    """One DIMSE message being reassembled from PDVs."""
+
+    def __init__(self, context_id: int) -> None:
+        self.context_id = context_id
+        self.command = bytearray()
+        self.fields: dict | None = None
+        self.dataset: SpillBuffer | None = None
+
+
+class StorageAssociation:
+    def __init__(self, sock: socket.socket, accepted: Accepted, archive: Archive, calling_ae: str,
+                 called_ae: str, max_pdu: int, on_store: Callable[[str, int, int, str], None]) -> None:
+        self.sock = sock
+        self.contexts = accepted.contexts
+        self.archive = archive
+        self.calling_ae, self.called_ae = calling_ae, called_ae
+        self.limit = max(max_pdu, 1 << 16) + _PDU_SLACK
+        self.on_store = on_store  # (sop instance uid, status, bytes, comment), for the audit trail
+        self.outcome = "closed"
+        self._message: _Message | None = None
+
+    def run(self) -> str:
+        """Serve until release, abort or error; never raises for peer behaviour."""
+        try:
+            self._loop()
+        except PeerClosed:
+            self.outcome = "closed by peer"
+        except ProtocolError as e:
+            log.warning("%s: %s; aborting", self.calling_ae, e)
+            self._send(e.abort)
+            self.outcome = "aborted: protocol error"
+        except (TimeoutError, socket.timeout):
+            log.warning("%s: no data for the network timeout; aborting", self.calling_ae)
+            self._send(A_ABORT_UNEXPECTED_PDU)
+            self.outcome = "aborted: network timeout"
+        except OSError as e:
+            self.outcome = f"connection error: {e.strerror or e}"
+        finally:
+            if self._message and self._message.dataset is not None:
+                self._message.dataset.discard()
+        return self.outcome
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                pass
+            pdu_type, body = read_pdu(self.sock, self.limit)
+            if pdu_type == P_DATA_TF:
+                self._p_data(body)
+            elif pdu_type == A_RELEASE_RQ:
+                self._send(A_RELEASE_RP)
+                self.outcome = "released"
+                return
+            elif pdu_type == A_ABORT:
+                self.outcome = "aborted by peer"
+                return
+            else:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} on an established association",
+                                    A_ABORT_UNEXPECTED_PDU)
+
+    def _p_data(self, body: bytearray) -> None:
+        view, pos, end = memoryview(body), 0, len(body)
+        while pos < end:
+            if pos + 6 > end:
+                raise ProtocolError("P-DATA-TF ends inside a PDV item header")
+            length, context_id, header = _PDV.unpack_from(view, pos)
+            if length < 2 or pos + 4 + length > end:
+                raise ProtocolError(f"PDV item length {length} does not fit its PDU")
+            self._pdv(context_id, header, view[pos + 6:pos + 4 + length])
+            pos += 4 + length
+
+    def _pdv(self, context_id: int, header: int, fragment: memoryview) -> None:
+        if context_id not in self.contexts:
+            raise ProtocolError(f"PDV on presentation context {context_id}, which was not accepted")
+        msg = self._message
+        if msg is None:
+            msg = self._message = _Message(context_id)
+        elif msg.context_id != context_id:
+            raise ProtocolError("PDVs of one message on different presentation contexts")
+        if header & 0x01:  # command fragment
+            if msg.fields is not None:
+                raise ProtocolError("command fragment after the command set was complete")
+            msg.command += fragment
+            if header & 0x02:
+                self._command_complete(msg)
+        else:
+            if msg.fields is None or msg.dataset is None:
+                raise ProtocolError("dataset fragment without a command that announced one")
+            msg.dataset.write(fragment)
+            if header & 0x02:
+                self._message = None
+                self._store(msg)
+
+    def _command_complete(self, msg: _Message) -> None:
+        try:
+            msg.fields = commands.decode(msg.command)
+        except commands.CommandError as e:
+            raise ProtocolError(str(e)) from None
+        field = msg.fields["command_field"]
+        if field == commands.C_ECHO_RQ:
+            self._message = None
+            self._send(commands.p_data(msg.context_id, commands.echo_response(
+                msg.fields["message_id"], self.contexts[msg.context_id][0])))
+        elif field == commands.C_STORE_RQ and msg.fields.get("dataset_type") != commands.NO_DATASET:
+            msg.dataset = SpillBuffer()
+        elif field == commands.C_CANCEL_RQ:
+            self._message = None  # nothing cancellable runs on a storage association
+        else:
+            raise ProtocolError(f"command 0x{field:04X} is not served on a storage association",
+                                A_ABORT_UNEXPECTED_PDU)
+
+    def _store(self, msg: _Message) -> None:
+        f = msg.fields
+        sop_class = str(f.get("affected_sop_class_uid", ""))
+        sop_instance = str(f.get("affected_sop_instance_uid", ""))
+        buf = msg.dataset
+        dataset: bytes | FileRange = b""
+        try:
+            if buf.spilled:
+                path, length = buf.finish()
+                dataset = FileRange(path, 0, length)
+            else:
+                dataset = buf.getvalue()
+            result = self.archive.store(dataset, self.contexts[msg.context_id][1], sop_class, sop_instance,
+                                        calling_ae=self.calling_ae, called_ae=self.called_ae)
+        except Exception:  # a bug of ours must not cost the sender its association
+            log.exception("storing %s failed", sop_instance)
+            result = StoreResult(PROCESSING_FAILURE, "processing failure; see the archive log")
+        finally:
+            buf.discard()
+        size = dataset.length if isinstance(dataset, FileRange) else len(dataset)
+        if not result.ok:
+            log.warning("C-STORE %s from %s refused 0x%04X: %s", sop_instance, self.calling_ae,
+                        result.status, result.comment)
+        self.on_store(sop_instance, result.status, size, result.comment)
+        self._send(commands.p_data(msg.context_id, commands.store_response(
+            f["message_id"], sop_class, sop_instance, result.status, result.comment)))
