@@ -51,6 +51,7 @@ class Acceptor:
         self.listener: socket.socket | None = None
         self.draining = False
         self._rejected: dict[socket.socket, float] = {}
+        self._unanswered: set[socket.socket] = set()  # rejected, RJ not sent yet
         self._pending_restart: dict[int, float] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._lock_file = None
@@ -93,7 +94,11 @@ class Acceptor:
 
     def run(self) -> int:
         self._lock_data_dir()
-        recovered = recover(self.config.data_dir)
+        try:
+            recovered = recover(self.config.data_dir)
+        except OSError as e:
+            raise ServeError(f"start-up recovery could not index {self.config.data_dir}: "
+                             f"{e.strerror or e}; free some space and start again") from None
         if recovered:
             log.info("start-up recovery indexed %d record(s)", recovered)
         self.listener = self._listen()
@@ -184,27 +189,36 @@ class Acceptor:
         log.warning("A-ASSOCIATE-RJ to %s: %s", conn.getpeername()[0] if conn else "?", why)
         try:
             conn.setblocking(False)
-            conn.send(A_ASSOCIATE_RJ_LIMIT)
-            conn.shutdown(socket.SHUT_WR)
         except OSError:
             conn.close()
             return
-        # Read what the peer sends until it closes, so our close does not reset the RJ away.
+        # The RJ answers the peer's A-ASSOCIATE-RQ (PS3.8 9.2), so it goes once that arrives
+        # (_finish_reject); sent before, a peer can take it for a broken connection. Then read
+        # what the peer sends until it closes, so our close does not reset the RJ away.
         self._rejected[conn] = time.monotonic() + _REJECT_LINGER_S
+        self._unanswered.add(conn)
         self.sel.register(conn, selectors.EVENT_READ, ("rejected", None))
 
     def _finish_reject(self, conn: socket.socket) -> None:
         try:
-            if conn.recv(65536):
-                return
+            data = conn.recv(65536)
         except BlockingIOError:
             return
         except OSError:
-            pass
-        self._close_rejected(conn)
+            data = b""
+        if data and conn in self._unanswered:
+            self._unanswered.discard(conn)
+            try:
+                conn.send(A_ASSOCIATE_RJ_LIMIT)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                data = b""
+        if not data:
+            self._close_rejected(conn)
 
     def _close_rejected(self, conn: socket.socket) -> None:
         self._rejected.pop(conn, None)
+        self._unanswered.discard(conn)
         self.sel.unregister(conn)
         conn.close()
 
@@ -268,15 +282,20 @@ class Acceptor:
                 except OSError:
                     pass
         deadline = time.monotonic() + self.config.drain_timeout + 15
+        failed = 0
         for ws in self.slots:
             if ws.process is None:
                 continue
             try:
-                ws.process.wait(max(0.1, deadline - time.monotonic()))
+                code = ws.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error("worker %d did not finish draining; killing it", ws.slot)
                 ws.process.kill()
-                ws.process.wait()
+                code = ws.process.wait()
+            failed += code != 0
+        if failed:
+            log.error("stopped; %d worker(s) did not stop cleanly (see above)", failed)
+            return 1
         log.info("stopped")
         return 0
 

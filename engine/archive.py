@@ -130,7 +130,7 @@ class Archive:
             if verdict is not None:
                 return verdict
         if shutil.disk_usage(self.data_dir).free < self.config.min_free_bytes + length:
-            return StoreResult(OUT_OF_RESOURCES, "archive disk full (below min_free_bytes); not stored")
+            return StoreResult(OUT_OF_RESOURCES, "not enough free disk space for this instance; not stored")
         meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
         try:
             payload, flags, spooled = self._payload(meta, dataset)

@@ -23,7 +23,7 @@ from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotifi
 from pynetdicom.presentation import build_context
 from pynetdicom.transport import AddressInformation
 
-from conftest import HOST, dataset_bytes, echo_ok, export_all
+from conftest import HOST, dataset_bytes, dcmtk, echo_ok, export_all
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -63,7 +63,7 @@ def request_uid(path: Path) -> str:
     return pydicom.dcmread(path, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID
 
 
-def scu(aet: bytes = b"BADINPUT", timeout: float = 10.0) -> AE:
+def scu(aet: str = "BADINPUT", timeout: float = 10.0) -> AE:
     ae = AE(aet)
     ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
     ae.add_requested_context(VERIFICATION)
@@ -210,33 +210,57 @@ def test_mismatched_or_unidentified_datasets_are_refused(server, tmp_path, monke
 
 # -- 2. malformed PDUs -----------------------------------------------------------------
 
-def test_malformed_pdus_are_aborted_and_harm_nobody(server, tmp_path):
+BAD_FIRST_PDUS = {
+    "unknown PDU type 0x0A": bytes([0x0A, 0, 0, 0, 0, 32]) + os.urandom(32),
+    "unknown PDU type 0xFF, short body": bytes([0xFF, 0, 0, 0, 0, 4]) + b"junk",
+    "A-ASSOCIATE-RQ with a garbage body": bytes([0x01, 0, 0, 0, 0, 200]) + os.urandom(200),
+    "A-ASSOCIATE-RQ shorter than its fixed fields": bytes([0x01, 0, 0, 0, 0, 8]) + b"\x00\x01" + b"\xff" * 6,
+    "P-DATA-TF before any association": bytes([0x04, 0, 0, 0, 0, 6]) + b"\x00\x00\x00\x02\x01\x03",
+}
+
+
+def test_malformed_pdus_are_aborted_and_harm_nobody(make_server, tmp_path):
+    # Cap 8 = the association held below + 7: every slot a bad connection took must come
+    # back promptly (well within the 30 s ACSE timeout a lingering association would wait).
+    server = make_server("--workers", "2", STOWAGE_MAX_ASSOCIATIONS="8")
     before = worker_pids(server)
     assert len(before) == 2
     files = [part10(tmp_path / "in" / f"ct-{i}.dcm") for i in range(4)]
-    ae = scu()
+    ae = scu(timeout=120)  # the held association idles while the bad peers are served
     assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")  # opened before the bad peers
     assert assoc.is_established
     try:
         assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
-        bad_pdus = {
-            "unknown PDU type 0x0A": bytes([0x0A, 0, 0, 0, 0, 32]) + os.urandom(32),
-            "unknown PDU type 0xFF": bytes([0xFF, 0, 0, 0, 0, 4]) + b"junk",
-            "A-ASSOCIATE-RQ with a garbage body": bytes([0x01, 0, 0, 0, 0, 200]) + os.urandom(200),
-            "A-ASSOCIATE-RQ shorter than its fixed fields": bytes([0x01, 0, 0, 0, 0, 8]) + b"\x00\x01" + b"\xff" * 6,
-            "P-DATA-TF before any association": bytes([0x04, 0, 0, 0, 0, 6]) + b"\x00\x00\x00\x02\x01\x03",
-        }
-        for name, pdu in bad_pdus.items():
+        for name, pdu in BAD_FIRST_PDUS.items():
             with raw_connect(server.port) as s:
                 s.sendall(pdu)
                 try:
-                    reply = read_pdu_or_close(s, timeout=15)
-                except TimeoutError as e:
+                    assert_abort_or_close(read_pdu_or_close(s, timeout=15))
+                    wait_closed(s, timeout=15)
+                except (TimeoutError, AssertionError) as e:
                     pytest.fail(f"{name}: {e}")
-                assert_abort_or_close(reply)
+        with raw_connect(server.port) as s:  # an unknown PDU type inside an association
+            s.sendall(associate_rq(server.port))
+            ac = read_pdu_or_close(s, timeout=10)
+            assert ac and ac[0] == 0x02, f"expected A-ASSOCIATE-AC, got {ac[:16].hex()}"
+            s.sendall(bytes([0x0B, 0, 0, 0, 0, 3]) + b"abc")
+            assert_abort_or_close(read_pdu_or_close(s, timeout=15))
+            wait_closed(s, timeout=15)
         for f in files[1:]:  # the association opened earlier still stores
             status = assoc.send_c_store(pydicom.dcmread(f))
             assert status and status.Status == 0, f"{f.name}: {status}"
+        # Every slot comes back: 7 associations fit beside the held one (bounded retries).
+        deadline = time.monotonic() + 10
+        while True:
+            more = [ae.associate(HOST, server.port, ae_title="STOWAGE") for _ in range(7)]
+            established = sum(a.is_established for a in more)
+            for a in more:
+                if a.is_established:
+                    a.release()
+            if established == 7:
+                break
+            assert time.monotonic() < deadline, f"only {established} of 7 slots came back"
+            time.sleep(1.0)
     finally:
         assoc.release()
     assert worker_pids(server) == before, "a worker died on a malformed PDU"
@@ -311,88 +335,184 @@ def test_min_free_bytes_refuses_with_out_of_resources(make_server, tmp_path, mon
     assert exported(server.data_dir, tmp_path / "out") == {}
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)],
+def mount_tmpfs(where: Path, size: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                        capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {(r.stderr or r.stdout).strip()}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(where, size): small tmpfs file systems, lazily unmounted (innermost first)."""
+    mounted: list[Path] = []
+
+    def mount(where: Path, size: str) -> Path:
+        mount_tmpfs(where, size)
+        mounted.append(where)
+        return where
+
     try:
-        yield mnt
+        yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+        for where in reversed(mounted):
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
-def test_full_filesystem(make_server, small_tmpfs, tmp_path, monkeypatch):
+def incompressible_ct(path: Path) -> Path:
+    """~520 KB: CT_small with 512x512 16-bit random pixels, which zstd cannot shrink."""
+    return part10(path, pixels=os.urandom(512 * 512 * 2))
+
+
+def fill_until_refused(server, tmp_path: Path, max_sends: int = 100) -> tuple[list[Path], list[Path], list[str]]:
+    """Distinct instances, one association each, until three are refused; (stored, refused,
+    refusal comments). Every answer must be success or 0xA700 with an Error Comment."""
+    ae = scu()
+    stored, refused, comments = [], [], []
+    for i in range(max_sends):
+        f = incompressible_ct(tmp_path / "in" / f"ct-{i:03d}.dcm")
+        status = store_file(ae, server.port, f)
+        assert "Status" in status, f"{f.name}: no C-STORE response"
+        if status.Status == 0x0000:
+            stored.append(f)
+            continue
+        assert status.Status == 0xA700, f"{f.name}: 0x{status.Status:04X} {status.get('ErrorComment')}"
+        comment = str(status.get("ErrorComment") or "")
+        assert comment.strip(), f"{f.name}: 0xA700 without an Error Comment"
+        refused.append(f)
+        comments.append(comment)
+        if len(refused) >= 3:
+            break
+    return stored, refused, comments
+
+
+def assert_exports_exactly(data_dir: Path, out: Path, stored: list[Path], refused: list[Path]) -> None:
+    got = exported(data_dir, out)
+    missing = [f.name for f in stored if request_uid(f) not in got]
+    assert not missing, f"acknowledged but not exported: {missing}"
+    for f in stored:
+        assert dataset_bytes(got[request_uid(f)]) == dataset_bytes(f), f"{f.name}: exported bytes differ"
+    assert not {request_uid(f) for f in refused} & set(got), "a refused instance was exported"
+    assert len(got) == len(stored)
+
+
+@pytest.mark.parametrize("min_free", [
+    "0",                # the reserve check alone: it refuses once free space < the dataset
+    str(-(1 << 30)),    # the reserve check disabled: the segment write itself meets ENOSPC
+], ids=["reserve-check", "enospc"])
+def test_full_filesystem(make_server, tmpfs, tmp_path, monkeypatch, min_free):
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    data_dir = small_tmpfs / "data"
-    server = make_server("--workers", "2", data_dir=data_dir, STOWAGE_MIN_FREE_BYTES="0")
+    data_dir = tmpfs(tmp_path / "disk", "12m") / "data"
+    server = make_server("--workers", "2", data_dir=data_dir, STOWAGE_MIN_FREE_BYTES=min_free)
+    stored, refused, comments = fill_until_refused(server, tmp_path)
+    assert refused, f"the 12 MB file system never filled after {len(stored)} stores"
+    assert len(stored) >= 10, f"only {len(stored)} stores before the disk was full"
+    if min_free != "0":
+        assert all("No space left on device" in c for c in comments), comments
+    assert echo_ok(server.port)
+    time.sleep(2.5)  # let the sealers run on the full disk
+    assert_exports_exactly(data_dir, tmp_path / "out-serving", stored, refused)
+    assert server.stop() == 0, server.log()[-4000:]
+    assert "Traceback" not in server.log(), server.log()[-4000:]
+    # A restart while the disk is still full: it serves, and holds the same instances.
+    again = make_server("--workers", "2", data_dir=data_dir, port=server.port, STOWAGE_MIN_FREE_BYTES=min_free)
+    assert echo_ok(again.port)
+    assert_exports_exactly(data_dir, tmp_path / "out-restarted", stored, refused)
+
+
+def test_catalog_disk_full(make_server, tmpfs, tmp_path, monkeypatch):
+    """ENOSPC where only the catalog lives (its own 16 KB file system; segments have room):
+    stores are acknowledged once their segment record is durable, so every acknowledged
+    instance must come back, at the latest after a restart where there is space."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    data_dir = tmpfs(tmp_path / "disk", "12m") / "data"
+    tmpfs(data_dir / "catalog", "16k")
+    server = make_server("--workers", "1", data_dir=data_dir, STOWAGE_MIN_FREE_BYTES="0")
+    ae = scu()
+    stored, refused = [], []
+    for i in range(10):
+        f = incompressible_ct(tmp_path / "in" / f"ct-{i:03d}.dcm")
+        status = store_file(ae, server.port, f)
+        assert status.Status in (0x0000, 0xA700), f"{f.name}: 0x{status.Status:04X}"
+        (stored if status.Status == 0 else refused).append(f)
+    assert echo_ok(server.port)
+    time.sleep(2.5)  # the sealer tries to write Parquet onto the full catalog
+    live = exported(data_dir, tmp_path / "out-serving")
+    assert not {request_uid(f) for f in refused} & set(live), "a refused instance was exported"
+    assert server.stop() == 0
+    # Restarting on the still-full catalog: either it serves, or it stops with a reason.
+    again = make_server("--workers", "1", data_dir=data_dir, STOWAGE_MIN_FREE_BYTES="0", start=False)
+    again.start(wait=False)
     try:
-        ae = scu()
-        stored: list[Path] = []
-        refused: list[Path] = []
-        for i in range(100):
-            # 512x512x16-bit random pixels: ~520 KB that zstd cannot shrink
-            f = part10(tmp_path / "in" / f"ct-{i:03d}.dcm", pixels=os.urandom(512 * 512 * 2))
-            status = store_file(ae, server.port, f)
-            assert "Status" in status, f"{f.name}: no C-STORE response"
-            if status.Status == 0x0000:
-                stored.append(f)
-                continue
-            assert status.Status == 0xA700, f"{f.name}: 0x{status.Status:04X} {status.get('ErrorComment')}"
-            assert str(status.get("ErrorComment") or "").strip()
-            refused.append(f)
-            if len(refused) >= 3:
-                break
-        assert refused, f"the 12 MB filesystem never filled after {len(stored)} stores"
-        assert len(stored) >= 5, f"only {len(stored)} stores before the disk was full"
-        assert echo_ok(server.port)
-        time.sleep(2.5)  # let the sealer try (and perhaps fail) to seal the tail
-        got = exported(data_dir, tmp_path / "out-live")  # out on the big disk
-        missing = [f.name for f in stored if request_uid(f) not in got]
-        assert not missing, f"acknowledged but not exported while serving: {missing}\n{server.log()[-4000:]}"
-        for f in stored:
-            assert dataset_bytes(got[request_uid(f)]) == dataset_bytes(f), f"{f.name}: bytes differ"
-        assert not {request_uid(f) for f in refused} & set(got), "a refused instance was exported"
-        assert len(got) == len(stored)
-        assert server.stop() == 0, server.log()[-4000:]
-    finally:
-        server.kill()
-    # After a stop (and the sealing it does on a full disk) the same holds.
-    got = exported(data_dir, tmp_path / "out-stopped")
-    assert {request_uid(f) for f in stored} == set(got), server.log()[-4000:]
+        again.wait_ready(timeout=30)
+        assert echo_ok(again.port)
+        again.stop()
+    except RuntimeError as e:
+        assert "No space left on device" in str(e), str(e)[-3000:]
+    # Moved to a disk with room, recovery indexes from the segments what the catalog missed.
+    roomy = tmp_path / "roomy"
+    shutil.copytree(data_dir, roomy, symlinks=True)
+    moved = make_server("--workers", "1", data_dir=roomy)
+    assert moved.stop() == 0
+    assert_exports_exactly(roomy, tmp_path / "out-recovered", stored, refused)
+    invisible = [f.name for f in stored if request_uid(f) not in live]
+    if invisible:
+        pytest.xfail(f"known gap: {len(invisible)} of {len(stored)} acknowledged instance(s) were not "
+                     "exportable while serving (their catalog tail append hit ENOSPC; the segment "
+                     "record was durable and recovery found it after a restart)")
 
 
 # -- 6. association cap -----------------------------------------------------------------
 
+def associate_once_admitted(ae: AE, port: int, timeout: float = 10.0):
+    """An association, retried (bounded) until established: a slot frees only once the
+    worker has told the acceptor the previous association ended, a moment after its release."""
+    deadline = time.monotonic() + timeout
+    for _ in range(40):
+        assoc = ae.associate(HOST, port, ae_title="STOWAGE")
+        if assoc.is_established or time.monotonic() > deadline:
+            return assoc
+        time.sleep(0.25)
+    return assoc
+
+
 def test_association_cap_rejects_transient_then_recovers(make_server):
     server = make_server("--workers", "2", STOWAGE_MAX_ASSOCIATIONS="1")
     ae = scu(timeout=5)
-    first = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    first = associate_once_admitted(ae, server.port)  # the readiness echo may still hold the slot
     assert first.is_established
     try:
-        second = ae.associate(HOST, server.port, ae_title="STOWAGE")
-        assert second.is_rejected, "a second association past the cap of 1 was not rejected"
+        # pynetdicom itself sometimes reports a fast A-ASSOCIATE-RJ as an abort (its requestor
+        # checks the socket after the RJ may already have closed it), so: never admitted,
+        # and seen as rejected at least once in five tries.
+        outcomes = []
+        for _ in range(5):
+            extra = ae.associate(HOST, server.port, ae_title="STOWAGE")
+            outcomes.append("established" if extra.is_established else "rejected" if extra.is_rejected
+                            else "aborted" if extra.is_aborted else "?")
+            if extra.is_established:
+                extra.release()
+        assert "established" not in outcomes, f"admitted past the cap of 1: {outcomes}"
+        assert "rejected" in outcomes, outcomes
         with raw_connect(server.port) as s:
+            # PS3.8: the RJ answers an A-ASSOCIATE-RQ; nothing comes before the RQ is sent.
+            s.settimeout(0.5)
+            with pytest.raises(socket.timeout):
+                s.recv(16)
             s.sendall(associate_rq(server.port))
             rj = read_pdu_or_close(s, timeout=10)
         assert rj[:6] == bytes([A_ASSOCIATE_RJ, 0, 0, 0, 0, 4]), rj.hex()
         result, source, reason = rj[7], rj[8], rj[9]
         assert (result, source, reason) == (2, 3, 2), "want rejected-transient, provider (presentation), local limit"
+        r = subprocess.run([dcmtk("echoscu"), HOST, str(server.port), "-aec", "STOWAGE"], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode != 0 and "Rejected Transient" in r.stderr + r.stdout, r.stderr
         assert first.send_c_echo().Status == 0  # the admitted one is untouched
     finally:
         first.release()
-    # The slot frees once the worker reports the association ended (a moment after release).
-    deadline, attempts = time.monotonic() + 10, 0
-    while True:
-        attempts += 1
-        third = ae.associate(HOST, server.port, ae_title="STOWAGE")
-        if third.is_established:
-            break
-        assert time.monotonic() < deadline and attempts < 20, "no association admitted after the release"
-        time.sleep(0.25)
+    third = associate_once_admitted(ae, server.port)
+    assert third.is_established, "no association admitted after the first was released"
     assert third.send_c_echo().Status == 0
     third.release()
 
@@ -430,8 +550,20 @@ def test_killed_worker_is_replaced_and_other_associations_survive(server, tmp_pa
             time.sleep(0.2)
         now = worker_pids(server)
         assert len(now) == 2 and victim.pid not in now and holder.pid in now, (now, victim.pid)
-        # the new worker serves (wait until it is ready: echo is bounded, a few tries)
-        assert any(echo_ok(server.port) or time.sleep(0.5) for _ in range(10))
+        (replacement,) = now - {holder.pid}
+        # The replacement serves echo: it is the least loaded once ready, so a new association
+        # lands there (bounded tries while it starts up).
+        deadline, served_by = time.monotonic() + 15, None
+        while served_by != replacement:
+            assert time.monotonic() < deadline, f"no echo served by the new worker {replacement}"
+            probe = scu().associate(HOST, server.port, ae_title="STOWAGE")
+            if probe.is_established:
+                w = _worker_with_connection(server, probe.dul.socket.socket.getsockname()[1])
+                served_by = w.pid if w else None
+                assert probe.send_c_echo().Status == 0
+                probe.release()
+            if served_by != replacement:
+                time.sleep(0.3)
         for f in files[1:]:  # the idle association on the surviving worker goes on storing
             status = assoc.send_c_store(pydicom.dcmread(f))
             assert status and status.Status == 0, f"{f.name}: {status}"

@@ -146,7 +146,12 @@ class Worker:
             left = len(self._active)
         if left:
             log.warning("drain timeout: aborting %d association(s) still open", left)
-        self.archive.close()  # finishes queued records and seals the tail
+        try:
+            self.archive.close()  # finishes queued records and seals the tail
+        except OSError as e:  # e.g. disk full: the segments hold everything; the next start re-indexes
+            log.error("could not seal the catalog tail on stop (%s); the next start recovers it from "
+                      "the segments", e.strerror or e)
+            return 1
         return 0
 
 
