@@ -200,6 +200,8 @@ class Archive:
         while not self._stop.wait(self.config.seal_interval):
             try:
                 self.sealer.seal()
+            except OSError as e:  # e.g. a full disk: the rows stay readable in the tail
+                log.error("sealing the catalog tail failed (%s); will retry", e.strerror or e)
             except Exception:
                 log.exception("sealing the catalog tail failed; will retry")
 
