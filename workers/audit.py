@@ -41,7 +41,7 @@ class Trail:
             "event": "store", "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}", "bytes": length,
             "calling_ae": calling_ae, **({"comment": comment} if comment else {})}})
 
-    def closed(self, key: int, calling_ae: str, called_ae: str, outcome: str) -> None:
+    def closed(self, key: int, calling_ae: str, called_ae: str, outcome: str, path: str = "") -> None:
         with self._lock:
             rec = self._records.pop(key, AssociationRecord())
         seconds = time.monotonic() - rec.started
@@ -49,7 +49,7 @@ class Trail:
         failed = sum(rec.statuses.values()) - ok
         audit.info("association %s %s", outcome, rec.peer, extra={"fields": {
             "event": "association", "peer": rec.peer, "calling_ae": calling_ae, "called_ae": called_ae,
-            "outcome": outcome, "seconds": round(seconds, 3), "stored": ok, "refused": failed,
+            "outcome": outcome, "path": path, "seconds": round(seconds, 3), "stored": ok, "refused": failed,
             "bytes": rec.bytes_in}})
         log.info("%s %s from %s (%s): %d stored, %d refused, %.1f MB in %.2f s", outcome, calling_ae or "-",
                  rec.peer, called_ae, ok, failed, rec.bytes_in / 1e6, seconds)

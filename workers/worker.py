@@ -91,14 +91,14 @@ class Worker:
     def _run(self, sock: socket.socket, peer: str) -> None:
         key = id(sock)
         self.trail.opened(key, peer)
-        calling, called, outcome = "", self.config.aet, "closed"
+        calling, called, outcome, path = "", self.config.aet, "closed", ""
         try:
             req = negotiation.read_request(sock, max(self.config.max_pdu, 1 << 16))
             calling, called = req.calling_ae, req.called_ae
             if negotiation.storage_only(req, self.storage_uids):
-                outcome = self._serve_storage(sock, req, key)
+                path, outcome = "lean", self._serve_storage(sock, req, key)
             else:
-                outcome = self._serve_pynetdicom(sock, req)
+                path, outcome = "pynetdicom", self._serve_pynetdicom(sock, req)
         except negotiation.ProtocolError as e:
             log.warning("%s: %s; aborting", peer, e)
             _send_quietly(sock, e.abort)
@@ -109,7 +109,7 @@ class Worker:
             log.exception("association from %s failed", peer)
             outcome = "failed"
         finally:
-            self.trail.closed(key, calling, called, outcome)
+            self.trail.closed(key, calling, called, outcome, path)
             sock.close()
             with self._active_lock:
                 self._active.discard(threading.current_thread())
