@@ -7,6 +7,12 @@ scanner that walks the top-level elements with ``struct.unpack_from`` over a
 memoryview, skips sequences without parsing them, and stops after the highest tag
 the catalog wants. Anything else, or anything the scanner does not trust, goes to
 pydicom. Both paths hand the same raw bytes to the same decoder, so they agree.
+
+The same walk goes on to the pixel data to keep the *header*: the top-level, non-bulk
+elements exactly as encoded (their byte ranges, concatenated), so that any attribute an
+instance holds can be returned by a query. Past the catalog's columns the walk is best
+effort: anything odd there (a truncated head of a spooled instance, a broken sequence)
+ends the header, never the store.
 """
 from __future__ import annotations
 
@@ -18,7 +24,10 @@ from io import BytesIO
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS, VR
 
@@ -45,6 +54,67 @@ _DICTIONARY_VR: dict[int, str] = {tag: dictionary_VR(tag) for tag in _WANTED}
 _CHARSET_TAG = tag_for_keyword("SpecificCharacterSet")
 _COLUMN_NAMES = tuple(col for col, _ in DICOM_COLUMNS)
 
+# --- the header: which top-level elements are kept --------------------------------
+HEADER = "header"  # the extract() key (and catalog column) holding the header bytes
+_HEADER_LIMIT = 0x7FDFFFFF  # stop at Pixel Data's group: what follows is bulk or padding
+_SMALL = 1024  # values this short are always kept
+_MAX_VALUE = 8 << 10  # a longer value is bulk (private blobs, LUTs, curves, documents)
+_MAX_SEQUENCE = 64 << 10
+_MAX_HEADER = 256 << 10
+_BULK_TAGS = frozenset({
+    0x00420011,  # Encapsulated Document
+    0x00880200,  # Icon Image Sequence
+    0x54000100,  # Waveform Sequence
+    0x54001010,  # Waveform Data
+    0x00283006,  # LUT Data
+    0x00281201, 0x00281202, 0x00281203, 0x00281221, 0x00281222, 0x00281223,  # palette data
+})
+
+
+class _Cut:
+    """Where the header ends, and the bulk elements (holes) cut out of it."""
+
+    __slots__ = ("end", "holes")
+
+    def __init__(self) -> None:
+        self.end = 0
+        self.holes: list[tuple[int, int]] = []
+
+    def bytes_of(self, buf: memoryview) -> bytes | None:
+        if not self.holes:
+            header = bytes(buf[:self.end])
+        else:
+            parts, pos = [], 0
+            for start, end in self.holes:
+                parts.append(buf[pos:start])
+                pos = end
+            parts.append(buf[pos:self.end])
+            header = b"".join(parts)
+        return header if 0 < len(header) <= _MAX_HEADER else None
+
+
+def _is_bulk(tag: int, vr: int, length: int) -> bool:
+    """A top-level value left out of the header (called only for values over _SMALL)."""
+    if tag in _BULK_TAGS:
+        return True
+    if length <= _MAX_VALUE:
+        return False
+    return length > _MAX_SEQUENCE or not (vr == _SQ or (not vr and _dictionary_vr(tag) == "SQ"))
+
+
+@lru_cache(maxsize=1024)
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
+def header_is_implicit(transfer_syntax_uid: str) -> bool:
+    """How header bytes are encoded: little endian, implicit VR when the data set's own
+    transfer syntax is Implicit VR Little Endian, otherwise explicit VR."""
+    return _syntax(transfer_syntax_uid.strip(" \x00")) == "implicit"
+
 
 def _vr_code(vr: str) -> int:
     """A two-letter VR as the little-endian uint16 the scanner reads in its place."""
@@ -54,6 +124,7 @@ def _vr_code(vr: str) -> int:
 _VR_BY_CODE: dict[int, str] = {_vr_code(vr): str(vr) for vr in VR if len(vr) == 2}
 _LONG_VRS = frozenset(_vr_code(vr) for vr in EXPLICIT_VR_LENGTH_32)  # 4-byte lengths
 _UN = _vr_code("UN")
+_SQ = _vr_code("SQ")
 
 _TEXT_VRS = frozenset({"SH", "LO", "PN", "ST", "LT", "UT", "UC"})  # Specific Character Set applies
 _SINGLE_VALUED = frozenset({"ST", "LT", "UT"})  # a backslash is text, not a separator
@@ -76,7 +147,8 @@ def extract(dataset: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, 
 
     One key per column of ``DICOM_COLUMNS``; the value is the element's value as
     ``str`` (backslash-separated when multi-valued) or None when absent or empty.
-    Raises UnreadableDataset when neither the scanner nor pydicom can read it.
+    Plus ``HEADER``: the top-level non-bulk elements as bytes (see header_is_implicit),
+    or None. Raises UnreadableDataset when neither the scanner nor pydicom can read it.
     """
     buf = memoryview(dataset)
     if buf.format != "B" or buf.ndim != 1:  # the scanner indexes single bytes
@@ -84,14 +156,19 @@ def extract(dataset: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, 
     uid = transfer_syntax_uid.strip(" \x00")
     mode = _syntax(uid)
     raw = None
+    header: bytes | None = None
     if mode != "slow":
+        cut = _Cut()
         try:
-            raw = _scan(buf, implicit=mode == "implicit")
+            raw = _scan(buf, implicit=mode == "implicit", cut=cut)
+            header = cut.bytes_of(buf)
         except _Fallback:
             pass
     if raw is None:
-        raw = _slow_path(dataset, uid)
-    return _to_strings(raw)
+        raw, header = _slow_path(dataset, uid)
+    result = _to_strings(raw)
+    result[HEADER] = header
+    return result
 
 
 # --- fast path -----------------------------------------------------------------------
@@ -113,12 +190,17 @@ def _syntax(uid: str) -> str:
         return "explicit"
 
 
-def _scan(buf: memoryview, implicit: bool) -> Raw:
-    """Raw wanted values of a little-endian data set; raises _Fallback on anything odd."""
+def _scan(buf: memoryview, implicit: bool, cut: _Cut | None = None) -> Raw:
+    """Raw wanted values of a little-endian data set; raises _Fallback on anything odd.
+
+    With `cut`, also walks on to the pixel data and records there where the header ends
+    and which bulk elements it leaves out."""
     if _looks_explicit(buf) == implicit:
         raise _Fallback("the data set's VR encoding differs from its transfer syntax")
     found: dict[int, tuple[int, int, int]] = {}
-    _walk(buf, 0, implicit, _MAX_TAG, found)
+    end = _walk(buf, 0, implicit, _MAX_TAG if cut is None else _HEADER_LIMIT, found, cut)
+    if cut is not None:
+        cut.end = end
     raw: Raw = {}
     for tag, (vr, start, end) in found.items():
         name = _DICTIONARY_VR[tag] if vr == _UN or not vr else _VR_BY_CODE[vr]
@@ -132,14 +214,17 @@ def _looks_explicit(buf: memoryview) -> bool:
 
 
 def _walk(buf: memoryview, pos: int, implicit: bool, limit: int,
-          found: dict[int, tuple[int, int, int]] | None) -> int:
+          found: dict[int, tuple[int, int, int]] | None, cut: _Cut | None = None) -> int:
     """Walk elements from pos up to the first tag above limit; return where that is.
 
     Records (VR code, start, end) of wanted elements into found (top level only;
     nested items pass None). Less than a header's worth of bytes left ends the walk,
-    as in pydicom. Undefined lengths are skipped item by item.
+    as in pydicom. Undefined lengths are skipped item by item. With cut (top level),
+    bulk elements are noted as holes, and the walk goes on past the wanted tags to
+    `limit` in _walk_header, where anything odd ends the walk instead of raising.
     """
     end_of_buffer = len(buf)
+    strict_limit = _MAX_TAG if cut is not None else limit
     while pos + 8 <= end_of_buffer:
         if implicit:
             group, element, length = _IMPLICIT_HEADER(buf, pos)
@@ -147,8 +232,11 @@ def _walk(buf: memoryview, pos: int, implicit: bool, limit: int,
         else:
             group, element, vr, length = _EXPLICIT_HEADER(buf, pos)
         tag = group << 16 | element
-        if tag > limit:
-            return pos
+        if tag > strict_limit:
+            if cut is None:
+                return pos
+            return _walk_header(buf, pos, implicit, limit, cut)
+        start = pos
         pos += 8
         if not implicit:
             if vr in _LONG_VRS:
@@ -161,13 +249,56 @@ def _walk(buf: memoryview, pos: int, implicit: bool, limit: int,
         if length == _UNDEFINED:
             # Contents of an undefined-length UN are implicit VR (PS3.5 6.2.2).
             pos = _skip_items(buf, pos, implicit or vr == _UN)
+            if cut is not None and pos - start > _SMALL and _is_bulk(tag, _SQ, pos - start):
+                cut.holes.append((start, pos))
             continue
         if pos + length > end_of_buffer:
             raise _Fallback(f"element ({group:04X},{element:04X}) runs past the end")
         if found is not None and tag in _WANTED:
             found[tag] = (vr, pos, pos + length)
+        if cut is not None and length > _SMALL and _is_bulk(tag, vr, length):
+            cut.holes.append((start, pos + length))
         pos += length
     return pos
+
+
+def _walk_header(buf: memoryview, pos: int, implicit: bool, limit: int, cut: _Cut) -> int:
+    """The rest of the top level, past the catalog's tags, for the header only: returns
+    where it ends (the first tag past limit, or the first thing it cannot walk)."""
+    end_of_buffer = len(buf)
+    while pos + 8 <= end_of_buffer:
+        start = pos
+        if implicit:
+            group, element, length = _IMPLICIT_HEADER(buf, pos)
+            vr = 0
+        else:
+            group, element, vr, length = _EXPLICIT_HEADER(buf, pos)
+        tag = group << 16 | element
+        if tag > limit:
+            return pos
+        pos += 8
+        if not implicit:
+            if vr in _LONG_VRS:
+                if pos + 4 > end_of_buffer:
+                    return start
+                length = _UINT32(buf, pos)[0]
+                pos += 4
+            elif vr not in _VR_BY_CODE:
+                return start
+        if length == _UNDEFINED:
+            try:
+                pos = _skip_items(buf, pos, implicit or vr == _UN)
+            except _Fallback:
+                return start
+            if pos - start > _SMALL and _is_bulk(tag, _SQ, pos - start):
+                cut.holes.append((start, pos))
+            continue
+        if pos + length > end_of_buffer:
+            return start  # e.g. the head of a spooled instance ends inside this element
+        if length > _SMALL and _is_bulk(tag, vr, length):
+            cut.holes.append((start, pos + length))
+        pos += length
+    return pos if pos <= end_of_buffer else start
 
 
 def _skip_items(buf: memoryview, pos: int, implicit: bool) -> int:
@@ -199,8 +330,9 @@ def _tag_at(buf: memoryview, pos: int) -> int:
 # --- slow path -----------------------------------------------------------------------
 
 
-def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Raw:
-    """Raw wanted values read by pydicom: big endian, deflated, or what the scanner refused."""
+def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str) -> tuple[Raw, bytes | None]:
+    """Raw wanted values read by pydicom (big endian, deflated, or what the scanner
+    refused), and the header re-encoded little endian."""
     try:
         syntax = UID(transfer_syntax_uid)
         implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
@@ -232,7 +364,30 @@ def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Raw:
             raise UnreadableDataset(f"data set truncated inside element {elem.tag}")
         vr = elem.VR if elem.VR and elem.VR != "UN" else _DICTIONARY_VR[elem.tag]
         raw[int(elem.tag)] = (str(vr), value)
-    return raw
+    return raw, _slow_header(data, implicit, little, _syntax(transfer_syntax_uid) == "implicit")
+
+
+def _slow_header(data: bytes, implicit: bool, little: bool, implicit_out: bool) -> bytes | None:
+    """The header by pydicom, re-encoded little endian; None when pydicom cannot."""
+    try:
+        ds = read_dataset(BytesIO(data), implicit, little,
+                          stop_when=lambda tag, vr, length: tag > _HEADER_LIMIT)
+        out = Dataset()
+        for tag in list(ds.keys()):
+            raw = ds.get_item(tag, keep_deferred=True)
+            length = getattr(raw, "length", 0)
+            vr = _vr_code(raw.VR) if raw.VR and len(raw.VR) == 2 else 0
+            if length == _UNDEFINED or length > _SMALL:
+                if int(tag) in _BULK_TAGS or (length != _UNDEFINED and _is_bulk(int(tag), vr, length)):
+                    continue
+            out.add(ds[tag])
+        fp = DicomBytesIO()
+        fp.is_implicit_VR, fp.is_little_endian = implicit_out, True
+        write_dataset(fp, out)
+        header = fp.getvalue()
+        return header if 0 < len(header) <= _MAX_HEADER else None
+    except Exception:  # best effort: the catalog columns are what a store needs
+        return None
 
 
 def _past_wanted(tag: int, vr: str | None, length: int) -> bool:

@@ -23,6 +23,8 @@ class Manifest:
     watermarks: dict[str, int] = field(default_factory=dict)    # segment -> sealed byte offset
     retired: dict[str, float] = field(default_factory=dict)     # parquet name -> retired at
     generation: int = 0
+    uid_filter: str = ""    # token of the sealed-UID Bloom filter that matches (catalog.versions)
+    duplicates: str = ""    # Parquet file of the records of duplicated UIDs (catalog.versions)
 
     def sealed_upto(self, segment: str) -> int:
         return self.watermarks.get(segment, 0)
@@ -34,14 +36,15 @@ def load(directory: Path) -> Manifest:
             d = json.load(f)
     except FileNotFoundError:
         return Manifest()
-    return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"])
+    return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"],
+                    d.get("uid_filter", ""), d.get("duplicates", ""))
 
 
 def _store(directory: Path, m: Manifest) -> None:
     tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump({"files": m.files, "watermarks": m.watermarks, "retired": m.retired,
-                   "generation": m.generation}, f)
+                   "generation": m.generation, "uid_filter": m.uid_filter, "duplicates": m.duplicates}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / MANIFEST)

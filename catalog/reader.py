@@ -4,6 +4,10 @@ tail, as DuckDB views.
 Views, for lookups and for `stowage query`:
   records    every row of every durable record (duplicates included)
   instances  one row per SOP Instance UID, the one the duplicates policy keeps
+
+`instances` is `records` less the records the policy hides (`shadowed`): those of the
+versions table (catalog.versions) and those that tail rows newly duplicate. Filters on
+`instances` reach the Parquet scan, so a lookup reads only the row groups it needs.
 """
 from __future__ import annotations
 
@@ -15,11 +19,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog import manifest
+from catalog import manifest, versions
 from catalog.tail import read_tails
 
-# Which duplicate a policy keeps: the newest, or the first one received.
-_ORDER = {"keep-newest": "DESC", "keep-first": "ASC", "reject": "ASC"}
+MEMORY_LIMIT = "512MB"  # per process: a worker's memory must not grow with the archive
 
 
 class Catalog:
@@ -28,34 +31,77 @@ class Catalog:
     def __init__(self, directory: Path, duplicates: str = "keep-newest") -> None:
         self.directory = directory
         self.tails_dir = directory / "tails"
-        self._order = _ORDER[duplicates]
-        self._con = duckdb.connect(":memory:", config={"threads": 1})
+        self.policy = duplicates
+        versions.KEEP_NEWEST[duplicates]  # noqa: B018 - an unknown policy fails here
+        self._con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": MEMORY_LIMIT})
+        self._con.execute("SET parquet_metadata_cache = true")
         self._lock = threading.Lock()
         self._generation = -1
         self._manifest = manifest.Manifest()
+        self._filter: versions.SealedUids | None = None
+        self._sealed_versions = versions.VERSIONS_SCHEMA.empty_table()  # of the versions table
+        self._tail_checked: dict[str, bool] = {}  # tail UID -> may be sealed too (this generation)
+        self._shadow_empty: bool | None = None
 
     def close(self) -> None:
         self._con.close()
+        if self._filter is not None:
+            self._filter.close()
 
     def _refresh(self) -> None:
         # Tails first, then the manifest: a row sealed in between is then found in both
         # (and the watermark drops the tail copy) rather than in neither.
         tails = read_tails(self.tails_dir)
         m = manifest.load(self.directory)
-        self._con.register("tail_rows", _unsealed(tails, m))
+        unsealed = _unsealed(tails, m)
+        self._con.register("tail_rows", unsealed)
         if m.generation != self._generation:
             files = [str(self.directory / n) for n in sorted(m.files)]
-            sealed = (f"SELECT * FROM read_parquet({files!r})" if files
-                      else "SELECT * FROM tail_rows WHERE false")
-            self._con.execute(f"CREATE OR REPLACE TEMP VIEW sealed_rows AS {sealed}")
+            if files:
+                self._con.execute("CREATE OR REPLACE TEMP VIEW sealed_rows AS SELECT * FROM "
+                                  f"read_parquet({files!r}, union_by_name=true)")
+            else:
+                self._con.execute("CREATE OR REPLACE TEMP VIEW sealed_rows AS SELECT * FROM tail_rows WHERE false")
             self._con.execute("CREATE OR REPLACE TEMP VIEW records AS "
                               "SELECT * FROM sealed_rows UNION ALL BY NAME SELECT * FROM tail_rows")
-            self._con.execute(
-                "CREATE OR REPLACE TEMP VIEW instances AS SELECT * FROM records QUALIFY "
-                "row_number() OVER (PARTITION BY sop_instance_uid ORDER BY received_at "
-                f"{self._order}, segment {self._order}, \"offset\" {self._order}) = 1")
+            self._filter = versions.read_filter(self.directory, m, self._filter)
+            if m.duplicates != self._manifest.duplicates or self._generation < 0:
+                self._sealed_versions = versions.load_versions(self.directory, m)
+            self._tail_checked = {}
             self._generation = m.generation
             self._manifest = m
+        shadow = versions.shadowed(self._versions(unsealed), self.policy)
+        self._con.register("shadowed", shadow)
+        if self._shadow_empty is not (shadow.num_rows == 0):
+            self._shadow_empty = shadow.num_rows == 0
+            self._con.execute("CREATE OR REPLACE TEMP VIEW instances AS " + (
+                "SELECT * FROM records" if self._shadow_empty else
+                "SELECT * FROM records r WHERE NOT EXISTS (SELECT 1 FROM shadowed s "
+                "WHERE s.segment = r.segment AND s.\"offset\" = r.\"offset\")"))
+
+    def _versions(self, tail: pa.Table) -> pa.Table:
+        """Every record of each UID with several: the versions table, plus tail rows that
+        duplicate a sealed or another tail record (with the sealed records they duplicate)."""
+        if tail.num_rows == 0:
+            return self._sealed_versions
+        uids = tail["sop_instance_uid"].to_pylist()
+        checked, f = self._tail_checked, self._filter
+        maybe, seen = set(), set()
+        for uid in uids:
+            sealed = checked.get(uid)
+            if sealed is None:
+                sealed = checked[uid] = f is None or uid in f
+            if sealed or uid in seen:
+                maybe.add(uid)
+            seen.add(uid)
+        if not maybe:
+            return self._sealed_versions
+        wanted = pa.array(sorted(maybe), pa.string())
+        mine = tail.filter(pc.is_in(tail["sop_instance_uid"], value_set=wanted))
+        sealed = self._con.sql(
+            "SELECT sop_instance_uid, received_at, segment, \"offset\" FROM sealed_rows "
+            "WHERE sop_instance_uid IN (SELECT unnest(?))", params=[wanted.to_pylist()]).to_arrow_table()
+        return versions.merge(self._sealed_versions, sealed, mine)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
         """Run `sql` (values bound as parameters) over fresh views; returns (columns, rows)."""

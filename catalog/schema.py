@@ -1,8 +1,9 @@
 """The catalog row: which attributes each stored instance contributes, and their types.
 
 The DICOM columns are the unique and required keys of the PS3.4 C.6 query/retrieve
-tables plus the most-asked optional ones; the location columns say where the
-instance's record lives in the segment store.
+tables plus the most-asked optional ones; `header` holds every other top-level,
+non-bulk attribute of the instance, as encoded (see catalog.attributes); the location
+columns say where the instance's record lives in the segment store.
 """
 from __future__ import annotations
 
@@ -55,9 +56,15 @@ RECORD_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("received_at", pa.timestamp("us", tz="UTC")),
 )
 
+# The top-level, non-bulk elements of the data set as encoded: little endian, implicit
+# VR when the transfer syntax is Implicit VR Little Endian, else explicit VR. Null in
+# catalogs written before it existed (`stowage rebuild-catalog` fills it in).
+HEADER_COLUMN = ("header", pa.binary())
+
 SCHEMA = pa.schema(
     [pa.field(name, pa.string()) for name, _ in DICOM_COLUMNS]
     + [pa.field(name, dtype) for name, dtype in RECORD_COLUMNS]
+    + [pa.field(*HEADER_COLUMN)]
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(SCHEMA.names)

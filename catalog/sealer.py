@@ -13,21 +13,31 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog import manifest
+from catalog import manifest, versions
 from catalog.schema import SCHEMA
 from catalog.tail import SUFFIX, TailWriter
 
 log = logging.getLogger("stowage.catalog")
+# Rows of a study, and of a series, sit together: a study or series lookup reads one row
+# group per file, found from min/max statistics. Other identifiers are found through
+# per-row-group Bloom filters (DuckDB skips row groups whose filter rules a value out) and
+# dictionary pages.
 SORT_KEYS = [("study_instance_uid", "ascending"), ("series_instance_uid", "ascending"),
              ("sop_instance_uid", "ascending")]
+ROW_GROUP_ROWS = 32768
+_BLOOM = {"sop_instance_uid": 1, "series_instance_uid": 8, "study_instance_uid": 32, "patient_id": 32,
+          "accession_number": 32}  # column -> rows per distinct value, roughly
 COMPACT_MAX_ROWS = 4_000_000  # files at least this big are left alone
 
 
 def _write_parquet(directory: Path, table: pa.Table) -> str:
     name = f"part-{time.time_ns():020d}-{os.getpid()}.parquet"
     tmp = directory / f".{name}.tmp"
-    pq.write_table(table.sort_by(SORT_KEYS), tmp, compression="zstd", row_group_size=65536,
-                   write_statistics=True)
+    rows = min(ROW_GROUP_ROWS, max(table.num_rows, 1))
+    pq.write_table(table.sort_by(SORT_KEYS), tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                   write_statistics=True, write_page_index=True,
+                   bloom_filter_options={col: {"ndv": max(rows // per, 64), "fpp": 0.01}
+                                         for col, per in _BLOOM.items()})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, directory / name)
@@ -45,6 +55,7 @@ def seal_rows(directory: Path, rows: pa.Table | list[dict[str, Any]]) -> str | N
                                 table["record_length"].to_pylist()):
         ends[seg] = max(ends.get(seg, 0), off + length)
     with manifest.update(directory) as m:
+        versions.note_sealed(directory, m, table)
         m.files[name] = table.num_rows
         for seg, end in ends.items():
             m.watermarks[seg] = max(m.watermarks.get(seg, 0), end)

@@ -19,10 +19,17 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from catalog import attributes
-from catalog.attributes import UnreadableDataset, extract
+from catalog.attributes import HEADER, UnreadableDataset, header_is_implicit
 from catalog.schema import DICOM_COLUMNS
 
 COLUMNS = [col for col, _ in DICOM_COLUMNS]
+
+
+def extract(dataset: bytes | memoryview, syntax: str) -> dict[str, str | None]:
+    """The catalog columns of attributes.extract (its header is tested on its own below)."""
+    got = attributes.extract(dataset, syntax)
+    assert isinstance(got.pop(HEADER), (bytes, type(None)))
+    return got
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -396,3 +403,74 @@ def test_multi_valued_and_padding(fast_only: None) -> None:
 
 def test_unknown_transfer_syntax_is_explicit_vr_little_endian(fast_only: None) -> None:
     assert extract(_encode(_study()), "1.2.3.4.5.6.7") == _expect()
+
+
+# --- the header: top-level non-bulk elements, as encoded -----------------------------
+
+
+def _header_of(body: bytes, syntax: str) -> Dataset:
+    header = attributes.extract(body, syntax)[HEADER]
+    assert header is not None
+    return read_dataset(BytesIO(header), header_is_implicit(syntax), True)
+
+
+def _comparable(ds: Dataset) -> dict[int, object]:
+    """Top-level values below Pixel Data that are not bulk, by tag."""
+    out = {}
+    for elem in ds:
+        if elem.tag >= 0x7FE00000 or elem.tag in attributes._BULK_TAGS:
+            continue
+        value = elem.value
+        if elem.VR == "SQ":
+            value = len(value)
+        elif isinstance(value, bytes) and len(value) > attributes._MAX_VALUE:
+            continue
+        out[int(elem.tag)] = value
+    return out
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_implicit.dcm", "CT_small.dcm",
+                                  "MR_small_bigendian.dcm", "image_dfl.dcm", "JPEG2000.dcm",
+                                  "UN_sequence.dcm", "rtdose_rle.dcm"])
+def test_header_holds_every_top_level_non_bulk_element(name: str) -> None:
+    path = get_testdata_file(name)
+    syntax, body = _split_file(path)
+    got = _header_of(body, syntax)
+    assert "PixelData" not in got
+    assert _comparable(got) == _comparable(pydicom.dcmread(path, stop_before_pixels=True))
+
+
+def test_header_leaves_out_bulk_values_and_keeps_small_ones(fast_only: None) -> None:
+    body = (_encode(_study())
+            + _explicit(0x0029, 0x0010, b"LO", b"ACME")
+            + _explicit(0x0029, 0x1010, b"OB", b"\x01" * 20000)  # a private blob: bulk
+            + _explicit(0x0029, 0x1011, b"OB", b"\x02" * 64)     # small: kept
+            + _explicit(0x0042, 0x0011, b"OB", b"%PDF" * 300)   # Encapsulated Document
+            + _explicit(0x7FE0, 0x0010, b"OW", b"\x00" * 32))
+    got = _header_of(body, ExplicitVRLittleEndian)
+    assert 0x00291010 not in got and 0x00420011 not in got and 0x7FE00010 not in got
+    assert got[0x00291011].value == b"\x02" * 64 and got.PatientName == "Right^Name"
+
+
+def test_header_of_a_truncated_head_ends_before_the_cut_element(fast_only: None) -> None:
+    """A spooled instance is scanned from its first megabytes: an element past the catalog's
+    tags that runs past them ends the header, and the store goes on."""
+    body = _encode(_study()) + _explicit(0x0028, 0x0010, b"US", b"\x40\x00")
+    cut = body + _explicit(0x0040, 0x0275, b"SQ", b"\xfe\xff\x00\xe0" + b"\x00" * 100)[:30]
+    got = attributes.extract(cut, ExplicitVRLittleEndian)
+    assert got["patient_name"] == "Right^Name"
+    assert read_dataset(BytesIO(got[HEADER]), False, True).Rows == 64
+
+
+def test_header_keeps_undefined_length_sequences(fast_only: None) -> None:
+    ds = _study()
+    _nested_sequences(ds)
+    ds.ProcedureCodeSequence = _undefined_sequence(Dataset())
+    ds.ProcedureCodeSequence[0].CodeValue = "CT123"
+    ds["ProcedureCodeSequence"].is_undefined_length = True
+    for implicit in (False, True):
+        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        got = _header_of(_encode(ds, implicit), syntax)
+        assert got.ProcedureCodeSequence[0].CodeValue == "CT123"
+        assert got.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "9.9.9"

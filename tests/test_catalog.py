@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from catalog import manifest
+from catalog import manifest, versions
 from catalog.reader import Catalog
 from catalog.schema import SCHEMA
 from catalog.sealer import Sealer, _pick, compact
 
 
-def row(uid: str, seg: str, offset: int, at: int, crc: int = 1) -> dict:
+def row(uid: str, seg: str, offset: int, at: int, crc: int = 1, patient: str | None = None) -> dict:
     r = {name: None for name in SCHEMA.names}
     r.update(sop_instance_uid=uid, study_instance_uid="1.2", series_instance_uid="1.2.3", segment=seg,
              offset=offset, record_length=10, dataset_length=5, stored_length=5, dataset_crc32=crc,
-             received_at=at)
+             received_at=at, patient_id=patient)
     return r
 
 
@@ -58,3 +58,87 @@ def test_compaction_merges_and_keeps_every_row(tmp_path):
     m = manifest.load(tmp_path)
     assert len(m.files) == 1 and len(m.retired) == 8
     assert Catalog(tmp_path).execute("SELECT count(DISTINCT sop_instance_uid) FROM instances")[1] == [(24,)]
+
+
+# --- duplicates: the versions table, the sealed-UID filter, tails ----------------------
+
+
+def _kept(c: Catalog, uid: str) -> int | None:
+    row = c.lookup(uid)
+    return row["dataset_crc32"] if row else None
+
+
+def test_duplicates_across_sealed_files_are_in_the_versions_table(tmp_path):
+    s = Sealer(tmp_path, 0, compact_min_files=100)
+    s.commit([row("1.1", "000-00000001.seg", 0, 1, crc=10), row("1.2", "000-00000001.seg", 10, 1)])
+    s.seal()
+    assert manifest.load(tmp_path).duplicates == ""  # nothing duplicated yet
+    s.commit([row("1.1", "000-00000001.seg", 20, 2, crc=20)])
+    s.seal()
+    m = manifest.load(tmp_path)
+    assert m.duplicates and (tmp_path / m.duplicates).exists()
+    assert _kept(Catalog(tmp_path, "keep-newest"), "1.1") == 20
+    assert _kept(Catalog(tmp_path, "keep-first"), "1.1") == 10
+    c = Catalog(tmp_path)
+    assert c.execute("SELECT count(*) FROM instances")[1] == [(2,)]
+    assert c.execute("SELECT count(*) FROM records")[1] == [(3,)]
+
+
+def test_a_tail_row_duplicating_a_sealed_one_is_resolved_at_read_time(tmp_path):
+    s = Sealer(tmp_path, 0, compact_min_files=100)
+    s.commit([row("1.1", "000-00000001.seg", 0, 1, crc=10, patient="OLD")])
+    s.seal()
+    other = Sealer(tmp_path, 1, compact_min_files=100)  # another worker's tail
+    other.commit([row("1.1", "001-00000001.seg", 0, 2, crc=20, patient="NEW")])
+    newest, first = Catalog(tmp_path, "keep-newest"), Catalog(tmp_path, "keep-first")
+    assert _kept(newest, "1.1") == 20 and _kept(first, "1.1") == 10
+    # a filter on instances sees only the kept record, never an older one that matches
+    sql = "SELECT dataset_crc32 FROM instances WHERE patient_id = ?"
+    assert newest.execute(sql, ["OLD"])[1] == [] and newest.execute(sql, ["NEW"])[1] == [(20,)]
+    assert first.execute(sql, ["NEW"])[1] == [] and first.execute(sql, ["OLD"])[1] == [(10,)]
+    other.seal()
+    assert _kept(Catalog(tmp_path, "keep-newest"), "1.1") == 20
+    assert _kept(Catalog(tmp_path, "keep-first"), "1.1") == 10
+
+
+def test_two_tails_holding_the_same_uid(tmp_path):
+    a, b = Sealer(tmp_path, 0, compact_min_files=100), Sealer(tmp_path, 1, compact_min_files=100)
+    a.commit([row("1.1", "000-00000001.seg", 0, 1, crc=10)])
+    b.commit([row("1.1", "001-00000001.seg", 0, 2, crc=20)])
+    assert _kept(Catalog(tmp_path, "keep-newest"), "1.1") == 20
+    assert _kept(Catalog(tmp_path, "keep-first"), "1.1") == 10
+    a.seal()
+    b.seal()  # sealed in either order, the versions table has both
+    assert _kept(Catalog(tmp_path, "keep-newest"), "1.1") == 20
+    assert _kept(Catalog(tmp_path, "keep-first"), "1.1") == 10
+    assert Catalog(tmp_path).execute("SELECT count(*) FROM instances")[1] == [(1,)]
+
+
+def test_a_lost_or_stale_uid_filter_is_rebuilt(tmp_path):
+    s = Sealer(tmp_path, 0, compact_min_files=100)
+    s.commit([row("1.1", "000-00000001.seg", 0, 1, crc=10)])
+    s.seal()
+    (tmp_path / versions.FILTER).unlink()
+    c = Catalog(tmp_path)
+    s.commit([row("1.1", "000-00000001.seg", 10, 2, crc=20)])  # no filter: tails are checked exactly
+    assert _kept(c, "1.1") == 20
+    s.seal()  # rebuilds the filter from the sealed files, and finds the duplicate
+    assert manifest.load(tmp_path).duplicates
+    assert _kept(Catalog(tmp_path, "keep-first"), "1.1") == 10
+
+
+def test_old_parquet_files_without_newer_columns_still_read_and_compact(tmp_path):
+    import pyarrow.parquet as pq
+    old = SCHEMA.remove(SCHEMA.get_field_index("header"))
+    for i in range(2):
+        table = pa.Table.from_pylist([row(f"1.{i}", "000-00000001.seg", i * 10, i)], schema=old)
+        pq.write_table(table, tmp_path / f"old-{i}.parquet")
+    with manifest.update(tmp_path) as m:
+        m.files.update({"old-0.parquet": 1, "old-1.parquet": 1})
+    s = Sealer(tmp_path, 0, compact_min_files=100)
+    s.commit([row("1.9", "000-00000001.seg", 100, 9)])
+    s.seal()
+    c = Catalog(tmp_path)
+    assert c.execute("SELECT count(*), count(header) FROM instances")[1] == [(3, 0)]
+    assert compact(tmp_path, 2) is not None
+    assert Catalog(tmp_path).execute("SELECT count(*) FROM instances")[1] == [(3,)]
