@@ -2,14 +2,16 @@
 handler serves each DIMSE event. Adding a service is one entry here and one module."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pynetdicom import AE, _config, evt
 
 from engine.archive import Archive
+from engine.commitment import SOP_CLASS as STORAGE_COMMITMENT
 from engine.config import Config
 from workers.audit import Trail
+from workers.commitment import SYNTAXES as COMMITMENT_SYNTAXES, Commitment, handle_n_action
 from workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
 from workers.echo import handle_echo
 from workers.store import handle_store
@@ -22,11 +24,16 @@ class Services:
     config: Config
     archive: Archive
     trail: Trail
+    commitment: Commitment = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.commitment = Commitment(self.config, self.archive)  # starts its delivery thread
 
     def handlers(self) -> list[tuple[Any, Callable | tuple[Callable, list]]]:
         return [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, (handle_store, [self.archive, self.trail])),
+            (evt.EVT_N_ACTION, (handle_n_action, [self.commitment])),
         ]
 
 
@@ -44,4 +51,5 @@ def build_ae(config: Config) -> AE:
     ae.add_supported_context(VERIFICATION, syntaxes)
     for uid in storage_sop_classes():
         ae.add_supported_context(uid, syntaxes)
+    ae.add_supported_context(STORAGE_COMMITMENT, COMMITMENT_SYNTAXES + ["1.2.840.10008.1.2.2"])
     return ae

@@ -1,0 +1,275 @@
+"""Storage Commitment Push Model SCP, with pynetdicom playing the modality (N-ACTION SCU,
+N-EVENT-REPORT receiver on its own association or, accepting the SCP role, on a new one)."""
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+
+from conftest import CT, HOST, MR, copies, free_port
+from test_send import config_with, flip_payload, store
+
+pytestmark = pytest.mark.timeout(180)
+SCPM = "1.2.840.10008.1.20.1"
+WELL_KNOWN = "1.2.840.10008.1.20.1.1"
+SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+
+
+@dataclass
+class Report:
+    event_type: int
+    info: Dataset
+    same_association: bool
+    after_n_action_response: bool
+
+    def committed(self) -> set[str]:
+        return {i.ReferencedSOPInstanceUID for i in self.info.get("ReferencedSOPSequence", [])}
+
+    def failed(self) -> dict[str, int]:
+        return {i.ReferencedSOPInstanceUID: int(i.FailureReason) for i in self.info.get("FailedSOPSequence", [])}
+
+
+class Modality:
+    """Asks for storage commitment and collects the reports it is sent."""
+
+    def __init__(self, aet: str = "MODALITY") -> None:
+        self.aet = aet
+        self.port = free_port()
+        self.reports: queue.Queue[Report] = queue.Queue()
+        self.server = None
+        self.responded = False
+
+    def _on_report(self, event: evt.Event, same: bool):
+        self.reports.put(Report(event.event_type, event.event_information, same, self.responded))
+        return 0x0000, None
+
+    def listen(self) -> "Modality":
+        ae = AE(self.aet)
+        ae.add_supported_context(SCPM, SYNTAXES, scu_role=True, scp_role=True)
+        self.server = ae.start_server((HOST, self.port), block=False,
+                                      evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, [False])])
+        return self
+
+    def request(self, stowage_port: int, refs: list[tuple[str, str]], *, release: bool,
+                transaction_uid: str | None = None, action_type: int = 1, info: Dataset | None = None):
+        """N-ACTION; returns (status, association) (released if `release`)."""
+        ae = AE(self.aet)
+        ae.add_requested_context(SCPM, SYNTAXES)
+        ae.dimse_timeout = ae.acse_timeout = 30
+        assoc = ae.associate(HOST, stowage_port, ae_title="STOWAGE",
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, [True])])
+        assert assoc.is_established
+        if info is None:
+            info = Dataset()
+            info.TransactionUID = transaction_uid or generate_uid()
+            info.ReferencedSOPSequence = []
+            for cls, inst in refs:
+                item = Dataset()
+                item.ReferencedSOPClassUID = cls
+                item.ReferencedSOPInstanceUID = inst
+                info.ReferencedSOPSequence.append(item)
+        status, _reply = assoc.send_n_action(info, action_type, SCPM, WELL_KNOWN)
+        self.responded = True
+        if release:
+            assoc.release()
+        return status, assoc
+
+    def report(self, timeout: float) -> Report:
+        try:
+            return self.reports.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no N-EVENT-REPORT within {timeout} s") from None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+@pytest.fixture
+def modality():
+    m = Modality()
+    yield m
+    m.stop()
+
+
+def refs_of(paths: list[Path]) -> list[tuple[str, str]]:
+    out = []
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        out.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    return out
+
+
+def commitment_server(make_server, tmp_path: Path, modality: Modality, same: bool = True, **kw):
+    cfg = config_with(tmp_path, MODALITY=(HOST, modality.port))
+    if not same:
+        cfg.write_text(cfg.read_text() + "commitment_same_association = false\n")
+    return make_server("--workers", "2", "--config", str(cfg), **kw)
+
+
+def audit_events(data_dir: Path, kind: str) -> list[dict]:
+    lines = (data_dir / "audit.jsonl").read_text().splitlines()
+    return [d for d in map(json.loads, lines) if d.get("event") == kind]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_all_present_reported_on_the_same_association(make_server, tmp_path, modality):
+    server = commitment_server(make_server, tmp_path, modality)
+    files = copies(CT, tmp_path / "ct", 5, "ct")
+    store(server.port, files)
+    refs = refs_of(files)
+    uid = generate_uid()
+    status, assoc = modality.request(server.port, refs, release=False, transaction_uid=uid)
+    assert status.Status == 0
+    report = modality.report(30)
+    assoc.release()
+    assert report.same_association and report.after_n_action_response
+    assert report.event_type == 1
+    assert report.info.TransactionUID == uid
+    assert report.committed() == {i for _c, i in refs} and not report.failed()
+    wait_for(lambda: audit_events(server.data_dir, "commitment-report"), 10, "the audit line")
+    (req,) = audit_events(server.data_dir, "commitment-request")
+    assert req["transaction_uid"] == uid and req["instances"] == 5 and req["calling_ae"] == "MODALITY"
+    (rep,) = audit_events(server.data_dir, "commitment-report")
+    assert rep["committed"] == 5 and rep["failed"] == 0 and rep["association"] == "same"
+    wait_for(lambda: not list((server.data_dir / "commitment" / "pending").glob("*.json")), 10, "queue empty")
+
+
+def test_missing_and_mismatched_instances_fail_with_the_standard_reasons(make_server, tmp_path, modality):
+    server = commitment_server(make_server, tmp_path, modality)
+    files = copies(CT, tmp_path / "ct", 3, "ct")
+    store(server.port, files)
+    present = refs_of(files)
+    missing = [(present[0][0], generate_uid()), (present[0][0], generate_uid())]
+    wrong_class = [(pydicom.dcmread(MR, stop_before_pixels=True).SOPClassUID, present[2][1])]
+    status, assoc = modality.request(server.port, present[:2] + missing + wrong_class, release=False)
+    assert status.Status == 0
+    report = modality.report(30)
+    assoc.release()
+    assert report.event_type == 2
+    assert report.committed() == {present[0][1], present[1][1]}
+    assert report.failed() == {missing[0][1]: 0x0112, missing[1][1]: 0x0112, present[2][1]: 0x0119}
+
+
+def test_corrupt_record_is_reported_as_processing_failure(make_server, tmp_path, modality):
+    server = commitment_server(make_server, tmp_path, modality)
+    files = copies(CT, tmp_path / "ct", 3, "ct")
+    store(server.port, files)
+    refs = refs_of(files)
+    flip_payload(server.data_dir, refs[1][1])
+    status, assoc = modality.request(server.port, refs, release=False)
+    assert status.Status == 0
+    report = modality.report(30)
+    assoc.release()
+    assert report.event_type == 2
+    assert report.failed() == {refs[1][1]: 0x0110}
+    assert report.committed() == {refs[0][1], refs[2][1]}
+
+
+def test_report_on_a_new_association_after_the_requester_released(make_server, tmp_path, modality):
+    server = commitment_server(make_server, tmp_path, modality)
+    modality.listen()
+    files = copies(CT, tmp_path / "ct", 4, "ct")
+    store(server.port, files)
+    status, _assoc = modality.request(server.port, refs_of(files), release=True)
+    assert status.Status == 0
+    report = modality.report(30)
+    assert not report.same_association and report.after_n_action_response
+    assert report.event_type == 1 and len(report.committed()) == 4
+    assert report.info.RetrieveAETitle == "STOWAGE"
+
+
+def test_config_can_forbid_the_same_association(make_server, tmp_path, modality):
+    server = commitment_server(make_server, tmp_path, modality, same=False)
+    modality.listen()
+    files = copies(CT, tmp_path / "ct", 2, "ct")
+    store(server.port, files)
+    status, assoc = modality.request(server.port, refs_of(files), release=False)
+    assert status.Status == 0
+    report = modality.report(30)
+    assert assoc.is_established, "the requester's association should have been left alone"
+    assoc.release()
+    assert not report.same_association and report.event_type == 1
+
+
+def test_requester_unreachable_at_first_then_reachable(make_server, tmp_path, modality):
+    server = commitment_server(make_server, tmp_path, modality)
+    files = copies(CT, tmp_path / "ct", 2, "ct")
+    store(server.port, files)
+    status, _assoc = modality.request(server.port, refs_of(files), release=True)
+    assert status.Status == 0
+    wait_for(lambda: "not delivered (attempt 2)" in server.log(), 30, "two failed delivery attempts")
+    modality.listen()
+    report = modality.report(60)
+    assert report.event_type == 1 and len(report.committed()) == 2 and not report.same_association
+
+
+def test_pending_report_survives_kill_and_restart(make_server, tmp_path, modality):
+    server = commitment_server(make_server, tmp_path, modality)
+    files = copies(CT, tmp_path / "ct", 3, "ct")
+    store(server.port, files)
+    status, _assoc = modality.request(server.port, refs_of(files), release=True)
+    assert status.Status == 0
+    pending = server.data_dir / "commitment" / "pending"
+    assert len(list(pending.glob("*.json"))) == 1, "the request was not persisted before the response"
+    server.kill()
+    assert modality.reports.empty()
+    server.start()
+    modality.listen()
+    report = modality.report(60)
+    assert report.event_type == 1 and len(report.committed()) == 3
+    wait_for(lambda: not list(pending.glob("*.json")), 10, "the delivered report to leave the queue")
+    assert modality.reports.empty()
+    time.sleep(4)  # a second worker scanning the queue must not send it again
+    assert modality.reports.empty()
+
+
+def test_malformed_requests_get_failure_statuses(server, tmp_path, modality):
+    files = copies(CT, tmp_path / "ct", 1, "ct")
+    store(server.port, files)
+    no_uid = Dataset()
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = refs_of(files)[0]
+    no_uid.ReferencedSOPSequence = [item]
+    status, _ = modality.request(server.port, [], release=True, info=no_uid)
+    assert status.Status == 0x0120
+    empty = Dataset()
+    empty.TransactionUID = generate_uid()
+    empty.ReferencedSOPSequence = []
+    status, _ = modality.request(server.port, [], release=True, info=empty)
+    assert status.Status == 0x0121
+    status, _ = modality.request(server.port, refs_of(files), release=True, action_type=2)
+    assert status.Status == 0x0123
+    assert not list((server.data_dir / "commitment" / "pending").glob("*.json"))
+
+
+def test_send_commit_against_stowage(make_server, tmp_path):
+    """`stowage send --commit` from one archive to another: the verdict is printed."""
+    source = make_server("--workers", "1", data_dir=tmp_path / "a")
+    dest = make_server("--workers", "1", data_dir=tmp_path / "b")
+    files = copies(CT, tmp_path / "ct", 4, "ct")
+    store(source.port, files)
+    cfg = config_with(tmp_path, ARCHIVE_B=(HOST, dest.port))
+    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "send", "--config", str(cfg), "--data-dir",
+                        str(source.data_dir), "--to", "ARCHIVE_B", "--aec", "STOWAGE", "--study", study, "-q",
+                        "--commit", "--commit-timeout", "30"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 committed, 0 failed (event type 1, same association)" in r.stdout, r.stdout

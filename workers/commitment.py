@@ -1,0 +1,318 @@
+"""Storage Commitment Push Model SCP: N-ACTION in, N-EVENT-REPORT out (PS3.4 J.3).
+
+The handler validates the request, persists it (engine/commitment.py: fsync'd before the
+N-ACTION-RSP goes out), and returns at once. A delivery thread per worker then judges
+the references and sends the report:
+  - on the requester's own association, if it is still open and the requester's
+    `[remotes.AE] commitment_same_association` allows it (true by default; a requester
+    with no remotes entry can only be answered there);
+  - else on a new association to the requester's configured host:port, proposing
+    Storage Commitment Push Model with SCP role selection, TCP_NODELAY;
+  - with exponential back-off (1 s doubling to 5 min) while it fails, for up to 7 days.
+Reports never precede the N-ACTION-RSP: the delivery thread waits until pynetdicom has
+sent it (EVT_DIMSE_SENT), and a report on the same association goes through the
+association's reactor, which queues it behind the response.
+
+After a crash or restart, whichever worker first finds a pending report no process
+holds a lock on adopts and delivers it (every worker scans every few seconds).
+Delivery is at least once: a crash between sending a report and forgetting it sends
+that report again.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.dimse_messages import N_ACTION_RSP
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import build_context
+
+from engine import commitment as sc
+from engine.archive import Archive, valid_uid
+from engine.client import Peer, PeerError, associate, new_ae
+from engine.config import Config
+
+log = logging.getLogger("stowage.commitment")
+audit = logging.getLogger("stowage.audit")
+
+SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]  # Implicit, Explicit VR Little Endian
+# N-ACTION statuses (PS3.7 C.4.2.1.4, PS3.4 J.3.2.1.2)
+SUCCESS = 0x0000
+PROCESSING_FAILURE = 0x0110
+NO_SUCH_SOP_INSTANCE = 0x0112
+INVALID_ARGUMENT_VALUE = 0x0115
+MISSING_ATTRIBUTE = 0x0120
+MISSING_ATTRIBUTE_VALUE = 0x0121
+NO_SUCH_ACTION_TYPE = 0x0123
+_SCAN_INTERVAL_S = 3.0
+_TICK_S = 0.1
+_RESPONSE_WAIT_S = 5.0
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 1.0, 300.0
+
+
+@dataclass
+class _Pending:
+    claim: sc.Claim
+    assoc: object | None = None               # the requester's association, while we know it
+    message_id: int | None = None
+    responded: threading.Event = field(default_factory=threading.Event)
+    accepted: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    next_attempt: float = 0.0
+    verdict: sc.Verdict | None = None
+
+
+def _failure(status: int, comment: str) -> tuple[Dataset, None]:
+    log.warning("N-ACTION refused 0x%04X: %s", status, comment)
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = comment[:64]
+    return rsp, None
+
+
+def parse_request(info: Dataset | None) -> tuple[str, list[sc.Reference]] | tuple[int, str]:
+    """(transaction UID, references), or (failure status, why)."""
+    if info is None:
+        return MISSING_ATTRIBUTE, "no Action Information"
+    uid = str(info.get("TransactionUID", "") or "")
+    if "TransactionUID" not in info:
+        return MISSING_ATTRIBUTE, "no Transaction UID (0008,1195)"
+    if not valid_uid(uid):
+        return INVALID_ARGUMENT_VALUE, "Transaction UID (0008,1195) is not a valid UID"
+    if "ReferencedSOPSequence" not in info:
+        return MISSING_ATTRIBUTE, "no Referenced SOP Sequence (0008,1199)"
+    refs = []
+    for item in info.ReferencedSOPSequence:
+        cls, inst = item.get("ReferencedSOPClassUID"), item.get("ReferencedSOPInstanceUID")
+        if not cls or not inst:
+            return MISSING_ATTRIBUTE_VALUE, "a Referenced SOP Sequence item lacks a class or instance UID"
+        refs.append(sc.Reference(str(cls), str(inst)))
+    if not refs:
+        return MISSING_ATTRIBUTE_VALUE, "empty Referenced SOP Sequence (0008,1199)"
+    return uid, refs
+
+
+def event_information(config: Config, transaction_uid: str, verdict: sc.Verdict) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    ds.RetrieveAETitle = config.aet
+    if verdict.committed:
+        ds.ReferencedSOPSequence = []
+        for ref in verdict.committed:
+            item = Dataset()
+            item.ReferencedSOPClassUID = ref.sop_class_uid
+            item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+            ds.ReferencedSOPSequence.append(item)
+    if verdict.failed:
+        ds.FailedSOPSequence = []
+        for ref, reason in verdict.failed:
+            item = Dataset()
+            item.ReferencedSOPClassUID = ref.sop_class_uid
+            item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+            item.FailureReason = reason
+            ds.FailedSOPSequence.append(item)
+    return ds
+
+
+class Commitment:
+    """This worker's commitment SCP: the N-ACTION handler and the delivery thread."""
+
+    def __init__(self, config: Config, archive: Archive) -> None:
+        self.config = config
+        self.archive = archive
+        self.queue = sc.ReportQueue(config.data_dir / "commitment")
+        self._pending: dict[str, _Pending] = {}
+        self._watched: weakref.WeakSet = weakref.WeakSet()  # associations whose sent messages we watch
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="commitment-delivery", daemon=True)
+        self._thread.start()
+
+    # -- N-ACTION ---------------------------------------------------------------------
+
+    def handle_n_action(self, event: evt.Event):
+        req = event.request
+        requester = event.assoc.requestor.ae_title.strip()
+        if str(req.RequestedSOPInstanceUID) != sc.WELL_KNOWN_INSTANCE:
+            return _failure(NO_SUCH_SOP_INSTANCE, "Requested SOP Instance is not 1.2.840.10008.1.20.1.1")
+        if event.action_type != 1:
+            return _failure(NO_SUCH_ACTION_TYPE, f"Action Type {event.action_type} (only 1 is defined)")
+        try:
+            info = event.action_information
+        except Exception as e:  # undecodable Action Information
+            return _failure(INVALID_ARGUMENT_VALUE, f"cannot decode Action Information: {e}")
+        parsed = parse_request(info)
+        if isinstance(parsed[0], int):
+            return _failure(*parsed)  # type: ignore[arg-type]
+        transaction_uid, refs = parsed  # type: ignore[misc]
+        peer = "%s:%s" % (event.assoc.requestor.address, event.assoc.requestor.port)
+        request = sc.Request(transaction_uid, requester, peer, refs)
+        try:
+            claim = self.queue.add(request)
+        except OSError as e:
+            log.error("commitment request %s from %s not persisted: %s", transaction_uid, requester, e)
+            return _failure(PROCESSING_FAILURE, f"cannot persist the request: {e.strerror or e}")
+        pending = _Pending(claim, event.assoc, int(req.MessageID))
+        self._watch(event.assoc)
+        with self._lock:
+            self._pending[request.id] = pending
+        audit.info("commitment request %s from %s: %d instance(s)", transaction_uid, requester, len(refs),
+                   extra={"fields": {"event": "commitment-request", "transaction_uid": transaction_uid,
+                                     "calling_ae": requester, "peer": peer, "instances": len(refs)}})
+        self._wake.set()
+        return SUCCESS, None
+
+    def _watch(self, assoc) -> None:
+        """Learn when the N-ACTION-RSP has gone out on `assoc` (bound once per association)."""
+        with self._lock:
+            if assoc in self._watched:
+                return
+            self._watched.add(assoc)
+        assoc.bind(evt.EVT_DIMSE_SENT, self._on_sent)
+
+    def _on_sent(self, event: evt.Event) -> None:
+        msg = event.message
+        if not isinstance(msg, N_ACTION_RSP):
+            return
+        answered = msg.command_set.MessageIDBeingRespondedTo
+        with self._lock:
+            for p in self._pending.values():
+                if p.assoc is event.assoc and p.message_id == answered:
+                    p.responded.set()
+        self._wake.set()
+
+    # -- delivery ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        next_scan = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_scan:
+                self._adopt_orphans()
+                next_scan = now + _SCAN_INTERVAL_S
+            with self._lock:
+                due = [p for p in self._pending.values() if self._ready(p, now)]
+            for p in due:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._attempt(p)
+                except Exception:
+                    log.exception("commitment report %s: delivery attempt failed", p.claim.request.transaction_uid)
+                    self._reschedule(p, "internal error")
+            self._wake.wait(_TICK_S)
+            self._wake.clear()
+
+    @staticmethod
+    def _ready(p: _Pending, now: float) -> bool:
+        if p.next_attempt > now:
+            return False
+        # Never before the N-ACTION-RSP: wait for it (bounded, in case it never goes out).
+        return p.assoc is None or p.responded.is_set() or now - p.accepted > _RESPONSE_WAIT_S
+
+    def _adopt_orphans(self) -> None:
+        with self._lock:
+            owned = set(self._pending)
+        try:
+            for claim in self.queue.claim_orphans(owned):
+                r = claim.request
+                log.info("commitment report %s for %s: adopted after a restart", r.transaction_uid, r.requester_ae)
+                with self._lock:
+                    self._pending[r.id] = _Pending(claim)
+        except OSError as e:
+            log.error("commitment: scanning pending reports failed: %s", e)
+
+    def _attempt(self, p: _Pending) -> None:
+        r = p.claim.request
+        if time.time() - r.accepted_at > sc.MAX_AGE_S:
+            self._finish(p)
+            self.queue.give_up(p.claim)
+            audit.error("commitment report %s to %s undeliverable after %d attempts: given up", r.transaction_uid,
+                        r.requester_ae, p.attempts, extra={"fields": {
+                            "event": "commitment-undeliverable", "transaction_uid": r.transaction_uid,
+                            "calling_ae": r.requester_ae, "attempts": p.attempts}})
+            return
+        if p.verdict is None:
+            p.verdict = sc.judge(self.archive.catalog, self.config.data_dir / "segments", r.references,
+                                 sync=self.config.durability != "fsync")
+        info = event_information(self.config, r.transaction_uid, p.verdict)
+        remote = self.config.remotes.get(r.requester_ae)
+        same_ok = remote is None or remote.commitment_same_association
+        assoc = p.assoc
+        p.attempts += 1
+        if assoc is not None and same_ok and assoc.is_established:
+            status = self._send(assoc, info, p.verdict.event_type)
+            if status == SUCCESS:
+                return self._delivered(p, "same")
+            log.warning("commitment report %s on the requester's association: %s", r.transaction_uid,
+                        "no response" if status is None else f"status 0x{status:04X}")
+        if remote is None:
+            return self._reschedule(p, f"{r.requester_ae} has closed its association and has no "
+                                       f"[remotes.{r.requester_ae}] entry to reach it at")
+        peer = Peer(r.requester_ae, remote.host, remote.port)
+        try:
+            status = self._send_new(peer, info, p.verdict.event_type)
+        except PeerError as e:
+            return self._reschedule(p, str(e))
+        if status == SUCCESS:
+            return self._delivered(p, "new")
+        self._reschedule(p, "no response" if status is None else f"answered status 0x{status:04X}")
+
+    def _send(self, assoc, info: Dataset, event_type: int) -> int | None:
+        try:
+            rsp, _reply = assoc.send_n_event_report(info, event_type, sc.SOP_CLASS, sc.WELL_KNOWN_INSTANCE)
+        except (RuntimeError, ValueError) as e:  # association gone, no context
+            log.info("N-EVENT-REPORT not sent: %s", e)
+            return None
+        return int(rsp.Status) if "Status" in rsp else None
+
+    def _send_new(self, peer: Peer, info: Dataset, event_type: int) -> int | None:
+        ae = new_ae(self.config.aet, acse_timeout=self.config.acse_timeout,
+                    dimse_timeout=min(self.config.dimse_timeout, 30.0), network_timeout=self.config.network_timeout)
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid = sc.SOP_CLASS
+        role.scu_role, role.scp_role = False, True
+        assoc = associate(ae, peer, [build_context(sc.SOP_CLASS, SYNTAXES)], ext_neg=[role])
+        try:
+            return self._send(assoc, info, event_type)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _reschedule(self, p: _Pending, why: str) -> None:
+        delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** max(0, p.attempts - 1))
+        p.next_attempt = time.monotonic() + delay
+        p.assoc = None if p.assoc is not None and not p.assoc.is_established else p.assoc
+        r = p.claim.request
+        log.warning("commitment report %s to %s not delivered (attempt %d): %s; next try in %.0f s",
+                    r.transaction_uid, r.requester_ae, p.attempts, why, delay)
+
+    def _delivered(self, p: _Pending, route: str) -> None:
+        r, v = p.claim.request, p.verdict
+        assert v is not None
+        self._finish(p)
+        self.queue.done(p.claim)
+        audit.info("commitment report %s to %s: %d committed, %d failed", r.transaction_uid, r.requester_ae,
+                   len(v.committed), len(v.failed), extra={"fields": {
+                       "event": "commitment-report", "transaction_uid": r.transaction_uid,
+                       "calling_ae": r.requester_ae, "committed": len(v.committed), "failed": len(v.failed),
+                       "event_type": v.event_type, "association": route, "attempts": p.attempts}})
+
+    def _finish(self, p: _Pending) -> None:
+        with self._lock:
+            self._pending.pop(p.claim.request.id, None)
+
+
+def handle_n_action(event: evt.Event, commitment: Commitment):
+    return commitment.handle_n_action(event)
