@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Install everything the tests need (DCMTK from Debian, stowage and its test extras from
-# PyPI), then run the whole test suite. Root or sudo is needed for apt-get.
+# Install everything the tests need (DCMTK and Orthanc from Debian, stowage and its test
+# extras from PyPI), then run the whole test suite. Root or sudo is needed for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-if ! command -v storescu >/dev/null; then
+missing=()
+[ -x /usr/bin/storescp ] || missing+=(dcmtk)
+[ -x /usr/sbin/Orthanc ] || missing+=(orthanc)   # a storage commitment peer; tests run it as a subprocess
+if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 python3 -m pip install -q -e '.[test]'
 exec python3 -m pytest -q "$@"

@@ -3,6 +3,7 @@ N-EVENT-REPORT receiver on its own association or, accepting the SCP role, on a 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -273,3 +274,58 @@ def test_send_commit_against_stowage(make_server, tmp_path):
                         "--commit", "--commit-timeout", "30"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4 committed, 0 failed (event type 1, same association)" in r.stdout, r.stdout
+
+
+@pytest.fixture
+def orthancs():
+    from orthanc import Orthanc
+    started: list = []
+
+    def make(*args, **kwargs):
+        o = Orthanc(*args, **kwargs)
+        started.append(o)
+        return o
+
+    yield make
+    for o in started:
+        o.stop()
+
+
+def test_orthanc_sends_and_asks_stowage_for_commitment(make_server, tmp_path, orthancs):
+    port = free_port()
+    orthanc = orthancs(tmp_path / "orthanc", {"stowage": ("STOWAGE", HOST, port)})
+    cfg = config_with(tmp_path, ORTHANC=(HOST, orthanc.dicom_port))
+    make_server("--workers", "2", "--config", str(cfg), port=port)
+    files = copies(CT, tmp_path / "ct", 3, "ct")
+    ids = [orthanc.rest("POST", "/instances", f.read_bytes())["ID"] for f in files]
+    job = orthanc.rest("POST", "/modalities/stowage/store", {"Resources": ids, "StorageCommitment": True,
+                                                            "Synchronous": True})
+    assert job["InstancesCount"] == 3 and job["FailedInstancesCount"] == 0
+    transaction = job["StorageCommitmentTransactionUID"]
+    deadline = time.monotonic() + 60
+    while True:
+        verdict = orthanc.rest("GET", f"/storage-commitment/{transaction}")
+        if verdict["Status"] != "Pending" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert verdict["Status"] == "Success", verdict
+    assert {s["SOPInstanceUID"] for s in verdict["Success"]} == {i for _c, i in refs_of(files)}
+    assert not verdict["Failures"]
+
+
+def test_send_commit_to_orthanc_with_a_report_on_a_new_association(server, tmp_path, orthancs):
+    """`stowage send --commit --commit-port`: Orthanc, as commitment SCP, answers on a new
+    association to the port we listen on."""
+    commit_port = free_port()
+    orthanc = orthancs(tmp_path / "orthanc", {"stowcli": ("STOWCLI", HOST, commit_port)})
+    files = copies(CT, tmp_path / "ct", 3, "ct")
+    store(server.port, files)
+    cfg = config_with(tmp_path, ORTHANC=(HOST, orthanc.dicom_port))
+    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "send", "--config", str(cfg), "--data-dir",
+                        str(server.data_dir), "--to", "ORTHANC", "--aet", "STOWCLI", "--study", study, "-q",
+                        "--commit", "--commit-port", str(commit_port), "--commit-timeout", "60"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, STOWAGE_BIND=HOST))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 completed" in r.stdout
+    assert "3 committed, 0 failed (event type 1, new association)" in r.stdout, r.stdout
