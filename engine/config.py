@@ -55,6 +55,7 @@ class Config:
     min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700
     spill_threshold: int = 16 << 20        # datasets larger than this are received to a spool file
     duplicates: str = "keep-newest"
+    pn_case_insensitive: bool = False      # C-FIND: match person names ignoring case and accents
     log_format: str = "text"               # or "json"
     log_level: str = "info"
     remotes: Mapping[str, Remote] = field(default_factory=dict)

@@ -14,6 +14,7 @@ from workers.audit import Trail
 from workers.commitment import SYNTAXES as COMMITMENT_SYNTAXES, Commitment, handle_n_action
 from workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
 from workers.echo import handle_echo
+from workers.find import FIND_SOP_CLASSES, Finder, handle_find, handle_sop_extended
 from workers.store import handle_store
 
 
@@ -25,15 +26,19 @@ class Services:
     archive: Archive
     trail: Trail
     commitment: Commitment = field(init=False)
+    finder: Finder = field(init=False)
 
     def __post_init__(self) -> None:
         self.commitment = Commitment(self.config, self.archive)  # starts its delivery thread
+        self.finder = Finder(self.config)
 
     def handlers(self) -> list[tuple[Any, Callable | tuple[Callable, list]]]:
         return [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, (handle_store, [self.archive, self.trail])),
             (evt.EVT_N_ACTION, (handle_n_action, [self.commitment])),
+            (evt.EVT_C_FIND, (handle_find, [self.finder])),
+            (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         ]
 
 
@@ -52,4 +57,6 @@ def build_ae(config: Config) -> AE:
     for uid in storage_sop_classes():
         ae.add_supported_context(uid, syntaxes)
     ae.add_supported_context(STORAGE_COMMITMENT, COMMITMENT_SYNTAXES + ["1.2.840.10008.1.2.2"])
+    for uid in FIND_SOP_CLASSES:
+        ae.add_supported_context(uid, syntaxes[:4])
     return ae

@@ -1,0 +1,322 @@
+"""C-FIND over the catalog: a request identifier in, matching entities out.
+
+    request = parse_request(identifier, sop_class_uid, relational)   # or QueryError
+    for result in run(catalog, request): ...                        # Result per entity
+
+A request names a model (by its FIND SOP class) and a level; each key is matched from an
+indexed column (SQL, values bound as parameters), computed from the instances (derived
+keys: counts, Modalities/SOP Classes in Study), or matched and returned from the stored
+header of the entity's newest instance. PATIENT, STUDY and SERIES entities group the
+`instances` view (one row per SOP Instance UID, as the duplicates policy keeps it);
+IMAGE reads it row by row. Results come in pages ordered by the entity's key, so memory
+stays bounded whatever the number of matches.
+
+Hierarchical queries (the default): unique keys of the levels above the query level,
+when given, must be single values; keys of the levels below are not matched (returned
+empty). Relational queries (extended negotiation): any key at any level the model has
+is matched; an entity matches when one of its instances does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any, Iterator
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+
+from catalog.attributes import header_is_implicit
+from catalog.keys import DERIVED, LEVELS, UNIQUE, Model, models, table_level
+from catalog.matching import Match, MatchError, datetime_sql, matches, parse, sql
+from catalog.reader import Catalog
+from catalog.schema import KEYWORD_TO_COLUMN
+
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+PAGE = 2000
+
+QUERY_RETRIEVE_LEVEL = 0x00080052
+SPECIFIC_CHARACTER_SET = 0x00080005
+RETRIEVE_AE_TITLE = 0x00080054
+INSTANCE_AVAILABILITY = 0x00080056
+_NOT_KEYS = frozenset({QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET})
+_ANSWERED = frozenset({RETRIEVE_AE_TITLE, INSTANCE_AVAILABILITY})  # about the archive, not matched
+# Indexed date/time pairs that combine into one date-time range (PS3.4 C.2.2.2.5.1).
+_DATE_TIME = ((0x00080020, 0x00080030), (0x00080023, 0x00080033))
+_TAG_COLUMN = {}  # tag -> indexed column, filled below
+
+
+class QueryError(Exception):
+    """A request that gets a failure status; `comment` becomes the Error Comment (LO)."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment[:64]
+
+
+@dataclass
+class RequestKey:
+    tag: int
+    vr: str
+    level: str            # the level this key belongs to in the request's model
+    match: Match
+    matched: bool         # whether it restricts the result (else only returned)
+    source: str           # indexed, derived, header
+    column: str | None = None
+
+
+@dataclass
+class Request:
+    model: Model
+    level: str
+    relational: bool
+    keys: list[RequestKey]
+    charset: list[str] = field(default_factory=list)  # the request's Specific Character Set
+
+
+def _column(tag: int) -> str | None:
+    if not _TAG_COLUMN:
+        from pydicom.datadict import tag_for_keyword
+        _TAG_COLUMN.update({tag_for_keyword(kw): col for kw, col in KEYWORD_TO_COLUMN.items()})
+    return _TAG_COLUMN.get(tag)
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def parse_request(identifier: Dataset, sop_class_uid: str, relational: bool = False) -> Request:
+    """The request an identifier makes under a FIND SOP class; QueryError when it cannot
+    be served as asked."""
+    model = models().get(str(sop_class_uid))
+    if model is None:
+        raise QueryError(SOP_CLASS_NOT_SUPPORTED, f"SOP Class {str(sop_class_uid)[:40]} not supported")
+    try:
+        level_elem = identifier.get(QUERY_RETRIEVE_LEVEL)
+        level = str(level_elem.value or "").strip() if level_elem is not None else ""
+    except Exception:
+        level = ""
+    if not level:
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "no Query/Retrieve Level (0008,0052)")
+    if level not in model.levels:
+        what = "unknown" if level not in LEVELS else f"not in {model.name}"
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"Query/Retrieve Level {level[:16]!r} {what}")
+    try:
+        charset = identifier.get(SPECIFIC_CHARACTER_SET)
+        charset_values = [] if charset is None or not charset.value else (
+            [charset.value] if isinstance(charset.value, str) else list(charset.value))
+        elements = [elem for elem in identifier]  # decodes the values with the request's charset
+    except Exception as e:
+        raise QueryError(UNABLE_TO_PROCESS, f"cannot decode the identifier: {e}") from None
+    depth = model.levels.index(level)
+    keys = []
+    for elem in elements:
+        tag = int(elem.tag)
+        if tag in _NOT_KEYS or tag & 0xFFFF == 0 or tag >> 16 in (0x0000, 0x0002):
+            continue
+        key_level = model.level_of(tag)
+        if key_level is None:
+            home = table_level(tag)
+            if home is not None and home not in model.levels and not (home == "PATIENT" and "STUDY" in model.levels
+                                                                        and model.levels[0] == "STUDY"):
+                raise QueryError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                                 f"key {_tag(tag)} is at {home} level; {model.name} has none")
+            key_level = level  # "all other attributes" of the query level, from the header
+        try:
+            m = parse(elem)
+        except MatchError as e:
+            raise QueryError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(e)) from None
+        if tag in _ANSWERED:
+            keys.append(RequestKey(tag, str(elem.VR), level, Match("universal", str(elem.VR)), False, "archive"))
+            continue
+        key_depth = model.levels.index(key_level)
+        if key_depth < depth and tag == UNIQUE[key_level] and not relational and m.kind not in ("universal", "single"):
+            raise QueryError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                             f"hierarchical query: {_tag(tag)} must be one value")
+        matched = not m.universal and (relational or key_depth <= depth)
+        source = "derived" if tag in DERIVED else ("indexed" if _column(tag) else "header")
+        if source == "derived" and not _derived_at(tag, level, model):
+            matched = False  # a count of another level: returned empty
+        keys.append(RequestKey(tag, str(elem.VR), key_level, m, matched, source, _column(tag)))
+    return Request(model, level, relational, keys, charset_values)
+
+
+def _derived_at(tag: int, level: str, model: Model) -> bool:
+    """Whether derived key `tag` has a value at `level` (its own level, or Study Root's
+    patient counts at STUDY level)."""
+    home = table_level(tag)
+    return home == level or (home == "PATIENT" and level == "STUDY" and model.levels[0] == "STUDY")
+
+
+# --- SQL -----------------------------------------------------------------------------------
+
+_ENTITY = {
+    "PATIENT": "coalesce(patient_id, '') || chr(0) || coalesce(issuer_of_patient_id, '')",
+    "STUDY": "study_instance_uid",
+    "SERIES": "series_instance_uid",
+    "IMAGE": "sop_instance_uid",
+}
+_COUNTS = {
+    0x00201200: "count(DISTINCT study_instance_uid)",   # patient related studies
+    0x00201202: "count(DISTINCT series_instance_uid)",  # patient related series
+    0x00201204: "count(*)",                             # patient related instances
+    0x00201206: "count(DISTINCT series_instance_uid)",  # study related series
+    0x00201208: "count(*)",                             # study related instances
+    0x00201209: "count(*)",                             # series related instances
+}
+_LISTS = {0x00080061: "modality", 0x00080062: "sop_class_uid"}  # Modalities / SOP Classes in Study
+_PATIENT_COUNTS = {0x00201200, 0x00201202, 0x00201204}
+
+
+@dataclass
+class Plan:
+    sql: str
+    params: list[Any]
+    columns: dict[int, str]          # tag -> result column holding its value
+    header_keys: list[RequestKey]    # matched in Python on the header
+    wants_header: bool
+
+
+def plan(request: Request, pn_insensitive: bool = False) -> Plan:
+    """The SQL for a request (one row per entity, `k` its key), with bound parameters."""
+    level, aggregated = request.level, request.level != "IMAGE"
+    where: list[str] = []
+    params: list[Any] = []
+    by_tag = {k.tag: k for k in request.keys}
+    combined: set[int] = set()
+    for date_tag, time_tag in _DATE_TIME:
+        d, t = by_tag.get(date_tag), by_tag.get(time_tag)
+        if d and t and d.matched and t.matched and d.match.kind == "range" and t.match.kind == "range":
+            where.append(datetime_sql(d.column, t.column, d.match, t.match, params))
+            combined |= {date_tag, time_tag}
+    for k in request.keys:
+        if k.matched and k.source == "indexed" and k.tag not in combined:
+            cond = sql(k.column, k.match, params, pn_insensitive)
+            if cond:
+                where.append(cond)
+    having: list[str] = []
+    having_params: list[Any] = []
+    derived = [k for k in request.keys if k.source == "derived" and _derived_at(k.tag, level, request.model)]
+    selects = [f"{_ENTITY[level]} AS k"]
+    columns: dict[int, str] = {}
+    for k in request.keys:
+        if k.source == "indexed" and LEVELS.index(k.level) <= LEVELS.index(level):
+            name = f"c_{k.column}"
+            selects.append(f"max({k.column}) AS {name}" if aggregated else f"{k.column} AS {name}")
+            columns[k.tag] = name
+    for lvl in LEVELS[:LEVELS.index(level) + 1]:  # unique keys of this level and above
+        if lvl in request.model.levels and UNIQUE[lvl] not in columns:
+            col = _column(UNIQUE[lvl])
+            selects.append(f"max({col}) AS u_{col}" if aggregated else f"{col} AS u_{col}")
+            columns[UNIQUE[lvl]] = f"u_{col}"
+    patient_counts = []
+    for k in derived:
+        name = f"d_{k.tag:08x}"
+        if k.tag in _PATIENT_COUNTS and level == "STUDY":
+            patient_counts.append((k, name))
+            columns[k.tag] = name
+            continue
+        expr = _COUNTS.get(k.tag) or f"list_sort(list_distinct(list({_LISTS[k.tag]})))"
+        selects.append(f"{expr} AS {name}")
+        columns[k.tag] = name
+        if k.matched:
+            having.append(_derived_condition(k, expr, having_params))
+    header_keys = [k for k in request.keys if k.source == "header" and k.matched]
+    wants_header = bool(header_keys) or any(k.source == "header" and k.level == level for k in request.keys)
+    if wants_header:
+        selects.append("arg_max({'h': header, 't': transfer_syntax_uid}, received_at) AS hdr" if aggregated
+                       else "{'h': header, 't': transfer_syntax_uid} AS hdr")
+    select = ", ".join(selects)
+    cond = " AND ".join(f"({c})" for c in where) or "TRUE"
+    if not aggregated:
+        body = f"SELECT {select} FROM instances WHERE {cond}"
+    elif where and (derived or wants_header):
+        # Counts and the newest instance's header cover every instance of a matching
+        # entity, not only those that matched.
+        body = (f"SELECT {select} FROM instances WHERE {_ENTITY[level]} IN "
+                f"(SELECT {_ENTITY[level]} FROM instances WHERE {cond}) GROUP BY k")
+    else:
+        body = f"SELECT {select} FROM instances WHERE {cond} GROUP BY k"
+    if having:
+        body += " HAVING " + " AND ".join(having)
+    params += having_params
+    if patient_counts:  # Study Root: the patient's counts at STUDY level
+        parts = ", ".join(f"{_COUNTS[k.tag]} AS {name}" for k, name in patient_counts)
+        body = body.replace(" AS k, ", f" AS k, max({_ENTITY['PATIENT']}) AS pk_, ", 1)
+        body = (f"SELECT s.* EXCLUDE (pk_), {', '.join('p.' + name for _, name in patient_counts)} FROM ({body}) s "
+                f"LEFT JOIN (SELECT {_ENTITY['PATIENT']} AS pk, {parts} FROM instances GROUP BY pk) p ON p.pk = s.pk_")
+        for k, name in patient_counts:
+            if k.matched:
+                body = f"SELECT * FROM ({body}) WHERE {_derived_condition(k, name, params)}"
+    return Plan(body, params, columns, header_keys, wants_header)
+
+
+def _derived_condition(k: RequestKey, expr: str, params: list[Any]) -> str:
+    m = k.match
+    if k.tag in _LISTS:
+        column = _LISTS[k.tag]
+        if m.kind == "wildcard":
+            from catalog.matching import _like
+            params.append(_like(m.value))
+            return f"bool_or({column} LIKE ? ESCAPE '\\')"
+        params.append(m.values if m.kind == "list" else [m.value])
+        return f"list_has_any(list({column}), ?)"
+    values = m.values if m.kind == "list" else [m.value]
+    try:
+        params.append([int(float(v)) for v in values])
+    except ValueError:
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"key {_tag(k.tag)} needs a number") from None
+    return f"list_contains(?, {expr})"
+
+
+# --- running ----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One matching entity: values by tag (str, int, list) and its newest instance's header."""
+
+    values: dict[int, Any]
+    header: Dataset | None
+
+
+def decode_header(raw: dict | None) -> Dataset | None:
+    if not raw or raw.get("h") is None:
+        return None
+    try:
+        return read_dataset(BytesIO(raw["h"]), header_is_implicit(raw.get("t") or ""), True)
+    except Exception:
+        return None
+
+
+def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: int = PAGE) -> Iterator[Result]:
+    """Every matching entity, in pages of `page` rows ordered by entity key."""
+    p = plan(request, pn_insensitive)
+    last = None
+    while True:
+        sql_text = f"SELECT * FROM ({p.sql}) WHERE {'k > ?' if last is not None else 'TRUE'} ORDER BY k LIMIT ?"
+        params = p.params + ([last] if last is not None else []) + [page]
+        columns, rows = catalog.execute(sql_text, params)
+        index = {name: i for i, name in enumerate(columns)}
+        for row in rows:
+            header = decode_header(row[index["hdr"]]) if p.wants_header else None
+            if p.header_keys and not _header_matches(p.header_keys, header, pn_insensitive):
+                continue
+            yield Result({tag: row[index[name]] for tag, name in p.columns.items()}, header)
+        if len(rows) < page:
+            return
+        last = rows[-1][index["k"]]
+
+
+def _header_matches(keys: list[RequestKey], header: Dataset | None, pn_insensitive: bool) -> bool:
+    for k in keys:
+        elem = header.get(k.tag) if header is not None else None
+        try:
+            value = elem.value if elem is not None else None
+        except Exception:
+            value = None
+        if not matches(k.match, value, pn_insensitive):
+            return False
+    return True

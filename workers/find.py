@@ -1,0 +1,105 @@
+"""Query/Retrieve FIND SCP (C-FIND) for the Patient Root, Study Root and Patient/Study
+Only models: protocol work only. Matching lives in catalog.query, response identifiers
+in catalog.responses; this adapter decodes the request, yields one pending response per
+match, and stops with Cancel as soon as a C-CANCEL arrives.
+
+Relational queries are served when the requester asks for them in SOP Class Extended
+Negotiation (PS3.4 C.5.1.1.1); we accept relational queries and combined date-time
+matching, and decline fuzzy semantic matching of person names and timezone adjustment.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+
+from catalog.keys import models
+from catalog.query import SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS, QueryError, parse_request, run
+from catalog.reader import Catalog
+from catalog.responses import identifier as response_identifier
+from engine.config import Config
+
+log = logging.getLogger("stowage.find")
+audit = logging.getLogger("stowage.audit")
+
+PENDING, CANCEL = 0xFF00, 0xFE00
+FIND_SOP_CLASSES = tuple(models())
+# Extended negotiation bytes (PS3.4 C.5.1.1.1): relational, date-time, fuzzy PN, timezone.
+_SUPPORTED = bytes([1, 1, 0, 0])
+
+
+class Finder:
+    """What the C-FIND handler needs: its own view of the catalog (so that queries never
+    wait on the store path's lookups), our AE title and the PN matching policy."""
+
+    def __init__(self, config: Config) -> None:
+        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
+        self.ae_title = config.aet
+        self.pn_insensitive = bool(getattr(config, "pn_case_insensitive", False))
+
+    def close(self) -> None:
+        self.catalog.close()
+
+
+def _failure(status: int, comment: str) -> tuple[Dataset, None]:
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = comment[:64]  # LO: 64 characters at most
+    return rsp, None
+
+
+def relational(assoc: Any, sop_class_uid: str) -> bool:
+    """Whether the requester asked for (and so got) relational queries for the class."""
+    try:
+        info = assoc.requestor.sop_class_extended.get(sop_class_uid)
+    except Exception:
+        return False
+    return bool(info) and info[0] == 1
+
+
+def handle_sop_extended(event: evt.Event) -> dict[str, bytes]:
+    """Accept what we support of each FIND class's extended negotiation item."""
+    return {uid: bytes(a & b for a, b in zip(info, _SUPPORTED))
+            for uid, info in (event.app_info or {}).items() if str(uid) in FIND_SOP_CLASSES and info}
+
+
+def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset | None]]:
+    req = event.request
+    sop_class = str(req.AffectedSOPClassUID)
+    started, count = time.monotonic(), 0
+    if sop_class != str(event.context.abstract_syntax):
+        yield _failure(SOP_CLASS_NOT_SUPPORTED, "SOP Class differs from the presentation context's")
+        return
+    try:
+        ident = event.identifier
+    except Exception as e:  # undecodable identifier
+        yield _failure(UNABLE_TO_PROCESS, f"cannot decode the identifier: {e}")
+        return
+    try:
+        request = parse_request(ident, sop_class, relational(event.assoc, sop_class))
+    except QueryError as e:
+        log.info("C-FIND from %s refused 0x%04X: %s", event.assoc.requestor.ae_title, e.status, e.comment)
+        yield _failure(e.status, e.comment)
+        return
+    try:
+        for result in run(finder.catalog, request, finder.pn_insensitive):
+            if event.is_cancelled:
+                break
+            yield PENDING, response_identifier(request, result, finder.ae_title, finder.pn_insensitive)
+            count += 1
+    except Exception as e:  # never let a query take the association down
+        log.exception("C-FIND failed")
+        yield _failure(UNABLE_TO_PROCESS + 1, f"query failed: {type(e).__name__}: {e}")
+        return
+    cancelled = event.is_cancelled
+    audit.info("C-FIND %s %s from %s: %d match(es)%s in %.1f ms", request.model.name, request.level,
+               event.assoc.requestor.ae_title, count, " (cancelled)" if cancelled else "",
+               (time.monotonic() - started) * 1000,
+               extra={"fields": {"event": "find", "model": request.model.name, "level": request.level,
+                                 "relational": request.relational, "calling_ae": event.assoc.requestor.ae_title,
+                                 "matches": count, "cancelled": cancelled}})
+    if cancelled:
+        yield CANCEL, None
