@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port
 
@@ -223,3 +223,63 @@ def test_echo(tmp_path, scps):
     assert r.returncode == 1 and "unknown AE 'NOBODY'" in r.stderr and "Traceback" not in r.stderr
     r = stowage("echo", "--config", str(cfg), "GONE")
     assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
+
+
+class SlowSCP:
+    """A pynetdicom Storage SCP that accepts only `classes`, and leaves the first C-STORE
+    of `stall` unanswered for `delay` seconds (a lost response, as the sender sees it)."""
+
+    def __init__(self, classes: list[str], stall: str = "", delay: float = 0.0) -> None:
+        self.port, self.stall, self.delay = free_port(), stall, delay
+        self.received: list[str] = []
+        ae = AE("DEST")
+        for uid in classes:
+            ae.add_supported_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.server = ae.start_server((HOST, self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        first = uid not in self.received
+        self.received.append(uid)
+        if uid == self.stall and first:
+            time.sleep(self.delay)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_send_retries_a_store_whose_response_never_comes(server, tmp_path):
+    ct = copies(CT, tmp_path / "ct", 4, "ct")
+    store(server.port, ct)
+    stalled = pydicom.dcmread(ct[1], stop_before_pixels=True).SOPInstanceUID
+    dest = SlowSCP(["1.2.840.10008.5.1.4.1.1.2"], stall=stalled, delay=4.0)
+    try:
+        cfg = config_with(tmp_path, DEST=(HOST, dest.port))
+        r = stowage("send", "--config", str(cfg), "--data-dir", str(server.data_dir), "--to", "DEST", "-q",
+                    "--timeout", "1.5", "--study", study_of(ct[0]))
+    finally:
+        dest.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 completed, 0 warning, 0 failed" in r.stdout
+    assert dest.received.count(stalled) == 2, "the unanswered store was not retried"
+    assert set(dest.received) == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in ct}
+
+
+def test_send_counts_a_refused_sop_class_as_failed(server, tmp_path):
+    ct = copies(CT, tmp_path / "ct", 2, "ct")
+    mr = copies(MR, tmp_path / "mr", 2, "mr")
+    store(server.port, ct + mr)
+    dest = SlowSCP(["1.2.840.10008.5.1.4.1.1.4"])  # MR only
+    try:
+        cfg = config_with(tmp_path, DEST=(HOST, dest.port))
+        uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in ct + mr]
+        r = stowage("send", "--config", str(cfg), "--data-dir", str(server.data_dir), "--to", "DEST", "-q",
+                    "--instance", ",".join(uids))
+    finally:
+        dest.stop()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2 completed, 0 warning, 2 failed" in r.stdout
+    assert "accepted no presentation context for SOP class 1.2.840.10008.5.1.4.1.1.2" in r.stderr
+    assert sorted(dest.received) == sorted(uids[2:])

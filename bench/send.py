@@ -1,0 +1,101 @@
+"""Send benchmark: `stowage send` of one study of generated CT instances to DCMTK
+storescp (writing files, as a real destination does), against DCMTK storescu sending the
+same files to the same receiver, as a ratio.
+
+    python -m bench.send --count 500 [--kind ct] [--repeat 3]
+
+Steps: generate the corpus (one patient, one study, one series), start `stowage serve`
+on a free 127.0.0.1 port, ingest it with storescu, then time each sender into a fresh
+storescp output directory. Prints instances/s and MB/s (dataset bytes on the wire).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.corpus import generate
+from bench.procs import echo, find_dcmtk, free_port, stop_tree
+
+
+def _wait_echo(echoscu: str, port: int, aet: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not echo(echoscu, port, aet):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing answers C-ECHO on port {port}")
+        time.sleep(0.2)
+
+
+def _storescp(storescp: str, echoscu: str, out: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    out.mkdir(parents=True)
+    proc = subprocess.Popen([storescp, "+B", "-aet", "DEST", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_echo(echoscu, port, "DEST")
+    return proc, port
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=500)
+    ap.add_argument("--kind", default="ct")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    storescp, storescu, echoscu = (find_dcmtk(n) for n in ("storescp", "storescu", "echoscu"))
+    if not all((storescp, storescu, echoscu)):
+        sys.exit("DCMTK is needed: apt-get install dcmtk")
+    work = Path(tempfile.mkdtemp(prefix="stowage-bench-send-"))
+    server = None
+    try:
+        files = generate(work / "corpus", args.kind, args.count, patients=1, studies_per_patient=1,
+                         series_per_study=1)
+        mb = sum(p.stat().st_size for p in files) / 1e6
+        port = free_port()
+        data = work / "data"
+        server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(data),
+                                   "--port", str(port), "--bind", "127.0.0.1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _wait_echo(echoscu, port, "STOWAGE")
+        subprocess.run([storescu, "-aec", "STOWAGE", "127.0.0.1", str(port), *map(str, files)], check=True,
+                       capture_output=True)
+        import pydicom
+        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        results: dict[str, list[float]] = {"stowage send": [], "storescu (files)": []}
+        for r in range(args.repeat):
+            for name in results:
+                out = work / f"rx-{name.split()[0]}-{r}"
+                rx, rx_port = _storescp(storescp, echoscu, out)
+                try:
+                    if name == "stowage send":
+                        cmd = [sys.executable, "-m", "engine.cli", "send", "--data-dir", str(data), "-q",
+                               "--to", f"127.0.0.1:{rx_port}", "--aec", "DEST", "--study", study]
+                    else:
+                        cmd = [storescu, "-aec", "DEST", "127.0.0.1", str(rx_port), *map(str, files)]
+                    t = time.monotonic()
+                    subprocess.run(cmd, check=True, capture_output=True)
+                    results[name].append(time.monotonic() - t)
+                    got = len(list(out.iterdir()))
+                    if got != args.count:
+                        raise RuntimeError(f"{name}: {got} of {args.count} arrived")
+                finally:
+                    stop_tree(rx, None)
+                shutil.rmtree(out)
+        print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one association, DCMTK storescp +B -od")
+        base = statistics.median(results["storescu (files)"])
+        for name, times in results.items():
+            s = statistics.median(times)
+            print(f"  {name:18s} {s:6.2f} s  {args.count / s:7.0f} inst/s  {mb / s:6.1f} MB/s  "
+                  f"({base / s:.2f}x storescu)")
+    finally:
+        if server is not None:
+            stop_tree(server, None)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
