@@ -223,6 +223,7 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
         columns[k.tag] = name
         if k.matched:
             having.append(_derived_condition(k, expr, having_params))
+    selects.append("max(specific_character_set) AS cs_" if aggregated else "specific_character_set AS cs_")
     header_keys = [k for k in request.keys if k.source == "header" and k.matched]
     wants_header = bool(header_keys) or any(k.source == "header" and k.level == level for k in request.keys)
     if wants_header:
@@ -276,10 +277,12 @@ def _derived_condition(k: RequestKey, expr: str, params: list[Any]) -> str:
 
 @dataclass
 class Result:
-    """One matching entity: values by tag (str, int, list) and its newest instance's header."""
+    """One matching entity: values by tag (str, int, list), its newest instance's header
+    (when a key needs it) and the Specific Character Set its values were stored in."""
 
     values: dict[int, Any]
     header: Dataset | None
+    charset: list[str] = field(default_factory=list)
 
 
 def decode_header(raw: dict | None) -> Dataset | None:
@@ -304,7 +307,9 @@ def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: 
             header = decode_header(row[index["hdr"]]) if p.wants_header else None
             if p.header_keys and not _header_matches(p.header_keys, header, pn_insensitive):
                 continue
-            yield Result({tag: row[index[name]] for tag, name in p.columns.items()}, header)
+            cs = row[index["cs_"]]
+            yield Result({tag: row[index[name]] for tag, name in p.columns.items()}, header,
+                         cs.split("\\") if cs else [])
         if len(rows) < page:
             return
         last = rows[-1][index["k"]]

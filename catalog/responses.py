@@ -9,10 +9,9 @@ value without loss, always stated in (0008,0005).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Iterable
 
-from pydicom.charset import convert_encodings, encode_string
+from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -40,8 +39,7 @@ def identifier(request: Request, result: Result, ae_title: str, pn_insensitive: 
             ds.add_new(tag, dictionary_VR(tag), _plain(value))
     if RETRIEVE_AE_TITLE not in ds:
         ds.add_new(RETRIEVE_AE_TITLE, "AE", ae_title)
-    stored = result.header.get(0x00080005) if result.header is not None else None
-    charset = choose_charset(_texts(ds), request.charset, _values(stored))
+    charset = choose_charset(_texts(ds), request.charset, result.charset)
     if charset:
         ds.SpecificCharacterSet = charset if len(charset) > 1 else charset[0]
     return ds
@@ -89,15 +87,7 @@ def _plain(value: Any) -> Any:
         return None
     if isinstance(value, list):
         return [str(v) for v in value if v is not None] or None
-    if isinstance(value, int):
-        return str(value)
     return value
-
-
-def _values(elem: DataElement | None) -> list[str]:
-    if elem is None or not elem.value:
-        return []
-    return [elem.value] if isinstance(elem.value, str) else [str(v) for v in elem.value]
 
 
 def _texts(ds: Dataset) -> Iterable[str]:
@@ -112,17 +102,46 @@ def _texts(ds: Dataset) -> Iterable[str]:
                 yield str(v)
 
 
+_DEFAULT_REPERTOIRE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})  # ASCII (pydicom reads it as latin-1)
+
+
+def _codecs(charset: list[str]) -> list[str] | None:
+    """Python codecs of each term of a Specific Character Set value, ASCII for the default."""
+    out = []
+    for term in charset:
+        term = term.strip()
+        if term in _DEFAULT_REPERTOIRE:
+            out.append("ascii")
+            continue
+        codec = python_encoding.get(term)
+        if codec is None:
+            return None
+        out.append(codec)
+    return out
+
+
 def fits(text: str, charset: list[str]) -> bool:
-    """Whether `text` encodes in `charset` without loss."""
-    try:
-        encodings = convert_encodings(charset)
-    except (LookupError, ValueError):
+    """Whether every character of `text` is in `charset`'s repertoire: a single set must
+    encode it whole; with ISO 2022 code extensions each character needs one of the sets."""
+    codecs = _codecs(charset)
+    if not codecs:
         return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    if len(codecs) == 1:
         try:
-            encode_string(text, encodings)
-        except (UserWarning, UnicodeError, LookupError, ValueError):
+            text.encode(codecs[0])
+            return True
+        except (UnicodeError, LookupError):
+            return False
+    for ch in set(text):
+        if ch.isascii():
+            continue
+        for codec in codecs:
+            try:
+                ch.encode(codec)
+                break
+            except (UnicodeError, LookupError):
+                continue
+        else:
             return False
     return True
 
