@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog import manifest, versions
-from catalog.tail import read_tails
+from catalog.tail import TailReader
 
 MEMORY_LIMIT = "512MB"  # per process: a worker's memory must not grow with the archive
 
@@ -31,6 +31,7 @@ class Catalog:
     def __init__(self, directory: Path, duplicates: str = "keep-newest") -> None:
         self.directory = directory
         self.tails_dir = directory / "tails"
+        self._tails = TailReader(self.tails_dir)
         self.policy = duplicates
         versions.KEEP_NEWEST[duplicates]  # noqa: B018 - an unknown policy fails here
         self._con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": MEMORY_LIMIT})
@@ -51,7 +52,7 @@ class Catalog:
     def _refresh(self) -> None:
         # Tails first, then the manifest: a row sealed in between is then found in both
         # (and the watermark drops the tail copy) rather than in neither.
-        tails = read_tails(self.tails_dir)
+        tails = self._tails.read()
         m = manifest.load(self.directory)
         unsealed = _unsealed(tails, m)
         self._con.register("tail_rows", unsealed)

@@ -1,21 +1,27 @@
 """Tails: the rows of durable records that are not yet sealed into Parquet.
 
-Each worker appends the rows of every group commit, as one Arrow IPC stream batch, to its
-own tail file before the stores of that batch are acknowledged; any process reads all
-tails to see acknowledged instances at once (read-your-writes). Tails are a cache: after
-a crash they are rebuilt from the segments.
+Each worker appends the rows of every group commit, as one msgpack array, to its own tail
+file before the stores of that batch are acknowledged; any process reads all tails to see
+acknowledged instances at once (read-your-writes). Tails are a cache: after a crash they
+are rebuilt from the segments.
+
+msgpack rather than Arrow on the write side: the store path pays ~5 µs per batch instead
+of ~130 µs to build a record batch. Readers parse each file's bytes once, incrementally
+(`TailReader`), and keep the rows as Arrow tables.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pyarrow as pa
 
 from catalog.schema import SCHEMA
 
-SUFFIX = ".arrows"
+SUFFIX = ".tail"
 
 
 class TailWriter:
@@ -24,40 +30,77 @@ class TailWriter:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
-        self._sink.flush()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        self._writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=SCHEMA))
-        self._sink.flush()
+        """One write per batch; a short write (disk full) raises, and the caller must stop
+        appending to this file (readers wait at the partial batch forever)."""
+        data = msgpack.packb(rows, use_bin_type=True)
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(28, f"short write to catalog tail {self.path.name} ({written} of {len(data)} bytes)")
 
     def close(self) -> None:
-        self._writer.close()
-        self._sink.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
-def read_tail(path: Path) -> pa.Table:
-    """Every complete batch of a tail file; a batch still being written is left out."""
-    batches = []
-    try:
-        with pa.memory_map(str(path)) as source:
-            try:
-                reader = pa.ipc.open_stream(source)
-                while True:
-                    batches.append(reader.read_next_batch())
-            except (StopIteration, pa.ArrowInvalid, OSError):
-                pass
-    except (FileNotFoundError, pa.ArrowInvalid, OSError):
-        pass
-    return pa.Table.from_batches(batches, schema=SCHEMA)
+@dataclass
+class _FileState:
+    offset: int = 0
+    unpacker: msgpack.Unpacker = field(default_factory=lambda: msgpack.Unpacker(raw=False))
+    chunks: list[pa.Table] = field(default_factory=list)
+
+
+class TailReader:
+    """Every tail file of a directory, each byte parsed once across calls.
+
+    `read()` returns all rows currently in tails; `fresh` holds the rows that call added.
+    Files that vanish (sealed and removed) are forgotten; a batch still being written is
+    left for the next call.
+    """
+
+    def __init__(self, directory: Path, skip_prefix: str | None = None) -> None:
+        self.directory = directory
+        self.skip_prefix = skip_prefix
+        self._files: dict[str, _FileState] = {}
+        self.fresh: pa.Table = SCHEMA.empty_table()
+
+    def read(self) -> pa.Table:
+        try:
+            names = sorted(n for n in os.listdir(self.directory) if n.endswith(SUFFIX)
+                           and not (self.skip_prefix and n.startswith(self.skip_prefix)))
+        except FileNotFoundError:
+            names = []
+        for gone in set(self._files) - set(names):
+            del self._files[gone]
+        fresh = []
+        for name in names:
+            state = self._files.setdefault(name, _FileState())
+            table = self._advance(name, state)
+            if table is not None:
+                state.chunks.append(table)
+                fresh.append(table)
+        self.fresh = pa.concat_tables(fresh) if fresh else SCHEMA.empty_table()
+        chunks = [c for s in self._files.values() for c in s.chunks]
+        return pa.concat_tables(chunks) if chunks else SCHEMA.empty_table()
+
+    def _advance(self, name: str, state: _FileState) -> pa.Table | None:
+        try:
+            with open(self.directory / name, "rb") as f:
+                f.seek(state.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        if not data:
+            return None
+        state.offset += len(data)
+        state.unpacker.feed(data)
+        rows = [row for batch in state.unpacker for row in batch]
+        return pa.Table.from_pylist(rows, schema=SCHEMA) if rows else None
 
 
 def read_tails(directory: Path) -> pa.Table:
-    """The rows of every tail file in `directory` (files that vanish meanwhile are skipped)."""
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(SUFFIX))
-    except FileNotFoundError:
-        names = []
-    tables = [read_tail(directory / n) for n in names]
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    """The rows of every tail file in `directory`, read afresh."""
+    return TailReader(directory).read()

@@ -4,7 +4,7 @@ every row.
 
 Almost every instance is stored once. Under the manifest lock, each sealing checks its
 rows against `uids.bloom`, a fixed-size Bloom filter of every sealed SOP Instance UID
-(memory-mapped, shared by all processes), and looks up the few that may be sealed
+(a sparse file shared by all processes), and looks up the few that may be sealed
 already. What it finds goes to the *versions table*: every record (SOP Instance UID,
 received_at, segment, offset) of each UID with more than one, a small Parquet file named
 by the manifest. Readers take the versions table plus the tails (whose rows they check
@@ -17,7 +17,6 @@ crash in between leaves extra bits, never missing ones.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import time
 import uuid
@@ -44,39 +43,63 @@ KEEP_NEWEST = {"keep-newest": True, "keep-first": False, "reject": False}
 
 
 class SealedUids(UidFilter):
-    """The Bloom filter of sealed SOP Instance UIDs, in a shared memory-mapped file."""
+    """The Bloom filter of sealed SOP Instance UIDs, in a shared sparse file read and
+    written with pread/pwrite.
+
+    Not memory-mapped: a fault on a mapped hole that the file system cannot back (a full
+    tmpfs) kills the process with SIGBUS, where pread returns zeros and pwrite raises
+    ENOSPC. A membership test costs a few pread calls; only tail UIDs are tested.
+    """
 
     def __init__(self, path: Path, writable: bool) -> None:
-        super().__init__(bits=8, hashes=4)  # the real bit array is the mapping below
+        super().__init__(bits=8, hashes=4)
         self._bits = _BITS
         self.path = path
-        self._file = open(path, "r+b" if writable else "rb")
-        self._map = mmap.mmap(self._file.fileno(), _HEAD + _BITS // 8,
-                              access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
-        self._view = memoryview(self._map)
-        self._array = self._view[_HEAD:]
-        head = bytes(self._map[:_HEAD])
+        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        head = os.pread(self._fd, _HEAD, 0)
         self.token = head[len(_MAGIC):].rstrip(b"\0").decode("ascii", "replace") if head.startswith(_MAGIC) else ""
 
-    @classmethod
-    def create(cls, path: Path) -> "SealedUids":
-        """A new, empty filter file with a fresh token (replacing any other)."""
-        token = uuid.uuid4().hex
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write((_MAGIC + token.encode()).ljust(_HEAD, b"\0"))
-            f.truncate(_HEAD + _BITS // 8)  # sparse: zero pages cost nothing until set
-        os.replace(tmp, path)
-        return cls(path, writable=True)
+    def _byte(self, index: int) -> int:
+        b = os.pread(self._fd, 1, _HEAD + index)
+        return b[0] if b else 0
+
+    def __contains__(self, uid: str) -> bool:
+        return all(self._byte(p >> 3) & (1 << (p & 7)) for p in self._positions(uid))
+
+    def add(self, uid: str) -> None:
+        for p in self._positions(uid):
+            byte = self._byte(p >> 3)
+            bit = 1 << (p & 7)
+            if not byte & bit:
+                os.pwrite(self._fd, bytes([byte | bit]), _HEAD + (p >> 3))
 
     def sync(self) -> None:
-        self._map.flush()
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        self._array.release()
-        self._view.release()
-        self._map.close()
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @classmethod
+    def create(cls, path: Path, bits: bytes | bytearray | None = None) -> "SealedUids":
+        """A new filter file with a fresh token (replacing any other): empty and sparse, or
+        holding `bits` (a whole bit array built in memory)."""
+        token = uuid.uuid4().hex
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write((_MAGIC + token.encode()).ljust(_HEAD, b"\0"))
+                if bits is not None:
+                    f.write(bits)
+                f.truncate(_HEAD + _BITS // 8)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+        return cls(path, writable=True)
 
 
 def open_filter(directory: Path, m: Manifest) -> SealedUids:
@@ -88,12 +111,12 @@ def open_filter(directory: Path, m: Manifest) -> SealedUids:
         if f.token == m.uid_filter:
             return f
         f.close()
-    f = SealedUids.create(path)
+    built = UidFilter(bits=_BITS, hashes=4)  # in memory: one write, not a pwrite per bit
     for name in m.files:
         pf = pq.ParquetFile(directory / name)
         for i in range(pf.num_row_groups):
-            f.update(pf.read_row_group(i, columns=["sop_instance_uid"]).column(0).to_pylist())
-    f.sync()
+            built.update(pf.read_row_group(i, columns=["sop_instance_uid"]).column(0).to_pylist())
+    f = SealedUids.create(path, built._array if m.files else None)
     m.uid_filter = f.token
     return f
 

@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import zstandard
 
 from catalog.attributes import UnreadableDataset, extract
 from catalog.bloom import UidFilter
 from catalog.reader import Catalog
 from catalog.sealer import Sealer
-from catalog.tail import read_tails
+from catalog.tail import TailReader
 from engine.config import Config
 from engine.filemeta import file_meta
 from engine.segment import FLAG_ZSTD, FileRange, Part, record_parts
@@ -96,6 +94,7 @@ class Archive:
 
     def __init__(self, config: Config, slot: int) -> None:
         self.config = config
+        self.slot = slot
         self.data_dir = config.data_dir
         self.catalog_dir = config.data_dir / "catalog"
         self.sealer = Sealer(self.catalog_dir, slot, config.compact_min_files)
@@ -206,18 +205,17 @@ class Archive:
                 log.exception("sealing the catalog tail failed; will retry")
 
     def _learn_loop(self) -> None:
-        """Teach the UID filter what other workers stored, from their tails, every 0.1 s."""
-        seen = pa.scalar(0, pa.timestamp("us", tz="UTC"))
+        """Teach the UID filter what other workers stored, from their tails, every 0.1 s
+        (each tail byte is parsed once; our own tail is skipped: we add as we store)."""
+        others = TailReader(self.catalog.tails_dir, skip_prefix=f"{self.slot:03d}-")
         while not self._stop.wait(_LEARN_INTERVAL_S):
             try:
-                tails = read_tails(self.catalog.tails_dir)
-                fresh = tails.filter(pc.greater(tails["received_at"], seen))
+                others.read()
             except Exception:
                 log.exception("reading other workers' tails failed; will retry")
                 continue
-            if fresh.num_rows:
-                self.known.update(fresh["sop_instance_uid"].to_pylist())
-                seen = pc.max(fresh["received_at"])
+            if others.fresh.num_rows:
+                self.known.update(others.fresh["sop_instance_uid"].to_pylist())
 
     def close(self) -> None:
         self._stop.set()

@@ -57,9 +57,10 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    log_dir: Path | None = None  # not under data_dir's disk: tests fill that disk up
 
     def start(self, wait: bool = True) -> "Server":
-        self.log_path = self.data_dir.parent / f"serve-{self.port}-{time.monotonic_ns()}.log"
+        self.log_path = (self.log_dir or self.data_dir.parent) / f"serve-{self.port}-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(self.data_dir),
                "--port", str(self.port), "--bind", HOST, *self.args]
         self._log = open(self.log_path, "wb")
@@ -113,7 +114,7 @@ def make_server(tmp_path):
 
     def make(*args: str, data_dir: Path | None = None, port: int | None = None, start: bool = True,
              **env: str) -> Server:
-        s = Server(data_dir or tmp_path / "data", port or free_port(), list(args), env)
+        s = Server(data_dir or tmp_path / "data", port or free_port(), list(args), env, log_dir=tmp_path)
         servers.append(s)
         return s.start() if start else s
 

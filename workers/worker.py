@@ -7,6 +7,7 @@ Control channel (a SOCK_SEQPACKET pair with the acceptor), one byte per message:
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -166,11 +167,15 @@ def main() -> None:
     slot, fd = int(sys.argv[1]), int(sys.argv[2])
     config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
     setup_logging(config, f"worker-{slot}")
+    faulthandler.enable()  # a fatal signal (SIGSEGV, SIGBUS…) leaves its stack in the log
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the acceptor decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     control = socket.socket(fileno=fd)
     try:
         code = Worker(config, slot, control).serve()
+    except OSError as e:  # e.g. start-up recovery on a full disk: say it, let the acceptor retry
+        log.error("worker %d cannot start: %s", slot, e.strerror or e)
+        code = 1
     except Exception:
         log.exception("worker %d failed", slot)
         code = 1
