@@ -84,9 +84,11 @@ def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset
         log.info("C-FIND from %s refused 0x%04X: %s", event.assoc.requestor.ae_title, e.status, e.comment)
         yield _failure(e.status, e.comment)
         return
+    cancelled = False  # event.is_cancelled is true once per C-CANCEL: keep the answer
     try:
         for result in run(finder.catalog, request, finder.pn_insensitive):
-            if event.is_cancelled:
+            cancelled = event.is_cancelled
+            if cancelled:
                 break
             yield PENDING, response_identifier(request, result, finder.ae_title, finder.pn_insensitive)
             count += 1
@@ -94,7 +96,7 @@ def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset
         log.exception("C-FIND failed")
         yield _failure(UNABLE_TO_PROCESS + 1, f"query failed: {type(e).__name__}: {e}")
         return
-    cancelled = event.is_cancelled
+    cancelled = cancelled or event.is_cancelled
     audit.info("C-FIND %s %s from %s: %d match(es)%s in %.1f ms", request.model.name, request.level,
                event.assoc.requestor.ae_title, count, " (cancelled)" if cancelled else "",
                (time.monotonic() - started) * 1000,
