@@ -164,5 +164,27 @@ def send(config_file, data_dir, target, aet, aec, patient, study, series, instan
         sys.exit(1)
 
 
+@main.command()
+@click.argument("sql", required=False)
+@_common
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("--schema", is_flag=True, help="List the tables and columns instead of running a query.")
+def query(sql, config_file, data_dir, fmt, schema) -> None:
+    """Run one read-only SQL query (DuckDB) over the catalog, e.g.
+    stowage query "SELECT modality, count(*) FROM instances GROUP BY 1"."""
+    from engine.query_cli import QueryCommandError, print_schema, run_query
+    if schema:
+        print_schema()
+        return
+    if not sql:
+        raise click.UsageError("give a SQL query (or --schema to see the tables)")
+    config = _load(config_file, data_dir=data_dir)
+    try:
+        run_query(config, sql, fmt)
+    except QueryCommandError as e:
+        raise click.ClickException(str(e)) from None
+
+
 if __name__ == "__main__":
     main()
