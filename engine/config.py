@@ -48,7 +48,7 @@ class Config:
     dimse_timeout: float = 60.0
     drain_timeout: float = 30.0            # SIGTERM: how long in-flight associations may finish
     durability: str = "fsync"              # "os-buffer" skips fsync: never the default
-    zstd_level: int = 3
+    zstd_level: int = 1
     segment_size: int = 1 << 30            # roll the active segment past this many bytes
     seal_interval: float = 1.0             # seconds between sealing tails into Parquet
     compact_min_files: int = 8             # merge when this many small Parquet files exist
