@@ -165,9 +165,6 @@ class Sender:
         result = SendResult()
         spool = Path(tempfile.mkdtemp(prefix="send-", dir=self.spool_dir))
         try:
-            by_class: dict[str, list[Instance]] = {}
-            for inst in todo:
-                by_class.setdefault(inst.sop_class_uid, []).append(inst)
             for contexts in context_batches(todo):
                 classes = {str(cx.abstract_syntax) for cx in contexts}
                 batch = [i for i in todo if i.sop_class_uid in classes]

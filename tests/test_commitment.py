@@ -16,7 +16,6 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.presentation import build_context
 
 from conftest import CT, HOST, MR, copies, free_port
 from test_send import config_with, flip_payload, store
@@ -329,3 +328,33 @@ def test_send_commit_to_orthanc_with_a_report_on_a_new_association(server, tmp_p
     assert r.returncode == 0, r.stdout + r.stderr
     assert "3 completed" in r.stdout
     assert "3 committed, 0 failed (event type 1, new association)" in r.stdout, r.stdout
+
+
+def test_report_queue_owner_lock_and_adoption(tmp_path):
+    """A report is owned by one process at a time; an orphan (its owner died) is adopted
+    exactly once; a delivered one is never adopted again."""
+    from engine.commitment import Reference, ReportQueue, Request
+    queue_dir = tmp_path / "commitment"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, '.');"
+        "from engine.commitment import ReportQueue, Request, Reference;"
+        f"q = ReportQueue(__import__('pathlib').Path({str(queue_dir)!r}));"
+        "c = q.add(Request('1.2.3', 'MODALITY', '127.0.0.1:1', [Reference('1.2', '1.2.3.4')]));"
+        "print('added', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert child.stdout.readline().strip() == "added"
+        q = ReportQueue(queue_dir)
+        assert list(q.claim_orphans(set())) == [], "a report its live owner holds was adopted"
+    finally:
+        child.kill()
+        child.wait(10)
+    (claim,) = list(q.claim_orphans(set()))
+    assert claim.request.requester_ae == "MODALITY" and claim.request.references == [Reference("1.2", "1.2.3.4")]
+    assert list(ReportQueue(queue_dir).claim_orphans(set())) == [], "adopted twice"
+    q.done(claim)
+    assert list(ReportQueue(queue_dir).claim_orphans(set())) == []
+    mine = q.add(Request("1.2.4", "MODALITY", "127.0.0.1:1", [Reference("1.2", "1.2.3.5")]))
+    assert list(q.claim_orphans(set())) == [], "this process's own report was adopted again"
+    mine.release()
+    assert [c.request.transaction_uid for c in q.claim_orphans(set())] == ["1.2.4"]

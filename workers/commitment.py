@@ -1,8 +1,8 @@
 """Storage Commitment Push Model SCP: N-ACTION in, N-EVENT-REPORT out (PS3.4 J.3).
 
 The handler validates the request, persists it (engine/commitment.py: fsync'd before the
-N-ACTION-RSP goes out), and returns at once. A delivery thread per worker then judges
-the references and sends the report:
+N-ACTION-RSP goes out), and returns at once. A delivery loop per worker (with a few
+sender threads) then judges the references and sends the report:
   - on the requester's own association, if it is still open and the requester's
     `[remotes.AE] commitment_same_association` allows it (true by default; a requester
     with no remotes entry can only be answered there);
@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -53,6 +54,7 @@ _SCAN_INTERVAL_S = 3.0
 _TICK_S = 0.1
 _RESPONSE_WAIT_S = 5.0
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 1.0, 300.0
+_DELIVERY_THREADS = 4
 
 
 @dataclass
@@ -131,6 +133,10 @@ class Commitment:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # A few reports at a time, so one requester that is slow to answer (or a host that
+        # drops our SYNs until the connect timeout) does not hold up the others.
+        self._pool = ThreadPoolExecutor(_DELIVERY_THREADS, thread_name_prefix="commitment-report")
+        self._in_flight: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="commitment-delivery", daemon=True)
         self._thread.start()
 
@@ -193,6 +199,7 @@ class Commitment:
         self._stop.set()
         self._wake.set()
         self._thread.join(10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         next_scan = 0.0
@@ -202,17 +209,24 @@ class Commitment:
                 self._adopt_orphans()
                 next_scan = now + _SCAN_INTERVAL_S
             with self._lock:
-                due = [p for p in self._pending.values() if self._ready(p, now)]
+                due = [p for rid, p in self._pending.items() if rid not in self._in_flight and self._ready(p, now)]
+                self._in_flight.update(p.claim.request.id for p in due)
             for p in due:
-                if self._stop.is_set():
-                    return
-                try:
-                    self._attempt(p)
-                except Exception:
-                    log.exception("commitment report %s: delivery attempt failed", p.claim.request.transaction_uid)
-                    self._reschedule(p, "internal error")
+                self._pool.submit(self._attempt_guarded, p)
             self._wake.wait(_TICK_S)
             self._wake.clear()
+
+    def _attempt_guarded(self, p: _Pending) -> None:
+        try:
+            if not self._stop.is_set():
+                self._attempt(p)
+        except Exception:
+            log.exception("commitment report %s: delivery attempt failed", p.claim.request.transaction_uid)
+            self._reschedule(p, "internal error")
+        finally:
+            with self._lock:
+                self._in_flight.discard(p.claim.request.id)
+            self._wake.set()
 
     @staticmethod
     def _ready(p: _Pending, now: float) -> bool:
