@@ -175,6 +175,28 @@ class Sender:
             spool.rmdir()
         return result
 
+    def send_on(self, assoc: Association, instances: Iterable[Instance]) -> SendResult:
+        """Send on an association someone else opened (C-GET: the requester's, with
+        SCP/SCU role selection for the storage classes). No new association is opened:
+        a store without a response counts as failed, and the rest are not attempted."""
+        todo = list(instances)
+        result = SendResult()
+        if not todo:
+            return result
+        spool = Path(tempfile.mkdtemp(prefix="send-", dir=self.spool_dir))
+        pool = ThreadPoolExecutor(1, thread_name_prefix="send-prepare")
+        try:
+            attempts = {i.sop_instance_uid: self.retries for i in todo}  # no retries here
+            rest = self._run(assoc, todo, attempts, spool, pool, result)
+            for inst in rest:
+                self._record(result, Outcome(inst, "failed", reason="the association ended before it was sent"))
+        finally:
+            pool.shutdown(wait=True)
+            for p in spool.iterdir():
+                p.unlink(missing_ok=True)
+            spool.rmdir()
+        return result
+
     # -- one association batch --------------------------------------------------------
 
     def _record(self, result: SendResult, outcome: Outcome) -> None:

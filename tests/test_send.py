@@ -283,3 +283,28 @@ def test_send_counts_a_refused_sop_class_as_failed(server, tmp_path):
     assert "2 completed, 0 warning, 2 failed" in r.stdout
     assert "accepted no presentation context for SOP class 1.2.840.10008.5.1.4.1.1.2" in r.stderr
     assert sorted(dest.received) == sorted(uids[2:])
+
+
+def test_send_on_an_existing_association(server, tmp_path, scps):
+    """The C-GET shape: the core sends on an association it did not open."""
+    from catalog.reader import Catalog
+    from engine.client import Peer, associate, new_ae
+    from engine.selection import select
+    from engine.send import Sender, context_batches
+    ct = copies(CT, tmp_path / "ct", 3, "ct")
+    store(server.port, ct)
+    dest = scps(tmp_path / "rx")
+    catalog = Catalog(server.data_dir / "catalog")
+    try:
+        instances = select(catalog, "series", [pydicom.dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID])
+    finally:
+        catalog.close()
+    peer = Peer("DEST", HOST, dest.port)
+    (contexts,) = context_batches(instances)
+    assoc = associate(new_ae("GETSCP"), peer, contexts)
+    try:
+        result = Sender(server.data_dir / "segments", peer, "GETSCP").send_on(assoc, instances)
+    finally:
+        assoc.release()
+    assert (result.completed, result.failed) == (3, 0)
+    assert set(dest.received()) == {i.sop_instance_uid for i in instances}
