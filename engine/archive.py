@@ -176,10 +176,11 @@ class Archive:
 
     def _duplicate(self, uid: str, crc: int, length: int, calling_ae: str) -> StoreResult | None:
         """The answer for an instance already held, or None to store this one too."""
-        kept = self.catalog.lookup(uid)
-        if kept is None:
+        _cols, rows = self.catalog.execute(  # only what the comparison needs: the header blob is large
+            "SELECT dataset_crc32, dataset_length FROM instances WHERE sop_instance_uid = ?", [uid])
+        if not rows:
             return None
-        if kept["dataset_crc32"] == crc and kept["dataset_length"] == length:
+        if rows[0] == (crc, length):
             audit.info("duplicate identical instance %s from %s: already stored, not stored again", uid, calling_ae,
                        extra={"fields": {"event": "duplicate", "sop_instance_uid": uid, "identical": True}})
             return StoreResult(SUCCESS)
