@@ -285,8 +285,10 @@ def test_send_counts_a_refused_sop_class_as_failed(server, tmp_path):
     assert sorted(dest.received) == sorted(uids[2:])
 
 
-def test_send_on_an_existing_association(server, tmp_path, scps):
+def test_send_on_an_existing_association(server, tmp_path, scps, monkeypatch):
     """The C-GET shape: the core sends on an association it did not open."""
+    from pynetdicom import _config
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)  # Sender sets it process-wide
     from catalog.reader import Catalog
     from engine.client import Peer, associate, new_ae
     from engine.selection import select
