@@ -190,9 +190,13 @@ def _pn_sql(col: str, m: Match, params: list[Any], insensitive: bool) -> str:
     for value in values:
         groups = _pn_groups(value)
         if len(groups) == 1:  # any group of the name may match
+            # Most names have one group and no trailing separators: the plain comparison
+            # decides those; the rest (a '=' or a trailing '^') are matched group by group.
+            fast = one(col, groups[0], wildcard)
             plain = one(f"rtrim({col}, '^ ')", groups[0], wildcard)
             by_group = " OR ".join(one(group(n), groups[0], wildcard) for n in (1, 2, 3))
-            alternatives.append(f"(CASE WHEN strpos({col}, '=') = 0 THEN {plain} ELSE ({by_group}) END)")
+            alternatives.append(f"({fast} OR (({col} LIKE '%^' OR {col} LIKE '%^ ' OR strpos({col}, '=') > 0) AND "
+                                f"CASE WHEN strpos({col}, '=') = 0 THEN {plain} ELSE ({by_group}) END))")
         else:  # each non-empty group of the key matches the same group of the name
             conds = [one(group(n + 1), g, wildcard) for n, g in enumerate(groups) if g not in ("", "*")]
             alternatives.append("(" + " AND ".join(conds or ["TRUE"]) + ")")

@@ -172,15 +172,23 @@ _PATIENT_COUNTS = {0x00201200, 0x00201202, 0x00201204}
 
 @dataclass
 class Plan:
-    sql: str
+    """How to answer a request. IMAGE: `select` pages through matching instances (params
+    `params`). Other levels, in two steps: `keys` pages through the keys `k` of matching
+    entities (params `params`), then `select` aggregates every instance of those entities
+    (its first parameter is the list of keys, then `select_params`), so that counts and
+    lists cover all of an entity's instances, not only those that matched."""
+
+    select: str
     params: list[Any]
     columns: dict[int, str]          # tag -> result column holding its value
     header_keys: list[RequestKey]    # matched in Python on the header
     wants_header: bool
+    keys: str | None = None
+    select_params: list[Any] = field(default_factory=list)
 
 
 def plan(request: Request, pn_insensitive: bool = False) -> Plan:
-    """The SQL for a request (one row per entity, `k` its key), with bound parameters."""
+    """The SQL for a request, values bound as parameters."""
     level, aggregated = request.level, request.level != "IMAGE"
     where: list[str] = []
     params: list[Any] = []
@@ -196,8 +204,6 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
             cond = sql(k.column, k.match, params, pn_insensitive)
             if cond:
                 where.append(cond)
-    having: list[str] = []
-    having_params: list[Any] = []
     derived = [k for k in request.keys if k.source == "derived" and _derived_at(k.tag, level, request.model)]
     selects = [f"{_ENTITY[level]} AS k"]
     columns: dict[int, str] = {}
@@ -211,38 +217,42 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
             col = _column(UNIQUE[lvl])
             selects.append(f"max({col}) AS u_{col}" if aggregated else f"{col} AS u_{col}")
             columns[UNIQUE[lvl]] = f"u_{col}"
+    having: list[str] = []
+    select_params: list[Any] = []
     patient_counts = []
     for k in derived:
         name = f"d_{k.tag:08x}"
+        columns[k.tag] = name
         if k.tag in _PATIENT_COUNTS and level == "STUDY":
             patient_counts.append((k, name))
-            columns[k.tag] = name
             continue
         expr = _COUNTS.get(k.tag) or f"list_sort(list_distinct(list({_LISTS[k.tag]})))"
         selects.append(f"{expr} AS {name}")
-        columns[k.tag] = name
         if k.matched:
-            having.append(_derived_condition(k, expr, having_params))
+            having.append(_derived_condition(k, expr, select_params))
     selects.append("max(specific_character_set) AS cs_" if aggregated else "specific_character_set AS cs_")
     header_keys = [k for k in request.keys if k.source == "header" and k.matched]
     wants_header = bool(header_keys) or any(k.source == "header" and k.level == level for k in request.keys)
     if wants_header:
         selects.append("arg_max({'h': header, 't': transfer_syntax_uid}, received_at) AS hdr" if aggregated
                        else "{'h': header, 't': transfer_syntax_uid} AS hdr")
-    select = ", ".join(selects)
     cond = " AND ".join(f"({c})" for c in where) or "TRUE"
     if not aggregated:
-        body = f"SELECT {select} FROM instances WHERE {cond}"
-    elif where and (derived or wants_header):
-        # Counts and the newest instance's header cover every instance of a matching
-        # entity, not only those that matched.
-        body = (f"SELECT {select} FROM instances WHERE {_ENTITY[level]} IN "
-                f"(SELECT {_ENTITY[level]} FROM instances WHERE {cond}) GROUP BY k")
+        return Plan(f"SELECT {', '.join(selects)} FROM instances WHERE {cond}", params, columns, header_keys,
+                    wants_header)
+    unique = by_tag.get(UNIQUE[level])
+    if len(where) == 1 and unique is not None and unique.matched and unique.match.kind in ("single", "list") \
+            and level != "PATIENT":
+        # Only the level's own unique key: the keys are the values asked for (those not
+        # held simply find no instances).
+        where, params = [], []
+        given = sorted(set(unique.match.values or [unique.match.value]))
+        keys = "SELECT unnest(?) AS k"
+        params = [given]
     else:
-        body = f"SELECT {select} FROM instances WHERE {cond} GROUP BY k"
-    if having:
-        body += " HAVING " + " AND ".join(having)
-    params += having_params
+        keys = f"SELECT DISTINCT {_ENTITY[level]} AS k FROM instances WHERE {cond}"
+    body = (f"SELECT {', '.join(selects)} FROM instances WHERE {_ENTITY[level]} IN (SELECT unnest(?)) GROUP BY k"
+            + (" HAVING " + " AND ".join(having) if having else ""))
     if patient_counts:  # Study Root: the patient's counts at STUDY level
         parts = ", ".join(f"{_COUNTS[k.tag]} AS {name}" for k, name in patient_counts)
         body = body.replace(" AS k, ", f" AS k, max({_ENTITY['PATIENT']}) AS pk_, ", 1)
@@ -250,8 +260,8 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
                 f"LEFT JOIN (SELECT {_ENTITY['PATIENT']} AS pk, {parts} FROM instances GROUP BY pk) p ON p.pk = s.pk_")
         for k, name in patient_counts:
             if k.matched:
-                body = f"SELECT * FROM ({body}) WHERE {_derived_condition(k, name, params)}"
-    return Plan(body, params, columns, header_keys, wants_header)
+                body = f"SELECT * FROM ({body}) WHERE {_derived_condition(k, name, select_params)}"
+    return Plan(body, params, columns, header_keys, wants_header, keys, select_params)
 
 
 def _derived_condition(k: RequestKey, expr: str, params: list[Any]) -> str:
@@ -295,13 +305,24 @@ def decode_header(raw: dict | None) -> Dataset | None:
 
 
 def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: int = PAGE) -> Iterator[Result]:
-    """Every matching entity, in pages of `page` rows ordered by entity key."""
+    """Every matching entity, in pages of at most `page` entities ordered by entity key."""
     p = plan(request, pn_insensitive)
     last = None
     while True:
-        sql_text = f"SELECT * FROM ({p.sql}) WHERE {'k > ?' if last is not None else 'TRUE'} ORDER BY k LIMIT ?"
-        params = p.params + ([last] if last is not None else []) + [page]
-        columns, rows = catalog.execute(sql_text, params)
+        after = "k > ?" if last is not None else "TRUE"
+        bound = p.params + ([last] if last is not None else []) + [page]
+        if p.keys is None:
+            columns, rows = catalog.execute(f"SELECT * FROM ({p.select}) WHERE {after} ORDER BY k LIMIT ?", bound)
+            found = len(rows)
+        else:
+            def both(execute):
+                _cols, keys = execute(f"SELECT k FROM ({p.keys}) WHERE {after} ORDER BY k LIMIT ?", bound)
+                keys = [k for (k,) in keys]
+                if not keys:
+                    return keys, [], []
+                return (keys, *execute(f"SELECT * FROM ({p.select}) ORDER BY k", [keys, *p.select_params]))
+            keys, columns, rows = catalog.snapshot(both)
+            found = len(keys)
         index = {name: i for i, name in enumerate(columns)}
         for row in rows:
             header = decode_header(row[index["hdr"]]) if p.wants_header else None
@@ -310,9 +331,9 @@ def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: 
             cs = row[index["cs_"]]
             yield Result({tag: row[index[name]] for tag, name in p.columns.items()}, header,
                          cs.split("\\") if cs else [])
-        if len(rows) < page:
+        if found < page:
             return
-        last = rows[-1][index["k"]]
+        last = keys[-1] if p.keys is not None else rows[-1][index["k"]]
 
 
 def _header_matches(keys: list[RequestKey], header: Dataset | None, pn_insensitive: bool) -> bool:

@@ -13,28 +13,40 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from catalog import manifest, versions
+from catalog.schema import SCHEMA
 from catalog.tail import TailReader
 
+T = TypeVar("T")
 MEMORY_LIMIT = "512MB"  # per process: a worker's memory must not grow with the archive
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+_COLUMNS = ", ".join(_quote(c) for c in SCHEMA.names)
+_SQL_TYPE = {f.name: {"string": "VARCHAR", "int64": "BIGINT", "binary": "BLOB"}.get(str(f.type), "TIMESTAMPTZ")
+             for f in SCHEMA}
 
 
 class Catalog:
     """A read-only view of the catalog for one process; thread-safe, refreshed per call."""
 
-    def __init__(self, directory: Path, duplicates: str = "keep-newest") -> None:
+    def __init__(self, directory: Path, duplicates: str = "keep-newest", threads: int = 1) -> None:
         self.directory = directory
         self.tails_dir = directory / "tails"
         self._tails = TailReader(self.tails_dir)
         self.policy = duplicates
         versions.KEEP_NEWEST[duplicates]  # noqa: B018 - an unknown policy fails here
-        self._con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": MEMORY_LIMIT})
+        self._con = duckdb.connect(":memory:", config={"threads": threads, "memory_limit": MEMORY_LIMIT})
         self._con.execute("SET parquet_metadata_cache = true")
         self._lock = threading.Lock()
         self._generation = -1
@@ -43,6 +55,7 @@ class Catalog:
         self._sealed_versions = versions.VERSIONS_SCHEMA.empty_table()  # of the versions table
         self._tail_checked: dict[str, bool] = {}  # tail UID -> may be sealed too (this generation)
         self._shadow_empty: bool | None = None
+        self._file_columns: dict[str, tuple[str, ...]] = {}  # sealed file -> its columns (files never change)
 
     def close(self) -> None:
         self._con.close()
@@ -57,14 +70,9 @@ class Catalog:
         unsealed = _unsealed(tails, m)
         self._con.register("tail_rows", unsealed)
         if m.generation != self._generation:
-            files = [str(self.directory / n) for n in sorted(m.files)]
-            if files:
-                self._con.execute("CREATE OR REPLACE TEMP VIEW sealed_rows AS SELECT * FROM "
-                                  f"read_parquet({files!r}, union_by_name=true)")
-            else:
-                self._con.execute("CREATE OR REPLACE TEMP VIEW sealed_rows AS SELECT * FROM tail_rows WHERE false")
-            self._con.execute("CREATE OR REPLACE TEMP VIEW records AS "
-                              "SELECT * FROM sealed_rows UNION ALL BY NAME SELECT * FROM tail_rows")
+            self._con.execute(f"CREATE OR REPLACE TEMP VIEW sealed_rows AS {self._sealed_sql(m)}")
+            self._con.execute(f"CREATE OR REPLACE TEMP VIEW records AS SELECT {_COLUMNS} FROM sealed_rows "
+                              f"UNION ALL SELECT {_COLUMNS} FROM tail_rows")
             self._filter = versions.read_filter(self.directory, m, self._filter)
             if m.duplicates != self._manifest.duplicates or self._generation < 0:
                 self._sealed_versions = versions.load_versions(self.directory, m)
@@ -79,6 +87,23 @@ class Catalog:
                 "SELECT * FROM records" if self._shadow_empty else
                 "SELECT * FROM records r WHERE NOT EXISTS (SELECT 1 FROM shadowed s "
                 "WHERE s.segment = r.segment AND s.\"offset\" = r.\"offset\")"))
+
+    def _sealed_sql(self, m: manifest.Manifest) -> str:
+        """The sealed files as one relation of SCHEMA's columns. Files are grouped by their
+        own columns (older files lack newer ones, read as NULL), so DuckDB need not unify
+        schemas on every query as union_by_name would."""
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for name in sorted(m.files):
+            if name not in self._file_columns:
+                self._file_columns[name] = tuple(pq.read_schema(self.directory / name).names)
+            groups.setdefault(self._file_columns[name], []).append(str(self.directory / name))
+        self._file_columns = {n: c for n, c in self._file_columns.items() if n in m.files}
+        parts = []
+        for columns, files in groups.items():
+            select = ", ".join(_quote(c) if c in columns else f"CAST(NULL AS {_SQL_TYPE[c]}) AS {_quote(c)}"
+                               for c in SCHEMA.names)
+            parts.append(f"SELECT {select} FROM read_parquet({files!r})")
+        return " UNION ALL ".join(parts) or f"SELECT {_COLUMNS} FROM tail_rows WHERE false"
 
     def _versions(self, tail: pa.Table) -> pa.Table:
         """Every record of each UID with several: the versions table, plus tail rows that
@@ -114,6 +139,23 @@ class Catalog:
                     return [d[0] for d in cur.description or ()], cur.fetchall()
                 except duckdb.IOException:
                     if attempt == 2:  # a file was compacted away under us: reload the manifest
+                        raise
+                    self._generation = -1
+        raise AssertionError("unreachable")
+
+    def snapshot(self, work: Callable[[Callable[..., tuple[list[str], list[tuple]]]], T]) -> T:
+        """work(execute): several statements over one fresh view of the catalog (one
+        refresh, the lock held throughout); execute(sql, params) returns (columns, rows)."""
+        def execute(sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
+            cur = self._con.execute(sql, list(params))
+            return [d[0] for d in cur.description or ()], cur.fetchall()
+        with self._lock:
+            for attempt in (1, 2):
+                self._refresh()
+                try:
+                    return work(execute)
+                except duckdb.IOException:
+                    if attempt == 2:
                         raise
                     self._generation = -1
         raise AssertionError("unreachable")

@@ -46,6 +46,7 @@ def build_ae(config: Config) -> AE:
     """The AE whose supported contexts every association of this worker negotiates against."""
     _config.LOG_HANDLER_LEVEL = "none"  # the standard handlers lock the AE on every PDU
     _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False  # else every C-FIND response is pretty-printed, logged or not
     ae = AE(config.aet)
     ae.maximum_pdu_size = config.max_pdu
     ae.acse_timeout = config.acse_timeout
