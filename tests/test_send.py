@@ -310,3 +310,28 @@ def test_send_on_an_existing_association(server, tmp_path, scps, monkeypatch):
         assoc.release()
     assert (result.completed, result.failed) == (3, 0)
     assert set(dest.received()) == {i.sop_instance_uid for i in instances}
+
+
+def test_context_batches_stay_within_128_and_keep_each_class_whole():
+    from engine.send import MAX_CONTEXTS, Instance, context_batches
+    instances = [Instance(f"1.2.3.{i}", f"1.2.840.10008.5.1.4.1.1.{i}", ts, "000-00000001.seg", 0)
+                 for i in range(60) for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50")]
+    batches = context_batches(instances)
+    assert len(batches) == 2 and all(len(b) <= MAX_CONTEXTS for b in batches)
+    per_class = {}
+    for n, batch in enumerate(batches):
+        for cx in batch:
+            per_class.setdefault(str(cx.abstract_syntax), set()).add(n)
+            assert len(cx.transfer_syntax) == 1
+    assert len(per_class) == 60 and all(len(v) == 1 for v in per_class.values())
+    first = [cx.transfer_syntax[0] for cx in batches[0] if cx.abstract_syntax == "1.2.840.10008.5.1.4.1.1.0"]
+    assert first == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2"]
+
+
+def test_query_keys_are_schema_columns_and_values_are_bound():
+    from engine.selection import SelectionError, _like, parse_query
+    assert parse_query("Modality=CT patient_id='A B'") == [("modality", "CT"), ("patient_id", "A B")]
+    for bad in ("sop_instance_uid=1; DROP TABLE x", "Modality", "\"1=1 OR\"=x"):
+        with pytest.raises(SelectionError):
+            parse_query(bad)
+    assert _like("DOE^J*_%?") == "DOE^J%\\_\\%_"
