@@ -76,8 +76,10 @@ def request_commitment(peer: Peer, calling_aet: str, instances: Sequence[Instanc
             assoc = associate(ae, peer, [build_context(SOP_CLASS, _SYNTAXES)],
                               handlers=[(evt.EVT_N_EVENT_REPORT, waiter.on_report, [True])])
         except PeerError as e:
-            raise CommitError(str(e)) from None
+            raise CommitError(f"{e} (does it offer Storage Commitment Push Model as SCP?)") from None
         try:
+            if not any(str(cx.abstract_syntax) == SOP_CLASS for cx in assoc.accepted_contexts):
+                raise CommitError(f"{peer} does not offer Storage Commitment Push Model as SCP")
             info = Dataset()
             info.TransactionUID = waiter.transaction_uid
             info.ReferencedSOPSequence = []

@@ -71,6 +71,8 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
         result = sender.send(instances)
     finally:
         if bar is not None:
+            if failed == len(instances):
+                bar.leave = False  # nothing went: the one error line below says why
             bar.close()
     seconds = time.monotonic() - started
     total = len(instances)
