@@ -120,3 +120,78 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["--kind", "small", "--count", "3", "--out", str(tmp_path), "--seed", "5"])
     assert len(list(tmp_path.glob("*.dcm"))) == 3
     assert "wrote 3 files" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind,modality,sop_class,lo,hi", [
+    ("sr", "SR", "1.2.840.10008.5.1.4.1.1.88.11", 3_000, 8_000),
+    ("mr", "MR", MRImageStorage, 125_000, 140_000),
+    ("cr", "CR", "1.2.840.10008.5.1.4.1.1.1", 7_400_000, 7_700_000),
+    ("us", "US", "1.2.840.10008.5.1.4.1.1.3.1", 9_100_000, 9_400_000),
+])
+def test_more_kinds(tmp_path: Path, kind: str, modality: str, sop_class: str, lo: int, hi: int) -> None:
+    paths = generate(tmp_path, kind, 2, patients=1, studies_per_patient=1, series_per_study=1)
+    assert all(lo <= p.stat().st_size <= hi for p in paths), [p.stat().st_size for p in paths]
+    dss = [pydicom.dcmread(p) for p in paths]
+    for ds in dss:
+        assert ds.Modality == modality and ds.SOPClassUID == sop_class == ds.file_meta.MediaStorageSOPClassUID
+        assert ds.PatientID and ds.StudyInstanceUID and ds.SeriesInstanceUID
+    assert len({ds.SOPInstanceUID for ds in dss}) == 2 and len({ds.SeriesInstanceUID for ds in dss}) == 1
+    if kind == "sr":
+        assert "PixelData" not in dss[0] and dss[0].ValueType == "CONTAINER"
+        assert [i.ValueType for i in dss[0].ContentSequence] == ["TEXT"] * 6
+        assert dss[0].ContentSequence[0].TextValue != dss[1].ContentSequence[0].TextValue
+    elif kind == "us":
+        arr = dss[0].pixel_array
+        assert arr.shape == (10, 480, 640, 3) and arr.dtype == np.uint8 and arr.std() > 5
+        assert int(dss[0].NumberOfFrames) == 10
+    else:
+        arr = dss[0].pixel_array
+        assert arr.shape == (int(dss[0].Rows), int(dss[0].Columns)) and arr.std() > 10
+
+
+def test_frames_make_multiframe_sizes(tmp_path: Path) -> None:
+    (p,) = generate(tmp_path, "us", 1, frames=25)
+    ds = pydicom.dcmread(p, stop_before_pixels=True)
+    assert int(ds.NumberOfFrames) == 25
+    assert 25 * 921_600 <= p.stat().st_size <= 25 * 921_600 + 10_000
+    with pytest.raises(ValueError):
+        generate(tmp_path / "ct", "ct", 1, frames=4)  # single-frame kind
+    with pytest.raises(ValueError):
+        generate(tmp_path / "us0", "us", 1, frames=0)
+
+
+@pytest.mark.parametrize("kind", ["sr", "cr", "us"])
+def test_new_kinds_deterministic(tmp_path: Path, kind: str) -> None:
+    a = generate(tmp_path / "a", kind, 2, seed=3, frames=2 if kind == "us" else None)
+    b = generate(tmp_path / "b", kind, 2, seed=3, frames=2 if kind == "us" else None)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+@pytest.mark.parametrize("syntax,uid", [
+    ("deflate", "1.2.840.10008.1.2.1.99"),
+    ("rle", RLELossless),
+    ("j2k", "1.2.840.10008.1.2.4.90"),
+])
+@pytest.mark.parametrize("kind", ["small", "ct", "us"])
+def test_compressed_and_deflated_syntaxes(tmp_path: Path, syntax: str, uid: str, kind: str) -> None:
+    frames = 2 if kind == "us" else None
+    (raw,) = generate(tmp_path / "raw", kind, 1, frames=frames)
+    (enc,) = generate(tmp_path / syntax, kind, 1, transfer_syntax=syntax, frames=frames)
+    a, b = pydicom.dcmread(raw), pydicom.dcmread(enc)
+    assert b.file_meta.TransferSyntaxUID == uid
+    assert enc.stat().st_size < raw.stat().st_size
+    assert np.array_equal(a.pixel_array, b.pixel_array)  # lossless
+    assert a.SOPInstanceUID != b.SOPInstanceUID  # another syntax is other instances
+
+
+def test_sr_in_a_compressed_syntax_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no pixel data"):
+        generate(tmp_path, "sr", 1, transfer_syntax="rle")
+    assert [pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in generate(tmp_path, "sr", 1, transfer_syntax="deflate")] \
+        == ["1.2.840.10008.1.2.1.99"]
+
+
+def test_cli_syntax_and_frames(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--kind", "us", "--count", "1", "--frames", "2", "--syntax", "rle", "--out", str(tmp_path)])
+    ds = pydicom.dcmread(next(tmp_path.glob("*.dcm")), stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == RLELossless and int(ds.NumberOfFrames) == 2

@@ -1,0 +1,349 @@
+"""A lean C-STORE sender (PS3.8 upper layer, PS3.7 C-STORE) on a blocking socket, for
+the load generator: pre-encoded datasets go out as they are, one message at a time.
+
+The association is requested and its answer decoded with pynetdicom's PDU classes (the
+same ones the archive's lean receive path uses, workers/negotiation.py); everything after
+that is a few struct calls: the C-STORE-RQ command set from a template, the dataset in
+P-DATA-TF fragments no longer than the peer's maximum PDU, written with one
+``sendmsg`` per message (header and payload buffers side by side, no copy of the
+dataset), and the C-STORE-RSP read back whole. Datasets held in a file (large ones)
+go out with ``os.sendfile`` between the PDV headers.
+
+The socket sets TCP_NODELAY (two small writes would otherwise wait for a delayed ACK)
+and re-arms TCP_QUICKACK before each read, so a peer that leaves Nagle on does not
+stall on our ACK either.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from pydicom.uid import UID
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
+                                       ImplementationVersionNameNotification, MaximumLengthNotification)
+from pynetdicom.presentation import PresentationContext
+
+__all__ = ["Association", "AssociationError", "StoreFailed", "Dataset", "store_command"]
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_CLASS_UID = "2.25.142464821264144164837067603527606597058"  # uuid5(URL, "urn:stowage-bench:sender")
+IMPLEMENTATION_VERSION = "STOWAGE_BENCH"
+P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
+A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x02, 0x03
+_PDU = struct.Struct(">BxI")
+_PDV = struct.Struct(">IBB")
+_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+_UL = struct.Struct("<I")
+_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+_RELEASE = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+_MAX_RESPONSE_PDU = 1 << 20
+_IOV_MAX = 512
+
+
+class AssociationError(Exception):
+    """The association could not be established or broke; the message says how."""
+
+
+class StoreFailed(AssociationError):
+    """The association broke during a C-STORE (no response will come)."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One pre-encoded dataset: its bytes in memory, or a byte range of a file."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    length: int
+    data: bytes | None = None          # the dataset bytes (no file meta), or
+    path: str | None = None            # ... a file holding them at `offset`
+    offset: int = 0
+
+
+def _el(elem: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0x0000, elem, len(value)) + value
+
+
+def _ui(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def store_command(message_id: int, sop_class: str, sop_instance: str, priority: int = 0) -> bytes:
+    """A C-STORE-RQ command set (Implicit VR Little Endian, PS3.7 9.3.1.1)."""
+    body = b"".join((
+        _el(0x0002, _ui(sop_class)),
+        _el(0x0100, _US.pack(0x0001)),
+        _el(0x0110, _US.pack(message_id & 0xFFFF)),
+        _el(0x0700, _US.pack(priority)),
+        _el(0x0800, _US.pack(0x0000)),  # a dataset follows
+        _el(0x1000, _ui(sop_instance)),
+    ))
+    return _el(0x0000, _UL.pack(len(body))) + body
+
+
+def parse_response(command: bytes | bytearray) -> tuple[int, int, str]:
+    """(Command Field, Status, Error Comment) of a response command set."""
+    field, status, comment = -1, -1, ""
+    view, pos, end = memoryview(command), 0, len(command)
+    while pos + 8 <= end:
+        group, elem, length = _ELEMENT.unpack_from(view, pos)
+        pos += 8
+        if group != 0 or pos + length > end:
+            raise AssociationError(f"malformed response command element ({group:04X},{elem:04X})")
+        if elem == 0x0100 and length == 2:
+            field = _US.unpack_from(view, pos)[0]
+        elif elem == 0x0900 and length == 2:
+            status = _US.unpack_from(view, pos)[0]
+        elif elem == 0x0902:
+            comment = bytes(view[pos:pos + length]).decode("ascii", "replace").strip(" \x00")
+        pos += length
+    return field, status, comment
+
+
+class Association:
+    """One association to a Storage SCP, proposing ``contexts`` ((abstract syntax, transfer
+    syntax) pairs, one presentation context each)."""
+
+    def __init__(self, host: str, port: int, called_aet: str, calling_aet: str,
+                 contexts: Sequence[tuple[str, str]], *, max_pdu: int = 1 << 20, timeout: float = 60.0) -> None:
+        if not 0 < len(contexts) <= 128:
+            raise ValueError(f"between 1 and 128 presentation contexts, not {len(contexts)}")
+        self.host, self.port = host, port
+        self.called_aet, self.calling_aet = called_aet, calling_aet
+        self.proposed = list(contexts)
+        self.max_pdu = max_pdu
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.accepted: dict[tuple[str, str], int] = {}  # (abstract, transfer) -> context ID
+        self.peer_max_pdu = 0
+        self.message_id = 0
+
+    # -- association establishment and release ------------------------------------------
+    def open(self) -> "Association":
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except OSError as e:
+            raise AssociationError(f"cannot connect to {self.host}:{self.port}: {e.strerror or e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        try:
+            self._sendall(self._request())
+            pdu_type, body = self._read_pdu()
+        except (OSError, AssociationError) as e:
+            self.close()
+            raise AssociationError(f"association request to {self.called_aet}@{self.host}:{self.port}: {e}") from None
+        raw = _PDU.pack(pdu_type, len(body)) + body
+        if pdu_type == A_ASSOCIATE_RJ_TYPE:
+            rj = A_ASSOCIATE_RJ()
+            rj.decode(raw)
+            self.close()
+            raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} rejected the association "
+                                   f"(result {rj.result}, source {rj.source}, reason {rj.reason_diagnostic})")
+        if pdu_type != A_ASSOCIATE_AC_TYPE:
+            self.close()
+            raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} answered the association "
+                                   f"request with PDU type 0x{pdu_type:02X}")
+        ac = A_ASSOCIATE_AC()
+        ac.decode(raw)
+        primitive = ac.to_primitive()
+        for item in primitive.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_max_pdu = item.maximum_length_received or 0
+        for cx in primitive.presentation_context_definition_results_list:
+            if cx.result == 0x00 and 0 < cx.context_id <= 2 * len(self.proposed) - 1:
+                self.accepted[self.proposed[(cx.context_id - 1) // 2]] = cx.context_id
+        if not self.accepted:
+            self.abort()
+            raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} accepted none of the "
+                                   f"{len(self.proposed)} presentation contexts proposed")
+        return self
+
+    def _request(self) -> bytes:
+        rq = A_ASSOCIATE()
+        rq.application_context_name = UID(APPLICATION_CONTEXT)
+        rq.calling_ae_title = self.calling_aet
+        rq.called_ae_title = self.called_aet
+        contexts = []
+        for i, (abstract, transfer) in enumerate(self.proposed):
+            cx = PresentationContext()
+            cx.context_id = 2 * i + 1
+            cx.abstract_syntax = UID(abstract)
+            cx.transfer_syntax = [UID(transfer)]
+            contexts.append(cx)
+        rq.presentation_context_definition_list = contexts
+        length = MaximumLengthNotification()
+        length.maximum_length_received = self.max_pdu
+        impl = ImplementationClassUIDNotification()
+        impl.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION
+        rq.user_information = [length, impl, version]
+        pdu = A_ASSOCIATE_RQ()
+        pdu.from_primitive(rq)
+        return pdu.encode()
+
+    def release(self) -> None:
+        """A-RELEASE; falls back to closing the socket if the peer does not answer."""
+        if self.sock is None:
+            return
+        try:
+            self._sendall(_RELEASE)
+            while True:
+                pdu_type, _ = self._read_pdu()
+                if pdu_type in (A_RELEASE_RP, A_ABORT):
+                    break
+        except (OSError, AssociationError):
+            pass
+        self.close()
+
+    def abort(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.sendall(_ABORT)
+            except OSError:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self) -> "Association":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.release() if exc[0] is None else self.abort()
+
+    # -- C-STORE ---------------------------------------------------------------------------
+    def context_for(self, ds: Dataset) -> int | None:
+        return self.accepted.get((ds.sop_class_uid, ds.transfer_syntax_uid))
+
+    def store(self, ds: Dataset) -> tuple[int, str]:
+        """Send one C-STORE-RQ; return the response's (status, error comment).
+
+        Raises KeyError if no presentation context was accepted for the dataset, and
+        StoreFailed if the association breaks before the response.
+        """
+        if self.sock is None:
+            raise StoreFailed("association is closed")
+        context_id = self.accepted[(ds.sop_class_uid, ds.transfer_syntax_uid)]
+        self.message_id = self.message_id % 0xFFFF + 1
+        command = store_command(self.message_id, ds.sop_class_uid, ds.sop_instance_uid)
+        try:
+            self._send_message(context_id, command, ds)
+            return self._read_response()
+        except (OSError, AssociationError) as e:
+            self.close()
+            raise StoreFailed(f"C-STORE of {ds.sop_instance_uid}: {e}") from None
+
+    def _fragment(self) -> int:
+        """Payload bytes per PDV: the peer's maximum PDU minus the PDV item header."""
+        peer = self.peer_max_pdu or (1 << 22)
+        return max(peer - 6, 1)
+
+    def _send_message(self, context_id: int, command: bytes, ds: Dataset) -> None:
+        frag = self._fragment()
+        bufs: list[bytes | memoryview] = [_pdv_pdu(context_id, 0x03, len(command)), command]
+        if ds.data is not None:
+            view = memoryview(ds.data)
+            for start in range(0, max(ds.length, 1), frag):
+                piece = view[start:start + frag]
+                last = start + frag >= ds.length
+                bufs += [_pdv_pdu(context_id, 0x02 if last else 0x00, len(piece)), piece]
+                if len(bufs) >= _IOV_MAX:
+                    self._sendv(bufs)
+                    bufs = []
+            self._sendv(bufs)
+            return
+        self._sendv(bufs)
+        with open(ds.path, "rb") as f:
+            fd, out = f.fileno(), self.sock.fileno()
+            for start in range(0, max(ds.length, 1), frag):
+                n = min(frag, ds.length - start)
+                self._sendall(_pdv_pdu(context_id, 0x02 if start + frag >= ds.length else 0x00, n))
+                sent = 0
+                while sent < n:
+                    r = os.sendfile(out, fd, ds.offset + start + sent, n - sent)
+                    if r == 0:
+                        raise AssociationError(f"{ds.path} is shorter than expected")
+                    sent += r
+
+    def _read_response(self) -> tuple[int, str]:
+        command = bytearray()
+        while True:
+            pdu_type, body = self._read_pdu()
+            if pdu_type == A_ABORT:
+                raise AssociationError("the peer aborted the association")
+            if pdu_type == A_RELEASE_RQ:
+                raise AssociationError("the peer asked to release the association")
+            if pdu_type != P_DATA_TF:
+                raise AssociationError(f"unexpected PDU type 0x{pdu_type:02X}")
+            pos, done = 0, False
+            while pos + 6 <= len(body):
+                length, _cx, header = _PDV.unpack_from(body, pos)
+                if header & 0x01:
+                    command += body[pos + 6:pos + 4 + length]
+                    done = done or bool(header & 0x02)
+                pos += 4 + length
+            if done:
+                field, status, comment = parse_response(command)
+                if field != 0x8001 or status < 0:
+                    raise AssociationError(f"expected a C-STORE-RSP, got command field 0x{field & 0xFFFF:04X}")
+                return status, comment
+
+    # -- bytes on the wire -----------------------------------------------------------------
+    def _sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _sendv(self, bufs: list) -> None:
+        """Write every buffer, in order, with as few system calls as the kernel allows."""
+        sock = self.sock
+        views = [memoryview(b) for b in bufs]
+        while views:
+            sent = sock.sendmsg(views)
+            while sent and views:
+                n = len(views[0])
+                if sent >= n:
+                    sent -= n
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def _recv_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            r = self.sock.recv_into(view[got:])
+            if r == 0:
+                raise AssociationError("the peer closed the connection")
+            got += r
+        return buf
+
+    def _read_pdu(self) -> tuple[int, bytearray]:
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except (AttributeError, OSError):
+            pass
+        pdu_type, length = _PDU.unpack(self._recv_exact(6))
+        if length > _MAX_RESPONSE_PDU:
+            raise AssociationError(f"the peer sent a {length}-byte PDU of type 0x{pdu_type:02X}")
+        return pdu_type, self._recv_exact(length)
+
+
+def _pdv_pdu(context_id: int, header: int, n: int) -> bytes:
+    """P-DATA-TF PDU header plus the header of its one PDV item of ``n`` payload bytes."""
+    return _PDU.pack(P_DATA_TF, n + 6) + _PDV.pack(n + 2, context_id, header)
+
+
+def contexts_for(datasets: Iterable[Dataset]) -> list[tuple[str, str]]:
+    """The distinct (SOP class, transfer syntax) pairs of ``datasets``, in first-seen order."""
+    return list(dict.fromkeys((d.sop_class_uid, d.transfer_syntax_uid) for d in datasets))
