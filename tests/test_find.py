@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -176,6 +177,20 @@ def _encode(ds: Dataset, implicit: bool) -> BytesIO:
     return BytesIO(fp.getvalue())
 
 
+@contextmanager
+def paused(assoc):
+    """Hold the SCU's own reactor (as pynetdicom's send_c_* do), so that responses read with
+    the low-level DIMSE calls below are not taken by it."""
+    assoc._reactor_checkpoint.clear()
+    deadline = time.monotonic() + 10
+    while not assoc._is_paused and time.monotonic() < deadline:
+        time.sleep(0.0001)
+    try:
+        yield
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
 def test_cancel_with_pynetdicom(archive):
     """C-CANCEL after the first match (pynetdicom drops a C-CANCEL that arrives before
     the request is dispatched): the SCP stops with Cancel before its 300 matches are out,
@@ -187,17 +202,18 @@ def test_cancel_with_pynetdicom(archive):
         req.MessageID, req.AffectedSOPClassUID, req.Priority = 5, STUDY_ROOT, 2
         req.Identifier = _encode(q("IMAGE", StudyInstanceUID=archive.big_study, SeriesInstanceUID=archive.big_series,
                                    SOPInstanceUID=""), cx.transfer_syntax[0].is_implicit_VR)
-        assoc.dimse.send_msg(req, cx.context_id)
         pending, final = 0, None
-        while final is None:
-            _cx, rsp = assoc.dimse.get_msg(block=True)
-            assert rsp is not None, "no response"
-            if rsp.Status == 0xFF00:
-                pending += 1
-                if pending == 1:
-                    assoc.send_c_cancel(5, cx.context_id)
-            else:
-                final = rsp.Status
+        with paused(assoc):
+            assoc.dimse.send_msg(req, cx.context_id)
+            while final is None:
+                _cx, rsp = assoc.dimse.get_msg(block=True)
+                assert rsp is not None, "no response"
+                if rsp.Status == 0xFF00:
+                    pending += 1
+                    if pending == 1:
+                        assoc.send_c_cancel(5, cx.context_id)
+                else:
+                    final = rsp.Status
         assert final == 0xFE00
         assert pending < CANCEL_SERIES_SIZE
         got = [i for s, i in assoc.send_c_find(q("STUDY", StudyInstanceUID=S11), STUDY_ROOT) if s.Status == 0xFF00]
@@ -254,8 +270,9 @@ def test_unsupported_sop_class(archive):
         req = C_FIND()
         req.MessageID, req.AffectedSOPClassUID, req.Priority = 7, PATIENT_ROOT, 2
         req.Identifier = _encode(q("STUDY", PatientID=""), cx.transfer_syntax[0].is_implicit_VR)
-        assoc.dimse.send_msg(req, cx.context_id)
-        _cx, rsp = assoc.dimse.get_msg(block=True)
+        with paused(assoc):
+            assoc.dimse.send_msg(req, cx.context_id)
+            _cx, rsp = assoc.dimse.get_msg(block=True)
         assert rsp.Status == 0x0122 and 0 < len(rsp.ErrorComment) <= 64
     finally:
         assoc.release()
