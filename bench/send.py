@@ -1,12 +1,13 @@
 """Send benchmark: `stowage send` of one study of generated CT instances to DCMTK
 storescp (writing files, as a real destination does), against DCMTK storescu sending the
-same files to the same receiver, as a ratio.
+same files, and Orthanc sending the same study from its own storage (REST
+/modalities/{id}/store, if /usr/sbin/Orthanc is installed), to the same receiver.
 
     python -m bench.send --count 500 [--kind ct] [--repeat 3]
 
 Steps: generate the corpus (one patient, one study, one series), start `stowage serve`
-on a free 127.0.0.1 port, ingest it with storescu, then time each sender into a fresh
-storescp output directory. Prints instances/s and MB/s (dataset bytes on the wire).
+(and Orthanc) on free 127.0.0.1 ports, ingest it with storescu, then time each sender
+into a fresh storescp output directory. Prints instances/s and MB/s (file bytes).
 """
 from __future__ import annotations
 
@@ -40,6 +41,42 @@ def _storescp(storescp: str, echoscu: str, out: Path) -> tuple[subprocess.Popen,
     return proc, port
 
 
+class _Orthanc:
+    """Orthanc as a subprocess with a throw-away configuration; None if not installed."""
+
+    EXE = "/usr/sbin/Orthanc"
+
+    def __init__(self, work: Path) -> None:
+        import json
+        self.dicom_port, self.http_port = free_port(), free_port()
+        work.mkdir()
+        cfg = {"Name": "bench", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
+               "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+               "StorageCompression": False, "DicomModalities": {}}
+        (work / "orthanc.json").write_text(json.dumps(cfg))
+        self.proc = subprocess.Popen([self.EXE, str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.rest("GET", "/system")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def rest(self, method: str, path: str, body=None):
+        import json
+        import urllib.request
+        data = None if body is None else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method, data=data)
+        with urllib.request.urlopen(req, timeout=600) as r:
+            raw = r.read()
+        return json.loads(raw) if raw.strip() else None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=500)
@@ -50,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     if not all((storescp, storescu, echoscu)):
         sys.exit("DCMTK is needed: apt-get install dcmtk")
     work = Path(tempfile.mkdtemp(prefix="stowage-bench-send-"))
-    server = None
+    server = orthanc = None
     try:
         files = generate(work / "corpus", args.kind, args.count, patients=1, studies_per_patient=1,
                          series_per_study=1)
@@ -66,19 +103,34 @@ def main(argv: list[str] | None = None) -> None:
         import pydicom
         study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
         results: dict[str, list[float]] = {"stowage send": [], "storescu (files)": []}
+        if Path(_Orthanc.EXE).exists():
+            orthanc = _Orthanc(work / "orthanc")
+            subprocess.run([storescu, "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
+                           check=True, capture_output=True)
+            (orthanc_study,) = [r["ID"] for r in orthanc.rest("POST", "/tools/lookup", study)
+                                if r["Type"] == "Study"]
+            results["orthanc store"] = []
         for r in range(args.repeat):
             for name in results:
                 out = work / f"rx-{name.split()[0]}-{r}"
                 rx, rx_port = _storescp(storescp, echoscu, out)
                 try:
-                    if name == "stowage send":
-                        cmd = [sys.executable, "-m", "engine.cli", "send", "--data-dir", str(data), "-q",
-                               "--to", f"127.0.0.1:{rx_port}", "--aec", "DEST", "--study", study]
+                    if name == "orthanc store":
+                        orthanc.rest("PUT", "/modalities/dest", {"AET": "DEST", "Host": "127.0.0.1",
+                                                                 "Port": rx_port})
+                        t = time.monotonic()
+                        orthanc.rest("POST", "/modalities/dest/store", {"Resources": [orthanc_study],
+                                                                        "Synchronous": True})
+                        results[name].append(time.monotonic() - t)
                     else:
-                        cmd = [storescu, "-aec", "DEST", "127.0.0.1", str(rx_port), *map(str, files)]
-                    t = time.monotonic()
-                    subprocess.run(cmd, check=True, capture_output=True)
-                    results[name].append(time.monotonic() - t)
+                        if name == "stowage send":
+                            cmd = [sys.executable, "-m", "engine.cli", "send", "--data-dir", str(data), "-q",
+                                   "--to", f"127.0.0.1:{rx_port}", "--aec", "DEST", "--study", study]
+                        else:
+                            cmd = [storescu, "-aec", "DEST", "127.0.0.1", str(rx_port), *map(str, files)]
+                        t = time.monotonic()
+                        subprocess.run(cmd, check=True, capture_output=True)
+                        results[name].append(time.monotonic() - t)
                     got = len(list(out.iterdir()))
                     if got != args.count:
                         raise RuntimeError(f"{name}: {got} of {args.count} arrived")
@@ -94,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if server is not None:
             stop_tree(server, None)
+        if orthanc is not None:
+            stop_tree(orthanc.proc, None)
         shutil.rmtree(work, ignore_errors=True)
 
 
