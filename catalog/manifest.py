@@ -87,4 +87,6 @@ def _purge_retired(directory: Path, m: Manifest) -> None:
     for name, at in list(m.retired.items()):
         if now - at > RETIRE_GRACE_S:
             (directory / name).unlink(missing_ok=True)
+            if name.endswith(".parquet"):  # and its study summary (catalog.studies)
+                (directory / (name[:-len(".parquet")] + ".studies.parquet")).unlink(missing_ok=True)
             del m.retired[name]

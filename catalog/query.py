@@ -27,7 +27,8 @@ from pydicom.filereader import read_dataset
 
 from catalog.attributes import header_is_implicit
 from catalog.keys import DERIVED, LEVELS, UNIQUE, Model, models, table_level
-from catalog.matching import Match, MatchError, datetime_sql, matches, parse, sql
+from catalog import studies
+from catalog.matching import Match, MatchError, _like, datetime_sql, matches, parse, sql
 from catalog.reader import Catalog
 from catalog.schema import KEYWORD_TO_COLUMN
 
@@ -168,6 +169,32 @@ _COUNTS = {
 }
 _LISTS = {0x00080061: "modality", 0x00080062: "sop_class_uid"}  # Modalities / SOP Classes in Study
 _PATIENT_COUNTS = {0x00201200, 0x00201202, 0x00201204}
+# The same over study summaries (catalog.studies): one row per study per file.
+_SUMMARY_COUNTS = {
+    0x00201200: "count(DISTINCT study_instance_uid)",
+    0x00201202: "len(list_distinct(flatten(list(series))))",
+    0x00201204: "CAST(sum(instances) AS BIGINT)",
+    0x00201206: "len(list_distinct(flatten(list(series))))",
+    0x00201208: "CAST(sum(instances) AS BIGINT)",
+}
+_SUMMARY_LISTS = {0x00080061: "modalities", 0x00080062: "sop_classes"}
+
+
+def _from_summaries(request: "Request") -> bool:
+    """Whether study summaries can answer the request: a PATIENT or STUDY query whose
+    matched keys are all of its level or above, on columns the summaries carry."""
+    if request.level not in ("PATIENT", "STUDY"):
+        return False
+    depth = LEVELS.index(request.level)
+    for k in request.keys:
+        if k.source == "indexed" and LEVELS.index(k.level) <= depth and k.column not in studies.ATTRIBUTES \
+                and k.column != "study_instance_uid":
+            return False  # a column returned that summaries lack
+        if not k.matched:
+            continue
+        if LEVELS.index(k.level) > depth or (k.tag in _LISTS and k.match.kind == "wildcard"):
+            return False
+    return True
 
 
 @dataclass
@@ -190,6 +217,9 @@ class Plan:
 def plan(request: Request, pn_insensitive: bool = False) -> Plan:
     """The SQL for a request, values bound as parameters."""
     level, aggregated = request.level, request.level != "IMAGE"
+    summaries = _from_summaries(request)
+    source = "study_parts" if summaries else "instances"
+    counts = _SUMMARY_COUNTS if summaries else _COUNTS
     where: list[str] = []
     params: list[Any] = []
     by_tag = {k.tag: k for k in request.keys}
@@ -226,10 +256,12 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
         if k.tag in _PATIENT_COUNTS and level == "STUDY":
             patient_counts.append((k, name))
             continue
-        expr = _COUNTS.get(k.tag) or f"list_sort(list_distinct(list({_LISTS[k.tag]})))"
+        values = f"flatten(list({_SUMMARY_LISTS[k.tag]}))" if summaries and k.tag in _LISTS else \
+            f"list({_LISTS[k.tag]})" if k.tag in _LISTS else None
+        expr = counts.get(k.tag) or f"list_sort(list_distinct({values}))"
         selects.append(f"{expr} AS {name}")
         if k.matched:
-            having.append(_derived_condition(k, expr, select_params))
+            having.append(_derived_condition(k, expr, select_params, values))
     selects.append("max(specific_character_set) AS cs_" if aggregated else "specific_character_set AS cs_")
     header_keys = [k for k in request.keys if k.source == "header" and k.matched]
     wants_header = bool(header_keys) or any(k.source == "header" and k.level == level for k in request.keys)
@@ -240,6 +272,7 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
     if not aggregated:
         return Plan(f"SELECT {', '.join(selects)} FROM instances WHERE {cond}", params, columns, header_keys,
                     wants_header)
+    entity = _ENTITY[level]
     unique = by_tag.get(UNIQUE[level])
     if len(where) == 1 and unique is not None and unique.matched and unique.match.kind in ("single", "list") \
             and level != "PATIENT":
@@ -250,30 +283,30 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
         keys = "SELECT unnest(?) AS k"
         params = [given]
     else:
-        keys = f"SELECT DISTINCT {_ENTITY[level]} AS k FROM instances WHERE {cond}"
-    body = (f"SELECT {', '.join(selects)} FROM instances WHERE {_ENTITY[level]} IN (SELECT unnest(?)) GROUP BY k"
+        keys = f"SELECT DISTINCT {entity} AS k FROM {source} WHERE {cond}"
+    body = (f"SELECT {', '.join(selects)} FROM {source} WHERE {entity} IN (SELECT unnest(?)) GROUP BY k"
             + (" HAVING " + " AND ".join(having) if having else ""))
     if patient_counts:  # Study Root: the patient's counts at STUDY level
-        parts = ", ".join(f"{_COUNTS[k.tag]} AS {name}" for k, name in patient_counts)
+        parts = ", ".join(f"{counts[k.tag]} AS {name}" for k, name in patient_counts)
         body = body.replace(" AS k, ", f" AS k, max({_ENTITY['PATIENT']}) AS pk_, ", 1)
         body = (f"SELECT s.* EXCLUDE (pk_), {', '.join('p.' + name for _, name in patient_counts)} FROM ({body}) s "
-                f"LEFT JOIN (SELECT {_ENTITY['PATIENT']} AS pk, {parts} FROM instances GROUP BY pk) p ON p.pk = s.pk_")
+                f"LEFT JOIN (SELECT {_ENTITY['PATIENT']} AS pk, {parts} FROM {source} GROUP BY pk) p ON p.pk = s.pk_")
         for k, name in patient_counts:
             if k.matched:
                 body = f"SELECT * FROM ({body}) WHERE {_derived_condition(k, name, select_params)}"
     return Plan(body, params, columns, header_keys, wants_header, keys, select_params)
 
 
-def _derived_condition(k: RequestKey, expr: str, params: list[Any]) -> str:
+def _derived_condition(k: RequestKey, expr: str, params: list[Any], values: str | None = None) -> str:
+    """A HAVING condition for derived key k: `expr` its value, `values` (for Modalities and
+    SOP Classes in Study) the list its values come from."""
     m = k.match
     if k.tag in _LISTS:
-        column = _LISTS[k.tag]
-        if m.kind == "wildcard":
-            from catalog.matching import _like
+        if m.kind == "wildcard":  # instances only (summaries step aside, see _from_summaries)
             params.append(_like(m.value))
-            return f"bool_or({column} LIKE ? ESCAPE '\\')"
+            return f"bool_or({_LISTS[k.tag]} LIKE ? ESCAPE '\\')"
         params.append(m.values if m.kind == "list" else [m.value])
-        return f"list_has_any(list({column}), ?)"
+        return f"list_has_any({values}, ?)"
     values = m.values if m.kind == "list" else [m.value]
     try:
         params.append([int(float(v)) for v in values])

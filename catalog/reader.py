@@ -2,8 +2,10 @@
 tail, as DuckDB views.
 
 Views, for lookups and for `stowage query`:
-  records    every row of every durable record (duplicates included)
-  instances  one row per SOP Instance UID, the one the duplicates policy keeps
+  records      every row of every durable record (duplicates included)
+  instances    one row per SOP Instance UID, the one the duplicates policy keeps
+  study_parts  study summaries (catalog.studies) of the instances: one row per study per
+               sealed file, plus the tails' studies; several rows of a study add up
 
 `instances` is `records` less the records the policy hides (`shadowed`): those of the
 versions table (catalog.versions) and those that tail rows newly duplicate. Filters on
@@ -20,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catalog import manifest, versions
+from catalog import manifest, studies, versions
 from catalog.schema import SCHEMA
 from catalog.tail import TailReader
 
@@ -56,6 +58,7 @@ class Catalog:
         self._tail_checked: dict[str, bool] = {}  # tail UID -> may be sealed too (this generation)
         self._shadow_empty: bool | None = None
         self._file_columns: dict[str, tuple[str, ...]] = {}  # sealed file -> its columns (files never change)
+        self._has_summary: dict[str, bool] = {}  # sealed file -> whether its study summary exists
 
     def close(self) -> None:
         self._con.close()
@@ -70,9 +73,10 @@ class Catalog:
         unsealed = _unsealed(tails, m)
         self._con.register("tail_rows", unsealed)
         if m.generation != self._generation:
-            self._con.execute(f"CREATE OR REPLACE TEMP VIEW sealed_rows AS {self._sealed_sql(m)}")
+            self._con.execute(f"CREATE OR REPLACE TEMP VIEW sealed_rows AS {self._sealed_sql(sorted(m.files))}")
             self._con.execute(f"CREATE OR REPLACE TEMP VIEW records AS SELECT {_COLUMNS} FROM sealed_rows "
                               f"UNION ALL SELECT {_COLUMNS} FROM tail_rows")
+            self._con.execute(f"CREATE OR REPLACE TEMP VIEW study_rows AS {self._studies_sql(m)}")
             self._filter = versions.read_filter(self.directory, m, self._filter)
             if m.duplicates != self._manifest.duplicates or self._generation < 0:
                 self._sealed_versions = versions.load_versions(self.directory, m)
@@ -87,17 +91,47 @@ class Catalog:
                 "SELECT * FROM records" if self._shadow_empty else
                 "SELECT * FROM records r WHERE NOT EXISTS (SELECT 1 FROM shadowed s "
                 "WHERE s.segment = r.segment AND s.\"offset\" = r.\"offset\")"))
+            # Summaries count every record: studies holding a hidden one are summarised
+            # again from instances (all of them, if the versions table cannot say which).
+            columns = ", ".join(studies.COLUMNS)
+            exact = studies.summary_sql("(SELECT * FROM instances WHERE study_instance_uid IN "
+                                        "(SELECT study_instance_uid FROM shadowed))")
+            unknown = "(SELECT count(*) FROM shadowed WHERE study_instance_uid IS NULL) > 0"
+            self._con.execute("CREATE OR REPLACE TEMP VIEW study_parts AS " + (
+                "SELECT * FROM study_rows" if self._shadow_empty else
+                f"SELECT {columns} FROM study_rows WHERE NOT {unknown} AND study_instance_uid NOT IN "
+                f"(SELECT study_instance_uid FROM shadowed) UNION ALL SELECT {columns} FROM ({exact}) "
+                f"WHERE NOT {unknown} UNION ALL SELECT {columns} FROM ({studies.summary_sql('instances')}) "
+                f"WHERE {unknown}"))
 
-    def _sealed_sql(self, m: manifest.Manifest) -> str:
-        """The sealed files as one relation of SCHEMA's columns. Files are grouped by their
-        own columns (older files lack newer ones, read as NULL), so DuckDB need not unify
+    def _studies_sql(self, m: manifest.Manifest) -> str:
+        """Study summaries: the sealed files' own, summaries made here of files without
+        one, and of the tails."""
+        have, lack = [], []
+        for name in sorted(m.files):
+            if name not in self._has_summary:
+                self._has_summary[name] = (self.directory / studies.companion(name)).exists()
+            (have if self._has_summary[name] else lack).append(name)
+        self._has_summary = {n: v for n, v in self._has_summary.items() if n in m.files}
+        self._file_columns = {n: c for n, c in self._file_columns.items() if n in m.files}
+        columns = ", ".join(studies.COLUMNS)
+        parts = [f"SELECT {columns} FROM ({studies.summary_sql('tail_rows')})"]
+        if have:
+            files = [str(self.directory / studies.companion(n)) for n in have]
+            parts.append(f"SELECT {columns} FROM read_parquet({files!r})")
+        if lack:
+            parts.append(f"SELECT {columns} FROM ({studies.summary_sql('(' + self._sealed_sql(lack) + ')')})")
+        return " UNION ALL ".join(parts)
+
+    def _sealed_sql(self, names: list[str]) -> str:
+        """Sealed files as one relation of SCHEMA's columns. Files are grouped by their own
+        columns (older files lack newer ones, read as NULL), so DuckDB need not unify
         schemas on every query as union_by_name would."""
         groups: dict[tuple[str, ...], list[str]] = {}
-        for name in sorted(m.files):
+        for name in names:
             if name not in self._file_columns:
                 self._file_columns[name] = tuple(pq.read_schema(self.directory / name).names)
             groups.setdefault(self._file_columns[name], []).append(str(self.directory / name))
-        self._file_columns = {n: c for n, c in self._file_columns.items() if n in m.files}
         parts = []
         for columns, files in groups.items():
             select = ", ".join(_quote(c) if c in columns else f"CAST(NULL AS {_SQL_TYPE[c]}) AS {_quote(c)}"
@@ -125,7 +159,7 @@ class Catalog:
         wanted = pa.array(sorted(maybe), pa.string())
         mine = tail.filter(pc.is_in(tail["sop_instance_uid"], value_set=wanted))
         sealed = self._con.sql(
-            "SELECT sop_instance_uid, received_at, segment, \"offset\" FROM sealed_rows "
+            "SELECT sop_instance_uid, received_at, segment, \"offset\", study_instance_uid FROM sealed_rows "
             "WHERE sop_instance_uid IN (SELECT unnest(?))", params=[wanted.to_pylist()]).to_arrow_table()
         return versions.merge(self._sealed_versions, sealed, mine)
 

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog import manifest, versions
+from catalog import manifest, studies, versions
 from catalog.schema import SCHEMA
 from catalog.tail import SUFFIX, TailWriter
 
@@ -32,6 +32,7 @@ COMPACT_MAX_ROWS = 4_000_000  # files at least this big are left alone
 
 def _write_parquet(directory: Path, table: pa.Table) -> str:
     name = f"part-{time.time_ns():020d}-{os.getpid()}.parquet"
+    studies.write(directory, name, table)  # first: a file in the manifest always has its summary
     tmp = directory / f".{name}.tmp"
     rows = min(ROW_GROUP_ROWS, max(table.num_rows, 1))
     pq.write_table(table.sort_by(SORT_KEYS), tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,

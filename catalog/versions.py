@@ -35,9 +35,9 @@ FILTER = "uids.bloom"
 _MAGIC = b"STWBLM01"
 _HEAD = 64  # magic, then the token (ASCII), zero-padded
 _BITS = 1 << 28  # 32 MiB: about 1 % false positives at 2.5e7 UIDs, 0.01 % at 5e6
-VERSION_COLUMNS = ("sop_instance_uid", "received_at", "segment", "offset")
+VERSION_COLUMNS = ("sop_instance_uid", "received_at", "segment", "offset", "study_instance_uid")
 VERSIONS_SCHEMA = pa.schema([("sop_instance_uid", pa.string()), ("received_at", pa.timestamp("us", tz="UTC")),
-                             ("segment", pa.string()), ("offset", pa.int64())])
+                             ("segment", pa.string()), ("offset", pa.int64()), ("study_instance_uid", pa.string())])
 # Which duplicate a policy keeps: the newest record, or the first one received.
 KEEP_NEWEST = {"keep-newest": True, "keep-first": False, "reject": False}
 
@@ -141,7 +141,7 @@ def read_filter(directory: Path, m: Manifest, current: SealedUids | None) -> Sea
 def load_versions(directory: Path, m: Manifest) -> pa.Table:
     if not m.duplicates:
         return VERSIONS_SCHEMA.empty_table()
-    return pq.read_table(directory / m.duplicates, schema=VERSIONS_SCHEMA)
+    return pq.read_table(directory / m.duplicates, schema=VERSIONS_SCHEMA)  # a missing column reads as null
 
 
 def sealed_versions(directory: Path, files: Iterable[str], uids: list[str]) -> pa.Table:
@@ -152,7 +152,8 @@ def sealed_versions(directory: Path, files: Iterable[str], uids: list[str]) -> p
     con = duckdb.connect(":memory:", config={"threads": 1})
     try:
         return con.sql(
-            "SELECT sop_instance_uid, received_at, segment, \"offset\" FROM read_parquet(?, union_by_name=true) "
+            "SELECT sop_instance_uid, received_at, segment, \"offset\", study_instance_uid "
+            "FROM read_parquet(?, union_by_name=true) "
             "WHERE sop_instance_uid IN (SELECT unnest(?))", params=[paths, uids]).to_arrow_table().cast(VERSIONS_SCHEMA)
     finally:
         con.close()
@@ -164,8 +165,8 @@ def merge(*tables: pa.Table) -> pa.Table:
     if t.num_rows == 0:
         return t
     t = t.group_by(["segment", "offset"], use_threads=False).aggregate(
-        [("sop_instance_uid", "min"), ("received_at", "min")]).rename_columns(
-        ["segment", "offset", "sop_instance_uid", "received_at"]).select(VERSION_COLUMNS)
+        [("sop_instance_uid", "min"), ("received_at", "min"), ("study_instance_uid", "min")]).rename_columns(
+        ["segment", "offset", "sop_instance_uid", "received_at", "study_instance_uid"]).select(VERSION_COLUMNS)
     counts = t.group_by("sop_instance_uid", use_threads=False).aggregate([("segment", "count")])
     several = counts.filter(pc.greater(counts["segment_count"], 1))["sop_instance_uid"]
     return t.filter(pc.is_in(t["sop_instance_uid"], value_set=several))
@@ -210,13 +211,15 @@ def _write_versions(directory: Path, versions: pa.Table) -> str:
 
 
 def shadowed(versions: pa.Table, policy: str) -> pa.Table:
-    """(segment, offset) of every record in `versions` that policy does not serve."""
+    """(segment, offset, study_instance_uid) of every record in `versions` that policy does
+    not serve."""
     if versions.num_rows == 0:
-        return pa.table({"segment": pa.array([], pa.string()), "offset": pa.array([], pa.int64())})
+        return pa.table({"segment": pa.array([], pa.string()), "offset": pa.array([], pa.int64()),
+                         "study_instance_uid": pa.array([], pa.string())})
     order = "descending" if KEEP_NEWEST[policy] else "ascending"
     t = versions.sort_by([("sop_instance_uid", "ascending"), ("received_at", order), ("segment", order),
                           ("offset", order)])
     uids = t["sop_instance_uid"]
     first = pc.not_equal(uids.slice(1), uids.slice(0, len(uids) - 1))  # row i+1 starts a new UID
     keep = pa.concat_arrays([pa.array([True]), first.combine_chunks()])
-    return t.filter(pc.invert(keep)).select(["segment", "offset"])
+    return t.filter(pc.invert(keep)).select(["segment", "offset", "study_instance_uid"])

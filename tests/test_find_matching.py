@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence
 import find_corpus as fc
 from catalog import matching
 from catalog.keys import models
-from catalog.query import QueryError, parse_request, plan, run
+from catalog.query import QueryError, _from_summaries, parse_request, plan, run
 from catalog.reader import Catalog
 from catalog.responses import choose_charset, fits, identifier
 from catalog.sealer import Sealer
@@ -379,3 +379,92 @@ def test_parse_kinds():
         matching.parse(SimpleNamespace(tag=0x00201208, VR="IS", value="many"))
     with pytest.raises(matching.MatchError):
         matching.parse(DataElement(0x00081032, "SQ", Sequence([Dataset(), Dataset()])))
+
+
+# --- study summaries agree with the instances ------------------------------------------------
+
+SUMMARY_QUERIES = [
+    (STUDY_ROOT, "STUDY", dict(StudyInstanceUID="", PatientName="", StudyDate="", ModalitiesInStudy="",
+                               SOPClassesInStudy="", NumberOfStudyRelatedSeries="", NumberOfStudyRelatedInstances="",
+                               NumberOfPatientRelatedStudies="", NumberOfPatientRelatedInstances="",
+                               ProcedureCodeSequence=Sequence(), OtherPatientIDs="")),
+    (STUDY_ROOT, "STUDY", dict(StudyInstanceUID="", PatientName="SM*", ModalitiesInStudy="CT",
+                               NumberOfStudyRelatedInstances="")),
+    (STUDY_ROOT, "STUDY", dict(StudyInstanceUID="", StudyDate="20231231-20240110", StudyTime="2359-1015",
+                               NumberOfStudyRelatedSeries="")),
+    (STUDY_ROOT, "STUDY", dict(StudyInstanceUID=f"{S11}\\{S21}", NumberOfStudyRelatedInstances="4\\2")),
+    (PATIENT_ROOT, "PATIENT", dict(PatientID="", PatientName="", NumberOfPatientRelatedStudies="",
+                                   NumberOfPatientRelatedSeries="", NumberOfPatientRelatedInstances="",
+                                   PatientBirthTime="")),
+    (PATIENT_ROOT, "PATIENT", dict(PatientID="PAT-*", NumberOfPatientRelatedInstances="6")),
+]
+
+
+def _both_ways(catalog: Catalog, sop_class: str, level: str, keys: dict, monkeypatch) -> tuple[list, list]:
+    from catalog import query as q
+    def answers():
+        return sorted(str(sorted((e.keyword, str(e.value)) for e in r)) for r in
+                      find(catalog, query(sop_class, level, **keys), sop_class))
+    from_summaries = answers()
+    monkeypatch.setattr(q, "_from_summaries", lambda request: False)
+    return from_summaries, answers()
+
+
+@pytest.mark.parametrize("sop_class, level, keys", SUMMARY_QUERIES)
+def test_study_summaries_answer_as_instances_do(catalog, sop_class, level, keys, monkeypatch):
+    assert _from_summaries(parse_request(query(sop_class, level, **keys), sop_class))
+    summaries, instances = _both_ways(catalog, sop_class, level, keys, monkeypatch)
+    assert summaries == instances and summaries
+
+
+def test_a_study_split_between_files_and_a_tail_adds_up(tmp_path, monkeypatch):
+    rows = fc.rows(fc.datasets()[:4])  # study S11: 3 CT + 1 SR
+    s = Sealer(tmp_path, 0, compact_min_files=100)
+    s.commit(rows[:1])
+    s.seal()
+    s.commit(rows[1:2])
+    s.seal()
+    s.commit(rows[2:])
+    c = Catalog(tmp_path)
+    keys = dict(StudyInstanceUID="", NumberOfStudyRelatedInstances="", NumberOfStudyRelatedSeries="",
+                ModalitiesInStudy="")
+    got = find(c, query(**keys))
+    assert len(got) == 1 and (got[0].NumberOfStudyRelatedInstances, got[0].NumberOfStudyRelatedSeries) == (4, 2)
+    assert list(got[0].ModalitiesInStudy) == ["CT", "SR"]
+    summaries, instances = _both_ways(c, STUDY_ROOT, "STUDY", keys, monkeypatch)
+    assert summaries == instances
+
+
+def test_files_sealed_before_summaries_existed_are_summarised_on_the_fly(tmp_path, monkeypatch):
+    from catalog import manifest, studies
+    s = Sealer(tmp_path, 0, compact_min_files=100)
+    s.commit(fc.rows(fc.datasets()))
+    s.seal()
+    for name in manifest.load(tmp_path).files:
+        (tmp_path / studies.companion(name)).unlink()
+    c = Catalog(tmp_path)
+    for sop_class, level, keys in SUMMARY_QUERIES:
+        summaries, instances = _both_ways(c, sop_class, level, keys, monkeypatch)
+        monkeypatch.undo()
+        assert summaries == instances and summaries
+
+
+def test_a_hidden_duplicate_is_not_counted(tmp_path, monkeypatch):
+    """keep-newest: an instance re-sent into another series moves there in the counts."""
+    dss = fc.datasets()[:4]
+    again = fc.datasets()[:1]
+    again[0].SeriesInstanceUID = fc.uid(1, 1, 2)
+    s = Sealer(tmp_path, 0, compact_min_files=100)
+    s.commit(fc.rows(dss))
+    s.seal()
+    s.commit(fc.rows(again, start=100))
+    for sealed in (False, True):
+        if sealed:
+            s.seal()
+        c = Catalog(tmp_path)
+        got = find(c, query(StudyInstanceUID=S11, NumberOfStudyRelatedInstances="", NumberOfStudyRelatedSeries=""))
+        assert (got[0].NumberOfStudyRelatedInstances, got[0].NumberOfStudyRelatedSeries) == (4, 2)
+        series = find(c, query(level="SERIES", StudyInstanceUID=S11, SeriesInstanceUID="",
+                               NumberOfSeriesRelatedInstances=""))
+        assert sorted((x.SeriesInstanceUID, x.NumberOfSeriesRelatedInstances) for x in series) == \
+            [(fc.uid(1, 1, 1), 2), (fc.uid(1, 1, 2), 2)]
