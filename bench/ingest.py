@@ -1,14 +1,17 @@
 """Ingest benchmark: C-STORE a generated corpus into each receiver, with K concurrent associations.
 
     python -m bench.ingest --kind small --count 2000 --associations 1 4 --repeat 3 \
-        [--receivers stowage,storescp,storescp-fork,pynetdicom] [--json out.json]
+        [--receivers stowage,storescp,storescp-fork,orthanc,pynetdicom] \
+        [--senders storescu,stowage-bench] [--json out.json]
 
-For every receiver × association count × repeat: start the receiver on a free
+For every receiver × sender × association count × repeat: start the receiver on a free
 127.0.0.1 port in a fresh temp dir, wait for it to answer C-ECHO, split the corpus
-into K equal contiguous shares and send each with its own DCMTK ``storescu``
-process, then SIGTERM the receiver. Wall time runs from the first sender start to
-the last sender exit; CPU and peak RSS cover the receiver's whole process tree.
-Medians over repeats are reported.
+into K equal contiguous shares and send each on its own association, then SIGTERM the
+receiver. Senders: ``storescu`` (one DCMTK ``storescu`` process per share; wall time from
+the first start to the last exit) and ``stowage-bench`` (bench/loadgen.py: one sender
+process per share with the datasets pre-loaded; wall time from the start signal to the
+last release). CPU and peak RSS cover the receiver's whole process tree. Medians over
+repeats are reported. bench/compare.py runs this over both corpora and prints ratios.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from pathlib import Path
 from bench.corpus import KINDS, generate, series_layout
 from bench.procs import TreeMonitor, echo, find_dcmtk, free_port, stop_tree, tail
 from bench.receivers import RECEIVERS, REPO_ROOT, Receiver, Unavailable
+
+SENDERS = ("storescu", "stowage-bench")
 
 MAX_ARGV_BYTES = 1 << 20  # beyond this a share is passed as a directory of symlinks (+sd)
 
@@ -58,11 +63,13 @@ class Run:
     cpu_s: float
     peak_rss_mb: float
     peak_pss_mb: float
-    senders_ok: bool  # every storescu exited 0
+    senders_ok: bool  # every storescu exited 0 / every stowage-bench store answered success
     received: int | None = None
     leftover_procs: int = 0
     max_procs: int = 0
     errors: list[str] = field(default_factory=list)
+    latency_ms: dict[str, float] = field(default_factory=dict)  # stowage-bench only
+    sender_cpu_s: float | None = None                            # stowage-bench only
 
 
 @dataclass
@@ -72,6 +79,8 @@ class Result:
     receiver: str
     associations: int
     status: str  # ok | errors | skipped | failed
+    sender: str = "storescu"
+    kind: str = ""
     note: str = ""
     command: list[str] = field(default_factory=list)
     runs: list[Run] = field(default_factory=list)
@@ -113,25 +122,15 @@ def _start(rcv: Receiver, cmd: list[str], port: int, logs: Path, echoscu: str, t
         raise StartFailed(f"{why}; output tail:\n{err}")
 
 
-def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
-             tools: dict[str, str], args: argparse.Namespace) -> tuple[Run, list[str]]:
-    """Start ``rcv`` fresh, send ``files`` over ``k`` associations, stop it; return the measurement."""
-    work = Path(tempfile.mkdtemp(prefix=f"stowage-bench-{rcv.name}-", dir=args.tmp))
-    data, logs = work / "data", work / "logs"
-    data.mkdir()
-    logs.mkdir()
+def _send_storescu(port: int, aet: str, files: list[Path], k: int, tools: dict[str, str], work: Path,
+                   logs: Path, env: dict[str, str], args: argparse.Namespace) -> tuple[float, list[str], dict]:
+    """K DCMTK storescu processes, one share each; (wall seconds, errors, extra fields of Run)."""
+    corpus = files[0].parent
+    names = [f.name for f in files]
+    shares = [names[r.start:r.stop] for r in series_layout(len(names), k)]
+    argvs = [_sender_argv(tools["storescu"], port, aet, corpus, s, work / f"share{i}") for i, s in enumerate(shares) if s]
     senders: list[subprocess.Popen] = []
-    proc = mon = None
     try:
-        port = free_port()
-        cmd = rcv.build(port, data, args.stowage_workers)
-        env = tool_env(args.nagle)
-        proc, mon = _start(rcv, cmd, port, logs, tools["echoscu"], args.start_timeout, env)
-        corpus = files[0].parent
-        names = [f.name for f in files]
-        shares = [names[r.start:r.stop] for r in series_layout(len(names), k)]
-        argvs = [_sender_argv(tools["storescu"], port, rcv.aet, corpus, s, work / f"share{i}") for i, s in enumerate(shares) if s]
-        cpu0 = mon.sample()
         t0 = time.perf_counter()
         for i, argv in enumerate(argvs):
             with open(logs / f"sender{i}.out", "wb") as out:
@@ -149,23 +148,65 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
         wall = time.perf_counter() - t0
         errors += [f"sender {i} exit {s.returncode}: {tail(logs / f'sender{i}.out', 5)}"
                    for i, s in enumerate(senders) if s.returncode != 0]
-        if proc.poll() is not None:
-            errors.append(f"receiver died (exit {proc.returncode}): {tail(logs / 'receiver.err', 5)}")
-        mon.stop()
-        leftovers = stop_tree(proc, mon)
-        received = sum(1 for p in data.rglob("*") if p.is_file()) if rcv.one_file_per_instance else None
-        if received is not None and received != len(files):
-            errors.append(f"receiver stored {received} of {len(files)} files")
-        run = Run(wall_s=wall, inst_per_s=len(files) / wall, mb_per_s=total_bytes / 1e6 / wall,
-                  cpu_s=mon.cpu - cpu0, peak_rss_mb=mon.peak_rss / 1e6, peak_pss_mb=mon.peak_pss / 1e6,
-                  senders_ok=all(s.returncode == 0 for s in senders),
-                  received=received, leftover_procs=leftovers, max_procs=mon.max_procs, errors=errors)
-        return run, cmd
+        return wall, errors, {"senders_ok": all(s.returncode == 0 for s in senders)}
     finally:
         for s in senders:
             if s.poll() is None:
                 s.kill()
                 s.wait()
+
+
+def _send_loadgen(port: int, aet: str, items: list, k: int, args: argparse.Namespace) -> tuple[float, list[str], dict]:
+    """stowage bench's load generator, K sender processes; (wall seconds, errors, extra fields of Run)."""
+    from bench.loadgen import Target, run
+    r = run(Target("127.0.0.1", port, aet, "BENCH"), items, k, monitor_target=False, progress=False,
+            timeout=min(600.0, args.send_timeout))
+    errors = list(dict.fromkeys(r.errors))[:5]
+    if r.completed + r.warning != r.instances:
+        errors.append("not all stored: " + ", ".join(f"{s} x{n}" for s, n in r.statuses.items() if s != "0x0000"))
+    return r.wall_s, errors, {"senders_ok": not errors, "latency_ms": r.latency_ms, "sender_cpu_s": r.sender_cpu_s}
+
+
+def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
+             tools: dict[str, str], args: argparse.Namespace, sender: str = "storescu",
+             items: list | None = None) -> tuple[Run, list[str]]:
+    """Start ``rcv`` fresh, send ``files`` over ``k`` associations with ``sender``, stop it;
+    return the measurement. ``items`` (bench.loadgen.load_corpus of ``files``) is needed for
+    the stowage-bench sender."""
+    work = Path(tempfile.mkdtemp(prefix=f"stowage-bench-{rcv.name}-", dir=args.tmp))
+    data, logs = work / "data", work / "logs"
+    data.mkdir()
+    logs.mkdir()
+    proc = mon = None
+    try:
+        port = free_port()
+        cmd = rcv.build(port, data, args.stowage_workers)
+        env = tool_env(args.nagle)
+        proc, mon = _start(rcv, cmd, port, logs, tools["echoscu"], args.start_timeout, env)
+        cpu0 = mon.sample()
+        if sender == "storescu":
+            wall, errors, extra = _send_storescu(port, rcv.aet, files, k, tools, work, logs, env, args)
+        elif sender == "stowage-bench":
+            if items is None:
+                from bench.loadgen import load_corpus
+                items = load_corpus(files)
+            wall, errors, extra = _send_loadgen(port, rcv.aet, items, k, args)
+        else:
+            raise ValueError(f"unknown sender {sender!r}; known: {', '.join(SENDERS)}")
+        if proc.poll() is not None:
+            errors.append(f"receiver died (exit {proc.returncode}): {tail(logs / 'receiver.err', 5)}")
+        mon.stop()
+        received = rcv.received(data) if rcv.count is not None and proc.poll() is None else None
+        leftovers = stop_tree(proc, mon)
+        if rcv.one_file_per_instance:
+            received = rcv.received(data)
+        if received is not None and received != len(files):
+            errors.append(f"receiver stored {received} of {len(files)} instances")
+        run = Run(wall_s=wall, inst_per_s=len(files) / wall, mb_per_s=total_bytes / 1e6 / wall,
+                  cpu_s=mon.cpu - cpu0, peak_rss_mb=mon.peak_rss / 1e6, peak_pss_mb=mon.peak_pss / 1e6,
+                  received=received, leftover_procs=leftovers, max_procs=mon.max_procs, errors=errors, **extra)
+        return run, cmd
+    finally:
         if proc is not None and proc.poll() is None:
             if mon is not None:
                 mon.stop()
@@ -176,53 +217,85 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
             shutil.rmtree(work, ignore_errors=True)
 
 
-def bench_config(name: str, k: int, files: list[Path], total: int, tools: dict[str, str],
-                 args: argparse.Namespace) -> Result:
-    """All repeats of one receiver × association count."""
-    rcv = RECEIVERS[name]
-    res = Result(name, k, "ok")
-    for rep in range(args.repeat):
-        try:
-            run, res.command = run_once(rcv, files, total, k, tools, args)
-        except Unavailable as e:
-            res.status, res.note = "skipped", str(e)
-            return res
-        except StartFailed as e:
-            res.status, res.note = "failed", str(e)
-            return res
-        res.runs.append(run)
-        flag = "  ERRORS: " + " | ".join(run.errors) if run.errors else ""
-        print(f"  {name:<14} assoc={k} rep={rep + 1}: {run.inst_per_s:8.1f} inst/s  {run.mb_per_s:7.1f} MB/s"
-              f"  cpu {run.cpu_s:6.2f} s  rss {run.peak_rss_mb:6.1f} MB  pss {run.peak_pss_mb:6.1f} MB"
-              f"  procs<={run.max_procs}{flag}",
-              file=sys.stderr, flush=True)
+def measure(res: Result, files: list[Path], total: int, tools: dict[str, str], args: argparse.Namespace,
+            items: list | None = None, label: str = "") -> bool:
+    """One more repeat of ``res``'s configuration, appended to it; False if the receiver
+    cannot run (``res`` then says why and further repeats are pointless)."""
+    try:
+        run, res.command = run_once(RECEIVERS[res.receiver], files, total, res.associations, tools, args,
+                                    res.sender, items)
+    except Unavailable as e:
+        res.status, res.note = "skipped", str(e)
+        return False
+    except StartFailed as e:
+        res.status, res.note = "failed", str(e)
+        return False
+    res.runs.append(run)
+    flag = "  ERRORS: " + " | ".join(run.errors) if run.errors else ""
+    print(f"  {label}{res.receiver:<14} {res.sender:<13} assoc={res.associations} rep={len(res.runs)}: "
+          f"{run.inst_per_s:8.1f} inst/s  {run.mb_per_s:7.1f} MB/s  cpu {run.cpu_s:6.2f} s  "
+          f"rss {run.peak_rss_mb:6.1f} MB  procs<={run.max_procs}{flag}", file=sys.stderr, flush=True)
+    return True
+
+
+def finish(res: Result) -> Result:
+    """Medians over the repeats; status "errors" if any run had one."""
+    if not res.runs:
+        return res
     for key in ("wall_s", "inst_per_s", "mb_per_s", "cpu_s", "peak_rss_mb", "peak_pss_mb"):
         res.median[key] = statistics.median(getattr(r, key) for r in res.runs)
+    lat = [r.latency_ms for r in res.runs if r.latency_ms]
+    for p in ("p50", "p99"):
+        if lat:
+            res.median[f"{p}_ms"] = statistics.median(x[p] for x in lat)
     if any(r.errors for r in res.runs):
         res.status = "errors"
         res.note = "; ".join(e for r in res.runs for e in r.errors)[:2000]
     return res
 
 
-def format_table(results: list[Result]) -> str:
-    """The human-readable summary table (plus notes for skipped/failed rows)."""
-    base = {r.associations: r.median["inst_per_s"] for r in results if r.receiver == "stowage" and r.runs}
-    head = ("receiver", "assoc", "inst/s", "MB/s", "cpu s", "peak RSS MB", "ratio vs stowage (inst/s)", "ok")
+def bench_config(name: str, k: int, files: list[Path], total: int, tools: dict[str, str],
+                 args: argparse.Namespace, sender: str = "storescu", items: list | None = None) -> Result:
+    """All repeats of one receiver × sender × association count."""
+    res = Result(name, k, "ok", sender)
+    for _ in range(args.repeat):
+        if not measure(res, files, total, tools, args, items):
+            break
+    return finish(res)
+
+
+def format_table(results: list[Result], markdown: bool = False) -> str:
+    """The human-readable summary table (plus notes for skipped/failed rows); Markdown if asked.
+    Latency percentiles are those the stowage-bench sender measured (storescu reports none)."""
+    base = {(r.kind, r.sender, r.associations): r.median["inst_per_s"]
+            for r in results if r.receiver == "stowage" and r.runs}
+    head = ("corpus", "sender", "assoc", "receiver", "inst/s", "MB/s", "p50 ms", "p99 ms", "cpu ms/inst",
+            "peak RSS MB", "ratio vs stowage", "ok")
     rows, notes = [], []
     for r in results:
+        where = (r.kind, r.sender, str(r.associations), r.receiver)
         if not r.runs:
-            rows.append((r.receiver, str(r.associations), r.status, "", "", "", "", "-"))
-            notes.append(f"{r.receiver} (assoc {r.associations}) {r.status}: {r.note}")
+            rows.append((*where, r.status, "", "", "", "", "", "", "-"))
+            notes.append(f"{r.receiver} ({r.kind} {r.sender} assoc {r.associations}) {r.status}: {r.note}")
             continue
         m = r.median
-        ratio = f"{m['inst_per_s'] / base[r.associations]:.2f}" if r.associations in base else "-"
+        key = (r.kind, r.sender, r.associations)
+        ratio = f"{m['inst_per_s'] / base[key]:.2f}" if key in base else "-"
         ok = "yes" if r.status == "ok" else "NO"
-        rows.append((r.receiver, str(r.associations), f"{m['inst_per_s']:.1f}", f"{m['mb_per_s']:.1f}",
-                     f"{m['cpu_s']:.2f}", f"{m['peak_rss_mb']:.1f}", ratio, ok))
+        n = m["inst_per_s"] * m["wall_s"]
+        lat = [f"{m[p]:.2f}" if p in m else "-" for p in ("p50_ms", "p99_ms")]
+        rows.append((*where, f"{m['inst_per_s']:.1f}", f"{m['mb_per_s']:.1f}", *lat, f"{m['cpu_s'] * 1e3 / n:.2f}",
+                     f"{m['peak_rss_mb']:.1f}", ratio, ok))
         if r.status != "ok":
-            notes.append(f"{r.receiver} (assoc {r.associations}) errors: {r.note}")
+            notes.append(f"{r.receiver} ({r.kind} {r.sender} assoc {r.associations}) errors: {r.note}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    left = (0, 1, 3)
+    line = lambda cells: " | ".join(c.ljust(w) if i in left else c.rjust(w)
+                                    for i, (c, w) in enumerate(zip(cells, widths)))
+    if markdown:
+        rule = " | ".join(":" + "-" * (w - 1) if i in left else "-" * (w - 1) + ":" for i, w in enumerate(widths))
+        out = [f"| {line(head)} |", f"| {rule} |", *(f"| {line(r)} |" for r in rows)]
+        return "\n".join(out + ([""] + [f"- {n}" for n in notes] if notes else []))
     out = [line(head), "-+-".join("-" * w for w in widths), *map(line, rows)]
     return "\n".join(out + ([""] + notes if notes else []))
 
@@ -236,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--receivers", default=",".join(RECEIVERS))
+    ap.add_argument("--senders", default="storescu", help=f"comma-separated, of {', '.join(SENDERS)}")
     ap.add_argument("--json", type=Path, help="also write results here")
     ap.add_argument("--corpus", type=Path, help="send the *.dcm files of this dir instead of generating")
-    ap.add_argument("--stowage-workers", type=int, default=2)
+    ap.add_argument("--stowage-workers", type=int, help="stowage serve --workers [its default: one per core]")
     ap.add_argument("--start-timeout", type=float, default=15.0)
     ap.add_argument("--send-timeout", type=float, default=1800.0)
     ap.add_argument("--tmp", help="parent dir for temp dirs (default: system temp)")
@@ -249,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.receivers.split(",") if n.strip()]
     if bad := [n for n in names if n not in RECEIVERS]:
         ap.error(f"unknown receivers {bad}; known: {', '.join(RECEIVERS)}")
+    senders = [n.strip() for n in args.senders.split(",") if n.strip()]
+    if bad := [n for n in senders if n not in SENDERS]:
+        ap.error(f"unknown senders {bad}; known: {', '.join(SENDERS)}")
     tools = {t: find_dcmtk(t) for t in ("storescu", "echoscu")}
     if missing := [t for t, p in tools.items() if p is None]:
         print(f"DCMTK {', '.join(missing)} not found (set DCMTK_BIN); cannot send", file=sys.stderr)
@@ -268,7 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         env = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                "storescu": tools["storescu"], "files": len(files), "bytes": total}
         print(f"corpus: {len(files)} files, {total / 1e6:.1f} MB; {env['cpus']} CPUs", file=sys.stderr)
-        results = [bench_config(n, k, files, total, tools, args) for n in names for k in args.associations]
+        items = None
+        if "stowage-bench" in senders:
+            from bench.loadgen import load_corpus
+            items = load_corpus(files)
+        results = [bench_config(n, k, files, total, tools, args, snd, items)
+                   for snd in senders for n in names for k in args.associations]
+        for r in results:
+            r.kind = args.kind if not args.corpus else str(args.corpus)
     finally:
         if corpus_tmp is not None:
             shutil.rmtree(corpus_tmp, ignore_errors=True)

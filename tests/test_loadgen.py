@@ -195,3 +195,23 @@ def test_cli_usage_errors() -> None:
     r = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--kind", "pet", "--port", "1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "unknown kind" in r.stderr
+
+
+def test_compare_runs_end_to_end(tmp_path: Path) -> None:
+    """bench/compare with a tiny corpus, one receiver and both senders: a table with a row
+    per configuration and nothing left running (receivers are stopped by PID)."""
+    out = tmp_path / "c.json"
+    r = subprocess.run([sys.executable, "-m", "bench.compare", "--small-count", "8", "--kinds", "small",
+                        "--receivers", "stowage,storescp", "--associations", "1", "2", "--repeat", "1",
+                        "--json", str(out), "--tmp", str(tmp_path)], capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "machine:" in r.stdout and "ratio vs stowage" in r.stdout
+    data = json.loads(out.read_text())
+    rows = {(x["sender"], x["receiver"], x["associations"]): x for x in data["results"]}
+    assert set(rows) == {(s, n, k) for s in ("storescu", "stowage-bench") for n in ("stowage", "storescp")
+                         for k in (1, 2)}
+    for x in rows.values():
+        assert x["status"] == "ok", x["note"]
+        assert len(x["runs"]) == 1 and x["runs"][0]["leftover_procs"] == 0
+    assert rows[("storescu", "storescp", 1)]["runs"][0]["received"] == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # temp dirs cleaned up
