@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -23,49 +23,103 @@ from catalog.matching import matching_items
 from catalog.query import (INSTANCE_AVAILABILITY, QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE, Request,
                            RequestKey, Result)
 
-UTF8 = ["ISO_IR 192"]
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+
+UTF8 = ["ISO_IR 192"]
 
 
 def identifier(request: Request, result: Result, ae_title: str, pn_insensitive: bool = False) -> Dataset:
     """The response identifier for one matching entity."""
-    ds = Dataset()
-    ds.add_new(QUERY_RETRIEVE_LEVEL, "CS", request.level)
+    plain: list[tuple[int, str, Any]] = [(QUERY_RETRIEVE_LEVEL, "CS", request.level)]
+    stored: list[DataElement] = []  # from the header, already pydicom's
     depth = LEVELS.index(request.level)
+    seen = {QUERY_RETRIEVE_LEVEL}
     for k in request.keys:
-        ds.add(_element(k, request, result, depth, ae_title, pn_insensitive))
+        seen.add(k.tag)
+        value = _value(k, request, result, depth, ae_title, pn_insensitive)
+        if isinstance(value, DataElement):
+            stored.append(value)
+        else:
+            plain.append((k.tag, k.vr, value))
     for tag, value in result.values.items():  # unique keys of this level and above
-        if tag not in ds and tag in UNIQUE.values():
-            ds.add_new(tag, dictionary_VR(tag), _plain(value))
-    if RETRIEVE_AE_TITLE not in ds:
-        ds.add_new(RETRIEVE_AE_TITLE, "AE", ae_title)
-    charset = choose_charset(_texts(ds), request.charset, result.charset)
+        if tag not in seen and tag in _UNIQUE_TAGS:
+            plain.append((tag, "UI" if tag != 0x00100020 else "LO", _plain(value)))
+            seen.add(tag)
+    if RETRIEVE_AE_TITLE not in seen:
+        plain.append((RETRIEVE_AE_TITLE, "AE", ae_title))
+    texts = [t for tag, vr, v in plain if vr in _TEXT_VRS and v is not None for t in _strings(v)]
+    texts += [t for elem in stored for t in _texts_of(elem)]
+    charset = choose_charset(texts, request.charset, result.charset)
+    ds = Dataset()
+    codec = _codec(charset)
+    for tag, vr, value in plain:
+        if codec is not None and vr not in ("SQ",):
+            ds[tag] = _raw(tag, vr, value, codec)
+        else:
+            ds.add(DataElement(tag, vr, value))
+    for elem in stored:
+        ds.add(elem)
     if charset:
         ds.SpecificCharacterSet = charset if len(charset) > 1 else charset[0]
     return ds
 
 
-def _element(k: RequestKey, request: Request, result: Result, depth: int, ae_title: str,
-             pn_insensitive: bool) -> DataElement:
+_UNIQUE_TAGS = frozenset(UNIQUE.values())
+
+
+def _value(k: RequestKey, request: Request, result: Result, depth: int, ae_title: str,
+           pn_insensitive: bool) -> Any:
+    """A key's value: plain (str, list, int, None) or a DataElement from the header."""
     if k.tag == RETRIEVE_AE_TITLE:
-        return DataElement(k.tag, "AE", ae_title)
+        return ae_title
     if k.tag == INSTANCE_AVAILABILITY:
-        return DataElement(k.tag, "CS", "ONLINE")
+        return "ONLINE"
     if LEVELS.index(k.level) > depth:  # a key of a lower level: returned empty
-        return DataElement(k.tag, k.vr, None)
+        return DataElement(k.tag, k.vr, []) if k.vr == "SQ" else None
     if k.tag in result.values:
-        return DataElement(k.tag, k.vr, _plain(result.values[k.tag]))
+        return _plain(result.values[k.tag])
     if k.source != "header" or result.header is None or k.tag not in result.header:
-        return DataElement(k.tag, k.vr, [] if k.vr == "SQ" else None)
+        return DataElement(k.tag, k.vr, []) if k.vr == "SQ" else None
     try:
-        stored = result.header[k.tag]
-        if stored.VR != "SQ":
-            return DataElement(k.tag, stored.VR, stored.value)
-        items = matching_items(k.match, stored.value, pn_insensitive)
+        elem = result.header[k.tag]
+        if elem.VR != "SQ":
+            return DataElement(k.tag, elem.VR, elem.value)
+        items = matching_items(k.match, elem.value, pn_insensitive)
         wanted = list(k.match.items) if k.match.kind == "sequence" else []
         return DataElement(k.tag, "SQ", Sequence([_item(i, wanted) for i in items]))
     except Exception:  # a header value pydicom cannot convert: returned empty
-        return DataElement(k.tag, k.vr, [] if k.vr == "SQ" else None)
+        return DataElement(k.tag, k.vr, []) if k.vr == "SQ" else None
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _codec(charset: list[str]) -> str | None:
+    """A Python codec that encodes each value on its own in `charset` (None for ISO 2022
+    code extensions, which pydicom's encoder handles)."""
+    if not charset:
+        return "ascii"
+    if len(charset) > 1:
+        return None
+    return "ascii" if charset[0].strip() in _DEFAULT_REPERTOIRE else python_encoding.get(charset[0].strip())
+
+
+_PAD_NUL = frozenset({"UI", "OB", "UN"})
+
+
+def _raw(tag: int, vr: str, value: Any, codec: str) -> RawDataElement:
+    """An element already encoded (pydicom writes its bytes as they are)."""
+    if value is None:
+        data = b""
+    else:
+        text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        data = text.encode(codec if vr in _TEXT_VRS else "ascii", errors="replace")
+        if len(data) % 2:
+            data += b"\0" if vr in _PAD_NUL else b" "
+    return RawDataElement(tag, vr, len(data), data, 0, True, True)
 
 
 def _item(item: Dataset, wanted: list[int]) -> Dataset:
@@ -90,16 +144,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _texts(ds: Dataset) -> Iterable[str]:
-    """Every text value of the data set, items included."""
-    for elem in ds:
-        if elem.VR == "SQ":
-            for item in elem.value:
-                yield from _texts(item)
-        elif elem.VR in _TEXT_VRS and elem.value is not None:
-            values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
-            for v in values:
-                yield str(v)
+def _texts_of(elem: DataElement) -> Iterable[str]:
+    """Every text value of an element, sequence items included."""
+    if elem.VR == "SQ":
+        for item in elem.value or []:
+            for sub in item:
+                yield from _texts_of(sub)
+    elif elem.VR in _TEXT_VRS and elem.value is not None:
+        values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+        for v in values:
+            yield str(v)
 
 
 _DEFAULT_REPERTOIRE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})  # ASCII (pydicom reads it as latin-1)
