@@ -212,6 +212,8 @@ class Plan:
     wants_header: bool
     keys: str | None = None
     select_params: list[Any] = field(default_factory=list)
+    given: list[str] | None = None   # the keys, when the request lists them (its level's unique key)
+    having: bool = False             # whether `select` drops some keys' rows (HAVING on derived keys)
 
 
 def plan(request: Request, pn_insensitive: bool = False) -> Plan:
@@ -283,6 +285,7 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
         keys = "SELECT unnest(?) AS k"
         params = [given]
     else:
+        given = None
         keys = f"SELECT DISTINCT {entity} AS k FROM {source} WHERE {cond}"
     body = (f"SELECT {', '.join(selects)} FROM {source} WHERE {entity} IN (SELECT unnest(?)) GROUP BY k"
             + (" HAVING " + " AND ".join(having) if having else ""))
@@ -294,7 +297,8 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
         for k, name in patient_counts:
             if k.matched:
                 body = f"SELECT * FROM ({body}) WHERE {_derived_condition(k, name, select_params)}"
-    return Plan(body, params, columns, header_keys, wants_header, keys, select_params)
+    return Plan(body, params, columns, header_keys, wants_header, keys, select_params, given,
+                bool(having) or any(k.matched for k, _ in patient_counts))
 
 
 def _derived_condition(k: RequestKey, expr: str, params: list[Any], values: str | None = None) -> str:
@@ -340,13 +344,25 @@ def decode_header(raw: dict | None) -> Dataset | None:
 def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: int = PAGE) -> Iterator[Result]:
     """Every matching entity, in pages of at most `page` entities ordered by entity key."""
     p = plan(request, pn_insensitive)
-    last = None
+    last, start = None, 0
     while True:
         after = "k > ?" if last is not None else "TRUE"
         bound = p.params + ([last] if last is not None else []) + [page]
-        if p.keys is None:
+        if p.keys is None:  # IMAGE: instances, one statement
             columns, rows = catalog.execute(f"SELECT * FROM ({p.select}) WHERE {after} ORDER BY k LIMIT ?", bound)
-            found = len(rows)
+            found, last_key = len(rows), rows[-1][0] if rows else None
+        elif p.given is not None:  # the keys are the values asked for
+            keys = p.given[start:start + page]
+            start += page
+            columns, rows = catalog.execute(f"SELECT * FROM ({p.select}) ORDER BY k", [keys, *p.select_params]) \
+                if keys else ([], [])
+            found, last_key = len(keys), None
+        elif not p.having:  # every key found has rows: keys and rows in one statement
+            columns, rows = catalog.execute(
+                f"WITH page_ AS (SELECT k FROM ({p.keys}) WHERE {after} ORDER BY k LIMIT ?) "
+                f"SELECT * FROM ({p.select.replace('(SELECT unnest(?))', '(SELECT k FROM page_)', 1)}) ORDER BY k",
+                bound + p.select_params)
+            found, last_key = len(rows), rows[-1][0] if rows else None
         else:
             def both(execute):
                 _cols, keys = execute(f"SELECT k FROM ({p.keys}) WHERE {after} ORDER BY k LIMIT ?", bound)
@@ -355,7 +371,7 @@ def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: 
                     return keys, [], []
                 return (keys, *execute(f"SELECT * FROM ({p.select}) ORDER BY k", [keys, *p.select_params]))
             keys, columns, rows = catalog.snapshot(both)
-            found = len(keys)
+            found, last_key = len(keys), keys[-1] if keys else None
         index = {name: i for i, name in enumerate(columns)}
         for row in rows:
             header = decode_header(row[index["hdr"]]) if p.wants_header else None
@@ -366,7 +382,7 @@ def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: 
                          cs.split("\\") if cs else [])
         if found < page:
             return
-        last = keys[-1] if p.keys is not None else rows[-1][index["k"]]
+        last = last_key
 
 
 def _header_matches(keys: list[RequestKey], header: Dataset | None, pn_insensitive: bool) -> bool:

@@ -13,6 +13,7 @@ versions table (catalog.versions) and those that tail rows newly duplicate. Filt
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -51,7 +52,7 @@ class Catalog:
         self._con = duckdb.connect(":memory:", config={"threads": threads, "memory_limit": MEMORY_LIMIT})
         self._con.execute("SET parquet_metadata_cache = true")
         self._lock = threading.Lock()
-        self._generation = -1
+        self._generation, self._state = -1, None
         self._manifest = manifest.Manifest()
         self._filter: versions.SealedUids | None = None
         self._sealed_versions = versions.VERSIONS_SCHEMA.empty_table()  # of the versions table
@@ -59,6 +60,9 @@ class Catalog:
         self._shadow_empty: bool | None = None
         self._file_columns: dict[str, tuple[str, ...]] = {}  # sealed file -> its columns (files never change)
         self._has_summary: dict[str, bool] = {}  # sealed file -> whether its study summary exists
+        self._state: tuple | None = None  # (manifest file identity, tail rows) of the last refresh
+        self._con.register("tail_rows", SCHEMA.empty_table())
+        self._no_tail_studies = self._con.sql(studies.summary_sql("tail_rows")).to_arrow_table()
 
     def close(self) -> None:
         self._con.close()
@@ -69,9 +73,22 @@ class Catalog:
         # Tails first, then the manifest: a row sealed in between is then found in both
         # (and the watermark drops the tail copy) rather than in neither.
         tails = self._tails.read()
+        try:
+            st = os.stat(self.directory / manifest.MANIFEST)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        state = (stamp, tails.num_rows)
+        if state == self._state and self._tails.fresh.num_rows == 0 and stamp is not None:
+            return  # nothing sealed, nothing new in the tails: the views stand as they are
         m = manifest.load(self.directory)
         unsealed = _unsealed(tails, m)
         self._con.register("tail_rows", unsealed)
+        # The tails' study summaries, computed once per change rather than in every query.
+        tail_studies = self._con.sql(studies.summary_sql("tail_rows")).to_arrow_table() if unsealed.num_rows \
+            else self._no_tail_studies
+        self._con.register("tail_studies", tail_studies)
+        self._state = state
         if m.generation != self._generation:
             self._con.execute(f"CREATE OR REPLACE TEMP VIEW sealed_rows AS {self._sealed_sql(sorted(m.files))}")
             self._con.execute(f"CREATE OR REPLACE TEMP VIEW records AS SELECT {_COLUMNS} FROM sealed_rows "
@@ -115,7 +132,7 @@ class Catalog:
         self._has_summary = {n: v for n, v in self._has_summary.items() if n in m.files}
         self._file_columns = {n: c for n, c in self._file_columns.items() if n in m.files}
         columns = ", ".join(studies.COLUMNS)
-        parts = [f"SELECT {columns} FROM ({studies.summary_sql('tail_rows')})"]
+        parts = [f"SELECT {columns} FROM tail_studies"]
         if have:
             files = [str(self.directory / studies.companion(n)) for n in have]
             parts.append(f"SELECT {columns} FROM read_parquet({files!r})")
@@ -174,7 +191,7 @@ class Catalog:
                 except duckdb.IOException:
                     if attempt == 2:  # a file was compacted away under us: reload the manifest
                         raise
-                    self._generation = -1
+                    self._generation, self._state = -1, None
         raise AssertionError("unreachable")
 
     def snapshot(self, work: Callable[[Callable[..., tuple[list[str], list[tuple]]]], T]) -> T:
@@ -191,7 +208,7 @@ class Catalog:
                 except duckdb.IOException:
                     if attempt == 2:
                         raise
-                    self._generation = -1
+                    self._generation, self._state = -1, None
         raise AssertionError("unreachable")
 
     def lookup(self, sop_instance_uid: str) -> dict[str, Any] | None:
