@@ -83,8 +83,11 @@ def run_bench(target: Target, associations: list[int], repeat: int, *, corpus_di
         results: list[RunResult] = []
         for k in associations:
             for rep in range(repeat):
-                r = run(target, items, k, pid=pid, progress=progress, label=f"{k} assoc, run {rep + 1}/{repeat}",
-                        timeout=timeout, max_pdu=max_pdu)
+                try:
+                    r = run(target, items, k, pid=pid, progress=progress,
+                            label=f"{k} assoc, run {rep + 1}/{repeat}", timeout=timeout, max_pdu=max_pdu)
+                except (RuntimeError, ValueError) as e:
+                    raise BenchError(str(e)) from None
                 results.append(r)
                 lat = r.latency_ms
                 say(f"  {k} assoc run {rep + 1}: {r.inst_per_s:.1f} inst/s, {r.mb_per_s:.1f} MB/s, "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,8 +61,10 @@ def tool_versions() -> dict[str, str]:
 
 def header(env: dict, corpora: dict[str, tuple[int, int]], args: argparse.Namespace) -> str:
     m = env["machine"]
+    load = " → ".join(f"{a:.2f}" for a in env["load"])
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
              f"Python {m['python']}; temp dirs on {env['disk']}",
+             f"load average (1 min) at start → end: {load}",
              "peers: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
              "corpora: " + "; ".join(f"{k}: {n} instances, {b / 1e6:.1f} MB" for k, (n, b) in corpora.items()),
              f"medians of {args.repeat} interleaved runs; every receiver started fresh for every run"]
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing := [t for t, p in tools.items() if p is None]:
         print(f"DCMTK {', '.join(missing)} not found (apt-get install dcmtk, or set DCMTK_BIN)", file=sys.stderr)
         return 2
-    env = {"machine": machine(), "disk": disk(args.tmp or tempfile.gettempdir()), "versions": tool_versions()}
+    env = {"machine": machine(), "disk": disk(args.tmp or tempfile.gettempdir()), "versions": tool_versions(),
+           "load": [os.getloadavg()[0]]}
     work = Path(tempfile.mkdtemp(prefix="stowage-compare-", dir=args.tmp))
     results: dict[tuple[str, str, str, int], Result] = {}
     corpora: dict[str, tuple[int, int]] = {}
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 measure(res, files[kind], corpora[kind][1], tools, args, items[kind], label=f"{kind:<5} ")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    env["load"].append(os.getloadavg()[0])
     order = {n: i for i, n in enumerate(receivers)}
     done = sorted((finish(r) for r in results.values()),
                   key=lambda r: (kinds.index(r.kind), senders.index(r.sender), r.associations, order[r.receiver]))

@@ -266,16 +266,17 @@ def bench_config(name: str, k: int, files: list[Path], total: int, tools: dict[s
 
 def format_table(results: list[Result], markdown: bool = False) -> str:
     """The human-readable summary table (plus notes for skipped/failed rows); Markdown if asked.
-    Latency percentiles are those the stowage-bench sender measured (storescu reports none)."""
+    Latency percentiles are those the stowage-bench sender measured (storescu reports none);
+    spread is half the range of the runs' inst/s, relative to their median."""
     base = {(r.kind, r.sender, r.associations): r.median["inst_per_s"]
             for r in results if r.receiver == "stowage" and r.runs}
-    head = ("corpus", "sender", "assoc", "receiver", "inst/s", "MB/s", "p50 ms", "p99 ms", "cpu ms/inst",
+    head = ("corpus", "sender", "assoc", "receiver", "inst/s", "spread", "MB/s", "p50 ms", "p99 ms", "cpu ms/inst",
             "peak RSS MB", "ratio vs stowage", "ok")
     rows, notes = [], []
     for r in results:
         where = (r.kind, r.sender, str(r.associations), r.receiver)
         if not r.runs:
-            rows.append((*where, r.status, "", "", "", "", "", "", "-"))
+            rows.append((*where, r.status, "", "", "", "", "", "", "", "-"))
             notes.append(f"{r.receiver} ({r.kind} {r.sender} assoc {r.associations}) {r.status}: {r.note}")
             continue
         m = r.median
@@ -284,8 +285,10 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
         ok = "yes" if r.status == "ok" else "NO"
         n = m["inst_per_s"] * m["wall_s"]
         lat = [f"{m[p]:.2f}" if p in m else "-" for p in ("p50_ms", "p99_ms")]
-        rows.append((*where, f"{m['inst_per_s']:.1f}", f"{m['mb_per_s']:.1f}", *lat, f"{m['cpu_s'] * 1e3 / n:.2f}",
-                     f"{m['peak_rss_mb']:.1f}", ratio, ok))
+        speeds = [x.inst_per_s for x in r.runs]
+        spread = f"±{50 * (max(speeds) - min(speeds)) / m['inst_per_s']:.0f}%" if len(speeds) > 1 else "-"
+        rows.append((*where, f"{m['inst_per_s']:.1f}", spread, f"{m['mb_per_s']:.1f}", *lat,
+                     f"{m['cpu_s'] * 1e3 / n:.2f}", f"{m['peak_rss_mb']:.1f}", ratio, ok))
         if r.status != "ok":
             notes.append(f"{r.receiver} ({r.kind} {r.sender} assoc {r.associations}) errors: {r.note}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
