@@ -369,3 +369,28 @@ def test_queries_while_stores_are_in_flight(archive, tmp_path):
     assert seen == sorted(seen), "a query saw fewer instances than an earlier one"
     status, results, _ = find(archive.port, STUDY_ROOT, ds)
     assert status == 0 and int(results[0].NumberOfSeriesRelatedInstances) == len(files)
+
+
+def test_each_pending_response_is_one_pdu(archive):
+    """Pending responses go out as one P-DATA-TF holding the command and the identifier
+    (workers/find.py); a client reading raw PDUs sees every match, then the final status."""
+    from bench.find_client import _PDV, FindClient, _command, _encode
+    client = FindClient(HOST, archive.port, "STOWAGE", STUDY_ROOT)
+    try:
+        ds = q("IMAGE", StudyInstanceUID=archive.big_study, SeriesInstanceUID=archive.big_series, SOPInstanceUID="")
+        client._send_pdvs([(0x01, _command(STUDY_ROOT, 1)), (0x00, _encode(ds))])
+        shapes = []
+        while True:
+            pdu_type, body = client._read_pdu()
+            assert pdu_type == 0x04
+            pdvs, pos = [], 0
+            while pos < len(body):
+                length, _cx, control = _PDV.unpack_from(body, pos)
+                pdvs.append(control)
+                pos += 4 + length
+            shapes.append(tuple(pdvs))
+            if pdvs == [0x03]:  # the final response: a command without a data set
+                break
+        assert shapes[:-1] == [(0x03, 0x02)] * CANCEL_SERIES_SIZE
+    finally:
+        client.close()
