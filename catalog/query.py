@@ -284,6 +284,12 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
         given = sorted(set(unique.match.values or [unique.match.value]))
         keys = "SELECT unnest(?) AS k"
         params = [given]
+    elif summaries and level == "STUDY" and not patient_counts:
+        # One pass over the summaries: the parts of a study that match are aggregated (a
+        # study split over files has matching parts in each, its attributes being the same).
+        having_sql = " HAVING " + " AND ".join(having) if having else ""
+        return Plan(f"SELECT {', '.join(selects)} FROM {source} WHERE {cond} GROUP BY k{having_sql}",
+                    params + select_params, columns, header_keys, wants_header)
     else:
         given = None
         keys = f"SELECT DISTINCT {entity} AS k FROM {source} WHERE {cond}"
@@ -348,7 +354,7 @@ def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: 
     while True:
         after = "k > ?" if last is not None else "TRUE"
         bound = p.params + ([last] if last is not None else []) + [page]
-        if p.keys is None:  # IMAGE: instances, one statement
+        if p.keys is None:  # IMAGE, or STUDY over summaries: one statement
             columns, rows = catalog.execute(f"SELECT * FROM ({p.select}) WHERE {after} ORDER BY k LIMIT ?", bound)
             found, last_key = len(rows), rows[-1][0] if rows else None
         elif p.given is not None:  # the keys are the values asked for

@@ -61,6 +61,7 @@ class Catalog:
         self._file_columns: dict[str, tuple[str, ...]] = {}  # sealed file -> its columns (files never change)
         self._has_summary: dict[str, bool] = {}  # sealed file -> whether its study summary exists
         self._state: tuple | None = None  # (manifest file identity, tail rows) of the last refresh
+        self._with_tails: bool | None = None  # whether the views include the tails
         self._con.register("tail_rows", SCHEMA.empty_table())
         self._no_tail_studies = self._con.sql(studies.summary_sql("tail_rows")).to_arrow_table()
 
@@ -89,11 +90,14 @@ class Catalog:
             else self._no_tail_studies
         self._con.register("tail_studies", tail_studies)
         self._state = state
-        if m.generation != self._generation:
+        with_tails = unsealed.num_rows > 0  # views leave empty tails out: less for DuckDB to plan
+        if m.generation != self._generation or with_tails != self._with_tails:
             self._con.execute(f"CREATE OR REPLACE TEMP VIEW sealed_rows AS {self._sealed_sql(sorted(m.files))}")
-            self._con.execute(f"CREATE OR REPLACE TEMP VIEW records AS SELECT {_COLUMNS} FROM sealed_rows "
-                              f"UNION ALL SELECT {_COLUMNS} FROM tail_rows")
-            self._con.execute(f"CREATE OR REPLACE TEMP VIEW study_rows AS {self._studies_sql(m)}")
+            self._con.execute(f"CREATE OR REPLACE TEMP VIEW records AS SELECT {_COLUMNS} FROM sealed_rows" + (
+                f" UNION ALL SELECT {_COLUMNS} FROM tail_rows" if with_tails else ""))
+            self._con.execute(f"CREATE OR REPLACE TEMP VIEW study_rows AS {self._studies_sql(m, with_tails)}")
+            self._with_tails = with_tails
+        if m.generation != self._generation:
             self._filter = versions.read_filter(self.directory, m, self._filter)
             if m.duplicates != self._manifest.duplicates or self._generation < 0:
                 self._sealed_versions = versions.load_versions(self.directory, m)
@@ -121,7 +125,7 @@ class Catalog:
                 f"WHERE NOT {unknown} UNION ALL SELECT {columns} FROM ({studies.summary_sql('instances')}) "
                 f"WHERE {unknown}"))
 
-    def _studies_sql(self, m: manifest.Manifest) -> str:
+    def _studies_sql(self, m: manifest.Manifest, with_tails: bool = True) -> str:
         """Study summaries: the sealed files' own, summaries made here of files without
         one, and of the tails."""
         have, lack = [], []
@@ -132,7 +136,7 @@ class Catalog:
         self._has_summary = {n: v for n, v in self._has_summary.items() if n in m.files}
         self._file_columns = {n: c for n, c in self._file_columns.items() if n in m.files}
         columns = ", ".join(studies.COLUMNS)
-        parts = [f"SELECT {columns} FROM tail_studies"]
+        parts = [f"SELECT {columns} FROM tail_studies"] if with_tails or not m.files else []
         if have:
             files = [str(self.directory / studies.companion(n)) for n in have]
             parts.append(f"SELECT {columns} FROM read_parquet({files!r})")
