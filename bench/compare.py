@@ -56,6 +56,15 @@ def tool_versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "engine", "workers", "catalog"],
+                               cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout.strip()
+        if head:
+            out["stowage"] = f"{out.get('stowage', '?')} (commit {head}{', modified' if dirty else ''})"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     return out
 
 
