@@ -54,12 +54,19 @@ def split_list(values) -> list[str]:
 
 def run_bench(target: Target, associations: list[int], repeat: int, *, corpus_dir: Path | None,
               spec: CorpusSpec, pid: int | None, json_path: Path | None, chart_path: Path | None,
-              progress: bool, timeout: float, max_pdu: int, tmp: Path | None = None) -> list[RunResult]:
-    """Run every association count ``repeat`` times; print and save the results."""
+              progress: bool, timeout: float, max_pdu: int, tmp: Path | None = None,
+              fresh: bool = False) -> list[RunResult]:
+    """Run every association count ``repeat`` times; print and save the results.
+
+    With ``fresh`` (generated corpora only), run n sends a corpus of its own (seed + n,
+    generated before its clock starts), so a running archive sees new instances every
+    run instead of duplicates of the first."""
     say = lambda msg: print(msg, file=sys.stderr, flush=True)
     for kind in spec.kinds:
         if kind not in KINDS:
             raise BenchError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    if fresh and corpus_dir is not None:
+        raise BenchError("--fresh applies to generated corpora, not to --corpus")
     made = None
     try:
         if corpus_dir is not None:
@@ -81,8 +88,15 @@ def run_bench(target: Target, associations: list[int], repeat: int, *, corpus_di
         total = sum(it.length for it in items)
         say(f"corpus: {len(items)} instances, {total / 1e6:.1f} MB of datasets; target {target}")
         results: list[RunResult] = []
+        n = 0
         for k in associations:
             for rep in range(repeat):
+                if fresh and n:
+                    shutil.rmtree(made / f"run{n - 1}", ignore_errors=True)
+                    quiet = lambda msg: None
+                    spec_n = CorpusSpec(**{**vars(spec), "seed": spec.seed + n})
+                    items = load_corpus(spec_n.generate(made / f"run{n}", quiet))
+                n += 1
                 try:
                     r = run(target, items, k, pid=pid, progress=progress,
                             label=f"{k} assoc, run {rep + 1}/{repeat}", timeout=timeout, max_pdu=max_pdu)

@@ -170,6 +170,7 @@ def _send(index: int, target: Target, items: list[Item], contexts: list[tuple[st
             statuses["not sent: presentation context refused"] += 1
             i += 1
             progress[index] += 1
+            progress[len(progress) // 2 + index] += 1
             continue
         t = time.perf_counter()
         try:
@@ -181,6 +182,7 @@ def _send(index: int, target: Target, items: list[Item], contexts: list[tuple[st
             failures_in_row += 1
             i += 1
             progress[index] += 1
+            progress[len(progress) // 2 + index] += 1
             if failures_in_row >= _REOPEN_TRIES:
                 statuses["not sent: association lost"] += len(datasets) - i
                 break
@@ -191,6 +193,8 @@ def _send(index: int, target: Target, items: list[Item], contexts: list[tuple[st
         statuses[key] += 1
         if comment and key not in comments:
             comments[key] = comment
+        if status != SUCCESS:
+            progress[len(progress) // 2 + index] += 1
         failures_in_row = 0
         i += 1
         progress[index] += 1
@@ -258,7 +262,7 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
 
     ctx = mp.get_context("spawn")
     ready, go = ctx.Value("i", 0), ctx.Event()
-    counts = ctx.Array("q", len(shares), lock=False)
+    counts = ctx.Array("q", 2 * len(shares), lock=False)  # per sender: done, then not successful
     results = ctx.Queue()
     procs = [ctx.Process(target=_send_share, name=f"bench-sender-{i}", daemon=True,
                          args=(i, target, share, contexts, preload_limit, max_pdu, timeout, ready, go, counts, results))
@@ -287,11 +291,13 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
                     res.errors += [f"sender {p.name} exited with {p.exitcode}" for p in dead]
                     break
             if bar is not None:
-                done = sum(counts)
+                done, bad = sum(counts[:len(procs)]), sum(counts[len(procs):])
+                if bad:
+                    bar.set_postfix(not_ok=bad, refresh=False)
                 bar.update(done - shown)
                 shown = done
         if bar is not None:
-            bar.update(sum(counts) - shown)
+            bar.update(sum(counts[:len(procs)]) - shown)
     finally:
         if bar is not None:
             bar.close()

@@ -214,10 +214,12 @@ def query(sql, config_file, data_dir, fmt, schema) -> None:
               help="Write a PNG chart here (needs the bench extra: matplotlib).")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the peer.")
 @click.option("--max-pdu", type=int, default=1 << 20, show_default=True, help="Maximum PDU we receive.")
+@click.option("--fresh", is_flag=True, help="Each run sends new instances (seed + run number), not the "
+                                          "first run's again (generated corpora only).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, syntax, count, patients,
           studies_per_patient, series_per_study, frames, seed, pid, json_path, chart_path, timeout, max_pdu,
-          quiet) -> None:
+          fresh, quiet) -> None:
     """Load-test a Storage SCP: K sender processes, one association each, C-STORE a generated
     (or given) corpus; report instances/s, MB/s, latency percentiles and failures by status.
     Exit status 1 if any store was not successful."""
@@ -234,7 +236,7 @@ def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, 
     try:
         results = run_bench(Target(host, port, aet, calling_aet), ks, repeat, corpus_dir=corpus_dir, spec=spec,
                             pid=pid, json_path=json_path, chart_path=chart_path, progress=not quiet,
-                            timeout=timeout, max_pdu=max_pdu)
+                            timeout=timeout, max_pdu=max_pdu, fresh=fresh)
     except BenchError as e:
         raise click.ClickException(str(e)) from None
     if any(r.failed or r.warning for r in results):

@@ -215,3 +215,13 @@ def test_compare_runs_end_to_end(tmp_path: Path) -> None:
         assert len(x["runs"]) == 1 and x["runs"][0]["leftover_procs"] == 0
     assert rows[("storescu", "storescp", 1)]["runs"][0]["received"] == 8
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # temp dirs cleaned up
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_cli_fresh_sends_new_instances_each_run(tmp_path: Path, scp_factory, fresh: bool) -> None:
+    scp = scp_factory()
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--port", str(scp.port), "--aet", "TESTSCP",
+                        "--count", "4", "--repeat", "2", "-q", *(["--fresh"] if fresh else [])],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(scp.received) == (8 if fresh else 4)
