@@ -23,6 +23,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
+from engine import reactor
 from engine.config import Config, Remote
 
 log = logging.getLogger("stowage.client")
@@ -85,6 +86,7 @@ def _nodelay(event: evt.Event, connected: list[bool]) -> None:
 def new_ae(calling_aet: str, *, acse_timeout: float = 30.0, dimse_timeout: float = 30.0,
            network_timeout: float = 60.0) -> AE:
     _config.LOG_HANDLER_LEVEL = "none"
+    reactor.install()  # event-driven, and immune to pynetdicom's lost-response race (#875)
     ae = AE(calling_aet)
     ae.acse_timeout = acse_timeout
     ae.dimse_timeout = dimse_timeout

@@ -1,4 +1,6 @@
-"""Event-driven reactors for pynetdicom's two per-association threads.
+"""Event-driven reactors for pynetdicom's two per-association threads, for every
+association of the process (ours as acceptor in workers, ours as requestor in C-MOVE
+sub-operations, commitment reports and `stowage send`).
 
 pynetdicom 3.0.4 polls: the DUL thread sleeps 1 ms whenever it finds nothing to do, and
 the association thread sleeps 1 ms before every look at its DIMSE queue. A C-STORE
@@ -78,6 +80,8 @@ class _Wakeup:
 
 def make_event_driven(assoc: Association) -> None:
     """Give `assoc` (not started yet) notifying queues so that both reactors can block."""
+    if getattr(assoc, "_stowage_ready", None) is not None:
+        return
     dul, dimse = assoc.dul, assoc.dimse
     wake, ready = _Wakeup(), threading.Event()
     dul._stowage_wake = wake
@@ -171,19 +175,28 @@ def _assoc_run_reactor(self: Association) -> None:
     ready: threading.Event | None = getattr(self, "_stowage_ready", None)
     if ready is None:
         return _ORIGINAL_ASSOC_RUN(self)
-    self._is_paused = False
     while not self._kill:
+        # Blocked here the reactor touches nothing, so it counts as paused: a send_*() call
+        # that pauses it must not wait for it to come round.
+        self._is_paused = True
         if self.dimse.msg_queue.empty() and self.dul.to_user_queue.empty() and self.dul.is_alive():
             ready.wait(TICK_S)
         ready.clear()  # before looking at the queues, so a put after this wakes the next wait
-
-        self._is_paused = True
-        self._reactor_checkpoint.wait()
+        # pynetdicom's thread serving an N-EVENT-REPORT sets _is_paused False when it ends,
+        # even while this thread sits paused here; a release() waiting for the flag would
+        # then spin for ever. Keep saying so while paused.
+        while not self._reactor_checkpoint.wait(0.01):
+            self._is_paused = True
         self._is_paused = False
 
-        context_id, msg = self.dimse.get_msg(block=False)
-        if msg:
-            self._serve_request(msg, context_id)
+        # Only requests are the reactor's to serve. pynetdicom's own loop takes whatever is
+        # first, so a response that arrives while a send_*() call is pausing the reactor can
+        # be taken here and lost (pynetdicom issue #875; frequent against a fast peer).
+        context_id, msg = self.dimse.peek_msg()
+        if msg is not None and msg.is_valid_request:
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg is not None:
+                self._serve_request(msg, context_id)
 
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
@@ -236,10 +249,22 @@ def _kill_dul(self: DULServiceProvider) -> None:
     _wake_dul(self)
 
 
+_ORIGINAL_ASSOC_INIT = Association.__init__
+
+
+def _assoc_init(self: Association, *args: Any, **kwargs: Any) -> None:
+    _ORIGINAL_ASSOC_INIT(self, *args, **kwargs)
+    make_event_driven(self)  # every association of this process, acceptor or requestor
+
+
 def install() -> None:
-    """Patch pynetdicom (this process only) to use the event-driven reactors."""
+    """Patch pynetdicom (this process only) to use the event-driven reactors for every
+    association it creates from now on."""
     if pynetdicom.__version__ != "3.0.4":
-        raise RuntimeError(f"workers.reactor copies pynetdicom 3.0.4's loops; found {pynetdicom.__version__}")
+        raise RuntimeError(f"engine.reactor copies pynetdicom 3.0.4's loops; found {pynetdicom.__version__}")
+    if Association.__init__ is _assoc_init:
+        return
+    Association.__init__ = _assoc_init
     DULServiceProvider.run_reactor = _dul_run_reactor
     DULServiceProvider.stop_dul = _stop_dul
     DULServiceProvider.kill_dul = _kill_dul

@@ -21,7 +21,8 @@ from engine.archive import Archive
 from engine.config import Config
 from engine.logs import setup_logging
 from engine.recovery import recover
-from workers import association, negotiation, reactor, spill
+from engine import reactor
+from workers import association, negotiation, spill
 from workers.audit import Trail, outcome_of
 from workers.contexts import VERIFICATION, storage_sop_classes
 from workers.ingest import StorageAssociation
@@ -131,7 +132,6 @@ class Worker:
 
     def _serve_pynetdicom(self, sock: socket.socket, req: negotiation.Request) -> str:
         assoc = association.create(self.ae, sock, self.contexts, self.handlers, self.config.aet, req.raw)
-        reactor.make_event_driven(assoc)
         assoc.start()
         assoc.join()
         return outcome_of(assoc)
