@@ -15,6 +15,7 @@ from workers.commitment import SYNTAXES as COMMITMENT_SYNTAXES, Commitment, hand
 from workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
 from workers.echo import handle_echo
 from workers.find import FIND_SOP_CLASSES, Finder, handle_find, handle_sop_extended
+from workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES, Retriever, install as install_retrieve
 from workers.store import handle_store
 
 
@@ -27,10 +28,13 @@ class Services:
     trail: Trail
     commitment: Commitment = field(init=False)
     finder: Finder = field(init=False)
+    retriever: Retriever = field(init=False)
 
     def __post_init__(self) -> None:
         self.commitment = Commitment(self.config, self.archive)  # starts its delivery thread
         self.finder = Finder(self.config)
+        self.retriever = Retriever(self.config)
+        install_retrieve(self.retriever)  # C-MOVE / C-GET served by workers/retrieve.py
 
     def handlers(self) -> list[tuple[Any, Callable | tuple[Callable, list]]]:
         return [
@@ -56,8 +60,11 @@ def build_ae(config: Config) -> AE:
     syntaxes = transfer_syntaxes()
     ae.add_supported_context(VERIFICATION, syntaxes)
     for uid in storage_sop_classes():
-        ae.add_supported_context(uid, syntaxes)
+        # roles: a C-GET requester proposes SCP role for the storage classes it takes back
+        ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
     ae.add_supported_context(STORAGE_COMMITMENT, COMMITMENT_SYNTAXES + ["1.2.840.10008.1.2.2"])
     for uid in FIND_SOP_CLASSES:
+        ae.add_supported_context(uid, syntaxes[:4])
+    for uid in MOVE_SOP_CLASSES + GET_SOP_CLASSES:
         ae.add_supported_context(uid, syntaxes[:4])
     return ae

@@ -1,0 +1,212 @@
+"""C-MOVE SCP against DCMTK movescu and pynetdicom, with DCMTK storescp (bit-preserving)
+and pynetdicom as destinations: every model and level, byte-exact arrival, conversion for
+an implicit-only destination, unknown destination, refused SOP class, cancel, and a move
+of several hundred instances."""
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (MRImageStorage, PatientRootQueryRetrieveInformationModelMove,
+                                  StudyRootQueryRetrieveInformationModelMove)
+
+from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, export_all, free_port
+from test_send import RLE_SRC, J2K_SRC, as_implicit, config_with, scps, store  # noqa: F401  (scps: fixture)
+
+MODELS = {"P": "PATIENT STUDY SERIES IMAGE", "S": "STUDY SERIES IMAGE", "O": "PATIENT STUDY"}
+
+
+def movescu(port: int, model: str, dest: str, keys: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    args = [dcmtk("movescu"), "-v", f"-{model}", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem", dest]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}"]
+    return subprocess.run(args + [HOST, str(port)], capture_output=True, text=True, timeout=timeout)
+
+
+def keys_for(path: Path, model: str, level: str) -> dict[str, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    chain = {"PATIENT": ("PatientID", ds.PatientID), "STUDY": ("StudyInstanceUID", ds.StudyInstanceUID),
+             "SERIES": ("SeriesInstanceUID", ds.SeriesInstanceUID), "IMAGE": ("SOPInstanceUID", ds.SOPInstanceUID)}
+    levels = MODELS[model].split()
+    keys = {"QueryRetrieveLevel": level}
+    for lvl in levels[: levels.index(level) + 1]:
+        keys[chain[lvl][0]] = chain[lvl][1]
+    return keys
+
+
+def clear(d: Path) -> None:
+    for p in d.iterdir():
+        p.unlink()
+
+
+@pytest.fixture
+def archive(make_server, tmp_path, scps):  # noqa: F811
+    """storescp DEST (all syntaxes) and IMPL (implicit VR LE only), stowage knowing both."""
+    dest = scps(tmp_path / "rx", "+xa")
+    impl = scps(tmp_path / "rx-impl", "+xi", aet="IMPL")
+    cfg = config_with(tmp_path, DEST=(HOST, dest.port), IMPL=(HOST, impl.port))
+    server = make_server("--workers", "2", "--config", str(cfg))
+    return server, dest, impl, cfg
+
+
+def test_move_every_model_and_level_byte_exact(archive, tmp_path):
+    server, dest, _impl, _cfg = archive
+    ct = copies(CT, tmp_path / "ct", 4, "ct")
+    imp = as_implicit(CT, tmp_path / "imp", 3, "imp")            # same study, another series
+    rle = copies(RLE_SRC, tmp_path / "rle", 2, "rle")
+    j2k = copies(J2K_SRC, tmp_path / "j2k", 1, "j2k")            # MR patient: RLE and J2K studies
+    store(server.port, ct + imp + rle + j2k)
+    exported = tmp_path / "exported"
+    assert export_all(server.data_dir, exported).returncode == 0
+    cases = {  # (model, level, sample file) -> expected count
+        ("P", "PATIENT", ct[0]): 7, ("P", "STUDY", imp[0]): 7, ("P", "SERIES", imp[0]): 3, ("P", "IMAGE", ct[1]): 1,
+        ("S", "STUDY", rle[0]): 3, ("S", "SERIES", rle[0]): 2, ("S", "IMAGE", j2k[0]): 1,
+        ("O", "PATIENT", rle[0]): 3, ("O", "STUDY", ct[0]): 7,
+    }
+    for (model, level, sample), want in cases.items():
+        clear(dest.out)
+        r = movescu(server.port, model, "DEST", keys_for(sample, model, level))
+        assert r.returncode == 0, r.stderr
+        assert "Received Final Move Response (Success)" in r.stderr + r.stdout, (model, level, r.stderr)
+        got = dest.received()
+        assert len(got) == want, (model, level, len(got))
+        for uid, path in got.items():
+            assert dataset_bytes(path) == dataset_bytes(exported / f"{uid}.dcm"), f"{uid} not byte-exact"
+            assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == \
+                pydicom.dcmread(exported / f"{uid}.dcm", stop_before_pixels=True).file_meta.TransferSyntaxUID
+
+
+def _pyn_move(port: int, dest: str, keys: dict[str, str], model=StudyRootQueryRetrieveInformationModelMove,
+              on_pending=None) -> list:
+    ae = AE("PYNMOVE")
+    ae.add_requested_context(model)
+    ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = 60
+    assoc = ae.associate(HOST, port, ae_title="STOWAGE")
+    assert assoc.is_established
+    ds = pydicom.Dataset()
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    out = []
+    try:
+        for status, ident in assoc.send_c_move(ds, dest, model):
+            out.append((status, ident))
+            if on_pending is not None and status and status.Status == 0xFF00:
+                on_pending(assoc, len(out))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out
+
+
+def test_move_conversion_counts_and_unknown_destination(archive, tmp_path):
+    server, _dest, impl, _cfg = archive
+    ct = copies(CT, tmp_path / "ct", 3, "ct")
+    rle = copies(RLE_SRC, tmp_path / "rle", 1, "rle")
+    j2k = copies(J2K_SRC, tmp_path / "j2k", 1, "j2k")
+    store(server.port, ct + rle + j2k)
+    studies = "\\".join(sorted({pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in ct + rle + j2k}))
+    rsps = _pyn_move(server.port, "IMPL", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": studies})
+    statuses = [s.Status for s, _ in rsps]
+    assert statuses == [0xFF00] * 4 + [0x0000], statuses
+    assert [s.NumberOfRemainingSuboperations for s, _ in rsps[:-1]] == [4, 3, 2, 1]
+    final = rsps[-1][0]
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
+            final.NumberOfWarningSuboperations) == (5, 0, 0)
+    got = impl.received()
+    assert len(got) == 5
+    for path in got.values():  # converted: compressed to uncompressed, explicit to implicit
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+        ds.pixel_array  # decodes
+    rsps = _pyn_move(server.port, "NOWHERE", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": studies})
+    assert [s.Status for s, _ in rsps] == [0xA801]
+    r = movescu(server.port, "S", "NOWHERE", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": studies})
+    assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in r.stdout + r.stderr, r.stderr
+
+
+class SlowSCP:
+    """A pynetdicom Storage SCP taking only MR, each store taking `delay` seconds."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.port, self.received, self.delay = free_port(), [], delay
+        ae = AE("SLOW")
+        ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.server = ae.start_server((HOST, self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event) -> int:
+        time.sleep(self.delay)
+        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_move_refused_sop_class_is_a_warning_with_failed_uids(make_server, tmp_path):
+    dest = SlowSCP()
+    try:
+        cfg = config_with(tmp_path, SLOW=(HOST, dest.port))
+        server = make_server("--workers", "2", "--config", str(cfg))
+        ct = copies(CT, tmp_path / "ct", 2, "ct")
+        mr = copies(MR, tmp_path / "mr", 3, "mr")
+        store(server.port, ct + mr)
+        ds_keys = {"QueryRetrieveLevel": "PATIENT", "PatientID": pydicom.dcmread(ct[0]).PatientID}
+        rsps = _pyn_move(server.port, "SLOW", ds_keys, PatientRootQueryRetrieveInformationModelMove)
+        assert rsps[-1][0].Status == 0xA702  # nothing could be sent: CT refused
+        studies = "\\".join(sorted({pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in ct + mr}))
+        rsps = _pyn_move(server.port, "SLOW", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": studies})
+        final, ident = rsps[-1]
+        assert final.Status == 0xB000
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 2)
+        ct_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in ct}
+        failed = ident.FailedSOPInstanceUIDList
+        assert set([failed] if isinstance(failed, str) else failed) == ct_uids
+        assert "accepted no presentation context for SOP class 1.2.840.10008.5.1.4.1.1.2" in server.log()
+    finally:
+        dest.stop()
+
+
+def test_move_cancel(make_server, tmp_path):
+    dest = SlowSCP(delay=0.05)
+    try:
+        cfg = config_with(tmp_path, SLOW=(HOST, dest.port))
+        server = make_server("--workers", "2", "--config", str(cfg))
+        mr = copies(MR, tmp_path / "mr", 60, "mr")
+        store(server.port, mr)
+        keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": pydicom.dcmread(mr[0]).StudyInstanceUID,
+                "SeriesInstanceUID": pydicom.dcmread(mr[0]).SeriesInstanceUID}
+
+        def cancel(assoc, n):
+            if n == 3:
+                assoc.send_c_cancel(1, query_model=StudyRootQueryRetrieveInformationModelMove)
+
+        started = time.monotonic()
+        rsps = _pyn_move(server.port, "SLOW", keys, on_pending=cancel)
+        final = rsps[-1][0]
+        assert final.Status == 0xFE00, hex(final.Status)
+        assert final.NumberOfRemainingSuboperations > 0
+        assert final.NumberOfCompletedSuboperations + final.NumberOfRemainingSuboperations + \
+            final.NumberOfFailedSuboperations == 60
+        assert time.monotonic() - started < 30
+        assert len(dest.received) < 60
+    finally:
+        dest.stop()
+
+
+def test_move_of_several_hundred_instances(archive, tmp_path):
+    server, dest, _impl, _cfg = archive
+    mr = copies(MR, tmp_path / "mr", 400, "mr")
+    store(server.port, mr)
+    keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": pydicom.dcmread(mr[0]).StudyInstanceUID,
+            "SeriesInstanceUID": pydicom.dcmread(mr[0]).SeriesInstanceUID}
+    r = movescu(server.port, "S", "DEST", keys, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Received Final Move Response (Success)" in r.stderr + r.stdout
+    want = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in mr}
+    assert set(dest.received()) == want

@@ -1,0 +1,241 @@
+"""Query/Retrieve MOVE and GET SCP (C-MOVE, C-GET) for the Patient Root, Study Root and
+Patient/Study Only models, at every level the model has.
+
+The instances are chosen from the request identifier's unique keys (the level's and the
+levels' above it, UID lists included) over the catalog, which sees every acknowledged
+store (sealed Parquet plus tails). Sub-operations go through the shared sending core
+(engine/send.py): byte-exact when the destination accepts the stored transfer syntax,
+converted otherwise (never to a lossy syntax), a failed one counted with its reason in
+the log. C-MOVE opens its own association to the destination from `[remotes.AE]`
+(TCP_NODELAY, a store without response retried once on a new association); C-GET sends
+on the requester's association, on the storage contexts it proposed with SCP role.
+
+pynetdicom's own MOVE/GET SCP takes only decoded `Dataset`s from the handler and opens
+the sub-association itself, so we replace its two methods in the worker (as
+workers/find.py does for pending C-FIND responses): one pending response per
+sub-operation with the remaining/completed/failed/warning counts, then the final one
+(success, 0xB000 with a Failed SOP Instance UID List, 0xA702 when none succeeded, or
+Cancel 0xFE00 after a C-CANCEL).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.service_class import QueryRetrieveServiceClass
+
+from catalog.reader import Catalog
+from engine.client import Peer
+from engine.config import Config
+from engine.send import Instance, Outcome, Sender
+
+log = logging.getLogger("stowage.retrieve")
+audit = logging.getLogger("stowage.audit")
+
+PENDING, SUCCESS, WARNING, CANCEL = 0xFF00, 0x0000, 0xB000, 0xFE00
+UNKNOWN_DESTINATION = 0xA801
+NO_SUBOPERATIONS = 0xA702          # refused: none of the sub-operations could be performed
+IDENTIFIER_MISMATCH = 0xA900       # identifier does not match SOP class
+UNABLE_TO_PROCESS = 0xC000
+
+_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_UNIQUE = {"PATIENT": ("PatientID", "patient_id"), "STUDY": ("StudyInstanceUID", "study_instance_uid"),
+           "SERIES": ("SeriesInstanceUID", "series_instance_uid"), "IMAGE": ("SOPInstanceUID", "sop_instance_uid")}
+_ROOTS = {"1.2.840.10008.5.1.4.1.2.1": _LEVELS, "1.2.840.10008.5.1.4.1.2.2": _LEVELS[1:],
+          "1.2.840.10008.5.1.4.1.2.3": _LEVELS[:2]}
+MOVE_SOP_CLASSES = tuple(f"{root}.2" for root in _ROOTS)
+GET_SOP_CLASSES = tuple(f"{root}.3" for root in _ROOTS)
+_FIELDS = "sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", dataset_length"
+
+
+class RetrieveError(Exception):
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status, self.comment = status, comment
+
+
+def select(catalog: Catalog, sop_class_uid: str, identifier: Dataset) -> tuple[str, list[Instance]]:
+    """The level and the kept instances the identifier names, in segment order."""
+    levels = _ROOTS.get(sop_class_uid.rsplit(".", 1)[0])
+    if levels is None:
+        raise RetrieveError(IDENTIFIER_MISMATCH, f"not a retrieve SOP class: {sop_class_uid}")
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level not in levels:
+        raise RetrieveError(IDENTIFIER_MISMATCH, f"Query/Retrieve Level {level!r} is not one of "
+                                                 f"{'/'.join(levels)} in this model")
+    where, params = [], []
+    for lvl in levels[: levels.index(level) + 1]:
+        keyword, column = _UNIQUE[lvl]
+        raw = identifier.get(keyword)
+        values = [str(v).strip() for v in (raw if isinstance(raw, (list, tuple)) or
+                                           type(raw).__name__ == "MultiValue" else [raw])
+                  if v is not None and str(v).strip()] if raw is not None else []
+        if not values:
+            if lvl == level:
+                raise RetrieveError(IDENTIFIER_MISMATCH, f"{keyword} is required at the {level} level")
+            continue
+        if any("*" in v or "?" in v for v in values):
+            raise RetrieveError(IDENTIFIER_MISMATCH, f"{keyword}: no wildcards in a retrieve")
+        where.append(f"{column} IN (SELECT unnest(?))")
+        params.append(values)
+    sql = f"SELECT {_FIELDS} FROM instances WHERE {' AND '.join(where)} ORDER BY segment, \"offset\""
+    _cols, rows = catalog.execute(sql, params)
+    return level, [Instance(*r[:5], dataset_length=r[5] or 0) for r in rows]
+
+
+class Retriever:
+    """What the MOVE and GET SCP need: a catalog view, the remotes, timeouts."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def sender(self, peer: Peer, **kwargs: Any) -> Sender:
+        c = self.config
+        return Sender(c.data_dir / "segments", peer, c.aet, dimse_timeout=c.dimse_timeout,
+                      acse_timeout=c.acse_timeout, network_timeout=c.network_timeout, **kwargs)
+
+
+_retriever: Retriever | None = None
+
+
+def install(retriever: Retriever) -> None:
+    global _retriever
+    _retriever = retriever
+    QueryRetrieveServiceClass._move_scp = _move_scp
+    QueryRetrieveServiceClass._get_scp = _get_scp
+
+
+def _move_scp(self: QueryRetrieveServiceClass, req: C_MOVE, context: Any) -> None:
+    _serve(self, req, context, C_MOVE)
+
+
+def _get_scp(self: QueryRetrieveServiceClass, req: C_GET, context: Any) -> None:
+    _serve(self, req, context, C_GET)
+
+
+def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: type) -> None:
+    assert _retriever is not None
+    name = "C-MOVE" if kind is C_MOVE else "C-GET"
+    cx_id = context.context_id
+    ts = context.transfer_syntax[0]
+    assoc = service.assoc
+    requestor = assoc.requestor.ae_title
+    started = time.monotonic()
+
+    def respond(status: int, counts: tuple[int, int, int, int] | None = None,
+                failed_uids: list[str] | None = None, comment: str = "") -> None:
+        rsp = kind()
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        rsp.Status = status
+        if counts is not None:
+            remaining, completed, failed, warning = counts
+            if status == PENDING or status == CANCEL:
+                rsp.NumberOfRemainingSuboperations = remaining
+            rsp.NumberOfCompletedSuboperations = completed
+            rsp.NumberOfFailedSuboperations = failed
+            rsp.NumberOfWarningSuboperations = warning
+        if comment:
+            rsp.ErrorComment = comment[:64]
+        if failed_uids:
+            ds = Dataset()
+            ds.FailedSOPInstanceUIDList = failed_uids
+            rsp.Identifier = BytesIO(encode(ds, ts.is_implicit_VR, ts.is_little_endian))
+        service.dimse.send_msg(rsp, cx_id)
+
+    try:
+        identifier = decode(req.Identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    except Exception as e:
+        respond(IDENTIFIER_MISMATCH, comment=f"cannot decode the identifier: {e}")
+        return
+
+    if kind is C_MOVE:
+        dest = (req.MoveDestination or b"")
+        dest = (dest.decode("ascii", "replace") if isinstance(dest, bytes) else str(dest)).strip()
+        remote = _retriever.config.remotes.get(dest)
+        if remote is None:
+            log.info("C-MOVE from %s to unknown destination %r refused", requestor, dest)
+            audit.info("C-MOVE from %s: unknown destination %r", requestor, dest,
+                       extra={"fields": {"event": "move", "calling_ae": requestor, "destination": dest,
+                                         "status": UNKNOWN_DESTINATION}})
+            respond(UNKNOWN_DESTINATION, comment=f"unknown move destination {dest!r}")
+            return
+        peer = Peer(remote.ae_title, remote.host, remote.port)
+    else:
+        dest = requestor
+        host, port = assoc.requestor.address, assoc.requestor.port
+        peer = Peer(requestor, str(host), int(port or 0))
+
+    try:
+        level, instances = select(_retriever.catalog, str(req.AffectedSOPClassUID), identifier)
+    except RetrieveError as e:
+        respond(e.status, comment=e.comment)
+        return
+    except Exception as e:
+        log.exception("%s selection failed", name)
+        respond(UNABLE_TO_PROCESS, comment=f"selection failed: {type(e).__name__}: {e}")
+        return
+
+    total = len(instances)
+    counts = {"completed": 0, "failed": 0, "warning": 0}
+    failed_uids: list[str] = []
+    cancelled = [False]
+
+    def is_cancelled() -> bool:
+        if not cancelled[0] and service.is_cancelled(req.MessageID):
+            cancelled[0] = True
+        return cancelled[0]
+
+    def on_outcome(outcome: Outcome) -> None:
+        counts[outcome.state] += 1
+        if outcome.state == "failed":
+            failed_uids.append(outcome.instance.sop_instance_uid)
+        done = sum(counts.values())
+        if done < total and assoc.is_established:
+            respond(PENDING, (total - done, counts["completed"], counts["failed"], counts["warning"]))
+
+    sender = _retriever.sender(peer, on_outcome=on_outcome, cancelled=is_cancelled,
+                               move_originator=(requestor, req.MessageID) if kind is C_MOVE else None)
+    try:
+        if kind is C_MOVE:
+            result = sender.send(instances)
+        else:
+            result = sender.send_on(assoc, instances)
+    except Exception as e:  # never let a retrieve take the association down silently
+        log.exception("%s to %s failed", name, dest)
+        respond(UNABLE_TO_PROCESS, (0, counts["completed"], counts["failed"], counts["warning"]),
+                failed_uids, comment=f"{type(e).__name__}: {e}")
+        return
+    remaining = len(result.remaining)
+    c, f, w = counts["completed"], counts["failed"], counts["warning"]
+    if remaining or cancelled[0]:
+        status = CANCEL
+        uids = failed_uids + [i.sop_instance_uid for i in result.remaining]
+    elif f == 0 and w == 0:
+        status, uids = SUCCESS, []
+    elif c + w == 0:
+        status, uids = NO_SUBOPERATIONS, failed_uids
+    else:
+        status, uids = WARNING, failed_uids
+    for o in result.failures[:20]:
+        log.warning("%s %s to %s: %s failed: %s", name, level, dest, o.instance.sop_instance_uid, o.reason)
+    seconds = time.monotonic() - started
+    audit.info("%s %s from %s to %s: %d completed, %d failed, %d warning, %d remaining (%d converted) "
+               "in %.2f s, status 0x%04X", name, level, requestor, dest, c, f, w, remaining, result.converted,
+               seconds, status,
+               extra={"fields": {"event": name.lower(), "level": level, "calling_ae": requestor,
+                                 "destination": dest, "completed": c, "failed": f, "warning": w,
+                                 "remaining": remaining, "converted": result.converted,
+                                 "bytes": result.bytes_sent, "seconds": round(seconds, 3),
+                                 "status": status}})
+    if assoc.is_established:
+        respond(status, (remaining, c, f, w), uids)
