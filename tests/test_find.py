@@ -20,12 +20,12 @@ from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 
 import find_corpus as fc
 from catalog.keys import models
-from conftest import CT, HOST, Server, copies, dcmtk, free_port
+from conftest import CT, HOST, MR, Server, copies, dcmtk, free_port
 
 PATIENT_ROOT, STUDY_ROOT, PS_ONLY = (m.find for m in models().values())
 MWL_FIND = "1.2.840.10008.5.1.4.31"
 S11, S12, S21 = fc.uid(1, 1), fc.uid(1, 2), fc.uid(2, 1)
-CANCEL_SERIES_SIZE = 300
+CANCEL_SERIES_SIZE = 1500  # enough matches that a C-CANCEL lands while they are still being sent
 
 
 def storescu(port: int, files: list[Path]) -> None:
@@ -42,7 +42,7 @@ def archive(tmp_path_factory):
     server = Server(tmp / "data", free_port(), ["--workers", "2"]).start()
     try:
         storescu(server.port, fc.write(fc.datasets() + fc.charset_datasets(), tmp / "corpus"))
-        big = copies(CT, tmp / "big", CANCEL_SERIES_SIZE, "big")
+        big = copies(MR, tmp / "big", CANCEL_SERIES_SIZE, "big")
         storescu(server.port, big)
         server.big_series = pydicom.dcmread(big[0], stop_before_pixels=True).SeriesInstanceUID
         server.big_study = pydicom.dcmread(big[0], stop_before_pixels=True).StudyInstanceUID

@@ -44,7 +44,7 @@ class Finder:
         install_pending_responses()
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
         self.ae_title = config.aet
-        self.pn_insensitive = bool(getattr(config, "pn_case_insensitive", False))
+        self.pn_insensitive = config.pn_case_insensitive
 
     def close(self) -> None:
         self.catalog.close()
@@ -95,6 +95,24 @@ def _command_set(provider: DIMSEServiceProvider, primitive: C_FIND) -> bytes:
     return cache[key]
 
 
+# pynetdicom's DUL thread sends what it is given before it reads the socket again, so a
+# C-CANCEL waits behind every response queued before it. Every _LISTEN_EVERY responses the
+# handler waits for the queue to empty and the DUL thread to look at the socket; this also
+# keeps at most that many responses in memory.
+_LISTEN_EVERY = 64
+_LISTEN_S = 0.0003
+
+
+def _let_the_peer_speak(assoc: Any, timeout: float = 30.0) -> None:
+    queue = getattr(getattr(assoc, "dul", None), "to_provider_queue", None)
+    if queue is None:
+        return
+    deadline = time.monotonic() + timeout
+    while not queue.empty() and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(_LISTEN_S / 5)
+    time.sleep(_LISTEN_S)  # the DUL thread's next turn reads what arrived meanwhile
+
+
 def _failure(status: int, comment: str) -> tuple[Dataset, None]:
     rsp = Dataset()
     rsp.Status = status
@@ -138,6 +156,8 @@ def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset
     cancelled = False  # event.is_cancelled is true once per C-CANCEL: keep the answer
     try:
         for result in run(finder.catalog, request, finder.pn_insensitive):
+            if count and count % _LISTEN_EVERY == 0:
+                _let_the_peer_speak(event.assoc)
             cancelled = event.is_cancelled
             if cancelled:
                 break
