@@ -21,7 +21,7 @@ from catalog.sealer import Sealer
 from catalog.tail import TailReader
 from engine.config import Config
 from engine.filemeta import file_meta
-from engine.segment import FLAG_ZSTD, FileRange, Part, record_parts
+from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, record_parts, shuffle
 from engine.writer import OutOfResources, SegmentWriter
 
 log = logging.getLogger("stowage.store")
@@ -34,6 +34,9 @@ OUT_OF_RESOURCES = 0xA700             # PS3.4 B.2.3
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Uncompressed syntaxes: little endian implicit/explicit, big endian. Everything else is
+# encapsulated (JPEG, RLE…) or deflated, and does not compress further.
+NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 _INCOMPRESSIBLE = 0.97  # keep the raw bytes when zstd saves less than 3 %
 _LEARN_INTERVAL_S = 0.1
 _HEAD_BYTES = 4 << 20
@@ -132,7 +135,7 @@ class Archive:
             return StoreResult(OUT_OF_RESOURCES, "not enough free disk space for this instance; not stored")
         meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
         try:
-            payload, flags, spooled = self._payload(meta, dataset)
+            payload, flags, spooled = self._payload(meta, dataset, transfer_syntax_uid)
         except OSError as e:
             return StoreResult(OUT_OF_RESOURCES, f"cannot spool the dataset: {e.strerror}")
         try:
@@ -156,21 +159,34 @@ class Archive:
             cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.config.zstd_level)
         return cctx
 
-    def _payload(self, meta: bytes, dataset: bytes | FileRange) -> tuple[list[Part], int, Path | None]:
-        """The payload parts, their flags, and the spool file to delete once appended."""
+    def _payload(self, meta: bytes, dataset: bytes | FileRange,
+                 transfer_syntax_uid: str) -> tuple[list[Part], int, Path | None]:
+        """The payload parts, their flags, and the spool file to delete once appended.
+
+        Native (uncompressed) syntaxes are byte-shuffled and zstd-compressed; encapsulated
+        and deflated ones are already compressed and stored as they are, at no CPU cost.
+        """
+        if transfer_syntax_uid not in NATIVE_SYNTAXES:
+            return [meta, dataset], 0, None
+        flags = FLAG_ZSTD | FLAG_SHUFFLE
         if isinstance(dataset, bytes):
             raw = meta + dataset
-            packed = self._compressor().compress(raw)
-            return ([packed], FLAG_ZSTD, None) if len(packed) < _INCOMPRESSIBLE * len(raw) else ([raw], 0, None)
+            packed = self._compressor().compress(shuffle(raw))
+            return ([packed], flags, None) if len(packed) < _INCOMPRESSIBLE * len(raw) else ([raw], 0, None)
         packed_path = dataset.path.with_suffix(".zst")
         with open(packed_path, "wb") as out:
             with self._compressor().stream_writer(out, size=len(meta) + dataset.length, closefd=False) as z:
-                z.write(meta)
+                pending = bytearray(meta)
                 for chunk in dataset.chunks():
-                    z.write(chunk)
+                    pending += chunk
+                    whole = len(pending) // SHUFFLE_BLOCK * SHUFFLE_BLOCK
+                    if whole:
+                        z.write(shuffle(memoryview(pending)[:whole]))
+                        del pending[:whole]
+                z.write(shuffle(pending))
             packed_length = out.tell()
         if packed_length < _INCOMPRESSIBLE * (len(meta) + dataset.length):
-            return [FileRange(packed_path, 0, packed_length)], FLAG_ZSTD, packed_path
+            return [FileRange(packed_path, 0, packed_length)], flags, packed_path
         packed_path.unlink()
         return [meta, dataset], 0, None
 
