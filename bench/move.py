@@ -1,0 +1,115 @@
+"""C-MOVE benchmark: DCMTK movescu asks stowage to move one study of generated CT
+instances to DCMTK storescp (+B, writing files); the same study sent by `stowage send`;
+and, if /usr/sbin/Orthanc is installed, the same C-MOVE served by Orthanc from the same
+data, in the same run, as a ratio.
+
+    python -m bench.move --count 500 [--kind ct] [--repeat 3]
+
+Steps: generate the corpus (one patient, one study, one series), start `stowage serve`
+(knowing DEST in [remotes]) and Orthanc (DEST and the requester registered as
+modalities) on free 127.0.0.1 ports, ingest it into both with storescu, then time each
+transfer into a fresh storescp output directory (the same port every time), from the
+requester's start to its exit. Prints medians: instances/s, MB/s (file bytes) and the
+ratio to Orthanc's C-MOVE.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.corpus import generate
+from bench.procs import find_dcmtk, free_port, stop_tree
+from bench.send import _Orthanc, _wait_echo
+
+
+def _storescp_on(storescp: str, echoscu: str, out: Path, port: int) -> subprocess.Popen:
+    out.mkdir(parents=True)
+    proc = subprocess.Popen([storescp, "+B", "-aet", "DEST", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_echo(echoscu, port, "DEST")
+    return proc
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=500)
+    ap.add_argument("--kind", default="ct")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-orthanc", action="store_true")
+    args = ap.parse_args(argv)
+    storescp, storescu, echoscu, movescu = (find_dcmtk(n) for n in ("storescp", "storescu", "echoscu", "movescu"))
+    if not all((storescp, storescu, echoscu, movescu)):
+        sys.exit("DCMTK is needed: apt-get install dcmtk")
+    work = Path(tempfile.mkdtemp(prefix="stowage-bench-move-"))
+    server = orthanc = None
+    try:
+        files = generate(work / "corpus", args.kind, args.count, patients=1, studies_per_patient=1,
+                         series_per_study=1)
+        mb = sum(p.stat().st_size for p in files) / 1e6
+        import pydicom
+        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        dest_port, port = free_port(), free_port()
+        data = work / "data"
+        cfg = work / "stowage.toml"
+        cfg.write_text(f'[remotes.DEST]\nhost = "127.0.0.1"\nport = {dest_port}\n')
+        server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(data),
+                                   "--port", str(port), "--bind", "127.0.0.1", "--config", str(cfg)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _wait_echo(echoscu, port, "STOWAGE")
+        subprocess.run([storescu, "-aec", "STOWAGE", "127.0.0.1", str(port), *map(str, files)], check=True,
+                       capture_output=True)
+        move_keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
+        commands = {
+            "stowage C-MOVE": [movescu, "-S", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem", "DEST", *move_keys,
+                               "127.0.0.1", str(port)],
+            "stowage send": [sys.executable, "-m", "engine.cli", "send", "--data-dir", str(data), "-q",
+                             "--config", str(cfg), "--to", "DEST", "--study", study],
+        }
+        if not args.no_orthanc and Path(_Orthanc.EXE).exists():
+            orthanc = _Orthanc(work / "orthanc")
+            subprocess.run([storescu, "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
+                           check=True, capture_output=True)
+            orthanc.rest("PUT", "/modalities/dest", {"AET": "DEST", "Host": "127.0.0.1", "Port": dest_port})
+            orthanc.rest("PUT", "/modalities/movescu", {"AET": "MOVESCU", "Host": "127.0.0.1", "Port": 1})
+            commands["orthanc C-MOVE"] = [movescu, "-S", "-aet", "MOVESCU", "-aec", "ORTHANC", "-aem", "DEST",
+                                          *move_keys, "127.0.0.1", str(orthanc.dicom_port)]
+        results: dict[str, list[float]] = {name: [] for name in commands}
+        for r in range(args.repeat):
+            for name, cmd in commands.items():  # interleaved
+                out = work / f"rx-{r}-{name.replace(' ', '_')}"
+                rx = _storescp_on(storescp, echoscu, out, dest_port)
+                try:
+                    t = time.monotonic()
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+                    results[name].append(time.monotonic() - t)
+                    got = len(list(out.iterdir()))
+                    if done.returncode != 0 or got != args.count:
+                        raise RuntimeError(f"{name}: exit {done.returncode}, {got} of {args.count} arrived\n"
+                                           f"{done.stderr[-2000:]}")
+                finally:
+                    stop_tree(rx, None)
+                shutil.rmtree(out)
+        print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one study, to DCMTK storescp +B -od; "
+              f"medians of {args.repeat} interleaved runs")
+        ref = statistics.median(results["orthanc C-MOVE"]) if "orthanc C-MOVE" in results else None
+        for name, times in results.items():
+            s = statistics.median(times)
+            ratio = f"  ({ref / s:.2f}x Orthanc C-MOVE)" if ref else ""
+            print(f"  {name:16s} {s:6.2f} s  {args.count / s:7.0f} inst/s  {mb / s:6.1f} MB/s"
+                  f"  runs: {', '.join(f'{t:.2f}' for t in times)}{ratio}")
+    finally:
+        if server is not None:
+            stop_tree(server, None)
+        if orthanc is not None:
+            stop_tree(orthanc.proc, None)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
