@@ -23,9 +23,11 @@ from typing import Iterable, Sequence
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
-                                       ImplementationVersionNameNotification, MaximumLengthNotification)
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
+
+from workers import commands
+from workers.negotiation import user_information
 
 __all__ = ["Association", "AssociationError", "StoreFailed", "Dataset", "store_command"]
 
@@ -36,9 +38,6 @@ P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
 A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x02, 0x03
 _PDU = struct.Struct(">BxI")
 _PDV = struct.Struct(">IBB")
-_ELEMENT = struct.Struct("<HHI")
-_US = struct.Struct("<H")
-_UL = struct.Struct("<I")
 _ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _RELEASE = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _MAX_RESPONSE_PDU = 1 << 20
@@ -66,45 +65,18 @@ class Dataset:
     offset: int = 0
 
 
-def _el(elem: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0x0000, elem, len(value)) + value
-
-
-def _ui(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def store_command(message_id: int, sop_class: str, sop_instance: str, priority: int = 0) -> bytes:
     """A C-STORE-RQ command set (Implicit VR Little Endian, PS3.7 9.3.1.1)."""
-    body = b"".join((
-        _el(0x0002, _ui(sop_class)),
-        _el(0x0100, _US.pack(0x0001)),
-        _el(0x0110, _US.pack(message_id & 0xFFFF)),
-        _el(0x0700, _US.pack(priority)),
-        _el(0x0800, _US.pack(0x0000)),  # a dataset follows
-        _el(0x1000, _ui(sop_instance)),
-    ))
-    return _el(0x0000, _UL.pack(len(body))) + body
+    return commands.store_request(message_id, sop_class, sop_instance, priority)
 
 
 def parse_response(command: bytes | bytearray) -> tuple[int, int, str]:
     """(Command Field, Status, Error Comment) of a response command set."""
-    field, status, comment = -1, -1, ""
-    view, pos, end = memoryview(command), 0, len(command)
-    while pos + 8 <= end:
-        group, elem, length = _ELEMENT.unpack_from(view, pos)
-        pos += 8
-        if group != 0 or pos + length > end:
-            raise AssociationError(f"malformed response command element ({group:04X},{elem:04X})")
-        if elem == 0x0100 and length == 2:
-            field = _US.unpack_from(view, pos)[0]
-        elif elem == 0x0900 and length == 2:
-            status = _US.unpack_from(view, pos)[0]
-        elif elem == 0x0902:
-            comment = bytes(view[pos:pos + length]).decode("ascii", "replace").strip(" \x00")
-        pos += length
-    return field, status, comment
+    try:
+        fields = commands.decode(command)
+    except commands.CommandError as e:
+        raise AssociationError(f"malformed response command set: {e}") from None
+    return int(fields["command_field"]), int(fields.get("status", -1)), str(fields.get("error_comment", ""))
 
 
 class Association:
@@ -178,13 +150,7 @@ class Association:
             cx.transfer_syntax = [UID(transfer)]
             contexts.append(cx)
         rq.presentation_context_definition_list = contexts
-        length = MaximumLengthNotification()
-        length.maximum_length_received = self.max_pdu
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION
-        rq.user_information = [length, impl, version]
+        rq.user_information = user_information(self.max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION)
         pdu = A_ASSOCIATE_RQ()
         pdu.from_primitive(rq)
         return pdu.encode()

@@ -29,7 +29,6 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.utils import set_timer_resolution  # noqa: F401  (kept for parity with upstream)
 
 log = logging.getLogger("stowage.reactor")
 TICK_S = 0.1  # longest wait between timer checks on an idle association

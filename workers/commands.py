@@ -19,8 +19,9 @@ _UL = struct.Struct("<I")
 # (0000,eeee) elements we read, and how
 _UIDS = {0x0002: "affected_sop_class_uid", 0x1000: "affected_sop_instance_uid",
          0x1030: "move_originator_ae"}
-_SHORTS = {0x0100: "command_field", 0x0110: "message_id", 0x0700: "priority",
-           0x0800: "dataset_type", 0x1031: "move_originator_message_id"}
+_SHORTS = {0x0100: "command_field", 0x0110: "message_id", 0x0120: "responding_to", 0x0700: "priority",
+           0x0800: "dataset_type", 0x0900: "status", 0x1031: "move_originator_message_id"}
+_TEXTS = {0x0902: "error_comment"}
 
 
 class CommandError(ValueError):
@@ -40,11 +41,13 @@ def decode(data: bytes | bytearray) -> dict[str, int | str]:
             out[_SHORTS[elem]] = _US.unpack_from(view, pos)[0]
         elif elem in _UIDS:
             out[_UIDS[elem]] = bytes(view[pos:pos + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+        elif elem in _TEXTS:
+            out[_TEXTS[elem]] = bytes(view[pos:pos + length]).decode("ascii", "replace").strip(" \x00")
         pos += length
     if pos != end:
         raise CommandError("command set ends inside an element header")
-    if "command_field" not in out or "message_id" not in out:
-        raise CommandError("command set lacks Command Field or Message ID")
+    if "command_field" not in out:
+        raise CommandError("command set lacks Command Field")
     return out
 
 
@@ -64,6 +67,19 @@ def _lo(text: str) -> bytes:
 
 def _with_group_length(body: bytes) -> bytes:
     return _el(0x0000, _UL.pack(len(body))) + body
+
+
+def store_request(message_id: int, sop_class: str, sop_instance: str, priority: int = 0) -> bytes:
+    """A C-STORE-RQ command set (PS3.7 9.3.1.1), announcing a dataset."""
+    body = b"".join((
+        _el(0x0002, _ui(sop_class)),
+        _el(0x0100, _US.pack(C_STORE_RQ)),
+        _el(0x0110, _US.pack(message_id & 0xFFFF)),
+        _el(0x0700, _US.pack(priority)),
+        _el(0x0800, _US.pack(0x0000)),
+        _el(0x1000, _ui(sop_instance)),
+    ))
+    return _with_group_length(body)
 
 
 def store_response(message_id: int, sop_class: str, sop_instance: str, status: int,

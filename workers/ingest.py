@@ -135,6 +135,8 @@ class StorageAssociation:
             msg.fields = commands.decode(msg.command)
         except commands.CommandError as e:
             raise ProtocolError(str(e)) from None
+        if "message_id" not in msg.fields:
+            raise ProtocolError("command set lacks Message ID")
         field = msg.fields["command_field"]
         if field == commands.C_ECHO_RQ:
             self._message = None

@@ -115,6 +115,17 @@ class Accepted:
     contexts: dict[int, tuple[str, str]]       # context ID -> (abstract syntax, transfer syntax)
 
 
+def user_information(max_pdu: int, implementation_class_uid: str, implementation_version_name: str) -> list:
+    """The User Information items every association request or acceptance carries (PS3.7 D.3.3)."""
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = UID(implementation_class_uid)
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = implementation_version_name
+    return [length, impl, version]
+
+
 def accept(req: Request, supported: list[PresentationContext], max_pdu: int,
            implementation_class_uid: str, implementation_version_name: str) -> Accepted:
     """Negotiate the presentation contexts and build the A-ASSOCIATE-AC."""
@@ -127,13 +138,7 @@ def accept(req: Request, supported: list[PresentationContext], max_pdu: int,
     ac.result = 0x00
     ac.result_source = 0x01
     ac.presentation_context_definition_results_list = results
-    length = MaximumLengthNotification()
-    length.maximum_length_received = max_pdu
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = UID(implementation_class_uid)
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = implementation_version_name
-    ac.user_information = [length, impl, version]
+    ac.user_information = user_information(max_pdu, implementation_class_uid, implementation_version_name)
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(ac)
     accepted = {cx.context_id: (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
