@@ -210,3 +210,55 @@ def test_move_of_several_hundred_instances(archive, tmp_path):
     assert "Received Final Move Response (Success)" in r.stderr + r.stdout
     want = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in mr}
     assert set(dest.received()) == want
+
+
+class FlakySCP:
+    """A pynetdicom Storage SCP (MR) that, the first time it receives `victim`, either
+    drops the connection (mode "drop") or leaves the response unsent for `delay` s
+    (mode "stall": a lost response, as the sender sees it)."""
+
+    def __init__(self, victim: str, mode: str, delay: float = 0.0) -> None:
+        self.port, self.victim, self.mode, self.delay = free_port(), victim, mode, delay
+        self.received: list[str] = []
+        ae = AE("FLAKY")
+        ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.server = ae.start_server((HOST, self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event) -> int:
+        import socket
+        uid = str(event.request.AffectedSOPInstanceUID)
+        first = uid not in self.received
+        self.received.append(uid)
+        if uid == self.victim and first:
+            if self.mode == "drop":
+                event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+            else:
+                time.sleep(self.delay)
+        return 0
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["drop", "stall"])
+def test_move_survives_a_dropped_sub_association_and_a_lost_response(make_server, tmp_path, mode):
+    mr = copies(MR, tmp_path / "mr", 12, "mr")
+    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in mr]
+    dest = FlakySCP(uids[5], mode, delay=5.0)
+    try:
+        cfg = config_with(tmp_path, FLAKY=(HOST, dest.port))
+        server = make_server("--workers", "2", "--config", str(cfg), STOWAGE_DIMSE_TIMEOUT="1.5")
+        store(server.port, mr)
+        keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": pydicom.dcmread(mr[0]).StudyInstanceUID,
+                "SeriesInstanceUID": pydicom.dcmread(mr[0]).SeriesInstanceUID}
+        started = time.monotonic()
+        rsps = _pyn_move(server.port, "FLAKY", keys)
+        final = rsps[-1][0]
+        assert final.Status == 0x0000, hex(final.Status)
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (12, 0)
+        assert dest.received.count(uids[5]) == 2, "the sub-operation was not retried"
+        assert set(dest.received) == set(uids)
+        assert time.monotonic() - started < 30
+    finally:
+        dest.stop()
