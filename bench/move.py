@@ -7,7 +7,7 @@ data, in the same run, as a ratio.
 
 Steps: generate the corpus (one patient, one study, one series), start `stowage serve`
 (knowing DEST in [remotes]) and Orthanc (DEST and the requester registered as
-modalities) on free 127.0.0.1 ports, ingest it into both with storescu, then time each
+modalities, TCP_NODELAY=1 in its environment as bench/compare runs it) on free 127.0.0.1 ports, ingest it into both with storescu, then time each
 transfer into a fresh storescp output directory (the same port every time), from the
 requester's start to its exit. Prints medians: instances/s, MB/s (file bytes) and the
 ratio to Orthanc's C-MOVE.
@@ -15,6 +15,7 @@ ratio to Orthanc's C-MOVE.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -72,7 +73,17 @@ def main(argv: list[str] | None = None) -> None:
                              "--config", str(cfg), "--to", "DEST", "--study", study],
         }
         if not args.no_orthanc and Path(_Orthanc.EXE).exists():
-            orthanc = _Orthanc(work / "orthanc")
+            # Nagle off in Orthanc's DCMTK network layer, as bench/compare runs it (else each
+            # sub-operation waits out a 40 ms delayed ACK); only Orthanc's environment gets it.
+            saved = os.environ.get("TCP_NODELAY")
+            os.environ["TCP_NODELAY"] = "1"
+            try:
+                orthanc = _Orthanc(work / "orthanc")
+            finally:
+                if saved is None:
+                    del os.environ["TCP_NODELAY"]
+                else:
+                    os.environ["TCP_NODELAY"] = saved
             subprocess.run([storescu, "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
                            check=True, capture_output=True)
             orthanc.rest("PUT", "/modalities/dest", {"AET": "DEST", "Host": "127.0.0.1", "Port": dest_port})
