@@ -29,10 +29,11 @@ from bench.procs import find_dcmtk, free_port, stop_tree
 from bench.send import _Orthanc, _wait_echo
 
 
-def _storescp_on(storescp: str, echoscu: str, out: Path, port: int) -> subprocess.Popen:
+def _storescp_on(storescp: str, echoscu: str, out: Path, port: int, nodelay: bool) -> subprocess.Popen:
     out.mkdir(parents=True)
+    env = dict(os.environ, TCP_NODELAY="1") if nodelay else None
     proc = subprocess.Popen([storescp, "+B", "-aet", "DEST", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     _wait_echo(echoscu, port, "DEST")
     return proc
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kind", default="ct")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-orthanc", action="store_true")
+    ap.add_argument("--dest-nodelay", action="store_true",
+                    help="storescp with TCP_NODELAY=1 (its C-STORE-RSP then costs a sender that does not "
+                         "ACK at once, as Orthanc, no 40 ms delayed ACK)")
     args = ap.parse_args(argv)
     storescp, storescu, echoscu, movescu = (find_dcmtk(n) for n in ("storescp", "storescu", "echoscu", "movescu"))
     if not all((storescp, storescu, echoscu, movescu)):
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeat):
             for name, cmd in commands.items():  # interleaved
                 out = work / f"rx-{r}-{name.replace(' ', '_')}"
-                rx = _storescp_on(storescp, echoscu, out, dest_port)
+                rx = _storescp_on(storescp, echoscu, out, dest_port, args.dest_nodelay)
                 try:
                     t = time.monotonic()
                     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                 finally:
                     stop_tree(rx, None)
                 shutil.rmtree(out)
-        print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one study, to DCMTK storescp +B -od; "
+        print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one study, to DCMTK storescp +B -od"
+              f"{' (TCP_NODELAY=1)' if args.dest_nodelay else ''}; "
               f"medians of {args.repeat} interleaved runs")
         ref = statistics.median(results["orthanc C-MOVE"]) if "orthanc C-MOVE" in results else None
         for name, times in results.items():
