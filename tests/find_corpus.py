@@ -160,3 +160,14 @@ def write(dss: list[Dataset], out: Path) -> list[Path]:
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     return paths
+
+
+def identifier(level: str, charset: str | None = None, **keys) -> Dataset:
+    """A C-FIND request identifier: the level, an optional Specific Character Set, the keys."""
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds

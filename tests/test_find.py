@@ -84,14 +84,7 @@ def find(port: int, sop_class: str, ds: Dataset, relational: bool = False) -> tu
         assoc.release()
 
 
-def q(level: str, charset: str | None = None, **keys) -> Dataset:
-    ds = Dataset()
-    if charset:
-        ds.SpecificCharacterSet = charset
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
+q = fc.identifier
 
 
 def uids(results: list[Dataset], keyword: str) -> list[str]:

@@ -37,13 +37,7 @@ def catalog(tmp_path_factory) -> Catalog:
 
 def query(sop_class: str = STUDY_ROOT, level: str = "STUDY", relational: bool = False,
           charset: str | None = None, **keys) -> Dataset:
-    ds = Dataset()
-    if charset:
-        ds.SpecificCharacterSet = charset
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
+    return fc.identifier(level, charset, **keys)
 
 
 def find(catalog: Catalog, ds: Dataset, sop_class: str = STUDY_ROOT, relational: bool = False,
