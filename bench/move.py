@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from bench.corpus import generate
 from bench.procs import find_dcmtk, free_port, stop_tree
+from bench.report import timed_medians
 from bench.send import _Orthanc, _wait_echo
 
 
@@ -113,12 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one study, to DCMTK storescp +B -od"
               f"{' (TCP_NODELAY=1)' if args.dest_nodelay else ''}; "
               f"medians of {args.repeat} interleaved runs")
-        ref = statistics.median(results["orthanc C-MOVE"]) if "orthanc C-MOVE" in results else None
-        for name, times in results.items():
-            s = statistics.median(times)
-            ratio = f"  ({ref / s:.2f}x Orthanc C-MOVE)" if ref else ""
-            print(f"  {name:16s} {s:6.2f} s  {args.count / s:7.0f} inst/s  {mb / s:6.1f} MB/s"
-                  f"  runs: {', '.join(f'{t:.2f}' for t in times)}{ratio}")
+        print("\n".join(timed_medians(results, args.count, mb, "orthanc C-MOVE")))
     finally:
         if server is not None:
             stop_tree(server, None)

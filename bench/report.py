@@ -124,6 +124,20 @@ def table(results: Sequence[RunResult]) -> str:
     return "\n".join(out)
 
 
+def timed_medians(results: dict[str, list[float]], count: int, mb: float, reference: str | None) -> list[str]:
+    """One line per sender of a timed transfer: median seconds, inst/s, MB/s, the runs, and
+    the ratio of `reference`'s median to it (above 1: faster than the reference)."""
+    ref = statistics.median(results[reference]) if reference in results else None
+    width = max(map(len, results), default=0)
+    lines = []
+    for name, times in results.items():
+        s = statistics.median(times)
+        ratio = f"  ({ref / s:.2f}x {reference})" if ref else ""
+        lines.append(f"  {name:{width}s} {s:6.2f} s  {count / s:7.0f} inst/s  {mb / s:6.1f} MB/s"
+                     f"  runs: {', '.join(f'{t:.2f}' for t in times)}{ratio}")
+    return lines
+
+
 def write_json(path: Path, results: Sequence[RunResult], meta: dict) -> None:
     path.write_text(json.dumps({**meta, "machine": machine(), "summary": summary(results),
                                 "runs": [r.to_dict() for r in results]}, indent=2))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from bench.corpus import generate
 from bench.procs import echo, find_dcmtk, free_port, stop_tree
+from bench.report import timed_medians
 
 
 def _wait_echo(echoscu: str, port: int, aet: str, timeout: float = 60.0) -> None:
@@ -138,11 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                     stop_tree(rx, None)
                 shutil.rmtree(out)
         print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one association, DCMTK storescp +B -od")
-        base = statistics.median(results["storescu (files)"])
-        for name, times in results.items():
-            s = statistics.median(times)
-            print(f"  {name:18s} {s:6.2f} s  {args.count / s:7.0f} inst/s  {mb / s:6.1f} MB/s  "
-                  f"({base / s:.2f}x storescu)")
+        print("\n".join(timed_medians(results, args.count, mb, "storescu (files)")))
     finally:
         if server is not None:
             stop_tree(server, None)
