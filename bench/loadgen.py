@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from bench.corpus import series_layout
-from bench.sender import Association, AssociationError, Dataset, StoreFailed, contexts_for
+from engine.store_scu import Association, AssociationError, Dataset, StoreFailed, contexts_for
 
 __all__ = ["Target", "Item", "RunResult", "load_corpus", "run", "find_listener", "status_name"]
 

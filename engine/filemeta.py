@@ -43,3 +43,12 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: st
         _element(0x0016, b"AE", _text(source_ae.strip())) if source_ae.strip() else b"",
     ))
     return _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def group_length(payload: bytes | memoryview) -> int:
+    """Bytes of the (0002,eeee) group at the start of `payload` (no preamble), as
+    `file_meta` encodes it: its group length element plus the length it states."""
+    tag, vr, n, value = struct.unpack_from("<I2sHI", payload)
+    if tag != 0x00000002 or vr != b"UL" or n != 4:
+        raise ValueError("payload does not start with a File Meta Information Group Length")
+    return 12 + value

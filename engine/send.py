@@ -1,17 +1,22 @@
 """The sending core: stored instances to another AE as C-STORE sub-operations, shared by
-`stowage send`, and (to come) C-MOVE and C-GET.
+`stowage send`, C-MOVE and C-GET.
 
 For each SOP class we propose one presentation context per transfer syntax the
 instances are stored in, plus Explicit and Implicit VR Little Endian as fallbacks, each
 a context of its own so the peer can accept any subset (at most 128 contexts per
 association: more SOP classes go on further associations). An instance goes out with
-its dataset bytes exactly as received when the peer accepted its stored syntax (streamed
-from a checksum-verified spool copy of the record, never decoded); otherwise it is
-converted (engine/convert.py) to an uncompressed syntax the peer accepted, never to a
-lossy one.
+its dataset bytes exactly as received when the peer accepted its stored syntax (read
+from its checksum-verified record, never decoded); otherwise it is converted
+(engine/convert.py) to an uncompressed syntax the peer accepted, never to a lossy one.
 
-A store with no response within `dimse_timeout` (pynetdicom aborts the association then;
-its rare lost-response race is one cause) is retried once on a new association.
+Associations we open (send, C-MOVE) are lean blocking sockets (engine/store_scu.py): the
+record is read and decompressed in memory by a prefetch thread while the previous
+instance is on the wire, and goes out with one `sendmsg` per message. Datasets over
+`SPOOL_ABOVE` and converted ones go through a spool file (`sendfile`), so memory stays
+bounded. C-GET sends on the requester's pynetdicom association from a Part-10 spool file.
+
+A store with no response within `dimse_timeout`, or whose association breaks, is
+retried once on a new association.
 """
 from __future__ import annotations
 
@@ -23,16 +28,15 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from pynetdicom import _config
 from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext, build_context
 
-from engine import convert
-from engine.client import Peer, PeerError, associate, new_ae
+from engine import convert, filemeta, store_scu
+from engine.client import Peer, PeerError
 from engine.filemeta import PREAMBLE
-from engine.segment import CorruptRecord, stream_payload
+from engine.segment import CorruptRecord, read_payload, stream_payload
 
 log = logging.getLogger("stowage.send")
 
@@ -40,6 +44,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 FALLBACKS = (EXPLICIT_LE, IMPLICIT_LE)
 MAX_CONTEXTS = 128
+SPOOL_ABOVE = 32 << 20  # larger datasets go through a spool file, not memory
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 _MAX_REOPEN = 3  # consecutive failed attempts to (re)open an association before giving up
 
@@ -95,7 +100,10 @@ class SendResult:
         return [o for o in self.outcomes if o.state == "failed"]
 
 
-def context_batches(instances: Sequence[Instance]) -> list[list[PresentationContext]]:
+Context = tuple[str, str]  # (abstract syntax, transfer syntax): one presentation context
+
+
+def context_batches(instances: Sequence[Instance]) -> list[list[Context]]:
     """Presentation contexts to propose, split into association batches of at most 128.
     Each SOP class lies wholly within one batch."""
     stored: OrderedDict[str, list[str]] = OrderedDict()
@@ -103,10 +111,10 @@ def context_batches(instances: Sequence[Instance]) -> list[list[PresentationCont
         syntaxes = stored.setdefault(inst.sop_class_uid, [])
         if inst.transfer_syntax_uid not in syntaxes:
             syntaxes.append(inst.transfer_syntax_uid)
-    batches: list[list[PresentationContext]] = [[]]
+    batches: list[list[Context]] = [[]]
     for sop_class, syntaxes in stored.items():
         wanted = syntaxes + [ts for ts in FALLBACKS if ts not in syntaxes]
-        contexts = [build_context(sop_class, [ts]) for ts in wanted[:MAX_CONTEXTS]]
+        contexts = [(sop_class, ts) for ts in wanted[:MAX_CONTEXTS]]
         if len(batches[-1]) + len(contexts) > MAX_CONTEXTS:
             batches.append([])
         batches[-1].extend(contexts)
@@ -125,16 +133,104 @@ def accepted_syntaxes(assoc: Association) -> dict[str, set[str]]:
 
 @dataclass
 class _Prepared:
-    """A Part-10 spool file ready for `send_c_store`, or why there is none."""
+    """An instance ready to go out, in `syntax`: its record's payload (file meta +
+    dataset) in memory, or a Part-10 spool file; or why it cannot go."""
 
     instance: Instance
-    path: Path | None = None
     syntax: str = ""
     reason: str = ""
+    payload: bytes | None = None
+    path: Path | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.payload is not None or self.path is not None
+
+    @property
+    def size(self) -> int:
+        """Bytes of it as a Part-10 file."""
+        if self.payload is not None:
+            return len(PREAMBLE) + len(self.payload)
+        return self.path.stat().st_size if self.path is not None else 0
+
+    def outgoing(self) -> store_scu.Dataset:
+        """The dataset bytes (no file meta), for the lean association."""
+        inst = self.instance
+        if self.payload is not None:
+            data = memoryview(self.payload)[filemeta.group_length(self.payload):]
+            return store_scu.Dataset(inst.sop_class_uid, inst.sop_instance_uid, self.syntax, len(data), data=data)
+        assert self.path is not None
+        with open(self.path, "rb") as f:
+            head = f.read(len(PREAMBLE) + 12)
+            start = len(PREAMBLE) + filemeta.group_length(head[len(PREAMBLE):])
+            size = os.fstat(f.fileno()).st_size
+        return store_scu.Dataset(inst.sop_class_uid, inst.sop_instance_uid, self.syntax, size - start,
+                                 path=str(self.path), offset=start)
+
+    def part10(self, spool: Path) -> Path:
+        """A Part-10 file of it, for pynetdicom's `send_c_store`."""
+        if self.path is None:
+            assert self.payload is not None
+            self.path = spool / f"{self.instance.sop_instance_uid}.dcm"
+            with open(self.path, "wb") as f:
+                f.write(PREAMBLE)
+                f.write(self.payload)
+            self.payload = None
+        return self.path
 
     def discard(self) -> None:
+        self.payload = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+class _Link(Protocol):
+    """One association that C-STOREs go out on."""
+
+    accepted: dict[str, set[str]]
+
+    def store(self, prepared: _Prepared, originator: tuple[str, int] | None) -> int | None: ...
+
+
+class _LeanLink:
+    """An association we opened (engine/store_scu.py)."""
+
+    def __init__(self, assoc: store_scu.Association) -> None:
+        self.assoc = assoc
+        self.accepted: dict[str, set[str]] = {}
+        for sop_class, syntax in assoc.accepted:
+            self.accepted.setdefault(sop_class, set()).add(syntax)
+
+    def store(self, prepared: _Prepared, originator: tuple[str, int] | None) -> int | None:
+        try:
+            status, _comment = self.assoc.store(prepared.outgoing(), originator)
+        except store_scu.StoreFailed as e:
+            log.info("%s", e)
+            return None
+        return status
+
+    def release(self) -> None:
+        self.assoc.release()
+
+
+class _PynetdicomLink:
+    """An association someone else opened (C-GET: the requester's)."""
+
+    def __init__(self, assoc: Association, spool: Path) -> None:
+        self.assoc = assoc
+        self.spool = spool
+        self.accepted = accepted_syntaxes(assoc)
+
+    def store(self, prepared: _Prepared, originator: tuple[str, int] | None) -> int | None:
+        if not self.assoc.is_established:
+            return None
+        kwargs = {} if originator is None else dict(originator_aet=originator[0], originator_id=originator[1])
+        try:
+            status = self.assoc.send_c_store(prepared.part10(self.spool), **kwargs)
+        except (RuntimeError, ValueError, AttributeError) as e:  # context vanished, association gone
+            log.info("send_c_store %s: %s", prepared.instance.sop_instance_uid, e)
+            return None
+        return int(status.Status) if "Status" in status else None
 
 
 class Sender:
@@ -149,30 +245,27 @@ class Sender:
         self.segments_dir = segments_dir
         self.peer = peer
         self.calling_aet = calling_aet
-        self.timeouts = dict(acse_timeout=acse_timeout, dimse_timeout=dimse_timeout, network_timeout=network_timeout)
+        self.acse_timeout, self.dimse_timeout, self.network_timeout = acse_timeout, dimse_timeout, network_timeout
         self.max_pdu = max_pdu
         self.retries = retries
         self.spool_dir = spool_dir
         self.on_outcome = on_outcome or (lambda _o: None)
         self.cancelled = cancelled or (lambda: False)
         self.move_originator = move_originator
-        # Send Part-10 files from disk in PDU-sized pieces, dataset bytes untouched; the
-        # flag is process-wide and only changes how a file path given to send_c_store is read.
+        # pynetdicom sends Part-10 files from disk in PDU-sized pieces, dataset bytes
+        # untouched; the flag is process-wide and only changes how a file path given to
+        # send_c_store is read.
         _config.STORE_SEND_CHUNKED_DATASET = True
 
     def send(self, instances: Iterable[Instance]) -> SendResult:
+        """Send on associations of our own to the peer."""
         todo = list(instances)
         result = SendResult()
-        spool = Path(tempfile.mkdtemp(prefix="send-", dir=self.spool_dir))
-        try:
+        with _SpoolDir(self.spool_dir) as spool, ThreadPoolExecutor(1, thread_name_prefix="send-prepare") as pool:
             for contexts in context_batches(todo):
-                classes = {str(cx.abstract_syntax) for cx in contexts}
+                classes = {sop_class for sop_class, _ts in contexts}
                 batch = [i for i in todo if i.sop_class_uid in classes]
-                self._send_batch(batch, contexts, spool, result)
-        finally:
-            for p in spool.iterdir():
-                p.unlink(missing_ok=True)
-            spool.rmdir()
+                self._send_batch(batch, contexts, spool, pool, result)
         return result
 
     def send_on(self, assoc: Association, instances: Iterable[Instance]) -> SendResult:
@@ -183,18 +276,11 @@ class Sender:
         result = SendResult()
         if not todo:
             return result
-        spool = Path(tempfile.mkdtemp(prefix="send-", dir=self.spool_dir))
-        pool = ThreadPoolExecutor(1, thread_name_prefix="send-prepare")
-        try:
+        with _SpoolDir(self.spool_dir) as spool, ThreadPoolExecutor(1, thread_name_prefix="send-prepare") as pool:
             attempts = {i.sop_instance_uid: self.retries for i in todo}  # no retries here
-            rest = self._run(assoc, todo, attempts, spool, pool, result)
+            rest = self._run(_PynetdicomLink(assoc, spool), todo, attempts, spool, pool, result)
             for inst in rest:
                 self._record(result, Outcome(inst, "failed", reason="the association ended before it was sent"))
-        finally:
-            pool.shutdown(wait=True)
-            for p in spool.iterdir():
-                p.unlink(missing_ok=True)
-            spool.rmdir()
         return result
 
     # -- one association batch --------------------------------------------------------
@@ -205,125 +291,121 @@ class Sender:
             log.warning("sending %s to %s failed: %s", outcome.instance.sop_instance_uid, self.peer, outcome.reason)
         self.on_outcome(outcome)
 
-    def _open(self, contexts: list[PresentationContext]) -> Association:
-        ae = new_ae(self.calling_aet, **self.timeouts)
-        return associate(ae, self.peer, contexts, max_pdu=self.max_pdu)
+    def _open(self, contexts: list[Context]) -> _LeanLink:
+        p = self.peer
+        assoc = store_scu.Association(p.host, p.port, p.ae_title, self.calling_aet, contexts,
+                                      max_pdu=self.max_pdu, timeout=self.acse_timeout,
+                                      implementation_version=filemeta.IMPLEMENTATION_VERSION_NAME)
+        try:
+            assoc.open()
+        except store_scu.AssociationError as e:
+            raise PeerError(str(e)) from None
+        assoc.timeout = self.dimse_timeout
+        if assoc.sock is not None:
+            assoc.sock.settimeout(self.dimse_timeout)
+        return _LeanLink(assoc)
 
-    def _send_batch(self, batch: list[Instance], contexts: list[PresentationContext], spool: Path,
-                    result: SendResult) -> None:
+    def _send_batch(self, batch: list[Instance], contexts: list[Context], spool: Path,
+                    pool: ThreadPoolExecutor, result: SendResult) -> None:
         queue = list(batch)
         attempts: dict[str, int] = {}
         reopen_failures = 0
-        pool = ThreadPoolExecutor(1, thread_name_prefix="send-prepare")
-        try:
-            while queue:
-                if self.cancelled():
-                    result.remaining.extend(queue)
+        while queue:
+            if self.cancelled():
+                result.remaining.extend(queue)
+                return
+            try:
+                link = self._open(contexts)
+            except PeerError as e:
+                # The first association of a transfer fails fast (unknown AE, host down);
+                # one that drops mid-transfer gets a few more tries, with a short back-off.
+                reopen_failures += 1
+                if reopen_failures >= _MAX_REOPEN or not result.outcomes:
+                    for inst in queue:
+                        self._record(result, Outcome(inst, "failed", reason=str(e)))
                     return
-                try:
-                    assoc = self._open(contexts)
-                except PeerError as e:
-                    # The first association of a transfer fails fast (unknown AE, host down);
-                    # one that drops mid-transfer gets a few more tries, with a short back-off.
-                    reopen_failures += 1
-                    if reopen_failures >= _MAX_REOPEN or not result.outcomes:
-                        for inst in queue:
-                            self._record(result, Outcome(inst, "failed", reason=str(e)))
-                        return
-                    time.sleep(0.5 * reopen_failures)
-                    continue
-                reopen_failures = 0
-                try:
-                    queue = self._run(assoc, queue, attempts, spool, pool, result)
-                finally:
-                    if assoc.is_established:
-                        assoc.release()
-        finally:
-            pool.shutdown(wait=True)
+                time.sleep(0.5 * reopen_failures)
+                continue
+            reopen_failures = 0
+            try:
+                queue = self._run(link, queue, attempts, spool, pool, result)
+            finally:
+                link.release()
 
-    def _run(self, assoc: Association, queue: list[Instance], attempts: dict[str, int], spool: Path,
+    def _run(self, link: _Link, queue: list[Instance], attempts: dict[str, int], spool: Path,
              pool: ThreadPoolExecutor, result: SendResult) -> list[Instance]:
-        """Send `queue` on `assoc`; returns what still needs another association."""
-        accepted = accepted_syntaxes(assoc)
-        ahead: Future | None = pool.submit(self._prepare, queue[0], accepted, spool)
+        """Send `queue` on `link`; returns what still needs another association. The
+        next instance is prepared while this one is on the wire."""
+        in_memory = isinstance(link, _LeanLink)
+        ahead: Future | None = pool.submit(self._prepare, queue[0], link.accepted, spool, in_memory)
         for i, inst in enumerate(queue):
             prepared: _Prepared = ahead.result()  # type: ignore[union-attr]
             nxt = i + 1 < len(queue) and not self.cancelled()
-            ahead = pool.submit(self._prepare, queue[i + 1], accepted, spool) if nxt else None
+            ahead = pool.submit(self._prepare, queue[i + 1], link.accepted, spool, in_memory) if nxt else None
             try:
-                if prepared.path is None:
+                if not prepared.ready:
                     self._record(result, Outcome(inst, "failed", reason=prepared.reason))
                     continue
                 if self.cancelled():
                     result.remaining.extend(queue[i:])
                     return []
-                status = self._store(assoc, prepared)
+                status = link.store(prepared, self.move_originator)
                 if status is None:
-                    attempts[inst.sop_instance_uid] = attempts.get(inst.sop_instance_uid, 0) + 1
-                    if attempts[inst.sop_instance_uid] > self.retries:
-                        self._record(result, Outcome(inst, "failed", reason=(
-                            f"no C-STORE response within {self.timeouts['dimse_timeout']:g} s "
-                            f"({attempts[inst.sop_instance_uid]} attempt(s))"), sent_as=prepared.syntax))
-                        rest = queue[i + 1:]
-                    else:
-                        log.info("no response for %s from %s: retrying on a new association",
-                                 inst.sop_instance_uid, self.peer)
-                        rest = queue[i:]
                     if ahead is not None:
                         ahead.result().discard()
-                    return rest
-                result.bytes_sent += prepared.path.stat().st_size
-                if status == 0x0000:
-                    self._record(result, Outcome(inst, "completed", status, sent_as=prepared.syntax))
-                elif status in WARNING_STATUSES:
-                    self._record(result, Outcome(inst, "warning", status, sent_as=prepared.syntax))
-                else:
-                    self._record(result, Outcome(inst, "failed", status, reason=f"refused with status 0x{status:04X}",
-                                                 sent_as=prepared.syntax))
+                    return self._after_lost_response(inst, queue, i, attempts, prepared, result)
+                result.bytes_sent += prepared.size
+                self._record(result, _outcome(inst, status, prepared.syntax))
             finally:
                 prepared.discard()
         return []
 
-    def _store(self, assoc: Association, prepared: _Prepared) -> int | None:
-        """The peer's status, or None when the association ended without one."""
-        if not assoc.is_established:
-            return None
-        kwargs = {}
-        if self.move_originator is not None:
-            kwargs = dict(originator_aet=self.move_originator[0], originator_id=self.move_originator[1])
-        try:
-            status = assoc.send_c_store(prepared.path, **kwargs)
-        except (RuntimeError, ValueError, AttributeError) as e:  # context vanished, association gone
-            log.info("send_c_store %s: %s", prepared.instance.sop_instance_uid, e)
-            return None
-        if "Status" not in status:
-            return None
-        return int(status.Status)
+    def _after_lost_response(self, inst: Instance, queue: list[Instance], i: int, attempts: dict[str, int],
+                             prepared: _Prepared, result: SendResult) -> list[Instance]:
+        """What is left to send after a store that got no response: this one again (on a
+        new association) unless it used up its retries."""
+        uid = inst.sop_instance_uid
+        attempts[uid] = attempts.get(uid, 0) + 1
+        if attempts[uid] > self.retries:
+            self._record(result, Outcome(inst, "failed", reason=(
+                f"no C-STORE response within {self.dimse_timeout:g} s, or the association broke "
+                f"({attempts[uid]} attempt(s))"), sent_as=prepared.syntax))
+            return queue[i + 1:]
+        log.info("no response for %s from %s: retrying on a new association", uid, self.peer)
+        return queue[i:]
 
     # -- preparing one instance -------------------------------------------------------
 
-    def _prepare(self, inst: Instance, accepted: dict[str, set[str]], spool: Path) -> _Prepared:
+    def _prepare(self, inst: Instance, accepted: dict[str, set[str]], spool: Path, in_memory: bool) -> _Prepared:
         syntaxes = accepted.get(inst.sop_class_uid)
         if not syntaxes:
             return _Prepared(inst, reason=f"{self.peer} accepted no presentation context for SOP class "
                                           f"{inst.sop_class_uid}")
+        target = None
+        if inst.transfer_syntax_uid not in syntaxes:
+            target = convert.target_syntax(inst.transfer_syntax_uid, syntaxes)
+            if target is None:
+                return _Prepared(inst, reason=(f"{self.peer} accepts none of the syntaxes we can convert "
+                                               f"{convert.name(inst.transfer_syntax_uid)} to "
+                                               f"(accepted: {', '.join(sorted(map(convert.name, syntaxes)))})"))
+        segment = self.segments_dir / inst.segment
+        unreadable = f"stored record unreadable ({inst.segment} @ {inst.offset})"
+        if target is None and in_memory and inst.dataset_length <= SPOOL_ABOVE:
+            try:
+                return _Prepared(inst, inst.transfer_syntax_uid, payload=read_payload(segment, inst.offset))
+            except (OSError, CorruptRecord) as e:
+                return _Prepared(inst, reason=f"{unreadable}: {e}")
         path = spool / f"{inst.sop_instance_uid}.dcm"
         try:
             with open(path, "wb") as f:
                 f.write(PREAMBLE)
-                for chunk in stream_payload(self.segments_dir / inst.segment, inst.offset):
+                for chunk in stream_payload(segment, inst.offset):
                     f.write(chunk)
         except (OSError, CorruptRecord) as e:
             path.unlink(missing_ok=True)
-            return _Prepared(inst, reason=f"stored record unreadable ({inst.segment} @ {inst.offset}): {e}")
-        if inst.transfer_syntax_uid in syntaxes:
-            return _Prepared(inst, path, inst.transfer_syntax_uid)
-        target = convert.target_syntax(inst.transfer_syntax_uid, syntaxes)
+            return _Prepared(inst, reason=f"{unreadable}: {e}")
         if target is None:
-            path.unlink(missing_ok=True)
-            return _Prepared(inst, reason=(f"{self.peer} accepts none of the syntaxes we can convert "
-                                           f"{convert.name(inst.transfer_syntax_uid)} to "
-                                           f"(accepted: {', '.join(sorted(map(convert.name, syntaxes)))})"))
+            return _Prepared(inst, inst.transfer_syntax_uid, path=path)
         converted = path.with_suffix(".conv.dcm")
         try:
             convert.convert_file(path, converted, target)
@@ -333,5 +415,27 @@ class Sender:
         finally:
             path.unlink(missing_ok=True)
         os.replace(converted, path)
-        return _Prepared(inst, path, target)
+        return _Prepared(inst, target, path=path)
 
+
+def _outcome(inst: Instance, status: int, syntax: str) -> Outcome:
+    if status == 0x0000:
+        return Outcome(inst, "completed", status, sent_as=syntax)
+    if status in WARNING_STATUSES:
+        return Outcome(inst, "warning", status, sent_as=syntax)
+    return Outcome(inst, "failed", status, reason=f"refused with status 0x{status:04X}", sent_as=syntax)
+
+
+class _SpoolDir:
+    """A private spool directory for one transfer, emptied and removed at the end."""
+
+    def __init__(self, parent: Path | None) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="send-", dir=parent))
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.path.iterdir():
+            p.unlink(missing_ok=True)
+        self.path.rmdir()

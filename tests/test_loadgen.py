@@ -18,7 +18,7 @@ from pynetdicom.sop_class import Verification
 
 from bench.corpus import generate
 from bench.loadgen import Target, load_corpus, run
-from bench.sender import parse_response, store_command
+from engine.store_scu import parse_response, store_command
 from conftest import HOST, dataset_bytes, free_port
 
 EXPLICIT, IMPLICIT, RLE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.5"
@@ -141,7 +141,7 @@ def test_nobody_listening(tmp_path: Path) -> None:
     items = load_corpus(generate(tmp_path, "small", 6))
     res = run(Target(HOST, free_port(), "NOBODY"), items, 2, progress=False)
     assert res.statuses == {"not sent: association failed": 6} and res.failed == 6
-    assert res.errors and all("cannot connect" in e for e in res.errors)
+    assert res.errors and all("is unreachable" in e for e in res.errors)
     assert res.target_pid is None and res.latency_ms == {}
 
 

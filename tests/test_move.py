@@ -220,6 +220,7 @@ class FlakySCP:
     def __init__(self, victim: str, mode: str, delay: float = 0.0) -> None:
         self.port, self.victim, self.mode, self.delay = free_port(), victim, mode, delay
         self.received: list[str] = []
+        self.originators: set[tuple[str, int]] = set()
         ae = AE("FLAKY")
         ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         self.server = ae.start_server((HOST, self.port), block=False,
@@ -230,6 +231,8 @@ class FlakySCP:
         uid = str(event.request.AffectedSOPInstanceUID)
         first = uid not in self.received
         self.received.append(uid)
+        rq = event.request
+        self.originators.add((str(rq.MoveOriginatorApplicationEntityTitle).strip(), int(rq.MoveOriginatorMessageID)))
         if uid == self.victim and first:
             if self.mode == "drop":
                 event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
@@ -259,6 +262,7 @@ def test_move_survives_a_dropped_sub_association_and_a_lost_response(make_server
         assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (12, 0)
         assert dest.received.count(uids[5]) == 2, "the sub-operation was not retried"
         assert set(dest.received) == set(uids)
+        assert dest.originators == {("PYNMOVE", 1)}, "each sub-operation names the C-MOVE it serves"
         assert time.monotonic() - started < 30
     finally:
         dest.stop()

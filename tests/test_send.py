@@ -293,6 +293,7 @@ def test_send_on_an_existing_association(server, tmp_path, scps, monkeypatch):
     from engine.client import Peer, associate, new_ae
     from engine.selection import select
     from engine.send import Sender, context_batches
+    from pynetdicom.presentation import build_context
     ct = copies(CT, tmp_path / "ct", 3, "ct")
     store(server.port, ct)
     dest = scps(tmp_path / "rx")
@@ -303,7 +304,7 @@ def test_send_on_an_existing_association(server, tmp_path, scps, monkeypatch):
         catalog.close()
     peer = Peer("DEST", HOST, dest.port)
     (contexts,) = context_batches(instances)
-    assoc = associate(new_ae("GETSCP"), peer, contexts)
+    assoc = associate(new_ae("GETSCP"), peer, [build_context(*cx) for cx in contexts])
     try:
         result = Sender(server.data_dir / "segments", peer, "GETSCP").send_on(assoc, instances)
     finally:
@@ -320,11 +321,10 @@ def test_context_batches_stay_within_128_and_keep_each_class_whole():
     assert len(batches) == 2 and all(len(b) <= MAX_CONTEXTS for b in batches)
     per_class = {}
     for n, batch in enumerate(batches):
-        for cx in batch:
-            per_class.setdefault(str(cx.abstract_syntax), set()).add(n)
-            assert len(cx.transfer_syntax) == 1
+        for sop_class, _syntax in batch:
+            per_class.setdefault(sop_class, set()).add(n)
     assert len(per_class) == 60 and all(len(v) == 1 for v in per_class.values())
-    first = [cx.transfer_syntax[0] for cx in batches[0] if cx.abstract_syntax == "1.2.840.10008.5.1.4.1.1.0"]
+    first = [ts for sop_class, ts in batches[0] if sop_class == "1.2.840.10008.5.1.4.1.1.0"]
     assert first == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2"]
 
 

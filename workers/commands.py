@@ -60,6 +60,11 @@ def _ui(uid: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
+def _ae(title: str) -> bytes:
+    raw = title.strip()[:16].encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
 def _lo(text: str) -> bytes:
     raw = text[:64].encode("ascii", "replace")
     return raw + b" " if len(raw) % 2 else raw
@@ -69,8 +74,10 @@ def _with_group_length(body: bytes) -> bytes:
     return _el(0x0000, _UL.pack(len(body))) + body
 
 
-def store_request(message_id: int, sop_class: str, sop_instance: str, priority: int = 0) -> bytes:
-    """A C-STORE-RQ command set (PS3.7 9.3.1.1), announcing a dataset."""
+def store_request(message_id: int, sop_class: str, sop_instance: str, priority: int = 0,
+                  originator: tuple[str, int] | None = None) -> bytes:
+    """A C-STORE-RQ command set (PS3.7 9.3.1.1), announcing a dataset; `originator` is
+    the Move Originator's (AE title, Message ID) for a C-MOVE sub-operation."""
     body = b"".join((
         _el(0x0002, _ui(sop_class)),
         _el(0x0100, _US.pack(C_STORE_RQ)),
@@ -78,6 +85,8 @@ def store_request(message_id: int, sop_class: str, sop_instance: str, priority: 
         _el(0x0700, _US.pack(priority)),
         _el(0x0800, _US.pack(0x0000)),
         _el(0x1000, _ui(sop_instance)),
+        *((_el(0x1030, _ae(originator[0])), _el(0x1031, _US.pack(originator[1] & 0xFFFF)))
+          if originator else ()),
     ))
     return _with_group_length(body)
 

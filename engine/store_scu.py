@@ -1,5 +1,7 @@
-"""A lean C-STORE sender (PS3.8 upper layer, PS3.7 C-STORE) on a blocking socket, for
-the load generator: pre-encoded datasets go out as they are, one message at a time.
+"""A lean Storage SCU association (PS3.8 upper layer, PS3.7 C-STORE) on a blocking
+socket: pre-encoded datasets go out as they are, one message at a time. The sending core
+(engine/send.py: `stowage send`, C-MOVE sub-operations) and the load generator
+(bench/loadgen.py) both use it.
 
 The association is requested and its answer decoded with pynetdicom's PDU classes (the
 same ones the archive's lean receive path uses, workers/negotiation.py); everything after
@@ -26,14 +28,15 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
+from engine import filemeta
 from workers import commands
 from workers.negotiation import user_information
 
 __all__ = ["Association", "AssociationError", "StoreFailed", "Dataset", "store_command"]
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-IMPLEMENTATION_CLASS_UID = "2.25.142464821264144164837067603527606597058"  # uuid5(URL, "urn:stowage-bench:sender")
-IMPLEMENTATION_VERSION = "STOWAGE_BENCH"
+IMPLEMENTATION_CLASS_UID = filemeta.IMPLEMENTATION_CLASS_UID
+IMPLEMENTATION_VERSION = filemeta.IMPLEMENTATION_VERSION_NAME
 P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
 A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x02, 0x03
 _PDU = struct.Struct(">BxI")
@@ -65,9 +68,11 @@ class Dataset:
     offset: int = 0
 
 
-def store_command(message_id: int, sop_class: str, sop_instance: str, priority: int = 0) -> bytes:
-    """A C-STORE-RQ command set (Implicit VR Little Endian, PS3.7 9.3.1.1)."""
-    return commands.store_request(message_id, sop_class, sop_instance, priority)
+def store_command(message_id: int, sop_class: str, sop_instance: str, priority: int = 0,
+                  originator: tuple[str, int] | None = None) -> bytes:
+    """A C-STORE-RQ command set (Implicit VR Little Endian, PS3.7 9.3.1.1); `originator`
+    is the Move Originator's (AE title, Message ID) for a C-MOVE sub-operation."""
+    return commands.store_request(message_id, sop_class, sop_instance, priority, originator)
 
 
 def parse_response(command: bytes | bytearray) -> tuple[int, int, str]:
@@ -84,14 +89,16 @@ class Association:
     syntax) pairs, one presentation context each)."""
 
     def __init__(self, host: str, port: int, called_aet: str, calling_aet: str,
-                 contexts: Sequence[tuple[str, str]], *, max_pdu: int = 1 << 20, timeout: float = 60.0) -> None:
+                 contexts: Sequence[tuple[str, str]], *, max_pdu: int = 1 << 20, timeout: float = 60.0,
+                 implementation_version: str = IMPLEMENTATION_VERSION) -> None:
         if not 0 < len(contexts) <= 128:
             raise ValueError(f"between 1 and 128 presentation contexts, not {len(contexts)}")
         self.host, self.port = host, port
         self.called_aet, self.calling_aet = called_aet, calling_aet
         self.proposed = list(contexts)
         self.max_pdu = max_pdu
-        self.timeout = timeout
+        self.timeout = timeout  # connect, each send and each wait for an answer
+        self.implementation_version = implementation_version
         self.sock: socket.socket | None = None
         self.accepted: dict[tuple[str, str], int] = {}  # (abstract, transfer) -> context ID
         self.peer_max_pdu = 0
@@ -102,7 +109,8 @@ class Association:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as e:
-            raise AssociationError(f"cannot connect to {self.host}:{self.port}: {e.strerror or e}") from None
+            raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} is unreachable: "
+                                   f"{e.strerror or e}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         try:
@@ -117,7 +125,8 @@ class Association:
             rj.decode(raw)
             self.close()
             raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} rejected the association "
-                                   f"(result {rj.result}, source {rj.source}, reason {rj.reason_diagnostic})")
+                                   f"({rj.result_str.lower()}: {rj.reason_str}; is {self.called_aet!r} its "
+                                   f"AE title, and is {self.calling_aet!r} known to it?)")
         if pdu_type != A_ASSOCIATE_AC_TYPE:
             self.close()
             raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} answered the association "
@@ -150,7 +159,7 @@ class Association:
             cx.transfer_syntax = [UID(transfer)]
             contexts.append(cx)
         rq.presentation_context_definition_list = contexts
-        rq.user_information = user_information(self.max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION)
+        rq.user_information = user_information(self.max_pdu, IMPLEMENTATION_CLASS_UID, self.implementation_version)
         pdu = A_ASSOCIATE_RQ()
         pdu.from_primitive(rq)
         return pdu.encode()
@@ -192,20 +201,23 @@ class Association:
     def context_for(self, ds: Dataset) -> int | None:
         return self.accepted.get((ds.sop_class_uid, ds.transfer_syntax_uid))
 
-    def store(self, ds: Dataset) -> tuple[int, str]:
+    def store(self, ds: Dataset, originator: tuple[str, int] | None = None) -> tuple[int, str]:
         """Send one C-STORE-RQ; return the response's (status, error comment).
 
         Raises KeyError if no presentation context was accepted for the dataset, and
-        StoreFailed if the association breaks before the response.
+        StoreFailed if the association breaks, or no response comes within `timeout`.
         """
         if self.sock is None:
             raise StoreFailed("association is closed")
         context_id = self.accepted[(ds.sop_class_uid, ds.transfer_syntax_uid)]
         self.message_id = self.message_id % 0xFFFF + 1
-        command = store_command(self.message_id, ds.sop_class_uid, ds.sop_instance_uid)
+        command = store_command(self.message_id, ds.sop_class_uid, ds.sop_instance_uid, originator=originator)
         try:
             self._send_message(context_id, command, ds)
             return self._read_response()
+        except TimeoutError:
+            self.abort()
+            raise StoreFailed(f"C-STORE of {ds.sop_instance_uid}: no response within {self.timeout:g} s") from None
         except (OSError, AssociationError) as e:
             self.close()
             raise StoreFailed(f"C-STORE of {ds.sop_instance_uid}: {e}") from None
