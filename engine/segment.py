@@ -168,29 +168,46 @@ def valid_end(path: Path, start: int = 0) -> int:
     return end
 
 
-def _lanes(data: bytes | bytearray | memoryview, inverse: bool) -> bytes:
-    """Shuffle (or unshuffle) whole blocks and a final partial block of `data`."""
-    view = memoryview(data)
-    full = len(view) // SHUFFLE_BLOCK
-    out = []
-    if full:
-        a = np.frombuffer(view, np.uint8, full * SHUFFLE_BLOCK)
-        shape = (full, 2, SHUFFLE_BLOCK // 2) if inverse else (full, SHUFFLE_BLOCK // 2, 2)
-        out.append(a.reshape(shape).transpose(0, 2, 1).tobytes())
-    tail = view[full * SHUFFLE_BLOCK:]
-    even = len(tail) // 2 * 2
-    if even:
-        a = np.frombuffer(tail, np.uint8, even)
-        out.append(a.reshape((2, even // 2) if inverse else (even // 2, 2)).T.tobytes())
-    out.append(bytes(tail[even:]))
-    return b"".join(out)
+_U16 = np.dtype("<u2")
 
 
-def shuffle(data: bytes | bytearray | memoryview) -> bytes:
+def _shuffle_rows(src: np.ndarray, dst: np.ndarray) -> None:
+    """Each row of `src` (uint8, even width) as its low bytes, then its high bytes."""
+    half = src.shape[1] // 2
+    pairs = src.view(_U16)
+    np.bitwise_and(pairs, 0xFF, out=dst[:, :half], casting="unsafe")
+    np.right_shift(pairs, 8, out=dst[:, half:], casting="unsafe")
+
+
+def _unshuffle_rows(src: np.ndarray, dst: np.ndarray) -> None:
+    half = src.shape[1] // 2
+    pairs = dst.view(_U16)
+    np.left_shift(src[:, half:], 8, out=pairs, dtype=_U16)
+    np.bitwise_or(pairs, src[:, :half], out=pairs)
+
+
+def _lanes(data: bytes | bytearray | memoryview, inverse: bool) -> memoryview:
+    """Shuffle (or unshuffle) whole blocks and a final partial block of `data`: as whole
+    16-bit lanes (shift and mask over contiguous rows, several times faster than a
+    transposing copy)."""
+    src = np.frombuffer(data, np.uint8)
+    out = np.empty(len(src), np.uint8)
+    rows = _unshuffle_rows if inverse else _shuffle_rows
+    whole = len(src) // SHUFFLE_BLOCK * SHUFFLE_BLOCK
+    if whole:
+        rows(src[:whole].reshape(-1, SHUFFLE_BLOCK), out[:whole].reshape(-1, SHUFFLE_BLOCK))
+    even = whole + (len(src) - whole) // 2 * 2
+    if even > whole:
+        rows(src[whole:even].reshape(1, -1), out[whole:even].reshape(1, -1))
+    out[even:] = src[even:]
+    return memoryview(out)
+
+
+def shuffle(data: bytes | bytearray | memoryview) -> memoryview:
     return _lanes(data, inverse=False)
 
 
-def unshuffle(data: bytes | bytearray | memoryview) -> bytes:
+def unshuffle(data: bytes | bytearray | memoryview) -> memoryview:
     return _lanes(data, inverse=True)
 
 
@@ -230,9 +247,9 @@ def stream_payload(path: Path, offset: int) -> Iterator[bytes]:
         yield from chunks
 
 
-def read_payload(path: Path, offset: int) -> bytes:
+def read_payload(path: Path, offset: int) -> bytes | memoryview:
     """The record's payload, checksum-verified and decompressed, in memory (records that
-    fit: one read, one CRC pass, one decompression, one unshuffle)."""
+    fit: one read, one CRC pass, one decompression, one unshuffle), as a bytes-like object."""
     with open(path, "rb") as f:
         rec, expected, running = _read_head(f, offset)
         raw = os.pread(f.fileno(), rec.payload_length, rec.payload_offset)

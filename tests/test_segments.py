@@ -1,6 +1,7 @@
 """The segment store on its own: record format, verification, rolling, group commit."""
 from __future__ import annotations
 
+import random
 import threading
 from pathlib import Path
 
@@ -67,3 +68,20 @@ def test_shuffled_payloads_stream_back_exactly(tmp_path):
             f.write(encode_record({}, zstandard.ZstdCompressor(level=1).compress(shuffle(p)),
                                   FLAG_ZSTD | FLAG_SHUFFLE))
     assert [read_payload(seg, r.offset) for r in iter_records(seg)] == payloads
+
+
+def test_shuffle_layout_is_fixed_and_inverts():
+    """Records on disk depend on this exact layout: per 256 KiB block (and for the final
+    partial block), the low bytes of each 16-bit lane, then the high bytes; an odd last
+    byte stays where it is."""
+    from engine.segment import SHUFFLE_BLOCK, shuffle, unshuffle
+    assert bytes(shuffle(b"\x01\x02\x03\x04\x05")) == b"\x01\x03\x02\x04\x05"
+    rng = random.Random(7)
+    data = bytes(rng.getrandbits(8) for _ in range(2 * SHUFFLE_BLOCK + 11))
+
+    def reference(block: bytes) -> bytes:
+        even = len(block) // 2 * 2
+        return block[0:even:2] + block[1:even:2] + block[even:]
+    blocks = [data[i:i + SHUFFLE_BLOCK] for i in range(0, len(data), SHUFFLE_BLOCK)]
+    assert bytes(shuffle(data)) == b"".join(reference(b) for b in blocks)
+    assert bytes(unshuffle(shuffle(data))) == data
