@@ -9,8 +9,10 @@ import struct
 
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
+C_GET_RSP, C_MOVE_RSP = 0x8010, 0x8021
 C_CANCEL_RQ = 0x0FFF
 NO_DATASET = 0x0101
+DATASET_PRESENT = 0x0001  # any other value would do (PS3.7 E.1); pynetdicom sends 0x0001
 
 _ELEMENT = struct.Struct("<HHI")
 _US = struct.Struct("<H")
@@ -83,7 +85,7 @@ def store_request(message_id: int, sop_class: str, sop_instance: str, priority: 
         _el(0x0100, _US.pack(C_STORE_RQ)),
         _el(0x0110, _US.pack(message_id & 0xFFFF)),
         _el(0x0700, _US.pack(priority)),
-        _el(0x0800, _US.pack(0x0000)),
+        _el(0x0800, _US.pack(DATASET_PRESENT)),
         _el(0x1000, _ui(sop_instance)),
         *((_el(0x1030, _ae(originator[0])), _el(0x1031, _US.pack(originator[1] & 0xFFFF)))
           if originator else ()),
@@ -101,6 +103,21 @@ def store_response(message_id: int, sop_class: str, sop_instance: str, status: i
         _el(0x0900, _US.pack(status)),
         _el(0x0902, _lo(comment)) if comment else b"",
         _el(0x1000, _ui(sop_instance)),
+    ))
+    return _with_group_length(body)
+
+
+def retrieve_response(command_field: int, message_id: int, sop_class: str, status: int,
+                      counts: tuple[int, int, int, int]) -> bytes:
+    """A C-MOVE-RSP or C-GET-RSP without an identifier (PS3.7 9.3.3.2, 9.3.4.2):
+    `counts` are the remaining, completed, failed and warning sub-operations."""
+    body = b"".join((
+        _el(0x0002, _ui(sop_class)),
+        _el(0x0100, _US.pack(command_field)),
+        _el(0x0120, _US.pack(message_id)),
+        _el(0x0800, _US.pack(NO_DATASET)),
+        _el(0x0900, _US.pack(status)),
+        *(_el(0x1020 + i, _US.pack(n)) for i, n in enumerate(counts)),
     ))
     return _with_group_length(body)
 

@@ -15,17 +15,14 @@ from typing import Any, Iterator
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
-from pynetdicom.dsutils import encode
-from pynetdicom.pdu_primitives import P_DATA
 
 from catalog.keys import models
 from catalog.query import SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS, QueryError, parse_request, run
 from catalog.reader import Catalog
 from catalog.responses import identifier as response_identifier
 from engine.config import Config
+from workers.pending import install_pending_responses
 
 log = logging.getLogger("stowage.find")
 audit = logging.getLogger("stowage.audit")
@@ -48,51 +45,6 @@ class Finder:
 
     def close(self) -> None:
         self.catalog.close()
-
-
-# --- pending responses: one PDU each -------------------------------------------------
-#
-# pynetdicom sends each DIMSE message as P-DATA primitives of one fragment each, and
-# encodes its command set with pydicom every time: a C-FIND pending response is two PDUs
-# (two hand-offs to the DUL thread, two socket writes) and ~0.2 ms of command encoding.
-# For pending C-FIND responses that fit in one PDU, we send the command and the identifier
-# as two PDVs of one P-DATA-TF (PS3.8 9.3.5 allows several PDVs per PDU, in order), with
-# the command set encoded once per request (it is the same for every pending response).
-# Everything else, and any association that watches EVT_DIMSE_SENT, goes pynetdicom's way.
-
-_ORIGINAL_SEND_MSG = DIMSEServiceProvider.send_msg
-
-
-def install_pending_responses() -> None:
-    DIMSEServiceProvider.send_msg = _send_msg
-
-
-def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
-    if (type(primitive) is C_FIND and primitive.MessageIDBeingRespondedTo is not None
-            and primitive.Status in (0xFF00, 0xFF01) and primitive.Identifier is not None
-            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
-        data = primitive.Identifier.getvalue()
-        command = _command_set(self, primitive)
-        limit = self.maximum_pdu_size
-        if data and (not limit or len(command) + len(data) + 12 <= limit):
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # command, last
-            pdata.presentation_data_value_list.append((context_id, b"\x02" + data))     # data set, last
-            self.dul.send_pdu(pdata)
-            return
-    _ORIGINAL_SEND_MSG(self, primitive, context_id)
-
-
-def _command_set(provider: DIMSEServiceProvider, primitive: C_FIND) -> bytes:
-    key = (str(primitive.AffectedSOPClassUID), primitive.MessageIDBeingRespondedTo, primitive.Status)
-    cache = provider.__dict__.setdefault("_stowage_find_commands", {})
-    if key not in cache:
-        if len(cache) > 8:
-            cache.clear()
-        msg = C_FIND_RSP()
-        msg.primitive_to_message(primitive)
-        cache[key] = encode(msg.command_set, True, True)
-    return cache[key]
 
 
 # pynetdicom's DUL thread sends what it is given before it reads the socket again, so a

@@ -33,6 +33,7 @@ from catalog.reader import Catalog
 from engine.client import Peer
 from engine.config import Config
 from engine.send import Instance, Outcome, Sender
+from workers.pending import install_pending_responses
 
 log = logging.getLogger("stowage.retrieve")
 audit = logging.getLogger("stowage.audit")
@@ -110,6 +111,7 @@ _retriever: Retriever | None = None
 def install(retriever: Retriever) -> None:
     global _retriever
     _retriever = retriever
+    install_pending_responses()
     QueryRetrieveServiceClass._move_scp = _move_scp
     QueryRetrieveServiceClass._get_scp = _get_scp
 
