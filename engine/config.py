@@ -32,6 +32,9 @@ class Remote:
     # Storage commitment: send the N-EVENT-REPORT on the requester's own association when
     # it is still open there (PS3.4 J.3.3); false: always on a new association to host:port.
     commitment_same_association: bool = True
+    # C-MOVE sub-operations and `send` to it run on this many associations at once
+    # (PS3.4 C.4.2.3.1 leaves the number to us); 1 suits a peer that serves one at a time.
+    associations: int = 1
 
 
 @dataclass(frozen=True)
@@ -119,14 +122,17 @@ def _remotes(table: Mapping[str, Any]) -> dict[str, Remote]:
     for title, spec in table.items():
         if not isinstance(spec, Mapping):
             raise ConfigError(f"remotes.{title}: must be a table with host and port")
-        unknown = set(spec) - {"ae_title", "host", "port", "commitment_same_association"}
+        unknown = set(spec) - {"ae_title", "host", "port", "commitment_same_association", "associations"}
         if unknown:
             raise ConfigError(f"remotes.{title}: unknown key(s) {', '.join(sorted(unknown))}")
         same = spec.get("commitment_same_association", True)
         if not isinstance(same, bool):
             raise ConfigError(f"remotes.{title}.commitment_same_association: must be true or false")
+        associations = spec.get("associations", 1)
+        if type(associations) is not int or not 1 <= associations <= 16:
+            raise ConfigError(f"remotes.{title}.associations: must be a whole number from 1 to 16")
         try:
-            remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]), same)
+            remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]), same, associations)
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"remotes.{title}: needs host (string) and port (number)") from None
         if not _AE_TITLE.match(title):

@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,15 +235,18 @@ class _PynetdicomLink:
 
 
 class Sender:
-    """Sends instances to one peer. One Sender per transfer; not thread-safe."""
+    """Sends instances to one peer. One Sender per transfer (its own associations may
+    run in several threads; its methods are not to be called from several)."""
 
     def __init__(self, segments_dir: Path, peer: Peer, calling_aet: str, *, dimse_timeout: float = 30.0,
                  acse_timeout: float = 30.0, network_timeout: float = 60.0, max_pdu: int = 262144,
                  retries: int = 1, spool_dir: Path | None = None,
                  on_outcome: Callable[[Outcome], None] | None = None,
                  cancelled: Callable[[], bool] | None = None,
-                 move_originator: tuple[str, int] | None = None) -> None:
+                 move_originator: tuple[str, int] | None = None, associations: int = 1) -> None:
         self.segments_dir = segments_dir
+        self.associations = max(1, associations)
+        self._lock = threading.Lock()
         self.peer = peer
         self.calling_aet = calling_aet
         self.acse_timeout, self.dimse_timeout, self.network_timeout = acse_timeout, dimse_timeout, network_timeout
@@ -258,38 +262,56 @@ class Sender:
         _config.STORE_SEND_CHUNKED_DATASET = True
 
     def send(self, instances: Iterable[Instance]) -> SendResult:
-        """Send on associations of our own to the peer."""
+        """Send on associations of our own to the peer: `associations` of them at once,
+        sharing one queue (an association the peer refuses leaves its share to the others)."""
         todo = list(instances)
         result = SendResult()
-        with _SpoolDir(self.spool_dir) as spool, ThreadPoolExecutor(1, thread_name_prefix="send-prepare") as pool:
+        with _SpoolDir(self.spool_dir) as spool:
             for contexts in context_batches(todo):
                 classes = {sop_class for sop_class, _ts in contexts}
-                batch = [i for i in todo if i.sop_class_uid in classes]
-                self._send_batch(batch, contexts, spool, pool, result)
+                work = _Work([i for i in todo if i.sop_class_uid in classes])
+                # Further associations are opened once the first is established: a
+                # peer that takes one at a time (or is down) is then told so only once.
+                drivers = [threading.Thread(target=self._drive, args=(work, contexts, spool, result, True),
+                                            name=f"send-{n}", daemon=True)
+                           for n in range(1, min(self.associations, len(work.items)))]
+                for t in drivers:
+                    t.start()
+                try:
+                    self._drive(work, contexts, spool, result)
+                finally:
+                    work.first_open.set()
+                    for t in drivers:
+                        t.join()
         return result
 
     def send_on(self, assoc: Association, instances: Iterable[Instance]) -> SendResult:
         """Send on an association someone else opened (C-GET: the requester's, with
         SCP/SCU role selection for the storage classes). No new association is opened:
         a store without a response counts as failed, and the rest are not attempted."""
-        todo = list(instances)
+        work = _Work(list(instances))
         result = SendResult()
-        if not todo:
+        if not work.items:
             return result
+        work.attempts = {i.sop_instance_uid: self.retries for i in work.items}  # no retries here
         with _SpoolDir(self.spool_dir) as spool, ThreadPoolExecutor(1, thread_name_prefix="send-prepare") as pool:
-            attempts = {i.sop_instance_uid: self.retries for i in todo}  # no retries here
-            rest = self._run(_PynetdicomLink(assoc, spool), todo, attempts, spool, pool, result)
-            for inst in rest:
-                self._record(result, Outcome(inst, "failed", reason="the association ended before it was sent"))
+            self._run(_PynetdicomLink(assoc, spool), work, spool, pool, result)
+        if self.cancelled():
+            result.remaining.extend(work.drain())
+        for inst in work.drain():
+            self._record(result, Outcome(inst, "failed", reason="the association ended before it was sent"))
         return result
 
-    # -- one association batch --------------------------------------------------------
+    # -- one association ----------------------------------------------------------------
 
-    def _record(self, result: SendResult, outcome: Outcome) -> None:
-        result.outcomes.append(outcome)
-        if outcome.state == "failed":
-            log.warning("sending %s to %s failed: %s", outcome.instance.sop_instance_uid, self.peer, outcome.reason)
-        self.on_outcome(outcome)
+    def _record(self, result: SendResult, outcome: Outcome, size: int = 0) -> None:
+        with self._lock:  # outcomes come from every association of a transfer
+            result.outcomes.append(outcome)
+            result.bytes_sent += size
+            if outcome.state == "failed":
+                log.warning("sending %s to %s failed: %s", outcome.instance.sop_instance_uid, self.peer,
+                            outcome.reason)
+            self.on_outcome(outcome)
 
     def _open(self, contexts: list[Context]) -> _LeanLink:
         p = self.peer
@@ -305,74 +327,86 @@ class Sender:
             assoc.sock.settimeout(self.dimse_timeout)
         return _LeanLink(assoc)
 
-    def _send_batch(self, batch: list[Instance], contexts: list[Context], spool: Path,
-                    pool: ThreadPoolExecutor, result: SendResult) -> None:
-        queue = list(batch)
-        attempts: dict[str, int] = {}
+    def _drive(self, work: "_Work", contexts: list[Context], spool: Path, result: SendResult,
+               after_first: bool = False) -> None:
+        """One association's share of `work`: open, send until the queue is empty, and
+        open again after a store that got no response."""
+        if after_first:
+            work.first_open.wait()
         reopen_failures = 0
-        while queue:
-            if self.cancelled():
-                result.remaining.extend(queue)
-                return
-            try:
-                link = self._open(contexts)
-            except PeerError as e:
-                # The first association of a transfer fails fast (unknown AE, host down);
-                # one that drops mid-transfer gets a few more tries, with a short back-off.
-                reopen_failures += 1
-                if reopen_failures >= _MAX_REOPEN or not result.outcomes:
-                    for inst in queue:
-                        self._record(result, Outcome(inst, "failed", reason=str(e)))
+        with ThreadPoolExecutor(1, thread_name_prefix="send-prepare") as pool:
+            while work.items:
+                if self.cancelled():
+                    result.remaining.extend(work.drain())
                     return
-                time.sleep(0.5 * reopen_failures)
-                continue
-            reopen_failures = 0
-            try:
-                queue = self._run(link, queue, attempts, spool, pool, result)
-            finally:
-                link.release()
+                work.opening(+1)
+                try:
+                    link = self._open(contexts)
+                except PeerError as e:
+                    reopen_failures += 1
+                    if work.opening(-1):  # the others carry on (a peer that takes fewer associations)
+                        log.info("%s: one association fewer: %s", self.peer, e)
+                        return
+                    # The first association of a transfer fails fast (unknown AE, host down);
+                    # one that drops mid-transfer gets a few more tries, with a short back-off.
+                    if reopen_failures >= _MAX_REOPEN or not work.ever_opened:
+                        for inst in work.drain():
+                            self._record(result, Outcome(inst, "failed", reason=str(e)))
+                        return
+                    time.sleep(0.5 * reopen_failures)
+                    continue
+                reopen_failures = 0
+                work.opening(-1, opened=True)
+                try:
+                    self._run(link, work, spool, pool, result)
+                finally:
+                    link.release()
+                    work.closed()
 
-    def _run(self, link: _Link, queue: list[Instance], attempts: dict[str, int], spool: Path,
-             pool: ThreadPoolExecutor, result: SendResult) -> list[Instance]:
-        """Send `queue` on `link`; returns what still needs another association. The
-        next instance is prepared while this one is on the wire."""
+    def _run(self, link: _Link, work: "_Work", spool: Path, pool: ThreadPoolExecutor, result: SendResult) -> None:
+        """Send from `work` on `link` until it is empty, cancelled, or a store gets no
+        response. The next instance is prepared while this one is on the wire."""
         in_memory = isinstance(link, _LeanLink)
-        ahead: Future | None = pool.submit(self._prepare, queue[0], link.accepted, spool, in_memory)
-        for i, inst in enumerate(queue):
-            prepared: _Prepared = ahead.result()  # type: ignore[union-attr]
-            nxt = i + 1 < len(queue) and not self.cancelled()
-            ahead = pool.submit(self._prepare, queue[i + 1], link.accepted, spool, in_memory) if nxt else None
+        first = work.take()
+        ahead: Future | None = pool.submit(self._prepare, first, link.accepted, spool, in_memory) if first else None
+        while ahead is not None:
+            prepared: _Prepared = ahead.result()
+            nxt = None if self.cancelled() else work.take()
+            ahead = pool.submit(self._prepare, nxt, link.accepted, spool, in_memory) if nxt else None
+            inst = prepared.instance
             try:
                 if not prepared.ready:
                     self._record(result, Outcome(inst, "failed", reason=prepared.reason))
                     continue
                 if self.cancelled():
-                    result.remaining.extend(queue[i:])
-                    return []
+                    work.give_back(inst)
+                    return
                 status = link.store(prepared, self.move_originator)
                 if status is None:
                     if ahead is not None:
-                        ahead.result().discard()
-                    return self._after_lost_response(inst, queue, i, attempts, prepared, result)
-                result.bytes_sent += prepared.size
-                self._record(result, _outcome(inst, status, prepared.syntax))
+                        skipped = ahead.result()
+                        skipped.discard()
+                        work.give_back(skipped.instance)
+                    if self._retry(inst, prepared, work, result):
+                        work.give_back(inst)
+                    return
+                self._record(result, _outcome(inst, status, prepared.syntax), prepared.size)
             finally:
                 prepared.discard()
-        return []
 
-    def _after_lost_response(self, inst: Instance, queue: list[Instance], i: int, attempts: dict[str, int],
-                             prepared: _Prepared, result: SendResult) -> list[Instance]:
-        """What is left to send after a store that got no response: this one again (on a
-        new association) unless it used up its retries."""
+    def _retry(self, inst: Instance, prepared: _Prepared, work: "_Work", result: SendResult) -> bool:
+        """After a store that got no response: whether to send it again on a new
+        association (else it is recorded as failed, its retries used up)."""
         uid = inst.sop_instance_uid
-        attempts[uid] = attempts.get(uid, 0) + 1
-        if attempts[uid] > self.retries:
+        with work.lock:
+            work.attempts[uid] = attempts = work.attempts.get(uid, 0) + 1
+        if attempts > self.retries:
             self._record(result, Outcome(inst, "failed", reason=(
                 f"no C-STORE response within {self.dimse_timeout:g} s, or the association broke "
-                f"({attempts[uid]} attempt(s))"), sent_as=prepared.syntax))
-            return queue[i + 1:]
+                f"({attempts} attempt(s))"), sent_as=prepared.syntax))
+            return False
         log.info("no response for %s from %s: retrying on a new association", uid, self.peer)
-        return queue[i:]
+        return True
 
     # -- preparing one instance -------------------------------------------------------
 
@@ -424,6 +458,48 @@ def _outcome(inst: Instance, status: int, syntax: str) -> Outcome:
     if status in WARNING_STATUSES:
         return Outcome(inst, "warning", status, sent_as=syntax)
     return Outcome(inst, "failed", status, reason=f"refused with status 0x{status:04X}", sent_as=syntax)
+
+
+class _Work:
+    """The instances of one transfer batch still to send, shared by its associations."""
+
+    def __init__(self, items: list[Instance]) -> None:
+        self.items: deque[Instance] = deque(items)
+        self.lock = threading.Lock()
+        self.attempts: dict[str, int] = {}
+        self.links = 0              # associations open on it now
+        self.pending_opens = 0      # associations being opened now
+        self.ever_opened = False
+        self.first_open = threading.Event()
+
+    def take(self) -> Instance | None:
+        with self.lock:
+            return self.items.popleft() if self.items else None
+
+    def give_back(self, inst: Instance) -> None:
+        with self.lock:
+            self.items.appendleft(inst)
+
+    def drain(self) -> list[Instance]:
+        with self.lock:
+            out = list(self.items)
+            self.items.clear()
+            return out
+
+    def opening(self, delta: int, opened: bool = False) -> bool:
+        """Count an association being opened (+1), or done opening (-1, `opened` or
+        failed). True when other associations are open or being opened."""
+        with self.lock:
+            self.pending_opens += delta
+            if opened:
+                self.links += 1
+                self.ever_opened = True
+                self.first_open.set()
+            return self.links + self.pending_opens > (1 if opened else 0)
+
+    def closed(self) -> None:
+        with self.lock:
+            self.links -= 1
 
 
 class _SpoolDir:

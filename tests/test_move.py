@@ -266,3 +266,47 @@ def test_move_survives_a_dropped_sub_association_and_a_lost_response(make_server
         assert time.monotonic() - started < 30
     finally:
         dest.stop()
+
+
+class CountingSCP:
+    """A pynetdicom MR Storage SCP that takes at most `limit` associations at once
+    (rejecting more, as pynetdicom does) and records which association each store came on."""
+
+    def __init__(self, limit: int, delay: float = 0.01) -> None:
+        self.port, self.delay = free_port(), delay
+        self.stores: list[tuple[str, int]] = []
+        ae = AE("COUNTING")
+        ae.maximum_associations = limit
+        ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.server = ae.start_server((HOST, self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event) -> int:
+        time.sleep(self.delay)  # a destination that takes a moment per instance
+        self.stores.append((str(event.request.AffectedSOPInstanceUID), id(event.assoc)))
+        return 0
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_move_on_parallel_associations_and_to_a_peer_that_takes_one(make_server, tmp_path):
+    mr = copies(MR, tmp_path / "mr", 40, "mr")
+    uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in mr}
+    wide, narrow = CountingSCP(limit=10), CountingSCP(limit=1)
+    try:
+        cfg = config_with(tmp_path, WIDE=(HOST, wide.port, 3), NARROW=(HOST, narrow.port, 3))
+        server = make_server("--workers", "1", "--config", str(cfg))
+        store(server.port, mr)
+        keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": pydicom.dcmread(mr[0]).StudyInstanceUID}
+        for dest, scp in (("WIDE", wide), ("NARROW", narrow)):
+            final = _pyn_move(server.port, dest, keys)[-1][0]
+            assert final.Status == 0x0000, (dest, hex(final.Status))
+            assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (40, 0)
+            got = [uid for uid, _assoc in scp.stores]
+            assert sorted(got) == sorted(uids), f"{dest}: each instance exactly once"
+        assert len({assoc for _uid, assoc in wide.stores}) == 3, "WIDE: three associations at once"
+        assert len({assoc for _uid, assoc in narrow.stores}) == 1
+    finally:
+        wide.stop()
+        narrow.stop()

@@ -90,10 +90,12 @@ def scps():
         s.stop()
 
 
-def config_with(tmp_path: Path, **remotes: tuple[str, int]) -> Path:
+def config_with(tmp_path: Path, **remotes: tuple) -> Path:
+    """[remotes.AE] tables from AE=(host, port[, associations])."""
     cfg = tmp_path / "stowage.toml"
-    cfg.write_text("".join(f'[remotes.{aet}]\nhost = "{host}"\nport = {port}\n\n'
-                           for aet, (host, port) in remotes.items()))
+    cfg.write_text("".join(f'[remotes.{aet}]\nhost = "{spec[0]}"\nport = {spec[1]}\n'
+                           + (f"associations = {spec[2]}\n" if len(spec) > 2 else "") + "\n"
+                           for aet, spec in remotes.items()))
     return cfg
 
 

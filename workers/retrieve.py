@@ -172,7 +172,9 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
             respond(UNKNOWN_DESTINATION, comment=f"unknown move destination {dest!r}")
             return
         peer = Peer(remote.ae_title, remote.host, remote.port)
+        associations = remote.associations
     else:
+        associations = 1
         dest = requestor
         host, port = assoc.requestor.address, assoc.requestor.port
         peer = Peer(requestor, str(host), int(port or 0))
@@ -206,7 +208,8 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
             respond(PENDING, (total - done, counts["completed"], counts["failed"], counts["warning"]))
 
     sender = _retriever.sender(peer, on_outcome=on_outcome, cancelled=is_cancelled,
-                               move_originator=(requestor, req.MessageID) if kind is C_MOVE else None)
+                               move_originator=(requestor, req.MessageID) if kind is C_MOVE else None,
+                               associations=associations)
     try:
         if kind is C_MOVE:
             result = sender.send(instances)
