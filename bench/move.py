@@ -3,7 +3,7 @@ instances to DCMTK storescp (+B, writing files); the same study sent by `stowage
 and, if /usr/sbin/Orthanc is installed, the same C-MOVE served by Orthanc from the same
 data, in the same run, as a ratio.
 
-    python -m bench.move --count 500 [--kind ct] [--repeat 3]
+    python -m bench.move --count 500 [--kind ct] [--repeat 3] [--dest-fork] [--associations 2]
 
 Steps: generate the corpus (one patient, one study, one series), start `stowage serve`
 (knowing DEST in [remotes]) and Orthanc (DEST and the requester registered as
@@ -11,6 +11,12 @@ modalities, TCP_NODELAY=1 in its environment as bench/compare runs it) on free 1
 transfer into a fresh storescp output directory (the same port every time), from the
 requester's start to its exit. Prints medians: instances/s, MB/s (file bytes) and the
 ratio to Orthanc's C-MOVE.
+
+The same storescp is also known to stowage as DEST2 with `associations = N`: the row
+"stowage C-MOVE xN" moves to it on N associations at once. Against a plain storescp,
+which serves one association at a time, that cannot help; with `--dest-fork` (storescp
+--fork, a process per association, as a PACS serves several) it can. Orthanc's C-MOVE
+uses one association whatever the destination.
 """
 from __future__ import annotations
 
@@ -29,10 +35,10 @@ from bench.report import timed_medians
 from bench.send import _Orthanc, _wait_echo
 
 
-def _storescp_on(storescp: str, echoscu: str, out: Path, port: int, nodelay: bool) -> subprocess.Popen:
+def _storescp_on(storescp: str, echoscu: str, out: Path, port: int, nodelay: bool, fork: bool) -> subprocess.Popen:
     out.mkdir(parents=True)
     env = dict(os.environ, TCP_NODELAY="1") if nodelay else None
-    proc = subprocess.Popen([storescp, "+B", "-aet", "DEST", "-od", str(out), str(port)],
+    proc = subprocess.Popen([storescp, "+B", *(["--fork"] if fork else []), "-aet", "DEST", "-od", str(out), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     _wait_echo(echoscu, port, "DEST")
     return proc
@@ -47,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dest-nodelay", action="store_true",
                     help="storescp with TCP_NODELAY=1 (its C-STORE-RSP then costs a sender that does not "
                          "ACK at once, as Orthanc, no 40 ms delayed ACK)")
+    ap.add_argument("--dest-fork", action="store_true", help="storescp --fork: one process per association")
+    ap.add_argument("--associations", type=int, default=2,
+                    help="associations at once for the 'stowage C-MOVE xN' row (DEST2)")
     args = ap.parse_args(argv)
     storescp, storescu, echoscu, movescu = (find_dcmtk(n) for n in ("storescp", "storescu", "echoscu", "movescu"))
     if not all((storescp, storescu, echoscu, movescu)):
@@ -62,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         dest_port, port = free_port(), free_port()
         data = work / "data"
         cfg = work / "stowage.toml"
-        cfg.write_text(f'[remotes.DEST]\nhost = "127.0.0.1"\nport = {dest_port}\n')
+        cfg.write_text(f'[remotes.DEST]\nhost = "127.0.0.1"\nport = {dest_port}\n\n'
+                       f'[remotes.DEST2]\nhost = "127.0.0.1"\nport = {dest_port}\nassociations = {args.associations}\n')
         server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(data),
                                    "--port", str(port), "--bind", "127.0.0.1", "--config", str(cfg)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -73,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         commands = {
             "stowage C-MOVE": [movescu, "-S", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem", "DEST", *move_keys,
                                "127.0.0.1", str(port)],
+            f"stowage C-MOVE x{args.associations}": [movescu, "-S", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem",
+                                                     "DEST2", *move_keys, "127.0.0.1", str(port)],
             "stowage send": [sys.executable, "-m", "engine.cli", "send", "--data-dir", str(data), "-q",
                              "--config", str(cfg), "--to", "DEST", "--study", study],
         }
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeat):
             for name, cmd in commands.items():  # interleaved
                 out = work / f"rx-{r}-{name.replace(' ', '_')}"
-                rx = _storescp_on(storescp, echoscu, out, dest_port, args.dest_nodelay)
+                rx = _storescp_on(storescp, echoscu, out, dest_port, args.dest_nodelay, args.dest_fork)
                 try:
                     t = time.monotonic()
                     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                     stop_tree(rx, None)
                 shutil.rmtree(out)
         print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one study, to DCMTK storescp +B -od"
-              f"{' (TCP_NODELAY=1)' if args.dest_nodelay else ''}; "
+              f"{' --fork' if args.dest_fork else ''}{' (TCP_NODELAY=1)' if args.dest_nodelay else ''}; "
               f"medians of {args.repeat} interleaved runs")
         print("\n".join(timed_medians(results, args.count, mb, "orthanc C-MOVE")))
     finally:
