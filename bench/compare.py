@@ -33,8 +33,9 @@ from pathlib import Path
 
 from bench.corpus import generate
 from bench.ingest import SENDERS, Result, finish, format_table, measure
+from bench.orthanc import executable as orthanc_executable
 from bench.procs import find_dcmtk
-from bench.receivers import ORTHANC, RECEIVERS
+from bench.receivers import RECEIVERS
 from bench.report import disk, machine
 
 KINDS = ("small", "ct")
@@ -48,8 +49,8 @@ def tool_versions() -> dict[str, str]:
         r = subprocess.run([storescp, "--version"], capture_output=True, text=True, timeout=10)
         first = next((ln for ln in r.stdout.splitlines() if "dcmtk" in ln.lower()), "")
         out["dcmtk"] = first.split("v", 1)[-1].split()[0] if "v" in first else first
-    if Path(ORTHANC).exists():
-        r = subprocess.run([ORTHANC, "--version"], capture_output=True, text=True, timeout=10)
+    if orthanc := orthanc_executable():
+        r = subprocess.run([orthanc, "--version"], capture_output=True, text=True, timeout=10)
         out["orthanc"] = (r.stdout.splitlines() or [""])[0].split()[-1]
     for pkg in ("pynetdicom", "pydicom", "stowage"):
         try:

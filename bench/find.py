@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,11 +43,11 @@ from pydicom.dataset import Dataset
 
 from bench import query_corpus as qc
 from bench.find_client import FindClient
+from bench.orthanc import Orthanc, executable
 from bench.procs import echo, find_dcmtk, free_port, tail
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 REPO = Path(__file__).resolve().parent.parent
-ORTHANC = "/usr/sbin/Orthanc"
 QUERIES = ("patient_id", "name_sm", "month", "uid_list", "series")
 
 
@@ -177,44 +176,11 @@ class Stowage:
 # --- Orthanc ----------------------------------------------------------------------------------
 
 
-class Orthanc:
-    """Orthanc (the Debian package) with its own configuration on free loopback ports."""
-
-    def __init__(self, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port, self.http_port = free_port(), free_port()
-        config = {"Name": "bench", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
-                  "DicomAet": "ORTHANC", "DicomPort": self.port, "HttpPort": self.http_port,
-                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-                  "DicomCheckCalledAet": False, "DicomAlwaysAllowFind": True, "DicomAlwaysAllowStore": True,
-                  "DicomModalities": {"bench": {"AET": "BENCHSCU", "Host": "127.0.0.1", "Port": 1}},
-                  "LimitFindResults": 0, "LimitFindInstances": 0, "StorageCompression": False,
-                  "DicomThreadsCount": 4, "SaveJobs": False}
-        (workdir / "orthanc.json").write_text(json.dumps(config))
-        self.log = workdir / "orthanc.log"
-        with open(self.log, "wb") as log:  # TCP_NODELAY: DCMTK (inside Orthanc) leaves Nagle on otherwise
-            self.proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=dict(os.environ, TCP_NODELAY="1"))
-        _wait(lambda: self._alive(), self.proc, self.log, 120)
-
-    def _alive(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/system", timeout=5):
-                return True
-        except OSError:
-            return False
-
-    def statistics(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/statistics", timeout=60) as r:
-            return json.loads(r.read())
-
-    def version(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/system", timeout=60) as r:
-            return json.loads(r.read()).get("Version", "?")
-
-    def stop(self) -> None:
-        _stop(self.proc)
+def start_orthanc(workdir: Path) -> Orthanc:
+    """Orthanc set up to answer any C-FIND and take any C-STORE, with no limit on matches."""
+    return Orthanc(workdir, {"bench": ("BENCHSCU", "127.0.0.1", 1)}, nodelay=True, new_session=True, timeout=120,
+                   DicomCheckCalledAet=False, DicomAlwaysAllowFind=True, DicomAlwaysAllowStore=True,
+                   LimitFindResults=0, LimitFindInstances=0, DicomThreadsCount=4, SaveJobs=False)
 
 
 def _wait(ready: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -301,18 +267,18 @@ def run(args: argparse.Namespace) -> Report:
                 report.timings += time_queries(s.port, "STOWAGE", patients, n, "stowage (C-STORE)", args.repeat)
             finally:
                 s.stop()
-            if args.orthanc and Path(ORTHANC).exists():
-                o = Orthanc(base / "orthanc")
+            if args.orthanc and executable():
+                o = start_orthanc(base / "orthanc")
                 try:
-                    took = store_files(o.port, "ORTHANC", files)
+                    took = store_files(o.dicom_port, "ORTHANC", files)
                     time.sleep(5)
-                    stats = o.statistics()
-                    report.loads.append({"target": f"Orthanc {o.version()}", "instances": int(stats["CountInstances"]),
+                    stats = o.rest("GET", "/statistics")
+                    target = f"Orthanc {o.rest('GET', '/system').get('Version', '?')}"
+                    report.loads.append({"target": target, "instances": int(stats["CountInstances"]),
                                          "seconds": round(took, 1)})
-                    report.timings += time_queries(o.port, "ORTHANC", patients, n, f"Orthanc {o.version()}",
-                                                   args.repeat)
+                    report.timings += time_queries(o.dicom_port, "ORTHANC", patients, n, target, args.repeat)
                 finally:
-                    o.stop()
+                    o.stop(60)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

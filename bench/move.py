@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from bench.corpus import generate
-from bench.procs import find_dcmtk, free_port, stop_tree
+from bench.orthanc import Orthanc, executable
+from bench.procs import find_dcmtk, free_port, stop_tree, wait_echo
 from bench.report import timed_medians
-from bench.send import _Orthanc, _wait_echo
 
 
 def _storescp_on(storescp: str, echoscu: str, out: Path, port: int, nodelay: bool, fork: bool) -> subprocess.Popen:
@@ -40,7 +40,7 @@ def _storescp_on(storescp: str, echoscu: str, out: Path, port: int, nodelay: boo
     env = dict(os.environ, TCP_NODELAY="1") if nodelay else None
     proc = subprocess.Popen([storescp, "+B", *(["--fork"] if fork else []), "-aet", "DEST", "-od", str(out), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _wait_echo(echoscu, port, "DEST")
+    wait_echo(echoscu, port, "DEST")
     return proc
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(data),
                                    "--port", str(port), "--bind", "127.0.0.1", "--config", str(cfg)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait_echo(echoscu, port, "STOWAGE")
+        wait_echo(echoscu, port, "STOWAGE")
         subprocess.run([storescu, "-aec", "STOWAGE", "127.0.0.1", str(port), *map(str, files)], check=True,
                        capture_output=True)
         move_keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
@@ -88,18 +88,10 @@ def main(argv: list[str] | None = None) -> None:
             "stowage send": [sys.executable, "-m", "engine.cli", "send", "--data-dir", str(data), "-q",
                              "--config", str(cfg), "--to", "DEST", "--study", study],
         }
-        if not args.no_orthanc and Path(_Orthanc.EXE).exists():
+        if not args.no_orthanc and executable():
             # Nagle off in Orthanc's DCMTK network layer, as bench/compare runs it (else each
-            # sub-operation waits out a 40 ms delayed ACK); only Orthanc's environment gets it.
-            saved = os.environ.get("TCP_NODELAY")
-            os.environ["TCP_NODELAY"] = "1"
-            try:
-                orthanc = _Orthanc(work / "orthanc")
-            finally:
-                if saved is None:
-                    del os.environ["TCP_NODELAY"]
-                else:
-                    os.environ["TCP_NODELAY"] = saved
+            # sub-operation waits out a 40 ms delayed ACK).
+            orthanc = Orthanc(work / "orthanc", nodelay=True)
             subprocess.run([storescu, "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
                            check=True, capture_output=True)
             orthanc.rest("PUT", "/modalities/dest", {"AET": "DEST", "Host": "127.0.0.1", "Port": dest_port})
@@ -130,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         if server is not None:
             stop_tree(server, None)
         if orthanc is not None:
-            stop_tree(orthanc.proc, None)
+            orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -61,6 +61,16 @@ def echo(echoscu: str, port: int, aet: str, env: dict[str, str] | None = None) -
         return False
 
 
+def wait_echo(echoscu: str, port: int, aet: str, timeout: float = 60.0) -> None:
+    """Block until a C-ECHO to 127.0.0.1:port succeeds: a listening socket is not yet a
+    receiver that answers associations."""
+    deadline = time.monotonic() + timeout
+    while not echo(echoscu, port, aet):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing answers C-ECHO on port {port}")
+        time.sleep(0.2)
+
+
 class TreeMonitor:
     """Samples CPU seconds and RSS of a process and all its descendants.
 

@@ -5,11 +5,11 @@ or raises ``Unavailable`` when the receiver cannot run here. ``workers`` (stowag
 None means the archive's default (one worker per core).
 
 Orthanc (the Debian package) runs as a plain subprocess with its own JSON configuration
-written into the data dir: free DICOM and HTTP ports on 127.0.0.1, storage and SQLite
-index in the data dir, no plugins, fsync on (``SyncStorageArea``, its default, like
-stowage's). Its DICOM layer is DCMTK's, so the ``TCP_NODELAY=1`` environment that the
-benchmark gives every child turns Nagle off there too; ``TcpNoDelay`` covers its HTTP
-server and ``MaximumPduLength`` is raised to the largest it allows (128 KiB).
+(written by bench/orthanc.py) in the data dir: free DICOM and HTTP ports on 127.0.0.1,
+storage and SQLite index in the data dir, no plugins, fsync on (``SyncStorageArea``, its
+default, like stowage's). Its DICOM layer is DCMTK's, so the ``TCP_NODELAY=1`` environment
+that the benchmark gives every child turns Nagle off there too; ``TcpNoDelay`` covers its
+HTTP server and ``MaximumPduLength`` is raised to the largest it allows (128 KiB).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from bench.orthanc import executable, write_config
 from bench.procs import find_dcmtk, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -73,23 +74,16 @@ def _storescp(fork: bool) -> Callable[[int, Path, int], list[str]]:
     return build
 
 
-ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_CONFIG = "orthanc.json"
 
 
 def _orthanc(port: int, data_dir: Path, workers: int | None) -> list[str]:
-    exe = ORTHANC if Path(ORTHANC).exists() else shutil.which("Orthanc")
+    exe = executable()
     if exe is None:
         raise Unavailable("Orthanc is not installed (apt-get install orthanc)")
-    config = {
-        "Name": "stowage-bench", "StorageDirectory": str(data_dir / "storage"),
-        "IndexDirectory": str(data_dir / "index"), "DicomAet": "ORTHANC", "DicomPort": port,
-        "HttpPort": free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "Plugins": [], "DicomCheckCalledAet": False, "SyncStorageArea": True, "StorageCompression": False,
-        "TcpNoDelay": True, "MaximumPduLength": 131072,
-    }
-    path = data_dir / ORTHANC_CONFIG
-    path.write_text(json.dumps(config, indent=1))
+    path = write_config(data_dir / ORTHANC_CONFIG, port, free_port(), data_dir / "storage", data_dir / "index",
+                        Name="stowage-bench", DicomCheckCalledAet=False, SyncStorageArea=True, TcpNoDelay=True,
+                        MaximumPduLength=131072)
     return [exe, str(path)]
 
 

@@ -20,16 +20,9 @@ import time
 from pathlib import Path
 
 from bench.corpus import generate
-from bench.procs import echo, find_dcmtk, free_port, stop_tree
+from bench.orthanc import Orthanc, executable
+from bench.procs import find_dcmtk, free_port, stop_tree, wait_echo
 from bench.report import timed_medians
-
-
-def _wait_echo(echoscu: str, port: int, aet: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not echo(echoscu, port, aet):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"nothing answers C-ECHO on port {port}")
-        time.sleep(0.2)
 
 
 def _storescp(storescp: str, echoscu: str, out: Path) -> tuple[subprocess.Popen, int]:
@@ -37,44 +30,8 @@ def _storescp(storescp: str, echoscu: str, out: Path) -> tuple[subprocess.Popen,
     out.mkdir(parents=True)
     proc = subprocess.Popen([storescp, "+B", "-aet", "DEST", "-od", str(out), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_echo(echoscu, port, "DEST")
+    wait_echo(echoscu, port, "DEST")
     return proc, port
-
-
-class _Orthanc:
-    """Orthanc as a subprocess with a throw-away configuration; None if not installed."""
-
-    EXE = "/usr/sbin/Orthanc"
-
-    def __init__(self, work: Path) -> None:
-        import json
-        self.dicom_port, self.http_port = free_port(), free_port()
-        work.mkdir()
-        cfg = {"Name": "bench", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
-               "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-               "StorageCompression": False, "DicomModalities": {}}
-        (work / "orthanc.json").write_text(json.dumps(cfg))
-        self.proc = subprocess.Popen([self.EXE, str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.rest("GET", "/system")
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    def rest(self, method: str, path: str, body=None):
-        import json
-        import urllib.request
-        data = None if body is None else body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method, data=data)
-        with urllib.request.urlopen(req, timeout=600) as r:
-            raw = r.read()
-        return json.loads(raw) if raw.strip() else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,14 +54,14 @@ def main(argv: list[str] | None = None) -> None:
         server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(data),
                                    "--port", str(port), "--bind", "127.0.0.1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait_echo(echoscu, port, "STOWAGE")
+        wait_echo(echoscu, port, "STOWAGE")
         subprocess.run([storescu, "-aec", "STOWAGE", "127.0.0.1", str(port), *map(str, files)], check=True,
                        capture_output=True)
         import pydicom
         study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
         results: dict[str, list[float]] = {"stowage send": [], "storescu (files)": []}
-        if Path(_Orthanc.EXE).exists():
-            orthanc = _Orthanc(work / "orthanc")
+        if executable():
+            orthanc = Orthanc(work / "orthanc")
             subprocess.run([storescu, "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
                            check=True, capture_output=True)
             (orthanc_study,) = [r["ID"] for r in orthanc.rest("POST", "/tools/lookup", study)
@@ -143,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         if server is not None:
             stop_tree(server, None)
         if orthanc is not None:
-            stop_tree(orthanc.proc, None)
+            orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
