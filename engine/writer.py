@@ -1,9 +1,11 @@
 """The segment writer: one active segment per worker, group commit.
 
-Stores hand encoded records to `append` and block; one writer thread takes everything
-queued, writes it with one `writev`, fsyncs once, tells the catalog (`on_commit`) and
-only then releases every store in the batch. While an fsync runs, the next batch
-gathers, so concurrent associations share fsyncs without any added delay.
+Stores hand encoded records to `append` and block. Leader-based group commit: a store
+that finds no commit running becomes the leader, takes everything queued, writes it with
+one `writev`, fsyncs once, tells the catalog (`on_commit`) and only then releases every
+store in the batch; while it runs, the next batch gathers, and one of its stores leads
+next. Concurrent associations share fsyncs without any added delay, and a lone
+association commits on its own thread: no hand-off to a writer thread and back.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def _length(part: Part) -> int:
 class _Pending:
     record: list[Part]
     row: dict[str, Any]
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
     where: Appended = field(default_factory=Appended)
     error: BaseException | None = None
 
@@ -58,7 +60,8 @@ class SegmentWriter:
         self.fsync = fsync
         self.on_commit = on_commit
         self._queue: list[_Pending] = []
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
+        self._leading = False        # a store is committing a batch now
         self._closed = False
         self._fd = -1
         self._name = ""
@@ -66,8 +69,6 @@ class SegmentWriter:
         self.batches = 0
         self.records = 0
         self._open_next()
-        self._thread = threading.Thread(target=self._run, name=f"segment-writer-{slot}", daemon=True)
-        self._thread.start()
 
     @property
     def active_segment(self) -> str:
@@ -81,18 +82,32 @@ class SegmentWriter:
             if self._closed:
                 raise OutOfResources(errno.ESHUTDOWN, "the segment writer is shutting down")
             self._queue.append(item)
-            self._cond.notify()
-        item.done.wait()
+            while self._leading and not item.done:
+                self._cond.wait()
+            lead = not item.done  # no commit running: commit everything queued, ours included
+            if lead:
+                self._leading = True
+                batch, self._queue = self._queue, []
+        if lead:
+            try:
+                self._commit(batch)
+            except BaseException as e:  # a bug of ours: no store of the batch may wait forever
+                log.exception("committing a batch of %d record(s) failed", len(batch))
+                self._refuse([p for p in batch if not p.done], OutOfResources(errno.EIO, f"could not store: {e}"))
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
         if item.error is not None:
             raise item.error
         return item.where
 
     def close(self) -> None:
-        """Finish queued records, then close the active segment."""
+        """Refuse new records, let the running commit finish, then close the segment."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join()
+            while self._leading or self._queue:
+                self._cond.wait()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -106,16 +121,6 @@ class SegmentWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # one writer: we own the position
         self._size = 0
         fsync_dir(self.directory)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                batch, self._queue = self._queue, []
-                if not batch and self._closed:
-                    return
-            self._commit(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:
         start = self._size
@@ -143,7 +148,7 @@ class SegmentWriter:
         self.batches += 1
         self.records += len(batch)
         for p in batch:
-            p.done.set()
+            p.done = True
         if self._size >= self.segment_size:
             self._open_next()
 
@@ -191,7 +196,10 @@ class SegmentWriter:
                 self._open_next()
         except OSError:
             log.exception("could not truncate segment %s after a failed write", self._name)
-        err = OutOfResources(e.errno or errno.EIO, f"could not store: {e.strerror or e}")
+        self._refuse(batch, OutOfResources(e.errno or errno.EIO, f"could not store: {e.strerror or e}"))
+
+    @staticmethod
+    def _refuse(batch: list[_Pending], err: OutOfResources) -> None:
         for p in batch:
             p.error = err
-            p.done.set()
+            p.done = True
