@@ -18,7 +18,7 @@ from catalog.attributes import UnreadableDataset, extract
 from catalog.bloom import UidFilter
 from catalog.reader import Catalog
 from catalog.sealer import Sealer
-from catalog.tail import TailReader
+from catalog.tail import TailUids
 from engine.config import Config
 from engine.filemeta import file_meta
 from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, record_parts, shuffle
@@ -224,15 +224,12 @@ class Archive:
     def _learn_loop(self) -> None:
         """Teach the UID filter what other workers stored, from their tails, every 0.1 s
         (each tail byte is parsed once; our own tail is skipped: we add as we store)."""
-        others = TailReader(self.catalog.tails_dir, skip_prefix=f"{self.slot:03d}-")
+        others = TailUids(self.catalog.tails_dir, skip_prefix=f"{self.slot:03d}-")
         while not self._stop.wait(_LEARN_INTERVAL_S):
             try:
-                others.read()
+                self.known.update(others.read())
             except Exception:
                 log.exception("reading other workers' tails failed; will retry")
-                continue
-            if others.fresh.num_rows:
-                self.known.update(others.fresh["sop_instance_uid"].to_pylist())
 
     def close(self) -> None:
         self._stop.set()

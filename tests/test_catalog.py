@@ -142,3 +142,25 @@ def test_old_parquet_files_without_newer_columns_still_read_and_compact(tmp_path
     assert c.execute("SELECT count(*), count(header) FROM instances")[1] == [(3, 0)]
     assert compact(tmp_path, 2) is not None
     assert Catalog(tmp_path).execute("SELECT count(*) FROM instances")[1] == [(3,)]
+
+
+def test_tail_uids_reads_each_new_row_once_and_skips_our_own_tail(tmp_path):
+    from catalog.tail import TailUids, TailWriter
+    other = TailWriter(tmp_path / "001-99-00000001.tail")
+    mine = TailWriter(tmp_path / "000-98-00000001.tail")
+    learner = TailUids(tmp_path, skip_prefix="000-")
+    assert learner.read() == []
+    other.append([{"sop_instance_uid": "1.1"}, {"sop_instance_uid": "1.2"}])
+    mine.append([{"sop_instance_uid": "9.9"}])
+    assert learner.read() == ["1.1", "1.2"]
+    assert learner.read() == []
+    with open(other.path, "ab") as f:  # half a batch: a writer in the middle of its write
+        import msgpack
+        data = msgpack.packb([{"sop_instance_uid": "1.3"}], use_bin_type=True)
+        f.write(data[:5])
+        f.flush()
+        assert learner.read() == []
+        f.write(data[5:])
+    assert learner.read() == ["1.3"]
+    other.path.unlink()  # sealed and removed: forgotten
+    assert learner.read() == []
