@@ -4,21 +4,42 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
 from engine.config import Config
 
 
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        d = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-             "level": record.levelname.lower(), "logger": record.name, "process": record.processName,
-             "msg": record.getMessage()}
+        d = {"ts": _timestamp(record.created), "level": record.levelname.lower(), "logger": record.name,
+             "process": record.processName, "msg": record.getMessage()}
         d.update(getattr(record, "fields", {}))
         if record.exc_info:
             d["exc"] = self.formatException(record.exc_info)
         return json.dumps(d)
+
+
+_AUDIT = "stowage.audit"
+_audit_fd = -1
+_process = ""
+
+
+def audit_line(msg: str, fields: dict) -> None:
+    """One audit.jsonl line, the same as the audit logger writes, without the logging
+    machinery: the per-store line is on the store path (one O_APPEND write, whole lines
+    from every process)."""
+    if _audit_fd < 0:  # logging not set up (tests, tools): the audit logger decides
+        logging.getLogger(_AUDIT).info(msg, extra={"fields": fields})
+        return
+    d = {"ts": _timestamp(time.time()), "level": "info", "logger": _AUDIT, "process": _process, "msg": msg}
+    d.update(fields)
+    os.write(_audit_fd, (json.dumps(d) + "\n").encode())
 
 
 def setup_logging(config: Config, process: str) -> None:
@@ -34,6 +55,11 @@ def setup_logging(config: Config, process: str) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     audit = logging.FileHandler(config.data_dir / "audit.jsonl")
     audit.setFormatter(JsonFormatter())
-    audit_logger = logging.getLogger("stowage.audit")
+    global _audit_fd, _process
+    if _audit_fd >= 0:
+        os.close(_audit_fd)
+    _audit_fd = os.open(config.data_dir / "audit.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    _process = process
+    audit_logger = logging.getLogger(_AUDIT)
     audit_logger.addHandler(audit)
     audit_logger.propagate = False  # one line per store belongs in the audit file, not on stderr

@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from engine.logs import audit_line
+
 audit = logging.getLogger("stowage.audit")
 log = logging.getLogger("stowage.association")
 
@@ -37,9 +39,9 @@ class Trail:
         if rec is not None:
             rec.statuses[status] += 1
             rec.bytes_in += length
-        audit.info("store %s 0x%04X", sop_instance_uid, status, extra={"fields": {
+        audit_line(f"store {sop_instance_uid} 0x{status:04X}", {
             "event": "store", "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}", "bytes": length,
-            "calling_ae": calling_ae, **({"comment": comment} if comment else {})}})
+            "calling_ae": calling_ae, **({"comment": comment} if comment else {})})
 
     def closed(self, key: int, calling_ae: str, called_ae: str, outcome: str, path: str = "") -> None:
         with self._lock:
