@@ -18,7 +18,7 @@ from typing import Callable
 from engine.archive import PROCESSING_FAILURE, Archive, StoreResult
 from engine.segment import FileRange
 from workers import commands
-from workers.negotiation import A_ABORT_UNEXPECTED_PDU, Accepted, PeerClosed, ProtocolError, read_pdu
+from workers.negotiation import A_ABORT_UNEXPECTED_PDU, Accepted, PduReader, PeerClosed, ProtocolError
 from workers.spill import SpillBuffer
 
 log = logging.getLogger("stowage.ingest")
@@ -78,12 +78,13 @@ class StorageAssociation:
             pass
 
     def _loop(self) -> None:
+        reader = PduReader(self.sock, self.limit)
         while True:
             try:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             except OSError:
                 pass
-            pdu_type, body = read_pdu(self.sock, self.limit)
+            pdu_type, body = reader.read()
             if pdu_type == P_DATA_TF:
                 self._p_data(body)
             elif pdu_type == A_RELEASE_RQ:
@@ -97,8 +98,8 @@ class StorageAssociation:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} on an established association",
                                     A_ABORT_UNEXPECTED_PDU)
 
-    def _p_data(self, body: bytearray) -> None:
-        view, pos, end = memoryview(body), 0, len(body)
+    def _p_data(self, body: memoryview) -> None:
+        view, pos, end = body, 0, len(body)
         while pos < end:
             if pos + 6 > end:
                 raise ProtocolError("P-DATA-TF ends inside a PDV item header")

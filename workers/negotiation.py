@@ -42,13 +42,42 @@ class PeerClosed(Exception):
 
 def recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
-    view, got = memoryview(buf), 0
+    _recv_into(sock, memoryview(buf))
+    return buf
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, len(view)
     while got < n:
         r = sock.recv_into(view[got:])
         if r == 0:
             raise PeerClosed(f"connection closed {got} bytes into a {n}-byte read")
         got += r
-    return buf
+
+
+class PduReader:
+    """Reads whole PDUs of one association into a buffer kept for its life, grown to the
+    largest PDU seen: no allocation, zero-fill and page faults per PDU (for a CT image's
+    PDUs that was ~0.1 ms). A body is valid until the next read."""
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self.sock, self.limit = sock, limit
+        self._head = bytearray(6)
+        self._buf = bytearray()
+
+    def read(self) -> tuple[int, memoryview]:
+        """One whole PDU: (type, body). A declared length over `limit` is refused unread."""
+        _recv_into(self.sock, memoryview(self._head))
+        pdu_type, length = _HEADER.unpack(self._head)
+        if not 0x01 <= pdu_type <= 0x07:
+            raise ProtocolError(f"unknown PDU type 0x{pdu_type:02X}")
+        if length > self.limit:
+            raise ProtocolError(f"declared PDU length {length} exceeds the limit {self.limit}")
+        if len(self._buf) < length:
+            self._buf = bytearray(length)  # a new one: views of the old may still be alive
+        body = memoryview(self._buf)[:length]
+        _recv_into(self.sock, body)
+        return pdu_type, body
 
 
 def read_pdu(sock: socket.socket, limit: int) -> tuple[int, bytearray]:
