@@ -387,3 +387,26 @@ def test_each_pending_response_is_one_pdu(archive):
         assert shapes[:-1] == [(0x03, 0x02)] * CANCEL_SERIES_SIZE
     finally:
         client.close()
+
+
+def test_a_worker_takes_more_than_ten_query_associations_at_once(make_server):
+    """Only the acceptor's cap limits associations: pynetdicom's own default (10 per AE)
+    must not refuse the eleventh C-FIND association a worker serves."""
+    server = make_server("--workers", "1")
+    ae = AE("MANY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")  # Study Root FIND
+    ae.acse_timeout = 10
+    held = []
+    try:
+        for _ in range(14):
+            held.append(ae.associate(HOST, server.port, ae_title="STOWAGE"))
+        assert [a.is_established for a in held] == [True] * 14
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = ""
+        statuses = [status.Status for status, _ident in held[-1].send_c_find(ds, "1.2.840.10008.5.1.4.1.2.2.1")]
+        assert statuses[-1] == 0x0000
+    finally:
+        for a in held:
+            if a.is_established:
+                a.release()

@@ -57,6 +57,7 @@ def build_ae(config: Config) -> AE:
     ae.dimse_timeout = config.dimse_timeout
     ae.network_timeout = config.network_timeout
     ae.require_called_aet = False
+    ae.maximum_associations = config.max_associations  # the acceptor enforces the cap; pynetdicom would add 10 per worker
     syntaxes = transfer_syntaxes()
     ae.add_supported_context(VERIFICATION, syntaxes)
     for uid in storage_sop_classes():
