@@ -26,6 +26,7 @@ from workers import association, negotiation, spill
 from workers.audit import Trail, outcome_of
 from workers.contexts import VERIFICATION, storage_sop_classes
 from workers.ingest import StorageAssociation
+from workers.malloc import keep_large_buffers_in_heap
 from workers.services import Services, build_ae
 
 log = logging.getLogger("stowage.worker")
@@ -167,6 +168,7 @@ def main() -> None:
     slot, fd = int(sys.argv[1]), int(sys.argv[2])
     config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
     setup_logging(config, f"worker-{slot}")
+    keep_large_buffers_in_heap()
     faulthandler.enable()  # a fatal signal (SIGSEGV, SIGBUS…) leaves its stack in the log
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the acceptor decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
