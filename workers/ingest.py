@@ -60,7 +60,7 @@ class StorageAssociation:
             log.warning("%s: %s; aborting", self.calling_ae, e)
             self._send(e.abort)
             self.outcome = "aborted: protocol error"
-        except (TimeoutError, socket.timeout):
+        except (TimeoutError, socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO/SO_SNDTIMEO
             log.warning("%s: no data for the network timeout; aborting", self.calling_ae)
             self._send(A_ABORT_UNEXPECTED_PDU)
             self.outcome = "aborted: network timeout"

@@ -123,6 +123,7 @@ class Worker:
         accepted = negotiation.accept(req, self.contexts, self.config.max_pdu,
                                       self.ae.implementation_class_uid, self.ae.implementation_version_name)
         sock.sendall(accepted.ac)
+        association.kernel_timeouts(sock, self.config.network_timeout)
         calling = req.calling_ae
 
         def on_store(uid: str, status: int, size: int, comment: str) -> None:
