@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import threading
 import time
 import zlib
@@ -21,6 +20,7 @@ from catalog.sealer import Sealer
 from catalog.tail import TailUids
 from engine.config import Config
 from engine.filemeta import file_meta
+from engine.freespace import FreeSpace
 from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, record_parts, shuffle
 from engine.writer import OutOfResources, SegmentWriter
 
@@ -104,6 +104,7 @@ class Archive:
         self.catalog = Catalog(self.catalog_dir, config.duplicates)
         self.writer = SegmentWriter(config.data_dir / "segments", slot, segment_size=config.segment_size,
                                     fsync=config.durability == "fsync", on_commit=self.sealer.commit)
+        self.free_space = FreeSpace(config.data_dir)
         self.known = UidFilter()
         self.known.update(uid for (uid,) in self.catalog.execute("SELECT sop_instance_uid FROM records")[1])
         self._local = threading.local()
@@ -131,7 +132,7 @@ class Archive:
             verdict = self._duplicate(sop_instance_uid, crc, length, calling_ae)
             if verdict is not None:
                 return verdict
-        if shutil.disk_usage(self.data_dir).free < self.config.min_free_bytes + length:
+        if not self.free_space.has_room(self.config.min_free_bytes + length):
             return StoreResult(OUT_OF_RESOURCES, "not enough free disk space for this instance; not stored")
         meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
         try:
@@ -151,6 +152,7 @@ class Archive:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
         self.known.add(sop_instance_uid)
+        self.free_space.used(row["stored_length"])
         return StoreResult(SUCCESS)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
