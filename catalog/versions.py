@@ -17,6 +17,7 @@ crash in between leaves extra bits, never missing ones.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import time
 import uuid
@@ -43,12 +44,13 @@ KEEP_NEWEST = {"keep-newest": True, "keep-first": False, "reject": False}
 
 
 class SealedUids(UidFilter):
-    """The Bloom filter of sealed SOP Instance UIDs, in a shared sparse file read and
-    written with pread/pwrite.
+    """The Bloom filter of sealed SOP Instance UIDs, in a shared sparse file: read through
+    a read-only memory map, written with pwrite.
 
-    Not memory-mapped: a fault on a mapped hole that the file system cannot back (a full
-    tmpfs) kills the process with SIGBUS, where pread returns zeros and pwrite raises
-    ENOSPC. A membership test costs a few pread calls; only tail UIDs are tested.
+    Writes do not go through the map: a write fault on a hole that the file system cannot
+    back (a full tmpfs) kills the process with SIGBUS, where pwrite raises ENOSPC. Reading
+    a hole maps the zero page, which needs no space. (Reads were one pread per probe, four
+    per UID, each a system call and a round trip of the GIL on a busy worker.)
     """
 
     def __init__(self, path: Path, writable: bool) -> None:
@@ -58,9 +60,13 @@ class SealedUids(UidFilter):
         self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         head = os.pread(self._fd, _HEAD, 0)
         self.token = head[len(_MAGIC):].rstrip(b"\0").decode("ascii", "replace") if head.startswith(_MAGIC) else ""
+        size = os.fstat(self._fd).st_size
+        self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size >= _HEAD + _BITS // 8 else None
 
     def _byte(self, index: int) -> int:
-        b = os.pread(self._fd, 1, _HEAD + index)
+        if self._map is not None:
+            return self._map[_HEAD + index]
+        b = os.pread(self._fd, 1, _HEAD + index)  # a short (foreign or damaged) file
         return b[0] if b else 0
 
     def __contains__(self, uid: str) -> bool:
@@ -77,6 +83,9 @@ class SealedUids(UidFilter):
         os.fsync(self._fd)
 
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
