@@ -12,6 +12,11 @@ transfer into a fresh storescp output directory (the same port every time), from
 requester's start to its exit. Prints medians: instances/s, MB/s (file bytes) and the
 ratio to Orthanc's C-MOVE.
 
+`--dest-ignore` runs storescp --ignore (it receives every instance but writes nothing),
+so that what is measured is the C-MOVE SCP rather than the destination's disk: writing
+263 MB per run without fsync, storescp otherwise slows once the kernel starts writing
+back its dirty pages, and so does every sender in the same run.
+
 The same storescp is also known to stowage as DEST2 with `associations = N`: the row
 "stowage C-MOVE xN" moves to it on N associations at once. Against a plain storescp,
 which serves one association at a time, that cannot help; with `--dest-fork` (storescp
@@ -35,13 +40,24 @@ from bench.procs import find_dcmtk, free_port, stop_tree, wait_echo
 from bench.report import timed_medians
 
 
-def _storescp_on(storescp: str, echoscu: str, out: Path, port: int, nodelay: bool, fork: bool) -> subprocess.Popen:
+def _storescp_on(storescp: str, echoscu: str, out: Path, port: int, nodelay: bool, fork: bool,
+                 ignore: bool) -> subprocess.Popen:
+    """storescp writing what it receives into `out`, or (`ignore`) receiving without
+    storing, each C-STORE logged in out/storescp.log."""
     out.mkdir(parents=True)
     env = dict(os.environ, TCP_NODELAY="1") if nodelay else None
-    proc = subprocess.Popen([storescp, "+B", *(["--fork"] if fork else []), "-aet", "DEST", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    mode = ["--ignore", "-v"] if ignore else ["+B"]
+    log = open(out / "storescp.log", "wb") if ignore else subprocess.DEVNULL
+    proc = subprocess.Popen([storescp, *mode, *(["--fork"] if fork else []), "-aet", "DEST", "-od", str(out),
+                             str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     wait_echo(echoscu, port, "DEST")
     return proc
+
+
+def _arrived(out: Path, ignore: bool) -> int:
+    if ignore:
+        return (out / "storescp.log").read_text(errors="replace").count("Received Store Request")
+    return sum(1 for p in out.iterdir() if p.name != "storescp.log")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="storescp with TCP_NODELAY=1 (its C-STORE-RSP then costs a sender that does not "
                          "ACK at once, as Orthanc, no 40 ms delayed ACK)")
     ap.add_argument("--dest-fork", action="store_true", help="storescp --fork: one process per association")
+    ap.add_argument("--dest-ignore", action="store_true",
+                    help="storescp --ignore: receives but does not store, so that the destination's disk "
+                         "does not bound the rate (arrivals counted from its log)")
     ap.add_argument("--associations", type=int, default=2,
                     help="associations at once for the 'stowage C-MOVE xN' row (DEST2)")
     args = ap.parse_args(argv)
@@ -102,19 +121,22 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeat):
             for name, cmd in commands.items():  # interleaved
                 out = work / f"rx-{r}-{name.replace(' ', '_')}"
-                rx = _storescp_on(storescp, echoscu, out, dest_port, args.dest_nodelay, args.dest_fork)
+                rx = _storescp_on(storescp, echoscu, out, dest_port, args.dest_nodelay, args.dest_fork,
+                                  args.dest_ignore)
                 try:
                     t = time.monotonic()
                     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
                     results[name].append(time.monotonic() - t)
-                    got = len(list(out.iterdir()))
+                    stop_tree(rx, None)  # storescp has written its log
+                    got = _arrived(out, args.dest_ignore)
                     if done.returncode != 0 or got != args.count:
                         raise RuntimeError(f"{name}: exit {done.returncode}, {got} of {args.count} arrived\n"
                                            f"{done.stderr[-2000:]}")
                 finally:
                     stop_tree(rx, None)
                 shutil.rmtree(out)
-        print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one study, to DCMTK storescp +B -od"
+        print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one study, to DCMTK storescp "
+              f"{'--ignore (received, not stored)' if args.dest_ignore else '+B -od'}"
               f"{' --fork' if args.dest_fork else ''}{' (TCP_NODELAY=1)' if args.dest_nodelay else ''}; "
               f"medians of {args.repeat} interleaved runs")
         print("\n".join(timed_medians(results, args.count, mb, "orthanc C-MOVE")))
