@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.corpus import generate
 from bench.orthanc import Orthanc, executable
-from bench.procs import find_dcmtk, free_port, stop_tree, wait_echo
+from bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, wait_echo
 from bench.report import timed_medians
 
 
@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = work / "stowage.toml"
         cfg.write_text(f'[remotes.DEST]\nhost = "127.0.0.1"\nport = {dest_port}\n\n'
                        f'[remotes.DEST2]\nhost = "127.0.0.1"\nport = {dest_port}\nassociations = {args.associations}\n')
-        server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(data),
-                                   "--port", str(port), "--bind", "127.0.0.1", "--config", str(cfg)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_echo(echoscu, port, "STOWAGE")
+        server = serve_stowage(data, port, echoscu, "--config", str(cfg))
         subprocess.run([storescu, "-aec", "STOWAGE", "127.0.0.1", str(port), *map(str, files)], check=True,
                        capture_output=True)
         move_keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]

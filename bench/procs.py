@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from functools import cache
@@ -69,6 +70,20 @@ def wait_echo(echoscu: str, port: int, aet: str, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"nothing answers C-ECHO on port {port}")
         time.sleep(0.2)
+
+
+def serve_stowage(data: Path, port: int, echoscu: str, *options: str) -> subprocess.Popen:
+    """`stowage serve` on 127.0.0.1:port in its own session (stopped with stop_tree),
+    once it answers C-ECHO."""
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(data), "--port",
+                             str(port), "--bind", "127.0.0.1", *options],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_echo(echoscu, port, "STOWAGE")
+    except BaseException:
+        stop_tree(proc, None)
+        raise
+    return proc
 
 
 class TreeMonitor:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.corpus import generate
 from bench.orthanc import Orthanc, executable
-from bench.procs import find_dcmtk, free_port, stop_tree, wait_echo
+from bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, wait_echo
 from bench.report import timed_medians
 
 
@@ -51,10 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         mb = sum(p.stat().st_size for p in files) / 1e6
         port = free_port()
         data = work / "data"
-        server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(data),
-                                   "--port", str(port), "--bind", "127.0.0.1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_echo(echoscu, port, "STOWAGE")
+        server = serve_stowage(data, port, echoscu)
         subprocess.run([storescu, "-aec", "STOWAGE", "127.0.0.1", str(port), *map(str, files)], check=True,
                        capture_output=True)
         import pydicom
