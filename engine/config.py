@@ -78,8 +78,8 @@ class Config:
             raise ConfigError(f"duplicates: {self.duplicates!r} is not one of {', '.join(DUPLICATE_POLICIES)}")
         if not 4096 <= self.max_pdu <= (1 << 26):
             raise ConfigError(f"max_pdu: {self.max_pdu} is outside 4096-67108864 (0, unlimited, is refused)")
-        if not 1 <= self.zstd_level <= 22:
-            raise ConfigError(f"zstd_level: {self.zstd_level} is outside 1-22")
+        if not -7 <= self.zstd_level <= 22:  # negative: zstd's fast levels (see README, Compression)
+            raise ConfigError(f"zstd_level: {self.zstd_level} is outside -7 to 22")
         if self.workers < 0 or self.max_associations < 1:
             raise ConfigError("workers must be >= 0 and max_associations >= 1")
         if self.log_format not in ("text", "json"):

@@ -37,10 +37,19 @@ def test_precedence_file_env_flags(tmp_path):
 @pytest.mark.parametrize("values,needle", [({"port": 0}, "port"), ({"aet": "A\\B"}, "aet"),
                                            ({"durability": "maybe"}, "durability"),
                                            ({"max_pdu": 0}, "max_pdu"), ({"nonsense": 1}, "nonsense"),
-                                           ({"workers": "many"}, "workers")])
+                                           ({"workers": "many"}, "workers"), ({"zstd_level": 23}, "zstd_level"),
+                                           ({"zstd_level": -8}, "zstd_level"),
+                                           ({"remotes": {"X": {"host": "h", "port": 1, "associations": 0}}},
+                                            "associations")])
 def test_bad_values_name_the_key(values, needle):
     with pytest.raises(ConfigError, match=needle):
         load(None, env={}, overrides=values)
+
+
+def test_fast_zstd_levels_and_parallel_associations_are_accepted():
+    c = load(None, env={}, overrides={"zstd_level": -1,
+                                       "remotes": {"X": {"host": "h", "port": 104, "associations": 4}}})
+    assert c.zstd_level == -1 and c.remotes["X"].associations == 4
 
 
 def test_cli_bad_flag_is_one_clear_line(tmp_path):
