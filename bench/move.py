@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dest-ignore", action="store_true",
                     help="storescp --ignore: receives but does not store, so that the destination's disk "
                          "does not bound the rate (arrivals counted from its log)")
+    ap.add_argument("--zstd-level", type=int, default=None, help="stowage's zstd_level for the stored study")
     ap.add_argument("--associations", type=int, default=2,
                     help="associations at once for the 'stowage C-MOVE xN' row (DEST2)")
     args = ap.parse_args(argv)
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         dest_port, port = free_port(), free_port()
         data = work / "data"
         cfg = work / "stowage.toml"
-        cfg.write_text(f'[remotes.DEST]\nhost = "127.0.0.1"\nport = {dest_port}\n\n'
+        level = f"zstd_level = {args.zstd_level}\n\n" if args.zstd_level is not None else ""
+        cfg.write_text(level + f'[remotes.DEST]\nhost = "127.0.0.1"\nport = {dest_port}\n\n'
                        f'[remotes.DEST2]\nhost = "127.0.0.1"\nport = {dest_port}\nassociations = {args.associations}\n')
         server = serve_stowage(data, port, echoscu, "--config", str(cfg))
         subprocess.run([storescu, "-aec", "STOWAGE", "127.0.0.1", str(port), *map(str, files)], check=True,
