@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalog.bloom import UidFilter
-from catalog.manifest import Manifest
+from catalog.manifest import MANIFEST, Manifest
+from catalog.manifest import load as load_manifest
 
 FILTER = "uids.bloom"
 _MAGIC = b"STWBLM01"
@@ -145,6 +146,55 @@ def read_filter(directory: Path, m: Manifest, current: SealedUids | None) -> Sea
         f.close()
         return None
     return f
+
+
+class SealedView:
+    """For the store path: may a UID already be sealed? The shared sealed-UID filter,
+    re-opened when the manifest names another (`refresh`, from one thread). Nothing is
+    sealed in an archive without files; while the filter does not match the manifest
+    (being rebuilt), every UID may be."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._stamp: tuple | None = None
+        self._files = True
+        self._filter: SealedUids | None = None
+        self._retired: list[SealedUids] = []
+
+    def refresh(self) -> None:
+        try:
+            st = os.stat(self.directory / MANIFEST)
+        except FileNotFoundError:
+            self._files, self._stamp = False, None
+            return
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        for old in self._retired:  # retired a refresh ago: no store still reads them
+            old.close()
+        self._retired = []
+        m = load_manifest(self.directory)
+        current = self._filter
+        if current is None or current.token != m.uid_filter:
+            if current is not None:
+                self._retired.append(current)
+            self._filter = read_filter(self.directory, m, None)
+        self._files = bool(m.files)
+        self._stamp = stamp
+
+    def may_hold(self, uid: str) -> bool:
+        if not self._files:
+            return False
+        f = self._filter
+        try:
+            return f is None or uid in f
+        except ValueError:  # closed under us: be safe
+            return True
+
+    def close(self) -> None:
+        for f in [*self._retired, *([self._filter] if self._filter else [])]:
+            f.close()
+        self._retired, self._filter = [], None
 
 
 def load_versions(directory: Path, m: Manifest) -> pa.Table:

@@ -17,7 +17,8 @@ from catalog.attributes import UnreadableDataset, extract
 from catalog.bloom import UidFilter
 from catalog.reader import Catalog
 from catalog.sealer import Sealer
-from catalog.tail import TailUids
+from catalog.tail import TailUids, read_tails
+from catalog.versions import SealedView
 from engine.config import Config
 from engine.filemeta import file_meta
 from engine.freespace import FreeSpace
@@ -105,8 +106,13 @@ class Archive:
         self.writer = SegmentWriter(config.data_dir / "segments", slot, segment_size=config.segment_size,
                                     fsync=config.durability == "fsync", on_commit=self.sealer.commit)
         self.free_space = FreeSpace(config.data_dir)
+        # "Certainly new?" gate of the store path: UIDs in tails (stored since the last
+        # seal, by any worker; learned as they come) or in the shared sealed-UID filter.
+        # Start-up reads the tails only, not every UID the archive holds.
         self.known = UidFilter()
-        self.known.update(uid for (uid,) in self.catalog.execute("SELECT sop_instance_uid FROM records")[1])
+        self.known.update(read_tails(self.catalog.tails_dir)["sop_instance_uid"].to_pylist())
+        self.sealed = SealedView(self.catalog_dir)
+        self.sealed.refresh()
         self._local = threading.local()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._seal_loop, name="sealer", daemon=True),
@@ -128,7 +134,7 @@ class Archive:
         if refusal:
             return refusal
         crc, length = _crc32(dataset)
-        if sop_instance_uid in self.known:
+        if sop_instance_uid in self.known or self.sealed.may_hold(sop_instance_uid):
             verdict = self._duplicate(sop_instance_uid, crc, length, calling_ae)
             if verdict is not None:
                 return verdict
@@ -225,11 +231,13 @@ class Archive:
 
     def _learn_loop(self) -> None:
         """Teach the UID filter what other workers stored, from their tails, every 0.1 s
-        (each tail byte is parsed once; our own tail is skipped: we add as we store)."""
+        (each tail byte is parsed once; our own tail is skipped: we add as we store), and
+        follow the sealed-UID filter the manifest names."""
         others = TailUids(self.catalog.tails_dir, skip_prefix=f"{self.slot:03d}-")
         while not self._stop.wait(_LEARN_INTERVAL_S):
             try:
                 self.known.update(others.read())
+                self.sealed.refresh()
             except Exception:
                 log.exception("reading other workers' tails failed; will retry")
 
@@ -239,4 +247,5 @@ class Archive:
             t.join()
         self.writer.close()
         self.sealer.close()
+        self.sealed.close()
         self.catalog.close()
