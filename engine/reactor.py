@@ -31,7 +31,18 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 
 log = logging.getLogger("stowage.reactor")
-TICK_S = 0.1  # longest wait between timer checks on an idle association
+TICK_S = 0.1  # longest wait between timer checks on an association in use
+IDLE_TICK_S = 1.0  # ... and once nothing has happened on it for IDLE_AFTER ticks
+IDLE_AFTER = 10
+
+
+def _tick(owner: object, woken: bool) -> float:
+    """The next wait of a reactor loop: short while its association is in use, longer once
+    it has been idle a second (timers then fire within a second; 100 idle associations
+    otherwise wake 2000 times a second)."""
+    quiet = 0 if woken else getattr(owner, "_stowage_quiet", 0) + 1
+    owner._stowage_quiet = quiet  # type: ignore[attr-defined]
+    return IDLE_TICK_S if quiet >= IDLE_AFTER else TICK_S
 
 _ORIGINAL_DUL_RUN = DULServiceProvider.run_reactor
 _ORIGINAL_ASSOC_RUN = Association._run_reactor
@@ -113,9 +124,10 @@ def _dul_wait(dul: DULServiceProvider) -> None:
     if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
         return
     try:
-        select.select([sock, wake.r], [], [], TICK_S)
+        readable, _, _ = select.select([sock, wake.r], [], [], getattr(dul, "_stowage_tick", TICK_S))
     except (OSError, ValueError):
         return  # the socket closed under us; the loop finds out through Evt17
+    dul._stowage_tick = _tick(dul, bool(readable))
     wake.drain()
 
 
@@ -179,7 +191,9 @@ def _assoc_run_reactor(self: Association) -> None:
         # that pauses it must not wait for it to come round.
         self._is_paused = True
         if self.dimse.msg_queue.empty() and self.dul.to_user_queue.empty() and self.dul.is_alive():
-            ready.wait(TICK_S)
+            self._stowage_tick = _tick(self, ready.wait(getattr(self, "_stowage_tick", TICK_S)))
+        else:
+            self._stowage_tick = _tick(self, True)
         ready.clear()  # before looking at the queues, so a put after this wakes the next wait
         # pynetdicom's thread serving an N-EVENT-REPORT sets _is_paused False when it ends,
         # even while this thread sits paused here; a release() waiting for the flag would
