@@ -22,6 +22,7 @@ from catalog.versions import SealedView
 from engine.config import Config
 from engine.filemeta import file_meta
 from engine.freespace import FreeSpace
+from engine.served import ServedVersions
 from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, record_parts, shuffle
 from engine.writer import OutOfResources, SegmentWriter
 
@@ -106,6 +107,7 @@ class Archive:
         self.writer = SegmentWriter(config.data_dir / "segments", slot, segment_size=config.segment_size,
                                     fsync=config.durability == "fsync", on_commit=self.sealer.commit)
         self.free_space = FreeSpace(config.data_dir)
+        self.served = ServedVersions(self.catalog)
         # "Certainly new?" gate of the store path: UIDs in tails (stored since the last
         # seal, by any worker; learned as they come) or in the shared sealed-UID filter.
         # Start-up reads the tails only, not every UID the archive holds.
@@ -135,7 +137,8 @@ class Archive:
             return refusal
         crc, length = _crc32(dataset)
         if sop_instance_uid in self.known or self.sealed.may_hold(sop_instance_uid):
-            verdict = self._duplicate(sop_instance_uid, crc, length, calling_ae)
+            verdict = self._duplicate(sop_instance_uid, str(attrs.get("study_instance_uid") or ""), crc, length,
+                                      calling_ae)
             if verdict is not None:
                 return verdict
         if not self.free_space.has_room(self.config.min_free_bytes + length):
@@ -158,6 +161,7 @@ class Archive:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
         self.known.add(sop_instance_uid)
+        self.served.stored(str(attrs.get("study_instance_uid") or ""), sop_instance_uid, crc, length)
         self.free_space.used(row["stored_length"])
         return StoreResult(SUCCESS)
 
@@ -198,13 +202,12 @@ class Archive:
         packed_path.unlink()
         return [meta, dataset], 0, None
 
-    def _duplicate(self, uid: str, crc: int, length: int, calling_ae: str) -> StoreResult | None:
+    def _duplicate(self, uid: str, study: str, crc: int, length: int, calling_ae: str) -> StoreResult | None:
         """The answer for an instance already held, or None to store this one too."""
-        _cols, rows = self.catalog.execute(  # only what the comparison needs: the header blob is large
-            "SELECT dataset_crc32, dataset_length FROM instances WHERE sop_instance_uid = ?", [uid])
-        if not rows:
+        served = self.served.get(study, uid)
+        if served is None:
             return None
-        if rows[0] == (crc, length):
+        if served == (crc, length):
             audit.info("duplicate identical instance %s from %s: already stored, not stored again", uid, calling_ae,
                        extra={"fields": {"event": "duplicate", "sop_instance_uid": uid, "identical": True}})
             return StoreResult(SUCCESS)

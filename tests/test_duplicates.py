@@ -89,3 +89,29 @@ def test_different_content_follows_policy(make_server, tmp_path, policy, status,
     uid = pydicom.dcmread(old).SOPInstanceUID
     assert exported(server, tmp_path, uid) == dataset_bytes(new if kept == "new" else old)
     assert any("different content" in l["msg"] and policy in l["msg"] for l in audit_lines(server.data_dir))
+
+
+def test_a_study_sent_again_is_stored_once_and_a_new_version_is_still_one(make_server, tmp_path):
+    """A resumed migration: a whole study again after a restart (its duplicate checks
+    are answered a study at a time); a changed instance among it is a new version under
+    keep-newest, and sending that version again is then the identical case."""
+    server = make_server("--workers", "1")
+    files = copies(CT, tmp_path / "in", 12, "s")
+    for f in files:
+        assert send(server.port, f).Status == 0
+    assert server.stop() == 0
+    again = make_server("--workers", "1", data_dir=server.data_dir, port=server.port)
+    for f in files:
+        assert send(again.port, f).Status == 0
+    assert record_count(server.data_dir) == 12
+    changed = variant(files[5], tmp_path / "changed.dcm")
+    assert send(again.port, changed).Status == 0
+    assert send(again.port, changed).Status == 0
+    assert send(again.port, files[6]).Status == 0
+    assert record_count(server.data_dir) == 13
+    identical = [l for l in audit_lines(server.data_dir) if l.get("event") == "duplicate" and l.get("identical")]
+    assert len(identical) == 14
+    uid = pydicom.dcmread(changed, stop_before_pixels=True).SOPInstanceUID
+    out = tmp_path / "out"
+    assert export_all(server.data_dir, out, "--instance", uid).returncode == 0
+    assert dataset_bytes(out / f"{uid}.dcm") == dataset_bytes(changed)
