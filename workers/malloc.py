@@ -21,7 +21,7 @@ log = logging.getLogger("stowage.worker")
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20    # allocations up to this size come from the heap
-TRIM_THRESHOLD = 128 << 20   # free heap beyond this much is given back to the system
+TRIM_THRESHOLD = 64 << 20    # free heap beyond this much is given back to the system
 
 
 def keep_large_buffers_in_heap() -> bool:
