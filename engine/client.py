@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import re
 import socket
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pynetdicom import AE, _config, evt
@@ -37,14 +38,35 @@ class PeerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Peer:
-    """Where to connect and which AE title to call."""
+    """Where to connect, which AE title to call, and over TLS or not."""
 
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+
+def tls_context(remote: Remote) -> ssl.SSLContext | None:
+    """The client TLS context for associations to `remote`, or None when it has no TLS."""
+    if not remote.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=remote.tls_ca or None)
+    ctx.check_hostname = remote.tls_check_hostname
+    if remote.tls_cert:
+        ctx.load_cert_chain(remote.tls_cert, remote.tls_key)
+    return ctx
+
+
+def peer_of(remote: Remote, ae_title: str | None = None) -> Peer:
+    """The peer a configured remote names (calling `ae_title` instead of its own, if given)."""
+    try:
+        tls = tls_context(remote)
+    except (OSError, ssl.SSLError) as e:
+        raise PeerError(f"{remote.ae_title}: cannot load its TLS certificates: {e}") from None
+    return Peer(ae_title or remote.ae_title, remote.host, remote.port, tls)
 
 
 def resolve(target: str, config: Config, called_aet: str | None = None) -> Peer:
@@ -52,7 +74,7 @@ def resolve(target: str, config: Config, called_aet: str | None = None) -> Peer:
     else ANY-SCP)."""
     remote: Remote | None = config.remotes.get(target)
     if remote is not None:
-        return Peer(called_aet or remote.ae_title, remote.host, remote.port)
+        return peer_of(remote, called_aet)
     m = _HOST_PORT.match(target)
     if m and 0 < int(m["port"]) < 65536:
         return Peer(called_aet or "ANY-SCP", m["host"].strip("[]"), int(m["port"]))
@@ -101,6 +123,7 @@ def associate(ae: AE, peer: Peer, contexts: Sequence[PresentationContext], *, ma
     connected: list[bool] = []
     assoc = ae.associate(peer.host, peer.port, contexts=list(contexts), ae_title=peer.ae_title,
                          max_pdu=max_pdu, ext_neg=ext_neg,
+                         tls_args=(peer.tls, peer.host) if peer.tls is not None else None,
                          evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay, [connected]), *(handlers or [])])
     if assoc.is_established:
         return assoc

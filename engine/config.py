@@ -35,6 +35,14 @@ class Remote:
     # C-MOVE sub-operations and `send` to it run on this many associations at once
     # (PS3.4 C.4.2.3.1 leaves the number to us); 1 suits a peer that serves one at a time.
     associations: int = 1
+    # Associations we open to it use TLS (PS3.15 B.1): its certificate is verified against
+    # tls_ca (PEM; the system's CAs when empty), and its host name too unless
+    # tls_check_hostname is false; tls_cert/tls_key (PEM) are ours, for peers that ask.
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_check_hostname: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,22 +125,44 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"{key}: {value!r} is not a valid {type(default).__name__}") from None
 
 
+_REMOTE_KEYS = {"ae_title", "host", "port", "commitment_same_association", "associations", "tls", "tls_ca",
+                "tls_cert", "tls_key", "tls_check_hostname"}
+
+
+def _flag(title: str, spec: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = spec.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"remotes.{title}.{key}: must be true or false")
+    return value
+
+
+def _tls_files(title: str, spec: Mapping[str, Any]) -> tuple[str, str, str]:
+    files = tuple(str(spec.get(k, "") or "") for k in ("tls_ca", "tls_cert", "tls_key"))
+    for key, path in zip(("tls_ca", "tls_cert", "tls_key"), files):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"remotes.{title}.{key}: no such file: {path}")
+    if bool(files[1]) != bool(files[2]):
+        raise ConfigError(f"remotes.{title}: tls_cert and tls_key go together")
+    return files  # type: ignore[return-value]
+
+
 def _remotes(table: Mapping[str, Any]) -> dict[str, Remote]:
     remotes = {}
     for title, spec in table.items():
         if not isinstance(spec, Mapping):
             raise ConfigError(f"remotes.{title}: must be a table with host and port")
-        unknown = set(spec) - {"ae_title", "host", "port", "commitment_same_association", "associations"}
+        unknown = set(spec) - _REMOTE_KEYS
         if unknown:
             raise ConfigError(f"remotes.{title}: unknown key(s) {', '.join(sorted(unknown))}")
-        same = spec.get("commitment_same_association", True)
-        if not isinstance(same, bool):
-            raise ConfigError(f"remotes.{title}.commitment_same_association: must be true or false")
+        same = _flag(title, spec, "commitment_same_association", True)
         associations = spec.get("associations", 1)
         if type(associations) is not int or not 1 <= associations <= 16:
             raise ConfigError(f"remotes.{title}.associations: must be a whole number from 1 to 16")
+        tls = _flag(title, spec, "tls", False)
+        ca, cert, key = _tls_files(title, spec)
         try:
-            remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]), same, associations)
+            remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]), same, associations, tls, ca, cert,
+                                    key, _flag(title, spec, "tls_check_hostname", True))
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"remotes.{title}: needs host (string) and port (number)") from None
         if not _AE_TITLE.match(title):

@@ -318,7 +318,7 @@ class Sender:
         p = self.peer
         assoc = store_scu.Association(p.host, p.port, p.ae_title, self.calling_aet, contexts,
                                       max_pdu=self.max_pdu, timeout=self.acse_timeout,
-                                      implementation_version=filemeta.IMPLEMENTATION_VERSION_NAME)
+                                      implementation_version=filemeta.IMPLEMENTATION_VERSION_NAME, tls=p.tls)
         try:
             assoc.open()
         except store_scu.AssociationError as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -90,7 +91,7 @@ class Association:
 
     def __init__(self, host: str, port: int, called_aet: str, calling_aet: str,
                  contexts: Sequence[tuple[str, str]], *, max_pdu: int = 1 << 20, timeout: float = 60.0,
-                 implementation_version: str = IMPLEMENTATION_VERSION) -> None:
+                 implementation_version: str = IMPLEMENTATION_VERSION, tls: ssl.SSLContext | None = None) -> None:
         if not 0 < len(contexts) <= 128:
             raise ValueError(f"between 1 and 128 presentation contexts, not {len(contexts)}")
         self.host, self.port = host, port
@@ -99,6 +100,7 @@ class Association:
         self.max_pdu = max_pdu
         self.timeout = timeout  # connect, each send and each wait for an answer
         self.implementation_version = implementation_version
+        self.tls = tls
         self.sock: socket.socket | None = None
         self.accepted: dict[tuple[str, str], int] = {}  # (abstract, transfer) -> context ID
         self.peer_max_pdu = 0
@@ -112,6 +114,13 @@ class Association:
             raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} is unreachable: "
                                    f"{e.strerror or e}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            except (OSError, ssl.SSLError) as e:
+                sock.close()
+                raise AssociationError(f"TLS with {self.called_aet}@{self.host}:{self.port} failed: "
+                                       f"{getattr(e, 'reason', None) or e}") from None
         self.sock = sock
         try:
             self._sendall(self._request())
@@ -247,6 +256,12 @@ class Association:
             for start in range(0, max(ds.length, 1), frag):
                 n = min(frag, ds.length - start)
                 self._sendall(_pdv_pdu(context_id, 0x02 if start + frag >= ds.length else 0x00, n))
+                if isinstance(self.sock, ssl.SSLSocket):  # the kernel cannot encrypt: read and send
+                    piece = os.pread(fd, n, ds.offset + start)
+                    if len(piece) != n:
+                        raise AssociationError(f"{ds.path} is shorter than expected")
+                    self._sendall(piece)
+                    continue
                 sent = 0
                 while sent < n:
                     r = os.sendfile(out, fd, ds.offset + start + sent, n - sent)
@@ -284,6 +299,9 @@ class Association:
     def _sendv(self, bufs: list) -> None:
         """Write every buffer, in order, with as few system calls as the kernel allows."""
         sock = self.sock
+        if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS: one write, so whole records
+            sock.sendall(b"".join(bufs))
+            return
         views = [memoryview(b) for b in bufs]
         while views:
             sent = sock.sendmsg(views)

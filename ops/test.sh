@@ -7,6 +7,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()
 [ -x /usr/bin/storescp ] || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)   # a storage commitment peer; tests run it as a subprocess
+command -v openssl >/dev/null || missing+=(openssl)  # tests/test_tls.py makes its certificates with it
 if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -35,7 +35,7 @@ from pynetdicom.presentation import build_context
 
 from engine import commitment as sc
 from engine.archive import Archive, valid_uid
-from engine.client import Peer, PeerError, associate, new_ae
+from engine.client import Peer, PeerError, associate, new_ae, peer_of
 from engine.config import Config
 
 log = logging.getLogger("stowage.commitment")
@@ -274,9 +274,8 @@ class Commitment:
         if remote is None:
             return self._reschedule(p, f"{r.requester_ae} has closed its association and has no "
                                        f"[remotes.{r.requester_ae}] entry to reach it at")
-        peer = Peer(r.requester_ae, remote.host, remote.port)
         try:
-            status = self._send_new(peer, info, p.verdict.event_type)
+            status = self._send_new(peer_of(remote, r.requester_ae), info, p.verdict.event_type)
         except PeerError as e:
             return self._reschedule(p, str(e))
         if status == SUCCESS:

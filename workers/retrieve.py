@@ -30,7 +30,7 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from catalog.reader import Catalog
-from engine.client import Peer
+from engine.client import Peer, PeerError, peer_of
 from engine.config import Config
 from engine.send import Instance, Outcome, Sender
 from workers.pending import install_pending_responses
@@ -171,7 +171,12 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
                                          "status": UNKNOWN_DESTINATION}})
             respond(UNKNOWN_DESTINATION, comment=f"unknown move destination {dest!r}")
             return
-        peer = Peer(remote.ae_title, remote.host, remote.port)
+        try:
+            peer = peer_of(remote)
+        except PeerError as e:
+            log.error("C-MOVE from %s to %s: %s", requestor, dest, e)
+            respond(UNABLE_TO_PROCESS, comment=str(e))
+            return
         associations = remote.associations
     else:
         associations = 1
