@@ -6,7 +6,7 @@ transfer syntax, and the offset of the dataset); each sender process gets a cont
 share (whole series stay on one association, as a modality or a migration sends them),
 loads its datasets into memory (those over ``preload_limit`` are streamed from their
 file instead), signals it is ready and waits for the start, then associates and sends with the
-lean sender (bench/sender.py). The clock runs from the start signal to the last
+lean sender (engine/store_scu.py). The clock runs from the start signal to the last
 sender's end, association set-up and release included, as for DCMTK storescu.
 
 Each store's latency is the time from its first byte written to its response read.

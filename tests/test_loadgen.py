@@ -1,4 +1,4 @@
-"""Tests for the load generator (bench/sender.py, bench/loadgen.py, `stowage bench`):
+"""Tests for the load generator (engine/store_scu.py, bench/loadgen.py, `stowage bench`):
 what arrives, on how many associations, in which syntax, and how refusals are counted.
 No timing is asserted."""
 from __future__ import annotations
