@@ -25,7 +25,6 @@ from typing import Any
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.valuerep import PersonName
 
 WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 RANGE_VRS = frozenset({"DA", "TM", "DT"})

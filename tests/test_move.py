@@ -5,7 +5,6 @@ of several hundred instances."""
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from pathlib import Path
 

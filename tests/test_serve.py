@@ -6,7 +6,6 @@ import signal
 import socket
 import time
 
-import pydicom
 from pynetdicom import AE, _config
 
 from conftest import CT, HOST, copies, export_all

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.data import get_testdata_files
 from pynetdicom import AE, _config
 

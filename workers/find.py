@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from pynetdicom.dimse_primitives import C_FIND
 
 from catalog.keys import models
 from catalog.query import SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS, QueryError, parse_request, run
