@@ -36,30 +36,23 @@ def certs(tmp_path_factory) -> Path:
     return d
 
 
-class TlsStoreSCP:
+class TlsStoreSCP(StoreSCP):
     """DCMTK storescp over TLS, requiring our certificate, writing what it receives."""
 
-    def __init__(self, out: Path, certs: Path) -> None:
-        self.out, self.port = out, free_port()
+    def __init__(self, out: Path, certs: Path) -> None:  # not super().__init__: that starts a plain one
+        self.out, self.port, self.aet = out, free_port(), "DEST"
         out.mkdir(parents=True)
         self.proc = subprocess.Popen([dcmtk("storescp"), "+tls", str(certs / "server.key"), str(certs / "server.pem"),
                                       "+cf", str(certs / "ca.pem"), "+B", "-aet", "DEST", "-od", str(out),
                                       str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while True:
+        while True:  # a plain C-ECHO cannot tell when a TLS storescp is up: its port can
             try:
                 socket.create_connection((HOST, self.port), timeout=1).close()
                 return
             except OSError:
                 assert time.monotonic() < deadline and self.proc.poll() is None, "storescp +tls did not start"
                 time.sleep(0.1)
-
-    def received(self) -> dict[str, Path]:
-        return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in self.out.iterdir()}
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def tls_config(tmp_path: Path, certs: Path, port: int) -> Path:
