@@ -6,7 +6,6 @@ import logging
 import re
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from engine.config import Config
 from engine.filemeta import file_meta
 from engine.freespace import FreeSpace
 from engine.served import ServedVersions
-from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, record_parts, shuffle
+from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, crc32, record_parts, shuffle
 from engine.writer import OutOfResources, SegmentWriter
 
 log = logging.getLogger("stowage.store")
@@ -65,10 +64,10 @@ def _head(dataset: bytes | FileRange) -> bytes:
 
 def _crc32(dataset: bytes | FileRange) -> tuple[int, int]:
     if isinstance(dataset, bytes):
-        return zlib.crc32(dataset), len(dataset)
+        return crc32(dataset), len(dataset)
     crc = 0
     for chunk in dataset.chunks():
-        crc = zlib.crc32(chunk, crc)
+        crc = crc32(chunk, crc)
     return crc, dataset.length
 
 

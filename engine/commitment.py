@@ -26,14 +26,13 @@ import os
 import struct
 import time
 import uuid
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from catalog.reader import Catalog
 from engine.archive import valid_uid
-from engine.segment import CorruptRecord, fsync_dir, stream_payload
+from engine.segment import CorruptRecord, crc32, fsync_dir, stream_payload
 
 log = logging.getLogger("stowage.commitment")
 
@@ -84,7 +83,7 @@ def _check_record(path: Path, offset: int, dataset_crc: int, dataset_length: int
                 skip = min(meta_left, len(chunk))
                 meta_left -= skip
                 chunk = chunk[skip:]
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             length += len(chunk)
     except CorruptRecord as e:
         return str(e)

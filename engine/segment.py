@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -22,6 +21,11 @@ from typing import Any, BinaryIO, Iterator
 import msgpack
 import numpy as np
 import zstandard
+
+try:  # the same CRC-32 as zlib's, about 9x faster (ISA-L, carry-less multiply): 8 µs per CT, not 73
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - a platform without the wheel
+    from zlib import crc32
 
 MAGIC = b"STW1"
 VERSION = 1
@@ -88,10 +92,10 @@ def record_parts(header: dict[str, Any], payload: list[Part], flags: int) -> lis
     hdr = msgpack.packb(header, use_bin_type=True)
     length = sum(len(p) if isinstance(p, bytes) else p.length for p in payload)
     prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(hdr), length)
-    crc = zlib.crc32(hdr, zlib.crc32(prefix))
+    crc = crc32(hdr, crc32(prefix))
     for part in payload:
         for chunk in ([part] if isinstance(part, bytes) else part.chunks()):
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
     return [prefix + _CRC.pack(crc) + hdr, *payload]
 
 
@@ -112,7 +116,7 @@ def _read_head(f: BinaryIO, offset: int) -> tuple[Record, int, int]:
     if magic != MAGIC or version != VERSION or hlen > MAX_HEADER:
         raise CorruptRecord(f"no valid record at byte {offset}")
     hdr = _read_exact(f, hlen)
-    running = zlib.crc32(hdr, zlib.crc32(raw[: _PREFIX.size]))
+    running = crc32(hdr, crc32(raw[: _PREFIX.size]))
     try:
         header = msgpack.unpackb(hdr, raw=False)
     except (ValueError, msgpack.UnpackException) as e:
@@ -130,7 +134,7 @@ def _payload_chunks(f: BinaryIO, rec: Record, expected: int, running: int) -> It
     left = rec.payload_length
     while left:
         chunk = _read_exact(f, min(_CHUNK, left))
-        running = zlib.crc32(chunk, running)
+        running = crc32(chunk, running)
         left -= len(chunk)
         yield chunk
     if running != expected:
@@ -268,7 +272,7 @@ def read_payload(path: Path, offset: int) -> bytes | memoryview:
         raw = os.pread(f.fileno(), rec.payload_length, rec.payload_offset)
     if len(raw) != rec.payload_length:
         raise CorruptRecord(f"record at byte {offset} ends early")
-    if zlib.crc32(raw, running) != expected:
+    if crc32(raw, running) != expected:
         raise CorruptRecord(f"checksum mismatch in record at byte {offset}")
     if rec.flags & FLAG_ZSTD:
         try:

@@ -84,3 +84,14 @@ def test_shuffle_layout_is_fixed_and_inverts():
     blocks = [data[i:i + SHUFFLE_BLOCK] for i in range(0, len(data), SHUFFLE_BLOCK)]
     assert bytes(shuffle(data)) == b"".join(reference(b) for b in blocks)
     assert bytes(unshuffle(shuffle(data))) == data
+
+
+def test_record_checksum_is_zlibs_crc32():
+    """Records written with the fast CRC-32 read back with zlib's, and the other way
+    round: the checksum is part of the format."""
+    import zlib
+    from engine.segment import crc32
+    data = bytes(random.Random(3).getrandbits(8) for _ in range(300_000))
+    for piece in (data, memoryview(data)[17:250_001], bytearray(data[:5])):
+        assert crc32(piece) == zlib.crc32(piece)
+        assert crc32(piece, 0xDEADBEEF) == zlib.crc32(piece, 0xDEADBEEF)
