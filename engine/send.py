@@ -240,7 +240,7 @@ class Sender:
     run in several threads; its methods are not to be called from several)."""
 
     def __init__(self, segments_dir: Path, peer: Peer, calling_aet: str, *, dimse_timeout: float = 30.0,
-                 acse_timeout: float = 30.0, network_timeout: float = 60.0, max_pdu: int = 262144,
+                 acse_timeout: float = 30.0, max_pdu: int = 262144,
                  retries: int = 1, spool_dir: Path | None = None,
                  on_outcome: Callable[[Outcome], None] | None = None,
                  cancelled: Callable[[], bool] | None = None,
@@ -250,7 +250,7 @@ class Sender:
         self._lock = threading.Lock()
         self.peer = peer
         self.calling_aet = calling_aet
-        self.acse_timeout, self.dimse_timeout, self.network_timeout = acse_timeout, dimse_timeout, network_timeout
+        self.acse_timeout, self.dimse_timeout = acse_timeout, dimse_timeout
         self.max_pdu = max_pdu
         self.retries = retries
         self.spool_dir = spool_dir
@@ -340,12 +340,12 @@ class Sender:
                 if self.cancelled():
                     result.remaining.extend(work.drain())
                     return
-                work.opening(+1)
+                work.opening()
                 try:
                     link = self._open(contexts)
                 except PeerError as e:
                     reopen_failures += 1
-                    if work.opening(-1):  # the others carry on (a peer that takes fewer associations)
+                    if work.open_failed():  # the others carry on (a peer that takes fewer associations)
                         log.info("%s: one association fewer: %s", self.peer, e)
                         return
                     # The first association of a transfer fails fast (unknown AE, host down);
@@ -357,7 +357,7 @@ class Sender:
                     time.sleep(0.5 * reopen_failures)
                     continue
                 reopen_failures = 0
-                work.opening(-1, opened=True)
+                work.opened()
                 try:
                     self._run(link, work, spool, pool, result)
                 finally:
@@ -496,16 +496,22 @@ class _Work:
             self.items.clear()
             return out
 
-    def opening(self, delta: int, opened: bool = False) -> bool:
-        """Count an association being opened (+1), or done opening (-1, `opened` or
-        failed). True when other associations are open or being opened."""
+    def opening(self) -> None:
         with self.lock:
-            self.pending_opens += delta
-            if opened:
-                self.links += 1
-                self.ever_opened = True
-                self.first_open.set()
-            return self.links + self.pending_opens > (1 if opened else 0)
+            self.pending_opens += 1
+
+    def opened(self) -> None:
+        with self.lock:
+            self.pending_opens -= 1
+            self.links += 1
+            self.ever_opened = True
+            self.first_open.set()
+
+    def open_failed(self) -> bool:
+        """Whether other associations are open or being opened (they carry the work)."""
+        with self.lock:
+            self.pending_opens -= 1
+            return self.links + self.pending_opens > 0
 
     def closed(self) -> None:
         with self.lock:

@@ -65,7 +65,7 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
     quiet_libraries()
     started = time.monotonic()
     sender = Sender(config.data_dir / "segments", peer, calling, dimse_timeout=timeout,
-                    acse_timeout=config.acse_timeout, network_timeout=config.network_timeout,
+                    acse_timeout=config.acse_timeout,
                     max_pdu=config.max_pdu, on_outcome=on_outcome,
                     associations=remote.associations if (remote := config.remotes.get(target)) else 1)
     try:

@@ -102,7 +102,7 @@ class Retriever:
     def sender(self, peer: Peer, **kwargs: Any) -> Sender:
         c = self.config
         return Sender(c.data_dir / "segments", peer, c.aet, dimse_timeout=c.dimse_timeout,
-                      acse_timeout=c.acse_timeout, network_timeout=c.network_timeout, **kwargs)
+                      acse_timeout=c.acse_timeout, **kwargs)
 
 
 _retriever: Retriever | None = None
