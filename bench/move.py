@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.corpus import generate
 from bench.orthanc import Orthanc, executable
-from bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, wait_echo
+from bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down, wait_echo
 from bench.report import timed_medians
 
 
@@ -140,11 +140,7 @@ def main(argv: list[str] | None = None) -> None:
               f"medians of {args.repeat} interleaved runs")
         print("\n".join(timed_medians(results, args.count, mb, "orthanc C-MOVE")))
     finally:
-        if server is not None:
-            stop_tree(server, None)
-        if orthanc is not None:
-            orthanc.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        tear_down(work, server, orthanc)
 
 
 if __name__ == "__main__":

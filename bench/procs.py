@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import time
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -84,6 +86,15 @@ def serve_stowage(data: Path, port: int, echoscu: str, *options: str) -> subproc
         stop_tree(proc, None)
         raise
     return proc
+
+
+def tear_down(work: Path, server: subprocess.Popen | None, orthanc: Any = None) -> None:
+    """End of a benchmark: stop stowage and Orthanc (by PID) if started, remove its temp dir."""
+    if server is not None:
+        stop_tree(server, None)
+    if orthanc is not None:
+        orthanc.stop()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 class TreeMonitor:
