@@ -135,9 +135,9 @@ class Archive:
         if refusal:
             return refusal
         crc, length = _crc32(dataset)
+        study = str(attrs.get("study_instance_uid") or "")
         if sop_instance_uid in self.known or self.sealed.may_hold(sop_instance_uid):
-            verdict = self._duplicate(sop_instance_uid, str(attrs.get("study_instance_uid") or ""), crc, length,
-                                      calling_ae)
+            verdict = self._duplicate(sop_instance_uid, study, crc, length, calling_ae)
             if verdict is not None:
                 return verdict
         if not self.free_space.has_room(self.config.min_free_bytes + length):
@@ -160,7 +160,7 @@ class Archive:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
         self.known.add(sop_instance_uid)
-        self.served.stored(str(attrs.get("study_instance_uid") or ""), sop_instance_uid, crc, length)
+        self.served.stored(study, sop_instance_uid, crc, length)
         self.free_space.used(row["stored_length"])
         return StoreResult(SUCCESS)
 
