@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -264,6 +265,18 @@ def stream_payload(path: Path, offset: int) -> Iterator[bytes]:
         yield from chunks
 
 
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor: one is not safe to share between threads, and making
+    one per record costs its context's allocation each time."""
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
 def read_payload(path: Path, offset: int) -> bytes | memoryview:
     """The record's payload, checksum-verified and decompressed, in memory (records that
     fit: one read, one CRC pass, one decompression, one unshuffle), as a bytes-like object."""
@@ -276,7 +289,7 @@ def read_payload(path: Path, offset: int) -> bytes | memoryview:
         raise CorruptRecord(f"checksum mismatch in record at byte {offset}")
     if rec.flags & FLAG_ZSTD:
         try:
-            raw = zstandard.ZstdDecompressor().decompress(raw)
+            raw = _decompressor().decompress(raw)
         except zstandard.ZstdError:  # no content size in the frame header: stream it
             raw = b"".join(_decompressed(iter([raw]), offset))
     if rec.flags & FLAG_SHUFFLE:

@@ -323,9 +323,7 @@ class Sender:
             assoc.open()
         except store_scu.AssociationError as e:
             raise PeerError(str(e)) from None
-        assoc.timeout = self.dimse_timeout
-        if assoc.sock is not None:
-            assoc.sock.settimeout(self.dimse_timeout)
+        assoc.set_timeout(self.dimse_timeout)
         return _LeanLink(assoc)
 
     def _drive(self, work: "_Work", contexts: list[Context], spool: Path, result: SendResult,

@@ -30,6 +30,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
 from engine import filemeta
+from engine.sockopts import kernel_timeouts
 from workers import commands
 from workers.negotiation import user_information
 
@@ -153,7 +154,19 @@ class Association:
             self.abort()
             raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} accepted none of the "
                                    f"{len(self.proposed)} presentation contexts proposed")
+        self.set_timeout(self.timeout)
         return self
+
+    def set_timeout(self, seconds: float) -> None:
+        """Time out each send and each wait for an answer after `seconds`: kept by the
+        kernel on a plain socket (no poll() per call), by Python's ssl module under TLS."""
+        self.timeout = seconds
+        if self.sock is None:
+            return
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(seconds)
+        else:
+            kernel_timeouts(self.sock, seconds)
 
     def _request(self) -> bytes:
         rq = A_ASSOCIATE()
@@ -224,7 +237,7 @@ class Association:
         try:
             self._send_message(context_id, command, ds)
             return self._read_response()
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: the kernel's timeout (set_timeout)
             self.abort()
             raise StoreFailed(f"C-STORE of {ds.sop_instance_uid}: no response within {self.timeout:g} s") from None
         except (OSError, AssociationError) as e:
@@ -240,14 +253,16 @@ class Association:
         frag = self._fragment()
         bufs: list[bytes | memoryview] = [_pdv_pdu(context_id, 0x03, len(command)), command]
         if ds.data is not None:
-            view = memoryview(ds.data)
-            for start in range(0, max(ds.length, 1), frag):
-                piece = view[start:start + frag]
-                last = start + frag >= ds.length
-                bufs += [_pdv_pdu(context_id, 0x02 if last else 0x00, len(piece)), piece]
+            view, n = memoryview(ds.data), ds.length
+            middle = _pdv_pdu(context_id, 0x00, frag)  # every fragment but the last has this header
+            start = 0
+            while n - start > frag:
+                bufs += (middle, view[start:start + frag])
+                start += frag
                 if len(bufs) >= _IOV_MAX:
                     self._sendv(bufs)
                     bufs = []
+            bufs += (_pdv_pdu(context_id, 0x02, n - start), view[start:n])
             self._sendv(bufs)
             return
         self._sendv(bufs)
@@ -297,15 +312,18 @@ class Association:
         self.sock.sendall(data)
 
     def _sendv(self, bufs: list) -> None:
-        """Write every buffer, in order, with as few system calls as the kernel allows."""
+        """Write every buffer, in order, with as few system calls as the kernel allows
+        (on a blocking socket, one: `set_timeout` keeps the timeout in the kernel)."""
         sock = self.sock
         if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS: one write, so whole records
             sock.sendall(b"".join(bufs))
             return
-        views = [memoryview(b) for b in bufs]
-        while views:
-            sent = sock.sendmsg(views)
-            while sent and views:
+        sent, total = sock.sendmsg(bufs), sum(map(len, bufs))
+        if sent == total:
+            return
+        views = [memoryview(b).cast("B") for b in bufs]
+        while True:
+            while sent:  # drop what went out
                 n = len(views[0])
                 if sent >= n:
                     sent -= n
@@ -313,6 +331,9 @@ class Association:
                 else:
                     views[0] = views[0][sent:]
                     sent = 0
+            if not views:
+                return
+            sent = sock.sendmsg(views)
 
     def _recv_exact(self, n: int) -> bytearray:
         buf = bytearray(n)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 from typing import Any
 
 from pynetdicom import AE
@@ -75,18 +74,6 @@ def tune(sock: socket.socket, network_timeout: float) -> None:
     sock.setblocking(True)
     sock.settimeout(network_timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def kernel_timeouts(sock: socket.socket, network_timeout: float) -> None:
-    """The same timeout, kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO) instead of Python:
-    a Python socket timeout costs a poll() before every recv and send, and each poll a
-    release and re-acquisition of the GIL. A read or write that times out then raises
-    BlockingIOError (EAGAIN)."""
-    seconds = max(network_timeout, 0.001)
-    timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-    sock.settimeout(None)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def create(ae: AE, sock: socket.socket, contexts: list, handlers: list[tuple[Any, Any]],

@@ -22,6 +22,7 @@ from engine.config import Config
 from engine.logs import setup_logging
 from engine.recovery import recover
 from engine import reactor
+from engine.sockopts import kernel_timeouts
 from workers import association, negotiation, spill
 from workers.audit import Trail, outcome_of
 from workers.contexts import VERIFICATION, storage_sop_classes
@@ -123,7 +124,7 @@ class Worker:
         accepted = negotiation.accept(req, self.contexts, self.config.max_pdu,
                                       self.ae.implementation_class_uid, self.ae.implementation_version_name)
         sock.sendall(accepted.ac)
-        association.kernel_timeouts(sock, self.config.network_timeout)
+        kernel_timeouts(sock, self.config.network_timeout)
         calling = req.calling_ae
 
         def on_store(uid: str, status: int, size: int, comment: str) -> None:
