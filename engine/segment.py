@@ -41,6 +41,7 @@ _PREFIX = struct.Struct("<4sHHIQ")
 _CRC = struct.Struct("<I")
 PREFIX_SIZE = _PREFIX.size + _CRC.size
 MAX_HEADER = 1 << 20
+_HEADER_GUESS = 2048  # read with the prefix: most headers are a few hundred bytes
 _CHUNK = 1 << 20
 
 
@@ -107,15 +108,23 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     return data
 
 
+def _prefix(raw: bytes, offset: int) -> tuple[int, int, int, int]:
+    """(flags, header length, payload length, stored CRC) from a record's first bytes."""
+    if len(raw) < PREFIX_SIZE:
+        raise CorruptRecord(f"no valid record at byte {offset}")
+    magic, version, flags, hlen, plen = _PREFIX.unpack_from(raw)
+    (expected,) = _CRC.unpack_from(raw, _PREFIX.size)
+    if magic != MAGIC or version != VERSION or hlen > MAX_HEADER:
+        raise CorruptRecord(f"no valid record at byte {offset}")
+    return flags, hlen, plen, expected
+
+
 def _read_head(f: BinaryIO, offset: int) -> tuple[Record, int, int]:
     """The record at `offset` (header decoded), its stored CRC, and the CRC of its prefix
     and header, to be continued over the payload."""
     f.seek(offset)
     raw = _read_exact(f, PREFIX_SIZE)
-    magic, version, flags, hlen, plen = _PREFIX.unpack_from(raw)
-    (expected,) = _CRC.unpack_from(raw, _PREFIX.size)
-    if magic != MAGIC or version != VERSION or hlen > MAX_HEADER:
-        raise CorruptRecord(f"no valid record at byte {offset}")
+    flags, hlen, plen, expected = _prefix(raw, offset)
     hdr = _read_exact(f, hlen)
     running = crc32(hdr, crc32(raw[: _PREFIX.size]))
     try:
@@ -279,20 +288,30 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 def read_payload(path: Path, offset: int) -> bytes | memoryview:
     """The record's payload, checksum-verified and decompressed, in memory (records that
-    fit: one read, one CRC pass, one decompression, one unshuffle), as a bytes-like object."""
-    with open(path, "rb") as f:
-        rec, expected, running = _read_head(f, offset)
-        raw = os.pread(f.fileno(), rec.payload_length, rec.payload_offset)
-    if len(raw) != rec.payload_length:
+    fit: one read, one CRC pass, one decompression, one unshuffle), as a bytes-like object.
+    The header is checksummed but not decoded: nothing in it is needed here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.pread(fd, PREFIX_SIZE + _HEADER_GUESS, offset)
+        flags, hlen, plen, expected = _prefix(head, offset)
+        if len(head) < PREFIX_SIZE + hlen:
+            head += os.pread(fd, PREFIX_SIZE + hlen - len(head), offset + len(head))
+        if len(head) < PREFIX_SIZE + hlen:
+            raise CorruptRecord(f"record at byte {offset} ends early")
+        running = crc32(head[PREFIX_SIZE:PREFIX_SIZE + hlen], crc32(head[:_PREFIX.size]))
+        raw = os.pread(fd, plen, offset + PREFIX_SIZE + hlen)
+    finally:
+        os.close(fd)
+    if len(raw) != plen:
         raise CorruptRecord(f"record at byte {offset} ends early")
     if crc32(raw, running) != expected:
         raise CorruptRecord(f"checksum mismatch in record at byte {offset}")
-    if rec.flags & FLAG_ZSTD:
+    if flags & FLAG_ZSTD:
         try:
             raw = _decompressor().decompress(raw)
         except zstandard.ZstdError:  # no content size in the frame header: stream it
             raw = b"".join(_decompressed(iter([raw]), offset))
-    if rec.flags & FLAG_SHUFFLE:
+    if flags & FLAG_SHUFFLE:
         raw = unshuffle(raw)
     return raw
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from engine.segment import CorruptRecord, encode_record, iter_records, read_payload, valid_end
+from engine.segment import PREFIX_SIZE, CorruptRecord, encode_record, iter_records, read_payload, valid_end
 from engine.writer import SegmentWriter
 
 
@@ -31,6 +31,23 @@ def test_a_flipped_byte_is_detected(tmp_path):
     assert list(iter_records(seg)) == []
     with pytest.raises(CorruptRecord):
         read_payload(seg, 0)
+
+
+def test_read_payload_checks_the_header_and_takes_a_long_one(tmp_path):
+    """read_payload does not decode the header, but a flipped header byte still fails its
+    checksum; a header longer than its first read comes back whole; a torn record fails."""
+    seg = tmp_path / "s.seg"
+    long_header = {"note": "h" * 5000}
+    record = encode_record({"sop_instance_uid": "1.2.3"}, b"p" * 300, 0)
+    seg.write_bytes(record + encode_record(long_header, b"q" * 300, 0))
+    assert read_payload(seg, len(record)) == b"q" * 300
+    data = bytearray(seg.read_bytes())
+    data[PREFIX_SIZE + 3] ^= 0x01  # inside the first record's header
+    seg.write_bytes(bytes(data[: len(record)]) + bytes(data[len(record): -10]))
+    with pytest.raises(CorruptRecord, match="checksum"):
+        read_payload(seg, 0)
+    with pytest.raises(CorruptRecord, match="ends early"):
+        read_payload(seg, len(record))
 
 
 def test_writer_rolls_segments_and_shares_fsyncs(tmp_path):

@@ -12,6 +12,10 @@ the instance it sent.
 - C-MOVE and C-GET pending responses (no identifier) are encoded by workers/commands.py
   in microseconds.
 
+- `send_retrieve_pending` sends one straight from its counts, with no pynetdicom
+  primitive (whose setters validate the SOP Class UID by regular expression every time):
+  the C-MOVE/C-GET SCP (workers/retrieve.py) sends one per sub-operation.
+
 Everything else, and any association that watches EVT_DIMSE_SENT, goes pynetdicom's way.
 """
 from __future__ import annotations
@@ -28,7 +32,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from workers import commands
 
 _ORIGINAL_SEND_MSG = DIMSEServiceProvider.send_msg
-_PENDING = (0xFF00, 0xFF01)
+PENDING = 0xFF00
+_PENDING = (PENDING, 0xFF01)
 _RETRIEVE_RSP = {C_MOVE: commands.C_MOVE_RSP, C_GET: commands.C_GET_RSP}
 
 
@@ -80,3 +85,17 @@ def _retrieve_pdvs(primitive: C_MOVE | C_GET, command_field: int) -> list[bytes]
     command = commands.retrieve_response(command_field, primitive.MessageIDBeingRespondedTo,
                                          str(primitive.AffectedSOPClassUID), primitive.Status, counts)
     return [b"\x03" + command]
+
+
+def send_retrieve_pending(provider: DIMSEServiceProvider, context_id: int, kind: type, message_id: int,
+                          sop_class: str, counts: tuple[int, int, int, int]) -> bool:
+    """Send a C-MOVE or C-GET pending response (remaining, completed, failed, warning
+    `counts`) in one PDU; False, sending nothing, if the association watches
+    EVT_DIMSE_SENT (pynetdicom's `send_msg` must then be used, for the event)."""
+    if provider.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        return False
+    command = commands.retrieve_response(_RETRIEVE_RSP[kind], message_id, sop_class, PENDING, counts)
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+    provider.dul.send_pdu(pdata)
+    return True

@@ -33,7 +33,7 @@ from catalog.reader import Catalog
 from engine.client import Peer, PeerError, peer_of
 from engine.config import Config
 from engine.send import Instance, Outcome, Sender
-from workers.pending import install_pending_responses
+from workers.pending import install_pending_responses, send_retrieve_pending
 
 log = logging.getLogger("stowage.retrieve")
 audit = logging.getLogger("stowage.audit")
@@ -204,13 +204,17 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
             cancelled[0] = True
         return cancelled[0]
 
+    sop_class = str(req.AffectedSOPClassUID)
+
     def on_outcome(outcome: Outcome) -> None:
         counts[outcome.state] += 1
         if outcome.state == "failed":
             failed_uids.append(outcome.instance.sop_instance_uid)
         done = sum(counts.values())
         if done < total and assoc.is_established:
-            respond(PENDING, (total - done, counts["completed"], counts["failed"], counts["warning"]))
+            pending = (total - done, counts["completed"], counts["failed"], counts["warning"])
+            if not send_retrieve_pending(service.dimse, cx_id, kind, req.MessageID, sop_class, pending):
+                respond(PENDING, pending)
 
     sender = _retriever.sender(peer, on_outcome=on_outcome, cancelled=is_cancelled,
                                move_originator=(requestor, req.MessageID) if kind is C_MOVE else None,
