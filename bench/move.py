@@ -22,6 +22,13 @@ The same storescp is also known to stowage as DEST2 with `associations = N`: the
 which serves one association at a time, that cannot help; with `--dest-fork` (storescp
 --fork, a process per association, as a PACS serves several) it can. Orthanc's C-MOVE
 uses one association whatever the destination.
+
+The row "ceiling: in-memory sender" is what the destination and this machine allow any
+sender: the same datasets, already in memory (no archive behind them, no reading, no
+decompression), C-STOREd by the load generator (bench/loadgen.py, the same lean
+association the archive sends on) on one association (N with --dest-fork), timed from
+its start signal to its last response (no process start-up). A C-MOVE cannot beat it;
+its ratio to Orthanc bounds the ratio any archive could reach in that run.
 """
 from __future__ import annotations
 
@@ -33,7 +40,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+from bench import loadgen
 from bench.corpus import generate
 from bench.orthanc import Orthanc, executable
 from bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down, wait_echo
@@ -58,6 +67,24 @@ def _arrived(out: Path, ignore: bool) -> int:
     if ignore:
         return (out / "storescp.log").read_text(errors="replace").count("Received Store Request")
     return sum(1 for p in out.iterdir() if p.name != "storescp.log")
+
+
+def _timed(cmd: list[str] | Callable[[], tuple[float, str]]) -> tuple[float, str]:
+    """Seconds a transfer took, and why it failed ('' if it did not)."""
+    if callable(cmd):
+        return cmd()
+    t = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    seconds = time.monotonic() - t
+    return seconds, (f"exit {done.returncode}: {done.stderr[-2000:]}" if done.returncode else "")
+
+
+def _in_memory(items: list[loadgen.Item], port: int, associations: int) -> tuple[float, str]:
+    """The corpus C-STOREd from memory by the load generator: the ceiling row."""
+    run = loadgen.run(loadgen.Target("127.0.0.1", port, "DEST", "MOVESCU"), items, associations,
+                      monitor_target=False, progress=False)
+    failed = run.instances - run.completed - run.warning
+    return run.wall_s, (f"{failed} not stored: {run.statuses} {run.errors[:3]}" if failed else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,21 +143,23 @@ def main(argv: list[str] | None = None) -> None:
             orthanc.rest("PUT", "/modalities/movescu", {"AET": "MOVESCU", "Host": "127.0.0.1", "Port": 1})
             commands["orthanc C-MOVE"] = [movescu, "-S", "-aet", "MOVESCU", "-aec", "ORTHANC", "-aem", "DEST",
                                           *move_keys, "127.0.0.1", str(orthanc.dicom_port)]
+        items = loadgen.load_corpus(files)
+        ceiling_assocs = args.associations if args.dest_fork else 1
+        ceiling = f"ceiling: in-memory sender x{ceiling_assocs}"
+        commands[ceiling] = lambda: _in_memory(items, dest_port, ceiling_assocs)
         results: dict[str, list[float]] = {name: [] for name in commands}
         for r in range(args.repeat):
             for name, cmd in commands.items():  # interleaved
-                out = work / f"rx-{r}-{name.replace(' ', '_')}"
+                out = work / f"rx-{r}-{name.replace(' ', '_').replace(':', '')}"
                 rx = _storescp_on(storescp, echoscu, out, dest_port, args.dest_nodelay, args.dest_fork,
                                   args.dest_ignore)
                 try:
-                    t = time.monotonic()
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-                    results[name].append(time.monotonic() - t)
+                    seconds, failure = _timed(cmd)
+                    results[name].append(seconds)
                     stop_tree(rx, None)  # storescp has written its log
                     got = _arrived(out, args.dest_ignore)
-                    if done.returncode != 0 or got != args.count:
-                        raise RuntimeError(f"{name}: exit {done.returncode}, {got} of {args.count} arrived\n"
-                                           f"{done.stderr[-2000:]}")
+                    if failure or got != args.count:
+                        raise RuntimeError(f"{name}: {got} of {args.count} arrived\n{failure}")
                 finally:
                     stop_tree(rx, None)
                 shutil.rmtree(out)

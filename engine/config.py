@@ -57,6 +57,7 @@ class Config:
     network_timeout: float = 60.0          # a peer silent this long mid-association is dropped
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
+    pending_interval: float = 0.1          # C-MOVE/C-GET: at most one pending response per this long (0: each sub-operation)
     drain_timeout: float = 30.0            # SIGTERM: how long in-flight associations may finish
     durability: str = "fsync"              # "os-buffer" skips fsync: never the default
     zstd_level: int = 1
@@ -88,6 +89,8 @@ class Config:
             raise ConfigError(f"max_pdu: {self.max_pdu} is outside 4096-67108864 (0, unlimited, is refused)")
         if not -7 <= self.zstd_level <= 22:  # negative: zstd's fast levels (see README, Compression)
             raise ConfigError(f"zstd_level: {self.zstd_level} is outside -7 to 22")
+        if not 0 <= self.pending_interval <= 3600:
+            raise ConfigError(f"pending_interval: {self.pending_interval} is outside 0-3600 seconds")
         if self.workers < 0 or self.max_associations < 1:
             raise ConfigError("workers must be >= 0 and max_associations >= 1")
         if self.log_format not in ("text", "json"):

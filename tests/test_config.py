@@ -39,6 +39,7 @@ def test_precedence_file_env_flags(tmp_path):
                                            ({"max_pdu": 0}, "max_pdu"), ({"nonsense": 1}, "nonsense"),
                                            ({"workers": "many"}, "workers"), ({"zstd_level": 23}, "zstd_level"),
                                            ({"zstd_level": -8}, "zstd_level"),
+                                           ({"pending_interval": -1}, "pending_interval"),
                                            ({"remotes": {"X": {"host": "h", "port": 1, "associations": 0}}},
                                             "associations")])
 def test_bad_values_name_the_key(values, needle):

@@ -130,7 +130,8 @@ def _pyn_get(port: int, keys: dict[str, str], delay: float = 0.0, cancel_after: 
     return rsps, got
 
 
-def test_get_counts_a_class_without_context_as_failed(server, tmp_path):
+def test_get_counts_a_class_without_context_as_failed(make_server, tmp_path):
+    server = make_server("--workers", "2", STOWAGE_PENDING_INTERVAL="0")  # a pending response per sub-operation
     ct = copies(CT, tmp_path / "ct", 2, "ct")
     mr = copies(MR, tmp_path / "mr", 3, "mr")
     store(server.port, ct + mr)

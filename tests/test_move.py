@@ -45,11 +45,12 @@ def clear(d: Path) -> None:
 
 @pytest.fixture
 def archive(make_server, tmp_path, scps):  # noqa: F811
-    """storescp DEST (all syntaxes) and IMPL (implicit VR LE only), stowage knowing both."""
+    """storescp DEST (all syntaxes) and IMPL (implicit VR LE only), stowage knowing both and
+    sending one pending response per sub-operation (pending_interval 0), which tests count."""
     dest = scps(tmp_path / "rx", "+xa")
     impl = scps(tmp_path / "rx-impl", "+xi", aet="IMPL")
     cfg = config_with(tmp_path, DEST=(HOST, dest.port), IMPL=(HOST, impl.port))
-    server = make_server("--workers", "2", "--config", str(cfg))
+    server = make_server("--workers", "2", "--config", str(cfg), STOWAGE_PENDING_INTERVAL="0")
     return server, dest, impl, cfg
 
 
@@ -209,6 +210,29 @@ def test_move_of_several_hundred_instances(archive, tmp_path):
     assert "Received Final Move Response (Success)" in r.stderr + r.stdout
     want = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in mr}
     assert set(dest.received()) == want
+
+
+def test_pending_responses_are_spaced_by_pending_interval(make_server, tmp_path, scps):  # noqa: F811
+    """By default at most one pending response per 0.1 s (PS3.4 makes them optional): a
+    fast move of 300 instances gets far fewer than 300, the first right after the first
+    sub-operation, each with counts that add up, then the final one with all of them."""
+    dest = scps(tmp_path / "rx", "+xa")
+    server = make_server("--workers", "2", "--config", str(config_with(tmp_path, DEST=(HOST, dest.port))))
+    mr = copies(MR, tmp_path / "mr", 300, "mr")
+    store(server.port, mr)
+    rsps = _pyn_move(server.port, "DEST", {"QueryRetrieveLevel": "STUDY",
+                                          "StudyInstanceUID": pydicom.dcmread(mr[0]).StudyInstanceUID})
+    pending, (final, _) = [s for s, _ in rsps[:-1]], rsps[-1]
+    assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 300
+    assert all(s.Status == 0xFF00 for s in pending)
+    assert 1 <= len(pending) < 300, f"{len(pending)} pending responses for 300 sub-operations"
+    assert pending[0].NumberOfRemainingSuboperations == 299
+    remaining = [s.NumberOfRemainingSuboperations for s in pending]
+    assert remaining == sorted(remaining, reverse=True) and len(set(remaining)) == len(remaining)
+    for s in pending:
+        assert s.NumberOfRemainingSuboperations + s.NumberOfCompletedSuboperations + \
+            s.NumberOfFailedSuboperations + s.NumberOfWarningSuboperations == 300
+    assert len(dest.received()) == 300
 
 
 class FlakySCP:

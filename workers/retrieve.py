@@ -12,10 +12,11 @@ on the requester's association, on the storage contexts it proposed with SCP rol
 
 pynetdicom's own MOVE/GET SCP takes only decoded `Dataset`s from the handler and opens
 the sub-association itself, so we replace its two methods in the worker (as
-workers/find.py does for pending C-FIND responses): one pending response per
-sub-operation with the remaining/completed/failed/warning counts, then the final one
-(success, 0xB000 with a Failed SOP Instance UID List, 0xA702 when none succeeded, or
-Cancel 0xFE00 after a C-CANCEL).
+workers/find.py does for pending C-FIND responses): pending responses with the
+remaining/completed/failed/warning counts, after the first sub-operation and then at most
+one per `pending_interval` (PS3.4 C.4.2.3.1 and C.4.3.3.1 make them optional; 0 sends one
+per sub-operation), then the final one (success, 0xB000 with a Failed SOP Instance UID
+List, 0xA702 when none succeeded, or Cancel 0xFE00 after a C-CANCEL).
 """
 from __future__ import annotations
 
@@ -205,13 +206,17 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
         return cancelled[0]
 
     sop_class = str(req.AffectedSOPClassUID)
+    interval = _retriever.config.pending_interval
+    last_pending = [-interval]
 
     def on_outcome(outcome: Outcome) -> None:
         counts[outcome.state] += 1
         if outcome.state == "failed":
             failed_uids.append(outcome.instance.sop_instance_uid)
         done = sum(counts.values())
-        if done < total and assoc.is_established:
+        now = time.monotonic()
+        if done < total and now - last_pending[0] >= interval and assoc.is_established:
+            last_pending[0] = now
             pending = (total - done, counts["completed"], counts["failed"], counts["warning"])
             if not send_retrieve_pending(service.dimse, cx_id, kind, req.MessageID, sop_class, pending):
                 respond(PENDING, pending)
