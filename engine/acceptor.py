@@ -1,6 +1,11 @@
 """The acceptor/supervisor process: accepts TCP connections, admits them under the global
 association cap, hands each to the least-loaded worker (SCM_RIGHTS), restarts workers
 that die, and drains on SIGTERM/SIGINT. It does no per-instance work.
+
+Connections to the TLS port (`tls_port`) are handed over the same way, marked so (b"T"):
+the worker does the TLS handshake, so a slow or hostile handshake never holds up this
+loop. Over the cap, a TLS connection still goes to a worker (b"t"), which completes the
+handshake only to answer the request with the A-ASSOCIATE-RJ a plain one gets from here.
 """
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.recovery import recover
+from engine.tls import server_context
 
 log = logging.getLogger("stowage.acceptor")
 # A-ASSOCIATE-RJ: rejected-transient (2), service-provider presentation (3), local-limit-exceeded (2)
@@ -48,6 +54,7 @@ class Acceptor:
         self.sel = selectors.DefaultSelector()
         self.slots = [WorkerSlot(i) for i in range(config.worker_count)]
         self.listener: socket.socket | None = None
+        self.tls_listener: socket.socket | None = None
         self.draining = False
         self._rejected: dict[socket.socket, float] = {}
         self._unanswered: set[socket.socket] = set()  # rejected, RJ not sent yet
@@ -65,15 +72,15 @@ class Acceptor:
         except BlockingIOError:
             raise ServeError(f"another stowage process is serving {self.config.data_dir}; stop it first") from None
 
-    def _listen(self) -> socket.socket:
+    def _listen(self, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.config.bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((self.config.bind, self.config.port))
+            sock.bind((self.config.bind, port))
         except OSError as e:
             sock.close()
-            raise ServeError(f"cannot listen on {self.config.bind}:{self.config.port}: {e.strerror}") from None
+            raise ServeError(f"cannot listen on {self.config.bind}:{port}: {e.strerror}") from None
         sock.listen(1024)
         sock.setblocking(False)
         return sock
@@ -100,7 +107,13 @@ class Acceptor:
                              f"{e.strerror or e}; free some space and start again") from None
         if recovered:
             log.info("start-up recovery indexed %d record(s)", recovered)
-        self.listener = self._listen()
+        try:
+            server_context(self.config)  # certificates that do not load stop us here, not in a worker
+        except ConfigError as e:
+            raise ServeError(str(e)) from None
+        self.listener = self._listen(self.config.port)
+        if self.config.tls_port:
+            self.tls_listener = self._listen(self.config.tls_port)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGCHLD, lambda *_: self._wake_w.send(b"c"))
@@ -110,9 +123,12 @@ class Acceptor:
         for ws in self.slots:
             self._spawn(ws)
         self._wait_ready()
-        self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))
-        log.info("%s listening on %s:%d with %d workers, data in %s", self.config.aet, self.config.bind,
-                 self.config.port, len(self.slots), self.config.data_dir)
+        self.sel.register(self.listener, selectors.EVENT_READ, ("listen", False))
+        if self.tls_listener is not None:
+            self.sel.register(self.tls_listener, selectors.EVENT_READ, ("listen", True))
+        tls = f" (TLS on {self.config.tls_port})" if self.tls_listener is not None else ""
+        log.info("%s listening on %s:%d%s with %d workers, data in %s", self.config.aet, self.config.bind,
+                 self.config.port, tls, len(self.slots), self.config.data_dir)
         while not self.draining:
             self._tick(0.5)
         return self._drain()
@@ -130,7 +146,7 @@ class Acceptor:
         for key, _mask in self.sel.select(timeout):
             kind, ws = key.data
             if kind == "listen":
-                self._accept()
+                self._accept(key.fileobj, ws)
             elif kind == "worker":
                 self._from_worker(ws)
             elif kind == "wake":
@@ -154,10 +170,10 @@ class Acceptor:
 
     # -- admission ----------------------------------------------------------------
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket, tls: bool) -> None:
         while True:
             try:
-                conn, _addr = self.listener.accept()
+                conn, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -166,23 +182,32 @@ class Acceptor:
                     time.sleep(0.1)
                     return
                 raise
-            self._admit(conn)
+            self._admit(conn, tls)
 
-    def _admit(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket, tls: bool = False) -> None:
         live = [ws for ws in self.slots if ws.ready and ws.control is not None]
         total = sum(ws.active for ws in self.slots)
         if total >= self.config.max_associations or not live:
-            self._reject(conn, "association cap reached" if live else "no worker is ready")
+            why = "association cap reached" if live else "no worker is ready"
+            if not (tls and live and self._hand_over(conn, live, b"t")):  # b"t": the worker sends the RJ
+                self._reject(conn, why)
+            else:
+                log.warning("A-ASSOCIATE-RJ over TLS: %s", why)
             return
+        if not self._hand_over(conn, live, b"T" if tls else b"A"):
+            self._reject(conn, "no worker took the connection")
+
+    def _hand_over(self, conn: socket.socket, live: list[WorkerSlot], message: bytes) -> bool:
+        """Pass `conn` to the least-loaded worker that takes it."""
         for ws in sorted(live, key=lambda w: w.active):
             try:
-                socket.send_fds(ws.control, [b"A"], [conn.fileno()])
+                socket.send_fds(ws.control, [message], [conn.fileno()])
             except OSError:
                 continue
             ws.active += 1
             conn.close()
-            return
-        self._reject(conn, "no worker took the connection")
+            return True
+        return False
 
     def _reject(self, conn: socket.socket, why: str) -> None:
         log.warning("A-ASSOCIATE-RJ to %s: %s", conn.getpeername()[0] if conn else "?", why)
@@ -271,9 +296,10 @@ class Acceptor:
     # -- shutdown -----------------------------------------------------------------
 
     def _drain(self) -> int:
-        if self.listener is not None:
-            self.sel.unregister(self.listener)
-            self.listener.close()
+        for listener in (self.listener, self.tls_listener):
+            if listener is not None:
+                self.sel.unregister(listener)
+                listener.close()
         for ws in self.slots:
             if ws.control is not None:
                 try:

@@ -26,6 +26,7 @@ from pynetdicom.transport import AssociationSocket
 
 from engine import reactor
 from engine.config import Config, Remote
+from engine.tls import client_context
 
 log = logging.getLogger("stowage.client")
 VERIFICATION = "1.2.840.10008.1.1"
@@ -49,21 +50,10 @@ class Peer:
         return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
 
 
-def tls_context(remote: Remote) -> ssl.SSLContext | None:
-    """The client TLS context for associations to `remote`, or None when it has no TLS."""
-    if not remote.tls:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=remote.tls_ca or None)
-    ctx.check_hostname = remote.tls_check_hostname
-    if remote.tls_cert:
-        ctx.load_cert_chain(remote.tls_cert, remote.tls_key)
-    return ctx
-
-
 def peer_of(remote: Remote, ae_title: str | None = None) -> Peer:
     """The peer a configured remote names (calling `ae_title` instead of its own, if given)."""
     try:
-        tls = tls_context(remote)
+        tls = client_context(remote)
     except (OSError, ssl.SSLError) as e:
         raise PeerError(f"{remote.ae_title}: cannot load its TLS certificates: {e}") from None
     return Peer(ae_title or remote.ae_title, remote.host, remote.port, tls)

@@ -50,6 +50,10 @@ class Config:
     aet: str = "STOWAGE"
     bind: str = "0.0.0.0"
     port: int = 11112
+    tls_port: int = 0                      # a second port speaking DICOM over TLS (0: none; 2762 is usual)
+    tls_cert: str = ""                     # our certificate for tls_port (PEM), and its key
+    tls_key: str = ""
+    tls_ca: str = ""                       # set: tls_port clients must present a certificate it signed
     data_dir: Path = Path("stowage-data")
     workers: int = 0                       # 0: one per core
     max_associations: int = 64             # global cap, enforced by the acceptor
@@ -81,6 +85,10 @@ class Config:
             raise ConfigError(f"aet: {self.aet!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: {self.port} is outside 1-65535")
+        if self.tls_port and (not 0 < self.tls_port < 65536 or self.tls_port == self.port):
+            raise ConfigError(f"tls_port: {self.tls_port} is outside 1-65535 or is the plain port")
+        if self.tls_port and not (self.tls_cert and self.tls_key):
+            raise ConfigError("tls_port is set: tls_cert and tls_key (PEM files) are needed as well")
         if self.durability not in DURABILITY_MODES:
             raise ConfigError(f"durability: {self.durability!r} is not one of {', '.join(DURABILITY_MODES)}")
         if self.duplicates not in DUPLICATE_POLICIES:

@@ -21,6 +21,7 @@ import logging
 import queue
 import select
 import socket
+import ssl
 import threading
 from typing import Any, Callable
 
@@ -122,6 +123,8 @@ def _dul_wait(dul: DULServiceProvider) -> None:
         time.sleep(dul._run_loop_delay)
         return
     if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+        return
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted already: select() cannot see it
         return
     try:
         readable, _, _ = select.select([sock, wake.r], [], [], getattr(dul, "_stowage_tick", TICK_S))

@@ -40,6 +40,7 @@ def test_precedence_file_env_flags(tmp_path):
                                            ({"workers": "many"}, "workers"), ({"zstd_level": 23}, "zstd_level"),
                                            ({"zstd_level": -8}, "zstd_level"),
                                            ({"pending_interval": -1}, "pending_interval"),
+                                           ({"tls_port": 70000}, "tls_port"), ({"tls_port": 2762}, "tls_cert"),
                                            ({"remotes": {"X": {"host": "h", "port": 1, "associations": 0}}},
                                             "associations")])
 def test_bad_values_name_the_key(values, needle):

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -22,7 +23,9 @@ from engine.config import Config
 from engine.logs import setup_logging
 from engine.recovery import recover
 from engine import reactor
+from engine.acceptor import A_ASSOCIATE_RJ_LIMIT
 from engine.sockopts import kernel_timeouts
+from engine.tls import server_context
 from workers import association, negotiation, spill
 from workers.audit import Trail, outcome_of
 from workers.contexts import VERIFICATION, storage_sop_classes
@@ -50,6 +53,7 @@ class Worker:
         self.storage_uids = frozenset({VERIFICATION, *storage_sop_classes()})
         self.trail = Trail()
         self.handlers = Services(config, self.archive, self.trail).handlers()
+        self.tls = server_context(config)  # for connections to tls_port (the acceptor checked it loads)
 
     def _tell(self, message: bytes) -> None:
         with self._send_lock:
@@ -65,9 +69,9 @@ class Worker:
                 msg, fds, _flags, _addr = socket.recv_fds(self.control, 16, 1)
             except InterruptedError:
                 continue
-            if msg == b"A" and fds:
+            if msg in (b"A", b"T", b"t") and fds:  # plain, TLS, TLS over the cap (answer with an RJ)
                 try:
-                    self._start(fds[0])
+                    self._start(fds[0], tls=msg != b"A", reject=msg == b"t")
                 except Exception:  # never let one connection take the worker down
                     log.exception("could not start an association")
                     self._tell(b"E")
@@ -77,7 +81,7 @@ class Worker:
             if msg == b"D" or not msg:  # drain, or the acceptor died
                 return self.drain()
 
-    def _start(self, fd: int) -> None:
+    def _start(self, fd: int, tls: bool = False, reject: bool = False) -> None:
         sock = socket.socket(fileno=fd)
         try:
             association.tune(sock, self.config.network_timeout)
@@ -87,10 +91,36 @@ class Worker:
             sock.close()
             self._tell(b"E")
             return
-        t = threading.Thread(target=self._run, args=(sock, peer), daemon=True, name=f"assoc-{peer}")
+        run = self._run_tls if tls else self._run
+        t = threading.Thread(target=run, args=(sock, peer, reject) if tls else (sock, peer), daemon=True,
+                             name=f"assoc-{peer}")
         with self._active_lock:
             self._active.add(t)
         t.start()
+
+    def _run_tls(self, sock: socket.socket, peer: str, reject: bool) -> None:
+        """A connection to the TLS port: the handshake (bounded by network_timeout), then
+        the association as on the plain port, or (`reject`) the A-ASSOCIATE-RJ for a full house."""
+        try:
+            assert self.tls is not None, "a TLS connection without tls_port"
+            tls_sock = self.tls.wrap_socket(sock, server_side=True)
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "reason", None) or str(e)
+            log.warning("%s: TLS handshake failed: %s%s", peer, reason, _TLS_HINTS.get(reason, ""))
+            sock.close()
+            self._tell(b"E")
+            return
+        if not reject:
+            return self._run(tls_sock, peer + " TLS")
+        try:
+            negotiation.read_request(tls_sock, max(self.config.max_pdu, 1 << 16))
+            tls_sock.sendall(A_ASSOCIATE_RJ_LIMIT)
+            tls_sock.unwrap()
+        except (OSError, ssl.SSLError, negotiation.ProtocolError, negotiation.PeerClosed):
+            pass
+        finally:
+            tls_sock.close()
+            self._tell(b"E")
 
     def _run(self, sock: socket.socket, peer: str) -> None:
         key = id(sock)
@@ -124,7 +154,8 @@ class Worker:
         accepted = negotiation.accept(req, self.contexts, self.config.max_pdu,
                                       self.ae.implementation_class_uid, self.ae.implementation_version_name)
         sock.sendall(accepted.ac)
-        kernel_timeouts(sock, self.config.network_timeout)
+        if not isinstance(sock, ssl.SSLSocket):  # TLS keeps Python's timeout: OpenSSL retries reads itself
+            kernel_timeouts(sock, self.config.network_timeout)
         calling = req.calling_ae
 
         def on_store(uid: str, status: int, size: int, comment: str) -> None:
@@ -157,6 +188,14 @@ class Worker:
                       "the segments", e.strerror or e)
             return 1
         return 0
+
+
+_TLS_HINTS = {
+    "WRONG_VERSION_NUMBER": " (plain DICOM, not TLS, sent to the TLS port?)",
+    "HTTP_REQUEST": " (HTTP, not DICOM over TLS)",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": " (tls_ca is set: clients must present a certificate it signed)",
+    "CERTIFICATE_VERIFY_FAILED": " (the client's certificate does not chain to tls_ca)",
+}
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
