@@ -34,7 +34,8 @@ from engine.sockopts import kernel_timeouts
 from workers import commands
 from workers.negotiation import user_information
 
-__all__ = ["Association", "AssociationError", "StoreFailed", "Dataset", "store_command"]
+__all__ = ["Association", "AssociationError", "StoreFailed", "Dataset", "store_command", "send_message",
+           "command_pdu"]
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_CLASS_UID = filemeta.IMPLEMENTATION_CLASS_UID
@@ -244,45 +245,8 @@ class Association:
             self.close()
             raise StoreFailed(f"C-STORE of {ds.sop_instance_uid}: {e}") from None
 
-    def _fragment(self) -> int:
-        """Payload bytes per PDV: the peer's maximum PDU minus the PDV item header."""
-        peer = self.peer_max_pdu or (1 << 22)
-        return max(peer - 6, 1)
-
     def _send_message(self, context_id: int, command: bytes, ds: Dataset) -> None:
-        frag = self._fragment()
-        bufs: list[bytes | memoryview] = [_pdv_pdu(context_id, 0x03, len(command)), command]
-        if ds.data is not None:
-            view, n = memoryview(ds.data), ds.length
-            middle = _pdv_pdu(context_id, 0x00, frag)  # every fragment but the last has this header
-            start = 0
-            while n - start > frag:
-                bufs += (middle, view[start:start + frag])
-                start += frag
-                if len(bufs) >= _IOV_MAX:
-                    self._sendv(bufs)
-                    bufs = []
-            bufs += (_pdv_pdu(context_id, 0x02, n - start), view[start:n])
-            self._sendv(bufs)
-            return
-        self._sendv(bufs)
-        with open(ds.path, "rb") as f:
-            fd, out = f.fileno(), self.sock.fileno()
-            for start in range(0, max(ds.length, 1), frag):
-                n = min(frag, ds.length - start)
-                self._sendall(_pdv_pdu(context_id, 0x02 if start + frag >= ds.length else 0x00, n))
-                if isinstance(self.sock, ssl.SSLSocket):  # the kernel cannot encrypt: read and send
-                    piece = os.pread(fd, n, ds.offset + start)
-                    if len(piece) != n:
-                        raise AssociationError(f"{ds.path} is shorter than expected")
-                    self._sendall(piece)
-                    continue
-                sent = 0
-                while sent < n:
-                    r = os.sendfile(out, fd, ds.offset + start + sent, n - sent)
-                    if r == 0:
-                        raise AssociationError(f"{ds.path} is shorter than expected")
-                    sent += r
+        send_message(self.sock, self.peer_max_pdu, context_id, command, ds)
 
     def _read_response(self) -> tuple[int, str]:
         command = bytearray()
@@ -311,30 +275,6 @@ class Association:
     def _sendall(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def _sendv(self, bufs: list) -> None:
-        """Write every buffer, in order, with as few system calls as the kernel allows
-        (on a blocking socket, one: `set_timeout` keeps the timeout in the kernel)."""
-        sock = self.sock
-        if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS: one write, so whole records
-            sock.sendall(b"".join(bufs))
-            return
-        sent, total = sock.sendmsg(bufs), sum(map(len, bufs))
-        if sent == total:
-            return
-        views = [memoryview(b).cast("B") for b in bufs]
-        while True:
-            while sent:  # drop what went out
-                n = len(views[0])
-                if sent >= n:
-                    sent -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
-            if not views:
-                return
-            sent = sock.sendmsg(views)
-
     def _recv_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
         view, got = memoryview(buf), 0
@@ -354,6 +294,73 @@ class Association:
         if length > _MAX_RESPONSE_PDU:
             raise AssociationError(f"the peer sent a {length}-byte PDU of type 0x{pdu_type:02X}")
         return pdu_type, self._recv_exact(length)
+
+
+def send_message(sock: socket.socket, peer_max_pdu: int, context_id: int, command: bytes, ds: Dataset) -> None:
+    """One DIMSE message, the command set then the dataset in P-DATA-TF PDUs no longer than
+    `peer_max_pdu` (0: unlimited), written on `sock` with as few system calls as it takes."""
+    frag = max((peer_max_pdu or (1 << 22)) - 6, 1)  # payload bytes per PDV: its item header is 6
+    bufs: list[bytes | memoryview] = [_pdv_pdu(context_id, 0x03, len(command)), command]
+    if ds.data is not None:
+        view, n = memoryview(ds.data), ds.length
+        middle = _pdv_pdu(context_id, 0x00, frag)  # every fragment but the last has this header
+        start = 0
+        while n - start > frag:
+            bufs += (middle, view[start:start + frag])
+            start += frag
+            if len(bufs) >= _IOV_MAX:
+                _sendv(sock, bufs)
+                bufs = []
+        bufs += (_pdv_pdu(context_id, 0x02, n - start), view[start:n])
+        _sendv(sock, bufs)
+        return
+    _sendv(sock, bufs)
+    with open(ds.path, "rb") as f:
+        fd = f.fileno()
+        for start in range(0, max(ds.length, 1), frag):
+            n = min(frag, ds.length - start)
+            sock.sendall(_pdv_pdu(context_id, 0x02 if start + frag >= ds.length else 0x00, n))
+            if isinstance(sock, ssl.SSLSocket):  # the kernel cannot encrypt: read and send
+                piece = os.pread(fd, n, ds.offset + start)
+                if len(piece) != n:
+                    raise AssociationError(f"{ds.path} is shorter than expected")
+                sock.sendall(piece)
+                continue
+            sent = 0
+            while sent < n:
+                r = os.sendfile(sock.fileno(), fd, ds.offset + start + sent, n - sent)
+                if r == 0:
+                    raise AssociationError(f"{ds.path} is shorter than expected")
+                sent += r
+
+
+def _sendv(sock: socket.socket, bufs: list) -> None:
+    """Write every buffer, in order, with as few system calls as the kernel allows
+    (on a blocking socket, one: `Association.set_timeout` keeps the timeout in the kernel)."""
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS: one write, so whole records
+        sock.sendall(b"".join(bufs))
+        return
+    sent, total = sock.sendmsg(bufs), sum(map(len, bufs))
+    if sent == total:
+        return
+    views = [memoryview(b).cast("B") for b in bufs]
+    while True:
+        while sent:  # drop what went out
+            n = len(views[0])
+            if sent >= n:
+                sent -= n
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+        if not views:
+            return
+        sent = sock.sendmsg(views)
+
+
+def command_pdu(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one whole command set (a response without a dataset)."""
+    return _pdv_pdu(context_id, 0x03, len(command)) + command
 
 
 def _pdv_pdu(context_id: int, header: int, n: int) -> bytes:

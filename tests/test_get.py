@@ -3,8 +3,10 @@ byte-exact arrival (explicit, implicit, RLE), conversion for an implicit-only re
 a refused SOP class counted as failed, cancel."""
 from __future__ import annotations
 
+import re
 import subprocess
 from io import BytesIO
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pydicom
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StudyRootQueryRetrieveInformationModelGet
 
-from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, export_all
+from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, echo_ok, export_all
 from test_move import MODELS, keys_for
 from test_send import RLE_SRC, as_implicit, store
 
@@ -157,3 +159,37 @@ def test_get_cancel(server, tmp_path):
     assert final.Status == 0xFE00, hex(final.Status)
     assert final.NumberOfRemainingSuboperations > 0
     assert len(got) < 40
+
+
+def test_get_requester_that_aborts_mid_transfer(server, tmp_path):
+    """A requester gone mid-C-GET ends it at once (not after dimse_timeout) and harms nothing."""
+    mr = copies(MR, tmp_path / "mr", 30, "mr")
+    store(server.port, mr)
+    seen: list[str] = []
+
+    def on_store(event) -> int:
+        seen.append(str(event.request.AffectedSOPInstanceUID))
+        if len(seen) == 3:
+            threading.Thread(target=event.assoc.abort).start()  # not from the DUL's own thread
+        return 0
+
+    ae = AE("ABORTER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(MRImageStorage)
+    ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE", ext_neg=[build_role(MRImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    q = pydicom.Dataset()
+    q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", pydicom.dcmread(mr[0]).StudyInstanceUID
+    list(assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet))
+    deadline = time.monotonic() + 20
+    while not (m := re.search(r"aborted ABORTER from \S+ \(STOWAGE\): .* in ([0-9.]+) s", server.log())) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert m, server.log()[-2000:]
+    assert float(m.group(1)) < 10, "the C-GET waited for responses that could not come"
+    assert 3 <= len(seen) < 30
+    assert "failed: the association ended before it was sent" in server.log()
+    assert "Traceback" not in server.log()
+    assert echo_ok(server.port)

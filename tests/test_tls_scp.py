@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (CTImageStorage, StudyRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelGet, Verification)
 
 from conftest import CT, HOST, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port, received_by_dcmtk
-from test_send import stowage, study_of
+from test_send import store, stowage, study_of
 from test_tls import certs  # noqa: F401  (fixture)
 
 
@@ -76,6 +77,37 @@ def test_echo_store_and_find_over_the_tls_port(make_server, tmp_path, certs):  #
                         "-k", f"StudyInstanceUID={study_of(ct[0])}", "-k", "SOPInstanceUID", HOST, str(server.port)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and (r.stdout + r.stderr).count("(0008,0018)") == 3, r.stdout + r.stderr
+
+
+def test_get_over_the_tls_port_byte_exact(make_server, tmp_path, certs):  # noqa: F811
+    """C-GET over TLS: sub-operations go out through pynetdicom (an SSL connection is not
+    written from a second thread), byte for byte as stored."""
+    server, tls_port = tls_server(make_server, tmp_path, certs)
+    ct = copies(CT, tmp_path / "ct", 3, "ct")
+    store(server.port, ct)
+    got: dict[str, bytes] = {}
+
+    def on_store(event) -> int:
+        got[str(event.request.AffectedSOPInstanceUID)] = event.request.DataSet.getvalue()
+        return 0
+
+    ae = AE("TLSGET")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(HOST, tls_port, ae_title="STOWAGE", tls_args=(tls_client(certs), HOST),
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    q = pydicom.Dataset()
+    q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", study_of(ct[0])
+    try:
+        statuses = [s.Status for s, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
+    assert {u: dataset_bytes(p) for u, p in ((pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID, p)
+                                            for p in ct)} == got
 
 
 def test_tls_port_turns_away_clients_without_certificate_and_plain_dicom(make_server, tmp_path, certs):  # noqa: F811

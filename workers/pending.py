@@ -94,8 +94,13 @@ def send_retrieve_pending(provider: DIMSEServiceProvider, context_id: int, kind:
     EVT_DIMSE_SENT (pynetdicom's `send_msg` must then be used, for the event)."""
     if provider.assoc.get_handlers(evt.EVT_DIMSE_SENT):
         return False
-    command = commands.retrieve_response(_RETRIEVE_RSP[kind], message_id, sop_class, PENDING, counts)
+    command = retrieve_pending_command(kind, message_id, sop_class, counts)
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
     provider.dul.send_pdu(pdata)
     return True
+
+
+def retrieve_pending_command(kind: type, message_id: int, sop_class: str, counts: tuple[int, int, int, int]) -> bytes:
+    """The command set of a C-MOVE or C-GET pending response (no identifier)."""
+    return commands.retrieve_response(_RETRIEVE_RSP[kind], message_id, sop_class, PENDING, counts)

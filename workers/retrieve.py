@@ -33,8 +33,9 @@ from pynetdicom.service_class import QueryRetrieveServiceClass
 from catalog.reader import Catalog
 from engine.client import Peer, PeerError, peer_of
 from engine.config import Config
-from engine.send import Instance, Outcome, Sender
-from workers.pending import install_pending_responses, send_retrieve_pending
+from engine import store_scu
+from engine.send import Instance, Outcome, Sender, direct_socket
+from workers.pending import install_pending_responses, retrieve_pending_command, send_retrieve_pending
 
 log = logging.getLogger("stowage.retrieve")
 audit = logging.getLogger("stowage.audit")
@@ -206,6 +207,7 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
         return cancelled[0]
 
     sop_class = str(req.AffectedSOPClassUID)
+    direct = direct_socket(assoc) if kind is C_GET else None  # as Sender.send_on will write
     interval = _retriever.config.pending_interval
     last_pending = [-interval]
 
@@ -218,7 +220,13 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
         if done < total and now - last_pending[0] >= interval and assoc.is_established:
             last_pending[0] = now
             pending = (total - done, counts["completed"], counts["failed"], counts["warning"])
-            if not send_retrieve_pending(service.dimse, cx_id, kind, req.MessageID, sop_class, pending):
+            if direct is not None:  # C-GET: in turn with the C-STOREs written on the same socket
+                command = retrieve_pending_command(kind, req.MessageID, sop_class, pending)
+                try:
+                    direct.sendall(store_scu.command_pdu(cx_id, command))
+                except OSError:
+                    pass  # the next C-STORE finds the association gone
+            elif not send_retrieve_pending(service.dimse, cx_id, kind, req.MessageID, sop_class, pending):
                 respond(PENDING, pending)
 
     sender = _retriever.sender(peer, on_outcome=on_outcome, cancelled=is_cancelled,
