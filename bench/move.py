@@ -1,7 +1,8 @@
 """C-MOVE benchmark: DCMTK movescu asks stowage to move one study of generated CT
 instances to DCMTK storescp (+B, writing files); the same study sent by `stowage send`;
 and, if /usr/sbin/Orthanc is installed, the same C-MOVE served by Orthanc from the same
-data, in the same run, as a ratio.
+data, in the same run, as a ratio. Then the same study fetched by C-GET with DCMTK getscu
+(+B, or --ignore with --dest-ignore) from stowage and from Orthanc.
 
     python -m bench.move --count 500 [--kind ct] [--repeat 3] [--dest-fork] [--associations 2]
 
@@ -79,6 +80,23 @@ def _timed(cmd: list[str] | Callable[[], tuple[float, str]]) -> tuple[float, str
     return seconds, (f"exit {done.returncode}: {done.stderr[-2000:]}" if done.returncode else "")
 
 
+def _get(getscu: str, aec: str, port: int, keys: list[str], out: Path, count: int, ignore: bool,
+         nodelay: bool) -> tuple[float, str]:
+    """A C-GET by DCMTK getscu (the requester receives, as the destination does in a move:
+    --ignore, or +B into `out`), timed from its start to its exit; and why it failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    mode = ["--ignore"] if ignore else ["+B", "-od", str(out)]
+    env = dict(os.environ, TCP_NODELAY="1") if nodelay else None
+    t = time.monotonic()
+    done = subprocess.run([getscu, "-v", "-S", *mode, "-aet", "GETSCU", "-aec", aec, *keys, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=1800, env=env)
+    seconds = time.monotonic() - t
+    log = done.stdout + done.stderr
+    got = log.count("Sending C-STORE Response (Success)") if ignore else sum(1 for _ in out.iterdir())
+    return seconds, ("" if done.returncode == 0 and got == count else
+                     f"getscu exit {done.returncode}, {got} of {count} received: {log[-1500:]}")
+
+
 def _in_memory(items: list[loadgen.Item], port: int, associations: int) -> tuple[float, str]:
     """The corpus C-STOREd from memory by the load generator: the ceiling row."""
     run = loadgen.run(loadgen.Target("127.0.0.1", port, "DEST", "MOVESCU"), items, associations,
@@ -104,8 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--associations", type=int, default=2,
                     help="associations at once for the 'stowage C-MOVE xN' row (DEST2)")
     args = ap.parse_args(argv)
-    storescp, storescu, echoscu, movescu = (find_dcmtk(n) for n in ("storescp", "storescu", "echoscu", "movescu"))
-    if not all((storescp, storescu, echoscu, movescu)):
+    storescp, storescu, echoscu, movescu, getscu = (find_dcmtk(n) for n in
+                                                    ("storescp", "storescu", "echoscu", "movescu", "getscu"))
+    if not all((storescp, storescu, echoscu, movescu, getscu)):
         sys.exit("DCMTK is needed: apt-get install dcmtk")
     work = Path(tempfile.mkdtemp(prefix="stowage-bench-move-"))
     server = orthanc = None
@@ -143,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
             orthanc.rest("PUT", "/modalities/movescu", {"AET": "MOVESCU", "Host": "127.0.0.1", "Port": 1})
             commands["orthanc C-MOVE"] = [movescu, "-S", "-aet", "MOVESCU", "-aec", "ORTHANC", "-aem", "DEST",
                                           *move_keys, "127.0.0.1", str(orthanc.dicom_port)]
+            orthanc.rest("PUT", "/modalities/getscu", {"AET": "GETSCU", "Host": "127.0.0.1", "Port": 1})
+        gets = {"stowage C-GET": ("STOWAGE", port)}
+        if orthanc is not None:
+            gets["orthanc C-GET"] = ("ORTHANC", orthanc.dicom_port)
         items = loadgen.load_corpus(files)
         ceiling_assocs = args.associations if args.dest_fork else 1
         ceiling = f"ceiling: in-memory sender x{ceiling_assocs}"
@@ -163,11 +186,24 @@ def main(argv: list[str] | None = None) -> None:
                 finally:
                     stop_tree(rx, None)
                 shutil.rmtree(out)
+            for name, (aec, p) in gets.items():  # the requester receives: no storescp
+                out = work / f"get-{r}-{name.replace(' ', '_')}"
+                seconds, failure = _get(getscu, aec, p, move_keys, out, args.count, args.dest_ignore,
+                                        args.dest_nodelay)
+                if failure:
+                    raise RuntimeError(f"{name}: {failure}")
+                results.setdefault(name, []).append(seconds)
+                shutil.rmtree(out)
         print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one study, to DCMTK storescp "
               f"{'--ignore (received, not stored)' if args.dest_ignore else '+B -od'}"
               f"{' --fork' if args.dest_fork else ''}{' (TCP_NODELAY=1)' if args.dest_nodelay else ''}; "
               f"medians of {args.repeat} interleaved runs")
-        print("\n".join(timed_medians(results, args.count, mb, "orthanc C-MOVE")))
+        moves = {k: v for k, v in results.items() if "C-GET" not in k}
+        print("\n".join(timed_medians(moves, args.count, mb, "orthanc C-MOVE")))
+        get_rows = {k: v for k, v in results.items() if "C-GET" in k}
+        if get_rows:
+            print(f"C-GET of the same study by DCMTK getscu {'--ignore' if args.dest_ignore else '+B -od'}:")
+            print("\n".join(timed_medians(get_rows, args.count, mb, "orthanc C-GET")))
     finally:
         tear_down(work, server, orthanc)
 
