@@ -17,6 +17,7 @@ crash in between leaves extra bits, never missing ones.
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 import duckdb
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -49,9 +51,10 @@ class SealedUids(UidFilter):
     a read-only memory map, written with pwrite.
 
     Writes do not go through the map: a write fault on a hole that the file system cannot
-    back (a full tmpfs) kills the process with SIGBUS, where pwrite raises ENOSPC. Reading
-    a hole maps the zero page, which needs no space. (Reads were one pread per probe, four
-    per UID, each a system call and a round trip of the GIL on a busy worker.)
+    back (a full disk) kills the process with SIGBUS, where pwrite raises ENOSPC. On a disk
+    file system, reading a hole maps the zero page, which needs no space; tmpfs allocates a
+    page even for that, so there the filter is read with pread (one per probe, four per
+    UID, each a system call and a round trip of the GIL on a busy worker: why the map).
     """
 
     def __init__(self, path: Path, writable: bool) -> None:
@@ -62,7 +65,8 @@ class SealedUids(UidFilter):
         head = os.pread(self._fd, _HEAD, 0)
         self.token = head[len(_MAGIC):].rstrip(b"\0").decode("ascii", "replace") if head.startswith(_MAGIC) else ""
         size = os.fstat(self._fd).st_size
-        self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size >= _HEAD + _BITS // 8 else None
+        mappable = size >= _HEAD + _BITS // 8 and not _holes_take_space(path.parent)
+        self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if mappable else None
 
     def _byte(self, index: int) -> int:
         if self._map is not None:
@@ -110,6 +114,23 @@ class SealedUids(UidFilter):
             raise
         os.replace(tmp, path)
         return cls(path, writable=True)
+
+
+_MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "shm"})
+
+
+@functools.cache
+def _holes_take_space(directory: Path) -> bool:
+    """Whether `directory` is on a memory file system, where even reading a hole through a
+    map allocates a page (and a full one answers with SIGBUS)."""
+    path = os.path.realpath(directory)
+    best, fstype = "", ""
+    for part in psutil.disk_partitions(all=True):
+        mount = part.mountpoint.rstrip("/") or "/"
+        inside = path == mount or path.startswith(mount if mount.endswith("/") else mount + "/")
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, part.fstype
+    return fstype in _MEMORY_FILE_SYSTEMS
 
 
 def open_filter(directory: Path, m: Manifest) -> SealedUids:

@@ -417,6 +417,7 @@ def test_full_filesystem(make_server, tmpfs, tmp_path, monkeypatch, min_free):
     # in one line and exits non-zero; nothing is lost (the segments hold every record).
     assert server.stop() == 0 or "could not seal the catalog tail" in server.log(), server.log()[-4000:]
     assert "Traceback" not in server.log(), server.log()[-4000:]
+    assert "exited with" not in server.log(), "a worker died on the full disk:\n" + server.log()[-4000:]
     # A restart while the disk is still full: it serves, or refuses to start in one line that
     # names the lack of space.
     again = make_server("--workers", "2", data_dir=data_dir, port=server.port, STOWAGE_MIN_FREE_BYTES=min_free,
