@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 from io import BytesIO
-import threading
+import socket
 import time
 from pathlib import Path
 
@@ -169,8 +169,10 @@ def test_get_requester_that_aborts_mid_transfer(server, tmp_path):
 
     def on_store(event) -> int:
         seen.append(str(event.request.AffectedSOPInstanceUID))
-        if len(seen) == 3:
-            threading.Thread(target=event.assoc.abort).start()  # not from the DUL's own thread
+        if len(seen) == 3:  # an A-ABORT, and gone (pynetdicom's own abort() races its DUL here)
+            sock = event.assoc.dul.socket.socket
+            sock.sendall(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+            sock.shutdown(socket.SHUT_RDWR)
         return 0
 
     ae = AE("ABORTER")
