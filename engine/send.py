@@ -254,9 +254,10 @@ class _DirectLink:
     """The requester's association (C-GET), written directly: each C-STORE-RQ goes out
     from this thread as one `sendmsg` (or `sendfile`s), where pynetdicom's `send_c_store`
     makes a P-DATA primitive per PDU for its DUL thread to encode and send (33 hand-offs
-    for a CT at a 16 KiB PDU, about 5 ms per instance). pynetdicom still does the reading:
-    the C-STORE-RSP comes from its DIMSE queue. Every other message of the C-GET while it
-    runs (the pending responses) must then be written here too, in turn."""
+    for a CT at a 16 KiB PDU, about 5 ms per instance). pynetdicom's DUL thread still does
+    the reading; each C-STORE-RSP is decoded there by engine/store_responses.py and queued
+    for us. Every other message of the C-GET while it runs (the pending responses) must be
+    written here too, in turn."""
 
     def __init__(self, assoc: Association, sock: socket.socket, timeout: float) -> None:
         self.assoc, self.sock, self.timeout = assoc, sock, timeout
