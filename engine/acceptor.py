@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from engine import metrics
 from engine.config import Config, ConfigError
 from engine.recovery import recover
 from engine.tls import server_context
@@ -60,6 +61,8 @@ class Acceptor:
         self._unanswered: set[socket.socket] = set()  # rejected, RJ not sent yet
         self._pending_restart: dict[int, float] = {}
         self._wake_r, self._wake_w = socket.socketpair()
+        self.metrics = metrics.ArchiveMetrics(config.data_dir, lambda: (
+            sum(ws.active for ws in self.slots), sum(ws.ready for ws in self.slots)))
         self._lock_file = None
 
     # -- start-up -----------------------------------------------------------------
@@ -114,6 +117,12 @@ class Acceptor:
         self.listener = self._listen(self.config.port)
         if self.config.tls_port:
             self.tls_listener = self._listen(self.config.tls_port)
+        if self.config.metrics_port:
+            try:
+                metrics.serve(self.metrics, self.config.bind, self.config.metrics_port)
+            except OSError as e:
+                raise ServeError(f"cannot serve metrics on {self.config.bind}:{self.config.metrics_port}: "
+                                 f"{e.strerror or e}") from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGCHLD, lambda *_: self._wake_w.send(b"c"))
@@ -189,12 +198,16 @@ class Acceptor:
         total = sum(ws.active for ws in self.slots)
         if total >= self.config.max_associations or not live:
             why = "association cap reached" if live else "no worker is ready"
+            self.metrics.rejected += 1
             if not (tls and live and self._hand_over(conn, live, b"t")):  # b"t": the worker sends the RJ
                 self._reject(conn, why)
             else:
                 log.warning("A-ASSOCIATE-RJ over TLS: %s", why)
             return
-        if not self._hand_over(conn, live, b"T" if tls else b"A"):
+        if self._hand_over(conn, live, b"T" if tls else b"A"):
+            self.metrics.admitted += 1
+        else:
+            self.metrics.rejected += 1
             self._reject(conn, "no worker took the connection")
 
     def _hand_over(self, conn: socket.socket, live: list[WorkerSlot], message: bytes) -> bool:
@@ -256,7 +269,7 @@ class Acceptor:
     def _from_worker(self, ws: WorkerSlot) -> None:
         while True:
             try:
-                msg = ws.control.recv(16)
+                msg = ws.control.recv(4096)
             except BlockingIOError:
                 return
             except OSError:
@@ -271,6 +284,8 @@ class Acceptor:
                 log.info("worker %d ready", ws.slot)
             elif msg == b"E":
                 ws.active = max(0, ws.active - 1)
+            elif msg.startswith(metrics.REPORT):
+                self.metrics.worker_report(ws.slot, msg[len(metrics.REPORT):])
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -282,8 +297,10 @@ class Acceptor:
                 self.sel.unregister(ws.control)
                 ws.control.close()
             ws.process, ws.control, ws.ready, ws.active = None, None, False, 0
+            self.metrics.worker_gone(ws.slot)
             if self.draining:
                 continue
+            self.metrics.restarts += 1
             log.error("worker %d exited with %s; restarting it (its open associations were lost)", ws.slot, code)
             ws.restarts = [t for t in ws.restarts if now - t < 60] + [now]
             delay = min(30.0, 0.5 * 2 ** (len(ws.restarts) - 1)) if len(ws.restarts) > 3 else 0.0

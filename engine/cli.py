@@ -37,6 +37,7 @@ def main() -> None:
 @_common
 @click.option("--port", type=int, help="TCP port [11112].")
 @click.option("--tls-port", type=int, help="A second port, speaking DICOM over TLS (needs tls_cert, tls_key) [none].")
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port, at /metrics [none].")
 @click.option("--aet", help="Our AE title [STOWAGE].")
 @click.option("--bind", help="Address to listen on [0.0.0.0].")
 @click.option("--workers", type=int, help="Worker processes [one per core].")

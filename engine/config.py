@@ -54,6 +54,7 @@ class Config:
     tls_cert: str = ""                     # our certificate for tls_port (PEM), and its key
     tls_key: str = ""
     tls_ca: str = ""                       # set: tls_port clients must present a certificate it signed
+    metrics_port: int = 0                  # Prometheus /metrics on this port (0: none)
     data_dir: Path = Path("stowage-data")
     workers: int = 0                       # 0: one per core
     max_associations: int = 64             # global cap, enforced by the acceptor
@@ -87,6 +88,8 @@ class Config:
             raise ConfigError(f"port: {self.port} is outside 1-65535")
         if self.tls_port and (not 0 < self.tls_port < 65536 or self.tls_port == self.port):
             raise ConfigError(f"tls_port: {self.tls_port} is outside 1-65535 or is the plain port")
+        if self.metrics_port and (not 0 < self.metrics_port < 65536 or self.metrics_port in (self.port, self.tls_port)):
+            raise ConfigError(f"metrics_port: {self.metrics_port} is outside 1-65535 or is a DICOM port")
         if self.tls_port and not (self.tls_cert and self.tls_key):
             raise ConfigError("tls_port is set: tls_cert and tls_key (PEM files) are needed as well")
         if self.durability not in DURABILITY_MODES:

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from engine.logs import audit_line
+from engine.metrics import StoreCounts
 
 audit = logging.getLogger("stowage.audit")
 log = logging.getLogger("stowage.association")
@@ -25,9 +26,10 @@ class AssociationRecord:
 class Trail:
     """Per-association counters, written out when the association ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, counts: StoreCounts | None = None) -> None:
         self._records: dict[int, AssociationRecord] = {}
         self._lock = threading.Lock()
+        self.counts = counts or StoreCounts()
 
     def opened(self, key: int, peer: str) -> None:
         with self._lock:
@@ -39,6 +41,7 @@ class Trail:
         if rec is not None:
             rec.statuses[status] += 1
             rec.bytes_in += length
+        self.counts.stored(status, length)
         audit_line(f"store {sop_instance_uid} 0x{status:04X}", {
             "event": "store", "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}", "bytes": length,
             "calling_ae": calling_ae, **({"comment": comment} if comment else {})})

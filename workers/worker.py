@@ -64,6 +64,7 @@ class Worker:
 
     def serve(self) -> int:
         self._tell(b"R")
+        threading.Thread(target=self._report, daemon=True, name="metrics-report").start()
         while True:
             try:
                 msg, fds, _flags, _addr = socket.recv_fds(self.control, 16, 1)
@@ -80,6 +81,17 @@ class Worker:
                 os.close(fd)
             if msg == b"D" or not msg:  # drain, or the acceptor died
                 return self.drain()
+
+    def _report(self) -> None:
+        """The store totals to the acceptor (engine/metrics.py), when they changed, at most
+        once a second."""
+        last = b""
+        while True:
+            time.sleep(1.0)
+            report = self.trail.counts.report()
+            if report != last:
+                self._tell(report)
+                last = report
 
     def _start(self, fd: int, tls: bool = False, reject: bool = False) -> None:
         sock = socket.socket(fileno=fd)
