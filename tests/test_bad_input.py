@@ -589,3 +589,22 @@ def test_killed_worker_is_replaced_and_other_associations_survive(server, tmp_pa
         assoc.release()
     got = exported(server.data_dir, tmp_path / "out")
     assert set(got) == {request_uid(f) for f in files}
+
+
+def test_stores_resume_once_space_is_freed(make_server, tmpfs, tmp_path, monkeypatch):
+    """After a full disk, freeing space is enough: the next C-STORE succeeds, no restart
+    (what ops/RUNBOOK.md tells the administrator)."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    disk = tmpfs(tmp_path / "disk", "16m")
+    ballast = disk / "ballast"
+    ballast.write_bytes(b"\0" * (5 << 20))
+    server = make_server("--workers", "2", data_dir=disk / "data", STOWAGE_MIN_FREE_BYTES="0")
+    stored, refused, _comments = fill_until_refused(server, tmp_path)
+    assert refused and stored
+    ballast.unlink()
+    time.sleep(0.5)  # the free-space figure is at most 0.25 s old
+    again = incompressible_ct(tmp_path / "after" / "ct-after.dcm")
+    status = store_file(scu(), server.port, again)
+    assert status.Status == 0x0000, f"0x{status.Status:04X} {status.get('ErrorComment')}"
+    assert "exited with" not in server.log(), server.log()[-4000:]
+    assert_exports_exactly(disk / "data", tmp_path / "out", stored + [again], refused)
