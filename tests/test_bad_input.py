@@ -373,7 +373,7 @@ def fill_until_refused(server, tmp_path: Path, max_sends: int = 100) -> tuple[li
     for i in range(max_sends):
         f = incompressible_ct(tmp_path / "in" / f"ct-{i:03d}.dcm")
         status = store_file(ae, server.port, f)
-        assert "Status" in status, f"{f.name}: no C-STORE response"
+        assert "Status" in status, f"{f.name}: no C-STORE response\n{server.log()[-3000:]}"
         if status.Status == 0x0000:
             stored.append(f)
             continue
