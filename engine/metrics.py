@@ -2,9 +2,9 @@
 
 The acceptor counts what it sees itself (associations admitted and rejected, workers
 ready and restarted) and reads the free space of the data directory when scraped. Each
-worker counts its C-STOREs in memory (`StoreCounts`, a few integer additions per store)
-and reports its totals over its control channel at most once a second; a worker that
-dies keeps what it last reported. No shared memory maps: a full disk must not be able
+worker counts its C-STOREs, retrieve sub-operations and C-FINDs in memory (`counts`, an
+integer addition under a lock per event) and reports its totals over its control channel
+at most once a second; a worker that dies keeps what it last reported. No shared memory maps: a full disk must not be able
 to kill a process through them (see catalog/versions.py).
 """
 from __future__ import annotations
@@ -26,24 +26,41 @@ def outcome(status: int) -> str:
     return "success" if status == 0 else "warning" if status in WARNING_STATUSES else "failure"
 
 
-class StoreCounts:
-    """One worker's C-STORE totals since it started."""
+class WorkerCounts:
+    """One worker's totals since it started, as flat counters: "stores|<outcome>",
+    "stored_bytes", "retrieve|<C-MOVE or C-GET>|<completed, failed or warning>",
+    "retrieved_bytes|<kind>", "finds"."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.stores = dict.fromkeys(OUTCOMES, 0)
-        self.bytes = 0
+        self._n: dict[str, int] = {f"stores|{k}": 0 for k in OUTCOMES}
+        self._n["stored_bytes"] = 0
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._n[key] = self._n.get(key, 0) + n
 
     def stored(self, status: int, length: int) -> None:
         key = outcome(status)
         with self._lock:
-            self.stores[key] += 1
+            self._n[f"stores|{key}"] += 1
             if key != "failure":
-                self.bytes += length
+                self._n["stored_bytes"] += length
+
+    def retrieved(self, kind: str, completed: int, failed: int, warning: int, nbytes: int) -> None:
+        with self._lock:
+            for state, n in (("completed", completed), ("failed", failed), ("warning", warning)):
+                key = f"retrieve|{kind}|{state}"
+                self._n[key] = self._n.get(key, 0) + n
+            key = f"retrieved_bytes|{kind}"
+            self._n[key] = self._n.get(key, 0) + nbytes
 
     def report(self) -> bytes:
         with self._lock:
-            return REPORT + json.dumps({"stores": self.stores, "bytes": self.bytes}).encode()
+            return REPORT + json.dumps(self._n).encode()
+
+
+counts = WorkerCounts()  # this process's, when it is a worker
 
 
 class ArchiveMetrics:
@@ -55,39 +72,47 @@ class ArchiveMetrics:
         self.admitted = 0
         self.rejected = 0
         self.restarts = 0
-        self._reports: dict[int, dict] = {}      # slot -> the running worker's last report
-        self._gone = {"stores": dict.fromkeys(OUTCOMES, 0), "bytes": 0}  # from workers that died
+        self._reports: dict[int, dict[str, int]] = {}  # slot -> the running worker's last report
+        self._gone: dict[str, int] = {}                 # what workers that died had reported
 
     def worker_report(self, slot: int, payload: bytes) -> None:
         try:
-            self._reports[slot] = json.loads(payload)
-        except ValueError:
+            report = json.loads(payload)
+            self._reports[slot] = {str(k): int(v) for k, v in report.items()}
+        except (ValueError, TypeError, AttributeError):
             log.warning("worker %d sent an unreadable metrics report", slot)
 
     def worker_gone(self, slot: int) -> None:
-        last = self._reports.pop(slot, None)
-        if last is not None:
-            for k in OUTCOMES:
-                self._gone["stores"][k] += int(last["stores"].get(k, 0))
-            self._gone["bytes"] += int(last.get("bytes", 0))
+        for k, v in self._reports.pop(slot, {}).items():
+            self._gone[k] = self._gone.get(k, 0) + v
 
-    def totals(self) -> tuple[dict[str, int], int]:
-        stores, nbytes = dict(self._gone["stores"]), self._gone["bytes"]
-        for r in list(self._reports.values()):
-            for k in OUTCOMES:
-                stores[k] += int(r["stores"].get(k, 0))
-            nbytes += int(r.get("bytes", 0))
-        return stores, nbytes
+    def totals(self) -> dict[str, int]:
+        out = dict(self._gone)
+        for report in list(self._reports.values()):
+            for k, v in report.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def collect(self) -> Iterator:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        stores, nbytes = self.totals()
+        n = self.totals()
         c = CounterMetricFamily("stowage_stores", "C-STOREs answered, by outcome of the status", labels=["outcome"])
         for k in OUTCOMES:
-            c.add_metric([k], stores[k])
+            c.add_metric([k], n.get(f"stores|{k}", 0))
         yield c
         yield CounterMetricFamily("stowage_stored_bytes", "Dataset bytes of the C-STOREs answered success or warning",
-                                  value=nbytes)
+                                  value=n.get("stored_bytes", 0))
+        r = CounterMetricFamily("stowage_retrieve_suboperations", "C-MOVE and C-GET sub-operations, by outcome",
+                                labels=["kind", "outcome"])
+        rb = CounterMetricFamily("stowage_retrieved_bytes", "Bytes sent by C-MOVE and C-GET sub-operations",
+                                 labels=["kind"])
+        for kind in ("C-MOVE", "C-GET"):
+            for state in ("completed", "failed", "warning"):
+                r.add_metric([kind, state], n.get(f"retrieve|{kind}|{state}", 0))
+            rb.add_metric([kind], n.get(f"retrieved_bytes|{kind}", 0))
+        yield r
+        yield rb
+        yield CounterMetricFamily("stowage_find_requests", "C-FIND requests answered", value=n.get("finds", 0))
         a = CounterMetricFamily("stowage_associations", "Connections admitted to a worker, or rejected "
                                 "(association cap, no worker ready)", labels=["outcome"])
         a.add_metric(["admitted"], self.admitted)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 
-import pytest
-
-from conftest import CT, HOST, copies, echo_ok, free_port
-from test_send import store
+from conftest import CT, HOST, copies, dcmtk, echo_ok, free_port
+from test_move import movescu
+from test_send import config_with, scps, store, study_of  # noqa: F401  (scps: fixture)
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -74,9 +74,29 @@ def test_metrics_count_stores_restarts_and_rejections(make_server, tmp_path):
         held.release()
 
 
+def test_metrics_count_retrieves_and_finds(make_server, tmp_path, scps):  # noqa: F811
+    dest = scps(tmp_path / "rx")
+    mport = free_port()
+    server = make_server("--workers", "2", "--metrics-port", str(mport), "--config",
+                         str(config_with(tmp_path, DEST=(HOST, dest.port))))
+    ct = copies(CT, tmp_path / "ct", 3, "ct")
+    store(server.port, ct)
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_of(ct[0])}
+    assert movescu(server.port, "S", "DEST", keys).returncode == 0
+    r = subprocess.run([dcmtk("findscu"), "-S", "-aec", "STOWAGE", "-k", "QueryRetrieveLevel=STUDY",
+                        "-k", f"StudyInstanceUID={study_of(ct[0])}", HOST, str(server.port)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    moved = 'stowage_retrieve_suboperations_total{kind="C-MOVE",outcome="completed"}'
+    got = wait_for(mport, moved, 3)
+    assert got[moved] == 3, got
+    assert got['stowage_retrieve_suboperations_total{kind="C-MOVE",outcome="failed"}'] == 0
+    assert got['stowage_retrieved_bytes_total{kind="C-MOVE"}'] > 0
+    assert wait_for(mport, "stowage_find_requests_total", 1)["stowage_find_requests_total"] == 1
+
+
 def test_metrics_port_taken_is_one_clear_line(tmp_path):
     import socket
-    import subprocess
     import sys
     with socket.socket() as busy:
         busy.bind((HOST, 0))

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from engine.logs import audit_line
-from engine.metrics import StoreCounts
+from engine import metrics
 
 audit = logging.getLogger("stowage.audit")
 log = logging.getLogger("stowage.association")
@@ -26,10 +26,10 @@ class AssociationRecord:
 class Trail:
     """Per-association counters, written out when the association ends."""
 
-    def __init__(self, counts: StoreCounts | None = None) -> None:
+    def __init__(self, counts: metrics.WorkerCounts | None = None) -> None:
         self._records: dict[int, AssociationRecord] = {}
         self._lock = threading.Lock()
-        self.counts = counts or StoreCounts()
+        self.counts = counts or metrics.counts
 
     def opened(self, key: int, peer: str) -> None:
         with self._lock:

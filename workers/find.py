@@ -20,6 +20,7 @@ from catalog.keys import models
 from catalog.query import SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS, QueryError, parse_request, run
 from catalog.reader import Catalog
 from catalog.responses import identifier as response_identifier
+from engine import metrics
 from engine.config import Config
 from workers.pending import install_pending_responses
 
@@ -119,6 +120,7 @@ def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset
         yield _failure(UNABLE_TO_PROCESS + 1, f"query failed: {type(e).__name__}: {e}")
         return
     cancelled = cancelled or event.is_cancelled
+    metrics.counts.add("finds")
     audit.info("C-FIND %s %s from %s: %d match(es)%s in %.1f ms", request.model.name, request.level,
                event.assoc.requestor.ae_title, count, " (cancelled)" if cancelled else "",
                (time.monotonic() - started) * 1000,

@@ -33,7 +33,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass
 from catalog.reader import Catalog
 from engine.client import Peer, PeerError, peer_of
 from engine.config import Config
-from engine import store_scu
+from engine import metrics, store_scu
 from engine.send import Instance, Outcome, Sender, direct_socket
 from workers.pending import install_pending_responses, retrieve_pending_command, send_retrieve_pending
 
@@ -256,6 +256,7 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
     for o in result.failures[:20]:
         log.warning("%s %s to %s: %s failed: %s", name, level, dest, o.instance.sop_instance_uid, o.reason)
     seconds = time.monotonic() - started
+    metrics.counts.retrieved(name, c, f, w, result.bytes_sent)
     audit.info("%s %s from %s to %s: %d completed, %d failed, %d warning, %d remaining (%d converted) "
                "in %.2f s, status 0x%04X", name, level, requestor, dest, c, f, w, remaining, result.converted,
                seconds, status,
