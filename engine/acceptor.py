@@ -31,6 +31,10 @@ log = logging.getLogger("stowage.acceptor")
 # A-ASSOCIATE-RJ: rejected-transient (2), service-provider presentation (3), local-limit-exceeded (2)
 A_ASSOCIATE_RJ_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2])
 _REJECT_LINGER_S = 2.0
+# accept() errors that belong to the one connection (Linux passes its pending network
+# error up, accept(2)): retried like EAGAIN, never a reason for the acceptor to stop.
+_PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+                        errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH})
 _READY_TIMEOUT_S = 120.0
 
 
@@ -190,6 +194,9 @@ class Acceptor:
                     log.error("accept: %s; refusing connections for a moment", e.strerror)
                     time.sleep(0.1)
                     return
+                if e.errno in _PEER_GONE:  # that connection failed before we took it: the next one
+                    log.info("accept: %s", e.strerror)
+                    continue
                 raise
             self._admit(conn, tls)
 
@@ -223,7 +230,12 @@ class Acceptor:
         return False
 
     def _reject(self, conn: socket.socket, why: str) -> None:
-        log.warning("A-ASSOCIATE-RJ to %s: %s", conn.getpeername()[0] if conn else "?", why)
+        try:
+            peer = conn.getpeername()[0]
+        except OSError:  # the peer has already gone: nothing to answer, and no reason to stop
+            conn.close()
+            return
+        log.warning("A-ASSOCIATE-RJ to %s: %s", peer, why)
         try:
             conn.setblocking(False)
         except OSError:

@@ -39,7 +39,32 @@ def audit_line(msg: str, fields: dict) -> None:
         return
     d = {"ts": _timestamp(time.time()), "level": "info", "logger": _AUDIT, "process": _process, "msg": msg}
     d.update(fields)
-    os.write(_audit_fd, (json.dumps(d) + "\n").encode())
+    try:
+        os.write(_audit_fd, (json.dumps(d) + "\n").encode())
+    except OSError as e:
+        audit_write_failed(e)
+
+
+_AUDIT_WARN_EVERY_S = 60.0
+_audit_warned = [0.0]
+
+
+def audit_write_failed(e: BaseException | None) -> None:
+    """An audit line could not be written (a full disk): say so on stderr in one line, at
+    most once a minute, and go on. Nothing that the audit log records depends on it."""
+    now = time.monotonic()
+    if now - _audit_warned[0] >= _AUDIT_WARN_EVERY_S:
+        _audit_warned[0] = now
+        why = getattr(e, "strerror", None) or e
+        logging.getLogger("stowage.logs").error("audit.jsonl: cannot write (%s); audit lines are lost until "
+                                                "it can be written again", why)
+
+
+class _AuditFile(logging.FileHandler):
+    """The audit logger's file: a failed write is one line on stderr, not a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        audit_write_failed(sys.exc_info()[1])
 
 
 def setup_logging(config: Config, process: str) -> None:
@@ -53,7 +78,7 @@ def setup_logging(config: Config, process: str) -> None:
     root.setLevel(config.log_level.upper())
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # per-PDU chatter; we log per association
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    audit = logging.FileHandler(config.data_dir / "audit.jsonl")
+    audit = _AuditFile(config.data_dir / "audit.jsonl")
     audit.setFormatter(JsonFormatter())
     global _audit_fd, _process
     if _audit_fd >= 0:
