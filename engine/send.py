@@ -353,18 +353,21 @@ class Sender:
                         t.join()
         return result
 
-    def send_on(self, assoc: Association, instances: Iterable[Instance]) -> SendResult:
+    def send_on(self, assoc: Association, instances: Iterable[Instance],
+                direct: socket.socket | None = None) -> SendResult:
         """Send on an association someone else opened (C-GET: the requester's, with
-        SCP/SCU role selection for the storage classes). No new association is opened:
-        a store without a response counts as failed, and the rest are not attempted."""
+        SCP/SCU role selection for the storage classes): written on `direct`, its socket
+        from `direct_socket` (the caller then writes its own messages there too, in turn),
+        else through pynetdicom. No new association is opened: a store without a response
+        counts as failed, and the rest are not attempted."""
         work = _Work(list(instances))
         result = SendResult()
         if not work.items:
             return result
         work.attempts = {i.sop_instance_uid: self.retries for i in work.items}  # no retries here
         with _SpoolDir(self.spool_dir) as spool, ThreadPoolExecutor(PREFETCH, thread_name_prefix="send-prepare") as pool:
-            sock = direct_socket(assoc)
-            link = _DirectLink(assoc, sock, self.dimse_timeout) if sock is not None else _PynetdicomLink(assoc, spool)
+            link = _DirectLink(assoc, direct, self.dimse_timeout) if direct is not None else \
+                _PynetdicomLink(assoc, spool)
             try:
                 self._run(link, work, spool, pool, result)
             finally:

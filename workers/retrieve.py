@@ -207,7 +207,7 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
         return cancelled[0]
 
     sop_class = str(req.AffectedSOPClassUID)
-    direct = direct_socket(assoc) if kind is C_GET else None  # as Sender.send_on will write
+    direct = direct_socket(assoc) if kind is C_GET else None  # the C-GET's C-STOREs and pendings go there
     interval = _retriever.config.pending_interval
     last_pending = [-interval]
 
@@ -236,7 +236,7 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
         if kind is C_MOVE:
             result = sender.send(instances)
         else:
-            result = sender.send_on(assoc, instances)
+            result = sender.send_on(assoc, instances, direct)
     except Exception as e:  # never let a retrieve take the association down silently
         log.exception("%s to %s failed", name, dest)
         respond(UNABLE_TO_PROCESS, (0, counts["completed"], counts["failed"], counts["warning"]),
