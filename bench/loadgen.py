@@ -29,11 +29,11 @@ import numpy as np
 
 from bench.corpus import series_layout
 from engine.store_scu import Association, AssociationError, Dataset, StoreFailed, contexts_for
+from workers.commands import WARNING_STATUSES
 
 __all__ = ["Target", "Item", "RunResult", "load_corpus", "run", "find_listener", "status_name"]
 
 SUCCESS = 0x0000
-WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 PRELOAD_LIMIT = 64 << 20
 _REOPEN_TRIES = 3
 
@@ -327,7 +327,7 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
     for key, n in statuses.items():
         if key == "0x0000":
             res.completed += n
-        elif key.startswith("0x") and int(key, 16) in WARNINGS:
+        elif key.startswith("0x") and int(key, 16) in WARNING_STATUSES:
             res.warning += n
         else:
             res.failed += n

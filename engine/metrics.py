@@ -15,10 +15,11 @@ import os
 import threading
 from typing import Callable, Iterator
 
+from workers.commands import WARNING_STATUSES
+
 log = logging.getLogger("stowage.metrics")
 
 OUTCOMES = ("success", "warning", "failure")
-WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 REPORT = b"S"  # control-channel message: b"S" + JSON of a worker's totals
 
 

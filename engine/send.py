@@ -42,6 +42,7 @@ from engine import convert, filemeta, store_responses, store_scu
 from engine.client import Peer, PeerError
 from engine.filemeta import PREAMBLE
 from engine.segment import CorruptRecord, read_payload, stream_payload
+from workers.commands import WARNING_STATUSES
 
 log = logging.getLogger("stowage.send")
 
@@ -51,7 +52,6 @@ FALLBACKS = (EXPLICIT_LE, IMPLICIT_LE)
 MAX_CONTEXTS = 128
 SPOOL_ABOVE = 32 << 20  # larger datasets go through a spool file, not memory
 PREFETCH = 1  # instances prepared ahead, in as many threads (2 measured slower on 2 cores)
-WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 _MAX_REOPEN = 3  # consecutive failed attempts to (re)open an association before giving up
 
 

@@ -12,6 +12,9 @@ C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 C_GET_RSP, C_MOVE_RSP = 0x8010, 0x8021
 C_CANCEL_RQ = 0x0FFF
 NO_DATASET = 0x0101
+# C-STORE warning statuses (PS3.4 B.2.3): coercion of data elements, data set does not
+# match SOP class, elements discarded; 0x0001 as some peers send it.
+WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 DATASET_PRESENT = 0x0001  # any other value would do (PS3.7 E.1); pynetdicom sends 0x0001
 
 _ELEMENT = struct.Struct("<HHI")
