@@ -2,13 +2,15 @@
 acceptor spreads associations over workers."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import struct
 import time
 
 from pynetdicom import AE, _config
 
-from conftest import CT, HOST, copies, export_all
+from conftest import CT, HOST, copies, echo_ok, export_all
 
 
 def test_sigterm_drains_in_flight_associations(make_server, tmp_path, monkeypatch):
@@ -45,3 +47,30 @@ def test_associations_spread_over_workers(make_server):
     for a in assocs:
         a.release()
     assert sorted(busy.values()) == [2, 2], busy
+
+
+def test_peers_that_reset_before_being_rejected_do_not_stop_the_acceptor(make_server):
+    """Over the association cap, connections that were reset while they waited to be
+    accepted (accept() still returns them; getpeername() then fails) are dropped, and the
+    archive goes on serving."""
+    server = make_server("--workers", "2", "--max-associations", "1")
+    ae = AE("HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert held.is_established
+    os.kill(server.proc.pid, signal.SIGSTOP)  # the acceptor: the connections wait in its backlog
+    try:
+        for _ in range(3):
+            c = socket.create_connection((HOST, server.port), timeout=5)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()  # RST
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    time.sleep(1.0)
+    held.release()
+    assert server.proc.poll() is None, server.log()[-3000:]
+    deadline = time.monotonic() + 10
+    while not echo_ok(server.port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert echo_ok(server.port)
+    assert "Traceback" not in server.log(), server.log()[-3000:]
