@@ -608,3 +608,28 @@ def test_stores_resume_once_space_is_freed(make_server, tmpfs, tmp_path, monkeyp
     assert status.Status == 0x0000, f"0x{status.Status:04X} {status.get('ErrorComment')}"
     assert "exited with" not in server.log(), server.log()[-4000:]
     assert_exports_exactly(disk / "data", tmp_path / "out", stored + [again], refused)
+
+
+def test_sealed_uid_filter_on_a_full_tmpfs_is_read_without_sigbus(tmpfs, tmp_path):
+    """The sealed-UID filter is a sparse file. On tmpfs even reading a hole through a map
+    needs a page, so on a full one a mapped read is SIGBUS: it must be read with pread
+    there. Probed in a child process, which a SIGBUS would kill."""
+    import sys
+    from catalog.versions import SealedUids
+    disk = tmpfs(tmp_path / "disk", "4m")
+    SealedUids.create(disk / "uids.bloom").close()
+    fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT)  # fill the file system
+    try:
+        while os.write(fd, b"\0" * 65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    probe = ("import sys; from pathlib import Path; from catalog.versions import SealedUids; "
+             f"f = SealedUids(Path({str(disk / 'uids.bloom')!r}), writable=False); "
+             "print(sum(f'1.2.3.{i}' in f for i in range(2000)))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert r.stdout.strip() == "0"  # an empty filter holds none of them
