@@ -161,3 +161,19 @@ def test_tls_port_without_its_certificate_is_one_clear_line(tmp_path, certs):  #
                 "--config", str(cfg), timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "tls_cert" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_failed_handshakes_do_not_hold_up_a_stop(make_server, tmp_path, certs):  # noqa: F811
+    """A connection whose TLS handshake failed is over: SIGTERM then stops the archive at
+    once, without waiting out drain_timeout for associations that are not there."""
+    server, tls_port = tls_server(make_server, tmp_path, certs)
+    r = subprocess.run([dcmtk("echoscu"), "-to", "10", "-ta", "10", "-aec", "STOWAGE", HOST, str(tls_port)],
+                       capture_output=True, text=True, timeout=60)  # plain DICOM: the handshake fails
+    assert r.returncode != 0
+    deadline = time.monotonic() + 10
+    while "TLS handshake" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 15, "stop waited for an association that had ended"
+    assert "still open" not in server.log(), server.log()[-2000:]

@@ -120,7 +120,7 @@ class Worker:
             reason = getattr(e, "reason", None) or str(e)
             log.warning("%s: TLS handshake failed: %s%s", peer, reason, _TLS_HINTS.get(reason, ""))
             sock.close()
-            self._tell(b"E")
+            self._ended()
             return
         if not reject:
             return self._run(tls_sock, peer + " TLS")
@@ -132,7 +132,7 @@ class Worker:
             pass
         finally:
             tls_sock.close()
-            self._tell(b"E")
+            self._ended()
 
     def _run(self, sock: socket.socket, peer: str) -> None:
         key = id(sock)
@@ -157,9 +157,13 @@ class Worker:
         finally:
             self.trail.closed(key, calling, called, outcome, path)
             sock.close()
-            with self._active_lock:
-                self._active.discard(threading.current_thread())
-            self._tell(b"E")
+            self._ended()
+
+    def _ended(self) -> None:
+        """This thread's connection is over: drain stops waiting for it, the acceptor counts it."""
+        with self._active_lock:
+            self._active.discard(threading.current_thread())
+        self._tell(b"E")
 
     def _serve_storage(self, sock: socket.socket, req: negotiation.Request, key: int) -> str:
         """The lean path: answer the A-ASSOCIATE-RQ here and receive without pynetdicom."""
