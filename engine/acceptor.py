@@ -200,16 +200,16 @@ class Acceptor:
                 raise
             self._admit(conn, tls)
 
-    def _admit(self, conn: socket.socket, tls: bool = False) -> None:
+    def _admit(self, conn: socket.socket, tls: bool) -> None:
         live = [ws for ws in self.slots if ws.ready and ws.control is not None]
         total = sum(ws.active for ws in self.slots)
         if total >= self.config.max_associations or not live:
             why = "association cap reached" if live else "no worker is ready"
             self.metrics.rejected += 1
-            if not (tls and live and self._hand_over(conn, live, b"t")):  # b"t": the worker sends the RJ
-                self._reject(conn, why)
-            else:
+            if tls and live and self._hand_over(conn, live, b"t"):  # b"t": the worker sends the RJ in TLS
                 log.warning("A-ASSOCIATE-RJ over TLS: %s", why)
+            else:
+                self._reject(conn, why)
             return
         if self._hand_over(conn, live, b"T" if tls else b"A"):
             self.metrics.admitted += 1

@@ -238,6 +238,9 @@ class _PynetdicomLink:
             return None
         return int(status.Status) if "Status" in status else None
 
+    def close(self) -> None:
+        """Nothing to undo: the association is its opener's."""
+
 
 def direct_socket(assoc: Association) -> socket.socket | None:
     """The plain TCP socket of an association someone else opened, when messages may be
@@ -371,8 +374,7 @@ class Sender:
             try:
                 self._run(link, work, spool, pool, result)
             finally:
-                if isinstance(link, _DirectLink):
-                    link.close()
+                link.close()
         if self.cancelled():
             result.remaining.extend(work.drain())
         for inst in work.drain():
