@@ -5,6 +5,7 @@ watermark) and `rebuild-catalog` (every record, into an empty catalog).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from catalog import manifest
 from catalog.sealer import advance_watermark, seal_rows
 from catalog.tail import SUFFIX
 from engine.segment import MAGIC, Record, iter_records, valid_end
+from engine.slots import SlotError, slots_present, try_claim
 
 log = logging.getLogger("stowage.recovery")
 _ROW_BATCH = 100_000
@@ -93,11 +95,30 @@ def recover_segment(catalog_dir: Path, path: Path, start: int) -> int:
 
 
 def recover(data_dir: Path, slot: int | None = None) -> int:
-    """Index what the catalog lacks from the segments of `slot` (all slots if None), and
-    drop their stale tails. Run while no live process writes those segments."""
+    """Index what the catalog lacks from the segments of `slot`, and drop its stale tails.
+
+    With a slot number, the caller holds that slot's claim (engine/slots.py). With None,
+    every slot present is recovered under a claim taken here, except the slots another
+    live process holds (a running `stowage import`, say): those are left alone.
+    """
+    (data_dir / "catalog").mkdir(parents=True, exist_ok=True)
+    if slot is not None:
+        return _recover_slot(data_dir, f"{slot:03d}-")
+    total = 0
+    for number in sorted(slots_present(data_dir)):
+        claim = try_claim(data_dir, number)
+        if claim is None:
+            log.info("slot %03d is being written by another live process; left to it", number)
+            continue
+        try:
+            total += _recover_slot(data_dir, claim.prefix)
+        finally:
+            claim.release()
+    return total
+
+
+def _recover_slot(data_dir: Path, prefix: str) -> int:
     segments, catalog_dir = data_dir / "segments", data_dir / "catalog"
-    catalog_dir.mkdir(parents=True, exist_ok=True)
-    prefix = "" if slot is None else f"{slot:03d}-"
     m = manifest.load(catalog_dir)
     total = 0
     for path in sorted(segments.glob(f"{prefix}*.seg")):
@@ -107,13 +128,19 @@ def recover(data_dir: Path, slot: int | None = None) -> int:
     for tail in (catalog_dir / "tails").glob(f"{prefix}*{SUFFIX}"):
         tail.unlink(missing_ok=True)
     if total:
-        log.info("recovered %d record(s) into the catalog", total)
+        log.info("recovered %d record(s) of slot %s into the catalog", total, prefix[:3])
     return total
 
 
 def rebuild(data_dir: Path) -> int:
     """Throw the catalog away and index every segment record again."""
     catalog_dir = data_dir / "catalog"
+    for number in sorted(slots_present(data_dir)):
+        claim = try_claim(data_dir, number)
+        if claim is None:
+            raise SlotError(errno.EBUSY, f"slot {number:03d} is being written by a live process "
+                                         "(stowage serve or import?); stop it first")
+        claim.release()
     if catalog_dir.exists():
         shutil.rmtree(catalog_dir)
     return recover(data_dir)

@@ -22,6 +22,7 @@ from engine.archive import Archive
 from engine.config import Config
 from engine.logs import setup_logging
 from engine.recovery import recover
+from engine.slots import claim_exact
 from engine import reactor
 from engine.acceptor import A_ASSOCIATE_RJ_LIMIT
 from engine.sockopts import kernel_timeouts
@@ -44,6 +45,7 @@ class Worker:
         self._send_lock = threading.Lock()
         self._active: set[threading.Thread] = set()
         self._active_lock = threading.Lock()
+        self.claim = claim_exact(config.data_dir, slot)  # held for our life: no one else writes this slot
         recover(config.data_dir, slot=slot)
         spill.install(config.data_dir / "spool" / f"{slot:03d}", config.spill_threshold)
         reactor.install()
