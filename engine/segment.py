@@ -254,11 +254,30 @@ def _unshuffled(chunks: Iterator[bytes]) -> Iterator[bytes]:
 def _decompressed(chunks: Iterator[bytes], offset: int) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor().decompressobj()
     for chunk in chunks:
-        out = dctx.decompress(chunk)
+        try:
+            out = dctx.decompress(chunk)
+        except zstandard.ZstdError as e:  # damaged bytes, seen before the CRC at the end
+            raise CorruptRecord(f"compressed payload of the record at byte {offset} does not decompress: {e}") from None
         if out:
             yield out
     if not dctx.eof:
         raise CorruptRecord(f"compressed payload of the record at byte {offset} is incomplete")
+
+
+def open_record(f: BinaryIO, offset: int) -> tuple[Record, Iterator[bytes]]:
+    """The record at `offset` of `f` (header decoded) and its payload as stored, in
+    chunks; the chunks raise CorruptRecord after the last one if the record's CRC fails."""
+    rec, expected, running = _read_head(f, offset)
+    return rec, _payload_chunks(f, rec, expected, running)
+
+
+def decoded(rec: Record, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """A record's stored payload chunks, decompressed and unshuffled as its flags say."""
+    if rec.flags & FLAG_ZSTD:
+        chunks = _decompressed(chunks, rec.offset)
+    if rec.flags & FLAG_SHUFFLE:
+        chunks = _unshuffled(chunks)
+    return chunks
 
 
 def stream_payload(path: Path, offset: int) -> Iterator[bytes]:
