@@ -47,6 +47,7 @@ _HEAD_BYTES = 4 << 20
 class StoreResult:
     status: int
     comment: str = ""  # becomes the Error Comment (LO): keep it within 64 characters
+    held: bool = False  # success without a new record: the same instance was already held
 
     @property
     def ok(self) -> bool:
@@ -209,13 +210,13 @@ class Archive:
         if served == (crc, length):
             audit.info("duplicate identical instance %s from %s: already stored, not stored again", uid, calling_ae,
                        extra={"fields": {"event": "duplicate", "sop_instance_uid": uid, "identical": True}})
-            return StoreResult(SUCCESS)
+            return StoreResult(SUCCESS, held=True)
         policy = self.config.duplicates
         audit.warning("duplicate instance %s from %s with different content: policy %s", uid, calling_ae, policy,
                       extra={"fields": {"event": "duplicate", "sop_instance_uid": uid, "identical": False,
                                         "policy": policy}})
         if policy == "keep-first":
-            return StoreResult(SUCCESS)
+            return StoreResult(SUCCESS, held=True)
         if policy == "reject":
             return StoreResult(DUPLICATE_SOP_INSTANCE, "instance already stored with other content (policy: reject)")
         return None  # keep-newest: store it; the catalog serves the newest
