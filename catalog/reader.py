@@ -2,14 +2,22 @@
 tail, as DuckDB views.
 
 Views, for lookups and for `stowage query`:
-  records      every row of every durable record (duplicates included)
-  instances    one row per SOP Instance UID, the one the duplicates policy keeps
+  records      every row of every durable record (duplicates and deleted ones included:
+               the raw view)
+  instances    one row per SOP Instance UID, the one the duplicates policy keeps, never
+               a deleted (tombstoned) record
+  deleted      the records that tombstones hide, with reason, deleted_at and actor
+  tombstones   the tombstone log (catalog.tombstones): sop_instance_uid, received_at,
+               study_instance_uid, reason, at, actor
   study_parts  study summaries (catalog.studies) of the instances: one row per study per
                sealed file, plus the tails' studies; several rows of a study add up
 
 `instances` is `records` less the records the policy hides (`shadowed`): those of the
-versions table (catalog.versions) and those that tail rows newly duplicate. Filters on
-`instances` reach the Parquet scan, so a lookup reads only the row groups it needs.
+versions table (catalog.versions) and those that tail rows newly duplicate, and less the
+records a tombstone names (an anti-join on (sop_instance_uid, received_at); the policy
+chooses among the versions that are not deleted). Filters on `instances` reach the
+Parquet scan, so a lookup reads only the row groups it needs. Every refresh stats the
+tombstone log, so a deletion is seen by the next call in every process.
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catalog import manifest, studies, versions
+from catalog import manifest, studies, tombstones, versions
 from catalog.schema import SCHEMA
 from catalog.tail import TailReader
 
@@ -43,10 +51,17 @@ _SQL_TYPE = {f.name: {"string": "VARCHAR", "int64": "BIGINT", "binary": "BLOB"}.
 class Catalog:
     """A read-only view of the catalog for one process; thread-safe, refreshed per call."""
 
-    def __init__(self, directory: Path, duplicates: str = "keep-newest", threads: int = 1) -> None:
+    def __init__(self, directory: Path, duplicates: str = "keep-newest", threads: int = 1,
+                 tombstones_dir: Path | None = None) -> None:
         self.directory = directory
         self.tails_dir = directory / "tails"
         self._tails = TailReader(self.tails_dir)
+        # Beside catalog/ in the data directory: a catalog rebuild keeps them.
+        self.tombstones_dir = tombstones_dir or directory.parent / tombstones.DIRECTORY
+        self._tomb_reader = tombstones.TombstoneReader(self.tombstones_dir)
+        self._tombs = tombstones.SCHEMA.empty_table()
+        self._tomb_stamp: tuple | None = None
+        self._tomb_empty: bool | None = None
         self.policy = duplicates
         versions.KEEP_NEWEST[duplicates]  # noqa: B018 - an unknown policy fails here
         self._con = duckdb.connect(":memory:", config={"threads": threads, "memory_limit": MEMORY_LIMIT})
@@ -63,6 +78,7 @@ class Catalog:
         self._state: tuple | None = None  # (manifest file identity, tail rows) of the last refresh
         self._with_tails: bool | None = None  # whether the views include the tails
         self._con.register("tail_rows", SCHEMA.empty_table())
+        self._con.register("tombstones", self._tombs)
         self._no_tail_studies = self._con.sql(studies.summary_sql("tail_rows")).to_arrow_table()
 
     def close(self) -> None:
@@ -79,7 +95,12 @@ class Catalog:
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             stamp = None
-        state = (stamp, tails.num_rows)
+        tomb_stamp = tombstones.stamp_of(self.tombstones_dir)
+        if tomb_stamp != self._tomb_stamp:
+            self._tombs = tombstones.hiding(self._tomb_reader.read())
+            self._con.register("tombstones", self._tombs)
+            self._tomb_stamp = tomb_stamp
+        state = (stamp, tails.num_rows, tomb_stamp)
         if state == self._state and self._tails.fresh.num_rows == 0 and stamp is not None:
             return  # nothing sealed, nothing new in the tails: the views stand as they are
         m = manifest.load(self.directory)
@@ -97,6 +118,10 @@ class Catalog:
                 f" UNION ALL SELECT {_COLUMNS} FROM tail_rows" if with_tails else ""))
             self._con.execute(f"CREATE OR REPLACE TEMP VIEW study_rows AS {self._studies_sql(m, with_tails)}")
             self._with_tails = with_tails
+            self._con.execute(
+                "CREATE OR REPLACE TEMP VIEW deleted AS SELECT r.*, t.reason, t.at AS deleted_at, t.actor "
+                "FROM records r JOIN tombstones t ON t.sop_instance_uid = r.sop_instance_uid "
+                "AND t.received_at = r.received_at")
         if m.generation != self._generation:
             self._filter = versions.read_filter(self.directory, m, self._filter)
             if m.duplicates != self._manifest.duplicates or self._generation < 0:
@@ -104,26 +129,40 @@ class Catalog:
             self._tail_checked = {}
             self._generation = m.generation
             self._manifest = m
-        shadow = versions.shadowed(self._versions(unsealed), self.policy)
+        shadow = versions.shadowed(_not_deleted(self._versions(unsealed), self._tombs), self.policy)
         self._con.register("shadowed", shadow)
-        if self._shadow_empty is not (shadow.num_rows == 0):
-            self._shadow_empty = shadow.num_rows == 0
-            self._con.execute("CREATE OR REPLACE TEMP VIEW instances AS " + (
-                "SELECT * FROM records" if self._shadow_empty else
-                "SELECT * FROM records r WHERE NOT EXISTS (SELECT 1 FROM shadowed s "
-                "WHERE s.segment = r.segment AND s.\"offset\" = r.\"offset\")"))
-            # Summaries count every record: studies holding a hidden one are summarised
-            # again from instances (all of them, if the versions table cannot say which).
-            columns = ", ".join(studies.COLUMNS)
-            exact = studies.summary_sql("(SELECT * FROM instances WHERE study_instance_uid IN "
-                                        "(SELECT study_instance_uid FROM shadowed))")
-            unknown = "(SELECT count(*) FROM shadowed WHERE study_instance_uid IS NULL) > 0"
-            self._con.execute("CREATE OR REPLACE TEMP VIEW study_parts AS " + (
-                "SELECT * FROM study_rows" if self._shadow_empty else
-                f"SELECT {columns} FROM study_rows WHERE NOT {unknown} AND study_instance_uid NOT IN "
-                f"(SELECT study_instance_uid FROM shadowed) UNION ALL SELECT {columns} FROM ({exact}) "
-                f"WHERE NOT {unknown} UNION ALL SELECT {columns} FROM ({studies.summary_sql('instances')}) "
-                f"WHERE {unknown}"))
+        shadow_empty, tomb_empty = shadow.num_rows == 0, self._tombs.num_rows == 0
+        if self._shadow_empty is not shadow_empty or self._tomb_empty is not tomb_empty:
+            self._shadow_empty, self._tomb_empty = shadow_empty, tomb_empty
+            self._create_hiding_views()
+
+    def _create_hiding_views(self) -> None:
+        """`instances` and `study_parts` without what the policy or a tombstone hides
+        (plain views over records and study_rows when nothing is hidden)."""
+        hidden = []
+        if not self._shadow_empty:
+            hidden.append("NOT EXISTS (SELECT 1 FROM shadowed s WHERE s.segment = r.segment "
+                          "AND s.\"offset\" = r.\"offset\")")
+        if not self._tomb_empty:
+            hidden.append("NOT EXISTS (SELECT 1 FROM tombstones t WHERE t.sop_instance_uid = r.sop_instance_uid "
+                          "AND t.received_at = r.received_at)")
+        self._con.execute("CREATE OR REPLACE TEMP VIEW instances AS SELECT * FROM records r" + (
+            " WHERE " + " AND ".join(hidden) if hidden else ""))
+        # Summaries count every record: studies holding a hidden one are summarised
+        # again from instances (all of them, if it cannot be said which they are).
+        sources = ([] if self._shadow_empty else ["shadowed"]) + ([] if self._tomb_empty else ["tombstones"])
+        if not sources:
+            self._con.execute("CREATE OR REPLACE TEMP VIEW study_parts AS SELECT * FROM study_rows")
+            return
+        affected = " UNION ".join(f"SELECT study_instance_uid FROM {s}" for s in sources)
+        columns = ", ".join(studies.COLUMNS)
+        exact = studies.summary_sql(f"(SELECT * FROM instances WHERE study_instance_uid IN ({affected}))")
+        unknown = " OR ".join(f"(SELECT count(*) FROM {s} WHERE study_instance_uid IS NULL) > 0" for s in sources)
+        self._con.execute(
+            f"CREATE OR REPLACE TEMP VIEW study_parts AS SELECT {columns} FROM study_rows WHERE NOT ({unknown}) "
+            f"AND study_instance_uid NOT IN ({affected}) UNION ALL SELECT {columns} FROM ({exact}) "
+            f"WHERE NOT ({unknown}) UNION ALL SELECT {columns} FROM ({studies.summary_sql('instances')}) "
+            f"WHERE {unknown}")
 
     def _studies_sql(self, m: manifest.Manifest, with_tails: bool = True) -> str:
         """Study summaries: the sealed files' own, summaries made here of files without
@@ -226,6 +265,17 @@ class Catalog:
             "SELECT * FROM records WHERE sop_instance_uid = ? ORDER BY received_at, segment, \"offset\"",
             [sop_instance_uid])
         return [dict(zip(cols, r)) for r in rows]
+
+
+def _not_deleted(records: pa.Table, tombs: pa.Table) -> pa.Table:
+    """The rows of a versions table that no tombstone names: the duplicates policy
+    chooses among the versions left (under keep-first, a copy sent again after a
+    deletion is served, not the deleted first one)."""
+    if records.num_rows == 0 or tombs.num_rows == 0:
+        return records
+    keys = tombs.select(["sop_instance_uid", "received_at"])
+    return records.join(keys, keys=["sop_instance_uid", "received_at"], join_type="left anti",
+                        use_threads=False).select(records.column_names)
 
 
 def _unsealed(tails: pa.Table, m: manifest.Manifest) -> pa.Table:

@@ -85,6 +85,49 @@ def export(config_file, data_dir, out, everything, patient, study, series, insta
         raise click.ClickException(f"{len(result.failed)} instance(s) could not be exported")
 
 
+@main.command()
+@_common
+@click.option("--patient", multiple=True, help="Patient ID (repeatable).")
+@click.option("--study", multiple=True, help="Study Instance UID (repeatable, or comma-separated).")
+@click.option("--series", multiple=True, help="Series Instance UID (repeatable, or comma-separated).")
+@click.option("--instance", multiple=True, help="SOP Instance UID (repeatable, or comma-separated).")
+@click.option("--reason", default="deleted", show_default=True, help="Why, for the audit log and the tombstones.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def delete(config_file, data_dir, patient, study, series, instance, reason, yes) -> None:
+    """Delete stored instances (also while `stowage serve` runs): hidden at once from C-FIND,
+    C-MOVE, C-GET, export, send and storage commitment; space comes back with compaction."""
+    import getpass
+    from engine.delete import DeleteError, delete as run
+    from engine.logs import setup_logging
+    chosen = [(lvl, [v for v in _split(vals)] if lvl != "patient" else list(vals))
+              for lvl, vals in (("patient", patient), ("study", study), ("series", series),
+                                ("instance", instance)) if vals]
+    if len(chosen) != 1:
+        raise click.UsageError("choose exactly one of --patient, --study, --series, --instance")
+    config = _load(config_file, data_dir=data_dir)
+    if not (config.data_dir / "catalog").is_dir():
+        raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
+    level, values = chosen[0]
+    reason = reason.strip() or "deleted"
+    actor = f"cli:{getpass.getuser()}"
+    try:
+        plan = run(config, level, values, reason=reason, actor=actor, dry_run=True)
+        if not plan.records:
+            raise click.ClickException(f"nothing to delete: no stored instance has that {level} "
+                                       "(or it is deleted already)")
+        click.echo(f"would delete {plan.summary()}")
+        if not yes:
+            click.confirm("delete them?", abort=True)
+        setup_logging(config, "delete")
+        result = run(config, level, values, reason=reason, actor=actor)
+    except DeleteError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write the tombstones ({e.strerror or e}): the deletion may be "
+                                   "incomplete; run it again once that is fixed") from None
+    click.echo(f"deleted {result.summary()}")
+
+
 @main.command("rebuild-catalog")
 @_common
 def rebuild_catalog(config_file, data_dir) -> None:

@@ -7,6 +7,8 @@ migration re-sends whole studies it already sent; with this, the first instance 
 study pays one query for the study and the others a dictionary lookup. Entries expire
 after `ttl` seconds, so what another worker stored meanwhile is seen within that time
 (until then a copy it holds may be stored again: the catalog still serves one).
+A deletion (a tombstone added, catalog.tombstones) empties the cache at once: a copy of
+a deleted instance sent again must be stored again, not answered "already held".
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 
+from catalog import tombstones
 from catalog.reader import Catalog
 
 _SQL = ("SELECT sop_instance_uid, dataset_crc32, dataset_length FROM instances "
@@ -27,13 +30,18 @@ class ServedVersions:
         self.ttl, self.max_studies, self.max_rows = ttl, max_studies, max_rows
         self._studies: OrderedDict[str, tuple[float, dict[str, tuple[int, int]]]] = OrderedDict()
         self._lock = threading.Lock()
+        self._tomb_stamp = tombstones.stamp_of(catalog.tombstones_dir)
 
     def get(self, study: str, uid: str) -> tuple[int, int] | None:
         """(CRC-32, length) of the version served for `uid`, or None if none is."""
         if not study:
             return self._one(uid)
         now = time.monotonic()
+        tomb_stamp = tombstones.stamp_of(self.catalog.tombstones_dir)  # one stat(): deleted since?
         with self._lock:
+            if tomb_stamp != self._tomb_stamp:
+                self._studies.clear()
+                self._tomb_stamp = tomb_stamp
             hit = self._studies.get(study)
             if hit is not None and now - hit[0] < self.ttl:
                 self._studies.move_to_end(study)
@@ -43,6 +51,8 @@ class ServedVersions:
             return self._one(uid)
         served = {u: (crc, length) for u, crc, length in rows}
         with self._lock:
+            if tomb_stamp != self._tomb_stamp:  # a deletion came meanwhile: this answer may be stale
+                return served.get(uid)
             self._studies[study] = (now, served)
             self._studies.move_to_end(study)
             while len(self._studies) > self.max_studies:

@@ -1,0 +1,224 @@
+"""Tombstones: which stored records are deleted (by `stowage delete`, by a rejection note,
+by the quota), as an append-only log beside the catalog.
+
+A tombstone hides one stored record, named by `(sop_instance_uid, received_at)`:
+received_at (microseconds, UTC) is in the segment record's header, so it survives a
+catalog rebuild and a compaction that moves the record to another segment; a copy of
+the instance sent again after the deletion has a new received_at and is visible again.
+
+The log lives in `<data-dir>/tombstones/` (not under catalog/, which `rebuild-catalog`
+throws away): `tombstones.log`, one line per batch of entries,
+
+    <crc32 of the JSON, 8 hex digits> <JSON list of entries>\\n
+
+each entry `{"uid", "received_at" (µs, or null), "study", "reason", "at" (µs), "actor"}`
+with reason `deleted`, `rejected:<code>` (a CID 7011 code) or `quota`. A batch is
+written with one write() under an flock and fsync'd before `append` returns. A line
+torn by a crash (no newline, or a checksum that does not match) is skipped by readers
+and kept in the file; the next append starts on a new line. An entry whose received_at
+is null hides nothing: it records that a rejection note named an instance the archive
+did not hold (see `rejected_uids`).
+
+Readers: `load()` for a table, `TombstoneReader` to follow the log incrementally (each
+byte parsed once), `stamp()` to learn in one stat() whether anything was added.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+log = logging.getLogger("stowage.tombstones")
+
+DIRECTORY = "tombstones"
+LOG = "tombstones.log"
+_LOCK = "tombstones.lock"
+_BATCH = 10_000  # entries per line: a line is all-or-nothing after a crash
+SCHEMA = pa.schema([("sop_instance_uid", pa.string()), ("received_at", pa.timestamp("us", tz="UTC")),
+                    ("study_instance_uid", pa.string()), ("reason", pa.string()),
+                    ("at", pa.timestamp("us", tz="UTC")), ("actor", pa.string())])
+REASONS = ("deleted", "quota")  # and "rejected:<code>"
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """One record hidden: (sop_instance_uid, received_at in µs since the epoch)."""
+
+    sop_instance_uid: str
+    received_at: int | None        # None: rejected before it was received (hides nothing)
+    reason: str = "deleted"
+    study_instance_uid: str = ""
+    at: int = 0                     # µs since the epoch; 0: now
+    actor: str = ""
+
+
+def directory(data_dir: Path) -> Path:
+    return Path(data_dir) / DIRECTORY
+
+
+def stamp(data_dir: Path) -> tuple | None:
+    """A value that changes whenever an entry is added (None: no tombstones yet)."""
+    return stamp_of(directory(data_dir))
+
+
+def stamp_of(tombstones_dir: Path) -> tuple | None:
+    try:
+        st = os.stat(tombstones_dir / LOG)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _line(entries: list[Tombstone], now: int) -> bytes:
+    body = json.dumps([{"uid": e.sop_instance_uid, "received_at": e.received_at, "study": e.study_instance_uid,
+                        "reason": e.reason, "at": e.at or now, "actor": e.actor} for e in entries],
+                      separators=(",", ":")).encode()
+    return b"%08x " % zlib.crc32(body) + body + b"\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append(data_dir: Path, entries: Iterable[Tombstone]) -> int:
+    """Add `entries` to the log, durably (fsync'd before this returns); returns how many.
+    Safe from several processes at once. Raises OSError (e.g. ENOSPC): then none of the
+    entries of the failed line count (readers skip a torn line)."""
+    entries = list(entries)
+    if not entries:
+        return 0
+    d = directory(data_dir)
+    if not d.is_dir():
+        d.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(d.parent)
+    now = time.time_ns() // 1000
+    with open(d / _LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        created = not (d / LOG).exists()
+        fd = os.open(d / LOG, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: start afresh
+                _write_all(fd, b"\n")
+            for i in range(0, len(entries), _BATCH):
+                _write_all(fd, _line(entries[i:i + _BATCH], now))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(d)
+    return len(entries)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _parse(line: bytes) -> list[dict] | None:
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    body = line[9:]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        entries = json.loads(body)
+    except ValueError:
+        return None
+    return entries if isinstance(entries, list) else None
+
+
+def _table(entries: list[dict]) -> pa.Table:
+    return pa.table({
+        "sop_instance_uid": pa.array([e.get("uid") for e in entries], pa.string()),
+        "received_at": pa.array([e.get("received_at") for e in entries], pa.int64()).cast(SCHEMA.field(1).type),
+        "study_instance_uid": pa.array([e.get("study") or None for e in entries], pa.string()),
+        "reason": pa.array([e.get("reason") for e in entries], pa.string()),
+        "at": pa.array([e.get("at") for e in entries], pa.int64()).cast(SCHEMA.field(4).type),
+        "actor": pa.array([e.get("actor") for e in entries], pa.string()),
+    }, schema=SCHEMA)
+
+
+class TombstoneReader:
+    """Follows the log of one tombstones directory; `read()` returns every entry so far
+    (SCHEMA), parsing only the bytes added since the last call. Thread-safe."""
+
+    def __init__(self, tombstones_dir: Path) -> None:
+        self.path = Path(tombstones_dir) / LOG
+        self._lock = threading.Lock()
+        self._ino: int | None = None
+        self._offset = 0
+        self._chunks: list[pa.Table] = []
+        self._table = SCHEMA.empty_table()
+        self.skipped = 0  # torn or damaged lines seen
+
+    def read(self) -> pa.Table:
+        with self._lock:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._ino, self._offset, self._table = None, 0, SCHEMA.empty_table()
+                return self._table
+            try:
+                st = os.fstat(fd)
+                if st.st_ino != self._ino or st.st_size < self._offset:  # replaced: read it all again
+                    self._ino, self._offset, self._table = st.st_ino, 0, SCHEMA.empty_table()
+                if st.st_size == self._offset:
+                    return self._table
+                data = os.pread(fd, st.st_size - self._offset, self._offset)
+            finally:
+                os.close(fd)
+            end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+            entries: list[dict] = []
+            for line in data[:end].split(b"\n")[:-1]:
+                if not line:
+                    continue
+                parsed = _parse(line)
+                if parsed is None:
+                    self.skipped += 1
+                    log.error("%s: a torn or damaged line (%d bytes) skipped", self.path, len(line))
+                    continue
+                entries.extend(parsed)
+            self._offset += end
+            if entries:
+                self._table = pa.concat_tables([self._table, _table(entries)])
+            return self._table
+
+
+def load(data_dir: Path, with_unheld: bool = False) -> pa.Table:
+    """Every tombstone that hides a record: a table of SCHEMA (sop_instance_uid,
+    received_at, study_instance_uid, reason, at, actor). `with_unheld` also returns the
+    entries with a null received_at (rejected before received)."""
+    t = TombstoneReader(directory(data_dir)).read()
+    return t if with_unheld else hiding(t)
+
+
+def hiding(table: pa.Table) -> pa.Table:
+    """The entries of `table` that hide a record (received_at not null)."""
+    if table.num_rows == 0 or table["received_at"].null_count == 0:
+        return table
+    return table.filter(pc.is_valid(table["received_at"]))
+
+
+def rejected_uids(table: pa.Table) -> frozenset[str]:
+    """SOP Instance UIDs that a rejection note rejected (held then or not)."""
+    if table.num_rows == 0:
+        return frozenset()
+    mask = pc.starts_with(table["reason"], "rejected:")
+    return frozenset(table.filter(mask)["sop_instance_uid"].to_pylist())
