@@ -25,6 +25,8 @@ class Manifest:
     generation: int = 0
     uid_filter: str = ""    # token of the sealed-UID Bloom filter that matches (catalog.versions)
     duplicates: str = ""    # Parquet file of the records of duplicated UIDs (catalog.versions)
+    # Segments a compaction replaced (engine.compaction) -> retired at; unlinked after a grace
+    retired_segments: dict[str, float] = field(default_factory=dict)
 
     def sealed_upto(self, segment: str) -> int:
         return self.watermarks.get(segment, 0)
@@ -37,14 +39,15 @@ def load(directory: Path) -> Manifest:
     except FileNotFoundError:
         return Manifest()
     return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"],
-                    d.get("uid_filter", ""), d.get("duplicates", ""))
+                    d.get("uid_filter", ""), d.get("duplicates", ""), d.get("retired_segments", {}))
 
 
 def _store(directory: Path, m: Manifest) -> None:
     tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump({"files": m.files, "watermarks": m.watermarks, "retired": m.retired,
-                   "generation": m.generation, "uid_filter": m.uid_filter, "duplicates": m.duplicates}, f)
+                   "generation": m.generation, "uid_filter": m.uid_filter, "duplicates": m.duplicates,
+                   "retired_segments": m.retired_segments}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / MANIFEST)

@@ -30,8 +30,10 @@ _BLOOM = {"sop_instance_uid": 1, "series_instance_uid": 8, "study_instance_uid":
 COMPACT_MAX_ROWS = 4_000_000  # files at least this big are left alone
 
 
-def _write_parquet(directory: Path, table: pa.Table) -> str:
-    name = f"part-{time.time_ns():020d}-{os.getpid()}.parquet"
+def _write_parquet(directory: Path, table: pa.Table, name: str = "") -> str:
+    """Write `table` as a new Parquet file (and its study summary); `name` if given (a
+    compaction names its files so that a crash can find them), else a fresh one."""
+    name = name or f"part-{time.time_ns():020d}-{os.getpid()}.parquet"
     studies.write(directory, name, table)  # first: a file in the manifest always has its summary
     tmp = directory / f".{name}.tmp"
     rows = min(ROW_GROUP_ROWS, max(table.num_rows, 1))
