@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 DURABILITY_MODES = ("fsync", "os-buffer")
 DUPLICATE_POLICIES = ("keep-newest", "keep-first", "reject")
+QUOTA_POLICIES = ("refuse", "delete-oldest")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no controls
 
 
@@ -72,6 +73,13 @@ class Config:
     min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700
     spill_threshold: int = 16 << 20        # datasets larger than this are received to a spool file
     duplicates: str = "keep-newest"
+    compact_live_ratio: float = 0.5        # compaction rewrites sealed segments whose live bytes are below this fraction
+    compact_rate: float = 50.0             # background compaction: MB/s copied at most (0: unlimited)
+    compact_interval: float = 300.0        # background compaction: seconds between checks (0: off)
+    compact_grace: float = 3600.0          # seconds a compacted-away segment stays for readers that looked it up
+    max_storage_bytes: int = 0             # quota on the segment files' bytes (0: none); Orthanc's MaximumStorageSize
+    quota_policy: str = "refuse"           # past the quota: "refuse" (0xA700) or "delete-oldest" studies
+    protected_patients: tuple[str, ...] = ()  # Patient IDs the quota never deletes
     pn_case_insensitive: bool = False      # C-FIND: match person names ignoring case and accents
     log_format: str = "text"               # or "json"
     log_level: str = "info"
@@ -104,6 +112,11 @@ class Config:
             raise ConfigError(f"pending_interval: {self.pending_interval} is outside 0-3600 seconds")
         if self.workers < 0 or self.max_associations < 1:
             raise ConfigError("workers must be >= 0 and max_associations >= 1")
+        if not 0 < self.compact_live_ratio <= 1 or self.compact_rate < 0 or self.compact_grace < 0:
+            raise ConfigError("compact_live_ratio must be in (0, 1]; compact_rate and compact_grace >= 0")
+        if self.quota_policy not in QUOTA_POLICIES or self.max_storage_bytes < 0:
+            raise ConfigError(f"quota_policy: {self.quota_policy!r} is not one of {', '.join(QUOTA_POLICIES)} "
+                              "(or max_storage_bytes < 0)")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
         return self
@@ -112,6 +125,7 @@ class Config:
         """Plain-data form, for handing the configuration to a worker process."""
         d = dataclasses.asdict(self)
         d["data_dir"] = str(self.data_dir)
+        d["protected_patients"] = list(self.protected_patients)
         d["remotes"] = {k: dataclasses.asdict(v) for k, v in self.remotes.items()}
         return d
 
@@ -128,6 +142,9 @@ def _coerce(key: str, value: Any) -> Any:
     try:
         if key == "data_dir":
             return Path(value)
+        if key == "protected_patients":  # a TOML list, or comma-separated in a flag or variable
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(v).strip() for v in items if str(v).strip())
         if isinstance(default, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
         if isinstance(default, int):
