@@ -4,10 +4,11 @@ instances, and the durable queue of reports not yet delivered.
 Verdict (PS3.4 J.3.3): an instance is committed when the catalog holds it, with the
 SOP class the requester names, and its segment record is on stable storage and reads
 back with a good checksum (record CRC, then the CRC-32 and length of the dataset bytes
-as received). Otherwise it fails with the standard's Failure Reason:
+as received: engine/integrity.py), and no verify or scrub has marked it corrupt.
+Otherwise it fails with the standard's Failure Reason:
   0x0112 No such object instance   not in the catalog
   0x0119 Class / Instance conflict the catalog holds it under another SOP class
-  0x0110 Processing failure        the record is unreadable or its checksum fails
+  0x0110 Processing failure        the record is unreadable, its checksum fails, or it is marked corrupt
   0x0122 Referenced SOP Class not supported / 0x0115 invalid argument: malformed UIDs
 
 Queue: one write-once JSON file per accepted request in <data_dir>/commitment/pending/,
@@ -23,7 +24,6 @@ import fcntl
 import json
 import logging
 import os
-import struct
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -32,7 +32,8 @@ from typing import Iterator
 
 from catalog.reader import Catalog
 from engine.archive import valid_uid
-from engine.segment import CorruptRecord, crc32, fsync_dir, stream_payload
+from engine.integrity import check_record, marks_of
+from engine.segment import fsync_dir
 
 log = logging.getLogger("stowage.commitment")
 
@@ -46,7 +47,6 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 EVENT_SUCCESSFUL = 1                          # Storage Commitment Request Successful
 EVENT_FAILURES_EXIST = 2                      # Storage Commitment Request Complete - Failures Exist
 MAX_AGE_S = 7 * 24 * 3600
-_META_HEAD = struct.Struct("<HH2sHI")         # (0002,0000) UL, explicit VR little endian
 
 
 @dataclass(frozen=True)
@@ -65,35 +65,6 @@ class Verdict:
         return EVENT_FAILURES_EXIST if self.failed else EVENT_SUCCESSFUL
 
 
-def _check_record(path: Path, offset: int, dataset_crc: int, dataset_length: int) -> str | None:
-    """None when the record reads back intact; else what is wrong with it."""
-    crc, length, meta_left, head = 0, 0, -1, b""
-    try:
-        for chunk in stream_payload(path, offset):  # raises CorruptRecord on a bad record CRC
-            if meta_left < 0:
-                head += chunk
-                if len(head) < _META_HEAD.size:
-                    continue
-                group, element, vr, _res, value = _META_HEAD.unpack_from(head)
-                if (group, element, vr) != (2, 0, b"UL"):
-                    return "record payload does not start with a file meta group"
-                meta_left = _META_HEAD.size + value
-                chunk, head = head, b""
-            if meta_left:
-                skip = min(meta_left, len(chunk))
-                meta_left -= skip
-                chunk = chunk[skip:]
-            crc = crc32(chunk, crc)
-            length += len(chunk)
-    except CorruptRecord as e:
-        return str(e)
-    except OSError as e:
-        return f"cannot read {path.name}: {e.strerror or e}"
-    if length != dataset_length or crc != (dataset_crc & 0xFFFFFFFF):
-        return "dataset checksum or length differs from the catalog's"
-    return None
-
-
 def judge(catalog: Catalog, segments_dir: Path, references: list[Reference], *, sync: bool = False) -> Verdict:
     """The verdict on `references`. `sync` fsyncs the segments first (for archives that
     run with durability = os-buffer, whose records are not on stable storage yet)."""
@@ -102,6 +73,7 @@ def judge(catalog: Catalog, segments_dir: Path, references: list[Reference], *, 
         "SELECT sop_instance_uid, sop_class_uid, segment, \"offset\", dataset_crc32, dataset_length "
         "FROM instances WHERE sop_instance_uid IN (SELECT unnest(?))", [uids])
     held = {r[0]: r[1:] for r in rows}
+    marks = marks_of(segments_dir.parent)
     synced: dict[str, str | None] = {}
     checked: dict[str, str | None] = {}
     verdict = Verdict()
@@ -118,15 +90,16 @@ def judge(catalog: Catalog, segments_dir: Path, references: list[Reference], *, 
             verdict.failed.append((ref, CLASS_INSTANCE_CONFLICT))
             continue
         path = segments_dir / segment
-        problem = None
-        if sync:
+        mark = marks.get(segment, offset)  # found corrupt by verify or the scrub (engine/integrity.py)
+        problem = f"marked corrupt by {mark.by}: {mark.problem}" if mark is not None else None
+        if sync and problem is None:
             if segment not in synced:
                 synced[segment] = _fsync(path)
             problem = synced[segment]
         if problem is None:
             key = f"{segment}@{offset}"
             if key not in checked:
-                checked[key] = _check_record(path, offset, crc, length)
+                checked[key] = check_record(path, offset, crc, length)
             problem = checked[key]
         if problem is not None:
             log.error("commitment: %s fails verification: %s", ref.sop_instance_uid, problem)

@@ -1,54 +1,266 @@
-"""Export: stored instances as Part-10 files whose dataset bytes are those received."""
+"""Export: stored instances as Part-10 files whose dataset bytes are those received.
+
+Three ways to lay them out (docs/export.md): `flat` (`<SOP Instance UID>.dcm`), `tree`
+(patient/study/series folders with readable, sanitized names, engine.export_names) and
+a PS3.10 File-set with a DICOMDIR (engine.export_dicomdir). Every file is written to a
+temporary name and renamed into place, so a partial file never has a final name; a file
+already there with the same data set (length and CRC-32) is left as it is, so re-running
+an export writes only what is missing or damaged.
+"""
 from __future__ import annotations
 
+import errno
 import os
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tqdm import tqdm
 
 from catalog.reader import Catalog
-from engine.filemeta import PREAMBLE
+from engine import export_dicomdir, export_names
+from engine.filemeta import PREAMBLE, group_length
 from engine.segment import stream_payload
+
+try:
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same sums
+    from zlib import crc32
 
 SELECTORS = {"patient": "patient_id", "study": "study_instance_uid",
              "series": "series_instance_uid", "instance": "sop_instance_uid"}
+LAYOUTS = ("flat", "tree")
+_CHUNK = 1 << 20
+
+# The patient an instance belongs to: Patient ID with its issuer; without an ID, its study.
+_PATIENT_KEY = ("coalesce(issuer_of_patient_id, '')", "coalesce(patient_id, '')",
+                "CASE WHEN coalesce(patient_id, '') = '' THEN coalesce(study_instance_uid, '') ELSE '' END")
+
+
+class ExportError(Exception):
+    """The export cannot go on (out folder unwritable, disk full): one line for the user."""
 
 
 @dataclass
 class ExportResult:
     written: int = 0
-    failed: list[str] | None = None
+    skipped: int = 0  # already in place with the same data set
+    failed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One instance to write, and where its record lives."""
+    uid: str
+    segment: str
+    offset: int
+    dataset_length: int | None
+    dataset_crc32: int | None
+    instance_number: str | None
+    patient: tuple[str, str, str]
+    study_uid: str
+    series_uid: str
+
+
+def _where(level: str | None) -> str:
+    return f" WHERE {SELECTORS[level]} IN (SELECT unnest(?))" if level else ""
 
 
 def select(catalog: Catalog, level: str | None, values: list[str]) -> list[tuple[str, str, int]]:
     """(sop_instance_uid, segment, offset) of the instances to export; values are bound."""
-    sql = "SELECT sop_instance_uid, segment, \"offset\" FROM instances"
-    if level is not None:
-        sql += f" WHERE {SELECTORS[level]} IN (SELECT unnest(?))"
+    sql = "SELECT sop_instance_uid, segment, \"offset\" FROM instances" + _where(level)
     _cols, rows = catalog.execute(sql + " ORDER BY segment, \"offset\"", [values] if level else [])
     return rows
 
 
+def _items(execute: Callable, level: str | None, values: list[str]) -> list[Item]:
+    sql = ("SELECT sop_instance_uid, segment, \"offset\", dataset_length, dataset_crc32, instance_number, "
+           f"{', '.join(_PATIENT_KEY)}, coalesce(study_instance_uid, ''), coalesce(series_instance_uid, '') "
+           f"FROM instances{_where(level)} ORDER BY segment, \"offset\"")
+    _cols, rows = execute(sql, [values] if level else [])
+    return [Item(r[0], r[1], r[2], r[3], r[4], r[5], (r[6], r[7], r[8]), r[9], r[10]) for r in rows]
+
+
+def _first(execute: Callable, key: str, columns: str, level: str | None, values: list[str]) -> dict:
+    """key -> the `columns` of the earliest-received instance with that key, over every
+    instance (not only the selected ones) of the keys the selection touches: a folder's
+    name then does not depend on what was selected, nor change when more arrives."""
+    cols = [c.strip() for c in columns.split(",")]
+    firsts = ", ".join(f"first({c} ORDER BY received_at, sop_instance_uid)" for c in cols)
+    scope = f"SELECT {key} AS k, * FROM instances"
+    sql = (f"SELECT k, {firsts} FROM ({scope}) WHERE k IN (SELECT {key} FROM instances{_where(level)}) "
+           "GROUP BY k")
+    _cols, rows = execute(sql, [values] if level else [])
+    return {r[0]: r[1:] for r in rows}
+
+
+def _tree_names(execute: Callable, level: str | None, values: list[str]) -> tuple[dict, dict, dict]:
+    patient_key = f"[{', '.join(_PATIENT_KEY)}]"
+    patients = {tuple(k): v for k, v in _first(execute, patient_key, "patient_name, patient_id",
+                                                level, values).items()}
+    studies = _first(execute, "coalesce(study_instance_uid, '')",
+                     "study_date, accession_number, study_id, study_description", level, values)
+    series = _first(execute, "coalesce(series_instance_uid, '')",
+                    "series_number, modality, series_description", level, values)
+    return patients, studies, series
+
+
+def _plan(catalog: Catalog, level: str | None, values: list[str], tree: bool) -> tuple[list[Item], tuple]:
+    def work(execute: Callable) -> tuple[list[Item], tuple]:
+        items = _items(execute, level, values)
+        return items, (_tree_names(execute, level, values) if tree and items else ({}, {}, {}))
+    return catalog.snapshot(work)
+
+
+def _tree_path(item: Item, names: tuple[dict, dict, dict], existing: export_names.Existing,
+               out: Path) -> Path:
+    patients, studies, series = names
+    p, s, e = patients[item.patient], studies[item.study_uid], series[item.series_uid]
+    parts = export_names.tree_parts(export_names.Names(
+        item.patient, p[0], p[1], item.study_uid, s[0], s[1], s[2], s[3], item.series_uid, e[0], e[1], e[2]))
+    path = out
+    for part in parts:
+        path = path / existing.name(path, part)
+    return path / existing.name(path, export_names.file_name(item.instance_number, item.uid))
+
+
+def _same(target: Path, item: Item) -> bool:
+    """Whether `target` already holds this instance: our preamble, and a data set of the
+    stored length and CRC-32 after its file meta."""
+    if item.dataset_length is None or item.dataset_crc32 is None:
+        return False
+    try:
+        with open(target, "rb") as f:
+            head = f.read(len(PREAMBLE) + 12)
+            if head[:len(PREAMBLE)] != PREAMBLE:
+                return False
+            start = len(PREAMBLE) + group_length(head[len(PREAMBLE):])
+            if os.fstat(f.fileno()).st_size != start + item.dataset_length:
+                return False
+            f.seek(start)
+            crc = 0
+            while chunk := f.read(_CHUNK):
+                crc = crc32(chunk, crc)
+            return crc == item.dataset_crc32 & 0xFFFFFFFF
+    except (OSError, ValueError, struct.error):  # missing, a folder, unreadable, not ours: rewrite it
+        return False
+
+
+class _Unreadable(Exception):
+    """The record could not be read from its segment (corrupt, missing)."""
+
+
+def _payload(segments: Path, item: Item) -> Iterator[bytes]:
+    chunks = stream_payload(segments / item.segment, item.offset)
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except (OSError, ValueError) as e:  # CorruptRecord is a ValueError
+            raise _Unreadable(str(e)) from None
+        yield chunk
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return e.strerror or str(e)
+
+
+def write_file(segments: Path, item: Item, target: Path) -> None:
+    """Write one instance to `target` through a temporary name in the same folder."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create folder {target.parent}: {_why(e)}") from None
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(PREAMBLE)
+            for chunk in _payload(segments, item):
+                f.write(chunk)
+        os.replace(tmp, target)
+    except _Unreadable:
+        tmp.unlink(missing_ok=True)
+        raise
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise ExportError(f"cannot write {target}: {_why(e)}") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {out}: {_why(e)}") from None
+    if not out.is_dir():
+        raise ExportError(f"{out} is not a folder")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write into {out}: permission denied")
+
+
 def export(data_dir: Path, out: Path, level: str | None, values: list[str],
-           duplicates: str = "keep-newest") -> ExportResult:
+           duplicates: str = "keep-newest", layout: str = "flat", dicomdir: bool = False) -> ExportResult:
+    """Write the selected instances under `out`; raises ExportError when it cannot go on."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
     catalog = Catalog(data_dir / "catalog", duplicates)
     try:
-        rows = select(catalog, level, values)
+        items, names = _plan(catalog, level, values, tree=layout == "tree" and not dicomdir)
     finally:
         catalog.close()
-    out.mkdir(parents=True, exist_ok=True)
-    result = ExportResult(failed=[])
-    for uid, segment, offset in rows:
-        target = out / f"{uid}.dcm"  # a validated UID: digits and dots only
-        tmp = out / f".{uid}.tmp"
+    _prepare_out(out)
+    fileset = None
+    if dicomdir:
         try:
-            with open(tmp, "wb") as f:
-                f.write(PREAMBLE)
-                for chunk in stream_payload(data_dir / "segments" / segment, offset):
-                    f.write(chunk)
-        except (OSError, ValueError) as e:  # CorruptRecord is a ValueError
-            tmp.unlink(missing_ok=True)
-            result.failed.append(f"{uid}: {e}")
+            fileset = export_dicomdir.FileSet(out)
+        except export_dicomdir.FileSetError as e:
+            raise ExportError(str(e)) from None
+    existing = export_names.Existing()
+    segments = data_dir / "segments"
+    result = ExportResult()
+    for item in tqdm(items, unit="inst", disable=None, leave=False):
+        if fileset is not None:
+            target = fileset.path(item.patient, item.study_uid, item.series_uid, item.uid)
+        elif layout == "tree":
+            target = _tree_path(item, names, existing, out)
+        else:
+            target = out / f"{export_names.uid_name(item.uid)}.dcm"
+        if _same(target, item):
+            result.skipped += 1
             continue
-        os.replace(tmp, target)
+        try:
+            write_file(segments, item, target)
+        except _Unreadable as e:
+            result.failed.append(f"{item.uid}: {e}")
+            if fileset is not None:
+                fileset.forget(item.uid)
+            continue
         result.written += 1
+    if fileset is not None:
+        try:
+            result.failed.extend(fileset.write())
+        except OSError as e:
+            raise ExportError(f"cannot write {out / 'DICOMDIR'}: {_why(e)}") from None
     return result
+
+
+def describe(result: ExportResult, out: Path) -> str:
+    """The summary line the CLI prints."""
+    extra = f" ({result.skipped} already there)" if result.skipped else ""
+    return f"exported {result.written + result.skipped} instance(s) to {out}{extra}"
+
+
+__all__: list[Any] = ["ExportError", "ExportResult", "LAYOUTS", "describe", "export", "select"]

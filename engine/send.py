@@ -17,7 +17,8 @@ bounded. C-GET sends on the requester's pynetdicom association: written the same
 this thread (`_DirectLink`), or under TLS through pynetdicom from a Part-10 spool file.
 
 A store with no response within `dimse_timeout`, or whose association breaks, is
-retried once on a new association.
+retried once on a new association. A record marked corrupt (engine/integrity.py) is never
+sent: it counts as a failed sub-operation, with the mark's reason.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from pynetdicom.association import Association
 from engine import convert, filemeta, store_responses, store_scu
 from engine.client import Peer, PeerError
 from engine.filemeta import PREAMBLE
+from engine.integrity import marks_of
 from engine.segment import CorruptRecord, read_payload, stream_payload
 from workers.commands import WARNING_STATUSES
 
@@ -497,6 +499,10 @@ class Sender:
     # -- preparing one instance -------------------------------------------------------
 
     def _prepare(self, inst: Instance, accepted: dict[str, set[str]], spool: Path, in_memory: bool) -> _Prepared:
+        mark = marks_of(self.segments_dir.parent).get(inst.segment, inst.offset)
+        if mark is not None:  # found corrupt by verify or the scrub: never sent (engine/integrity.py)
+            return _Prepared(inst, reason=f"stored record marked corrupt by {mark.by} "
+                                          f"({inst.segment} @ {inst.offset}): {mark.problem}")
         syntaxes = accepted.get(inst.sop_class_uid)
         if not syntaxes:
             return _Prepared(inst, reason=f"{self.peer} accepted no presentation context for SOP class "
