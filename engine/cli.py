@@ -128,6 +128,40 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
     click.echo(f"deleted {result.summary()}")
 
 
+@main.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_common
+@click.option("--processes", type=int, default=0, help="Import processes [one per core].")
+@click.option("--threads", type=int, default=8, show_default=True, help="Concurrent stores per process.")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
+              help="CSV of every file not stored, and why [DATA_DIR/import/refused-<time>.csv].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def import_(paths, config_file, data_dir, processes, threads, report, quiet) -> None:
+    """Import DICOM files (Part-10, without preamble, DICOMDIR trees) from folders, recursively,
+    through the same durable store path as C-STORE; safe while `stowage serve` runs. Exit status 1
+    if a DICOM file could not be stored (see docs/import.md)."""
+    import os
+    from engine.importer.run import run_import
+    config = _load(config_file, data_dir=data_dir)
+    for p in paths:
+        if not p.exists():
+            raise click.ClickException(f"{p}: no such file or folder")
+        if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+            raise click.ClickException(f"{p}: permission denied")
+    if processes < 0 or threads < 1:
+        raise click.UsageError("--processes must be >= 0 and --threads >= 1")
+    try:
+        summary = run_import(config, list(paths), processes=processes, threads=threads, report=report,
+                             quiet=quiet)
+    except OSError as e:
+        raise click.ClickException(f"import into {config.data_dir}: {e.strerror or e}"
+                                   f"{f' ({e.filename})' if e.filename else ''}") from None
+    click.echo(summary.line())
+    for problem in summary.problems:
+        click.echo(f"import: {problem}", err=True)
+    sys.exit(summary.exit_code)
+
+
 @main.command("rebuild-catalog")
 @_common
 def rebuild_catalog(config_file, data_dir) -> None:
@@ -286,6 +320,56 @@ def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, 
         raise click.ClickException(str(e)) from None
     if any(r.failed or r.warning for r in results):
         sys.exit(1)
+
+
+@main.command()
+@_common
+@click.option("--from", "source", help="The legacy archive: AE@host:port, or a configured remote's name.")
+@click.option("--method", type=click.Choice(["move", "get"]), default="move", show_default=True,
+              help="C-MOVE to the running archive (stowage serve on this data dir), or C-GET stored here.")
+@click.option("--aet", help="Our AE title, calling and C-MOVE destination [the configured aet].")
+@click.option("--since", help="First StudyDate to migrate (YYYY-MM-DD) [everything].")
+@click.option("--until", help="Last StudyDate to migrate (YYYY-MM-DD) [everything].")
+@click.option("--parallel", type=int, default=3, show_default=True, help="Studies pulled at once (associations).")
+@click.option("--find-limit", type=int, default=0, show_default=True,
+              help="The source's cap on C-FIND matches (e.g. Orthanc's LimitFindResults); windows answering "
+                   "that many are split. 0: unknown (only a failure status reveals a cap).")
+@click.option("--verify-content", is_flag=True, help="Also re-read every migrated record and check its checksums.")
+@click.option("--dry-run", is_flag=True, help="Enumerate only; print what would be pulled.")
+@click.option("--status", "show_status", is_flag=True, help="Print the checkpoint's state (also while a migration runs).")
+@click.option("--window", help="Start new work only in this local time window, e.g. 19:00-07:00.")
+@click.option("--max-rate", help="Cap: instances/s (e.g. 50) or MB/s (e.g. 20MB/s).")
+@click.option("--stall-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds a retrieve may go without progress before it is aborted and retried later.")
+@click.option("--retries", type=int, default=5, show_default=True, help="Attempts per study before it is failed.")
+@click.option("--retry-delay", type=float, default=30.0, show_default=True,
+              help="First back-off in seconds (doubles per attempt; x4 when the source is out of resources).")
+@click.option("--rescan", is_flag=True, help="Enumerate the source again (finds studies added since).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def migrate(config_file, data_dir, source, method, aet, since, until, parallel, find_limit, verify_content, dry_run,
+            show_status, window, max_rate, stall_timeout, retries, retry_delay, rescan, quiet) -> None:
+    """Move a whole legacy archive into stowage over DICOM: enumerate it by C-FIND, pull every
+    study by C-MOVE or C-GET, verify each instance against the catalog; checkpointed, so a re-run
+    resumes. Exit status 1 if any study failed."""
+    from engine.migrate.command import MigrateError, options, source as parse, status_lines
+    from engine.migrate.run import run
+    config = _load(config_file, data_dir=data_dir, aet=aet)
+    try:
+        if show_status:
+            for line in status_lines(config, source):
+                click.echo(line)
+            return
+        if not source:
+            raise click.UsageError("give the source: --from AE@host:port (or a configured remote)")
+        opts = options(method=method, since=since, until=until, parallel=parallel, find_limit=find_limit,
+                       verify_content=verify_content, dry_run=dry_run, window=window, max_rate=max_rate,
+                       stall_timeout=stall_timeout, retries=retries, retry_delay=retry_delay, rescan=rescan,
+                       progress=not quiet)
+        code = run(config, parse(source, config), opts, click.echo)
+    except MigrateError as e:
+        raise click.ClickException(str(e)) from None
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

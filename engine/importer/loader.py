@@ -1,0 +1,254 @@
+"""One import process: it claims a slot of its own (engine/slots.py), recovers what a
+previous owner of that slot left, and stores files through `Archive.store`, the storage
+API that C-STORE uses, on several threads at once so that one group-committed fsync
+covers many instances.
+
+The source is only ever opened read-only (with O_NOATIME where the kernel allows), and
+the bytes stored are exactly the file's bytes after its File Meta Information.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import shutil
+import signal
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from catalog.attributes import UnreadableDataset, extract
+from engine.archive import NATIVE_SYNTAXES, OUT_OF_RESOURCES, Archive
+from engine.config import Config
+from engine.logs import setup_logging
+from engine.importer.part10 import FileInfo, Malformed, NotDicom, check_whole, read_info
+from engine.recovery import recover
+from engine.segment import FileRange
+from engine.slots import claim_slot
+
+IMPORT_SLOT_BASE = 100      # import processes write slots 100, 101…; serve workers 0..N-1
+DEFAULT_SOURCE_AE = "IMPORT"  # the calling AE recorded when a file names no Source AE
+_HEAD = 64 << 10
+
+# Outcomes, as the main process counts and reports them.
+STORED, HELD, SKIPPED, REFUSED, NOT_ATTEMPTED = "stored", "held", "skipped", "refused", "not-attempted"
+
+Task = tuple[int, str, int]  # (index in the scan, path, size when scanned)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    index: int
+    kind: str
+    reason: str = ""
+    nbytes: int = 0
+
+
+_RENAMED = {
+    "dataset SOP Instance UID differs from Affected SOP Instance UID":
+        "Media Storage SOP Instance UID (0002,0003) differs from the data set's (0008,0018)",
+    "dataset SOP Class UID differs from Affected SOP Class UID":
+        "Media Storage SOP Class UID (0002,0002) differs from the data set's (0008,0016)",
+}
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+    except PermissionError:  # O_NOATIME needs ownership; plain read-only then
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks, left = [], size
+    while True:
+        chunk = os.read(fd, max(left, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class Loader:
+    """Stores files for one import process; thread-safe."""
+
+    def __init__(self, archive: Archive, spool: Path, spill_threshold: int, stop: Any) -> None:
+        self.archive = archive
+        self.spool = spool
+        self.spill_threshold = spill_threshold
+        self.stop = stop                # shared: set on a full disk, so every process stops
+        self._inflight: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._spooled = 0
+
+    def load(self, task: Task) -> Outcome:
+        index, path, _size = task
+        if self.stop.is_set():
+            return Outcome(index, NOT_ATTEMPTED, "import stopped (disk full); free space and run it again")
+        try:
+            fd = _open(path)
+        except FileNotFoundError:
+            return Outcome(index, REFUSED, "unreadable: the file vanished after the scan")
+        except OSError as e:
+            return Outcome(index, REFUSED, f"unreadable: {e.strerror or e}")
+        try:
+            return self._load_open(index, path, fd)
+        except OSError as e:
+            return Outcome(index, REFUSED, f"unreadable: {e.strerror or e}")
+        finally:
+            os.close(fd)
+
+    def _load_open(self, index: int, path: str, fd: int) -> Outcome:
+        size = os.fstat(fd).st_size
+        if size > self.spill_threshold:
+            with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as data:
+                return self._store(index, path, fd, data, size)
+        return self._store(index, path, fd, _read_all(fd, size), size)
+
+    def _store(self, index: int, path: str, fd: int, data: bytes | mmap.mmap, size: int) -> Outcome:
+        view = memoryview(data)
+        try:
+            try:
+                info = read_info(view)
+                if info.is_dicomdir:
+                    return Outcome(index, SKIPPED, "DICOMDIR: a media directory, not an instance "
+                                                   "(the files it references are imported from the folder)", size)
+                check_whole(view, info.dataset_offset, info.transfer_syntax_uid)
+                sop_class, sop_instance = self._identity(view, info)
+            except NotDicom as e:
+                return Outcome(index, SKIPPED, f"not DICOM: {e}", size)
+            except Malformed as e:
+                return Outcome(index, REFUSED, str(e), size)
+            dataset, spooled = self._dataset(path, data, fd, info, size)
+        finally:
+            view.release()
+        try:
+            result = self._store_once(dataset, info, sop_class, sop_instance)
+        finally:
+            if spooled is not None:
+                spooled.unlink(missing_ok=True)
+        if result.ok:
+            return Outcome(index, HELD if result.held else STORED, "", size)
+        if result.status == OUT_OF_RESOURCES:
+            self.stop.set()
+        return Outcome(index, REFUSED, _RENAMED.get(result.comment, result.comment) + f" (status 0x{result.status:04X})",
+                       size)
+
+    def _identity(self, view: memoryview, info: FileInfo) -> tuple[str, str]:
+        """SOP Class and Instance UIDs: from the file meta, or from the data set itself
+        when the file has none (Archive.store checks that both agree with the data set)."""
+        if info.sop_class_uid and info.sop_instance_uid:
+            return info.sop_class_uid, info.sop_instance_uid
+        head = view[info.dataset_offset:info.dataset_offset + _HEAD]
+        try:
+            attrs = extract(bytes(head), info.transfer_syntax_uid)
+        except UnreadableDataset as e:
+            if info.has_meta:
+                raise Malformed(f"cannot parse the data set: {e}") from None
+            raise NotDicom("no file meta, and no readable data set") from None
+        cls, inst = attrs.get("sop_class_uid"), attrs.get("sop_instance_uid")
+        if not inst:
+            raise (Malformed if info.has_meta else NotDicom)("no SOP Instance UID (0008,0018)")
+        if not cls:
+            raise Malformed("no SOP Class UID (0008,0016)")
+        return str(cls), str(inst)
+
+    def _dataset(self, path: str, data: bytes | mmap.mmap, fd: int, info: FileInfo,
+                 size: int) -> tuple[bytes | FileRange, Path | None]:
+        """The data set as Archive.store takes it: bytes, or for a large file a FileRange
+        (of the source itself when stored as is; of a spool copy when it is to be
+        compressed, since compression writes next to the range's file)."""
+        offset = info.dataset_offset
+        if isinstance(data, bytes):
+            return data[offset:], None
+        if info.transfer_syntax_uid not in NATIVE_SYNTAXES:
+            return FileRange(Path(path), offset, size - offset), None
+        with self._lock:
+            self._spooled += 1
+            copy = self.spool / f"{threading.get_ident()}-{self._spooled}.dcm"
+        with open(copy, "wb") as out:
+            left, pos = size - offset, offset
+            while left:
+                sent = os.copy_file_range(fd, out.fileno(), left, pos)
+                if sent == 0:
+                    raise OSError(errno.EIO, "the file shrank while it was read")
+                pos += sent
+                left -= sent
+        return FileRange(copy, 0, size - offset), copy
+
+    def _store_once(self, dataset: bytes | FileRange, info: FileInfo, sop_class: str, sop_instance: str):
+        """Archive.store, with two copies of one instance in this process never stored at
+        the same moment (the second then finds the first and stores nothing)."""
+        while True:
+            with self._lock:
+                running = self._inflight.get(sop_instance)
+                if running is None:
+                    mine = self._inflight[sop_instance] = threading.Event()
+                    break
+            running.wait()
+        try:
+            return self.archive.store(dataset, info.transfer_syntax_uid, sop_class, sop_instance,
+                                      calling_ae=info.source_ae or DEFAULT_SOURCE_AE)
+        finally:
+            with self._lock:
+                del self._inflight[sop_instance]
+            mine.set()
+
+
+def _quiet_logging(config: Config, slot: int) -> None:
+    """Audit lines (duplicates with other content…) go to audit.jsonl as in serve; stderr
+    gets warnings and errors only, so the progress bar stays readable; a file's odd values
+    are the report's business, not pydicom's warnings'."""
+    setup_logging(config, f"import-{slot}")
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("stowage.audit").setLevel(logging.INFO)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+
+
+def _clear(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: Any, threads: int) -> None:
+    """Entry point of an import process: results go back as ("ready", slot),
+    ("done", [Outcome…]) per task chunk, then ("closed", slot) or ("failed", message)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    config = Config.from_dict(config_dict)
+    try:
+        slot = claim_slot(config.data_dir, IMPORT_SLOT_BASE)
+        _quiet_logging(config, slot.number)
+        recover(config.data_dir, slot.number)  # a previous import on this slot may have been killed
+        spool = config.data_dir / "spool" / f"{slot.number:03d}"
+        _clear(spool)
+        archive = Archive(config, slot.number)
+    except OSError as e:
+        results.put(("failed", f"cannot start an import process: {e.strerror or e}"))
+        return
+    results.put(("ready", slot.number))
+    loader = Loader(archive, spool, config.spill_threshold, stop)
+
+    def work() -> None:
+        while True:
+            chunk = tasks.get()
+            if chunk is None:
+                return
+            results.put(("done", [loader.load(task) for task in chunk]))
+
+    pool = [threading.Thread(target=work, name=f"import-{i}") for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    try:
+        archive.close()  # seals our catalog tail; on failure the next start recovers it
+    except OSError as e:
+        results.put(("failed", f"could not seal the catalog tail ({e.strerror or e}); "
+                               "the next start of serve or import recovers it from the segments"))
+    slot.release()
+    results.put(("closed", slot.number))

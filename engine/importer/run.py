@@ -1,0 +1,240 @@
+"""`stowage import`: the main process. It scans the folders, hands chunks of files to
+the import processes (engine/importer/loader.py), shows progress, writes the ledger
+and the refused-files report, and sums up.
+"""
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine.config import Config
+from engine.importer import loader
+from engine.importer.ledger import Ledger
+from engine.importer.loader import HELD, IMPORT_SLOT_BASE, NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, Outcome
+from engine.importer.scan import roots_of, scan
+from engine.recovery import recover
+from engine.slots import slots_present, try_claim
+
+_CHUNK_FILES = 16
+_CHUNK_BYTES = 8 << 20
+
+
+@dataclass
+class Summary:
+    stored: int = 0
+    held: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    refused: int = 0
+    not_attempted: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    report: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every DICOM file is in the archive (non-DICOM files skipped is fine);
+        1 when a file that is or may be DICOM was not stored."""
+        return 1 if self.refused or self.not_attempted or self.problems else 0
+
+    def line(self) -> str:
+        rate = self.seconds or 1e-9
+        done = self.stored + self.held
+        parts = [f"{self.stored} stored", f"{self.held} already held"]
+        if self.unchanged:
+            parts.append(f"{self.unchanged} unchanged since the last import")
+        parts += [f"{self.skipped} skipped (not DICOM)", f"{self.refused} refused"]
+        if self.not_attempted:
+            parts.append(f"{self.not_attempted} not attempted")
+        text = (f"import: {', '.join(parts)}; {self.bytes_read / 1e6:.1f} MB read in {self.seconds:.1f} s "
+                f"({done / rate:.0f} files/s, {self.bytes_read / 1e6 / rate:.1f} MB/s)")
+        if self.report is not None:
+            text += f"; report: {self.report}"
+        return text
+
+
+class _Report:
+    """The CSV of every file not stored, opened when the first one comes."""
+
+    def __init__(self, path: Path | None, default_dir: Path) -> None:
+        self.path = path
+        self.default_dir = default_dir
+        self._file: TextIO | None = None
+        self._writer: Any = None
+
+    def add(self, path: str, outcome: str, reason: str) -> None:
+        if self._writer is None:
+            if self.path is None:
+                self.default_dir.mkdir(parents=True, exist_ok=True)
+                self.path = self.default_dir / time.strftime("refused-%Y%m%d-%H%M%S.csv")
+            self._file = open(self.path, "w", newline="", encoding="utf-8")
+            self._writer = csv.writer(self._file)
+            self._writer.writerow(["path", "outcome", "reason"])
+        self._writer.writerow([path, outcome, reason])
+
+    def close(self) -> Path | None:
+        if self._file is not None:
+            self._file.close()
+            return self.path
+        return None
+
+
+def _recover_left_behind(data_dir: Path) -> None:
+    """Recover import slots that a killed import left (nobody holds them now)."""
+    for number in sorted(n for n in slots_present(data_dir) if n >= IMPORT_SLOT_BASE):
+        claim = try_claim(data_dir, number)
+        if claim is not None:
+            try:
+                recover(data_dir, number)
+            finally:
+                claim.release()
+
+
+def _chunks(files: list[tuple[str, tuple[int, int, int]]]):
+    chunk: list[loader.Task] = []
+    size = 0
+    for i, (path, key) in enumerate(files):
+        chunk.append((i, path, key[0]))
+        size += key[0]
+        if len(chunk) >= _CHUNK_FILES or size >= _CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class _Bar:
+    def __init__(self, total_files: int, total_bytes: int, quiet: bool) -> None:
+        self.total_files = total_files
+        self.files = 0
+        self.t0 = time.monotonic()
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
+                            desc="import", mininterval=0.5, smoothing=0.1,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
+                                       "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
+
+    def update(self, files: int, nbytes: int) -> None:
+        self.files += files
+        if self.bar is not None:
+            rate = self.files / max(time.monotonic() - self.t0, 1e-6)
+            self.bar.set_postfix_str(f"{self.files}/{self.total_files} files, {rate:.0f} files/s", refresh=False)
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads: int = 8,
+               report: Path | None = None, quiet: bool = False) -> Summary:
+    t0 = time.monotonic()
+    data_dir = config.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _recover_left_behind(data_dir)
+    ledger = Ledger(data_dir)
+    found = scan(roots_of(paths), ledger)
+    summary = Summary(unchanged=found.unchanged)
+    out = _Report(report, data_dir / "import")
+    for path, why in found.errors:
+        out.add(path, REFUSED, why)
+        summary.refused += 1
+    try:
+        if found.files:
+            n = max(1, min(processes or (os.cpu_count() or 1), len(found.files)))
+            _dispatch(config, found, n, threads, ledger, out, summary, quiet)
+    finally:
+        ledger.close()
+        summary.report = out.close()
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: _Report,
+              summary: Summary, quiet: bool) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    tasks = ctx.Queue(maxsize=n * threads * 4)
+    results = ctx.Queue()
+    stop = ctx.Event()
+    procs = [ctx.Process(target=loader.process_main, args=(config.to_dict(), tasks, results, stop, threads),
+                         name=f"stowage-import-{i}", daemon=True) for i in range(n)]
+    for p in procs:
+        p.start()
+    feeder = threading.Thread(target=_feed, args=(found.files, tasks, n * threads), daemon=True)
+    feeder.start()
+    bar = _Bar(len(found.files), found.total_bytes, quiet)
+    done = [False] * len(found.files)
+    closed = 0
+    try:
+        while closed < n:
+            try:
+                kind, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs) and results.empty():
+                    summary.problems.append("an import process ended unexpectedly")
+                    break
+                continue
+            if kind == "done":
+                _count(payload, found.files, done, ledger, out, summary, bar)
+            elif kind == "failed":
+                summary.problems.append(payload)
+            elif kind == "closed":
+                closed += 1
+    except KeyboardInterrupt:
+        stop.set()
+        summary.problems.append("interrupted")
+        for p in procs:
+            p.terminate()
+    finally:
+        bar.close()
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for i, ok in enumerate(done):
+        if not ok:
+            summary.not_attempted += 1
+            out.add(found.files[i][0], NOT_ATTEMPTED, "no result from an import process")
+
+
+def _feed(files, tasks, consumers: int) -> None:
+    for chunk in _chunks(files):
+        tasks.put(chunk)
+    for _ in range(consumers):
+        tasks.put(None)
+
+
+def _count(outcomes: list[Outcome], files, done: list[bool], ledger: Ledger, out: _Report, summary: Summary,
+           bar: _Bar) -> None:
+    nbytes = 0
+    for o in outcomes:
+        done[o.index] = True
+        path, key = files[o.index]
+        nbytes += key[0]
+        summary.bytes_read += o.nbytes
+        if o.kind in (STORED, HELD):
+            ledger.add(path, key, o.kind)
+            if o.kind == STORED:
+                summary.stored += 1
+            else:
+                summary.held += 1
+            continue
+        out.add(path, o.kind, o.reason)
+        if o.kind == SKIPPED:
+            summary.skipped += 1
+        elif o.kind == REFUSED:
+            summary.refused += 1
+        else:
+            summary.not_attempted += 1
+    bar.update(len(outcomes), nbytes)
