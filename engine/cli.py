@@ -50,8 +50,10 @@ def serve(config_file, **overrides) -> None:
     """Run the archive (acceptor plus worker processes) until SIGTERM/SIGINT."""
     from engine.acceptor import ServeError, serve as run
     from engine.logs import setup_logging
+    from engine.compaction import Background
     config = _load(config_file, **overrides)
     setup_logging(config, "acceptor")
+    Background(config).start()  # compaction (and the delete-oldest quota) in this process
     try:
         sys.exit(run(config))
     except ServeError as e:
@@ -66,9 +68,14 @@ def serve(config_file, **overrides) -> None:
 @click.option("--study", multiple=True, help="Study Instance UID (repeatable).")
 @click.option("--series", multiple=True, help="Series Instance UID (repeatable).")
 @click.option("--instance", multiple=True, help="SOP Instance UID (repeatable).")
-def export(config_file, data_dir, out, everything, patient, study, series, instance) -> None:
-    """Write stored instances as Part-10 files named <SOP Instance UID>.dcm."""
-    from engine.export import export as run
+@click.option("--layout", type=click.Choice(["flat", "tree"]), default="flat", show_default=True,
+              help="flat: <SOP Instance UID>.dcm; tree: patient/study/series folders with readable names.")
+@click.option("--dicomdir", is_flag=True, help="Write a PS3.10 File-set: 8-character file IDs and a DICOMDIR.")
+def export(config_file, data_dir, out, everything, patient, study, series, instance, layout, dicomdir) -> None:
+    """Write stored instances as Part-10 files, dataset bytes as received (docs/export.md)."""
+    from engine.export import ExportError, describe, export as run
+    if dicomdir and layout != "flat":
+        raise click.UsageError("--dicomdir names the files itself (PS3.10 file IDs): drop --layout")
     chosen = [(lvl, list(v)) for lvl, v in (("patient", patient), ("study", study), ("series", series),
                                             ("instance", instance)) if v]
     if len(chosen) + bool(everything) != 1:
@@ -77,10 +84,13 @@ def export(config_file, data_dir, out, everything, patient, study, series, insta
     if not (config.data_dir / "catalog").exists():
         raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
     level, values = chosen[0] if chosen else (None, [])
-    result = run(config.data_dir, out, level, values, config.duplicates)
+    try:
+        result = run(config.data_dir, out, level, values, config.duplicates, layout=layout, dicomdir=dicomdir)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from None
     for failure in result.failed:
         click.echo(f"failed: {failure}", err=True)
-    click.echo(f"exported {result.written} instance(s) to {out}")
+    click.echo(describe(result, out))
     if result.failed:
         raise click.ClickException(f"{len(result.failed)} instance(s) could not be exported")
 
@@ -128,6 +138,44 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
     click.echo(f"deleted {result.summary()}")
 
 
+@main.command()
+@_common
+@click.option("--dry-run", is_flag=True, help="Only list the segments that would be rewritten.")
+@click.option("--rate", type=float, default=0.0, show_default=True, help="MB/s to copy at most (0: unlimited).")
+@click.option("--ratio", type=float, help="Rewrite segments whose live fraction is below this [compact_live_ratio].")
+def compact(config_file, data_dir, dry_run, rate, ratio) -> None:
+    """Reclaim the space of deleted and superseded instances (also while `stowage serve`
+    runs): rewrite sparse segments into new ones, then drop the old ones."""
+    from engine.compaction import CompactionBusy, compact as run
+    from engine.logs import setup_logging
+    config = _load(config_file, data_dir=data_dir)
+    if not (config.data_dir / "catalog").is_dir():
+        raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise click.UsageError("--ratio must be in (0, 1]")
+    setup_logging(config, "compact")
+    try:
+        r = run(config, rate=rate, dry_run=dry_run, ratio=ratio)
+    except CompactionBusy as e:
+        raise click.ClickException(f"{e}; try again when it is done") from None
+    except OSError as e:
+        raise click.ClickException(f"compaction stopped: {e.strerror or e}; nothing was lost, "
+                                   "run it again once that is fixed") from None
+    if dry_run:
+        for c in r.candidates:
+            click.echo(f"{c.segment}: {c.size / 1e6:.1f} MB, {c.ratio:.0%} live ({c.live_records} record(s))")
+        dead = sum(c.size - c.live_bytes for c in r.candidates)
+        click.echo(f"would rewrite {len(r.candidates)} segment(s), reclaiming about {dead / 1e6:.1f} MB")
+        return
+    click.echo(f"rewrote {len(r.rewritten)} segment(s) into {len(r.written)}: {r.records_copied} live record(s) "
+               f"copied, {r.reclaimed / 1e6:.1f} MB reclaimed, {r.mb_per_s:.1f} MB/s; "
+               f"{r.purged} retired segment(s) removed")
+    if r.errors:
+        for e in r.errors:
+            click.echo(f"skipped: {e}", err=True)
+        raise click.ClickException(f"{len(r.errors)} round(s) skipped (see above); run stowage verify")
+
+
 @main.command("import")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_common
@@ -160,6 +208,28 @@ def import_(paths, config_file, data_dir, processes, threads, report, quiet) -> 
     for problem in summary.problems:
         click.echo(f"import: {problem}", err=True)
     sys.exit(summary.exit_code)
+
+
+@main.command()
+@_common
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True),
+              help="Read at most this many MB/s, evenly paced [unlimited].")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write every problem found as CSV: segment, offset, sop_instance_uid, problem.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def verify(config_file, data_dir, rate, report, quiet) -> None:
+    """Re-read every stored record and check its checksums and its catalog row; safe while
+    `stowage serve` runs. Corrupt records are marked (never sent, commitment fails them).
+    Exit status 1 if anything is wrong (see docs/lifecycle.md)."""
+    from engine.verify_cli import VerifyCommandError, run_verify
+    config = _load(config_file, data_dir=data_dir)
+    try:
+        tally = run_verify(config, rate, report, progress=not quiet)
+    except VerifyCommandError as e:
+        raise click.ClickException(str(e)) from None
+    if tally.problems:
+        raise click.ClickException(f"{tally.corrupt} corrupt record(s), {len(tally.problems) - tally.corrupt} "
+                                   f"catalog problem(s)" + (f"; every one is listed in {report}" if report else ""))
 
 
 @main.command("rebuild-catalog")
