@@ -141,6 +141,8 @@ def rebuild(data_dir: Path) -> int:
             raise SlotError(errno.EBUSY, f"slot {number:03d} is being written by a live process "
                                          "(stowage serve or import?); stop it first")
         claim.release()
+    from engine.compaction import prepare_rebuild
+    prepare_rebuild(data_dir)  # else an interrupted compaction's output, or a retired segment, is indexed twice
     if catalog_dir.exists():
         shutil.rmtree(catalog_dir)
     return recover(data_dir)
