@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from engine import metrics
 from engine.config import Config, ConfigError
 from engine.recovery import recover
+from engine.scrub import ScrubProcess
 from engine.tls import server_context
 
 log = logging.getLogger("stowage.acceptor")
@@ -68,6 +69,7 @@ class Acceptor:
         self.metrics = metrics.ArchiveMetrics(config.data_dir, lambda: (
             sum(ws.active for ws in self.slots), sum(ws.ready for ws in self.slots)))
         self._lock_file = None
+        self.scrub = ScrubProcess(config)  # the background scrub (scrub_rate), one process
 
     # -- start-up -----------------------------------------------------------------
 
@@ -136,6 +138,7 @@ class Acceptor:
         for ws in self.slots:
             self._spawn(ws)
         self._wait_ready()
+        self.scrub.start()
         self.sel.register(self.listener, selectors.EVENT_READ, ("listen", False))
         if self.tls_listener is not None:
             self.sel.register(self.tls_listener, selectors.EVENT_READ, ("listen", True))
@@ -301,6 +304,7 @@ class Acceptor:
 
     def _reap(self) -> None:
         now = time.monotonic()
+        self.scrub.poll(self.draining)
         for ws in self.slots:
             if ws.process is None or ws.process.poll() is None:
                 continue
@@ -325,6 +329,7 @@ class Acceptor:
     # -- shutdown -----------------------------------------------------------------
 
     def _drain(self) -> int:
+        self.scrub.stop()  # it saves its position and goes on from there next time
         for listener in (self.listener, self.tls_listener):
             if listener is not None:
                 self.sel.unregister(listener)

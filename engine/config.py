@@ -83,6 +83,9 @@ class Config:
     pn_case_insensitive: bool = False      # C-FIND: match person names ignoring case and accents
     log_format: str = "text"               # or "json"
     log_level: str = "info"
+    # Background scrub (engine/scrub.py): "week" or "day" (one full pass per period), a
+    # number of MB/s, or 0 / "off".
+    scrub_rate: str = "week"
     remotes: Mapping[str, Remote] = field(default_factory=dict)
 
     @property
@@ -117,6 +120,7 @@ class Config:
         if self.quota_policy not in QUOTA_POLICIES or self.max_storage_bytes < 0:
             raise ConfigError(f"quota_policy: {self.quota_policy!r} is not one of {', '.join(QUOTA_POLICIES)} "
                               "(or max_storage_bytes < 0)")
+        scrub_setting(self.scrub_rate)  # raises ConfigError for a value it cannot use
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
         return self
@@ -132,6 +136,26 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
         return _build(dict(d))
+
+
+SCRUB_PERIODS = {"week": 7 * 24 * 3600.0, "day": 24 * 3600.0}
+
+
+def scrub_setting(value: str) -> tuple[float, float]:
+    """`scrub_rate` as (bytes/s, 0) for a rate in MB/s, (0, seconds) for one pass per
+    period, (0, 0) for no scrub."""
+    text = str(value).strip().lower()
+    if text in SCRUB_PERIODS:
+        return 0.0, SCRUB_PERIODS[text]
+    if text in ("off", "no", "false", ""):
+        return 0.0, 0.0
+    try:
+        rate = float(text)
+    except ValueError:
+        raise ConfigError(f"scrub_rate: {value!r} is not \"week\", \"day\", a number of MB/s, or 0 (off)") from None
+    if not 0 <= rate < 1e6:
+        raise ConfigError(f"scrub_rate: {value!r} MB/s is outside 0-1000000")
+    return rate * 1e6, 0.0
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -124,12 +124,30 @@ class ArchiveMetrics:
         yield GaugeMetricFamily("stowage_workers_ready", "Worker processes ready", value=ready)
         yield CounterMetricFamily("stowage_worker_restarts", "Worker processes restarted after they died",
                                   value=self.restarts)
+        yield from self._integrity()
         try:
             st = os.statvfs(self.data_dir)
             yield GaugeMetricFamily("stowage_free_bytes", "Free bytes on the data directory's file system",
                                     value=st.f_bavail * st.f_frsize)
         except OSError:
             pass
+
+
+    def _integrity(self) -> Iterator:
+        """Corrupt records and the scrub, read from their files (engine/integrity.py,
+        engine/scrub.py) when scraped: what `stowage verify` marks counts too, and the
+        counts survive restarts."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from engine import integrity, scrub
+        from pathlib import Path
+        marked, found = integrity.marks_of(Path(self.data_dir)).counts()
+        yield CounterMetricFamily("stowage_corrupt_records_found", "Records found corrupt (by verify or the "
+                                  "scrub) and marked: never sent, failed by storage commitment", value=found)
+        yield GaugeMetricFamily("stowage_corrupt_records", "Records marked corrupt now", value=marked)
+        state = scrub.load_state(Path(self.data_dir))
+        yield CounterMetricFamily("stowage_scrub_read_bytes", "Bytes the background scrub re-read and checked",
+                                  value=state.bytes)
+        yield CounterMetricFamily("stowage_scrub_passes", "Full passes of the background scrub", value=state.passes)
 
 
 def serve(metrics: ArchiveMetrics, bind: str, port: int) -> None:
