@@ -29,6 +29,7 @@ import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
 
 log = logging.getLogger("stowage.reactor")
@@ -158,30 +159,51 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                     self._idle_timer.restart()
             except Exception as exc:
                 log.error("DUL failure, aborting the association: %s", exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                try:
-                    self.socket.send(abort_pdu.encode())
-                except Exception:
-                    pass
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                _abort(self)
                 return
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
                 sleep = True
                 continue
-            self.state_machine.do_action(event)
+            _do_action(self, event)
             sleep = False
     finally:
         ready = getattr(self.assoc, "_stowage_ready", None)
         if ready is not None:
             ready.set()  # the association thread notices the DUL is gone at once
         self._stowage_wake.close()
+
+
+def _do_action(dul: DULServiceProvider, event: str) -> None:
+    """One state-machine step. An event the PS3.8 state table has no action for (pynetdicom
+    raises) would end the DUL thread with a traceback: typically our own accept or release
+    primitive (Evt7, Evt14) arriving after a bad peer already put the association in
+    Sta13, awaiting the close. The association is aborted, as the thread's end did before,
+    with one log line where it was not closing already (the association's own line says
+    it was aborted)."""
+    try:
+        dul.state_machine.do_action(event)
+    except InvalidEventError as exc:
+        closing = dul.state_machine.current_state == "Sta13"
+        log.log(logging.DEBUG if closing else logging.WARNING, "aborting the association: %s", exc)
+        _abort(dul)
+
+
+def _abort(dul: DULServiceProvider) -> None:
+    """Send an A-ABORT (service provider) if the socket still takes it, and end both
+    threads of the association."""
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    try:
+        dul.socket.send(abort_pdu.encode())
+    except Exception:
+        pass
+    dul.assoc.is_aborted = True
+    dul.assoc.is_established = False
+    dul.assoc._kill = True
+    dul._kill_thread = True
 
 
 def _assoc_run_reactor(self: Association) -> None:

@@ -87,8 +87,9 @@ def exported(data_dir: Path, out: Path) -> dict[str, Path]:
     return {p.stem: p for p in out.glob("*.dcm")}
 
 
-def associate_rq(port: int, called: str = "STOWAGE", max_pdu: int = 16384) -> bytes:
-    """A well-formed A-ASSOCIATE-RQ PDU (Verification and CT Image Storage), as bytes."""
+def associate_rq(port: int, called: str = "STOWAGE", max_pdu: int = 16384,
+                 abstract: str = CT_STORAGE) -> bytes:
+    """A well-formed A-ASSOCIATE-RQ PDU (Verification and CT Image Storage, or `abstract`), as bytes."""
     prim = A_ASSOCIATE()
     prim.application_context_name = "1.2.840.10008.3.1.1.1"
     prim.calling_ae_title = "RAWSCU"
@@ -96,7 +97,7 @@ def associate_rq(port: int, called: str = "STOWAGE", max_pdu: int = 16384) -> by
     prim.calling_presentation_address = AddressInformation(HOST, 0)
     prim.called_presentation_address = AddressInformation(HOST, port)
     contexts = []
-    for i, uid in enumerate((VERIFICATION, CT_STORAGE)):
+    for i, uid in enumerate((VERIFICATION, abstract)):
         cx = build_context(uid, ["1.2.840.10008.1.2", EXPLICIT_LE])
         cx.context_id = 2 * i + 1
         contexts.append(cx)
@@ -267,6 +268,42 @@ def test_malformed_pdus_are_aborted_and_harm_nobody(make_server, tmp_path):
     assert echo_ok(server.port)
     got = exported(server.data_dir, tmp_path / "out")
     assert set(got) == {request_uid(f) for f in files}
+
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # served on the pynetdicom path, not the lean one
+FOLLOW_UPS = [bytes([0x0B, 0, 0, 0, 0, 3]) + b"abc", bytes([0x07, 0, 0, 0, 0, 4]) + bytes(4),
+              bytes([0x05, 0, 0, 0, 0, 4]) + bytes(4), bytes([0x06, 0, 0, 0, 0, 4]) + bytes(4),
+              bytes([0x04, 0, 0, 0, 0, 6]) + b"\x00\x00\x00\x02\x01\x03"]
+
+
+def test_pdus_racing_the_association_answer_leave_no_traceback(make_server):
+    """A-ASSOCIATE-RQ followed at once by junk, an A-ABORT, a second RQ or a release: the
+    bad PDU moves the association to Sta13 before our accept goes out. pynetdicom then
+    raised InvalidEventError ('Evt7' in 'Sta13') in the DUL thread, a traceback in the log."""
+    import random
+    server = make_server("--workers", "2", STOWAGE_MAX_ASSOCIATIONS="8")
+    before = worker_pids(server)
+    rq = associate_rq(server.port, abstract=STUDY_ROOT_FIND)
+    rng = random.Random(2)
+    for _ in range(150):
+        data = rq + b"".join(rng.choice(FOLLOW_UPS) for _ in range(rng.randint(1, 3)))
+        with raw_connect(server.port) as s:
+            s.sendall(data)
+            read_pdu_or_close(s, timeout=5)
+    assert "Traceback" not in server.log(), server.log()[-3000:]
+    assert worker_pids(server) == before
+    deadline = time.monotonic() + 20  # every slot comes back (cap 8)
+    ae = scu(timeout=10)
+    while True:
+        more = [ae.associate(HOST, server.port, ae_title="STOWAGE") for _ in range(8)]
+        established = sum(a.is_established for a in more)
+        for a in more:
+            if a.is_established:
+                a.release()
+        if established == 8:
+            break
+        assert time.monotonic() < deadline, f"only {established} of 8 slots came back"
+        time.sleep(1.0)
 
 
 # -- 3. a peer that stalls mid-PDU ------------------------------------------------------
