@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 
 from engine.config import Config
 
@@ -67,6 +68,13 @@ class _AuditFile(logging.FileHandler):
         audit_write_failed(sys.exc_info()[1])
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning (pydicom's about a peer's invalid values, mostly) as one log
+    line, not Python's two (the message, then the source line that warned)."""
+    text = " ".join(str(message).split())
+    logging.getLogger("stowage.warnings").warning("%s: %s", category.__name__, text[:500])
+
+
 def setup_logging(config: Config, process: str) -> None:
     import multiprocessing
     multiprocessing.current_process().name = process
@@ -77,6 +85,9 @@ def setup_logging(config: Config, process: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # per-PDU chatter; we log per association
+    # pydicom both logs and warns each invalid value (warn_and_log): keep the warning, as one line.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.showwarning = _warning_line
     config.data_dir.mkdir(parents=True, exist_ok=True)
     audit = _AuditFile(config.data_dir / "audit.jsonl")
     audit.setFormatter(JsonFormatter())

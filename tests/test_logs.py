@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from engine import logs
 
@@ -30,3 +31,34 @@ def test_audit_lines_that_cannot_be_written_are_one_error_line(monkeypatch, capl
     assert len(errors) == 1, errors  # once a minute, not once per line
     assert "No space left on device" in errors[0] and "audit.jsonl" in errors[0]
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_peers_invalid_values_are_one_warning_line_each(make_server):
+    """pydicom warns about values that break their VR (here a date and a UID a peer sent in a
+    C-FIND identifier); each such warning is one line of the server's log, not Python's
+    two (message, then the source line that warned)."""
+    from pydicom.dataset import Dataset
+    from pydicom.dataelem import RawDataElement
+    from pynetdicom import AE
+    from conftest import HOST
+    server = make_server("--workers", "1")
+    ae = AE(b"LOGTEST")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    # Raw elements: the bad values go out as they are, without our own side validating them.
+    ident[0x00100030] = RawDataElement(0x00100030, "DA", 8, b"20XX0101", 0, False, True)
+    ident[0x0020000D] = RawDataElement(0x0020000D, "UI", 6, b"1.2.ab", 0, False, True)
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        responses = list(assoc.send_c_find(ident, "1.2.840.10008.5.1.4.1.2.2.1"))
+        assert responses and responses[-1][0] is not None
+    finally:
+        assoc.release()
+    server.stop()
+    lines = server.log().splitlines()
+    assert len([line for line in lines if "1.2.ab" in line]) == 1, "\n".join(lines[-40:])
+    stamped = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEC] ")
+    assert all(stamped.match(line) for line in lines), "\n".join(lines[-40:])
