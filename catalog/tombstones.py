@@ -157,7 +157,9 @@ def _table(entries: list[dict]) -> pa.Table:
 
 class TombstoneReader:
     """Follows the log of one tombstones directory; `read()` returns every entry so far
-    (SCHEMA), parsing only the bytes added since the last call. Thread-safe."""
+    (SCHEMA), parsing only the bytes added since the last call; after it, `fresh` holds
+    the entries that call added and `generation` changes when the log was read afresh
+    (replaced by a rewrite). Thread-safe."""
 
     def __init__(self, tombstones_dir: Path) -> None:
         self.path = Path(tombstones_dir) / LOG
@@ -166,6 +168,8 @@ class TombstoneReader:
         self._offset = 0
         self._chunks: list[pa.Table] = []
         self._table = SCHEMA.empty_table()
+        self.fresh = self._table
+        self.generation = 0
         self.skipped = 0  # torn or damaged lines seen
 
     def read(self) -> pa.Table:
@@ -173,12 +177,17 @@ class TombstoneReader:
             try:
                 fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
+                if self._ino is not None:
+                    self.generation += 1
                 self._ino, self._offset, self._table = None, 0, SCHEMA.empty_table()
+                self.fresh = self._table
                 return self._table
+            self.fresh = SCHEMA.empty_table()
             try:
                 st = os.fstat(fd)
                 if st.st_ino != self._ino or st.st_size < self._offset:  # replaced: read it all again
                     self._ino, self._offset, self._table = st.st_ino, 0, SCHEMA.empty_table()
+                    self.generation += 1
                 if st.st_size == self._offset:
                     return self._table
                 data = os.pread(fd, st.st_size - self._offset, self._offset)
@@ -197,7 +206,8 @@ class TombstoneReader:
                 entries.extend(parsed)
             self._offset += end
             if entries:
-                self._table = pa.concat_tables([self._table, _table(entries)])
+                self.fresh = _table(entries)
+                self._table = pa.concat_tables([self._table, self.fresh])
             return self._table
 
 
