@@ -21,6 +21,7 @@ from tqdm import tqdm
 from catalog.reader import Catalog
 from engine import export_dicomdir, export_names
 from engine.filemeta import PREAMBLE, group_length
+from engine.integrity import marks_of
 from engine.segment import stream_payload
 
 try:
@@ -92,13 +93,12 @@ def _first(execute: Callable, key: str, columns: str, level: str | None, values:
     sql = (f"SELECT k, {firsts} FROM ({scope}) WHERE k IN (SELECT {key} FROM instances{_where(level)}) "
            "GROUP BY k")
     _cols, rows = execute(sql, [values] if level else [])
-    return {r[0]: r[1:] for r in rows}
+    return {tuple(r[0]) if isinstance(r[0], list) else r[0]: r[1:] for r in rows}
 
 
 def _tree_names(execute: Callable, level: str | None, values: list[str]) -> tuple[dict, dict, dict]:
     patient_key = f"[{', '.join(_PATIENT_KEY)}]"
-    patients = {tuple(k): v for k, v in _first(execute, patient_key, "patient_name, patient_id",
-                                                level, values).items()}
+    patients = _first(execute, patient_key, "patient_name, patient_id", level, values)
     studies = _first(execute, "coalesce(study_instance_uid, '')",
                      "study_date, accession_number, study_id, study_description", level, values)
     series = _first(execute, "coalesce(series_instance_uid, '')",
@@ -230,8 +230,14 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
             raise ExportError(str(e)) from None
     existing = export_names.Existing()
     segments = data_dir / "segments"
+    marks = marks_of(data_dir)
     result = ExportResult()
     for item in tqdm(items, unit="inst", disable=None, leave=False):
+        mark = marks.get(item.segment, item.offset)
+        if mark is not None:  # found corrupt by verify or the scrub: never exported (engine/integrity.py)
+            result.failed.append(f"{item.uid}: stored record marked corrupt by {mark.by} "
+                                 f"({item.segment} @ {item.offset}): {mark.problem}")
+            continue
         if fileset is not None:
             target = fileset.path(item.patient, item.study_uid, item.series_uid, item.uid)
         elif layout == "tree":
