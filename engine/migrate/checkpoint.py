@@ -1,0 +1,220 @@
+"""The migration's checkpoint: one SQLite file per source in <data-dir>/migrate/ (WAL, so
+`--status` reads it while a migration writes it; synchronous=FULL, so a state written is
+a state kept through kill -9 or a power cut).
+
+Tables
+  meta     key/value: source, method, created
+  windows  enumeration windows: pending, done, split, incomplete, failed
+  studies  one row per study: state pending | in-flight | done | failed, attempts,
+           next_attempt (back-off), counts expected/received/verified, bytes, last_error
+
+A study moves pending -> in-flight -> done, or back to pending with a later next_attempt
+(retry), or to failed when its attempts are used up. On open, in-flight rows (a run that
+died mid-pull) return to pending: they are pulled again, which is harmless because the
+archive does not store an identical re-sent instance twice.
+"""
+from __future__ import annotations
+
+import fcntl
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from engine.migrate.enumerate import Study, Window
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS windows (
+    key TEXT PRIMARY KEY, state TEXT NOT NULL, found INTEGER, note TEXT, updated REAL);
+CREATE TABLE IF NOT EXISTS studies (
+    uid TEXT PRIMARY KEY, patient_id TEXT, patient_name TEXT, study_date TEXT, modalities TEXT,
+    expected INTEGER, state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0, received INTEGER NOT NULL DEFAULT 0,
+    verified INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0, verified_by TEXT,
+    last_error TEXT, updated REAL);
+CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, next_attempt);
+"""
+STATES = ("pending", "in-flight", "done", "failed")
+
+
+class CheckpointBusy(RuntimeError):
+    """Another `stowage migrate` holds this source's checkpoint."""
+
+
+@dataclass
+class StudyRow:
+    uid: str
+    patient_id: str
+    study_date: str
+    expected: int | None
+    attempts: int
+
+
+@dataclass
+class Result:
+    """What one attempt at a study ended with."""
+
+    state: str                  # done, or failed (retried while attempts remain)
+    expected: int | None = None
+    received: int = 0
+    verified: int = 0
+    bytes: int = 0
+    verified_by: str = ""
+    error: str = ""
+    busy: bool = False          # the source said it is out of resources, or stalled
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    con = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30, isolation_level=None)
+    if not readonly:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+    return con
+
+
+class Checkpoint:
+    """The checkpoint of one source, held exclusively (flock) by one migration."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock_file = open(path.with_suffix(".lock"), "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise CheckpointBusy(f"another stowage migrate is running from this source ({path.name}); "
+                                 "see it with --status") from None
+        self.con = connect(path)
+        self.con.executescript(SCHEMA)
+        self._mutex = threading.Lock()
+
+    def close(self) -> None:
+        self.con.close()
+        self._lock_file.close()
+
+    def _tx(self, statements: Iterable[tuple[str, Any]]) -> None:
+        with self._mutex:
+            self.con.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self.con.execute(sql, params)
+                self.con.execute("COMMIT")
+            except BaseException:
+                self.con.execute("ROLLBACK")
+                raise
+
+    def _one(self, sql: str, params: Any = ()) -> Any:
+        with self._mutex:
+            row = self.con.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    # -- meta and resume -----------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        return self._one("SELECT value FROM meta WHERE key = ?", (key,))
+
+    def set_meta(self, **values: str) -> None:
+        self._tx(("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v)) for k, v in values.items())
+
+    def resume(self, retry_failed: bool = True) -> int:
+        """In-flight studies of a run that died go back to pending (and, for a new run,
+        failed ones too, with fresh attempts); returns how many were in flight."""
+        with self._mutex:
+            n = self.con.execute("SELECT count(*) FROM studies WHERE state = 'in-flight'").fetchone()[0]
+        stmts = [("UPDATE studies SET state = 'pending', next_attempt = 0 WHERE state = 'in-flight'", ())]
+        if retry_failed:
+            stmts.append(("UPDATE windows SET state = 'pending' WHERE state = 'failed'", ()))
+            stmts.append(("UPDATE studies SET state = 'pending', attempts = 0, next_attempt = 0 "
+                          "WHERE state = 'failed'", ()))
+        self._tx(stmts)
+        return n
+
+    # -- enumeration ---------------------------------------------------------------
+
+    def seed_windows(self, windows: list[Window], rescan: bool) -> None:
+        """Start enumeration with `windows`, unless a previous run did (and no rescan)."""
+        if rescan:
+            self._tx([("DELETE FROM windows", ())])
+        if self._one("SELECT count(*) FROM windows"):
+            return
+        now = time.time()
+        self._tx(("INSERT OR IGNORE INTO windows VALUES (?, 'pending', NULL, NULL, ?)", (w.key, now))
+                 for w in windows)
+
+    def pending_windows(self) -> list[Window]:
+        with self._mutex:
+            rows = self.con.execute("SELECT key FROM windows WHERE state = 'pending' ORDER BY rowid").fetchall()
+        return [Window.from_key(k) for (k,) in rows]
+
+    def window_done(self, w: Window, outcome: str, studies: list[Study], children: list[Window],
+                    note: str) -> None:
+        """One window's answer, atomically: its studies, its children, its state."""
+        now = time.time()
+        stmts: list[tuple[str, Any]] = [
+            ("INSERT INTO studies (uid, patient_id, patient_name, study_date, modalities, expected, updated) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO UPDATE SET expected = excluded.expected "
+             "WHERE studies.state != 'done' AND excluded.expected IS NOT NULL",
+             (s.uid, s.patient_id, s.patient_name, s.study_date, s.modalities, s.expected, now))
+            for s in studies]
+        stmts += [("INSERT OR IGNORE INTO windows VALUES (?, 'pending', NULL, NULL, ?)", (c.key, now))
+                  for c in children]
+        stmts.append(("UPDATE windows SET state = ?, found = ?, note = ?, updated = ? WHERE key = ?",
+                      (outcome, len(studies), note, now, w.key)))
+        self._tx(stmts)
+
+    # -- pulling -------------------------------------------------------------------
+
+    def next_due(self, limit: int, now: float) -> list[StudyRow]:
+        with self._mutex:
+            rows = self.con.execute(
+                "SELECT uid, patient_id, study_date, expected, attempts FROM studies "
+                "WHERE state = 'pending' AND next_attempt <= ? ORDER BY attempts, study_date DESC, uid LIMIT ?",
+                (now, limit)).fetchall()
+        return [StudyRow(*r) for r in rows]
+
+    def earliest_retry(self) -> float | None:
+        return self._one("SELECT min(next_attempt) FROM studies WHERE state = 'pending'")
+
+    def start(self, uid: str) -> None:
+        self._tx([("UPDATE studies SET state = 'in-flight', attempts = attempts + 1, updated = ? WHERE uid = ?",
+                   (time.time(), uid))])
+
+    def finish(self, uid: str, result: Result, retry_at: float | None) -> str:
+        """Record an attempt's result; a failure with `retry_at` goes back to pending."""
+        state = result.state
+        if state == "failed" and retry_at is not None:
+            state = "pending"
+        self._tx([("UPDATE studies SET state = ?, next_attempt = ?, expected = coalesce(?, expected), "
+                   "received = ?, verified = ?, bytes = ?, verified_by = ?, last_error = ?, updated = ? "
+                   "WHERE uid = ?",
+                   (state, retry_at or 0, result.expected, result.received, result.verified, result.bytes,
+                    result.verified_by, result.error or None, time.time(), uid))])
+        return state
+
+    def done_bytes_and_instances(self) -> tuple[int, int]:
+        with self._mutex:
+            row = self.con.execute("SELECT coalesce(sum(bytes), 0), coalesce(sum(verified), 0) FROM studies "
+                                   "WHERE state = 'done'").fetchone()
+        return int(row[0]), int(row[1])
+
+
+def totals(con: sqlite3.Connection) -> dict[str, Any]:
+    """Counts for --status and the report, from any connection (read-only is enough)."""
+    by_state = dict.fromkeys(STATES, 0)
+    for state, n in con.execute("SELECT state, count(*) FROM studies GROUP BY state"):
+        by_state[state] = n
+    waiting = con.execute("SELECT count(*) FROM studies WHERE state = 'pending' AND attempts > 0").fetchone()[0]
+    expected, received, verified, mb = con.execute(
+        "SELECT coalesce(sum(expected), 0), coalesce(sum(received), 0), coalesce(sum(verified), 0), "
+        "coalesce(sum(bytes), 0) FROM studies").fetchone()
+    unknown = con.execute("SELECT count(*) FROM studies WHERE expected IS NULL").fetchone()[0]
+    windows = dict(con.execute("SELECT state, count(*) FROM windows GROUP BY state").fetchall())
+    return {"studies": sum(by_state.values()), **{f"studies_{k.replace('-', '_')}": v for k, v in by_state.items()},
+            "studies_waiting_retry": waiting, "instances_expected": expected, "studies_count_unknown": unknown,
+            "instances_received": received, "instances_verified": verified, "bytes": mb,
+            "windows": windows}

@@ -1,0 +1,137 @@
+"""Pulling one study from the source: C-MOVE to the running archive, or C-GET with the
+C-STOREs received here and stored through engine.archive.Archive (in a slot of our own).
+
+Stall: pynetdicom gives up on a response after the DIMSE timeout, which we set to
+--stall-timeout; a source that keeps sending Pending responses without completing a
+sub-operation for that long is treated the same. Either way the association is aborted
+(which ends the retrieve at the source) and the study counts as failed-and-busy: it is
+retried after a longer back-off.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import evt
+from pynetdicom.presentation import PresentationContext, build_context, build_role
+
+from engine.migrate.source import PENDING, Session
+
+log = logging.getLogger("stowage.migrate")
+MAX_CONTEXTS = 128
+BUSY = (0xA700, 0xA701, 0xA702)  # out of resources: the source is struggling, slow down
+MOVE_DESTINATION_UNKNOWN = 0xA801
+_KINDS = ("Completed", "Failed", "Warning")
+_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+# When we do not know a study's SOP classes, the C-GET proposes these (one context each).
+COMMON_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.1",
+                  "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.7",
+                  "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.12.1",
+                  "1.2.840.10008.5.1.4.1.1.12.2", "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.88.11",
+                  "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.11.1",
+                  "1.2.840.10008.5.1.4.1.1.481.1", "1.2.840.10008.5.1.4.1.1.481.2", "1.2.840.10008.5.1.4.1.1.481.3",
+                  "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.104.1",
+                  "1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.13.1.3")
+
+
+@dataclass
+class Pulled:
+    """How a C-MOVE or C-GET ended."""
+
+    status: int | None
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    comment: str = ""
+    stalled: bool = False
+    stored_here: list[str] = field(default_factory=list)  # C-GET: instances we stored
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0x0000 and not self.failed
+
+    @property
+    def busy(self) -> bool:
+        return self.stalled or self.status in BUSY
+
+    def describe(self) -> str:
+        if self.stalled:
+            return self.comment
+        what = "no final response" if self.status is None else f"status 0x{self.status:04X}"
+        text = f"{what}; {self.completed} completed, {self.failed} failed, {self.warning} warning"
+        return f"{text}: {self.comment}" if self.comment else text
+
+
+def _count(status: Dataset, keyword: str) -> int:
+    value = status.get(keyword, None)
+    try:
+        return int(value) if value not in (None, "") else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def retrieve(session: Session, kind: str, study_uid: str, move_aet: str, stall_timeout: float,
+             on_progress: Callable[[int], None] = lambda n: None) -> Pulled:
+    """Run one study-level C-MOVE or C-GET to its end, reporting sub-operations as they go."""
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study_uid
+    reported, last_progress = 0, time.monotonic()
+    counts = [0, 0, 0]  # completed, failed, warning: the latest the source gave
+    for status, _ident in session.responses(kind, ident, move_aet):
+        code = status.get("Status") if status else None
+        if code is None:
+            return Pulled(None, *counts, stalled=True, comment=f"no response from the source for "
+                          f"{stall_timeout:g} s (stall timeout); association aborted")
+        if any(f"NumberOf{k}Suboperations" in status for k in _KINDS):
+            counts = [_count(status, f"NumberOf{k}Suboperations") for k in _KINDS]
+        if code in PENDING:
+            progressed = sum(counts)
+            if progressed > reported:
+                on_progress(progressed - reported)
+                reported, last_progress = progressed, time.monotonic()
+            elif time.monotonic() - last_progress > stall_timeout:
+                session.assoc.abort()
+                return Pulled(None, *counts, stalled=True, comment=f"C-{kind.upper()} pending without progress "
+                              f"for {stall_timeout:g} s (stall timeout); association aborted")
+            continue
+        if sum(counts) > reported:
+            on_progress(sum(counts) - reported)
+        return Pulled(int(code), *counts, comment=str(status.get("ErrorComment", "") or ""))
+    return Pulled(None, *counts, comment="the source ended the retrieve without a final response")
+
+
+def get_contexts(sop_classes: list[str]) -> tuple[list[PresentationContext], list]:
+    """Storage contexts for a C-GET (SCP role): one per SOP class and transfer syntax, so
+    that the source can send each instance as it holds it (byte-exact); as many syntaxes
+    per class as the 126 free contexts allow, the uncompressed ones first."""
+    classes = list(dict.fromkeys(sop_classes or COMMON_CLASSES))[: MAX_CONTEXTS - 2]
+    syntaxes = _UNCOMPRESSED + sorted(set(map(str, AllTransferSyntaxes)) - set(_UNCOMPRESSED))
+    per_class = max(1, (MAX_CONTEXTS - 2) // len(classes))
+    contexts = [build_context(uid, [ts]) for uid in classes for ts in syntaxes[:per_class]]
+    if per_class == 1:  # many classes: one context each, every syntax proposed in it
+        contexts = [build_context(uid, syntaxes) for uid in classes]
+    roles = [build_role(uid, scp_role=True) for uid in classes]
+    return contexts[: MAX_CONTEXTS - 2], roles
+
+
+def store_handler(store: Callable[..., tuple[int, str]], source_ae: str, our_ae: str,
+                  stored: list[str]) -> tuple:
+    """The EVT_C_STORE handler of a C-GET association: store each instance as received."""
+    def handle(event: evt.Event) -> Dataset | int:
+        req = event.request
+        uid = str(req.AffectedSOPInstanceUID)
+        status, comment = store(req.DataSet.getvalue(), str(event.context.transfer_syntax),
+                                str(req.AffectedSOPClassUID), uid, source_ae, our_ae)
+        if status == 0:
+            stored.append(uid)
+            return 0x0000
+        rsp = Dataset()
+        rsp.Status = status
+        rsp.ErrorComment = comment[:64]
+        return rsp
+    return (evt.EVT_C_STORE, handle)

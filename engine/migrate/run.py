@@ -1,0 +1,369 @@
+"""The migration loop: enumerate the source into the checkpoint, then pull, verify and
+record each study, several at a time, under the pacing gate, with a progress bar."""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from catalog.reader import Catalog
+from engine.client import Peer
+from engine.config import Config
+from engine.migrate import report
+from engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result, StudyRow
+from engine.migrate.enumerate import enumerate_window, first_windows
+from engine.migrate.pacing import Gate, Rate, TimeWindow, retry_delay
+from engine.migrate.pull import MOVE_DESTINATION_UNKNOWN, Pulled, get_contexts, retrieve, store_handler
+from engine.migrate.source import Session, SourceError, slug
+from engine.migrate.verify import SourceListing, check_content, held, list_instances
+
+log = logging.getLogger("stowage.migrate")
+WINDOW_TRIES = 3
+SLOT_BASE = 200  # migrate's own slots for C-GET (serve: 0.., import: 100..)
+
+
+class MigrateError(RuntimeError):
+    """The migration cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class Options:
+    method: str = "move"
+    since: dt.date | None = None
+    until: dt.date | None = None
+    parallel: int = 3
+    find_limit: int = 0
+    verify_content: bool = False
+    dry_run: bool = False
+    window: TimeWindow | None = None
+    rate: Rate | None = None
+    stall_timeout: float = 300.0
+    retries: int = 5
+    retry_delay: float = 30.0
+    rescan: bool = False
+    progress: bool = True
+
+
+def checkpoint_path(data_dir: Path, peer: Peer) -> Path:
+    return data_dir / "migrate" / f"{slug(peer)}.sqlite"
+
+
+def serve_running(data_dir: Path) -> bool:
+    """Whether a `stowage serve` holds this data directory (its serve.lock flock)."""
+    lock = data_dir / "serve.lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+class _Fatal(Exception):
+    """An answer that no retry can fix (the source does not know our AE as a destination)."""
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+class Migration:
+    def __init__(self, config: Config, peer: Peer, opts: Options, cp: Checkpoint) -> None:
+        self.config, self.peer, self.opts, self.cp = config, peer, opts, cp
+        self.aet = config.aet
+        self.catalog: Catalog | None = None
+        self.archive = None
+        self.slot = None
+        self.bar: tqdm | None = None
+        self._bar_lock = threading.Lock()
+        self.gate = Gate(opts.window, opts.rate)
+
+    # -- enumeration ---------------------------------------------------------------
+
+    def enumerate(self) -> None:
+        self.cp.seed_windows(first_windows(self.opts.since, self.opts.until), self.opts.rescan)
+        session: Session | None = None
+        tries: dict[str, int] = {}
+        try:
+            while pending := self.cp.pending_windows():
+                for w in pending:
+                    self._wait_gate("enumeration")
+                    if session is None or not session.established:
+                        session = Session(self.peer, self.aet, timeout=self.opts.stall_timeout)
+                    outcome, studies, children, note = enumerate_window(session.find, w, self.opts.find_limit)
+                    if outcome == "failed":
+                        tries[w.key] = tries.get(w.key, 0) + 1
+                        log.warning("migrate: window %s: %s (try %d of %d)", w, note, tries[w.key], WINDOW_TRIES)
+                        if tries[w.key] < WINDOW_TRIES:
+                            session.close()
+                            session = None
+                            time.sleep(min(self.opts.retry_delay, 30))
+                            continue
+                    self.cp.window_done(w, outcome, studies, children, note)
+        finally:
+            if session is not None:
+                session.close()
+
+    # -- one study -------------------------------------------------------------------
+
+    def _progress(self, n: int) -> None:
+        if self.bar is not None:
+            with self._bar_lock:
+                self.bar.update(n)
+
+    def study(self, row: StudyRow) -> Result:
+        stall = self.opts.stall_timeout
+        try:
+            if self.opts.method == "move":
+                with Session(self.peer, self.aet, timeout=stall) as s:
+                    listing = list_instances(s, row.uid)
+                    pulled = retrieve(s, "move", row.uid, self.aet, stall, self._progress)
+            else:
+                with Session(self.peer, self.aet, timeout=stall) as s:
+                    listing = list_instances(s, row.uid)
+                contexts, roles = get_contexts(listing.sop_classes)
+                stored: list[str] = []
+                handler = store_handler(self._store, self.peer.ae_title, self.aet, stored)
+                with Session(self.peer, self.aet, timeout=stall, extra_contexts=contexts, ext_neg=roles,
+                             handlers=[handler]) as s:
+                    pulled = retrieve(s, "get", row.uid, self.aet, stall, self._progress)
+        except SourceError as e:
+            return Result("failed", error=str(e), busy=True)
+        if pulled.status == MOVE_DESTINATION_UNKNOWN:
+            raise _Fatal(f"{self.peer} does not know {self.aet!r} as a C-MOVE destination (0xA801): add it, "
+                         f"with this archive's host and port, to the source's configuration")
+        return self._verify(row, listing, pulled)
+
+    def _store(self, data: bytes, ts: str, sop_class: str, uid: str, calling: str, called: str) -> tuple[int, str]:
+        result = self.archive.store(data, ts, sop_class, uid, calling_ae=calling, called_ae=called)
+        return result.status, result.comment
+
+    def _verify(self, row: StudyRow, listing: SourceListing, pulled: Pulled) -> Result:
+        have = held(self.catalog, row.uid)
+        received = pulled.completed + pulled.warning
+        if listing.uids is not None:
+            expected, verified_by = len(listing.uids), "sop-instance-uids"
+            present = [u for u in listing.uids if u in have.rows]
+            missing = expected - len(present)
+        elif row.expected is not None:
+            expected, verified_by = row.expected, "instance-count"
+            present = list(have.rows)
+            missing = max(0, expected - len(present))
+        else:
+            expected, verified_by = received + pulled.failed, "retrieve-counts"
+            present = list(have.rows)
+            missing = max(0, expected - len(present)) + (0 if pulled.ok else 1)
+        result = Result("done", expected, received, len(present), sum(have.rows[u][1] for u in present),
+                        verified_by, busy=pulled.busy)
+        problems = []
+        if missing:
+            problems.append(f"{missing} of {expected} instances not in the archive")
+            if not pulled.ok:
+                problems.append(f"C-{self.opts.method.upper()} {pulled.describe()}")
+            elif listing.problem:
+                problems.append(f"({listing.problem})")
+        elif self.opts.verify_content and present:
+            bad = check_content(self.catalog, self.config.data_dir, type(have)({u: have.rows[u] for u in present}))
+            if bad:
+                result.verified -= len(bad)
+                problems.append(f"{len(bad)} record(s) fail the content check, e.g. {bad[0][0]}: {bad[0][1]}")
+            else:
+                result.verified_by += "+content"
+        if problems:
+            result.state, result.error = "failed", "; ".join(problems)
+        return result
+
+    # -- the pull loop ---------------------------------------------------------------
+
+    def _wait_gate(self, what: str, block: bool = True) -> float:
+        said = ""
+        while True:
+            seconds, why = self.gate.wait()
+            if seconds <= 0 or not block:
+                return seconds
+            if why != said:
+                log.info("migrate: %s waits %.0f s: %s", what, seconds, why)
+                said = why
+            time.sleep(min(seconds, 5.0))
+
+    def pull_all(self) -> None:
+        opts, cp = self.opts, self.cp
+        running: dict[Future, StudyRow] = {}
+        t0, run_bytes = time.monotonic(), 0
+        with ThreadPoolExecutor(opts.parallel, thread_name_prefix="migrate") as pool:
+            while True:
+                for f in [f for f in running if f.done()]:
+                    run_bytes += self._finish(running.pop(f), f)
+                    self._postfix(run_bytes, time.monotonic() - t0)
+                free = opts.parallel - len(running)
+                if free > 0 and self._wait_gate("pulling", block=False) <= 0:
+                    for row in cp.next_due(free, time.time()):
+                        cp.start(row.uid)
+                        running[pool.submit(self.study, row)] = row
+                if running:
+                    wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                    continue
+                due = cp.earliest_retry()
+                if due is None:
+                    return
+                gate_wait = self._wait_gate("pulling", block=False)
+                time.sleep(max(0.05, min(5.0, max(due - time.time(), gate_wait))))
+
+    def _finish(self, row: StudyRow, future: Future) -> int:
+        try:
+            result = future.result()
+        except _Fatal as e:
+            self.cp.finish(row.uid, Result("failed", error=str(e)), time.time())
+            raise MigrateError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - one study's surprise must not end the migration
+            log.exception("migrate: study %s", row.uid)
+            result = Result("failed", error=f"internal error: {e!r}")
+        attempts = row.attempts + 1
+        retry_at = None
+        if result.state == "failed" and attempts < self.opts.retries:
+            delay = retry_delay(self.opts.retry_delay, attempts, result.busy)
+            retry_at = time.time() + delay
+            if result.busy:
+                self.gate.pause(delay)
+        state = self.cp.finish(row.uid, result, retry_at)
+        if state == "failed":
+            log.warning("migrate: study %s failed after %d attempt(s): %s", row.uid, attempts, result.error)
+        elif state == "pending":
+            log.info("migrate: study %s: %s; retry %d in %.0f s", row.uid, result.error, attempts + 1,
+                     retry_at - time.time())
+        self.gate.account(result.received, result.bytes)
+        if self.bar is not None and state == "done" and row.expected is None:
+            with self._bar_lock:
+                self.bar.total += result.expected or 0
+        return result.bytes if state == "done" else 0
+
+    def _postfix(self, run_bytes: int, elapsed: float) -> None:
+        if self.bar is None:
+            return
+        with self.cp._mutex:
+            counts = dict(self.cp.con.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
+        with self._bar_lock:
+            self.bar.set_postfix_str(f"studies {counts.get('done', 0)}/{sum(counts.values())} done, "
+                                     f"{counts.get('failed', 0)} failed, {run_bytes / 1e6 / max(elapsed, 1e-3):.1f} MB/s")
+
+    # -- C-GET storage -----------------------------------------------------------------
+
+    def open_storage(self) -> None:
+        self.catalog = Catalog(self.config.data_dir / "catalog", self.config.duplicates)
+        if self.opts.method != "get":
+            return
+        from engine.archive import Archive
+        from engine.recovery import recover
+        from engine.slots import SlotError, claim_slot
+        from workers.contexts import storage_sop_classes
+        storage_sop_classes()  # registers retired and newer storage classes with pynetdicom
+        try:
+            self.slot = claim_slot(self.config.data_dir, SLOT_BASE)
+        except SlotError as e:
+            raise MigrateError(str(e)) from None
+        recover(self.config.data_dir, self.slot.number)
+        self.archive = Archive(self.config, self.slot.number)
+
+    def close_storage(self) -> None:
+        if self.archive is not None:
+            self.archive.close()
+        if self.catalog is not None:
+            self.catalog.close()
+
+
+def _quiet() -> None:
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    logging.getLogger("stowage").setLevel(logging.ERROR)
+    mine = logging.getLogger("stowage.migrate")
+    mine.setLevel(logging.INFO)
+    mine.propagate = False
+    if not mine.handlers:
+        h = _TqdmHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        mine.addHandler(h)
+
+
+def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] = print) -> int:
+    """The whole migration; returns the exit status (0: every study done and verified)."""
+    _quiet()
+    data_dir = config.data_dir
+    if opts.method == "move" and not opts.dry_run and not serve_running(data_dir):
+        raise MigrateError(f"--method move needs `stowage serve --data-dir {data_dir}` running to receive the "
+                           f"C-MOVE (the source sends to AE {config.aet!r}); start it, or use --method get")
+    path = checkpoint_path(data_dir, peer)
+    try:
+        cp = Checkpoint(path)
+    except CheckpointBusy as e:
+        raise MigrateError(str(e)) from None
+    m = Migration(config, peer, opts, cp)
+    try:
+        cp.set_meta(source=str(peer), method=opts.method)
+        again = cp.resume(retry_failed=not opts.dry_run)
+        if again:
+            log.info("migrate: %d study(ies) were in flight when the last run stopped; pulling them again", again)
+        try:
+            m.enumerate()
+        except SourceError as e:
+            raise MigrateError(str(e)) from None
+        if opts.dry_run:
+            return _dry_run(cp, echo)
+        m.open_storage()
+        try:
+            _run_pulls(m, opts)
+        finally:
+            m.close_storage()
+        s = report.summary(cp.con)
+        for line in report.lines(s):
+            echo(line)
+        csv_path, json_path = report.write(path, s, cp.con)
+        echo(f"report: {csv_path} and {json_path}")
+        incomplete = [w for w in s["incomplete_windows"] if w["state"] != "pending"]
+        return 1 if s["studies_failed"] or incomplete else 0
+    finally:
+        cp.close()
+
+
+def _run_pulls(m: Migration, opts: Options) -> None:
+    cp = m.cp
+    with cp._mutex:
+        expected, done = cp.con.execute(
+            "SELECT coalesce(sum(coalesce(expected, 0)), 0), coalesce(sum(CASE WHEN state = 'done' "
+            "THEN coalesce(expected, 0) END), 0) FROM studies").fetchone()
+    if opts.progress:
+        m.bar = tqdm(total=expected, initial=done, unit="inst", desc="migrate", dynamic_ncols=True,
+                     file=sys.stderr, smoothing=0.1)
+    try:
+        m.pull_all()
+    finally:
+        if m.bar is not None:
+            m.bar.close()
+
+
+def _dry_run(cp: Checkpoint, echo: Callable[[str], None]) -> int:
+    with cp._mutex:
+        rows = cp.con.execute("SELECT uid, patient_id, study_date, modalities, expected, state FROM studies "
+                              "ORDER BY study_date, uid").fetchall()
+    todo = [r for r in rows if r[5] != "done"]
+    for uid, patient, date, mods, expected, _state in todo:
+        echo(f"would pull {uid}  patient {patient}  {date or 'no date'}  {mods or '-'}  "
+             f"{expected if expected is not None else '?'} instances")
+    s = report.summary(cp.con)
+    echo(f"dry run: {len(todo)} of {len(rows)} studies to pull, "
+         f"{sum(r[4] or 0 for r in todo)} instances expected; nothing was pulled")
+    for w in s["incomplete_windows"]:
+        if w["state"] != "pending":
+            echo(f"  possibly incomplete window {w['window']}: {w['state']} ({w['note']})")
+    return 0

@@ -1,0 +1,116 @@
+"""The legacy archive we migrate from: naming it, and one association to it that offers
+Study Root C-FIND, C-MOVE and C-GET."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from pydicom.dataset import Dataset
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind as FIND,
+    StudyRootQueryRetrieveInformationModelGet as GET,
+    StudyRootQueryRetrieveInformationModelMove as MOVE,
+)
+
+from engine.client import Peer, PeerError, associate, new_ae, peer_of
+from engine.config import Config
+
+_AE_AT = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
+PENDING = (0xFF00, 0xFF01)
+SUCCESS = 0x0000
+CANCEL = 0xFE00
+
+
+class SourceError(RuntimeError):
+    """The source cannot be named or reached; the message says which and why."""
+
+
+def parse_source(text: str, config: Config) -> Peer:
+    """`AE@host:port`, or the name of a configured remote (`[remotes.NAME]`)."""
+    remote = config.remotes.get(text)
+    if remote is not None:
+        try:
+            return peer_of(remote)
+        except PeerError as e:
+            raise SourceError(str(e)) from None
+    m = _AE_AT.match(text)
+    if not m or not 0 < int(m["port"]) < 65536:
+        known = ", ".join(sorted(config.remotes)) or "none configured"
+        raise SourceError(f"--from {text!r}: expected AE@host:port or a configured remote (known: {known})")
+    return Peer(m["ae"].strip(), m["host"].strip("[]"), int(m["port"]))
+
+
+def slug(peer: Peer) -> str:
+    """A file-name-safe name for the source (its checkpoint and reports are named so)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{peer.ae_title}@{peer.host}_{peer.port}")
+
+
+@dataclass
+class Answer:
+    """All responses of one C-FIND: matches, the final status, and its comment."""
+
+    matches: list[Dataset]
+    status: int | None  # None: no final response (timeout, abort)
+    comment: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+class Session:
+    """One association to the source; use as a context manager."""
+
+    def __init__(self, peer: Peer, calling_aet: str, *, timeout: float = 60.0,
+                 extra_contexts: list[PresentationContext] | None = None, ext_neg: list | None = None,
+                 handlers: list[tuple[Any, Any]] | None = None) -> None:
+        self.peer = peer
+        self.ae = new_ae(calling_aet, acse_timeout=min(timeout, 30.0), dimse_timeout=timeout,
+                         network_timeout=max(timeout, 60.0))
+        contexts = [build_context(FIND), build_context(MOVE)]
+        if extra_contexts:
+            contexts = [build_context(FIND), build_context(GET), *extra_contexts]
+        try:
+            self.assoc: Association = associate(self.ae, peer, contexts, ext_neg=ext_neg, handlers=handlers)
+        except PeerError as e:
+            raise SourceError(str(e)) from None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            try:
+                self.assoc.release()
+            except Exception:  # noqa: BLE001 - a peer gone mid-release needs no more from us
+                self.assoc.abort()
+
+    def find(self, identifier: Dataset) -> Answer:
+        """Every match of a Study Root C-FIND, and how it ended."""
+        matches: list[Dataset] = []
+        for status, ident in self.assoc.send_c_find(identifier, FIND):
+            code = status.get("Status") if status else None
+            if code is None:
+                return Answer(matches, None, "no response from the source (timeout or association lost)")
+            if code in PENDING:
+                if ident is not None:
+                    matches.append(ident)
+                continue
+            return Answer(matches, int(code), str(status.get("ErrorComment", "") or ""))
+        return Answer(matches, None, "the source ended the C-FIND without a final status")
+
+    def responses(self, kind: str, identifier: Dataset, move_aet: str = "") -> Iterator[tuple[Dataset, Any]]:
+        """The responses of a C-MOVE or C-GET, as pynetdicom yields them."""
+        if kind == "move":
+            return self.assoc.send_c_move(identifier, move_aet, MOVE)
+        return self.assoc.send_c_get(identifier, GET)
+
+    @property
+    def established(self) -> bool:
+        return self.assoc.is_established

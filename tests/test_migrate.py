@@ -1,0 +1,180 @@
+"""`stowage migrate`: whole legacy archives moved into stowage over DICOM, from real peers
+on loopback (Orthanc, DCMTK dcmqrscp, a pynetdicom Q/R SCP that refuses some moves), with
+`stowage serve` and `stowage migrate` run as subprocesses, as users run them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from bench.corpus import generate
+from conftest import HOST, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port
+
+SAME_DAY = "20200301"
+DEFLATE = "1.2.840.10008.1.2.1.99"
+# (kind, syntax, count, patients, studies per patient, series per study, seed): 236 instances,
+# 21 studies over 13 patients, in Explicit/Implicit VR LE, Deflate, RLE, JPEG 2000, plus
+# JPEG baseline, JPEG lossy, JPEG 2000 and big endian files from pydicom's test data.
+SHAPES = [("small", "explicit", 96, 4, 2, 2, 1), ("small", "implicit", 48, 2, 2, 2, 2),
+          ("small", "rle", 32, 2, 1, 2, 3), ("small", "j2k", 24, 1, 2, 1, 4), ("small", "deflate", 24, 1, 1, 2, 5)]
+TEST_FILES = ["SC_rgb_jpeg_gdcm.dcm", "JPEG-lossy.dcm", "JPEG2000.dcm", "MR_small_bigendian.dcm"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[Path]:
+    """The legacy archive's content. Seven studies share one day (hours 08-14), so a source
+    capped at 5 C-FIND matches must be asked hour by hour to give them all."""
+    root = tmp_path_factory.mktemp("corpus")
+    files: list[Path] = []
+    for kind, syntax, count, pats, studies, series, seed in SHAPES:
+        files += generate(root / syntax, kind, count, patients=pats, studies_per_patient=studies,
+                          series_per_study=series, seed=seed, transfer_syntax=syntax)
+    for i, name in enumerate(TEST_FILES):
+        files += copies(Path(get_testdata_file(name)), root / f"testdata{i}", 3, f"t{i}")
+    by_study: dict[str, list[Path]] = {}
+    for f in files:
+        by_study.setdefault(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID, []).append(f)
+    for hour, study in enumerate(sorted(by_study)[:7]):
+        for f in by_study[study]:
+            ds = pydicom.dcmread(f)
+            ds.StudyDate, ds.StudyTime = SAME_DAY, f"{8 + hour:02d}1500"
+            ds.save_as(f, enforce_file_format=True)
+    return files
+
+
+def study_uids(files: list[Path]) -> set[str]:
+    return {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in files}
+
+
+_PROPOSE = {"1.2.840.10008.1.2.1": "-xe", "1.2.840.10008.1.2": "-xi", "1.2.840.10008.1.2.2": "-xb",
+            "1.2.840.10008.1.2.1.99": "-xd", "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.4.90": "-xv",
+            "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.51": "-xx",
+            "1.2.840.10008.1.2.4.50": "-xy"}
+
+
+def storescu(port: int, aec: str, files: list[Path]) -> None:
+    """Load a legacy archive through its DICOM port with DCMTK storescu, one run per transfer
+    syntax, proposing that syntax (so that nothing is converted on the way in)."""
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        groups.setdefault(str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID), []).append(f)
+    for ts, group in groups.items():
+        r = subprocess.run([dcmtk("storescu"), "-aec", aec, "-aet", "LOADER", _PROPOSE[ts], HOST, str(port),
+                            *map(str, group)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-3000:]
+
+
+def migrate(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", "migrate", "--data-dir", str(data_dir), "-q",
+                           *args], capture_output=True, text=True, timeout=timeout)
+
+
+def query(data_dir: Path, sql: str) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "query", "--data-dir", str(data_dir), "--format",
+                        "json", sql], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def comparable(path: Path) -> bytes:
+    """A Part-10 file's dataset bytes; inflated for Deflated Explicit VR Little Endian, whose
+    deflate stream a sender may redo (DCMTK deflates on the fly) without changing a byte of
+    the dataset."""
+    raw = dataset_bytes(path)
+    ts = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    return zlib.decompress(raw, -15) if ts == DEFLATE else raw
+
+
+def exported(data_dir: Path, out: Path) -> dict[str, bytes]:
+    r = export_all(data_dir, out)
+    assert r.returncode == 0, r.stderr
+    return {p.stem: comparable(p) for p in out.iterdir()}
+
+
+def checkpoint(data_dir: Path) -> sqlite3.Connection:
+    (path,) = (data_dir / "migrate").glob("*.sqlite")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+@pytest.fixture
+def orthancs():
+    from orthanc import Orthanc
+    started: list = []
+
+    def make(*args, **kwargs):
+        o = Orthanc(*args, **kwargs)
+        started.append(o)
+        return o
+
+    yield make
+    for o in started:
+        o.stop()
+
+
+def orthanc_files(orthanc) -> dict[str, bytes]:
+    """What Orthanc holds, per SOP Instance UID: the dataset bytes of its stored files."""
+    out = {}
+    for iid in orthanc.rest("GET", "/instances"):
+        raw = _raw(orthanc, iid)
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"orthanc-{iid}.dcm"
+        path.write_bytes(raw)
+        try:
+            out[pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID] = comparable(path)
+        finally:
+            path.unlink()
+    return out
+
+
+def _raw(orthanc, iid: str) -> bytes:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}/instances/{iid}/file", timeout=60) as r:
+        return r.read()
+
+
+def loaded_orthanc(orthancs, tmp_path: Path, corpus: list[Path], stowage_port: int, **extra):
+    orthanc = orthancs(tmp_path / "orthanc", {"stowage": ("STOWAGE", HOST, stowage_port)}, **extra)
+    storescu(orthanc.dicom_port, "ORTHANC", corpus)
+    assert len(orthanc.rest("GET", "/instances")) == len(corpus)
+    return orthanc
+
+
+def test_migrate_from_orthanc_by_move(make_server, tmp_path, corpus, orthancs):
+    """Every instance arrives byte for byte as Orthanc holds it, every study is verified
+    against Orthanc's IMAGE-level C-FIND, the source AE is recorded, and a re-run pulls
+    nothing again."""
+    server = make_server("--workers", "2")
+    orthanc = loaded_orthanc(orthancs, tmp_path, corpus, server.port)
+    src = f"ORTHANC@{HOST}:{orthanc.dicom_port}"
+    r = migrate(server.data_dir, "--from", src, "--parallel", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    n_studies = len(study_uids(corpus))
+    assert f"studies: {n_studies} found, {n_studies} done, 0 failed" in r.stdout, r.stdout
+    assert f"{len(corpus)} received, {len(corpus)} verified" in r.stdout, r.stdout
+    source = orthanc_files(orthanc)
+    got = exported(server.data_dir, tmp_path / "out")
+    assert set(got) == set(source)
+    assert [uid for uid in source if got[uid] != source[uid]] == []
+    assert query(server.data_dir, "SELECT calling_ae, count(*) AS n FROM instances GROUP BY 1") == \
+        [{"calling_ae": "ORTHANC", "n": len(corpus)}]
+    with checkpoint(server.data_dir) as con:
+        assert con.execute("SELECT DISTINCT verified_by FROM studies").fetchall() == [("sop-instance-uids",)]
+        attempts = con.execute("SELECT sum(attempts) FROM studies").fetchone()[0]
+    assert attempts == n_studies
+    again = migrate(server.data_dir, "--from", src)
+    assert again.returncode == 0, again.stdout + again.stderr
+    with checkpoint(server.data_dir) as con:
+        assert con.execute("SELECT sum(attempts) FROM studies").fetchone()[0] == n_studies  # nothing re-pulled
+    records = query(server.data_dir, "SELECT count(*) AS n, count(DISTINCT sop_instance_uid) AS u FROM records")
+    assert records == [{"n": len(corpus), "u": len(corpus)}]
+    report = json.loads(next((server.data_dir / "migrate").glob("*-report.json")).read_text())
+    assert report["studies_done"] == n_studies and report["instances_verified"] == len(corpus)
