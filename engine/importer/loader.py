@@ -123,11 +123,16 @@ class Loader:
                 return Outcome(index, SKIPPED, f"not DICOM: {e}", size)
             except Malformed as e:
                 return Outcome(index, REFUSED, str(e), size)
-            dataset, spooled = self._dataset(path, data, fd, info, size)
         finally:
             view.release()
         try:
+            dataset, spooled = self._dataset(path, data, fd, info, size)
+        except OSError as e:
+            return Outcome(index, REFUSED, f"could not spool it for compression: {e.strerror or e}", size)
+        try:
             result = self._store_once(dataset, info, sop_class, sop_instance)
+        except OSError as e:  # Archive.store answers statuses; this is a failure of ours, said plainly
+            return Outcome(index, REFUSED, f"could not store: {e.strerror or e}", size)
         finally:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
