@@ -15,10 +15,13 @@ import hashlib
 import os
 import re
 import struct
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import DIRECTORY_RECORDERS, _four_level_record_type, _single_level_record_type
@@ -36,6 +39,20 @@ _COMPONENT = re.compile(r"[A-Z0-9_]{1,8}")
 # instance's own file is never changed (docs/export.md).
 PLACEHOLDERS = {"StudyDate": "19000101", "StudyTime": "000000", "Modality": "OT",
                 "SeriesNumber": "0", "InstanceNumber": "0"}
+
+
+@contextmanager
+def _quiet():
+    """Values that break their VR's rules are the sender's, carried into the records as
+    they are: pydicom's warnings about them would be noise on the export's terminal."""
+    saved = config.settings.reading_validation_mode, config.settings.writing_validation_mode
+    config.settings.reading_validation_mode = config.settings.writing_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        config.settings.reading_validation_mode, config.settings.writing_validation_mode = saved
 
 
 class FileSetError(Exception):
@@ -117,16 +134,17 @@ class FileSet:
         could not be listed, and why."""
         roots: dict[str, _Node] = {}
         failed = []
-        for sop_uid, fid in sorted(self.files.items(), key=lambda kv: kv[1]):
-            path = self.out.joinpath(*fid)
-            if not path.is_file():
-                continue  # removed since: no longer part of the File-set
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-                _place(roots, records(ds, fid))
-            except Exception as e:  # a header pydicom cannot read, or a record it cannot make
-                failed.append(f"{sop_uid}: written as {'/'.join(fid)} but not listed in the DICOMDIR: {e}")
-        data = encode(roots, self.uid)
+        with _quiet():
+            for sop_uid, fid in sorted(self.files.items(), key=lambda kv: kv[1]):
+                path = self.out.joinpath(*fid)
+                if not path.is_file():
+                    continue  # removed since: no longer part of the File-set
+                try:
+                    ds = pydicom.dcmread(path, stop_before_pixels=True)
+                    _place(roots, records(ds, fid))
+                except Exception as e:  # a header pydicom cannot read, or a record it cannot make
+                    failed.append(f"{sop_uid}: written as {'/'.join(fid)} but not listed in the DICOMDIR: {e}")
+            data = encode(roots, self.uid)
         tmp = self.out / f".{DICOMDIR}.{os.getpid()}.tmp"
         try:
             with open(tmp, "wb") as f:

@@ -56,7 +56,8 @@ def series_values(number: str, modality: str, description: str) -> dict:
 
 
 def corpus(out: Path) -> dict[str, list[Path]]:
-    """Files by the AE title that sends them: 6 patients, 7 studies, 9 series, 19 instances."""
+    """Files by the AE title that sends them: 8 patients (2 without an ID), 8 studies, 9 series,
+    16 instances."""
     out.mkdir(parents=True)
     a, b = [], []
     jane = study_values("20240102", "ACC1", "HEAD CT")
@@ -70,13 +71,12 @@ def corpus(out: Path) -> dict[str, list[Path]]:
     b += [instance(CT, out, ("../../etc", "../../etc/passwd"), hostile, evil, n, "ISO_IR 192") for n in (1, 2)]
     b.append(instance(CT, out, ("X/Y", "SAME"), study_values("20200101", "A1", "ONE"), series_values("1", "CT", ""), 1))
     b.append(instance(CT, out, ("X_Y", "SAME"), study_values("20200101", "A1", "ONE"), series_values("1", "CT", ""), 1))
-    jp = study_values("20220202", "JP1", "")
-    b += [instance(CT, out, ("H31", JAPANESE), jp, series_values("1", "CT", ""), n, ["", "ISO 2022 IR 87"])
-          for n in (1, 2)]
-    for n in (1, 2):  # nothing readable at all: no ID, no name, no date, no numbers
+    jp, jp_series = study_values("20220202", "JP1", ""), series_values("1", "CT", "")
+    b += [instance(CT, out, ("H31", JAPANESE), jp, jp_series, n, ["", "ISO 2022 IR 87"]) for n in (1, 2)]
+    for _ in (1, 2):  # nothing readable at all: no ID, no name, no date, no numbers; two studies
         b.append(instance(CT, out, ("", ""), study_values("", "", ""), series_values("", "CT", ""), None))
-    b += [instance(RTPLAN, out, ("RT-1", "PLAN^PAT"), study_values("20210101", "RT", "PLAN"),
-                   series_values("1", "RTPLAN", "plan"), n) for n in (1, 2)]
+    rt, rt_series = study_values("20210101", "RT", "PLAN"), series_values("1", "RTPLAN", "plan")
+    b += [instance(RTPLAN, out, ("RT-1", "PLAN^PAT"), rt, rt_series, n) for n in (1, 2)]
     return {"SRC_A": a, "SRC_B": b}
 
 
@@ -257,6 +257,18 @@ def test_dicomdir_grows_with_each_selection(archive, tmp_path):
     study = next(iter(noid.values())).StudyInstanceUID
     more = {u: archive.sent[u] for u, ds in noid.items() if ds.StudyInstanceUID == study}
     assert export(archive.data_dir, out, "--study", study, "--dicomdir").returncode == 0
+    check_dicomdir(out, {**jane, **rt, **more})
+    # DCMTK reads it as its own: updating it with a file it lists leaves every record in place.
+    records = subprocess.run([dcmtk("dcmdump"), str(out / "DICOMDIR")], capture_output=True, text=True,
+                             errors="replace", timeout=60).stdout.count('"Directory Record"')
+    assert records == 1 + 2 + 2 + 6 + 1 + 1 + 2 + 1 + 1 + 1 + 1  # PAT-A, RT-1 (one study), one without ID
+    listed = FileSet(out / "DICOMDIR")
+    fid = Path(*next(iter(listed)).ReferencedFileID)
+    up = subprocess.run([dcmtk("dcmmkdir"), "+U", "-Pgp", str(fid)], cwd=out, capture_output=True, text=True,
+                        timeout=60)
+    assert up.returncode == 0 and "E:" not in up.stderr, up.stderr
+    assert subprocess.run([dcmtk("dcmdump"), str(out / "DICOMDIR")], capture_output=True, text=True,
+                          errors="replace", timeout=60).stdout.count('"Directory Record"') == records
     check_dicomdir(out, {**jane, **rt, **more})
     if shutil.which("dciodvfy"):  # dicom3tools, when installed: the DICOMDIR as a Basic Directory IOD
         v = subprocess.run(["dciodvfy", str(out / "DICOMDIR")], capture_output=True, text=True, errors="replace",
