@@ -1,0 +1,283 @@
+"""`stowage verify` and the background scrub: bytes flipped inside segment records (payload,
+header, and a payload whose record CRC was recomputed over the damage) are found, reported
+in the CSV, audited, marked; a marked record is failed by storage commitment (0x0110) and
+never sent by C-MOVE, C-GET, send or export while the others are; the server's scrub finds
+damage by itself and counts it on /metrics. Instances go in with DCMTK storescu."""
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+from conftest import CT, HOST, copies, dcmtk, export_all, free_port
+from test_commitment import Modality
+from test_get import _pyn_get, getscu, received
+from test_metrics import scrape
+from test_move import _pyn_move
+from test_send import RLE_SRC, config_with, flip_payload, scps, stowage  # noqa: F401  (scps: fixture)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def storescu(port: int, files: list[Path], *options: str) -> None:
+    r = subprocess.run([dcmtk("storescu"), *options, "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def verify(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", "verify", "--data-dir", str(data_dir), "-q", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def location(data_dir: Path, uid: str) -> tuple[str, int]:
+    from catalog.reader import Catalog
+    catalog = Catalog(data_dir / "catalog")
+    try:
+        row = catalog.lookup(uid)
+    finally:
+        catalog.close()
+    return row["segment"], row["offset"]
+
+
+def flip_header(data_dir: Path, uid: str) -> None:
+    """Flip one bit of the SOP Instance UID inside the record's header (it still decodes)."""
+    segment, offset = location(data_dir, uid)
+    with open(data_dir / "segments" / segment, "r+b") as f:
+        f.seek(offset)
+        head = f.read(4096)
+        at = head.index(uid.encode()) + len(uid) - 1
+        f.seek(offset + at)
+        f.write(bytes([head[at] ^ 0x01]))
+
+
+def flip_under_crc(data_dir: Path, uid: str) -> None:
+    """Flip payload bytes of an uncompressed record and recompute its record CRC: damage
+    done before the CRC was computed, that only the dataset's CRC-32 can show."""
+    from engine.segment import PREFIX_SIZE, crc32
+    segment, offset = location(data_dir, uid)
+    prefix = struct.Struct("<4sHHIQ")
+    with open(data_dir / "segments" / segment, "r+b") as f:
+        f.seek(offset)
+        raw = f.read(PREFIX_SIZE)
+        _magic, _version, flags, hlen, plen = prefix.unpack_from(raw)
+        assert flags == 0, "the victim must be stored as it came (an encapsulated syntax)"
+        header = f.read(hlen)
+        payload = bytearray(f.read(plen))
+        mid = plen - 64  # inside the pixel data, at the end of the dataset
+        payload[mid:mid + 8] = bytes(b ^ 0xFF for b in payload[mid:mid + 8])
+        crc = crc32(bytes(payload), crc32(header, crc32(raw[:prefix.size])))
+        f.seek(offset + prefix.size)
+        f.write(struct.pack("<I", crc))
+        f.seek(offset + PREFIX_SIZE + hlen)
+        f.write(payload)
+
+
+def report_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def audit(data_dir: Path, event: str) -> list[dict]:
+    lines = (data_dir / "audit.jsonl").read_text().splitlines()
+    return [d for d in map(json.loads, lines) if d.get("event") == event]
+
+
+def same_study_rle(tmp_path: Path) -> Path:
+    """An RLE instance (stored as it came, no zstd) in CT_small's patient and study."""
+    ct = pydicom.dcmread(CT, stop_before_pixels=True)
+    path = copies(RLE_SRC, tmp_path / "rle", 1, "rle")[0]
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.PatientID = ct.StudyInstanceUID, ct.PatientID
+    ds.save_as(path)
+    return path
+
+
+def test_verify_marks_flipped_records_and_retrieve_commitment_export_skip_them(make_server, tmp_path, scps):
+    dest = scps(tmp_path / "rx", aet="DEST")
+    cfg = config_with(tmp_path, DEST=(HOST, dest.port))
+    modality = Modality().listen()
+    cfg.write_text(cfg.read_text() + f'[remotes.MODALITY]\nhost = "{HOST}"\nport = {modality.port}\n')
+    server = make_server("--workers", "2", "--config", str(cfg), STOWAGE_SCRUB_RATE="0")
+    try:
+        ct = copies(CT, tmp_path / "ct", 5, "ct")
+        rle = same_study_rle(tmp_path)
+        storescu(server.port, ct)
+        storescu(server.port, [rle], "-xr")
+        data = server.data_dir
+
+        clean = verify(data, "--report", str(tmp_path / "clean.csv"))  # while serve runs
+        assert clean.returncode == 0, clean.stdout + clean.stderr
+        assert "verified 6 record(s)" in clean.stdout and "all intact" in clean.stdout
+        assert report_rows(tmp_path / "clean.csv") == []
+
+        payload, header, under = uid_of(ct[1]), uid_of(ct[3]), uid_of(rle)
+        flip_payload(data, payload)
+        flip_header(data, header)
+        flip_under_crc(data, under)
+        intact = {uid_of(p) for p in (ct[0], ct[2], ct[4])}
+
+        r = verify(data, "--report", str(tmp_path / "r.csv"))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "3 corrupt record(s)" in r.stdout, r.stdout
+        rows = {row["sop_instance_uid"]: row for row in report_rows(tmp_path / "r.csv")}
+        assert set(rows) == {payload, header, under}, rows
+        for uid, row in rows.items():
+            assert (row["segment"], int(row["offset"])) == location(data, uid)
+        assert "checksum mismatch" in rows[payload]["problem"]
+        assert "checksum mismatch" in rows[header]["problem"]
+        assert "dataset CRC-32" in rows[under]["problem"]  # the record CRC holds: only the dataset's shows it
+        assert {d["sop_instance_uid"] for d in audit(data, "corrupt")} == {payload, header, under}
+        again = verify(data)  # already marked: reported again, not marked twice
+        assert again.returncode == 1 and "(0 newly marked)" in again.stdout, again.stdout
+        assert len(audit(data, "corrupt")) == 3
+
+        # C-MOVE to DCMTK storescp: the three are failed sub-operations, named; the rest arrive
+        study = str(pydicom.dcmread(CT, stop_before_pixels=True).StudyInstanceUID)
+        rsps = _pyn_move(server.port, "DEST", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+        final, ident = rsps[-1]
+        assert final.Status == 0xB000
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 3)
+        failed = ident.FailedSOPInstanceUIDList
+        assert set([failed] if isinstance(failed, str) else failed) == {payload, header, under}
+        assert set(dest.received()) == intact  # the record whose CRC holds was not sent either
+
+        # C-GET: DCMTK getscu gets the intact ones; pynetdicom sees the failed counts
+        out = tmp_path / "got"
+        g = getscu(server.port, "S", out, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+        assert g.returncode == 0, g.stderr
+        assert set(received(out)) == intact
+        rsps, got = _pyn_get(server.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                             classes=[CTImageStorage, MRImageStorage])
+        final, ident = rsps[-1]
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 3)
+        assert set(got) == intact
+
+        # storage commitment: 0x0110 for the marked ones, committed for the others
+        refs = [(CTImageStorage, uid_of(p)) for p in ct] + [(MRImageStorage, under)]
+        status, _assoc = modality.request(server.port, refs, release=False)
+        assert status.Status == 0
+        rep = modality.report(60)
+        assert rep.committed() == intact
+        assert rep.failed() == {payload: 0x0110, header: 0x0110, under: 0x0110}
+
+        # export and send skip them with a clear line
+        e = export_all(data, tmp_path / "exported")
+        assert e.returncode != 0
+        assert {p.stem for p in (tmp_path / "exported").glob("*.dcm")} == intact
+        assert f"{under}: stored record marked corrupt by verify" in e.stderr, e.stderr
+        s = stowage("send", "--config", str(cfg), "--data-dir", str(data), "--to", "DEST", "-q",
+                    "--instance", under)
+        assert s.returncode != 0
+        assert "marked corrupt by verify" in s.stdout + s.stderr, s.stdout + s.stderr
+    finally:
+        modality.stop()
+
+
+def test_scrub_finds_flipped_bytes_by_itself_and_counts_them(make_server, tmp_path):
+    mport = free_port()
+    cfg = tmp_path / "stowage.toml"
+    cfg.write_text('scrub_rate = "500"   # MB/s: a pass in well under a second here\n')
+    server = make_server("--workers", "2", "--config", str(cfg), "--metrics-port", str(mport))
+    ct = copies(CT, tmp_path / "ct", 4, "ct")
+    storescu(server.port, ct)
+    victim = uid_of(ct[2])
+    flip_payload(server.data_dir, victim)  # while it runs, after its first pass may have begun
+    deadline = time.monotonic() + 90
+    while not audit(server.data_dir, "corrupt") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    found = audit(server.data_dir, "corrupt")
+    assert [d["sop_instance_uid"] for d in found] == [victim], server.log()
+    assert found[0]["by"] == "scrub"
+    assert (found[0]["segment"], found[0]["offset"]) == location(server.data_dir, victim)
+    got = scrape(mport)
+    assert got["stowage_corrupt_records_found_total"] == 1, got
+    assert got["stowage_corrupt_records"] == 1
+    assert got["stowage_scrub_passes_total"] >= 1
+    state = json.loads((server.data_dir / "corrupt" / "scrub.json").read_text())
+    assert state["passes"] >= 1
+    # the next passes find it again without marking or auditing it twice
+    passes = state["passes"]
+    deadline = time.monotonic() + 60
+    while json.loads((server.data_dir / "corrupt" / "scrub.json").read_text())["passes"] < passes + 1:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.5)
+    assert len(audit(server.data_dir, "corrupt")) == 1
+    assert scrape(mport)["stowage_corrupt_records_found_total"] == 1
+    assert server.stop() == 0  # the scrub stops with the drain
+
+
+def test_scrub_resumes_where_it_stopped(make_server, tmp_path):
+    """A slow scrub stopped mid-pass saves its position, and goes on from it after a restart."""
+    cfg = tmp_path / "stowage.toml"
+    cfg.write_text("scrub_rate = 0.05   # MB/s: about 50 KB/s, a pass of several seconds\n")
+    server = make_server("--workers", "1", "--config", str(cfg))
+    storescu(server.port, copies(CT, tmp_path / "ct", 12, "ct"))
+    state_file = server.data_dir / "corrupt" / "scrub.json"
+    deadline = time.monotonic() + 60
+    while not (state_file.exists() and json.loads(state_file.read_text())["offset"] > 0):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    assert server.stop() == 0
+    stopped = json.loads(state_file.read_text())
+    assert stopped["segment"] and stopped["offset"] > 0 and stopped["passes"] == 0, stopped
+    server.start()
+    deadline = time.monotonic() + 60
+    while "scrub running" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    assert f"from {stopped['segment']} @ {stopped['offset']}" in server.log(), server.log()
+
+
+def test_verify_reports_a_cut_segment_and_an_unindexed_record(make_server, tmp_path):
+    """Catalog ↔ segment cross-check, with the archive stopped: a catalog row whose record
+    was cut off, and a sealed record the catalog lacks."""
+    server = make_server("--workers", "1", STOWAGE_SCRUB_RATE="0")
+    ct = copies(CT, tmp_path / "ct", 3, "ct")
+    storescu(server.port, ct)
+    assert server.stop() == 0
+    data = server.data_dir
+    last = uid_of(ct[2])
+    segment, offset = location(data, last)
+    # a record the catalog lacks: the first record appended again, the watermark past it
+    from catalog import manifest
+    path = data / "segments" / segment
+    first = _record_at(path, location(data, uid_of(ct[0]))[1])
+    size = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(first)
+    with manifest.update(data / "catalog") as m:
+        m.watermarks[segment] = size + len(first)
+    r = verify(data, "--report", str(tmp_path / "r.csv"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    rows = report_rows(tmp_path / "r.csv")
+    assert [(row["segment"], int(row["offset"])) for row in rows] == [(segment, size)], rows
+    assert "not in the catalog" in rows[0]["problem"]
+    assert "0 corrupt record(s)" in r.stdout and "1 catalog problem(s)" in r.stdout
+    # a catalog row whose record is cut off
+    with open(path, "r+b") as f:
+        f.truncate(offset + 100)
+    r = verify(data, "--report", str(tmp_path / "r2.csv"))
+    assert r.returncode == 1
+    rows = {row["sop_instance_uid"]: row for row in report_rows(tmp_path / "r2.csv")}
+    assert last in rows and int(rows[last]["offset"]) == offset, rows
+
+
+def _record_at(path: Path, offset: int) -> bytes:
+    from engine.segment import open_record
+    with open(path, "rb") as f:
+        rec, _stored = open_record(f, offset)
+        f.seek(offset)
+        return f.read(rec.length)
