@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from bench import orthanc as bench_orthanc
 from bench.corpus import generate
 from conftest import HOST, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port
 
@@ -106,9 +107,14 @@ def checkpoint(data_dir: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
+class Orthanc(bench_orthanc.Orthanc):
+    rest_timeout = 60.0
+
+
 @pytest.fixture
 def orthancs():
-    from orthanc import Orthanc
+    if bench_orthanc.executable() is None:
+        pytest.fail("Orthanc is not installed: apt-get install orthanc (ops/test.sh does)")
     started: list = []
 
     def make(*args, **kwargs):
@@ -178,3 +184,126 @@ def test_migrate_from_orthanc_by_move(make_server, tmp_path, corpus, orthancs):
     assert records == [{"n": len(corpus), "u": len(corpus)}]
     report = json.loads(next((server.data_dir / "migrate").glob("*-report.json")).read_text())
     assert report["studies_done"] == n_studies and report["instances_verified"] == len(corpus)
+
+
+def test_capped_find_still_finds_every_study_and_dry_run_pulls_nothing(tmp_path, corpus, orthancs):
+    """Orthanc answers at most 5 C-FIND matches, with success. Told the cap, the enumeration
+    splits all dates -> decades -> years -> months -> the crowded day -> its hours, and finds
+    every study; --dry-run lists them and stores nothing. Without the cap it finds 5."""
+    orthanc = loaded_orthanc(orthancs, tmp_path, corpus, free_port(), LimitFindResults=5)
+    src = f"ORTHANC@{HOST}:{orthanc.dicom_port}"
+    blind = migrate(tmp_path / "blind", "--from", src, "--dry-run")
+    assert blind.returncode == 0, blind.stderr
+    assert blind.stdout.count("would pull ") == 5  # the cap is real: one window, truncated, "success"
+    data = tmp_path / "data"
+    r = migrate(data, "--from", src, "--dry-run", "--find-limit", "5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = {line.split()[2] for line in r.stdout.splitlines() if line.startswith("would pull ")}
+    assert listed == study_uids(corpus)
+    assert "possibly incomplete" not in r.stdout
+    with checkpoint(data) as con:
+        states = dict(con.execute("SELECT state, count(*) FROM windows GROUP BY 1").fetchall())
+        hours = con.execute("SELECT key, found FROM windows WHERE key LIKE '%\"hour\"%' AND found > 0").fetchall()
+        assert con.execute("SELECT count(*) FROM studies WHERE state = 'pending' AND attempts = 0").fetchone()[0] \
+            == len(listed)
+    assert states.get("split", 0) >= 4 and "incomplete" not in states and "pending" not in states, states
+    assert sum(n for _k, n in hours) == 7  # the seven studies of the crowded day, found hour by hour
+    assert not (data / "catalog").exists() and not (data / "segments").exists()
+    status = subprocess.run([sys.executable, "-m", "engine.cli", "migrate", "--data-dir", str(data), "--status"],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert f"studies: {len(listed)} found, 0 done, 0 failed, 0 in flight, {len(listed)} pending" in status.stdout
+
+
+def test_method_get_from_orthanc_without_a_running_archive(tmp_path, corpus, orthancs):
+    """C-GET: the migrate process receives and stores the instances itself, in its own slot,
+    recording Orthanc's AE title as their calling AE; byte for byte as Orthanc holds them."""
+    orthanc = loaded_orthanc(orthancs, tmp_path, corpus, free_port())
+    data = tmp_path / "data"
+    r = migrate(data, "--from", f"ORTHANC@{HOST}:{orthanc.dicom_port}", "--method", "get", "--verify-content")
+    assert r.returncode == 0, r.stdout + r.stderr
+    n = len(study_uids(corpus))
+    assert f"studies: {n} found, {n} done, 0 failed" in r.stdout, r.stdout
+    source = orthanc_files(orthanc)
+    got = exported(data, tmp_path / "out")
+    assert set(got) == set(source)
+    assert [uid for uid in source if got[uid] != source[uid]] == []
+    assert query(data, "SELECT calling_ae, count(*) AS n FROM instances GROUP BY 1") == \
+        [{"calling_ae": "ORTHANC", "n": len(corpus)}]
+    with checkpoint(data) as con:
+        assert con.execute("SELECT DISTINCT verified_by FROM studies").fetchall() == [("sop-instance-uids+content",)]
+
+
+def test_move_without_a_running_archive_is_refused_in_one_line(tmp_path):
+    r = migrate(tmp_path / "data", "--from", f"LEGACY@{HOST}:{free_port()}")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "needs `stowage serve" in r.stderr and "--method get" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_kill_9_midway_then_resume(make_server, tmp_path, corpus, orthancs):
+    """kill -9 during a paced migration; the re-run pulls again only what was not done, and
+    in the end every instance is there, each stored once."""
+    server = make_server("--workers", "2")
+    orthanc = loaded_orthanc(orthancs, tmp_path, corpus, server.port)
+    src = f"ORTHANC@{HOST}:{orthanc.dicom_port}"
+    cmd = [sys.executable, "-m", "engine.cli", "migrate", "--data-dir", str(server.data_dir), "-q", "--from", src,
+           "--parallel", "1", "--max-rate", "25"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    done_before: dict[str, tuple] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list((server.data_dir / "migrate").glob("*.sqlite")):
+                with checkpoint(server.data_dir) as con:
+                    rows = con.execute("SELECT uid, attempts, updated FROM studies WHERE state = 'done'").fetchall()
+                if len(rows) >= 3:
+                    break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    with checkpoint(server.data_dir) as con:
+        done_before = {u: (a, t) for u, a, t in
+                       con.execute("SELECT uid, attempts, updated FROM studies WHERE state = 'done'")}
+        total = con.execute("SELECT count(*) FROM studies").fetchone()[0]
+    assert 3 <= len(done_before) < total, "the migration was not interrupted midway"
+    r = migrate(server.data_dir, "--from", src, "--parallel", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with checkpoint(server.data_dir) as con:
+        after = {u: (a, t) for u, a, t in con.execute("SELECT uid, attempts, updated FROM studies WHERE uid IN "
+                                                      "(SELECT value FROM json_each(?))", (json.dumps(list(done_before)),))}
+        assert con.execute("SELECT count(*) FROM studies WHERE state != 'done'").fetchone()[0] == 0
+    assert after == done_before  # finished studies were not pulled again
+    records = query(server.data_dir, "SELECT count(*) AS n, count(DISTINCT sop_instance_uid) AS u FROM records")
+    assert records == [{"n": len(corpus), "u": len(corpus)}]
+
+
+def test_source_that_refuses_some_moves(make_server, tmp_path, corpus):
+    """A Q/R SCP (pynetdicom, its own process) answers the C-MOVE of two studies with 0xA702:
+    those end failed after their retries, listed with the reason; the others are done."""
+    server = make_server("--workers", "2")
+    folder = corpus[0].parent  # the Explicit VR Little Endian part: 8 studies
+    studies = sorted(study_uids([p for p in corpus if p.parent == folder]))
+    refused = studies[:2]
+    port = free_port()
+    scp = subprocess.Popen([sys.executable, str(Path(__file__).with_name("refusing_qr_scp.py")), str(port), "OLDPACS",
+                            str(folder), f"STOWAGE:{HOST}:{server.port}", *refused],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not echo_ok(port, "OLDPACS", 1.0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        r = migrate(server.data_dir, "--from", f"OLDPACS@{HOST}:{port}", "--retries", "2", "--retry-delay", "0.1")
+    finally:
+        scp.kill()
+        scp.wait(10)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"studies: {len(studies)} found, {len(studies) - 2} done, 2 failed" in r.stdout, r.stdout
+    failed = [line for line in r.stdout.splitlines() if line.strip().startswith("failed study")]
+    assert sorted(line.split()[2] for line in failed) == refused
+    assert all("0xA702" in line and "2 attempts" in line for line in failed), failed
+    held = query(server.data_dir, "SELECT DISTINCT study_instance_uid AS s FROM instances ORDER BY 1")
+    assert [row["s"] for row in held] == studies[2:]
+    report = (server.data_dir / "migrate" / f"OLDPACS_{HOST}_{port}-report.csv").read_text()
+    assert all(uid in report for uid in refused)

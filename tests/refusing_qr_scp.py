@@ -1,0 +1,94 @@
+"""A small legacy archive for tests, run as its own process: a pynetdicom Study Root
+Query/Retrieve SCP (C-FIND at STUDY, SERIES and IMAGE level; C-MOVE) over the DICOM files
+of a folder, which answers the C-MOVE of chosen studies with 0xA702 (Refused: Out of
+Resources - Unable to perform sub-operations), as an overloaded archive does.
+
+    python refusing_qr_scp.py PORT AET FOLDER DEST_AET:HOST:PORT [REFUSED_STUDY_UID ...]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+
+def load(folder: Path) -> list[tuple[Path, Dataset]]:
+    return [(p, pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted(folder.rglob("*.dcm"))]
+
+
+def _in_range(value: str, wanted: str) -> bool:
+    if not wanted:
+        return True
+    if "-" not in wanted:
+        return value == wanted
+    lo, hi = wanted.split("-", 1)
+    return bool(value) and (not lo or value >= lo) and (not hi or value <= hi)
+
+
+def main() -> None:
+    port, aet, folder, dest = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    refused = set(sys.argv[5:])
+    dest_aet, dest_host, dest_port = dest.split(":")
+    items = load(folder)
+
+    def on_find(event):
+        q = event.identifier
+        level = q.QueryRetrieveLevel
+        study = str(q.get("StudyInstanceUID", "") or "")
+        series = str(q.get("SeriesInstanceUID", "") or "")
+        seen = set()
+        for _path, ds in items:
+            if study and ds.StudyInstanceUID != study or series and ds.SeriesInstanceUID != series:
+                continue
+            if not _in_range(str(ds.get("StudyDate", "")), str(q.get("StudyDate", "") or "")):
+                continue
+            key = {"STUDY": ds.StudyInstanceUID, "SERIES": ds.SeriesInstanceUID}.get(level, ds.SOPInstanceUID)
+            if key in seen:
+                continue
+            seen.add(key)
+            rsp = Dataset()
+            rsp.QueryRetrieveLevel = level
+            rsp.StudyInstanceUID = ds.StudyInstanceUID
+            if level == "STUDY":
+                rsp.PatientID, rsp.PatientName = ds.PatientID, ds.PatientName
+                rsp.StudyDate, rsp.StudyTime = ds.get("StudyDate", ""), ds.get("StudyTime", "")
+                rsp.NumberOfStudyRelatedInstances = sum(d.StudyInstanceUID == ds.StudyInstanceUID for _p, d in items)
+            if level in ("SERIES", "IMAGE"):
+                rsp.SeriesInstanceUID = ds.SeriesInstanceUID
+            if level == "IMAGE":
+                rsp.SOPInstanceUID, rsp.SOPClassUID = ds.SOPInstanceUID, ds.SOPClassUID
+            yield 0xFF00, rsp
+
+    def on_move(event):
+        study = str(event.identifier.get("StudyInstanceUID", ""))
+        if event.move_destination.strip() != dest_aet:
+            yield None, None
+            return
+        yield dest_host, int(dest_port)
+        paths = [p for p, ds in items if ds.StudyInstanceUID == study]
+        yield len(paths)
+        if study in refused:
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = ""
+            yield 0xA702, failed
+            return
+        for p in paths:
+            yield 0xFF00, pydicom.dcmread(p)
+
+    ae = AE(aet)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.requested_contexts = StoragePresentationContexts
+    print(f"listening on {port}", flush=True)
+    ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move)])
+
+
+if __name__ == "__main__":
+    main()
