@@ -1,7 +1,9 @@
 """Shared fixtures: a real `stowage serve` on a free loopback port, stopped by PID."""
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,6 +56,65 @@ def echo_ok(port: int, aet: str = "STOWAGE", timeout: float = 2.0) -> bool:
     status = assoc.send_c_echo()
     assoc.release()
     return bool(status) and status.Status == 0
+
+
+# Markers (docs/testing.md): `pytest -m unit` runs without DCMTK, Orthanc, servers or
+# subprocesses; `-m integration` is everything else. A test's own mark wins; otherwise a test
+# is integration when it uses a server fixture, or when its code (with the module's helpers
+# and fixtures it uses) names a peer, a subprocess or a listening socket. New test files are
+# classified by the same reading, so nothing has to be listed by hand.
+SERVER_FIXTURES = frozenset({"make_server", "server"})
+PEER_WORDS = re.compile(r"subprocess|Popen|multiprocessing|os\.fork|make_server|\bServer\b|dcmtk|orthanc"
+                        r"|engine\.cli|echo_ok|export_all|received_by_dcmtk|free_port|bench\.procs"
+                        r"|start_server|\.associate\(|\.listen\(|create_connection", re.I)
+
+
+def _sources(obj, module, seen: set) -> list[str]:
+    """The source of `obj` and of every function or class of `module` it names, transitively."""
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    try:
+        out = [inspect.getsource(obj)]
+    except (OSError, TypeError):
+        return []
+    codes = [getattr(obj, "__code__", None)] if not inspect.isclass(obj) else \
+        [getattr(f, "__code__", None) for f in vars(obj).values()]
+    while codes:
+        code = codes.pop()
+        if code is None:
+            continue
+        codes.extend(c for c in code.co_consts if inspect.iscode(c))
+        for name in code.co_names:
+            ref = getattr(module, name, None)
+            if (inspect.isfunction(ref) or inspect.isclass(ref)) and getattr(ref, "__module__", None) == module.__name__:
+                out += _sources(ref, module, seen)
+    return out
+
+
+def _needs_peers(item: pytest.Item) -> bool:
+    if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    module = getattr(item, "module", None)
+    func = getattr(item, "function", None)
+    if module is None or func is None:
+        return True  # not a plain Python test: assume the worst
+    seen: set = set()
+    texts = _sources(func, module, seen)
+    if getattr(item, "cls", None) is not None:
+        texts += _sources(item.cls, module, seen)
+    for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).values():
+        for fixturedef in defs:
+            home = inspect.getmodule(fixturedef.func)
+            if home is not None and Path(getattr(home, "__file__", "/")).parent == Path(__file__).parent:
+                texts += _sources(fixturedef.func, home, seen)  # ours, not pytest's own
+    return any(PEER_WORDS.search(t) for t in texts)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not (item.get_closest_marker("unit") or item.get_closest_marker("integration")):
+            item.add_marker(pytest.mark.integration if _needs_peers(item) else pytest.mark.unit)
 
 
 @dataclass
