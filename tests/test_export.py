@@ -261,9 +261,9 @@ def test_dicomdir_grows_with_each_selection(archive, tmp_path):
     # DCMTK reads it as its own: updating it with a file it lists leaves every record in place.
     records = subprocess.run([dcmtk("dcmdump"), str(out / "DICOMDIR")], capture_output=True, text=True,
                              errors="replace", timeout=60).stdout.count('"Directory Record"')
-    assert records == 1 + 2 + 2 + 6 + 1 + 1 + 2 + 1 + 1 + 1 + 1  # PAT-A, RT-1 (one study), one without ID
+    assert records == (1 + 2 + 3 + 6) + (1 + 1 + 1 + 2) + (1 + 1 + 1 + 1)  # PAT-A, RT-1, one without ID
     listed = FileSet(out / "DICOMDIR")
-    fid = Path(*next(iter(listed)).ReferencedFileID)
+    fid = Path(*next(i for i in listed if i.PatientID == "PAT-A").ReferencedFileID)  # (Type 1 keys all there)
     up = subprocess.run([dcmtk("dcmmkdir"), "+U", "-Pgp", str(fid)], cwd=out, capture_output=True, text=True,
                         timeout=60)
     assert up.returncode == 0 and "E:" not in up.stderr, up.stderr
@@ -326,3 +326,26 @@ def test_query_tells_sources_apart_by_calling_ae(archive):
                 "SELECT calling_ae, count(*) AS n FROM instances GROUP BY 1 ORDER BY 1")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == [{"calling_ae": aet, "n": len(files)} for aet, files in archive.files.items()]
+
+
+HOSTILE = ["..", ".", "../../etc", "/etc/passwd", "a\\..\\b", "\x00", "x\x00y", "\x1b[2J", "  ", "...hidden",
+           "CON", "ＡＢ／..／", "a∕b", "名前/../", "Ω" * 300, "\ud800", "-_-", "\u202eevil"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_a_hostile_value_never_names_a_path(value):
+    from engine import export_names as en
+    for name in (en.folder([(value, 40), (value, 32)], value, value), en.file_name(value, value),
+                 en.tree_parts(en.Names((value, value, value), value, value, value, value, value, value, value,
+                                        value, value, value, value))[1]):
+        assert name and name not in (".", "..") and not name.startswith(".")
+        assert not re.search(r"[\x00-\x1f\x7f/\\∕／\u202e]", name), repr(name)
+        assert len(name.encode("utf-8", "surrogatepass")) <= 200
+        name.encode("utf-8")  # no lone surrogate survives
+
+
+def test_names_that_sanitize_alike_stay_apart():
+    from engine import export_names as en
+    a = en.folder([("SAME", 40), ("X/Y", 32)], "", "", "X/Y", "")
+    b = en.folder([("SAME", 40), ("X_Y", 32)], "", "", "X_Y", "")
+    assert a != b and a.rsplit("_", 1)[0] == b.rsplit("_", 1)[0] == "SAME_X_Y"
