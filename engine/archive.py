@@ -18,8 +18,9 @@ from catalog.reader import Catalog
 from catalog.sealer import Sealer
 from catalog.tail import TailUids, read_tails
 from catalog.versions import SealedView
+from engine import rejection
 from engine.config import Config
-from engine.filemeta import file_meta
+from engine.filemeta import PREAMBLE, file_meta
 from engine.freespace import FreeSpace
 from engine.served import ServedVersions
 from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, crc32, record_parts, shuffle
@@ -115,6 +116,8 @@ class Archive:
         self.known.update(read_tails(self.catalog.tails_dir)["sop_instance_uid"].to_pylist())
         self.sealed = SealedView(self.catalog_dir)
         self.sealed.refresh()
+        self.rejections = rejection.Rejections(config.data_dir)
+        self._recover_notes()
         self._local = threading.local()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._seal_loop, name="sealer", daemon=True),
@@ -135,11 +138,19 @@ class Archive:
         refusal = _check_identity(attrs, sop_class_uid, sop_instance_uid)
         if refusal:
             return refusal
+        if not self.config.rejected_reaccept:
+            code = self.rejections.code(sop_instance_uid)
+            if code is not None:
+                return StoreResult(rejection.SUBSEQUENT_OCCURRENCE_OF_REJECTED_OBJECT,
+                                   f"rejected by a rejection note ({code}); not stored")
         crc, length = _crc32(dataset)
         study = str(attrs.get("study_instance_uid") or "")
         if sop_instance_uid in self.known or self.sealed.may_hold(sop_instance_uid):
             verdict = self._duplicate(sop_instance_uid, study, crc, length, calling_ae)
             if verdict is not None:
+                if verdict.ok and sop_class_uid == rejection.KOS:  # a note sent again: apply it again
+                    return self._rejection_note(dataset, transfer_syntax_uid, sop_class_uid, sop_instance_uid,
+                                                None, calling_ae)
                 return verdict
         if not self.free_space.has_room(self.config.min_free_bytes + length):
             return StoreResult(OUT_OF_RESOURCES, "not enough free disk space for this instance; not stored")
@@ -163,7 +174,41 @@ class Archive:
         self.known.add(sop_instance_uid)
         self.served.stored(study, sop_instance_uid, crc, length)
         self.free_space.used(row["stored_length"])
+        if sop_class_uid == rejection.KOS:  # durably stored: now what it rejects, before the answer
+            return self._rejection_note(dataset, transfer_syntax_uid, sop_class_uid, sop_instance_uid,
+                                        row["received_at"], calling_ae)
         return StoreResult(SUCCESS)
+
+    def _rejection_note(self, dataset: bytes | FileRange, transfer_syntax_uid: str, sop_class_uid: str,
+                        sop_instance_uid: str, received_at: int | None, calling_ae: str) -> StoreResult:
+        """A stored Key Object Selection document: if it is a rejection note, hide what it
+        rejects (engine.rejection). received_at None: the copy the catalog serves."""
+        note = rejection.parse(PREAMBLE + file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
+                               + _head(dataset))
+        if note is None:
+            return StoreResult(SUCCESS)
+        if received_at is None:
+            _cols, rows = self.catalog.execute(
+                "SELECT epoch_us(received_at) FROM instances WHERE sop_instance_uid = ?", [sop_instance_uid])
+            if not rows:
+                return StoreResult(SUCCESS)
+            received_at = rows[0][0]
+        try:
+            rejection.apply(self.data_dir, self.catalog, note, received_at,
+                            actor=f"ae:{calling_ae} note:{sop_instance_uid}")
+        except OSError as e:
+            log.error("rejection note %s stored but not applied: %s", sop_instance_uid, e.strerror or e)
+            return StoreResult(OUT_OF_RESOURCES, "note stored, rejection not applied: send it again")
+        return StoreResult(SUCCESS)
+
+    def _recover_notes(self) -> None:
+        try:
+            applied = rejection.recover_notes(self.data_dir, self.catalog, self.slot)
+        except Exception:  # the checkpoint stays: the next start tries again
+            log.exception("re-applying rejection notes of slot %03d failed", self.slot)
+            return
+        if applied:
+            log.info("re-applied %d rejection note(s) of slot %03d", applied, self.slot)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         cctx = getattr(self._local, "cctx", None)

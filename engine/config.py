@@ -73,6 +73,9 @@ class Config:
     min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700
     spill_threshold: int = 16 << 20        # datasets larger than this are received to a spool file
     duplicates: str = "keep-newest"
+    # An instance a rejection note rejected (docs/lifecycle.md), sent again: false refuses it
+    # (0xA771, as dcm4chee does), true stores it again (visible again).
+    rejected_reaccept: bool = False
     compact_live_ratio: float = 0.5        # compaction rewrites sealed segments whose live bytes are below this fraction
     compact_rate: float = 50.0             # background compaction: MB/s copied at most (0: unlimited)
     compact_interval: float = 300.0        # background compaction: seconds between checks (0: off)
