@@ -1,0 +1,341 @@
+"""`stowage import` as users run it, against a `stowage serve` on the same data directory:
+DCMTK findscu sees every imported instance, export gives back the source's data set
+bytes, bad files are reported, a re-run reads nothing it already imported, the source is
+never touched, and kill -9 loses nothing acknowledged.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from bench import corpus
+from conftest import HOST, dcmtk, export_all
+
+# Real files in several transfer syntaxes, each a distinct instance.
+TESTDATA = ["CT_small.dcm",            # Explicit VR Little Endian
+            "MR_small_bigendian.dcm",  # Explicit VR Big Endian
+            "JPEG2000.dcm",            # JPEG 2000
+            "SC_rgb_rle.dcm",          # RLE Lossless
+            "image_dfl.dcm",           # Deflated Explicit VR Little Endian
+            "waveform_ecg.dcm"]
+DICOMDIR_DIRS = ["77654033", "98892001", "98892003"]  # what pydicom's test DICOMDIR references
+
+
+def run_import(data_dir: Path, *paths: Path | str, args: tuple[str, ...] = (), timeout: float = 300):
+    return subprocess.run([sys.executable, "-m", "engine.cli", "import", *map(str, paths), "--data-dir",
+                           str(data_dir), "-q", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def counts(stdout: str) -> dict[str, int]:
+    """The summary line's figures: stored, held, unchanged, skipped, refused."""
+    line = next(x for x in stdout.splitlines() if x.startswith("import:"))
+    got = {"unchanged": 0}
+    for key, pattern in (("stored", r"(\d+) stored"), ("held", r"(\d+) already held"),
+                         ("unchanged", r"(\d+) unchanged"), ("skipped", r"(\d+) skipped"),
+                         ("refused", r"(\d+) refused")):
+        m = re.search(pattern, line)
+        if m:
+            got[key] = int(m.group(1))
+    return got
+
+
+def report_of(stdout: str) -> dict[str, tuple[str, str]]:
+    m = re.search(r"report: (.+)$", stdout.strip().splitlines()[0])
+    assert m, stdout
+    with open(m.group(1), newline="") as f:
+        return {row["path"]: (row["outcome"], row["reason"]) for row in csv.DictReader(f)}
+
+
+def dataset_of(raw: bytes) -> bytes:
+    """The bytes after the file meta group, found independently of the importer."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info
+    f = DicomBytesIO(raw[132:] if raw[128:132] == b"DICM" else raw)
+    _read_file_meta_info(f)
+    return raw[(132 if raw[128:132] == b"DICM" else 0) + f.tell():]
+
+
+def tree_state(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file's SHA-256 and mtime_ns, to prove the import changed nothing."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Tree:
+    root: Path
+    dicomdir: Path
+    expected: dict[str, bytes] = field(default_factory=dict)   # uid -> data set bytes
+    series: set[tuple[str, str]] = field(default_factory=set)  # (study, series) of every instance
+    bad: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (outcome, reason fragment)
+    duplicates: int = 0
+
+    def add(self, path: Path, raw: bytes | None = None) -> None:
+        raw = path.read_bytes() if raw is None else raw
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        self.expected[ds.SOPInstanceUID] = dataset_of(raw) if raw[128:132] == b"DICM" or raw[:2] == b"\x02\x00" \
+            else raw
+        self.series.add((ds.StudyInstanceUID, ds.SeriesInstanceUID))
+
+
+def _fresh(ds: pydicom.Dataset) -> None:
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def build_tree(base: Path) -> Tree:
+    root = base / "src"
+    t = Tree(root, root / "cd" / "DICOMDIR")
+    for i, name in enumerate(TESTDATA):  # nested folders, Part-10 with preamble
+        target = root / "pacs" / f"d{i % 3}" / f"e{i % 2}" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(get_testdata_file(name), target)
+        t.add(target)
+    shutil.copy(root / "pacs" / "d0" / "e0" / "CT_small.dcm", root / "copy-of-ct.dcm")  # a duplicate
+    t.duplicates += 1
+    gen = root / "generated" / "mr"
+    for p in corpus.generate(gen, "small", 12, patients=2, studies_per_patient=1, series_per_study=2):
+        t.add(p)
+    for p in corpus.generate(root / "generated" / "implicit", "sr", 4, transfer_syntax="implicit", seed=5):
+        t.add(p)
+    # No preamble: the file starts with the file meta group.
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for i in range(3):
+        _fresh(ds)
+        full = root / "nopreamble" / f"full-{i}.dcm"
+        full.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(full, enforce_file_format=True)
+        raw = full.read_bytes()[132:]
+        full.write_bytes(raw)
+        t.add(full, raw)
+    # A bare data set, Implicit VR Little Endian, no meta at all (old exports).
+    ds = pydicom.dcmread(get_testdata_file("MR_small_implicit.dcm"))
+    for i in range(2):
+        _fresh(ds)
+        bare = root / "bare" / f"IMG{i:04d}"
+        bare.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(bare, enforce_file_format=True)
+        raw = dataset_of(bare.read_bytes())
+        bare.write_bytes(raw)
+        t.add(bare, raw)
+    # A DICOMDIR tree: the DICOMDIR is no instance; the files it references are.
+    src = Path(get_testdata_file("DICOMDIR")).parent
+    t.dicomdir.parent.mkdir(parents=True)
+    shutil.copy(src / "DICOMDIR", t.dicomdir)
+    for d in DICOMDIR_DIRS:
+        shutil.copytree(src / d, root / "cd" / d)
+        for p in (root / "cd" / d).rglob("*"):
+            if p.is_file():
+                t.add(p)
+    t.bad[str(t.dicomdir)] = ("skipped", "DICOMDIR")
+    # Not DICOM, and a DICOM file cut short.
+    (root / "notes.txt").write_text("scanned at 300 dpi\n")
+    t.bad[str(root / "notes.txt")] = ("skipped", "not DICOM")
+    (root / "pacs" / "empty.dcm").write_bytes(b"")
+    t.bad[str(root / "pacs" / "empty.dcm")] = ("skipped", "empty")
+    (root / "pacs" / "d1" / "random.bin").write_bytes(os.urandom(5000))
+    t.bad[str(root / "pacs" / "d1" / "random.bin")] = ("skipped", "not DICOM")
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    cut = root / "pacs" / "d2" / "truncated.dcm"
+    cut.parent.mkdir(parents=True, exist_ok=True)
+    cut.write_bytes(ct[:len(ct) // 2])
+    t.bad[str(cut)] = ("refused", "truncated")
+    return t
+
+
+def findscu_uids(port: int, out: Path, series: set[tuple[str, str]]) -> set[str]:
+    """SOP Instance UIDs that DCMTK findscu gets at IMAGE level, series by series."""
+    found: set[str] = set()
+    for n, (study, ser) in enumerate(sorted(series)):
+        d = out / f"q{n}"
+        d.mkdir(parents=True)
+        r = subprocess.run([dcmtk("findscu"), "-S", "-aec", "STOWAGE", "-X", "-od", str(d),
+                            "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={study}",
+                            "-k", f"SeriesInstanceUID={ser}", "-k", "SOPInstanceUID", HOST, str(port)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        found |= {pydicom.dcmread(p).SOPInstanceUID for p in d.glob("rsp*.dcm")}
+    return found
+
+
+def exported(data_dir: Path, out: Path) -> dict[str, bytes]:
+    r = export_all(data_dir, out)
+    assert r.returncode == 0, r.stderr
+    return {p.stem: dataset_of(p.read_bytes()) for p in out.glob("*.dcm")}
+
+
+def record_count(data_dir: Path) -> int:
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "query", "--data-dir", str(data_dir), "--format", "csv",
+                        "SELECT count(*) AS n FROM records"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.split()[-1])
+
+
+def test_import_while_serving(make_server, tmp_path):
+    tree = build_tree(tmp_path)
+    before = tree_state(tree.root)
+    server = make_server("--workers", "2")
+    r = run_import(server.data_dir, tree.root, tree.dicomdir)
+    assert r.returncode == 1, r.stdout + r.stderr  # the truncated DICOM file was not stored
+    assert "Traceback" not in r.stderr
+    got = counts(r.stdout)
+    files = len(tree.expected) + tree.duplicates
+    assert got["stored"] + got["held"] == files, r.stdout
+    assert got["refused"] == 1 and got["skipped"] == len(tree.bad) - 1, r.stdout
+    report = report_of(r.stdout)
+    for path, (outcome, why) in tree.bad.items():
+        assert report[path][0] == outcome and why in report[path][1], (path, report.get(path))
+    assert len(report) == len(tree.bad), report
+
+    # Read your writes: the running server's workers find every instance at once.
+    assert findscu_uids(server.port, tmp_path / "find", tree.series) == set(tree.expected)
+    # Byte-exact and exactly once.
+    assert exported(server.data_dir, tmp_path / "out") == tree.expected
+    assert tree_state(tree.root) == before
+
+    # A restart of serve (its start-up recovery over every slot) keeps all of it.
+    assert server.stop() == 0
+    server.start()
+    assert findscu_uids(server.port, tmp_path / "find2", tree.series) == set(tree.expected)
+
+    # Re-run: the ledger skips every imported file unopened; nothing is stored.
+    again = run_import(server.data_dir, tree.root, tree.dicomdir)
+    assert counts(again.stdout) == dict(stored=0, held=0, unchanged=files, skipped=len(tree.bad) - 1,
+                                        refused=1), again.stdout
+    # A file whose mtime changed is read again, and found already held.
+    touched = tree.root / "pacs" / "d0" / "e0" / "CT_small.dcm"
+    os.utime(touched, ns=(time.time_ns(), time.time_ns()))
+    before = tree_state(tree.root)
+    third = run_import(server.data_dir, tree.root)
+    assert counts(third.stdout)["held"] == 1 and counts(third.stdout)["stored"] == 0, third.stdout
+    assert tree_state(tree.root) == before
+    assert exported(server.data_dir, tmp_path / "out2") == tree.expected
+
+
+def test_duplicates_in_one_process_stored_once(tmp_path):
+    src = tmp_path / "src"
+    paths = corpus.generate(src / "a", "small", 20, seed=11)
+    for p in paths[:5]:
+        (src / "b").mkdir(exist_ok=True)
+        shutil.copy(p, src / "b" / p.name)
+    data = tmp_path / "data"
+    r = run_import(data, src, args=("--processes", "1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert counts(r.stdout) | {"unchanged": 0} == dict(stored=20, held=5, unchanged=0, skipped=0, refused=0)
+    assert record_count(data) == 20
+
+
+def test_kill_9_then_rerun(make_server, tmp_path):
+    """kill -9 of an import mid-way: what it acknowledged (the ledger) is there after a
+    serve start-up recovery, and a re-run completes it with every instance exactly once,
+    while serve restarts in the middle of that re-run."""
+    src = tmp_path / "src"
+    paths = corpus.generate(src, "small", 3000, seed=21)
+    expected = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: dataset_of(p.read_bytes())
+                for p in paths}
+    data = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    ledger = data / "import" / "ledger.sqlite"
+    deadline = time.monotonic() + 120
+    acknowledged: set[str] = set()
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ledger.exists():
+            try:
+                with sqlite3.connect(ledger, timeout=5) as db:
+                    acknowledged = {row[0] for row in db.execute("SELECT path FROM files")}
+            except sqlite3.Error:
+                pass
+            if acknowledged:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the import ended before it could be killed: make the corpus bigger"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert 0 < len(acknowledged) < len(paths)
+    acked_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in map(Path, acknowledged)}
+
+    server = make_server("--workers", "2", data_dir=data)  # its start-up recovers the killed import's slots
+    held = exported(data, tmp_path / "after-kill")
+    assert acked_uids <= set(held)
+    assert all(held[u] == expected[u] for u in held)
+
+    rerun = subprocess.Popen([sys.executable, "-m", "engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    server.stop()  # serve restarts while the import runs: the import's slots are left alone
+    server.start()
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out + err
+    got = counts(out)
+    assert got["stored"] + got["held"] + got["unchanged"] == len(paths), out
+    assert got["unchanged"] >= len(acknowledged), out
+    assert exported(data, tmp_path / "final") == expected
+    assert record_count(data) == len(paths)  # nothing stored twice
+    series = {(ds.StudyInstanceUID, ds.SeriesInstanceUID)
+              for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in paths[::50])}
+    uids = findscu_uids(server.port, tmp_path / "find", series)
+    assert uids and uids <= set(expected)
+
+
+def test_recovery_leaves_a_held_slot_alone(tmp_path):
+    """The acceptor's recovery over all slots skips a slot that a live process claims,
+    and recovers it (torn tail cut, stale tail dropped) once the claim is gone."""
+    from engine.slots import claim_slot
+    data = tmp_path / "data"
+    seg_dir, tails = data / "segments", data / "catalog" / "tails"
+    seg_dir.mkdir(parents=True)
+    tails.mkdir(parents=True)
+    claim = claim_slot(data, 100)
+    assert claim.number == 100 and claim_slot(data, 100).number == 101  # the next free one
+    seg = seg_dir / "100-00000001.seg"
+    seg.write_bytes(b"torn bytes, no record")
+    tail = tails / f"100-{os.getpid()}-00000001.tail"
+    tail.write_bytes(b"")
+    recover = [sys.executable, "-c", "import sys; from pathlib import Path; from engine.recovery import recover; "
+                                     "recover(Path(sys.argv[1]))", str(data)]
+    r = subprocess.run(recover, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert seg.read_bytes() == b"torn bytes, no record" and tail.exists()
+    claim.release()
+    r = subprocess.run(recover, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert seg.stat().st_size == 0 and not tail.exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = run_import(tmp_path / "data", tmp_path / "no-such-folder")
+    assert r.returncode != 0 and "no such file or folder" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    (tmp_path / "src").mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "src")
+    r = run_import(blocker / "data", tmp_path / "src")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file regardless of permissions")
+def test_unreadable_folder_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        r = run_import(tmp_path / "data", locked)
+    finally:
+        locked.chmod(0o755)
+    assert r.returncode != 0 and "permission denied" in r.stderr and "Traceback" not in r.stderr
