@@ -141,7 +141,7 @@ class FileSet:
                     continue  # removed since: no longer part of the File-set
                 try:
                     ds = pydicom.dcmread(path, stop_before_pixels=True)
-                    _place(roots, records(ds, fid))
+                    _add(roots, ds, fid)
                 except Exception as e:  # a header pydicom cannot read, or a record it cannot make
                     failed.append(f"{sop_uid}: written as {'/'.join(fid)} but not listed in the DICOMDIR: {e}")
             data = encode(roots, self.uid)
@@ -180,20 +180,28 @@ def _fill_type1(ds: Dataset) -> None:
             setattr(ds, keyword, value)
 
 
-def records(ds: Dataset, fid: tuple[str, ...]) -> list[Dataset]:
-    """The directory records for one instance, highest level first, the leaf naming its file."""
+def _add(roots: dict[str, _Node], ds: Dataset, fid: tuple[str, ...]) -> None:
+    """Place one instance's records in the tree: PATIENT / STUDY / SERIES / leaf (or one
+    single-level record), making a record only for a level not already there."""
     single = _single_level_record_type(ds)
     if single != "PATIENT":
-        chain = [_record(single, ds)]
+        chain = [(single, f"{single}{ds.SOPInstanceUID}")]
     else:
         _fill_type1(ds)
-        chain = [_record(kind, ds) for kind in ("PATIENT", "STUDY", "SERIES", _four_level_record_type(ds))]
-    leaf = chain[-1]
-    leaf.ReferencedFileID = list(fid)
-    leaf.ReferencedSOPClassUIDInFile = ds.SOPClassUID
-    leaf.ReferencedSOPInstanceUIDInFile = ds.SOPInstanceUID
-    leaf.ReferencedTransferSyntaxUIDInFile = ds.file_meta.TransferSyntaxUID
-    return chain
+        chain = [("PATIENT", f"P{ds.PatientID}"), ("STUDY", f"S{ds.get('StudyInstanceUID', '')}"),
+                 ("SERIES", f"E{ds.SeriesInstanceUID}"), (_four_level_record_type(ds), f"I{ds.SOPInstanceUID}")]
+    level = roots
+    for depth, (kind, key) in enumerate(chain):
+        node = level.get(key)
+        if node is None:
+            record = _record(kind, ds)
+            if depth == len(chain) - 1:
+                record.ReferencedFileID = list(fid)
+                record.ReferencedSOPClassUIDInFile = ds.SOPClassUID
+                record.ReferencedSOPInstanceUIDInFile = ds.SOPInstanceUID
+                record.ReferencedTransferSyntaxUIDInFile = ds.file_meta.TransferSyntaxUID
+            node = level[key] = _Node(record, _order(record))
+        level = node.children
 
 
 def _int(value: object) -> int:
@@ -203,27 +211,16 @@ def _int(value: object) -> int:
         return 0
 
 
-def _key_and_order(record: Dataset) -> tuple[str, tuple]:
+def _order(record: Dataset) -> tuple:
+    """Where a record sorts among its siblings."""
     kind = record.DirectoryRecordType
     if kind == "PATIENT":
-        return f"P{record.PatientID}", (str(record.PatientID),)
+        return (str(record.PatientID),)
     if kind == "STUDY":
-        uid = str(record.get("StudyInstanceUID", ""))
-        return f"S{uid}", (str(record.StudyDate), str(record.StudyTime), uid)
+        return (str(record.StudyDate), str(record.StudyTime), str(record.get("StudyInstanceUID", "")))
     if kind == "SERIES":
-        return f"E{record.SeriesInstanceUID}", (_int(record.SeriesNumber), str(record.SeriesInstanceUID))
-    uid = str(record.ReferencedSOPInstanceUIDInFile)
-    return f"I{uid}", (_int(record.get("InstanceNumber", 0)), uid)
-
-
-def _place(roots: dict[str, _Node], chain: list[Dataset]) -> None:
-    level = roots
-    for record in chain:
-        key, order = _key_and_order(record)
-        node = level.get(key)
-        if node is None:
-            node = level[key] = _Node(record, order)
-        level = node.children
+        return (_int(record.SeriesNumber), str(record.SeriesInstanceUID))
+    return (_int(record.get("InstanceNumber", 0)), str(record.ReferencedSOPInstanceUIDInFile))
 
 
 def _ordered(nodes: dict[str, _Node]) -> list[_Node]:
