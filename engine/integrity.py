@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from engine.logs import audit_line
-from engine.segment import CorruptRecord, Record, crc32, decoded, fsync_dir, open_record
+from engine.segment import CorruptRecord, Record, crc32, decoded, fsync_dir, open_record, read_payload
 
 log = logging.getLogger("stowage.integrity")
 
 DIRECTORY = "corrupt"
 MARKS = "marks.jsonl"
 _META_HEAD = struct.Struct("<HH2sHI")  # (0002,0000) UL, explicit VR little endian
+IN_MEMORY = 32 << 20  # records up to this payload size are checked whole, in memory
 
 
 # -- the checks ----------------------------------------------------------------------
@@ -89,6 +90,31 @@ def read_back(rec: Record, stored: Iterator[bytes], pace: Callable[[int], None] 
         raise e
 
 
+def checksum_in_memory(payload: bytes | memoryview) -> tuple[int, int]:
+    """`dataset_checksum` of a payload held whole in memory, without copying it."""
+    view = memoryview(payload)
+    if len(view) < _META_HEAD.size:
+        raise CorruptRecord("record payload does not start with a file meta group")
+    group, element, vr, _res, value = _META_HEAD.unpack_from(view)
+    if (group, element, vr) != (2, 0, b"UL") or _META_HEAD.size + value > len(view):
+        raise CorruptRecord("record payload does not start with a file meta group")
+    data = view[_META_HEAD.size + value:]
+    return crc32(data), len(data)
+
+
+def record_dataset(path: Path, rec: Record, stored: Iterator[bytes],
+                   pace: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """(CRC-32, length) of the dataset of `rec` (from `open_record` on `path`), its record
+    CRC checked first; raises CorruptRecord. A payload of up to IN_MEMORY bytes is read
+    whole (one read, one CRC pass, one decompression: several times faster than a
+    stream of chunks), a larger one streamed."""
+    if rec.payload_length > IN_MEMORY:
+        return read_back(rec, stored, pace)
+    if pace is not None:
+        pace(rec.payload_length)
+    return checksum_in_memory(read_payload(path, rec.offset))
+
+
 def dataset_problem(crc: int, length: int, want_crc: int | None, want_length: int | None, whose: str) -> str | None:
     """What differs between the dataset read back and what `whose` recorded, if anything."""
     if want_crc is None or want_length is None:
@@ -106,7 +132,7 @@ def check_record(path: Path, offset: int, dataset_crc: int, dataset_length: int)
     try:
         with open(path, "rb") as f:
             rec, stored = open_record(f, offset)
-            crc, length = read_back(rec, stored)
+            crc, length = record_dataset(path, rec, stored)
     except CorruptRecord as e:
         return str(e)
     except OSError as e:

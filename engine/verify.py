@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable, Iterator
 from catalog import manifest
 from catalog.reader import Catalog
 from engine.compaction import RESERVED
-from engine.integrity import CorruptMarks, dataset_problem, read_back
+from engine.integrity import CorruptMarks, dataset_problem, record_dataset
 from engine.segment import MAGIC, CorruptRecord, open_record
 
 _SCAN_WINDOW = 8 << 20
@@ -195,7 +195,7 @@ class Verifier:
                 os.posix_fadvise(f.fileno(), start, 0, os.POSIX_FADV_SEQUENTIAL)
             except OSError:
                 pass
-            visited = self._walk(f, span.segment, start, end, rows)
+            visited = self._walk(f, path, span.segment, start, end, rows)
         # A compaction may have replaced the segment meanwhile (its rows now name the new
         # one): its records are then not missing from the catalog.
         if not _left_out(manifest.load(self.catalog_dir), span.segment):
@@ -206,7 +206,7 @@ class Verifier:
                 self._report(Problem(span.segment, r.offset, r.sop_instance_uid,
                                      "catalog row points at no record (cut segment or inside another record)"))
 
-    def _walk(self, f: BinaryIO, segment: str, pos: int, end: int, rows: dict[int, Row]) -> set[int]:
+    def _walk(self, f: BinaryIO, path: Path, segment: str, pos: int, end: int, rows: dict[int, Row]) -> set[int]:
         """Each record from `pos` to `end`; returns the offsets where a record was read."""
         visited: set[int] = set()
         marked = self.marks.in_segment(segment)
@@ -217,7 +217,7 @@ class Verifier:
             try:
                 rec, stored = open_record(f, pos)
                 self.pacer.spend(rec.payload_offset - pos)
-                crc, length = read_back(rec, stored, self.pacer.spend)
+                crc, length = record_dataset(path, rec, stored, self.pacer.spend)
             except (CorruptRecord, OSError) as e:  # OSError: an unreadable sector (EIO)
                 visited.add(pos)
                 why = str(e) if isinstance(e, CorruptRecord) else f"cannot read at byte {pos}: {e.strerror or e}"
