@@ -1,8 +1,8 @@
 """A minimal C-FIND SCU for timing: one association, blocking socket reads, no polling.
 
 pynetdicom as the SCU polls its reactor with millisecond sleeps and handles one PDU per
-loop, so a C-FIND with many matches is timed at about 1-2 ms per response whatever the
-SCP does. This client speaks the Upper Layer directly (PDUs built with pynetdicom's
+loop, so a C-FIND with many matches is timed at pynetdicom's pace per response
+(docs/benchmarks.md) whatever the SCP does. This client speaks the Upper Layer directly (PDUs built with pynetdicom's
 classes, command sets with pydicom) and reads with plain blocking `recv`, so what it
 times is the SCP.
 """

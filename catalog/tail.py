@@ -5,8 +5,8 @@ file before the stores of that batch are acknowledged; any process reads all tai
 acknowledged instances at once (read-your-writes). Tails are a cache: after a crash they
 are rebuilt from the segments.
 
-msgpack rather than Arrow on the write side: the store path pays ~5 µs per batch instead
-of ~130 µs to build a record batch. Readers parse each file's bytes once, incrementally
+msgpack rather than Arrow on the write side: the store path pays far less per batch
+than building a record batch would cost (docs/benchmarks.md). Readers parse each file's bytes once, incrementally
 (`TailReader`), and keep the rows as Arrow tables.
 """
 from __future__ import annotations

@@ -7,8 +7,7 @@ see shared/notes/pynetdicom.md). We set it from EVT_CONN_OPEN, which pynetdicom 
 right after connect(), before the A-ASSOCIATE-RQ goes out. Peers that leave Nagle on
 (DCMTK storescp writes a C-STORE-RSP in two pieces) cost the same 40 ms per instance the
 other way, until we ACK at once: so our socket also re-arms TCP_QUICKACK before each
-read (measured against storescp, CT_small: 92 ms per instance as pynetdicom does it,
-44 ms with TCP_NODELAY, 2.8 ms with both).
+read (what each saves: docs/benchmarks.md, figures behind design choices).
 """
 from __future__ import annotations
 

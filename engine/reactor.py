@@ -4,9 +4,8 @@ sub-operations, commitment reports and `stowage send`).
 
 pynetdicom 3.0.4 polls: the DUL thread sleeps 1 ms whenever it finds nothing to do, and
 the association thread sleeps 1 ms before every look at its DIMSE queue. A C-STORE
-therefore waits out several sleeps (≈2.4 ms per small instance on one association)
-while using a third of that in CPU, and idle associations still wake 1,000 times a
-second. Here both threads block instead until there is work: the DUL thread in
+therefore waits out several sleeps while using a fraction of that in CPU
+(docs/benchmarks.md), and idle associations still wake 1,000 times a second. Here both threads block instead until there is work: the DUL thread in
 select() on its socket and a wake-up pipe that its provider queue writes to, the
 association thread on an Event that its DIMSE and ACSE queues set. A tick bounds each
 wait so timers (ARTIM, idle) still fire.

@@ -23,7 +23,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-try:  # the same CRC-32 as zlib's, about 9x faster (ISA-L, carry-less multiply): 8 µs per CT, not 73
+try:  # the same CRC-32 as zlib's, several times faster (ISA-L, carry-less multiply; docs/benchmarks.md)
     from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - a platform without the wheel
     from zlib import crc32
@@ -33,8 +33,8 @@ VERSION = 1
 FLAG_ZSTD = 0x1
 # Byte shuffle in 16-bit lanes, per SHUFFLE_BLOCK (as blosc does): the low and the high
 # bytes of native 16-bit pixels are put apart, which zstd then compresses better and
-# faster (bench CT corpus: ratio 2.68 at 0.65 ms per 520 KB instance, against 2.09 at
-# 1.4 ms without). Block-wise so that a payload streams in and out in bounded memory.
+# faster (docs/benchmarks.md, compression). Block-wise so that a payload streams in and
+# out in bounded memory.
 FLAG_SHUFFLE = 0x2
 SHUFFLE_BLOCK = 1 << 18
 _PREFIX = struct.Struct("<4sHHIQ")

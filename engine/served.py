@@ -2,7 +2,7 @@
 the version the duplicates policy keeps), fetched a study at a time and kept briefly:
 the store path's duplicate check.
 
-Checking one UID is a DuckDB query (~1.5 ms alone, ~4 ms on a busy worker). A resumed
+Checking one UID is a DuckDB query (its cost: docs/benchmarks.md). A resumed
 migration re-sends whole studies it already sent; with this, the first instance of each
 study pays one query for the study and the others a dictionary lookup. Entries expire
 after `ttl` seconds, so what another worker stored meanwhile is seen within that time

@@ -88,7 +88,7 @@ def create(ae: AE, sock: socket.socket, contexts: list, handlers: list[tuple[Any
     assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
     assoc.acceptor.implementation_version_name = ae.implementation_version_name
     # Negotiation only reads these: share one list instead of the deepcopy pynetdicom
-    # makes (≈100 ms per association for our ~200 contexts × 39 syntaxes).
+    # makes (costly for our ~200 contexts × 39 syntaxes: docs/benchmarks.md).
     assoc.acceptor.supported_contexts = contexts
     assoc.requestor.address_info = AddressInformation.from_tuple(sock.getpeername()[:2])
     for event, handler in handlers:

@@ -4,11 +4,10 @@ Every instance passes through a few buffers of its own size (the received datase
 shuffled copy, the compressed frame). glibc serves allocations above its mmap threshold
 (128 KiB at start, raised only as mmapped chunks are freed) with a fresh mmap: every page
 of every such buffer is then faulted in and zeroed by the kernel, and unmapped again on
-free. For CT-sized instances (~520 KB) that kernel work was a third of the worker's CPU.
+free. For CT-sized instances that kernel work was a large share of the worker's CPU.
 Serving them from the heap, and trimming the heap only past a large slack, reuses the
-same pages instead (measured, 4 associations of CT: 1.6 -> 1.3 ms CPU per instance,
-~800 -> ~1000 instances/s). Datasets over the spill threshold never sit whole in memory,
-so the heap stays bounded.
+same pages instead (what it saved: docs/benchmarks.md). Datasets over the spill
+threshold never sit whole in memory, so the heap stays bounded.
 """
 from __future__ import annotations
 

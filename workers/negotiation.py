@@ -58,8 +58,8 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
 class PduReader:
     """Reads whole PDUs of one association through a buffer kept for its life: each
     recv takes whatever has arrived (a small instance's command and data PDUs usually
-    come in one), and no PDU costs an allocation, a zero-fill or page faults (for a CT
-    image's PDUs that was ~0.1 ms). A body is valid until the next read."""
+    come in one), and no PDU costs an allocation, a zero-fill or page faults
+    (docs/benchmarks.md). A body is valid until the next read."""
 
     _INITIAL = 1 << 16
 

@@ -1,7 +1,7 @@
 """Pending responses of the Query/Retrieve services, each in one PDU, without pydicom.
 
 pynetdicom sends each DIMSE message as P-DATA primitives of one fragment each, and
-encodes its command set with pydicom every time (~0.2 ms): a C-FIND pending response is
+encodes its command set with pydicom every time (docs/benchmarks.md): a C-FIND pending response is
 two PDUs (two hand-offs to the DUL thread, two socket writes), and a C-MOVE or C-GET
 that reports every sub-operation spends as much on its pending responses as on reading
 the instance it sent.
