@@ -22,6 +22,7 @@ from engine import rejection
 from engine.config import Config
 from engine.filemeta import PREAMBLE, file_meta
 from engine.freespace import FreeSpace
+from engine.quota import Usage
 from engine.served import ServedVersions
 from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, crc32, record_parts, shuffle
 from engine.writer import OutOfResources, SegmentWriter
@@ -108,6 +109,7 @@ class Archive:
         self.writer = SegmentWriter(config.data_dir / "segments", slot, segment_size=config.segment_size,
                                     fsync=config.durability == "fsync", on_commit=self.sealer.commit)
         self.free_space = FreeSpace(config.data_dir)
+        self.quota = Usage(config.data_dir, config.max_storage_bytes, config.quota_policy)
         self.served = ServedVersions(self.catalog)
         # "Certainly new?" gate of the store path: UIDs in tails (stored since the last
         # seal, by any worker; learned as they come) or in the shared sealed-UID filter.
@@ -154,6 +156,9 @@ class Archive:
                 return verdict
         if not self.free_space.has_room(self.config.min_free_bytes + length):
             return StoreResult(OUT_OF_RESOURCES, "not enough free disk space for this instance; not stored")
+        over = self.quota.refusal(length)
+        if over:
+            return StoreResult(OUT_OF_RESOURCES, over)
         meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling_ae)
         try:
             payload, flags, spooled = self._payload(meta, dataset, transfer_syntax_uid)
@@ -174,6 +179,7 @@ class Archive:
         self.known.add(sop_instance_uid)
         self.served.stored(study, sop_instance_uid, crc, length)
         self.free_space.used(row["stored_length"])
+        self.quota.used(row["stored_length"])
         if sop_class_uid == rejection.KOS:  # durably stored: now what it rejects, before the answer
             return self._rejection_note(dataset, transfer_syntax_uid, sop_class_uid, sop_instance_uid,
                                         row["received_at"], calling_ae)
