@@ -180,7 +180,7 @@ def compact(config_file, data_dir, dry_run, rate, ratio) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_common
 @click.option("--processes", type=int, default=0, help="Import processes [one per core].")
-@click.option("--threads", type=int, default=8, show_default=True, help="Concurrent stores per process.")
+@click.option("--threads", type=int, default=16, show_default=True, help="Concurrent stores per process.")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
               help="CSV of every file not stored, and why [DATA_DIR/import/refused-<time>.csv].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
