@@ -28,6 +28,7 @@ from engine.importer.part10 import FileInfo, Malformed, NotDicom, check_whole, r
 from engine.recovery import recover
 from engine.segment import FileRange
 from engine.slots import claim_slot
+from workers.malloc import keep_large_buffers_in_heap
 
 IMPORT_SLOT_BASE = 100      # import processes write slots 100, 101…; serve workers 0..N-1
 DEFAULT_SOURCE_AE = "IMPORT"  # the calling AE recorded when a file names no Source AE
@@ -224,6 +225,7 @@ def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: An
     """Entry point of an import process: results go back as ("ready", slot),
     ("done", [Outcome…]) per task chunk, then ("closed", slot) or ("failed", message)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    keep_large_buffers_in_heap()  # CT-sized reads and compressions reuse heap pages, as in serve workers
     config = Config.from_dict(config_dict)
     try:
         slot = claim_slot(config.data_dir, IMPORT_SLOT_BASE)
