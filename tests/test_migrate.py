@@ -307,3 +307,63 @@ def test_source_that_refuses_some_moves(make_server, tmp_path, corpus):
     assert [row["s"] for row in held] == studies[2:]
     report = (server.data_dir / "migrate" / f"OLDPACS_{HOST}_{port}-report.csv").read_text()
     assert all(uid in report for uid in refused)
+
+
+def start_dcmqrscp(tmp_path: Path, stowage_port: int, dcmtk_args: list[str]) -> tuple[subprocess.Popen, int, Path]:
+    """DCMTK dcmqrscp with a configuration written here: one storage area (AE LEGACY) and
+    STOWAGE in its host table, so that it can C-MOVE to us."""
+    storage = tmp_path / "dcmqrscp" / "LEGACY"
+    storage.mkdir(parents=True)
+    port = free_port()
+    cfg = tmp_path / "dcmqrscp" / "dcmqrscp.cfg"
+    cfg.write_text(f"""NetworkTCPPort = {port}
+MaxPDUSize = 16384
+MaxAssociations = 16
+
+HostTable BEGIN
+stowage = (STOWAGE, {HOST}, {stowage_port})
+HostTable END
+
+VendorTable BEGIN
+VendorTable END
+
+AETable BEGIN
+LEGACY {storage} RW (1000, 1024mb) ANY
+AETable END
+""")
+    proc = subprocess.Popen([dcmtk("dcmqrscp"), "-c", str(cfg), *dcmtk_args], cwd=cfg.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not echo_ok(port, "LEGACY", 1.0):
+        assert proc.poll() is None and time.monotonic() < deadline, "dcmqrscp did not start"
+        time.sleep(0.1)
+    return proc, port, storage
+
+
+def test_migrate_from_dcmqrscp(make_server, tmp_path, corpus):
+    """DCMTK's archive as the source: loaded with storescu, migrated by C-MOVE; every instance
+    arrives with the dataset bytes dcmqrscp holds in its storage area. (Explicit VR Little
+    Endian only: dcmqrscp proposes one context per SOP class listing several syntaxes and
+    converts to whichever the destination picks, so other syntaxes would not arrive as held.)"""
+    server = make_server("--workers", "2")
+    files = [p for p in corpus if p.parent.name == "explicit"]
+    proc, port, storage = start_dcmqrscp(tmp_path, server.port, [])
+    try:
+        storescu(port, "LEGACY", files)
+        r = migrate(server.data_dir, "--from", f"LEGACY@{HOST}:{port}", "--verify-content", "--retry-delay", "1")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert r.returncode == 0, r.stdout + r.stderr
+    n = len(study_uids(files))
+    assert f"studies: {n} found, {n} done, 0 failed" in r.stdout, r.stdout
+    assert f"{len(files)} received, {len(files)} verified" in r.stdout, r.stdout
+    held = {}
+    for p in storage.iterdir():
+        if p.name != "index.dat":
+            held[pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID] = comparable(p)
+    got = exported(server.data_dir, tmp_path / "out")
+    assert set(got) == set(held) and len(held) == len(files)
+    assert [uid for uid in held if got[uid] != held[uid]] == []
+    assert query(server.data_dir, "SELECT calling_ae, count(*) AS n FROM instances GROUP BY 1") == \
+        [{"calling_ae": "LEGACY", "n": len(files)}]
