@@ -3,6 +3,7 @@ on loopback (Orthanc, DCMTK dcmqrscp, a pynetdicom Q/R SCP that refuses some mov
 `stowage serve` and `stowage migrate` run as subprocesses, as users run them."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -367,3 +368,59 @@ def test_migrate_from_dcmqrscp(make_server, tmp_path, corpus):
     assert [uid for uid in held if got[uid] != held[uid]] == []
     assert query(server.data_dir, "SELECT calling_ae, count(*) AS n FROM instances GROUP BY 1") == \
         [{"calling_ae": "LEGACY", "n": len(files)}]
+
+
+def test_window_splitting_reaches_the_leaves():
+    """The split ladder, as a capped source forces it: each level narrows, a one-day window
+    goes by hour (and "no time"), then Modality, then Patient Name initial, then nothing;
+    a leaf still capped is reported as possibly incomplete."""
+    from engine.migrate.enumerate import Window, enumerate_window, split
+    from engine.migrate.source import Answer
+    today = dt.date(2026, 6, 1)
+    top = split(Window(everything=True), today)
+    assert [str(w) for w in top] == ["no date", "…..1899-12-31", "1900-01-01..2027-12-31", "2028-01-01..…"]
+    decades = split(top[2], today)
+    assert (decades[0].lo, decades[0].hi, decades[-1].lo) == ("1900-01-01", "1909-12-31", "2020-01-01")
+    years = split(Window("2020-01-01", "2029-12-31"), today)
+    assert len(years) == 10 and years[3] == Window("2023-01-01", "2023-12-31")
+    months = split(years[3], today)
+    assert len(months) == 12 and months[1] == Window("2023-02-01", "2023-02-28")
+    days = split(months[1], today)
+    assert len(days) == 28 and days[0] == Window("2023-02-01", "2023-02-01")
+    hours = split(days[0], today)
+    assert len(hours) == 25 and hours[10].identifier().StudyTime == "100000-105959.999999" and hours[-1].no_time
+    by_modality = split(hours[10], today)
+    assert by_modality[0].identifier().ModalitiesInStudy == "CT" and by_modality[0].hour == 10
+    leaves = split(by_modality[0], today)
+    assert leaves[0].identifier().PatientName == "A*" and split(leaves[0], today) == []
+    capped = Answer([_match(f"1.2.{i}") for i in range(5)], 0x0000)
+    outcome, studies, children, _note = enumerate_window(lambda ds: capped, leaves[0], 5)
+    assert (outcome, len(studies), children) == ("incomplete", 5, [])
+    outcome, _s, children, _n = enumerate_window(lambda ds: capped, hours[10], 5)
+    assert outcome == "split" and len(children) == len(by_modality)
+    outcome, _s, _c, _n = enumerate_window(lambda ds: capped, hours[10], 6)
+    assert outcome == "done"
+
+
+def _match(uid: str):
+    from pydicom.dataset import Dataset
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.StudyDate, ds.NumberOfStudyRelatedInstances = uid, "20230201", 3
+    return ds
+
+
+def test_time_window_and_rate():
+    from engine.migrate.pacing import PacingError, Rate, TimeWindow, retry_delay
+    night = TimeWindow.parse("19:00-07:00")
+    assert night.is_open(dt.datetime(2026, 1, 1, 23, 0)) and night.is_open(dt.datetime(2026, 1, 2, 6, 59))
+    assert not night.is_open(dt.datetime(2026, 1, 1, 12, 0))
+    assert night.seconds_until_open(dt.datetime(2026, 1, 1, 18, 0)) == 3600
+    assert TimeWindow.parse("08:00-17:30").seconds_until_open(dt.datetime(2026, 1, 1, 18, 0)) == 14 * 3600
+    assert Rate.parse("20MB/s") == Rate(20.0, "MB") and Rate.parse("50") == Rate(50.0, "instances")
+    for bad in ("25:00-07:00", "7-19"):
+        with pytest.raises(PacingError):
+            TimeWindow.parse(bad)
+    with pytest.raises(PacingError):
+        Rate.parse("fast")
+    assert [retry_delay(30, n, False) for n in (1, 2, 3)] == [30, 60, 120]
+    assert retry_delay(30, 1, True) == 120 and retry_delay(30, 20, False) == 3600
