@@ -13,6 +13,8 @@ instances of each ``--kind`` (bench/corpus.py), then stopped. Then, on the segme
             archive, unpaced, pages dropped first: both checksums of every record and
             the catalog cross-check. Its MB/s (bytes on disk) ÷ the disk's is the figure.
 3. warm     the same with every page cached: the CPU-bound rate (decompression, CRCs).
+   jobs     cold again, ``--jobs`` segments at once (`stowage verify --jobs`; one per core by
+            default): with one segment per worker, an archive has at least that many.
 4. paced    the verifier at ``--rate`` MB/s for about 10 s: the rate it keeps, and the
             slowest and fastest whole second (steady pacing, no bursts).
 
@@ -34,7 +36,8 @@ import time
 from pathlib import Path
 
 from bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree
-from engine.verify import Pacer, Stopped, Verifier
+from engine.verify import Pacer, Stopped, Tally, Verifier
+from engine.verify_cli import verify_all
 
 
 def _cpu() -> float:
@@ -72,7 +75,7 @@ def disk_rate(paths: list[Path]) -> dict:
 
 
 def verify_rate(data_dir: Path, rate_mb: float | None = None, limit_s: float | None = None,
-                cold: bool = True) -> dict:
+                cold: bool = True, jobs: int = 1) -> dict:
     paths = _segments(data_dir)
     if cold:
         drop_cache(paths)
@@ -90,17 +93,21 @@ def verify_rate(data_dir: Path, rate_mb: float | None = None, limit_s: float | N
         if limit_s is not None and time.monotonic() - started > limit_s:
             verifier.pacer.stop.set()
 
-    verifier = Verifier(data_dir, Pacer(rate_mb * 1e6 if rate_mb else None), by="bench", on_progress=on_progress)
+    pacer = Pacer(rate_mb * 1e6 if rate_mb else None)
+    verifiers = [Verifier(data_dir, pacer, by="bench", on_progress=on_progress) for _ in range(jobs)]
+    verifier = verifiers[0]
     cpu0 = _cpu()
     try:
-        for span in verifier.plan():
-            verifier.verify(span)
+        verify_all(verifiers, verifier.plan())
     except Stopped:
         pass
     finally:
-        verifier.close()
+        for v in verifiers:
+            v.close()
     seconds = time.monotonic() - started
-    t = verifier.tally
+    t = Tally()
+    for v in verifiers:
+        t.add(v.tally)
     out = {"records": t.records, "bytes": t.bytes, "seconds": round(seconds, 3),
            "mb_s": round(t.bytes / seconds / 1e6, 1), "cpu_s": round(_cpu() - cpu0, 2), "problems": len(t.problems)}
     out["mb_per_cpu_s"] = round(t.bytes / 1e6 / out["cpu_s"], 1) if out["cpu_s"] else 0.0
@@ -134,6 +141,7 @@ def main() -> None:
     ap.add_argument("--kind", default="ct,mr", help="Corpus kinds to fill a fresh archive with [ct,mr].")
     ap.add_argument("--count", type=int, default=1000, help="Instances per kind [1000].")
     ap.add_argument("--rate", type=float, default=50.0, help="MB/s of the paced run [50].")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="Threads of the parallel run [cores].")
     ap.add_argument("--json", type=Path, help="Write the results here as JSON.")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="verify-bench-"))
@@ -142,6 +150,7 @@ def main() -> None:
         segments = _segments(data)
         results = {"archive_bytes": sum(p.stat().st_size for p in segments), "segments": len(segments),
                    "disk": disk_rate(segments), "cold": verify_rate(data), "warm": verify_rate(data, cold=False),
+                   "cold_jobs": verify_rate(data, jobs=args.jobs),
                    "paced": verify_rate(data, args.rate, limit_s=10.0)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -152,6 +161,9 @@ def main() -> None:
     print(f"verify, cold cache           {c['mb_s']:8.1f} MB/s  ({c['mb_s'] / d['mb_s']:.2f}x the disk; "
           f"{c['mb_per_cpu_s']:.0f} MB per CPU second, {c['problems']} problem(s))")
     print(f"verify, warm cache           {w['mb_s']:8.1f} MB/s  (CPU-bound; {w['mb_per_cpu_s']:.0f} MB per CPU second)")
+    j = results["cold_jobs"]
+    print(f"verify --jobs {args.jobs:<2d} cold cache   {j['mb_s']:8.1f} MB/s  ({j['mb_s'] / d['mb_s']:.2f}x the disk; "
+          f"{j['mb_per_cpu_s']:.0f} MB per CPU second)")
     print(f"verify --rate {args.rate:g}            {p['mb_s']:8.1f} MB/s  (whole seconds from "
           f"{p.get('slowest_second_mb', 0):.1f} to {p.get('fastest_second_mb', 0):.1f} MB)")
     if args.json:

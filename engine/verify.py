@@ -41,30 +41,33 @@ class Stopped(Exception):
 class Pacer:
     """Spends bytes at a steady `rate` (bytes/s; None: unlimited): sleeps as soon as the
     bytes read run ahead of the rate, so reads are spread evenly, never in bursts. After a
-    stall (a slow disk, a suspended process) it does not race to catch up."""
+    stall (a slow disk, a suspended process) it does not race to catch up. Shared by the
+    threads of a parallel verify: the rate is theirs together."""
 
     def __init__(self, rate: float | None, stop: threading.Event | None = None) -> None:
         self.rate = rate
         self.stop = stop or threading.Event()
+        self._lock = threading.Lock()
         self._t0 = time.monotonic()
         self._spent = 0
 
     def set_rate(self, rate: float | None) -> None:
-        self.rate, self._t0, self._spent = rate, time.monotonic(), 0
+        with self._lock:
+            self.rate, self._t0, self._spent = rate, time.monotonic(), 0
 
     def spend(self, n: int) -> None:
         if self.stop.is_set():
             raise Stopped
         if not self.rate:
             return
-        self._spent += n
-        due = self._t0 + self._spent / self.rate
-        now = time.monotonic()
-        if due > now:
-            if self.stop.wait(due - now):
-                raise Stopped
-        elif now - due > 1.0:
-            self._t0, self._spent = now, 0
+        with self._lock:
+            self._spent += n
+            due = self._t0 + self._spent / self.rate
+            now = time.monotonic()
+            if now - due > 1.0:
+                self._t0, self._spent = now, 0
+        if due > now and self.stop.wait(due - now):
+            raise Stopped
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,14 @@ class Tally:
     @property
     def corrupt(self) -> int:
         return sum(p.corrupt for p in self.problems)
+
+    def add(self, other: "Tally") -> None:
+        self.records += other.records
+        self.bytes += other.bytes
+        self.segments += other.segments
+        self.problems += other.problems
+        self.marked += other.marked
+        self.cleared += other.cleared
 
 
 class Verifier:

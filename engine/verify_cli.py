@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import logging
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import TextIO
 
@@ -13,7 +15,7 @@ import click
 
 from engine.config import Config
 from engine.logs import audit_line, setup_logging
-from engine.verify import Pacer, Problem, Tally, Verifier
+from engine.verify import Pacer, Problem, Span, Tally, Verifier
 
 REPORT_COLUMNS = ("segment", "offset", "sop_instance_uid", "problem")
 _SHOWN = 20  # problems printed on stderr; the report has them all
@@ -36,8 +38,10 @@ def _open_report(path: Path | None) -> tuple[TextIO | None, csv.writer | None]:
     return f, writer
 
 
-def run_verify(config: Config, rate_mb: float | None, report: Path | None, progress: bool = True) -> Tally:
-    """Verify the archive of `config`; the tally says what was found."""
+def run_verify(config: Config, rate_mb: float | None, report: Path | None, progress: bool = True,
+               jobs: int = 1) -> Tally:
+    """Verify the archive of `config`, `jobs` segments at a time (threads: decompression
+    and CRCs run outside the GIL); the tally says what was found."""
     data_dir = config.data_dir
     if not (data_dir / "segments").is_dir() and not (data_dir / "catalog").is_dir():
         raise VerifyCommandError(f"{data_dir} holds no archive (no segments/ or catalog/ in it)")
@@ -46,40 +50,46 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
     out, writer = _open_report(report)
     bar = None
     shown = 0
+    lock = threading.Lock()
 
     def on_problem(p: Problem) -> None:
         nonlocal shown
-        if writer is not None:
-            writer.writerow((p.segment, p.offset, p.sop_instance_uid, p.problem))
-            out.flush()
-        if shown < _SHOWN:
-            line = f"{'corrupt' if p.corrupt else 'catalog'}: {p.segment} @ {p.offset} " \
-                   f"{p.sop_instance_uid or '(no UID)'}: {p.problem}"
-            (bar.write if bar is not None else click.echo)(line, file=sys.stderr)
-        shown += 1
+        with lock:
+            if writer is not None:
+                writer.writerow((p.segment, p.offset, p.sop_instance_uid, p.problem))
+                out.flush()
+            if shown < _SHOWN:
+                line = f"{'corrupt' if p.corrupt else 'catalog'}: {p.segment} @ {p.offset} " \
+                       f"{p.sop_instance_uid or '(no UID)'}: {p.problem}"
+                (bar.write if bar is not None else click.echo)(line, file=sys.stderr)
+            shown += 1
 
     def on_progress(_segment: str, _offset: int, n: int) -> None:
         if bar is not None:
-            bar.update(n)
+            with lock:
+                bar.update(n)
 
-    verifier = Verifier(data_dir, Pacer(rate_mb * 1e6 if rate_mb else None), by="verify",
-                        duplicates=config.duplicates, on_problem=on_problem, on_progress=on_progress)
+    pacer = Pacer(rate_mb * 1e6 if rate_mb else None)
+    verifiers = [Verifier(data_dir, pacer, by="verify", duplicates=config.duplicates, on_problem=on_problem,
+                          on_progress=on_progress) for _ in range(max(1, jobs))]
     started = time.monotonic()
     try:
-        spans = verifier.plan()
+        spans = verifiers[0].plan()
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=sum(s.end for s in spans), unit="B", unit_scale=True, desc="verify",
                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-        for span in spans:
-            verifier.verify(span)
+        verify_all(verifiers, spans)
     finally:
-        verifier.close()
+        for v in verifiers:
+            v.close()
         if bar is not None:
             bar.close()
         if out is not None:
             out.close()
-    tally = verifier.tally
+    tally = Tally()
+    for v in verifiers:
+        tally.add(v.tally)
     seconds = time.monotonic() - started
     if shown > _SHOWN:
         click.echo(f"... and {shown - _SHOWN} more problem(s)" + (f"; see {report}" if report else ""), err=True)
@@ -89,6 +99,37 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
         "problems": len(tally.problems), "corrupt": tally.corrupt, "marked": tally.marked,
         "cleared": tally.cleared, "seconds": round(seconds, 3)})
     return tally
+
+
+def verify_all(verifiers: list[Verifier], spans: list[Span]) -> None:
+    """Each verifier takes the next segment until none is left; the first error raised
+    in any of them is raised here, once all have stopped."""
+    todo = deque(spans)
+    errors: list[BaseException] = []
+
+    def work(v: Verifier) -> None:
+        while not errors:
+            try:
+                span = todo.popleft()
+            except IndexError:
+                return
+            try:
+                v.verify(span)
+            except BaseException as e:  # noqa: B036 - re-raised in the calling thread
+                errors.append(e)
+                v.pacer.stop.set()
+
+    if len(verifiers) == 1:
+        work(verifiers[0])
+    else:
+        threads = [threading.Thread(target=work, args=(v,), name=f"verify-{i}", daemon=True)
+                   for i, v in enumerate(verifiers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
 
 
 def summary(tally: Tally, seconds: float) -> str:
