@@ -1,7 +1,8 @@
 """C-STORE responses on an association someone else opened and we write C-STOREs on
 directly (C-GET: engine/send.py `_DirectLink`): taken off pynetdicom's DUL thread with a
 struct decode of the command set, instead of pynetdicom decoding it with pydicom and
-building a validated C_STORE primitive (a third of the GIL time of a C-GET).
+building a validated C_STORE primitive (its share of a C-GET's GIL time:
+docs/benchmarks.md).
 
 Only while a queue is routed to an association, only a P-DATA that is a whole command set
 in one PDV (as every C-STORE-RSP without a dataset is), and only a C-STORE-RSP: everything
