@@ -216,37 +216,17 @@ def import_(paths, config_file, data_dir, processes, threads, report, quiet) -> 
               help="Read at most this many MB/s, evenly paced [unlimited].")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
               help="Write every problem found as CSV: segment, offset, sop_instance_uid, problem.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Segments verified at once (threads; the rate is theirs together).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def verify(config_file, data_dir, rate, report, quiet) -> None:
+def verify(config_file, data_dir, rate, report, jobs, quiet) -> None:
     """Re-read every stored record and check its checksums and its catalog row; safe while
     `stowage serve` runs. Corrupt records are marked (never sent, commitment fails them).
     Exit status 1 if anything is wrong (see docs/lifecycle.md)."""
     from engine.verify_cli import VerifyCommandError, run_verify
     config = _load(config_file, data_dir=data_dir)
     try:
-        tally = run_verify(config, rate, report, progress=not quiet)
-    except VerifyCommandError as e:
-        raise click.ClickException(str(e)) from None
-    if tally.problems:
-        raise click.ClickException(f"{tally.corrupt} corrupt record(s), {len(tally.problems) - tally.corrupt} "
-                                   f"catalog problem(s)" + (f"; every one is listed in {report}" if report else ""))
-
-
-@main.command()
-@_common
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True),
-              help="Read at most this many MB/s, evenly paced [unlimited].")
-@click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write every problem found as CSV: segment, offset, sop_instance_uid, problem.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def verify(config_file, data_dir, rate, report, quiet) -> None:
-    """Re-read every stored record and check its checksums and its catalog row; safe while
-    `stowage serve` runs. Corrupt records are marked (never sent, commitment fails them).
-    Exit status 1 if anything is wrong (see docs/lifecycle.md)."""
-    from engine.verify_cli import VerifyCommandError, run_verify
-    config = _load(config_file, data_dir=data_dir)
-    try:
-        tally = run_verify(config, rate, report, progress=not quiet)
+        tally = run_verify(config, rate, report, progress=not quiet, jobs=jobs)
     except VerifyCommandError as e:
         raise click.ClickException(str(e)) from None
     if tally.problems:
