@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_SLOT = 999  # segment names give the slot three digits
+IMPORT_FIRST_SLOT = 100  # `stowage import` processes claim slots from here upward
 
 
 class SlotError(OSError):

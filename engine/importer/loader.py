@@ -16,7 +16,6 @@ import shutil
 import signal
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +26,12 @@ from engine.logs import setup_logging
 from engine.importer.part10 import FileInfo, Malformed, NotDicom, check_whole, read_info
 from engine.recovery import recover
 from engine.segment import FileRange
-from engine.slots import claim_slot
+from engine.importer.outcome import HELD, NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, Outcome, Task
+from engine.slots import IMPORT_FIRST_SLOT, claim_slot
 from workers.malloc import keep_large_buffers_in_heap
 
-IMPORT_SLOT_BASE = 100      # import processes write slots 100, 101…; serve workers 0..N-1
 DEFAULT_SOURCE_AE = "IMPORT"  # the calling AE recorded when a file names no Source AE
 _HEAD = 64 << 10
-
-# Outcomes, as the main process counts and reports them.
-STORED, HELD, SKIPPED, REFUSED, NOT_ATTEMPTED = "stored", "held", "skipped", "refused", "not-attempted"
-
-Task = tuple[int, str, int]  # (index in the scan, path, size when scanned)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    index: int
-    kind: str
-    reason: str = ""
-    nbytes: int = 0
 
 
 _RENAMED = {
@@ -228,7 +214,7 @@ def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: An
     keep_large_buffers_in_heap()  # CT-sized reads and compressions reuse heap pages, as in serve workers
     config = Config.from_dict(config_dict)
     try:
-        slot = claim_slot(config.data_dir, IMPORT_SLOT_BASE)
+        slot = claim_slot(config.data_dir, IMPORT_FIRST_SLOT)
         _quiet_logging(config, slot.number)
         recover(config.data_dir, slot.number)  # a previous import on this slot may have been killed
         spool = config.data_dir / "spool" / f"{slot.number:03d}"

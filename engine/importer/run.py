@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from engine.config import Config
-from engine.importer import loader
 from engine.importer.ledger import Ledger
-from engine.importer.loader import HELD, IMPORT_SLOT_BASE, NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, Outcome
+from engine.importer.outcome import NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, HELD, Outcome, Task, child_main
 from engine.importer.scan import roots_of, scan
-from engine.recovery import recover
-from engine.slots import slots_present, try_claim
+from engine.slots import IMPORT_FIRST_SLOT, slots_present, try_claim
 
 _CHUNK_FILES = 16
 _CHUNK_BYTES = 8 << 20
@@ -90,7 +88,8 @@ class _Report:
 
 def _recover_left_behind(data_dir: Path) -> None:
     """Recover import slots that a killed import left (nobody holds them now)."""
-    for number in sorted(n for n in slots_present(data_dir) if n >= IMPORT_SLOT_BASE):
+    from engine.recovery import recover  # the store path's imports: after the processes started
+    for number in sorted(n for n in slots_present(data_dir) if n >= IMPORT_FIRST_SLOT):
         claim = try_claim(data_dir, number)
         if claim is not None:
             try:
@@ -100,7 +99,7 @@ def _recover_left_behind(data_dir: Path) -> None:
 
 
 def _chunks(files: list[tuple[str, tuple[int, int, int]]]):
-    chunk: list[loader.Task] = []
+    chunk: list[Task] = []
     size = 0
     for i, (path, key) in enumerate(files):
         chunk.append((i, path, key[0]))
@@ -142,7 +141,6 @@ def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads
     t0 = time.monotonic()
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    _recover_left_behind(data_dir)
     ledger = Ledger(data_dir)
     found = scan(roots_of(paths), ledger)
     summary = Summary(unchanged=found.unchanged)
@@ -163,16 +161,26 @@ def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads
 
 def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: _Report,
               summary: Summary, quiet: bool) -> None:
-    # Fresh interpreters (no inherited threads or locks), our own children: joined by us,
-    # so their CPU time counts in ours (RUSAGE_CHILDREN), as a benchmark expects.
-    ctx = multiprocessing.get_context("spawn")
+    # The store path is imported once, here, and the import processes are forked with it
+    # (spawning N interpreters that each import pydicom, pyarrow and duckdb took seconds
+    # on a busy machine). Forked before this process starts any thread of its own or
+    # touches pyarrow or duckdb; they are our children, joined by us, so their CPU time
+    # counts in ours (RUSAGE_CHILDREN), as a benchmark expects.
+    import engine.importer.loader  # noqa: F401
+    ctx = multiprocessing.get_context("fork")
     tasks = ctx.Queue(maxsize=n * threads * 4)
     results = ctx.Queue()
     stop = ctx.Event()
-    procs = [ctx.Process(target=loader.process_main, args=(config.to_dict(), tasks, results, stop, threads),
+    procs = [ctx.Process(target=child_main, args=(config.to_dict(), tasks, results, stop, threads),
                          name=f"stowage-import-{i}", daemon=True) for i in range(n)]
     for p in procs:
         p.start()
+    # While they start (about a second of imports): recover import slots a killed import
+    # left. Their processes see what this seals within 0.1 s, before the first file.
+    try:
+        _recover_left_behind(config.data_dir)
+    except OSError as e:
+        summary.problems.append(f"could not recover an earlier import's slot: {e.strerror or e}")
     feeder = threading.Thread(target=_feed, args=(found.files, tasks, n * threads), daemon=True)
     feeder.start()
     bar = _Bar(len(found.files), found.total_bytes, quiet)
