@@ -356,7 +356,7 @@ def test_large_files_stream_from_the_source(tmp_path):
     data = tmp_path / "data"
     r = subprocess.run([sys.executable, "-m", "engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
                        capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, STOWAGE_SPILL_THRESHOLD="4096"))
+                       env=dict(os.environ, STOWAGE_SPILL_THRESHOLD="1024"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert counts(r.stdout)["stored"] == 4
     assert exported(data, tmp_path / "out") == expected
