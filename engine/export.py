@@ -200,6 +200,31 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(folders: set[Path]) -> None:
+    """Remove the temporary files (`.<name>.<pid>.tmp`) that an export killed mid-file left
+    in these folders; a live export's are left alone."""
+    for folder in folders:
+        try:
+            with os.scandir(folder) as it:
+                stale = [e.name for e in it if e.name.startswith(".") and e.name.endswith(".tmp")]
+        except OSError:
+            continue
+        for name in stale:
+            pid = name[:-len(".tmp")].rsplit(".", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                _unlink_quietly(folder / name)
+
+
 def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -232,6 +257,7 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
     segments = data_dir / "segments"
     marks = marks_of(data_dir)
     result = ExportResult()
+    folders = {out}
     for item in tqdm(items, unit="inst", disable=None, leave=False):
         mark = marks.get(item.segment, item.offset)
         if mark is not None:  # found corrupt by verify or the scrub: never exported (engine/integrity.py)
@@ -244,6 +270,7 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
             target = _tree_path(item, names, existing, out)
         else:
             target = out / f"{export_names.uid_name(item.uid)}.dcm"
+        folders.add(target.parent)
         if _same(target, item):
             result.skipped += 1
             continue
@@ -260,6 +287,7 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
             result.failed.extend(fileset.write())
         except OSError as e:
             raise ExportError(f"cannot write {out / 'DICOMDIR'}: {_why(e)}") from None
+    sweep(folders)
     return result
 
 

@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -19,7 +21,7 @@ from pydicom.data import get_testdata_file
 from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import CT, HOST, MR, Server, dataset_bytes, dcmtk, free_port, received_by_dcmtk
+from conftest import CT, HOST, MR, Server, copies, dataset_bytes, dcmtk, free_port, received_by_dcmtk
 
 RTPLAN = Path(get_testdata_file("rtplan.dcm"))
 JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
@@ -319,6 +321,36 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(archive, tmp_path):
             shutil.rmtree(out)
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def test_kill_9_mid_export_leaves_no_partial_file(make_server, tmp_path):
+    server = make_server("--workers", "2")
+    files = copies(CT, tmp_path / "files", 600, "k")
+    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(server.port), *map(str, files)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    for _attempt in range(10):  # until killed while a file is being written (its tmp file there)
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "export", "--data-dir", str(server.data_dir),
+                                 "--out", str(out), "--all", "--layout", "tree"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not any(out.rglob(".*.tmp")):
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        if any(out.rglob(".*.tmp")):
+            break
+    assert any(out.rglob(".*.tmp")), "never killed mid-file"
+    finals = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.dcm")}
+    assert len(finals) < len(files), "the export was not caught mid-way"
+    assert export(server.data_dir, tmp_path / "whole", "--all", "--layout", "tree").returncode == 0
+    for rel, data in finals.items():
+        assert data == (tmp_path / "whole" / rel).read_bytes(), f"{rel} is partial"
+    r = export(server.data_dir, out, "--all", "--layout", "tree")  # resumes; sweeps the dead export's tmp file
+    assert r.returncode == 0 and f"exported {len(files)} instance(s)" in r.stdout, r.stdout + r.stderr
+    assert (f"({len(finals)} already there)" in r.stdout) if finals else ("already" not in r.stdout), r.stdout
+    assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in (tmp_path / "whole").rglob("*"))
 
 
 def test_query_tells_sources_apart_by_calling_ae(archive):
