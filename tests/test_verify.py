@@ -316,3 +316,31 @@ def test_marks_survive_a_torn_line(tmp_path):
     assert other.counts() == (2, 2)
     assert marks.clear("000-00000001.seg", 100, "verify")
     assert other.get("000-00000001.seg", 100) is None and other.counts() == (1, 2)
+
+
+def test_streamed_and_in_memory_checks_agree(tmp_path):
+    """Records over IN_MEMORY are checked as a stream of chunks, smaller ones whole: both
+    give the same dataset checksum, and both report a flipped byte as a checksum failure."""
+    import zstandard
+    from engine.integrity import read_back, record_dataset
+    from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, CorruptRecord, crc32, encode_record, open_record, shuffle
+    group = b"\x02\x00\x10\x00UI\x06\x001.2.3\x00"
+    meta = struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(group)) + group
+    dataset = bytes(range(256)) * 3000 + b"tail"
+    header = {"sop_instance_uid": "1.2.3", "dataset_crc32": crc32(dataset), "dataset_length": len(dataset)}
+    payload = zstandard.ZstdCompressor(level=1).compress(shuffle(meta + dataset))
+    path = tmp_path / "000-00000001.seg"
+    path.write_bytes(encode_record(header, payload, FLAG_ZSTD | FLAG_SHUFFLE))
+    with open(path, "rb") as f:
+        assert read_back(*open_record(f, 0)) == (crc32(dataset), len(dataset))
+        rec, stored = open_record(f, 0)
+        assert record_dataset(path, rec, stored) == (crc32(dataset), len(dataset))
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with open(path, "rb") as f:
+        with pytest.raises(CorruptRecord, match="checksum mismatch"):
+            read_back(*open_record(f, 0))
+        rec, stored = open_record(f, 0)
+        with pytest.raises(CorruptRecord, match="checksum mismatch"):
+            record_dataset(path, rec, stored)
