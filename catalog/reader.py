@@ -61,7 +61,15 @@ class Catalog:
         self._tomb_reader = tombstones.TombstoneReader(self.tombstones_dir)
         self._tombs = tombstones.SCHEMA.empty_table()
         self._tomb_stamp: tuple | None = None
+        self._tomb_generation = -1
         self._tomb_empty: bool | None = None
+        # Studies holding a hidden record, and the exact summaries of their sealed rows,
+        # per sealed file: computed when the hidden set or the files change, not per query.
+        self._hidden_key: tuple | None = None
+        self._hidden_shadow: pa.Table | None = None
+        self._hidden_files: dict[str, pa.Table] = {}
+        self._hidden_unknown = False
+        self._views_shape: tuple | None = None
         self.policy = duplicates
         versions.KEEP_NEWEST[duplicates]  # noqa: B018 - an unknown policy fails here
         self._con = duckdb.connect(":memory:", config={"threads": threads, "memory_limit": MEMORY_LIMIT})
@@ -78,7 +86,8 @@ class Catalog:
         self._state: tuple | None = None  # (manifest file identity, tail rows) of the last refresh
         self._with_tails: bool | None = None  # whether the views include the tails
         self._con.register("tail_rows", SCHEMA.empty_table())
-        self._con.register("tombstones", self._tombs)
+        self._con.register("tomb_rows", self._tombs)
+        self._con.execute("CREATE TEMP TABLE tombstones AS SELECT * FROM tomb_rows")  # native: faster joins
         self._no_tail_studies = self._con.sql(studies.summary_sql("tail_rows")).to_arrow_table()
 
     def close(self) -> None:
@@ -97,8 +106,7 @@ class Catalog:
             stamp = None
         tomb_stamp = tombstones.stamp_of(self.tombstones_dir)
         if tomb_stamp != self._tomb_stamp:
-            self._tombs = tombstones.hiding(self._tomb_reader.read())
-            self._con.register("tombstones", self._tombs)
+            self._read_tombstones()
             self._tomb_stamp = tomb_stamp
         state = (stamp, tails.num_rows, tomb_stamp)
         if state == self._state and self._tails.fresh.num_rows == 0 and stamp is not None:
@@ -131,38 +139,89 @@ class Catalog:
             self._manifest = m
         shadow = versions.shadowed(_not_deleted(self._versions(unsealed), self._tombs), self.policy)
         self._con.register("shadowed", shadow)
-        shadow_empty, tomb_empty = shadow.num_rows == 0, self._tombs.num_rows == 0
-        if self._shadow_empty is not shadow_empty or self._tomb_empty is not tomb_empty:
-            self._shadow_empty, self._tomb_empty = shadow_empty, tomb_empty
+        self._shadow_empty, self._tomb_empty = shadow.num_rows == 0, self._tombs.num_rows == 0
+        if not (self._shadow_empty and self._tomb_empty):
+            self._update_hidden(shadow)
+        shape = (self._shadow_empty, self._tomb_empty, self._hidden_unknown, with_tails)
+        if shape != self._views_shape:
+            self._views_shape = shape
             self._create_hiding_views()
 
-    def _create_hiding_views(self) -> None:
-        """`instances` and `study_parts` without what the policy or a tombstone hides
-        (plain views over records and study_rows when nothing is hidden)."""
-        hidden = []
+    def _read_tombstones(self) -> None:
+        """Follow the tombstone log: its new entries join the `tombstones` table."""
+        table = self._tomb_reader.read()
+        if self._tomb_reader.generation != self._tomb_generation:  # first read, or the log was rewritten
+            self._tomb_generation = self._tomb_reader.generation
+            self._tombs = tombstones.hiding(table)
+            self._con.register("tomb_rows", self._tombs)
+            self._con.execute("CREATE OR REPLACE TEMP TABLE tombstones AS SELECT * FROM tomb_rows")
+        else:
+            fresh = tombstones.hiding(self._tomb_reader.fresh)
+            if fresh.num_rows:
+                self._con.register("tomb_rows", fresh)
+                self._con.execute("INSERT INTO tombstones SELECT * FROM tomb_rows")
+                self._tombs = tombstones.hiding(table)
+        self._con.unregister("tomb_rows")
+
+    def _hiding(self) -> str:
+        """The condition on a record `r` that neither the policy nor a tombstone hides it."""
+        hidden = ["true"]
         if not self._shadow_empty:
             hidden.append("NOT EXISTS (SELECT 1 FROM shadowed s WHERE s.segment = r.segment "
                           "AND s.\"offset\" = r.\"offset\")")
         if not self._tomb_empty:
             hidden.append("NOT EXISTS (SELECT 1 FROM tombstones t WHERE t.sop_instance_uid = r.sop_instance_uid "
                           "AND t.received_at = r.received_at)")
-        self._con.execute("CREATE OR REPLACE TEMP VIEW instances AS SELECT * FROM records r" + (
-            " WHERE " + " AND ".join(hidden) if hidden else ""))
-        # Summaries count every record: studies holding a hidden one are summarised
-        # again from instances (all of them, if it cannot be said which they are).
-        sources = ([] if self._shadow_empty else ["shadowed"]) + ([] if self._tomb_empty else ["tombstones"])
-        if not sources:
+        return " AND ".join(hidden)
+
+    def _update_hidden(self, shadow: pa.Table) -> None:
+        """`hidden_studies` (studies holding a record the policy or a tombstone hides) and
+        `hidden_sealed` (exact summaries of those studies' visible sealed rows), kept per
+        sealed file: a new file costs a summary of that file alone; a new tombstone or a
+        new duplicate, all of them again."""
+        key = (self._tomb_stamp, self._tomb_generation)
+        if key != self._hidden_key or self._hidden_shadow is None or not shadow.equals(self._hidden_shadow):
+            self._con.execute("CREATE OR REPLACE TEMP TABLE hidden_studies AS SELECT DISTINCT study_instance_uid "
+                              "FROM (SELECT study_instance_uid FROM shadowed UNION ALL "
+                              "SELECT study_instance_uid FROM tombstones)")
+            self._hidden_unknown = self._con.execute(
+                "SELECT count(*) FROM hidden_studies WHERE study_instance_uid IS NULL").fetchall()[0][0] > 0
+            self._hidden_key, self._hidden_shadow, self._hidden_files = key, shadow, {}
+        files = self._manifest.files
+        changed = not self._hidden_files or set(self._hidden_files) != set(files)
+        for name in sorted(files):
+            if name not in self._hidden_files:
+                rows = (f"(SELECT * FROM ({self._sealed_sql([name])}) r WHERE study_instance_uid IN "
+                        f"(SELECT study_instance_uid FROM hidden_studies) AND {self._hiding()})")
+                self._hidden_files[name] = self._con.sql(studies.summary_sql(rows)).to_arrow_table()
+        self._hidden_files = {n: t for n, t in self._hidden_files.items() if n in files}
+        if changed:
+            parts = [t for t in self._hidden_files.values() if t.num_rows]
+            self._con.register("hidden_sealed", pa.concat_tables(parts, promote_options="default") if parts
+                               else self._con.sql(studies.summary_sql("(SELECT * FROM tail_rows WHERE false)"))
+                               .to_arrow_table())
+
+    def _create_hiding_views(self) -> None:
+        """`instances` and `study_parts` without what the policy or a tombstone hides
+        (plain views over records and study_rows when nothing is hidden)."""
+        self._con.execute(f"CREATE OR REPLACE TEMP VIEW instances AS SELECT * FROM records r WHERE {self._hiding()}")
+        if self._shadow_empty and self._tomb_empty:
             self._con.execute("CREATE OR REPLACE TEMP VIEW study_parts AS SELECT * FROM study_rows")
             return
-        affected = " UNION ".join(f"SELECT study_instance_uid FROM {s}" for s in sources)
         columns = ", ".join(studies.COLUMNS)
-        exact = studies.summary_sql(f"(SELECT * FROM instances WHERE study_instance_uid IN ({affected}))")
-        unknown = " OR ".join(f"(SELECT count(*) FROM {s} WHERE study_instance_uid IS NULL) > 0" for s in sources)
-        self._con.execute(
-            f"CREATE OR REPLACE TEMP VIEW study_parts AS SELECT {columns} FROM study_rows WHERE NOT ({unknown}) "
-            f"AND study_instance_uid NOT IN ({affected}) UNION ALL SELECT {columns} FROM ({exact}) "
-            f"WHERE NOT ({unknown}) UNION ALL SELECT {columns} FROM ({studies.summary_sql('instances')}) "
-            f"WHERE {unknown}")
+        if self._hidden_unknown:  # a hidden record of no known study: summarise everything afresh
+            self._con.execute(f"CREATE OR REPLACE TEMP VIEW study_parts AS SELECT {columns} FROM "
+                              f"({studies.summary_sql('instances')})")
+            return
+        # Summaries count every record: studies holding a hidden one come from hidden_sealed
+        # (their sealed rows, summarised when something changed) and from their tail rows.
+        hidden = "(SELECT study_instance_uid FROM hidden_studies)"
+        parts = [f"SELECT {columns} FROM study_rows WHERE study_instance_uid NOT IN {hidden}",
+                 f"SELECT {columns} FROM hidden_sealed"]
+        if self._with_tails:
+            tail = f"(SELECT * FROM tail_rows r WHERE study_instance_uid IN {hidden} AND {self._hiding()})"
+            parts.append(f"SELECT {columns} FROM ({studies.summary_sql(tail)})")
+        self._con.execute("CREATE OR REPLACE TEMP VIEW study_parts AS " + " UNION ALL ".join(parts))
 
     def _studies_sql(self, m: manifest.Manifest, with_tails: bool = True) -> str:
         """Study summaries: the sealed files' own, summaries made here of files without
