@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -66,13 +66,6 @@ class Item:
 
 def _where(level: str | None) -> str:
     return f" WHERE {SELECTORS[level]} IN (SELECT unnest(?))" if level else ""
-
-
-def select(catalog: Catalog, level: str | None, values: list[str]) -> list[tuple[str, str, int]]:
-    """(sop_instance_uid, segment, offset) of the instances to export; values are bound."""
-    sql = "SELECT sop_instance_uid, segment, \"offset\" FROM instances" + _where(level)
-    _cols, rows = catalog.execute(sql + " ORDER BY segment, \"offset\"", [values] if level else [])
-    return rows
 
 
 def _items(execute: Callable, level: str | None, values: list[str]) -> list[Item]:
@@ -296,5 +289,3 @@ def describe(result: ExportResult, out: Path) -> str:
     extra = f" ({result.skipped} already there)" if result.skipped else ""
     return f"exported {result.written + result.skipped} instance(s) to {out}{extra}"
 
-
-__all__: list[Any] = ["ExportError", "ExportResult", "LAYOUTS", "describe", "export", "select"]
