@@ -9,7 +9,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import click
 
@@ -25,7 +25,7 @@ class VerifyCommandError(RuntimeError):
     """The archive cannot be verified; the message says why (one line, for a person)."""
 
 
-def _open_report(path: Path | None) -> tuple[TextIO | None, csv.writer | None]:
+def _open_report(path: Path | None) -> tuple[TextIO | None, Any]:
     if path is None:
         return None, None
     try:
@@ -45,7 +45,11 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
     data_dir = config.data_dir
     if not (data_dir / "segments").is_dir() and not (data_dir / "catalog").is_dir():
         raise VerifyCommandError(f"{data_dir} holds no archive (no segments/ or catalog/ in it)")
-    setup_logging(config, "verify")  # audit lines of corrupt records go to <data_dir>/audit.jsonl
+    try:
+        setup_logging(config, "verify")  # audit lines of corrupt records go to <data_dir>/audit.jsonl
+    except OSError as e:  # e.g. run by a user who may only read the archive: verify all the same
+        click.echo(f"warning: no audit lines ({e.strerror or e}); corrupt records cannot be marked either",
+                   err=True)
     logging.getLogger("stowage").setLevel(logging.CRITICAL)  # the command prints its own lines
     out, writer = _open_report(report)
     bar = None
