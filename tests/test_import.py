@@ -342,9 +342,9 @@ def test_unreadable_folder_is_one_line(tmp_path):
 
 
 def test_large_files_stream_from_the_source(tmp_path):
-    """Files over spill_threshold are not read into memory: encapsulated ones are copied by
-    the kernel straight from the source, native ones through a spool copy that is then
-    compressed. Both come back byte-exact, and the source and the spool are left clean."""
+    """Files over spill_threshold are not read into memory: the kernel copies them into the
+    spool, encapsulated ones are stored from there as they are, native ones compressed.
+    Both come back byte-exact, and the source and the spool are left clean."""
     src = tmp_path / "src"
     src.mkdir()
     expected = {}

@@ -4,7 +4,8 @@ API that C-STORE uses, on several threads at once so that one group-committed fs
 covers many instances.
 
 The source is only ever opened read-only (with O_NOATIME where the kernel allows), and
-the bytes stored are exactly the file's bytes after its File Meta Information.
+the bytes stored are exactly the file's bytes after its File Meta Information. Files
+over `spill_threshold` never sit whole in memory (a kernel copy into the spool).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog.attributes import UnreadableDataset, extract
-from engine.archive import NATIVE_SYNTAXES, OUT_OF_RESOURCES, Archive
+from engine.archive import OUT_OF_RESOURCES, Archive
 from engine.config import Config
 from engine.logs import setup_logging
 from engine.importer.part10 import FileInfo, Malformed, NotDicom, check_whole, read_info
@@ -91,12 +92,36 @@ class Loader:
 
     def _load_open(self, index: int, path: str, fd: int) -> Outcome:
         size = os.fstat(fd).st_size
-        if size > self.spill_threshold:
-            with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as data:
-                return self._store(index, path, fd, data, size)
-        return self._store(index, path, fd, _read_all(fd, size), size)
+        if size <= self.spill_threshold:
+            return self._store(index, _read_all(fd, size), size)
+        # A large file is not read into memory: the kernel copies it into our spool, and
+        # the copy is mapped and stored from (a map of the source itself would die of
+        # SIGBUS if someone truncated the file meanwhile; our copy cannot shrink).
+        copy = self._spool_copy(fd, size)
+        try:
+            with open(copy, "rb") as f, mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ) as data:
+                return self._store(index, data, size, copy)
+        finally:
+            copy.unlink(missing_ok=True)
 
-    def _store(self, index: int, path: str, fd: int, data: bytes | mmap.mmap, size: int) -> Outcome:
+    def _spool_copy(self, fd: int, size: int) -> Path:
+        with self._lock:
+            self._spooled += 1
+            copy = self.spool / f"{threading.get_ident()}-{self._spooled}.dcm"
+        try:
+            with open(copy, "wb") as out:
+                pos = 0
+                while pos < size:
+                    sent = os.copy_file_range(fd, out.fileno(), size - pos, pos, 0)
+                    if sent == 0:
+                        raise OSError(errno.EIO, "the file shrank while it was read")
+                    pos += sent
+        except BaseException:
+            copy.unlink(missing_ok=True)
+            raise
+        return copy
+
+    def _store(self, index: int, data: bytes | mmap.mmap, size: int, copy: Path | None = None) -> Outcome:
         view = memoryview(data)
         try:
             try:
@@ -112,17 +137,14 @@ class Loader:
                 return Outcome(index, REFUSED, str(e), size)
         finally:
             view.release()
-        try:
-            dataset, spooled = self._dataset(path, data, fd, info, size)
-        except OSError as e:
-            return Outcome(index, REFUSED, f"could not spool it for compression: {e.strerror or e}", size)
+        offset = info.dataset_offset
+        # Bytes, or the spool copy's range (Archive.store streams it, and compresses it
+        # into a file next to the copy when the syntax is native).
+        dataset = data[offset:] if copy is None else FileRange(copy, offset, size - offset)
         try:
             result = self._store_once(dataset, info, sop_class, sop_instance)
         except OSError as e:  # Archive.store answers statuses; this is a failure of ours, said plainly
             return Outcome(index, REFUSED, f"could not store: {e.strerror or e}", size)
-        finally:
-            if spooled is not None:
-                spooled.unlink(missing_ok=True)
         if result.ok:
             return Outcome(index, HELD if result.held else STORED, "", size)
         if result.status == OUT_OF_RESOURCES:
@@ -148,29 +170,6 @@ class Loader:
         if not cls:
             raise Malformed("no SOP Class UID (0008,0016)")
         return str(cls), str(inst)
-
-    def _dataset(self, path: str, data: bytes | mmap.mmap, fd: int, info: FileInfo,
-                 size: int) -> tuple[bytes | FileRange, Path | None]:
-        """The data set as Archive.store takes it: bytes, or for a large file a FileRange
-        (of the source itself when stored as is; of a spool copy when it is to be
-        compressed, since compression writes next to the range's file)."""
-        offset = info.dataset_offset
-        if isinstance(data, bytes):
-            return data[offset:], None
-        if info.transfer_syntax_uid not in NATIVE_SYNTAXES:
-            return FileRange(Path(path), offset, size - offset), None
-        with self._lock:
-            self._spooled += 1
-            copy = self.spool / f"{threading.get_ident()}-{self._spooled}.dcm"
-        with open(copy, "wb") as out:
-            left, pos = size - offset, offset
-            while left:
-                sent = os.copy_file_range(fd, out.fileno(), left, pos)
-                if sent == 0:
-                    raise OSError(errno.EIO, "the file shrank while it was read")
-                pos += sent
-                left -= sent
-        return FileRange(copy, 0, size - offset), copy
 
     def _store_once(self, dataset: bytes | FileRange, info: FileInfo, sop_class: str, sop_instance: str):
         """Archive.store, with two copies of one instance in this process never stored at
