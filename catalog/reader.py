@@ -58,8 +58,9 @@ class Catalog:
         self._tails = TailReader(self.tails_dir)
         # Beside catalog/ in the data directory: a catalog rebuild keeps them.
         self.tombstones_dir = tombstones_dir or directory.parent / tombstones.DIRECTORY
-        self._tomb_reader = tombstones.TombstoneReader(self.tombstones_dir)
-        self._tombs = tombstones.SCHEMA.empty_table()
+        self._tomb_reader = tombstones.TombstoneReader(self.tombstones_dir, keep=False)  # the table below keeps them
+        self._tomb_count = 0
+        self._undeleted: tuple | None = None  # (versions table, tombstone stamp, the versions left)
         self._tomb_stamp: tuple | None = None
         self._tomb_generation = -1
         self._tomb_empty: bool | None = None
@@ -86,7 +87,7 @@ class Catalog:
         self._state: tuple | None = None  # (manifest file identity, tail rows) of the last refresh
         self._with_tails: bool | None = None  # whether the views include the tails
         self._con.register("tail_rows", SCHEMA.empty_table())
-        self._con.register("tomb_rows", self._tombs)
+        self._con.register("tomb_rows", tombstones.SCHEMA.empty_table())
         self._con.execute("CREATE TEMP TABLE tombstones AS SELECT * FROM tomb_rows")  # native: faster joins
         self._no_tail_studies = self._con.sql(studies.summary_sql("tail_rows")).to_arrow_table()
 
@@ -137,9 +138,9 @@ class Catalog:
             self._tail_checked = {}
             self._generation = m.generation
             self._manifest = m
-        shadow = versions.shadowed(_not_deleted(self._versions(unsealed), self._tombs), self.policy)
+        shadow = versions.shadowed(self._not_deleted(self._versions(unsealed)), self.policy)
         self._con.register("shadowed", shadow)
-        self._shadow_empty, self._tomb_empty = shadow.num_rows == 0, self._tombs.num_rows == 0
+        self._shadow_empty, self._tomb_empty = shadow.num_rows == 0, self._tomb_count == 0
         if not (self._shadow_empty and self._tomb_empty):
             self._update_hidden(shadow)
         shape = (self._shadow_empty, self._tomb_empty, self._hidden_unknown, with_tails)
@@ -149,19 +150,35 @@ class Catalog:
 
     def _read_tombstones(self) -> None:
         """Follow the tombstone log: its new entries join the `tombstones` table."""
-        table = self._tomb_reader.read()
+        self._tomb_reader.read()
+        fresh = tombstones.hiding(self._tomb_reader.fresh)
+        self._con.register("tomb_rows", fresh)
         if self._tomb_reader.generation != self._tomb_generation:  # first read, or the log was rewritten
             self._tomb_generation = self._tomb_reader.generation
-            self._tombs = tombstones.hiding(table)
-            self._con.register("tomb_rows", self._tombs)
             self._con.execute("CREATE OR REPLACE TEMP TABLE tombstones AS SELECT * FROM tomb_rows")
-        else:
-            fresh = tombstones.hiding(self._tomb_reader.fresh)
-            if fresh.num_rows:
-                self._con.register("tomb_rows", fresh)
-                self._con.execute("INSERT INTO tombstones SELECT * FROM tomb_rows")
-                self._tombs = tombstones.hiding(table)
+            self._tomb_count = fresh.num_rows
+        elif fresh.num_rows:
+            self._con.execute("INSERT INTO tombstones SELECT * FROM tomb_rows")
+            self._tomb_count += fresh.num_rows
         self._con.unregister("tomb_rows")
+
+    def _not_deleted(self, records: pa.Table) -> pa.Table:
+        """The rows of a versions table that no tombstone names: the duplicates policy
+        chooses among the versions left (under keep-first, a copy sent again after a
+        deletion is served, not the deleted first one)."""
+        if records.num_rows == 0 or self._tomb_count == 0:
+            return records
+        hit = self._undeleted
+        if hit is not None and hit[0] is records and hit[1] == self._tomb_stamp:
+            return hit[2]
+        self._con.register("versions_rows", records)
+        left = self._con.sql(
+            "SELECT v.* FROM versions_rows v WHERE NOT EXISTS (SELECT 1 FROM tombstones t "
+            "WHERE t.sop_instance_uid = v.sop_instance_uid AND t.received_at = v.received_at)").to_arrow_table()
+        self._con.unregister("versions_rows")
+        left = left.cast(records.schema)
+        self._undeleted = (records, self._tomb_stamp, left)
+        return left
 
     def _hiding(self) -> str:
         """The condition on a record `r` that neither the policy nor a tombstone hides it."""
@@ -324,17 +341,6 @@ class Catalog:
             "SELECT * FROM records WHERE sop_instance_uid = ? ORDER BY received_at, segment, \"offset\"",
             [sop_instance_uid])
         return [dict(zip(cols, r)) for r in rows]
-
-
-def _not_deleted(records: pa.Table, tombs: pa.Table) -> pa.Table:
-    """The rows of a versions table that no tombstone names: the duplicates policy
-    chooses among the versions left (under keep-first, a copy sent again after a
-    deletion is served, not the deleted first one)."""
-    if records.num_rows == 0 or tombs.num_rows == 0:
-        return records
-    keys = tombs.select(["sop_instance_uid", "received_at"])
-    return records.join(keys, keys=["sop_instance_uid", "received_at"], join_type="left anti",
-                        use_threads=False).select(records.column_names)
 
 
 def _unsealed(tails: pa.Table, m: manifest.Manifest) -> pa.Table:

@@ -159,10 +159,12 @@ class TombstoneReader:
     """Follows the log of one tombstones directory; `read()` returns every entry so far
     (SCHEMA), parsing only the bytes added since the last call; after it, `fresh` holds
     the entries that call added and `generation` changes when the log was read afresh
-    (replaced by a rewrite). Thread-safe."""
+    (replaced by a rewrite). With keep=False, read() returns nothing and only `fresh`
+    counts: for a caller that keeps the entries elsewhere (one copy in memory). Thread-safe."""
 
-    def __init__(self, tombstones_dir: Path) -> None:
+    def __init__(self, tombstones_dir: Path, keep: bool = True) -> None:
         self.path = Path(tombstones_dir) / LOG
+        self._keep = keep
         self._lock = threading.Lock()
         self._ino: int | None = None
         self._offset = 0
@@ -194,7 +196,7 @@ class TombstoneReader:
             finally:
                 os.close(fd)
             end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
-            entries: list[dict] = []
+            chunks: list[pa.Table] = []  # one table per line: the parsed dicts of one line at a time
             for line in data[:end].split(b"\n")[:-1]:
                 if not line:
                     continue
@@ -203,11 +205,13 @@ class TombstoneReader:
                     self.skipped += 1
                     log.error("%s: a torn or damaged line (%d bytes) skipped", self.path, len(line))
                     continue
-                entries.extend(parsed)
+                chunks.append(_table(parsed))
+            del data
             self._offset += end
-            if entries:
-                self.fresh = _table(entries)
-                self._table = pa.concat_tables([self._table, self.fresh])
+            if chunks:
+                self.fresh = pa.concat_tables(chunks).combine_chunks()
+                if self._keep:
+                    self._table = pa.concat_tables([self._table, self.fresh])
             return self._table
 
 

@@ -141,7 +141,7 @@ class Rejections:
 
     def __init__(self, data_dir: Path) -> None:
         self._dir = tombstones.directory(data_dir)
-        self._reader = tombstones.TombstoneReader(self._dir)
+        self._reader = tombstones.TombstoneReader(self._dir, keep=False)  # only the rejected UIDs are kept
         self._stamp: tuple | None = None
         self._generation = -1
         self._uids: dict[str, str] = {}  # uid -> code
@@ -152,8 +152,8 @@ class Rejections:
         stamp = tombstones.stamp_of(self._dir)
         if stamp != self._stamp:
             with self._lock:
-                table = self._reader.read()
-                fresh = table if self._reader.generation != self._generation else self._reader.fresh
+                self._reader.read()
+                fresh = self._reader.fresh  # everything, after a reset
                 if self._reader.generation != self._generation:
                     self._uids = {}
                     self._generation = self._reader.generation
