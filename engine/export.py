@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from catalog.reader import Catalog
 from engine import export_dicomdir, export_names
+from engine.export_files import open_new
 from engine.filemeta import PREAMBLE, group_length
 from engine.integrity import marks_of
 from engine.segment import stream_payload
@@ -124,7 +125,7 @@ def _same(target: Path, item: Item) -> bool:
     if item.dataset_length is None or item.dataset_crc32 is None:
         return False
     try:
-        with open(target, "rb") as f:
+        with open(os.open(target, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:  # a link is never "ours"
             head = f.read(len(PREAMBLE) + 12)
             if head[:len(PREAMBLE)] != PREAMBLE:
                 return False
@@ -162,15 +163,30 @@ def _why(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-def write_file(segments: Path, item: Item, target: Path) -> None:
-    """Write one instance to `target` through a temporary name in the same folder."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create folder {target.parent}: {_why(e)}") from None
+def _inside(folder: Path, root: str) -> None:
+    """Refuse a folder that a symbolic link (made by someone else in a shared out folder,
+    named as stowage would name it) leads out of the export's root."""
+    real = os.path.realpath(folder)
+    if real != root and not real.startswith(root + os.sep):
+        raise ExportError(f"{folder} leads outside the out folder (a symbolic link?); not writing through it")
+
+
+def write_file(segments: Path, item: Item, target: Path, root: str) -> None:
+    """Write one instance to `target` through a temporary name in the same folder;
+    `root` is the out folder's real path, which no write may leave."""
+    if not target.parent.is_dir():
+        there = target.parent
+        while not there.exists() and there != there.parent:
+            there = there.parent
+        _inside(there, root)  # before making folders in it
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExportError(f"cannot create folder {target.parent}: {_why(e)}") from None
+    _inside(target.parent, root)
     tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open_new(tmp) as f:
             f.write(PREAMBLE)
             for chunk in _payload(segments, item):
                 f.write(chunk)
@@ -251,6 +267,7 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
     marks = marks_of(data_dir)
     result = ExportResult()
     folders = {out}
+    root = os.path.realpath(out)
     for item in tqdm(items, unit="inst", disable=None, leave=False):
         mark = marks.get(item.segment, item.offset)
         if mark is not None:  # found corrupt by verify or the scrub: never exported (engine/integrity.py)
@@ -263,12 +280,14 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
             target = _tree_path(item, names, existing, out)
         else:
             target = out / f"{export_names.uid_name(item.uid)}.dcm"
+        if target.parent not in folders and target.parent.exists():
+            _inside(target.parent, root)  # before reading what is there, too
         folders.add(target.parent)
         if _same(target, item):
             result.skipped += 1
             continue
         try:
-            write_file(segments, item, target)
+            write_file(segments, item, target, root)
         except _Unreadable as e:
             result.failed.append(f"{item.uid}: {e}")
             if fileset is not None:

@@ -28,6 +28,7 @@ from pydicom.fileset import DIRECTORY_RECORDERS, _four_level_record_type, _singl
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
+from engine.export_files import open_new
 from engine.export_names import suffix
 from engine.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PREAMBLE
 
@@ -147,7 +148,7 @@ class FileSet:
             data = encode(roots, self.uid)
         tmp = self.out / f".{DICOMDIR}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "wb") as f:
+            with open_new(tmp) as f:
                 f.write(data)
             os.replace(tmp, self.out / DICOMDIR)
         except BaseException:

@@ -301,6 +301,33 @@ def test_unwritable_out_is_one_line(archive, tmp_path):
         assert r.stderr.startswith("Error: ") and r.stderr.strip().count("\n") == 0, r.stderr
 
 
+def test_no_write_through_a_planted_link(archive, tmp_path):
+    """In a shared out folder, links planted under the names stowage would use (they are
+    predictable) lead nowhere: a folder link stops the export, a file link is replaced."""
+    first = tmp_path / "first"
+    assert export(archive.data_dir, first, "--patient", "PAT-A", "--layout", "tree").returncode == 0
+    (patient,) = os.listdir(first)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / patient).symlink_to(victim)
+    r = export(archive.data_dir, out, "--patient", "PAT-A", "--layout", "tree")
+    assert r.returncode == 1 and "outside the out folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert list(victim.iterdir()) == []
+    target = tmp_path / "target.txt"
+    target.write_text("keep me")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    uid = next(u for u, ds in archive.meta.items() if ds.PatientID == "PAT-A")
+    (flat / f"{uid}.dcm").symlink_to(target)
+    from engine.export import export as run  # in this process: its temporary file's name is known
+    (flat / f".{uid}.dcm.{os.getpid()}.tmp").symlink_to(target)
+    assert run(archive.data_dir, flat, "instance", [uid]).written == 1
+    assert target.read_text() == "keep me" and not (flat / f"{uid}.dcm").is_symlink()
+    assert dataset_bytes(flat / f"{uid}.dcm") == archive.sent[uid]
+
+
 def test_disk_full_is_one_line_and_leaves_no_partial_file(archive, tmp_path):
     where = tmp_path / "small"
     where.mkdir()
