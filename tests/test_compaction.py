@@ -272,3 +272,74 @@ def test_kill_9_of_the_server_during_background_compaction(make_server, tmp_path
     assert "copying or rewriting" in states, states
     check(data, tmp_path / "out", expected, set())
     assert findscu_images(server.port, tmp_path / "find", series) == set(expected)
+
+
+# Dies by SIGKILL at a chosen step of the first round, then lets nothing else run: the
+# same compaction code, killed at a known point rather than a random one.
+_INJECT = """
+import os, signal, sys
+from catalog import relocate
+from engine import compaction
+from engine.cli import main
+point, data = sys.argv[1], sys.argv[2]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def after(fn):
+    def wrapped(*a, **k):
+        r = fn(*a, **k)
+        die()
+        return r
+    return wrapped
+if point == "journal":
+    compaction._write_journal = after(compaction._write_journal)
+elif point == "reserved":
+    compaction._copy = lambda *a, **k: die()
+elif point == "copying":
+    real, n = compaction._copy_record, [0]
+    def copy_record(*a, **k):
+        n[0] += 1
+        if n[0] == 3:
+            die()
+        return real(*a, **k)
+    compaction._copy_record = copy_record
+elif point == "rewritten":
+    relocate.rewrite = after(relocate.rewrite)
+elif point == "committed":
+    relocate.commit = after(relocate.commit)
+main(["compact", "--data-dir", data, "--ratio", "0.99"])
+"""
+
+
+@pytest.mark.parametrize("point", ["journal", "reserved", "copying", "rewritten", "committed"])
+def test_kill_9_at_each_step_of_a_round(make_server, tmp_path, point):
+    server = make_server("--workers", "2", **ENV)
+    data = server.data_dir
+    study, series = generate_uid(), generate_uid()
+    files = instances(tmp_path / "in", "COMPACT5", study, series, 30)
+    store(server.port, files)
+    v2 = new_versions(files[:20], tmp_path / "v2", "v2")
+    store(server.port, v2)
+    victim = str(pydicom.dcmread(files[25], stop_before_pixels=True).SOPInstanceUID)
+    assert stowage("delete", "--data-dir", str(data), "--instance", victim, "--yes").returncode == 0
+    expected = sent(v2 + files[20:], tmp_path / "dcmtk")
+    del expected[victim]
+    time.sleep(0.6)
+    before = segment_bytes(data)
+    r = subprocess.run([sys.executable, "-c", _INJECT, point, str(data)], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, **ENV))
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    assert (data / "segments" / JOURNAL).exists()
+    check(data, tmp_path / "out", expected, {victim})
+    r = stowage("compact", "--data-dir", str(data), "--ratio", "0.99", env=ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (data / "segments" / JOURNAL).exists()
+    assert segment_bytes(data) < before
+    m = manifest.load(data / "catalog")
+    assert not [k for k, v in m.watermarks.items() if v == RESERVED and (data / "segments" / k).exists()]
+    named = set(m.files) | set(m.retired) | {m.duplicates}
+    stray = [p.name for p in (data / "catalog").glob("*compact-*") if p.name.replace(".studies", "") not in named]
+    assert not stray, stray
+    check(data, tmp_path / "out", expected, {victim})
+    server.stop()
+    assert stowage("rebuild-catalog", "--data-dir", str(data)).returncode == 0
+    check(data, tmp_path / "out", expected, {victim})
