@@ -10,6 +10,7 @@ an export writes only what is missing or damaged.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import struct
 from dataclasses import dataclass, field
@@ -245,6 +246,55 @@ def _prepare_out(out: Path) -> None:
         raise ExportError(f"cannot write into {out}: permission denied")
 
 
+@dataclass
+class _Run:
+    """One export's state: where files go, what was already checked."""
+    out: Path
+    segments: Path
+    layout: str
+    names: tuple
+    fileset: export_dicomdir.FileSet | None
+    result: ExportResult = field(default_factory=ExportResult)
+    existing: export_names.Existing = field(default_factory=export_names.Existing)
+    folders: set[Path] = field(default_factory=set)
+
+    def target(self, item: Item) -> Path:
+        if self.fileset is not None:
+            return self.fileset.path(item.patient, item.study_uid, item.series_uid, item.uid)
+        if self.layout == "tree":
+            return _tree_path(item, self.names, self.existing, self.out)
+        return self.out / f"{export_names.uid_name(item.uid)}.dcm"
+
+    def one(self, item: Item, root: str) -> None:
+        target = self.target(item)
+        if target.parent not in self.folders and target.parent.exists():
+            _inside(target.parent, root)  # before reading what is there, too
+        self.folders.add(target.parent)
+        if _same(target, item):
+            self.result.skipped += 1
+            return
+        try:
+            write_file(self.segments, item, target, root)
+        except _Unreadable as e:
+            self.result.failed.append(f"{item.uid}: {e}")
+            if self.fileset is not None:
+                self.fileset.forget(item.uid)
+            return
+        self.result.written += 1
+
+
+def _lock(out: Path) -> int:
+    """Hold the out folder for a --dicomdir export: two at once would each write a DICOMDIR
+    without the other's instances."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ExportError(f"another export is writing a DICOMDIR into {out}; wait for it to finish") from None
+    return fd
+
+
 def export(data_dir: Path, out: Path, level: str | None, values: list[str],
            duplicates: str = "keep-newest", layout: str = "flat", dicomdir: bool = False) -> ExportResult:
     """Write the selected instances under `out`; raises ExportError when it cannot go on."""
@@ -256,51 +306,31 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
     finally:
         catalog.close()
     _prepare_out(out)
-    fileset = None
-    if dicomdir:
+    lock = _lock(out) if dicomdir else None
+    try:
         try:
-            fileset = export_dicomdir.FileSet(out)
+            fileset = export_dicomdir.FileSet(out) if dicomdir else None
         except export_dicomdir.FileSetError as e:
             raise ExportError(str(e)) from None
-    existing = export_names.Existing()
-    segments = data_dir / "segments"
-    marks = marks_of(data_dir)
-    result = ExportResult()
-    folders = {out}
-    root = os.path.realpath(out)
-    for item in tqdm(items, unit="inst", disable=None, leave=False):
-        mark = marks.get(item.segment, item.offset)
-        if mark is not None:  # found corrupt by verify or the scrub: never exported (engine/integrity.py)
-            result.failed.append(f"{item.uid}: stored record marked corrupt by {mark.by} "
-                                 f"({item.segment} @ {item.offset}): {mark.problem}")
-            continue
+        run = _Run(out, data_dir / "segments", layout, names, fileset, folders={out})
+        root, marks = os.path.realpath(out), marks_of(data_dir)
+        for item in tqdm(items, unit="inst", disable=None, leave=False):
+            mark = marks.get(item.segment, item.offset)
+            if mark is not None:  # found corrupt by verify or the scrub: never exported (engine/integrity.py)
+                run.result.failed.append(f"{item.uid}: stored record marked corrupt by {mark.by} "
+                                         f"({item.segment} @ {item.offset}): {mark.problem}")
+                continue
+            run.one(item, root)
         if fileset is not None:
-            target = fileset.path(item.patient, item.study_uid, item.series_uid, item.uid)
-        elif layout == "tree":
-            target = _tree_path(item, names, existing, out)
-        else:
-            target = out / f"{export_names.uid_name(item.uid)}.dcm"
-        if target.parent not in folders and target.parent.exists():
-            _inside(target.parent, root)  # before reading what is there, too
-        folders.add(target.parent)
-        if _same(target, item):
-            result.skipped += 1
-            continue
-        try:
-            write_file(segments, item, target, root)
-        except _Unreadable as e:
-            result.failed.append(f"{item.uid}: {e}")
-            if fileset is not None:
-                fileset.forget(item.uid)
-            continue
-        result.written += 1
-    if fileset is not None:
-        try:
-            result.failed.extend(fileset.write())
-        except OSError as e:
-            raise ExportError(f"cannot write {out / 'DICOMDIR'}: {_why(e)}") from None
-    sweep(folders)
-    return result
+            try:
+                run.result.failed.extend(fileset.write())
+            except OSError as e:
+                raise ExportError(f"cannot write {out / 'DICOMDIR'}: {_why(e)}") from None
+    finally:
+        if lock is not None:
+            os.close(lock)
+    sweep(run.folders)
+    return run.result
 
 
 def describe(result: ExportResult, out: Path) -> str:

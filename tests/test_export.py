@@ -292,6 +292,23 @@ def test_a_damaged_dicomdir_is_one_line(archive, tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "DICOMDIR" in r.stderr, r.stderr
 
 
+def test_one_dicomdir_export_at_a_time(archive, tmp_path):
+    import fcntl
+    out = tmp_path / "media"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running --dicomdir export holds it
+        r = export(archive.data_dir, out, "--all", "--dicomdir")
+        assert r.returncode == 1 and "another export" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert os.listdir(out) == []
+        assert export(archive.data_dir, out, "--all", "--layout", "flat").returncode == 0  # others need no lock
+    finally:
+        os.close(fd)
+    shutil.rmtree(out)
+    assert export(archive.data_dir, out, "--all", "--dicomdir").returncode == 0
+
+
 def test_unwritable_out_is_one_line(archive, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
