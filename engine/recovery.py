@@ -123,7 +123,11 @@ def _recover_slot(data_dir: Path, prefix: str) -> int:
     total = 0
     for path in sorted(segments.glob(f"{prefix}*.seg")):
         start = m.sealed_upto(path.name)
-        if start < path.stat().st_size:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # a compaction's grace ended meanwhile (engine.compaction.purge)
+            continue
+        if start < size:
             total += recover_segment(catalog_dir, path, start)
     for tail in (catalog_dir / "tails").glob(f"{prefix}*{SUFFIX}"):
         tail.unlink(missing_ok=True)
