@@ -151,8 +151,9 @@ class Archive:
             verdict = self._duplicate(sop_instance_uid, study, crc, length, calling_ae)
             if verdict is not None:
                 if verdict.ok and sop_class_uid == rejection.KOS:  # a note sent again: apply it again
-                    return self._rejection_note(dataset, transfer_syntax_uid, sop_class_uid, sop_instance_uid,
-                                                None, calling_ae)
+                    applied = self._rejection_note(dataset, transfer_syntax_uid, sop_class_uid, sop_instance_uid,
+                                                   None, calling_ae)
+                    return verdict if applied.ok else applied
                 return verdict
         if not self.free_space.has_room(self.config.min_free_bytes + length):
             return StoreResult(OUT_OF_RESOURCES, "not enough free disk space for this instance; not stored")
