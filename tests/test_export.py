@@ -397,6 +397,35 @@ def test_kill_9_mid_export_leaves_no_partial_file(make_server, tmp_path):
     assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in (tmp_path / "whole").rglob("*"))
 
 
+def test_corrupt_and_marked_records_are_listed_and_the_rest_exported(make_server, tmp_path):
+    from engine.integrity import marks_of
+    server = make_server("--workers", "1")
+    files = copies(CT, tmp_path / "files", 3, "c")
+    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(server.port), *map(str, files)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    server.stop()
+    q = stowage("query", "--data-dir", str(server.data_dir), "--format", "json",
+                "SELECT sop_instance_uid AS uid, segment, \"offset\", record_length FROM instances ORDER BY 1")
+    rows = json.loads(q.stdout)
+    flipped, marked, good = rows
+    with open(server.data_dir / "segments" / flipped["segment"], "r+b") as f:  # a byte inside the payload
+        at = flipped["offset"] + flipped["record_length"] - 100
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    marks_of(server.data_dir).mark(marked["segment"], marked["offset"], marked["uid"], "test", "test")
+    out = tmp_path / "out"
+    r = export(server.data_dir, out, "--all", "--layout", "tree")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    failed = [line for line in r.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 2 and {flipped["uid"], marked["uid"]} == {line.split()[1].rstrip(":") for line in failed}
+    assert "marked corrupt" in r.stderr
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert [p.name.split("_", 1)[1] for p in written] == [f"{good['uid']}.dcm"]  # no partial file, no tmp file
+
+
 def test_query_tells_sources_apart_by_calling_ae(archive):
     r = stowage("query", "--data-dir", str(archive.data_dir), "--format", "json",
                 "SELECT calling_ae, count(*) AS n FROM instances GROUP BY 1 ORDER BY 1")
