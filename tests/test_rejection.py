@@ -8,6 +8,7 @@ note is sent again; the rejection survives `stowage rebuild-catalog`."""
 from __future__ import annotations
 
 import datetime
+import time
 import json
 from pathlib import Path
 
