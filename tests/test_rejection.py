@@ -8,8 +8,8 @@ note is sent again; the rejection survives `stowage rebuild-catalog`."""
 from __future__ import annotations
 
 import datetime
-import time
 import json
+import time
 from pathlib import Path
 
 import pydicom
