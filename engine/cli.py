@@ -53,11 +53,14 @@ def serve(config_file, **overrides) -> None:
     from engine.compaction import Background
     config = _load(config_file, **overrides)
     setup_logging(config, "acceptor")
-    Background(config).start()  # compaction (and the delete-oldest quota) in this process
+    background = Background(config).start()  # compaction (and the delete-oldest quota) in this process
     try:
-        sys.exit(run(config))
+        code = run(config)
     except ServeError as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        background.stop()
+    sys.exit(code)
 
 
 @main.command()

@@ -224,11 +224,17 @@ def purge(data_dir: Path, grace: float, now: float | None = None) -> int:
 
 # -- copying ---------------------------------------------------------------------------
 
-class _Throttle:
-    """Keeps the average copy rate at or below `rate` MB/s (0: unlimited)."""
+class CompactionStopped(RuntimeError):
+    """The server is stopping: the round in progress was rolled back."""
 
-    def __init__(self, rate: float) -> None:
+
+class _Throttle:
+    """Keeps the average copy rate at or below `rate` MB/s (0: unlimited), and stops the
+    copy when `stop` is set."""
+
+    def __init__(self, rate: float, stop: threading.Event | None = None) -> None:
         self.rate = rate
+        self.stop = stop or threading.Event()
         self.start = time.monotonic()
         self.done = 0
 
@@ -236,8 +242,10 @@ class _Throttle:
         self.done += nbytes
         if self.rate > 0:
             ahead = self.done / (self.rate * 1e6) - (time.monotonic() - self.start)
-            if ahead > 0:
-                time.sleep(ahead)
+            if ahead > 0 and self.stop.wait(ahead):
+                raise CompactionStopped("stopping")
+        if self.stop.is_set():
+            raise CompactionStopped("stopping")
 
 
 class CorruptLiveRecord(RuntimeError):
@@ -353,9 +361,10 @@ def claim(data_dir: Path) -> Slot | None:
 
 
 def compact(config: Config, rate: float | None = None, dry_run: bool = False, ratio: float | None = None,
-            grace: float | None = None, limit: int = 0) -> Report:
+            grace: float | None = None, limit: int = 0, stop: threading.Event | None = None) -> Report:
     """One compaction pass: settle, purge expired retired segments, rewrite candidates.
-    Raises CompactionBusy if another compactor runs. `limit`: at most this many rounds."""
+    Raises CompactionBusy if another compactor runs, CompactionStopped (after rolling the
+    round back) once `stop` is set. `limit`: at most this many rounds."""
     started = time.monotonic()
     data_dir = config.data_dir
     grace = config.compact_grace if grace is None else grace
@@ -371,9 +380,9 @@ def compact(config: Config, rate: float | None = None, dry_run: bool = False, ra
         report.candidates = candidates(config, catalog, ratio)
         if dry_run:
             return report
-        throttle = _Throttle(config.compact_rate if rate is None else rate)
+        throttle = _Throttle(config.compact_rate if rate is None else rate, stop)
         for i, victims in enumerate(_rounds(report.candidates, config.segment_size)):
-            if limit and i >= limit:
+            if (limit and i >= limit) or throttle.stop.is_set():
                 break
             try:
                 _round(config, catalog, victims, throttle, report)
@@ -406,8 +415,11 @@ class Background:
             self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop, rolling back a round in progress (its copy checks the flag per MB)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         wait = self.first_delay
@@ -416,14 +428,14 @@ class Background:
             try:
                 if self.config.max_storage_bytes and self.config.quota_policy == "delete-oldest":
                     from engine.quota import enforce
-                    if enforce(self.config):
+                    if enforce(self.config, self._stop):
                         wait = min(wait, 5.0)  # deleted: compact soon, check again soon
-                if self.config.compact_interval > 0:
-                    r = compact(self.config)
+                if self.config.compact_interval > 0 and not self._stop.is_set():
+                    r = compact(self.config, stop=self._stop)
                     if r.rewritten:
                         log.info("background compaction: %d segment(s) rewritten, %.1f MB reclaimed, %.1f MB/s",
                                  len(r.rewritten), r.reclaimed / 1e6, r.mb_per_s)
-            except CompactionBusy:
+            except (CompactionBusy, CompactionStopped):
                 continue
             except Exception:
                 log.exception("background compaction failed; will retry")

@@ -103,7 +103,7 @@ def _oldest_studies(catalog, protected: list[str]) -> list[tuple[str, int]]:
     return [(s, int(b)) for s, b in rows]
 
 
-def enforce(config) -> bool:
+def enforce(config, stop=None) -> bool:
     """delete-oldest: if usage is over the quota, delete the oldest unprotected studies
     until live bytes are at most QUOTA_LOW of it, and reclaim space; returns whether it
     deleted anything. Runs in one process (the compactor's)."""
@@ -140,7 +140,7 @@ def enforce(config) -> bool:
     else:
         flag.unlink(missing_ok=True)
     try:  # reclaim now, not at the next compaction check: any segment with dead bytes
-        compact(config, ratio=1.0)
+        compact(config, ratio=1.0, stop=stop)
     except CompactionBusy:
         pass
     return bool(chosen)

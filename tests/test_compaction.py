@@ -343,3 +343,25 @@ def test_kill_9_at_each_step_of_a_round(make_server, tmp_path, point):
     server.stop()
     assert stowage("rebuild-catalog", "--data-dir", str(data)).returncode == 0
     check(data, tmp_path / "out", expected, {victim})
+
+
+def test_sigterm_during_background_compaction_rolls_the_round_back(make_server, tmp_path):
+    env = dict(ENV, STOWAGE_COMPACT_INTERVAL="1", STOWAGE_COMPACT_RATE="0.05", STOWAGE_COMPACT_LIVE_RATIO="0.99")
+    server = make_server("--workers", "2", **env)
+    data = server.data_dir
+    files = instances(tmp_path / "in", "COMPACT6", generate_uid(), generate_uid(), 40)
+    store(server.port, files)
+    v2 = new_versions(files[::2], tmp_path / "v2", "v2")  # old segments half live: a slow copy
+    store(server.port, v2)
+    expected = sent(v2 + files[1::2], tmp_path / "dcmtk")
+    deadline = time.monotonic() + 60
+    while _state(data) != "copying or rewriting" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _state(data) == "copying or rewriting", server.log()[-2000:]
+    started = time.monotonic()
+    assert server.stop(timeout=60) == 0, server.log()[-3000:]
+    assert time.monotonic() - started < 30
+    assert not (data / "segments" / JOURNAL).exists(), "the round in progress was not rolled back"
+    m = manifest.load(data / "catalog")
+    assert not [k for k, v in m.watermarks.items() if v == RESERVED and (data / "segments" / k).exists()]
+    check(data, tmp_path / "out", expected, set())
