@@ -287,8 +287,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _live_rows(catalog: Catalog, victims: list[str]) -> list[tuple[str, int, int]]:
     _cols, rows = catalog.execute(
-        "SELECT segment, \"offset\", record_length FROM instances WHERE segment IN (SELECT unnest(?)) "
-        "ORDER BY segment, \"offset\"", [victims])
+        "SELECT DISTINCT segment, \"offset\", record_length FROM instances WHERE segment IN (SELECT unnest(?)) "
+        "ORDER BY segment, \"offset\"", [victims])  # DISTINCT: a record catalogued twice is copied once
     return [(s, int(o), int(n)) for s, o, n in rows]
 
 
