@@ -1,13 +1,15 @@
 """A small legacy archive for tests, run as its own process: a pynetdicom Study Root
 Query/Retrieve SCP (C-FIND at STUDY, SERIES and IMAGE level; C-MOVE) over the DICOM files
 of a folder, which answers the C-MOVE of chosen studies with 0xA702 (Refused: Out of
-Resources - Unable to perform sub-operations), as an overloaded archive does.
+Resources - Unable to perform sub-operations), as an overloaded archive does, and holds
+the C-MOVE of others without a word (a hung archive): `stall:UID`.
 
-    python refusing_qr_scp.py PORT AET FOLDER DEST_AET:HOST:PORT [REFUSED_STUDY_UID ...]
+    python refusing_qr_scp.py PORT AET FOLDER DEST_AET:HOST:PORT [REFUSED_STUDY_UID | stall:UID ...]
 """
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -16,6 +18,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 
@@ -34,7 +37,8 @@ def _in_range(value: str, wanted: str) -> bool:
 
 def main() -> None:
     port, aet, folder, dest = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
-    refused = set(sys.argv[5:])
+    refused = {a for a in sys.argv[5:] if not a.startswith("stall:")}
+    stalled = {a[len("stall:"):] for a in sys.argv[5:] if a.startswith("stall:")}
     dest_aet, dest_host, dest_port = dest.split(":")
     items = load(folder)
 
@@ -79,10 +83,13 @@ def main() -> None:
             failed.FailedSOPInstanceUIDList = ""
             yield 0xA702, failed
             return
+        if study in stalled:
+            time.sleep(60)
         for p in paths:
             yield 0xFF00, pydicom.dcmread(p)
 
     ae = AE(aet)
+    ae.add_supported_context(Verification)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
     ae.requested_contexts = StoragePresentationContexts

@@ -281,33 +281,37 @@ def test_kill_9_midway_then_resume(make_server, tmp_path, corpus, orthancs):
 
 
 def test_source_that_refuses_some_moves(make_server, tmp_path, corpus):
-    """A Q/R SCP (pynetdicom, its own process) answers the C-MOVE of two studies with 0xA702:
-    those end failed after their retries, listed with the reason; the others are done."""
+    """A Q/R SCP (pynetdicom, its own process) answers the C-MOVE of two studies with 0xA702
+    and sits silent on a third: those end failed after their retries, listed with the reason
+    (the silent one as a stall); the others are done."""
     server = make_server("--workers", "2")
     folder = corpus[0].parent  # the Explicit VR Little Endian part: 8 studies
     studies = sorted(study_uids([p for p in corpus if p.parent == folder]))
-    refused = studies[:2]
+    refused, hung = studies[:2], studies[2]
     port = free_port()
     scp = subprocess.Popen([sys.executable, str(Path(__file__).with_name("refusing_qr_scp.py")), str(port), "OLDPACS",
-                            str(folder), f"STOWAGE:{HOST}:{server.port}", *refused],
+                            str(folder), f"STOWAGE:{HOST}:{server.port}", *refused, f"stall:{hung}"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
-        while not echo_ok(port, "OLDPACS", 1.0) and time.monotonic() < deadline:
+        while not echo_ok(port, "OLDPACS", 1.0):
+            assert scp.poll() is None and time.monotonic() < deadline, "the Q/R SCP did not start"
             time.sleep(0.2)
-        r = migrate(server.data_dir, "--from", f"OLDPACS@{HOST}:{port}", "--retries", "2", "--retry-delay", "0.1")
+        r = migrate(server.data_dir, "--from", f"OLDPACS@{HOST}:{port}", "--retries", "2", "--retry-delay", "0.1",
+                    "--stall-timeout", "3")
     finally:
         scp.kill()
         scp.wait(10)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert f"studies: {len(studies)} found, {len(studies) - 2} done, 2 failed" in r.stdout, r.stdout
-    failed = [line for line in r.stdout.splitlines() if line.strip().startswith("failed study")]
-    assert sorted(line.split()[2] for line in failed) == refused
-    assert all("0xA702" in line and "2 attempts" in line for line in failed), failed
+    assert f"studies: {len(studies)} found, {len(studies) - 3} done, 3 failed" in r.stdout, r.stdout
+    failed = {line.split()[2]: line for line in r.stdout.splitlines() if line.strip().startswith("failed study")}
+    assert sorted(failed) == sorted([*refused, hung])
+    assert all("0xA702" in failed[uid] and "2 attempts" in failed[uid] for uid in refused), failed
+    assert "stall timeout" in failed[hung] and "2 attempts" in failed[hung], failed[hung]
     held = query(server.data_dir, "SELECT DISTINCT study_instance_uid AS s FROM instances ORDER BY 1")
-    assert [row["s"] for row in held] == studies[2:]
+    assert [row["s"] for row in held] == studies[3:]
     report = (server.data_dir / "migrate" / f"OLDPACS_{HOST}_{port}-report.csv").read_text()
-    assert all(uid in report for uid in refused)
+    assert all(uid in report for uid in [*refused, hung])
 
 
 def start_dcmqrscp(tmp_path: Path, stowage_port: int, dcmtk_args: list[str]) -> tuple[subprocess.Popen, int, Path]:
