@@ -428,3 +428,29 @@ def test_time_window_and_rate():
         Rate.parse("fast")
     assert [retry_delay(30, n, False) for n in (1, 2, 3)] == [30, 60, 120]
     assert retry_delay(30, 1, True) == 120 and retry_delay(30, 20, False) == 3600
+
+
+def test_sigterm_finishes_the_studies_in_flight_and_says_how_to_continue(make_server, tmp_path, corpus, orthancs):
+    server = make_server("--workers", "2")
+    orthanc = loaded_orthanc(orthancs, tmp_path, corpus, server.port)
+    cmd = [sys.executable, "-m", "engine.cli", "migrate", "--data-dir", str(server.data_dir), "-q", "--from",
+           f"ORTHANC@{HOST}:{orthanc.dicom_port}", "--parallel", "2", "--max-rate", "25"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list((server.data_dir / "migrate").glob("*.sqlite")):
+                with checkpoint(server.data_dir) as con:
+                    if con.execute("SELECT count(*) FROM studies WHERE state = 'done'").fetchone()[0] >= 2:
+                        break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out + err
+    assert "study(ies) not done: run the same command again to continue" in out, out + err
+    with checkpoint(server.data_dir) as con:
+        states = dict(con.execute("SELECT state, count(*) FROM studies GROUP BY 1").fetchall())
+    assert "in-flight" not in states and states.get("pending", 0) > 0 and states["done"] >= 2, states

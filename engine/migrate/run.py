@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import logging
+import os
+import signal
 import sys
 import threading
 import time
@@ -200,27 +202,38 @@ class Migration:
             time.sleep(min(seconds, 5.0))
 
     def pull_all(self) -> None:
+        """Pull until nothing is due; the first Ctrl-C (or SIGTERM) lets the studies in flight
+        finish and be recorded, the second leaves them to the next run."""
         opts, cp = self.opts, self.cp
         running: dict[Future, StudyRow] = {}
-        t0, run_bytes = time.monotonic(), 0
+        t0, run_bytes, stopping = time.monotonic(), 0, False
         with ThreadPoolExecutor(opts.parallel, thread_name_prefix="migrate") as pool:
             while True:
-                for f in [f for f in running if f.done()]:
-                    run_bytes += self._finish(running.pop(f), f)
-                    self._postfix(run_bytes, time.monotonic() - t0)
-                free = opts.parallel - len(running)
-                if free > 0 and self._wait_gate("pulling", block=False) <= 0:
-                    for row in cp.next_due(free, time.time()):
-                        cp.start(row.uid)
-                        running[pool.submit(self.study, row)] = row
-                if running:
-                    wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-                    continue
-                due = cp.earliest_retry()
-                if due is None:
-                    return
-                gate_wait = self._wait_gate("pulling", block=False)
-                time.sleep(max(0.05, min(5.0, max(due - time.time(), gate_wait))))
+                try:
+                    for f in [f for f in running if f.done()]:
+                        run_bytes += self._finish(running.pop(f), f)
+                        self._postfix(run_bytes, time.monotonic() - t0)
+                    if stopping and not running:
+                        return
+                    free = 0 if stopping else opts.parallel - len(running)
+                    if free > 0 and self._wait_gate("pulling", block=False) <= 0:
+                        for row in cp.next_due(free, time.time()):
+                            cp.start(row.uid)
+                            running[pool.submit(self.study, row)] = row
+                    if running:
+                        wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                        continue
+                    due = cp.earliest_retry()
+                    if due is None:
+                        return
+                    gate_wait = self._wait_gate("pulling", block=False)
+                    time.sleep(max(0.05, min(5.0, max(due - time.time(), gate_wait))))
+                except KeyboardInterrupt:
+                    if stopping:
+                        raise
+                    stopping = True
+                    log.warning("migrate: stopping: finishing %d study(ies) in flight (interrupt again to leave "
+                                "them to the next run)", len(running))
 
     def _finish(self, row: StudyRow, future: Future) -> int:
         try:
@@ -296,9 +309,15 @@ def _quiet() -> None:
         mine.addHandler(h)
 
 
+def _terminate_as_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] = print) -> int:
     """The whole migration; returns the exit status (0: every study done and verified)."""
     _quiet()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # systemd stop: as Ctrl-C
     data_dir = config.data_dir
     if opts.method == "move" and not opts.dry_run and not serve_running(data_dir):
         raise MigrateError(f"--method move needs `stowage serve --data-dir {data_dir}` running to receive the "
@@ -323,6 +342,10 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
         m.open_storage()
         try:
             _run_pulls(m, opts)
+        except KeyboardInterrupt:
+            cp.close()
+            echo("interrupted: the studies in flight are pulled again by the next run of the same command")
+            os._exit(130)  # pynetdicom's threads of abandoned associations would hold the exit
         finally:
             m.close_storage()
         s = report.summary(cp.con)
@@ -331,7 +354,10 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
         csv_path, json_path = report.write(path, s, cp.con)
         echo(f"report: {csv_path} and {json_path}")
         incomplete = [w for w in s["incomplete_windows"] if w["state"] != "pending"]
-        return 1 if s["studies_failed"] or incomplete else 0
+        unfinished = s["studies_pending"] + s["studies_in_flight"]
+        if unfinished and not s["studies_failed"]:
+            echo(f"stopped with {unfinished} study(ies) not done: run the same command again to continue")
+        return 1 if s["studies_failed"] or incomplete or unfinished else 0
     finally:
         cp.close()
 
