@@ -355,7 +355,9 @@ def test_migrate_from_dcmqrscp(make_server, tmp_path, corpus):
     proc, port, storage = start_dcmqrscp(tmp_path, server.port, [])
     try:
         storescu(port, "LEGACY", files)
-        r = migrate(server.data_dir, "--from", f"LEGACY@{HOST}:{port}", "--verify-content", "--retry-delay", "1")
+        cfg = tmp_path / "stowage.toml"
+        cfg.write_text(f'[remotes.LEGACY]\nhost = "{HOST}"\nport = {port}\n')
+        r = migrate(server.data_dir, "--config", str(cfg), "--from", "LEGACY", "--verify-content", "--retry-delay", "1")
     finally:
         proc.kill()
         proc.wait(10)
@@ -444,13 +446,34 @@ def test_sigterm_finishes_the_studies_in_flight_and_says_how_to_continue(make_se
                     if con.execute("SELECT count(*) FROM studies WHERE state = 'done'").fetchone()[0] >= 2:
                         break
             time.sleep(0.2)
+        status = subprocess.run([sys.executable, "-m", "engine.cli", "migrate", "--data-dir", str(server.data_dir),
+                                 "--status"], capture_output=True, text=True, timeout=60)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert status.returncode == 0 and "in flight" in status.stdout and "done" in status.stdout, status.stderr
     assert proc.returncode == 1, out + err
     assert "study(ies) not done: run the same command again to continue" in out, out + err
     with checkpoint(server.data_dir) as con:
         states = dict(con.execute("SELECT state, count(*) FROM studies GROUP BY 1").fetchall())
     assert "in-flight" not in states and states.get("pending", 0) > 0 and states["done"] >= 2, states
+
+
+def test_outside_the_time_window_nothing_starts(tmp_path):
+    """--window: outside it, not even the enumeration talks to the source; it says why and
+    waits."""
+    now = dt.datetime.now()
+    opens = (now + dt.timedelta(hours=2)).strftime("%H:%M")
+    closes = (now + dt.timedelta(hours=3)).strftime("%H:%M")
+    cmd = [sys.executable, "-m", "engine.cli", "migrate", "--data-dir", str(tmp_path / "data"), "-q", "--method", "get",
+           "--from", f"LEGACY@{HOST}:{free_port()}", "--window", f"{opens}-{closes}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        assert proc.poll() is None  # waiting, not failing on the unreachable source
+    finally:
+        proc.kill()
+        _out, err = proc.communicate(timeout=30)
+    assert f"outside the window {opens}-{closes}" in err, err
