@@ -51,8 +51,8 @@ SUMMARY_VIEWS = {
 TABLES = {
     "records": "every durable record, duplicates and deleted ones included (one row per C-STORE that was kept)",
     "instances": "one row per SOP Instance UID: the record the duplicates policy serves (never a deleted one)",
-    "deleted": "the records a tombstone hides (stowage delete, rejection notes, quota), with reason, deleted_at, actor",
-    "tombstones": "the tombstone log: sop_instance_uid, received_at, study_instance_uid, reason, at, actor",
+    "deleted": "records a tombstone hides (delete, rejection note, quota): reason, deleted_at, actor, comment",
+    "tombstones": "the tombstone log: sop_instance_uid, received_at, study_instance_uid, reason, at, actor, comment",
     "patients": "one row per Patient ID and issuer (over instances)",
     "studies": "one row per Study Instance UID (over instances)",
     "series": "one row per Series Instance UID (over instances)",

@@ -6,9 +6,9 @@ Views, for lookups and for `stowage query`:
                the raw view)
   instances    one row per SOP Instance UID, the one the duplicates policy keeps, never
                a deleted (tombstoned) record
-  deleted      the records that tombstones hide, with reason, deleted_at and actor
+  deleted      the records that tombstones hide, with reason, deleted_at, actor, comment
   tombstones   the tombstone log (catalog.tombstones): sop_instance_uid, received_at,
-               study_instance_uid, reason, at, actor
+               study_instance_uid, reason, at, actor, comment
   study_parts  study summaries (catalog.studies) of the instances: one row per study per
                sealed file, plus the tails' studies; several rows of a study add up
 
@@ -128,7 +128,7 @@ class Catalog:
             self._con.execute(f"CREATE OR REPLACE TEMP VIEW study_rows AS {self._studies_sql(m, with_tails)}")
             self._with_tails = with_tails
             self._con.execute(
-                "CREATE OR REPLACE TEMP VIEW deleted AS SELECT r.*, t.reason, t.at AS deleted_at, t.actor "
+                "CREATE OR REPLACE TEMP VIEW deleted AS SELECT r.*, t.reason, t.at AS deleted_at, t.actor, t.comment "
                 "FROM records r JOIN tombstones t ON t.sop_instance_uid = r.sop_instance_uid "
                 "AND t.received_at = r.received_at")
         if m.generation != self._generation:

@@ -11,8 +11,9 @@ throws away): `tombstones.log`, one line per batch of entries,
 
     <crc32 of the JSON, 8 hex digits> <JSON list of entries>\\n
 
-each entry `{"uid", "received_at" (µs, or null), "study", "reason", "at" (µs), "actor"}`
-with reason `deleted`, `rejected:<code>` (a CID 7011 code) or `quota`. A batch is
+each entry `{"uid", "received_at" (µs, or null), "study", "reason", "at" (µs), "actor",
+"comment"}` with reason `deleted`, `rejected:<code>` (a CID 7011 code) or `quota`, and the
+administrator's words in comment (`stowage delete --reason`). A batch is
 written with one write() under an flock and fsync'd before `append` returns. A line
 torn by a crash (no newline, or a checksum that does not match) is skipped by readers
 and kept in the file; the next append starts on a new line. An entry whose received_at
@@ -46,7 +47,7 @@ _LOCK = "tombstones.lock"
 _BATCH = 10_000  # entries per line: a line is all-or-nothing after a crash
 SCHEMA = pa.schema([("sop_instance_uid", pa.string()), ("received_at", pa.timestamp("us", tz="UTC")),
                     ("study_instance_uid", pa.string()), ("reason", pa.string()),
-                    ("at", pa.timestamp("us", tz="UTC")), ("actor", pa.string())])
+                    ("at", pa.timestamp("us", tz="UTC")), ("actor", pa.string()), ("comment", pa.string())])
 REASONS = ("deleted", "quota")  # and "rejected:<code>"
 
 
@@ -60,6 +61,7 @@ class Tombstone:
     study_instance_uid: str = ""
     at: int = 0                     # µs since the epoch; 0: now
     actor: str = ""
+    comment: str = ""               # why, in the administrator's words
 
 
 def directory(data_dir: Path) -> Path:
@@ -81,7 +83,8 @@ def stamp_of(tombstones_dir: Path) -> tuple | None:
 
 def _line(entries: list[Tombstone], now: int) -> bytes:
     body = json.dumps([{"uid": e.sop_instance_uid, "received_at": e.received_at, "study": e.study_instance_uid,
-                        "reason": e.reason, "at": e.at or now, "actor": e.actor} for e in entries],
+                        "reason": e.reason, "at": e.at or now, "actor": e.actor,
+                        **({"comment": e.comment} if e.comment else {})} for e in entries],
                       separators=(",", ":")).encode()
     return b"%08x " % zlib.crc32(body) + body + b"\n"
 
@@ -152,6 +155,7 @@ def _table(entries: list[dict]) -> pa.Table:
         "reason": pa.array([e.get("reason") for e in entries], pa.string()),
         "at": pa.array([e.get("at") for e in entries], pa.int64()).cast(SCHEMA.field(4).type),
         "actor": pa.array([e.get("actor") for e in entries], pa.string()),
+        "comment": pa.array([e.get("comment") for e in entries], pa.string()),
     }, schema=SCHEMA)
 
 
@@ -217,7 +221,7 @@ class TombstoneReader:
 
 def load(data_dir: Path, with_unheld: bool = False) -> pa.Table:
     """Every tombstone that hides a record: a table of SCHEMA (sop_instance_uid,
-    received_at, study_instance_uid, reason, at, actor). `with_unheld` also returns the
+    received_at, study_instance_uid, reason, at, actor, comment). `with_unheld` also returns the
     entries with a null received_at (rejected before received)."""
     t = TombstoneReader(directory(data_dir)).read()
     return t if with_unheld else hiding(t)

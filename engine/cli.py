@@ -104,7 +104,7 @@ def export(config_file, data_dir, out, everything, patient, study, series, insta
 @click.option("--study", multiple=True, help="Study Instance UID (repeatable, or comma-separated).")
 @click.option("--series", multiple=True, help="Series Instance UID (repeatable, or comma-separated).")
 @click.option("--instance", multiple=True, help="SOP Instance UID (repeatable, or comma-separated).")
-@click.option("--reason", default="deleted", show_default=True, help="Why, for the audit log and the tombstones.")
+@click.option("--reason", default="", help="Why (e.g. 'consent withdrawn'), kept in the audit log and the tombstones.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def delete(config_file, data_dir, patient, study, series, instance, reason, yes) -> None:
     """Delete stored instances (also while `stowage serve` runs): hidden at once from C-FIND,
@@ -121,10 +121,13 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
     if not (config.data_dir / "catalog").is_dir():
         raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
     level, values = chosen[0]
-    reason = reason.strip() or "deleted"
-    actor = f"cli:{getpass.getuser()}"
+    comment = " ".join(reason.split())[:200]
     try:
-        plan = run(config, level, values, reason=reason, actor=actor, dry_run=True)
+        actor = f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        actor = "cli"
+    try:
+        plan = run(config, level, values, actor=actor, dry_run=True)
         if not plan.records:
             raise click.ClickException(f"nothing to delete: no stored instance has that {level} "
                                        "(or it is deleted already)")
@@ -132,7 +135,7 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
         if not yes:
             click.confirm("delete them?", abort=True)
         setup_logging(config, "delete")
-        result = run(config, level, values, reason=reason, actor=actor)
+        result = run(config, level, values, actor=actor, comment=comment)
     except DeleteError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:

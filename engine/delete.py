@@ -81,9 +81,10 @@ def _check(level: str, values: Sequence[str]) -> list[str]:
 
 
 def delete(config: Config, level: str, values: Sequence[str], reason: str = "deleted", actor: str = "cli",
-           dry_run: bool = False, catalog: Catalog | None = None) -> DeleteResult:
+           dry_run: bool = False, catalog: Catalog | None = None, comment: str = "") -> DeleteResult:
     """Hide every stored record of the selection (see the module docstring); durable when
-    it returns. `catalog`: an open view to use (a worker's), else one is opened here."""
+    it returns. `reason`: deleted, quota (rejected:<code> is the rejection notes'); `comment`:
+    why, in the administrator's words. `catalog`: an open view to use, else one is opened here."""
     values = _check(level, values)
     own = catalog is None
     catalog = catalog or Catalog(config.data_dir / "catalog", config.duplicates)
@@ -98,11 +99,13 @@ def delete(config: Config, level: str, values: Sequence[str], reason: str = "del
                           study_uids=sorted({r[2] for r in rows if r[2]}))
     if dry_run or not rows:
         return result
-    tombstones.append(config.data_dir, [tombstones.Tombstone(uid, at, reason, study or "", actor=actor)
-                                        for uid, at, study, _series, _patient in rows])
+    tombstones.append(config.data_dir, [
+        tombstones.Tombstone(uid, at, reason, study or "", actor=actor, comment=comment)
+        for uid, at, study, _series, _patient in rows])
     result.done = True
     audit_line(f"delete {level} {values[0]}{' …' if len(values) > 1 else ''}: {result.summary()}", {
         "event": "delete", "scope": level, "values": values[:_MAX_AUDIT_VALUES], "reason": reason, "actor": actor,
+        **({"comment": comment} if comment else {}),
         "patients": result.patients, "studies": result.studies, "series": result.series,
         "instances": result.instances, "records": result.records})
     log.info("deleted %s (%s %s, reason %s, by %s)", result.summary(), level, ",".join(values[:3]), reason, actor)

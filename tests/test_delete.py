@@ -130,8 +130,11 @@ def test_each_level_is_gone_for_find_move_get_export_and_send(make_server, tmp_p
     assert study_counts("DELP1") == {u["S1"]: 2}
 
     # patient
-    r = delete(server.data_dir, "--patient", "DELP2")
+    r = delete(server.data_dir, "--patient", "DELP2", "--reason", "consent  withdrawn")
     assert r.returncode == 0 and "1 study(ies), 1 series, 3 instance(s)" in r.stdout, r.stdout + r.stderr
+    r = stowage("query", "--data-dir", str(server.data_dir), "--format", "json",
+                "SELECT DISTINCT patient_id, reason, comment FROM deleted WHERE patient_id = 'DELP2'")
+    assert json.loads(r.stdout) == [{"patient_id": "DELP2", "reason": "deleted", "comment": "consent withdrawn"}]
     patients = find(server.port, q, "PATIENT", "PatientID=", "NumberOfPatientRelatedStudies=", model="-P")
     assert [(p.PatientID, int(p.NumberOfPatientRelatedStudies)) for p in patients] == [("DELP1", 1)]
 
@@ -163,6 +166,7 @@ def test_each_level_is_gone_for_find_move_get_export_and_send(make_server, tmp_p
     lines = audit(server.data_dir, "delete")
     assert [(d["scope"], d["instances"], d["actor"].startswith("cli:")) for d in lines] == [
         ("instance", 1, True), ("series", 2, True), ("study", 2, True), ("patient", 3, True)]
+    assert lines[-1]["comment"] == "consent withdrawn"
     r = delete(server.data_dir, "--study", u["S2"])  # nothing left of it
     assert r.returncode != 0 and "nothing to delete" in r.stderr and "Traceback" not in r.stderr
 
@@ -257,7 +261,10 @@ def test_an_identical_copy_sent_again_after_a_delete_is_stored_again(make_server
     files = instances(tmp_path / "in", "DELR", study, generate_uid(), 3)
     storescu(server.port, files)
     storescu(server.port, files)  # identical: "already stored" (and the worker caches what the study holds)
-    records = lambda: sum(1 for seg in (server.data_dir / "segments").glob("*.seg") for _ in iter_records(seg))  # noqa: E731
+
+    def records() -> int:
+        return sum(1 for seg in (server.data_dir / "segments").glob("*.seg") for _ in iter_records(seg))
+
     assert records() == 3
     assert delete(server.data_dir, "--study", study).returncode == 0
     assert visible(server.data_dir).get(study) is None
