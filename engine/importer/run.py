@@ -122,7 +122,7 @@ class _Bar:
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
                             desc="import", mininterval=0.5, smoothing=0.1,
                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
-                                       "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
+                                       "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
 
     def update(self, files: int, nbytes: int) -> None:
         self.files += files
