@@ -80,7 +80,7 @@ def retrieve(session: Session, kind: str, study_uid: str, move_aet: str, stall_t
     ident = Dataset()
     ident.QueryRetrieveLevel = "STUDY"
     ident.StudyInstanceUID = study_uid
-    reported, last_progress = 0, time.monotonic()
+    reported, arrived, last_progress = 0, 0, time.monotonic()
     counts = [0, 0, 0]  # completed, failed, warning: the latest the source gave
     for status, _ident in session.responses(kind, ident, move_aet):
         code = status.get("Status") if status else None
@@ -89,18 +89,17 @@ def retrieve(session: Session, kind: str, study_uid: str, move_aet: str, stall_t
                           f"{stall_timeout:g} s (stall timeout); association aborted")
         if any(f"NumberOf{k}Suboperations" in status for k in _KINDS):
             counts = [_count(status, f"NumberOf{k}Suboperations") for k in _KINDS]
+        if counts[0] + counts[2] > arrived:  # the progress bar counts instances that arrived
+            on_progress(counts[0] + counts[2] - arrived)
+            arrived = counts[0] + counts[2]
         if code in PENDING:
-            progressed = sum(counts)
-            if progressed > reported:
-                on_progress(progressed - reported)
-                reported, last_progress = progressed, time.monotonic()
+            if sum(counts) > reported:  # any sub-operation done, failed ones too, is not a stall
+                reported, last_progress = sum(counts), time.monotonic()
             elif time.monotonic() - last_progress > stall_timeout:
                 session.assoc.abort()
                 return Pulled(None, *counts, stalled=True, comment=f"C-{kind.upper()} pending without progress "
                               f"for {stall_timeout:g} s (stall timeout); association aborted")
             continue
-        if sum(counts) > reported:
-            on_progress(sum(counts) - reported)
         return Pulled(int(code), *counts, comment=str(status.get("ErrorComment", "") or ""))
     return Pulled(None, *counts, comment="the source ended the retrieve without a final response")
 
