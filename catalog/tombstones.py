@@ -207,7 +207,7 @@ class TombstoneReader:
                 parsed = _parse(line)
                 if parsed is None:
                     self.skipped += 1
-                    log.error("%s: a torn or damaged line (%d bytes) skipped", self.path, len(line))
+                    log.warning("%s: a torn or damaged line (%d bytes) skipped", self.path, len(line))
                     continue
                 chunks.append(_table(parsed))
             del data

@@ -202,7 +202,7 @@ class Archive:
             received_at = rows[0][0]
         try:
             rejection.apply(self.data_dir, self.catalog, note, received_at,
-                            actor=f"ae:{calling_ae} note:{sop_instance_uid}")
+                            actor=f"ae:{calling_ae} note:{sop_instance_uid}", rejections=self.rejections)
         except OSError as e:
             log.error("rejection note %s stored but not applied: %s", sop_instance_uid, e.strerror or e)
             return StoreResult(OUT_OF_RESOURCES, "note stored, rejection not applied: send it again")

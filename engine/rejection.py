@@ -97,10 +97,11 @@ def parse(part10: bytes) -> RejectionNote | None:
 
 
 def apply(data_dir: Path, catalog: Catalog, note: RejectionNote, note_received_at: int, actor: str,
-          audit_nothing: bool = True) -> Applied:
+          audit_nothing: bool = True, rejections: "Rejections | None" = None) -> Applied:
     """Hide the records the note rejects (received before it, not yet hidden), durably;
     record the references not held. Raises OSError when the tombstones cannot be written.
-    `audit_nothing`: write the audit line even when nothing new was hidden."""
+    `audit_nothing`: write the audit line even when nothing new was hidden; `rejections`:
+    the caller's follower of the log (else one is made here when needed)."""
     uids = sorted({ref[2] for ref in note.references if ref[2] != note.sop_instance_uid})
     wanted = {ref[2]: (ref[0], ref[1]) for ref in note.references}
     _cols, rows = catalog.execute(
@@ -116,9 +117,10 @@ def apply(data_dir: Path, catalog: Catalog, note: RejectionNote, note_received_a
         if received_at < note_received_at and (not ref_study or ref_study == study) \
                 and (not ref_series or ref_series == series):
             entries.append(tombstones.Tombstone(uid, received_at, note.reason, study or "", actor=actor))
-    known = tombstones.rejected_uids(tombstones.load(data_dir, with_unheld=True)) if len(held) < len(uids) else ()
+    if len(held) < len(uids) and rejections is None:
+        rejections = Rejections(data_dir)
     for uid in uids:
-        if uid not in held and uid not in known:
+        if uid not in held and rejections.code(uid) is None:
             entries.append(tombstones.Tombstone(uid, None, note.reason, wanted[uid][0], actor=actor))
     tombstones.append(data_dir, entries)
     result = Applied(hidden=sum(e.received_at is not None for e in entries), referenced=len(uids),
@@ -183,6 +185,7 @@ def recover_notes(data_dir: Path, catalog: Catalog, slot: int) -> int:
         "WHERE t.sop_instance_uid = r.sop_instance_uid AND t.received_at = r.received_at) "
         "ORDER BY received_at", [KOS, f"{slot:03d}-%", since])
     applied, newest = 0, since
+    rejections = Rejections(data_dir)
     for segment, offset, received_at, length in rows:
         newest = max(newest, received_at)
         if length and length > _MAX_NOTE_BYTES:
@@ -195,7 +198,7 @@ def recover_notes(data_dir: Path, catalog: Catalog, slot: int) -> int:
         note = parse(data)
         if note is not None:
             apply(data_dir, catalog, note, received_at, actor=f"recovery note:{note.sop_instance_uid}",
-                  audit_nothing=False)
+                  audit_nothing=False, rejections=rejections)
             applied += 1
     if newest > since:
         tmp = path.with_name(f".{path.name}.tmp")
