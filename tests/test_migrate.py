@@ -18,6 +18,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
 from bench import orthanc as bench_orthanc
 from bench.corpus import generate
 from conftest import HOST, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port
@@ -188,14 +191,24 @@ def test_migrate_from_orthanc_by_move(make_server, tmp_path, corpus, orthancs):
 
 
 def test_capped_find_still_finds_every_study_and_dry_run_pulls_nothing(tmp_path, corpus, orthancs):
-    """Orthanc answers at most 5 C-FIND matches, with success. Told the cap, the enumeration
-    splits all dates -> decades -> years -> months -> the crowded day -> its hours, and finds
-    every study; --dry-run lists them and stores nothing. Without the cap it finds 5."""
+    """Orthanc answers at most 5 C-FIND matches (LimitFindResults). The enumeration splits all
+    dates -> decades -> years -> months -> the crowded day -> its hours, and finds every
+    study; --dry-run lists them and stores nothing."""
     orthanc = loaded_orthanc(orthancs, tmp_path, corpus, free_port(), LimitFindResults=5)
     src = f"ORTHANC@{HOST}:{orthanc.dicom_port}"
+    ae = AE("STOWAGE")  # the AE Orthanc knows
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(HOST, orthanc.dicom_port, ae_title="ORTHANC")
+    ident = pydicom.Dataset()
+    ident.QueryRetrieveLevel, ident.StudyInstanceUID = "STUDY", ""
+    answers = [(s.Status, i) for s, i in assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind)]
+    assoc.release()
+    assert len([i for _s, i in answers if i is not None]) == 5  # capped, and ends with Cancel (0xFE00)
+    assert answers[-1][0] == 0xFE00
     blind = migrate(tmp_path / "blind", "--from", src, "--dry-run")
     assert blind.returncode == 0, blind.stderr
-    assert blind.stdout.count("would pull ") == 5  # the cap is real: one window, truncated, "success"
+    assert {line.split()[2] for line in blind.stdout.splitlines() if line.startswith("would pull ")} == \
+        study_uids(corpus)  # without --find-limit: the Cancel status gives the cap away
     data = tmp_path / "data"
     r = migrate(data, "--from", src, "--dry-run", "--find-limit", "5")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -399,12 +412,13 @@ def test_window_splitting_reaches_the_leaves():
     assert by_modality[0].identifier().ModalitiesInStudy == "CT" and by_modality[0].hour == 10
     leaves = split(by_modality[0], today)
     assert leaves[0].identifier().PatientName == "A*" and split(leaves[0], today) == []
-    capped = Answer([_match(f"1.2.{i}") for i in range(5)], 0x0000)
-    outcome, studies, children, _note = enumerate_window(lambda ds: capped, leaves[0], 5)
-    assert (outcome, len(studies), children) == ("incomplete", 5, [])
-    outcome, _s, children, _n = enumerate_window(lambda ds: capped, hours[10], 5)
+    def capped(_identifier, convert):
+        return Answer([convert(_match(f"1.2.{i}")) for i in range(5)], 0x0000)
+    outcome, studies, children, _note, count = enumerate_window(capped, leaves[0], 5)
+    assert (outcome, len(studies), children, count) == ("incomplete", 5, [], 5)
+    outcome, _s, children, _n, _c = enumerate_window(capped, hours[10], 5)
     assert outcome == "split" and len(children) == len(by_modality)
-    outcome, _s, _c, _n = enumerate_window(lambda ds: capped, hours[10], 6)
+    outcome, *_rest = enumerate_window(capped, hours[10], 6)
     assert outcome == "done"
 
 

@@ -167,6 +167,13 @@ class Checkpoint:
                       (outcome, len(studies), note, now, w.key)))
         self._tx(stmts)
 
+    def study_count(self) -> int:
+        return int(self._one("SELECT count(*) FROM studies"))
+
+    def clear_incomplete(self, note: str) -> None:
+        self._tx([("UPDATE windows SET state = 'done', note = note || '; ' || ? WHERE state = 'incomplete'",
+                   (note,))])
+
     # -- pulling -------------------------------------------------------------------
 
     def next_due(self, limit: int, now: float) -> list[StudyRow]:

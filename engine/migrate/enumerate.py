@@ -1,10 +1,11 @@
 """Enumeration: every study at the source, by study-level C-FIND in windows.
 
 A source may cap the number of matches it returns. It may say so (a failure status
-after some matches), or not at all (Orthanc's LimitFindResults answers success with the
-first N). So a window whose answer looks capped -- a failure status with matches, or
-exactly as many matches as the configured --find-limit -- is split, and the split
-repeats until every window answers under the cap:
+after some matches; Orthanc 1.10's LimitFindResults ends with Cancel, 0xFE00, though
+nobody cancelled), or not at all (success after the first N). So a window whose answer
+looks capped -- another status than success after matches, or as many matches as the
+--find-limit (or, without one, as the first window's answer: a suspected cap) -- is
+split, and the split repeats until every window answers under the cap:
 
   all dates -> before 1900, decades, after next year, and studies with no date
   decades -> years -> months -> days -> hours (StudyTime ranges, plus "no time")
@@ -163,10 +164,11 @@ def split(w: Window, today: dt.date | None = None) -> list[Window]:
 
 
 def looks_capped(answer: Answer, find_limit: int) -> bool:
-    """Did the source stop short? A failure status after matches, or exactly the cap."""
-    if answer.status not in (0x0000, 0xFE00) and answer.matches:
+    """Did the source stop short? A status other than success after matches (we never
+    cancel a C-FIND, yet Orthanc ends a capped answer with Cancel, 0xFE00), or the cap."""
+    if answer.status != 0x0000 and answer.count:
         return True
-    return find_limit > 0 and len(answer.matches) >= find_limit
+    return find_limit > 0 and answer.count >= find_limit
 
 
 @dataclass
@@ -196,25 +198,25 @@ class Study:
                    str(match.get("StudyDate", "") or ""), mods, expected)
 
 
-def enumerate_window(find: Callable[[Dataset], Answer], w: Window, find_limit: int,
-                     ) -> tuple[str, list[Study], list[Window], str]:
-    """Query one window: (outcome, studies, windows to query instead, note).
+def enumerate_window(find: Callable[..., Answer], w: Window, find_limit: int,
+                     ) -> tuple[str, list[Study], list[Window], str, int]:
+    """Query one window: (outcome, studies, windows to query instead, note, matches sent).
 
     outcome: "done" (studies complete), "split" (capped: query the children instead),
     "incomplete" (capped and not splittable: the studies found are kept), "failed".
     """
-    answer = find(w.identifier())
-    if answer.status is None or (not answer.ok and not answer.matches and answer.status != 0xFE00):
+    answer = find(w.identifier(), lambda m: Study.of(m) if w.keep(m) else None)
+    if answer.status is None or (not answer.ok and not answer.count and answer.status != 0xFE00):
         status = "no final status" if answer.status is None else f"status 0x{answer.status:04X}"
-        return "failed", [], [], f"C-FIND {status} {answer.comment}".strip()
-    studies = [s for m in answer.matches if w.keep(m) and (s := Study.of(m)) is not None]
+        return "failed", [], [], f"C-FIND {status} {answer.comment}".strip(), answer.count
+    studies = answer.matches
     if not looks_capped(answer, find_limit):
-        return "done", studies, [], f"{len(studies)} studies"
+        return "done", studies, [], f"{len(studies)} studies", answer.count
     children = split(w)
-    how = f"{len(answer.matches)} matches" + (f", status 0x{answer.status:04X}" if not answer.ok else "")
+    how = f"{answer.count} matches" + (f", status 0x{answer.status:04X}" if not answer.ok else "")
     if children:
         log.info("migrate: window %s looks capped (%s); splitting it in %d", w, how, len(children))
-        return "split", studies, children, how
+        return "split", studies, children, how, answer.count
     log.warning("migrate: window %s is still capped (%s) and cannot be split further: studies may be missing",
                 w, how)
-    return "incomplete", studies, [], f"capped ({how}), cannot split further"
+    return "incomplete", studies, [], f"capped ({how}), cannot split further", answer.count

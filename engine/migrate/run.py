@@ -22,7 +22,7 @@ from engine.client import Peer
 from engine.config import Config
 from engine.migrate import report
 from engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result, StudyRow
-from engine.migrate.enumerate import enumerate_window, first_windows
+from engine.migrate.enumerate import enumerate_window, first_windows, split
 from engine.migrate.pacing import Gate, Rate, TimeWindow, retry_delay
 from engine.migrate.pull import MOVE_DESTINATION_UNKNOWN, Pulled, get_contexts, retrieve, store_handler
 from engine.migrate.source import Session, SourceError, slug
@@ -96,7 +96,12 @@ class Migration:
     # -- enumeration ---------------------------------------------------------------
 
     def enumerate(self) -> None:
-        self.cp.seed_windows(first_windows(self.opts.since, self.opts.until), self.opts.rescan)
+        """Query windows until none is pending. Without --find-limit, the first window's
+        count is suspected to be a silent cap (Orthanc's LimitFindResults answers success):
+        windows answering that many are split too, and if the whole turns out to hold no
+        more studies than that, the suspicion was wrong and nothing was missed."""
+        firsts = first_windows(self.opts.since, self.opts.until)
+        self.cp.seed_windows(firsts, self.opts.rescan)
         session: Session | None = None
         tries: dict[str, int] = {}
         try:
@@ -105,7 +110,9 @@ class Migration:
                     self._wait_gate("enumeration")
                     if session is None or not session.established:
                         session = Session(self.peer, self.aet, timeout=self.opts.stall_timeout)
-                    outcome, studies, children, note = enumerate_window(session.find, w, self.opts.find_limit)
+                    suspected = int(self.cp.meta("suspected_cap") or 0)
+                    limit = self.opts.find_limit or suspected
+                    outcome, studies, children, note, count = enumerate_window(session.find, w, limit)
                     if outcome == "failed":
                         tries[w.key] = tries.get(w.key, 0) + 1
                         log.warning("migrate: window %s: %s (try %d of %d)", w, note, tries[w.key], WINDOW_TRIES)
@@ -114,10 +121,27 @@ class Migration:
                             session = None
                             time.sleep(min(self.opts.retry_delay, 30))
                             continue
+                    if outcome == "done" and not limit and w in firsts and count >= 2:
+                        self.cp.set_meta(suspected_cap=str(count))
+                        outcome, children, note = "split", split(w), f"{count} matches: a silent cap? splitting"
                     self.cp.window_done(w, outcome, studies, children, note)
         finally:
             if session is not None:
                 session.close()
+        self._settle_suspicion()
+
+    def _settle_suspicion(self) -> None:
+        """A suspected cap that more studies than it proves real; otherwise it was not."""
+        suspected = int(self.cp.meta("suspected_cap") or 0)
+        if not suspected or self.opts.find_limit:
+            return
+        total = self.cp.study_count()
+        if total > suspected:
+            log.warning("migrate: the source answered at most %d C-FIND matches without saying so (a cap); the "
+                        "windows were split under it (%d studies found); tell it with --find-limit %d next time",
+                        suspected, total, suspected)
+        else:
+            self.cp.clear_incomplete(f"the source holds {total} studies: its first answer was complete")
 
     # -- one study -------------------------------------------------------------------
 

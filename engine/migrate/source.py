@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
@@ -52,9 +52,14 @@ def slug(peer: Peer) -> str:
 class Answer:
     """All responses of one C-FIND: matches, the final status, and its comment."""
 
-    matches: list[Dataset]
+    matches: list[Any]  # what `convert` made of each match (None results are not kept)
     status: int | None  # None: no final response (timeout, abort)
     comment: str = ""
+    count: int = -1     # matches the source sent (-1: len(matches))
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            self.count = len(self.matches)
 
     @property
     def ok(self) -> bool:
@@ -91,19 +96,24 @@ class Session:
             except Exception:  # noqa: BLE001 - a peer gone mid-release needs no more from us
                 self.assoc.abort()
 
-    def find(self, identifier: Dataset) -> Answer:
-        """Every match of a Study Root C-FIND, and how it ended."""
-        matches: list[Dataset] = []
+    def find(self, identifier: Dataset, convert: Callable[[Dataset], Any] = lambda ds: ds) -> Answer:
+        """Every match of a Study Root C-FIND, and how it ended. Each match is converted as
+        it arrives (a large answer is not held as datasets)."""
+        matches: list[Any] = []
+        count = 0
         for status, ident in self.assoc.send_c_find(identifier, FIND):
             code = status.get("Status") if status else None
             if code is None:
-                return Answer(matches, None, "no response from the source (timeout or association lost)")
+                return Answer(matches, None, "no response from the source (timeout or association lost)", count)
             if code in PENDING:
                 if ident is not None:
-                    matches.append(ident)
+                    count += 1
+                    kept = convert(ident)
+                    if kept is not None:
+                        matches.append(kept)
                 continue
-            return Answer(matches, int(code), str(status.get("ErrorComment", "") or ""))
-        return Answer(matches, None, "the source ended the C-FIND without a final status")
+            return Answer(matches, int(code), str(status.get("ErrorComment", "") or ""), count)
+        return Answer(matches, None, "the source ended the C-FIND without a final status", count)
 
     def responses(self, kind: str, identifier: Dataset, move_aet: str = "") -> Iterator[tuple[Dataset, Any]]:
         """The responses of a C-MOVE or C-GET, as pynetdicom yields them."""
