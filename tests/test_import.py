@@ -138,6 +138,10 @@ def build_tree(base: Path) -> Tree:
     shutil.copy(src / "DICOMDIR", t.dicomdir)
     for d in DICOMDIR_DIRS:
         shutil.copytree(src / d, root / "cd" / d)
+    lost = root / "cd" / "77654033" / "CR1" / "6154"  # referenced by the DICOMDIR, lost from the media
+    lost.unlink()
+    t.bad[str(lost)] = ("refused", "referenced by")
+    for d in DICOMDIR_DIRS:
         for p in (root / "cd" / d).rglob("*"):
             if p.is_file():
                 t.add(p)
@@ -190,12 +194,14 @@ def test_import_while_serving(make_server, tmp_path):
     before = tree_state(tree.root)
     server = make_server("--workers", "2")
     r = run_import(server.data_dir, tree.root, tree.dicomdir)
-    assert r.returncode == 1, r.stdout + r.stderr  # the truncated DICOM file was not stored
+    assert r.returncode == 1, r.stdout + r.stderr  # a truncated file, and one the DICOMDIR lacks
     assert "Traceback" not in r.stderr
     got = counts(r.stdout)
     files = len(tree.expected) + tree.duplicates
     assert got["stored"] + got["held"] == files, r.stdout
-    assert got["refused"] == 1 and got["skipped"] == len(tree.bad) - 1, r.stdout
+    refused = sum(outcome == "refused" for outcome, _ in tree.bad.values())
+    assert refused == 2
+    assert got["refused"] == refused and got["skipped"] == len(tree.bad) - refused, r.stdout
     report = report_of(r.stdout)
     for path, (outcome, why) in tree.bad.items():
         assert report[path][0] == outcome and why in report[path][1], (path, report.get(path))
@@ -214,8 +220,8 @@ def test_import_while_serving(make_server, tmp_path):
 
     # Re-run: the ledger skips every imported file unopened; nothing is stored.
     again = run_import(server.data_dir, tree.root, tree.dicomdir)
-    assert counts(again.stdout) == dict(stored=0, held=0, unchanged=files, skipped=len(tree.bad) - 1,
-                                        refused=1), again.stdout
+    assert counts(again.stdout) == dict(stored=0, held=0, unchanged=files, skipped=len(tree.bad) - refused,
+                                        refused=refused), again.stdout
     # A file whose mtime changed is read again, and found already held.
     touched = tree.root / "pacs" / "d0" / "e0" / "CT_small.dcm"
     os.utime(touched, ns=(time.time_ns(), time.time_ns()))

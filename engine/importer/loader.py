@@ -93,14 +93,14 @@ class Loader:
     def _load_open(self, index: int, path: str, fd: int) -> Outcome:
         size = os.fstat(fd).st_size
         if size <= self.spill_threshold:
-            return self._store(index, _read_all(fd, size), size)
+            return self._store(index, path, _read_all(fd, size), size)
         # A large file is not read into memory: the kernel copies it into our spool, and
         # the copy is mapped and stored from (a map of the source itself would die of
         # SIGBUS if someone truncated the file meanwhile; our copy cannot shrink).
         copy = self._spool_copy(fd, size)
         try:
             with open(copy, "rb") as f, mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ) as data:
-                return self._store(index, data, size, copy)
+                return self._store(index, path, data, size, copy)
         finally:
             copy.unlink(missing_ok=True)
 
@@ -121,14 +121,16 @@ class Loader:
             raise
         return copy
 
-    def _store(self, index: int, data: bytes | mmap.mmap, size: int, copy: Path | None = None) -> Outcome:
+    def _store(self, index: int, path: str, data: bytes | mmap.mmap, size: int,
+               copy: Path | None = None) -> Outcome:
         view = memoryview(data)
         try:
             try:
                 info = read_info(view)
                 if info.is_dicomdir:
                     return Outcome(index, SKIPPED, "DICOMDIR: a media directory, not an instance "
-                                                   "(the files it references are imported from the folder)", size)
+                                                   "(the files it references are imported from the folder)", size,
+                                   missing_references(path, bytes(view)))
                 check_whole(view, info.dataset_offset, info.transfer_syntax_uid)
                 sop_class, sop_instance = self._identity(view, info)
             except NotDicom as e:
@@ -188,6 +190,45 @@ class Loader:
             with self._lock:
                 del self._inflight[sop_instance]
             mine.set()
+
+
+def _exists(folder: Path, parts: list[str]) -> bool:
+    """Whether the file a DICOMDIR names exists: exactly, or ignoring case (File IDs are
+    upper case; media copied through another system often are not)."""
+    path = folder.joinpath(*parts)
+    if path.is_file():
+        return True
+    here = folder
+    for part in parts:
+        try:
+            names = {n.upper(): n for n in os.listdir(here)}
+        except OSError:
+            return False
+        if part.upper() not in names:
+            return False
+        here = here / names[part.upper()]
+    return here.is_file()
+
+
+def missing_references(path: str, raw: bytes) -> tuple[str, ...]:
+    """Files a DICOMDIR references (PS3.10 File IDs, relative to its folder) that are not
+    there; the folder walk imports those that are."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    try:
+        records = dcmread(DicomBytesIO(raw), force=True).get("DirectoryRecordSequence") or []
+    except Exception:  # an unreadable DICOMDIR promises nothing we could check
+        return ()
+    folder = Path(path).parent
+    missing = []
+    for record in records:
+        parts = record.get("ReferencedFileID")
+        if not parts:
+            continue
+        parts = [parts] if isinstance(parts, str) else list(parts)
+        if not _exists(folder, parts):
+            missing.append(str(folder.joinpath(*parts)))
+    return tuple(missing)
 
 
 def _quiet_logging(config: Config, slot: int) -> None:

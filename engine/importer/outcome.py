@@ -17,6 +17,7 @@ class Outcome:
     kind: str
     reason: str = ""
     nbytes: int = 0
+    missing: tuple[str, ...] = ()  # a DICOMDIR's referenced files that are not there
 
 
 def child_main(*args) -> None:

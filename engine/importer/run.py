@@ -241,6 +241,9 @@ def _count(outcomes: list[Outcome], files, done: list[bool], ledger: Ledger, out
                 summary.held += 1
             continue
         out.add(path, o.kind, o.reason)
+        for lost in o.missing:
+            out.add(lost, REFUSED, f"referenced by {path}, but not there")
+            summary.refused += 1
         if o.kind == SKIPPED:
             summary.skipped += 1
         elif o.kind == REFUSED:
