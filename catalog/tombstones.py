@@ -48,7 +48,6 @@ _BATCH = 10_000  # entries per line: a line is all-or-nothing after a crash
 SCHEMA = pa.schema([("sop_instance_uid", pa.string()), ("received_at", pa.timestamp("us", tz="UTC")),
                     ("study_instance_uid", pa.string()), ("reason", pa.string()),
                     ("at", pa.timestamp("us", tz="UTC")), ("actor", pa.string()), ("comment", pa.string())])
-REASONS = ("deleted", "quota")  # and "rejected:<code>"
 
 
 @dataclass(frozen=True)

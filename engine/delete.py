@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 from catalog import tombstones
@@ -110,7 +109,3 @@ def delete(config: Config, level: str, values: Sequence[str], reason: str = "del
         "instances": result.instances, "records": result.records})
     log.info("deleted %s (%s %s, reason %s, by %s)", result.summary(), level, ",".join(values[:3]), reason, actor)
     return result
-
-
-def data_dir_holds_archive(data_dir: Path) -> bool:
-    return (data_dir / "catalog").is_dir()
