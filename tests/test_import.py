@@ -368,3 +368,23 @@ def test_large_files_stream_from_the_source(tmp_path):
     assert exported(data, tmp_path / "out") == expected
     assert tree_state(src) == before
     assert not [p for p in (data / "spool").rglob("*") if p.is_file()]
+
+
+def test_no_space_stops_the_import(tmp_path):
+    """Below min_free_bytes the archive answers Out of Resources, as it would a C-STORE:
+    the import stops starting files, lists what it did not store, and exits 1; a later
+    run with room imports everything."""
+    src = tmp_path / "src"
+    corpus.generate(src, "small", 200, seed=31)
+    data = tmp_path / "data"
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, STOWAGE_MIN_FREE_BYTES=str(1 << 60)))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert counts(r.stdout)["stored"] == 0
+    report = report_of(r.stdout)
+    assert len(report) == 200
+    assert any("0xA700" in why for _, why in report.values())
+    assert all(outcome in ("refused", "not-attempted") for outcome, _ in report.values())
+    again = run_import(data, src)
+    assert again.returncode == 0 and counts(again.stdout)["stored"] == 200, again.stdout + again.stderr
