@@ -246,6 +246,7 @@ def rebuild_catalog(config_file, data_dir) -> None:
     """Rebuild the whole catalog from the segment files alone (archive must be stopped)."""
     import fcntl
     from engine.recovery import rebuild
+    from engine.slots import SlotError
     config = _load(config_file, data_dir=data_dir)
     if not (config.data_dir / "segments").is_dir():
         raise click.ClickException(f"{config.data_dir} holds no segments/ directory")
@@ -254,7 +255,10 @@ def rebuild_catalog(config_file, data_dir) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise click.ClickException("the archive is running on this data directory; stop it first") from None
-        count = rebuild(config.data_dir)
+        try:
+            count = rebuild(config.data_dir)
+        except SlotError as e:  # e.g. a `stowage import` is writing: one line, no traceback
+            raise click.ClickException(f"{config.data_dir}: {e.strerror}") from None
     click.echo(f"catalog rebuilt: {count} record(s) indexed")
 
 
