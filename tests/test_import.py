@@ -333,6 +333,9 @@ def test_cli_errors_are_one_line(tmp_path):
     shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "src")
     r = run_import(blocker / "data", tmp_path / "src")
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_import(tmp_path / "data", tmp_path / "src", args=("--report", str(tmp_path / "no-such-dir" / "r.csv")))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "data" / "segments").exists() or not list((tmp_path / "data" / "segments").glob("*.seg"))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file regardless of permissions")

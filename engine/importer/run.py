@@ -68,15 +68,19 @@ class _Report:
         self.default_dir = default_dir
         self._file: TextIO | None = None
         self._writer: Any = None
+        if path is not None:  # a report the user named: fail now, not half-way through
+            self._open(path)
+
+    def _open(self, path: Path) -> None:
+        self._file = open(path, "w", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(["path", "outcome", "reason"])
 
     def add(self, path: str, outcome: str, reason: str) -> None:
         if self._writer is None:
-            if self.path is None:
-                self.default_dir.mkdir(parents=True, exist_ok=True)
-                self.path = self.default_dir / time.strftime("refused-%Y%m%d-%H%M%S.csv")
-            self._file = open(self.path, "w", newline="", encoding="utf-8")
-            self._writer = csv.writer(self._file)
-            self._writer.writerow(["path", "outcome", "reason"])
+            self.default_dir.mkdir(parents=True, exist_ok=True)
+            self.path = self.default_dir / time.strftime("refused-%Y%m%d-%H%M%S.csv")
+            self._open(self.path)
         self._writer.writerow([path, outcome, reason])
 
     def close(self) -> Path | None:
@@ -141,10 +145,10 @@ def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads
     t0 = time.monotonic()
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    out = _Report(report, data_dir / "import")
     ledger = Ledger(data_dir)
     found = scan(roots_of(paths), ledger)
     summary = Summary(unchanged=found.unchanged)
-    out = _Report(report, data_dir / "import")
     for path, why in found.errors:
         out.add(path, REFUSED, why)
         summary.refused += 1
