@@ -2,9 +2,10 @@
 Query/Retrieve SCP (C-FIND at STUDY, SERIES and IMAGE level; C-MOVE) over the DICOM files
 of a folder, which answers the C-MOVE of chosen studies with 0xA702 (Refused: Out of
 Resources - Unable to perform sub-operations), as an overloaded archive does, and holds
-the C-MOVE of others without a word (a hung archive): `stall:UID`.
+the C-MOVE of others without a word (a hung archive): `stall:UID`. `cap:N` answers at most
+N matches to a C-FIND, with success, as archives with a silent cap do.
 
-    python refusing_qr_scp.py PORT AET FOLDER DEST_AET:HOST:PORT [REFUSED_STUDY_UID | stall:UID ...]
+    python refusing_qr_scp.py PORT AET FOLDER DEST_AET:HOST:PORT [REFUSED_STUDY_UID | stall:UID | cap:N ...]
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _in_range(value: str, wanted: str) -> bool:
 
 def main() -> None:
     port, aet, folder, dest = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
-    refused = {a for a in sys.argv[5:] if not a.startswith("stall:")}
+    refused = {a for a in sys.argv[5:] if ":" not in a}
+    cap = max([int(a[len("cap:"):]) for a in sys.argv[5:] if a.startswith("cap:")] or [0])
     stalled = {a[len("stall:"):] for a in sys.argv[5:] if a.startswith("stall:")}
     dest_aet, dest_host, dest_port = dest.split(":")
     items = load(folder)
@@ -53,16 +55,27 @@ def main() -> None:
                 continue
             if not _in_range(str(ds.get("StudyDate", "")), str(q.get("StudyDate", "") or "")):
                 continue
+            if not _in_range(str(ds.get("StudyTime", "")), str(q.get("StudyTime", "") or "")):
+                continue
+            modality = str(q.get("ModalitiesInStudy", "") or "")
+            if modality and modality != ds.Modality:
+                continue
+            name = str(q.get("PatientName", "") or "").rstrip("*")
+            if name and not str(ds.PatientName).startswith(name):
+                continue
             key = {"STUDY": ds.StudyInstanceUID, "SERIES": ds.SeriesInstanceUID}.get(level, ds.SOPInstanceUID)
             if key in seen:
                 continue
             seen.add(key)
+            if cap and len(seen) > cap:
+                return
             rsp = Dataset()
             rsp.QueryRetrieveLevel = level
             rsp.StudyInstanceUID = ds.StudyInstanceUID
             if level == "STUDY":
                 rsp.PatientID, rsp.PatientName = ds.PatientID, ds.PatientName
                 rsp.StudyDate, rsp.StudyTime = ds.get("StudyDate", ""), ds.get("StudyTime", "")
+                rsp.ModalitiesInStudy = ds.Modality
                 rsp.NumberOfStudyRelatedInstances = sum(d.StudyInstanceUID == ds.StudyInstanceUID for _p, d in items)
             if level in ("SERIES", "IMAGE"):
                 rsp.SeriesInstanceUID = ds.SeriesInstanceUID

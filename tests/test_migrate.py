@@ -327,6 +327,30 @@ def test_source_that_refuses_some_moves(make_server, tmp_path, corpus):
     assert all(uid in report for uid in [*refused, hung])
 
 
+def test_a_silent_cap_is_suspected_proven_and_split_under(tmp_path, corpus):
+    """A source that answers at most 3 C-FIND matches with plain success, and nobody said so
+    (no --find-limit): the first answer's count is suspected, proven once more studies turn
+    up, and every window is split under it; --dry-run then lists every study."""
+    folder = corpus[0].parent
+    studies = study_uids([p for p in corpus if p.parent == folder])
+    port = free_port()
+    scp = subprocess.Popen([sys.executable, str(Path(__file__).with_name("refusing_qr_scp.py")), str(port), "OLDPACS",
+                            str(folder), f"STOWAGE:{HOST}:1", "cap:3"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not echo_ok(port, "OLDPACS", 1.0):
+            assert scp.poll() is None and time.monotonic() < deadline, "the Q/R SCP did not start"
+            time.sleep(0.2)
+        r = migrate(tmp_path / "data", "--from", f"OLDPACS@{HOST}:{port}", "--dry-run")
+    finally:
+        scp.kill()
+        scp.wait(10)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {line.split()[2] for line in r.stdout.splitlines() if line.startswith("would pull ")} == studies
+    assert "answers at most 3 C-FIND matches without saying so" in r.stderr, r.stderr
+
+
 def start_dcmqrscp(tmp_path: Path, stowage_port: int, dcmtk_args: list[str]) -> tuple[subprocess.Popen, int, Path]:
     """DCMTK dcmqrscp with a configuration written here: one storage area (AE LEGACY) and
     STOWAGE in its host table, so that it can C-MOVE to us."""

@@ -28,7 +28,7 @@ from engine.migrate.enumerate import Study, Window
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS windows (
-    key TEXT PRIMARY KEY, state TEXT NOT NULL, found INTEGER, note TEXT, updated REAL);
+    key TEXT PRIMARY KEY, state TEXT NOT NULL, found INTEGER, note TEXT, updated REAL, matches INTEGER);
 CREATE TABLE IF NOT EXISTS studies (
     uid TEXT PRIMARY KEY, patient_id TEXT, patient_name TEXT, study_date TEXT, modalities TEXT,
     expected INTEGER, state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
@@ -143,7 +143,7 @@ class Checkpoint:
         if self._one("SELECT count(*) FROM windows"):
             return
         now = time.time()
-        self._tx(("INSERT OR IGNORE INTO windows VALUES (?, 'pending', NULL, NULL, ?)", (w.key, now))
+        self._tx(("INSERT OR IGNORE INTO windows (key, state, updated) VALUES (?, 'pending', ?)", (w.key, now))
                  for w in windows)
 
     def pending_windows(self) -> list[Window]:
@@ -152,7 +152,7 @@ class Checkpoint:
         return [Window.from_key(k) for (k,) in rows]
 
     def window_done(self, w: Window, outcome: str, studies: list[Study], children: list[Window],
-                    note: str) -> None:
+                    note: str, matches: int = 0) -> None:
         """One window's answer, atomically: its studies, its children, its state."""
         now = time.time()
         stmts: list[tuple[str, Any]] = [
@@ -161,14 +161,23 @@ class Checkpoint:
              "WHERE studies.state != 'done' AND excluded.expected IS NOT NULL",
              (s.uid, s.patient_id, s.patient_name, s.study_date, s.modalities, s.expected, now))
             for s in studies]
-        stmts += [("INSERT OR IGNORE INTO windows VALUES (?, 'pending', NULL, NULL, ?)", (c.key, now))
+        stmts += [("INSERT OR IGNORE INTO windows (key, state, updated) VALUES (?, 'pending', ?)", (c.key, now))
                   for c in children]
-        stmts.append(("UPDATE windows SET state = ?, found = ?, note = ?, updated = ? WHERE key = ?",
-                      (outcome, len(studies), note, now, w.key)))
+        stmts.append(("UPDATE windows SET state = ?, found = ?, note = ?, updated = ?, matches = ? WHERE key = ?",
+                      (outcome, len(studies), note, now, matches, w.key)))
         self._tx(stmts)
 
     def study_count(self) -> int:
         return int(self._one("SELECT count(*) FROM studies"))
+
+    def requeue(self, keys: list[str]) -> None:
+        self._tx(("UPDATE windows SET state = 'pending' WHERE key = ?", (k,)) for k in keys)
+
+    def windows_with(self, min_matches: int) -> list[tuple[str, str]]:
+        """(key, state) of finished windows whose answer held at least `min_matches`."""
+        with self._mutex:
+            return self.con.execute("SELECT key, state FROM windows WHERE state = 'done' AND matches >= ?",
+                                    (min_matches,)).fetchall()
 
     def clear_incomplete(self, note: str) -> None:
         self._tx([("UPDATE windows SET state = 'done', note = note || '; ' || ? WHERE state = 'incomplete'",

@@ -198,6 +198,16 @@ class Study:
                    str(match.get("StudyDate", "") or ""), mods, expected)
 
 
+def _ignored_key(w: Window, studies: list[Study]) -> str:
+    """The key of `w` that the source's matches show it did not honour ('' if none): then
+    splitting further by the next key would only repeat the same answer."""
+    if w.initial and any(not s.patient_name.upper().startswith(w.initial) for s in studies):
+        return "PatientName"
+    if w.modality and any(w.modality not in s.modalities.split("\\") for s in studies):
+        return "ModalitiesInStudy"  # an SCP that matches on a key returns its value
+    return ""
+
+
 def enumerate_window(find: Callable[..., Answer], w: Window, find_limit: int,
                      ) -> tuple[str, list[Study], list[Window], str, int]:
     """Query one window: (outcome, studies, windows to query instead, note, matches sent).
@@ -212,6 +222,12 @@ def enumerate_window(find: Callable[..., Answer], w: Window, find_limit: int,
     studies = answer.matches
     if not looks_capped(answer, find_limit):
         return "done", studies, [], f"{len(studies)} studies", answer.count
+    ignored = _ignored_key(w, studies)
+    if ignored:
+        log.warning("migrate: window %s is capped and the source ignores %s matching: studies may be missing",
+                    w, ignored)
+        return "incomplete", studies, [], f"capped ({answer.count} matches), the source ignores {ignored}", \
+            answer.count
     children = split(w)
     how = f"{answer.count} matches" + (f", status 0x{answer.status:04X}" if not answer.ok else "")
     if children:
