@@ -260,8 +260,9 @@ def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: An
         spool = config.data_dir / "spool" / f"{slot.number:03d}"
         _clear(spool)
         archive = Archive(config, slot.number)
-    except OSError as e:
+    except OSError as e:  # e.g. a full disk during recovery: say so; the files stay "not attempted"
         results.put(("failed", f"cannot start an import process: {e.strerror or e}"))
+        results.put(("closed", None))
         return
     results.put(("ready", slot.number))
     loader = Loader(archive, spool, config.spill_threshold, stop)
