@@ -173,6 +173,7 @@ def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: 
     import engine.importer.loader  # noqa: F401
     ctx = multiprocessing.get_context("fork")
     tasks = ctx.Queue(maxsize=n * threads * 4)
+    tasks.cancel_join_thread()  # tasks no process took (all stopped early) must not hold up our exit
     results = ctx.Queue()
     stop = ctx.Event()
     procs = [ctx.Process(target=child_main, args=(config.to_dict(), tasks, results, stop, threads),
