@@ -217,10 +217,12 @@ def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: 
             p.join(30)
             if p.is_alive():
                 p.kill()
+    why = ("interrupted before this file; run the import again to go on" if "interrupted" in summary.problems
+           else "no result from an import process")
     for i, ok in enumerate(done):
         if not ok:
             summary.not_attempted += 1
-            out.add(found.files[i][0], NOT_ATTEMPTED, "no result from an import process")
+            out.add(found.files[i][0], NOT_ATTEMPTED, why)
 
 
 def _feed(files, tasks, consumers: int) -> None:
