@@ -285,8 +285,9 @@ def test_kill_9_midway_then_resume(make_server, tmp_path, corpus, orthancs):
     r = migrate(server.data_dir, "--from", src, "--parallel", "3")
     assert r.returncode == 0, r.stdout + r.stderr
     with checkpoint(server.data_dir) as con:
-        after = {u: (a, t) for u, a, t in con.execute("SELECT uid, attempts, updated FROM studies WHERE uid IN "
-                                                      "(SELECT value FROM json_each(?))", (json.dumps(list(done_before)),))}
+        rows = con.execute("SELECT uid, attempts, updated FROM studies WHERE uid IN (SELECT value FROM json_each(?))",
+                           (json.dumps(list(done_before)),))
+        after = {u: (a, t) for u, a, t in rows}
         assert con.execute("SELECT count(*) FROM studies WHERE state != 'done'").fetchone()[0] == 0
     assert after == done_before  # finished studies were not pulled again
     records = query(server.data_dir, "SELECT count(*) AS n, count(DISTINCT sop_instance_uid) AS u FROM records")

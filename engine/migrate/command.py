@@ -3,7 +3,6 @@ Options; and --status, which needs no source connection."""
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 from engine.config import Config
 from engine.migrate import report
@@ -62,5 +61,3 @@ def status_lines(config: Config, source_text: str | None) -> list[str]:
         out += report.status(p) + [f"checkpoint: {p}"]
     return out
 
-
-__all__ = ["MigrateError", "options", "source", "status_lines", "Path"]

@@ -22,14 +22,14 @@ from engine.client import Peer
 from engine.config import Config
 from engine.migrate import report
 from engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result, StudyRow
-from engine.migrate.enumerate import Window, enumerate_window, first_windows, split
+from engine.migrate.enumerate import first_windows
 from engine.migrate.pacing import Gate, Rate, TimeWindow, retry_delay
+from engine.migrate.scan import Scan
 from engine.migrate.pull import MOVE_DESTINATION_UNKNOWN, Pulled, get_contexts, retrieve, store_handler
 from engine.migrate.source import Session, SourceError, slug
 from engine.migrate.verify import SourceListing, check_content, held, list_instances
 
 log = logging.getLogger("stowage.migrate")
-WINDOW_TRIES = 3
 SLOT_BASE = 200  # migrate's own slots for C-GET (serve: 0.., import: 100..)
 
 
@@ -73,11 +73,6 @@ def serve_running(data_dir: Path) -> bool:
     return False
 
 
-def _filtered(w: Window) -> bool:
-    """A "no date" or "no time" window: a universal query, filtered here."""
-    return w.no_date or w.no_time
-
-
 class _Fatal(Exception):
     """An answer that no retry can fix (the source does not know our AE as a destination)."""
 
@@ -101,69 +96,9 @@ class Migration:
     # -- enumeration ---------------------------------------------------------------
 
     def enumerate(self) -> None:
-        """Query windows until none is pending.
-
-        Without --find-limit, the first window's count N is suspected to be a silent cap:
-        dated windows answering N or more are split. Once more than N studies are known, the
-        cap is proven and applies to every window (the "no date/time" ones, answered by a
-        universal query, are asked again); if the source turns out to hold no more than N,
-        the suspicion was wrong and nothing was missed."""
-        firsts = first_windows(self.opts.since, self.opts.until)
-        self.cp.seed_windows(firsts, self.opts.rescan)
-        session: Session | None = None
-        tries: dict[str, int] = {}
-        try:
-            while pending := self.cp.pending_windows():
-                for w in pending:
-                    self._wait_gate("enumeration")
-                    if session is None or not session.established:
-                        session = Session(self.peer, self.aet, timeout=self.opts.stall_timeout)
-                    limit = self._limit(w)
-                    outcome, studies, children, note, count = enumerate_window(session.find, w, limit)
-                    if outcome == "failed":
-                        tries[w.key] = tries.get(w.key, 0) + 1
-                        log.warning("migrate: window %s: %s (try %d of %d)", w, note, tries[w.key], WINDOW_TRIES)
-                        if tries[w.key] < WINDOW_TRIES:
-                            session.close()
-                            session = None
-                            time.sleep(min(self.opts.retry_delay, 30))
-                            continue
-                    if outcome == "done" and not self.opts.find_limit and w in firsts and count >= 2 \
-                            and not self.cp.meta("suspected_cap"):
-                        self.cp.set_meta(suspected_cap=str(count))
-                        outcome, children, note = "split", split(w), f"{count} matches: a silent cap? splitting"
-                    self.cp.window_done(w, outcome, studies, children, note, count)
-                    self._prove_suspicion()
-        finally:
-            if session is not None:
-                session.close()
-        self._settle_suspicion()
-
-    def _limit(self, w: Window) -> int:
-        if self.opts.find_limit:
-            return self.opts.find_limit
-        suspected = int(self.cp.meta("suspected_cap") or 0)
-        if self.cp.meta("cap_proven") or not _filtered(w):
-            return suspected
-        return 0  # a universal query under mere suspicion tells nothing new: not split
-
-    def _prove_suspicion(self) -> None:
-        suspected = int(self.cp.meta("suspected_cap") or 0)
-        if not suspected or self.opts.find_limit or self.cp.meta("cap_proven"):
-            return
-        if self.cp.study_count() > suspected:
-            self.cp.set_meta(cap_proven="1")
-            log.warning("migrate: the source answers at most %d C-FIND matches without saying so (a cap); "
-                        "splitting under it (tell it with --find-limit %d next time)", suspected, suspected)
-            universal = [k for k, _state in self.cp.windows_with(suspected) if _filtered(Window.from_key(k))]
-            self.cp.requeue(universal)
-
-    def _settle_suspicion(self) -> None:
-        """A suspected cap that was never proven was no cap: nothing was missed."""
-        suspected = int(self.cp.meta("suspected_cap") or 0)
-        if suspected and not self.opts.find_limit and not self.cp.meta("cap_proven"):
-            self.cp.clear_incomplete(f"the source holds {self.cp.study_count()} studies: its first answer "
-                                     "was complete")
+        scan = Scan(self.cp, lambda: Session(self.peer, self.aet, timeout=self.opts.stall_timeout),
+                    self.opts.find_limit, lambda: self._wait_gate("enumeration"), self.opts.retry_delay)
+        scan.run(first_windows(self.opts.since, self.opts.until), self.opts.rescan)
 
     # -- one study -------------------------------------------------------------------
 
@@ -314,9 +249,10 @@ class Migration:
             return
         with self.cp._mutex:
             counts = dict(self.cp.con.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
+        rate = run_bytes / 1e6 / max(elapsed, 1e-3)
         with self._bar_lock:
             self.bar.set_postfix_str(f"studies {counts.get('done', 0)}/{sum(counts.values())} done, "
-                                     f"{counts.get('failed', 0)} failed, {run_bytes / 1e6 / max(elapsed, 1e-3):.1f} MB/s")
+                                     f"{counts.get('failed', 0)} failed, {rate:.1f} MB/s")
 
     # -- C-GET storage -----------------------------------------------------------------
 
