@@ -112,7 +112,12 @@ class Loader:
             with open(copy, "wb") as out:
                 pos = 0
                 while pos < size:
-                    sent = os.copy_file_range(fd, out.fileno(), size - pos, pos, 0)
+                    try:
+                        sent = os.copy_file_range(fd, out.fileno(), size - pos, pos, 0)
+                    except OSError as e:  # another file system (EXDEV), or none of that in the kernel
+                        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        sent = out.write(os.pread(fd, min(size - pos, 8 << 20), pos))
                     if sent == 0:
                         raise OSError(errno.EIO, "the file shrank while it was read")
                     pos += sent
