@@ -55,6 +55,7 @@ _SEGMENT = re.compile(r"^(\d{3})-(\d{8})\.seg$")
 _PREFIX = struct.Struct("<4sHHIQ")
 _CHUNK = 1 << 20
 _MAX_VICTIMS = 64
+_SYNC_EVERY = 4 << 20
 
 
 class CompactionBusy(RuntimeError):
@@ -332,7 +333,7 @@ def _copy(segments_dir: Path, new: str, live: list[tuple[str, int, int]], moves:
     dst = os.open(segments_dir / new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         fsync_dir(segments_dir)
-        at = 0
+        at = synced = 0
         src, src_name = -1, ""
         try:
             for seg, offset, length in live:
@@ -343,6 +344,9 @@ def _copy(segments_dir: Path, new: str, live: list[tuple[str, int, int]], moves:
                 _copy_record(src, dst, offset, length, seg, throttle)
                 moves[(seg, offset)] = at
                 at += length
+                if at - synced >= _SYNC_EVERY:  # small flushes, spread out: the workers' fsyncs
+                    os.fdatasync(dst)           # never queue behind a whole segment's worth
+                    synced = at
         finally:
             if src >= 0:
                 os.close(src)
