@@ -328,6 +328,31 @@ def test_source_that_refuses_some_moves(make_server, tmp_path, corpus):
     assert all(uid in report for uid in [*refused, hung])
 
 
+def test_a_source_that_does_not_know_us_stops_the_migration_with_what_to_configure(make_server, tmp_path, corpus):
+    """0xA801 (move destination unknown) cannot be fixed by retrying: one line, exit 1."""
+    server = make_server("--workers", "1")
+    folder = corpus[0].parent
+    port = free_port()
+    scp = subprocess.Popen([sys.executable, str(Path(__file__).with_name("refusing_qr_scp.py")), str(port), "OLDPACS",
+                            str(folder), f"SOMEONE:{HOST}:{server.port}"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not echo_ok(port, "OLDPACS", 1.0):
+            assert scp.poll() is None and time.monotonic() < deadline, "the Q/R SCP did not start"
+            time.sleep(0.2)
+        r = migrate(server.data_dir, "--from", f"OLDPACS@{HOST}:{port}", "--parallel", "1")
+    finally:
+        scp.kill()
+        scp.wait(10)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "does not know 'STOWAGE' as a C-MOVE destination (0xA801)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    status = subprocess.run([sys.executable, "-m", "engine.cli", "migrate", "--data-dir", str(server.data_dir),
+                             "--status"], capture_output=True, text=True, timeout=60)
+    assert "0 done" in status.stdout and "0 failed" in status.stdout, status.stdout  # nothing counted against studies
+
+
 def test_a_silent_cap_is_suspected_proven_and_split_under(tmp_path, corpus):
     """A source that answers at most 3 C-FIND matches with plain success, and nobody said so
     (no --find-limit): the first answer's count is suspected, proven once more studies turn
