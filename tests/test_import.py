@@ -391,3 +391,25 @@ def test_no_space_stops_the_import(tmp_path):
     assert all(outcome in ("refused", "not-attempted") for outcome, _ in report.values())
     again = run_import(data, src)
     assert again.returncode == 0 and counts(again.stdout)["stored"] == 200, again.stdout + again.stderr
+
+
+def test_large_files_from_another_file_system(tmp_path):
+    """copy_file_range cannot cross file systems (EXDEV): a source on another one (here
+    /dev/shm, a tmpfs) is copied into the spool by reading it instead."""
+    import tempfile
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system to import from")
+    src = Path(tempfile.mkdtemp(dir=shm, prefix="stowage-import-test-"))
+    try:
+        shutil.copy(get_testdata_file("CT_small.dcm"), src / "ct.dcm")
+        expected = {pydicom.dcmread(src / "ct.dcm", stop_before_pixels=True).SOPInstanceUID:
+                    dataset_of((src / "ct.dcm").read_bytes())}
+        data = tmp_path / "data"
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, STOWAGE_SPILL_THRESHOLD="1024"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert exported(data, tmp_path / "out") == expected
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
