@@ -10,7 +10,8 @@ writing process. The kernel drops it when the process dies, even by `kill -9`, s
 claim can never be stale and never needs cleaning up. Numbering, by convention:
 
 - `stowage serve` workers use slots 0..N-1 (`claim_exact`, the acceptor chose the number);
-- `stowage import` processes use slots from 100 upward (`claim_slot(data_dir, 100)`);
+- `stowage import` processes use slots 100..899 (`claim_slot(data_dir, 100, 899)`);
+- the compactor uses slot 999 (engine/compaction.py);
 - other writers (e.g. `stowage migrate`) pick their own base and call `claim_slot`.
 
 Usage by a writer process::
@@ -34,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_SLOT = 999  # segment names give the slot three digits
-IMPORT_FIRST_SLOT = 100  # `stowage import` processes claim slots from here upward
+IMPORT_FIRST_SLOT = 100  # `stowage import` processes claim slots in 100..899
+IMPORT_LAST_SLOT = 899   # (999 is the compactor's: engine/compaction.py)
 
 
 class SlotError(OSError):

@@ -28,7 +28,7 @@ from engine.importer.part10 import FileInfo, Malformed, NotDicom, check_whole, r
 from engine.recovery import recover
 from engine.segment import FileRange
 from engine.importer.outcome import HELD, NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, Outcome, Task
-from engine.slots import IMPORT_FIRST_SLOT, claim_slot
+from engine.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, claim_slot
 from workers.malloc import keep_large_buffers_in_heap
 
 DEFAULT_SOURCE_AE = "IMPORT"  # the calling AE recorded when a file names no Source AE
@@ -259,7 +259,7 @@ def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: An
     keep_large_buffers_in_heap()  # CT-sized reads and compressions reuse heap pages, as in serve workers
     config = Config.from_dict(config_dict)
     try:
-        slot = claim_slot(config.data_dir, IMPORT_FIRST_SLOT)
+        slot = claim_slot(config.data_dir, IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT)
         _quiet_logging(config, slot.number)
         recover(config.data_dir, slot.number)  # a previous import on this slot may have been killed
         spool = config.data_dir / "spool" / f"{slot.number:03d}"

@@ -19,7 +19,7 @@ from engine.config import Config
 from engine.importer.ledger import Ledger
 from engine.importer.outcome import NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, HELD, Outcome, Task, child_main
 from engine.importer.scan import roots_of, scan
-from engine.slots import IMPORT_FIRST_SLOT, slots_present, try_claim
+from engine.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, slots_present, try_claim
 
 _CHUNK_FILES = 16
 _CHUNK_BYTES = 8 << 20
@@ -93,7 +93,7 @@ class _Report:
 def _recover_left_behind(data_dir: Path) -> None:
     """Recover import slots that a killed import left (nobody holds them now)."""
     from engine.recovery import recover  # the store path's imports: after the processes started
-    for number in sorted(n for n in slots_present(data_dir) if n >= IMPORT_FIRST_SLOT):
+    for number in sorted(n for n in slots_present(data_dir) if IMPORT_FIRST_SLOT <= n <= IMPORT_LAST_SLOT):
         claim = try_claim(data_dir, number)
         if claim is not None:
             try:
