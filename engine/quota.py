@@ -4,7 +4,8 @@ does once its segment files hold that many bytes.
 Usage is the bytes of the segment files the archive still needs (segments a compaction
 replaced and keeps only for readers' grace are not counted): what the archive takes on
 disk, dead records included until compaction reclaims them. The store path asks the file
-system at most every 0.25 s and adds what it stored since, as engine.freespace does.
+system at most every 0.25 s and adds what it stored since, as engine.freespace does;
+within 256 MB of the quota, before every store.
 
 - `refuse`: a store that would take usage past the quota gets 0xA700 (Out of Resources)
   with an Error Comment that says so. Stores resume once space comes back (delete, then
@@ -29,7 +30,9 @@ from catalog import manifest
 log = logging.getLogger("stowage.quota")
 QUOTA_LOW = 0.9          # delete-oldest deletes down to this fraction of the quota
 EXHAUSTED = "quota.exhausted"
-_NEAR = 0.95             # within this fraction of the quota the store path asks the file system each time
+# Within this many bytes of the quota the store path asks the file system before each
+# store: the figure may be 0.25 s old, and other workers store meanwhile.
+_NEAR = 256 << 20
 REFUSAL = "storage quota (max_storage_bytes) reached; not stored"
 
 
@@ -85,7 +88,7 @@ class Usage:
         if not self.limit:
             return ""
         now = time.monotonic()
-        near = self._exhausted and self._bytes + incoming > self.limit * _NEAR
+        near = self._exhausted and self._bytes + incoming > self.limit - _NEAR
         if near or now - self._at > self.interval:  # near the quota: a fresh figure for every store
             self._refresh(now)
         return REFUSAL if self._bytes + incoming > self.limit and self._exhausted else ""
