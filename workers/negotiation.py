@@ -177,11 +177,29 @@ def user_information(max_pdu: int, implementation_class_uid: str, implementation
     return [length, impl, version]
 
 
+def _keep_senders_encoding(proposed: list[PresentationContext], results: list[PresentationContext],
+                           supported: list[PresentationContext]) -> None:
+    """Accept the requestor's first transfer syntax where it is an encapsulated or deflated
+    one we support: the sender holds the instance that way, and our own preference (the
+    uncompressed syntaxes first) would make it decompress, or fail to (a C-MOVE source such
+    as dcmqrscp proposes RLE and the uncompressed syntaxes in one context; 0xA702 when it
+    cannot convert). Where the sender lists an uncompressed syntax first, ours stands.
+    PS3.8 9.3.3.2 leaves the choice among proposed syntaxes to the acceptor."""
+    ours = {str(cx.abstract_syntax): set(map(str, cx.transfer_syntax)) for cx in supported}
+    first = {cx.context_id: str(cx.transfer_syntax[0]) for cx in proposed if cx.transfer_syntax}
+    for cx in results:
+        wanted = first.get(cx.context_id)
+        if (cx.result == 0x00 and wanted and (UID(wanted).is_encapsulated or UID(wanted).is_deflated)
+                and wanted in ours.get(str(cx.abstract_syntax), ()) and str(cx.transfer_syntax[0]) != wanted):
+            cx.transfer_syntax = [UID(wanted)]
+
+
 def accept(req: Request, supported: list[PresentationContext], max_pdu: int,
            implementation_class_uid: str, implementation_version_name: str) -> Accepted:
     """Negotiate the presentation contexts and build the A-ASSOCIATE-AC."""
     p = req.primitive
     results, _roles = negotiate_as_acceptor(p.presentation_context_definition_list, supported, {})
+    _keep_senders_encoding(p.presentation_context_definition_list, results, supported)
     ac = A_ASSOCIATE()
     ac.application_context_name = UID(APPLICATION_CONTEXT_NAME)
     ac.calling_ae_title = p.calling_ae_title
