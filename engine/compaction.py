@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catalog import manifest, relocate
+from catalog import manifest, relocate, tombstones
 from catalog.reader import Catalog
 from engine.config import Config
 from engine.segment import MAGIC, PREFIX_SIZE, crc32, fsync_dir, segment_name
@@ -358,6 +358,12 @@ def _copy(segments_dir: Path, new: str, live: list[tuple[str, int, int]], moves:
 
 # -- the entry points ------------------------------------------------------------------
 
+def _may_hold_dead(data_dir: Path) -> bool:
+    """Whether any record can be dead: only a duplicate (the versions table) or a
+    tombstone makes one. Without either, a pass needs no catalog query at all."""
+    return bool(manifest.load(data_dir / "catalog").duplicates) or tombstones.stamp(data_dir) is not None
+
+
 def claim(data_dir: Path) -> Slot | None:
     """The compaction slot's claim, or None when another compactor holds it."""
     (data_dir / "segments").mkdir(parents=True, exist_ok=True)
@@ -376,12 +382,12 @@ def compact(config: Config, rate: float | None = None, dry_run: bool = False, ra
     if slot is None and not dry_run:
         raise CompactionBusy(f"another compaction is running on {data_dir}")
     report = Report()
-    catalog = Catalog(data_dir / "catalog", config.duplicates)
+    catalog = Catalog(data_dir / "catalog", config.duplicates) if _may_hold_dead(data_dir) else None
     try:
         if not dry_run:
             settle(data_dir)
             report.purged += purge(data_dir, grace)
-        report.candidates = candidates(config, catalog, ratio)
+        report.candidates = candidates(config, catalog, ratio) if catalog is not None else []
         if dry_run:
             return report
         throttle = _Throttle(config.compact_rate if rate is None else rate, stop)
@@ -396,7 +402,8 @@ def compact(config: Config, rate: float | None = None, dry_run: bool = False, ra
         if report.rewritten:
             report.purged += purge(data_dir, grace)
     finally:
-        catalog.close()
+        if catalog is not None:
+            catalog.close()
         if slot is not None:
             slot.release()
         report.seconds = time.monotonic() - started
