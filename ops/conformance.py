@@ -147,7 +147,7 @@ def accepted_contexts() -> str:
         names = f"all {len(syntaxes)} of the Transfer syntaxes table" if len(syntaxes) > 6 else _syntax_names(syntaxes)
         neg = "; ".join(ext) + " (when asked for)" if service == "FIND" else "none"
         rows.append([what, names, role, neg])
-    return table(["abstract syntax", "transfer syntaxes (the requester's first that is listed is accepted)",
+    return table(["abstract syntax", "transfer syntaxes, in our order of preference",
                   "role", "extended negotiation"], rows)
 
 
