@@ -43,6 +43,7 @@ from pathlib import Path
 from catalog import manifest, relocate, tombstones
 from catalog.reader import Catalog
 from engine.config import Config
+from engine.integrity import marks_of
 from engine.segment import MAGIC, PREFIX_SIZE, crc32, fsync_dir, segment_name
 from engine.slots import Slot, try_claim
 
@@ -127,6 +128,11 @@ def candidates(config: Config, catalog: Catalog, ratio: float | None = None) -> 
     ratio = config.compact_live_ratio if ratio is None else ratio
     catalog_dir = config.data_dir / "catalog"
     sealed = _sealed_inactive(config.data_dir / "segments", manifest.load(catalog_dir))
+    # A segment holding a record marked corrupt stays as it is: a mark names (segment,
+    # offset), so a moved record would lose its mark and be served again, and the damaged
+    # bytes stay where an administrator can look at them or restore them.
+    marks = marks_of(config.data_dir)
+    sealed = {name: size for name, size in sealed.items() if not marks.in_segment(name)}
     if not sealed:
         return []
     _cols, rows = catalog.execute(

@@ -365,3 +365,30 @@ def test_sigterm_during_background_compaction_rolls_the_round_back(make_server, 
     m = manifest.load(data / "catalog")
     assert not [k for k, v in m.watermarks.items() if v == RESERVED and (data / "segments" / k).exists()]
     check(data, tmp_path / "out", expected, set())
+
+
+def test_a_segment_with_a_corrupt_mark_is_not_rewritten(make_server, tmp_path):
+    """A mark names (segment, offset): were its record moved, it would lose the mark and be
+    served again. Such a segment stays as it is; the others are still compacted."""
+    from engine.integrity import marks_of
+    server = make_server("--workers", "1", **ENV)
+    data = server.data_dir
+    study = generate_uid()
+    files = instances(tmp_path / "in", "COMPACT2", study, generate_uid(), 40)
+    store(server.port, files)
+    store(server.port, new_versions(files[:33], tmp_path / "v2", "second version"))  # 33 dead records
+    time.sleep(1.0)  # sealed
+    # a live record in the sparsest segment that still holds one: a compaction candidate
+    victim = query(data, """
+        WITH total AS (SELECT segment, sum(record_length) AS b FROM records GROUP BY 1),
+             live AS (SELECT segment, sum(record_length) AS b FROM instances GROUP BY 1)
+        SELECT i.segment, i."offset", i.sop_instance_uid FROM instances i
+        JOIN total USING (segment) JOIN live USING (segment)
+        WHERE live.b < 0.5 * total.b ORDER BY live.b / total.b, i."offset" LIMIT 1""")[0]
+    assert marks_of(data).mark(victim["segment"], victim["offset"], victim["sop_instance_uid"], "test", "test")
+    r = stowage("compact", "--data-dir", str(data), env=ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (data / "segments" / victim["segment"]).exists()
+    left = query(data, "SELECT segment, \"offset\" FROM instances WHERE sop_instance_uid = "
+                       f"'{victim['sop_instance_uid']}'")
+    assert left == [{"segment": victim["segment"], "offset": victim["offset"]}], r.stdout
