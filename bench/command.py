@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import report
-from bench.corpus import KINDS, SYNTAXES, generate, syntax_uid
-from bench.loadgen import RunResult, Target, load_corpus, run
+from stowage.bench import report
+from stowage.bench.corpus import KINDS, SYNTAXES, generate, syntax_uid
+from stowage.bench.loadgen import RunResult, Target, load_corpus, run
 
 
 @dataclass

@@ -23,7 +23,7 @@ Endian, Deflated Explicit VR Little Endian, RLE Lossless (pydicom's own encoder)
 JPEG 2000 Lossless (needs the ``codecs`` extra: pylibjpeg-openjpeg). ``sr`` has no
 pixel data, so only the uncompressed and deflated syntaxes apply to it.
 
-CLI: ``python -m bench.corpus --kind small --count 1000 --out DIR [--syntax rle]``.
+CLI: ``python -m stowage.bench.corpus --kind small --count 1000 --out DIR [--syntax rle]``.
 """
 from __future__ import annotations
 
@@ -429,7 +429,7 @@ def _write(path: Path, ds: Dataset, arr: np.ndarray | None, ts: UID, tag: tuple,
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m stowage.bench.corpus", description=__doc__.split("\n")[0])
     ap.add_argument("--kind", choices=sorted(KINDS), default="small")
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--out", required=True, type=Path)

@@ -27,9 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from bench.corpus import series_layout
-from engine.store_scu import Association, AssociationError, Dataset, StoreFailed, contexts_for
-from workers.commands import WARNING_STATUSES
+from stowage.bench.corpus import series_layout
+from stowage.engine.store_scu import Association, AssociationError, Dataset, StoreFailed, contexts_for
+from stowage.workers.commands import WARNING_STATUSES
 
 __all__ = ["Target", "Item", "RunResult", "load_corpus", "run", "find_listener", "status_name"]
 
@@ -253,7 +253,7 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
         if pid is None and _is_local(target.host):
             pid = find_listener(target.port)
         if pid is not None:
-            from bench.procs import TreeMonitor
+            from stowage.bench.procs import TreeMonitor
             try:
                 monitor = TreeMonitor(pid)
                 res.target_pid = pid

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from bench.loadgen import RunResult
+from stowage.bench.loadgen import RunResult
 
 
 def machine() -> dict[str, str | int | None]:

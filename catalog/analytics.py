@@ -17,9 +17,9 @@ import duckdb
 from pydicom.datadict import tag_for_keyword
 from pydicom.filereader import read_dataset
 
-from catalog.attributes import header_is_implicit
-from catalog.reader import Catalog
-from catalog.schema import DICOM_COLUMNS, RECORD_COLUMNS
+from stowage.catalog.attributes import header_is_implicit
+from stowage.catalog.reader import Catalog
+from stowage.catalog.schema import DICOM_COLUMNS, RECORD_COLUMNS
 
 ALLOWED = {duckdb.StatementType.SELECT}
 

@@ -31,7 +31,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS, VR
 
-from catalog.schema import DICOM_COLUMNS
+from stowage.catalog.schema import DICOM_COLUMNS
 
 
 class UnreadableDataset(ValueError):
@@ -460,7 +460,7 @@ def _text_decoder(charset: str | None) -> Callable[[bytes], str]:
     return decode
 
 
-if __name__ == "__main__":  # python -m catalog.attributes: µs per call on pydicom test files
+if __name__ == "__main__":  # python -m stowage.catalog.attributes: µs per call on pydicom test files
     import timeit
 
     from pydicom.data import get_testdata_file

@@ -2,7 +2,7 @@
 `qr_keys.csv` (tags, levels and types transcribed from the standard) and pydicom's data
 dictionary (names, VRs, VMs).
 
-    python -m catalog.keys      prints the key tables, with where each key is answered from
+    python -m stowage.catalog.keys      prints the key tables, with where each key is answered from
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from importlib import resources
 
 from pydicom.datadict import dictionary_description, dictionary_keyword, dictionary_VM, dictionary_VR
 
-from catalog.schema import KEYWORD_TO_COLUMN
+from stowage.catalog.schema import KEYWORD_TO_COLUMN
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 UNIQUE = {"PATIENT": 0x00100020, "STUDY": 0x0020000D, "SERIES": 0x0020000E, "IMAGE": 0x00080018}
@@ -83,7 +83,7 @@ class Model:
 
 
 def _rows() -> list[tuple[str, list[int], str]]:
-    with resources.files("catalog").joinpath("qr_keys.csv").open() as f:
+    with resources.files(__package__).joinpath("qr_keys.csv").open() as f:
         lines = [line for line in f if not line.startswith("#")]
     return [(r["level"], [int(t, 16) for t in r["path"].split("/")], r["type"])
             for r in csv.DictReader(lines)]

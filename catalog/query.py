@@ -25,12 +25,12 @@ from typing import Any, Iterator
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
-from catalog.attributes import header_is_implicit
-from catalog.keys import DERIVED, LEVELS, UNIQUE, Model, models, table_level
-from catalog import studies
-from catalog.matching import Match, MatchError, _like, datetime_sql, matches, parse, sql
-from catalog.reader import Catalog
-from catalog.schema import KEYWORD_TO_COLUMN
+from stowage.catalog.attributes import header_is_implicit
+from stowage.catalog.keys import DERIVED, LEVELS, UNIQUE, Model, models, table_level
+from stowage.catalog import studies
+from stowage.catalog.matching import Match, MatchError, _like, datetime_sql, matches, parse, sql
+from stowage.catalog.reader import Catalog
+from stowage.catalog.schema import KEYWORD_TO_COLUMN
 
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC000

@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catalog import manifest, studies, tombstones, versions
-from catalog.schema import SCHEMA
-from catalog.tail import TailReader
+from stowage.catalog import manifest, studies, tombstones, versions
+from stowage.catalog.schema import SCHEMA
+from stowage.catalog.tail import TailReader
 
 T = TypeVar("T")
 MEMORY_LIMIT = "512MB"  # per process: a worker's memory must not grow with the archive

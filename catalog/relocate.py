@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catalog import manifest, versions
-from catalog.schema import SCHEMA
-from catalog.sealer import _write_parquet
+from stowage.catalog import manifest, versions
+from stowage.catalog.schema import SCHEMA
+from stowage.catalog.sealer import _write_parquet
 
 Moves = dict[tuple[str, int], int]  # (old segment, old offset) -> offset in the new segment
 

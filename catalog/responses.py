@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
-from catalog.keys import LEVELS, UNIQUE
-from catalog.matching import matching_items
-from catalog.query import (INSTANCE_AVAILABILITY, QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE, Request,
+from stowage.catalog.keys import LEVELS, UNIQUE
+from stowage.catalog.matching import matching_items
+from stowage.catalog.query import (INSTANCE_AVAILABILITY, QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE, Request,
                            RequestKey, Result)
 
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})

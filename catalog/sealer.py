@@ -13,9 +13,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog import manifest, studies, versions
-from catalog.schema import SCHEMA
-from catalog.tail import SUFFIX, TailWriter
+from stowage.catalog import manifest, studies, versions
+from stowage.catalog.schema import SCHEMA
+from stowage.catalog.tail import SUFFIX, TailWriter
 
 log = logging.getLogger("stowage.catalog")
 # Rows of a study, and of a series, sit together: a study or series lookup reads one row

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import pyarrow as pa
 
-from catalog.schema import SCHEMA
+from stowage.catalog.schema import SCHEMA
 
 SUFFIX = ".tail"
 

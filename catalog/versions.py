@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catalog.bloom import UidFilter
-from catalog.manifest import MANIFEST, Manifest
-from catalog.manifest import load as load_manifest
+from stowage.catalog.bloom import UidFilter
+from stowage.catalog.manifest import MANIFEST, Manifest
+from stowage.catalog.manifest import load as load_manifest
 
 FILTER = "uids.bloom"
 _MAGIC = b"STWBLM01"

@@ -22,11 +22,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from engine import metrics
-from engine.config import Config, ConfigError
-from engine.recovery import recover
-from engine.scrub import ScrubProcess
-from engine.tls import server_context
+from stowage.engine import metrics
+from stowage.engine.config import Config, ConfigError
+from stowage.engine.recovery import recover
+from stowage.engine.scrub import ScrubProcess
+from stowage.engine.tls import server_context
 
 log = logging.getLogger("stowage.acceptor")
 # A-ASSOCIATE-RJ: rejected-transient (2), service-provider presentation (3), local-limit-exceeded (2)
@@ -97,7 +97,7 @@ class Acceptor:
     def _spawn(self, ws: WorkerSlot) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, STOWAGE_WORKER_CONFIG=json.dumps(self.config.to_dict()))
-        ws.process = subprocess.Popen([sys.executable, "-m", "workers.worker", str(ws.slot), str(child.fileno())],
+        ws.process = subprocess.Popen([sys.executable, "-m", "stowage.workers.worker", str(ws.slot), str(child.fileno())],
                                       pass_fds=[child.fileno()], env=env)
         child.close()
         ws.control, ws.ready, ws.active, ws.started_at = parent, False, 0, time.monotonic()

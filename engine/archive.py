@@ -12,20 +12,20 @@ from typing import Any
 
 import zstandard
 
-from catalog.attributes import UnreadableDataset, extract
-from catalog.bloom import UidFilter
-from catalog.reader import Catalog
-from catalog.sealer import Sealer
-from catalog.tail import TailUids, read_tails
-from catalog.versions import SealedView
-from engine import rejection
-from engine.config import Config
-from engine.filemeta import PREAMBLE, file_meta
-from engine.freespace import FreeSpace
-from engine.quota import Usage
-from engine.served import ServedVersions
-from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, crc32, record_parts, shuffle
-from engine.writer import OutOfResources, SegmentWriter
+from stowage.catalog.attributes import UnreadableDataset, extract
+from stowage.catalog.bloom import UidFilter
+from stowage.catalog.reader import Catalog
+from stowage.catalog.sealer import Sealer
+from stowage.catalog.tail import TailUids, read_tails
+from stowage.catalog.versions import SealedView
+from stowage.engine import rejection
+from stowage.engine.config import Config
+from stowage.engine.filemeta import PREAMBLE, file_meta
+from stowage.engine.freespace import FreeSpace
+from stowage.engine.quota import Usage
+from stowage.engine.served import ServedVersions
+from stowage.engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, crc32, record_parts, shuffle
+from stowage.engine.writer import OutOfResources, SegmentWriter
 
 log = logging.getLogger("stowage.store")
 audit = logging.getLogger("stowage.audit")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from engine import config as cfg
+from stowage.engine import config as cfg
 
 _COMMON = [
     click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML configuration file."),
@@ -48,9 +48,9 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="stderr log format [text].")
 def serve(config_file, **overrides) -> None:
     """Run the archive (acceptor plus worker processes) until SIGTERM/SIGINT."""
-    from engine.acceptor import ServeError, serve as run
-    from engine.logs import setup_logging
-    from engine.compaction import Background
+    from stowage.engine.acceptor import ServeError, serve as run
+    from stowage.engine.logs import setup_logging
+    from stowage.engine.compaction import Background
     config = _load(config_file, **overrides)
     setup_logging(config, "acceptor")
     background = Background(config).start()  # compaction (and the delete-oldest quota) in this process
@@ -76,7 +76,7 @@ def serve(config_file, **overrides) -> None:
 @click.option("--dicomdir", is_flag=True, help="Write a PS3.10 File-set: 8-character file IDs and a DICOMDIR.")
 def export(config_file, data_dir, out, everything, patient, study, series, instance, layout, dicomdir) -> None:
     """Write stored instances as Part-10 files, dataset bytes as received (docs/export.md)."""
-    from engine.export import ExportError, describe, export as run
+    from stowage.engine.export import ExportError, describe, export as run
     if dicomdir and layout != "flat":
         raise click.UsageError("--dicomdir names the files itself (PS3.10 file IDs): drop --layout")
     chosen = [(lvl, list(v)) for lvl, v in (("patient", patient), ("study", study), ("series", series),
@@ -110,8 +110,8 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
     """Delete stored instances (also while `stowage serve` runs): hidden at once from C-FIND,
     C-MOVE, C-GET, export, send and storage commitment; space comes back with compaction."""
     import getpass
-    from engine.delete import DeleteError, delete as run
-    from engine.logs import setup_logging
+    from stowage.engine.delete import DeleteError, delete as run
+    from stowage.engine.logs import setup_logging
     chosen = [(lvl, [v for v in _split(vals)] if lvl != "patient" else list(vals))
               for lvl, vals in (("patient", patient), ("study", study), ("series", series),
                                 ("instance", instance)) if vals]
@@ -152,8 +152,8 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
 def compact(config_file, data_dir, dry_run, rate, ratio) -> None:
     """Reclaim the space of deleted and superseded instances (also while `stowage serve`
     runs): rewrite sparse segments into new ones, then drop the old ones."""
-    from engine.compaction import CompactionBusy, compact as run
-    from engine.logs import setup_logging
+    from stowage.engine.compaction import CompactionBusy, compact as run
+    from stowage.engine.logs import setup_logging
     config = _load(config_file, data_dir=data_dir)
     if not (config.data_dir / "catalog").is_dir():
         raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
@@ -195,7 +195,7 @@ def import_(paths, config_file, data_dir, processes, threads, report, quiet) -> 
     through the same durable store path as C-STORE; safe while `stowage serve` runs. Exit status 1
     if a DICOM file could not be stored (see docs/import.md)."""
     import os
-    from engine.importer.run import run_import
+    from stowage.engine.importer.run import run_import
     config = _load(config_file, data_dir=data_dir)
     for p in paths:
         if not p.exists():
@@ -229,7 +229,7 @@ def verify(config_file, data_dir, rate, report, jobs, quiet) -> None:
     """Re-read every stored record and check its checksums and its catalog row; safe while
     `stowage serve` runs. Corrupt records are marked (never sent, commitment fails them).
     Exit status 1 if anything is wrong (see docs/lifecycle.md)."""
-    from engine.verify_cli import VerifyCommandError, run_verify
+    from stowage.engine.verify_cli import VerifyCommandError, run_verify
     config = _load(config_file, data_dir=data_dir)
     try:
         tally = run_verify(config, rate, report, progress=not quiet, jobs=jobs)
@@ -245,8 +245,8 @@ def verify(config_file, data_dir, rate, report, jobs, quiet) -> None:
 def rebuild_catalog(config_file, data_dir) -> None:
     """Rebuild the whole catalog from the segment files alone (archive must be stopped)."""
     import fcntl
-    from engine.recovery import rebuild
-    from engine.slots import SlotError
+    from stowage.engine.recovery import rebuild
+    from stowage.engine.slots import SlotError
     config = _load(config_file, data_dir=data_dir)
     if not (config.data_dir / "segments").is_dir():
         raise click.ClickException(f"{config.data_dir} holds no segments/ directory")
@@ -270,8 +270,8 @@ def rebuild_catalog(config_file, data_dir) -> None:
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the peer.")
 def echo(target, config_file, data_dir, aet, aec, timeout) -> None:
     """C-ECHO a remote AE: a configured AE title, or host:port."""
-    from engine.client import PeerError, echo as run, resolve
-    from engine.send_cli import quiet_libraries
+    from stowage.engine.client import PeerError, echo as run, resolve
+    from stowage.engine.send_cli import quiet_libraries
     quiet_libraries()
     config = _load(config_file, data_dir=data_dir)
     try:
@@ -308,7 +308,7 @@ def _split(values) -> list[str]:
 def send(config_file, data_dir, target, aet, aec, patient, study, series, instance, query_text, timeout,
          commit, commit_timeout, commit_port, quiet) -> None:
     """Send stored instances to another AE (C-STORE), byte-exact where the peer allows."""
-    from engine.send_cli import SendCommandError, run_send
+    from stowage.engine.send_cli import SendCommandError, run_send
     chosen = [(lvl, _split(v)) for lvl, v in (("patient", patient), ("study", study), ("series", series),
                                               ("instance", instance)) if v]
     if len(chosen) + bool(query_text) != 1:
@@ -334,7 +334,7 @@ def send(config_file, data_dir, target, aet, aec, patient, study, series, instan
 def query(sql, config_file, data_dir, fmt, schema) -> None:
     """Run one read-only SQL query (DuckDB) over the catalog, e.g.
     stowage query "SELECT modality, count(*) FROM instances GROUP BY 1"."""
-    from engine.query_cli import QueryCommandError, print_schema, run_query
+    from stowage.engine.query_cli import QueryCommandError, print_schema, run_query
     if schema:
         print_schema()
         return
@@ -384,8 +384,8 @@ def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, 
     """Load-test a Storage SCP: K sender processes, one association each, C-STORE a generated
     (or given) corpus; report instances/s, MB/s, latency percentiles and failures by status.
     Exit status 1 if any store was not successful."""
-    from bench.command import BenchError, CorpusSpec, run_bench, split_list
-    from bench.loadgen import Target
+    from stowage.bench.command import BenchError, CorpusSpec, run_bench, split_list
+    from stowage.bench.loadgen import Target
     try:
         ks = [int(k) for k in split_list(associations)]
     except ValueError:
@@ -433,8 +433,8 @@ def migrate(config_file, data_dir, source, method, aet, since, until, parallel, 
     """Move a whole legacy archive into stowage over DICOM: enumerate it by C-FIND, pull every
     study by C-MOVE or C-GET, verify each instance against the catalog; checkpointed, so a re-run
     resumes. Exit status 1 if any study failed."""
-    from engine.migrate.command import MigrateError, options, source as parse, status_lines
-    from engine.migrate.run import run
+    from stowage.engine.migrate.command import MigrateError, options, source as parse, status_lines
+    from stowage.engine.migrate.run import run
     config = _load(config_file, data_dir=data_dir, aet=aet)
     try:
         if show_status:

@@ -23,9 +23,9 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
-from engine import reactor
-from engine.config import Config, Remote
-from engine.tls import client_context
+from stowage.engine import reactor
+from stowage.engine.config import Config, Remote
+from stowage.engine.tls import client_context
 
 log = logging.getLogger("stowage.client")
 VERIFICATION = "1.2.840.10008.1.1"

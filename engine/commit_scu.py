@@ -14,9 +14,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.presentation import build_context
 
-from engine.client import Peer, PeerError, associate, new_ae
-from engine.commitment import SOP_CLASS, WELL_KNOWN_INSTANCE
-from engine.send import Instance
+from stowage.engine.client import Peer, PeerError, associate, new_ae
+from stowage.engine.commitment import SOP_CLASS, WELL_KNOWN_INSTANCE
+from stowage.engine.send import Instance
 
 log = logging.getLogger("stowage.commit")
 _SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]

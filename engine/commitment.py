@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from catalog.reader import Catalog
-from engine.archive import valid_uid
-from engine.integrity import check_record, marks_of
-from engine.segment import fsync_dir
+from stowage.catalog.reader import Catalog
+from stowage.engine.archive import valid_uid
+from stowage.engine.integrity import check_record, marks_of
+from stowage.engine.segment import fsync_dir
 
 log = logging.getLogger("stowage.commitment")
 

@@ -40,12 +40,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catalog import manifest, relocate, tombstones
-from catalog.reader import Catalog
-from engine.config import Config
-from engine.integrity import marks_of
-from engine.segment import MAGIC, PREFIX_SIZE, crc32, fsync_dir, segment_name
-from engine.slots import Slot, try_claim
+from stowage.catalog import manifest, relocate, tombstones
+from stowage.catalog.reader import Catalog
+from stowage.engine.config import Config
+from stowage.engine.integrity import marks_of
+from stowage.engine.segment import MAGIC, PREFIX_SIZE, crc32, fsync_dir, segment_name
+from stowage.engine.slots import Slot, try_claim
 
 log = logging.getLogger("stowage.compaction")
 
@@ -444,7 +444,7 @@ class Background:
             wait = self.config.compact_interval or 60.0
             try:
                 if self.config.max_storage_bytes and self.config.quota_policy == "delete-oldest":
-                    from engine.quota import enforce
+                    from stowage.engine.quota import enforce
                     if enforce(self.config, self._stop):
                         wait = min(wait, 5.0)  # deleted: compact soon, check again soon
                 if self.config.compact_interval > 0 and not self._stop.is_set():

@@ -20,10 +20,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from catalog import tombstones
-from catalog.reader import Catalog
-from engine.config import Config
-from engine.logs import audit_line
+from stowage.catalog import tombstones
+from stowage.catalog.reader import Catalog
+from stowage.engine.config import Config
+from stowage.engine.logs import audit_line
 
 log = logging.getLogger("stowage.delete")
 
@@ -65,7 +65,7 @@ def live_records(catalog: Catalog, column: str, values: Sequence[str]) -> list[t
 
 
 def _check(level: str, values: Sequence[str]) -> list[str]:
-    from engine.archive import valid_uid
+    from stowage.engine.archive import valid_uid
     if level not in LEVELS:
         raise DeleteError(f"unknown level {level!r}: choose one of {', '.join(LEVELS)}")
     values = [v.strip() for v in values if v and v.strip()]

@@ -19,12 +19,12 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from catalog.reader import Catalog
-from engine import export_dicomdir, export_names
-from engine.export_files import open_new
-from engine.filemeta import PREAMBLE, group_length
-from engine.integrity import marks_of
-from engine.segment import stream_payload
+from stowage.catalog.reader import Catalog
+from stowage.engine import export_dicomdir, export_names
+from stowage.engine.export_files import open_new
+from stowage.engine.filemeta import PREAMBLE, group_length
+from stowage.engine.integrity import marks_of
+from stowage.engine.segment import stream_payload
 
 try:
     from isal.isal_zlib import crc32

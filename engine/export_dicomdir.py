@@ -28,9 +28,9 @@ from pydicom.fileset import DIRECTORY_RECORDERS, _four_level_record_type, _singl
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
-from engine.export_files import open_new
-from engine.export_names import suffix
-from engine.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PREAMBLE
+from stowage.engine.export_files import open_new
+from stowage.engine.export_names import suffix
+from stowage.engine.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PREAMBLE
 
 DICOMDIR = "DICOMDIR"
 FILE_SET_ID = "STOWAGE"

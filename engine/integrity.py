@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from engine.logs import audit_line
-from engine.segment import CorruptRecord, Record, crc32, decoded, fsync_dir, open_record, read_payload
+from stowage.engine.logs import audit_line
+from stowage.engine.segment import CorruptRecord, Record, crc32, decoded, fsync_dir, open_record, read_payload
 
 log = logging.getLogger("stowage.integrity")
 

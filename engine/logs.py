@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 
-from engine.config import Config
+from stowage.engine.config import Config
 
 
 def _timestamp(created: float) -> str:

@@ -15,7 +15,7 @@ import os
 import threading
 from typing import Callable, Iterator
 
-from workers.commands import WARNING_STATUSES
+from stowage.workers.commands import WARNING_STATUSES
 
 log = logging.getLogger("stowage.metrics")
 
@@ -138,7 +138,7 @@ class ArchiveMetrics:
         engine/scrub.py) when scraped: what `stowage verify` marks counts too, and the
         counts survive restarts."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        from engine import integrity, scrub
+        from stowage.engine import integrity, scrub
         from pathlib import Path
         marked, found = integrity.marks_of(Path(self.data_dir)).counts()
         yield CounterMetricFamily("stowage_corrupt_records_found", "Records found corrupt (by verify or the "

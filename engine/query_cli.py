@@ -10,8 +10,8 @@ import json
 import sys
 from typing import Any, TextIO
 
-from catalog.analytics import QueryRefused, ReadOnlyCatalog, schema_text
-from engine.config import Config
+from stowage.catalog.analytics import QueryRefused, ReadOnlyCatalog, schema_text
+from stowage.engine.config import Config
 
 FORMATS = ("table", "csv", "json", "jsonl")
 _MAX_CELL = 80  # table cells past this are cut (CSV and JSON carry whole values)

@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from catalog import manifest
+from stowage.catalog import manifest
 
 log = logging.getLogger("stowage.quota")
 QUOTA_LOW = 0.9          # delete-oldest deletes down to this fraction of the quota
@@ -110,9 +110,9 @@ def enforce(config, stop=None) -> bool:
     """delete-oldest: if usage is over the quota, delete the oldest unprotected studies
     until live bytes are at most QUOTA_LOW of it, and reclaim space; returns whether it
     deleted anything. Runs in one process (the compactor's)."""
-    from catalog.reader import Catalog
-    from engine.compaction import CompactionBusy, compact
-    from engine.delete import delete
+    from stowage.catalog.reader import Catalog
+    from stowage.engine.compaction import CompactionBusy, compact
+    from stowage.engine.delete import delete
     limit, data_dir = config.max_storage_bytes, config.data_dir
     flag = data_dir / EXHAUSTED
     if segment_bytes(data_dir) <= limit:

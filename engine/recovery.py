@@ -12,11 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from catalog import manifest
-from catalog.sealer import advance_watermark, seal_rows
-from catalog.tail import SUFFIX
-from engine.segment import MAGIC, Record, iter_records, valid_end
-from engine.slots import SlotError, slots_present, try_claim
+from stowage.catalog import manifest
+from stowage.catalog.sealer import advance_watermark, seal_rows
+from stowage.catalog.tail import SUFFIX
+from stowage.engine.segment import MAGIC, Record, iter_records, valid_end
+from stowage.engine.slots import SlotError, slots_present, try_claim
 
 log = logging.getLogger("stowage.recovery")
 _ROW_BATCH = 100_000
@@ -145,7 +145,7 @@ def rebuild(data_dir: Path) -> int:
             raise SlotError(errno.EBUSY, f"slot {number:03d} is being written by a live process "
                                          "(stowage serve or import?); stop it first")
         claim.release()
-    from engine.compaction import prepare_rebuild
+    from stowage.engine.compaction import prepare_rebuild
     prepare_rebuild(data_dir)  # else an interrupted compaction's output, or a retired segment, is indexed twice
     if catalog_dir.exists():
         shutil.rmtree(catalog_dir)

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pydicom
 
-from catalog import tombstones
-from catalog.reader import Catalog
-from engine.filemeta import PREAMBLE
-from engine.logs import audit_line
-from engine.segment import stream_payload
+from stowage.catalog import tombstones
+from stowage.catalog.reader import Catalog
+from stowage.engine.filemeta import PREAMBLE
+from stowage.engine.logs import audit_line
+from stowage.engine.segment import stream_payload
 
 log = logging.getLogger("stowage.rejection")
 

@@ -35,11 +35,11 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from engine.config import Config, scrub_setting
-from engine.logs import audit_line, setup_logging
+from stowage.engine.config import Config, scrub_setting
+from stowage.engine.logs import audit_line, setup_logging
 
 if TYPE_CHECKING:  # the acceptor imports this module for ScrubProcess only: no DuckDB there
-    from engine.verify import Problem, Span
+    from stowage.engine.verify import Problem, Span
 
 log = logging.getLogger("stowage.scrub")
 
@@ -91,7 +91,7 @@ class Scrub:
         self.config = config
         self.data_dir = config.data_dir
         self.stop = stop
-        from engine.verify import Pacer, Verifier
+        from stowage.engine.verify import Pacer, Verifier
         self.fixed, self.period = scrub_setting(config.scrub_rate)
         self.state = load_state(self.data_dir)
         self.pacer = Pacer(self.fixed or None, stop)
@@ -116,7 +116,7 @@ class Scrub:
 
     def _pass(self) -> bool:
         """Scrub from where it stands to the end of the archive; False if stopped."""
-        from engine.verify import Stopped, Tally
+        from stowage.engine.verify import Stopped, Tally
         spans = self.verifier.plan()
         if not self.state.segment:
             self.state.pass_started = time.time()
@@ -253,7 +253,7 @@ class ScrubProcess:
         if not self.enabled:
             return
         env = dict(os.environ, STOWAGE_SCRUB_CONFIG=json.dumps(self.config.to_dict()))
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.scrub", str(os.getpid())], env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.scrub", str(os.getpid())], env=env)
         self._restart_at = 0.0
         log.info("scrub started (pid %d, scrub_rate %s)", self.proc.pid, self.config.scrub_rate)
 

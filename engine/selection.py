@@ -6,9 +6,9 @@ from __future__ import annotations
 import shlex
 from typing import Sequence
 
-from catalog.reader import Catalog
-from catalog.schema import COLUMN_NAMES, DICOM_COLUMNS, KEYWORD_TO_COLUMN
-from engine.send import Instance
+from stowage.catalog.reader import Catalog
+from stowage.catalog.schema import COLUMN_NAMES, DICOM_COLUMNS, KEYWORD_TO_COLUMN
+from stowage.engine.send import Instance
 
 LEVELS = {"patient": "patient_id", "study": "study_instance_uid",
           "series": "series_instance_uid", "instance": "sop_instance_uid"}

@@ -39,12 +39,12 @@ from typing import Callable, Iterable, Protocol, Sequence
 from pynetdicom import _config
 from pynetdicom.association import Association
 
-from engine import convert, filemeta, store_responses, store_scu
-from engine.client import Peer, PeerError
-from engine.filemeta import PREAMBLE
-from engine.integrity import marks_of
-from engine.segment import CorruptRecord, read_payload, stream_payload
-from workers.commands import WARNING_STATUSES
+from stowage.engine import convert, filemeta, store_responses, store_scu
+from stowage.engine.client import Peer, PeerError
+from stowage.engine.filemeta import PREAMBLE
+from stowage.engine.integrity import marks_of
+from stowage.engine.segment import CorruptRecord, read_payload, stream_payload
+from stowage.workers.commands import WARNING_STATUSES
 
 log = logging.getLogger("stowage.send")
 

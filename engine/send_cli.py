@@ -9,11 +9,11 @@ import time
 
 import click
 
-from catalog.reader import Catalog
-from engine.client import PeerError, resolve
-from engine.config import Config
-from engine.selection import SelectionError, parse_query, select
-from engine.send import Outcome, Sender
+from stowage.catalog.reader import Catalog
+from stowage.engine.client import PeerError, resolve
+from stowage.engine.config import Config
+from stowage.engine.selection import SelectionError, parse_query, select
+from stowage.engine.send import Outcome, Sender
 
 
 def quiet_libraries() -> None:
@@ -90,7 +90,7 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
                f"{mb:.1f} MB, {total / seconds if seconds else 0:.0f} inst/s)")
     ok = result.failed == 0
     if commit:
-        from engine.commit_scu import CommitError, request_commitment
+        from stowage.engine.commit_scu import CommitError, request_commitment
         sent = [o.instance for o in result.outcomes if o.state != "failed"]
         if not sent:
             raise SendCommandError("nothing arrived, so no storage commitment was requested")

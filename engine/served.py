@@ -16,8 +16,8 @@ import threading
 import time
 from collections import OrderedDict
 
-from catalog import tombstones
-from catalog.reader import Catalog
+from stowage.catalog import tombstones
+from stowage.catalog.reader import Catalog
 
 _SQL = ("SELECT sop_instance_uid, dataset_crc32, dataset_length FROM instances "
         "WHERE study_instance_uid = ? LIMIT ?")

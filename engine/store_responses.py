@@ -15,7 +15,7 @@ from typing import Any
 
 from pynetdicom.dimse import DIMSEServiceProvider
 
-from workers import commands
+from stowage.workers import commands
 
 _ORIGINAL_RECEIVE = DIMSEServiceProvider.receive_primitive
 _ROUTE = "_stowage_store_responses"

@@ -29,10 +29,10 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
-from engine import filemeta
-from engine.sockopts import kernel_timeouts
-from workers import commands
-from workers.negotiation import user_information
+from stowage.engine import filemeta
+from stowage.engine.sockopts import kernel_timeouts
+from stowage.workers import commands
+from stowage.workers.negotiation import user_information
 
 __all__ = ["Association", "AssociationError", "StoreFailed", "Dataset", "store_command", "send_message",
            "command_pdu"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 
-from engine.config import Config, ConfigError, Remote
+from stowage.engine.config import Config, ConfigError, Remote
 
 
 def client_context(remote: Remote) -> ssl.SSLContext | None:

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-from catalog import manifest
-from catalog.reader import Catalog
-from engine.compaction import RESERVED
-from engine.integrity import CorruptMarks, dataset_problem, record_dataset
-from engine.segment import MAGIC, CorruptRecord, open_record
+from stowage.catalog import manifest
+from stowage.catalog.reader import Catalog
+from stowage.engine.compaction import RESERVED
+from stowage.engine.integrity import CorruptMarks, dataset_problem, record_dataset
+from stowage.engine.segment import MAGIC, CorruptRecord, open_record
 
 _SCAN_WINDOW = 8 << 20
 

@@ -13,9 +13,9 @@ from typing import Any, TextIO
 
 import click
 
-from engine.config import Config
-from engine.logs import audit_line, setup_logging
-from engine.verify import Pacer, Problem, Span, Tally, Verifier
+from stowage.engine.config import Config
+from stowage.engine.logs import audit_line, setup_logging
+from stowage.engine.verify import Pacer, Problem, Span, Tally, Verifier
 
 REPORT_COLUMNS = ("segment", "offset", "sop_instance_uid", "problem")
 _SHOWN = 20  # problems printed on stderr; the report has them all

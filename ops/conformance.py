@@ -48,14 +48,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 @cache
 def worker_ae():
     """The AE a worker builds from the embedded defaults: what every association negotiates against."""
-    from engine.config import Config
-    from workers.services import build_ae
+    from stowage.engine.config import Config
+    from stowage.workers.services import build_ae
     return build_ae(Config())
 
 
 @cache
 def config():
-    from engine.config import Config
+    from stowage.engine.config import Config
     return Config()
 
 
@@ -66,10 +66,10 @@ def _syntax_names(uids) -> str:
 # --- sections -------------------------------------------------------------------------
 
 def services() -> str:
-    from engine.commitment import SOP_CLASS as COMMITMENT
-    from workers.contexts import VERIFICATION, storage_sop_classes
-    from workers.find import FIND_SOP_CLASSES
-    from workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
+    from stowage.engine.commitment import SOP_CLASS as COMMITMENT
+    from stowage.workers.contexts import VERIFICATION, storage_sop_classes
+    from stowage.workers.find import FIND_SOP_CLASSES
+    from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
     accepted = {str(c.abstract_syntax) for c in worker_ae().supported_contexts}
     scu = {VERIFICATION: "`stowage echo`", COMMITMENT: "`stowage send --commit`"}
 
@@ -88,7 +88,7 @@ def services() -> str:
 
 def implementation() -> str:
     from pynetdicom import AE
-    from engine import filemeta
+    from stowage.engine import filemeta
     ae, plain = worker_ae(), AE()
     rows = [["SCP: every association `stowage serve` accepts (lean storage path and pynetdicom path)",
              str(ae.implementation_class_uid), ae.implementation_version_name, "`workers/services.build_ae` (pynetdicom's AE)"],
@@ -102,8 +102,8 @@ def implementation() -> str:
 
 
 def association_limits() -> str:
-    from engine.acceptor import A_ASSOCIATE_RJ_LIMIT
-    from workers.negotiation import A_ABORT_INVALID_PDU, A_ABORT_UNEXPECTED_PDU
+    from stowage.engine.acceptor import A_ASSOCIATE_RJ_LIMIT
+    from stowage.workers.negotiation import A_ABORT_INVALID_PDU, A_ABORT_UNEXPECTED_PDU
     c = config()
     result = {1: "rejected-permanent", 2: "rejected-transient"}
     source = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
@@ -123,8 +123,8 @@ def association_limits() -> str:
 
 
 def accepted_contexts() -> str:
-    from workers.contexts import storage_sop_classes
-    from workers.find import _SUPPORTED
+    from stowage.workers.contexts import storage_sop_classes
+    from stowage.workers.find import _SUPPORTED
     storage = set(storage_sop_classes())
 
     def kind(uid: str) -> str:
@@ -152,8 +152,8 @@ def accepted_contexts() -> str:
 
 
 def transfer_syntaxes() -> str:
-    from engine import archive, convert
-    from workers.contexts import transfer_syntaxes as accepted
+    from stowage.engine import archive, convert
+    from stowage.workers.contexts import transfer_syntaxes as accepted
     saving = round((1 - archive._INCOMPRESSIBLE) * 100)
     targets = " or ".join(uid_name(u) for u in convert.TARGETS)
     rows = []
@@ -173,7 +173,7 @@ def transfer_syntaxes() -> str:
 
 def storage_classes() -> str:
     from pynetdicom import sop_class
-    from workers.contexts import storage_sop_classes
+    from stowage.workers.contexts import storage_sop_classes
     with (ROOT / "workers" / "storage_sop_classes.csv").open() as f:
         target = {r["sop_class_uid"]: r for r in csv.DictReader(f)}
     pynd = set(sop_class._STORAGE_CLASSES.values())
@@ -188,10 +188,10 @@ def storage_classes() -> str:
 
 
 def proposed_contexts() -> str:
-    from engine import commit_scu
-    from engine.commitment import SOP_CLASS as COMMITMENT
-    from engine.send import FALLBACKS, MAX_CONTEXTS
-    from workers import commitment
+    from stowage.engine import commit_scu
+    from stowage.engine.commitment import SOP_CLASS as COMMITMENT
+    from stowage.engine.send import FALLBACKS, MAX_CONTEXTS
+    from stowage.workers import commitment
     fallbacks = " and ".join(uid_name(u) for u in FALLBACKS)
     rows = [["every storage SOP class among the instances sent",
              f"each transfer syntax the instances are stored in, then {fallbacks}, one context per syntax "
@@ -209,14 +209,14 @@ def _echo_syntaxes() -> list[str]:
 
 
 def scu_store_status() -> str:
-    from workers.commands import WARNING_STATUSES
+    from stowage.workers.commands import WARNING_STATUSES
     warnings = ", ".join(f"0x{v:04X}" for v in sorted(WARNING_STATUSES))
     return table(["C-STORE-RSP status", "counted as"],
                  [["0x0000", "completed"], [warnings, "warning"], ["any other", "failed"]])
 
 
 def qr_keys() -> str:
-    from catalog.keys import models
+    from stowage.catalog.keys import models
     rows = []
     for m in models().values():
         for level in m.levels:
@@ -228,7 +228,7 @@ def qr_keys() -> str:
 
 
 def matching() -> str:
-    from catalog import matching as mt
+    from stowage.catalog import matching as mt
     rows = [["universal (zero length or `*`)", "every key"],
             ["single value", "every key (PN component group by group)"],
             ["wildcard (`*`, `?`)", ", ".join(sorted(mt.WILDCARD_VRS))],
@@ -250,8 +250,8 @@ def charsets() -> str:
 
 
 def commitment_timing() -> str:
-    from engine import commitment as core
-    from workers import commitment as w
+    from stowage.engine import commitment as core
+    from stowage.workers import commitment as w
     rows = [["first retry of a report that could not be delivered (s)", f"{w._BACKOFF_FIRST_S:g}"],
             ["retries double up to (s)", f"{w._BACKOFF_MAX_S:g}"],
             ["a report undelivered this long moves to `commitment/undeliverable/` (days)", f"{core.MAX_AGE_S / 86400:g}"],
@@ -262,8 +262,8 @@ def commitment_timing() -> str:
 
 
 def configuration() -> str:
-    from engine.cli import serve
-    from engine.config import Config, Remote
+    from stowage.engine.cli import serve
+    from stowage.engine.config import Config, Remote
     flags = {opt for param in serve.params for opt in param.opts}
     rows = []
     for f in dataclasses.fields(Config):
@@ -294,7 +294,7 @@ _STATUS_FILES = {"store-status": ["engine/archive.py", "workers/store.py", "work
 
 
 def _module_of(path: str):
-    return importlib.import_module(path[:-3].replace("/", "."))
+    return importlib.import_module("stowage." + path[:-3].replace("/", "."))
 
 
 def _hex_constants(path: str, tree: ast.Module, text: str) -> Iterator[tuple[str, int, str]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pydicom
 
-from engine import reactor
+from stowage.engine import reactor
 from pydicom.data import get_testdata_file
 import pytest
 from pynetdicom import AE
@@ -33,7 +33,7 @@ MR = Path(get_testdata_file("MR_small.dcm"))
 def dcmtk(name: str) -> str:
     """The DCMTK tool `name` (pynetdicom installs scripts of the same names that may come
     first on PATH)."""
-    from bench.procs import find_dcmtk
+    from stowage.bench.procs import find_dcmtk
     path = find_dcmtk(name)
     if path is None:
         pytest.fail(f"DCMTK's {name} is not installed: apt-get install dcmtk (ops/test.sh does)")
@@ -129,7 +129,7 @@ class Server:
 
     def start(self, wait: bool = True) -> "Server":
         self.log_path = (self.log_dir or self.data_dir.parent) / f"serve-{self.port}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, "-m", "stowage.engine.cli", "serve", "--data-dir", str(self.data_dir),
                "--port", str(self.port), "--bind", HOST, *self.args]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
@@ -152,7 +152,7 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def workers(self) -> list[psutil.Process]:
-        return [p for p in psutil.Process(self.proc.pid).children() if "workers.worker" in " ".join(p.cmdline())]
+        return [p for p in psutil.Process(self.proc.pid).children() if "stowage.workers.worker" in " ".join(p.cmdline())]
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, then SIGKILL to the whole process group if it hangs; returns the exit code."""
@@ -197,7 +197,7 @@ def server(make_server):
 
 
 def export_all(data_dir: Path, out: Path, *selector: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", "export", "--data-dir", str(data_dir),
+    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "export", "--data-dir", str(data_dir),
                            "--out", str(out), *(selector or ("--all",))], capture_output=True, text=True,
                           timeout=120)
 

@@ -19,7 +19,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from catalog.attributes import extract
+from stowage.catalog.attributes import extract
 
 CT, MR, SR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.88.11"
 ROOT = "1.2.826.0.1.3680043.10.1138"  # a test UID root

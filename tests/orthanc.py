@@ -1,4 +1,4 @@
-"""Orthanc (the Debian package) as a test peer: bench/orthanc.py's subprocess with its own
+"""Orthanc (the Debian package) as a test peer: bench/harness/orthanc.py's subprocess with its own
 temporary configuration on free loopback ports, stopped by PID; never the system service.
 Missing Orthanc fails the test rather than skipping it, so a run without it is not green."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import orthanc
+from stowage.bench.harness import orthanc
 
 
 class Orthanc(orthanc.Orthanc):

@@ -18,9 +18,9 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from catalog import attributes
-from catalog.attributes import HEADER, UnreadableDataset, header_is_implicit
-from catalog.schema import DICOM_COLUMNS
+from stowage.catalog import attributes
+from stowage.catalog.attributes import HEADER, UnreadableDataset, header_is_implicit
+from stowage.catalog.schema import DICOM_COLUMNS
 
 COLUMNS = [col for col, _ in DICOM_COLUMNS]
 

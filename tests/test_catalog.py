@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from catalog import manifest, versions
-from catalog.reader import Catalog
-from catalog.schema import SCHEMA
-from catalog.sealer import Sealer, _pick, compact
+from stowage.catalog import manifest, versions
+from stowage.catalog.reader import Catalog
+from stowage.catalog.schema import SCHEMA
+from stowage.catalog.sealer import Sealer, _pick, compact
 
 
 def row(uid: str, seg: str, offset: int, at: int, crc: int = 1, patient: str | None = None) -> dict:
@@ -145,7 +145,7 @@ def test_old_parquet_files_without_newer_columns_still_read_and_compact(tmp_path
 
 
 def test_tail_uids_reads_each_new_row_once_and_skips_our_own_tail(tmp_path):
-    from catalog.tail import TailUids, TailWriter
+    from stowage.catalog.tail import TailUids, TailWriter
     other = TailWriter(tmp_path / "001-99-00000001.tail")
     mine = TailWriter(tmp_path / "000-98-00000001.tail")
     learner = TailUids(tmp_path, skip_prefix="000-")

@@ -9,7 +9,7 @@ from pynetdicom import dimse_messages as msgs
 from pynetdicom import dimse_primitives as prims
 from pynetdicom.dsutils import encode
 
-from workers import commands
+from stowage.workers import commands
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MOVE = "1.2.840.10008.5.1.4.1.2.2.2"

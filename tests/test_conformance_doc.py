@@ -36,8 +36,8 @@ def test_a_stale_table_is_rewritten():
 
 
 def test_every_negotiated_context_and_identification_is_stated():
-    from engine.config import Config
-    from workers.services import build_ae
+    from stowage.engine.config import Config
+    from stowage.workers.services import build_ae
     ae = build_ae(Config())
     text = DOC.read_text()
     for cx in ae.supported_contexts:

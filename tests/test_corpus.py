@@ -16,7 +16,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from bench.corpus import generate, main, series_layout
+from stowage.bench.corpus import generate, main, series_layout
 
 
 def test_count_and_names(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from conftest import CT, HOST, dcmtk, export_all
-from engine.segment import iter_records
+from stowage.engine.segment import iter_records
 from test_commitment import Modality, refs_of
 from test_find import findscu, storescu
 from test_get import getscu
@@ -51,7 +51,7 @@ def uid_of(path: Path) -> str:
 
 
 def delete(data_dir: Path, *args: str, confirm: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", "delete", "--data-dir", str(data_dir), *args,
+    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "delete", "--data-dir", str(data_dir), *args,
                            *([] if confirm is not None else ["--yes"])], input=confirm, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -287,9 +287,9 @@ def test_catalog_views_leave_tombstoned_records_out(tmp_path, policy, sealed):
     the study summaries behind C-FIND counts, from the tails and from sealed files; under
     either duplicates policy a copy received after the deletion is the one served."""
     import find_corpus as fc
-    from catalog import tombstones
-    from catalog.reader import Catalog
-    from catalog.sealer import Sealer
+    from stowage.catalog import tombstones
+    from stowage.catalog.reader import Catalog
+    from stowage.catalog.sealer import Sealer
     catalog_dir = tmp_path / "catalog"
     sealer = Sealer(catalog_dir, 0, compact_min_files=100)
     dss = fc.datasets()
@@ -365,7 +365,7 @@ def test_kill_9_during_deletes_loses_nothing_live_and_brings_nothing_back(make_s
     check()
     for round_, study in enumerate(studies[1:10]):
         storer = _storer(server.port, extra[round_ % len(extra)]) if round_ < len(extra) else None
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "delete", "--data-dir", str(server.data_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "delete", "--data-dir", str(server.data_dir),
                                  "--study", study, "--yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         untouched.discard(study)
         time.sleep(rng.uniform(0.05, 1.2) * duration)

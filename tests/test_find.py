@@ -19,7 +19,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 
 import find_corpus as fc
-from catalog.keys import models
+from stowage.catalog.keys import models
 from conftest import CT, HOST, MR, Server, copies, dcmtk, free_port
 
 PATIENT_ROOT, STUDY_ROOT, PS_ONLY = (m.find for m in models().values())
@@ -367,7 +367,7 @@ def test_queries_while_stores_are_in_flight(archive, tmp_path):
 def test_each_pending_response_is_one_pdu(archive):
     """Pending responses go out as one P-DATA-TF holding the command and the identifier
     (workers/find.py); a client reading raw PDUs sees every match, then the final status."""
-    from bench.find_client import _PDV, FindClient, _command, _encode
+    from stowage.bench.harness.find_client import _PDV, FindClient, _command, _encode
     client = FindClient(HOST, archive.port, "STOWAGE", STUDY_ROOT)
     try:
         ds = q("IMAGE", StudyInstanceUID=archive.big_study, SeriesInstanceUID=archive.big_series, SOPInstanceUID="")

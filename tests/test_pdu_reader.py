@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from workers.negotiation import PduReader, PeerClosed, ProtocolError
+from stowage.workers.negotiation import PduReader, PeerClosed, ProtocolError
 
 
 def pdu(pdu_type: int, body: bytes) -> bytes:

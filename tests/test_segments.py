@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from engine.segment import PREFIX_SIZE, CorruptRecord, encode_record, iter_records, read_payload, valid_end
-from engine.writer import SegmentWriter
+from stowage.engine.segment import PREFIX_SIZE, CorruptRecord, encode_record, iter_records, read_payload, valid_end
+from stowage.engine.writer import SegmentWriter
 
 
 def test_records_round_trip_and_verify(tmp_path):
@@ -75,7 +75,7 @@ def test_shuffled_payloads_stream_back_exactly(tmp_path):
     back byte-exact through the streaming reader."""
     import os
     import zstandard
-    from engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, shuffle
+    from stowage.engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, shuffle
     seg = tmp_path / "s.seg"
     sizes = [0, 1, 7, SHUFFLE_BLOCK - 1, SHUFFLE_BLOCK, SHUFFLE_BLOCK + 3, 3 * SHUFFLE_BLOCK + 101]
     payloads = [bytes(i % 7 for i in range(n // 2)) + os.urandom(n - n // 2) for n in sizes]
@@ -90,7 +90,7 @@ def test_shuffle_layout_is_fixed_and_inverts():
     """Records on disk depend on this exact layout: per 256 KiB block (and for the final
     partial block), the low bytes of each 16-bit lane, then the high bytes; an odd last
     byte stays where it is."""
-    from engine.segment import SHUFFLE_BLOCK, shuffle, unshuffle
+    from stowage.engine.segment import SHUFFLE_BLOCK, shuffle, unshuffle
     assert bytes(shuffle(b"\x01\x02\x03\x04\x05")) == b"\x01\x03\x02\x04\x05"
     rng = random.Random(7)
     data = bytes(rng.getrandbits(8) for _ in range(2 * SHUFFLE_BLOCK + 11))
@@ -107,7 +107,7 @@ def test_record_checksum_is_zlibs_crc32():
     """Records written with the fast CRC-32 read back with zlib's, and the other way
     round: the checksum is part of the format."""
     import zlib
-    from engine.segment import crc32
+    from stowage.engine.segment import crc32
     data = bytes(random.Random(3).getrandbits(8) for _ in range(300_000))
     for piece in (data, memoryview(data)[17:250_001], bytearray(data[:5])):
         assert crc32(piece) == zlib.crc32(piece)

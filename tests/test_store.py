@@ -11,7 +11,7 @@ import pydicom
 from pydicom.data import get_testdata_files
 from pynetdicom import AE, _config
 
-from workers.contexts import storage_sop_classes, transfer_syntaxes
+from stowage.workers.contexts import storage_sop_classes, transfer_syntaxes
 from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, export_all, received_by_dcmtk
 
 
@@ -189,7 +189,7 @@ def test_every_conformance_storage_class_and_syntax_is_accepted(server):
 
 def test_read_your_writes_from_another_process(server, tmp_path, monkeypatch):
     """The moment a C-STORE is acknowledged, a catalog reader in another process sees it."""
-    from catalog.reader import Catalog
+    from stowage.catalog.reader import Catalog
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     files = copies(CT, tmp_path / "in", 5, "r")
     catalog = Catalog(server.data_dir / "catalog")

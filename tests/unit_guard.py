@@ -31,7 +31,7 @@ def _inet(sock: socket.socket) -> bool:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """After every plugin is configured (some run a process of their own then)."""
-    from bench import procs
+    from stowage.bench import procs
     procs.find_dcmtk.cache_clear()
     procs.find_dcmtk = lambda name: None  # tests/conftest.dcmtk() looks it up here
     subprocess.Popen.__init__ = _refuse("start a process")

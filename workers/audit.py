@@ -8,8 +8,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.logs import audit_line
-from engine import metrics
+from stowage.engine.logs import audit_line
+from stowage.engine import metrics
 
 audit = logging.getLogger("stowage.audit")
 log = logging.getLogger("stowage.association")

@@ -33,10 +33,10 @@ from pynetdicom.dimse_messages import N_ACTION_RSP
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import build_context
 
-from engine import commitment as sc
-from engine.archive import Archive, valid_uid
-from engine.client import Peer, PeerError, associate, new_ae, peer_of
-from engine.config import Config
+from stowage.engine import commitment as sc
+from stowage.engine.archive import Archive, valid_uid
+from stowage.engine.client import Peer, PeerError, associate, new_ae, peer_of
+from stowage.engine.config import Config
 
 log = logging.getLogger("stowage.commitment")
 audit = logging.getLogger("stowage.audit")

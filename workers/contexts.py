@@ -18,7 +18,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 def storage_sop_classes() -> tuple[str, ...]:
     """Every storage SOP class: the conformance target's (retired and trial included),
     pydicom's and pynetdicom's."""
-    with resources.files("workers").joinpath("storage_sop_classes.csv").open() as f:
+    with resources.files(__package__).joinpath("storage_sop_classes.csv").open() as f:
         target = {row["sop_class_uid"] for row in csv.DictReader(f)} - {VERIFICATION}
     from_pydicom = {uid for uid, (name, kind, *_rest) in UID_dictionary.items()
                     if kind == "SOP Class" and "Storage" in name and "Commitment" not in name}

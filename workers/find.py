@@ -16,13 +16,13 @@ from typing import Any, Iterator
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from catalog.keys import models
-from catalog.query import SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS, QueryError, parse_request, run
-from catalog.reader import Catalog
-from catalog.responses import identifier as response_identifier
-from engine import metrics
-from engine.config import Config
-from workers.pending import install_pending_responses
+from stowage.catalog.keys import models
+from stowage.catalog.query import SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS, QueryError, parse_request, run
+from stowage.catalog.reader import Catalog
+from stowage.catalog.responses import identifier as response_identifier
+from stowage.engine import metrics
+from stowage.engine.config import Config
+from stowage.workers.pending import install_pending_responses
 
 log = logging.getLogger("stowage.find")
 audit = logging.getLogger("stowage.audit")

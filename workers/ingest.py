@@ -15,11 +15,11 @@ import socket
 import struct
 from typing import Callable
 
-from engine.archive import PROCESSING_FAILURE, Archive, StoreResult
-from engine.segment import FileRange
-from workers import commands
-from workers.negotiation import A_ABORT_UNEXPECTED_PDU, Accepted, PduReader, PeerClosed, ProtocolError
-from workers.spill import SpillBuffer
+from stowage.engine.archive import PROCESSING_FAILURE, Archive, StoreResult
+from stowage.engine.segment import FileRange
+from stowage.workers import commands
+from stowage.workers.negotiation import A_ABORT_UNEXPECTED_PDU, Accepted, PduReader, PeerClosed, ProtocolError
+from stowage.workers.spill import SpillBuffer
 
 log = logging.getLogger("stowage.ingest")
 P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x04, 0x05, 0x07

@@ -29,7 +29,7 @@ from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 
-from workers import commands
+from stowage.workers import commands
 
 _ORIGINAL_SEND_MSG = DIMSEServiceProvider.send_msg
 PENDING = 0xFF00

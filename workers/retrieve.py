@@ -30,12 +30,12 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
-from catalog.reader import Catalog
-from engine.client import Peer, PeerError, peer_of
-from engine.config import Config
-from engine import metrics, store_scu
-from engine.send import Instance, Outcome, Sender, direct_socket
-from workers.pending import install_pending_responses, retrieve_pending_command, send_retrieve_pending
+from stowage.catalog.reader import Catalog
+from stowage.engine.client import Peer, PeerError, peer_of
+from stowage.engine.config import Config
+from stowage.engine import metrics, store_scu
+from stowage.engine.send import Instance, Outcome, Sender, direct_socket
+from stowage.workers.pending import install_pending_responses, retrieve_pending_command, send_retrieve_pending
 
 log = logging.getLogger("stowage.retrieve")
 audit = logging.getLogger("stowage.audit")

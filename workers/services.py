@@ -7,16 +7,16 @@ from typing import Any, Callable
 
 from pynetdicom import AE, _config, evt
 
-from engine.archive import Archive
-from engine.commitment import SOP_CLASS as STORAGE_COMMITMENT
-from engine.config import Config
-from workers.audit import Trail
-from workers.commitment import SYNTAXES as COMMITMENT_SYNTAXES, Commitment, handle_n_action
-from workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
-from workers.echo import handle_echo
-from workers.find import FIND_SOP_CLASSES, Finder, handle_find, handle_sop_extended
-from workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES, Retriever, install as install_retrieve
-from workers.store import handle_store
+from stowage.engine.archive import Archive
+from stowage.engine.commitment import SOP_CLASS as STORAGE_COMMITMENT
+from stowage.engine.config import Config
+from stowage.workers.audit import Trail
+from stowage.workers.commitment import SYNTAXES as COMMITMENT_SYNTAXES, Commitment, handle_n_action
+from stowage.workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
+from stowage.workers.echo import handle_echo
+from stowage.workers.find import FIND_SOP_CLASSES, Finder, handle_find, handle_sop_extended
+from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES, Retriever, install as install_retrieve
+from stowage.workers.store import handle_store
 
 
 @dataclass

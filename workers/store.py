@@ -6,10 +6,10 @@ import logging
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from engine.archive import Archive
-from engine.segment import FileRange
-from workers.audit import Trail
-from workers.spill import SpillBuffer
+from stowage.engine.archive import Archive
+from stowage.engine.segment import FileRange
+from stowage.workers.audit import Trail
+from stowage.workers.spill import SpillBuffer
 
 log = logging.getLogger("stowage.store")
 

@@ -18,21 +18,21 @@ import sys
 import threading
 import time
 
-from engine.archive import Archive
-from engine.config import Config
-from engine.logs import setup_logging
-from engine.recovery import recover
-from engine.slots import claim_exact
-from engine import reactor
-from engine.acceptor import A_ASSOCIATE_RJ_LIMIT
-from engine.sockopts import kernel_timeouts
-from engine.tls import server_context
-from workers import association, negotiation, spill
-from workers.audit import Trail, outcome_of
-from workers.contexts import VERIFICATION, storage_sop_classes
-from workers.ingest import StorageAssociation
-from workers.malloc import keep_large_buffers_in_heap
-from workers.services import Services, build_ae
+from stowage.engine.archive import Archive
+from stowage.engine.config import Config
+from stowage.engine.logs import setup_logging
+from stowage.engine.recovery import recover
+from stowage.engine.slots import claim_exact
+from stowage.engine import reactor
+from stowage.engine.acceptor import A_ASSOCIATE_RJ_LIMIT
+from stowage.engine.sockopts import kernel_timeouts
+from stowage.engine.tls import server_context
+from stowage.workers import association, negotiation, spill
+from stowage.workers.audit import Trail, outcome_of
+from stowage.workers.contexts import VERIFICATION, storage_sop_classes
+from stowage.workers.ingest import StorageAssociation
+from stowage.workers.malloc import keep_large_buffers_in_heap
+from stowage.workers.services import Services, build_ae
 
 log = logging.getLogger("stowage.worker")
 

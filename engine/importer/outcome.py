@@ -22,5 +22,5 @@ class Outcome:
 
 def child_main(*args) -> None:
     """Entry point of an import process (engine/importer/loader.py does the work)."""
-    from engine.importer.loader import process_main
+    from stowage.engine.importer.loader import process_main
     process_main(*args)

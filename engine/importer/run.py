@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine.config import Config
-from engine.importer.ledger import Ledger
-from engine.importer.outcome import NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, HELD, Outcome, Task, child_main
-from engine.importer.scan import roots_of, scan
-from engine.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, slots_present, try_claim
+from stowage.engine.config import Config
+from stowage.engine.importer.ledger import Ledger
+from stowage.engine.importer.outcome import NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, HELD, Outcome, Task, child_main
+from stowage.engine.importer.scan import roots_of, scan
+from stowage.engine.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, slots_present, try_claim
 
 _CHUNK_FILES = 16
 _CHUNK_BYTES = 8 << 20
@@ -92,7 +92,7 @@ class _Report:
 
 def _recover_left_behind(data_dir: Path) -> None:
     """Recover import slots that a killed import left (nobody holds them now)."""
-    from engine.recovery import recover  # the store path's imports: after the processes started
+    from stowage.engine.recovery import recover  # the store path's imports: after the processes started
     for number in sorted(n for n in slots_present(data_dir) if IMPORT_FIRST_SLOT <= n <= IMPORT_LAST_SLOT):
         claim = try_claim(data_dir, number)
         if claim is not None:
@@ -170,7 +170,7 @@ def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: 
     # on a busy machine). Forked before this process starts any thread of its own or
     # touches pyarrow or duckdb; they are our children, joined by us, so their CPU time
     # counts in ours (RUSAGE_CHILDREN), as a benchmark expects.
-    import engine.importer.loader  # noqa: F401
+    import stowage.engine.importer.loader  # noqa: F401
     ctx = multiprocessing.get_context("fork")
     tasks = ctx.Queue(maxsize=n * threads * 4)
     tasks.cancel_join_thread()  # tasks no process took (all stopped early) must not hold up our exit

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.importer.ledger import Key, Ledger
+from stowage.engine.importer.ledger import Key, Ledger
 
 
 @dataclass

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from engine.config import Config
-from engine.migrate import report
-from engine.migrate.pacing import PacingError, Rate, TimeWindow
-from engine.migrate.run import MigrateError, Options, checkpoint_path
-from engine.migrate.source import SourceError, parse_source
+from stowage.engine.config import Config
+from stowage.engine.migrate import report
+from stowage.engine.migrate.pacing import PacingError, Rate, TimeWindow
+from stowage.engine.migrate.run import MigrateError, Options, checkpoint_path
+from stowage.engine.migrate.source import SourceError, parse_source
 
 
 def parse_date(text: str | None, flag: str) -> dt.date | None:

@@ -26,7 +26,7 @@ from typing import Callable
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from engine.migrate.source import Answer
+from stowage.engine.migrate.source import Answer
 
 log = logging.getLogger("stowage.migrate")
 FIRST_YEAR = 1900

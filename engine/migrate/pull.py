@@ -19,7 +19,7 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context, build_role
 
-from engine.migrate.source import PENDING, Session
+from stowage.engine.migrate.source import PENDING, Session
 
 log = logging.getLogger("stowage.migrate")
 MAX_CONTEXTS = 128

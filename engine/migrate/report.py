@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.migrate.checkpoint import connect, totals
+from stowage.engine.migrate.checkpoint import connect, totals
 
 _STUDY_COLUMNS = ("uid", "patient_id", "study_date", "modalities", "state", "attempts", "expected", "received",
                   "verified", "bytes", "verified_by", "last_error")

@@ -17,17 +17,17 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from catalog.reader import Catalog
-from engine.client import Peer
-from engine.config import Config
-from engine.migrate import report
-from engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result, StudyRow
-from engine.migrate.enumerate import first_windows
-from engine.migrate.pacing import Gate, Rate, TimeWindow, retry_delay
-from engine.migrate.scan import Scan
-from engine.migrate.pull import MOVE_DESTINATION_UNKNOWN, Pulled, get_contexts, retrieve, store_handler
-from engine.migrate.source import Session, SourceError, slug
-from engine.migrate.verify import SourceListing, check_content, held, list_instances
+from stowage.catalog.reader import Catalog
+from stowage.engine.client import Peer
+from stowage.engine.config import Config
+from stowage.engine.migrate import report
+from stowage.engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result, StudyRow
+from stowage.engine.migrate.enumerate import first_windows
+from stowage.engine.migrate.pacing import Gate, Rate, TimeWindow, retry_delay
+from stowage.engine.migrate.scan import Scan
+from stowage.engine.migrate.pull import MOVE_DESTINATION_UNKNOWN, Pulled, get_contexts, retrieve, store_handler
+from stowage.engine.migrate.source import Session, SourceError, slug
+from stowage.engine.migrate.verify import SourceListing, check_content, held, list_instances
 
 log = logging.getLogger("stowage.migrate")
 SLOT_BASE = 200  # migrate's own slots for C-GET (serve: 0.., import: 100..)
@@ -260,10 +260,10 @@ class Migration:
         self.catalog = Catalog(self.config.data_dir / "catalog", self.config.duplicates)
         if self.opts.method != "get":
             return
-        from engine.archive import Archive
-        from engine.recovery import recover
-        from engine.slots import SlotError, claim_slot
-        from workers.contexts import storage_sop_classes
+        from stowage.engine.archive import Archive
+        from stowage.engine.recovery import recover
+        from stowage.engine.slots import SlotError, claim_slot
+        from stowage.workers.contexts import storage_sop_classes
         storage_sop_classes()  # registers retired and newer storage classes with pynetdicom
         try:
             self.slot = claim_slot(self.config.data_dir, SLOT_BASE)

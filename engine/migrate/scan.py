@@ -6,9 +6,9 @@ import logging
 import time
 from typing import Callable
 
-from engine.migrate.checkpoint import Checkpoint
-from engine.migrate.enumerate import Window, enumerate_window, split
-from engine.migrate.source import Session
+from stowage.engine.migrate.checkpoint import Checkpoint
+from stowage.engine.migrate.enumerate import Window, enumerate_window, split
+from stowage.engine.migrate.source import Session
 
 log = logging.getLogger("stowage.migrate")
 WINDOW_TRIES = 3

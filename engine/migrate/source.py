@@ -15,8 +15,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove as MOVE,
 )
 
-from engine.client import Peer, PeerError, associate, new_ae, peer_of
-from engine.config import Config
+from stowage.engine.client import Peer, PeerError, associate, new_ae, peer_of
+from stowage.engine.config import Config
 
 _AE_AT = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
 PENDING = (0xFF00, 0xFF01)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from catalog.reader import Catalog
-from engine.commitment import Reference, judge
-from engine.migrate.source import Session
+from stowage.catalog.reader import Catalog
+from stowage.engine.commitment import Reference, judge
+from stowage.engine.migrate.source import Session
 
 
 @dataclass

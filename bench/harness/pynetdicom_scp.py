@@ -1,7 +1,7 @@
 """Minimal pynetdicom Storage SCP for the ingest benchmark.
 
 Writes every received dataset, as received (no decode), to ``OUT/<SOPInstanceUID>.dcm``.
-Run: ``python -m bench.pynetdicom_scp --port N --aet AET --out DIR``; SIGTERM stops it.
+Run: ``python -m stowage.bench.harness.pynetdicom_scp --port N --aet AET --out DIR``; SIGTERM stops it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pynetdicom.sop_class import Verification
 
 def main(argv: list[str] | None = None) -> None:
     """Serve C-ECHO and C-STORE until killed."""
-    ap = argparse.ArgumentParser(prog="python -m bench.pynetdicom_scp")
+    ap = argparse.ArgumentParser(prog="python -m stowage.bench.harness.pynetdicom_scp")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--aet", default="PYNETDICOM")
     ap.add_argument("--bind", default="127.0.0.1")

@@ -1,7 +1,7 @@
 """How fast `stowage verify` re-reads an archive, against the disk's sequential read rate
 (a benchmark: it reports, it asserts nothing).
 
-``python -m bench.verify_bench [--data-dir DIR] [--kind ct,mr] [--count 1000] [--rate 50] [--json FILE]``
+``python -m stowage.bench.harness.verify_bench [--data-dir DIR] [--kind ct,mr] [--count 1000] [--rate 50] [--json FILE]``
 
 Without ``--data-dir``, fills a fresh archive first: ``stowage serve`` (2 workers, fsync,
 scrub off) on a free 127.0.0.1 port, loaded by ``stowage bench`` with ``--count``
@@ -35,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree
-from engine.verify import Pacer, Stopped, Tally, Verifier
-from engine.verify_cli import verify_all
+from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree
+from stowage.engine.verify import Pacer, Stopped, Tally, Verifier
+from stowage.engine.verify_cli import verify_all
 
 
 def _cpu() -> float:
@@ -126,7 +126,7 @@ def fill(work: Path, kinds: str, count: int) -> Path:
     os.environ["STOWAGE_SCRUB_RATE"] = "0"
     server = serve_stowage(data, port, echoscu, "--workers", "2")
     try:
-        r = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--port", str(port), "--kind", kinds,
+        r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "bench", "--port", str(port), "--kind", kinds,
                             "--count", str(count), "-k", "2", "-q"], capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"loading the archive failed:\n{r.stdout}\n{r.stderr}")

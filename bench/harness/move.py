@@ -4,7 +4,7 @@ and, if /usr/sbin/Orthanc is installed, the same C-MOVE served by Orthanc from t
 data, in the same run, as a ratio. Then the same study fetched by C-GET with DCMTK getscu
 (+B, or --ignore with --dest-ignore) from stowage and from Orthanc.
 
-    python -m bench.move --count 500 [--kind ct] [--repeat 3] [--dest-fork] [--associations 2]
+    python -m stowage.bench.harness.move --count 500 [--kind ct] [--repeat 3] [--dest-fork] [--associations 2]
 
 Steps: generate the corpus (one patient, one study, one series), start `stowage serve`
 (knowing DEST in [remotes]) and Orthanc (DEST and the requester registered as
@@ -43,11 +43,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bench import loadgen
-from bench.corpus import generate
-from bench.orthanc import Orthanc, executable
-from bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down, wait_echo
-from bench.report import timed_medians
+from stowage.bench import loadgen
+from stowage.bench.corpus import generate
+from stowage.bench.harness.orthanc import Orthanc, executable
+from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down, wait_echo
+from stowage.bench.report import timed_medians
 
 
 def _storescp_on(storescp: str, echoscu: str, out: Path, port: int, nodelay: bool, fork: bool,
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                                "127.0.0.1", str(port)],
             f"stowage C-MOVE x{args.associations}": [movescu, "-S", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem",
                                                      "DEST2", *move_keys, "127.0.0.1", str(port)],
-            "stowage send": [sys.executable, "-m", "engine.cli", "send", "--data-dir", str(data), "-q",
+            "stowage send": [sys.executable, "-m", "stowage.engine.cli", "send", "--data-dir", str(data), "-q",
                              "--config", str(cfg), "--to", "DEST", "--study", study],
         }
         if not args.no_orthanc and executable():

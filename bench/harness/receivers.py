@@ -5,7 +5,7 @@ or raises ``Unavailable`` when the receiver cannot run here. ``workers`` (stowag
 None means the archive's default (one worker per core).
 
 Orthanc (the Debian package) runs as a plain subprocess with its own JSON configuration
-(written by bench/orthanc.py) in the data dir: free DICOM and HTTP ports on 127.0.0.1,
+(written by bench/harness/orthanc.py) in the data dir: free DICOM and HTTP ports on 127.0.0.1,
 storage and SQLite index in the data dir, no plugins, fsync on (``SyncStorageArea``, its
 default, like stowage's). Its DICOM layer is DCMTK's, so the ``TCP_NODELAY=1`` environment
 that the benchmark gives every child turns Nagle off there too; ``TcpNoDelay`` covers its
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.orthanc import executable, write_config
-from bench.procs import find_dcmtk, free_port
+from stowage.bench.harness.orthanc import executable, write_config
+from stowage.bench.procs import find_dcmtk, free_port
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Unavailable(Exception):
@@ -51,11 +51,11 @@ class Receiver:
 
 def _stowage(port: int, data_dir: Path, workers: int | None) -> list[str]:
     try:
-        spec = importlib.util.find_spec("engine.cli")
+        spec = importlib.util.find_spec("stowage.engine.cli")
     except ImportError:
         spec = None
     if spec is not None:
-        base = [sys.executable, "-m", "engine.cli"]
+        base = [sys.executable, "-m", "stowage.engine.cli"]
     elif exe := shutil.which("stowage"):
         base = [exe]
     else:
@@ -99,7 +99,7 @@ def _orthanc_count(data_dir: Path) -> int | None:
 def _pynetdicom(port: int, data_dir: Path, workers: int | None) -> list[str]:
     if importlib.util.find_spec("pynetdicom") is None:
         raise Unavailable("pynetdicom is not installed")
-    return [sys.executable, "-m", "bench.pynetdicom_scp", "--port", str(port), "--aet", "PYNETDICOM",
+    return [sys.executable, "-m", "stowage.bench.harness.pynetdicom_scp", "--port", str(port), "--aet", "PYNETDICOM",
             "--out", str(data_dir)]
 
 

@@ -9,7 +9,7 @@ Each row: files/s, MB/s and CPU time per instance (every process of that path: t
 importer and its children; storescu plus the whole server tree; Orthanc plus the upload
 client's threads). Not a test: the figures depend on the machine and on what else runs.
 
-    python -m bench.import_bench --kind small,ct --count 20000 [--work DIR] [--keep]
+    python -m stowage.bench.harness.import_bench --kind small,ct --count 20000 [--work DIR] [--keep]
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import corpus
-from bench.orthanc import Orthanc, executable as orthanc_exe
-from bench.procs import TreeMonitor, find_dcmtk, free_port, serve_stowage, stop_tree
+from stowage.bench import corpus
+from stowage.bench.harness.orthanc import Orthanc, executable as orthanc_exe
+from stowage.bench.procs import TreeMonitor, find_dcmtk, free_port, serve_stowage, stop_tree
 
 
 @dataclass
@@ -95,7 +95,7 @@ def drop_caches_hint() -> str:
 
 
 def run_import(folder: Path, data: Path, files: int, nbytes: int, extra: list[str]) -> Row:
-    cmd = [sys.executable, "-m", "engine.cli", "import", str(folder), "--data-dir", str(data), "-q", *extra]
+    cmd = [sys.executable, "-m", "stowage.engine.cli", "import", str(folder), "--data-dir", str(data), "-q", *extra]
     cpu0, t0 = _children_cpu(), time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     seconds, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
@@ -177,7 +177,7 @@ def _table(kind: str, rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.import_bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m stowage.bench.harness.import_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--kind", default="small,ct", help="corpus kinds, comma-separated [small,ct]")
     ap.add_argument("--count", default="20000,2000", help="files per kind, one number or one per kind")
     ap.add_argument("--work", type=Path, help="working folder (corpora are kept there and reused)")

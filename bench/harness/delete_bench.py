@@ -1,8 +1,8 @@
 """What tombstones cost catalog lookups (a benchmark: it reports, it asserts nothing).
 
-``python -m bench.delete_bench [--patients 1000] [--data-dir DIR]``
+``python -m stowage.bench.harness.delete_bench [--patients 1000] [--data-dir DIR]``
 
-Seals a query corpus (bench/query_corpus.py: 200 instances per patient, 100 per study)
+Seals a query corpus (bench/harness/query_corpus.py: 200 instances per patient, 100 per study)
 straight into a catalog, then times the lookups C-FIND, C-MOVE/C-GET, commitment and the
 store path's duplicate check run (median of 15, in this process, through
 catalog.reader.Catalog) with no tombstones, then after deleting 1, 100 and 1000 studies
@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.find import build_catalog
-from catalog import tombstones
-from catalog.reader import Catalog
+from stowage.bench.harness.find import build_catalog
+from stowage.catalog import tombstones
+from stowage.catalog.reader import Catalog
 
 QUERIES = {
     "lookup by SOP Instance UID": "SELECT * FROM instances WHERE sop_instance_uid = ?",

@@ -1,11 +1,11 @@
 """C-FIND latency benchmark: stowage at 10^5 and 10^6 instances, and stowage against
 Orthanc loaded with the same files.
 
-    python -m bench.find [--sizes 100000 1000000] [--realistic 100000] [--repeat 200]
+    python -m stowage.bench.harness.find [--sizes 100000 1000000] [--realistic 100000] [--repeat 200]
                          [--orthanc/--no-orthanc] [--tmp DIR] [--json out.json]
 
 Two ways to load stowage:
-  catalog    rows of the bench corpus (bench/query_corpus.py) sealed straight into the
+  catalog    rows of the bench corpus (bench/harness/query_corpus.py) sealed straight into the
              catalog, with the same tiered compaction a live archive does (for 10^6
              instances in minutes; no segments, so nothing to retrieve, only to find);
   realistic  the corpus as Part-10 files, sent with DCMTK storescu (4 associations) to a
@@ -41,13 +41,13 @@ from typing import Callable
 
 from pydicom.dataset import Dataset
 
-from bench import query_corpus as qc
-from bench.find_client import FindClient
-from bench.orthanc import Orthanc, executable
-from bench.procs import echo, find_dcmtk, free_port, tail
+from stowage.bench.harness import query_corpus as qc
+from stowage.bench.harness.find_client import FindClient
+from stowage.bench.harness.orthanc import Orthanc, executable
+from stowage.bench.procs import echo, find_dcmtk, free_port, tail
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUERIES = ("patient_id", "name_sm", "month", "uid_list", "series")
 
 
@@ -104,7 +104,7 @@ class Timing:
 def time_queries(port: int, aet: str, patients: int, instances: int, target: str, repeat: int,
                  seed: int = 1) -> list[Timing]:
     """p50/p99 of each query's round trip, on one association, after a warm-up. The SCU is
-    bench.find_client (blocking reads): pynetdicom as the SCU would time its own polling."""
+    bench.harness.find_client (blocking reads): pynetdicom as the SCU would time its own polling."""
     client = FindClient("127.0.0.1", port, aet, STUDY_ROOT_FIND)
     out = []
     try:
@@ -138,7 +138,7 @@ def time_queries(port: int, aet: str, patients: int, instances: int, target: str
 def build_catalog(data_dir: Path, patients: int, batch: int = 25_600) -> float:
     """Seal the corpus rows straight into data_dir/catalog, compacting as a live archive
     does; returns seconds taken."""
-    from catalog.sealer import compact, seal_rows
+    from stowage.catalog.sealer import compact, seal_rows
     catalog = data_dir / "catalog"
     catalog.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -164,7 +164,7 @@ class Stowage:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.log = data_dir.parent / f"stowage-{self.port}.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(data_dir),
+            self.proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "serve", "--data-dir", str(data_dir),
                                           "--port", str(self.port), "--bind", "127.0.0.1", "--workers", str(workers)],
                                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait(lambda: echo(find_dcmtk("echoscu"), self.port, "STOWAGE"), self.proc, self.log, 600)
@@ -308,7 +308,7 @@ def table(report: Report) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.find", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m stowage.bench.harness.find", description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000],
                     help="catalog-load sizes (instances)")
     ap.add_argument("--realistic", type=int, default=100_000, help="instances sent as files to stowage and Orthanc")

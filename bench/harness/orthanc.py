@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.procs import free_port, tail
+from stowage.bench.procs import free_port, tail
 
 EXE = "/usr/sbin/Orthanc"
 Modalities = dict[str, tuple[str, str, int]]  # name -> (AE title, host, port)

@@ -1,7 +1,7 @@
 """What idle associations and one very large instance cost a running stowage: a benchmark
 (it reports against targets, it asserts nothing).
 
-``python -m bench.footprint [--idle 100] [--window 10] [--size-mib 2048] [--json FILE]``
+``python -m stowage.bench.harness.footprint [--idle 100] [--window 10] [--size-mib 2048] [--json FILE]``
 
 Starts ``stowage serve`` (``--workers 2``, default fsync durability) on a free 127.0.0.1
 port with a fresh data directory in a temporary directory, then:
@@ -50,8 +50,8 @@ from typing import Any
 
 import psutil
 
-from bench.procs import TreeMonitor, free_port, stop_tree, tail
-from bench.report import disk, machine
+from stowage.bench.procs import TreeMonitor, free_port, stop_tree, tail
+from stowage.bench.report import disk, machine
 
 AET, CALLING = "STOWAGE", "FOOTPRINT"
 CT_STORAGE, EXPLICIT_LE = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
@@ -65,7 +65,7 @@ MB = 1e6
 def start_server(tmp: Path, port: int, workers: int, max_associations: int,
                  network_timeout: float) -> tuple[subprocess.Popen, Path]:
     log = tmp / "serve.log"
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--data-dir", str(tmp / "data"), "--port", str(port),
+    cmd = [sys.executable, "-m", "stowage.engine.cli", "serve", "--data-dir", str(tmp / "data"), "--port", str(port),
            "--bind", "127.0.0.1", "--workers", str(workers), "--max-associations", str(max_associations)]
     env = dict(os.environ, STOWAGE_NETWORK_TIMEOUT=str(network_timeout))
     with open(log, "wb") as out:
@@ -74,21 +74,21 @@ def start_server(tmp: Path, port: int, workers: int, max_associations: int,
 
 
 def worker_procs(proc: subprocess.Popen) -> dict[int, psutil.Process]:
-    """The serve process's workers by slot (``python -m workers.worker SLOT FD``)."""
+    """The serve process's workers by slot (``python -m stowage.workers.worker SLOT FD``)."""
     out = {}
     for p in psutil.Process(proc.pid).children(recursive=True):
         try:
             cmd = p.cmdline()
         except psutil.Error:
             continue
-        if "workers.worker" in cmd:
-            out[int(cmd[cmd.index("workers.worker") + 1])] = p
+        if "stowage.workers.worker" in cmd:
+            out[int(cmd[cmd.index("stowage.workers.worker") + 1])] = p
     return out
 
 
 def echo(port: int) -> bool:
     """True if an association with a Verification context is accepted and released."""
-    from engine.store_scu import Association, AssociationError
+    from stowage.engine.store_scu import Association, AssociationError
     try:
         Association("127.0.0.1", port, AET, CALLING, [(VERIFICATION, IMPLICIT_LE)], timeout=5).open().release()
         return True
@@ -142,7 +142,7 @@ class IdleSet:
 
     def open_lean(self, n: int) -> None:
         """``n`` storage-only associations (CT Image Storage): the worker's lean path."""
-        from engine.store_scu import Association, AssociationError
+        from stowage.engine.store_scu import Association, AssociationError
         for _ in range(n):
             try:
                 a = Association("127.0.0.1", self.port, AET, CALLING, [(CT_STORAGE, EXPLICIT_LE)], timeout=30)
@@ -153,7 +153,7 @@ class IdleSet:
     def open_find(self, n: int) -> None:
         """``n`` associations proposing Study Root C-FIND: the worker's pynetdicom path."""
         from pynetdicom import AE, evt
-        from engine import reactor
+        from stowage.engine import reactor
         reactor.install()  # our pynetdicom requestors block instead of polling every 1 ms
         ae = AE(CALLING)
         ae.add_requested_context(STUDY_FIND)
@@ -217,7 +217,7 @@ def make_large(tmp: Path, size: int, template_frames: int = 8) -> tuple[Path, in
     returns its path and number of frames."""
     import pydicom
     from pydicom.uid import generate_uid
-    from bench.corpus import generate
+    from stowage.bench.corpus import generate
     tpl = generate(tmp / "template", "us", 1, frames=template_frames)[0]
     ds = pydicom.dcmread(tpl)
     pixels = bytes(ds.PixelData)
@@ -268,8 +268,8 @@ class RssSampler:
 
 def measure_large(port: int, tmp: Path, size: int, timeout: float,
                   workers: dict[int, psutil.Process]) -> dict[str, Any]:
-    from bench.loadgen import load_corpus
-    from engine.store_scu import Association, AssociationError
+    from stowage.bench.loadgen import load_corpus
+    from stowage.engine.store_scu import Association, AssociationError
     t0 = time.monotonic()
     path, frames = make_large(tmp, size)
     made_s = time.monotonic() - t0
@@ -348,7 +348,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.footprint", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m stowage.bench.harness.footprint", description=__doc__.split("\n\n")[0])
     ap.add_argument("--idle", type=int, default=100, help="idle associations to hold [100]")
     ap.add_argument("--window", type=float, default=10.0, help="CPU measurement window, s [10]")
     ap.add_argument("--settle", type=float, default=5.0, help="wait before each window, s [5]")
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     port, max_assoc = free_port(), max(64, 2 * a.idle)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "?"
-    r: dict[str, Any] = {"commit": commit, "command": " ".join(["python -m bench.footprint", *(argv or sys.argv[1:])]),
+    r: dict[str, Any] = {"commit": commit, "command": " ".join(["python -m stowage.bench.harness.footprint", *(argv or sys.argv[1:])]),
                          "machine": machine(), "disk": disk(tmp), "workers": a.workers, "max_associations": max_assoc,
                          "network_timeout": a.network_timeout, "settle_s": a.settle, "load": [os.getloadavg()[0]]}
     proc: subprocess.Popen | None = None

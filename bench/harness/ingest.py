@@ -1,6 +1,6 @@
 """Ingest benchmark: C-STORE a generated corpus into each receiver, with K concurrent associations.
 
-    python -m bench.ingest --kind small --count 2000 --associations 1 4 --repeat 3 \
+    python -m stowage.bench.harness.ingest --kind small --count 2000 --associations 1 4 --repeat 3 \
         [--receivers stowage,storescp,storescp-fork,orthanc,pynetdicom] \
         [--senders storescu,stowage-bench] [--json out.json]
 
@@ -11,7 +11,7 @@ receiver. Senders: ``storescu`` (one DCMTK ``storescu`` process per share; wall 
 the first start to the last exit) and ``stowage-bench`` (bench/loadgen.py: one sender
 process per share with the datasets pre-loaded; wall time from the start signal to the
 last release). CPU and peak RSS cover the receiver's whole process tree. Medians over
-repeats are reported. bench/compare.py runs this over both corpora and prints ratios.
+repeats are reported. bench/harness/compare.py runs this over both corpora and prints ratios.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.corpus import KINDS, generate, series_layout
-from bench.procs import TreeMonitor, echo, find_dcmtk, free_port, stop_tree, tail
-from bench.receivers import RECEIVERS, REPO_ROOT, Receiver, Unavailable
+from stowage.bench.corpus import KINDS, generate, series_layout
+from stowage.bench.procs import TreeMonitor, echo, find_dcmtk, free_port, stop_tree, tail
+from stowage.bench.harness.receivers import RECEIVERS, REPO_ROOT, Receiver, Unavailable
 
 SENDERS = ("storescu", "stowage-bench")
 
@@ -158,7 +158,7 @@ def _send_storescu(port: int, aet: str, files: list[Path], k: int, tools: dict[s
 
 def _send_loadgen(port: int, aet: str, items: list, k: int, args: argparse.Namespace) -> tuple[float, list[str], dict]:
     """stowage bench's load generator, K sender processes; (wall seconds, errors, extra fields of Run)."""
-    from bench.loadgen import Target, run
+    from stowage.bench.loadgen import Target, run
     r = run(Target("127.0.0.1", port, aet, "BENCH"), items, k, monitor_target=False, progress=False,
             timeout=min(600.0, args.send_timeout))
     errors = list(dict.fromkeys(r.errors))[:5]
@@ -188,7 +188,7 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
             wall, errors, extra = _send_storescu(port, rcv.aet, files, k, tools, work, logs, env, args)
         elif sender == "stowage-bench":
             if items is None:
-                from bench.loadgen import load_corpus
+                from stowage.bench.loadgen import load_corpus
                 items = load_corpus(files)
             wall, errors, extra = _send_loadgen(port, rcv.aet, items, k, args)
         else:
@@ -305,7 +305,7 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m stowage.bench.harness.ingest", description=__doc__.split("\n")[0])
     ap.add_argument("--kind", choices=sorted(KINDS), default="small")
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus: {len(files)} files, {total / 1e6:.1f} MB; {env['cpus']} CPUs", file=sys.stderr)
         items = None
         if "stowage-bench" in senders:
-            from bench.loadgen import load_corpus
+            from stowage.bench.loadgen import load_corpus
             items = load_corpus(files)
         results = [bench_config(n, k, files, total, tools, args, snd, items)
                    for snd in senders for n in names for k in args.associations]

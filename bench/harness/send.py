@@ -3,7 +3,7 @@ storescp (writing files, as a real destination does), against DCMTK storescu sen
 same files, and Orthanc sending the same study from its own storage (REST
 /modalities/{id}/store, if /usr/sbin/Orthanc is installed), to the same receiver.
 
-    python -m bench.send --count 500 [--kind ct] [--repeat 3]
+    python -m stowage.bench.harness.send --count 500 [--kind ct] [--repeat 3]
 
 Steps: generate the corpus (one patient, one study, one series), start `stowage serve`
 (and Orthanc) on free 127.0.0.1 ports, ingest it with storescu, then time each sender
@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.corpus import generate
-from bench.orthanc import Orthanc, executable
-from bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down, wait_echo
-from bench.report import timed_medians
+from stowage.bench.corpus import generate
+from stowage.bench.harness.orthanc import Orthanc, executable
+from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down, wait_echo
+from stowage.bench.report import timed_medians
 
 
 def _storescp(storescp: str, echoscu: str, out: Path) -> tuple[subprocess.Popen, int]:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                         results[name].append(time.monotonic() - t)
                     else:
                         if name == "stowage send":
-                            cmd = [sys.executable, "-m", "engine.cli", "send", "--data-dir", str(data), "-q",
+                            cmd = [sys.executable, "-m", "stowage.engine.cli", "send", "--data-dir", str(data), "-q",
                                    "--to", f"127.0.0.1:{rx_port}", "--aec", "DEST", "--study", study]
                         else:
                             cmd = [storescu, "-aec", "DEST", "127.0.0.1", str(rx_port), *map(str, files)]

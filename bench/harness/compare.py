@@ -1,16 +1,16 @@
 """Side-by-side ingest comparison: every available receiver, both senders, both corpora,
 1 and 4 associations, repeated, on this machine in one run.
 
-    python -m bench.compare [--repeat 3] [--small-count 2000] [--ct-count 300] \\
+    python -m stowage.bench.harness.compare [--repeat 3] [--small-count 2000] [--ct-count 300] \\
         [--receivers stowage,storescp,storescp-fork,orthanc,pynetdicom] \\
         [--senders storescu,stowage-bench] [--json compare.json] [--markdown]
 
-Receivers (bench/receivers.py), each started fresh on a free 127.0.0.1 port in a new temp
+Receivers (bench/harness/receivers.py), each started fresh on a free 127.0.0.1 port in a new temp
 dir for every single run and stopped by PID afterwards: stowage (`serve`, default
 workers, fsync durability), DCMTK storescp (files) and storescp --fork, Orthanc (its own
-temporary config, fsync on), pynetdicom's storescp (bench/pynetdicom_scp.py). Senders:
+temporary config, fsync on), pynetdicom's storescp (bench/harness/pynetdicom_scp.py). Senders:
 DCMTK storescu and `stowage bench`'s load generator. Every child runs with
-TCP_NODELAY=1 (DCMTK leaves Nagle on otherwise; see bench/ingest.py).
+TCP_NODELAY=1 (DCMTK leaves Nagle on otherwise; see bench/harness/ingest.py).
 
 Repeats are interleaved (repeat 1 of every configuration, then repeat 2, ...) so that
 a burst of load from something else on the machine spreads over all receivers instead
@@ -31,12 +31,12 @@ from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from bench.corpus import generate
-from bench.ingest import SENDERS, Result, finish, format_table, measure
-from bench.orthanc import executable as orthanc_executable
-from bench.procs import find_dcmtk
-from bench.receivers import RECEIVERS
-from bench.report import disk, machine
+from stowage.bench.corpus import generate
+from stowage.bench.harness.ingest import SENDERS, Result, finish, format_table, measure
+from stowage.bench.harness.orthanc import executable as orthanc_executable
+from stowage.bench.procs import find_dcmtk
+from stowage.bench.harness.receivers import RECEIVERS
+from stowage.bench.report import disk, machine
 
 KINDS = ("small", "ct")
 
@@ -82,7 +82,7 @@ def header(env: dict, corpora: dict[str, tuple[int, int]], args: argparse.Namesp
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m stowage.bench.harness.compare", description=__doc__.split("\n")[0])
     ap.add_argument("--small-count", type=int, default=2000)
     ap.add_argument("--ct-count", type=int, default=300)
     ap.add_argument("--kinds", default=",".join(KINDS), help="corpora to run, of small,ct")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         files, items = {}, {}
-        from bench.loadgen import load_corpus
+        from stowage.bench.loadgen import load_corpus
         for kind in kinds:
             count = args.small_count if kind == "small" else args.ct_count
             files[kind] = generate(work / kind, kind, count, seed=args.seed)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     done = sorted((finish(r) for r in results.values()),
                   key=lambda r: (kinds.index(r.kind), senders.index(r.sender), r.associations, order[r.receiver]))
     print(header(env, corpora, args))
-    print(f"command: python -m bench.compare {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"command: python -m stowage.bench.harness.compare {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     print(f"took {time.monotonic() - started:.0f} s")
     print()
     print(format_table(done, markdown=args.markdown))

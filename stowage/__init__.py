@@ -1,0 +1,11 @@
+"""stowage: a fast, durable DICOM archive.
+
+Installed, its subpackages sit beside this file (stowage.engine, stowage.workers,
+stowage.catalog, stowage.bench). In a source checkout they are the repository's
+top-level folders, so the package path also names the checkout's root.
+"""
+from pathlib import Path as _Path
+
+_here = _Path(__file__).resolve().parent
+if not (_here / "engine").is_dir() and (_here.parent / "engine" / "__init__.py").is_file():
+    __path__.append(str(_here.parent))  # noqa: F821 - a package's __path__

@@ -1,0 +1,4 @@
+"""`python -m stowage` runs the command line."""
+from stowage.engine.cli import main
+
+main()
