@@ -164,6 +164,22 @@ def assert_abort_or_close(reply: bytes) -> None:
         assert len(reply) == 10 and reply[2:6] == b"\x00\x00\x00\x04", reply.hex()
 
 
+def assert_slots_come_back(ae: AE, port: int, n: int, timeout: float) -> None:
+    """`n` associations at once fit (bounded retries): every slot a bad connection took
+    came back."""
+    deadline = time.monotonic() + timeout
+    while True:
+        more = [ae.associate(HOST, port, ae_title="STOWAGE") for _ in range(n)]
+        established = sum(a.is_established for a in more)
+        for a in more:
+            if a.is_established:
+                a.release()
+        if established == n:
+            return
+        assert time.monotonic() < deadline, f"only {established} of {n} slots came back"
+        time.sleep(1.0)
+
+
 def worker_pids(server) -> set[int]:
     return {p.pid for p in server.workers()}
 
@@ -250,18 +266,7 @@ def test_malformed_pdus_are_aborted_and_harm_nobody(make_server, tmp_path):
         for f in files[1:]:  # the association opened earlier still stores
             status = assoc.send_c_store(pydicom.dcmread(f))
             assert status and status.Status == 0, f"{f.name}: {status}"
-        # Every slot comes back: 7 associations fit beside the held one (bounded retries).
-        deadline = time.monotonic() + 10
-        while True:
-            more = [ae.associate(HOST, server.port, ae_title="STOWAGE") for _ in range(7)]
-            established = sum(a.is_established for a in more)
-            for a in more:
-                if a.is_established:
-                    a.release()
-            if established == 7:
-                break
-            assert time.monotonic() < deadline, f"only {established} of 7 slots came back"
-            time.sleep(1.0)
+        assert_slots_come_back(ae, server.port, 7, timeout=10)  # 7 fit beside the held one
     finally:
         assoc.release()
     assert worker_pids(server) == before, "a worker died on a malformed PDU"
@@ -292,18 +297,7 @@ def test_pdus_racing_the_association_answer_leave_no_traceback(make_server):
             read_pdu_or_close(s, timeout=5)
     assert "Traceback" not in server.log(), server.log()[-3000:]
     assert worker_pids(server) == before
-    deadline = time.monotonic() + 20  # every slot comes back (cap 8)
-    ae = scu(timeout=10)
-    while True:
-        more = [ae.associate(HOST, server.port, ae_title="STOWAGE") for _ in range(8)]
-        established = sum(a.is_established for a in more)
-        for a in more:
-            if a.is_established:
-                a.release()
-        if established == 8:
-            break
-        assert time.monotonic() < deadline, f"only {established} of 8 slots came back"
-        time.sleep(1.0)
+    assert_slots_come_back(scu(timeout=10), server.port, 8, timeout=20)  # the whole cap
 
 
 # -- 3. a peer that stalls mid-PDU ------------------------------------------------------
