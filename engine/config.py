@@ -112,7 +112,7 @@ class Config:
             raise ConfigError(f"duplicates: {self.duplicates!r} is not one of {', '.join(DUPLICATE_POLICIES)}")
         if not 4096 <= self.max_pdu <= (1 << 26):
             raise ConfigError(f"max_pdu: {self.max_pdu} is outside 4096-67108864 (0, unlimited, is refused)")
-        if not -7 <= self.zstd_level <= 22:  # negative: zstd's fast levels (see README, Compression)
+        if not -7 <= self.zstd_level <= 22:  # negative: zstd's fast levels (docs/storage.md, Compression)
             raise ConfigError(f"zstd_level: {self.zstd_level} is outside -7 to 22")
         if not 0 <= self.pending_interval <= 3600:
             raise ConfigError(f"pending_interval: {self.pending_interval} is outside 0-3600 seconds")
