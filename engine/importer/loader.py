@@ -32,7 +32,8 @@ from stowage.engine.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, claim_slot
 from stowage.workers.malloc import keep_large_buffers_in_heap
 
 DEFAULT_SOURCE_AE = "IMPORT"  # the calling AE recorded when a file names no Source AE
-_HEAD = 64 << 10
+_HEAD = 64 << 10       # of a data set without file meta: enough to find its UIDs
+_META_READ = 8 << 10   # the first read of a file: preamble and file meta, usually whole
 
 
 _RENAMED = {
@@ -50,15 +51,40 @@ def _open(path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def _read_all(fd: int, size: int) -> bytes:
-    chunks, left = [], size
+def _read_from(fd: int, offset: int, size: int) -> bytes:
+    """The file's bytes from `offset` to its end (to where it ends now, should it have grown)."""
+    chunks = []
     while True:
-        chunk = os.read(fd, max(left, 1 << 16))
+        chunk = os.pread(fd, max(size - offset, 1 << 16), offset)
         if not chunk:
             break
         chunks.append(chunk)
-        left -= len(chunk)
+        offset += len(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _read_file(fd: int, size: int) -> tuple[FileInfo, bytes, bytes]:
+    """The file's meta information, its data set, and the bytes before the data set.
+
+    The head is read first, so that the data set arrives as a bytes object of its own,
+    ready to store, rather than as a slice copied out of the whole file."""
+    head = os.pread(fd, min(size, _META_READ), 0)
+    info = read_info(head) if len(head) == size else _info_of_head(head)
+    if info is None:  # a file meta group longer than _META_READ: read it all
+        whole = _read_from(fd, 0, size)
+        info = read_info(whole)
+        return info, whole[info.dataset_offset:], whole[:info.dataset_offset]
+    return info, _read_from(fd, info.dataset_offset, size), head[:info.dataset_offset]
+
+
+def _info_of_head(head: bytes) -> FileInfo | None:
+    """read_info on the first bytes of a longer file; None when they do not hold the
+    whole file meta group (and the first element header after it)."""
+    try:
+        info = read_info(head)
+    except Malformed:
+        return None
+    return info if info.dataset_offset + 8 <= len(head) else None
 
 
 class Loader:
@@ -74,7 +100,7 @@ class Loader:
         self._spooled = 0
 
     def load(self, task: Task) -> Outcome:
-        index, path, _size = task
+        index, path, size = task
         if self.stop.is_set():
             return Outcome(index, NOT_ATTEMPTED, "import stopped (disk full); free space and run it again")
         try:
@@ -85,6 +111,10 @@ class Loader:
             return Outcome(index, REFUSED, f"unreadable: {e.strerror or e}")
         try:
             return self._load_open(index, path, fd)
+        except NotDicom as e:
+            return Outcome(index, SKIPPED, f"not DICOM: {e}", size)
+        except Malformed as e:
+            return Outcome(index, REFUSED, str(e), size)
         except OSError as e:
             return Outcome(index, REFUSED, f"unreadable: {e.strerror or e}")
         finally:
@@ -93,14 +123,24 @@ class Loader:
     def _load_open(self, index: int, path: str, fd: int) -> Outcome:
         size = os.fstat(fd).st_size
         if size <= self.spill_threshold:
-            return self._store(index, path, _read_all(fd, size), size)
+            info, dataset, head = _read_file(fd, size)
+            return self._store(index, path, info, dataset, dataset, head, size)
         # A large file is not read into memory: the kernel copies it into our spool, and
         # the copy is mapped and stored from (a map of the source itself would die of
         # SIGBUS if someone truncated the file meanwhile; our copy cannot shrink).
         copy = self._spool_copy(fd, size)
         try:
             with open(copy, "rb") as f, mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ) as data:
-                return self._store(index, path, data, size, copy)
+                view = memoryview(data)
+                try:
+                    info = read_info(view)
+                    offset = info.dataset_offset
+                    # Archive.store streams the copy's range, and compresses it into a file
+                    # next to the copy when the syntax is native.
+                    return self._store(index, path, info, view[offset:], FileRange(copy, offset, size - offset),
+                                       view[:offset], size)
+                finally:
+                    view.release()
         finally:
             copy.unlink(missing_ok=True)
 
@@ -126,30 +166,18 @@ class Loader:
             raise
         return copy
 
-    def _store(self, index: int, path: str, data: bytes | mmap.mmap, size: int,
-               copy: Path | None = None) -> Outcome:
-        view = memoryview(data)
+    def _store(self, index: int, path: str, info: FileInfo, dataset: bytes | memoryview,
+               stored: bytes | FileRange, head: bytes | memoryview, size: int) -> Outcome:
+        """Check the data set (`dataset`, the bytes after the file meta) and store
+        `stored` (those bytes, or the spool copy's range holding them)."""
+        if info.is_dicomdir:
+            return Outcome(index, SKIPPED, "DICOMDIR: a media directory, not an instance "
+                                           "(the files it references are imported from the folder)", size,
+                           missing_references(path, bytes(head) + bytes(dataset)))
+        check_whole(dataset, info.transfer_syntax_uid, info.dataset_offset)
+        sop_class, sop_instance = self._identity(dataset, info)
         try:
-            try:
-                info = read_info(view)
-                if info.is_dicomdir:
-                    return Outcome(index, SKIPPED, "DICOMDIR: a media directory, not an instance "
-                                                   "(the files it references are imported from the folder)", size,
-                                   missing_references(path, bytes(view)))
-                check_whole(view, info.dataset_offset, info.transfer_syntax_uid)
-                sop_class, sop_instance = self._identity(view, info)
-            except NotDicom as e:
-                return Outcome(index, SKIPPED, f"not DICOM: {e}", size)
-            except Malformed as e:
-                return Outcome(index, REFUSED, str(e), size)
-        finally:
-            view.release()
-        offset = info.dataset_offset
-        # Bytes, or the spool copy's range (Archive.store streams it, and compresses it
-        # into a file next to the copy when the syntax is native).
-        dataset = data[offset:] if copy is None else FileRange(copy, offset, size - offset)
-        try:
-            result = self._store_once(dataset, info, sop_class, sop_instance)
+            result = self._store_once(stored, info, sop_class, sop_instance)
         except OSError as e:  # Archive.store answers statuses; this is a failure of ours, said plainly
             return Outcome(index, REFUSED, f"could not store: {e.strerror or e}", size)
         if result.ok:
@@ -159,14 +187,13 @@ class Loader:
         return Outcome(index, REFUSED, _RENAMED.get(result.comment, result.comment) + f" (status 0x{result.status:04X})",
                        size)
 
-    def _identity(self, view: memoryview, info: FileInfo) -> tuple[str, str]:
+    def _identity(self, dataset: bytes | memoryview, info: FileInfo) -> tuple[str, str]:
         """SOP Class and Instance UIDs: from the file meta, or from the data set itself
         when the file has none (Archive.store checks that both agree with the data set)."""
         if info.sop_class_uid and info.sop_instance_uid:
             return info.sop_class_uid, info.sop_instance_uid
-        head = view[info.dataset_offset:info.dataset_offset + _HEAD]
         try:
-            attrs = extract(bytes(head), info.transfer_syntax_uid)
+            attrs = extract(bytes(dataset[:_HEAD]), info.transfer_syntax_uid)
         except UnreadableDataset as e:
             if info.has_meta:
                 raise Malformed(f"cannot parse the data set: {e}") from None

@@ -4,7 +4,8 @@ starts, what its File Meta Information says, and whether the data set is whole.
 Three shapes are accepted: a Part-10 file (128-byte preamble, "DICM", file meta group),
 a file that starts directly with the file meta group (no preamble), and a bare data set
 (no meta at all; old ACR-NEMA-style exports, usually Implicit VR Little Endian). The
-data set bytes are never re-encoded: the import stores `data[dataset_offset:]` as is.
+data set bytes are never re-encoded: the import stores the bytes from `dataset_offset` on
+as they are.
 """
 from __future__ import annotations
 
@@ -121,31 +122,33 @@ def read_info(data: bytes | memoryview) -> FileInfo:
 
 # --- is the data set whole? ----------------------------------------------------------
 
-def check_whole(data: bytes | memoryview, offset: int, transfer_syntax_uid: str) -> None:
-    """Raise Malformed if the data set from `offset` is cut short: every element's length,
-    sequences and encapsulated pixel data included, must fit in the file. Deflated data
-    sets are left to zlib (the catalog reader inflates them)."""
+def check_whole(dataset: bytes | memoryview, transfer_syntax_uid: str, file_offset: int = 0) -> None:
+    """Raise Malformed if the data set is cut short: every element's length, sequences and
+    encapsulated pixel data included, must fit. Deflated data sets are left to zlib (the
+    catalog reader inflates them). Byte positions in messages count from the start of the
+    file, where the data set begins at `file_offset`."""
     if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         return
     big = transfer_syntax_uid == ExplicitVRBigEndian
     implicit = transfer_syntax_uid == ImplicitVRLittleEndian
-    if not implicit and len(data) - offset >= 8 and not _VR.match(bytes(data[offset + 4:offset + 6])):
+    if not implicit and len(dataset) >= 8 and not _VR.match(bytes(dataset[4:6])):
         raise Malformed(f"the data set is Implicit VR, but its transfer syntax {transfer_syntax_uid} is explicit")
-    _Walker(data, ">" if big else "<", implicit).dataset(offset, in_item=False)
+    _Walker(dataset, ">" if big else "<", implicit, file_offset).dataset(0, in_item=False)
 
 
 class _Walker:
     """Hops over elements by their lengths; never decodes values."""
 
-    def __init__(self, data: bytes | memoryview, endian: str, implicit: bool) -> None:
-        self.data, self.end, self.implicit = data, len(data), implicit
+    def __init__(self, data: bytes | memoryview, endian: str, implicit: bool, base: int) -> None:
+        self.data, self.end, self.implicit, self.base = data, len(data), implicit, base
         self.tag = struct.Struct(endian + "HH")
         self.u32 = struct.Struct(endian + "I")
         self.u16 = struct.Struct(endian + "H")
         self.item = struct.Struct(endian + "HHI")
 
     def _cut(self, what: str, pos: int) -> Malformed:
-        return Malformed(f"truncated: {what} at byte {pos} runs past the end of the file ({self.end} bytes)")
+        return Malformed(f"truncated: {what} at byte {self.base + pos} runs past the end of the file "
+                         f"({self.base + self.end} bytes)")
 
     def dataset(self, pos: int, in_item: bool, implicit: bool | None = None) -> int:
         implicit = self.implicit if implicit is None else implicit
@@ -160,7 +163,7 @@ class _Walker:
             if tag == _ITEM_END:
                 return pos + 8
             if group == 0xFFFE:
-                raise Malformed(f"unexpected delimiter ({group:04X},{element:04X}) at byte {pos}")
+                raise Malformed(f"unexpected delimiter ({group:04X},{element:04X}) at byte {self.base + pos}")
             vr = b""
             if implicit:
                 length, head = self.u32.unpack_from(data, pos + 4)[0], 8
@@ -194,7 +197,7 @@ class _Walker:
             if item_tag == _SEQ_END:
                 return pos
             if item_tag != _ITEM:
-                raise Malformed(f"({tag >> 16:04X},{tag & 0xFFFF:04X}): expected an item at byte {pos - 8}")
+                raise Malformed(f"({tag >> 16:04X},{tag & 0xFFFF:04X}): expected an item at byte {self.base + pos - 8}")
             if length == 0xFFFFFFFF:
                 pos = self.dataset(pos, in_item=True, implicit=implicit)
             elif pos + length > end:
