@@ -14,7 +14,6 @@ client's threads). Not a test: the figures depend on the machine and on what els
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
@@ -23,9 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,25 +130,10 @@ def run_orthanc(folder: Path, work: Path, files: int, nbytes: int, threads: int)
     paths = sorted(folder.rglob("*.dcm"))
     orthanc = Orthanc(work, nodelay=True)
     monitor = TreeMonitor(orthanc.proc.pid).start()
-    local = threading.local()
-
-    def post(path: Path) -> None:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection("127.0.0.1", orthanc.http_port, timeout=600)
-        body = path.read_bytes()
-        conn.request("POST", "/instances", body=body, headers={"Content-Type": "application/dicom"})
-        resp = conn.getresponse()
-        answer = resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"Orthanc answered {resp.status} for {path}: {answer[:200]!r}")
-
     try:
         base = monitor.sample()
         cpu0, t0 = _self_cpu(), time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(post, paths):
-                pass
+        orthanc.upload(paths, threads)
         seconds = time.perf_counter() - t0
         client = _self_cpu() - cpu0
         server_cpu = monitor.sample() - base

@@ -6,11 +6,14 @@ it by PID, so that no run ever touches, or depends on, the system service.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,25 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=self.rest_timeout) as r:
             raw = r.read()
         return json.loads(raw) if raw.strip() else None
+
+    def upload(self, paths: list[Path], threads: int = 4) -> None:
+        """POST each file to /instances, `threads` at a time on kept-alive connections, as
+        Orthanc's ImportDicomFiles.py and its users do; raises on any refusal."""
+        local = threading.local()
+
+        def post(path: Path) -> None:
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=600)
+            conn.request("POST", "/instances", body=path.read_bytes(), headers={"Content-Type": "application/dicom"})
+            resp = conn.getresponse()
+            answer = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"Orthanc answered {resp.status} for {path}: {answer[:200]!r}")
+
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(post, paths):
+                pass
 
     def stop(self, timeout: float = 20.0) -> None:
         """Terminate it by PID, kill it if it has not exited after ``timeout`` seconds."""
