@@ -24,7 +24,7 @@ from stowage.engine.filemeta import PREAMBLE, file_meta
 from stowage.engine.freespace import FreeSpace
 from stowage.engine.quota import Usage
 from stowage.engine.served import ServedVersions
-from stowage.engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, crc32, record_parts, shuffle
+from stowage.engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, crc32, record_parts, shuffle, shuffle_joined
 from stowage.engine.writer import OutOfResources, SegmentWriter
 
 log = logging.getLogger("stowage.store")
@@ -234,9 +234,10 @@ class Archive:
             return [meta, dataset], 0, None
         flags = FLAG_ZSTD | FLAG_SHUFFLE
         if isinstance(dataset, bytes):
-            raw = meta + dataset
-            packed = self._compressor().compress(shuffle(raw))
-            return ([packed], flags, None) if len(packed) < _INCOMPRESSIBLE * len(raw) else ([raw], 0, None)
+            packed = self._compressor().compress(shuffle_joined(meta, dataset))
+            if len(packed) < _INCOMPRESSIBLE * (len(meta) + len(dataset)):
+                return [packed], flags, None
+            return [meta, dataset], 0, None
         packed_path = dataset.path.with_suffix(".zst")
         with open(packed_path, "wb") as out:
             with self._compressor().stream_writer(out, size=len(meta) + dataset.length, closefd=False) as z:

@@ -219,6 +219,11 @@ def _lanes(data: bytes | bytearray | memoryview, inverse: bool) -> memoryview:
         return _shuffle_small(data)
     src = np.frombuffer(data, np.uint8)
     out = np.empty(len(src), np.uint8)
+    _lanes_into(src, out, inverse)
+    return memoryview(out)
+
+
+def _lanes_into(src: np.ndarray, out: np.ndarray, inverse: bool) -> None:
     rows = _unshuffle_rows if inverse else _shuffle_rows
     whole = len(src) // SHUFFLE_BLOCK * SHUFFLE_BLOCK
     if whole:
@@ -227,11 +232,32 @@ def _lanes(data: bytes | bytearray | memoryview, inverse: bool) -> memoryview:
     if even > whole:
         rows(src[whole:even].reshape(1, -1), out[whole:even].reshape(1, -1))
     out[even:] = src[even:]
-    return memoryview(out)
 
 
 def shuffle(data: bytes | bytearray | memoryview) -> memoryview:
     return _lanes(data, inverse=False)
+
+
+def shuffle_joined(head: bytes, body: bytes | memoryview) -> memoryview:
+    """`shuffle(head + body)` without copying `body` into a joined buffer first (a record's
+    file meta and its data set: the meta is small and of even length, the data set large)."""
+    first = min(SHUFFLE_BLOCK, len(head) + len(body))  # the block that holds the head
+    if len(head) % 2 or first - len(head) < 2 or first < _SMALL:
+        return shuffle(head + bytes(body))
+    out = np.empty(len(head) + len(body), np.uint8)
+    src = np.frombuffer(body, np.uint8)
+    even = first // 2 * 2  # an odd total leaves one last byte as it is
+    half, head_half, cut = even // 2, len(head) // 2, even - len(head)
+    low, high = out[:half], out[half:even]
+    meta = np.frombuffer(head, np.uint8)
+    low[:head_half], high[:head_half] = meta[0::2], meta[1::2]
+    pairs = src[:cut].view(_U16)
+    np.bitwise_and(pairs, 0xFF, out=low[head_half:], casting="unsafe")
+    np.right_shift(pairs, 8, out=high[head_half:], casting="unsafe")
+    if first > even:
+        out[even:first] = src[cut:first - len(head)]
+    _lanes_into(src[first - len(head):], out[first:], inverse=False)
+    return memoryview(out)
 
 
 def unshuffle(data: bytes | bytearray | memoryview) -> memoryview:

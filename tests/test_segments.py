@@ -103,6 +103,23 @@ def test_shuffle_layout_is_fixed_and_inverts():
     assert bytes(unshuffle(shuffle(data))) == data
 
 
+@pytest.mark.parametrize("head_length", [0, 2, 198, 3, 1 << 18, (1 << 18) - 2])
+def test_shuffle_of_a_meta_and_its_data_set_is_that_of_their_join(head_length):
+    """The store path shuffles a record's file meta and data set without joining them
+    first: the bytes must be exactly those of shuffling the join, for data sets of every
+    length around the block boundary (odd meta lengths and long metas take the plain path)."""
+    from stowage.engine.segment import SHUFFLE_BLOCK, shuffle, shuffle_joined
+    rng = random.Random(head_length)
+    head = rng.randbytes(head_length)
+    for length in [0, 1, 2, 7, 16 << 10, (16 << 10) + 3, SHUFFLE_BLOCK - head_length - 1,
+                   SHUFFLE_BLOCK - head_length, SHUFFLE_BLOCK - head_length + 1, SHUFFLE_BLOCK - head_length + 2,
+                   2 * SHUFFLE_BLOCK + 5, 525_001]:
+        if length < 0:
+            continue
+        body = rng.randbytes(length)
+        assert bytes(shuffle_joined(head, body)) == bytes(shuffle(head + body)), (head_length, length)
+
+
 def test_record_checksum_is_zlibs_crc32():
     """Records written with the fast CRC-32 read back with zlib's, and the other way
     round: the checksum is part of the format."""
