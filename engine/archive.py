@@ -23,7 +23,7 @@ from stowage.engine.config import Config
 from stowage.engine.filemeta import PREAMBLE, file_meta
 from stowage.engine.freespace import FreeSpace
 from stowage.engine.quota import Usage
-from stowage.engine.served import ServedVersions
+from stowage.engine.served_versions import ServedVersions
 from stowage.engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, crc32, record_parts, shuffle, shuffle_joined
 from stowage.engine.writer import OutOfResources, SegmentWriter
 

@@ -270,7 +270,7 @@ def rebuild_catalog(config_file, data_dir) -> None:
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the peer.")
 def echo(target, config_file, data_dir, aet, aec, timeout) -> None:
     """C-ECHO a remote AE: a configured AE title, or host:port."""
-    from stowage.engine.client import PeerError, echo as run, resolve
+    from stowage.engine.requestor import PeerError, echo as run, resolve
     from stowage.engine.send_cli import quiet_libraries
     quiet_libraries()
     config = _load(config_file, data_dir=data_dir)

@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.presentation import build_context
 
-from stowage.engine.client import Peer, PeerError, associate, new_ae
+from stowage.engine.requestor import Peer, PeerError, associate, new_ae
 from stowage.engine.commitment import SOP_CLASS, WELL_KNOWN_INSTANCE
 from stowage.engine.send import Instance
 

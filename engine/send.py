@@ -40,7 +40,7 @@ from pynetdicom import _config
 from pynetdicom.association import Association
 
 from stowage.engine import convert, filemeta, store_responses, store_scu
-from stowage.engine.client import Peer, PeerError
+from stowage.engine.requestor import Peer, PeerError
 from stowage.engine.filemeta import PREAMBLE
 from stowage.engine.integrity import marks_of
 from stowage.engine.segment import CorruptRecord, read_payload, stream_payload

@@ -10,7 +10,7 @@ import time
 import click
 
 from stowage.catalog.reader import Catalog
-from stowage.engine.client import PeerError, resolve
+from stowage.engine.requestor import PeerError, resolve
 from stowage.engine.config import Config
 from stowage.engine.selection import SelectionError, parse_query, select
 from stowage.engine.send import Outcome, Sender

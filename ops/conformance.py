@@ -94,7 +94,7 @@ def implementation() -> str:
              str(ae.implementation_class_uid), ae.implementation_version_name, "`workers/services.build_ae` (pynetdicom's AE)"],
             ["SCU: C-STORE from `stowage send`, C-MOVE sub-operations (`engine/store_scu.py`)",
              str(filemeta.IMPLEMENTATION_CLASS_UID), filemeta.IMPLEMENTATION_VERSION_NAME, "`engine/filemeta.py`"],
-            ["SCU: `stowage echo`, storage commitment requests and reports on a new association (`engine/client.new_ae`)",
+            ["SCU: `stowage echo`, storage commitment requests and reports on a new association (`engine/requestor.new_ae`)",
              str(plain.implementation_class_uid), plain.implementation_version_name, "pynetdicom's AE defaults"],
             ["Part-10 files written by `stowage export` (file meta (0002,0012), (0002,0013))",
              str(filemeta.IMPLEMENTATION_CLASS_UID), filemeta.IMPLEMENTATION_VERSION_NAME, "`engine/filemeta.py`"]]

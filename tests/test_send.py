@@ -292,7 +292,7 @@ def test_send_on_an_existing_association(server, tmp_path, scps, monkeypatch):
     from pynetdicom import _config
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)  # Sender sets it process-wide
     from stowage.catalog.reader import Catalog
-    from stowage.engine.client import Peer, associate, new_ae
+    from stowage.engine.requestor import Peer, associate, new_ae
     from stowage.engine.selection import select
     from stowage.engine.send import Sender, context_batches
     from pynetdicom.presentation import build_context

@@ -35,7 +35,7 @@ from pynetdicom.presentation import build_context
 
 from stowage.engine import commitment as sc
 from stowage.engine.archive import Archive, valid_uid
-from stowage.engine.client import Peer, PeerError, associate, new_ae, peer_of
+from stowage.engine.requestor import Peer, PeerError, associate, new_ae, peer_of
 from stowage.engine.config import Config
 
 log = logging.getLogger("stowage.commitment")

@@ -31,7 +31,7 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from stowage.catalog.reader import Catalog
-from stowage.engine.client import Peer, PeerError, peer_of
+from stowage.engine.requestor import Peer, PeerError, peer_of
 from stowage.engine.config import Config
 from stowage.engine import metrics, store_scu
 from stowage.engine.send import Instance, Outcome, Sender, direct_socket

@@ -18,7 +18,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from stowage.catalog.reader import Catalog
-from stowage.engine.client import Peer
+from stowage.engine.requestor import Peer
 from stowage.engine.config import Config
 from stowage.engine.migrate import report
 from stowage.engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result, StudyRow

@@ -1,5 +1,6 @@
-"""Associations the archive opens (the SCU side of send, C-MOVE sub-operations and
-commitment reports): one place for timeouts, TCP_NODELAY and naming the peer.
+"""Associations the archive opens as association-requestor (PS3.8): the SCU side of
+send, C-MOVE sub-operations and commitment reports; one place for timeouts, TCP_NODELAY
+and naming the peer.
 
 pynetdicom creates requestor sockets itself and never sets TCP_NODELAY; a command PDU
 followed by a small data PDU then waits out the peer's delayed ACK (40 ms per message,
@@ -11,7 +12,6 @@ read (what each saves: docs/benchmarks.md, figures behind design choices).
 """
 from __future__ import annotations
 
-import logging
 import re
 import socket
 import ssl
@@ -27,7 +27,6 @@ from stowage.engine import reactor
 from stowage.engine.config import Config, Remote
 from stowage.engine.tls import client_context
 
-log = logging.getLogger("stowage.client")
 VERIFICATION = "1.2.840.10008.1.1"
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
 
