@@ -23,8 +23,8 @@ class Manifest:
     watermarks: dict[str, int] = field(default_factory=dict)    # segment -> sealed byte offset
     retired: dict[str, float] = field(default_factory=dict)     # parquet name -> retired at
     generation: int = 0
-    uid_filter: str = ""    # token of the sealed-UID Bloom filter that matches (catalog.versions)
-    duplicates: str = ""    # Parquet file of the records of duplicated UIDs (catalog.versions)
+    uid_filter: str = ""    # token of the sealed-UID Bloom filter that matches (catalog.sealed_uids)
+    duplicates: str = ""    # Parquet file of the records of duplicated UIDs (catalog.versions_table)
     # Segments a compaction replaced (engine.compaction) -> retired at; unlinked after a grace
     retired_segments: dict[str, float] = field(default_factory=dict)
 

@@ -13,7 +13,7 @@ Views, for lookups and for `stowage query`:
                sealed file, plus the tails' studies; several rows of a study add up
 
 `instances` is `records` less the records the policy hides (`shadowed`): those of the
-versions table (catalog.versions) and those that tail rows newly duplicate, and less the
+versions table (catalog.versions_table) and those that tail rows newly duplicate, and less the
 records a tombstone names (an anti-join on (sop_instance_uid, received_at); the policy
 chooses among the versions that are not deleted). Filters on `instances` reach the
 Parquet scan, so a lookup reads only the row groups it needs. Every refresh stats the
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stowage.catalog import manifest, studies, tombstones, versions
+from stowage.catalog import manifest, sealed_uids, studies, tombstones, versions_table
 from stowage.catalog.schema import SCHEMA
 from stowage.catalog.tail import TailReader
 
@@ -72,14 +72,14 @@ class Catalog:
         self._hidden_unknown = False
         self._views_shape: tuple | None = None
         self.policy = duplicates
-        versions.KEEP_NEWEST[duplicates]  # noqa: B018 - an unknown policy fails here
+        versions_table.KEEP_NEWEST[duplicates]  # noqa: B018 - an unknown policy fails here
         self._con = duckdb.connect(":memory:", config={"threads": threads, "memory_limit": MEMORY_LIMIT})
         self._con.execute("SET parquet_metadata_cache = true")
         self._lock = threading.Lock()
         self._generation, self._state = -1, None
         self._manifest = manifest.Manifest()
-        self._filter: versions.SealedUids | None = None
-        self._sealed_versions = versions.VERSIONS_SCHEMA.empty_table()  # of the versions table
+        self._filter: sealed_uids.SealedUids | None = None
+        self._sealed_versions = versions_table.VERSIONS_SCHEMA.empty_table()  # of the versions table
         self._tail_checked: dict[str, bool] = {}  # tail UID -> may be sealed too (this generation)
         self._shadow_empty: bool | None = None
         self._file_columns: dict[str, tuple[str, ...]] = {}  # sealed file -> its columns (files never change)
@@ -132,13 +132,13 @@ class Catalog:
                 "FROM records r JOIN tombstones t ON t.sop_instance_uid = r.sop_instance_uid "
                 "AND t.received_at = r.received_at")
         if m.generation != self._generation:
-            self._filter = versions.read_filter(self.directory, m, self._filter)
+            self._filter = sealed_uids.read_filter(self.directory, m, self._filter)
             if m.duplicates != self._manifest.duplicates or self._generation < 0:
-                self._sealed_versions = versions.load_versions(self.directory, m)
+                self._sealed_versions = versions_table.load_versions(self.directory, m)
             self._tail_checked = {}
             self._generation = m.generation
             self._manifest = m
-        shadow = versions.shadowed(self._not_deleted(self._versions(unsealed)), self.policy)
+        shadow = versions_table.shadowed(self._not_deleted(self._versions(unsealed)), self.policy)
         self._con.register("shadowed", shadow)
         self._shadow_empty, self._tomb_empty = shadow.num_rows == 0, self._tomb_count == 0
         if not (self._shadow_empty and self._tomb_empty):
@@ -297,7 +297,7 @@ class Catalog:
         sealed = self._con.sql(
             "SELECT sop_instance_uid, received_at, segment, \"offset\", study_instance_uid FROM sealed_rows "
             "WHERE sop_instance_uid IN (SELECT unnest(?))", params=[wanted.to_pylist()]).to_arrow_table()
-        return versions.merge(self._sealed_versions, sealed, mine)
+        return versions_table.merge(self._sealed_versions, sealed, mine)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
         """Run `sql` (values bound as parameters) over fresh views; returns (columns, rows)."""

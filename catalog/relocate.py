@@ -4,7 +4,7 @@ Sealed Parquet files are immutable, so the rows of a compacted segment are moved
 writing new files: every sealed file that holds rows of a replaced segment is written
 again, with the rows of records that were copied pointing at their new (segment,
 offset) and the rows of dropped (dead) records left out; then one manifest swap names
-the new files, retires the old ones, remaps the versions table (catalog.versions) the
+the new files, retires the old ones, remaps the versions table (catalog.versions_table) the
 same way, marks the new segment sealed to its end and retires the replaced segments.
 Readers need no change: they see the catalog before the swap or after it, never half.
 
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stowage.catalog import manifest, versions
+from stowage.catalog import manifest, versions_table
 from stowage.catalog.schema import SCHEMA
 from stowage.catalog.sealer import _write_parquet
 
@@ -97,10 +97,10 @@ def _remap_versions(directory: Path, m: manifest.Manifest, segments: list[str], 
     dead ones); mutates m."""
     if not m.duplicates:
         return
-    table = versions.load_versions(directory, m)
+    table = versions_table.load_versions(directory, m)
     if not pc.any(pc.is_in(table["segment"], value_set=pa.array(segments, pa.string()))).as_py():
         return
-    table = versions.merge(_relocated(table, segments, new_segment, moves))
+    table = versions_table.merge(_relocated(table, segments, new_segment, moves))
     m.retired[m.duplicates] = time.time()
     m.duplicates = ""
     if table.num_rows:

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stowage.catalog import manifest, studies, versions
+from stowage.catalog import manifest, studies, versions_table
 from stowage.catalog.schema import SCHEMA
 from stowage.catalog.tail import SUFFIX, TailWriter
 
@@ -58,7 +58,7 @@ def seal_rows(directory: Path, rows: pa.Table | list[dict[str, Any]]) -> str | N
                                 table["record_length"].to_pylist()):
         ends[seg] = max(ends.get(seg, 0), off + length)
     with manifest.update(directory) as m:
-        versions.note_sealed(directory, m, table)
+        versions_table.note_sealed(directory, m, table)
         m.files[name] = table.num_rows
         for seg, end in ends.items():
             m.watermarks[seg] = max(m.watermarks.get(seg, 0), end)

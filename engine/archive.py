@@ -17,7 +17,7 @@ from stowage.catalog.bloom import UidFilter
 from stowage.catalog.reader import Catalog
 from stowage.catalog.sealer import Sealer
 from stowage.catalog.tail import TailUids, read_tails
-from stowage.catalog.versions import SealedView
+from stowage.catalog.sealed_uids import SealedView
 from stowage.engine import rejection
 from stowage.engine.config import Config
 from stowage.engine.filemeta import PREAMBLE, file_meta

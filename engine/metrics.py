@@ -5,7 +5,7 @@ ready and restarted) and reads the free space of the data directory when scraped
 worker counts its C-STOREs, retrieve sub-operations and C-FINDs in memory (`counts`, an
 integer addition under a lock per event) and reports its totals over its control channel
 at most once a second; a worker that dies keeps what it last reported. No shared memory maps: a full disk must not be able
-to kill a process through them (see catalog/versions.py).
+to kill a process through them (see catalog/sealed_uids.py).
 """
 from __future__ import annotations
 

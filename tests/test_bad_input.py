@@ -646,7 +646,7 @@ def test_sealed_uid_filter_on_a_full_tmpfs_is_read_without_sigbus(tmpfs, tmp_pat
     needs a page, so on a full one a mapped read is SIGBUS: it must be read with pread
     there. Probed in a child process, which a SIGBUS would kill."""
     import sys
-    from stowage.catalog.versions import SealedUids
+    from stowage.catalog.sealed_uids import SealedUids
     disk = tmpfs(tmp_path / "disk", "4m")
     SealedUids.create(disk / "uids.bloom").close()
     fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT)  # fill the file system
@@ -657,7 +657,7 @@ def test_sealed_uid_filter_on_a_full_tmpfs_is_read_without_sigbus(tmpfs, tmp_pat
         pass
     finally:
         os.close(fd)
-    probe = ("import sys; from pathlib import Path; from stowage.catalog.versions import SealedUids; "
+    probe = ("import sys; from pathlib import Path; from stowage.catalog.sealed_uids import SealedUids; "
              f"f = SealedUids(Path({str(disk / 'uids.bloom')!r}), writable=False); "
              "print(sum(f'1.2.3.{i}' in f for i in range(2000)))")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,

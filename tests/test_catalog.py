@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from stowage.catalog import manifest, versions
+from stowage.catalog import manifest, sealed_uids
 from stowage.catalog.reader import Catalog
 from stowage.catalog.schema import SCHEMA
 from stowage.catalog.sealer import Sealer, _pick, compact
@@ -118,7 +118,7 @@ def test_a_lost_or_stale_uid_filter_is_rebuilt(tmp_path):
     s = Sealer(tmp_path, 0, compact_min_files=100)
     s.commit([row("1.1", "000-00000001.seg", 0, 1, crc=10)])
     s.seal()
-    (tmp_path / versions.FILTER).unlink()
+    (tmp_path / sealed_uids.FILTER).unlink()
     c = Catalog(tmp_path)
     s.commit([row("1.1", "000-00000001.seg", 10, 2, crc=20)])  # no filter: tails are checked exactly
     assert _kept(c, "1.1") == 20
