@@ -4,22 +4,20 @@ C-ECHO): one thread per association, blocking reads, no polling.
 pynetdicom spends two threads and several 1 ms sleeps on every message; an ingest
 association needs none of that. Here a P-DATA-TF PDU is read whole (its declared length
 checked against our limit first), its PDVs reassembled into a command set and a dataset,
-the dataset handed byte-exact to the archive (spilling to disk when large), and the
-response sent from a template. Everything other than C-STORE, C-ECHO, A-RELEASE and
-A-ABORT ends the association with an A-ABORT.
+the dataset handed byte-exact to the Storage SCP (workers/store.py; spilling to disk when
+large), and the response sent from a template. Everything other than C-STORE, C-ECHO,
+A-RELEASE and A-ABORT ends the association with an A-ABORT.
 """
 from __future__ import annotations
 
 import logging
 import socket
 import struct
-from typing import Callable
 
-from stowage.engine.archive import PROCESSING_FAILURE, Archive, StoreResult
-from stowage.engine.segment import FileRange
 from stowage.workers import commands
 from stowage.workers.negotiation import A_ABORT_UNEXPECTED_PDU, Accepted, PduReader, PeerClosed, ProtocolError
 from stowage.workers.spill import SpillBuffer
+from stowage.workers.store import StorageSCP
 
 log = logging.getLogger("stowage.ingest")
 P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x04, 0x05, 0x07
@@ -39,14 +37,13 @@ class _Message:
 
 
 class StorageAssociation:
-    def __init__(self, sock: socket.socket, accepted: Accepted, archive: Archive, calling_ae: str,
-                 called_ae: str, max_pdu: int, on_store: Callable[[str, int, int, str], None]) -> None:
+    def __init__(self, sock: socket.socket, accepted: Accepted, scp: StorageSCP, key: int, calling_ae: str,
+                 called_ae: str, max_pdu: int) -> None:
         self.sock = sock
         self.contexts = accepted.contexts
-        self.archive = archive
+        self.scp, self.key = scp, key  # key: this association's in the audit trail
         self.calling_ae, self.called_ae = calling_ae, called_ae
         self.limit = max(max_pdu, 1 << 16) + _PDU_SLACK
-        self.on_store = on_store  # (sop instance uid, status, bytes, comment), for the audit trail
         self.outcome = "closed"
         self._message: _Message | None = None
 
@@ -155,25 +152,7 @@ class StorageAssociation:
         f = msg.fields
         sop_class = str(f.get("affected_sop_class_uid", ""))
         sop_instance = str(f.get("affected_sop_instance_uid", ""))
-        buf = msg.dataset
-        dataset: bytes | FileRange = b""
-        try:
-            if buf.spilled:
-                path, length = buf.finish()
-                dataset = FileRange(path, 0, length)
-            else:
-                dataset = buf.getvalue()
-            result = self.archive.store(dataset, self.contexts[msg.context_id][1], sop_class, sop_instance,
-                                        calling_ae=self.calling_ae, called_ae=self.called_ae)
-        except Exception:  # a bug of ours must not cost the sender its association
-            log.exception("storing %s failed", sop_instance)
-            result = StoreResult(PROCESSING_FAILURE, "processing failure; see the archive log")
-        finally:
-            buf.discard()
-        size = dataset.length if isinstance(dataset, FileRange) else len(dataset)
-        if not result.ok:
-            log.warning("C-STORE %s from %s refused 0x%04X: %s", sop_instance, self.calling_ae,
-                        result.status, result.comment)
-        self.on_store(sop_instance, result.status, size, result.comment)
+        result = self.scp.store(self.key, msg.dataset, self.contexts[msg.context_id][1], sop_class, sop_instance,
+                                self.calling_ae, self.called_ae)
         self._send(commands.p_data(msg.context_id, commands.store_response(
             f["message_id"], sop_class, sop_instance, result.status, result.comment)))

@@ -16,7 +16,7 @@ from stowage.workers.contexts import VERIFICATION, storage_sop_classes, transfer
 from stowage.workers.echo import handle_echo
 from stowage.workers.find import FIND_SOP_CLASSES, Finder, handle_find, handle_sop_extended
 from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES, Retriever, install as install_retrieve
-from stowage.workers.store import handle_store
+from stowage.workers.store import StorageSCP, handle_store
 
 
 @dataclass
@@ -26,11 +26,13 @@ class Services:
     config: Config
     archive: Archive
     trail: Trail
+    storage: StorageSCP = field(init=False)
     commitment: Commitment = field(init=False)
     finder: Finder = field(init=False)
     retriever: Retriever = field(init=False)
 
     def __post_init__(self) -> None:
+        self.storage = StorageSCP(self.archive, self.trail)  # for pynetdicom's path and the lean one
         self.commitment = Commitment(self.config, self.archive)  # starts its delivery thread
         self.finder = Finder(self.config)
         self.retriever = Retriever(self.config)
@@ -39,7 +41,7 @@ class Services:
     def handlers(self) -> list[tuple[Any, Callable | tuple[Callable, list]]]:
         return [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, (handle_store, [self.archive, self.trail])),
+            (evt.EVT_C_STORE, (handle_store, [self.storage])),
             (evt.EVT_N_ACTION, (handle_n_action, [self.commitment])),
             (evt.EVT_C_FIND, (handle_find, [self.finder])),
             (evt.EVT_SOP_EXTENDED, handle_sop_extended),

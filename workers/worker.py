@@ -54,7 +54,8 @@ class Worker:
         self.contexts = self.ae.supported_contexts  # built once, shared read-only by every association
         self.storage_uids = frozenset({VERIFICATION, *storage_sop_classes()})
         self.trail = Trail()
-        self.handlers = Services(config, self.archive, self.trail).handlers()
+        self.services = Services(config, self.archive, self.trail)
+        self.handlers = self.services.handlers()
         self.tls = server_context(config)  # for connections to tls_port (the acceptor checked it loads)
 
     def _tell(self, message: bytes) -> None:
@@ -174,13 +175,8 @@ class Worker:
         sock.sendall(accepted.ac)
         if not isinstance(sock, ssl.SSLSocket):  # TLS keeps Python's timeout: OpenSSL retries reads itself
             kernel_timeouts(sock, self.config.network_timeout)
-        calling = req.calling_ae
-
-        def on_store(uid: str, status: int, size: int, comment: str) -> None:
-            self.trail.stored(key, calling, uid, status, size, comment)
-
-        return StorageAssociation(sock, accepted, self.archive, calling, req.called_ae,
-                                  self.config.max_pdu, on_store).run()
+        return StorageAssociation(sock, accepted, self.services.storage, key, req.calling_ae, req.called_ae,
+                                  self.config.max_pdu).run()
 
     def _serve_pynetdicom(self, sock: socket.socket, req: negotiation.Request) -> str:
         assoc = association.create(self.ae, sock, self.contexts, self.handlers, self.config.aet, req.raw)
