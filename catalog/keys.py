@@ -17,6 +17,11 @@ from stowage.catalog.schema import KEYWORD_TO_COLUMN
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 UNIQUE = {"PATIENT": 0x00100020, "STUDY": 0x0020000D, "SERIES": 0x0020000E, "IMAGE": 0x00080018}
+# The FIND SOP classes of the three models: pydicom.uid names no Query/Retrieve class
+# (pynetdicom.sop_class does; the catalog does not import pynetdicom).
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+PATIENT_STUDY_ONLY_FIND = "1.2.840.10008.5.1.4.1.2.3.1"
 
 # Keys the archive computes from the instances it holds (PS3.4 C.3.4 and C.6).
 DERIVED = frozenset({
@@ -116,10 +121,10 @@ def models() -> dict[str, Model]:
                         for tag, k in t["PATIENT"].items()}
     study_root_study.update(t["STUDY"])
     found = [
-        Model("Patient Root", "1.2.840.10008.5.1.4.1.2.1.1", LEVELS, dict(t)),
-        Model("Study Root", "1.2.840.10008.5.1.4.1.2.2.1", LEVELS[1:],
+        Model("Patient Root", PATIENT_ROOT_FIND, LEVELS, dict(t)),
+        Model("Study Root", STUDY_ROOT_FIND, LEVELS[1:],
               {"STUDY": study_root_study, "SERIES": t["SERIES"], "IMAGE": t["IMAGE"]}),
-        Model("Patient/Study Only", "1.2.840.10008.5.1.4.1.2.3.1", LEVELS[:2],
+        Model("Patient/Study Only", PATIENT_STUDY_ONLY_FIND, LEVELS[:2],
               {"PATIENT": t["PATIENT"], "STUDY": t["STUDY"]}),
     ]
     return {m.find: m for m in found}

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 import zstandard
 
 from stowage.catalog.attributes import UnreadableDataset, extract
 from stowage.catalog.bloom import UidFilter
 from stowage.catalog.reader import Catalog
+from stowage.catalog.sealed_uids import SealedView
 from stowage.catalog.sealer import Sealer
 from stowage.catalog.tail import TailUids, read_tails
-from stowage.catalog.sealed_uids import SealedView
 from stowage.engine import rejection
 from stowage.engine.config import Config
 from stowage.engine.filemeta import PREAMBLE, file_meta
@@ -39,7 +40,7 @@ CANNOT_UNDERSTAND = 0xC000
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # Uncompressed syntaxes: little endian implicit/explicit, big endian. Everything else is
 # encapsulated (JPEG, RLE…) or deflated, and does not compress further.
-NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
+NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian})
 _INCOMPRESSIBLE = 0.97  # keep the raw bytes when zstd saves less than 3 %
 _LEARN_INTERVAL_S = 0.1
 _HEAD_BYTES = 4 << 20

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import evt
 from pynetdicom.presentation import build_context
 
@@ -19,7 +19,7 @@ from stowage.engine.commitment import SOP_CLASS, WELL_KNOWN_INSTANCE
 from stowage.engine.send import Instance
 
 log = logging.getLogger("stowage.commit")
-_SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 
 
 class CommitError(RuntimeError):

@@ -37,6 +37,7 @@ from stowage.engine.segment import fsync_dir
 
 log = logging.getLogger("stowage.commitment")
 
+# pydicom.uid names neither (pynetdicom.sop_class does; this module does not import pynetdicom).
 SOP_CLASS = "1.2.840.10008.1.20.1"            # Storage Commitment Push Model
 WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
 PROCESSING_FAILURE = 0x0110

@@ -10,15 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
-BIG_ENDIAN = "1.2.840.10008.1.2.2"
 # What we may convert to, best first.
-TARGETS = (EXPLICIT_LE, IMPLICIT_LE)
-_UNCOMPRESSED_SOURCES = frozenset({EXPLICIT_LE, IMPLICIT_LE, DEFLATED_LE})
+TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_UNCOMPRESSED_SOURCES = frozenset({*TARGETS, DeflatedExplicitVRLittleEndian})
 
 
 class ConversionError(ValueError):
@@ -32,7 +28,7 @@ def name(uid: str) -> str:
 
 def convertible(source: str) -> bool:
     """Whether we would try to convert from `source` at all."""
-    return source in _UNCOMPRESSED_SOURCES or (UID(source).is_compressed and source != DEFLATED_LE)
+    return source in _UNCOMPRESSED_SOURCES or (UID(source).is_compressed and source != DeflatedExplicitVRLittleEndian)
 
 
 def target_syntax(source: str, accepted: set[str]) -> str | None:
@@ -54,7 +50,7 @@ def convert_file(src: Path, dst: Path, target: str) -> None:
     uid = ds.get("SOPInstanceUID", "?")
     if not convertible(source):
         raise ConversionError(f"{uid}: no conversion from {name(source)}")
-    if UID(source).is_compressed and source != DEFLATED_LE:
+    if UID(source).is_compressed and source != DeflatedExplicitVRLittleEndian:
         try:
             ds.decompress(generate_instance_uid=False)
         except Exception as e:  # missing plugin, corrupt stream, unsupported bit depth

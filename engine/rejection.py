@@ -29,6 +29,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import KeyObjectSelectionDocumentStorage as KOS
 
 from stowage.catalog import tombstones
 from stowage.catalog.reader import Catalog
@@ -38,7 +39,6 @@ from stowage.engine.segment import stream_payload
 
 log = logging.getLogger("stowage.rejection")
 
-KOS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
 # CID 7011 Rejected for Quality Reasons and its siblings (scheme DCM).
 REJECTION_CODES = {"113001": "Rejected for Quality Reasons", "113037": "Rejected for Patient Safety Reasons",
                    "113038": "Incorrect Modality Worklist Entry", "113039": "Data Retention Policy Expired"}

@@ -21,13 +21,13 @@ from typing import Any, Sequence
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
 from stowage.engine import reactor
 from stowage.engine.config import Config, Remote
 from stowage.engine.tls import client_context
 
-VERIFICATION = "1.2.840.10008.1.1"
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
 
 
@@ -129,7 +129,7 @@ def echo(peer: Peer, calling_aet: str, timeout: float = 10.0) -> int:
     """C-ECHO `peer`; returns the status, raises PeerError if there is none."""
     from pynetdicom.presentation import build_context
     ae = new_ae(calling_aet, acse_timeout=timeout, dimse_timeout=timeout, network_timeout=timeout)
-    assoc = associate(ae, peer, [build_context(VERIFICATION)])
+    assoc = associate(ae, peer, [build_context(Verification)])
     try:
         status = assoc.send_c_echo()
     finally:

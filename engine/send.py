@@ -48,9 +48,7 @@ from stowage.workers.commands import WARNING_STATUSES
 
 log = logging.getLogger("stowage.send")
 
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-FALLBACKS = (EXPLICIT_LE, IMPLICIT_LE)
+FALLBACKS = convert.TARGETS  # proposed besides the syntaxes an instance is stored in
 MAX_CONTEXTS = 128
 SPOOL_ABOVE = 32 << 20  # larger datasets go through a spool file, not memory
 PREFETCH = 1  # instances prepared ahead, in as many threads (2 measured slower on 2 cores)

@@ -66,8 +66,9 @@ def _syntax_names(uids) -> str:
 # --- sections -------------------------------------------------------------------------
 
 def services() -> str:
+    from pynetdicom.sop_class import Verification as VERIFICATION
     from stowage.engine.commitment import SOP_CLASS as COMMITMENT
-    from stowage.workers.contexts import VERIFICATION, storage_sop_classes
+    from stowage.workers.contexts import storage_sop_classes
     from stowage.workers.find import FIND_SOP_CLASSES
     from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
     accepted = {str(c.abstract_syntax) for c in worker_ae().supported_contexts}
@@ -152,6 +153,7 @@ def accepted_contexts() -> str:
 
 
 def transfer_syntaxes() -> str:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
     from stowage.engine import archive, convert
     from stowage.workers.contexts import transfer_syntaxes as accepted
     saving = round((1 - archive._INCOMPRESSIBLE) * 100)
@@ -163,7 +165,7 @@ def transfer_syntaxes() -> str:
         if uid in convert.TARGETS:
             sending = "as stored, or converted to the other"
         elif convert.convertible(uid):
-            sending = f"as stored; else to {targets}" + ("" if uid == convert.DEFLATED_LE
+            sending = f"as stored; else to {targets}" + ("" if uid == DeflatedExplicitVRLittleEndian
                                                           else " if a decoder for it is installed")
         else:
             sending = "as stored only"
@@ -332,12 +334,33 @@ def _expr(node: ast.AST) -> str:
     return "…"
 
 
-def _comment(node: ast.AST | None) -> str:
+def _constant(node: ast.AST, path: str, module) -> object:
+    """The value of a module-level constant that `node` names (`X`, `mod.X`), else None."""
+    if not isinstance(node, (ast.Name, ast.Attribute)):
+        return None
+    name = node.id if isinstance(node, ast.Name) else node.attr
+    if not name.isupper() or name.startswith("_"):
+        return None
+    try:
+        return eval(compile(ast.Expression(node), path, "eval"), vars(module))  # a constant's name only
+    except Exception:
+        return None
+
+
+def _comment(node: ast.AST | None, path: str, module) -> str:
+    """An Error Comment as the code words it: placeholders as <expression>, or as the value
+    of the string constant they name."""
     if isinstance(node, ast.Constant):
         return node.value if isinstance(node.value, str) else ""
     if isinstance(node, ast.JoinedStr):
-        return "".join(str(p.value) if isinstance(p, ast.Constant) else f"<{_expr(p.value)}>" for p in node.values)
-    return f"<{_expr(node)}>" if node is not None else ""
+        return "".join(str(p.value) if isinstance(p, ast.Constant) else _placeholder(p.value, path, module)
+                       for p in node.values)
+    return _placeholder(node, path, module) if node is not None else ""
+
+
+def _placeholder(node: ast.AST, path: str, module) -> str:
+    value = _constant(node, path, module)
+    return value if isinstance(value, str) else f"<{_expr(node)}>"
 
 
 def _status_sites(path: str, tree: ast.Module, text: str) -> Iterator[tuple[str, int, str]]:
@@ -346,16 +369,9 @@ def _status_sites(path: str, tree: ast.Module, text: str) -> Iterator[tuple[str,
     module = _module_of(path)
 
     def status_of(node: ast.AST) -> tuple[str, int] | None:
-        if isinstance(node, (ast.Name, ast.Attribute)):
-            name = node.id if isinstance(node, ast.Name) else node.attr
-            if not name.isupper() or name.startswith("_"):
-                return None
-            try:
-                value = eval(compile(ast.Expression(node), path, "eval"), vars(module))  # a constant's name only
-            except Exception:
-                return None
-            if isinstance(value, int) and 0 <= value <= 0xFFFF:
-                return name, value
+        value = _constant(node, path, module)
+        if isinstance(value, int) and 0 <= value <= 0xFFFF:
+            return (node.id if isinstance(node, ast.Name) else node.attr), value
         return None
 
     for node in ast.walk(tree):
@@ -367,11 +383,11 @@ def _status_sites(path: str, tree: ast.Module, text: str) -> Iterator[tuple[str,
             if text_node is None and len(node.args) > 1 and isinstance(node.args[1], (ast.Constant, ast.JoinedStr, ast.Name)):
                 text_node = node.args[1]
             if text_node is not None:
-                yield *found, _comment(text_node)
+                yield *found, _comment(text_node, path, module)
         elif isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) and len(node.value.elts) == 2:
             found = status_of(node.value.elts[0])
             if found and isinstance(node.value.elts[1], (ast.Constant, ast.JoinedStr)):
-                yield *found, _comment(node.value.elts[1])
+                yield *found, _comment(node.value.elts[1], path, module)
 
 
 def _words(constant: str) -> str:

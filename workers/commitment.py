@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.dimse_messages import N_ACTION_RSP
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
@@ -41,7 +42,7 @@ from stowage.engine.config import Config
 log = logging.getLogger("stowage.commitment")
 audit = logging.getLogger("stowage.audit")
 
-SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]  # Implicit, Explicit VR Little Endian
+SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 # N-ACTION statuses (PS3.7 C.4.2.1.4, PS3.4 J.3.2.1.2)
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
@@ -146,7 +147,7 @@ class Commitment:
         req = event.request
         requester = event.assoc.requestor.ae_title.strip()
         if str(req.RequestedSOPInstanceUID) != sc.WELL_KNOWN_INSTANCE:
-            return _failure(NO_SUCH_SOP_INSTANCE, "Requested SOP Instance is not 1.2.840.10008.1.20.1.1")
+            return _failure(NO_SUCH_SOP_INSTANCE, f"Requested SOP Instance is not {sc.WELL_KNOWN_INSTANCE}")
         if event.action_type != 1:
             return _failure(NO_SUCH_ACTION_TYPE, f"Action Type {event.action_type} (only 1 is defined)")
         try:

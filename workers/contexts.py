@@ -7,11 +7,10 @@ from functools import cache
 from importlib import resources
 
 from pydicom._uid_dict import UID_dictionary
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import (AllTransferSyntaxes, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 from pynetdicom import sop_class
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
-
-VERIFICATION = "1.2.840.10008.1.1"
 
 
 @cache
@@ -19,7 +18,7 @@ def storage_sop_classes() -> tuple[str, ...]:
     """Every storage SOP class: the conformance target's (retired and trial included),
     pydicom's and pynetdicom's."""
     with resources.files(__package__).joinpath("storage_sop_classes.csv").open() as f:
-        target = {row["sop_class_uid"] for row in csv.DictReader(f)} - {VERIFICATION}
+        target = {row["sop_class_uid"] for row in csv.DictReader(f)} - {sop_class.Verification}
     from_pydicom = {uid for uid, (name, kind, *_rest) in UID_dictionary.items()
                     if kind == "SOP Class" and "Storage" in name and "Commitment" not in name}
     uids = tuple(sorted(target | from_pydicom | set(sop_class._STORAGE_CLASSES.values())))
@@ -38,5 +37,5 @@ def _register_storage(uids: tuple[str, ...]) -> None:
 
 def transfer_syntaxes() -> list[str]:
     """Every transfer syntax pydicom knows, the uncompressed ones first."""
-    first = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"]
+    first = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
     return first + sorted(set(map(str, AllTransferSyntaxes)) - set(first))

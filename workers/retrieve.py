@@ -29,6 +29,11 @@ from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelGet,
+                                  PatientRootQueryRetrieveInformationModelMove,
+                                  PatientStudyOnlyQueryRetrieveInformationModelGet,
+                                  PatientStudyOnlyQueryRetrieveInformationModelMove,
+                                  StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove)
 
 from stowage.catalog.reader import Catalog
 from stowage.engine.requestor import Peer, PeerError, peer_of
@@ -49,10 +54,13 @@ UNABLE_TO_PROCESS = 0xC000
 _LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 _UNIQUE = {"PATIENT": ("PatientID", "patient_id"), "STUDY": ("StudyInstanceUID", "study_instance_uid"),
            "SERIES": ("SeriesInstanceUID", "series_instance_uid"), "IMAGE": ("SOPInstanceUID", "sop_instance_uid")}
-_ROOTS = {"1.2.840.10008.5.1.4.1.2.1": _LEVELS, "1.2.840.10008.5.1.4.1.2.2": _LEVELS[1:],
-          "1.2.840.10008.5.1.4.1.2.3": _LEVELS[:2]}
-MOVE_SOP_CLASSES = tuple(f"{root}.2" for root in _ROOTS)
-GET_SOP_CLASSES = tuple(f"{root}.3" for root in _ROOTS)
+_MODELS = (  # (C-MOVE SOP class, C-GET SOP class, levels) of each Query/Retrieve model
+    (PatientRootQueryRetrieveInformationModelMove, PatientRootQueryRetrieveInformationModelGet, _LEVELS),
+    (StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet, _LEVELS[1:]),
+    (PatientStudyOnlyQueryRetrieveInformationModelMove, PatientStudyOnlyQueryRetrieveInformationModelGet, _LEVELS[:2]))
+MOVE_SOP_CLASSES = tuple(move for move, _get, _levels in _MODELS)
+GET_SOP_CLASSES = tuple(get for _move, get, _levels in _MODELS)
+_ROOTS = {move.rsplit(".", 1)[0]: levels for move, _get, levels in _MODELS}  # a model's classes differ in the last part
 _FIELDS = "sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", dataset_length"
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pydicom.uid import ExplicitVRBigEndian
 from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
 
 from stowage.engine.archive import Archive
 from stowage.engine.commitment import SOP_CLASS as STORAGE_COMMITMENT
 from stowage.engine.config import Config
 from stowage.workers.audit import Trail
 from stowage.workers.commitment import SYNTAXES as COMMITMENT_SYNTAXES, Commitment, handle_n_action
-from stowage.workers.contexts import VERIFICATION, storage_sop_classes, transfer_syntaxes
+from stowage.workers.contexts import storage_sop_classes, transfer_syntaxes
 from stowage.workers.echo import handle_echo
 from stowage.workers.find import FIND_SOP_CLASSES, Finder, handle_find, handle_sop_extended
 from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES, Retriever, install as install_retrieve
@@ -61,11 +63,11 @@ def build_ae(config: Config) -> AE:
     ae.require_called_aet = False
     ae.maximum_associations = config.max_associations  # the acceptor enforces the cap; pynetdicom would add 10 per worker
     syntaxes = transfer_syntaxes()
-    ae.add_supported_context(VERIFICATION, syntaxes)
+    ae.add_supported_context(Verification, syntaxes)
     for uid in storage_sop_classes():
         # roles: a C-GET requester proposes SCP role for the storage classes it takes back
         ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
-    ae.add_supported_context(STORAGE_COMMITMENT, COMMITMENT_SYNTAXES + ["1.2.840.10008.1.2.2"])
+    ae.add_supported_context(STORAGE_COMMITMENT, COMMITMENT_SYNTAXES + [ExplicitVRBigEndian])
     for uid in FIND_SOP_CLASSES:
         ae.add_supported_context(uid, syntaxes[:4])
     for uid in MOVE_SOP_CLASSES + GET_SOP_CLASSES:

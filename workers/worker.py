@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from pynetdicom.sop_class import Verification
+
 from stowage.engine.archive import Archive
 from stowage.engine.config import Config
 from stowage.engine.logs import setup_logging
@@ -29,7 +31,7 @@ from stowage.engine.sockopts import kernel_timeouts
 from stowage.engine.tls import server_context
 from stowage.workers import association, negotiation, spill
 from stowage.workers.audit import Trail, outcome_of
-from stowage.workers.contexts import VERIFICATION, storage_sop_classes
+from stowage.workers.contexts import storage_sop_classes
 from stowage.workers.ingest import StorageAssociation
 from stowage.workers.malloc import keep_large_buffers_in_heap
 from stowage.workers.services import Services, build_ae
@@ -52,7 +54,7 @@ class Worker:
         self.archive = Archive(config, slot)
         self.ae = build_ae(config)
         self.contexts = self.ae.supported_contexts  # built once, shared read-only by every association
-        self.storage_uids = frozenset({VERIFICATION, *storage_sop_classes()})
+        self.storage_uids = frozenset({Verification, *storage_sop_classes()})
         self.trail = Trail()
         self.services = Services(config, self.archive, self.trail)
         self.handlers = self.services.handlers()

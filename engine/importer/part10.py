@@ -14,9 +14,8 @@ import struct
 from dataclasses import dataclass
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, \
-    ImplicitVRLittleEndian
+    ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 _DICM = b"DICM"
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
                        b"UV"})
@@ -45,7 +44,7 @@ class FileInfo:
 
     @property
     def is_dicomdir(self) -> bool:
-        return self.sop_class_uid == MEDIA_STORAGE_DIRECTORY
+        return self.sop_class_uid == MediaStorageDirectoryStorage  # a DICOMDIR
 
 
 def _text(value: bytes) -> str:

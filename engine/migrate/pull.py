@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import (AllTransferSyntaxes, BasicTextSRStorage, BreastTomosynthesisImageStorage, CTImageStorage,
+                         ComprehensiveSRStorage, ComputedRadiographyImageStorage,
+                         DigitalMammographyXRayImageStorageForPresentation, DigitalXRayImageStorageForPresentation,
+                         EncapsulatedPDFStorage, EnhancedSRStorage, EnhancedUSVolumeStorage, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, GrayscaleSoftcopyPresentationStateStorage, ImplicitVRLittleEndian,
+                         MRImageStorage, NuclearMedicineImageStorage, PositronEmissionTomographyImageStorage,
+                         RTDoseStorage, RTImageStorage, RTPlanStorage, RTStructureSetStorage,
+                         SecondaryCaptureImageStorage, SegmentationStorage, UltrasoundImageStorage,
+                         UltrasoundMultiFrameImageStorage, XRayAngiographicImageStorage,
+                         XRayRadiofluoroscopicImageStorage)
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context, build_role
 
@@ -26,16 +35,16 @@ MAX_CONTEXTS = 128
 BUSY = (0xA700, 0xA701, 0xA702)  # out of resources: the source is struggling, slow down
 MOVE_DESTINATION_UNKNOWN = 0xA801
 _KINDS = ("Completed", "Failed", "Warning")
-_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+_UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 # When we do not know a study's SOP classes, the C-GET proposes these (one context each).
-COMMON_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.1",
-                  "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.7",
-                  "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.12.1",
-                  "1.2.840.10008.5.1.4.1.1.12.2", "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.88.11",
-                  "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.11.1",
-                  "1.2.840.10008.5.1.4.1.1.481.1", "1.2.840.10008.5.1.4.1.1.481.2", "1.2.840.10008.5.1.4.1.1.481.3",
-                  "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.104.1",
-                  "1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.13.1.3")
+COMMON_CLASSES = (CTImageStorage, MRImageStorage, ComputedRadiographyImageStorage,
+                  DigitalXRayImageStorageForPresentation, UltrasoundImageStorage, SecondaryCaptureImageStorage,
+                  PositronEmissionTomographyImageStorage, NuclearMedicineImageStorage,
+                  XRayAngiographicImageStorage, XRayRadiofluoroscopicImageStorage,
+                  DigitalMammographyXRayImageStorageForPresentation, BasicTextSRStorage, EnhancedSRStorage,
+                  ComprehensiveSRStorage, GrayscaleSoftcopyPresentationStateStorage, RTImageStorage, RTDoseStorage,
+                  RTStructureSetStorage, RTPlanStorage, SegmentationStorage, EncapsulatedPDFStorage,
+                  UltrasoundMultiFrameImageStorage, EnhancedUSVolumeStorage, BreastTomosynthesisImageStorage)
 
 
 @dataclass
