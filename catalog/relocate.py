@@ -13,7 +13,6 @@ killed before its swap can find and remove them (`orphans`).
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,13 +103,7 @@ def _remap_versions(directory: Path, m: manifest.Manifest, segments: list[str], 
     m.retired[m.duplicates] = time.time()
     m.duplicates = ""
     if table.num_rows:
-        name = f"{prefix}versions.parquet"
-        tmp = directory / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-        m.duplicates = name
+        m.duplicates = versions_table.write_versions(directory, table, f"{prefix}versions.parquet")
 
 
 def commit(directory: Path, rewritten: list[Rewritten], segments: list[str], new_segment: str,

@@ -87,15 +87,17 @@ def note_sealed(directory: Path, m: Manifest, table: pa.Table) -> None:
             if versions.num_rows != known.num_rows:  # merging only ever adds records
                 if m.duplicates:
                     m.retired[m.duplicates] = time.time()
-                m.duplicates = _write_versions(directory, versions)
+                m.duplicates = write_versions(directory, versions)
         f.update(uids)
         f.sync()
     finally:
         f.close()
 
 
-def _write_versions(directory: Path, versions: pa.Table) -> str:
-    name = f"versions-{uuid.uuid4().hex}.parquet"
+def write_versions(directory: Path, versions: pa.Table, name: str = "") -> str:
+    """Write `versions` durably (a temporary file, fsync, rename) as `name`, by default a
+    new unique one; returns the name for the manifest."""
+    name = name or f"versions-{uuid.uuid4().hex}.parquet"
     tmp = directory / f".{name}.tmp"
     pq.write_table(versions, tmp, compression="zstd")
     with open(tmp, "rb+") as fh:
