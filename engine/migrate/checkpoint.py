@@ -16,6 +16,7 @@ archive does not store an identical re-sent instance twice.
 from __future__ import annotations
 
 import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from stowage.engine.migrate.enumerate import Study, Window
+from stowage.engine.segment import fsync_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -76,6 +78,21 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return con
 
 
+def _create(path: Path) -> None:
+    """A new checkpoint, its tables made in a temporary file renamed into place: `--status`
+    (or anyone reading) never finds the file without its tables."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    con = connect(tmp)
+    try:
+        con.executescript(SCHEMA)
+    finally:
+        con.close()
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 class Checkpoint:
     """The checkpoint of one source, held exclusively (flock) by one migration."""
 
@@ -89,8 +106,10 @@ class Checkpoint:
             self._lock_file.close()
             raise CheckpointBusy(f"another stowage migrate is running from this source ({path.name}); "
                                  "see it with --status") from None
+        if not path.exists():
+            _create(path)
         self.con = connect(path)
-        self.con.executescript(SCHEMA)
+        self.con.executescript(SCHEMA)  # an older checkpoint gains what it lacks
         self._mutex = threading.Lock()
 
     def close(self) -> None:
