@@ -6,7 +6,7 @@ transfer syntax, and the offset of the dataset); each sender process gets a cont
 share (whole series stay on one association, as a modality or a migration sends them),
 loads its datasets into memory (those over ``preload_limit`` are streamed from their
 file instead), signals it is ready and waits for the start, then associates and sends with the
-lean sender (engine/store_scu.py). The clock runs from the start signal to the last
+lean sender (protocol/store_scu.py). The clock runs from the start signal to the last
 sender's end, association set-up and release included, as for DCMTK storescu.
 
 Each store's latency is the time from its first byte written to its response read.
@@ -28,12 +28,11 @@ from typing import Sequence
 import numpy as np
 
 from stowage.bench.corpus import series_layout
-from stowage.engine.store_scu import Association, AssociationError, Dataset, StoreFailed, contexts_for
-from stowage.workers.commands import WARNING_STATUSES
+from stowage.protocol.status import STORE_WARNINGS, SUCCESS
+from stowage.protocol.store_scu import Association, AssociationError, Dataset, StoreFailed, contexts_for
 
 __all__ = ["Target", "Item", "RunResult", "load_corpus", "run", "find_listener", "status_name"]
 
-SUCCESS = 0x0000
 PRELOAD_LIMIT = 64 << 20
 _REOPEN_TRIES = 3
 
@@ -325,9 +324,9 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
         statuses["not sent: sender died"] += unaccounted
     res.statuses = dict(sorted(statuses.items()))
     for key, n in statuses.items():
-        if key == "0x0000":
+        if key == status_name(SUCCESS):
             res.completed += n
-        elif key.startswith("0x") and int(key, 16) in WARNING_STATUSES:
+        elif key.startswith("0x") and int(key, 16) in STORE_WARNINGS:
             res.warning += n
         else:
             res.failed += n

@@ -31,10 +31,8 @@ from stowage.catalog import studies
 from stowage.catalog.matching import Match, MatchError, _like, datetime_sql, matches, parse, sql
 from stowage.catalog.reader import Catalog
 from stowage.catalog.schema import KEYWORD_TO_COLUMN
+from stowage.protocol.status import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS
 
-IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-UNABLE_TO_PROCESS = 0xC000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
 PAGE = 2000
 
 QUERY_RETRIEVE_LEVEL = 0x00080052

@@ -27,10 +27,9 @@ from stowage.engine.config import Config, ConfigError
 from stowage.engine.recovery import recover
 from stowage.engine.scrub import ScrubProcess
 from stowage.engine.tls import server_context
+from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT
 
 log = logging.getLogger("stowage.acceptor")
-# A-ASSOCIATE-RJ: rejected-transient (2), service-provider presentation (3), local-limit-exceeded (2)
-A_ASSOCIATE_RJ_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2])
 _REJECT_LINGER_S = 2.0
 # accept() errors that belong to the one connection (Linux passes its pending network
 # error up, accept(2)): retried like EAGAIN, never a reason for the acceptor to stop.

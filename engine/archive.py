@@ -27,16 +27,12 @@ from stowage.engine.quota import Usage
 from stowage.engine.served_versions import ServedVersions
 from stowage.engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, FileRange, Part, crc32, record_parts, shuffle, shuffle_joined
 from stowage.engine.writer import OutOfResources, SegmentWriter
+from stowage.protocol.status import (CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, DUPLICATE_SOP_INSTANCE,
+                                     OUT_OF_RESOURCES, SUBSEQUENT_OCCURRENCE_OF_REJECTED_OBJECT, SUCCESS)
 
 log = logging.getLogger("stowage.store")
 audit = logging.getLogger("stowage.audit")
 
-SUCCESS = 0x0000
-PROCESSING_FAILURE = 0x0110           # PS3.7 C.4: processing failure
-DUPLICATE_SOP_INSTANCE = 0x0111       # PS3.7 C.4: duplicate SOP instance
-OUT_OF_RESOURCES = 0xA700             # PS3.4 B.2.3
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # Uncompressed syntaxes: little endian implicit/explicit, big endian. Everything else is
 # encapsulated (JPEG, RLE…) or deflated, and does not compress further.
@@ -144,7 +140,7 @@ class Archive:
         if not self.config.rejected_reaccept:
             code = self.rejections.code(sop_instance_uid)
             if code is not None:
-                return StoreResult(rejection.SUBSEQUENT_OCCURRENCE_OF_REJECTED_OBJECT,
+                return StoreResult(SUBSEQUENT_OCCURRENCE_OF_REJECTED_OBJECT,
                                    f"rejected by a rejection note ({code}); not stored")
         crc, length = _crc32(dataset)
         study = str(attrs.get("study_instance_uid") or "")

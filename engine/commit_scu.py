@@ -17,6 +17,7 @@ from pynetdicom.presentation import build_context
 from stowage.engine.requestor import Peer, PeerError, associate, new_ae
 from stowage.engine.commitment import SOP_CLASS, WELL_KNOWN_INSTANCE
 from stowage.engine.send import Instance
+from stowage.protocol.status import SUCCESS
 
 log = logging.getLogger("stowage.commit")
 _SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
@@ -91,7 +92,7 @@ def request_commitment(peer: Peer, calling_aet: str, instances: Sequence[Instanc
             status, _reply = assoc.send_n_action(info, 1, SOP_CLASS, WELL_KNOWN_INSTANCE)
             if "Status" not in status:
                 raise CommitError(f"{peer} sent no N-ACTION response")
-            if int(status.Status) != 0x0000:
+            if int(status.Status) != SUCCESS:
                 raise CommitError(f"{peer} refused the request with status 0x{int(status.Status):04X}"
                                   + (f" ({status.ErrorComment})" if "ErrorComment" in status else ""))
             deadline = time.monotonic() + timeout

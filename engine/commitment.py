@@ -34,17 +34,14 @@ from stowage.catalog.reader import Catalog
 from stowage.engine.archive import valid_uid
 from stowage.engine.integrity import check_record, marks_of
 from stowage.engine.segment import fsync_dir
+from stowage.protocol.status import (CLASS_INSTANCE_CONFLICT, INVALID_ARGUMENT_VALUE, NO_SUCH_OBJECT_INSTANCE,
+                                     PROCESSING_FAILURE)
 
 log = logging.getLogger("stowage.commitment")
 
 # pydicom.uid names neither (pynetdicom.sop_class does; this module does not import pynetdicom).
 SOP_CLASS = "1.2.840.10008.1.20.1"            # Storage Commitment Push Model
 WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
-PROCESSING_FAILURE = 0x0110
-NO_SUCH_OBJECT_INSTANCE = 0x0112
-INVALID_ARGUMENT_VALUE = 0x0115
-CLASS_INSTANCE_CONFLICT = 0x0119
-SOP_CLASS_NOT_SUPPORTED = 0x0122
 EVENT_SUCCESSFUL = 1                          # Storage Commitment Request Successful
 EVENT_FAILURES_EXIST = 2                      # Storage Commitment Request Complete - Failures Exist
 MAX_AGE_S = 7 * 24 * 3600

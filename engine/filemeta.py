@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
-
-IMPLEMENTATION_CLASS_UID = PYDICOM_IMPLEMENTATION_UID  # until we register a root of our own
-IMPLEMENTATION_VERSION_NAME = "STOWAGE_010"
+from stowage.protocol.acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
 

@@ -15,7 +15,7 @@ import os
 import threading
 from typing import Callable, Iterator
 
-from stowage.workers.commands import WARNING_STATUSES
+from stowage.protocol.status import STORE_WARNINGS, SUCCESS
 
 log = logging.getLogger("stowage.metrics")
 
@@ -24,7 +24,7 @@ REPORT = b"S"  # control-channel message: b"S" + JSON of a worker's totals
 
 
 def outcome(status: int) -> str:
-    return "success" if status == 0 else "warning" if status in WARNING_STATUSES else "failure"
+    return "success" if status == SUCCESS else "warning" if status in STORE_WARNINGS else "failure"
 
 
 class WorkerCounts:

@@ -42,9 +42,6 @@ log = logging.getLogger("stowage.rejection")
 # CID 7011 Rejected for Quality Reasons and its siblings (scheme DCM).
 REJECTION_CODES = {"113001": "Rejected for Quality Reasons", "113037": "Rejected for Patient Safety Reasons",
                    "113038": "Incorrect Modality Worklist Entry", "113039": "Data Retention Policy Expired"}
-# dcm4chee-arc's status for "Subsequent occurrence of rejected object" (PS3.4 leaves the
-# choice to us; this one keeps stowage and dcm4chee alike for senders and their logs).
-SUBSEQUENT_OCCURRENCE_OF_REJECTED_OBJECT = 0xA771
 _TAGS = [0x00080016, 0x00080018, 0x0020000D, 0x0040A043, 0x0040A375]
 _MAX_NOTE_BYTES = 16 << 20
 

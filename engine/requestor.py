@@ -18,15 +18,14 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket
 
-from stowage.engine import reactor
 from stowage.engine.config import Config, Remote
 from stowage.engine.tls import client_context
+from stowage.protocol import pynetdicom_patches
 
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
 
@@ -71,17 +70,6 @@ def resolve(target: str, config: Config, called_aet: str | None = None) -> Peer:
                     "and not host:port")
 
 
-class QuickAckSocket(AssociationSocket):
-    """An AssociationSocket that ACKs every read at once (no 40 ms delayed ACK)."""
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        try:
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except (AttributeError, OSError):
-            pass
-        return super().recv(nr_bytes)
-
-
 def _nodelay(event: evt.Event, connected: list[bool]) -> None:
     connected.append(True)
     sock = event.assoc.dul.socket
@@ -89,14 +77,12 @@ def _nodelay(event: evt.Event, connected: list[bool]) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
         return
-    if type(sock) is AssociationSocket:
-        sock.__class__ = QuickAckSocket  # same state, one method more; only this connection
+    pynetdicom_patches.quick_ack(sock)
 
 
 def new_ae(calling_aet: str, *, acse_timeout: float = 30.0, dimse_timeout: float = 30.0,
            network_timeout: float = 60.0) -> AE:
-    _config.LOG_HANDLER_LEVEL = "none"
-    reactor.install()  # event-driven, and immune to pynetdicom's lost-response race (#875)
+    pynetdicom_patches.install()  # event-driven, and immune to pynetdicom's lost-response race (#875)
     ae = AE(calling_aet)
     ae.acse_timeout = acse_timeout
     ae.dimse_timeout = dimse_timeout

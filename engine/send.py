@@ -9,7 +9,7 @@ its dataset bytes exactly as received when the peer accepted its stored syntax (
 from its checksum-verified record, never decoded); otherwise it is converted
 (engine/convert.py) to an uncompressed syntax the peer accepted, never to a lossy one.
 
-Associations we open (send, C-MOVE) are lean blocking sockets (engine/store_scu.py): the
+Associations we open (send, C-MOVE) are lean blocking sockets (protocol/store_scu.py): the
 record is read and decompressed in memory by a prefetch thread while the previous
 instance is on the wire, and goes out with one `sendmsg` per message. Datasets over
 `SPOOL_ABOVE` and converted ones go through a spool file (`sendfile`), so memory stays
@@ -36,15 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
 
-from pynetdicom import _config
 from pynetdicom.association import Association
 
-from stowage.engine import convert, filemeta, store_responses, store_scu
+from stowage.engine import convert, filemeta
 from stowage.engine.requestor import Peer, PeerError
 from stowage.engine.filemeta import PREAMBLE
 from stowage.engine.integrity import marks_of
 from stowage.engine.segment import CorruptRecord, read_payload, stream_payload
-from stowage.workers.commands import WARNING_STATUSES
+from stowage.protocol import pynetdicom_patches, store_scu
+from stowage.protocol.status import STORE_WARNINGS, SUCCESS
 
 log = logging.getLogger("stowage.send")
 
@@ -258,13 +258,13 @@ class _DirectLink:
     from this thread as one `sendmsg` (or `sendfile`s), where pynetdicom's `send_c_store`
     makes a P-DATA primitive per PDU for its DUL thread to encode and send (33 hand-offs
     for a CT at a 16 KiB PDU, about 5 ms per instance). pynetdicom's DUL thread still does
-    the reading; each C-STORE-RSP is decoded there by engine/store_responses.py and queued
+    the reading; each C-STORE-RSP is decoded there (protocol/pynetdicom_patches.py, `route`) and queued
     for us. Every other message of the C-GET while it runs (the pending responses) must be
     written here too, in turn."""
 
     def __init__(self, assoc: Association, sock: socket.socket, timeout: float) -> None:
         self.assoc, self.sock, self.timeout = assoc, sock, timeout
-        self.responses = store_responses.route(assoc)
+        self.responses = pynetdicom_patches.route(assoc)
         self.accepted = accepted_syntaxes(assoc)
         self.context_ids = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
                             for cx in assoc.accepted_contexts if cx.as_scu is not False}
@@ -302,7 +302,7 @@ class _DirectLink:
         return self.assoc.is_established and self.assoc.dul.state_machine.current_state == "Sta6"
 
     def close(self) -> None:
-        store_responses.unroute(self.assoc)
+        pynetdicom_patches.unroute(self.assoc)
 
 
 class Sender:
@@ -328,9 +328,8 @@ class Sender:
         self.cancelled = cancelled or (lambda: False)
         self.move_originator = move_originator
         # pynetdicom sends Part-10 files from disk in PDU-sized pieces, dataset bytes
-        # untouched; the flag is process-wide and only changes how a file path given to
-        # send_c_store is read.
-        _config.STORE_SEND_CHUNKED_DATASET = True
+        # untouched (STORE_SEND_CHUNKED_DATASET, set by the patches).
+        pynetdicom_patches.install()
 
     def send(self, instances: Iterable[Instance]) -> SendResult:
         """Send on associations of our own to the peer: `associations` of them at once,
@@ -543,9 +542,9 @@ class Sender:
 
 
 def _outcome(inst: Instance, status: int, syntax: str) -> Outcome:
-    if status == 0x0000:
+    if status == SUCCESS:
         return Outcome(inst, "completed", status, sent_as=syntax)
-    if status in WARNING_STATUSES:
+    if status in STORE_WARNINGS:
         return Outcome(inst, "warning", status, sent_as=syntax)
     return Outcome(inst, "failed", status, reason=f"refused with status 0x{status:04X}", sent_as=syntax)
 

@@ -89,22 +89,21 @@ def services() -> str:
 
 def implementation() -> str:
     from pynetdicom import AE
-    from stowage.engine import filemeta
+    from stowage.protocol import acse
     ae, plain = worker_ae(), AE()
     rows = [["SCP: every association `stowage serve` accepts (lean storage path and pynetdicom path)",
              str(ae.implementation_class_uid), ae.implementation_version_name, "`workers/services.build_ae` (pynetdicom's AE)"],
-            ["SCU: C-STORE from `stowage send`, C-MOVE sub-operations (`engine/store_scu.py`)",
-             str(filemeta.IMPLEMENTATION_CLASS_UID), filemeta.IMPLEMENTATION_VERSION_NAME, "`engine/filemeta.py`"],
+            ["SCU: C-STORE from `stowage send`, C-MOVE sub-operations (`protocol/store_scu.py`)",
+             str(acse.IMPLEMENTATION_CLASS_UID), acse.IMPLEMENTATION_VERSION_NAME, "`protocol/acse.py`"],
             ["SCU: `stowage echo`, storage commitment requests and reports on a new association (`engine/requestor.new_ae`)",
              str(plain.implementation_class_uid), plain.implementation_version_name, "pynetdicom's AE defaults"],
             ["Part-10 files written by `stowage export` (file meta (0002,0012), (0002,0013))",
-             str(filemeta.IMPLEMENTATION_CLASS_UID), filemeta.IMPLEMENTATION_VERSION_NAME, "`engine/filemeta.py`"]]
+             str(acse.IMPLEMENTATION_CLASS_UID), acse.IMPLEMENTATION_VERSION_NAME, "`protocol/acse.py`"]]
     return table(["where", "Implementation Class UID", "Implementation Version Name", "set by"], rows)
 
 
 def association_limits() -> str:
-    from stowage.engine.acceptor import A_ASSOCIATE_RJ_LIMIT
-    from stowage.workers.negotiation import A_ABORT_INVALID_PDU, A_ABORT_UNEXPECTED_PDU
+    from stowage.protocol.pdu import A_ABORT_INVALID_PDU, A_ABORT_UNEXPECTED_PDU, A_ASSOCIATE_RJ_LIMIT
     c = config()
     result = {1: "rejected-permanent", 2: "rejected-transient"}
     source = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
@@ -211,8 +210,8 @@ def _echo_syntaxes() -> list[str]:
 
 
 def scu_store_status() -> str:
-    from stowage.workers.commands import WARNING_STATUSES
-    warnings = ", ".join(f"0x{v:04X}" for v in sorted(WARNING_STATUSES))
+    from stowage.protocol.status import STORE_WARNINGS
+    warnings = ", ".join(f"0x{v:04X}" for v in sorted(STORE_WARNINGS))
     return table(["C-STORE-RSP status", "counted as"],
                  [["0x0000", "completed"], [warnings, "warning"], ["any other", "failed"]])
 
@@ -299,8 +298,20 @@ def _module_of(path: str):
     return importlib.import_module("stowage." + path[:-3].replace("/", "."))
 
 
-def _hex_constants(path: str, tree: ast.Module, text: str) -> Iterator[tuple[str, int, str]]:
+def _imported_statuses(tree: ast.Module) -> Iterator[tuple[str, int, str]]:
+    """(name, value, inline comment) of the statuses a module imports from
+    protocol/status.py, where every status code is defined."""
+    names = {alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+             and node.module == "stowage.protocol.status" for alias in node.names}
+    text = (ROOT / "protocol/status.py").read_text()
+    for const, value, note in _hex_constants(text):
+        if const in names:
+            yield const, value, note
+
+
+def _hex_constants(text: str) -> Iterator[tuple[str, int, str]]:
     """(name, value, inline comment) of module-level constants written as 4-digit hex."""
+    tree = ast.parse(text)
     lines = text.splitlines()
     for node in tree.body:
         if not isinstance(node, ast.Assign) or len(node.targets) != 1:
@@ -400,7 +411,7 @@ def statuses(name: str) -> str:
     for path in _STATUS_FILES[name]:
         text = (ROOT / path).read_text()
         tree = ast.parse(text)
-        for const, value, note in _hex_constants(path, tree, text):
+        for const, value, note in (*_imported_statuses(tree), *_hex_constants(text)):
             entry = by_value.setdefault(value, {"names": {}, "comments": [], "where": set()})
             entry["names"].setdefault(const, note)
         for const, value, comment in _status_sites(path, tree, text):

@@ -1,7 +1,7 @@
 """stowage: a fast, durable DICOM archive.
 
 Installed, its subpackages sit beside this file (stowage.engine, stowage.workers,
-stowage.catalog, stowage.bench). In a source checkout they are the repository's
+stowage.catalog, stowage.bench, stowage.protocol). In a source checkout they are the repository's
 top-level folders, so the package path also names the checkout's root.
 """
 from pathlib import Path as _Path

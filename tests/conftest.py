@@ -15,17 +15,18 @@ from pathlib import Path
 import psutil
 import pydicom
 
-from stowage.engine import reactor
 from pydicom.data import get_testdata_file
 import pytest
 from pynetdicom import AE
+
+from stowage.protocol import pynetdicom_patches
 
 HOST = "127.0.0.1"
 # The test process's pynetdicom SCUs get the same fix for pynetdicom's lost-response race
 # (issue #875: the association thread can take a C-STORE-RSP meant for send_c_store, which
 # then waits out the DIMSE timeout) that stowage's own SCU uses. A server that answers as
 # fast as ours makes stock pynetdicom hit it about once in a hundred stores.
-reactor.install()
+pynetdicom_patches.install()
 CT = Path(get_testdata_file("CT_small.dcm"))
 MR = Path(get_testdata_file("MR_small.dcm"))
 

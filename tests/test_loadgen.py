@@ -1,4 +1,4 @@
-"""Tests for the load generator (engine/store_scu.py, bench/loadgen.py, `stowage bench`):
+"""Tests for the load generator (protocol/store_scu.py, bench/loadgen.py, `stowage bench`):
 what arrives, on how many associations, in which syntax, and how refusals are counted.
 No timing is asserted."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pynetdicom.sop_class import Verification
 
 from stowage.bench.corpus import generate
 from stowage.bench.loadgen import Target, load_corpus, run
-from stowage.engine.store_scu import parse_response, store_command
+from stowage.protocol.store_scu import parse_response, store_command
 from conftest import HOST, dataset_bytes, free_port
 
 EXPLICIT, IMPLICIT, RLE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.5"

@@ -15,11 +15,11 @@ import pydicom.uid
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-BARE = re.compile(r"^\s*(from|import) (engine|workers|catalog|bench)\b", re.M)
+BARE = re.compile(r"^\s*(from|import) (engine|workers|catalog|bench|protocol)\b", re.M)
 
 
 def test_no_module_imports_a_bare_top_level_package():
-    offenders = [str(p.relative_to(REPO)) for folder in ("engine", "workers", "catalog", "bench", "tests", "ops")
+    offenders = [str(p.relative_to(REPO)) for folder in ("engine", "workers", "catalog", "bench", "protocol", "tests", "ops")
                  for p in (REPO / folder).rglob("*.py") if BARE.search(p.read_text())]
     assert not offenders, offenders
 

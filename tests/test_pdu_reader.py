@@ -1,4 +1,4 @@
-"""The lean path's PDU reader (workers/negotiation.PduReader) over a real socket pair:
+"""The lean path's PDU reader (protocol/pdu.PduReader) over a real socket pair:
 PDUs that arrive together, split anywhere, larger than its buffer, or lying about their
 length."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from stowage.workers.negotiation import PduReader, PeerClosed, ProtocolError
+from stowage.protocol.pdu import PduReader, PeerClosed, ProtocolError
 
 
 def pdu(pdu_type: int, body: bytes) -> bytes:

@@ -15,11 +15,11 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from stowage.protocol.pdu import A_ABORT, A_ABORT_INVALID_PDU, A_ASSOCIATE_RQ
+
 log = logging.getLogger("stowage.association")
-# A-ABORT, source: service provider (2), reason: invalid PDU parameter value (6)
-A_ABORT_INVALID_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
 _MIN_PDU_LIMIT = 1 << 16  # association requests are not bound by the P-DATA maximum
-_PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ .. A-ABORT (PS3.8 9.3)
+_PDU_TYPES = frozenset(range(A_ASSOCIATE_RQ, A_ABORT + 1))  # PS3.8 9.3
 
 
 class BoundedSocket(AssociationSocket):

@@ -38,19 +38,13 @@ from stowage.engine import commitment as sc
 from stowage.engine.archive import Archive, valid_uid
 from stowage.engine.requestor import Peer, PeerError, associate, new_ae, peer_of
 from stowage.engine.config import Config
+from stowage.protocol.status import (INVALID_ARGUMENT_VALUE, MISSING_ATTRIBUTE, MISSING_ATTRIBUTE_VALUE,
+                                     NO_SUCH_ACTION_TYPE, NO_SUCH_SOP_INSTANCE, PROCESSING_FAILURE, SUCCESS)
 
 log = logging.getLogger("stowage.commitment")
 audit = logging.getLogger("stowage.audit")
 
 SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
-# N-ACTION statuses (PS3.7 C.4.2.1.4, PS3.4 J.3.2.1.2)
-SUCCESS = 0x0000
-PROCESSING_FAILURE = 0x0110
-NO_SUCH_SOP_INSTANCE = 0x0112
-INVALID_ARGUMENT_VALUE = 0x0115
-MISSING_ATTRIBUTE = 0x0120
-MISSING_ATTRIBUTE_VALUE = 0x0121
-NO_SUCH_ACTION_TYPE = 0x0123
 _SCAN_INTERVAL_S = 3.0
 _TICK_S = 0.1
 _RESPONSE_WAIT_S = 5.0

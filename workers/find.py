@@ -17,17 +17,16 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from stowage.catalog.keys import models
-from stowage.catalog.query import SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS, QueryError, parse_request, run
+from stowage.catalog.query import QueryError, parse_request, run
 from stowage.catalog.reader import Catalog
 from stowage.catalog.responses import identifier as response_identifier
 from stowage.engine import metrics
 from stowage.engine.config import Config
-from stowage.workers.pending import install_pending_responses
+from stowage.protocol.status import CANCEL, PENDING, SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS
 
 log = logging.getLogger("stowage.find")
 audit = logging.getLogger("stowage.audit")
 
-PENDING, CANCEL = 0xFF00, 0xFE00
 FIND_SOP_CLASSES = tuple(models())
 # Extended negotiation bytes (PS3.4 C.5.1.1.1): relational, date-time, fuzzy PN, timezone.
 _SUPPORTED = bytes([1, 1, 0, 0])
@@ -38,7 +37,6 @@ class Finder:
     wait on the store path's lookups), our AE title and the PN matching policy."""
 
     def __init__(self, config: Config) -> None:
-        install_pending_responses()
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
         self.ae_title = config.aet
         self.pn_insensitive = config.pn_case_insensitive

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 
-from stowage.workers import commands
-from stowage.workers.negotiation import A_ABORT_UNEXPECTED_PDU, Accepted, PduReader, PeerClosed, ProtocolError
+from stowage.protocol import dimse
+from stowage.protocol.pdu import (A_ABORT, A_ABORT_UNEXPECTED_PDU, A_RELEASE_RP_PDU, A_RELEASE_RQ, COMMAND, LAST,
+                                  P_DATA_TF, PDV_HEADER, PduReader, PeerClosed, ProtocolError, p_data)
+from stowage.workers.negotiation import Accepted
 from stowage.workers.spill import SpillBuffer
 from stowage.workers.store import StorageSCP
 
 log = logging.getLogger("stowage.ingest")
-P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x04, 0x05, 0x07
-A_RELEASE_RP = bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0])
-_PDV = struct.Struct(">IBB")
 _PDU_SLACK = 1024  # PDV item headers on top of the advertised maximum
 
 
@@ -85,7 +83,7 @@ class StorageAssociation:
             if pdu_type == P_DATA_TF:
                 self._p_data(body)
             elif pdu_type == A_RELEASE_RQ:
-                self._send(A_RELEASE_RP)
+                self._send(A_RELEASE_RP_PDU)
                 self.outcome = "released"
                 return
             elif pdu_type == A_ABORT:
@@ -100,7 +98,7 @@ class StorageAssociation:
         while pos < end:
             if pos + 6 > end:
                 raise ProtocolError("P-DATA-TF ends inside a PDV item header")
-            length, context_id, header = _PDV.unpack_from(view, pos)
+            length, context_id, header = PDV_HEADER.unpack_from(view, pos)
             if length < 2 or pos + 4 + length > end:
                 raise ProtocolError(f"PDV item length {length} does not fit its PDU")
             self._pdv(context_id, header, view[pos + 6:pos + 4 + length])
@@ -114,35 +112,35 @@ class StorageAssociation:
             msg = self._message = _Message(context_id)
         elif msg.context_id != context_id:
             raise ProtocolError("PDVs of one message on different presentation contexts")
-        if header & 0x01:  # command fragment
+        if header & COMMAND:
             if msg.fields is not None:
                 raise ProtocolError("command fragment after the command set was complete")
             msg.command += fragment
-            if header & 0x02:
+            if header & LAST:
                 self._command_complete(msg)
         else:
             if msg.fields is None or msg.dataset is None:
                 raise ProtocolError("dataset fragment without a command that announced one")
             msg.dataset.write(fragment)
-            if header & 0x02:
+            if header & LAST:
                 self._message = None
                 self._store(msg)
 
     def _command_complete(self, msg: _Message) -> None:
         try:
-            msg.fields = commands.decode(msg.command)
-        except commands.CommandError as e:
+            msg.fields = dimse.decode(msg.command)
+        except dimse.CommandError as e:
             raise ProtocolError(str(e)) from None
         if "message_id" not in msg.fields:
             raise ProtocolError("command set lacks Message ID")
         field = msg.fields["command_field"]
-        if field == commands.C_ECHO_RQ:
+        if field == dimse.C_ECHO_RQ:
             self._message = None
-            self._send(commands.p_data(msg.context_id, commands.echo_response(
+            self._send(p_data(msg.context_id, dimse.echo_response(
                 msg.fields["message_id"], self.contexts[msg.context_id][0])))
-        elif field == commands.C_STORE_RQ and msg.fields.get("dataset_type") != commands.NO_DATASET:
+        elif field == dimse.C_STORE_RQ and msg.fields.get("dataset_type") != dimse.NO_DATASET:
             msg.dataset = SpillBuffer()
-        elif field == commands.C_CANCEL_RQ:
+        elif field == dimse.C_CANCEL_RQ:
             self._message = None  # nothing cancellable runs on a storage association
         else:
             raise ProtocolError(f"command 0x{field:04X} is not served on a storage association",
@@ -154,5 +152,5 @@ class StorageAssociation:
         sop_instance = str(f.get("affected_sop_instance_uid", ""))
         result = self.scp.store(self.key, msg.dataset, self.contexts[msg.context_id][1], sop_class, sop_instance,
                                 self.calling_ae, self.called_ae)
-        self._send(commands.p_data(msg.context_id, commands.store_response(
+        self._send(p_data(msg.context_id, dimse.store_response(
             f["message_id"], sop_class, sop_instance, result.status, result.comment)))

@@ -11,8 +11,8 @@ the log. C-MOVE opens its own association to the destination from `[remotes.AE]`
 on the requester's association, on the storage contexts it proposed with SCP role.
 
 pynetdicom's own MOVE/GET SCP takes only decoded `Dataset`s from the handler and opens
-the sub-association itself, so we replace its two methods in the worker (as
-workers/find.py does for pending C-FIND responses): pending responses with the
+the sub-association itself, so the worker replaces its two methods with `scp`
+(protocol/pynetdicom_patches.py): pending responses with the
 remaining/completed/failed/warning counts, after the first sub-operation and then at most
 one per `pending_interval` (PS3.4 C.4.2.3.1 and C.4.3.3.1 make them optional; 0 sends one
 per sub-operation), then the final one (success, 0xB000 with a Failed SOP Instance UID
@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from io import BytesIO
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
@@ -38,18 +38,16 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelGet,
 from stowage.catalog.reader import Catalog
 from stowage.engine.requestor import Peer, PeerError, peer_of
 from stowage.engine.config import Config
-from stowage.engine import metrics, store_scu
+from stowage.engine import metrics
 from stowage.engine.send import Instance, Outcome, Sender, direct_socket
-from stowage.workers.pending import install_pending_responses, retrieve_pending_command, send_retrieve_pending
+from stowage.protocol.pdu import p_data
+from stowage.protocol.pynetdicom_patches import retrieve_pending_command, send_retrieve_pending
+from stowage.protocol.status import (CANCEL, IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, MOVE_DESTINATION_UNKNOWN, PENDING,
+                                     SUBOPERATIONS_COMPLETE_WITH_FAILURES, SUCCESS, UNABLE_TO_PERFORM_SUBOPERATIONS,
+                                     UNABLE_TO_PROCESS)
 
 log = logging.getLogger("stowage.retrieve")
 audit = logging.getLogger("stowage.audit")
-
-PENDING, SUCCESS, WARNING, CANCEL = 0xFF00, 0x0000, 0xB000, 0xFE00
-UNKNOWN_DESTINATION = 0xA801
-NO_SUBOPERATIONS = 0xA702          # refused: none of the sub-operations could be performed
-IDENTIFIER_MISMATCH = 0xA900       # identifier does not match SOP class
-UNABLE_TO_PROCESS = 0xC000
 
 _LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 _UNIQUE = {"PATIENT": ("PatientID", "patient_id"), "STUDY": ("StudyInstanceUID", "study_instance_uid"),
@@ -74,11 +72,11 @@ def select(catalog: Catalog, sop_class_uid: str, identifier: Dataset) -> tuple[s
     """The level and the kept instances the identifier names, in segment order."""
     levels = _ROOTS.get(sop_class_uid.rsplit(".", 1)[0])
     if levels is None:
-        raise RetrieveError(IDENTIFIER_MISMATCH, f"not a retrieve SOP class: {sop_class_uid}")
+        raise RetrieveError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"not a retrieve SOP class: {sop_class_uid}")
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in levels:
-        raise RetrieveError(IDENTIFIER_MISMATCH, f"Query/Retrieve Level {level!r} is not one of "
-                                                 f"{'/'.join(levels)} in this model")
+        raise RetrieveError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                            f"Query/Retrieve Level {level!r} is not one of {'/'.join(levels)} in this model")
     where, params = [], []
     for lvl in levels[: levels.index(level) + 1]:
         keyword, column = _UNIQUE[lvl]
@@ -88,10 +86,10 @@ def select(catalog: Catalog, sop_class_uid: str, identifier: Dataset) -> tuple[s
                   if v is not None and str(v).strip()] if raw is not None else []
         if not values:
             if lvl == level:
-                raise RetrieveError(IDENTIFIER_MISMATCH, f"{keyword} is required at the {level} level")
+                raise RetrieveError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is required at the {level} level")
             continue
         if any("*" in v or "?" in v for v in values):
-            raise RetrieveError(IDENTIFIER_MISMATCH, f"{keyword}: no wildcards in a retrieve")
+            raise RetrieveError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: no wildcards in a retrieve")
         where.append(f"{column} IN (SELECT unnest(?))")
         params.append(values)
     sql = f"SELECT {_FIELDS} FROM instances WHERE {' AND '.join(where)} ORDER BY segment, \"offset\""
@@ -115,27 +113,13 @@ class Retriever:
                       acse_timeout=c.acse_timeout, **kwargs)
 
 
-_retriever: Retriever | None = None
+def scp(retriever: Retriever) -> Callable[[QueryRetrieveServiceClass, Any, Any, type], None]:
+    """pynetdicom's C-MOVE and C-GET SCP, replaced by ours serving from `retriever`
+    (protocol/pynetdicom_patches.py, `install(retrieve_scp=...)`)."""
+    return lambda service, req, context, kind: _serve(retriever, service, req, context, kind)
 
 
-def install(retriever: Retriever) -> None:
-    global _retriever
-    _retriever = retriever
-    install_pending_responses()
-    QueryRetrieveServiceClass._move_scp = _move_scp
-    QueryRetrieveServiceClass._get_scp = _get_scp
-
-
-def _move_scp(self: QueryRetrieveServiceClass, req: C_MOVE, context: Any) -> None:
-    _serve(self, req, context, C_MOVE)
-
-
-def _get_scp(self: QueryRetrieveServiceClass, req: C_GET, context: Any) -> None:
-    _serve(self, req, context, C_GET)
-
-
-def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: type) -> None:
-    assert _retriever is not None
+def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, context: Any, kind: type) -> None:
     name = "C-MOVE" if kind is C_MOVE else "C-GET"
     cx_id = context.context_id
     ts = context.transfer_syntax[0]
@@ -167,19 +151,19 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
     try:
         identifier = decode(req.Identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
     except Exception as e:
-        respond(IDENTIFIER_MISMATCH, comment=f"cannot decode the identifier: {e}")
+        respond(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, comment=f"cannot decode the identifier: {e}")
         return
 
     if kind is C_MOVE:
         dest = (req.MoveDestination or b"")
         dest = (dest.decode("ascii", "replace") if isinstance(dest, bytes) else str(dest)).strip()
-        remote = _retriever.config.remotes.get(dest)
+        remote = retriever.config.remotes.get(dest)
         if remote is None:
             log.info("C-MOVE from %s to unknown destination %r refused", requestor, dest)
             audit.info("C-MOVE from %s: unknown destination %r", requestor, dest,
                        extra={"fields": {"event": "move", "calling_ae": requestor, "destination": dest,
-                                         "status": UNKNOWN_DESTINATION}})
-            respond(UNKNOWN_DESTINATION, comment=f"unknown move destination {dest!r}")
+                                         "status": MOVE_DESTINATION_UNKNOWN}})
+            respond(MOVE_DESTINATION_UNKNOWN, comment=f"unknown move destination {dest!r}")
             return
         try:
             peer = peer_of(remote)
@@ -195,7 +179,7 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
         peer = Peer(requestor, str(host), int(port or 0))
 
     try:
-        level, instances = select(_retriever.catalog, str(req.AffectedSOPClassUID), identifier)
+        level, instances = select(retriever.catalog, str(req.AffectedSOPClassUID), identifier)
     except RetrieveError as e:
         respond(e.status, comment=e.comment)
         return
@@ -216,7 +200,7 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
 
     sop_class = str(req.AffectedSOPClassUID)
     direct = direct_socket(assoc) if kind is C_GET else None  # the C-GET's C-STOREs and pendings go there
-    interval = _retriever.config.pending_interval
+    interval = retriever.config.pending_interval
     last_pending = [-interval]
 
     def on_outcome(outcome: Outcome) -> None:
@@ -231,13 +215,13 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
             if direct is not None:  # C-GET: in turn with the C-STOREs written on the same socket
                 command = retrieve_pending_command(kind, req.MessageID, sop_class, pending)
                 try:
-                    direct.sendall(store_scu.command_pdu(cx_id, command))
+                    direct.sendall(p_data(cx_id, command))
                 except OSError:
                     pass  # the next C-STORE finds the association gone
             elif not send_retrieve_pending(service.dimse, cx_id, kind, req.MessageID, sop_class, pending):
                 respond(PENDING, pending)
 
-    sender = _retriever.sender(peer, on_outcome=on_outcome, cancelled=is_cancelled,
+    sender = retriever.sender(peer, on_outcome=on_outcome, cancelled=is_cancelled,
                                move_originator=(requestor, req.MessageID) if kind is C_MOVE else None,
                                associations=associations)
     try:
@@ -258,9 +242,9 @@ def _serve(service: QueryRetrieveServiceClass, req: Any, context: Any, kind: typ
     elif f == 0 and w == 0:
         status, uids = SUCCESS, []
     elif c + w == 0:
-        status, uids = NO_SUBOPERATIONS, failed_uids
+        status, uids = UNABLE_TO_PERFORM_SUBOPERATIONS, failed_uids
     else:
-        status, uids = WARNING, failed_uids
+        status, uids = SUBOPERATIONS_COMPLETE_WITH_FAILURES, failed_uids
     for o in result.failures[:20]:
         log.warning("%s %s to %s: %s failed: %s", name, level, dest, o.instance.sop_instance_uid, o.reason)
     seconds = time.monotonic() - started

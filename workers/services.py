@@ -6,18 +6,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pydicom.uid import ExplicitVRBigEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from stowage.engine.archive import Archive
 from stowage.engine.commitment import SOP_CLASS as STORAGE_COMMITMENT
 from stowage.engine.config import Config
+from stowage.protocol import pynetdicom_patches
 from stowage.workers.audit import Trail
 from stowage.workers.commitment import SYNTAXES as COMMITMENT_SYNTAXES, Commitment, handle_n_action
 from stowage.workers.contexts import storage_sop_classes, transfer_syntaxes
 from stowage.workers.echo import handle_echo
 from stowage.workers.find import FIND_SOP_CLASSES, Finder, handle_find, handle_sop_extended
-from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES, Retriever, install as install_retrieve
+from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES, Retriever, scp as retrieve_scp
 from stowage.workers.store import StorageSCP, handle_store
 
 
@@ -38,7 +39,7 @@ class Services:
         self.commitment = Commitment(self.config, self.archive)  # starts its delivery thread
         self.finder = Finder(self.config)
         self.retriever = Retriever(self.config)
-        install_retrieve(self.retriever)  # C-MOVE / C-GET served by workers/retrieve.py
+        pynetdicom_patches.install(retrieve_scp=retrieve_scp(self.retriever))  # C-MOVE / C-GET: workers/retrieve.py
 
     def handlers(self) -> list[tuple[Any, Callable | tuple[Callable, list]]]:
         return [
@@ -52,9 +53,6 @@ class Services:
 
 def build_ae(config: Config) -> AE:
     """The AE whose supported contexts every association of this worker negotiates against."""
-    _config.LOG_HANDLER_LEVEL = "none"  # the standard handlers lock the AE on every PDU
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False  # else every C-FIND response is pretty-printed, logged or not
     ae = AE(config.aet)
     ae.maximum_pdu_size = config.max_pdu
     ae.acse_timeout = config.acse_timeout

@@ -2,7 +2,7 @@
 not grow with instance size (DESIGN.md, invariant 7).
 
 pynetdicom collects each DIMSE message's dataset in a BytesIO. We put `SpillBuffer` (a
-BytesIO) in its place: small datasets stay in memory exactly as before; past
+BytesIO) in its place (protocol/pynetdicom_patches.py, `install(dataset_buffer=...)`): small datasets stay in memory exactly as before; past
 `threshold` bytes the rest goes to a spool file on the archive's own disk, from which the
 store path streams (compression and the segment copy never hold it whole).
 """
@@ -13,9 +13,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
-import pynetdicom.dimse
-import pynetdicom.dimse_messages
 
 
 class SpillBuffer(io.BytesIO):
@@ -72,11 +69,10 @@ class SpillBuffer(io.BytesIO):
             pass
 
 
-def install(directory: Path, threshold: int) -> None:
-    """Make every dataset pynetdicom receives in this process a SpillBuffer into `directory`."""
+def prepare(directory: Path, threshold: int) -> type[SpillBuffer]:
+    """SpillBuffers of this process spill into `directory` (emptied) past `threshold` bytes."""
     if directory.exists():
         shutil.rmtree(directory)  # partial datasets of a previous life of this worker
     directory.mkdir(parents=True)
     SpillBuffer.directory, SpillBuffer.threshold = directory, threshold
-    pynetdicom.dimse_messages.BytesIO = SpillBuffer
-    pynetdicom.dimse.BytesIO = SpillBuffer
+    return SpillBuffer

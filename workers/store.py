@@ -9,8 +9,9 @@ import logging
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from stowage.engine.archive import PROCESSING_FAILURE, Archive, StoreResult
+from stowage.engine.archive import Archive, StoreResult
 from stowage.engine.segment import FileRange
+from stowage.protocol.status import PROCESSING_FAILURE
 from stowage.workers.audit import Trail
 from stowage.workers.spill import SpillBuffer
 

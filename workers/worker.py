@@ -25,10 +25,10 @@ from stowage.engine.config import Config
 from stowage.engine.logs import setup_logging
 from stowage.engine.recovery import recover
 from stowage.engine.slots import claim_exact
-from stowage.engine import reactor
-from stowage.engine.acceptor import A_ASSOCIATE_RJ_LIMIT
-from stowage.engine.sockopts import kernel_timeouts
 from stowage.engine.tls import server_context
+from stowage.protocol import pynetdicom_patches
+from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT, PeerClosed, ProtocolError
+from stowage.protocol.sockopts import kernel_timeouts
 from stowage.workers import association, negotiation, spill
 from stowage.workers.audit import Trail, outcome_of
 from stowage.workers.contexts import storage_sop_classes
@@ -49,8 +49,8 @@ class Worker:
         self._active_lock = threading.Lock()
         self.claim = claim_exact(config.data_dir, slot)  # held for our life: no one else writes this slot
         recover(config.data_dir, slot=slot)
-        spill.install(config.data_dir / "spool" / f"{slot:03d}", config.spill_threshold)
-        reactor.install()
+        pynetdicom_patches.install(
+            dataset_buffer=spill.prepare(config.data_dir / "spool" / f"{slot:03d}", config.spill_threshold))
         self.archive = Archive(config, slot)
         self.ae = build_ae(config)
         self.contexts = self.ae.supported_contexts  # built once, shared read-only by every association
@@ -133,7 +133,7 @@ class Worker:
             negotiation.read_request(tls_sock, max(self.config.max_pdu, 1 << 16))
             tls_sock.sendall(A_ASSOCIATE_RJ_LIMIT)
             tls_sock.unwrap()
-        except (OSError, ssl.SSLError, negotiation.ProtocolError, negotiation.PeerClosed):
+        except (OSError, ssl.SSLError, ProtocolError, PeerClosed):
             pass
         finally:
             tls_sock.close()
@@ -150,11 +150,11 @@ class Worker:
                 path, outcome = "lean", self._serve_storage(sock, req, key)
             else:
                 path, outcome = "pynetdicom", self._serve_pynetdicom(sock, req)
-        except negotiation.ProtocolError as e:
+        except ProtocolError as e:
             log.warning("%s: %s; aborting", peer, e)
             _send_quietly(sock, e.abort)
             outcome = "aborted: protocol error"
-        except (negotiation.PeerClosed, OSError) as e:
+        except (PeerClosed, OSError) as e:
             outcome = f"closed before association: {e}"
         except Exception:
             log.exception("association from %s failed", peer)

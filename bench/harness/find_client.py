@@ -21,9 +21,13 @@ from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotifi
                                        MaximumLengthNotification)
 from pynetdicom.presentation import PresentationContext
 
+from stowage.protocol import dimse
+from stowage.protocol.acse import APPLICATION_CONTEXT_NAME
+from stowage.protocol.pdu import (A_ASSOCIATE_AC, A_RELEASE_RQ_PDU, COMMAND, HEADER as _PDU, LAST, P_DATA_TF,
+                                  PDV_HEADER as _PDV)
+from stowage.protocol.status import PENDING_STATUSES
+
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-_PDU = struct.Struct(">BxI")
-_PDV = struct.Struct(">IBB")
 MAX_PDU = 1 << 20
 
 
@@ -37,10 +41,10 @@ def _encode(ds: Dataset) -> bytes:
 def _command(sop_class: str, message_id: int) -> bytes:
     cmd = Dataset()
     cmd.AffectedSOPClassUID = sop_class
-    cmd.CommandField = 0x0020  # C-FIND-RQ
+    cmd.CommandField = dimse.C_FIND_RQ
     cmd.MessageID = message_id
     cmd.Priority = 0
-    cmd.CommandDataSetType = 0x0001
+    cmd.CommandDataSetType = dimse.DATASET_PRESENT
     body = _encode(cmd)
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body  # (0000,0000) group length, implicit VR
 
@@ -55,7 +59,7 @@ class FindClient:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._message_id = 0
         rq = A_ASSOCIATE()
-        rq.application_context_name = "1.2.840.10008.3.1.1.1"
+        rq.application_context_name = APPLICATION_CONTEXT_NAME
         rq.calling_ae_title, rq.called_ae_title = calling_ae, called_ae
         cx = PresentationContext()
         cx.context_id, cx.abstract_syntax, cx.transfer_syntax = 1, sop_class, [IMPLICIT_VR_LE]
@@ -67,7 +71,7 @@ class FindClient:
         rq.user_information = [length, impl]
         self.sock.sendall(self._encode_rq(rq))
         pdu_type, body = self._read_pdu()
-        if pdu_type != 0x02:
+        if pdu_type != A_ASSOCIATE_AC:
             raise ConnectionError(f"association not accepted (PDU type 0x{pdu_type:02X})")
         self.peer_max = self._peer_max(body)
 
@@ -115,40 +119,40 @@ class FindClient:
         for control, data in pdvs:
             chunks = [data[i:i + limit] for i in range(0, len(data), limit)] or [b""]
             for n, chunk in enumerate(chunks):
-                last = 0x02 if n == len(chunks) - 1 else 0
-                pdv = _PDV.pack(len(chunk) + 2, 1, (control & 0x01) | last) + chunk
-                out.append(_PDU.pack(0x04, len(pdv)) + pdv)
+                last = LAST if n == len(chunks) - 1 else 0
+                pdv = _PDV.pack(len(chunk) + 2, 1, (control & COMMAND) | last) + chunk
+                out.append(_PDU.pack(P_DATA_TF, len(pdv)) + pdv)
         self.sock.sendall(b"".join(out))
 
     def find(self, identifier: Dataset) -> tuple[int, int]:
         """(final status, number of pending responses) of one C-FIND."""
         self._message_id += 1
-        self._send_pdvs([(0x01, _command(self.sop_class, self._message_id)), (0x00, _encode(identifier))])
+        self._send_pdvs([(COMMAND, _command(self.sop_class, self._message_id)), (0, _encode(identifier))])
         matches = 0
         command = bytearray()
         while True:
             pdu_type, body = self._read_pdu()
-            if pdu_type != 0x04:
+            if pdu_type != P_DATA_TF:
                 raise ConnectionError(f"unexpected PDU type 0x{pdu_type:02X} during C-FIND")
             pos = 0
             while pos < len(body):
                 length, _cx, control = _PDV.unpack_from(body, pos)
                 data = body[pos + 6:pos + 4 + length]
                 pos += 4 + length
-                if not control & 0x01:
+                if not control & COMMAND:
                     continue  # a data set fragment: only counted, through its command
                 command += data
-                if control & 0x02:  # the command is complete
+                if control & LAST:  # the command is complete
                     status = int(read_dataset(BytesIO(bytes(command)), True, True).Status)
                     command = bytearray()
-                    if status in (0xFF00, 0xFF01):
+                    if status in PENDING_STATUSES:
                         matches += 1
                     else:
                         return status, matches
 
     def close(self) -> None:
         try:
-            self.sock.sendall(_PDU.pack(0x05, 4) + b"\0\0\0\0")  # A-RELEASE-RQ
+            self.sock.sendall(A_RELEASE_RQ_PDU)
             self._read_pdu()
         except OSError:
             pass

@@ -9,7 +9,7 @@ port with a fresh data directory in a temporary directory, then:
 1. Idle associations. The CPU seconds of the whole serve tree (acceptor + workers,
    psutil user+system) over ``--window`` seconds with no association open: the
    baseline. Then, held open without traffic, half of ``--idle`` associations
-   storage-only (engine/store_scu.Association proposing CT Image Storage: the
+   storage-only (protocol/store_scu.Association proposing CT Image Storage: the
    worker's lean path), and the same window again; then the other half added,
    proposing Study Root C-FIND (a pynetdicom AE with engine.reactor installed: the
    worker's pynetdicom path), and the window once more, so each path's cost shows.
@@ -88,7 +88,7 @@ def worker_procs(proc: subprocess.Popen) -> dict[int, psutil.Process]:
 
 def echo(port: int) -> bool:
     """True if an association with a Verification context is accepted and released."""
-    from stowage.engine.store_scu import Association, AssociationError
+    from stowage.protocol.store_scu import Association, AssociationError
     try:
         Association("127.0.0.1", port, AET, CALLING, [(VERIFICATION, IMPLICIT_LE)], timeout=5).open().release()
         return True
@@ -142,7 +142,7 @@ class IdleSet:
 
     def open_lean(self, n: int) -> None:
         """``n`` storage-only associations (CT Image Storage): the worker's lean path."""
-        from stowage.engine.store_scu import Association, AssociationError
+        from stowage.protocol.store_scu import Association, AssociationError
         for _ in range(n):
             try:
                 a = Association("127.0.0.1", self.port, AET, CALLING, [(CT_STORAGE, EXPLICIT_LE)], timeout=30)
@@ -153,8 +153,8 @@ class IdleSet:
     def open_find(self, n: int) -> None:
         """``n`` associations proposing Study Root C-FIND: the worker's pynetdicom path."""
         from pynetdicom import AE, evt
-        from stowage.engine import reactor
-        reactor.install()  # our pynetdicom requestors block instead of polling every 1 ms
+        from stowage.protocol import pdu, pynetdicom_patches
+        pynetdicom_patches.install()  # our pynetdicom requestors block instead of polling every 1 ms
         ae = AE(CALLING)
         ae.add_requested_context(STUDY_FIND)
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 30, 30, None  # None: never drop idle
@@ -162,7 +162,7 @@ class IdleSet:
 
         def on_acse(event: Any) -> None:  # the A-ASSOCIATE-RJ's reason, which associate() only logs
             p = event.primitive
-            if getattr(p, "result", None) in (0x01, 0x02):
+            if getattr(p, "result", None) in (pdu.REJECTED_PERMANENT, pdu.REJECTED_TRANSIENT):
                 reasons.append(f"C-FIND: {p.result_str.lower()} by {p.source_str}: {p.reason_str}")
 
         for _ in range(n):
@@ -269,7 +269,7 @@ class RssSampler:
 def measure_large(port: int, tmp: Path, size: int, timeout: float,
                   workers: dict[int, psutil.Process]) -> dict[str, Any]:
     from stowage.bench.loadgen import load_corpus
-    from stowage.engine.store_scu import Association, AssociationError
+    from stowage.protocol.store_scu import Association, AssociationError
     t0 = time.monotonic()
     path, frames = make_large(tmp, size)
     made_s = time.monotonic() - t0

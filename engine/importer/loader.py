@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stowage.catalog.attributes import UnreadableDataset, extract
-from stowage.engine.archive import OUT_OF_RESOURCES, Archive
+from stowage.engine.archive import Archive
 from stowage.engine.config import Config
 from stowage.engine.logs import setup_logging
 from stowage.engine.importer.part10 import FileInfo, Malformed, NotDicom, check_whole, read_info
@@ -29,6 +29,7 @@ from stowage.engine.recovery import recover
 from stowage.engine.segment import FileRange
 from stowage.engine.importer.outcome import HELD, NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, Outcome, Task
 from stowage.engine.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, claim_slot
+from stowage.protocol.status import OUT_OF_RESOURCES
 from stowage.workers.malloc import keep_large_buffers_in_heap
 
 DEFAULT_SOURCE_AE = "IMPORT"  # the calling AE recorded when a file names no Source AE

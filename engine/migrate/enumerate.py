@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from stowage.engine.migrate.source import Answer
+from stowage.protocol.status import CANCEL, SUCCESS
 
 log = logging.getLogger("stowage.migrate")
 FIRST_YEAR = 1900
@@ -166,7 +167,7 @@ def split(w: Window, today: dt.date | None = None) -> list[Window]:
 def looks_capped(answer: Answer, find_limit: int) -> bool:
     """Did the source stop short? A status other than success after matches (we never
     cancel a C-FIND, yet Orthanc ends a capped answer with Cancel, 0xFE00), or the cap."""
-    if answer.status != 0x0000 and answer.count:
+    if answer.status != SUCCESS and answer.count:
         return True
     return find_limit > 0 and answer.count >= find_limit
 
@@ -216,7 +217,7 @@ def enumerate_window(find: Callable[..., Answer], w: Window, find_limit: int,
     "incomplete" (capped and not splittable: the studies found are kept), "failed".
     """
     answer = find(w.identifier(), lambda m: Study.of(m) if w.keep(m) else None)
-    if answer.status is None or (not answer.ok and not answer.count and answer.status != 0xFE00):
+    if answer.status is None or (not answer.ok and not answer.count and answer.status != CANCEL):
         status = "no final status" if answer.status is None else f"status 0x{answer.status:04X}"
         return "failed", [], [], f"C-FIND {status} {answer.comment}".strip(), answer.count
     studies = answer.matches

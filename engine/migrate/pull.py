@@ -28,12 +28,11 @@ from pydicom.uid import (AllTransferSyntaxes, BasicTextSRStorage, BreastTomosynt
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context, build_role
 
-from stowage.engine.migrate.source import PENDING, Session
+from stowage.engine.migrate.source import Session
+from stowage.protocol.status import OUT_OF_RESOURCES_STATUSES, PENDING_STATUSES, SUCCESS
 
 log = logging.getLogger("stowage.migrate")
 MAX_CONTEXTS = 128
-BUSY = (0xA700, 0xA701, 0xA702)  # out of resources: the source is struggling, slow down
-MOVE_DESTINATION_UNKNOWN = 0xA801
 _KINDS = ("Completed", "Failed", "Warning")
 _UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 # When we do not know a study's SOP classes, the C-GET proposes these (one context each).
@@ -61,11 +60,11 @@ class Pulled:
 
     @property
     def ok(self) -> bool:
-        return self.status == 0x0000 and not self.failed
+        return self.status == SUCCESS and not self.failed
 
     @property
     def busy(self) -> bool:
-        return self.stalled or self.status in BUSY
+        return self.stalled or self.status in OUT_OF_RESOURCES_STATUSES  # the source is struggling: slow down
 
     def describe(self) -> str:
         if self.stalled:
@@ -101,7 +100,7 @@ def retrieve(session: Session, kind: str, study_uid: str, move_aet: str, stall_t
         if counts[0] + counts[2] > arrived:  # the progress bar counts instances that arrived
             on_progress(counts[0] + counts[2] - arrived)
             arrived = counts[0] + counts[2]
-        if code in PENDING:
+        if code in PENDING_STATUSES:
             if sum(counts) > reported:  # any sub-operation done, failed ones too, is not a stall
                 reported, last_progress = sum(counts), time.monotonic()
             elif time.monotonic() - last_progress > stall_timeout:
@@ -135,9 +134,9 @@ def store_handler(store: Callable[..., tuple[int, str]], source_ae: str, our_ae:
         uid = str(req.AffectedSOPInstanceUID)
         status, comment = store(req.DataSet.getvalue(), str(event.context.transfer_syntax),
                                 str(req.AffectedSOPClassUID), uid, source_ae, our_ae)
-        if status == 0:
+        if status == SUCCESS:
             stored.append(uid)
-            return 0x0000
+            return SUCCESS
         rsp = Dataset()
         rsp.Status = status
         rsp.ErrorComment = comment[:64]

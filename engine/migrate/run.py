@@ -25,9 +25,10 @@ from stowage.engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result
 from stowage.engine.migrate.enumerate import first_windows
 from stowage.engine.migrate.pacing import Gate, Rate, TimeWindow, retry_delay
 from stowage.engine.migrate.scan import Scan
-from stowage.engine.migrate.pull import MOVE_DESTINATION_UNKNOWN, Pulled, get_contexts, retrieve, store_handler
+from stowage.engine.migrate.pull import Pulled, get_contexts, retrieve, store_handler
 from stowage.engine.migrate.source import Session, SourceError, slug
 from stowage.engine.migrate.verify import SourceListing, check_content, held, list_instances
+from stowage.protocol.status import MOVE_DESTINATION_UNKNOWN
 
 log = logging.getLogger("stowage.migrate")
 SLOT_BASE = 200  # migrate's own slots for C-GET (serve: 0.., import: 100..)

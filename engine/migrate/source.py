@@ -17,11 +17,9 @@ from pynetdicom.sop_class import (
 
 from stowage.engine.requestor import Peer, PeerError, associate, new_ae, peer_of
 from stowage.engine.config import Config
+from stowage.protocol.status import PENDING_STATUSES, SUCCESS
 
 _AE_AT = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
-PENDING = (0xFF00, 0xFF01)
-SUCCESS = 0x0000
-CANCEL = 0xFE00
 
 
 class SourceError(RuntimeError):
@@ -105,7 +103,7 @@ class Session:
             code = status.get("Status") if status else None
             if code is None:
                 return Answer(matches, None, "no response from the source (timeout or association lost)", count)
-            if code in PENDING:
+            if code in PENDING_STATUSES:
                 if ident is not None:
                     count += 1
                     kept = convert(ident)

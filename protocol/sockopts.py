@@ -1,4 +1,4 @@
-"""Socket options shared by the receive path (workers/) and the lean sender (engine/store_scu.py)."""
+"""Socket options shared by the receive path (workers/) and the lean sender (protocol/store_scu.py)."""
 from __future__ import annotations
 
 import socket

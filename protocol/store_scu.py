@@ -1,7 +1,7 @@
 """A lean Storage SCU association (PS3.8 upper layer, PS3.7 C-STORE) on a blocking
 socket: pre-encoded datasets go out as they are, one message at a time. The sending core
 (engine/send.py: `stowage send`, C-MOVE sub-operations) and the load generator
-(bench/loadgen.py) both use it.
+(bench/loadgen.py) both use it; it imports nothing of the archive.
 
 The association is requested and its answer decoded with pynetdicom's PDU classes (the
 same ones the archive's lean receive path uses, workers/negotiation.py); everything after
@@ -20,32 +20,24 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import struct
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC as AcPdu, A_ASSOCIATE_RJ as RjPdu, A_ASSOCIATE_RQ as RqPdu
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
-from stowage.engine import filemeta
-from stowage.engine.sockopts import kernel_timeouts
-from stowage.workers import commands
-from stowage.workers.negotiation import user_information
+from stowage.protocol import dimse
+from stowage.protocol.acse import (APPLICATION_CONTEXT_NAME, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
+                                   user_information)
+from stowage.protocol.pdu import (A_ABORT, A_ABORT_USER, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP,
+                                  A_RELEASE_RQ, A_RELEASE_RQ_PDU, COMMAND, COMMAND_LAST, DATA_LAST, DATA_MORE,
+                                  HEADER, LAST, P_DATA_TF, PDV_HEADER, pdv_pdu)
+from stowage.protocol.sockopts import kernel_timeouts
 
-__all__ = ["Association", "AssociationError", "StoreFailed", "Dataset", "store_command", "send_message",
-           "command_pdu"]
+__all__ = ["Association", "AssociationError", "StoreFailed", "Dataset", "store_command", "send_message"]
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-IMPLEMENTATION_CLASS_UID = filemeta.IMPLEMENTATION_CLASS_UID
-IMPLEMENTATION_VERSION = filemeta.IMPLEMENTATION_VERSION_NAME
-P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
-A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x02, 0x03
-_PDU = struct.Struct(">BxI")
-_PDV = struct.Struct(">IBB")
-_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
-_RELEASE = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _MAX_RESPONSE_PDU = 1 << 20
 _IOV_MAX = 512
 
@@ -75,14 +67,14 @@ def store_command(message_id: int, sop_class: str, sop_instance: str, priority: 
                   originator: tuple[str, int] | None = None) -> bytes:
     """A C-STORE-RQ command set (Implicit VR Little Endian, PS3.7 9.3.1.1); `originator`
     is the Move Originator's (AE title, Message ID) for a C-MOVE sub-operation."""
-    return commands.store_request(message_id, sop_class, sop_instance, priority, originator)
+    return dimse.store_request(message_id, sop_class, sop_instance, priority, originator)
 
 
 def parse_response(command: bytes | bytearray) -> tuple[int, int, str]:
     """(Command Field, Status, Error Comment) of a response command set."""
     try:
-        fields = commands.decode(command)
-    except commands.CommandError as e:
+        fields = dimse.decode(command)
+    except dimse.CommandError as e:
         raise AssociationError(f"malformed response command set: {e}") from None
     return int(fields["command_field"]), int(fields.get("status", -1)), str(fields.get("error_comment", ""))
 
@@ -93,7 +85,7 @@ class Association:
 
     def __init__(self, host: str, port: int, called_aet: str, calling_aet: str,
                  contexts: Sequence[tuple[str, str]], *, max_pdu: int = 1 << 20, timeout: float = 60.0,
-                 implementation_version: str = IMPLEMENTATION_VERSION, tls: ssl.SSLContext | None = None) -> None:
+                 implementation_version: str = IMPLEMENTATION_VERSION_NAME, tls: ssl.SSLContext | None = None) -> None:
         if not 0 < len(contexts) <= 128:
             raise ValueError(f"between 1 and 128 presentation contexts, not {len(contexts)}")
         self.host, self.port = host, port
@@ -130,19 +122,19 @@ class Association:
         except (OSError, AssociationError) as e:
             self.close()
             raise AssociationError(f"association request to {self.called_aet}@{self.host}:{self.port}: {e}") from None
-        raw = _PDU.pack(pdu_type, len(body)) + body
-        if pdu_type == A_ASSOCIATE_RJ_TYPE:
-            rj = A_ASSOCIATE_RJ()
+        raw = HEADER.pack(pdu_type, len(body)) + body
+        if pdu_type == A_ASSOCIATE_RJ:
+            rj = RjPdu()
             rj.decode(raw)
             self.close()
             raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} rejected the association "
                                    f"({rj.result_str.lower()}: {rj.reason_str}; is {self.called_aet!r} its "
                                    f"AE title, and is {self.calling_aet!r} known to it?)")
-        if pdu_type != A_ASSOCIATE_AC_TYPE:
+        if pdu_type != A_ASSOCIATE_AC:
             self.close()
             raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} answered the association "
                                    f"request with PDU type 0x{pdu_type:02X}")
-        ac = A_ASSOCIATE_AC()
+        ac = AcPdu()
         ac.decode(raw)
         primitive = ac.to_primitive()
         for item in primitive.user_information:
@@ -171,7 +163,7 @@ class Association:
 
     def _request(self) -> bytes:
         rq = A_ASSOCIATE()
-        rq.application_context_name = UID(APPLICATION_CONTEXT)
+        rq.application_context_name = UID(APPLICATION_CONTEXT_NAME)
         rq.calling_ae_title = self.calling_aet
         rq.called_ae_title = self.called_aet
         contexts = []
@@ -183,16 +175,16 @@ class Association:
             contexts.append(cx)
         rq.presentation_context_definition_list = contexts
         rq.user_information = user_information(self.max_pdu, IMPLEMENTATION_CLASS_UID, self.implementation_version)
-        pdu = A_ASSOCIATE_RQ()
-        pdu.from_primitive(rq)
-        return pdu.encode()
+        request = RqPdu()
+        request.from_primitive(rq)
+        return request.encode()
 
     def release(self) -> None:
         """A-RELEASE; falls back to closing the socket if the peer does not answer."""
         if self.sock is None:
             return
         try:
-            self._sendall(_RELEASE)
+            self._sendall(A_RELEASE_RQ_PDU)
             while True:
                 pdu_type, _ = self._read_pdu()
                 if pdu_type in (A_RELEASE_RP, A_ABORT):
@@ -204,7 +196,7 @@ class Association:
     def abort(self) -> None:
         if self.sock is not None:
             try:
-                self.sock.sendall(_ABORT)
+                self.sock.sendall(A_ABORT_USER)
             except OSError:
                 pass
         self.close()
@@ -260,14 +252,14 @@ class Association:
                 raise AssociationError(f"unexpected PDU type 0x{pdu_type:02X}")
             pos, done = 0, False
             while pos + 6 <= len(body):
-                length, _cx, header = _PDV.unpack_from(body, pos)
-                if header & 0x01:
+                length, _cx, header = PDV_HEADER.unpack_from(body, pos)
+                if header & COMMAND:
                     command += body[pos + 6:pos + 4 + length]
-                    done = done or bool(header & 0x02)
+                    done = done or bool(header & LAST)
                 pos += 4 + length
             if done:
                 field, status, comment = parse_response(command)
-                if field != 0x8001 or status < 0:
+                if field != dimse.C_STORE_RSP or status < 0:
                     raise AssociationError(f"expected a C-STORE-RSP, got command field 0x{field & 0xFFFF:04X}")
                 return status, comment
 
@@ -290,7 +282,7 @@ class Association:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except (AttributeError, OSError):
             pass
-        pdu_type, length = _PDU.unpack(self._recv_exact(6))
+        pdu_type, length = HEADER.unpack(self._recv_exact(6))
         if length > _MAX_RESPONSE_PDU:
             raise AssociationError(f"the peer sent a {length}-byte PDU of type 0x{pdu_type:02X}")
         return pdu_type, self._recv_exact(length)
@@ -300,10 +292,10 @@ def send_message(sock: socket.socket, peer_max_pdu: int, context_id: int, comman
     """One DIMSE message, the command set then the dataset in P-DATA-TF PDUs no longer than
     `peer_max_pdu` (0: unlimited), written on `sock` with as few system calls as it takes."""
     frag = max((peer_max_pdu or (1 << 22)) - 6, 1)  # payload bytes per PDV: its item header is 6
-    bufs: list[bytes | memoryview] = [_pdv_pdu(context_id, 0x03, len(command)), command]
+    bufs: list[bytes | memoryview] = [pdv_pdu(context_id, COMMAND_LAST, len(command)), command]
     if ds.data is not None:
         view, n = memoryview(ds.data), ds.length
-        middle = _pdv_pdu(context_id, 0x00, frag)  # every fragment but the last has this header
+        middle = pdv_pdu(context_id, DATA_MORE, frag)  # every fragment but the last has this header
         start = 0
         while n - start > frag:
             bufs += (middle, view[start:start + frag])
@@ -311,7 +303,7 @@ def send_message(sock: socket.socket, peer_max_pdu: int, context_id: int, comman
             if len(bufs) >= _IOV_MAX:
                 _sendv(sock, bufs)
                 bufs = []
-        bufs += (_pdv_pdu(context_id, 0x02, n - start), view[start:n])
+        bufs += (pdv_pdu(context_id, DATA_LAST, n - start), view[start:n])
         _sendv(sock, bufs)
         return
     _sendv(sock, bufs)
@@ -319,7 +311,7 @@ def send_message(sock: socket.socket, peer_max_pdu: int, context_id: int, comman
         fd = f.fileno()
         for start in range(0, max(ds.length, 1), frag):
             n = min(frag, ds.length - start)
-            sock.sendall(_pdv_pdu(context_id, 0x02 if start + frag >= ds.length else 0x00, n))
+            sock.sendall(pdv_pdu(context_id, DATA_LAST if start + frag >= ds.length else DATA_MORE, n))
             if isinstance(sock, ssl.SSLSocket):  # the kernel cannot encrypt: read and send
                 piece = os.pread(fd, n, ds.offset + start)
                 if len(piece) != n:
@@ -356,16 +348,6 @@ def _sendv(sock: socket.socket, bufs: list) -> None:
         if not views:
             return
         sent = sock.sendmsg(views)
-
-
-def command_pdu(context_id: int, command: bytes) -> bytes:
-    """A P-DATA-TF PDU holding one whole command set (a response without a dataset)."""
-    return _pdv_pdu(context_id, 0x03, len(command)) + command
-
-
-def _pdv_pdu(context_id: int, header: int, n: int) -> bytes:
-    """P-DATA-TF PDU header plus the header of its one PDV item of ``n`` payload bytes."""
-    return _PDU.pack(P_DATA_TF, n + 6) + _PDV.pack(n + 2, context_id, header)
 
 
 def contexts_for(datasets: Iterable[Dataset]) -> list[tuple[str, str]]:

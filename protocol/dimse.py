@@ -1,5 +1,6 @@
-"""DIMSE command sets (PS3.7 9.3, Annex E) for the lean receive path: decode the few
-elements of a C-STORE-RQ / C-ECHO-RQ, encode their responses from templates.
+"""DIMSE command sets (PS3.7 9.3, Annex E): decode the few elements of a command set that
+the lean paths use (C-STORE-RQ/RSP, C-ECHO-RQ, C-CANCEL-RQ), encode the C-STORE-RQ and
+the responses we send without pynetdicom.
 
 Command sets are always Implicit VR Little Endian (PS3.7 6.3.1).
 """
@@ -7,14 +8,14 @@ from __future__ import annotations
 
 import struct
 
+from stowage.protocol.status import SUCCESS
+
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
+C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
 C_GET_RSP, C_MOVE_RSP = 0x8010, 0x8021
 C_CANCEL_RQ = 0x0FFF
 NO_DATASET = 0x0101
-# C-STORE warning statuses (PS3.4 B.2.3): coercion of data elements, data set does not
-# match SOP class, elements discarded; 0x0001 as some peers send it.
-WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 DATASET_PRESENT = 0x0001  # any other value would do (PS3.7 E.1); pynetdicom sends 0x0001
 
 _ELEMENT = struct.Struct("<HHI")
@@ -96,47 +97,31 @@ def store_request(message_id: int, sop_class: str, sop_instance: str, priority: 
     return _with_group_length(body)
 
 
-def store_response(message_id: int, sop_class: str, sop_instance: str, status: int,
-                   comment: str = "") -> bytes:
-    body = b"".join((
+def _response(command_field: int, message_id: int, sop_class: str, status: int, *rest: bytes) -> bytes:
+    """A response command set without a data set: the elements every response has, then `rest`."""
+    return _with_group_length(b"".join((
         _el(0x0002, _ui(sop_class)),
-        _el(0x0100, _US.pack(C_STORE_RSP)),
+        _el(0x0100, _US.pack(command_field)),
         _el(0x0120, _US.pack(message_id)),
         _el(0x0800, _US.pack(NO_DATASET)),
         _el(0x0900, _US.pack(status)),
-        _el(0x0902, _lo(comment)) if comment else b"",
-        _el(0x1000, _ui(sop_instance)),
-    ))
-    return _with_group_length(body)
+        *rest,
+    )))
+
+
+def store_response(message_id: int, sop_class: str, sop_instance: str, status: int,
+                   comment: str = "") -> bytes:
+    return _response(C_STORE_RSP, message_id, sop_class, status,
+                     _el(0x0902, _lo(comment)) if comment else b"", _el(0x1000, _ui(sop_instance)))
 
 
 def retrieve_response(command_field: int, message_id: int, sop_class: str, status: int,
                       counts: tuple[int, int, int, int]) -> bytes:
     """A C-MOVE-RSP or C-GET-RSP without an identifier (PS3.7 9.3.3.2, 9.3.4.2):
     `counts` are the remaining, completed, failed and warning sub-operations."""
-    body = b"".join((
-        _el(0x0002, _ui(sop_class)),
-        _el(0x0100, _US.pack(command_field)),
-        _el(0x0120, _US.pack(message_id)),
-        _el(0x0800, _US.pack(NO_DATASET)),
-        _el(0x0900, _US.pack(status)),
-        *(_el(0x1020 + i, _US.pack(n)) for i, n in enumerate(counts)),
-    ))
-    return _with_group_length(body)
+    return _response(command_field, message_id, sop_class, status,
+                     *(_el(0x1020 + i, _US.pack(n)) for i, n in enumerate(counts)))
 
 
 def echo_response(message_id: int, sop_class: str) -> bytes:
-    body = b"".join((
-        _el(0x0002, _ui(sop_class)),
-        _el(0x0100, _US.pack(C_ECHO_RSP)),
-        _el(0x0120, _US.pack(message_id)),
-        _el(0x0800, _US.pack(NO_DATASET)),
-        _el(0x0900, _US.pack(0x0000)),
-    ))
-    return _with_group_length(body)
-
-
-def p_data(context_id: int, command: bytes) -> bytes:
-    """A P-DATA-TF PDU carrying one whole command set in one PDV."""
-    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
-    return struct.pack(">BxI", 0x04, len(pdv)) + pdv
+    return _response(C_ECHO_RSP, message_id, sop_class, SUCCESS)
