@@ -30,7 +30,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, ge
 
 from stowage.engine.export_files import open_new
 from stowage.engine.export_names import suffix
-from stowage.engine.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PREAMBLE
+from stowage.engine.filemeta import PREAMBLE
+from stowage.protocol.acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 DICOMDIR = "DICOMDIR"
 FILE_SET_ID = "STOWAGE"

@@ -407,6 +407,7 @@ def _words(constant: str) -> str:
 
 
 def statuses(name: str) -> str:
+    from stowage.protocol.status import PENDING
     by_value: dict[int, dict] = {}
     for path in _STATUS_FILES[name]:
         text = (ROOT / path).read_text()
@@ -417,7 +418,7 @@ def statuses(name: str) -> str:
         for const, value, comment in _status_sites(path, tree, text):
             entry = by_value.setdefault(value, {"names": {}, "comments": [], "where": set()})
             entry["names"].setdefault(const, "")
-            if comment and comment not in entry["comments"] and value < 0xFF00:  # pending carries none
+            if comment and comment not in entry["comments"] and value < PENDING:  # pending carries none
                 entry["comments"].append(comment)
             entry["where"].add(f"`{path}`")
     rows = []
