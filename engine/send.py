@@ -199,7 +199,7 @@ class _Link(Protocol):
 
 
 class _LeanLink:
-    """An association we opened (engine/store_scu.py)."""
+    """An association we opened (protocol/store_scu.py)."""
 
     def __init__(self, assoc: store_scu.Association) -> None:
         self.assoc = assoc

@@ -47,7 +47,7 @@ def _hex(path: Path, node: ast.AST) -> str | None:
 
 def _protocol_names() -> set[str]:
     """Public names the protocol layer defines, and its modules' names (also the old ones)."""
-    names = {p.stem for p in _sources("protocol")} | {"commands", "negotiation_pdu", "reactor", "store_responses",
+    names = {p.stem for p in _sources("protocol")} | {"commands", "reactor", "store_responses",
                                                         "pending", "sockopts", "store_scu"}
     for path in _sources("protocol"):
         for node in _tree(path).body:
