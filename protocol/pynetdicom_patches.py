@@ -145,6 +145,7 @@ def _tick(owner: object, woken: bool) -> float:
     owner._stowage_quiet = quiet  # type: ignore[attr-defined]
     return IDLE_TICK_S if quiet >= IDLE_AFTER else TICK_S
 
+
 class NotifyingQueue(queue.Queue):
     """A queue that calls `notify` after every put."""
 
@@ -187,14 +188,14 @@ def make_event_driven(assoc: Association) -> None:
     """Give `assoc` (not started yet) notifying queues so that both reactors can block."""
     if getattr(assoc, "_stowage_ready", None) is not None:
         return
-    dul, dimse = assoc.dul, assoc.dimse
+    dul, provider = assoc.dul, assoc.dimse
     wake, ready = _Wakeup(), threading.Event()
     dul._stowage_wake = wake
     assoc._stowage_ready = ready
     _swap(dul, "to_provider_queue", wake.set)
     _swap(dul, "event_queue", wake.set)
     _swap(dul, "to_user_queue", ready.set)
-    _swap(dimse, "msg_queue", ready.set)
+    _swap(provider, "msg_queue", ready.set)
 
 
 def _swap(owner: Any, name: str, notify: Callable[[], None]) -> None:

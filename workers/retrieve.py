@@ -20,6 +20,7 @@ List, 0xA702 when none succeeded, or Cancel 0xFE00 after a C-CANCEL).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from io import BytesIO
@@ -116,7 +117,7 @@ class Retriever:
 def scp(retriever: Retriever) -> Callable[[QueryRetrieveServiceClass, Any, Any, type], None]:
     """pynetdicom's C-MOVE and C-GET SCP, replaced by ours serving from `retriever`
     (protocol/pynetdicom_patches.py, `install(retrieve_scp=...)`)."""
-    return lambda service, req, context, kind: _serve(retriever, service, req, context, kind)
+    return functools.partial(_serve, retriever)
 
 
 def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, context: Any, kind: type) -> None:
