@@ -19,13 +19,14 @@ BARE = re.compile(r"^\s*(from|import) (engine|workers|catalog|bench|protocol)\b"
 
 
 def test_no_module_imports_a_bare_top_level_package():
-    offenders = [str(p.relative_to(REPO)) for folder in ("engine", "workers", "catalog", "bench", "protocol", "tests", "ops")
+    folders = ("engine", "workers", "catalog", "bench", "protocol", "tests", "ops")
+    offenders = [str(p.relative_to(REPO)) for folder in folders
                  for p in (REPO / folder).rglob("*.py") if BARE.search(p.read_text())]
     assert not offenders, offenders
 
 
 def test_a_decoy_engine_folder_in_the_working_directory_does_not_shadow_ours(tmp_path):
-    for name in ("engine", "workers", "catalog", "bench"):
+    for name in ("engine", "workers", "catalog", "bench", "protocol"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("raise ImportError('the decoy was imported')\n")
     r = subprocess.run([sys.executable, "-m", "stowage", "--help"], cwd=tmp_path, capture_output=True, text=True,
