@@ -109,7 +109,8 @@ _retrieve_scp: RetrieveScp | None = None
 def install(*, dataset_buffer: type[io.BytesIO] | None = None, retrieve_scp: RetrieveScp | None = None) -> None:
     """Apply patches 1-4 and 8 (this process; idempotent), and 6 / 5 when given
     `dataset_buffer` (the class pynetdicom collects received datasets in) or
-    `retrieve_scp` (called as `retrieve_scp(service, request, context, C_MOVE or C_GET)`)."""
+    `retrieve_scp` (called as `retrieve_scp(service, request, context, C_MOVE or C_GET)`).
+    7 is per connection (`quick_ack`)."""
     global _retrieve_scp
     if pynetdicom.__version__ != PYNETDICOM_VERSION:
         raise RuntimeError(f"stowage.protocol.pynetdicom_patches patches pynetdicom {PYNETDICOM_VERSION}; "
