@@ -1,6 +1,8 @@
 """Verification SCP (C-ECHO)."""
 from pynetdicom import evt
 
+from stowage.protocol.status import SUCCESS
+
 
 def handle_echo(event: evt.Event) -> int:
-    return 0x0000
+    return SUCCESS

@@ -11,7 +11,7 @@ from pynetdicom import evt
 
 from stowage.engine.archive import Archive, StoreResult
 from stowage.engine.segment import FileRange
-from stowage.protocol.status import PROCESSING_FAILURE
+from stowage.protocol.status import PROCESSING_FAILURE, SUCCESS
 from stowage.workers.audit import Trail
 from stowage.workers.spill import SpillBuffer
 
@@ -64,7 +64,7 @@ def handle_store(event: evt.Event, scp: StorageSCP) -> int | Dataset:
     result = scp.store(id(assoc), req.DataSet, str(event.context.transfer_syntax), str(req.AffectedSOPClassUID),
                        str(req.AffectedSOPInstanceUID), assoc.requestor.ae_title, assoc.acceptor.ae_title)
     if result.ok:
-        return 0x0000
+        return SUCCESS
     rsp = Dataset()
     rsp.Status = result.status
     rsp.ErrorComment = result.comment[:64]  # LO: 64 characters at most
