@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_files
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from stowage.workers.contexts import storage_sop_classes, transfer_syntaxes
 from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, export_all, received_by_dcmtk
@@ -214,20 +216,43 @@ def test_segments_roll_at_the_configured_size(make_server, tmp_path):
     assert_exported_identical(server.data_dir, tmp_path / "out", files)
 
 
-def test_audit_log_has_associations_and_stores(server, tmp_path):
+def _audit_lines(data_dir: Path, calling_ae: str) -> list[dict]:
+    """The audit log once the association line of `calling_ae` is in (it is written as
+    the association ends, a moment after the release)."""
     import json
-    files = copies(CT, tmp_path / "in", 2, "audit")
-    r = run(dcmtk("storescu"), "-aet", "AUDITSCU", "-aec", "STOWAGE", HOST, str(server.port), *map(str, files))
-    assert r.returncode == 0, r.stderr
-    lines = []
-    for _ in range(50):  # the association line is written as the association ends
-        lines = [json.loads(l) for l in (server.data_dir / "audit.jsonl").read_text().splitlines()]
-        if any(l.get("event") == "association" and l["calling_ae"] == "AUDITSCU" for l in lines):
+    lines: list[dict] = []
+    for _ in range(50):
+        lines = [json.loads(l) for l in (data_dir / "audit.jsonl").read_text().splitlines()]
+        if any(l.get("event") == "association" and l["calling_ae"] == calling_ae for l in lines):
             break
         time.sleep(0.1)
-    stores = [l for l in lines if l.get("event") == "store" and l["calling_ae"] == "AUDITSCU"]
+    return lines
+
+
+def _assert_audited(lines: list[dict], calling_ae: str, files: list[Path], path: str) -> None:
+    stores = [l for l in lines if l.get("event") == "store" and l["calling_ae"] == calling_ae]
     assert sorted(l["sop_instance_uid"] for l in stores) == \
         sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
     assert all(l["status"] == "0x0000" for l in stores)
-    (assoc,) = [l for l in lines if l.get("event") == "association" and l["calling_ae"] == "AUDITSCU"]
-    assert assoc["outcome"] == "released" and assoc["stored"] == 2 and assoc["refused"] == 0
+    (assoc,) = [l for l in lines if l.get("event") == "association" and l["calling_ae"] == calling_ae]
+    assert assoc["path"] == path
+    assert assoc["outcome"] == "released" and assoc["stored"] == len(files) and assoc["refused"] == 0, assoc
+
+
+def test_audit_log_has_associations_and_stores(server, tmp_path):
+    files = copies(CT, tmp_path / "in", 2, "audit")
+    r = run(dcmtk("storescu"), "-aet", "AUDITSCU", "-aec", "STOWAGE", HOST, str(server.port), *map(str, files))
+    assert r.returncode == 0, r.stderr
+    _assert_audited(_audit_lines(server.data_dir, "AUDITSCU"), "AUDITSCU", files, "lean")
+    # An association that also proposes C-FIND is served by pynetdicom: its line counts
+    # its stores too.
+    files = copies(CT, tmp_path / "in2", 3, "audit2")
+    ae = AE("AUDITPYN")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    for f in files:
+        assert assoc.send_c_store(f).Status == 0
+    assoc.release()
+    _assert_audited(_audit_lines(server.data_dir, "AUDITPYN"), "AUDITPYN", files, "pynetdicom")

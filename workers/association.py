@@ -32,6 +32,7 @@ class BoundedSocket(AssociationSocket):
         self._limit = max(limit, _MIN_PDU_LIMIT)
         self._header_next = True
         self._pushback = pushback  # bytes already read from the peer (its A-ASSOCIATE-RQ)
+        self.trail_key = id(client_socket)  # what the worker's audit trail knows the association by
 
     @property
     def ready(self) -> bool:

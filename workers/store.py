@@ -61,7 +61,7 @@ def _dataset(received: io.BytesIO) -> bytes | FileRange:
 def handle_store(event: evt.Event, scp: StorageSCP) -> int | Dataset:
     """EVT_C_STORE: the request pynetdicom decoded, answered with StorageSCP's status."""
     req, assoc = event.request, event.assoc
-    result = scp.store(id(assoc), req.DataSet, str(event.context.transfer_syntax), str(req.AffectedSOPClassUID),
+    result = scp.store(assoc.dul.socket.trail_key, req.DataSet, str(event.context.transfer_syntax), str(req.AffectedSOPClassUID),
                        str(req.AffectedSOPInstanceUID), assoc.requestor.ae_title, assoc.acceptor.ae_title)
     if result.ok:
         return SUCCESS
