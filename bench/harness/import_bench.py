@@ -85,10 +85,27 @@ def make_corpus(work: Path, kind: str, count: int) -> tuple[Path, int, int]:
     return folder, len(files), sum(p.stat().st_size for p in files)
 
 
-def drop_caches_hint() -> str:
-    """Whether the corpus is likely in the page cache (we do not drop caches: that needs
-    root and disturbs everyone else on the machine)."""
-    return "page cache warm (corpus just written or read)"
+def set_cache(mode: str, folder: Path) -> None:
+    """Give every path the same page cache state before it runs: "cold" drops the page
+    cache (root only; what a migration of old files meets), "warm" reads the corpus once
+    (it must fit in memory), "as-is" leaves it to the previous run."""
+    if mode == "cold":
+        os.sync()
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        except OSError as e:
+            sys.exit(f"import_bench: --cache cold needs root ({e.strerror})")
+    elif mode == "warm":
+        for path in folder.rglob("*.dcm"):
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
+def _cache_note(mode: str) -> str:
+    return {"cold": "page cache dropped before each path (source read from disk)",
+            "warm": "corpus read into the page cache before each path",
+            "as-is": "page cache as the previous run left it"}[mode]
 
 
 def run_import(folder: Path, data: Path, files: int, nbytes: int, extra: list[str]) -> Row:
@@ -166,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--orthanc-threads", type=int, default=4)
     ap.add_argument("--skip", default="", help="paths to leave out: storescu, orthanc")
     ap.add_argument("--import-args", default="", help="extra arguments for stowage import, e.g. '--threads 16'")
+    ap.add_argument("--cache", choices=["cold", "warm", "as-is"], default="as-is",
+                    help="page cache state before each path [as-is]; cold needs root")
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
     ap.add_argument("--json", type=Path, help="write the rows here")
     a = ap.parse_args(argv)
@@ -176,26 +195,29 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     skip = set(a.skip.split(","))
     print(f"machine: {os.cpu_count()} cores, {platform.platform()}; load {os.getloadavg()[0]:.1f}; "
-          f"{drop_caches_hint()}", file=sys.stderr)
+          f"{_cache_note(a.cache)}", file=sys.stderr)
     results = {}
     for kind, count in zip(kinds, counts):
         folder, files, nbytes = make_corpus(work, kind, count)
         rows = []
         runs = work / f"runs-{kind}"
         shutil.rmtree(runs, ignore_errors=True)
+        set_cache(a.cache, folder)
         rows.append(run_import(folder, runs / "import", files, nbytes, a.import_args.split()))
         print(f"{kind}: {rows[-1].name}: {rows[-1].rate:.0f} files/s", file=sys.stderr)
         if "storescu" not in skip:
+            set_cache(a.cache, folder)
             rows.append(run_storescu(folder, runs / "storescu", files, nbytes))
             print(f"{kind}: {rows[-1].name}: {rows[-1].rate:.0f} files/s", file=sys.stderr)
         if "orthanc" not in skip and orthanc_exe():
+            set_cache(a.cache, folder)
             rows.append(run_orthanc(folder, runs / "orthanc", files, nbytes, a.orthanc_threads))
             print(f"{kind}: {rows[-1].name}: {rows[-1].rate:.0f} files/s", file=sys.stderr)
         print(_table(kind, rows))
         results[kind] = [r.__dict__ for r in rows]
         if not a.keep:
             shutil.rmtree(runs, ignore_errors=True)
-    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+    print(f"\n{_cache_note(a.cache)}; load average after: {os.getloadavg()[0]:.1f}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
 
