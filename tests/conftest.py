@@ -229,6 +229,26 @@ def copies(src: Path, out: Path, n: int, tag: str) -> list[Path]:
     return paths
 
 
+def series_instances(out: Path, patient: str, study: str, series: str, n: int, src: Path = CT,
+                     **attributes: str) -> list[Path]:
+    """n instances of one series (fresh SOP Instance UIDs, numbered from 1) of the given
+    patient and study, copies of `src` with `attributes` set, as Part-10 files."""
+    out.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(src)
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, study, series
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    paths = []
+    for i in range(n):
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        p = out / f"{series[-12:]}-{i:03d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
 def received_by_dcmtk(files: list[Path], out: Path) -> dict[str, bytes]:
     """What DCMTK storescu really sends for `files` (it re-encodes: e.g. it drops Data Set
     Trailing Padding), as received bit-preserving by DCMTK storescp: uid -> dataset bytes."""

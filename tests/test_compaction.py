@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import CT, HOST, dcmtk, export_all, dataset_bytes, received_by_dcmtk
+from conftest import HOST, dcmtk, export_all, dataset_bytes, received_by_dcmtk, series_instances
 from stowage.engine.compaction import COMPACT_SLOT, JOURNAL, RESERVED
 from stowage.catalog import manifest
 
@@ -32,22 +32,6 @@ ENV = {"STOWAGE_SEGMENT_SIZE": "200000", "STOWAGE_SEAL_INTERVAL": "0.2", "STOWAG
 def stowage(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stowage.engine.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, **(env or {})))
-
-
-def instances(out: Path, patient: str, study: str, series: str, n: int) -> list[Path]:
-    """n instances (fresh SOP Instance UIDs) of one series of the given patient and study."""
-    out.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(CT)
-    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, study, series
-    paths = []
-    for i in range(n):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        p = out / f"{series[-10:]}-{i:03d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
 
 
 def new_versions(files: list[Path], out: Path, tag: str) -> list[Path]:
@@ -72,6 +56,25 @@ def store(port: int, files: list[Path]) -> None:
 def sent(files: list[Path], out: Path) -> dict[str, bytes]:
     """What DCMTK storescu sends for `files`: uid -> dataset bytes."""
     return received_by_dcmtk(files, out)
+
+
+def stored_series(port: int, work: Path, patient: str, n: int) -> tuple[str, dict[str, Path], dict[str, bytes]]:
+    """A new series of n instances stored with DCMTK storescu: its UID, its files by SOP
+    Instance UID, and what storescu sent (uid -> dataset bytes)."""
+    series = generate_uid()
+    files = series_instances(work / "in", patient, generate_uid(), series, n)
+    store(port, files)
+    current = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
+    return series, current, sent(files, work / "dcmtk0")
+
+
+def store_new_versions(port: int, work: Path, i: int, chosen: list[str], current: dict[str, Path],
+                       expected: dict[str, bytes]) -> None:
+    """Round i: new versions of the `chosen` instances stored; `current` and `expected` follow."""
+    v = new_versions([current[u] for u in chosen], work / f"v{i}", f"iteration {i}")
+    store(port, v)
+    expected.update(sent(v, work / f"dcmtk{i + 1}"))
+    current.update(zip(chosen, v))
 
 
 def segment_bytes(data_dir: Path) -> int:
@@ -124,8 +127,8 @@ def test_compact_reclaims_superseded_and_deleted_records(make_server, tmp_path):
     data = server.data_dir
     study = generate_uid()
     a, b = generate_uid(), generate_uid()
-    files_a = instances(tmp_path / "in", "COMPACT1", study, a, 40)
-    files_b = instances(tmp_path / "in", "COMPACT1", study, b, 20)
+    files_a = series_instances(tmp_path / "in", "COMPACT1", study, a, 40)
+    files_b = series_instances(tmp_path / "in", "COMPACT1", study, b, 20)
     store(server.port, files_a + files_b)
     resent = new_versions(files_a[:30], tmp_path / "v2", "second version")
     store(server.port, resent)  # keep-newest: the first versions of 30 are dead now
@@ -169,7 +172,7 @@ def test_stores_and_deletes_while_compacting(make_server, tmp_path):
     server = make_server("--workers", "2", **ENV)
     data = server.data_dir
     study, series = generate_uid(), generate_uid()
-    files = instances(tmp_path / "in", "COMPACT2", study, series, 60)
+    files = series_instances(tmp_path / "in", "COMPACT2", study, series, 60)
     store(server.port, files)
     v2 = new_versions(files[:40], tmp_path / "v2", "v2")
     store(server.port, v2)
@@ -177,7 +180,7 @@ def test_stores_and_deletes_while_compacting(make_server, tmp_path):
     compactor = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "compact", "--data-dir", str(data),
                                   "--rate", "1", "--ratio", "0.99"], env=dict(os.environ, **ENV),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    more = instances(tmp_path / "more", "COMPACT2", study, series, 10)
+    more = series_instances(tmp_path / "more", "COMPACT2", study, series, 10)
     v3 = new_versions(v2[:10], tmp_path / "v3", "v3")
     store(server.port, more + v3)
     victim = str(pydicom.dcmread(v2[20], stop_before_pixels=True).SOPInstanceUID)
@@ -206,20 +209,13 @@ def test_kill_9_of_the_compactor_at_random_moments(make_server, tmp_path):
     server = make_server("--workers", "2", **ENV)
     data = server.data_dir
     rng = random.Random(12)
-    study, series = generate_uid(), generate_uid()
-    files = instances(tmp_path / "in", "COMPACT3", study, series, 80)
-    store(server.port, files)
-    current = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
-    expected = sent(files, tmp_path / "dcmtk0")
+    series, current, expected = stored_series(server.port, tmp_path, "COMPACT3", 80)
     gone: set[str] = set()
     states = []
     for i in range(15):
         # more dead space: new versions of some live instances, a deletion
         chosen = rng.sample(sorted(current), 6)
-        v = new_versions([current[u] for u in chosen], tmp_path / f"v{i}", f"iteration {i}")
-        store(server.port, v)
-        expected.update(sent(v, tmp_path / f"dcmtk{i + 1}"))
-        current.update({u: p for u, p in zip(chosen, v)})
+        store_new_versions(server.port, tmp_path, i, chosen, current, expected)
         victim = rng.choice(sorted(current))
         r = stowage("delete", "--data-dir", str(data), "--instance", victim, "--yes")
         assert r.returncode == 0, r.stderr
@@ -250,18 +246,11 @@ def test_kill_9_of_the_server_during_background_compaction(make_server, tmp_path
     server = make_server("--workers", "2", **env)
     data = server.data_dir
     rng = random.Random(7)
-    study, series = generate_uid(), generate_uid()
-    files = instances(tmp_path / "in", "COMPACT4", study, series, 60)
-    store(server.port, files)
-    current = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
-    expected = sent(files, tmp_path / "dcmtk0")
+    series, current, expected = stored_series(server.port, tmp_path, "COMPACT4", 60)
     states = []
     for i in range(6):
         chosen = rng.sample(sorted(current), 12)
-        v = new_versions([current[u] for u in chosen], tmp_path / f"v{i}", f"iteration {i}")
-        store(server.port, v)
-        expected.update(sent(v, tmp_path / f"dcmtk{i + 1}"))
-        current.update({u: p for u, p in zip(chosen, v)})
+        store_new_versions(server.port, tmp_path, i, chosen, current, expected)
         # the first pass starts 5 s after start-up (about when the stores above are done),
         # then one every second: at 0.1 MB/s a round takes a second or two
         time.sleep(rng.uniform(1.0, 8.0))
@@ -315,7 +304,7 @@ def test_kill_9_at_each_step_of_a_round(make_server, tmp_path, point):
     server = make_server("--workers", "2", **ENV)
     data = server.data_dir
     study, series = generate_uid(), generate_uid()
-    files = instances(tmp_path / "in", "COMPACT5", study, series, 30)
+    files = series_instances(tmp_path / "in", "COMPACT5", study, series, 30)
     store(server.port, files)
     v2 = new_versions(files[:20], tmp_path / "v2", "v2")
     store(server.port, v2)
@@ -349,7 +338,7 @@ def test_sigterm_during_background_compaction_rolls_the_round_back(make_server, 
     env = dict(ENV, STOWAGE_COMPACT_INTERVAL="1", STOWAGE_COMPACT_RATE="0.05", STOWAGE_COMPACT_LIVE_RATIO="0.99")
     server = make_server("--workers", "2", **env)
     data = server.data_dir
-    files = instances(tmp_path / "in", "COMPACT6", generate_uid(), generate_uid(), 40)
+    files = series_instances(tmp_path / "in", "COMPACT6", generate_uid(), generate_uid(), 40)
     store(server.port, files)
     v2 = new_versions(files[::2], tmp_path / "v2", "v2")  # old segments half live: a slow copy
     store(server.port, v2)
@@ -374,7 +363,7 @@ def test_a_segment_with_a_corrupt_mark_is_not_rewritten(make_server, tmp_path):
     server = make_server("--workers", "1", **ENV)
     data = server.data_dir
     study = generate_uid()
-    files = instances(tmp_path / "in", "COMPACT2", study, generate_uid(), 40)
+    files = series_instances(tmp_path / "in", "COMPACT2", study, generate_uid(), 40)
     store(server.port, files)
     store(server.port, new_versions(files[:33], tmp_path / "v2", "second version"))  # 33 dead records
     time.sleep(1.0)  # sealed

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from conftest import CT, HOST, dcmtk, export_all
+from conftest import CT, HOST, dcmtk, export_all, series_instances
 from stowage.engine.segment import iter_records
 from test_commitment import Modality, refs_of
 from test_find import findscu, storescu
@@ -31,19 +31,8 @@ STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 
 def instances(out: Path, patient: str, study: str, series: str, n: int, src: Path = CT) -> list[Path]:
-    """n instances of one series (fresh SOP Instance UIDs) of the given patient and study."""
-    out.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(src)
-    ds.PatientID, ds.PatientName, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, f"{patient}^T", study, series
-    paths = []
-    for i in range(n):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        p = out / f"{series[-12:]}-{i:03d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    """n instances of one series (fresh SOP Instance UIDs) of the given patient, named `<patient>^T`, and study."""
+    return series_instances(out, patient, study, series, n, src, PatientName=f"{patient}^T")
 
 
 def uid_of(path: Path) -> str:

@@ -13,9 +13,9 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from conftest import HOST, dcmtk
+from conftest import HOST, dcmtk, series_instances
 from stowage.engine.quota import EXHAUSTED
-from test_compaction import instances, query, stowage, store
+from test_compaction import query, stowage, store
 
 pytestmark = pytest.mark.timeout(600)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -70,7 +70,7 @@ def test_refuse_answers_out_of_resources_then_resumes_once_space_is_freed(make_s
     server = make_server("--workers", "2", STOWAGE_MAX_STORAGE_BYTES=str(limit), STOWAGE_COMPACT_INTERVAL="0", **ENV)
     data = server.data_dir
     study, series = generate_uid(), generate_uid()
-    files = instances(tmp_path / "in", "QUOTA1", study, series, 40)  # about 1.2 MB stored: twice the quota
+    files = series_instances(tmp_path / "in", "QUOTA1", study, series, 40)  # about 1.2 MB stored: twice the quota
     statuses = [store_one(server.port, p) for p in files]
     stored = [p for p, (status, _c) in zip(files, statuses) if status == 0]
     refused = [(status, comment) for status, comment in statuses if status != 0]
@@ -80,7 +80,7 @@ def test_refuse_answers_out_of_resources_then_resumes_once_space_is_freed(make_s
     assert served(data) == {study: len(stored)}
     assert sum(p.stat().st_size for p in (data / "segments").glob("*.seg")) <= limit
     # DCMTK storescu gets the same answer
-    more = instances(tmp_path / "more", "QUOTA1", study, generate_uid(), 1)
+    more = series_instances(tmp_path / "more", "QUOTA1", study, generate_uid(), 1)
     import subprocess
     r = subprocess.run([dcmtk("storescu"), "-d", "-aec", "STOWAGE", HOST, str(server.port), str(more[0])],
                        capture_output=True, text=True, timeout=60)
@@ -106,7 +106,7 @@ def test_delete_oldest_keeps_protected_patients_and_refuses_when_only_they_are_l
     uids = {k: generate_uid() for k in ("P", "S1", "S2", "S3")}
     patients = {"P": "PROT", "S1": "OLD1", "S2": "OLD2", "S3": "NEW"}
     for key in ("P", "S1", "S2", "S3"):  # received in this order: P first, S3 last
-        store(server.port, instances(tmp_path / key, patients[key], uids[key], generate_uid(), 8))
+        store(server.port, series_instances(tmp_path / key, patients[key], uids[key], generate_uid(), 8))
         time.sleep(0.05)
     # 32 instances, about 0.93 MB: over the quota. Down to 90 % of it, oldest first, P spared.
     def oldest_gone() -> dict[str, int] | None:
@@ -122,10 +122,10 @@ def test_delete_oldest_keeps_protected_patients_and_refuses_when_only_they_are_l
     assert any("quota" in json.dumps(a) for a in audit)
 
     # Protected data alone over the quota: S3 goes, then stores are refused, P is kept whole.
-    store(server.port, instances(tmp_path / "P2", "PROT", uids["P"], generate_uid(), 24))
+    store(server.port, series_instances(tmp_path / "P2", "PROT", uids["P"], generate_uid(), 24))
     assert wait_for(lambda: (data / EXHAUSTED).exists()), server.log()[-3000:]
     assert served(data) == {uids["P"]: 32}
-    extra = instances(tmp_path / "extra", "NEW", generate_uid(), generate_uid(), 1)
+    extra = series_instances(tmp_path / "extra", "NEW", generate_uid(), generate_uid(), 1)
     status, comment = store_one(server.port, extra[0])
     assert status == 0xA700 and "quota" in comment, (hex(status), comment)
 
