@@ -197,6 +197,23 @@ def server(make_server):
     return make_server("--workers", "2")
 
 
+@pytest.fixture
+def orthancs():
+    """Starts Orthancs on demand (tests/orthanc.py: their own configuration on free ports)
+    and stops them after the test."""
+    from orthanc import Orthanc
+    started: list[Orthanc] = []
+
+    def make(*args, **kwargs) -> Orthanc:
+        o = Orthanc(*args, **kwargs)
+        started.append(o)
+        return o
+
+    yield make
+    for o in started:
+        o.stop()
+
+
 def export_all(data_dir: Path, out: Path, *selector: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "export", "--data-dir", str(data_dir),
                            "--out", str(out), *(selector or ("--all",))], capture_output=True, text=True,

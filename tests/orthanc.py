@@ -4,6 +4,7 @@ Missing Orthanc fails the test rather than skipping it, so a run without it is n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,8 @@ from stowage.bench.harness import orthanc
 class Orthanc(orthanc.Orthanc):
     rest_timeout = 60.0  # a test waits no longer than that for one REST answer
 
-    def __init__(self, workdir: Path, modalities: orthanc.Modalities, aet: str = "ORTHANC") -> None:
+    def __init__(self, workdir: Path, modalities: orthanc.Modalities, aet: str = "ORTHANC", **extra: Any) -> None:
+        """`extra`: more keys of Orthanc's configuration (e.g. LimitFindResults)."""
         if orthanc.executable() is None:
             pytest.fail("Orthanc is not installed: apt-get install orthanc (ops/test.sh does)")
-        super().__init__(workdir, modalities, aet, Name="stowage-test")
+        super().__init__(workdir, modalities, aet, **{"Name": "stowage-test", **extra})

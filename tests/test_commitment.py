@@ -118,6 +118,21 @@ def commitment_server(make_server, tmp_path: Path, modality: Modality, same: boo
     return make_server("--workers", "2", "--config", str(cfg), **kw)
 
 
+def stored_copies(server, tmp_path: Path, n: int) -> list[Path]:
+    """n copies of CT (one series), stored in `server`."""
+    files = copies(CT, tmp_path / "ct", n, "ct")
+    store(server.port, files)
+    return files
+
+
+def reported(modality: Modality, port: int, refs: list[tuple[str, str]], *, release: bool, **request):
+    """Commitment of `refs` asked for (the N-ACTION succeeds), and the report that comes of it;
+    returns (report, the requester's association)."""
+    status, assoc = modality.request(port, refs, release=release, **request)
+    assert status.Status == 0
+    return modality.report(30), assoc
+
+
 def audit_events(data_dir: Path, kind: str) -> list[dict]:
     lines = (data_dir / "audit.jsonl").read_text().splitlines()
     return [d for d in map(json.loads, lines) if d.get("event") == kind]
@@ -132,13 +147,10 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_all_present_reported_on_the_same_association(make_server, tmp_path, modality):
     server = commitment_server(make_server, tmp_path, modality)
-    files = copies(CT, tmp_path / "ct", 5, "ct")
-    store(server.port, files)
+    files = stored_copies(server, tmp_path, 5)
     refs = refs_of(files)
     uid = generate_uid()
-    status, assoc = modality.request(server.port, refs, release=False, transaction_uid=uid)
-    assert status.Status == 0
-    report = modality.report(30)
+    report, assoc = reported(modality, server.port, refs, release=False, transaction_uid=uid)
     assoc.release()
     assert report.same_association and report.after_n_action_response
     assert report.event_type == 1
@@ -154,14 +166,11 @@ def test_all_present_reported_on_the_same_association(make_server, tmp_path, mod
 
 def test_missing_and_mismatched_instances_fail_with_the_standard_reasons(make_server, tmp_path, modality):
     server = commitment_server(make_server, tmp_path, modality)
-    files = copies(CT, tmp_path / "ct", 3, "ct")
-    store(server.port, files)
+    files = stored_copies(server, tmp_path, 3)
     present = refs_of(files)
     missing = [(present[0][0], generate_uid()), (present[0][0], generate_uid())]
     wrong_class = [(pydicom.dcmread(MR, stop_before_pixels=True).SOPClassUID, present[2][1])]
-    status, assoc = modality.request(server.port, present[:2] + missing + wrong_class, release=False)
-    assert status.Status == 0
-    report = modality.report(30)
+    report, assoc = reported(modality, server.port, present[:2] + missing + wrong_class, release=False)
     assoc.release()
     assert report.event_type == 2
     assert report.committed() == {present[0][1], present[1][1]}
@@ -170,13 +179,10 @@ def test_missing_and_mismatched_instances_fail_with_the_standard_reasons(make_se
 
 def test_corrupt_record_is_reported_as_processing_failure(make_server, tmp_path, modality):
     server = commitment_server(make_server, tmp_path, modality)
-    files = copies(CT, tmp_path / "ct", 3, "ct")
-    store(server.port, files)
+    files = stored_copies(server, tmp_path, 3)
     refs = refs_of(files)
     flip_payload(server.data_dir, refs[1][1])
-    status, assoc = modality.request(server.port, refs, release=False)
-    assert status.Status == 0
-    report = modality.report(30)
+    report, assoc = reported(modality, server.port, refs, release=False)
     assoc.release()
     assert report.event_type == 2
     assert report.failed() == {refs[1][1]: 0x0110}
@@ -186,11 +192,8 @@ def test_corrupt_record_is_reported_as_processing_failure(make_server, tmp_path,
 def test_report_on_a_new_association_after_the_requester_released(make_server, tmp_path, modality):
     server = commitment_server(make_server, tmp_path, modality)
     modality.listen()
-    files = copies(CT, tmp_path / "ct", 4, "ct")
-    store(server.port, files)
-    status, _assoc = modality.request(server.port, refs_of(files), release=True)
-    assert status.Status == 0
-    report = modality.report(30)
+    files = stored_copies(server, tmp_path, 4)
+    report, _assoc = reported(modality, server.port, refs_of(files), release=True)
     assert not report.same_association and report.after_n_action_response
     assert report.event_type == 1 and len(report.committed()) == 4
     assert report.info.RetrieveAETitle == "STOWAGE"
@@ -199,11 +202,8 @@ def test_report_on_a_new_association_after_the_requester_released(make_server, t
 def test_config_can_forbid_the_same_association(make_server, tmp_path, modality):
     server = commitment_server(make_server, tmp_path, modality, same=False)
     modality.listen()
-    files = copies(CT, tmp_path / "ct", 2, "ct")
-    store(server.port, files)
-    status, assoc = modality.request(server.port, refs_of(files), release=False)
-    assert status.Status == 0
-    report = modality.report(30)
+    files = stored_copies(server, tmp_path, 2)
+    report, assoc = reported(modality, server.port, refs_of(files), release=False)
     assert assoc.is_established, "the requester's association should have been left alone"
     assoc.release()
     assert not report.same_association and report.event_type == 1
@@ -211,8 +211,7 @@ def test_config_can_forbid_the_same_association(make_server, tmp_path, modality)
 
 def test_requester_unreachable_at_first_then_reachable(make_server, tmp_path, modality):
     server = commitment_server(make_server, tmp_path, modality)
-    files = copies(CT, tmp_path / "ct", 2, "ct")
-    store(server.port, files)
+    files = stored_copies(server, tmp_path, 2)
     status, _assoc = modality.request(server.port, refs_of(files), release=True)
     assert status.Status == 0
     wait_for(lambda: "not delivered (attempt 2)" in server.log(), 30, "two failed delivery attempts")
@@ -223,8 +222,7 @@ def test_requester_unreachable_at_first_then_reachable(make_server, tmp_path, mo
 
 def test_pending_report_survives_kill_and_restart(make_server, tmp_path, modality):
     server = commitment_server(make_server, tmp_path, modality)
-    files = copies(CT, tmp_path / "ct", 3, "ct")
-    store(server.port, files)
+    files = stored_copies(server, tmp_path, 3)
     status, _assoc = modality.request(server.port, refs_of(files), release=True)
     assert status.Status == 0
     pending = server.data_dir / "commitment" / "pending"
@@ -242,8 +240,7 @@ def test_pending_report_survives_kill_and_restart(make_server, tmp_path, modalit
 
 
 def test_malformed_requests_get_failure_statuses(server, tmp_path, modality):
-    files = copies(CT, tmp_path / "ct", 1, "ct")
-    store(server.port, files)
+    files = stored_copies(server, tmp_path, 1)
     no_uid = Dataset()
     item = Dataset()
     item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = refs_of(files)[0]
@@ -264,8 +261,7 @@ def test_send_commit_against_stowage(make_server, tmp_path):
     """`stowage send --commit` from one archive to another: the verdict is printed."""
     source = make_server("--workers", "1", data_dir=tmp_path / "a")
     dest = make_server("--workers", "1", data_dir=tmp_path / "b")
-    files = copies(CT, tmp_path / "ct", 4, "ct")
-    store(source.port, files)
+    files = stored_copies(source, tmp_path, 4)
     cfg = config_with(tmp_path, ARCHIVE_B=(HOST, dest.port))
     study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "send", "--config", str(cfg), "--data-dir",
@@ -273,21 +269,6 @@ def test_send_commit_against_stowage(make_server, tmp_path):
                         "--commit", "--commit-timeout", "30"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4 committed, 0 failed (event type 1, same association)" in r.stdout, r.stdout
-
-
-@pytest.fixture
-def orthancs():
-    from orthanc import Orthanc
-    started: list = []
-
-    def make(*args, **kwargs):
-        o = Orthanc(*args, **kwargs)
-        started.append(o)
-        return o
-
-    yield make
-    for o in started:
-        o.stop()
 
 
 def test_orthanc_sends_and_asks_stowage_for_commitment(make_server, tmp_path, orthancs):
@@ -317,8 +298,7 @@ def test_send_commit_to_orthanc_with_a_report_on_a_new_association(server, tmp_p
     association to the port we listen on."""
     commit_port = free_port()
     orthanc = orthancs(tmp_path / "orthanc", {"stowcli": ("STOWCLI", HOST, commit_port)})
-    files = copies(CT, tmp_path / "ct", 3, "ct")
-    store(server.port, files)
+    files = stored_copies(server, tmp_path, 3)
     cfg = config_with(tmp_path, ORTHANC=(HOST, orthanc.dicom_port))
     study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "send", "--config", str(cfg), "--data-dir",

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pydicom
 import pytest
@@ -21,7 +23,6 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from stowage.bench.harness import orthanc as bench_orthanc
 from stowage.bench.corpus import generate
 from conftest import HOST, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port
 
@@ -111,26 +112,6 @@ def checkpoint(data_dir: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-class Orthanc(bench_orthanc.Orthanc):
-    rest_timeout = 60.0
-
-
-@pytest.fixture
-def orthancs():
-    if bench_orthanc.executable() is None:
-        pytest.fail("Orthanc is not installed: apt-get install orthanc (ops/test.sh does)")
-    started: list = []
-
-    def make(*args, **kwargs):
-        o = Orthanc(*args, **kwargs)
-        started.append(o)
-        return o
-
-    yield make
-    for o in started:
-        o.stop()
-
-
 def orthanc_files(orthanc) -> dict[str, bytes]:
     """What Orthanc holds, per SOP Instance UID: the dataset bytes of its stored files."""
     out = {}
@@ -149,6 +130,26 @@ def _raw(orthanc, iid: str) -> bytes:
     import urllib.request
     with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}/instances/{iid}/file", timeout=60) as r:
         return r.read()
+
+
+@contextmanager
+def old_pacs(folder: Path, destination: str, *behaviour: str) -> Iterator[int]:
+    """tests/refusing_qr_scp.py as OLDPACS on a free port, serving `folder`, moving to
+    `destination` (AET:HOST:PORT), misbehaving as `behaviour` says; yields its port once it
+    answers C-ECHO, and kills it after."""
+    port = free_port()
+    scp = subprocess.Popen([sys.executable, str(Path(__file__).with_name("refusing_qr_scp.py")), str(port), "OLDPACS",
+                            str(folder), destination, *behaviour],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not echo_ok(port, "OLDPACS", 1.0):
+            assert scp.poll() is None and time.monotonic() < deadline, "the Q/R SCP did not start"
+            time.sleep(0.2)
+        yield port
+    finally:
+        scp.kill()
+        scp.wait(10)
 
 
 def loaded_orthanc(orthancs, tmp_path: Path, corpus: list[Path], stowage_port: int, **extra):
@@ -302,20 +303,9 @@ def test_source_that_refuses_some_moves(make_server, tmp_path, corpus):
     folder = corpus[0].parent  # the Explicit VR Little Endian part: 8 studies
     studies = sorted(study_uids([p for p in corpus if p.parent == folder]))
     refused, hung = studies[:2], studies[2]
-    port = free_port()
-    scp = subprocess.Popen([sys.executable, str(Path(__file__).with_name("refusing_qr_scp.py")), str(port), "OLDPACS",
-                            str(folder), f"STOWAGE:{HOST}:{server.port}", *refused, f"stall:{hung}"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not echo_ok(port, "OLDPACS", 1.0):
-            assert scp.poll() is None and time.monotonic() < deadline, "the Q/R SCP did not start"
-            time.sleep(0.2)
+    with old_pacs(folder, f"STOWAGE:{HOST}:{server.port}", *refused, f"stall:{hung}") as port:
         r = migrate(server.data_dir, "--from", f"OLDPACS@{HOST}:{port}", "--retries", "2", "--retry-delay", "0.1",
                     "--stall-timeout", "3")
-    finally:
-        scp.kill()
-        scp.wait(10)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"studies: {len(studies)} found, {len(studies) - 3} done, 3 failed" in r.stdout, r.stdout
     failed = {line.split()[2]: line for line in r.stdout.splitlines() if line.strip().startswith("failed study")}
@@ -332,19 +322,8 @@ def test_a_source_that_does_not_know_us_stops_the_migration_with_what_to_configu
     """0xA801 (move destination unknown) cannot be fixed by retrying: one line, exit 1."""
     server = make_server("--workers", "1")
     folder = corpus[0].parent
-    port = free_port()
-    scp = subprocess.Popen([sys.executable, str(Path(__file__).with_name("refusing_qr_scp.py")), str(port), "OLDPACS",
-                            str(folder), f"SOMEONE:{HOST}:{server.port}"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not echo_ok(port, "OLDPACS", 1.0):
-            assert scp.poll() is None and time.monotonic() < deadline, "the Q/R SCP did not start"
-            time.sleep(0.2)
+    with old_pacs(folder, f"SOMEONE:{HOST}:{server.port}") as port:
         r = migrate(server.data_dir, "--from", f"OLDPACS@{HOST}:{port}", "--parallel", "1")
-    finally:
-        scp.kill()
-        scp.wait(10)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "does not know 'STOWAGE' as a C-MOVE destination (0xA801)" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
@@ -359,19 +338,8 @@ def test_a_silent_cap_is_suspected_proven_and_split_under(tmp_path, corpus):
     up, and every window is split under it; --dry-run then lists every study."""
     folder = corpus[0].parent
     studies = study_uids([p for p in corpus if p.parent == folder])
-    port = free_port()
-    scp = subprocess.Popen([sys.executable, str(Path(__file__).with_name("refusing_qr_scp.py")), str(port), "OLDPACS",
-                            str(folder), f"STOWAGE:{HOST}:1", "cap:3"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not echo_ok(port, "OLDPACS", 1.0):
-            assert scp.poll() is None and time.monotonic() < deadline, "the Q/R SCP did not start"
-            time.sleep(0.2)
+    with old_pacs(folder, f"STOWAGE:{HOST}:1", "cap:3") as port:
         r = migrate(tmp_path / "data", "--from", f"OLDPACS@{HOST}:{port}", "--dry-run")
-    finally:
-        scp.kill()
-        scp.wait(10)
     assert r.returncode == 0, r.stdout + r.stderr
     assert {line.split()[2] for line in r.stdout.splitlines() if line.startswith("would pull ")} == studies
     assert "answers at most 3 C-FIND matches without saying so" in r.stderr, r.stderr
