@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import psutil
 import pydicom
@@ -116,46 +117,50 @@ def raw_connect(port: int) -> socket.socket:
     return socket.create_connection((HOST, port), timeout=5)
 
 
-def read_pdu_or_close(sock: socket.socket, timeout: float) -> bytes:
-    """The first whole PDU the server sends, or b"" if it closes (or resets) first.
-    Raises TimeoutError if it does neither within `timeout` seconds."""
+def _received(sock: socket.socket, timeout: float, still_waiting: Callable[[], str]) -> Iterator[bytes]:
+    """What the server sends, chunk by chunk, ending with b"" when it closes the connection
+    (a reset raises ConnectionResetError); TimeoutError, saying `still_waiting()`, if it
+    has not closed within `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    buf = b""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"no PDU and no close within {timeout}s (got {buf[:16].hex()})")
+            raise TimeoutError(still_waiting())
         sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return b""
         except socket.timeout:
             continue
+        yield chunk
         if not chunk:
-            return b"" if len(buf) < 6 else buf
-        buf += chunk
-        if len(buf) >= 6 and len(buf) >= 6 + int.from_bytes(buf[2:6], "big"):
-            return buf[: 6 + int.from_bytes(buf[2:6], "big")]
+            return
+
+
+def read_pdu_or_close(sock: socket.socket, timeout: float) -> bytes:
+    """The first whole PDU the server sends, or b"" if it closes (or resets) first.
+    Raises TimeoutError if it does neither within `timeout` seconds."""
+    buf = b""
+    try:
+        for chunk in _received(sock, timeout, lambda: f"no PDU and no close within {timeout}s (got {buf[:16].hex()})"):
+            if not chunk:
+                return b"" if len(buf) < 6 else buf
+            buf += chunk
+            if len(buf) >= 6 and len(buf) >= 6 + int.from_bytes(buf[2:6], "big"):
+                return buf[: 6 + int.from_bytes(buf[2:6], "big")]
+    except ConnectionResetError:
+        return b""
 
 
 def wait_closed(sock: socket.socket, timeout: float) -> float:
     """Seconds until the server closes the connection (whatever it sends first is read
     and dropped); raises TimeoutError if it is still open after `timeout`."""
     start = time.monotonic()
-    deadline = start + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"connection still open after {timeout}s")
-        sock.settimeout(left)
-        try:
-            if not sock.recv(65536):
-                return time.monotonic() - start
-        except ConnectionResetError:
-            return time.monotonic() - start
-        except socket.timeout:
-            continue
+    try:
+        for _chunk in _received(sock, timeout, lambda: f"connection still open after {timeout}s"):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
 
 
 def assert_abort_or_close(reply: bytes) -> None:

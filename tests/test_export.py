@@ -22,6 +22,7 @@ from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import CT, HOST, MR, Server, copies, dataset_bytes, dcmtk, free_port, received_by_dcmtk
+from test_find import storescu
 
 RTPLAN = Path(get_testdata_file("rtplan.dcm"))
 JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
@@ -372,9 +373,7 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(archive, tmp_path):
 def test_kill_9_mid_export_leaves_no_partial_file(make_server, tmp_path):
     server = make_server("--workers", "2")
     files = copies(CT, tmp_path / "files", 600, "k")
-    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(server.port), *map(str, files)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    storescu(server.port, files)
     out = tmp_path / "out"
     for _attempt in range(10):  # until killed while a file is being written (its tmp file there)
         proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "export", "--data-dir", str(server.data_dir),
@@ -403,9 +402,7 @@ def test_corrupt_and_marked_records_are_listed_and_the_rest_exported(make_server
     from stowage.engine.integrity import marks_of
     server = make_server("--workers", "1")
     files = copies(CT, tmp_path / "files", 3, "c")
-    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(server.port), *map(str, files)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    storescu(server.port, files)
     server.stop()
     q = stowage("query", "--data-dir", str(server.data_dir), "--format", "json",
                 "SELECT sop_instance_uid AS uid, segment, \"offset\", record_length FROM instances ORDER BY 1")

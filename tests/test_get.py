@@ -15,15 +15,14 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, echo_ok, export_all
-from test_move import MODELS, keys_for
+from test_move import MODELS, identifier, key_options, keys_for
 from test_send import RLE_SRC, as_implicit, store
 
 
 def getscu(port: int, model: str, out: Path, keys: dict[str, str], *options: str) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    args = [dcmtk("getscu"), "-v", "+B", f"-{model}", "-aet", "GETSCU", "-aec", "STOWAGE", "-od", str(out), *options]
-    for k, v in keys.items():
-        args += ["-k", f"{k}={v}"]
+    args = [dcmtk("getscu"), "-v", "+B", f"-{model}", "-aet", "GETSCU", "-aec", "STOWAGE", "-od", str(out), *options,
+            *key_options(keys)]
     return subprocess.run(args + [HOST, str(port)], capture_output=True, text=True, timeout=120)
 
 
@@ -31,13 +30,20 @@ def received(out: Path) -> dict[str, Path]:
     return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in out.iterdir()}
 
 
-def test_get_every_model_and_level_byte_exact(server, tmp_path):
-    ct = copies(CT, tmp_path / "ct", 3, "ct")
-    imp = as_implicit(CT, tmp_path / "imp", 2, "imp")
-    rle = copies(RLE_SRC, tmp_path / "rle", 2, "rle")
+def stored(server, tmp_path: Path, n_ct: int, n_implicit: int, n_rle: int) -> tuple[list[Path], list[Path], list[Path], Path]:
+    """CT copies (Explicit VR), CT copies in Implicit VR and RLE copies, stored in `server`;
+    and the folder `stowage export` wrote them to."""
+    ct = copies(CT, tmp_path / "ct", n_ct, "ct")
+    imp = as_implicit(CT, tmp_path / "imp", n_implicit, "imp")
+    rle = copies(RLE_SRC, tmp_path / "rle", n_rle, "rle")
     store(server.port, ct + imp + rle)
     exported = tmp_path / "exported"
     assert export_all(server.data_dir, exported).returncode == 0
+    return ct, imp, rle, exported
+
+
+def test_get_every_model_and_level_byte_exact(server, tmp_path):
+    ct, imp, rle, exported = stored(server, tmp_path, 3, 2, 2)
     cases = {
         ("P", "PATIENT", ct[0]): 5, ("P", "STUDY", ct[0]): 5, ("P", "SERIES", imp[0]): 2, ("P", "IMAGE", ct[2]): 1,
         ("S", "STUDY", imp[0]): 5, ("S", "SERIES", ct[0]): 3, ("S", "IMAGE", imp[1]): 1,
@@ -64,12 +70,7 @@ def test_get_implicit_only_requester_byte_exact_or_converted(server, tmp_path):
     """DCMTK getscu 3.6.7 always proposes explicit and implicit for storage: pynetdicom
     here proposes implicit VR LE only, so implicit instances arrive byte-exact and the
     explicit and RLE ones are converted."""
-    ct = copies(CT, tmp_path / "ct", 2, "ct")
-    imp = as_implicit(CT, tmp_path / "imp", 2, "imp")
-    rle = copies(RLE_SRC, tmp_path / "rle", 1, "rle")
-    store(server.port, ct + imp + rle)
-    exported = tmp_path / "exported"
-    assert export_all(server.data_dir, exported).returncode == 0
+    ct, imp, rle, exported = stored(server, tmp_path, 2, 2, 1)
     studies = "\\".join(sorted({pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in ct + rle}))
     rsps, got = _pyn_get(server.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": studies},
                          classes=[CTImageStorage, MRImageStorage], syntaxes=["1.2.840.10008.1.2"])
@@ -117,12 +118,9 @@ def _pyn_get(port: int, keys: dict[str, str], delay: float = 0.0, cancel_after: 
     assoc = ae.associate(HOST, port, ae_title="STOWAGE", ext_neg=[build_role(uid, scp_role=True) for uid in classes],
                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
-    ds = pydicom.Dataset()
-    for k, v in keys.items():
-        setattr(ds, k, v)
     rsps = []
     try:
-        for status, ident in assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet):
+        for status, ident in assoc.send_c_get(identifier(keys), StudyRootQueryRetrieveInformationModelGet):
             rsps.append((status, ident))
             if cancel_after and len(rsps) == cancel_after:
                 assoc.send_c_cancel(1, query_model=StudyRootQueryRetrieveInformationModelGet)

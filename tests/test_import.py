@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pydicom
 import pytest
@@ -97,6 +98,16 @@ def _fresh(ds: pydicom.Dataset) -> None:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
 
 
+def _add_cut_down(t: Tree, ds: pydicom.Dataset, path: Path, cut: Callable[[bytes], bytes]) -> None:
+    """A copy of `ds` (a fresh SOP Instance UID) at `path`: its Part-10 bytes as `cut` leaves them."""
+    _fresh(ds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    raw = cut(path.read_bytes())
+    path.write_bytes(raw)
+    t.add(path, raw)
+
+
 def build_tree(base: Path) -> Tree:
     root = base / "src"
     t = Tree(root, root / "cd" / "DICOMDIR")
@@ -115,23 +126,11 @@ def build_tree(base: Path) -> Tree:
     # No preamble: the file starts with the file meta group.
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     for i in range(3):
-        _fresh(ds)
-        full = root / "nopreamble" / f"full-{i}.dcm"
-        full.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(full, enforce_file_format=True)
-        raw = full.read_bytes()[132:]
-        full.write_bytes(raw)
-        t.add(full, raw)
+        _add_cut_down(t, ds, root / "nopreamble" / f"full-{i}.dcm", lambda raw: raw[132:])
     # A bare data set, Implicit VR Little Endian, no meta at all (old exports).
     ds = pydicom.dcmread(get_testdata_file("MR_small_implicit.dcm"))
     for i in range(2):
-        _fresh(ds)
-        bare = root / "bare" / f"IMG{i:04d}"
-        bare.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(bare, enforce_file_format=True)
-        raw = dataset_of(bare.read_bytes())
-        bare.write_bytes(raw)
-        t.add(bare, raw)
+        _add_cut_down(t, ds, root / "bare" / f"IMG{i:04d}", dataset_of)
     # A DICOMDIR tree: the DICOMDIR is no instance; the files it references are.
     src = Path(get_testdata_file("DICOMDIR")).parent
     t.dicomdir.parent.mkdir(parents=True)

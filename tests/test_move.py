@@ -20,10 +20,21 @@ from test_send import RLE_SRC, J2K_SRC, as_implicit, config_with, scps, store  #
 MODELS = {"P": "PATIENT STUDY SERIES IMAGE", "S": "STUDY SERIES IMAGE", "O": "PATIENT STUDY"}
 
 
-def movescu(port: int, model: str, dest: str, keys: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    args = [dcmtk("movescu"), "-v", f"-{model}", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem", dest]
+def key_options(keys: dict[str, str]) -> list[str]:
+    """`keys` as DCMTK's -k options."""
+    return [option for k, v in keys.items() for option in ("-k", f"{k}={v}")]
+
+
+def identifier(keys: dict[str, str]) -> pydicom.Dataset:
+    """The C-MOVE or C-GET identifier holding `keys` (keywords and values)."""
+    ds = pydicom.Dataset()
     for k, v in keys.items():
-        args += ["-k", f"{k}={v}"]
+        setattr(ds, k, v)
+    return ds
+
+
+def movescu(port: int, model: str, dest: str, keys: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    args = [dcmtk("movescu"), "-v", f"-{model}", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem", dest, *key_options(keys)]
     return subprocess.run(args + [HOST, str(port)], capture_output=True, text=True, timeout=timeout)
 
 
@@ -88,12 +99,9 @@ def _pyn_move(port: int, dest: str, keys: dict[str, str], model=StudyRootQueryRe
     ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = 60
     assoc = ae.associate(HOST, port, ae_title="STOWAGE")
     assert assoc.is_established
-    ds = pydicom.Dataset()
-    for k, v in keys.items():
-        setattr(ds, k, v)
     out = []
     try:
-        for status, ident in assoc.send_c_move(ds, dest, model):
+        for status, ident in assoc.send_c_move(identifier(keys), dest, model):
             out.append((status, ident))
             if on_pending is not None and status and status.Status == 0xFF00:
                 on_pending(assoc, len(out))

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from conftest import CT, HOST, export_all
+from conftest import CT, HOST, Server, export_all
 from test_delete import audit, delete, find, instances, storescu, uid_of, visible
 from test_send import stowage
 
@@ -182,22 +182,23 @@ def test_a_note_before_its_instances_refuses_them_when_they_come(make_server, tm
     assert visible(server.data_dir)[uid] == len(files) - 2 + 1
 
 
-def _block_tombstones(data_dir: Path) -> Path:
-    """Make the next tombstone write fail (a directory where the lock file goes): the note
-    is then stored and its tombstones are not, the state a kill -9 between them leaves."""
-    lock = data_dir / "tombstones" / "tombstones.lock"
+def _stored_with_tombstones_blocked(make_server, files: list[Path], workers: str) -> tuple[Server, Path]:
+    """A server holding `files` whose next tombstone write fails (a directory where the lock
+    file goes): a note is then stored and its tombstones are not, the state a kill -9
+    between them leaves. Returns the server and that directory (removing it unblocks)."""
+    server = make_server("--workers", workers)
+    storescu(server.port, files)
+    lock = server.data_dir / "tombstones" / "tombstones.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     if lock.exists():
         lock.unlink()
     lock.mkdir()
-    return lock
+    return server, lock
 
 
 def test_a_note_stored_without_its_tombstones_is_applied_on_restart(make_server, tmp_path, study):
     uid, files = study
-    server = make_server("--workers", "2")
-    storescu(server.port, files)
-    lock = _block_tombstones(server.data_dir)
+    server, lock = _stored_with_tombstones_blocked(make_server, files, "2")
     note = rejection_note(tmp_path / "notes", files[:2])
     status = store_one(server.port, note)
     assert status.Status == 0xA700 and "send it again" in status.ErrorComment
@@ -224,9 +225,7 @@ def test_a_note_stored_without_its_tombstones_is_applied_on_restart(make_server,
 
 def test_a_note_sent_again_after_a_failed_rejection_is_applied(make_server, tmp_path, study):
     uid, files = study
-    server = make_server("--workers", "1")
-    storescu(server.port, files)
-    lock = _block_tombstones(server.data_dir)
+    server, lock = _stored_with_tombstones_blocked(make_server, files, "1")
     note = rejection_note(tmp_path / "notes", files[:3])
     assert store_one(server.port, note).Status == 0xA700
     lock.rmdir()
