@@ -25,9 +25,10 @@ from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import DIRECTORY_RECORDERS, _four_level_record_type, _single_level_record_type
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
+from stowage.catalog.attributes import encode
 from stowage.engine.export_files import open_new
 from stowage.engine.export_names import suffix
 from stowage.engine.filemeta import PREAMBLE
@@ -237,13 +238,6 @@ def _preorder(nodes: dict[str, _Node]) -> list[_Node]:
     return out
 
 
-def _encoded(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
-
-
 def _file_meta(uid: str) -> bytes:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MediaStorageDirectoryStorage
@@ -271,8 +265,8 @@ def encode(roots: dict[str, _Node], uid: str) -> bytes:
     defined length; offsets count from the first byte of the file (PS3.3 F.3.2.2)."""
     nodes = _preorder(roots)
     head = PREAMBLE + _file_meta(uid)
-    start = len(head) + len(_encoded(_top(0, 0))) + 12  # + the sequence's tag, VR and length
-    lengths = [len(_encoded(n.record)) for n in nodes]
+    start = len(head) + len(encode(_top(0, 0))) + 12  # + the sequence's tag, VR and length
+    lengths = [len(encode(n.record)) for n in nodes]
     offsets, at = {}, start
     for node, n in zip(nodes, lengths):
         offsets[id(node)] = at
@@ -289,10 +283,10 @@ def encode(roots: dict[str, _Node], uid: str) -> bytes:
     top = _ordered(roots)
     items = []
     for node, n in zip(nodes, lengths):
-        body = _encoded(node.record)
+        body = encode(node.record)
         assert len(body) == n, "a record's length changed with its offsets"
         items.append(struct.pack("<HHI", 0xFFFE, 0xE000, n) + body)
     sequence = b"".join(items)
     first, last = (offsets[id(top[0])], offsets[id(top[-1])]) if top else (0, 0)
-    return (head + _encoded(_top(first, last))
+    return (head + encode(_top(first, last))
             + struct.pack("<HH2sHI", 0x0004, 0x1220, b"SQ", 0, len(sequence)) + sequence)

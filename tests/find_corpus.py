@@ -13,13 +13,11 @@ from pathlib import Path
 
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import dcmread
-from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from stowage.catalog.attributes import extract
+from stowage.catalog.attributes import encode, extract
 
 CT, MR, SR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.88.11"
 ROOT = "1.2.826.0.1.3680043.10.1138"  # a test UID root
@@ -130,13 +128,6 @@ def charset_datasets() -> list[Dataset]:
     bad["PatientName"].value = b"M\x9fller\x93^Jos\xe9"  # Windows-1252 bytes, labelled ISO_IR 100
     out.append(bad)
     return out
-
-
-def encode(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_implicit_VR, fp.is_little_endian = False, True
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 def rows(dss: list[Dataset], segment: str = "000-00000001.seg", start: int = 0) -> list[dict]:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Iterator
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
+
+from stowage.catalog.attributes import encode
 
 STUDIES_PER_PATIENT, SERIES_PER_STUDY, INSTANCES_PER_SERIES = 2, 4, 25
 PER_PATIENT = STUDIES_PER_PATIENT * SERIES_PER_STUDY * INSTANCES_PER_SERIES
@@ -128,13 +128,6 @@ def dataset(series: Series, i: int, pixels: bool = True) -> Dataset:
     return ds
 
 
-def _encode(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_implicit_VR, fp.is_little_endian = False, True
-    write_dataset(fp, ds)
-    return fp.getvalue()
-
-
 _COLUMNS = {"patient_id": "PatientID", "patient_name": "PatientName", "patient_birth_date": "PatientBirthDate",
             "patient_sex": "PatientSex", "issuer_of_patient_id": "IssuerOfPatientID",
             "study_instance_uid": "StudyInstanceUID", "study_date": "StudyDate", "study_time": "StudyTime",
@@ -153,7 +146,7 @@ def rows(patients: int, first: int = 0) -> Iterator[dict]:
     for series in series_list(patients):
         if series.patient < first:
             continue
-        template = _encode(dataset(series, 0, pixels=False))
+        template = encode(dataset(series, 0, pixels=False))
         sop0 = dataset(series, 0, pixels=False).SOPInstanceUID
         base = {col: series.attrs[kw] for col, kw in _COLUMNS.items()}
         base.update(content_date=series.attrs["StudyDate"], content_time=series.attrs["StudyTime"],
