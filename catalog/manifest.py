@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from stowage.catalog.durable import fsync_dir
+
 MANIFEST = "manifest.json"
 RETIRE_GRACE_S = 120.0  # superseded files stay this long for readers that still hold them
 
@@ -51,11 +53,7 @@ def _store(directory: Path, m: Manifest) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / MANIFEST)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(directory)
 
 
 @contextmanager

@@ -39,6 +39,8 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stowage.catalog.durable import fsync_dir
+
 log = logging.getLogger("stowage.tombstones")
 
 DIRECTORY = "tombstones"
@@ -88,14 +90,6 @@ def _line(entries: list[Tombstone], now: int) -> bytes:
     return b"%08x " % zlib.crc32(body) + body + b"\n"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def append(data_dir: Path, entries: Iterable[Tombstone]) -> int:
     """Add `entries` to the log, durably (fsync'd before this returns); returns how many.
     Safe from several processes at once. Raises OSError (e.g. ENOSPC): then none of the
@@ -106,7 +100,7 @@ def append(data_dir: Path, entries: Iterable[Tombstone]) -> int:
     d = directory(data_dir)
     if not d.is_dir():
         d.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
     now = time.time_ns() // 1000
     with open(d / _LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -122,7 +116,7 @@ def append(data_dir: Path, entries: Iterable[Tombstone]) -> int:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(d)
+            fsync_dir(d)
     return len(entries)
 
 

@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from stowage.catalog.durable import fsync_dir
 from stowage.catalog.reader import Catalog
 from stowage.engine.archive import valid_uid
 from stowage.engine.integrity import check_record, marks_of
-from stowage.engine.segment import fsync_dir
 from stowage.protocol.status import (CLASS_INSTANCE_CONFLICT, INVALID_ARGUMENT_VALUE, NO_SUCH_OBJECT_INSTANCE,
                                      PROCESSING_FAILURE)
 

@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stowage.catalog import manifest, relocate, tombstones
+from stowage.catalog.durable import fsync_dir
 from stowage.catalog.reader import Catalog
 from stowage.engine.config import Config
 from stowage.engine.integrity import marks_of
-from stowage.engine.segment import MAGIC, PREFIX_SIZE, crc32, fsync_dir, segment_name
+from stowage.engine.segment import MAGIC, PREFIX_SIZE, crc32, segment_name
 from stowage.engine.slots import Slot, try_claim
 
 log = logging.getLogger("stowage.compaction")

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from stowage.engine.logs import audit_line
-from stowage.engine.segment import CorruptRecord, Record, crc32, decoded, fsync_dir, open_record, read_payload
+from stowage.catalog.durable import fsync_dir
+from stowage.engine.segment import CorruptRecord, Record, crc32, decoded, open_record, read_payload
 
 log = logging.getLogger("stowage.integrity")
 

@@ -370,11 +370,3 @@ def next_sequence(directory: Path, slot: int) -> int:
     prefix = f"{slot:03d}-"
     seqs = [int(p.name[4:12]) for p in directory.glob(f"{prefix}*.seg") if p.name[4:12].isdigit()]
     return max(seqs, default=0) + 1
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from stowage.engine.segment import FileRange, Part, fsync_dir, next_sequence, segment_name
+from stowage.catalog.durable import fsync_dir
+from stowage.engine.segment import FileRange, Part, next_sequence, segment_name
 
 log = logging.getLogger("stowage.writer")
 _IOV_MAX = 512
