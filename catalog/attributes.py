@@ -381,13 +381,13 @@ def _slow_header(data: bytes, implicit: bool, little: bool, implicit_out: bool) 
                 if int(tag) in _BULK_TAGS or (length != _UNDEFINED and _is_bulk(int(tag), vr, length)):
                     continue
             out.add(ds[tag])
-        header = encode(out, implicit_out)
+        header = encode_dataset(out, implicit_out)
         return header if 0 < len(header) <= _MAX_HEADER else None
     except Exception:  # best effort: the catalog columns are what a store needs
         return None
 
 
-def encode(ds: Dataset, implicit: bool = False) -> bytes:
+def encode_dataset(ds: Dataset, implicit: bool = False) -> bytes:
     """`ds` encoded little endian, Explicit VR unless `implicit`, without file meta: a data
     set as a C-STORE carries it and as the catalog keeps its header."""
     fp = DicomBytesIO()

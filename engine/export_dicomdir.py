@@ -28,7 +28,7 @@ from pydicom.fileset import DIRECTORY_RECORDERS, _four_level_record_type, _singl
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
-from stowage.catalog.attributes import encode
+from stowage.catalog.attributes import encode_dataset
 from stowage.engine.export_files import open_new
 from stowage.engine.export_names import suffix
 from stowage.engine.filemeta import PREAMBLE
@@ -265,8 +265,8 @@ def encode(roots: dict[str, _Node], uid: str) -> bytes:
     defined length; offsets count from the first byte of the file (PS3.3 F.3.2.2)."""
     nodes = _preorder(roots)
     head = PREAMBLE + _file_meta(uid)
-    start = len(head) + len(encode(_top(0, 0))) + 12  # + the sequence's tag, VR and length
-    lengths = [len(encode(n.record)) for n in nodes]
+    start = len(head) + len(encode_dataset(_top(0, 0))) + 12  # + the sequence's tag, VR and length
+    lengths = [len(encode_dataset(n.record)) for n in nodes]
     offsets, at = {}, start
     for node, n in zip(nodes, lengths):
         offsets[id(node)] = at
@@ -283,10 +283,10 @@ def encode(roots: dict[str, _Node], uid: str) -> bytes:
     top = _ordered(roots)
     items = []
     for node, n in zip(nodes, lengths):
-        body = encode(node.record)
+        body = encode_dataset(node.record)
         assert len(body) == n, "a record's length changed with its offsets"
         items.append(struct.pack("<HHI", 0xFFFE, 0xE000, n) + body)
     sequence = b"".join(items)
     first, last = (offsets[id(top[0])], offsets[id(top[-1])]) if top else (0, 0)
-    return (head + encode(_top(first, last))
+    return (head + encode_dataset(_top(first, last))
             + struct.pack("<HH2sHI", 0x0004, 0x1220, b"SQ", 0, len(sequence)) + sequence)

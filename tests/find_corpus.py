@@ -17,7 +17,7 @@ from pydicom.filereader import dcmread
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from stowage.catalog.attributes import encode, extract
+from stowage.catalog.attributes import encode_dataset, extract
 
 CT, MR, SR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.88.11"
 ROOT = "1.2.826.0.1.3680043.10.1138"  # a test UID root
@@ -134,7 +134,7 @@ def rows(dss: list[Dataset], segment: str = "000-00000001.seg", start: int = 0) 
     """Catalog rows as the store path makes them (extract() of the encoded data set)."""
     out = []
     for i, ds in enumerate(dss):
-        body = encode(ds)
+        body = encode_dataset(ds)
         row = extract(body, ExplicitVRLittleEndian)
         row.update(transfer_syntax_uid=ExplicitVRLittleEndian, segment=segment, offset=(start + i) * 1000,
                    record_length=1000, dataset_length=len(body), stored_length=len(body), dataset_crc32=i,

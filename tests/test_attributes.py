@@ -17,7 +17,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from stowage.catalog import attributes
-from stowage.catalog.attributes import HEADER, UnreadableDataset, encode, header_is_implicit
+from stowage.catalog.attributes import HEADER, UnreadableDataset, encode_dataset, header_is_implicit
 from stowage.catalog.schema import DICOM_COLUMNS
 
 COLUMNS = [col for col, _ in DICOM_COLUMNS]
@@ -212,7 +212,7 @@ def test_scan_reads_little_endian_files_without_falling_back(name: str) -> None:
 def test_implicit_vr_skips_nested_undefined_length_sequences(fast_only: None) -> None:
     ds = _study()
     _nested_sequences(ds)
-    body = encode(ds, implicit=True)
+    body = encode_dataset(ds, implicit=True)
     assert body.count(b"\xff\xff\xff\xff") >= 4  # the sequences really are undefined length
     assert extract(body, ImplicitVRLittleEndian) == _expect()
 
@@ -220,7 +220,7 @@ def test_implicit_vr_skips_nested_undefined_length_sequences(fast_only: None) ->
 def test_explicit_vr_skips_undefined_length_sequences(fast_only: None) -> None:
     ds = _study()
     _nested_sequences(ds)
-    body = encode(ds)
+    body = encode_dataset(ds)
     assert b"SQ\x00\x00\xff\xff\xff\xff" in body
     assert extract(body, ExplicitVRLittleEndian) == _expect()
     assert extract(body, "1.2.840.10008.1.2.4.201") == _expect()  # HTJ2K: explicit VR LE too
@@ -240,7 +240,7 @@ def test_explicit_vr_undefined_length_un_holds_implicit_vr(fast_only: None) -> N
 
 
 def test_implicit_vr_data_labelled_explicit_is_read_as_pydicom_does() -> None:
-    body = encode(_study(), implicit=True)
+    body = encode_dataset(_study(), implicit=True)
     with pytest.warns(UserWarning):
         assert extract(body, ExplicitVRLittleEndian) == _expect()
 
@@ -312,7 +312,7 @@ def test_empty_data_set() -> None:
 
 
 def test_memoryview_into_a_larger_buffer(fast_only: None) -> None:
-    body = encode(_study())
+    body = encode_dataset(_study())
     buffer = bytearray(b"junk" + body + b"more junk")
     assert extract(memoryview(buffer)[4:4 + len(body)], ExplicitVRLittleEndian) == _expect()
 
@@ -361,7 +361,7 @@ def test_iso_2022_ir_87_japanese_name(implicit: bool, fast_only: None) -> None:
     ds = _study()
     ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
     ds.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
-    body = encode(ds, implicit)
+    body = encode_dataset(ds, implicit)
     assert b"\x1b$B" in body  # really encoded with escape sequences
     got = extract(body, ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
     assert got == _expect(patient_name="Yamada^Tarou=山田^太郎=やまだ^たろう",
@@ -372,7 +372,7 @@ def test_iso_ir_192_utf8_name(fast_only: None) -> None:
     ds = _study(StudyDescription="Ünïcödé ☃ study")
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PatientName = "Wang^XiaoDong=王^小东"
-    got = extract(encode(ds), ExplicitVRLittleEndian)
+    got = extract(encode_dataset(ds), ExplicitVRLittleEndian)
     assert got == _expect(patient_name="Wang^XiaoDong=王^小东",
                           study_description="Ünïcödé ☃ study",
                           specific_character_set="ISO_IR 192")
@@ -393,7 +393,7 @@ def test_multi_valued_and_padding(fast_only: None) -> None:
 
 
 def test_unknown_transfer_syntax_is_explicit_vr_little_endian(fast_only: None) -> None:
-    assert extract(encode(_study()), "1.2.3.4.5.6.7") == _expect()
+    assert extract(encode_dataset(_study()), "1.2.3.4.5.6.7") == _expect()
 
 
 # --- the header: top-level non-bulk elements, as encoded -----------------------------
@@ -433,7 +433,7 @@ def test_header_holds_every_top_level_non_bulk_element(name: str) -> None:
 
 
 def test_header_leaves_out_bulk_values_and_keeps_small_ones(fast_only: None) -> None:
-    body = (encode(_study())
+    body = (encode_dataset(_study())
             + _explicit(0x0029, 0x0010, b"LO", b"ACME")
             + _explicit(0x0029, 0x1010, b"OB", b"\x01" * 20000)  # a private blob: bulk
             + _explicit(0x0029, 0x1011, b"OB", b"\x02" * 64)     # small: kept
@@ -447,7 +447,7 @@ def test_header_leaves_out_bulk_values_and_keeps_small_ones(fast_only: None) -> 
 def test_header_of_a_truncated_head_ends_before_the_cut_element(fast_only: None) -> None:
     """A spooled instance is scanned from its first megabytes: an element past the catalog's
     tags that runs past them ends the header, and the store goes on."""
-    body = encode(_study()) + _explicit(0x0028, 0x0010, b"US", b"\x40\x00")
+    body = encode_dataset(_study()) + _explicit(0x0028, 0x0010, b"US", b"\x40\x00")
     cut = body + _explicit(0x0040, 0x0275, b"SQ", b"\xfe\xff\x00\xe0" + b"\x00" * 100)[:30]
     got = attributes.extract(cut, ExplicitVRLittleEndian)
     assert got["patient_name"] == "Right^Name"
@@ -462,6 +462,6 @@ def test_header_keeps_undefined_length_sequences(fast_only: None) -> None:
     ds["ProcedureCodeSequence"].is_undefined_length = True
     for implicit in (False, True):
         syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-        got = _header_of(encode(ds, implicit), syntax)
+        got = _header_of(encode_dataset(ds, implicit), syntax)
         assert got.ProcedureCodeSequence[0].CodeValue == "CT123"
         assert got.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "9.9.9"

@@ -353,7 +353,7 @@ def test_charset_choice():
 def _round_trip(ds: Dataset) -> str:
     from io import BytesIO
     from pydicom.filereader import read_dataset
-    raw = fc.encode(ds)
+    raw = fc.encode_dataset(ds)
     back = read_dataset(BytesIO(raw), False, True)
     return str(back.PatientName)
 

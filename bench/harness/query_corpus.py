@@ -19,7 +19,7 @@ from typing import Iterator
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from stowage.catalog.attributes import encode
+from stowage.catalog.attributes import encode_dataset
 
 STUDIES_PER_PATIENT, SERIES_PER_STUDY, INSTANCES_PER_SERIES = 2, 4, 25
 PER_PATIENT = STUDIES_PER_PATIENT * SERIES_PER_STUDY * INSTANCES_PER_SERIES
@@ -146,7 +146,7 @@ def rows(patients: int, first: int = 0) -> Iterator[dict]:
     for series in series_list(patients):
         if series.patient < first:
             continue
-        template = encode(dataset(series, 0, pixels=False))
+        template = encode_dataset(dataset(series, 0, pixels=False))
         sop0 = dataset(series, 0, pixels=False).SOPInstanceUID
         base = {col: series.attrs[kw] for col, kw in _COLUMNS.items()}
         base.update(content_date=series.attrs["StudyDate"], content_time=series.attrs["StudyTime"],
