@@ -44,30 +44,10 @@ from pathlib import Path
 from typing import Callable
 
 from stowage.bench import loadgen
-from stowage.bench.corpus import generate
 from stowage.bench.harness.orthanc import Orthanc, executable
-from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down, wait_echo
+from stowage.bench.harness.transfer import arrived, one_study, start_storescp, store_files
+from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down
 from stowage.bench.report import timed_medians
-
-
-def _storescp_on(storescp: str, echoscu: str, out: Path, port: int, nodelay: bool, fork: bool,
-                 ignore: bool) -> subprocess.Popen:
-    """storescp writing what it receives into `out`, or (`ignore`) receiving without
-    storing, each C-STORE logged in out/storescp.log."""
-    out.mkdir(parents=True)
-    env = dict(os.environ, TCP_NODELAY="1") if nodelay else None
-    mode = ["--ignore", "-v"] if ignore else ["+B"]
-    log = open(out / "storescp.log", "wb") if ignore else subprocess.DEVNULL
-    proc = subprocess.Popen([storescp, *mode, *(["--fork"] if fork else []), "-aet", "DEST", "-od", str(out),
-                             str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    wait_echo(echoscu, port, "DEST")
-    return proc
-
-
-def _arrived(out: Path, ignore: bool) -> int:
-    if ignore:
-        return (out / "storescp.log").read_text(errors="replace").count("Received Store Request")
-    return sum(1 for p in out.iterdir() if p.name != "storescp.log")
 
 
 def _timed(cmd: list[str] | Callable[[], tuple[float, str]]) -> tuple[float, str]:
@@ -129,11 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="stowage-bench-move-"))
     server = orthanc = None
     try:
-        files = generate(work / "corpus", args.kind, args.count, patients=1, studies_per_patient=1,
-                         series_per_study=1)
-        mb = sum(p.stat().st_size for p in files) / 1e6
-        import pydicom
-        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        files, mb, study = one_study(work, args.kind, args.count)
         dest_port, port = free_port(), free_port()
         data = work / "data"
         cfg = work / "stowage.toml"
@@ -141,8 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.write_text(level + f'[remotes.DEST]\nhost = "127.0.0.1"\nport = {dest_port}\n\n'
                        f'[remotes.DEST2]\nhost = "127.0.0.1"\nport = {dest_port}\nassociations = {args.associations}\n')
         server = serve_stowage(data, port, echoscu, "--config", str(cfg))
-        subprocess.run([storescu, "-aec", "STOWAGE", "127.0.0.1", str(port), *map(str, files)], check=True,
-                       capture_output=True)
+        store_files(storescu, "STOWAGE", port, files)
         move_keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
         commands = {
             "stowage C-MOVE": [movescu, "-S", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem", "DEST", *move_keys,
@@ -156,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             # Nagle off in Orthanc's DCMTK network layer, as bench/compare runs it (else each
             # sub-operation waits out a 40 ms delayed ACK).
             orthanc = Orthanc(work / "orthanc", nodelay=True)
-            subprocess.run([storescu, "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
-                           check=True, capture_output=True)
+            store_files(storescu, "ORTHANC", orthanc.dicom_port, files)
             orthanc.rest("PUT", "/modalities/dest", {"AET": "DEST", "Host": "127.0.0.1", "Port": dest_port})
             orthanc.rest("PUT", "/modalities/movescu", {"AET": "MOVESCU", "Host": "127.0.0.1", "Port": 1})
             commands["orthanc C-MOVE"] = [movescu, "-S", "-aet", "MOVESCU", "-aec", "ORTHANC", "-aem", "DEST",
@@ -174,13 +148,13 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeat):
             for name, cmd in commands.items():  # interleaved
                 out = work / f"rx-{r}-{name.replace(' ', '_').replace(':', '')}"
-                rx = _storescp_on(storescp, echoscu, out, dest_port, args.dest_nodelay, args.dest_fork,
-                                  args.dest_ignore)
+                rx = start_storescp(storescp, echoscu, out, dest_port, nodelay=args.dest_nodelay,
+                                    fork=args.dest_fork, ignore=args.dest_ignore)
                 try:
                     seconds, failure = _timed(cmd)
                     results[name].append(seconds)
                     stop_tree(rx, None)  # storescp has written its log
-                    got = _arrived(out, args.dest_ignore)
+                    got = arrived(out, args.dest_ignore)
                     if failure or got != args.count:
                         raise RuntimeError(f"{name}: {got} of {args.count} arrived\n{failure}")
                 finally:

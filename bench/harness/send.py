@@ -19,19 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from stowage.bench.corpus import generate
 from stowage.bench.harness.orthanc import Orthanc, executable
-from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down, wait_echo
+from stowage.bench.harness.transfer import arrived, one_study, start_storescp, store_files
+from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down
 from stowage.bench.report import timed_medians
-
-
-def _storescp(storescp: str, echoscu: str, out: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    out.mkdir(parents=True)
-    proc = subprocess.Popen([storescp, "+B", "-aet", "DEST", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_echo(echoscu, port, "DEST")
-    return proc, port
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,28 +37,23 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="stowage-bench-send-"))
     server = orthanc = None
     try:
-        files = generate(work / "corpus", args.kind, args.count, patients=1, studies_per_patient=1,
-                         series_per_study=1)
-        mb = sum(p.stat().st_size for p in files) / 1e6
+        files, mb, study = one_study(work, args.kind, args.count)
         port = free_port()
         data = work / "data"
         server = serve_stowage(data, port, echoscu)
-        subprocess.run([storescu, "-aec", "STOWAGE", "127.0.0.1", str(port), *map(str, files)], check=True,
-                       capture_output=True)
-        import pydicom
-        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        store_files(storescu, "STOWAGE", port, files)
         results: dict[str, list[float]] = {"stowage send": [], "storescu (files)": []}
         if executable():
             orthanc = Orthanc(work / "orthanc")
-            subprocess.run([storescu, "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
-                           check=True, capture_output=True)
+            store_files(storescu, "ORTHANC", orthanc.dicom_port, files)
             (orthanc_study,) = [r["ID"] for r in orthanc.rest("POST", "/tools/lookup", study)
                                 if r["Type"] == "Study"]
             results["orthanc store"] = []
         for r in range(args.repeat):
             for name in results:
                 out = work / f"rx-{name.split()[0]}-{r}"
-                rx, rx_port = _storescp(storescp, echoscu, out)
+                rx_port = free_port()
+                rx = start_storescp(storescp, echoscu, out, rx_port)
                 try:
                     if name == "orthanc store":
                         orthanc.rest("PUT", "/modalities/dest", {"AET": "DEST", "Host": "127.0.0.1",
@@ -85,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                         t = time.monotonic()
                         subprocess.run(cmd, check=True, capture_output=True)
                         results[name].append(time.monotonic() - t)
-                    got = len(list(out.iterdir()))
+                    got = arrived(out)
                     if got != args.count:
                         raise RuntimeError(f"{name}: {got} of {args.count} arrived")
                 finally:
