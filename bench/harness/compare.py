@@ -32,7 +32,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from stowage.bench.corpus import generate
-from stowage.bench.harness.ingest import SENDERS, Result, finish, format_table, measure
+from stowage.bench.harness.ingest import SENDERS, Result, finish, format_table, measure, names_of, sender_tools
 from stowage.bench.harness.orthanc import executable as orthanc_executable
 from stowage.bench.procs import find_dcmtk
 from stowage.bench.harness.receivers import RECEIVERS
@@ -100,15 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep receiver temp dirs (for debugging)")
     args = ap.parse_args(argv)
     args.nagle = False
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    receivers = [n.strip() for n in args.receivers.split(",") if n.strip()]
-    senders = [n.strip() for n in args.senders.split(",") if n.strip()]
-    for what, names, known in (("kinds", kinds, KINDS), ("receivers", receivers, RECEIVERS), ("senders", senders, SENDERS)):
-        if bad := [n for n in names if n not in known]:
-            ap.error(f"unknown {what} {bad}; known: {', '.join(known)}")
-    tools = {t: find_dcmtk(t) for t in ("storescu", "echoscu")}
-    if missing := [t for t, p in tools.items() if p is None]:
-        print(f"DCMTK {', '.join(missing)} not found (apt-get install dcmtk, or set DCMTK_BIN)", file=sys.stderr)
+    kinds = names_of(ap, "kinds", args.kinds, KINDS)
+    receivers = names_of(ap, "receivers", args.receivers, RECEIVERS)
+    senders = names_of(ap, "senders", args.senders, SENDERS)
+    if (tools := sender_tools()) is None:
         return 2
     env = {"machine": machine(), "disk": disk(args.tmp or tempfile.gettempdir()), "versions": tool_versions(),
            "load": [os.getloadavg()[0]]}

@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from stowage.bench.corpus import KINDS, generate, series_layout
 from stowage.bench.procs import TreeMonitor, echo, find_dcmtk, free_port, stop_tree, tail
@@ -303,6 +304,24 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
     return "\n".join(out + ([""] + notes if notes else []))
 
 
+def names_of(ap: argparse.ArgumentParser, what: str, value: str, known: Iterable[str]) -> list[str]:
+    """The comma-separated names in an option's `value`; ap.error if one is not `known`."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if bad := [n for n in names if n not in known]:
+        ap.error(f"unknown {what} {bad}; known: {', '.join(known)}")
+    return names
+
+
+def sender_tools() -> dict[str, str] | None:
+    """DCMTK storescu and echoscu (name -> path), or None, having said which is missing."""
+    tools = {t: find_dcmtk(t) for t in ("storescu", "echoscu")}
+    if missing := [t for t, p in tools.items() if p is None]:
+        print(f"DCMTK {', '.join(missing)} not found (apt-get install dcmtk, or set DCMTK_BIN); cannot send",
+              file=sys.stderr)
+        return None
+    return tools
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     ap = argparse.ArgumentParser(prog="python -m stowage.bench.harness.ingest", description=__doc__.split("\n")[0])
@@ -323,15 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nagle", action="store_true",
                     help="do not set TCP_NODELAY=1 for the children (DCMTK then waits on delayed ACKs)")
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.receivers.split(",") if n.strip()]
-    if bad := [n for n in names if n not in RECEIVERS]:
-        ap.error(f"unknown receivers {bad}; known: {', '.join(RECEIVERS)}")
-    senders = [n.strip() for n in args.senders.split(",") if n.strip()]
-    if bad := [n for n in senders if n not in SENDERS]:
-        ap.error(f"unknown senders {bad}; known: {', '.join(SENDERS)}")
-    tools = {t: find_dcmtk(t) for t in ("storescu", "echoscu")}
-    if missing := [t for t, p in tools.items() if p is None]:
-        print(f"DCMTK {', '.join(missing)} not found (set DCMTK_BIN); cannot send", file=sys.stderr)
+    names = names_of(ap, "receivers", args.receivers, RECEIVERS)
+    senders = names_of(ap, "senders", args.senders, SENDERS)
+    if (tools := sender_tools()) is None:
         return 2
     corpus_tmp = None if args.corpus else Path(tempfile.mkdtemp(prefix="stowage-bench-corpus-", dir=args.tmp))
     try:
