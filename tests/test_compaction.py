@@ -68,11 +68,18 @@ def stored_series(port: int, work: Path, patient: str, n: int) -> tuple[str, dic
     return series, current, sent(files, work / "dcmtk0")
 
 
-def store_new_versions(port: int, work: Path, i: int, chosen: list[str], current: dict[str, Path],
-                       expected: dict[str, bytes]) -> None:
-    """Round i: new versions of the `chosen` instances stored; `current` and `expected` follow."""
-    v = new_versions([current[u] for u in chosen], work / f"v{i}", f"iteration {i}")
+def store_versions(port: int, files: list[Path], out: Path, tag: str) -> list[Path]:
+    """New versions of `files` (see new_versions), stored with DCMTK storescu."""
+    v = new_versions(files, out, tag)
     store(port, v)
+    return v
+
+
+def supersede(port: int, work: Path, i: int, chosen: list[str], current: dict[str, Path],
+              expected: dict[str, bytes]) -> None:
+    """Round i: the `chosen` instances superseded by new versions, stored; `current` and
+    `expected` follow."""
+    v = store_versions(port, [current[u] for u in chosen], work / f"v{i}", f"iteration {i}")
     expected.update(sent(v, work / f"dcmtk{i + 1}"))
     current.update(zip(chosen, v))
 
@@ -130,8 +137,8 @@ def test_compact_reclaims_superseded_and_deleted_records(make_server, tmp_path):
     files_a = series_instances(tmp_path / "in", "COMPACT1", study, a, 40)
     files_b = series_instances(tmp_path / "in", "COMPACT1", study, b, 20)
     store(server.port, files_a + files_b)
-    resent = new_versions(files_a[:30], tmp_path / "v2", "second version")
-    store(server.port, resent)  # keep-newest: the first versions of 30 are dead now
+    # keep-newest: the first versions of 30 are dead now
+    resent = store_versions(server.port, files_a[:30], tmp_path / "v2", "second version")
     r = stowage("delete", "--data-dir", str(data), "--series", b, "--yes")
     assert r.returncode == 0, r.stderr
     expected = sent(resent + files_a[30:], tmp_path / "dcmtk")
@@ -174,8 +181,7 @@ def test_stores_and_deletes_while_compacting(make_server, tmp_path):
     study, series = generate_uid(), generate_uid()
     files = series_instances(tmp_path / "in", "COMPACT2", study, series, 60)
     store(server.port, files)
-    v2 = new_versions(files[:40], tmp_path / "v2", "v2")
-    store(server.port, v2)
+    v2 = store_versions(server.port, files[:40], tmp_path / "v2", "v2")
     time.sleep(1.0)
     compactor = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "compact", "--data-dir", str(data),
                                   "--rate", "1", "--ratio", "0.99"], env=dict(os.environ, **ENV),
@@ -215,7 +221,7 @@ def test_kill_9_of_the_compactor_at_random_moments(make_server, tmp_path):
     for i in range(15):
         # more dead space: new versions of some live instances, a deletion
         chosen = rng.sample(sorted(current), 6)
-        store_new_versions(server.port, tmp_path, i, chosen, current, expected)
+        supersede(server.port, tmp_path, i, chosen, current, expected)
         victim = rng.choice(sorted(current))
         r = stowage("delete", "--data-dir", str(data), "--instance", victim, "--yes")
         assert r.returncode == 0, r.stderr
@@ -250,7 +256,7 @@ def test_kill_9_of_the_server_during_background_compaction(make_server, tmp_path
     states = []
     for i in range(6):
         chosen = rng.sample(sorted(current), 12)
-        store_new_versions(server.port, tmp_path, i, chosen, current, expected)
+        supersede(server.port, tmp_path, i, chosen, current, expected)
         # the first pass starts 5 s after start-up (about when the stores above are done),
         # then one every second: at 0.1 MB/s a round takes a second or two
         time.sleep(rng.uniform(1.0, 8.0))
@@ -303,11 +309,9 @@ main(["compact", "--data-dir", data, "--ratio", "0.99"])
 def test_kill_9_at_each_step_of_a_round(make_server, tmp_path, point):
     server = make_server("--workers", "2", **ENV)
     data = server.data_dir
-    study, series = generate_uid(), generate_uid()
-    files = series_instances(tmp_path / "in", "COMPACT5", study, series, 30)
+    files = series_instances(tmp_path / "in", "COMPACT5", generate_uid(), generate_uid(), 30)
     store(server.port, files)
-    v2 = new_versions(files[:20], tmp_path / "v2", "v2")
-    store(server.port, v2)
+    v2 = store_versions(server.port, files[:20], tmp_path / "v2", "v2")
     victim = str(pydicom.dcmread(files[25], stop_before_pixels=True).SOPInstanceUID)
     assert stowage("delete", "--data-dir", str(data), "--instance", victim, "--yes").returncode == 0
     expected = sent(v2 + files[20:], tmp_path / "dcmtk")
@@ -340,8 +344,7 @@ def test_sigterm_during_background_compaction_rolls_the_round_back(make_server, 
     data = server.data_dir
     files = series_instances(tmp_path / "in", "COMPACT6", generate_uid(), generate_uid(), 40)
     store(server.port, files)
-    v2 = new_versions(files[::2], tmp_path / "v2", "v2")  # old segments half live: a slow copy
-    store(server.port, v2)
+    v2 = store_versions(server.port, files[::2], tmp_path / "v2", "v2")  # old segments half live: a slow copy
     expected = sent(v2 + files[1::2], tmp_path / "dcmtk")
     deadline = time.monotonic() + 60
     while _state(data) != "copying or rewriting" and time.monotonic() < deadline:
@@ -365,7 +368,7 @@ def test_a_segment_with_a_corrupt_mark_is_not_rewritten(make_server, tmp_path):
     study = generate_uid()
     files = series_instances(tmp_path / "in", "COMPACT2", study, generate_uid(), 40)
     store(server.port, files)
-    store(server.port, new_versions(files[:33], tmp_path / "v2", "second version"))  # 33 dead records
+    store_versions(server.port, files[:33], tmp_path / "v2", "second version")  # 33 dead records
     time.sleep(1.0)  # sealed
     # a live record in the sparsest segment that still holds one: a compaction candidate
     victim = query(data, """
