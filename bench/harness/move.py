@@ -45,7 +45,7 @@ from typing import Callable
 
 from stowage.bench import loadgen
 from stowage.bench.harness.orthanc import Orthanc, executable
-from stowage.bench.harness.transfer import arrived, one_study, start_storescp, store_files
+from stowage.bench.harness.transfer import arrived, one_study, receiving, store_files
 from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down
 from stowage.bench.report import timed_medians
 
@@ -148,18 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeat):
             for name, cmd in commands.items():  # interleaved
                 out = work / f"rx-{r}-{name.replace(' ', '_').replace(':', '')}"
-                rx = start_storescp(storescp, echoscu, out, dest_port, nodelay=args.dest_nodelay,
-                                    fork=args.dest_fork, ignore=args.dest_ignore)
-                try:
+                with receiving(storescp, echoscu, out, dest_port, nodelay=args.dest_nodelay, fork=args.dest_fork,
+                               ignore=args.dest_ignore) as rx:
                     seconds, failure = _timed(cmd)
                     results[name].append(seconds)
                     stop_tree(rx, None)  # storescp has written its log
                     got = arrived(out, args.dest_ignore)
                     if failure or got != args.count:
                         raise RuntimeError(f"{name}: {got} of {args.count} arrived\n{failure}")
-                finally:
-                    stop_tree(rx, None)
-                shutil.rmtree(out)
             for name, (aec, p) in gets.items():  # the requester receives: no storescp
                 out = work / f"get-{r}-{name.replace(' ', '_')}"
                 seconds, failure = _get(getscu, aec, p, move_keys, out, args.count, args.dest_ignore,

@@ -12,7 +12,6 @@ into a fresh storescp output directory. Prints instances/s and MB/s (file bytes)
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,8 @@ import time
 from pathlib import Path
 
 from stowage.bench.harness.orthanc import Orthanc, executable
-from stowage.bench.harness.transfer import arrived, one_study, start_storescp, store_files
-from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down
+from stowage.bench.harness.transfer import arrived, one_study, receiving, store_files
+from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, tear_down
 from stowage.bench.report import timed_medians
 
 
@@ -53,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in results:
                 out = work / f"rx-{name.split()[0]}-{r}"
                 rx_port = free_port()
-                rx = start_storescp(storescp, echoscu, out, rx_port)
-                try:
+                with receiving(storescp, echoscu, out, rx_port):
                     if name == "orthanc store":
                         orthanc.rest("PUT", "/modalities/dest", {"AET": "DEST", "Host": "127.0.0.1",
                                                                  "Port": rx_port})
@@ -74,9 +72,6 @@ def main(argv: list[str] | None = None) -> None:
                     got = arrived(out)
                     if got != args.count:
                         raise RuntimeError(f"{name}: {got} of {args.count} arrived")
-                finally:
-                    stop_tree(rx, None)
-                shutil.rmtree(out)
         print(f"{args.count} {args.kind} instances, {mb:.0f} MB, one association, DCMTK storescp +B -od")
         print("\n".join(timed_medians(results, args.count, mb, "storescu (files)")))
     finally:

@@ -3,11 +3,14 @@ the send and C-MOVE benchmarks share, so that they measure the same thing."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from stowage.bench.corpus import generate
-from stowage.bench.procs import wait_echo
+from stowage.bench.procs import stop_tree, wait_echo
 
 
 def one_study(work: Path, kind: str, count: int) -> tuple[list[Path], float, str]:
@@ -38,6 +41,18 @@ def start_storescp(storescp: str, echoscu: str, out: Path, port: int, *, nodelay
                              str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     wait_echo(echoscu, port, "DEST")
     return proc
+
+
+@contextmanager
+def receiving(storescp: str, echoscu: str, out: Path, port: int, **options: bool) -> Iterator[subprocess.Popen]:
+    """A storescp (start_storescp, with its `options`) for one transfer: stopped after it,
+    and `out` removed once the transfer has succeeded."""
+    rx = start_storescp(storescp, echoscu, out, port, **options)
+    try:
+        yield rx
+    finally:
+        stop_tree(rx, None)
+    shutil.rmtree(out)
 
 
 def arrived(out: Path, ignore: bool = False) -> int:
