@@ -31,7 +31,8 @@ STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 
 def instances(out: Path, patient: str, study: str, series: str, n: int, src: Path = CT) -> list[Path]:
-    """n instances of one series (fresh SOP Instance UIDs) of the given patient, named `<patient>^T`, and study."""
+    """n instances of one series (fresh SOP Instance UIDs) of the given patient and study;
+    the patient is named `<patient>^T`."""
     return series_instances(out, patient, study, series, n, src, PatientName=f"{patient}^T")
 
 

@@ -30,7 +30,8 @@ def received(out: Path) -> dict[str, Path]:
     return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in out.iterdir()}
 
 
-def stored(server, tmp_path: Path, n_ct: int, n_implicit: int, n_rle: int) -> tuple[list[Path], list[Path], list[Path], Path]:
+def stored(server, tmp_path: Path, n_ct: int, n_implicit: int,
+           n_rle: int) -> tuple[list[Path], list[Path], list[Path], Path]:
     """CT copies (Explicit VR), CT copies in Implicit VR and RLE copies, stored in `server`;
     and the folder `stowage export` wrote them to."""
     ct = copies(CT, tmp_path / "ct", n_ct, "ct")
