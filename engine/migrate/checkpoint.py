@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from stowage.catalog.durable import fsync_dir
 from stowage.engine.migrate.enumerate import Study, Window
-from stowage.engine.segment import fsync_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
