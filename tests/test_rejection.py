@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from conftest import CT, HOST, Server, export_all
+from conftest import HOST, Server, export_all
 from test_delete import audit, delete, find, instances, storescu, uid_of, visible
 from test_send import stowage
 
