@@ -203,10 +203,13 @@ class Acceptor:
             self._admit(conn, tls)
 
     def _admit(self, conn: socket.socket, tls: bool) -> None:
-        live = [ws for ws in self.slots if ws.ready and ws.control is not None]
-        total = sum(ws.active for ws in self.slots)
+        live, total = self._load()
         if total >= self.config.max_associations and live:
-            total = self._recount(live)
+            # A peer that released one and at once opens another must not find its own
+            # old one counted: take the workers' notices not read yet, then count again.
+            for ws in live:
+                self._from_worker(ws)
+            live, total = self._load()
         if total >= self.config.max_associations or not live:
             why = "association cap reached" if live else "no worker is ready"
             self.metrics.rejected += 1
@@ -221,13 +224,9 @@ class Acceptor:
             self.metrics.rejected += 1
             self._reject(conn, "no worker took the connection")
 
-    def _recount(self, live: list[WorkerSlot]) -> int:
-        """Associations open, after taking the workers' notices not read yet: a peer that
-        released one and at once opens another must not find its own old one counted."""
-        for ws in live:
-            if ws.control is not None:
-                self._from_worker(ws)
-        return sum(ws.active for ws in self.slots)
+    def _load(self) -> tuple[list[WorkerSlot], int]:
+        """The workers that can take a connection, and the associations open."""
+        return [ws for ws in self.slots if ws.ready and ws.control is not None], sum(ws.active for ws in self.slots)
 
     def _hand_over(self, conn: socket.socket, live: list[WorkerSlot], message: bytes) -> bool:
         """Pass `conn` to the least-loaded worker that takes it."""
