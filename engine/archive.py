@@ -96,7 +96,9 @@ def _check_identity(attrs: dict[str, Any], sop_class_uid: str, sop_instance_uid:
 class Archive:
     """Storage for one worker: its segment writer, its tail, and a view of the catalog."""
 
-    def __init__(self, config: Config, slot: int) -> None:
+    def __init__(self, config: Config, slot: int, *, bulk: bool = False) -> None:
+        """`bulk`: a bulk loader (import, migrate), whose segments leave the page cache
+        once durable (engine/writer.py)."""
         self.config = config
         self.slot = slot
         self.data_dir = config.data_dir
@@ -104,7 +106,8 @@ class Archive:
         self.sealer = Sealer(self.catalog_dir, slot, config.compact_min_files)
         self.catalog = Catalog(self.catalog_dir, config.duplicates)
         self.writer = SegmentWriter(config.data_dir / "segments", slot, segment_size=config.segment_size,
-                                    fsync=config.durability == "fsync", on_commit=self.sealer.commit)
+                                    fsync=config.durability == "fsync", on_commit=self.sealer.commit,
+                                    keep_cache=not bulk)
         self.free_space = FreeSpace(config.data_dir)
         self.quota = Usage(config.data_dir, config.max_storage_bytes, config.quota_policy)
         self.served = ServedVersions(self.catalog)

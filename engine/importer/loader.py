@@ -292,7 +292,7 @@ def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: An
         recover(config.data_dir, slot.number)  # a previous import on this slot may have been killed
         spool = config.data_dir / "spool" / f"{slot.number:03d}"
         _clear(spool)
-        archive = Archive(config, slot.number)
+        archive = Archive(config, slot.number, bulk=True)
     except OSError as e:  # e.g. a full disk during recovery: say so; the files stay "not attempted"
         results.put(("failed", f"cannot start an import process: {e.strerror or e}"))
         results.put(("closed", None))

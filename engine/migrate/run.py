@@ -271,7 +271,7 @@ class Migration:
         except SlotError as e:
             raise MigrateError(str(e)) from None
         recover(self.config.data_dir, self.slot.number)
-        self.archive = Archive(self.config, self.slot.number)
+        self.archive = Archive(self.config, self.slot.number, bulk=True)
 
     def close_storage(self) -> None:
         if self.archive is not None:
