@@ -25,6 +25,7 @@ from pydicom.data import get_testdata_file
 
 from stowage.bench import corpus
 from conftest import HOST, dcmtk, export_all
+from page_cache import file_system, resident_pages
 
 # Real files in several transfer syntaxes, each a distinct instance.
 TESTDATA = ["CT_small.dcm",            # Explicit VR Little Endian
@@ -370,6 +371,30 @@ def test_large_files_stream_from_the_source(tmp_path):
     assert exported(data, tmp_path / "out") == expected
     assert tree_state(src) == before
     assert not [p for p in (data / "spool").rglob("*") if p.is_file()]
+
+
+def test_import_leaves_the_page_cache_as_it_found_it(tmp_path):
+    """A migration reads terabytes once: neither the source files nor the segments written
+    stay in the page cache after an import (serve's working set is not pushed out), and
+    what was imported reads back whole."""
+    if file_system(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("the page cache is the storage on tmpfs")
+    src = tmp_path / "src"
+    paths = corpus.generate(src, "ct", 12, seed=41)
+    os.sync()  # written back, as old files are (the kernel does not drop dirty pages)
+    for path in paths:
+        path.read_bytes()  # and cached
+    assert all(resident_pages(p)[0] for p in paths)
+    data = tmp_path / "data"
+    r = run_import(data, src)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert counts(r.stdout)["stored"] == 12
+    cached = {p.name: resident_pages(p) for p in paths if resident_pages(p)[0]}
+    assert not cached, f"source pages still cached (resident, total): {cached}"
+    segments = sorted((data / "segments").glob("*.seg"))
+    cached = sum(resident_pages(s)[0] for s in segments)
+    assert segments and cached <= len(segments), f"{cached} segment pages still cached"
+    assert len(exported(data, tmp_path / "out")) == 12
 
 
 def test_no_space_stops_the_import(tmp_path):

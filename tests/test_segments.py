@@ -8,6 +8,7 @@ import pytest
 
 from stowage.engine.segment import PREFIX_SIZE, CorruptRecord, encode_record, iter_records, read_payload, valid_end
 from stowage.engine.writer import SegmentWriter
+from page_cache import file_system, resident_pages
 
 
 def test_records_round_trip_and_verify(tmp_path):
@@ -131,44 +132,11 @@ def test_record_checksum_is_zlibs_crc32():
         assert crc32(piece, 0xDEADBEEF) == zlib.crc32(piece, 0xDEADBEEF)
 
 
-def _resident_pages(path) -> tuple[int, int]:
-    """(pages of `path` in the page cache, pages in all), by mincore(2)."""
-    import ctypes
-    import mmap
-    import os
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        vec = (ctypes.c_ubyte * pages)()
-        try:
-            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return sum(v & 1 for v in vec), pages
-
-
-def _file_system(path) -> str:
-    mounts = [line.split()[1:3] for line in open("/proc/self/mounts")]
-    here = str(path.resolve())
-    return max(((m, t) for m, t in mounts if here == m or here.startswith(m.rstrip("/") + "/")),
-               key=lambda mt: len(mt[0]))[1]
-
-
 @pytest.mark.parametrize("keep_cache", [True, False])
 def test_a_bulk_writer_leaves_the_page_cache_once_durable(tmp_path, keep_cache):
     """A bulk loader's segments (import, migrate) do not stay in the page cache once
     fsynced; serve's do. Either way every record reads back whole."""
-    if _file_system(tmp_path) in ("tmpfs", "ramfs"):
+    if file_system(tmp_path) in ("tmpfs", "ramfs"):
         pytest.skip("the page cache is the storage on tmpfs")
     w = SegmentWriter(tmp_path, 5, segment_size=1 << 30, fsync=True, on_commit=lambda rows: None,
                       keep_cache=keep_cache)
@@ -177,7 +145,7 @@ def test_a_bulk_writer_leaves_the_page_cache_once_durable(tmp_path, keep_cache):
         w.append(encode_record({"i": i}, payload, 0), {"i": i})
     w.close()
     (seg,) = tmp_path.glob("005-*.seg")
-    resident, pages = _resident_pages(seg)
+    resident, pages = resident_pages(seg)
     assert pages > 400
     if keep_cache:
         assert resident == pages

@@ -52,6 +52,15 @@ def _open(path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
+def _forget(fd: int) -> None:
+    """Drop the file from the page cache: an import reads terabytes once, and they would
+    push out what `serve` reads (the segments written leave too: engine/writer.py)."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:  # advice only (e.g. a pipe or a file system without it)
+        pass
+
+
 def _read_from(fd: int, offset: int, size: int) -> bytes:
     """The file's bytes from `offset` to its end (to where it ends now, should it have grown)."""
     chunks = []
@@ -119,6 +128,7 @@ class Loader:
         except OSError as e:
             return Outcome(index, REFUSED, f"unreadable: {e.strerror or e}")
         finally:
+            _forget(fd)
             os.close(fd)
 
     def _load_open(self, index: int, path: str, fd: int) -> Outcome:
