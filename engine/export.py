@@ -13,7 +13,7 @@ import errno
 import fcntl
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,6 +24,7 @@ from stowage.engine import export_dicomdir, export_names
 from stowage.engine.export_files import open_new
 from stowage.engine.filemeta import PREAMBLE, group_length
 from stowage.engine.integrity import marks_of
+from stowage.engine.locate import GONE, Locator
 from stowage.engine.segment import stream_payload
 
 try:
@@ -146,6 +147,10 @@ class _Unreadable(Exception):
     """The record could not be read from its segment (corrupt, missing)."""
 
 
+class _SegmentGone(_Unreadable):
+    """The record's segment is not there (compacted away since the export looked it up?)."""
+
+
 def _payload(segments: Path, item: Item) -> Iterator[bytes]:
     chunks = stream_payload(segments / item.segment, item.offset)
     while True:
@@ -153,6 +158,8 @@ def _payload(segments: Path, item: Item) -> Iterator[bytes]:
             chunk = next(chunks)
         except StopIteration:
             return
+        except FileNotFoundError as e:  # opening the segment
+            raise _SegmentGone(str(e)) from None
         except (OSError, ValueError) as e:  # CorruptRecord is a ValueError
             raise _Unreadable(str(e)) from None
         yield chunk
@@ -254,6 +261,7 @@ class _Run:
     layout: str
     names: tuple
     fileset: export_dicomdir.FileSet | None
+    locator: Locator
     result: ExportResult = field(default_factory=ExportResult)
     existing: export_names.Existing = field(default_factory=export_names.Existing)
     folders: set[Path] = field(default_factory=set)
@@ -274,13 +282,26 @@ class _Run:
             self.result.skipped += 1
             return
         try:
-            write_file(self.segments, item, target, root)
+            self._write(item, target, root)
         except _Unreadable as e:
             self.result.failed.append(f"{item.uid}: {e}")
             if self.fileset is not None:
                 self.fileset.forget(item.uid)
             return
         self.result.written += 1
+
+    def _write(self, item: Item, target: Path, root: str) -> None:
+        """write_file; if the record's segment was compacted away meanwhile, from where
+        the catalog has the record now (engine/locate.py)."""
+        try:
+            write_file(self.segments, item, target, root)
+        except _SegmentGone as e:
+            where = self.locator.now(item.uid)
+            if where is None:
+                raise _Unreadable(GONE) from None
+            if (where.segment, where.offset) == (item.segment, item.offset):
+                raise _Unreadable(f"its segment is missing: {e}") from None
+            write_file(self.segments, replace(item, **vars(where)), target, root)
 
 
 def _lock(out: Path) -> int:
@@ -296,8 +317,10 @@ def _lock(out: Path) -> int:
 
 
 def export(data_dir: Path, out: Path, level: str | None, values: list[str],
-           duplicates: str = "keep-newest", layout: str = "flat", dicomdir: bool = False) -> ExportResult:
-    """Write the selected instances under `out`; raises ExportError when it cannot go on."""
+           duplicates: str = "keep-newest", layout: str = "flat", dicomdir: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    """Write the selected instances under `out`; raises ExportError when it cannot go on.
+    `progress(done, total)` is called after each instance."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}")
     catalog = Catalog(data_dir / "catalog", duplicates)
@@ -312,15 +335,20 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
             fileset = export_dicomdir.FileSet(out) if dicomdir else None
         except export_dicomdir.FileSetError as e:
             raise ExportError(str(e)) from None
-        run = _Run(out, data_dir / "segments", layout, names, fileset, folders={out})
+        run = _Run(out, data_dir / "segments", layout, names, fileset, Locator(data_dir, duplicates), folders={out})
         root, marks = os.path.realpath(out), marks_of(data_dir)
-        for item in tqdm(items, unit="inst", disable=None, leave=False):
-            mark = marks.get(item.segment, item.offset)
-            if mark is not None:  # found corrupt by verify or the scrub: never exported (engine/integrity.py)
-                run.result.failed.append(f"{item.uid}: stored record marked corrupt by {mark.by} "
-                                         f"({item.segment} @ {item.offset}): {mark.problem}")
-                continue
-            run.one(item, root)
+        try:
+            for done, item in enumerate(tqdm(items, unit="inst", disable=None, leave=False), 1):
+                mark = marks.get(item.segment, item.offset)
+                if mark is not None:  # found corrupt by verify or the scrub: never exported (engine/integrity.py)
+                    run.result.failed.append(f"{item.uid}: stored record marked corrupt by {mark.by} "
+                                             f"({item.segment} @ {item.offset}): {mark.problem}")
+                else:
+                    run.one(item, root)
+                if progress is not None:
+                    progress(done, len(items))
+        finally:
+            run.locator.close()
         if fileset is not None:
             try:
                 run.result.failed.extend(fileset.write())

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
 
@@ -42,6 +42,7 @@ from stowage.engine import convert, filemeta
 from stowage.engine.requestor import Peer, PeerError
 from stowage.engine.filemeta import PREAMBLE
 from stowage.engine.integrity import marks_of
+from stowage.engine.locate import GONE, Locator
 from stowage.engine.segment import CorruptRecord, read_payload, stream_payload
 from stowage.protocol import pynetdicom_patches, store_scu
 from stowage.protocol.status import STORE_WARNINGS, SUCCESS
@@ -314,8 +315,10 @@ class Sender:
                  retries: int = 1, spool_dir: Path | None = None,
                  on_outcome: Callable[[Outcome], None] | None = None,
                  cancelled: Callable[[], bool] | None = None,
-                 move_originator: tuple[str, int] | None = None, associations: int = 1) -> None:
+                 move_originator: tuple[str, int] | None = None, associations: int = 1,
+                 duplicates: str = "keep-newest") -> None:
         self.segments_dir = segments_dir
+        self.locator = Locator(segments_dir.parent, duplicates)  # for records compacted away meanwhile
         self.associations = max(1, associations)
         self._lock = threading.Lock()
         self.peer = peer
@@ -353,6 +356,7 @@ class Sender:
                     work.first_open.set()
                     for t in drivers:
                         t.join()
+        self.locator.close()
         return result
 
     def send_on(self, assoc: Association, instances: Iterable[Instance],
@@ -374,6 +378,7 @@ class Sender:
                 self._run(link, work, spool, pool, result)
             finally:
                 link.close()
+                self.locator.close()
         if self.cancelled():
             result.remaining.extend(work.drain())
         for inst in work.drain():
@@ -511,11 +516,29 @@ class Sender:
                 return _Prepared(inst, reason=(f"{self.peer} accepts none of the syntaxes we can convert "
                                                f"{convert.name(inst.transfer_syntax_uid)} to "
                                                f"(accepted: {', '.join(sorted(map(convert.name, syntaxes)))})"))
+        for attempt in (1, 2):
+            try:
+                return self._read(inst, target, spool, in_memory)
+            except FileNotFoundError as e:  # its segment compacted away since the transfer looked it up
+                unreadable = f"stored record unreadable ({inst.segment} @ {inst.offset})"
+                where = self.locator.now(inst.sop_instance_uid) if attempt == 1 else None
+                if where is None:
+                    return _Prepared(inst, reason=f"{unreadable}: {GONE if attempt == 1 else e}")
+                if (where.segment, where.offset) == (inst.segment, inst.offset):
+                    return _Prepared(inst, reason=f"{unreadable}: {e}")
+                inst = replace(inst, segment=where.segment, offset=where.offset)
+        raise AssertionError("unreachable")
+
+    def _read(self, inst: Instance, target: str | None, spool: Path, in_memory: bool) -> _Prepared:
+        """The instance ready to send: its record read (into memory, or a spool file) and
+        converted to `target` if that is not None; FileNotFoundError if its segment is gone."""
         segment = self.segments_dir / inst.segment
         unreadable = f"stored record unreadable ({inst.segment} @ {inst.offset})"
         if target is None and in_memory and inst.dataset_length <= SPOOL_ABOVE:
             try:
                 return _Prepared(inst, inst.transfer_syntax_uid, payload=read_payload(segment, inst.offset))
+            except FileNotFoundError:
+                raise
             except (OSError, CorruptRecord) as e:
                 return _Prepared(inst, reason=f"{unreadable}: {e}")
         path = spool / f"{inst.sop_instance_uid}.dcm"
@@ -524,6 +547,11 @@ class Sender:
                 f.write(PREAMBLE)
                 for chunk in stream_payload(segment, inst.offset):
                     f.write(chunk)
+        except FileNotFoundError:
+            path.unlink(missing_ok=True)
+            if segment.exists():  # the spool file, not the segment: a failure of its own
+                return _Prepared(inst, reason=f"cannot write to the spool {spool}")
+            raise
         except (OSError, CorruptRecord) as e:
             path.unlink(missing_ok=True)
             return _Prepared(inst, reason=f"{unreadable}: {e}")

@@ -66,7 +66,7 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
     started = time.monotonic()
     sender = Sender(config.data_dir / "segments", peer, calling, dimse_timeout=timeout,
                     acse_timeout=config.acse_timeout,
-                    max_pdu=config.max_pdu, on_outcome=on_outcome,
+                    max_pdu=config.max_pdu, on_outcome=on_outcome, duplicates=config.duplicates,
                     associations=remote.associations if (remote := config.remotes.get(target)) else 1)
     try:
         result = sender.send(instances)
