@@ -1,6 +1,6 @@
 """DIMSE command sets (PS3.7 9.3, Annex E): decode the few elements of a command set that
-the lean paths use (C-STORE-RQ/RSP, C-ECHO-RQ, C-CANCEL-RQ), encode the C-STORE-RQ and
-the responses we send without pynetdicom.
+the lean paths use (C-STORE-RQ/RSP, C-ECHO-RQ, C-CANCEL-RQ, C-GET-RSP), encode the
+C-STORE-RQ, the C-GET-RQ and the responses we send without pynetdicom.
 
 Command sets are always Implicit VR Little Endian (PS3.7 6.3.1).
 """
@@ -13,7 +13,7 @@ from stowage.protocol.status import SUCCESS
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
-C_GET_RSP, C_MOVE_RSP = 0x8010, 0x8021
+C_GET_RQ, C_GET_RSP, C_MOVE_RSP = 0x0010, 0x8010, 0x8021
 C_CANCEL_RQ = 0x0FFF
 NO_DATASET = 0x0101
 DATASET_PRESENT = 0x0001  # any other value would do (PS3.7 E.1); pynetdicom sends 0x0001
@@ -26,7 +26,8 @@ _UL = struct.Struct("<I")
 _UIDS = {0x0002: "affected_sop_class_uid", 0x1000: "affected_sop_instance_uid",
          0x1030: "move_originator_ae"}
 _SHORTS = {0x0100: "command_field", 0x0110: "message_id", 0x0120: "responding_to", 0x0700: "priority",
-           0x0800: "dataset_type", 0x0900: "status", 0x1031: "move_originator_message_id"}
+           0x0800: "dataset_type", 0x0900: "status", 0x1031: "move_originator_message_id",
+           0x1020: "remaining", 0x1021: "completed", 0x1022: "failed", 0x1023: "warning"}
 _TEXTS = {0x0902: "error_comment"}
 
 
@@ -95,6 +96,17 @@ def store_request(message_id: int, sop_class: str, sop_instance: str, priority: 
           if originator else ()),
     ))
     return _with_group_length(body)
+
+
+def get_request(message_id: int, sop_class: str, priority: int = 0) -> bytes:
+    """A C-GET-RQ command set (PS3.7 9.3.3.1); the identifier follows as its data set."""
+    return _with_group_length(b"".join((
+        _el(0x0002, _ui(sop_class)),
+        _el(0x0100, _US.pack(C_GET_RQ)),
+        _el(0x0110, _US.pack(message_id & 0xFFFF)),
+        _el(0x0700, _US.pack(priority)),
+        _el(0x0800, _US.pack(DATASET_PRESENT)),
+    )))
 
 
 def _response(command_field: int, message_id: int, sop_class: str, status: int, *rest: bytes) -> bytes:

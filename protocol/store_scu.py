@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC as AcPdu, A_ASSOCIATE_RJ as RjPdu, A_ASSOCIATE_RQ as RqPdu
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext
 
 from stowage.protocol import dimse
@@ -81,22 +81,29 @@ def parse_response(command: bytes | bytearray) -> tuple[int, int, str]:
 
 class Association:
     """One association to a Storage SCP, proposing ``contexts`` ((abstract syntax, transfer
-    syntax) pairs, one presentation context each)."""
+    syntax) pairs, one presentation context each; a list of transfer syntaxes in place of
+    one proposes them all in that context). ``roles``: SOP classes for which we propose the
+    SCP role alone (SCP/SCU Role Selection, PS3.7 D.3.3.4), as a C-GET SCU does for the
+    storage classes it is to receive."""
 
     def __init__(self, host: str, port: int, called_aet: str, calling_aet: str,
-                 contexts: Sequence[tuple[str, str]], *, max_pdu: int = 1 << 20, timeout: float = 60.0,
-                 implementation_version: str = IMPLEMENTATION_VERSION_NAME, tls: ssl.SSLContext | None = None) -> None:
+                 contexts: Sequence[tuple[str, str | Sequence[str]]], *, max_pdu: int = 1 << 20,
+                 timeout: float = 60.0, implementation_version: str = IMPLEMENTATION_VERSION_NAME,
+                 tls: ssl.SSLContext | None = None, roles: Sequence[str] = ()) -> None:
         if not 0 < len(contexts) <= 128:
             raise ValueError(f"between 1 and 128 presentation contexts, not {len(contexts)}")
         self.host, self.port = host, port
         self.called_aet, self.calling_aet = called_aet, calling_aet
-        self.proposed = list(contexts)
+        self.proposed = [(abstract, [transfer] if isinstance(transfer, str) else list(transfer))
+                         for abstract, transfer in contexts]
+        self.roles = list(roles)
         self.max_pdu = max_pdu
         self.timeout = timeout  # connect, each send and each wait for an answer
         self.implementation_version = implementation_version
         self.tls = tls
         self.sock: socket.socket | None = None
         self.accepted: dict[tuple[str, str], int] = {}  # (abstract, transfer) -> context ID
+        self.contexts: dict[int, tuple[str, str]] = {}  # context ID -> (abstract, transfer)
         self.peer_max_pdu = 0
         self.message_id = 0
 
@@ -141,8 +148,12 @@ class Association:
             if isinstance(item, MaximumLengthNotification):
                 self.peer_max_pdu = item.maximum_length_received or 0
         for cx in primitive.presentation_context_definition_results_list:
-            if cx.result == 0x00 and 0 < cx.context_id <= 2 * len(self.proposed) - 1:
-                self.accepted[self.proposed[(cx.context_id - 1) // 2]] = cx.context_id
+            if cx.result == 0x00 and 0 < cx.context_id <= 2 * len(self.proposed) - 1 and cx.context_id % 2:
+                abstract, offered = self.proposed[(cx.context_id - 1) // 2]
+                transfer = str(cx.transfer_syntax[0]) if cx.transfer_syntax else offered[0]
+                if transfer in offered:
+                    self.accepted[(abstract, transfer)] = cx.context_id
+                    self.contexts[cx.context_id] = (abstract, transfer)
         if not self.accepted:
             self.abort()
             raise AssociationError(f"{self.called_aet}@{self.host}:{self.port} accepted none of the "
@@ -167,14 +178,19 @@ class Association:
         rq.calling_ae_title = self.calling_aet
         rq.called_ae_title = self.called_aet
         contexts = []
-        for i, (abstract, transfer) in enumerate(self.proposed):
+        for i, (abstract, transfers) in enumerate(self.proposed):
             cx = PresentationContext()
             cx.context_id = 2 * i + 1
             cx.abstract_syntax = UID(abstract)
-            cx.transfer_syntax = [UID(transfer)]
+            cx.transfer_syntax = [UID(t) for t in transfers]
             contexts.append(cx)
         rq.presentation_context_definition_list = contexts
         rq.user_information = user_information(self.max_pdu, IMPLEMENTATION_CLASS_UID, self.implementation_version)
+        for sop_class in self.roles:
+            role = SCP_SCU_RoleSelectionNegotiation()
+            role.sop_class_uid = UID(sop_class)
+            role.scu_role, role.scp_role = False, True
+            rq.user_information.append(role)
         request = RqPdu()
         request.from_primitive(rq)
         return request.encode()

@@ -376,19 +376,22 @@ AETable END
     return proc, port, storage
 
 
-def test_migrate_from_dcmqrscp(make_server, tmp_path, corpus):
-    """DCMTK's archive as the source: loaded with storescu, migrated by C-MOVE; every instance
+@pytest.mark.parametrize("method", ["move", "get"])
+def test_migrate_from_dcmqrscp(make_server, tmp_path, corpus, method):
+    """DCMTK's archive as the source: loaded with storescu, migrated by C-MOVE (to a running
+    archive) or C-GET (stored by the migrate process, in PDUs of 16 kB); every instance
     arrives with the dataset bytes dcmqrscp holds in its storage area. (Explicit VR Little
     Endian only: dcmqrscp proposes one context per SOP class listing several syntaxes and
     converts to whichever the destination picks, so other syntaxes would not arrive as held.)"""
-    server = make_server("--workers", "2")
+    server = make_server("--workers", "2", start=method == "move")
     files = [p for p in corpus if p.parent.name == "explicit"]
     proc, port, storage = start_dcmqrscp(tmp_path, server.port, [])
     try:
         storescu(port, "LEGACY", files)
         cfg = tmp_path / "stowage.toml"
         cfg.write_text(f'[remotes.LEGACY]\nhost = "{HOST}"\nport = {port}\n')
-        r = migrate(server.data_dir, "--config", str(cfg), "--from", "LEGACY", "--verify-content", "--retry-delay", "1")
+        r = migrate(server.data_dir, "--config", str(cfg), "--from", "LEGACY", "--method", method,
+                    "--verify-content", "--retry-delay", "1")
     finally:
         proc.kill()
         proc.wait(10)

@@ -131,6 +131,10 @@ class StorageAssociation:
             msg.fields = dimse.decode(msg.command)
         except dimse.CommandError as e:
             raise ProtocolError(str(e)) from None
+        self._command(msg)
+
+    def _command(self, msg: _Message) -> None:
+        """Act on a whole command set (decoded into msg.fields)."""
         if "message_id" not in msg.fields:
             raise ProtocolError("command set lacks Message ID")
         field = msg.fields["command_field"]

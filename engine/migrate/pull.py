@@ -1,5 +1,6 @@
 """Pulling one study from the source: C-MOVE to the running archive, or C-GET with the
-C-STOREs received here and stored through engine.archive.Archive (in a slot of our own).
+C-STOREs received here, on the lean path (workers/get_scu.py), and stored through
+engine.archive.Archive (in a slot of our own).
 
 Stall: pynetdicom gives up on a response after the DIMSE timeout, which we set to
 --stall-timeout; a source that keeps sending Pending responses without completing a
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from pydicom.dataset import Dataset
@@ -25,11 +26,15 @@ from pydicom.uid import (AllTransferSyntaxes, BasicTextSRStorage, BreastTomosynt
                          SecondaryCaptureImageStorage, SegmentationStorage, UltrasoundImageStorage,
                          UltrasoundMultiFrameImageStorage, XRayAngiographicImageStorage,
                          XRayRadiofluoroscopicImageStorage)
-from pynetdicom import evt
-from pynetdicom.presentation import PresentationContext, build_context, build_role
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-from stowage.engine.migrate.source import Session
+from stowage.engine.migrate.source import Session, SourceError
+from stowage.engine.requestor import Peer
+from stowage.protocol import store_scu
 from stowage.protocol.status import OUT_OF_RESOURCES_STATUSES, PENDING_STATUSES, SUCCESS
+from stowage.workers.get_scu import GetAssociation
+from stowage.workers.store import StorageSCP
 
 log = logging.getLogger("stowage.migrate")
 MAX_CONTEXTS = 128
@@ -56,7 +61,6 @@ class Pulled:
     warning: int = 0
     comment: str = ""
     stalled: bool = False
-    stored_here: list[str] = field(default_factory=list)  # C-GET: instances we stored
 
     @property
     def ok(self) -> bool:
@@ -112,33 +116,43 @@ def retrieve(session: Session, kind: str, study_uid: str, move_aet: str, stall_t
     return Pulled(None, *counts, comment="the source ended the retrieve without a final response")
 
 
-def get_contexts(sop_classes: list[str]) -> tuple[list[PresentationContext], list]:
+def get_contexts(sop_classes: list[str]) -> list[tuple[str, list[str]]]:
     """Storage contexts for a C-GET (SCP role): one per SOP class and transfer syntax, so
     that the source can send each instance as it holds it (byte-exact); as many syntaxes
-    per class as the 126 free contexts allow, the uncompressed ones first."""
-    classes = list(dict.fromkeys(sop_classes or COMMON_CLASSES))[: MAX_CONTEXTS - 2]
+    per class as the 127 free contexts allow, the uncompressed ones first. With more
+    classes than that allows, one context per class proposing every syntax."""
+    classes = list(dict.fromkeys(sop_classes or COMMON_CLASSES))[: MAX_CONTEXTS - 1]
     syntaxes = _UNCOMPRESSED + sorted(set(map(str, AllTransferSyntaxes)) - set(_UNCOMPRESSED))
-    per_class = max(1, (MAX_CONTEXTS - 2) // len(classes))
-    contexts = [build_context(uid, [ts]) for uid in classes for ts in syntaxes[:per_class]]
-    if per_class == 1:  # many classes: one context each, every syntax proposed in it
-        contexts = [build_context(uid, syntaxes) for uid in classes]
-    roles = [build_role(uid, scp_role=True) for uid in classes]
-    return contexts[: MAX_CONTEXTS - 2], roles
+    per_class = max(1, (MAX_CONTEXTS - 1) // len(classes))
+    if per_class == 1:
+        return [(uid, syntaxes) for uid in classes]
+    return [(uid, [ts]) for uid in classes for ts in syntaxes[:per_class]][: MAX_CONTEXTS - 1]
 
 
-def store_handler(store: Callable[..., tuple[int, str]], source_ae: str, our_ae: str,
-                  stored: list[str]) -> tuple:
-    """The EVT_C_STORE handler of a C-GET association: store each instance as received."""
-    def handle(event: evt.Event) -> Dataset | int:
-        req = event.request
-        uid = str(req.AffectedSOPInstanceUID)
-        status, comment = store(req.DataSet.getvalue(), str(event.context.transfer_syntax),
-                                str(req.AffectedSOPClassUID), uid, source_ae, our_ae)
-        if status == SUCCESS:
-            stored.append(uid)
-            return SUCCESS
-        rsp = Dataset()
-        rsp.Status = status
-        rsp.ErrorComment = comment[:64]
-        return rsp
-    return (evt.EVT_C_STORE, handle)
+def _identifier(study_uid: str) -> bytes:
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study_uid
+    return encode(ident, True, True)  # Implicit VR Little Endian, the GET context's syntax
+
+
+def get_study(peer: Peer, our_aet: str, study_uid: str, sop_classes: list[str], scp: StorageSCP, key: int,
+              stall_timeout: float, on_progress: Callable[[int], None] = lambda n: None) -> Pulled:
+    """One study-level C-GET on an association of its own, its instances stored through
+    `scp` as they arrive (workers/get_scu.py); raises SourceError if no association."""
+    contexts = get_contexts(sop_classes)
+    assoc = store_scu.Association(peer.host, peer.port, peer.ae_title, our_aet,
+                                  [(StudyRootQueryRetrieveInformationModelGet, [ImplicitVRLittleEndian]), *contexts],
+                                  roles=list(dict.fromkeys(uid for uid, _ts in contexts)),
+                                  timeout=min(stall_timeout, 30.0), tls=peer.tls)
+    try:
+        assoc.open()
+    except store_scu.AssociationError as e:
+        raise SourceError(str(e)) from None
+    try:
+        got = GetAssociation(assoc, scp, key, stall_timeout, on_progress).get(
+            StudyRootQueryRetrieveInformationModelGet, _identifier(study_uid))
+    finally:
+        if assoc.sock is not None:  # still open: the C-GET ended with a final response
+            assoc.release()
+    return Pulled(got.status, *got.counts, comment=got.comment, stalled=got.stalled)

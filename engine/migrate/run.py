@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import itertools
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from stowage.engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result
 from stowage.engine.migrate.enumerate import first_windows
 from stowage.engine.migrate.pacing import Gate, Rate, TimeWindow, retry_delay
 from stowage.engine.migrate.scan import Scan
-from stowage.engine.migrate.pull import Pulled, get_contexts, retrieve, store_handler
+from stowage.engine.migrate.pull import Pulled, get_study, retrieve
 from stowage.engine.migrate.source import Session, SourceError, slug
 from stowage.engine.migrate.verify import SourceListing, check_content, held, list_instances
 from stowage.protocol.status import MOVE_DESTINATION_UNKNOWN
@@ -118,22 +119,17 @@ class Migration:
             else:
                 with Session(self.peer, self.aet, timeout=stall) as s:
                     listing = list_instances(s, row.uid)
-                contexts, roles = get_contexts(listing.sop_classes)
-                stored: list[str] = []
-                handler = store_handler(self._store, self.peer.ae_title, self.aet, stored)
-                with Session(self.peer, self.aet, timeout=stall, extra_contexts=contexts, ext_neg=roles,
-                             handlers=[handler]) as s:
-                    pulled = retrieve(s, "get", row.uid, self.aet, stall, self._progress)
+                key = next(self._keys)
+                self.trail.opened(key, str(self.peer))
+                pulled = get_study(self.peer, self.aet, row.uid, listing.sop_classes, self.scp, key, stall,
+                                   self._progress)
+                self.trail.closed(key, self.peer.ae_title, self.aet, "C-GET " + pulled.describe())
         except SourceError as e:
             return Result("failed", error=str(e), busy=True)
         if pulled.status == MOVE_DESTINATION_UNKNOWN:
             raise _Fatal(f"{self.peer} does not know {self.aet!r} as a C-MOVE destination (0xA801): add it, "
                          f"with this archive's host and port, to the source's configuration")
         return self._verify(row, listing, pulled)
-
-    def _store(self, data: bytes, ts: str, sop_class: str, uid: str, calling: str, called: str) -> tuple[int, str]:
-        result = self.archive.store(data, ts, sop_class, uid, calling_ae=calling, called_ae=called)
-        return result.status, result.comment
 
     def _verify(self, row: StudyRow, listing: SourceListing, pulled: Pulled) -> Result:
         have = held(self.catalog, row.uid)
@@ -264,14 +260,19 @@ class Migration:
         from stowage.engine.archive import Archive
         from stowage.engine.recovery import recover
         from stowage.engine.slots import SlotError, claim_slot
-        from stowage.workers.contexts import storage_sop_classes
-        storage_sop_classes()  # registers retired and newer storage classes with pynetdicom
+        from stowage.workers import spill
+        from stowage.workers.audit import Trail
+        from stowage.workers.store import StorageSCP
         try:
             self.slot = claim_slot(self.config.data_dir, SLOT_BASE)
         except SlotError as e:
             raise MigrateError(str(e)) from None
         recover(self.config.data_dir, self.slot.number)
         self.archive = Archive(self.config, self.slot.number, bulk=True)
+        spill.prepare(self.config.data_dir / "spool" / f"{self.slot.number:03d}", self.config.spill_threshold)
+        self.trail = Trail()
+        self.scp = StorageSCP(self.archive, self.trail)
+        self._keys = itertools.count(1)
 
     def close_storage(self) -> None:
         if self.archive is not None:
