@@ -1,8 +1,9 @@
 """A small legacy archive for tests, run as its own process: a pynetdicom Study Root
-Query/Retrieve SCP (C-FIND at STUDY, SERIES and IMAGE level; C-MOVE) over the DICOM files
-of a folder, which answers the C-MOVE of chosen studies with 0xA702 (Refused: Out of
-Resources - Unable to perform sub-operations), as an overloaded archive does, and holds
-the C-MOVE of others without a word (a hung archive): `stall:UID`. `cap:N` answers at most
+Query/Retrieve SCP (C-FIND at STUDY, SERIES and IMAGE level; C-MOVE and C-GET) over the
+DICOM files of a folder, which answers the C-MOVE or C-GET of chosen studies with 0xA702
+(Refused: Out of Resources - Unable to perform sub-operations, with a Failed SOP Instance
+UID List), as an overloaded archive does, and holds the retrieve of others without a word
+(a hung archive): `stall:UID`. `cap:N` answers at most
 N matches to a C-FIND, with success, as archives with a silent cap do.
 
     python refusing_qr_scp.py PORT AET FOLDER DEST_AET:HOST:PORT [REFUSED_STUDY_UID | stall:UID | cap:N ...]
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
@@ -83,17 +85,14 @@ def main() -> None:
                 rsp.SOPInstanceUID, rsp.SOPClassUID = ds.SOPInstanceUID, ds.SOPClassUID
             yield 0xFF00, rsp
 
-    def on_move(event):
+    def sub_operations(event):
         study = str(event.identifier.get("StudyInstanceUID", ""))
-        if event.move_destination.strip() != dest_aet:
-            yield None, None
-            return
-        yield dest_host, int(dest_port)
         paths = [p for p, ds in items if ds.StudyInstanceUID == study]
         yield len(paths)
         if study in refused:
             failed = Dataset()
-            failed.FailedSOPInstanceUIDList = ""
+            failed.FailedSOPInstanceUIDList = [str(ds.SOPInstanceUID) for _p, ds in items
+                                               if ds.StudyInstanceUID == study]
             yield 0xA702, failed
             return
         if study in stalled:
@@ -101,13 +100,24 @@ def main() -> None:
         for p in paths:
             yield 0xFF00, pydicom.dcmread(p)
 
+    def on_move(event):
+        if event.move_destination.strip() != dest_aet:
+            yield None, None
+            return
+        yield dest_host, int(dest_port)
+        yield from sub_operations(event)
+
     ae = AE(aet)
     ae.add_supported_context(Verification)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    for cx in StoragePresentationContexts:  # C-GET: the requestor takes the SCP role for these
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False)
     ae.requested_contexts = StoragePresentationContexts
     print(f"listening on {port}", flush=True)
-    ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move)])
+    ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move),
+                                                       (evt.EVT_C_GET, sub_operations)])
 
 
 if __name__ == "__main__":

@@ -295,17 +295,19 @@ def test_kill_9_midway_then_resume(make_server, tmp_path, corpus, orthancs):
     assert records == [{"n": len(corpus), "u": len(corpus)}]
 
 
-def test_source_that_refuses_some_moves(make_server, tmp_path, corpus):
-    """A Q/R SCP (pynetdicom, its own process) answers the C-MOVE of two studies with 0xA702
-    and sits silent on a third: those end failed after their retries, listed with the reason
-    (the silent one as a stall); the others are done."""
-    server = make_server("--workers", "2")
+@pytest.mark.parametrize("method", ["move", "get"])
+def test_source_that_refuses_some_moves(make_server, tmp_path, corpus, method):
+    """A Q/R SCP (pynetdicom, its own process) answers the C-MOVE or C-GET of two studies
+    with 0xA702 (and a Failed SOP Instance UID List) and sits silent on a third: those end
+    failed after their retries, listed with the reason (the silent one as a stall); the
+    others are done."""
+    server = make_server("--workers", "2", start=method == "move")
     folder = corpus[0].parent  # the Explicit VR Little Endian part: 8 studies
     studies = sorted(study_uids([p for p in corpus if p.parent == folder]))
     refused, hung = studies[:2], studies[2]
     with old_pacs(folder, f"STOWAGE:{HOST}:{server.port}", *refused, f"stall:{hung}") as port:
-        r = migrate(server.data_dir, "--from", f"OLDPACS@{HOST}:{port}", "--retries", "2", "--retry-delay", "0.1",
-                    "--stall-timeout", "3")
+        r = migrate(server.data_dir, "--from", f"OLDPACS@{HOST}:{port}", "--method", method, "--retries", "2",
+                    "--retry-delay", "0.1", "--stall-timeout", "3")
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"studies: {len(studies)} found, {len(studies) - 3} done, 3 failed" in r.stdout, r.stdout
     failed = {line.split()[2]: line for line in r.stdout.splitlines() if line.strip().startswith("failed study")}
