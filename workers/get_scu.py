@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from stowage.protocol import dimse, store_scu
-from stowage.protocol.pdu import (A_ABORT, A_ABORT_UNEXPECTED_PDU, A_ABORT_USER, A_RELEASE_RP_PDU, A_RELEASE_RQ,
-                                  P_DATA_TF, PduReader, PeerClosed, ProtocolError)
+from stowage.protocol.pdu import A_ABORT_USER, PduReader, PeerClosed, ProtocolError
 from stowage.protocol.status import PENDING_STATUSES
 from stowage.workers.ingest import StorageAssociation, _Message
 from stowage.workers.negotiation import Accepted
@@ -99,23 +98,10 @@ class GetAssociation(StorageAssociation):
     def _receive(self) -> GetOutcome:
         reader = PduReader(self.sock, self.limit)
         while self._final is None:
-            try:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            except OSError:
-                pass
-            pdu_type, body = reader.read()
-            if pdu_type == P_DATA_TF:
-                self._p_data(body)
-            elif pdu_type == A_RELEASE_RQ:
-                self._send(A_RELEASE_RP_PDU)
+            ended = self._next_pdu(reader)
+            if ended is not None:
                 self.assoc.close()
-                return self._ended("the source released the association before the final C-GET response")
-            elif pdu_type == A_ABORT:
-                self.assoc.close()
-                return self._ended("the source aborted the association")
-            else:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} on an established association",
-                                    A_ABORT_UNEXPECTED_PDU)
+                return self._ended(f"association {ended} before the final C-GET response")
             if time.monotonic() - self._last_progress > self.stall_timeout:
                 self._abort(A_ABORT_USER)
                 return self._ended(f"C-GET pending without progress for {self.stall_timeout:g} s "

@@ -74,24 +74,28 @@ class StorageAssociation:
 
     def _loop(self) -> None:
         reader = PduReader(self.sock, self.limit)
-        while True:
-            try:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            except OSError:
-                pass
-            pdu_type, body = reader.read()
-            if pdu_type == P_DATA_TF:
-                self._p_data(body)
-            elif pdu_type == A_RELEASE_RQ:
-                self._send(A_RELEASE_RP_PDU)
-                self.outcome = "released"
-                return
-            elif pdu_type == A_ABORT:
-                self.outcome = "aborted by peer"
-                return
-            else:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} on an established association",
-                                    A_ABORT_UNEXPECTED_PDU)
+        while (ended := self._next_pdu(reader)) is None:
+            pass
+        self.outcome = ended
+
+    def _next_pdu(self, reader: PduReader) -> str | None:
+        """Read and act on one PDU; how the association ended ("released", "aborted by
+        peer"), or None while it goes on."""
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+        pdu_type, body = reader.read()
+        if pdu_type == P_DATA_TF:
+            self._p_data(body)
+            return None
+        if pdu_type == A_RELEASE_RQ:
+            self._send(A_RELEASE_RP_PDU)
+            return "released"
+        if pdu_type == A_ABORT:
+            return "aborted by peer"
+        raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} on an established association",
+                            A_ABORT_UNEXPECTED_PDU)
 
     def _p_data(self, body: memoryview) -> None:
         view, pos, end = body, 0, len(body)

@@ -86,15 +86,15 @@ def _count(status: Dataset, keyword: str) -> int:
         return 0
 
 
-def retrieve(session: Session, kind: str, study_uid: str, move_aet: str, stall_timeout: float,
-             on_progress: Callable[[int], None] = lambda n: None) -> Pulled:
-    """Run one study-level C-MOVE or C-GET to its end, reporting sub-operations as they go."""
+def move_study(session: Session, study_uid: str, move_aet: str, stall_timeout: float,
+               on_progress: Callable[[int], None] = lambda n: None) -> Pulled:
+    """Run one study-level C-MOVE to its end, reporting sub-operations as they go."""
     ident = Dataset()
     ident.QueryRetrieveLevel = "STUDY"
     ident.StudyInstanceUID = study_uid
     reported, arrived, last_progress = 0, 0, time.monotonic()
     counts = [0, 0, 0]  # completed, failed, warning: the latest the source gave
-    for status, _ident in session.responses(kind, ident, move_aet):
+    for status, _ident in session.moved(ident, move_aet):
         code = status.get("Status") if status else None
         if code is None:
             return Pulled(None, *counts, stalled=True, comment=f"no response from the source for "
@@ -109,7 +109,7 @@ def retrieve(session: Session, kind: str, study_uid: str, move_aet: str, stall_t
                 reported, last_progress = sum(counts), time.monotonic()
             elif time.monotonic() - last_progress > stall_timeout:
                 session.assoc.abort()
-                return Pulled(None, *counts, stalled=True, comment=f"C-{kind.upper()} pending without progress "
+                return Pulled(None, *counts, stalled=True, comment=f"C-MOVE pending without progress "
                               f"for {stall_timeout:g} s (stall timeout); association aborted")
             continue
         return Pulled(int(code), *counts, comment=str(status.get("ErrorComment", "") or ""))

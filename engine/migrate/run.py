@@ -26,7 +26,7 @@ from stowage.engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result
 from stowage.engine.migrate.enumerate import first_windows
 from stowage.engine.migrate.pacing import Gate, Rate, TimeWindow, retry_delay
 from stowage.engine.migrate.scan import Scan
-from stowage.engine.migrate.pull import Pulled, get_study, retrieve
+from stowage.engine.migrate.pull import Pulled, get_study, move_study
 from stowage.engine.migrate.source import Session, SourceError, slug
 from stowage.engine.migrate.verify import SourceListing, check_content, held, list_instances
 from stowage.protocol.status import MOVE_DESTINATION_UNKNOWN
@@ -115,7 +115,7 @@ class Migration:
             if self.opts.method == "move":
                 with Session(self.peer, self.aet, timeout=stall) as s:
                     listing = list_instances(s, row.uid)
-                    pulled = retrieve(s, "move", row.uid, self.aet, stall, self._progress)
+                    pulled = move_study(s, row.uid, self.aet, stall, self._progress)
             else:
                 with Session(self.peer, self.aet, timeout=stall) as s:
                     listing = list_instances(s, row.uid)

@@ -1,5 +1,5 @@
 """The legacy archive we migrate from: naming it, and one association to it that offers
-Study Root C-FIND, C-MOVE and C-GET."""
+Study Root C-FIND and C-MOVE (C-GET has an association of its own: engine/migrate/pull.py)."""
 from __future__ import annotations
 
 import re
@@ -8,10 +8,9 @@ from typing import Any, Callable, Iterator
 
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind as FIND,
-    StudyRootQueryRetrieveInformationModelGet as GET,
     StudyRootQueryRetrieveInformationModelMove as MOVE,
 )
 
@@ -67,17 +66,12 @@ class Answer:
 class Session:
     """One association to the source; use as a context manager."""
 
-    def __init__(self, peer: Peer, calling_aet: str, *, timeout: float = 60.0,
-                 extra_contexts: list[PresentationContext] | None = None, ext_neg: list | None = None,
-                 handlers: list[tuple[Any, Any]] | None = None) -> None:
+    def __init__(self, peer: Peer, calling_aet: str, *, timeout: float = 60.0) -> None:
         self.peer = peer
         self.ae = new_ae(calling_aet, acse_timeout=min(timeout, 30.0), dimse_timeout=timeout,
                          network_timeout=max(timeout, 60.0))
-        contexts = [build_context(FIND), build_context(MOVE)]
-        if extra_contexts:
-            contexts = [build_context(FIND), build_context(GET), *extra_contexts]
         try:
-            self.assoc: Association = associate(self.ae, peer, contexts, ext_neg=ext_neg, handlers=handlers)
+            self.assoc: Association = associate(self.ae, peer, [build_context(FIND), build_context(MOVE)])
         except PeerError as e:
             raise SourceError(str(e)) from None
 
@@ -113,11 +107,9 @@ class Session:
             return Answer(matches, int(code), str(status.get("ErrorComment", "") or ""), count)
         return Answer(matches, None, "the source ended the C-FIND without a final status", count)
 
-    def responses(self, kind: str, identifier: Dataset, move_aet: str = "") -> Iterator[tuple[Dataset, Any]]:
-        """The responses of a C-MOVE or C-GET, as pynetdicom yields them."""
-        if kind == "move":
-            return self.assoc.send_c_move(identifier, move_aet, MOVE)
-        return self.assoc.send_c_get(identifier, GET)
+    def moved(self, identifier: Dataset, move_aet: str) -> Iterator[tuple[Dataset, Any]]:
+        """The responses of a C-MOVE to `move_aet`, as pynetdicom yields them."""
+        return self.assoc.send_c_move(identifier, move_aet, MOVE)
 
     @property
     def established(self) -> bool:
