@@ -80,9 +80,9 @@ def storescu(port: int, aec: str, files: list[Path]) -> None:
         assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-3000:]
 
 
-def migrate(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def migrate(data_dir: Path, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "migrate", "--data-dir", str(data_dir), "-q",
-                           *args], capture_output=True, text=True, timeout=timeout)
+                           *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
 
 
 def query(data_dir: Path, sql: str) -> list[dict]:
@@ -378,13 +378,15 @@ AETable END
     return proc, port, storage
 
 
-@pytest.mark.parametrize("method", ["move", "get"])
-def test_migrate_from_dcmqrscp(make_server, tmp_path, corpus, method):
+@pytest.mark.parametrize("method,spill", [("move", None), ("get", None), ("get", "1024")])
+def test_migrate_from_dcmqrscp(make_server, tmp_path, corpus, method, spill):
     """DCMTK's archive as the source: loaded with storescu, migrated by C-MOVE (to a running
     archive) or C-GET (stored by the migrate process, in PDUs of 16 kB); every instance
     arrives with the dataset bytes dcmqrscp holds in its storage area. (Explicit VR Little
     Endian only: dcmqrscp proposes one context per SOP class listing several syntaxes and
-    converts to whichever the destination picks, so other syntaxes would not arrive as held.)"""
+    converts to whichever the destination picks, so other syntaxes would not arrive as held.)
+    With a spill threshold of 1 kB every C-GET dataset goes to the spool on its way in,
+    and the spool is empty after."""
     server = make_server("--workers", "2", start=method == "move")
     files = [p for p in corpus if p.parent.name == "explicit"]
     proc, port, storage = start_dcmqrscp(tmp_path, server.port, [])
@@ -393,7 +395,7 @@ def test_migrate_from_dcmqrscp(make_server, tmp_path, corpus, method):
         cfg = tmp_path / "stowage.toml"
         cfg.write_text(f'[remotes.LEGACY]\nhost = "{HOST}"\nport = {port}\n')
         r = migrate(server.data_dir, "--config", str(cfg), "--from", "LEGACY", "--method", method,
-                    "--verify-content", "--retry-delay", "1")
+                    "--verify-content", "--retry-delay", "1", env={"STOWAGE_SPILL_THRESHOLD": spill} if spill else None)
     finally:
         proc.kill()
         proc.wait(10)
@@ -410,6 +412,7 @@ def test_migrate_from_dcmqrscp(make_server, tmp_path, corpus, method):
     assert [uid for uid in held if got[uid] != held[uid]] == []
     assert query(server.data_dir, "SELECT calling_ae, count(*) AS n FROM instances GROUP BY 1") == \
         [{"calling_ae": "LEGACY", "n": len(files)}]
+    assert not [p for p in (server.data_dir / "spool").rglob("*") if p.is_file()]
 
 
 def test_window_splitting_reaches_the_leaves():
