@@ -71,8 +71,13 @@ def services() -> str:
     from stowage.workers.contexts import storage_sop_classes
     from stowage.workers.find import FIND_SOP_CLASSES
     from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
+    from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind as STUDY_FIND,
+                                      StudyRootQueryRetrieveInformationModelGet as STUDY_GET,
+                                      StudyRootQueryRetrieveInformationModelMove as STUDY_MOVE)
     accepted = {str(c.abstract_syntax) for c in worker_ae().supported_contexts}
-    scu = {VERIFICATION: "`stowage echo`", COMMITMENT: "`stowage send --commit`"}
+    scu = {VERIFICATION: "`stowage echo`", COMMITMENT: "`stowage send --commit`",
+           STUDY_FIND: "`stowage migrate`: enumeration and IMAGE-level listings",
+           STUDY_MOVE: "`stowage migrate --method move`", STUDY_GET: "`stowage migrate --method get`"}
 
     def row(label: str, uids, scu_use: str = "") -> list[str]:
         scp = "Yes" if set(uids) <= accepted else "No"
@@ -81,9 +86,11 @@ def services() -> str:
     storage = storage_sop_classes()
     rows = [row(f"Verification ({VERIFICATION})", [VERIFICATION], scu[VERIFICATION]),
             row(f"Storage: {len(storage)} SOP classes (table in Storage SOP classes)", storage,
-                "`stowage send`, C-MOVE and C-GET sub-operations"),
+                "`stowage send`, C-MOVE and C-GET sub-operations; SCP by role selection for "
+                "`stowage migrate --method get`"),
             row(f"{uid_name(COMMITMENT)} ({COMMITMENT})", [COMMITMENT], scu[COMMITMENT])]
-    rows += [row(f"{uid_name(u)} ({u})", [u]) for u in (*FIND_SOP_CLASSES, *MOVE_SOP_CLASSES, *GET_SOP_CLASSES)]
+    rows += [row(f"{uid_name(u)} ({u})", [u], scu.get(u, ""))
+             for u in (*FIND_SOP_CLASSES, *MOVE_SOP_CLASSES, *GET_SOP_CLASSES)]
     return table(["SOP class", "user of service (SCU)", "provider of service (SCP)"], rows)
 
 
@@ -93,9 +100,11 @@ def implementation() -> str:
     ae, plain = worker_ae(), AE()
     rows = [["SCP: every association `stowage serve` accepts (lean storage path and pynetdicom path)",
              str(ae.implementation_class_uid), ae.implementation_version_name, "`workers/services.build_ae` (pynetdicom's AE)"],
-            ["SCU: C-STORE from `stowage send`, C-MOVE sub-operations (`protocol/store_scu.py`)",
+            ["SCU: C-STORE from `stowage send`, C-MOVE sub-operations, C-GET from `stowage migrate --method get` "
+             "(`protocol/store_scu.py`)",
              str(acse.IMPLEMENTATION_CLASS_UID), acse.IMPLEMENTATION_VERSION_NAME, "`protocol/acse.py`"],
-            ["SCU: `stowage echo`, storage commitment requests and reports on a new association (`engine/requestor.new_ae`)",
+            ["SCU: `stowage echo`, storage commitment requests and reports on a new association, the C-FIND and "
+             "C-MOVE of `stowage migrate` (`engine/requestor.new_ae`)",
              str(plain.implementation_class_uid), plain.implementation_version_name, "pynetdicom's AE defaults"],
             ["Part-10 files written by `stowage export` (file meta (0002,0012), (0002,0013))",
              str(acse.IMPLEMENTATION_CLASS_UID), acse.IMPLEMENTATION_VERSION_NAME, "`protocol/acse.py`"]]
@@ -189,7 +198,12 @@ def storage_classes() -> str:
 
 
 def proposed_contexts() -> str:
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind as STUDY_FIND,
+                                      StudyRootQueryRetrieveInformationModelGet as STUDY_GET,
+                                      StudyRootQueryRetrieveInformationModelMove as STUDY_MOVE)
     from stowage.engine import commit_scu
+    from stowage.engine.migrate import pull
     from stowage.engine.commitment import SOP_CLASS as COMMITMENT
     from stowage.engine.send import FALLBACKS, MAX_CONTEXTS
     from stowage.workers import commitment
@@ -200,7 +214,14 @@ def proposed_contexts() -> str:
             [f"{uid_name(COMMITMENT)} (`stowage send --commit`)", _syntax_names(commit_scu._SYNTAXES), "SCU"],
             [f"{uid_name(COMMITMENT)} (report on a new association)", _syntax_names(commitment.SYNTAXES),
              "SCP, by role selection"],
-            ["Verification (`stowage echo`)", "pynetdicom's default proposal: " + _syntax_names(_echo_syntaxes()), "SCU"]]
+            ["Verification (`stowage echo`)", "pynetdicom's default proposal: " + _syntax_names(_echo_syntaxes()), "SCU"],
+            [f"{uid_name(STUDY_FIND)} and {uid_name(STUDY_MOVE)} (`stowage migrate`)",
+             "pynetdicom's default proposal: " + _syntax_names(_echo_syntaxes()), "SCU"],
+            [f"{uid_name(STUDY_GET)} (`stowage migrate --method get`)", _syntax_names([ImplicitVRLittleEndian]), "SCU"],
+            ["every storage SOP class the study's IMAGE-level listing names (or "
+             f"{len(pull.COMMON_CLASSES)} common ones when the source lists none), with `stowage migrate --method get`",
+             f"one context per syntax, uncompressed first, as many per class as {pull.MAX_CONTEXTS - 1} contexts allow; "
+             "with more classes, one context per class proposing every syntax", "SCP, by role selection"]]
     return table(["abstract syntax", "transfer syntaxes proposed", "role"], rows)
 
 
