@@ -121,9 +121,13 @@ class Migration:
                     listing = list_instances(s, row.uid)
                 key = next(self._keys)
                 self.trail.opened(key, str(self.peer))
-                pulled = get_study(self.peer, self.aet, row.uid, listing.sop_classes, self.scp, key, stall,
-                                   self._progress)
-                self.trail.closed(key, self.peer.ae_title, self.aet, "C-GET " + pulled.describe())
+                outcome = "C-GET: no association"
+                try:
+                    pulled = get_study(self.peer, self.aet, row.uid, listing.sop_classes, self.scp, key, stall,
+                                       self._progress)
+                    outcome = "C-GET " + pulled.describe()
+                finally:
+                    self.trail.closed(key, self.peer.ae_title, self.aet, outcome)
         except SourceError as e:
             return Result("failed", error=str(e), busy=True)
         if pulled.status == MOVE_DESTINATION_UNKNOWN:
