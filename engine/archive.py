@@ -98,7 +98,7 @@ class Archive:
 
     def __init__(self, config: Config, slot: int, *, bulk: bool = False) -> None:
         """`bulk`: a bulk loader (import, migrate), whose segments leave the page cache
-        once durable (engine/writer.py)."""
+        once durable (engine/writer.py), as serve's do with `cache_writes = false`."""
         self.config = config
         self.slot = slot
         self.data_dir = config.data_dir
@@ -107,7 +107,7 @@ class Archive:
         self.catalog = Catalog(self.catalog_dir, config.duplicates)
         self.writer = SegmentWriter(config.data_dir / "segments", slot, segment_size=config.segment_size,
                                     fsync=config.durability == "fsync", on_commit=self.sealer.commit,
-                                    keep_cache=not bulk)
+                                    keep_cache=config.cache_writes and not bulk)
         self.free_space = FreeSpace(config.data_dir)
         self.quota = Usage(config.data_dir, config.max_storage_bytes, config.quota_policy)
         self.served = ServedVersions(self.catalog)

@@ -72,6 +72,9 @@ class Config:
     compact_min_files: int = 8             # merge when this many small Parquet files exist
     min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700
     spill_threshold: int = 16 << 20        # datasets larger than this are received to a spool file
+    # serve: keep the segments it writes in the page cache once durable (false: drop them,
+    # as import and migrate always do, e.g. while a C-MOVE migration pours in: docs/storage.md)
+    cache_writes: bool = True
     duplicates: str = "keep-newest"
     # An instance a rejection note rejected (docs/lifecycle.md), sent again: false refuses it
     # (0xA771, as dcm4chee does), true stores it again (visible again).

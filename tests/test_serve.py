@@ -6,11 +6,15 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import time
+
+import pytest
 
 from pynetdicom import AE, _config
 
-from conftest import CT, HOST, copies, echo_ok, export_all
+from conftest import CT, HOST, copies, dcmtk, echo_ok, export_all
+from page_cache import file_system, resident_pages
 
 
 def test_sigterm_drains_in_flight_associations(make_server, tmp_path, monkeypatch):
@@ -74,3 +78,27 @@ def test_peers_that_reset_before_being_rejected_do_not_stop_the_acceptor(make_se
         time.sleep(0.2)
     assert echo_ok(server.port)
     assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+@pytest.mark.parametrize("cache_writes", ["true", "false"])
+def test_cache_writes_keeps_or_drops_what_serve_wrote(make_server, tmp_path, cache_writes):
+    """By default serve keeps the segments it wrote in the page cache (a study just received
+    is often retrieved next); `cache_writes = false` drops them once durable, as import and
+    migrate always do. Either way every instance is stored."""
+    if file_system(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("the page cache is the storage on tmpfs")
+    server = make_server("--workers", "1", STOWAGE_CACHE_WRITES=cache_writes)
+    files = copies(CT, tmp_path / "in", 40, "cache")
+    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(server.port), *map(str, files)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    counts = [resident_pages(p) for p in (server.data_dir / "segments").glob("*.seg")]
+    resident, pages = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    assert pages >= 40 * 2  # each CT_small record is several pages
+    if cache_writes == "true":
+        assert resident == pages
+    else:
+        assert resident <= len(counts), f"{resident} of {pages} segment pages still cached"
+    assert export_all(server.data_dir, tmp_path / "out").returncode == 0
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 40
+
