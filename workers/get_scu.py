@@ -72,6 +72,7 @@ class GetAssociation(StorageAssociation):
                                    dimse.get_request(self.assoc.message_id, sop_class), ident)
             return self._receive()
         except PeerClosed:
+            self.assoc.close()
             return self._ended("the source closed the connection")
         except ProtocolError as e:
             self._abort(e.abort)
