@@ -3,10 +3,11 @@ Query/Retrieve SCP (C-FIND at STUDY, SERIES and IMAGE level; C-MOVE and C-GET) o
 DICOM files of a folder, which answers the C-MOVE or C-GET of chosen studies with 0xA702
 (Refused: Out of Resources - Unable to perform sub-operations, with a Failed SOP Instance
 UID List), as an overloaded archive does, and holds the retrieve of others without a word
-(a hung archive): `stall:UID`. `cap:N` answers at most
-N matches to a C-FIND, with success, as archives with a silent cap do.
+(a hung archive): `stall:UID`; `abort:UID` sends the first instance of the study, then
+aborts the association. `cap:N` answers at most N matches to a C-FIND, with success, as
+archives with a silent cap do.
 
-    python refusing_qr_scp.py PORT AET FOLDER DEST_AET:HOST:PORT [REFUSED_STUDY_UID | stall:UID | cap:N ...]
+    python refusing_qr_scp.py PORT AET FOLDER DEST_AET:HOST:PORT [REFUSED_STUDY_UID | stall:UID | abort:UID | cap:N ...]
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def main() -> None:
     refused = {a for a in sys.argv[5:] if ":" not in a}
     cap = max([int(a[len("cap:"):]) for a in sys.argv[5:] if a.startswith("cap:")] or [0])
     stalled = {a[len("stall:"):] for a in sys.argv[5:] if a.startswith("stall:")}
+    aborted = {a[len("abort:"):] for a in sys.argv[5:] if a.startswith("abort:")}
     dest_aet, dest_host, dest_port = dest.split(":")
     items = load(folder)
 
@@ -97,6 +99,10 @@ def main() -> None:
             return
         if study in stalled:
             time.sleep(60)
+        if study in aborted:
+            yield 0xFF00, pydicom.dcmread(paths[0])
+            event.assoc.abort()
+            return
         for p in paths:
             yield 0xFF00, pydicom.dcmread(p)
 

@@ -320,6 +320,25 @@ def test_source_that_refuses_some_moves(make_server, tmp_path, corpus, method):
     assert all(uid in report for uid in [*refused, hung])
 
 
+def test_a_source_that_aborts_a_c_get_midway(tmp_path, corpus):
+    """A source that sends one instance of a study by C-GET and then aborts: that study is
+    failed (after its retries) with the abort as its reason, the instance that did arrive is
+    kept, and every other study is done."""
+    folder = corpus[0].parent
+    studies = sorted(study_uids([p for p in corpus if p.parent == folder]))
+    data = tmp_path / "data"
+    with old_pacs(folder, f"STOWAGE:{HOST}:1", f"abort:{studies[0]}") as port:
+        r = migrate(data, "--from", f"OLDPACS@{HOST}:{port}", "--method", "get", "--retries", "2",
+                    "--retry-delay", "0.1", "--stall-timeout", "10")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"studies: {len(studies)} found, {len(studies) - 1} done, 1 failed" in r.stdout, r.stdout
+    failed = [line for line in r.stdout.splitlines() if line.strip().startswith("failed study")]
+    assert len(failed) == 1 and studies[0] in failed[0] and "aborted" in failed[0], failed
+    held = query(data, "SELECT study_instance_uid AS s, count(*) AS n FROM instances GROUP BY 1 ORDER BY 1")
+    assert [row["s"] for row in held] == studies
+    assert held[0]["n"] == 1
+
+
 def test_a_source_that_does_not_know_us_stops_the_migration_with_what_to_configure(make_server, tmp_path, corpus):
     """0xA801 (move destination unknown) cannot be fixed by retrying: one line, exit 1."""
     server = make_server("--workers", "1")
