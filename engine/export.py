@@ -24,7 +24,7 @@ from stowage.engine import export_dicomdir, export_names
 from stowage.engine.export_files import open_new
 from stowage.engine.filemeta import PREAMBLE, group_length
 from stowage.engine.integrity import marks_of
-from stowage.engine.locate import GONE, Locator
+from stowage.engine.locate import Locator, RecordGone
 from stowage.engine.segment import stream_payload
 
 try:
@@ -296,11 +296,10 @@ class _Run:
         try:
             write_file(self.segments, item, target, root)
         except _SegmentGone as e:
-            where = self.locator.now(item.uid)
-            if where is None:
-                raise _Unreadable(GONE) from None
-            if (where.segment, where.offset) == (item.segment, item.offset):
-                raise _Unreadable(f"its segment is missing: {e}") from None
+            try:
+                where = self.locator.elsewhere(item.uid, item.segment, item.offset, e)
+            except RecordGone as gone:
+                raise _Unreadable(str(gone)) from None
             write_file(self.segments, replace(item, **vars(where)), target, root)
 
 

@@ -27,6 +27,10 @@ GONE = ("no longer in the archive: deleted, rejected or replaced by a newer copy
         "after this transfer looked it up")
 
 
+class RecordGone(Exception):
+    """The record cannot be read anywhere; the message says why, for the transfer's report."""
+
+
 class Locator:
     """Looks records up in a catalog of its own, opened at the first question (a
     compaction under a transfer is rare); thread-safe."""
@@ -47,6 +51,17 @@ class Locator:
                 'SELECT segment, "offset", dataset_length, dataset_crc32 FROM instances '
                 "WHERE sop_instance_uid = ?", [sop_instance_uid])
         return Location(*rows[0]) if rows else None
+
+    def elsewhere(self, sop_instance_uid: str, segment: str, offset: int, error: Exception) -> Location:
+        """Where the instance's record is now, reading it at (segment, offset) having
+        failed with `error` (no such segment); raises RecordGone if the archive no longer
+        serves the instance, or still names that very place."""
+        where = self.now(sop_instance_uid)
+        if where is None:
+            raise RecordGone(GONE)
+        if (where.segment, where.offset) == (segment, offset):
+            raise RecordGone(f"its segment is missing: {error}")
+        return where
 
     def close(self) -> None:
         with self._lock:

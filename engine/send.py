@@ -42,7 +42,7 @@ from stowage.engine import convert, filemeta
 from stowage.engine.requestor import Peer, PeerError
 from stowage.engine.filemeta import PREAMBLE
 from stowage.engine.integrity import marks_of
-from stowage.engine.locate import GONE, Locator
+from stowage.engine.locate import Locator, RecordGone
 from stowage.engine.segment import CorruptRecord, read_payload, stream_payload
 from stowage.protocol import pynetdicom_patches, store_scu
 from stowage.protocol.status import STORE_WARNINGS, SUCCESS
@@ -516,24 +516,24 @@ class Sender:
                 return _Prepared(inst, reason=(f"{self.peer} accepts none of the syntaxes we can convert "
                                                f"{convert.name(inst.transfer_syntax_uid)} to "
                                                f"(accepted: {', '.join(sorted(map(convert.name, syntaxes)))})"))
-        for attempt in (1, 2):
+        try:
+            return self._read(inst, target, spool, in_memory)
+        except FileNotFoundError as e:  # its segment compacted away since the transfer looked it up
             try:
-                return self._read(inst, target, spool, in_memory)
-            except FileNotFoundError as e:  # its segment compacted away since the transfer looked it up
-                unreadable = f"stored record unreadable ({inst.segment} @ {inst.offset})"
-                where = self.locator.now(inst.sop_instance_uid) if attempt == 1 else None
-                if where is None:
-                    return _Prepared(inst, reason=f"{unreadable}: {GONE if attempt == 1 else e}")
-                if (where.segment, where.offset) == (inst.segment, inst.offset):
-                    return _Prepared(inst, reason=f"{unreadable}: {e}")
-                inst = replace(inst, segment=where.segment, offset=where.offset)
-        raise AssertionError("unreachable")
+                where = self.locator.elsewhere(inst.sop_instance_uid, inst.segment, inst.offset, e)
+            except RecordGone as gone:
+                return _Prepared(inst, reason=f"{_unreadable(inst)}: {gone}")
+        moved = replace(inst, segment=where.segment, offset=where.offset)
+        try:
+            return self._read(moved, target, spool, in_memory)
+        except FileNotFoundError as e:  # compacted away once more
+            return _Prepared(moved, reason=f"{_unreadable(moved)}: {e}")
 
     def _read(self, inst: Instance, target: str | None, spool: Path, in_memory: bool) -> _Prepared:
         """The instance ready to send: its record read (into memory, or a spool file) and
         converted to `target` if that is not None; FileNotFoundError if its segment is gone."""
         segment = self.segments_dir / inst.segment
-        unreadable = f"stored record unreadable ({inst.segment} @ {inst.offset})"
+        unreadable = _unreadable(inst)
         if target is None and in_memory and inst.dataset_length <= SPOOL_ABOVE:
             try:
                 return _Prepared(inst, inst.transfer_syntax_uid, payload=read_payload(segment, inst.offset))
@@ -567,6 +567,10 @@ class Sender:
             path.unlink(missing_ok=True)
         os.replace(converted, path)
         return _Prepared(inst, target, path=path)
+
+
+def _unreadable(inst: Instance) -> str:
+    return f"stored record unreadable ({inst.segment} @ {inst.offset})"
 
 
 def _outcome(inst: Instance, status: int, syntax: str) -> Outcome:

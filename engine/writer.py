@@ -7,7 +7,8 @@ store in the batch; while it runs, the next batch gathers, and one of its stores
 next. Concurrent associations share fsyncs without any added delay, and a lone
 association commits on its own thread: no hand-off to a writer thread and back.
 
-A bulk loader (import, migrate) passes `keep_cache=False`: each batch's pages are dropped
+A bulk loader (import, migrate; serve too with `cache_writes = false`) passes
+`keep_cache=False`: each batch's pages are dropped
 from the page cache once durable, as PostgreSQL's bulk-write ring keeps a COPY from
 evicting everything else. Terabytes written once would otherwise push out what `serve`
 reads, and every new page cache page costs the kernel an allocation now and a reclaim
@@ -167,8 +168,9 @@ class SegmentWriter:
             self._open_next()
 
     def _drop_cache(self, end: int) -> None:
-        """Drop the durable pages below `end` from the page cache (bulk loaders only; with
-        fsync off they are still dirty, and the kernel would only start writing them)."""
+        """Drop the durable pages below `end` from the page cache (keep_cache off: bulk
+        loaders, or serve with cache_writes = false; with fsync off they are still dirty,
+        and the kernel would only start writing them)."""
         if self.keep_cache or not self.fsync or end <= self._dropped:
             return
         try:

@@ -38,6 +38,33 @@ class GetOutcome:
     stalled: bool = False
 
 
+class SubOperations:
+    """What a retrieve's responses say of its sub-operations: the latest counts
+    (completed, failed, warning); the instances that arrived, told to `on_progress` once
+    each; and when anything last moved (a stall is too long without). Any sub-operation
+    done, failed ones too, is progress."""
+
+    def __init__(self, on_progress: Callable[[int], None]) -> None:
+        self.on_progress = on_progress
+        self.counts = (0, 0, 0)
+        self._arrived = self._seen = 0
+        self._moved = time.monotonic()
+
+    def update(self, completed: int, failed: int, warning: int) -> None:
+        self.counts = (completed, failed, warning)
+        if completed + warning > self._arrived:
+            self.on_progress(completed + warning - self._arrived)
+            self._arrived = completed + warning
+        if sum(self.counts) > self._seen:
+            self._seen, self._moved = sum(self.counts), time.monotonic()
+
+    def moved(self) -> None:
+        self._moved = time.monotonic()
+
+    def stalled_for(self, seconds: float) -> bool:
+        return time.monotonic() - self._moved > seconds
+
+
 class GetAssociation(StorageAssociation):
     """The receiving side of C-GETs on `assoc`, an established association whose storage
     contexts we serve as SCP; `stall_timeout`: give up when the source sends nothing, or
@@ -51,10 +78,7 @@ class GetAssociation(StorageAssociation):
         self.stall_timeout = stall_timeout
         self.on_progress = on_progress
         self._final: GetOutcome | None = None
-        self._counts = (0, 0, 0)
-        self._arrived = 0
-        self._last_progress = 0.0
-        self._seen = 0
+        self.subops = SubOperations(on_progress)
 
     def get(self, sop_class: str, identifier: bytes) -> GetOutcome:
         """Send one C-GET-RQ (`identifier` encoded in the context's transfer syntax) and
@@ -63,8 +87,7 @@ class GetAssociation(StorageAssociation):
         if context_id is None:
             return GetOutcome(None, comment=f"the source accepted no presentation context for {sop_class}")
         self.assoc.message_id = self.assoc.message_id % 0xFFFF + 1
-        self._final, self._counts, self._arrived, self._seen = None, (0, 0, 0), 0, 0
-        self._last_progress = time.monotonic()
+        self._final, self.subops = None, SubOperations(self.on_progress)
         self.assoc.set_timeout(self.stall_timeout)
         try:
             ident = store_scu.Dataset(sop_class, "", self.contexts[context_id][1], len(identifier), data=identifier)
@@ -90,7 +113,7 @@ class GetAssociation(StorageAssociation):
             self._message = None
 
     def _ended(self, comment: str, stalled: bool = False) -> GetOutcome:
-        return GetOutcome(None, self._counts, comment, stalled)
+        return GetOutcome(None, self.subops.counts, comment, stalled)
 
     def _abort(self, pdu: bytes) -> None:
         self._send(pdu)
@@ -103,7 +126,7 @@ class GetAssociation(StorageAssociation):
             if ended is not None:
                 self.assoc.close()
                 return self._ended(f"association {ended} before the final C-GET response")
-            if time.monotonic() - self._last_progress > self.stall_timeout:
+            if self.subops.stalled_for(self.stall_timeout):
                 self._abort(A_ABORT_USER)
                 return self._ended(f"C-GET pending without progress for {self.stall_timeout:g} s "
                                    "(stall timeout); association aborted", stalled=True)
@@ -122,24 +145,18 @@ class GetAssociation(StorageAssociation):
         if f.get("responding_to") != self.assoc.message_id:
             raise ProtocolError(f"C-GET-RSP to message {f.get('responding_to')}, not to ours")
         if any(k in f for k in ("completed", "failed", "warning")):
-            self._counts = (int(f.get("completed", 0)), int(f.get("failed", 0)), int(f.get("warning", 0)))
-        arrived = self._counts[0] + self._counts[2]
-        if arrived > self._arrived:
-            self.on_progress(arrived - self._arrived)
-            self._arrived = arrived
-        if sum(self._counts) > self._seen:  # any sub-operation done, failed ones too, is not a stall
-            self._seen, self._last_progress = sum(self._counts), time.monotonic()
+            self.subops.update(int(f.get("completed", 0)), int(f.get("failed", 0)), int(f.get("warning", 0)))
         status = int(f.get("status", -1))
         if f.get("dataset_type") != dimse.NO_DATASET:
             msg.dataset = SpillBuffer()  # its fragments follow; _store lets them go
         else:
             self._message = None
         if status not in PENDING_STATUSES:
-            self._final = GetOutcome(status, self._counts, str(f.get("error_comment", "")))
+            self._final = GetOutcome(status, self.subops.counts, str(f.get("error_comment", "")))
 
     def _store(self, msg: _Message) -> None:
         if msg.fields.get("command_field") == dimse.C_GET_RSP:
             msg.dataset.discard()
             return
-        self._last_progress = time.monotonic()  # a sub-operation arriving is progress
+        self.subops.moved()  # a sub-operation arriving is progress
         super()._store(msg)

@@ -2,16 +2,14 @@
 C-STOREs received here, on the lean path (workers/get_scu.py), and stored through
 engine.archive.Archive (in a slot of our own).
 
-Stall: pynetdicom gives up on a response after the DIMSE timeout, which we set to
---stall-timeout; a source that keeps sending Pending responses without completing a
-sub-operation for that long is treated the same. Either way the association is aborted
-(which ends the retrieve at the source) and the study counts as failed-and-busy: it is
-retried after a longer back-off.
+Stall: no response for --stall-timeout (pynetdicom's DIMSE timeout for C-MOVE, the
+socket's for C-GET), or Pending responses without a sub-operation done for that long.
+Either way the association is aborted (which ends the retrieve at the source) and the
+study counts as failed-and-busy: it is retried after a longer back-off.
 """
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,7 +31,7 @@ from stowage.engine.migrate.source import Session, SourceError
 from stowage.engine.requestor import Peer
 from stowage.protocol import store_scu
 from stowage.protocol.status import OUT_OF_RESOURCES_STATUSES, PENDING_STATUSES, SUCCESS
-from stowage.workers.get_scu import GetAssociation
+from stowage.workers.get_scu import GetAssociation, SubOperations
 from stowage.workers.store import StorageSCP
 
 log = logging.getLogger("stowage.migrate")
@@ -86,34 +84,33 @@ def _count(status: Dataset, keyword: str) -> int:
         return 0
 
 
-def move_study(session: Session, study_uid: str, move_aet: str, stall_timeout: float,
-               on_progress: Callable[[int], None] = lambda n: None) -> Pulled:
-    """Run one study-level C-MOVE to its end, reporting sub-operations as they go."""
+def _study(study_uid: str) -> Dataset:
+    """The identifier of a study-level retrieve."""
     ident = Dataset()
     ident.QueryRetrieveLevel = "STUDY"
     ident.StudyInstanceUID = study_uid
-    reported, arrived, last_progress = 0, 0, time.monotonic()
-    counts = [0, 0, 0]  # completed, failed, warning: the latest the source gave
-    for status, _ident in session.moved(ident, move_aet):
+    return ident
+
+
+def move_study(session: Session, study_uid: str, move_aet: str, stall_timeout: float,
+               on_progress: Callable[[int], None] = lambda n: None) -> Pulled:
+    """Run one study-level C-MOVE to its end, reporting sub-operations as they go."""
+    subops = SubOperations(on_progress)
+    for status, _ident in session.moved(_study(study_uid), move_aet):
         code = status.get("Status") if status else None
         if code is None:
-            return Pulled(None, *counts, stalled=True, comment=f"no response from the source for "
+            return Pulled(None, *subops.counts, stalled=True, comment=f"no response from the source for "
                           f"{stall_timeout:g} s (stall timeout); association aborted")
         if any(f"NumberOf{k}Suboperations" in status for k in _KINDS):
-            counts = [_count(status, f"NumberOf{k}Suboperations") for k in _KINDS]
-        if counts[0] + counts[2] > arrived:  # the progress bar counts instances that arrived
-            on_progress(counts[0] + counts[2] - arrived)
-            arrived = counts[0] + counts[2]
+            subops.update(*(_count(status, f"NumberOf{k}Suboperations") for k in _KINDS))
         if code in PENDING_STATUSES:
-            if sum(counts) > reported:  # any sub-operation done, failed ones too, is not a stall
-                reported, last_progress = sum(counts), time.monotonic()
-            elif time.monotonic() - last_progress > stall_timeout:
+            if subops.stalled_for(stall_timeout):
                 session.assoc.abort()
-                return Pulled(None, *counts, stalled=True, comment=f"C-MOVE pending without progress "
+                return Pulled(None, *subops.counts, stalled=True, comment=f"C-MOVE pending without progress "
                               f"for {stall_timeout:g} s (stall timeout); association aborted")
             continue
-        return Pulled(int(code), *counts, comment=str(status.get("ErrorComment", "") or ""))
-    return Pulled(None, *counts, comment="the source ended the retrieve without a final response")
+        return Pulled(int(code), *subops.counts, comment=str(status.get("ErrorComment", "") or ""))
+    return Pulled(None, *subops.counts, comment="the source ended the retrieve without a final response")
 
 
 def get_contexts(sop_classes: list[str]) -> list[tuple[str, list[str]]]:
@@ -129,11 +126,6 @@ def get_contexts(sop_classes: list[str]) -> list[tuple[str, list[str]]]:
     return [(uid, [ts]) for uid in classes for ts in syntaxes[:per_class]][: MAX_CONTEXTS - 1]
 
 
-def _identifier(study_uid: str) -> bytes:
-    ident = Dataset()
-    ident.QueryRetrieveLevel = "STUDY"
-    ident.StudyInstanceUID = study_uid
-    return encode(ident, True, True)  # Implicit VR Little Endian, the GET context's syntax
 
 
 def get_study(peer: Peer, our_aet: str, study_uid: str, sop_classes: list[str], scp: StorageSCP, key: int,
@@ -151,7 +143,8 @@ def get_study(peer: Peer, our_aet: str, study_uid: str, sop_classes: list[str], 
         raise SourceError(str(e)) from None
     try:
         got = GetAssociation(assoc, scp, key, stall_timeout, on_progress).get(
-            StudyRootQueryRetrieveInformationModelGet, _identifier(study_uid))
+            StudyRootQueryRetrieveInformationModelGet,
+            encode(_study(study_uid), True, True))  # Implicit VR Little Endian, the GET context's syntax
     finally:
         if assoc.sock is not None:  # still open: the C-GET ended with a final response
             assoc.release()
