@@ -8,9 +8,8 @@ next. Concurrent associations share fsyncs without any added delay, and a lone
 association commits on its own thread: no hand-off to a writer thread and back.
 
 A bulk loader (import, migrate; serve too with `cache_writes = false`) passes
-`keep_cache=False`: each batch's pages are dropped
-from the page cache once durable, as PostgreSQL's bulk-write ring keeps a COPY from
-evicting everything else. Terabytes written once would otherwise push out what `serve`
+`keep_cache=False`: each batch's pages are dropped from the page cache once durable, as
+PostgreSQL's bulk-write ring keeps a COPY from evicting everything else. Terabytes written once would otherwise push out what `serve`
 reads, and every new page cache page costs the kernel an allocation now and a reclaim
 later (on this project's VMs the writes then cost up to 6x the CPU: docs/import.md).
 """
