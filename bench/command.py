@@ -1,5 +1,5 @@
 """``stowage bench``: build (or read) a corpus, run the load generator at each association
-count, repeat, print a table, write JSON and a chart. The click wiring is in engine/cli.py."""
+count, repeat, print a table, write JSON and a chart. The click wiring is in stowage/cli/bench.py."""
 from __future__ import annotations
 
 import shutil

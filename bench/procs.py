@@ -77,7 +77,7 @@ def wait_echo(echoscu: str, port: int, aet: str, timeout: float = 60.0) -> None:
 def serve_stowage(data: Path, port: int, echoscu: str, *options: str) -> subprocess.Popen:
     """`stowage serve` on 127.0.0.1:port in its own session (stopped with stop_tree),
     once it answers C-ECHO."""
-    proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "serve", "--data-dir", str(data), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(data), "--port",
                              str(port), "--bind", "127.0.0.1", *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

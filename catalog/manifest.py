@@ -27,7 +27,7 @@ class Manifest:
     generation: int = 0
     uid_filter: str = ""    # token of the sealed-UID Bloom filter that matches (catalog.sealed_uids)
     duplicates: str = ""    # Parquet file of the records of duplicated UIDs (catalog.versions_table)
-    # Segments a compaction replaced (engine.compaction) -> retired at; unlinked after a grace
+    # Segments a compaction replaced (engine.lifecycle.compaction) -> retired at; unlinked after a grace
     retired_segments: dict[str, float] = field(default_factory=dict)
 
     def sealed_upto(self, segment: str) -> int:

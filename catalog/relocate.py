@@ -1,4 +1,4 @@
-"""Relocation: the catalog side of a segment compaction (engine.compaction).
+"""Relocation: the catalog side of a segment compaction (engine.lifecycle.compaction).
 
 Sealed Parquet files are immutable, so the rows of a compacted segment are moved by
 writing new files: every sealed file that holds rows of a replaced segment is written

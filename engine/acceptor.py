@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 
 from stowage.engine import metrics
-from stowage.engine.config import Config, ConfigError
-from stowage.engine.recovery import recover
-from stowage.engine.scrub import ScrubProcess
-from stowage.engine.tls import server_context
+from stowage.engine.runtime.config import Config, ConfigError
+from stowage.engine.store.recovery import recover
+from stowage.engine.lifecycle.scrub import ScrubProcess
+from stowage.engine.runtime.tls import server_context
 from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT
 
 log = logging.getLogger("stowage.acceptor")

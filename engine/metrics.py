@@ -2,8 +2,8 @@
 
 The acceptor counts what it sees itself (associations admitted and rejected, workers
 ready and restarted) and reads the free space of the data directory when scraped. Each
-worker counts its C-STOREs, retrieve sub-operations and C-FINDs in memory (`counts`, an
-integer addition under a lock per event) and reports its totals over its control channel
+worker counts its C-STOREs, retrieve sub-operations and C-FINDs in memory
+(engine/runtime/counts.py, an integer addition under a lock per event) and reports its totals over its control channel
 at most once a second; a worker that dies keeps what it last reported. No shared memory maps: a full disk must not be able
 to kill a process through them (see catalog/sealed_uids.py).
 """
@@ -12,56 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from typing import Callable, Iterator
 
-from stowage.protocol.status import STORE_WARNINGS, SUCCESS
+from stowage.engine.runtime.counts import OUTCOMES
 
 log = logging.getLogger("stowage.metrics")
-
-OUTCOMES = ("success", "warning", "failure")
-REPORT = b"S"  # control-channel message: b"S" + JSON of a worker's totals
-
-
-def outcome(status: int) -> str:
-    return "success" if status == SUCCESS else "warning" if status in STORE_WARNINGS else "failure"
-
-
-class WorkerCounts:
-    """One worker's totals since it started, as flat counters: "stores|<outcome>",
-    "stored_bytes", "retrieve|<C-MOVE or C-GET>|<completed, failed or warning>",
-    "retrieved_bytes|<kind>", "finds"."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._n: dict[str, int] = {f"stores|{k}": 0 for k in OUTCOMES}
-        self._n["stored_bytes"] = 0
-
-    def add(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self._n[key] = self._n.get(key, 0) + n
-
-    def stored(self, status: int, length: int) -> None:
-        key = outcome(status)
-        with self._lock:
-            self._n[f"stores|{key}"] += 1
-            if key != "failure":
-                self._n["stored_bytes"] += length
-
-    def retrieved(self, kind: str, completed: int, failed: int, warning: int, nbytes: int) -> None:
-        with self._lock:
-            for state, n in (("completed", completed), ("failed", failed), ("warning", warning)):
-                key = f"retrieve|{kind}|{state}"
-                self._n[key] = self._n.get(key, 0) + n
-            key = f"retrieved_bytes|{kind}"
-            self._n[key] = self._n.get(key, 0) + nbytes
-
-    def report(self) -> bytes:
-        with self._lock:
-            return REPORT + json.dumps(self._n).encode()
-
-
-counts = WorkerCounts()  # this process's, when it is a worker
 
 
 class ArchiveMetrics:
@@ -134,12 +89,15 @@ class ArchiveMetrics:
 
 
     def _integrity(self) -> Iterator:
-        """Corrupt records and the scrub, read from their files (engine/integrity.py,
-        engine/scrub.py) when scraped: what `stowage verify` marks counts too, and the
+        """Corrupt records and the scrub, read from their files (engine/store/integrity.py,
+        engine/lifecycle/scrub.py) when scraped: what `stowage verify` marks counts too, and the
         counts survive restarts."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        from stowage.engine import integrity, scrub
         from pathlib import Path
+
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from stowage.engine.lifecycle import scrub
+        from stowage.engine.store import integrity
         marked, found = integrity.marks_of(Path(self.data_dir)).counts()
         yield CounterMetricFamily("stowage_corrupt_records_found", "Records found corrupt (by verify or the "
                                   "scrub) and marked: never sent, failed by storage commitment", value=found)

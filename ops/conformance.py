@@ -17,7 +17,7 @@ import ast
 import csv
 import dataclasses
 import importlib
-import inspect
+import io
 import re
 import sys
 from functools import cache
@@ -48,14 +48,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 @cache
 def worker_ae():
     """The AE a worker builds from the embedded defaults: what every association negotiates against."""
-    from stowage.engine.config import Config
+    from stowage.engine.runtime.config import Config
     from stowage.workers.services import build_ae
     return build_ae(Config())
 
 
 @cache
 def config():
-    from stowage.engine.config import Config
+    from stowage.engine.runtime.config import Config
     return Config()
 
 
@@ -67,7 +67,7 @@ def _syntax_names(uids) -> str:
 
 def services() -> str:
     from pynetdicom.sop_class import Verification as VERIFICATION
-    from stowage.engine.commitment import SOP_CLASS as COMMITMENT
+    from stowage.engine.store.commitment import SOP_CLASS as COMMITMENT
     from stowage.workers.contexts import storage_sop_classes
     from stowage.workers.find import FIND_SOP_CLASSES
     from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
@@ -95,19 +95,26 @@ def services() -> str:
 
 
 def implementation() -> str:
-    from pynetdicom import AE
-    from stowage.protocol import acse
-    ae, plain = worker_ae(), AE()
+    """Read from each path that identifies stowage, so a path that drifts shows here."""
+    from pydicom.filereader import _read_file_meta_info
+    from stowage.engine.store import filemeta
+    from stowage.engine.transfer.requestor import new_ae
+    from stowage.protocol import identity
+    meta = _read_file_meta_info(io.BytesIO(filemeta.file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3",
+                                                              "1.2.840.10008.1.2.1")))
+    file_uid, file_name = meta.ImplementationClassUID, meta.ImplementationVersionName
+    ae, requestor = worker_ae(), new_ae("STOWAGE")
     rows = [["SCP: every association `stowage serve` accepts (lean storage path and pynetdicom path)",
-             str(ae.implementation_class_uid), ae.implementation_version_name, "`workers/services.build_ae` (pynetdicom's AE)"],
-            ["SCU: C-STORE from `stowage send`, C-MOVE sub-operations, C-GET from `stowage migrate --method get` "
-             "(`protocol/store_scu.py`)",
-             str(acse.IMPLEMENTATION_CLASS_UID), acse.IMPLEMENTATION_VERSION_NAME, "`protocol/acse.py`"],
+             str(ae.implementation_class_uid), ae.implementation_version_name, "`workers/services.build_ae`"],
+            ["SCU: C-STORE from `stowage send`, C-MOVE sub-operations, C-GET from `stowage migrate --method get`, "
+             "`stowage bench` (`protocol/store_scu.py`)",
+             str(identity.IMPLEMENTATION_CLASS_UID), identity.IMPLEMENTATION_VERSION_NAME, "`protocol/identity.py`"],
             ["SCU: `stowage echo`, storage commitment requests and reports on a new association, the C-FIND and "
-             "C-MOVE of `stowage migrate` (`engine/requestor.new_ae`)",
-             str(plain.implementation_class_uid), plain.implementation_version_name, "pynetdicom's AE defaults"],
-            ["Part-10 files written by `stowage export` (file meta (0002,0012), (0002,0013))",
-             str(acse.IMPLEMENTATION_CLASS_UID), acse.IMPLEMENTATION_VERSION_NAME, "`protocol/acse.py`"]]
+             "C-MOVE of `stowage migrate` (`engine/transfer/requestor.new_ae`)",
+             str(requestor.implementation_class_uid), requestor.implementation_version_name,
+             "`engine/transfer/requestor.new_ae`"],
+            ["Part-10 files written by `stowage export`, and the file meta of every stored record "
+             "((0002,0012), (0002,0013))", str(file_uid), str(file_name), "`engine/store/filemeta.py`"]]
     return table(["where", "Implementation Class UID", "Implementation Version Name", "set by"], rows)
 
 
@@ -162,7 +169,8 @@ def accepted_contexts() -> str:
 
 def transfer_syntaxes() -> str:
     from pydicom.uid import DeflatedExplicitVRLittleEndian
-    from stowage.engine import archive, convert
+    from stowage.engine.store import archive
+    from stowage.engine.transfer import convert
     from stowage.workers.contexts import transfer_syntaxes as accepted
     saving = round((1 - archive._INCOMPRESSIBLE) * 100)
     targets = " or ".join(uid_name(u) for u in convert.TARGETS)
@@ -202,10 +210,10 @@ def proposed_contexts() -> str:
     from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind as STUDY_FIND,
                                       StudyRootQueryRetrieveInformationModelGet as STUDY_GET,
                                       StudyRootQueryRetrieveInformationModelMove as STUDY_MOVE)
-    from stowage.engine import commit_scu
+    from stowage.engine.transfer import commit_scu
     from stowage.engine.migrate import pull
-    from stowage.engine.commitment import SOP_CLASS as COMMITMENT
-    from stowage.engine.send import FALLBACKS, MAX_CONTEXTS
+    from stowage.engine.store.commitment import SOP_CLASS as COMMITMENT
+    from stowage.engine.transfer.send import FALLBACKS, MAX_CONTEXTS
     from stowage.workers import commitment
     fallbacks = " and ".join(uid_name(u) for u in FALLBACKS)
     rows = [["every storage SOP class among the instances sent",
@@ -272,7 +280,7 @@ def charsets() -> str:
 
 
 def commitment_timing() -> str:
-    from stowage.engine import commitment as core
+    from stowage.engine.store import commitment as core
     from stowage.workers import commitment as w
     rows = [["first retry of a report that could not be delivered (s)", f"{w._BACKOFF_FIRST_S:g}"],
             ["retries double up to (s)", f"{w._BACKOFF_MAX_S:g}"],
@@ -284,8 +292,8 @@ def commitment_timing() -> str:
 
 
 def configuration() -> str:
-    from stowage.engine.cli import serve
-    from stowage.engine.config import Config, Remote
+    from stowage.cli.serve import serve
+    from stowage.engine.runtime.config import Config, Remote
     flags = {opt for param in serve.params for opt in param.opts}
     rows = []
     for f in dataclasses.fields(Config):
@@ -309,10 +317,10 @@ def _default(f: dataclasses.Field) -> str:
 
 # --- statuses: the constants and the Error Comments at the places that return them -----
 
-_STATUS_FILES = {"store-status": ["engine/archive.py", "workers/store.py", "workers/ingest.py"],
+_STATUS_FILES = {"store-status": ["engine/store/archive.py", "engine/receive/store.py", "engine/receive/ingest.py"],
                  "find-status": ["catalog/query.py", "workers/find.py"],
                  "retrieve-status": ["workers/retrieve.py"],
-                 "commitment-status": ["workers/commitment.py", "engine/commitment.py"]}
+                 "commitment-status": ["workers/commitment.py", "engine/store/commitment.py"]}
 
 
 def _module_of(path: str):

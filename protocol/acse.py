@@ -3,15 +3,11 @@ items every association we request or accept carries. The A-ASSOCIATE-RQ/AC PDUs
 encoded and decoded with pynetdicom's PDU classes."""
 from __future__ import annotations
 
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+from pydicom.uid import UID
 from pynetdicom.pdu_primitives import (ImplementationClassUIDNotification, ImplementationVersionNameNotification,
                                        MaximumLengthNotification)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # the DICOM Application Context (PS3.7 A.2.1)
-IMPLEMENTATION_CLASS_UID = PYDICOM_IMPLEMENTATION_UID  # until we register a root of our own
-IMPLEMENTATION_VERSION_NAME = "STOWAGE_010"
-
-
 def user_information(max_pdu: int, implementation_class_uid: str, implementation_version_name: str) -> list:
     """The User Information items every association request or acceptance carries (PS3.7 D.3.3)."""
     length = MaximumLengthNotification()

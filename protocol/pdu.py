@@ -3,7 +3,7 @@ build ourselves (A-ASSOCIATE-RJ, A-RELEASE-RQ/RP, A-ABORT), P-DATA-TF framing of
 presentation data values, and reading whole PDUs off a blocking socket.
 
 The variable PDUs of association establishment (A-ASSOCIATE-RQ/AC) are encoded and
-decoded with pynetdicom's PDU classes (protocol/acse.py, workers/negotiation.py).
+decoded with pynetdicom's PDU classes (protocol/acse.py, engine/receive/negotiation.py).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """A lean Storage SCU association (PS3.8 upper layer, PS3.7 C-STORE) on a blocking
 socket: pre-encoded datasets go out as they are, one message at a time. The sending core
-(engine/send.py: `stowage send`, C-MOVE sub-operations) and the load generator
+(engine/transfer/send.py: `stowage send`, C-MOVE sub-operations) and the load generator
 (bench/loadgen.py) both use it; it imports nothing of the archive.
 
 The association is requested and its answer decoded with pynetdicom's PDU classes (the
-same ones the archive's lean receive path uses, workers/negotiation.py); everything after
+same ones the archive's lean receive path uses, engine/receive/negotiation.py); everything after
 that is a few struct calls: the C-STORE-RQ command set from a template, the dataset in
 P-DATA-TF fragments no longer than the peer's maximum PDU, written with one
 ``sendmsg`` per message (header and payload buffers side by side, no copy of the
@@ -29,8 +29,8 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SC
 from pynetdicom.presentation import PresentationContext
 
 from stowage.protocol import dimse
-from stowage.protocol.acse import (APPLICATION_CONTEXT_NAME, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
-                                   user_information)
+from stowage.protocol.acse import APPLICATION_CONTEXT_NAME, user_information
+from stowage.protocol.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from stowage.protocol.pdu import (A_ABORT, A_ABORT_USER, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP,
                                   A_RELEASE_RQ, A_RELEASE_RQ_PDU, COMMAND, COMMAND_LAST, DATA_LAST, DATA_MORE,
                                   HEADER, LAST, P_DATA_TF, PDV_HEADER, pdv_pdu)

@@ -1,4 +1,4 @@
 """`python -m stowage` runs the command line."""
-from stowage.engine.cli import main
+from stowage.cli import main
 
 main()

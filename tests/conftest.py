@@ -130,7 +130,7 @@ class Server:
 
     def start(self, wait: bool = True) -> "Server":
         self.log_path = (self.log_dir or self.data_dir.parent) / f"serve-{self.port}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "stowage.engine.cli", "serve", "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(self.data_dir),
                "--port", str(self.port), "--bind", HOST, *self.args]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
@@ -215,7 +215,7 @@ def orthancs():
 
 
 def export_all(data_dir: Path, out: Path, *selector: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "export", "--data-dir", str(data_dir),
+    return subprocess.run([sys.executable, "-m", "stowage.cli", "export", "--data-dir", str(data_dir),
                            "--out", str(out), *(selector or ("--all",))], capture_output=True, text=True,
                           timeout=120)
 

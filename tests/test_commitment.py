@@ -264,7 +264,7 @@ def test_send_commit_against_stowage(make_server, tmp_path):
     files = stored_copies(source, tmp_path, 4)
     cfg = config_with(tmp_path, ARCHIVE_B=(HOST, dest.port))
     study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "send", "--config", str(cfg), "--data-dir",
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "send", "--config", str(cfg), "--data-dir",
                         str(source.data_dir), "--to", "ARCHIVE_B", "--aec", "STOWAGE", "--study", study, "-q",
                         "--commit", "--commit-timeout", "30"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -301,7 +301,7 @@ def test_send_commit_to_orthanc_with_a_report_on_a_new_association(server, tmp_p
     files = stored_copies(server, tmp_path, 3)
     cfg = config_with(tmp_path, ORTHANC=(HOST, orthanc.dicom_port))
     study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "send", "--config", str(cfg), "--data-dir",
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "send", "--config", str(cfg), "--data-dir",
                         str(server.data_dir), "--to", "ORTHANC", "--aet", "STOWCLI", "--study", study, "-q",
                         "--commit", "--commit-port", str(commit_port), "--commit-timeout", "60"],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, STOWAGE_BIND=HOST))
@@ -313,11 +313,11 @@ def test_send_commit_to_orthanc_with_a_report_on_a_new_association(server, tmp_p
 def test_report_queue_owner_lock_and_adoption(tmp_path):
     """A report is owned by one process at a time; an orphan (its owner died) is adopted
     exactly once; a delivered one is never adopted again."""
-    from stowage.engine.commitment import Reference, ReportQueue, Request
+    from stowage.engine.store.commitment import Reference, ReportQueue, Request
     queue_dir = tmp_path / "commitment"
     child = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, '.');"
-        "from stowage.engine.commitment import ReportQueue, Request, Reference;"
+        "from stowage.engine.store.commitment import ReportQueue, Request, Reference;"
         f"q = ReportQueue(__import__('pathlib').Path({str(queue_dir)!r}));"
         "c = q.add(Request('1.2.3', 'MODALITY', '127.0.0.1:1', [Reference('1.2', '1.2.3.4')]));"
         "print('added', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True,

@@ -20,7 +20,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from conftest import HOST, dcmtk, export_all, dataset_bytes, received_by_dcmtk, series_instances
-from stowage.engine.compaction import COMPACT_SLOT, JOURNAL, RESERVED
+from stowage.engine.lifecycle.compaction import COMPACT_SLOT, JOURNAL, RESERVED
 from stowage.catalog import manifest
 
 pytestmark = pytest.mark.timeout(900)
@@ -30,7 +30,7 @@ ENV = {"STOWAGE_SEGMENT_SIZE": "200000", "STOWAGE_SEAL_INTERVAL": "0.2", "STOWAG
 
 
 def stowage(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, **(env or {})))
 
 
@@ -183,7 +183,7 @@ def test_stores_and_deletes_while_compacting(make_server, tmp_path):
     store(server.port, files)
     v2 = store_versions(server.port, files[:40], tmp_path / "v2", "v2")
     time.sleep(1.0)
-    compactor = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "compact", "--data-dir", str(data),
+    compactor = subprocess.Popen([sys.executable, "-m", "stowage.cli", "compact", "--data-dir", str(data),
                                   "--rate", "1", "--ratio", "0.99"], env=dict(os.environ, **ENV),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     more = series_instances(tmp_path / "more", "COMPACT2", study, series, 10)
@@ -228,7 +228,7 @@ def test_kill_9_of_the_compactor_at_random_moments(make_server, tmp_path):
         del current[victim], expected[victim]
         gone.add(victim)
         time.sleep(0.6)  # sealed
-        compactor = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "compact", "--data-dir", str(data),
+        compactor = subprocess.Popen([sys.executable, "-m", "stowage.cli", "compact", "--data-dir", str(data),
                                       "--rate", "0.5", "--ratio", "0.99"], env=dict(os.environ, **ENV),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.5, 4.0))
@@ -274,8 +274,8 @@ def test_kill_9_of_the_server_during_background_compaction(make_server, tmp_path
 _INJECT = """
 import os, signal, sys
 from stowage.catalog import relocate
-from stowage.engine import compaction
-from stowage.engine.cli import main
+from stowage.engine.lifecycle import compaction
+from stowage.cli import main
 point, data = sys.argv[1], sys.argv[2]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -362,7 +362,7 @@ def test_sigterm_during_background_compaction_rolls_the_round_back(make_server, 
 def test_a_segment_with_a_corrupt_mark_is_not_rewritten(make_server, tmp_path):
     """A mark names (segment, offset): were its record moved, it would lose the mark and be
     served again. Such a segment stays as it is; the others are still compacted."""
-    from stowage.engine.integrity import marks_of
+    from stowage.engine.store.integrity import marks_of
     server = make_server("--workers", "1", **ENV)
     data = server.data_dir
     study = generate_uid()

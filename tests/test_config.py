@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from stowage.engine.config import Config, ConfigError, load
+from stowage.engine.runtime.config import Config, ConfigError, load
 
 from conftest import HOST, free_port
 
 
 def stowage(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

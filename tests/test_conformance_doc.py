@@ -36,7 +36,7 @@ def test_a_stale_table_is_rewritten():
 
 
 def test_every_negotiated_context_and_identification_is_stated():
-    from stowage.engine.config import Config
+    from stowage.engine.runtime.config import Config
     from stowage.workers.services import build_ae
     ae = build_ae(Config())
     text = DOC.read_text()

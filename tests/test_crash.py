@@ -11,7 +11,7 @@ import pytest
 from pynetdicom import AE, _config
 
 from conftest import CT, HOST, copies, dataset_bytes, echo_ok, export_all
-from stowage.engine.segment import iter_records
+from stowage.engine.store.segment import iter_records
 
 
 class Sender(threading.Thread):
@@ -133,7 +133,7 @@ def test_corrupt_record_is_skipped_and_the_rest_kept(make_server, tmp_path, chun
     with open(seg, "r+b") as f:  # flip bytes inside the third record's payload
         f.seek(victim.payload_offset + victim.payload_length // 2)
         f.write(b"\xff\x00\xff\x00")
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "rebuild-catalog", "--data-dir", str(server.data_dir)],
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "rebuild-catalog", "--data-dir", str(server.data_dir)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "5 record(s)" in r.stdout
@@ -149,7 +149,7 @@ def test_rebuild_catalog_from_segments_alone(make_server, tmp_path, chunked):
     files = _store_some(server, tmp_path, 12, "a")
     assert server.stop() == 0
     shutil.rmtree(server.data_dir / "catalog")
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "rebuild-catalog", "--data-dir", str(server.data_dir)],
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "rebuild-catalog", "--data-dir", str(server.data_dir)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "12 record(s)" in r.stdout
@@ -158,7 +158,7 @@ def test_rebuild_catalog_from_segments_alone(make_server, tmp_path, chunked):
 
 def test_rebuild_catalog_refuses_while_serving(server):
     import subprocess, sys
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "rebuild-catalog", "--data-dir", str(server.data_dir)],
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "rebuild-catalog", "--data-dir", str(server.data_dir)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "running" in r.stderr and "Traceback" not in r.stderr

@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from conftest import CT, HOST, dcmtk, export_all, series_instances
-from stowage.engine.segment import iter_records
+from stowage.engine.store.segment import iter_records
 from test_commitment import Modality, refs_of
 from test_find import findscu, storescu
 from test_get import getscu
@@ -41,7 +41,7 @@ def uid_of(path: Path) -> str:
 
 
 def delete(data_dir: Path, *args: str, confirm: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "delete", "--data-dir", str(data_dir), *args,
+    return subprocess.run([sys.executable, "-m", "stowage.cli", "delete", "--data-dir", str(data_dir), *args,
                            *([] if confirm is not None else ["--yes"])], input=confirm, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -355,7 +355,7 @@ def test_kill_9_during_deletes_loses_nothing_live_and_brings_nothing_back(make_s
     check()
     for round_, study in enumerate(studies[1:10]):
         storer = _storer(server.port, extra[round_ % len(extra)]) if round_ < len(extra) else None
-        proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "delete", "--data-dir", str(server.data_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "delete", "--data-dir", str(server.data_dir),
                                  "--study", study, "--yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         untouched.discard(study)
         time.sleep(rng.uniform(0.05, 1.2) * duration)

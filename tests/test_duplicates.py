@@ -10,7 +10,7 @@ import pytest
 from pynetdicom import AE, _config
 
 from conftest import CT, HOST, copies, dataset_bytes, export_all
-from stowage.engine.segment import iter_records
+from stowage.engine.store.segment import iter_records
 
 
 @pytest.fixture(autouse=True)

@@ -84,7 +84,7 @@ def corpus(out: Path) -> dict[str, list[Path]]:
 
 
 def stowage(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -341,7 +341,7 @@ def test_no_write_through_a_planted_link(archive, tmp_path):
     flat.mkdir()
     uid = next(u for u, ds in archive.meta.items() if ds.PatientID == "PAT-A")
     (flat / f"{uid}.dcm").symlink_to(target)
-    from stowage.engine.export import export as run  # in this process: its temporary file's name is known
+    from stowage.engine.transfer.export import export as run  # in this process: its temporary file's name is known
     (flat / f".{uid}.dcm.{os.getpid()}.tmp").symlink_to(target)
     assert run(archive.data_dir, flat, "instance", [uid]).written == 1
     assert target.read_text() == "keep me" and not (flat / f"{uid}.dcm").is_symlink()
@@ -376,7 +376,7 @@ def test_kill_9_mid_export_leaves_no_partial_file(make_server, tmp_path):
     storescu(server.port, files)
     out = tmp_path / "out"
     for _attempt in range(10):  # until killed while a file is being written (its tmp file there)
-        proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "export", "--data-dir", str(server.data_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "export", "--data-dir", str(server.data_dir),
                                  "--out", str(out), "--all", "--layout", "tree"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
@@ -399,7 +399,7 @@ def test_kill_9_mid_export_leaves_no_partial_file(make_server, tmp_path):
 
 
 def test_corrupt_and_marked_records_are_listed_and_the_rest_exported(make_server, tmp_path):
-    from stowage.engine.integrity import marks_of
+    from stowage.engine.store.integrity import marks_of
     server = make_server("--workers", "1")
     files = copies(CT, tmp_path / "files", 3, "c")
     storescu(server.port, files)
@@ -438,7 +438,7 @@ HOSTILE = ["..", ".", "../../etc", "/etc/passwd", "a\\..\\b", "\x00", "x\x00y", 
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_a_hostile_value_never_names_a_path(value):
-    from stowage.engine import export_names as en
+    from stowage.engine.transfer import export_names as en
     for name in (en.folder([(value, 40), (value, 32)], value, value), en.file_name(value, value),
                  en.tree_parts(en.Names((value, value, value), value, value, value, value, value, value, value,
                                         value, value, value, value))[1]):
@@ -449,7 +449,7 @@ def test_a_hostile_value_never_names_a_path(value):
 
 
 def test_names_that_sanitize_alike_stay_apart():
-    from stowage.engine import export_names as en
+    from stowage.engine.transfer import export_names as en
     a = en.folder([("SAME", 40), ("X/Y", 32)], "", "", "X/Y", "")
     b = en.folder([("SAME", 40), ("X_Y", 32)], "", "", "X_Y", "")
     assert a != b and a.rsplit("_", 1)[0] == b.rsplit("_", 1)[0] == "SAME_X_Y"

@@ -38,7 +38,7 @@ DICOMDIR_DIRS = ["77654033", "98892001", "98892003"]  # what pydicom's test DICO
 
 
 def run_import(data_dir: Path, *paths: Path | str, args: tuple[str, ...] = (), timeout: float = 300):
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "import", *map(str, paths), "--data-dir",
+    return subprocess.run([sys.executable, "-m", "stowage.cli", "import", *map(str, paths), "--data-dir",
                            str(data_dir), "-q", *args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -183,7 +183,7 @@ def exported(data_dir: Path, out: Path) -> dict[str, bytes]:
 
 
 def record_count(data_dir: Path) -> int:
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "query", "--data-dir", str(data_dir), "--format", "csv",
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "query", "--data-dir", str(data_dir), "--format", "csv",
                         "SELECT count(*) AS n FROM records"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return int(r.stdout.split()[-1])
@@ -254,7 +254,7 @@ def test_kill_9_then_rerun(make_server, tmp_path):
     expected = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: dataset_of(p.read_bytes())
                 for p in paths}
     data = tmp_path / "data"
-    proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     ledger = data / "import" / "ledger.sqlite"
     deadline = time.monotonic() + 120
@@ -280,7 +280,7 @@ def test_kill_9_then_rerun(make_server, tmp_path):
     assert acked_uids <= set(held)
     assert all(held[u] == expected[u] for u in held)
 
-    rerun = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
+    rerun = subprocess.Popen([sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     server.stop()  # serve restarts while the import runs: the import's slots are left alone
@@ -301,7 +301,7 @@ def test_kill_9_then_rerun(make_server, tmp_path):
 def test_recovery_leaves_a_held_slot_alone(tmp_path):
     """The acceptor's recovery over all slots skips a slot that a live process claims,
     and recovers it (torn tail cut, stale tail dropped) once the claim is gone."""
-    from stowage.engine.slots import claim_slot
+    from stowage.engine.store.slots import claim_slot
     data = tmp_path / "data"
     seg_dir, tails = data / "segments", data / "catalog" / "tails"
     seg_dir.mkdir(parents=True)
@@ -312,7 +312,7 @@ def test_recovery_leaves_a_held_slot_alone(tmp_path):
     seg.write_bytes(b"torn bytes, no record")
     tail = tails / f"100-{os.getpid()}-00000001.tail"
     tail.write_bytes(b"")
-    recover = [sys.executable, "-c", "import sys; from pathlib import Path; from stowage.engine.recovery import recover; "
+    recover = [sys.executable, "-c", "import sys; from pathlib import Path; from stowage.engine.store.recovery import recover; "
                                      "recover(Path(sys.argv[1]))", str(data)]
     r = subprocess.run(recover, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -363,7 +363,7 @@ def test_large_files_stream_from_the_source(tmp_path):
         expected[pydicom.dcmread(src / name, stop_before_pixels=True).SOPInstanceUID] = dataset_of(raw)
     before = tree_state(src)
     data = tmp_path / "data"
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q"],
                        capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, STOWAGE_SPILL_THRESHOLD="1024"))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -404,7 +404,7 @@ def test_no_space_stops_the_import(tmp_path):
     src = tmp_path / "src"
     corpus.generate(src, "small", 200, seed=31)
     data = tmp_path / "data"
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q"],
                        capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, STOWAGE_MIN_FREE_BYTES=str(1 << 60)))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
@@ -430,7 +430,7 @@ def test_large_files_from_another_file_system(tmp_path):
         expected = {pydicom.dcmread(src / "ct.dcm", stop_before_pixels=True).SOPInstanceUID:
                     dataset_of((src / "ct.dcm").read_bytes())}
         data = tmp_path / "data"
-        r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "import", str(src), "--data-dir", str(data), "-q"],
+        r = subprocess.run([sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q"],
                            capture_output=True, text=True, timeout=120,
                            env=dict(os.environ, STOWAGE_SPILL_THRESHOLD="1024"))
         assert r.returncode == 0, r.stdout + r.stderr

@@ -1,4 +1,4 @@
-"""The two receive paths: storage-only associations on the lean path (workers/ingest.py),
+"""The two receive paths: storage-only associations on the lean path (engine/receive/ingest.py),
 everything else on pynetdicom; both store the same bytes."""
 from __future__ import annotations
 

@@ -178,3 +178,120 @@ def test_the_patch_module_guards_the_version_once():
     others = [p for p in _sources(*OUTSIDE, "protocol") if p != PATCHES and "__version__" in _text(p)
               and "pynetdicom" in _text(p)]
     assert not others, others
+
+
+# The layers, top first (issue #18): a module imports from its own unit or from a layer
+# below, never from above, and never from a sibling unit of its own layer.
+LAYERS = (
+    ("stowage.__main__",),
+    ("stowage.cli",),
+    ("stowage.bench",),
+    ("stowage.workers", "stowage.engine.acceptor"),
+    ("stowage.engine.metrics",),
+    ("stowage.engine.migrate", "stowage.engine.importer"),
+    ("stowage.engine.receive", "stowage.engine.transfer", "stowage.engine.lifecycle"),
+    ("stowage.engine.store",),
+    ("stowage.engine.runtime",),
+    ("stowage.catalog",),
+    ("stowage.protocol",),
+)
+PACKAGES = ("stowage", "engine", "workers", "catalog", "bench", "protocol")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts) if parts[0] == "stowage" else "stowage." + ".".join(parts)
+
+
+def _unit(module: str) -> tuple[int, str] | None:
+    """(layer, unit) of a module: the longest LAYERS prefix it falls under."""
+    best = None
+    for rank, units in enumerate(LAYERS):
+        for unit in units:
+            if (module == unit or module.startswith(unit + ".")) and (best is None or len(unit) > len(best[1])):
+                best = (rank, unit)
+    return best
+
+
+@functools.cache
+def _import_graph() -> dict[str, set[str]]:
+    """Every stowage module and the stowage modules it imports, at the top or in a function."""
+    modules = {_module_name(p): p for p in _sources(*PACKAGES)}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stowage"):
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    found.add(sub if sub in modules else node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("stowage")}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in _import_graph() if _unit(m) is None and m not in ("stowage", "stowage.engine")]
+    assert not missing, f"add these to LAYERS: {missing}"
+
+
+def test_every_import_points_down():
+    """engine/ never imports workers/ or the command line; the store never imports the
+    lifecycle above it (the quota policy); bench/ never imports the command line."""
+    offenders = []
+    for module, imports in _import_graph().items():
+        mine = _unit(module)
+        for target in imports:
+            theirs = _unit(target)
+            if mine is None or theirs is None or theirs[1] == mine[1]:
+                continue
+            if theirs[0] <= mine[0]:
+                offenders.append(f"{module} imports {target} ({'above' if theirs[0] < mine[0] else 'beside'} it)")
+    assert not offenders, sorted(offenders)
+
+
+def test_no_import_cycle():
+    """No two modules import each other, directly or around a loop (Tarjan's strongly
+    connected components, iteratively)."""
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    loops = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    component.append(m)
+                    if m == node:
+                        break
+                if len(component) > 1:
+                    loops.append(sorted(component))
+    assert not loops, loops

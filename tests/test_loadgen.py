@@ -159,7 +159,7 @@ def test_cli_against_full_stowage(tmp_path: Path, make_server) -> None:
     the table and the JSON, with the archive's Error Comment; a chart is written."""
     srv = make_server("--workers", "1", STOWAGE_MIN_FREE_BYTES=str(10 ** 15))
     out, chart = tmp_path / "r.json", tmp_path / "r.png"
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "bench", "--port", str(srv.port), "--aet", "STOWAGE",
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "bench", "--port", str(srv.port), "--aet", "STOWAGE",
                         "-k", "1,2", "--kind", "small", "--syntax", "explicit,implicit", "--count", "5", "-q",
                         "--json", str(out), "--chart", str(chart)],
                        capture_output=True, text=True, timeout=240)
@@ -180,7 +180,7 @@ def test_cli_success_with_a_given_corpus(tmp_path: Path, make_server) -> None:
     generate(tmp_path / "corpus" / "ct", "ct", 3)
     generate(tmp_path / "corpus" / "sr", "sr", 4, transfer_syntax="deflate")
     out = tmp_path / "r.json"
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "bench", "--port", str(srv.port), "-q",
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "bench", "--port", str(srv.port), "-q",
                         "--corpus", str(tmp_path / "corpus"), "--json", str(out)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -189,10 +189,10 @@ def test_cli_success_with_a_given_corpus(tmp_path: Path, make_server) -> None:
 
 
 def test_cli_usage_errors() -> None:
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "bench", "-k", "0", "--port", "1"],
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "bench", "-k", "0", "--port", "1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and ">= 1" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "bench", "--kind", "pet", "--port", "1"],
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "bench", "--kind", "pet", "--port", "1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "unknown kind" in r.stderr
 
@@ -220,7 +220,7 @@ def test_compare_runs_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fresh", [False, True])
 def test_cli_fresh_sends_new_instances_each_run(tmp_path: Path, scp_factory, fresh: bool) -> None:
     scp = scp_factory()
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "bench", "--port", str(scp.port), "--aet", "TESTSCP",
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "bench", "--port", str(scp.port), "--aet", "TESTSCP",
                         "--count", "4", "--repeat", "2", "-q", *(["--fresh"] if fresh else [])],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr

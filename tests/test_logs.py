@@ -7,7 +7,7 @@ import logging
 import os
 import re
 
-from stowage.engine import logs
+from stowage.engine.runtime import logs
 
 
 def test_audit_lines_that_cannot_be_written_are_one_error_line(monkeypatch, caplog, capsys):

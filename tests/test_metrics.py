@@ -101,7 +101,7 @@ def test_metrics_port_taken_is_one_clear_line(tmp_path):
     with socket.socket() as busy:
         busy.bind((HOST, 0))
         busy.listen()
-        r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "serve", "--data-dir", str(tmp_path / "d"),
+        r = subprocess.run([sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(tmp_path / "d"),
                             "--port", str(free_port()), "--bind", HOST, "--metrics-port",
                             str(busy.getsockname()[1])], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr

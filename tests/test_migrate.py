@@ -81,12 +81,12 @@ def storescu(port: int, aec: str, files: list[Path]) -> None:
 
 
 def migrate(data_dir: Path, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "migrate", "--data-dir", str(data_dir), "-q",
+    return subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data_dir), "-q",
                            *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
 
 
 def query(data_dir: Path, sql: str) -> list[dict]:
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "query", "--data-dir", str(data_dir), "--format",
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "query", "--data-dir", str(data_dir), "--format",
                         "json", sql], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
@@ -224,7 +224,7 @@ def test_capped_find_still_finds_every_study_and_dry_run_pulls_nothing(tmp_path,
     assert states.get("split", 0) >= 4 and "incomplete" not in states and "pending" not in states, states
     assert sum(n for _k, n in hours) == 7  # the seven studies of the crowded day, found hour by hour
     assert not (data / "catalog").exists() and not (data / "segments").exists()
-    status = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "migrate", "--data-dir", str(data), "--status"],
+    status = subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "--status"],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     assert f"studies: {len(listed)} found, 0 done, 0 failed, 0 in flight, {len(listed)} pending" in status.stdout
@@ -262,7 +262,7 @@ def test_kill_9_midway_then_resume(make_server, tmp_path, corpus, orthancs):
     server = make_server("--workers", "2")
     orthanc = loaded_orthanc(orthancs, tmp_path, corpus, server.port)
     src = f"ORTHANC@{HOST}:{orthanc.dicom_port}"
-    cmd = [sys.executable, "-m", "stowage.engine.cli", "migrate", "--data-dir", str(server.data_dir), "-q", "--from", src,
+    cmd = [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(server.data_dir), "-q", "--from", src,
            "--parallel", "1", "--max-rate", "25"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     done_before: dict[str, tuple] = {}
@@ -348,7 +348,7 @@ def test_a_source_that_does_not_know_us_stops_the_migration_with_what_to_configu
     assert r.returncode == 1, r.stdout + r.stderr
     assert "does not know 'STOWAGE' as a C-MOVE destination (0xA801)" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    status = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "migrate", "--data-dir", str(server.data_dir),
+    status = subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(server.data_dir),
                              "--status"], capture_output=True, text=True, timeout=60)
     assert "0 done" in status.stdout and "0 failed" in status.stdout, status.stdout  # nothing counted against studies
 
@@ -494,7 +494,7 @@ def test_time_window_and_rate():
 def test_sigterm_finishes_the_studies_in_flight_and_says_how_to_continue(make_server, tmp_path, corpus, orthancs):
     server = make_server("--workers", "2")
     orthanc = loaded_orthanc(orthancs, tmp_path, corpus, server.port)
-    cmd = [sys.executable, "-m", "stowage.engine.cli", "migrate", "--data-dir", str(server.data_dir), "-q", "--from",
+    cmd = [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(server.data_dir), "-q", "--from",
            f"ORTHANC@{HOST}:{orthanc.dicom_port}", "--parallel", "2", "--max-rate", "25"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -505,7 +505,7 @@ def test_sigterm_finishes_the_studies_in_flight_and_says_how_to_continue(make_se
                     if con.execute("SELECT count(*) FROM studies WHERE state = 'done'").fetchone()[0] >= 2:
                         break
             time.sleep(0.2)
-        status = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "migrate", "--data-dir", str(server.data_dir),
+        status = subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(server.data_dir),
                                  "--status"], capture_output=True, text=True, timeout=60)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -526,7 +526,7 @@ def test_outside_the_time_window_nothing_starts(tmp_path):
     now = dt.datetime.now()
     opens = (now + dt.timedelta(hours=2)).strftime("%H:%M")
     closes = (now + dt.timedelta(hours=3)).strftime("%H:%M")
-    cmd = [sys.executable, "-m", "stowage.engine.cli", "migrate", "--data-dir", str(tmp_path / "data"), "-q", "--method", "get",
+    cmd = [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(tmp_path / "data"), "-q", "--method", "get",
            "--from", f"LEGACY@{HOST}:{free_port()}", "--window", f"{opens}-{closes}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -14,11 +14,11 @@ import pytest
 
 from conftest import HOST, dataset_bytes
 from stowage.bench import corpus
-from stowage.engine.export import export
-from stowage.engine.locate import GONE
-from stowage.engine.requestor import Peer
-from stowage.engine.selection import select
-from stowage.engine.send import Sender
+from stowage.engine.transfer.export import export
+from stowage.engine.store.locate import GONE
+from stowage.engine.transfer.requestor import Peer
+from stowage.engine.transfer.selection import select
+from stowage.engine.transfer.send import Sender
 from stowage.catalog.reader import Catalog
 from test_send import scps  # noqa: F401  (the DCMTK storescp fixture)
 
@@ -27,7 +27,7 @@ ENV = {"STOWAGE_SEGMENT_SIZE": "100000", "STOWAGE_COMPACT_GRACE": "0"}
 
 
 def stowage(*args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, **ENV))
     assert r.returncode == 0, r.stdout + r.stderr
     return r

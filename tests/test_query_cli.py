@@ -16,7 +16,7 @@ from conftest import CT, HOST, copies, dcmtk
 
 
 def stowage_query(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "query", "--data-dir", str(data_dir), *args],
+    return subprocess.run([sys.executable, "-m", "stowage.cli", "query", "--data-dir", str(data_dir), *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -87,7 +87,7 @@ def test_only_read_only_queries_run(data_dir, sql, words):
 
 
 def test_schema_lists_tables_and_columns(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "query", "--schema"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "query", "--schema"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0
     for word in ("records", "instances", "studies", "patient_name", "received_at", "dicom_attribute"):

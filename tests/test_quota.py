@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from conftest import HOST, dcmtk, series_instances
-from stowage.engine.quota import EXHAUSTED
+from stowage.engine.lifecycle.quota import EXHAUSTED
 from test_compaction import query, stowage, store
 
 pytestmark = pytest.mark.timeout(600)

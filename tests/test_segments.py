@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from stowage.engine.segment import PREFIX_SIZE, CorruptRecord, encode_record, iter_records, read_payload, valid_end
-from stowage.engine.writer import SegmentWriter
+from stowage.engine.store.segment import PREFIX_SIZE, CorruptRecord, encode_record, iter_records, read_payload, valid_end
+from stowage.engine.store.writer import SegmentWriter
 from page_cache import file_system, resident_pages
 
 
@@ -76,7 +76,7 @@ def test_shuffled_payloads_stream_back_exactly(tmp_path):
     back byte-exact through the streaming reader."""
     import os
     import zstandard
-    from stowage.engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, shuffle
+    from stowage.engine.store.segment import FLAG_SHUFFLE, FLAG_ZSTD, SHUFFLE_BLOCK, shuffle
     seg = tmp_path / "s.seg"
     sizes = [0, 1, 7, SHUFFLE_BLOCK - 1, SHUFFLE_BLOCK, SHUFFLE_BLOCK + 3, 3 * SHUFFLE_BLOCK + 101]
     payloads = [bytes(i % 7 for i in range(n // 2)) + os.urandom(n - n // 2) for n in sizes]
@@ -91,7 +91,7 @@ def test_shuffle_layout_is_fixed_and_inverts():
     """Records on disk depend on this exact layout: per 256 KiB block (and for the final
     partial block), the low bytes of each 16-bit lane, then the high bytes; an odd last
     byte stays where it is."""
-    from stowage.engine.segment import SHUFFLE_BLOCK, shuffle, unshuffle
+    from stowage.engine.store.segment import SHUFFLE_BLOCK, shuffle, unshuffle
     assert bytes(shuffle(b"\x01\x02\x03\x04\x05")) == b"\x01\x03\x02\x04\x05"
     rng = random.Random(7)
     data = bytes(rng.getrandbits(8) for _ in range(2 * SHUFFLE_BLOCK + 11))
@@ -109,7 +109,7 @@ def test_shuffle_of_a_meta_and_its_data_set_is_that_of_their_join(head_length):
     """The store path shuffles a record's file meta and data set without joining them
     first: the bytes must be exactly those of shuffling the join, for data sets of every
     length around the block boundary (odd meta lengths and long metas take the plain path)."""
-    from stowage.engine.segment import SHUFFLE_BLOCK, shuffle, shuffle_joined
+    from stowage.engine.store.segment import SHUFFLE_BLOCK, shuffle, shuffle_joined
     rng = random.Random(head_length)
     head = rng.randbytes(head_length)
     for length in [0, 1, 2, 7, 16 << 10, (16 << 10) + 3, SHUFFLE_BLOCK - head_length - 1,
@@ -125,7 +125,7 @@ def test_record_checksum_is_zlibs_crc32():
     """Records written with the fast CRC-32 read back with zlib's, and the other way
     round: the checksum is part of the format."""
     import zlib
-    from stowage.engine.segment import crc32
+    from stowage.engine.store.segment import crc32
     data = bytes(random.Random(3).getrandbits(8) for _ in range(300_000))
     for piece in (data, memoryview(data)[17:250_001], bytearray(data[:5])):
         assert crc32(piece) == zlib.crc32(piece)

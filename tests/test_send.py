@@ -26,7 +26,7 @@ def compressed(tmp_path) -> list[Path]:
 
 
 def stowage(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -198,7 +198,7 @@ def test_send_counts_a_corrupt_record_as_failed(server, tmp_path, scps):
 def flip_payload(data_dir: Path, sop_instance_uid: str) -> None:
     """Corrupt the payload of the stored record of `sop_instance_uid` (flip 8 bytes)."""
     from stowage.catalog.reader import Catalog
-    from stowage.engine.segment import _read_head
+    from stowage.engine.store.segment import _read_head
     catalog = Catalog(data_dir / "catalog")
     try:
         row = catalog.lookup(sop_instance_uid)
@@ -292,9 +292,9 @@ def test_send_on_an_existing_association(server, tmp_path, scps, monkeypatch):
     from pynetdicom import _config
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)  # Sender sets it process-wide
     from stowage.catalog.reader import Catalog
-    from stowage.engine.requestor import Peer, associate, new_ae
-    from stowage.engine.selection import select
-    from stowage.engine.send import Sender, context_batches
+    from stowage.engine.transfer.requestor import Peer, associate, new_ae
+    from stowage.engine.transfer.selection import select
+    from stowage.engine.transfer.send import Sender, context_batches
     from pynetdicom.presentation import build_context
     ct = copies(CT, tmp_path / "ct", 3, "ct")
     store(server.port, ct)
@@ -316,7 +316,7 @@ def test_send_on_an_existing_association(server, tmp_path, scps, monkeypatch):
 
 
 def test_context_batches_stay_within_128_and_keep_each_class_whole():
-    from stowage.engine.send import MAX_CONTEXTS, Instance, context_batches
+    from stowage.engine.transfer.send import MAX_CONTEXTS, Instance, context_batches
     instances = [Instance(f"1.2.3.{i}", f"1.2.840.10008.5.1.4.1.1.{i}", ts, "000-00000001.seg", 0)
                  for i in range(60) for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50")]
     batches = context_batches(instances)
@@ -331,7 +331,7 @@ def test_context_batches_stay_within_128_and_keep_each_class_whole():
 
 
 def test_query_keys_are_schema_columns_and_values_are_bound():
-    from stowage.engine.selection import SelectionError, _like, parse_query
+    from stowage.engine.transfer.selection import SelectionError, _like, parse_query
     assert parse_query("Modality=CT patient_id='A B'") == [("modality", "CT"), ("patient_id", "A B")]
     for bad in ("sop_instance_uid=1; DROP TABLE x", "Modality", "\"1=1 OR\"=x"):
         with pytest.raises(SelectionError):

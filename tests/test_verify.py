@@ -34,7 +34,7 @@ def storescu(port: int, files: list[Path], *options: str) -> None:
 
 
 def verify(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.engine.cli", "verify", "--data-dir", str(data_dir), "-q", *args],
+    return subprocess.run([sys.executable, "-m", "stowage.cli", "verify", "--data-dir", str(data_dir), "-q", *args],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -66,7 +66,7 @@ def flip_header(data_dir: Path, uid: str) -> None:
 def flip_under_crc(data_dir: Path, uid: str) -> None:
     """Flip payload bytes of an uncompressed record and recompute its record CRC: damage
     done before the CRC was computed, that only the dataset's CRC-32 can show."""
-    from stowage.engine.segment import PREFIX_SIZE, crc32
+    from stowage.engine.store.segment import PREFIX_SIZE, crc32
     segment, offset = location(data_dir, uid)
     prefix = struct.Struct("<4sHHIQ")
     with open(data_dir / "segments" / segment, "r+b") as f:
@@ -277,7 +277,7 @@ def test_verify_reports_a_cut_segment_and_an_unindexed_record(make_server, tmp_p
 
 
 def _record_at(path: Path, offset: int) -> bytes:
-    from stowage.engine.segment import open_record
+    from stowage.engine.store.segment import open_record
     with open(path, "rb") as f:
         rec, _stored = open_record(f, offset)
         f.seek(offset)
@@ -303,7 +303,7 @@ def test_a_restored_record_has_its_mark_lifted(make_server, tmp_path):
 
 def test_marks_survive_a_torn_line(tmp_path):
     """A mark cut short by a crash marks nothing, and never swallows the next one."""
-    from stowage.engine.integrity import CorruptMarks
+    from stowage.engine.store.integrity import CorruptMarks
     marks = CorruptMarks(tmp_path)
     assert marks.mark("000-00000001.seg", 100, "1.2.3", "checksum mismatch", "verify")
     with open(marks.path, "ab") as f:
@@ -323,8 +323,8 @@ def test_streamed_and_in_memory_checks_agree(tmp_path):
     """Records over IN_MEMORY are checked as a stream of chunks, smaller ones whole: both
     give the same dataset checksum, and both report a flipped byte as a checksum failure."""
     import zstandard
-    from stowage.engine.integrity import read_back, record_dataset
-    from stowage.engine.segment import FLAG_SHUFFLE, FLAG_ZSTD, CorruptRecord, crc32, encode_record, open_record, shuffle
+    from stowage.engine.store.integrity import read_back, record_dataset
+    from stowage.engine.store.segment import FLAG_SHUFFLE, FLAG_ZSTD, CorruptRecord, crc32, encode_record, open_record, shuffle
     group = b"\x02\x00\x10\x00UI\x06\x001.2.3\x00"
     meta = struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(group)) + group
     dataset = bytes(range(256)) * 3000 + b"tail"

@@ -1,6 +1,6 @@
 """Storage Commitment Push Model SCP: N-ACTION in, N-EVENT-REPORT out (PS3.4 J.3).
 
-The handler validates the request, persists it (engine/commitment.py: fsync'd before the
+The handler validates the request, persists it (engine/store/commitment.py: fsync'd before the
 N-ACTION-RSP goes out), and returns at once. A delivery loop per worker (with a few
 sender threads) then judges the references and sends the report:
   - on the requester's own association, if it is still open and the requester's
@@ -34,10 +34,10 @@ from pynetdicom.dimse_messages import N_ACTION_RSP
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import build_context
 
-from stowage.engine import commitment as sc
-from stowage.engine.archive import Archive, valid_uid
-from stowage.engine.requestor import Peer, PeerError, associate, new_ae, peer_of
-from stowage.engine.config import Config
+from stowage.engine.store import commitment as sc
+from stowage.engine.store.archive import Archive, valid_uid
+from stowage.engine.transfer.requestor import Peer, PeerError, associate, new_ae, peer_of
+from stowage.engine.runtime.config import Config
 from stowage.protocol.status import (INVALID_ARGUMENT_VALUE, MISSING_ATTRIBUTE, MISSING_ATTRIBUTE_VALUE,
                                      NO_SUCH_ACTION_TYPE, NO_SUCH_SOP_INSTANCE, PROCESSING_FAILURE, SUCCESS)
 

@@ -20,8 +20,8 @@ from stowage.catalog.keys import models
 from stowage.catalog.query import QueryError, parse_request, run
 from stowage.catalog.reader import Catalog
 from stowage.catalog.responses import identifier as response_identifier
-from stowage.engine import metrics
-from stowage.engine.config import Config
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.counts import counts as process_counts
 from stowage.protocol.status import CANCEL, PENDING, SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS
 
 log = logging.getLogger("stowage.find")
@@ -118,7 +118,7 @@ def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset
         yield _failure(UNABLE_TO_PROCESS + 1, f"query failed: {type(e).__name__}: {e}")
         return
     cancelled = cancelled or event.is_cancelled
-    metrics.counts.add("finds")
+    process_counts.add("finds")
     audit.info("C-FIND %s %s from %s: %d match(es)%s in %.1f ms", request.model.name, request.level,
                event.assoc.requestor.ae_title, count, " (cancelled)" if cancelled else "",
                (time.monotonic() - started) * 1000,

@@ -4,7 +4,7 @@ Patient/Study Only models, at every level the model has.
 The instances are chosen from the request identifier's unique keys (the level's and the
 levels' above it, UID lists included) over the catalog, which sees every acknowledged
 store (sealed Parquet plus tails). Sub-operations go through the shared sending core
-(engine/send.py): byte-exact when the destination accepts the stored transfer syntax,
+(engine/transfer/send.py): byte-exact when the destination accepts the stored transfer syntax,
 converted otherwise (never to a lossy syntax), a failed one counted with its reason in
 the log. C-MOVE opens its own association to the destination from `[remotes.AE]`
 (TCP_NODELAY, a store without response retried once on a new association); C-GET sends
@@ -30,22 +30,32 @@ from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.service_class import QueryRetrieveServiceClass
-from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelGet,
-                                  PatientRootQueryRetrieveInformationModelMove,
-                                  PatientStudyOnlyQueryRetrieveInformationModelGet,
-                                  PatientStudyOnlyQueryRetrieveInformationModelMove,
-                                  StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove)
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientStudyOnlyQueryRetrieveInformationModelGet,
+    PatientStudyOnlyQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from stowage.catalog.reader import Catalog
-from stowage.engine.requestor import Peer, PeerError, peer_of
-from stowage.engine.config import Config
-from stowage.engine import metrics
-from stowage.engine.send import Instance, Outcome, Sender, direct_socket
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.counts import counts as process_counts
+from stowage.engine.transfer.requestor import Peer, PeerError, peer_of
+from stowage.engine.transfer.send import Instance, Outcome, Sender, direct_socket
 from stowage.protocol.pdu import p_data
 from stowage.protocol.pynetdicom_patches import retrieve_pending_command, send_retrieve_pending
-from stowage.protocol.status import (CANCEL, IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, MOVE_DESTINATION_UNKNOWN, PENDING,
-                                     SUBOPERATIONS_COMPLETE_WITH_FAILURES, SUCCESS, UNABLE_TO_PERFORM_SUBOPERATIONS,
-                                     UNABLE_TO_PROCESS)
+from stowage.protocol.status import (
+    CANCEL,
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    MOVE_DESTINATION_UNKNOWN,
+    PENDING,
+    SUBOPERATIONS_COMPLETE_WITH_FAILURES,
+    SUCCESS,
+    UNABLE_TO_PERFORM_SUBOPERATIONS,
+    UNABLE_TO_PROCESS,
+)
 
 log = logging.getLogger("stowage.retrieve")
 audit = logging.getLogger("stowage.audit")
@@ -249,7 +259,7 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
     for o in result.failures[:20]:
         log.warning("%s %s to %s: %s failed: %s", name, level, dest, o.instance.sop_instance_uid, o.reason)
     seconds = time.monotonic() - started
-    metrics.counts.retrieved(name, c, f, w, result.bytes_sent)
+    process_counts.retrieved(name, c, f, w, result.bytes_sent)
     audit.info("%s %s from %s to %s: %d completed, %d failed, %d warning, %d remaining (%d converted) "
                "in %.2f s, status 0x%04X", name, level, requestor, dest, c, f, w, remaining, result.converted,
                seconds, status,

@@ -9,17 +9,18 @@ from pydicom.uid import ExplicitVRBigEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from stowage.engine.archive import Archive
-from stowage.engine.commitment import SOP_CLASS as STORAGE_COMMITMENT
-from stowage.engine.config import Config
+from stowage.engine.store.archive import Archive
+from stowage.engine.store.commitment import SOP_CLASS as STORAGE_COMMITMENT
+from stowage.engine.runtime.config import Config
 from stowage.protocol import pynetdicom_patches
-from stowage.workers.audit import Trail
+from stowage.protocol.identity import identify
+from stowage.engine.runtime.audit import Trail
 from stowage.workers.commitment import SYNTAXES as COMMITMENT_SYNTAXES, Commitment, handle_n_action
 from stowage.workers.contexts import storage_sop_classes, transfer_syntaxes
 from stowage.workers.echo import handle_echo
 from stowage.workers.find import FIND_SOP_CLASSES, Finder, handle_find, handle_sop_extended
 from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES, Retriever, scp as retrieve_scp
-from stowage.workers.store import StorageSCP, handle_store
+from stowage.engine.receive.store import StorageSCP, handle_store
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Services:
 
 def build_ae(config: Config) -> AE:
     """The AE whose supported contexts every association of this worker negotiates against."""
-    ae = AE(config.aet)
+    ae = identify(AE(config.aet))
     ae.maximum_pdu_size = config.max_pdu
     ae.acse_timeout = config.acse_timeout
     ae.dimse_timeout = config.dimse_timeout

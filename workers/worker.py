@@ -20,20 +20,21 @@ import time
 
 from pynetdicom.sop_class import Verification
 
-from stowage.engine.archive import Archive
-from stowage.engine.config import Config
-from stowage.engine.logs import setup_logging
-from stowage.engine.recovery import recover
-from stowage.engine.slots import claim_exact
-from stowage.engine.tls import server_context
+from stowage.engine.store.archive import Archive
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import setup_logging
+from stowage.engine.store.recovery import recover
+from stowage.engine.store.slots import claim_exact
+from stowage.engine.runtime.tls import server_context
 from stowage.protocol import pynetdicom_patches
 from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT, PeerClosed, ProtocolError
 from stowage.protocol.sockopts import kernel_timeouts
-from stowage.workers import association, negotiation, spill
-from stowage.workers.audit import Trail, outcome_of
+from stowage.workers import association
+from stowage.engine.receive import negotiation, spill
+from stowage.engine.runtime.audit import Trail, outcome_of
 from stowage.workers.contexts import storage_sop_classes
-from stowage.workers.ingest import StorageAssociation
-from stowage.workers.malloc import keep_large_buffers_in_heap
+from stowage.engine.receive.ingest import StorageAssociation
+from stowage.engine.runtime.malloc import keep_large_buffers_in_heap
 from stowage.workers.services import Services, build_ae
 
 log = logging.getLogger("stowage.worker")

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True,
                        env=env, cwd=REPO)
     if check and r.returncode != 0:
         raise SystemExit(f"stowage {args[0]} failed: {r.stderr[-2000:]}")
@@ -41,7 +41,7 @@ def _cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
 
 
 def _bench(port: int, kind: str, count: int, k: int, seed: int, out: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "bench", "--port", str(port), "--kind", kind,
+    return subprocess.Popen([sys.executable, "-m", "stowage.cli", "bench", "--port", str(port), "--kind", kind,
                              "--count", str(count), "-k", str(k), "--seed", str(seed), "--json", str(out), "-q",
                              "--patients", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             cwd=REPO)
@@ -67,7 +67,7 @@ def _seg_bytes(data: Path) -> int:
 
 
 def _compact(data: Path, env: dict, rate: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "compact", "--data-dir", str(data), "--rate",
+    return subprocess.Popen([sys.executable, "-m", "stowage.cli", "compact", "--data-dir", str(data), "--rate",
                              str(rate)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
 
@@ -138,7 +138,7 @@ def main() -> None:
     data, port = tmp / "data", free_port()
     env = dict(os.environ, STOWAGE_SEGMENT_SIZE=str(args.segment_size), STOWAGE_COMPACT_INTERVAL="0",
                STOWAGE_COMPACT_GRACE="0", STOWAGE_DATA_DIR=str(data))
-    serve = subprocess.Popen([sys.executable, "-m", "stowage.engine.cli", "serve", "--port", str(port), "--bind",
+    serve = subprocess.Popen([sys.executable, "-m", "stowage.cli", "serve", "--port", str(port), "--bind",
                               "127.0.0.1", "--workers", str(args.workers)], env=env, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=(tmp / "serve.log").open("wb"), start_new_session=True)
     results: dict = {"kind": args.kind, "count": args.count, "ingest_kind": args.ingest_kind,

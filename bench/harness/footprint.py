@@ -65,7 +65,7 @@ MB = 1e6
 def start_server(tmp: Path, port: int, workers: int, max_associations: int,
                  network_timeout: float) -> tuple[subprocess.Popen, Path]:
     log = tmp / "serve.log"
-    cmd = [sys.executable, "-m", "stowage.engine.cli", "serve", "--data-dir", str(tmp / "data"), "--port", str(port),
+    cmd = [sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(tmp / "data"), "--port", str(port),
            "--bind", "127.0.0.1", "--workers", str(workers), "--max-associations", str(max_associations)]
     env = dict(os.environ, STOWAGE_NETWORK_TIMEOUT=str(network_timeout))
     with open(log, "wb") as out:

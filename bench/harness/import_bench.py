@@ -109,7 +109,7 @@ def _cache_note(mode: str) -> str:
 
 
 def run_import(folder: Path, data: Path, files: int, nbytes: int, extra: list[str]) -> Row:
-    cmd = [sys.executable, "-m", "stowage.engine.cli", "import", str(folder), "--data-dir", str(data), "-q", *extra]
+    cmd = [sys.executable, "-m", "stowage.cli", "import", str(folder), "--data-dir", str(data), "-q", *extra]
     cpu0, t0 = _children_cpu(), time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     seconds, cpu = time.perf_counter() - t0, _children_cpu() - cpu0

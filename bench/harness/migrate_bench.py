@@ -79,7 +79,7 @@ def _timed(cmd: list[str], monitors: list[TreeMonitor]) -> tuple[float, float, l
 
 
 def _migrate_cmd(data: Path, orthanc: Orthanc, method: str, parallel: int) -> list[str]:
-    return [sys.executable, "-m", "stowage.engine.cli", "migrate", "--data-dir", str(data), "-q",
+    return [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "-q",
             "--from", f"{orthanc.aet}@{HOST}:{orthanc.dicom_port}", "--method", method,
             "--parallel", str(parallel), "--retry-delay", "1"]
 

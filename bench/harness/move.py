@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                                "127.0.0.1", str(port)],
             f"stowage C-MOVE x{args.associations}": [movescu, "-S", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem",
                                                      "DEST2", *move_keys, "127.0.0.1", str(port)],
-            "stowage send": [sys.executable, "-m", "stowage.engine.cli", "send", "--data-dir", str(data), "-q",
+            "stowage send": [sys.executable, "-m", "stowage.cli", "send", "--data-dir", str(data), "-q",
                              "--config", str(cfg), "--to", "DEST", "--study", study],
         }
         if not args.no_orthanc and executable():

@@ -51,15 +51,15 @@ class Receiver:
 
 def _stowage(port: int, data_dir: Path, workers: int | None) -> list[str]:
     try:
-        spec = importlib.util.find_spec("stowage.engine.cli")
+        spec = importlib.util.find_spec("stowage.cli")
     except ImportError:
         spec = None
     if spec is not None:
-        base = [sys.executable, "-m", "stowage.engine.cli"]
+        base = [sys.executable, "-m", "stowage.cli"]
     elif exe := shutil.which("stowage"):
         base = [exe]
     else:
-        raise Unavailable("engine.cli is not importable and no `stowage` console script on PATH")
+        raise Unavailable("cli is not importable and no `stowage` console script on PATH")
     return [*base, "serve", "--data-dir", str(data_dir), "--port", str(port), "--aet", "STOWAGE",
             "--bind", "127.0.0.1", *(["--workers", str(workers)] if workers else [])]
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                         results[name].append(time.monotonic() - t)
                     else:
                         if name == "stowage send":
-                            cmd = [sys.executable, "-m", "stowage.engine.cli", "send", "--data-dir", str(data), "-q",
+                            cmd = [sys.executable, "-m", "stowage.cli", "send", "--data-dir", str(data), "-q",
                                    "--to", f"127.0.0.1:{rx_port}", "--aec", "DEST", "--study", study]
                         else:
                             cmd = [storescu, "-aec", "DEST", "127.0.0.1", str(rx_port), *map(str, files)]

@@ -9,7 +9,7 @@ instances of each ``--kind`` (bench/corpus.py), then stopped. Then, on the segme
 
 1. disk     every segment file read sequentially in 8 MiB reads, its pages dropped from
             the page cache first (posix_fadvise DONTNEED): the cold sequential read rate.
-2. cold     the verifier (engine/verify.py, what `stowage verify` runs) over the whole
+2. cold     the verifier (engine/lifecycle/verify.py, what `stowage verify` runs) over the whole
             archive, unpaced, pages dropped first: both checksums of every record and
             the catalog cross-check. Its MB/s (bytes on disk) ÷ the disk's is the figure.
 3. warm     the same with every page cached: the CPU-bound rate (decompression, CRCs).
@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 
 from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree
-from stowage.engine.verify import Pacer, Stopped, Tally, Verifier
-from stowage.engine.verify_cli import verify_all
+from stowage.engine.lifecycle.verify import Pacer, Stopped, Tally, Verifier, verify_all
 
 
 def _cpu() -> float:
@@ -126,7 +125,7 @@ def fill(work: Path, kinds: str, count: int) -> Path:
     os.environ["STOWAGE_SCRUB_RATE"] = "0"
     server = serve_stowage(data, port, echoscu, "--workers", "2")
     try:
-        r = subprocess.run([sys.executable, "-m", "stowage.engine.cli", "bench", "--port", str(port), "--kind", kinds,
+        r = subprocess.run([sys.executable, "-m", "stowage.cli", "bench", "--port", str(port), "--kind", kinds,
                             "--count", str(count), "-k", "2", "-q"], capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"loading the archive failed:\n{r.stdout}\n{r.stderr}")

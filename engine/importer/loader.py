@@ -1,4 +1,4 @@
-"""One import process: it claims a slot of its own (engine/slots.py), recovers what a
+"""One import process: it claims a slot of its own (engine/store/slots.py), recovers what a
 previous owner of that slot left, and stores files through `Archive.store`, the storage
 API that C-STORE uses, on several threads at once so that one group-committed fsync
 covers many instances.
@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from stowage.catalog.attributes import UnreadableDataset, extract
-from stowage.engine.archive import Archive
-from stowage.engine.config import Config
-from stowage.engine.logs import setup_logging
+from stowage.engine.store.archive import Archive
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.importer.part10 import FileInfo, Malformed, NotDicom, check_whole, read_info
-from stowage.engine.recovery import recover
-from stowage.engine.segment import FileRange
+from stowage.engine.store.recovery import recover
+from stowage.engine.store.segment import FileRange
 from stowage.engine.importer.outcome import HELD, NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, Outcome, Task
-from stowage.engine.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, claim_slot
+from stowage.engine.store.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, claim_slot
 from stowage.protocol.status import OUT_OF_RESOURCES
-from stowage.workers.malloc import keep_large_buffers_in_heap
+from stowage.engine.runtime.malloc import keep_large_buffers_in_heap
 
 DEFAULT_SOURCE_AE = "IMPORT"  # the calling AE recorded when a file names no Source AE
 _HEAD = 64 << 10       # of a data set without file meta: enough to find its UIDs
@@ -54,7 +54,7 @@ def _open(path: str) -> int:
 
 def _forget(fd: int) -> None:
     """Drop the file from the page cache: an import reads terabytes once, and they would
-    push out what `serve` reads (the segments written leave too: engine/writer.py)."""
+    push out what `serve` reads (the segments written leave too: engine/store/writer.py)."""
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError:  # advice only (e.g. a pipe or a file system without it)

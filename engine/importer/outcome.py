@@ -18,9 +18,3 @@ class Outcome:
     reason: str = ""
     nbytes: int = 0
     missing: tuple[str, ...] = ()  # a DICOMDIR's referenced files that are not there
-
-
-def child_main(*args) -> None:
-    """Entry point of an import process (engine/importer/loader.py does the work)."""
-    from stowage.engine.importer.loader import process_main
-    process_main(*args)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from stowage.engine.config import Config
 from stowage.engine.importer.ledger import Ledger
-from stowage.engine.importer.outcome import NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, HELD, Outcome, Task, child_main
+from stowage.engine.importer.outcome import HELD, NOT_ATTEMPTED, REFUSED, SKIPPED, STORED, Outcome, Task
 from stowage.engine.importer.scan import roots_of, scan
-from stowage.engine.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, slots_present, try_claim
+from stowage.engine.runtime.config import Config
+from stowage.engine.store.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, slots_present, try_claim
 
 _CHUNK_FILES = 16
 _CHUNK_BYTES = 8 << 20
@@ -90,9 +90,16 @@ class _Report:
         return None
 
 
+def child_main(*args) -> None:
+    """Entry point of an import process (engine/importer/loader.py does the work), imported
+    there so that this process starts its children before it loads the store path."""
+    from stowage.engine.importer.loader import process_main
+    process_main(*args)
+
+
 def _recover_left_behind(data_dir: Path) -> None:
     """Recover import slots that a killed import left (nobody holds them now)."""
-    from stowage.engine.recovery import recover  # the store path's imports: after the processes started
+    from stowage.engine.store.recovery import recover  # the store path's imports: after the processes started
     for number in sorted(n for n in slots_present(data_dir) if IMPORT_FIRST_SLOT <= n <= IMPORT_LAST_SLOT):
         claim = try_claim(data_dir, number)
         if claim is not None:

@@ -1,6 +1,6 @@
 """Pulling one study from the source: C-MOVE to the running archive, or C-GET with the
-C-STOREs received here, on the lean path (workers/get_scu.py), and stored through
-engine.archive.Archive (in a slot of our own).
+C-STOREs received here, on the lean path (engine/receive/get_scu.py), and stored through
+engine.store.archive.Archive (in a slot of our own).
 
 Stall: no response for --stall-timeout (pynetdicom's DIMSE timeout for C-MOVE, the
 socket's for C-GET), or Pending responses without a sub-operation done for that long.
@@ -28,11 +28,11 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from stowage.engine.migrate.source import Session, SourceError
-from stowage.engine.requestor import Peer
+from stowage.engine.transfer.requestor import Peer
 from stowage.protocol import store_scu
 from stowage.protocol.status import OUT_OF_RESOURCES_STATUSES, PENDING_STATUSES, SUCCESS
-from stowage.workers.get_scu import GetAssociation, SubOperations
-from stowage.workers.store import StorageSCP
+from stowage.engine.receive.get_scu import GetAssociation, SubOperations
+from stowage.engine.receive.store import StorageSCP
 
 log = logging.getLogger("stowage.migrate")
 MAX_CONTEXTS = 128
@@ -131,7 +131,7 @@ def get_contexts(sop_classes: list[str]) -> list[tuple[str, list[str]]]:
 def get_study(peer: Peer, our_aet: str, study_uid: str, sop_classes: list[str], scp: StorageSCP, key: int,
               stall_timeout: float, on_progress: Callable[[int], None] = lambda n: None) -> Pulled:
     """One study-level C-GET on an association of its own, its instances stored through
-    `scp` as they arrive (workers/get_scu.py); raises SourceError if no association."""
+    `scp` as they arrive (engine/receive/get_scu.py); raises SourceError if no association."""
     contexts = get_contexts(sop_classes)
     assoc = store_scu.Association(peer.host, peer.port, peer.ae_title, our_aet,
                                   [(StudyRootQueryRetrieveInformationModelGet, [ImplicitVRLittleEndian]), *contexts],

@@ -19,8 +19,8 @@ from typing import Callable
 from tqdm import tqdm
 
 from stowage.catalog.reader import Catalog
-from stowage.engine.requestor import Peer
-from stowage.engine.config import Config
+from stowage.engine.transfer.requestor import Peer
+from stowage.engine.runtime.config import Config
 from stowage.engine.migrate import report
 from stowage.engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result, StudyRow
 from stowage.engine.migrate.enumerate import first_windows
@@ -261,12 +261,12 @@ class Migration:
         self.catalog = Catalog(self.config.data_dir / "catalog", self.config.duplicates)
         if self.opts.method != "get":
             return
-        from stowage.engine.archive import Archive
-        from stowage.engine.recovery import recover
-        from stowage.engine.slots import SlotError, claim_slot
-        from stowage.workers import spill
-        from stowage.workers.audit import Trail
-        from stowage.workers.store import StorageSCP
+        from stowage.engine.store.archive import Archive
+        from stowage.engine.store.recovery import recover
+        from stowage.engine.store.slots import SlotError, claim_slot
+        from stowage.engine.receive import spill
+        from stowage.engine.runtime.audit import Trail
+        from stowage.engine.receive.store import StorageSCP
         try:
             self.slot = claim_slot(self.config.data_dir, SLOT_BASE)
         except SlotError as e:

@@ -14,8 +14,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove as MOVE,
 )
 
-from stowage.engine.requestor import Peer, PeerError, associate, new_ae, peer_of
-from stowage.engine.config import Config
+from stowage.engine.transfer.requestor import Peer, PeerError, associate, new_ae, peer_of
+from stowage.engine.runtime.config import Config
 from stowage.protocol.status import PENDING_STATUSES, SUCCESS
 
 _AE_AT = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")

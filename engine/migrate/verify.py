@@ -14,7 +14,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from stowage.catalog.reader import Catalog
-from stowage.engine.commitment import Reference, judge
+from stowage.engine.store.commitment import Reference, judge
 from stowage.engine.migrate.source import Session
 
 

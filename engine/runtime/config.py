@@ -1,0 +1,262 @@
+"""Configuration: embedded defaults, then a TOML file, then STOWAGE_* variables, then flags.
+
+Every key of `Config` can be set in all four places under the same name (dashes in
+flags, upper case in the environment: `--max-pdu`, `STOWAGE_MAX_PDU`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DURABILITY_MODES = ("fsync", "os-buffer")
+DUPLICATE_POLICIES = ("keep-newest", "keep-first", "reject")
+QUOTA_POLICIES = ("refuse", "delete-oldest")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no controls
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A remote AE: C-MOVE destination, commitment callback, `send` target."""
+
+    ae_title: str
+    host: str
+    port: int
+    # Storage commitment: send the N-EVENT-REPORT on the requester's own association when
+    # it is still open there (PS3.4 J.3.3); false: always on a new association to host:port.
+    commitment_same_association: bool = True
+    # C-MOVE sub-operations and `send` to it run on this many associations at once
+    # (PS3.4 C.4.2.3.1 leaves the number to us); 1 suits a peer that serves one at a time.
+    associations: int = 1
+    # Associations we open to it use TLS (PS3.15 B.1): its certificate is verified against
+    # tls_ca (PEM; the system's CAs when empty), and its host name too unless
+    # tls_check_hostname is false; tls_cert/tls_key (PEM) are ours, for peers that ask.
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_check_hostname: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    aet: str = "STOWAGE"
+    bind: str = "0.0.0.0"
+    port: int = 11112
+    tls_port: int = 0                      # a second port speaking DICOM over TLS (0: none; 2762 is usual)
+    tls_cert: str = ""                     # our certificate for tls_port (PEM), and its key
+    tls_key: str = ""
+    tls_ca: str = ""                       # set: tls_port clients must present a certificate it signed
+    metrics_port: int = 0                  # Prometheus /metrics on this port (0: none)
+    data_dir: Path = Path("stowage-data")
+    workers: int = 0                       # 0: one per core
+    max_associations: int = 64             # global cap, enforced by the acceptor
+    max_pdu: int = 262144                  # advertised maximum PDU length we receive
+    network_timeout: float = 60.0          # a peer silent this long mid-association is dropped
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    pending_interval: float = 0.1          # C-MOVE/C-GET: at most one pending response per this long (0: each sub-operation)
+    drain_timeout: float = 30.0            # SIGTERM: how long in-flight associations may finish
+    durability: str = "fsync"              # "os-buffer" skips fsync: never the default
+    zstd_level: int = 1
+    segment_size: int = 1 << 30            # roll the active segment past this many bytes
+    seal_interval: float = 1.0             # seconds between sealing tails into Parquet
+    compact_min_files: int = 8             # merge when this many small Parquet files exist
+    min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700
+    spill_threshold: int = 16 << 20        # datasets larger than this are received to a spool file
+    # serve: keep the segments it writes in the page cache once durable (false: drop them,
+    # as import and migrate always do, e.g. while a C-MOVE migration pours in: docs/storage.md)
+    cache_writes: bool = True
+    duplicates: str = "keep-newest"
+    # An instance a rejection note rejected (docs/lifecycle.md), sent again: false refuses it
+    # (0xA771, as dcm4chee does), true stores it again (visible again).
+    rejected_reaccept: bool = False
+    compact_live_ratio: float = 0.5        # compaction rewrites sealed segments whose live bytes are below this fraction
+    compact_rate: float = 50.0             # background compaction: MB/s copied at most (0: unlimited)
+    compact_interval: float = 300.0        # background compaction: seconds between checks (0: off)
+    compact_grace: float = 3600.0          # seconds a compacted-away segment stays for readers that looked it up
+    max_storage_bytes: int = 0             # quota on the segment files' bytes (0: none); Orthanc's MaximumStorageSize
+    quota_policy: str = "refuse"           # past the quota: "refuse" (0xA700) or "delete-oldest" studies
+    protected_patients: tuple[str, ...] = ()  # Patient IDs the quota never deletes
+    pn_case_insensitive: bool = False      # C-FIND: match person names ignoring case and accents
+    log_format: str = "text"               # or "json"
+    log_level: str = "info"
+    # Background scrub (engine/lifecycle/scrub.py): "week" or "day" (one full pass per period), a
+    # number of MB/s, or 0 / "off".
+    scrub_rate: str = "week"
+    remotes: Mapping[str, Remote] = field(default_factory=dict)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+    def validate(self) -> "Config":
+        if not _AE_TITLE.match(self.aet) or not self.aet.strip():
+            raise ConfigError(f"aet: {self.aet!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port: {self.port} is outside 1-65535")
+        if self.tls_port and (not 0 < self.tls_port < 65536 or self.tls_port == self.port):
+            raise ConfigError(f"tls_port: {self.tls_port} is outside 1-65535 or is the plain port")
+        if self.metrics_port and (not 0 < self.metrics_port < 65536 or self.metrics_port in (self.port, self.tls_port)):
+            raise ConfigError(f"metrics_port: {self.metrics_port} is outside 1-65535 or is a DICOM port")
+        if self.tls_port and not (self.tls_cert and self.tls_key):
+            raise ConfigError("tls_port is set: tls_cert and tls_key (PEM files) are needed as well")
+        if self.durability not in DURABILITY_MODES:
+            raise ConfigError(f"durability: {self.durability!r} is not one of {', '.join(DURABILITY_MODES)}")
+        if self.duplicates not in DUPLICATE_POLICIES:
+            raise ConfigError(f"duplicates: {self.duplicates!r} is not one of {', '.join(DUPLICATE_POLICIES)}")
+        if not 4096 <= self.max_pdu <= (1 << 26):
+            raise ConfigError(f"max_pdu: {self.max_pdu} is outside 4096-67108864 (0, unlimited, is refused)")
+        if not -7 <= self.zstd_level <= 22:  # negative: zstd's fast levels (docs/storage.md, Compression)
+            raise ConfigError(f"zstd_level: {self.zstd_level} is outside -7 to 22")
+        if not 0 <= self.pending_interval <= 3600:
+            raise ConfigError(f"pending_interval: {self.pending_interval} is outside 0-3600 seconds")
+        if self.workers < 0 or self.max_associations < 1:
+            raise ConfigError("workers must be >= 0 and max_associations >= 1")
+        if not 0 < self.compact_live_ratio <= 1 or self.compact_rate < 0 or self.compact_grace < 0:
+            raise ConfigError("compact_live_ratio must be in (0, 1]; compact_rate and compact_grace >= 0")
+        if self.quota_policy not in QUOTA_POLICIES or self.max_storage_bytes < 0:
+            raise ConfigError(f"quota_policy: {self.quota_policy!r} is not one of {', '.join(QUOTA_POLICIES)} "
+                              "(or max_storage_bytes < 0)")
+        scrub_setting(self.scrub_rate)  # raises ConfigError for a value it cannot use
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, for handing the configuration to a worker process."""
+        d = dataclasses.asdict(self)
+        d["data_dir"] = str(self.data_dir)
+        d["protected_patients"] = list(self.protected_patients)
+        d["remotes"] = {k: dataclasses.asdict(v) for k, v in self.remotes.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        return _build(dict(d))
+
+
+SCRUB_PERIODS = {"week": 7 * 24 * 3600.0, "day": 24 * 3600.0}
+
+
+def scrub_setting(value: str) -> tuple[float, float]:
+    """`scrub_rate` as (bytes/s, 0) for a rate in MB/s, (0, seconds) for one pass per
+    period, (0, 0) for no scrub."""
+    text = str(value).strip().lower()
+    if text in SCRUB_PERIODS:
+        return 0.0, SCRUB_PERIODS[text]
+    if text in ("off", "no", "false", ""):
+        return 0.0, 0.0
+    try:
+        rate = float(text)
+    except ValueError:
+        raise ConfigError(f"scrub_rate: {value!r} is not \"week\", \"day\", a number of MB/s, or 0 (off)") from None
+    if not 0 <= rate < 1e6:
+        raise ConfigError(f"scrub_rate: {value!r} MB/s is outside 0-1000000")
+    return rate * 1e6, 0.0
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = _FIELDS[key].default
+    try:
+        if key == "data_dir":
+            return Path(value)
+        if key == "protected_patients":  # a TOML list, or comma-separated in a flag or variable
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a valid {type(default).__name__}") from None
+
+
+_REMOTE_KEYS = {"ae_title", "host", "port", "commitment_same_association", "associations", "tls", "tls_ca",
+                "tls_cert", "tls_key", "tls_check_hostname"}
+
+
+def _flag(title: str, spec: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = spec.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"remotes.{title}.{key}: must be true or false")
+    return value
+
+
+def _tls_files(title: str, spec: Mapping[str, Any]) -> tuple[str, str, str]:
+    files = tuple(str(spec.get(k, "") or "") for k in ("tls_ca", "tls_cert", "tls_key"))
+    for key, path in zip(("tls_ca", "tls_cert", "tls_key"), files):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"remotes.{title}.{key}: no such file: {path}")
+    if bool(files[1]) != bool(files[2]):
+        raise ConfigError(f"remotes.{title}: tls_cert and tls_key go together")
+    return files  # type: ignore[return-value]
+
+
+def _remotes(table: Mapping[str, Any]) -> dict[str, Remote]:
+    remotes = {}
+    for title, spec in table.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"remotes.{title}: must be a table with host and port")
+        unknown = set(spec) - _REMOTE_KEYS
+        if unknown:
+            raise ConfigError(f"remotes.{title}: unknown key(s) {', '.join(sorted(unknown))}")
+        same = _flag(title, spec, "commitment_same_association", True)
+        associations = spec.get("associations", 1)
+        if type(associations) is not int or not 1 <= associations <= 16:
+            raise ConfigError(f"remotes.{title}.associations: must be a whole number from 1 to 16")
+        tls = _flag(title, spec, "tls", False)
+        ca, cert, key = _tls_files(title, spec)
+        try:
+            remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]), same, associations, tls, ca, cert,
+                                    key, _flag(title, spec, "tls_check_hostname", True))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"remotes.{title}: needs host (string) and port (number)") from None
+        if not _AE_TITLE.match(title):
+            raise ConfigError(f"remotes.{title}: not a valid AE title")
+    return remotes
+
+
+def _build(values: dict[str, Any]) -> Config:
+    unknown = set(values) - set(_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s): {', '.join(sorted(unknown))}")
+    remotes = values.pop("remotes", None) or {}
+    kwargs = {k: _coerce(k, v) for k, v in values.items()}
+    if not all(isinstance(v, Remote) for v in remotes.values()):
+        remotes = _remotes(remotes)
+    return Config(**kwargs, remotes=remotes).validate()
+
+
+def load(path: Path | None = None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < TOML file < STOWAGE_* environment < explicit overrides (flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                values.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    env = os.environ if env is None else env
+    for key in _FIELDS:
+        if key != "remotes" and f"STOWAGE_{key.upper()}" in env:
+            values[key] = env[f"STOWAGE_{key.upper()}"]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(values)

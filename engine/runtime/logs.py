@@ -1,0 +1,101 @@
+"""Logging: human-readable lines on stderr by default, JSON lines with log_format=json;
+the audit logger (`stowage.audit`) also goes to <data_dir>/audit.jsonl."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+
+from stowage.engine.runtime.config import Config
+
+
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        d = {"ts": _timestamp(record.created), "level": record.levelname.lower(), "logger": record.name,
+             "process": record.processName, "msg": record.getMessage()}
+        d.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d)
+
+
+_AUDIT = "stowage.audit"
+_audit_fd = -1
+_process = ""
+
+
+def audit_line(msg: str, fields: dict) -> None:
+    """One audit.jsonl line, the same as the audit logger writes, without the logging
+    machinery: the per-store line is on the store path (one O_APPEND write, whole lines
+    from every process)."""
+    if _audit_fd < 0:  # logging not set up (tests, tools): the audit logger decides
+        logging.getLogger(_AUDIT).info(msg, extra={"fields": fields})
+        return
+    d = {"ts": _timestamp(time.time()), "level": "info", "logger": _AUDIT, "process": _process, "msg": msg}
+    d.update(fields)
+    try:
+        os.write(_audit_fd, (json.dumps(d) + "\n").encode())
+    except OSError as e:
+        audit_write_failed(e)
+
+
+_AUDIT_WARN_EVERY_S = 60.0
+_audit_warned = [0.0]
+
+
+def audit_write_failed(e: BaseException | None) -> None:
+    """An audit line could not be written (a full disk): say so on stderr in one line, at
+    most once a minute, and go on. Nothing that the audit log records depends on it."""
+    now = time.monotonic()
+    if now - _audit_warned[0] >= _AUDIT_WARN_EVERY_S:
+        _audit_warned[0] = now
+        why = getattr(e, "strerror", None) or e
+        logging.getLogger("stowage.logs").error("audit.jsonl: cannot write (%s); audit lines are lost until "
+                                                "it can be written again", why)
+
+
+class _AuditFile(logging.FileHandler):
+    """The audit logger's file: a failed write is one line on stderr, not a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        audit_write_failed(sys.exc_info()[1])
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning (pydicom's about a peer's invalid values, mostly) as one log
+    line, not Python's two (the message, then the source line that warned)."""
+    text = " ".join(str(message).split())
+    logging.getLogger("stowage.warnings").warning("%s: %s", category.__name__, text[:500])
+
+
+def setup_logging(config: Config, process: str) -> None:
+    import multiprocessing
+    multiprocessing.current_process().name = process
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname).1s %(processName)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # per-PDU chatter; we log per association
+    # pydicom both logs and warns each invalid value (warn_and_log): keep the warning, as one line.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.showwarning = _warning_line
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    audit = _AuditFile(config.data_dir / "audit.jsonl")
+    audit.setFormatter(JsonFormatter())
+    global _audit_fd, _process
+    if _audit_fd >= 0:
+        os.close(_audit_fd)
+    _audit_fd = os.open(config.data_dir / "audit.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    _process = process
+    audit_logger = logging.getLogger(_AUDIT)
+    audit_logger.addHandler(audit)
+    audit_logger.propagate = False  # one line per store belongs in the audit file, not on stderr

@@ -1,0 +1,86 @@
+"""The archive's usage against its quota (`max_storage_bytes`), for the store path.
+
+Usage is the bytes of the segment files the archive still needs (segments a compaction
+replaced and keeps only for readers' grace are not counted): what the archive takes on
+disk, dead records included until compaction reclaims them. The store path asks the file
+system at most every 0.25 s and adds what it stored since, as engine/store/freespace.py does;
+within 256 MB of the quota, before every store.
+
+The store only reports usage and refuses what would take it past the quota when the
+policy says so (`refuse`, or `quota.exhausted` written by the delete-oldest policy of
+engine/lifecycle/quota.py, which decides what to delete).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from stowage.catalog import manifest
+
+EXHAUSTED = "quota.exhausted"
+# Within this many bytes of the quota the store path asks the file system before each
+# store: the figure may be 0.25 s old, and other workers store meanwhile.
+_NEAR = 256 << 20
+REFUSAL = "storage quota (max_storage_bytes) reached; not stored"
+
+
+_retired_cache: dict[Path, tuple[tuple, frozenset[str]]] = {}
+
+
+def _retired(catalog_dir: Path) -> frozenset[str]:
+    """The manifest's retired segments, read again only when the manifest changes."""
+    try:
+        st = os.stat(catalog_dir / manifest.MANIFEST)
+    except FileNotFoundError:
+        return frozenset()
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _retired_cache.get(catalog_dir)
+    if hit is None or hit[0] != stamp:
+        hit = _retired_cache[catalog_dir] = (stamp, frozenset(manifest.load(catalog_dir).retired_segments))
+    return hit[1]
+
+
+def segment_bytes(data_dir: Path) -> int:
+    """Bytes of the segment files the archive needs (not the retired ones)."""
+    retired = _retired(data_dir / "catalog")
+    total = 0
+    try:
+        with os.scandir(data_dir / "segments") as it:
+            for e in it:
+                if e.name.endswith(".seg") and e.name not in retired:
+                    total += e.stat().st_size
+    except FileNotFoundError:
+        pass
+    return total
+
+
+class Usage:
+    """The archive's usage against its quota, for the store path: cheap to ask often."""
+
+    def __init__(self, data_dir: Path, limit: int, policy: str, interval: float = 0.25) -> None:
+        self.data_dir = data_dir
+        self.limit = limit
+        self.policy = policy
+        self.interval = interval
+        self._bytes = 0
+        self._exhausted = False
+        self._at = float("-inf")
+
+    def _refresh(self, now: float) -> None:
+        self._bytes = segment_bytes(self.data_dir)
+        self._exhausted = self.policy == "refuse" or (self.data_dir / EXHAUSTED).exists()
+        self._at = now
+
+    def refusal(self, incoming: int) -> str:
+        """The Error Comment refusing a store of `incoming` bytes, or "" to store it."""
+        if not self.limit:
+            return ""
+        now = time.monotonic()
+        near = self._exhausted and self._bytes + incoming > self.limit - _NEAR
+        if near or now - self._at > self.interval:  # near the quota: a fresh figure for every store
+            self._refresh(now)
+        return REFUSAL if self._bytes + incoming > self.limit and self._exhausted else ""
+
+    def used(self, nbytes: int) -> None:
+        self._bytes += nbytes

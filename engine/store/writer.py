@@ -1,0 +1,231 @@
+"""The segment writer: one active segment per worker, group commit.
+
+Stores hand encoded records to `append` and block. Leader-based group commit: a store
+that finds no commit running becomes the leader, takes everything queued, writes it with
+one `writev`, fsyncs once, tells the catalog (`on_commit`) and only then releases every
+store in the batch; while it runs, the next batch gathers, and one of its stores leads
+next. Concurrent associations share fsyncs without any added delay, and a lone
+association commits on its own thread: no hand-off to a writer thread and back.
+
+A bulk loader (import, migrate; serve too with `cache_writes = false`) passes
+`keep_cache=False`: each batch's pages are dropped from the page cache once durable, as
+PostgreSQL's bulk-write ring keeps a COPY from evicting everything else. Terabytes written once would otherwise push out what `serve`
+reads, and every new page cache page costs the kernel an allocation now and a reclaim
+later (on this project's VMs the writes then cost up to 6x the CPU: docs/import.md).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from stowage.catalog.durable import fsync_dir
+from stowage.engine.store.segment import FileRange, Part, next_sequence, segment_name
+
+log = logging.getLogger("stowage.writer")
+_IOV_MAX = 512
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class OutOfResources(OSError):
+    """The record could not be made durable (disk full, I/O error); nothing was kept."""
+
+
+@dataclass
+class Appended:
+    """Where a record landed, known once its batch is durable."""
+
+    segment: str = ""
+    offset: int = 0
+    length: int = 0
+
+
+def _length(part: Part) -> int:
+    return len(part) if isinstance(part, bytes) else part.length
+
+
+@dataclass
+class _Pending:
+    record: list[Part]
+    row: dict[str, Any]
+    done: bool = False
+    where: Appended = field(default_factory=Appended)
+    error: BaseException | None = None
+
+
+class SegmentWriter:
+    """Appends records to `<directory>/<slot>-<seq>.seg`, rolling past `segment_size`."""
+
+    def __init__(self, directory: Path, slot: int, *, segment_size: int, fsync: bool,
+                 on_commit: Callable[[list[dict[str, Any]]], None], keep_cache: bool = True) -> None:
+        self.directory = directory
+        self.slot = slot
+        self.segment_size = segment_size
+        self.fsync = fsync
+        self.keep_cache = keep_cache
+        self.on_commit = on_commit
+        self._queue: list[_Pending] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._leading = False        # a store is committing a batch now
+        self._closed = False
+        self._fd = -1
+        self._name = ""
+        self._size = 0
+        self._dropped = 0            # pages of the segment below this offset left the page cache
+        self.batches = 0
+        self.records = 0
+        self._open_next()
+
+    @property
+    def active_segment(self) -> str:
+        return self._name
+
+    def append(self, record: bytes | list[Part], row: dict[str, Any]) -> Appended:
+        """Queue a record (whole, or as parts) and wait until it is durable; raises
+        OutOfResources if it is not."""
+        item = _Pending([record] if isinstance(record, bytes) else record, row)
+        with self._cond:
+            if self._closed:
+                raise OutOfResources(errno.ESHUTDOWN, "the segment writer is shutting down")
+            self._queue.append(item)
+            while self._leading and not item.done:
+                self._cond.wait()
+            lead = not item.done  # no commit running: commit everything queued, ours included
+            if lead:
+                self._leading = True
+                batch, self._queue = self._queue, []
+        if lead:
+            try:
+                self._commit(batch)
+            except BaseException as e:  # a bug of ours: no store of the batch may wait forever
+                log.exception("committing a batch of %d record(s) failed", len(batch))
+                self._refuse([p for p in batch if not p.done], OutOfResources(errno.EIO, f"could not store: {e}"))
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.where
+
+    def close(self) -> None:
+        """Refuse new records, let the running commit finish, then close the segment."""
+        with self._cond:
+            self._closed = True
+            while self._leading or self._queue:
+                self._cond.wait()
+        if self._fd >= 0:
+            self._drop_cache(self._size)
+            os.close(self._fd)
+            self._fd = -1
+
+    def _open_next(self) -> None:
+        if self._fd >= 0:
+            self._drop_cache(self._size)
+            os.close(self._fd)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._name = segment_name(self.slot, next_sequence(self.directory, self.slot))
+        path = self.directory / self._name
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # one writer: we own the position
+        self._size = 0
+        self._dropped = 0
+        fsync_dir(self.directory)
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        start = self._size
+        try:
+            self._write_all([part for p in batch for part in p.record])
+            if self.fsync:
+                os.fdatasync(self._fd)
+        except OSError as e:
+            self._fail(batch, start, e)
+            return
+        offset = start
+        for p in batch:
+            length = sum(map(_length, p.record))
+            p.where = Appended(self._name, offset, length)
+            p.row.update(segment=self._name, offset=offset, record_length=length)
+            offset += length
+        try:
+            self.on_commit([p.row for p in batch])
+        except OSError as e:
+            # Acknowledged means visible to every reader (read-your-writes): rows that could
+            # not reach the catalog tail are refused, and their records cut from the segment.
+            self._fail(batch, start, e)
+            return
+        self._size = offset
+        self._drop_cache(offset // _PAGE * _PAGE)  # the last partial page is written again next
+        self.batches += 1
+        self.records += len(batch)
+        for p in batch:
+            p.done = True
+        if self._size >= self.segment_size:
+            self._open_next()
+
+    def _drop_cache(self, end: int) -> None:
+        """Drop the durable pages below `end` from the page cache (keep_cache off: bulk
+        loaders, or serve with cache_writes = false; with fsync off they are still dirty,
+        and the kernel would only start writing them)."""
+        if self.keep_cache or not self.fsync or end <= self._dropped:
+            return
+        try:
+            os.posix_fadvise(self._fd, self._dropped, end - self._dropped, os.POSIX_FADV_DONTNEED)
+        except OSError as e:  # advice only: the data is durable either way
+            log.debug("posix_fadvise on %s: %s", self._name, e)
+        self._dropped = end
+
+    def _write_all(self, parts: list[Part]) -> None:
+        run: list[bytes] = []
+        for part in parts:
+            if isinstance(part, bytes):
+                run.append(part)
+                if len(run) == _IOV_MAX:
+                    self._writev(run)
+                    run = []
+                continue
+            self._writev(run)
+            run = []
+            self._copy(part)
+        self._writev(run)
+
+    def _writev(self, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
+        written = os.writev(self._fd, chunks)
+        if written != sum(map(len, chunks)):  # short write: finish it byte-wise
+            rest = b"".join(chunks)[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest):]
+
+    def _copy(self, part: FileRange) -> None:
+        """Copy a spooled payload into the segment in the kernel, without reading it in."""
+        with open(part.path, "rb") as src:
+            offset, left = part.offset, part.length
+            while left:
+                sent = os.copy_file_range(src.fileno(), self._fd, left, offset)
+                if sent == 0:
+                    raise OSError(errno.EIO, f"{part.path} ended before its recorded length")
+                offset += sent
+                left -= sent
+
+    def _fail(self, batch: list[_Pending], start: int, e: OSError) -> None:
+        """Cut the segment back to its last good record and refuse the whole batch."""
+        log.error("segment %s: %s; %d store(s) refused", self._name, e.strerror or e, len(batch))
+        try:
+            os.ftruncate(self._fd, start)
+            os.lseek(self._fd, start, os.SEEK_SET)
+            if e.errno != errno.ENOSPC:  # an I/O error leaves the file suspect: start another
+                self._open_next()
+        except OSError:
+            log.exception("could not truncate segment %s after a failed write", self._name)
+        self._refuse(batch, OutOfResources(e.errno or errno.EIO, f"could not store: {e.strerror or e}"))
+
+    @staticmethod
+    def _refuse(batch: list[_Pending], err: OutOfResources) -> None:
+        for p in batch:
+            p.error = err
+            p.done = True

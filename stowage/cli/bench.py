@@ -1,0 +1,64 @@
+"""`stowage bench`: the load generator against any Storage SCP (bench/)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="The Storage SCP's host.")
+@click.option("--port", type=int, default=11112, show_default=True, help="The Storage SCP's port.")
+@click.option("--aet", default="STOWAGE", show_default=True, help="Called AE title (the target's).")
+@click.option("--calling-aet", default="STOWAGE-BENCH", show_default=True, help="Our AE title.")
+@click.option("--associations", "-k", multiple=True, default=["1"], show_default=True,
+              help="Concurrent associations (one sender process each); repeat or comma-separate for "
+                   "several configurations, e.g. -k 1,4.")
+@click.option("--repeat", type=int, default=1, show_default=True, help="Runs per configuration.")
+@click.option("--corpus", "corpus_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Send the DICOM files under this directory instead of generating a corpus.")
+@click.option("--kind", multiple=True, default=["small"], show_default=True,
+              help="Corpus kinds: sr, small, mr, ct, cr, us (repeat or comma-separate).")
+@click.option("--syntax", multiple=True, default=["explicit"], show_default=True,
+              help="Transfer syntaxes: explicit, implicit, deflate, rle, j2k (repeat or comma-separate).")
+@click.option("--count", type=int, default=1000, show_default=True, help="Instances per kind and syntax.")
+@click.option("--patients", type=int, default=10, show_default=True)
+@click.option("--studies-per-patient", type=int, default=2, show_default=True)
+@click.option("--series-per-study", type=int, default=2, show_default=True)
+@click.option("--frames", type=int, help="Frames per instance of a multi-frame kind (us) [10].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--pid", type=int, help="PID of the target, to report its CPU and peak RSS [found by port "
+                                      "when the target is local].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results here as JSON.")
+@click.option("--chart", "chart_path", type=click.Path(path_type=Path),
+              help="Write a PNG chart here (needs the bench extra: matplotlib).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the peer.")
+@click.option("--max-pdu", type=int, default=1 << 20, show_default=True, help="Maximum PDU we receive.")
+@click.option("--fresh", is_flag=True, help="Each run sends new instances (seed + run number), not the "
+                                          "first run's again (generated corpora only).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, syntax, count, patients,
+          studies_per_patient, series_per_study, frames, seed, pid, json_path, chart_path, timeout, max_pdu,
+          fresh, quiet) -> None:
+    """Load-test a Storage SCP: K sender processes, one association each, C-STORE a generated
+    (or given) corpus; report instances/s, MB/s, latency percentiles and failures by status.
+    Exit status 1 if any store was not successful."""
+    from stowage.bench.command import BenchError, CorpusSpec, run_bench, split_list
+    from stowage.bench.loadgen import Target
+    try:
+        ks = [int(k) for k in split_list(associations)]
+    except ValueError:
+        raise click.UsageError("--associations takes whole numbers, e.g. -k 1,4") from None
+    if not ks or min(ks) < 1 or repeat < 1:
+        raise click.UsageError("--associations and --repeat must be >= 1")
+    spec = CorpusSpec(split_list(kind), split_list(syntax), count, patients, studies_per_patient,
+                      series_per_study, frames, seed)
+    try:
+        results = run_bench(Target(host, port, aet, calling_aet), ks, repeat, corpus_dir=corpus_dir, spec=spec,
+                            pid=pid, json_path=json_path, chart_path=chart_path, progress=not quiet,
+                            timeout=timeout, max_pdu=max_pdu, fresh=fresh)
+    except BenchError as e:
+        raise click.ClickException(str(e)) from None
+    if any(r.failed or r.warning for r in results):
+        sys.exit(1)

@@ -1,0 +1,54 @@
+"""`stowage delete`: what would go shown, confirmed, then deleted durably."""
+from __future__ import annotations
+
+import click
+
+from stowage.cli.options import common, load, split_values
+
+
+@click.command()
+@common
+@click.option("--patient", multiple=True, help="Patient ID (repeatable).")
+@click.option("--study", multiple=True, help="Study Instance UID (repeatable, or comma-separated).")
+@click.option("--series", multiple=True, help="Series Instance UID (repeatable, or comma-separated).")
+@click.option("--instance", multiple=True, help="SOP Instance UID (repeatable, or comma-separated).")
+@click.option("--reason", default="", help="Why (e.g. 'consent withdrawn'), kept in the audit log and the tombstones.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def delete(config_file, data_dir, patient, study, series, instance, reason, yes) -> None:
+    """Delete stored instances (also while `stowage serve` runs): hidden at once from C-FIND,
+    C-MOVE, C-GET, export, send and storage commitment; space comes back with compaction."""
+    import getpass
+
+    from stowage.engine.lifecycle.delete import DeleteError
+    from stowage.engine.lifecycle.delete import delete as run
+    from stowage.engine.runtime.logs import setup_logging
+    chosen = [(lvl, [v for v in split_values(vals)] if lvl != "patient" else list(vals))
+              for lvl, vals in (("patient", patient), ("study", study), ("series", series),
+                                ("instance", instance)) if vals]
+    if len(chosen) != 1:
+        raise click.UsageError("choose exactly one of --patient, --study, --series, --instance")
+    config = load(config_file, data_dir=data_dir)
+    if not (config.data_dir / "catalog").is_dir():
+        raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
+    level, values = chosen[0]
+    comment = " ".join(reason.split())[:200]
+    try:
+        actor = f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        actor = "cli"
+    try:
+        plan = run(config, level, values, actor=actor, dry_run=True)
+        if not plan.records:
+            raise click.ClickException(f"nothing to delete: no stored instance has that {level} "
+                                       "(or it is deleted already)")
+        click.echo(f"would delete {plan.summary()}")
+        if not yes:
+            click.confirm("delete them?", abort=True)
+        setup_logging(config, "delete")
+        result = run(config, level, values, actor=actor, comment=comment)
+    except DeleteError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write the tombstones ({e.strerror or e}): the deletion may be "
+                                   "incomplete; run it again once that is fixed") from None
+    click.echo(f"deleted {result.summary()}")

@@ -1,0 +1,44 @@
+"""`stowage import`: DICOM files from folders through the store path."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from stowage.cli.options import common, load
+
+
+@click.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@common
+@click.option("--processes", type=int, default=0, help="Import processes [one per core].")
+@click.option("--threads", type=int, default=16, show_default=True, help="Concurrent stores per process.")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
+              help="CSV of every file not stored, and why [DATA_DIR/import/refused-<time>.csv].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def import_(paths, config_file, data_dir, processes, threads, report, quiet) -> None:
+    """Import DICOM files (Part-10, without preamble, DICOMDIR trees) from folders, recursively,
+    through the same durable store path as C-STORE; safe while `stowage serve` runs. Exit status 1
+    if a DICOM file could not be stored (see docs/import.md)."""
+    import os
+
+    from stowage.engine.importer.run import run_import
+    config = load(config_file, data_dir=data_dir)
+    for p in paths:
+        if not p.exists():
+            raise click.ClickException(f"{p}: no such file or folder")
+        if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+            raise click.ClickException(f"{p}: permission denied")
+    if processes < 0 or threads < 1:
+        raise click.UsageError("--processes must be >= 0 and --threads >= 1")
+    try:
+        summary = run_import(config, list(paths), processes=processes, threads=threads, report=report,
+                             quiet=quiet)
+    except OSError as e:
+        raise click.ClickException(f"import into {config.data_dir}: {e.strerror or e}"
+                                   f"{f' ({e.filename})' if e.filename else ''}") from None
+    click.echo(summary.line())
+    for problem in summary.problems:
+        click.echo(f"import: {problem}", err=True)
+    sys.exit(summary.exit_code)

@@ -1,0 +1,138 @@
+"""The `stowage send` command: select instances from the catalog, send them with the
+sending core (engine/transfer/send.py) under a progress bar, print a summary, and optionally ask
+the destination for storage commitment (engine/transfer/commit_scu.py)."""
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from stowage.catalog.reader import Catalog
+from stowage.cli.options import common, load, quiet_libraries, split_values
+from stowage.engine.runtime.config import Config
+from stowage.engine.transfer.requestor import PeerError, resolve
+from stowage.engine.transfer.selection import SelectionError, parse_query, select
+from stowage.engine.transfer.send import Outcome, Sender
+
+
+class SendCommandError(RuntimeError):
+    """Nothing could be sent; the message says why (one line, for a person)."""
+
+
+def run_send(config: Config, target: str, level: str | None, values: list[str], query_text: str | None, *,
+             calling_aet: str | None = None, called_aet: str | None = None, timeout: float = 30.0,
+             commit: bool = False, commit_timeout: float = 60.0, commit_port: int | None = None,
+             progress: bool = True) -> bool:
+    """True when everything selected arrived (and, with `commit`, was committed)."""
+    if not (config.data_dir / "catalog").exists():
+        raise SendCommandError(f"{config.data_dir} holds no archive (no catalog/ in it)")
+    try:
+        peer = resolve(target, config, called_aet)
+        query = parse_query(query_text) if query_text else []
+    except (PeerError, SelectionError) as e:
+        raise SendCommandError(str(e)) from None
+    catalog = Catalog(config.data_dir / "catalog", config.duplicates)
+    try:
+        instances = select(catalog, level, values, query)
+    finally:
+        catalog.close()
+    if not instances:
+        raise SendCommandError("nothing matches the selection; nothing sent")
+    calling = calling_aet or config.aet
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(instances), unit="inst", desc=f"to {peer.ae_title}", file=sys.stderr,
+                   dynamic_ncols=True, leave=True)
+
+    failed = 0
+
+    def on_outcome(o: Outcome) -> None:
+        nonlocal failed
+        failed += o.state == "failed"
+        if bar is not None:
+            bar.update(1)
+            if failed:
+                bar.set_postfix(failed=failed, refresh=False)
+
+    quiet_libraries()
+    started = time.monotonic()
+    sender = Sender(config.data_dir / "segments", peer, calling, dimse_timeout=timeout,
+                    acse_timeout=config.acse_timeout,
+                    max_pdu=config.max_pdu, on_outcome=on_outcome, duplicates=config.duplicates,
+                    associations=remote.associations if (remote := config.remotes.get(target)) else 1)
+    try:
+        result = sender.send(instances)
+    finally:
+        if bar is not None:
+            if failed == len(instances):
+                bar.leave = False  # nothing went: the one error line below says why
+            bar.close()
+    seconds = time.monotonic() - started
+    total = len(instances)
+    reasons = {o.reason for o in result.failures}
+    if result.failed == total and len(reasons) == 1:
+        raise SendCommandError(f"nothing sent to {peer}: {reasons.pop()}")
+    for o in result.failures[:20]:
+        click.echo(f"failed: {o.instance.sop_instance_uid}: {o.reason}", err=True)
+    if len(result.failures) > 20:
+        click.echo(f"... and {len(result.failures) - 20} more failure(s); see the log", err=True)
+    mb = result.bytes_sent / 1e6
+    click.echo(f"sent {total} instance(s) to {peer} in {seconds:.2f} s: {result.completed} completed, "
+               f"{result.warning} warning, {result.failed} failed ({result.converted} converted; "
+               f"{mb:.1f} MB, {total / seconds if seconds else 0:.0f} inst/s)")
+    ok = result.failed == 0
+    if commit:
+        from stowage.engine.transfer.commit_scu import CommitError, request_commitment
+        sent = [o.instance for o in result.outcomes if o.state != "failed"]
+        if not sent:
+            raise SendCommandError("nothing arrived, so no storage commitment was requested")
+        try:
+            report = request_commitment(peer, calling, sent, timeout=commit_timeout, listen_port=commit_port,
+                                        bind=config.bind)
+        except CommitError as e:
+            raise SendCommandError(f"storage commitment: {e}") from None
+        click.echo(f"storage commitment {report.transaction_uid}: {len(report.committed)} committed, "
+                   f"{len(report.failed)} failed (event type {report.event_type}, "
+                   f"{'same' if report.same_association else 'new'} association)")
+        for uid, reason in report.failed[:20]:
+            click.echo(f"not committed: {uid}: failure reason 0x{reason:04X}", err=True)
+        ok = ok and not report.failed
+    return ok
+
+
+@click.command()
+@common
+@click.option("--to", "target", required=True, help="Destination: a configured AE title, or host:port.")
+@click.option("--aet", help="Our (calling) AE title [the configured aet].")
+@click.option("--aec", help="Called AE title, for a host:port destination [ANY-SCP].")
+@click.option("--patient", multiple=True, help="Patient ID (repeatable).")
+@click.option("--study", multiple=True, help="Study Instance UID (repeatable, or comma-separated).")
+@click.option("--series", multiple=True, help="Series Instance UID (repeatable, or comma-separated).")
+@click.option("--instance", multiple=True, help="SOP Instance UID (repeatable, or comma-separated).")
+@click.option("--query", "query_text", help="Catalog matches, e.g. 'Modality=CT PatientName=DOE*'.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for each C-STORE response (one retry on a new association).")
+@click.option("--commit", is_flag=True, help="Then ask the destination for storage commitment of what arrived.")
+@click.option("--commit-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the commitment report.")
+@click.option("--commit-port", type=int, help="Also listen on this port for a report sent on a new association.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def send(config_file, data_dir, target, aet, aec, patient, study, series, instance, query_text, timeout,
+         commit, commit_timeout, commit_port, quiet) -> None:
+    """Send stored instances to another AE (C-STORE), byte-exact where the peer allows."""
+    chosen = [(lvl, split_values(v)) for lvl, v in (("patient", patient), ("study", study), ("series", series),
+                                              ("instance", instance)) if v]
+    if len(chosen) + bool(query_text) != 1:
+        raise click.UsageError("choose exactly one of --patient, --study, --series, --instance, --query")
+    config = load(config_file, data_dir=data_dir)
+    level, values = chosen[0] if chosen else (None, [])
+    try:
+        ok = run_send(config, target, level, values, query_text, calling_aet=aet, called_aet=aec,
+                      timeout=timeout, commit=commit, commit_timeout=commit_timeout, commit_port=commit_port,
+                      progress=not quiet)
+    except SendCommandError as e:
+        raise click.ClickException(str(e)) from None
+    if not ok:
+        sys.exit(1)

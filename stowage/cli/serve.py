@@ -1,0 +1,40 @@
+"""`stowage serve`: the archive (acceptor, workers, background compaction) until SIGTERM."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from stowage.cli.options import common, load
+from stowage.engine.runtime import config as cfg
+
+
+@click.command()
+@common
+@click.option("--port", type=int, help="TCP port [11112].")
+@click.option("--tls-port", type=int, help="A second port, speaking DICOM over TLS (needs tls_cert, tls_key) [none].")
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port, at /metrics [none].")
+@click.option("--aet", help="Our AE title [STOWAGE].")
+@click.option("--bind", help="Address to listen on [0.0.0.0].")
+@click.option("--workers", type=int, help="Worker processes [one per core].")
+@click.option("--max-associations", type=int, help="Global association cap [64].")
+@click.option("--max-pdu", type=int, help="Maximum PDU length we receive [262144].")
+@click.option("--durability", type=click.Choice(cfg.DURABILITY_MODES), help="fsync (default) or os-buffer.")
+@click.option("--duplicates", type=click.Choice(cfg.DUPLICATE_POLICIES), help="Policy for a re-sent SOP Instance UID.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="stderr log format [text].")
+def serve(config_file, **overrides) -> None:
+    """Run the archive (acceptor plus worker processes) until SIGTERM/SIGINT."""
+    from stowage.engine.acceptor import ServeError
+    from stowage.engine.acceptor import serve as run
+    from stowage.engine.lifecycle.background import Background
+    from stowage.engine.runtime.logs import setup_logging
+    config = load(config_file, **overrides)
+    setup_logging(config, "acceptor")
+    background = Background(config).start()  # compaction (and the delete-oldest quota) in this process
+    try:
+        code = run(config)
+    except ServeError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        background.stop()
+    sys.exit(code)
