@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from stowage.engine import metrics
 from stowage.engine.runtime.config import Config, ConfigError
+from stowage.engine.runtime.counts import REPORT
 from stowage.engine.store.recovery import recover
 from stowage.engine.lifecycle.scrub import ScrubProcess
 from stowage.engine.runtime.tls import server_context
@@ -307,8 +308,8 @@ class Acceptor:
                 log.info("worker %d ready", ws.slot)
             elif msg == b"E":
                 ws.active = max(0, ws.active - 1)
-            elif msg.startswith(metrics.REPORT):
-                self.metrics.worker_report(ws.slot, msg[len(metrics.REPORT):])
+            elif msg.startswith(REPORT):
+                self.metrics.worker_report(ws.slot, msg[len(REPORT):])
 
     def _reap(self) -> None:
         now = time.monotonic()

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Callable, Iterator
 
-from stowage.engine.runtime.counts import OUTCOMES
+from stowage.engine.runtime.counts import LIMITS, OUTCOMES
 
 log = logging.getLogger("stowage.metrics")
 
@@ -28,8 +28,13 @@ class ArchiveMetrics:
         self.admitted = 0
         self.rejected = 0
         self.restarts = 0
+        self.limits: dict[str, int] = {}  # the acceptor's own refusals, by LIMITS name
         self._reports: dict[int, dict[str, int]] = {}  # slot -> the running worker's last report
         self._gone: dict[str, int] = {}                 # what workers that died had reported
+
+    def refused(self, limit: str) -> None:
+        """The acceptor refused a connection because of one of LIMITS."""
+        self.limits[limit] = self.limits.get(limit, 0) + 1
 
     def worker_report(self, slot: int, payload: bytes) -> None:
         try:
@@ -79,6 +84,11 @@ class ArchiveMetrics:
         yield GaugeMetricFamily("stowage_workers_ready", "Worker processes ready", value=ready)
         yield CounterMetricFamily("stowage_worker_restarts", "Worker processes restarted after they died",
                                   value=self.restarts)
+        refusals = CounterMetricFamily("stowage_limit_refusals", "Refusals because a peer or a file reached a "
+                                       "resource limit (docs/configuration.md, Limits)", labels=["limit"])
+        for name in LIMITS:
+            refusals.add_metric([name], n.get(f"limit|{name}", 0) + self.limits.get(name, 0))
+        yield refusals
         yield from self._integrity()
         try:
             st = os.statvfs(self.data_dir)

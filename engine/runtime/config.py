@@ -72,6 +72,16 @@ class Config:
     compact_min_files: int = 8             # merge when this many small Parquet files exist
     min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700
     spill_threshold: int = 16 << 20        # datasets larger than this are received to a spool file
+    # Limits on what a peer or a file can make stowage spend (docs/configuration.md, Limits);
+    # each refusal is counted in stowage_limit_refusals{limit=...}.
+    max_inflated_bytes: int = 256 << 20    # a Deflated data set is never inflated past this many bytes
+    max_command_bytes: int = 64 << 10      # a DIMSE command set longer than this aborts the association
+    max_nesting_depth: int = 64            # sequences nested deeper than this: the data set is refused
+    association_request_timeout: float = 10.0  # the whole A-ASSOCIATE-RQ must arrive within this many seconds
+    max_associations_per_address: int = 32     # open associations from one IP address (0: only max_associations)
+    max_commitment_references: int = 50000     # SOP instances one storage commitment request may reference
+    max_pending_commitments: int = 16      # commitment requests of one AE not yet reported, at once
+    max_spool_bytes: int = 4 << 30         # bytes all spool files of a worker may hold at once
     # serve: keep the segments it writes in the page cache once durable (false: drop them,
     # as import and migrate always do, e.g. while a C-MOVE migration pours in: docs/storage.md)
     cache_writes: bool = True
@@ -101,8 +111,8 @@ class Config:
     def validate(self) -> "Config":
         if not _AE_TITLE.match(self.aet) or not self.aet.strip():
             raise ConfigError(f"aet: {self.aet!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"port: {self.port} is outside 1-65535")
+        if not 0 <= self.port < 65536 or (self.port == 0 and not self.tls_port):
+            raise ConfigError(f"port: {self.port} is outside 1-65535 (0, no plain port, needs tls_port)")
         if self.tls_port and (not 0 < self.tls_port < 65536 or self.tls_port == self.port):
             raise ConfigError(f"tls_port: {self.tls_port} is outside 1-65535 or is the plain port")
         if self.metrics_port and (not 0 < self.metrics_port < 65536 or self.metrics_port in (self.port, self.tls_port)):
@@ -119,6 +129,14 @@ class Config:
             raise ConfigError(f"zstd_level: {self.zstd_level} is outside -7 to 22")
         if not 0 <= self.pending_interval <= 3600:
             raise ConfigError(f"pending_interval: {self.pending_interval} is outside 0-3600 seconds")
+        if (self.max_inflated_bytes < 1 << 20 or self.max_command_bytes < 1 << 10 or self.max_nesting_depth < 8
+                or self.max_spool_bytes < self.spill_threshold):
+            raise ConfigError("max_inflated_bytes must be >= 1 MiB, max_command_bytes >= 1 KiB, max_nesting_depth "
+                              ">= 8, and max_spool_bytes >= spill_threshold")
+        if (not 0 < self.association_request_timeout <= 3600 or self.max_associations_per_address < 0
+                or self.max_commitment_references < 1 or self.max_pending_commitments < 1):
+            raise ConfigError("association_request_timeout must be in (0, 3600]; max_associations_per_address >= 0; "
+                              "max_commitment_references and max_pending_commitments >= 1")
         if self.workers < 0 or self.max_associations < 1:
             raise ConfigError("workers must be >= 0 and max_associations >= 1")
         if not 0 < self.compact_live_ratio <= 1 or self.compact_rate < 0 or self.compact_grace < 0:

@@ -9,6 +9,11 @@ import threading
 from stowage.protocol.status import STORE_WARNINGS, SUCCESS
 
 OUTCOMES = ("success", "warning", "failure")
+# Every resource limit a peer or a file can run into (docs/configuration.md, Limits): what
+# stowage_limit_refusals{limit=...} counts, each refusal once, in the process that refused.
+LIMITS = ("inflated_bytes", "command_bytes", "nesting_depth", "association_request_timeout",
+          "associations_per_address", "commitment_references", "commitments_pending_per_ae", "spool_bytes",
+          "free_space", "record_length", "wildcard")
 REPORT = b"S"  # control-channel message: b"S" + JSON of a worker's totals
 
 
@@ -19,12 +24,16 @@ def outcome(status: int) -> str:
 class WorkerCounts:
     """One worker's totals since it started, as flat counters: "stores|<outcome>",
     "stored_bytes", "retrieve|<C-MOVE or C-GET>|<completed, failed or warning>",
-    "retrieved_bytes|<kind>", "finds"."""
+    "retrieved_bytes|<kind>", "finds", "limit|<LIMITS name>"."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._n: dict[str, int] = {f"stores|{k}": 0 for k in OUTCOMES}
         self._n["stored_bytes"] = 0
+
+    def refused(self, limit: str) -> None:
+        """A refusal because of one of LIMITS."""
+        self.add(f"limit|{limit}")
 
     def add(self, key: str, n: int = 1) -> None:
         with self._lock:
