@@ -9,6 +9,12 @@ sender threads) then judges the references and sends the report:
   - else on a new association to the requester's configured host:port, proposing
     Storage Commitment Push Model with SCP role selection, TCP_NODELAY;
   - with exponential back-off (1 s doubling to 5 min) while it fails, for up to 7 days.
+Limits (issue #25), each refused with REFUSED_BY_LIMIT before anything is queued:
+  - more than `max_commitment_references` references in one request: judging reads
+    every referenced record, so one request must not ask for an unbounded number;
+  - `max_pending_commitments` reports to the requester's AE title already in the queue
+    (accepted, not yet delivered nor given up): an AE that never takes its reports
+    cannot make the archive retry an unbounded number of them for 7 days.
 Reports never precede the N-ACTION-RSP: the delivery thread waits until pynetdicom has
 sent it (EVT_DIMSE_SENT), and a report on the same association goes through the
 association's reactor, which queues it behind the response.
@@ -38,8 +44,21 @@ from stowage.engine.store import commitment as sc
 from stowage.engine.store.archive import Archive, valid_uid
 from stowage.engine.transfer.requestor import Peer, PeerError, associate, new_ae, peer_of
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.counts import counts as process_counts
 from stowage.protocol.status import (INVALID_ARGUMENT_VALUE, MISSING_ATTRIBUTE, MISSING_ATTRIBUTE_VALUE,
                                      NO_SUCH_ACTION_TYPE, NO_SUCH_SOP_INSTANCE, PROCESSING_FAILURE, SUCCESS)
+from stowage.workers.retrieve import log_reference
+
+# A request refused by a limit. PS3.4 J.3 defines no status of its own for the Storage
+# Commitment N-ACTION, so it is one of PS3.7's N-ACTION statuses (10.1.4.1.10): "Resource
+# limitation" 0x0213 ("not performed due to resource limitation") is the one that says
+# why. 0xA700 and 0xA701/0xA702 ("Out of Resources") are C-STORE, C-FIND, C-MOVE and C-GET
+# statuses that an N-ACTION requester need not know. Until protocol/status.py names
+# RESOURCE_LIMITATION, Processing failure (0x0110, also an N-ACTION failure) stands in.
+try:
+    from stowage.protocol.status import RESOURCE_LIMITATION as REFUSED_BY_LIMIT  # type: ignore[attr-defined]
+except ImportError:
+    from stowage.protocol.status import PROCESSING_FAILURE as REFUSED_BY_LIMIT
 
 log = logging.getLogger("stowage.commitment")
 audit = logging.getLogger("stowage.audit")
@@ -70,6 +89,17 @@ def _failure(status: int, comment: str) -> tuple[Dataset, None]:
     rsp.Status = status
     rsp.ErrorComment = comment[:64]
     return rsp, None
+
+
+def _reference_count(info: Dataset | None) -> int:
+    return len(info.get("ReferencedSOPSequence") or []) if info is not None else 0
+
+
+def _refusal(limit: str, requester: str, why: str) -> None:
+    """Count a refusal by one of the limits (stowage_limit_refusals) and log it, naming
+    the configuration key for our operator (the peer's Error Comment has no room for it)."""
+    process_counts.refused(limit)
+    log.warning("commitment request from %s refused by a limit: %s", requester, why)
 
 
 def parse_request(info: Dataset | None) -> tuple[str, list[sc.Reference]] | tuple[int, str]:
@@ -146,8 +176,14 @@ class Commitment:
             return _failure(NO_SUCH_ACTION_TYPE, f"Action Type {event.action_type} (only 1 is defined)")
         try:
             info = event.action_information
-        except Exception as e:  # undecodable Action Information
-            return _failure(INVALID_ARGUMENT_VALUE, f"cannot decode Action Information: {e}")
+        except Exception:  # undecodable Action Information: pydicom's words go to our log only
+            ref = log_reference(log, "N-ACTION from %s: cannot decode Action Information", requester,
+                                level=logging.WARNING)
+            return _failure(INVALID_ARGUMENT_VALUE, f"Action Information undecodable (archive log reference {ref})")
+        n, limit = _reference_count(info), self.config.max_commitment_references
+        if n > limit:  # counted before any reference is parsed or a record read
+            _refusal("commitment_references", requester, f"{n} references, max_commitment_references = {limit}")
+            return _failure(REFUSED_BY_LIMIT, f"{n} references; at most {limit} per request: split the request")
         parsed = parse_request(info)
         if isinstance(parsed[0], int):
             return _failure(*parsed)  # type: ignore[arg-type]
@@ -155,10 +191,14 @@ class Commitment:
         peer = "%s:%s" % (event.assoc.requestor.address, event.assoc.requestor.port)
         request = sc.Request(transaction_uid, requester, peer, refs)
         try:
-            claim = self.queue.add(request)
-        except OSError as e:
-            log.error("commitment request %s from %s not persisted: %s", transaction_uid, requester, e)
-            return _failure(PROCESSING_FAILURE, f"cannot persist the request: {e.strerror or e}")
+            claim = self.queue.add(request, self.config.max_pending_commitments)
+        except sc.PendingLimit as e:
+            _refusal("commitments_pending_per_ae", requester,
+                     f"{e.count} reports pending, max_pending_commitments = {self.config.max_pending_commitments}")
+            return _failure(REFUSED_BY_LIMIT, f"AE {requester} has {e.count} commitment requests not yet reported")
+        except OSError:
+            ref = log_reference(log, "commitment request %s from %s not persisted", transaction_uid, requester)
+            return _failure(PROCESSING_FAILURE, f"cannot persist the request (archive log reference {ref})")
         pending = _Pending(claim, event.assoc, int(req.MessageID))
         self._watch(event.assoc)
         with self._lock:

@@ -23,6 +23,7 @@ from stowage.catalog.responses import identifier as response_identifier
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.protocol.status import CANCEL, PENDING, SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS
+from stowage.workers.retrieve import log_reference
 
 log = logging.getLogger("stowage.find")
 audit = logging.getLogger("stowage.audit")
@@ -94,8 +95,10 @@ def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset
         return
     try:
         ident = event.identifier
-    except Exception as e:  # undecodable identifier
-        yield _failure(UNABLE_TO_PROCESS, f"cannot decode the identifier: {e}")
+    except Exception:  # undecodable identifier: what pydicom says about it goes to our log only
+        ref = log_reference(log, "C-FIND from %s: cannot decode the identifier", event.assoc.requestor.ae_title,
+                            level=logging.WARNING)
+        yield _failure(UNABLE_TO_PROCESS, f"cannot decode the identifier (archive log reference {ref})")
         return
     try:
         request = parse_request(ident, sop_class, relational(event.assoc, sop_class))
@@ -113,9 +116,9 @@ def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset
                 break
             yield PENDING, response_identifier(request, result, finder.ae_title, finder.pn_insensitive)
             count += 1
-    except Exception as e:  # never let a query take the association down
-        log.exception("C-FIND failed")
-        yield _failure(UNABLE_TO_PROCESS + 1, f"query failed: {type(e).__name__}: {e}")
+    except Exception:  # never let a query take the association down, nor tell the peer our internals
+        ref = log_reference(log, "C-FIND from %s failed", event.assoc.requestor.ae_title)
+        yield _failure(UNABLE_TO_PROCESS + 1, f"internal error (archive log reference {ref})")
         return
     cancelled = cancelled or event.is_cancelled
     process_counts.add("finds")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import uuid
 from io import BytesIO
 from typing import Any, Callable
 
@@ -71,6 +72,16 @@ MOVE_SOP_CLASSES = tuple(move for move, _get, _levels in _MODELS)
 GET_SOP_CLASSES = tuple(get for _move, get, _levels in _MODELS)
 _ROOTS = {move.rsplit(".", 1)[0]: levels for move, _get, levels in _MODELS}  # a model's classes differ in the last part
 _FIELDS = "sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", dataset_length"
+
+
+def log_reference(logger: logging.Logger, message: str, *args: object, level: int = logging.ERROR) -> str:
+    """Log the exception being handled, with its traceback, under a new short reference,
+    and return the reference. An Error Comment names it instead of the exception's text,
+    which holds paths and internals that are no business of the peer's: the peer's
+    operator quotes it to ours, who finds the whole story in the log."""
+    ref = uuid.uuid4().hex[:8]
+    logger.log(level, message + " (reference %s)", *args, ref, exc_info=True)
+    return ref
 
 
 class RetrieveError(Exception):
@@ -161,8 +172,10 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
 
     try:
         identifier = decode(req.Identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-    except Exception as e:
-        respond(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, comment=f"cannot decode the identifier: {e}")
+    except Exception:
+        ref = log_reference(log, "%s from %s: cannot decode the identifier", name, requestor, level=logging.WARNING)
+        respond(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                comment=f"cannot decode the identifier (archive log reference {ref})")
         return
 
     if kind is C_MOVE:
@@ -178,9 +191,9 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
             return
         try:
             peer = peer_of(remote)
-        except PeerError as e:
-            log.error("C-MOVE from %s to %s: %s", requestor, dest, e)
-            respond(UNABLE_TO_PROCESS, comment=str(e))
+        except PeerError:  # our configuration of the destination (its TLS files): nothing the peer can mend
+            ref = log_reference(log, "C-MOVE from %s to %s", requestor, dest)
+            respond(UNABLE_TO_PROCESS, comment=f"internal error (archive log reference {ref})")
             return
         associations = remote.associations
     else:
@@ -194,9 +207,9 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
     except RetrieveError as e:
         respond(e.status, comment=e.comment)
         return
-    except Exception as e:
-        log.exception("%s selection failed", name)
-        respond(UNABLE_TO_PROCESS, comment=f"selection failed: {type(e).__name__}: {e}")
+    except Exception:
+        ref = log_reference(log, "%s from %s: selection failed", name, requestor)
+        respond(UNABLE_TO_PROCESS, comment=f"internal error (archive log reference {ref})")
         return
 
     total = len(instances)
@@ -240,10 +253,10 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
             result = sender.send(instances)
         else:
             result = sender.send_on(assoc, instances, direct)
-    except Exception as e:  # never let a retrieve take the association down silently
-        log.exception("%s to %s failed", name, dest)
+    except Exception:  # never let a retrieve take the association down silently
+        ref = log_reference(log, "%s from %s to %s failed", name, requestor, dest)
         respond(UNABLE_TO_PROCESS, (0, counts["completed"], counts["failed"], counts["warning"]),
-                failed_uids, comment=f"{type(e).__name__}: {e}")
+                failed_uids, comment=f"internal error (archive log reference {ref})")
         return
     remaining = len(result.remaining)
     c, f, w = counts["completed"], counts["failed"], counts["warning"]

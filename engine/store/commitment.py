@@ -12,7 +12,11 @@ Otherwise it fails with the standard's Failure Reason:
   0x0122 Referenced SOP Class not supported / 0x0115 invalid argument: malformed UIDs
 
 Queue: one write-once JSON file per accepted request in <data_dir>/commitment/pending/,
-fsync'd (file and directory) before the N-ACTION is answered. The process that delivers
+fsync'd (file and directory) before the N-ACTION is answered. Its name, <id>.<requester AE
+title in hex>.json, lets add() count an AE's pending reports from the directory listing
+alone, under a lock on the directory that every worker takes, and refuse one more than
+the limit (PendingLimit): an AE that never takes its reports cannot make the archive
+retry an unbounded number of them for MAX_AGE. The process that delivers
 a report holds an exclusive flock on its file; the kernel drops the lock when that
 process dies, whatever the cause, so any live worker can adopt the orphan (claim_orphans).
 A delivered report's file is unlinked while still locked; one that could not be
@@ -26,6 +30,7 @@ import logging
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -65,7 +70,12 @@ class Verdict:
 
 def judge(catalog: Catalog, segments_dir: Path, references: list[Reference], *, sync: bool = False) -> Verdict:
     """The verdict on `references`. `sync` fsyncs the segments first (for archives that
-    run with durability = os-buffer, whose records are not on stable storage yet)."""
+    run with durability = os-buffer, whose records are not on stable storage yet).
+
+    Cost: one catalog query for the whole request, then per distinct record one open of
+    its segment and one read of the whole record (decompressed, to check both CRCs):
+    the request's stored bytes read once. The N-ACTION handler caps the references of a
+    request (max_commitment_references) and the requests pending per AE, which bounds it."""
     uids = sorted({r.sop_instance_uid for r in references if valid_uid(r.sop_instance_uid)})
     _cols, rows = catalog.execute(
         "SELECT sop_instance_uid, sop_class_uid, segment, \"offset\", dataset_crc32, dataset_length "
@@ -156,16 +166,59 @@ class Claim:
             self.fd = -1
 
 
+class PendingLimit(Exception):
+    """The requester already has `count` reports pending: the request was not queued."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} reports pending")
+        self.count = count
+
+
+def _ae_key(ae_title: str) -> str:
+    """The AE title as it goes into a file name: any character an AE title may hold is safe."""
+    return ae_title.encode("utf-8", "surrogateescape").hex() or "-"
+
+
+def _request_id(path: Path) -> str:
+    """A pending file's request id (names without the AE part come from older versions)."""
+    return path.name.split(".", 1)[0]
+
+
 class ReportQueue:
     def __init__(self, directory: Path) -> None:
         self.pending = directory / "pending"
         self.undeliverable = directory / "undeliverable"
         self.pending.mkdir(parents=True, exist_ok=True)
 
-    def add(self, request: Request) -> Claim:
-        """Persist `request` durably, owned (locked) by this process; raises OSError."""
+    def pending_for(self, ae_title: str) -> int:
+        """How many reports to `ae_title` are queued and not yet delivered or given up."""
+        suffix = f".{_ae_key(ae_title)}.json"
+        return sum(1 for name in os.listdir(self.pending) if name.endswith(suffix) and not name.startswith("."))
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The queue to ourselves among every worker (and thread): count, then add."""
+        fd = os.open(self.pending, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # drops the flock
+
+    def add(self, request: Request, max_pending: int | None = None) -> Claim:
+        """Persist `request` durably, owned (locked) by this process; raises OSError, or
+        PendingLimit when its requester already has `max_pending` reports queued."""
+        if max_pending is None:
+            return self._write(request)
+        with self._exclusive():
+            count = self.pending_for(request.requester_ae)
+            if count >= max_pending:
+                raise PendingLimit(count)
+            return self._write(request)
+
+    def _write(self, request: Request) -> Claim:
         tmp = self.pending / f".{request.id}.tmp"
-        path = self.pending / f"{request.id}.json"
+        path = self.pending / f"{request.id}.{_ae_key(request.requester_ae)}.json"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -184,7 +237,7 @@ class ReportQueue:
     def claim_orphans(self, owned: set[str]) -> Iterator[Claim]:
         """Pending reports nobody holds (their process died, or the archive restarted)."""
         for path in sorted(self.pending.glob("*.json")):
-            rid = path.stem
+            rid = _request_id(path)
             if rid in owned:
                 continue
             try:
