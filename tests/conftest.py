@@ -47,6 +47,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, timeout: float, what, interval: float = 0.1):
+    """Poll `predicate` every `interval` seconds until it returns something true, and return
+    that. If it has not within `timeout` seconds, fail the test saying `what` (a string, or
+    a callable giving one, e.g. with the server's log) never happened. The timeout is a
+    bound on a wait, never an assertion about speed: make it generous."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"gave up after {timeout:g} s waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
+
+
+def catalog_sealed(data_dir: Path) -> bool:
+    """Whether every record of every segment is in the sealed catalog: the manifest's
+    watermark of each segment (but those a compaction retired) reaches the segment's end.
+    Compaction only rewrites segments catalogued to their end."""
+    from stowage.catalog import manifest
+    m = manifest.load(data_dir / "catalog")
+    for p in (data_dir / "segments").glob("*.seg"):
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:  # unlinked by a compaction meanwhile
+            continue
+        if p.name not in m.retired_segments and m.sealed_upto(p.name) < size:
+            return False
+    return True
+
+
 def echo_ok(port: int, aet: str = "STOWAGE", timeout: float = 2.0) -> bool:
     ae = AE(b"TESTSCU")
     ae.add_requested_context("1.2.840.10008.1.1")

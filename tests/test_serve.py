@@ -7,14 +7,32 @@ import signal
 import socket
 import struct
 import subprocess
-import time
 
+import psutil
 import pytest
 
 from pynetdicom import AE, _config
 
-from conftest import CT, HOST, copies, dcmtk, echo_ok, export_all
+from conftest import CT, HOST, copies, dcmtk, echo_ok, export_all, wait_for
 from page_cache import file_system, resident_pages
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether process `pid` has a socket listening on `port`."""
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+               for c in psutil.Process(pid).net_connections(kind="tcp"))
+
+
+def accept_queue(port: int) -> int | None:
+    """Connections waiting in the accept queue of the socket listening on 127.0.0.1:`port`
+    (for a listening socket, /proc/net/tcp's rx_queue is that count), or None if none listens."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == want and fields[3] == "0A":  # local address, state LISTEN
+                return int(fields[4].split(":")[1], 16)
+    return None
 
 
 def test_sigterm_drains_in_flight_associations(make_server, tmp_path, monkeypatch):
@@ -26,8 +44,10 @@ def test_sigterm_drains_in_flight_associations(make_server, tmp_path, monkeypatc
     assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
     assert assoc.is_established
     assert assoc.send_c_store(files[0]).Status == 0
+    assert listening(server.proc.pid, server.port)
     server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    wait_for(lambda: not listening(server.proc.pid, server.port), 30,
+             lambda: "the acceptor to close its listening socket\n" + server.log()[-3000:])
     with socket.socket() as s:  # no longer accepting
         s.settimeout(2)
         assert s.connect_ex((HOST, server.port)) != 0
@@ -68,15 +88,17 @@ def test_peers_that_reset_before_being_rejected_do_not_stop_the_acceptor(make_se
             c = socket.create_connection((HOST, server.port), timeout=5)
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             c.close()  # RST
+        assert accept_queue(server.port) == 3, "the reset connections are not waiting to be accepted"
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
-    time.sleep(1.0)
+    # The acceptor takes them (and drops them, over the cap and gone) while the held one is open.
+    wait_for(lambda: accept_queue(server.port) == 0, 30,
+             lambda: f"the acceptor to take the reset connections (queue {accept_queue(server.port)})\n"
+                     + server.log()[-3000:])
     held.release()
     assert server.proc.poll() is None, server.log()[-3000:]
-    deadline = time.monotonic() + 10
-    while not echo_ok(server.port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert echo_ok(server.port)
+    # the held association's slot comes back once its worker reports the release
+    wait_for(lambda: echo_ok(server.port), 10, lambda: "an echo to be admitted\n" + server.log()[-3000:])
     assert "Traceback" not in server.log(), server.log()[-3000:]
 
 
