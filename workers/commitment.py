@@ -44,10 +44,10 @@ from stowage.engine.store import commitment as sc
 from stowage.engine.store.archive import Archive, valid_uid
 from stowage.engine.transfer.requestor import Peer, PeerError, associate, new_ae, peer_of
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import log_reference
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.protocol.status import (INVALID_ARGUMENT_VALUE, MISSING_ATTRIBUTE, MISSING_ATTRIBUTE_VALUE,
                                      NO_SUCH_ACTION_TYPE, NO_SUCH_SOP_INSTANCE, PROCESSING_FAILURE, SUCCESS)
-from stowage.workers.retrieve import log_reference
 
 # A request refused by a limit. PS3.4 J.3 defines no status of its own for the Storage
 # Commitment N-ACTION, so it is one of PS3.7's N-ACTION statuses (10.1.4.1.10): "Resource
@@ -55,10 +55,7 @@ from stowage.workers.retrieve import log_reference
 # why. 0xA700 and 0xA701/0xA702 ("Out of Resources") are C-STORE, C-FIND, C-MOVE and C-GET
 # statuses that an N-ACTION requester need not know. Until protocol/status.py names
 # RESOURCE_LIMITATION, Processing failure (0x0110, also an N-ACTION failure) stands in.
-try:
-    from stowage.protocol.status import RESOURCE_LIMITATION as REFUSED_BY_LIMIT  # type: ignore[attr-defined]
-except ImportError:
-    from stowage.protocol.status import PROCESSING_FAILURE as REFUSED_BY_LIMIT
+from stowage.protocol.status import RESOURCE_LIMITATION as REFUSED_BY_LIMIT
 
 log = logging.getLogger("stowage.commitment")
 audit = logging.getLogger("stowage.audit")

@@ -21,9 +21,9 @@ from stowage.catalog.query import QueryError, parse_request, run
 from stowage.catalog.reader import Catalog
 from stowage.catalog.responses import identifier as response_identifier
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import log_reference
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.protocol.status import CANCEL, PENDING, SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS
-from stowage.workers.retrieve import log_reference
 
 log = logging.getLogger("stowage.find")
 audit = logging.getLogger("stowage.audit")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import uuid
 from io import BytesIO
 from typing import Any, Callable
 
@@ -43,6 +42,7 @@ from pynetdicom.sop_class import (
 from stowage.catalog.reader import Catalog
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
+from stowage.engine.runtime.logs import log_reference
 from stowage.engine.transfer.requestor import Peer, PeerError, peer_of
 from stowage.engine.transfer.send import Instance, Outcome, Sender, direct_socket
 from stowage.protocol.pdu import p_data
@@ -72,16 +72,6 @@ MOVE_SOP_CLASSES = tuple(move for move, _get, _levels in _MODELS)
 GET_SOP_CLASSES = tuple(get for _move, get, _levels in _MODELS)
 _ROOTS = {move.rsplit(".", 1)[0]: levels for move, _get, levels in _MODELS}  # a model's classes differ in the last part
 _FIELDS = "sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", dataset_length"
-
-
-def log_reference(logger: logging.Logger, message: str, *args: object, level: int = logging.ERROR) -> str:
-    """Log the exception being handled, with its traceback, under a new short reference,
-    and return the reference. An Error Comment names it instead of the exception's text,
-    which holds paths and internals that are no business of the peer's: the peer's
-    operator quotes it to ours, who finds the whole story in the log."""
-    ref = uuid.uuid4().hex[:8]
-    logger.log(level, message + " (reference %s)", *args, ref, exc_info=True)
-    return ref
 
 
 class RetrieveError(Exception):

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 import warnings
 
 from stowage.engine.runtime.config import Config
@@ -99,3 +100,13 @@ def setup_logging(config: Config, process: str) -> None:
     audit_logger = logging.getLogger(_AUDIT)
     audit_logger.addHandler(audit)
     audit_logger.propagate = False  # one line per store belongs in the audit file, not on stderr
+
+
+def log_reference(logger: logging.Logger, message: str, *args: object, level: int = logging.ERROR) -> str:
+    """Log the exception being handled, with its traceback, under a new short reference,
+    and return the reference. An Error Comment names it instead of the exception's text,
+    which holds paths and internals that are no business of the peer's: the peer's
+    operator quotes it to ours, who finds the whole story in the log."""
+    ref = uuid.uuid4().hex[:8]
+    logger.log(level, message + " (reference %s)", *args, ref, exc_info=True)
+    return ref
