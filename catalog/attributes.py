@@ -17,7 +17,6 @@ ends the header, never the store.
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Callable
 from functools import lru_cache
 from io import BytesIO
@@ -31,15 +30,25 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS, VR
 
+from stowage.catalog.limits import (  # UnreadableDataset and LimitExceeded: also for callers of extract
+    MAX_INFLATED_BYTES,
+    MAX_NESTING_DEPTH,
+    Inflater,
+    LimitExceeded,
+    Truncated,
+    UnreadableDataset,
+    inflate,
+    too_deep,
+)
 from stowage.catalog.schema import DICOM_COLUMNS
-
-
-class UnreadableDataset(ValueError):
-    """The data set cannot be parsed far enough to read its catalog attributes."""
 
 
 class _Fallback(Exception):
     """The scanner met something it does not handle; pydicom takes over."""
+
+
+class _TooDeep(Exception):
+    """Sequences nested deeper than the scanner's depth bound (extract names the limit)."""
 
 
 Raw = dict[int, tuple[str, bytes]]  # tag -> (VR, value bytes as encoded)
@@ -136,19 +145,23 @@ _UNDEFINED = 0xFFFFFFFF
 _EXPLICIT_HEADER = struct.Struct("<HHHH").unpack_from  # group, element, VR, 16-bit length
 _IMPLICIT_HEADER = struct.Struct("<HHL").unpack_from  # group, element, 32-bit length
 _UINT32 = struct.Struct("<L").unpack_from
+_UINT16 = struct.Struct("<H").unpack_from
 _TAG = struct.Struct("<HH").unpack_from
 
 # --- public API ----------------------------------------------------------------------
 
 
-def extract(dataset: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, str | None]:
+def extract(dataset: bytes | memoryview, transfer_syntax_uid: str, max_inflated_bytes: int = MAX_INFLATED_BYTES,
+            max_nesting_depth: int = MAX_NESTING_DEPTH) -> dict[str, str | None]:
     """Catalog attributes of an encoded dataset (no file meta, no preamble: the bytes
     of a C-STORE data set).
 
     One key per column of ``DICOM_COLUMNS``; the value is the element's value as
     ``str`` (backslash-separated when multi-valued) or None when absent or empty.
     Plus ``HEADER``: the top-level non-bulk elements as bytes (see header_is_implicit),
-    or None. Raises UnreadableDataset when neither the scanner nor pydicom can read it.
+    or None. Raises UnreadableDataset when neither the scanner nor pydicom can read it,
+    LimitExceeded (one) when reading it would inflate a Deflated data set past
+    `max_inflated_bytes` or walk sequences nested deeper than `max_nesting_depth`.
     """
     buf = memoryview(dataset)
     if buf.format != "B" or buf.ndim != 1:  # the scanner indexes single bytes
@@ -160,12 +173,14 @@ def extract(dataset: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, 
     if mode != "slow":
         cut = _Cut()
         try:
-            raw = _scan(buf, implicit=mode == "implicit", cut=cut)
+            raw = _scan(buf, implicit=mode == "implicit", cut=cut, max_depth=max_nesting_depth)
             header = cut.bytes_of(buf)
         except _Fallback:
             pass
+        except (_TooDeep, RecursionError):  # RecursionError: a max_nesting_depth above what Python's stack holds
+            raise too_deep(max_nesting_depth) from None
     if raw is None:
-        raw, header = _slow_path(dataset, uid)
+        raw, header = _slow_path(dataset, uid, max_inflated_bytes, max_nesting_depth)
     result = _to_strings(raw)
     result[HEADER] = header
     return result
@@ -190,15 +205,16 @@ def _syntax(uid: str) -> str:
         return "explicit"
 
 
-def _scan(buf: memoryview, implicit: bool, cut: _Cut | None = None) -> Raw:
-    """Raw wanted values of a little-endian data set; raises _Fallback on anything odd.
+def _scan(buf: memoryview, implicit: bool, cut: _Cut | None = None, max_depth: int = MAX_NESTING_DEPTH) -> Raw:
+    """Raw wanted values of a little-endian data set; raises _Fallback on anything odd,
+    _TooDeep on undefined-length sequences nested deeper than `max_depth`.
 
     With `cut`, also walks on to the pixel data and records there where the header ends
     and which bulk elements it leaves out."""
     if _looks_explicit(buf) == implicit:
         raise _Fallback("the data set's VR encoding differs from its transfer syntax")
     found: dict[int, tuple[int, int, int]] = {}
-    end = _walk(buf, 0, implicit, _MAX_TAG if cut is None else _HEADER_LIMIT, found, cut)
+    end = _walk(buf, 0, implicit, _MAX_TAG if cut is None else _HEADER_LIMIT, found, cut, max_depth)
     if cut is not None:
         cut.end = end
     raw: Raw = {}
@@ -214,12 +230,14 @@ def _looks_explicit(buf: memoryview) -> bool:
 
 
 def _walk(buf: memoryview, pos: int, implicit: bool, limit: int,
-          found: dict[int, tuple[int, int, int]] | None, cut: _Cut | None = None) -> int:
+          found: dict[int, tuple[int, int, int]] | None, cut: _Cut | None = None,
+          room: int = MAX_NESTING_DEPTH) -> int:
     """Walk elements from pos up to the first tag above limit; return where that is.
 
     Records (VR code, start, end) of wanted elements into found (top level only;
     nested items pass None). Less than a header's worth of bytes left ends the walk,
-    as in pydicom. Undefined lengths are skipped item by item. With cut (top level),
+    as in pydicom. Undefined lengths are skipped item by item, `room` more levels of
+    them at most (the recursion is bounded by it). With cut (top level),
     bulk elements are noted as holes, and the walk goes on past the wanted tags to
     `limit` in _walk_header, where anything odd ends the walk instead of raising.
     """
@@ -235,7 +253,7 @@ def _walk(buf: memoryview, pos: int, implicit: bool, limit: int,
         if tag > strict_limit:
             if cut is None:
                 return pos
-            return _walk_header(buf, pos, implicit, limit, cut)
+            return _walk_header(buf, pos, implicit, limit, cut, room)
         start = pos
         pos += 8
         if not implicit:
@@ -248,7 +266,7 @@ def _walk(buf: memoryview, pos: int, implicit: bool, limit: int,
                 raise _Fallback(f"unknown VR at offset {pos - 8}")
         if length == _UNDEFINED:
             # Contents of an undefined-length UN are implicit VR (PS3.5 6.2.2).
-            pos = _skip_items(buf, pos, implicit or vr == _UN)
+            pos = _skip_items(buf, pos, implicit or vr == _UN, room)
             if cut is not None and pos - start > _SMALL and _is_bulk(tag, _SQ, pos - start):
                 cut.holes.append((start, pos))
             continue
@@ -262,9 +280,10 @@ def _walk(buf: memoryview, pos: int, implicit: bool, limit: int,
     return pos
 
 
-def _walk_header(buf: memoryview, pos: int, implicit: bool, limit: int, cut: _Cut) -> int:
+def _walk_header(buf: memoryview, pos: int, implicit: bool, limit: int, cut: _Cut, room: int) -> int:
     """The rest of the top level, past the catalog's tags, for the header only: returns
-    where it ends (the first tag past limit, or the first thing it cannot walk)."""
+    where it ends (the first tag past limit, or the first thing it cannot walk). Nesting
+    past `room` still refuses the data set (_TooDeep), as anywhere else."""
     end_of_buffer = len(buf)
     while pos + 8 <= end_of_buffer:
         start = pos
@@ -287,7 +306,7 @@ def _walk_header(buf: memoryview, pos: int, implicit: bool, limit: int, cut: _Cu
                 return start
         if length == _UNDEFINED:
             try:
-                pos = _skip_items(buf, pos, implicit or vr == _UN)
+                pos = _skip_items(buf, pos, implicit or vr == _UN, room)
             except _Fallback:
                 return start
             if pos - start > _SMALL and _is_bulk(tag, _SQ, pos - start):
@@ -301,8 +320,11 @@ def _walk_header(buf: memoryview, pos: int, implicit: bool, limit: int, cut: _Cu
     return pos if pos <= end_of_buffer else start
 
 
-def _skip_items(buf: memoryview, pos: int, implicit: bool) -> int:
-    """Skip the items of an undefined-length value; return the position after its delimiter."""
+def _skip_items(buf: memoryview, pos: int, implicit: bool, room: int) -> int:
+    """Skip the items of an undefined-length value; return the position after its delimiter.
+    `room`: how many levels of such values, this one included, may still nest."""
+    if room < 1:
+        raise _TooDeep
     end_of_buffer = len(buf)
     while pos + 8 <= end_of_buffer:
         group, element, length = _IMPLICIT_HEADER(buf, pos)
@@ -315,7 +337,7 @@ def _skip_items(buf: memoryview, pos: int, implicit: bool) -> int:
         if length != _UNDEFINED:
             pos += length
             continue
-        pos = _walk(buf, pos, implicit, _ITEM_END - 1, None)
+        pos = _walk(buf, pos, implicit, _ITEM_END - 1, None, None, room - 1)
         if pos + 8 > end_of_buffer or _tag_at(buf, pos) != _ITEM_END:
             raise _Fallback(f"item without its delimiter at offset {pos}")
         pos += 8
@@ -330,9 +352,11 @@ def _tag_at(buf: memoryview, pos: int) -> int:
 # --- slow path -----------------------------------------------------------------------
 
 
-def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str) -> tuple[Raw, bytes | None]:
+def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str, max_inflated: int = MAX_INFLATED_BYTES,
+               max_depth: int = MAX_NESTING_DEPTH) -> tuple[Raw, bytes | None]:
     """Raw wanted values read by pydicom (big endian, deflated, or what the scanner
-    refused), and the header re-encoded little endian."""
+    refused), and the header re-encoded little endian. Of a deflated data set, only its
+    head is inflated (_deflated_head)."""
     try:
         syntax = UID(transfer_syntax_uid)
         implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
@@ -340,17 +364,17 @@ def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str) -> tuple[R
     except ValueError:  # not a known transfer syntax: explicit VR little endian, as pydicom
         implicit, little, deflated = False, True, False
     data = bytes(dataset)  # no copy when it already is bytes
+    whole_header = True
     if deflated:
-        try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
-        except zlib.error as exc:
-            raise UnreadableDataset(f"deflated data set does not inflate: {exc}") from exc
+        data, whole_header = _deflated_head(data, max_inflated, max_depth)
     fp = BytesIO(data)
     try:
         ds = read_dataset(fp, implicit, little, stop_when=_past_wanted,
                           specific_tags=_WANTED_LIST)
         # keep_deferred: an empty raw value is None, and must not be converted
         elements = [ds.get_item(tag, keep_deferred=True) for tag in _WANTED if tag in ds]
+    except RecursionError:  # pydicom recurses into undefined-length sequences
+        raise too_deep(max_depth) from None
     except Exception as exc:  # pydicom signals bad data with many exception types
         raise UnreadableDataset(f"pydicom cannot parse the data set: {exc}") from exc
     if fp.tell() > len(data):
@@ -364,7 +388,119 @@ def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str) -> tuple[R
             raise UnreadableDataset(f"data set truncated inside element {elem.tag}")
         vr = elem.VR if elem.VR and elem.VR != "UN" else _DICTIONARY_VR[elem.tag]
         raw[int(elem.tag)] = (str(vr), value)
+    if not whole_header:
+        return raw, None
     return raw, _slow_header(data, implicit, little, _syntax(transfer_syntax_uid) == "implicit")
+
+
+# --- deflated: the head only, in bounded memory ----------------------------------------
+
+
+def _deflated_head(data: bytes, max_inflated: int, max_depth: int) -> tuple[bytes, bool]:
+    """What the slow path needs of a Deflated data set: its top-level elements up to Pixel
+    Data, bulk values left out (skipped as they inflate, never held), as explicit VR
+    little endian bytes; and whether they are the whole header (False: past _MAX_HEADER).
+
+    Inflates no further than Pixel Data, never past `max_inflated` bytes in all
+    (LimitExceeded), and walks sequences iteratively, `max_depth` deep at most. What the
+    walk cannot follow (a broken or cut encoding) is handed to pydicom whole, as before,
+    inflated within the same bound."""
+    stream = Inflater(data, max_inflated)
+    kept = bytearray()
+    try:
+        while True:
+            head = stream.peek(12)
+            if len(head) < 8:
+                return bytes(kept), True
+            group, element, vr, length = _EXPLICIT_HEADER(head, 0)
+            tag = group << 16 | element
+            if tag > _HEADER_LIMIT:
+                return bytes(kept), True
+            size = 8
+            if vr in _LONG_VRS:
+                if len(head) < 12:
+                    raise _Fallback("header runs past the end")
+                length, size = _UINT32(head, 8)[0], 12
+            elif vr not in _VR_BY_CODE:
+                raise _Fallback(f"unknown VR of ({group:04X},{element:04X})")
+            if length == _UNDEFINED:
+                value = _undefined_value(stream, size, vr == _UN, max_depth)
+                if value is not None and not (len(value) > _SMALL and tag in _BULK_TAGS):
+                    kept += value
+            elif length > _SMALL and tag not in _WANTED and _is_bulk(tag, vr, length):
+                stream.read(size + length)
+            else:
+                stream.read(size + length, kept)
+            if tag > _MAX_TAG and len(kept) > _MAX_HEADER:  # the catalog's values are in; no header
+                return bytes(kept), False
+    except (_Fallback, Truncated):
+        return inflate(data, max_inflated), True
+
+
+def _undefined_value(stream: Inflater, size: int, implicit: bool, max_depth: int) -> bytearray | None:
+    """Read a top-level undefined-length element (its `size`-byte element header first)
+    to its sequence delimiter; its bytes, or None when it is bulk (over _MAX_SEQUENCE).
+
+    Iterative: `stack` holds one entry per open level, True for a sequence (items
+    expected), False for an item (elements expected), with its VR encoding."""
+    out: bytearray | None = bytearray()
+    stream.read(size, out)
+    stack, depth = [(True, implicit)], 1
+    if depth > max_depth:
+        raise too_deep(max_depth)
+    while stack:
+        in_sequence, implicit = stack[-1]
+        head = stream.peek(12)
+        if len(head) < 8:
+            raise Truncated
+        group, element, length = _IMPLICIT_HEADER(head, 0)
+        tag = group << 16 | element
+        if in_sequence:
+            out = _take(stream, 8, out)
+            if tag == _SEQUENCE_END:
+                stack.pop()
+                depth -= 1
+            elif tag != _ITEM:
+                raise _Fallback(f"expected an item, found ({group:04X},{element:04X})")
+            elif length == _UNDEFINED:
+                stack.append((False, implicit))
+            else:
+                out = _take(stream, length, out)
+            continue
+        if tag == _ITEM_END:
+            out = _take(stream, 8, out)
+            stack.pop()
+            continue
+        if group == 0xFFFE:
+            raise _Fallback(f"unexpected delimiter ({group:04X},{element:04X})")
+        size, vr = 8, 0
+        if not implicit:
+            vr = _UINT16(head, 4)[0]
+            if vr in _LONG_VRS:
+                if len(head) < 12:
+                    raise Truncated
+                length, size = _UINT32(head, 8)[0], 12
+            elif vr in _VR_BY_CODE:
+                length = _UINT16(head, 6)[0]
+            else:
+                raise _Fallback(f"unknown VR of ({group:04X},{element:04X})")
+        out = _take(stream, size, out)
+        if length != _UNDEFINED:
+            out = _take(stream, length, out)
+            continue
+        depth += 1
+        if depth > max_depth:
+            raise too_deep(max_depth)
+        stack.append((True, implicit or vr == _UN))
+    return out
+
+
+def _take(stream: Inflater, n: int, out: bytearray | None) -> bytearray | None:
+    """Read n bytes into `out`, which becomes None (bulk: dropped) past _MAX_SEQUENCE."""
+    if out is not None and len(out) + n > _MAX_SEQUENCE:
+        out = None
+    stream.read(n, out)
+    return out
 
 
 def _slow_header(data: bytes, implicit: bool, little: bool, implicit_out: bool) -> bytes | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydicom.dataelem import DataElement
@@ -226,8 +227,67 @@ def _values(value: Any) -> list[Any]:
     return [value]
 
 
-def _wild(pattern: str) -> re.Pattern[str]:
-    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.S)
+class _Piece:
+    """A run of a wildcard pattern between two `*`: literal characters and `?`."""
+
+    __slots__ = ("text", "rx")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        # Fixed length, no `*`: a regex of literals and `.` cannot backtrack.
+        self.rx = re.compile("".join("." if c == "?" else re.escape(c) for c in text), re.S) if "?" in text else None
+
+    def at(self, value: str, pos: int) -> bool:
+        """Does the piece match `value` at `pos` exactly?"""
+        if self.rx is None:
+            return value.startswith(self.text, pos)
+        return self.rx.match(value, pos) is not None
+
+    def find(self, value: str, start: int, end: int) -> int:
+        """Where the piece first matches within value[start:end], or -1."""
+        if self.rx is None:
+            return value.find(self.text, start, end)
+        m = self.rx.search(value, start, end)
+        return m.start() if m else -1
+
+
+class _Wildcard:
+    """A DICOM wildcard pattern (`*` any run of characters, `?` any one; PS3.4
+    C.2.2.2.4), matched without backtracking: the piece before the first `*` must start
+    the value, the piece after the last end it, and the pieces between are found left to
+    right, each at its first place after the one before. Taking the first place is never
+    wrong (a later one leaves less room for the rest), so one pass decides: time linear in
+    the value for each piece, where a regex of `.*` took exponential time on values like
+    `aaaa…` against `*a*a*a*…b` (issue #25)."""
+
+    __slots__ = ("head", "middle", "tail", "starred")
+
+    def __init__(self, pattern: str) -> None:
+        pieces = pattern.split("*")
+        self.starred = len(pieces) > 1
+        self.head, self.tail = _Piece(pieces[0]), _Piece(pieces[-1])
+        self.middle = [_Piece(p) for p in pieces[1:-1] if p]
+
+    def fullmatch(self, value: str) -> bool:
+        """Does the whole of `value` match the pattern?"""
+        head, tail = self.head, self.tail
+        if not self.starred:
+            return len(value) == len(head.text) and head.at(value, 0)
+        end = len(value) - len(tail.text)
+        if end < len(head.text) or not head.at(value, 0) or not tail.at(value, end):
+            return False
+        pos = len(head.text)
+        for piece in self.middle:
+            found = piece.find(value, pos, end)
+            if found < 0:
+                return False
+            pos = found + len(piece.text)
+        return True
+
+
+@lru_cache(maxsize=256)
+def _wild(pattern: str) -> _Wildcard:
+    return _Wildcard(pattern)
 
 
 def _pn_matches(m: Match, stored: str, insensitive: bool) -> bool:

@@ -20,9 +20,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from stowage.catalog.attributes import UnreadableDataset, extract
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from stowage.catalog.attributes import LimitExceeded, UnreadableDataset, extract
 from stowage.engine.store.archive import Archive
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.importer.part10 import FileInfo, Malformed, NotDicom, check_whole, read_info
 from stowage.engine.store.recovery import recover
@@ -31,6 +34,8 @@ from stowage.engine.importer.outcome import HELD, NOT_ATTEMPTED, REFUSED, SKIPPE
 from stowage.engine.store.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, claim_slot
 from stowage.protocol.status import OUT_OF_RESOURCES
 from stowage.engine.runtime.malloc import keep_large_buffers_in_heap
+
+log = logging.getLogger("stowage.import")
 
 DEFAULT_SOURCE_AE = "IMPORT"  # the calling AE recorded when a file names no Source AE
 _HEAD = 64 << 10       # of a data set without file meta: enough to find its UIDs
@@ -102,6 +107,8 @@ class Loader:
 
     def __init__(self, archive: Archive, spool: Path, spill_threshold: int, stop: Any) -> None:
         self.archive = archive
+        self.max_inflated_bytes = archive.config.max_inflated_bytes
+        self.max_nesting_depth = archive.config.max_nesting_depth
         self.spool = spool
         self.spill_threshold = spill_threshold
         self.stop = stop                # shared: set on a full disk, so every process stops
@@ -125,8 +132,14 @@ class Loader:
             return Outcome(index, SKIPPED, f"not DICOM: {e}", size)
         except Malformed as e:
             return Outcome(index, REFUSED, str(e), size)
+        except LimitExceeded as e:  # what reading the file would cost is past a limit
+            process_counts.refused(e.limit)
+            return Outcome(index, REFUSED, str(e), size)
         except OSError as e:
             return Outcome(index, REFUSED, f"unreadable: {e.strerror or e}")
+        except Exception as e:  # a failure of ours on one file: it is refused, the others go on
+            log.exception("importing %s failed", path)
+            return Outcome(index, REFUSED, f"could not be imported ({type(e).__name__}: {e})", size)
         finally:
             _forget(fd)
             os.close(fd)
@@ -182,10 +195,12 @@ class Loader:
         """Check the data set (`dataset`, the bytes after the file meta) and store
         `stored` (those bytes, or the spool copy's range holding them)."""
         if info.is_dicomdir:
+            # PS3.10 never deflates a DICOMDIR, and pydicom would inflate one whole, unbounded.
+            deflated = info.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
             return Outcome(index, SKIPPED, "DICOMDIR: a media directory, not an instance "
                                            "(the files it references are imported from the folder)", size,
-                           missing_references(path, bytes(head) + bytes(dataset)))
-        check_whole(dataset, info.transfer_syntax_uid, info.dataset_offset)
+                           () if deflated else missing_references(path, bytes(head) + bytes(dataset)))
+        check_whole(dataset, info.transfer_syntax_uid, info.dataset_offset, self.max_nesting_depth)
         sop_class, sop_instance = self._identity(dataset, info)
         try:
             result = self._store_once(stored, info, sop_class, sop_instance)
@@ -204,7 +219,10 @@ class Loader:
         if info.sop_class_uid and info.sop_instance_uid:
             return info.sop_class_uid, info.sop_instance_uid
         try:
-            attrs = extract(bytes(dataset[:_HEAD]), info.transfer_syntax_uid)
+            attrs = extract(bytes(dataset[:_HEAD]), info.transfer_syntax_uid, self.max_inflated_bytes,
+                            self.max_nesting_depth)
+        except LimitExceeded:
+            raise
         except UnreadableDataset as e:
             if info.has_meta:
                 raise Malformed(f"cannot parse the data set: {e}") from None

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, \
     ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 
+from stowage.catalog.limits import MAX_NESTING_DEPTH, too_deep
+
 _DICM = b"DICM"
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
                        b"UV"})
@@ -121,25 +123,33 @@ def read_info(data: bytes | memoryview) -> FileInfo:
 
 # --- is the data set whole? ----------------------------------------------------------
 
-def check_whole(dataset: bytes | memoryview, transfer_syntax_uid: str, file_offset: int = 0) -> None:
+def check_whole(dataset: bytes | memoryview, transfer_syntax_uid: str, file_offset: int = 0,
+                max_depth: int = MAX_NESTING_DEPTH) -> None:
     """Raise Malformed if the data set is cut short: every element's length, sequences and
-    encapsulated pixel data included, must fit. Deflated data sets are left to zlib (the
-    catalog reader inflates them). Byte positions in messages count from the start of the
-    file, where the data set begins at `file_offset`."""
+    encapsulated pixel data included, must fit; LimitExceeded if undefined-length values
+    nest deeper than `max_depth` (the walk recurses once per level, so it is bounded
+    there, never by Python's stack). Deflated data sets are left to the catalog reader,
+    which inflates them within its own limits. Byte positions in messages count from the
+    start of the file, where the data set begins at `file_offset`."""
     if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         return
     big = transfer_syntax_uid == ExplicitVRBigEndian
     implicit = transfer_syntax_uid == ImplicitVRLittleEndian
     if not implicit and len(dataset) >= 8 and not _VR.match(bytes(dataset[4:6])):
         raise Malformed(f"the data set is Implicit VR, but its transfer syntax {transfer_syntax_uid} is explicit")
-    _Walker(dataset, ">" if big else "<", implicit, file_offset).dataset(0, in_item=False)
+    try:
+        _Walker(dataset, ">" if big else "<", implicit, file_offset, max_depth).dataset(0, in_item=False)
+    except RecursionError:  # a max_depth above what Python's stack holds
+        raise too_deep(max_depth) from None
 
 
 class _Walker:
     """Hops over elements by their lengths; never decodes values."""
 
-    def __init__(self, data: bytes | memoryview, endian: str, implicit: bool, base: int) -> None:
+    def __init__(self, data: bytes | memoryview, endian: str, implicit: bool, base: int,
+                 max_depth: int = MAX_NESTING_DEPTH) -> None:
         self.data, self.end, self.implicit, self.base = data, len(data), implicit, base
+        self.max_depth = max_depth
         self.tag = struct.Struct(endian + "HH")
         self.u32 = struct.Struct(endian + "I")
         self.u16 = struct.Struct(endian + "H")
@@ -149,8 +159,11 @@ class _Walker:
         return Malformed(f"truncated: {what} at byte {self.base + pos} runs past the end of the file "
                          f"({self.base + self.end} bytes)")
 
-    def dataset(self, pos: int, in_item: bool, implicit: bool | None = None) -> int:
+    def dataset(self, pos: int, in_item: bool, implicit: bool | None = None, room: int | None = None) -> int:
+        """Walk elements from `pos` (to the item's delimiter when `in_item`); `room`: how
+        many levels of undefined-length values may still open (max_depth at the top)."""
         implicit = self.implicit if implicit is None else implicit
+        room = self.max_depth if room is None else room
         data, end = self.data, self.end
         while pos < end:
             if end - pos < 8:
@@ -176,7 +189,9 @@ class _Walker:
                     length, head = self.u16.unpack_from(data, pos + 6)[0], 8
             pos += head
             if length == 0xFFFFFFFF:  # a sequence, UN sequence, or encapsulated pixel data
-                pos = self._items(pos, tag, implicit or vr == b"UN")
+                if room < 1:
+                    raise too_deep(self.max_depth)
+                pos = self._items(pos, tag, implicit or vr == b"UN", room - 1)
             elif pos + length > end:
                 raise self._cut(f"element ({group:04X},{element:04X}) of {length} bytes", pos - head)
             else:
@@ -185,7 +200,7 @@ class _Walker:
             raise self._cut("an item without its delimiter", pos)
         return pos
 
-    def _items(self, pos: int, tag: int, implicit: bool) -> int:
+    def _items(self, pos: int, tag: int, implicit: bool, room: int) -> int:
         data, end = self.data, self.end
         while True:
             if end - pos < 8:
@@ -198,7 +213,7 @@ class _Walker:
             if item_tag != _ITEM:
                 raise Malformed(f"({tag >> 16:04X},{tag & 0xFFFF:04X}): expected an item at byte {self.base + pos - 8}")
             if length == 0xFFFFFFFF:
-                pos = self.dataset(pos, in_item=True, implicit=implicit)
+                pos = self.dataset(pos, in_item=True, implicit=implicit, room=room)
             elif pos + length > end:
                 raise self._cut(f"an item of ({tag >> 16:04X},{tag & 0xFFFF:04X})", pos - 8)
             else:

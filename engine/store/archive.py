@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, \
+    ImplicitVRLittleEndian
 
-from stowage.catalog.attributes import UnreadableDataset, extract
+from stowage.catalog.attributes import LimitExceeded, UnreadableDataset, extract
+from stowage.catalog.limits import Inflater
 from stowage.catalog.bloom import UidFilter
 from stowage.catalog.reader import Catalog
 from stowage.catalog.sealed_uids import SealedView
 from stowage.catalog.sealer import Sealer
 from stowage.catalog.tail import TailUids, read_tails
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.store import rejection
 from stowage.engine.store.filemeta import PREAMBLE, file_meta
 from stowage.engine.store.freespace import FreeSpace
@@ -49,7 +52,7 @@ from stowage.protocol.status import (
 log = logging.getLogger("stowage.store")
 audit = logging.getLogger("stowage.audit")
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # used with fullmatch: "$" would let a newline end it
 # Uncompressed syntaxes: little endian implicit/explicit, big endian. Everything else is
 # encapsulated (JPEG, RLE…) or deflated, and does not compress further.
 NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian})
@@ -88,7 +91,7 @@ def _crc32(dataset: bytes | FileRange) -> tuple[int, int]:
 
 
 def valid_uid(uid: str | None) -> bool:
-    return bool(uid) and len(uid) <= 64 and bool(_UID.match(uid))
+    return bool(uid) and len(uid) <= 64 and _UID.fullmatch(uid) is not None
 
 
 def _check_identity(attrs: dict[str, Any], sop_class_uid: str, sop_instance_uid: str) -> StoreResult | None:
@@ -150,7 +153,14 @@ class Archive:
         """Store one instance exactly as received (in memory, or spooled to a file when
         large); the result is final and durable."""
         try:
-            attrs = extract(_head(dataset), transfer_syntax_uid)
+            attrs = extract(_head(dataset), transfer_syntax_uid, self.config.max_inflated_bytes,
+                            self.config.max_nesting_depth)
+            if sop_class_uid == rejection.KOS and transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+                # A rejection note is parsed whole (engine/store/rejection.py): within the limit too.
+                Inflater(_head(dataset), self.config.max_inflated_bytes).drain()
+        except LimitExceeded as e:
+            process_counts.refused(e.limit)
+            return StoreResult(CANNOT_UNDERSTAND, str(e))
         except UnreadableDataset as e:
             return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {e}")
         refusal = _check_identity(attrs, sop_class_uid, sop_instance_uid)

@@ -9,9 +9,15 @@
 The CRC-32 covers the prefix (up to the CRC), the header and the payload as stored, so a
 reader can walk a segment from any record boundary, verify each record, and stop at the
 first torn or corrupted one. This module imports nothing from the rest of stowage.
+
+A zstd frame is never trusted for its size: it is decompressed bounded by what the
+record's header says the payload holds (`meta_length` + `dataset_length`), or by the
+frame's own content size when the header does not say; a frame that claims or yields
+more, or less, is a corrupt record (OversizedRecord, when more).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -47,6 +53,14 @@ _CHUNK = 1 << 20
 
 class CorruptRecord(ValueError):
     """A record whose checksum or framing does not hold; the message says where."""
+
+
+class OversizedRecord(CorruptRecord):
+    """A compressed payload that claims or yields more bytes than its record says it
+    holds (a damaged or forged frame): refused before anything that size is allocated.
+    `limit` is its stowage_limit_refusals label, for a caller that counts it."""
+
+    limit = "record_length"
 
 
 @dataclass(frozen=True)
@@ -277,16 +291,80 @@ def _unshuffled(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield unshuffle(pending)
 
 
-def _decompressed(chunks: Iterator[bytes], offset: int) -> Iterator[bytes]:
-    dctx = zstandard.ZstdDecompressor().decompressobj()
-    for chunk in chunks:
-        try:
-            out = dctx.decompress(chunk)
-        except zstandard.ZstdError as e:  # damaged bytes, seen before the CRC at the end
-            raise CorruptRecord(f"compressed payload of the record at byte {offset} does not decompress: {e}") from None
-        if out:
+def payload_size(header: dict[str, Any]) -> int | None:
+    """The decompressed payload's length as the record header says it (file meta and data
+    set), or None when it does not say (records written by hand, in tests)."""
+    meta, dataset = header.get("meta_length"), header.get("dataset_length")
+    if type(meta) is int and type(dataset) is int and meta >= 0 and dataset >= 0:
+        return meta + dataset
+    return None
+
+
+def _frame_size(first: bytes | memoryview, offset: int) -> int:
+    """The content size a zstd frame's header declares, or -1 when it declares none."""
+    try:
+        return zstandard.frame_content_size(first[:18])  # a frame header is 18 bytes at most
+    except zstandard.ZstdError as e:
+        raise CorruptRecord(f"compressed payload of the record at byte {offset} is not a zstd frame: {e}") from None
+
+
+def _bound(declared: int, expected: int | None, offset: int) -> int:
+    """How many bytes the payload may decompress to: what the header says, which the
+    frame must agree with; else what the frame declares."""
+    where = f"compressed payload of the record at byte {offset}"
+    if expected is None:
+        if declared == -1:
+            raise CorruptRecord(f"{where} says nowhere how long it is")
+        return declared
+    if declared > expected:
+        raise OversizedRecord(f"{where} declares {declared} bytes, its header {expected}")
+    if declared not in (-1, expected):
+        raise CorruptRecord(f"{where} declares {declared} bytes, its header {expected}")
+    return expected
+
+
+class _Chunks:
+    """A file-like read() over an iterator of chunks, for zstandard's streaming reader."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._current = memoryview(b"")
+
+    def read(self, n: int) -> bytes:
+        while not self._current:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return b""
+            self._current = memoryview(chunk)
+        out, self._current = self._current[:n], self._current[n:]
+        return bytes(out)
+
+    def drain(self) -> None:
+        """Read to the end: the record CRC is checked there."""
+        self._current = memoryview(b"")
+        for _ in self._chunks:
+            pass
+
+
+def _decompressed(chunks: Iterator[bytes], offset: int, expected: int | None = None) -> Iterator[bytes]:
+    """A compressed payload's chunks, decompressed in pieces of _CHUNK bytes at most, never
+    more in all than _bound allows; CorruptRecord if the frame yields more or less."""
+    chunks = iter(chunks)
+    first = next(chunks, b"")
+    limit = _bound(_frame_size(first, offset), expected, offset)
+    source = _Chunks(itertools.chain([first], chunks))
+    produced = 0
+    try:
+        for out in zstandard.ZstdDecompressor().read_to_iter(source, read_size=_CHUNK, write_size=_CHUNK):
+            produced += len(out)
+            if produced > limit:
+                raise OversizedRecord(f"compressed payload of the record at byte {offset} decompresses past "
+                                      f"the {limit} bytes it holds")
             yield out
-    if not dctx.eof:
+    except zstandard.ZstdError as e:  # damaged bytes, seen before the CRC at the end
+        raise CorruptRecord(f"compressed payload of the record at byte {offset} does not decompress: {e}") from None
+    source.drain()  # raises CorruptRecord if the record CRC fails
+    if produced != limit:
         raise CorruptRecord(f"compressed payload of the record at byte {offset} is incomplete")
 
 
@@ -300,7 +378,7 @@ def open_record(f: BinaryIO, offset: int) -> tuple[Record, Iterator[bytes]]:
 def decoded(rec: Record, chunks: Iterator[bytes]) -> Iterator[bytes]:
     """A record's stored payload chunks, decompressed and unshuffled as its flags say."""
     if rec.flags & FLAG_ZSTD:
-        chunks = _decompressed(chunks, rec.offset)
+        chunks = _decompressed(chunks, rec.offset, payload_size(rec.header))
     if rec.flags & FLAG_SHUFFLE:
         chunks = _unshuffled(chunks)
     return chunks
@@ -311,12 +389,7 @@ def stream_payload(path: Path, offset: int) -> Iterator[bytes]:
     raises CorruptRecord, after the last chunk at the latest, if its checksum fails."""
     with open(path, "rb") as f:
         rec, expected, running = _read_head(f, offset)
-        chunks: Iterator[bytes] = _payload_chunks(f, rec, expected, running)
-        if rec.flags & FLAG_ZSTD:
-            chunks = _decompressed(chunks, offset)
-        if rec.flags & FLAG_SHUFFLE:
-            chunks = _unshuffled(chunks)
-        yield from chunks
+        yield from decoded(rec, _payload_chunks(f, rec, expected, running))
 
 
 _local = threading.local()
@@ -334,7 +407,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 def read_payload(path: Path, offset: int) -> bytes | memoryview:
     """The record's payload, checksum-verified and decompressed, in memory (records that
     fit: one read, one CRC pass, one decompression, one unshuffle), as a bytes-like object.
-    The header is checksummed but not decoded: nothing in it is needed here."""
+    The header is decoded only for a compressed payload: it bounds the decompression."""
     fd = os.open(path, os.O_RDONLY)
     try:
         head = os.pread(fd, PREFIX_SIZE + _HEADER_GUESS, offset)
@@ -352,13 +425,28 @@ def read_payload(path: Path, offset: int) -> bytes | memoryview:
     if crc32(raw, running) != expected:
         raise CorruptRecord(f"checksum mismatch in record at byte {offset}")
     if flags & FLAG_ZSTD:
-        try:
-            raw = _decompressor().decompress(raw)
-        except zstandard.ZstdError:  # no content size in the frame header: stream it
-            raw = b"".join(_decompressed(iter([raw]), offset))
+        raw = _decompress(raw, head[PREFIX_SIZE:PREFIX_SIZE + hlen], offset)
     if flags & FLAG_SHUFFLE:
         raw = unshuffle(raw)
     return raw
+
+
+def _decompress(raw: bytes, hdr: bytes, offset: int) -> bytes:
+    """A checksum-verified compressed payload, decompressed in one call when its frame
+    declares the size its header says (zstd then allocates exactly that), else streamed
+    within the bound."""
+    try:
+        header = msgpack.unpackb(hdr, raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise CorruptRecord(f"undecodable header in record at byte {offset}: {e}") from None
+    expected = payload_size(header) if isinstance(header, dict) else None
+    declared = _frame_size(raw, offset)
+    if expected is not None and declared == expected:
+        try:
+            return _decompressor().decompress(raw)
+        except zstandard.ZstdError as e:
+            raise CorruptRecord(f"compressed payload of the record at byte {offset} does not decompress: {e}") from None
+    return b"".join(_decompressed(iter([raw]), offset, expected))
 
 
 def segment_name(slot: int, sequence: int) -> str:

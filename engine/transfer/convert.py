@@ -3,14 +3,21 @@ syntaxes an instance is stored in: between uncompressed little-endian syntaxes (
 included), and from a compressed syntax to an uncompressed one when pydicom has a
 decoder for it (RLE with numpy; JPEG 2000 with pylibjpeg-openjpeg, the `codecs` extra;
 JPEG with Pillow, pylibjpeg-libjpeg or gdcm if the operator installs one). Never to a
-compressed syntax, so never lossy. Big endian is not converted.
+compressed syntax, so never lossy. Big endian is not converted. A Deflated data set is
+inflated here, not by pydicom, so never past `max_inflated_bytes`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import FileDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from stowage.catalog.limits import LimitExceeded, inflate
+from stowage.engine.runtime.config import Config
 
 # What we may convert to, best first.
 TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -38,12 +45,28 @@ def target_syntax(source: str, accepted: set[str]) -> str | None:
     return next((ts for ts in TARGETS if ts in accepted and ts != source), None)
 
 
-def convert_file(src: Path, dst: Path, target: str) -> None:
+def _read(src: Path, max_inflated_bytes: int) -> FileDataset:
+    """`src` read by pydicom; a deflated data set inflated within `max_inflated_bytes`
+    (pydicom's dcmread inflates it whole, however large it grows)."""
+    with open(src, "rb") as f:
+        preamble = read_preamble(f, False)
+        meta = _read_file_meta_info(f)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return pydicom.dcmread(src)
+        data = inflate(f.read(), max_inflated_bytes)
+    ds = read_dataset(DicomBytesIO(data), is_implicit_VR=False, is_little_endian=True)
+    return FileDataset(str(src), ds, preamble=preamble, file_meta=meta, is_implicit_VR=False,
+                       is_little_endian=True)
+
+
+def convert_file(src: Path, dst: Path, target: str, max_inflated_bytes: int = Config.max_inflated_bytes) -> None:
     """Write `src` (a Part-10 file) as a Part-10 file in `target`, an uncompressed syntax."""
     if target not in TARGETS:
         raise ConversionError(f"will not convert to {name(target)}: only to uncompressed little endian")
     try:
-        ds = pydicom.dcmread(src)
+        ds = _read(src, max_inflated_bytes)
+    except LimitExceeded as e:
+        raise ConversionError(f"cannot convert: {e}") from None
     except Exception as e:  # pydicom raises many kinds on bad input
         raise ConversionError(f"cannot parse the stored dataset for conversion: {e}") from None
     source = str(ds.file_meta.TransferSyntaxUID)
