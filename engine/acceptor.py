@@ -6,6 +6,15 @@ Connections to the TLS port (`tls_port`) are handed over the same way, marked so
 the worker does the TLS handshake, so a slow or hostile handshake never holds up this
 loop. Over the cap, a TLS connection still goes to a worker (b"t"), which completes the
 handshake only to answer the request with the A-ASSOCIATE-RJ a plain one gets from here.
+With `port = 0` there is no plain port: TLS only.
+
+Each connection handed over holds a slot of the global cap (`max_associations`) and one
+of its IP address's (`max_associations_per_address`) until the worker says it ended
+(b"E" + its id) or the worker dies. Past the address's cap a connection is refused here,
+never handed over: a plain one with the A-ASSOCIATE-RJ of the global cap, a TLS one just
+closed (an RJ over TLS would cost the handshake the flood is made of). A peer that does not
+complete its A-ASSOCIATE-RQ within `association_request_timeout` of the accept is closed
+by its worker, which frees the slots.
 """
 from __future__ import annotations
 
@@ -20,7 +29,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import count
 
 from stowage.engine import metrics
 from stowage.engine.runtime.config import Config, ConfigError
@@ -65,6 +76,9 @@ class Acceptor:
         self._rejected: dict[socket.socket, float] = {}
         self._unanswered: set[socket.socket] = set()  # rejected, RJ not sent yet
         self._pending_restart: dict[int, float] = {}
+        self._conns: dict[int, tuple[int, str]] = {}  # connection id -> (worker slot, peer IP address)
+        self._per_address: Counter[str] = Counter()   # connections handed over and open, by IP address
+        self._ids = count(1)
         self._wake_r, self._wake_w = socket.socketpair()
         self.metrics = metrics.ArchiveMetrics(config.data_dir, lambda: (
             sum(ws.active for ws in self.slots), sum(ws.ready for ws in self.slots)))
@@ -120,7 +134,8 @@ class Acceptor:
             server_context(self.config)  # certificates that do not load stop us here, not in a worker
         except ConfigError as e:
             raise ServeError(str(e)) from None
-        self.listener = self._listen(self.config.port)
+        if self.config.port:  # 0: TLS only (the configuration requires tls_port then)
+            self.listener = self._listen(self.config.port)
         if self.config.tls_port:
             self.tls_listener = self._listen(self.config.tls_port)
         if self.config.metrics_port:
@@ -139,15 +154,22 @@ class Acceptor:
             self._spawn(ws)
         self._wait_ready()
         self.scrub.start()
-        self.sel.register(self.listener, selectors.EVENT_READ, ("listen", False))
+        if self.listener is not None:
+            self.sel.register(self.listener, selectors.EVENT_READ, ("listen", False))
         if self.tls_listener is not None:
             self.sel.register(self.tls_listener, selectors.EVENT_READ, ("listen", True))
-        tls = f" (TLS on {self.config.tls_port})" if self.tls_listener is not None else ""
-        log.info("%s listening on %s:%d%s with %d workers, data in %s", self.config.aet, self.config.bind,
-                 self.config.port, tls, len(self.slots), self.config.data_dir)
+        log.info("%s listening on %s with %d workers, data in %s", self.config.aet, self._ports(),
+                 len(self.slots), self.config.data_dir)
         while not self.draining:
             self._tick(0.5)
         return self._drain()
+
+    def _ports(self) -> str:
+        """The ports served, for the start-up line: plain and/or TLS."""
+        where = [f"{self.config.bind}:{self.config.port} (plain)"] if self.listener is not None else []
+        if self.tls_listener is not None:
+            where.append(f"{self.config.bind}:{self.config.tls_port} (TLS)")
+        return " and ".join(where) + ("" if self.listener is not None else " only; no plain port (port = 0)")
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -189,7 +211,7 @@ class Acceptor:
     def _accept(self, listener: socket.socket, tls: bool) -> None:
         while True:
             try:
-                conn, _addr = listener.accept()
+                conn, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -201,9 +223,12 @@ class Acceptor:
                     log.info("accept: %s", e.strerror)
                     continue
                 raise
-            self._admit(conn, tls)
+            self._admit(conn, tls, str(addr[0]), time.monotonic())
 
-    def _admit(self, conn: socket.socket, tls: bool) -> None:
+    def _admit(self, conn: socket.socket, tls: bool, address: str, accepted_at: float) -> None:
+        if self._address_full(address):
+            self._refuse_address(conn, tls, address)
+            return
         live, total = self._load()
         if total >= self.config.max_associations and live:
             # A peer that released one and at once opens another must not find its own
@@ -214,12 +239,12 @@ class Acceptor:
         if total >= self.config.max_associations or not live:
             why = "association cap reached" if live else "no worker is ready"
             self.metrics.rejected += 1
-            if tls and live and self._hand_over(conn, live, b"t"):  # b"t": the worker sends the RJ in TLS
+            if tls and live and self._hand_over(conn, live, b"t", address, accepted_at):  # the worker sends the RJ in TLS
                 log.warning("A-ASSOCIATE-RJ over TLS: %s", why)
             else:
                 self._reject(conn, why)
             return
-        if self._hand_over(conn, live, b"T" if tls else b"A"):
+        if self._hand_over(conn, live, b"T" if tls else b"A", address, accepted_at):
             self.metrics.admitted += 1
         else:
             self.metrics.rejected += 1
@@ -229,17 +254,67 @@ class Acceptor:
         """The workers that can take a connection, and the associations open."""
         return [ws for ws in self.slots if ws.ready and ws.control is not None], sum(ws.active for ws in self.slots)
 
-    def _hand_over(self, conn: socket.socket, live: list[WorkerSlot], message: bytes) -> bool:
-        """Pass `conn` to the least-loaded worker that takes it."""
+    def _address_full(self, address: str) -> bool:
+        """Whether `address` holds max_associations_per_address connections already (after
+        the workers' notices not read yet: a peer that just released one is not counted twice)."""
+        cap = self.config.max_associations_per_address
+        if not cap or self._per_address.get(address, 0) < cap:
+            return False
+        for ws in self._load()[0]:
+            self._from_worker(ws)
+        return self._per_address.get(address, 0) >= cap
+
+    def _refuse_address(self, conn: socket.socket, tls: bool, address: str) -> None:
+        self.metrics.rejected += 1
+        self.metrics.refused("associations_per_address")
+        why = (f"{self._per_address[address]} connections open from {address} "
+               f"(max_associations_per_address {self.config.max_associations_per_address})")
+        if tls:  # an RJ over TLS would take a worker's handshake: the flood's own weapon
+            log.warning("closing a TLS connection from %s: %s", address, why)
+            conn.close()
+        else:
+            self._reject(conn, why)
+
+    def _hand_over(self, conn: socket.socket, live: list[WorkerSlot], kind: bytes, address: str,
+                   accepted_at: float) -> bool:
+        """Pass `conn` to the least-loaded worker that takes it; it holds a slot of the
+        global cap and one of its address's until the worker says it ended."""
+        conn_id = next(self._ids)
+        token = f"{conn_id} {accepted_at:.6f}".encode()
         for ws in sorted(live, key=lambda w: w.active):
             try:
-                socket.send_fds(ws.control, [message], [conn.fileno()])
+                socket.send_fds(ws.control, [kind + token], [conn.fileno()])
             except OSError:
                 continue
             ws.active += 1
+            self._conns[conn_id] = (ws.slot, address)
+            self._per_address[address] += 1
             conn.close()
             return True
         return False
+
+    def _ended(self, ws: WorkerSlot, token: bytes) -> None:
+        """The worker says a connection ended: free its slots."""
+        ws.active = max(0, ws.active - 1)
+        try:
+            entry = self._conns.pop(int(token.split()[0]), None)
+        except (IndexError, ValueError):
+            return
+        if entry is not None:
+            self._forget_address(entry[1])
+
+    def _forget_address(self, address: str) -> None:
+        self._per_address[address] -= 1
+        if self._per_address[address] <= 0:
+            del self._per_address[address]
+
+    def _worker_lost(self, ws: WorkerSlot) -> None:
+        """A worker died: the connections it held are gone with it, and so are their slots."""
+        ws.active = 0
+        for conn_id, (slot, address) in list(self._conns.items()):
+            if slot == ws.slot:
+                del self._conns[conn_id]
+                self._forget_address(address)
 
     def _reject(self, conn: socket.socket, why: str) -> None:
         try:
@@ -306,8 +381,8 @@ class Acceptor:
             if msg == b"R":
                 ws.ready = True
                 log.info("worker %d ready", ws.slot)
-            elif msg == b"E":
-                ws.active = max(0, ws.active - 1)
+            elif msg[:1] == b"E":
+                self._ended(ws, msg[1:])
             elif msg.startswith(REPORT):
                 self.metrics.worker_report(ws.slot, msg[len(REPORT):])
 
@@ -321,7 +396,8 @@ class Acceptor:
             if ws.control is not None:
                 self.sel.unregister(ws.control)
                 ws.control.close()
-            ws.process, ws.control, ws.ready, ws.active = None, None, False, 0
+            ws.process, ws.control, ws.ready = None, None, False
+            self._worker_lost(ws)
             self.metrics.worker_gone(ws.slot)
             if self.draining:
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 # PDU types (PS3.8 9.3.1)
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
@@ -78,14 +79,36 @@ class PeerClosed(Exception):
     """The peer closed the connection."""
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
+class DeadlinePassed(TimeoutError):
+    """A read with a deadline (`read_pdu`) did not complete in time."""
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
+    """`n` bytes; with a `deadline` (time.monotonic()), all of them by then or
+    DeadlinePassed: a peer trickling a byte at a time cannot reset the clock as it can a
+    per-recv timeout. The socket's own timeout is put back."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
-    while got < n:
-        r = sock.recv_into(view[got:])
-        if r == 0:
-            raise PeerClosed(f"connection closed {got} bytes into a {n}-byte read")
-        got += r
+    before = sock.gettimeout() if deadline is not None else None
+    try:
+        while got < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlinePassed(f"{got} of {n} bytes by the deadline")
+                sock.settimeout(left if before is None else min(left, before))
+            try:
+                r = sock.recv_into(view[got:])
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlinePassed(f"{got} of {n} bytes by the deadline") from None
+                raise
+            if r == 0:
+                raise PeerClosed(f"connection closed {got} bytes into a {n}-byte read")
+            got += r
+    finally:
+        if deadline is not None:
+            sock.settimeout(before)
     return buf
 
 
@@ -140,8 +163,9 @@ class PduReader:
             self._end += r
 
 
-def read_pdu(sock: socket.socket, limit: int) -> tuple[int, bytearray]:
-    """One whole PDU: (type, body). A declared length over `limit` is refused unread."""
-    pdu_type, length = HEADER.unpack(recv_exact(sock, 6))
+def read_pdu(sock: socket.socket, limit: int, deadline: float | None = None) -> tuple[int, bytearray]:
+    """One whole PDU: (type, body). A declared length over `limit` is refused unread; with
+    a `deadline` (time.monotonic()), the whole PDU must have arrived by then (DeadlinePassed)."""
+    pdu_type, length = HEADER.unpack(recv_exact(sock, 6, deadline))
     _check(pdu_type, length, limit)
-    return pdu_type, recv_exact(sock, length)
+    return pdu_type, recv_exact(sock, length, deadline)

@@ -57,6 +57,13 @@ The patches, why each exists, and what to re-check on upgrade:
    response is pretty-printed, logged or not), `STORE_SEND_CHUNKED_DATASET = True` (a
    Part-10 file given to `send_c_store` goes out from disk in PDU-sized pieces, untouched).
    Re-check: that the flags still exist and mean the same.
+9. Bounded command sets: `DIMSEServiceProvider.receive_primitive` (with 4). pynetdicom
+   appends every command fragment (PDVs with the command bit) to one buffer until one has
+   the last-fragment bit: a peer that never sends it grows that buffer without end (issue
+   #25). With `install(max_command_bytes=...)`, a command set longer than that aborts the
+   association (A-ABORT, source service user) before the fragment is kept, and
+   `on_command_limit(peer)` is told. Re-check: `DIMSEMessage.decode_msg` (the command
+   buffer, `encoded_command_set`) and that `self.message` is None between messages.
 """
 from __future__ import annotations
 
@@ -85,7 +92,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket
 
 from stowage.protocol import dimse
-from stowage.protocol.pdu import ABORT_SERVICE_PROVIDER, COMMAND_LAST, DATA_LAST, a_abort
+from stowage.protocol.pdu import ABORT_SERVICE_PROVIDER, A_ABORT_USER, COMMAND, COMMAND_LAST, DATA_LAST, a_abort
 from stowage.protocol.status import PENDING, PENDING_STATUSES
 
 PYNETDICOM_VERSION = "3.0.4"  # the version every patch here was written against
@@ -104,14 +111,18 @@ _ORIGINAL_ASSOC_INIT = Association.__init__
 _ORIGINAL_SEND_MSG = DIMSEServiceProvider.send_msg
 _ORIGINAL_RECEIVE = DIMSEServiceProvider.receive_primitive
 _retrieve_scp: RetrieveScp | None = None
+_max_command_bytes = 0  # 9: 0 until install() is given a limit
+_on_command_limit: Callable[[str], None] | None = None
 
 
-def install(*, dataset_buffer: type[io.BytesIO] | None = None, retrieve_scp: RetrieveScp | None = None) -> None:
+def install(*, dataset_buffer: type[io.BytesIO] | None = None, retrieve_scp: RetrieveScp | None = None,
+            max_command_bytes: int = 0, on_command_limit: Callable[[str], None] | None = None) -> None:
     """Apply patches 1-4 and 8 (this process; idempotent), and 6 / 5 when given
     `dataset_buffer` (the class pynetdicom collects received datasets in) or
-    `retrieve_scp` (called as `retrieve_scp(service, request, context, C_MOVE or C_GET)`).
+    `retrieve_scp` (called as `retrieve_scp(service, request, context, C_MOVE or C_GET)`),
+    9 when given `max_command_bytes` (`on_command_limit(peer)` is called on each abort).
     7 is per connection (`quick_ack`)."""
-    global _retrieve_scp
+    global _retrieve_scp, _max_command_bytes, _on_command_limit
     if pynetdicom.__version__ != PYNETDICOM_VERSION:
         raise RuntimeError(f"stowage.protocol.pynetdicom_patches patches pynetdicom {PYNETDICOM_VERSION}; "
                            f"found {pynetdicom.__version__}: re-check every patch it lists, then its pin")
@@ -130,6 +141,8 @@ def install(*, dataset_buffer: type[io.BytesIO] | None = None, retrieve_scp: Ret
     if dataset_buffer is not None:
         pynetdicom.dimse_messages.BytesIO = dataset_buffer
         pynetdicom.dimse.BytesIO = dataset_buffer
+    if max_command_bytes:
+        _max_command_bytes, _on_command_limit = max_command_bytes, on_command_limit
     if retrieve_scp is not None:
         _retrieve_scp = retrieve_scp
         QueryRetrieveServiceClass._move_scp = _move_scp
@@ -285,11 +298,11 @@ def _do_action(dul: DULServiceProvider, event: str) -> None:
         _abort(dul)
 
 
-def _abort(dul: DULServiceProvider) -> None:
-    """Send an A-ABORT (service provider) if the socket still takes it, and end both
-    threads of the association."""
+def _abort(dul: DULServiceProvider, pdu: bytes | None = None) -> None:
+    """Send an A-ABORT (service provider, or `pdu`) if the socket still takes it, and end
+    both threads of the association."""
     try:
-        dul.socket.send(a_abort(ABORT_SERVICE_PROVIDER))
+        dul.socket.send(pdu or a_abort(ABORT_SERVICE_PROVIDER))
     except Exception:
         pass
     dul.assoc.is_aborted = True
@@ -474,6 +487,11 @@ def unroute(assoc: Association) -> None:
 
 
 def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
+    command = _command_fragment_bytes(primitive) if _max_command_bytes else 0  # 9
+    held = getattr(self.message, _COMMAND_BYTES, 0) if command else 0
+    if held + command > _max_command_bytes > 0:
+        _refuse_command(self)
+        return
     q = getattr(self.assoc, _ROUTE, None)
     if q is not None and self.message is None:
         pdvs = primitive.presentation_data_value_list
@@ -487,6 +505,8 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
                 q.put((int(fields["responding_to"]), int(fields["status"])))
                 return
     _ORIGINAL_RECEIVE(self, primitive)
+    if command and self.message is not None:  # still being reassembled: keep its running count
+        setattr(self.message, _COMMAND_BYTES, held + command)
 
 
 # --- 5: our C-MOVE / C-GET SCP -----------------------------------------------------------
@@ -519,3 +539,31 @@ def quick_ack(sock: AssociationSocket) -> None:
     method more; only this connection."""
     if type(sock) is AssociationSocket:
         sock.__class__ = QuickAckSocket
+
+
+# --- 9: bounded command sets ------------------------------------------------------------
+
+_COMMAND_BYTES = "_stowage_command_bytes"  # on a DIMSEMessage being reassembled
+
+
+def _command_fragment_bytes(primitive: Any) -> int:
+    """Command-set bytes in a P-DATA primitive (its PDVs with the command bit; one or two)."""
+    return sum(len(pdv) - 1 for _cx, pdv in primitive.presentation_data_value_list if pdv and pdv[0] & COMMAND)
+
+
+def _refuse_command(provider: DIMSEServiceProvider) -> None:
+    """The command set being reassembled grew past _max_command_bytes: drop it, abort the
+    association and stop reading its socket."""
+    assoc = provider.assoc
+    remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    peer = f"{remote.address}:{remote.port}"
+    log.warning("peer %s: command set longer than max_command_bytes (%d bytes) without its last fragment; "
+                "aborting", peer, _max_command_bytes)
+    if _on_command_limit is not None:
+        _on_command_limit(peer)
+    provider.message = None  # what was buffered goes
+    _abort(provider.dul, A_ABORT_USER)
+    try:
+        provider.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    except (AttributeError, OSError):
+        pass

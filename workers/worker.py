@@ -1,9 +1,13 @@
 """A worker process: receives accepted sockets from the acceptor and runs them as
 associations until told to drain.
 
-Control channel (a SOCK_SEQPACKET pair with the acceptor), one byte per message:
-  acceptor -> worker   b"A" + fd (SCM_RIGHTS): a new connection;  b"D": drain and exit
-  worker -> acceptor   b"R": ready;  b"E": an association ended
+Control channel (a SOCK_SEQPACKET pair with the acceptor), a kind byte per message:
+  acceptor -> worker   b"A" (plain), b"T" (TLS) or b"t" (TLS, answer with an RJ) + token,
+                       with the fd (SCM_RIGHTS): a new connection;  b"D": drain and exit
+  worker -> acceptor   b"R": ready;  b"E" + token: that connection ended;  b"S" + JSON: counts
+The token is b"<connection id> <time.monotonic() at accept>" in ASCII: the acceptor frees
+the connection's slots (global and per address) by its id; the worker times the
+A-ASSOCIATE-RQ deadline (association_request_timeout) from the accept.
 """
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import claim_exact
 from stowage.engine.runtime.tls import server_context
 from stowage.protocol import pynetdicom_patches
-from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT, PeerClosed, ProtocolError
+from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT, DeadlinePassed, PeerClosed, ProtocolError
 from stowage.protocol.sockopts import kernel_timeouts
 from stowage.workers import association
 from stowage.engine.receive import negotiation, spill
 from stowage.engine.runtime.audit import Trail, outcome_of
+from stowage.engine.runtime.counts import counts as process_counts
 from stowage.workers.contexts import storage_sop_classes
 from stowage.engine.receive.ingest import StorageAssociation
 from stowage.engine.runtime.malloc import keep_large_buffers_in_heap
@@ -51,7 +56,11 @@ class Worker:
         self.claim = claim_exact(config.data_dir, slot)  # held for our life: no one else writes this slot
         recover(config.data_dir, slot=slot)
         pynetdicom_patches.install(
-            dataset_buffer=spill.prepare(config.data_dir / "spool" / f"{slot:03d}", config.spill_threshold))
+            dataset_buffer=spill.prepare(config.data_dir / "spool" / f"{slot:03d}", config.spill_threshold,
+                                         max_spool_bytes=config.max_spool_bytes,
+                                         min_free_bytes=config.min_free_bytes),
+            max_command_bytes=config.max_command_bytes,
+            on_command_limit=lambda _peer: process_counts.refused("command_bytes"))
         self.archive = Archive(config, slot)
         self.ae = build_ae(config)
         self.contexts = self.ae.supported_contexts  # built once, shared read-only by every association
@@ -76,12 +85,13 @@ class Worker:
                 msg, fds, _flags, _addr = socket.recv_fds(self.control, 16, 1)
             except InterruptedError:
                 continue
-            if msg in (b"A", b"T", b"t") and fds:  # plain, TLS, TLS over the cap (answer with an RJ)
+            kind, token = msg[:1], msg[1:]
+            if kind in (b"A", b"T", b"t") and fds:  # plain, TLS, TLS over the cap (answer with an RJ)
                 try:
-                    self._start(fds[0], tls=msg != b"A", reject=msg == b"t")
+                    self._start(fds[0], token, tls=kind != b"A", reject=kind == b"t")
                 except Exception:  # never let one connection take the worker down
                     log.exception("could not start an association")
-                    self._tell(b"E")
+                    self._tell(b"E" + token)
                 continue
             for fd in fds:
                 os.close(fd)
@@ -99,7 +109,7 @@ class Worker:
                 self._tell(report)
                 last = report
 
-    def _start(self, fd: int, tls: bool = False, reject: bool = False) -> None:
+    def _start(self, fd: int, token: bytes, tls: bool = False, reject: bool = False) -> None:
         sock = socket.socket(fileno=fd)
         try:
             association.tune(sock, self.config.network_timeout)
@@ -107,50 +117,72 @@ class Worker:
         except OSError as e:  # the peer went away before we got to it
             log.info("connection dropped before association start: %s", e)
             sock.close()
-            self._tell(b"E")
+            self._tell(b"E" + token)
             return
+        deadline = _accepted_at(token) + self.config.association_request_timeout
         run = self._run_tls if tls else self._run
-        t = threading.Thread(target=run, args=(sock, peer, reject) if tls else (sock, peer), daemon=True,
-                             name=f"assoc-{peer}")
+        t = threading.Thread(target=run, args=(sock, peer, token, deadline, reject) if tls else
+                             (sock, peer, token, deadline), daemon=True, name=f"assoc-{peer}")
         with self._active_lock:
             self._active.add(t)
         t.start()
 
-    def _run_tls(self, sock: socket.socket, peer: str, reject: bool) -> None:
-        """A connection to the TLS port: the handshake (bounded by network_timeout), then
-        the association as on the plain port, or (`reject`) the A-ASSOCIATE-RJ for a full house."""
+    def _run_tls(self, sock: socket.socket, peer: str, token: bytes, deadline: float, reject: bool) -> None:
+        """A connection to the TLS port: the handshake, then the association as on the plain
+        port, or (`reject`) the A-ASSOCIATE-RJ for a full house. The handshake counts
+        against the A-ASSOCIATE-RQ deadline (CPython bounds a whole handshake by the socket
+        timeout, not each read of it)."""
         try:
             assert self.tls is not None, "a TLS connection without tls_port"
+            sock.settimeout(max(0.001, min(self.config.network_timeout, deadline - time.monotonic())))
             tls_sock = self.tls.wrap_socket(sock, server_side=True)
+            tls_sock.settimeout(self.config.network_timeout)
         except (OSError, ssl.SSLError) as e:
-            reason = getattr(e, "reason", None) or str(e)
-            log.warning("%s: TLS handshake failed: %s%s", peer, reason, _TLS_HINTS.get(reason, ""))
+            if isinstance(e, TimeoutError) and time.monotonic() >= deadline:
+                self._request_timeout(peer, "TLS handshake")
+            else:
+                reason = getattr(e, "reason", None) or str(e)
+                log.warning("%s: TLS handshake failed: %s%s", peer, reason, _TLS_HINTS.get(reason, ""))
             sock.close()
-            self._ended()
+            self._ended(token)
             return
         if not reject:
-            return self._run(tls_sock, peer + " TLS")
+            return self._run(tls_sock, peer + " TLS", token, deadline)
         try:
-            negotiation.read_request(tls_sock, max(self.config.max_pdu, 1 << 16))
+            negotiation.read_request(tls_sock, max(self.config.max_pdu, 1 << 16), deadline)
             tls_sock.sendall(A_ASSOCIATE_RJ_LIMIT)
             tls_sock.unwrap()
+        except DeadlinePassed:
+            self._request_timeout(peer)
         except (OSError, ssl.SSLError, ProtocolError, PeerClosed):
             pass
         finally:
             tls_sock.close()
-            self._ended()
+            self._ended(token)
 
-    def _run(self, sock: socket.socket, peer: str) -> None:
+    def _request_timeout(self, peer: str, what: str = "A-ASSOCIATE-RQ") -> None:
+        """The peer did not complete its request in association_request_timeout: we close
+        the connection without an A-ABORT, as PS3.8 has it when the ARTIM timer expires
+        awaiting an A-ASSOCIATE-RQ (Sta2 + Evt18 -> AA-2: close the transport connection);
+        there is no association to abort yet, and nothing a trickling peer could use."""
+        log.warning("%s: no whole %s within association_request_timeout (%g s); closing the connection",
+                    peer, what, self.config.association_request_timeout)
+        process_counts.refused("association_request_timeout")
+
+    def _run(self, sock: socket.socket, peer: str, token: bytes, deadline: float) -> None:
         key = id(sock)
         self.trail.opened(key, peer)
         calling, called, outcome, path = "", self.config.aet, "closed", ""
         try:
-            req = negotiation.read_request(sock, max(self.config.max_pdu, 1 << 16))
+            req = negotiation.read_request(sock, max(self.config.max_pdu, 1 << 16), deadline)
             calling, called = req.calling_ae, req.called_ae
             if negotiation.storage_only(req, self.storage_uids):
-                path, outcome = "lean", self._serve_storage(sock, req, key)
+                path, outcome = "lean", self._serve_storage(sock, req, key, peer)
             else:
                 path, outcome = "pynetdicom", self._serve_pynetdicom(sock, req)
+        except DeadlinePassed:
+            self._request_timeout(peer)
+            outcome = "closed: no A-ASSOCIATE-RQ within association_request_timeout"
         except ProtocolError as e:
             log.warning("%s: %s; aborting", peer, e)
             _send_quietly(sock, e.abort)
@@ -163,15 +195,16 @@ class Worker:
         finally:
             self.trail.closed(key, calling, called, outcome, path)
             sock.close()
-            self._ended()
+            self._ended(token)
 
-    def _ended(self) -> None:
-        """This thread's connection is over: drain stops waiting for it, the acceptor counts it."""
+    def _ended(self, token: bytes) -> None:
+        """This thread's connection is over: drain stops waiting for it, the acceptor frees
+        its slots."""
         with self._active_lock:
             self._active.discard(threading.current_thread())
-        self._tell(b"E")
+        self._tell(b"E" + token)
 
-    def _serve_storage(self, sock: socket.socket, req: negotiation.Request, key: int) -> str:
+    def _serve_storage(self, sock: socket.socket, req: negotiation.Request, key: int, peer: str) -> str:
         """The lean path: answer the A-ASSOCIATE-RQ here and receive without pynetdicom."""
         accepted = negotiation.accept(req, self.contexts, self.config.max_pdu,
                                       self.ae.implementation_class_uid, self.ae.implementation_version_name)
@@ -179,7 +212,7 @@ class Worker:
         if not isinstance(sock, ssl.SSLSocket):  # TLS keeps Python's timeout: OpenSSL retries reads itself
             kernel_timeouts(sock, self.config.network_timeout)
         return StorageAssociation(sock, accepted, self.services.storage, key, req.calling_ae, req.called_ae,
-                                  self.config.max_pdu).run()
+                                  self.config.max_pdu, self.config.max_command_bytes, peer).run()
 
     def _serve_pynetdicom(self, sock: socket.socket, req: negotiation.Request) -> str:
         assoc = association.create(self.ae, sock, self.contexts, self.handlers, self.config.aet, req.raw)
@@ -213,6 +246,16 @@ _TLS_HINTS = {
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": " (tls_ca is set: clients must present a certificate it signed)",
     "CERTIFICATE_VERIFY_FAILED": " (the client's certificate does not chain to tls_ca)",
 }
+
+
+def _accepted_at(token: bytes) -> float:
+    """When the acceptor accepted the connection (time.monotonic(), one clock for every
+    process of the machine), from its hand-over token; now if the token does not say."""
+    now = time.monotonic()
+    try:
+        return min(now, float(token.split()[1]))
+    except (IndexError, ValueError):
+        return now
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:

@@ -14,14 +14,27 @@ import logging
 import socket
 
 from stowage.protocol import dimse
-from stowage.protocol.pdu import (A_ABORT, A_ABORT_UNEXPECTED_PDU, A_RELEASE_RP_PDU, A_RELEASE_RQ, COMMAND, LAST,
-                                  P_DATA_TF, PDV_HEADER, PduReader, PeerClosed, ProtocolError, p_data)
+from stowage.protocol.pdu import (A_ABORT, A_ABORT_UNEXPECTED_PDU, A_ABORT_USER, A_RELEASE_RP_PDU, A_RELEASE_RQ,
+                                  COMMAND, LAST, P_DATA_TF, PDV_HEADER, PduReader, PeerClosed, ProtocolError,
+                                  p_data)
+from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.receive.negotiation import Accepted
 from stowage.engine.receive.spill import SpillBuffer
 from stowage.engine.receive.store import StorageSCP
 
 log = logging.getLogger("stowage.ingest")
 _PDU_SLACK = 1024  # PDV item headers on top of the advertised maximum
+MAX_COMMAND_BYTES = 64 << 10  # Config.max_command_bytes' default, for callers that pass none
+
+
+class LimitExceeded(ProtocolError):
+    """The peer made us reach one of our resource limits (engine/runtime/counts.LIMITS):
+    the association is aborted (A-ABORT, source service user: it is our policy, not a
+    protocol violation) and the refusal counted under `limit`."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message, A_ABORT_USER)
+        self.limit = limit
 
 
 class _Message:
@@ -36,12 +49,14 @@ class _Message:
 
 class StorageAssociation:
     def __init__(self, sock: socket.socket, accepted: Accepted, scp: StorageSCP, key: int, calling_ae: str,
-                 called_ae: str, max_pdu: int) -> None:
+                 called_ae: str, max_pdu: int, max_command_bytes: int = MAX_COMMAND_BYTES, peer: str = "") -> None:
         self.sock = sock
         self.contexts = accepted.contexts
         self.scp, self.key = scp, key  # key: this association's in the audit trail
         self.calling_ae, self.called_ae = calling_ae, called_ae
+        self.peer = f"{calling_ae} ({peer})" if peer else calling_ae  # who, in log lines
         self.limit = max(max_pdu, 1 << 16) + _PDU_SLACK
+        self.max_command_bytes = max_command_bytes
         self.outcome = "closed"
         self._message: _Message | None = None
 
@@ -51,12 +66,17 @@ class StorageAssociation:
             self._loop()
         except PeerClosed:
             self.outcome = "closed by peer"
+        except LimitExceeded as e:
+            log.warning("%s: %s; aborting", self.peer, e)
+            process_counts.refused(e.limit)
+            self._send(e.abort)
+            self.outcome = f"aborted: {e.limit} limit"
         except ProtocolError as e:
-            log.warning("%s: %s; aborting", self.calling_ae, e)
+            log.warning("%s: %s; aborting", self.peer, e)
             self._send(e.abort)
             self.outcome = "aborted: protocol error"
         except (TimeoutError, socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO/SO_SNDTIMEO
-            log.warning("%s: no data for the network timeout; aborting", self.calling_ae)
+            log.warning("%s: no data for the network timeout; aborting", self.peer)
             self._send(A_ABORT_UNEXPECTED_PDU)
             self.outcome = "aborted: network timeout"
         except OSError as e:
@@ -119,6 +139,9 @@ class StorageAssociation:
         if header & COMMAND:
             if msg.fields is not None:
                 raise ProtocolError("command fragment after the command set was complete")
+            if len(msg.command) + len(fragment) > self.max_command_bytes:  # one comparison per PDV
+                raise LimitExceeded("command_bytes", f"command set longer than max_command_bytes "
+                                    f"({self.max_command_bytes} bytes) without its last fragment")
             msg.command += fragment
             if header & LAST:
                 self._command_complete(msg)

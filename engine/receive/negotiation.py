@@ -47,8 +47,11 @@ class Request:
         return 0
 
 
-def read_request(sock: socket.socket, limit: int) -> Request:
-    pdu_type, body = read_pdu(sock, limit)
+def read_request(sock: socket.socket, limit: int, deadline: float | None = None) -> Request:
+    """The peer's A-ASSOCIATE-RQ, read whole by `deadline` (time.monotonic(); else
+    DeadlinePassed from protocol.pdu), so a peer trickling it in cannot hold its
+    association slot for longer than association_request_timeout."""
+    pdu_type, body = read_pdu(sock, limit, deadline)
     if pdu_type != A_ASSOCIATE_RQ:
         raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}", A_ABORT_UNEXPECTED_PDU)
     raw = bytes(HEADER.pack(pdu_type, len(body)) + body)
@@ -80,17 +83,23 @@ class Accepted:
 
 def _keep_senders_encoding(proposed: list[PresentationContext], results: list[PresentationContext],
                            supported: list[PresentationContext]) -> None:
-    """Accept the requestor's first transfer syntax where it is an encapsulated or deflated
-    one we support: the sender holds the instance that way, and our own preference (the
+    """Accept the requestor's first transfer syntax where it is an encapsulated one we
+    support: the sender holds the instance that way, and our own preference (the
     uncompressed syntaxes first) would make it decompress, or fail to (a C-MOVE source such
     as dcmqrscp proposes RLE and the uncompressed syntaxes in one context; 0xA702 when it
     cannot convert). Where the sender lists an uncompressed syntax first, ours stands.
-    PS3.8 9.3.3.2 leaves the choice among proposed syntaxes to the acceptor."""
+
+    Deflated Explicit VR Little Endian is not kept that way: proposed beside an uncompressed
+    syntax, the uncompressed one is accepted (our order, which puts Deflated after them), so
+    a sender cannot make us inflate what it could send plain (an inflation bomb costs it
+    kilobytes, us max_inflated_bytes); any sender can inflate, losslessly. Proposed alone, or
+    only beside encapsulated syntaxes (which could be lossy to convert to), Deflated is
+    accepted as before. PS3.8 9.3.3.2 leaves the choice among proposed syntaxes to the acceptor."""
     ours = {str(cx.abstract_syntax): set(map(str, cx.transfer_syntax)) for cx in supported}
     first = {cx.context_id: str(cx.transfer_syntax[0]) for cx in proposed if cx.transfer_syntax}
     for cx in results:
         wanted = first.get(cx.context_id)
-        if (cx.result == 0x00 and wanted and (UID(wanted).is_encapsulated or UID(wanted).is_deflated)
+        if (cx.result == 0x00 and wanted and UID(wanted).is_encapsulated
                 and wanted in ours.get(str(cx.abstract_syntax), ()) and str(cx.transfer_syntax[0]) != wanted):
             cx.transfer_syntax = [UID(wanted)]
 

@@ -5,6 +5,15 @@ pynetdicom collects each DIMSE message's dataset in a BytesIO. We put `SpillBuff
 BytesIO) in its place (protocol/pynetdicom_patches.py, `install(dataset_buffer=...)`): small datasets stay in memory exactly as before; past
 `threshold` bytes the rest goes to a spool file on the archive's own disk, from which the
 store path streams (compression and the segment copy never hold it whole).
+
+The spool is bounded while a dataset arrives, not once it has (issue #25): all spool
+files of the process together hold at most `max_spool_bytes`, and a spool file stops
+growing when the disk's free space falls under `min_free_bytes` plus what it holds (the
+store would refuse it at the end anyway: it needs that much again for the segment copy).
+Past either, the buffer is `refused`: its file is removed at once, the rest of the
+dataset is read and let go, and the Storage SCP answers Out of Resources with
+`refused` as the Error Comment (engine/receive/store.py), on the lean path and
+pynetdicom's alike; the association goes on.
 """
 from __future__ import annotations
 
@@ -12,17 +21,51 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
+
+from stowage.engine.runtime.counts import counts as process_counts
+
+FREE_CHECK_BYTES = 4 << 20  # statvfs once per this many bytes a spool file grows, not per PDU
+SPOOL_FULL = "out of spool space (max_spool_bytes) while receiving"        # Error Comments (LO, <= 64)
+DISK_FULL = "disk almost full (min_free_bytes) while receiving; not stored"
+
+
+class _SpoolUse:
+    """Bytes in this process's spool files now, across its associations' threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bytes = 0
+
+    def take(self, n: int, limit: int) -> bool:
+        with self.lock:
+            if limit and self.bytes + n > limit:
+                return False
+            self.bytes += n
+            return True
+
+    def give_back(self, n: int) -> None:
+        with self.lock:
+            self.bytes -= n
+
+
+_spool = _SpoolUse()
 
 
 class SpillBuffer(io.BytesIO):
     directory: Path | None = None
     threshold: int = 16 << 20
+    max_spool_bytes: int = 0  # 0: no limit (prepare() sets the configured ones)
+    min_free_bytes: int = 0
 
     def __init__(self, initial: bytes = b"") -> None:
         super().__init__(initial)
         self._file: io.BufferedWriter | None = None
         self.path: Path | None = None
+        self.refused = ""  # the Error Comment, once a spool limit refused this dataset
+        self._held = 0  # bytes of our spool file counted in _spool
+        self._next_check = 0  # _held at which free space is looked at next
 
     @property
     def spilled(self) -> bool:
@@ -30,17 +73,46 @@ class SpillBuffer(io.BytesIO):
 
     def write(self, data) -> int:  # type: ignore[override]
         if self._file is None:
+            if self.refused:  # the rest of a refused dataset is read and let go
+                return len(data)
             if self.directory is None or super().tell() + len(data) <= self.threshold:
                 return super().write(data)
             self._spill()
-        assert self._file is not None
+            if self._file is None:  # refused on the way to disk
+                return len(data)
+        if not self._room(len(data)):
+            return len(data)
         return self._file.write(data)
 
     def _spill(self) -> None:
+        held = super().getvalue()
+        if not self._room(len(held)):
+            return
         fd, name = tempfile.mkstemp(prefix="rx-", suffix=".part", dir=self.directory)
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         self.path = Path(name)
-        self._file.write(super().getvalue())
+        self._file.write(held)
+        super().seek(0)
+        super().truncate(0)
+
+    def _room(self, n: int) -> bool:
+        """Whether `n` more bytes may go to the spool; refuses the dataset if not. Per
+        PDU: a lock and two integer comparisons; statvfs once per FREE_CHECK_BYTES."""
+        if not _spool.take(n, self.max_spool_bytes):
+            self._refuse("spool_bytes", SPOOL_FULL)
+            return False
+        self._held += n
+        if self.min_free_bytes and self._held >= self._next_check:
+            self._next_check = self._held + FREE_CHECK_BYTES
+            if _free(self.directory) < self.min_free_bytes + self._held:
+                self._refuse("free_space", DISK_FULL)
+                return False
+        return True
+
+    def _refuse(self, limit: str, comment: str) -> None:
+        self.refused = comment
+        process_counts.refused(limit)
+        self.discard()
         super().seek(0)
         super().truncate(0)
 
@@ -58,9 +130,13 @@ class SpillBuffer(io.BytesIO):
     def discard(self) -> None:
         if self._file is not None and not self._file.closed:
             self._file.close()
+        self._file = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
+        if self._held:
+            _spool.give_back(self._held)
+            self._held = 0
 
     def __del__(self) -> None:  # an aborted association leaves its partial dataset behind
         try:
@@ -69,10 +145,26 @@ class SpillBuffer(io.BytesIO):
             pass
 
 
-def prepare(directory: Path, threshold: int) -> type[SpillBuffer]:
-    """SpillBuffers of this process spill into `directory` (emptied) past `threshold` bytes."""
+def _free(directory: Path | None) -> int:
+    try:
+        st = os.statvfs(directory or ".")
+    except OSError:
+        return 1 << 62  # cannot tell: the store's own check decides
+    return st.f_bavail * st.f_frsize
+
+
+def spool_bytes() -> int:
+    """Bytes this process's spool files hold now."""
+    return _spool.bytes
+
+
+def prepare(directory: Path, threshold: int, *, max_spool_bytes: int = 0, min_free_bytes: int = 0) -> type[SpillBuffer]:
+    """SpillBuffers of this process spill into `directory` (emptied) past `threshold` bytes,
+    holding at most `max_spool_bytes` there at once (0: no limit) and keeping
+    `min_free_bytes` free on its disk (0: no check)."""
     if directory.exists():
         shutil.rmtree(directory)  # partial datasets of a previous life of this worker
     directory.mkdir(parents=True)
     SpillBuffer.directory, SpillBuffer.threshold = directory, threshold
+    SpillBuffer.max_spool_bytes, SpillBuffer.min_free_bytes = max_spool_bytes, min_free_bytes
     return SpillBuffer

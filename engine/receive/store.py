@@ -11,7 +11,7 @@ from pynetdicom import evt
 
 from stowage.engine.store.archive import Archive, StoreResult
 from stowage.engine.store.segment import FileRange
-from stowage.protocol.status import PROCESSING_FAILURE, SUCCESS
+from stowage.protocol.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 from stowage.engine.runtime.audit import Trail
 from stowage.engine.receive.spill import SpillBuffer
 
@@ -32,9 +32,12 @@ class StorageSCP:
         trail; never raises: a bug of ours must not cost the sender its association."""
         dataset: bytes | FileRange = b""
         try:
-            dataset = _dataset(received)
-            result = self.archive.store(dataset, transfer_syntax, sop_class, sop_instance,
-                                        calling_ae=calling_ae, called_ae=called_ae)
+            if isinstance(received, SpillBuffer) and received.refused:  # a spool limit, mid-transfer
+                result = StoreResult(OUT_OF_RESOURCES, received.refused)
+            else:
+                dataset = _dataset(received)
+                result = self.archive.store(dataset, transfer_syntax, sop_class, sop_instance,
+                                            calling_ae=calling_ae, called_ae=called_ae)
         except Exception:
             log.exception("storing %s failed", sop_instance)
             result = StoreResult(PROCESSING_FAILURE, "processing failure; see the archive log")

@@ -11,7 +11,7 @@ from stowage.engine.runtime import config as cfg
 
 @click.command()
 @common
-@click.option("--port", type=int, help="TCP port [11112].")
+@click.option("--port", type=int, help="TCP port for plain DICOM [11112]; 0: none, TLS only (needs --tls-port).")
 @click.option("--tls-port", type=int, help="A second port, speaking DICOM over TLS (needs tls_cert, tls_key) [none].")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port, at /metrics [none].")
 @click.option("--aet", help="Our AE title [STOWAGE].")
