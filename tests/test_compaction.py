@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import HOST, dcmtk, export_all, dataset_bytes, received_by_dcmtk, series_instances
+from conftest import (HOST, catalog_sealed, dcmtk, export_all, dataset_bytes, received_by_dcmtk, series_instances,
+                      wait_for)
 from stowage.engine.lifecycle.compaction import COMPACT_SLOT, JOURNAL, RESERVED
 from stowage.catalog import manifest
 
@@ -84,6 +86,12 @@ def supersede(port: int, work: Path, i: int, chosen: list[str], current: dict[st
     current.update(zip(chosen, v))
 
 
+def wait_sealed(data_dir: Path) -> None:
+    """Until the sealer has catalogued every segment to its end (compaction only rewrites
+    such segments)."""
+    wait_for(lambda: catalog_sealed(data_dir), 60, f"the sealer to catalogue every segment of {data_dir}")
+
+
 def segment_bytes(data_dir: Path) -> int:
     return sum(p.stat().st_size for p in (data_dir / "segments").glob("*.seg"))
 
@@ -143,7 +151,7 @@ def test_compact_reclaims_superseded_and_deleted_records(make_server, tmp_path):
     assert r.returncode == 0, r.stderr
     expected = sent(resent + files_a[30:], tmp_path / "dcmtk")
     gone = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files_b}
-    time.sleep(1.0)  # sealed
+    wait_sealed(data)
     before = segment_bytes(data)
 
     dry = stowage("compact", "--data-dir", str(data), "--dry-run", env=ENV)
@@ -182,7 +190,7 @@ def test_stores_and_deletes_while_compacting(make_server, tmp_path):
     files = series_instances(tmp_path / "in", "COMPACT2", study, series, 60)
     store(server.port, files)
     v2 = store_versions(server.port, files[:40], tmp_path / "v2", "v2")
-    time.sleep(1.0)
+    wait_sealed(data)
     compactor = subprocess.Popen([sys.executable, "-m", "stowage.cli", "compact", "--data-dir", str(data),
                                   "--rate", "1", "--ratio", "0.99"], env=dict(os.environ, **ENV),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -227,10 +235,12 @@ def test_kill_9_of_the_compactor_at_random_moments(make_server, tmp_path):
         assert r.returncode == 0, r.stderr
         del current[victim], expected[victim]
         gone.add(victim)
-        time.sleep(0.6)  # sealed
+        wait_sealed(data)
         compactor = subprocess.Popen([sys.executable, "-m", "stowage.cli", "compact", "--data-dir", str(data),
                                       "--rate", "0.5", "--ratio", "0.99"], env=dict(os.environ, **ENV),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Not a wait for anything: the kill lands at a random moment of the compaction, which
+        # is what this test is about (the states it landed in are asserted below).
         time.sleep(rng.uniform(0.5, 4.0))
         compactor.send_signal(signal.SIGKILL)
         compactor.wait(30)
@@ -258,7 +268,8 @@ def test_kill_9_of_the_server_during_background_compaction(make_server, tmp_path
         chosen = rng.sample(sorted(current), 12)
         supersede(server.port, tmp_path, i, chosen, current, expected)
         # the first pass starts 5 s after start-up (about when the stores above are done),
-        # then one every second: at 0.1 MB/s a round takes a second or two
+        # then one every second: at 0.1 MB/s a round takes a second or two. Not a wait for
+        # anything: the kill lands at a random moment, which is what this test is about.
         time.sleep(rng.uniform(1.0, 8.0))
         states.append(_state(data))
         server.kill()
@@ -316,7 +327,7 @@ def test_kill_9_at_each_step_of_a_round(make_server, tmp_path, point):
     assert stowage("delete", "--data-dir", str(data), "--instance", victim, "--yes").returncode == 0
     expected = sent(v2 + files[20:], tmp_path / "dcmtk")
     del expected[victim]
-    time.sleep(0.6)
+    wait_sealed(data)
     before = segment_bytes(data)
     r = subprocess.run([sys.executable, "-c", _INJECT, point, str(data)], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, **ENV))
@@ -346,16 +357,29 @@ def test_sigterm_during_background_compaction_rolls_the_round_back(make_server, 
     store(server.port, files)
     v2 = store_versions(server.port, files[::2], tmp_path / "v2", "v2")  # old segments half live: a slow copy
     expected = sent(v2 + files[1::2], tmp_path / "dcmtk")
-    deadline = time.monotonic() + 60
-    while _state(data) != "copying or rewriting" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _state(data) == "copying or rewriting", server.log()[-2000:]
-    started = time.monotonic()
+
+    def copying():
+        """The journal of the background round in progress, once it is copying."""
+        if _state(data) != "copying or rewriting":
+            return None
+        try:
+            return json.loads((data / "segments" / JOURNAL).read_text())
+        except (FileNotFoundError, ValueError):  # that round ended meanwhile
+            return None
+
+    round_ = wait_for(copying, 60, lambda: "a background compaction round to copy\n" + server.log()[-2000:])
+    assert round_["segment"] and round_["replaced"], round_
+    # SIGTERM mid-copy (at 0.05 MB/s a round copies for seconds): the round is rolled back,
+    # not finished first. stop() fails the test if the archive does not stop within 60 s.
     assert server.stop(timeout=60) == 0, server.log()[-3000:]
-    assert time.monotonic() - started < 30
+    rolled = re.findall(r"an interrupted compaction was rolled back \((\S+), replacing (\d+) segment", server.log())
+    assert rolled == [(round_["segment"], str(len(round_["replaced"])))], server.log()[-3000:]
     assert not (data / "segments" / JOURNAL).exists(), "the round in progress was not rolled back"
+    assert not (data / "segments" / round_["segment"]).exists(), "the interrupted round's output was kept"
     m = manifest.load(data / "catalog")
     assert not [k for k, v in m.watermarks.items() if v == RESERVED and (data / "segments" / k).exists()]
+    kept = [s for s in round_["replaced"] if (data / "segments" / s).exists() and s not in m.retired_segments]
+    assert kept == round_["replaced"], "a segment of the rolled-back round was retired or removed"
     check(data, tmp_path / "out", expected, set())
 
 
@@ -369,7 +393,7 @@ def test_a_segment_with_a_corrupt_mark_is_not_rewritten(make_server, tmp_path):
     files = series_instances(tmp_path / "in", "COMPACT2", study, generate_uid(), 40)
     store(server.port, files)
     store_versions(server.port, files[:33], tmp_path / "v2", "second version")  # 33 dead records
-    time.sleep(1.0)  # sealed
+    wait_sealed(data)
     # a live record in the sparsest segment that still holds one: a compaction candidate
     victim = query(data, """
         WITH total AS (SELECT segment, sum(record_length) AS b FROM records GROUP BY 1),
