@@ -5,7 +5,6 @@ first, never those of protected patients, and refuses when only those are left."
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pydicom
@@ -13,8 +12,9 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from conftest import HOST, dcmtk, series_instances
+from conftest import HOST, catalog_sealed, dcmtk, series_instances, wait_for
 from stowage.engine.lifecycle.quota import EXHAUSTED
+from stowage.engine.store.usage import segment_bytes
 from test_compaction import query, stowage, store
 
 pytestmark = pytest.mark.timeout(600)
@@ -55,16 +55,6 @@ def studies_found(port: int, out: Path) -> set[str]:
     return {str(pydicom.dcmread(p).StudyInstanceUID) for p in out.glob("rsp*.dcm")}
 
 
-def wait_for(what, timeout: float = 90.0, step: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(step)
-    return what()
-
-
 def test_refuse_answers_out_of_resources_then_resumes_once_space_is_freed(make_server, tmp_path):
     limit = 600_000
     server = make_server("--workers", "2", STOWAGE_MAX_STORAGE_BYTES=str(limit), STOWAGE_COMPACT_INTERVAL="0", **ENV)
@@ -89,10 +79,15 @@ def test_refuse_answers_out_of_resources_then_resumes_once_space_is_freed(make_s
 
     r = stowage("delete", "--data-dir", str(data), "--study", study, "--yes")
     assert r.returncode == 0, r.stderr
-    time.sleep(0.6)
+    # compaction rewrites only segments catalogued to their end
+    wait_for(lambda: catalog_sealed(data), 60, "the sealer to catalogue every segment")
     r = stowage("compact", "--data-dir", str(data), env=ENV)
     assert r.returncode == 0, r.stdout + r.stderr
-    time.sleep(0.5)  # the store path's figure is at most 0.25 s old
+    # What the store path weighs against the quota (engine/store/usage.py: this close to the
+    # quota it asks again before every store) has room for the instance now.
+    incoming = more[0].stat().st_size
+    wait_for(lambda: segment_bytes(data) + incoming <= limit, 60,
+             lambda: f"the segments ({segment_bytes(data)} bytes) to leave room under the quota: {r.stdout}")
     status, comment = store_one(server.port, more[0])
     assert status == 0, comment
     assert served(data) == {study: 1}
@@ -105,15 +100,14 @@ def test_delete_oldest_keeps_protected_patients_and_refuses_when_only_they_are_l
     data = server.data_dir
     uids = {k: generate_uid() for k in ("P", "S1", "S2", "S3")}
     patients = {"P": "PROT", "S1": "OLD1", "S2": "OLD2", "S3": "NEW"}
-    for key in ("P", "S1", "S2", "S3"):  # received in this order: P first, S3 last
+    for key in ("P", "S1", "S2", "S3"):  # received in this order (store() returns once all are acknowledged)
         store(server.port, series_instances(tmp_path / key, patients[key], uids[key], generate_uid(), 8))
-        time.sleep(0.05)
     # 32 instances, about 0.93 MB: over the quota. Down to 90 % of it, oldest first, P spared.
     def oldest_gone() -> dict[str, int] | None:
         s = served(data)
         return s if uids["S1"] not in s and uids["S2"] not in s else None
 
-    left = wait_for(oldest_gone)
+    left = wait_for(oldest_gone, 90, lambda: f"the two oldest studies to be deleted: {served(data)}\n{server.log()[-3000:]}")
     assert left == {uids["P"]: 8, uids["S3"]: 8}, left
     assert studies_found(server.port, tmp_path / "find") == {uids["P"], uids["S3"]}
     reasons = query(data, "SELECT DISTINCT reason, actor FROM tombstones")  # (compaction dropped the records)
@@ -123,7 +117,7 @@ def test_delete_oldest_keeps_protected_patients_and_refuses_when_only_they_are_l
 
     # Protected data alone over the quota: S3 goes, then stores are refused, P is kept whole.
     store(server.port, series_instances(tmp_path / "P2", "PROT", uids["P"], generate_uid(), 24))
-    assert wait_for(lambda: (data / EXHAUSTED).exists()), server.log()[-3000:]
+    wait_for(lambda: (data / EXHAUSTED).exists(), 90, lambda: f"{EXHAUSTED}\n{server.log()[-3000:]}")
     assert served(data) == {uids["P"]: 32}
     extra = series_instances(tmp_path / "extra", "NEW", generate_uid(), generate_uid(), 1)
     status, comment = store_one(server.port, extra[0])
@@ -132,7 +126,8 @@ def test_delete_oldest_keeps_protected_patients_and_refuses_when_only_they_are_l
     # The administrator frees space: stores resume.
     r = stowage("delete", "--data-dir", str(data), "--patient", "PROT", "--yes")
     assert r.returncode == 0, r.stderr
-    assert wait_for(lambda: not (data / EXHAUSTED).exists()), server.log()[-3000:]
-    time.sleep(0.5)
+    wait_for(lambda: not (data / EXHAUSTED).exists(), 90, lambda: f"{EXHAUSTED} to go\n{server.log()[-3000:]}")
+    # Without the flag the store path does not refuse: it reads the flag again before every
+    # store while it last saw it (engine/store/usage.py), so the very next store is taken.
     status, comment = store_one(server.port, extra[0])
     assert status == 0, comment
