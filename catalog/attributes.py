@@ -390,7 +390,7 @@ def _slow_path(dataset: bytes | memoryview, transfer_syntax_uid: str, max_inflat
         raw[int(elem.tag)] = (str(vr), value)
     if not whole_header:
         return raw, None
-    return raw, _slow_header(data, implicit, little, _syntax(transfer_syntax_uid) == "implicit")
+    return raw, _slow_header(data, implicit, little, _syntax(transfer_syntax_uid) == "implicit", max_depth)
 
 
 # --- deflated: the head only, in bounded memory ----------------------------------------
@@ -503,8 +503,11 @@ def _take(stream: Inflater, n: int, out: bytearray | None) -> bytearray | None:
     return out
 
 
-def _slow_header(data: bytes, implicit: bool, little: bool, implicit_out: bool) -> bytes | None:
-    """The header by pydicom, re-encoded little endian; None when pydicom cannot."""
+def _slow_header(data: bytes, implicit: bool, little: bool, implicit_out: bool,
+                 max_depth: int = MAX_NESTING_DEPTH) -> bytes | None:
+    """The header by pydicom, re-encoded little endian; None when pydicom cannot. Sequences
+    nested past what pydicom's recursion holds refuse the data set (LimitExceeded), as the
+    scanner does; the scanner counts levels, this only sees pydicom run out of stack."""
     try:
         ds = read_dataset(BytesIO(data), implicit, little,
                           stop_when=lambda tag, vr, length: tag > _HEADER_LIMIT)
@@ -519,6 +522,8 @@ def _slow_header(data: bytes, implicit: bool, little: bool, implicit_out: bool) 
             out.add(ds[tag])
         header = encode_dataset(out, implicit_out)
         return header if 0 < len(header) <= _MAX_HEADER else None
+    except RecursionError:
+        raise too_deep(max_depth) from None
     except Exception:  # best effort: the catalog columns are what a store needs
         return None
 
