@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
-from conftest import CT, HOST, MR, copies, free_port
+from conftest import CT, HOST, MR, copies, free_port, wait_for
 from test_send import config_with, flip_payload, store
 
 pytestmark = pytest.mark.timeout(180)
@@ -138,13 +138,6 @@ def audit_events(data_dir: Path, kind: str) -> list[dict]:
     return [d for d in map(json.loads, lines) if d.get("event") == kind]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_all_present_reported_on_the_same_association(make_server, tmp_path, modality):
     server = commitment_server(make_server, tmp_path, modality)
     files = stored_copies(server, tmp_path, 5)
@@ -221,9 +214,11 @@ def test_requester_unreachable_at_first_then_reachable(make_server, tmp_path, mo
 
 
 def test_pending_report_survives_kill_and_restart(make_server, tmp_path, modality):
+    from stowage.workers.commitment import _SCAN_INTERVAL_S
     server = commitment_server(make_server, tmp_path, modality)
     files = stored_copies(server, tmp_path, 3)
-    status, _assoc = modality.request(server.port, refs_of(files), release=True)
+    transaction = generate_uid()
+    status, _assoc = modality.request(server.port, refs_of(files), release=True, transaction_uid=transaction)
     assert status.Status == 0
     pending = server.data_dir / "commitment" / "pending"
     assert len(list(pending.glob("*.json"))) == 1, "the request was not persisted before the response"
@@ -232,11 +227,23 @@ def test_pending_report_survives_kill_and_restart(make_server, tmp_path, modalit
     server.start()
     modality.listen()
     report = modality.report(60)
-    assert report.event_type == 1 and len(report.committed()) == 3
+    assert report.event_type == 1 and len(report.committed()) == 3 and report.info.TransactionUID == transaction
     wait_for(lambda: not list(pending.glob("*.json")), 10, "the delivered report to leave the queue")
-    assert modality.reports.empty()
-    time.sleep(4)  # a second worker scanning the queue must not send it again
-    assert modality.reports.empty()
+    wait_for(lambda: audit_events(server.data_dir, "commitment-report"), 10, "the delivery's audit line")
+    # Exactly one worker adopted the orphan and delivered it once.
+    adopted = [x for x in server.log().splitlines() if f"commitment report {transaction}" in x and "adopted" in x]
+    assert len(adopted) == 1, server.log()[-3000:]
+    assert [e["transaction_uid"] for e in audit_events(server.data_dir, "commitment-report")] == [transaction]
+    # And no worker sends it again: nothing may arrive while every worker's periodic scan of
+    # the queue (workers/commitment.py, every _SCAN_INTERVAL_S) comes round. This wait is an
+    # observation window for something that must not happen, not a wait for a condition: no
+    # event marks a worker's scan. A report that does arrive ends it at once.
+    try:
+        again = modality.reports.get(timeout=_SCAN_INTERVAL_S + 1.0)
+    except queue.Empty:
+        again = None
+    assert again is None, f"the report was sent again (same association: {again.same_association})"
+    assert [e["transaction_uid"] for e in audit_events(server.data_dir, "commitment-report")] == [transaction]
 
 
 def test_malformed_requests_get_failure_statuses(server, tmp_path, modality):
