@@ -24,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from stowage.bench.corpus import generate
-from conftest import HOST, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port
+from conftest import HOST, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port, wait_for
 
 SAME_DAY = "20200301"
 DEFLATE = "1.2.840.10008.1.2.1.99"
@@ -523,16 +523,29 @@ def test_sigterm_finishes_the_studies_in_flight_and_says_how_to_continue(make_se
 def test_outside_the_time_window_nothing_starts(tmp_path):
     """--window: outside it, not even the enumeration talks to the source; it says why and
     waits."""
+    import socket
+    import threading
     now = dt.datetime.now()
     opens = (now + dt.timedelta(hours=2)).strftime("%H:%M")
     closes = (now + dt.timedelta(hours=3)).strftime("%H:%M")
-    cmd = [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(tmp_path / "data"), "-q", "--method", "get",
-           "--from", f"LEGACY@{HOST}:{free_port()}", "--window", f"{opens}-{closes}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(4)
-        assert proc.poll() is None  # waiting, not failing on the unreachable source
-    finally:
-        proc.kill()
-        _out, err = proc.communicate(timeout=30)
-    assert f"outside the window {opens}-{closes}" in err, err
+    with socket.socket() as source:  # the source's port: it listens, and never accepts
+        source.bind((HOST, 0))
+        source.listen(8)
+        cmd = [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(tmp_path / "data"), "-q", "--method",
+               "get", "--from", f"LEGACY@{HOST}:{source.getsockname()[1]}", "--window", f"{opens}-{closes}"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        said: list[str] = []
+        reader = threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True)
+        reader.start()
+        try:
+            wait_for(lambda: any("outside the window" in line for line in said) or proc.poll() is not None, 60,
+                     lambda: f"migrate to say it waits for the window: {said}")
+            assert proc.poll() is None, f"exited {proc.returncode}: {said}"  # waiting, not failing
+            source.setblocking(False)
+            with pytest.raises(BlockingIOError):  # and it has not even connected to the source
+                source.accept()[0].close()
+        finally:
+            proc.kill()
+            proc.wait(30)
+            reader.join(30)
+    assert any(f"outside the window {opens}-{closes}" in line for line in said), said

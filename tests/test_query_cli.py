@@ -15,9 +15,9 @@ from stowage.catalog.sealer import Sealer
 from conftest import CT, HOST, copies, dcmtk
 
 
-def stowage_query(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+def stowage_query(data_dir: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stowage.cli", "query", "--data-dir", str(data_dir), *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def test_summary_views_and_header_attributes(data_dir):
 
 
 @pytest.mark.parametrize("sql, words", [
-    ("COPY (SELECT 1) TO 'out.csv'", "only SELECT"),
+    ("COPY (SELECT 1) TO 'out.csv'", "only SELECT"),               # relative: into the working folder
+    ("COPY (SELECT 1) TO '{elsewhere}/out.csv'", "only SELECT"),   # absolute
     ("CREATE TABLE t AS SELECT 1", "only SELECT"),
     ("DROP VIEW instances", "only SELECT"),
     ("SELECT 1; SELECT 2", "one statement"),
@@ -79,11 +80,33 @@ def test_summary_views_and_header_attributes(data_dir):
     ("SELECT * FROM read_parquet('/tmp/*.parquet')", "Permission"),
     ("SELEC 1", "syntax"),
 ])
-def test_only_read_only_queries_run(data_dir, sql, words):
-    r = stowage_query(data_dir, sql)
+def test_only_read_only_queries_run(data_dir, tmp_path, sql, words):
+    """Refused with the reason, and nothing written: not in the query's working folder (where
+    a relative COPY target goes), not where an absolute one points, not beside the archive."""
+    cwd, elsewhere = tmp_path / "cwd", tmp_path / "elsewhere"
+    cwd.mkdir()
+    elsewhere.mkdir()
+    beside = sorted(p.name for p in data_dir.parent.iterdir())
+    r = stowage_query(data_dir, sql.format(elsewhere=elsewhere), cwd=cwd)
     assert r.returncode != 0
     assert words in r.stderr
-    assert not (data_dir.parent / "out.csv").exists()
+    assert list(cwd.iterdir()) == [] and list(elsewhere.iterdir()) == []
+    assert sorted(p.name for p in data_dir.parent.iterdir()) == beside
+
+
+def test_copy_unguarded_writes_where_the_check_looks(tmp_path):
+    """What test_only_read_only_queries_run looks for is where COPY writes: DuckDB itself,
+    without stowage's guard, writes a relative target into its working folder and an
+    absolute one where it points."""
+    cwd, elsewhere = tmp_path / "cwd", tmp_path / "elsewhere"
+    cwd.mkdir()
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, "-c", "import duckdb, sys\nfor sql in sys.argv[1:]:\n    duckdb.sql(sql)",
+                        "COPY (SELECT 1 AS n) TO 'out.csv'", f"COPY (SELECT 2 AS n) TO '{elsewhere}/out.csv'"],
+                       capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert (cwd / "out.csv").read_text() == "n\n1\n"
+    assert (elsewhere / "out.csv").read_text() == "n\n2\n"
 
 
 def test_schema_lists_tables_and_columns(tmp_path):
