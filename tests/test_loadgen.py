@@ -19,7 +19,7 @@ from pynetdicom.sop_class import Verification
 from stowage.bench.corpus import generate
 from stowage.bench.loadgen import Target, load_corpus, run
 from stowage.protocol.store_scu import parse_response, store_command
-from conftest import HOST, dataset_bytes, free_port
+from conftest import HOST, dataset_bytes, export_all, free_port
 
 EXPLICIT, IMPLICIT, RLE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.5"
 CT_CLASS, MR_CLASS, SR_CLASS = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.88.11"
@@ -94,7 +94,14 @@ def test_corpus_arrives_byte_exact_over_k_associations(tmp_path: Path, scp_facto
     assert len(scp.associations) == 3
     assert set(res.latency_ms) >= {"p50", "p95", "p99"}
     assert res.latency_ms["p50"] <= res.latency_ms["p95"] <= res.latency_ms["p99"]
-    assert res.bytes == sum(it.length for it in items) and res.inst_per_s > 0 and res.mb_per_s > 0
+    assert res.bytes == sum(it.length for it in items)
+    # what it reports is what the peer received: every instance, every byte, exactly once
+    assert len(scp.received) == res.completed == len(items)
+    assert sum(len(data) for _c, _s, data in scp.received.values()) == res.bytes
+    # and its rates are those counts over its wall time (not a speed: whatever that time was)
+    assert res.wall_s > 0
+    assert res.inst_per_s == pytest.approx(res.completed / res.wall_s, rel=5e-3, abs=0.01)
+    assert res.mb_per_s == pytest.approx(res.bytes / 1e6 / res.wall_s, rel=5e-3, abs=0.002)
     for path, item in zip(files, items):
         sop_class, syntax, data = scp.received[item.sop_instance_uid]
         assert sop_class == item.sop_class_uid and syntax == item.transfer_syntax_uid
@@ -119,6 +126,7 @@ def test_failure_status_counted_with_its_comment(tmp_path: Path, scp_factory) ->
     res = run(Target(HOST, scp.port, "TESTSCP"), items, 2, progress=False)
     assert res.statuses == {"0xA700": 12}
     assert res.failed == 12 and res.completed == 0 and res.warning == 0
+    assert len(scp.received) == 12  # every one was sent, and answered with the failure
     assert res.comments["0xA700"] == "refused by the test SCP"
 
 
@@ -173,12 +181,16 @@ def test_cli_against_full_stowage(tmp_path: Path, make_server) -> None:
         assert run_["target_pid"] == srv.proc.pid
     assert data["summary"][0]["failed"] == 10
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what it counted as failed, the archive did not store
+    exported = export_all(srv.data_dir, tmp_path / "out")
+    assert exported.returncode == 0, exported.stderr
+    assert list((tmp_path / "out").glob("*.dcm")) == []
 
 
 def test_cli_success_with_a_given_corpus(tmp_path: Path, make_server) -> None:
     srv = make_server("--workers", "1")
-    generate(tmp_path / "corpus" / "ct", "ct", 3)
-    generate(tmp_path / "corpus" / "sr", "sr", 4, transfer_syntax="deflate")
+    sources = generate(tmp_path / "corpus" / "ct", "ct", 3) + \
+        generate(tmp_path / "corpus" / "sr", "sr", 4, transfer_syntax="deflate")
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "-m", "stowage.cli", "bench", "--port", str(srv.port), "-q",
                         "--corpus", str(tmp_path / "corpus"), "--json", str(out)],
@@ -186,6 +198,14 @@ def test_cli_success_with_a_given_corpus(tmp_path: Path, make_server) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     (run_,) = json.loads(out.read_text())["runs"]
     assert run_["statuses"] == {"0x0000": 7} and run_["instances"] == 7
+    assert run_["completed"] == 7 and run_["failed"] == 0 and run_["warning"] == 0
+    # what it counted as completed is what the archive holds: those 7, as they were sent
+    assert run_["bytes"] == sum(len(dataset_bytes(p)) for p in sources)
+    exported = export_all(srv.data_dir, tmp_path / "out")
+    assert exported.returncode == 0, exported.stderr
+    from pydicom import dcmread
+    assert {p.stem: dataset_bytes(p) for p in (tmp_path / "out").glob("*.dcm")} == \
+        {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p) for p in sources}
 
 
 def test_cli_usage_errors() -> None:
@@ -210,10 +230,12 @@ def test_compare_runs_end_to_end(tmp_path: Path) -> None:
     rows = {(x["sender"], x["receiver"], x["associations"]): x for x in data["results"]}
     assert set(rows) == {(s, n, k) for s in ("storescu", "stowage-bench") for n in ("stowage", "storescp")
                          for k in (1, 2)}
-    for x in rows.values():
+    for key, x in rows.items():
         assert x["status"] == "ok", x["note"]
         assert len(x["runs"]) == 1 and x["runs"][0]["leftover_procs"] == 0
-    assert rows[("storescu", "storescp", 1)]["runs"][0]["received"] == 8
+        assert x["runs"][0]["errors"] == [] and x["runs"][0]["senders_ok"], (key, x["runs"][0])
+        if key[1] == "storescp":  # it writes a file per instance, which the bench counts
+            assert x["runs"][0]["received"] == 8, (key, x["runs"][0])
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # temp dirs cleaned up
 
 
@@ -225,3 +247,5 @@ def test_cli_fresh_sends_new_instances_each_run(tmp_path: Path, scp_factory, fre
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(scp.received) == (8 if fresh else 4)
+    said = r.stdout + r.stderr
+    assert said.count(" 4 ok, 0 warning, 0 failed") == 2, said  # both runs counted all they sent
