@@ -486,9 +486,9 @@ def test_the_segment_reader_never_allocates_what_a_frame_claims(tmp_path, claime
     seg.write_bytes(segment.encode_record(header, forged_frame(payload, claimed), segment.FLAG_ZSTD))
     for read in (lambda: segment.read_payload(seg, 0), lambda: b"".join(segment.stream_payload(seg, 0))):
         refused, peak = peak_python_bytes(read)
+        assert peak < 64 * MiB, f"{peak / MiB:.0f} MiB allocated for a {len(payload)}-byte payload"
         assert isinstance(refused, segment.CorruptRecord), refused
         assert f"declares {claimed} bytes" in str(refused)
-        assert peak < 64 * MiB, f"{peak / MiB:.0f} MiB allocated for a {len(payload)}-byte payload"
 
 
 def test_a_frame_that_yields_more_than_its_record_holds_is_corrupt(tmp_path):

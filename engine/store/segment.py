@@ -355,7 +355,8 @@ def _decompressed(chunks: Iterator[bytes], offset: int, expected: int | None = N
     source = _Chunks(itertools.chain([first], chunks))
     produced = 0
     try:
-        for out in zstandard.ZstdDecompressor().read_to_iter(source, read_size=_CHUNK, write_size=_CHUNK):
+        pieces = zstandard.ZstdDecompressor().read_to_iter(source, read_size=_CHUNK, write_size=min(_CHUNK, limit + 1))
+        for out in pieces:
             produced += len(out)
             if produced > limit:
                 raise OversizedRecord(f"compressed payload of the record at byte {offset} decompresses past "
@@ -432,21 +433,24 @@ def read_payload(path: Path, offset: int) -> bytes | memoryview:
 
 
 def _decompress(raw: bytes, hdr: bytes, offset: int) -> bytes:
-    """A checksum-verified compressed payload, decompressed in one call when its frame
-    declares the size its header says (zstd then allocates exactly that), else streamed
-    within the bound."""
-    try:
-        header = msgpack.unpackb(hdr, raw=False)
-    except (ValueError, msgpack.UnpackException) as e:
-        raise CorruptRecord(f"undecodable header in record at byte {offset}: {e}") from None
-    expected = payload_size(header) if isinstance(header, dict) else None
+    """A checksum-verified compressed payload, decompressed in one call (zstd allocates what
+    the frame declares) when the frame declares at most a chunk, or what the record header
+    says; else streamed within the bound. The header is decoded only past a chunk: most
+    records are smaller, and decoding a catalog row costs a tenth of their decompression."""
     declared = _frame_size(raw, offset)
-    if expected is not None and declared == expected:
+    expected = None
+    if not 0 <= declared <= _CHUNK:
         try:
-            return _decompressor().decompress(raw)
-        except zstandard.ZstdError as e:
-            raise CorruptRecord(f"compressed payload of the record at byte {offset} does not decompress: {e}") from None
-    return b"".join(_decompressed(iter([raw]), offset, expected))
+            header = msgpack.unpackb(hdr, raw=False)
+        except (ValueError, msgpack.UnpackException) as e:
+            raise CorruptRecord(f"undecodable header in record at byte {offset}: {e}") from None
+        expected = payload_size(header) if isinstance(header, dict) else None
+        if expected is None or declared != expected:
+            return b"".join(_decompressed(iter([raw]), offset, expected))
+    try:
+        return _decompressor().decompress(raw)
+    except zstandard.ZstdError as e:
+        raise CorruptRecord(f"compressed payload of the record at byte {offset} does not decompress: {e}") from None
 
 
 def segment_name(slot: int, sequence: int) -> str:
