@@ -239,7 +239,8 @@ class Acceptor:
         if total >= self.config.max_associations or not live:
             why = "association cap reached" if live else "no worker is ready"
             self.metrics.rejected += 1
-            if tls and live and self._hand_over(conn, live, b"t", address, accepted_at):  # the worker sends the RJ in TLS
+            # b"t": the worker completes the TLS handshake only to send the RJ
+            if tls and live and self._hand_over(conn, live, b"t", address, accepted_at):
                 log.warning("A-ASSOCIATE-RJ over TLS: %s", why)
             else:
                 self._reject(conn, why)

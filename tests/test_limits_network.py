@@ -302,11 +302,13 @@ def tls_echo_ok(port: int, certs: Path) -> bool:  # noqa: F811
 def test_port_zero_serves_tls_only(make_server, tmp_path, certs):  # noqa: F811
     """`port = 0` with a TLS port: the acceptor listens on the TLS port alone (before, port
     0 bound an ephemeral plain port, through which the client-certificate check could be
-    bypassed), says so at start-up, and TLS peers are served."""
-    tls_port = free_port()
+    bypassed), says so at start-up, and TLS peers are served. A connection to the TLS port
+    that never completes its handshake is closed at association_request_timeout too."""
+    tls_port, mport = free_port(), free_port()
     cfg = tmp_path / "serve.toml"
     cfg.write_text(f'tls_port = {tls_port}\ntls_cert = "{certs / "server.pem"}"\n'
-                   f'tls_key = "{certs / "server.key"}"\ntls_ca = "{certs / "ca.pem"}"\n')
+                   f'tls_key = "{certs / "server.key"}"\ntls_ca = "{certs / "ca.pem"}"\n'
+                   f'association_request_timeout = 3\nmetrics_port = {mport}\n')
     server = make_server("--workers", "2", "--config", str(cfg), "--port", "0", start=False)  # the last --port wins
     server.start(wait=False)
     deadline = time.monotonic() + 60
@@ -316,13 +318,18 @@ def test_port_zero_serves_tls_only(make_server, tmp_path, certs):  # noqa: F811
         time.sleep(0.2)
     listening = {c.laddr.port for c in psutil.Process(server.proc.pid).net_connections(kind="tcp")
                  if c.status == psutil.CONN_LISTEN}
-    assert listening == {tls_port}, f"the acceptor listens on {sorted(listening)}"
+    assert listening == {tls_port, mport}, f"the acceptor listens on {sorted(listening)} (metrics: {mport})"
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((HOST, server.port), timeout=5).close()
     assert f"{HOST}:{tls_port} (TLS) only; no plain port" in server.log(), server.log()[-2000:]
     r = subprocess.run([dcmtk("echoscu"), *dcmtk_tls(certs), "-aec", "STOWAGE", HOST, str(tls_port)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+    with socket.create_connection((HOST, tls_port), timeout=30) as silent:  # no ClientHello, ever
+        assert silent.recv(4096) == b"", "the server answered a connection that sent nothing"
+    got = wait_for(mport, refusals("association_request_timeout"), 1)
+    assert got[refusals("association_request_timeout")] == 1, got
+    assert "TLS handshake within association_request_timeout" in server.log()
 
 
 # -- 5. Deflated beside an uncompressed syntax ----------------------------------------------

@@ -19,7 +19,7 @@ from typing import Callable
 from stowage.protocol import dimse, store_scu
 from stowage.protocol.pdu import A_ABORT_USER, PduReader, PeerClosed, ProtocolError
 from stowage.protocol.status import PENDING_STATUSES
-from stowage.engine.receive.ingest import StorageAssociation, _Message
+from stowage.engine.receive.ingest import MAX_COMMAND_BYTES, StorageAssociation, _Message
 from stowage.engine.receive.negotiation import Accepted
 from stowage.engine.receive.spill import SpillBuffer
 from stowage.engine.receive.store import StorageSCP
@@ -71,9 +71,10 @@ class GetAssociation(StorageAssociation):
     only Pending responses without progress, for that long."""
 
     def __init__(self, assoc: store_scu.Association, scp: StorageSCP, key: int, stall_timeout: float,
-                 on_progress: Callable[[int], None] = lambda n: None) -> None:
+                 on_progress: Callable[[int], None] = lambda n: None,
+                 max_command_bytes: int = MAX_COMMAND_BYTES) -> None:
         super().__init__(assoc.sock, Accepted(b"", assoc.contexts), scp, key, calling_ae=assoc.called_aet,
-                         called_ae=assoc.calling_aet, max_pdu=assoc.max_pdu)
+                         called_ae=assoc.calling_aet, max_pdu=assoc.max_pdu, max_command_bytes=max_command_bytes)
         self.assoc = assoc
         self.stall_timeout = stall_timeout
         self.on_progress = on_progress

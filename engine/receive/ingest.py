@@ -17,6 +17,7 @@ from stowage.protocol import dimse
 from stowage.protocol.pdu import (A_ABORT, A_ABORT_UNEXPECTED_PDU, A_ABORT_USER, A_RELEASE_RP_PDU, A_RELEASE_RQ,
                                   COMMAND, LAST, P_DATA_TF, PDV_HEADER, PduReader, PeerClosed, ProtocolError,
                                   p_data)
+from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.receive.negotiation import Accepted
 from stowage.engine.receive.spill import SpillBuffer
@@ -24,7 +25,7 @@ from stowage.engine.receive.store import StorageSCP
 
 log = logging.getLogger("stowage.ingest")
 _PDU_SLACK = 1024  # PDV item headers on top of the advertised maximum
-MAX_COMMAND_BYTES = 64 << 10  # Config.max_command_bytes' default, for callers that pass none
+MAX_COMMAND_BYTES = Config.max_command_bytes  # its default, for callers that pass none
 
 
 class LimitExceeded(ProtocolError):

@@ -153,11 +153,6 @@ def _free(directory: Path | None) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def spool_bytes() -> int:
-    """Bytes this process's spool files hold now."""
-    return _spool.bytes
-
-
 def prepare(directory: Path, threshold: int, *, max_spool_bytes: int = 0, min_free_bytes: int = 0) -> type[SpillBuffer]:
     """SpillBuffers of this process spill into `directory` (emptied) past `threshold` bytes,
     holding at most `max_spool_bytes` there at once (0: no limit) and keeping
