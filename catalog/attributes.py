@@ -30,11 +30,10 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS, VR
 
-from stowage.catalog.limits import (  # UnreadableDataset and LimitExceeded: also for callers of extract
+from stowage.catalog.limits import (  # UnreadableDataset: also for callers of extract, as before
     MAX_INFLATED_BYTES,
     MAX_NESTING_DEPTH,
     Inflater,
-    LimitExceeded,
     Truncated,
     UnreadableDataset,
     inflate,

@@ -230,7 +230,7 @@ def _values(value: Any) -> list[Any]:
 class _Piece:
     """A run of a wildcard pattern between two `*`: literal characters and `?`."""
 
-    __slots__ = ("text", "rx")
+    __slots__ = ("rx", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -260,7 +260,7 @@ class _Wildcard:
     the value for each piece, where a regex of `.*` took exponential time on values like
     `aaaa…` against `*a*a*a*…b` (issue #25)."""
 
-    __slots__ = ("head", "middle", "tail", "starred")
+    __slots__ = ("head", "middle", "starred", "tail")
 
     def __init__(self, pattern: str) -> None:
         pieces = pattern.split("*")

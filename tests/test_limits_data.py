@@ -50,6 +50,7 @@ from stowage.engine.store.archive import valid_uid
 from stowage.protocol.status import CANNOT_UNDERSTAND, SUCCESS
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection: parsed whole, for rejection notes
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 VERIFICATION = "1.2.840.10008.1.1"
 MiB = 1 << 20
@@ -95,10 +96,10 @@ def encode(ds: Dataset, implicit: bool = False, little: bool = True) -> bytes:
     return fp.getvalue()
 
 
-def identity(uid: str, **extra: str) -> Dataset:
+def identity(uid: str, sop_class: str = CT_STORAGE, **extra: str) -> Dataset:
     """The attributes a store needs, Modality the last of group 0008."""
     ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CT_STORAGE, uid, "CT"
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop_class, uid, "CT" if sop_class == CT_STORAGE else "KO"
     for keyword, value in extra.items():
         setattr(ds, keyword, value)
     return ds
@@ -110,12 +111,14 @@ def patient(uid: str) -> Dataset:
     return ds
 
 
-def bomb(uid: str, blocks: int, in_pixel_data: bool = False) -> bytes:
+def bomb(uid: str, blocks: int, in_pixel_data: bool = False, sop_class: str = CT_STORAGE) -> bytes:
     """A Deflated data set holding `blocks` × 16 MiB of zeros in one OB element: a private
-    one between the SOP UIDs and the patient's attributes, or the Pixel Data at the end."""
-    front, back = encode(identity(uid)), encode(patient(uid))
+    one between the SOP UIDs and the patient's attributes, or at the end, after the header
+    (Pixel Data; Data Set Trailing Padding in a Key Object Selection document)."""
+    front, back = encode(identity(uid, sop_class)), encode(patient(uid))
     if in_pixel_data:
-        return deflated(front + back + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, blocks * _BLOCK), blocks)
+        tag = (0x7FE0, 0x0010) if sop_class == CT_STORAGE else (0xFFFC, 0xFFFC)
+        return deflated(front + back + struct.pack("<HH2sHL", *tag, b"OB", 0, blocks * _BLOCK), blocks)
     private = encode(Dataset()) + struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 4) + b"BOMB" \
         + struct.pack("<HH2sHL", 0x0009, 0x1010, b"OB", 0, blocks * _BLOCK)
     return deflated(front + private, blocks, back)
@@ -142,10 +145,10 @@ def nested_dataset(uid: str, depth: int, syntax: str) -> bytes:
     return deflated(plain) if syntax == DeflatedExplicitVRLittleEndian else plain
 
 
-def write_part10(path: Path, syntax: str, uid: str, dataset: bytes) -> Path:
+def write_part10(path: Path, syntax: str, uid: str, dataset: bytes, sop_class: str = CT_STORAGE) -> Path:
     """A Part-10 file: preamble, file meta (explicit VR little endian), `dataset` as given."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_STORAGE, uid
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, uid
     meta.TransferSyntaxUID = syntax
     meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
     fp = DicomBytesIO()
@@ -327,21 +330,27 @@ def run_import(data_dir: Path, folder: Path, report: Path) -> tuple[subprocess.C
 
 
 @pytest.mark.timeout(300)
-def test_import_refuses_nesting_and_a_bomb_and_stores_the_ct_beside_them(tmp_path):
+def test_import_refuses_nesting_and_bombs_and_stores_the_ct_beside_them(tmp_path):
     """Before, the RecursionError took the import thread's whole chunk with it: the CT
-    beside the file was left "not attempted". Now each bad file gets its one-line reason."""
+    beside the file was left "not attempted". Now each bad file gets its one-line reason.
+    A Key Object Selection document is parsed whole (a rejection note?): its gigabyte of
+    trailing padding is refused too, where any other instance's would not be read."""
     folder = tmp_path / "in"
     copies(CT, folder, 1, "ct")
-    deep_uid, bomb_uid = new_uid(), new_uid()
-    write_part10(folder / "deep.dcm", ExplicitVRLittleEndian, deep_uid, nested_dataset(deep_uid, 3000, ExplicitVRLittleEndian))
+    deep_uid, bomb_uid, kos_uid = new_uid(), new_uid(), new_uid()
+    write_part10(folder / "deep.dcm", ExplicitVRLittleEndian, deep_uid,
+                 nested_dataset(deep_uid, 3000, ExplicitVRLittleEndian))
     write_part10(folder / "bomb.dcm", DeflatedExplicitVRLittleEndian, bomb_uid, bomb(bomb_uid, 64))
+    write_part10(folder / "kos.dcm", DeflatedExplicitVRLittleEndian, kos_uid,
+                 bomb(kos_uid, 64, in_pixel_data=True, sop_class=KOS), sop_class=KOS)
     r, rows = run_import(tmp_path / "data", folder, tmp_path / "refused.csv")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert re.search(r"1 stored, .*2 refused", r.stdout) and "not attempted" not in r.stdout, r.stdout + r.stderr
+    assert re.search(r"1 stored, .*3 refused", r.stdout) and "not attempted" not in r.stdout, r.stdout + r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     assert rows["deep.dcm"] == ("refused", NESTED_PAST)
-    assert rows["bomb.dcm"][0] == "refused" and rows["bomb.dcm"][1].startswith(INFLATED_PAST), rows
-    assert set(rows) == {"deep.dcm", "bomb.dcm"}
+    for name in ("bomb.dcm", "kos.dcm"):
+        assert rows[name][0] == "refused" and rows[name][1].startswith(INFLATED_PAST), rows
+    assert set(rows) == {"deep.dcm", "bomb.dcm", "kos.dcm"}
 
 
 # --- wildcards matched in Python ----------------------------------------------------------
@@ -473,7 +482,8 @@ def test_verify_reports_a_frame_claiming_a_terabyte_as_corrupt(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert "Traceback" not in r.stderr and "MemoryError" not in r.stderr, r.stderr[-3000:]
     assert r.returncode == 1, r.stdout + r.stderr
-    rows = list(csv.DictReader(open(report, newline="")))
+    with open(report, newline="") as f:
+        rows = list(csv.DictReader(f))
     assert [row["sop_instance_uid"] for row in rows] == [header["sop_instance_uid"]], rows
     assert f"declares {1 << 40} bytes" in rows[0]["problem"], rows
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from stowage.catalog.attributes import LimitExceeded, UnreadableDataset, extract
+from stowage.catalog.attributes import UnreadableDataset, extract
+from stowage.catalog.limits import LimitExceeded
 from stowage.engine.store.archive import Archive
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
@@ -197,9 +198,9 @@ class Loader:
         if info.is_dicomdir:
             # PS3.10 never deflates a DICOMDIR, and pydicom would inflate one whole, unbounded.
             deflated = info.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+            missing = () if deflated else missing_references(path, bytes(head) + bytes(dataset))
             return Outcome(index, SKIPPED, "DICOMDIR: a media directory, not an instance "
-                                           "(the files it references are imported from the folder)", size,
-                           () if deflated else missing_references(path, bytes(head) + bytes(dataset)))
+                                           "(the files it references are imported from the folder)", size, missing)
         check_whole(dataset, info.transfer_syntax_uid, info.dataset_offset, self.max_nesting_depth)
         sop_class, sop_instance = self._identity(dataset, info)
         try:

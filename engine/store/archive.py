@@ -14,8 +14,8 @@ import zstandard
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, \
     ImplicitVRLittleEndian
 
-from stowage.catalog.attributes import LimitExceeded, UnreadableDataset, extract
-from stowage.catalog.limits import Inflater
+from stowage.catalog.attributes import UnreadableDataset, extract
+from stowage.catalog.limits import Inflater, LimitExceeded
 from stowage.catalog.bloom import UidFilter
 from stowage.catalog.reader import Catalog
 from stowage.catalog.sealed_uids import SealedView
