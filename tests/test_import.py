@@ -382,11 +382,6 @@ def test_cli_errors_are_one_line(tmp_path):
     assert not (tmp_path / "data" / "segments").exists() or not list((tmp_path / "data" / "segments").glob("*.seg"))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "code bug: stowage/cli/importing.py declares PATHS as click.Path(path_type=Path), whose default "
-    "readable=True makes click refuse an unreadable PATH first, as a usage error: three lines "
-    "(Usage, Try, 'Error: Invalid value for PATHS...: ... is not readable.') and exit status 2, "
-    "before the command's own one-line 'permission denied' check (docs/import.md: one line, exit 1)"))
 def test_unreadable_folder_is_one_line(tmp_path):
     """A PATH that cannot be read is a command-line error: one line on stderr that names it,
     exit status 1, nothing imported (docs/import.md). Run with permissions_hold(), so that

@@ -129,7 +129,8 @@ def get_contexts(sop_classes: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def get_study(peer: Peer, our_aet: str, study_uid: str, sop_classes: list[str], scp: StorageSCP, key: int,
-              stall_timeout: float, on_progress: Callable[[int], None] = lambda n: None) -> Pulled:
+              stall_timeout: float, on_progress: Callable[[int], None] = lambda n: None, *,
+              max_command_bytes: int) -> Pulled:
     """One study-level C-GET on an association of its own, its instances stored through
     `scp` as they arrive (engine/receive/get_scu.py); raises SourceError if no association."""
     contexts = get_contexts(sop_classes)
@@ -142,7 +143,7 @@ def get_study(peer: Peer, our_aet: str, study_uid: str, sop_classes: list[str], 
     except store_scu.AssociationError as e:
         raise SourceError(str(e)) from None
     try:
-        got = GetAssociation(assoc, scp, key, stall_timeout, on_progress).get(
+        got = GetAssociation(assoc, scp, key, stall_timeout, on_progress, max_command_bytes).get(
             StudyRootQueryRetrieveInformationModelGet,
             encode(_study(study_uid), True, True))  # Implicit VR Little Endian, the GET context's syntax
     finally:

@@ -124,7 +124,7 @@ class Migration:
                 outcome = "C-GET: no association"
                 try:
                     pulled = get_study(self.peer, self.aet, row.uid, listing.sop_classes, self.scp, key, stall,
-                                       self._progress)
+                                       self._progress, max_command_bytes=self.config.max_command_bytes)
                     outcome = "C-GET " + pulled.describe()
                 finally:
                     self.trail.closed(key, self.peer.ae_title, self.aet, outcome)
@@ -273,7 +273,8 @@ class Migration:
             raise MigrateError(str(e)) from None
         recover(self.config.data_dir, self.slot.number)
         self.archive = Archive(self.config, self.slot.number, bulk=True)
-        spill.prepare(self.config.data_dir / "spool" / f"{self.slot.number:03d}", self.config.spill_threshold)
+        spill.prepare(self.config.data_dir / "spool" / f"{self.slot.number:03d}", self.config.spill_threshold,
+                      max_spool_bytes=self.config.max_spool_bytes, min_free_bytes=self.config.min_free_bytes)
         self.trail = Trail()
         self.scp = StorageSCP(self.archive, self.trail)
         self._keys = itertools.count(1)

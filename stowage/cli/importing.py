@@ -10,7 +10,9 @@ from stowage.cli.options import common, load
 
 
 @click.command("import")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+# readable=False: the command says "PATH: permission denied" in one line itself (click would
+# print a three-line usage error and exit 2)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
 @common
 @click.option("--processes", type=int, default=0, help="Import processes [one per core].")
 @click.option("--threads", type=int, default=16, show_default=True, help="Concurrent stores per process.")
