@@ -13,6 +13,11 @@ elements exactly as encoded (their byte ranges, concatenated), so that any attri
 instance holds can be returned by a query. Past the catalog's columns the walk is best
 effort: anything odd there (a truncated head of a spooled instance, a broken sequence)
 ends the header, never the store.
+
+What reading may cost is bounded (catalog/limits.py, issue #25): a Deflated data set is
+inflated as a stream up to its Pixel Data only, bulk values dropped as they come, and
+never past `max_inflated_bytes`; undefined-length sequences are followed
+`max_nesting_depth` deep at most. Past either, the data set is refused (LimitExceeded).
 """
 from __future__ import annotations
 
