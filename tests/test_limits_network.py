@@ -380,3 +380,33 @@ def test_deflated_proposed_beside_explicit_gets_explicit(server, tmp_path, monke
     got = exported(server.data_dir, tmp_path / "out")
     assert set(got) == set(sent)
     assert {u: dataset_bytes(p) for u, p in got.items()} == {u: dataset_bytes(p) for u, p in sent.items()}
+
+
+def test_query_identifiers_are_not_accepted_deflated(server):
+    """pynetdicom inflates a Deflated C-FIND, C-MOVE or C-GET identifier whole, past any
+    max_inflated_bytes: a Query/Retrieve context proposing only Deflated is refused, one
+    proposing Deflated beside Explicit VR Little Endian gets Explicit, and a query on it
+    is answered."""
+    ae = AE("DEFLATER")
+    ae.add_requested_context(STUDY_ROOT_FIND, [DeflatedExplicitVRLittleEndian])
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        assert not [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == STUDY_ROOT_FIND]
+        assert [cx for cx in assoc.rejected_contexts if cx.abstract_syntax == STUDY_ROOT_FIND]
+    finally:
+        assoc.release()
+    ae = AE("DEFLATER")
+    ae.add_requested_context(STUDY_ROOT_FIND, [DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian])
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        (cx,) = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == STUDY_ROOT_FIND]
+        assert cx.transfer_syntax == [ExplicitVRLittleEndian]
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ""
+        statuses = [status.Status for status, _ in assoc.send_c_find(query, STUDY_ROOT_FIND) if status]
+        assert statuses and statuses[-1] == 0x0000
+    finally:
+        assoc.release()

@@ -122,7 +122,8 @@ class Retriever:
     def sender(self, peer: Peer, **kwargs: Any) -> Sender:
         c = self.config
         return Sender(c.data_dir / "segments", peer, c.aet, dimse_timeout=c.dimse_timeout,
-                      acse_timeout=c.acse_timeout, duplicates=c.duplicates, **kwargs)
+                      acse_timeout=c.acse_timeout, duplicates=c.duplicates,
+                      max_inflated_bytes=c.max_inflated_bytes, **kwargs)
 
 
 def scp(retriever: Retriever) -> Callable[[QueryRetrieveServiceClass, Any, Any, type], None]:

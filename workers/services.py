@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pydicom.uid import ExplicitVRBigEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
@@ -67,8 +67,9 @@ def build_ae(config: Config) -> AE:
         # roles: a C-GET requester proposes SCP role for the storage classes it takes back
         ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
     ae.add_supported_context(STORAGE_COMMITMENT, COMMITMENT_SYNTAXES + [ExplicitVRBigEndian])
-    for uid in FIND_SOP_CLASSES:
-        ae.add_supported_context(uid, syntaxes[:4])
-    for uid in MOVE_SOP_CLASSES + GET_SOP_CLASSES:
-        ae.add_supported_context(uid, syntaxes[:4])
+    # Query/Retrieve identifiers in the uncompressed syntaxes only: pynetdicom would inflate
+    # a Deflated identifier whole, past max_inflated_bytes (issue #25)
+    identifiers = [s for s in syntaxes[:4] if s != DeflatedExplicitVRLittleEndian]
+    for uid in (*FIND_SOP_CLASSES, *MOVE_SOP_CLASSES, *GET_SOP_CLASSES):
+        ae.add_supported_context(uid, identifiers)
     return ae

@@ -129,10 +129,10 @@ class Config:
             raise ConfigError(f"zstd_level: {self.zstd_level} is outside -7 to 22")
         if not 0 <= self.pending_interval <= 3600:
             raise ConfigError(f"pending_interval: {self.pending_interval} is outside 0-3600 seconds")
-        if (self.max_inflated_bytes < 1 << 20 or self.max_command_bytes < 1 << 10 or self.max_nesting_depth < 8
-                or self.max_spool_bytes < self.spill_threshold):
+        if (self.max_inflated_bytes < 1 << 20 or self.max_command_bytes < 1 << 10
+                or not 8 <= self.max_nesting_depth <= 256 or self.max_spool_bytes < self.spill_threshold):
             raise ConfigError("max_inflated_bytes must be >= 1 MiB, max_command_bytes >= 1 KiB, max_nesting_depth "
-                              ">= 8, and max_spool_bytes >= spill_threshold")
+                              "8-256 (the readers' stack holds that), and max_spool_bytes >= spill_threshold")
         if (not 0 < self.association_request_timeout <= 3600 or self.max_associations_per_address < 0
                 or self.max_commitment_references < 1 or self.max_pending_commitments < 1):
             raise ConfigError("association_request_timeout must be in (0, 3600]; max_associations_per_address >= 0; "

@@ -44,6 +44,7 @@ from stowage.engine.transfer.requestor import Peer, PeerError
 from stowage.engine.store.filemeta import PREAMBLE
 from stowage.engine.store.integrity import marks_of
 from stowage.engine.store.locate import Locator, RecordGone
+from stowage.catalog.limits import MAX_INFLATED_BYTES
 from stowage.engine.store.segment import CorruptRecord, read_payload, stream_payload
 from stowage.protocol import pynetdicom_patches, store_scu
 from stowage.protocol.status import STORE_WARNINGS, SUCCESS
@@ -317,8 +318,9 @@ class Sender:
                  on_outcome: Callable[[Outcome], None] | None = None,
                  cancelled: Callable[[], bool] | None = None,
                  move_originator: tuple[str, int] | None = None, associations: int = 1,
-                 duplicates: str = "keep-newest") -> None:
+                 duplicates: str = "keep-newest", max_inflated_bytes: int = MAX_INFLATED_BYTES) -> None:
         self.segments_dir = segments_dir
+        self.max_inflated_bytes = max_inflated_bytes  # a Deflated instance converted for the peer
         self.locator = Locator(segments_dir.parent, duplicates)  # for records compacted away meanwhile
         self.associations = max(1, associations)
         self._lock = threading.Lock()
@@ -560,7 +562,7 @@ class Sender:
             return _Prepared(inst, inst.transfer_syntax_uid, path=path)
         converted = path.with_suffix(".conv.dcm")
         try:
-            convert.convert_file(path, converted, target)
+            convert.convert_file(path, converted, target, max_inflated_bytes=self.max_inflated_bytes)
         except convert.ConversionError as e:
             converted.unlink(missing_ok=True)
             return _Prepared(inst, reason=str(e))

@@ -61,6 +61,7 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
     sender = Sender(config.data_dir / "segments", peer, calling, dimse_timeout=timeout,
                     acse_timeout=config.acse_timeout,
                     max_pdu=config.max_pdu, on_outcome=on_outcome, duplicates=config.duplicates,
+                    max_inflated_bytes=config.max_inflated_bytes,
                     associations=remote.associations if (remote := config.remotes.get(target)) else 1)
     try:
         result = sender.send(instances)
