@@ -45,7 +45,8 @@ from stowage.engine.store.filemeta import PREAMBLE
 from stowage.engine.store.integrity import marks_of
 from stowage.engine.store.locate import Locator, RecordGone
 from stowage.catalog.limits import MAX_INFLATED_BYTES
-from stowage.engine.store.segment import CorruptRecord, read_payload, stream_payload
+from stowage.engine.runtime.counts import counts as process_counts
+from stowage.engine.store.segment import CorruptRecord, OversizedRecord, read_payload, stream_payload
 from stowage.protocol import pynetdicom_patches, store_scu
 from stowage.protocol.status import STORE_WARNINGS, SUCCESS
 
@@ -308,6 +309,14 @@ class _DirectLink:
         pynetdicom_patches.unroute(self.assoc)
 
 
+def _unreadable_record(inst: Instance, reason: str, error: Exception) -> "_Prepared":
+    """An instance whose record cannot be read is failed, not sent; a frame that claims
+    more than its record holds is counted as the limit it ran into."""
+    if isinstance(error, OversizedRecord):
+        process_counts.refused(error.limit)
+    return _Prepared(inst, reason=reason)
+
+
 class Sender:
     """Sends instances to one peer. One Sender per transfer (its own associations may
     run in several threads; its methods are not to be called from several)."""
@@ -543,7 +552,7 @@ class Sender:
             except FileNotFoundError:
                 raise
             except (OSError, CorruptRecord) as e:
-                return _Prepared(inst, reason=f"{unreadable}: {e}")
+                return _unreadable_record(inst, f"{unreadable}: {e}", e)
         path = spool / f"{inst.sop_instance_uid}.dcm"
         try:
             with open(path, "wb") as f:
@@ -557,7 +566,7 @@ class Sender:
             raise
         except (OSError, CorruptRecord) as e:
             path.unlink(missing_ok=True)
-            return _Prepared(inst, reason=f"{unreadable}: {e}")
+            return _unreadable_record(inst, f"{unreadable}: {e}", e)
         if target is None:
             return _Prepared(inst, inst.transfer_syntax_uid, path=path)
         converted = path.with_suffix(".conv.dcm")
