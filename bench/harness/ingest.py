@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import psutil
+
 from stowage.bench.corpus import KINDS, generate, series_layout
 from stowage.bench.procs import TreeMonitor, echo, find_dcmtk, free_port, stop_tree, tail
 from stowage.bench.harness.receivers import RECEIVERS, REPO_ROOT, Receiver, Unavailable
@@ -71,6 +73,17 @@ class Run:
     errors: list[str] = field(default_factory=list)
     latency_ms: dict[str, float] = field(default_factory=dict)  # stowage-bench only
     sender_cpu_s: float | None = None                            # stowage-bench only
+    # The whole machine's busy CPU over the transfer (senders, receiver, kernel flusher
+    # threads writing back what a receiver left in the page cache), and the time `sync`
+    # took right after it: what a receiver that does not fsync leaves to be done.
+    machine_cpu_s: float = 0.0
+    sync_s: float = 0.0
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all but idle and iowait)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 @dataclass
@@ -184,7 +197,8 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
         cmd = rcv.build(port, data, args.stowage_workers)
         env = tool_env(args.nagle)
         proc, mon = _start(rcv, cmd, port, logs, tools["echoscu"], args.start_timeout, env)
-        cpu0 = mon.sample()
+        os.sync()  # what an earlier run left dirty is not this run's to write back
+        cpu0, busy0 = mon.sample(), machine_busy_s()
         if sender == "storescu":
             wall, errors, extra = _send_storescu(port, rcv.aet, files, k, tools, work, logs, env, args)
         elif sender == "stowage-bench":
@@ -194,6 +208,9 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
             wall, errors, extra = _send_loadgen(port, rcv.aet, items, k, args)
         else:
             raise ValueError(f"unknown sender {sender!r}; known: {', '.join(SENDERS)}")
+        synced = time.monotonic()
+        os.sync()
+        sync_s, busy = time.monotonic() - synced, machine_busy_s() - busy0
         if proc.poll() is not None:
             errors.append(f"receiver died (exit {proc.returncode}): {tail(logs / 'receiver.err', 5)}")
         mon.stop()
@@ -205,7 +222,8 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
             errors.append(f"receiver stored {received} of {len(files)} instances")
         run = Run(wall_s=wall, inst_per_s=len(files) / wall, mb_per_s=total_bytes / 1e6 / wall,
                   cpu_s=mon.cpu - cpu0, peak_rss_mb=mon.peak_rss / 1e6, peak_pss_mb=mon.peak_pss / 1e6,
-                  received=received, leftover_procs=leftovers, max_procs=mon.max_procs, errors=errors, **extra)
+                  received=received, leftover_procs=leftovers, max_procs=mon.max_procs, errors=errors,
+                  machine_cpu_s=busy, sync_s=sync_s, **extra)
         return run, cmd
     finally:
         if proc is not None and proc.poll() is None:
@@ -243,7 +261,8 @@ def finish(res: Result) -> Result:
     """Medians over the repeats; status "errors" if any run had one."""
     if not res.runs:
         return res
-    for key in ("wall_s", "inst_per_s", "mb_per_s", "cpu_s", "peak_rss_mb", "peak_pss_mb"):
+    for key in ("wall_s", "inst_per_s", "mb_per_s", "cpu_s", "peak_rss_mb", "peak_pss_mb", "machine_cpu_s",
+                "sync_s"):
         res.median[key] = statistics.median(getattr(r, key) for r in res.runs)
     lat = [r.latency_ms for r in res.runs if r.latency_ms]
     for p in ("p50", "p99"):
@@ -271,13 +290,13 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
     spread is half the range of the runs' inst/s, relative to their median."""
     base = {(r.kind, r.sender, r.associations): r.median["inst_per_s"]
             for r in results if r.receiver == "stowage" and r.runs}
-    head = ("corpus", "sender", "assoc", "receiver", "inst/s", "spread", "MB/s", "p50 ms", "p99 ms", "cpu ms/inst",
-            "peak RSS MB", "ratio vs stowage", "ok")
+    head = ("corpus", "sender", "assoc", "receiver", "inst/s", "spread", "durable inst/s", "MB/s", "p50 ms", "p99 ms",
+            "cpu ms/inst", "machine cpu ms/inst", "peak RSS MB", "ratio vs stowage", "ok")
     rows, notes = [], []
     for r in results:
         where = (r.kind, r.sender, str(r.associations), r.receiver)
         if not r.runs:
-            rows.append((*where, r.status, "", "", "", "", "", "", "", "-"))
+            rows.append((*where, r.status, "", "", "", "", "", "", "", "", "", "-"))
             notes.append(f"{r.receiver} ({r.kind} {r.sender} assoc {r.associations}) {r.status}: {r.note}")
             continue
         m = r.median
@@ -288,8 +307,10 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
         lat = [f"{m[p]:.2f}" if p in m else "-" for p in ("p50_ms", "p99_ms")]
         speeds = [x.inst_per_s for x in r.runs]
         spread = f"±{50 * (max(speeds) - min(speeds)) / m['inst_per_s']:.0f}%" if len(speeds) > 1 else "-"
-        rows.append((*where, f"{m['inst_per_s']:.1f}", spread, f"{m['mb_per_s']:.1f}", *lat,
-                     f"{m['cpu_s'] * 1e3 / n:.2f}", f"{m['peak_rss_mb']:.1f}", ratio, ok))
+        durable = n / (m["wall_s"] + m.get("sync_s", 0.0))
+        rows.append((*where, f"{m['inst_per_s']:.1f}", spread, f"{durable:.1f}", f"{m['mb_per_s']:.1f}", *lat,
+                     f"{m['cpu_s'] * 1e3 / n:.2f}", f"{m.get('machine_cpu_s', 0.0) * 1e3 / n:.2f}",
+                     f"{m['peak_rss_mb']:.1f}", ratio, ok))
         if r.status != "ok":
             notes.append(f"{r.receiver} ({r.kind} {r.sender} assoc {r.associations}) errors: {r.note}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
