@@ -461,25 +461,10 @@ def assert_exports_exactly(data_dir: Path, out: Path, stored: list[Path], refuse
     assert len(got) == len(stored)
 
 
-@pytest.mark.parametrize("min_free", [
-    "0",                # the reserve check alone: it refuses once free space < the dataset
-    str(-(1 << 30)),    # the reserve check disabled: the segment write itself meets ENOSPC
-], ids=["reserve-check", "enospc"])
-def test_full_filesystem(make_server, tmpfs, tmp_path, monkeypatch, min_free):
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    data_dir = tmpfs(tmp_path / "disk", "12m") / "data"
-    server = make_server("--workers", "2", data_dir=data_dir, STOWAGE_MIN_FREE_BYTES=min_free)
-    stored, refused, comments = fill_until_refused(server, tmp_path)
-    assert refused, f"the 12 MB file system never filled after {len(stored)} stores"
-    assert len(stored) >= 10, f"only {len(stored)} stores before the disk was full"
-    if min_free != "0":
-        assert all("No space left on device" in c for c in comments), comments
-    assert echo_ok(server.port)
-    # No 520 KB record fits in what the refusals leave (some hundred KB), the catalog does:
-    # the sealers catalogue the last records on the full disk.
-    wait_for(lambda: catalog_sealed(data_dir), 60,
-             lambda: "the sealers to catalogue the last records on the full disk\n" + server.log()[-3000:])
-    assert_exports_exactly(data_dir, tmp_path / "out-serving", stored, refused)
+def full_disk_after_a_clean_stop(server, make_server, data_dir: Path, tmp_path: Path, min_free: str,
+                                 stored: list[Path], refused: list[Path]) -> None:
+    """Everything sealed on the full disk: the stop is clean, and a restart on the still
+    full disk serves what it holds and refuses stores with 0xA700."""
     # Nothing is left to seal: stopping on the full disk is a clean stop.
     assert server.stop() == 0, server.log()[-4000:]
     assert "could not seal the catalog tail" not in server.log(), server.log()[-4000:]
@@ -497,6 +482,56 @@ def test_full_filesystem(make_server, tmpfs, tmp_path, monkeypatch, min_free):
     refused.append(late)
     assert again.stop() == 0, again.log()[-4000:]
     assert "Traceback" not in again.log(), again.log()[-4000:]
+
+
+def full_disk_after_an_unsealed_stop(server, make_server, data_dir: Path, min_free: str) -> None:
+    """The tail could not be sealed onto the full disk: stop says so in one line and exits
+    1 (ops/RUNBOOK.md); a restart on the still full disk refuses to start in one line
+    rather than serve without rows it acknowledged (test_catalog_disk_full)."""
+    assert server.stop() == 1, server.log()[-4000:]
+    assert server.log().count("could not seal the catalog tail on stop") == 1, server.log()[-4000:]
+    assert "Traceback" not in server.log() and "exited with" not in server.log(), server.log()[-4000:]
+    again = make_server("--workers", "2", data_dir=data_dir, port=server.port, STOWAGE_MIN_FREE_BYTES=min_free,
+                        start=False)
+    again.start(wait=False)
+    with pytest.raises(RuntimeError) as refused_start:
+        again.wait_ready(timeout=60)
+    said = str(refused_start.value)
+    assert said.startswith("stowage serve exited 1:") and "No space left on device" in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+
+
+@pytest.mark.parametrize("min_free", [
+    "0",                # the reserve check alone: it refuses once free space < the dataset
+    str(-(1 << 30)),    # the reserve check disabled: the segment write itself meets ENOSPC
+], ids=["reserve-check", "enospc"])
+def test_full_filesystem(make_server, tmpfs, tmp_path, monkeypatch, min_free):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    data_dir = tmpfs(tmp_path / "disk", "12m") / "data"
+    server = make_server("--workers", "2", data_dir=data_dir, STOWAGE_MIN_FREE_BYTES=min_free)
+    stored, refused, comments = fill_until_refused(server, tmp_path)
+    assert refused, f"the 12 MB file system never filled after {len(stored)} stores"
+    assert len(stored) >= 10, f"only {len(stored)} stores before the disk was full"
+    if min_free != "0":
+        assert all("No space left on device" in c for c in comments), comments
+    assert echo_ok(server.port)
+    if min_free == "0":
+        # The store path keeps CATALOG_RESERVE free whatever min_free_bytes says: the sealers
+        # catalogue the last records on the full disk.
+        wait_for(lambda: catalog_sealed(data_dir), 60,
+                 lambda: "the sealers to catalogue the last records on the full disk\n" + server.log()[-3000:])
+    else:
+        # Every check off: the refused write met ENOSPC and was truncated away, leaving what
+        # the last accepted record left, which may or may not hold a Parquet file. The sealers
+        # either catalogue on it or say they cannot; what follows is asserted for each.
+        wait_for(lambda: catalog_sealed(data_dir) or "sealing the catalog tail failed" in server.log(), 60,
+                 lambda: "the sealers to catalogue or to report the full disk\n" + server.log()[-3000:])
+    sealed = catalog_sealed(data_dir)
+    assert_exports_exactly(data_dir, tmp_path / "out-serving", stored, refused)  # read-your-writes either way
+    if sealed:
+        full_disk_after_a_clean_stop(server, make_server, data_dir, tmp_path, min_free, stored, refused)
+    else:
+        full_disk_after_an_unsealed_stop(server, make_server, data_dir, min_free)
     # With room again, everything acknowledged is there.
     roomy = tmp_path / "roomy"
     shutil.copytree(data_dir, roomy, symlinks=True)

@@ -112,6 +112,9 @@ def _check_identity(attrs: dict[str, Any], sop_class_uid: str, sop_instance_uid:
     return None
 
 
+CATALOG_RESERVE = 1 << 20  # bytes kept free for the catalog's Parquet files whatever min_free_bytes says
+
+
 class Archive:
     """Storage for one worker: its segment writer, its tail, and a view of the catalog."""
 
@@ -128,6 +131,10 @@ class Archive:
                                     fsync=config.durability == "fsync", on_commit=self.sealer.commit,
                                     keep_cache=config.cache_writes and not bulk)
         self.free_space = FreeSpace(config.data_dir)
+        # Room the store path never takes, so that the sealers can always catalogue what was
+        # acknowledged, even with min_free_bytes 0 (a negative value turns every check off).
+        self._reserve = self.config.min_free_bytes if self.config.min_free_bytes < 0 else \
+            max(self.config.min_free_bytes, CATALOG_RESERVE)
         self.quota = Usage(config.data_dir, config.max_storage_bytes, config.quota_policy)
         self.served = ServedVersions(self.catalog)
         # "Certainly new?" gate of the store path: UIDs in tails (stored since the last
@@ -181,7 +188,7 @@ class Archive:
                                                    None, calling_ae)
                     return verdict if applied.ok else applied
                 return verdict
-        if not self.free_space.has_room(self.config.min_free_bytes + length):
+        if not self.free_space.has_room(self._reserve + length):
             return StoreResult(OUT_OF_RESOURCES, "not enough free disk space for this instance; not stored")
         over = self.quota.refusal(length)
         if over:
