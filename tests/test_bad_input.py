@@ -176,20 +176,20 @@ def assert_abort_or_close(reply: bytes) -> None:
         assert len(reply) == 10 and reply[2:6] == b"\x00\x00\x00\x04", reply.hex()
 
 
-def assert_slots_come_back(ae: AE, port: int, n: int, timeout: float) -> None:
-    """`n` associations at once fit (bounded retries): every slot a bad connection took
-    came back."""
+def assert_slots_come_back(ae: AE, port: int, n: int, timeout: float, address: str = HOST) -> None:
+    """`n` associations at once from `address` fit (bounded retries): every slot a bad
+    connection took came back."""
     deadline = time.monotonic() + timeout
     while True:
-        more = [ae.associate(HOST, port, ae_title="STOWAGE") for _ in range(n)]
+        more = [ae.associate(HOST, port, ae_title="STOWAGE", bind_address=(address, 0)) for _ in range(n)]
         established = sum(a.is_established for a in more)
         for a in more:
             if a.is_established:
                 a.release()
         if established == n:
             return
-        assert time.monotonic() < deadline, f"only {established} of {n} slots came back"
-        time.sleep(1.0)
+        assert time.monotonic() < deadline, f"only {established} of {n} slots of {address} came back"
+        time.sleep(0.5)
 
 
 def worker_pids(server) -> set[int]:

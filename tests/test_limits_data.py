@@ -25,9 +25,7 @@ import re
 import struct
 import subprocess
 import sys
-import time
 import tracemalloc
-import urllib.request
 import zlib
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Ex
 from pynetdicom import AE, _config
 
 from conftest import CT, HOST, copies, free_port
+from test_metrics import wait_for
 from stowage.catalog import attributes, matching
 from stowage.catalog.attributes import UnreadableDataset
 from stowage.engine.importer.part10 import check_whole
@@ -183,23 +182,6 @@ def peak_rss(pid: int) -> int:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
-def scrape(port: int) -> dict[str, float]:
-    body = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(stowage_\S+) (\S+)$", body, re.M)}
-
-
-def refusals_reach(port: int, limit: str, want: float, timeout: float = 20.0) -> dict[str, float]:
-    """The metrics once stowage_limit_refusals{limit} reaches `want` (workers report once a
-    second), or as they are when the bounded wait gives up."""
-    name = f'stowage_limit_refusals_total{{limit="{limit}"}}'
-    deadline = time.monotonic() + timeout
-    while True:
-        got = scrape(port)
-        if got.get(name) == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.2)
-
-
 @pytest.mark.timeout(240)
 def test_a_deflate_bomb_is_refused_without_memory_and_the_archive_serves_on(make_server, tmp_path, monkeypatch):
     """1 MB on the wire that inflates to 1 GiB before the patient's attributes: Cannot
@@ -247,7 +229,7 @@ def test_a_deflate_bomb_is_refused_without_memory_and_the_archive_serves_on(make
     finally:
         assoc.release()
     assert status.Status == CANNOT_UNDERSTAND and status.ErrorComment == NESTED_PAST, status
-    got = refusals_reach(metrics, "nesting_depth", 1)
+    got = wait_for(metrics, 'stowage_limit_refusals_total{limit="nesting_depth"}', 1, timeout=20.0)
     assert got['stowage_limit_refusals_total{limit="inflated_bytes"}'] == 1, got
     assert got['stowage_limit_refusals_total{limit="nesting_depth"}'] == 1, got
 

@@ -31,7 +31,7 @@ from stowage.protocol.pdu import COMMAND, pdv_pdu
 from stowage.protocol.status import OUT_OF_RESOURCES
 from test_bad_input import (CT_STORAGE, STUDY_ROOT_FIND, VERIFICATION, assert_abort_or_close, associate_rq,
                             exported, part10, raw_connect, read_pdu_or_close, request_uid, scu, tmpfs,  # noqa: F401
-                            worker_pids, workers_rss)
+                            assert_slots_come_back, worker_pids, workers_rss)
 from test_metrics import wait_for
 from test_tls import certs  # noqa: F401  (fixture)
 from test_tls_scp import dcmtk_tls, tls_client
@@ -170,20 +170,9 @@ def associate_from(ae: AE, port: int, address: str = OTHER_ADDRESS):
 
 
 def assert_address_slots_come_back(port: int, n: int, timeout: float = 30.0) -> None:
-    """`n` associations at once from OTHER_ADDRESS fit (bounded retries): the slots of
-    connections that ended were freed."""
-    ae = scu(timeout=10)
-    deadline = time.monotonic() + timeout
-    while True:
-        assocs = [associate_from(ae, port) for _ in range(n)]
-        established = sum(a.is_established for a in assocs)
-        for a in assocs:
-            if a.is_established:
-                a.release()
-        if established == n:
-            return
-        assert time.monotonic() < deadline, f"only {established} of {n} slots of {OTHER_ADDRESS} came back"
-        time.sleep(0.5)
+    """`n` associations at once from OTHER_ADDRESS fit: the slots of connections that ended
+    were freed."""
+    assert_slots_come_back(scu(timeout=10), port, n, timeout, address=OTHER_ADDRESS)
 
 
 @pytest.mark.timeout(180)
