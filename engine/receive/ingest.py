@@ -28,7 +28,7 @@ _PDU_SLACK = 1024  # PDV item headers on top of the advertised maximum
 MAX_COMMAND_BYTES = Config.max_command_bytes  # its default, for callers that pass none
 
 
-class LimitExceeded(ProtocolError):
+class PeerOverLimit(ProtocolError):  # not catalog.limits.LimitExceeded: that one is a data set's
     """The peer made us reach one of our resource limits (engine/runtime/counts.LIMITS):
     the association is aborted (A-ABORT, source service user: it is our policy, not a
     protocol violation) and the refusal counted under `limit`."""
@@ -67,7 +67,7 @@ class StorageAssociation:
             self._loop()
         except PeerClosed:
             self.outcome = "closed by peer"
-        except LimitExceeded as e:
+        except PeerOverLimit as e:
             log.warning("%s: %s; aborting", self.peer, e)
             process_counts.refused(e.limit)
             self._send(e.abort)
@@ -141,7 +141,7 @@ class StorageAssociation:
             if msg.fields is not None:
                 raise ProtocolError("command fragment after the command set was complete")
             if len(msg.command) + len(fragment) > self.max_command_bytes:  # one comparison per PDV
-                raise LimitExceeded("command_bytes", f"command set longer than max_command_bytes "
+                raise PeerOverLimit("command_bytes", f"command set longer than max_command_bytes "
                                     f"({self.max_command_bytes} bytes) without its last fragment")
             msg.command += fragment
             if header & LAST:
