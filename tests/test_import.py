@@ -24,7 +24,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from stowage.bench import corpus
-from conftest import HOST, dcmtk, export_all, wait_for
+from conftest import HOST, dcmtk, export_all
 from page_cache import file_system, resident_pages
 
 # Real files in several transfer syntaxes, each a distinct instance.
@@ -220,14 +220,39 @@ def record_count(data_dir: Path) -> int:
     return int(r.stdout.split()[-1])
 
 
-def ledger_rows(ledger: Path) -> int:
-    """Files the import ledger holds (0 while it cannot be read)."""
-    from contextlib import closing
-    try:
-        with closing(sqlite3.connect(ledger, timeout=5)) as db:
-            return db.execute("SELECT count(*) FROM files").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+def import_slots_held(data_dir: Path) -> set[int]:
+    """The import slots (100..899) that a live process holds a claim on."""
+    from stowage.engine.store.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, try_claim
+    held = set()
+    for lock in (data_dir / "segments").glob("[1-8][0-9][0-9].lock"):
+        number = int(lock.stem)
+        if IMPORT_FIRST_SLOT <= number <= IMPORT_LAST_SLOT:
+            claim = try_claim(data_dir, number)
+            if claim is None:
+                held.add(number)
+            else:
+                claim.release()
+    return held
+
+
+def freeze_holding_slots(proc: subprocess.Popen, data_dir: Path) -> set[int]:
+    """SIGSTOP `proc`'s process group at a moment it holds import slots and not the catalog's
+    manifest lock (which a serve start-up waits for), so that what follows happens under a
+    live import however fast the machine is; returns the slots it holds."""
+    from stowage.catalog import manifest
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the import ended before it could be frozen: make the corpus bigger"
+        if import_slots_held(data_dir):
+            os.killpg(proc.pid, signal.SIGSTOP)
+            held = import_slots_held(data_dir)
+            with manifest.lock(data_dir / "catalog", blocking=False) as free:
+                pass
+            if held and free:
+                return held
+            os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.005)
+    pytest.fail("the import never held a slot")
 
 
 def test_import_while_serving(make_server, tmp_path):
@@ -291,12 +316,13 @@ def test_kill_9_then_rerun(make_server, tmp_path):
     serve start-up recovery, and a re-run completes it with every instance exactly once,
     while serve restarts in the middle of that re-run."""
     src = tmp_path / "src"
-    paths = corpus.generate(src, "small", 3000, seed=21)
+    paths = corpus.generate(src, "small", 5000, seed=21)
     expected = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: dataset_of(p.read_bytes())
                 for p in paths}
     data = tmp_path / "data"
-    proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # one import process: the ledger is written once a second, so the import must outlast that
+    proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q",
+                             "--processes", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     ledger = data / "import" / "ledger.sqlite"
     deadline = time.monotonic() + 120
     acknowledged: set[str] = set()
@@ -321,14 +347,15 @@ def test_kill_9_then_rerun(make_server, tmp_path):
     assert acked_uids <= set(held)
     assert all(held[u] == expected[u] for u in held)
 
-    in_ledger = ledger_rows(ledger)
     rerun = subprocess.Popen([sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # until the re-run is storing (its ledger grows)
-    wait_for(lambda: ledger_rows(ledger) > in_ledger or rerun.poll() is not None, 120, "the re-run to store a file")
-    assert rerun.poll() is None, "the re-run ended before serve could restart under it: make the corpus bigger"
-    server.stop()  # serve restarts while the import runs: the import's slots are left alone
-    server.start()
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    held_slots = freeze_holding_slots(rerun, data)
+    try:
+        server.stop()  # serve restarts while the import holds its slots: recovery leaves them alone
+        server.start()
+        assert import_slots_held(data) == held_slots
+    finally:
+        os.killpg(rerun.pid, signal.SIGCONT)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out + err
     got = counts(out)
