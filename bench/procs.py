@@ -78,7 +78,7 @@ def serve_stowage(data: Path, port: int, echoscu: str, *options: str) -> subproc
     """`stowage serve` on 127.0.0.1:port in its own session (stopped with stop_tree),
     once it answers C-ECHO."""
     proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(data), "--port",
-                             str(port), "--bind", "127.0.0.1", *options],
+                             str(port), "--bind", "127.0.0.1", "--http-port", "0", *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_echo(echoscu, port, "STOWAGE")

@@ -38,7 +38,8 @@ from stowage.engine.runtime.config import Config, ConfigError
 from stowage.engine.runtime.counts import REPORT
 from stowage.engine.store.recovery import recover
 from stowage.engine.lifecycle.scrub import ScrubProcess
-from stowage.engine.runtime.tls import server_context
+from stowage.engine.runtime.tls import http_context, server_context
+from stowage.engine.web.processes import HttpProcesses, HttpStartError
 from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT
 
 log = logging.getLogger("stowage.acceptor")
@@ -84,6 +85,7 @@ class Acceptor:
             sum(ws.active for ws in self.slots), sum(ws.ready for ws in self.slots)))
         self._lock_file = None
         self.scrub = ScrubProcess(config)  # the background scrub (scrub_rate), one process
+        self.http = HttpProcesses(config)  # DICOMweb and the web pages (http_port), N processes
 
     # -- start-up -----------------------------------------------------------------
 
@@ -132,6 +134,7 @@ class Acceptor:
             log.info("start-up recovery indexed %d record(s)", recovered)
         try:
             server_context(self.config)  # certificates that do not load stop us here, not in a worker
+            http_context(self.config)
         except ConfigError as e:
             raise ServeError(str(e)) from None
         if self.config.port:  # 0: TLS only (the configuration requires tls_port then)
@@ -154,6 +157,13 @@ class Acceptor:
             self._spawn(ws)
         self._wait_ready()
         self.scrub.start()
+        if self.config.http_port and not self.draining:
+            try:
+                self.http.start()
+            except HttpStartError as e:
+                self.draining = True
+                self._drain()
+                raise ServeError(str(e)) from None
         if self.listener is not None:
             self.sel.register(self.listener, selectors.EVENT_READ, ("listen", False))
         if self.tls_listener is not None:
@@ -390,6 +400,7 @@ class Acceptor:
     def _reap(self) -> None:
         now = time.monotonic()
         self.scrub.poll(self.draining)
+        self.http.poll(self.draining)
         for ws in self.slots:
             if ws.process is None or ws.process.poll() is None:
                 continue
@@ -416,6 +427,7 @@ class Acceptor:
 
     def _drain(self) -> int:
         self.scrub.stop()  # it saves its position and goes on from there next time
+        http_failed = self.http.stop()  # requests in flight finish first
         for listener in (self.listener, self.tls_listener):
             if listener is not None:
                 self.sel.unregister(listener)
@@ -427,7 +439,7 @@ class Acceptor:
                 except OSError:
                     pass
         deadline = time.monotonic() + self.config.drain_timeout + 15
-        failed = 0
+        failed = http_failed
         for ws in self.slots:
             if ws.process is None:
                 continue

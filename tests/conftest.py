@@ -164,8 +164,9 @@ class Server:
         cmd = [sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(self.data_dir),
                "--port", str(self.port), "--bind", HOST, *self.args]
         self._log = open(self.log_path, "wb")
+        # No HTTP port unless a test asks for one (--http-port): not every test pays for its processes.
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, **self.env), start_new_session=True)
+                                     env=dict(os.environ, STOWAGE_HTTP_PORT="0", **self.env), start_new_session=True)
         if wait:
             self.wait_ready()
         return self

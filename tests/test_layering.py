@@ -188,7 +188,7 @@ LAYERS = (
     ("stowage.bench",),
     ("stowage.workers", "stowage.engine.acceptor"),
     ("stowage.engine.metrics",),
-    ("stowage.engine.migrate", "stowage.engine.importer"),
+    ("stowage.engine.migrate", "stowage.engine.importer", "stowage.engine.web"),
     ("stowage.engine.receive", "stowage.engine.transfer", "stowage.engine.lifecycle"),
     ("stowage.engine.store",),
     ("stowage.engine.runtime",),

@@ -165,7 +165,8 @@ class Stowage:
         self.log = data_dir.parent / f"stowage-{self.port}.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(data_dir),
-                                          "--port", str(self.port), "--bind", "127.0.0.1", "--workers", str(workers)],
+                                          "--port", str(self.port), "--bind", "127.0.0.1", "--http-port", "0",
+                                          "--workers", str(workers)],
                                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait(lambda: echo(find_dcmtk("echoscu"), self.port, "STOWAGE"), self.proc, self.log, 600)
 

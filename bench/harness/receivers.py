@@ -61,7 +61,7 @@ def _stowage(port: int, data_dir: Path, workers: int | None) -> list[str]:
     else:
         raise Unavailable("cli is not importable and no `stowage` console script on PATH")
     return [*base, "serve", "--data-dir", str(data_dir), "--port", str(port), "--aet", "STOWAGE",
-            "--bind", "127.0.0.1", *(["--workers", str(workers)] if workers else [])]
+            "--bind", "127.0.0.1", "--http-port", "0", *(["--workers", str(workers)] if workers else [])]
 
 
 def _storescp(fork: bool) -> Callable[[int, Path, int], list[str]]:

@@ -47,6 +47,18 @@ class Remote:
 
 
 @dataclass(frozen=True)
+class Token:
+    """An HTTP bearer token and what it may do: "read" (QIDO, WADO), "write" (STOW, DELETE)."""
+
+    name: str
+    token: str
+    scopes: tuple[str, ...] = ("read",)
+
+
+TOKEN_SCOPES = ("read", "write")
+
+
+@dataclass(frozen=True)
 class Config:
     aet: str = "STOWAGE"
     bind: str = "0.0.0.0"
@@ -102,7 +114,21 @@ class Config:
     # Background scrub (engine/lifecycle/scrub.py): "week" or "day" (one full pass per period), a
     # number of MB/s, or 0 / "off".
     scrub_rate: str = "week"
+    # DICOMweb and the web pages (engine/web, docs/dicomweb.md): an HTTP port of its own,
+    # served by http_processes processes sharing it (0: one per core); 0 turns it off.
+    http_port: int = 8080
+    http_processes: int = 0
+    http_tls: bool = False                 # HTTPS with tls_cert/tls_key (and client certificates if tls_ca)
+    http_cors_origins: tuple[str, ...] = ()  # browser origins allowed to call it ("*": any)
+    http_delete: bool = False              # DELETE of studies, series, instances over DICOMweb
+    qido_max_limit: int = 1000             # QIDO-RS answers at most this many matches per request
+    # Bearer tokens: name -> {token, scopes = ["read", "write"]}; none: loopback clients only.
+    http_tokens: Mapping[str, Token] = field(default_factory=dict)
     remotes: Mapping[str, Remote] = field(default_factory=dict)
+
+    @property
+    def http_process_count(self) -> int:
+        return self.http_processes or (os.cpu_count() or 1)
 
     @property
     def worker_count(self) -> int:
@@ -145,6 +171,13 @@ class Config:
             raise ConfigError(f"quota_policy: {self.quota_policy!r} is not one of {', '.join(QUOTA_POLICIES)} "
                               "(or max_storage_bytes < 0)")
         scrub_setting(self.scrub_rate)  # raises ConfigError for a value it cannot use
+        if self.http_port and (not 0 < self.http_port < 65536
+                               or self.http_port in (self.port, self.tls_port, self.metrics_port)):
+            raise ConfigError(f"http_port: {self.http_port} is outside 1-65535 or is another port of ours")
+        if self.http_tls and not (self.tls_cert and self.tls_key):
+            raise ConfigError("http_tls is set: tls_cert and tls_key (PEM files) are needed as well")
+        if self.http_processes < 0 or not 1 <= self.qido_max_limit <= 100000:
+            raise ConfigError("http_processes must be >= 0 and qido_max_limit 1-100000")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
         return self
@@ -155,6 +188,8 @@ class Config:
         d["data_dir"] = str(self.data_dir)
         d["protected_patients"] = list(self.protected_patients)
         d["remotes"] = {k: dataclasses.asdict(v) for k, v in self.remotes.items()}
+        d["http_cors_origins"] = list(self.http_cors_origins)
+        d["http_tokens"] = {k: {"token": v.token, "scopes": list(v.scopes)} for k, v in self.http_tokens.items()}
         return d
 
     @classmethod
@@ -190,7 +225,7 @@ def _coerce(key: str, value: Any) -> Any:
     try:
         if key == "data_dir":
             return Path(value)
-        if key == "protected_patients":  # a TOML list, or comma-separated in a flag or variable
+        if key in ("protected_patients", "http_cors_origins"):  # a TOML list, or comma-separated
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(v).strip() for v in items if str(v).strip())
         if isinstance(default, bool):
@@ -249,12 +284,38 @@ def _remotes(table: Mapping[str, Any]) -> dict[str, Remote]:
     return remotes
 
 
+def _tokens(table: Mapping[str, Any]) -> dict[str, Token]:
+    tokens, seen = {}, set()
+    for name, spec in table.items():
+        if isinstance(spec, Token):
+            tokens[name] = spec
+            continue
+        if not isinstance(spec, Mapping) or set(spec) - {"token", "scopes"}:
+            raise ConfigError(f"http_tokens.{name}: must be a table with token and scopes only")
+        token, scopes = spec.get("token"), spec.get("scopes", ["read"])
+        if not isinstance(token, str) or len(token) < 16 or not token.isprintable() or " " in token:
+            raise ConfigError(f"http_tokens.{name}.token: a string of at least 16 printable characters, no spaces")
+        if isinstance(scopes, str):
+            scopes = [scopes]
+        if not scopes or not all(s in TOKEN_SCOPES for s in scopes):
+            raise ConfigError(f"http_tokens.{name}.scopes: a list of {', '.join(TOKEN_SCOPES)}")
+        if token in seen:
+            raise ConfigError(f"http_tokens.{name}: the same token as another entry")
+        seen.add(token)
+        tokens[name] = Token(name, token, tuple(scopes))
+    return tokens
+
+
 def _build(values: dict[str, Any]) -> Config:
     unknown = set(values) - set(_FIELDS)
     if unknown:
         raise ConfigError(f"unknown configuration key(s): {', '.join(sorted(unknown))}")
     remotes = values.pop("remotes", None) or {}
+    tokens = values.pop("http_tokens", None) or {}
+    if not isinstance(tokens, Mapping):
+        raise ConfigError("http_tokens: must be a table of name = {token, scopes}")
     kwargs = {k: _coerce(k, v) for k, v in values.items()}
+    kwargs["http_tokens"] = _tokens(tokens)
     if not all(isinstance(v, Remote) for v in remotes.values()):
         remotes = _remotes(remotes)
     return Config(**kwargs, remotes=remotes).validate()
@@ -274,7 +335,7 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"config file {path}: {e}") from None
     env = os.environ if env is None else env
     for key in _FIELDS:
-        if key != "remotes" and f"STOWAGE_{key.upper()}" in env:
+        if key not in ("remotes", "http_tokens") and f"STOWAGE_{key.upper()}" in env:
             values[key] = env[f"STOWAGE_{key.upper()}"]
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return _build(values)

@@ -29,6 +29,16 @@ def server_context(config: Config) -> ssl.SSLContext | None:
     Raises ConfigError, with the file and the reason, if the certificates do not load."""
     if not config.tls_port:
         return None
+    return _server_context(config)
+
+
+def http_context(config: Config) -> ssl.SSLContext | None:
+    """The server TLS context for the HTTP port (`http_tls`: the same certificate, key and
+    client CA as the DICOM TLS port), or None when it speaks plain HTTP."""
+    return _server_context(config) if config.http_port and config.http_tls else None
+
+
+def _server_context(config: Config) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(config.tls_cert, config.tls_key)

@@ -14,6 +14,8 @@ from stowage.engine.runtime import config as cfg
 @click.option("--port", type=int, help="TCP port for plain DICOM [11112]; 0: none, TLS only (needs --tls-port).")
 @click.option("--tls-port", type=int, help="A second port, speaking DICOM over TLS (needs tls_cert, tls_key) [none].")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port, at /metrics [none].")
+@click.option("--http-port", type=int, help="HTTP port for DICOMweb and the web pages [8080]; 0: none.")
+@click.option("--http-processes", type=int, help="Processes serving the HTTP port [one per core].")
 @click.option("--aet", help="Our AE title [STOWAGE].")
 @click.option("--bind", help="Address to listen on [0.0.0.0].")
 @click.option("--workers", type=int, help="Worker processes [one per core].")

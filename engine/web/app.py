@@ -1,0 +1,31 @@
+"""The HTTP application of `stowage serve`: `build_app(config)`.
+
+Routes, at a glance:
+
+- `/dicom-web/...`  DICOMweb (PS3.18): QIDO-RS, WADO-RS, STOW-RS, DELETE (engine/web/*.py)
+- `/wado`           WADO-URI, for legacy viewers
+- `/` and `/viewer` left to the dashboard and the OHIF viewer (engine/web/dashboard/,
+  engine/web/viewer.py), which mount their routes here.
+
+Every request passes access.middleware (tokens, loopback-only, CORS). Blocking work
+(catalog queries, segment reads) runs in the store's executor, off the event loop.
+"""
+from __future__ import annotations
+
+from aiohttp import web
+
+from stowage.engine.runtime.config import Config
+from stowage.engine.web import access
+
+CONFIG = web.AppKey("config", Config)
+DICOMWEB = "/dicom-web"  # the DICOMweb base path (the "service" root of PS3.18)
+# Large STOW-RS bodies are streamed (engine/web/stow.py), never read whole: aiohttp's
+# client_max_size only bounds request.read()/post(), which nothing of ours uses on them.
+_CLIENT_MAX_SIZE = 16 << 20
+
+
+def build_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[access.middleware(config)], client_max_size=_CLIENT_MAX_SIZE)
+    app[CONFIG] = config
+    app.on_response_prepare.append(access.add_cors_headers)
+    return app

@@ -1,0 +1,77 @@
+"""One HTTP process of `stowage serve`: serves the application of app.py on the listening
+socket it inherited from the acceptor (every process accepts on the same socket, so the
+kernel spreads connections over them and every core is used).
+
+It stops on SIGTERM (from the acceptor's drain: requests in flight finish) and when the
+acceptor dies (PR_SET_PDEATHSIG), never on SIGINT: the acceptor decides when we stop.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import faulthandler
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+
+from aiohttp import web
+
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import setup_logging
+from stowage.engine.runtime.tls import http_context
+from stowage.engine.web.app import build_app
+
+log = logging.getLogger("stowage.http")
+_PR_SET_PDEATHSIG = 1
+_SHUTDOWN_TIMEOUT_S = 15.0
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+async def _serve(config: Config, sock: socket.socket, index: int) -> None:
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    site = web.SockSite(runner, sock, ssl_context=http_context(config), shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    log.info("http process %d serving (pid %d)", index, os.getpid())
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main() -> None:
+    index, fd = int(sys.argv[1]), int(sys.argv[2])
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the acceptor died before we asked to be told
+        os._exit(0)
+    config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
+    setup_logging(config, f"http-{index}")
+    faulthandler.enable()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    code = 0
+    try:
+        asyncio.run(_serve(config, sock, index))
+    except Exception:
+        log.exception("http process %d failed", index)
+        code = 1
+    logging.shutdown()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The acceptor's side of the HTTP port: bind it once, run N processes that accept on the
+same listening socket (inherited), restart those that die, stop them on drain.
+
+Binding here, before any process starts, makes a busy port or a bad address a start-up
+error of `stowage serve`, said once. Without any token configured (`http_tokens`), the
+port is bound to loopback only, whatever `bind` says, and the start-up line says so.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from stowage.engine.runtime.config import Config
+
+log = logging.getLogger("stowage.http")
+_STOP_TIMEOUT_S = 20.0
+
+
+class HttpStartError(RuntimeError):
+    """The HTTP port cannot be served; the message says why and what to do."""
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def http_bind(config: Config) -> str:
+    """The address the HTTP port listens on: `bind`, or loopback when no token is configured."""
+    if config.http_tokens or is_loopback(config.bind):
+        return config.bind
+    return "::1" if ":" in config.bind else "127.0.0.1"
+
+
+@dataclass
+class _Process:
+    index: int
+    popen: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+    due: float = 0.0
+
+
+class HttpProcesses:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.sock: socket.socket | None = None
+        self.procs = [_Process(i) for i in range(config.http_process_count)]
+
+    def start(self) -> None:
+        """Bind the port and start the processes; raises HttpStartError."""
+        address = http_bind(self.config)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, self.config.http_port))
+        except OSError as e:
+            sock.close()
+            raise HttpStartError(f"cannot listen for HTTP on {address}:{self.config.http_port}: {e.strerror}; "
+                                 "set http_port (--http-port) to a free port, or 0 for no HTTP") from None
+        sock.listen(1024)
+        sock.set_inheritable(True)
+        self.sock = sock
+        for p in self.procs:
+            self._spawn(p)
+        scheme = "https" if self.config.http_tls else "http"
+        where = f"{scheme}://{address}:{self.config.http_port}/dicom-web"
+        if self.config.http_tokens:
+            log.info("DICOMweb on %s with %d processes; bearer tokens required (%d configured)", where,
+                     len(self.procs), len(self.config.http_tokens))
+        else:
+            log.warning("DICOMweb on %s with %d processes, loopback clients only: no http_tokens configured "
+                        "(configure tokens to serve other hosts)", where, len(self.procs))
+
+    def _spawn(self, p: _Process) -> None:
+        env = dict(os.environ, STOWAGE_WORKER_CONFIG=json.dumps(self.config.to_dict()))
+        p.popen = subprocess.Popen([sys.executable, "-m", "stowage.engine.web.process", str(p.index),
+                                    str(self.sock.fileno())], pass_fds=[self.sock.fileno()], env=env)
+        log.info("http process %d started (pid %d)", p.index, p.popen.pid)
+
+    def poll(self, draining: bool) -> None:
+        """Restart processes that died (backing off when one keeps dying)."""
+        if self.sock is None or draining:
+            return
+        now = time.monotonic()
+        for p in self.procs:
+            if p.popen is not None and p.popen.poll() is not None:
+                log.error("http process %d exited with %s; restarting it", p.index, p.popen.returncode)
+                p.restarts = [t for t in p.restarts if now - t < 60] + [now]
+                p.due = now + (min(30.0, 0.5 * 2 ** (len(p.restarts) - 1)) if len(p.restarts) > 3 else 0.0)
+                p.popen = None
+            if p.popen is None and p.due <= now:
+                self._spawn(p)
+
+    def stop(self) -> int:
+        """SIGTERM every process (each finishes its requests in flight), then wait; the
+        number that did not stop cleanly."""
+        if self.sock is None:
+            return 0
+        self.sock.close()
+        live = [p for p in self.procs if p.popen is not None]
+        for p in live:
+            try:
+                p.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        failed = 0
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        for p in live:
+            try:
+                code = p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("http process %d did not stop; killing it", p.index)
+                p.popen.kill()
+                code = p.popen.wait()
+            failed += code != 0
+        return failed
