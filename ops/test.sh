@@ -9,6 +9,8 @@ missing=()
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)   # a storage commitment peer; tests run it as a subprocess
 command -v openssl >/dev/null || missing+=(openssl)  # tests/test_tls.py makes its certificates with it
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)  # tests/test_export.py checks the DICOMDIR with it
+[ -x /usr/bin/chromium ] || missing+=(chromium)  # the real browser of tests/browser.py (dashboard, OHIF viewer)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -188,7 +188,8 @@ LAYERS = (
     ("stowage.bench",),
     ("stowage.workers", "stowage.engine.acceptor"),
     ("stowage.engine.metrics",),
-    ("stowage.engine.migrate", "stowage.engine.importer", "stowage.engine.web"),
+    ("stowage.engine.web",),  # a door, like workers/: its dashboard reads what migrate and import record
+    ("stowage.engine.migrate", "stowage.engine.importer"),
     ("stowage.engine.receive", "stowage.engine.transfer", "stowage.engine.lifecycle"),
     ("stowage.engine.store",),
     ("stowage.engine.runtime",),

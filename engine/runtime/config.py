@@ -124,6 +124,7 @@ class Config:
     qido_max_limit: int = 1000             # QIDO-RS answers at most this many matches per request
     # Bearer tokens: name -> {token, scopes = ["read", "write"]}; none: loopback clients only.
     http_tokens: Mapping[str, Token] = field(default_factory=dict)
+    viewer_dir: str = ""                   # the OHIF viewer `stowage viewer install` puts there ("": <data_dir>/viewer)
     remotes: Mapping[str, Remote] = field(default_factory=dict)
 
     @property

@@ -15,7 +15,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from stowage.engine.runtime.config import Config
-from stowage.engine.web import access
+from stowage.engine.web import access, dashboard
 
 CONFIG = web.AppKey("config", Config)
 DICOMWEB = "/dicom-web"  # the DICOMweb base path (the "service" root of PS3.18)
@@ -28,4 +28,5 @@ def build_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[access.middleware(config)], client_max_size=_CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app.on_response_prepare.append(access.add_cors_headers)
+    dashboard.add_routes(app, config, DICOMWEB)  # "/", /dashboard/..., and the OHIF viewer (/viewer)
     return app

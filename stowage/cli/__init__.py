@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from stowage.cli import bench, compact, delete, echo, export, importing, migrate, query, rebuild, send, serve, verify
+from stowage.cli import bench, compact, delete, echo, export, importing, migrate, query, rebuild, send, serve, verify, viewer
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,3 +25,4 @@ main.add_command(send.send)
 main.add_command(query.query)
 main.add_command(bench.bench)
 main.add_command(migrate.migrate)
+main.add_command(viewer.viewer)
