@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import count
 
+from stowage.engine.receive.access import Policy
 from stowage.engine import metrics
 from stowage.engine.runtime.config import Config, ConfigError
 from stowage.engine.runtime.counts import REPORT
@@ -170,6 +171,8 @@ class Acceptor:
             self.sel.register(self.tls_listener, selectors.EVENT_READ, ("listen", True))
         log.info("%s listening on %s with %d workers, data in %s", self.config.aet, self._ports(),
                  len(self.slots), self.config.data_dir)
+        log.info("access: %s; %d configured remote AE(s) (docs/access.md)", Policy(self.config).describe_unknown(),
+                 len(self.config.remotes))
         while not self.draining:
             self._tick(0.5)
         return self._drain()

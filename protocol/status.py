@@ -19,6 +19,7 @@ MISSING_ATTRIBUTE = 0x0120
 MISSING_ATTRIBUTE_VALUE = 0x0121
 SOP_CLASS_NOT_SUPPORTED = 0x0122                 # Refused
 NO_SUCH_ACTION_TYPE = 0x0123
+NOT_AUTHORIZED = 0x0124                          # Refused: Not Authorized (PS3.7 C.5.x)
 RESOURCE_LIMITATION = 0x0213                     # Failure: not performed for a resource limit (PS3.7 C)
 
 # C-STORE (PS3.4 B.2.3)

@@ -21,6 +21,8 @@ from stowage.workers.echo import handle_echo
 from stowage.workers.find import FIND_SOP_CLASSES, Finder, handle_find, handle_sop_extended
 from stowage.workers.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES, Retriever, scp as retrieve_scp
 from stowage.engine.receive.store import StorageSCP, handle_store
+from stowage.workers import access_gate
+from stowage.engine.receive.access import Policy
 
 
 @dataclass
@@ -34,22 +36,34 @@ class Services:
     commitment: Commitment = field(init=False)
     finder: Finder = field(init=False)
     retriever: Retriever = field(init=False)
+    access: Policy = field(init=False)
 
     def __post_init__(self) -> None:
+        self.access = Policy(self.config)
         self.storage = StorageSCP(self.archive, self.trail)  # for pynetdicom's path and the lean one
         self.commitment = Commitment(self.config, self.archive)  # starts its delivery thread
         self.finder = Finder(self.config)
         self.retriever = Retriever(self.config)
-        pynetdicom_patches.install(retrieve_scp=retrieve_scp(self.retriever))  # C-MOVE / C-GET: workers/retrieve.py
+        # C-MOVE / C-GET: workers/retrieve.py, behind the access check
+        pynetdicom_patches.install(retrieve_scp=access_gate.retrieve(self.access, retrieve_scp(self.retriever)))
 
     def handlers(self) -> list[tuple[Any, Callable | tuple[Callable, list]]]:
+        gate = access_gate.handler
         return [
-            (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, (handle_store, [self.storage])),
-            (evt.EVT_N_ACTION, (handle_n_action, [self.commitment])),
-            (evt.EVT_C_FIND, (handle_find, [self.finder])),
+            (evt.EVT_C_ECHO, gate(self.access, "echo", handle_echo)),
+            (evt.EVT_C_STORE, gate(self.access, "store", handle_store, self.storage)),
+            (evt.EVT_N_ACTION, gate(self.access, "commitment", handle_n_action, self.commitment)),
+            (evt.EVT_C_FIND, access_gate.find(self.access, handle_find, self.finder)),
             (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         ]
+
+    def service_of(self) -> dict[str, str]:
+        """The service (engine/receive/access.py's names) each abstract syntax we accept belongs to."""
+        services = {str(uid): "store" for uid in storage_sop_classes()}
+        services.update({str(Verification): "echo", str(STORAGE_COMMITMENT): "commitment"})
+        for names, uids in (("find", FIND_SOP_CLASSES), ("move", MOVE_SOP_CLASSES), ("get", GET_SOP_CLASSES)):
+            services.update({str(uid): names for uid in uids})
+        return services
 
 
 def build_ae(config: Config) -> AE:

@@ -31,10 +31,11 @@ from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import claim_exact
 from stowage.engine.runtime.tls import server_context
 from stowage.protocol import pynetdicom_patches
-from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT, DeadlinePassed, PeerClosed, ProtocolError
+from stowage.protocol.pdu import (A_ASSOCIATE_RJ_CALLING_AE, A_ASSOCIATE_RJ_LIMIT, DeadlinePassed, PeerClosed,
+                                  ProtocolError)
 from stowage.protocol.sockopts import kernel_timeouts
 from stowage.workers import association
-from stowage.engine.receive import negotiation, spill
+from stowage.engine.receive import access, negotiation, spill
 from stowage.engine.runtime.audit import Trail, outcome_of
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.workers.contexts import storage_sop_classes
@@ -68,6 +69,7 @@ class Worker:
         self.trail = Trail()
         self.services = Services(config, self.archive, self.trail)
         self.handlers = self.services.handlers()
+        self.service_of = self.services.service_of()
         self.tls = server_context(config)  # for connections to tls_port (the acceptor checked it loads)
 
     def _tell(self, message: bytes) -> None:
@@ -176,7 +178,14 @@ class Worker:
         try:
             req = negotiation.read_request(sock, max(self.config.max_pdu, 1 << 16), deadline)
             calling, called = req.calling_ae, req.called_ae
-            if negotiation.storage_only(req, self.storage_uids):
+            caller = _caller(sock, calling)
+            refusal = self.services.access.admit(caller, self._proposed(req))
+            if refusal is not None:
+                access.refused(caller, called, "association", refusal.reason)
+                _send_quietly(sock, A_ASSOCIATE_RJ_CALLING_AE)
+                outcome = "rejected: not authorized"
+            elif negotiation.storage_only(req, self.storage_uids) and \
+                    {"echo", "store"} <= self.services.access.services(calling, caller.address):
                 path, outcome = "lean", self._serve_storage(sock, req, key, peer)
             else:
                 path, outcome = "pynetdicom", self._serve_pynetdicom(sock, req)
@@ -196,6 +205,11 @@ class Worker:
             self.trail.closed(key, calling, called, outcome, path)
             sock.close()
             self._ended(token)
+
+    def _proposed(self, req: negotiation.Request) -> set[str]:
+        """The services (access.py's names) the request's presentation contexts propose."""
+        return {self.service_of.get(str(cx.abstract_syntax), "") for cx in
+                req.primitive.presentation_context_definition_list} - {""}
 
     def _ended(self, token: bytes) -> None:
         """This thread's connection is over: drain stops waiting for it, the acceptor frees
@@ -256,6 +270,14 @@ def _accepted_at(token: bytes) -> float:
         return min(now, float(token.split()[1]))
     except (IndexError, ValueError):
         return now
+
+
+def _caller(sock: socket.socket, calling_ae: str) -> access.Caller:
+    """Who the association's requestor is: its AE title, address and verified certificate."""
+    address = str(sock.getpeername()[0])
+    if isinstance(sock, ssl.SSLSocket):
+        return access.Caller(calling_ae, address, True, sock.getpeercert() or None)
+    return access.Caller(calling_ae, address)
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:

@@ -17,6 +17,9 @@ DURABILITY_MODES = ("fsync", "os-buffer")
 DUPLICATE_POLICIES = ("keep-newest", "keep-first", "reject")
 QUOTA_POLICIES = ("refuse", "delete-oldest")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no controls
+# The services a peer may be allowed (docs/access.md): C-ECHO, C-STORE, C-FIND, C-MOVE,
+# C-GET, storage commitment (N-ACTION).
+SERVICES = ("echo", "store", "find", "move", "get", "commitment")
 
 
 class ConfigError(ValueError):
@@ -44,6 +47,12 @@ class Remote:
     tls_cert: str = ""
     tls_key: str = ""
     tls_check_hostname: bool = True
+    # Access control (engine/receive/access.py): the services this AE may ask of us; only
+    # from an address `host` resolves to (check_host); only over the TLS port with a client
+    # certificate naming it (its AE title or host in the CN or a subjectAltName).
+    services: tuple[str, ...] = SERVICES
+    check_host: bool = False
+    require_certificate: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,10 @@ class Config:
     # Bearer tokens: name -> {token, scopes = ["read", "write"]}; none: loopback clients only.
     http_tokens: Mapping[str, Token] = field(default_factory=dict)
     viewer_dir: str = ""                   # the OHIF viewer `stowage viewer install` puts there ("": <data_dir>/viewer)
+    # Access control for calling AE titles that are not [remotes] (docs/access.md): what they
+    # may ask from another host, and from this machine (a loopback address).
+    unknown_ae_services: tuple[str, ...] = ("echo", "store", "commitment")
+    unknown_ae_loopback_services: tuple[str, ...] = SERVICES
     remotes: Mapping[str, Remote] = field(default_factory=dict)
 
     @property
@@ -179,6 +192,8 @@ class Config:
             raise ConfigError("http_tls is set: tls_cert and tls_key (PEM files) are needed as well")
         if self.http_processes < 0 or not 1 <= self.qido_max_limit <= 100000:
             raise ConfigError("http_processes must be >= 0 and qido_max_limit 1-100000")
+        for key in ("unknown_ae_services", "unknown_ae_loopback_services"):
+            _check_services(key, getattr(self, key))
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
         return self
@@ -187,7 +202,8 @@ class Config:
         """Plain-data form, for handing the configuration to a worker process."""
         d = dataclasses.asdict(self)
         d["data_dir"] = str(self.data_dir)
-        d["protected_patients"] = list(self.protected_patients)
+        for key in ("protected_patients", "unknown_ae_services", "unknown_ae_loopback_services"):
+            d[key] = list(d[key])
         d["remotes"] = {k: dataclasses.asdict(v) for k, v in self.remotes.items()}
         d["http_cors_origins"] = list(self.http_cors_origins)
         d["http_tokens"] = {k: {"token": v.token, "scopes": list(v.scopes)} for k, v in self.http_tokens.items()}
@@ -229,6 +245,8 @@ def _coerce(key: str, value: Any) -> Any:
         if key in ("protected_patients", "http_cors_origins"):  # a TOML list, or comma-separated
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(v).strip() for v in items if str(v).strip())
+        if isinstance(default, tuple):  # a TOML list, or comma-separated in a flag or variable
+            return _list(value)
         if isinstance(default, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
         if isinstance(default, int):
@@ -241,7 +259,25 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 _REMOTE_KEYS = {"ae_title", "host", "port", "commitment_same_association", "associations", "tls", "tls_ca",
-                "tls_cert", "tls_key", "tls_check_hostname"}
+                "tls_cert", "tls_key", "tls_check_hostname", "services", "check_host", "require_certificate"}
+
+
+def _list(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(v).strip() for v in items if str(v).strip())
+
+
+def _check_services(key: str, services: tuple[str, ...]) -> tuple[str, ...]:
+    """Service names as configured; "all" stands for every one, "none" (or nothing) for none."""
+    if set(services) == {"all"}:
+        return SERVICES
+    if set(services) <= {"none"}:
+        return ()
+    unknown = sorted(set(services) - set(SERVICES))
+    if unknown:
+        raise ConfigError(f"{key}: {', '.join(map(repr, unknown))} is not a service; use {', '.join(SERVICES)}, "
+                          "all or none")
+    return services
 
 
 def _flag(title: str, spec: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -275,9 +311,12 @@ def _remotes(table: Mapping[str, Any]) -> dict[str, Remote]:
             raise ConfigError(f"remotes.{title}.associations: must be a whole number from 1 to 16")
         tls = _flag(title, spec, "tls", False)
         ca, cert, key = _tls_files(title, spec)
+        services = _check_services(f"remotes.{title}.services", _list(spec.get("services", SERVICES)))
+        flags = [_flag(title, spec, k, d) for k, d in
+                 (("tls_check_hostname", True), ("check_host", False), ("require_certificate", False))]
         try:
             remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]), same, associations, tls, ca, cert,
-                                    key, _flag(title, spec, "tls_check_hostname", True))
+                                    key, flags[0], services, *flags[1:])
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"remotes.{title}: needs host (string) and port (number)") from None
         if not _AE_TITLE.match(title):
@@ -317,6 +356,9 @@ def _build(values: dict[str, Any]) -> Config:
         raise ConfigError("http_tokens: must be a table of name = {token, scopes}")
     kwargs = {k: _coerce(k, v) for k, v in values.items()}
     kwargs["http_tokens"] = _tokens(tokens)
+    for key in ("unknown_ae_services", "unknown_ae_loopback_services"):
+        if key in kwargs:
+            kwargs[key] = _check_services(key, kwargs[key])
     if not all(isinstance(v, Remote) for v in remotes.values()):
         remotes = _remotes(remotes)
     return Config(**kwargs, remotes=remotes).validate()
