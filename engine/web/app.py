@@ -12,21 +12,27 @@ Every request passes access.middleware (tokens, loopback-only, CORS). Blocking w
 """
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from stowage.engine.runtime.config import Config
-from stowage.engine.web import access, dashboard
+from stowage.engine.web import access, dashboard, errors, qido
+from stowage.engine.web.context import CONFIG, DICOMWEB
+from stowage.engine.web.store import store_context
 
-CONFIG = web.AppKey("config", Config)
-DICOMWEB = "/dicom-web"  # the DICOMweb base path (the "service" root of PS3.18)
 # Large STOW-RS bodies are streamed (engine/web/stow.py), never read whole: aiohttp's
 # client_max_size only bounds request.read()/post(), which nothing of ours uses on them.
 _CLIENT_MAX_SIZE = 16 << 20
+log = logging.getLogger("stowage.http")
 
 
 def build_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[access.middleware(config)], client_max_size=_CLIENT_MAX_SIZE)
+    app = web.Application(middlewares=[access.middleware(config), errors.unexpected(log)],
+                          client_max_size=_CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app.on_response_prepare.append(access.add_cors_headers)
+    app.cleanup_ctx.append(store_context(config))
+    app.add_routes(qido.routes(DICOMWEB))
     dashboard.add_routes(app, config, DICOMWEB)  # "/", /dashboard/..., and the OHIF viewer (/viewer)
     return app

@@ -1,7 +1,13 @@
 """Refusals over HTTP: a status and a one-line reason a person can act on, as plain text."""
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Callable
+
 from aiohttp import web
+
+from stowage.engine.runtime.logs import log_reference
 
 _BY_STATUS: dict[int, type[web.HTTPException]] = {k.status_code: k for k in (
     web.HTTPBadRequest, web.HTTPUnauthorized, web.HTTPForbidden, web.HTTPNotFound, web.HTTPMethodNotAllowed,
@@ -15,3 +21,20 @@ def refusal(status: int, reason: str, headers: dict[str, str] | None = None) -> 
     if status == 405:
         return web.HTTPMethodNotAllowed("", [], text=" ".join(reason.split()) + "\n", headers=headers)
     return _BY_STATUS[status](text=" ".join(reason.split()) + "\n", headers=headers)
+
+
+def unexpected(logger: logging.Logger) -> Callable:
+    """Middleware: an error we did not foresee is logged with a reference and answered
+    500 with that reference, never with our internals; the process goes on serving."""
+    @web.middleware
+    async def guard(request: web.Request, handler: Callable) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            ref = log_reference(logger, "%s %s failed", request.method, request.path[:200])
+            raise refusal(500, f"internal error (archive log reference {ref})") from None
+    return guard

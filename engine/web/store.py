@@ -1,0 +1,77 @@
+"""What an HTTP process holds of the archive, opened once per process: a catalog view for
+queries, another for the lookups of retrievals (so a long QIDO never holds up a frame),
+the Archive (its own claimed slot) for STOW-RS, and the thread pool in which all of
+their blocking work runs, off the event loop.
+
+HTTP processes claim writer slots 900..949 (engine/store/slots.py numbering).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable, TypeVar
+
+from aiohttp import web
+
+from stowage.catalog.reader import Catalog
+from stowage.engine.runtime.config import Config
+from stowage.engine.store.archive import Archive
+from stowage.engine.store.recovery import recover
+from stowage.engine.store.slots import Slot, claim_slot
+
+log = logging.getLogger("stowage.http")
+HTTP_FIRST_SLOT, HTTP_LAST_SLOT = 900, 949
+_THREADS = 8
+T = TypeVar("T")
+
+
+class WebStore:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data_dir = config.data_dir
+        self.segments = config.data_dir / "segments"
+        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
+        self.lookups = Catalog(config.data_dir / "catalog", config.duplicates)
+        self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="web")
+        self._archive: Archive | None = None
+        self._slot: Slot | None = None
+        self._archive_lock = threading.Lock()
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in the pool, awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args, **kwargs))
+
+    def archive(self) -> Archive:
+        """The store path (claimed at the first STOW: a process that only serves reads
+        holds no writer slot). Blocking: call it in the pool."""
+        with self._archive_lock:
+            if self._archive is None:
+                self._slot = claim_slot(self.data_dir, HTTP_FIRST_SLOT, HTTP_LAST_SLOT)
+                recover(self.data_dir, self._slot.number)  # a previous holder may have died mid-write
+                self._archive = Archive(self.config, self._slot.number)
+                log.info("http store path on slot %03d", self._slot.number)
+            return self._archive
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self._archive is not None:
+            self._archive.close()
+        if self._slot is not None:
+            self._slot.release()
+        self.catalog.close()
+        self.lookups.close()
+
+
+STORE = web.AppKey("store", WebStore)
+
+
+def store_context(config: Config) -> Callable:
+    """For app.cleanup_ctx: the process's WebStore for the life of the application."""
+    async def context(app: web.Application):
+        app[STORE] = WebStore(config)
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, app[STORE].close)
+    return context

@@ -1,0 +1,62 @@
+"""Who may use the HTTP port: bearer tokens with read and write scopes, over TLS with the
+DICOM TLS port's certificate settings; without tokens, loopback clients only."""
+from __future__ import annotations
+
+import pytest
+import requests
+from requests import HTTPError
+
+from stowage.engine.runtime.config import load
+from stowage.engine.web.processes import http_bind
+from test_tls import certs  # noqa: F401 (the module-scoped CA and certificates)
+from web_server import start
+
+READ, WRITE = "r" * 24 + "-reader", "w" * 24 + "-writer"
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory, certs):  # noqa: F811
+    cfg = tmp_path_factory.mktemp("cfg") / "web.toml"
+    cfg.write_text(f'http_tls = true\ntls_cert = "{certs / "server.pem"}"\ntls_key = "{certs / "server.key"}"\n'
+                   f'[http_tokens.viewer]\ntoken = "{READ}"\nscopes = ["read"]\n'
+                   f'[http_tokens.pacs]\ntoken = "{WRITE}"\nscopes = ["read", "write"]\n')
+    w = start(tmp_path_factory.mktemp("access"), "--config", str(cfg), corpus=False, tls=certs / "ca.pem",
+              token=READ)
+    yield w
+    w.server.stop()
+
+
+def test_tokens_and_scopes(web, certs):  # noqa: F811
+    ca = str(certs / "ca.pem")
+    r = requests.get(f"{web.base}/studies", verify=ca)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer") and "token" in r.text
+    r = requests.get(f"{web.base}/studies", verify=ca, headers={"Authorization": "Bearer not-a-token"})
+    assert r.status_code == 401 and "invalid_token" in r.headers["WWW-Authenticate"]
+    r = requests.get(f"{web.base}/studies", verify=ca, headers={"Authorization": f"Bearer {READ}"})
+    assert r.status_code == 204
+    r = requests.get(f"{web.base}/studies", verify=ca, params={"access_token": READ})
+    assert r.status_code == 204
+    r = requests.post(f"{web.base}/studies", verify=ca, headers={"Authorization": f"Bearer {READ}"}, data=b"")
+    assert r.status_code == 403 and "write" in r.text and "insufficient_scope" in r.headers["WWW-Authenticate"]
+    session = requests.Session()
+    session.verify = ca
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE, when set, replaces verify
+    session.headers["Authorization"] = f"Bearer {WRITE}"
+    assert web.client(session=session).search_for_studies() == []
+    session.headers["Authorization"] = "Bearer nope"
+    with pytest.raises(HTTPError) as e:
+        web.client(session=session).search_for_studies()
+    assert e.value.response.status_code == 401
+
+
+def test_plain_http_on_the_tls_port_gets_nothing(web):
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{web.http_port}/dicom-web/studies", timeout=10)
+
+
+def test_without_tokens_the_port_is_loopback_only(tmp_path):
+    cfg = load(None, env={}, overrides={"bind": "0.0.0.0"})
+    assert http_bind(cfg) == "127.0.0.1"
+    assert http_bind(load(None, env={}, overrides={"bind": "::"})) == "::1"
+    (tmp_path / "t.toml").write_text(f'bind = "0.0.0.0"\n[http_tokens.a]\ntoken = "{READ}"\n')
+    assert http_bind(load(tmp_path / "t.toml", env={})) == "0.0.0.0"
