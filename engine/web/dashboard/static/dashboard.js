@@ -40,10 +40,13 @@ function drawChart() {
   };
   line(mbs, maxMb, "#2a7d3f");
   line(ms, maxMs, "#c26a00");
+  ctx.fillStyle = "#c26a00";  // a dot per minute too: a lone minute draws no line
+  ms.forEach((v, i) => { if (v !== null) { ctx.beginPath(); ctx.arc(x(i), y(v, maxMs), 2.5, 0, 7); ctx.fill(); } });
   ctx.fillStyle = "#556";
-  ctx.fillText(`${maxRate.toFixed(1)} inst/s`, 2, pad - 8);
-  ctx.fillText(`${maxMb.toFixed(2)} MB/s`, W / 2 - 30, pad - 8);
-  if (maxMs > 1e-6) ctx.fillText(`${maxMs.toFixed(1)} ms`, W - 70, pad - 8);
+  const fmt = (v) => (v > 1e-6 ? Number(v.toPrecision(2)) : 0).toString();
+  ctx.fillText(`${fmt(maxRate)} inst/s`, 2, pad - 8);
+  ctx.fillText(`${fmt(maxMb)} MB/s`, W / 2 - 30, pad - 8);
+  if (maxMs > 1e-6) ctx.fillText(`${fmt(maxMs)} ms`, W - 70, pad - 8);
   ctx.fillText("−60 min", pad, H - 8); ctx.fillText("now", W - pad - 20, H - 8);
   ctx.strokeStyle = "#ccd"; ctx.beginPath(); ctx.moveTo(pad, H - pad); ctx.lineTo(W - pad, H - pad); ctx.stroke();
 }

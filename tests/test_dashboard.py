@@ -1,0 +1,51 @@
+"""The dashboard at the root of the HTTP port, in a real browser (tests/browser.py): it shows
+a study DCMTK storescu pushed, its study browser finds that study over QIDO-RS with series
+thumbnails from WADO-RS, and the OHIF viewer opens it and renders the CT slice; no failed
+request and no console error on the way."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from selenium.webdriver.common.by import By
+
+from browser import (chromium, console_errors, failed_requests, fresh_logs, installed_viewer,  # noqa: F401
+                     web_archive)
+from conftest import wait_for
+
+PATIENT = "CompressedSamples^CT1"  # CT_small.dcm's
+
+
+def _text(driver, element_id: str) -> str:
+    found = driver.find_elements(By.ID, element_id)
+    return found[0].text if found else ""
+
+
+def test_status_json_counts_the_study_storescu_pushed(web_archive):  # noqa: F811
+    status, headers, body = web_archive.get("/dashboard/status.json")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    s = wait_for(lambda: (d := json.loads(web_archive.get("/dashboard/status.json")[2]))["holdings"]["instances"]
+                 and d, 30, "the stored CT in the dashboard's figures")
+    assert (s["holdings"]["patients"], s["holdings"]["studies"], s["holdings"]["instances"]) == (1, 1, 1)
+    assert s["holdings"]["dataset_bytes"] > s["holdings"]["stored_bytes"] > 0
+    assert sum(m["instances"] for m in s["ingest"]["minutes"]) == 1
+    assert s["activity"]["workers"] == 1 and s["storage"]["free_bytes"] > 0
+    assert any(e.get("calling_ae") == "STORESCU" and e.get("stored") == 1 for e in s["audit"]), s["audit"]
+
+
+def test_the_dashboard_shows_the_study_storescu_pushed(chromium, web_archive):  # noqa: F811
+    fresh_logs(chromium)
+    chromium.get(web_archive.url + "/")
+    assert _text(chromium, "patients") == "1" and _text(chromium, "instances") == "1"
+    assert "1 of 1 running" in _text(chromium, "workers")
+    audit = chromium.find_element(By.ID, "audit").text
+    assert "association released 127.0.0.1" in audit and "1 stored" in audit, audit
+    # The live panels are fetched again by the page and still show the figures.
+    chromium.execute_script("return refreshPanels()")
+    wait_for(lambda: _text(chromium, "instances") == "1", 10, "the refreshed panels")
+    # The chart has the minute of the store drawn: some pixel of the canvas is not blank.
+    drawn = chromium.execute_script("""const c = document.getElementById('ingest-chart');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n;""")
+    assert drawn > 100
