@@ -75,3 +75,18 @@ def _answers(web: Web) -> bool:
         return r.status_code < 500
     except requests.RequestException:
         return False
+
+
+def parts(response: requests.Response) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related answer: (headers, body) each."""
+    ctype = response.headers["Content-Type"]
+    assert ctype.startswith("multipart/related"), ctype
+    boundary = next(p.split("=", 1)[1].strip('"') for p in ctype.split(";") if p.strip().startswith("boundary="))
+    body = response.content
+    assert body.rstrip().endswith(f"--{boundary}--".encode()), "the body is not closed"
+    out = []
+    for chunk in body.split(f"--{boundary}".encode())[1:-1]:
+        head, _, data = chunk.partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().strip().split("\r\n") if ": " in line)
+        out.append(({k.lower(): v for k, v in headers.items()}, data[:-2] if data.endswith(b"\r\n") else data))
+    return out

@@ -21,6 +21,7 @@ from stowage.engine.runtime.config import Config
 from stowage.engine.store.archive import Archive
 from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import Slot, claim_slot
+from stowage.engine.web.records import Reader
 
 log = logging.getLogger("stowage.http")
 HTTP_FIRST_SLOT, HTTP_LAST_SLOT = 900, 949
@@ -35,6 +36,7 @@ class WebStore:
         self.segments = config.data_dir / "segments"
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
         self.lookups = Catalog(config.data_dir / "catalog", config.duplicates)
+        self.reader = Reader(config.data_dir, config.duplicates)
         self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="web")
         self._archive: Archive | None = None
         self._slot: Slot | None = None
@@ -63,6 +65,7 @@ class WebStore:
             self._slot.release()
         self.catalog.close()
         self.lookups.close()
+        self.reader.close()
 
 
 STORE = web.AppKey("store", WebStore)

@@ -1,0 +1,289 @@
+"""WADO-RS (PS3.18 10.4): study, series and instance retrieval, metadata, bulk data and
+frames. Rendered images and thumbnails are in rendered.py.
+
+- Retrieve: `multipart/related; type="application/dicom"`, one Part-10 file per part.
+  `transfer-syntax=*` gives each instance as stored, byte-exact, streamed from its
+  segment; a named syntax is converted where pydicom can (transcode.py), else 406; no
+  syntax named: Explicit VR Little Endian where it can be had, else as stored (PS3.18
+  8.7.3.5.2 allows that for data that cannot be decompressed).
+- Metadata: `application/dicom+json` answered from the catalog's stored headers, without
+  reading any record, at study, series and instance level; Pixel Data (and an
+  Encapsulated Document) appear as BulkDataURIs.
+- Bulk data and frames: multipart/related of `application/octet-stream` (or the
+  compressed syntax's image type), every part labelled with its transfer syntax.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from aiohttp import web
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from stowage.engine.runtime.counts import counts as process_counts
+from stowage.engine.web import pixels
+from stowage.engine.web.context import CONFIG, base_url, path_uid
+from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url, to_json
+from stowage.engine.web.errors import refusal
+from stowage.engine.web.multipart import MultipartWriter
+from stowage.engine.web.negotiation import DEFAULT_SYNTAX, IMAGE_MEDIA_TYPES, alternatives, image_media_type
+from stowage.engine.web.records import IN_MEMORY, Instance, Unreadable, find
+from stowage.engine.web.store import STORE, WebStore
+from stowage.engine.web.transcode import MAX_BYTES, NATIVE, TranscodeError, possible, transcode
+
+log = logging.getLogger("stowage.http")
+audit = logging.getLogger("stowage.audit")
+DICOM = "application/dicom"
+OCTETS = "application/octet-stream"
+_ENCAPSULATED_DOCUMENT = 0x00420011
+
+
+def _uids(request: web.Request) -> tuple[str, str | None, str | None]:
+    info = request.match_info
+    return (path_uid(request, "study"), path_uid(request, "series") if "series" in info else None,
+            path_uid(request, "instance") if "instance" in info else None)
+
+
+async def _instances(store: WebStore, request: web.Request, with_header: bool = False) -> list[Instance]:
+    study, series, instance = _uids(request)
+    found = await store.run(find, store.lookups, study, series, instance, with_header)
+    if not found:
+        what = "instance" if instance else "series" if series else "study"
+        raise refusal(404, f"no such {what} in this archive")
+    return found
+
+
+# -- retrieve --------------------------------------------------------------------------
+
+def _plan(request: web.Request, found: list[Instance]) -> str | None:
+    """The transfer syntax to send every instance in (None: each as stored); 406 when no
+    alternative of the Accept header can be served."""
+    wanted = alternatives(request.headers.get("Accept"), DICOM)
+    stored = {i.transfer_syntax_uid for i in found}
+    for alt in wanted:
+        if alt.media_type not in (DICOM, "*/*", "application/*"):
+            continue
+        if alt.transfer_syntax == "*":
+            return None
+        if alt.transfer_syntax is None:  # the default syntax where it can be had, else as stored
+            return ExplicitVRLittleEndian if all(possible(s, ExplicitVRLittleEndian) for s in stored) \
+                and all(i.dataset_length <= MAX_BYTES or i.transfer_syntax_uid == ExplicitVRLittleEndian
+                        for i in found) else None
+        if all(possible(s, alt.transfer_syntax) for s in stored) and all(
+                i.dataset_length <= MAX_BYTES or i.transfer_syntax_uid == alt.transfer_syntax for i in found):
+            return alt.transfer_syntax
+    names = ", ".join(sorted(UID(s).name for s in stored))
+    raise refusal(406, f"cannot give these instances (stored as {names}) as the Accept header asks; "
+                       'ask for multipart/related; type="application/dicom"; transfer-syntax=* to get them as stored')
+
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    store = request.app[STORE]
+    found = await _instances(store, request)
+    target = _plan(request, found)
+    started, sent, nbytes = time.monotonic(), 0, 0
+    writer = MultipartWriter(DICOM)
+    await writer.start(request)
+    base = base_url(request)
+    for inst in found:
+        location = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
+        try:
+            if target is None or target == inst.transfer_syntax_uid:
+                nbytes += await _stream_stored(store, writer, inst, location)
+            else:
+                data = await store.run(_converted, store, inst, target)
+                await writer.part(f"{DICOM}; transfer-syntax={target}", data, location)
+                nbytes += len(data)
+            sent += 1
+        except (Unreadable, TranscodeError) as e:  # the status line is gone: end the body early
+            log.error("WADO-RS: %s; the answer to %s stops here", e, request.remote)
+            break
+    process_counts.retrieved("WADO-RS", sent, len(found) - sent, 0, nbytes)
+    audit.info("WADO-RS retrieve %s to %s: %d of %d instance(s), %.1f MB in %.2f s", request.path, request.remote,
+               sent, len(found), nbytes / 1e6, time.monotonic() - started,
+               extra={"fields": {"event": "retrieve", "door": "dicomweb", "path": request.path,
+                                 "peer": request.remote, "completed": sent, "failed": len(found) - sent,
+                                 "bytes": nbytes}})
+    if sent < len(found):
+        request.transport and request.transport.close()  # a truncated body, never a complete-looking one
+        return writer.response
+    return await writer.finish()
+
+
+async def _stream_stored(store: WebStore, writer: MultipartWriter, inst: Instance, location: str) -> int:
+    ctype = f"{DICOM}; transfer-syntax={inst.transfer_syntax_uid}"
+    if inst.dataset_length <= IN_MEMORY:
+        data = await store.run(store.reader.part10, inst)
+        await writer.part(ctype, data, location)
+        return len(data)
+    chunks = store.reader.chunks(inst)
+    first = await store.run(next, chunks, b"")
+    await writer.part(ctype, first, location)
+    total = len(first)
+    while True:
+        chunk = await store.run(next, chunks, b"")
+        if not chunk:
+            return total
+        await writer.write(chunk)
+        total += len(chunk)
+
+
+def _converted(store: WebStore, inst: Instance, target: str) -> bytes:
+    return transcode(store.reader.part10(inst), target, store.config)
+
+
+# -- metadata --------------------------------------------------------------------------
+
+def _metadata(store: WebStore, found: list[Instance], base: str) -> list[dict[str, Any]]:
+    out = []
+    for inst in found:
+        url = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
+        ds = inst.dataset_header()
+        if ds is None:  # a catalog row without a header (written before headers were kept): the record
+            ds = pydicom.dcmread(BytesIO(store.reader.part10(inst)), stop_before_pixels=True)
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+        obj = to_json(ds, bulk_base=url)
+        if "00280010" in obj and "7FE00010" not in obj:  # an image: its pixels, by reference
+            compressed = UID(inst.transfer_syntax_uid).is_compressed and inst.transfer_syntax_uid not in NATIVE
+            bits = int((obj.get("00280100", {}).get("Value") or [16])[0] or 16)
+            obj["7FE00010"] = {"vr": "OB" if compressed or bits <= 8 else "OW",
+                               "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+        if inst.sop_class_uid in _DOCUMENT_CLASSES and "00420011" not in obj:
+            obj["00420011"] = {"vr": "OB", "BulkDataURI": f"{url}/bulkdata/00420011"}
+        obj["00083002"] = {"vr": "UI", "Value": [inst.transfer_syntax_uid]}  # Available Transfer Syntax UID
+        out.append(obj)
+    return out
+
+
+_DOCUMENT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.104.2",
+                               "1.2.840.10008.5.1.4.1.1.104.3", "1.2.840.10008.5.1.4.1.1.104.4",
+                               "1.2.840.10008.5.1.4.1.1.104.5"})
+
+
+async def metadata(request: web.Request) -> web.Response:
+    accept = alternatives(request.headers.get("Accept"), MEDIA_TYPE)
+    if not any(a.media_type in (MEDIA_TYPE, "application/json", "*/*", "application/*") for a in accept):
+        raise refusal(406, f"metadata is given as {MEDIA_TYPE} only")
+    store = request.app[STORE]
+    found = await _instances(store, request, with_header=True)
+    try:
+        body = await store.run(lambda: dumps(_metadata(store, found, base_url(request))))
+    except Unreadable as e:
+        raise refusal(500, str(e)) from None
+    return web.Response(body=body, content_type=MEDIA_TYPE)
+
+
+# -- bulk data and frames --------------------------------------------------------------
+
+def _frame_numbers(text: str) -> list[int]:
+    numbers = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        if not piece.isdigit() or len(piece) > 9 or int(piece) < 1:
+            raise refusal(400, f"frame list {text[:64]!r}: frame numbers are whole numbers from 1, comma-separated")
+        numbers.append(int(piece))
+    if len(numbers) > 10000:
+        raise refusal(400, "at most 10,000 frames per request")
+    return numbers
+
+
+def _frames(store: WebStore, inst: Instance, numbers: list[int], accept: str | None) -> tuple[str, list[tuple[str, bytes]]]:
+    """The part type and (content type, bytes) of each frame asked for, as the Accept
+    header allows; raises FrameError."""
+    if inst.dataset_length > MAX_BYTES:
+        raise pixels.FrameError(413, f"frames of instances over {MAX_BYTES >> 20} MB are not served: "
+                                     "retrieve the instance")
+    part10 = store.reader.part10(inst)
+    ds = pixels.read(part10)
+    pixels.check(ds, numbers)
+    stored_ts = str(ds.file_meta.TransferSyntaxUID)
+    compressed = UID(stored_ts).is_compressed and stored_ts not in NATIVE
+    for alt in alternatives(accept, OCTETS):
+        media, ts = alt.media_type, alt.transfer_syntax
+        if media in (OCTETS, "*/*", "application/*"):
+            if ts == "*" or (compressed and ts == stored_ts):
+                label, frames = pixels.stored(ds, numbers)
+                return OCTETS, [(f"{OCTETS}; transfer-syntax={label}", f) for f in frames]
+            if ts in (None, ExplicitVRLittleEndian) and pixels.decodable(ds):
+                frames = pixels.stored(ds, numbers)[1] if not compressed else pixels.decoded(ds, numbers, part10)
+                return OCTETS, [(f"{OCTETS}; transfer-syntax={ExplicitVRLittleEndian}", f) for f in frames]
+        elif media in IMAGE_MEDIA_TYPES.values() or media == "image/*":
+            want = ts if ts not in (None, "*") else DEFAULT_SYNTAX.get(media)
+            if compressed and (ts == "*" or want == stored_ts or media == "image/*") \
+                    and (media == "image/*" or image_media_type(stored_ts) == media):
+                _label, frames = pixels.stored(ds, numbers)
+                ctype = f"{image_media_type(stored_ts)}; transfer-syntax={stored_ts}"
+                return image_media_type(stored_ts), [(ctype, f) for f in frames]
+    raise pixels.FrameError(406, f"the frames are stored as {UID(stored_ts).name}; the Accept header allows "
+                                 "none of what can be made of them (application/octet-stream with "
+                                 "transfer-syntax=* always can)")
+
+
+async def frames(request: web.Request) -> web.StreamResponse:
+    store = request.app[STORE]
+    numbers = _frame_numbers(request.match_info["frames"])
+    inst = (await _instances(store, request))[0]
+    try:
+        part_type, parts = await store.run(_frames, store, inst, numbers, request.headers.get("Accept"))
+    except pixels.FrameError as e:
+        raise refusal(e.status, str(e)) from None
+    except Unreadable as e:
+        raise refusal(500, str(e)) from None
+    writer = MultipartWriter(part_type)
+    await writer.start(request)
+    base = resource_url(base_url(request), inst.study, inst.series, inst.sop_instance_uid)
+    for number, (ctype, data) in zip(numbers, parts):
+        await writer.part(ctype, data, f"{base}/frames/{number}")
+    process_counts.retrieved("WADO-RS", 1, 0, 0, sum(len(d) for _c, d in parts))
+    return await writer.finish()
+
+
+def _bulk(store: WebStore, inst: Instance, tag: int) -> tuple[str, bytes]:
+    if inst.dataset_length > MAX_BYTES:
+        raise pixels.FrameError(413, f"bulk data of instances over {MAX_BYTES >> 20} MB is not served: "
+                                     "retrieve the instance")
+    ds = pixels.read(store.reader.part10(inst))
+    elem = ds.get(tag)
+    if elem is None or elem.value is None:
+        raise pixels.FrameError(404, f"the instance has no ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    value = elem.value if isinstance(elem.value, (bytes, bytearray)) else None
+    if value is None:
+        raise pixels.FrameError(404, f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not bulk data")
+    label = ts if tag == 0x7FE00010 and UID(ts).is_compressed and ts not in NATIVE else ExplicitVRLittleEndian
+    return f"{OCTETS}; transfer-syntax={label}", bytes(value)
+
+
+async def bulkdata(request: web.Request) -> web.StreamResponse:
+    text = request.match_info["tag"]
+    if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise refusal(400, f"bulk data tag {text[:16]!r}: eight hex digits, e.g. 7FE00010")
+    store = request.app[STORE]
+    inst = (await _instances(store, request))[0]
+    try:
+        ctype, data = await store.run(_bulk, store, inst, int(text, 16))
+    except pixels.FrameError as e:
+        raise refusal(e.status, str(e)) from None
+    except Unreadable as e:
+        raise refusal(500, str(e)) from None
+    accepted = alternatives(request.headers.get("Accept"), OCTETS)
+    if any(not a.multipart and a.media_type == OCTETS for a in accepted[:1]):
+        return web.Response(body=data, headers={"Content-Type": ctype})
+    writer = MultipartWriter(OCTETS)
+    await writer.start(request)
+    await writer.part(ctype, data)
+    return await writer.finish()
+
+
+def routes(base: str) -> list[web.RouteDef]:
+    s, se, i = f"{base}/studies/{{study}}", "/series/{series}", "/instances/{instance}"
+    return [
+        web.get(s, retrieve), web.get(s + se, retrieve), web.get(s + se + i, retrieve),
+        web.get(s + "/metadata", metadata), web.get(s + se + "/metadata", metadata),
+        web.get(s + se + i + "/metadata", metadata),
+        web.get(s + se + i + "/frames/{frames}", frames),
+        web.get(s + se + i + "/bulkdata/{tag}", bulkdata),
+    ]

@@ -1,0 +1,145 @@
+"""WADO-RS against a running `stowage serve`, with dicomweb-client: retrieval byte-exact
+with transfer-syntax=*, converted on request, metadata from the catalog with BulkDataURIs,
+frames as stored and decoded, bulk data; 404 and 406 with reasons."""
+from __future__ import annotations
+
+from io import BytesIO
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from requests import HTTPError
+
+from conftest import dataset_bytes
+from web_server import parts, start
+
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    w = start(tmp_path_factory.mktemp("wado"))
+    yield w
+    w.server.stop()
+
+
+def _ct_study(web):
+    return next(s for s, v in web.corpus.studies.items() if len(v) == 2)
+
+
+def _j2k(web):
+    return next(uid for uid, p in web.corpus.by_uid.items()
+                if pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEG2000_LOSSLESS)
+
+
+def _where(web, uid):
+    for study, series in web.corpus.studies.items():
+        for se, uids in series.items():
+            if uid in uids:
+                return study, se
+    raise KeyError(uid)
+
+
+def test_study_retrieve_as_stored_is_byte_exact(web):
+    c = web.client()
+    study = _ct_study(web)
+    got = list(c.iter_study(study, media_types=(("application/dicom", "*"),)))
+    assert len(got) == 6
+    for ds in got:
+        buf = BytesIO()
+        sent = web.corpus.by_uid[ds.SOPInstanceUID]
+        raw = requests.get(f"{web.base}/studies/{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}",
+                           headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert raw.status_code == 200
+        assert dataset_bytes(sent) in raw.content  # the data set exactly as stored
+        del buf
+    j2k = _j2k(web)
+    study, series = _where(web, j2k)
+    [inst] = c.retrieve_series(study, series, media_types=(("application/dicom", "*"),))
+    assert inst.file_meta.TransferSyntaxUID == JPEG2000_LOSSLESS
+
+
+def test_default_and_named_syntaxes_are_converted(web):
+    c = web.client()
+    j2k = _j2k(web)
+    study, series = _where(web, j2k)
+    inst = c.retrieve_instance(study, series, j2k, media_types=("application/dicom",))  # no syntax: the default
+    assert inst.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    original = pydicom.dcmread(web.corpus.by_uid[j2k])
+    assert np.array_equal(inst.pixel_array, original.pixel_array)
+    ct_study = _ct_study(web)
+    ct_series = next(iter(web.corpus.studies[ct_study]))
+    r = requests.get(f"{web.base}/studies/{ct_study}/series/{ct_series}",
+                     headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'})
+    implicit = parts(r)
+    assert len(implicit) == 3
+    for headers, body in implicit:
+        assert headers["content-type"] == "application/dicom; transfer-syntax=1.2.840.10008.1.2"
+        ds = pydicom.dcmread(BytesIO(body))
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+        assert ds.PixelData == pydicom.dcmread(web.corpus.by_uid[ds.SOPInstanceUID]).PixelData
+    r = requests.get(f"{web.base}/studies/{ct_study}",
+                     headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'})
+    assert r.status_code == 406 and "transfer-syntax=*" in r.text
+
+
+def test_series_metadata_comes_with_bulk_data_uris(web):
+    c = web.client()
+    study = _ct_study(web)
+    series = next(iter(web.corpus.studies[study]))
+    meta = c.retrieve_series_metadata(study, series)
+    assert len(meta) == 3
+    for m in meta:
+        assert m["00280010"]["Value"] == [128] and m["00100010"]["Value"][0]["Alphabetic"] == "DOE^JOHN"
+        uri = m["7FE00010"]["BulkDataURI"]
+        assert uri.endswith(f"/instances/{m['00080018']['Value'][0]}/bulkdata/7FE00010")
+        assert m["00200032"]["vr"] == "DS"  # Image Position (Patient), for the viewer
+    one = meta[0]["00080018"]["Value"][0]
+    [inst] = c.retrieve_instance_metadata(study, series, one) and [c.retrieve_instance_metadata(study, series, one)]
+    assert inst["00080018"]["Value"] == [one]
+    assert len(c.retrieve_study_metadata(study)) == 6
+    pixels = c.retrieve_bulkdata(meta[0]["7FE00010"]["BulkDataURI"])
+    assert pixels[0] == pydicom.dcmread(web.corpus.by_uid[meta[0]["00080018"]["Value"][0]]).PixelData
+
+
+def test_frames_as_stored_and_decoded(web):
+    c = web.client()
+    multi = next(uid for uid, p in web.corpus.by_uid.items() if pydicom.dcmread(p).get("NumberOfFrames", 1) == 3)
+    study, series = _where(web, multi)
+    original = pydicom.dcmread(web.corpus.by_uid[multi])
+    size = len(original.PixelData) // 3
+    got = c.retrieve_instance_frames(study, series, multi, [3, 1])
+    assert got == [original.PixelData[2 * size:], original.PixelData[:size]]
+    j2k = _j2k(web)
+    study, series = _where(web, j2k)
+    stored = c.retrieve_instance_frames(study, series, j2k, [1], media_types=(("application/octet-stream", "*"),))
+    assert stored[0][:4] in (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0c")  # a JPEG 2000 codestream, as stored
+    r = requests.get(f"{web.base}/studies/{study}/series/{series}/instances/{j2k}/frames/1",
+                     headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})
+    assert "transfer-syntax=1.2.840.10008.1.2.4.90" in r.text.split("\r\n\r\n")[0]
+    raw = c.retrieve_instance_frames(study, series, j2k, [1])
+    expected = pydicom.dcmread(web.corpus.by_uid[j2k]).pixel_array
+    assert np.array_equal(np.frombuffer(raw[0], dtype="<u2").reshape(expected.shape), expected.astype("<u2"))
+    jp2 = c.retrieve_instance_frames(study, series, j2k, [1], media_types=(("image/jp2", JPEG2000_LOSSLESS),))
+    assert jp2 == stored
+
+
+def test_not_found_and_not_acceptable(web):
+    c = web.client()
+    study = _ct_study(web)
+    series = next(iter(web.corpus.studies[study]))
+    inst = web.corpus.studies[study][series][0]
+    for url, words in ((f"/studies/1.2.3.4", "no such study"),
+                       (f"/studies/{study}/series/1.2.3/metadata", "no such series"),
+                       (f"/studies/{study}/series/{series}/instances/{inst}/frames/2", "1 frame"),
+                       (f"/studies/{study}/series/{series}/instances/{inst}/bulkdata/00420011", "has no")):
+        r = requests.get(web.base + url)
+        assert r.status_code == 404 and words in r.text, (url, r.text)
+    r = requests.get(f"{web.base}/studies/{study}/series/{series}/instances/{inst}/frames/0,x")
+    assert r.status_code == 400
+    r = requests.get(f"{web.base}/studies/{study}/series/{series}/instances/{inst}/frames/1",
+                     headers={"Accept": 'multipart/related; type="image/jls"'})
+    assert r.status_code == 406 and "transfer-syntax=*" in r.text
+    with pytest.raises(HTTPError):
+        c.retrieve_study("1.2.3.999")
