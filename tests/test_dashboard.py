@@ -49,3 +49,27 @@ def test_the_dashboard_shows_the_study_storescu_pushed(chromium, web_archive):  
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n;""")
     assert drawn > 100
+
+
+def _search(driver, archive, name: str):
+    """Search the study browser by patient name; the study's row once it is listed."""
+    fresh_logs(driver)
+    driver.get(archive.url + "/")
+    settled = lambda: _text(driver, "search-state") not in ("", "searching…")  # noqa: E731
+    wait_for(settled, 30, "the page's first search (all studies)")
+    form = driver.find_element(By.ID, "study-search")
+    form.find_element(By.NAME, "PatientName").send_keys(name)
+    form.find_element(By.TAG_NAME, "button").click()
+    wait_for(settled, 30, "the search")
+    return wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f'tr.study[data-uid="{archive.study_uid}"]'),
+                    30, lambda: f"the study in the results ({_text(driver, 'search-state')})")[0]
+
+
+def test_the_study_browser_finds_the_study(chromium, web_archive):  # noqa: F811
+    row = _search(chromium, web_archive, "compressedsamples")  # fuzzy: any case
+    assert PATIENT in row.text and "1CT1" in row.text and "2004-01-19" in row.text and "CT" in row.text
+    assert _text(chromium, "search-state") == "1 study"
+    link = row.find_element(By.LINK_TEXT, "Open in viewer")
+    assert link.get_attribute("href").endswith(f"/viewer?StudyInstanceUIDs={web_archive.study_uid}")
+    assert not failed_requests(chromium)
+    assert not console_errors(chromium)

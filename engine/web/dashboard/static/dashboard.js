@@ -74,8 +74,11 @@ async function qido(path, params) {
   return r.json();
 }
 
+let searches = 0;  // only the latest search may fill the table
+
 async function searchStudies(event) {
   if (event) event.preventDefault();
+  const mine = ++searches;
   const form = document.getElementById("study-search"), state = document.getElementById("search-state");
   const params = new URLSearchParams();
   for (const [k, v] of new FormData(form)) {
@@ -83,16 +86,18 @@ async function searchStudies(event) {
     if (text) params.append(k, k === "PatientName" && !/[*?]/.test(text) ? `${text}*` : text);
   }
   params.append("limit", "50");
+  params.append("fuzzymatching", "true");  // names match ignoring case and accents
   for (const tag of ["00081030", "00080061", "00201206", "00201208"]) params.append("includefield", tag);
   state.textContent = "searching…";
   const body = document.querySelector("#study-results tbody");
   try {
     const studies = await qido("/studies", params);
+    if (mine !== searches) return;
     body.replaceChildren();
     for (const ds of studies) body.append(...studyRows(ds));
     state.textContent = `${studies.length} stud${studies.length === 1 ? "y" : "ies"}`;
   } catch (e) {
-    state.textContent = `search failed: ${e.message}`;
+    if (mine === searches) state.textContent = `search failed: ${e.message}`;
   }
 }
 
