@@ -143,3 +143,37 @@ def test_not_found_and_not_acceptable(web):
     assert r.status_code == 406 and "transfer-syntax=*" in r.text
     with pytest.raises(HTTPError):
         c.retrieve_study("1.2.3.999")
+
+
+def test_rendered_and_thumbnails(web):
+    from PIL import Image
+    c = web.client()
+    study = _ct_study(web)
+    series = next(iter(web.corpus.studies[study]))
+    inst = web.corpus.studies[study][series][0]
+    jpeg = c.retrieve_instance_rendered(study, series, inst, params={"window": "40,400", "quality": "80"})
+    image = Image.open(BytesIO(jpeg))
+    assert image.format == "JPEG" and image.size == (128, 128)
+    pixels = np.asarray(image)
+    assert pixels.std() > 5  # an image, not a blank
+    png = c.retrieve_series_rendered(study, series, media_types=("image/png",), params={"viewport": "64,32"})
+    image = Image.open(BytesIO(png))
+    assert image.format == "PNG" and image.size == (32, 32)
+    for url in (f"/studies/{study}/thumbnail", f"/studies/{study}/series/{series}/thumbnail",
+                f"/studies/{study}/series/{series}/instances/{inst}/frames/1/thumbnail"):
+        r = requests.get(web.base + url, headers={"Accept": "image/jpeg"})
+        assert r.status_code == 200 and Image.open(BytesIO(r.content)).size == (128, 128), url
+    multi = next(uid for uid, p in web.corpus.by_uid.items() if pydicom.dcmread(p).get("NumberOfFrames", 1) == 3)
+    mstudy, mseries = _where(web, multi)
+    frame1, frame3 = (c.retrieve_instance_frames_rendered(mstudy, mseries, multi, [k], media_types=("image/png",),
+                                                           params={"window": "1000,2000"}) for k in (1, 3))
+    assert frame1 != frame3  # frame 3 is brighter (pixels + 200)
+    j2k = _j2k(web)
+    jstudy, jseries = _where(web, j2k)
+    assert Image.open(BytesIO(c.retrieve_instance_rendered(jstudy, jseries, j2k))).size == (64, 64)
+    for params, words in (({"window": "40"}, "window"), ({"viewport": "0,5"}, "viewport"),
+                          ({"quality": "500"}, "quality"), ({"zoom": "2"}, "unknown")):
+        r = requests.get(f"{web.base}/studies/{study}/series/{series}/instances/{inst}/rendered", params=params)
+        assert r.status_code == 400 and words in r.text, (params, r.text)
+    r = requests.get(f"{web.base}/studies/{study}/rendered", headers={"Accept": "image/gif"})
+    assert r.status_code == 406
