@@ -73,3 +73,24 @@ def test_the_study_browser_finds_the_study(chromium, web_archive):  # noqa: F811
     assert link.get_attribute("href").endswith(f"/viewer?StudyInstanceUIDs={web_archive.study_uid}")
     assert not failed_requests(chromium)
     assert not console_errors(chromium)
+
+
+CANVAS = """const c = document.querySelector('canvas.cornerstone-canvas');
+    if (!c || !c.width) return null;
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, seen = new Set();
+    let lit = 0;
+    for (let i = 0; i < d.length; i += 4) { if (d[i] > 24) lit++; seen.add(d[i]); }
+    return [lit, d.length / 4, seen.size];"""
+
+
+def test_the_viewer_opens_the_study_and_renders_the_ct_slice(chromium, web_archive):  # noqa: F811
+    """From the study browser's link to OHIF, which reads the study over our QIDO-RS and
+    WADO-RS (metadata, frames) and draws it with WebGL: the slice, not a blank canvas."""
+    row = _search(chromium, web_archive, "CompressedSamples")
+    row.find_element(By.LINK_TEXT, "Open in viewer").click()
+    lit, pixels, levels = wait_for(lambda: (r := chromium.execute_script(CANVAS)) and r[0] > 0 and r, 90,
+                                   lambda: f"the CT slice on the viewer's canvas ({chromium.current_url})")
+    assert lit > pixels // 10 and levels > 64, (lit, pixels, levels)  # an image, not a flat fill
+    assert chromium.current_url.startswith(f"{web_archive.url}/viewer?StudyInstanceUIDs={web_archive.study_uid}")
+    assert not failed_requests(chromium)
+    assert not console_errors(chromium)
