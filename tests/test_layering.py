@@ -192,6 +192,7 @@ LAYERS = (
     ("stowage.engine.migrate", "stowage.engine.importer"),
     ("stowage.engine.receive", "stowage.engine.transfer", "stowage.engine.lifecycle"),
     ("stowage.engine.store",),
+    ("stowage.engine.deidentify",),
     ("stowage.engine.runtime",),
     ("stowage.catalog",),
     ("stowage.protocol",),

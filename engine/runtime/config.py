@@ -139,6 +139,8 @@ class Config:
     unknown_ae_services: tuple[str, ...] = ("echo", "store", "commitment")
     unknown_ae_loopback_services: tuple[str, ...] = SERVICES
     remotes: Mapping[str, Remote] = field(default_factory=dict)
+    # [projects.NAME] tables, checked by engine/deidentify/project.py (docs/deidentification.md)
+    projects: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def http_process_count(self) -> int:
@@ -354,6 +356,9 @@ def _build(values: dict[str, Any]) -> Config:
     tokens = values.pop("http_tokens", None) or {}
     if not isinstance(tokens, Mapping):
         raise ConfigError("http_tokens: must be a table of name = {token, scopes}")
+    projects = values.pop("projects", None) or {}
+    if not isinstance(projects, Mapping):
+        raise ConfigError("projects: must be a table of [projects.NAME] tables")
     kwargs = {k: _coerce(k, v) for k, v in values.items()}
     kwargs["http_tokens"] = _tokens(tokens)
     for key in ("unknown_ae_services", "unknown_ae_loopback_services"):
@@ -361,7 +366,7 @@ def _build(values: dict[str, Any]) -> Config:
             kwargs[key] = _check_services(key, kwargs[key])
     if not all(isinstance(v, Remote) for v in remotes.values()):
         remotes = _remotes(remotes)
-    return Config(**kwargs, remotes=remotes).validate()
+    return Config(**kwargs, remotes=remotes, projects=dict(projects)).validate()
 
 
 def load(path: Path | None = None, env: Mapping[str, str] | None = None,
@@ -378,7 +383,7 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"config file {path}: {e}") from None
     env = os.environ if env is None else env
     for key in _FIELDS:
-        if key not in ("remotes", "http_tokens") and f"STOWAGE_{key.upper()}" in env:
+        if key not in ("remotes", "http_tokens", "projects") and f"STOWAGE_{key.upper()}" in env:
             values[key] = env[f"STOWAGE_{key.upper()}"]
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return _build(values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from stowage.cli import bench, compact, delete, echo, export, importing, migrate, query, rebuild, send, serve, verify, viewer
+from stowage.cli import deidentify, pseudonyms
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,3 +27,5 @@ main.add_command(query.query)
 main.add_command(bench.bench)
 main.add_command(migrate.migrate)
 main.add_command(viewer.viewer)
+main.add_command(deidentify.deidentify)
+main.add_command(pseudonyms.pseudonyms)

@@ -1,0 +1,106 @@
+"""De-identify a folder of Part-10 files into another (`stowage deidentify`), in several
+processes: each reads, de-identifies and writes its share; the pseudonym table (SQLite)
+and the audit log (O_APPEND) take writes from all of them."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from stowage.engine.deidentify.project import Project, ProjectError, Quarantined, open_project
+
+
+@dataclass
+class FolderResult:
+    written: int = 0
+    quarantined: list[str] = field(default_factory=list)   # "path: reason"
+    failed: list[str] = field(default_factory=list)        # "path: reason"
+    skipped: int = 0                                        # not DICOM files
+
+
+def write_part10(ds, target: Path) -> None:
+    """Write through a temporary name in the same folder, so no half file is ever seen."""
+    meta = ds.file_meta
+    for name, source in (("MediaStorageSOPClassUID", "SOPClassUID"), ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
+        if source in ds:
+            setattr(meta, name, ds[source].value)
+    if "TransferSyntaxUID" not in meta:  # a file without meta: what pydicom read it as
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if ds.original_encoding[0] else ExplicitVRLittleEndian
+    # A fragment without SOP Class or Instance UID (pydicom's test files hold some) is
+    # written as it is rather than refused: its meta cannot be made complete.
+    complete = all(meta.get(k) for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"))
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        ds.save_as(tmp, enforce_file_format=complete)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
+    """("written" | "quarantined" | "failed" | "skipped", detail) for one file."""
+    try:
+        ds = dcmread(path)
+    except (InvalidDicomError, EOFError):
+        return "skipped", ""
+    except Exception as e:  # a damaged file: say which and why, go on with the rest
+        return "failed", f"{path}: cannot read ({type(e).__name__}: {e})"
+    try:
+        outcome = project.deidentify_dataset(ds)
+    except Quarantined as e:
+        return "quarantined", f"{path}: {e}"
+    except Exception as e:
+        return "failed", f"{path}: cannot de-identify ({type(e).__name__}: {e})"
+    try:
+        name = outcome.sop_instance_uid[1] or project.profile.keyed.token("file", str(path.resolve()), 26)
+        write_part10(ds, out / f"{name}.dcm")
+    except Exception as e:
+        return "failed", f"{path}: cannot write ({type(e).__name__}: {e})"
+    return "written", ""
+
+
+_project: Project | None = None
+
+
+def _init(projects: Mapping[str, Any], name: str, data_dir: str) -> None:
+    global _project
+    _project = open_project(projects, name, Path(data_dir))
+
+
+def _work(paths: list[str], out: str) -> list[tuple[str, str]]:
+    assert _project is not None
+    return [one_file(_project, Path(p), Path(out)) for p in paths]
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def deidentify_folder(projects: Mapping[str, Any], name: str, data_dir: Path, src: Path, out: Path,
+                      jobs: int = 0) -> FolderResult:
+    open_project(projects, name, data_dir).close()  # a bad project or key: one clear error, before any work
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for p in files_under(src)]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(paths) or 1))
+    chunks = [paths[i::jobs * 8] for i in range(jobs * 8)]
+    result = FolderResult()
+    with ProcessPoolExecutor(jobs, initializer=_init, initargs=(dict(projects), name, str(data_dir))) as pool:
+        for answers in pool.map(_work, chunks, [str(out)] * len(chunks)):
+            for kind, detail in answers:
+                if kind == "written":
+                    result.written += 1
+                elif kind == "skipped":
+                    result.skipped += 1
+                else:
+                    getattr(result, kind).append(detail)
+    return result
+
+
+__all__ = ["FolderResult", "ProjectError", "deidentify_folder", "one_file", "write_part10"]

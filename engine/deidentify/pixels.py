@@ -1,0 +1,63 @@
+"""Burned-in annotation: which instances may carry text in their pixels, and blanking
+configured regions of them (Clean Pixel Data, PS3.15 E.3.1), as CTP's pixel anonymizer
+does: one set of rectangles per device signature (manufacturer, model, rows, columns).
+
+Compressed pixel data is decoded, blanked and re-encoded as RLE Lossless (PS3.5 A.4.2),
+which loses nothing of what was decoded; an uncompressed instance stays uncompressed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
+
+# Modalities and SOP Classes whose devices are known to burn text into the image.
+BURNING_MODALITIES = frozenset({"US"})
+SECONDARY_CAPTURE_PREFIX = SecondaryCaptureImageStorage  # and the multi-frame ones, .7.1 to .7.4
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A device and image size whose annotation sits at known places."""
+
+    manufacturer: str
+    model: str
+    rows: int
+    columns: int
+    regions: tuple[tuple[int, int, int, int], ...]  # (x, y, width, height), pixels from top left
+
+    def matches(self, ds: Dataset) -> bool:
+        return (str(ds.get("Manufacturer", "")).strip() == self.manufacturer
+                and str(ds.get("ManufacturerModelName", "")).strip() == self.model
+                and int(ds.get("Rows", 0)) == self.rows and int(ds.get("Columns", 0)) == self.columns)
+
+
+def burned_in_reason(ds: Dataset) -> str:
+    """Why this instance may have text in its pixels ("" if nothing says so)."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return ""
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        return "Burned In Annotation (0028,0301) is YES"
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in BURNING_MODALITIES:
+        return f"modality {modality} is known to burn text into its images"
+    if str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX):
+        return "secondary capture: its pixels may carry any text"
+    return ""
+
+
+def blank(ds: Dataset, signature: Signature) -> None:
+    """Set every configured rectangle to 0 in every frame, and say so in the data set."""
+    compressed = ds.file_meta.TransferSyntaxUID.is_compressed
+    arr = ds.pixel_array.copy()
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    view = arr if frames > 1 else arr[None, ...]
+    for x, y, w, h in signature.regions:
+        view[:, y:y + h, x:x + w, ...] = 0
+    if compressed:
+        if ds.get("PhotometricInterpretation", "").startswith("YBR") and int(ds.get("SamplesPerPixel", 1)) == 3:
+            ds.PhotometricInterpretation = "RGB"  # pydicom decoded to RGB
+        ds.compress(RLELossless, arr, encoding_plugin="pydicom")
+    else:
+        ds.PixelData = arr.tobytes()
+    ds.BurnedInAnnotation = "NO"

@@ -1,0 +1,35 @@
+"""`stowage deidentify`: a folder of DICOM files de-identified into another, under a
+research project's profile, options and key (docs/deidentification.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stowage.cli.options import common, load
+
+
+@click.command()
+@common
+@click.option("--project", required=True, help="A [projects.NAME] of the configuration.")
+@click.option("--jobs", type=int, default=0, show_default=True, help="Processes (0: one per core).")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+def deidentify(config_file, data_dir, project, jobs, src, out) -> None:
+    """De-identify every DICOM file under SRC into OUT (named by their new SOP Instance UID)."""
+    from stowage.engine.deidentify.folder import ProjectError, deidentify_folder
+    config = load(config_file, data_dir=data_dir)
+    if out.resolve() == src.resolve():
+        raise click.UsageError("OUT must not be SRC: the originals are never overwritten")
+    try:
+        result = deidentify_folder(config.projects, project, config.data_dir, src, out, jobs)
+    except ProjectError as e:
+        raise click.ClickException(str(e)) from None
+    for line in result.quarantined:
+        click.echo(f"quarantined: {line}", err=True)
+    for line in result.failed:
+        click.echo(f"failed: {line}", err=True)
+    click.echo(f"{result.written} de-identified into {out}, {len(result.quarantined)} quarantined, "
+               f"{len(result.failed)} failed, {result.skipped} not DICOM")
+    if result.failed:
+        raise click.ClickException(f"{len(result.failed)} file(s) could not be de-identified")
