@@ -75,6 +75,21 @@ def test_the_study_browser_finds_the_study(chromium, web_archive):  # noqa: F811
     assert not console_errors(chromium)
 
 
+def test_the_study_browser_shows_the_series_thumbnail(chromium, web_archive):  # noqa: F811
+    _search(chromium, web_archive, "CompressedSamples").click()
+    image = wait_for(lambda: chromium.find_elements(By.CSS_SELECTOR, "#study-results .series figure img"), 30,
+                     "the series under the study")[0]
+    wait_for(lambda: chromium.execute_script("return arguments[0].complete", image), 30, "the thumbnail to load")
+    assert not failed_requests(chromium)
+    assert not console_errors(chromium)
+    levels = chromium.execute_script("""const img = arguments[0], c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0);
+        return new Set(ctx.getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 == 0)).size;""", image)
+    assert levels > 64  # the rendered CT slice, not a blank square
+    assert "CT #1" in chromium.find_element(By.CSS_SELECTOR, "#study-results .series figcaption").text
+
+
 CANVAS = """const c = document.querySelector('canvas.cornerstone-canvas');
     if (!c || !c.width) return null;
     const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, seen = new Set();
