@@ -17,7 +17,7 @@ import logging
 from aiohttp import web
 
 from stowage.engine.runtime.config import Config
-from stowage.engine.web import access, dashboard, errors, qido, rendered, wado
+from stowage.engine.web import access, dashboard, errors, qido, rendered, stow, wado
 from stowage.engine.web.context import CONFIG, DICOMWEB
 from stowage.engine.web.store import store_context
 
@@ -36,5 +36,6 @@ def build_app(config: Config) -> web.Application:
     app.add_routes(qido.routes(DICOMWEB))
     app.add_routes(wado.routes(DICOMWEB))
     app.add_routes(rendered.routes(DICOMWEB))
+    app.add_routes(stow.routes(DICOMWEB))
     dashboard.add_routes(app, config, DICOMWEB)  # "/", /dashboard/..., and the OHIF viewer (/viewer)
     return app

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from aiohttp import web
@@ -29,10 +31,39 @@ _THREADS = 8
 T = TypeVar("T")
 
 
+def spool_dir(data_dir: Path) -> Path:
+    """Where STOW-RS bodies are spooled as they arrive (engine/web/stow.py)."""
+    return data_dir / "spool" / "http"
+
+
+def sweep_spool(data_dir: Path) -> None:
+    """Remove spool files left by HTTP processes that died (their pid no longer runs)."""
+    folder = spool_dir(data_dir)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        pid = name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 class WebStore:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.data_dir = config.data_dir
+        sweep_spool(config.data_dir)
         self.segments = config.data_dir / "segments"
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
         self.lookups = Catalog(config.data_dir / "catalog", config.duplicates)

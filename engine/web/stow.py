@@ -1,0 +1,278 @@
+"""STOW-RS (PS3.18 10.5): `POST /studies` and `/studies/{study}` with
+`multipart/related; type="application/dicom"`, each part a Part-10 file.
+
+The body is streamed to spool files on the archive's disk as it arrives (a 2 GB instance
+never sits in memory), each read bounded by `network_timeout`. Only when the whole body
+has arrived and its closing boundary is read does anything get stored, so a truncated or
+malformed body stores nothing. Each instance then goes through the same store path as
+C-STORE (Archive.store: validation, duplicates policy, rejection notes, free space and
+quota, group-committed fsync, audit line, metrics) and is acknowledged once durable.
+
+Answer (PS3.18 10.5.3): 200 all stored; 202 some stored, some failed; 409 none stored;
+400 a body that cannot be read; 415 a media type other than application/dicom. The body
+is application/dicom+json: Retrieve URL, Referenced SOP Sequence (with each instance's
+Retrieve URL) and Failed SOP Sequence (with the DIMSE failure status as Failure Reason,
+PS3.18 Annex I, and our reason in Text Value... as the log and audit line have it).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.multipart import MultipartReader
+from pydicom.dataset import Dataset
+
+from stowage.engine.runtime.audit import Trail
+from stowage.engine.store.archive import StoreResult, valid_uid
+from stowage.engine.store.segment import FileRange
+from stowage.engine.web.context import CONFIG, base_url, path_uid
+from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url, to_json
+from stowage.engine.web.errors import refusal
+from stowage.engine.web.store import STORE, WebStore, spool_dir
+from stowage.protocol.status import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, PROCESSING_FAILURE, SUCCESS
+
+log = logging.getLogger("stowage.http")
+DICOM = "application/dicom"
+SOURCE_AE = "DICOMWEB"  # the calling AE of what arrives by STOW-RS (catalog, file meta, audit)
+_CHUNK = 1 << 20
+_ids = count(1)
+_trail = Trail()
+
+
+@dataclass
+class Part:
+    path: Path
+    length: int
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    result: StoreResult | None = None
+    study: str = ""
+    series: str = ""
+
+
+def _content_type(request: web.Request) -> None:
+    ctype = request.headers.get("Content-Type", "")
+    media, _, rest = ctype.partition(";")
+    params = {k.strip().lower(): v.strip().strip('"') for k, _, v in
+              (p.partition("=") for p in rest.split(";")) if k.strip()}
+    if media.strip().lower() != "multipart/related":
+        raise refusal(415, f"STOW-RS takes multipart/related; type=\"application/dicom\" bodies, not {ctype[:80]!r}")
+    if params.get("type", DICOM).lower() != DICOM:
+        raise refusal(415, f"STOW-RS here takes parts of type application/dicom only, not {params['type'][:60]!r} "
+                           "(no DICOM JSON/XML metadata with bulk data)")
+    if not params.get("boundary"):
+        raise refusal(400, "the multipart/related Content-Type has no boundary parameter")
+
+
+async def _read(coro, timeout: float, what: str):
+    try:
+        return await asyncio.wait_for(coro, timeout)
+    except asyncio.TimeoutError:
+        raise refusal(408, f"the request body stalled: nothing arrived for {timeout:g} s while reading {what}; "
+                           "nothing was stored") from None
+
+
+async def _spool(request: web.Request, store: WebStore) -> list[Part]:
+    """Every part of the body in a spool file; 4xx (and every spool file removed) when the
+    body is not a complete multipart/related of application/dicom parts."""
+    config = store.config
+    folder = spool_dir(config.data_dir)  # on the archive's disk: the store path reads it from there
+    await store.run(folder.mkdir, parents=True, exist_ok=True)
+    reader = MultipartReader(request.headers, request.content)
+    parts: list[Part] = []
+    total = 0
+    timeout = config.network_timeout
+    try:
+        while True:
+            try:
+                part = await _read(reader.next(), timeout, "the next part")
+            except web.HTTPException:
+                raise
+            except (ValueError, AssertionError, RuntimeError) as e:
+                raise _malformed(request, e, len(parts) + 1) from None
+            if part is None:
+                break
+            ptype = part.headers.get("Content-Type", DICOM).split(";")[0].strip().lower()
+            if ptype != DICOM:
+                raise refusal(415, f"part {len(parts) + 1} is {ptype[:60]!r}: only application/dicom parts are "
+                                   "taken; nothing was stored")
+            path = folder / f"{os.getpid()}-{next(_ids)}.part"
+            parts.append(Part(path, 0))
+            f = await store.run(open, path, "wb")
+            try:
+                while True:
+                    try:
+                        chunk = await _read(part.read_chunk(_CHUNK), timeout, f"part {len(parts)}")
+                    except web.HTTPException:
+                        raise
+                    except (ValueError, AssertionError, RuntimeError) as e:
+                        raise _malformed(request, e, len(parts)) from None
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > config.max_spool_bytes:
+                        raise refusal(413, f"the body holds more than max_spool_bytes ({config.max_spool_bytes} "
+                                           "bytes); send fewer or smaller instances per request; nothing was stored")
+                    await store.run(f.write, chunk)
+                    parts[-1].length += len(chunk)
+            finally:
+                await store.run(f.close)
+        if not parts:
+            raise refusal(400, "the multipart body holds no part; nothing was stored")
+        if not reader.at_eof():
+            raise refusal(400, "the multipart body ends before its closing boundary; nothing was stored")
+    except OSError as e:
+        _remove(parts)
+        raise refusal(507, f"cannot spool the body: {e.strerror or e}; nothing was stored") from None
+    except BaseException:
+        _remove(parts)
+        raise
+    return parts
+
+
+def _malformed(request: web.Request, error: Exception, number: int) -> web.HTTPException:
+    if request.content.is_eof() or "EOF" in str(error):
+        return refusal(400, f"the multipart body ends before its closing boundary (in part {number}); "
+                            "nothing was stored")
+    return refusal(400, f"malformed multipart body (part {number}): {error}; nothing was stored")
+
+
+def _remove(parts: list[Part]) -> None:
+    for p in parts:
+        p.path.unlink(missing_ok=True)
+
+
+def _part10(part: Part) -> tuple[str, int]:
+    """The part's transfer syntax and where its data set starts; fills its SOP UIDs.
+    Raises ValueError with a reason."""
+    with open(part.path, "rb") as f:
+        head = f.read(64 << 10)
+    pos = 132 if head[128:132] == b"DICM" else 0
+    if head[pos:pos + 2] != b"\x02\x00":
+        raise ValueError("not a DICOM Part-10 file (no DICM prefix, no file meta information)")
+    meta: dict[int, str] = {}
+    while pos + 8 <= len(head) and head[pos:pos + 2] == b"\x02\x00":
+        element = struct.unpack_from("<H", head, pos + 2)[0]
+        vr = head[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+            length = struct.unpack_from("<I", head, pos + 8)[0]
+            start = pos + 12
+        else:
+            length = struct.unpack_from("<H", head, pos + 6)[0]
+            start = pos + 8
+        if start + length > len(head):
+            raise ValueError("the file meta information is cut short or too long")
+        meta[element] = head[start:start + length].decode("ascii", "replace").strip(" \x00")
+        pos = start + length
+    part.sop_class_uid, part.sop_instance_uid = meta.get(0x0002, ""), meta.get(0x0003, "")
+    ts = meta.get(0x0010, "")
+    for what, uid in (("Transfer Syntax UID", ts), ("Media Storage SOP Class UID", part.sop_class_uid),
+                      ("Media Storage SOP Instance UID", part.sop_instance_uid)):
+        if not valid_uid(uid):
+            raise ValueError(f"the file meta information has no valid {what} (0002,00xx)")
+    return ts, pos
+
+
+def _store_one(store: WebStore, part: Part, study: str | None, peer: str) -> StoreResult:
+    try:
+        ts, start = _part10(part)
+    except (ValueError, struct.error) as e:
+        return StoreResult(CANNOT_UNDERSTAND, str(e))
+    archive = store.archive()
+    dataset = FileRange(part.path, start, part.length - start)
+    if study is not None:
+        from stowage.catalog.attributes import extract  # the study the data set names, before storing it
+        try:
+            with open(part.path, "rb") as f:
+                f.seek(start)
+                attrs = extract(f.read(min(dataset.length, 4 << 20)), ts, store.config.max_inflated_bytes,
+                                store.config.max_nesting_depth)
+        except Exception as e:
+            return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {e}")
+        if attrs.get("study_instance_uid") != study:
+            return StoreResult(DATASET_DOES_NOT_MATCH_SOP_CLASS, "its Study Instance UID is not the one of the URL")
+    result = archive.store(dataset, ts, part.sop_class_uid, part.sop_instance_uid, calling_ae=SOURCE_AE,
+                           called_ae=store.config.aet)
+    _trail.stored(0, SOURCE_AE, part.sop_instance_uid, result.status, dataset.length, result.comment)
+    return result
+
+
+def _answer(parts: list[Part], base: str, study: str | None) -> tuple[int, bytes]:
+    ok = [p for p in parts if p.result is not None and p.result.status == SUCCESS]
+    failed = [p for p in parts if p not in ok]
+    ds = Dataset()
+    studies = {study} if study else set()
+    ds.ReferencedSOPSequence = []
+    for p in ok:
+        item = Dataset()
+        item.ReferencedSOPClassUID = p.sop_class_uid
+        item.ReferencedSOPInstanceUID = p.sop_instance_uid
+        ds.ReferencedSOPSequence.append(item)
+    ds.FailedSOPSequence = []
+    for p in failed:
+        item = Dataset()
+        if valid_uid(p.sop_class_uid):
+            item.ReferencedSOPClassUID = p.sop_class_uid
+        if valid_uid(p.sop_instance_uid):
+            item.ReferencedSOPInstanceUID = p.sop_instance_uid
+        result = p.result or StoreResult(PROCESSING_FAILURE, "not processed")
+        item.FailureReason = result.status
+        item.TextValue = result.comment[:1024]  # (0040,A160): why, in words (not standard here, but read by people)
+        ds.FailedSOPSequence.append(item)
+    stored_studies = {p.study for p in ok} - {""} | studies
+    if len(stored_studies) == 1:
+        ds.RetrieveURL = resource_url(base, stored_studies.pop())
+    obj = to_json(ds)
+    for item, p in zip(obj.get("00081199", {}).get("Value", []), ok):
+        if p.study:
+            item["00081190"] = {"vr": "UR", "Value": [resource_url(base, p.study, p.series, p.sop_instance_uid)]}
+    status = 200 if not failed else 202 if ok else 409
+    return status, dumps(obj)
+
+
+async def stow(request: web.Request) -> web.Response:
+    _content_type(request)
+    store: WebStore = request.app[STORE]
+    study = path_uid(request, "study") if "study" in request.match_info else None
+    started = time.monotonic()
+    parts = await _spool(request, store)
+    try:
+        results = await asyncio.gather(*(store.run(_store_one, store, p, study, request.remote or "")
+                                         for p in parts))
+        for p, r in zip(parts, results):
+            p.result = r
+        await store.run(_locate, store, [p for p in parts if r_ok(p)])
+    finally:
+        await store.run(_remove, parts)
+    status, body = _answer(parts, base_url(request), study)
+    stored = sum(r_ok(p) for p in parts)
+    log.info("STOW-RS from %s: %d stored, %d failed, %.1f MB in %.2f s", request.remote, stored,
+             len(parts) - stored, sum(p.length for p in parts) / 1e6, time.monotonic() - started)
+    return web.Response(status=status, body=body, content_type=MEDIA_TYPE)
+
+
+def r_ok(p: Part) -> bool:
+    return p.result is not None and p.result.status == SUCCESS
+
+
+def _locate(store: WebStore, parts: list[Part]) -> None:
+    """The study and series of each stored instance, for its Retrieve URL."""
+    if not parts:
+        return
+    _cols, rows = store.lookups.execute(
+        "SELECT sop_instance_uid, study_instance_uid, series_instance_uid FROM instances "
+        "WHERE sop_instance_uid IN (SELECT unnest(?))", [[p.sop_instance_uid for p in parts]])
+    where = {uid: (study, series) for uid, study, series in rows}
+    for p in parts:
+        p.study, p.series = where.get(p.sop_instance_uid, ("", ""))
+
+
+def routes(base: str) -> list[web.RouteDef]:
+    return [web.post(f"{base}/studies", stow), web.post(f"{base}/studies/{{study}}", stow)]

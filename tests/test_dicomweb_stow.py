@@ -1,0 +1,161 @@
+"""STOW-RS against a running `stowage serve`: dicomweb-client stores, the PS3.18 answer
+(200/202/409, Referenced and Failed SOP Sequences, Retrieve URLs), read-your-writes
+through QIDO and WADO, and bad bodies (truncated, malformed, wrong media type, lying
+Content-Length, a body that stalls) that get a 4xx with a reason and store nothing."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from io import BytesIO
+
+import pydicom
+import pytest
+import requests
+from pydicom.uid import generate_uid
+
+from conftest import CT, HOST
+from web_server import start
+
+UNDERSTAND, MISMATCH = 0xC000, 0xA900
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    cfg = tmp_path_factory.mktemp("cfg") / "web.toml"
+    cfg.write_text("network_timeout = 3\n")
+    w = start(tmp_path_factory.mktemp("stow"), "--config", str(cfg), corpus=False)
+    yield w
+    w.server.stop()
+
+
+def _instances(n: int, study: str | None = None) -> list[pydicom.Dataset]:
+    ds = pydicom.dcmread(CT)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        out.append(pydicom.dcmread(BytesIO(_bytes(ds))))
+    return out
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _body(parts: list[bytes], boundary: str = "b0undary", close: bool = True) -> bytes:
+    out = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts)
+    return out + (f"--{boundary}--\r\n".encode() if close else b"")
+
+
+CTYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
+
+
+def _held(web, uid: str) -> bool:
+    return requests.get(f"{web.base}/instances", params={"SOPInstanceUID": uid}).status_code == 200
+
+
+def _spool_empty(web) -> bool:
+    folder = web.server.data_dir / "spool" / "http"
+    return not folder.exists() or not os.listdir(folder)
+
+
+def test_store_with_dicomweb_client_then_read_it_back(web):
+    c = web.client()
+    sent = _instances(3)
+    answer = c.store_instances(sent)
+    refs = answer.ReferencedSOPSequence
+    assert {r.ReferencedSOPInstanceUID for r in refs} == {d.SOPInstanceUID for d in sent}
+    assert not answer.get("FailedSOPSequence")
+    study, series = sent[0].StudyInstanceUID, sent[0].SeriesInstanceUID
+    assert answer.RetrieveURL == f"{web.base}/studies/{study}"
+    assert refs[0].RetrieveURL.startswith(f"{web.base}/studies/{study}/series/{series}/instances/")
+    found = c.search_for_instances(study_instance_uid=study)  # at once: acknowledged means visible
+    assert len(found) == 3
+    for ds in sent:
+        [back] = [c.retrieve_instance(study, series, ds.SOPInstanceUID)]
+        assert back.PixelData == ds.PixelData and back.PatientName == ds.PatientName
+    audit = (web.server.data_dir / "audit.jsonl").read_text()
+    assert all(ds.SOPInstanceUID in audit for ds in sent) and "DICOMWEB" in audit
+
+
+def test_partial_success_is_202_and_none_is_409(web):
+    good = _instances(1)[0]
+    r = requests.post(f"{web.base}/studies", data=_body([_bytes(good), b"this is not DICOM at all"]),
+                      headers={"Content-Type": CTYPE})
+    assert r.status_code == 202 and r.headers["Content-Type"] == "application/dicom+json"
+    answer = pydicom.Dataset.from_json(r.json())
+    assert answer.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == good.SOPInstanceUID
+    assert answer.FailedSOPSequence[0].FailureReason == UNDERSTAND
+    assert "Part-10" in answer.FailedSOPSequence[0].TextValue
+    other = _instances(2)
+    target = other[0].StudyInstanceUID
+    stranger = _instances(1)[0]
+    r = requests.post(f"{web.base}/studies/{target}", data=_body([_bytes(stranger)]), headers={"Content-Type": CTYPE})
+    assert r.status_code == 409
+    failed = pydicom.Dataset.from_json(r.json()).FailedSOPSequence[0]
+    assert failed.FailureReason == MISMATCH and failed.ReferencedSOPInstanceUID == stranger.SOPInstanceUID
+    assert not _held(web, stranger.SOPInstanceUID)
+    r = requests.post(f"{web.base}/studies/{target}", data=_body([_bytes(d) for d in other]),
+                      headers={"Content-Type": CTYPE})
+    assert r.status_code == 200 and all(_held(web, d.SOPInstanceUID) for d in other)
+
+
+def test_bad_bodies_store_nothing(web):
+    ds = _instances(2)
+    whole = _body([_bytes(d) for d in ds])
+    cases = [
+        (whole[:len(whole) // 2], CTYPE, 400, "closing boundary"),             # truncated
+        (whole, "application/dicom", 415, "multipart/related"),                 # wrong media type
+        (whole, 'multipart/related; type="application/dicom+json"; boundary=b0undary', 415, "application/dicom"),
+        (whole, 'multipart/related; type="application/dicom"', 400, "boundary"),
+        (b"--b0undary--\r\n", CTYPE, 400, "no part"),
+        (whole.replace(b"Content-Type: application/dicom", b"Content-Type: text/plain", 1), CTYPE, 415, "text/plain"),
+        (b"garbage without any boundary at all", CTYPE, 400, ""),
+    ]
+    for body, ctype, status, words in cases:
+        r = requests.post(f"{web.base}/studies", data=body, headers={"Content-Type": ctype})
+        assert r.status_code == status and words in r.text, (ctype, r.status_code, r.text)
+    assert not any(_held(web, d.SOPInstanceUID) for d in ds)
+    assert _spool_empty(web)
+
+
+def _raw(web, head: bytes, body: bytes, *, pause: float = 0.0) -> bytes:
+    with socket.create_connection((HOST, web.http_port), timeout=30) as s:
+        s.sendall(head + body)
+        if pause:
+            time.sleep(pause)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_lying_length_and_a_stalled_body(web):
+    ds = _instances(1)[0]
+    body = _body([_bytes(ds)])
+    head = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {CTYPE}\r\n"
+            f"Content-Length: {len(body) + 5000}\r\n\r\n").encode()
+    answer = _raw(web, head, body)  # promises more than it sends, then closes its side
+    assert not answer or answer.split(b"\r\n")[0].split()[1].startswith(b"4")
+    short = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {CTYPE}\r\n"
+             f"Content-Length: {len(body) - 40}\r\n\r\n").encode()
+    answer = _raw(web, short, body)  # says less than it sends: the closing boundary is cut off, and what
+    assert answer.split(b"\r\n")[0].split()[1] == b"400"  # follows is no request (aiohttp answers that one)
+    started = time.monotonic()
+    stalled = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {CTYPE}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((HOST, web.http_port), timeout=30) as s:
+        s.sendall(stalled + body[:1000])  # then nothing: network_timeout is 3 s here
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer, answer[:300]
+    assert time.monotonic() - started < 30
+    assert not _held(web, ds.SOPInstanceUID) and _spool_empty(web)
+    c = web.client()
+    assert c.store_instances([ds]).ReferencedSOPSequence  # and it still serves
