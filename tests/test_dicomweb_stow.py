@@ -24,7 +24,7 @@ UNDERSTAND, MISMATCH = 0xC000, 0xA900
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
     cfg = tmp_path_factory.mktemp("cfg") / "web.toml"
-    cfg.write_text("network_timeout = 3\n")
+    cfg.write_text("network_timeout = 3\nhttp_delete = true\n")
     w = start(tmp_path_factory.mktemp("stow"), "--config", str(cfg), corpus=False)
     yield w
     w.server.stop()
@@ -147,7 +147,8 @@ def test_lying_length_and_a_stalled_body(web):
     short = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {CTYPE}\r\n"
              f"Content-Length: {len(body) - 40}\r\n\r\n").encode()
     answer = _raw(web, short, body)  # says less than it sends: the closing boundary is cut off, and what
-    assert answer.split(b"\r\n")[0].split()[1] == b"400"  # follows is no request (aiohttp answers that one)
+    # follows is no request: a 400 (ours, or aiohttp's for the rest), or the connection closed
+    assert not answer or answer.split(b"\r\n")[0].split()[1] == b"400", answer[:200]
     started = time.monotonic()
     stalled = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {CTYPE}\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode()
@@ -159,3 +160,24 @@ def test_lying_length_and_a_stalled_body(web):
     assert not _held(web, ds.SOPInstanceUID) and _spool_empty(web)
     c = web.client()
     assert c.store_instances([ds]).ReferencedSOPSequence  # and it still serves
+
+
+def test_delete_study_series_instance(web):
+    c = web.client()
+    a, b = _instances(3), _instances(2)
+    c.store_instances(a + b)
+    study, series = a[0].StudyInstanceUID, a[0].SeriesInstanceUID
+    c.delete_instance(study, series, a[0].SOPInstanceUID)
+    assert not _held(web, a[0].SOPInstanceUID) and _held(web, a[1].SOPInstanceUID)
+    r = requests.delete(f"{web.base}/studies/{b[0].StudyInstanceUID}/series/{series}")  # a series of another study
+    assert r.status_code == 404 and _held(web, a[1].SOPInstanceUID)
+    c.delete_series(study, series)
+    assert not any(_held(web, d.SOPInstanceUID) for d in a)
+    c.delete_study(b[0].StudyInstanceUID)
+    assert not any(_held(web, d.SOPInstanceUID) for d in b)
+    r = requests.get(f"{web.base}/studies/{b[0].StudyInstanceUID}/metadata")
+    assert r.status_code == 404
+    audit = (web.server.data_dir / "audit.jsonl").read_text()
+    assert '"event": "delete"' in audit and "dicomweb:loopback" in audit
+    r = requests.delete(f"{web.base}/studies/1.2.3.4")
+    assert r.status_code == 404

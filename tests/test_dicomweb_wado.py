@@ -177,3 +177,22 @@ def test_rendered_and_thumbnails(web):
         assert r.status_code == 400 and words in r.text, (params, r.text)
     r = requests.get(f"{web.base}/studies/{study}/rendered", headers={"Accept": "image/gif"})
     assert r.status_code == 406
+
+
+def test_wado_uri(web):
+    from PIL import Image
+    study = _ct_study(web)
+    series = next(iter(web.corpus.studies[study]))
+    inst = web.corpus.studies[study][series][1]
+    q = {"requestType": "WADO", "studyUID": study, "seriesUID": series, "objectUID": inst}
+    r = requests.get(f"{web.url}/wado", params=q)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg"
+    r = requests.get(f"{web.url}/wado", params={**q, "contentType": "image/png", "rows": "64",
+                                                  "windowCenter": "40", "windowWidth": "400"})
+    assert Image.open(BytesIO(r.content)).size == (64, 64)
+    r = requests.get(f"{web.url}/wado", params={**q, "contentType": "application/dicom"})
+    assert dataset_bytes(web.corpus.by_uid[inst]) in r.content
+    for params, status in (({**q, "requestType": "X"}, 400), ({**q, "objectUID": "1.2.3"}, 404),
+                           ({**q, "contentType": "text/html"}, 406), ({**q, "bogus": "1"}, 400),
+                           ({"requestType": "WADO", "studyUID": study, "seriesUID": series}, 400)):
+        assert requests.get(f"{web.url}/wado", params=params).status_code == status, params
