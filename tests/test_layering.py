@@ -191,8 +191,8 @@ LAYERS = (
     ("stowage.engine.web",),  # a door, like workers/: its dashboard reads what migrate and import record
     ("stowage.engine.migrate", "stowage.engine.importer"),
     ("stowage.engine.receive", "stowage.engine.transfer", "stowage.engine.lifecycle"),
-    ("stowage.engine.store",),
     ("stowage.engine.deidentify",),
+    ("stowage.engine.store",),
     ("stowage.engine.runtime",),
     ("stowage.catalog",),
     ("stowage.protocol",),

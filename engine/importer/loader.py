@@ -17,6 +17,7 @@ import shutil
 import signal
 import threading
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from stowage.catalog.attributes import UnreadableDataset, extract
 from stowage.catalog.limits import LimitExceeded
+from stowage.engine.deidentify.ingest import Router
+from stowage.engine.deidentify.ingest import store as deidentified_store
+from stowage.engine.deidentify.project import Project
 from stowage.engine.store.archive import Archive
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
@@ -106,8 +110,10 @@ def _info_of_head(head: bytes) -> FileInfo | None:
 class Loader:
     """Stores files for one import process; thread-safe."""
 
-    def __init__(self, archive: Archive, spool: Path, spill_threshold: int, stop: Any) -> None:
+    def __init__(self, archive: Archive, spool: Path, spill_threshold: int, stop: Any,
+                 project: Project | None = None) -> None:
         self.archive = archive
+        self.project = project          # `import --project`: de-identified before it is stored (issue #22)
         self.max_inflated_bytes = archive.config.max_inflated_bytes
         self.max_nesting_depth = archive.config.max_nesting_depth
         self.spool = spool
@@ -246,8 +252,10 @@ class Loader:
                     break
             running.wait()
         try:
-            return self.archive.store(dataset, info.transfer_syntax_uid, sop_class, sop_instance,
-                                      calling_ae=info.source_ae or DEFAULT_SOURCE_AE)
+            store = self.archive.store if self.project is None else \
+                partial(deidentified_store, self.project, self.archive)
+            return store(dataset, info.transfer_syntax_uid, sop_class, sop_instance,
+                         calling_ae=info.source_ae or DEFAULT_SOURCE_AE)
         finally:
             with self._lock:
                 del self._inflight[sop_instance]
@@ -309,7 +317,8 @@ def _clear(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
-def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: Any, threads: int) -> None:
+def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: Any, threads: int,
+                 project: str = "") -> None:
     """Entry point of an import process: results go back as ("ready", slot),
     ("done", [Outcome…]) per task chunk, then ("closed", slot) or ("failed", message)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
@@ -327,7 +336,8 @@ def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: An
         results.put(("closed", None))
         return
     results.put(("ready", slot.number))
-    loader = Loader(archive, spool, config.spill_threshold, stop)
+    router = Router(config.projects, config.data_dir)
+    loader = Loader(archive, spool, config.spill_threshold, stop, router.project(project) if project else None)
 
     def work() -> None:
         while True:
@@ -346,5 +356,6 @@ def process_main(config_dict: dict[str, Any], tasks: Any, results: Any, stop: An
     except OSError as e:
         results.put(("failed", f"could not seal the catalog tail ({e.strerror or e}); "
                                "the next start of serve or import recovers it from the segments"))
+    router.close()
     slot.release()
     results.put(("closed", slot.number))

@@ -148,7 +148,7 @@ class _Bar:
 
 
 def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads: int = 16,
-               report: Path | None = None, quiet: bool = False) -> Summary:
+               report: Path | None = None, quiet: bool = False, project: str = "") -> Summary:
     t0 = time.monotonic()
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads
     try:
         if found.files:
             n = max(1, min(processes or (os.cpu_count() or 1), len(found.files)))
-            _dispatch(config, found, n, threads, ledger, out, summary, quiet)
+            _dispatch(config, found, n, threads, ledger, out, summary, quiet, project)
     finally:
         ledger.close()
         summary.report = out.close()
@@ -171,7 +171,7 @@ def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads
 
 
 def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: _Report,
-              summary: Summary, quiet: bool) -> None:
+              summary: Summary, quiet: bool, project: str = "") -> None:
     # The store path is imported once, here, and the import processes are forked with it
     # (spawning N interpreters that each import pydicom, pyarrow and duckdb took seconds
     # on a busy machine). Forked before this process starts any thread of its own or
@@ -183,7 +183,7 @@ def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: 
     tasks.cancel_join_thread()  # tasks no process took (all stopped early) must not hold up our exit
     results = ctx.Queue()
     stop = ctx.Event()
-    procs = [ctx.Process(target=child_main, args=(config.to_dict(), tasks, results, stop, threads),
+    procs = [ctx.Process(target=child_main, args=(config.to_dict(), tasks, results, stop, threads, project),
                          name=f"stowage-import-{i}", daemon=True) for i in range(n)]
     for p in procs:
         p.start()

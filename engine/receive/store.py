@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 import logging
+from functools import partial
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from stowage.engine.deidentify.ingest import Router
+from stowage.engine.deidentify.ingest import store as deidentified_store
 from stowage.engine.store.archive import Archive, StoreResult
 from stowage.engine.store.segment import FileRange
 from stowage.protocol.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
@@ -25,6 +28,8 @@ class StorageSCP:
     def __init__(self, archive: Archive, trail: Trail) -> None:
         self.archive = archive
         self.trail = trail
+        # [projects.NAME]: C-STORE to a project's Called AE title is de-identified first (issue #22)
+        self.projects = Router(archive.config.projects, archive.config.data_dir)
 
     def store(self, key: int, received: io.BytesIO, transfer_syntax: str, sop_class: str, sop_instance: str,
               calling_ae: str, called_ae: str) -> StoreResult:
@@ -36,8 +41,10 @@ class StorageSCP:
                 result = StoreResult(OUT_OF_RESOURCES, received.refused)
             else:
                 dataset = _dataset(received)
-                result = self.archive.store(dataset, transfer_syntax, sop_class, sop_instance,
-                                            calling_ae=calling_ae, called_ae=called_ae)
+                project = self.projects.for_association(called_ae, calling_ae) if self.projects else None
+                store = self.archive.store if project is None else partial(deidentified_store, project, self.archive)
+                result = store(dataset, transfer_syntax, sop_class, sop_instance,
+                               calling_ae=calling_ae, called_ae=called_ae)
         except Exception:
             log.exception("storing %s failed", sop_instance)
             result = StoreResult(PROCESSING_FAILURE, "processing failure; see the archive log")

@@ -19,7 +19,10 @@ from stowage.cli.options import common, load
 @click.option("--layout", type=click.Choice(["flat", "tree"]), default="flat", show_default=True,
               help="flat: <SOP Instance UID>.dcm; tree: patient/study/series folders with readable names.")
 @click.option("--dicomdir", is_flag=True, help="Write a PS3.10 File-set: 8-character file IDs and a DICOMDIR.")
-def export(config_file, data_dir, out, everything, patient, study, series, instance, layout, dicomdir) -> None:
+@click.option("--deidentify", "project", default="",
+              help="De-identify copies under this [projects.NAME], named by their new UIDs (docs/deidentification.md).")
+def export(config_file, data_dir, out, everything, patient, study, series, instance, layout, dicomdir,
+           project) -> None:
     """Write stored instances as Part-10 files, dataset bytes as received (docs/export.md)."""
     from stowage.engine.transfer.export import ExportError, describe
     from stowage.engine.transfer.export import export as run
@@ -33,6 +36,12 @@ def export(config_file, data_dir, out, everything, patient, study, series, insta
     if not (config.data_dir / "catalog").exists():
         raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
     level, values = chosen[0] if chosen else (None, [])
+    if project:
+        if dicomdir or layout != "flat":
+            raise click.UsageError("--deidentify writes flat files named by their new UIDs: drop --layout/--dicomdir")
+        from stowage.cli.deidentified import export_deidentified
+        export_deidentified(config, project, out, level, values)
+        return
     try:
         result = run(config.data_dir, out, level, values, config.duplicates, layout=layout, dicomdir=dicomdir)
     except ExportError as e:

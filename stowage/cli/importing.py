@@ -19,7 +19,8 @@ from stowage.cli.options import common, load
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
               help="CSV of every file not stored, and why [DATA_DIR/import/refused-<time>.csv].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def import_(paths, config_file, data_dir, processes, threads, report, quiet) -> None:
+@click.option("--project", default="", help="De-identify into this [projects.NAME] (docs/deidentification.md).")
+def import_(paths, config_file, data_dir, processes, threads, report, quiet, project) -> None:
     """Import DICOM files (Part-10, without preamble, DICOMDIR trees) from folders, recursively,
     through the same durable store path as C-STORE; safe while `stowage serve` runs. Exit status 1
     if a DICOM file could not be stored (see docs/import.md)."""
@@ -32,11 +33,17 @@ def import_(paths, config_file, data_dir, processes, threads, report, quiet) -> 
             raise click.ClickException(f"{p}: no such file or folder")
         if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
             raise click.ClickException(f"{p}: permission denied")
+    if project:
+        from stowage.engine.deidentify.project import ProjectError, open_project
+        try:
+            open_project(config.projects, project, config.data_dir).close()  # its key too, before any file
+        except ProjectError as e:
+            raise click.ClickException(str(e)) from None
     if processes < 0 or threads < 1:
         raise click.UsageError("--processes must be >= 0 and --threads >= 1")
     try:
         summary = run_import(config, list(paths), processes=processes, threads=threads, report=report,
-                             quiet=quiet)
+                             quiet=quiet, project=project)
     except OSError as e:
         raise click.ClickException(f"import into {config.data_dir}: {e.strerror or e}"
                                    f"{f' ({e.filename})' if e.filename else ''}") from None

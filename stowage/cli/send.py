@@ -120,8 +120,10 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
               help="Seconds to wait for the commitment report.")
 @click.option("--commit-port", type=int, help="Also listen on this port for a report sent on a new association.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--deidentify", "project", default="",
+              help="Send de-identified copies under this [projects.NAME] (docs/deidentification.md).")
 def send(config_file, data_dir, target, aet, aec, patient, study, series, instance, query_text, timeout,
-         commit, commit_timeout, commit_port, quiet) -> None:
+         commit, commit_timeout, commit_port, quiet, project) -> None:
     """Send stored instances to another AE (C-STORE), byte-exact where the peer allows."""
     chosen = [(lvl, split_values(v)) for lvl, v in (("patient", patient), ("study", study), ("series", series),
                                               ("instance", instance)) if v]
@@ -129,6 +131,12 @@ def send(config_file, data_dir, target, aet, aec, patient, study, series, instan
         raise click.UsageError("choose exactly one of --patient, --study, --series, --instance, --query")
     config = load(config_file, data_dir=data_dir)
     level, values = chosen[0] if chosen else (None, [])
+    if project:
+        if query_text or commit:
+            raise click.UsageError("--deidentify takes --patient, --study, --series or --instance, without --commit")
+        from stowage.cli.deidentified import send_deidentified
+        send_deidentified(config, project, target, aec, level, values, aet)
+        return
     try:
         ok = run_send(config, target, level, values, query_text, calling_aet=aet, called_aet=aec,
                       timeout=timeout, commit=commit, commit_timeout=commit_timeout, commit_port=commit_port,
