@@ -123,6 +123,8 @@ class Sealer:
         self.compact_min_files = compact_min_files
         self._lock = threading.Lock()
         self._rows: list[dict[str, Any]] = []
+        self._first_at = 0.0   # when the oldest unsealed row arrived (monotonic)
+        self._looked_at = 0    # unsealed rows at the last `due()`
         self._generation = 0
         self._retired: list[Path] = []  # tail files whose rows wait for the next seal
         self._tail: TailWriter | None = self._new_tail()
@@ -142,7 +144,19 @@ class Sealer:
             except OSError:
                 self._set_aside_broken_tail()
                 raise
+            if not self._rows:
+                self._first_at = time.monotonic()
             self._rows.extend(rows)
+
+    def due(self, max_rows: int, max_age: float) -> bool:
+        """Whether to seal now: no rows came since the last look (a quiet worker seals at
+        once), or the unsealed rows reached `max_rows` or waited `max_age` seconds. A busy
+        worker so seals in large batches: each seal costs a Parquet file, a study summary
+        and, every few, a compaction, whatever its size (docs/benchmarks.md)."""
+        with self._lock:
+            n = len(self._rows)
+            quiet, self._looked_at = n == self._looked_at, n
+            return n > 0 and (quiet or n >= max_rows or time.monotonic() - self._first_at >= max_age)
 
     def _set_aside_broken_tail(self) -> None:
         """A failed append may leave half a batch at the end of the tail file: readers stop
@@ -159,6 +173,7 @@ class Sealer:
             if not self._rows:
                 return
             rows, self._rows = self._rows, []
+            self._looked_at = 0
             old, self._tail = self._tail, None
             done, self._retired = self._retired + ([old.path] if old else []), []
         if old is not None:

@@ -89,7 +89,9 @@ class Config:
     durability: str = "fsync"              # "os-buffer" skips fsync: never the default
     zstd_level: int = 1
     segment_size: int = 1 << 30            # roll the active segment past this many bytes
-    seal_interval: float = 1.0             # seconds between sealing tails into Parquet
+    seal_interval: float = 1.0             # seconds between looks at the tail: a quiet worker seals at the next one
+    seal_max_rows: int = 20000             # a busy worker seals once this many rows are unsealed...
+    seal_max_age: float = 30.0             # ...or the oldest has waited this many seconds
     compact_min_files: int = 8             # merge when this many small Parquet files exist
     min_free_bytes: int = 256 << 20        # below this much free disk, stores get 0xA700
     spill_threshold: int = 16 << 20        # datasets larger than this are received to a spool file
@@ -179,6 +181,9 @@ class Config:
                 or self.max_commitment_references < 1 or self.max_pending_commitments < 1):
             raise ConfigError("association_request_timeout must be in (0, 3600]; max_associations_per_address >= 0; "
                               "max_commitment_references and max_pending_commitments >= 1")
+        if not 0 < self.seal_interval <= 3600 or self.seal_max_rows < 1 or not 0 < self.seal_max_age <= 86400:
+            raise ConfigError("seal_interval must be in (0, 3600] seconds, seal_max_rows >= 1, seal_max_age in "
+                              "(0, 86400] seconds")
         if self.workers < 0 or self.max_associations < 1:
             raise ConfigError("workers must be >= 0 and max_associations >= 1")
         if not 0 < self.compact_live_ratio <= 1 or self.compact_rate < 0 or self.compact_grace < 0:

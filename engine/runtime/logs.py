@@ -13,8 +13,14 @@ import warnings
 from stowage.engine.runtime.config import Config
 
 
+_second = [-1, ""]  # the last whole second formatted, and its text: one strftime a second
+
+
 def _timestamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    whole = int(created)
+    if whole != _second[0]:
+        _second[:] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int(created % 1 * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

@@ -311,6 +311,8 @@ class Archive:
 
     def _seal_loop(self) -> None:
         while not self._stop.wait(self.config.seal_interval):
+            if not self.sealer.due(self.config.seal_max_rows, self.config.seal_max_age):
+                continue
             try:
                 self.sealer.seal()
             except OSError as e:  # e.g. a full disk: the rows stay readable in the tail

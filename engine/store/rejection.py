@@ -140,6 +140,7 @@ class Rejections:
 
     def __init__(self, data_dir: Path) -> None:
         self._dir = tombstones.directory(data_dir)
+        self._log = os.fspath(self._dir / tombstones.LOG)  # a str: no Path work per question
         self._reader = tombstones.TombstoneReader(self._dir, keep=False)  # only the rejected UIDs are kept
         self._stamp: tuple | None = None
         self._generation = -1
@@ -148,7 +149,11 @@ class Rejections:
 
     def code(self, uid: str) -> str | None:
         """The CID 7011 code that rejected `uid`, or None."""
-        stamp = tombstones.stamp_of(self._dir)
+        try:
+            st = os.stat(self._log)
+            stamp = st.st_ino, st.st_size, st.st_mtime_ns  # as tombstones.stamp_of
+        except FileNotFoundError:
+            stamp = None
         if stamp != self._stamp:
             with self._lock:
                 self._reader.read()

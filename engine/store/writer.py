@@ -71,6 +71,7 @@ class SegmentWriter:
         self._queue: list[_Pending] = []
         self._cond = threading.Condition(threading.Lock())
         self._leading = False        # a store is committing a batch now
+        self._waiting = 0            # threads in self._cond.wait()
         self._closed = False
         self._fd = -1
         self._name = ""
@@ -93,7 +94,9 @@ class SegmentWriter:
                 raise OutOfResources(errno.ESHUTDOWN, "the segment writer is shutting down")
             self._queue.append(item)
             while self._leading and not item.done:
+                self._waiting += 1
                 self._cond.wait()
+                self._waiting -= 1
             lead = not item.done  # no commit running: commit everything queued, ours included
             if lead:
                 self._leading = True
@@ -107,7 +110,8 @@ class SegmentWriter:
             finally:
                 with self._cond:
                     self._leading = False
-                    self._cond.notify_all()
+                    if self._waiting:  # a lone association has no one to wake: skip the call
+                        self._cond.notify_all()
         if item.error is not None:
             raise item.error
         return item.where
@@ -117,7 +121,9 @@ class SegmentWriter:
         with self._cond:
             self._closed = True
             while self._leading or self._queue:
+                self._waiting += 1
                 self._cond.wait()
+                self._waiting -= 1
         if self._fd >= 0:
             self._drop_cache(self._size)
             os.close(self._fd)
