@@ -86,7 +86,7 @@ class Acceptor:
             sum(ws.active for ws in self.slots), sum(ws.ready for ws in self.slots)))
         self._lock_file = None
         self.scrub = ScrubProcess(config)  # the background scrub (scrub_rate), one process
-        self.http = HttpProcesses(config)  # DICOMweb and the web pages (http_port), N processes
+        self.http = HttpProcesses(config, self.sel, self.metrics)  # DICOMweb and the web pages (http_port)
 
     # -- start-up -----------------------------------------------------------------
 
@@ -200,6 +200,8 @@ class Acceptor:
                 self._accept(key.fileobj, ws)
             elif kind == "worker":
                 self._from_worker(ws)
+            elif kind == "http":
+                self.http.read(ws)
             elif kind == "wake":
                 try:
                     self._wake_r.recv(4096)

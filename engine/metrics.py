@@ -63,11 +63,11 @@ class ArchiveMetrics:
         yield c
         yield CounterMetricFamily("stowage_stored_bytes", "Dataset bytes of the C-STOREs answered success or warning",
                                   value=n.get("stored_bytes", 0))
-        r = CounterMetricFamily("stowage_retrieve_suboperations", "C-MOVE and C-GET sub-operations, by outcome",
-                                labels=["kind", "outcome"])
-        rb = CounterMetricFamily("stowage_retrieved_bytes", "Bytes sent by C-MOVE and C-GET sub-operations",
+        r = CounterMetricFamily("stowage_retrieve_suboperations", "C-MOVE and C-GET sub-operations and "
+                                "WADO-RS instances sent, by outcome", labels=["kind", "outcome"])
+        rb = CounterMetricFamily("stowage_retrieved_bytes", "Bytes sent by C-MOVE and C-GET sub-operations and WADO-RS",
                                  labels=["kind"])
-        for kind in ("C-MOVE", "C-GET"):
+        for kind in ("C-MOVE", "C-GET", "WADO-RS"):
             for state in ("completed", "failed", "warning"):
                 r.add_metric([kind, state], n.get(f"retrieve|{kind}|{state}", 0))
             rb.add_metric([kind], n.get(f"retrieved_bytes|{kind}", 0))

@@ -15,7 +15,7 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from conftest import CT, HOST
+from conftest import CT, HOST, free_port, wait_for
 from web_server import start
 
 UNDERSTAND, MISMATCH = 0xC000, 0xA900
@@ -24,8 +24,10 @@ UNDERSTAND, MISMATCH = 0xC000, 0xA900
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
     cfg = tmp_path_factory.mktemp("cfg") / "web.toml"
-    cfg.write_text("network_timeout = 3\nhttp_delete = true\n")
+    metrics_port = free_port()
+    cfg.write_text(f"network_timeout = 3\nhttp_delete = true\nmetrics_port = {metrics_port}\n")
     w = start(tmp_path_factory.mktemp("stow"), "--config", str(cfg), corpus=False)
+    w.metrics_port = metrics_port
     yield w
     w.server.stop()
 
@@ -181,3 +183,20 @@ def test_delete_study_series_instance(web):
     assert '"event": "delete"' in audit and "dicomweb:loopback" in audit
     r = requests.delete(f"{web.base}/studies/1.2.3.4")
     assert r.status_code == 404
+
+
+def test_metrics_count_what_came_through_the_http_port(web):
+    from test_metrics import scrape
+    port = web.metrics_port
+    before = scrape(port)
+    c = web.client()
+    sent = _instances(2)
+    c.store_instances(sent)
+    c.retrieve_series(sent[0].StudyInstanceUID, sent[0].SeriesInstanceUID)
+
+    def counted():
+        now = scrape(port)
+        return (now['stowage_stores_total{outcome="success"}'] >= before['stowage_stores_total{outcome="success"}'] + 2
+                and now.get('stowage_retrieve_suboperations_total{kind="WADO-RS",outcome="completed"}', 0) >=
+                before.get('stowage_retrieve_suboperations_total{kind="WADO-RS",outcome="completed"}', 0) + 2)
+    wait_for(counted, 30, "the STOW-RS stores and WADO-RS retrievals in /metrics")

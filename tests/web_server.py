@@ -23,6 +23,7 @@ class Web:
     scheme: str = "http"
     ca: Path | None = None
     token: str | None = None
+    metrics_port: int | None = None
 
     @property
     def url(self) -> str:

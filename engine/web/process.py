@@ -13,13 +13,17 @@ import faulthandler
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
+import threading
+from typing import Callable
 
 from aiohttp import web
 
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.runtime.tls import http_context
 from stowage.engine.web.app import build_app
@@ -36,7 +40,31 @@ def _die_with_parent() -> None:
         pass
 
 
-async def _serve(config: Config, sock: socket.socket, index: int) -> None:
+def _report(control: socket.socket, stop: Callable[[], None]) -> None:
+    """Our counts to the acceptor when they changed, at most once a second (as a worker's);
+    the control socket closing means the acceptor is gone: stop."""
+    last = b""
+    while True:
+        readable, _w, _x = select.select([control], [], [], 1.0)
+        if readable:
+            try:
+                if not control.recv(16):
+                    stop()
+                    return
+            except OSError:
+                stop()
+                return
+        report = process_counts.report()
+        if report != last:
+            try:
+                control.send(report)
+            except OSError:
+                stop()
+                return
+            last = report
+
+
+async def _serve(config: Config, sock: socket.socket, index: int, control: socket.socket) -> None:
     app = build_app(config)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
@@ -46,13 +74,15 @@ async def _serve(config: Config, sock: socket.socket, index: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    threading.Thread(target=_report, args=(control, lambda: loop.call_soon_threadsafe(stop.set)),
+                     name="report", daemon=True).start()
     log.info("http process %d serving (pid %d)", index, os.getpid())
     await stop.wait()
     await runner.cleanup()
 
 
 def main() -> None:
-    index, fd = int(sys.argv[1]), int(sys.argv[2])
+    index, fd, control_fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:  # the acceptor died before we asked to be told
@@ -65,7 +95,7 @@ def main() -> None:
     sock.setblocking(False)
     code = 0
     try:
-        asyncio.run(_serve(config, sock, index))
+        asyncio.run(_serve(config, sock, index, socket.socket(fileno=control_fd)))
     except Exception:
         log.exception("http process %d failed", index)
         code = 1

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.counts import REPORT
 
 log = logging.getLogger("stowage.http")
 _STOP_TIMEOUT_S = 20.0
@@ -42,17 +44,26 @@ def http_bind(config: Config) -> str:
     return "::1" if ":" in config.bind else "127.0.0.1"
 
 
+METRICS_KEY = 1000  # http process i reports its counts as "worker" METRICS_KEY + i (engine/metrics.py)
+
+
 @dataclass
 class _Process:
     index: int
     popen: subprocess.Popen | None = None
+    control: socket.socket | None = None  # its counts come in here (REPORT + JSON), as a worker's do
     restarts: list[float] = field(default_factory=list)
     due: float = 0.0
 
 
 class HttpProcesses:
-    def __init__(self, config: Config) -> None:
+    """`sel`, `metrics`: the acceptor's selector and ArchiveMetrics; the acceptor hands what
+    arrives on a ("http", process) key to read()."""
+
+    def __init__(self, config: Config, sel: selectors.BaseSelector | None = None, metrics=None) -> None:
         self.config = config
+        self.sel = sel
+        self.metrics = metrics
         self.sock: socket.socket | None = None
         self.procs = [_Process(i) for i in range(config.http_process_count)]
 
@@ -84,9 +95,38 @@ class HttpProcesses:
 
     def _spawn(self, p: _Process) -> None:
         env = dict(os.environ, STOWAGE_WORKER_CONFIG=json.dumps(self.config.to_dict()))
-        p.popen = subprocess.Popen([sys.executable, "-m", "stowage.engine.web.process", str(p.index),
-                                    str(self.sock.fileno())], pass_fds=[self.sock.fileno()], env=env)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds = [self.sock.fileno(), child.fileno()]
+        p.popen = subprocess.Popen([sys.executable, "-m", "stowage.engine.web.process", str(p.index), *map(str, fds)],
+                                   pass_fds=fds, env=env)
+        child.close()
+        parent.setblocking(False)
+        p.control = parent
+        if self.sel is not None:
+            self.sel.register(parent, selectors.EVENT_READ, ("http", p))
         log.info("http process %d started (pid %d)", p.index, p.popen.pid)
+
+    def read(self, p: _Process) -> None:
+        """What process `p` sent: its counts, for the metrics."""
+        while p.control is not None:
+            try:
+                msg = p.control.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = b""
+            if not msg:
+                self._forget(p)
+                return
+            if msg.startswith(REPORT) and self.metrics is not None:
+                self.metrics.worker_report(METRICS_KEY + p.index, msg[len(REPORT):])
+
+    def _forget(self, p: _Process) -> None:
+        if p.control is not None:
+            if self.sel is not None:
+                self.sel.unregister(p.control)
+            p.control.close()
+            p.control = None
 
     def poll(self, draining: bool) -> None:
         """Restart processes that died (backing off when one keeps dying)."""
@@ -96,6 +136,10 @@ class HttpProcesses:
         for p in self.procs:
             if p.popen is not None and p.popen.poll() is not None:
                 log.error("http process %d exited with %s; restarting it", p.index, p.popen.returncode)
+                self.read(p)
+                self._forget(p)
+                if self.metrics is not None:
+                    self.metrics.worker_gone(METRICS_KEY + p.index)
                 p.restarts = [t for t in p.restarts if now - t < 60] + [now]
                 p.due = now + (min(30.0, 0.5 * 2 ** (len(p.restarts) - 1)) if len(p.restarts) > 3 else 0.0)
                 p.popen = None
@@ -124,4 +168,5 @@ class HttpProcesses:
                 p.popen.kill()
                 code = p.popen.wait()
             failed += code != 0
+            self._forget(p)
         return failed
