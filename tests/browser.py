@@ -100,32 +100,56 @@ class WebArchive:
             return e.code, dict(e.headers), e.read()
 
 
-@pytest.fixture(scope="session")
-def web_archive(tmp_path_factory, installed_viewer):
+TOKEN = "dashboard-test-token-0123456789"  # the read token of `web_archive_with_token`
+
+
+def _web_archive(root: Path, viewer: Path, *args: str) -> Server:
     """`stowage serve` with its HTTP port (one process) and the installed viewer, holding
     CT_small.dcm pushed by DCMTK storescu."""
     import pydicom
-    viewer, done = installed_viewer
-    assert done.returncode == 0, done.stdout + done.stderr
-    root = tmp_path_factory.mktemp("web")
     http_port = free_port()
     server = Server(root / "data", free_port(), ["--workers", "1", "--http-port", str(http_port),
-                                                 "--http-processes", "1"],
+                                                 "--http-processes", "1", *args],
                     {"STOWAGE_VIEWER_DIR": str(viewer), "STOWAGE_SCRUB_RATE": "off"}, log_dir=root).start()
+    archive = WebArchive(server, http_port, str(pydicom.dcmread(CT, stop_before_pixels=True).StudyInstanceUID))
     try:
-        archive = WebArchive(server, http_port, str(pydicom.dcmread(CT, stop_before_pixels=True).StudyInstanceUID))
         wait_for(lambda: _answers(archive), 60, lambda: f"the HTTP port to answer:\n{server.log()}")
         sent = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(server.port), str(CT)],
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        yield archive
-    finally:
+    except BaseException:
         server.kill()
-        shutil.rmtree(root / "data", ignore_errors=True)
+        raise
+    return archive
+
+
+@pytest.fixture(scope="session")
+def web_archive(tmp_path_factory, installed_viewer):
+    viewer, done = installed_viewer
+    assert done.returncode == 0, done.stdout + done.stderr
+    root = tmp_path_factory.mktemp("web")
+    archive = _web_archive(root, viewer)
+    yield archive
+    archive.server.kill()
+    shutil.rmtree(root / "data", ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def web_archive_with_token(tmp_path_factory, installed_viewer):
+    """The same, with a bearer token configured (read scope): every client needs it."""
+    viewer, done = installed_viewer
+    assert done.returncode == 0, done.stdout + done.stderr
+    root = tmp_path_factory.mktemp("web-token")
+    config = root / "stowage.toml"
+    config.write_text(f'[http_tokens.browser]\ntoken = "{TOKEN}"\nscopes = ["read"]\n')
+    archive = _web_archive(root, viewer, "--config", str(config))
+    yield archive
+    archive.server.kill()
+    shutil.rmtree(root / "data", ignore_errors=True)
 
 
 def _answers(archive: WebArchive) -> bool:
     try:
-        return archive.get("/dashboard/status.json")[0] == 200
+        return archive.get("/dashboard/status.json", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
     except OSError:
         return False

@@ -10,8 +10,8 @@ import json
 import pytest
 from selenium.webdriver.common.by import By
 
-from browser import (chromium, console_errors, failed_requests, fresh_logs, installed_viewer,  # noqa: F401
-                     web_archive)
+from browser import (TOKEN, chromium, console_errors, failed_requests, fresh_logs,  # noqa: F401
+                     installed_viewer, web_archive, web_archive_with_token)
 from conftest import wait_for
 
 PATIENT = "CompressedSamples^CT1"  # CT_small.dcm's
@@ -51,10 +51,10 @@ def test_the_dashboard_shows_the_study_storescu_pushed(chromium, web_archive):  
     assert drawn > 100
 
 
-def _search(driver, archive, name: str):
+def _search(driver, archive, name: str, page: str = "/"):
     """Search the study browser by patient name; the study's row once it is listed."""
     fresh_logs(driver)
-    driver.get(archive.url + "/")
+    driver.get(archive.url + page)
     settled = lambda: _text(driver, "search-state") not in ("", "searching…")  # noqa: E731
     wait_for(settled, 30, "the page's first search (all studies)")
     form = driver.find_element(By.ID, "study-search")
@@ -109,3 +109,30 @@ def test_the_viewer_opens_the_study_and_renders_the_ct_slice(chromium, web_archi
     assert chromium.current_url.startswith(f"{web_archive.url}/viewer?StudyInstanceUIDs={web_archive.study_uid}")
     assert not failed_requests(chromium)
     assert not console_errors(chromium)
+
+
+def test_with_tokens_the_pages_work_from_a_link_that_carries_one(chromium, web_archive_with_token):  # noqa: F811
+    """An archive that serves other hosts has tokens: the dashboard opened as /?access_token=
+    sends it with every request it makes (panels, QIDO, thumbnails) and hands it to the viewer;
+    what holds patient data is refused without it, the pages' static files are not."""
+    archive = web_archive_with_token
+    for path in ("/", "/dashboard/status.json", "/dashboard/panels", "/dicom-web/studies"):
+        assert archive.get(path)[0] == 401, path
+    for path in ("/dashboard/static/dashboard.js", "/viewer", "/app-config.js"):
+        assert archive.get(path)[0] == 200, path
+    row = _search(chromium, archive, "CompressedSamples", page=f"/?access_token={TOKEN}")
+    assert "access_token" not in chromium.current_url  # taken out of the address bar
+    assert _text(chromium, "instances") == "1"
+    row.click()
+    image = wait_for(lambda: chromium.find_elements(By.CSS_SELECTOR, "#study-results .series figure img"), 30,
+                     "the series under the study")[0]
+    wait_for(lambda: chromium.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image),
+             30, "the thumbnail to load")
+    row.find_element(By.LINK_TEXT, "Open in viewer").click()
+    lit, pixels, levels = wait_for(lambda: (r := chromium.execute_script(CANVAS)) and r[0] > 0 and r, 90,
+                                   lambda: f"the CT slice on the viewer's canvas ({chromium.current_url})")
+    assert lit > pixels // 10 and levels > 64, (lit, pixels, levels)
+    assert "token" not in chromium.current_url  # OHIF takes it out too
+    assert not failed_requests(chromium)
+    assert not console_errors(chromium)
+

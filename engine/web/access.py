@@ -80,6 +80,17 @@ def _cors_headers(origin: str) -> dict[str, str]:
     return headers
 
 
+_PUBLIC = "stowage_public"
+
+
+def public(handler: Handler) -> Handler:
+    """Mark a handler whose answers hold no patient data (the viewer's and the dashboard's
+    static files): with tokens configured it is served without one, so that a browser can
+    load the page that then sends the token. Without tokens, loopback-only still applies."""
+    setattr(handler, _PUBLIC, True)
+    return handler
+
+
 def middleware(config: Config) -> Callable:
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -90,7 +101,10 @@ def middleware(config: Config) -> Callable:
             return web.Response(status=204, headers={
                 **_cors_headers(origin), "Access-Control-Allow-Methods": "GET, HEAD, POST, DELETE, OPTIONS",
                 "Access-Control-Allow-Headers": _ALLOWED_HEADERS, "Access-Control-Max-Age": "600"})
-        request[TOKEN_NAME] = authenticate(config, request)
+        if config.http_tokens and getattr(request.match_info.handler, _PUBLIC, False):
+            request[TOKEN_NAME] = "public"
+        else:
+            request[TOKEN_NAME] = authenticate(config, request)
         return await handler(request)
     return access
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from aiohttp import web
 
 from stowage.engine.runtime.config import Config
+from stowage.engine.web.access import public
 
 PACKAGE = "@ohif/app"
 # 3.13.2 is the newest release whose npm tarball holds the prebuilt app (dist/index.html,
@@ -238,6 +239,9 @@ def add_routes(app: web.Application, config: Config, dicomweb_root: str) -> None
                                    + ("" if installed() else " (it is not installed: stowage viewer install)"))
         return web.FileResponse(target)
 
+    # OHIF's files hold no patient data: served without a token (it sends the token, given
+    # to it as /viewer?...&token=, with each DICOMweb request).
+    index, app_config, file = public(index), public(app_config), public(file)
     app.router.add_get("/viewer", index)
     app.router.add_get(r"/viewer/{tail:.*}", index)
     app.router.add_get("/app-config.js", app_config)

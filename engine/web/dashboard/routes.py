@@ -14,6 +14,7 @@ from aiohttp import web
 
 from stowage import __version__
 from stowage.engine.runtime.config import Config
+from stowage.engine.web.access import public
 from stowage.engine.web.dashboard.status import Status
 
 HERE = Path(__file__).parent
@@ -76,4 +77,12 @@ def add_routes(app: web.Application, config: Config, dicomweb_root: str) -> None
     app.router.add_get("/", page)
     app.router.add_get("/dashboard/panels", panels)
     app.router.add_get("/dashboard/status.json", status_json)
-    app.router.add_static("/dashboard/static", HERE / "static", append_version=False)
+    static = {p.name: p for p in (HERE / "static").iterdir() if p.is_file()}
+
+    @public  # the script and style sheet: loaded before the page's script can send a token
+    async def static_file(request: web.Request) -> web.FileResponse:
+        path = static.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound(text="no such file")
+        return web.FileResponse(path)
+    app.router.add_get("/dashboard/static/{name}", static_file)

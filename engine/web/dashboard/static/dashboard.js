@@ -4,6 +4,19 @@
 const ROOT = document.body.dataset.dicomweb;   // the DICOMweb base path, e.g. /dicom-web
 const REFRESH_MS = 5000;
 
+// A bearer token (archives with http_tokens): opened as /?access_token=..., the page keeps
+// it for this tab, takes it out of the address bar, and sends it with each request.
+const TOKEN = (() => {
+  const url = new URL(window.location.href), given = url.searchParams.get("access_token");
+  if (given) {
+    sessionStorage.setItem("stowage.token", given);
+    url.searchParams.delete("access_token");
+    history.replaceState(null, "", url);
+  }
+  return sessionStorage.getItem("stowage.token");
+})();
+const authorized = (headers = {}) => (TOKEN ? { ...headers, Authorization: `Bearer ${TOKEN}` } : headers);
+
 // --- live panels and the chart -------------------------------------------------------
 function drawChart() {
   const canvas = document.getElementById("ingest-chart");
@@ -53,7 +66,7 @@ function drawChart() {
 
 async function refreshPanels() {
   try {
-    const r = await fetch("/dashboard/panels", { cache: "no-store" });
+    const r = await fetch("/dashboard/panels", { cache: "no-store", headers: authorized() });
     if (r.ok) { document.getElementById("panels").innerHTML = await r.text(); drawChart(); }
   } catch (e) { /* the server restarting: try again next time */ }
 }
@@ -68,7 +81,7 @@ const cell = (text) => { const td = document.createElement("td"); td.textContent
 const prettyDate = (d) => d.length === 8 ? `${d.slice(0, 4)}-${d.slice(4, 6)}-${d.slice(6)}` : d;
 
 async function qido(path, params) {
-  const r = await fetch(`${ROOT}${path}?${params}`, { headers: { Accept: "application/dicom+json" } });
+  const r = await fetch(`${ROOT}${path}?${params}`, { headers: authorized({ Accept: "application/dicom+json" }) });
   if (r.status === 204) return [];
   if (!r.ok) throw new Error(`${r.status} ${r.statusText}: ${await r.text()}`);
   return r.json();
@@ -109,7 +122,8 @@ function studyRows(ds) {
             cell(value(ds, "00081030")), cell(values(ds, "00080061")), cell(value(ds, "00201206")),
             cell(value(ds, "00201208")));
   const open = document.createElement("td"), a = document.createElement("a");
-  a.href = `/viewer?StudyInstanceUIDs=${encodeURIComponent(uid)}`; a.className = "open"; a.textContent = "Open in viewer";
+  // OHIF takes the token as ?token= and sends it as a bearer token with its own requests
+  a.href = `/viewer?StudyInstanceUIDs=${encodeURIComponent(uid)}` + (TOKEN ? `&token=${encodeURIComponent(TOKEN)}` : ""); a.className = "open"; a.textContent = "Open in viewer";
   a.addEventListener("click", (e) => e.stopPropagation());
   open.append(a); tr.append(open);
   const detail = document.createElement("tr"), td = document.createElement("td");
@@ -130,7 +144,7 @@ async function toggleSeries(study, row, td) {
     for (const ds of series) {
       const uid = value(ds, "0020000E"), fig = document.createElement("figure"), img = document.createElement("img");
       img.alt = `series ${value(ds, "00200011")}`; img.loading = "lazy";
-      img.src = `${ROOT}/studies/${encodeURIComponent(study)}/series/${encodeURIComponent(uid)}/thumbnail?viewport=128,128`;
+      showThumbnail(img, `${ROOT}/studies/${encodeURIComponent(study)}/series/${encodeURIComponent(uid)}/thumbnail?viewport=128,128`);
       const cap = document.createElement("figcaption");
       cap.textContent = `${value(ds, "00080060")} #${value(ds, "00200011")} ${value(ds, "0008103E")} (${value(ds, "00201209")})`;
       fig.dataset.uid = uid; fig.append(img, cap); box.append(fig);
@@ -139,6 +153,15 @@ async function toggleSeries(study, row, td) {
   } catch (e) {
     td.textContent = `series failed: ${e.message}`;
   }
+}
+
+function showThumbnail(img, url) {
+  if (!TOKEN) { img.src = url; return; }
+  // An <img> cannot send a header: fetch it with the token, show what came back.
+  fetch(url, { headers: authorized({ Accept: "image/jpeg" }) })
+    .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(`${r.status}`))))
+    .then((blob) => { img.src = URL.createObjectURL(blob); })
+    .catch((e) => { img.alt = `thumbnail failed: ${e.message}`; });
 }
 
 document.getElementById("study-search").addEventListener("submit", searchStudies);
