@@ -32,7 +32,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from stowage.bench.corpus import generate
-from stowage.bench.harness.ingest import SENDERS, Result, finish, format_table, measure, names_of, sender_tools
+from stowage.bench.harness.ingest import (SENDERS, Result, finish, format_table, measure, names_of, page_cache_state,
+                                          sender_tools)
 from stowage.bench.harness.orthanc import executable as orthanc_executable
 from stowage.bench.procs import find_dcmtk
 from stowage.bench.harness.receivers import RECEIVERS
@@ -77,6 +78,8 @@ def header(env: dict, corpora: dict[str, tuple[int, int]], args: argparse.Namesp
              f"load average (1 min) at start → end: {load}",
              "peers: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
              "corpora: " + "; ".join(f"{k}: {n} instances, {b / 1e6:.1f} MB" for k, (n, b) in corpora.items()),
+             page_cache_state() + " (disk KB/inst: written over the transfer and its sync; dirty MB at ack: "
+             "what the page cache still held to write when the last C-STORE was answered)",
              f"medians of {args.repeat} interleaved runs; every receiver started fresh for every run"]
     return "\n".join(lines)
 

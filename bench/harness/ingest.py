@@ -78,6 +78,36 @@ class Run:
     # took right after it: what a receiver that does not fsync leaves to be done.
     machine_cpu_s: float = 0.0
     sync_s: float = 0.0
+    # What reached the disk over the transfer and its `sync` (every block device: what a
+    # receiver's compression saves), and what the page cache held dirty at the last ack.
+    disk_write_bytes: int = 0
+    dirty_mb_at_ack: float = 0.0
+
+
+def meminfo_mb(*keys: str) -> dict[str, float]:
+    """Fields of /proc/meminfo in MB (Dirty, Cached, MemTotal, ...): the page cache's state."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in keys:
+                out[name] = int(rest.split()[0]) / 1024
+    return out
+
+
+def disk_written() -> int:
+    """Bytes written to every block device since boot."""
+    io = psutil.disk_io_counters()
+    return io.write_bytes if io else 0
+
+
+def page_cache_state() -> str:
+    """One line on the page cache and writeback settings, for the report's header."""
+    m = meminfo_mb("MemTotal", "Cached", "Dirty")
+    vm = {k: Path(f"/proc/sys/vm/{k}").read_text().strip() for k in
+          ("dirty_ratio", "dirty_background_ratio", "dirty_bytes", "dirty_expire_centisecs")}
+    return (f"page cache: {m.get('Cached', 0):.0f} MB cached, {m.get('Dirty', 0):.0f} MB dirty of "
+            f"{m.get('MemTotal', 0):.0f} MB; vm " + ", ".join(f"{k}={v}" for k, v in vm.items()))
 
 
 def machine_busy_s() -> float:
@@ -198,7 +228,7 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
         env = tool_env(args.nagle)
         proc, mon = _start(rcv, cmd, port, logs, tools["echoscu"], args.start_timeout, env)
         os.sync()  # what an earlier run left dirty is not this run's to write back
-        cpu0, busy0 = mon.sample(), machine_busy_s()
+        cpu0, busy0, disk0 = mon.sample(), machine_busy_s(), disk_written()
         if sender == "storescu":
             wall, errors, extra = _send_storescu(port, rcv.aet, files, k, tools, work, logs, env, args)
         elif sender == "stowage-bench":
@@ -208,9 +238,11 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
             wall, errors, extra = _send_loadgen(port, rcv.aet, items, k, args)
         else:
             raise ValueError(f"unknown sender {sender!r}; known: {', '.join(SENDERS)}")
+        dirty = meminfo_mb("Dirty").get("Dirty", 0.0)
         synced = time.monotonic()
         os.sync()
         sync_s, busy = time.monotonic() - synced, machine_busy_s() - busy0
+        written = disk_written() - disk0
         if proc.poll() is not None:
             errors.append(f"receiver died (exit {proc.returncode}): {tail(logs / 'receiver.err', 5)}")
         mon.stop()
@@ -223,7 +255,7 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
         run = Run(wall_s=wall, inst_per_s=len(files) / wall, mb_per_s=total_bytes / 1e6 / wall,
                   cpu_s=mon.cpu - cpu0, peak_rss_mb=mon.peak_rss / 1e6, peak_pss_mb=mon.peak_pss / 1e6,
                   received=received, leftover_procs=leftovers, max_procs=mon.max_procs, errors=errors,
-                  machine_cpu_s=busy, sync_s=sync_s, **extra)
+                  machine_cpu_s=busy, sync_s=sync_s, disk_write_bytes=written, dirty_mb_at_ack=dirty, **extra)
         return run, cmd
     finally:
         if proc is not None and proc.poll() is None:
@@ -262,7 +294,7 @@ def finish(res: Result) -> Result:
     if not res.runs:
         return res
     for key in ("wall_s", "inst_per_s", "mb_per_s", "cpu_s", "peak_rss_mb", "peak_pss_mb", "machine_cpu_s",
-                "sync_s"):
+                "sync_s", "disk_write_bytes", "dirty_mb_at_ack"):
         res.median[key] = statistics.median(getattr(r, key) for r in res.runs)
     lat = [r.latency_ms for r in res.runs if r.latency_ms]
     for p in ("p50", "p99"):
@@ -291,12 +323,13 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
     base = {(r.kind, r.sender, r.associations): r.median["inst_per_s"]
             for r in results if r.receiver == "stowage" and r.runs}
     head = ("corpus", "sender", "assoc", "receiver", "inst/s", "spread", "durable inst/s", "MB/s", "p50 ms", "p99 ms",
-            "cpu ms/inst", "machine cpu ms/inst", "peak RSS MB", "ratio vs stowage", "ok")
+            "cpu ms/inst", "machine cpu ms/inst", "disk KB/inst", "dirty MB at ack", "peak RSS MB",
+            "ratio vs stowage", "ok")
     rows, notes = [], []
     for r in results:
         where = (r.kind, r.sender, str(r.associations), r.receiver)
         if not r.runs:
-            rows.append((*where, r.status, "", "", "", "", "", "", "", "", "", "-"))
+            rows.append((*where, r.status, "", "", "", "", "", "", "", "", "", "", "", "-"))
             notes.append(f"{r.receiver} ({r.kind} {r.sender} assoc {r.associations}) {r.status}: {r.note}")
             continue
         m = r.median
@@ -310,6 +343,7 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
         durable = n / (m["wall_s"] + m.get("sync_s", 0.0))
         rows.append((*where, f"{m['inst_per_s']:.1f}", spread, f"{durable:.1f}", f"{m['mb_per_s']:.1f}", *lat,
                      f"{m['cpu_s'] * 1e3 / n:.2f}", f"{m.get('machine_cpu_s', 0.0) * 1e3 / n:.2f}",
+                     f"{m.get('disk_write_bytes', 0) / 1e3 / n:.1f}", f"{m.get('dirty_mb_at_ack', 0.0):.0f}",
                      f"{m['peak_rss_mb']:.1f}", ratio, ok))
         if r.status != "ok":
             notes.append(f"{r.receiver} ({r.kind} {r.sender} assoc {r.associations}) errors: {r.note}")
