@@ -150,6 +150,7 @@ class Commitment:
         self.config = config
         self.archive = archive
         self.queue = sc.ReportQueue(config.data_dir / "commitment")
+        self._projects = None  # engine/deidentify Router, made when a report is first judged
         self._pending: dict[str, _Pending] = {}
         self._watched: weakref.WeakSet = weakref.WeakSet()  # associations whose sent messages we watch
         self._lock = threading.Lock()
@@ -161,6 +162,19 @@ class Commitment:
         self._in_flight: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="commitment-delivery", daemon=True)
         self._thread.start()
+
+    def _aliases(self, requester: str):
+        """A sender's UIDs as the projects it may store into keep them (keyed, engine/deidentify):
+        commitment answers for the SOP Instance UID the sender sent (issue #22)."""
+        if not self.config.projects:
+            return None
+        from stowage.engine.deidentify.ingest import Router
+        if self._projects is None:
+            self._projects = Router(self.config.projects, self.config.data_dir)
+        projects = [self._projects.project(name) for name, c in self._projects.configs.items()
+                    if c.called_ae and (not c.calling_aes or requester in c.calling_aes)
+                    and "retain_uids" not in c.options]
+        return (lambda uid: [p.profile.keyed.uid(uid) for p in projects]) if projects else None
 
     # -- N-ACTION ---------------------------------------------------------------------
 
@@ -291,7 +305,7 @@ class Commitment:
             return
         if p.verdict is None:
             p.verdict = sc.judge(self.archive.catalog, self.config.data_dir / "segments", r.references,
-                                 sync=self.config.durability != "fsync")
+                                 sync=self.config.durability != "fsync", aliases=self._aliases(r.requester_ae))
         info = event_information(self.config, r.transaction_uid, p.verdict)
         remote = self.config.remotes.get(r.requester_ae)
         same_ok = remote is None or remote.commitment_same_association

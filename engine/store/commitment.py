@@ -33,7 +33,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from stowage.catalog.durable import fsync_dir
 from stowage.catalog.reader import Catalog
@@ -68,15 +68,21 @@ class Verdict:
         return EVENT_FAILURES_EXIST if self.failed else EVENT_SUCCESSFUL
 
 
-def judge(catalog: Catalog, segments_dir: Path, references: list[Reference], *, sync: bool = False) -> Verdict:
+def judge(catalog: Catalog, segments_dir: Path, references: list[Reference], *, sync: bool = False,
+          aliases: Callable[[str], list[str]] | None = None) -> Verdict:
     """The verdict on `references`. `sync` fsyncs the segments first (for archives that
     run with durability = os-buffer, whose records are not on stable storage yet).
 
     Cost: one catalog query for the whole request, then per distinct record one open of
     its segment and one read of the whole record (decompressed, to check both CRCs):
     the request's stored bytes read once. The N-ACTION handler caps the references of a
-    request (max_commitment_references) and the requests pending per AE, which bounds it."""
+    request (max_commitment_references) and the requests pending per AE, which bounds it.
+
+    `aliases(uid)`: the UIDs an instance sent as `uid` may be held under (a research project
+    de-identified it on the way in, engine/deidentify): the verdict names the UID as sent."""
     uids = sorted({r.sop_instance_uid for r in references if valid_uid(r.sop_instance_uid)})
+    alias = {u: aliases(u) for u in uids} if aliases is not None else {}
+    uids += sorted({a for found in alias.values() for a in found})
     _cols, rows = catalog.execute(
         "SELECT sop_instance_uid, sop_class_uid, segment, \"offset\", dataset_crc32, dataset_length "
         "FROM instances WHERE sop_instance_uid IN (SELECT unnest(?))", [uids])
@@ -90,6 +96,8 @@ def judge(catalog: Catalog, segments_dir: Path, references: list[Reference], *, 
             verdict.failed.append((ref, INVALID_ARGUMENT_VALUE))
             continue
         row = held.get(ref.sop_instance_uid)
+        for other in alias.get(ref.sop_instance_uid, ()):
+            row = row or held.get(other)
         if row is None:
             verdict.failed.append((ref, NO_SUCH_OBJECT_INSTANCE))
             continue
