@@ -117,6 +117,8 @@ def test_the_http_port_serves_the_viewer_with_an_app_config_for_our_dicomweb(web
     status, headers, body = web_archive.get("/app-config.js")
     assert status == 200 and "javascript" in headers["Content-Type"]
     assert b"window.location.origin + \"/dicom-web\"" in body and b"defaultDataSourceName: 'stowage'" in body
+    status, headers, body = web_archive.get("/viewer")  # no study: the dashboard's study browser
+    assert status == 200 and b'id="study-search"' in body
     status, headers, _ = web_archive.get("/assets/favicon.ico")
     assert status == 200
     status, headers, body = web_archive.get("/dashboard/static/dashboard.js")
@@ -125,3 +127,25 @@ def test_the_http_port_serves_the_viewer_with_an_app_config_for_our_dicomweb(web
                   f"/{ohif.MARKER}.js"):
         status, _, body = web_archive.get(trick)
         assert status == 404 and b"root:" not in body, trick
+
+
+def test_the_viewer_not_installed_says_how_to_install_it(tmp_path):
+    """The HTTP application (engine/web/app.py) on a loopback port, no viewer installed."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from stowage.engine.runtime.config import Config
+    from stowage.engine.web.app import build_app
+
+    async def ask() -> list[tuple[int, str]]:
+        app = build_app(Config(data_dir=tmp_path / "data", viewer_dir=str(tmp_path / "nothing")))
+        async with TestClient(TestServer(app, host=HOST)) as client:
+            out = []
+            for path in ("/viewer?StudyInstanceUIDs=1.2.3", "/app.bundle.0123.js"):
+                r = await client.get(path)
+                out.append((r.status, await r.text()))
+            return out
+    (status, page), (missing, text) = asyncio.run(ask())
+    assert status == 503 and "stowage viewer install" in page and ohif.VERSION in page
+    assert missing == 404 and "stowage viewer install" in text

@@ -218,6 +218,8 @@ def add_routes(app: web.Application, config: Config, dicomweb_root: str) -> None
         return (directory / "index.html").is_file()
 
     async def index(request: web.Request) -> web.StreamResponse:
+        if request.path == "/viewer" and not request.query.get("StudyInstanceUIDs"):
+            raise web.HTTPFound("/#studies")  # OHIF shows nothing without a study: pick one there
         if not installed():
             import html
             return web.Response(status=503, content_type="text/html", text=NOT_INSTALLED.format(
