@@ -7,6 +7,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()
 [ -x /usr/bin/storescp ] || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)   # a storage commitment peer; tests run it as a subprocess
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)  # tests/test_dicomweb_orthanc.py
 command -v openssl >/dev/null || missing+=(openssl)  # tests/test_tls.py makes its certificates with it
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)  # tests/test_export.py checks the DICOMDIR with it
 [ -x /usr/bin/chromium ] || missing+=(chromium)  # the real browser of tests/browser.py (dashboard, OHIF viewer)

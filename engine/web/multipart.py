@@ -1,10 +1,11 @@
 """multipart/related bodies (RFC 2387, PS3.18 8.6): writing WADO-RS answers part by part
-as they are read, never the whole body in memory."""
+as they are read, never the whole body in memory; reading STOW-RS bodies (aiohttp's reader)."""
 from __future__ import annotations
 
 import uuid
 
 from aiohttp import web
+from aiohttp.multipart import MultipartReader
 
 
 class MultipartWriter:
@@ -42,3 +43,14 @@ class MultipartWriter:
                                    f"--{self.boundary}--\r\n").encode())
         await self.response.write_eof()
         return self.response
+
+
+class LenientReader(MultipartReader):
+    """aiohttp's reader, taking boundaries past RFC 2046's 70 characters (up to 200):
+    Orthanc's DICOMweb plugin sends 73."""
+
+    def _get_boundary(self) -> str:
+        boundary = self._mimetype.parameters["boundary"]
+        if not 0 < len(boundary) <= 200:
+            raise ValueError(f"the boundary is {len(boundary)} characters long (1 to 200 taken)")
+        return boundary

@@ -26,7 +26,6 @@ from itertools import count
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.multipart import MultipartReader
 from pydicom.dataset import Dataset
 
 from stowage.engine.runtime.audit import Trail
@@ -35,6 +34,7 @@ from stowage.engine.store.segment import FileRange
 from stowage.engine.web.context import CONFIG, base_url, path_uid
 from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url, to_json
 from stowage.engine.web.errors import refusal
+from stowage.engine.web.multipart import LenientReader
 from stowage.engine.web.store import STORE, WebStore, spool_dir
 from stowage.protocol.status import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, PROCESSING_FAILURE, SUCCESS
 
@@ -85,7 +85,10 @@ async def _spool(request: web.Request, store: WebStore) -> list[Part]:
     config = store.config
     folder = spool_dir(config.data_dir)  # on the archive's disk: the store path reads it from there
     await store.run(folder.mkdir, parents=True, exist_ok=True)
-    reader = MultipartReader(request.headers, request.content)
+    try:
+        reader = LenientReader(request.headers, request.content)
+    except ValueError as e:
+        raise refusal(400, f"the multipart/related Content-Type cannot be used: {e}") from None
     parts: list[Part] = []
     total = 0
     timeout = config.network_timeout
