@@ -298,3 +298,25 @@ def test_dciodvfy_finds_no_new_iod_error(tmp_path, name, options):
     new = _dciodvfy_errors(out) - _dciodvfy_errors(src)
     assert not new, new
     project.close()
+
+
+@pytest.mark.integration
+def test_pydicom_test_files_all_pass_through_the_command(tmp_path):
+    """Every file pydicom ships is de-identified or, burned-in, quarantined: none fails."""
+    from pydicom.data import get_testdata_files
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, f in enumerate(f for f in get_testdata_files("*") if Path(f).is_file()):
+        shutil.copy(f, src / f"{i:03d}-{Path(f).name}")
+    config = tmp_path / "c.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[projects.P]\n'
+                      'options = ["retain_longitudinal_modified_dates", "clean_descriptors"]\n')
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "deidentify", "--config", str(config), "--project", "P",
+                        str(src), str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0 and " 0 failed" in r.stdout, r.stdout + r.stderr[-3000:]
+    written = int(r.stdout.split()[0])
+    # pydicom ships one instance in several transfer syntaxes: one SOP Instance UID, one output name
+    assert written > 30 and 15 < len(list((tmp_path / "out").iterdir())) <= written
+    for path in (tmp_path / "out").iterdir():
+        ds = pydicom.dcmread(path, force=True)
+        assert ds.PatientIdentityRemoved == "YES"
