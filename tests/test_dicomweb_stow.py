@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-import uuid
 from io import BytesIO
 
 import pydicom

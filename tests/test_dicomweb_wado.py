@@ -130,7 +130,7 @@ def test_not_found_and_not_acceptable(web):
     study = _ct_study(web)
     series = next(iter(web.corpus.studies[study]))
     inst = web.corpus.studies[study][series][0]
-    for url, words in ((f"/studies/1.2.3.4", "no such study"),
+    for url, words in (("/studies/1.2.3.4", "no such study"),
                        (f"/studies/{study}/series/1.2.3/metadata", "no such series"),
                        (f"/studies/{study}/series/{series}/instances/{inst}/frames/2", "1 frame"),
                        (f"/studies/{study}/series/{series}/instances/{inst}/bulkdata/00420011", "has no")):

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from stowage.engine.runtime.audit import Trail
 from stowage.engine.store.archive import StoreResult, valid_uid
 from stowage.engine.store.segment import FileRange
-from stowage.engine.web.context import CONFIG, base_url, path_uid
+from stowage.engine.web.context import base_url, path_uid
 from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url, to_json
 from stowage.engine.web.errors import refusal
 from stowage.engine.web.multipart import LenientReader

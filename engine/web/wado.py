@@ -7,8 +7,7 @@ frames. Rendered images and thumbnails are in rendered.py.
   syntax named: Explicit VR Little Endian where it can be had, else as stored (PS3.18
   8.7.3.5.2 allows that for data that cannot be decompressed).
 - Metadata: `application/dicom+json` answered from the catalog's stored headers, without
-  reading any record, at study, series and instance level; Pixel Data (and an
-  Encapsulated Document) appear as BulkDataURIs.
+  reading any record, at study, series and instance level (metadata.py).
 - Bulk data and frames: multipart/related of `application/octet-stream` (or the
   compressed syntax's image type), every part labelled with its transfer syntax.
 """
@@ -16,18 +15,16 @@ from __future__ import annotations
 
 import logging
 import time
-from io import BytesIO
-from typing import Any
 
-import pydicom
 from aiohttp import web
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.web import pixels
-from stowage.engine.web.context import CONFIG, base_url, path_uid
-from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url, to_json
+from stowage.engine.web.context import base_url, path_uid
+from stowage.engine.web.dicom_json import MEDIA_TYPE, resource_url
 from stowage.engine.web.errors import refusal
+from stowage.engine.web.metadata import series_metadata
 from stowage.engine.web.multipart import MultipartWriter
 from stowage.engine.web.negotiation import DEFAULT_SYNTAX, IMAGE_MEDIA_TYPES, alternatives, image_media_type
 from stowage.engine.web.records import IN_MEMORY, Instance, Unreadable, find
@@ -137,32 +134,6 @@ def _converted(store: WebStore, inst: Instance, target: str) -> bytes:
 
 # -- metadata --------------------------------------------------------------------------
 
-def _metadata(store: WebStore, found: list[Instance], base: str) -> list[dict[str, Any]]:
-    out = []
-    for inst in found:
-        url = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
-        ds = inst.dataset_header()
-        if ds is None:  # a catalog row without a header (written before headers were kept): the record
-            ds = pydicom.dcmread(BytesIO(store.reader.part10(inst)), stop_before_pixels=True)
-            ds.file_meta = pydicom.dataset.FileMetaDataset()
-        obj = to_json(ds, bulk_base=url)
-        if "00280010" in obj and "7FE00010" not in obj:  # an image: its pixels, by reference
-            compressed = UID(inst.transfer_syntax_uid).is_compressed and inst.transfer_syntax_uid not in NATIVE
-            bits = int((obj.get("00280100", {}).get("Value") or [16])[0] or 16)
-            obj["7FE00010"] = {"vr": "OB" if compressed or bits <= 8 else "OW",
-                               "BulkDataURI": f"{url}/bulkdata/7FE00010"}
-        if inst.sop_class_uid in _DOCUMENT_CLASSES and "00420011" not in obj:
-            obj["00420011"] = {"vr": "OB", "BulkDataURI": f"{url}/bulkdata/00420011"}
-        obj["00083002"] = {"vr": "UI", "Value": [inst.transfer_syntax_uid]}  # Available Transfer Syntax UID
-        out.append(obj)
-    return out
-
-
-_DOCUMENT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.104.2",
-                               "1.2.840.10008.5.1.4.1.1.104.3", "1.2.840.10008.5.1.4.1.1.104.4",
-                               "1.2.840.10008.5.1.4.1.1.104.5"})
-
-
 async def metadata(request: web.Request) -> web.Response:
     accept = alternatives(request.headers.get("Accept"), MEDIA_TYPE)
     if not any(a.media_type in (MEDIA_TYPE, "application/json", "*/*", "application/*") for a in accept):
@@ -170,7 +141,7 @@ async def metadata(request: web.Request) -> web.Response:
     store = request.app[STORE]
     found = await _instances(store, request, with_header=True)
     try:
-        body = await store.run(lambda: dumps(_metadata(store, found, base_url(request))))
+        body = await store.run(series_metadata, store, found, base_url(request))
     except Unreadable as e:
         raise refusal(500, str(e)) from None
     return web.Response(body=body, content_type=MEDIA_TYPE)

@@ -38,9 +38,15 @@ import click
 @click.option("--fresh", is_flag=True, help="Each run sends new instances (seed + run number), not the "
                                           "first run's again (generated corpora only).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--dicomweb", "dicomweb_url", help="Benchmark DICOMweb instead: STOW-RS to this base URL, e.g. "
+                                                  "http://127.0.0.1:8080/dicom-web (-k: concurrent HTTP clients).")
+@click.option("--batch", type=int, default=10, show_default=True, help="DICOMweb: instances per STOW-RS request.")
+@click.option("--wado", is_flag=True, help="DICOMweb: then retrieve every series (WADO-RS, as stored) and its metadata.")
+@click.option("--token", envvar="STOWAGE_BENCH_TOKEN", help="DICOMweb: a bearer token [$STOWAGE_BENCH_TOKEN].")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="DICOMweb: CA file for an https URL.")
 def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, syntax, count, patients,
           studies_per_patient, series_per_study, frames, seed, pid, json_path, chart_path, timeout, max_pdu,
-          fresh, quiet) -> None:
+          fresh, quiet, dicomweb_url, batch, wado, token, ca) -> None:
     """Load-test a Storage SCP: K sender processes, one association each, C-STORE a generated
     (or given) corpus; report instances/s, MB/s, latency percentiles and failures by status.
     Exit status 1 if any store was not successful."""
@@ -54,6 +60,16 @@ def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, 
         raise click.UsageError("--associations and --repeat must be >= 1")
     spec = CorpusSpec(split_list(kind), split_list(syntax), count, patients, studies_per_patient,
                       series_per_study, frames, seed)
+    if dicomweb_url:
+        from stowage.bench.dicomweb import WebTarget, run_web_bench
+        if batch < 1:
+            raise click.UsageError("--batch must be >= 1")
+        try:
+            results = run_web_bench(WebTarget(dicomweb_url.rstrip("/"), token, ca), ks, repeat, corpus_dir=corpus_dir,
+                                    spec=spec, pid=pid, json_path=json_path, batch=batch, wado=wado)
+        except BenchError as e:
+            raise click.ClickException(str(e)) from None
+        sys.exit(1 if any(r.failed for r in results) else 0)
     try:
         results = run_bench(Target(host, port, aet, calling_aet), ks, repeat, corpus_dir=corpus_dir, spec=spec,
                             pid=pid, json_path=json_path, chart_path=chart_path, progress=not quiet,
