@@ -24,7 +24,9 @@ UNDERSTAND, MISMATCH = 0xC000, 0xA900
 def web(tmp_path_factory):
     cfg = tmp_path_factory.mktemp("cfg") / "web.toml"
     metrics_port = free_port()
-    cfg.write_text(f"network_timeout = 3\nhttp_delete = true\nmetrics_port = {metrics_port}\n")
+    # spill_threshold 20 kB: every CT part is spooled to disk here (tests/test_dicomweb_orthanc.py's stay in memory)
+    cfg.write_text(f"network_timeout = 3\nhttp_delete = true\nmetrics_port = {metrics_port}\n"
+                   "spill_threshold = 20000\n")
     w = start(tmp_path_factory.mktemp("stow"), "--config", str(cfg), corpus=False)
     w.metrics_port = metrics_port
     yield w

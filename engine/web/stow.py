@@ -1,8 +1,9 @@
 """STOW-RS (PS3.18 10.5): `POST /studies` and `/studies/{study}` with
 `multipart/related; type="application/dicom"`, each part a Part-10 file.
 
-The body is streamed to spool files on the archive's disk as it arrives (a 2 GB instance
-never sits in memory), each read bounded by `network_timeout`. Only when the whole body
+The body is read as it arrives, each read bounded by `network_timeout`: parts up to
+`spill_threshold` in memory (64 MB a request at most), larger ones streamed to spool files
+on the archive's disk (a 2 GB instance never sits in memory). Only when the whole body
 has arrived and its closing boundary is read does anything get stored, so a truncated or
 malformed body stores nothing. Each instance then goes through the same store path as
 C-STORE (Archive.store: validation, duplicates policy, rejection notes, free space and
@@ -12,7 +13,7 @@ Answer (PS3.18 10.5.3): 200 all stored; 202 some stored, some failed; 409 none s
 400 a body that cannot be read; 415 a media type other than application/dicom. The body
 is application/dicom+json: Retrieve URL, Referenced SOP Sequence (with each instance's
 Retrieve URL) and Failed SOP Sequence (with the DIMSE failure status as Failure Reason,
-PS3.18 Annex I, and our reason in Text Value... as the log and audit line have it).
+PS3.18 Annex I, and our reason in Text Value (0040,A160), as the log and audit line say it).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from aiohttp import web
 from pydicom.dataset import Dataset
 
+from stowage.catalog.attributes import extract
 from stowage.engine.runtime.audit import Trail
 from stowage.engine.store.archive import StoreResult, valid_uid
 from stowage.engine.store.segment import FileRange
@@ -42,19 +44,35 @@ log = logging.getLogger("stowage.http")
 DICOM = "application/dicom"
 SOURCE_AE = "DICOMWEB"  # the calling AE of what arrives by STOW-RS (catalog, file meta, audit)
 _CHUNK = 1 << 20
+# Parts up to spill_threshold are kept in memory, up to this much per request; the rest is
+# spooled to disk as it arrives.
+_IN_MEMORY_PER_REQUEST = 64 << 20
 _ids = count(1)
 _trail = Trail()
 
 
 @dataclass
 class Part:
-    path: Path
+    path: Path | None  # the spool file, or None: the part is in `data`
     length: int
+    data: bytes | None = None
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
     result: StoreResult | None = None
     study: str = ""
     series: str = ""
+
+    def head(self, n: int, start: int = 0) -> bytes:
+        if self.data is not None:
+            return self.data[start:start + n]
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            return f.read(n)
+
+    def dataset(self, start: int) -> bytes | FileRange:
+        if self.data is not None:
+            return self.data[start:]
+        return FileRange(self.path, start, self.length - start)
 
 
 def _content_type(request: web.Request) -> None:
@@ -90,7 +108,7 @@ async def _spool(request: web.Request, store: WebStore) -> list[Part]:
     except ValueError as e:
         raise refusal(400, f"the multipart/related Content-Type cannot be used: {e}") from None
     parts: list[Part] = []
-    total = 0
+    total = in_memory = 0
     timeout = config.network_timeout
     try:
         while True:
@@ -106,9 +124,8 @@ async def _spool(request: web.Request, store: WebStore) -> list[Part]:
             if ptype != DICOM:
                 raise refusal(415, f"part {len(parts) + 1} is {ptype[:60]!r}: only application/dicom parts are "
                                    "taken; nothing was stored")
-            path = folder / f"{os.getpid()}-{next(_ids)}.part"
-            parts.append(Part(path, 0))
-            f = await store.run(open, path, "wb")
+            parts.append(Part(None, 0))
+            buf, f = bytearray(), None
             try:
                 while True:
                     try:
@@ -123,10 +140,24 @@ async def _spool(request: web.Request, store: WebStore) -> list[Part]:
                     if total > config.max_spool_bytes:
                         raise refusal(413, f"the body holds more than max_spool_bytes ({config.max_spool_bytes} "
                                            "bytes); send fewer or smaller instances per request; nothing was stored")
-                    await store.run(f.write, chunk)
                     parts[-1].length += len(chunk)
+                    if f is None and (len(buf) + len(chunk) > config.spill_threshold
+                                      or in_memory + len(chunk) > _IN_MEMORY_PER_REQUEST):
+                        parts[-1].path = folder / f"{os.getpid()}-{next(_ids)}.part"  # large: to disk
+                        f = await store.run(open, parts[-1].path, "wb")
+                        await store.run(f.write, bytes(buf))
+                        in_memory -= len(buf)
+                        buf = bytearray()
+                    if f is None:
+                        buf += chunk
+                        in_memory += len(chunk)
+                    else:
+                        await store.run(f.write, chunk)
+                if f is None:
+                    parts[-1].data = bytes(buf)
             finally:
-                await store.run(f.close)
+                if f is not None:
+                    await store.run(f.close)
         if not parts:
             raise refusal(400, "the multipart body holds no part; nothing was stored")
         if not reader.at_eof():
@@ -149,14 +180,15 @@ def _malformed(request: web.Request, error: Exception, number: int) -> web.HTTPE
 
 def _remove(parts: list[Part]) -> None:
     for p in parts:
-        p.path.unlink(missing_ok=True)
+        if p.path is not None:
+            p.path.unlink(missing_ok=True)
+        p.data = None
 
 
 def _part10(part: Part) -> tuple[str, int]:
     """The part's transfer syntax and where its data set starts; fills its SOP UIDs.
     Raises ValueError with a reason."""
-    with open(part.path, "rb") as f:
-        head = f.read(64 << 10)
+    head = part.head(64 << 10)
     pos = 132 if head[128:132] == b"DICM" else 0
     if head[pos:pos + 2] != b"\x02\x00":
         raise ValueError("not a DICOM Part-10 file (no DICM prefix, no file meta information)")
@@ -189,21 +221,18 @@ def _store_one(store: WebStore, part: Part, study: str | None, peer: str) -> Sto
     except (ValueError, struct.error) as e:
         return StoreResult(CANNOT_UNDERSTAND, str(e))
     archive = store.archive()
-    dataset = FileRange(part.path, start, part.length - start)
+    dataset = part.dataset(start)
     if study is not None:
-        from stowage.catalog.attributes import extract  # the study the data set names, before storing it
-        try:
-            with open(part.path, "rb") as f:
-                f.seek(start)
-                attrs = extract(f.read(min(dataset.length, 4 << 20)), ts, store.config.max_inflated_bytes,
-                                store.config.max_nesting_depth)
+        try:  # the study the data set names, before storing it
+            attrs = extract(part.head(4 << 20, start), ts, store.config.max_inflated_bytes,
+                            store.config.max_nesting_depth)
         except Exception as e:
             return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {e}")
         if attrs.get("study_instance_uid") != study:
             return StoreResult(DATASET_DOES_NOT_MATCH_SOP_CLASS, "its Study Instance UID is not the one of the URL")
     result = archive.store(dataset, ts, part.sop_class_uid, part.sop_instance_uid, calling_ae=SOURCE_AE,
                            called_ae=store.config.aet)
-    _trail.stored(0, SOURCE_AE, part.sop_instance_uid, result.status, dataset.length, result.comment)
+    _trail.stored(0, SOURCE_AE, part.sop_instance_uid, result.status, part.length - start, result.comment)
     return result
 
 
