@@ -75,22 +75,23 @@ class Outcome:
 
 
 class _Instance:
-    """Per-instance state: the patient's pseudonym and offset, and text to scrub."""
+    """Per-instance state: the patient's pseudonym and offset, and text to scrub. `get` gives a
+    top-level attribute's value by keyword ("" when absent); multi-valued ones as a list."""
 
-    def __init__(self, ds: Dataset, keyed: Keyed) -> None:
-        self.patient_id = str(ds.get("PatientID", "") or "")
-        self.patient_name = str(ds.get("PatientName", "") or "")
-        issuer = str(ds.get("IssuerOfPatientID", "") or "")
+    def __init__(self, get, keyed: Keyed) -> None:
+        self.patient_id = str(get("PatientID") or "")
+        self.patient_name = str(get("PatientName") or "")
+        issuer = str(get("IssuerOfPatientID") or "")
+        birth = str(get("PatientBirthDate") or "")
         # A patient is their ID within its issuer; without an ID, their name and birth date.
-        who = f"id:{issuer}:{self.patient_id}" if self.patient_id else \
-            f"name:{self.patient_name}:{ds.get('PatientBirthDate', '')}"
+        who = f"id:{issuer}:{self.patient_id}" if self.patient_id else f"name:{self.patient_name}:{birth}"
         self.patient_key = who
         self.pseudonym = keyed.token("patient", who)
         self.offset = keyed.date_offset_days(who)
-        words = {self.patient_id, str(ds.get("AccessionNumber", "") or ""), str(ds.get("PatientBirthDate", "") or "")}
+        words = {self.patient_id, str(get("AccessionNumber") or ""), birth}
         words |= {w for w in re.split(r"[\^=\s,]+", self.patient_name) if len(w) >= 2}
-        other = ds.get("OtherPatientIDs") or []
-        words |= {str(v) for v in (other if isinstance(other, MultiValue) else [other])}
+        other = get("OtherPatientIDs") or []
+        words |= {str(v) for v in (other if isinstance(other, (list, MultiValue)) else [other])}
         words = sorted((w for w in words if w and len(w) >= 2), key=len, reverse=True)
         self.scrub = re.compile("|".join(re.escape(w) for w in words), re.IGNORECASE) if words else None
         self.uids: dict[str, str] = {}
@@ -110,7 +111,7 @@ class Profile:
     # -- the whole instance ---------------------------------------------------------------
     def apply(self, ds: Dataset) -> Outcome:
         """De-identify `ds` (and its file meta, if any) in place."""
-        inst = _Instance(ds, self.keyed)
+        inst = _Instance(lambda keyword: ds.get(keyword, ""), self.keyed)
         sop = str(ds.get("SOPInstanceUID", "") or "")
         study = str(ds.get("StudyInstanceUID", "") or "")
         self._dataset(ds, inst, dummy_text=False)

@@ -24,7 +24,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from stowage.engine.deidentify import keys, table
+from stowage.engine.deidentify import encoded, keys, table
 from stowage.engine.deidentify.pixels import Signature, blank, burned_in_reason
 from stowage.engine.deidentify.profile import Outcome, Profile
 from stowage.engine.deidentify.pseudonyms import PseudonymTable
@@ -139,16 +139,27 @@ class Project:
                                   f"{ds.get('Rows', '?')}x{ds.get('Columns', '?')})")
             blank(ds, signature)
         outcome = self.profile.apply(ds)
+        self._done(outcome)
+        return outcome
+
+    def _done(self, outcome: Outcome) -> None:
         self.pseudonyms.record(outcome.pseudonym, outcome.patient_id, outcome.patient_name,
                                outcome.date_offset_days, outcome.study_instance_uid)
         self.audit({"event": "deidentified", "options": sorted(self.config.options),
                     "original_sop_instance_uid": outcome.sop_instance_uid[0],
                     "sop_instance_uid": outcome.sop_instance_uid[1]})
-        return outcome
 
     def deidentify_bytes(self, dataset: bytes, transfer_syntax: str) -> Result:
         """De-identify an encoded data set (no file meta); the result in the same transfer
-        syntax, or RLE Lossless when compressed pixels were cleaned."""
+        syntax, or RLE Lossless when compressed pixels were cleaned. Element by element
+        (encoded.py) where it can, through pydicom where it cannot."""
+        try:
+            data, outcome, sop_class = encoded.deidentify(self.profile, dataset, transfer_syntax)
+        except Exception:  # encoded.Fallback, or bytes it cannot walk (a truncated file): pydicom decides
+            pass
+        else:
+            self._done(outcome)
+            return Result(data, transfer_syntax, sop_class, outcome)
         deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
         if deflated:
             dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
