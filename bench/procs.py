@@ -155,6 +155,21 @@ class TreeMonitor:
             self.max_procs = max(self.max_procs, len(procs))
         return cpu
 
+    def settle(self, timeout: float = 60.0, window: float = 1.0, busy: float = 0.05) -> float:
+        """Wait until the tree has used under `busy` of a core over `window` seconds (its
+        processes done starting: imports, a background scrub's first plan), at most
+        `timeout` seconds; returns the seconds waited. A receiver's start-up is then not
+        counted as the cost of the instances it receives, for any receiver."""
+        start = time.monotonic()
+        last = self.sample()
+        while time.monotonic() - start < timeout:
+            time.sleep(window)
+            now = self.sample()
+            if now - last < busy * window:
+                break
+            last = now
+        return time.monotonic() - start
+
     def stop(self) -> None:
         """Stop the sampling thread and take a final sample."""
         self._stop.set()

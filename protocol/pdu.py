@@ -144,6 +144,11 @@ class PduReader:
         self._start += 6 + length
         return pdu_type, body
 
+    def has_pdu(self) -> bool:
+        """Whether a whole PDU is already buffered (the next `read` makes no system call)."""
+        have = self._end - self._start
+        return have >= 6 and have >= 6 + HEADER.unpack_from(self._buf, self._start)[1]
+
     def _fill(self, need: int) -> None:
         """Have at least `need` unread bytes in the buffer, receiving as much as fits."""
         have = self._end - self._start

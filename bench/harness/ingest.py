@@ -227,6 +227,7 @@ def run_once(rcv: Receiver, files: list[Path], total_bytes: int, k: int,
         cmd = rcv.build(port, data, args.stowage_workers)
         env = tool_env(args.nagle)
         proc, mon = _start(rcv, cmd, port, logs, tools["echoscu"], args.start_timeout, env)
+        mon.settle()  # done starting (every process imported, the scrub's first plan made)
         os.sync()  # what an earlier run left dirty is not this run's to write back
         cpu0, busy0, disk0 = mon.sample(), machine_busy_s(), disk_written()
         if sender == "storescu":

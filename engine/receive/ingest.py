@@ -102,10 +102,11 @@ class StorageAssociation:
     def _next_pdu(self, reader: PduReader) -> str | None:
         """Read and act on one PDU; how the association ended ("released", "aborted by
         peer"), or None while it goes on."""
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
+        if not reader.has_pdu():  # about to recv: re-arm quick ACKs (the kernel drops them)
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                pass
         pdu_type, body = reader.read()
         if pdu_type == P_DATA_TF:
             self._p_data(body)
