@@ -320,3 +320,9 @@ def received_by_dcmtk(files: list[Path], out: Path) -> dict[str, bytes]:
         uid = pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
         got[uid] = dataset_bytes(p)
     return got
+
+
+# The browser, the OHIF viewer and an archive with its HTTP port, each started once per
+# session for tests/test_dashboard.py and tests/test_viewer.py (defined in tests/browser.py;
+# fixtures named here are registered once, not once per test module that imports them).
+from browser import chromium, installed_viewer, web_archive, web_archive_with_token  # noqa: E402,F401

@@ -4,14 +4,11 @@ thumbnails from WADO-RS, and the OHIF viewer opens it and renders the CT slice; 
 request and no console error on the way."""
 from __future__ import annotations
 
-import io
 import json
 
-import pytest
 from selenium.webdriver.common.by import By
 
-from browser import (TOKEN, chromium, console_errors, failed_requests, fresh_logs,  # noqa: F401
-                     installed_viewer, web_archive, web_archive_with_token)
+from browser import TOKEN, console_errors, failed_requests, fresh_logs
 from conftest import wait_for
 
 PATIENT = "CompressedSamples^CT1"  # CT_small.dcm's
@@ -22,7 +19,7 @@ def _text(driver, element_id: str) -> str:
     return found[0].text if found else ""
 
 
-def test_status_json_counts_the_study_storescu_pushed(web_archive):  # noqa: F811
+def test_status_json_counts_the_study_storescu_pushed(web_archive):
     status, headers, body = web_archive.get("/dashboard/status.json")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     s = wait_for(lambda: (d := json.loads(web_archive.get("/dashboard/status.json")[2]))["holdings"]["instances"]
@@ -30,14 +27,16 @@ def test_status_json_counts_the_study_storescu_pushed(web_archive):  # noqa: F81
     assert (s["holdings"]["patients"], s["holdings"]["studies"], s["holdings"]["instances"]) == (1, 1, 1)
     assert s["holdings"]["dataset_bytes"] > s["holdings"]["stored_bytes"] > 0
     assert sum(m["instances"] for m in s["ingest"]["minutes"]) == 1
+    assert [(x["calling_ae"], x["instances"]) for x in s["ingest"]["senders"]] == [("STORESCU", 1)]
     assert s["activity"]["workers"] == 1 and s["storage"]["free_bytes"] > 0
     assert any(e.get("calling_ae") == "STORESCU" and e.get("stored") == 1 for e in s["audit"]), s["audit"]
 
 
-def test_the_dashboard_shows_the_study_storescu_pushed(chromium, web_archive):  # noqa: F811
+def test_the_dashboard_shows_the_study_storescu_pushed(chromium, web_archive):
     fresh_logs(chromium)
     chromium.get(web_archive.url + "/")
-    assert _text(chromium, "patients") == "1" and _text(chromium, "instances") == "1"
+    wait_for(lambda: _text(chromium, "instances") == "1", 60, "the stored CT in the panels (refreshed every 5 s)")
+    assert _text(chromium, "patients") == "1"
     assert "1 of 1 running" in _text(chromium, "workers")
     audit = chromium.find_element(By.ID, "audit").text
     assert "association released 127.0.0.1" in audit and "1 stored" in audit, audit
@@ -65,7 +64,7 @@ def _search(driver, archive, name: str, page: str = "/"):
                     30, lambda: f"the study in the results ({_text(driver, 'search-state')})")[0]
 
 
-def test_the_study_browser_finds_the_study(chromium, web_archive):  # noqa: F811
+def test_the_study_browser_finds_the_study(chromium, web_archive):
     row = _search(chromium, web_archive, "compressedsamples")  # fuzzy: any case
     assert PATIENT in row.text and "1CT1" in row.text and "2004-01-19" in row.text and "CT" in row.text
     assert _text(chromium, "search-state") == "1 study"
@@ -75,7 +74,7 @@ def test_the_study_browser_finds_the_study(chromium, web_archive):  # noqa: F811
     assert not console_errors(chromium)
 
 
-def test_the_study_browser_shows_the_series_thumbnail(chromium, web_archive):  # noqa: F811
+def test_the_study_browser_shows_the_series_thumbnail(chromium, web_archive):
     _search(chromium, web_archive, "CompressedSamples").click()
     image = wait_for(lambda: chromium.find_elements(By.CSS_SELECTOR, "#study-results .series figure img"), 30,
                      "the series under the study")[0]
@@ -98,7 +97,7 @@ CANVAS = """const c = document.querySelector('canvas.cornerstone-canvas');
     return [lit, d.length / 4, seen.size];"""
 
 
-def test_the_viewer_opens_the_study_and_renders_the_ct_slice(chromium, web_archive):  # noqa: F811
+def test_the_viewer_opens_the_study_and_renders_the_ct_slice(chromium, web_archive):
     """From the study browser's link to OHIF, which reads the study over our QIDO-RS and
     WADO-RS (metadata, frames) and draws it with WebGL: the slice, not a blank canvas."""
     row = _search(chromium, web_archive, "CompressedSamples")
@@ -111,18 +110,18 @@ def test_the_viewer_opens_the_study_and_renders_the_ct_slice(chromium, web_archi
     assert not console_errors(chromium)
 
 
-def test_with_tokens_the_pages_work_from_a_link_that_carries_one(chromium, web_archive_with_token):  # noqa: F811
+def test_with_tokens_the_pages_work_from_a_link_that_carries_one(chromium, web_archive_with_token):
     """An archive that serves other hosts has tokens: the dashboard opened as /?access_token=
     sends it with every request it makes (panels, QIDO, thumbnails) and hands it to the viewer;
     what holds patient data is refused without it, the pages' static files are not."""
     archive = web_archive_with_token
     for path in ("/", "/dashboard/status.json", "/dashboard/panels", "/dicom-web/studies"):
         assert archive.get(path)[0] == 401, path
-    for path in ("/dashboard/static/dashboard.js", "/viewer", "/app-config.js"):
+    for path in ("/dashboard/static/dashboard.js", "/viewer?StudyInstanceUIDs=1.2.3", "/app-config.js"):
         assert archive.get(path)[0] == 200, path
     row = _search(chromium, archive, "CompressedSamples", page=f"/?access_token={TOKEN}")
     assert "access_token" not in chromium.current_url  # taken out of the address bar
-    assert _text(chromium, "instances") == "1"
+    wait_for(lambda: _text(chromium, "instances") == "1", 60, "the stored CT in the panels (refreshed every 5 s)")
     row.click()
     image = wait_for(lambda: chromium.find_elements(By.CSS_SELECTOR, "#study-results .series figure img"), 30,
                      "the series under the study")[0]

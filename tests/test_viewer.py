@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from browser import installed_viewer, web_archive  # noqa: F401 (session fixtures)
 from conftest import HOST
 
 from stowage.engine.web import viewer as ohif
 
 
-def test_install_fetches_the_pinned_ohif_and_unpacks_its_prebuilt_app(installed_viewer):  # noqa: F811
+def test_install_fetches_the_pinned_ohif_and_unpacks_its_prebuilt_app(installed_viewer):
     where, done = installed_viewer
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("\n") == 1 and f"installed OHIF {ohif.VERSION}" in done.stdout
@@ -111,7 +110,7 @@ def test_install_without_a_registry_says_so(tmp_path):
     assert "cannot reach the registry" in done.stderr and not (tmp_path / "viewer").exists()
 
 
-def test_the_http_port_serves_the_viewer_with_an_app_config_for_our_dicomweb(web_archive):  # noqa: F811
+def test_the_http_port_serves_the_viewer_with_an_app_config_for_our_dicomweb(web_archive):
     status, headers, body = web_archive.get(f"/viewer?StudyInstanceUIDs={web_archive.study_uid}")
     assert status == 200 and headers["Content-Type"].startswith("text/html") and b"app-config.js" in body
     status, headers, body = web_archive.get("/app-config.js")
@@ -129,6 +128,7 @@ def test_the_http_port_serves_the_viewer_with_an_app_config_for_our_dicomweb(web
         assert status == 404 and b"root:" not in body, trick
 
 
+@pytest.mark.integration  # it listens on a loopback port
 def test_the_viewer_not_installed_says_how_to_install_it(tmp_path):
     """The HTTP application (engine/web/app.py) on a loopback port, no viewer installed."""
     import asyncio
