@@ -1,8 +1,9 @@
 """Reading a DICOM file from disk (PS3.10) as the import needs it: where its data set
 starts, what its File Meta Information says, and whether the data set is whole.
 
-Three shapes are accepted: a Part-10 file (128-byte preamble, "DICM", file meta group),
-a file that starts directly with the file meta group (no preamble), and a bare data set
+Four shapes are accepted: a Part-10 file (128-byte preamble, "DICM", file meta group),
+one that starts with "DICM" and the file meta group (the preamble left out, which DCMTK
+reads too), a file that starts directly with the file meta group, and a bare data set
 (no meta at all; old ACR-NEMA-style exports, usually Implicit VR Little Endian). The
 data set bytes are never re-encoded: the import stores the bytes from `dataset_offset` on
 as they are.
@@ -22,6 +23,10 @@ _DICM = b"DICM"
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
                        b"UV"})
 _VR = re.compile(rb"^[A-Z]{2}$")
+_UID = re.compile(r"^[0-9.]{1,64}$")
+_LEGACY_UID = re.compile(r"^[\x21-\x7e]{1,64}$")  # old files' SOP UIDs: printable ASCII at least
+_META_UIDS = {0x0002: "Media Storage SOP Class UID", 0x0003: "Media Storage SOP Instance UID",
+              0x0010: "Transfer Syntax UID"}
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
@@ -94,17 +99,34 @@ def _guess_syntax(data: bytes | memoryview, pos: int) -> str:
     return ExplicitVRLittleEndian if _VR.match(vr) else ImplicitVRLittleEndian
 
 
+def _prefix_without_preamble(data: bytes | memoryview) -> bool:
+    """"DICM" at the very start, then a file meta element: a Part-10 file whose 128-byte
+    preamble was left out (DCMTK reads these; so do we)."""
+    return len(data) >= 16 and bytes(data[:4]) == _DICM and struct.unpack_from("<H", data, 4)[0] == 0x0002
+
+
+def _check_uids(meta: dict[int, bytes]) -> None:
+    """The file meta's UIDs must be UIDs: a damaged one (flipped bits, another character set)
+    refuses this file with its reason, never a failure further down the store path."""
+    for element, name in _META_UIDS.items():
+        if element in meta:
+            value = meta[element].rstrip(b"\x00 ")
+            if not (_UID if element == 0x0010 else _LEGACY_UID).match(value.decode("latin-1")):
+                raise Malformed(f"the file meta {name} (0002,{element:04X}) is not a UID: {value[:64]!r}")
+
+
 def read_info(data: bytes | memoryview) -> FileInfo:
     """What the file's first bytes say; raises NotDicom or Malformed."""
     if len(data) == 0:
         raise NotDicom("empty file")
     preamble = len(data) >= 132 and bytes(data[128:132]) == _DICM
-    start = 132 if preamble else 0
+    start = 132 if preamble else 4 if _prefix_without_preamble(data) else 0
     has_meta = len(data) - start >= 12 and struct.unpack_from("<H", data, start)[0] == 0x0002
     if not has_meta and preamble:
         raise Malformed("no File Meta Information after the DICM prefix")
     if has_meta:
         offset, meta = _read_meta(data, start)
+        _check_uids(meta)
         syntax = _text(meta.get(0x0010, b"")) or None
     else:
         offset, meta, syntax = 0, {}, None
