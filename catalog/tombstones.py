@@ -233,3 +233,43 @@ def rejected_uids(table: pa.Table) -> frozenset[str]:
         return frozenset()
     mask = pc.starts_with(table["reason"], "rejected:")
     return frozenset(table.filter(mask)["sop_instance_uid"].to_pylist())
+
+
+def prune(data_dir: Path, gone: set[tuple[str, int]]) -> int:
+    """Rewrite the log without the entries that hide a record in `gone` ((uid, received_at
+    µs) pairs no segment or catalog row holds any more: engine/lifecycle/tombstone_pruning.py
+    decides); returns how many entries went. An entry of a rejection note is kept as one
+    that hides nothing (received_at null), so the UID stays rejected (`rejected_uids`).
+    Under the appenders' lock, written whole to a new file, fsync'd and renamed over the log:
+    a crash leaves the old log or the new one; readers see a new inode and read it afresh."""
+    d = directory(data_dir)
+    if not gone or not (d / LOG).exists():
+        return 0
+    with open(d / _LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(d / LOG, "rb") as f:
+            lines = f.read().split(b"\n")
+        kept: list[dict] = []
+        removed = 0
+        for line in lines:
+            for entry in (_parse(line) or []) if line else []:
+                if (entry.get("uid"), entry.get("received_at")) not in gone:
+                    kept.append(entry)
+                    continue
+                removed += 1
+                if str(entry.get("reason", "")).startswith("rejected:"):
+                    kept.append({**entry, "received_at": None})
+        if not removed:
+            return 0
+        tmp = d / (LOG + ".pruned")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for i in range(0, len(kept), _BATCH):
+                body = json.dumps(kept[i:i + _BATCH], separators=(",", ":")).encode()
+                _write_all(fd, b"%08x " % zlib.crc32(body) + body + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, d / LOG)
+        fsync_dir(d)
+    return removed

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stowage.engine.lifecycle import tombstone_pruning
 from stowage.catalog import manifest, relocate, tombstones
 from stowage.catalog.durable import fsync_dir
 from stowage.catalog.reader import Catalog
@@ -85,6 +86,7 @@ class Report:
     bytes_copied: int = 0     # live bytes copied into new segments
     records_copied: int = 0
     purged: int = 0           # retired segments unlinked
+    pruned: int = 0           # tombstones that hid nothing any more, pruned
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -408,6 +410,8 @@ def compact(config: Config, rate: float | None = None, dry_run: bool = False, ra
                 report.errors.append(str(e))
         if report.rewritten:
             report.purged += purge(data_dir, grace)
+        if catalog is not None:
+            report.pruned = tombstone_pruning.prune(data_dir, catalog)
     finally:
         if catalog is not None:
             catalog.close()
