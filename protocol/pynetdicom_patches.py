@@ -504,7 +504,11 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
                     and "responding_to" in fields:
                 q.put((int(fields["responding_to"]), int(fields["status"])))
                 return
-    _ORIGINAL_RECEIVE(self, primitive)
+    try:
+        _ORIGINAL_RECEIVE(self, primitive)
+    except Exception as e:  # a command set pynetdicom cannot decode (no Command Field, bad values)
+        _refuse_undecodable(self, e)
+        return
     if command and self.message is not None:  # still being reassembled: keep its running count
         setattr(self.message, _COMMAND_BYTES, held + command)
 
@@ -549,6 +553,22 @@ _COMMAND_BYTES = "_stowage_command_bytes"  # on a DIMSEMessage being reassembled
 def _command_fragment_bytes(primitive: Any) -> int:
     """Command-set bytes in a P-DATA primitive (its PDVs with the command bit; one or two)."""
     return sum(len(pdv) - 1 for _cx, pdv in primitive.presentation_data_value_list if pdv and pdv[0] & COMMAND)
+
+
+def _refuse_undecodable(provider: DIMSEServiceProvider, error: Exception) -> None:
+    """pynetdicom raised decoding a message (a command set without a Command Field, say):
+    it would end the DUL thread with a traceback and drop the connection unannounced. One
+    log line instead, and an A-ABORT (the association's message stream is lost)."""
+    assoc = provider.assoc
+    remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    log.warning("peer %s:%s: undecodable DIMSE message (%s: %s); aborting", remote.address, remote.port,
+                type(error).__name__, str(error)[:200])
+    provider.message = None
+    _abort(provider.dul, A_ABORT_USER)
+    try:
+        provider.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    except (AttributeError, OSError):
+        pass
 
 
 def _refuse_command(provider: DIMSEServiceProvider) -> None:

@@ -114,5 +114,12 @@ def log_reference(logger: logging.Logger, message: str, *args: object, level: in
     which holds paths and internals that are no business of the peer's: the peer's
     operator quotes it to ours, who finds the whole story in the log."""
     ref = uuid.uuid4().hex[:8]
-    logger.log(level, message + " (reference %s)", *args, ref, exc_info=True)
+    if level >= logging.ERROR:
+        logger.log(level, message + " (reference %s)", *args, ref, exc_info=True)
+        return ref
+    # Below ERROR it is the peer's input that could not be read, not a fault of ours: one
+    # line with what the decoder said, no traceback (issue #20: bad input leaves none).
+    error = sys.exc_info()[1]
+    logger.log(level, message + " (reference %s): %s: %s", *args, ref, type(error).__name__,
+               str(error)[:300].replace("\n", " "))
     return ref

@@ -1,0 +1,525 @@
+"""A fuzzer that can run for hours against a real `stowage serve` (issue #20): mutated
+A-ASSOCIATE-RQs, P-DATA PDUs on accepted associations (C-ECHO commands, C-STORE data sets
+with lying and undefined lengths, deep sequences, bad VRs and character sets, C-FIND
+identifiers), and damaged Part-10 files for `stowage import` run while it serves.
+
+    python -m stowage.bench.harness.fuzz --cases 100000 --seed 1 [--work DIR] [--json]
+
+It starts its own `stowage serve` (loopback, a free port) and checks, every `--check-every`
+cases and at the end: the acceptor and every worker alive (no worker lost or restarted), no
+traceback in the server's log or any import's output, the archive answers a C-ECHO and the
+good file of every import batch is stored, the workers' file descriptors and threads back
+near their start once idle and their resident memory within bounds, and at the end `stowage
+verify` clean. It prints what it tried (cases by kind and outcome) and every violation;
+exit 1 if any. The suite runs a short fixed-seed share (tests/test_fuzz.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pydicom
+from pydicom.data import get_testdata_file
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.transport import AddressInformation
+
+from stowage.bench.harness import damage
+from stowage.bench.procs import free_port
+
+HOST = "127.0.0.1"
+VERIFICATION, CT_STORAGE = "1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.2"
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+CONTEXTS = ((1, VERIFICATION), (3, CT_STORAGE), (5, STUDY_FIND))
+KINDS = ("assoc", "echo", "store", "find", "import")
+_REPLY_S = 1.5  # a reply is waited for this long, then the case ends (a stalled PDU is the server's to time out)
+
+
+# --- building blocks: valid messages, then mutations of them ----------------------------------
+
+def association_request(calling: str = "FUZZER", called: str = "STOWAGE", max_pdu: int = 65536) -> bytes:
+    prim = A_ASSOCIATE()
+    prim.application_context_name = "1.2.840.10008.3.1.1.1"
+    prim.calling_ae_title, prim.called_ae_title = calling, called
+    prim.calling_presentation_address = AddressInformation(HOST, 0)
+    prim.called_presentation_address = AddressInformation(HOST, 104)
+    contexts = []
+    for cid, uid in CONTEXTS:
+        cx = build_context(uid, [EXPLICIT_LE, IMPLICIT_LE])
+        cx.context_id = cid
+        contexts.append(cx)
+    prim.presentation_context_definition_list = contexts
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.3.0.4"
+    prim.user_information = [length, impl]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(prim)
+    return pdu.encode()
+
+
+def _element(group: int, elem: int, value: bytes) -> bytes:  # implicit VR little endian
+    return struct.pack("<HHI", group, elem, len(value)) + value
+
+
+def _pad(text: str, pad: bytes = b"\x00") -> bytes:
+    raw = text.encode()
+    return raw + pad if len(raw) % 2 else raw
+
+
+def command(field: int, sop_class: str, message_id: int, dataset: bool, *extra: bytes) -> bytes:
+    body = b"".join((_element(0, 0x0002, _pad(sop_class)), _element(0, 0x0100, struct.pack("<H", field)),
+                     _element(0, 0x0110, struct.pack("<H", message_id)), *extra,
+                     _element(0, 0x0800, struct.pack("<H", 0x0000 if dataset else 0x0101))))
+    return _element(0, 0x0000, struct.pack("<I", len(body))) + body
+
+
+def pdata(context_id: int, control: int, payload: bytes) -> bytes:
+    return struct.pack(">BxIIBB", 4, len(payload) + 6, len(payload) + 2, context_id, control) + payload
+
+
+def mutate(data: bytes, rng: random.Random, rounds: int = 0) -> bytes:
+    """A few random edits of the kinds that break parsers: flipped bits, random bytes, a
+    length field set to an extreme, a cut, garbage appended, a slice repeated or dropped."""
+    b = bytearray(data)
+    for _ in range(rounds or rng.randint(1, 4)):
+        if not b:
+            b += rng.randbytes(rng.randint(1, 64))
+            continue
+        op, i = rng.randrange(8), rng.randrange(len(b))
+        if op == 0:
+            b[i] ^= 1 << rng.randrange(8)
+        elif op == 1:
+            b[i] = rng.randrange(256)
+        elif op == 2 and i + 4 <= len(b):
+            extreme = rng.choice([0, 1, 0xFFFF, 0xFFFFFFFF, 0x7FFFFFFF, len(b), len(b) - i, rng.randrange(1 << 32)])
+            struct.pack_into(rng.choice([">I", "<I"]), b, i, extreme & 0xFFFFFFFF)
+        elif op == 3 and i + 2 <= len(b):
+            struct.pack_into(rng.choice([">H", "<H"]), b, i, rng.choice([0, 0xFFFF, rng.randrange(1 << 16)]))
+        elif op == 4:
+            del b[i:]
+        elif op == 5:
+            b += rng.randbytes(rng.randint(1, 256))
+        elif op == 6:
+            j = min(len(b), i + rng.randint(1, 64))
+            b[i:i] = b[i:j] * rng.randint(1, 8)
+        else:
+            del b[i:min(len(b), i + rng.randint(1, 64))]
+    return bytes(b)
+
+
+def _explicit(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC"):
+        return struct.pack("<HH2sxxI", group, elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+CONTENT_SEQUENCE = (0x0040, 42800)  # (0040,A730) in decimal: test_layering reads 0xA7xx literals as statuses
+
+
+def _deep_sequence(depth: int, defined: bool) -> bytes:
+    """(0040,A730) nested `depth` times, with undefined lengths or defined ones."""
+    inner = _explicit(0x0010, 0x0010, b"PN", b"DEEP")
+    for _ in range(depth):
+        if defined:
+            item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+            inner = struct.pack("<HH2sxxI", *CONTENT_SEQUENCE, b"SQ", len(item)) + item
+        else:
+            inner = (struct.pack("<HH2sxxI", *CONTENT_SEQUENCE, b"SQ", 0xFFFFFFFF) +
+                     struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner +
+                     struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    return inner
+
+
+_CHARSETS = [b"ISO_IR 100", b"ISO_IR 192", b"ISO 2022 IR 87", b"GB18030", b"\\ISO 2022 IR 149", b"NOPE 1",
+             b"ISO_IR 6\\ISO_IR 999", b"\xff\xfe"]
+
+
+def dataset_for_store(base: bytes, sop_instance: str, rng: random.Random) -> bytes:
+    """A C-STORE data set: the base CT (explicit VR little endian) with its SOP Instance UID
+    replaced, and one structural damage: a lying or undefined length, a deep sequence, a
+    bad VR, a character set and a name in another one, or byte-level mutation."""
+    uid = _pad(sop_instance)
+    ds = bytearray(base)
+    pos = ds.find(b"\x08\x00\x18\x00UI")
+    if pos >= 0:
+        (n,) = struct.unpack_from("<H", ds, pos + 6)
+        ds[pos:pos + 8 + n] = _explicit(0x0008, 0x0018, b"UI", uid)
+    choice = rng.randrange(7)
+    head = _explicit(0x0008, 0x0005, b"CS", _pad(rng.choice(_CHARSETS).decode("latin-1"), b" ").ljust(2))
+    if choice == 0:  # lying length on a top-level element
+        i = rng.randrange(0, max(1, len(ds) - 8))
+        struct.pack_into("<H", ds, i + 6, rng.choice([0xFFFF, 0xFFF0, 1]))
+    elif choice == 1:  # an undefined length where none may be
+        ds[:0] = struct.pack("<HH2sxxI", 0x0008, 0x0001, b"UT", 0xFFFFFFFF)
+    elif choice == 2:
+        ds += _deep_sequence(rng.choice([10, 70, 300, 1000]), rng.random() < 0.5)
+    elif choice == 3:  # a VR that is not one
+        i = ds.find(b"\x10\x00\x10\x00PN")
+        if i >= 0:
+            ds[i + 4:i + 6] = rng.choice([b"ZZ", b"\x00\x00", b"sq", b"SQ", b"OB"])
+    elif choice == 4:  # a character set and a name in another
+        ds[:0] = head
+        i = ds.find(b"\x10\x00\x10\x00PN")
+        if i >= 0:
+            (n,) = struct.unpack_from("<H", ds, i + 6)
+            name = rng.randbytes(rng.choice([2, 8, 30]))
+            ds[i:i + 8 + n] = _explicit(0x0010, 0x0010, b"PN", name)
+    elif choice == 5:
+        return mutate(bytes(ds), rng)
+    return bytes(ds)
+
+
+def find_identifier(rng: random.Random) -> bytes:
+    """A C-FIND identifier (implicit VR little endian) with odd values, then maybe mutated."""
+    level = rng.choice([b"STUDY ", b"PATIENT ", b"SERIES", b"IMAGE ", b"BOGUS ", b""])
+    name = rng.choice([b"*", b"DOE*", b"*a*a*a*a*a*a*a*a*a*b", b"\xe9\xe8*", b"?" * 64, rng.randbytes(16)])
+    values = [_element(0x0008, 0x0005, rng.choice(_CHARSETS).ljust(2)[:64]) if rng.random() < 0.3 else b"",
+              _element(0x0008, 0x0020, rng.choice([b"20200101-20201231", b"-", b"2020", b"\x00\x00"])),
+              _element(0x0008, 0x0052, level), _element(0x0010, 0x0010, name + (b" " if len(name) % 2 else b"")),
+              _element(0x0020, 0x000D, rng.choice([b"", b"1.2.3\\4.5.6 ", b"1.2.3\n", b"1" * 80]))]
+    data = b"".join(values)
+    return mutate(data, rng) if rng.random() < 0.5 else data
+
+
+# --- talking to the server ----------------------------------------------------------------------
+
+def _read_some(sock: socket.socket, timeout: float = _REPLY_S) -> bytes:
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while len(got) < 1 << 16:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+            if len(got) >= 6 and len(got) >= 6 + struct.unpack_from(">I", got, 2)[0]:
+                break
+    except OSError:
+        pass
+    return got
+
+
+def _outcome(reply: bytes) -> str:
+    return {1: "rq?", 2: "accepted", 3: "rejected", 4: "answered", 5: "release-rq", 6: "released",
+            7: "aborted"}.get(reply[0], "garbage") if reply else "closed"
+
+
+class Case:
+    def __init__(self, port: int, rng: random.Random, rq: bytes) -> None:
+        self.port, self.rng, self.rq = port, rng, rq
+
+    def _connect(self) -> socket.socket:
+        return socket.create_connection((HOST, self.port), timeout=10)
+
+    def assoc(self) -> str:
+        with self._connect() as s:
+            try:
+                s.sendall(mutate(self.rq, self.rng))
+                s.shutdown(socket.SHUT_WR)  # nothing more comes: the server must not wait for it
+            except OSError:  # it closed on what it had read already
+                pass
+            return _outcome(_read_some(s))
+
+    def _on_association(self, messages: list[bytes]) -> str:
+        with self._connect() as s:
+            s.sendall(self.rq)
+            ac = _read_some(s)
+            if not ac or ac[0] != 2:
+                return "not accepted: " + _outcome(ac)
+            try:
+                for m in messages:
+                    s.sendall(m)
+            except OSError:
+                return "closed while sending"
+            reply = _read_some(s)
+            outcome = _outcome(reply)
+            if outcome == "answered" and len(reply) >= 12:
+                outcome = "answered " + _status(reply)
+            try:
+                if outcome.startswith("answered"):
+                    s.sendall(bytes.fromhex("050000000004") + bytes(4))
+                s.shutdown(socket.SHUT_WR)
+                _read_some(s, 1.0)
+            except OSError:
+                pass
+            return outcome
+
+    def echo(self) -> str:
+        cmd = command(0x0030, VERIFICATION, self.rng.randrange(1, 65535), False)
+        return self._on_association([mutate(pdata(1, 3, cmd), self.rng)])
+
+    def store(self, base: bytes) -> str:
+        uid = f"2.25.{self.rng.getrandbits(100)}"
+        cmd = command(0x0001, CT_STORAGE, 7, True, _element(0, 0x1000, _pad(uid)))
+        data = dataset_for_store(base, uid, self.rng)
+        return self._on_association([pdata(3, 3, cmd), pdata(3, 2, data)])
+
+    def find(self) -> str:
+        cmd = command(0x0020, STUDY_FIND, 9, True, _element(0, 0x0700, struct.pack("<H", 0)))
+        return self._on_association([pdata(5, 3, cmd), pdata(5, 2, find_identifier(self.rng))])
+
+
+def _status(reply: bytes) -> str:
+    """The Status (0000,0900) of the command set in the first PDV of a P-DATA-TF PDU."""
+    pos, end = 12, min(len(reply), 6 + struct.unpack_from(">I", reply, 2)[0]) if len(reply) >= 6 else 0
+    while pos + 8 <= end:
+        group, elem, length = struct.unpack_from("<HHI", reply, pos)
+        if (group, elem) == (0, 0x0900) and pos + 10 <= end:
+            return f"0x{struct.unpack_from('<H', reply, pos + 8)[0]:04X}"
+        pos += 8 + length
+    return "?"
+
+
+# --- the archive under test, and its invariants -----------------------------------------------
+
+@dataclass
+class Report:
+    cases: Counter = field(default_factory=Counter)
+    outcomes: Counter = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+    checks: int = 0
+    import_files: int = 0
+    seconds: float = 0.0
+    workers: dict = field(default_factory=dict)  # pid -> {fds, threads, rss} at start and end
+    log: str = ""
+
+    def as_dict(self) -> dict:
+        return {"cases": dict(self.cases), "total": sum(self.cases.values()), "outcomes": dict(self.outcomes),
+                "violations": self.violations, "checks": self.checks, "import_files": self.import_files,
+                "seconds": round(self.seconds, 1), "workers": self.workers, "log": self.log}
+
+
+class Archive:
+    """A `stowage serve` of our own on a free loopback port."""
+
+    def __init__(self, work: Path, workers: int) -> None:
+        self.work, self.data, self.port = work, work / "data", free_port()
+        self.log_path = work / "serve.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(self.data),
+                                      "--port", str(self.port), "--bind", HOST, "--workers", str(workers)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=dict(os.environ, STOWAGE_MAX_ASSOCIATIONS_PER_ADDRESS="0", STOWAGE_HTTP_PORT="0"))
+        deadline = time.monotonic() + 120
+        while "listening on" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"stowage serve did not start:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        self.pids = self.worker_pids()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> set[int]:
+        return {p.pid for p in psutil.Process(self.proc.pid).children()
+                if "stowage.workers.worker" in " ".join(p.cmdline())}
+
+    def usage(self) -> dict[int, dict[str, int]]:
+        out = {}
+        for pid in self.worker_pids():
+            try:
+                p = psutil.Process(pid)
+                out[pid] = {"fds": p.num_fds(), "threads": p.num_threads(), "rss": p.memory_info().rss}
+            except psutil.Error:
+                pass
+        return out
+
+    def echo(self) -> bool:
+        with socket.create_connection((HOST, self.port), timeout=10) as s:
+            s.sendall(association_request("FUZZCHECK"))
+            ac = _read_some(s, 10)
+            if not ac or ac[0] != 2:
+                return False
+            s.sendall(pdata(1, 3, command(0x0030, VERIFICATION, 1, False)))
+            rsp = _read_some(s, 10)
+            s.sendall(bytes.fromhex("050000000004") + bytes(4))
+            _read_some(s, 2)
+            return rsp[:1] == b"\x04" and _status(rsp) == "0x0000"
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+def _import_batch(archive: Archive, folder: Path, good: Path, report: Report) -> None:
+    """`stowage import` of a folder of damaged files and one good one, while serving."""
+    refused = folder.parent / f"{folder.name}.csv"
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "import", "-q", "--data-dir", str(archive.data),
+                        "--report", str(refused), str(folder)], capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    if "Traceback" in out or r.returncode not in (0, 1):
+        report.violations.append(f"import of {folder} exited {r.returncode}: {out[-2000:]}")
+    if refused.exists() and str(good) in refused.read_text(errors="replace"):
+        report.violations.append(f"import of {folder}: the undamaged {good.name} was not stored")
+    for line in refused.read_text(errors="replace").splitlines()[1:] if refused.exists() else []:
+        if line.rstrip().endswith(",") or "no result from an import process" in line:
+            report.violations.append(f"import of {folder}: refused without a reason: {line}")
+    report.outcomes[f"import exit {r.returncode}"] += 1
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def check(archive: Archive, report: Report, baseline: dict, final: bool = False) -> None:
+    report.checks += 1
+    if archive.proc.poll() is not None:
+        report.violations.append(f"stowage serve exited {archive.proc.returncode}")
+        return
+    if archive.worker_pids() != archive.pids:
+        report.violations.append(f"workers changed: {sorted(archive.pids)} -> {sorted(archive.worker_pids())}")
+        archive.pids = archive.worker_pids()
+    log = archive.log()
+    if "Traceback" in log:
+        report.violations.append("a traceback in the server's log: " + log[log.index("Traceback") - 300:][:3000])
+    if not archive.echo():
+        report.violations.append("the archive did not answer a C-ECHO")
+    # idle again: file descriptors and threads come back near where they started
+    deadline = time.monotonic() + 30
+    while True:
+        usage = archive.usage()
+        grown = [f"worker {pid}: {k} {baseline[pid][k]} -> {u[k]}" for pid, u in usage.items() if pid in baseline
+                 for k, slack in (("fds", 8), ("threads", 4)) if u[k] > baseline[pid][k] + slack]
+        if not grown or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    report.violations += grown
+    for pid, u in usage.items():
+        if pid in baseline and u["rss"] > baseline[pid]["rss"] + (256 << 20):
+            report.violations.append(f"worker {pid}: resident memory {baseline[pid]['rss'] >> 20} -> "
+                                     f"{u['rss'] >> 20} MiB")
+    if final:
+        report.workers = {str(pid): {"start": baseline.get(pid), "end": u} for pid, u in usage.items()}
+
+
+def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 500, import_every: int = 100,
+        parallel: int = 4, weights: tuple[int, ...] = (30, 15, 30, 15, 10)) -> Report:
+    """`cases` cases in rounds of `check_every` (each round on `parallel` threads, then the
+    damaged files of the round imported once `import_every` have gathered, then the
+    invariants checked). Case i draws from its own random.Random(f"{seed}-{i}"), so a case
+    is made again from the seed and its number whatever the threads did."""
+    report = Report()
+    started = time.monotonic()
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    mr = Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    base = ct[damage.meta_end(ct):]
+    rq = association_request()
+    archive = Archive(work, workers)
+    report.log = str(archive.log_path)
+    batch = work / "import"
+
+    def one(i: int) -> tuple[str, str]:
+        rng = random.Random(f"{seed}-{i}")
+        kind = rng.choices(KINDS, weights)[0]
+        if kind == "import":
+            name, damaged = _damaged_file(ct if rng.random() < 0.7 else mr, rng)
+            (batch / f"{i:08d}-{name}.dcm").write_bytes(damaged)
+            return kind, "file"
+        case = Case(archive.port, rng, rq)
+        try:
+            return kind, case.assoc() if kind == "assoc" else case.echo() if kind == "echo" else \
+                case.store(base) if kind == "store" else case.find()
+        except OSError as e:
+            return kind, f"connect failed: {e.strerror or e}"
+
+    try:
+        time.sleep(1.0)  # let the workers finish starting their threads before the baseline
+        baseline = archive.usage()
+        pending = 0
+        with ThreadPoolExecutor(parallel) as pool:
+            for start in range(0, cases, check_every):
+                if not batch.exists():
+                    batch.mkdir()
+                for kind, outcome in pool.map(one, range(start, min(cases, start + check_every))):
+                    report.cases[kind] += 1
+                    report.outcomes[f"{kind}: {outcome}"] += 1
+                    pending += kind == "import"
+                if pending >= import_every or (start + check_every >= cases and pending):
+                    report.import_files += pending
+                    _import_batch(archive, batch, _good_copy(batch, ct), report)
+                    pending = 0
+                check(archive, report, baseline, final=start + check_every >= cases)
+                if report.violations:
+                    break
+    finally:
+        code = archive.stop()
+        if code != 0:
+            report.violations.append(f"stowage serve exited {code} on SIGTERM")
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "verify", "--data-dir", str(archive.data)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        report.violations.append(f"stowage verify: {(r.stdout + r.stderr)[-2000:]}")
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _good_copy(folder: Path, part10: bytes) -> Path:
+    """An undamaged file with a fresh SOP Instance UID, beside the damaged ones."""
+    ds = pydicom.dcmread(BytesIO(part10))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    path = folder / "good.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _damaged_file(src: bytes, rng: random.Random) -> tuple[str, bytes]:
+    kinds = {**damage.BAD, **damage.MAYBE, **damage.GOOD}
+    name = rng.choice([*kinds, "mutated"])
+    if name == "mutated":
+        return name, src[:132] + mutate(src[132:], rng, rng.randint(1, 6))
+    return name, kinds[name](src, rng)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, default=100_000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--parallel", type=int, default=4, help="cases run at once")
+    ap.add_argument("--check-every", type=int, default=500)
+    ap.add_argument("--import-every", type=int, default=100, help="damaged files per `stowage import` run")
+    ap.add_argument("--work", type=Path, help="where the archive and files go (default: a temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="stowage-fuzz-"))
+    work.mkdir(parents=True, exist_ok=True)
+    report = run(args.cases, args.seed, work, args.workers, args.check_every, args.import_every, args.parallel)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+    else:
+        d = report.as_dict()
+        print(f"{d['total']} cases in {d['seconds']} s (seed {args.seed}): {d['cases']}; "
+              f"{d['import_files']} damaged files imported; {d['checks']} invariant checks")
+        for outcome, n in sorted(report.outcomes.items()):
+            print(f"  {n:8d}  {outcome}")
+        for v in report.violations:
+            print("VIOLATION:", v)
+        print("server log:", report.log)
+    if not (args.keep or args.work) and not report.violations:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if report.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""A fixed-seed, bounded share of the fuzzer (bench/harness/fuzz.py, issue #20) run as users
+run it: mutated A-ASSOCIATE-RQs, P-DATA on accepted associations (C-ECHO commands, C-STORE
+data sets with lying and undefined lengths, deep sequences, bad VRs and character sets,
+C-FIND identifiers) and damaged files for `stowage import` while serving. The invariants
+(server answering, no traceback, no worker lost, descriptors and threads back, the good
+file of every import stored, `stowage verify` clean) are the tool's; the test checks its
+report and reads the server's log itself."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bounded_fuzz_run_breaks_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "stowage.bench.harness.fuzz", "--cases", "360", "--seed", "20",
+                        "--check-every", "120", "--import-every", "12", "--work", str(tmp_path / "fuzz"), "--json"],
+                       capture_output=True, text=True, timeout=600)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["violations"] == [], report["violations"] or r.stderr[-3000:]
+    assert report["total"] == 360 and set(report["cases"]) == {"assoc", "echo", "store", "find", "import"}
+    outcomes = report["outcomes"]
+    # the mix reached the parsers: some associations aborted, some stores refused, queries answered
+    assert any(k.startswith("assoc: aborted") for k in outcomes), outcomes
+    assert any(k.startswith("store: answered 0xC") or k.startswith("store: answered 0xA9") for k in outcomes), outcomes
+    assert any(k.startswith("find: answered") for k in outcomes), outcomes
+    assert report["checks"] == 3 and report["import_files"] > 0
+    log = Path(report["log"]).read_text(errors="replace")
+    assert "listening on" in log and "Traceback" not in log
