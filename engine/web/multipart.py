@@ -1,11 +1,10 @@
 """multipart/related bodies (RFC 2387, PS3.18 8.6): writing WADO-RS answers part by part
-as they are read, never the whole body in memory; reading STOW-RS bodies (aiohttp's reader)."""
+as they are read, never the whole body in memory; reading STOW-RS bodies as they arrive (RelatedParser)."""
 from __future__ import annotations
 
 import uuid
 
 from aiohttp import web
-from aiohttp.multipart import MultipartReader
 
 
 class MultipartWriter:
@@ -45,12 +44,102 @@ class MultipartWriter:
         return self.response
 
 
-class LenientReader(MultipartReader):
-    """aiohttp's reader, taking boundaries past RFC 2046's 70 characters (up to 200):
-    Orthanc's DICOMweb plugin sends 73."""
+class MultipartError(ValueError):
+    """A body that is not a well-formed multipart; the message says where."""
 
-    def _get_boundary(self) -> str:
-        boundary = self._mimetype.parameters["boundary"]
+
+class RelatedParser:
+    """A push parser of a multipart body (RFC 2046 5.1): feed() it bytes as they arrive and
+    it returns what they complete: ("start", headers), ("data", bytes) any number of times,
+    ("end",) per part, then ("done",) at the closing delimiter. Boundaries are found with
+    bytes.find (C speed), whatever the chunking; memory is the chunk plus the boundary."""
+
+    MAX_HEADERS = 16 << 10
+
+    def __init__(self, boundary: str) -> None:
         if not 0 < len(boundary) <= 200:
-            raise ValueError(f"the boundary is {len(boundary)} characters long (1 to 200 taken)")
-        return boundary
+            raise MultipartError(f"the boundary is {len(boundary)} characters long (1 to 200 taken)")
+        self.delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self.buf = bytearray(b"\r\n")  # so that a delimiter at the very start is found like the others
+        self.state = "preamble"
+        self.parts = 0
+
+    def feed(self, data: bytes) -> list[tuple]:
+        if self.state == "done":
+            return []  # the epilogue is ignored
+        self.buf += data
+        events: list[tuple] = []
+        while True:
+            before = (self.state, len(self.buf))
+            getattr(self, "_" + self.state)(events)
+            if self.state == "done" or (self.state, len(self.buf)) == before:
+                return events
+
+    def finish(self) -> None:
+        """The body ended: raises MultipartError unless the closing delimiter was read."""
+        if self.state != "done":
+            where = "before its first part" if self.parts == 0 and self.state == "preamble" else \
+                f"in part {max(self.parts, 1)}"
+            raise MultipartError(f"the body ends before its closing boundary ({where})")
+
+    def _preamble(self, events: list) -> None:
+        i = self.buf.find(self.delimiter)
+        if i < 0:
+            keep = len(self.delimiter) - 1
+            if len(self.buf) > keep:
+                del self.buf[:len(self.buf) - keep]
+            return
+        del self.buf[:i + len(self.delimiter)]
+        self.state = "after_delimiter"
+
+    def _after_delimiter(self, events: list) -> None:
+        if len(self.buf) < 2:
+            return
+        if self.buf[:2] == b"--":
+            self.state = "done"
+            events.append(("done",))
+            return
+        end = self.buf.find(b"\r\n")
+        if end < 0:
+            if len(self.buf) > 1024:
+                raise MultipartError(f"junk after the boundary of part {self.parts + 1}")
+            return
+        if self.buf[:end].strip(b" \t"):
+            raise MultipartError(f"junk after the boundary of part {self.parts + 1}")
+        del self.buf[:end + 2]
+        self.state = "headers"
+
+    def _headers(self, events: list) -> None:
+        if self.buf[:2] == b"\r\n":
+            head, rest = b"", 2
+        else:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > self.MAX_HEADERS:
+                    raise MultipartError(f"the headers of part {self.parts + 1} are longer than 16 KB")
+                return
+            head, rest = bytes(self.buf[:end]), end + 4
+        headers = {}
+        for line in head.decode("latin-1").split("\r\n"):
+            name, colon, value = line.partition(":")
+            if not colon or not name.strip():
+                raise MultipartError(f"a header line of part {self.parts + 1} has no name: {line[:60]!r}")
+            headers[name.strip().lower()] = value.strip()
+        del self.buf[:rest]
+        self.parts += 1
+        self.state = "body"
+        events.append(("start", headers))
+
+    def _body(self, events: list) -> None:
+        i = self.buf.find(self.delimiter)
+        if i < 0:
+            keep = len(self.delimiter) - 1
+            if len(self.buf) > keep:
+                events.append(("data", bytes(self.buf[:len(self.buf) - keep])))
+                del self.buf[:len(self.buf) - keep]
+            return
+        if i:
+            events.append(("data", bytes(self.buf[:i])))
+        events.append(("end",))
+        del self.buf[:i + len(self.delimiter)]
+        self.state = "after_delimiter"

@@ -36,7 +36,7 @@ from stowage.engine.store.segment import FileRange
 from stowage.engine.web.context import base_url, path_uid
 from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url, to_json
 from stowage.engine.web.errors import refusal
-from stowage.engine.web.multipart import LenientReader
+from stowage.engine.web.multipart import MultipartError, RelatedParser
 from stowage.engine.web.store import STORE, WebStore, spool_dir
 from stowage.protocol.status import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, PROCESSING_FAILURE, SUCCESS
 
@@ -97,85 +97,108 @@ async def _read(coro, timeout: float, what: str):
                            "nothing was stored") from None
 
 
-async def _spool(request: web.Request, store: WebStore) -> list[Part]:
-    """Every part of the body in a spool file; 4xx (and every spool file removed) when the
-    body is not a complete multipart/related of application/dicom parts."""
-    config = store.config
-    folder = spool_dir(config.data_dir)  # on the archive's disk: the store path reads it from there
-    await store.run(folder.mkdir, parents=True, exist_ok=True)
-    try:
-        reader = LenientReader(request.headers, request.content)
-    except ValueError as e:
-        raise refusal(400, f"the multipart/related Content-Type cannot be used: {e}") from None
-    parts: list[Part] = []
-    total = in_memory = 0
-    timeout = config.network_timeout
-    try:
-        while True:
-            try:
-                part = await _read(reader.next(), timeout, "the next part")
-            except web.HTTPException:
-                raise
-            except (ValueError, AssertionError, RuntimeError) as e:
-                raise _malformed(request, e, len(parts) + 1) from None
-            if part is None:
-                break
-            ptype = part.headers.get("Content-Type", DICOM).split(";")[0].strip().lower()
+class _Receiver:
+    """Where the parts of one body go as the parser finds them: memory, or a spool file
+    once a part outgrows spill_threshold or the request its in-memory allowance."""
+
+    def __init__(self, store: WebStore) -> None:
+        self.store = store
+        self.config = store.config
+        self.folder = spool_dir(self.config.data_dir)  # on the archive's disk: the store path reads it there
+        self.parts: list[Part] = []
+        self.total = self.in_memory = 0
+        self.buf = bytearray()
+        self.file = None
+
+    async def event(self, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "start":
+            ptype = ev[1].get("content-type", DICOM).split(";")[0].strip().lower()
             if ptype != DICOM:
-                raise refusal(415, f"part {len(parts) + 1} is {ptype[:60]!r}: only application/dicom parts are "
-                                   "taken; nothing was stored")
-            parts.append(Part(None, 0))
-            buf, f = bytearray(), None
-            try:
-                while True:
-                    try:
-                        chunk = await _read(part.read_chunk(_CHUNK), timeout, f"part {len(parts)}")
-                    except web.HTTPException:
-                        raise
-                    except (ValueError, AssertionError, RuntimeError) as e:
-                        raise _malformed(request, e, len(parts)) from None
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > config.max_spool_bytes:
-                        raise refusal(413, f"the body holds more than max_spool_bytes ({config.max_spool_bytes} "
-                                           "bytes); send fewer or smaller instances per request; nothing was stored")
-                    parts[-1].length += len(chunk)
-                    if f is None and (len(buf) + len(chunk) > config.spill_threshold
-                                      or in_memory + len(chunk) > _IN_MEMORY_PER_REQUEST):
-                        parts[-1].path = folder / f"{os.getpid()}-{next(_ids)}.part"  # large: to disk
-                        f = await store.run(open, parts[-1].path, "wb")
-                        await store.run(f.write, bytes(buf))
-                        in_memory -= len(buf)
-                        buf = bytearray()
-                    if f is None:
-                        buf += chunk
-                        in_memory += len(chunk)
-                    else:
-                        await store.run(f.write, chunk)
-                if f is None:
-                    parts[-1].data = bytes(buf)
-            finally:
-                if f is not None:
-                    await store.run(f.close)
-        if not parts:
+                raise refusal(415, f"part {len(self.parts) + 1} is {ptype[:60]!r}: only application/dicom parts "
+                                   "are taken; nothing was stored")
+            self.parts.append(Part(None, 0))
+            self.buf, self.file = bytearray(), None
+        elif kind == "data":
+            await self._data(ev[1])
+        elif kind == "end":
+            if self.file is None:
+                self.parts[-1].data = bytes(self.buf)
+            else:
+                await self.close()
+            self.buf = bytearray()
+
+    async def _data(self, chunk: bytes) -> None:
+        part = self.parts[-1]
+        self.total += len(chunk)
+        part.length += len(chunk)
+        if self.total > self.config.max_spool_bytes:
+            raise refusal(413, f"the body holds more than max_spool_bytes ({self.config.max_spool_bytes} bytes); "
+                               "send fewer or smaller instances per request; nothing was stored")
+        if self.file is None and (len(self.buf) + len(chunk) > self.config.spill_threshold
+                                  or self.in_memory + len(chunk) > _IN_MEMORY_PER_REQUEST):
+            await self.store.run(self.folder.mkdir, parents=True, exist_ok=True)
+            part.path = self.folder / f"{os.getpid()}-{next(_ids)}.part"
+            self.file = await self.store.run(open, part.path, "wb")
+            await self.store.run(self.file.write, bytes(self.buf))
+            self.in_memory -= len(self.buf)
+            self.buf = bytearray()
+        if self.file is None:
+            self.buf += chunk
+            self.in_memory += len(chunk)
+        else:
+            await self.store.run(self.file.write, chunk)
+
+    async def close(self) -> None:
+        if self.file is not None:
+            await self.store.run(self.file.close)
+            self.file = None
+
+
+def _boundary(request: web.Request) -> str:
+    _media, _, rest = request.headers.get("Content-Type", "").partition(";")
+    for piece in rest.split(";"):
+        name, _, value = piece.partition("=")
+        if name.strip().lower() == "boundary":
+            return value.strip().strip('"')
+    return ""
+
+
+async def _spool(request: web.Request, store: WebStore) -> list[Part]:
+    """Every part of the body, in memory or in a spool file; 4xx (and every spool file
+    removed) when the body is not a complete multipart/related of application/dicom parts."""
+    try:
+        parser = RelatedParser(_boundary(request))
+    except MultipartError as e:
+        raise refusal(400, f"the multipart/related Content-Type cannot be used: {e}") from None
+    receiver = _Receiver(store)
+    timeout = store.config.network_timeout
+    try:
+        try:
+            while parser.state != "done":
+                data = await _read(request.content.readany(), timeout, f"part {max(parser.parts, 1)}")
+                if not data:
+                    parser.finish()
+                    break
+                for ev in parser.feed(data):
+                    if ev[0] != "done":
+                        await receiver.event(ev)
+        except MultipartError as e:
+            raise refusal(400, f"malformed multipart body: {e}; nothing was stored") from None
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as e:  # the client went away mid-body
+            raise refusal(400, f"the body could not be read to its end ({type(e).__name__}); nothing was stored") \
+                from None
+        if not receiver.parts:
             raise refusal(400, "the multipart body holds no part; nothing was stored")
-        if not reader.at_eof():
-            raise refusal(400, "the multipart body ends before its closing boundary; nothing was stored")
     except OSError as e:
-        _remove(parts)
+        await receiver.close()
+        _remove(receiver.parts)
         raise refusal(507, f"cannot spool the body: {e.strerror or e}; nothing was stored") from None
     except BaseException:
-        _remove(parts)
+        await receiver.close()
+        _remove(receiver.parts)
         raise
-    return parts
-
-
-def _malformed(request: web.Request, error: Exception, number: int) -> web.HTTPException:
-    if request.content.is_eof() or "EOF" in str(error):
-        return refusal(400, f"the multipart body ends before its closing boundary (in part {number}); "
-                            "nothing was stored")
-    return refusal(400, f"malformed multipart body (part {number}): {error}; nothing was stored")
+    return receiver.parts
 
 
 def _remove(parts: list[Part]) -> None:
