@@ -62,3 +62,32 @@ def test_a_peers_invalid_values_are_one_warning_line_each(make_server):
     assert len([line for line in lines if "1.2.ab" in line]) == 1, "\n".join(lines[-40:])
     stamped = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEC] ")
     assert all(stamped.match(line) for line in lines), "\n".join(lines[-40:])
+
+
+def test_the_store_line_is_the_audit_lines_json(monkeypatch, tmp_path):
+    """The per-C-STORE audit line is formatted by hand (it is on every store's path): for
+    plain and hostile values alike it must be what audit_line writes, key for key and in
+    the same order, and one line each."""
+    import json
+    path = tmp_path / "audit.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    monkeypatch.setattr(logs, "_audit_fd", fd)
+    monkeypatch.setattr(logs, "_process", 'worker "0"')
+    cases = [("1.2.840.113619.2.55.3", 0x0000, 10240, "STORESCU", ""),
+             ('1.2."x\\\n', 0xC000, 5, 'A"E\\ é', 'bad "uid" ü\n'),
+             ("", 0xA700, 0, "", "out of resources")]
+    try:
+        for uid, status, length, ae, comment in cases:
+            logs.audit_store_line(uid, status, length, ae, comment)
+            logs.audit_line(f"store {uid} 0x{status:04X}", {
+                "event": "store", "sop_instance_uid": uid, "status": f"0x{status:04X}", "bytes": length,
+                "calling_ae": ae, **({"comment": comment} if comment else {})})
+    finally:
+        os.close(fd)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 * len(cases)
+    for fast, reference in zip(lines[::2], lines[1::2]):
+        a, b = json.loads(fast), json.loads(reference)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", a.pop("ts"))
+        b.pop("ts")
+        assert list(a.items()) == list(b.items())

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from stowage.engine.runtime.counts import WorkerCounts
 from stowage.engine.runtime.counts import counts as process_counts
-from stowage.engine.runtime.logs import audit_line
+from stowage.engine.runtime.logs import audit_store_line
 
 audit = logging.getLogger("stowage.audit")
 log = logging.getLogger("stowage.association")
@@ -43,9 +43,7 @@ class Trail:
             rec.statuses[status] += 1
             rec.bytes_in += length
         self.counts.stored(status, length)
-        audit_line(f"store {sop_instance_uid} 0x{status:04X}", {
-            "event": "store", "sop_instance_uid": sop_instance_uid, "status": f"0x{status:04X}", "bytes": length,
-            "calling_ae": calling_ae, **({"comment": comment} if comment else {})})
+        audit_store_line(sop_instance_uid, status, length, calling_ae, comment)
 
     def closed(self, key: int, calling_ae: str, called_ae: str, outcome: str, path: str = "") -> None:
         with self._lock:
