@@ -289,14 +289,21 @@ def _dciodvfy_errors(path: Path) -> set[str]:
                                                               "retain_device_identity"})],
                          ids=["basic", "research"])
 def test_dciodvfy_finds_no_new_iod_error(tmp_path, name, options):
+    """Both paths: through pydicom (export, send) and element by element (ingest, import)."""
+    from stowage.engine.deidentify.folder import one_file
     src = Path(get_testdata_file(name))
-    ds = pydicom.dcmread(src)
     project = Project.open(ProjectConfig("P", options=options), tmp_path)
+    ds = pydicom.dcmread(src)
     project.deidentify_dataset(ds)
-    out = tmp_path / "out.dcm"
-    ds.save_as(out, enforce_file_format=True)
-    new = _dciodvfy_errors(out) - _dciodvfy_errors(src)
-    assert not new, new
+    through_pydicom = tmp_path / "pydicom.dcm"
+    ds.save_as(through_pydicom, enforce_file_format=True)
+    (tmp_path / "out").mkdir()
+    assert one_file(project, src, tmp_path / "out") == ("written", "")
+    (encoded,) = (tmp_path / "out").iterdir()
+    before = _dciodvfy_errors(src)
+    for out in (through_pydicom, encoded):
+        new = _dciodvfy_errors(out) - before
+        assert not new, (out.name, new)
     project.close()
 
 

@@ -52,7 +52,7 @@ def _timed(name: str, files: list[Path], nbytes: int, one) -> Row:
 def folder_rows(files: list[Path], nbytes: int, work: Path) -> list[Row]:
     import pydicom
 
-    from stowage.engine.deidentify.folder import write_part10
+    from stowage.engine.deidentify.folder import one_file
     from stowage.engine.deidentify.project import Project, ProjectConfig
     rows = []
     out = work / "out-stowage"
@@ -60,9 +60,9 @@ def folder_rows(files: list[Path], nbytes: int, work: Path) -> list[Row]:
     project = Project.open(ProjectConfig("BENCH", options=frozenset(OPTIONS)), work / "data")
 
     def stowage_one(f: Path) -> None:
-        ds = pydicom.dcmread(f)
-        outcome = project.deidentify_dataset(ds)
-        write_part10(ds, out / f"{outcome.sop_instance_uid[1]}.dcm")
+        kind, why = one_file(project, f, out)
+        if kind != "written":
+            raise RuntimeError(f"{f}: {kind} {why}")
     rows.append(_timed("stowage (1 process)", files, nbytes, stowage_one))
     project.close()
 

@@ -32,8 +32,14 @@ _LONG = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b
 _BINARY = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _NUMBER_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8, "AT": 4}
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_HEAD, _U32 = struct.Struct("<HHI"), struct.Struct("<I")
+_LONG_STR = {v.decode() for v in _LONG}
+_VRS = {v.encode(): v for v in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD",
+                                "OF", "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI",
+                                "UL", "UN", "UR", "US", "UT", "UV")}
 _CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _MARKS = {0x00120062, 0x00120063, 0x00120064, 0x00280303}
+_LAST_MARK = max(_MARKS)
 # Top-level attributes read before the walk: the patient, the pixel checks, the charset.
 _WANTED = {0x00080005: "SpecificCharacterSet", 0x00100020: "PatientID", 0x00100010: "PatientName",
            0x00100021: "IssuerOfPatientID", 0x00100030: "PatientBirthDate", 0x00080050: "AccessionNumber",
@@ -41,6 +47,7 @@ _WANTED = {0x00080005: "SpecificCharacterSet", 0x00100020: "PatientID", 0x001000
            0x00080016: "SOPClassUID", 0x00080060: "Modality", 0x00280301: "BurnedInAnnotation",
            0x00280302: "RecognizableVisualFeatures"}
 _PIXELS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+_LAST_WANTED = max(_WANTED)
 
 
 @lru_cache(maxsize=4096)
@@ -56,6 +63,7 @@ class _Walk:
 
     def __init__(self, profile: Profile, buf: memoryview, implicit: bool) -> None:
         self.p, self.buf, self.implicit = profile, buf, implicit
+        self.b = buf.obj if isinstance(buf.obj, bytes) and len(buf) == len(buf.obj) else bytes(buf)
         self.by_tag = profile.actions.by_tag
         self.codec = "ascii"
         self.inst: _Instance | None = None
@@ -63,21 +71,23 @@ class _Walk:
     # -- reading --------------------------------------------------------------------------
     def header(self, pos: int) -> tuple[int, str, int, int]:
         """(tag, VR, value offset, value length) of the element at `pos`."""
-        group, elem = struct.unpack_from("<HH", self.buf, pos)
+        b = self.b
+        group, elem, rest = _HEAD.unpack_from(b, pos)
         tag = group << 16 | elem
         if group == 0xFFFE:
-            return tag, "", pos + 8, struct.unpack_from("<I", self.buf, pos + 4)[0]
+            return tag, "", pos + 8, rest
         if self.implicit:
-            length = struct.unpack_from("<I", self.buf, pos + 4)[0]
-            vr = "SQ" if length == UNDEFINED and tag not in _PIXELS else _vr_of(tag)
-            return tag, vr, pos + 8, length
-        vr = bytes(self.buf[pos + 4:pos + 6])
-        if vr in _LONG:
-            length = struct.unpack_from("<I", self.buf, pos + 8)[0]
-            if vr == b"UN" and length == UNDEFINED:
+            vr = "SQ" if rest == UNDEFINED and tag not in _PIXELS else _vr_of(tag)
+            return tag, vr, pos + 8, rest
+        vr = _VRS.get(b[pos + 4:pos + 6])
+        if vr is None:
+            raise Fallback(f"unknown VR at offset {pos}")
+        if vr in _LONG_STR:
+            length = _U32.unpack_from(b, pos + 8)[0]
+            if vr == "UN" and length == UNDEFINED:
                 raise Fallback("Explicit VR UN of undefined length (an implicit sequence inside)")
-            return tag, vr.decode(), pos + 12, length
-        return tag, vr.decode("ascii", "replace"), pos + 8, struct.unpack_from("<H", self.buf, pos + 6)[0]
+            return tag, vr, pos + 12, length
+        return tag, vr, pos + 8, rest >> 16
 
     def skip_undefined(self, pos: int) -> int:
         """End of an undefined-length sequence or encapsulated pixel data starting at `pos`."""
@@ -108,7 +118,7 @@ class _Walk:
             pos = nxt
 
     def text(self, val: int, length: int) -> str:
-        return bytes(self.buf[val:val + length]).decode(self.codec).rstrip("\0 ").lstrip(" ")
+        return self.b[val:val + length].decode(self.codec).rstrip("\0 ").lstrip(" ")
 
     # -- writing --------------------------------------------------------------------------
     def element(self, tag: int, vr: str, value: bytes) -> bytes:
@@ -198,7 +208,7 @@ class _Walk:
                 return self.sequence(tag, self.items(val, length, dummy_text))
             if dummy_text and vr in _FREE_TEXT_VRS and length:
                 return self.string(tag, vr, DUMMY_TEXT)
-            return bytes(raw)
+            return raw
         if action == "X":
             return None
         if action == "X/Z/U*":
@@ -208,7 +218,7 @@ class _Walk:
         elif action in ("Z/D", "X/D", "X/Z/D"):
             action = "D"
         if action == "K":
-            return self.sequence(tag, self.items(val, length, dummy_text)) if vr == "SQ" else bytes(raw)
+            return self.sequence(tag, self.items(val, length, dummy_text)) if vr == "SQ" else raw
         if action == "Z":
             return self.sequence(tag, []) if vr == "SQ" else self.element(tag, vr, b"")
         if action == "D":
@@ -284,19 +294,21 @@ class _Walk:
                 creator = creators.get((tag >> 16, elem >> 8))
                 if creator and (tag >> 16, creator, elem & 0xFF) in self.p.actions.safe_private:
                     keep |= {tag, (tag & 0xFFFF0000) | (elem >> 8)}
-        return [bytes(self.buf[s:n]) for tag, s, n in found if tag in keep]
+        return [self.buf[s:n] for tag, s, n in found if tag in keep]
 
 
 def _top_values(w: _Walk, end: int) -> dict[str, object]:
+    """The _WANTED attributes of the top level (they all come before (0028,0303))."""
     values: dict[str, object] = {}
-    for tag, vr, _s, val, length, _n in w.elements(0, end):
-        if tag in _WANTED:
-            text = bytes(w.buf[val:val + length]).decode("latin-1").rstrip("\0 ").lstrip(" ")
-            values[_WANTED[tag]] = text.split("\\") if tag == 0x00101000 and "\\" in text else text
-        elif tag in _PIXELS:
-            values["pixels"] = True
-        elif tag > 0x7FE00010:
+    pos, b, header = 0, w.b, w.header
+    while pos < end:
+        tag, _vr, val, length = header(pos)
+        if tag > _LAST_WANTED:
             break
+        if tag in _WANTED:
+            text = b[val:val + length].decode("latin-1").rstrip("\0 ").lstrip(" ")
+            values[_WANTED[tag]] = text.split("\\") if tag == 0x00101000 and "\\" in text else text
+        pos = w.skip_undefined(val) if length == UNDEFINED else val + length
     return values
 
 
@@ -313,7 +325,8 @@ def deidentify(profile: Profile, data: bytes | memoryview, transfer_syntax: str,
     if charset not in _CODECS:
         raise Fallback(f"character set {charset}")
     w.codec = _CODECS[charset]
-    if values.get("pixels") and (str(values.get("BurnedInAnnotation", "")).upper() == "YES"
+    # (the pydicom path decides for these, also whether there are pixels at all)
+    if (str(values.get("BurnedInAnnotation", "")).upper() == "YES"
                                  or str(values.get("Modality", "")).upper() in BURNING_MODALITIES
                                  or str(values.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX)
                                  or str(values.get("RecognizableVisualFeatures", "")).upper() == "YES"):
@@ -321,11 +334,17 @@ def deidentify(profile: Profile, data: bytes | memoryview, transfer_syntax: str,
     decoded = {k: (bytes(v, "latin-1").decode(w.codec) if isinstance(v, str) else v) for k, v in values.items()}
     w.inst = inst = _Instance(lambda k: decoded.get(k, ""), profile.keyed)
     chunks, _ = w.dataset(0, len(buf), dummy_text=False)
-    marks = _marks(w, profile)
-    merged = [c for c in chunks if _tag(c) not in _MARKS]
-    for tag, chunk in marks:
-        i = next((k for k, c in enumerate(merged) if _tag(c) > tag), len(merged))
-        merged.insert(i, chunk)
+    # The marks go in tag order among the first chunks, replacing any the sender wrote.
+    head, i = [], 0
+    while i < len(chunks):
+        tag = _tag(chunks[i])
+        if tag > _LAST_MARK:
+            break
+        if tag not in _MARKS:
+            head.append((tag, chunks[i]))
+        i += 1
+    head = [c for _t, c in sorted(head + _marks(w, profile), key=lambda tc: tc[0])]
+    merged = head + chunks[i:]
     sop = str(values.get("SOPInstanceUID", ""))
     study = str(values.get("StudyInstanceUID", ""))
     new_sop = inst.uids.get(sop, sop) if not profile.retain_uids else sop
@@ -335,7 +354,7 @@ def deidentify(profile: Profile, data: bytes | memoryview, transfer_syntax: str,
                                      (study, new_study), inst.uids), str(values.get("SOPClassUID", ""))
 
 
-def _tag(chunk: bytes) -> int:
+def _tag(chunk: bytes | memoryview) -> int:
     g, e = struct.unpack_from("<HH", chunk)
     return g << 16 | e
 

@@ -54,13 +54,13 @@ def _meta(payload: bytes) -> tuple[int, dict[int, str]] | None:
         return None
     values, pos = {}, 12
     while pos + 8 <= n:
-        tag, vr = struct.unpack_from("<I", payload, pos)[0], payload[pos + 4:pos + 6]
+        tag, vr = struct.unpack_from("<I", payload, pos)[0], bytes(payload[pos + 4:pos + 6])
         if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
             length, val = struct.unpack_from("<I", payload, pos + 8)[0], pos + 12
         else:
             length, val = struct.unpack_from("<H", payload, pos + 6)[0], pos + 8
         if vr == b"UI":
-            values[tag >> 16 | (tag & 0xFFFF) << 16] = payload[val:val + length].decode("ascii").rstrip("\0 ")
+            values[tag >> 16 | (tag & 0xFFFF) << 16] = bytes(payload[val:val + length]).decode("ascii").rstrip("\0 ")
         pos = val + length
     return n, values
 
@@ -71,7 +71,7 @@ def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
         raw = path.read_bytes()
     except OSError as e:
         return "failed", f"{path}: cannot read ({e.strerror})"
-    payload = raw[len(PREAMBLE):] if raw[128:132] == b"DICM" else b""
+    payload = memoryview(raw)[len(PREAMBLE):] if raw[128:132] == b"DICM" else b""
     meta = _meta(payload) if payload else None
     ts = meta[1].get(0x00020010, "") if meta else ""
     if meta and ts and ts != DeflatedExplicitVRLittleEndian:
@@ -87,7 +87,8 @@ def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             try:
                 with open(tmp, "wb") as f:
-                    f.write(PREAMBLE + file_meta(result.sop_class_uid, sop, result.transfer_syntax) + result.dataset)
+                    f.write(PREAMBLE + file_meta(result.sop_class_uid, sop, result.transfer_syntax))
+                    f.write(result.dataset)
                 os.replace(tmp, target)
             except OSError as e:
                 tmp.unlink(missing_ok=True)

@@ -160,6 +160,7 @@ class Project:
         else:
             self._done(outcome)
             return Result(data, transfer_syntax, sop_class, outcome)
+        dataset = bytes(dataset)
         deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
         if deflated:
             dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
