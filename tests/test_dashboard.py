@@ -135,3 +135,44 @@ def test_with_tokens_the_pages_work_from_a_link_that_carries_one(chromium, web_a
     assert not failed_requests(chromium)
     assert not console_errors(chromium)
 
+
+
+def test_an_import_in_progress_is_shown_with_its_process(web_archive, tmp_path):
+    """`stowage import` running beside serve holds a writer slot: the dashboard names it
+    (pid, command) while it runs, and not once it is done. The import process is frozen
+    (SIGSTOP) while it holds its slot, so that the dashboard is asked while it runs."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import CT
+    from stowage.engine.web.dashboard.activity import writers
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2000):  # the same instance: each copy found already held, the archive unchanged
+        shutil.copyfile(CT, folder / f"{i}.dcm")
+    data_dir = Path(web_archive.server.data_dir)
+    importing = subprocess.Popen([sys.executable, "-m", "stowage.cli", "import", str(folder), "--processes", "1",
+                                  "--data-dir", str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    status = lambda: json.loads(web_archive.get("/dashboard/status.json")[2])  # noqa: E731
+    try:
+        holder = wait_for(lambda: [w for w in writers(data_dir) if w.role == "import"], 60,
+                          "the import to claim its writer slot")[0]
+        os.kill(holder.pid, signal.SIGSTOP)
+        try:
+            shown = wait_for(lambda: [w for w in status()["activity"]["writers"] if w["role"] == "import"], 30,
+                             "the import on the dashboard")
+            assert shown[0]["pid"] == holder.pid and 100 <= shown[0]["slot"] <= 899
+        finally:
+            os.kill(holder.pid, signal.SIGCONT)
+        assert importing.wait(120) == 0, importing.stderr.read()
+    finally:
+        if importing.poll() is None:
+            importing.kill()
+            importing.wait()
+    wait_for(lambda: not [w for w in status()["activity"]["writers"] if w["role"] == "import"], 30,
+             "the finished import to leave the dashboard")
+    assert status()["holdings"]["instances"] == 1

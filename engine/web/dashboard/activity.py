@@ -13,24 +13,33 @@ import psutil
 from stowage.engine.lifecycle.compaction import COMPACT_SLOT
 from stowage.engine.migrate.run import SLOT_BASE as MIGRATE_FIRST_SLOT
 from stowage.engine.store.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT
+from stowage.engine.web.store import HTTP_FIRST_SLOT, HTTP_LAST_SLOT
 
 
 @dataclass
 class Writer:
     slot: int
     pid: int
-    role: str        # worker, import, migrate, compaction, other
+    role: str        # worker, import, migrate, STOW-RS, compaction, other
     command: str     # the process's command line, shortened
 
 
-def role_of(slot: int) -> str:
+def role_of(slot: int, argv: list[str]) -> str:
+    """What a slot's holder does: by the slot numbering of engine/store/slots.py, and by its
+    command line where ranges meet (a migration claims the lowest free slot from 200, which
+    many concurrent imports may have taken)."""
     if slot == COMPACT_SLOT:
         return "compaction"
-    if IMPORT_FIRST_SLOT <= slot < MIGRATE_FIRST_SLOT:
+    if HTTP_FIRST_SLOT <= slot <= HTTP_LAST_SLOT:
+        return "STOW-RS"  # an HTTP process storing
+    if slot < IMPORT_FIRST_SLOT:
+        return "worker"
+    for command in ("import", "migrate", "compact"):
+        if command in argv:
+            return "compaction" if command == "compact" else command
+    if slot < MIGRATE_FIRST_SLOT:
         return "import"
-    if MIGRATE_FIRST_SLOT <= slot <= IMPORT_LAST_SLOT:
-        return "migrate" if slot < MIGRATE_FIRST_SLOT + 100 else "import"
-    return "worker" if slot < IMPORT_FIRST_SLOT else "other"
+    return "migrate" if slot <= IMPORT_LAST_SLOT else "other"
 
 
 def _flock_holders() -> dict[tuple[int, int, int], int]:
@@ -50,12 +59,15 @@ def _flock_holders() -> dict[tuple[int, int, int], int]:
     return held
 
 
-def _command(pid: int) -> str:
+def _argv(pid: int) -> list[str]:
     try:
-        words = psutil.Process(pid).cmdline()
+        return psutil.Process(pid).cmdline()
     except (psutil.Error, OSError):
-        return ""
-    text = " ".join(os.path.basename(w) if i == 0 else w for i, w in enumerate(words))
+        return []
+
+
+def _shown(argv: list[str]) -> str:
+    text = " ".join(os.path.basename(w) if i == 0 else w for i, w in enumerate(argv))
     return text if len(text) <= 120 else text[:119] + "…"
 
 
@@ -71,7 +83,8 @@ def writers(data_dir: Path) -> list[Writer]:
             continue
         pid = held.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
         if pid is not None:
-            out.append(Writer(slot, pid, role_of(slot), _command(pid)))
+            argv = _argv(pid)
+            out.append(Writer(slot, pid, role_of(slot, argv), _shown(argv)))
     return out
 
 
