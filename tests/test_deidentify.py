@@ -373,3 +373,14 @@ def test_the_element_by_element_path_gives_what_the_pydicom_path_gives(options, 
     assert _flat(fast) == _flat(slow)
     assert fast_outcome.sop_instance_uid == slow_outcome.sop_instance_uid
     assert fast_outcome.pseudonym == slow_outcome.pseudonym
+
+
+@pytest.mark.integration
+def test_serve_refuses_a_bad_project_in_one_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\nbind = "127.0.0.1"\nport = 1\nhttp_port = 0\n'
+                      '[projects.X]\ncalled_ae = "X"\nkey_file = "/nonexistent/key"\n')
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "serve", "--config", str(config)], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 1 and "projects.X: cannot read key file /nonexistent/key" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

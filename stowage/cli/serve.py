@@ -31,6 +31,13 @@ def serve(config_file, **overrides) -> None:
     from stowage.engine.lifecycle.background import Background
     from stowage.engine.runtime.logs import setup_logging
     config = load(config_file, **overrides)
+    if config.projects:  # [projects.NAME] (de-identification): one clear line, before any worker starts
+        from stowage.engine.deidentify.project import ProjectError, open_project
+        try:
+            for name in config.projects:  # their keys too (made on first use)
+                open_project(config.projects, name, config.data_dir).close()
+        except ProjectError as e:
+            raise click.ClickException(f"configuration: {e}") from None
     setup_logging(config, "acceptor")
     background = Background(config).start()  # compaction (and the delete-oldest quota) in this process
     try:
