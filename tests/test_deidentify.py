@@ -282,7 +282,6 @@ def _dciodvfy_errors(path: Path) -> set[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) is installed by ops/test.sh")
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "waveform_ecg.dcm"])
 @pytest.mark.parametrize("options", [frozenset(), frozenset({"retain_longitudinal_modified_dates",
                                                               "retain_patient_characteristics", "clean_descriptors",
