@@ -27,6 +27,7 @@ from itertools import count
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydicom.dataset import Dataset
 
 from stowage.catalog.attributes import extract
@@ -47,6 +48,7 @@ _CHUNK = 1 << 20
 # Parts up to spill_threshold are kept in memory, up to this much per request; the rest is
 # spooled to disk as it arrives.
 _IN_MEMORY_PER_REQUEST = 64 << 20
+_MAX_EPILOGUE = 1 << 20
 _ids = count(1)
 _trail = Trail()
 
@@ -155,6 +157,16 @@ class _Receiver:
             self.file = None
 
 
+async def _rest_of_body(request: web.Request, timeout: float) -> None:
+    """Read what follows the closing boundary (an epilogue, at most 1 MB) to the end of the
+    body: a body shorter than its Content-Length, cut by the client, stores nothing."""
+    rest = 0
+    while data := await _read(request.content.readany(), timeout, "the end of the body"):
+        rest += len(data)
+        if rest > _MAX_EPILOGUE:
+            raise refusal(400, "more than 1 MB follows the closing boundary; nothing was stored")
+
+
 def _boundary(request: web.Request) -> str:
     _media, _, rest = request.headers.get("Content-Type", "").partition(";")
     for piece in rest.split(";"):
@@ -183,9 +195,10 @@ async def _spool(request: web.Request, store: WebStore) -> list[Part]:
                 for ev in parser.feed(data):
                     if ev[0] != "done":
                         await receiver.event(ev)
+            await _rest_of_body(request, timeout)  # the whole HTTP message, not only the closing boundary
         except MultipartError as e:
             raise refusal(400, f"malformed multipart body: {e}; nothing was stored") from None
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as e:  # the client went away mid-body
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, HttpProcessingError) as e:  # cut short
             raise refusal(400, f"the body could not be read to its end ({type(e).__name__}); nothing was stored") \
                 from None
         if not receiver.parts:
@@ -245,14 +258,14 @@ def _store_one(store: WebStore, part: Part, study: str | None, peer: str) -> Sto
         return StoreResult(CANNOT_UNDERSTAND, str(e))
     archive = store.archive()
     dataset = part.dataset(start)
-    if study is not None:
-        try:  # the study the data set names, before storing it
-            attrs = extract(part.head(4 << 20, start), ts, store.config.max_inflated_bytes,
-                            store.config.max_nesting_depth)
-        except Exception as e:
-            return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {e}")
-        if attrs.get("study_instance_uid") != study:
-            return StoreResult(DATASET_DOES_NOT_MATCH_SOP_CLASS, "its Study Instance UID is not the one of the URL")
+    try:  # the study and series the data set names: the URL's check, the answer's Retrieve URL
+        attrs = extract(part.head(4 << 20, start), ts, store.config.max_inflated_bytes, store.config.max_nesting_depth)
+        part.study, part.series = attrs.get("study_instance_uid") or "", attrs.get("series_instance_uid") or ""
+    except Exception as e:  # Archive.store says why, and counts a limit, when no study is asked for
+        if study is not None:
+            return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {e}"[:64])
+    if study is not None and part.study != study:
+        return StoreResult(DATASET_DOES_NOT_MATCH_SOP_CLASS, "its Study Instance UID is not the one of the URL")
     result = archive.store(dataset, ts, part.sop_class_uid, part.sop_instance_uid, calling_ae=SOURCE_AE,
                            called_ae=store.config.aet)
     _trail.stored(0, SOURCE_AE, part.sop_instance_uid, result.status, part.length - start, result.comment)
@@ -303,7 +316,6 @@ async def stow(request: web.Request) -> web.Response:
                                          for p in parts))
         for p, r in zip(parts, results):
             p.result = r
-        await store.run(_locate, store, [p for p in parts if r_ok(p)])
     finally:
         await store.run(_remove, parts)
     status, body = _answer(parts, base_url(request), study)
@@ -315,18 +327,6 @@ async def stow(request: web.Request) -> web.Response:
 
 def r_ok(p: Part) -> bool:
     return p.result is not None and p.result.status == SUCCESS
-
-
-def _locate(store: WebStore, parts: list[Part]) -> None:
-    """The study and series of each stored instance, for its Retrieve URL."""
-    if not parts:
-        return
-    _cols, rows = store.lookups.execute(
-        "SELECT sop_instance_uid, study_instance_uid, series_instance_uid FROM instances "
-        "WHERE sop_instance_uid IN (SELECT unnest(?))", [[p.sop_instance_uid for p in parts]])
-    where = {uid: (study, series) for uid, study, series in rows}
-    for p in parts:
-        p.study, p.series = where.get(p.sop_instance_uid, ("", ""))
 
 
 def routes(base: str) -> list[web.RouteDef]:
