@@ -64,6 +64,7 @@ class _Walk:
     def __init__(self, profile: Profile, buf: memoryview, implicit: bool) -> None:
         self.p, self.buf, self.implicit = profile, buf, implicit
         self.b = buf.obj if isinstance(buf.obj, bytes) and len(buf) == len(buf.obj) else bytes(buf)
+        self.buf = memoryview(self.b)
         self.by_tag = profile.actions.by_tag
         self.codec = "ascii"
         self.inst: _Instance | None = None
@@ -297,10 +298,10 @@ class _Walk:
         return [self.buf[s:n] for tag, s, n in found if tag in keep]
 
 
-def _top_values(w: _Walk, end: int) -> dict[str, object]:
+def _top_values(w: _Walk, start: int, end: int) -> dict[str, object]:
     """The _WANTED attributes of the top level (they all come before (0028,0303))."""
     values: dict[str, object] = {}
-    pos, b, header = 0, w.b, w.header
+    pos, b, header = start, w.b, w.header
     while pos < end:
         tag, _vr, val, length = header(pos)
         if tag > _LAST_WANTED:
@@ -312,15 +313,15 @@ def _top_values(w: _Walk, end: int) -> dict[str, object]:
     return values
 
 
-def deidentify(profile: Profile, data: bytes | memoryview, transfer_syntax: str,
+def deidentify(profile: Profile, data: bytes | memoryview, transfer_syntax: str, start: int = 0,
                ) -> tuple[bytes, Outcome, str]:
-    """The de-identified encoding of `data` (a data set without file meta), what was done,
-    and the SOP Class UID."""
+    """The de-identified encoding of `data[start:]` (a data set without file meta), what was
+    done, and the SOP Class UID. (`start`: a whole file's bytes need no copy.)"""
     if transfer_syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
         raise Fallback(f"transfer syntax {transfer_syntax}")
     buf = memoryview(data)
     w = _Walk(profile, buf, transfer_syntax == ImplicitVRLittleEndian)
-    values = _top_values(w, len(buf))
+    values = _top_values(w, start, len(buf))
     charset = str(values.get("SpecificCharacterSet", "")).strip()
     if charset not in _CODECS:
         raise Fallback(f"character set {charset}")
@@ -333,7 +334,7 @@ def deidentify(profile: Profile, data: bytes | memoryview, transfer_syntax: str,
         raise Fallback("burned-in annotation to check")
     decoded = {k: (bytes(v, "latin-1").decode(w.codec) if isinstance(v, str) else v) for k, v in values.items()}
     w.inst = inst = _Instance(lambda k: decoded.get(k, ""), profile.keyed)
-    chunks, _ = w.dataset(0, len(buf), dummy_text=False)
+    chunks, _ = w.dataset(start, len(buf), dummy_text=False)
     # The marks go in tag order among the first chunks, replacing any the sender wrote.
     head, i = [], 0
     while i < len(chunks):

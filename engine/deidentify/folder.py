@@ -76,7 +76,7 @@ def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
     ts = meta[1].get(0x00020010, "") if meta else ""
     if meta and ts and ts != DeflatedExplicitVRLittleEndian:
         try:  # the fast path: bytes in, bytes out (encoded.py); deidentify_bytes falls back itself
-            result = project.deidentify_bytes(payload[meta[0]:], ts)
+            result = project.deidentify_bytes(raw, ts, len(PREAMBLE) + meta[0])
         except Quarantined as e:
             return "quarantined", f"{path}: {e}"
         except Exception as e:

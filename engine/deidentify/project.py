@@ -149,18 +149,18 @@ class Project:
                     "original_sop_instance_uid": outcome.sop_instance_uid[0],
                     "sop_instance_uid": outcome.sop_instance_uid[1]})
 
-    def deidentify_bytes(self, dataset: bytes, transfer_syntax: str) -> Result:
+    def deidentify_bytes(self, dataset: bytes, transfer_syntax: str, start: int = 0) -> Result:
         """De-identify an encoded data set (no file meta); the result in the same transfer
         syntax, or RLE Lossless when compressed pixels were cleaned. Element by element
         (encoded.py) where it can, through pydicom where it cannot."""
         try:
-            data, outcome, sop_class = encoded.deidentify(self.profile, dataset, transfer_syntax)
+            data, outcome, sop_class = encoded.deidentify(self.profile, dataset, transfer_syntax, start)
         except Exception:  # encoded.Fallback, or bytes it cannot walk (a truncated file): pydicom decides
             pass
         else:
             self._done(outcome)
             return Result(data, transfer_syntax, sop_class, outcome)
-        dataset = bytes(dataset)
+        dataset = bytes(memoryview(dataset)[start:])
         deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
         if deflated:
             dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
