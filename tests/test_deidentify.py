@@ -383,3 +383,14 @@ def test_serve_refuses_a_bad_project_in_one_line(tmp_path):
                        text=True, cwd=REPO, timeout=60)
     assert r.returncode == 1 and "projects.X: cannot read key file /nonexistent/key" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_date_shifts_keep_the_form_of_ranges_partial_datetimes_and_offsets():
+    from stowage.engine.deidentify.dates import shift_da, shift_dt
+    assert shift_da("20200301", 1) == "20200229"
+    assert shift_da("20200301-20200310", 10) == "20200220-20200229"
+    assert shift_da("-20200310", 10) == "-20200229"
+    assert shift_da("garbage", 3) == ""
+    assert shift_dt("20200301101500.123+0100", 1) == "20200229101500.123+0100"
+    assert shift_dt("202003", 1) == "202002"   # a year-month moves as its first day does
+    assert shift_dt("2020", 1) == "2019"
