@@ -176,3 +176,34 @@ def test_an_import_in_progress_is_shown_with_its_process(web_archive, tmp_path):
     wait_for(lambda: not [w for w in status()["activity"]["writers"] if w["role"] == "import"], 30,
              "the finished import to leave the dashboard")
     assert status()["holdings"]["instances"] == 1
+
+
+def test_a_migration_is_shown_from_its_checkpoint(tmp_path):
+    """A migration's progress as `stowage migrate` records it (engine/migrate/checkpoint.py):
+    the dashboard reads the checkpoint read-only, also while the migration holds it."""
+    from stowage.engine.migrate.checkpoint import Checkpoint, Result
+    from stowage.engine.migrate.enumerate import Study, Window
+    from stowage.engine.runtime.config import Config
+    from stowage.engine.web.dashboard import routes
+    from stowage.engine.web.dashboard.status import Status
+
+    cp = Checkpoint(tmp_path / "data" / "migrate" / "OLDPACS.sqlite")
+    cp.set_meta(source="OLDPACS@10.0.0.9:104", method="move")
+    window = Window(everything=True)
+    cp.seed_windows([window], rescan=False)
+    cp.window_done(window, "done", [Study("1.2.3", "P1", "DOE^J", "20200101", "CT", 10),
+                                    Study("1.2.4", "P2", "ROE^R", "20200102", "MR", 5)], [], "")
+    cp.start("1.2.3")
+    cp.finish("1.2.3", Result("done", expected=10, received=10, verified=10, bytes=5_000_000), None)
+    cp.start("1.2.4")
+    status = Status(Config(data_dir=tmp_path / "data"))
+    try:
+        s = status.gather()
+    finally:
+        status.close()
+        cp.close()
+    (m,) = s["migrations"]
+    assert m["source"] == "OLDPACS@10.0.0.9:104"
+    assert (m["studies"], m["studies_done"], m["studies_in_flight"], m["instances_received"]) == (2, 1, 1, 10)
+    page = " ".join(routes._environment().get_template("panels.html").render(s=s, chart="{}").split())
+    assert "OLDPACS@10.0.0.9:104</strong>: 1 of 2 studies done (0 failed, 1 in flight), 10 instances received" in page

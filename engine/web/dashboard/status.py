@@ -149,7 +149,8 @@ class Status:
             except sqlite3.Error:
                 continue
             t["source"] = source[0] if source else path.stem
-            t["updated"] = path.stat().st_mtime
+            # WAL mode: what was written last may still be in the -wal file
+            t["updated"] = max(p.stat().st_mtime for p in (path, path.with_name(path.name + "-wal")) if p.exists())
             out.append(t)
         return out
 
