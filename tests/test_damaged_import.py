@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import csv
 import random
+import subprocess
+import sys
 from pathlib import Path
+
+import psutil
 
 import pydicom
 from pydicom.data import get_testdata_file
 
-from conftest import CT, MR, copies, dataset_bytes
+from conftest import CT, MR, copies, dataset_bytes, wait_for
 from stowage.bench.harness import damage
 from test_import import exported, run_import
 
@@ -78,3 +82,27 @@ def test_damaged_files_cost_no_neighbour(tmp_path):
         assert stored.get(uid) == dataset, f"{path.name} not stored byte for byte"
     stored_maybe = len(maybe) - len(set(maybe) & set(rows))
     assert len(stored) == len(good) + stored_maybe, "a damaged file was stored but reported, or the other way round"
+
+
+def test_a_dead_import_process_costs_no_file(tmp_path):
+    """An import process killed mid-run (as a crash or the OOM killer would): a new process
+    takes the files it had in hand, every file is stored, the import exits 0 and says so."""
+    files = copies(MR, tmp_path / "src", 400, "mr")
+    cmd = [sys.executable, "-m", "stowage.cli", "import", str(tmp_path / "src"), "--data-dir", str(tmp_path / "data"),
+           "--processes", "2", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def storing_child() -> psutil.Process | None:
+            children = psutil.Process(proc.pid).children()
+            started = list((tmp_path / "data" / "segments").glob("1*.seg")) if len(children) >= 2 else []
+            return children[0] if started else None
+        victim = wait_for(storing_child, 120, "two import processes storing")
+        victim.suspend()  # stopped mid-chunk (almost always): the files in its hand go with it
+        victim.kill()
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "1 import process(es) died" in output, output
+    assert "Traceback" not in output
+    stored = exported(tmp_path / "data", tmp_path / "out")
+    assert sorted(stored) == sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files)

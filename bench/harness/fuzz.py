@@ -200,6 +200,29 @@ def find_identifier(rng: random.Random) -> bytes:
     return mutate(data, rng) if rng.random() < 0.5 else data
 
 
+def without_abstract_syntax(rq: bytes) -> bytes:
+    """The A-ASSOCIATE-RQ with the abstract syntax sub-item of its first presentation
+    context cut out (item and PDU lengths kept true)."""
+    b = bytearray(rq)
+    cx = b.index(b"\x20\x00", 74)
+    sub = cx + 8
+    assert b[sub] == 0x30
+    n = 4 + struct.unpack_from(">H", b, sub + 2)[0]
+    del b[sub:sub + n]
+    struct.pack_into(">H", b, cx + 2, struct.unpack_from(">H", b, cx + 2)[0] - n)
+    struct.pack_into(">I", b, 2, struct.unpack_from(">I", b, 2)[0] - n)
+    return bytes(b)
+
+
+def regressions(rq: bytes) -> list[tuple[str, list[bytes]]]:
+    """Inputs that once broke the server (issue #20), sent first in every run: (kind, the
+    PDUs after the A-ASSOCIATE-RQ for "echo", or the whole bytes for "assoc")."""
+    no_field = _element(0, 0x0002, _pad(VERIFICATION)) + _element(0, 0x0110, struct.pack("<H", 1))
+    no_field = _element(0, 0x0000, struct.pack("<I", len(no_field))) + no_field
+    return [("assoc", [without_abstract_syntax(rq)]),          # pynetdicom's negotiation raised
+            ("echo", [pdata(1, 3, no_field)])]                # no Command Field: the DUL thread raised
+
+
 # --- talking to the server ----------------------------------------------------------------------
 
 def _read_some(sock: socket.socket, timeout: float = _REPLY_S) -> bytes:
@@ -262,6 +285,14 @@ class Case:
             except OSError:
                 pass
             return outcome
+
+    def replay(self, kind: str, messages: list[bytes]) -> str:
+        if kind == "echo":
+            return self._on_association(messages)
+        with self._connect() as s:
+            s.sendall(messages[0])
+            s.shutdown(socket.SHUT_WR)
+            return _outcome(_read_some(s))
 
     def echo(self) -> str:
         cmd = command(0x0030, VERIFICATION, self.rng.randrange(1, 65535), False)
@@ -445,6 +476,8 @@ def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 
     try:
         time.sleep(1.0)  # let the workers finish starting their threads before the baseline
         baseline = archive.usage()
+        for kind, messages in regressions(rq):
+            report.outcomes[f"regression {kind}: {Case(archive.port, random.Random(seed), rq).replay(kind, messages)}"] += 1
         pending = 0
         with ThreadPoolExecutor(parallel) as pool:
             for start in range(0, cases, check_every):

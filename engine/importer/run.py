@@ -23,6 +23,8 @@ from stowage.engine.store.slots import IMPORT_FIRST_SLOT, IMPORT_LAST_SLOT, slot
 
 _CHUNK_FILES = 16
 _CHUNK_BYTES = 8 << 20
+_RETRIES = 8  # times new import processes are given the files of one that died
+_DIED = "an import process ended unexpectedly"
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Summary:
     seconds: float = 0.0
     report: Path | None = None
     problems: list[str] = field(default_factory=list)
+    died: int = 0           # import processes that died (each time, their files went to a new one)
+    retried: int = 0        # files given to a new import process after one died
 
     @property
     def exit_code(self) -> int:
@@ -53,6 +57,8 @@ class Summary:
         parts += [f"{self.skipped} skipped (not DICOM)", f"{self.refused} refused"]
         if self.not_attempted:
             parts.append(f"{self.not_attempted} not attempted")
+        if self.died:
+            parts.append(f"{self.died} import process(es) died, {self.retried} file(s) retried")
         text = (f"import: {', '.join(parts)}; {self.bytes_read / 1e6:.1f} MB read in {self.seconds:.1f} s "
                 f"({done / rate:.0f} files/s, {self.bytes_read / 1e6 / rate:.1f} MB/s)")
         if self.report is not None:
@@ -109,13 +115,13 @@ def _recover_left_behind(data_dir: Path) -> None:
                 claim.release()
 
 
-def _chunks(files: list[tuple[str, tuple[int, int, int]]]):
+def _chunks(files: list[tuple[str, tuple[int, int, int]]], per_chunk: int = _CHUNK_FILES):
     chunk: list[Task] = []
     size = 0
     for i, (path, key) in enumerate(files):
         chunk.append((i, path, key[0]))
         size += key[0]
-        if len(chunk) >= _CHUNK_FILES or size >= _CHUNK_BYTES:
+        if len(chunk) >= per_chunk or size >= _CHUNK_BYTES:
             yield chunk
             chunk, size = [], 0
     if chunk:
@@ -162,7 +168,29 @@ def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads
     try:
         if found.files:
             n = max(1, min(processes or (os.cpu_count() or 1), len(found.files)))
-            _dispatch(config, found, n, threads, ledger, out, summary, quiet, project)
+            todo = list(range(len(found.files)))
+            for attempt in range(_RETRIES + 1):
+                before = len(todo)
+                todo, died = _dispatch(config, found, todo, n, threads, ledger, out, summary, quiet, project,
+                                       first=attempt == 0)
+                if died:
+                    summary.died += 1
+                if not (todo and died) or attempt == _RETRIES:
+                    break
+                # An import process died (a crash, the OOM killer) with files in hand: a new
+                # one takes them, one file at a time, after the slot it left is recovered
+                # (_dispatch). A retry that got no file through died on its first one: that
+                # file is refused, the others go on.
+                summary.problems.remove(_DIED)
+                summary.retried += len(todo)
+                if attempt and len(todo) == before:
+                    out.add(found.files[todo[0]][0], REFUSED, "an import process died reading this file, twice")
+                    summary.refused += 1
+                    todo.pop(0)
+                n, threads = 1, 1
+            if not todo and _DIED in summary.problems:  # it died, but the others stored all its files
+                summary.problems.remove(_DIED)
+            _not_attempted(found, todo, summary, out)
     finally:
         ledger.close()
         summary.report = out.close()
@@ -170,15 +198,20 @@ def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads
     return summary
 
 
-def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: _Report,
-              summary: Summary, quiet: bool, project: str = "") -> None:
+def _dispatch(config: Config, found, todo: list[int], n: int, threads: int, ledger: Ledger, out: _Report,
+              summary: Summary, quiet: bool, project: str = "", first: bool = True) -> tuple[list[int], bool]:
+    """Import the files `todo` (indices into found.files) on n processes; returns those
+    with no result, and whether an import process died. The first run forks (before this
+    process has threads of its own) and hands out files in chunks; a retry spawns fresh
+    interpreters and hands them out one by one."""
     # The store path is imported once, here, and the import processes are forked with it
     # (spawning N interpreters that each import pydicom, pyarrow and duckdb took seconds
     # on a busy machine). Forked before this process starts any thread of its own or
     # touches pyarrow or duckdb; they are our children, joined by us, so their CPU time
     # counts in ours (RUSAGE_CHILDREN), as a benchmark expects.
     import stowage.engine.importer.loader  # noqa: F401
-    ctx = multiprocessing.get_context("fork")
+    files = [found.files[i] for i in todo]
+    ctx = multiprocessing.get_context("fork" if first else "spawn")
     tasks = ctx.Queue(maxsize=n * threads * 4)
     tasks.cancel_join_thread()  # tasks no process took (all stopped early) must not hold up our exit
     results = ctx.Queue()
@@ -193,10 +226,11 @@ def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: 
         _recover_left_behind(config.data_dir)
     except OSError as e:
         summary.problems.append(f"could not recover an earlier import's slot: {e.strerror or e}")
-    feeder = threading.Thread(target=_feed, args=(found.files, tasks, n * threads), daemon=True)
+    feeder = threading.Thread(target=_feed, args=(files, tasks, n * threads, _CHUNK_FILES if first else 1),
+                              daemon=True)
     feeder.start()
-    bar = _Bar(len(found.files), found.total_bytes, quiet)
-    done = [False] * len(found.files)
+    bar = _Bar(len(files), sum(key[0] for _path, key in files), quiet)
+    done = [False] * len(files)
     closed = 0
     try:
         while closed < n:
@@ -204,11 +238,11 @@ def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: 
                 kind, payload = results.get(timeout=1.0)
             except queue.Empty:
                 if all(not p.is_alive() for p in procs) and results.empty():
-                    summary.problems.append("an import process ended unexpectedly")
+                    summary.problems.append(_DIED)
                     break
                 continue
             if kind == "done":
-                _count(payload, found.files, done, ledger, out, summary, bar)
+                _count(payload, files, done, ledger, out, summary, bar)
             elif kind == "failed":
                 summary.problems.append(payload)
             elif kind == "closed":
@@ -224,16 +258,20 @@ def _dispatch(config: Config, found, n: int, threads: int, ledger: Ledger, out: 
             p.join(30)
             if p.is_alive():
                 p.kill()
+    return [todo[i] for i, ok in enumerate(done) if not ok], _DIED in summary.problems
+
+
+def _not_attempted(found, left: list[int], summary: Summary, out: _Report) -> None:
     why = ("interrupted before this file; run the import again to go on" if "interrupted" in summary.problems
-           else "no result from an import process")
-    for i, ok in enumerate(done):
-        if not ok:
-            summary.not_attempted += 1
-            out.add(found.files[i][0], NOT_ATTEMPTED, why)
+           else f"no result from an import process ({_RETRIES} retries after one died)"
+           if summary.retried else "no result from an import process")
+    for i in left:
+        summary.not_attempted += 1
+        out.add(found.files[i][0], NOT_ATTEMPTED, why)
 
 
-def _feed(files, tasks, consumers: int) -> None:
-    for chunk in _chunks(files):
+def _feed(files, tasks, consumers: int, per_chunk: int = 0) -> None:
+    for chunk in _chunks(files, per_chunk or _CHUNK_FILES):
         tasks.put(chunk)
     for _ in range(consumers):
         tasks.put(None)

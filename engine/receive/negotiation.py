@@ -61,6 +61,10 @@ def read_request(sock: socket.socket, limit: int, deadline: float | None = None)
         primitive = request.to_primitive()
     except Exception as e:  # pynetdicom raises assorted errors on malformed items
         raise ProtocolError(f"undecodable A-ASSOCIATE-RQ: {e}") from None
+    for cx in primitive.presentation_context_definition_list:  # PS3.8 9.3.2.2: one abstract, 1+ transfer syntaxes
+        if cx.abstract_syntax is None or not cx.transfer_syntax:  # (pynetdicom's negotiation raises on these)
+            raise ProtocolError(f"A-ASSOCIATE-RQ: presentation context {cx.context_id} without an abstract syntax "
+                                "or a transfer syntax")
     return Request(raw, primitive)
 
 
