@@ -435,7 +435,8 @@ class Acceptor:
         http_failed = self.http.stop()  # requests in flight finish first
         for listener in (self.listener, self.tls_listener):
             if listener is not None:
-                self.sel.unregister(listener)
+                if listener in self.sel.get_map():  # not yet when the HTTP port failed to start
+                    self.sel.unregister(listener)
                 listener.close()
         for ws in self.slots:
             if ws.control is not None:
