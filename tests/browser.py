@@ -75,10 +75,10 @@ def failed_requests(driver) -> list[str]:
 @pytest.fixture(scope="session")
 def installed_viewer(tmp_path_factory):
     """OHIF installed by `stowage viewer install` from the npm registry (once per session)."""
-    where = tmp_path_factory.mktemp("ohif") / "viewer"
-    done = subprocess.run([sys.executable, "-m", "stowage.cli", "viewer", "install", "--dir", str(where),
-                           "--data-dir", str(where.parent / "data")], capture_output=True, text=True, timeout=300)
-    return where, done
+    data_dir = tmp_path_factory.mktemp("ohif") / "data"
+    done = subprocess.run([sys.executable, "-m", "stowage.cli", "viewer", "install", "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=300)
+    return data_dir / "viewer", done  # where it goes by default (viewer_dir unset)
 
 
 @dataclass
