@@ -207,3 +207,21 @@ def test_a_migration_is_shown_from_its_checkpoint(tmp_path):
     assert (m["studies"], m["studies_done"], m["studies_in_flight"], m["instances_received"]) == (2, 1, 1, 10)
     page = " ".join(routes._environment().get_template("panels.html").render(s=s, chart="{}").split())
     assert "OLDPACS@10.0.0.9:104</strong>: 1 of 2 studies done (0 failed, 1 in flight), 10 instances received" in page
+
+
+def test_an_open_association_is_counted(web_archive):
+    """An association held open by a pynetdicom peer is counted while it is open, not after."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from conftest import HOST
+    status = lambda: json.loads(web_archive.get("/dashboard/status.json")[2])["activity"]  # noqa: E731
+    ae = AE(ae_title="DASHBOARD")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(HOST, web_archive.server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        wait_for(lambda: status()["associations"] == 1, 30, "the open association on the dashboard")
+    finally:
+        assoc.release()
+    wait_for(lambda: status()["associations"] == 0, 30, "the released association to leave the dashboard")
