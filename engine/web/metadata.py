@@ -23,6 +23,7 @@ from pydicom.uid import (
 )
 
 from stowage.engine.web.dicom_json import dumps, resource_url, to_json
+from stowage.engine.web.fast_json import dataset_json
 from stowage.engine.web.records import Instance
 from stowage.engine.web.transcode import NATIVE
 
@@ -66,10 +67,12 @@ def instance_json(store, inst: Instance, base: str) -> dict[str, Any]:
     Encapsulated Document) and the stored syntax as Available Transfer Syntax UID."""
     url = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
     ds = inst.dataset_header()
-    if ds is None:  # a catalog row without a header (written before headers were kept): the record
+    if ds is not None:
+        obj = dataset_json(ds, lambda tag: f"{url}/bulkdata/{tag:08X}")
+    else:  # a catalog row without a header (written before headers were kept): the record
         ds = pydicom.dcmread(BytesIO(store.reader.part10(inst)), stop_before_pixels=True)
         ds.file_meta = pydicom.dataset.FileMetaDataset()
-    obj = to_json(ds, bulk_base=url)
+        obj = to_json(ds, bulk_base=url)
     if "00280010" in obj and "7FE00010" not in obj:  # an image: its pixels, by reference
         compressed = UID(inst.transfer_syntax_uid).is_compressed and inst.transfer_syntax_uid not in NATIVE
         bits = int((obj.get("00280100", {}).get("Value") or [16])[0] or 16)
