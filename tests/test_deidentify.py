@@ -18,7 +18,7 @@ from pydicom.sequence import Sequence
 
 from stowage.engine.deidentify import table
 from stowage.engine.deidentify.keys import Keyed
-from stowage.engine.deidentify.profile import DUMMY_TEXT, Profile
+from stowage.engine.deidentify.profile import Profile
 from stowage.engine.deidentify.project import ProjectConfig, Project, Quarantined, parse
 from stowage.engine.deidentify.pixels import Signature
 

@@ -19,7 +19,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 
 from stowage.engine.deidentify.dates import shift_da, shift_dt
 from stowage.engine.deidentify.pixels import BURNING_MODALITIES, SECONDARY_CAPTURE_PREFIX
-from stowage.engine.deidentify.profile import (_DIGIT_RUN, _DUMMY, _FREE_TEXT_VRS, _PATIENT_ID, _PATIENT_NAME,
+from stowage.engine.deidentify.profile import (_DUMMY, _FREE_TEXT_VRS, _PATIENT_ID, _PATIENT_NAME,
                                                BASIC_PROFILE, DUMMY_TEXT, OPTION_CODES, Outcome, Profile, _Instance)
 
 

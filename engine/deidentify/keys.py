@@ -16,7 +16,7 @@ KEY_BYTES = 32
 MAX_DATE_OFFSET_DAYS = 3652
 
 
-class KeyError_(ValueError):
+class KeyFileError(ValueError):
     """A key file that cannot be read or holds no usable key."""
 
 
@@ -52,9 +52,9 @@ def _parse(text: str, where: object) -> bytes:
     try:
         key = bytes.fromhex(text.strip())
     except ValueError:
-        raise KeyError_(f"{where}: a project key is {KEY_BYTES * 2} hex digits") from None
+        raise KeyFileError(f"{where}: a project key is {KEY_BYTES * 2} hex digits") from None
     if len(key) < 16:
-        raise KeyError_(f"{where}: a project key needs at least 16 bytes (32 hex digits), this has {len(key)}")
+        raise KeyFileError(f"{where}: a project key needs at least 16 bytes (32 hex digits), this has {len(key)}")
     return key
 
 

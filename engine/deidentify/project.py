@@ -118,7 +118,7 @@ class Project:
             key = keys.parse(key_path.read_text(), key_path) if config.key_file else keys.load_or_create(key_path)
         except OSError as e:
             raise ProjectError(f"projects.{config.name}: cannot read key file {key_path}: {e.strerror}") from None
-        except keys.KeyError_ as e:
+        except keys.KeyFileError as e:
             raise ProjectError(f"projects.{config.name}: {e}") from None
         profile = Profile(config.options, keys.Keyed(key))
         return cls(config, directory, profile, PseudonymTable(directory / "pseudonyms.sqlite"))
