@@ -132,3 +132,23 @@ def test_cors_and_the_start_up_line(web):
     r = requests.options(f"{web.base}/studies", headers={"Origin": "http://evil.example",
                                                          "Access-Control-Request-Method": "GET"})
     assert r.status_code == 403
+
+
+def test_a_killed_http_process_is_replaced_and_the_port_keeps_answering(web):
+    import os
+    import signal
+
+    import psutil
+    from conftest import wait_for
+
+    def http_processes() -> set[int]:
+        return {p.pid for p in psutil.Process(web.server.proc.pid).children()
+                if "stowage.engine.web.process" in " ".join(p.cmdline())}
+    before = http_processes()
+    assert len(before) == 2  # --http-processes 2
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(20):  # the other process answers meanwhile
+        assert requests.get(f"{web.base}/studies", timeout=30).status_code == 200
+    wait_for(lambda: len(http_processes() - {victim}) == 2, 30, "a new HTTP process")
+    assert "http process" in web.server.log() and "restarting it" in web.server.log()
