@@ -208,8 +208,7 @@ class Worker:
 
     def _proposed(self, req: negotiation.Request) -> set[str]:
         """The services (access.py's names) the request's presentation contexts propose."""
-        return {self.service_of.get(str(cx.abstract_syntax), "") for cx in
-                req.primitive.presentation_context_definition_list} - {""}
+        return {self.service_of.get(abstract, "") for abstract in req.abstract_syntaxes} - {""}
 
     def _ended(self, token: bytes) -> None:
         """This thread's connection is over: drain stops waiting for it, the acceptor frees
