@@ -124,6 +124,8 @@ def _presentation_context(value: memoryview) -> tuple[int, str, list[str]]:
             raise Unusual(f"presentation context sub-item 0x{sub_type:02X}")
     if abstract is None or not syntaxes:
         raise Unusual("a presentation context without its abstract or transfer syntax")
+    if not value[0] & 1:  # PS3.8 9.3.2.2: odd integers 1-255
+        raise Unusual(f"presentation context ID {value[0]}")
     return value[0], abstract, syntaxes
 
 

@@ -188,6 +188,7 @@ class Worker:
                     {"echo", "store"} <= self.services.access.services(calling, caller.address):
                 path, outcome = "lean", self._serve_storage(sock, req, key, peer)
             else:
+                req.primitive  # decoded here: what pynetdicom cannot read gets an A-ABORT, not a traceback in its thread
                 path, outcome = "pynetdicom", self._serve_pynetdicom(sock, req)
         except DeadlinePassed:
             self._request_timeout(peer)
