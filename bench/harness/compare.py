@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             count = args.small_count if kind == "small" else args.ct_count
             files[kind] = generate(work / kind, kind, count, seed=args.seed)
-            items[kind] = load_corpus(files[kind])
+            # in memory only for the stowage-bench sender: a 10 GB corpus for storescu stays on disk
+            items[kind] = load_corpus(files[kind]) if "stowage-bench" in senders else None
             corpora[kind] = (len(files[kind]), sum(f.stat().st_size for f in files[kind]))
         print(header(env, corpora, args), file=sys.stderr, flush=True)
         for kind in kinds:
