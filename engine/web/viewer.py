@@ -168,6 +168,8 @@ window.config = {
   routerBasename: '/',
   extensions: [],
   modes: [],
+  // No onboarding tour over the first image a radiologist opens.
+  customizationService: { 'ohif.tours': { $set: [] } },
   showStudyList: false,
   maxNumberOfWebWorkers: 2,
   showWarningMessageForCrossOrigin: false,
