@@ -65,6 +65,7 @@ function drawChart() {
 }
 
 async function refreshPanels() {
+  if (document.hidden) return;  // a tab in the background costs the archive nothing
   try {
     const r = await fetch("/dashboard/panels", { cache: "no-store", headers: authorized() });
     if (r.ok) { document.getElementById("panels").innerHTML = await r.text(); drawChart(); }
