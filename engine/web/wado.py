@@ -13,6 +13,7 @@ frames. Rendered images and thumbnails are in rendered.py.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -85,19 +86,28 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     writer = MultipartWriter(DICOM)
     await writer.start(request)
     base = base_url(request)
-    for inst in found:
-        location = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
-        try:
-            if target is None or target == inst.transfer_syntax_uid:
-                nbytes += await _stream_stored(store, writer, inst, location)
-            else:
-                data = await store.run(_converted, store, inst, target)
-                await writer.part(f"{DICOM}; transfer-syntax={target}", data, location)
-                nbytes += len(data)
-            sent += 1
-        except (Unreadable, TranscodeError) as e:  # the status line is gone: end the body early
-            log.error("WADO-RS: %s; the answer to %s stops here", e, request.remote)
-            break
+    ahead: dict[int, asyncio.Future] = {}  # the next instances' reads, in the pool while we send
+    try:
+        for i, inst in enumerate(found):
+            for j in range(i, min(i + _AHEAD, len(found))):
+                if j not in ahead and _whole(found[j], target):
+                    ahead[j] = asyncio.ensure_future(store.run(_load, store, found[j], target))
+            location = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
+            try:
+                if i in ahead:
+                    ctype, data = await ahead.pop(i)
+                    await writer.part(ctype, data, location)
+                    nbytes += len(data)
+                else:
+                    nbytes += await _stream_stored(store, writer, inst, location)
+                sent += 1
+            except (Unreadable, TranscodeError) as e:  # the status line is gone: end the body early
+                log.error("WADO-RS: %s; the answer to %s stops here", e, request.remote)
+                break
+    finally:
+        for future in ahead.values():
+            future.cancel()
+        await asyncio.gather(*ahead.values(), return_exceptions=True)
     process_counts.retrieved("WADO-RS", sent, len(found) - sent, 0, nbytes)
     audit.info("WADO-RS retrieve %s to %s: %d of %d instance(s), %.1f MB in %.2f s", request.path, request.remote,
                sent, len(found), nbytes / 1e6, time.monotonic() - started,
@@ -110,12 +120,24 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     return await writer.finish()
 
 
+_AHEAD = 4  # instances read ahead of the one being sent (both cores decompress while the socket drains)
+
+
+def _whole(inst: Instance, target: str | None) -> bool:
+    """Whether the instance is sent from memory (read whole, or converted), not streamed."""
+    return inst.dataset_length <= IN_MEMORY or (target is not None and target != inst.transfer_syntax_uid)
+
+
+def _load(store: WebStore, inst: Instance, target: str | None) -> tuple[str, bytes]:
+    """The part's Content-Type and bytes: the instance as stored, or converted to `target`."""
+    if target is None or target == inst.transfer_syntax_uid:
+        return f"{DICOM}; transfer-syntax={inst.transfer_syntax_uid}", store.reader.part10(inst)
+    return f"{DICOM}; transfer-syntax={target}", _converted(store, inst, target)
+
+
 async def _stream_stored(store: WebStore, writer: MultipartWriter, inst: Instance, location: str) -> int:
+    """A large instance, streamed from its segment chunk by chunk."""
     ctype = f"{DICOM}; transfer-syntax={inst.transfer_syntax_uid}"
-    if inst.dataset_length <= IN_MEMORY:
-        data = await store.run(store.reader.part10, inst)
-        await writer.part(ctype, data, location)
-        return len(data)
     chunks = store.reader.chunks(inst)
     first = await store.run(next, chunks, b"")
     await writer.part(ctype, first, location)
