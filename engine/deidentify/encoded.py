@@ -40,6 +40,7 @@ _VRS = {v.encode(): v for v in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", 
 _CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _MARKS = {0x00120062, 0x00120063, 0x00120064, 0x00280303}
 _LAST_MARK = max(_MARKS)
+_MARKS_CACHE: dict[tuple[int, tuple[bool, str]], tuple[Profile, list[tuple[int, bytes]]]] = {}
 # Top-level attributes read before the walk: the patient, the pixel checks, the charset.
 _WANTED = {0x00080005: "SpecificCharacterSet", 0x00100020: "PatientID", 0x00100010: "PatientName",
            0x00100021: "IssuerOfPatientID", 0x00100030: "PatientBirthDate", 0x00080050: "AccessionNumber",
@@ -344,7 +345,11 @@ def deidentify(profile: Profile, data: bytes | memoryview, transfer_syntax: str,
         if tag not in _MARKS:
             head.append((tag, chunks[i]))
         i += 1
-    head = [c for _t, c in sorted(head + _marks(w, profile), key=lambda tc: tc[0])]
+    key = (w.implicit, w.codec)
+    marks = _MARKS_CACHE.get((id(profile), key))
+    if marks is None:  # the same for every instance of one profile and encoding
+        marks = _MARKS_CACHE[(id(profile), key)] = (profile, _marks(w, profile))
+    head = [c for _t, c in sorted(head + marks[1], key=lambda tc: tc[0])]
     merged = head + chunks[i:]
     sop = str(values.get("SOPInstanceUID", ""))
     study = str(values.get("StudyInstanceUID", ""))
