@@ -12,6 +12,7 @@ claim can never be stale and never needs cleaning up. Numbering, by convention:
 - `stowage serve` workers use slots 0..N-1 (`claim_exact`, the acceptor chose the number);
 - `stowage import` processes use slots 100..899 (`claim_slot(data_dir, 100, 899)`);
 - the compactor uses slot 999 (engine/lifecycle/compaction.py);
+- `serve`'s HTTP processes use slots 900..949 for STOW-RS (engine/web/store.py);
 - other writers (e.g. `stowage migrate`) pick their own base and call `claim_slot`.
 
 Usage by a writer process::
