@@ -226,3 +226,19 @@ def test_a_large_instance_streams_both_ways(web):
     _read_file_meta_info(f)
     assert data[f.tell():] in body  # past the file meta, which is ours: the data set byte for byte
     assert _spool_empty(web)
+
+
+def test_stowage_bench_dicomweb(web, tmp_path):
+    """`stowage bench --dicomweb`: STOW-RS of a generated corpus, then WADO-RS of it, all stored."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "bench", "--dicomweb", web.base, "--kind", "small",
+                        "--count", "20", "--patients", "1", "-k", "2", "--batch", "4", "--wado", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "STOW-RS" in r.stdout and "WADO-RS retrieve" in r.stdout and "Traceback" not in r.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["target"].rsplit(" ", 1)[-1], r["completed"], r["failed"]) for r in runs] == [
+        ("STOW-RS", 20, 0), ("retrieve", 20, 0), ("metadata", 20, 0)]
