@@ -38,6 +38,7 @@ from stowage.engine import metrics
 from stowage.engine.runtime.config import Config, ConfigError
 from stowage.engine.runtime.counts import REPORT
 from stowage.engine.store.recovery import recover
+from stowage.engine.forward.process import ForwardProcess
 from stowage.engine.lifecycle.scrub import ScrubProcess
 from stowage.engine.runtime.tls import http_context, server_context
 from stowage.engine.web.processes import HttpProcesses, HttpStartError
@@ -86,6 +87,7 @@ class Acceptor:
             sum(ws.active for ws in self.slots), sum(ws.ready for ws in self.slots)))
         self._lock_file = None
         self.scrub = ScrubProcess(config)  # the background scrub (scrub_rate), one process
+        self.forward = ForwardProcess(config)  # [[forward]] rules: docs/forwarding.md
         self.http = HttpProcesses(config, self.sel, self.metrics)  # DICOMweb and the web pages (http_port)
 
     # -- start-up -----------------------------------------------------------------
@@ -158,6 +160,7 @@ class Acceptor:
             self._spawn(ws)
         self._wait_ready()
         self.scrub.start()
+        self.forward.start()  # before the listeners: its cursor must precede the first store
         if self.config.http_port and not self.draining:
             try:
                 self.http.start()
@@ -405,6 +408,7 @@ class Acceptor:
     def _reap(self) -> None:
         now = time.monotonic()
         self.scrub.poll(self.draining)
+        self.forward.poll(self.draining)
         self.http.poll(self.draining)
         for ws in self.slots:
             if ws.process is None or ws.process.poll() is None:
@@ -432,6 +436,7 @@ class Acceptor:
 
     def _drain(self) -> int:
         self.scrub.stop()  # it saves its position and goes on from there next time
+        self.forward.stop()  # the queue is durable: it goes on from there next time
         http_failed = self.http.stop()  # requests in flight finish first
         for listener in (self.listener, self.tls_listener):
             if listener is not None:

@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Callable, Iterator
 
+from stowage.engine.forward.metrics import forward_metrics
 from stowage.engine.runtime.counts import LIMITS, OUTCOMES
 
 log = logging.getLogger("stowage.metrics")
@@ -90,6 +91,7 @@ class ArchiveMetrics:
             refusals.add_metric([name], n.get(f"limit|{name}", 0) + self.limits.get(name, 0))
         yield refusals
         yield from self._integrity()
+        yield from forward_metrics(self.data_dir)
         try:
             st = os.statvfs(self.data_dir)
             yield GaugeMetricFamily("stowage_free_bytes", "Free bytes on the data directory's file system",

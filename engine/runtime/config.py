@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from stowage.engine.runtime.forward_rules import ForwardRule, RuleError, parse_rules
+
 DURABILITY_MODES = ("fsync", "os-buffer")
 DUPLICATE_POLICIES = ("keep-newest", "keep-first", "reject")
 QUOTA_POLICIES = ("refuse", "delete-oldest")
@@ -143,6 +145,11 @@ class Config:
     remotes: Mapping[str, Remote] = field(default_factory=dict)
     # [projects.NAME] tables, checked by engine/deidentify/project.py (docs/deidentification.md)
     projects: Mapping[str, Any] = field(default_factory=dict)
+    # [[forward]] rules (engine/runtime/forward_rules.py, docs/forwarding.md) and their retries:
+    # the first after forward_retry_initial seconds, doubling up to forward_retry_max.
+    forward: tuple[ForwardRule, ...] = ()
+    forward_retry_initial: float = 5.0
+    forward_retry_max: float = 600.0
 
     @property
     def http_process_count(self) -> int:
@@ -201,6 +208,8 @@ class Config:
             raise ConfigError("http_processes must be >= 0 and qido_max_limit 1-100000")
         for key in ("unknown_ae_services", "unknown_ae_loopback_services"):
             _check_services(key, getattr(self, key))
+        if not 0 < self.forward_retry_initial <= self.forward_retry_max <= 86400:
+            raise ConfigError("forward_retry_initial must be > 0 and <= forward_retry_max <= 86400 seconds")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
         return self
@@ -213,6 +222,8 @@ class Config:
             d[key] = list(d[key])
         d["remotes"] = {k: dataclasses.asdict(v) for k, v in self.remotes.items()}
         d["http_cors_origins"] = list(self.http_cors_origins)
+        d["forward"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(r).items()}
+                        for r in self.forward]
         d["http_tokens"] = {k: {"token": v.token, "scopes": list(v.scopes)} for k, v in self.http_tokens.items()}
         return d
 
@@ -364,6 +375,7 @@ def _build(values: dict[str, Any]) -> Config:
     projects = values.pop("projects", None) or {}
     if not isinstance(projects, Mapping):
         raise ConfigError("projects: must be a table of [projects.NAME] tables")
+    forward = values.pop("forward", None) or []
     kwargs = {k: _coerce(k, v) for k, v in values.items()}
     kwargs["http_tokens"] = _tokens(tokens)
     for key in ("unknown_ae_services", "unknown_ae_loopback_services"):
@@ -371,6 +383,10 @@ def _build(values: dict[str, Any]) -> Config:
             kwargs[key] = _check_services(key, kwargs[key])
     if not all(isinstance(v, Remote) for v in remotes.values()):
         remotes = _remotes(remotes)
+    try:
+        kwargs["forward"] = parse_rules(forward, remotes)
+    except RuleError as e:
+        raise ConfigError(str(e)) from None
     return Config(**kwargs, remotes=remotes, projects=dict(projects)).validate()
 
 
@@ -388,7 +404,7 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"config file {path}: {e}") from None
     env = os.environ if env is None else env
     for key in _FIELDS:
-        if key not in ("remotes", "http_tokens", "projects") and f"STOWAGE_{key.upper()}" in env:
+        if key not in ("remotes", "http_tokens", "projects", "forward") and f"STOWAGE_{key.upper()}" in env:
             values[key] = env[f"STOWAGE_{key.upper()}"]
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return _build(values)

@@ -207,13 +207,14 @@ class _LeanLink:
 
     def __init__(self, assoc: store_scu.Association) -> None:
         self.assoc = assoc
+        self.comment = ""  # the Error Comment of the last response (forwarding parks it)
         self.accepted: dict[str, set[str]] = {}
         for sop_class, syntax in assoc.accepted:
             self.accepted.setdefault(sop_class, set()).add(syntax)
 
     def store(self, prepared: _Prepared, originator: tuple[str, int] | None) -> int | None:
         try:
-            status, _comment = self.assoc.store(prepared.outgoing(), originator)
+            status, self.comment = self.assoc.store(prepared.outgoing(), originator)
         except store_scu.StoreFailed as e:
             log.info("%s", e)
             return None
@@ -487,7 +488,8 @@ class Sender:
                         if self._retry(inst, prepared, work, result):
                             work.give_back(inst)
                         return
-                    self._record(result, _outcome(inst, status, prepared.syntax), prepared.size)
+                    self._record(result, _outcome(inst, status, prepared.syntax,
+                                                       getattr(link, "comment", "")), prepared.size)
                 finally:
                     prepared.discard()
         finally:  # prepared but not sent: back to the queue, in order
@@ -585,12 +587,13 @@ def _unreadable(inst: Instance) -> str:
     return f"stored record unreadable ({inst.segment} @ {inst.offset})"
 
 
-def _outcome(inst: Instance, status: int, syntax: str) -> Outcome:
+def _outcome(inst: Instance, status: int, syntax: str, comment: str = "") -> Outcome:
     if status == SUCCESS:
         return Outcome(inst, "completed", status, sent_as=syntax)
     if status in STORE_WARNINGS:
         return Outcome(inst, "warning", status, sent_as=syntax)
-    return Outcome(inst, "failed", status, reason=f"refused with status 0x{status:04X}", sent_as=syntax)
+    return Outcome(inst, "failed", status, reason=f"refused with status 0x{status:04X}"
+                   + (f": {comment.strip()}" if comment.strip() else ""), sent_as=syntax)
 
 
 class _Work:

@@ -6,6 +6,7 @@ import click
 
 from stowage.cli import bench, compact, delete, echo, export, importing, migrate, query, rebuild, send, serve, verify, viewer
 from stowage.cli import deidentify, pseudonyms
+from stowage.cli import queue
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,3 +30,4 @@ main.add_command(migrate.migrate)
 main.add_command(viewer.viewer)
 main.add_command(deidentify.deidentify)
 main.add_command(pseudonyms.pseudonyms)
+main.add_command(queue.queue)

@@ -1,0 +1,125 @@
+"""Delivering one destination's queue entries with the sending core of `stowage send`
+(engine/transfer/send.py): as stored where the destination accepts the stored transfer
+syntax, else converted; `associations` of the remote at once.
+
+Each destination has its own thread, so one that is down or slow holds up nobody else,
+and the store path never waits for any of them. Outcomes:
+- success or warning: done (an audit line each);
+- a refusal status from the destination (0xA7xx, 0xA9xx, 0xCxxx...), or a record we can
+  never send to it (no presentation context accepted, corrupt): parked, with the status and
+  the destination's Error Comment, never retried unless a person asks;
+- no answer (down, association rejected or broken, timeout): the entries stay pending and
+  the destination backs off, forward_retry_initial seconds doubling up to forward_retry_max,
+  starting again at the oldest entry (order of arrival is kept).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from stowage.engine.forward.queue import Entry, Queue
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import audit_line
+from stowage.engine.transfer.requestor import PeerError, peer_of
+from stowage.engine.transfer.send import Instance, Outcome, Sender
+
+log = logging.getLogger("stowage.forward")
+
+BATCH_PER_ASSOCIATION = 64
+# Failures without a status that retrying cannot cure: parked like refusals.
+_PERMANENT = ("accepted no presentation context", "accepts none of the syntaxes", "marked corrupt",
+              "stored record unreadable")
+
+
+def backoff(failures: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after `failures` failed attempts in a row (1, 2, ...)."""
+    return min(maximum, initial * 2 ** min(failures - 1, 30))
+
+
+def classify(outcome: Outcome) -> str:
+    """done, parked, or retry."""
+    if outcome.state != "failed":
+        return "done"
+    if outcome.status is not None or any(p in outcome.reason for p in _PERMANENT):
+        return "parked"
+    return "retry"
+
+
+class Destination(threading.Thread):
+    """Delivers the pending entries of one destination, oldest first, until stopped."""
+
+    def __init__(self, config: Config, name: str, stop: threading.Event) -> None:
+        super().__init__(name=f"forward-{name}", daemon=True)
+        self.config, self.destination, self.stop = config, name, stop
+        self.failures = 0  # attempts in a row that reached nobody
+
+    def run(self) -> None:
+        queue = Queue(self.config.data_dir)
+        try:
+            while not self.stop.is_set():
+                try:
+                    delay = self._round(queue)
+                except Exception:  # e.g. the queue database busy or the disk full: try again later
+                    log.exception("forwarding to %s failed; trying again", self.destination)
+                    delay = self.config.forward_retry_initial
+                if delay:
+                    self.stop.wait(delay)
+        finally:
+            queue.close()
+
+    def _round(self, queue: Queue) -> float:
+        """Send one batch; the seconds to wait before the next (0: at once)."""
+        remote = self.config.remotes.get(self.destination)
+        if remote is None:
+            log.warning("forward: %s is no longer in [remotes]; its entries wait", self.destination)
+            return self.config.forward_retry_max
+        entries = queue.due(self.destination, BATCH_PER_ASSOCIATION * remote.associations)
+        if not entries:
+            return 0.5
+        try:
+            peer = peer_of(remote)
+        except PeerError as e:
+            return self._failed(queue, entries, str(e))
+        sender = Sender(self.config.data_dir / "segments", peer, self.config.aet,
+                        dimse_timeout=self.config.dimse_timeout, acse_timeout=self.config.acse_timeout,
+                        max_pdu=self.config.max_pdu, associations=remote.associations,
+                        duplicates=self.config.duplicates, max_inflated_bytes=self.config.max_inflated_bytes)
+        by_uid = {}
+        for e in entries:
+            by_uid.setdefault(e.sop_instance_uid, e)
+        result = sender.send(Instance(e.sop_instance_uid, e.sop_class_uid, e.transfer_syntax_uid, e.segment,
+                                      e.offset, e.dataset_length) for e in by_uid.values())
+        done, parked, retry = [], [], []
+        for o in result.outcomes:
+            entry = by_uid.pop(o.instance.sop_instance_uid, None)
+            if entry is None:
+                continue
+            verdict = classify(o)
+            if verdict == "done":
+                done.append((entry.id, o.status))
+                audit_line(f"forwarded {entry.sop_instance_uid} to {self.destination}",
+                           {"event": "forward", "sop_instance_uid": entry.sop_instance_uid,
+                            "destination": self.destination, "status": o.status, "sent_as": o.sent_as})
+            elif verdict == "parked":
+                parked.append((entry.id, o.status, o.reason))
+                log.warning("forward: %s parked for %s: %s", entry.sop_instance_uid, self.destination, o.reason)
+            else:
+                retry.append((entry, o.reason))
+        retry += [(e, "not attempted") for e in by_uid.values()]
+        if retry and not done:
+            return self._failed(queue, [e for e, _r in retry], retry[0][1], done, parked)
+        self.failures = 0
+        queue.settle(done, parked, [(e.id, 0.0, None, reason) for e, reason in retry])
+        return 0.0
+
+    def _failed(self, queue: Queue, entries: list[Entry], reason: str, done: list | None = None,
+                parked: list | None = None) -> float:
+        """Nobody answered: the entries stay pending and the destination backs off."""
+        self.failures += 1
+        delay = backoff(self.failures, self.config.forward_retry_initial, self.config.forward_retry_max)
+        log.warning("forward: %s unreachable (%s); %d entr(ies) wait, retry in %.0f s (attempt %d)",
+                    self.destination, reason, len(entries), delay, self.failures)
+        at = time.time() + delay
+        queue.settle(done or [], parked or [], [(e.id, at, None, reason) for e in entries])
+        return delay

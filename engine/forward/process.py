@@ -1,0 +1,125 @@
+"""The forwarding process that `stowage serve` runs beside its workers: one scanner thread
+(engine/forward/scan.py) and one delivering thread per destination
+(engine/forward/deliver.py). A process of its own, so sending never takes CPU time from
+the workers' GIL; if it dies, the acceptor starts it again and it resumes from the queue."""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import setup_logging
+
+log = logging.getLogger("stowage.forward")
+
+SCAN_INTERVAL_S = 0.5
+RESTART_AFTER_S = 5.0
+LOCK = "forward.lock"
+
+
+def destinations(config: Config) -> list[str]:
+    return sorted({to for rule in config.forward for to in rule.to})
+
+
+def _scan_loop(config: Config, stop: threading.Event) -> None:
+    from stowage.engine.forward.queue import Queue
+    from stowage.engine.forward.scan import Scanner
+    queue = Queue(config.data_dir)
+    scanner = Scanner(config, queue)
+    try:
+        while not stop.wait(SCAN_INTERVAL_S):
+            try:
+                scanner.scan()
+            except Exception:  # the catalog mid-compaction, a full disk: the next scan tries again
+                log.exception("forward: scanning the catalog failed; will retry")
+    finally:
+        scanner.close()
+        queue.close()
+
+
+def main() -> None:
+    parent = int(sys.argv[1])
+    config = Config.from_dict(json.loads(os.environ["STOWAGE_FORWARD_CONFIG"]))
+    setup_logging(config, "forward")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the acceptor decides when we stop
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    from stowage.engine.lifecycle.scrub import _die_with
+    _die_with(parent)
+    from stowage.engine.forward.deliver import Destination
+    from stowage.engine.forward.queue import path_of
+    with open(path_of(config.data_dir).parent / LOCK, "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # the forwarder of a server killed a moment ago is still ending
+                if stop.wait(0.5):
+                    return
+        threads = [threading.Thread(target=_scan_loop, args=(config, stop), name="forward-scan", daemon=True)]
+        threads += [Destination(config, name, stop) for name in destinations(config)]
+        for t in threads:
+            t.start()
+        log.info("forwarding: %d rule(s) to %s", len(config.forward), ", ".join(destinations(config)))
+        stop.wait()
+        for t in threads:
+            t.join(timeout=config.dimse_timeout)
+    logging.shutdown()
+
+
+class ForwardProcess:
+    """The acceptor's handle on the forwarding process (none without [[forward]] rules)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.proc: subprocess.Popen | None = None
+        self._restart_at = 0.0
+
+    def start(self) -> None:
+        """Create the queue and its cursor before the first association is accepted (what
+        is stored from then on is forwarded, even if this process is killed at once), then
+        start the process."""
+        if not self.config.forward:
+            return
+        from stowage.engine.forward.queue import Queue
+        queue = Queue(self.config.data_dir)
+        try:
+            queue.start_cursor(time.time_ns() // 1000)
+        finally:
+            queue.close()
+        env = dict(os.environ, STOWAGE_FORWARD_CONFIG=json.dumps(self.config.to_dict()))
+        self.proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.forward.process", str(os.getpid())],
+                                     env=env)
+        self._restart_at = 0.0
+        log.info("forwarding started (pid %d)", self.proc.pid)
+
+    def poll(self, draining: bool) -> None:
+        """Restart a forwarder that died (not while draining)."""
+        now = time.monotonic()
+        if self.proc is not None and self.proc.poll() is not None:
+            log.error("forwarding exited with %s; restarting it in %.0f s", self.proc.returncode, RESTART_AFTER_S)
+            self.proc, self._restart_at = None, now + RESTART_AFTER_S
+        if self.proc is None and self._restart_at and now >= self._restart_at and not draining:
+            self.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+if __name__ == "__main__":
+    main()

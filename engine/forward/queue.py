@@ -1,0 +1,170 @@
+"""The forwarding queue: one SQLite database in <data-dir>/forward/, one row per
+(destination, stored record). States: pending (waiting, or being sent: an entry is only
+marked done after the destination answered), done, parked (refused by the destination:
+its status and Error Comment are kept, and it is not tried again until a person says so),
+cancelled (by a person: `stowage queue --cancel`).
+
+SQLite in WAL mode with synchronous=FULL: each scan's entries and its cursor are committed
+in one transaction (one fsync per scan, not per instance), so a crash loses neither.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+DIRECTORY = "forward"
+DATABASE = "queue.sqlite"
+STATES = ("pending", "done", "parked", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    segment TEXT NOT NULL,
+    "offset" INTEGER NOT NULL,
+    dataset_length INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,          -- microseconds since the epoch, as the catalog has it
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0,       -- not before this time.time()
+    status INTEGER,                        -- the destination's last C-STORE status
+    comment TEXT NOT NULL DEFAULT '',      -- why it failed or was parked
+    queued_at REAL NOT NULL,
+    done_at REAL,
+    UNIQUE (destination, sop_instance_uid, received_at)
+);
+CREATE INDEX IF NOT EXISTS due ON entries (destination, state, next_at, id);
+CREATE INDEX IF NOT EXISTS arrival ON entries (received_at);
+CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 0), received_at INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: int
+    destination: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    segment: str
+    offset: int
+    dataset_length: int
+    attempts: int
+
+
+def path_of(data_dir: Path) -> Path:
+    return Path(data_dir) / DIRECTORY / DATABASE
+
+
+class Queue:
+    """One connection to the queue (one per thread: sqlite3 connections are not shared)."""
+
+    def __init__(self, data_dir: Path, *, readonly: bool = False) -> None:
+        path = path_of(data_dir)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, isolation_level=None)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- the scanner's side ----------------------------------------------------------
+
+    def cursor(self) -> int | None:
+        row = self.db.execute("SELECT received_at FROM cursor").fetchone()
+        return None if row is None else row[0]
+
+    def start_cursor(self, received_at: int) -> int:
+        """Set the cursor if there is none yet (forwarding starts with what arrives from now)."""
+        self.db.execute("INSERT OR IGNORE INTO cursor VALUES (0, ?)", (received_at,))
+        return self.cursor()  # type: ignore[return-value]
+
+    def queued_since(self, received_at: int) -> set[tuple[str, int]]:
+        """(SOP Instance UID, received_at) of the entries of records received after a time."""
+        return {(u, r) for u, r in self.db.execute(
+            "SELECT DISTINCT sop_instance_uid, received_at FROM entries WHERE received_at > ?", (received_at,))}
+
+    def add(self, rows: Iterable[tuple], cursor: int) -> int:
+        """Queue (destination, rule, sop_instance_uid, sop_class_uid, transfer_syntax_uid,
+        study_instance_uid, segment, offset, dataset_length, received_at) rows and move
+        the cursor, in one durable transaction. Returns the number of new entries."""
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            before = self.db.total_changes
+            self.db.executemany(
+                "INSERT OR IGNORE INTO entries (destination, rule, sop_instance_uid, sop_class_uid, "
+                "transfer_syntax_uid, study_instance_uid, segment, \"offset\", dataset_length, received_at, "
+                "queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*r, now) for r in rows])
+            added = self.db.total_changes - before
+            self.db.execute("UPDATE cursor SET received_at = max(received_at, ?)", (cursor,))
+        return added
+
+    # -- the deliverers' side ----------------------------------------------------------
+
+    def due(self, destination: str, limit: int) -> list[Entry]:
+        """Pending entries whose time has come, in order of arrival."""
+        rows = self.db.execute(
+            "SELECT id, destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", "
+            "dataset_length, attempts FROM entries WHERE destination = ? AND state = 'pending' AND next_at <= ? "
+            "ORDER BY received_at, id LIMIT ?", (destination, time.time(), limit)).fetchall()
+        return [Entry(*r) for r in rows]
+
+    def next_due(self, destination: str) -> float | None:
+        row = self.db.execute("SELECT min(next_at) FROM entries WHERE destination = ? AND state = 'pending'",
+                              (destination,)).fetchone()
+        return row[0]
+
+    def settle(self, done: list[tuple[int, int]], parked: list[tuple[int, int | None, str]],
+               retry: list[tuple[int, float, int | None, str]]) -> None:
+        """Record a batch's outcomes: done (id, status); parked (id, status, comment);
+        retry (id, next_at, status, comment)."""
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("UPDATE entries SET state = 'done', status = ?, done_at = ?, attempts = attempts + 1 "
+                                "WHERE id = ?", [(s, now, i) for i, s in done])
+            self.db.executemany("UPDATE entries SET state = 'parked', status = ?, comment = ?, done_at = ?, "
+                                "attempts = attempts + 1 WHERE id = ?", [(s, c, now, i) for i, s, c in parked])
+            self.db.executemany("UPDATE entries SET next_at = ?, status = ?, comment = ?, attempts = attempts + 1 "
+                                "WHERE id = ?", [(t, s, c, i) for i, t, s, c in retry])
+
+    # -- operators ---------------------------------------------------------------------
+
+    def summary(self) -> dict[tuple[str, str], tuple[int, float | None]]:
+        """(destination, state) -> (entries, the oldest one's queued_at)."""
+        return {(d, s): (n, oldest) for d, s, n, oldest in self.db.execute(
+            "SELECT destination, state, count(*), min(queued_at) FROM entries GROUP BY destination, state")}
+
+    def parked(self, destination: str | None = None) -> list[tuple]:
+        sql = ("SELECT destination, sop_instance_uid, status, comment FROM entries WHERE state = 'parked'"
+               + (" AND destination = ?" if destination else "") + " ORDER BY id")
+        return self.db.execute(sql, (destination,) if destination else ()).fetchall()
+
+    def retry_parked(self, destination: str) -> int:
+        """Parked entries of a destination back to pending (after the cause was fixed)."""
+        with self.db:
+            cur = self.db.execute("UPDATE entries SET state = 'pending', next_at = 0, done_at = NULL "
+                                  "WHERE destination = ? AND state = 'parked'", (destination,))
+        return cur.rowcount
+
+    def cancel(self, destination: str) -> int:
+        """Pending and parked entries of a destination: never to be sent."""
+        with self.db:
+            cur = self.db.execute("UPDATE entries SET state = 'cancelled', done_at = ? "
+                                  "WHERE destination = ? AND state IN ('pending', 'parked')",
+                                  (time.time(), destination))
+        return cur.rowcount

@@ -1,0 +1,116 @@
+"""From stored records to queue entries: the rules applied to what the catalog holds.
+
+The queue is derived from what is already durable: an acknowledged instance is in a
+fsync'd segment record, and so in the catalog (its tail, or after a crash the tail that
+start-up recovery rebuilds from the segments) before any C-STORE response goes out. The
+scanner reads the catalog's records received after its cursor, applies the rules, and
+commits the entries and the new cursor in one transaction (engine/forward/queue.py). A
+crash between an acknowledgement and that commit therefore loses nothing: the next scan
+finds the same records again. The store path does no work at all for forwarding.
+
+A record becomes visible a little after its received_at stamp (it is stamped before its
+group commit), so each scan looks back RESCAN_US behind the cursor and skips records
+already queued.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable
+
+from stowage.catalog.analytics import dicom_attribute
+from stowage.catalog import matching
+from stowage.catalog.reader import Catalog
+from stowage.catalog.schema import KEYWORD_TO_COLUMN
+from stowage.engine.forward.queue import Queue
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.forward_rules import ForwardRule, conditions
+
+log = logging.getLogger("stowage.forward")
+
+RESCAN_US = 60_000_000  # a record stamped this long before it became visible is still found
+_KEYS = "sop_instance_uid, epoch_us(received_at)"
+_ROW = ("sop_instance_uid, sop_class_uid, transfer_syntax_uid, study_instance_uid, segment, \"offset\", "
+        "coalesce(dataset_length, 0), epoch_us(received_at), calling_ae, called_ae, modality")
+
+
+class Rules:
+    """The configured rules, their match conditions parsed once."""
+
+    def __init__(self, rules: Iterable[ForwardRule], pn_insensitive: bool = False) -> None:
+        self.rules = [(r, conditions(r.match)) for r in rules]
+        self.pn_insensitive = pn_insensitive
+        self.needs_header = any(kw not in KEYWORD_TO_COLUMN for _r, conds in self.rules for kw, _m in conds)
+
+    def destinations(self, row: dict[str, Any]) -> list[tuple[str, str]]:
+        """(destination, rule name) for every rule the record matches."""
+        out = []
+        for rule, conds in self.rules:
+            if self._matches(rule, conds, row):
+                out += [(to, rule.name) for to in rule.to if (to, rule.name) not in out]
+        return out
+
+    def _matches(self, rule: ForwardRule, conds: list[tuple[str, matching.Match]], row: dict[str, Any]) -> bool:
+        for key, allowed in (("calling_ae", rule.calling_ae), ("called_ae", rule.called_ae),
+                             ("sop_class_uid", rule.sop_class), ("modality", rule.modality)):
+            if allowed and (row.get(key) or "").strip() not in allowed:
+                return False
+        for keyword, m in conds:
+            column = KEYWORD_TO_COLUMN.get(keyword)
+            value = row.get(column) if column else dicom_attribute(row.get("header"), row["transfer_syntax_uid"],
+                                                                    keyword)
+            values = value.split("\\") if isinstance(value, str) else value
+            if not matching.matches(m, values, self.pn_insensitive):
+                return False
+        return True
+
+
+class Scanner:
+    """Turns newly stored records into queue entries; one per forwarding process."""
+
+    def __init__(self, config: Config, queue: Queue) -> None:
+        self.rules = Rules(config.forward, config.pn_case_insensitive)
+        self.queue = queue
+        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
+        self.cursor = queue.start_cursor(time.time_ns() // 1000)
+        # Records looked at within RESCAN_US (in memory; at a start, what the queue holds).
+        self._seen = dict.fromkeys(queue.queued_since(self.cursor - RESCAN_US))
+        columns = {c for _r, conds in self.rules.rules for kw, _m in conds if (c := KEYWORD_TO_COLUMN.get(kw))}
+        self._select = f"SELECT {_ROW}" + "".join(f", \"{c}\"" for c in sorted(columns - set(_ROW.split(", "))))
+        if self.rules.needs_header:
+            self._select += ", header"
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def scan(self) -> int:
+        """One pass: the new entries it queued."""
+        since = self.cursor - RESCAN_US
+        _c, keys = self.catalog.execute(f"SELECT {_KEYS} FROM instances WHERE received_at > to_timestamp(?)",
+                                        [since / 1e6])
+        keys = [(uid, at) for uid, at in keys if at > since]
+        self._seen = {k: None for k in self._seen if k[1] > since}
+        fresh = [k for k in keys if k not in self._seen]
+        if not fresh:
+            return 0
+        newest = max(at for _u, at in fresh)
+        cols, rows = self.catalog.execute(
+            f"{self._select} FROM instances WHERE received_at > to_timestamp(?) "
+            "AND sop_instance_uid IN (SELECT unnest(?))", [since / 1e6, [u for u, _a in fresh]])
+        wanted = set(fresh)
+        entries = []
+        for values in rows:
+            if (values[0], values[7]) not in wanted:
+                continue
+            row = dict(zip(cols, values))
+            row["received_at"] = values[7]
+            for destination, rule in self.rules.destinations(row):
+                entries.append((destination, rule, *values[:7], values[7]))
+        # Records that match no rule are not written anywhere: the cursor moving past them
+        # is enough (they are rescanned within RESCAN_US, which costs a set lookup each).
+        added = self.queue.add(entries, newest)
+        self._seen.update(dict.fromkeys(fresh))
+        self.cursor = max(self.cursor, newest)
+        if added:
+            log.debug("queued %d forwarding entr(ies)", added)
+        return added

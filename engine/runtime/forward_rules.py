@@ -1,0 +1,99 @@
+"""`[[forward]]` rules (docs/forwarding.md): what arrives, matched how, goes to which
+remote AEs. Parsed and checked with the rest of the configuration, so a bad rule stops
+`serve` with one line naming it; engine/forward/ applies them."""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+
+from stowage.catalog import matching
+
+LEVELS = ("instance",)  # series and study (after a quiet time) are not built yet
+_KEYS = {"name", "to", "calling_ae", "called_ae", "sop_class", "modality", "match", "level"}
+
+
+class RuleError(ValueError):
+    """A rule that cannot be used; the message names the rule and the key."""
+
+
+@dataclass(frozen=True)
+class ForwardRule:
+    name: str
+    to: tuple[str, ...]                # [remotes.NAME] destinations
+    calling_ae: tuple[str, ...] = ()   # empty: any
+    called_ae: tuple[str, ...] = ()
+    sop_class: tuple[str, ...] = ()
+    modality: tuple[str, ...] = ()
+    match: str = ""                    # C-FIND matching, "Modality=CT PatientName=DOE*"
+    level: str = "instance"
+
+
+def _strings(rule: str, key: str, value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in items):
+        raise RuleError(f"forward rule {rule!r}: {key} must be a string or a list of strings")
+    return tuple(v.strip() for v in items)
+
+
+def conditions(text: str) -> list[tuple[str, matching.Match]]:
+    """'Modality=CT PatientName=DOE*' -> [(keyword, Match)], matched as C-FIND matches
+    (catalog/matching.py): wildcards, lists (CT\\MR), ranges (20240101-)."""
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise RuleError(f"match {text!r}: {e}") from None
+    out = []
+    for word in words:
+        keyword, eq, value = word.partition("=")
+        if not eq or tag_for_keyword(keyword) is None:
+            raise RuleError(f"match: {word!r} is not Keyword=value with a DICOM keyword (e.g. Modality=CT)")
+        vr = dictionary_VR(keyword)
+        if vr == "SQ":
+            raise RuleError(f"match: {keyword} is a sequence; match one of its top-level neighbours instead")
+        try:
+            out.append((keyword, matching.parse(DataElement(tag_for_keyword(keyword), vr, value))))
+        except (matching.MatchError, ValueError) as e:
+            raise RuleError(f"match: {word!r}: {e}") from None
+    return out
+
+
+def parse_rules(specs: Any, remotes: Mapping[str, Any]) -> tuple[ForwardRule, ...]:
+    """The `forward` list of tables, checked against the configured remotes."""
+    if isinstance(specs, Mapping):
+        specs = [specs]
+    if not isinstance(specs, (list, tuple)):
+        raise RuleError("forward: must be [[forward]] tables")
+    rules = []
+    for n, spec in enumerate(specs, 1):
+        if isinstance(spec, ForwardRule):
+            spec = {k: getattr(spec, k) for k in _KEYS}
+        if not isinstance(spec, Mapping):
+            raise RuleError(f"forward rule {n}: must be a table")
+        name = str(spec.get("name") or f"rule-{n}")
+        unknown = set(spec) - _KEYS
+        if unknown:
+            raise RuleError(f"forward rule {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        if "to" not in spec:
+            raise RuleError(f"forward rule {name!r}: needs to = \"REMOTE\" (a [remotes.NAME] AE title)")
+        to = _strings(name, "to", spec["to"])
+        missing = [t for t in to if t not in remotes]
+        if missing:
+            raise RuleError(f"forward rule {name!r}: {', '.join(missing)} is not a configured [remotes.NAME]")
+        level = str(spec.get("level", "instance"))
+        if level not in LEVELS:
+            raise RuleError(f"forward rule {name!r}: level {level!r} is not supported yet (only instance)")
+        match = str(spec.get("match", "") or "")
+        try:
+            conditions(match)
+        except RuleError as e:
+            raise RuleError(f"forward rule {name!r}: {e}") from None
+        lists = {k: _strings(name, k, spec[k]) if spec.get(k) else () for k in
+                 ("calling_ae", "called_ae", "sop_class", "modality")}
+        rules.append(ForwardRule(name, to, match=match, level=level, **lists))
+    if len({r.name for r in rules}) != len(rules):
+        raise RuleError("forward: two rules have the same name")
+    return tuple(rules)

@@ -1,0 +1,46 @@
+"""`stowage queue`: the forwarding queue per destination (docs/forwarding.md), its parked
+entries with the destination's status and Error Comment, and retry or cancel."""
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import click
+
+from stowage.cli.options import common, load
+from stowage.engine.forward.queue import STATES, Queue, path_of
+
+
+@click.command("queue")
+@common
+@click.option("--parked", "show_parked", is_flag=True, help="List the parked entries: status and Error Comment.")
+@click.option("--retry", "retry", metavar="DEST", help="Put DEST's parked entries back in the queue.")
+@click.option("--cancel", "cancel", metavar="DEST", help="Cancel DEST's pending and parked entries.")
+def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
+    """Forwarding queue: pending, parked, done and cancelled entries per destination."""
+    config = load(config_file, data_dir=data_dir)
+    if not path_of(config.data_dir).is_file():
+        raise click.ClickException(f"no forwarding queue in {config.data_dir} ([[forward]] rules create it)")
+    try:
+        q = Queue(config.data_dir)
+        try:
+            if retry:
+                click.echo(f"{q.retry_parked(retry)} parked entr(ies) of {retry} queued again")
+            if cancel:
+                click.echo(f"{q.cancel(cancel)} entr(ies) of {cancel} cancelled")
+            summary = q.summary()
+            parked = q.parked() if show_parked else []
+        finally:
+            q.close()
+    except sqlite3.Error as e:
+        raise click.ClickException(f"forwarding queue {path_of(config.data_dir)}: {e}") from None
+    now = time.time()
+    click.echo(f"{'destination':16} " + " ".join(f"{s:>9}" for s in STATES) + "  oldest pending")
+    for destination in sorted({d for d, _s in summary}):
+        counts = [summary.get((destination, s), (0, None))[0] for s in STATES]
+        oldest = summary.get((destination, "pending"), (0, None))[1]
+        age = f"{now - oldest:.0f} s" if oldest else "-"
+        click.echo(f"{destination:16} " + " ".join(f"{n:>9}" for n in counts) + f"  {age}")
+    for destination, uid, status, comment in parked:
+        code = f"0x{status:04X}" if status is not None else "-"
+        click.echo(f"parked {destination} {uid} {code} {comment}")

@@ -1,0 +1,175 @@
+"""Forwarding (docs/forwarding.md) as an administrator sees it: `[[forward]]` rules send
+what DCMTK storescu stores on to DCMTK storescp and a pynetdicom SCP over loopback, through
+the durable queue: a destination down then up, `kill -9` of serve right after the acks,
+a second destination unaffected, refusals parked with the destination's status and comment."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from conftest import CT, HOST, MR, dcmtk, echo_ok, free_port, series_instances, wait_for
+from stowage.engine.runtime import config as cfg
+
+
+def stowage(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def storescu(port: int, files: list[Path]) -> None:
+    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+class StoreSCP:
+    """DCMTK storescp on a port of the test's choosing, writing what it receives."""
+
+    def __init__(self, out: Path, port: int, aet: str) -> None:
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([dcmtk("storescp"), "+B", "-aet", aet, "-od", str(out), str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: echo_ok(port, aet=aet, timeout=1.0), 20, "storescp did not start")
+
+    def received(self) -> set[str]:
+        return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.out.iterdir()}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def scps():
+    started: list[StoreSCP] = []
+
+    def make(out: Path, port: int, aet: str) -> StoreSCP:
+        started.append(StoreSCP(out, port, aet))
+        return started[-1]
+    yield make
+    for s in started:
+        s.stop()
+
+
+def write_config(path: Path, remotes: dict[str, int], rules: str) -> Path:
+    text = "forward_retry_initial = 0.2\nforward_retry_max = 1.0\n"
+    for name, port in remotes.items():
+        text += f'[remotes.{name}]\nhost = "{HOST}"\nport = {port}\n'
+    path.write_text(text + rules)
+    return path
+
+
+def queue_counts(data_dir: Path) -> dict[str, list[int]]:
+    """`stowage queue`: destination -> [pending, done, parked, cancelled]."""
+    r = stowage("queue", "--data-dir", str(data_dir))
+    assert r.returncode == 0, r.stderr
+    return {m[1]: [int(n) for n in m.groups()[1:5]] for m in re.finditer(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", r.stdout,
+                                                                   re.M) if m[1] != "destination"}
+
+
+def uids(files: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+
+def test_a_bad_rule_is_one_clear_line(tmp_path):
+    bad = {"unknown remote": ('to = "NOWHERE"', "NOWHERE is not a configured [remotes.NAME]"),
+           "bad keyword": ('to = "DEST"\nmatch = "Modalty=CT"', "'Modalty=CT' is not Keyword=value"),
+           "level": ('to = "DEST"\nlevel = "series"', "level 'series' is not supported yet"),
+           "unknown key": ('to = "DEST"\nschedule = "19:00-07:00"', "unknown key(s) schedule")}
+    for what, (rule, message) in bad.items():
+        path = write_config(tmp_path / "bad.toml", {"DEST": 104}, f"[[forward]]\n{rule}\n")
+        with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+            cfg.load(path, env={})
+    r = stowage("serve", "--config", str(path), "--data-dir", str(tmp_path / "d"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("unknown key(s) schedule"), r.stderr
+    good = write_config(tmp_path / "good.toml", {"DEST": 104, "OTHER": 105},
+                        '[[forward]]\nto = ["DEST", "OTHER"]\nmatch = "Modality=CT\\\\MR PatientName=DOE*"\n'
+                        'calling_ae = "CT1"\n')
+    rule, = cfg.load(good, env={}).forward
+    assert rule.to == ("DEST", "OTHER") and rule.calling_ae == ("CT1",)
+
+
+def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp_path):
+    """CT goes to DEST (down at first), MR to OTHER (up). serve is killed -9 right after
+    storescu got its acks; after the restart OTHER gets its MR while DEST is still down,
+    and once DEST is up it gets every CT."""
+    dest_port, other_port, metrics_port = free_port(), free_port(), free_port()
+    other = scps(tmp_path / "other", other_port, "OTHER")
+    conf = write_config(tmp_path / "forward.toml", {"DEST": dest_port, "OTHER": other_port},
+                        '[[forward]]\nname = "ct"\nto = "DEST"\nmatch = "Modality=CT"\n'
+                        '[[forward]]\nname = "mr"\nto = "OTHER"\nmodality = "MR"\ncalled_ae = "STOWAGE"\n')
+    cts = series_instances(tmp_path / "ct", "P1", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 5)
+    mrs = series_instances(tmp_path / "mr", "P2", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 3, src=MR)
+    server = make_server("--workers", "1", "--config", str(conf))
+    storescu(server.port, cts + mrs)
+    server.kill()  # acknowledged, perhaps not yet scanned: nothing may be lost
+
+    server = make_server("--workers", "1", "--config", str(conf), "--metrics-port", str(metrics_port),
+                         data_dir=server.data_dir, port=server.port)
+    wait_for(lambda: other.received() == uids(mrs), 60, lambda: f"OTHER did not get the MR:\n{server.log()}")
+    counts = wait_for(lambda: (c := queue_counts(server.data_dir)).get("DEST", [0])[0] == 5 and c, 30,
+                      "DEST's entries are not pending")
+    assert counts["OTHER"] == [0, 3, 0, 0], counts
+    assert "DEST unreachable" in server.log()
+
+    dest = scps(tmp_path / "dest", dest_port, "DEST")
+    wait_for(lambda: dest.received() == uids(cts), 60, lambda: f"DEST did not get every CT:\n{server.log()}")
+    assert other.received() == uids(mrs)  # no CT went to OTHER
+    wait_for(lambda: queue_counts(server.data_dir).get("DEST") == [0, 5, 0, 0], 30, "DEST's entries not done")
+    body = urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=10).read().decode()
+    assert 'stowage_forward_delivered_total{destination="DEST"} 5.0' in body, body
+    assert 'stowage_forward_entries{destination="DEST",state="pending"} 0.0' in body
+
+
+@pytest.fixture
+def refusing_scp():
+    """A pynetdicom Storage SCP that refuses odd-numbered instances with 0xA700 and an Error
+    Comment; `calls` counts the C-STOREs it got per SOP Instance UID."""
+    calls: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def on_store(event):
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with lock:
+            calls[uid] = calls.get(uid, 0) + 1
+        status = Dataset()
+        odd = int(event.dataset.InstanceNumber) % 2 == 1
+        status.Status = 0xA700 if odd else 0x0000
+        if odd:
+            status.ErrorComment = "no room for odd instances"
+        return status
+    ae = AE("REFUSER")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    scp = ae.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    yield port, calls
+    scp.shutdown()
+
+
+def test_refusals_are_parked_with_status_and_comment(make_server, refusing_scp, tmp_path):
+    port, calls = refusing_scp
+    conf = write_config(tmp_path / "forward.toml", {"REFUSER": port}, '[[forward]]\nto = "REFUSER"\n')
+    files = series_instances(tmp_path / "ct", "P3", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 4)
+    server = make_server("--workers", "1", "--config", str(conf))
+    storescu(server.port, files)
+    wait_for(lambda: queue_counts(server.data_dir).get("REFUSER") == [0, 2, 2, 0], 60,
+             lambda: f"not 2 done and 2 parked:\n{server.log()}")
+    r = stowage("queue", "--data-dir", str(server.data_dir), "--parked")
+    parked = [line for line in r.stdout.splitlines() if line.startswith("parked ")]
+    assert len(parked) == 2 and all("0xA700 refused with status 0xA700: no room for odd instances" in line
+                                    for line in parked), r.stdout
+    assert sorted(calls.values()) == [1, 1, 1, 1]  # each sent once: a refusal is not retried blindly
+    r = stowage("queue", "--data-dir", str(server.data_dir), "--retry", "REFUSER")
+    assert "2 parked entr(ies) of REFUSER queued again" in r.stdout, r.stdout + r.stderr
+    wait_for(lambda: sorted(calls.values()) == [1, 1, 2, 2], 60, "the retried entries were not sent again")
+    wait_for(lambda: queue_counts(server.data_dir).get("REFUSER") == [0, 2, 2, 0], 60, "not parked again")
