@@ -19,7 +19,8 @@ _BY_STATUS: dict[int, type[web.HTTPException]] = {k.status_code: k for k in (
 def refusal(status: int, reason: str, headers: dict[str, str] | None = None) -> web.HTTPException:
     """The exception to raise (or return) for `status`, its body saying `reason`."""
     if status == 405:
-        return web.HTTPMethodNotAllowed("", [], text=" ".join(reason.split()) + "\n", headers=headers)
+        allowed = [m.strip() for m in (headers or {}).get("Allow", "").split(",") if m.strip()]
+        return web.HTTPMethodNotAllowed("", allowed, text=" ".join(reason.split()) + "\n")
     return _BY_STATUS[status](text=" ".join(reason.split()) + "\n", headers=headers)
 
 
