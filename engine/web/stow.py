@@ -44,7 +44,6 @@ from stowage.protocol.status import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SO
 log = logging.getLogger("stowage.http")
 DICOM = "application/dicom"
 SOURCE_AE = "DICOMWEB"  # the calling AE of what arrives by STOW-RS (catalog, file meta, audit)
-_CHUNK = 1 << 20
 # Parts up to spill_threshold are kept in memory, up to this much per request; the rest is
 # spooled to disk as it arrives.
 _IN_MEMORY_PER_REQUEST = 64 << 20
@@ -251,7 +250,7 @@ def _part10(part: Part) -> tuple[str, int]:
     return ts, pos
 
 
-def _store_one(store: WebStore, part: Part, study: str | None, peer: str) -> StoreResult:
+def _store_one(store: WebStore, part: Part, study: str | None) -> StoreResult:
     try:
         ts, start = _part10(part)
     except (ValueError, struct.error) as e:
@@ -312,7 +311,7 @@ async def stow(request: web.Request) -> web.Response:
     started = time.monotonic()
     parts = await _spool(request, store)
     try:
-        results = await asyncio.gather(*(store.run(_store_one, store, p, study, request.remote or "")
+        results = await asyncio.gather(*(store.run(_store_one, store, p, study)
                                          for p in parts))
         for p, r in zip(parts, results):
             p.result = r
