@@ -20,6 +20,7 @@ from stowage.engine.runtime.logs import setup_logging
 log = logging.getLogger("stowage.forward")
 
 SCAN_INTERVAL_S = 0.5
+NICE = 10  # ingest first: under a full load forwarding lags and catches up once it eases
 RESTART_AFTER_S = 5.0
 LOCK = "forward.lock"
 
@@ -53,6 +54,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     from stowage.engine.lifecycle.scrub import _die_with
     _die_with(parent)
+    try:
+        os.nice(NICE)
+    except OSError:
+        pass
     from stowage.engine.forward.deliver import Destination
     from stowage.engine.forward.queue import path_of
     with open(path_of(config.data_dir).parent / LOCK, "a") as lock:

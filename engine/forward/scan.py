@@ -9,8 +9,10 @@ crash between an acknowledgement and that commit therefore loses nothing: the ne
 finds the same records again. The store path does no work at all for forwarding.
 
 A record becomes visible a little after its received_at stamp (it is stamped before its
-group commit), so each scan looks back RESCAN_US behind the cursor and skips records
-already queued.
+group commit), so each scan looks back behind the cursor and skips records already seen:
+LOOKBACK_US (milliseconds of group commit are plenty) on every scan, and RESCAN_US (a
+large instance's slow append) on every FULL_EVERY-th, so that a busy archive's scans read
+a couple of seconds of keys, not a minute's.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from stowage.engine.runtime.forward_rules import ForwardRule, conditions
 log = logging.getLogger("stowage.forward")
 
 RESCAN_US = 60_000_000  # a record stamped this long before it became visible is still found
+LOOKBACK_US = 2_000_000  # ...and found at the next scan if within this
+FULL_EVERY = 20
 _KEYS = "sop_instance_uid, epoch_us(received_at)"
 _ROW = ("sop_instance_uid, sop_class_uid, transfer_syntax_uid, study_instance_uid, segment, \"offset\", "
         "coalesce(dataset_length, 0), epoch_us(received_at), calling_ae, called_ae, modality")
@@ -75,6 +79,7 @@ class Scanner:
         self.cursor = queue.start_cursor(time.time_ns() // 1000)
         # Records looked at within RESCAN_US (in memory; at a start, what the queue holds).
         self._seen = dict.fromkeys(queue.queued_since(self.cursor - RESCAN_US))
+        self._scans = 0
         columns = {c for _r, conds in self.rules.rules for kw, _m in conds if (c := KEYWORD_TO_COLUMN.get(kw))}
         self._select = f"SELECT {_ROW}" + "".join(f", \"{c}\"" for c in sorted(columns - set(_ROW.split(", "))))
         if self.rules.needs_header:
@@ -85,11 +90,14 @@ class Scanner:
 
     def scan(self) -> int:
         """One pass: the new entries it queued."""
-        since = self.cursor - RESCAN_US
+        self._scans += 1
+        full = self._scans % FULL_EVERY == 1
+        since = self.cursor - (RESCAN_US if full else LOOKBACK_US)
+        if full:  # forget what no scan looks at any more
+            self._seen = {k: None for k in self._seen if k[1] > since}
         _c, keys = self.catalog.execute(f"SELECT {_KEYS} FROM instances WHERE received_at > to_timestamp(?)",
                                         [since / 1e6])
         keys = [(uid, at) for uid, at in keys if at > since]
-        self._seen = {k: None for k in self._seen if k[1] > since}
         fresh = [k for k in keys if k not in self._seen]
         if not fresh:
             return 0
