@@ -21,12 +21,16 @@ def pair(tmp_path_factory):
     if not Path(PLUGIN).exists():
         pytest.fail("Orthanc's DICOMweb plugin is not installed: apt-get install orthanc-dicomweb (ops/test.sh does)")
     w = start(tmp_path_factory.mktemp("stowage"))
-    o = Orthanc(tmp_path_factory.mktemp("orthanc"), {}, Plugins=[PLUGIN],
-                DicomWeb={"Enable": True, "Root": "/dicom-web/",
-                          "Servers": {"stowage": [f"{w.base}/"]}})
-    yield w, o
-    o.stop()
-    w.server.stop()
+    try:
+        o = Orthanc(tmp_path_factory.mktemp("orthanc"), {}, Plugins=[PLUGIN],
+                    DicomWeb={"Enable": True, "Root": "/dicom-web/",
+                              "Servers": {"stowage": [f"{w.base}/"]}})
+        try:
+            yield w, o
+        finally:
+            o.stop()
+    finally:
+        w.server.stop()
 
 
 def test_orthanc_queries_stowage(pair):

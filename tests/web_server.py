@@ -45,11 +45,15 @@ def start(tmp: Path, *args: str, corpus: bool = True, http_port: int | None = No
     server = Server(tmp / "data", free_port(), ["--workers", "1", "--http-port", str(port),
                                                 "--http-processes", "2", *args], log_dir=tmp)
     server.start()
-    made = make_corpus(tmp / "corpus") if corpus else Corpus()
-    web = Web(server, port, made, tmp, "https" if tls else "http", tls, token)
-    wait_for(lambda: _answers(web), 30, "the HTTP port")
-    if made.files:
-        c_store(server.port, made.files)
+    try:  # a module fixture that fails here never reaches its teardown: stop the server ourselves
+        made = make_corpus(tmp / "corpus") if corpus else Corpus()
+        web = Web(server, port, made, tmp, "https" if tls else "http", tls, token)
+        wait_for(lambda: _answers(web), 30, "the HTTP port")
+        if made.files:
+            c_store(server.port, made.files)
+    except BaseException:
+        server.kill()
+        raise
     return web
 
 
