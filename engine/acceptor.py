@@ -38,7 +38,7 @@ from stowage.engine import metrics
 from stowage.engine.runtime.config import Config, ConfigError
 from stowage.engine.runtime.counts import REPORT
 from stowage.engine.store.recovery import recover
-from stowage.engine.forward.process import ForwardProcess
+from stowage.engine.forward.process import ForwardProcess, ForwardStartError
 from stowage.engine.lifecycle.scrub import ScrubProcess
 from stowage.engine.runtime.tls import http_context, server_context
 from stowage.engine.web.processes import HttpProcesses, HttpStartError
@@ -160,7 +160,12 @@ class Acceptor:
             self._spawn(ws)
         self._wait_ready()
         self.scrub.start()
-        self.forward.start()  # before the listeners: its cursor must precede the first store
+        try:
+            self.forward.start()  # before the listeners: its cursor must precede the first store
+        except (OSError, ForwardStartError) as e:
+            self.draining = True
+            self._drain()
+            raise ServeError(f"forwarding cannot start: {e}") from None
         if self.config.http_port and not self.draining:
             try:
                 self.http.start()

@@ -173,3 +173,30 @@ def test_refusals_are_parked_with_status_and_comment(make_server, refusing_scp, 
     assert "2 parked entr(ies) of REFUSER queued again" in r.stdout, r.stdout + r.stderr
     wait_for(lambda: sorted(calls.values()) == [1, 1, 2, 2], 60, "the retried entries were not sent again")
     wait_for(lambda: queue_counts(server.data_dir).get("REFUSER") == [0, 2, 2, 0], 60, "not parked again")
+
+
+def test_rules_match_as_c_find_does():
+    """Conditions on catalog columns and on any header attribute, with C-FIND matching."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from stowage.engine.forward.scan import Rules
+    header = Dataset()
+    header.BodyPartExamined, header.StationName = "CHEST", "CT-ROOM-2"
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, header)
+    row = {"modality": "CT", "patient_name": "DOE^JOHN", "calling_ae": "CT1", "called_ae": "STOWAGE",
+           "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "study_date": "20240315", "header": buf.getvalue(),
+           "transfer_syntax_uid": ExplicitVRLittleEndian}
+    specs = [{"name": "names", "to": "A", "match": "PatientName=DOE* Modality=CT\\MR"},
+             {"name": "station", "to": "B", "match": "StationName=CT-ROOM-?", "calling_ae": ["CT1", "CT2"]},
+             {"name": "dates", "to": "C", "match": "StudyDate=20240101-20240131"},
+             {"name": "other caller", "to": "D", "calling_ae": "MR1"}]
+    rules = Rules(cfg.parse_rules(specs, {"A": 1, "B": 1, "C": 1, "D": 1}))
+    assert rules.destinations(row) == [("A", "names"), ("B", "station")]
+
+
+def test_backoff_doubles_up_to_the_maximum():
+    from stowage.engine.forward.deliver import backoff
+    assert [backoff(n, 5.0, 60.0) for n in range(1, 7)] == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]

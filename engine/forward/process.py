@@ -25,6 +25,10 @@ RESTART_AFTER_S = 5.0
 LOCK = "forward.lock"
 
 
+class ForwardStartError(RuntimeError):
+    """The queue cannot be opened (a full disk, permissions); the message says which file."""
+
+
 def destinations(config: Config) -> list[str]:
     return sorted({to for rule in config.forward for to in rule.to})
 
@@ -93,12 +97,16 @@ class ForwardProcess:
         start the process."""
         if not self.config.forward:
             return
-        from stowage.engine.forward.queue import Queue
-        queue = Queue(self.config.data_dir)
+        import sqlite3
+        from stowage.engine.forward.queue import Queue, path_of
         try:
-            queue.start_cursor(time.time_ns() // 1000)
-        finally:
-            queue.close()
+            queue = Queue(self.config.data_dir)
+            try:
+                queue.start_cursor(time.time_ns() // 1000)
+            finally:
+                queue.close()
+        except sqlite3.Error as e:
+            raise ForwardStartError(f"{path_of(self.config.data_dir)}: {e}") from None
         env = dict(os.environ, STOWAGE_FORWARD_CONFIG=json.dumps(self.config.to_dict()))
         self.proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.forward.process", str(os.getpid())],
                                      env=env)

@@ -42,8 +42,10 @@ def _strings(rule: str, key: str, value: Any) -> tuple[str, ...]:
 def conditions(text: str) -> list[tuple[str, matching.Match]]:
     """'Modality=CT PatientName=DOE*' -> [(keyword, Match)], matched as C-FIND matches
     (catalog/matching.py): wildcards, lists (CT\\MR), ranges (20240101-)."""
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split, lexer.escape = True, ""  # a backslash separates values (CT\MR), as in C-FIND
     try:
-        words = shlex.split(text)
+        words = list(lexer)
     except ValueError as e:
         raise RuleError(f"match {text!r}: {e}") from None
     out = []
