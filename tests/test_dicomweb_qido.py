@@ -44,7 +44,7 @@ def test_studies_match_like_c_find(web):
     assert _uids(by_list) == set(list(studies)[:2])
     by_modality = c.search_for_studies(search_filters={"ModalitiesInStudy": "MR"})
     assert {r["00100020"]["Value"][0] for r in by_modality} == {"PID-2"}
-    assert "00100010" in doe[0] and "00080005" not in doe[0]
+    assert "00100010" in doe[0] and "00080005" not in doe[0] and "00080052" not in doe[0]
 
 
 def test_nested_series_and_instances(web):

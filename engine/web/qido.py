@@ -28,7 +28,8 @@ from stowage.catalog.responses import identifier as response_identifier
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.web.context import CONFIG, base_url, path_uid
 from stowage.engine.web.store import STORE
-from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url, to_json
+from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url
+from stowage.engine.web.fast_json import dataset_json
 from stowage.engine.web.errors import refusal
 
 audit = logging.getLogger("stowage.audit")
@@ -209,8 +210,10 @@ def search(catalog, search: Search, base: str, ae_title: str, pn_insensitive: bo
         study = str(ds.get("StudyInstanceUID", "") or "")
         series = str(ds.get("SeriesInstanceUID", "") or "") if search.level != "STUDY" else None
         sop = str(ds.get("SOPInstanceUID", "") or "") if search.level == "IMAGE" else None
-        ds.RetrieveURL = resource_url(base, study, series, sop)
-        out.append(to_json(ds))
+        obj = dataset_json(ds, None)  # the identifier's elements are raw: converted in one step
+        obj["00081190"] = {"vr": "UR", "Value": [resource_url(base, study, series, sop)]}
+        obj.pop("00080052", None)  # Query/Retrieve Level: C-FIND's, not QIDO's
+        out.append(dict(sorted(obj.items())))
     return out, more
 
 
