@@ -16,7 +16,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from conftest import CT, HOST, MR, dcmtk, echo_ok, free_port, series_instances, wait_for
+from pydicom.data import get_testdata_file
+from pydicom.uid import RLELossless
+
+from conftest import HOST, MR, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port, series_instances, \
+    wait_for
 from stowage.engine.runtime import config as cfg
 
 
@@ -28,6 +32,19 @@ def storescu(port: int, files: list[Path]) -> None:
     r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def send_as_is(port: int, path: Path) -> None:
+    """C-STORE a file in its own (compressed) transfer syntax with pynetdicom (storescu would
+    propose it only beside the uncompressed context of the same SOP class)."""
+    ds = pydicom.dcmread(path)
+    ae = AE("MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(HOST, port, ae_title="STOWAGE")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0x0000
 
 
 class StoreSCP:
@@ -102,7 +119,8 @@ def test_a_bad_rule_is_one_clear_line(tmp_path):
 def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp_path):
     """CT goes to DEST (down at first), MR to OTHER (up). serve is killed -9 right after
     storescu got its acks; after the restart OTHER gets its MR while DEST is still down,
-    and once DEST is up it gets every CT."""
+    and once DEST is up it gets every CT, byte for byte as stored. OTHER (storescp accepts
+    uncompressed syntaxes only) gets the RLE MR converted, its pixels the same."""
     dest_port, other_port, metrics_port = free_port(), free_port(), free_port()
     other = scps(tmp_path / "other", other_port, "OTHER")
     conf = write_config(tmp_path / "forward.toml", {"DEST": dest_port, "OTHER": other_port},
@@ -110,8 +128,11 @@ def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp
                         '[[forward]]\nname = "mr"\nto = "OTHER"\nmodality = "MR"\ncalled_ae = "STOWAGE"\n')
     cts = series_instances(tmp_path / "ct", "P1", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 5)
     mrs = series_instances(tmp_path / "mr", "P2", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 3, src=MR)
+    rle, = copies(Path(get_testdata_file("MR_small_RLE.dcm")), tmp_path / "rle", 1, "rle")
     server = make_server("--workers", "1", "--config", str(conf))
     storescu(server.port, cts + mrs)
+    send_as_is(server.port, rle)
+    mrs.append(rle)
     server.kill()  # acknowledged, perhaps not yet scanned: nothing may be lost
 
     server = make_server("--workers", "1", "--config", str(conf), "--metrics-port", str(metrics_port),
@@ -119,12 +140,23 @@ def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp
     wait_for(lambda: other.received() == uids(mrs), 60, lambda: f"OTHER did not get the MR:\n{server.log()}")
     counts = wait_for(lambda: (c := queue_counts(server.data_dir)).get("DEST", [0])[0] == 5 and c, 30,
                       "DEST's entries are not pending")
-    assert counts["OTHER"] == [0, 3, 0, 0], counts
+    assert counts["OTHER"] == [0, 4, 0, 0], counts
     assert "DEST unreachable" in server.log()
 
     dest = scps(tmp_path / "dest", dest_port, "DEST")
     wait_for(lambda: dest.received() == uids(cts), 60, lambda: f"DEST did not get every CT:\n{server.log()}")
     assert other.received() == uids(mrs)  # no CT went to OTHER
+    r = export_all(server.data_dir, tmp_path / "export")
+    assert r.returncode == 0, r.stderr
+    stored = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p)
+              for p in (tmp_path / "export").iterdir()}
+    for path in (tmp_path / "dest").iterdir():
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert dataset_bytes(path) == stored[uid], f"{uid} not forwarded as stored"
+    converted = next(pydicom.dcmread(p) for p in (tmp_path / "other").iterdir()
+                     if p.name.endswith(str(pydicom.dcmread(rle).SOPInstanceUID)))
+    assert converted.file_meta.TransferSyntaxUID != RLELossless
+    assert (converted.pixel_array == pydicom.dcmread(rle).pixel_array).all()
     wait_for(lambda: queue_counts(server.data_dir).get("DEST") == [0, 5, 0, 0], 30, "DEST's entries not done")
     body = urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=10).read().decode()
     assert 'stowage_forward_delivered_total{destination="DEST"} 5.0' in body, body
