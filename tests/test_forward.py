@@ -232,3 +232,19 @@ def test_rules_match_as_c_find_does():
 def test_backoff_doubles_up_to_the_maximum():
     from stowage.engine.forward.deliver import backoff
     assert [backoff(n, 5.0, 60.0) for n in range(1, 7)] == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+
+
+def test_done_entries_are_pruned_and_still_counted(tmp_path):
+    from stowage.engine.forward.queue import Queue
+    q = Queue(tmp_path)
+    q.start_cursor(0)
+    rows = [("DEST", "r", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3", "000-1.seg",
+             i * 100, 100, 1000 + i) for i in range(4)]
+    assert q.add(rows, 1003) == 4 and q.add(rows, 1003) == 0  # a record is queued once per destination
+    ids = [e.id for e in q.due("DEST", 10)]
+    q.settle([(ids[0], 0), (ids[1], 0)], [(ids[2], 0xA700, "refused with status 0xA700: full")], [])
+    assert q.prune(older_than=0) == 2
+    assert q.delivered() == {"DEST": 2}
+    assert {key: n for key, (n, _oldest) in q.summary().items()} == {("DEST", "pending"): 1, ("DEST", "parked"): 1}
+    assert q.parked() == [("DEST", "1.2.3.2", 0xA700, "refused with status 0xA700: full")]
+    q.close()

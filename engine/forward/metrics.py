@@ -17,7 +17,7 @@ def forward_metrics(data_dir: os.PathLike) -> Iterator:
     try:
         queue = Queue(data_dir, readonly=True)
         try:
-            summary = queue.summary()
+            summary, delivered = queue.summary(), queue.delivered()
         finally:
             queue.close()
     except sqlite3.Error:
@@ -30,13 +30,12 @@ def forward_metrics(data_dir: os.PathLike) -> Iterator:
     age = GaugeMetricFamily("stowage_forward_oldest_pending_seconds", "Age of the oldest pending entry",
                             labels=["destination"])
     now = time.time()
-    for destination in sorted({d for d, _s in summary}):
+    for destination in sorted({d for d, _s in summary} | set(delivered)):
+        sent.add_metric([destination], delivered.get(destination, 0))
         for state in STATES:
             n, oldest = summary.get((destination, state), (0, None))
             if state != "done":
                 depth.add_metric([destination, state], n)
-            if state == "done":
-                sent.add_metric([destination], n)
             if state == "pending":
                 age.add_metric([destination], now - oldest if oldest else 0.0)
     yield depth

@@ -22,6 +22,7 @@ log = logging.getLogger("stowage.forward")
 SCAN_INTERVAL_S = 0.5
 NICE = 10  # ingest first: under a full load forwarding lags and catches up once it eases
 RESTART_AFTER_S = 5.0
+PRUNE_INTERVAL_S = 3600.0
 LOCK = "forward.lock"
 
 
@@ -39,9 +40,13 @@ def _scan_loop(config: Config, stop: threading.Event) -> None:
     queue = Queue(config.data_dir)
     scanner = Scanner(config, queue)
     try:
+        pruned_at = 0.0
         while not stop.wait(SCAN_INTERVAL_S):
             try:
                 scanner.scan()
+                if time.monotonic() - pruned_at > PRUNE_INTERVAL_S:
+                    pruned_at = time.monotonic()
+                    queue.prune()
             except Exception:  # the catalog mid-compaction, a full disk: the next scan tries again
                 log.exception("forward: scanning the catalog failed; will retry")
     finally:

@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS due ON entries (destination, state, next_at, id);
 CREATE INDEX IF NOT EXISTS arrival ON entries (received_at);
 CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 0), received_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS delivered (destination TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
+KEEP_DONE_S = 7 * 24 * 3600  # done and cancelled entries are deleted this long after (the counts stay)
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,10 @@ class Queue:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("UPDATE entries SET state = 'done', status = ?, done_at = ?, attempts = attempts + 1 "
                                 "WHERE id = ?", [(s, now, i) for i, s in done])
+            if done:
+                self.db.execute("INSERT INTO delivered SELECT destination, ? FROM entries WHERE id = ? "
+                                "ON CONFLICT (destination) DO UPDATE SET n = n + excluded.n",
+                                (len(done), done[0][0]))
             self.db.executemany("UPDATE entries SET state = 'parked', status = ?, comment = ?, done_at = ?, "
                                 "attempts = attempts + 1 WHERE id = ?", [(s, c, now, i) for i, s, c in parked])
             self.db.executemany("UPDATE entries SET next_at = ?, status = ?, comment = ?, attempts = attempts + 1 "
@@ -148,6 +154,17 @@ class Queue:
         """(destination, state) -> (entries, the oldest one's queued_at)."""
         return {(d, s): (n, oldest) for d, s, n, oldest in self.db.execute(
             "SELECT destination, state, count(*), min(queued_at) FROM entries GROUP BY destination, state")}
+
+    def delivered(self) -> dict[str, int]:
+        """Entries delivered per destination, ever (pruning keeps these counts)."""
+        return dict(self.db.execute("SELECT destination, n FROM delivered"))
+
+    def prune(self, older_than: float = KEEP_DONE_S) -> int:
+        """Delete done and cancelled entries finished longer ago than `older_than` seconds."""
+        with self.db:
+            cur = self.db.execute("DELETE FROM entries WHERE state IN ('done', 'cancelled') AND done_at < ?",
+                                  (time.time() - older_than,))
+        return cur.rowcount
 
     def parked(self, destination: str | None = None) -> list[tuple]:
         sql = ("SELECT destination, sop_instance_uid, status, comment FROM entries WHERE state = 'parked'"

@@ -17,7 +17,7 @@ from stowage.engine.forward.queue import STATES, Queue, path_of
 @click.option("--retry", "retry", metavar="DEST", help="Put DEST's parked entries back in the queue.")
 @click.option("--cancel", "cancel", metavar="DEST", help="Cancel DEST's pending and parked entries.")
 def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
-    """Forwarding queue: pending, parked, done and cancelled entries per destination."""
+    """Forwarding queue: pending, done (ever), parked and cancelled entries per destination."""
     config = load(config_file, data_dir=data_dir)
     if not path_of(config.data_dir).is_file():
         raise click.ClickException(f"no forwarding queue in {config.data_dir} ([[forward]] rules create it)")
@@ -29,6 +29,8 @@ def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
             if cancel:
                 click.echo(f"{q.cancel(cancel)} entr(ies) of {cancel} cancelled")
             summary = q.summary()
+            for destination, n in q.delivered().items():  # done ever: done entries are pruned after a week
+                summary[(destination, "done")] = (n, None)
             parked = q.parked() if show_parked else []
         finally:
             q.close()
