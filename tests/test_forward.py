@@ -101,14 +101,14 @@ def test_a_bad_rule_is_one_clear_line(tmp_path):
     bad = {"unknown remote": ('to = "NOWHERE"', "NOWHERE is not a configured [remotes.NAME]"),
            "bad keyword": ('to = "DEST"\nmatch = "Modalty=CT"', "'Modalty=CT' is not Keyword=value"),
            "level": ('to = "DEST"\nlevel = "series"', "level 'series' is not supported yet"),
-           "unknown key": ('to = "DEST"\nschedule = "19:00-07:00"', "unknown key(s) schedule")}
+           "unknown key": ('to = "DEST"\npriority = 1', "unknown key(s) priority")}
     for what, (rule, message) in bad.items():
         path = write_config(tmp_path / "bad.toml", {"DEST": 104}, f"[[forward]]\n{rule}\n")
         with pytest.raises(cfg.ConfigError, match=re.escape(message)):
             cfg.load(path, env={})
     r = stowage("serve", "--config", str(path), "--data-dir", str(tmp_path / "d"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].endswith("unknown key(s) schedule"), r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("unknown key(s) priority"), r.stderr
     good = write_config(tmp_path / "good.toml", {"DEST": 104, "OTHER": 105},
                         '[[forward]]\nto = ["DEST", "OTHER"]\nmatch = "Modality=CT\\\\MR PatientName=DOE*"\n'
                         'calling_ae = "CT1"\n')
@@ -247,4 +247,22 @@ def test_done_entries_are_pruned_and_still_counted(tmp_path):
     assert q.delivered() == {"DEST": 2}
     assert {key: n for key, (n, _oldest) in q.summary().items()} == {("DEST", "pending"): 1, ("DEST", "parked"): 1}
     assert q.parked() == [("DEST", "1.2.3.2", 0xA700, "refused with status 0xA700: full")]
+    q.close()
+
+
+def test_a_schedule_holds_entries_outside_its_window(tmp_path):
+    import datetime
+    from stowage.engine.forward.queue import Queue
+    night, = cfg.parse_rules([{"name": "night", "to": "DEST", "schedule": "19:00-07:00"}], {"DEST": 1})
+    at = lambda hh, mm: datetime.datetime(2026, 1, 1, hh, mm)  # noqa: E731
+    assert [night.sends_at(at(h, m)) for h, m in ((18, 59), (19, 0), (23, 59), (0, 0), (6, 59), (7, 0))] == \
+        [False, True, True, True, True, False]
+    with pytest.raises(cfg.RuleError, match="not a window"):
+        cfg.parse_rules([{"to": "DEST", "schedule": "7pm-7am"}], {"DEST": 1})
+    q = Queue(tmp_path)
+    q.start_cursor(0)
+    q.add([("DEST", rule, f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3", "000-1.seg",
+            i, 100, 1000 + i) for i, rule in enumerate(("night", "always"))], 1001)
+    assert [e.sop_instance_uid for e in q.due("DEST", 10, ["night"])] == ["1.2.3.1"]
+    assert [e.sop_instance_uid for e in q.due("DEST", 10)] == ["1.2.3.0", "1.2.3.1"]
     q.close()

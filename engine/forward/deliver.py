@@ -8,12 +8,14 @@ and the store path never waits for any of them. Outcomes:
 - a refusal status from the destination (0xA7xx, 0xA9xx, 0xCxxx...), or a record we can
   never send to it (no presentation context accepted, corrupt): parked, with the status and
   the destination's Error Comment, never retried unless a person asks;
+- entries of a rule with a `schedule` wait outside its window;
 - no answer (down, association rejected or broken, timeout): the entries stay pending and
   the destination backs off, forward_retry_initial seconds doubling up to forward_retry_max,
   starting again at the oldest entry (order of arrival is kept).
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
@@ -74,7 +76,9 @@ class Destination(threading.Thread):
         if remote is None:
             log.warning("forward: %s is no longer in [remotes]; its entries wait", self.destination)
             return self.config.forward_retry_max
-        entries = queue.due(self.destination, BATCH_PER_ASSOCIATION * remote.associations)
+        now = datetime.datetime.now()
+        waiting = [r.name for r in self.config.forward if not r.sends_at(now)]
+        entries = queue.due(self.destination, BATCH_PER_ASSOCIATION * remote.associations, waiting)
         if not entries:
             return 0.5
         try:

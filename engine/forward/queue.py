@@ -9,6 +9,7 @@ in one transaction (one fsync per scan, not per instance), so a crash loses neit
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -117,12 +118,14 @@ class Queue:
 
     # -- the deliverers' side ----------------------------------------------------------
 
-    def due(self, destination: str, limit: int) -> list[Entry]:
-        """Pending entries whose time has come, in order of arrival."""
+    def due(self, destination: str, limit: int, waiting: list[str] | None = None) -> list[Entry]:
+        """Pending entries whose time has come, in order of arrival; none of the rules
+        named in `waiting` (outside their schedule)."""
         rows = self.db.execute(
             "SELECT id, destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", "
             "dataset_length, attempts FROM entries WHERE destination = ? AND state = 'pending' AND next_at <= ? "
-            "ORDER BY received_at, id LIMIT ?", (destination, time.time(), limit)).fetchall()
+            "AND rule NOT IN (SELECT value FROM json_each(?)) ORDER BY received_at, id LIMIT ?",
+            (destination, time.time(), json.dumps(waiting or []), limit)).fetchall()
         return [Entry(*r) for r in rows]
 
     def next_due(self, destination: str) -> float | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from stowage.engine.runtime.forward_rules import ForwardRule, RuleError, parse_rules
+from stowage.engine.runtime.forward_rules import ForwardRule, RuleError, parse_rules  # noqa: F401 - RuleError for callers
 
 DURABILITY_MODES = ("fsync", "os-buffer")
 DUPLICATE_POLICIES = ("keep-newest", "keep-first", "reject")

@@ -3,6 +3,8 @@ remote AEs. Parsed and checked with the rest of the configuration, so a bad rule
 `serve` with one line naming it; engine/forward/ applies them."""
 from __future__ import annotations
 
+import datetime
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -13,7 +15,8 @@ from pydicom.dataelem import DataElement
 from stowage.catalog import matching
 
 LEVELS = ("instance",)  # series and study (after a quiet time) are not built yet
-_KEYS = {"name", "to", "calling_ae", "called_ae", "sop_class", "modality", "match", "level"}
+_KEYS = {"name", "to", "calling_ae", "called_ae", "sop_class", "modality", "match", "level", "schedule"}
+_WINDOW = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)-([01]?\d|2[0-3]):([0-5]\d)")
 
 
 class RuleError(ValueError):
@@ -30,6 +33,26 @@ class ForwardRule:
     modality: tuple[str, ...] = ()
     match: str = ""                    # C-FIND matching, "Modality=CT PatientName=DOE*"
     level: str = "instance"
+    schedule: str = ""                 # "19:00-07:00": sent only then (local time); "": any time
+
+    def sends_at(self, now: datetime.datetime) -> bool:
+        """Whether entries of this rule may be sent at local time `now`."""
+        if not self.schedule:
+            return True
+        start, end = window(self.schedule)
+        minute = now.hour * 60 + now.minute
+        return start <= minute < end if start < end else minute >= start or minute < end
+
+
+def window(text: str) -> tuple[int, int]:
+    """'19:00-07:00' -> (start, end) in minutes after midnight; the window may wrap."""
+    m = _WINDOW.fullmatch(text.replace(" ", ""))
+    if not m:
+        raise RuleError(f"schedule {text!r} is not a window like 19:00-07:00")
+    h1, m1, h2, m2 = map(int, m.groups())
+    if (h1, m1) == (h2, m2):
+        raise RuleError(f"schedule {text!r} is not a window like 19:00-07:00 (it starts where it ends)")
+    return h1 * 60 + m1, h2 * 60 + m2
 
 
 def _strings(rule: str, key: str, value: Any) -> tuple[str, ...]:
@@ -88,14 +111,16 @@ def parse_rules(specs: Any, remotes: Mapping[str, Any]) -> tuple[ForwardRule, ..
         level = str(spec.get("level", "instance"))
         if level not in LEVELS:
             raise RuleError(f"forward rule {name!r}: level {level!r} is not supported yet (only instance)")
-        match = str(spec.get("match", "") or "")
+        match, schedule = str(spec.get("match", "") or ""), str(spec.get("schedule", "") or "")
         try:
             conditions(match)
+            if schedule:
+                window(schedule)
         except RuleError as e:
             raise RuleError(f"forward rule {name!r}: {e}") from None
         lists = {k: _strings(name, k, spec[k]) if spec.get(k) else () for k in
                  ("calling_ae", "called_ae", "sop_class", "modality")}
-        rules.append(ForwardRule(name, to, match=match, level=level, **lists))
+        rules.append(ForwardRule(name, to, match=match, level=level, schedule=schedule, **lists))
     if len({r.name for r in rules}) != len(rules):
         raise RuleError("forward: two rules have the same name")
     return tuple(rules)
