@@ -112,6 +112,9 @@ def compact(directory: Path, min_files: int) -> str | None:
         return name
 
 
+QUIET_S = 0.2  # no rows for this long: the worker has gone quiet, seal at the next look
+
+
 class Sealer:
     """One worker's tail: rows of committed batches go to the tail file at once, and to
     Parquet on `seal()`."""
@@ -124,7 +127,7 @@ class Sealer:
         self._lock = threading.Lock()
         self._rows: list[dict[str, Any]] = []
         self._first_at = 0.0   # when the oldest unsealed row arrived (monotonic)
-        self._looked_at = 0    # unsealed rows at the last `due()`
+        self._last_at = 0.0    # when the newest did
         self._generation = 0
         self._retired: list[Path] = []  # tail files whose rows wait for the next seal
         self._tail: TailWriter | None = self._new_tail()
@@ -144,19 +147,21 @@ class Sealer:
             except OSError:
                 self._set_aside_broken_tail()
                 raise
+            self._last_at = time.monotonic()
             if not self._rows:
-                self._first_at = time.monotonic()
+                self._first_at = self._last_at
             self._rows.extend(rows)
 
-    def due(self, max_rows: int, max_age: float) -> bool:
-        """Whether to seal now: no rows came since the last look (a quiet worker seals at
-        once), or the unsealed rows reached `max_rows` or waited `max_age` seconds. A busy
-        worker so seals in large batches: each seal costs a Parquet file, a study summary
-        and, every few, a compaction, whatever its size (docs/benchmarks.md)."""
+    def due(self, max_rows: int, max_age: float, quiet: float = QUIET_S) -> bool:
+        """Whether to seal now: no rows came for `quiet` seconds (a worker that has gone
+        quiet seals at once), or the unsealed rows reached `max_rows` or waited `max_age`
+        seconds. A busy worker so seals in large batches: each seal costs a Parquet file, a
+        study summary and, every few, a compaction, whatever its size (docs/benchmarks.md)."""
         with self._lock:
-            n = len(self._rows)
-            quiet, self._looked_at = n == self._looked_at, n
-            return n > 0 and (quiet or n >= max_rows or time.monotonic() - self._first_at >= max_age)
+            if not self._rows:
+                return False
+            now = time.monotonic()
+            return now - self._last_at >= quiet or len(self._rows) >= max_rows or now - self._first_at >= max_age
 
     def _set_aside_broken_tail(self) -> None:
         """A failed append may leave half a batch at the end of the tail file: readers stop
@@ -173,7 +178,6 @@ class Sealer:
             if not self._rows:
                 return
             rows, self._rows = self._rows, []
-            self._looked_at = 0
             old, self._tail = self._tail, None
             done, self._retired = self._retired + ([old.path] if old else []), []
         if old is not None:
