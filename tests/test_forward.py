@@ -100,7 +100,7 @@ def uids(files: list[Path]) -> set[str]:
 def test_a_bad_rule_is_one_clear_line(tmp_path):
     bad = {"unknown remote": ('to = "NOWHERE"', "NOWHERE is not a configured [remotes.NAME]"),
            "bad keyword": ('to = "DEST"\nmatch = "Modalty=CT"', "'Modalty=CT' is not Keyword=value"),
-           "level": ('to = "DEST"\nlevel = "series"', "level 'series' is not supported yet"),
+           "level": ('to = "DEST"\nlevel = "patient"', "level 'patient' is not one of instance, series, study"),
            "unknown key": ('to = "DEST"\npriority = 1', "unknown key(s) priority")}
     for what, (rule, message) in bad.items():
         path = write_config(tmp_path / "bad.toml", {"DEST": 104}, f"[[forward]]\n{rule}\n")
@@ -239,7 +239,7 @@ def test_done_entries_are_pruned_and_still_counted(tmp_path):
     q = Queue(tmp_path)
     q.start_cursor(0)
     rows = [("DEST", "r", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3", "000-1.seg",
-             i * 100, 100, 1000 + i) for i in range(4)]
+             i * 100, 100, 1000 + i, "1.2.3.9", 0.0) for i in range(4)]
     assert q.add(rows, 1003) == 4 and q.add(rows, 1003) == 0  # a record is queued once per destination
     ids = [e.id for e in q.due("DEST", 10)]
     q.settle([(ids[0], 0), (ids[1], 0)], [(ids[2], 0xA700, "refused with status 0xA700: full")], [])
@@ -262,7 +262,38 @@ def test_a_schedule_holds_entries_outside_its_window(tmp_path):
     q = Queue(tmp_path)
     q.start_cursor(0)
     q.add([("DEST", rule, f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3", "000-1.seg",
-            i, 100, 1000 + i) for i, rule in enumerate(("night", "always"))], 1001)
+            i, 100, 1000 + i, "1.2.3.9", 0.0) for i, rule in enumerate(("night", "always"))], 1001)
     assert [e.sop_instance_uid for e in q.due("DEST", 10, ["night"])] == ["1.2.3.1"]
     assert [e.sop_instance_uid for e in q.due("DEST", 10)] == ["1.2.3.0", "1.2.3.1"]
+    q.close()
+
+
+def test_series_level_waits_until_the_series_is_quiet(tmp_path):
+    """Instances stored (stowage import) in two goes, scanned after each for a series-level
+    rule: every entry of the series waits until `quiet` seconds after its newest instance,
+    then all are due together."""
+    from stowage.engine.forward.queue import Queue
+    from stowage.engine.forward.scan import Scanner
+    data = tmp_path / "data"
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    files = series_instances(tmp_path / "s", "P4", study, series, 3)
+    conf = write_config(tmp_path / "f.toml", {"DEST": 104},
+                        '[[forward]]\nname = "s"\nto = "DEST"\nlevel = "series"\nquiet = 600\n')
+    config = cfg.load(conf, env={}, overrides={"data_dir": data})
+    scanned = 0
+    for part in (files[:2], files[2:]):
+        r = stowage("import", "--data-dir", str(data), *map(str, part))
+        assert r.returncode == 0, r.stderr
+        q = Queue(data)
+        q.start_cursor(0)  # forward what is already there
+        scanner = Scanner(config, q)
+        scanned += scanner.scan()
+        scanner.close()
+    assert scanned == 3
+    arrivals = sorted(at / 1e6 for _uid, at in q.queued_since(0))
+    oldest, newest = arrivals[0], arrivals[-1]
+    assert newest > oldest
+    # Without the hold the first two would be due half-way between their quiet time and the third's.
+    assert q.due("DEST", 10, now=(oldest + newest) / 2 + 600) == []
+    assert {e.sop_instance_uid for e in q.due("DEST", 10, now=newest + 601)} == uids(files)
     q.close()

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS entries (
     "offset" INTEGER NOT NULL,
     dataset_length INTEGER NOT NULL,
     received_at INTEGER NOT NULL,          -- microseconds since the epoch, as the catalog has it
+    series_instance_uid TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL DEFAULT 0,       -- not before this time.time()
@@ -100,10 +101,12 @@ class Queue:
         return {(u, r) for u, r in self.db.execute(
             "SELECT DISTINCT sop_instance_uid, received_at FROM entries WHERE received_at > ?", (received_at,))}
 
-    def add(self, rows: Iterable[tuple], cursor: int) -> int:
+    def add(self, rows: Iterable[tuple], cursor: int, holds: Iterable[tuple[str, str, str, str, float]] = ()) -> int:
         """Queue (destination, rule, sop_instance_uid, sop_class_uid, transfer_syntax_uid,
-        study_instance_uid, segment, offset, dataset_length, received_at) rows and move
-        the cursor, in one durable transaction. Returns the number of new entries."""
+        study_instance_uid, segment, offset, dataset_length, received_at, series_instance_uid,
+        next_at) rows, hold the pending entries of series and studies that are not quiet yet
+        (destination, rule, "series" or "study", its UID, not before), and move the cursor,
+        in one durable transaction. Returns the number of new entries."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
@@ -111,21 +114,28 @@ class Queue:
             self.db.executemany(
                 "INSERT OR IGNORE INTO entries (destination, rule, sop_instance_uid, sop_class_uid, "
                 "transfer_syntax_uid, study_instance_uid, segment, \"offset\", dataset_length, received_at, "
-                "queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*r, now) for r in rows])
+                "series_instance_uid, next_at, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*r, now) for r in rows])
             added = self.db.total_changes - before
+            for destination, rule, level, uid, until in holds:
+                column = "series_instance_uid" if level == "series" else "study_instance_uid"
+                self.db.execute(f"UPDATE entries SET next_at = max(next_at, ?) WHERE destination = ? AND rule = ? "
+                                f"AND {column} = ? AND state = 'pending' AND attempts = 0",
+                                (until, destination, rule, uid))
             self.db.execute("UPDATE cursor SET received_at = max(received_at, ?)", (cursor,))
         return added
 
     # -- the deliverers' side ----------------------------------------------------------
 
-    def due(self, destination: str, limit: int, waiting: list[str] | None = None) -> list[Entry]:
+    def due(self, destination: str, limit: int, waiting: list[str] | None = None,
+            now: float | None = None) -> list[Entry]:
         """Pending entries whose time has come, in order of arrival; none of the rules
         named in `waiting` (outside their schedule)."""
         rows = self.db.execute(
             "SELECT id, destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", "
             "dataset_length, attempts FROM entries WHERE destination = ? AND state = 'pending' AND next_at <= ? "
             "AND rule NOT IN (SELECT value FROM json_each(?)) ORDER BY received_at, id LIMIT ?",
-            (destination, time.time(), json.dumps(waiting or []), limit)).fetchall()
+            (destination, time.time() if now is None else now, json.dumps(waiting or []), limit)).fetchall()
         return [Entry(*r) for r in rows]
 
     def next_due(self, destination: str) -> float | None:

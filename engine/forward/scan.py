@@ -35,7 +35,7 @@ LOOKBACK_US = 2_000_000  # ...and found at the next scan if within this
 FULL_EVERY = 20
 _KEYS = "sop_instance_uid, epoch_us(received_at)"
 _ROW = ("sop_instance_uid, sop_class_uid, transfer_syntax_uid, study_instance_uid, segment, \"offset\", "
-        "coalesce(dataset_length, 0), epoch_us(received_at), calling_ae, called_ae, modality")
+        "coalesce(dataset_length, 0), epoch_us(received_at), series_instance_uid, calling_ae, called_ae, modality")
 
 
 class Rules:
@@ -48,11 +48,10 @@ class Rules:
 
     def destinations(self, row: dict[str, Any]) -> list[tuple[str, str]]:
         """(destination, rule name) for every rule the record matches."""
-        out = []
-        for rule, conds in self.rules:
-            if self._matches(rule, conds, row):
-                out += [(to, rule.name) for to in rule.to if (to, rule.name) not in out]
-        return out
+        return [(to, rule.name) for rule in self.matching(row) for to in rule.to]
+
+    def matching(self, row: dict[str, Any]) -> list[ForwardRule]:
+        return [rule for rule, conds in self.rules if self._matches(rule, conds, row)]
 
     def _matches(self, rule: ForwardRule, conds: list[tuple[str, matching.Match]], row: dict[str, Any]) -> bool:
         for key, allowed in (("calling_ae", rule.calling_ae), ("called_ae", rule.called_ae),
@@ -106,17 +105,24 @@ class Scanner:
             f"{self._select} FROM instances WHERE received_at > to_timestamp(?) "
             "AND sop_instance_uid IN (SELECT unnest(?))", [since / 1e6, [u for u, _a in fresh]])
         wanted = set(fresh)
-        entries = []
+        entries, holds = [], {}
         for values in rows:
             if (values[0], values[7]) not in wanted:
                 continue
             row = dict(zip(cols, values))
             row["received_at"] = values[7]
-            for destination, rule in self.rules.destinations(row):
-                entries.append((destination, rule, *values[:7], values[7]))
+            for rule in self.rules.matching(row):
+                # series and study level: not before the group has been quiet for rule.quiet
+                uid = values[8] if rule.level == "series" else values[3]
+                until = values[7] / 1e6 + rule.quiet if rule.level != "instance" else 0.0
+                for destination in rule.to:
+                    entries.append((destination, rule.name, *values[:8], values[8], until))
+                    if until:
+                        key = (destination, rule.name, rule.level, uid)
+                        holds[key] = max(holds.get(key, 0.0), until)
         # Records that match no rule are not written anywhere: the cursor moving past them
         # is enough (they are rescanned within RESCAN_US, which costs a set lookup each).
-        added = self.queue.add(entries, newest)
+        added = self.queue.add(entries, newest, [(*k, until) for k, until in holds.items()])
         self._seen.update(dict.fromkeys(fresh))
         self.cursor = max(self.cursor, newest)
         if added:

@@ -14,8 +14,8 @@ from pydicom.dataelem import DataElement
 
 from stowage.catalog import matching
 
-LEVELS = ("instance",)  # series and study (after a quiet time) are not built yet
-_KEYS = {"name", "to", "calling_ae", "called_ae", "sop_class", "modality", "match", "level", "schedule"}
+LEVELS = ("instance", "series", "study")  # series, study: sent once none of it arrived for `quiet` s
+_KEYS = {"name", "to", "calling_ae", "called_ae", "sop_class", "modality", "match", "level", "schedule", "quiet"}
 _WINDOW = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)-([01]?\d|2[0-3]):([0-5]\d)")
 
 
@@ -34,6 +34,7 @@ class ForwardRule:
     match: str = ""                    # C-FIND matching, "Modality=CT PatientName=DOE*"
     level: str = "instance"
     schedule: str = ""                 # "19:00-07:00": sent only then (local time); "": any time
+    quiet: float = 60.0                # series/study level: seconds without a new instance of it
 
     def sends_at(self, now: datetime.datetime) -> bool:
         """Whether entries of this rule may be sent at local time `now`."""
@@ -110,7 +111,10 @@ def parse_rules(specs: Any, remotes: Mapping[str, Any]) -> tuple[ForwardRule, ..
             raise RuleError(f"forward rule {name!r}: {', '.join(missing)} is not a configured [remotes.NAME]")
         level = str(spec.get("level", "instance"))
         if level not in LEVELS:
-            raise RuleError(f"forward rule {name!r}: level {level!r} is not supported yet (only instance)")
+            raise RuleError(f"forward rule {name!r}: level {level!r} is not one of {', '.join(LEVELS)}")
+        quiet = spec.get("quiet", 60.0)
+        if isinstance(quiet, bool) or not isinstance(quiet, (int, float)) or not 0 <= quiet <= 86400:
+            raise RuleError(f"forward rule {name!r}: quiet must be a number of seconds, 0-86400")
         match, schedule = str(spec.get("match", "") or ""), str(spec.get("schedule", "") or "")
         try:
             conditions(match)
@@ -120,7 +124,8 @@ def parse_rules(specs: Any, remotes: Mapping[str, Any]) -> tuple[ForwardRule, ..
             raise RuleError(f"forward rule {name!r}: {e}") from None
         lists = {k: _strings(name, k, spec[k]) if spec.get(k) else () for k in
                  ("calling_ae", "called_ae", "sop_class", "modality")}
-        rules.append(ForwardRule(name, to, match=match, level=level, schedule=schedule, **lists))
+        rules.append(ForwardRule(name, to, match=match, level=level, schedule=schedule, quiet=float(quiet),
+                                 **lists))
     if len({r.name for r in rules}) != len(rules):
         raise RuleError("forward: two rules have the same name")
     return tuple(rules)
