@@ -1,13 +1,14 @@
 """A fuzzer that can run for hours against a real `stowage serve` (issue #20): mutated
 A-ASSOCIATE-RQs, P-DATA PDUs on accepted associations (C-ECHO commands, C-STORE data sets
 with lying and undefined lengths, deep sequences, bad VRs and character sets, C-FIND
-identifiers), and damaged Part-10 files for `stowage import` run while it serves.
+identifiers), damaged Part-10 files for `stowage import` run while it serves, and
+DICOMweb requests made wrong on the HTTP port (bench/harness/fuzz_http.py).
 
     python -m stowage.bench.harness.fuzz --cases 100000 --seed 1 [--work DIR] [--json]
 
 It starts its own `stowage serve` (loopback, a free port) and checks, every `--check-every`
 cases and at the end: the acceptor and every worker alive (no worker lost or restarted), no
-traceback in the server's log or any import's output, the archive answers a C-ECHO and the
+traceback in the server's log or any import's output, the archive answers a C-ECHO and a QIDO-RS (its HTTP processes unchanged) and the
 good file of every import batch is stored, the workers' file descriptors and threads back
 near their start once idle and their resident memory within bounds, and at the end `stowage
 verify` clean. It prints what it tried (cases by kind and outcome) and every violation;
@@ -40,7 +41,8 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotific
 from pynetdicom.presentation import build_context
 from pynetdicom.transport import AddressInformation
 
-from stowage.bench.harness import damage
+from stowage.bench.harness import damage, fuzz_http
+from stowage.bench.harness.mutation import mutate
 from stowage.bench.procs import free_port
 
 HOST = "127.0.0.1"
@@ -48,7 +50,7 @@ VERIFICATION, CT_STORAGE = "1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.2"
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 CONTEXTS = ((1, VERIFICATION), (3, CT_STORAGE), (5, STUDY_FIND))
-KINDS = ("assoc", "echo", "store", "find", "import")
+KINDS = ("assoc", "echo", "store", "find", "import", "http")
 # Native thread pools (DuckDB's, Arrow's) grow on demand up to a bound: a soak of 18,000
 # cases saw a worker go from 31 to 36 OS threads with the same 5 Python threads (py-spy).
 # A thread leaked per association or per request passes this slack within minutes.
@@ -98,36 +100,6 @@ def command(field: int, sop_class: str, message_id: int, dataset: bool, *extra: 
 
 def pdata(context_id: int, control: int, payload: bytes) -> bytes:
     return struct.pack(">BxIIBB", 4, len(payload) + 6, len(payload) + 2, context_id, control) + payload
-
-
-def mutate(data: bytes, rng: random.Random, rounds: int = 0) -> bytes:
-    """A few random edits of the kinds that break parsers: flipped bits, random bytes, a
-    length field set to an extreme, a cut, garbage appended, a slice repeated or dropped."""
-    b = bytearray(data)
-    for _ in range(rounds or rng.randint(1, 4)):
-        if not b:
-            b += rng.randbytes(rng.randint(1, 64))
-            continue
-        op, i = rng.randrange(8), rng.randrange(len(b))
-        if op == 0:
-            b[i] ^= 1 << rng.randrange(8)
-        elif op == 1:
-            b[i] = rng.randrange(256)
-        elif op == 2 and i + 4 <= len(b):
-            extreme = rng.choice([0, 1, 0xFFFF, 0xFFFFFFFF, 0x7FFFFFFF, len(b), len(b) - i, rng.randrange(1 << 32)])
-            struct.pack_into(rng.choice([">I", "<I"]), b, i, extreme & 0xFFFFFFFF)
-        elif op == 3 and i + 2 <= len(b):
-            struct.pack_into(rng.choice([">H", "<H"]), b, i, rng.choice([0, 0xFFFF, rng.randrange(1 << 16)]))
-        elif op == 4:
-            del b[i:]
-        elif op == 5:
-            b += rng.randbytes(rng.randint(1, 256))
-        elif op == 6:
-            j = min(len(b), i + rng.randint(1, 64))
-            b[i:i] = b[i:j] * rng.randint(1, 8)
-        else:
-            del b[i:min(len(b), i + rng.randint(1, 64))]
-    return bytes(b)
 
 
 def _explicit(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
@@ -347,19 +319,20 @@ class Archive:
     """A `stowage serve` of our own on a free loopback port."""
 
     def __init__(self, work: Path, workers: int) -> None:
-        self.work, self.data, self.port = work, work / "data", free_port()
+        self.work, self.data, self.port, self.http_port = work, work / "data", free_port(), free_port()
         self.log_path = work / "serve.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(self.data),
                                       "--port", str(self.port), "--bind", HOST, "--workers", str(workers)],
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=dict(os.environ, STOWAGE_MAX_ASSOCIATIONS_PER_ADDRESS="0", STOWAGE_HTTP_PORT="0"))
+                                     env=dict(os.environ, STOWAGE_MAX_ASSOCIATIONS_PER_ADDRESS="0",
+                                              STOWAGE_HTTP_PORT=str(self.http_port), STOWAGE_HTTP_PROCESSES="2"))
         deadline = time.monotonic() + 120
         while "listening on" not in self.log():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"stowage serve did not start:\n{self.log()[-3000:]}")
             time.sleep(0.2)
-        self.pids = self.worker_pids()
+        self.pids, self.http_pids = self.worker_pids(), self.http_processes()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -368,9 +341,13 @@ class Archive:
         return {p.pid for p in psutil.Process(self.proc.pid).children()
                 if "stowage.workers.worker" in " ".join(p.cmdline())}
 
+    def http_processes(self) -> set[int]:
+        return {p.pid for p in psutil.Process(self.proc.pid).children()
+                if "stowage.engine.web.process" in " ".join(p.cmdline())}
+
     def usage(self) -> dict[int, dict[str, int]]:
         out = {}
-        for pid in self.worker_pids():
+        for pid in self.worker_pids() | self.http_processes():
             try:
                 p = psutil.Process(pid)
                 out[pid] = {"fds": p.num_fds(), "threads": p.num_threads(), "rss": p.memory_info().rss}
@@ -429,11 +406,23 @@ def check(archive: Archive, report: Report, baseline: dict, final: bool = False)
         report.violations.append("a traceback in the server's log: " + log[log.index("Traceback") - 300:][:3000])
     if not archive.echo():
         report.violations.append("the archive did not answer a C-ECHO")
+    if archive.http_processes() != archive.http_pids:
+        report.violations.append(f"HTTP processes changed: {sorted(archive.http_pids)} -> "
+                                 f"{sorted(archive.http_processes())}")
+        archive.http_pids = archive.http_processes()
+    if not fuzz_http.answers(archive.http_port):
+        report.violations.append("the HTTP port did not answer a QIDO-RS")
     # idle again: file descriptors and threads come back near where they started (an
     # association a case left half-sent ends by network_timeout, 60 s, at the latest)
     deadline = time.monotonic() + 75
+    if report.checks == 1:  # the HTTP processes' pools (8 request threads, DuckDB's, Arrow's) start
+        for pid in archive.http_pids:  # empty and fill on first use: their baseline is after round one
+            baseline.pop(pid, None)
     while True:
         usage = archive.usage()
+        for pid in archive.http_pids - set(baseline):
+            if pid in usage:
+                baseline[pid] = usage[pid]
         grown = [f"worker {pid}: {k} {baseline[pid][k]} -> {u[k]}" for pid, u in usage.items() if pid in baseline
                  for k, slack in (("fds", 8), ("threads", _THREAD_SLACK)) if u[k] > baseline[pid][k] + slack]
         if not grown or time.monotonic() > deadline:
@@ -453,7 +442,7 @@ def check(archive: Archive, report: Report, baseline: dict, final: bool = False)
 
 
 def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 500, import_every: int = 100,
-        parallel: int = 4, weights: tuple[int, ...] = (30, 15, 30, 15, 10)) -> Report:
+        parallel: int = 4, weights: tuple[int, ...] = (30, 15, 30, 15, 10, 20)) -> Report:
     """`cases` cases in rounds of `check_every` (each round on `parallel` threads, then the
     damaged files of the round imported once `import_every` have gathered, then the
     invariants checked). Case i draws from its own random.Random(f"{seed}-{i}"), so a case
@@ -475,6 +464,11 @@ def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 
             name, damaged = _damaged_file(ct if rng.random() < 0.7 else mr, rng)
             (batch / f"{i:08d}-{name}.dcm").write_bytes(damaged)
             return kind, "file"
+        if kind == "http":
+            try:
+                return kind, fuzz_http.case(archive.http_port, rng, ct)
+            except OSError as e:
+                return kind, f"connect failed: {e.strerror or e}"
         case = Case(archive.port, rng, rq)
         try:
             return kind, case.assoc() if kind == "assoc" else case.echo() if kind == "echo" else \

@@ -21,6 +21,7 @@ import threading
 from typing import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
@@ -81,6 +82,20 @@ async def _serve(config: Config, sock: socket.socket, index: int, control: socke
     await runner.cleanup()
 
 
+class _ClientErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse (a bad request line, URL or header, PS3.18
+    or not) and a client gone mid-answer with a traceback at ERROR: those are the client's,
+    one WARNING line each, without a traceback; our handlers' own errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (HttpProcessingError, ConnectionError)):
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def main() -> None:
     index, fd, control_fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     parent = os.getppid()
@@ -89,6 +104,7 @@ def main() -> None:
         os._exit(0)
     config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
     setup_logging(config, f"http-{index}")
+    logging.getLogger("aiohttp.server").addFilter(_ClientErrors())
     faulthandler.enable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
