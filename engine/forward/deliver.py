@@ -28,7 +28,7 @@ from stowage.engine.transfer.send import Instance, Outcome, Sender
 
 log = logging.getLogger("stowage.forward")
 
-BATCH_PER_ASSOCIATION = 64
+BATCH_PER_ASSOCIATION = 256  # each batch opens its associations and commits once: amortize both
 # Failures without a status that retrying cannot cure: parked like refusals.
 _PERMANENT = ("accepted no presentation context", "accepts none of the syntaxes", "marked corrupt",
               "stored record unreadable")

@@ -58,6 +58,8 @@ def main() -> None:
     parent = int(sys.argv[1])
     config = Config.from_dict(json.loads(os.environ["STOWAGE_FORWARD_CONFIG"]))
     setup_logging(config, "forward")
+    # The sender logs each failed instance; a destination that is down gets one line per attempt from deliver.py.
+    logging.getLogger("stowage.send").setLevel(logging.ERROR)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the acceptor decides when we stop
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
