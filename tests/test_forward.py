@@ -297,3 +297,24 @@ def test_series_level_waits_until_the_series_is_quiet(tmp_path):
     assert q.due("DEST", 10, now=(oldest + newest) / 2 + 600) == []
     assert {e.sop_instance_uid for e in q.due("DEST", 10, now=newest + 601)} == uids(files)
     q.close()
+
+
+def test_a_clock_stepped_back_loses_nothing(tmp_path):
+    """The queue's cursor ahead of the clock (as after the clock was stepped back): what is
+    stored now, stamped behind the cursor, is still queued."""
+    import time
+    from stowage.engine.forward.queue import Queue
+    from stowage.engine.forward.scan import Scanner
+    data = tmp_path / "data"
+    files = series_instances(tmp_path / "s", "P5", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 2)
+    r = stowage("import", "--data-dir", str(data), str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    config = cfg.load(write_config(tmp_path / "f.toml", {"DEST": 104}, '[[forward]]\nto = "DEST"\n'), env={},
+                      overrides={"data_dir": data})
+    q = Queue(data)
+    q.start_cursor(time.time_ns() // 1000 + 3600_000_000)  # an hour ahead
+    scanner = Scanner(config, q)
+    assert scanner.scan() == 2 and scanner.scan() == 0
+    scanner.close()
+    assert {e.sop_instance_uid for e in q.due("DEST", 10)} == uids(files)
+    q.close()

@@ -96,6 +96,13 @@ class Queue:
         self.db.execute("INSERT OR IGNORE INTO cursor VALUES (0, ?)", (received_at,))
         return self.cursor()  # type: ignore[return-value]
 
+    def set_cursor(self, received_at: int) -> int:
+        """Move the cursor back (a clock stepped back); entries stay unique, so records
+        scanned again are not queued twice."""
+        with self.db:
+            self.db.execute("UPDATE cursor SET received_at = ?", (received_at,))
+        return received_at
+
     def queued_since(self, received_at: int) -> set[tuple[str, int]]:
         """(SOP Instance UID, received_at) of the entries of records received after a time."""
         return {(u, r) for u, r in self.db.execute(

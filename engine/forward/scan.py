@@ -90,6 +90,11 @@ class Scanner:
     def scan(self) -> int:
         """One pass: the new entries it queued."""
         self._scans += 1
+        now = time.time_ns() // 1000
+        if now + LOOKBACK_US < self.cursor:  # the clock was stepped back: records are stamped behind the cursor
+            log.warning("forward: the clock is %.0f s behind the queue's cursor; scanning from now on",
+                        (self.cursor - now) / 1e6)
+            self.cursor = self.queue.set_cursor(now - RESCAN_US)
         full = self._scans % FULL_EVERY == 1
         since = self.cursor - (RESCAN_US if full else LOOKBACK_US)
         if full:  # forget what no scan looks at any more
