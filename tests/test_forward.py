@@ -119,7 +119,7 @@ def test_a_bad_rule_is_one_clear_line(tmp_path):
 def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp_path):
     """CT goes to DEST (down at first), MR to OTHER (up). serve is killed -9 right after
     storescu got its acks; after the restart OTHER gets its MR while DEST is still down,
-    and once DEST is up it gets every CT, byte for byte as stored. OTHER (storescp accepts
+    and once DEST is up it gets every CT, byte for byte as stored, but the one deleted meanwhile. OTHER (storescp accepts
     uncompressed syntaxes only) gets the RLE MR converted, its pixels the same."""
     dest_port, other_port, metrics_port = free_port(), free_port(), free_port()
     other = scps(tmp_path / "other", other_port, "OTHER")
@@ -142,6 +142,9 @@ def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp
                       "DEST's entries are not pending")
     assert counts["OTHER"] == [0, 4, 0, 0], counts
     assert "DEST unreachable" in server.log()
+    deleted = cts.pop()  # deleted while queued: never forwarded
+    r = stowage("delete", "--data-dir", str(server.data_dir), "--instance", *uids([deleted]), "--yes")
+    assert r.returncode == 0, r.stderr
 
     dest = scps(tmp_path / "dest", dest_port, "DEST")
     wait_for(lambda: dest.received() == uids(cts), 60, lambda: f"DEST did not get every CT:\n{server.log()}")
@@ -157,9 +160,9 @@ def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp
                      if p.name.endswith(str(pydicom.dcmread(rle).SOPInstanceUID)))
     assert converted.file_meta.TransferSyntaxUID != RLELossless
     assert (converted.pixel_array == pydicom.dcmread(rle).pixel_array).all()
-    wait_for(lambda: queue_counts(server.data_dir).get("DEST") == [0, 5, 0, 0], 30, "DEST's entries not done")
+    wait_for(lambda: queue_counts(server.data_dir).get("DEST") == [0, 4, 0, 1], 30, "DEST's entries not done")
     body = urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=10).read().decode()
-    assert 'stowage_forward_delivered_total{destination="DEST"} 5.0' in body, body
+    assert 'stowage_forward_delivered_total{destination="DEST"} 4.0' in body, body
     assert 'stowage_forward_entries{destination="DEST",state="pending"} 0.0' in body
 
 

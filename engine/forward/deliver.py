@@ -4,6 +4,8 @@ syntax, else converted; `associations` of the remote at once.
 
 Each destination has its own thread, so one that is down or slow holds up nobody else,
 and the store path never waits for any of them. Outcomes:
+- deleted or rejected (IOCM) since it was queued: cancelled, never sent; a record that
+  compaction moved is sent from where the catalog has it now;
 - success or warning: done (an audit line each);
 - a refusal status from the destination (0xA7xx, 0xA9xx, 0xCxxx...), or a record we can
   never send to it (no presentation context accepted, corrupt): parked, with the status and
@@ -15,11 +17,13 @@ and the store path never waits for any of them. Outcomes:
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import threading
 import time
 
+from stowage.catalog.reader import Catalog
 from stowage.engine.forward.queue import Entry, Queue
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_line
@@ -58,6 +62,7 @@ class Destination(threading.Thread):
 
     def run(self) -> None:
         queue = Queue(self.config.data_dir)
+        self.catalog = Catalog(self.config.data_dir / "catalog", self.config.duplicates)
         try:
             while not self.stop.is_set():
                 try:
@@ -69,6 +74,22 @@ class Destination(threading.Thread):
                     self.stop.wait(delay)
         finally:
             queue.close()
+            self.catalog.close()
+
+    def _served(self, queue: Queue, entries: list[Entry]) -> list[Entry]:
+        """The entries whose instance the archive still serves, with its record's place now;
+        the others are cancelled."""
+        _c, rows = self.catalog.execute('SELECT sop_instance_uid, segment, "offset" FROM instances '
+                                        "WHERE sop_instance_uid IN (SELECT unnest(?))",
+                                        [[e.sop_instance_uid for e in entries]])
+        where = {uid: (segment, offset) for uid, segment, offset in rows}
+        gone = [e.id for e in entries if e.sop_instance_uid not in where]
+        if gone:
+            queue.cancel_ids(gone, "deleted or rejected before it was forwarded")
+            log.info("forward: %d entr(ies) for %s cancelled: deleted or rejected since", len(gone),
+                     self.destination)
+        return [dataclasses.replace(e, segment=where[e.sop_instance_uid][0], offset=where[e.sop_instance_uid][1])
+                for e in entries if e.sop_instance_uid in where]
 
     def _round(self, queue: Queue) -> float:
         """Send one batch; the seconds to wait before the next (0: at once)."""
@@ -81,6 +102,9 @@ class Destination(threading.Thread):
         entries = queue.due(self.destination, BATCH_PER_ASSOCIATION * remote.associations, waiting)
         if not entries:
             return 0.5
+        entries = self._served(queue, entries)
+        if not entries:
+            return 0.0
         try:
             peer = peer_of(remote)
         except PeerError as e:

@@ -198,6 +198,11 @@ class Queue:
                                   "WHERE destination = ? AND state = 'parked'", (destination,))
         return cur.rowcount
 
+    def cancel_ids(self, ids: list[int], comment: str) -> None:
+        with self.db:
+            self.db.executemany("UPDATE entries SET state = 'cancelled', comment = ?, done_at = ? WHERE id = ?",
+                                [(comment, time.time(), i) for i in ids])
+
     def cancel(self, destination: str) -> int:
         """Pending and parked entries of a destination: never to be sent."""
         with self.db:
