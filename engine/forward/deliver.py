@@ -138,7 +138,12 @@ class Destination(threading.Thread):
         if retry and not done:
             return self._failed(queue, [e for e, _r in retry], retry[0][1], done, parked)
         self.failures = 0
-        queue.settle(done, parked, [(e.id, 0.0, None, reason) for e, reason in retry])
+        # The destination answered others: these few wait on their own back-off (e.g. one
+        # instance that times out), not the destination's.
+        at = time.time()
+        queue.settle(done, parked, [(e.id, at + backoff(e.attempts + 1, self.config.forward_retry_initial,
+                                                            self.config.forward_retry_max), None, reason)
+                                    for e, reason in retry])
         return 0.0
 
     def _failed(self, queue: Queue, entries: list[Entry], reason: str, done: list | None = None,
