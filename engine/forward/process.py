@@ -9,13 +9,13 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import setup_logging
+from stowage.engine.runtime.supervised import SupervisedProcess
 
 log = logging.getLogger("stowage.forward")
 
@@ -90,13 +90,11 @@ def main() -> None:
     logging.shutdown()
 
 
-class ForwardProcess:
+class ForwardProcess(SupervisedProcess):
     """The acceptor's handle on the forwarding process (none without [[forward]] rules)."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.proc: subprocess.Popen | None = None
-        self._restart_at = 0.0
+    name, module, config_env, restart_after = "forwarding", "stowage.engine.forward.process", \
+        "STOWAGE_FORWARD_CONFIG", RESTART_AFTER_S
 
     def start(self) -> None:
         """Create the queue and its cursor before the first association is accepted (what
@@ -114,31 +112,7 @@ class ForwardProcess:
                 queue.close()
         except sqlite3.Error as e:
             raise ForwardStartError(f"{path_of(self.config.data_dir)}: {e}") from None
-        env = dict(os.environ, STOWAGE_FORWARD_CONFIG=json.dumps(self.config.to_dict()))
-        self.proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.forward.process", str(os.getpid())],
-                                     env=env)
-        self._restart_at = 0.0
-        log.info("forwarding started (pid %d)", self.proc.pid)
-
-    def poll(self, draining: bool) -> None:
-        """Restart a forwarder that died (not while draining)."""
-        now = time.monotonic()
-        if self.proc is not None and self.proc.poll() is not None:
-            log.error("forwarding exited with %s; restarting it in %.0f s", self.proc.returncode, RESTART_AFTER_S)
-            self.proc, self._restart_at = None, now + RESTART_AFTER_S
-        if self.proc is None and self._restart_at and now >= self._restart_at and not draining:
-            self.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        self.launch()
 
 
 if __name__ == "__main__":

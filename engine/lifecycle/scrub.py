@@ -26,7 +26,6 @@ import logging
 import os
 import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from stowage.engine.runtime.config import Config, scrub_setting
 from stowage.engine.runtime.logs import audit_line, setup_logging
+from stowage.engine.runtime.supervised import SupervisedProcess
 
 if TYPE_CHECKING:  # the acceptor imports this module for ScrubProcess only: no DuckDB there
     from stowage.engine.lifecycle.verify import Problem, Span
@@ -235,13 +235,11 @@ def main() -> None:
     logging.shutdown()
 
 
-class ScrubProcess:
+class ScrubProcess(SupervisedProcess):
     """The acceptor's handle on the scrub process."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.proc: subprocess.Popen | None = None
-        self._restart_at = 0.0
+    name, module, config_env, restart_after = "scrub", "stowage.engine.lifecycle.scrub", "STOWAGE_SCRUB_CONFIG", \
+        RESTART_AFTER_S
 
     @property
     def enabled(self) -> bool:
@@ -249,32 +247,8 @@ class ScrubProcess:
         return bool(fixed or period)
 
     def start(self) -> None:
-        if not self.enabled:
-            return
-        env = dict(os.environ, STOWAGE_SCRUB_CONFIG=json.dumps(self.config.to_dict()))
-        self.proc = subprocess.Popen([sys.executable, "-m", "stowage.engine.lifecycle.scrub", str(os.getpid())], env=env)
-        self._restart_at = 0.0
-        log.info("scrub started (pid %d, scrub_rate %s)", self.proc.pid, self.config.scrub_rate)
-
-    def poll(self, draining: bool) -> None:
-        """Restart a scrub that died, a minute later (not while draining)."""
-        now = time.monotonic()
-        if self.proc is not None and self.proc.poll() is not None:
-            log.error("scrub exited with %s; restarting it in %.0f s", self.proc.returncode, RESTART_AFTER_S)
-            self.proc, self._restart_at = None, now + RESTART_AFTER_S
-        if self.proc is None and self._restart_at and now >= self._restart_at and not draining:
-            self.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        if self.enabled:
+            self.launch(f", scrub_rate {self.config.scrub_rate}")
 
 
 if __name__ == "__main__":

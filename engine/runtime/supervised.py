@@ -1,0 +1,58 @@
+"""A helper process of the acceptor's (the background scrub, forwarding): started once
+the workers are up, started again `restart_after` seconds after it dies (not while
+draining), and stopped on drain. The process is `python -m <module> <acceptor pid>` and
+reads the configuration from the environment variable `config_env`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from stowage.engine.runtime.config import Config
+
+log = logging.getLogger("stowage.acceptor")
+
+
+class SupervisedProcess:
+    name = "helper process"      # in log lines: "<name> started", "<name> exited with ..."
+    module = ""                  # python -m this
+    config_env = ""              # the configuration as JSON in this environment variable
+    restart_after = 60.0
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.proc: subprocess.Popen | None = None
+        self._restart_at = 0.0
+
+    def start(self) -> None:
+        self.launch()
+
+    def launch(self, detail: str = "") -> None:
+        env = dict(os.environ, **{self.config_env: json.dumps(self.config.to_dict())})
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, str(os.getpid())], env=env)
+        self._restart_at = 0.0
+        log.info("%s started (pid %d%s)", self.name, self.proc.pid, detail)
+
+    def poll(self, draining: bool) -> None:
+        """Start again one that died, `restart_after` seconds later (not while draining)."""
+        now = time.monotonic()
+        if self.proc is not None and self.proc.poll() is not None:
+            log.error("%s exited with %s; restarting it in %.0f s", self.name, self.proc.returncode,
+                      self.restart_after)
+            self.proc, self._restart_at = None, now + self.restart_after
+        if self.proc is None and self._restart_at and now >= self._restart_at and not draining:
+            self.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
