@@ -19,7 +19,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 
 from stowage.engine.deidentify.dates import shift_da, shift_dt
 from stowage.engine.deidentify.pixels import BURNING_MODALITIES, SECONDARY_CAPTURE_PREFIX
-from stowage.engine.deidentify.profile import (_DUMMY, _FREE_TEXT_VRS, _PATIENT_ID, _PATIENT_NAME,
+from stowage.engine.deidentify.profile import (single_action, _DUMMY, _FREE_TEXT_VRS, _PATIENT_ID, _PATIENT_NAME,
                                                BASIC_PROFILE, DUMMY_TEXT, OPTION_CODES, Outcome, Profile, _Instance)
 
 
@@ -213,12 +213,7 @@ class _Walk:
             return raw
         if action == "X":
             return None
-        if action == "X/Z/U*":
-            action = "U" if vr == "SQ" else "Z"
-        elif action == "X/Z":
-            action = "Z"
-        elif action in ("Z/D", "X/D", "X/Z/D"):
-            action = "D"
+        action = single_action(action, vr)
         if action == "K":
             return self.sequence(tag, self.items(val, length, dummy_text)) if vr == "SQ" else raw
         if action == "Z":

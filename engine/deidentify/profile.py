@@ -97,6 +97,20 @@ class _Instance:
         self.uids: dict[str, str] = {}
 
 
+
+def single_action(action: str, vr: str) -> str:
+    """The one action a combined code of Table E.1-1 comes to for an element of VR `vr`:
+    the choice that stays conformant whatever the attribute's type in the IOD
+    (docs/deidentification.md): X/Z empty, Z/D, X/D and X/Z/D a dummy, X/Z/U* a sequence's
+    UIDs replaced and anything else emptied."""
+    if action == "X/Z/U*":
+        return "U" if vr == "SQ" else "Z"
+    if action == "X/Z":
+        return "Z"
+    if action in ("Z/D", "X/D", "X/Z/D"):
+        return "D"
+    return action
+
 class Profile:
     """The basic profile plus a set of options, bound to one project's key."""
 
@@ -189,12 +203,7 @@ class Profile:
             return
         elem = ds[tag]
         vr = elem.VR
-        if action == "X/Z/U*":
-            action = "U" if vr == "SQ" else "Z"
-        elif action == "X/Z":
-            action = "Z"
-        elif action in ("Z/D", "X/D", "X/Z/D"):
-            action = "D"
+        action = single_action(action, vr)
         if action == "K":
             if vr == "SQ":
                 for item in elem.value:
