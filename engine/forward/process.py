@@ -4,7 +4,6 @@
 the workers' GIL; if it dies, the acceptor starts it again and it resumes from the queue."""
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import time
 
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import setup_logging
-from stowage.engine.runtime.supervised import SupervisedProcess
+from stowage.engine.runtime.supervised import SupervisedProcess, wait_for_lock
 
 log = logging.getLogger("stowage.forward")
 
@@ -72,13 +71,8 @@ def main() -> None:
     from stowage.engine.forward.deliver import Destination
     from stowage.engine.forward.queue import path_of
     with open(path_of(config.data_dir).parent / LOCK, "a") as lock:
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:  # the forwarder of a server killed a moment ago is still ending
-                if stop.wait(0.5):
-                    return
+        if not wait_for_lock(lock, stop, 0.5):
+            return
         threads = [threading.Thread(target=_scan_loop, args=(config, stop), name="forward-scan", daemon=True)]
         threads += [Destination(config, name, stop) for name in destinations(config)]
         for t in threads:

@@ -20,7 +20,6 @@ finds corrupt (engine/store/integrity.py: commitment then fails it, retrieve nev
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from stowage.engine.runtime.config import Config, scrub_setting
 from stowage.engine.runtime.logs import audit_line, setup_logging
-from stowage.engine.runtime.supervised import SupervisedProcess
+from stowage.engine.runtime.supervised import SupervisedProcess, wait_for_lock
 
 if TYPE_CHECKING:  # the acceptor imports this module for ScrubProcess only: no DuckDB there
     from stowage.engine.lifecycle.verify import Problem, Span
@@ -219,13 +218,8 @@ def main() -> None:
     directory = config.data_dir / DIRECTORY
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / LOCK, "a") as lock:
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:  # the scrub of a server killed a moment ago is still ending
-                if stop.wait(1.0):
-                    return
+        if not wait_for_lock(lock, stop, 1.0):
+            return
         try:
             Scrub(config, stop).run()
         except Exception:

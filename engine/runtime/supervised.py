@@ -4,12 +4,15 @@ draining), and stopped on drain. The process is `python -m <module> <acceptor pi
 reads the configuration from the environment variable `config_env`."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from typing import IO
 
 from stowage.engine.runtime.config import Config
 
@@ -56,3 +59,16 @@ class SupervisedProcess:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+def wait_for_lock(lock: IO, stop: threading.Event, interval: float) -> bool:
+    """Take the exclusive flock on `lock`, the one-at-a-time claim of a helper process,
+    trying every `interval` seconds while the one of a server killed a moment ago is still
+    ending; False if `stop` is set first."""
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if stop.wait(interval):
+                return False
