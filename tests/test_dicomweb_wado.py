@@ -11,8 +11,11 @@ import pytest
 import requests
 from requests import HTTPError
 
-from conftest import dataset_bytes
-from web_server import parts, start
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from conftest import CT, dataset_bytes
+from web_server import c_store, parts, start
 
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
@@ -101,6 +104,73 @@ def test_series_metadata_comes_with_bulk_data_uris(web):
     assert len(c.retrieve_study_metadata(study)) == 6
     pixels = c.retrieve_bulkdata(meta[0]["7FE00010"]["BulkDataURI"])
     assert pixels[0] == pydicom.dcmread(web.corpus.by_uid[meta[0]["00080018"]["Value"][0]]).PixelData
+
+
+def _normal(obj):
+    """Numbers as numbers (pydicom writes some DS as floats, we as ints); BulkDataURIs as
+    one marker (pydicom names nested ones by their own tag only); an empty value of several
+    as null, as PS3.18 F.2.5 writes it (pydicom writes "")."""
+    if isinstance(obj, dict):
+        return {k: "bulk" if k == "BulkDataURI" else _normal(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_normal(v) for v in obj]
+    if obj == "":
+        return None
+    return float(obj) if isinstance(obj, (int, float)) and not isinstance(obj, bool) else obj
+
+
+def _special_instances(tmp) -> list:
+    """Instances whose attributes the catalog's header cannot all hold: an Icon Image
+    Sequence and overlay data (bulk, cut out of the header), a waveform, and a CT with a
+    private element after its Pixel Data."""
+    out = []
+    for name in ("examples_overlay.dcm", "waveform_ecg.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        out.append(ds)
+    ct = pydicom.dcmread(CT)
+    ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ct.private_block(0x7FE1, "STOWAGE TEST", create=True).add_new(0x01, "LO", "after the pixels")
+    out.append(ct)
+    paths = []
+    for ds in out:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        paths.append(tmp / f"{ds.SOPInstanceUID}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def test_metadata_holds_every_attribute(web):
+    """PS3.18 metadata is every attribute but bulk data, which is there as a BulkDataURI that
+    gives its bytes: also what the catalog's header leaves out (bulk values it cuts, what
+    follows the pixels), and a bulk value inside a sequence."""
+    c = web.client()
+    paths = _special_instances(web.tmp)
+    c_store(web.server.port, paths)
+    for path in paths:
+        original = pydicom.dcmread(path)
+        meta = c.retrieve_instance_metadata(original.StudyInstanceUID, original.SeriesInstanceUID,
+                                            original.SOPInstanceUID)
+        want = original.to_json_dict(1024, lambda e: "bulk", suppress_invalid_tags=True)
+        want = {k: v for k, v in want.items() if not k.endswith("0000") and k not in ("00080005", "FFFCFFFC")}
+        assert set(want) <= set(meta), (path.name, sorted(set(want) - set(meta)))
+        for key, value in want.items():
+            assert _normal(meta[key]) == _normal(value), (path.name, key)
+            if "BulkDataURI" in meta[key]:  # the URI gives the value
+                [got] = c.retrieve_bulkdata(meta[key]["BulkDataURI"])
+                assert got == original[int(key, 16)].value, (path.name, key)
+        assert meta["00083002"]["Value"] == [original.file_meta.TransferSyntaxUID]
+    overlay = pydicom.dcmread(paths[0])
+    meta = c.retrieve_instance_metadata(overlay.StudyInstanceUID, overlay.SeriesInstanceUID, overlay.SOPInstanceUID)
+    icon = meta["00880200"]["Value"][0]["7FE00010"]["BulkDataURI"]
+    assert icon.endswith("/bulkdata/00880200.0.7FE00010")
+    assert c.retrieve_bulkdata(icon) == [overlay.IconImageSequence[0].PixelData]
+    tail = pydicom.dcmread(paths[2])
+    meta = c.retrieve_series_metadata(tail.StudyInstanceUID, tail.SeriesInstanceUID)
+    assert meta[0]["7FE11001"]["Value"] == ["after the pixels"]  # past the Pixel Data: not in the header
+    r = requests.get(f"{web.base}/studies/{tail.StudyInstanceUID}/series/{tail.SeriesInstanceUID}/instances/"
+                     f"{tail.SOPInstanceUID}/bulkdata/7FE00010.x")
+    assert r.status_code == 400 and "eight hex digits" in r.text
 
 
 def test_frames_as_stored_and_decoded(web):

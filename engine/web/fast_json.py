@@ -101,28 +101,40 @@ def _value(tag: int, vr: str, value: bytes, encodings: list[str], bulk: Callable
     raise _Fallback
 
 
-def dataset_json(ds: Dataset, bulk: Callable[[int], str] | None) -> dict[str, Any]:
+def dataset_json(ds: Dataset, bulk: Callable[[int], str] | None,
+                 inherited: list[str] | None = None) -> dict[str, Any]:
     """`ds` (as read, values not yet converted) as a DICOM JSON object; binary values past
     BULK_THRESHOLD become bulk(tag) BulkDataURIs (left out when bulk is None). Specific
-    Character Set is used to decode and left out (JSON text is Unicode)."""
+    Character Set is used to decode and left out (JSON text is Unicode). A sequence's
+    items are converted the same way (with the character set they inherit); a bulk value
+    inside item i of sequence S gets the URI bulk(S) + ".i.tag" (wado.py resolves it)."""
     raw_charset = ds.get(_SPECIFIC_CHARACTER_SET)
     try:
         charset = raw_charset.value if raw_charset is not None else None
-        encodings = convert_encodings([charset] if isinstance(charset, str) else list(charset or []) or None)
+        encodings = convert_encodings([charset] if isinstance(charset, str) else list(charset or []) or None) \
+            if charset or inherited is None else inherited
     except Exception:
-        encodings = convert_encodings(None)
+        encodings = inherited or convert_encodings(None)
     out: dict[str, Any] = {}
     for tag, raw in ds._dict.items():  # raw elements: nothing converted yet
         tag = int(tag)
         if tag == _SPECIFIC_CHARACTER_SET or not tag & 0xFFFF:  # and no group lengths
             continue
         try:
-            if not getattr(raw, "is_raw", False) or raw.value is None and raw.length:
+            if getattr(raw, "is_raw", False) and raw.value is None and raw.length not in (0, 0xFFFFFFFF):
+                obj = _deferred(tag, raw, bulk)  # left on disk by dcmread(defer_size=...): bulk, never read
+                if obj:
+                    out[f"{tag:08X}"] = obj
+                continue
+            if not getattr(raw, "is_raw", False):
                 raise _Fallback
             vr = _vr(tag, raw.VR)
-            if " or " in vr or vr == "SQ" or not raw.is_little_endian:
+            if vr == "SQ":
+                obj = _sequence(ds, tag, bulk, encodings)
+            elif " or " in vr or not raw.is_little_endian:
                 raise _Fallback
-            obj = _value(tag, vr, raw.value or b"", encodings, bulk)
+            else:
+                obj = _value(tag, vr, raw.value or b"", encodings, bulk)
         except _Fallback:
             obj = _pydicom(ds, tag, bulk)
         except (ValueError, UnicodeDecodeError, struct.error):
@@ -130,6 +142,26 @@ def dataset_json(ds: Dataset, bulk: Callable[[int], str] | None) -> dict[str, An
         if obj:
             out[f"{tag:08X}"] = obj
     return out
+
+
+def _deferred(tag: int, raw, bulk: Callable[[int], str] | None) -> dict[str, Any]:
+    vr = _vr(tag, raw.VR)
+    vr = "OB" if " or " in vr else vr
+    return {"vr": vr, "BulkDataURI": bulk(tag)} if bulk is not None else {}
+
+
+def _sequence(ds: Dataset, tag: int, bulk: Callable[[int], str] | None, encodings: list[str]) -> dict[str, Any]:
+    items = ds[tag].value  # pydicom reads the items; their elements stay raw
+    out: dict[str, Any] = {"vr": "SQ"}
+    if items:
+        out["Value"] = [dataset_json(item, _nested(bulk, tag, i), encodings) for i, item in enumerate(items)]
+    return out
+
+
+def _nested(bulk: Callable[[int], str] | None, tag: int, index: int) -> Callable[[int], str] | None:
+    if bulk is None:
+        return None
+    return lambda inner: f"{bulk(tag)}.{index}.{inner:08X}"
 
 
 def _pydicom(ds: Dataset, tag: int, bulk: Callable[[int], str] | None) -> dict[str, Any]:

@@ -1,12 +1,15 @@
-"""Metadata (WADO-RS …/metadata) as DICOM JSON, from the catalog's stored headers: no record
-is read (unless a catalog row predates stored headers), and each instance's JSON, once made,
-is kept in a bounded cache keyed by its record, so the metadata of a 1,000-slice series asked
-again (a viewer opening it twice, several viewers) is a concatenation.
+"""Metadata (WADO-RS …/metadata) as DICOM JSON (PS3.18 F.2): every attribute of each
+instance, bulk values as BulkDataURIs. Answered from the catalog's stored headers where a
+header provably holds everything but the pixels (a native CT or MR slice: no record is
+read), else from the record, read once; each instance's JSON, once made, is kept in a
+bounded cache keyed by its record, so the metadata of a 1,000-slice series asked again (a
+viewer opening it twice, several viewers) is a concatenation.
 
 A record never changes once written, so (segment, offset, base URL) names its JSON for good;
 a compaction that moves it makes a new key, and the old entry ages out."""
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections import OrderedDict
 from io import BytesIO
@@ -22,9 +25,9 @@ from pydicom.uid import (
     EncapsulatedSTLStorage,
 )
 
-from stowage.engine.web.dicom_json import dumps, resource_url, to_json
-from stowage.engine.web.fast_json import dataset_json
-from stowage.engine.web.records import Instance
+from stowage.engine.web.dicom_json import dumps, resource_url
+from stowage.engine.web.fast_json import BULK_THRESHOLD, dataset_json
+from stowage.engine.web.records import IN_MEMORY, Instance
 from stowage.engine.web.transcode import NATIVE
 
 CACHE_BYTES = 64 << 20  # per HTTP process
@@ -63,24 +66,83 @@ _cache = JsonCache()
 
 
 def instance_json(store, inst: Instance, base: str) -> dict[str, Any]:
-    """One instance's metadata: its stored header, with BulkDataURIs for Pixel Data (and an
-    Encapsulated Document) and the stored syntax as Available Transfer Syntax UID."""
+    """One instance's metadata: every attribute it holds, bulk values (Pixel Data, an
+    Encapsulated Document, long binary values, also inside sequences) as BulkDataURIs, and
+    the stored syntax as Available Transfer Syntax UID. From the catalog's stored header
+    when that is provably the whole data set but its Pixel Data (header_is_whole), else
+    from the record, read once (the cache keeps the answer)."""
     url = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
-    ds = inst.dataset_header()
-    if ds is not None:
-        obj = dataset_json(ds, lambda tag: f"{url}/bulkdata/{tag:08X}")
-    else:  # a catalog row without a header (written before headers were kept): the record
-        ds = pydicom.dcmread(BytesIO(store.reader.part10(inst)), stop_before_pixels=True)
-        ds.file_meta = pydicom.dataset.FileMetaDataset()
-        obj = to_json(ds, bulk_base=url)
+    bulk = lambda tag: f"{url}/bulkdata/{tag:08X}"  # noqa: E731
+    ds = inst.dataset_header() if inst.header is not None else None
+    obj = dataset_json(ds, bulk) if ds is not None else None
+    if obj is None or not header_is_whole(inst, obj):
+        obj = _from_record(store, inst, bulk)
     if "00280010" in obj and "7FE00010" not in obj:  # an image: its pixels, by reference
-        compressed = UID(inst.transfer_syntax_uid).is_compressed and inst.transfer_syntax_uid not in NATIVE
-        bits = int((obj.get("00280100", {}).get("Value") or [16])[0] or 16)
-        obj["7FE00010"] = {"vr": "OB" if compressed or bits <= 8 else "OW", "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+        obj["7FE00010"] = {"vr": "OB", "BulkDataURI": bulk(0x7FE00010)}
+    if "7FE00010" in obj and "BulkDataURI" in obj["7FE00010"]:
+        obj["7FE00010"]["vr"] = _pixel_vr(inst, obj)
     if inst.sop_class_uid in _DOCUMENT_CLASSES and "00420011" not in obj:
-        obj["00420011"] = {"vr": "OB", "BulkDataURI": f"{url}/bulkdata/00420011"}
+        obj["00420011"] = {"vr": "OB", "BulkDataURI": bulk(0x00420011)}
+    obj.pop("FFFCFFFC", None)  # Data Set Trailing Padding: not an attribute
     obj["00083002"] = {"vr": "UI", "Value": [inst.transfer_syntax_uid]}  # Available Transfer Syntax UID
     return obj
+
+
+def _first(obj: dict[str, Any], tag: str, default: int) -> int:
+    try:
+        value = (obj.get(tag, {}).get("Value") or [default])[0]
+        return int(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _pixel_vr(inst: Instance, obj: dict[str, Any]) -> str:
+    compressed = UID(inst.transfer_syntax_uid).is_compressed and inst.transfer_syntax_uid not in NATIVE
+    return "OB" if compressed or _first(obj, "00280100", 16) <= 8 else "OW"
+
+
+def header_is_whole(inst: Instance, obj: dict[str, Any]) -> bool:
+    """Whether the stored header (`obj`, its JSON) holds every attribute of the instance
+    but Pixel Data. The header is the data set's bytes up to group 7FE0 with bulk values cut
+    out; it is whole when the record's data set is exactly those bytes (nothing cut, nothing
+    past them) or those bytes and one native Pixel Data element of the length that Rows,
+    Columns, Samples per Pixel, Bits Allocated and Number of Frames give. Anything else (an
+    encapsulated syntax, a cut value, elements after the pixels, a header re-encoded from
+    big endian or deflate) is read from the record."""
+    syntax = UID(inst.transfer_syntax_uid)
+    if not syntax.is_little_endian or syntax.is_deflated or not inst.header:
+        return False
+    rest = inst.dataset_length - len(inst.header)
+    if rest == 0:
+        return True
+    if syntax.is_compressed and inst.transfer_syntax_uid not in NATIVE:
+        return False
+    bits = _first(obj, "00280100", 0)
+    samples = _first(obj, "00280002", 1)
+    frames = _first(obj, "00280008", 1)
+    pixels = _first(obj, "00280010", 0) * _first(obj, "00280011", 0) * samples * max(frames, 1)
+    if bits <= 0 or pixels <= 0:
+        return False
+    length = (pixels * bits + 7) // 8
+    length += length & 1
+    head = 8 if syntax.is_implicit_VR else 12
+    return rest == head + length
+
+
+def _from_record(store, inst: Instance, bulk) -> dict[str, Any]:
+    """The metadata read from the record itself: in memory up to IN_MEMORY, else spooled
+    to a temporary file and read with large values left there (memory stays bounded; of a
+    larger encapsulated instance, what follows its pixels is not read)."""
+    if inst.dataset_length <= IN_MEMORY:
+        ds = pydicom.dcmread(BytesIO(store.reader.part10(inst)), force=True)
+        return dataset_json(ds, bulk)
+    with tempfile.TemporaryFile() as spool:
+        for chunk in store.reader.chunks(inst):
+            spool.write(chunk)
+        spool.seek(0)
+        encapsulated = UID(inst.transfer_syntax_uid).is_compressed and inst.transfer_syntax_uid not in NATIVE
+        ds = pydicom.dcmread(spool, force=True, defer_size=BULK_THRESHOLD, stop_before_pixels=encapsulated)
+        return dataset_json(ds, bulk)
 
 
 def series_metadata(store, found: list[Instance], base: str) -> bytes:

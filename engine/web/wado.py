@@ -6,8 +6,8 @@ frames. Rendered images and thumbnails are in rendered.py.
   segment; a named syntax is converted where pydicom can (transcode.py), else 406; no
   syntax named: Explicit VR Little Endian where it can be had, else as stored (PS3.18
   8.7.3.5.2 allows that for data that cannot be decompressed).
-- Metadata: `application/dicom+json` answered from the catalog's stored headers, without
-  reading any record, at study, series and instance level (metadata.py).
+- Metadata: `application/dicom+json`, every attribute, at study, series and instance level,
+  from the catalog's stored headers where they are whole, else from the record (metadata.py).
 - Bulk data and frames: multipart/related of `application/octet-stream` (or the
   compressed syntax's image type), every part labelled with its transfer syntax.
 """
@@ -234,30 +234,49 @@ async def frames(request: web.Request) -> web.StreamResponse:
     return await writer.finish()
 
 
-def _bulk(store: WebStore, inst: Instance, tag: int) -> tuple[str, bytes]:
+def _bulk_path(text: str) -> list[int]:
+    """A BulkDataURI's last segment: a tag, or sequence tag.item.tag… for a value inside a
+    sequence (metadata.py writes them); refused unless it is that."""
+    pieces = text.split(".")
+    ok = len(pieces) % 2 == 1 and len(pieces) <= 17 and all(
+        (len(p) == 8 and all(c in "0123456789abcdefABCDEF" for c in p)) if n % 2 == 0 else (p.isdigit() and len(p) <= 6)
+        for n, p in enumerate(pieces))
+    if not ok:
+        raise refusal(400, f"bulk data tag {text[:40]!r}: eight hex digits, e.g. 7FE00010 (inside a sequence: "
+                           "sequence tag.item index.tag, e.g. 00880200.0.7FE00010)")
+    return [int(p, 16) if n % 2 == 0 else int(p) for n, p in enumerate(pieces)]
+
+
+def _bulk(store: WebStore, inst: Instance, path: list[int]) -> tuple[str, bytes]:
     if inst.dataset_length > MAX_BYTES:
         raise pixels.FrameError(413, f"bulk data of instances over {MAX_BYTES >> 20} MB is not served: "
                                      "retrieve the instance")
     ds = pixels.read(store.reader.part10(inst))
-    elem = ds.get(tag)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    where, tag = ds, path[0]
+    for n in range(0, len(path) - 1, 2):
+        items = where.get(path[n])
+        if items is None or items.VR != "SQ" or path[n + 1] >= len(items.value):
+            raise pixels.FrameError(404, f"the instance has no item {path[n + 1]} in "
+                                         f"({path[n] >> 16:04X},{path[n] & 0xFFFF:04X})")
+        where, tag = items.value[path[n + 1]], path[n + 2]
+    elem = where.get(tag)
     if elem is None or elem.value is None:
         raise pixels.FrameError(404, f"the instance has no ({tag >> 16:04X},{tag & 0xFFFF:04X})")
-    ts = str(ds.file_meta.TransferSyntaxUID)
     value = elem.value if isinstance(elem.value, (bytes, bytearray)) else None
     if value is None:
         raise pixels.FrameError(404, f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not bulk data")
-    label = ts if tag == 0x7FE00010 and UID(ts).is_compressed and ts not in NATIVE else ExplicitVRLittleEndian
+    label = ts if tag == 0x7FE00010 and len(path) == 1 and UID(ts).is_compressed and ts not in NATIVE \
+        else ExplicitVRLittleEndian
     return f"{OCTETS}; transfer-syntax={label}", bytes(value)
 
 
 async def bulkdata(request: web.Request) -> web.StreamResponse:
-    text = request.match_info["tag"]
-    if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
-        raise refusal(400, f"bulk data tag {text[:16]!r}: eight hex digits, e.g. 7FE00010")
+    path = _bulk_path(request.match_info["tag"])
     store = request.app[STORE]
     inst = (await _instances(store, request))[0]
     try:
-        ctype, data = await store.run(_bulk, store, inst, int(text, 16))
+        ctype, data = await store.run(_bulk, store, inst, path)
     except pixels.FrameError as e:
         raise refusal(e.status, str(e)) from None
     except Unreadable as e:
