@@ -24,18 +24,21 @@ import threading
 import time
 
 from stowage.catalog.reader import Catalog
+from stowage.engine.forward.commitment import Commitments
+from stowage.engine.forward.deidentified import NOT_DEIDENTIFIED, rewrite_for
 from stowage.engine.forward.queue import Entry, Queue
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_line
 from stowage.engine.transfer.requestor import PeerError, peer_of
-from stowage.engine.transfer.send import Instance, Outcome, Sender
+from stowage.engine.transfer.send import Instance, Outcome, SendResult, Sender
 
 log = logging.getLogger("stowage.forward")
 
 BATCH_PER_ASSOCIATION = 256  # each batch opens its associations and commits once: amortize both
 # Failures without a status that retrying cannot cure: parked like refusals.
 _PERMANENT = ("accepted no presentation context", "accepts none of the syntaxes", "marked corrupt",
-              "stored record unreadable")
+              "stored record unreadable", NOT_DEIDENTIFIED, "cannot convert", "no conversion from",
+              "cannot decompress", "cannot encode as", "cannot parse the stored dataset")
 
 
 def backoff(failures: int, initial: float, maximum: float) -> float:
@@ -59,6 +62,10 @@ class Destination(threading.Thread):
         super().__init__(name=f"forward-{name}", daemon=True)
         self.config, self.destination, self.stop = config, name, stop
         self.failures = 0  # attempts in a row that reached nobody
+        self.commitments = Commitments(config, name) if any(name in r.to and r.commit for r in config.forward) \
+            else None
+        self.projects: dict = {}  # [projects.NAME] opened for de-identifying rules, kept open
+        self.committed_at = 0.0
 
     def run(self) -> None:
         queue = Queue(self.config.data_dir)
@@ -75,6 +82,24 @@ class Destination(threading.Thread):
         finally:
             queue.close()
             self.catalog.close()
+            for project in self.projects.values():
+                project.close()
+
+    def _project(self, name: str):
+        if name not in self.projects:
+            from stowage.engine.deidentify.project import open_project
+            self.projects[name] = open_project(self.config.projects, name, self.config.data_dir)
+        return self.projects[name]
+
+    def _commit(self, queue: Queue, remote) -> None:
+        """Storage commitment of the groups ready for it, at most once a second."""
+        if self.commitments is None or time.monotonic() - self.committed_at < 1.0:
+            return
+        self.committed_at = time.monotonic()
+        try:
+            self.commitments.request_due(queue, peer_of(remote))
+        except PeerError as e:
+            log.warning("forward: storage commitment with %s: %s", self.destination, e)
 
     def _served(self, queue: Queue, entries: list[Entry]) -> list[Entry]:
         """The entries whose instance the archive still serves, with its record's place now;
@@ -101,6 +126,7 @@ class Destination(threading.Thread):
         waiting = [r.name for r in self.config.forward if not r.sends_at(now)]
         entries = queue.due(self.destination, BATCH_PER_ASSOCIATION * remote.associations, waiting)
         if not entries:
+            self._commit(queue, remote)
             return 0.5
         entries = self._served(queue, entries)
         if not entries:
@@ -109,15 +135,24 @@ class Destination(threading.Thread):
             peer = peer_of(remote)
         except PeerError as e:
             return self._failed(queue, entries, str(e))
-        sender = Sender(self.config.data_dir / "segments", peer, self.config.aet,
-                        dimse_timeout=self.config.dimse_timeout, acse_timeout=self.config.acse_timeout,
-                        max_pdu=self.config.max_pdu, associations=remote.associations,
-                        duplicates=self.config.duplicates, max_inflated_bytes=self.config.max_inflated_bytes)
-        by_uid = {}
+        by_uid: dict[str, Entry] = {}
         for e in entries:
             by_uid.setdefault(e.sop_instance_uid, e)
-        result = sender.send(Instance(e.sop_instance_uid, e.sop_class_uid, e.transfer_syntax_uid, e.segment,
-                                      e.offset, e.dataset_length) for e in by_uid.values())
+        result = SendResult()
+        for project in dict.fromkeys(e.project for e in by_uid.values()):  # usually one: none
+            try:
+                rewrite = rewrite_for(self._project(project)) if project else None
+            except ValueError as e:  # the project's key unreadable: nothing of it goes out
+                log.warning("forward: project %s for %s: %s", project, self.destination, e)
+                continue
+            sender = Sender(self.config.data_dir / "segments", peer, self.config.aet,
+                            dimse_timeout=self.config.dimse_timeout, acse_timeout=self.config.acse_timeout,
+                            max_pdu=self.config.max_pdu, associations=remote.associations,
+                            duplicates=self.config.duplicates, max_inflated_bytes=self.config.max_inflated_bytes,
+                            rewrite=rewrite)
+            part = sender.send(Instance(e.sop_instance_uid, e.sop_class_uid, e.transfer_syntax_uid, e.segment,
+                                        e.offset, e.dataset_length) for e in by_uid.values() if e.project == project)
+            result.outcomes += part.outcomes
         done, parked, retry = [], [], []
         for o in result.outcomes:
             entry = by_uid.pop(o.instance.sop_instance_uid, None)
@@ -125,10 +160,11 @@ class Destination(threading.Thread):
                 continue
             verdict = classify(o)
             if verdict == "done":
-                done.append((entry.id, o.status))
+                done.append((entry.id, o.status, o.sent_uid))
                 audit_line(f"forwarded {entry.sop_instance_uid} to {self.destination}",
                            {"event": "forward", "sop_instance_uid": entry.sop_instance_uid,
-                            "destination": self.destination, "status": o.status, "sent_as": o.sent_as})
+                            "destination": self.destination, "status": o.status, "sent_as": o.sent_as,
+                            **({"deidentified": entry.project} if entry.project else {})})
             elif verdict == "parked":
                 parked.append((entry.id, o.status, o.reason))
                 log.warning("forward: %s parked for %s: %s", entry.sop_instance_uid, self.destination, o.reason)
@@ -144,6 +180,7 @@ class Destination(threading.Thread):
         queue.settle(done, parked, [(e.id, at + backoff(e.attempts + 1, self.config.forward_retry_initial,
                                                             self.config.forward_retry_max), None, reason)
                                     for e, reason in retry])
+        self._commit(queue, remote)
         return 0.0
 
     def _failed(self, queue: Queue, entries: list[Entry], reason: str, done: list | None = None,

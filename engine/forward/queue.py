@@ -4,6 +4,10 @@ marked done after the destination answered), done, parked (refused by the destin
 its status and Error Comment are kept, and it is not tried again until a person says so),
 cancelled (by a person: `stowage queue --cancel`).
 
+Entries of a rule with `commit = true` also carry a commitment state: wanted (until the
+destination's report), committed, or failed (with the reason); `commit_group` is the study
+(or series) a request covers.
+
 SQLite in WAL mode with synchronous=FULL: each scan's entries and its cursor are committed
 in one transaction (one fsync per scan, not per instance), so a crash loses neither.
 """
@@ -48,6 +52,15 @@ CREATE INDEX IF NOT EXISTS arrival ON entries (received_at);
 CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 0), received_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS delivered (destination TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
+# Columns added after the first release, to queues made before (ALTER TABLE when missing).
+_ADDED = {
+    "project": "TEXT NOT NULL DEFAULT ''",        # [projects.NAME]: sent de-identified
+    "sent_uid": "TEXT NOT NULL DEFAULT ''",       # the SOP Instance UID the destination got (de-identified: new)
+    "commit_group": "TEXT NOT NULL DEFAULT ''",   # study/series UID a commitment request covers; '': none wanted
+    "commit_state": "TEXT",                       # NULL (none wanted), wanted, committed, failed
+    "commit_comment": "TEXT NOT NULL DEFAULT ''",
+}
+COMMIT_STATES = ("wanted", "committed", "failed")
 KEEP_DONE_S = 7 * 24 * 3600  # done and cancelled entries are deleted this long after (the counts stay)
 
 
@@ -62,6 +75,7 @@ class Entry:
     offset: int
     dataset_length: int
     attempts: int
+    project: str = ""
 
 
 def path_of(data_dir: Path) -> Path:
@@ -81,6 +95,11 @@ class Queue:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}
+        for column, kind in _ADDED.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+        self.db.execute("CREATE INDEX IF NOT EXISTS commits ON entries (destination, commit_state, commit_group)")
 
     def close(self) -> None:
         self.db.close()
@@ -111,7 +130,7 @@ class Queue:
     def add(self, rows: Iterable[tuple], cursor: int, holds: Iterable[tuple[str, str, str, str, float]] = ()) -> int:
         """Queue (destination, rule, sop_instance_uid, sop_class_uid, transfer_syntax_uid,
         study_instance_uid, segment, offset, dataset_length, received_at, series_instance_uid,
-        next_at) rows, hold the pending entries of series and studies that are not quiet yet
+        next_at[, project, commit_group]) rows, hold the pending entries of series and studies that are not quiet yet
         (destination, rule, "series" or "study", its UID, not before), and move the cursor,
         in one durable transaction. Returns the number of new entries."""
         now = time.time()
@@ -121,8 +140,10 @@ class Queue:
             self.db.executemany(
                 "INSERT OR IGNORE INTO entries (destination, rule, sop_instance_uid, sop_class_uid, "
                 "transfer_syntax_uid, study_instance_uid, segment, \"offset\", dataset_length, received_at, "
-                "series_instance_uid, next_at, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(*r, now) for r in rows])
+                "series_instance_uid, next_at, project, commit_group, commit_state, queued_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*r[:12], *(r[12:14] if len(r) > 12 else ("", "")),
+                  "wanted" if len(r) > 13 and r[13] else None, now) for r in rows])
             added = self.db.total_changes - before
             for destination, rule, level, uid, until in holds:
                 column = "series_instance_uid" if level == "series" else "study_instance_uid"
@@ -140,7 +161,7 @@ class Queue:
         named in `waiting` (outside their schedule)."""
         rows = self.db.execute(
             "SELECT id, destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", "
-            "dataset_length, attempts FROM entries WHERE destination = ? AND state = 'pending' AND next_at <= ? "
+            "dataset_length, attempts, project FROM entries WHERE destination = ? AND state = 'pending' AND next_at <= ? "
             "AND rule NOT IN (SELECT value FROM json_each(?)) ORDER BY received_at, id LIMIT ?",
             (destination, time.time() if now is None else now, json.dumps(waiting or []), limit)).fetchall()
         return [Entry(*r) for r in rows]
@@ -150,15 +171,16 @@ class Queue:
                               (destination,)).fetchone()
         return row[0]
 
-    def settle(self, done: list[tuple[int, int]], parked: list[tuple[int, int | None, str]],
+    def settle(self, done: list[tuple], parked: list[tuple[int, int | None, str]],
                retry: list[tuple[int, float, int | None, str]]) -> None:
-        """Record a batch's outcomes: done (id, status); parked (id, status, comment);
-        retry (id, next_at, status, comment)."""
+        """Record a batch's outcomes: done (id, status[, SOP Instance UID sent]); parked (id,
+        status, comment); retry (id, next_at, status, comment)."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("UPDATE entries SET state = 'done', status = ?, done_at = ?, attempts = attempts + 1 "
-                                "WHERE id = ?", [(s, now, i) for i, s in done])
+            self.db.executemany("UPDATE entries SET state = 'done', status = ?, done_at = ?, attempts = attempts + 1, "
+                                "sent_uid = ? WHERE id = ?",
+                                [(d[1], now, d[2] if len(d) > 2 else "", d[0]) for d in done])
             if done:
                 self.db.execute("INSERT INTO delivered SELECT destination, ? FROM entries WHERE id = ? "
                                 "ON CONFLICT (destination) DO UPDATE SET n = n + excluded.n",
@@ -167,6 +189,47 @@ class Queue:
                                 "attempts = attempts + 1 WHERE id = ?", [(s, c, now, i) for i, s, c in parked])
             self.db.executemany("UPDATE entries SET next_at = ?, status = ?, comment = ?, attempts = attempts + 1 "
                                 "WHERE id = ?", [(t, s, c, i) for i, t, s, c in retry])
+
+    # -- storage commitment ------------------------------------------------------------
+
+    def commit_groups(self, destination: str) -> list[tuple[str, str, float]]:
+        """(rule, group UID, newest arrival in s) of the groups whose commitment is wanted and
+        whose every entry was answered: none pending, at least one done."""
+        return self.db.execute(
+            "SELECT rule, commit_group, max(received_at) / 1e6 FROM entries WHERE destination = ? "
+            "AND commit_state = 'wanted' GROUP BY rule, commit_group "
+            "HAVING sum(state = 'pending') = 0 AND sum(state = 'done') > 0", (destination,)).fetchall()
+
+    def commit_members(self, destination: str, rule: str, group: str) -> list[tuple[int, str, str]]:
+        """(id, SOP Class UID, SOP Instance UID as sent) of a group's delivered entries."""
+        return self.db.execute(
+            "SELECT id, sop_class_uid, CASE sent_uid WHEN '' THEN sop_instance_uid ELSE sent_uid END FROM entries "
+            "WHERE destination = ? AND rule = ? AND commit_group = ? AND commit_state = 'wanted' AND state = 'done' "
+            "ORDER BY id", (destination, rule, group)).fetchall()
+
+    def record_commitment(self, verdicts: list[tuple[int, str, str]], destination: str = "", rule: str = "",
+                          group: str = "") -> None:
+        """(id, committed or failed, comment) per entry; a group's entries that were never
+        delivered (parked, cancelled) are no longer waited for."""
+        with self.db:
+            self.db.executemany("UPDATE entries SET commit_state = ?, commit_comment = ? WHERE id = ?",
+                                [(state, comment, i) for i, state, comment in verdicts])
+            if group:
+                self.db.execute("UPDATE entries SET commit_state = NULL WHERE destination = ? AND rule = ? "
+                                "AND commit_group = ? AND commit_state = 'wanted' AND state IN ('parked', 'cancelled')",
+                                (destination, rule, group))
+
+    def commitments(self) -> dict[tuple[str, str], int]:
+        """(destination, wanted/committed/failed) -> entries."""
+        return {(d, s): n for d, s, n in self.db.execute(
+            "SELECT destination, commit_state, count(*) FROM entries WHERE commit_state IS NOT NULL "
+            "GROUP BY destination, commit_state")}
+
+    def not_committed(self, destination: str | None = None) -> list[tuple]:
+        sql = ("SELECT destination, CASE sent_uid WHEN '' THEN sop_instance_uid ELSE sent_uid END, commit_comment "
+               "FROM entries WHERE commit_state = 'failed'" + (" AND destination = ?" if destination else "")
+               + " ORDER BY id")
+        return self.db.execute(sql, (destination,) if destination else ()).fetchall()
 
     # -- operators ---------------------------------------------------------------------
 

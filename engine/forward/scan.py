@@ -116,12 +116,15 @@ class Scanner:
                 continue
             row = dict(zip(cols, values))
             row["received_at"] = values[7]
-            for rule in self.rules.matching(row):
+            # Entries are unique per destination and record: where a de-identifying rule and
+            # another send one record to one destination, the de-identified copy is what goes.
+            for rule in sorted(self.rules.matching(row), key=lambda r: not r.deidentify):
                 # series and study level: not before the group has been quiet for rule.quiet
                 uid = values[8] if rule.level == "series" else values[3]
                 until = values[7] / 1e6 + rule.quiet if rule.level != "instance" else 0.0
+                group = (values[8] if rule.commit_level() == "series" else values[3]) if rule.commit else ""
                 for destination in rule.to:
-                    entries.append((destination, rule.name, *values[:8], values[8], until))
+                    entries.append((destination, rule.name, *values[:8], values[8], until, rule.deidentify, group))
                     if until:
                         key = (destination, rule.name, rule.level, uid)
                         holds[key] = max(holds.get(key, 0.0), until)

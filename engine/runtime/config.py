@@ -384,7 +384,7 @@ def _build(values: dict[str, Any]) -> Config:
     if not all(isinstance(v, Remote) for v in remotes.values()):
         remotes = _remotes(remotes)
     try:
-        kwargs["forward"] = parse_rules(forward, remotes)
+        kwargs["forward"] = parse_rules(forward, remotes, projects)
     except RuleError as e:
         raise ConfigError(str(e)) from None
     return Config(**kwargs, remotes=remotes, projects=dict(projects)).validate()

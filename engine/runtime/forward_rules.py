@@ -15,7 +15,8 @@ from pydicom.dataelem import DataElement
 from stowage.catalog import matching
 
 LEVELS = ("instance", "series", "study")  # series, study: sent once none of it arrived for `quiet` s
-_KEYS = {"name", "to", "calling_ae", "called_ae", "sop_class", "modality", "match", "level", "schedule", "quiet"}
+_KEYS = {"name", "to", "calling_ae", "called_ae", "sop_class", "modality", "match", "level", "schedule", "quiet",
+         "deidentify", "commit", "commit_port"}
 _WINDOW = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)-([01]?\d|2[0-3]):([0-5]\d)")
 
 
@@ -35,6 +36,13 @@ class ForwardRule:
     level: str = "instance"
     schedule: str = ""                 # "19:00-07:00": sent only then (local time); "": any time
     quiet: float = 60.0                # series/study level: seconds without a new instance of it
+    deidentify: str = ""               # a [projects.NAME]: a de-identified copy goes out, never the record
+    commit: bool = False               # storage commitment of each study (series at series level) once sent
+    commit_port: int = 0               # listen here for a report sent on a new association (0: same one only)
+
+    def commit_level(self) -> str:
+        """What one storage commitment request covers: the series at series level, else the study."""
+        return "series" if self.level == "series" else "study"
 
     def sends_at(self, now: datetime.datetime) -> bool:
         """Whether entries of this rule may be sent at local time `now`."""
@@ -87,8 +95,9 @@ def conditions(text: str) -> list[tuple[str, matching.Match]]:
     return out
 
 
-def parse_rules(specs: Any, remotes: Mapping[str, Any]) -> tuple[ForwardRule, ...]:
-    """The `forward` list of tables, checked against the configured remotes."""
+def parse_rules(specs: Any, remotes: Mapping[str, Any],
+                projects: Mapping[str, Any] | None = None) -> tuple[ForwardRule, ...]:
+    """The `forward` list of tables, checked against the configured remotes and projects."""
     if isinstance(specs, Mapping):
         specs = [specs]
     if not isinstance(specs, (list, tuple)):
@@ -124,8 +133,16 @@ def parse_rules(specs: Any, remotes: Mapping[str, Any]) -> tuple[ForwardRule, ..
             raise RuleError(f"forward rule {name!r}: {e}") from None
         lists = {k: _strings(name, k, spec[k]) if spec.get(k) else () for k in
                  ("calling_ae", "called_ae", "sop_class", "modality")}
+        project = spec.get("deidentify", "") or ""
+        if not isinstance(project, str) or (project and project not in (projects or {})):
+            raise RuleError(f"forward rule {name!r}: deidentify = {project!r} is not a configured [projects.NAME]")
+        commit, port = spec.get("commit", False), spec.get("commit_port", 0) or 0
+        if not isinstance(commit, bool):
+            raise RuleError(f"forward rule {name!r}: commit must be true or false")
+        if type(port) is not int or not 0 <= port <= 65535:
+            raise RuleError(f"forward rule {name!r}: commit_port must be a port number (1-65535)")
         rules.append(ForwardRule(name, to, match=match, level=level, schedule=schedule, quiet=float(quiet),
-                                 **lists))
+                                 deidentify=project, commit=commit, commit_port=port, **lists))
     if len({r.name for r in rules}) != len(rules):
         raise RuleError("forward: two rules have the same name")
     return tuple(rules)

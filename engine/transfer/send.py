@@ -78,6 +78,7 @@ class Outcome:
     status: int | None = None       # the peer's C-STORE status, if it answered
     reason: str = ""                # why it failed, for a person
     sent_as: str = ""               # the transfer syntax it went out in
+    sent_uid: str = ""              # the SOP Instance UID it went out with, if a rewrite changed it
 
 
 @dataclass
@@ -111,6 +112,13 @@ class SendResult:
 
 
 Context = tuple[str, str]  # (abstract syntax, transfer syntax): one presentation context
+# (instance, its record's payload: file meta + dataset) -> (SOP Instance UID, transfer syntax,
+# payload) of the copy to send instead; raises RewriteError (the instance fails with its reason).
+Rewrite = Callable[[Instance, bytes], tuple[str, str, bytes]]
+
+
+class RewriteError(ValueError):
+    """The rewrite refused an instance; the message says why (e.g. quarantined)."""
 
 
 def context_batches(instances: Sequence[Instance]) -> list[list[Context]]:
@@ -151,6 +159,7 @@ class _Prepared:
     reason: str = ""
     payload: bytes | None = None
     path: Path | None = None
+    sent_uid: str = ""  # the SOP Instance UID it goes out with, when a rewrite gave it a new one
 
     @property
     def ready(self) -> bool:
@@ -166,15 +175,16 @@ class _Prepared:
     def outgoing(self) -> store_scu.Dataset:
         """The dataset bytes (no file meta), for the lean association."""
         inst = self.instance
+        uid = self.sent_uid or inst.sop_instance_uid
         if self.payload is not None:
             data = memoryview(self.payload)[filemeta.group_length(self.payload):]
-            return store_scu.Dataset(inst.sop_class_uid, inst.sop_instance_uid, self.syntax, len(data), data=data)
+            return store_scu.Dataset(inst.sop_class_uid, uid, self.syntax, len(data), data=data)
         assert self.path is not None
         with open(self.path, "rb") as f:
             head = f.read(len(PREAMBLE) + 12)
             start = len(PREAMBLE) + filemeta.group_length(head[len(PREAMBLE):])
             size = os.fstat(f.fileno()).st_size
-        return store_scu.Dataset(inst.sop_class_uid, inst.sop_instance_uid, self.syntax, size - start,
+        return store_scu.Dataset(inst.sop_class_uid, uid, self.syntax, size - start,
                                  path=str(self.path), offset=start)
 
     def part10(self, spool: Path) -> Path:
@@ -328,8 +338,10 @@ class Sender:
                  on_outcome: Callable[[Outcome], None] | None = None,
                  cancelled: Callable[[], bool] | None = None,
                  move_originator: tuple[str, int] | None = None, associations: int = 1,
-                 duplicates: str = "keep-newest", max_inflated_bytes: int = MAX_INFLATED_BYTES) -> None:
+                 duplicates: str = "keep-newest", max_inflated_bytes: int = MAX_INFLATED_BYTES,
+                 rewrite: Rewrite | None = None) -> None:
         self.segments_dir = segments_dir
+        self.rewrite = rewrite  # e.g. forwarding's de-identification: a new copy goes out, never the record
         self.max_inflated_bytes = max_inflated_bytes  # a Deflated instance converted for the peer
         self.locator = Locator(segments_dir.parent, duplicates)  # for records compacted away meanwhile
         self.associations = max(1, associations)
@@ -488,8 +500,8 @@ class Sender:
                         if self._retry(inst, prepared, work, result):
                             work.give_back(inst)
                         return
-                    self._record(result, _outcome(inst, status, prepared.syntax,
-                                                       getattr(link, "comment", "")), prepared.size)
+                    self._record(result, _outcome(inst, status, prepared.syntax, getattr(link, "comment", ""),
+                                                  prepared.sent_uid), prepared.size)
                 finally:
                     prepared.discard()
         finally:  # prepared but not sent: back to the queue, in order
@@ -531,6 +543,8 @@ class Sender:
                                                f"{convert.name(inst.transfer_syntax_uid)} to "
                                                f"(accepted: {', '.join(sorted(map(convert.name, syntaxes)))})"))
         try:
+            if self.rewrite is not None:
+                return self._rewritten(inst, syntaxes, spool, in_memory)
             return self._read(inst, target, spool, in_memory)
         except FileNotFoundError as e:  # its segment compacted away since the transfer looked it up
             try:
@@ -539,9 +553,47 @@ class Sender:
                 return _Prepared(inst, reason=f"{_unreadable(inst)}: {gone}")
         moved = replace(inst, segment=where.segment, offset=where.offset)
         try:
+            if self.rewrite is not None:
+                return self._rewritten(moved, syntaxes, spool, in_memory)
             return self._read(moved, target, spool, in_memory)
         except FileNotFoundError as e:  # compacted away once more
             return _Prepared(moved, reason=f"{_unreadable(moved)}: {e}")
+
+    def _rewritten(self, inst: Instance, accepted: set[str], spool: Path, in_memory: bool) -> _Prepared:
+        """The rewritten copy of the instance ready to send, converted if the peer did not
+        accept its syntax; FileNotFoundError if its segment is gone."""
+        assert self.rewrite is not None
+        try:
+            payload = read_payload(self.segments_dir / inst.segment, inst.offset)
+        except FileNotFoundError:
+            raise
+        except (OSError, CorruptRecord) as e:
+            return _unreadable_record(inst, f"{_unreadable(inst)}: {e}", e)
+        try:
+            uid, syntax, payload = self.rewrite(inst, payload)
+        except RewriteError as e:
+            return _Prepared(inst, reason=str(e))
+        if syntax in accepted and in_memory:
+            return _Prepared(inst, syntax, payload=payload, sent_uid=uid)
+        path = spool / f"{uid}.dcm"
+        with open(path, "wb") as f:
+            f.write(PREAMBLE)
+            f.write(payload)
+        target = syntax if syntax in accepted else convert.target_syntax(syntax, accepted)
+        if target is None:
+            path.unlink(missing_ok=True)
+            return _Prepared(inst, reason=f"{self.peer} accepts none of the syntaxes we can convert "
+                                          f"{convert.name(syntax)} to")
+        if target != syntax:
+            try:
+                convert.convert_file(path, path.with_suffix(".conv.dcm"), target,
+                                     max_inflated_bytes=self.max_inflated_bytes)
+            except convert.ConversionError as e:
+                path.unlink(missing_ok=True)
+                path.with_suffix(".conv.dcm").unlink(missing_ok=True)
+                return _Prepared(inst, reason=str(e))
+            os.replace(path.with_suffix(".conv.dcm"), path)
+        return _Prepared(inst, target, path=path, sent_uid=uid)
 
     def _read(self, inst: Instance, target: str | None, spool: Path, in_memory: bool) -> _Prepared:
         """The instance ready to send: its record read (into memory, or a spool file) and
@@ -587,11 +639,11 @@ def _unreadable(inst: Instance) -> str:
     return f"stored record unreadable ({inst.segment} @ {inst.offset})"
 
 
-def _outcome(inst: Instance, status: int, syntax: str, comment: str = "") -> Outcome:
+def _outcome(inst: Instance, status: int, syntax: str, comment: str = "", sent_uid: str = "") -> Outcome:
     if status == SUCCESS:
-        return Outcome(inst, "completed", status, sent_as=syntax)
+        return Outcome(inst, "completed", status, sent_as=syntax, sent_uid=sent_uid)
     if status in STORE_WARNINGS:
-        return Outcome(inst, "warning", status, sent_as=syntax)
+        return Outcome(inst, "warning", status, sent_as=syntax, sent_uid=sent_uid)
     return Outcome(inst, "failed", status, reason=f"refused with status 0x{status:04X}"
                    + (f": {comment.strip()}" if comment.strip() else ""), sent_as=syntax)
 

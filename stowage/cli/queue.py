@@ -8,12 +8,13 @@ import time
 import click
 
 from stowage.cli.options import common, load
-from stowage.engine.forward.queue import STATES, Queue, path_of
+from stowage.engine.forward.queue import COMMIT_STATES, STATES, Queue, path_of
 
 
 @click.command("queue")
 @common
-@click.option("--parked", "show_parked", is_flag=True, help="List the parked entries: status and Error Comment.")
+@click.option("--parked", "show_parked", is_flag=True,
+              help="List the parked entries (status and Error Comment) and those not committed (the reason).")
 @click.option("--retry", "retry", metavar="DEST", help="Put DEST's parked entries back in the queue.")
 @click.option("--cancel", "cancel", metavar="DEST", help="Cancel DEST's pending and parked entries.")
 def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
@@ -32,6 +33,8 @@ def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
             for destination, n in q.delivered().items():  # done ever: done entries are pruned after a week
                 summary[(destination, "done")] = (n, None)
             parked = q.parked() if show_parked else []
+            commitments = q.commitments()
+            not_committed = q.not_committed() if show_parked else []
         finally:
             q.close()
     except sqlite3.Error as e:
@@ -46,3 +49,10 @@ def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
     for destination, uid, status, comment in parked:
         code = f"0x{status:04X}" if status is not None else "-"
         click.echo(f"parked {destination} {uid} {code} {comment}")
+    if commitments:
+        click.echo(f"{'commitment':16} " + " ".join(f"{s:>9}" for s in COMMIT_STATES))
+        for destination in sorted({d for d, _s in commitments}):
+            click.echo(f"{destination:16} " + " ".join(f"{commitments.get((destination, s), 0):>9}"
+                                                        for s in COMMIT_STATES))
+    for destination, uid, comment in not_committed:
+        click.echo(f"not committed {destination} {uid} {comment}")

@@ -1,0 +1,90 @@
+"""Storage commitment after forwarding, for a rule with `commit = true`: once every entry of
+a study (a series, at series level) for a destination was answered and none of it arrived
+for the rule's `quiet` seconds, the delivering thread asks the destination to commit what
+it took (N-ACTION, engine/transfer/commit_scu.py) and records the verdict per entry:
+committed, or failed with the destination's Failure Reason. A destination that does not
+answer is asked again later (the entries stay wanted); one that refuses the request, or
+does not offer the service, gets the entries marked failed with its answer."""
+from __future__ import annotations
+
+import logging
+import time
+
+from stowage.engine.forward.queue import Queue
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.forward_rules import ForwardRule
+from stowage.engine.runtime.logs import audit_line
+from stowage.engine.transfer.commit_scu import CommitError, request_commitment
+from stowage.engine.transfer.requestor import Peer
+from stowage.engine.transfer.send import Instance
+
+log = logging.getLogger("stowage.forward")
+
+TIMEOUT_S = 60.0  # for the destination's report
+_REFUSED = ("does not offer", "refused the request")  # answers that asking again does not change
+
+
+class Commitments:
+    """The commitment requests of one destination (used by its delivering thread only)."""
+
+    def __init__(self, config: Config, destination: str) -> None:
+        self.config, self.destination = config, destination
+        self.not_before: dict[tuple[str, str], float] = {}  # (rule, group) -> next try after no answer
+        self.failures: dict[tuple[str, str], int] = {}
+
+    def request_due(self, queue: Queue, peer: Peer, now: float | None = None) -> int:
+        """Ask for commitment of every group that is ready; the number of requests answered."""
+        now = time.time() if now is None else now
+        rules = {r.name: r for r in self.config.forward}
+        answered = 0
+        for rule_name, group, newest in queue.commit_groups(self.destination):
+            rule = rules.get(rule_name)
+            quiet = rule.quiet if rule is not None else 60.0
+            if newest + quiet > now or self.not_before.get((rule_name, group), 0.0) > now:
+                continue
+            answered += self._request(queue, peer, rule, rule_name, group)
+        return answered
+
+    def _request(self, queue: Queue, peer: Peer, rule: ForwardRule | None, rule_name: str, group: str) -> int:
+        members = queue.commit_members(self.destination, rule_name, group)
+        if not members:
+            queue.record_commitment([], self.destination, rule_name, group)
+            return 0
+        instances = [Instance(uid, sop_class, "", "", 0) for _id, sop_class, uid in members]
+        port = rule.commit_port if rule is not None and rule.commit_port else None
+        try:
+            report = request_commitment(peer, self.config.aet, instances, timeout=TIMEOUT_S, listen_port=port,
+                                        bind=self.config.bind)
+        except CommitError as e:
+            if any(r in str(e) for r in _REFUSED):
+                queue.record_commitment([(i, "failed", str(e)) for i, _c, _u in members])
+                log.warning("forward: %s refused storage commitment of %s: %s", self.destination, group, e)
+                return 1
+            key = (rule_name, group)
+            self.failures[key] = n = self.failures.get(key, 0) + 1
+            delay = min(self.config.forward_retry_max, self.config.forward_retry_initial * 2 ** min(n - 1, 30))
+            self.not_before[key] = time.time() + delay
+            log.warning("forward: no storage commitment verdict from %s for %s (%s); asking again in %.0f s",
+                        self.destination, group, e, delay)
+            return 0
+        self.failures.pop((rule_name, group), None)
+        self.not_before.pop((rule_name, group), None)
+        failed = dict(report.failed)
+        committed = set(report.committed)
+        verdicts = []
+        for entry_id, _c, uid in members:
+            if uid in committed:
+                verdicts.append((entry_id, "committed", ""))
+            elif uid in failed:
+                verdicts.append((entry_id, "failed", f"failure reason 0x{failed[uid]:04X} "
+                                                     f"(transaction {report.transaction_uid})"))
+            else:
+                verdicts.append((entry_id, "failed", f"not in the report of transaction {report.transaction_uid}"))
+        queue.record_commitment(verdicts, self.destination, rule_name, group)
+        n_ok = sum(1 for _i, s, _c in verdicts if s == "committed")
+        audit_line(f"storage commitment of {group} by {self.destination}: {n_ok} committed, "
+                   f"{len(verdicts) - n_ok} failed",
+                   {"event": "forward-commitment", "destination": self.destination, "group": group,
+                    "transaction_uid": report.transaction_uid, "committed": n_ok,
+                    "failed": len(verdicts) - n_ok})
+        return 1

@@ -1,0 +1,123 @@
+"""Forwarding (docs/forwarding.md) to real archives: Orthanc (the Debian package) down when
+the instances arrive, back later, gets every study in order of arrival and answers storage
+commitment on a new association; a second `stowage serve` gets de-identified copies and
+commits them on the same association, while an instance that must not leave (burned-in
+annotation) is parked with the reason."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from conftest import HOST, MR, export_all, free_port, series_instances, wait_for
+from test_forward import queue_counts, storescu, stowage, uids, write_config
+
+
+def commit_counts(data_dir: Path) -> dict[str, list[int]]:
+    """`stowage queue`'s commitment table: destination -> [wanted, committed, failed]."""
+    r = stowage("queue", "--data-dir", str(data_dir))
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.split("commitment", 1)[1] if "\ncommitment" in r.stdout else ""
+    return {m[1]: [int(n) for n in m.groups()[1:]] for m in re.finditer(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$",
+                                                                         table, re.M)}
+
+
+def restart(orthanc) -> None:
+    """Start a stopped Orthanc again on its configuration (same ports, same database)."""
+    from stowage.bench.harness.orthanc import executable
+    with open(orthanc.log_path, "ab") as log:
+        orthanc.proc = subprocess.Popen([executable(), str(orthanc.log_path.parent / "orthanc.json")], stdout=log,
+                                        stderr=subprocess.STDOUT)
+    orthanc._wait_ready(30)
+
+
+def orthanc_arrivals(orthanc) -> list[tuple[str, str]]:
+    """(Study Instance UID, SOP Instance UID) of every instance Orthanc stored, in the order it
+    stored them (its change log)."""
+    changes = orthanc.rest("GET", "/changes?since=0&limit=10000")["Changes"]
+    out = []
+    for change in changes:
+        if change["ChangeType"] == "NewInstance":
+            tags = orthanc.rest("GET", f"/instances/{change['ID']}/simplified-tags")
+            out.append((tags["StudyInstanceUID"], tags["SOPInstanceUID"]))
+    return out
+
+
+def test_orthanc_down_then_back_gets_each_study_in_order_and_commits(make_server, orthancs, tmp_path):
+    """Two studies arrive interleaved while Orthanc is down; once it is back every instance
+    arrives, each study's in the order stowage received them, and Orthanc's storage
+    commitment report (on a new association to the rule's commit_port) marks them committed."""
+    commit_port = free_port()
+    orthanc = orthancs(tmp_path / "orthanc", {"stowage": ("STOWAGE", HOST, commit_port)})
+    orthanc.stop()  # down when the instances arrive
+    conf = write_config(tmp_path / "f.toml", {"ORTHANC": orthanc.dicom_port},
+                        f'[[forward]]\nto = "ORTHANC"\nmodality = "CT"\ncommit = true\ncommit_port = {commit_port}\n'
+                        'quiet = 1\n')
+    a = series_instances(tmp_path / "a", "PA", generate_uid(), generate_uid(), 6)
+    b = series_instances(tmp_path / "b", "PB", generate_uid(), generate_uid(), 4)
+    mr = series_instances(tmp_path / "mr", "PC", generate_uid(), generate_uid(), 1, src=MR)
+    order = [a[0], b[0], a[3], a[1], b[3], b[1], mr[0], a[5], a[2], b[2], a[4]]  # as the modalities send
+    server = make_server("--workers", "2", "--config", str(conf), STOWAGE_BIND=HOST)
+    for f in order:
+        storescu(server.port, [f])
+    wait_for(lambda: queue_counts(server.data_dir).get("ORTHANC", [0])[0] == 10 and "ORTHANC unreachable"
+             in server.log(), 30, lambda: f"entries not pending for the stopped Orthanc:\n{server.log()}")
+
+    restart(orthanc)
+    wait_for(lambda: len(orthanc.rest("GET", "/instances")) == 10, 60,
+             lambda: f"Orthanc did not get the 10 CT:\n{server.log()}")
+    arrived = orthanc_arrivals(orthanc)
+    assert {uid for _s, uid in arrived} == uids(a + b)  # and not the MR
+    sent = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in order if f != mr[0]]
+    study_of = {uid: study for study, uid in arrived}
+    for study in set(study_of.values()):
+        assert [u for _s, u in arrived if _s == study] == [u for u in sent if study_of[u] == study]
+    wait_for(lambda: commit_counts(server.data_dir).get("ORTHANC") == [0, 10, 0], 90,
+             lambda: f"not committed:\n{stowage('queue', '--data-dir', str(server.data_dir)).stdout}\n{server.log()}")
+    assert queue_counts(server.data_dir)["ORTHANC"] == [0, 10, 0, 0]
+
+
+def test_deidentified_forwarding_to_stowage_committed_and_quarantine_parked(make_server, tmp_path):
+    """A rule with deidentify = "TRIAL" sends a second archive de-identified copies only (new
+    UIDs, no patient name); their commitment comes back on the same association; an instance
+    with burned-in annotation is parked with the reason and never leaves."""
+    dest = make_server("--workers", "1", data_dir=tmp_path / "dest")
+    conf = write_config(tmp_path / "f.toml", {"RESEARCH": dest.port},
+                        '[projects.TRIAL]\n[[forward]]\nto = "RESEARCH"\ndeidentify = "TRIAL"\ncommit = true\n'
+                        'quiet = 1\nlevel = "study"\n')
+    conf.write_text(conf.read_text().replace("[remotes.RESEARCH]", '[remotes.RESEARCH]\nae_title = "STOWAGE"'))
+    study = generate_uid()
+    files = series_instances(tmp_path / "s", "SECRET-ID", study, generate_uid(), 3, PatientName="SECRET^NAME")
+    burned = series_instances(tmp_path / "burned", "SECRET-ID", study, generate_uid(), 1, BurnedInAnnotation="YES")
+    source = make_server("--workers", "1", "--config", str(conf), data_dir=tmp_path / "source")
+    storescu(source.port, files + burned)
+    wait_for(lambda: queue_counts(source.data_dir).get("RESEARCH") == [0, 3, 1, 0], 60,
+             lambda: f"not 3 done and 1 parked:\n{source.log()}")
+    r = stowage("queue", "--data-dir", str(source.data_dir), "--parked")
+    parked = [line for line in r.stdout.splitlines() if line.startswith("parked ")]
+    assert len(parked) == 1 and str(pydicom.dcmread(burned[0]).SOPInstanceUID) in parked[0], r.stdout
+    assert "not de-identified under project TRIAL (quarantined): Burned In Annotation" in parked[0], r.stdout
+
+    r = export_all(dest.data_dir, tmp_path / "got")
+    assert r.returncode == 0, r.stderr
+    got = [pydicom.dcmread(p) for p in (tmp_path / "got").iterdir()]
+    assert len(got) == 3
+    originals = uids(files + burned)
+    for ds in got:
+        assert str(ds.SOPInstanceUID) not in originals and str(ds.StudyInstanceUID) != study
+        assert "SECRET" not in str(ds.get("PatientName", "")) + str(ds.get("PatientID", ""))
+        assert ds.PatientIdentityRemoved == "YES"
+    wait_for(lambda: commit_counts(source.data_dir).get("RESEARCH") == [0, 3, 0], 60,
+             lambda: f"not committed:\n{stowage('queue', '--data-dir', str(source.data_dir)).stdout}\n{source.log()}")
+
+
+def test_a_rule_naming_an_unknown_project_is_one_clear_line(tmp_path):
+    conf = write_config(tmp_path / "f.toml", {"DEST": 104}, '[[forward]]\nto = "DEST"\ndeidentify = "NOPE"\n')
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "queue", "--config", str(conf), "--data-dir",
+                        str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "forward rule 'rule-1': deidentify = 'NOPE' is not a configured [projects.NAME]" in r.stderr, r.stderr
