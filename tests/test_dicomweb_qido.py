@@ -92,9 +92,17 @@ def test_limit_offset_and_their_maximum(web):
     assert len(_uids(seen, "SOPInstanceUID")) == len(web.corpus.by_uid) == len(seen)
     r = requests.get(f"{web.base}/instances", params={"limit": "100000000"})
     assert r.status_code == 200 and len(r.json()) == 4 and "maximum of 4" in r.headers["Warning"]
-    for bad in ("-1", "ten", "99999999999999999999"):
-        r = requests.get(f"{web.base}/studies", params={"limit": bad})
-        assert r.status_code == 400 and "limit" in r.text
+    r = requests.get(f"{web.base}/instances", params={"limit": str(2**31 - 1), "offset": "2"})  # valid, clipped
+    assert r.status_code == 200 and len(r.json()) == 4 and "maximum of 4" in r.headers["Warning"]
+    for key in ("limit", "offset"):
+        for bad, words in (("-1", "whole number"), ("ten", "whole number"), ("2.5", "whole number"),
+                           ("1e3", "whole number"), ("\u00b2", "whole number"), ("", "whole number"),
+                           (str(2**31), "at most 2147483647"), ("9" * 40, "at most")):
+            r = requests.get(f"{web.base}/studies", params={key: bad})
+            assert r.status_code == 400 and key in r.text and words in r.text, (key, bad, r.text)
+        r = requests.get(f"{web.base}/studies?{key}=1&{key}=2")
+        assert r.status_code == 400 and "given 2 times" in r.text
+    assert requests.get(f"{web.base}/studies").status_code == 200  # and it keeps serving
 
 
 def test_no_match_is_204_and_bad_keys_are_400(web):

@@ -124,6 +124,9 @@ def test_bad_bodies_store_nothing(web):
     for body, ctype, status, words in cases:
         r = requests.post(f"{web.base}/studies", data=body, headers={"Content-Type": ctype})
         assert r.status_code == status and words in r.text, (ctype, r.status_code, r.text)
+    r = requests.post(f"{web.base}/studies", data=whole)  # no Content-Type at all
+    assert "Content-Type" not in r.request.headers
+    assert r.status_code == 415 and "multipart/related" in r.text, (r.status_code, r.text)
     assert not any(_held(web, d.SOPInstanceUID) for d in ds)
     assert _spool_empty(web)
 

@@ -208,6 +208,10 @@ def test_not_found_and_not_acceptable(web):
         assert r.status_code == 404 and words in r.text, (url, r.text)
     r = requests.get(f"{web.base}/studies/{study}/series/{series}/instances/{inst}/frames/0,x")
     assert r.status_code == 400
+    for trick in (f"/studies/{study}/series/..%2F..%2Fetc/metadata", f"/studies/{study}/series/%2e%2e/metadata",
+                  f"/studies/{study}/series/{series}/instances/1.2.3%00.4", "/studies/1.2.3%2Fa"):
+        r = requests.get(web.base + trick)
+        assert r.status_code in (400, 404) and ("not a valid UID" in r.text or "no such" in r.text), (trick, r.text)
     r = requests.get(f"{web.base}/studies/{study}/series/{series}/instances/{inst}/frames/1",
                      headers={"Accept": 'multipart/related; type="image/jls"'})
     assert r.status_code == 406 and "transfer-syntax=*" in r.text

@@ -120,12 +120,22 @@ def _put(ds: Dataset, tags: list[int], value: Any) -> None:
     _put(ds[tag].value[0], tags[1:], value)
 
 
+_INT_MAX = 2**31 - 1  # PS3.18 has limit and offset as unsigned integers; past this is no count anyone means
+
+
 def _number(query: web.MultiDictProxy, key: str, default: int) -> int:
-    text = query.get(key)
-    if text is None:
+    """A whole-number parameter: refused (400) when given twice, when not ASCII digits
+    (negative, a fraction, an exponent, '²'), or past 2**31 - 1."""
+    given = query.getall(key, [])
+    if not given:
         return default
-    if not text.isdigit() or len(text) > 12:
+    if len(given) > 1:
+        raise refusal(400, f"{key} is given {len(given)} times: give it once")
+    text = given[0]
+    if not (text.isascii() and text.isdigit()):
         raise refusal(400, f"{key}={text[:32]!r}: must be a whole number >= 0")
+    if len(text) > 10 or int(text) > _INT_MAX:
+        raise refusal(400, f"{key}={text[:32]!r}: must be at most {_INT_MAX}")
     return int(text)
 
 
