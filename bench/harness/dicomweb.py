@@ -1,8 +1,14 @@
 """stowage's DICOMweb against Orthanc's DICOMweb plugin, on the same corpus, in one run:
-STOW-RS ingest (and stowage's own C-STORE rate beside it), WADO-RS retrieval of each series
-as stored, and series metadata (first and repeated), each with the target's CPU.
+STOW-RS ingest (and stowage's own C-STORE rate beside it), series metadata (first time,
+from a cold page cache, and asked again), WADO-RS retrieval of each series as stored (cold,
+then warm), and with --qido N QIDO-RS latency at N instances (the query benchmark's corpus,
+bench/harness/query_corpus.py, sent to both with storescu), each with the target's CPU per
+request and per MB.
 
-    python -m stowage.bench.harness.dicomweb --count 500 -k 4 --batch 10
+    python -m stowage.bench.harness.dicomweb --count 500 -k 4 --batch 10 --qido 100000
+
+"Cold": every file of the receiver's data directory dropped from the page cache first
+(sync, then posix_fadvise DONTNEED), so the request reads the disk as after a restart.
 
 Each receiver is started fresh on an empty data directory; every run stores a corpus of its
 own (new UIDs), so nothing is a duplicate. Orthanc runs with its default storage (fsync on).
@@ -10,37 +16,132 @@ own (new UIDs), so nothing is a duplicate. Orthanc runs with its default storage
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
+import os
+import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from stowage.bench.command import CorpusSpec
-from stowage.bench.dicomweb import WebTarget, run_stow, run_wado
+from stowage.bench.dicomweb import WebTarget, run_stow, run_wado, series_of
 from stowage.bench.harness.orthanc import Orthanc
 from stowage.bench.loadgen import Target, load_corpus, run
-from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree
+from stowage.bench.procs import TreeMonitor, find_dcmtk, free_port, serve_stowage, stop_tree
 
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
-def _row(name: str, r) -> dict:
+def _row(name: str, r, requests: int) -> dict:
     cpu = r.target_cpu_s
     moved = r.mb_per_s * r.wall_s
     return {"what": name, "inst_per_s": r.inst_per_s, "mb_per_s": r.mb_per_s, "p50_ms": r.latency_ms.get("p50"),
+            "cpu_ms_per_request": round(cpu / requests * 1e3, 2) if cpu and requests else None,
             "cpu_ms_per_instance": round(cpu / r.completed * 1e3, 3) if cpu and r.completed else None,
             "cpu_s_per_mb": round(cpu / moved, 4) if cpu and moved else None, "failed": r.failed}
 
 
-def _measure(target: WebTarget, pid: int, corpora: list, k: int, batch: int) -> list[dict]:
+def evict(root: Path) -> None:
+    """Drop every file under `root` from the page cache (written back first)."""
+    os.sync()
+    for path in root.rglob("*"):
+        try:
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        except OSError:
+            pass
+
+
+def _measure(target: WebTarget, pid: int, corpora: list, k: int, batch: int, data: Path) -> list[dict]:
     rows = []
     for n, items in enumerate(corpora):
-        rows.append(_row(f"STOW-RS run {n + 1}", run_stow(target, items, k, batch, pid)))
-    for what in ("retrieve", "metadata", "metadata"):
-        rows.append(_row(f"WADO-RS {what}", run_wado(target, corpora[0], 1, what, pid)))
+        r = run_stow(target, items, k, batch, pid)
+        rows.append(_row(f"STOW-RS run {n + 1}", r, -(-len(items) // batch)))
+    series = len(series_of(corpora[0]))
+    for what, label, cold in (("metadata", "series metadata, first (cold)", True),
+                              ("metadata", "series metadata, again", False),
+                              ("retrieve", "WADO-RS retrieve (cold)", True),
+                              ("retrieve", "WADO-RS retrieve (warm)", False)):
+        if cold:
+            evict(data)
+        rows.append(_row(label, run_wado(target, corpora[0], 1, what, pid), series))
     return rows
+
+
+# --- QIDO-RS at 10^5 instances ----------------------------------------------------------------
+
+QIDO_KINDS = ("patient_id", "name_sm", "month", "uid_list", "series")
+
+
+def qido_request(kind: str, patients: int, rng: random.Random) -> str:
+    """The path and query of one QIDO-RS request of `kind` (the C-FIND benchmark's five)."""
+    from stowage.bench.harness import query_corpus as qc
+    p = rng.randrange(patients)
+    if kind == "patient_id":
+        return f"/studies?PatientID=PID{p:07d}"
+    if kind == "name_sm":
+        return "/studies?PatientName=SM*"
+    if kind == "month":
+        y, m = rng.randrange(2015, 2025), rng.randrange(1, 13)
+        return f"/studies?StudyDate={y}{m:02d}01-{y}{m:02d}{calendar.monthrange(y, m)[1]:02d}"
+    if kind == "uid_list":
+        picks = set()
+        while len(picks) < min(50, patients * qc.STUDIES_PER_PATIENT):
+            picks.add((rng.randrange(patients), rng.randrange(qc.STUDIES_PER_PATIENT)))
+        return "/studies?StudyInstanceUID=" + ",".join(qc.uid("study", a, b) for a, b in sorted(picks))
+    s, r = rng.randrange(qc.STUDIES_PER_PATIENT), rng.randrange(qc.SERIES_PER_STUDY)
+    return f"/studies/{qc.uid('study', p, s)}/series/{qc.uid('series', p, s, r)}/instances"
+
+
+def time_qido(target: WebTarget, pid: int, patients: int, repeat: int) -> list[dict]:
+    """p50/p90 round trip of each kind on one kept-alive connection (5 warm-up requests
+    first), the matches per answer and the receiver's CPU per request."""
+    out = []
+    conn = target.connection()
+    try:
+        for kind in QIDO_KINDS:
+            rng = random.Random(f"1-{kind}")
+            times, matches, failed = [], [], 0
+            for _ in range(5):
+                conn.request("GET", target.path(qido_request(kind, patients, rng)),
+                             headers=target.headers(Accept="application/dicom+json"))
+                conn.getresponse().read()
+            monitor = TreeMonitor(pid)
+            cpu0 = monitor.sample()
+            monitor.start()
+            for _ in range(repeat):
+                path = target.path(qido_request(kind, patients, rng))
+                t0 = time.perf_counter()
+                conn.request("GET", path, headers=target.headers(Accept="application/dicom+json"))
+                resp = conn.getresponse()
+                body = resp.read()
+                times.append((time.perf_counter() - t0) * 1e3)
+                if resp.status not in (200, 204):
+                    failed += 1
+                matches.append(len(json.loads(body)) if resp.status == 200 else 0)
+            monitor.stop()
+            times.sort()
+            out.append({"what": f"QIDO-RS {kind}", "p50_ms": round(statistics.median(times), 2),
+                        "p90_ms": round(times[int(len(times) * 0.9)], 2), "matches": round(statistics.mean(matches), 1),
+                        "cpu_ms_per_request": round((monitor.cpu - cpu0) / repeat * 1e3, 2), "failed": failed})
+    finally:
+        conn.close()
+    return out
+
+
+def _load_qido(port: int, aet: str, files: list[Path]) -> float:
+    from stowage.bench.harness.find import store_files
+    took = store_files(port, aet, files)
+    time.sleep(5)  # the last tails seal (stowage), the index settles (Orthanc)
+    return took
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,44 +151,81 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", type=int, default=4, help="concurrent HTTP clients (and DICOM associations)")
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--qido", type=int, default=0, help="instances to load for the QIDO-RS latency (0: none)")
+    ap.add_argument("--repeat", type=int, default=30, help="timed QIDO-RS requests per query kind")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if not Path(PLUGIN).exists():
         print("needs Orthanc and its DICOMweb plugin: apt-get install orthanc orthanc-dicomweb", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="stowage-dicomweb-bench-"))
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    loads = {}
     try:
         corpora = []
         for n in range(args.runs + 1):  # one more: stowage's C-STORE run
             spec = CorpusSpec([args.kind], ["explicit"], args.count, 1, 1, 1, None, seed=100 + n)
             corpora.append(load_corpus(spec.generate(work / f"corpus{n}", lambda m: None)))
+        qido_files, patients = [], 0
+        if args.qido:
+            from stowage.bench.harness import query_corpus as qc
+            patients = max(1, args.qido // qc.PER_PATIENT)
+            say(f"writing {patients * qc.PER_PATIENT} files for QIDO-RS")
+            qido_files = qc.write_files(patients, work / "qido")
         results = {}
         port, http_port = free_port(), free_port()
         server = serve_stowage(work / "stowage", port, find_dcmtk("echoscu"), "--http-port", str(http_port))
         try:
             time.sleep(2)  # the HTTP processes start after the workers answer
-            results["stowage"] = _measure(WebTarget(f"http://127.0.0.1:{http_port}/dicom-web"), server.pid,
-                                          corpora[:args.runs], args.k, args.batch)
+            target = WebTarget(f"http://127.0.0.1:{http_port}/dicom-web")
+            say("stowage: STOW-RS, metadata, WADO-RS")
+            results["stowage"] = _measure(target, server.pid, corpora[:args.runs], args.k, args.batch,
+                                          work / "stowage")
             c_store = run(Target("127.0.0.1", port, "STOWAGE"), corpora[-1], args.k, pid=server.pid, progress=False)
-            results["stowage"].append(_row("C-STORE (same archive)", c_store))
+            results["stowage"].append(_row("C-STORE (same archive)", c_store, c_store.completed))
+            if qido_files:
+                say("stowage: loading the QIDO-RS corpus")
+                loads["stowage"] = round(_load_qido(port, "STOWAGE", qido_files), 1)
+                results["stowage"] += time_qido(target, server.pid, patients, args.repeat)
         finally:
             stop_tree(server, None)
-        orthanc = Orthanc(work / "orthanc", {}, Plugins=[PLUGIN], DicomWeb={"Enable": True, "Root": "/dicom-web/"})
+        orthanc = Orthanc(work / "orthanc", {"bench": ("BENCHSCU", "127.0.0.1", 1)}, nodelay=True, timeout=120,
+                          Plugins=[PLUGIN], DicomWeb={"Enable": True, "Root": "/dicom-web/"},
+                          DicomCheckCalledAet=False, DicomAlwaysAllowStore=True, DicomThreadsCount=4, SaveJobs=False)
         try:
-            results["orthanc"] = _measure(WebTarget(f"http://127.0.0.1:{orthanc.http_port}/dicom-web"),
-                                          orthanc.proc.pid, corpora[:args.runs], args.k, args.batch)
+            target = WebTarget(f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
+            say("Orthanc: STOW-RS, metadata, WADO-RS")
+            results["orthanc"] = _measure(target, orthanc.proc.pid, corpora[:args.runs], args.k, args.batch,
+                                          work / "orthanc")
+            if qido_files:
+                say("Orthanc: loading the QIDO-RS corpus")
+                loads["orthanc"] = round(_load_qido(orthanc.dicom_port, "ORTHANC", qido_files), 1)
+                results["orthanc"] += time_qido(target, orthanc.proc.pid, patients, args.repeat)
         finally:
             orthanc.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{args.count} {args.kind} instances per corpus, {args.k} clients, {args.batch} instances per STOW-RS request")
-    print(f"{'what':26} {'receiver':9} {'inst/s':>8} {'MB/s':>7} {'p50 ms':>8} {'CPU ms/inst':>11} {'CPU s/MB':>9}")
+    print(f"{args.count} {args.kind} instances per corpus, {args.k} clients, {args.batch} instances per STOW-RS "
+          f"request; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'what':32} {'receiver':9} {'inst/s':>8} {'MB/s':>7} {'p50 ms':>8} {'CPU ms/req':>10} "
+          f"{'CPU ms/inst':>11} {'CPU s/MB':>9}")
     for name, rows in results.items():
         for r in rows:
-            print(f"{r['what']:26} {name:9} {r['inst_per_s']:8.1f} {r['mb_per_s']:7.1f} {r['p50_ms'] or 0:8.1f} "
-                  f"{r['cpu_ms_per_instance'] or 0:11.2f} {r['cpu_s_per_mb'] or 0:9.4f}")
+            if r["what"].startswith("QIDO"):
+                continue
+            print(f"{r['what']:32} {name:9} {r['inst_per_s']:8.1f} {r['mb_per_s']:7.1f} {r['p50_ms'] or 0:8.1f} "
+                  f"{r['cpu_ms_per_request'] or 0:10.2f} {r['cpu_ms_per_instance'] or 0:11.2f} "
+                  f"{r['cpu_s_per_mb'] or 0:9.4f}")
+    if args.qido:
+        print(f"QIDO-RS at {args.qido} instances (loaded with storescu in {loads}), {args.repeat} requests each")
+        print(f"{'query':22} {'receiver':9} {'p50 ms':>8} {'p90 ms':>8} {'matches':>8} {'CPU ms/req':>10}")
+        for name, rows in results.items():
+            for r in rows:
+                if r["what"].startswith("QIDO"):
+                    print(f"{r['what']:22} {name:9} {r['p50_ms']:8.1f} {r['p90_ms']:8.1f} {r['matches']:8.1f} "
+                          f"{r['cpu_ms_per_request']:10.2f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"results": results, "qido_loads_s": loads}, indent=1))
     return 0
 
 
