@@ -50,7 +50,7 @@ VERIFICATION, CT_STORAGE = "1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.2"
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 CONTEXTS = ((1, VERIFICATION), (3, CT_STORAGE), (5, STUDY_FIND))
-KINDS = ("assoc", "echo", "store", "find", "import", "http")
+KINDS = ("assoc", "sequence", "echo", "store", "find", "import", "http")
 # Native thread pools (DuckDB's, Arrow's) grow on demand up to a bound: a soak of 18,000
 # cases saw a worker go from 31 to 36 OS threads with the same 5 Python threads (py-spy).
 # A thread leaked per association or per request passes this slack within minutes.
@@ -217,6 +217,60 @@ def _read_some(sock: socket.socket, timeout: float = _REPLY_S) -> bytes:
     return got
 
 
+def _complete(sent: bytes) -> bool:
+    """Whether `sent` is whole PDUs ending in a P-DATA whose last PDV is the last fragment of
+    a command or data set, so that the server has a message to answer; else it waits for more."""
+    pos, last = 0, None
+    while pos < len(sent):
+        if pos + 6 > len(sent):
+            return False
+        end = pos + 6 + struct.unpack_from(">I", sent, pos + 2)[0]
+        if end > len(sent):
+            return False
+        last, pos = sent[pos:end], end
+    return last is not None and last[0] == 4 and _last_control(last) & 2 == 2
+
+
+def _last_control(pdu: bytes) -> int:
+    """The message control header of the last PDV in a P-DATA-TF PDU (0 if it has none)."""
+    pos, control = 6, 0
+    while pos + 6 <= len(pdu):
+        n = struct.unpack_from(">I", pdu, pos)[0]
+        if n < 2 or pos + 4 + n > len(pdu):
+            return 0
+        control, pos = pdu[pos + 5], pos + 4 + n
+    return control
+
+
+def _read_all(sock: socket.socket, timeout: float = _REPLY_S) -> bytes:
+    """What the server sends until it closes (or `timeout` of silence)."""
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while len(got) < 1 << 20:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+    except OSError:
+        pass
+    return got
+
+
+def _outcomes(reply: bytes) -> str:
+    """The PDU types of a reply in order, repeats folded: `accepted answered aborted`."""
+    seen: list[str] = []
+    pos = 0
+    while pos + 6 <= len(reply):
+        name = _outcome(reply[pos:])
+        if not seen or seen[-1] != name:
+            seen.append(name)
+        pos += 6 + struct.unpack_from(">I", reply, pos + 2)[0]
+    if pos != len(reply):
+        seen.append("garbage")
+    return " ".join(seen) or "closed"
+
+
 def _outcome(reply: bytes) -> str:
     return {1: "rq?", 2: "accepted", 3: "rejected", 4: "answered", 5: "release-rq", 6: "released",
             7: "aborted"}.get(reply[0], "garbage") if reply else "closed"
@@ -247,6 +301,8 @@ class Case:
             try:
                 for m in messages:
                     s.sendall(m)
+                if not _complete(b"".join(messages)):  # the server would wait for the rest until its
+                    s.shutdown(socket.SHUT_WR)         # network timeout: say nothing more comes
             except OSError:
                 return "closed while sending"
             reply = _read_some(s)
@@ -279,6 +335,37 @@ class Case:
         cmd = command(0x0001, CT_STORAGE, 7, True, _element(0, 0x1000, _pad(uid)))
         data = dataset_for_store(base, uid, self.rng)
         return self._on_association([pdata(3, 3, cmd), pdata(3, 2, data)])
+
+    def sequence(self, base: bytes) -> str:
+        """1-6 PDUs, each whole and valid on its own, in an order the association state machine
+        (PS3.8 9.2) may not expect: P-DATA or a release before the A-ASSOCIATE-RQ, a second
+        request, a release answered by a release, a data set without its command, an A-ASSOCIATE-AC
+        or -RJ sent to the acceptor, PDU types that do not exist. The server must end each in an
+        A-ABORT or a close, never a traceback."""
+        rng, uid = self.rng, f"2.25.{self.rng.getrandbits(100)}"
+        store_cmd = command(0x0001, CT_STORAGE, 3, True, _element(0, 0x1000, _pad(uid)))
+        pdus = {"rq": self.rq, "ac": b"\x02" + self.rq[1:], "rj": bytes.fromhex("03000000000400010101"),
+                "echo": pdata(1, 3, command(0x0030, VERIFICATION, 1, False)),
+                "store": pdata(3, 3, store_cmd), "data": pdata(3, 2, dataset_for_store(base, uid, rng)),
+                "first-fragment": pdata(3, 1, store_cmd[:20]), "wrong-context": pdata(7, 3, store_cmd),
+                "release-rq": bytes.fromhex("05000000000400000000"), "release-rp": bytes.fromhex("06000000000400000000"),
+                "abort": bytes.fromhex("07000000000400000000"),
+                "unknown": bytes([rng.choice([0, 8, 9, 0x7F, 0xFF]), 0]) + struct.pack(">I", 4) + bytes(4)}
+        names = [rng.choice(list(pdus)) for _ in range(rng.randint(1, 6))]
+        if rng.random() < 0.6:
+            names[0] = "rq"  # mostly on an association, so the later PDUs reach the accepted state
+        with self._connect() as s:
+            first = b""
+            try:
+                if names[0] == "rq":  # a P-DATA before the A-ASSOCIATE-AC is an abort (Sta3, AA-8):
+                    s.sendall(self.rq)  # wait for the answer, as a requestor does
+                    first, names = _read_some(s), names[1:]
+                for name in names:
+                    s.sendall(pdus[name])
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                return _outcomes(first) + " closed while sending"
+            return _outcomes(first + _read_all(s))
 
     def find(self) -> str:
         cmd = command(0x0020, STUDY_FIND, 9, True, _element(0, 0x0700, struct.pack("<H", 0)))
@@ -442,7 +529,7 @@ def check(archive: Archive, report: Report, baseline: dict, final: bool = False)
 
 
 def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 500, import_every: int = 100,
-        parallel: int = 4, weights: tuple[int, ...] = (30, 15, 30, 15, 10, 20)) -> Report:
+        parallel: int = 4, progress: bool = False, weights: tuple[int, ...] = (25, 15, 15, 25, 15, 10, 20)) -> Report:
     """`cases` cases in rounds of `check_every` (each round on `parallel` threads, then the
     damaged files of the round imported once `import_every` have gathered, then the
     invariants checked). Case i draws from its own random.Random(f"{seed}-{i}"), so a case
@@ -472,7 +559,7 @@ def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 
         case = Case(archive.port, rng, rq)
         try:
             return kind, case.assoc() if kind == "assoc" else case.echo() if kind == "echo" else \
-                case.store(base) if kind == "store" else case.find()
+                case.store(base) if kind == "store" else case.sequence(base) if kind == "sequence" else case.find()
         except OSError as e:
             return kind, f"connect failed: {e.strerror or e}"
 
@@ -495,6 +582,8 @@ def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 
                     _import_batch(archive, batch, _good_copy(batch, ct), report)
                     pending = 0
                 check(archive, report, baseline, final=start + check_every >= cases)
+                if progress:
+                    _progress(report, archive, min(cases, start + check_every), time.monotonic() - started)
                 if report.violations:
                     break
     finally:
@@ -507,6 +596,15 @@ def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 
         report.violations.append(f"stowage verify: {(r.stdout + r.stderr)[-2000:]}")
     report.seconds = time.monotonic() - started
     return report
+
+
+def _progress(report: Report, archive: Archive, done: int, seconds: float) -> None:
+    """One line on stderr per check: cases so far, their rate, each process's descriptors,
+    threads and resident memory (what a soak's report quotes)."""
+    usage = " ".join(f"{pid}:{u['fds']}fd/{u['threads']}th/{u['rss'] >> 20}MiB"
+                     for pid, u in sorted(archive.usage().items()))
+    print(f"{done} cases {seconds:.0f} s ({done / max(seconds, 1):.0f}/s) checks {report.checks} "
+          f"violations {len(report.violations)} | {usage}", file=sys.stderr, flush=True)
 
 
 def _good_copy(folder: Path, part10: bytes) -> Path:
@@ -531,16 +629,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--parallel", type=int, default=4, help="cases run at once")
+    ap.add_argument("--parallel", type=int, default=6, help="cases run at once")
     ap.add_argument("--check-every", type=int, default=500)
     ap.add_argument("--import-every", type=int, default=100, help="damaged files per `stowage import` run")
     ap.add_argument("--work", type=Path, help="where the archive and files go (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--progress", action="store_true", help="a line on stderr at every check")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="stowage-fuzz-"))
     work.mkdir(parents=True, exist_ok=True)
-    report = run(args.cases, args.seed, work, args.workers, args.check_every, args.import_every, args.parallel)
+    report = run(args.cases, args.seed, work, args.workers, args.check_every, args.import_every, args.parallel,
+                 args.progress)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
     else:

@@ -92,14 +92,34 @@ def request(rng: random.Random, part10: bytes) -> bytes:
 def case(port: int, rng: random.Random, part10: bytes) -> str:
     """Send one fuzzed request; the outcome as `status NNN`, or how the connection ended."""
     with socket.create_connection((HOST, port), timeout=10) as s:
-        try:  # no half-close: aiohttp takes it for a client gone and answers nothing
-            s.sendall(request(rng, part10))
+        req = request(rng, part10)
+        try:  # no half-close: aiohttp takes it for a client gone and answers nothing...
+            s.sendall(req)
+            if _waits_for_more(req):  # ...which is all it could do here, after waiting for bytes that never come
+                s.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         reply = _read_some(s)
     if reply.startswith(b"HTTP/1.") and len(reply) >= 12:
         return f"status {reply[9:12].decode('ascii', 'replace')}"
     return "closed without an answer" if not reply else "answered, not HTTP"
+
+
+def _waits_for_more(req: bytes) -> bool:
+    """Whether a server would wait for more of `req`: a Content-Length beyond the body sent,
+    or a chunked body (which the fuzzer never ends properly). A head without its end may be
+    answered 400 on what it has, so that one is waited for."""
+    head, sep, body = req.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    lines = head.lower().split(b"\r\n")
+    if b"transfer-encoding: chunked" in lines:
+        return True
+    for line in lines:
+        if line.startswith(b"content-length:"):
+            value = line.split(b":", 1)[1].strip()
+            return value.isdigit() and int(value) > len(body)
+    return False
 
 
 def answers(port: int) -> bool:
