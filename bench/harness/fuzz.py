@@ -129,16 +129,21 @@ _CHARSETS = [b"ISO_IR 100", b"ISO_IR 192", b"ISO 2022 IR 87", b"GB18030", b"\\IS
              b"ISO_IR 6\\ISO_IR 999", b"\xff\xfe"]
 
 
-def dataset_for_store(base: bytes, sop_instance: str, rng: random.Random) -> bytes:
-    """A C-STORE data set: the base CT (explicit VR little endian) with its SOP Instance UID
-    replaced, and one structural damage: a lying or undefined length, a deep sequence, a
-    bad VR, a character set and a name in another one, or byte-level mutation."""
-    uid = _pad(sop_instance)
+def with_uid(base: bytes, sop_instance: str) -> bytes:
+    """The data set (explicit VR little endian) with its SOP Instance UID replaced."""
     ds = bytearray(base)
     pos = ds.find(b"\x08\x00\x18\x00UI")
     if pos >= 0:
         (n,) = struct.unpack_from("<H", ds, pos + 6)
-        ds[pos:pos + 8 + n] = _explicit(0x0008, 0x0018, b"UI", uid)
+        ds[pos:pos + 8 + n] = _explicit(0x0008, 0x0018, b"UI", _pad(sop_instance))
+    return bytes(ds)
+
+
+def dataset_for_store(base: bytes, sop_instance: str, rng: random.Random) -> bytes:
+    """A C-STORE data set: the base CT (explicit VR little endian) with its SOP Instance UID
+    replaced, and one structural damage: a lying or undefined length, a deep sequence, a
+    bad VR, a character set and a name in another one, or byte-level mutation."""
+    ds = bytearray(with_uid(base, sop_instance))
     choice = rng.randrange(7)
     head = _explicit(0x0008, 0x0005, b"CS", _pad(rng.choice(_CHARSETS).decode("latin-1"), b" ").ljust(2))
     if choice == 0:  # lying length on a top-level element
@@ -502,14 +507,8 @@ def check(archive: Archive, report: Report, baseline: dict, final: bool = False)
     # idle again: file descriptors and threads come back near where they started (an
     # association a case left half-sent ends by network_timeout, 60 s, at the latest)
     deadline = time.monotonic() + 75
-    if report.checks == 1:  # the HTTP processes' pools (8 request threads, DuckDB's, Arrow's) start
-        for pid in archive.http_pids:  # empty and fill on first use: their baseline is after round one
-            baseline.pop(pid, None)
     while True:
         usage = archive.usage()
-        for pid in archive.http_pids - set(baseline):
-            if pid in usage:
-                baseline[pid] = usage[pid]
         grown = [f"worker {pid}: {k} {baseline[pid][k]} -> {u[k]}" for pid, u in usage.items() if pid in baseline
                  for k, slack in (("fds", 8), ("threads", _THREAD_SLACK)) if u[k] > baseline[pid][k] + slack]
         if not grown or time.monotonic() > deadline:
@@ -526,6 +525,55 @@ def check(archive: Archive, report: Report, baseline: dict, final: bool = False)
                                      f"{u['rss'] >> 20} MiB")
     if final:
         report.workers = {str(pid): {"start": baseline.get(pid), "end": u} for pid, u in usage.items()}
+
+
+def warm_up(archive: Archive, part10: bytes, rq: bytes, rounds: int = 12) -> dict[int, dict[str, int]]:
+    """Every path the cases reach, taken right, until every worker and HTTP process has served
+    some: C-STORE, C-FIND, STOW-RS, QIDO-RS at each level, WADO-RS (instance, metadata, frames,
+    rendered, thumbnail), WADO-URI. Their thread pools (the HTTP request pool, DuckDB's and
+    Arrow's native ones) start empty and fill on first use, up to a bound; the usage returned,
+    the baseline of the invariants, is after that, so growth past it is a leak."""
+    http_start = {pid: u["threads"] for pid, u in archive.usage().items() if pid in archive.http_pids}
+    ds = pydicom.dcmread(BytesIO(part10))
+    study, series = ds.StudyInstanceUID, ds.SeriesInstanceUID
+
+    def dimse(i: int) -> None:
+        case = Case(archive.port, random.Random(i), rq)
+        uid = f"2.25.{case.rng.getrandbits(100)}"
+        data = with_uid(part10[damage.meta_end(part10):], uid)
+        case._on_association([pdata(3, 3, command(0x0001, CT_STORAGE, 7, True, _element(0, 0x1000, _pad(uid)))),
+                              pdata(3, 2, data)])
+        case._on_association([pdata(5, 3, command(0x0020, STUDY_FIND, 9, True, _element(0, 0x0700, bytes(2)))),
+                              pdata(5, 2, _element(0x0008, 0x0052, b"STUDY ") + _element(0x0010, 0x0010, b"* "))])
+
+    def http(i: int) -> None:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop = f"2.25.{random.Random(i).getrandbits(100)}"
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        body = (b"--w\r\nContent-Type: application/dicom\r\n\r\n" + out.getvalue() + b"\r\n--w--\r\n")
+        instance = f"{fuzz_http.BASE}/studies/{study}/series/{series}/instances/{sop}"
+        fuzz_http.exchange(archive.http_port, "POST", f"{fuzz_http.BASE}/studies",
+                           f'Content-Type: multipart/related; type="application/dicom"; boundary=w', body)
+        for target, accept in [(f"{fuzz_http.BASE}/studies?PatientName=*", "application/dicom+json"),
+                               (f"{fuzz_http.BASE}/series?limit=5", "application/dicom+json"),
+                               (f"{fuzz_http.BASE}/instances?includefield=all", "application/dicom+json"),
+                               (f"{fuzz_http.BASE}/studies/{study}/metadata", "application/dicom+json"),
+                               (instance, 'multipart/related; type="application/dicom"; transfer-syntax=*'),
+                               (f"{instance}/frames/1", 'multipart/related; type="application/octet-stream"'),
+                               (f"{instance}/rendered", "image/jpeg"),
+                               (f"{fuzz_http.BASE}/studies/{study}/series/{series}/thumbnail", "image/png"),
+                               (f"/wado?requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={sop}",
+                                "application/dicom")]:
+            fuzz_http.exchange(archive.http_port, "GET", target, f"Accept: {accept}")
+
+    with ThreadPoolExecutor(8) as pool:
+        for r in range(rounds):  # at once, so that each process gets some
+            list(pool.map(lambda i: (dimse(i), http(i)), range(r * 8, r * 8 + 8)))
+            usage = archive.usage()
+            if r >= 2 and all(usage.get(pid, {}).get("threads", 0) > n for pid, n in http_start.items()):
+                break
+    time.sleep(1.0)  # the last associations' threads end
+    return archive.usage()
 
 
 def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 500, import_every: int = 100,
@@ -564,8 +612,7 @@ def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 
             return kind, f"connect failed: {e.strerror or e}"
 
     try:
-        time.sleep(1.0)  # let the workers finish starting their threads before the baseline
-        baseline = archive.usage()
+        baseline = warm_up(archive, ct, rq)
         for kind, messages in regressions(rq):
             report.outcomes[f"regression {kind}: {Case(archive.port, random.Random(seed), rq).replay(kind, messages)}"] += 1
         pending = 0

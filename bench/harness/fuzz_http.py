@@ -122,6 +122,15 @@ def _waits_for_more(req: bytes) -> bool:
     return False
 
 
+def exchange(port: int, method: str, target: str, header: str, body: bytes = b"") -> bytes:
+    """One well-formed request (`header` one extra header line); the start of the answer."""
+    head = (f"{method} {target} HTTP/1.1\r\nHost: {HOST}\r\n{header}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n")
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(head.encode() + body)
+        return _read_some(s, 10)
+
+
 def answers(port: int) -> bool:
     """Whether a plain QIDO-RS is answered (200, or 204 on an empty archive)."""
     try:
