@@ -29,6 +29,9 @@ class Manifest:
     duplicates: str = ""    # Parquet file of the records of duplicated UIDs (catalog.versions_table)
     # Segments a compaction replaced (engine.lifecycle.compaction) -> retired at; unlinked after a grace
     retired_segments: dict[str, float] = field(default_factory=dict)
+    # Files sealed from fresh rows and not yet committed to the Iceberg instances table
+    # (engine/iceberg); None: no Iceberg publication. Kept on disk until published.
+    outbox: list[str] | None = None
 
     def sealed_upto(self, segment: str) -> int:
         return self.watermarks.get(segment, 0)
@@ -41,7 +44,8 @@ def load(directory: Path) -> Manifest:
     except FileNotFoundError:
         return Manifest()
     return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"],
-                    d.get("uid_filter", ""), d.get("duplicates", ""), d.get("retired_segments", {}))
+                    d.get("uid_filter", ""), d.get("duplicates", ""), d.get("retired_segments", {}),
+                    d.get("outbox"))
 
 
 def _store(directory: Path, m: Manifest) -> None:
@@ -49,7 +53,8 @@ def _store(directory: Path, m: Manifest) -> None:
     with open(tmp, "w") as f:
         json.dump({"files": m.files, "watermarks": m.watermarks, "retired": m.retired,
                    "generation": m.generation, "uid_filter": m.uid_filter, "duplicates": m.duplicates,
-                   "retired_segments": m.retired_segments}, f)
+                   "retired_segments": m.retired_segments,
+                   **({"outbox": m.outbox} if m.outbox is not None else {})}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / MANIFEST)
@@ -85,8 +90,9 @@ def update(directory: Path) -> Iterator[Manifest]:
 
 def _purge_retired(directory: Path, m: Manifest) -> None:
     now = time.time()
+    waiting = set(m.outbox or ())  # not yet copied to the Iceberg warehouse: kept until it is
     for name, at in list(m.retired.items()):
-        if now - at > RETIRE_GRACE_S:
+        if now - at > RETIRE_GRACE_S and name not in waiting:
             (directory / name).unlink(missing_ok=True)
             if name.endswith(".parquet"):  # and its study summary (catalog.studies)
                 (directory / (name[:-len(".parquet")] + ".studies.parquet")).unlink(missing_ok=True)

@@ -60,6 +60,8 @@ def seal_rows(directory: Path, rows: pa.Table | list[dict[str, Any]]) -> str | N
     with manifest.update(directory) as m:
         versions_table.note_sealed(directory, m, table)
         m.files[name] = table.num_rows
+        if m.outbox is not None:  # fresh rows, for the Iceberg publisher (engine/iceberg)
+            m.outbox.append(name)
         for seg, end in ends.items():
             m.watermarks[seg] = max(m.watermarks.get(seg, 0), end)
     return name

@@ -212,6 +212,28 @@ class TombstoneReader:
             return self._table
 
 
+def read_from(tombstones_dir: Path, ino: int | None, offset: int) -> tuple[pa.Table, int | None, int]:
+    """The entries (unheld ones too) after byte `offset` of the log whose inode is `ino`,
+    and the (inode, offset) to go on from: whole lines only. A log replaced since
+    (`prune`: another inode) is read from its start."""
+    path = Path(tombstones_dir) / LOG
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return SCHEMA.empty_table(), None, 0
+    try:
+        st = os.fstat(fd)
+        if st.st_ino != ino or st.st_size < offset:
+            offset = 0
+        data = os.pread(fd, st.st_size - offset, offset)
+    finally:
+        os.close(fd)
+    end = data.rfind(b"\n") + 1
+    chunks = [_table(parsed) for line in data[:end].split(b"\n")[:-1] if line
+              for parsed in [_parse(line)] if parsed is not None]
+    return (pa.concat_tables(chunks) if chunks else SCHEMA.empty_table()), st.st_ino, offset + end
+
+
 def load(data_dir: Path, with_unheld: bool = False) -> pa.Table:
     """Every tombstone that hides a record: a table of SCHEMA (sop_instance_uid,
     received_at, study_instance_uid, reason, at, actor, comment). `with_unheld` also returns the

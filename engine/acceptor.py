@@ -39,6 +39,7 @@ from stowage.engine.runtime.config import Config, ConfigError
 from stowage.engine.runtime.counts import REPORT
 from stowage.engine.store.recovery import recover
 from stowage.engine.forward.process import ForwardProcess, ForwardStartError
+from stowage.engine.iceberg.process import IcebergProcess
 from stowage.engine.lifecycle.scrub import ScrubProcess
 from stowage.engine.runtime.tls import http_context, server_context
 from stowage.engine.web.processes import HttpProcesses, HttpStartError
@@ -88,6 +89,7 @@ class Acceptor:
         self._lock_file = None
         self.scrub = ScrubProcess(config)  # the background scrub (scrub_rate), one process
         self.forward = ForwardProcess(config)  # [[forward]] rules: docs/forwarding.md
+        self.iceberg = IcebergProcess(config)  # iceberg_catalog: docs/scale-out.md
         self.http = HttpProcesses(config, self.sel, self.metrics)  # DICOMweb and the web pages (http_port)
 
     # -- start-up -----------------------------------------------------------------
@@ -160,6 +162,7 @@ class Acceptor:
             self._spawn(ws)
         self._wait_ready()
         self.scrub.start()
+        self.iceberg.start()
         try:
             self.forward.start()  # before the listeners: its cursor must precede the first store
         except (OSError, ForwardStartError) as e:
@@ -414,6 +417,7 @@ class Acceptor:
         now = time.monotonic()
         self.scrub.poll(self.draining)
         self.forward.poll(self.draining)
+        self.iceberg.poll(self.draining)
         self.http.poll(self.draining)
         for ws in self.slots:
             if ws.process is None or ws.process.poll() is None:
@@ -442,6 +446,7 @@ class Acceptor:
     def _drain(self) -> int:
         self.scrub.stop()  # it saves its position and goes on from there next time
         self.forward.stop()  # the queue is durable: it goes on from there next time
+        self.iceberg.stop()  # the outbox and the ledger are durable: likewise
         http_failed = self.http.stop()  # requests in flight finish first
         for listener in (self.listener, self.tls_listener):
             if listener is not None:

@@ -189,7 +189,7 @@ LAYERS = (
     ("stowage.workers", "stowage.engine.acceptor"),
     ("stowage.engine.metrics",),
     ("stowage.engine.web",),  # a door, like workers/: its dashboard reads what migrate and import record
-    ("stowage.engine.migrate", "stowage.engine.importer", "stowage.engine.forward"),
+    ("stowage.engine.migrate", "stowage.engine.importer", "stowage.engine.forward", "stowage.engine.iceberg"),
     ("stowage.engine.receive", "stowage.engine.transfer", "stowage.engine.lifecycle"),
     ("stowage.engine.deidentify",),
     ("stowage.engine.store",),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ QUOTA_POLICIES = ("refuse", "delete-oldest")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no controls
 # The services a peer may be allowed (docs/access.md): C-ECHO, C-STORE, C-FIND, C-MOVE,
 # C-GET, storage commitment (N-ACTION).
+_NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SERVICES = ("echo", "store", "find", "move", "get", "commitment")
 
 
@@ -150,10 +152,27 @@ class Config:
     forward: tuple[ForwardRule, ...] = ()
     forward_retry_initial: float = 5.0
     forward_retry_max: float = 600.0
+    # This node's name in a multi-node archive ("": the host name): Iceberg data files are
+    # named under it, so two nodes never write the same path (docs/scale-out.md).
+    node_name: str = ""
+    # The catalog as Iceberg tables (engine/iceberg, docs/scale-out.md): the Iceberg catalog
+    # ("": none; sqlite:///path, postgresql://user@host/db, or a REST catalog's http(s):// URL),
+    # the warehouse ("": <data_dir>/iceberg/warehouse; or s3://bucket/prefix), the namespace
+    # of the instances and deletions tables, and the seconds between publication passes.
+    iceberg_catalog: str = ""
+    iceberg_warehouse: str = ""
+    iceberg_namespace: str = "stowage"
+    iceberg_interval: float = 10.0
+    iceberg_batch_files: int = 64          # sealed catalog files per Iceberg commit at most
 
     @property
     def http_process_count(self) -> int:
         return self.http_processes or (os.cpu_count() or 1)
+
+    @property
+    def node(self) -> str:
+        """node_name, or this host's name."""
+        return self.node_name or re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "node"
 
     @property
     def worker_count(self) -> int:
@@ -210,6 +229,17 @@ class Config:
             _check_services(key, getattr(self, key))
         if not 0 < self.forward_retry_initial <= self.forward_retry_max <= 86400:
             raise ConfigError("forward_retry_initial must be > 0 and <= forward_retry_max <= 86400 seconds")
+        if self.node_name and not _NODE_NAME.match(self.node_name):
+            raise ConfigError(f"node_name: {self.node_name!r} must be 1-64 of A-Z a-z 0-9 . _ - (it names files)")
+        if (not _NODE_NAME.match(self.iceberg_namespace) or not 0 < self.iceberg_interval <= 86400
+                or not 1 <= self.iceberg_batch_files <= 10000):
+            raise ConfigError("iceberg_namespace must be 1-64 of A-Z a-z 0-9 . _ -, iceberg_interval in (0, 86400] "
+                              "seconds and iceberg_batch_files 1-10000")
+        if self.iceberg_catalog and not re.match(r"^(https?://|sqlite:///|postgresql(\+\w+)?://)", self.iceberg_catalog):
+            raise ConfigError(f"iceberg_catalog: {self.iceberg_catalog!r} is neither a REST catalog (http:// or "
+                              "https://) nor a SQL catalog (sqlite:///path or postgresql://user@host/db)")
+        if self.iceberg_warehouse and not re.match(r"^(s3|file)://", self.iceberg_warehouse):
+            raise ConfigError(f"iceberg_warehouse: {self.iceberg_warehouse!r} is not an s3:// or file:// URL")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
         return self

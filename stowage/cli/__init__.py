@@ -7,6 +7,7 @@ import click
 from stowage.cli import bench, compact, delete, echo, export, importing, migrate, query, rebuild, send, serve, verify, viewer
 from stowage.cli import deidentify, pseudonyms
 from stowage.cli import queue
+from stowage.cli import iceberg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,3 +32,4 @@ main.add_command(viewer.viewer)
 main.add_command(deidentify.deidentify)
 main.add_command(pseudonyms.pseudonyms)
 main.add_command(queue.queue)
+main.add_command(iceberg.iceberg)

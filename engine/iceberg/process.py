@@ -1,0 +1,92 @@
+"""The Iceberg publisher as a process of its own beside the workers (off the store path:
+a slow or unreachable catalog never holds up a C-STORE; sealed files simply wait in the
+outbox). Supervised by the acceptor like the scrub and forwarding: started once the
+workers are up, restarted after it dies, stopped on drain; one at a time per data
+directory (the flock of <data_dir>/iceberg/publisher.lock)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import setup_logging
+from stowage.engine.runtime.supervised import SupervisedProcess, wait_for_lock
+
+log = logging.getLogger("stowage.iceberg")
+
+LOCK = "publisher.lock"
+NICE = 10
+RESTART_AFTER_S = 10.0
+
+
+def publish_until(config: Config, stop: threading.Event) -> None:
+    """A pass every iceberg_interval seconds until `stop`; a failed pass (the catalog
+    unreachable, a commit given up) is logged and the next one tries again."""
+    from stowage.engine.iceberg.publisher import CatalogRebuilt, Publisher
+    publisher = None
+    while True:
+        try:
+            if publisher is None:
+                publisher = Publisher(config)
+                queued = publisher.start()
+                log.info("iceberg: publishing to %s (namespace %s, node %s)%s", config.iceberg_catalog,
+                         config.iceberg_namespace, config.node, f", {queued} sealed file(s) queued" if queued else "")
+            done = publisher.run_once()
+            if done.instance_files or done.deletion_rows:
+                log.info("iceberg: %d file(s) (%d row(s)) and %d deletion(s) committed in %d commit(s), "
+                         "%d conflict(s) retried", done.instance_files, done.instance_rows, done.deletion_rows,
+                         len(done.commit_seconds), done.conflicts)
+        except CatalogRebuilt as e:
+            log.error("iceberg: %s", e)
+            publisher = None
+        except Exception as e:  # noqa: BLE001 - the catalog away, the network down: try again later
+            log.error("iceberg: a publication pass failed (%s: %s); trying again in %g s", type(e).__name__, e,
+                      config.iceberg_interval)
+            publisher = None
+        if stop.wait(config.iceberg_interval):
+            return
+
+
+def main() -> None:
+    parent = int(sys.argv[1])
+    config = Config.from_dict(json.loads(os.environ["STOWAGE_ICEBERG_CONFIG"]))
+    setup_logging(config, "iceberg")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the acceptor decides when we stop
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    from stowage.engine.lifecycle.scrub import _die_with
+    _die_with(parent)
+    try:
+        os.nice(NICE)
+    except OSError:
+        pass
+    home = config.data_dir / "iceberg"
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / LOCK, "a") as lock:
+        if wait_for_lock(lock, stop, 0.5):
+            publish_until(config, stop)
+    logging.shutdown()
+
+
+class IcebergProcess(SupervisedProcess):
+    """The acceptor's handle on the publisher (none unless iceberg_catalog is set)."""
+
+    name, module, config_env, restart_after = "iceberg publisher", "stowage.engine.iceberg.process", \
+        "STOWAGE_ICEBERG_CONFIG", RESTART_AFTER_S
+
+    def start(self) -> None:
+        """Queue every file sealed from now on (and before) before the first association,
+        then start the process."""
+        if not self.config.iceberg_catalog:
+            return
+        from stowage.catalog import iceberg_outbox
+        iceberg_outbox.enable(self.config.data_dir / "catalog")
+        self.launch(f", catalog {self.config.iceberg_catalog}")
+
+
+if __name__ == "__main__":
+    main()
