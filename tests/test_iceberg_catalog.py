@@ -31,7 +31,7 @@ def _sqlite(tmp: Path) -> str:
 
 def _catalog(uri: str, **props: str):
     from pyiceberg.catalog import load_catalog
-    kind = {"type": "rest"} if uri.startswith("http") else {"type": "sql"}
+    kind = {"type": "rest", "oauth2-server-uri": f"{uri}/v1/oauth/tokens"} if uri.startswith("http") else {"type": "sql"}
     return load_catalog("stowage", uri=uri, **kind, **props)
 
 

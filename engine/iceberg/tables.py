@@ -53,7 +53,9 @@ def _s3_properties(config: Config) -> dict[str, str]:
 def catalog_properties(config: Config) -> dict[str, Any]:
     uri = config.iceberg_catalog
     if uri.startswith(("http://", "https://")):
-        props: dict[str, Any] = {"type": "rest", "uri": uri}
+        # a credential (PYICEBERG_CATALOG__STOWAGE__CREDENTIAL) is exchanged for a token at the catalog's own
+        # OAuth2 endpoint unless told otherwise
+        props: dict[str, Any] = {"type": "rest", "uri": uri, "oauth2-server-uri": uri.rstrip("/") + "/v1/oauth/tokens"}
         if config.iceberg_warehouse:
             props["warehouse"] = config.iceberg_warehouse
     elif _SQL.match(uri):
