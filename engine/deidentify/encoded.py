@@ -39,7 +39,6 @@ _VRS = {v.encode(): v for v in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", 
                                 "UL", "UN", "UR", "US", "UT", "UV")}
 _CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _MARKS = {0x00120062, 0x00120063, 0x00120064, 0x00280303}
-_LAST_MARK = max(_MARKS)
 _MARKS_CACHE: dict[tuple[int, tuple[bool, str]], tuple[Profile, list[tuple[int, bytes]]]] = {}
 # Top-level attributes read before the walk: the patient, the pixel checks, the charset.
 _WANTED = {0x00080005: "SpecificCharacterSet", 0x00100020: "PatientID", 0x00100010: "PatientName",
@@ -108,17 +107,6 @@ class _Walk:
                 return val
             pos = self.skip_undefined(val) if length == UNDEFINED else val + length
 
-    def elements(self, pos: int, end: int | None):
-        """(tag, VR, start, value offset, length, next) of each element from `pos` to `end`
-        (None: to an Item Delimitation Item, which ends the iteration)."""
-        while end is None or pos < end:
-            tag, vr, val, length = self.header(pos)
-            if end is None and tag == _ITEM_END:
-                return
-            nxt = self.skip_undefined(val) if length == UNDEFINED else val + length
-            yield tag, vr, pos, val, length, nxt
-            pos = nxt
-
     def text(self, val: int, length: int) -> str:
         return self.b[val:val + length].decode(self.codec).rstrip("\0 ").lstrip(" ")
 
@@ -160,38 +148,97 @@ class _Walk:
             pos = after
         return out
 
-    def dataset(self, pos: int, end: int | None, dummy_text: bool, scrub: bool = False) -> tuple[list[bytes], int]:
-        """The rewritten elements of one data set, and where it ended."""
-        out: list[bytes] = []
+    def dataset(self, pos: int, end: int | None, dummy_text: bool, scrub: bool = False,
+                marks: list[tuple[int, bytes]] | tuple = ()) -> tuple[list[bytes], int]:
+        """The rewritten elements of one data set, and where it ended (`end` None: at its
+        Item Delimitation Item). Elements no action changes are copied in runs, as one
+        slice each; `marks` (the top level's) go in tag order, replacing any the sender wrote.
+
+        The element headers are read inline here, as `header` reads them: this loop runs
+        for every element of every instance ingested into a project."""
+        out: list = []
         private: list[tuple[int, int, int]] = []
-        last = pos
-        for tag, vr, start, val, length, nxt in self.elements(pos, end):
-            last = nxt
-            group = tag >> 16
+        b, buf, unpack, u32 = self.b, self.buf, _HEAD.unpack_from, _U32.unpack_from
+        implicit, get_action, vrs = self.implicit, self.by_tag.get, _VRS
+        keep_private = self.p.actions.private == "C"
+        limit = len(b) if end is None else end
+        run = pos          # start of the run of elements copied as they came
+        mi, n_marks = 0, len(marks)
+        next_mark = marks[0][0] if n_marks else 0x100000000
+        while pos < limit:
+            group, elem, rest = unpack(b, pos)
+            tag = group << 16 | elem
+            if group == 0xFFFE:
+                if end is None and tag == _ITEM_END:
+                    break
+                vr, val, length = "", pos + 8, rest
+            elif implicit:
+                vr, val, length = ("SQ" if rest == UNDEFINED and tag not in _PIXELS else _vr_of(tag)), pos + 8, rest
+            else:
+                vr = vrs.get(b[pos + 4:pos + 6])
+                if vr is None:
+                    raise Fallback(f"unknown VR at offset {pos}")
+                if vr in _LONG_STR:
+                    length, val = u32(b, pos + 8)[0], pos + 12
+                    if vr == "UN" and length == UNDEFINED:
+                        raise Fallback("Explicit VR UN of undefined length (an implicit sequence inside)")
+                else:
+                    val, length = pos + 8, rest >> 16
+            nxt = self.skip_undefined(val) if length == UNDEFINED else val + length
+            if tag >= next_mark:  # the marks before this element, in tag order
+                if run < pos:
+                    out.append(buf[run:pos])
+                if private:
+                    out += self.private(private)
+                    private = []
+                while mi < n_marks and marks[mi][0] <= tag:
+                    out.append(marks[mi][1])
+                    mi += 1
+                next_mark = marks[mi][0] if mi < n_marks else 0x100000000
+                run = pos
             if group & 1:
-                if self.p.actions.private == "C":
-                    private.append((tag, start, nxt))
+                if run < pos:
+                    out.append(buf[run:pos])
+                if keep_private:
+                    private.append((tag, pos, nxt))
+                pos = run = nxt
                 continue
             if private:
                 out += self.private(private)
                 private = []
-            if 0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E:
+            action = get_action(tag)
+            if (action is None or action == "K") and vr != "SQ" and tag not in _MARKS and \
+                    not ((dummy_text and action is None or scrub) and vr in _FREE_TEXT_VRS and length) and \
+                    not (0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E):
+                pos = nxt  # unchanged: stays in the run
                 continue
-            action = self.by_tag.get(tag)
+            if run < pos:
+                out.append(buf[run:pos])
+            run = nxt
+            if tag in _MARKS and n_marks or 0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E:
+                pos = nxt
+                continue
             if tag in (_PATIENT_NAME, _PATIENT_ID) and action not in ("K", None):
                 out.append(self.string(tag, vr, self.inst.pseudonym))
+                pos = nxt
                 continue
-            chunk = self.act(tag, vr, start, val, length, nxt, action, dummy_text)
-            if chunk is None:
-                continue
-            if scrub and vr in _FREE_TEXT_VRS:
-                chunk = self.scrubbed(chunk, tag, vr)
-            out.append(chunk)
+            chunk = self.act(tag, vr, pos, val, length, nxt, action, dummy_text)
+            if chunk is not None:
+                if scrub and vr in _FREE_TEXT_VRS:
+                    chunk = self.scrubbed(chunk, tag, vr)
+                out.append(chunk)
+            pos = nxt
+        else:
+            if end is None:
+                raise Fallback("an item of undefined length without its Item Delimitation Item")
+        if run < pos:
+            out.append(buf[run:pos])
         if private:
             out += self.private(private)
-        if end is None:  # past the Item Delimitation Item
-            last = self.header(last)[2] if last >= pos else last
-        return out, (end if end is not None else last)
+        while mi < n_marks:
+            out.append(marks[mi][1])
+            mi += 1
+        return out, (pos + 8 if end is None else end)
 
     def scrubbed(self, chunk: bytes, tag: int, vr: str) -> bytes:
         mv = memoryview(chunk)
@@ -295,13 +342,21 @@ class _Walk:
 
 
 def _top_values(w: _Walk, start: int, end: int) -> dict[str, object]:
-    """The _WANTED attributes of the top level (they all come before (0028,0303))."""
+    """The _WANTED attributes of the top level (they all come before (0028,0303)); the
+    headers read inline, as `_Walk.header` reads them (this runs for every instance)."""
     values: dict[str, object] = {}
-    pos, b, header = start, w.b, w.header
+    pos, b, implicit, unpack = start, w.b, w.implicit, _HEAD.unpack_from
     while pos < end:
-        tag, _vr, val, length = header(pos)
+        group, elem, rest = unpack(b, pos)
+        tag = group << 16 | elem
         if tag > _LAST_WANTED:
             break
+        if implicit or group == 0xFFFE:
+            val, length = pos + 8, rest
+        elif b[pos + 4:pos + 6] in _LONG:
+            val, length = pos + 12, _U32.unpack_from(b, pos + 8)[0]
+        else:
+            val, length = pos + 8, rest >> 16
         if tag in _WANTED:
             text = b[val:val + length].decode("latin-1").rstrip("\0 ").lstrip(" ")
             values[_WANTED[tag]] = text.split("\\") if tag == 0x00101000 and "\\" in text else text
@@ -313,6 +368,14 @@ def deidentify(profile: Profile, data: bytes | memoryview, transfer_syntax: str,
                ) -> tuple[bytes, Outcome, str]:
     """The de-identified encoding of `data[start:]` (a data set without file meta), what was
     done, and the SOP Class UID. (`start`: a whole file's bytes need no copy.)"""
+    parts, outcome, sop_class = deidentify_parts(profile, data, transfer_syntax, start)
+    return b"".join(parts), outcome, sop_class
+
+
+def deidentify_parts(profile: Profile, data: bytes | memoryview, transfer_syntax: str, start: int = 0,
+                     ) -> tuple[list, Outcome, str]:
+    """`deidentify`, the encoding left in pieces (bytes, and slices of `data` where it is
+    unchanged): written with one writev, a CT's pixels are never copied in memory."""
     if transfer_syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
         raise Fallback(f"transfer syntax {transfer_syntax}")
     buf = memoryview(data)
@@ -330,34 +393,18 @@ def deidentify(profile: Profile, data: bytes | memoryview, transfer_syntax: str,
         raise Fallback("burned-in annotation to check")
     decoded = {k: (bytes(v, "latin-1").decode(w.codec) if isinstance(v, str) else v) for k, v in values.items()}
     w.inst = inst = _Instance(lambda k: decoded.get(k, ""), profile.keyed)
-    chunks, _ = w.dataset(start, len(buf), dummy_text=False)
-    # The marks go in tag order among the first chunks, replacing any the sender wrote.
-    head, i = [], 0
-    while i < len(chunks):
-        tag = _tag(chunks[i])
-        if tag > _LAST_MARK:
-            break
-        if tag not in _MARKS:
-            head.append((tag, chunks[i]))
-        i += 1
     key = (w.implicit, w.codec)
     marks = _MARKS_CACHE.get((id(profile), key))
     if marks is None:  # the same for every instance of one profile and encoding
         marks = _MARKS_CACHE[(id(profile), key)] = (profile, _marks(w, profile))
-    head = [c for _t, c in sorted(head + marks[1], key=lambda tc: tc[0])]
-    merged = head + chunks[i:]
+    chunks, _ = w.dataset(start, len(buf), dummy_text=False, marks=marks[1])
     sop = str(values.get("SOPInstanceUID", ""))
     study = str(values.get("StudyInstanceUID", ""))
     new_sop = inst.uids.get(sop, sop) if not profile.retain_uids else sop
     new_study = inst.uids.get(study, study) if not profile.retain_uids else study
-    return b"".join(merged), Outcome(inst.patient_id, inst.patient_name, inst.pseudonym,
+    return chunks, Outcome(inst.patient_id, inst.patient_name, inst.pseudonym,
                                      inst.offset if profile.modified_dates else 0, (sop, new_sop),
                                      (study, new_study), inst.uids), str(values.get("SOPClassUID", ""))
-
-
-def _tag(chunk: bytes | memoryview) -> int:
-    g, e = struct.unpack_from("<HH", chunk)
-    return g << 16 | e
 
 
 def _marks(w: _Walk, profile: Profile) -> list[tuple[int, bytes]]:

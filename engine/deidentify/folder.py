@@ -65,10 +65,55 @@ def _meta(payload: bytes) -> tuple[int, dict[int, str]] | None:
     return n, values
 
 
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size)
+        while len(data) < size:  # a short read (a file growing, a network mount): the rest
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        os.close(fd)
+
+
+_IOV_MAX = 512
+
+
+def _write_parts(target: str, parts: list) -> None:
+    """Write `parts` to `target` through a temporary name in the same folder (so no half file
+    is ever seen), with writev: the pieces are not joined in memory first."""
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            views = [memoryview(p) for p in parts]
+            while views:
+                batch = views[:_IOV_MAX]
+                n = os.writev(fd, batch)
+                while n:  # drop what was written, part of a piece included
+                    if n >= len(views[0]):
+                        n -= len(views.pop(0))
+                    else:
+                        views[0], n = views[0][n:], 0
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
     """("written" | "quarantined" | "failed" | "skipped", detail) for one file."""
     try:
-        raw = path.read_bytes()
+        raw = _read(os.fspath(path))
     except OSError as e:
         return "failed", f"{path}: cannot read ({e.strerror})"
     payload = memoryview(raw)[len(PREAMBLE):] if raw[128:132] == b"DICM" else b""
@@ -83,15 +128,11 @@ def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
             return "failed", f"{path}: cannot de-identify ({type(e).__name__}: {e})"
         sop = result.outcome.sop_instance_uid[1]
         if sop and result.sop_class_uid:
-            target = out / f"{sop}.dcm"
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             try:
-                with open(tmp, "wb") as f:
-                    f.write(PREAMBLE + file_meta(result.sop_class_uid, sop, result.transfer_syntax))
-                    f.write(result.dataset)
-                os.replace(tmp, target)
+                _write_parts(os.path.join(os.fspath(out), f"{sop}.dcm"),
+                             [PREAMBLE + file_meta(result.sop_class_uid, sop, result.transfer_syntax),
+                              *result.parts])
             except OSError as e:
-                tmp.unlink(missing_ok=True)
                 return "failed", f"{path}: cannot write ({e.strerror})"
             return "written", ""
     return _through_pydicom(project, path, out)

@@ -19,6 +19,7 @@ What the table leaves to the implementation, and what this module does (docs/dei
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -74,6 +75,20 @@ class Outcome:
     uids: dict[str, str] = field(default_factory=dict)  # every UID replaced, original -> new
 
 
+@functools.lru_cache(maxsize=4096)
+def _patient(keyed: Keyed, patient_id: str, name: str, issuer: str, birth: str, accession: str,
+             other: tuple[str, ...]) -> tuple[str, str, int, re.Pattern | None]:
+    """(key, pseudonym, date offset, scrub pattern) of one patient as one instance names
+    them; the same for each instance of a study, so remembered (bounded)."""
+    # A patient is their ID within its issuer; without an ID, their name and birth date.
+    who = f"id:{issuer}:{patient_id}" if patient_id else f"name:{name}:{birth}"
+    words = {patient_id, accession, birth, *other}
+    words |= {w for w in re.split(r"[\^=\s,]+", name) if len(w) >= 2}
+    words = sorted((w for w in words if w and len(w) >= 2), key=len, reverse=True)
+    scrub = re.compile("|".join(re.escape(w) for w in words), re.IGNORECASE) if words else None
+    return who, keyed.token("patient", who), keyed.date_offset_days(who), scrub
+
+
 class _Instance:
     """Per-instance state: the patient's pseudonym and offset, and text to scrub. `get` gives a
     top-level attribute's value by keyword ("" when absent); multi-valued ones as a list."""
@@ -81,19 +96,11 @@ class _Instance:
     def __init__(self, get, keyed: Keyed) -> None:
         self.patient_id = str(get("PatientID") or "")
         self.patient_name = str(get("PatientName") or "")
-        issuer = str(get("IssuerOfPatientID") or "")
-        birth = str(get("PatientBirthDate") or "")
-        # A patient is their ID within its issuer; without an ID, their name and birth date.
-        who = f"id:{issuer}:{self.patient_id}" if self.patient_id else f"name:{self.patient_name}:{birth}"
-        self.patient_key = who
-        self.pseudonym = keyed.token("patient", who)
-        self.offset = keyed.date_offset_days(who)
-        words = {self.patient_id, str(get("AccessionNumber") or ""), birth}
-        words |= {w for w in re.split(r"[\^=\s,]+", self.patient_name) if len(w) >= 2}
         other = get("OtherPatientIDs") or []
-        words |= {str(v) for v in (other if isinstance(other, (list, MultiValue)) else [other])}
-        words = sorted((w for w in words if w and len(w) >= 2), key=len, reverse=True)
-        self.scrub = re.compile("|".join(re.escape(w) for w in words), re.IGNORECASE) if words else None
+        other = tuple(str(v) for v in (other if isinstance(other, (list, MultiValue)) else [other]))
+        self.patient_key, self.pseudonym, self.offset, self.scrub = _patient(
+            keyed, self.patient_id, self.patient_name, str(get("IssuerOfPatientID") or ""),
+            str(get("PatientBirthDate") or ""), str(get("AccessionNumber") or ""), other)
         self.uids: dict[str, str] = {}
 
 

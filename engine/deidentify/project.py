@@ -93,10 +93,14 @@ def parse(projects: Mapping[str, Any]) -> dict[str, ProjectConfig]:
 class Result:
     """One de-identified instance, encoded."""
 
-    dataset: bytes            # the data set (no file meta, no preamble)
+    parts: list               # the data set (no file meta, no preamble), in pieces: bytes or memoryviews
     transfer_syntax: str
     sop_class_uid: str
     outcome: Outcome
+
+    @property
+    def dataset(self) -> bytes:
+        return self.parts[0] if len(self.parts) == 1 and isinstance(self.parts[0], bytes) else b"".join(self.parts)
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Project:
     profile: Profile
     pseudonyms: PseudonymTable
     _audit_fd: int = -1
+    _done_prefix: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -145,21 +150,25 @@ class Project:
     def _done(self, outcome: Outcome) -> None:
         self.pseudonyms.record(outcome.pseudonym, outcome.patient_id, outcome.patient_name,
                                outcome.date_offset_days, outcome.study_instance_uid)
-        self.audit({"event": "deidentified", "options": sorted(self.config.options),
-                    "original_sop_instance_uid": outcome.sop_instance_uid[0],
-                    "sop_instance_uid": outcome.sop_instance_uid[1]})
+        # the line `audit` would write, its fixed start encoded once (one line per instance ingested)
+        if self._done_prefix is None:
+            self._done_prefix = json.dumps({"project": self.config.name, "event": "deidentified",
+                                            "options": sorted(self.config.options)}, separators=(",", ":"))[:-1]
+        old, new = outcome.sop_instance_uid
+        self._write_audit(f'{self._done_prefix},"original_sop_instance_uid":{json.dumps(old)},'
+                          f'"sop_instance_uid":{json.dumps(new)}}}\n'.encode())
 
     def deidentify_bytes(self, dataset: bytes, transfer_syntax: str, start: int = 0) -> Result:
         """De-identify an encoded data set (no file meta); the result in the same transfer
         syntax, or RLE Lossless when compressed pixels were cleaned. Element by element
         (encoded.py) where it can, through pydicom where it cannot."""
         try:
-            data, outcome, sop_class = encoded.deidentify(self.profile, dataset, transfer_syntax, start)
+            parts, outcome, sop_class = encoded.deidentify_parts(self.profile, dataset, transfer_syntax, start)
         except Exception:  # encoded.Fallback, or bytes it cannot walk (a truncated file): pydicom decides
             pass
         else:
             self._done(outcome)
-            return Result(data, transfer_syntax, sop_class, outcome)
+            return Result(parts, transfer_syntax, sop_class, outcome)
         dataset = bytes(memoryview(dataset)[start:])
         deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
         if deflated:
@@ -177,12 +186,14 @@ class Project:
         if ts == DeflatedExplicitVRLittleEndian:
             c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
             data = c.compress(data) + c.flush()
-        return Result(data, str(ts), str(ds.get("SOPClassUID", "")), outcome)
+        return Result([data], str(ts), str(ds.get("SOPClassUID", "")), outcome)
 
     def audit(self, fields: dict) -> None:
         """One JSON line per instance in <data_dir>/projects/NAME/audit.jsonl (O_APPEND: lines
         from several processes never interleave). As sensitive as the pseudonym table."""
-        line = (json.dumps({"project": self.config.name, **fields}, separators=(",", ":")) + "\n").encode()
+        self._write_audit((json.dumps({"project": self.config.name, **fields}, separators=(",", ":")) + "\n").encode())
+
+    def _write_audit(self, line: bytes) -> None:
         with self._lock:
             if self._audit_fd < 0:
                 self.directory.mkdir(parents=True, exist_ok=True)
