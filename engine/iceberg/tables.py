@@ -82,14 +82,20 @@ def open_catalog(config: Config) -> "Catalog":
 def ensure_tables(catalog: "Catalog", namespace: str) -> dict[str, "Table"]:
     """The instances and deletions tables, created if missing (by us or by another node at
     the same moment) and given any column stowage's schema gained since."""
-    from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
-    catalog.create_namespace_if_not_exists(namespace)
+    from pyiceberg.exceptions import CommitFailedException
+    try:
+        catalog.create_namespace_if_not_exists(namespace)
+    except Exception:  # another node made it between the look and the create (a SQL catalog says so its own way)
+        if not catalog.namespace_exists(namespace):
+            raise
     tables = {}
     for name, schema in SCHEMAS.items():
         ident = f"{namespace}.{name}"
         try:
             table = catalog.create_table_if_not_exists(ident, schema=schema)
-        except TableAlreadyExistsError:  # another node made it between the look and the create
+        except Exception:  # likewise
+            if not catalog.table_exists(ident):
+                raise
             table = catalog.load_table(ident)
         missing = [f for f in schema.names if f not in {c.name for c in table.schema().fields}]
         if missing:
