@@ -27,6 +27,7 @@ from stowage.catalog.reader import Catalog
 from stowage.engine.forward.commitment import Commitments
 from stowage.engine.forward.deidentified import NOT_DEIDENTIFIED, rewrite_for
 from stowage.engine.forward.queue import Entry, Queue
+from stowage.engine.forward.scan import Deletions
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_line
 from stowage.engine.transfer.requestor import PeerError, peer_of
@@ -58,9 +59,10 @@ def classify(outcome: Outcome) -> str:
 class Destination(threading.Thread):
     """Delivers the pending entries of one destination, oldest first, until stopped."""
 
-    def __init__(self, config: Config, name: str, stop: threading.Event) -> None:
+    def __init__(self, config: Config, name: str, stop: threading.Event, deletions: Deletions | None = None) -> None:
         super().__init__(name=f"forward-{name}", daemon=True)
         self.config, self.destination, self.stop = config, name, stop
+        self.deletions = deletions  # the scanner's: whether a batch must be looked up in the catalog
         self.failures = 0  # attempts in a row that reached nobody
         self.commitments = Commitments(config, name) if any(name in r.to and r.commit for r in config.forward) \
             else None
@@ -128,9 +130,10 @@ class Destination(threading.Thread):
         if not entries:
             self._commit(queue, remote)
             return 0.5
-        entries = self._served(queue, entries)
-        if not entries:
-            return 0.0
+        if self.deletions is None or self.deletions.changed():  # else the scanner cancelled what was deleted
+            entries = self._served(queue, entries)
+            if not entries:
+                return 0.0
         try:
             peer = peer_of(remote)
         except PeerError as e:

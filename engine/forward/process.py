@@ -33,11 +33,11 @@ def destinations(config: Config) -> list[str]:
     return sorted({to for rule in config.forward for to in rule.to})
 
 
-def _scan_loop(config: Config, stop: threading.Event) -> None:
+def _scan_loop(config: Config, stop: threading.Event, deletions) -> None:
     from stowage.engine.forward.queue import Queue
     from stowage.engine.forward.scan import Scanner
     queue = Queue(config.data_dir)
-    scanner = Scanner(config, queue)
+    scanner = Scanner(config, queue, deletions)
     try:
         pruned_at = 0.0
         while not stop.wait(SCAN_INTERVAL_S):
@@ -73,8 +73,12 @@ def main() -> None:
     with open(path_of(config.data_dir).parent / LOCK, "a") as lock:
         if not wait_for_lock(lock, stop, 0.5):
             return
-        threads = [threading.Thread(target=_scan_loop, args=(config, stop), name="forward-scan", daemon=True)]
-        threads += [Destination(config, name, stop) for name in destinations(config)]
+        from stowage.catalog import tombstones
+        from stowage.engine.forward.scan import Deletions
+        deletions = Deletions(config.data_dir / tombstones.DIRECTORY)
+        threads = [threading.Thread(target=_scan_loop, args=(config, stop, deletions), name="forward-scan",
+                                    daemon=True)]
+        threads += [Destination(config, name, stop, deletions) for name in destinations(config)]
         for t in threads:
             t.start()
         log.info("forwarding: %d rule(s) to %s", len(config.forward), ", ".join(destinations(config)))

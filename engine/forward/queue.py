@@ -261,6 +261,17 @@ class Queue:
                                   "WHERE destination = ? AND state = 'parked'", (destination,))
         return cur.rowcount
 
+    def pending_uids(self) -> list[str]:
+        return [u for u, in self.db.execute("SELECT DISTINCT sop_instance_uid FROM entries WHERE state = 'pending'")]
+
+    def cancel_uids(self, uids: list[str], comment: str) -> int:
+        """Cancel the pending entries of these instances (deleted or rejected meanwhile)."""
+        with self.db:
+            cur = self.db.executemany("UPDATE entries SET state = 'cancelled', comment = ?, done_at = ? "
+                                      "WHERE sop_instance_uid = ? AND state = 'pending'",
+                                      [(comment, time.time(), u) for u in uids])
+        return cur.rowcount
+
     def cancel_ids(self, ids: list[int], comment: str) -> None:
         with self.db:
             self.db.executemany("UPDATE entries SET state = 'cancelled', comment = ?, done_at = ? WHERE id = ?",

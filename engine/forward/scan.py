@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
 from stowage.catalog.analytics import dicom_attribute
-from stowage.catalog import matching
+from stowage.catalog import matching, tombstones
 from stowage.catalog.reader import Catalog
 from stowage.catalog.schema import KEYWORD_TO_COLUMN
 from stowage.engine.forward.queue import Queue
@@ -68,13 +69,33 @@ class Rules:
         return True
 
 
+class Deletions:
+    """How far the scanner has applied deletions and rejections to the queue: the tombstone
+    log's stamp up to which every pending entry of a record no longer served was cancelled.
+    Shared with the delivering threads, which look a batch up in the catalog only when the
+    log has changed since (a catalog query per batch was a fifth of forwarding's CPU)."""
+
+    UNSEEN = ("unseen",)
+
+    def __init__(self, tombstones_dir: Path) -> None:
+        self.tombstones_dir = tombstones_dir
+        self.reconciled: tuple | None = self.UNSEEN
+
+    def current(self) -> tuple | None:
+        return tombstones.stamp_of(self.tombstones_dir)
+
+    def changed(self) -> bool:
+        return self.current() != self.reconciled
+
+
 class Scanner:
     """Turns newly stored records into queue entries; one per forwarding process."""
 
-    def __init__(self, config: Config, queue: Queue) -> None:
+    def __init__(self, config: Config, queue: Queue, deletions: Deletions | None = None) -> None:
         self.rules = Rules(config.forward, config.pn_case_insensitive)
         self.queue = queue
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
+        self.deletions = deletions or Deletions(self.catalog.tombstones_dir)
         self.cursor = queue.start_cursor(time.time_ns() // 1000)
         # Records looked at within RESCAN_US (in memory; at a start, what the queue holds).
         self._seen = dict.fromkeys(queue.queued_since(self.cursor - RESCAN_US))
@@ -88,7 +109,27 @@ class Scanner:
         self.catalog.close()
 
     def scan(self) -> int:
-        """One pass: the new entries it queued."""
+        """One pass: the new entries it queued (and, if records were deleted or rejected
+        since the last pass, their pending entries cancelled)."""
+        stamp = self.deletions.current()
+        added = self._scan()
+        if stamp != self.deletions.reconciled:
+            self._reconcile()
+            self.deletions.reconciled = stamp
+        return added
+
+    def _reconcile(self) -> None:
+        pending = self.queue.pending_uids()
+        if not pending:
+            return
+        _c, rows = self.catalog.execute("SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN "
+                                        "(SELECT unnest(?))", [pending])
+        gone = set(pending) - {uid for uid, in rows}
+        if gone:
+            n = self.queue.cancel_uids(sorted(gone), "deleted or rejected before it was forwarded")
+            log.info("forward: %d entr(ies) cancelled: their instances were deleted or rejected", n)
+
+    def _scan(self) -> int:
         self._scans += 1
         now = time.time_ns() // 1000
         if now + LOOKBACK_US < self.cursor:  # the clock was stepped back: records are stamped behind the cursor
@@ -99,16 +140,23 @@ class Scanner:
         since = self.cursor - (RESCAN_US if full else LOOKBACK_US)
         if full:  # forget what no scan looks at any more
             self._seen = {k: None for k in self._seen if k[1] > since}
-        _c, keys = self.catalog.execute(f"SELECT {_KEYS} FROM instances WHERE received_at > to_timestamp(?)",
-                                        [since / 1e6])
-        keys = [(uid, at) for uid, at in keys if at > since]
-        fresh = [k for k in keys if k not in self._seen]
-        if not fresh:
-            return 0
+        if full:  # keys first: a minute of rows, most of them seen already
+            _c, keys = self.catalog.execute(f"SELECT {_KEYS} FROM instances WHERE received_at > to_timestamp(?)",
+                                            [since / 1e6])
+            keys = [(uid, at) for uid, at in keys if at > since]
+            fresh = [k for k in keys if k not in self._seen]
+            if not fresh:
+                return 0
+            cols, rows = self.catalog.execute(
+                f"{self._select} FROM instances WHERE received_at > to_timestamp(?) "
+                "AND sop_instance_uid IN (SELECT unnest(?))", [since / 1e6, [u for u, _a in fresh]])
+        else:  # a couple of seconds of rows: one query
+            cols, rows = self.catalog.execute(f"{self._select} FROM instances WHERE received_at > to_timestamp(?)",
+                                              [since / 1e6])
+            fresh = [(r[0], r[7]) for r in rows if r[7] > since and (r[0], r[7]) not in self._seen]
+            if not fresh:
+                return 0
         newest = max(at for _u, at in fresh)
-        cols, rows = self.catalog.execute(
-            f"{self._select} FROM instances WHERE received_at > to_timestamp(?) "
-            "AND sop_instance_uid IN (SELECT unnest(?))", [since / 1e6, [u for u, _a in fresh]])
         wanted = set(fresh)
         entries, holds = [], {}
         for values in rows:

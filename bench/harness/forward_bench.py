@@ -1,0 +1,205 @@
+"""Forwarding benchmark (docs/forwarding.md, issue #23), two measurements in one run:
+
+1. Ingest with 0, 1 and 3 `[[forward]]` rules active: `stowage serve` with each
+   configuration in turn (a fresh data directory each), the same corpus C-STOREd by the
+   load generator (-k associations); each rule sends everything to its own DCMTK
+   storescp --ignore, which keeps up. Also how long after the last acknowledgement the
+   queue was drained (the destinations keep up, or not).
+2. Draining: the same corpus stored while the destination is down, then a storescp (+B,
+   writing files, --fork) comes up and the queue drains into it; against `stowage send` of
+   the same study to the same kind of storescp. Both are timed the same way: from the
+   first file the receiver wrote to the last (mtimes), so neither process start-up nor the
+   forwarder's back-off counts.
+
+    python -m stowage.bench.harness.forward_bench --count 2000 --kind small -k 4 --repeat 3 \\
+        [--associations 1]    # of the destination, for forwarding and for send alike
+
+Prints medians and the ratios against no forwarding / against send.
+"""
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stowage.bench.corpus import generate
+from stowage.bench.harness.transfer import one_study, start_storescp, store_files
+from stowage.bench.loadgen import Target, load_corpus, run
+from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down
+
+
+def _config(path: Path, destinations: dict[str, int], rules: int, associations: int) -> Path:
+    text = "forward_retry_initial = 0.2\nforward_retry_max = 0.5\n"
+    for name, port in destinations.items():
+        text += f'[remotes.{name}]\nhost = "127.0.0.1"\nport = {port}\nassociations = {associations}\n'
+    for n, name in enumerate(list(destinations)[:rules]):
+        text += f'[[forward]]\nname = "r{n}"\nto = "{name}"\n'
+    path.write_text(text)
+    return path
+
+
+def _done(data: Path, destination: str | None = None) -> int:
+    """Entries delivered (all destinations, or one), read from the queue database."""
+    path = data / "forward" / "queue.sqlite"
+    if not path.is_file():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        sql = "SELECT count(*) FROM entries WHERE state = 'done'" + (" AND destination = ?" if destination else "")
+        return db.execute(sql, (destination,) if destination else ()).fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+    finally:
+        db.close()
+
+
+def _pending(data: Path) -> int:
+    path = data / "forward" / "queue.sqlite"
+    if not path.is_file():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return db.execute("SELECT count(*) FROM entries WHERE state = 'pending'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out: {what}")
+        time.sleep(0.02)
+
+
+def _span(out: Path, count: int) -> float:
+    """Seconds from the first file storescp wrote to the last, scaled to `count` intervals."""
+    times = sorted(p.stat().st_mtime_ns for p in out.iterdir() if p.name != "storescp.log")
+    if len(times) != count:
+        raise RuntimeError(f"{len(times)} of {count} arrived in {out}")
+    return (times[-1] - times[0]) / 1e9 * count / max(1, count - 1)
+
+
+def ingest(work: Path, files: list[Path], warmup: list[Path], k: int, rules: int, run_no: int,
+           tools: tuple[str, str, str]) -> tuple[float, float]:
+    """(instances/s acknowledged, seconds from the last ack until the queue was drained).
+    A warm-up corpus goes first, and is forwarded, so that every process has started and
+    imported what it needs: the steady state is measured, not a start."""
+    storescp, _storescu, echoscu = tools
+    rxs, ports = [], {}
+    server = None
+    try:
+        for n in range(rules):
+            ports[f"DEST{n}"] = free_port()
+            rxs.append(start_storescp(storescp, echoscu, work / f"rx-{rules}-{run_no}-{n}", ports[f"DEST{n}"],
+                                      fork=True, ignore=True))
+        conf = _config(work / f"ingest-{rules}.toml", ports, rules, 1)
+        data, port = work / f"data-{rules}-{run_no}", free_port()
+        server = serve_stowage(data, port, echoscu, "--config", str(conf))
+        run(Target("127.0.0.1", port, "STOWAGE"), load_corpus(warmup), k, progress=False)
+        _wait(lambda: _done(data) >= rules * len(warmup), 120, f"{rules} rule(s): the warm-up was not forwarded")
+        result = run(Target("127.0.0.1", port, "STOWAGE"), load_corpus(files), k, progress=False)
+        if result.completed != len(files):
+            raise RuntimeError(f"{rules} rule(s): {result.completed} of {len(files)} stored")
+        acked = time.monotonic()
+        _wait(lambda: _done(data) >= rules * (len(files) + len(warmup)), 600, f"{rules} rule(s): the queue was not drained")
+        return result.inst_per_s, (time.monotonic() - acked) if rules else 0.0
+    finally:
+        if server is not None:
+            stop_tree(server, None)
+        for rx in rxs:
+            stop_tree(rx, None)
+
+
+def drain(work: Path, files: list[Path], study: str, associations: int, run_no: int,
+          tools: tuple[str, str, str]) -> tuple[float, float]:
+    """(forwarding instances/s, `stowage send` instances/s) into storescp +B --fork."""
+    storescp, storescu, echoscu = tools
+    count = len(files)
+    rx_port = free_port()
+    conf = _config(work / f"drain-{run_no}.toml", {"DEST": rx_port}, 1, associations)
+    data, port = work / f"drain-data-{run_no}", free_port()
+    server = serve_stowage(data, port, echoscu, "--config", str(conf))
+    rx = None
+    try:
+        store_files(storescu, "STOWAGE", port, files)
+        _wait(lambda: _pending(data) == count, 120, "entries not queued")
+        out = work / f"drain-rx-{run_no}"
+        rx = start_storescp(storescp, echoscu, out, rx_port, fork=True)
+        _wait(lambda: _done(data, "DEST") == count, 600, "the queue was not drained")
+        stop_tree(rx, None)
+        rx = None
+        forwarded = count / _span(out, count)
+        out = work / f"send-rx-{run_no}"
+        rx = start_storescp(storescp, echoscu, out, rx_port, fork=True)
+        subprocess.run([sys.executable, "-m", "stowage.cli", "send", "--config", str(conf), "--data-dir", str(data),
+                        "-q", "--to", "DEST", "--study", study], check=True, capture_output=True)
+        stop_tree(rx, None)
+        rx = None
+        sent = count / _span(out, count)
+        return forwarded, sent
+    finally:
+        if rx is not None:
+            stop_tree(rx, None)
+        stop_tree(server, None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=2000)
+    ap.add_argument("--kind", default="small")
+    ap.add_argument("-k", type=int, default=4, help="ingest: concurrent storing associations")
+    ap.add_argument("--associations", type=int, default=1, help="the destination's [remotes] associations")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--skip-drain", action="store_true")
+    args = ap.parse_args(argv)
+    tools = tuple(find_dcmtk(n) for n in ("storescp", "storescu", "echoscu"))
+    if not all(tools):
+        sys.exit("DCMTK is needed: apt-get install dcmtk")
+    work = Path(tempfile.mkdtemp(prefix="stowage-bench-forward-"))
+    try:
+        files, mb, study = one_study(work, args.kind, args.count)
+        warmup = generate(work / "warmup", args.kind, 200, patients=1, studies_per_patient=1, series_per_study=1,
+                          seed=1)
+        print(f"{args.count} {args.kind} instances, {mb:.0f} MB; ingest -k {args.k}; "
+              f"destination associations {args.associations}", flush=True)
+        if not args.skip_ingest:
+            rates: dict[int, list[float]] = {0: [], 1: [], 3: []}
+            lags: dict[int, list[float]] = {1: [], 3: []}
+            for r in range(args.repeat):
+                for rules in rates:  # interleaved, so a busier moment of the machine hits all alike
+                    rate, lag = ingest(work, files, warmup, args.k, rules, r, tools)
+                    rates[rules].append(rate)
+                    if rules:
+                        lags[rules].append(lag)
+                    print(f"  run {r}: {rules} rule(s): {rate:.0f}/s" + (f", drained {lag:.1f} s after the last ack"
+                                                                         if rules else ""), flush=True)
+            none = statistics.median(rates[0])
+            for rules, values in rates.items():
+                m = statistics.median(values)
+                lag = f", queue drained {statistics.median(lags[rules]):.1f} s after the last ack" if rules else ""
+                print(f"ingest, {rules} rule(s): {m:.0f} instances/s ({m / none:.2f}x of none){lag}")
+        if not args.skip_drain:
+            fwd, snd = [], []
+            for r in range(args.repeat):
+                f, s = drain(work, files, study, args.associations, r, tools)
+                fwd.append(f)
+                snd.append(s)
+                print(f"  run {r}: forwarding {f:.0f}/s, stowage send {s:.0f}/s", flush=True)
+            f, s = statistics.median(fwd), statistics.median(snd)
+            print(f"forwarding a full queue: {f:.0f} instances/s; stowage send: {s:.0f} instances/s; "
+                  f"ratio {f / s:.2f}x")
+    finally:
+        tear_down(work, None)
+
+
+if __name__ == "__main__":
+    main()
