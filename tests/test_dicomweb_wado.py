@@ -147,7 +147,10 @@ def test_metadata_holds_every_attribute(web):
     c = web.client()
     paths = _special_instances(web.tmp)
     c_store(web.server.port, paths)
-    for path in paths:
+    ct = web.corpus.studies[_ct_study(web)]
+    plain = [web.corpus.by_uid[next(iter(ct.values()))[0]]]  # a native slice: from the catalog's header
+    plain += [p for p in web.corpus.files if pydicom.dcmread(p, stop_before_pixels=True).Modality == "MR"][:1]
+    for path in paths + plain:
         original = pydicom.dcmread(path)
         meta = c.retrieve_instance_metadata(original.StudyInstanceUID, original.SeriesInstanceUID,
                                             original.SOPInstanceUID)

@@ -101,6 +101,15 @@ def _value(tag: int, vr: str, value: bytes, encodings: list[str], bulk: Callable
     raise _Fallback
 
 
+def element_json(tag: int, vr: str, value: bytes, encodings: list[str], bulk: Callable[[int], str] | None) -> dict:
+    """One plain (not sequence, not ambiguous VR) little-endian value as a DICOM JSON
+    object; raises ValueError when it needs pydicom's conversion instead."""
+    try:
+        return _value(tag, vr, value, encodings, bulk)
+    except _Fallback:
+        raise ValueError("not a plain value") from None
+
+
 def dataset_json(ds: Dataset, bulk: Callable[[int], str] | None,
                  inherited: list[str] | None = None) -> dict[str, Any]:
     """`ds` (as read, values not yet converted) as a DICOM JSON object; binary values past

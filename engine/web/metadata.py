@@ -10,6 +10,7 @@ a compaction that moves it makes a new key, and the old entry ages out."""
 from __future__ import annotations
 
 import tempfile
+from functools import lru_cache
 import threading
 from collections import OrderedDict
 from io import BytesIO
@@ -27,6 +28,7 @@ from pydicom.uid import (
 
 from stowage.engine.web.dicom_json import dumps, resource_url
 from stowage.engine.web.fast_json import BULK_THRESHOLD, dataset_json
+from stowage.engine.web.header_json import header_json
 from stowage.engine.web.records import IN_MEMORY, Instance
 from stowage.engine.web.transcode import NATIVE
 
@@ -103,30 +105,80 @@ def _pixel_vr(inst: Instance, obj: dict[str, Any]) -> str:
 
 def header_is_whole(inst: Instance, obj: dict[str, Any]) -> bool:
     """Whether the stored header (`obj`, its JSON) holds every attribute of the instance
-    but Pixel Data. The header is the data set's bytes up to group 7FE0 with bulk values cut
-    out; it is whole when the record's data set is exactly those bytes (nothing cut, nothing
-    past them) or those bytes and one native Pixel Data element of the length that Rows,
-    Columns, Samples per Pixel, Bits Allocated and Number of Frames give. Anything else (an
-    encapsulated syntax, a cut value, elements after the pixels, a header re-encoded from
-    big endian or deflate) is read from the record."""
-    syntax = UID(inst.transfer_syntax_uid)
-    if not syntax.is_little_endian or syntax.is_deflated or not inst.header:
+    but Pixel Data (see _whole)."""
+    return _whole(inst, _first(obj, "00280010", 0), _first(obj, "00280011", 0), _first(obj, "00280002", 1),
+                  _first(obj, "00280100", 0), _first(obj, "00280008", 1))
+
+
+def _whole(inst: Instance, rows: int, columns: int, samples: int, bits: int, frames: int) -> bool:
+    """The header is the data set's bytes up to group 7FE0 with bulk values cut out; it is
+    whole when the record's data set is exactly those bytes (nothing cut, nothing past
+    them) or those bytes and one native Pixel Data element of the length that Rows,
+    Columns, Samples per Pixel, Bits Allocated and Number of Frames give. Anything else
+    (an encapsulated syntax, a cut value, elements after the pixels, a header re-encoded
+    from big endian or deflate) is read from the record."""
+    walkable, implicit, encapsulated = _syntax(inst.transfer_syntax_uid)
+    if not walkable or not inst.header:
         return False
     rest = inst.dataset_length - len(inst.header)
     if rest == 0:
         return True
-    if syntax.is_compressed and inst.transfer_syntax_uid not in NATIVE:
+    if encapsulated:
         return False
-    bits = _first(obj, "00280100", 0)
-    samples = _first(obj, "00280002", 1)
-    frames = _first(obj, "00280008", 1)
-    pixels = _first(obj, "00280010", 0) * _first(obj, "00280011", 0) * samples * max(frames, 1)
+    pixels = rows * columns * samples * max(frames, 1)
     if bits <= 0 or pixels <= 0:
         return False
     length = (pixels * bits + 7) // 8
     length += length & 1
-    head = 8 if syntax.is_implicit_VR else 12
-    return rest == head + length
+    return rest == (8 if implicit else 12) + length
+
+
+@lru_cache(maxsize=256)
+def _syntax(uid: str) -> tuple[bool, bool, bool]:
+    """Whether a header of this syntax is its data set's own bytes (little endian, not
+    deflated), whether implicit VR, whether the pixels are encapsulated."""
+    try:
+        syntax = UID(uid)
+        return (syntax.is_little_endian and not syntax.is_deflated, syntax.is_implicit_VR,
+                syntax.is_compressed and uid not in NATIVE)
+    except ValueError:
+        return False, False, False
+
+
+def _member(tag: int, value: dict[str, Any]) -> bytes:
+    return f'"{tag:08X}":'.encode() + dumps(value)
+
+
+def _encoded_from_header(inst: Instance, url: str) -> bytes | None:
+    """The instance's metadata, encoded, straight from its header's elements (header_json),
+    when the header is whole; else None."""
+    walkable, implicit, encapsulated = _syntax(inst.transfer_syntax_uid)
+    if not inst.header or not walkable:
+        return None
+    walked = header_json(inst.header, implicit, lambda tag: f"{url}/bulkdata/{tag:08X}")
+    if walked is None:
+        return None
+    members, sizes = walked
+
+    def number(tag: int, default: int) -> int:
+        raw = sizes.get(tag)
+        if not raw:
+            return default
+        if tag == 0x00280008:  # Number of Frames: IS
+            text = raw.decode("ascii", "replace").strip(" \x00").split("\\")[0]
+            return int(text) if text.isdigit() else -1
+        return int.from_bytes(raw[:2], "little") if len(raw) >= 2 else -1
+
+    rows, bits = number(0x00280010, 0), number(0x00280100, 0)
+    if not _whole(inst, rows, number(0x00280011, 0), number(0x00280002, 1), bits, number(0x00280008, 1)):
+        return None
+    if 0x00280010 in sizes:
+        vr = "OB" if encapsulated or 0 < bits <= 8 else "OW"
+        members.append(_member(0x7FE00010, {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}))
+    if inst.sop_class_uid in _DOCUMENT_CLASSES:
+        return None  # its document is bulk: the general way adds it
+    members.append(_member(0x00083002, {"vr": "UI", "Value": [inst.transfer_syntax_uid]}))
+    return b"{" + b",".join(members) + b"}"
 
 
 def _from_record(store, inst: Instance, bulk) -> dict[str, Any]:
@@ -145,6 +197,13 @@ def _from_record(store, inst: Instance, bulk) -> dict[str, Any]:
         return dataset_json(ds, bulk)
 
 
+def instance_metadata(store, inst: Instance, base: str) -> bytes:
+    """One instance's metadata, encoded: from its header's elements when the header is
+    whole (the usual slice), else the general way (instance_json)."""
+    fast = _encoded_from_header(inst, resource_url(base, inst.study, inst.series, inst.sop_instance_uid))
+    return fast if fast is not None else dumps(instance_json(store, inst, base))
+
+
 def series_metadata(store, found: list[Instance], base: str) -> bytes:
     """The JSON array of the instances' metadata, encoded."""
     parts = []
@@ -152,7 +211,7 @@ def series_metadata(store, found: list[Instance], base: str) -> bytes:
         key = (inst.segment, inst.offset, base)
         encoded = _cache.get(key)
         if encoded is None:
-            encoded = dumps(instance_json(store, inst, base))
+            encoded = instance_metadata(store, inst, base)
             _cache.put(key, encoded)
         parts.append(encoded)
     return b"[" + b",".join(parts) + b"]"
