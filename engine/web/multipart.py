@@ -26,12 +26,22 @@ class MultipartWriter:
         self.response = response
         return response
 
-    async def part(self, content_type: str, first: bytes = b"", location: str | None = None) -> None:
-        """Begin a part (its headers, then `first`); more bytes follow with write()."""
+    def head(self, content_type: str, location: str | None = None, first: bool = False) -> bytes:
+        """A part's delimiter and headers (`first`: the body's first part)."""
         head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
         if location:
             head += f"Content-Location: {location}\r\n"
-        await self.response.write(("\r\n" if self.parts else "").encode() + head.encode() + b"\r\n" + first)
+        return (("" if first else "\r\n") + head + "\r\n").encode()
+
+    async def part(self, content_type: str, first: bytes = b"", location: str | None = None) -> None:
+        """Begin a part (its headers, then `first`); more bytes follow with write()."""
+        await self.response.write(self.head(content_type, location, not self.parts) + first)
+        self.parts += 1
+
+    async def whole_part(self, encoded: bytes) -> None:
+        """A part made whole beforehand (head() and its bytes, joined once: off the event
+        loop, in the thread that read them)."""
+        await self.response.write(encoded)
         self.parts += 1
 
     async def write(self, data: bytes | memoryview) -> None:

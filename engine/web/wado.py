@@ -21,6 +21,7 @@ from aiohttp import web
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from stowage.engine.runtime.counts import counts as process_counts
+from stowage.engine.store.filemeta import PREAMBLE
 from stowage.engine.web import pixels
 from stowage.engine.web.context import base_url, path_uid
 from stowage.engine.web.dicom_json import MEDIA_TYPE, resource_url
@@ -91,13 +92,13 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         for i, inst in enumerate(found):
             for j in range(i, min(i + _AHEAD, len(found))):
                 if j not in ahead and _whole(found[j], target):
-                    ahead[j] = asyncio.ensure_future(store.run(_load, store, found[j], target))
+                    ahead[j] = asyncio.ensure_future(store.run(_load, store, writer, found[j], target, base, j == 0))
             location = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
             try:
                 if i in ahead:
-                    ctype, data = await ahead.pop(i)
-                    await writer.part(ctype, data, location)
-                    nbytes += len(data)
+                    encoded, size = await ahead.pop(i)
+                    await writer.whole_part(encoded)
+                    nbytes += size
                 else:
                     nbytes += await _stream_stored(store, writer, inst, location)
                 sent += 1
@@ -128,11 +129,17 @@ def _whole(inst: Instance, target: str | None) -> bool:
     return inst.dataset_length <= IN_MEMORY or (target is not None and target != inst.transfer_syntax_uid)
 
 
-def _load(store: WebStore, inst: Instance, target: str | None) -> tuple[str, bytes]:
-    """The part's Content-Type and bytes: the instance as stored, or converted to `target`."""
+def _load(store: WebStore, writer: MultipartWriter, inst: Instance, target: str | None, base: str,
+          first: bool) -> tuple[bytes, int]:
+    """The whole part (delimiter, headers, the Part-10 file) joined once, and the file's
+    size: the instance as stored, or converted to `target`."""
+    location = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
     if target is None or target == inst.transfer_syntax_uid:
-        return f"{DICOM}; transfer-syntax={inst.transfer_syntax_uid}", store.reader.part10(inst)
-    return f"{DICOM}; transfer-syntax={target}", _converted(store, inst, target)
+        head = writer.head(f"{DICOM}; transfer-syntax={inst.transfer_syntax_uid}", location, first)
+        payload = store.reader.payload(inst)
+        return b"".join((head, PREAMBLE, payload)), len(PREAMBLE) + len(payload)
+    data = _converted(store, inst, target)
+    return writer.head(f"{DICOM}; transfer-syntax={target}", location, first) + data, len(data)
 
 
 async def _stream_stored(store: WebStore, writer: MultipartWriter, inst: Instance, location: str) -> int:
