@@ -6,17 +6,20 @@ doubles nothing when it starts again. SQL catalog on SQLite with a local warehou
 SeaweedFS's Iceberg REST catalog with the warehouse in its S3 buckets."""
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pytest
 
-from conftest import MR, catalog_sealed, copies, wait_for
+from conftest import HOST, MR, catalog_sealed, copies, free_port, wait_for
 from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS (fixture)
 from stowage.catalog import iceberg_outbox, tombstones
 from stowage.catalog.schema import SCHEMA
@@ -42,6 +45,15 @@ def _publish(data_dir: Path, uri: str, fault: str = "", **env: str) -> subproces
         env["STOWAGE_ICEBERG_FAULT"] = fault
     return subprocess.Popen([sys.executable, "-m", "stowage.cli", "iceberg", "publish", "--data-dir", str(data_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _publish_here(data_dir: Path, uri: str, **env: str) -> tuple[int, str]:
+    """`stowage iceberg publish` on `data_dir` in this process (no fault injection here)."""
+    from click.testing import CliRunner
+    from stowage.cli import main
+    r = CliRunner().invoke(main, ["iceberg", "publish", "--data-dir", str(data_dir)],
+                           env={"STOWAGE_ICEBERG_CATALOG": uri, "STOWAGE_NODE_NAME": data_dir.name, **env})
+    return r.exit_code, r.output + (repr(r.exception) if r.exception and r.exit_code != 1 else "")
 
 
 def _finished(proc: subprocess.Popen) -> tuple[int, str]:
@@ -114,37 +126,6 @@ def test_stored_and_deleted_instances_are_read_by_pyiceberg_and_duckdb_with_stow
         (len(sent), len(sent))
 
 
-def test_two_publishers_on_one_catalog_all_land_none_twice(tmp_path):
-    """Two data directories (two nodes) commit one file per commit to one SQLite catalog at
-    the same time: the losers of each race commit the same files again."""
-    uri = _sqlite(tmp_path)
-    nodes = [tmp_path / "node-a", tmp_path / "node-b"]
-    expected = []
-    for node in nodes:
-        expected += _seal_files(node, 8, 5)
-        tombstones.append(node, [tombstones.Tombstone(f"{node.name}.deleted.{i}", 1000 + i) for i in range(3)])
-    procs = [_publish(node, uri, STOWAGE_ICEBERG_BATCH_FILES="1") for node in nodes]
-    for proc in procs:
-        code, out = _finished(proc)
-        assert code == 0, out
-    catalog = _catalog(uri)
-    instances = catalog.load_table("stowage.instances")
-    assert sorted(_uids(instances)) == sorted(expected)
-    assert len(_local_paths(instances)) == 16
-    dels = catalog.load_table("stowage.deletions").scan().to_arrow()
-    assert sorted(dels["sop_instance_uid"].to_pylist()) == sorted(f"{n.name}.deleted.{i}" for n in nodes
-                                                                 for i in range(3))
-    for node in nodes:
-        led = ledger.load(node / "iceberg")
-        assert (led.instance_files, led.instance_rows, led.batch) == (8, 40, None)
-        assert iceberg_outbox.pending(node / "catalog") == []
-        print(f"{node.name}: {led.commits} commits, {led.conflicts} conflicts retried")
-        # a second pass finds nothing left to do
-        code, out = _finished(_publish(node, uri))
-        assert code == 0 and "published 0 catalog file(s)" in out and "0 deletion(s)" in out, out
-    assert sorted(_uids(catalog.load_table("stowage.instances"))) == sorted(expected)
-
-
 def test_publisher_killed_mid_commit_loses_and_doubles_nothing(tmp_path):
     uri = _sqlite(tmp_path)
     node = tmp_path / "node-k"
@@ -152,34 +133,30 @@ def test_publisher_killed_mid_commit_loses_and_doubles_nothing(tmp_path):
     tombstones.append(node, [tombstones.Tombstone(expected[0], 1_700_000_000_000_000, reason="deleted")])
     batch2 = {"STOWAGE_ICEBERG_BATCH_FILES": "2"}
     # Killed after its first commit landed, before the ledger knew.
-    code, out = _finished(_publish(node, uri, "committed", **batch2))
+    code, out = _finished(_publish(node, uri, "instances-committed", **batch2))
     assert code == -signal.SIGKILL, out
     instances = _catalog(uri).load_table("stowage.instances")
     assert len(_uids(instances)) == 8 and ledger.load(node / "iceberg").batch is not None
     # Again: it finds that batch landed, copies the next one and is killed before committing it.
-    code, out = _finished(_publish(node, uri, "uploaded", **batch2))
+    code, out = _finished(_publish(node, uri, "instances-uploaded", **batch2))
     assert code == -signal.SIGKILL, out
-    instances = _catalog(uri).load_table("stowage.instances")
-    assert len(_uids(instances)) == 8, "the first batch once"
-    # A merge of the sealed files meanwhile must not change what reaches Iceberg.
+    assert len(_uids(_catalog(uri).load_table("stowage.instances"))) == 8, "the first batch once"
+    # A merge of the sealed files meanwhile must not change what reaches Iceberg. Then the
+    # rest, and the deletion: killed after its commit landed.
     assert compact(node / "catalog", 2) is not None
-    code, out = _finished(_publish(node, uri, **batch2))
+    code, out = _finished(_publish(node, uri, "deletions-committed", **batch2))
+    assert code == -signal.SIGKILL, out
+    code, out = _publish_here(node, uri, **batch2)
     assert code == 0, out
     catalog = _catalog(uri)
     instances = catalog.load_table("stowage.instances")
     assert sorted(_uids(instances)) == sorted(expected)
     copied = sorted(p.name for p in Path(_local_paths(instances)[0]).parent.glob("*.parquet"))
     assert copied == sorted(Path(p).name for p in _local_paths(instances)), "each file copied once, all committed"
-    # The deletions: killed after their commit landed, then started again.
-    tombstones.append(node, [tombstones.Tombstone(expected[1], 1_700_000_000_000_001, reason="deleted")])
-    code, out = _finished(_publish(node, uri, "committed"))
-    assert code == -signal.SIGKILL, out
-    code, out = _finished(_publish(node, uri))
-    assert code == 0, out
     dels = catalog.load_table("stowage.deletions").scan().to_arrow()
-    assert sorted(dels["sop_instance_uid"].to_pylist()) == sorted(expected[:2])
+    assert dels["sop_instance_uid"].to_pylist() == [expected[0]]
     led = ledger.load(node / "iceberg")
-    assert (led.batch, led.instance_files, led.instance_rows, led.deletion_rows) == (None, 6, 24, 2)
+    assert (led.batch, led.instance_files, led.instance_rows, led.deletion_rows) == (None, 6, 24, 1)
 
 
 def test_rest_catalog_and_s3_warehouse_on_seaweedfs(s3_server, tmp_path):  # noqa: F811 - the fixture
@@ -219,7 +196,7 @@ def test_sql_catalog_with_its_warehouse_in_an_s3_bucket(s3_server, tmp_path):  #
     uri = _sqlite(tmp_path)
     node = tmp_path / "s3-node"
     expected = _seal_files(node, 3, 4)
-    code, out = _finished(_publish(node, uri, **s3_server.env(), STOWAGE_ICEBERG_WAREHOUSE=f"s3://{bucket}/archive"))
+    code, out = _publish_here(node, uri, **s3_server.env(), STOWAGE_ICEBERG_WAREHOUSE=f"s3://{bucket}/archive")
     assert code == 0, out
     catalog = _catalog(uri, **{"s3.endpoint": s3_server.endpoint, "s3.access-key-id": s3_server.access_key,
                                "s3.secret-access-key": s3_server.secret_key, "s3.region": s3_server.region})
@@ -231,5 +208,84 @@ def test_sql_catalog_with_its_warehouse_in_an_s3_bucket(s3_server, tmp_path):  #
 
 def test_a_catalog_uri_of_no_known_kind_is_refused_in_one_line(tmp_path):
     _seal_files(tmp_path / "n", 1, 1)
-    code, out = _finished(_publish(tmp_path / "n", "mysql://somewhere/db"))
+    code, out = _publish_here(tmp_path / "n", "mysql://somewhere/db")
     assert code == 1 and "iceberg_catalog" in out and "Traceback" not in out, out
+
+
+def test_a_catalog_rebuilt_after_it_was_published_is_not_published_twice(tmp_path):
+    from stowage.catalog import manifest
+    uri, node = _sqlite(tmp_path), tmp_path / "node-r"
+    expected = _seal_files(node, 2, 3)
+    code, out = _publish_here(node, uri)
+    assert code == 0, out
+    with manifest.update(node / "catalog") as m:  # what `stowage rebuild-catalog` leaves: a manifest without an outbox
+        m.outbox = None
+    code, out = _publish_here(node, uri)
+    assert code == 1 and "rebuilt" in out and "count its rows twice" in out and "Traceback" not in out, out
+    assert sorted(_uids(_catalog(uri).load_table("stowage.instances"))) == sorted(expected)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL of our own (Debian package postgresql) on a free loopback port, its data
+    in a temporary folder, trust authentication; run as the postgres user when we are root.
+    Yields the SQLAlchemy URI of an empty database; stopped by PID."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed: apt-get install postgresql (ops/test.sh does)")
+    bin_dir = Path(found[-1]).parent
+    base = Path(tempfile.mkdtemp(prefix="stowage-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(base, "postgres")
+    port = free_port()
+    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(base / "db"), "-A", "trust", "-U", "stowage"],
+                   check=True, capture_output=True, timeout=120)
+    proc = subprocess.Popen([*as_postgres, str(bin_dir / "postgres"), "-D", str(base / "db"), "-p", str(port),
+                             "-c", f"listen_addresses={HOST}", "-c", f"unix_socket_directories={base}",
+                             "-c", "fsync=off"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: subprocess.run([str(bin_dir / "pg_isready"), "-h", HOST, "-p", str(port)],
+                                        capture_output=True).returncode == 0, 60, "PostgreSQL to accept connections")
+        subprocess.run([str(bin_dir / "createdb"), "-h", HOST, "-p", str(port), "-U", "stowage", "iceberg"],
+                       check=True, capture_output=True, timeout=60)
+        yield f"postgresql+psycopg2://stowage@{HOST}:{port}/iceberg"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # fast shutdown of our postmaster (its session)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_nodes_publish_to_a_postgresql_catalog_at_once(postgres, tmp_path):
+    """Two data directories (two nodes) commit one file per commit to one catalog at the
+    same time: the losers of each race commit the same files again."""
+    nodes = [tmp_path / "pg-a", tmp_path / "pg-b"]
+    expected = []
+    for node in nodes:
+        expected += _seal_files(node, 8, 3)
+        tombstones.append(node, [tombstones.Tombstone(f"{node.name}.deleted.{i}", 1000 + i) for i in range(3)])
+    env = {"STOWAGE_ICEBERG_BATCH_FILES": "1", "STOWAGE_ICEBERG_WAREHOUSE": (tmp_path / "warehouse").as_uri()}
+    procs = [_publish(node, postgres, **env) for node in nodes]
+    for proc in procs:
+        code, out = _finished(proc)
+        assert code == 0, out
+    catalog = _catalog(postgres)
+    instances = catalog.load_table("stowage.instances")
+    assert sorted(_uids(instances)) == sorted(expected)
+    assert len(_local_paths(instances)) == 16
+    dels = catalog.load_table("stowage.deletions").scan().to_arrow()
+    assert sorted(dels["sop_instance_uid"].to_pylist()) == sorted(f"{n.name}.deleted.{i}" for n in nodes
+                                                                 for i in range(3))
+    for node in nodes:
+        led = ledger.load(node / "iceberg")
+        assert (led.instance_files, led.instance_rows, led.batch) == (8, 24, None)
+        assert iceberg_outbox.pending(node / "catalog") == []
+        print(f"{node.name}: {led.commits} commits, {led.conflicts} conflicts retried")
+        code, out = _publish_here(node, postgres, **env)  # a second pass finds nothing left to do
+        assert code == 0 and "published 0 catalog file(s)" in out and "0 deletion(s)" in out, out
+    assert sorted(_uids(catalog.load_table("stowage.instances"))) == sorted(expected)

@@ -83,8 +83,11 @@ class IcebergProcess(SupervisedProcess):
         then start the process."""
         if not self.config.iceberg_catalog:
             return
-        from stowage.catalog import iceberg_outbox
-        iceberg_outbox.enable(self.config.data_dir / "catalog")
+        from stowage.engine.iceberg.publisher import CatalogRebuilt, enable
+        try:
+            enable(self.config.data_dir, self.config.iceberg_namespace)
+        except CatalogRebuilt as e:  # the process says so again at every pass, and publishes nothing
+            log.error("iceberg: %s", e)
         self.launch(f", catalog {self.config.iceberg_catalog}")
 
 

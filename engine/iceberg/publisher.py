@@ -46,7 +46,7 @@ BATCH_PROPERTY, NODE_PROPERTY = "stowage.batch", "stowage.node"
 COMMIT_ATTEMPTS = 30
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 5.0
 COPY_CHUNK = 8 << 20
-FAULT_ENV = "STOWAGE_ICEBERG_FAULT"  # tests: kill -9 ourselves at this point ("uploaded", "committed")
+FAULT_ENV = "STOWAGE_ICEBERG_FAULT"  # tests: kill -9 ourselves at "<table>-uploaded" or "<table>-committed"
 
 
 class PublishError(RuntimeError):
@@ -89,13 +89,7 @@ class Publisher:
     # -- one pass ---------------------------------------------------------------------
 
     def start(self) -> int:
-        """Turn the outbox on (queueing what was sealed before); refuse a rebuilt catalog."""
-        if not iceberg_outbox.enabled(self.catalog_dir) and self.ledger.instance_files:
-            raise CatalogRebuilt(
-                f"{self.catalog_dir} was rebuilt after {self.ledger.instance_files} of its files were published to "
-                f"{self.namespace}.{INSTANCES}: publishing it again would count its rows twice; remove this node's "
-                f"files from the table (docs/scale-out.md) and {self.home / ledgers.LEDGER}, then start again")
-        return iceberg_outbox.enable(self.catalog_dir)
+        return enable(self.data_dir, self.namespace)
 
     def run_once(self) -> Pass:
         """Finish a batch left by a crash, then publish everything queued."""
@@ -172,9 +166,9 @@ class Publisher:
         self.ledger.batch = batch
         ledgers.save(self.home, self.ledger)
         self._upload(batch)
-        _fault("uploaded")
+        _fault(f"{batch.table}-uploaded")
         self._commit(batch)
-        _fault("committed")
+        _fault(f"{batch.table}-committed")
         self._finish(batch)
 
     def _finish(self, batch: Batch) -> None:
@@ -250,6 +244,19 @@ class Publisher:
         paths = pa.array([f["path"] for f in batch.files], pa.string())
         present = table.inspect.data_files().column("file_path")
         return bool(pc.any(pc.is_in(present, value_set=paths)).as_py() or False)
+
+
+def enable(data_dir: Path, namespace: str) -> int:
+    """Turn the outbox on, queueing what was sealed before (returns how many files); refuse
+    a catalog rebuilt since it was published (CatalogRebuilt)."""
+    catalog_dir, home = Path(data_dir) / "catalog", Path(data_dir) / "iceberg"
+    published = ledgers.load(home).instance_files
+    if not iceberg_outbox.enabled(catalog_dir) and published:
+        raise CatalogRebuilt(
+            f"{catalog_dir} was rebuilt after {published} of its files were published to {namespace}.{INSTANCES}: "
+            f"publishing it again would count its rows twice; remove this node's files from the table "
+            f"(docs/scale-out.md) and {home / ledgers.LEDGER}, then start again")
+    return iceberg_outbox.enable(catalog_dir)
 
 
 def _copy_local(src: Path, dst: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +77,15 @@ def open_catalog(config: Config) -> "Catalog":
             Path("/" + path).parent.mkdir(parents=True, exist_ok=True)
     if warehouse(config).startswith("file://"):
         Path(warehouse(config)[len("file://"):]).mkdir(parents=True, exist_ok=True)
-    return load_catalog(CATALOG_NAME, **catalog_properties(config))
+    props = catalog_properties(config)
+    for attempt in range(3):
+        try:
+            return load_catalog(CATALOG_NAME, **props)
+        except Exception:  # a SQL catalog creating its own tables as another node does: once more
+            if attempt == 2 or props["type"] != "sql":
+                raise
+            time.sleep(0.2 + attempt)
+    raise AssertionError("unreachable")
 
 
 def ensure_tables(catalog: "Catalog", namespace: str) -> dict[str, "Table"]:
