@@ -289,3 +289,19 @@ def test_two_nodes_publish_to_a_postgresql_catalog_at_once(postgres, tmp_path):
         code, out = _publish_here(node, postgres, **env)  # a second pass finds nothing left to do
         assert code == 0 and "published 0 catalog file(s)" in out and "0 deletion(s)" in out, out
     assert sorted(_uids(catalog.load_table("stowage.instances"))) == sorted(expected)
+
+
+def test_a_pruned_tombstone_log_publishes_only_what_is_new(tmp_path):
+    """`tombstones.prune` rewrites the log (a new file): the publisher reads it afresh and
+    commits only the entries the deletions table lacks; a pruned entry stays in Iceberg."""
+    uri, node = _sqlite(tmp_path), tmp_path / "node-p"
+    _seal_files(node, 1, 1)
+    old = [tombstones.Tombstone(f"2.25.{i}", 1000 + i) for i in range(4)]
+    tombstones.append(node, old)
+    assert _publish_here(node, uri)[0] == 0
+    assert tombstones.prune(node, {("2.25.0", 1000)}) == 1
+    tombstones.append(node, [tombstones.Tombstone("2.25.9", 2000)])
+    code, out = _publish_here(node, uri)
+    assert code == 0 and "1 deletion(s)" in out, out
+    dels = _catalog(uri).load_table("stowage.deletions").scan().to_arrow()
+    assert sorted(dels["sop_instance_uid"].to_pylist()) == ["2.25.0", "2.25.1", "2.25.2", "2.25.3", "2.25.9"]
