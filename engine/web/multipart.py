@@ -145,11 +145,17 @@ class RelatedParser:
         if i < 0:
             keep = len(self.delimiter) - 1
             if len(self.buf) > keep:
-                events.append(("data", bytes(self.buf[:len(self.buf) - keep])))
-                del self.buf[:len(self.buf) - keep]
+                events.append(("data", self._take(len(self.buf) - keep)))
             return
         if i:
-            events.append(("data", bytes(self.buf[:i])))
+            events.append(("data", self._take(i)))
         events.append(("end",))
-        del self.buf[:i + len(self.delimiter)]
+        del self.buf[:len(self.delimiter)]
         self.state = "after_delimiter"
+
+    def _take(self, n: int) -> bytes:
+        """The first n bytes of the buffer, copied once, and removed from it."""
+        with memoryview(self.buf) as view:
+            data = view[:n].tobytes()
+        del self.buf[:n]
+        return data

@@ -108,7 +108,8 @@ class _Receiver:
         self.folder = spool_dir(self.config.data_dir)  # on the archive's disk: the store path reads it there
         self.parts: list[Part] = []
         self.total = self.in_memory = 0
-        self.buf = bytearray()
+        self.chunks: list[bytes] = []  # the current part's bytes so far, joined once at its end
+        self.buffered = 0
         self.file = None
 
     async def event(self, ev: tuple) -> None:
@@ -119,15 +120,15 @@ class _Receiver:
                 raise refusal(415, f"part {len(self.parts) + 1} is {ptype[:60]!r}: only application/dicom parts "
                                    "are taken; nothing was stored")
             self.parts.append(Part(None, 0))
-            self.buf, self.file = bytearray(), None
+            self.chunks, self.buffered, self.file = [], 0, None
         elif kind == "data":
             await self._data(ev[1])
         elif kind == "end":
             if self.file is None:
-                self.parts[-1].data = bytes(self.buf)
+                self.parts[-1].data = b"".join(self.chunks)
             else:
                 await self.close()
-            self.buf = bytearray()
+            self.chunks, self.buffered = [], 0
 
     async def _data(self, chunk: bytes) -> None:
         part = self.parts[-1]
@@ -136,16 +137,17 @@ class _Receiver:
         if self.total > self.config.max_spool_bytes:
             raise refusal(413, f"the body holds more than max_spool_bytes ({self.config.max_spool_bytes} bytes); "
                                "send fewer or smaller instances per request; nothing was stored")
-        if self.file is None and (len(self.buf) + len(chunk) > self.config.spill_threshold
+        if self.file is None and (self.buffered + len(chunk) > self.config.spill_threshold
                                   or self.in_memory + len(chunk) > _IN_MEMORY_PER_REQUEST):
             await self.store.run(self.folder.mkdir, parents=True, exist_ok=True)
             part.path = self.folder / f"{os.getpid()}-{next(_ids)}.part"
             self.file = await self.store.run(open, part.path, "wb")
-            await self.store.run(self.file.write, bytes(self.buf))
-            self.in_memory -= len(self.buf)
-            self.buf = bytearray()
+            await self.store.run(self.file.write, b"".join(self.chunks))
+            self.in_memory -= self.buffered
+            self.chunks, self.buffered = [], 0
         if self.file is None:
-            self.buf += chunk
+            self.chunks.append(chunk)
+            self.buffered += len(chunk)
             self.in_memory += len(chunk)
         else:
             await self.store.run(self.file.write, chunk)
