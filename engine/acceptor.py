@@ -44,6 +44,7 @@ from stowage.engine.lifecycle.scrub import ScrubProcess
 from stowage.engine.runtime.tls import http_context, server_context
 from stowage.engine.web.processes import HttpProcesses, HttpStartError
 from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT
+from stowage.protocol.proxy_header import Trusted
 
 log = logging.getLogger("stowage.acceptor")
 _REJECT_LINGER_S = 2.0
@@ -91,6 +92,7 @@ class Acceptor:
         self.forward = ForwardProcess(config)  # [[forward]] rules: docs/forwarding.md
         self.iceberg = IcebergProcess(config)  # iceberg_catalog: docs/scale-out.md
         self.http = HttpProcesses(config, self.sel, self.metrics)  # DICOMweb and the web pages (http_port)
+        self.proxies = Trusted(config.proxy_protocol_from)  # load balancers sending PROXY headers
 
     # -- start-up -----------------------------------------------------------------
 
@@ -184,6 +186,9 @@ class Acceptor:
                  len(self.slots), self.config.data_dir)
         log.info("access: %s; %d configured remote AE(s) (docs/access.md)", Policy(self.config).describe_unknown(),
                  len(self.config.remotes))
+        if self.proxies:
+            log.info("connections from %s begin with a PROXY v2 header naming the client (proxy_protocol_from); "
+                     "max_associations_per_address does not apply to them", ", ".join(self.config.proxy_protocol_from))
         while not self.draining:
             self._tick(0.5)
         return self._drain()
@@ -252,7 +257,7 @@ class Acceptor:
             self._admit(conn, tls, str(addr[0]), time.monotonic())
 
     def _admit(self, conn: socket.socket, tls: bool, address: str, accepted_at: float) -> None:
-        if self._address_full(address):
+        if address not in self.proxies and self._address_full(address):  # a balancer caps per client itself
             self._refuse_address(conn, tls, address)
             return
         live, total = self._load()

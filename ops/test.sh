@@ -13,6 +13,7 @@ command -v dciodvfy >/dev/null || missing+=(dicom3tools)  # tests/test_export.py
 [ -x /usr/bin/chromium ] || missing+=(chromium)  # the real browser of tests/browser.py (dashboard, OHIF viewer)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)  # tests/test_iceberg_catalog.py: a SQL catalog
+[ -x /usr/sbin/haproxy ] || missing+=(haproxy)  # tests/test_haproxy.py: the balancer in front of two nodes
 if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

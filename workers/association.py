@@ -78,9 +78,10 @@ def tune(sock: socket.socket, network_timeout: float) -> None:
 
 
 def create(ae: AE, sock: socket.socket, contexts: list, handlers: list[tuple[Any, Any]],
-           ae_title: str, pushback: bytes = b"") -> Association:
+           ae_title: str, pushback: bytes = b"", source: tuple[str, int] | None = None) -> Association:
     """An acceptor-mode Association over `sock`, ready to start(); `pushback` holds bytes
-    already read from the peer, which pynetdicom reads first."""
+    already read from the peer, which pynetdicom reads first; `source`: the requestor's
+    address when a trusted balancer's PROXY header named it (else the connection's)."""
     assoc = Association(ae, MODE_ACCEPTOR)
     assoc.set_socket(BoundedSocket(assoc, sock, ae.maximum_pdu_size, pushback))
     assoc.acceptor.maximum_length = ae.maximum_pdu_size
@@ -91,7 +92,7 @@ def create(ae: AE, sock: socket.socket, contexts: list, handlers: list[tuple[Any
     # Negotiation only reads these: share one list instead of the deepcopy pynetdicom
     # makes (costly for our ~200 contexts × 39 syntaxes: docs/benchmarks.md).
     assoc.acceptor.supported_contexts = contexts
-    assoc.requestor.address_info = AddressInformation.from_tuple(sock.getpeername()[:2])
+    assoc.requestor.address_info = AddressInformation.from_tuple(source or sock.getpeername()[:2])
     for event, handler in handlers:
         assoc.bind(event, *handler) if isinstance(handler, tuple) else assoc.bind(event, handler)
     return assoc

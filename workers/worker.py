@@ -30,7 +30,7 @@ from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import claim_exact
 from stowage.engine.runtime.tls import server_context
-from stowage.protocol import pynetdicom_patches
+from stowage.protocol import proxy_header, pynetdicom_patches
 from stowage.protocol.pdu import (A_ASSOCIATE_RJ_CALLING_AE, A_ASSOCIATE_RJ_LIMIT, DeadlinePassed, PeerClosed,
                                   ProtocolError)
 from stowage.protocol.sockopts import kernel_timeouts
@@ -71,6 +71,7 @@ class Worker:
         self.handlers = self.services.handlers()
         self.service_of = self.services.service_of()
         self.tls = server_context(config)  # for connections to tls_port (the acceptor checked it loads)
+        self.proxies = proxy_header.Trusted(config.proxy_protocol_from)
 
     def _tell(self, message: bytes) -> None:
         with self._send_lock:
@@ -122,14 +123,34 @@ class Worker:
             self._tell(b"E" + token)
             return
         deadline = _accepted_at(token) + self.config.association_request_timeout
-        run = self._run_tls if tls else self._run
-        t = threading.Thread(target=run, args=(sock, peer, token, deadline, reject) if tls else
-                             (sock, peer, token, deadline), daemon=True, name=f"assoc-{peer}")
+        t = threading.Thread(target=self._connection, args=(sock, peer, token, deadline, tls, reject),
+                             daemon=True, name=f"assoc-{peer}")
         with self._active_lock:
             self._active.add(t)
         t.start()
 
-    def _run_tls(self, sock: socket.socket, peer: str, token: bytes, deadline: float, reject: bool) -> None:
+    def _connection(self, sock: socket.socket, peer: str, token: bytes, deadline: float, tls: bool,
+                    reject: bool) -> None:
+        """One connection's thread: the PROXY header first when a trusted balancer sent it
+        (the client it names is the peer from then on), then the association."""
+        source = None
+        if self.proxies and sock.getpeername()[0] in self.proxies:
+            try:
+                source = proxy_header.read(sock, deadline)
+            except (proxy_header.ProxyHeaderError, DeadlinePassed, PeerClosed, OSError) as e:
+                log.warning("%s (proxy_protocol_from): %s; closing the connection", peer, e)
+                sock.close()
+                self._ended(token)
+                return
+            if source is not None:  # None: the balancer's own health check
+                peer = "%s:%d via %s" % (*source, peer)
+        if tls:
+            self._run_tls(sock, peer, token, deadline, reject, source)
+        else:
+            self._run(sock, peer, token, deadline, source)
+
+    def _run_tls(self, sock: socket.socket, peer: str, token: bytes, deadline: float, reject: bool,
+                 source: tuple[str, int] | None = None) -> None:
         """A connection to the TLS port: the handshake, then the association as on the plain
         port, or (`reject`) the A-ASSOCIATE-RJ for a full house. The handshake counts
         against the A-ASSOCIATE-RQ deadline (CPython bounds a whole handshake by the socket
@@ -149,7 +170,7 @@ class Worker:
             self._ended(token)
             return
         if not reject:
-            return self._run(tls_sock, peer + " TLS", token, deadline)
+            return self._run(tls_sock, peer + " TLS", token, deadline, source)
         try:
             negotiation.read_request(tls_sock, max(self.config.max_pdu, 1 << 16), deadline)
             tls_sock.sendall(A_ASSOCIATE_RJ_LIMIT)
@@ -171,14 +192,16 @@ class Worker:
                     peer, what, self.config.association_request_timeout)
         process_counts.refused("association_request_timeout")
 
-    def _run(self, sock: socket.socket, peer: str, token: bytes, deadline: float) -> None:
+    def _run(self, sock: socket.socket, peer: str, token: bytes, deadline: float,
+             source: tuple[str, int] | None = None) -> None:
+        """The association on a connection; `source`: the client a PROXY header named."""
         key = id(sock)
         self.trail.opened(key, peer)
         calling, called, outcome, path = "", self.config.aet, "closed", ""
         try:
             req = negotiation.read_request(sock, max(self.config.max_pdu, 1 << 16), deadline)
             calling, called = req.calling_ae, req.called_ae
-            caller = _caller(sock, calling)
+            caller = _caller(sock, calling, source)
             refusal = self.services.access.admit(caller, self._proposed(req))
             if refusal is not None:
                 access.refused(caller, called, "association", refusal.reason)
@@ -189,7 +212,7 @@ class Worker:
                 path, outcome = "lean", self._serve_storage(sock, req, key, peer)
             else:
                 req.primitive  # decoded here: what pynetdicom cannot read gets an A-ABORT, not a traceback in its thread
-                path, outcome = "pynetdicom", self._serve_pynetdicom(sock, req)
+                path, outcome = "pynetdicom", self._serve_pynetdicom(sock, req, source)
         except DeadlinePassed:
             self._request_timeout(peer)
             outcome = "closed: no A-ASSOCIATE-RQ within association_request_timeout"
@@ -228,8 +251,9 @@ class Worker:
         return StorageAssociation(sock, accepted, self.services.storage, key, req.calling_ae, req.called_ae,
                                   self.config.max_pdu, self.config.max_command_bytes, peer).run()
 
-    def _serve_pynetdicom(self, sock: socket.socket, req: negotiation.Request) -> str:
-        assoc = association.create(self.ae, sock, self.contexts, self.handlers, self.config.aet, req.raw)
+    def _serve_pynetdicom(self, sock: socket.socket, req: negotiation.Request,
+                          source: tuple[str, int] | None = None) -> str:
+        assoc = association.create(self.ae, sock, self.contexts, self.handlers, self.config.aet, req.raw, source)
         assoc.start()
         assoc.join()
         return outcome_of(assoc)
@@ -272,9 +296,10 @@ def _accepted_at(token: bytes) -> float:
         return now
 
 
-def _caller(sock: socket.socket, calling_ae: str) -> access.Caller:
-    """Who the association's requestor is: its AE title, address and verified certificate."""
-    address = str(sock.getpeername()[0])
+def _caller(sock: socket.socket, calling_ae: str, source: tuple[str, int] | None = None) -> access.Caller:
+    """Who the association's requestor is: its AE title, address (the one a trusted
+    balancer's PROXY header named, else the connection's) and verified certificate."""
+    address = source[0] if source else str(sock.getpeername()[0])
     if isinstance(sock, ssl.SSLSocket):
         return access.Caller(calling_ae, address, True, sock.getpeercert() or None)
     return access.Caller(calling_ae, address)

@@ -6,6 +6,7 @@ flags, upper case in the environment: `--max-pdu`, `STOWAGE_MAX_PDU`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -106,6 +107,9 @@ class Config:
     max_nesting_depth: int = 64            # sequences nested deeper than this: the data set is refused
     association_request_timeout: float = 10.0  # the whole A-ASSOCIATE-RQ must arrive within this many seconds
     max_associations_per_address: int = 32     # open associations from one IP address (0: only max_associations)
+    # TCP load balancers (addresses or networks) whose connections begin with a PROXY protocol
+    # v2 header naming the client (HAProxy send-proxy-v2; protocol/proxy_header.py, ops/haproxy/)
+    proxy_protocol_from: tuple[str, ...] = ()
     max_commitment_references: int = 50000     # SOP instances one storage commitment request may reference
     max_pending_commitments: int = 16      # commitment requests of one AE not yet reported, at once
     max_spool_bytes: int = 4 << 30         # bytes all spool files of a worker may hold at once
@@ -227,6 +231,11 @@ class Config:
             raise ConfigError("http_processes must be >= 0 and qido_max_limit 1-100000")
         for key in ("unknown_ae_services", "unknown_ae_loopback_services"):
             _check_services(key, getattr(self, key))
+        for network in self.proxy_protocol_from:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(f"proxy_protocol_from: {network!r} is not an IP address or network") from None
         if not 0 < self.forward_retry_initial <= self.forward_retry_max <= 86400:
             raise ConfigError("forward_retry_initial must be > 0 and <= forward_retry_max <= 86400 seconds")
         if self.node_name and not _NODE_NAME.match(self.node_name):
@@ -248,7 +257,8 @@ class Config:
         """Plain-data form, for handing the configuration to a worker process."""
         d = dataclasses.asdict(self)
         d["data_dir"] = str(self.data_dir)
-        for key in ("protected_patients", "unknown_ae_services", "unknown_ae_loopback_services"):
+        for key in ("protected_patients", "unknown_ae_services", "unknown_ae_loopback_services",
+                    "proxy_protocol_from"):
             d[key] = list(d[key])
         d["remotes"] = {k: dataclasses.asdict(v) for k, v in self.remotes.items()}
         d["http_cors_origins"] = list(self.http_cors_origins)
@@ -290,7 +300,7 @@ def _coerce(key: str, value: Any) -> Any:
     try:
         if key == "data_dir":
             return Path(value)
-        if key in ("protected_patients", "http_cors_origins"):  # a TOML list, or comma-separated
+        if key in ("protected_patients", "http_cors_origins", "proxy_protocol_from"):  # a TOML list, or comma-separated
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(v).strip() for v in items if str(v).strip())
         if isinstance(default, tuple):  # a TOML list, or comma-separated in a flag or variable

@@ -17,7 +17,7 @@ import logging
 from aiohttp import web
 
 from stowage.engine.runtime.config import Config
-from stowage.engine.web import access, dashboard, delete_rs, errors, qido, rendered, stow, wado, wado_uri
+from stowage.engine.web import access, dashboard, delete_rs, errors, health, qido, rendered, stow, wado, wado_uri
 from stowage.engine.web.context import CONFIG, DICOMWEB
 from stowage.engine.web.store import store_context
 
@@ -39,5 +39,6 @@ def build_app(config: Config) -> web.Application:
     app.add_routes(stow.routes(DICOMWEB))
     app.add_routes(delete_rs.routes(DICOMWEB))
     app.add_routes(wado_uri.routes())
+    app.add_routes(health.routes())  # for load balancers (ops/haproxy/)
     dashboard.add_routes(app, config, DICOMWEB)  # "/", /dashboard/..., and the OHIF viewer (/viewer)
     return app
