@@ -32,7 +32,7 @@ from stowage.protocol.status import OUT_OF_RESOURCES
 from test_bad_input import (CT_STORAGE, STUDY_ROOT_FIND, VERIFICATION, assert_abort_or_close, associate_rq,
                             exported, part10, raw_connect, read_pdu_or_close, request_uid, scu, tmpfs,  # noqa: F401
                             assert_slots_come_back, worker_pids, workers_rss)
-from test_metrics import wait_for
+from test_metrics import scrape, wait_for
 from test_tls import certs  # noqa: F401  (fixture)
 from test_tls_scp import dcmtk_tls, tls_client
 
@@ -129,6 +129,9 @@ def test_trickled_requests_keep_no_one_out_and_end_at_the_deadline(make_server):
     mport = free_port()
     server = make_server("--workers", "2", "--max-associations", "8", "--metrics-port", str(mport),
                          STOWAGE_MAX_ASSOCIATIONS_PER_ADDRESS="4", STOWAGE_ASSOCIATION_REQUEST_TIMEOUT="5")
+    # On a loaded machine the start-up probes (conftest echo_ok) can queue up and meet the
+    # per-address cap themselves: count only what happens from here on.
+    before = scrape(mport).get(refusals("associations_per_address"), 0)
     rq = associate_rq(server.port)
     tricklers = [socket.create_connection((HOST, server.port), timeout=5, source_address=(OTHER_ADDRESS, 0))
                  for _ in range(10)]
@@ -158,7 +161,7 @@ def test_trickled_requests_keep_no_one_out_and_end_at_the_deadline(make_server):
             t.close()
     got = wait_for(mport, refusals("association_request_timeout"), 4)
     assert got[refusals("association_request_timeout")] == 4, got
-    assert got[refusals("associations_per_address")] == 6, got
+    assert got[refusals("associations_per_address")] - before == 6, got
     log = wait_for_log(server, "association_request_timeout")
     assert any(OTHER_ADDRESS in line and "association_request_timeout" in line for line in log.splitlines())
     assert any(OTHER_ADDRESS in line and "max_associations_per_address" in line for line in log.splitlines())
