@@ -10,6 +10,7 @@ missing=()
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)  # tests/test_dicomweb_orthanc.py
 command -v openssl >/dev/null || missing+=(openssl)  # tests/test_tls.py makes its certificates with it
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)  # tests/test_export.py checks the DICOMDIR with it
+command -v faketime >/dev/null || missing+=(faketime)  # tests/test_deidentify_consistency.py: a process on another day
 [ -x /usr/bin/chromium ] || missing+=(chromium)  # the real browser of tests/browser.py (dashboard, OHIF viewer)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)  # tests/test_iceberg_catalog.py: a SQL catalog

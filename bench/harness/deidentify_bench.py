@@ -7,8 +7,9 @@
    its default recipe, which is pydicom's deid.dicom); then `stowage deidentify` with one
    process per core.
 2. Ingest through C-STORE (DCMTK storescu, one association) into `stowage serve`: to the
-   plain AE title, then to a project's AE title (de-identified on the way in), fresh data
-   directories, same corpus.
+   plain AE title and to a project's AE title (de-identified on the way in), alternately,
+   `--rounds` times each, fresh data directories, same corpus, each server measured from
+   when its processes have settled; then the medians.
 
 Each row: instances/s and CPU ms per instance (the whole process tree for ingest).
 
@@ -111,6 +112,7 @@ def folder_rows(files: list[Path], nbytes: int, work: Path) -> list[Row]:
 
 def ingest_row(folder: Path, files: int, nbytes: int, work: Path, project: bool) -> Row:
     storescu, echoscu = find_dcmtk("storescu"), find_dcmtk("echoscu")
+    work.mkdir(parents=True, exist_ok=True)
     data = work / ("data-ingest-project" if project else "data-ingest-plain")
     config = work / "ingest.toml"
     config.write_text(f'[projects.TRIAL]\ncalled_ae = "TRIAL"\noptions = {OPTIONS!r}\n'.replace("'", '"'))
@@ -118,6 +120,7 @@ def ingest_row(folder: Path, files: int, nbytes: int, work: Path, project: bool)
     server = serve_stowage(data, port, echoscu, "--config", str(config))
     monitor = TreeMonitor(server.pid).start()
     try:
+        monitor.settle()  # done starting (every process imported, the scrub's first plan made)
         base = monitor.sample()
         t0 = time.perf_counter()
         r = subprocess.run([storescu, "+sd", "+r", "-aec", "TRIAL" if project else "STOWAGE", "-aet", "SCANNER",
@@ -133,12 +136,22 @@ def ingest_row(folder: Path, files: int, nbytes: int, work: Path, project: bool)
                seconds, cpu)
 
 
+def _median(rows: list[Row], name: str) -> Row:
+    """A row with the median rate and the median CPU per instance of `rows`."""
+    by_rate = sorted(rows, key=lambda r: r.rate)
+    by_cpu = sorted(rows, key=lambda r: r.cpu_ms)
+    mid = by_rate[len(rows) // 2]
+    cpu = by_cpu[len(rows) // 2].cpu_ms * mid.files / 1000
+    return Row(f"median of {len(rows)}: {name}", mid.files, mid.nbytes, mid.seconds, cpu)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kind", default="small,ct")
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--work", type=Path)
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="ingest runs of each kind, alternating [3]")
     a = ap.parse_args(argv)
     work = a.work or Path(tempfile.mkdtemp(prefix="deid-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -149,12 +162,25 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir()
         rows = folder_rows(files, nbytes, run)
-        if not a.skip_ingest:
-            rows += [ingest_row(folder, n, nbytes, run, project=False), ingest_row(folder, n, nbytes, run, True)]
+        if not a.skip_ingest:  # alternately, `--rounds` times each: the rates here are noisy
+            ingest = [ingest_row(folder, n, nbytes, run / f"r{i}", project)
+                      for i in range(a.rounds) for project in (False, True)]
+            rows += ingest
+            if a.rounds > 1:
+                rows += [_median(ingest[0::2], "plain"), _median(ingest[1::2], "project TRIAL (de-identified)")]
         print(f"\n{kind}: {n} files, {nbytes / 1e6:.1f} MB, {os.cpu_count()} cores")
         print(f"{'path':48} {'inst/s':>8} {'CPU ms/inst':>12}")
         for row in rows:
             print(f"{row.name:48} {row.rate:8.1f} {row.cpu_ms:12.2f}")
+        others = [r for r in rows if r.name.startswith(("dicognito", "deid"))]
+        if others:
+            best = max(others, key=lambda r: r.rate)
+            print(f"stowage (1 process) / {best.name.split()[0]}: {rows[0].rate / best.rate:.1f}x the rate, "
+                  f"{best.cpu_ms / rows[0].cpu_ms:.1f}x less CPU per instance")
+        medians = [r for r in rows if r.name.startswith("median")]
+        if len(medians) == 2:
+            print(f"de-identified ingest / plain ingest (medians): {medians[1].rate / medians[0].rate:.2f}x the rate, "
+                  f"{medians[1].cpu_ms / medians[0].cpu_ms:.2f}x the CPU per instance")
         shutil.rmtree(run, ignore_errors=True)
 
 

@@ -48,6 +48,7 @@ _WANTED = {0x00080005: "SpecificCharacterSet", 0x00100020: "PatientID", 0x001000
            0x00280302: "RecognizableVisualFeatures"}
 _PIXELS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _LAST_WANTED = max(_WANTED)
+_ACTED_MAX, _ACTED_BYTES = 1 << 16, 256  # elements remembered per profile, up to this size (`_Walk.acted`)
 
 
 @lru_cache(maxsize=4096)
@@ -222,7 +223,10 @@ class _Walk:
                 out.append(self.string(tag, vr, self.inst.pseudonym))
                 pos = nxt
                 continue
-            chunk = self.act(tag, vr, pos, val, length, nxt, action, dummy_text)
+            if action is not None and vr != "SQ" and not scrub:
+                chunk = self.acted(tag, vr, pos, val, length, nxt, action)
+            else:
+                chunk = self.act(tag, vr, pos, val, length, nxt, action, dummy_text)
             if chunk is not None:
                 if scrub and vr in _FREE_TEXT_VRS:
                     chunk = self.scrubbed(chunk, tag, vr)
@@ -249,6 +253,33 @@ class _Walk:
             return chunk
         value = w.text(val, length)
         return self.string(tag, vr, self.p._scrub(value, self.inst)) if value else chunk
+
+    def acted(self, tag, vr, start, val, length, nxt, action):
+        """`act` for an element that is not a sequence, remembered: one series' instances
+        carry the same study, series and frame of reference UIDs, dates and device
+        values, and come out the same for the same patient. The key holds the element's
+        bytes, the action, the encoding and the patient (date offset, words to scrub);
+        the UIDs an element maps are recorded in the instance on every use."""
+        if nxt - start > _ACTED_BYTES or action == "X":  # large values are rare, and not kept
+            return self.act(tag, vr, start, val, length, nxt, action, False)
+        inst = self.inst
+        key = (self.b[start:nxt], action, self.implicit, self.codec, inst.offset, inst.scrub)
+        cache = self.p.acted
+        hit = cache.get(key)
+        if hit is None:
+            chunk = self.act(tag, vr, start, val, length, nxt, action, False)
+            pairs = ()
+            if vr == "UI" and length:
+                olds = (u.strip("\0 ") for u in self.text(val, length).split("\\"))
+                pairs = tuple((o, inst.uids[o]) for o in olds if o in inst.uids)
+            if len(cache) >= _ACTED_MAX:
+                cache.clear()
+            cache[key] = (chunk, pairs)
+            return chunk
+        chunk, pairs = hit
+        for old, new in pairs:
+            inst.uids.setdefault(old, new)
+        return chunk
 
     def act(self, tag, vr, start, val, length, nxt, action, dummy_text):
         raw = self.buf[start:nxt]

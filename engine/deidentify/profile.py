@@ -128,6 +128,7 @@ class Profile:
         self.retain_uids = "retain_uids" in self.options
         self.modified_dates = "retain_longitudinal_modified_dates" in self.options
         self.full_dates = "retain_longitudinal_full_dates" in self.options
+        self.acted: dict = {}  # encoded.py's remembered element rewrites (bounded there)
 
     # -- the whole instance ---------------------------------------------------------------
     def apply(self, ds: Dataset) -> Outcome:
