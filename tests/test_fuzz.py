@@ -32,6 +32,8 @@ def test_bounded_fuzz_run_breaks_nothing(tmp_path):
     # and the HTTP surface: requests refused with a 4xx, and some answered
     assert any(k.startswith("http: status 4") for k in outcomes), outcomes
     assert any(k.startswith("http: status 2") for k in outcomes), outcomes
+    # a Host header that is not a host name: refused, not a 500 with a traceback
+    assert outcomes.get("regression http: status 400") == 1, outcomes
     assert report["checks"] == 3 and report["import_files"] > 0
     log = Path(report["log"]).read_text(errors="replace")
     assert "listening on" in log and "Traceback" not in log

@@ -634,6 +634,8 @@ def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 
 
     try:
         baseline = warm_up(archive, ct, rq)
+        for req in fuzz_http.regressions():
+            report.outcomes[f"regression http: {fuzz_http.replay(archive.http_port, req)}"] += 1
         for kind, messages in regressions(rq):
             report.outcomes[f"regression {kind}: {Case(archive.port, random.Random(seed), rq).replay(kind, messages)}"] += 1
         pending = 0

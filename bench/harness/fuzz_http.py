@@ -68,7 +68,8 @@ def request(rng: random.Random, part10: bytes) -> bytes:
         return mutate(b"GET /dicom-web/studies HTTP/1.1\r\nHost: x\r\n\r\n", rng, rng.randint(1, 8))
     method = rng.choice(["GET"] * 6 + ["POST", "POST", "DELETE", "PUT", "OPTIONS", "HEAD", "BREW"])
     target = _path(rng) + _query(rng)
-    headers = [f"Host: {HOST}", f"Accept: {rng.choice(_ACCEPTS)}"]
+    host = HOST if rng.random() < 0.9 else rng.choice(["", "x" * 300, "[::1", "a b", "\udcfb", "h\u00e9", "1:2:3"])
+    headers = [f"Host: {host}", f"Accept: {rng.choice(_ACCEPTS)}"]
     body = b""
     if method == "POST":
         target = rng.choice([f"{BASE}/studies", f"{BASE}/studies/{rng.choice(_UIDS)}", f"{BASE}/studies/1.2.3/series"])
@@ -89,6 +90,25 @@ def request(rng: random.Random, part10: bytes) -> bytes:
     return head.encode("utf-8", "surrogateescape") + body
 
 
+def regressions() -> list[bytes]:
+    """Requests that once broke the server (issue #20), sent first in every run, after the
+    warm-up has stored studies for them to find."""
+    return [b"GET /dicom-web/studies?limit=2 HTTP/1.1\r\nHost: x\xfb\r\nAccept: application/dicom+json\r\n"
+            b"Connection: close\r\n\r\n"]  # a Host byte aiohttp keeps as a surrogate: the Retrieve URLs raised
+
+
+def replay(port: int, req: bytes) -> str:
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(req)
+        return _status(_read_some(s, 10))
+
+
+def _status(reply: bytes) -> str:
+    if reply.startswith(b"HTTP/1.") and len(reply) >= 12:
+        return f"status {reply[9:12].decode('ascii', 'replace')}"
+    return "closed without an answer" if not reply else "answered, not HTTP"
+
+
 def case(port: int, rng: random.Random, part10: bytes) -> str:
     """Send one fuzzed request; the outcome as `status NNN`, or how the connection ended."""
     with socket.create_connection((HOST, port), timeout=10) as s:
@@ -100,9 +120,7 @@ def case(port: int, rng: random.Random, part10: bytes) -> str:
         except OSError:
             pass
         reply = _read_some(s)
-    if reply.startswith(b"HTTP/1.") and len(reply) >= 12:
-        return f"status {reply[9:12].decode('ascii', 'replace')}"
-    return "closed without an answer" if not reply else "answered, not HTTP"
+    return _status(reply)
 
 
 def _waits_for_more(req: bytes) -> bool:

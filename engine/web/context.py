@@ -2,6 +2,8 @@
 path, this server's URL as the client reached it, and the UIDs of the path, checked."""
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
 from stowage.engine.runtime.config import Config
@@ -10,6 +12,9 @@ from stowage.engine.web.errors import refusal
 
 CONFIG = web.AppKey("config", Config)
 DICOMWEB = "/dicom-web"  # the DICOMweb base path (the "service" root of PS3.18)
+# uri-host [":" port] (RFC 9110 7.2, RFC 3986 3.2.2): ASCII only. Anything else (a byte
+# aiohttp kept as a surrogate) would go into every Retrieve URL we answer with.
+_HOST = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]+")
 
 
 def base_url(request: web.Request) -> str:
@@ -17,6 +22,8 @@ def base_url(request: web.Request) -> str:
     port added when the header lacks one (some clients, dicomweb-client among them, send
     the host name alone)."""
     host = request.host
+    if not _HOST.fullmatch(host):
+        raise refusal(400, f"the Host header {host[:80]!r} is not a host name and port (RFC 9110 7.2)")
     if not host.endswith("]") and ":" not in host.rsplit("]", 1)[-1]:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         port = sockname[1] if sockname else None
