@@ -288,7 +288,14 @@ def test_two_nodes_publish_to_a_postgresql_catalog_at_once(postgres, tmp_path):
         print(f"{node.name}: {led.commits} commits, {led.conflicts} conflicts retried")
         code, out = _publish_here(node, postgres, **env)  # a second pass finds nothing left to do
         assert code == 0 and "published 0 catalog file(s)" in out and "0 deletion(s)" in out, out
-    assert sorted(_uids(catalog.load_table("stowage.instances"))) == sorted(expected)
+    instances = catalog.load_table("stowage.instances")
+    assert sorted(_uids(instances)) == sorted(expected)
+    # What node A follows of node B: B's files, then nothing new since that snapshot.
+    from stowage.engine.iceberg.follow import added_since
+    seen = added_since(instances, None, skip_node="pg-a")
+    assert (len(seen.files), seen.rows, seen.complete) == (8, 24, True)
+    assert all("/data/pg-b/" in f for f in seen.files)
+    assert added_since(instances, seen.snapshot_id, skip_node="pg-a").files == []
 
 
 def test_a_pruned_tombstone_log_publishes_only_what_is_new(tmp_path):
