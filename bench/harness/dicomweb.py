@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import itertools
 import json
 import os
 import random
@@ -65,6 +66,7 @@ def _measure(target: WebTarget, pid: int, corpora: list, k: int, batch: int, dat
     for n, items in enumerate(corpora):
         r = run_stow(target, items, k, batch, pid)
         rows.append(_row(f"STOW-RS run {n + 1}", r, -(-len(items) // batch)))
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     series = len(series_of(corpora[0]))
     for what, label, cold in (("metadata", "series metadata, first (cold)", True),
                               ("metadata", "series metadata, again", False),
@@ -73,6 +75,7 @@ def _measure(target: WebTarget, pid: int, corpora: list, k: int, batch: int, dat
         if cold:
             evict(data)
         rows.append(_row(label, run_wado(target, corpora[0], 1, what, pid), series))
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -132,9 +135,32 @@ def time_qido(target: WebTarget, pid: int, patients: int, repeat: int) -> list[d
             out.append({"what": f"QIDO-RS {kind}", "p50_ms": round(statistics.median(times), 2),
                         "p90_ms": round(times[int(len(times) * 0.9)], 2), "matches": round(statistics.mean(matches), 1),
                         "cpu_ms_per_request": round((monitor.cpu - cpu0) / repeat * 1e3, 2), "failed": failed})
+            print(f"  {out[-1]}", file=sys.stderr, flush=True)
     finally:
         conn.close()
     return out
+
+
+def _write_share(patients: int, out: Path, k: int, n: int) -> list[Path]:
+    from stowage.bench.harness import query_corpus as qc
+    paths = []
+    for series in itertools.islice(qc.series_list(patients), k, None, n):
+        for i in series.instances:
+            p = out / f"{series.patient:07d}-{series.study}-{series.series}-{i:03d}.dcm"
+            if not p.exists():
+                qc.dataset(series, i).save_as(p, enforce_file_format=True)
+            paths.append(p)
+    return paths
+
+
+def write_qido_files(patients: int, out: Path, processes: int = os.cpu_count() or 1) -> list[Path]:
+    """query_corpus's files of `patients` patients in `out` (kept ones reused), written by
+    several processes."""
+    import multiprocessing as mp
+    out.mkdir(parents=True, exist_ok=True)
+    with mp.get_context("spawn").Pool(processes) as pool:
+        shares = pool.starmap(_write_share, [(patients, out, k, processes) for k in range(processes)])
+    return sorted(p for share in shares for p in share)
 
 
 def _load_qido(port: int, aet: str, files: list[Path]) -> float:
@@ -153,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--qido", type=int, default=0, help="instances to load for the QIDO-RS latency (0: none)")
     ap.add_argument("--repeat", type=int, default=30, help="timed QIDO-RS requests per query kind")
+    ap.add_argument("--qido-dir", type=Path, help="keep the QIDO-RS corpus files here (reused by the next run)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if not Path(PLUGIN).exists():
@@ -171,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             from stowage.bench.harness import query_corpus as qc
             patients = max(1, args.qido // qc.PER_PATIENT)
             say(f"writing {patients * qc.PER_PATIENT} files for QIDO-RS")
-            qido_files = qc.write_files(patients, work / "qido")
+            qido_files = write_qido_files(patients, args.qido_dir or work / "qido")
         results = {}
         port, http_port = free_port(), free_port()
         server = serve_stowage(work / "stowage", port, find_dcmtk("echoscu"), "--http-port", str(http_port))
