@@ -36,7 +36,7 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _CHARSET = 0x00080005
 MAX_DEPTH = 16
-_KEEP = 200_000  # kept pieces per process; past it the table starts again
+_KEEP = 100_000  # kept pieces per process (some 20 MB); past it the tables start again
 
 
 class _Odd(Exception):
