@@ -7,6 +7,7 @@ import os
 import struct
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -110,18 +111,27 @@ def _write_parts(target: str, parts: list) -> None:
         raise
 
 
+def _meta_start(raw: bytes) -> int:
+    """Where the file meta group starts: after the 128-byte preamble and "DICM", or after a
+    "DICM" at the very start (the preamble left out, which DCMTK reads); 0: neither."""
+    if raw[128:132] == b"DICM":
+        return len(PREAMBLE)
+    return 4 if raw[:4] == b"DICM" and raw[4:6] == b"\x02\x00" else 0
+
+
 def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
     """("written" | "quarantined" | "failed" | "skipped", detail) for one file."""
     try:
         raw = _read(os.fspath(path))
     except OSError as e:
         return "failed", f"{path}: cannot read ({e.strerror})"
-    payload = memoryview(raw)[len(PREAMBLE):] if raw[128:132] == b"DICM" else b""
+    start = _meta_start(raw)
+    payload = memoryview(raw)[start:] if start else b""
     meta = _meta(payload) if payload else None
     ts = meta[1].get(0x00020010, "") if meta else ""
     if meta and ts and ts != DeflatedExplicitVRLittleEndian:
         try:  # the fast path: bytes in, bytes out (encoded.py); deidentify_bytes falls back itself
-            result = project.deidentify_bytes(raw, ts, len(PREAMBLE) + meta[0])
+            result = project.deidentify_bytes(raw, ts, start + meta[0])
         except Quarantined as e:
             return "quarantined", f"{path}: {e}"
         except Exception as e:
@@ -140,7 +150,10 @@ def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
 
 def _through_pydicom(project: Project, path: Path, out: Path) -> tuple[str, str]:
     try:
-        ds = dcmread(path)
+        with open(path, "rb") as f:
+            head = f.read(132)
+        # pydicom wants the preamble: give it one when only "DICM" and the file meta are there
+        ds = dcmread(BytesIO(bytes(128) + path.read_bytes())) if _meta_start(head) == 4 else dcmread(path)
     except (InvalidDicomError, EOFError):
         return "skipped", ""
     except Exception as e:  # a damaged file: say which and why, go on with the rest

@@ -226,7 +226,8 @@ def _part10(part: Part) -> tuple[str, int]:
     """The part's transfer syntax and where its data set starts; fills its SOP UIDs.
     Raises ValueError with a reason."""
     head = part.head(64 << 10)
-    pos = 132 if head[128:132] == b"DICM" else 0
+    # 128-byte preamble and "DICM", or (as DCMTK reads them) "DICM" at the start, the preamble left out
+    pos = 132 if head[128:132] == b"DICM" else 4 if head[:4] == b"DICM" and head[4:6] == b"\x02\x00" else 0
     if head[pos:pos + 2] != b"\x02\x00":
         raise ValueError("not a DICOM Part-10 file (no DICM prefix, no file meta information)")
     meta: dict[int, str] = {}
