@@ -121,3 +121,52 @@ def test_a_rule_naming_an_unknown_project_is_one_clear_line(tmp_path):
                         str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "forward rule 'rule-1': deidentify = 'NOPE' is not a configured [projects.NAME]" in r.stderr, r.stderr
+
+
+def test_kill_9_while_draining_resends_only_what_was_in_flight(make_server, tmp_path):
+    """A full queue (the destination was down) is draining into a pynetdicom SCP when serve
+    is killed -9; after the restart every instance has arrived, and the only ones the
+    destination got twice are entries that were not yet marked done at the kill."""
+    import sqlite3
+    import threading
+    import time as _time
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    calls: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def on_store(event):
+        _time.sleep(0.005)  # a destination slower than us: the kill lands mid-drain
+        with lock:
+            uid = str(event.request.AffectedSOPInstanceUID)
+            calls[uid] = calls.get(uid, 0) + 1
+        return 0x0000
+    def done() -> set[str]:
+        db = sqlite3.connect(server.data_dir / "forward" / "queue.sqlite", timeout=10)
+        try:
+            return {u for u, in db.execute("SELECT sop_instance_uid FROM entries WHERE state = 'done'")}
+        finally:
+            db.close()
+    n = 300  # more than one batch (256 entries per association)
+    port = free_port()
+    conf = write_config(tmp_path / "f.toml", {"SLOW": port}, '[[forward]]\nto = "SLOW"\n')
+    files = series_instances(tmp_path / "mr", "PK", generate_uid(), generate_uid(), n, src=MR)
+    server = make_server("--workers", "1", "--config", str(conf))
+    storescu(server.port, files)
+    wait_for(lambda: queue_counts(server.data_dir).get("SLOW", [0])[0] == n, 60, "entries not queued")
+    ae = AE("SLOW")
+    ae.supported_contexts = AllStoragePresentationContexts
+    scp = ae.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        wait_for(lambda: 0 < len(done()) < n, 60, "the drain did not start", interval=0.02)
+        server.kill()
+        done_at_kill = done()
+        assert 0 < len(done_at_kill) < n
+        server = make_server("--workers", "1", "--config", str(conf), data_dir=server.data_dir, port=server.port)
+        wait_for(lambda: queue_counts(server.data_dir)["SLOW"] == [0, n, 0, 0], 90,
+                 lambda: f"not every entry delivered after the restart:\n{server.log()}")
+    finally:
+        scp.shutdown()
+    assert set(calls) == uids(files)
+    twice = {u for u, n in calls.items() if n > 1}
+    assert not twice & done_at_kill, "an entry marked done before the kill was sent again"
+    assert all(n <= 2 for n in calls.values())

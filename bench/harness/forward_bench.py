@@ -87,9 +87,25 @@ def _span(out: Path, count: int) -> float:
     return (times[-1] - times[0]) / 1e9 * count / max(1, count - 1)
 
 
+def _cpu(server: subprocess.Popen) -> dict[str, float]:
+    """CPU seconds so far of serve's workers and of its forwarding process."""
+    import psutil
+    out = {"workers": 0.0, "forwarding": 0.0}
+    for p in psutil.Process(server.pid).children(recursive=True):
+        try:
+            cmd, t = " ".join(p.cmdline()), p.cpu_times()
+        except psutil.Error:
+            continue
+        key = "workers" if "workers.worker" in cmd else "forwarding" if "forward.process" in cmd else None
+        if key:
+            out[key] += t.user + t.system
+    return out
+
+
 def ingest(work: Path, files: list[Path], warmup: list[Path], k: int, rules: int, run_no: int,
-           tools: tuple[str, str, str]) -> tuple[float, float]:
-    """(instances/s acknowledged, seconds from the last ack until the queue was drained).
+           tools: tuple[str, str, str]) -> tuple[float, float, dict[str, float]]:
+    """(instances/s acknowledged, seconds from the last ack until the queue was drained,
+    CPU ms per stored instance of the workers and of the forwarding process).
     A warm-up corpus goes first, and is forwarded, so that every process has started and
     imported what it needs: the steady state is measured, not a start."""
     storescp, _storescu, echoscu = tools
@@ -105,12 +121,15 @@ def ingest(work: Path, files: list[Path], warmup: list[Path], k: int, rules: int
         server = serve_stowage(data, port, echoscu, "--config", str(conf))
         run(Target("127.0.0.1", port, "STOWAGE"), load_corpus(warmup), k, progress=False)
         _wait(lambda: _done(data) >= rules * len(warmup), 120, f"{rules} rule(s): the warm-up was not forwarded")
+        before = _cpu(server)
         result = run(Target("127.0.0.1", port, "STOWAGE"), load_corpus(files), k, progress=False)
         if result.completed != len(files):
             raise RuntimeError(f"{rules} rule(s): {result.completed} of {len(files)} stored")
         acked = time.monotonic()
         _wait(lambda: _done(data) >= rules * (len(files) + len(warmup)), 600, f"{rules} rule(s): the queue was not drained")
-        return result.inst_per_s, (time.monotonic() - acked) if rules else 0.0
+        lag = (time.monotonic() - acked) if rules else 0.0
+        after = _cpu(server)
+        return result.inst_per_s, lag, {k: (after[k] - before[k]) * 1000 / len(files) for k in after}
     finally:
         if server is not None:
             stop_tree(server, None)
@@ -174,19 +193,26 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_ingest:
             rates: dict[int, list[float]] = {0: [], 1: [], 3: []}
             lags: dict[int, list[float]] = {1: [], 3: []}
+            cpus: dict[int, list[dict[str, float]]] = {0: [], 1: [], 3: []}
             for r in range(args.repeat):
                 for rules in rates:  # interleaved, so a busier moment of the machine hits all alike
-                    rate, lag = ingest(work, files, warmup, args.k, rules, r, tools)
+                    rate, lag, cpu = ingest(work, files, warmup, args.k, rules, r, tools)
                     rates[rules].append(rate)
+                    cpus[rules].append(cpu)
                     if rules:
                         lags[rules].append(lag)
                     print(f"  run {r}: {rules} rule(s): {rate:.0f}/s" + (f", drained {lag:.1f} s after the last ack"
-                                                                         if rules else ""), flush=True)
+                                                                         if rules else "")
+                          + f"; CPU ms/instance: workers {cpu['workers']:.2f}, forwarding {cpu['forwarding']:.2f}",
+                          flush=True)
             none = statistics.median(rates[0])
             for rules, values in rates.items():
                 m = statistics.median(values)
                 lag = f", queue drained {statistics.median(lags[rules]):.1f} s after the last ack" if rules else ""
-                print(f"ingest, {rules} rule(s): {m:.0f} instances/s ({m / none:.2f}x of none){lag}")
+                w = statistics.median(c["workers"] for c in cpus[rules])
+                f = statistics.median(c["forwarding"] for c in cpus[rules])
+                print(f"ingest, {rules} rule(s): {m:.0f} instances/s ({m / none:.2f}x of none){lag}; "
+                      f"CPU per instance: workers {w:.2f} ms, forwarding {f:.2f} ms")
         if not args.skip_drain:
             fwd, snd = [], []
             for r in range(args.repeat):

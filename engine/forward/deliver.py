@@ -3,12 +3,15 @@
 syntax, else converted; `associations` of the remote at once.
 
 Each destination has its own thread, so one that is down or slow holds up nobody else,
-and the store path never waits for any of them. Outcomes:
+and the store path never waits for any of them. Entries of a rule with `deidentify` go out
+as de-identified copies (deidentified.py); after a batch, the thread asks for storage
+commitment of the studies that are ready for it (commitment.py). Outcomes:
 - deleted or rejected (IOCM) since it was queued: cancelled, never sent; a record that
   compaction moved is sent from where the catalog has it now;
 - success or warning: done (an audit line each);
 - a refusal status from the destination (0xA7xx, 0xA9xx, 0xCxxx...), or a record we can
-  never send to it (no presentation context accepted, corrupt): parked, with the status and
+  never send to it (no presentation context accepted, corrupt, not convertible, not
+  de-identified: quarantined): parked, with the status and
   the destination's Error Comment, never retried unless a person asks;
 - entries of a rule with a `schedule` wait outside its window;
 - no answer (down, association rejected or broken, timeout): the entries stay pending and
