@@ -7,7 +7,7 @@ import datetime as _dt
 import functools
 
 
-@functools.lru_cache(maxsize=65536)  # one study's dates repeat in each of its instances
+@functools.lru_cache(maxsize=16384)  # one study's dates repeat in each of its instances
 def shift_da(value: str, days: int) -> str:
     """A DA (YYYYMMDD, or a range A-B) moved back `days`; a value it cannot read becomes empty."""
     value = value.strip()
@@ -25,7 +25,7 @@ def shift_da(value: str, days: int) -> str:
         return "00010101"
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=16384)
 def shift_dt(value: str, days: int) -> str:
     """A DT moved back `days`: the date part moves, the rest (time, fraction, offset) stays.
     A DT of only a year or year-month moves as its first day does, keeping its precision."""

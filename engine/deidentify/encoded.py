@@ -48,7 +48,7 @@ _WANTED = {0x00080005: "SpecificCharacterSet", 0x00100020: "PatientID", 0x001000
            0x00280302: "RecognizableVisualFeatures"}
 _PIXELS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _LAST_WANTED = max(_WANTED)
-_ACTED_MAX, _ACTED_BYTES = 1 << 16, 256  # elements remembered per profile, up to this size (`_Walk.acted`)
+_ACTED_MAX, _ACTED_BYTES = 1 << 14, 256  # elements remembered per profile, up to this size (`_Walk.acted`)
 
 
 @lru_cache(maxsize=4096)

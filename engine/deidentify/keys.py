@@ -71,7 +71,7 @@ class Keyed:
     per UID per instance was a third of the de-identification's CPU. The cache holds
     original values in memory only, as the instance being de-identified does."""
 
-    CACHED = 65536
+    CACHED = 16384  # entries per derivation: a few MB at most
 
     def __init__(self, key: bytes) -> None:
         self._key = key
