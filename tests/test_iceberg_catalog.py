@@ -87,7 +87,7 @@ def _local_paths(table) -> list[str]:
 
 def test_stored_and_deleted_instances_are_read_by_pyiceberg_and_duckdb_with_stowage_stopped(make_server, tmp_path):
     uri = _sqlite(tmp_path)
-    server = make_server("--workers", "2", STOWAGE_ICEBERG_CATALOG=uri, STOWAGE_ICEBERG_INTERVAL="0.3",
+    server = make_server("--workers", "1", STOWAGE_ICEBERG_CATALOG=uri, STOWAGE_ICEBERG_INTERVAL="0.3",
                          STOWAGE_NODE_NAME="node-a")
     files = copies(MR, tmp_path / "in", 16, "ice")
     storescu(server.port, files)

@@ -21,6 +21,7 @@ log = logging.getLogger("stowage.iceberg")
 LOCK = "publisher.lock"
 NICE = 10
 RESTART_AFTER_S = 10.0
+REBUILT_REPEAT_S = 300.0
 
 
 def publish_until(config: Config, stop: threading.Event) -> None:
@@ -29,6 +30,7 @@ def publish_until(config: Config, stop: threading.Event) -> None:
     from stowage.engine.iceberg.publisher import CatalogRebuilt, Publisher
     publisher = None
     while True:
+        wait = config.iceberg_interval
         try:
             if publisher is None:
                 publisher = Publisher(config)
@@ -40,14 +42,14 @@ def publish_until(config: Config, stop: threading.Event) -> None:
                 log.info("iceberg: %d file(s) (%d row(s)) and %d deletion(s) committed in %d commit(s), "
                          "%d conflict(s) retried", done.instance_files, done.instance_rows, done.deletion_rows,
                          len(done.commit_seconds), done.conflicts)
-        except CatalogRebuilt as e:
+        except CatalogRebuilt as e:  # it needs an operator: said every few minutes, not every pass
             log.error("iceberg: %s", e)
-            publisher = None
+            publisher, wait = None, max(wait, REBUILT_REPEAT_S)
         except Exception as e:  # noqa: BLE001 - the catalog away, the network down: try again later
             log.error("iceberg: a publication pass failed (%s: %s); trying again in %g s", type(e).__name__, e,
                       config.iceberg_interval)
             publisher = None
-        if stop.wait(config.iceberg_interval):
+        if stop.wait(wait):
             return
 
 
