@@ -32,6 +32,10 @@ class Manifest:
     # Files sealed from fresh rows and not yet committed to the Iceberg instances table
     # (engine/iceberg); None: no Iceberg publication. Kept on disk until published.
     outbox: list[str] | None = None
+    # Sealed segments uploaded to object storage and verified there (engine.storage) ->
+    # {key, size, sha256, checksum, at}; "gone": true once a compaction retired it (its
+    # object is then deleted). Only a segment named here may lose its local copy.
+    uploaded: dict[str, dict] = field(default_factory=dict)
 
     def sealed_upto(self, segment: str) -> int:
         return self.watermarks.get(segment, 0)
@@ -45,7 +49,7 @@ def load(directory: Path) -> Manifest:
         return Manifest()
     return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"],
                     d.get("uid_filter", ""), d.get("duplicates", ""), d.get("retired_segments", {}),
-                    d.get("outbox"))
+                    d.get("outbox"), d.get("uploaded", {}))
 
 
 def _store(directory: Path, m: Manifest) -> None:
@@ -53,7 +57,7 @@ def _store(directory: Path, m: Manifest) -> None:
     with open(tmp, "w") as f:
         json.dump({"files": m.files, "watermarks": m.watermarks, "retired": m.retired,
                    "generation": m.generation, "uid_filter": m.uid_filter, "duplicates": m.duplicates,
-                   "retired_segments": m.retired_segments,
+                   "retired_segments": m.retired_segments, "uploaded": m.uploaded,
                    **({"outbox": m.outbox} if m.outbox is not None else {})}, f)
         f.flush()
         os.fsync(f.fileno())

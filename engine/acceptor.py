@@ -41,6 +41,7 @@ from stowage.engine.store.recovery import recover
 from stowage.engine.forward.process import ForwardProcess, ForwardStartError
 from stowage.engine.iceberg.process import IcebergProcess
 from stowage.engine.lifecycle.scrub import ScrubProcess
+from stowage.engine.storage.uploader import UploaderProcess
 from stowage.engine.runtime.tls import http_context, server_context
 from stowage.engine.web.processes import HttpProcesses, HttpStartError
 from stowage.protocol.pdu import A_ASSOCIATE_RJ_LIMIT
@@ -91,6 +92,7 @@ class Acceptor:
         self.scrub = ScrubProcess(config)  # the background scrub (scrub_rate), one process
         self.forward = ForwardProcess(config)  # [[forward]] rules: docs/forwarding.md
         self.iceberg = IcebergProcess(config)  # iceberg_catalog: docs/scale-out.md
+        self.upload = UploaderProcess(config)  # sealed segments to object storage (storage = s3://...)
         self.http = HttpProcesses(config, self.sel, self.metrics)  # DICOMweb and the web pages (http_port)
         self.proxies = Trusted(config.proxy_protocol_from)  # load balancers sending PROXY headers
 
@@ -165,6 +167,7 @@ class Acceptor:
         self._wait_ready()
         self.scrub.start()
         self.iceberg.start()
+        self.upload.start()
         try:
             self.forward.start()  # before the listeners: its cursor must precede the first store
         except (OSError, ForwardStartError) as e:
@@ -421,6 +424,7 @@ class Acceptor:
     def _reap(self) -> None:
         now = time.monotonic()
         self.scrub.poll(self.draining)
+        self.upload.poll(self.draining)
         self.forward.poll(self.draining)
         self.iceberg.poll(self.draining)
         self.http.poll(self.draining)
@@ -450,6 +454,7 @@ class Acceptor:
 
     def _drain(self) -> int:
         self.scrub.stop()  # it saves its position and goes on from there next time
+        self.upload.stop()  # the manifest says what is uploaded: the next one goes on from there
         self.forward.stop()  # the queue is durable: it goes on from there next time
         self.iceberg.stop()  # the outbox and the ledger are durable: likewise
         http_failed = self.http.stop()  # requests in flight finish first

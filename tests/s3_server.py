@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -60,6 +61,7 @@ class S3Server:
     pid: int
     data_dir: Path
     log: Path
+    metrics_url: str = ""  # SeaweedFS's Prometheus metrics: requests and bytes per bucket, server-side
 
     def client(self):
         """A boto3 S3 client for this server (path-style addressing)."""
@@ -80,6 +82,25 @@ class S3Server:
         name = f"{stem}-{os.getpid()}-{next(_names)}".lower()
         self.client().create_bucket(Bucket=name)
         return name
+
+    def traffic(self, bucket: str) -> dict[str, float]:
+        """What the server counted for `bucket`: requests by type ("GET", "PUT", ...; the
+        `SeaweedFS_s3_request_total` counter) and bytes "sent" and "received"."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if f'bucket="{bucket}"' not in line or line.startswith("#"):
+                continue
+            name, _, value = line.rpartition(" ")
+            if name.startswith("SeaweedFS_s3_request_total{"):
+                kind = re.search(r'type="([^"]+)"', name)
+                if kind:
+                    out[kind[1]] = out.get(kind[1], 0) + float(value)
+            elif name.startswith("SeaweedFS_s3_bucket_traffic_sent_bytes_total{"):
+                out["sent"] = float(value)
+            elif name.startswith("SeaweedFS_s3_bucket_traffic_received_bytes_total{"):
+                out["received"] = float(value)
+        return out
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, int]:
         """Every object under `prefix` in `bucket`: key -> size."""
@@ -122,7 +143,7 @@ def start(base: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, S3Server
         proc = subprocess.Popen(["nice", "-n", "15", *args], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True, cwd=base)
     server = S3Server(f"http://{HOST}:{s3}", f"http://{HOST}:{iceberg}", ACCESS_KEY, SECRET_KEY, REGION,
-                      proc.pid, data, log)
+                      proc.pid, data, log, f"http://{HOST}:{metrics}/metrics")
     deadline = time.monotonic() + timeout
     while not _ready(server.endpoint):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -149,7 +170,7 @@ def stop(proc: subprocess.Popen) -> None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(10)
+        proc.wait(5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)

@@ -192,6 +192,7 @@ LAYERS = (
     ("stowage.engine.migrate", "stowage.engine.importer", "stowage.engine.forward", "stowage.engine.iceberg"),
     ("stowage.engine.receive", "stowage.engine.transfer", "stowage.engine.lifecycle"),
     ("stowage.engine.deidentify",),
+    ("stowage.engine.storage",),  # sealed segments on object storage: read under every reader, uploaded by serve
     ("stowage.engine.store",),
     ("stowage.engine.runtime",),
     ("stowage.catalog",),

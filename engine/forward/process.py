@@ -15,6 +15,7 @@ import time
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.runtime.supervised import SupervisedProcess, wait_for_lock
+from stowage.engine.storage.remote import read_from_bucket
 
 log = logging.getLogger("stowage.forward")
 
@@ -56,6 +57,7 @@ def _scan_loop(config: Config, stop: threading.Event, deletions) -> None:
 def main() -> None:
     parent = int(sys.argv[1])
     config = Config.from_dict(json.loads(os.environ["STOWAGE_FORWARD_CONFIG"]))
+    read_from_bucket(config)  # segments evicted after their upload: read from the bucket
     setup_logging(config, "forward")
     # The sender logs each failed instance; a destination that is down gets one line per attempt from deliver.py.
     logging.getLogger("stowage.send").setLevel(logging.ERROR)

@@ -39,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from stowage.engine.lifecycle import tombstone_pruning
 from stowage.catalog import manifest, relocate, tombstones
@@ -46,7 +47,7 @@ from stowage.catalog.durable import fsync_dir
 from stowage.catalog.reader import Catalog
 from stowage.engine.runtime.config import Config
 from stowage.engine.store.integrity import marks_of
-from stowage.engine.store.segment import MAGIC, PREFIX_SIZE, crc32, segment_name
+from stowage.engine.store.segment import MAGIC, PREFIX_SIZE, crc32, open_segment, segment_name
 from stowage.engine.store.slots import Slot, try_claim
 
 log = logging.getLogger("stowage.compaction")
@@ -121,9 +122,14 @@ def _sealed_inactive(directory: Path, m: manifest.Manifest) -> dict[str, int]:
     last: dict[int, int] = {}
     for slot, seq, _size in found.values():
         last[slot] = max(last.get(slot, 0), seq)
-    return {name: size for name, (slot, seq, size) in found.items()
-            if (slot == COMPACT_SLOT or seq < last[slot]) and name not in m.retired_segments
-            and size > 0 and RESERVED > m.sealed_upto(name) >= size}
+    out = {name: size for name, (slot, seq, size) in found.items()
+           if (slot == COMPACT_SLOT or seq < last[slot]) and name not in m.retired_segments
+           and size > 0 and RESERVED > m.sealed_upto(name) >= size}
+    # Sealed segments whose local copy was evicted after their upload (engine.storage):
+    # read from the bucket by the copy.
+    out.update({name: int(e["size"]) for name, e in m.uploaded.items()
+                if name not in found and not e.get("gone") and name not in m.retired_segments})
+    return out
 
 
 def candidates(config: Config, catalog: Catalog, ratio: float | None = None) -> list[Candidate]:
@@ -201,7 +207,8 @@ def settle(data_dir: Path) -> str:
         return ""
     m = manifest.load(catalog_dir)
     victims, new = entry["replaced"], entry["segment"]
-    committed = all(v in m.retired_segments or not (segments_dir / v).exists() for v in victims)
+    committed = all(v in m.retired_segments or (not (segments_dir / v).exists() and (
+        v not in m.uploaded or m.uploaded[v].get("gone"))) for v in victims)  # evicted is not gone
     if committed:
         _drop_journal(segments_dir)
         return "committed"
@@ -227,6 +234,8 @@ def purge(data_dir: Path, grace: float, now: float | None = None) -> int:
             if now - at >= grace:
                 (data_dir / "segments" / name).unlink(missing_ok=True)
                 del m.retired_segments[name]
+                if name in m.uploaded:  # the uploader deletes its object (engine.storage.uploader)
+                    m.uploaded[name]["gone"] = True
                 done += 1
     fsync_dir(data_dir / "segments")
     return done
@@ -262,9 +271,10 @@ class CorruptLiveRecord(RuntimeError):
     """A live record failed its checksum: its segment is left as it is."""
 
 
-def _copy_record(src: int, dst: int, offset: int, length: int, segment: str, throttle: _Throttle) -> None:
-    """Copy one record, checking its framing and CRC-32 as it goes."""
-    head = os.pread(src, min(length, _CHUNK), offset)
+def _copy_record(src: Callable[[int, int], bytes], dst: int, offset: int, length: int, segment: str,
+                 throttle: _Throttle) -> None:
+    """Copy one record (read with `src`, a pread), checking its framing and CRC-32 as it goes."""
+    head = src(min(length, _CHUNK), offset)
     if len(head) < PREFIX_SIZE:
         raise CorruptLiveRecord(f"{segment}: record at byte {offset} ends early")
     magic, _version, _flags, hlen, plen = _PREFIX.unpack_from(head)
@@ -276,7 +286,7 @@ def _copy_record(src: int, dst: int, offset: int, length: int, segment: str, thr
     throttle(len(head))
     done = len(head)
     while done < length:
-        chunk = os.pread(src, min(length - done, _CHUNK), offset + done)
+        chunk = src(min(length - done, _CHUNK), offset + done)
         if not chunk:
             raise CorruptLiveRecord(f"{segment}: record at byte {offset} ends early")
         running = crc32(chunk, running)
@@ -285,6 +295,12 @@ def _copy_record(src: int, dst: int, offset: int, length: int, segment: str, thr
         done += len(chunk)
     if running != expected:
         raise CorruptLiveRecord(f"{segment}: checksum mismatch in the live record at byte {offset}")
+
+
+def _pread(f) -> Callable[[int, int], bytes]:
+    """pread on a segment opened by open_segment: the local file's, or the remote copy's."""
+    remote = getattr(f, "pread", None)
+    return remote if remote is not None else (lambda n, at: os.pread(f.fileno(), n, at))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -343,22 +359,22 @@ def _copy(segments_dir: Path, new: str, live: list[tuple[str, int, int]], moves:
     try:
         fsync_dir(segments_dir)
         at = synced = 0
-        src, src_name = -1, ""
+        src, src_name = None, ""
         try:
             for seg, offset, length in live:
                 if seg != src_name:
-                    if src >= 0:
-                        os.close(src)
-                    src, src_name = os.open(segments_dir / seg, os.O_RDONLY), seg
-                _copy_record(src, dst, offset, length, seg, throttle)
+                    if src is not None:
+                        src.close()
+                    src, src_name = open_segment(segments_dir / seg, buffering=0), seg  # or its uploaded copy
+                _copy_record(_pread(src), dst, offset, length, seg, throttle)
                 moves[(seg, offset)] = at
                 at += length
                 if at - synced >= _SYNC_EVERY:  # small flushes, spread out: the workers' fsyncs
                     os.fdatasync(dst)           # never queue behind a whole segment's worth
                     synced = at
         finally:
-            if src >= 0:
-                os.close(src)
+            if src is not None:
+                src.close()
         os.fsync(dst)
     finally:
         os.close(dst)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from stowage.engine.runtime.config import Config, scrub_setting
 from stowage.engine.runtime.logs import audit_line, setup_logging
 from stowage.engine.runtime.supervised import SupervisedProcess, wait_for_lock
+from stowage.engine.storage.remote import read_from_bucket
 
 if TYPE_CHECKING:  # the acceptor imports this module for ScrubProcess only: no DuckDB there
     from stowage.engine.lifecycle.verify import Problem, Span
@@ -209,6 +210,7 @@ def _die_with(parent: int) -> None:
 def main() -> None:
     parent = int(sys.argv[1])
     config = Config.from_dict(json.loads(os.environ["STOWAGE_SCRUB_CONFIG"]))
+    read_from_bucket(config)  # segments evicted after their upload: read from the bucket
     setup_logging(config, "scrub")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the acceptor decides when we stop
     stop = threading.Event()

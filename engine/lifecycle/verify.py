@@ -30,7 +30,7 @@ from stowage.catalog import manifest
 from stowage.catalog.reader import Catalog
 from stowage.engine.lifecycle.compaction import RESERVED
 from stowage.engine.store.integrity import CorruptMarks, dataset_problem, record_dataset
-from stowage.engine.store.segment import MAGIC, CorruptRecord, open_record
+from stowage.engine.store.segment import MAGIC, CorruptRecord, open_record, open_segment
 
 _SCAN_WINDOW = 8 << 20
 
@@ -194,7 +194,7 @@ class Verifier:
         end = max([span.end] + [r.offset + r.record_length for r in rows.values()])
         path = self.segments_dir / span.segment
         try:
-            f = open(path, "rb", buffering=1 << 16)
+            f = open_segment(path, buffering=1 << 16)  # or its uploaded copy, by ranged GETs
         except FileNotFoundError:
             if self._rows(span.segment, start):  # still named: not a segment compacted away meanwhile
                 for r in rows.values():

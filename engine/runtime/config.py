@@ -168,6 +168,18 @@ class Config:
     iceberg_namespace: str = "stowage"
     iceberg_interval: float = 10.0
     iceberg_batch_files: int = 64          # sealed catalog files per Iceberg commit at most
+    # Sealed segments on S3-compatible object storage (engine/storage, docs/scale-out.md):
+    # "" keeps them on local disk only; "s3://bucket/prefix" uploads each sealed segment there.
+    storage: str = ""
+    s3_endpoint: str = ""                  # e.g. http://127.0.0.1:8333 ("": AWS_ENDPOINT_URL, else AWS itself)
+    s3_region: str = ""                    # "": AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    s3_access_key: str = ""                # "": the usual AWS chain (AWS_ACCESS_KEY_ID..., ~/.aws, instance role)
+    s3_secret_key: str = ""
+    s3_path_style: bool = False            # path-style addressing (most S3-compatible servers); false: virtual-hosted
+    s3_part_size: int = 64 << 20           # multipart upload part size (5 MiB to 5 GiB)
+    s3_read_block: int = 1 << 20           # ranged GETs read, and the read cache keeps, this many bytes at a time
+    local_cache_bytes: int = 10 << 30      # local copies of uploaded segments plus the read cache: at most this
+    upload_interval: float = 2.0           # seconds between the uploader's looks for sealed segments
 
     @property
     def http_process_count(self) -> int:
@@ -249,6 +261,12 @@ class Config:
                               "https://) nor a SQL catalog (sqlite:///path or postgresql://user@host/db)")
         if self.iceberg_warehouse and not re.match(r"^(s3|file)://", self.iceberg_warehouse):
             raise ConfigError(f"iceberg_warehouse: {self.iceberg_warehouse!r} is not an s3:// or file:// URL")
+        if self.storage and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", self.storage):
+            raise ConfigError(f"storage: {self.storage!r} is not \"\" (local disk) or s3://bucket/prefix")
+        if not (5 << 20) <= self.s3_part_size <= (5 << 30) or not 4096 <= self.s3_read_block <= (1 << 30):
+            raise ConfigError("s3_part_size must be 5 MiB-5 GiB and s3_read_block 4 KiB-1 GiB")
+        if self.local_cache_bytes < 0 or not 0 < self.upload_interval <= 3600:
+            raise ConfigError("local_cache_bytes must be >= 0 and upload_interval in (0, 3600] seconds")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
         return self

@@ -4,10 +4,12 @@ draining), and stopped on drain. The process is `python -m <module> <acceptor pi
 reads the configuration from the environment variable `config_env`."""
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -72,3 +74,14 @@ def wait_for_lock(lock: IO, stop: threading.Event, interval: float) -> bool:
         except BlockingIOError:
             if stop.wait(interval):
                 return False
+
+
+def die_with(parent: int) -> None:
+    """In a helper process: be sent SIGTERM when `parent` (the acceptor) dies, even by
+    kill -9, so that no helper outlives its server; exit now if it is already gone."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the line above
+        sys.exit(0)

@@ -39,6 +39,7 @@ from stowage.catalog.durable import fsync_dir
 from stowage.catalog.reader import Catalog
 from stowage.engine.store.archive import valid_uid
 from stowage.engine.store.integrity import check_record, marks_of
+from stowage.engine.store.segment import open_segment
 from stowage.protocol.status import (CLASS_INSTANCE_CONFLICT, INVALID_ARGUMENT_VALUE, NO_SUCH_OBJECT_INSTANCE,
                                      PROCESSING_FAILURE)
 
@@ -128,12 +129,20 @@ def judge(catalog: Catalog, segments_dir: Path, references: list[Reference], *, 
 def _fsync(path: Path) -> str | None:
     try:
         fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # evicted after a verified upload: the object store holds it durably
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            open_segment(path).close()
+        except OSError as e:
+            return f"cannot fsync {path.name}: {e.strerror or e}"
+        return None
     except OSError as e:
         return f"cannot fsync {path.name}: {e.strerror or e}"
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        return f"cannot fsync {path.name}: {e.strerror or e}"
+    finally:
+        os.close(fd)
     return None
 
 

@@ -30,7 +30,8 @@ from typing import Callable, Iterable, Iterator
 
 from stowage.engine.runtime.logs import audit_line
 from stowage.catalog.durable import fsync_dir
-from stowage.engine.store.segment import CorruptRecord, Record, crc32, decoded, open_record, read_payload
+from stowage.engine.store.segment import (CorruptRecord, Record, crc32, decoded, open_record, open_segment,
+                                          read_payload)
 
 log = logging.getLogger("stowage.integrity")
 
@@ -132,7 +133,7 @@ def check_record(path: Path, offset: int, dataset_crc: int, dataset_length: int)
     """None when the record at `offset` of `path` reads back intact and holds the dataset
     the catalog row describes; else what is wrong with it."""
     try:
-        with open(path, "rb") as f:
+        with open_segment(path) as f:
             rec, stored = open_record(f, offset)
             crc, length = record_dataset(path, rec, stored)
     except CorruptRecord as e:

@@ -23,7 +23,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import msgpack
 import numpy as np
@@ -177,7 +177,7 @@ def iter_records(path: Path, start: int = 0) -> Iterator[Record]:
 
     Raises nothing for a torn tail: call `valid_end` to learn where the good records stop.
     """
-    with open(path, "rb") as f:
+    with open_segment(path) as f:
         offset = start
         while True:
             try:
@@ -388,7 +388,7 @@ def decoded(rec: Record, chunks: Iterator[bytes]) -> Iterator[bytes]:
 def stream_payload(path: Path, offset: int) -> Iterator[bytes]:
     """The record's payload (file meta + dataset as received), decompressed, in chunks;
     raises CorruptRecord, after the last chunk at the latest, if its checksum fails."""
-    with open(path, "rb") as f:
+    with open_segment(path) as f:
         rec, expected, running = _read_head(f, offset)
         yield from decoded(rec, _payload_chunks(f, rec, expected, running))
 
@@ -409,18 +409,28 @@ def read_payload(path: Path, offset: int) -> bytes | memoryview:
     """The record's payload, checksum-verified and decompressed, in memory (records that
     fit: one read, one CRC pass, one decompression, one unshuffle), as a bytes-like object.
     The header is decoded only for a compressed payload: it bounds the decompression."""
-    fd = os.open(path, os.O_RDONLY)
     try:
-        head = os.pread(fd, PREFIX_SIZE + _HEADER_GUESS, offset)
-        flags, hlen, plen, expected = _prefix(head, offset)
-        if len(head) < PREFIX_SIZE + hlen:
-            head += os.pread(fd, PREFIX_SIZE + hlen - len(head), offset + len(head))
-        if len(head) < PREFIX_SIZE + hlen:
-            raise CorruptRecord(f"record at byte {offset} ends early")
-        running = crc32(head[PREFIX_SIZE:PREFIX_SIZE + hlen], crc32(head[:_PREFIX.size]))
-        raw = os.pread(fd, plen, offset + PREFIX_SIZE + hlen)
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        remote = _elsewhere(path) if _elsewhere is not None else None
+        if remote is None:
+            raise
+        return _verified_payload(remote.pread, offset)
+    try:
+        return _verified_payload(lambda n, at: os.pread(fd, n, at), offset)
     finally:
         os.close(fd)
+
+
+def _verified_payload(pread: Callable[[int, int], bytes], offset: int) -> bytes | memoryview:
+    head = pread(PREFIX_SIZE + _HEADER_GUESS, offset)
+    flags, hlen, plen, expected = _prefix(head, offset)
+    if len(head) < PREFIX_SIZE + hlen:
+        head += pread(PREFIX_SIZE + hlen - len(head), offset + len(head))
+    if len(head) < PREFIX_SIZE + hlen:
+        raise CorruptRecord(f"record at byte {offset} ends early")
+    running = crc32(head[PREFIX_SIZE:PREFIX_SIZE + hlen], crc32(head[:_PREFIX.size]))
+    raw = pread(plen, offset + PREFIX_SIZE + hlen)
     if len(raw) != plen:
         raise CorruptRecord(f"record at byte {offset} ends early")
     if crc32(raw, running) != expected:
@@ -451,6 +461,32 @@ def _decompress(raw: bytes, hdr: bytes, offset: int) -> bytes:
         return _decompressor().decompress(raw)
     except zstandard.ZstdError as e:
         raise CorruptRecord(f"compressed payload of the record at byte {offset} does not decompress: {e}") from None
+
+
+# A segment whose file is not on local disk may be readable elsewhere: engine.storage
+# installs an opener for segments uploaded to object storage (this module imports nothing
+# of stowage). The opener returns a read-only file-like object with read, seek, tell,
+# close and pread(n, offset), or None when it has no copy either.
+_elsewhere: Callable[[Path], Any] | None = None
+
+
+def read_elsewhere(opener: Callable[[Path], Any] | None) -> None:
+    """Install (or, with None, remove) the opener of segments not on local disk."""
+    global _elsewhere
+    _elsewhere = opener
+
+
+def open_segment(path: Path, buffering: int = -1) -> BinaryIO:
+    """The segment file at `path` for reading: the local file, or, when it is not there
+    (evicted after its upload), the copy `read_elsewhere` installed an opener for; raises
+    FileNotFoundError when neither has it."""
+    try:
+        return open(path, "rb", buffering=buffering)
+    except FileNotFoundError:
+        f = _elsewhere(path) if _elsewhere is not None else None
+        if f is None:
+            raise
+        return f
 
 
 def segment_name(slot: int, sequence: int) -> str:

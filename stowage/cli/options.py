@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from stowage.engine.runtime import config as cfg
+from stowage.engine.storage import remote
 
 COMMON = [
     click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML configuration file."),
@@ -23,9 +24,11 @@ def common(f):
 
 def load(config_file: Path | None, **overrides) -> cfg.Config:
     try:
-        return cfg.load(config_file, overrides=overrides)
+        config = cfg.load(config_file, overrides=overrides)
     except cfg.ConfigError as e:
         raise click.ClickException(f"configuration: {e}") from None
+    remote.read_from_bucket(config)  # segments evicted after their upload are read from the bucket
+    return config
 
 
 def split_values(values) -> list[str]:

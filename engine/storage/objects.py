@@ -1,0 +1,196 @@
+"""The bucket: where `storage = "s3://bucket/prefix"` points, reached with boto3.
+
+Uploads carry a SHA-256 per part (the server refuses a part whose bytes do not match,
+BadDigest) and are verified afterwards by a HEAD that reads back the object's size and
+its full-object checksum (for a multipart upload the checksum of the parts' checksums,
+"-N"), both compared with what was computed from the local file.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stowage.engine.runtime.config import Config
+
+_READ = 8 << 20  # bytes read from the local file at a time while hashing and uploading
+
+
+class ObjectStoreError(RuntimeError):
+    """The object store refused or failed a request; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """What a verified upload put where: recorded in the manifest."""
+
+    key: str
+    size: int
+    sha256: str       # hex digest of the whole object
+    checksum: str     # the S3 ChecksumSHA256 the server reported (base64, "-N" for N parts)
+
+    def as_record(self, at: float) -> dict[str, Any]:
+        return {"key": self.key, "size": self.size, "sha256": self.sha256, "checksum": self.checksum, "at": at}
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """("bucket", "prefix") of "s3://bucket/prefix" (the prefix without slashes at its ends)."""
+    rest = url[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    return bucket, prefix.strip("/")
+
+
+class Counters:
+    """Requests and bytes this process sent to the object store, by kind (for the bench)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
+
+    def add(self, kind: str, nbytes: int = 0) -> None:
+        with self.lock:
+            self.requests[kind] = self.requests.get(kind, 0) + 1
+            self.bytes[kind] = self.bytes.get(kind, 0) + nbytes
+
+
+class ObjectStore:
+    """One bucket and prefix; thread-safe (boto3 clients are)."""
+
+    def __init__(self, config: Config) -> None:
+        import boto3  # only when object storage is configured
+        from botocore.config import Config as BotoConfig
+        self.bucket, self.prefix = parse_url(config.storage)
+        self.part_size = config.s3_part_size
+        kwargs: dict[str, Any] = {}
+        if config.s3_endpoint:
+            kwargs["endpoint_url"] = config.s3_endpoint
+        region = config.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        kwargs["region_name"] = region or "us-east-1"
+        if config.s3_access_key:
+            kwargs["aws_access_key_id"] = config.s3_access_key
+            kwargs["aws_secret_access_key"] = config.s3_secret_key
+        style = {"addressing_style": "path"} if config.s3_path_style else {}
+        self.client = boto3.session.Session().client(
+            "s3", config=BotoConfig(s3=style, retries={"max_attempts": 5, "mode": "standard"},
+                                    max_pool_connections=16, connect_timeout=10, read_timeout=60),
+            **kwargs)
+        self.counters = Counters()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/segments/{name}" if self.prefix else f"segments/{name}"
+
+    def _call(self, what: str, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            raise ObjectStoreError(f"{what} s3://{self.bucket}/{kwargs.get('Key', '')}: "
+                                   f"{err.get('Code', '?')} {err.get('Message', '')}".rstrip()) from None
+        except BotoCoreError as e:
+            raise ObjectStoreError(f"{what} s3://{self.bucket}/{kwargs.get('Key', '')}: {e}") from None
+
+    # -- upload ------------------------------------------------------------------------
+
+    def upload(self, path: Path, name: str) -> Uploaded:
+        """Upload the local file `path` as segment `name`, then verify it by a read-back of
+        size and checksum; raises ObjectStoreError if anything does not match."""
+        key = self.key(name)
+        size = path.stat().st_size
+        whole = hashlib.sha256()
+        with open(path, "rb") as f:
+            if size <= self.part_size:
+                data = f.read()
+                whole.update(data)
+                expected = _b64(hashlib.sha256(data).digest())
+                self._call("PUT", self.client.put_object, Key=key, Body=data, ChecksumSHA256=expected,
+                           Metadata={"sha256": whole.hexdigest()})
+                self.counters.add("put", len(data))
+            else:
+                expected = self._multipart(f, key, size, whole)
+        head = self._call("HEAD", self.client.head_object, Key=key, ChecksumMode="ENABLED")
+        self.counters.add("head")
+        got_size, got_sum = head.get("ContentLength"), head.get("ChecksumSHA256")
+        if got_size != size or got_sum != expected:
+            raise ObjectStoreError(f"upload of {name} to s3://{self.bucket}/{key} did not verify: the store holds "
+                                   f"{got_size} bytes with SHA-256 {got_sum}, the local file {size} bytes "
+                                   f"with {expected}")
+        return Uploaded(key, size, whole.hexdigest(), expected)
+
+    def _multipart(self, f, key: str, size: int, whole) -> str:
+        up = self._call("POST", self.client.create_multipart_upload, Key=key, ChecksumAlgorithm="SHA256")
+        self.counters.add("post")
+        upload_id, parts, digests = up["UploadId"], [], []
+        try:
+            number = 0
+            while True:
+                part = _read_part(f, self.part_size)
+                if not part:
+                    break
+                number += 1
+                digest = hashlib.sha256(part).digest()
+                whole.update(part)
+                r = self._call("PUT part", self.client.upload_part, Key=key, UploadId=upload_id, PartNumber=number,
+                               Body=part, ChecksumSHA256=_b64(digest))
+                self.counters.add("put", len(part))
+                parts.append({"PartNumber": number, "ETag": r["ETag"], "ChecksumSHA256": _b64(digest)})
+                digests.append(digest)
+            self._call("POST complete", self.client.complete_multipart_upload, Key=key, UploadId=upload_id,
+                       MultipartUpload={"Parts": parts})
+            self.counters.add("post")
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception:  # the bucket's lifecycle rule for incomplete uploads cleans up
+                pass
+            raise
+        return _b64(hashlib.sha256(b"".join(digests)).digest()) + f"-{len(digests)}"
+
+    # -- read, delete -------------------------------------------------------------------
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of the object: one ranged GET."""
+        r = self._call("GET", self.client.get_object, Key=key, Range=f"bytes={start}-{start + length - 1}")
+        data = r["Body"].read()
+        self.counters.add("get", len(data))
+        if len(data) != length:
+            raise ObjectStoreError(f"GET s3://{self.bucket}/{key} bytes {start}-{start + length - 1}: "
+                                   f"got {len(data)} bytes")
+        return data
+
+    def delete(self, key: str) -> None:
+        self._call("DELETE", self.client.delete_object, Key=key)
+        self.counters.add("delete")
+
+
+def _read_part(f, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = f.read(min(_READ, left))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+_stores: dict[tuple, ObjectStore] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for(config: Config) -> ObjectStore:
+    """This process's ObjectStore for `config` (one client per process and bucket)."""
+    ident = (config.storage, config.s3_endpoint, config.s3_region, config.s3_access_key, config.s3_path_style)
+    with _stores_lock:
+        if ident not in _stores:
+            _stores[ident] = ObjectStore(config)
+        return _stores[ident]

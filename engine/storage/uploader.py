@@ -1,0 +1,203 @@
+"""The uploader: a helper process of `stowage serve` (engine.runtime.supervised) when
+`storage` names a bucket. Every `upload_interval` seconds it
+
+1. uploads each sealed segment not yet uploaded (not the last of its writer's slot, so
+   nothing appends to it any more; catalogued to its end; not retired by a compaction),
+   verified by a read-back of size and checksum (objects.py);
+2. records it in the manifest (`uploaded`), durably (write, fsync, rename);
+3. deletes the objects of segments a compaction retired and purged;
+4. evicts, oldest first, local copies of uploaded segments and read-cache blocks while
+   they hold more than `local_cache_bytes`.
+
+A local copy is unlinked only after step 2 has landed for it: a `kill -9` at any instant
+leaves every segment on local disk, in the bucket, or both, and the next uploader goes
+on from the manifest (an upload not yet recorded is simply done again).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from stowage.catalog import manifest
+from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import setup_logging
+from stowage.engine.runtime.supervised import SupervisedProcess, die_with, wait_for_lock
+from stowage.engine.storage.objects import ObjectStore, ObjectStoreError, store_for
+from stowage.engine.storage.remote import CACHE
+
+log = logging.getLogger("stowage.uploader")
+
+LOCK = "uploader.lock"
+_SEGMENT = re.compile(r"^(\d{3})-(\d{8})\.seg$")
+_COMPACT_SLOT = 999          # compaction outputs: sealed once their manifest swap commits
+_RESERVED = 1 << 62          # the watermark of a compaction output not yet committed
+
+
+def sealed_not_uploaded(data_dir: Path, m: manifest.Manifest) -> dict[str, int]:
+    """name -> size of the local segments to upload: sealed and immutable from now on."""
+    found: dict[str, tuple[int, int, int]] = {}
+    try:
+        with os.scandir(data_dir / "segments") as it:
+            for e in it:
+                match = _SEGMENT.match(e.name)
+                if match:
+                    found[e.name] = (int(match[1]), int(match[2]), e.stat().st_size)
+    except FileNotFoundError:
+        return {}
+    last: dict[int, int] = {}
+    for slot, seq, _size in found.values():
+        last[slot] = max(last.get(slot, 0), seq)
+    return {name: size for name, (slot, seq, size) in sorted(found.items())
+            if (slot == _COMPACT_SLOT or seq < last[slot]) and size > 0 and name not in m.uploaded
+            and name not in m.retired_segments and _RESERVED > m.sealed_upto(name) >= size}
+
+
+def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event) -> list[str]:
+    """Upload, verify and record every sealed segment not yet uploaded; returns their names."""
+    catalog_dir = data_dir / "catalog"
+    done = []
+    for name, size in sealed_not_uploaded(data_dir, manifest.load(catalog_dir)).items():
+        if stop.is_set():
+            break
+        started = time.monotonic()
+        try:
+            up = store.upload(data_dir / "segments" / name, name)
+        except FileNotFoundError:  # a compaction retired and purged it meanwhile
+            continue
+        with manifest.update(catalog_dir) as m:
+            if name in m.retired_segments:  # retired meanwhile: its object goes at the next purge
+                m.uploaded[name] = {**up.as_record(time.time()), "gone": True}
+            else:
+                m.uploaded[name] = up.as_record(time.time())
+        done.append(name)
+        log.info("uploaded %s (%.1f MB) to s3://%s/%s in %.2f s, verified (SHA-256 %s)", name, size / 1e6,
+                 store.bucket, up.key, time.monotonic() - started, up.checksum)
+    return done
+
+
+def delete_gone(data_dir: Path, store: ObjectStore) -> int:
+    """Delete the objects of segments a compaction replaced and purged (their live records
+    have copies in a newer segment); returns how many."""
+    catalog_dir = data_dir / "catalog"
+    gone = {n: e for n, e in manifest.load(catalog_dir).uploaded.items() if e.get("gone")}
+    for name, entry in gone.items():
+        store.delete(entry["key"])
+    if gone:
+        with manifest.update(catalog_dir) as m:
+            for name in gone:
+                m.uploaded.pop(name, None)
+    return len(gone)
+
+
+def _cached(data_dir: Path, m: manifest.Manifest) -> list[tuple[float, int, Path, str]]:
+    """(age key, size, path, segment) of everything evictable: local copies of uploaded
+    segments (aged by their upload) and read-cache blocks (by when they were fetched)."""
+    out = []
+    for name, entry in m.uploaded.items():
+        path = data_dir / "segments" / name
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if not entry.get("gone") and st.st_size == entry["size"]:
+            out.append((float(entry["at"]), st.st_size, path, name))
+    for root, _dirs, files in os.walk(data_dir / CACHE):
+        for f in files:
+            path = Path(root) / f
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, path, ""))
+    return sorted(out, key=lambda t: t[0])
+
+
+def evict(data_dir: Path, budget: int) -> int:
+    """Unlink the oldest evictable local bytes until at most `budget` remain; returns the
+    bytes freed. A segment's local copy goes only while the manifest records it uploaded."""
+    catalog_dir = data_dir / "catalog"
+    items = _cached(data_dir, manifest.load(catalog_dir))
+    total = sum(size for _at, size, _p, _n in items)
+    freed = 0
+    for _at, size, path, name in items:
+        if total <= budget:
+            break
+        if name and name not in manifest.load(catalog_dir).uploaded:
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        total -= size
+        freed += size
+        if name:
+            log.info("evicted the local copy of %s (%.1f MB): it is read from the bucket now", name, size / 1e6)
+    return freed
+
+
+class Uploader:
+    def __init__(self, config: Config, stop: threading.Event) -> None:
+        self.config = config
+        self.stop = stop
+        self.store = store_for(config)
+
+    def once(self) -> None:
+        data_dir = self.config.data_dir
+        upload_sealed(data_dir, self.store, self.stop)
+        delete_gone(data_dir, self.store)
+        evict(data_dir, self.config.local_cache_bytes)
+
+    def run(self) -> None:
+        failing = False
+        while not self.stop.wait(self.config.upload_interval):
+            try:
+                self.once()
+                if failing:
+                    log.info("uploads to %s go through again", self.config.storage)
+                failing = False
+            except (ObjectStoreError, OSError) as e:
+                if not failing:  # said once, not every interval
+                    log.error("uploads to %s fail, will retry every %.0f s: %s", self.config.storage,
+                              self.config.upload_interval, e)
+                failing = True
+
+
+def main() -> None:
+    config = Config.from_dict(json.loads(os.environ["STOWAGE_UPLOAD_CONFIG"]))
+    setup_logging(config, "uploader")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the acceptor decides when we stop
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    die_with(int(sys.argv[1]))
+    with open(config.data_dir / LOCK, "a") as lock:
+        if not wait_for_lock(lock, stop, 1.0):
+            return
+        try:
+            Uploader(config, stop).run()
+        except Exception:
+            log.exception("uploader failed")
+            logging.shutdown()
+            os._exit(1)
+    logging.shutdown()
+
+
+class UploaderProcess(SupervisedProcess):
+    """The acceptor's handle on the uploader process."""
+
+    name, module, config_env, restart_after = "uploader", "stowage.engine.storage.uploader", \
+        "STOWAGE_UPLOAD_CONFIG", 5.0
+
+    def start(self) -> None:
+        if self.config.storage:
+            self.launch(f", storage {self.config.storage}")
+
+
+if __name__ == "__main__":
+    main()
