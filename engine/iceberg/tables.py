@@ -40,14 +40,14 @@ def warehouse(config: Config) -> str:
 
 
 def _s3_properties(config: Config) -> dict[str, str]:
-    """pyiceberg's S3 settings from the configuration's object-storage keys (when the
-    segment store has them), else the usual AWS environment variables."""
+    """pyiceberg's S3 settings from the segment store's keys (s3_endpoint, s3_region,
+    s3_access_key, s3_secret_key), else the usual AWS environment variables."""
     env = os.environ
     pick = {"s3.endpoint": getattr(config, "s3_endpoint", "") or env.get("AWS_ENDPOINT_URL_S3")
             or env.get("AWS_ENDPOINT_URL", ""),
             "s3.region": getattr(config, "s3_region", "") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", ""),
-            "s3.access-key-id": env.get("AWS_ACCESS_KEY_ID", ""),
-            "s3.secret-access-key": env.get("AWS_SECRET_ACCESS_KEY", "")}
+            "s3.access-key-id": getattr(config, "s3_access_key", "") or env.get("AWS_ACCESS_KEY_ID", ""),
+            "s3.secret-access-key": getattr(config, "s3_secret_key", "") or env.get("AWS_SECRET_ACCESS_KEY", "")}
     return {k: v for k, v in pick.items() if v}
 
 
