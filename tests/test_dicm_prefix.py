@@ -38,13 +38,17 @@ def test_deidentify_reads_files_without_preamble(tmp_path):
     # deflated (the pydicom path, which needs the preamble given back); a secondary capture,
     # so quarantined for what its pixels may show: read, not skipped as "not DICOM"
     _without_preamble(Path(get_testdata_file("image_dfl.dcm")), src / "dfl.dcm", "1.2.826.0.1.3680043.8.498.20.3")
+    # and beside them a damaged one: a file meta Transfer Syntax UID in another character set
+    # once ended the whole run with a UnicodeDecodeError traceback
+    (src / "bad.dcm").write_bytes(damage.non_ascii_transfer_syntax(CT.read_bytes(), random.Random(1)))
     config = tmp_path / "c.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n[projects.P]\n')
     r = subprocess.run([sys.executable, "-m", "stowage.cli", "deidentify", "--config", str(config), "--project", "P",
                         str(src), str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert r.stdout.startswith("2 de-identified") and "1 quarantined, 0 failed, 0 not DICOM" in r.stdout, r.stdout
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr[-3000:]
+    assert r.stdout.startswith("2 de-identified") and "1 quarantined, 1 failed, 0 not DICOM" in r.stdout, r.stdout
     assert "dfl.dcm: secondary capture" in r.stderr, r.stderr
+    assert f"failed: {src / 'bad.dcm'}: " in r.stderr and "Transfer Syntax UID" in r.stderr, r.stderr
     out = sorted((tmp_path / "out").iterdir())
     assert len(out) == 2
     for path in out:

@@ -48,21 +48,24 @@ def write_part10(ds, target: Path) -> None:
 
 
 def _meta(payload: bytes) -> tuple[int, dict[int, str]] | None:
-    """(length, UI values by tag) of the file meta group at the start of `payload`."""
+    """(length, UI values by tag) of the file meta group at the start of `payload`; None
+    when it cannot be read so (cut short, a UID in another character set): the pydicom path
+    then reads the file, or says why it cannot."""
     try:
         n = group_length(payload)
-    except (ValueError, struct.error):
+        values, pos = {}, 12
+        while pos + 8 <= n:
+            tag, vr = struct.unpack_from("<I", payload, pos)[0], bytes(payload[pos + 4:pos + 6])
+            if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
+                length, val = struct.unpack_from("<I", payload, pos + 8)[0], pos + 12
+            else:
+                length, val = struct.unpack_from("<H", payload, pos + 6)[0], pos + 8
+            if vr == b"UI":
+                text = bytes(payload[val:val + length]).decode("ascii")
+                values[tag >> 16 | (tag & 0xFFFF) << 16] = text.rstrip("\0 ")
+            pos = val + length
+    except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
         return None
-    values, pos = {}, 12
-    while pos + 8 <= n:
-        tag, vr = struct.unpack_from("<I", payload, pos)[0], bytes(payload[pos + 4:pos + 6])
-        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
-            length, val = struct.unpack_from("<I", payload, pos + 8)[0], pos + 12
-        else:
-            length, val = struct.unpack_from("<H", payload, pos + 6)[0], pos + 8
-        if vr == b"UI":
-            values[tag >> 16 | (tag & 0xFFFF) << 16] = bytes(payload[val:val + length]).decode("ascii").rstrip("\0 ")
-        pos = val + length
     return n, values
 
 
