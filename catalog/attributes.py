@@ -596,7 +596,7 @@ def _text_decoder(charset: str | None) -> Callable[[bytes], str]:
         return _utf8
     try:
         encodings = convert_encodings(terms)
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a term with a NUL in it (codecs.lookup says so)
         encodings = ["iso8859"]
 
     def decode(value: bytes) -> str:

@@ -34,6 +34,8 @@ def test_bounded_fuzz_run_breaks_nothing(tmp_path):
     assert any(k.startswith("http: status 2") for k in outcomes), outcomes
     # a Host header that is not a host name: refused, not a 500 with a traceback
     assert outcomes.get("regression http: status 400") == 1, outcomes
+    # a Specific Character Set with NULs in it: stored (its text read as Latin-1), not a 500
+    assert outcomes.get("regression http: status 200") == 1, outcomes
     assert report["checks"] == 3 and report["import_files"] > 0
     log = Path(report["log"]).read_text(errors="replace")
     assert "listening on" in log and "Traceback" not in log

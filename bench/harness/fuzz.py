@@ -361,7 +361,8 @@ class Case:
                 "echo": pdata(1, 3, command(0x0030, VERIFICATION, 1, False)),
                 "store": pdata(3, 3, store_cmd), "data": pdata(3, 2, dataset_for_store(base, uid, rng)),
                 "first-fragment": pdata(3, 1, store_cmd[:20]), "wrong-context": pdata(7, 3, store_cmd),
-                "release-rq": bytes.fromhex("05000000000400000000"), "release-rp": bytes.fromhex("06000000000400000000"),
+                "release-rq": bytes.fromhex("05000000000400000000"),
+                "release-rp": bytes.fromhex("06000000000400000000"),
                 "abort": bytes.fromhex("07000000000400000000"),
                 "unknown": bytes([rng.choice([0, 8, 9, 0x7F, 0xFF]), 0]) + struct.pack(">I", 4) + bytes(4)}
         names = [rng.choice(list(pdus)) for _ in range(rng.randint(1, 6))]
@@ -508,7 +509,8 @@ def check(archive: Archive, report: Report, baseline: dict, final: bool = False)
     whole = archive.log()
     log, archive.log_read = whole[archive.log_read:], len(whole)  # each traceback reported once
     if "Traceback" in log:
-        report.violations.append("a traceback in the server's log: " + log[max(0, log.index("Traceback") - 300):][:3000])
+        at = max(0, log.index("Traceback") - 300)
+        report.violations.append("a traceback in the server's log: " + log[at:at + 3000])
     if not archive.echo():
         report.violations.append("the archive did not answer a C-ECHO")
     if archive.http_processes() != archive.http_pids:
@@ -598,7 +600,8 @@ def warm_up(archive: Archive, part10: bytes, rq: bytes, rounds: int = 12) -> dic
 
 
 def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 500, import_every: int = 100,
-        parallel: int = 4, progress: bool = False, fresh: bool = False, keep_going: bool = False, weights: tuple[int, ...] = (25, 15, 15, 25, 15, 10, 20)) -> Report:
+        parallel: int = 4, progress: bool = False, fresh: bool = False, keep_going: bool = False,
+        weights: tuple[int, ...] = (25, 15, 15, 25, 15, 10, 20)) -> Report:
     """`cases` cases in rounds of `check_every` (each round on `parallel` threads, then the
     damaged files of the round imported once `import_every` have gathered, then the
     invariants checked). Case i draws from its own random.Random(f"{seed}-{i}"), so a case
@@ -634,7 +637,7 @@ def run(cases: int, seed: int, work: Path, workers: int = 2, check_every: int = 
 
     try:
         baseline = warm_up(archive, ct, rq)
-        for req in fuzz_http.regressions():
+        for req in fuzz_http.regressions(ct):
             report.outcomes[f"regression http: {fuzz_http.replay(archive.http_port, req)}"] += 1
         for kind, messages in regressions(rq):
             report.outcomes[f"regression {kind}: {Case(archive.port, random.Random(seed), rq).replay(kind, messages)}"] += 1

@@ -90,11 +90,16 @@ def request(rng: random.Random, part10: bytes) -> bytes:
     return head.encode("utf-8", "surrogateescape") + body
 
 
-def regressions() -> list[bytes]:
+def regressions(part10: bytes) -> list[bytes]:
     """Requests that once broke the server (issue #20), sent first in every run, after the
     warm-up has stored studies for them to find."""
+    nul_charset = part10.replace(b"ISO_IR 100", b"IS\x00\x00\x0e* 100", 1)  # codecs.lookup raised ValueError
+    body = b"--r\r\nContent-Type: application/dicom\r\n\r\n" + nul_charset + b"\r\n--r--\r\n"
     return [b"GET /dicom-web/studies?limit=2 HTTP/1.1\r\nHost: x\xfb\r\nAccept: application/dicom+json\r\n"
-            b"Connection: close\r\n\r\n"]  # a Host byte aiohttp keeps as a surrogate: the Retrieve URLs raised
+            b"Connection: close\r\n\r\n",  # a Host byte aiohttp keeps as a surrogate: the Retrieve URLs raised
+            f"POST {BASE}/studies HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: multipart/related; "
+            f'type="application/dicom"; boundary=r\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n'
+            .encode() + body]
 
 
 def replay(port: int, req: bytes) -> str:
