@@ -14,6 +14,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from conftest import HOST, MR, export_all, free_port, series_instances, wait_for
+from stowage.engine.runtime import config as cfg
 from test_forward import queue_counts, storescu, stowage, uids, write_config
 
 
@@ -185,3 +186,61 @@ def test_kill_9_while_draining_resends_only_what_was_in_flight(make_server, tmp_
     twice = {u for u, n in calls.items() if n > 1}
     assert not twice & done_at_kill, "an entry marked done before the kill was sent again"
     assert all(n <= 2 for n in calls.values())
+
+
+def test_commitment_verdicts_failed_and_refused_are_recorded(tmp_path):
+    """The verdicts a commitment SCP can give, recorded per entry: a pynetdicom SCP that
+    commits one instance and fails the other (0x0112, no such object instance) in a report
+    on the same association; then an SCP that does not offer the service at all."""
+    import threading
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+    from stowage.engine.forward.commitment import Commitments
+    from stowage.engine.forward.queue import Queue
+    from stowage.engine.transfer.requestor import Peer
+    commitment = "1.2.840.10008.1.20.1"
+
+    def on_action(event):
+        info = event.action_information
+        refs = list(info.ReferencedSOPSequence)
+
+        def report():
+            reply = pydicom.Dataset()
+            reply.TransactionUID = info.TransactionUID
+            reply.ReferencedSOPSequence = refs[:1]
+            failed = pydicom.Dataset()
+            failed.ReferencedSOPClassUID = refs[1].ReferencedSOPClassUID
+            failed.ReferencedSOPInstanceUID = refs[1].ReferencedSOPInstanceUID
+            failed.FailureReason = 0x0112
+            reply.FailedSOPSequence = [failed]
+            event.assoc.send_n_event_report(reply, 2, commitment, "1.2.840.10008.1.20.1.1")
+        threading.Timer(0.2, report).start()
+        return 0x0000, None
+
+    config = cfg.load(write_config(tmp_path / "f.toml", {"SCP": 104},
+                                   '[[forward]]\nname = "c"\nto = "SCP"\ncommit = true\nquiet = 0\n'), env={},
+                      overrides={"data_dir": tmp_path / "d"})
+    q = Queue(tmp_path / "d")
+    q.start_cursor(0)
+    rows = [("SCP", "c", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3", "000-1.seg",
+             i, 100, 1000 + i, "1.2.3.9", 0.0, "", "1.2.3") for i in range(2)]
+    assert q.add(rows, 1001) == 2
+    q.settle([(e.id, 0) for e in q.due("SCP", 10)], [], [])
+    for offers in (True, False):
+        ae = AE("SCP")
+        ae.add_supported_context(commitment if offers else Verification)
+        port = free_port()
+        scp = ae.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_N_ACTION, on_action)])
+        try:
+            assert Commitments(config, "SCP").request_due(q, Peer("SCP", HOST, port)) == 1
+        finally:
+            scp.shutdown()
+        if offers:
+            assert q.commitments() == {("SCP", "committed"): 1, ("SCP", "failed"): 1}
+            (_d, uid, reason), = q.not_committed()
+            assert uid == "1.2.3.1" and reason.startswith("failure reason 0x0112 (transaction ")
+            q.record_commitment([(e, "wanted", "") for e in (1, 2)])  # ask again, of a peer without the service
+    assert q.commitments() == {("SCP", "failed"): 2}
+    assert all("aborted the association request (does it offer Storage Commitment Push Model as SCP?)" in r
+               for _d, _u, r in q.not_committed())
+    q.close()

@@ -21,7 +21,9 @@ from stowage.engine.transfer.send import Instance
 log = logging.getLogger("stowage.forward")
 
 TIMEOUT_S = 60.0  # for the destination's report
-_REFUSED = ("does not offer", "refused the request")  # answers that asking again does not change
+# Answers that asking again does not change: the destination took the association but not
+# the service (with no accepted context pynetdicom aborts the request), or refused the request.
+_REFUSED = ("does not offer", "refused the request", "aborted the association request")
 
 
 class Commitments:
