@@ -180,3 +180,19 @@ def test_what_one_profile_remembers_between_instances_changes_nothing(tmp_path):
         assert got == want
         assert got_outcome.uids == want_outcome.uids and got_outcome.sop_instance_uid == want_outcome.sop_instance_uid
     assert len(shared.acted) > 10
+
+
+def test_encapsulated_pixel_data_passes_the_element_by_element_path_as_it_came(tmp_path):
+    """A compressed instance without burned-in text: its fragments are copied byte for byte
+    (undefined length, items walked over, never decoded) and what is around them de-identified."""
+    from stowage.engine.deidentify import encoded
+    src = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
+    src.PatientName, src.PatientID = "Doe^John", "MRN-4711"
+    project = Project.open(ProjectConfig("P"), tmp_path)
+    parts, outcome, _ = encoded.deidentify_parts(project.profile, _encoded(src), pydicom.uid.JPEG2000Lossless)
+    out = pydicom.filereader.read_dataset(pydicom.filebase.DicomBytesIO(b"".join(parts)), False, True)
+    out.file_meta = pydicom.dataset.FileMetaDataset()
+    out.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
+    assert out.PixelData == src.PixelData and (out.pixel_array == src.pixel_array).all()
+    assert out.PatientID != "MRN-4711" and out.SOPInstanceUID == outcome.sop_instance_uid[1] != src.SOPInstanceUID
+    project.close()
