@@ -1,18 +1,22 @@
 """A fuzzer that can run for hours against a real `stowage serve` (issue #20): mutated
-A-ASSOCIATE-RQs, P-DATA PDUs on accepted associations (C-ECHO commands, C-STORE data sets
-with lying and undefined lengths, deep sequences, bad VRs and character sets, C-FIND
-identifiers), damaged Part-10 files for `stowage import` run while it serves, and
-DICOMweb requests made wrong on the HTTP port (bench/harness/fuzz_http.py).
+A-ASSOCIATE-RQs, PDUs in orders the association state machine does not expect, P-DATA PDUs
+on accepted associations (C-ECHO commands, C-STORE data sets with lying and undefined
+lengths, deep sequences, bad VRs and character sets, C-FIND identifiers), damaged Part-10
+files for `stowage import` run while it serves, and DICOMweb requests made wrong on the
+HTTP port (bench/harness/fuzz_http.py).
 
     python -m stowage.bench.harness.fuzz --cases 100000 --seed 1 [--work DIR] [--json]
+        [--progress] [--keep-going] [--fresh]
 
-It starts its own `stowage serve` (loopback, a free port) and checks, every `--check-every`
-cases and at the end: the acceptor and every worker alive (no worker lost or restarted), no
-traceback in the server's log or any import's output, the archive answers a C-ECHO and a QIDO-RS (its HTTP processes unchanged) and the
-good file of every import batch is stored, the workers' file descriptors and threads back
-near their start once idle and their resident memory within bounds, and at the end `stowage
-verify` clean. It prints what it tried (cases by kind and outcome) and every violation;
-exit 1 if any. The suite runs a short fixed-seed share (tests/test_fuzz.py).
+It starts its own `stowage serve` (loopback, a free port), warms every path up, and checks,
+every `--check-every` cases and at the end: the acceptor and every worker alive (no worker
+lost or restarted), no traceback in the server's log or any import's output, the archive
+answers a C-ECHO and a QIDO-RS (its HTTP processes unchanged), the good file of every import
+batch is stored, each process's file descriptors and threads back near their level after the
+warm-up once idle, its resident memory under a ceiling and not still growing over the second
+half of a long run, and at the end `stowage verify` clean. It prints what it tried (cases by
+kind and outcome) and every violation; exit 1 if any. The suite runs a short fixed-seed
+share (tests/test_fuzz.py); docs/fuzzing.md reports the long soak.
 """
 from __future__ import annotations
 
