@@ -28,10 +28,16 @@ def _inet(sock: socket.socket) -> bool:
     return sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
+_saved: dict = {}
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """After every plugin is configured (some run a process of their own then)."""
     from stowage.bench import procs
+    _saved.update(popen=subprocess.Popen.__init__, fork=os.fork, spawn=os.posix_spawn,
+                  start=multiprocessing.process.BaseProcess.start, listen=socket.socket.listen,
+                  connect=socket.socket.connect)
     procs.find_dcmtk.cache_clear()
     procs.find_dcmtk = lambda name: None  # tests/conftest.dcmtk() looks it up here
     subprocess.Popen.__init__ = _refuse("start a process")
@@ -48,3 +54,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     socket.socket.listen = guarded_listen
     socket.socket.connect = guarded_connect
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The tests are over: give the reporting plugins their processes back (hypothesis's
+    summary imports its entry points, and trio's import runs ldconfig)."""
+    if not _saved:
+        return
+    subprocess.Popen.__init__ = _saved["popen"]
+    os.fork, os.posix_spawn = _saved["fork"], _saved["spawn"]
+    multiprocessing.process.BaseProcess.start = _saved["start"]
+    socket.socket.listen, socket.socket.connect = _saved["listen"], _saved["connect"]
