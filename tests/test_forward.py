@@ -321,3 +321,34 @@ def test_a_clock_stepped_back_loses_nothing(tmp_path):
     scanner.close()
     assert {e.sop_instance_uid for e in q.due("DEST", 10)} == uids(files)
     q.close()
+
+
+def test_a_queue_made_by_the_first_release_is_upgraded_in_place(tmp_path):
+    """A queue database without the columns added since (series, project, commitment) keeps
+    its entries and takes new ones after an upgrade."""
+    import sqlite3
+    from stowage.engine.forward.queue import Queue, path_of
+    path_of(tmp_path).parent.mkdir()
+    db = sqlite3.connect(path_of(tmp_path))
+    db.executescript("""
+        CREATE TABLE entries (id INTEGER PRIMARY KEY, destination TEXT NOT NULL, rule TEXT NOT NULL,
+            sop_instance_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, transfer_syntax_uid TEXT NOT NULL,
+            study_instance_uid TEXT NOT NULL, segment TEXT NOT NULL, "offset" INTEGER NOT NULL,
+            dataset_length INTEGER NOT NULL, received_at INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0, status INTEGER,
+            comment TEXT NOT NULL DEFAULT '', queued_at REAL NOT NULL, done_at REAL,
+            UNIQUE (destination, sop_instance_uid, received_at));
+        CREATE TABLE cursor (id INTEGER PRIMARY KEY CHECK (id = 0), received_at INTEGER NOT NULL);
+        INSERT INTO cursor VALUES (0, 1000);
+        INSERT INTO entries (destination, rule, sop_instance_uid, sop_class_uid, transfer_syntax_uid,
+            study_instance_uid, segment, "offset", dataset_length, received_at, queued_at)
+            VALUES ('DEST', 'r', '1.2.3.0', '1.2.840.10008.5.1.4.1.1.2', '1.2.840.10008.1.2.1', '1.2.3', '000-1.seg',
+                    0, 100, 1000, 0);
+    """)
+    db.close()
+    q = Queue(tmp_path)
+    assert q.add([("DEST", "r", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3", "000-1.seg",
+                   100, 100, 1001, "1.2.3.9", 0.0, "TRIAL", "1.2.3")], 1001) == 1
+    assert [(e.sop_instance_uid, e.project) for e in q.due("DEST", 10)] == [("1.2.3.0", ""), ("1.2.3.1", "TRIAL")]
+    assert q.commitments() == {("DEST", "wanted"): 1}
+    q.close()

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS delivered (destination TEXT PRIMARY KEY, n INTEGER NO
 """
 # Columns added after the first release, to queues made before (ALTER TABLE when missing).
 _ADDED = {
+    "series_instance_uid": "TEXT NOT NULL DEFAULT ''",
     "project": "TEXT NOT NULL DEFAULT ''",        # [projects.NAME]: sent de-identified
     "sent_uid": "TEXT NOT NULL DEFAULT ''",       # the SOP Instance UID the destination got (de-identified: new)
     "commit_group": "TEXT NOT NULL DEFAULT ''",   # study/series UID a commitment request covers; '': none wanted
