@@ -30,6 +30,7 @@ _UINT32 = struct.Struct("<L").unpack_from
 _LONG = frozenset(int.from_bytes(v.encode(), "little") for v in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV",
                                                                  "UC", "UN", "UR", "UT", "UV"))
 _SQ = int.from_bytes(b"SQ", "little")
+_UN = int.from_bytes(b"UN", "little")
 _BINARY = frozenset(int.from_bytes(v.encode(), "little") for v in ("OB", "OD", "OF", "OL", "OV", "OW", "UN"))
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
