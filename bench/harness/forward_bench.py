@@ -19,6 +19,7 @@ Prints medians and the ratios against no forwarding / against send.
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 from stowage.bench.corpus import generate
 from stowage.bench.harness.transfer import one_study, start_storescp, store_files
 from stowage.bench.loadgen import Target, load_corpus, run
+from stowage.engine.forward.process import NICE
 from stowage.bench.procs import find_dcmtk, free_port, serve_stowage, stop_tree, tear_down
 
 
@@ -138,7 +140,7 @@ def ingest(work: Path, files: list[Path], warmup: list[Path], k: int, rules: int
 
 
 def drain(work: Path, files: list[Path], study: str, associations: int, run_no: int,
-          tools: tuple[str, str, str]) -> tuple[float, float]:
+          tools: tuple[str, str, str], same_priority: bool = True) -> tuple[float, float]:
     """(forwarding instances/s, `stowage send` instances/s) into storescp +B --fork."""
     storescp, storescu, echoscu = tools
     count = len(files)
@@ -158,8 +160,11 @@ def drain(work: Path, files: list[Path], study: str, associations: int, run_no: 
         forwarded = count / _span(out, count)
         out = work / f"send-rx-{run_no}"
         rx = start_storescp(storescp, echoscu, out, rx_port, fork=True)
+        # At the forwarding process's priority (it lowers its own by NICE): the same code
+        # path compared, not the scheduler's favour.
         subprocess.run([sys.executable, "-m", "stowage.cli", "send", "--config", str(conf), "--data-dir", str(data),
-                        "-q", "--to", "DEST", "--study", study], check=True, capture_output=True)
+                        "-q", "--to", "DEST", "--study", study], check=True, capture_output=True,
+                       preexec_fn=lambda: os.nice(NICE) if same_priority else None)
         stop_tree(rx, None)
         rx = None
         sent = count / _span(out, count)
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-drain", action="store_true")
+    ap.add_argument("--send-at-own-priority", action="store_true",
+                    help="run stowage send at the bench's priority, not lowered as the forwarding process's is")
     args = ap.parse_args(argv)
     tools = tuple(find_dcmtk(n) for n in ("storescp", "storescu", "echoscu"))
     if not all(tools):
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_drain:
             fwd, snd = [], []
             for r in range(args.repeat):
-                f, s = drain(work, files, study, args.associations, r, tools)
+                f, s = drain(work, files, study, args.associations, r, tools, not args.send_at_own_priority)
                 fwd.append(f)
                 snd.append(s)
                 print(f"  run {r}: forwarding {f:.0f}/s, stowage send {s:.0f}/s", flush=True)
