@@ -4,17 +4,12 @@
 the workers' GIL; if it dies, the acceptor starts it again and it resumes from the queue."""
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 
 from stowage.engine.runtime.config import Config
-from stowage.engine.runtime.logs import setup_logging
-from stowage.engine.runtime.supervised import SupervisedProcess, wait_for_lock
+from stowage.engine.runtime.supervised import SupervisedProcess, child_start, wait_for_lock
 from stowage.engine.storage.remote import read_from_bucket
 
 log = logging.getLogger("stowage.forward")
@@ -61,21 +56,10 @@ def _scan_loop(config: Config, stop: threading.Event, deletions) -> None:
 
 
 def main() -> None:
-    parent = int(sys.argv[1])
-    config = Config.from_dict(json.loads(os.environ["STOWAGE_FORWARD_CONFIG"]))
+    config, stop = child_start("STOWAGE_FORWARD_CONFIG", "forward", NICE)
     read_from_bucket(config)  # segments evicted after their upload: read from the bucket
-    setup_logging(config, "forward")
     # The sender logs each failed instance; a destination that is down gets one line per attempt from deliver.py.
     logging.getLogger("stowage.send").setLevel(logging.ERROR)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the acceptor decides when we stop
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    from stowage.engine.lifecycle.scrub import _die_with
-    _die_with(parent)
-    try:
-        os.nice(NICE)
-    except OSError:
-        pass
     from stowage.engine.forward.deliver import Destination
     from stowage.engine.forward.queue import path_of
     with open(path_of(config.data_dir).parent / LOCK, "a") as lock:

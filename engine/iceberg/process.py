@@ -5,16 +5,11 @@ workers are up, restarted after it dies, stopped on drain; one at a time per dat
 directory (the flock of <data_dir>/iceberg/publisher.lock)."""
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
-import sys
 import threading
 
 from stowage.engine.runtime.config import Config
-from stowage.engine.runtime.logs import setup_logging
-from stowage.engine.runtime.supervised import SupervisedProcess, wait_for_lock
+from stowage.engine.runtime.supervised import SupervisedProcess, child_start, wait_for_lock
 
 log = logging.getLogger("stowage.iceberg")
 
@@ -54,18 +49,7 @@ def publish_until(config: Config, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    parent = int(sys.argv[1])
-    config = Config.from_dict(json.loads(os.environ["STOWAGE_ICEBERG_CONFIG"]))
-    setup_logging(config, "iceberg")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the acceptor decides when we stop
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    from stowage.engine.lifecycle.scrub import _die_with
-    _die_with(parent)
-    try:
-        os.nice(NICE)
-    except OSError:
-        pass
+    config, stop = child_start("STOWAGE_ICEBERG_CONFIG", "iceberg", NICE)
     home = config.data_dir / "iceberg"
     home.mkdir(parents=True, exist_ok=True)
     with open(home / LOCK, "a") as lock:

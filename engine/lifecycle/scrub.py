@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import platform
-import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -33,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stowage.engine.runtime.config import Config, scrub_setting
-from stowage.engine.runtime.logs import audit_line, setup_logging
-from stowage.engine.runtime.supervised import SupervisedProcess, wait_for_lock
+from stowage.engine.runtime.logs import audit_line
+from stowage.engine.runtime.supervised import SupervisedProcess, child_start, wait_for_lock
 from stowage.engine.storage.remote import read_from_bucket
 
 if TYPE_CHECKING:  # the acceptor imports this module for ScrubProcess only: no DuckDB there
@@ -198,24 +196,9 @@ def lower_priority() -> None:
         log.info("scrub: idle I/O priority not available (errno %d); nice 19 only", ctypes.get_errno())
 
 
-def _die_with(parent: int) -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # it died before the line above
-        sys.exit(0)
-
-
 def main() -> None:
-    parent = int(sys.argv[1])
-    config = Config.from_dict(json.loads(os.environ["STOWAGE_SCRUB_CONFIG"]))
+    config, stop = child_start("STOWAGE_SCRUB_CONFIG", "scrub")
     read_from_bucket(config)  # segments evicted after their upload: read from the bucket
-    setup_logging(config, "scrub")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the acceptor decides when we stop
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    _die_with(parent)
     lower_priority()
     directory = config.data_dir / DIRECTORY
     directory.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import time
 from typing import IO
 
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.logs import setup_logging
 
 log = logging.getLogger("stowage.acceptor")
 
@@ -74,6 +75,24 @@ def wait_for_lock(lock: IO, stop: threading.Event, interval: float) -> bool:
         except BlockingIOError:
             if stop.wait(interval):
                 return False
+
+
+def child_start(config_env: str, name: str, nice: int = 0) -> tuple[Config, threading.Event]:
+    """The start of a helper process's main(): its configuration (from `config_env`),
+    logging as `name`, SIGINT ignored (the acceptor decides when it stops), SIGTERM setting
+    the returned event, death with the acceptor (argv[1]), and `nice` more niceness."""
+    config = Config.from_dict(json.loads(os.environ[config_env]))
+    setup_logging(config, name)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    die_with(int(sys.argv[1]))
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    return config, stop
 
 
 def die_with(parent: int) -> None:

@@ -15,20 +15,16 @@ on from the manifest (an upload not yet recorded is simply done again).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 from stowage.catalog import manifest
 from stowage.engine.runtime.config import Config
-from stowage.engine.runtime.logs import setup_logging
-from stowage.engine.runtime.supervised import SupervisedProcess, die_with, wait_for_lock
+from stowage.engine.runtime.supervised import SupervisedProcess, child_start, wait_for_lock
 from stowage.engine.storage.objects import ObjectStore, ObjectStoreError, store_for
 from stowage.engine.storage.remote import CACHE
 
@@ -170,12 +166,7 @@ class Uploader:
 
 
 def main() -> None:
-    config = Config.from_dict(json.loads(os.environ["STOWAGE_UPLOAD_CONFIG"]))
-    setup_logging(config, "uploader")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the acceptor decides when we stop
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    die_with(int(sys.argv[1]))
+    config, stop = child_start("STOWAGE_UPLOAD_CONFIG", "uploader")
     with open(config.data_dir / LOCK, "a") as lock:
         if not wait_for_lock(lock, stop, 1.0):
             return
