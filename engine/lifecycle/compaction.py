@@ -172,7 +172,8 @@ def _next_name(directory: Path, m: manifest.Manifest) -> str:
     """A compaction segment name never used before in this data directory (the
     manifest keeps the watermarks of replaced segments)."""
     prefix = f"{COMPACT_SLOT:03d}-"
-    names = [*m.watermarks, *m.retired_segments, *(p.name for p in directory.glob(f"{prefix}*.seg"))]
+    names = [*m.watermarks, *m.retired_segments, *m.uploaded,  # uploaded: its local copy may be evicted
+             *(p.name for p in directory.glob(f"{prefix}*.seg"))]
     seqs = [int(n[4:12]) for n in names if n.startswith(prefix) and n[4:12].isdigit()]
     return segment_name(COMPACT_SLOT, max(seqs, default=0) + 1)
 
