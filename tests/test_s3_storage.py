@@ -203,3 +203,40 @@ def test_kill_9_before_the_upload_loses_nothing(make_server, tmp_path, s3_server
     assert r.returncode == 0, r.stderr
     assert {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: dataset(p)
             for p in (tmp_path / "export").iterdir()} == sent
+
+
+def test_an_object_already_in_the_bucket_is_never_overwritten(make_server, tmp_path, s3_server):  # noqa: F811
+    """Two objects planted at the keys of segments not uploaded yet: one with the segment's
+    own bytes (what an upload that landed just before a crash leaves) is taken as uploaded;
+    one with other bytes (a second node on the same prefix, a data directory started
+    afresh) is left as it is, the segment stays local, and the log says why."""
+    import base64
+    import hashlib
+    bucket = s3_server.new_bucket("planted")
+    env = env_for(s3_server, bucket, STOWAGE_LOCAL_CACHE_BYTES="0", STOWAGE_UPLOAD_INTERVAL="3600")
+    server = make_server("--workers", "1", **env)
+    files = series_instances(tmp_path / "ct", "S3-P", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 24)
+    storescu(server.port, files)
+    sent = received_by_dcmtk(files, tmp_path / "sent")
+    wait_for(lambda: catalog_sealed(server.data_dir) and len(sealed_segments(server.data_dir)) >= 2, 30,
+             lambda: f"sealed segments: {catalog_sealed(server.data_dir)}, {sealed_segments(server.data_dir)}, "
+                     f"{sorted((p.name, p.stat().st_size) for p in (server.data_dir / 'segments').iterdir())}")
+    server.kill()
+    same, other = sorted(sealed_segments(server.data_dir))[:2]
+    segments, client = server.data_dir / "segments", s3_server.client()
+
+    def plant(name: str, body: bytes) -> None:
+        client.put_object(Bucket=bucket, Key=f"archive/segments/{name}", Body=body,
+                          ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode())
+    plant(same, (segments / same).read_bytes())
+    plant(other, b"another archive's segment")
+    restarted = make_server("--workers", "1", data_dir=server.data_dir, **{**env, "STOWAGE_UPLOAD_INTERVAL": "0.2"})
+    wait_for(lambda: same in uploaded(restarted.data_dir) and "already holds a different segment" in restarted.log(),
+             60, lambda: f"the planted objects judged: uploaded {sorted(uploaded(restarted.data_dir))}")
+    assert other not in uploaded(restarted.data_dir) and (segments / other).exists(), "kept local, not recorded"
+    body = client.get_object(Bucket=bucket, Key=f"archive/segments/{other}")["Body"].read()
+    assert body == b"another archive's segment", "the stranger's object was overwritten"
+    r = stowage(env, "export", "--data-dir", str(restarted.data_dir), "--out", str(tmp_path / "export"), "--all")
+    assert r.returncode == 0, r.stderr
+    assert {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: dataset(p)
+            for p in (tmp_path / "export").iterdir()} == sent

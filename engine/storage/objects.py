@@ -102,6 +102,9 @@ class ObjectStore:
         size and checksum; raises ObjectStoreError if anything does not match."""
         key = self.key(name)
         size = path.stat().st_size
+        held = self._existing(key)
+        if held is not None:
+            return self._same_or_refuse(path, name, key, size, held)
         whole = hashlib.sha256()
         with open(path, "rb") as f:
             if size <= self.part_size:
@@ -121,6 +124,38 @@ class ObjectStore:
                                    f"{got_size} bytes with SHA-256 {got_sum}, the local file {size} bytes "
                                    f"with {expected}")
         return Uploaded(key, size, whole.hexdigest(), expected)
+
+    def _existing(self, key: str) -> dict | None:
+        """The HEAD of `key`, or None when the bucket has no such object."""
+        from botocore.exceptions import ClientError
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise ObjectStoreError(f"HEAD s3://{self.bucket}/{key}: {e}") from None
+        self.counters.add("head")
+        return head
+
+    def _same_or_refuse(self, path: Path, name: str, key: str, size: int, held: dict) -> Uploaded:
+        """An object of this name is in the bucket already: an upload that landed before a
+        crash (the same bytes: nothing to send again), or another segment of the same name
+        (a second node on the same prefix, a data directory lost and started afresh), which
+        must never be overwritten."""
+        whole, digests = hashlib.sha256(), []
+        with open(path, "rb") as f:
+            while part := _read_part(f, self.part_size):
+                whole.update(part)
+                digests.append(hashlib.sha256(part).digest())
+        # The checksum S3 reports: of the bytes for one PUT, of the parts' digests for a multipart upload.
+        expected = (_b64(digests[0] if digests else hashlib.sha256(b"").digest()) if len(digests) <= 1 else
+                    _b64(hashlib.sha256(b"".join(digests)).digest()) + f"-{len(digests)}")
+        theirs = held.get("ChecksumSHA256")
+        if held.get("ContentLength") == size and theirs == expected:
+            return Uploaded(key, size, whole.hexdigest(), expected)
+        raise ObjectStoreError(f"s3://{self.bucket}/{key} already holds a different segment named {name} "
+                               f"({held.get('ContentLength')} bytes, checksum {theirs}); not overwritten. Is another "
+                               "node, or a data directory started afresh, using the same storage prefix?")
 
     def _multipart(self, f, key: str, size: int, whole) -> str:
         up = self._call("POST", self.client.create_multipart_upload, Key=key, ChecksumAlgorithm="SHA256")
