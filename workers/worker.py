@@ -135,7 +135,7 @@ class Worker:
         """One connection's thread: the PROXY header first when a trusted balancer sent it
         (the client it names is the peer from then on), then the association."""
         source = None
-        if self.proxies and sock.getpeername()[0] in self.proxies:
+        if self.proxies and peer.rpartition(":")[0] in self.proxies:
             try:
                 source = proxy_header.read(sock, deadline)
             except (proxy_header.ProxyHeaderError, DeadlinePassed, PeerClosed, OSError) as e:
