@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
 from browser import TOKEN, console_errors, failed_requests, fresh_logs
@@ -15,8 +16,13 @@ PATIENT = "CompressedSamples^CT1"  # CT_small.dcm's
 
 
 def _text(driver, element_id: str) -> str:
-    found = driver.find_elements(By.ID, element_id)
-    return found[0].text if found else ""
+    """The element's text; "" while it is absent or being replaced (the panels are redrawn
+    every 5 s, and an element found just before a redraw is stale when read)."""
+    try:
+        found = driver.find_elements(By.ID, element_id)
+        return found[0].text if found else ""
+    except StaleElementReferenceException:
+        return ""
 
 
 def test_status_json_counts_the_study_storescu_pushed(web_archive):

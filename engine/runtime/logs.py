@@ -106,6 +106,13 @@ class _AuditFile(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         audit_write_failed(sys.exc_info()[1])
 
+    def close(self) -> None:
+        """Closing flushes what a full disk refused: that too is the one line, not a raise."""
+        try:
+            super().close()
+        except OSError as e:
+            audit_write_failed(e)
+
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     """A library's warning (pydicom's about a peer's invalid values, mostly) as one log
