@@ -14,3 +14,16 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(path: Path, text: str) -> None:
+    """Put `text` at `path` whole or not at all, durably: written to a temporary file of
+    this process, fsync'd, renamed over `path`, the directory fsync'd (a crash leaves the
+    old content or the new, never a torn file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -10,11 +10,10 @@ it, if not it commits the very same data files. Nothing is lost, nothing lands t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from stowage.catalog.durable import fsync_dir
+from stowage.catalog.durable import replace_durably
 
 LEDGER = "ledger.json"
 
@@ -56,10 +55,4 @@ def load(home: Path) -> Ledger:
 
 def save(home: Path, ledger: Ledger) -> None:
     home.mkdir(parents=True, exist_ok=True)
-    tmp = home / f".{LEDGER}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(ledger), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, home / LEDGER)
-    fsync_dir(home)
+    replace_durably(home / LEDGER, json.dumps(asdict(ledger)))

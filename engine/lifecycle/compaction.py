@@ -43,7 +43,7 @@ from typing import Callable
 
 from stowage.engine.lifecycle import tombstone_pruning
 from stowage.catalog import manifest, relocate, tombstones
-from stowage.catalog.durable import fsync_dir
+from stowage.catalog.durable import fsync_dir, replace_durably
 from stowage.catalog.reader import Catalog
 from stowage.engine.runtime.config import Config
 from stowage.engine.store.integrity import marks_of
@@ -181,13 +181,7 @@ def _next_name(directory: Path, m: manifest.Manifest) -> str:
 # -- the journal -----------------------------------------------------------------------
 
 def _write_journal(segments_dir: Path, entry: dict) -> None:
-    tmp = segments_dir / f".{JOURNAL}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(entry, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, segments_dir / JOURNAL)
-    fsync_dir(segments_dir)
+    replace_durably(segments_dir / JOURNAL, json.dumps(entry))
 
 
 def _drop_journal(segments_dir: Path) -> None:

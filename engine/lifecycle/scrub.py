@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stowage.catalog.durable import replace_durably
 from stowage.engine.runtime.config import Config, scrub_setting
 from stowage.engine.runtime.logs import audit_line
 from stowage.engine.runtime.supervised import SupervisedProcess, child_start, wait_for_lock
@@ -73,12 +74,7 @@ def load_state(data_dir: Path) -> ScrubState:
 def save_state(data_dir: Path, state: ScrubState) -> None:
     directory = data_dir / DIRECTORY
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{STATE}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / STATE)
+    replace_durably(directory / STATE, json.dumps(asdict(state)))
 
 
 class Scrub:

@@ -31,6 +31,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import KeyObjectSelectionDocumentStorage as KOS
 
+from stowage.catalog.durable import replace_durably
 from stowage.catalog import tombstones
 from stowage.catalog.reader import Catalog
 from stowage.engine.store.filemeta import PREAMBLE
@@ -203,11 +204,6 @@ def recover_notes(data_dir: Path, catalog: Catalog, slot: int) -> int:
                   audit_nothing=False, rejections=rejections)
             applied += 1
     if newest > since:
-        tmp = path.with_name(f".{path.name}.tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(str(newest))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(path, str(newest))
     return applied
