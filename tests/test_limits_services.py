@@ -91,10 +91,11 @@ def test_commitment_request_over_the_reference_limit_is_refused_and_not_queued(m
 
 def test_an_ae_whose_reports_cannot_be_delivered_gets_no_more_than_its_share(make_server, tmp_path, modalities):
     """MODALITY's reports go to a port nobody listens on: its fourth request is refused while
-    they wait, and another AE is still served."""
+    they wait, and another AE is still served and sent its report."""
     closed_port = free_port()
     metrics_port = free_port()
-    cfg = limits_config(tmp_path, MODALITY=(HOST, closed_port))
+    other = modalities("OTHER").listen()
+    cfg = limits_config(tmp_path, OTHER=(HOST, other.port), MODALITY=(HOST, closed_port))  # MODALITY last
     cfg.write_text(cfg.read_text() + "commitment_same_association = false\n")  # into [remotes.MODALITY]
     server = make_server("--workers", "2", "--config", str(cfg), "--metrics-port", str(metrics_port))
     modality = modalities("MODALITY")
@@ -106,9 +107,12 @@ def test_an_ae_whose_reports_cannot_be_delivered_gets_no_more_than_its_share(mak
     assert status.Status == REFUSED, status
     assert status.ErrorComment == "AE MODALITY has 3 commitment requests not yet reported"
     assert len(pending_files(server.data_dir)) == 3, "the refused request was queued"
-    status, _assoc = modalities("OTHER").request(server.port, references(2), release=True)
+    status, _assoc = other.request(server.port, references(2), release=True)
     assert status.Status == 0x0000, "another AE was refused because of MODALITY's backlog"
-    assert len(pending_files(server.data_dir)) == 4
+    report = other.report(30)  # none stored: both fail, but OTHER was served to the end
+    assert report.event_type == 2 and len(report.failed()) == 2
+    # (OTHER's own pending file may already be gone: its report was delivered.)
+    assert len([p for p in pending_files(server.data_dir) if p.name.split(".")[1] == b"MODALITY".hex()]) == 3
     assert refusals(metrics_port, "commitments_pending_per_ae", 1) == 1
     assert refusals(metrics_port, "commitment_references", 0) == 0
 
