@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from stowage.catalog.durable import replace_durably
 from stowage.engine.runtime.config import Config, scrub_setting
 from stowage.engine.runtime.logs import audit_line
-from stowage.engine.runtime.supervised import SupervisedProcess, child_start, wait_for_lock
+from stowage.engine.runtime.supervised import SupervisedProcess, child_start, run_exclusively
 from stowage.engine.storage.remote import read_from_bucket
 
 if TYPE_CHECKING:  # the acceptor imports this module for ScrubProcess only: no DuckDB there
@@ -198,16 +198,7 @@ def main() -> None:
     lower_priority()
     directory = config.data_dir / DIRECTORY
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK, "a") as lock:
-        if not wait_for_lock(lock, stop, 1.0):
-            return
-        try:
-            Scrub(config, stop).run()
-        except Exception:
-            log.exception("scrub failed")
-            logging.shutdown()
-            os._exit(1)
-    logging.shutdown()
+    run_exclusively(directory / LOCK, stop, lambda: Scrub(config, stop).run(), "scrub")
 
 
 class ScrubProcess(SupervisedProcess):

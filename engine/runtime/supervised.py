@@ -14,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO
+from pathlib import Path
+from typing import IO, Callable
 
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import setup_logging
@@ -93,6 +94,22 @@ def child_start(config_env: str, name: str, nice: int = 0) -> tuple[Config, thre
         except OSError:
             pass
     return config, stop
+
+
+def run_exclusively(lock_path: Path, stop: threading.Event, run: Callable[[], None], name: str) -> None:
+    """A helper process's work, one at a time per data directory: take the flock on
+    `lock_path` (waiting while a killed server's copy is still ending), `run()`, and on
+    an unexpected error log it and exit 1 so that the acceptor restarts the process."""
+    with open(lock_path, "a") as lock:
+        if not wait_for_lock(lock, stop, 1.0):
+            return
+        try:
+            run()
+        except Exception:
+            log.exception("%s failed", name)
+            logging.shutdown()
+            os._exit(1)
+    logging.shutdown()
 
 
 def die_with(parent: int) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from stowage.catalog import manifest
 from stowage.engine.runtime.config import Config
-from stowage.engine.runtime.supervised import SupervisedProcess, child_start, wait_for_lock
+from stowage.engine.runtime.supervised import SupervisedProcess, child_start, run_exclusively
 from stowage.engine.storage.objects import ObjectStore, ObjectStoreError, store_for
 from stowage.engine.storage.remote import CACHE
 
@@ -167,16 +167,7 @@ class Uploader:
 
 def main() -> None:
     config, stop = child_start("STOWAGE_UPLOAD_CONFIG", "uploader")
-    with open(config.data_dir / LOCK, "a") as lock:
-        if not wait_for_lock(lock, stop, 1.0):
-            return
-        try:
-            Uploader(config, stop).run()
-        except Exception:
-            log.exception("uploader failed")
-            logging.shutdown()
-            os._exit(1)
-    logging.shutdown()
+    run_exclusively(config.data_dir / LOCK, stop, lambda: Uploader(config, stop).run(), "uploader")
 
 
 class UploaderProcess(SupervisedProcess):
