@@ -26,11 +26,12 @@ from test_send import StoreSCP, config_with
 pytestmark = pytest.mark.timeout(300)
 SEGMENT = 200_000   # small segments: a few dozen CT images make several
 BLOCK = 16384       # ranged GETs of 16 KiB: a record's read fetches a few blocks, not its segment
+NODE = "node-a"     # segments go to archive/<node>/segments/ (overridden by STOWAGE_NODE_NAME in `more`)
 
 
 def env_for(s3, bucket: str, **more: str) -> dict[str, str]:
     """serve and the CLI on `bucket`: endpoint and path style in STOWAGE_*, credentials in AWS_*."""
-    return {**s3.env(), "STOWAGE_STORAGE": f"s3://{bucket}/archive", "STOWAGE_S3_ENDPOINT": s3.endpoint,
+    return {**s3.env(), "STOWAGE_STORAGE": f"s3://{bucket}/archive", "STOWAGE_NODE_NAME": NODE, "STOWAGE_S3_ENDPOINT": s3.endpoint,
             "STOWAGE_S3_PATH_STYLE": "true", "STOWAGE_S3_READ_BLOCK": str(BLOCK),
             "STOWAGE_SEGMENT_SIZE": str(SEGMENT), "STOWAGE_SEAL_INTERVAL": "0.2", "STOWAGE_UPLOAD_INTERVAL": "0.2",
             "STOWAGE_SCRUB_RATE": "0", "STOWAGE_COMPACT_INTERVAL": "0", "STOWAGE_COMPACT_GRACE": "0", **more}
@@ -105,13 +106,13 @@ def test_sealed_segments_are_uploaded_verified_evicted_and_read_back_by_ranged_g
              lambda: f"every sealed segment uploaded and evicted; manifest: {uploaded(data_dir)}; log: "
                      f"{server.log()[-3000:]}")
     # In the bucket, as the manifest records them: the same size and SHA-256 as written.
-    objects = s3_server.objects(bucket, "archive/segments/")
+    objects = s3_server.objects(bucket, f"archive/{NODE}/segments/")
     up = uploaded(data_dir)
     assert {e["key"]: e["size"] for e in up.values()} == {k: v for k, v in objects.items() if k in
                                                           {e["key"] for e in up.values()}}
     assert len(up) >= 3, up
     for name, entry in up.items():
-        assert entry["key"] == f"archive/segments/{name}"
+        assert entry["key"] == f"archive/{NODE}/segments/{name}"
     assert "verified" in server.log()
 
     # One instance by C-GET reads a few blocks of its segment, not the whole object.
@@ -226,7 +227,7 @@ def test_an_object_already_in_the_bucket_is_never_overwritten(make_server, tmp_p
     segments, client = server.data_dir / "segments", s3_server.client()
 
     def plant(name: str, body: bytes) -> None:
-        client.put_object(Bucket=bucket, Key=f"archive/segments/{name}", Body=body,
+        client.put_object(Bucket=bucket, Key=f"archive/{NODE}/segments/{name}", Body=body,
                           ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode())
     plant(same, (segments / same).read_bytes())
     plant(other, b"another archive's segment")
@@ -234,7 +235,7 @@ def test_an_object_already_in_the_bucket_is_never_overwritten(make_server, tmp_p
     wait_for(lambda: same in uploaded(restarted.data_dir) and "already holds a different segment" in restarted.log(),
              60, lambda: f"the planted objects judged: uploaded {sorted(uploaded(restarted.data_dir))}")
     assert other not in uploaded(restarted.data_dir) and (segments / other).exists(), "kept local, not recorded"
-    body = client.get_object(Bucket=bucket, Key=f"archive/segments/{other}")["Body"].read()
+    body = client.get_object(Bucket=bucket, Key=f"archive/{NODE}/segments/{other}")["Body"].read()
     assert body == b"another archive's segment", "the stranger's object was overwritten"
     r = stowage(env, "export", "--data-dir", str(restarted.data_dir), "--out", str(tmp_path / "export"), "--all")
     assert r.returncode == 0, r.stderr

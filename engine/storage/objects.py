@@ -65,6 +65,7 @@ class ObjectStore:
         import boto3  # only when object storage is configured
         from botocore.config import Config as BotoConfig
         self.bucket, self.prefix = parse_url(config.storage)
+        self.node = config.node
         self.part_size = config.s3_part_size
         kwargs: dict[str, Any] = {}
         if config.s3_endpoint:
@@ -81,8 +82,26 @@ class ObjectStore:
             **kwargs)
         self.counters = Counters()
 
-    def key(self, name: str) -> str:
-        return f"{self.prefix}/segments/{name}" if self.prefix else f"segments/{name}"
+    def key(self, name: str, node: str | None = None) -> str:
+        """Where segment `name` of `node` (default: this node) lives: `<prefix>/<node>/segments/<name>`,
+        so nodes sharing a bucket and prefix never collide (docs/scale-out.md)."""
+        return segment_key(self.prefix, node or self.node, name)
+
+    def head(self, key: str) -> dict | None:
+        """The HEAD of `key` (size, checksum), or None when the bucket has no such object."""
+        return self._existing(key)
+
+    def list(self, prefix: str) -> dict[str, int]:
+        """key -> size of every object under `prefix` (paged LISTs)."""
+        out: dict[str, int] = {}
+        token: dict[str, str] = {}
+        while True:
+            r = self._call("LIST", self.client.list_objects_v2, Prefix=prefix, **token)
+            self.counters.add("list")
+            out.update({o["Key"]: int(o["Size"]) for o in r.get("Contents", [])})
+            if not r.get("IsTruncated"):
+                return out
+            token = {"ContinuationToken": r["NextContinuationToken"]}
 
     def _call(self, what: str, fn, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -198,9 +217,33 @@ class ObjectStore:
                                    f"got {len(data)} bytes")
         return data
 
+    def put(self, key: str, data: bytes) -> None:
+        """One small object, checksummed (the server refuses other bytes: BadDigest)."""
+        self._call("PUT", self.client.put_object, Key=key, Body=data,
+                   ChecksumSHA256=_b64(hashlib.sha256(data).digest()))
+        self.counters.add("put", len(data))
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete `keys`, up to 1000 per request."""
+        for i in range(0, len(keys), 1000):
+            chunk = keys[i:i + 1000]
+            r = self._call("DELETE", self.client.delete_objects, Delete={"Objects": [{"Key": k} for k in chunk],
+                                                                        "Quiet": True})
+            self.counters.add("delete")
+            if r.get("Errors"):
+                e = r["Errors"][0]
+                raise ObjectStoreError(f"DELETE s3://{self.bucket}/{e.get('Key')}: {e.get('Code')} {e.get('Message')}")
+
     def delete(self, key: str) -> None:
         self._call("DELETE", self.client.delete_object, Key=key)
         self.counters.add("delete")
+
+
+def segment_key(prefix: str, node: str, name: str) -> str:
+    """`<prefix>/<node>/segments/<name>` (no leading slash when the prefix is empty).
+    Segments uploaded before node names were in keys sit at `<prefix>/segments/<name>`;
+    the manifest records each segment's key, so those stay readable where they are."""
+    return f"{prefix}/{node}/segments/{name}" if prefix else f"{node}/segments/{name}"
 
 
 def _read_part(f, n: int) -> bytes:
@@ -224,7 +267,8 @@ _stores_lock = threading.Lock()
 
 def store_for(config: Config) -> ObjectStore:
     """This process's ObjectStore for `config` (one client per process and bucket)."""
-    ident = (config.storage, config.s3_endpoint, config.s3_region, config.s3_access_key, config.s3_path_style)
+    ident = (config.storage, config.s3_endpoint, config.s3_region, config.s3_access_key, config.s3_path_style,
+             config.node)
     with _stores_lock:
         if ident not in _stores:
             _stores[ident] = ObjectStore(config)

@@ -10,11 +10,30 @@ local copies of uploaded segments, under `local_cache_bytes`.
 
 The bytes are not trusted for being cached: every record read is checked against its
 CRC-32 by the segment reader, as on local disk.
+
+Other nodes' segments (several nodes on one bucket, docs/scale-out.md). Each node uploads
+its segments to `<prefix>/<node_name>/segments/<segment>`, so a segment is found from its
+node's name and its own name alone, with no access to that node's manifest:
+
+    segment_key(config, node, segment) -> str
+        the object key of `segment` uploaded by `node`.
+    open_node_segment(config, node, segment) -> RemoteFile
+        a read-only, seekable file (read, seek, tell, pread) over that object: ranged
+        GETs through the same block cache (`segment-cache/nodes/<node>/<segment>/`, kept
+        under `local_cache_bytes` with the rest). One HEAD finds its size, once per
+        process; raises FileNotFoundError (saying which key) when the bucket has no such
+        object, ObjectStoreError when the store fails. Thread-safe.
+
+Walk it with the segment reader as any local segment (`segment.read_record_at(f, offset)`
+and friends check every record's CRC-32). Segments are immutable once uploaded (the
+uploader never overwrites another segment's object), so what was read stays true until
+a compaction deletes the object; a read after that raises ObjectStoreError (NoSuchKey).
 """
 from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -22,9 +41,11 @@ from pathlib import Path
 from stowage.catalog import manifest
 from stowage.engine.runtime.config import Config
 from stowage.engine.storage.objects import ObjectStore, store_for
+from stowage.engine.storage.objects import segment_key as _key
 from stowage.engine.store import segment
 
 CACHE = "segment-cache"
+NODES = "nodes"  # segment-cache/nodes/<node>/<segment>: other nodes' segments (no segment is named so)
 _MAX_AHEAD = 16
 _IN_MEMORY = 16  # blocks a process keeps in memory too: a record's head, then its payload, read apart
 
@@ -225,3 +246,34 @@ def read_from_bucket(config: Config) -> Opener | None:
     opener = Opener(config)
     segment.read_elsewhere(opener)
     return opener
+
+
+def segment_key(config: Config, node: str, segment: str) -> str:
+    """The object key of `segment` as `node` uploads it: `<prefix>/<node>/segments/<segment>`."""
+    return _key(store_for(config).prefix, node, segment)
+
+
+_nodes_lock = threading.Lock()
+_node_segments: dict[tuple[Path, str, str, str], RemoteSegment] = {}
+
+
+def open_node_segment(config: Config, node: str, segment: str) -> RemoteFile:
+    """A readable file over `segment` as `node` uploaded it (see the module docstring)."""
+    if not config.storage:
+        raise FileNotFoundError(f"segment {segment} of node {node}: storage is local disk, no bucket to read it from")
+    if not re.match(r"^[A-Za-z0-9._-]{1,64}$", node) or not segment.endswith(".seg") or "/" in segment:
+        raise ValueError(f"not a node name and segment name: {node!r}, {segment!r}")
+    ident = (config.data_dir, config.storage, node, segment)
+    with _nodes_lock:
+        remote = _node_segments.get(ident)
+    if remote is None:
+        store = store_for(config)
+        key = _key(store.prefix, node, segment)
+        head = store.head(key)
+        if head is None:
+            raise FileNotFoundError(f"no segment {segment} of node {node} in the bucket (s3://{store.bucket}/{key})")
+        remote = RemoteSegment(store, ReadCache(config.data_dir, config.s3_read_block),
+                               f"{NODES}/{node}/{segment}", key, int(head["ContentLength"]))
+        with _nodes_lock:
+            remote = _node_segments.setdefault(ident, remote)
+    return RemoteFile(remote)
