@@ -4,6 +4,7 @@ through QIDO and WADO, and bad bodies (truncated, malformed, wrong media type, l
 Content-Length, a body that stalls) that get a 4xx with a reason and store nothing."""
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
@@ -186,6 +187,45 @@ def test_delete_study_series_instance(web):
     audit = (web.server.data_dir / "audit.jsonl").read_text()
     assert '"event": "delete"' in audit and "dicomweb:loopback" in audit
     r = requests.delete(f"{web.base}/studies/1.2.3.4")
+    assert r.status_code == 404
+
+
+def _sops(meta: list[dict]) -> set[str]:
+    return {m["00080018"]["Value"][0] for m in meta}
+
+
+def test_series_metadata_kept_on_disk_never_goes_stale(web):
+    """The series metadata kept on disk (engine/web/series_cache.py) follows the series: an
+    instance that joins it, one deleted, the series deleted; and carries the base URL the
+    client reached the server by."""
+    c = web.client()
+    sent = _instances(3)
+    c.store_instances(sent)
+    study, series = sent[0].StudyInstanceUID, sent[0].SeriesInstanceUID
+    kept = web.server.data_dir / "cache" / "series-metadata"
+    before = set(os.listdir(kept)) if kept.exists() else set()
+    meta = c.retrieve_series_metadata(study, series)
+    assert _sops(meta) == {d.SOPInstanceUID for d in sent}
+    assert meta[0]["7FE00010"]["BulkDataURI"].startswith(f"{web.base}/studies/{study}/series/{series}/instances/")
+    written = set(os.listdir(kept)) - before
+    assert len(written) == 1  # the series' file
+    again = c.retrieve_series_metadata(study, series)  # from the file now
+    assert again == meta
+    port = web.base.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
+    r = requests.get(f"{web.base}/studies/{study}/series/{series}/metadata", headers={"Host": f"localhost:{port}"})
+    assert r.status_code == 200
+    assert r.json()[0]["7FE00010"]["BulkDataURI"].startswith(f"http://localhost:{port}/dicom-web/studies/{study}/")
+    joined = copy.deepcopy(sent[0])  # a fourth slice joins the series
+    joined.SOPInstanceUID = joined.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    joined.InstanceNumber = 4
+    c.store_instances([joined])
+    assert _sops(c.retrieve_series_metadata(study, series)) == {d.SOPInstanceUID for d in sent + [joined]}
+    assert _sops(c.retrieve_study_metadata(study)) == {d.SOPInstanceUID for d in sent + [joined]}
+    c.delete_instance(study, series, sent[0].SOPInstanceUID)
+    assert _sops(c.retrieve_series_metadata(study, series)) == {d.SOPInstanceUID for d in sent[1:] + [joined]}
+    c.delete_series(study, series)
+    assert not set(os.listdir(kept)) & written  # the deleted series' metadata is not kept
+    r = requests.get(f"{web.base}/studies/{study}/series/{series}/metadata")
     assert r.status_code == 404
 
 

@@ -156,12 +156,16 @@ class Archive:
     # -- the store path -------------------------------------------------------------
 
     def store(self, dataset: bytes | FileRange, transfer_syntax_uid: str, sop_class_uid: str,
-              sop_instance_uid: str, calling_ae: str = "", called_ae: str = "") -> StoreResult:
+              sop_instance_uid: str, calling_ae: str = "", called_ae: str = "",
+              attrs: dict[str, Any] | None = None) -> StoreResult:
         """Store one instance exactly as received (in memory, or spooled to a file when
-        large); the result is final and durable."""
+        large); the result is final and durable. `attrs`: the data set's catalog attributes
+        when the caller has extracted them already, within the same limits (STOW-RS does,
+        to check the study of the URL), so they are not parsed twice."""
         try:
-            attrs = extract(_head(dataset), transfer_syntax_uid, self.config.max_inflated_bytes,
-                            self.config.max_nesting_depth)
+            if attrs is None:
+                attrs = extract(_head(dataset), transfer_syntax_uid, self.config.max_inflated_bytes,
+                                self.config.max_nesting_depth)
             if sop_class_uid == rejection.KOS and transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
                 # A rejection note is parsed whole (engine/store/rejection.py): within the limit too.
                 Inflater(_head(dataset), self.config.max_inflated_bytes).drain()

@@ -2,7 +2,8 @@
 dcm4chee-arc and Orthanc use DELETE on the resource), off unless `http_delete = true`: through the very code
 of `stowage delete` (engine/lifecycle/delete.py: durable tombstones, hidden at once from
 every door, an audit line). The path must name a series or instance under the study it
-names, so a wrong study in the URL deletes nothing."""
+names, so a wrong study in the URL deletes nothing. The series metadata kept on disk of
+what it deletes goes with it (engine/web/series_cache.py)."""
 from __future__ import annotations
 
 from aiohttp import web
@@ -25,7 +26,8 @@ async def delete_resource(request: web.Request) -> web.Response:
     series = path_uid(request, "series") if "series" in info else None
     instance = path_uid(request, "instance") if "instance" in info else None
     store = request.app[STORE]
-    if not await store.run(find, store.lookups, study, series, instance):
+    found = await store.run(find, store.lookups, study, series, instance)
+    if not found:
         raise refusal(404, f"no such {'instance' if instance else 'series' if series else 'study'} in this archive")
     level, uid = ("instance", instance) if instance else ("series", series) if series else ("study", study)
     actor = f"dicomweb:{request.get(TOKEN_NAME, '?')}@{request.remote}"
@@ -33,6 +35,8 @@ async def delete_resource(request: web.Request) -> web.Response:
         result = await store.run(delete, config, level, [uid], actor=actor, catalog=store.lookups)
     except DeleteError as e:
         raise refusal(400, str(e)) from None
+    # the metadata kept on disk of what was deleted goes too (of an instance's series: made anew when asked)
+    await store.run(store.series_cache.forget, {i.series for i in found})
     return web.json_response({"deleted": result.summary()}, status=200)
 
 

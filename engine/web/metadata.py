@@ -29,16 +29,18 @@ from pydicom.uid import (
 from stowage.engine.web.dicom_json import dumps, resource_url
 from stowage.engine.web.fast_json import BULK_THRESHOLD, dataset_json
 from stowage.engine.web.header_json import header_json
-from stowage.engine.web.records import IN_MEMORY, Instance
+from stowage.engine.web.records import IN_MEMORY, Instance, find
+from stowage.engine.web.series_cache import BASE, fingerprint
 from stowage.engine.web.transcode import NATIVE
 
 CACHE_BYTES = 64 << 20  # per HTTP process
+_BASE = BASE.encode()
 _DOCUMENT_CLASSES = frozenset({EncapsulatedPDFStorage, EncapsulatedCDAStorage, EncapsulatedSTLStorage,
                                EncapsulatedOBJStorage, EncapsulatedMTLStorage})
 
 
 class JsonCache:
-    """Encoded instance metadata by (segment, offset, base), least recently used out first."""
+    """Encoded instance metadata by (segment, offset), least recently used out first."""
 
     def __init__(self, limit: int = CACHE_BYTES) -> None:
         self.limit = limit
@@ -206,12 +208,48 @@ def instance_metadata(store, inst: Instance, base: str) -> bytes:
 
 def series_metadata(store, found: list[Instance], base: str) -> bytes:
     """The JSON array of the instances' metadata, encoded."""
+    return _with_base(_array(store, found), base)
+
+
+def _array(store, found: list[Instance]) -> bytes:
+    """The JSON array of the instances' metadata with series_cache.BASE for the base URL
+    (so that one encoding serves every name clients reach the server by)."""
     parts = []
     for inst in found:
-        key = (inst.segment, inst.offset, base)
+        key = (inst.segment, inst.offset)
         encoded = _cache.get(key)
         if encoded is None:
-            encoded = instance_metadata(store, inst, base)
+            encoded = instance_metadata(store, inst, BASE)
             _cache.put(key, encoded)
         parts.append(encoded)
     return b"[" + b",".join(parts) + b"]"
+
+
+def _with_base(array: bytes, base: str) -> bytes:
+    return array.replace(_BASE, base.encode())  # base_url() is ASCII, nothing in it to escape in JSON
+
+
+def resource_metadata(store, study: str, series: str | None, instance: str | None, base: str) -> bytes | None:
+    """The metadata of a study, a series or an instance (None: the archive holds none of
+    it). Of a study or series, each series' array comes from the on-disk series cache when
+    it still describes what the catalog holds (series_cache.py), else is made and kept."""
+    if instance is not None:
+        found = find(store.lookups, study, series, instance, with_header=True)
+        return series_metadata(store, found, base) if found else None
+    found = find(store.lookups, study, series)
+    if not found:
+        store.series_cache.forget([series] if series else [])
+        return None
+    groups: dict[str, list[Instance]] = {}
+    for inst in found:
+        groups.setdefault(inst.series, []).append(inst)
+    arrays = []
+    for uid, members in groups.items():
+        array = store.series_cache.get(uid, fingerprint(members))
+        if array is None:
+            members = find(store.lookups, study, uid, with_header=True)  # the headers, only now
+            array = _array(store, members)
+            store.series_cache.put(uid, fingerprint(members), array)
+        if len(array) > 2:
+            arrays.append(array[1:-1])
+    return _with_base(b"[" + b",".join(arrays) + b"]", base)

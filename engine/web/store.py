@@ -24,6 +24,7 @@ from stowage.engine.store.archive import Archive
 from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import Slot, claim_slot
 from stowage.engine.web.records import Reader
+from stowage.engine.web.series_cache import SeriesCache
 
 log = logging.getLogger("stowage.http")
 HTTP_FIRST_SLOT, HTTP_LAST_SLOT = 900, 949
@@ -68,6 +69,7 @@ class WebStore:
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
         self.lookups = Catalog(config.data_dir / "catalog", config.duplicates)
         self.reader = Reader(config.data_dir, config.duplicates)
+        self.series_cache = SeriesCache(config.data_dir)
         self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="web")
         self._archive: Archive | None = None
         self._slot: Slot | None = None

@@ -48,6 +48,7 @@ SOURCE_AE = "DICOMWEB"  # the calling AE of what arrives by STOW-RS (catalog, fi
 # spooled to disk as it arrives.
 _IN_MEMORY_PER_REQUEST = 64 << 20
 _MAX_EPILOGUE = 1 << 20
+_HEAD_BYTES = 4 << 20  # what Archive.store reads of a spooled data set for its attributes (all of one in memory)
 _ids = count(1)
 _trail = Trail()
 
@@ -63,9 +64,9 @@ class Part:
     study: str = ""
     series: str = ""
 
-    def head(self, n: int, start: int = 0) -> bytes:
-        if self.data is not None:
-            return self.data[start:start + n]
+    def head(self, n: int, start: int = 0) -> bytes | memoryview:
+        if self.data is not None:  # a view: the in-memory part is not copied to be parsed
+            return memoryview(self.data)[start:start + n]
         with open(self.path, "rb") as f:
             f.seek(start)
             return f.read(n)
@@ -225,7 +226,7 @@ def _remove(parts: list[Part]) -> None:
 def _part10(part: Part) -> tuple[str, int]:
     """The part's transfer syntax and where its data set starts; fills its SOP UIDs.
     Raises ValueError with a reason."""
-    head = part.head(64 << 10)
+    head = bytes(part.head(64 << 10))
     # 128-byte preamble and "DICM", or (as DCMTK reads them) "DICM" at the start, the preamble left out
     pos = 132 if head[128:132] == b"DICM" else 4 if head[:4] == b"DICM" and head[4:6] == b"\x02\x00" else 0
     if head[pos:pos + 2] != b"\x02\x00":
@@ -259,17 +260,19 @@ def _store_one(store: WebStore, part: Part, study: str | None) -> StoreResult:
     except (ValueError, struct.error) as e:
         return StoreResult(CANNOT_UNDERSTAND, str(e))
     archive = store.archive()
-    dataset = part.dataset(start)
+    attrs = None
     try:  # the study and series the data set names: the URL's check, the answer's Retrieve URL
-        attrs = extract(part.head(4 << 20, start), ts, store.config.max_inflated_bytes, store.config.max_nesting_depth)
+        attrs = extract(part.head(part.length if part.data is not None else _HEAD_BYTES, start), ts, store.config.max_inflated_bytes,
+                        store.config.max_nesting_depth)
         part.study, part.series = attrs.get("study_instance_uid") or "", attrs.get("series_instance_uid") or ""
     except Exception as e:  # Archive.store says why, and counts a limit, when no study is asked for
         if study is not None:
             return StoreResult(CANNOT_UNDERSTAND, f"cannot parse the dataset: {e}"[:64])
     if study is not None and part.study != study:
         return StoreResult(DATASET_DOES_NOT_MATCH_SOP_CLASS, "its Study Instance UID is not the one of the URL")
-    result = archive.store(dataset, ts, part.sop_class_uid, part.sop_instance_uid, calling_ae=SOURCE_AE,
-                           called_ae=store.config.aet)
+    # the attributes go with it: the store path does not parse the data set a second time
+    result = archive.store(part.dataset(start), ts, part.sop_class_uid, part.sop_instance_uid, calling_ae=SOURCE_AE,
+                           called_ae=store.config.aet, attrs=attrs)
     _trail.stored(0, SOURCE_AE, part.sop_instance_uid, result.status, part.length - start, result.comment)
     return result
 

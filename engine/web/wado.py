@@ -26,7 +26,7 @@ from stowage.engine.web import pixels
 from stowage.engine.web.context import base_url, path_uid
 from stowage.engine.web.dicom_json import MEDIA_TYPE, resource_url
 from stowage.engine.web.errors import refusal
-from stowage.engine.web.metadata import series_metadata
+from stowage.engine.web.metadata import resource_metadata
 from stowage.engine.web.multipart import MultipartWriter
 from stowage.engine.web.negotiation import DEFAULT_SYNTAX, IMAGE_MEDIA_TYPES, alternatives, image_media_type
 from stowage.engine.web.records import IN_MEMORY, Instance, Unreadable, find
@@ -168,11 +168,13 @@ async def metadata(request: web.Request) -> web.Response:
     if not any(a.media_type in (MEDIA_TYPE, "application/json", "*/*", "application/*") for a in accept):
         raise refusal(406, f"metadata is given as {MEDIA_TYPE} only")
     store = request.app[STORE]
-    found = await _instances(store, request, with_header=True)
+    study, series, instance = _uids(request)
     try:
-        body = await store.run(series_metadata, store, found, base_url(request))
+        body = await store.run(resource_metadata, store, study, series, instance, base_url(request))
     except Unreadable as e:
         raise refusal(500, str(e)) from None
+    if body is None:
+        raise refusal(404, f"no such {'instance' if instance else 'series' if series else 'study'} in this archive")
     return web.Response(body=body, content_type=MEDIA_TYPE)
 
 
