@@ -7,9 +7,22 @@ microsecond, so only possible duplicates pay for a catalog lookup. Its size is f
 from __future__ import annotations
 
 import hashlib
+import struct
 from typing import Iterable
 
-_MASK64 = (1 << 64) - 1
+_TWO_UINT64 = struct.Struct("<QQ").unpack  # the 128-bit digest as two little-endian halves
+_blake2b = hashlib.blake2b
+
+
+def positions(uid: str, bits: int, hashes: int) -> tuple[int, ...]:
+    """The filter's bit positions of `uid`: double hashing over a 128-bit BLAKE2b digest,
+    (h1 + i*h2) mod bits. The shared sealed-UID file (catalog/sealed_uids.py) keeps these
+    positions on disk: never change the formula, only how fast it is computed."""
+    h1, h2 = _TWO_UINT64(_blake2b(uid.encode(), digest_size=16).digest())
+    if hashes == 4 and not bits & (bits - 1):  # the store path's case: a mask, no loop
+        m = bits - 1
+        return h1 & m, (h1 + h2) & m, (h1 + 2 * h2) & m, (h1 + 3 * h2) & m
+    return tuple((h1 + i * h2) % bits for i in range(hashes))
 
 
 class UidFilter:
@@ -18,20 +31,23 @@ class UidFilter:
         self._k = hashes
         self._array = bytearray(bits // 8)
 
-    def _positions(self, uid: str) -> list[int]:
-        d = int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=16).digest(), "little")
-        h1, h2 = d & _MASK64, d >> 64
-        return [(h1 + i * h2) % self._bits for i in range(self._k)]
+    def _positions(self, uid: str) -> tuple[int, ...]:
+        return positions(uid, self._bits, self._k)
 
     def add(self, uid: str) -> None:
         a = self._array
-        for p in self._positions(uid):
+        for p in positions(uid, self._bits, self._k):
             a[p >> 3] |= 1 << (p & 7)
 
     def update(self, uids: Iterable[str]) -> None:
+        a, bits, k = self._array, self._bits, self._k
         for uid in uids:
-            self.add(uid)
+            for p in positions(uid, bits, k):
+                a[p >> 3] |= 1 << (p & 7)
 
     def __contains__(self, uid: str) -> bool:
         a = self._array
-        return all(a[p >> 3] & (1 << (p & 7)) for p in self._positions(uid))
+        for p in positions(uid, self._bits, self._k):
+            if not a[p >> 3] & (1 << (p & 7)):
+                return False
+        return True

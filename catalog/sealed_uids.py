@@ -14,11 +14,12 @@ import mmap
 import os
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 import psutil
 import pyarrow.parquet as pq
 
-from stowage.catalog.bloom import UidFilter
+from stowage.catalog.bloom import UidFilter, positions
 from stowage.catalog.manifest import MANIFEST, Manifest
 from stowage.catalog.manifest import load as load_manifest
 
@@ -57,14 +58,29 @@ class SealedUids(UidFilter):
         return b[0] if b else 0
 
     def __contains__(self, uid: str) -> bool:
-        return all(self._byte(p >> 3) & (1 << (p & 7)) for p in self._positions(uid))
+        m = self._map
+        for p in positions(uid, self._bits, self._k):
+            byte = m[_HEAD + (p >> 3)] if m is not None else self._byte(p >> 3)
+            if not byte & (1 << (p & 7)):
+                return False
+        return True
 
     def add(self, uid: str) -> None:
-        for p in self._positions(uid):
-            byte = self._byte(p >> 3)
-            bit = 1 << (p & 7)
-            if not byte & bit:
-                os.pwrite(self._fd, bytes([byte | bit]), _HEAD + (p >> 3))
+        self.update((uid,))
+
+    def update(self, uids: Iterable[str]) -> None:
+        """Set the bits of `uids`: each changed byte written once, whatever number of
+        UIDs set bits in it (a seal adds thousands)."""
+        bits, k = self._bits, self._k
+        masks: dict[int, int] = {}
+        for uid in uids:
+            for p in positions(uid, bits, k):
+                index = p >> 3
+                masks[index] = masks.get(index, 0) | 1 << (p & 7)
+        for index in sorted(masks):
+            byte = self._byte(index)
+            if masks[index] & ~byte:
+                os.pwrite(self._fd, bytes([byte | masks[index]]), _HEAD + index)
 
     def sync(self) -> None:
         os.fsync(self._fd)

@@ -104,14 +104,21 @@ class TailReader:
 
 class TailUids:
     """The SOP Instance UIDs of the rows appended to a directory's tails since the last
-    call, each byte parsed once and nothing else kept: what a worker's duplicate filter
-    needs from other workers' tails (building Arrow tables of whole rows cost it as much
-    CPU as storing them)."""
+    call, each byte read once and nothing else kept: what a worker's duplicate filter
+    needs from other workers' tails.
+
+    The rows are not unpacked: the UIDs are found in the msgpack bytes by their key
+    (`find`, at C speed), and only a value that is a whole UID (1-64 digits and dots, as
+    the store path admits) is taken. Unpacking every row, even raw, cost a busy worker
+    about as much as 5% of its CPU (docs/benchmarks.md). The same bytes elsewhere in a row
+    (a value, or a header's bytes) can only add a UID that was not stored: a false
+    positive of the filter, which costs a catalog lookup; they cannot hide a real key,
+    whose own letters no UID value can span."""
 
     def __init__(self, directory: Path, skip_prefix: str) -> None:
         self.directory = directory
         self.skip_prefix = skip_prefix
-        self._files: dict[str, tuple[int, msgpack.Unpacker]] = {}
+        self._files: dict[str, tuple[int, bytes]] = {}  # name -> (offset read to, bytes kept for the next read)
 
     def read(self) -> list[str]:
         try:
@@ -122,18 +129,56 @@ class TailUids:
             del self._files[gone]
         uids: list[str] = []
         for name in names:
-            # raw: no UTF-8 decoding of the thirty-odd strings of a row, only of its UID (40% less CPU)
-            offset, unpacker = self._files.get(name) or (0, msgpack.Unpacker(raw=True))
+            offset, carry = self._files.get(name) or (0, b"")
             try:
                 with open(self.directory / name, "rb") as f:
                     f.seek(offset)
                     data = f.read()
             except FileNotFoundError:
                 continue
-            unpacker.feed(data)
-            self._files[name] = (offset + len(data), unpacker)
-            uids.extend(row[_UID_KEY].decode() for batch in unpacker for row in batch)
+            if not data:
+                continue
+            data = carry + data if carry else data
+            self._files[name] = (offset + len(data) - len(carry), data[uids_in(data, uids):])
         return uids
+
+
+_UID_FIELD = b"\xb0" + _UID_KEY  # msgpack fixstr of 16 bytes: the key
+_UID_FIELD_MAX = len(_UID_FIELD) + 2 + 64  # key, str8 header, the longest UID
+_UID_BYTES = frozenset(b"0123456789.")
+
+
+def uids_in(data: bytes, out: list[str]) -> int:
+    """Append to `out` the UIDs under the `sop_instance_uid` key in msgpack `data`; return
+    where to resume once more bytes have come (a field may be cut by the end of `data`)."""
+    pos, resume, end = 0, max(0, len(data) - _UID_FIELD_MAX), len(data)
+    while (at := data.find(_UID_FIELD, pos)) >= 0:
+        head = at + len(_UID_FIELD)
+        if head >= end:
+            return min(at, resume)
+        kind = data[head]
+        if 0xA1 <= kind <= 0xBF:  # fixstr
+            length, start = kind & 0x1F, head + 1
+        elif kind == 0xD9:  # str8
+            if head + 1 >= end:
+                return min(at, resume)
+            length, start = data[head + 1], head + 2
+        else:
+            pos = at + 1
+            continue
+        if start + length > end:
+            if length <= 64 and _UID_BYTES.issuperset(data[start:end]):
+                return min(at, resume)  # cut by the end of data: read it again next time
+            pos = at + 1
+            continue
+        value = data[start:start + length]
+        if length > 64 or not _UID_BYTES.issuperset(value):
+            pos = at + 1
+            continue
+        out.append(value.decode("ascii"))
+        pos = start + length
+        resume = max(resume, pos)
+    return resume
 
 
 def read_tails(directory: Path) -> pa.Table:

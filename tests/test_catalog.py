@@ -164,3 +164,27 @@ def test_tail_uids_reads_each_new_row_once_and_skips_our_own_tail(tmp_path):
     assert learner.read() == ["1.3"]
     other.path.unlink()  # sealed and removed: forgotten
     assert learner.read() == []
+
+
+def test_tail_uids_are_found_whatever_else_a_row_holds_and_wherever_a_read_stops(tmp_path):
+    """The learner finds UIDs in the msgpack bytes by their key, unpacking nothing: a value
+    or a header holding the key's bytes must not hide a real UID, at any cut of the stream."""
+    import msgpack
+    from stowage.catalog.tail import TailUids
+    uids = ["1.2.840.10008.1", "1." + "2" * 40, "1.2." + "3" * 58, "9"]  # fixstr and str8 lengths, 64 at most
+    rows = [{"patient_name": "sop_instance_uid", "sop_instance_uid": uids[0], "header": b"\xb0sop_instance_uid"},
+            {"header": b"x\xb0sop_instance_uid\xa31.9", "sop_instance_uid": uids[1]},  # a fake field: a UID too many
+            {"study_description": "sop_instance_uid", "sop_instance_uid": uids[2]},
+            {"header": b"\xb0sop_instance_uid\xd9", "sop_instance_uid": uids[3], "z": "a" * 300}]
+    data = msgpack.packb(rows[:2], use_bin_type=True) + msgpack.packb(rows[2:], use_bin_type=True)
+    for cut in range(len(data) + 1):
+        path = tmp_path / f"{cut}" / "001-99-00000001.tail"
+        path.parent.mkdir()
+        learner = TailUids(path.parent, skip_prefix="000-")
+        path.write_bytes(data[:cut])
+        got = learner.read()
+        with open(path, "ab") as f:
+            f.write(data[cut:])
+        got += learner.read()
+        assert [u for u in got if u != "1.9"] == uids, cut
+        assert learner.read() == []
