@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 
@@ -69,6 +70,46 @@ def test_writer_rolls_segments_and_shares_fsyncs(tmp_path):
     assert sorted(r["i"] for r in committed) == list(range(100))
     assert all({"segment", "offset", "record_length"} <= set(r) for r in committed)
     assert w.batches < 100, "concurrent stores did not share any fsync"
+
+
+def test_group_commit_answers_every_store_after_its_batch_and_hands_on_the_lead(tmp_path):
+    """Each store returns only once its row is committed, or raises when its batch was
+    refused; a refused batch does not stall the stores queued behind it (the lead passes
+    on), and close waits for the commits under way."""
+    from stowage.engine.store.writer import OutOfResources
+    committed: list[dict] = []
+    calls = [0]
+
+    def on_commit(rows: list[dict]) -> None:
+        calls[0] += 1
+        if calls[0] % 3 == 2:  # every third batch cannot reach the catalog tail
+            raise OSError(28, "no space left (planted)")
+        committed.extend(rows)
+
+    w = SegmentWriter(tmp_path, 4, segment_size=1 << 30, fsync=True, on_commit=on_commit)
+    outcome: dict[int, str] = {}
+
+    def store(i: int) -> None:
+        try:
+            w.append(encode_record({"i": i}, b"q" * 2000, 0), {"i": i})
+        except OutOfResources:
+            outcome[i] = "refused"
+            return
+        outcome[i] = "stored" if any(r["i"] == i for r in committed) else "answered before its commit"
+
+    threads = [threading.Thread(target=store, args=(i,), daemon=True) for i in range(200)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a store waits forever"
+    w.close()
+    assert sorted(outcome) == list(range(200))
+    assert set(outcome.values()) == {"stored", "refused"}
+    stored = sorted(i for i, o in outcome.items() if o == "stored")
+    seg, = tmp_path.glob("004-*.seg")
+    assert sorted(r.header["i"] for r in iter_records(seg)) == stored  # refused batches were cut out
 
 
 def test_shuffled_payloads_stream_back_exactly(tmp_path):

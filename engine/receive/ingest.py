@@ -45,7 +45,8 @@ class _Message:
         self.context_id = context_id
         self.command = bytearray()
         self.fields: dict | None = None
-        self.dataset: SpillBuffer | None = None
+        self.wants_dataset = False  # its command announced a dataset
+        self.dataset: SpillBuffer | None = None  # made at its first fragment that is not also its last
 
 
 class StorageAssociation:
@@ -148,12 +149,18 @@ class StorageAssociation:
             if header & LAST:
                 self._command_complete(msg)
         else:
-            if msg.fields is None or msg.dataset is None:
+            if not msg.wants_dataset:
                 raise ProtocolError("dataset fragment without a command that announced one")
+            if header & LAST and msg.dataset is None:  # the whole dataset in one PDV: one copy, no buffer
+                self._message = None
+                self._store(msg, bytes(fragment))
+                return
+            if msg.dataset is None:
+                msg.dataset = SpillBuffer()
             msg.dataset.write(fragment)
             if header & LAST:
                 self._message = None
-                self._store(msg)
+                self._store(msg, msg.dataset)
 
     def _command_complete(self, msg: _Message) -> None:
         try:
@@ -172,18 +179,18 @@ class StorageAssociation:
             self._send(p_data(msg.context_id, dimse.echo_response(
                 msg.fields["message_id"], self.contexts[msg.context_id][0])))
         elif field == dimse.C_STORE_RQ and msg.fields.get("dataset_type") != dimse.NO_DATASET:
-            msg.dataset = SpillBuffer()
+            msg.wants_dataset = True
         elif field == dimse.C_CANCEL_RQ:
             self._message = None  # nothing cancellable runs on a storage association
         else:
             raise ProtocolError(f"command 0x{field:04X} is not served on a storage association",
                                 A_ABORT_UNEXPECTED_PDU)
 
-    def _store(self, msg: _Message) -> None:
+    def _store(self, msg: _Message, dataset: SpillBuffer | bytes) -> None:
         f = msg.fields
         sop_class = str(f.get("affected_sop_class_uid", ""))
         sop_instance = str(f.get("affected_sop_instance_uid", ""))
-        result = self.scp.store(self.key, msg.dataset, self.contexts[msg.context_id][1], sop_class, sop_instance,
+        result = self.scp.store(self.key, dataset, self.contexts[msg.context_id][1], sop_class, sop_instance,
                                 self.calling_ae, self.called_ae)
         self._send(p_data(msg.context_id, dimse.store_response(
             f["message_id"], sop_class, sop_instance, result.status, result.comment)))

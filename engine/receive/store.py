@@ -31,10 +31,10 @@ class StorageSCP:
         # [projects.NAME]: C-STORE to a project's Called AE title is de-identified first (issue #22)
         self.projects = Router(archive.config.projects, archive.config.data_dir)
 
-    def store(self, key: int, received: io.BytesIO, transfer_syntax: str, sop_class: str, sop_instance: str,
+    def store(self, key: int, received: io.BytesIO | bytes, transfer_syntax: str, sop_class: str, sop_instance: str,
               calling_ae: str, called_ae: str) -> StoreResult:
-        """Store the dataset in `received` (then emptied) for the association `key` of the
-        trail; never raises: a bug of ours must not cost the sender its association."""
+        """Store the dataset in `received` (a buffer, then emptied, or the bytes of a dataset
+        that came in one PDV) for the association `key` of the trail; never raises: a bug of ours must not cost the sender its association."""
         dataset: bytes | FileRange = b""
         try:
             if isinstance(received, SpillBuffer) and received.refused:  # a spool limit, mid-transfer
@@ -59,9 +59,11 @@ class StorageSCP:
         return result
 
 
-def _dataset(received: io.BytesIO) -> bytes | FileRange:
+def _dataset(received: io.BytesIO | bytes) -> bytes | FileRange:
     """The dataset bytes exactly as received, never decoded here: in memory, or the spool
     file a large dataset went to."""
+    if isinstance(received, bytes):
+        return received
     if isinstance(received, SpillBuffer) and received.spilled:
         path, length = received.finish()
         return FileRange(path, 0, length)

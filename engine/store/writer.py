@@ -3,9 +3,13 @@
 Stores hand encoded records to `append` and block. Leader-based group commit: a store
 that finds no commit running becomes the leader, takes everything queued, writes it with
 one `writev`, fsyncs once, tells the catalog (`on_commit`) and only then releases every
-store in the batch; while it runs, the next batch gathers, and one of its stores leads
-next. Concurrent associations share fsyncs without any added delay, and a lone
-association commits on its own thread: no hand-off to a writer thread and back.
+store in the batch; while it runs, the next batch gathers, and the first of its stores
+leads next. Concurrent associations share fsyncs without any added delay, and a lone
+association commits on its own thread: no hand-off to a writer thread and back. A
+waiting store sleeps on a lock of its own, released once by whoever decides its fate
+(the leader that made it durable or refused it, or the one that hands it the lead): one
+wake-up per waiting store, none for a lone one, where a condition variable woke every
+waiter and made each take the condition's lock again (docs/benchmarks.md).
 
 A bulk loader (import, migrate; serve too with `cache_writes = false`) passes
 `keep_cache=False`: each batch's pages are dropped from the page cache once durable, as
@@ -19,6 +23,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +60,7 @@ class _Pending:
     done: bool = False
     where: Appended = field(default_factory=Appended)
     error: BaseException | None = None
+    gate: Any = None  # a held lock while the store waits: released when done, or handed the lead
 
 
 class SegmentWriter:
@@ -68,10 +74,9 @@ class SegmentWriter:
         self.fsync = fsync
         self.keep_cache = keep_cache
         self.on_commit = on_commit
-        self._queue: list[_Pending] = []
-        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_Pending] = []   # waiting for the running commit to end
+        self._lock = threading.Lock()
         self._leading = False        # a store is committing a batch now
-        self._waiting = 0            # threads in self._cond.wait()
         self._closed = False
         self._fd = -1
         self._name = ""
@@ -89,41 +94,62 @@ class SegmentWriter:
         """Queue a record (whole, or as parts) and wait until it is durable; raises
         OutOfResources if it is not."""
         item = _Pending([record] if isinstance(record, bytes) else record, row)
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise OutOfResources(errno.ESHUTDOWN, "the segment writer is shutting down")
-            self._queue.append(item)
-            while self._leading and not item.done:
-                self._waiting += 1
-                self._cond.wait()
-                self._waiting -= 1
-            lead = not item.done  # no commit running: commit everything queued, ours included
-            if lead:
+            lead = not self._leading
+            if lead:  # no commit running: commit ours (and anything queued) now
                 self._leading = True
                 batch, self._queue = self._queue, []
-        if lead:
-            try:
-                self._commit(batch)
-            except BaseException as e:  # a bug of ours: no store of the batch may wait forever
-                log.exception("committing a batch of %d record(s) failed", len(batch))
-                self._refuse([p for p in batch if not p.done], OutOfResources(errno.EIO, f"could not store: {e}"))
-            finally:
-                with self._cond:
-                    self._leading = False
-                    if self._waiting:  # a lone association has no one to wake: skip the call
-                        self._cond.notify_all()
+                batch.append(item)
+            else:
+                item.gate = threading.Lock()
+                item.gate.acquire()
+                self._queue.append(item)
+        if not lead:
+            item.gate.acquire()  # released once: our batch is done, or we lead the next one
+            if item.done:
+                return self._result(item)
+            with self._lock:  # handed the lead: everything queued, ours first
+                batch, self._queue = self._queue, []
+        self._lead(batch)
+        return self._result(item)
+
+    @staticmethod
+    def _result(item: _Pending) -> Appended:
         if item.error is not None:
             raise item.error
         return item.where
 
+    def _lead(self, batch: list[_Pending]) -> None:
+        """Commit `batch`, release its stores, and hand the lead to the first store queued
+        meanwhile (or step down)."""
+        try:
+            self._commit(batch)
+        except BaseException as e:  # a bug of ours: no store of the batch may wait forever
+            log.exception("committing a batch of %d record(s) failed", len(batch))
+            self._refuse([p for p in batch if not p.done], OutOfResources(errno.EIO, f"could not store: {e}"))
+        finally:
+            with self._lock:
+                successor = self._queue[0] if self._queue else None
+                if successor is None:
+                    self._leading = False
+            for p in batch:
+                if p.gate is not None:
+                    p.gate.release()
+            if successor is not None:
+                successor.gate.release()  # not done: it wakes as the next leader
+
     def close(self) -> None:
-        """Refuse new records, let the running commit finish, then close the segment."""
-        with self._cond:
+        """Refuse new records, let the running commit (and the ones it hands on) finish,
+        then close the segment."""
+        with self._lock:
             self._closed = True
-            while self._leading or self._queue:
-                self._waiting += 1
-                self._cond.wait()
-                self._waiting -= 1
+        while True:  # rare (shutdown): a short poll, not a signal every commit would pay for
+            with self._lock:
+                if not self._leading:
+                    break
+            time.sleep(0.002)
         if self._fd >= 0:
             self._drop_cache(self._size)
             os.close(self._fd)
