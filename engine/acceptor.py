@@ -41,6 +41,7 @@ from stowage.engine.store.recovery import recover
 from stowage.engine.forward.process import ForwardProcess, ForwardStartError
 from stowage.engine.iceberg.process import IcebergProcess
 from stowage.engine.lifecycle.scrub import ScrubProcess
+from stowage.engine.storage.restore import RestoreError, restore_from_bucket
 from stowage.engine.storage.uploader import UploaderProcess
 from stowage.engine.runtime.tls import http_context, server_context
 from stowage.engine.web.processes import HttpProcesses, HttpStartError
@@ -134,6 +135,10 @@ class Acceptor:
 
     def run(self) -> int:
         self._lock_data_dir()
+        try:
+            restore_from_bucket(self.config)  # a node's data directory lost: its uploaded segments found again
+        except RestoreError as e:
+            raise ServeError(str(e)) from None
         try:
             recovered = recover(self.config.data_dir)
         except OSError as e:

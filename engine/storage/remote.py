@@ -239,7 +239,11 @@ class Opener:
 
 def read_from_bucket(config: Config) -> Opener | None:
     """Read segments that are no longer on local disk from object storage, in this
-    process, when `storage` names a bucket; returns the opener (None: local only)."""
+    process, when `storage` names a bucket; returns the opener (None: local only). With
+    durability = "object-store", the segment writers of this process also PUT each group
+    commit to the bucket before it is acknowledged (wal.py)."""
+    from stowage.engine.storage import wal
+    wal.install(config)
     if not config.storage:
         segment.read_elsewhere(None)
         return None

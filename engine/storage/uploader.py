@@ -5,7 +5,8 @@
    nothing appends to it any more; catalogued to its end; not retired by a compaction),
    verified by a read-back of size and checksum (objects.py);
 2. records it in the manifest (`uploaded`), durably (write, fsync, rename);
-3. deletes the objects of segments a compaction retired and purged;
+3. deletes the objects of segments a compaction retired and purged, and (every
+   WAL_SWEEP_S) the write-ahead objects of durability = "object-store" nothing needs;
 4. evicts, oldest first, local copies of uploaded segments and read-cache blocks while
    they hold more than `local_cache_bytes`.
 
@@ -26,6 +27,7 @@ from stowage.catalog import manifest
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.supervised import SupervisedProcess, child_start, run_exclusively
 from stowage.engine.storage.objects import ObjectStore, ObjectStoreError, store_for
+from stowage.engine.storage import wal
 from stowage.engine.storage.remote import CACHE
 
 log = logging.getLogger("stowage.uploader")
@@ -34,6 +36,7 @@ LOCK = "uploader.lock"
 _SEGMENT = re.compile(r"^(\d{3})-(\d{8})\.seg$")
 _COMPACT_SLOT = 999          # compaction outputs: sealed once their manifest swap commits
 _RESERVED = 1 << 62          # the watermark of a compaction output not yet committed
+WAL_SWEEP_S = 30.0           # how often write-ahead objects nothing needs are looked for (wal.sweep)
 
 
 def sealed_not_uploaded(data_dir: Path, m: manifest.Manifest) -> dict[str, int]:
@@ -55,8 +58,9 @@ def sealed_not_uploaded(data_dir: Path, m: manifest.Manifest) -> dict[str, int]:
             and name not in m.retired_segments and _RESERVED > m.sealed_upto(name) >= size}
 
 
-def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event) -> list[str]:
-    """Upload, verify and record every sealed segment not yet uploaded; returns their names."""
+def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event, ahead: bool = False) -> list[str]:
+    """Upload, verify and record every sealed segment not yet uploaded; returns their names.
+    `ahead`: durability = object-store, delete each one's write-ahead objects (wal.py) too."""
     catalog_dir = data_dir / "catalog"
     done = []
     for name, size in sealed_not_uploaded(data_dir, manifest.load(catalog_dir)).items():
@@ -72,6 +76,11 @@ def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event) -> 
                 m.uploaded[name] = {**up.as_record(time.time()), "gone": True}
             else:
                 m.uploaded[name] = up.as_record(time.time())
+        if ahead:  # durability = object-store: its write-ahead objects are redundant now
+            try:
+                wal.delete_segment(store, name)
+            except ObjectStoreError as e:  # the next sweep deletes them
+                log.warning("could not delete the write-ahead objects of %s: %s", name, e)
         done.append(name)
         log.info("uploaded %s (%.1f MB) to s3://%s/%s in %.2f s, verified (SHA-256 %s)", name, size / 1e6,
                  store.bucket, up.key, time.monotonic() - started, up.checksum)
@@ -82,7 +91,10 @@ def delete_gone(data_dir: Path, store: ObjectStore) -> int:
     """Delete the objects of segments a compaction replaced and purged (their live records
     have copies in a newer segment); returns how many."""
     catalog_dir = data_dir / "catalog"
-    gone = {n: e for n, e in manifest.load(catalog_dir).uploaded.items() if e.get("gone")}
+    m = manifest.load(catalog_dir)
+    if any(n.startswith(f"{_COMPACT_SLOT}-") for n in sealed_not_uploaded(data_dir, m)):
+        return 0  # the copies of their live records are not in the bucket yet: a lost disk would lose them
+    gone = {n: e for n, e in m.uploaded.items() if e.get("gone")}
     for name, entry in gone.items():
         store.delete(entry["key"])
     if gone:
@@ -143,11 +155,16 @@ class Uploader:
         self.config = config
         self.stop = stop
         self.store = store_for(config)
+        self.swept_at = float("-inf")
 
     def once(self) -> None:
         data_dir = self.config.data_dir
-        upload_sealed(data_dir, self.store, self.stop)
+        ahead = self.config.durability == "object-store"  # else stale write-ahead objects go at start-up
+        upload_sealed(data_dir, self.store, self.stop, ahead)
         delete_gone(data_dir, self.store)
+        if ahead and time.monotonic() - self.swept_at >= WAL_SWEEP_S:
+            wal.sweep(self.store, data_dir)
+            self.swept_at = time.monotonic()
         evict(data_dir, self.config.local_cache_bytes)
 
     def run(self) -> None:

@@ -128,7 +128,7 @@ class Archive:
         self.sealer = Sealer(self.catalog_dir, slot, config.compact_min_files)
         self.catalog = Catalog(self.catalog_dir, config.duplicates)
         self.writer = SegmentWriter(config.data_dir / "segments", slot, segment_size=config.segment_size,
-                                    fsync=config.durability == "fsync", on_commit=self.sealer.commit,
+                                    fsync=config.durability in ("fsync", "object-store"), on_commit=self.sealer.commit,
                                     keep_cache=config.cache_writes and not bulk)
         self.free_space = FreeSpace(config.data_dir)
         # Room the store path never takes, so that the sealers can always catalogue what was

@@ -14,7 +14,7 @@ from typing import Any
 from stowage.catalog import manifest
 from stowage.catalog.sealer import advance_watermark, seal_rows
 from stowage.catalog.tail import SUFFIX
-from stowage.engine.store.segment import MAGIC, Record, iter_records, valid_end
+from stowage.engine.store.segment import MAGIC, Record, iter_records, open_segment, valid_end
 from stowage.engine.store.slots import slots_present, try_claim
 
 log = logging.getLogger("stowage.recovery")
@@ -29,7 +29,7 @@ def row_of(segment: str, rec: Record) -> dict[str, Any]:
 
 def _magic_offsets(path: Path, start: int, window: int = 8 << 20):
     """Offsets of the record magic at or after `start`, scanning in bounded windows."""
-    with open(path, "rb") as f:
+    with open_segment(path) as f:
         base = start
         while True:
             f.seek(base)
@@ -64,10 +64,11 @@ def _cut_torn_tail(path: Path, end: int, size: int) -> None:
     log.warning("segment %s: cut a torn record at byte %d (%d bytes kept in lost+found)", path.name, end, size - end)
 
 
-def recover_segment(catalog_dir: Path, path: Path, start: int) -> int:
-    """Seal the rows of every record of `path` from `start`; returns how many."""
+def recover_segment(catalog_dir: Path, path: Path, start: int, size: int | None = None) -> int:
+    """Seal the rows of every record of `path` from `start`; returns how many. `size`: of a
+    segment read from the bucket (engine/storage), whose local copy is not there."""
     rows: list[dict[str, Any]] = []
-    count, offset, size = 0, start, path.stat().st_size
+    count, offset, size = 0, start, path.stat().st_size if size is None else size
     while offset < size:
         for rec in iter_records(path, offset):
             rows.append(row_of(path.name, rec))
@@ -79,6 +80,9 @@ def recover_segment(catalog_dir: Path, path: Path, start: int) -> int:
         if offset >= size:
             break
         good = _next_good(path, offset)
+        if good is None and not path.exists():  # an uploaded copy was verified: never cut, only said
+            log.error("segment %s in the bucket: bytes %d-%d do not verify; not indexed", path.name, offset, size)
+            break
         if good is None:
             _cut_torn_tail(path, offset, size)
             break
@@ -104,7 +108,8 @@ def recover(data_dir: Path, slot: int | None = None) -> int:
     if slot is not None:
         return _recover_slot(data_dir, f"{slot:03d}-")
     total = 0
-    for number in sorted(slots_present(data_dir)):
+    uploaded = {int(n[:3]) for n, e in manifest.load(data_dir / "catalog").uploaded.items() if not e.get("gone")}
+    for number in sorted(slots_present(data_dir) | uploaded):
         claim = try_claim(data_dir, number)
         if claim is None:
             log.info("slot %03d is being written by another live process; left to it", number)
@@ -120,14 +125,20 @@ def _recover_slot(data_dir: Path, prefix: str) -> int:
     segments, catalog_dir = data_dir / "segments", data_dir / "catalog"
     m = manifest.load(catalog_dir)
     total = 0
-    for path in sorted(segments.glob(f"{prefix}*.seg")):
+    # Segments uploaded whose local copy is gone (evicted, or a data directory lost and
+    # found again in the bucket: engine/storage/restore.py) are read from the bucket.
+    remote = {n: int(e["size"]) for n, e in m.uploaded.items() if n.startswith(prefix) and not e.get("gone")
+              and n not in m.retired_segments}
+    for path in sorted({*segments.glob(f"{prefix}*.seg"), *(segments / n for n in remote)}):
         start = m.sealed_upto(path.name)
         try:
-            size = path.stat().st_size
+            size, known = path.stat().st_size, None
         except FileNotFoundError:  # a compaction's grace ended meanwhile (engine.lifecycle.compaction.purge)
-            continue
+            if path.name not in remote:
+                continue
+            size = known = remote[path.name]
         if start < size:
-            total += recover_segment(catalog_dir, path, start)
+            total += recover_segment(catalog_dir, path, start, known)
     for tail in (catalog_dir / "tails").glob(f"{prefix}*{SUFFIX}"):
         tail.unlink(missing_ok=True)
     if total:

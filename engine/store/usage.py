@@ -25,34 +25,40 @@ _NEAR = 256 << 20
 REFUSAL = "storage quota (max_storage_bytes) reached; not stored"
 
 
-_retired_cache: dict[Path, tuple[tuple, frozenset[str]]] = {}
+_manifest_cache: dict[Path, tuple[tuple, frozenset[str], dict[str, int]]] = {}
 
 
-def _retired(catalog_dir: Path) -> frozenset[str]:
-    """The manifest's retired segments, read again only when the manifest changes."""
+def _segments_known(catalog_dir: Path) -> tuple[frozenset[str], dict[str, int]]:
+    """The manifest's retired segments, and the uploaded ones still needed (name -> size),
+    read again only when the manifest changes."""
     try:
         st = os.stat(catalog_dir / manifest.MANIFEST)
     except FileNotFoundError:
-        return frozenset()
+        return frozenset(), {}
     stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-    hit = _retired_cache.get(catalog_dir)
+    hit = _manifest_cache.get(catalog_dir)
     if hit is None or hit[0] != stamp:
-        hit = _retired_cache[catalog_dir] = (stamp, frozenset(manifest.load(catalog_dir).retired_segments))
-    return hit[1]
+        m = manifest.load(catalog_dir)
+        uploaded = {n: int(e["size"]) for n, e in m.uploaded.items()
+                    if not e.get("gone") and n not in m.retired_segments}
+        hit = _manifest_cache[catalog_dir] = (stamp, frozenset(m.retired_segments), uploaded)
+    return hit[1], hit[2]
 
 
 def segment_bytes(data_dir: Path) -> int:
-    """Bytes of the segment files the archive needs (not the retired ones)."""
-    retired = _retired(data_dir / "catalog")
-    total = 0
+    """Bytes of the segments the archive needs (not the retired ones): the files on local
+    disk, and the uploaded ones whose local copy was evicted (engine/storage), counted once."""
+    retired, uploaded = _segments_known(data_dir / "catalog")
+    total, local = 0, set()
     try:
         with os.scandir(data_dir / "segments") as it:
             for e in it:
                 if e.name.endswith(".seg") and e.name not in retired:
                     total += e.stat().st_size
+                    local.add(e.name)
     except FileNotFoundError:
         pass
-    return total
+    return total + sum(size for name, size in uploaded.items() if name not in local)
 
 
 class Usage:

@@ -28,12 +28,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from stowage.catalog import manifest
 from stowage.catalog.durable import fsync_dir
 from stowage.engine.store.segment import FileRange, Part, next_sequence, segment_name
 
 log = logging.getLogger("stowage.writer")
 _IOV_MAX = 512
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# Commits may have to land elsewhere too before they are acknowledged: engine.storage
+# installs, with durability = "object-store", a callable that PUTs each fsync'd batch to
+# the bucket (segment name, fd, start, end); an OSError from it refuses the batch.
+_replicate: Callable[[str, int, int, int], None] | None = None
+
+
+def replicate_commits(fn: Callable[[str, int, int, int], None] | None) -> None:
+    """Install (or, with None, remove) what every group commit calls after its fsync."""
+    global _replicate
+    _replicate = fn
 
 
 class OutOfResources(OSError):
@@ -155,14 +168,22 @@ class SegmentWriter:
             os.close(self._fd)
             self._fd = -1
 
+    def _next_sequence(self) -> int:
+        """One past the highest sequence of our slot on local disk or uploaded: a data
+        directory found again in the bucket (engine/storage/restore.py) never reuses a name."""
+        prefix = f"{self.slot:03d}-"
+        uploaded = manifest.load(self.directory.parent / "catalog").uploaded
+        remote = [int(n[4:12]) for n in uploaded if n.startswith(prefix) and n[4:12].isdigit()]
+        return max(next_sequence(self.directory, self.slot), max(remote, default=0) + 1)
+
     def _open_next(self) -> None:
         if self._fd >= 0:
             self._drop_cache(self._size)
             os.close(self._fd)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._name = segment_name(self.slot, next_sequence(self.directory, self.slot))
+        self._name = segment_name(self.slot, self._next_sequence())
         path = self.directory / self._name
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # one writer: we own the position
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # one writer; read by wal.py
         self._size = 0
         self._dropped = 0
         fsync_dir(self.directory)
@@ -173,6 +194,8 @@ class SegmentWriter:
             self._write_all([part for p in batch for part in p.record])
             if self.fsync:
                 os.fdatasync(self._fd)
+            if _replicate is not None:
+                _replicate(self._name, self._fd, start, start + sum(_length(part) for p in batch for part in p.record))
         except OSError as e:
             self._fail(batch, start, e)
             return

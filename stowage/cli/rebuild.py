@@ -15,14 +15,25 @@ def rebuild_catalog(config_file, data_dir) -> None:
     from stowage.engine.lifecycle.rebuild import rebuild
     from stowage.engine.store.slots import SlotError
     config = load(config_file, data_dir=data_dir)
-    if not (config.data_dir / "segments").is_dir():
+    if not (config.data_dir / "segments").is_dir() and not config.storage:
         raise click.ClickException(f"{config.data_dir} holds no segments/ directory")
+    if config.storage:  # a lost data directory: rebuilt from the bucket alone
+        config.data_dir.mkdir(parents=True, exist_ok=True)
     with open(config.data_dir / "serve.lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise click.ClickException("the archive is running on this data directory; stop it first") from None
         try:
+            if config.storage:  # this node's segments in the bucket that the data directory lost
+                from stowage.engine.storage.objects import ObjectStoreError
+                from stowage.engine.storage.restore import adopt
+                try:
+                    found = adopt(config)
+                except ObjectStoreError as e:
+                    raise click.ClickException(f"cannot list this node's segments in the bucket: {e}") from None
+                if found:
+                    click.echo(f"{len(found)} segment(s) of node {config.node} found in the bucket")
             count = rebuild(config.data_dir)
         except SlotError as e:  # e.g. a `stowage import` is writing: one line, no traceback
             raise click.ClickException(f"{config.data_dir}: {e.strerror}") from None

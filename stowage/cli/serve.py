@@ -21,7 +21,7 @@ from stowage.engine.runtime import config as cfg
 @click.option("--workers", type=int, help="Worker processes [one per core].")
 @click.option("--max-associations", type=int, help="Global association cap [64].")
 @click.option("--max-pdu", type=int, help="Maximum PDU length we receive [262144].")
-@click.option("--durability", type=click.Choice(cfg.DURABILITY_MODES), help="fsync (default) or os-buffer.")
+@click.option("--durability", type=click.Choice(cfg.DURABILITY_MODES), help="fsync (default), os-buffer or object-store.")
 @click.option("--duplicates", type=click.Choice(cfg.DUPLICATE_POLICIES), help="Policy for a re-sent SOP Instance UID.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="stderr log format [text].")
 def serve(config_file, **overrides) -> None:
