@@ -27,9 +27,11 @@ def rebuild_catalog(config_file, data_dir) -> None:
         try:
             if config.storage:  # this node's segments in the bucket that the data directory lost
                 from stowage.engine.storage.objects import ObjectStoreError
+                from stowage.engine.storage import wal
                 from stowage.engine.storage.restore import adopt
                 try:
                     found = adopt(config)
+                    wal.replay(config)  # durability = object-store: acknowledged records not uploaded yet
                 except ObjectStoreError as e:
                     raise click.ClickException(f"cannot list this node's segments in the bucket: {e}") from None
                 if found:
