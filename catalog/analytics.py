@@ -101,6 +101,8 @@ class QueryRefused(ValueError):
 class ReadOnlyCatalog(Catalog):
     """A Catalog whose connection runs only read-only statements."""
 
+    REOPEN_RETIRED = None  # one query per process; a new connection would lack the settings locked below
+
     def __init__(self, directory: Path, duplicates: str = "keep-newest", memory_limit: str = "2GB") -> None:
         directory = directory.resolve()  # DuckDB checks file access against absolute paths
         super().__init__(directory, duplicates)

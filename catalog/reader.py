@@ -51,6 +51,8 @@ _SQL_TYPE = {f.name: {"string": "VARCHAR", "int64": "BIGINT", "binary": "BLOB"}.
 class Catalog:
     """A read-only view of the catalog for one process; thread-safe, refreshed per call."""
 
+    REOPEN_RETIRED: int | None = 128  # see _stale; None: never reopen
+
     def __init__(self, directory: Path, duplicates: str = "keep-newest", threads: int = 1,
                  tombstones_dir: Path | None = None) -> None:
         self.directory = directory
@@ -58,6 +60,17 @@ class Catalog:
         self._tails = TailReader(self.tails_dir)
         # Beside catalog/ in the data directory: a catalog rebuild keeps them.
         self.tombstones_dir = tombstones_dir or directory.parent / tombstones.DIRECTORY
+        self.policy = duplicates
+        versions_table.KEEP_NEWEST[duplicates]  # noqa: B018 - an unknown policy fails here
+        self._threads = threads
+        self._lock = threading.Lock()
+        self._filter: sealed_uids.SealedUids | None = None
+        self._file_columns: dict[str, tuple[str, ...]] = {}  # sealed file -> its columns (files never change)
+        self._has_summary: dict[str, bool] = {}  # sealed file -> whether its study summary exists
+        self._open()
+
+    def _open(self) -> None:
+        """A new DuckDB connection and everything this view has built in it."""
         self._tomb_reader = tombstones.TombstoneReader(self.tombstones_dir, keep=False)  # the table below keeps them
         self._tomb_count = 0
         self._undeleted: tuple | None = None  # (versions table, tombstone stamp, the versions left)
@@ -71,25 +84,29 @@ class Catalog:
         self._hidden_files: dict[str, pa.Table] = {}
         self._hidden_unknown = False
         self._views_shape: tuple | None = None
-        self.policy = duplicates
-        versions_table.KEEP_NEWEST[duplicates]  # noqa: B018 - an unknown policy fails here
-        self._con = duckdb.connect(":memory:", config={"threads": threads, "memory_limit": MEMORY_LIMIT})
+        self._con = duckdb.connect(":memory:", config={"threads": self._threads, "memory_limit": MEMORY_LIMIT})
         self._con.execute("SET parquet_metadata_cache = true")
-        self._lock = threading.Lock()
+        self._cached: set[str] = set()  # sealed files the connection may hold metadata of (_stale)
         self._generation, self._state = -1, None
         self._manifest = manifest.Manifest()
-        self._filter: sealed_uids.SealedUids | None = None
         self._sealed_versions = versions_table.VERSIONS_SCHEMA.empty_table()  # of the versions table
         self._tail_checked: dict[str, bool] = {}  # tail UID -> may be sealed too (this generation)
         self._shadow_empty: bool | None = None
-        self._file_columns: dict[str, tuple[str, ...]] = {}  # sealed file -> its columns (files never change)
-        self._has_summary: dict[str, bool] = {}  # sealed file -> whether its study summary exists
-        self._state: tuple | None = None  # (manifest file identity, tail rows) of the last refresh
         self._with_tails: bool | None = None  # whether the views include the tails
         self._con.register("tail_rows", SCHEMA.empty_table())
         self._con.register("tomb_rows", tombstones.SCHEMA.empty_table())
         self._con.execute("CREATE TEMP TABLE tombstones AS SELECT * FROM tomb_rows")  # native: faster joins
         self._no_tail_studies = self._con.sql(studies.summary_sql("tail_rows")).to_arrow_table()
+
+    def _stale(self) -> bool:
+        """DuckDB keeps the metadata of every Parquet file it has read (about 50 kB each)
+        until its memory_limit presses, and the catalog retires files all the time (seals,
+        merges, compaction): a long-lived view would hold the metadata of its whole history.
+        Stale once the files it may hold that the manifest no longer names outnumber the
+        ones it names (and REOPEN_RETIRED); a new connection then starts empty, so memory
+        follows the live catalog."""
+        retired = len(self._cached) - len(self._manifest.files)
+        return self.REOPEN_RETIRED is not None and retired > max(self.REOPEN_RETIRED, len(self._manifest.files))
 
     def close(self) -> None:
         self._con.close()
@@ -97,6 +114,9 @@ class Catalog:
             self._filter.close()
 
     def _refresh(self) -> None:
+        if self._stale():  # first, before the tombstones are read into the connection
+            self._con.close()
+            self._open()
         # Tails first, then the manifest: a row sealed in between is then found in both
         # (and the watermark drops the tail copy) rather than in neither.
         tails = self._tails.read()
@@ -138,6 +158,7 @@ class Catalog:
             self._tail_checked = {}
             self._generation = m.generation
             self._manifest = m
+            self._cached.update(m.files)
         shadow = versions_table.shadowed(self._not_deleted(self._versions(unsealed)), self.policy)
         self._con.register("shadowed", shadow)
         self._shadow_empty, self._tomb_empty = shadow.num_rows == 0, self._tomb_count == 0

@@ -554,6 +554,48 @@ def check(archive: Archive, report: Report, baseline: dict, final: bool = False)
         report.workers = {str(pid): {"start": baseline.get(pid), "end": u} for pid, u in usage.items()}
 
 
+def valid_dimse(archive: Archive, part10: bytes, rq: bytes, i: int) -> None:
+    """A well-formed C-STORE (a new SOP Instance UID) and a STUDY-level C-FIND."""
+    case = Case(archive.port, random.Random(i), rq)
+    uid = f"2.25.{case.rng.getrandbits(100)}"
+    data = with_uid(part10[damage.meta_end(part10):], uid)
+    case._on_association([pdata(3, 3, command(0x0001, CT_STORAGE, 7, True, _element(0, 0x1000, _pad(uid)))),
+                          pdata(3, 2, data)])
+    case._on_association([pdata(5, 3, command(0x0020, STUDY_FIND, 9, True, _element(0, 0x0700, bytes(2)))),
+                          pdata(5, 2, _element(0x0008, 0x0052, b"STUDY ") + _element(0x0010, 0x0010, b"* "))])
+
+
+def stow(archive: Archive, part10: bytes, i: int) -> tuple[str, str, str]:
+    """A well-formed STOW-RS of `part10` as SOP Instance UID 2.25.<random.Random(i)>; its
+    study, series and instance UIDs."""
+    ds = pydicom.dcmread(BytesIO(part10))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop = f"2.25.{random.Random(i).getrandbits(100)}"
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    body = (b"--w\r\nContent-Type: application/dicom\r\n\r\n" + out.getvalue() + b"\r\n--w--\r\n")
+    fuzz_http.exchange(archive.http_port, "POST", f"{fuzz_http.BASE}/studies",
+                       f'Content-Type: multipart/related; type="application/dicom"; boundary=w', body)
+    return ds.StudyInstanceUID, ds.SeriesInstanceUID, sop
+
+
+def valid_http(archive: Archive, part10: bytes, i: int) -> None:
+    """A well-formed STOW-RS (a new SOP Instance UID), then QIDO-RS at each level, WADO-RS
+    (instance, study metadata, frames, rendered, thumbnail) and WADO-URI of it."""
+    study, series, sop = stow(archive, part10, i)
+    instance = f"{fuzz_http.BASE}/studies/{study}/series/{series}/instances/{sop}"
+    for target, accept in [(f"{fuzz_http.BASE}/studies?PatientName=*", "application/dicom+json"),
+                           (f"{fuzz_http.BASE}/series?limit=5", "application/dicom+json"),
+                           (f"{fuzz_http.BASE}/instances?includefield=all", "application/dicom+json"),
+                           (f"{fuzz_http.BASE}/studies/{study}/metadata", "application/dicom+json"),
+                           (instance, 'multipart/related; type="application/dicom"; transfer-syntax=*'),
+                           (f"{instance}/frames/1", 'multipart/related; type="application/octet-stream"'),
+                           (f"{instance}/rendered", "image/jpeg"),
+                           (f"{fuzz_http.BASE}/studies/{study}/series/{series}/thumbnail", "image/png"),
+                           (f"/wado?requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={sop}",
+                            "application/dicom")]:
+        fuzz_http.exchange(archive.http_port, "GET", target, f"Accept: {accept}")
+
+
 def warm_up(archive: Archive, part10: bytes, rq: bytes, rounds: int = 12) -> dict[int, dict[str, int]]:
     """Every path the cases reach, taken right, until every worker and HTTP process has served
     some: C-STORE, C-FIND, STOW-RS, QIDO-RS at each level, WADO-RS (instance, metadata, frames,
@@ -561,41 +603,11 @@ def warm_up(archive: Archive, part10: bytes, rq: bytes, rounds: int = 12) -> dic
     Arrow's native ones) start empty and fill on first use, up to a bound; the usage returned,
     the baseline of the invariants, is after that, so growth past it is a leak."""
     http_start = {pid: u["threads"] for pid, u in archive.usage().items() if pid in archive.http_pids}
-    ds = pydicom.dcmread(BytesIO(part10))
-    study, series = ds.StudyInstanceUID, ds.SeriesInstanceUID
-
-    def dimse(i: int) -> None:
-        case = Case(archive.port, random.Random(i), rq)
-        uid = f"2.25.{case.rng.getrandbits(100)}"
-        data = with_uid(part10[damage.meta_end(part10):], uid)
-        case._on_association([pdata(3, 3, command(0x0001, CT_STORAGE, 7, True, _element(0, 0x1000, _pad(uid)))),
-                              pdata(3, 2, data)])
-        case._on_association([pdata(5, 3, command(0x0020, STUDY_FIND, 9, True, _element(0, 0x0700, bytes(2)))),
-                              pdata(5, 2, _element(0x0008, 0x0052, b"STUDY ") + _element(0x0010, 0x0010, b"* "))])
-
-    def http(i: int) -> None:
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop = f"2.25.{random.Random(i).getrandbits(100)}"
-        out = BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        body = (b"--w\r\nContent-Type: application/dicom\r\n\r\n" + out.getvalue() + b"\r\n--w--\r\n")
-        instance = f"{fuzz_http.BASE}/studies/{study}/series/{series}/instances/{sop}"
-        fuzz_http.exchange(archive.http_port, "POST", f"{fuzz_http.BASE}/studies",
-                           f'Content-Type: multipart/related; type="application/dicom"; boundary=w', body)
-        for target, accept in [(f"{fuzz_http.BASE}/studies?PatientName=*", "application/dicom+json"),
-                               (f"{fuzz_http.BASE}/series?limit=5", "application/dicom+json"),
-                               (f"{fuzz_http.BASE}/instances?includefield=all", "application/dicom+json"),
-                               (f"{fuzz_http.BASE}/studies/{study}/metadata", "application/dicom+json"),
-                               (instance, 'multipart/related; type="application/dicom"; transfer-syntax=*'),
-                               (f"{instance}/frames/1", 'multipart/related; type="application/octet-stream"'),
-                               (f"{instance}/rendered", "image/jpeg"),
-                               (f"{fuzz_http.BASE}/studies/{study}/series/{series}/thumbnail", "image/png"),
-                               (f"/wado?requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={sop}",
-                                "application/dicom")]:
-            fuzz_http.exchange(archive.http_port, "GET", target, f"Accept: {accept}")
 
     with ThreadPoolExecutor(8) as pool:
         for r in range(rounds):  # at once, so that each process gets some
-            list(pool.map(lambda i: (dimse(i), http(i)), range(r * 8, r * 8 + 8)))
+            list(pool.map(lambda i: (valid_dimse(archive, part10, rq, i), valid_http(archive, part10, i)),
+                          range(r * 8, r * 8 + 8)))
             usage = archive.usage()
             if r >= 2 and all(usage.get(pid, {}).get("threads", 0) > n for pid, n in http_start.items()):
                 break

@@ -1,0 +1,125 @@
+"""Which load grows which process (issue #20, docs/fuzzing.md#memory): one kind of load at a
+time against a `stowage serve` of its own, in rounds, with every worker's and HTTP process's
+resident memory after each round.
+
+    python -m stowage.bench.harness.fuzz_memory --kind store,find,http,valid --rounds 8 --per-round 400
+
+Kinds: the fuzzer's own (assoc, sequence, echo, store, find, import, http), well-formed ones
+(cstore and stow: a new instance each; cfind and qido: STUDY-level C-FIND, QIDO-RS at each
+level; wado: instance, metadata, frames, rendered of the warm-up's instances), and `mixed`
+(cstore, cfind, qido in turn: stores sealed while queries read the catalog). Each kind gets
+a new server; the result is resident MiB per process after the warm-up and each round.
+`STOWAGE_SEAL_MAX_AGE=1` in the environment seals as often as the soak's pauses did.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+
+from stowage.bench.harness import damage, fuzz, fuzz_http
+
+
+_QIDO = ("/studies?PatientName=*", "/series?limit=5", "/instances?includefield=all")
+_WADO = (("", 'multipart/related; type="application/dicom"; transfer-syntax=*'), ("/metadata", "application/dicom+json"),
+         ("/frames/1", 'multipart/related; type="application/octet-stream"'), ("/rendered", "image/jpeg"))
+
+
+def _case(archive: fuzz.Archive, kind: str, i: int, ct: bytes, rq: bytes, batch: Path) -> None:
+    rng = random.Random(f"memory-{kind}-{i}")
+    ds = pydicom.dcmread(BytesIO(ct), stop_before_pixels=True)
+    study, series = ds.StudyInstanceUID, ds.SeriesInstanceUID
+    if kind == "cstore":  # a new instance each time
+        uid = f"2.25.{rng.getrandbits(100)}"
+        fuzz.Case(archive.port, rng, rq)._on_association([
+            fuzz.pdata(3, 3, fuzz.command(0x0001, fuzz.CT_STORAGE, 7, True, fuzz._element(0, 0x1000, fuzz._pad(uid)))),
+            fuzz.pdata(3, 2, fuzz.with_uid(ct[damage.meta_end(ct):], uid))])
+    elif kind == "cfind":
+        fuzz.Case(archive.port, rng, rq)._on_association([
+            fuzz.pdata(5, 3, fuzz.command(0x0020, fuzz.STUDY_FIND, 9, True, fuzz._element(0, 0x0700, bytes(2)))),
+            fuzz.pdata(5, 2, fuzz._element(0x0008, 0x0052, b"STUDY ") + fuzz._element(0x0010, 0x0010, b"* "))])
+    elif kind == "stow":  # a new instance each time
+        fuzz.stow(archive, ct, 1_000_000 + i)
+    elif kind == "qido":
+        fuzz_http.exchange(archive.http_port, "GET", fuzz_http.BASE + rng.choice(_QIDO), "Accept: application/dicom+json")
+    elif kind == "wado":  # one of the warm-up's instances
+        sop = f"2.25.{random.Random(rng.randrange(16)).getrandbits(100)}"
+        path, accept = rng.choice(_WADO)
+        target = f"{fuzz_http.BASE}/studies/{study}/series/{series}/instances/{sop}{path}"
+        fuzz_http.exchange(archive.http_port, "GET", target, f"Accept: {accept}")
+    elif kind == "mixed":  # stores, and queries that read what they sealed
+        for part in ("cstore", "cfind", "qido"):
+            _case(archive, part, i, ct, rq, batch)
+    elif kind == "import":
+        name, damaged = fuzz._damaged_file(ct, rng)
+        (batch / f"{i:08d}-{name}.dcm").write_bytes(damaged)
+    elif kind == "http":
+        fuzz_http.case(archive.http_port, rng, ct)
+    else:
+        case = fuzz.Case(archive.port, rng, rq)
+        base = ct[damage.meta_end(ct):]
+        getattr(case, kind)(*((base,) if kind in ("store", "sequence") else ()))
+
+
+def probe(kind: str, rounds: int, per_round: int, work: Path, parallel: int = 4) -> dict[str, list[int]]:
+    """Resident MiB of each serving process after the warm-up and after each round."""
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    rq = fuzz.association_request()
+    (work / kind).mkdir(parents=True, exist_ok=True)
+    archive = fuzz.Archive(work / kind, 2)
+    series: dict[str, list[int]] = {}
+    batch = work / kind / "import"
+
+    def sample() -> None:
+        time.sleep(1.0)
+        for pid, u in sorted(archive.usage().items()):
+            role = "http" if pid in archive.http_pids else "worker"
+            series.setdefault(f"{role} {pid}", []).append(u["rss"] >> 20)
+
+    try:
+        fuzz.warm_up(archive, ct, rq)
+        sample()
+        with ThreadPoolExecutor(parallel) as pool:
+            for r in range(rounds):
+                began = time.monotonic()
+                batch.mkdir(exist_ok=True)
+                list(pool.map(lambda i: _case(archive, kind, i, ct, rq, batch),
+                              range(r * per_round, (r + 1) * per_round)))
+                if kind == "import":
+                    fuzz._import_batch(archive, batch, fuzz._good_copy(batch, ct), fuzz.Report())
+                sample()
+                print(f"{kind} round {r + 1} ({time.monotonic() - began:.0f} s): " + " ".join(f"{k}={v[-1]}" for k, v in series.items()),
+                      file=sys.stderr, flush=True)
+    finally:
+        archive.stop()
+    return series
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kind", default="cstore,cfind,stow,qido,wado,store,find,http,assoc,echo,sequence,import")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--per-round", type=int, default=400)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--work", type=Path)
+    args = ap.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="stowage-memory-"))
+    out = {kind: probe(kind, args.rounds, args.per_round, work, args.parallel) for kind in args.kind.split(",")}
+    print(json.dumps(out, indent=1))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
