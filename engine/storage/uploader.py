@@ -58,6 +58,12 @@ def sealed_not_uploaded(data_dir: Path, m: manifest.Manifest) -> dict[str, int]:
             and name not in m.retired_segments and _RESERVED > m.sealed_upto(name) >= size}
 
 
+def compaction_pending(data_dir: Path, m: manifest.Manifest) -> bool:
+    """A compaction output not in the bucket yet: what it copied is safe elsewhere only in
+    its sources' objects and write-ahead objects, which stay until it is."""
+    return any(n.startswith(f"{_COMPACT_SLOT}-") for n in sealed_not_uploaded(data_dir, m))
+
+
 def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event, ahead: bool = False) -> list[str]:
     """Upload, verify and record every sealed segment not yet uploaded; returns their names.
     `ahead`: durability = object-store, delete each one's write-ahead objects (wal.py) too."""
@@ -92,7 +98,7 @@ def delete_gone(data_dir: Path, store: ObjectStore) -> int:
     have copies in a newer segment); returns how many."""
     catalog_dir = data_dir / "catalog"
     m = manifest.load(catalog_dir)
-    if any(n.startswith(f"{_COMPACT_SLOT}-") for n in sealed_not_uploaded(data_dir, m)):
+    if compaction_pending(data_dir, m):
         return 0  # the copies of their live records are not in the bucket yet: a lost disk would lose them
     gone = {n: e for n, e in m.uploaded.items() if e.get("gone")}
     for name, entry in gone.items():
@@ -162,7 +168,8 @@ class Uploader:
         ahead = self.config.durability == "object-store"  # else stale write-ahead objects go at start-up
         upload_sealed(data_dir, self.store, self.stop, ahead)
         delete_gone(data_dir, self.store)
-        if ahead and time.monotonic() - self.swept_at >= WAL_SWEEP_S:
+        if ahead and time.monotonic() - self.swept_at >= WAL_SWEEP_S \
+                and not compaction_pending(data_dir, manifest.load(data_dir / "catalog")):
             wal.sweep(self.store, data_dir)
             self.swept_at = time.monotonic()
         evict(data_dir, self.config.local_cache_bytes)
