@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stowage.catalog import manifest, sealed_uids, studies, tombstones, versions_table
+from stowage.catalog import cluster_view, manifest, sealed_uids, studies, tombstones, versions_table
 from stowage.catalog.schema import SCHEMA
 from stowage.catalog.tail import TailReader
 
@@ -54,8 +54,18 @@ class Catalog:
     REOPEN_RETIRED: int | None = 128  # see _stale; None: never reopen
 
     def __init__(self, directory: Path, duplicates: str = "keep-newest", threads: int = 1,
-                 tombstones_dir: Path | None = None) -> None:
+                 tombstones_dir: Path | None = None, cluster: bool = False) -> None:
+        """`cluster`: also the other nodes' instances and deletions of the node's view
+        (catalog/cluster_view.py), for the readers that answer for the whole archive
+        (query, retrieval, commitment, delete); never for those that manage this node's
+        own segments (compaction, verify, quota)."""
         self.directory = directory
+        self.view_dir = directory.parent / cluster_view.DIRECTORY if cluster else None
+        self._view = cluster_view.View()
+        self._view_stamp: tuple | None = None
+        self._view_files: list[str] = []      # the view's instance files (absolute paths)
+        self._view_deletions: set[str] = set()  # the view's deletion files in the tombstones table
+        self._local_versions: pa.Table | None = None
         self.tails_dir = directory / "tails"
         self._tails = TailReader(self.tails_dir)
         # Beside catalog/ in the data directory: a catalog rebuild keeps them.
@@ -125,7 +135,8 @@ class Catalog:
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             stamp = None
-        tomb_stamp = tombstones.stamp_of(self.tombstones_dir)
+        view_changed = self._read_view()
+        tomb_stamp = (tombstones.stamp_of(self.tombstones_dir), self._view.generation)
         if tomb_stamp != self._tomb_stamp:
             self._read_tombstones()
             self._tomb_stamp = tomb_stamp
@@ -141,20 +152,21 @@ class Catalog:
         self._con.register("tail_studies", tail_studies)
         self._state = state
         with_tails = unsealed.num_rows > 0  # views leave empty tails out: less for DuckDB to plan
-        if m.generation != self._generation or with_tails != self._with_tails:
-            self._con.execute(f"CREATE OR REPLACE TEMP VIEW sealed_rows AS {self._sealed_sql(sorted(m.files))}")
+        if m.generation != self._generation or with_tails != self._with_tails or view_changed:
+            self._con.execute(f"CREATE OR REPLACE TEMP VIEW sealed_rows AS {self._sealed_sql(self._names(m))}")
             self._con.execute(f"CREATE OR REPLACE TEMP VIEW records AS SELECT {_COLUMNS} FROM sealed_rows" + (
                 f" UNION ALL SELECT {_COLUMNS} FROM tail_rows" if with_tails else ""))
-            self._con.execute(f"CREATE OR REPLACE TEMP VIEW study_rows AS {self._studies_sql(m, with_tails)}")
+            self._con.execute(f"CREATE OR REPLACE TEMP VIEW study_rows AS {self._studies_sql(self._names(m), with_tails)}")
             self._with_tails = with_tails
             self._con.execute(
                 "CREATE OR REPLACE TEMP VIEW deleted AS SELECT r.*, t.reason, t.at AS deleted_at, t.actor, t.comment "
                 "FROM records r JOIN tombstones t ON t.sop_instance_uid = r.sop_instance_uid "
                 "AND t.received_at = r.received_at")
-        if m.generation != self._generation:
+        if m.generation != self._generation or view_changed:
             self._filter = sealed_uids.read_filter(self.directory, m, self._filter)
-            if m.duplicates != self._manifest.duplicates or self._generation < 0:
-                self._sealed_versions = versions_table.load_versions(self.directory, m)
+            if m.duplicates != self._manifest.duplicates or self._generation < 0 or self._local_versions is None:
+                self._local_versions = versions_table.load_versions(self.directory, m)
+            self._sealed_versions = self._across_nodes(self._local_versions)
             self._tail_checked = {}
             self._generation = m.generation
             self._manifest = m
@@ -178,10 +190,12 @@ class Catalog:
             self._tomb_generation = self._tomb_reader.generation
             self._con.execute("CREATE OR REPLACE TEMP TABLE tombstones AS SELECT * FROM tomb_rows")
             self._tomb_count = fresh.num_rows
+            self._view_deletions = set()  # the other nodes' deletions are read in again below
         elif fresh.num_rows:
             self._con.execute("INSERT INTO tombstones SELECT * FROM tomb_rows")
             self._tomb_count += fresh.num_rows
         self._con.unregister("tomb_rows")
+        self._read_view_deletions()
 
     def _not_deleted(self, records: pa.Table) -> pa.Table:
         """The rows of a versions table that no tombstone names: the duplicates policy
@@ -225,7 +239,7 @@ class Catalog:
             self._hidden_unknown = self._con.execute(
                 "SELECT count(*) FROM hidden_studies WHERE study_instance_uid IS NULL").fetchall()[0][0] > 0
             self._hidden_key, self._hidden_shadow, self._hidden_files = key, shadow, {}
-        files = self._manifest.files
+        files = self._names(self._manifest)
         changed = not self._hidden_files or set(self._hidden_files) != set(files)
         for name in sorted(files):
             if name not in self._hidden_files:
@@ -261,18 +275,19 @@ class Catalog:
             parts.append(f"SELECT {columns} FROM ({studies.summary_sql(tail)})")
         self._con.execute("CREATE OR REPLACE TEMP VIEW study_parts AS " + " UNION ALL ".join(parts))
 
-    def _studies_sql(self, m: manifest.Manifest, with_tails: bool = True) -> str:
+    def _studies_sql(self, names: list[str], with_tails: bool = True) -> str:
         """Study summaries: the sealed files' own, summaries made here of files without
         one, and of the tails."""
         have, lack = [], []
-        for name in sorted(m.files):
+        for name in names:
             if name not in self._has_summary:
                 self._has_summary[name] = (self.directory / studies.companion(name)).exists()
             (have if self._has_summary[name] else lack).append(name)
-        self._has_summary = {n: v for n, v in self._has_summary.items() if n in m.files}
-        self._file_columns = {n: c for n, c in self._file_columns.items() if n in m.files}
+        held = set(names)
+        self._has_summary = {n: v for n, v in self._has_summary.items() if n in held}
+        self._file_columns = {n: c for n, c in self._file_columns.items() if n in held}
         columns = ", ".join(studies.COLUMNS)
-        parts = [f"SELECT {columns} FROM tail_studies"] if with_tails or not m.files else []
+        parts = [f"SELECT {columns} FROM tail_studies"] if with_tails or not names else []
         if have:
             files = [str(self.directory / studies.companion(n)) for n in have]
             parts.append(f"SELECT {columns} FROM read_parquet({files!r})")
@@ -295,6 +310,67 @@ class Catalog:
                                for c in SCHEMA.names)
             parts.append(f"SELECT {select} FROM read_parquet({files!r})")
         return " UNION ALL ".join(parts) or f"SELECT {_COLUMNS} FROM tail_rows WHERE false"
+
+    # -- the other nodes (catalog/cluster_view.py) --------------------------------------
+
+    def _names(self, m: manifest.Manifest) -> list[str]:
+        """The sealed files to read: this node's (names in `directory`), then the view's (absolute paths)."""
+        return sorted(m.files) + self._view_files
+
+    def _read_view(self) -> bool:
+        """Follow the view's record; True when its files changed."""
+        if self.view_dir is None:
+            return False
+        stamp = cluster_view.stamp(self.view_dir)
+        if stamp == self._view_stamp:
+            return False
+        self._view_stamp = stamp
+        view = cluster_view.load(self.view_dir)
+        changed = view.generation != self._view.generation or sorted(view.instances) != sorted(self._view.instances)
+        self._view = view
+        self._view_files = [str(self.view_dir / n) for n in sorted(view.instances)]  # absolute: `directory / name` is it
+        return changed
+
+    def _read_view_deletions(self) -> None:
+        """The other nodes' deletions join the `tombstones` table: new files added; a
+        file gone (the table read whole) or the local log rewritten, all of them again."""
+        if self.view_dir is None:
+            return
+        wanted = set(self._view.deletions)
+        if self._view_deletions - wanted:  # a file gone: start again from the local log
+            self._tomb_reader = tombstones.TombstoneReader(self.tombstones_dir, keep=False)
+            self._tomb_generation = -1
+            self._view_deletions = set()
+            self._read_tombstones()
+            return
+        fresh = sorted(wanted - self._view_deletions)
+        if not fresh:
+            return
+        parts = []
+        for name in fresh:
+            try:
+                parts.append(pq.read_table(self.view_dir / name, columns=tombstones.SCHEMA.names)
+                             .cast(tombstones.SCHEMA))
+            except FileNotFoundError:  # replaced meanwhile: the next refresh reads it
+                continue
+        rows = tombstones.hiding(pa.concat_tables(parts)) if parts else tombstones.SCHEMA.empty_table()
+        self._con.register("tomb_rows", rows)
+        self._con.execute("INSERT INTO tombstones SELECT * FROM tomb_rows")
+        self._con.unregister("tomb_rows")
+        self._tomb_count += rows.num_rows
+        self._view_deletions |= set(fresh)
+
+    def _across_nodes(self, local: pa.Table) -> pa.Table:
+        """The versions table with the records of UIDs that another node holds too (the
+        same instance received by two nodes): the duplicates policy then chooses among
+        them as it does on one node."""
+        if not self._view_files:
+            return local
+        both = self._con.sql(
+            "SELECT sop_instance_uid, received_at, segment, \"offset\", study_instance_uid FROM sealed_rows "
+            "WHERE sop_instance_uid IN (SELECT sop_instance_uid FROM sealed_rows GROUP BY sop_instance_uid "
+            f"HAVING count(*) > 1 AND bool_or(starts_with(segment, '{cluster_view.MARK}')))").to_arrow_table()
+        return versions_table.merge(local, both) if both.num_rows else local
 
     def _versions(self, tail: pa.Table) -> pa.Table:
         """Every record of each UID with several: the versions table, plus tail rows that

@@ -38,7 +38,7 @@ class Finder:
     wait on the store path's lookups), our AE title and the PN matching policy."""
 
     def __init__(self, config: Config) -> None:
-        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
+        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
         self.ae_title = config.aet
         self.pn_insensitive = config.pn_case_insensitive
 

@@ -114,7 +114,7 @@ class Retriever:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
+        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
 
     def close(self) -> None:
         self.catalog.close()

@@ -42,6 +42,7 @@ from stowage.workers.contexts import storage_sop_classes
 from stowage.engine.receive.ingest import StorageAssociation
 from stowage.engine.runtime.malloc import keep_large_buffers_in_heap
 from stowage.workers.services import Services, build_ae
+from stowage.engine.iceberg.node_segments import read_other_nodes
 from stowage.engine.storage.remote import read_from_bucket
 
 log = logging.getLogger("stowage.worker")
@@ -316,7 +317,7 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 def main() -> None:
     slot, fd = int(sys.argv[1]), int(sys.argv[2])
     config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
-    read_from_bucket(config)  # segments evicted after their upload: read from the bucket
+    read_other_nodes(config, read_from_bucket(config))  # segments evicted after their upload, other nodes'
     setup_logging(config, f"worker-{slot}")
     keep_large_buffers_in_heap()
     faulthandler.enable()  # a fatal signal (SIGSEGV, SIGBUS…) leaves its stack in the log

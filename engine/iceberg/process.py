@@ -54,6 +54,11 @@ def main() -> None:
     home.mkdir(parents=True, exist_ok=True)
     with open(home / LOCK, "a") as lock:
         if wait_for_lock(lock, stop, 0.5):
+            if config.cluster_refresh:  # the view of the other nodes, refreshed beside the publication
+                from stowage.engine.iceberg.view import refresh_until
+                follower = threading.Thread(target=refresh_until, args=(config, stop), name="cluster-view",
+                                            daemon=True)
+                follower.start()
             publish_until(config, stop)
     logging.shutdown()
 

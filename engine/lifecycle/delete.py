@@ -86,7 +86,7 @@ def delete(config: Config, level: str, values: Sequence[str], reason: str = "del
     why, in the administrator's words. `catalog`: an open view to use, else one is opened here."""
     values = _check(level, values)
     own = catalog is None
-    catalog = catalog or Catalog(config.data_dir / "catalog", config.duplicates)
+    catalog = catalog or Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
     try:
         rows = live_records(catalog, LEVELS[level], values)
     finally:

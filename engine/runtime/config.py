@@ -168,6 +168,10 @@ class Config:
     iceberg_namespace: str = "stowage"
     iceberg_interval: float = 10.0
     iceberg_batch_files: int = 64          # sealed catalog files per Iceberg commit at most
+    # Seconds between refreshes of this node's view of the other nodes' instances and
+    # deletions from the Iceberg tables (engine/iceberg/view.py; 0: no view). With the other
+    # nodes' iceberg_interval, it bounds how stale a C-FIND answer can be (docs/scale-out.md).
+    cluster_refresh: float = 5.0
     # Sealed segments on S3-compatible object storage (engine/storage, docs/scale-out.md):
     # "" keeps them on local disk only; "s3://bucket/prefix" uploads each sealed segment there.
     storage: str = ""
@@ -189,6 +193,12 @@ class Config:
     def node(self) -> str:
         """node_name, or this host's name."""
         return self.node_name or re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "node"
+
+    @property
+    def cluster_view(self) -> bool:
+        """Whether this node keeps a view of the other nodes (queries and retrieval answer
+        for the whole archive)."""
+        return bool(self.iceberg_catalog and self.cluster_refresh)
 
     @property
     def worker_count(self) -> int:
@@ -256,6 +266,9 @@ class Config:
                 or not 1 <= self.iceberg_batch_files <= 10000):
             raise ConfigError("iceberg_namespace must be 1-64 of A-Z a-z 0-9 . _ -, iceberg_interval in (0, 86400] "
                               "seconds and iceberg_batch_files 1-10000")
+        if not 0 <= self.cluster_refresh <= 86400:
+            raise ConfigError(f"cluster_refresh: {self.cluster_refresh!r} must be 0 (no view of other nodes) to 86400 "
+                              "seconds")
         if self.iceberg_catalog and not re.match(r"^(https?://|sqlite:///|postgresql(\+\w+)?://)", self.iceberg_catalog):
             raise ConfigError(f"iceberg_catalog: {self.iceberg_catalog!r} is neither a REST catalog (http:// or "
                               "https://) nor a SQL catalog (sqlite:///path or postgresql://user@host/db)")

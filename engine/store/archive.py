@@ -126,7 +126,7 @@ class Archive:
         self.data_dir = config.data_dir
         self.catalog_dir = config.data_dir / "catalog"
         self.sealer = Sealer(self.catalog_dir, slot, config.compact_min_files)
-        self.catalog = Catalog(self.catalog_dir, config.duplicates)
+        self.catalog = Catalog(self.catalog_dir, config.duplicates, cluster=config.cluster_view)  # the whole archive's
         self.writer = SegmentWriter(config.data_dir / "segments", slot, segment_size=config.segment_size,
                                     fsync=config.durability in ("fsync", "object-store"), on_commit=self.sealer.commit,
                                     keep_cache=config.cache_writes and not bulk)

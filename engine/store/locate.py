@@ -35,9 +35,10 @@ class Locator:
     """Looks records up in a catalog of its own, opened at the first question (a
     compaction under a transfer is rare); thread-safe."""
 
-    def __init__(self, data_dir: Path, duplicates: str = "keep-newest") -> None:
+    def __init__(self, data_dir: Path, duplicates: str = "keep-newest", cluster: bool = False) -> None:
         self.catalog_dir = data_dir / "catalog"
         self.duplicates = duplicates
+        self.cluster = cluster  # the other nodes' records too (catalog/cluster_view.py)
         self._catalog: Catalog | None = None
         self._lock = threading.Lock()
 
@@ -46,7 +47,7 @@ class Locator:
         serves none (deleted, rejected)."""
         with self._lock:
             if self._catalog is None:
-                self._catalog = Catalog(self.catalog_dir, self.duplicates)
+                self._catalog = Catalog(self.catalog_dir, self.duplicates, cluster=self.cluster)
             _cols, rows = self._catalog.execute(
                 'SELECT segment, "offset", dataset_length, dataset_crc32 FROM instances '
                 "WHERE sop_instance_uid = ?", [sop_instance_uid])

@@ -317,12 +317,13 @@ def _lock(out: Path) -> int:
 
 def export(data_dir: Path, out: Path, level: str | None, values: list[str],
            duplicates: str = "keep-newest", layout: str = "flat", dicomdir: bool = False,
-           progress: Callable[[int, int], None] | None = None) -> ExportResult:
+           progress: Callable[[int, int], None] | None = None, cluster: bool = False) -> ExportResult:
     """Write the selected instances under `out`; raises ExportError when it cannot go on.
-    `progress(done, total)` is called after each instance."""
+    `progress(done, total)` is called after each instance; `cluster`: the other nodes'
+    instances too (their segments read from the bucket)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}")
-    catalog = Catalog(data_dir / "catalog", duplicates)
+    catalog = Catalog(data_dir / "catalog", duplicates, cluster=cluster)
     try:
         items, names = _plan(catalog, level, values, tree=layout == "tree" and not dicomdir)
     finally:

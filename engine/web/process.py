@@ -28,6 +28,7 @@ from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.runtime.tls import http_context
 from stowage.engine.web.app import build_app
+from stowage.engine.iceberg.node_segments import read_other_nodes
 from stowage.engine.storage.remote import read_from_bucket
 
 log = logging.getLogger("stowage.http")
@@ -104,7 +105,7 @@ def main() -> None:
     if os.getppid() != parent:  # the acceptor died before we asked to be told
         os._exit(0)
     config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
-    read_from_bucket(config)  # segments evicted after their upload: read from the bucket
+    read_other_nodes(config, read_from_bucket(config))  # segments evicted after their upload, other nodes'
     setup_logging(config, f"http-{index}")
     logging.getLogger("aiohttp.server").addFilter(_ClientErrors())
     faulthandler.enable()

@@ -68,10 +68,10 @@ def find(catalog: Catalog, study: str, series: str | None = None, instance: str 
 class Reader:
     """Reads instances' records for one process; thread-safe."""
 
-    def __init__(self, data_dir: Path, duplicates: str) -> None:
+    def __init__(self, data_dir: Path, duplicates: str, cluster: bool = False) -> None:
         self.segments = data_dir / "segments"
         self.marks = marks_of(data_dir)
-        self.locator = Locator(data_dir, duplicates)
+        self.locator = Locator(data_dir, duplicates, cluster)
 
     def _check(self, inst: Instance) -> None:
         mark = self.marks.get(inst.segment, inst.offset)

@@ -66,9 +66,9 @@ class WebStore:
         self.data_dir = config.data_dir
         sweep_spool(config.data_dir)
         self.segments = config.data_dir / "segments"
-        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
-        self.lookups = Catalog(config.data_dir / "catalog", config.duplicates)
-        self.reader = Reader(config.data_dir, config.duplicates)
+        self.catalog = Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
+        self.lookups = Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
+        self.reader = Reader(config.data_dir, config.duplicates, cluster=config.cluster_view)
         self.series_cache = SeriesCache(config.data_dir)
         self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="web")
         self._archive: Archive | None = None

@@ -43,7 +43,8 @@ def export(config_file, data_dir, out, everything, patient, study, series, insta
         export_deidentified(config, project, out, level, values)
         return
     try:
-        result = run(config.data_dir, out, level, values, config.duplicates, layout=layout, dicomdir=dicomdir)
+        result = run(config.data_dir, out, level, values, config.duplicates, layout=layout, dicomdir=dicomdir,
+                     cluster=config.cluster_view)
     except ExportError as e:
         raise click.ClickException(str(e)) from None
     for failure in result.failed:

@@ -27,7 +27,8 @@ def load(config_file: Path | None, **overrides) -> cfg.Config:
         config = cfg.load(config_file, overrides=overrides)
     except cfg.ConfigError as e:
         raise click.ClickException(f"configuration: {e}") from None
-    remote.read_from_bucket(config)  # segments evicted after their upload are read from the bucket
+    from stowage.engine.iceberg.node_segments import read_other_nodes
+    read_other_nodes(config, remote.read_from_bucket(config))  # evicted after their upload; other nodes'
     return config
 
 

@@ -1,0 +1,82 @@
+"""The local view of the other nodes of a multi-node archive (issue #24): what they
+published to the Iceberg tables, folded into `<data_dir>/cluster/` so that C-FIND, QIDO
+and retrieval answer from local disk, not the network.
+
+    cluster/view.json        which snapshot of each table the view is at, its files, a generation
+    cluster/<node>--<file>   a data file of another node's: instances (with its study
+                             summary beside it) or deletions
+
+An instances file is the node's sealed catalog file with one change: its `segment` column
+names the node too, `@<node>/<segment>`, so that a reader asking for
+`segments/@<node>/<segment>` reaches that node's segment in the object store (engine/iceberg/
+nodes.py) and every other reader (compaction, verify, quota) never opens a view at all.
+The refresher (engine/iceberg/view.py) writes files first, then replaces view.json
+atomically; readers open only the files view.json names.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from stowage.catalog.durable import replace_durably
+
+DIRECTORY = "cluster"
+VIEW = "view.json"
+MARK = "@"   # a segment of another node: "@<node>/<segment>"
+_NODE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class View:
+    snapshots: dict[str, int | None] = field(default_factory=dict)  # table -> snapshot id folded up to
+    instances: dict[str, str] = field(default_factory=dict)          # local file name -> node
+    deletions: dict[str, str] = field(default_factory=dict)          # local file name -> node
+    rows: int = 0                                                    # instance rows in the view
+    generation: int = 0
+    refreshed_at: float = 0.0                                        # time.time() of the last refresh that looked
+
+
+def directory(data_dir: Path) -> Path:
+    return Path(data_dir) / DIRECTORY
+
+
+def load(view_dir: Path) -> View:
+    try:
+        with open(view_dir / VIEW, "rb") as f:
+            return View(**json.load(f))
+    except FileNotFoundError:
+        return View()
+
+
+def save(view_dir: Path, view: View) -> None:
+    view_dir.mkdir(parents=True, exist_ok=True)
+    replace_durably(view_dir / VIEW, json.dumps(asdict(view)))
+
+
+def stamp(view_dir: Path) -> tuple | None:
+    """A value that changes whenever view.json is replaced (None: no view)."""
+    try:
+        st = os.stat(view_dir / VIEW)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def node_segment(node: str, segment: str) -> str:
+    """The `segment` value of another node's record in the view."""
+    return f"{MARK}{node}/{segment}"
+
+
+def split_segment(value: str) -> tuple[str, str] | None:
+    """(node, segment) of a view's `segment` value; None for this node's own segments
+    (or a value that names no node safely: it never becomes a path)."""
+    if not value.startswith(MARK) or value.count("/") != 1:
+        return None
+    node, segment = value[1:].split("/")
+    if not _NODE.match(node) or node in (".", "..") or not segment.endswith(".seg") or "/" in segment \
+            or segment.startswith("."):
+        return None
+    return node, segment

@@ -1,0 +1,311 @@
+"""Several nodes answering as one archive (issue #24 part 3, docs/scale-out.md).
+
+Real parts on loopback, started once for the module: SeaweedFS (segments and the Iceberg
+warehouse in one bucket), one SQLite Iceberg catalog file shared by two `stowage serve`
+nodes, Debian's HAProxy in front of them, DCMTK storescu/findscu/movescu/getscu and a DCMTK
+storescp as the C-MOVE destination. What a user checks: what went in through the balancer
+is found on each node; a study node A stored is moved and got from node B byte for byte;
+a delete on A blinds B; the same SOP Instance UID sent to both nodes is served once, as the
+duplicates policy says; and a node killed mid-ingest loses no acknowledged instance.
+Every wait is bounded by BOUND: the nodes' cluster_refresh and iceberg_interval are 0.5 s
+here, so the view is seconds old at most, and BOUND leaves room for a loaded machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from conftest import CT, HOST, MR, Server, copies, dataset_bytes, dcmtk, free_port, wait_for
+from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS (fixture)
+from test_haproxy import BALANCER, Balancer, _audit
+from test_move import key_options
+
+pytestmark = [pytest.mark.timeout(300),
+              pytest.mark.skipif(not __import__("shutil").which("haproxy"), reason="needs haproxy (Debian package)")]
+BOUND = 60.0  # seconds: the staleness bound (about 1 s here) with room for a busy 2-core machine
+NODE_CONFIG = f"""
+proxy_protocol_from = ["{BALANCER}"]
+http_processes = 1
+[remotes.DEST]
+host = "{HOST}"
+port = {{dest_port}}
+"""
+
+
+class Pair:
+    def __init__(self, tmp: Path, s3) -> None:
+        self.tmp = tmp
+        self.bucket = s3.new_bucket("nodes")
+        self.dest_port, self.dest_out = free_port(), tmp / "dest"
+        self.dest_out.mkdir()
+        self.dest = subprocess.Popen([dcmtk("storescp"), "+B", "-aet", "DEST", "-od", str(self.dest_out),
+                                      str(self.dest_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cfg = tmp / "node.toml"
+        cfg.write_text(NODE_CONFIG.format(dest_port=self.dest_port))
+        common = {**s3.env(), "STOWAGE_STORAGE": f"s3://{self.bucket}/archive", "STOWAGE_S3_ENDPOINT": s3.endpoint,
+                  "STOWAGE_S3_PATH_STYLE": "true", "STOWAGE_S3_READ_BLOCK": "16384",
+                  # every record rolls its segment, so it is sealed and uploaded within a second
+                  "STOWAGE_SEGMENT_SIZE": "1000", "STOWAGE_SEAL_INTERVAL": "0.2", "STOWAGE_UPLOAD_INTERVAL": "0.2",
+                  "STOWAGE_SCRUB_RATE": "0", "STOWAGE_COMPACT_INTERVAL": "0",
+                  "STOWAGE_ICEBERG_CATALOG": f"sqlite:///{tmp / 'iceberg.db'}",
+                  "STOWAGE_ICEBERG_WAREHOUSE": f"s3://{self.bucket}/warehouse",
+                  "STOWAGE_ICEBERG_INTERVAL": "0.5", "STOWAGE_CLUSTER_REFRESH": "0.5"}
+        self.env = {name: {**common, "STOWAGE_NODE_NAME": name} for name in "ab"}
+        self.http = {name: free_port() for name in "ab"}
+        self.nodes = {name: Server(tmp / name, free_port(), ["--workers", "1", "--config", str(cfg),
+                                                                 "--http-port", str(self.http[name])],
+                                   self.env[name], log_dir=tmp) for name in "ab"}
+        for node in self.nodes.values():
+            node.start()
+        self.balancer = Balancer(tmp, [(name, n.port, self.http[name]) for name, n in self.nodes.items()])
+        self.balancer.wait_states({"a": "UP", "b": "UP", "http:a": "UP", "http:b": "UP"})
+
+    def stowage(self, name: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stowage.cli", *args, "--data-dir", str(self.nodes[name].data_dir)],
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, **self.env[name]))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- node {name}:\n{n.log()[-2500:]}" for name, n in self.nodes.items())
+
+    def stop(self) -> None:
+        self.balancer.stop()
+        for node in self.nodes.values():
+            node.kill()
+        self.dest.terminate()
+        self.dest.wait(10)
+
+
+@pytest.fixture(scope="module")
+def pair(s3_server, tmp_path_factory):  # noqa: F811 - the session's fixture
+    p = Pair(tmp_path_factory.mktemp("nodes"), s3_server)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def storescu(port: int, files: list[Path]) -> None:
+    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def find(port: int, level: str, **keys: str) -> list[pydicom.Dataset]:
+    """findscu (Study Root) at `level`: the responses' identifiers."""
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"findscu-{os.getpid()}-{threading.get_ident()}-{free_port()}"
+    out.mkdir(parents=True)
+    args = [dcmtk("findscu"), "-S", "-aec", "STOWAGE", "-X", "-od", str(out), "-k", f"QueryRetrieveLevel={level}"]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}"]
+    r = subprocess.run([*args, HOST, str(port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    found = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    for p in out.iterdir():
+        p.unlink()
+    out.rmdir()
+    return found
+
+
+def studies_on(port: int) -> set[str]:
+    return {str(ds.StudyInstanceUID) for ds in find(port, "STUDY", StudyInstanceUID="")}
+
+
+def instances_on(port: int, study: str) -> set[str]:
+    return {str(ds.SOPInstanceUID) for ds in find(port, "IMAGE", StudyInstanceUID=study, SOPInstanceUID="")}
+
+
+def getscu(port: int, out: Path, **keys: str) -> tuple[subprocess.CompletedProcess, dict[str, bytes]]:
+    """getscu (Study Root): the dataset bytes received, by SOP Instance UID."""
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():
+        p.unlink()
+    r = subprocess.run([dcmtk("getscu"), "+B", "-S", "-aet", "GETSCU", "-aec", "STOWAGE", "-od", str(out),
+                        *key_options(keys), HOST, str(port)], capture_output=True, text=True, timeout=120)
+    return r, {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p)
+               for p in out.iterdir()}
+
+
+def own_study(files: list[Path]) -> list[Path]:
+    """The files moved into a study of their own (copies() keeps the source's study)."""
+    study = pydicom.uid.generate_uid()
+    for p in files:
+        d = pydicom.dcmread(p)
+        d.StudyInstanceUID = study
+        d.save_as(p)
+    return files
+
+
+def by_uid(files: list[Path]) -> dict[str, bytes]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p) for p in files}
+
+
+def study_of(files: list[Path]) -> str:
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_stored_through_the_balancer_and_found_on_each_node(pair, tmp_path):
+    batches = [copies(CT if i % 2 else MR, tmp_path / f"s{i}", 3, f"lb{i}") for i in range(4)]
+    for files in batches:  # one association each: the balancer spreads them
+        own_study(files)
+        storescu(pair.balancer.port, files)
+    wanted = {study_of(files) for files in batches}
+    for name, node in pair.nodes.items():
+        wait_for(lambda: wanted <= studies_on(node.port), BOUND,
+                 lambda: f"node {name} finds every study\n{pair.logs()}")
+        counts = {s: len(instances_on(node.port, s)) for s in wanted}
+        assert counts == {s: 3 for s in wanted}, (name, counts)
+    # QIDO on each node answers for the whole archive too
+    for name, port in pair.http.items():
+        with urllib.request.urlopen(f"http://{HOST}:{port}/dicom-web/studies?limit=1000", timeout=30) as r:
+            qido = {s["0020000D"]["Value"][0] for s in json.load(r)}
+        assert wanted <= qido, name
+
+
+def test_node_b_moves_and_gets_what_node_a_stored_byte_exact(pair, tmp_path):
+    files = own_study(copies(CT, tmp_path / "a-only", 4, "aonly"))
+    sent = by_uid(files)
+    study = study_of(files)
+    storescu(pair.nodes["a"].port, files)
+    b = pair.nodes["b"].port
+    wait_for(lambda: instances_on(b, study) == set(sent), BOUND, lambda: f"node b sees a's study\n{pair.logs()}")
+    got: dict[str, bytes] = {}
+
+    def all_got() -> bool:  # a's last segment reaches the bucket a moment after its row reaches Iceberg
+        nonlocal got
+        _r, got = getscu(b, tmp_path / "get", QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+        return set(got) == set(sent)
+    wait_for(all_got, BOUND, lambda: f"C-GET from b of a's study\n{pair.logs()}")
+    assert got == sent, "C-GET from node b: the datasets node a received, byte for byte"
+    for p in pair.dest_out.iterdir():
+        p.unlink()
+    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", "STOWAGE", "-aem", "DEST",
+                        *key_options({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}), HOST, str(b)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert by_uid(sorted(pair.dest_out.iterdir())) == sent, "C-MOVE from node b: byte for byte"
+    # export on node b writes a's instances too
+    out = tmp_path / "export"
+    r = pair.stowage("b", "export", "--out", str(out), "--study", study)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert by_uid(sorted(out.glob("*.dcm"))) == sent
+
+
+def test_delete_on_a_blinds_b(pair, tmp_path):
+    files = own_study(copies(MR, tmp_path / "del", 3, "del"))
+    study = study_of(files)
+    storescu(pair.nodes["b"].port, files)  # stored by b, deleted on a: a's view must know it first
+    a, b = pair.nodes["a"].port, pair.nodes["b"].port
+    wait_for(lambda: len(instances_on(a, study)) == 3, BOUND, lambda: f"node a sees b's study\n{pair.logs()}")
+    r = pair.stowage("a", "delete", "--yes", "--study", study)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert instances_on(a, study) == set(), "node a hides it at once"
+    wait_for(lambda: instances_on(b, study) == set() and study not in studies_on(b), BOUND,
+             lambda: f"node b blind to the study node a deleted\n{pair.logs()}")
+    _r, got = getscu(b, tmp_path / "get", QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+    assert got == {}, "nothing retrieved of a deleted study"
+
+
+def _variant(src: Path, uid: str, study: str, series: str, name: str, out: Path) -> Path:
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.PatientName = name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _store_one(port: int, path: Path) -> int:
+    ae = AE("DUPS")
+    ae.add_requested_context(CTImageStorage, pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    assoc = ae.associate(HOST, port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+def test_same_instance_on_both_nodes_is_served_once_by_the_duplicates_policy(pair, tmp_path):
+    """keep-newest (the default) across nodes as on one: the newest received copy is served."""
+    a, b = pair.nodes["a"].port, pair.nodes["b"].port
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    # at once: both nodes store it (neither has seen the other's); both serve the newer
+    uid = pydicom.uid.generate_uid()
+    paths = [_variant(CT, uid, study, series, f"AT^ONCE{n}", tmp_path / f"once-{n}.dcm") for n in "ab"]
+    statuses: dict[str, int] = {}
+    threads = [threading.Thread(target=lambda n=n, p=p, port=port: statuses.__setitem__(n, _store_one(port, p)))
+               for n, p, port in zip("ab", paths, (a, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == {"a": 0, "b": 0}
+
+    def served(port: int) -> bytes | None:
+        _r, got = getscu(port, tmp_path / f"get-{port}", QueryRetrieveLevel="IMAGE", StudyInstanceUID=study,
+                         SeriesInstanceUID=series, SOPInstanceUID=uid)
+        return got.get(uid) if len(got) == 1 else None
+    copies_ = {dataset_bytes(p) for p in paths}
+    wait_for(lambda: served(a) is not None and served(a) == served(b), BOUND,
+             lambda: f"both nodes serve one copy\n{pair.logs()}")
+    assert served(a) in copies_
+    assert [str(d.SOPInstanceUID) for d in find(a, "IMAGE", StudyInstanceUID=study, SOPInstanceUID="")] == [uid]
+    assert [str(d.SOPInstanceUID) for d in find(b, "IMAGE", StudyInstanceUID=study, SOPInstanceUID="")] == [uid]
+
+    # one after the other: a stores it, b (once its view has it) gets a newer, different copy
+    uid2 = pydicom.uid.generate_uid()
+    first = _variant(CT, uid2, study, series, "FIRST", tmp_path / "first.dcm")
+    second = _variant(CT, uid2, study, series, "SECOND", tmp_path / "second.dcm")
+    assert _store_one(a, first) == 0
+    wait_for(lambda: uid2 in instances_on(b, study), BOUND, lambda: f"b sees a's copy\n{pair.logs()}")
+    assert _store_one(b, first) == 0, "identical copy: success, already held"
+    assert _store_one(b, second) == 0, "different copy under keep-newest: stored"
+
+    def newest_everywhere() -> bool:
+        return all(getscu(port, tmp_path / f"g2-{port}", QueryRetrieveLevel="IMAGE", StudyInstanceUID=study,
+                          SeriesInstanceUID=series, SOPInstanceUID=uid2)[1].get(uid2) == dataset_bytes(second)
+                   for port in (a, b))
+    wait_for(newest_everywhere, BOUND, lambda: f"both nodes serve the newest copy\n{pair.logs()}")
+    held = [d for d in _audit(pair.nodes["b"].data_dir, "duplicate") if d.get("sop_instance_uid") == uid2]
+    assert any(d.get("identical") for d in held), "b's audit log says the identical copy was already held"
+
+
+def test_a_node_killed_mid_ingest_loses_no_acknowledged_instance(pair, tmp_path):
+    a, b = pair.nodes["a"], pair.nodes["b"]
+    files = own_study(copies(CT, tmp_path / "kill", 40, "kill"))
+    study = study_of(files)
+    sent = by_uid(files)
+    acked: list[str] = []
+    ae = AE("KILLER")
+    ae.add_requested_context(CTImageStorage, pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    assoc = ae.associate(HOST, a.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    for i, p in enumerate(files):
+        if i == 12:
+            a.kill()  # kill -9 of every process of node a, mid-association
+        try:
+            status = assoc.send_c_store(p) if assoc.is_established else None
+        except Exception:
+            status = None
+        if status is not None and getattr(status, "Status", None) == 0:
+            acked.append(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID))
+    if assoc.is_established:
+        assoc.abort()
+    assert 0 < len(acked) < len(files)
+    a.start()
+    for node in (a, b):
+        def everything_back(node=node) -> bool:
+            _r, got = getscu(node.port, tmp_path / f"k-{node.port}", QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+            return set(acked) <= set(got) and all(got[u] == sent[u] for u in acked)
+        wait_for(everything_back, BOUND, lambda: f"every acknowledged instance from {node.port}\n{pair.logs()}")
