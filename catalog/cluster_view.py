@@ -80,3 +80,37 @@ def split_segment(value: str) -> tuple[str, str] | None:
             or segment.startswith("."):
         return None
     return node, segment
+
+
+class ViewUids:
+    """The store path's "certainly not held by another node?" gate: a Bloom filter of the
+    SOP Instance UIDs in the view's instance files, each file's UIDs read once (a table
+    read whole starts it afresh). Fixed size, like the filter of this node's own UIDs."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from stowage.catalog.bloom import UidFilter
+        self._new = UidFilter
+        self.dir = directory(data_dir)
+        self.filter = UidFilter()
+        self._stamp: tuple | None = None
+        self._read: set[str] = set()
+
+    def refresh(self) -> None:
+        import pyarrow.parquet as pq
+        now = stamp(self.dir)
+        if now == self._stamp:
+            return
+        self._stamp = now
+        files = set(load(self.dir).instances)
+        if self._read - files:
+            self.filter, self._read = self._new(), set()
+        for name in sorted(files - self._read):
+            try:
+                uids = pq.read_table(self.dir / name, columns=["sop_instance_uid"])["sop_instance_uid"]
+            except FileNotFoundError:  # swept meanwhile: the view no longer names it
+                continue
+            self.filter.update(u for u in uids.to_pylist() if u)
+            self._read.add(name)
+
+    def may_hold(self, uid: str) -> bool:
+        return uid in self.filter

@@ -17,6 +17,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Exp
 from stowage.catalog.attributes import UnreadableDataset, extract
 from stowage.catalog.limits import Inflater, LimitExceeded
 from stowage.catalog.bloom import UidFilter
+from stowage.catalog.cluster_view import ViewUids
 from stowage.catalog.reader import Catalog
 from stowage.catalog.sealed_uids import SealedView
 from stowage.catalog.sealer import Sealer
@@ -144,6 +145,9 @@ class Archive:
         self.known.update(read_tails(self.catalog.tails_dir)["sop_instance_uid"].to_pylist())
         self.sealed = SealedView(self.catalog_dir)
         self.sealed.refresh()
+        self.others = ViewUids(config.data_dir) if config.cluster_view else None  # UIDs other nodes hold
+        if self.others is not None:
+            self.others.refresh()
         self.rejections = rejection.Rejections(config.data_dir)
         self._recover_notes()
         self._local = threading.local()
@@ -184,7 +188,8 @@ class Archive:
                                    f"rejected by a rejection note ({code}); not stored")
         crc, length = _crc32(dataset)
         study = str(attrs.get("study_instance_uid") or "")
-        if sop_instance_uid in self.known or self.sealed.may_hold(sop_instance_uid):
+        if sop_instance_uid in self.known or self.sealed.may_hold(sop_instance_uid) or (
+                self.others is not None and self.others.may_hold(sop_instance_uid)):
             verdict = self._duplicate(sop_instance_uid, study, crc, length, calling_ae)
             if verdict is not None:
                 if verdict.ok and sop_class_uid == rejection.KOS:  # a note sent again: apply it again
@@ -333,6 +338,8 @@ class Archive:
             try:
                 self.known.update(others.read())
                 self.sealed.refresh()
+                if self.others is not None:
+                    self.others.refresh()
             except Exception:
                 log.exception("reading other workers' tails failed; will retry")
 
