@@ -5,6 +5,7 @@ and retrieval answer from local disk, not the network.
     cluster/view.json        which snapshot of each table the view is at, its files, a generation
     cluster/<node>--<file>   a data file of another node's: instances (with its study
                              summary beside it) or deletions
+    cluster/versions-<id>.parquet  the records of UIDs held by more than one node
 
 An instances file is the node's sealed catalog file with one change: its `segment` column
 names the node too, `@<node>/<segment>`, so that a reader asking for
@@ -35,6 +36,9 @@ class View:
     instances: dict[str, str] = field(default_factory=dict)          # local file name -> node
     deletions: dict[str, str] = field(default_factory=dict)          # local file name -> node
     rows: int = 0                                                    # instance rows in the view
+    # every record of each UID that this node and another, or two others, both hold (the
+    # versions table's columns, catalog/versions_table.py): "" when there is none
+    versions: str = ""
     generation: int = 0
     refreshed_at: float = 0.0                                        # time.time() of the last refresh that looked
 

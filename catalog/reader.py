@@ -66,6 +66,7 @@ class Catalog:
         self._view_files: list[str] = []      # the view's instance files (absolute paths)
         self._view_deletions: set[str] = set()  # the view's deletion files in the tombstones table
         self._local_versions: pa.Table | None = None
+        self._view_versions = versions_table.VERSIONS_SCHEMA.empty_table()  # UIDs held by several nodes
         self.tails_dir = directory / "tails"
         self._tails = TailReader(self.tails_dir)
         # Beside catalog/ in the data directory: a catalog rebuild keeps them.
@@ -327,6 +328,10 @@ class Catalog:
         self._view_stamp = stamp
         view = cluster_view.load(self.view_dir)
         changed = view.generation != self._view.generation or sorted(view.instances) != sorted(self._view.instances)
+        if view.versions != self._view.versions:
+            self._view_versions = versions_table.VERSIONS_SCHEMA.empty_table() if not view.versions else \
+                pq.read_table(self.view_dir / view.versions, schema=versions_table.VERSIONS_SCHEMA)
+            changed = True
         self._view = view
         self._view_files = [str(self.view_dir / n) for n in sorted(view.instances)]  # absolute: `directory / name` is it
         return changed
@@ -363,14 +368,10 @@ class Catalog:
     def _across_nodes(self, local: pa.Table) -> pa.Table:
         """The versions table with the records of UIDs that another node holds too (the
         same instance received by two nodes): the duplicates policy then chooses among
-        them as it does on one node."""
-        if not self._view_files:
+        them as it does on one node (the view's refresher finds them: cluster_view.View.versions)."""
+        if self._view_versions.num_rows == 0:
             return local
-        both = self._con.sql(
-            "SELECT sop_instance_uid, received_at, segment, \"offset\", study_instance_uid FROM sealed_rows "
-            "WHERE sop_instance_uid IN (SELECT sop_instance_uid FROM sealed_rows GROUP BY sop_instance_uid "
-            f"HAVING count(*) > 1 AND bool_or(starts_with(segment, '{cluster_view.MARK}')))").to_arrow_table()
-        return versions_table.merge(local, both) if both.num_rows else local
+        return versions_table.merge(local, self._view_versions)
 
     def _versions(self, tail: pa.Table) -> pa.Table:
         """Every record of each UID with several: the versions table, plus tail rows that

@@ -156,21 +156,23 @@ def study_of(files: list[Path]) -> str:
 
 
 def test_stored_through_the_balancer_and_found_on_each_node(pair, tmp_path):
-    batches = [copies(CT if i % 2 else MR, tmp_path / f"s{i}", 3, f"lb{i}") for i in range(4)]
-    for files in batches:  # one association each: the balancer spreads them
-        own_study(files)
+    batches = [own_study(copies(src, tmp_path / f"s{i}", 3, f"lb{i}")) for i, src in enumerate((CT, MR, CT))]
+    for files in batches:  # one association each: the balancer spreads them over the nodes
         storescu(pair.balancer.port, files)
-    wanted = {study_of(files) for files in batches}
+    wanted = {study_of(files): 3 for files in batches}
+    held = {name: len(list((n.data_dir / "segments").glob("*.seg"))) for name, n in pair.nodes.items()}
+    assert all(held.values()), f"both nodes took associations: {held}"
+
+    def counts(port: int) -> dict[str, int]:
+        return {str(d.StudyInstanceUID): int(d.NumberOfStudyRelatedInstances)
+                for d in find(port, "STUDY", StudyInstanceUID="\\".join(wanted), NumberOfStudyRelatedInstances="")}
     for name, node in pair.nodes.items():
-        wait_for(lambda: wanted <= studies_on(node.port), BOUND,
-                 lambda: f"node {name} finds every study\n{pair.logs()}")
-        counts = {s: len(instances_on(node.port, s)) for s in wanted}
-        assert counts == {s: 3 for s in wanted}, (name, counts)
-    # QIDO on each node answers for the whole archive too
-    for name, port in pair.http.items():
+        wait_for(lambda: counts(node.port) == wanted, BOUND, lambda: f"node {name} finds every study\n{pair.logs()}",
+                 0.5)
+    for name, port in pair.http.items():  # QIDO-RS on each node answers for the whole archive too
         with urllib.request.urlopen(f"http://{HOST}:{port}/dicom-web/studies?limit=1000", timeout=30) as r:
             qido = {s["0020000D"]["Value"][0] for s in json.load(r)}
-        assert wanted <= qido, name
+        assert set(wanted) <= qido, name
 
 
 def test_node_b_moves_and_gets_what_node_a_stored_byte_exact(pair, tmp_path):
@@ -179,14 +181,15 @@ def test_node_b_moves_and_gets_what_node_a_stored_byte_exact(pair, tmp_path):
     study = study_of(files)
     store_exact(pair.nodes["a"].port, files)  # as the files' data set bytes, so that `sent` is what a received
     b = pair.nodes["b"].port
-    wait_for(lambda: instances_on(b, study) == set(sent), BOUND, lambda: f"node b sees a's study\n{pair.logs()}")
+    wait_for(lambda: instances_on(b, study) == set(sent), BOUND, lambda: f"node b sees a's study\n{pair.logs()}",
+             0.5)
     got: dict[str, bytes] = {}
 
     def all_got() -> bool:  # a's last segment reaches the bucket a moment after its row reaches Iceberg
         nonlocal got
         _r, got = getscu(b, tmp_path / "get", QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
         return set(got) == set(sent)
-    wait_for(all_got, BOUND, lambda: f"C-GET from b of a's study\n{pair.logs()}")
+    wait_for(all_got, BOUND, lambda: f"C-GET from b of a's study\n{pair.logs()}", 0.5)
     assert got == sent, "C-GET from node b: the datasets node a received, byte for byte"
     for p in pair.dest_out.iterdir():
         p.unlink()
@@ -207,12 +210,12 @@ def test_delete_on_a_blinds_b(pair, tmp_path):
     study = study_of(files)
     storescu(pair.nodes["b"].port, files)  # stored by b, deleted on a: a's view must know it first
     a, b = pair.nodes["a"].port, pair.nodes["b"].port
-    wait_for(lambda: len(instances_on(a, study)) == 3, BOUND, lambda: f"node a sees b's study\n{pair.logs()}")
+    wait_for(lambda: len(instances_on(a, study)) == 3, BOUND, lambda: f"node a sees b's study\n{pair.logs()}", 0.5)
     r = pair.stowage("a", "delete", "--yes", "--study", study)
     assert r.returncode == 0, r.stdout + r.stderr
     assert instances_on(a, study) == set(), "node a hides it at once"
     wait_for(lambda: instances_on(b, study) == set() and study not in studies_on(b), BOUND,
-             lambda: f"node b blind to the study node a deleted\n{pair.logs()}")
+             lambda: f"node b blind to the study node a deleted\n{pair.logs()}", 0.5)
     _r, got = getscu(b, tmp_path / "get", QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
     assert got == {}, "nothing retrieved of a deleted study"
 
@@ -272,7 +275,7 @@ def test_same_instance_on_both_nodes_is_served_once_by_the_duplicates_policy(pai
         return got.get(uid) if len(got) == 1 else None
     copies_ = {dataset_bytes(p) for p in paths}
     wait_for(lambda: served(a) is not None and served(a) == served(b), BOUND,
-             lambda: f"both nodes serve one copy\n{pair.logs()}")
+             lambda: f"both nodes serve one copy\n{pair.logs()}", 0.5)
     assert served(a) in copies_
     assert [str(d.SOPInstanceUID) for d in find(a, "IMAGE", StudyInstanceUID=study, SOPInstanceUID="")] == [uid]
     assert [str(d.SOPInstanceUID) for d in find(b, "IMAGE", StudyInstanceUID=study, SOPInstanceUID="")] == [uid]
@@ -285,7 +288,7 @@ def test_same_instance_on_both_nodes_is_served_once_by_the_duplicates_policy(pai
     first = _variant(CT, uid2, study, series, "FIRST", tmp_path / "first.dcm")
     second = _variant(CT, uid2, study, series, "SECOND", tmp_path / "second.dcm")
     assert _store_one(a, first) == 0
-    wait_for(lambda: uid2 in instances_on(b, study), BOUND, lambda: f"b sees a's copy\n{pair.logs()}")
+    wait_for(lambda: uid2 in instances_on(b, study), BOUND, lambda: f"b sees a's copy\n{pair.logs()}", 0.5)
     assert _store_one(b, first) == 0, "identical copy: success, already held"
     assert _store_one(b, second) == 0, "different copy under keep-newest: stored"
 
@@ -293,14 +296,14 @@ def test_same_instance_on_both_nodes_is_served_once_by_the_duplicates_policy(pai
         return all(getscu(port, tmp_path / f"g2-{port}", QueryRetrieveLevel="IMAGE", StudyInstanceUID=study,
                           SeriesInstanceUID=series, SOPInstanceUID=uid2)[1].get(uid2) == dataset_bytes(second)
                    for port in (a, b))
-    wait_for(newest_everywhere, BOUND, lambda: f"both nodes serve the newest copy\n{pair.logs()}")
+    wait_for(newest_everywhere, BOUND, lambda: f"both nodes serve the newest copy\n{pair.logs()}", 0.5)
     held = [d for d in _audit(pair.nodes["b"].data_dir, "duplicate") if d.get("sop_instance_uid") == uid2]
     assert any(d.get("identical") for d in held), "b's audit log says the identical copy was already held"
 
 
 def test_a_node_killed_mid_ingest_loses_no_acknowledged_instance(pair, tmp_path):
     a, b = pair.nodes["a"], pair.nodes["b"]
-    files = own_study(copies(CT, tmp_path / "kill", 24, "kill"))
+    files = own_study(copies(CT, tmp_path / "kill", 12, "kill"))
     study = study_of(files)
     sent = by_uid(files)
     acked: list[str] = []
@@ -309,7 +312,7 @@ def test_a_node_killed_mid_ingest_loses_no_acknowledged_instance(pair, tmp_path)
     ae.dimse_timeout = ae.network_timeout = 10  # the request in flight when a dies: given up on after this
     assoc = ae.associate(HOST, a.port, ae_title="STOWAGE")
     assert assoc.is_established
-    killer = threading.Thread(target=lambda: (wait_for(lambda: len(acked) >= 6, BOUND, "six acknowledged", 0.01),
+    killer = threading.Thread(target=lambda: (wait_for(lambda: len(acked) >= 4, BOUND, "four acknowledged", 0.01),
                                               a.kill()))
     killer.start()  # kill -9 of every process of node a while the stores go on
     with exact_bytes():
@@ -324,7 +327,7 @@ def test_a_node_killed_mid_ingest_loses_no_acknowledged_instance(pair, tmp_path)
     killer.join(BOUND)
     if assoc.is_established:
         assoc.abort()
-    assert 6 <= len(acked) < len(files), len(acked)
+    assert 4 <= len(acked) < len(files), len(acked)
     a.start()
     for node in (a, b):
         def everything_back(node=node) -> bool:

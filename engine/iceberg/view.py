@@ -15,15 +15,17 @@ import os
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stowage.catalog import cluster_view, studies, tombstones
+from stowage.catalog import cluster_view, manifest, studies, tombstones, versions_table
 from stowage.engine.iceberg.follow import added_since
 from stowage.engine.iceberg.tables import DELETIONS, INSTANCES, ensure_tables, open_catalog
 from stowage.engine.runtime.config import Config
@@ -56,6 +58,7 @@ class Refresher:
         self.dir = cluster_view.directory(config.data_dir)
         self.catalog = catalog or open_catalog(config)
         ensure_tables(self.catalog, config.iceberg_namespace)
+        self._versions_key: tuple | None = None
 
     def _table(self, name: str) -> "Table":
         return self.catalog.load_table(f"{self.config.iceberg_namespace}.{name}")
@@ -100,6 +103,7 @@ class Refresher:
                 changed = True
         if done.whole:
             view.rows = sum(pq.ParquetFile(self.dir / n).metadata.num_rows for n in view.instances)
+        self._note_versions(view)
         view.refreshed_at = time.time()
         if changed:
             view.generation += 1
@@ -129,6 +133,44 @@ class Refresher:
         os.replace(tmp, self.dir / local)
         return data.num_rows
 
+    def _note_versions(self, view: cluster_view.View) -> None:
+        """The records of every UID held by this node and another (or by two others): the
+        same instance received by two nodes. Readers add them to the versions table, so the
+        duplicates policy chooses among them as among one node's records. Recomputed when
+        this node's sealed files or the view's files changed, at most once per refresh (one
+        scan of the UID column of both, in this background process, not in every reader)."""
+        catalog_dir = Path(self.config.data_dir) / "catalog"
+        m = manifest.load(catalog_dir)
+        key = (tuple(sorted(m.files)), tuple(sorted(view.instances)))
+        if key == self._versions_key:
+            return
+        if not view.instances:
+            view.versions, self._versions_key = "", key
+            return
+        files = [str(catalog_dir / n) for n in sorted(m.files)] + [str(self.dir / n) for n in sorted(view.instances)]
+        con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": "512MB"})
+        try:
+            both = con.sql(
+                "WITH r AS (SELECT sop_instance_uid, received_at, segment, \"offset\", study_instance_uid "
+                "FROM read_parquet(?, union_by_name=true)) SELECT * FROM r WHERE sop_instance_uid IN "
+                "(SELECT sop_instance_uid FROM r GROUP BY sop_instance_uid HAVING count(*) > 1 "
+                f"AND bool_or(starts_with(segment, '{cluster_view.MARK}')))", params=[files]).to_arrow_table()
+        except duckdb.IOException:  # a file compacted away meanwhile: the next refresh
+            return
+        finally:
+            con.close()
+        self._versions_key = key
+        if both.num_rows == 0:
+            view.versions = ""
+            return
+        name = f"versions-{uuid.uuid4().hex}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        pq.write_table(both.cast(versions_table.VERSIONS_SCHEMA), tmp, compression="zstd")
+        with open(tmp, "rb+") as out:
+            os.fsync(out.fileno())
+        os.replace(tmp, self.dir / name)
+        view.versions = name
+
     def _current_files(self, table: "Table") -> list[str]:
         if table.current_snapshot() is None:
             return []
@@ -147,7 +189,7 @@ class Refresher:
     def _sweep(self, view: cluster_view.View) -> None:
         """Files the view no longer names (a table read whole), after readers had time
         to let go of them."""
-        keep = set(view.instances) | set(view.deletions)
+        keep = set(view.instances) | set(view.deletions) | {view.versions}
         keep |= {studies.companion(n) for n in view.instances}
         now = time.time()
         for p in self.dir.iterdir():
