@@ -2,7 +2,7 @@
 Iceberg, against one node holding everything, and the refresh lag (a benchmark: it
 reports, it asserts nothing).
 
-``python -m stowage.bench.harness.nodes_bench [--instances 100000] [--repeat 50] [--lag-samples 8] [--json FILE]``
+``python -m stowage.bench.harness.nodes_bench [--instances 100000] [--repeat 50] [--rounds 3] [--lag-samples 8] [--json FILE]``
 
 1. single   the query corpus (bench/harness/query_corpus.py) sealed into one node's
             catalog; `stowage serve`; the five C-FIND queries of bench/harness/find.py.
@@ -10,6 +10,8 @@ reports, it asserts nothing).
             its own catalog and published to one SQLite Iceberg catalog (local warehouse);
             node B's view refreshed from it (timed: the fold of A's files); `stowage serve`
             on B with the view on; the same queries, which must find as many matches.
+            Both servers run at once and are queried in `--rounds` interleaved rounds; the
+            median of the rounds' p50 and p99 is reported.
 3. lag      A and B both serving with the default intervals (seal_interval, iceberg_interval,
             cluster_refresh): one instance stored on A, then C-FIND on B every 0.1 s until it
             is found; seconds from A's acknowledgement to B's first match, `--lag-samples`
@@ -144,6 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--instances", type=int, default=100_000, help="Corpus size [100000].")
     ap.add_argument("--repeat", type=int, default=50, help="Repetitions of each query [50].")
+    ap.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of single and view [3].")
     ap.add_argument("--lag-samples", type=int, default=8, help="Stores on A timed until B finds them [8].")
     ap.add_argument("--json", type=Path, help="Write the results here as JSON.")
     args = ap.parse_args()
@@ -152,17 +155,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nodes-bench-"))
     report: dict = {"instances": n, "cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     try:
-        print(f"single node: {n} instances", flush=True)
+        print(f"single node: {n} instances; node B: half of them, its view of node A the other half", flush=True)
         single = work / "single" / "data"
         _seal(single, patients, 0)
-        s = Stowage(single)
-        try:
-            report["single"] = [t.__dict__ for t in time_queries(s.port, "STOWAGE", patients, n, "single node", args.repeat)]
-        finally:
-            s.stop()
-        shutil.rmtree(single.parent, ignore_errors=True)
-
-        print(f"node B with its view of node A: {n} instances, half each", flush=True)
         half = patients // 2
         a, b = work / "a" / "data", work / "b" / "data"
         _seal(a, half, 0)
@@ -174,12 +169,21 @@ def main() -> None:
         folded = Refresher(_config(_env(work, "b"), b)).refresh()
         report["fold_s"] = round(time.perf_counter() - started, 2)
         report["folded_rows"] = folded.instance_rows
-        s = _with_env(_env(work, "b"), lambda: Stowage(b))
-        try:
-            report["view"] = [t.__dict__ for t in time_queries(s.port, "STOWAGE", patients, n, "node B (view of A)",
-                                                               args.repeat)]
+        servers = {"single": Stowage(single), "view": _with_env(_env(work, "b"), lambda: Stowage(b))}
+        runs: dict[str, list] = {"single": [], "view": []}
+        try:  # interleaved rounds: the shared machine's load falls on both alike
+            for r in range(args.rounds):
+                for name, label in (("single", "single node"), ("view", "node B (view of A)")):
+                    runs[name].append(time_queries(servers[name].port, "STOWAGE", patients, n, label, args.repeat,
+                                                   seed=r + 1))
         finally:
-            s.stop()
+            for server in servers.values():
+                server.stop()
+        for name in runs:
+            report[name] = [{"query": ts[0].query, "p50_ms": round(statistics.median(t.p50_ms for t in ts), 2),
+                             "p99_ms": round(statistics.median(t.p99_ms for t in ts), 2),
+                             "mean_matches": ts[0].mean_matches, "rounds": [t.p50_ms for t in ts]}
+                            for ts in zip(*runs[name])]
         for one, other in zip(report["single"], report["view"]):
             one["ratio_view_to_single_p50"] = round(other["p50_ms"] / one["p50_ms"], 2) if one["p50_ms"] else None
             if one["mean_matches"] != other["mean_matches"]:
