@@ -212,6 +212,7 @@ class Plan:
     select_params: list[Any] = field(default_factory=list)
     given: list[str] | None = None   # the keys, when the request lists them (its level's unique key)
     having: bool = False             # whether `select` drops some keys' rows (HAVING on derived keys)
+    header_tags: list[int] | None = None  # the header's elements that keys match or return
 
 
 def plan(request: Request, pn_insensitive: bool = False) -> Plan:
@@ -265,13 +266,14 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
     selects.append("max(specific_character_set) AS cs_" if aggregated else "specific_character_set AS cs_")
     header_keys = [k for k in request.keys if k.source == "header" and k.matched]
     wants_header = bool(header_keys) or any(k.source == "header" and k.level == level for k in request.keys)
+    header_tags = sorted({k.tag for k in request.keys if k.source == "header"}) or None
     if wants_header:
         selects.append("arg_max({'h': header, 't': transfer_syntax_uid}, received_at) AS hdr" if aggregated
                        else "{'h': header, 't': transfer_syntax_uid} AS hdr")
     cond = " AND ".join(f"({c})" for c in where) or "TRUE"
     if not aggregated:
         return Plan(f"SELECT {', '.join(selects)} FROM instances WHERE {cond}", params, columns, header_keys,
-                    wants_header)
+                    wants_header, header_tags=header_tags)
     entity = _ENTITY[level]
     unique = by_tag.get(UNIQUE[level])
     if len(where) == 1 and unique is not None and unique.matched and unique.match.kind in ("single", "list") \
@@ -287,7 +289,7 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
         # study split over files has matching parts in each, its attributes being the same).
         having_sql = " HAVING " + " AND ".join(having) if having else ""
         return Plan(f"SELECT {', '.join(selects)} FROM {source} WHERE {cond} GROUP BY k{having_sql}",
-                    params + select_params, columns, header_keys, wants_header)
+                    params + select_params, columns, header_keys, wants_header, header_tags=header_tags)
     else:
         given = None
         keys = f"SELECT DISTINCT {entity} AS k FROM {source} WHERE {cond}"
@@ -302,7 +304,7 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
             if k.matched:
                 body = f"SELECT * FROM ({body}) WHERE {_derived_condition(k, name, select_params)}"
     return Plan(body, params, columns, header_keys, wants_header, keys, select_params, given,
-                bool(having) or any(k.matched for k, _ in patient_counts))
+                bool(having) or any(k.matched for k, _ in patient_counts), header_tags)
 
 
 def _derived_condition(k: RequestKey, expr: str, params: list[Any], values: str | None = None) -> str:
@@ -336,11 +338,13 @@ class Result:
     charset: list[str] = field(default_factory=list)
 
 
-def decode_header(raw: dict | None) -> Dataset | None:
+def decode_header(raw: dict | None, tags: list[int] | None = None) -> Dataset | None:
+    """The stored header as a Dataset; with `tags`, only those elements (and Specific
+    Character Set) are kept: the rest are stepped over, not decoded."""
     if not raw or raw.get("h") is None:
         return None
     try:
-        return read_dataset(BytesIO(raw["h"]), header_is_implicit(raw.get("t") or ""), True)
+        return read_dataset(BytesIO(raw["h"]), header_is_implicit(raw.get("t") or ""), True, specific_tags=tags)
     except Exception:
         return None
 
@@ -378,7 +382,7 @@ def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: 
             found, last_key = len(keys), keys[-1] if keys else None
         index = {name: i for i, name in enumerate(columns)}
         for row in rows:
-            header = decode_header(row[index["hdr"]]) if p.wants_header else None
+            header = decode_header(row[index["hdr"]], p.header_tags) if p.wants_header else None
             if p.header_keys and not _header_matches(p.header_keys, header, pn_insensitive):
                 continue
             cs = row[index["cs_"]]
