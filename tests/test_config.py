@@ -36,6 +36,7 @@ def test_precedence_file_env_flags(tmp_path):
 
 @pytest.mark.parametrize("values,needle", [({"port": 0}, "port"), ({"aet": "A\\B"}, "aet"),
                                            ({"durability": "maybe"}, "durability"),
+                                           ({"durability": "object-store"}, "object-store.*needs storage"),
                                            ({"max_pdu": 0}, "max_pdu"), ({"nonsense": 1}, "nonsense"),
                                            ({"workers": "many"}, "workers"), ({"zstd_level": 23}, "zstd_level"),
                                            ({"zstd_level": -8}, "zstd_level"),

@@ -2,7 +2,8 @@
 serve reaches SeaweedFS through a TCP relay of the test's own on loopback. With the relay
 cut, a C-STORE from DCMTK storescu is refused with 0xA700 (Out of Resources) and an Error
 Comment that names the object store, and nothing of it is kept (findscu does not find it);
-with the relay back, the same instance is stored."""
+with the relay back, the same instance is stored. A fresh data directory whose bucket
+cannot be listed refuses to start, in one line."""
 from __future__ import annotations
 
 import socket
@@ -13,10 +14,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import HOST, dcmtk, series_instances, wait_for
+from conftest import HOST, dcmtk, free_port, series_instances, wait_for
 from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 from test_find import findscu
-from test_s3_storage import env_for, storescu
+from test_s3_storage import env_for, stowage, storescu
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -109,5 +110,12 @@ def test_a_store_the_bucket_does_not_take_is_refused_and_not_kept(make_server, t
         relay.restore()
         storescu(server.port, files[2:])
         assert found(tmp_path / "find2") == set(uids)
+
+        # A fresh data directory whose bucket cannot be listed does not start (it cannot
+        # know which segment names it used): one line, no traceback.
+        relay.cut()
+        r = stowage(env, "serve", "--data-dir", str(tmp_path / "fresh"), "--port", str(free_port()))
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert "cannot know which of its segments it holds" in r.stderr, r.stderr
     finally:
         relay.cut()
