@@ -302,6 +302,58 @@ def test_series_level_waits_until_the_series_is_quiet(tmp_path):
     q.close()
 
 
+def test_series_and_study_go_out_after_their_quiet_time(make_server, scps, tmp_path):
+    """End to end, with storescu sending one instance at a time half a second apart: a
+    series-level rule sends each series, a study-level rule the whole study, only once
+    `quiet` seconds passed since the last instance of it was sent to us (every file the
+    destinations wrote is younger than that), each instance once; an instance arriving
+    after its series went out is sent after a quiet time of its own."""
+    import time
+    quiet = 3.0
+    series_port, study_port = free_port(), free_port()
+    series_dest = scps(tmp_path / "series", series_port, "SERIES")
+    study_dest = scps(tmp_path / "study", study_port, "STUDY")
+    conf = write_config(tmp_path / "f.toml", {"SERIES": series_port, "STUDY": study_port},
+                        f'[[forward]]\nname = "s"\nto = "SERIES"\nlevel = "series"\nquiet = {quiet}\n'
+                        f'[[forward]]\nname = "t"\nto = "STUDY"\nlevel = "study"\nquiet = {quiet}\n')
+    study = pydicom.uid.generate_uid()
+    one = series_instances(tmp_path / "one", "P6", study, pydicom.uid.generate_uid(), 2)
+    two = series_instances(tmp_path / "two", "P6", study, pydicom.uid.generate_uid(), 3)
+    late = two.pop()
+    server = make_server("--workers", "1", "--config", str(conf))
+    sent_at: dict[str, float] = {}  # SOP Instance UID -> when storescu started sending it (before its stamp)
+    for f in one + two:
+        sent_at[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = time.time()
+        storescu(server.port, [f])
+        time.sleep(0.5)
+
+    def written(scp: StoreSCP) -> dict[str, float]:
+        """SOP Instance UID -> when the destination wrote it."""
+        return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p.stat().st_mtime
+                for p in scp.out.iterdir()}
+
+    def quiet_since(files: list[Path]) -> float:
+        return max(sent_at[u] for u in uids(files)) + quiet
+    wait_for(lambda: series_dest.received() == uids(one + two) and study_dest.received() == uids(one + two), 60,
+             lambda: f"the series and the study were not forwarded:\n{server.log()}")
+    for uid, at in written(series_dest).items():
+        assert at >= quiet_since(one if uid in uids(one) else two), "a series went out before it was quiet"
+    assert min(written(study_dest).values()) >= quiet_since(one + two), "the study went out before it was quiet"
+
+    sent_at[str(pydicom.dcmread(late, stop_before_pixels=True).SOPInstanceUID)] = time.time()
+    storescu(server.port, [late])
+    wait_for(lambda: series_dest.received() == uids(one + two + [late]) and
+             study_dest.received() == uids(one + two + [late]), 60, lambda: f"the late instance:\n{server.log()}")
+    (late_uid,) = uids([late])
+    assert written(series_dest)[late_uid] >= quiet_since([late])
+    assert written(study_dest)[late_uid] >= quiet_since([late])
+    # Each instance went out once: the series and the study were not sent again with it.
+    from stowage.engine.forward.queue import Queue
+    q = Queue(server.data_dir, readonly=True)
+    assert {d: n for (d, state), (n, _o) in q.summary().items() if state == "done"} == {"SERIES": 5, "STUDY": 5}
+    q.close()
+
+
 def test_a_clock_stepped_back_loses_nothing(tmp_path):
     """The queue's cursor ahead of the clock (as after the clock was stepped back): what is
     stored now, stamped behind the cursor, is still queued."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -243,4 +244,53 @@ def test_commitment_verdicts_failed_and_refused_are_recorded(tmp_path):
     assert q.commitments() == {("SCP", "failed"): 2}
     assert all("aborted the association request (does it offer Storage Commitment Push Model as SCP?)" in r
                for _d, _u, r in q.not_committed())
+    q.close()
+
+
+def test_a_commitment_that_never_comes_back_ends_failed_with_the_reason(tmp_path):
+    """A destination that takes the N-ACTION but never sends the N-EVENT-REPORT: each
+    request waits the rule's commit_timeout; the entries stay wanted with the reason
+    ("no report within 1 s") until commit_tries requests went unanswered, then their
+    commitment is failed with it; `stowage queue --retry` asks again."""
+    from pynetdicom import AE, evt
+    from stowage.engine.forward.commitment import Commitments
+    from stowage.engine.forward.queue import Queue
+    from stowage.engine.transfer.requestor import Peer
+    actions = []
+
+    def on_action(event):
+        actions.append(str(event.action_information.TransactionUID))
+        return 0x0000, None  # taken; no report will follow
+
+    data = tmp_path / "d"
+    config = cfg.load(write_config(tmp_path / "f.toml", {"SILENT": 104},
+                                   '[[forward]]\nname = "c"\nto = "SILENT"\ncommit = true\nquiet = 0\n'
+                                   'commit_timeout = 1\ncommit_tries = 2\n'), env={}, overrides={"data_dir": data})
+    q = Queue(data)
+    q.start_cursor(0)
+    assert q.add([("SILENT", "c", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3",
+                   "000-1.seg", i, 100, 1000 + i, "1.2.3.9", 0.0, "", "1.2.3") for i in range(2)], 1001) == 2
+    q.settle([(e.id, 0) for e in q.due("SILENT", 10)], [], [])
+    ae = AE("SILENT")
+    ae.add_supported_context("1.2.840.10008.1.20.1")
+    port = free_port()
+    scp = ae.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_N_ACTION, on_action)])
+    try:
+        commitments = Commitments(config, "SILENT")
+        peer = Peer("SILENT", HOST, port)
+        assert commitments.request_due(q, peer) == 0  # no verdict yet
+        assert q.commitments() == {("SILENT", "wanted"): 2}
+        assert [r for _d, _u, r in q.not_committed(state="wanted")] == \
+            [f"no report within 1 s (transaction {actions[0]}); asked again later"] * 2
+        assert commitments.request_due(q, peer, now=time.time() + config.forward_retry_max + 1) == 1
+        assert len(actions) == 2
+        assert q.commitments() == {("SILENT", "failed"): 2}
+        assert [r for _d, _u, r in q.not_committed()] == [f"no report within 1 s (transaction {actions[1]}), "
+                                                          "2 request(s)"] * 2
+    finally:
+        scp.shutdown()
+    r = stowage("queue", "--data-dir", str(data), "--parked")
+    assert r.stdout.count("not committed SILENT 1.2.3.") == 2 and "no report within 1 s" in r.stdout, r.stdout
+    q.retry_parked("SILENT")  # what `stowage queue --retry SILENT` does
+    assert q.commitments() == {("SILENT", "wanted"): 2}
     q.close()

@@ -1,13 +1,18 @@
 """Storage commitment after forwarding, for a rule with `commit = true`: once every entry of
 a study (a series, at series level) for a destination was answered and none of it arrived
 for the rule's `quiet` seconds, the delivering thread asks the destination to commit what
-it took (N-ACTION, engine/transfer/commit_scu.py) and records the verdict per entry:
-committed, or failed with the destination's Failure Reason. A destination that does not
-answer is asked again later (the entries stay wanted); one that refuses the request, or
-does not offer the service, gets the entries marked failed with its answer."""
+it took (N-ACTION, engine/transfer/commit_scu.py), waits up to the rule's `commit_timeout`
+for the report, and records the verdict per entry: committed, or failed with the
+destination's Failure Reason. A request that gets no report in time is counted on its
+entries ("no report within N s") and asked again later, with back-off; after the rule's
+`commit_tries` such requests the entries are failed with that reason (a person can ask
+again with `stowage queue --retry`). A destination that cannot be reached is asked again
+without counting; one that refuses the request, or does not offer the service, gets the
+entries marked failed with its answer."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from stowage.engine.forward.queue import Queue
@@ -20,10 +25,11 @@ from stowage.engine.transfer.send import Instance
 
 log = logging.getLogger("stowage.forward")
 
-TIMEOUT_S = 60.0  # for the destination's report
 # Answers that asking again does not change: the destination took the association but not
 # the service (with no accepted context pynetdicom aborts the request), or refused the request.
 _REFUSED = ("does not offer", "refused the request", "aborted the association request")
+# The request was taken but no report came (commit_scu.py's words): counted towards commit_tries.
+_NO_REPORT = ("no report from", "without a report")
 
 
 class Commitments:
@@ -54,14 +60,29 @@ class Commitments:
             return 0
         instances = [Instance(uid, sop_class, "", "", 0) for _id, sop_class, uid in members]
         port = rule.commit_port if rule is not None and rule.commit_port else None
+        timeout = rule.commit_timeout if rule is not None else 60.0
         try:
-            report = request_commitment(peer, self.config.aet, instances, timeout=TIMEOUT_S, listen_port=port,
+            report = request_commitment(peer, self.config.aet, instances, timeout=timeout, listen_port=port,
                                         bind=self.config.bind)
         except CommitError as e:
             if any(r in str(e) for r in _REFUSED):
                 queue.record_commitment([(i, "failed", str(e)) for i, _c, _u in members])
                 log.warning("forward: %s refused storage commitment of %s: %s", self.destination, group, e)
                 return 1
+            if any(r in str(e) for r in _NO_REPORT):
+                tries = rule.commit_tries if rule is not None else 3
+                why = _no_report(str(e), timeout)
+                n = queue.no_report([i for i, _c, _u in members], f"{why}; asked again later")
+                if n >= tries:
+                    reason = f"{why}, {n} request(s)"
+                    queue.record_commitment([(i, "failed", reason) for i, _c, _u in members])
+                    log.warning("forward: storage commitment of %s by %s failed: %s", group, self.destination, reason)
+                    audit_line(f"storage commitment of {group} by {self.destination}: no report",
+                               {"event": "forward-commitment", "destination": self.destination, "group": group,
+                                "committed": 0, "failed": len(members), "reason": reason})
+                    self.failures.pop((rule_name, group), None)
+                    self.not_before.pop((rule_name, group), None)
+                    return 1
             key = (rule_name, group)
             self.failures[key] = n = self.failures.get(key, 0) + 1
             delay = min(self.config.forward_retry_max, self.config.forward_retry_initial * 2 ** min(n - 1, 30))
@@ -90,3 +111,12 @@ class Commitments:
                     "transaction_uid": report.transaction_uid, "committed": n_ok,
                     "failed": len(verdicts) - n_ok})
         return 1
+
+
+def _no_report(error: str, timeout: float) -> str:
+    """A request without a report, in the words `stowage queue --parked` shows."""
+    transaction = re.search(r"transaction ([0-9.]+)", error)
+    if "no report from" in error:
+        return f"no report within {timeout:g} s" + (f" (transaction {transaction[1]})" if transaction else "")
+    return ("the destination closed the association without a report (give the rule a commit_port if it "
+            "reports on a new association)")

@@ -25,24 +25,111 @@ import datetime
 import logging
 import threading
 import time
+from collections import deque
 
 from stowage.catalog.reader import Catalog
 from stowage.engine.forward.commitment import Commitments
 from stowage.engine.forward.deidentified import NOT_DEIDENTIFIED, rewrite_for
 from stowage.engine.forward.queue import Entry, Queue
-from stowage.engine.forward.scan import Deletions
+from stowage.engine.forward.scan import Deletions, Scanned
+from stowage.engine.forward.shared_reads import SharedReads
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_line
 from stowage.engine.transfer.requestor import PeerError, peer_of
-from stowage.engine.transfer.send import Instance, Outcome, SendResult, Sender
+from stowage.engine.transfer.send import Feed, Instance, Outcome, SendResult, Sender
 
 log = logging.getLogger("stowage.forward")
 
-BATCH_PER_ASSOCIATION = 256  # each batch opens its associations and commits once: amortize both
+BATCH_PER_ASSOCIATION = 256  # entries in flight per association: the feed is topped up below this
+SETTLE_EVERY_S = 0.2  # outcomes are recorded in one queue transaction this often (not one per instance)
+SESSION_S = 30.0  # a session's associations are closed after this (commitment requests come between)
 # Failures without a status that retrying cannot cure: parked like refusals.
 _PERMANENT = ("accepted no presentation context", "accepts none of the syntaxes", "marked corrupt",
               "stored record unreadable", NOT_DEIDENTIFIED, "cannot convert", "no conversion from",
               "cannot decompress", "cannot encode as", "cannot parse the stored dataset")
+
+
+class _Session:
+    """The bookkeeping of one `Destination._round`: which entries are in flight, their
+    outcomes (appended by the sending threads) settled in the queue every SETTLE_EVERY_S,
+    one transaction for all that came in meanwhile."""
+
+    def __init__(self, destination: "Destination", queue: Queue, project: str) -> None:
+        self.destination, self.queue, self.project = destination, queue, project
+        self.feed: Feed | None = None
+        self.in_flight: dict[str, Entry] = {}  # SOP Instance UID -> entry given to the feed
+        self.outcomes: deque[Outcome] = deque()
+        self.retry: list[tuple[Entry, str]] = []  # no answer: settled at the end (back-off of whom?)
+        self.done = 0
+
+    def admissible(self, entries: list[Entry]) -> list[Entry]:
+        """The entries this session's associations can carry, taken in flight: the same
+        project, a presentation context proposed for them, one record per UID at a time
+        (the rest wait for a later session, untouched)."""
+        out = []
+        for e in entries:
+            if e.project != self.project or e.sop_instance_uid in self.in_flight:
+                continue
+            if self.feed is not None and not self.feed.fits(self.instance(e)):
+                continue
+            self.in_flight[e.sop_instance_uid] = e
+            out.append(e)
+        return out
+
+    @staticmethod
+    def instance(e: Entry) -> Instance:
+        return Instance(e.sop_instance_uid, e.sop_class_uid, e.transfer_syntax_uid, e.segment, e.offset,
+                        e.dataset_length)
+
+    def busy(self) -> set[int]:
+        """Entries not to be fetched again: in flight, or waiting to be settled as no answer."""
+        return {e.id for e in self.in_flight.values()} | {e.id for e, _r in self.retry}
+
+    def settle(self) -> None:
+        """Record the outcomes that came in: done and parked now, no answer at the end."""
+        done, parked = [], []
+        name = self.destination.destination
+        while self.outcomes:
+            o = self.outcomes.popleft()
+            entry = self.in_flight.pop(o.instance.sop_instance_uid, None)
+            if entry is None:
+                continue
+            verdict = classify(o)
+            if verdict == "done":
+                done.append((entry.id, o.status, o.sent_uid))
+                audit_line(f"forwarded {entry.sop_instance_uid} to {name}",
+                           {"event": "forward", "sop_instance_uid": entry.sop_instance_uid,
+                            "destination": name, "status": o.status, "sent_as": o.sent_as,
+                            **({"deidentified": entry.project} if entry.project else {})})
+            elif verdict == "parked":
+                parked.append((entry.id, o.status, o.reason))
+                log.warning("forward: %s parked for %s: %s", entry.sop_instance_uid, name, o.reason)
+            else:
+                self.retry.append((entry, o.reason))
+        if done or parked:
+            self.queue.settle(done, parked, [])
+            self.done += len(done)
+
+    def finish(self, result: SendResult) -> float:
+        """After the last association closed: the entries that got no answer (or were never
+        tried) wait; the seconds until the next session."""
+        dest = self.destination
+        if dest.stop.is_set():  # what was not tried stays as it is, for the next start
+            untried = {i.sop_instance_uid for i in result.remaining}
+            for uid in untried:
+                self.in_flight.pop(uid, None)
+        retry = self.retry + [(e, "not attempted") for e in self.in_flight.values()]
+        if retry and not self.done:
+            return dest._failed(self.queue, [e for e, _r in retry], retry[0][1])
+        dest.failures = 0
+        # The destination answered others: these few wait on their own back-off (e.g. one
+        # instance that times out), not the destination's.
+        at = time.time()
+        if retry:
+            self.queue.settle([], [], [(e.id, at + backoff(e.attempts + 1, dest.config.forward_retry_initial,
+                                                            dest.config.forward_retry_max), None, reason)
+                                      for e, reason in retry])
+        return 0.0
 
 
 def backoff(failures: int, initial: float, maximum: float) -> float:
@@ -62,10 +149,13 @@ def classify(outcome: Outcome) -> str:
 class Destination(threading.Thread):
     """Delivers the pending entries of one destination, oldest first, until stopped."""
 
-    def __init__(self, config: Config, name: str, stop: threading.Event, deletions: Deletions | None = None) -> None:
+    def __init__(self, config: Config, name: str, stop: threading.Event, deletions: Deletions | None = None,
+                 scanned: Scanned | None = None, reads: SharedReads | None = None) -> None:
         super().__init__(name=f"forward-{name}", daemon=True)
         self.config, self.destination, self.stop = config, name, stop
         self.deletions = deletions  # the scanner's: whether a batch must be looked up in the catalog
+        self.scanned = scanned  # the scanner's: held series and studies are released only up to where it looked
+        self.reads = reads  # records read by one destination's thread kept for the others
         self.failures = 0  # attempts in a row that reached nobody
         self.commitments = Commitments(config, name) if any(name in r.to and r.commit for r in config.forward) \
             else None
@@ -121,73 +211,72 @@ class Destination(threading.Thread):
         return [dataclasses.replace(e, segment=where[e.sop_instance_uid][0], offset=where[e.sop_instance_uid][1])
                 for e in entries if e.sop_instance_uid in where]
 
+    def _due(self, queue: Queue, limit: int, exclude: set[int] | frozenset = frozenset()) -> list[Entry]:
+        """Up to `limit` due entries, oldest first, but those in `exclude` (in flight); the
+        ones deleted or rejected since they were queued cancelled."""
+        now = datetime.datetime.now()
+        waiting = [r.name for r in self.config.forward if not r.sends_at(now)]
+        entries = [e for e in queue.due(self.destination, limit + len(exclude), waiting,
+                                        scanned_through=self.scanned.through if self.scanned is not None else None)
+                   if e.id not in exclude]
+        if entries and (self.deletions is None or self.deletions.changed()):  # else the scanner cancelled them
+            entries = self._served(queue, entries)
+        return entries
+
     def _round(self, queue: Queue) -> float:
-        """Send one batch; the seconds to wait before the next (0: at once)."""
+        """One session: associations opened for the oldest due entries and kept open while
+        the queue has more they can carry, its outcomes recorded as they come; the seconds
+        to wait before the next (0: at once)."""
         remote = self.config.remotes.get(self.destination)
         if remote is None:
             log.warning("forward: %s is no longer in [remotes]; its entries wait", self.destination)
             return self.config.forward_retry_max
-        now = datetime.datetime.now()
-        waiting = [r.name for r in self.config.forward if not r.sends_at(now)]
-        entries = queue.due(self.destination, BATCH_PER_ASSOCIATION * remote.associations, waiting)
+        window = BATCH_PER_ASSOCIATION * remote.associations
+        entries = self._due(queue, window)
         if not entries:
             self._commit(queue, remote)
             return 0.5
-        if self.deletions is None or self.deletions.changed():  # else the scanner cancelled what was deleted
-            entries = self._served(queue, entries)
-            if not entries:
-                return 0.0
         try:
             peer = peer_of(remote)
         except PeerError as e:
             return self._failed(queue, entries, str(e))
-        by_uid: dict[str, Entry] = {}
-        for e in entries:
-            by_uid.setdefault(e.sop_instance_uid, e)
-        result = SendResult()
-        for project in dict.fromkeys(e.project for e in by_uid.values()):  # usually one: none
-            try:
-                rewrite = rewrite_for(self._project(project)) if project else None
-            except ValueError as e:  # the project's key unreadable: nothing of it goes out
-                log.warning("forward: project %s for %s: %s", project, self.destination, e)
+        project = entries[0].project  # one project (usually none) per session: one rewrite
+        try:
+            rewrite = rewrite_for(self._project(project)) if project else None
+        except ValueError as e:  # the project's key unreadable: nothing of it goes out
+            log.warning("forward: project %s for %s: %s", project, self.destination, e)
+            return self._failed(queue, [e for e in entries if e.project == project], str(e))
+        session = _Session(self, queue, project)
+        session.feed = feed = Feed([session.instance(e) for e in entries if e.project == project])
+        feed.give([session.instance(e) for e in session.admissible(entries)])
+        sender = Sender(self.config.data_dir / "segments", peer, self.config.aet,
+                        dimse_timeout=self.config.dimse_timeout, acse_timeout=self.config.acse_timeout,
+                        max_pdu=self.config.max_pdu, associations=remote.associations,
+                        duplicates=self.config.duplicates, max_inflated_bytes=self.config.max_inflated_bytes,
+                        rewrite=rewrite, on_outcome=session.outcomes.append, cancelled=self.stop.is_set,
+                        **({"read": self.reads.read} if self.reads is not None else {}))
+        results: list[SendResult] = []
+        sending = threading.Thread(target=lambda: results.append(sender.send_feed(feed)),
+                                   name=f"forward-{self.destination}-send", daemon=True)
+        sending.start()
+        started = time.monotonic()
+        while sending.is_alive():
+            sending.join(SETTLE_EVERY_S)
+            session.settle()
+            if not feed.open_ended:
                 continue
-            sender = Sender(self.config.data_dir / "segments", peer, self.config.aet,
-                            dimse_timeout=self.config.dimse_timeout, acse_timeout=self.config.acse_timeout,
-                            max_pdu=self.config.max_pdu, associations=remote.associations,
-                            duplicates=self.config.duplicates, max_inflated_bytes=self.config.max_inflated_bytes,
-                            rewrite=rewrite)
-            part = sender.send(Instance(e.sop_instance_uid, e.sop_class_uid, e.transfer_syntax_uid, e.segment,
-                                        e.offset, e.dataset_length) for e in by_uid.values() if e.project == project)
-            result.outcomes += part.outcomes
-        done, parked, retry = [], [], []
-        for o in result.outcomes:
-            entry = by_uid.pop(o.instance.sop_instance_uid, None)
-            if entry is None:
-                continue
-            verdict = classify(o)
-            if verdict == "done":
-                done.append((entry.id, o.status, o.sent_uid))
-                audit_line(f"forwarded {entry.sop_instance_uid} to {self.destination}",
-                           {"event": "forward", "sop_instance_uid": entry.sop_instance_uid,
-                            "destination": self.destination, "status": o.status, "sent_as": o.sent_as,
-                            **({"deidentified": entry.project} if entry.project else {})})
-            elif verdict == "parked":
-                parked.append((entry.id, o.status, o.reason))
-                log.warning("forward: %s parked for %s: %s", entry.sop_instance_uid, self.destination, o.reason)
-            else:
-                retry.append((entry, o.reason))
-        retry += [(e, "not attempted") for e in by_uid.values()]
-        if retry and not done:
-            return self._failed(queue, [e for e, _r in retry], retry[0][1], done, parked)
-        self.failures = 0
-        # The destination answered others: these few wait on their own back-off (e.g. one
-        # instance that times out), not the destination's.
-        at = time.time()
-        queue.settle(done, parked, [(e.id, at + backoff(e.attempts + 1, self.config.forward_retry_initial,
-                                                            self.config.forward_retry_max), None, reason)
-                                    for e, reason in retry])
+            if self.stop.is_set() or time.monotonic() - started > SESSION_S:
+                feed.end()  # a long session ends now and then: storage commitment, other projects
+            elif len(session.in_flight) < window:
+                more = session.admissible(self._due(queue, window, session.busy()))
+                if more:
+                    feed.give([session.instance(e) for e in more])
+                elif not session.in_flight:
+                    feed.end()  # nothing more it can carry: the queue is empty, or the rest waits
+        session.settle()
+        delay = session.finish(results[0] if results else SendResult())
         self._commit(queue, remote)
-        return 0.0
+        return delay
 
     def _failed(self, queue: Queue, entries: list[Entry], reason: str, done: list | None = None,
                 parked: list | None = None) -> float:

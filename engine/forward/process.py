@@ -34,11 +34,11 @@ def destinations(config: Config) -> list[str]:
     return sorted({to for rule in config.forward for to in rule.to})
 
 
-def _scan_loop(config: Config, stop: threading.Event, deletions) -> None:
+def _scan_loop(config: Config, stop: threading.Event, deletions, scanned) -> None:
     from stowage.engine.forward.queue import Queue
     from stowage.engine.forward.scan import Scanner
     queue = Queue(config.data_dir)
-    scanner = Scanner(config, queue, deletions)
+    scanner = Scanner(config, queue, deletions, scanned)
     try:
         pruned_at, interval = 0.0, SCAN_INTERVAL_S
         while not stop.wait(interval):
@@ -66,11 +66,13 @@ def main() -> None:
         if not wait_for_lock(lock, stop, 0.5):
             return
         from stowage.catalog import tombstones
-        from stowage.engine.forward.scan import Deletions
-        deletions = Deletions(config.data_dir / tombstones.DIRECTORY)
-        threads = [threading.Thread(target=_scan_loop, args=(config, stop, deletions), name="forward-scan",
+        from stowage.engine.forward.scan import Deletions, Scanned
+        deletions, scanned = Deletions(config.data_dir / tombstones.DIRECTORY), Scanned()
+        threads = [threading.Thread(target=_scan_loop, args=(config, stop, deletions, scanned), name="forward-scan",
                                     daemon=True)]
-        threads += [Destination(config, name, stop, deletions) for name in destinations(config)]
+        from stowage.engine.forward.shared_reads import SharedReads
+        reads = SharedReads() if len(destinations(config)) > 1 else None  # read once, sent to each
+        threads += [Destination(config, name, stop, deletions, scanned, reads) for name in destinations(config)]
         for t in threads:
             t.start()
         log.info("forwarding: %d rule(s) to %s", len(config.forward), ", ".join(destinations(config)))

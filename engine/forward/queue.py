@@ -60,6 +60,7 @@ _ADDED = {
     "commit_group": "TEXT NOT NULL DEFAULT ''",   # study/series UID a commitment request covers; '': none wanted
     "commit_state": "TEXT",                       # NULL (none wanted), wanted, committed, failed
     "commit_comment": "TEXT NOT NULL DEFAULT ''",
+    "commit_tries": "INTEGER NOT NULL DEFAULT 0",  # requests of its group that got no report in time
 }
 COMMIT_STATES = ("wanted", "committed", "failed")
 KEEP_DONE_S = 7 * 24 * 3600  # done and cancelled entries are deleted this long after (the counts stay)
@@ -157,14 +158,21 @@ class Queue:
     # -- the deliverers' side ----------------------------------------------------------
 
     def due(self, destination: str, limit: int, waiting: list[str] | None = None,
-            now: float | None = None) -> list[Entry]:
+            now: float | None = None, scanned_through: float | None = None) -> list[Entry]:
         """Pending entries whose time has come, in order of arrival; none of the rules
-        named in `waiting` (outside their schedule)."""
+        named in `waiting` (outside their schedule). An entry held for its series' or
+        study's quiet time (next_at set by a scan, never tried) is due only once the
+        scanner has looked at every record stamped before that time (`scanned_through`):
+        an instance of the group that arrived within the quiet time has then extended
+        the hold, however far the scanner lags."""
+        now = time.time() if now is None else now
+        held = now if scanned_through is None else min(now, scanned_through)
         rows = self.db.execute(
             "SELECT id, destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", "
             "dataset_length, attempts, project FROM entries WHERE destination = ? AND state = 'pending' AND next_at <= ? "
+            "AND (attempts > 0 OR next_at <= ?) "
             "AND rule NOT IN (SELECT value FROM json_each(?)) ORDER BY received_at, id LIMIT ?",
-            (destination, time.time() if now is None else now, json.dumps(waiting or []), limit)).fetchall()
+            (destination, now, held, json.dumps(waiting or []), limit)).fetchall()
         return [Entry(*r) for r in rows]
 
     def next_due(self, destination: str) -> float | None:
@@ -220,17 +228,29 @@ class Queue:
                                 "AND commit_group = ? AND commit_state = 'wanted' AND state IN ('parked', 'cancelled')",
                                 (destination, rule, group))
 
+    def no_report(self, ids: list[int], comment: str) -> int:
+        """A commitment request for these entries got no report: count it, keep why; the
+        most requests any of them has had without a report."""
+        with self.db:
+            self.db.executemany("UPDATE entries SET commit_tries = commit_tries + 1, commit_comment = ? WHERE id = ?",
+                                [(comment, i) for i in ids])
+            row = self.db.execute("SELECT max(commit_tries) FROM entries WHERE id IN (SELECT value FROM json_each(?))",
+                                  (json.dumps(ids),)).fetchone()
+        return row[0] or 0
+
     def commitments(self) -> dict[tuple[str, str], int]:
         """(destination, wanted/committed/failed) -> entries."""
         return {(d, s): n for d, s, n in self.db.execute(
             "SELECT destination, commit_state, count(*) FROM entries WHERE commit_state IS NOT NULL "
             "GROUP BY destination, commit_state")}
 
-    def not_committed(self, destination: str | None = None) -> list[tuple]:
+    def not_committed(self, destination: str | None = None, state: str = "failed") -> list[tuple]:
+        """(destination, UID as sent, why) of the entries whose commitment failed; with
+        state="wanted", of those still wanted after a request that got no report."""
         sql = ("SELECT destination, CASE sent_uid WHEN '' THEN sop_instance_uid ELSE sent_uid END, commit_comment "
-               "FROM entries WHERE commit_state = 'failed'" + (" AND destination = ?" if destination else "")
-               + " ORDER BY id")
-        return self.db.execute(sql, (destination,) if destination else ()).fetchall()
+               "FROM entries WHERE commit_state = ? AND commit_comment != ''"
+               + (" AND destination = ?" if destination else "") + " ORDER BY id")
+        return self.db.execute(sql, (state, destination) if destination else (state,)).fetchall()
 
     # -- operators ---------------------------------------------------------------------
 
@@ -256,10 +276,13 @@ class Queue:
         return self.db.execute(sql, (destination,) if destination else ()).fetchall()
 
     def retry_parked(self, destination: str) -> int:
-        """Parked entries of a destination back to pending (after the cause was fixed)."""
+        """Parked entries of a destination back to pending (after the cause was fixed), and
+        its commitments failed for want of a report wanted again; the number of the former."""
         with self.db:
             cur = self.db.execute("UPDATE entries SET state = 'pending', next_at = 0, done_at = NULL "
                                   "WHERE destination = ? AND state = 'parked'", (destination,))
+            self.db.execute("UPDATE entries SET commit_state = 'wanted', commit_tries = 0, commit_comment = '' "
+                            "WHERE destination = ? AND commit_state = 'failed' AND commit_tries > 0", (destination,))
         return cur.rowcount
 
     def pending_uids(self) -> list[str]:

@@ -88,12 +88,25 @@ class Deletions:
         return self.current() != self.reconciled
 
 
+class Scanned:
+    """How far the scanner has looked, shared with the delivering threads: every record
+    stamped before `through` (seconds since the epoch; 0 before the first scan) has been
+    queued. An entry held for its series' or study's quiet time is released only up to
+    it, so a scan that lags (every 2 s during a burst, or a busy machine) cannot let a
+    group go out while an instance of it that arrived within the quiet time is unseen."""
+
+    def __init__(self) -> None:
+        self.through = 0.0
+
+
 class Scanner:
     """Turns newly stored records into queue entries; one per forwarding process."""
 
-    def __init__(self, config: Config, queue: Queue, deletions: Deletions | None = None) -> None:
+    def __init__(self, config: Config, queue: Queue, deletions: Deletions | None = None,
+                 scanned: Scanned | None = None) -> None:
         self.rules = Rules(config.forward, config.pn_case_insensitive)
         self.queue = queue
+        self.scanned = scanned or Scanned()
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
         self.deletions = deletions or Deletions(self.catalog.tombstones_dir)
         self.cursor = queue.start_cursor(time.time_ns() // 1000)
@@ -112,7 +125,11 @@ class Scanner:
         """One pass: the new entries it queued (and, if records were deleted or rejected
         since the last pass, their pending entries cancelled)."""
         stamp = self.deletions.current()
+        started = time.time()
         added = self._scan()
+        # Records stamped LOOKBACK_US before this scan began were visible to it (a record is
+        # visible within that of its stamp: the premise of the lookback itself).
+        self.scanned.through = max(self.scanned.through, started - LOOKBACK_US / 1e6)
         if stamp != self.deletions.reconciled:
             self._reconcile()
             self.deletions.reconciled = stamp

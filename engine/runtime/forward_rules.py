@@ -16,7 +16,7 @@ from stowage.catalog import matching
 
 LEVELS = ("instance", "series", "study")  # series, study: sent once none of it arrived for `quiet` s
 _KEYS = {"name", "to", "calling_ae", "called_ae", "sop_class", "modality", "match", "level", "schedule", "quiet",
-         "deidentify", "commit", "commit_port"}
+         "deidentify", "commit", "commit_port", "commit_timeout", "commit_tries"}
 _WINDOW = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)-([01]?\d|2[0-3]):([0-5]\d)")
 
 
@@ -39,6 +39,8 @@ class ForwardRule:
     deidentify: str = ""               # a [projects.NAME]: a de-identified copy goes out, never the record
     commit: bool = False               # storage commitment of each study (series at series level) once sent
     commit_port: int = 0               # listen here for a report sent on a new association (0: same one only)
+    commit_timeout: float = 60.0       # seconds to wait for the destination's N-EVENT-REPORT
+    commit_tries: int = 3              # requests without a report before the commitment is failed
 
     def commit_level(self) -> str:
         """What one storage commitment request covers: the series at series level, else the study."""
@@ -141,8 +143,14 @@ def parse_rules(specs: Any, remotes: Mapping[str, Any],
             raise RuleError(f"forward rule {name!r}: commit must be true or false")
         if type(port) is not int or not 0 <= port <= 65535:
             raise RuleError(f"forward rule {name!r}: commit_port must be a port number (1-65535)")
+        timeout, tries = spec.get("commit_timeout", 60.0), spec.get("commit_tries", 3)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            raise RuleError(f"forward rule {name!r}: commit_timeout must be a number of seconds, > 0 and <= 86400")
+        if type(tries) is not int or not 1 <= tries <= 1000:
+            raise RuleError(f"forward rule {name!r}: commit_tries must be a whole number, 1-1000")
         rules.append(ForwardRule(name, to, match=match, level=level, schedule=schedule, quiet=float(quiet),
-                                 deidentify=project, commit=commit, commit_port=port, **lists))
+                                 deidentify=project, commit=commit, commit_port=port, commit_timeout=float(timeout),
+                                 commit_tries=tries, **lists))
     if len({r.name for r in rules}) != len(rules):
         raise RuleError("forward: two rules have the same name")
     return tuple(rules)

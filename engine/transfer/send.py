@@ -339,8 +339,10 @@ class Sender:
                  cancelled: Callable[[], bool] | None = None,
                  move_originator: tuple[str, int] | None = None, associations: int = 1,
                  duplicates: str = "keep-newest", max_inflated_bytes: int = MAX_INFLATED_BYTES,
-                 rewrite: Rewrite | None = None) -> None:
+                 rewrite: Rewrite | None = None,
+                 read: Callable[[Path, int], bytes | memoryview] = read_payload) -> None:
         self.segments_dir = segments_dir
+        self.read = read  # a record's payload (forwarding shares one read among its destinations)
         self.rewrite = rewrite  # e.g. forwarding's de-identification: a new copy goes out, never the record
         self.max_inflated_bytes = max_inflated_bytes  # a Deflated instance converted for the peer
         self.locator = Locator(segments_dir.parent, duplicates)  # for records compacted away meanwhile
@@ -382,6 +384,26 @@ class Sender:
                     for t in drivers:
                         t.join()
         self.locator.close()
+        return result
+
+    def send_feed(self, feed: "Feed") -> SendResult:
+        """Send what `feed` is given while it is given, on `associations` associations of
+        our own that stay open until the feed ends (forwarding tops its feed up from the
+        queue as outcomes come in, instead of opening new associations for each batch)."""
+        result = SendResult()
+        with _SpoolDir(self.spool_dir) as spool:
+            drivers = [threading.Thread(target=self._drive, args=(feed, feed.contexts, spool, result, True),
+                                        name=f"send-{n}", daemon=True) for n in range(1, self.associations)]
+            for t in drivers:
+                t.start()
+            try:
+                self._drive(feed, feed.contexts, spool, result)
+            finally:
+                feed.first_open.set()
+                for t in drivers:
+                    t.join()
+        self.locator.close()
+        result.remaining.extend(feed.drain())  # given after every association had given up
         return result
 
     def send_on(self, assoc: Association, instances: Iterable[Instance],
@@ -441,7 +463,7 @@ class Sender:
             work.first_open.wait()
         reopen_failures = 0
         with ThreadPoolExecutor(PREFETCH, thread_name_prefix="send-prepare") as pool:
-            while work.items:
+            while work.unfinished():
                 if self.cancelled():
                     result.remaining.extend(work.drain())
                     return
@@ -484,7 +506,10 @@ class Sender:
                 ahead.append(pool.submit(self._prepare, nxt, link.accepted, spool, in_memory))
         top_up()
         try:
-            while ahead:
+            while ahead or work.wait_for_more(self.cancelled):
+                if not ahead:
+                    top_up()
+                    continue
                 prepared: _Prepared = ahead.popleft().result()
                 top_up()
                 inst = prepared.instance
@@ -564,7 +589,7 @@ class Sender:
         accept its syntax; FileNotFoundError if its segment is gone."""
         assert self.rewrite is not None
         try:
-            payload = read_payload(self.segments_dir / inst.segment, inst.offset)
+            payload = self.read(self.segments_dir / inst.segment, inst.offset)
         except FileNotFoundError:
             raise
         except (OSError, CorruptRecord) as e:
@@ -602,7 +627,7 @@ class Sender:
         unreadable = _unreadable(inst)
         if target is None and in_memory and inst.dataset_length <= SPOOL_ABOVE:
             try:
-                return _Prepared(inst, inst.transfer_syntax_uid, payload=read_payload(segment, inst.offset))
+                return _Prepared(inst, inst.transfer_syntax_uid, payload=self.read(segment, inst.offset))
             except FileNotFoundError:
                 raise
             except (OSError, CorruptRecord) as e:
@@ -654,6 +679,8 @@ class _Work:
     def __init__(self, items: list[Instance]) -> None:
         self.items: deque[Instance] = deque(items)
         self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)  # a Feed was given more, or ended
+        self.open_ended = False  # a Feed: more may come until it ends
         self.attempts: dict[str, int] = {}
         self.links = 0              # associations open on it now
         self.pending_opens = 0      # associations being opened now
@@ -667,6 +694,19 @@ class _Work:
     def give_back(self, inst: Instance) -> None:
         with self.lock:
             self.items.appendleft(inst)
+
+    def unfinished(self) -> bool:
+        """Whether there is, or may still be, something to send."""
+        with self.lock:
+            return bool(self.items) or self.open_ended
+
+    def wait_for_more(self, cancelled: Callable[[], bool]) -> bool:
+        """Whether there is something to take now: for a Feed, after waiting until it is
+        given more or ends (or the transfer is cancelled)."""
+        with self.lock:
+            while not self.items and self.open_ended and not cancelled():
+                self.arrived.wait(0.2)
+            return bool(self.items) and not cancelled()
 
     def drain(self) -> list[Instance]:
         with self.lock:
@@ -694,6 +734,34 @@ class _Work:
     def closed(self) -> None:
         with self.lock:
             self.links -= 1
+
+
+class Feed(_Work):
+    """Instances for `Sender.send_feed`, given (`give`) before and while it sends. Its
+    associations propose the presentation contexts of `expected` (their SOP classes as
+    `send` would, up to 128 contexts); `fits` says which instances they can carry."""
+
+    def __init__(self, expected: Sequence[Instance]) -> None:
+        batches = context_batches(expected)
+        self.contexts: list[Context] = batches[0] if batches else []
+        self._fit = set(self.contexts)
+        super().__init__([])
+        self.open_ended = True
+
+    def fits(self, inst: Instance) -> bool:
+        return (inst.sop_class_uid, inst.transfer_syntax_uid) in self._fit
+
+    def give(self, instances: Iterable[Instance]) -> None:
+        """More to send (each one that `fits`), after what was given before."""
+        with self.lock:
+            self.items.extend(instances)
+            self.arrived.notify_all()
+
+    def end(self) -> None:
+        """Nothing more will be given: the associations close once what was given is sent."""
+        with self.lock:
+            self.open_ended = False
+            self.arrived.notify_all()
 
 
 class _SpoolDir:

@@ -14,8 +14,10 @@ from stowage.engine.forward.queue import COMMIT_STATES, STATES, Queue, path_of
 @click.command("queue")
 @common
 @click.option("--parked", "show_parked", is_flag=True,
-              help="List the parked entries (status and Error Comment) and those not committed (the reason).")
-@click.option("--retry", "retry", metavar="DEST", help="Put DEST's parked entries back in the queue.")
+              help="List the parked entries (status and Error Comment), those not committed (the reason) and "
+                   "those whose commitment request got no report yet.")
+@click.option("--retry", "retry", metavar="DEST",
+              help="Put DEST's parked entries back in the queue; ask again for its commitments that got no report.")
 @click.option("--cancel", "cancel", metavar="DEST", help="Cancel DEST's pending and parked entries.")
 def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
     """Forwarding queue: pending, done (ever), parked and cancelled entries per destination."""
@@ -35,6 +37,7 @@ def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
             parked = q.parked() if show_parked else []
             commitments = q.commitments()
             not_committed = q.not_committed() if show_parked else []
+            unreported = q.not_committed(state="wanted") if show_parked else []
         finally:
             q.close()
     except sqlite3.Error as e:
@@ -56,3 +59,5 @@ def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
                                                         for s in COMMIT_STATES))
     for destination, uid, comment in not_committed:
         click.echo(f"not committed {destination} {uid} {comment}")
+    for destination, uid, comment in unreported:
+        click.echo(f"commitment wanted {destination} {uid} {comment}")
