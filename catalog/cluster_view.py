@@ -69,6 +69,26 @@ def stamp(view_dir: Path) -> tuple | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+DELETIONS_MARK = "deletions.gen"  # replaced whenever the view's deletions change
+
+
+def mark_deletions(view_dir: Path, generation: int) -> None:
+    """Say that the view's deletions changed (the store path's cache of what is served
+    watches this one small file, as it watches the tombstone log)."""
+    replace_durably(view_dir / DELETIONS_MARK, str(generation))
+
+
+def deletions_stamp(view_dir: Path | None) -> tuple | None:
+    """A value that changes whenever the view's deletions change (None: none yet)."""
+    if view_dir is None:
+        return None
+    try:
+        st = os.stat(view_dir / DELETIONS_MARK)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def node_segment(node: str, segment: str) -> str:
     """The `segment` value of another node's record in the view."""
     return f"{MARK}{node}/{segment}"

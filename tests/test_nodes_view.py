@@ -15,6 +15,7 @@ from stowage.catalog.schema import SCHEMA
 from stowage.catalog.sealer import seal_rows
 from stowage.engine.iceberg.view import Refresher
 from stowage.engine.runtime.config import Config
+from stowage.engine.store.served_versions import ServedVersions
 from test_iceberg_catalog import _catalog, _publish_here, _sqlite
 
 T0 = 1_700_000_000_000_000
@@ -88,9 +89,12 @@ def test_a_deletion_on_one_node_hides_the_record_on_the_other(two):
     publish("node-a")
     on_b = Catalog(nodes["node-b"] / "catalog", cluster=True)
     assert _uids(on_b, "9.3") == ["3.1", "3.2"]
+    served = ServedVersions(on_b)  # the store path's cache of what b serves, per study
+    assert served.get("9.3", "3.1") is not None
     done = refresher("node-b").refresh()
     assert done.deletion_rows == 1
     assert _uids(on_b, "9.3") == ["3.2"], "hidden on b after its view's refresh"
+    assert served.get("9.3", "3.1") is None, "a copy sent again to b is stored, not answered as held"
     _c, gone = on_b.execute("SELECT sop_instance_uid, reason FROM deleted")
     assert gone == [("3.1", "deleted")]
     # a's tombstone of b's record leaves a's own log (pruning: no record of a's holds it);

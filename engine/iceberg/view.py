@@ -67,6 +67,7 @@ class Refresher:
         started = time.monotonic()
         done = Refreshed()
         view = cluster_view.load(self.dir)
+        held_deletions = sorted(view.deletions)
         self.dir.mkdir(parents=True, exist_ok=True)
         changed = False
         for name in (INSTANCES, DELETIONS):
@@ -105,9 +106,12 @@ class Refresher:
             view.rows = sum(pq.ParquetFile(self.dir / n).metadata.num_rows for n in view.instances)
         self._note_versions(view)
         view.refreshed_at = time.time()
+        deletions_changed = sorted(view.deletions) != held_deletions
         if changed:
             view.generation += 1
         cluster_view.save(self.dir, view)  # refreshed_at too: the view's age is on record
+        if deletions_changed:
+            cluster_view.mark_deletions(self.dir, view.generation)
         self._sweep(view)
         done.seconds = time.monotonic() - started
         return done

@@ -7,8 +7,9 @@ migration re-sends whole studies it already sent; with this, the first instance 
 study pays one query for the study and the others a dictionary lookup. Entries expire
 after `ttl` seconds, so what another worker stored meanwhile is seen within that time
 (until then a copy it holds may be stored again: the catalog still serves one).
-A deletion (a tombstone added, catalog.tombstones) empties the cache at once: a copy of
-a deleted instance sent again must be stored again, not answered "already held".
+A deletion (a tombstone added, catalog.tombstones, or another node's deletions folded into
+this node's view, catalog.cluster_view) empties the cache at once: a copy of a deleted
+instance sent again must be stored again, not answered "already held".
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from stowage.catalog import tombstones
+from stowage.catalog import cluster_view, tombstones
 from stowage.catalog.reader import Catalog
 
 _SQL = ("SELECT sop_instance_uid, dataset_crc32, dataset_length FROM instances "
@@ -30,14 +31,14 @@ class ServedVersions:
         self.ttl, self.max_studies, self.max_rows = ttl, max_studies, max_rows
         self._studies: OrderedDict[str, tuple[float, dict[str, tuple[int, int]]]] = OrderedDict()
         self._lock = threading.Lock()
-        self._tomb_stamp = tombstones.stamp_of(catalog.tombstones_dir)
+        self._tomb_stamp = self._deletions_stamp()
 
     def get(self, study: str, uid: str) -> tuple[int, int] | None:
         """(CRC-32, length) of the version served for `uid`, or None if none is."""
         if not study:
             return self._one(uid)
         now = time.monotonic()
-        tomb_stamp = tombstones.stamp_of(self.catalog.tombstones_dir)  # one stat(): deleted since?
+        tomb_stamp = self._deletions_stamp()  # one or two stat()s: deleted since, here or on another node?
         with self._lock:
             if tomb_stamp != self._tomb_stamp:
                 self._studies.clear()
@@ -58,6 +59,9 @@ class ServedVersions:
             while len(self._studies) > self.max_studies:
                 self._studies.popitem(last=False)
         return served.get(uid)
+
+    def _deletions_stamp(self) -> tuple:
+        return (tombstones.stamp_of(self.catalog.tombstones_dir), cluster_view.deletions_stamp(self.catalog.view_dir))
 
     def _one(self, uid: str) -> tuple[int, int] | None:
         _cols, rows = self.catalog.execute(
