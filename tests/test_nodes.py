@@ -31,6 +31,7 @@ from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS (fixture
 from test_haproxy import BALANCER, Balancer, _audit
 from test_move import key_options
 from test_send import store as store_exact
+from test_commitment import Modality, refs_of
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not __import__("shutil").which("haproxy"), reason="needs haproxy (Debian package)")]
@@ -198,6 +199,16 @@ def test_node_b_moves_and_gets_what_node_a_stored_byte_exact(pair, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert by_uid(sorted(pair.dest_out.iterdir())) == sent, "C-MOVE from node b: byte for byte"
+    # storage commitment on node b of a's instances: committed (b reads each record back)
+    modality = Modality()
+    refs = refs_of(files)
+    status, assoc = modality.request(b, refs, release=False)
+    try:
+        assert status.Status == 0
+        report = modality.report(BOUND)
+    finally:
+        assoc.release()
+    assert report.committed() == {i for _c, i in refs} and not report.failed()
     # export on node b writes a's instances too
     out = tmp_path / "export"
     r = pair.stowage("b", "export", "--out", str(out), "--study", study)
