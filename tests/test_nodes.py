@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,7 +35,7 @@ from test_send import store as store_exact
 from test_commitment import Modality, refs_of
 
 pytestmark = [pytest.mark.timeout(300),
-              pytest.mark.skipif(not __import__("shutil").which("haproxy"), reason="needs haproxy (Debian package)")]
+              pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (Debian package)")]
 BOUND = 60.0  # seconds: the staleness bound (about 1 s here) with room for a busy 2-core machine
 NODE_CONFIG = f"""
 proxy_protocol_from = ["{BALANCER}"]
@@ -199,6 +200,13 @@ def test_node_b_moves_and_gets_what_node_a_stored_byte_exact(pair, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert by_uid(sorted(pair.dest_out.iterdir())) == sent, "C-MOVE from node b: byte for byte"
+    # WADO-RS on node b: one of a's instances as a Part-10 part holding the data set received
+    uid = sorted(sent)[0]
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    request = urllib.request.Request(f"http://{HOST}:{pair.http['b']}/dicom-web/studies/{study}/series/{series}/"
+                                     f"instances/{uid}", headers={"Accept": 'multipart/related; type="application/dicom"'})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert r.status == 200 and sent[uid] in r.read()
     # storage commitment on node b of a's instances: committed (b reads each record back)
     modality = Modality()
     refs = refs_of(files)
