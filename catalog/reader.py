@@ -98,6 +98,7 @@ class Catalog:
         self._con = duckdb.connect(":memory:", config={"threads": self._threads, "memory_limit": MEMORY_LIMIT})
         self._con.execute("SET parquet_metadata_cache = true")
         self._cached: set[str] = set()  # sealed files the connection may hold metadata of (_stale)
+        self._live: list[str] = []  # the sealed files the views read (this node's and the other nodes')
         self._generation, self._state = -1, None
         self._manifest = manifest.Manifest()
         self._sealed_versions = versions_table.VERSIONS_SCHEMA.empty_table()  # of the versions table
@@ -113,11 +114,12 @@ class Catalog:
         """DuckDB keeps the metadata of every Parquet file it has read (about 50 kB each)
         until its memory_limit presses, and the catalog retires files all the time (seals,
         merges, compaction): a long-lived view would hold the metadata of its whole history.
-        Stale once the files it may hold that the manifest no longer names outnumber the
-        ones it names (and REOPEN_RETIRED); a new connection then starts empty, so memory
-        follows the live catalog."""
-        retired = len(self._cached) - len(self._manifest.files)
-        return self.REOPEN_RETIRED is not None and retired > max(self.REOPEN_RETIRED, len(self._manifest.files))
+        Stale once the files it may hold that its views no longer read outnumber the ones
+        they read (and REOPEN_RETIRED); a new connection then starts empty, so memory
+        follows the live catalog. What the connection held (the tombstones table, the other
+        nodes' deletions in it, the views) is built again by the next refresh, as at start."""
+        retired = len(self._cached) - len(self._live)
+        return self.REOPEN_RETIRED is not None and retired > max(self.REOPEN_RETIRED, len(self._live))
 
     def close(self) -> None:
         self._con.close()
@@ -171,7 +173,8 @@ class Catalog:
             self._tail_checked = {}
             self._generation = m.generation
             self._manifest = m
-            self._cached.update(m.files)
+            self._live = self._names(m)
+            self._cached.update(self._live)
         shadow = versions_table.shadowed(self._not_deleted(self._versions(unsealed)), self.policy)
         self._con.register("shadowed", shadow)
         self._shadow_empty, self._tomb_empty = shadow.num_rows == 0, self._tomb_count == 0

@@ -17,6 +17,7 @@ from pydicom.data import get_testdata_file
 
 from stowage.bench.harness import damage, fuzz
 from stowage.catalog.reader import Catalog
+from stowage.engine.lifecycle.delete import delete
 from stowage.engine.runtime.config import Config
 from stowage.engine.store.archive import Archive
 
@@ -68,8 +69,13 @@ def test_catalog_views_hold_the_live_catalog_not_every_file_it_ever_had(tmp_path
                 archive.sealer.seal()
                 for view in views:  # every live file scanned: its metadata read
                     assert view.execute("SELECT count(*) FROM records")[1] == [(stored,)]
+            if rnd == 0:  # a deletion made before the views start anew must stay seen after
+                assert delete(config, "instance", ["1.2.826.0.1.3680043.8.498.77.1"]).instances == 1
             rss.append(_rss())
             caches.append(max(_object_cache(v) for v in views))
+        for view in views:  # the views have started new connections since (their caches fell, below)
+            assert view.execute("SELECT count(*) FROM instances")[1] == [(stored - 1,)]
+            assert view.lookup("1.2.826.0.1.3680043.8.498.77.1") is None
     finally:
         for view in views:
             view.close()
@@ -78,4 +84,5 @@ def test_catalog_views_hold_the_live_catalog_not_every_file_it_ever_had(tmp_path
     print(f"resident MiB after each round: {[round(r / 2**20, 1) for r in rss]}; largest object cache of a view "
           f"(MiB): {[round(c / 2**20, 2) for c in caches]}")
     assert max(caches) < 2 << 20, caches
+    assert any(b < a for a, b in zip(caches, caches[1:])), caches  # fell: the views started anew
     assert growth < 12 << 20, rss
