@@ -12,7 +12,7 @@
    forwarder's back-off counts.
 
     python -m stowage.bench.harness.forward_bench --count 2000 --kind small -k 4 --repeat 3 \\
-        [--associations 1]    # of the destination, for forwarding and for send alike
+        --associations 2    # of the draining destination, for forwarding and for send alike
 
 Prints medians and the ratios against no forwarding / against send.
 """

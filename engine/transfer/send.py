@@ -392,8 +392,10 @@ class Sender:
         queue as outcomes come in, instead of opening new associations for each batch)."""
         result = SendResult()
         with _SpoolDir(self.spool_dir) as spool:
+            # As many associations as what was given can use: a trickle keeps to one.
             drivers = [threading.Thread(target=self._drive, args=(feed, feed.contexts, spool, result, True),
-                                        name=f"send-{n}", daemon=True) for n in range(1, self.associations)]
+                                        name=f"send-{n}", daemon=True)
+                       for n in range(1, min(self.associations, len(feed.items)))]
             for t in drivers:
                 t.start()
             try:
