@@ -58,8 +58,9 @@ class Pair:
         cfg.write_text(NODE_CONFIG.format(dest_port=self.dest_port))
         common = {**s3.env(), "STOWAGE_STORAGE": f"s3://{self.bucket}/archive", "STOWAGE_S3_ENDPOINT": s3.endpoint,
                   "STOWAGE_S3_PATH_STYLE": "true", "STOWAGE_S3_READ_BLOCK": "16384",
-                  # every record rolls its segment, so it is sealed and uploaded within a second
-                  "STOWAGE_SEGMENT_SIZE": "1000", "STOWAGE_SEAL_INTERVAL": "0.2", "STOWAGE_UPLOAD_INTERVAL": "0.2",
+                  # segments roll by age (segment_max_age), not size: what a node stored is
+                  # sealed and uploaded within about a second, as a quiet node's would be
+                  "STOWAGE_SEGMENT_MAX_AGE": "0.5", "STOWAGE_SEAL_INTERVAL": "0.2", "STOWAGE_UPLOAD_INTERVAL": "0.2",
                   "STOWAGE_SCRUB_RATE": "0", "STOWAGE_COMPACT_INTERVAL": "0",
                   "STOWAGE_ICEBERG_CATALOG": f"sqlite:///{tmp / 'iceberg.db'}",
                   "STOWAGE_ICEBERG_WAREHOUSE": f"s3://{self.bucket}/warehouse",

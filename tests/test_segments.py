@@ -72,6 +72,22 @@ def test_writer_rolls_segments_and_shares_fsyncs(tmp_path):
     assert w.batches < 100, "concurrent stores did not share any fsync"
 
 
+def test_an_aged_segment_rolls_only_once_it_holds_records(tmp_path):
+    """segment_max_age (storage in a bucket): only sealed segments are uploaded, so the
+    active one is rolled by age; an empty one never is (no stream of empty segments)."""
+    w = SegmentWriter(tmp_path, 6, segment_size=1 << 30, fsync=True, on_commit=lambda rows: None)
+    first = w.active_segment
+    assert not w.roll_if_older(0.0), "an empty segment was rolled"
+    w.append(encode_record({"i": 0}, b"a" * 100, 0), {"i": 0})
+    assert not w.roll_if_older(3600.0), "a young segment was rolled"
+    assert w.roll_if_older(0.0)
+    assert w.active_segment != first
+    w.append(encode_record({"i": 1}, b"b" * 100, 0), {"i": 1})
+    w.close()
+    assert [r.header["i"] for r in iter_records(tmp_path / first)] == [0]
+    assert [r.header["i"] for r in iter_records(tmp_path / w.active_segment)] == [1]
+
+
 def test_group_commit_answers_every_store_after_its_batch_and_hands_on_the_lead(tmp_path):
     """Each store returns only once its row is committed, or raises when its batch was
     refused; a refused batch does not stall the stores queued behind it (the lead passes

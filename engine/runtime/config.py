@@ -184,6 +184,10 @@ class Config:
     s3_read_block: int = 1 << 20           # ranged GETs read, and the read cache keeps, this many bytes at a time
     local_cache_bytes: int = 10 << 30      # local copies of uploaded segments plus the read cache: at most this
     upload_interval: float = 2.0           # seconds between the uploader's looks for sealed segments
+    # With storage set, a worker's active segment holding records is rolled (sealed) once it is
+    # this many seconds old, so what a quiet node stored reaches the bucket, and every other
+    # node's C-MOVE/C-GET, within about this plus upload_interval (0: roll by size only).
+    segment_max_age: float = 60.0
 
     @property
     def http_process_count(self) -> int:
@@ -280,6 +284,8 @@ class Config:
             raise ConfigError(f"storage: {self.storage!r} is not \"\" (local disk) or s3://bucket/prefix")
         if not (5 << 20) <= self.s3_part_size <= (5 << 30) or not 4096 <= self.s3_read_block <= (1 << 30):
             raise ConfigError("s3_part_size must be 5 MiB-5 GiB and s3_read_block 4 KiB-1 GiB")
+        if self.segment_max_age < 0:
+            raise ConfigError("segment_max_age must be >= 0 seconds (0: roll by segment_size only)")
         if self.local_cache_bytes < 0 or not 0 < self.upload_interval <= 3600:
             raise ConfigError("local_cache_bytes must be >= 0 and upload_interval in (0, 3600] seconds")
         if self.log_format not in ("text", "json"):

@@ -320,6 +320,7 @@ class Archive:
 
     def _seal_loop(self) -> None:
         while not self._stop.wait(self.config.seal_interval):
+            self._roll_aged_segment()
             if not self.sealer.due(self.config.seal_max_rows, self.config.seal_max_age):
                 continue
             try:
@@ -328,6 +329,17 @@ class Archive:
                 log.error("sealing the catalog tail failed (%s); will retry", e.strerror or e)
             except Exception:
                 log.exception("sealing the catalog tail failed; will retry")
+
+    def _roll_aged_segment(self) -> None:
+        """With storage in a bucket, only sealed segments are uploaded: roll one that has
+        held records for segment_max_age, so a quiet worker's last records reach the bucket."""
+        if not self.config.storage or self.config.segment_max_age <= 0:
+            return
+        try:
+            if self.writer.roll_if_older(self.config.segment_max_age):
+                log.info("rolled segment past segment_max_age (%.0f s) for upload", self.config.segment_max_age)
+        except OSError as e:  # e.g. a full disk: the next look tries again
+            log.error("rolling the active segment failed (%s); will retry", e.strerror or e)
 
     def _learn_loop(self) -> None:
         """Teach the UID filter what other workers stored, from their tails, every 0.1 s

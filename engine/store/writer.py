@@ -94,6 +94,7 @@ class SegmentWriter:
         self._fd = -1
         self._name = ""
         self._size = 0
+        self._opened = 0.0           # time.monotonic() when the active segment was opened
         self._dropped = 0            # pages of the segment below this offset left the page cache
         self.batches = 0
         self.records = 0
@@ -143,15 +144,33 @@ class SegmentWriter:
             log.exception("committing a batch of %d record(s) failed", len(batch))
             self._refuse([p for p in batch if not p.done], OutOfResources(errno.EIO, f"could not store: {e}"))
         finally:
-            with self._lock:
-                successor = self._queue[0] if self._queue else None
-                if successor is None:
-                    self._leading = False
             for p in batch:
                 if p.gate is not None:
                     p.gate.release()
-            if successor is not None:
-                successor.gate.release()  # not done: it wakes as the next leader
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Give the lead to the first store queued meanwhile, or step down."""
+        with self._lock:
+            successor = self._queue[0] if self._queue else None
+            if successor is None:
+                self._leading = False
+        if successor is not None:
+            successor.gate.release()  # not done: it wakes as the next leader
+
+    def roll_if_older(self, max_age: float) -> bool:
+        """Seal the active segment and open the next, if it holds records and was opened
+        more than `max_age` seconds ago; True if it did. It takes the lead as a commit does,
+        so no batch is being written meanwhile, and hands it on the same way."""
+        with self._lock:
+            if self._closed or self._leading or self._size == 0 or time.monotonic() - self._opened < max_age:
+                return False
+            self._leading = True
+        try:
+            self._open_next()
+        finally:
+            self._hand_on()
+        return True
 
     def close(self) -> None:
         """Refuse new records, let the running commit (and the ones it hands on) finish,
@@ -177,15 +196,16 @@ class SegmentWriter:
         return max(next_sequence(self.directory, self.slot), max(remote, default=0) + 1)
 
     def _open_next(self) -> None:
+        """Open the next segment, then close the active one: a failed open (a full disk)
+        leaves the active segment in use, not a closed descriptor."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = segment_name(self.slot, self._next_sequence())
+        fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # one writer; read by wal.py
         if self._fd >= 0:
             self._drop_cache(self._size)
             os.close(self._fd)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._name = segment_name(self.slot, self._next_sequence())
-        path = self.directory / self._name
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # one writer; read by wal.py
-        self._size = 0
-        self._dropped = 0
+        self._fd, self._name, self._size, self._dropped = fd, name, 0, 0
+        self._opened = time.monotonic()
         fsync_dir(self.directory)
 
     def _commit(self, batch: list[_Pending]) -> None:
