@@ -32,27 +32,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from stowage.bench.harness import query_corpus as qc
-from stowage.bench.harness.find import STUDY_ROOT_FIND, Stowage, time_queries
+from stowage.bench.harness.find import STUDY_ROOT_FIND, Stowage, build_catalog, time_queries
 from stowage.bench.harness.find_client import FindClient
 from stowage.bench.procs import free_port
-
-
-def _seal(data_dir: Path, patients: int, first: int, batch: int = 25_600) -> None:
-    from stowage.catalog.sealer import compact, seal_rows
-    catalog = data_dir / "catalog"
-    catalog.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    for row in qc.rows(patients, first):
-        rows.append(row)
-        if len(rows) == batch:
-            seal_rows(catalog, rows)
-            rows = []
-            while compact(catalog, 8):
-                pass
-    if rows:
-        seal_rows(catalog, rows)
-    while compact(catalog, 8):
-        pass
 
 
 def _env(work: Path, node: str, **more: str) -> dict[str, str]:
@@ -157,11 +139,11 @@ def main() -> None:
     try:
         print(f"single node: {n} instances; node B: half of them, its view of node A the other half", flush=True)
         single = work / "single" / "data"
-        _seal(single, patients, 0)
+        build_catalog(single, patients)
         half = patients // 2
         a, b = work / "a" / "data", work / "b" / "data"
-        _seal(a, half, 0)
-        _seal(b, patients, half)
+        build_catalog(a, half)
+        build_catalog(b, patients, first=half)
         report["publish_a_s"] = round(_publish(_env(work, "a"), a), 2)
         report["publish_b_s"] = round(_publish(_env(work, "b"), b), 2)
         from stowage.engine.iceberg.view import Refresher
