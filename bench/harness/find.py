@@ -136,7 +136,8 @@ def time_queries(port: int, aet: str, patients: int, instances: int, target: str
 
 
 def build_catalog(data_dir: Path, patients: int, batch: int = 25_600, first: int = 0) -> float:
-    """Seal the corpus rows of patients [first, patients) straight into data_dir/catalog, compacting as a live archive does; returns seconds taken."""
+    """Seal the corpus rows of patients [first, patients) straight into data_dir/catalog,
+    compacting as a live archive does; returns seconds taken."""
     from stowage.catalog.sealer import compact, seal_rows
     catalog = data_dir / "catalog"
     catalog.mkdir(parents=True, exist_ok=True)

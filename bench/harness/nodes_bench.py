@@ -34,7 +34,6 @@ from pydicom.dataset import Dataset
 from stowage.bench.harness import query_corpus as qc
 from stowage.bench.harness.find import STUDY_ROOT_FIND, Stowage, build_catalog, time_queries
 from stowage.bench.harness.find_client import FindClient
-from stowage.bench.procs import free_port
 
 
 def _env(work: Path, node: str, **more: str) -> dict[str, str]:
