@@ -195,7 +195,7 @@ def _sops(meta: list[dict]) -> set[str]:
 
 
 def test_series_metadata_kept_on_disk_never_goes_stale(web):
-    """The series metadata kept on disk (engine/web/series_cache.py) follows the series: an
+    """The series metadata kept on disk (engine/store/series_cache.py) follows the series: an
     instance that joins it, one deleted, the series deleted; and carries the base URL the
     client reached the server by."""
     c = web.client()
@@ -227,6 +227,16 @@ def test_series_metadata_kept_on_disk_never_goes_stale(web):
     assert not set(os.listdir(kept)) & written  # the deleted series' metadata is not kept
     r = requests.get(f"{web.base}/studies/{study}/series/{series}/metadata")
     assert r.status_code == 404
+    other = _instances(2)  # `stowage delete` (the command line) removes a series' file too
+    c.store_instances(other)
+    before = set(os.listdir(kept))
+    c.retrieve_series_metadata(other[0].StudyInstanceUID, other[0].SeriesInstanceUID)
+    written = set(os.listdir(kept)) - before
+    assert len(written) == 1
+    from test_delete import delete
+    done = delete(web.server.data_dir, "--series", other[0].SeriesInstanceUID)
+    assert done.returncode == 0, done.stderr
+    assert not set(os.listdir(kept)) & written  # no deleted patient's data left in the cache
 
 
 def test_metrics_count_what_came_through_the_http_port(web):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from stowage.catalog import tombstones
+from stowage.engine.store.series_cache import SeriesCache
 from stowage.catalog.reader import Catalog
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_line
@@ -102,6 +103,9 @@ def delete(config: Config, level: str, values: Sequence[str], reason: str = "del
         tombstones.Tombstone(uid, at, reason, study or "", actor=actor, comment=comment)
         for uid, at, study, _series, _patient in rows])
     result.done = True
+    # the series metadata kept on disk (WADO-RS) of what was deleted goes too: a deleted
+    # patient's data must not stay behind in a cache (an instance's series: made anew when asked)
+    SeriesCache(config.data_dir).forget({r[3] for r in rows if r[3]})
     audit_line(f"delete {level} {values[0]}{' …' if len(values) > 1 else ''}: {result.summary()}", {
         "event": "delete", "scope": level, "values": values[:_MAX_AUDIT_VALUES], "reason": reason, "actor": actor,
         **({"comment": comment} if comment else {}),

@@ -3,7 +3,7 @@ dcm4chee-arc and Orthanc use DELETE on the resource), off unless `http_delete = 
 of `stowage delete` (engine/lifecycle/delete.py: durable tombstones, hidden at once from
 every door, an audit line). The path must name a series or instance under the study it
 names, so a wrong study in the URL deletes nothing. The series metadata kept on disk of
-what it deletes goes with it (engine/web/series_cache.py)."""
+what it deletes goes with it (engine/store/series_cache.py)."""
 from __future__ import annotations
 
 from aiohttp import web
@@ -35,8 +35,6 @@ async def delete_resource(request: web.Request) -> web.Response:
         result = await store.run(delete, config, level, [uid], actor=actor, catalog=store.lookups)
     except DeleteError as e:
         raise refusal(400, str(e)) from None
-    # the metadata kept on disk of what was deleted goes too (of an instance's series: made anew when asked)
-    await store.run(store.series_cache.forget, {i.series for i in found})
     return web.json_response({"deleted": result.summary()}, status=200)
 
 

@@ -30,7 +30,7 @@ from stowage.engine.web.dicom_json import dumps, resource_url
 from stowage.engine.web.fast_json import BULK_THRESHOLD, dataset_json
 from stowage.engine.web.header_json import header_json
 from stowage.engine.web.records import IN_MEMORY, Instance, find
-from stowage.engine.web.series_cache import BASE, fingerprint
+from stowage.engine.store.series_cache import BASE, fingerprint
 from stowage.engine.web.transcode import NATIVE
 
 CACHE_BYTES = 64 << 20  # per HTTP process

@@ -24,7 +24,7 @@ from stowage.engine.store.archive import Archive
 from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import Slot, claim_slot
 from stowage.engine.web.records import Reader
-from stowage.engine.web.series_cache import SeriesCache
+from stowage.engine.store.series_cache import SeriesCache
 
 log = logging.getLogger("stowage.http")
 HTTP_FIRST_SLOT, HTTP_LAST_SLOT = 900, 949

@@ -6,9 +6,11 @@ A file is served only while it still describes the series: it carries a fingerpr
 the instances it was made from (SOP Instance UID, record, syntax, length, in order), and
 the catalog lookup that every request makes anyway gives the fingerprint of what the
 series holds now. An instance that joins the series, one deleted or rejected, a record
-that compaction moves: the fingerprints differ and the metadata is made again. A DELETE
-through the HTTP port also removes the files of what it deletes (data of a deleted
-patient does not stay behind here); `stowage delete` leaves them to be replaced or aged out.
+that compaction moves: the fingerprints differ and the metadata is made again. A delete
+(`stowage delete`, DELETE through the HTTP port: engine/lifecycle/delete.py) also removes
+the files of the series it touches, so data of a deleted patient does not stay behind here.
+It lives under engine/store, not engine/web, so that the delete path below the web layer
+can reach it.
 
 The file holds the JSON with a placeholder where this server's base URL goes (clients
 reach the server under different names), zstd-compressed (the slices of a series repeat
