@@ -146,7 +146,11 @@ def get_study(peer: Peer, our_aet: str, study_uid: str, sop_classes: list[str], 
         got = GetAssociation(assoc, scp, key, stall_timeout, on_progress, max_command_bytes).get(
             StudyRootQueryRetrieveInformationModelGet,
             encode(_study(study_uid), True, True))  # Implicit VR Little Endian, the GET context's syntax
-    finally:
-        if assoc.sock is not None:  # still open: the C-GET ended with a final response
-            assoc.release()
+    except BaseException:
+        # mid-operation: a release would wait out the stall timeout on a peer that is
+        # waiting for our C-STORE response
+        assoc.abort()
+        raise
+    if assoc.sock is not None:  # still open: the C-GET ended with a final response
+        assoc.release()
     return Pulled(got.status, *got.counts, comment=got.comment, stalled=got.stalled)

@@ -155,9 +155,10 @@ class GetAssociation(StorageAssociation):
         if status not in PENDING_STATUSES:
             self._final = GetOutcome(status, self.subops.counts, str(f.get("error_comment", "")))
 
-    def _store(self, msg: _Message) -> None:
+    def _store(self, msg: _Message, dataset: SpillBuffer | bytes) -> None:
         if msg.fields.get("command_field") == dimse.C_GET_RSP:
-            msg.dataset.discard()
+            if isinstance(dataset, SpillBuffer):
+                dataset.discard()
             return
         self.subops.moved()  # a sub-operation arriving is progress
-        super()._store(msg)
+        super()._store(msg, dataset)
