@@ -350,7 +350,13 @@ def test_series_and_study_go_out_after_their_quiet_time(make_server, scps, tmp_p
     # Each instance went out once: the series and the study were not sent again with it.
     from stowage.engine.forward.queue import Queue
     q = Queue(server.data_dir, readonly=True)
-    assert {d: n for (d, state), (n, _o) in q.summary().items() if state == "done"} == {"SERIES": 5, "STUDY": 5}
+
+    def done() -> dict[str, int]:
+        return {d: n for (d, state), (n, _o) in q.summary().items() if state == "done"}
+    # a destination holds its file a moment before the queue records the send (outcomes are
+    # settled every 0.2 s): wait for the record, then count
+    wait_for(lambda: sum(done().values()) >= 10, 30, lambda: f"sends not recorded: {q.summary()}")
+    assert done() == {"SERIES": 5, "STUDY": 5}
     q.close()
 
 
