@@ -22,7 +22,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from stowage.catalog.durable import replace_durably
+from stowage.catalog.durable import file_stamp, replace_durably
 
 DIRECTORY = "cluster"
 VIEW = "view.json"
@@ -62,11 +62,7 @@ def save(view_dir: Path, view: View) -> None:
 
 def stamp(view_dir: Path) -> tuple | None:
     """A value that changes whenever view.json is replaced (None: no view)."""
-    try:
-        st = os.stat(view_dir / VIEW)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return file_stamp(view_dir / VIEW)
 
 
 DELETIONS_MARK = "deletions.gen"  # replaced whenever the view's deletions change

@@ -27,3 +27,12 @@ def replace_durably(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def file_stamp(path: Path) -> tuple | None:
+    """A value that changes whenever the file at `path` is replaced or written (None: no file)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

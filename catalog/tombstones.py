@@ -39,7 +39,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stowage.catalog.durable import fsync_dir
+from stowage.catalog.durable import file_stamp, fsync_dir
 
 log = logging.getLogger("stowage.tombstones")
 
@@ -75,11 +75,7 @@ def stamp(data_dir: Path) -> tuple | None:
 
 
 def stamp_of(tombstones_dir: Path) -> tuple | None:
-    try:
-        st = os.stat(tombstones_dir / LOG)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return file_stamp(tombstones_dir / LOG)
 
 
 def _line(entries: list[Tombstone], now: int) -> bytes:
