@@ -9,6 +9,10 @@ request and per MB.
 
 "Cold": every file of the receiver's data directory dropped from the page cache first
 (sync, then posix_fadvise DONTNEED), so the request reads the disk as after a restart.
+Each receiver's start-up is over (its process tree quiet) before the first run is timed.
+Orthanc matches person names case-sensitively here, as stowage does without
+`fuzzymatching` (its default `CaseSensitivePN: false` found the STOW-RS corpus's
+"Smith^Anna" for `SM*`, one study more than stowage).
 
 Each receiver is started fresh on an empty data directory; every run stores a corpus of its
 own (new UIDs), so nothing is a duplicate. Orthanc runs with its default storage (fsync on).
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         port, http_port = free_port(), free_port()
         server = serve_stowage(work / "stowage", port, find_dcmtk("echoscu"), "--http-port", str(http_port))
         try:
-            time.sleep(2)  # the HTTP processes start after the workers answer
+            TreeMonitor(server.pid).settle()  # done starting (HTTP processes import, open their store path)
             target = WebTarget(f"http://127.0.0.1:{http_port}/dicom-web")
             say("stowage: STOW-RS, metadata, WADO-RS")
             results["stowage"] = _measure(target, server.pid, corpora[:args.runs], args.k, args.batch,
@@ -224,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             stop_tree(server, None)
         orthanc = Orthanc(work / "orthanc", {"bench": ("BENCHSCU", "127.0.0.1", 1)}, nodelay=True, timeout=120,
                           Plugins=[PLUGIN], DicomWeb={"Enable": True, "Root": "/dicom-web/"},
-                          DicomCheckCalledAet=False, DicomAlwaysAllowStore=True, DicomThreadsCount=4, SaveJobs=False)
+                          DicomCheckCalledAet=False, DicomAlwaysAllowStore=True, DicomThreadsCount=4, SaveJobs=False,
+                          CaseSensitivePN=True)  # as stowage matches (PS3.4 C.2.2.2.1 allows either)
         try:
+            TreeMonitor(orthanc.proc.pid).settle()
             target = WebTarget(f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
             say("Orthanc: STOW-RS, metadata, WADO-RS")
             results["orthanc"] = _measure(target, orthanc.proc.pid, corpora[:args.runs], args.k, args.batch,

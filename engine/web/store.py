@@ -3,6 +3,10 @@ queries, another for the lookups of retrievals (so a long QIDO never holds up a 
 the Archive (its own claimed slot) for STOW-RS, and the thread pool in which all of
 their blocking work runs, off the event loop.
 
+The Archive is opened as the process starts, in the pool (claiming a slot, recovering
+what a previous holder left, starting its sealer), so that the first STOW-RS costs what
+the others do; reads are served meanwhile. A STOW-RS that arrives first waits for it on the lock.
+
 HTTP processes claim writer slots 900..949 (engine/store/slots.py numbering).
 """
 from __future__ import annotations
@@ -90,6 +94,14 @@ class WebStore:
                 log.info("http store path on slot %03d", self._slot.number)
             return self._archive
 
+    def open_archive(self) -> None:
+        """archive(), at start-up: a failure is logged and the first STOW-RS tries again
+        (and answers its own error)."""
+        try:
+            self.archive()
+        except Exception as e:  # e.g. no free slot, a read-only data directory
+            log.warning("http store path not opened at start (%s); the first STOW-RS tries again", e)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         if self._archive is not None:
@@ -107,7 +119,9 @@ STORE = web.AppKey("store", WebStore)
 def store_context(config: Config) -> Callable:
     """For app.cleanup_ctx: the process's WebStore for the life of the application."""
     async def context(app: web.Application):
-        app[STORE] = WebStore(config)
+        app[STORE] = store = WebStore(config)
+        opened = asyncio.get_running_loop().run_in_executor(store.pool, store.open_archive)
         yield
+        await opened
         await asyncio.get_running_loop().run_in_executor(None, app[STORE].close)
     return context
