@@ -294,3 +294,42 @@ def test_a_commitment_that_never_comes_back_ends_failed_with_the_reason(tmp_path
     q.retry_parked("SILENT")  # what `stowage queue --retry SILENT` does
     assert q.commitments() == {("SILENT", "wanted"): 2}
     q.close()
+
+
+def test_a_pending_commitment_holds_up_no_delivery(make_server, tmp_path):
+    """A destination takes study 1 and its N-ACTION but sends its report late (here: never,
+    within a commit_timeout of 60 s): study 2, stored while that request waits, is delivered
+    meanwhile, not after the wait."""
+    from pynetdicom import AE, StoragePresentationContexts, evt
+    arrived: list[tuple[str, float]] = []
+    actions: list[float] = []
+
+    def on_store(event):
+        arrived.append((str(event.dataset.StudyInstanceUID), time.monotonic()))
+        return 0x0000
+
+    def on_action(event):
+        actions.append(time.monotonic())
+        return 0x0000, None  # taken; the report is left to the timeout
+
+    ae = AE("SLOW")
+    ae.supported_contexts = StoragePresentationContexts
+    ae.add_supported_context("1.2.840.10008.1.20.1")
+    port = free_port()
+    scp = ae.start_server((HOST, port), block=False,
+                          evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)])
+    try:
+        conf = write_config(tmp_path / "f.toml", {"SLOW": port},
+                            '[[forward]]\nto = "SLOW"\ncommit = true\nquiet = 0\ncommit_timeout = 60\n')
+        source = make_server("--workers", "1", "--config", str(conf), data_dir=tmp_path / "source")
+        first, second = generate_uid(), generate_uid()
+        storescu(source.port, series_instances(tmp_path / "s1", "P1", first, generate_uid(), 1))
+        wait_for(lambda: actions, 60, lambda: f"no commitment request for study 1:\n{source.log()}")
+        storescu(source.port, series_instances(tmp_path / "s2", "P2", second, generate_uid(), 1))
+        got = wait_for(lambda: [t for study, t in arrived if study == second], 70,
+                       lambda: f"study 2 not delivered:\n{source.log()}")
+        # delivered while the first request still waited for its report (it waits 60 s)
+        assert got[0] - actions[0] < 50, f"study 2 arrived {got[0] - actions[0]:.0f} s after the request"
+        assert "no report" not in source.log(), source.log()
+    finally:
+        scp.shutdown()

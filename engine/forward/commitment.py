@@ -1,6 +1,7 @@
 """Storage commitment after forwarding, for a rule with `commit = true`: once every entry of
 a study (a series, at series level) for a destination was answered and none of it arrived
-for the rule's `quiet` seconds, the delivering thread asks the destination to commit what
+for the rule's `quiet` seconds, the destination's committing thread (Committer, beside its
+delivering thread, so that waiting for a report never holds up deliveries) asks it to commit what
 it took (N-ACTION, engine/transfer/commit_scu.py), waits up to the rule's `commit_timeout`
 for the report, and records the verdict per entry: committed, or failed with the
 destination's Failure Reason. A request that gets no report in time is counted on its
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 
 from stowage.engine.forward.queue import Queue
@@ -20,7 +22,7 @@ from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.forward_rules import ForwardRule
 from stowage.engine.runtime.logs import audit_line
 from stowage.engine.transfer.commit_scu import CommitError, request_commitment
-from stowage.engine.transfer.requestor import Peer
+from stowage.engine.transfer.requestor import Peer, PeerError, peer_of
 from stowage.engine.transfer.send import Instance
 
 log = logging.getLogger("stowage.forward")
@@ -33,7 +35,7 @@ _NO_REPORT = ("no report from", "without a report")
 
 
 class Commitments:
-    """The commitment requests of one destination (used by its delivering thread only)."""
+    """The commitment requests of one destination (used by its committing thread only)."""
 
     def __init__(self, config: Config, destination: str) -> None:
         self.config, self.destination = config, destination
@@ -111,6 +113,42 @@ class Commitments:
                     "transaction_uid": report.transaction_uid, "committed": n_ok,
                     "failed": len(verdicts) - n_ok})
         return 1
+
+
+class Committer(threading.Thread):
+    """Asks one destination for storage commitment of the groups ready for it, once a second,
+    on a queue connection of its own: a request waits up to commit_timeout for its report,
+    and the destination's deliveries go on meanwhile."""
+
+    def __init__(self, config: Config, destination: str, stop: threading.Event) -> None:
+        super().__init__(name=f"forward-{destination}-commit", daemon=True)
+        self.config, self.destination, self.stop = config, destination, stop
+        self.commitments = Commitments(config, destination)
+
+    def run(self) -> None:
+        queue = Queue(self.config.data_dir)
+        try:
+            while not self.stop.wait(1.0):
+                self.once(queue)
+        finally:
+            queue.close()
+
+    def once(self, queue: Queue) -> None:
+        remote = self.config.remotes.get(self.destination)
+        if remote is None:  # deliver.py says so
+            return
+        try:
+            self.commitments.request_due(queue, peer_of(remote))
+        except PeerError as e:
+            log.warning("forward: storage commitment with %s: %s", self.destination, e)
+        except Exception:  # e.g. the queue database busy: asked again in a second
+            log.exception("forward: storage commitment with %s failed; trying again", self.destination)
+
+
+def committers(config: Config, destinations: list[str], stop: threading.Event) -> list[Committer]:
+    """A committing thread for each destination some rule asks to commit (`commit = true`)."""
+    return [Committer(config, name, stop) for name in destinations
+            if any(name in r.to and r.commit for r in config.forward)]
 
 
 def _no_report(error: str, timeout: float) -> str:

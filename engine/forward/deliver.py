@@ -4,8 +4,9 @@ syntax, else converted; `associations` of the remote at once.
 
 Each destination has its own thread, so one that is down or slow holds up nobody else,
 and the store path never waits for any of them. Entries of a rule with `deidentify` go out
-as de-identified copies (deidentified.py); after a batch, the thread asks for storage
-commitment of the studies that are ready for it (commitment.py). Outcomes:
+as de-identified copies (deidentified.py); storage commitment of the studies that are ready
+for it is asked by another thread (commitment.py), so a wait for a report holds up no
+delivery. Outcomes:
 - deleted or rejected (IOCM) since it was queued: cancelled, never sent; a record that
   compaction moved is sent from where the catalog has it now;
 - success or warning: done (an audit line each);
@@ -28,7 +29,6 @@ import time
 from collections import deque
 
 from stowage.catalog.reader import Catalog
-from stowage.engine.forward.commitment import Commitments
 from stowage.engine.forward.deidentified import NOT_DEIDENTIFIED, rewrite_for
 from stowage.engine.forward.queue import Entry, Queue
 from stowage.engine.forward.scan import Deletions, Scanned
@@ -42,7 +42,7 @@ log = logging.getLogger("stowage.forward")
 
 BATCH_PER_ASSOCIATION = 256  # entries in flight per association: the feed is topped up below this
 SETTLE_EVERY_S = 0.2  # outcomes are recorded in one queue transaction this often (not one per instance)
-SESSION_S = 30.0  # a session's associations are closed after this (commitment requests come between)
+SESSION_S = 30.0  # a session's associations are closed after this (another project's entries come between)
 # Failures without a status that retrying cannot cure: parked like refusals.
 _PERMANENT = ("accepted no presentation context", "accepts none of the syntaxes", "marked corrupt",
               "stored record unreadable", NOT_DEIDENTIFIED, "cannot convert", "no conversion from",
@@ -157,10 +157,7 @@ class Destination(threading.Thread):
         self.scanned = scanned  # the scanner's: held series and studies are released only up to where it looked
         self.reads = reads  # records read by one destination's thread kept for the others
         self.failures = 0  # attempts in a row that reached nobody
-        self.commitments = Commitments(config, name) if any(name in r.to and r.commit for r in config.forward) \
-            else None
         self.projects: dict = {}  # [projects.NAME] opened for de-identifying rules, kept open
-        self.committed_at = 0.0
 
     def run(self) -> None:
         queue = Queue(self.config.data_dir)
@@ -185,16 +182,6 @@ class Destination(threading.Thread):
             from stowage.engine.deidentify.project import open_project
             self.projects[name] = open_project(self.config.projects, name, self.config.data_dir)
         return self.projects[name]
-
-    def _commit(self, queue: Queue, remote) -> None:
-        """Storage commitment of the groups ready for it, at most once a second."""
-        if self.commitments is None or time.monotonic() - self.committed_at < 1.0:
-            return
-        self.committed_at = time.monotonic()
-        try:
-            self.commitments.request_due(queue, peer_of(remote))
-        except PeerError as e:
-            log.warning("forward: storage commitment with %s: %s", self.destination, e)
 
     def _served(self, queue: Queue, entries: list[Entry]) -> list[Entry]:
         """The entries whose instance the archive still serves, with its record's place now;
@@ -234,7 +221,6 @@ class Destination(threading.Thread):
         window = BATCH_PER_ASSOCIATION * remote.associations
         entries = self._due(queue, window)
         if not entries:
-            self._commit(queue, remote)
             return 0.5
         try:
             peer = peer_of(remote)
@@ -266,7 +252,7 @@ class Destination(threading.Thread):
             if not feed.open_ended:
                 continue
             if self.stop.is_set() or time.monotonic() - started > SESSION_S:
-                feed.end()  # a long session ends now and then: storage commitment, other projects
+                feed.end()  # a long session ends now and then: other projects
             elif len(session.in_flight) < window:
                 more = session.admissible(self._due(queue, window, session.busy()))
                 if more:
@@ -274,9 +260,7 @@ class Destination(threading.Thread):
                 elif not session.in_flight:
                     feed.end()  # nothing more it can carry: the queue is empty, or the rest waits
         session.settle()
-        delay = session.finish(results[0] if results else SendResult())
-        self._commit(queue, remote)
-        return delay
+        return session.finish(results[0] if results else SendResult())
 
     def _failed(self, queue: Queue, entries: list[Entry], reason: str, done: list | None = None,
                 parked: list | None = None) -> float:

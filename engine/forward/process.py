@@ -73,6 +73,8 @@ def main() -> None:
         from stowage.engine.forward.shared_reads import SharedReads
         reads = SharedReads() if len(destinations(config)) > 1 else None  # read once, sent to each
         threads += [Destination(config, name, stop, deletions, scanned, reads) for name in destinations(config)]
+        from stowage.engine.forward.commitment import committers
+        threads += committers(config, destinations(config), stop)
         for t in threads:
             t.start()
         log.info("forwarding: %d rule(s) to %s", len(config.forward), ", ".join(destinations(config)))
