@@ -69,6 +69,18 @@ def _spool_empty(web) -> bool:
     return not folder.exists() or not os.listdir(folder)
 
 
+def test_each_http_process_opens_its_store_path_before_any_stow(web):
+    """The HTTP processes open their store path as they start (slot claimed, recovered,
+    sealer running): before any STOW-RS (this test runs first), each has said so in the
+    log, on a slot of its own, so a first STOW-RS does not wait for that."""
+    def opened() -> list[str]:
+        return [line for line in web.server.log_path.read_text(errors="replace").splitlines()
+                if "http store path on slot" in line]
+    wait_for(lambda: len(opened()) == 2, 30, "both HTTP processes' store paths")
+    assert sorted(line.split()[-1] for line in opened()) == ["900", "901"]
+    assert "STOW-RS" not in web.server.log_path.read_text(errors="replace")
+
+
 def test_store_with_dicomweb_client_then_read_it_back(web):
     c = web.client()
     sent = _instances(3)

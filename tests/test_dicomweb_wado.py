@@ -57,6 +57,12 @@ def test_study_retrieve_as_stored_is_byte_exact(web):
         assert raw.status_code == 200
         assert dataset_bytes(sent) in raw.content  # the data set exactly as stored
         del buf
+    whole = requests.get(f"{web.base}/studies/{study}",
+                         headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert whole.status_code == 200 and "Transfer-Encoding" not in whole.headers  # its length known beforehand
+    assert int(whole.headers["Content-Length"]) == len(whole.content)
+    assert all(dataset_bytes(web.corpus.by_uid[ds.SOPInstanceUID]) in whole.content for ds in got)
+    assert whole.content.endswith(b"--\r\n") and whole.content.count(b"\r\nContent-Location: ") == len(got)
     j2k = _j2k(web)
     study, series = _where(web, j2k)
     [inst] = c.retrieve_series(study, series, media_types=(("application/dicom", "*"),))

@@ -19,9 +19,16 @@ class MultipartWriter:
     def content_type(self) -> str:
         return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
 
-    async def start(self, request: web.Request, headers: dict[str, str] | None = None) -> web.StreamResponse:
+    async def start(self, request: web.Request, headers: dict[str, str] | None = None,
+                    length: int | None = None) -> web.StreamResponse:
+        """Send the status and headers: the body's `length` when known beforehand (each
+        part then goes to the socket as it is, without chunk framing joined to it), else
+        chunked."""
         response = web.StreamResponse(headers={"Content-Type": self.content_type, **(headers or {})})
-        response.enable_chunked_encoding()
+        if length is None:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = length
         await response.prepare(request)
         self.response = response
         return response
@@ -38,7 +45,13 @@ class MultipartWriter:
         await self.response.write(self.head(content_type, location, not self.parts) + first)
         self.parts += 1
 
-    async def whole_part(self, encoded: bytes) -> None:
+    def closing(self, after_parts: bool | None = None) -> bytes:
+        """The close delimiter, as finish() writes it (after parts, or none, or as many as
+        written so far)."""
+        after = bool(self.parts) if after_parts is None else after_parts
+        return (f"\r\n--{self.boundary}--\r\n" if after else f"--{self.boundary}--\r\n").encode()
+
+    async def whole_part(self, encoded: bytes | memoryview) -> None:
         """A part made whole beforehand (head() and its bytes, joined once: off the event
         loop, in the thread that read them)."""
         await self.response.write(encoded)
@@ -48,8 +61,7 @@ class MultipartWriter:
         await self.response.write(data)
 
     async def finish(self) -> web.StreamResponse:
-        await self.response.write((f"\r\n--{self.boundary}--\r\n" if self.parts else
-                                   f"--{self.boundary}--\r\n").encode())
+        await self.response.write(self.closing())
         await self.response.write_eof()
         return self.response
 

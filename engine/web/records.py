@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+import numpy as np
 
 from stowage.catalog.query import decode_header
 from stowage.catalog.reader import Catalog
 from stowage.engine.store.filemeta import PREAMBLE
 from stowage.engine.store.integrity import marks_of
 from stowage.engine.store.locate import Locator, RecordGone
+from stowage.engine.store.payload_into import Alloc, payload_length, read_payload_into
 from stowage.engine.store.segment import CorruptRecord, read_payload, stream_payload
 
 IN_MEMORY = 64 << 20  # records up to this size are read in one go; larger ones stream
+T = TypeVar("T")
 
 
 class Unreadable(Exception):
@@ -88,10 +92,22 @@ class Reader:
 
     def payload(self, inst: Instance) -> bytes | memoryview:
         """File meta + data set, in memory (for records up to IN_MEMORY and for decoding)."""
+        return self._read(inst, read_payload)
+
+    def payload_into(self, inst: Instance, lead: int, alloc: Alloc) -> np.ndarray:
+        """payload(), at [lead:] of a buffer from `alloc` (engine/store/payload_into.py)."""
+        return self._read(inst, lambda path, offset: read_payload_into(path, offset, lead, alloc))
+
+    def part10_length(self, inst: Instance) -> int | None:
+        """The Part-10 file's length, from its record's head, or None when that does not say."""
+        n = payload_length(self.segments / inst.segment, inst.offset)
+        return None if n is None else len(PREAMBLE) + n
+
+    def _read(self, inst: Instance, read: Callable[[Path, int], T]) -> T:
         self._check(inst)
         for attempt in (1, 2):
             try:
-                return read_payload(self.segments / inst.segment, inst.offset)
+                return read(self.segments / inst.segment, inst.offset)
             except FileNotFoundError as e:
                 if attempt == 2:
                     raise Unreadable(f"{inst.sop_instance_uid}: its segment is missing") from None

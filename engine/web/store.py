@@ -27,6 +27,7 @@ from stowage.engine.runtime.config import Config
 from stowage.engine.store.archive import Archive
 from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import Slot, claim_slot
+from stowage.engine.web.part_buffers import PartBuffers
 from stowage.engine.web.records import Reader
 from stowage.engine.store.series_cache import SeriesCache
 
@@ -74,6 +75,7 @@ class WebStore:
         self.lookups = Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
         self.reader = Reader(config.data_dir, config.duplicates, cluster=config.cluster_view)
         self.series_cache = SeriesCache(config.data_dir)
+        self.parts = PartBuffers()  # WADO-RS's, reused part to part
         self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="web")
         self._archive: Archive | None = None
         self._slot: Slot | None = None

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 
+import numpy as np
 from aiohttp import web
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -85,8 +87,9 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     target = _plan(request, found)
     started, sent, nbytes = time.monotonic(), 0, 0
     writer = MultipartWriter(DICOM)
-    await writer.start(request)
     base = base_url(request)
+    sizes = await store.run(_sizes, store, found) if target is None else None
+    await writer.start(request, length=None if sizes is None else _body_length(writer, found, sizes, base))
     ahead: dict[int, asyncio.Future] = {}  # the next instances' reads, in the pool while we send
     try:
         for i, inst in enumerate(found):
@@ -97,10 +100,16 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             try:
                 if i in ahead:
                     encoded, size = await ahead.pop(i)
+                    if sizes is not None and size != sizes[i]:
+                        raise Unreadable(f"{inst.sop_instance_uid} is {size} bytes, its record's head said {sizes[i]}")
                     await writer.whole_part(encoded)
+                    _recycle(store, request, encoded)
                     nbytes += size
                 else:
-                    nbytes += await _stream_stored(store, writer, inst, location)
+                    size = await _stream_stored(store, writer, inst, location)
+                    if sizes is not None and size != sizes[i]:
+                        raise Unreadable(f"{inst.sop_instance_uid} was {size} bytes, its record's head said {sizes[i]}")
+                    nbytes += size
                 sent += 1
             except (Unreadable, TranscodeError) as e:  # the status line is gone: end the body early
                 log.error("WADO-RS: %s; the answer to %s stops here", e, request.remote)
@@ -129,17 +138,53 @@ def _whole(inst: Instance, target: str | None) -> bool:
     return inst.dataset_length <= IN_MEMORY or (target is not None and target != inst.transfer_syntax_uid)
 
 
-def _load(store: WebStore, writer: MultipartWriter, inst: Instance, target: str | None, base: str,
-          first: bool) -> tuple[bytes, int]:
-    """The whole part (delimiter, headers, the Part-10 file) joined once, and the file's
-    size: the instance as stored, or converted to `target`."""
+def _sizes(store: WebStore, found: list[Instance]) -> list[int] | None:
+    """Each instance's Part-10 length as stored, from its record's head; None when one does
+    not say (the body is then sent chunked)."""
+    sizes = []
+    for inst in found:
+        size = store.reader.part10_length(inst)
+        if size is None:
+            return None
+        sizes.append(size)
+    return sizes
+
+
+def _body_length(writer: MultipartWriter, found: list[Instance], sizes: list[int], base: str) -> int:
+    return sum(len(_head(writer, inst, inst.transfer_syntax_uid, base, i == 0)) + size
+               for i, (inst, size) in enumerate(zip(found, sizes))) + len(writer.closing(after_parts=True))
+
+
+def _head(writer: MultipartWriter, inst: Instance, syntax: str, base: str, first: bool) -> bytes:
     location = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
+    return writer.head(f"{DICOM}; transfer-syntax={syntax}", location, first)
+
+
+def _load(store: WebStore, writer: MultipartWriter, inst: Instance, target: str | None, base: str,
+          first: bool) -> tuple[bytes | memoryview, int]:
+    """The whole part (delimiter, headers, the Part-10 file) in one buffer, and the file's
+    size: the instance as stored (read into a buffer of store.parts, after its head), or
+    converted to `target`."""
     if target is None or target == inst.transfer_syntax_uid:
-        head = writer.head(f"{DICOM}; transfer-syntax={inst.transfer_syntax_uid}", location, first)
-        payload = store.reader.payload(inst)
-        return b"".join((head, PREAMBLE, payload)), len(PREAMBLE) + len(payload)
+        head = _head(writer, inst, inst.transfer_syntax_uid, base, first) + PREAMBLE
+        part = store.reader.payload_into(inst, len(head), store.parts.take)
+        part[:len(head)] = np.frombuffer(head, np.uint8)
+        return memoryview(part), len(part) - len(head) + len(PREAMBLE)
     data = _converted(store, inst, target)
-    return writer.head(f"{DICOM}; transfer-syntax={target}", location, first) + data, len(data)
+    return _head(writer, inst, target, base, first) + data, len(data)
+
+
+def _recycle(store: WebStore, request: web.Request, sent: bytes | memoryview) -> None:
+    """A part's buffer back to store.parts once nothing refers to it: once written, when the
+    transport copies what the socket did not take (asyncio's before Python 3.12), else once
+    the socket took all of it (later transports keep a reference to the rest)."""
+    transport = request.transport
+    if isinstance(sent, memoryview) and isinstance(sent.obj, np.ndarray) and transport is not None \
+            and (_TRANSPORT_COPIES or transport.get_write_buffer_size() == 0):
+        store.parts.give(sent.obj)
+
+
+_TRANSPORT_COPIES = sys.version_info < (3, 12) and type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy
 
 
 async def _stream_stored(store: WebStore, writer: MultipartWriter, inst: Instance, location: str) -> int:
