@@ -6,7 +6,10 @@ resident memory after each round.
 
 Kinds: the fuzzer's own (assoc, sequence, echo, store, find, import, http), well-formed ones
 (cstore and stow: a new instance each; cfind and qido: STUDY-level C-FIND, QIDO-RS at each
-level; wado: instance, metadata, frames, rendered of the warm-up's instances), and `mixed`
+level; wado: instance, metadata, frames, rendered of the warm-up's instances), one HTTP
+request kind alone (wado-instance, wado-series, wado-metadata, wado-frames, wado-rendered,
+wado-thumbnail, wado-bulkdata, wado-uri, dashboard, qido-all: `instances?includefield=all`),
+`qido-growing` (cstore and qido-all in turn: the answer grows with the archive), and `mixed`
 (cstore, cfind, qido in turn: stores sealed while queries read the catalog). Each kind gets
 a new server; the result is resident MiB per process after the warm-up and each round.
 `STOWAGE_SEAL_MAX_AGE=1` in the environment seals as often as the soak's pauses did.
@@ -20,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -33,9 +37,24 @@ from stowage.bench.harness import damage, fuzz, fuzz_http
 _QIDO = ("/studies?PatientName=*", "/series?limit=5", "/instances?includefield=all")
 _WADO = (("", 'multipart/related; type="application/dicom"; transfer-syntax=*'), ("/metadata", "application/dicom+json"),
          ("/frames/1", 'multipart/related; type="application/octet-stream"'), ("/rendered", "image/jpeg"))
+# One request kind alone (issue #20: which one grows an HTTP process): {instance}, {series},
+# {study} are the warm-up's; each target with the Accept it is asked with.
+_GETS = {
+    "wado-instance": ("{instance}", 'multipart/related; type="application/dicom"; transfer-syntax=*'),
+    "wado-series": ("{series}", 'multipart/related; type="application/dicom"; transfer-syntax=*'),
+    "wado-metadata": ("{study}/metadata", "application/dicom+json"),
+    "wado-frames": ("{instance}/frames/1", 'multipart/related; type="application/octet-stream"'),
+    "wado-rendered": ("{instance}/rendered", "image/jpeg"),
+    "wado-thumbnail": ("{series}/thumbnail", "image/png"),
+    "wado-bulkdata": ("{instance}/bulkdata/7FE00010", "application/octet-stream"),
+    "wado-uri": ("/wado?requestType=WADO&studyUID={s}&seriesUID={se}&objectUID={i}", "application/dicom"),
+    "dashboard": ("/dashboard/status.json", "application/json"),
+    "qido-all": ("{base}/instances?includefield=all", "application/dicom+json"),
+}
 
 
-def _case(archive: fuzz.Archive, kind: str, i: int, ct: bytes, rq: bytes, batch: Path) -> None:
+def _case(archive: fuzz.Archive, kind: str, i: int, ct: bytes, rq: bytes, batch: Path) -> str | None:
+    """One case of `kind`; for the single HTTP request kinds, the answer's status."""
     rng = random.Random(f"memory-{kind}-{i}")
     ds = pydicom.dcmread(BytesIO(ct), stop_before_pixels=True)
     study, series = ds.StudyInstanceUID, ds.SeriesInstanceUID
@@ -57,6 +76,16 @@ def _case(archive: fuzz.Archive, kind: str, i: int, ct: bytes, rq: bytes, batch:
         path, accept = rng.choice(_WADO)
         target = f"{fuzz_http.BASE}/studies/{study}/series/{series}/instances/{sop}{path}"
         fuzz_http.exchange(archive.http_port, "GET", target, f"Accept: {accept}")
+    elif kind in _GETS:
+        sop = f"2.25.{random.Random(rng.randrange(16)).getrandbits(100)}"
+        target, accept = _GETS[kind]
+        in_study = f"{fuzz_http.BASE}/studies/{study}"
+        target = target.format(base=fuzz_http.BASE, study=in_study, series=f"{in_study}/series/{series}",
+                               instance=f"{in_study}/series/{series}/instances/{sop}", s=study, se=series, i=sop)
+        return fuzz_http._status(fuzz_http.exchange(archive.http_port, "GET", target, f"Accept: {accept}"))
+    elif kind == "qido-growing":  # what `mixed` asks of the HTTP processes, without C-FIND
+        for part in ("cstore", "qido-all"):
+            _case(archive, part, i, ct, rq, batch)
     elif kind == "mixed":  # stores, and queries that read what they sealed
         for part in ("cstore", "cfind", "qido"):
             _case(archive, part, i, ct, rq, batch)
@@ -93,12 +122,13 @@ def probe(kind: str, rounds: int, per_round: int, work: Path, parallel: int = 4)
             for r in range(rounds):
                 began = time.monotonic()
                 batch.mkdir(exist_ok=True)
-                list(pool.map(lambda i: _case(archive, kind, i, ct, rq, batch),
-                              range(r * per_round, (r + 1) * per_round)))
+                outcomes = Counter(pool.map(lambda i: _case(archive, kind, i, ct, rq, batch),
+                                            range(r * per_round, (r + 1) * per_round)))
                 if kind == "import":
                     fuzz._import_batch(archive, batch, fuzz._good_copy(batch, ct), fuzz.Report())
                 sample()
-                print(f"{kind} round {r + 1} ({time.monotonic() - began:.0f} s): " + " ".join(f"{k}={v[-1]}" for k, v in series.items()),
+                print(f"{kind} round {r + 1} ({time.monotonic() - began:.0f} s): " + " ".join(f"{k}={v[-1]}" for k, v in series.items())
+                      + "".join(f" [{o}: {n}]" for o, n in outcomes.items() if o),
                       file=sys.stderr, flush=True)
     finally:
         archive.stop()

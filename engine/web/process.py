@@ -67,8 +67,42 @@ def _report(control: socket.socket, stop: Callable[[], None]) -> None:
             last = report
 
 
+def in_flight(tasks: set[asyncio.Task]) -> Callable:
+    """A middleware that keeps the task of every request being handled in `tasks` until it
+    is done (its answer written, not only returned by the handler)."""
+    @web.middleware
+    async def track(request: web.Request, handler: Callable) -> web.StreamResponse:
+        task = asyncio.current_task()
+        if task is not None:
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        return await handler(request)
+    return track
+
+
+async def shut_down(runner: web.AppRunner, site: web.BaseSite, tasks: set[asyncio.Task], timeout: float) -> None:
+    """Stop accepting, let the requests in flight finish (at most `timeout`, then cancel them),
+    and only then clean up. aiohttp's own wait for a request in flight (its shutdown_timeout)
+    races that timeout against the handler's end: when both fall due in one turn of the event
+    loop (a loop kept busy, or a pool thread finishing just then) it sets the result of the
+    future it has just cancelled and logs InvalidStateError with a traceback. With nothing
+    in flight left at cleanup, it never waits."""
+    await site.stop()
+    runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their answer
+    if tasks:
+        _done, late = await asyncio.wait(set(tasks), timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("%d request(s) still running %.0f s after the stop: cancelled", len(late), timeout)
+            await asyncio.wait(late, timeout=timeout)
+    await runner.cleanup()
+
+
 async def _serve(config: Config, sock: socket.socket, index: int, control: socket.socket) -> None:
     app = build_app(config)
+    tasks: set[asyncio.Task] = set()
+    app.middlewares.insert(0, in_flight(tasks))
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
     await runner.setup()
@@ -81,7 +115,7 @@ async def _serve(config: Config, sock: socket.socket, index: int, control: socke
                      name="report", daemon=True).start()
     log.info("http process %d serving (pid %d)", index, os.getpid())
     await stop.wait()
-    await runner.cleanup()
+    await shut_down(runner, site, tasks, _SHUTDOWN_TIMEOUT_S)
 
 
 class _ClientErrors(logging.Filter):

@@ -204,8 +204,14 @@ def _elem_at(ds: Dataset, tags: list[int]) -> Any:
     return _elem_at(elem.value[0], tags[1:]) if elem.value else None
 
 
-def search(catalog, search: Search, base: str, ae_title: str, pn_insensitive: bool) -> tuple[list[dict], bool]:
-    """The matches as DICOM JSON (at most `limit`, after `offset`), and whether more remain."""
+_PIECE = 100  # results made into JSON at a time: a large answer is never whole as Python objects
+
+
+def search(catalog, search: Search, base: str, ae_title: str, pn_insensitive: bool) -> tuple[list[bytes], int, bool]:
+    """The matches (at most `limit`, after `offset`) as pieces of one DICOM JSON array, how
+    many, and whether more remain. Made `_PIECE` results at a time, each piece encoded before
+    the next is made: an answer of 1,000 instances with every field held its whole JSON as
+    Python objects at once (about 10 MB), in each of the pool's threads."""
     try:
         request = parse_request(search.identifier, STUDY_ROOT_FIND, relational=True)
         fuzzy = search.fuzzy or pn_insensitive
@@ -214,30 +220,41 @@ def search(catalog, search: Search, base: str, ae_title: str, pn_insensitive: bo
     except QueryError as e:
         raise refusal(400, f"cannot search: {e.comment}") from None
     more = len(page) > search.limit
-    out = []
-    for result in page[:search.limit]:
-        ds = response_identifier(request, result, ae_title, fuzzy)
-        study = str(ds.get("StudyInstanceUID", "") or "")
-        series = str(ds.get("SeriesInstanceUID", "") or "") if search.level != "STUDY" else None
-        sop = str(ds.get("SOPInstanceUID", "") or "") if search.level == "IMAGE" else None
-        obj = dataset_json(ds, None)  # the identifier's elements are raw: converted in one step
-        obj["00081190"] = {"vr": "UR", "Value": [resource_url(base, study, series, sop)]}
-        obj.pop("00080052", None)  # Query/Retrieve Level: C-FIND's, not QIDO's
-        out.append(dict(sorted(obj.items())))
-    return out, more
+    del page[search.limit:]
+    pieces = []
+    for start in range(0, len(page), _PIECE):
+        out = [_match_json(request, result, search.level, base, ae_title, fuzzy)
+               for result in page[start:start + _PIECE]]
+        page[start:start + _PIECE] = [None] * len(out)  # the results made into JSON are let go
+        pieces.append(dumps(out)[1:-1])
+    if pieces:
+        pieces[0] = b"[" + pieces[0]
+        pieces[-1] += b"]"
+    return [p if i == 0 else b"," + p for i, p in enumerate(pieces)], len(page), more
+
+
+def _match_json(request, result, level: str, base: str, ae_title: str, fuzzy: bool) -> dict:
+    ds = response_identifier(request, result, ae_title, fuzzy)
+    study = str(ds.get("StudyInstanceUID", "") or "")
+    series = str(ds.get("SeriesInstanceUID", "") or "") if level != "STUDY" else None
+    sop = str(ds.get("SOPInstanceUID", "") or "") if level == "IMAGE" else None
+    obj = dataset_json(ds, None)  # the identifier's elements are raw: converted in one step
+    obj["00081190"] = {"vr": "UR", "Value": [resource_url(base, study, series, sop)]}
+    obj.pop("00080052", None)  # Query/Retrieve Level: C-FIND's, not QIDO's
+    return dict(sorted(obj.items()))
 
 
 async def _answer(request: web.Request, level: str, fixed: dict[int, str]) -> web.Response:
     config, store = request.app[CONFIG], request.app[STORE]
     wanted = search_of(request, level, fixed, config.qido_max_limit)
     started = time.monotonic()
-    found, more = await store.run(search, store.catalog, wanted, base_url(request), config.aet,
-                                  config.pn_case_insensitive)
+    pieces, found, more = await store.run(search, store.catalog, wanted, base_url(request), config.aet,
+                                          config.pn_case_insensitive)
     process_counts.add("finds")
-    audit.info("QIDO-RS %s from %s: %d match(es) in %.1f ms", level, request.remote, len(found),
+    audit.info("QIDO-RS %s from %s: %d match(es) in %.1f ms", level, request.remote, found,
                (time.monotonic() - started) * 1000,
                extra={"fields": {"event": "find", "door": "dicomweb", "level": level, "peer": request.remote,
-                                 "matches": len(found), "query": request.query_string[:512]}})
+                                 "matches": found, "query": request.query_string[:512]}})
     headers = {}
     warnings = list(wanted.warnings)
     if more:
@@ -246,7 +263,15 @@ async def _answer(request: web.Request, level: str, fixed: dict[int, str]) -> we
         headers["Warning"] = ", ".join(f'299 stowage "{w}"' for w in warnings)
     if not found:
         return web.Response(status=204, headers=headers)
-    return web.Response(body=dumps(found), content_type=MEDIA_TYPE, headers=headers)
+    if len(pieces) == 1:
+        return web.Response(body=pieces[0], content_type=MEDIA_TYPE, headers=headers)
+    response = web.StreamResponse(headers=headers)  # the pieces as they are, never joined into one body
+    response.content_type = MEDIA_TYPE
+    await response.prepare(request)
+    while pieces:
+        await response.write(pieces.pop(0))
+    await response.write_eof()
+    return response
 
 
 def search_of(request: web.Request, level: str, fixed: dict[int, str], max_limit: int) -> Search:
