@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Iterable
+from typing import Iterable, Sequence
+
+import numpy as np
 
 _TWO_UINT64 = struct.Struct("<QQ").unpack  # the 128-bit digest as two little-endian halves
 _blake2b = hashlib.blake2b
@@ -23,6 +25,18 @@ def positions(uid: str, bits: int, hashes: int) -> tuple[int, ...]:
         m = bits - 1
         return h1 & m, (h1 + h2) & m, (h1 + 2 * h2) & m, (h1 + 3 * h2) & m
     return tuple((h1 + i * h2) % bits for i in range(hashes))
+
+
+def positions_array(uids: Sequence[str], bits: int, hashes: int) -> np.ndarray:
+    """`positions` of every UID at once, as a (len(uids), hashes) uint64 array: one digest
+    per UID, the arithmetic done by numpy (a seal's thousands of UIDs). `bits` must be a
+    power of two: then uint64 wrap-around leaves the masked bits as Python's ints have them."""
+    if bits & (bits - 1):
+        raise ValueError("positions_array needs a power-of-two filter size")
+    digests = b"".join([_blake2b(uid.encode(), digest_size=16).digest() for uid in uids])
+    h = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+    steps = np.arange(hashes, dtype=np.uint64)
+    return (h[:, :1] + steps * h[:, 1:]) & np.uint64(bits - 1)
 
 
 class UidFilter:

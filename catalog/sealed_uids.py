@@ -16,10 +16,11 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import psutil
 import pyarrow.parquet as pq
 
-from stowage.catalog.bloom import UidFilter, positions
+from stowage.catalog.bloom import UidFilter, positions, positions_array
 from stowage.catalog.manifest import MANIFEST, Manifest
 from stowage.catalog.manifest import load as load_manifest
 
@@ -69,41 +70,57 @@ class SealedUids(UidFilter):
     def add(self, uid: str) -> None:
         self.update((uid,))
 
-    def update(self, uids: Iterable[str]) -> None:
-        """Set the bits of `uids`. A seal adds thousands, whose bits fall on nearly every
-        page of the filter: changed bytes closer than a page are written as one span (read,
-        OR, write back), so a large seal writes the filter in a few large writes instead
-        of a pwrite per bit; the pages would all be written back by `sync` anyway."""
-        bits, k = self._bits, self._k
-        masks: dict[int, int] = {}
-        for uid in uids:
-            for p in positions(uid, bits, k):
-                index = p >> 3
-                masks[index] = masks.get(index, 0) | 1 << (p & 7)
-        indices = sorted(masks)
-        i = 0
-        while i < len(indices):
-            j = i + 1
-            while j < len(indices) and indices[j] - indices[j - 1] <= _SPAN_GAP:
-                j += 1
-            self._set_span(indices[i], indices[j - 1] + 1, indices[i:j], masks)
-            i = j
+    def update(self, uids: Iterable[str]) -> list[str]:
+        """Set the bits of `uids`; return those that may have been in the filter already,
+        or that repeat (or collide with) an earlier one of `uids`: the UIDs a seal must
+        look up. Each UID is hashed once, for both answers, and the rest is numpy.
 
-    def _set_span(self, start: int, end: int, indices: list[int], masks: dict[int, int]) -> None:
-        """OR masks into the bytes [start, end) of the bit array, written only if one changed."""
-        span = bytearray(os.pread(self._fd, end - start, _HEAD + start))
-        span.extend(bytes(end - start - len(span)))  # past the end of a short file: zeros
-        changed = False
-        for index in indices:
-            old = span[index - start]
-            new = old | masks[index]
-            if new != old:
-                span[index - start] = new
-                changed = True
-        if changed:
-            view = memoryview(span)
-            while view:
-                view = view[os.pwrite(self._fd, view, _HEAD + start + len(span) - len(view)):]
+        A seal adds thousands, whose bits fall on nearly every page of the filter: changed
+        bytes closer than a page are read and written as one span, so a large seal writes
+        the filter in a few large writes instead of a pwrite per bit; the pages would all
+        be written back by `sync` anyway."""
+        uids = list(uids)
+        if not uids:
+            return []
+        k = self._k
+        flat = positions_array(uids, self._bits, k).ravel()
+        # each distinct bit once; the UID that names it first
+        bit_at, first, per_flat = np.unique(flat, return_index=True, return_inverse=True)
+        byte_of = (bit_at >> np.uint64(3)).astype(np.int64)
+        mask_of = np.left_shift(np.uint8(1), (bit_at & np.uint64(7)).astype(np.uint8))
+        starts = np.flatnonzero(np.r_[True, byte_of[1:] != byte_of[:-1]])
+        touched = byte_of[starts]  # each changed byte once, ascending
+        byte_index = np.cumsum(np.r_[True, byte_of[1:] != byte_of[:-1]]) - 1  # bit -> its entry in touched
+        masks = np.bitwise_or.reduceat(mask_of, starts)
+        old = np.empty(len(touched), np.uint8)
+        spans = []
+        breaks = np.flatnonzero(np.diff(touched) > _SPAN_GAP) + 1
+        for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(touched)].tolist()):
+            start = int(touched[a])
+            span = self._read_span(start, int(touched[b - 1]) + 1)
+            at = touched[a:b] - start
+            old[a:b] = span[at]
+            spans.append((start, span, at, a, b))
+        was_set = (old[byte_index] & mask_of) != 0
+        earlier = (first // k)[per_flat.ravel()] < np.arange(len(flat)) // k
+        seen = (was_set[per_flat.ravel()] | earlier).reshape(-1, k).all(axis=1)
+        for start, span, at, a, b in spans:
+            new = span[at] | masks[a:b]
+            if (new != span[at]).any():
+                span[at] = new
+                self._write_span(start, span)
+        return [uid for uid, s in zip(uids, seen.tolist()) if s]
+
+    def _read_span(self, start: int, end: int) -> np.ndarray:
+        """The bytes [start, end) of the bit array, writable; zeros past a short file's end."""
+        data = bytearray(os.pread(self._fd, end - start, _HEAD + start))
+        data.extend(bytes(end - start - len(data)))
+        return np.frombuffer(data, np.uint8)
+
+    def _write_span(self, start: int, span: np.ndarray) -> None:
+        view = memoryview(span)
+        while view:
+            view = view[os.pwrite(self._fd, view, _HEAD + start + len(span) - len(view)):]
 
     def sync(self) -> None:
         os.fsync(self._fd)

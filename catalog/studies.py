@@ -15,6 +15,7 @@ before summaries existed) is summarised on the fly from its rows.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import duckdb
@@ -47,14 +48,29 @@ COLUMNS = ("study_instance_uid", *ATTRIBUTES, "instances", "series", "modalities
            "header", "transfer_syntax_uid")
 
 
+_con: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (pid, connection) for summaries
+_con_lock = threading.Lock()
+
+
+def summarise(table: pa.Table) -> pa.Table:
+    """The summary rows of `table`, by study. One in-memory DuckDB connection per process
+    serves every seal: opening one costs about 20 ms of CPU, which a worker that seals
+    every time it goes quiet paid per seal (docs/benchmarks.md)."""
+    global _con
+    with _con_lock:
+        if _con is None or _con[0] != os.getpid():
+            _con = (os.getpid(), duckdb.connect(":memory:", config={"threads": 1}))
+        con = _con[1]
+        con.register("rows_", table)
+        try:
+            return con.sql(summary_sql("rows_") + " ORDER BY study_instance_uid").to_arrow_table()
+        finally:
+            con.unregister("rows_")
+
+
 def write(directory: Path, name: str, table: pa.Table) -> None:
     """Write the summary of `table` (the rows of sealed file `name`), durably."""
-    con = duckdb.connect(":memory:", config={"threads": 1})
-    try:
-        con.register("rows_", table)
-        summary = con.sql(summary_sql("rows_") + " ORDER BY study_instance_uid").to_arrow_table()
-    finally:
-        con.close()
+    summary = summarise(table)
     target = directory / companion(name)
     tmp = directory / f".{target.name}.tmp"
     pq.write_table(summary, tmp, compression="zstd", row_group_size=65536, write_statistics=True)

@@ -72,13 +72,9 @@ def note_sealed(directory: Path, m: Manifest, table: pa.Table) -> None:
     under the manifest lock, before the manifest is stored."""
     f = open_filter(directory, m)
     try:
-        uids = table["sop_instance_uid"].to_pylist()
-        maybe: set[str] = set()
-        seen: set[str] = set()
-        for uid in uids:
-            if uid in seen or uid in f:
-                maybe.add(uid)
-            seen.add(uid)
+        # bits first, then the lookups: a failure in between leaves extra bits (allowed),
+        # never missing ones; each UID hashed once for both
+        maybe = set(f.update(table["sop_instance_uid"].to_pylist()))
         if maybe:
             candidates = sorted(maybe)
             mine = table.filter(pc.is_in(table["sop_instance_uid"], value_set=pa.array(candidates, pa.string())))
@@ -88,7 +84,6 @@ def note_sealed(directory: Path, m: Manifest, table: pa.Table) -> None:
                 if m.duplicates:
                     m.retired[m.duplicates] = time.time()
                 m.duplicates = write_versions(directory, versions)
-        f.update(uids)
         f.sync()
     finally:
         f.close()
