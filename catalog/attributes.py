@@ -172,19 +172,19 @@ def extract(dataset: bytes | memoryview, transfer_syntax_uid: str, max_inflated_
         buf = buf.cast("B") if buf.c_contiguous else memoryview(buf.tobytes())
     uid = transfer_syntax_uid.strip(" \x00")
     mode = _syntax(uid)
-    raw = None
-    header: bytes | None = None
     if mode != "slow":
         cut = _Cut()
         try:
-            raw = _scan(buf, implicit=mode == "implicit", cut=cut, max_depth=max_nesting_depth)
-            header = cut.bytes_of(buf)
+            found = _scan(buf, implicit=mode == "implicit", cut=cut, max_depth=max_nesting_depth)
         except _Fallback:
             pass
         except (_TooDeep, RecursionError):  # RecursionError: a max_nesting_depth above what Python's stack holds
             raise too_deep(max_nesting_depth) from None
-    if raw is None:
-        raw, header = _slow_path(dataset, uid, max_inflated_bytes, max_nesting_depth)
+        else:
+            result = _found_to_strings(buf, found)
+            result[HEADER] = cut.bytes_of(buf)
+            return result
+    raw, header = _slow_path(dataset, uid, max_inflated_bytes, max_nesting_depth)
     result = _to_strings(raw)
     result[HEADER] = header
     return result
@@ -209,23 +209,28 @@ def _syntax(uid: str) -> str:
         return "explicit"
 
 
-def _scan(buf: memoryview, implicit: bool, cut: _Cut | None = None, max_depth: int = MAX_NESTING_DEPTH) -> Raw:
-    """Raw wanted values of a little-endian data set; raises _Fallback on anything odd,
-    _TooDeep on undefined-length sequences nested deeper than `max_depth`.
+Found = dict[int, tuple[int, int, int]]  # tag -> (VR code, 0 when implicit; value start; value end)
+
+
+def _scan(buf: memoryview, implicit: bool, cut: _Cut | None = None, max_depth: int = MAX_NESTING_DEPTH) -> Found:
+    """Where the wanted values of a little-endian data set are; raises _Fallback on
+    anything odd, _TooDeep on undefined-length sequences nested deeper than `max_depth`.
 
     With `cut`, also walks on to the pixel data and records there where the header ends
     and which bulk elements it leaves out."""
     if _looks_explicit(buf) == implicit:
         raise _Fallback("the data set's VR encoding differs from its transfer syntax")
-    found: dict[int, tuple[int, int, int]] = {}
+    found: Found = {}
     end = _walk(buf, 0, implicit, _MAX_TAG if cut is None else _HEADER_LIMIT, found, cut, max_depth)
     if cut is not None:
         cut.end = end
-    raw: Raw = {}
-    for tag, (vr, start, end) in found.items():
-        name = _DICTIONARY_VR[tag] if vr == _UN or not vr else _VR_BY_CODE[vr]
-        raw[tag] = (name, bytes(buf[start:end]))
-    return raw
+    return found
+
+
+def _raw(buf: memoryview, found: Found) -> Raw:
+    """The found values as (VR name, bytes)."""
+    return {tag: (_DICTIONARY_VR[tag] if vr == _UN or not vr else _VR_BY_CODE[vr], bytes(buf[start:end]))
+            for tag, (vr, start, end) in found.items()}
 
 
 def _looks_explicit(buf: memoryview) -> bool:
@@ -547,6 +552,24 @@ def _past_wanted(tag: int, vr: str | None, length: int) -> bool:
 
 
 # --- decoding ------------------------------------------------------------------------
+
+
+def _found_to_strings(buf: memoryview, found: Found) -> dict[str, str | None]:
+    """What _to_strings(_raw(buf, found)) gives, without the bytes and tuples between:
+    the scanner's values decoded straight from the data set (the store path's case)."""
+    result: dict[str, str | None] = dict.fromkeys(_COLUMN_NAMES)
+    obj = buf.obj
+    data = obj if type(obj) is bytes and len(obj) == len(buf) else buf  # slicing bytes: one copy, no view
+    charset = found.get(_CHARSET_TAG)
+    decode_text = _text_decoder(_tidy(str(data[charset[1]:charset[2]], "latin-1"), "CS") if charset else None)
+    for tag, (vr, start, end) in found.items():
+        name = _DICTIONARY_VR[tag] if vr == _UN or not vr else _VR_BY_CODE[vr]
+        if name in _TEXT_VRS and decode_text is not _latin1:
+            text = decode_text(bytes(data[start:end]))
+        else:
+            text = str(data[start:end], "latin-1")
+        result[_COLUMN_OF[tag]] = _tidy(text, name)
+    return result
 
 
 def _to_strings(raw: Raw) -> dict[str, str | None]:

@@ -201,7 +201,8 @@ def test_big_endian_and_deflated_take_the_slow_path(name: str, slow_only: None) 
                                   "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"])
 def test_scan_reads_little_endian_files_without_falling_back(name: str) -> None:
     syntax, body = _split_file(get_testdata_file(name))
-    raw = attributes._scan(memoryview(body), implicit=syntax == ImplicitVRLittleEndian)
+    buf = memoryview(body)
+    raw = attributes._raw(buf, attributes._scan(buf, implicit=syntax == ImplicitVRLittleEndian))
     vr, sop_instance_uid = raw[0x00080018]
     assert vr == "UI" and sop_instance_uid.rstrip(b"\x00")
 
