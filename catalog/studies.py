@@ -15,11 +15,10 @@ before summaries existed) is summarised on the fly from its rows.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SUFFIX = ".studies.parquet"
@@ -48,24 +47,26 @@ COLUMNS = ("study_instance_uid", *ATTRIBUTES, "instances", "series", "modalities
            "header", "transfer_syntax_uid")
 
 
-_con: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (pid, connection) for summaries
-_con_lock = threading.Lock()
+_ONLY_VALID = pc.CountOptions(mode="only_valid")
+_AGGREGATES = ([(c, "max") for c in ATTRIBUTES] + [([], "count_all")]
+               + [(c, "distinct", _ONLY_VALID) for c in ("series_instance_uid", "modality", "sop_class_uid")]
+               + [("received_at", "max"), ("header", "last"), ("transfer_syntax_uid", "last")])
+_NAMES = {**{f"{c}_max": c for c in ATTRIBUTES}, "count_all": "instances", "series_instance_uid_distinct": "series",
+          "modality_distinct": "modalities", "sop_class_uid_distinct": "sop_classes", "received_at_max": "received_at",
+          "header_last": "header", "transfer_syntax_uid_last": "transfer_syntax_uid"}
 
 
 def summarise(table: pa.Table) -> pa.Table:
-    """The summary rows of `table`, by study. One in-memory DuckDB connection per process
-    serves every seal: opening one costs about 20 ms of CPU, which a worker that seals
-    every time it goes quiet paid per seal (docs/benchmarks.md)."""
-    global _con
-    with _con_lock:
-        if _con is None or _con[0] != os.getpid():
-            _con = (os.getpid(), duckdb.connect(":memory:", config={"threads": 1}))
-        con = _con[1]
-        con.register("rows_", table)
-        try:
-            return con.sql(summary_sql("rows_") + " ORDER BY study_instance_uid").to_arrow_table()
-        finally:
-            con.unregister("rows_")
+    """The summary rows of `table`, by study, as summary_sql computes them (max skips
+    nulls, the lists hold distinct non-null values, header and transfer syntax are the
+    newest row's non-null ones, like DuckDB's arg_max), ordered by study. With pyarrow's
+    group-by: a DuckDB connection cost a seal about 20 ms of CPU to open and 6.6 ms to
+    run the query, whatever the seal's size (docs/benchmarks.md)."""
+    t = table.select(["study_instance_uid", *ATTRIBUTES, "series_instance_uid", "modality", "sop_class_uid",
+                      "received_at", "header", "transfer_syntax_uid"]).sort_by([("received_at", "ascending", "at_start")])
+    g = t.group_by("study_instance_uid", use_threads=False).aggregate(_AGGREGATES)  # in order: "last" is the newest
+    return g.rename_columns([_NAMES.get(n, n) for n in g.column_names]).select(list(COLUMNS)).sort_by(
+        "study_instance_uid")
 
 
 def write(directory: Path, name: str, table: pa.Table) -> None:

@@ -188,3 +188,36 @@ def test_tail_uids_are_found_whatever_else_a_row_holds_and_wherever_a_read_stops
         got += learner.read()
         assert [u for u in got if u != "1.9"] == uids, cut
         assert learner.read() == []
+
+
+def test_a_sealed_files_study_summary_is_what_the_readers_sql_makes_of_its_rows():
+    """catalog.studies summarises a seal with pyarrow; readers summarise tails and files
+    without a summary with studies.summary_sql in DuckDB: both must agree, nulls included."""
+    import duckdb
+
+    from stowage.catalog import studies
+
+    def r(uid, study, series, modality, at, header, patient=None, date=None):
+        x = row(uid, "000-00000001.seg", int(uid.split(".")[-1]) * 10, at, patient=patient)
+        x.update(study_instance_uid=study, series_instance_uid=series, modality=modality, header=header,
+                 study_date=date, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax_uid=f"ts{at}")
+        return x
+    table = pa.Table.from_pylist([
+        r("1.1", "2.1", "3.1", "MR", 5, b"old", "P1", "20240101"),
+        r("1.2", "2.1", "3.2", None, 9, None, None, "20250101"),   # newest, but no header: the older one's is kept
+        r("1.3", "2.1", "3.1", "SR", 7, b"mid", "P0", None),
+        r("1.4", "2.2", "3.9", None, 1, None),                      # nothing but nulls to summarise
+    ], schema=SCHEMA)
+    mine = studies.summarise(table)
+    con = duckdb.connect()
+    con.register("t", table)
+    theirs = con.sql(studies.summary_sql("t") + " ORDER BY study_instance_uid").to_arrow_table()
+    con.close()
+    assert mine.column_names == list(studies.COLUMNS) == theirs.column_names
+    for name in studies.COLUMNS:
+        a, b = mine[name].to_pylist(), theirs[name].to_pylist()
+        if name in ("series", "modalities", "sop_classes"):
+            a, b = [sorted(v) for v in a], [sorted(v) for v in b]
+        assert a == b, name
+    assert mine["header"].to_pylist() == [b"mid", None] and mine["instances"].to_pylist() == [3, 1]
+    assert sorted(mine["modalities"].to_pylist()[0]) == ["MR", "SR"] and mine["modalities"].to_pylist()[1] == []
