@@ -36,6 +36,10 @@ class Manifest:
     # {key, size, sha256, checksum, at}; "gone": true once a compaction retired it (its
     # object is then deleted). Only a segment named here may lose its local copy.
     uploaded: dict[str, dict] = field(default_factory=dict)
+    # Segments a compaction replaced while Iceberg publication is on -> 0.0 until the
+    # publisher committed the relocation of their rows (engine/iceberg/relocations.py),
+    # then the time it did; their objects stay in the bucket until compact_grace after that.
+    relocations: dict[str, float] = field(default_factory=dict)
 
     def sealed_upto(self, segment: str) -> int:
         return self.watermarks.get(segment, 0)
@@ -49,7 +53,7 @@ def load(directory: Path) -> Manifest:
         return Manifest()
     return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"],
                     d.get("uid_filter", ""), d.get("duplicates", ""), d.get("retired_segments", {}),
-                    d.get("outbox"), d.get("uploaded", {}))
+                    d.get("outbox"), d.get("uploaded", {}), d.get("relocations", {}))
 
 
 def _store(directory: Path, m: Manifest) -> None:
@@ -58,6 +62,7 @@ def _store(directory: Path, m: Manifest) -> None:
         json.dump({"files": m.files, "watermarks": m.watermarks, "retired": m.retired,
                    "generation": m.generation, "uid_filter": m.uid_filter, "duplicates": m.duplicates,
                    "retired_segments": m.retired_segments, "uploaded": m.uploaded,
+                   **({"relocations": m.relocations} if m.relocations else {}),
                    **({"outbox": m.outbox} if m.outbox is not None else {})}, f)
         f.flush()
         os.fsync(f.fileno())

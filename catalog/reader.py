@@ -54,13 +54,15 @@ class Catalog:
     REOPEN_RETIRED: int | None = 128  # see _stale; None: never reopen
 
     def __init__(self, directory: Path, duplicates: str = "keep-newest", threads: int = 1,
-                 tombstones_dir: Path | None = None, cluster: bool = False) -> None:
+                 tombstones_dir: Path | None = None, cluster: bool = False, view_deletions: bool = False) -> None:
         """`cluster`: also the other nodes' instances and deletions of the node's view
         (catalog/cluster_view.py), for the readers that answer for the whole archive
         (query, retrieval, commitment, delete); never for those that manage this node's
-        own segments (compaction, verify, quota)."""
+        own segments (verify, quota). `view_deletions`: this node's records only, hidden by
+        the view's deletions too (compaction: what another node deleted is dead here)."""
         self.directory = directory
-        self.view_dir = directory.parent / cluster_view.DIRECTORY if cluster else None
+        self.view_dir = directory.parent / cluster_view.DIRECTORY if cluster or view_deletions else None
+        self._deletions_only = view_deletions and not cluster
         self._view = cluster_view.View()
         self._view_stamp: tuple | None = None
         self._view_files: list[str] = []      # the view's instance files (absolute paths)
@@ -330,6 +332,8 @@ class Catalog:
             return False
         self._view_stamp = stamp
         view = cluster_view.load(self.view_dir)
+        if self._deletions_only:  # the deletions only: no instances, no versions of other nodes
+            view.instances, view.versions = {}, ""
         changed = view.generation != self._view.generation or sorted(view.instances) != sorted(self._view.instances)
         if view.versions != self._view.versions:
             self._view_versions = versions_table.VERSIONS_SCHEMA.empty_table() if not view.versions else \

@@ -124,6 +124,8 @@ def commit(directory: Path, rewritten: list[Rewritten], segments: list[str], new
             m.watermarks[new_segment] = new_size
         for seg in segments:
             m.retired_segments[seg] = now
+            if m.outbox is not None:  # published to Iceberg: its rows there must follow (engine/iceberg)
+                m.relocations[seg] = 0.0
 
 
 def orphans(directory: Path, prefix: str, m: manifest.Manifest) -> list[Path]:

@@ -139,6 +139,14 @@ class Acceptor:
             restore_from_bucket(self.config)  # a node's data directory lost: its uploaded segments found again
         except RestoreError as e:
             raise ServeError(str(e)) from None
+        if self.config.iceberg_catalog and self.config.storage:  # and its deletions, from the Iceberg table
+            from stowage.engine.iceberg.restore import DeletionsUnknown, restore_if_lost
+            try:
+                restore_if_lost(self.config)
+            except DeletionsUnknown as e:
+                raise ServeError(f"{e}: this data directory was lost, and serving before its deletions are found "
+                                 "again would show deleted instances; start again once the catalog is reachable") \
+                    from None
         try:
             recovered = recover(self.config.data_dir)
         except OSError as e:

@@ -5,8 +5,10 @@ warehouse in one bucket), one SQLite Iceberg catalog file shared by two `stowage
 nodes, Debian's HAProxy in front of them, DCMTK storescu/findscu/movescu/getscu and a DCMTK
 storescp as the C-MOVE destination. What a user checks: what went in through the balancer
 is found on each node; a study node A stored is moved and got from node B byte for byte;
-a delete on A blinds B; the same SOP Instance UID sent to both nodes is served once, as the
-duplicates policy says; and a node killed mid-ingest loses no acknowledged instance.
+a delete on A blinds B; the same SOP Instance UID sent to both nodes is served once, as
+the duplicates policy says; a node killed mid-ingest loses no acknowledged instance; after
+A compacts, B still gets A's moved records, and A's compaction reclaims A's records that B
+deleted; a node whose disk is lost keeps its deletions and publishes none of its rows twice.
 Every wait is bounded by BOUND: the nodes' cluster_refresh and iceberg_interval are 0.5 s
 here, so the view is seconds old at most, and BOUND leaves room for a loaded machine.
 """
@@ -22,6 +24,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 from pynetdicom import AE
@@ -49,7 +53,7 @@ port = {{dest_port}}
 class Pair:
     def __init__(self, tmp: Path, s3) -> None:
         self.tmp = tmp
-        self.bucket = s3.new_bucket("nodes")
+        self.s3, self.bucket = s3, s3.new_bucket("nodes")
         self.dest_port, self.dest_out = free_port(), tmp / "dest"
         self.dest_out.mkdir()
         self.dest = subprocess.Popen([dcmtk("storescp"), "+B", "-aet", "DEST", "-od", str(self.dest_out),
@@ -62,6 +66,8 @@ class Pair:
                   # sealed and uploaded within about a second, as a quiet node's would be
                   "STOWAGE_SEGMENT_MAX_AGE": "0.5", "STOWAGE_SEAL_INTERVAL": "0.2", "STOWAGE_UPLOAD_INTERVAL": "0.2",
                   "STOWAGE_SCRUB_RATE": "0", "STOWAGE_COMPACT_INTERVAL": "0",
+                  # a compacted-away segment's object goes a second after the table's rows follow it
+                  "STOWAGE_COMPACT_GRACE": "1",
                   "STOWAGE_ICEBERG_CATALOG": f"sqlite:///{tmp / 'iceberg.db'}",
                   "STOWAGE_ICEBERG_WAREHOUSE": f"s3://{self.bucket}/warehouse",
                   "STOWAGE_ICEBERG_INTERVAL": "0.5", "STOWAGE_CLUSTER_REFRESH": "0.5"}
@@ -354,3 +360,122 @@ def test_a_node_killed_mid_ingest_loses_no_acknowledged_instance(pair, tmp_path)
             _r, got = getscu(node.port, tmp_path / f"k-{node.port}", QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
             return set(acked) <= set(got) and all(got[u] == sent[u] for u in acked)
         wait_for(everything_back, BOUND, lambda: f"every acknowledged instance from {node.port}\n{pair.logs()}", 1.0)
+
+
+def _places(node: Server, study: str) -> dict[str, str]:
+    """SOP Instance UID -> segment of the node's own records of `study` (deleted ones too), as its catalog says."""
+    from stowage.catalog.reader import Catalog
+    catalog = Catalog(node.data_dir / "catalog")
+    try:
+        return dict(catalog.execute("SELECT sop_instance_uid, segment FROM records WHERE study_instance_uid = ?",
+                                    [study])[1])
+    finally:
+        catalog.close()
+
+
+def test_after_a_compacts_b_gets_the_moved_records_byte_exact(pair, tmp_path):
+    """Store on a; delete some instances on a and some on b (b's deletion of a's records
+    reaches a through the deletions table), in every segment that holds two or more, so
+    that each keeps live records and loses dead ones; compact on a: its compaction drops
+    them all, copies the rest into a new segment, the instances table is rewritten to
+    match, and the old segments' objects are deleted. b then gets the rest from the new
+    segment, byte for byte, and finds none of the deleted."""
+    from stowage.catalog import manifest
+    a, b = pair.nodes["a"], pair.nodes["b"]
+    files = own_study(copies(CT, tmp_path / "compact", 10, "cmp"))
+    sent = by_uid(files)
+    study = study_of(files)
+    store_exact(a.port, files)
+    wait_for(lambda: instances_on(b.port, study) == set(sent), BOUND, lambda: f"b sees a's study\n{pair.logs()}", 0.5)
+    before = _places(a, study)
+    groups: dict[str, list[str]] = {}
+    for uid, seg in sorted(before.items()):
+        groups.setdefault(seg, []).append(uid)
+    dead = [u for g in groups.values() if len(g) > 1 for u in g[:len(g) // 2]]
+    on_a, on_b = dead[0::2], dead[1::2]
+    assert on_a and on_b, f"a's segments hold the study's records one by one: {groups}"
+    wait_for(lambda: set(groups) <= set(manifest.load(a.data_dir / "catalog").uploaded), BOUND,
+             lambda: f"a's segments {sorted(groups)} uploaded\n{pair.logs()}", 0.5)
+    for node, gone in (("a", on_a), ("b", on_b)):
+        r = pair.stowage(node, "delete", "--yes", "--instance", ",".join(gone))
+        assert r.returncode == 0, r.stdout + r.stderr
+    kept = set(sent) - set(dead)
+    wait_for(lambda: instances_on(a.port, study) == kept, BOUND, lambda: f"a hides b's deletions\n{pair.logs()}", 0.5)
+    r = pair.stowage("a", "compact", "--ratio", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = _places(a, study)
+    assert set(after) == kept, "the deleted records dropped, b's deletions too"
+    replaced = {before[u] for u in dead}
+    assert not replaced & set(after.values()) and all(after[u].startswith("999-") for u in kept
+                                                      if before[u] in replaced), (before, after)
+    objects = {n: e["key"] for n, e in manifest.load(a.data_dir / "catalog").uploaded.items() if n in replaced}
+    assert set(objects) == replaced
+
+    def deleted_from_bucket() -> bool:  # relocated in the table, purged by a compaction pass, deleted
+        if not set(objects.values()) & set(pair.s3.objects(pair.bucket)):
+            return True
+        m = manifest.load(a.data_dir / "catalog")
+        if not any(not m.relocations.get(s) for s in replaced if s in m.relocations) \
+                and replaced & set(m.retired_segments):
+            r = pair.stowage("a", "compact", "--ratio", "1")
+            assert r.returncode == 0, r.stdout + r.stderr
+        return False
+    wait_for(deleted_from_bucket, BOUND, lambda: f"a's old segments' objects deleted\n{pair.logs()}", 1.0)
+    got: dict[str, bytes] = {}
+
+    def all_got() -> bool:
+        nonlocal got
+        _r, got = getscu(b.port, tmp_path / "get", QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+        return set(got) == kept
+    wait_for(all_got, BOUND, lambda: f"C-GET from b of a's compacted study: {sorted(got)}\n{pair.logs()}", 0.5)
+    assert got == {u: sent[u] for u in kept}, "the datasets a received, byte for byte, from the new segment"
+    assert instances_on(b.port, study) == kept
+
+
+def test_a_node_that_lost_its_disk_keeps_its_deletions_and_publishes_nothing_twice(pair, tmp_path):
+    """Node a's data directory deleted after its segments were uploaded and its rows and
+    deletions published: started again on an empty one, it finds its deletions in the
+    Iceberg deletions table (the deleted instance stays deleted) and adds none of the rows
+    the instances table already holds for it again."""
+    from stowage.catalog import iceberg_outbox, manifest
+    from stowage.engine.iceberg.tables import open_catalog
+    from stowage.engine.runtime import config as configuration
+    a, b = pair.nodes["a"], pair.nodes["b"]
+    files = own_study(copies(MR, tmp_path / "lost", 4, "lost"))
+    sent = by_uid(files)
+    study = study_of(files)
+    store_exact(a.port, files)
+    uids = sorted(sent)
+    r = pair.stowage("a", "delete", "--yes", "--instance", uids[0])
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: instances_on(b.port, study) == set(uids[1:])
+             and set(_places(a, study).values()) <= set(manifest.load(a.data_dir / "catalog").uploaded), BOUND,
+             lambda: f"a's rows and deletion published, its segments uploaded\n{pair.logs()}", 0.5)
+    a.kill()
+    shutil.rmtree(a.data_dir)
+    a.start()
+    assert "deletion(s) of node a in stowage.deletions" in a.log(), a.log()[-3000:]
+    assert instances_on(a.port, study) == set(uids[1:]), "deleted before the loss, deleted after it"
+    catalog_dir = a.data_dir / "catalog"
+    wait_for(lambda: iceberg_outbox.enabled(catalog_dir) and not iceberg_outbox.pending(catalog_dir), BOUND,
+             lambda: f"a's re-indexed files through its publisher\n{pair.logs()}", 0.5)
+    env = pair.env["a"]  # the bucket's credentials in the configuration (this process has no AWS_*)
+    cfg = configuration.load(env={**env, "STOWAGE_DATA_DIR": str(a.data_dir), "STOWAGE_S3_ACCESS_KEY":
+                                  env["AWS_ACCESS_KEY_ID"], "STOWAGE_S3_SECRET_KEY": env["AWS_SECRET_ACCESS_KEY"]}
+                             ).validate()
+    table = open_catalog(cfg).load_table(f"{cfg.iceberg_namespace}.instances")
+    places: list[tuple[str, int]] = []
+    study_rows: list[str] = []
+    for path in table.inspect.data_files()["file_path"].to_pylist():
+        if "/data/a/" not in path:
+            continue
+        with table.io.new_input(path).open() as f:
+            rows = pq.read_table(pa.BufferReader(f.read()), columns=["segment", "offset", "study_instance_uid",
+                                                                     "sop_instance_uid"])
+        places += zip(rows["segment"].to_pylist(), rows["offset"].to_pylist())
+        study_rows += [u for u, s in zip(rows["sop_instance_uid"].to_pylist(), rows["study_instance_uid"].to_pylist())
+                       if s == study]
+    assert places and len(places) == len(set(places)), "a record of a's in the instances table twice"
+    assert sorted(study_rows) == uids, "each record once, the deleted one's row too (its deletion hides it)"
+    deletions = open_catalog(cfg).load_table(f"{cfg.iceberg_namespace}.deletions").scan().to_arrow()
+    assert deletions["sop_instance_uid"].to_pylist().count(uids[0]) == 1, "the deletion published once"

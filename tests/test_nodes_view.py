@@ -149,6 +149,45 @@ def test_an_expired_snapshot_reads_the_table_whole(two):
         assert pq.ParquetFile(cluster_view.directory(nodes["node-b"]) / name).metadata.num_rows == 1
 
 
+def test_a_compaction_is_relocated_in_the_table_and_in_the_other_views(two):
+    """The catalog side of a compaction on node a (catalog/relocate.py, as compaction calls
+    it), published as one overwrite of a's data files (engine/iceberg/relocations.py): a
+    reader of the table and b's view find a's live records in the new segment at their new
+    offsets, the dropped one nowhere; a record in a segment not compacted stays put."""
+    from stowage.catalog import manifest, relocate
+    nodes, publish, refresher, uri = two
+    a = nodes["node-a"]
+    _seal(a, ["6.1", "6.2", "6.3"], "9.6")                          # 000-00000001.seg, offsets 0, 100, 200
+    _seal(a, ["6.9"], "9.6", at=T0 + 9, segment="000-00000002.seg")
+    publish("node-a")
+    b = refresher("node-b")
+    b.refresh()
+    old = sorted(cluster_view.load(cluster_view.directory(nodes["node-b"])).instances)
+    # 6.2 dead (dropped), 6.1 and 6.3 copied into 999-00000001.seg
+    moves = {("000-00000001.seg", 0): 0, ("000-00000001.seg", 200): 100}
+    catalog_dir = a / "catalog"
+    files = relocate.holding(catalog_dir, sorted(manifest.load(catalog_dir).files), ["000-00000001.seg"])
+    rewritten = relocate.rewrite(catalog_dir, files, ["000-00000001.seg"], "999-00000001.seg", moves, "compact-t-")
+    relocate.commit(catalog_dir, rewritten, ["000-00000001.seg"], "999-00000001.seg", 200, moves, "compact-t-")
+    assert manifest.load(catalog_dir).relocations == {"000-00000001.seg": 0.0}
+    publish("node-a")
+    assert manifest.load(catalog_dir).relocations == {}, "relocated; never uploaded, so nothing to keep"
+    table = _catalog(uri).load_table("stowage.instances")
+    assert table.current_snapshot().summary.operation.value == "overwrite"
+    rows = table.scan(selected_fields=("sop_instance_uid", "segment", "offset")).to_arrow().sort_by("sop_instance_uid")
+    assert rows.to_pylist() == [{"sop_instance_uid": "6.1", "segment": "999-00000001.seg", "offset": 0},
+                                {"sop_instance_uid": "6.3", "segment": "999-00000001.seg", "offset": 100},
+                                {"sop_instance_uid": "6.9", "segment": "000-00000002.seg", "offset": 0}]
+    done = b.refresh()
+    view = cluster_view.load(cluster_view.directory(nodes["node-b"]))
+    assert done.instance_files == 1 and view.rows == 3
+    assert len(set(old) & set(view.instances)) == 1 and len(view.instances) == 2, "the rewritten file replaced"
+    _c, got = Catalog(nodes["node-b"] / "catalog", cluster=True).execute(
+        "SELECT sop_instance_uid, segment, \"offset\" FROM instances ORDER BY 1")
+    assert got == [("6.1", "@node-a/999-00000001.seg", 0), ("6.3", "@node-a/999-00000001.seg", 100),
+                   ("6.9", "@node-a/000-00000002.seg", 0)]
+
+
 @pytest.mark.parametrize("value", ["000-00000001.seg", "@../x.seg", "@a/../x.seg", "@a/b/c.seg", "@./x.seg",
                                    "@a/x.txt", "@a b/x.seg", "@a/.x.seg"])
 def test_a_segment_value_names_another_node_only_safely(value):

@@ -5,7 +5,7 @@ of the whole archive (issue #24, several nodes as one archive): refresh = fetch 
 `added_since` names, fold it into the local view, remember the snapshot id."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,11 +18,13 @@ class Added:
     files: list[str]            # data files added after the given snapshot, oldest first
     rows: int
     complete: bool = True       # False: the given snapshot has expired; the caller must read the table whole
+    removed: list[str] = field(default_factory=list)  # data files there before it, removed since (an overwrite)
 
 
 def added_since(table: "Table", snapshot_id: int | None, skip_node: str = "") -> Added:
     """Data files added to `table` after snapshot `snapshot_id` (None: since the start),
-    leaving out those under `data/<skip_node>/` (this node's own)."""
+    and those there before it that an overwrite removed since, leaving out those under
+    `data/<skip_node>/` (this node's own)."""
     from pyiceberg.manifest import ManifestEntryStatus
     current = table.current_snapshot()
     if current is None:
@@ -34,15 +36,24 @@ def added_since(table: "Table", snapshot_id: int | None, skip_node: str = "") ->
         snap = table.snapshot_by_id(snap.parent_snapshot_id) if snap.parent_snapshot_id is not None else None
     complete = snapshot_id is None or snap is not None
     mine = f"/data/{skip_node}/" if skip_node else None
-    files, rows = [], 0
+    files: dict[str, int] = {}   # path -> rows, in the order added
+    removed: list[str] = []
     for snap in reversed(chain):
         for manifest in snap.manifests(table.io):
-            if manifest.added_snapshot_id != snap.snapshot_id or not manifest.has_added_files():
+            if manifest.added_snapshot_id != snap.snapshot_id or not (
+                    manifest.has_added_files() or _has_deleted_files(manifest)):
                 continue
-            for entry in manifest.fetch_manifest_entry(table.io):
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False):
                 path = entry.data_file.file_path
-                if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snap.snapshot_id \
-                        and not (mine and mine in path):
-                    files.append(path)
-                    rows += entry.data_file.record_count
-    return Added(current.snapshot_id, files, rows, complete)
+                if entry.snapshot_id != snap.snapshot_id or (mine and mine in path):
+                    continue
+                if entry.status == ManifestEntryStatus.ADDED:
+                    files[path] = entry.data_file.record_count
+                elif entry.status == ManifestEntryStatus.DELETED:  # an overwrite: the file is no longer the table's
+                    if files.pop(path, None) is None:
+                        removed.append(path)
+    return Added(current.snapshot_id, list(files), sum(files.values()), complete, removed)
+
+
+def _has_deleted_files(manifest) -> bool:  # pyiceberg's ManifestFile has has_added_files() only
+    return manifest.deleted_files_count is None or manifest.deleted_files_count > 0

@@ -26,6 +26,10 @@ class Batch:
     rows: int
     log_ino: int | None = None   # deletions: the tombstone log position this batch publishes up to
     log_end: int = 0
+    # a relocation (engine/iceberg/relocations.py): the data files `files` replace, and
+    # the replaced segments whose rows they relocate
+    replaces: list[str] = field(default_factory=list)
+    relocates: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Ledger:
     instance_files: int = 0
     instance_rows: int = 0
     deletion_rows: int = 0
+    relocated_rows: int = 0      # rows of the instances table rewritten to follow compactions
     commits: int = 0
     conflicts: int = 0           # commit attempts that lost a race to another writer and were made again
     extra: dict = field(default_factory=dict)

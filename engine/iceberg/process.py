@@ -33,10 +33,10 @@ def publish_until(config: Config, stop: threading.Event) -> None:
                 log.info("iceberg: publishing to %s (namespace %s, node %s)%s", config.iceberg_catalog,
                          config.iceberg_namespace, config.node, f", {queued} sealed file(s) queued" if queued else "")
             done = publisher.run_once()
-            if done.instance_files or done.deletion_rows:
-                log.info("iceberg: %d file(s) (%d row(s)) and %d deletion(s) committed in %d commit(s), "
-                         "%d conflict(s) retried", done.instance_files, done.instance_rows, done.deletion_rows,
-                         len(done.commit_seconds), done.conflicts)
+            if done.instance_files or done.deletion_rows or done.relocated_rows:
+                log.info("iceberg: %d file(s) (%d row(s)), %d deletion(s) and %d relocated row(s) committed in %d "
+                         "commit(s), %d conflict(s) retried", done.instance_files, done.instance_rows,
+                         done.deletion_rows, done.relocated_rows, len(done.commit_seconds), done.conflicts)
         except CatalogRebuilt as e:  # it needs an operator: said every few minutes, not every pass
             log.error("iceberg: %s", e)
             publisher, wait = None, max(wait, REBUILT_REPEAT_S)

@@ -7,6 +7,9 @@ table and its tombstone batches to the `deletions` table.
   node name in the path keeps nodes from ever writing the same one).
 - Deletions: the tombstone log entries after the published position are written once as
   a Parquet file (with a `node` column) and added the same way.
+- Relocations: after a compaction, this node's data files holding rows of the replaced
+  segments are rewritten and committed in their place as one overwrite
+  (engine/iceberg/relocations.py).
 - Each batch goes through the ledger (engine/iceberg/ledger.py) first. A commit that
   loses a race to another writer (CommitFailedException: the table moved on) is made
   again on the new head with the same data files, after a jittered back-off; a commit
@@ -30,8 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stowage.catalog import iceberg_outbox, tombstones
+from stowage.catalog import iceberg_outbox, manifest, tombstones
 from stowage.engine.iceberg import ledger as ledgers
+from stowage.engine.iceberg import relocations
 from stowage.engine.iceberg.ledger import Batch
 from stowage.engine.iceberg.tables import DELETIONS, INSTANCES, ensure_tables, open_catalog
 from stowage.engine.runtime.config import Config
@@ -63,6 +67,7 @@ class Pass:
     instance_files: int = 0
     instance_rows: int = 0
     deletion_rows: int = 0
+    relocated_rows: int = 0
     commit_seconds: list[float] = field(default_factory=list)  # one per commit that landed
     conflicts: int = 0
 
@@ -97,6 +102,7 @@ class Publisher:
         self._resume()
         while names := iceberg_outbox.pending(self.catalog_dir)[:self.config.iceberg_batch_files]:
             self._publish_instances(names)
+        self._publish_relocations()
         self._publish_deletions()
         return self.last
 
@@ -116,13 +122,86 @@ class Publisher:
 
     def _publish_instances(self, names: list[str]) -> None:
         location = self.tables[INSTANCES].location().rstrip("/")
-        files, rows = [], 0
+        adopted = {n for n, e in manifest.load(self.catalog_dir).uploaded.items() if e.get("adopted")}
+        files, rows, held = [], 0, []
         for name in names:
             local = self.catalog_dir / name
+            if adopted:  # a restored node: what the table holds of its adopted segments is not added again
+                local = self._restored(local, adopted)
+                if local is None:
+                    held.append(name)
+                    continue
             rows += pq.ParquetFile(local).metadata.num_rows
-            files.append({"name": name, "local": str(local), "path": f"{location}/data/{self.node}/{name}",
+            files.append({"name": name, "local": str(local), "path": f"{location}/data/{self.node}/{local.name}",
                           "bytes": local.stat().st_size})
-        self._run(Batch(uuid.uuid4().hex, INSTANCES, files, rows))
+        if held:  # every row already in the table (published before the data directory was lost)
+            iceberg_outbox.done(self.catalog_dir, held)
+        if files:
+            self._run(Batch(uuid.uuid4().hex, INSTANCES, files, rows))
+
+    def _restored(self, local: Path, adopted: set[str]) -> Path | None:
+        """`local` itself, or a copy without the rows the table already holds for this node
+        (engine/iceberg/restore.py), or None when it holds all of them."""
+        from stowage.engine.iceberg.restore import unpublished
+        if not set(pc.unique(pq.read_table(local, columns=["segment"])["segment"]).to_pylist()) & adopted:
+            return local  # rows of segments written since the restore only
+        data = pq.read_table(local)
+        left = unpublished(data, adopted, self._table(INSTANCES), self.node)
+        if left.num_rows == data.num_rows:
+            return local
+        if left.num_rows == 0:
+            return None
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        copy = self.outbox / f"restored-{local.name}"
+        pq.write_table(left, copy, compression="zstd", write_statistics=True)
+        with open(copy, "rb+") as f:
+            os.fsync(f.fileno())
+        return copy
+
+    def _publish_relocations(self) -> None:
+        """Rewrite this node's data files that hold rows of segments a compaction replaced,
+        each row at its record's place now, and commit them in place of the old ones."""
+        m = manifest.load(self.catalog_dir)
+        segments = relocations.pending(m)
+        if not segments or relocations.waiting(self.catalog_dir, m, segments):
+            return
+        table = self._table(INSTANCES)
+        batch = Batch(uuid.uuid4().hex, INSTANCES, [], 0, relocates=segments)
+        used: set[str] = set()
+        for path in sorted(relocations.affected(table, self.node, segments)):
+            used |= self._relocate_file(table, path, batch)
+        m = manifest.load(self.catalog_dir)
+        if self.config.storage and any(s not in m.uploaded or m.uploaded[s].get("gone") for s in used):
+            for f in batch.files:  # never point a reader at a segment the bucket does not hold yet
+                Path(f["local"]).unlink(missing_ok=True)
+            return
+        if batch.replaces:
+            self._run(batch)
+        else:  # no published row named them: nothing to rewrite
+            self._finish(batch)
+
+    def _relocate_file(self, table: "Table", path: str, batch: Batch) -> set[str]:
+        """Add to `batch` the rewrite of data file `path` (if it holds rows of the batch's
+        segments); returns the segments its moved rows name now."""
+        with table.io.new_input(path).open() as f:
+            data = pq.read_table(pa.BufferReader(f.read()))
+        mask = relocations.rows_in(data, batch.relocates)
+        if not pc.any(mask).as_py():
+            return set()  # its bounds spanned the segments, its rows are elsewhere
+        here = relocations.places(self.catalog_dir, pc.filter(data["sop_instance_uid"], mask).to_pylist())
+        new, used = relocations.relocated(data, batch.relocates, here)
+        batch.replaces.append(path)
+        batch.rows += int(pc.sum(mask).as_py() or 0)
+        if new.num_rows:
+            name = f"relocated-{batch.id}-{len(batch.files):05d}.parquet"
+            self.outbox.mkdir(parents=True, exist_ok=True)
+            local = self.outbox / name
+            pq.write_table(new, local, compression="zstd", write_statistics=True)
+            with open(local, "rb+") as out:
+                os.fsync(out.fileno())
+            batch.files.append({"name": name, "local": str(local), "bytes": local.stat().st_size,
+                                "path": f"{table.location().rstrip('/')}/data/{self.node}/{name}"})
+        return used
 
     def _publish_deletions(self) -> None:
         entries, ino, end = tombstones.read_from(tombstones.directory(self.data_dir), self.ledger.log_ino,
@@ -172,7 +251,17 @@ class Publisher:
         self._finish(batch)
 
     def _finish(self, batch: Batch) -> None:
-        if batch.table == INSTANCES:
+        if batch.relocates:
+            now = time.time()
+            with manifest.update(self.catalog_dir) as m:
+                for seg in batch.relocates:
+                    if seg in m.uploaded:  # its object goes compact_grace from now (storage/uploader.py)
+                        m.relocations[seg] = now
+                    else:  # never uploaded: no reader elsewhere could have read it
+                        m.relocations.pop(seg, None)
+            self.ledger.relocated_rows += batch.rows
+            self.last.relocated_rows += batch.rows
+        elif batch.table == INSTANCES:
             iceberg_outbox.done(self.catalog_dir, [f["name"] for f in batch.files])
             self.ledger.instance_files += len(batch.files)
             self.ledger.instance_rows += batch.rows
@@ -184,8 +273,8 @@ class Publisher:
             self.last.deletion_rows += batch.rows
         self.ledger.batch = None
         ledgers.save(self.home, self.ledger)
-        if batch.table == DELETIONS:
-            for f in batch.files:
+        for f in batch.files:  # copies written for the batch (not the sealed files themselves)
+            if Path(f["local"]).parent == self.outbox:
                 Path(f["local"]).unlink(missing_ok=True)
 
     def _upload(self, batch: Batch) -> None:
@@ -213,7 +302,10 @@ class Publisher:
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             started = time.monotonic()
             try:
-                self._table(batch.table).add_files(paths, snapshot_properties=props, check_duplicate_files=False)
+                if batch.relocates:
+                    self._overwrite(batch, props)
+                else:
+                    self._table(batch.table).add_files(paths, snapshot_properties=props, check_duplicate_files=False)
                 self.last.commit_seconds.append(time.monotonic() - started)
                 self.ledger.commits += 1
                 return
@@ -233,6 +325,21 @@ class Publisher:
         raise PublishError(f"batch {batch.id} ({len(paths)} file(s) for {self.namespace}.{batch.table}) was not "
                            f"committed after {COMMIT_ATTEMPTS} attempts; the next pass tries again")
 
+    def _overwrite(self, batch: Batch, props: dict[str, str]) -> None:
+        """One snapshot that deletes the data files `batch.replaces` and adds `batch.files`."""
+        from pyiceberg.io.pyarrow import parquet_file_to_data_file
+        table = self._table(batch.table)
+        held = relocations.affected(table, self.node, batch.relocates)
+        missing = [p for p in batch.replaces if p not in held]
+        if missing:
+            raise PublishError(f"batch {batch.id}: data files {', '.join(missing)} are no longer in the table")
+        with table.transaction() as tx:
+            with tx.update_snapshot(snapshot_properties=props).overwrite() as change:
+                for path in batch.replaces:
+                    change.delete_data_file(held[path])
+                for f in batch.files:
+                    change.append_data_file(parquet_file_to_data_file(table.io, tx.table_metadata, f["path"]))
+
     def _landed(self, batch: Batch) -> bool:
         """Whether the table holds the batch: a snapshot that names it, or (its snapshot
         expired since) one of its data files among the table's."""
@@ -241,8 +348,11 @@ class Publisher:
             return True
         if table.current_snapshot() is None:
             return False
-        paths = pa.array([f["path"] for f in batch.files], pa.string())
         present = table.inspect.data_files().column("file_path")
+        if batch.relocates:  # an overwrite landed when the files it replaces are gone
+            replaced = pa.array(batch.replaces, pa.string())
+            return not bool(pc.any(pc.is_in(present, value_set=replaced)).as_py() or False)
+        paths = pa.array([f["path"] for f in batch.files], pa.string())
         return bool(pc.any(pc.is_in(present, value_set=paths)).as_py() or False)
 
 

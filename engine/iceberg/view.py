@@ -78,6 +78,12 @@ class Refresher:
             mine = self.node if name == INSTANCES else ""
             added = added_since(table, view.snapshots.get(name), skip_node=mine)
             files = added.files
+            for path in added.removed:  # an overwrite (a relocation) replaced it
+                local = self._local_name(path)
+                if held.pop(local, None) is not None:
+                    changed = True
+                    if name == INSTANCES:
+                        view.rows -= self._rows(local)
             if not added.complete:  # that snapshot expired: the table's files now, whole
                 done.whole.append(name)
                 files = self._current_files(table)
@@ -174,6 +180,12 @@ class Refresher:
             os.fsync(out.fileno())
         os.replace(tmp, self.dir / name)
         view.versions = name
+
+    def _rows(self, local: str) -> int:
+        try:
+            return pq.ParquetFile(self.dir / local).metadata.num_rows
+        except FileNotFoundError:
+            return 0
 
     def _current_files(self, table: "Table") -> list[str]:
         if table.current_snapshot() is None:

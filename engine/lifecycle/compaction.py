@@ -2,7 +2,8 @@
 rejected instances) by copying the live records of sparse segments into a new one.
 
 Live is what the catalog's `instances` view serves; everything else in a segment is
-dead. A sealed segment (not the last of its slot, catalogued to its end) whose live
+dead. With several nodes, a deletion another node published (the view's deletions,
+catalog/cluster_view.py) makes this node's record dead too. A sealed segment (not the last of its slot, catalogued to its end) whose live
 bytes are below `compact_live_ratio` of its size is a candidate. One *round* takes
 candidates (live bytes up to `segment_size` in all), and:
 
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from stowage.engine.lifecycle import tombstone_pruning
-from stowage.catalog import manifest, relocate, tombstones
+from stowage.catalog import cluster_view, manifest, relocate, tombstones
 from stowage.catalog.durable import fsync_dir, replace_durably
 from stowage.catalog.reader import Catalog
 from stowage.engine.runtime.config import Config
@@ -381,7 +382,8 @@ def _copy(segments_dir: Path, new: str, live: list[tuple[str, int, int]], moves:
 def _may_hold_dead(data_dir: Path) -> bool:
     """Whether any record can be dead: only a duplicate (the versions table) or a
     tombstone makes one. Without either, a pass needs no catalog query at all."""
-    return bool(manifest.load(data_dir / "catalog").duplicates) or tombstones.stamp(data_dir) is not None
+    return bool(manifest.load(data_dir / "catalog").duplicates) or tombstones.stamp(data_dir) is not None \
+        or bool(cluster_view.load(cluster_view.directory(data_dir)).deletions)
 
 
 def claim(data_dir: Path) -> Slot | None:
@@ -402,7 +404,9 @@ def compact(config: Config, rate: float | None = None, dry_run: bool = False, ra
     if slot is None and not dry_run:
         raise CompactionBusy(f"another compaction is running on {data_dir}")
     report = Report()
-    catalog = Catalog(data_dir / "catalog", config.duplicates) if _may_hold_dead(data_dir) else None
+    # the view's deletions too: this node's records another node deleted are dead here as well
+    catalog = Catalog(data_dir / "catalog", config.duplicates, view_deletions=True) if _may_hold_dead(data_dir) \
+        else None
     try:
         if not dry_run:
             settle(data_dir)

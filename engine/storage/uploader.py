@@ -93,20 +93,25 @@ def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event, ahe
     return done
 
 
-def delete_gone(data_dir: Path, store: ObjectStore) -> int:
+def delete_gone(data_dir: Path, store: ObjectStore, grace: float = 0.0, now: float | None = None) -> int:
     """Delete the objects of segments a compaction replaced and purged (their live records
-    have copies in a newer segment); returns how many."""
+    have copies in a newer segment); returns how many. With Iceberg publication on, other
+    nodes read them where the instances table says: an object stays until `grace` seconds
+    after the table's rows of it were relocated (engine/iceberg/relocations.py)."""
     catalog_dir = data_dir / "catalog"
     m = manifest.load(catalog_dir)
     if compaction_pending(data_dir, m):
         return 0  # the copies of their live records are not in the bucket yet: a lost disk would lose them
-    gone = {n: e for n, e in m.uploaded.items() if e.get("gone")}
+    now = time.time() if now is None else now
+    gone = {n: e for n, e in m.uploaded.items() if e.get("gone") and (
+        n not in m.relocations or (m.relocations[n] and now - m.relocations[n] >= grace))}
     for name, entry in gone.items():
         store.delete(entry["key"])
     if gone:
         with manifest.update(catalog_dir) as m:
             for name in gone:
                 m.uploaded.pop(name, None)
+                m.relocations.pop(name, None)
     return len(gone)
 
 
@@ -167,7 +172,7 @@ class Uploader:
         data_dir = self.config.data_dir
         ahead = self.config.durability == "object-store"  # else stale write-ahead objects go at start-up
         upload_sealed(data_dir, self.store, self.stop, ahead)
-        delete_gone(data_dir, self.store)
+        delete_gone(data_dir, self.store, self.config.compact_grace)
         if ahead and time.monotonic() - self.swept_at >= WAL_SWEEP_S \
                 and not compaction_pending(data_dir, manifest.load(data_dir / "catalog")):
             wal.sweep(self.store, data_dir)

@@ -51,19 +51,22 @@ def publish(config_file, data_dir) -> None:
             raise click.ClickException(f"{config.iceberg_catalog}: {type(e).__name__}: {e}") from None
     click.echo(f"published {done.instance_files} catalog file(s) ({done.instance_rows} instance row(s)) and "
                f"{done.deletion_rows} deletion(s) to {config.iceberg_namespace} in {len(done.commit_seconds)} "
-               f"commit(s)")
+               f"commit(s)" + (f"; {done.relocated_rows} row(s) relocated after a compaction" if done.relocated_rows
+                               else ""))
 
 
 @iceberg.command()
 @common
 def status(config_file, data_dir) -> None:
     """How much is published, and how much waits."""
-    from stowage.catalog import iceberg_outbox
-    from stowage.engine.iceberg import ledger
+    from stowage.catalog import iceberg_outbox, manifest
+    from stowage.engine.iceberg import ledger, relocations
     config = _configured(config_file, data_dir)
     led = ledger.load(config.data_dir / "iceberg")
     waiting = iceberg_outbox.pending(config.data_dir / "catalog")
+    moved = relocations.pending(manifest.load(config.data_dir / "catalog"))
     click.echo(f"node {config.node}: {led.instance_files} catalog file(s), {led.instance_rows} instance row(s) and "
                f"{led.deletion_rows} deletion(s) published in {led.commits} commit(s) ({led.conflicts} conflict(s) "
                f"retried); {len(waiting)} sealed file(s) waiting"
+               + (f"; the rows of {len(moved)} compacted segment(s) to relocate" if moved else "")
                + (f"; batch {led.batch.id} of {led.batch.table} in flight" if led.batch else ""))

@@ -36,6 +36,13 @@ def rebuild_catalog(config_file, data_dir) -> None:
                     raise click.ClickException(f"cannot list this node's segments in the bucket: {e}") from None
                 if found:
                     click.echo(f"{len(found)} segment(s) of node {config.node} found in the bucket")
+                if config.iceberg_catalog:  # and its deletions, from the Iceberg deletions table
+                    from stowage.engine.iceberg.restore import DeletionsUnknown, restore_if_lost
+                    try:
+                        if restored := restore_if_lost(config):
+                            click.echo(f"{restored} deletion(s) of node {config.node} found in the Iceberg catalog")
+                    except DeletionsUnknown as e:
+                        raise click.ClickException(f"{e}; try again once the catalog is reachable") from None
             count = rebuild(config.data_dir)
         except SlotError as e:  # e.g. a `stowage import` is writing: one line, no traceback
             raise click.ClickException(f"{config.data_dir}: {e.strerror}") from None
