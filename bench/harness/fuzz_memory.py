@@ -101,7 +101,8 @@ def _case(archive: fuzz.Archive, kind: str, i: int, ct: bytes, rq: bytes, batch:
 
 
 def probe(kind: str, rounds: int, per_round: int, work: Path, parallel: int = 4) -> dict[str, list[int]]:
-    """Resident MiB of each serving process after the warm-up and after each round."""
+    """Resident MiB of each serving process after the warm-up and after each round, and its
+    own (uss: without the shared file pages that rss counts once per mapping)."""
     ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     rq = fuzz.association_request()
     (work / kind).mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,7 @@ def probe(kind: str, rounds: int, per_round: int, work: Path, parallel: int = 4)
         for pid, u in sorted(archive.usage().items()):
             role = "http" if pid in archive.http_pids else "worker"
             series.setdefault(f"{role} {pid}", []).append(u["rss"] >> 20)
+            series.setdefault(f"{role} {pid} uss", []).append(u["uss"] >> 20)
 
     try:
         fuzz.warm_up(archive, ct, rq)
