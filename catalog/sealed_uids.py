@@ -113,9 +113,11 @@ class SealedUids(UidFilter):
 
     def _read_span(self, start: int, end: int) -> np.ndarray:
         """The bytes [start, end) of the bit array, writable; zeros past a short file's end."""
-        data = bytearray(os.pread(self._fd, end - start, _HEAD + start))
-        data.extend(bytes(end - start - len(data)))
-        return np.frombuffer(data, np.uint8)
+        span = np.zeros(end - start, np.uint8)  # read into, not copied from bytes: a span can be the whole 32 MiB
+        view = memoryview(span)
+        while view and (got := os.preadv(self._fd, [view], _HEAD + start + len(span) - len(view))):
+            view = view[got:]
+        return span
 
     def _write_span(self, start: int, span: np.ndarray) -> None:
         view = memoryview(span)
