@@ -176,11 +176,13 @@ def _load(store: WebStore, writer: MultipartWriter, inst: Instance, target: str 
 
 def _recycle(store: WebStore, request: web.Request, sent: bytes | memoryview) -> None:
     """A part's buffer back to store.parts once nothing refers to it: once written, when the
-    transport copies what the socket did not take (asyncio's before Python 3.12), else once
-    the socket took all of it (later transports keep a reference to the rest)."""
+    transport copies what the socket did not take (asyncio's plain TCP one before Python
+    3.12), else once the transport holds nothing (later ones, and TLS's, keep a reference
+    to what they have not sent or encrypted yet)."""
     transport = request.transport
-    if isinstance(sent, memoryview) and isinstance(sent.obj, np.ndarray) and transport is not None \
-            and (_TRANSPORT_COPIES or transport.get_write_buffer_size() == 0):
+    if isinstance(sent, memoryview) and isinstance(sent.obj, np.ndarray) and transport is not None and (
+            (_TRANSPORT_COPIES and transport.get_extra_info("sslcontext") is None)
+            or transport.get_write_buffer_size() == 0):
         store.parts.give(sent.obj)
 
 
