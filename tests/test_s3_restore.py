@@ -3,7 +3,8 @@
 directory deleted. Started again with the same node name on an empty data directory, the
 node finds its uploaded segments in the bucket and writes back its active segment from
 the write-ahead objects: every acknowledged instance answers C-FIND (DCMTK findscu) and
-comes back by C-GET (DCMTK getscu) with the bytes DCMTK storescu sent; the quota counts
+comes back by C-GET (DCMTK getscu) with the bytes DCMTK storescu sent, except one deleted
+before the loss (the tombstone log's copy in the bucket hides it again); the quota counts
 what is in the bucket; new segments are numbered after the bucket's and uploaded beside
 them, none refused, and their write-ahead objects deleted. `stowage rebuild-catalog` on an
 empty data directory rebuilds the same from the bucket alone."""
@@ -23,6 +24,7 @@ from test_s3_storage import dataset, env_for, sealed_segments, stowage, storescu
 
 pytestmark = pytest.mark.timeout(300)
 WAL = "archive/node-lost/wal/"
+TOMBSTONES = "archive/node-lost/tombstones/tombstones.log"
 
 
 def in_segments(data_dir, names) -> set[str]:
@@ -51,19 +53,28 @@ def test_a_lost_data_directory_is_found_again_in_the_bucket(make_server, tmp_pat
     data_dir = server.data_dir
     wait_for(lambda: catalog_sealed(data_dir) and sealed_segments(data_dir) and sealed_segments(data_dir) <= set(
         uploaded(data_dir)), 60, lambda: f"sealed segments uploaded: {uploaded(data_dir)}")
-    server.kill()
     names = sorted(uploaded(data_dir))
     in_bucket = in_segments(data_dir, names)   # in uploaded segments; the others only in write-ahead objects
     sent = received_by_dcmtk(files, tmp_path / "sent")
     assert 6 <= len(in_bucket) < len(sent), in_bucket
+    # one instance deleted before the loss: the uploader copies the tombstone log to the bucket
+    deleted = sorted(in_bucket)[0]
+    r = stowage(env, "delete", "--data-dir", str(data_dir), "--instance", deleted, "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    log_size = (data_dir / "tombstones" / "tombstones.log").stat().st_size
+    wait_for(lambda: s3_server.objects(bucket, TOMBSTONES).get(TOMBSTONES) == log_size, 60,
+             lambda: f"the tombstone log in the bucket: {s3_server.objects(bucket, 'archive/node-lost/')}")
+    server.kill()
+    sent.pop(deleted)
     assert s3_server.objects(bucket, WAL), "no write-ahead object for the active segment"
     shutil.rmtree(data_dir)
 
     restarted = make_server("--workers", "1", data_dir=data_dir, **env)
     log = restarted.log()
     assert "indexing them from the bucket" in log and "write-ahead objects" in log, log[-3000:]
+    assert "found the tombstone log of node node-lost" in log, log[-3000:]
     found, got = find_and_get(restarted.port, tmp_path / "1", study, series)
-    assert found == set(sent)
+    assert found == set(sent), "every acknowledged instance but the one deleted before the loss"
     assert got == sent
     # The quota counts what is in the bucket, though the local disk holds none of it.
     assert usage.segment_bytes(data_dir) >= sum(e["size"] for e in uploaded(data_dir).values())
@@ -94,3 +105,4 @@ def test_a_lost_data_directory_is_found_again_in_the_bucket(make_server, tmp_pat
     exported = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: dataset(p)
                 for p in (tmp_path / "export").iterdir()}
     assert {u: exported.get(u) for u in sent} == sent
+    assert deleted not in exported, "rebuild-catalog finds the deletion in the bucket too"

@@ -11,9 +11,14 @@ new segments after every name the manifest records, so no name is ever used twic
 
 What it cannot bring back is what was never uploaded: records of the active segment
 and of sealed segments the uploader had not reached (with `durability =
-"object-store"` those are in the bucket's write-ahead objects: engine/storage/wal.py),
-and what lives only on local disk: the tombstone log (a deletion made before the loss
-shows again until it is deleted again).
+"object-store"` those are in the bucket's write-ahead objects: engine/storage/wal.py).
+
+The tombstone log is copied too: the uploader PUTs it whole to
+`<prefix>/<node_name>/tombstones/tombstones.log` whenever it changed (`copy_tombstones`),
+and a data directory that adopted segments and holds no log gets that copy back
+(`restore_tombstones`), so a deletion made more than `upload_interval` before the loss
+stays. With Iceberg publication on, the deletions table is the record instead
+(engine/iceberg/restore.py: it also knows which deletions were published).
 """
 from __future__ import annotations
 
@@ -22,9 +27,10 @@ import os
 import re
 import time
 
-from stowage.catalog import manifest
+from stowage.catalog import manifest, tombstones
+from stowage.catalog.durable import replace_durably
 from stowage.engine.runtime.config import Config
-from stowage.engine.storage.objects import segment_key, store_for
+from stowage.engine.storage.objects import ObjectStore, segment_key, store_for
 
 log = logging.getLogger("stowage.storage")
 _SEGMENT = re.compile(r"^\d{3}-\d{8}\.seg$")
@@ -60,6 +66,40 @@ def adopt(config: Config) -> list[str]:
     return sorted(found)
 
 
+def tombstones_key(store: ObjectStore) -> str:
+    return f"{store.prefix}/{store.node}/tombstones/{tombstones.LOG}".lstrip("/")
+
+
+def copy_tombstones(data_dir, store: ObjectStore, last: tuple | None) -> tuple | None:
+    """PUT the tombstone log whole when it changed since stamp `last`; returns the stamp
+    now (the uploader passes it back next time)."""
+    stamp = tombstones.stamp(data_dir)
+    if stamp is None or stamp == last:
+        return stamp
+    with open(tombstones.directory(data_dir) / tombstones.LOG, "rb") as f:
+        data = f.read()
+    store.put(tombstones_key(store), data)
+    return stamp
+
+
+def restore_tombstones(config: Config, store: ObjectStore) -> int:
+    """The bucket's copy of the tombstone log, written back where the data directory has
+    none; returns its size in bytes (0: nothing to do)."""
+    log_path = tombstones.directory(config.data_dir) / tombstones.LOG
+    if log_path.exists():
+        return 0
+    key = tombstones_key(store)
+    head = store.head(key)
+    if not head or not head.get("ContentLength"):
+        return 0
+    data = store.get_range(key, 0, int(head["ContentLength"]))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    replace_durably(log_path, data.decode())
+    log.warning("found the tombstone log of node %s in s3://%s/%s (%d bytes) that this data directory did not "
+                "hold: the instances deleted before are hidden again", store.node, store.bucket, key, len(data))
+    return len(data)
+
+
 class RestoreError(RuntimeError):
     """A fresh data directory and a bucket that cannot be listed: the node cannot know
     which segment names it used already. The message says what to do."""
@@ -79,6 +119,8 @@ def restore_from_bucket(config: Config) -> list[str]:
     try:
         found = adopt(config)
         wal.replay(config)  # acknowledged records of segments not uploaded yet (durability = object-store)
+        if found and not config.iceberg_catalog:  # with Iceberg, the deletions table (engine/iceberg/restore.py)
+            restore_tombstones(config, store_for(config))
         return found
     except ObjectStoreError as e:
         if (config.data_dir / "catalog" / manifest.MANIFEST).exists():

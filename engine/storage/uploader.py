@@ -7,6 +7,7 @@
 2. records it in the manifest (`uploaded`), durably (write, fsync, rename);
 3. deletes the objects of segments a compaction retired and purged, and (every
    WAL_SWEEP_S) the write-ahead objects of durability = "object-store" nothing needs;
+   copies the tombstone log whole when it changed (restore.copy_tombstones);
 4. evicts, oldest first, local copies of uploaded segments and read-cache blocks while
    they hold more than `local_cache_bytes`.
 
@@ -29,6 +30,7 @@ from stowage.engine.runtime.supervised import SupervisedProcess, child_start, ru
 from stowage.engine.storage.objects import ObjectStore, ObjectStoreError, store_for
 from stowage.engine.storage import wal
 from stowage.engine.storage.remote import CACHE
+from stowage.engine.storage.restore import copy_tombstones
 
 log = logging.getLogger("stowage.uploader")
 
@@ -167,12 +169,17 @@ class Uploader:
         self.stop = stop
         self.store = store_for(config)
         self.swept_at = float("-inf")
+        self.tombstones: tuple | None = None  # the tombstone log's stamp when last copied to the bucket
 
     def once(self) -> None:
         data_dir = self.config.data_dir
         ahead = self.config.durability == "object-store"  # else stale write-ahead objects go at start-up
         upload_sealed(data_dir, self.store, self.stop, ahead)
         delete_gone(data_dir, self.store, self.config.compact_grace)
+        try:  # a lost disk gets its deletions back from this copy (restore.py)
+            self.tombstones = copy_tombstones(data_dir, self.store, self.tombstones)
+        except (ObjectStoreError, OSError) as e:
+            log.warning("could not copy the tombstone log to the bucket (%s); trying again", e)
         if ahead and time.monotonic() - self.swept_at >= WAL_SWEEP_S \
                 and not compaction_pending(data_dir, manifest.load(data_dir / "catalog")):
             wal.sweep(self.store, data_dir)

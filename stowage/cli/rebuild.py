@@ -28,10 +28,13 @@ def rebuild_catalog(config_file, data_dir) -> None:
             if config.storage:  # this node's segments in the bucket that the data directory lost
                 from stowage.engine.storage.objects import ObjectStoreError
                 from stowage.engine.storage import wal
-                from stowage.engine.storage.restore import adopt
+                from stowage.engine.storage.objects import store_for
+                from stowage.engine.storage.restore import adopt, restore_tombstones
                 try:
                     found = adopt(config)
                     wal.replay(config)  # durability = object-store: acknowledged records not uploaded yet
+                    if found and not config.iceberg_catalog:  # its deletions: the bucket's copy of its log
+                        restore_tombstones(config, store_for(config))
                 except ObjectStoreError as e:
                     raise click.ClickException(f"cannot list this node's segments in the bucket: {e}") from None
                 if found:
