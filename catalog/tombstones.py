@@ -39,7 +39,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stowage.catalog.durable import file_stamp, fsync_dir
+from stowage.catalog.durable import file_stamp, fsync_dir, replace_durably
 
 log = logging.getLogger("stowage.tombstones")
 
@@ -253,11 +253,40 @@ def rejected_uids(table: pa.Table) -> frozenset[str]:
     return frozenset(table.filter(mask)["sop_instance_uid"].to_pylist())
 
 
+PUBLISHED = "published"  # "<inode> <offset>": how far the log is in the Iceberg deletions table
+
+
+def mark_published(data_dir: Path, ino: int | None, offset: int) -> None:
+    """Record (engine/iceberg's publisher) that the log whose inode is `ino` is published up
+    to byte `offset`: `prune` keeps every entry after it, so that no deletion is pruned
+    before the other nodes can learn of it."""
+    d = directory(data_dir)
+    text = f"{ino or 0} {offset}"
+    try:
+        if (d / PUBLISHED).read_text() == text:
+            return
+    except FileNotFoundError:
+        d.mkdir(parents=True, exist_ok=True)
+    replace_durably(d / PUBLISHED, text)
+
+
+def _published_upto(d: Path, ino: int, size: int) -> int:
+    """The byte offset of the log (inode `ino`, `size` bytes) before which entries may be
+    pruned: all of it without Iceberg publication (no marker), none of it when the marker
+    names another inode (the log was rewritten since the publisher last looked)."""
+    try:
+        marked_ino, offset = (int(v) for v in (d / PUBLISHED).read_text().split())
+    except (FileNotFoundError, ValueError):
+        return size
+    return offset if marked_ino == ino else 0
+
+
 def prune(data_dir: Path, gone: set[tuple[str, int]]) -> int:
     """Rewrite the log without the entries that hide a record in `gone` ((uid, received_at
     µs) pairs no segment or catalog row holds any more: engine/lifecycle/tombstone_pruning.py
     decides); returns how many entries went. An entry of a rejection note is kept as one
     that hides nothing (received_at null), so the UID stays rejected (`rejected_uids`).
+    Entries the Iceberg publisher has not published yet are kept (`mark_published`).
     Under the appenders' lock, written whole to a new file, fsync'd and renamed over the log:
     a crash leaves the old log or the new one; readers see a new inode and read it afresh."""
     d = directory(data_dir)
@@ -266,12 +295,15 @@ def prune(data_dir: Path, gone: set[tuple[str, int]]) -> int:
     with open(d / _LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with open(d / LOG, "rb") as f:
-            lines = f.read().split(b"\n")
+            data = f.read()
+            upto = _published_upto(d, os.fstat(f.fileno()).st_ino, len(data))
         kept: list[dict] = []
         removed = 0
-        for line in lines:
+        at = 0
+        for line in data.split(b"\n"):
+            start, at = at, at + len(line) + 1
             for entry in (_parse(line) or []) if line else []:
-                if (entry.get("uid"), entry.get("received_at")) not in gone:
+                if (entry.get("uid"), entry.get("received_at")) not in gone or start >= upto:
                     kept.append(entry)
                     continue
                 removed += 1

@@ -149,6 +149,23 @@ def test_an_expired_snapshot_reads_the_table_whole(two):
         assert pq.ParquetFile(cluster_view.directory(nodes["node-b"]) / name).metadata.num_rows == 1
 
 
+def test_a_deletion_is_not_pruned_before_it_is_published(two):
+    """a deletes b's record; a's compaction would prune the tombstone at once (no record of
+    a's holds it), but it stays in a's log until a's publisher has put it in the table."""
+    nodes, publish, refresher, _uri = two
+    a = nodes["node-a"]
+    _seal(nodes["node-b"], ["7.1"], "9.7")
+    _seal(a, ["7.9"], "9.8")
+    publish("node-b")
+    publish("node-a")
+    tombstones.append(a, [tombstones.Tombstone("7.1", T0, "deleted", "9.7")])
+    assert tombstones.prune(a, {("7.1", T0)}) == 0, "not in the deletions table yet: kept"
+    publish("node-a")
+    assert tombstones.prune(a, {("7.1", T0)}) == 1, "published: pruned"
+    refresher("node-b").refresh()
+    assert _uids(Catalog(nodes["node-b"] / "catalog", cluster=True), "9.7") == []
+
+
 def test_a_compaction_is_relocated_in_the_table_and_in_the_other_views(two):
     """The catalog side of a compaction on node a (catalog/relocate.py, as compaction calls
     it), published as one overwrite of a's data files (engine/iceberg/relocations.py): a

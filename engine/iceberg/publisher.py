@@ -104,6 +104,8 @@ class Publisher:
             self._publish_instances(names)
         self._publish_relocations()
         self._publish_deletions()
+        # pruning keeps what is not published yet: a deletion of another node's record must reach the table
+        tombstones.mark_published(self.data_dir, self.ledger.log_ino, self.ledger.log_offset)
         return self.last
 
     def _resume(self) -> None:
