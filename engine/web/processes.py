@@ -95,6 +95,9 @@ class HttpProcesses:
 
     def _spawn(self, p: _Process) -> None:
         env = dict(os.environ, STOWAGE_WORKER_CONFIG=json.dumps(self.config.to_dict()))
+        # Arrow's C++ default pool is chosen from this once, at its first use: the system
+        # allocator, not mimalloc, whose arena kept growing in HTTP processes (process.py).
+        env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fds = [self.sock.fileno(), child.fileno()]
         p.popen = subprocess.Popen([sys.executable, "-m", "stowage.engine.web.process", str(p.index), *map(str, fds)],
