@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS entries (
     UNIQUE (destination, sop_instance_uid, received_at)
 );
 CREATE INDEX IF NOT EXISTS due ON entries (destination, state, next_at, id);
+CREATE INDEX IF NOT EXISTS due_in_order ON entries (destination, state, received_at, id);
 CREATE INDEX IF NOT EXISTS arrival ON entries (received_at);
 CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 0), received_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS delivered (destination TEXT PRIMARY KEY, n INTEGER NOT NULL);
@@ -164,12 +165,17 @@ class Queue:
         study's quiet time (next_at set by a scan, never tried) is due only once the
         scanner has looked at every record stamped before that time (`scanned_through`):
         an instance of the group that arrived within the quiet time has then extended
-        the hold, however far the scanner lags."""
+        the hold, however far the scanner lags.
+
+        Read in order of arrival from an index (due_in_order) and stopped at `limit`:
+        SQLite would otherwise take the `due` index and sort every due entry for each
+        top-up (77 ms at 100,000 pending, each 512 entries sent; 6 ms this way)."""
         now = time.time() if now is None else now
         held = now if scanned_through is None else min(now, scanned_through)
         rows = self.db.execute(
             "SELECT id, destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", "
-            "dataset_length, attempts, project FROM entries WHERE destination = ? AND state = 'pending' AND next_at <= ? "
+            "dataset_length, attempts, project FROM entries INDEXED BY due_in_order "
+            "WHERE destination = ? AND state = 'pending' AND next_at <= ? "
             "AND (attempts > 0 OR next_at <= ?) "
             "AND rule NOT IN (SELECT value FROM json_each(?)) ORDER BY received_at, id LIMIT ?",
             (destination, now, held, json.dumps(waiting or []), limit)).fetchall()
