@@ -37,10 +37,16 @@ def _where(path: Path, node: ast.AST) -> str:
     return f"{path.relative_to(REPO)}:{node.lineno}"
 
 
+@functools.cache
+def _lines(path: Path) -> list[bytes]:
+    return [line.encode() for line in _text(path).split("\n")]
+
+
 def _hex(path: Path, node: ast.AST) -> str | None:
-    """The source of an int literal written in hex, else None."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        text = ast.get_source_segment(_text(path), node) or ""
+    """The source of an int literal written in hex, else None (sliced from the file's
+    lines: ast.get_source_segment splits the whole file again at every call)."""
+    if isinstance(node, ast.Constant) and type(node.value) is int and node.lineno == node.end_lineno:
+        text = _lines(path)[node.lineno - 1][node.col_offset:node.end_col_offset].decode()
         return text if text.lower().startswith("0x") else None
     return None
 
