@@ -134,3 +134,41 @@ class ViewUids:
 
     def may_hold(self, uid: str) -> bool:
         return uid in self.filter
+
+
+class ViewRejections:
+    """The store path's "rejected on another node?" check (rejected_reaccept off): the SOP
+    Instance UIDs that the view's deletions reject (reason `rejected:<code>`), so that a
+    copy sent to any node is refused as the node that received the note refuses it. Read
+    again only when the view's deletions change: one stat() per question."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import threading
+        self.dir = directory(data_dir)
+        self._stamp: object = ()          # never a stamp: the first question reads
+        self._read: set[str] = set()      # deletions files read
+        self._uids: dict[str, str] = {}   # uid -> CID 7011 code
+        self._lock = threading.Lock()
+
+    def code(self, uid: str) -> str | None:
+        now = deletions_stamp(self.dir)
+        if now != self._stamp:
+            with self._lock:
+                self._reload()
+                self._stamp = now
+        return self._uids.get(uid)
+
+    def _reload(self) -> None:
+        import pyarrow.parquet as pq
+        files = set(load(self.dir).deletions)
+        if self._read - files:  # a table read whole: start afresh
+            self._read, self._uids = set(), {}
+        for name in sorted(files - self._read):
+            try:
+                t = pq.read_table(self.dir / name, columns=["sop_instance_uid", "reason"])
+            except FileNotFoundError:  # swept meanwhile: the view no longer names it
+                continue
+            for uid, reason in zip(t["sop_instance_uid"].to_pylist(), t["reason"].to_pylist()):
+                if uid and reason and reason.startswith("rejected:"):
+                    self._uids[uid] = reason[len("rejected:"):]
+            self._read.add(name)

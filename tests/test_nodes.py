@@ -37,6 +37,8 @@ from test_haproxy import BALANCER, Balancer, _audit
 from test_move import key_options
 from test_send import store as store_exact
 from test_commitment import Modality, refs_of
+from test_delete import uid_of
+from test_rejection import rejection_note, store_one
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (Debian package)")]
@@ -244,6 +246,37 @@ def test_delete_on_a_blinds_b(pair, tmp_path):
              lambda: f"node b blind to the study node a deleted\n{pair.logs()}", 0.5)
     _r, got = getscu(b, tmp_path / "get", QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
     assert got == {}, "nothing retrieved of a deleted study"
+
+
+
+def test_a_rejection_note_on_a_refuses_its_instances_on_b(pair, tmp_path):
+    """rejected_reaccept off (the default): once a's note is in b's view, b refuses a copy
+    of an instance it rejects (held by a, or held by no node) as a does: 0xA771, the same
+    Error Comment, nothing stored."""
+    a, b = pair.nodes["a"], pair.nodes["b"]
+    files = own_study(copies(CT, tmp_path / "rej", 4, "rej"))
+    study, uids = study_of(files), [uid_of(p) for p in files]
+    store_exact(a.port, files[:3])  # files[3]: never held by any node
+    storescu(a.port, [rejection_note(tmp_path / "note", [files[0], files[3]])])
+    assert uids[0] not in instances_on(a.port, study)
+    answers = {"a": (store_one(a.port, files[0]), store_one(a.port, files[3]))}
+
+    def in_b_view() -> bool:  # the note's two deletions folded into b's view, read as a user would
+        from stowage.catalog import cluster_view
+        view_dir = cluster_view.directory(b.data_dir)
+        names = cluster_view.load(view_dir).deletions
+        rejected = {u for n in names for u in pq.read_table(view_dir / n, columns=["sop_instance_uid"])
+                    ["sop_instance_uid"].to_pylist()}
+        return {uids[0], uids[3]} <= rejected and uids[0] not in instances_on(b.port, study)
+    wait_for(in_b_view, BOUND, lambda: f"a's note in b's view\n{pair.logs()}", 0.5)
+    answers["b"] = (store_one(b.port, files[0]), store_one(b.port, files[3]))
+    for node, statuses in answers.items():
+        assert [int(s.Status) for s in statuses] == [0xA771, 0xA771], node
+    assert [str(s.ErrorComment) for s in answers["b"]] == [str(s.ErrorComment) for s in answers["a"]]
+    assert "rejected by a rejection note (113001)" in str(answers["b"][0].ErrorComment)
+    found = instances_on(b.port, study)
+    assert set(uids[1:3]) <= found and not {uids[0], uids[3]} & found, "b stored neither copy"
+    assert not {uids[0], uids[3]} & set(_places(b, study)), "no record of them in b's own catalog"
 
 
 def _variant(src: Path, uid: str, study: str, series: str, name: str, out: Path) -> Path:
@@ -479,3 +512,4 @@ def test_a_node_that_lost_its_disk_keeps_its_deletions_and_publishes_nothing_twi
     assert sorted(study_rows) == uids, "each record once, the deleted one's row too (its deletion hides it)"
     deletions = open_catalog(cfg).load_table(f"{cfg.iceberg_namespace}.deletions").scan().to_arrow()
     assert deletions["sop_instance_uid"].to_pylist().count(uids[0]) == 1, "the deletion published once"
+

@@ -17,7 +17,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Exp
 from stowage.catalog.attributes import UnreadableDataset, extract
 from stowage.catalog.limits import Inflater, LimitExceeded
 from stowage.catalog.bloom import UidFilter
-from stowage.catalog.cluster_view import ViewUids
+from stowage.catalog.cluster_view import ViewRejections, ViewUids
 from stowage.catalog.reader import Catalog
 from stowage.catalog.sealed_uids import SealedView
 from stowage.catalog.sealer import Sealer
@@ -149,6 +149,8 @@ class Archive:
         if self.others is not None:
             self.others.refresh()
         self.rejections = rejection.Rejections(config.data_dir)
+        # notes other nodes applied (their published deletions), refused alike
+        self.rejected_elsewhere = ViewRejections(config.data_dir) if config.cluster_view else None
         self._recover_notes()
         self._local = threading.local()
         self._stop = threading.Event()
@@ -183,6 +185,8 @@ class Archive:
             return refusal
         if not self.config.rejected_reaccept:
             code = self.rejections.code(sop_instance_uid)
+            if code is None and self.rejected_elsewhere is not None:
+                code = self.rejected_elsewhere.code(sop_instance_uid)
             if code is not None:
                 return StoreResult(SUBSEQUENT_OCCURRENCE_OF_REJECTED_OBJECT,
                                    f"rejected by a rejection note ({code}); not stored")
