@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -49,9 +50,10 @@ class SealedUids(UidFilter):
         self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         head = os.pread(self._fd, _HEAD, 0)
         self.token = head[len(_MAGIC):].rstrip(b"\0").decode("ascii", "replace") if head.startswith(_MAGIC) else ""
-        size = os.fstat(self._fd).st_size
-        mappable = size >= _HEAD + _BITS // 8 and not _holes_take_space(path.parent)
-        self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if mappable else None
+        st = os.fstat(self._fd)
+        mappable = st.st_size >= _HEAD + _BITS // 8 and not _holes_take_space(path.parent)
+        self._key = (st.st_dev, st.st_ino, st.st_size) if mappable else None
+        self._map = _share_map(self._key, self._fd) if self._key else None
 
     def _byte(self, index: int) -> int:
         if self._map is not None:
@@ -129,8 +131,8 @@ class SealedUids(UidFilter):
 
     def close(self) -> None:
         if self._map is not None:
-            self._map.close()
             self._map = None
+            _release_map(self._key)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -154,6 +156,34 @@ class SealedUids(UidFilter):
             raise
         os.replace(tmp, path)
         return cls(path, writable=True)
+
+
+# One read-only map per filter file and process, whatever the number of catalog views that
+# read it: a process's rss counts a shared file's page once per mapping that touched it, so
+# a map per view made every view's rss grow towards 32 MiB as the archive's UIDs reached the
+# filter's pages (115 MiB of an HTTP process's rss in the 100,000-case soak, docs/fuzzing.md).
+# Keyed by (device, inode, size): a rebuilt filter is a new file, and the old one's map goes
+# when its last reader lets it go (the map keeps the inode, so its number is not reused).
+_maps: dict[tuple[int, int, int], list] = {}  # key -> [mmap, readers]
+_maps_lock = threading.Lock()
+
+
+def _share_map(key: tuple[int, int, int], fd: int) -> mmap.mmap:
+    with _maps_lock:
+        entry = _maps.get(key)
+        if entry is None:
+            entry = _maps[key] = [mmap.mmap(fd, key[2], prot=mmap.PROT_READ), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_map(key: tuple[int, int, int]) -> None:
+    with _maps_lock:
+        entry = _maps[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _maps[key]
+            entry[0].close()
 
 
 _MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "shm"})
@@ -228,12 +258,12 @@ class SealedView:
         except FileNotFoundError:
             self._files, self._stamp = False, None
             return
+        for old in self._retired:  # retired a refresh ago (0.1 s): no store still reads them
+            old.close()
+        self._retired = []
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
             return
-        for old in self._retired:  # retired a refresh ago: no store still reads them
-            old.close()
-        self._retired = []
         m = load_manifest(self.directory)
         current = self._filter
         if current is None or current.token != m.uid_filter:

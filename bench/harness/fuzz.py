@@ -414,6 +414,8 @@ class Report:
     workers: dict = field(default_factory=dict)  # pid -> {fds, threads, rss} at start and end
     rss: dict = field(default_factory=dict)  # pid -> resident MiB at the baseline and every check
     uss: dict = field(default_factory=dict)  # pid -> its own (unshared) MiB, the same readings
+    anon: dict = field(default_factory=dict)  # pid -> anonymous MiB (heaps, arenas), the same readings
+    filter: dict = field(default_factory=dict)  # pid -> MiB of the sealed-UID filter's mapped pages
     fresh: dict = field(default_factory=dict)  # pid -> resident MiB of a fresh server on the same data
     log: str = ""
 
@@ -421,7 +423,33 @@ class Report:
         return {"cases": dict(self.cases), "total": sum(self.cases.values()), "outcomes": dict(self.outcomes),
                 "violations": self.violations, "checks": self.checks, "import_files": self.import_files,
                 "seconds": round(self.seconds, 1), "workers": self.workers, "rss_mib": self.rss,
-                "uss_mib": self.uss, "fresh_rss_mib": self.fresh, "log": self.log}
+                "uss_mib": self.uss, "anon_mib": self.anon, "filter_mib": self.filter, "fresh_rss_mib": self.fresh, "log": self.log}
+
+
+def memory(pid: int) -> dict[str, int]:
+    """Bytes of a process's memory, from one read of /proc/<pid>/smaps: rss (what the
+    kernel counts resident, a shared file's pages once per mapping), uss (its own pages:
+    private clean and dirty), anon (anonymous pages: heaps, arenas, stacks; what a leak
+    grows) and filter (the sealed-UID filter's mapped pages, file-backed and shared:
+    docs/fuzzing.md#memory)."""
+    out = dict.fromkeys(("rss", "uss", "anon", "filter"), 0)
+    in_filter = False
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        for line in f:
+            key, _, rest = line.partition(b":")
+            if b"-" in key and b" " in line[:40]:  # a mapping's first line: "start-end perms ..."
+                in_filter = line.rstrip().endswith(b"/uids.bloom") or b"/uids.bloom " in line
+                continue
+            if key == b"Rss":
+                kib = int(rest.split()[0]) << 10
+                out["rss"] += kib
+                if in_filter:
+                    out["filter"] += kib
+            elif key in (b"Private_Clean", b"Private_Dirty"):
+                out["uss"] += int(rest.split()[0]) << 10
+            elif key == b"Anonymous":
+                out["anon"] += int(rest.split()[0]) << 10
+    return out
 
 
 class Archive:
@@ -460,11 +488,8 @@ class Archive:
         for pid in self.worker_pids() | self.http_processes():
             try:
                 p = psutil.Process(pid)
-                # uss: the process's own pages; rss also counts shared file pages once per mapping
-                # (the 32 MiB sealed-UID filter is mapped by every catalog view: docs/fuzzing.md)
-                out[pid] = {"fds": p.num_fds(), "threads": p.num_threads(), "rss": p.memory_info().rss,
-                            "uss": p.memory_full_info().uss}
-            except psutil.Error:
+                out[pid] = {"fds": p.num_fds(), "threads": p.num_threads(), **memory(pid)}
+            except (psutil.Error, OSError):
                 pass
         return out
 
@@ -545,7 +570,8 @@ def check(archive: Archive, report: Report, baseline: dict, final: bool = False)
     for pid, u in usage.items():
         series = report.rss.setdefault(str(pid), [baseline[pid]["rss"] >> 20] if pid in baseline else [])
         series.append(u["rss"] >> 20)
-        report.uss.setdefault(str(pid), [baseline[pid]["uss"] >> 20] if pid in baseline else []).append(u["uss"] >> 20)
+        for kind, table in (("uss", report.uss), ("anon", report.anon), ("filter", report.filter)):
+            table.setdefault(str(pid), [baseline[pid][kind] >> 20] if pid in baseline else []).append(u[kind] >> 20)
         said = any(v.startswith(f"worker {pid}: resident memory") for v in report.violations)  # once is enough
         if pid in baseline and u["rss"] > baseline[pid]["rss"] + (_RSS_CEILING_MIB << 20) and not said:
             report.violations.append(f"worker {pid}: resident memory {baseline[pid]['rss'] >> 20} -> "
@@ -702,7 +728,7 @@ def _progress(report: Report, archive: Archive, done: int, seconds: float) -> No
     """One line on stderr per check: cases so far, their rate, each process's descriptors,
     threads and resident memory (what a soak's report quotes)."""
     usage = " ".join(f"{pid}:{u['fds']}fd/{u['threads']}th/{u['rss'] >> 20}MiB/uss{u['uss'] >> 20}"
-                     for pid, u in sorted(archive.usage().items()))
+                     f"/anon{u['anon'] >> 20}" for pid, u in sorted(archive.usage().items()))
     print(f"{done} cases {seconds:.0f} s ({done / max(seconds, 1):.0f}/s) checks {report.checks} "
           f"violations {len(report.violations)} | {usage}", file=sys.stderr, flush=True)
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -100,13 +103,52 @@ def _case(archive: fuzz.Archive, kind: str, i: int, ct: bytes, rq: bytes, batch:
         getattr(case, kind)(*((base,) if kind in ("store", "sequence") else ()))
 
 
-def probe(kind: str, rounds: int, per_round: int, work: Path, parallel: int = 4) -> dict[str, list[int]]:
-    """Resident MiB of each serving process after the warm-up and after each round, and its
-    own (uss: without the shared file pages that rss counts once per mapping)."""
+def _snapshots(archive: fuzz.Archive, where: Path, taken: int) -> dict[int, "tracemalloc.Snapshot"]:
+    """Each HTTP process's tracemalloc snapshot number `taken` (SIGUSR2: engine/web/process.py)."""
+    out = {}
+    for pid in sorted(archive.http_pids):
+        os.kill(pid, signal.SIGUSR2)
+    for pid in sorted(archive.http_pids):
+        path = where / f"http-{pid}-{taken}.tm"
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if path.exists():
+            out[pid] = tracemalloc.Snapshot.load(str(path))
+    return out
+
+
+def _grown(before: dict, after: dict) -> str:
+    """Where Python's allocations grew between two rounds, per HTTP process: the top lines."""
+    lines = []
+    for pid, snap in after.items():
+        if pid not in before:
+            continue
+        stats = snap.compare_to(before[pid], "lineno")
+        total = sum(s.size_diff for s in stats)
+        lines.append(f"  http {pid}: traced {sum(s.size for s in stats) >> 10} KiB, {total / 1024:+.0f} KiB")
+        lines += [f"    {s.size_diff / 1024:+8.0f} KiB {s.count_diff:+6d} {s.traceback[0].filename}:{s.traceback[0].lineno}"
+                  for s in stats[:8]]
+    return "\n".join(lines)
+
+
+def probe(kind: str, rounds: int, per_round: int, work: Path, parallel: int = 4,
+          trace: bool = False) -> dict[str, list[int]]:
+    """Resident MiB of each serving process after the warm-up and after each round, its
+    own (uss: without the shared file pages that rss counts once per mapping), its
+    anonymous pages and the sealed-UID filter's mapped pages (fuzz.memory)."""
     ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     rq = fuzz.association_request()
     (work / kind).mkdir(parents=True, exist_ok=True)
-    archive = fuzz.Archive(work / kind, 2)
+    traces = work / kind / "tracemalloc"
+    if trace:  # the HTTP processes trace Python's allocations (read once, at their start)
+        traces.mkdir(exist_ok=True)
+        os.environ["STOWAGE_TRACEMALLOC"] = str(traces)
+    try:
+        archive = fuzz.Archive(work / kind, 2)
+    finally:
+        os.environ.pop("STOWAGE_TRACEMALLOC", None)
+    snaps: dict = {}
     series: dict[str, list[int]] = {}
     batch = work / kind / "import"
 
@@ -115,11 +157,14 @@ def probe(kind: str, rounds: int, per_round: int, work: Path, parallel: int = 4)
         for pid, u in sorted(archive.usage().items()):
             role = "http" if pid in archive.http_pids else "worker"
             series.setdefault(f"{role} {pid}", []).append(u["rss"] >> 20)
-            series.setdefault(f"{role} {pid} uss", []).append(u["uss"] >> 20)
+            for part in ("uss", "anon", "filter"):
+                series.setdefault(f"{role} {pid} {part}", []).append(u[part] >> 20)
 
     try:
         fuzz.warm_up(archive, ct, rq)
         sample()
+        if trace:
+            snaps = _snapshots(archive, traces, 0)
         with ThreadPoolExecutor(parallel) as pool:
             for r in range(rounds):
                 began = time.monotonic()
@@ -132,6 +177,9 @@ def probe(kind: str, rounds: int, per_round: int, work: Path, parallel: int = 4)
                 print(f"{kind} round {r + 1} ({time.monotonic() - began:.0f} s): " + " ".join(f"{k}={v[-1]}" for k, v in series.items())
                       + "".join(f" [{o}: {n}]" for o, n in outcomes.items() if o),
                       file=sys.stderr, flush=True)
+                if trace:
+                    before, snaps = snaps, _snapshots(archive, traces, r + 1)
+                    print(_grown(before, snaps), file=sys.stderr, flush=True)
     finally:
         archive.stop()
     return series
@@ -144,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-round", type=int, default=400)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--work", type=Path)
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="the HTTP processes trace Python's allocations: the lines that grew, each round")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="stowage-memory-"))
-    out = {kind: probe(kind, args.rounds, args.per_round, work, args.parallel) for kind in args.kind.split(",")}
+    out = {kind: probe(kind, args.rounds, args.per_round, work, args.parallel, args.tracemalloc) for kind in args.kind.split(",")}
     print(json.dumps(out, indent=1))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

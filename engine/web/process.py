@@ -100,6 +100,25 @@ async def shut_down(runner: web.AppRunner, site: web.BaseSite, tasks: set[asynci
     await runner.cleanup()
 
 
+def _trace_memory(loop: asyncio.AbstractEventLoop) -> None:
+    """STOWAGE_TRACEMALLOC=<directory>, a probe's switch (bench/harness/fuzz_memory.py
+    --tracemalloc): trace Python's allocations, and on SIGUSR2 write a snapshot into the
+    directory as http-<pid>-<n>.tm (whole: written aside, then renamed)."""
+    where = os.environ.get("STOWAGE_TRACEMALLOC")
+    if not where:
+        return
+    import tracemalloc
+    tracemalloc.start(8)
+    taken = [0]
+
+    def dump() -> None:
+        path = os.path.join(where, f"http-{os.getpid()}-{taken[0]}.tm")
+        tracemalloc.take_snapshot().dump(path + ".tmp")
+        os.replace(path + ".tmp", path)
+        taken[0] += 1
+    loop.add_signal_handler(signal.SIGUSR2, dump)
+
+
 async def _serve(config: Config, sock: socket.socket, index: int, control: socket.socket) -> None:
     app = build_app(config)
     tasks: set[asyncio.Task] = set()
@@ -112,6 +131,7 @@ async def _serve(config: Config, sock: socket.socket, index: int, control: socke
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    _trace_memory(loop)
     threading.Thread(target=_report, args=(control, lambda: loop.call_soon_threadsafe(stop.set)),
                      name="report", daemon=True).start()
     log.info("http process %d serving (pid %d)", index, os.getpid())
