@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -139,22 +140,66 @@ def ingest(work: Path, files: list[Path], warmup: list[Path], k: int, rules: int
             stop_tree(rx, None)
 
 
+def _forwarder(server: subprocess.Popen):
+    """psutil.Process of serve's forwarding process."""
+    import psutil
+    for p in psutil.Process(server.pid).children(recursive=True):
+        try:
+            if "forward.process" in " ".join(p.cmdline()):
+                return p
+        except psutil.Error:
+            continue
+    raise RuntimeError("no forwarding process")
+
+
+def _cpu_s(p) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def _children_cpu_s() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _py_spy(profile: Path | None, name: str, gil: bool) -> list[str]:
+    """py-spy record's arguments writing collapsed stacks to profile/name (none: [])."""
+    if profile is None:
+        return []
+    return ["py-spy", "record", "-r", "200", "-f", "raw", "-o", str(profile / name), "--nonblocking",
+            *(["--gil"] if gil else []), "--"]
+
+
 def drain(work: Path, files: list[Path], study: str, associations: int, run_no: int,
-          tools: tuple[str, str, str], same_priority: bool = True) -> tuple[float, float]:
-    """(forwarding instances/s, `stowage send` instances/s) into storescp +B --fork."""
+          tools: tuple[str, str, str], same_priority: bool = True, profile: Path | None = None,
+          gil: bool = False) -> tuple[float, float, float, float]:
+    """(forwarding instances/s, `stowage send` instances/s, CPU ms per instance of the
+    forwarding process and of `stowage send`) into storescp +B --fork. Send's CPU is net of
+    its start-up (a `send` of a study that does not exist, measured just before); with
+    `profile`, py-spy records both into that folder (the CPU figures then include its cost)."""
     storescp, storescu, echoscu = tools
     count = len(files)
     rx_port = free_port()
     conf = _config(work / f"drain-{run_no}.toml", {"DEST": rx_port}, 1, associations)
     data, port = work / f"drain-data-{run_no}", free_port()
     server = serve_stowage(data, port, echoscu, "--config", str(conf))
-    rx = None
+    rx = spy = None
     try:
         store_files(storescu, "STOWAGE", port, files)
         _wait(lambda: _pending(data) == count, 120, "entries not queued")
+        forwarder = _forwarder(server)
+        if profile is not None:
+            spy = subprocess.Popen(_py_spy(profile, f"forward-{run_no}.txt", gil)[:-1] + ["-p", str(forwarder.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out = work / f"drain-rx-{run_no}"
         rx = start_storescp(storescp, echoscu, out, rx_port, fork=True)
+        cpu = _cpu_s(forwarder)
         _wait(lambda: _done(data, "DEST") == count, 600, "the queue was not drained")
+        forward_cpu = _cpu_s(forwarder) - cpu
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         stop_tree(rx, None)
         rx = None
         forwarded = count / _span(out, count)
@@ -162,14 +207,23 @@ def drain(work: Path, files: list[Path], study: str, associations: int, run_no: 
         rx = start_storescp(storescp, echoscu, out, rx_port, fork=True)
         # At the forwarding process's priority (it lowers its own by NICE): the same code
         # path compared, not the scheduler's favour.
-        subprocess.run([sys.executable, "-m", "stowage.cli", "send", "--config", str(conf), "--data-dir", str(data),
-                        "-q", "--to", "DEST", "--study", study], check=True, capture_output=True,
-                       preexec_fn=lambda: os.nice(NICE) if same_priority else None)
+        nice = (lambda: os.nice(NICE)) if same_priority else None
+        send = [sys.executable, "-m", "stowage.cli", "send", "--config", str(conf), "--data-dir", str(data),
+                "-q", "--to", "DEST", "--study"]
+        cpu = _children_cpu_s()
+        subprocess.run(send + ["1.2.3.4.5.6.7.8.9"], capture_output=True, preexec_fn=nice)  # nothing to send
+        start_up = _children_cpu_s() - cpu
+        cpu = _children_cpu_s()
+        subprocess.run(_py_spy(profile, f"send-{run_no}.txt", gil) + send + [study], check=True,
+                       capture_output=True, preexec_fn=nice)
+        send_cpu = _children_cpu_s() - cpu - start_up
         stop_tree(rx, None)
         rx = None
         sent = count / _span(out, count)
-        return forwarded, sent
+        return forwarded, sent, forward_cpu * 1000 / count, send_cpu * 1000 / count
     finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
         if rx is not None:
             stop_tree(rx, None)
         stop_tree(server, None)
@@ -184,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-drain", action="store_true")
+    ap.add_argument("--profile", type=Path, help="draining: py-spy record the forwarder and send into this folder")
+    ap.add_argument("--gil", action="store_true", help="with --profile: only samples holding the GIL")
     ap.add_argument("--send-at-own-priority", action="store_true",
                     help="run stowage send at the bench's priority, not lowered as the forwarding process's is")
     args = ap.parse_args(argv)
@@ -221,15 +277,23 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"ingest, {rules} rule(s): {m:.0f} instances/s ({m / none:.2f}x of none){lag}; "
                       f"CPU per instance: workers {w:.2f} ms, forwarding {f:.2f} ms")
         if not args.skip_drain:
-            fwd, snd = [], []
+            fwd, snd, fcpu, scpu = [], [], [], []
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
             for r in range(args.repeat):
-                f, s = drain(work, files, study, args.associations, r, tools, not args.send_at_own_priority)
+                f, s, fc, sc = drain(work, files, study, args.associations, r, tools, not args.send_at_own_priority,
+                                     args.profile, args.gil)
                 fwd.append(f)
                 snd.append(s)
-                print(f"  run {r}: forwarding {f:.0f}/s, stowage send {s:.0f}/s", flush=True)
+                fcpu.append(fc)
+                scpu.append(sc)
+                print(f"  run {r}: forwarding {f:.0f}/s, stowage send {s:.0f}/s ({f / s:.2f}x); "
+                      f"CPU ms/instance: forwarding {fc:.3f}, send {sc:.3f}; load {os.getloadavg()[0]:.1f}",
+                      flush=True)
             f, s = statistics.median(fwd), statistics.median(snd)
             print(f"forwarding a full queue: {f:.0f} instances/s; stowage send: {s:.0f} instances/s; "
-                  f"ratio {f / s:.2f}x")
+                  f"ratio {f / s:.2f}x (median of ratios {statistics.median(a / b for a, b in zip(fwd, snd)):.2f}x); "
+                  f"CPU per instance: forwarding {statistics.median(fcpu):.3f} ms, send {statistics.median(scpu):.3f} ms")
     finally:
         tear_down(work, None)
 
