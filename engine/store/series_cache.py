@@ -88,6 +88,10 @@ class SeriesCache:
             pass
         return data
 
+    def holds(self, series: str) -> bool:
+        """Whether a file for the series is there (current or not: get() decides)."""
+        return (self.folder / _name(series)).exists()
+
     def put(self, series: str, fp: bytes, data: bytes) -> None:
         """Keep the series' metadata (a failure to write is logged, never the request's)."""
         path = self.folder / _name(series)

@@ -236,7 +236,10 @@ def resource_metadata(store, study: str, series: str | None, instance: str | Non
     if instance is not None:
         found = find(store.lookups, study, series, instance, with_header=True)
         return series_metadata(store, found, base) if found else None
-    found = find(store.lookups, study, series)
+    # A series asked for the first time has no file kept: its headers come with the lookup
+    # (one catalog query, not a lookup and then the headers).
+    headed = series is not None and not store.series_cache.holds(series)
+    found = find(store.lookups, study, series, with_header=headed)
     if not found:
         store.series_cache.forget([series] if series else [])
         return None
@@ -245,9 +248,10 @@ def resource_metadata(store, study: str, series: str | None, instance: str | Non
         groups.setdefault(inst.series, []).append(inst)
     arrays = []
     for uid, members in groups.items():
-        array = store.series_cache.get(uid, fingerprint(members))
+        array = None if headed else store.series_cache.get(uid, fingerprint(members))
         if array is None:
-            members = find(store.lookups, study, uid, with_header=True)  # the headers, only now
+            if not headed:
+                members = find(store.lookups, study, uid, with_header=True)  # the headers, only now
             array = _array(store, members)
             store.series_cache.put(uid, fingerprint(members), array)
         if len(array) > 2:

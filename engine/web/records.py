@@ -20,6 +20,7 @@ from stowage.engine.store.filemeta import PREAMBLE
 from stowage.engine.store.integrity import marks_of
 from stowage.engine.store.locate import Locator, RecordGone
 from stowage.engine.store.payload_into import Alloc, payload_length, read_payload_into
+from stowage.engine.store.readahead import will_need
 from stowage.engine.store.segment import CorruptRecord, read_payload, stream_payload
 
 IN_MEMORY = 64 << 20  # records up to this size are read in one go; larger ones stream
@@ -97,6 +98,11 @@ class Reader:
     def payload_into(self, inst: Instance, lead: int, alloc: Alloc) -> np.ndarray:
         """payload(), at [lead:] of a buffer from `alloc` (engine/store/payload_into.py)."""
         return self._read(inst, lambda path, offset: read_payload_into(path, offset, lead, alloc))
+
+    def will_need(self, found: list[Instance]) -> None:
+        """Start the kernel reading these records (engine/store/readahead.py): a series
+        from a cold page cache then reads at the disk's pace, not a round trip a record."""
+        will_need(self.segments, ((i.segment, i.offset, i.dataset_length) for i in found))
 
     def part10_length(self, inst: Instance) -> int | None:
         """The Part-10 file's length, from its record's head, or None when that does not say."""

@@ -140,7 +140,9 @@ def _whole(inst: Instance, target: str | None) -> bool:
 
 def _sizes(store: WebStore, found: list[Instance]) -> list[int] | None:
     """Each instance's Part-10 length as stored, from its record's head; None when one does
-    not say (the body is then sent chunked)."""
+    not say (the body is then sent chunked). The records are read ahead first: their heads
+    here, their payloads next."""
+    store.reader.will_need(found)
     sizes = []
     for inst in found:
         size = store.reader.part10_length(inst)
