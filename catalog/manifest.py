@@ -40,6 +40,9 @@ class Manifest:
     # publisher committed the relocation of their rows (engine/iceberg/relocations.py),
     # then the time it did; their objects stay in the bucket until compact_grace after that.
     relocations: dict[str, float] = field(default_factory=dict)
+    # With `storage`: compaction output -> the segments it replaced, until none of their
+    # objects is left in the bucket (engine/storage/compactions.py journals it there).
+    compactions: dict[str, list[str]] = field(default_factory=dict)
 
     def sealed_upto(self, segment: str) -> int:
         return self.watermarks.get(segment, 0)
@@ -53,7 +56,8 @@ def load(directory: Path) -> Manifest:
         return Manifest()
     return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"],
                     d.get("uid_filter", ""), d.get("duplicates", ""), d.get("retired_segments", {}),
-                    d.get("outbox"), d.get("uploaded", {}), d.get("relocations", {}))
+                    d.get("outbox"), d.get("uploaded", {}), d.get("relocations", {}),
+                    d.get("compactions", {}))
 
 
 def _store(directory: Path, m: Manifest) -> None:
@@ -63,6 +67,7 @@ def _store(directory: Path, m: Manifest) -> None:
                    "generation": m.generation, "uid_filter": m.uid_filter, "duplicates": m.duplicates,
                    "retired_segments": m.retired_segments, "uploaded": m.uploaded,
                    **({"relocations": m.relocations} if m.relocations else {}),
+                   **({"compactions": m.compactions} if m.compactions else {}),
                    **({"outbox": m.outbox} if m.outbox is not None else {})}, f)
         f.flush()
         os.fsync(f.fileno())

@@ -107,8 +107,9 @@ def _remap_versions(directory: Path, m: manifest.Manifest, segments: list[str], 
 
 
 def commit(directory: Path, rewritten: list[Rewritten], segments: list[str], new_segment: str,
-           new_size: int, moves: Moves, prefix: str) -> None:
-    """The one manifest swap that makes a compaction happen (or, if it raises, not)."""
+           new_size: int, moves: Moves, prefix: str, journal: bool = False) -> None:
+    """The one manifest swap that makes a compaction happen (or, if it raises, not).
+    `journal`: segments in a bucket, record what the output replaced (engine/storage/compactions.py)."""
     with manifest.update(directory) as m:
         missing = [r.old for r in rewritten if r.old not in m.files]
         if missing:
@@ -122,6 +123,8 @@ def commit(directory: Path, rewritten: list[Rewritten], segments: list[str], new
         _remap_versions(directory, m, segments, new_segment, moves, prefix)
         if new_segment:
             m.watermarks[new_segment] = new_size
+            if journal:
+                m.compactions[new_segment] = list(segments)
         for seg in segments:
             m.retired_segments[seg] = now
             if m.outbox is not None:  # published to Iceberg: its rows there must follow (engine/iceberg)

@@ -513,3 +513,78 @@ def test_a_node_that_lost_its_disk_keeps_its_deletions_and_publishes_nothing_twi
     deletions = open_catalog(cfg).load_table(f"{cfg.iceberg_namespace}.deletions").scan().to_arrow()
     assert deletions["sop_instance_uid"].to_pylist().count(uids[0]) == 1, "the deletion published once"
 
+
+def _record_counts(node: Server, study: str) -> dict[str, int]:
+    """SOP Instance UID -> how many records of it the node's own catalog holds (deleted ones too)."""
+    from stowage.catalog.reader import Catalog
+    catalog = Catalog(node.data_dir / "catalog")
+    try:
+        return dict(catalog.execute("SELECT sop_instance_uid, count(*) FROM records WHERE study_instance_uid = ? "
+                                    "GROUP BY 1", [study])[1])
+    finally:
+        catalog.close()
+
+
+def test_a_disk_lost_inside_compact_grace_catalogues_each_record_once(pair, tmp_path):
+    """a compacts (its replaced segments' objects kept: a long compact_grace), uploads the
+    output, and loses its disk before the old objects are deleted: restored, it leaves the
+    replaced segments out by the compaction's journal in the bucket, so its catalog holds
+    each record once; findscu finds each live instance once, getscu gets them byte-exact;
+    the instances table ends with one row per live record; the old objects and the journal go."""
+    from stowage.catalog import manifest
+    from stowage.engine.storage.objects import segment_key
+    a, b = pair.nodes["a"], pair.nodes["b"]
+    files = own_study(copies(CT, tmp_path / "grace", 6, "grace"))
+    sent = by_uid(files)
+    study = study_of(files)
+    uids = sorted(sent)
+    store_exact(a.port, files)
+    catalog_dir = a.data_dir / "catalog"
+    wait_for(lambda: len(_places(a, study)) == 6 and set(_places(a, study).values())
+             <= set(manifest.load(catalog_dir).uploaded), BOUND, lambda: f"a's segments uploaded\n{pair.logs()}", 0.5)
+    r = pair.stowage("a", "delete", "--yes", "--instance", uids[0])  # its segment now holds a dead record
+    assert r.returncode == 0, r.stdout + r.stderr
+    before = _places(a, study)
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "compact", "--ratio", "1", "--data-dir", str(a.data_dir)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **pair.env["a"], "STOWAGE_COMPACT_GRACE": "3600"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = _places(a, study)
+    replaced = set(before.values()) - set(after.values())
+    outputs = {s for s in after.values() if s.startswith("999-")}
+    assert replaced and outputs and set(after) == set(uids[1:]), (before, after)
+    wait_for(lambda: outputs <= set(manifest.load(catalog_dir).uploaded), BOUND,
+             lambda: f"a's compaction output uploaded\n{pair.logs()}", 0.5)
+    prefix = "archive"
+    old = {segment_key(prefix, "a", s) for s in replaced}
+    journals = {f"{prefix}/a/compactions/{o}.json" for o in outputs}
+    held = set(pair.s3.objects(pair.bucket))
+    assert old <= held and journals <= held, "inside the grace: the replaced objects, and the journal, in the bucket"
+    a.kill()
+    shutil.rmtree(a.data_dir)
+    a.start()
+    kept = set(uids[1:])
+    assert _record_counts(a, study) == {u: 1 for u in kept}, "each record catalogued once, from the output"
+    assert "that compactions had replaced" in a.log(), a.log()[-3000:]
+    assert sorted(str(d.SOPInstanceUID) for d in find(a.port, "IMAGE", StudyInstanceUID=study, SOPInstanceUID="")) \
+        == sorted(kept)
+    _r, got = getscu(a.port, tmp_path / "get", QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+    assert got == {u: sent[u] for u in kept}, "byte for byte"
+    from stowage.engine.iceberg.tables import open_catalog
+    from stowage.engine.runtime import config as configuration
+    env = pair.env["a"]
+    cfg = configuration.load(env={**env, "STOWAGE_DATA_DIR": str(a.data_dir), "STOWAGE_S3_ACCESS_KEY":
+                                  env["AWS_ACCESS_KEY_ID"], "STOWAGE_S3_SECRET_KEY": env["AWS_SECRET_ACCESS_KEY"]}
+                             ).validate()
+
+    def table_rows() -> list[tuple[str, str]]:
+        table = open_catalog(cfg).load_table(f"{cfg.iceberg_namespace}.instances")
+        rows = table.scan(row_filter=f"study_instance_uid == '{study}'",
+                          selected_fields=("sop_instance_uid", "segment")).to_arrow()
+        return sorted(zip(rows["sop_instance_uid"].to_pylist(), rows["segment"].to_pylist()))
+    wait_for(lambda: [u for u, _s in table_rows()] == sorted(kept) and not old & set(pair.s3.objects(pair.bucket)),
+             BOUND, lambda: f"the table's rows of a once each {table_rows()}, the old objects deleted\n{pair.logs()}",
+             1.0)
+    assert all(s in outputs for _u, s in table_rows()), "the rows where the records are now"
+    wait_for(lambda: not journals & set(pair.s3.objects(pair.bucket)), BOUND,
+             lambda: f"the journal deleted with the objects it named\n{pair.logs()}", 0.5)

@@ -124,12 +124,14 @@ class Publisher:
 
     def _publish_instances(self, names: list[str]) -> None:
         location = self.tables[INSTANCES].location().rstrip("/")
-        adopted = {n for n, e in manifest.load(self.catalog_dir).uploaded.items() if e.get("adopted")}
+        uploaded = manifest.load(self.catalog_dir).uploaded
+        adopted = {n for n, e in uploaded.items() if e.get("adopted")}
+        replaced = {n for n, e in uploaded.items() if e.get("replaced_by")}  # engine/storage/compactions.py
         files, rows, held = [], 0, []
         for name in names:
             local = self.catalog_dir / name
             if adopted:  # a restored node: what the table holds of its adopted segments is not added again
-                local = self._restored(local, adopted)
+                local = self._restored(local, adopted, replaced)
                 if local is None:
                     held.append(name)
                     continue
@@ -141,14 +143,14 @@ class Publisher:
         if files:
             self._run(Batch(uuid.uuid4().hex, INSTANCES, files, rows))
 
-    def _restored(self, local: Path, adopted: set[str]) -> Path | None:
+    def _restored(self, local: Path, adopted: set[str], replaced: set[str]) -> Path | None:
         """`local` itself, or a copy without the rows the table already holds for this node
         (engine/iceberg/restore.py), or None when it holds all of them."""
         from stowage.engine.iceberg.restore import unpublished
         if not set(pc.unique(pq.read_table(local, columns=["segment"])["segment"]).to_pylist()) & adopted:
             return local  # rows of segments written since the restore only
         data = pq.read_table(local)
-        left = unpublished(data, adopted, self._table(INSTANCES), self.node)
+        left = unpublished(data, adopted, self._table(INSTANCES), self.node, replaced)
         if left.num_rows == data.num_rows:
             return local
         if left.num_rows == 0:

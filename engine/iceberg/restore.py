@@ -9,7 +9,9 @@
 - **Its published rows.** Recovery indexes the adopted segments again into new catalog
   files, which the outbox queues; the rows of adopted segments that the `instances` table
   already holds for this node (by segment and offset) are left out of what is published
-  (`unpublished`), so the table counts each record once.
+  (`unpublished`), so the table counts each record once. Rows the table holds at the
+  places of segments a compaction replaced (left out by the restore) count as held too:
+  the publisher's relocation points them at the compaction's output.
 
 What was deleted or sealed in the last `iceberg_interval` before the loss, and not yet
 published, is not in the tables: those deletions are lost with the disk.
@@ -102,12 +104,29 @@ def published(table, node: str, segments: set[str]) -> set[tuple[str, int]]:
     return out
 
 
-def unpublished(data: pa.Table, adopted: set[str], table, node: str) -> pa.Table:
+def relocating(table, node: str, segments: set[str]) -> set[tuple[str, int]]:
+    """(SOP Instance UID, received_at in µs) of every row of `segments` that `table` holds
+    for `node`: rows the publisher's relocation will point at their records' places now."""
+    out: set[tuple[str, int]] = set()
+    for path in relocations.affected(table, node, sorted(segments)):
+        with table.io.new_input(path).open() as f:
+            data = pq.read_table(pa.BufferReader(f.read()), columns=["segment", "sop_instance_uid", "received_at"])
+        data = data.filter(relocations.rows_in(data, sorted(segments)))
+        out.update(zip(data["sop_instance_uid"].to_pylist(), pc.cast(data["received_at"], pa.int64()).to_pylist()))
+    return out
+
+
+def unpublished(data: pa.Table, adopted: set[str], table, node: str, replaced: set[str] = frozenset()) -> pa.Table:
     """`data` (a sealed file's rows) without the rows of `adopted` segments that `table`
-    already holds for `node`."""
+    already holds for `node`: at the same place, or (a compaction's output adopted with the
+    segments it `replaced` left out, engine/storage/compactions.py) at a replaced segment's
+    place, which the relocation of `replaced` rewrites."""
     segs = set(pc.unique(data["segment"]).to_pylist()) & adopted
     if not segs:
         return data
     held = published(table, node, segs)
-    keep = [(s, o) not in held for s, o in zip(data["segment"].to_pylist(), data["offset"].to_pylist())]
+    moved = relocating(table, node, set(replaced)) if replaced else set()
+    keep = [(s, o) not in held and (u, r) not in moved for s, o, u, r in zip(
+        data["segment"].to_pylist(), data["offset"].to_pylist(), data["sop_instance_uid"].to_pylist(),
+        pc.cast(data["received_at"], pa.int64()).to_pylist())]
     return data.filter(pa.array(keep, pa.bool_()))

@@ -333,7 +333,8 @@ def _round(config: Config, catalog: Catalog, victims: list[Candidate], throttle:
         with manifest.lock(catalog_dir, "compact.lock"):  # no Parquet merge meanwhile
             files = relocate.holding(catalog_dir, sorted(manifest.load(catalog_dir).files), names)
             rewritten = relocate.rewrite(catalog_dir, files, names, new, moves, prefix)
-            relocate.commit(catalog_dir, rewritten, names, new, size, moves, prefix)
+            relocate.commit(catalog_dir, rewritten, names, new, size, moves, prefix,
+                            journal=bool(config.storage))
     except BaseException:
         settle(data_dir)  # undo what this round wrote; the old segments serve on
         raise

@@ -23,10 +23,11 @@ def rebuild(data_dir: Path) -> int:
                                          "(stowage serve or import?); stop it first")
         claim.release()
     prepare_rebuild(data_dir)  # else an interrupted compaction's output, or a retired segment, is indexed twice
-    uploaded = manifest.load(catalog_dir).uploaded  # where the segments in the bucket are (engine/storage)
+    kept = manifest.load(catalog_dir)  # where the segments in the bucket are (engine/storage), and
+    uploaded = kept.uploaded           # the compactions whose journal there is not deleted yet
     if catalog_dir.exists():
         shutil.rmtree(catalog_dir)
-    if uploaded:
+    if uploaded or kept.compactions:
         with manifest.update(catalog_dir) as m:
-            m.uploaded = uploaded
+            m.uploaded, m.compactions = uploaded, kept.compactions
     return recover(data_dir)

@@ -30,6 +30,7 @@ import time
 from stowage.catalog import manifest, tombstones
 from stowage.catalog.durable import replace_durably
 from stowage.engine.runtime.config import Config
+from stowage.engine.storage import compactions
 from stowage.engine.storage.objects import ObjectStore, segment_key, store_for
 
 log = logging.getLogger("stowage.storage")
@@ -46,20 +47,38 @@ def adopt(config: Config) -> list[str]:
     except FileNotFoundError:
         local = set()
     known = manifest.load(catalog_dir)
+    listed = {key[len(prefix):]: (key, size) for key, size in store.list(prefix).items()}
+    unknown = {name: ks for name, ks in sorted(listed.items())
+               if _SEGMENT.match(name) and name not in local and name not in known.uploaded
+               and name not in known.retired_segments and ks[1] > 0}
+    # segments a compaction replaced whose output is in the bucket too: never indexed (compactions.py)
+    replaced, journals = compactions.replaced_in_bucket(store, set(listed)) if unknown else ({}, {})
     found: dict[str, dict] = {}
-    for key, size in sorted(store.list(prefix).items()):
-        name = key[len(prefix):]
-        if not _SEGMENT.match(name) or name in local or name in known.uploaded or name in known.retired_segments \
-                or size == 0:
+    dropped: dict[str, dict] = {}
+    for name, (key, size) in unknown.items():
+        if name in replaced:
+            dropped[name] = {"key": key, "size": size, "at": time.time(), "adopted": True, "gone": True,
+                             "replaced_by": replaced[name]}
             continue
         head = store.head(key) or {}
         found[name] = {"key": key, "size": size, "sha256": head.get("Metadata", {}).get("sha256", ""),
                        "checksum": head.get("ChecksumSHA256", ""), "at": time.time(), "adopted": True}
-    if found:
+    if found or dropped:
         catalog_dir.mkdir(parents=True, exist_ok=True)
         with manifest.update(catalog_dir) as m:
-            for name, entry in found.items():
+            for name, entry in {**found, **dropped}.items():
                 m.uploaded.setdefault(name, entry)
+            for name in dropped:
+                m.watermarks.setdefault(name, dropped[name]["size"])  # its name stays used
+                if config.iceberg_catalog:  # the table's rows of it follow its records (engine/iceberg)
+                    m.relocations.setdefault(name, 0.0)
+            for out, segs in journals.items():  # the journal goes once their objects are deleted
+                m.compactions.setdefault(out, segs)
+    if dropped:
+        log.warning("left out %d segment(s) of node %s that compactions had replaced (%s): their live records "
+                    "are in %s; their objects will be deleted", len(dropped), store.node, ", ".join(sorted(dropped)),
+                    ", ".join(sorted(set(replaced[n] for n in dropped))))
+    if found:
         log.warning("found %d segment(s) of node %s in s3://%s/%s that this data directory did not hold "
                     "(%.1f MB); indexing them from the bucket", len(found), store.node, store.bucket, prefix,
                     sum(e["size"] for e in found.values()) / 1e6)

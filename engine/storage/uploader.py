@@ -5,7 +5,8 @@
    nothing appends to it any more; catalogued to its end; not retired by a compaction),
    verified by a read-back of size and checksum (objects.py);
 2. records it in the manifest (`uploaded`), durably (write, fsync, rename);
-3. deletes the objects of segments a compaction retired and purged, and (every
+3. deletes the objects of segments a compaction retired and purged (a compaction output
+   goes up after its journal, compactions.py, which goes once they are deleted), and (every
    WAL_SWEEP_S) the write-ahead objects of durability = "object-store" nothing needs;
    copies the tombstone log whole when it changed (restore.copy_tombstones);
 4. evicts, oldest first, local copies of uploaded segments and read-cache blocks while
@@ -28,7 +29,7 @@ from stowage.catalog import manifest
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.supervised import SupervisedProcess, child_start, run_exclusively
 from stowage.engine.storage.objects import ObjectStore, ObjectStoreError, store_for
-from stowage.engine.storage import wal
+from stowage.engine.storage import compactions, wal
 from stowage.engine.storage.remote import CACHE
 from stowage.engine.storage.restore import copy_tombstones
 
@@ -71,10 +72,13 @@ def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event, ahe
     `ahead`: durability = object-store, delete each one's write-ahead objects (wal.py) too."""
     catalog_dir = data_dir / "catalog"
     done = []
-    for name, size in sealed_not_uploaded(data_dir, manifest.load(catalog_dir)).items():
+    m = manifest.load(catalog_dir)
+    for name, size in sealed_not_uploaded(data_dir, m).items():
         if stop.is_set():
             break
         started = time.monotonic()
+        if name in m.compactions:  # a compaction output: what it replaced goes first (compactions.py)
+            compactions.write(store, name, m.compactions[name])
         try:
             up = store.upload(data_dir / "segments" / name, name)
         except FileNotFoundError:  # a compaction retired and purged it meanwhile
@@ -114,6 +118,7 @@ def delete_gone(data_dir: Path, store: ObjectStore, grace: float = 0.0, now: flo
             for name in gone:
                 m.uploaded.pop(name, None)
                 m.relocations.pop(name, None)
+    compactions.forget(data_dir, store)  # journals whose replaced objects are all gone now
     return len(gone)
 
 
