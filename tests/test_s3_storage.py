@@ -241,3 +241,40 @@ def test_an_object_already_in_the_bucket_is_never_overwritten(make_server, tmp_p
     assert r.returncode == 0, r.stderr
     assert {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: dataset(p)
             for p in (tmp_path / "export").iterdir()} == sent
+
+
+def test_the_quota_counts_this_nodes_segments_in_the_bucket_and_the_dashboard_says_so(make_server, tmp_path,
+                                                                                      s3_server):  # noqa: F811
+    """max_storage_bytes is per node and counts its segments wherever they are: a node whose
+    sealed segments were all uploaded and evicted (its local disk holds only the last one of
+    each writer) and whose quota is what it holds refuses the next store with 0xA700; the
+    dashboard shows the same figure against the quota, split into this disk and the bucket."""
+    import json
+    import urllib.request
+    from test_quota import store_one
+    bucket = s3_server.new_bucket("quota")
+    env = env_for(s3_server, bucket, STOWAGE_LOCAL_CACHE_BYTES="0")
+    server = make_server("--workers", "1", **env)
+    files = series_instances(tmp_path / "ct", "S3-Q", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 12)
+    storescu(server.port, files[:-1])
+    wait_for(lambda: catalog_sealed(server.data_dir) and all_uploaded_and_evicted(server.data_dir), 60,
+             lambda: f"uploaded and evicted: {uploaded(server.data_dir)}\n{server.log()[-2000:]}")
+    server.kill()
+    data_dir = server.data_dir
+    local = sum(p.stat().st_size for p in (data_dir / "segments").glob("*.seg"))
+    in_bucket = sum(e["size"] for e in uploaded(data_dir).values())
+    assert in_bucket > local, "most of what the node holds is only in the bucket"
+    http = free_port()
+    quota = {"STOWAGE_MAX_STORAGE_BYTES": str(local + in_bucket), "STOWAGE_QUOTA_POLICY": "refuse"}
+    restarted = make_server("--workers", "1", "--http-port", str(http), data_dir=data_dir, **{**env, **quota})
+    status, comment = store_one(restarted.port, files[-1])
+    assert status == 0xA700 and "max_storage_bytes" in comment, (hex(status), comment)
+    with urllib.request.urlopen(f"http://{HOST}:{http}/dashboard/status.json", timeout=30) as r:
+        st = json.load(r)["storage"]
+    # the restarted uploader may have uploaded the last segments meanwhile: the split moves, the sum does not
+    assert st["segments_bytes"] == st["segments_local_bytes"] + st["segments_bucket_bytes"] == local + in_bucket \
+        == st["quota_bytes"], st
+    assert st["segments_bucket_bytes"] >= in_bucket > st["segments_local_bytes"], st
+    with urllib.request.urlopen(f"http://{HOST}:{http}/dashboard/panels", timeout=30) as r:
+        panels = r.read().decode()
+    assert f"only in s3://{bucket}/archive" in panels and "on this disk and in the bucket" in panels

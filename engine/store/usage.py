@@ -47,7 +47,13 @@ def _segments_known(catalog_dir: Path) -> tuple[frozenset[str], dict[str, int]]:
 
 def segment_bytes(data_dir: Path) -> int:
     """Bytes of the segments the archive needs (not the retired ones): the files on local
-    disk, and the uploaded ones whose local copy was evicted (engine/storage), counted once."""
+    disk, and the uploaded ones whose local copy was evicted (engine/storage), counted once.
+    This node's own segments only: with several nodes the quota is per node."""
+    return sum(segment_usage(data_dir))
+
+
+def segment_usage(data_dir: Path) -> tuple[int, int]:
+    """(bytes on local disk, bytes only in the bucket) of the segments `segment_bytes` counts."""
     retired, uploaded = _segments_known(data_dir / "catalog")
     total, local = 0, set()
     try:
@@ -58,7 +64,7 @@ def segment_bytes(data_dir: Path) -> int:
                     local.add(e.name)
     except FileNotFoundError:
         pass
-    return total + sum(size for name, size in uploaded.items() if name not in local)
+    return total, sum(size for name, size in uploaded.items() if name not in local)
 
 
 class Usage:

@@ -20,7 +20,7 @@ from stowage.engine.lifecycle.compaction import JOURNAL
 from stowage.engine.migrate import checkpoint
 from stowage.engine.runtime.config import Config
 from stowage.engine.store import integrity
-from stowage.engine.store.usage import segment_bytes
+from stowage.engine.store.usage import segment_usage
 from stowage.engine.web.dashboard import activity
 from stowage.engine.web.dashboard.audit_tail import AuditTail
 
@@ -115,7 +115,9 @@ class Status:
             disk = shutil.disk_usage(self.data_dir)
         except OSError:
             return {}
-        return {"segments_bytes": segment_bytes(self.data_dir), "catalog_bytes": _tree_bytes(self.data_dir / "catalog"),
+        local, bucket = segment_usage(self.data_dir)  # this node's own segments: what its quota counts
+        return {"segments_bytes": local + bucket, "segments_local_bytes": local, "segments_bucket_bytes": bucket,
+                "bucket": self.config.storage or None, "catalog_bytes": _tree_bytes(self.data_dir / "catalog"),
                 "free_bytes": disk.free, "disk_bytes": disk.total, "min_free_bytes": self.config.min_free_bytes,
                 "quota_bytes": self.config.max_storage_bytes, "quota_policy": self.config.quota_policy}
 
