@@ -163,6 +163,28 @@ def _children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+# Stages of a profile (py-spy's collapsed stacks), the first whose marker a stack holds.
+STAGES = (("audit", ("audit_line",)), ("settle", ("settle (engine/forward/queue.py",)),
+          ("due", ("due (engine/forward/queue.py", "_served (engine/forward/deliver.py")),
+          ("scan", ("_scan_loop",)), ("commitment", ("engine/forward/commitment.py",)),
+          ("read", ("_prepare (engine/transfer/send.py",)), ("wait", ("_recv_exact",)),
+          ("send", ("protocol/store_scu.py",)), ("select", ("catalog/",)),
+          ("start-up", ("<module>", "_find_and_load", "importlib")),
+          ("idle", ("_worker (concurrent/futures/thread.py:81)",)))  # a pool thread waiting for work
+PROFILE_RATE = 200  # py-spy samples per second
+
+
+def stage_table(path: Path, count: int) -> dict[str, float]:
+    """µs of sampled thread time per instance in each stage of a py-spy raw profile
+    ("wait": blocked for a C-STORE response; "other": the rest: feeds, thread hand-offs)."""
+    out: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        name = next((name for name, marks in STAGES if any(m in stack for m in marks)), "other")
+        out[name] = out.get(name, 0.0) + int(n) / PROFILE_RATE / count * 1e6
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def _py_spy(profile: Path | None, name: str, gil: bool) -> list[str]:
     """py-spy record's arguments writing collapsed stacks to profile/name (none: [])."""
     if profile is None:
@@ -290,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  run {r}: forwarding {f:.0f}/s, stowage send {s:.0f}/s ({f / s:.2f}x); "
                       f"CPU ms/instance: forwarding {fc:.3f}, send {sc:.3f}; load {os.getloadavg()[0]:.1f}",
                       flush=True)
+                for name in ("forward", "send") if args.profile else ():
+                    table = stage_table(args.profile / f"{name}-{r}.txt", args.count)
+                    print(f"    {name} µs/instance: " + ", ".join(f"{k} {v:.0f}" for k, v in table.items()))
             f, s = statistics.median(fwd), statistics.median(snd)
             print(f"forwarding a full queue: {f:.0f} instances/s; stowage send: {s:.0f} instances/s; "
                   f"ratio {f / s:.2f}x (median of ratios {statistics.median(a / b for a, b in zip(fwd, snd)):.2f}x); "

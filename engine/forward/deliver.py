@@ -21,7 +21,6 @@ delivery. Outcomes:
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import threading
@@ -34,7 +33,7 @@ from stowage.engine.forward.queue import Entry, Queue
 from stowage.engine.forward.scan import Deletions, Scanned
 from stowage.engine.forward.shared_reads import SharedReads
 from stowage.engine.runtime.config import Config
-from stowage.engine.runtime.logs import audit_line
+from stowage.engine.runtime.logs import audit_lines
 from stowage.engine.transfer.requestor import PeerError, peer_of
 from stowage.engine.transfer.send import Feed, Instance, Outcome, SendResult, Sender
 
@@ -42,6 +41,11 @@ log = logging.getLogger("stowage.forward")
 
 BATCH_PER_ASSOCIATION = 256  # entries in flight per association: the feed is topped up below this
 SETTLE_EVERY_S = 0.2  # outcomes are recorded in one queue transaction this often (not one per instance)
+# A session's top-ups read only the entries after the last one it read (no re-reading and
+# filtering out of what is in flight, which held the GIL from the sending threads); behind
+# that mark, entries that became due since (a hold or back-off that ended) are looked for
+# this often, and whenever the entries after it run short.
+REREAD_EVERY_S = 2.0
 SESSION_S = 30.0  # a session's associations are closed after this (another project's entries come between)
 # Failures without a status that retrying cannot cure: parked like refusals.
 _PERMANENT = ("accepted no presentation context", "accepts none of the syntaxes", "marked corrupt",
@@ -61,19 +65,31 @@ class _Session:
         self.outcomes: deque[Outcome] = deque()
         self.retry: list[tuple[Entry, str]] = []  # no answer: settled at the end (back-off of whom?)
         self.done = 0
+        self.mark: tuple[int, int] | None = None  # (received_at, id) of the newest entry read
+        self.reread_at = 0.0  # monotonic time of the last read that looked behind the mark
 
-    def admissible(self, entries: list[Entry]) -> list[Entry]:
-        """The entries this session's associations can carry, taken in flight: the same
-        project, a presentation context proposed for them, one record per UID at a time
-        (the rest wait for a later session, untouched)."""
+    def read(self, entries: list[Entry], whole: bool = False) -> list[Entry]:
+        """`entries` as read from the queue (`whole`: from the oldest due), the mark moved past them."""
+        if entries:
+            last = entries[-1]
+            self.mark = max(self.mark or (-1, -1), (last.received_at, last.id))
+        if whole:
+            self.reread_at = time.monotonic()
+        return entries
+
+    def admissible(self, entries: list[Entry]) -> list[Instance]:
+        """The instances of the entries this session's associations can carry, taken in
+        flight: the same project, a presentation context proposed for them, one record per
+        UID at a time (the rest wait for a later session, untouched)."""
         out = []
         for e in entries:
             if e.project != self.project or e.sop_instance_uid in self.in_flight:
                 continue
-            if self.feed is not None and not self.feed.fits(self.instance(e)):
+            inst = self.instance(e)
+            if self.feed is not None and not self.feed.fits(inst):
                 continue
             self.in_flight[e.sop_instance_uid] = e
-            out.append(e)
+            out.append(inst)
         return out
 
     @staticmethod
@@ -87,7 +103,7 @@ class _Session:
 
     def settle(self) -> None:
         """Record the outcomes that came in: done and parked now, no answer at the end."""
-        done, parked = [], []
+        done, parked, lines = [], [], []
         name = self.destination.destination
         while self.outcomes:
             o = self.outcomes.popleft()
@@ -97,10 +113,10 @@ class _Session:
             verdict = classify(o)
             if verdict == "done":
                 done.append((entry.id, o.status, o.sent_uid))
-                audit_line(f"forwarded {entry.sop_instance_uid} to {name}",
-                           {"event": "forward", "sop_instance_uid": entry.sop_instance_uid,
-                            "destination": name, "status": o.status, "sent_as": o.sent_as,
-                            **({"deidentified": entry.project} if entry.project else {})})
+                lines.append((f"forwarded {entry.sop_instance_uid} to {name}",
+                              {"event": "forward", "sop_instance_uid": entry.sop_instance_uid,
+                               "destination": name, "status": o.status, "sent_as": o.sent_as,
+                               **({"deidentified": entry.project} if entry.project else {})}))
             elif verdict == "parked":
                 parked.append((entry.id, o.status, o.reason))
                 log.warning("forward: %s parked for %s: %s", entry.sop_instance_uid, name, o.reason)
@@ -109,6 +125,8 @@ class _Session:
         if done or parked:
             self.queue.settle(done, parked, [])
             self.done += len(done)
+        if lines:  # one write, after the commit: no line claims a delivery the queue could still forget
+            audit_lines(lines)
 
     def finish(self, result: SendResult) -> float:
         """After the last association closed: the entries that got no answer (or were never
@@ -195,16 +213,19 @@ class Destination(threading.Thread):
             queue.cancel_ids(gone, "deleted or rejected before it was forwarded")
             log.info("forward: %d entr(ies) for %s cancelled: deleted or rejected since", len(gone),
                      self.destination)
-        return [dataclasses.replace(e, segment=where[e.sop_instance_uid][0], offset=where[e.sop_instance_uid][1])
+        return [e._replace(segment=where[e.sop_instance_uid][0], offset=where[e.sop_instance_uid][1])
                 for e in entries if e.sop_instance_uid in where]
 
-    def _due(self, queue: Queue, limit: int, exclude: set[int] | frozenset = frozenset()) -> list[Entry]:
-        """Up to `limit` due entries, oldest first, but those in `exclude` (in flight); the
-        ones deleted or rejected since they were queued cancelled."""
+    def _due(self, queue: Queue, limit: int, exclude: set[int] | frozenset = frozenset(),
+             after: tuple[int, int] | None = None) -> list[Entry]:
+        """Up to `limit` due entries, oldest first (after the entry `after`, if given), but
+        those in `exclude` (in flight); the ones deleted or rejected since they were queued
+        cancelled."""
         now = datetime.datetime.now()
         waiting = [r.name for r in self.config.forward if not r.sends_at(now)]
         entries = [e for e in queue.due(self.destination, limit + len(exclude), waiting,
-                                        scanned_through=self.scanned.through if self.scanned is not None else None)
+                                        scanned_through=self.scanned.through if self.scanned is not None else None,
+                                        after=after)
                    if e.id not in exclude]
         if entries and (self.deletions is None or self.deletions.changed()):  # else the scanner cancelled them
             entries = self._served(queue, entries)
@@ -233,8 +254,9 @@ class Destination(threading.Thread):
             log.warning("forward: project %s for %s: %s", project, self.destination, e)
             return self._failed(queue, [e for e in entries if e.project == project], str(e))
         session = _Session(self, queue, project)
+        session.read(entries, whole=True)
         session.feed = feed = Feed([session.instance(e) for e in entries if e.project == project])
-        feed.give([session.instance(e) for e in session.admissible(entries)])
+        feed.give(session.admissible(entries))
         sender = Sender(self.config.data_dir / "segments", peer, self.config.aet,
                         dimse_timeout=self.config.dimse_timeout, acse_timeout=self.config.acse_timeout,
                         max_pdu=self.config.max_pdu, associations=remote.associations,
@@ -254,13 +276,23 @@ class Destination(threading.Thread):
             if self.stop.is_set() or time.monotonic() - started > SESSION_S:
                 feed.end()  # a long session ends now and then: other projects
             elif len(session.in_flight) < window:
-                more = session.admissible(self._due(queue, window, session.busy()))
+                more = session.admissible(self._more(queue, window, session))
                 if more:
-                    feed.give([session.instance(e) for e in more])
+                    feed.give(more)
                 elif not session.in_flight:
                     feed.end()  # nothing more it can carry: the queue is empty, or the rest waits
         session.settle()
         return session.finish(results[0] if results else SendResult())
+
+    def _more(self, queue: Queue, window: int, session: _Session) -> list[Entry]:
+        """A top-up's entries: those after the session's mark; all due ones but those in
+        flight when that runs short or REREAD_EVERY_S has passed (what became due behind
+        the mark: a hold or a back-off that ended)."""
+        if session.mark is not None and time.monotonic() - session.reread_at < REREAD_EVERY_S:
+            entries = session.read(self._due(queue, window, after=session.mark))
+            if len(entries) == window:
+                return entries
+        return session.read(self._due(queue, window, session.busy()), whole=True)
 
     def _failed(self, queue: Queue, entries: list[Entry], reason: str, done: list | None = None,
                 parked: list | None = None) -> float:

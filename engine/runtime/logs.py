@@ -54,6 +54,22 @@ def audit_line(msg: str, fields: dict) -> None:
         audit_write_failed(e)
 
 
+def audit_lines(lines: list[tuple[str, dict]]) -> None:
+    """Several `audit_line`s (message, fields) in one write: a sender that settles its
+    outcomes in batches (forwarding) writes a batch's lines at once, not one syscall each."""
+    if _audit_fd < 0:
+        for msg, fields in lines:
+            audit_line(msg, fields)
+        return
+    ts = _timestamp(time.time())
+    text = "".join(json.dumps({"ts": ts, "level": "info", "logger": _AUDIT, "process": _process, "msg": msg,
+                               **fields}) + "\n" for msg, fields in lines)
+    try:
+        os.write(_audit_fd, text.encode())
+    except OSError as e:
+        audit_write_failed(e)
+
+
 _UID_CHARS = frozenset("0123456789.")
 
 
