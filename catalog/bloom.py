@@ -16,11 +16,28 @@ _TWO_UINT64 = struct.Struct("<QQ").unpack  # the 128-bit digest as two little-en
 _blake2b = hashlib.blake2b
 
 
+_last: tuple[str | None, int, int] = (None, 0, 0)  # the UID hashed last, and its digest's halves
+
+
+def _halves(uid: str) -> tuple[int, int]:
+    """The digest's two halves of `uid`, hashed once for consecutive calls with the same
+    UID: the store path probes the worker's filter, then the sealed one, then adds the UID
+    (three filters of different sizes, one digest). One entry, replaced as a whole, so a
+    thread reading it while another replaces it sees either UID with its own digest."""
+    global _last
+    last = _last
+    if last[0] == uid:
+        return last[1], last[2]
+    h1, h2 = _TWO_UINT64(_blake2b(uid.encode(), digest_size=16).digest())
+    _last = (uid, h1, h2)
+    return h1, h2
+
+
 def positions(uid: str, bits: int, hashes: int) -> tuple[int, ...]:
     """The filter's bit positions of `uid`: double hashing over a 128-bit BLAKE2b digest,
     (h1 + i*h2) mod bits. The shared sealed-UID file (catalog/sealed_uids.py) keeps these
     positions on disk: never change the formula, only how fast it is computed."""
-    h1, h2 = _TWO_UINT64(_blake2b(uid.encode(), digest_size=16).digest())
+    h1, h2 = _halves(uid)
     if hashes == 4 and not bits & (bits - 1):  # the store path's case: a mask, no loop
         m = bits - 1
         return h1 & m, (h1 + h2) & m, (h1 + 2 * h2) & m, (h1 + 3 * h2) & m
