@@ -10,8 +10,6 @@ from functools import partial
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from stowage.engine.deidentify.ingest import Router
-from stowage.engine.deidentify.ingest import store as deidentified_store
 from stowage.engine.store.archive import Archive, StoreResult
 from stowage.engine.store.segment import FileRange
 from stowage.protocol.status import OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
@@ -28,8 +26,13 @@ class StorageSCP:
     def __init__(self, archive: Archive, trail: Trail) -> None:
         self.archive = archive
         self.trail = trail
-        # [projects.NAME]: C-STORE to a project's Called AE title is de-identified first (issue #22)
-        self.projects = Router(archive.config.projects, archive.config.data_dir)
+        # [projects.NAME]: C-STORE to a project's Called AE title is de-identified first (issue #22).
+        # The de-identification chain is imported only when a project is configured: it
+        # pulls in pydicom's pixel handlers, about a tenth of a worker's import time.
+        self.projects = None
+        if archive.config.projects:
+            from stowage.engine.deidentify.ingest import Router
+            self.projects = Router(archive.config.projects, archive.config.data_dir)
 
     def store(self, key: int, received: io.BytesIO | bytes, transfer_syntax: str, sop_class: str, sop_instance: str,
               calling_ae: str, called_ae: str) -> StoreResult:
@@ -42,7 +45,7 @@ class StorageSCP:
             else:
                 dataset = _dataset(received)
                 project = self.projects.for_association(called_ae, calling_ae) if self.projects else None
-                store = self.archive.store if project is None else partial(deidentified_store, project, self.archive)
+                store = self.archive.store if project is None else _deidentified(project, self.archive)
                 result = store(dataset, transfer_syntax, sop_class, sop_instance,
                                calling_ae=calling_ae, called_ae=called_ae)
         except Exception:
@@ -57,6 +60,12 @@ class StorageSCP:
         size = dataset.length if isinstance(dataset, FileRange) else len(dataset)
         self.trail.stored(key, calling_ae, sop_instance, result.status, size, result.comment)
         return result
+
+
+def _deidentified(project, archive: Archive) -> partial:
+    """The project's store call (engine/deidentify/ingest.py), imported with the first project."""
+    from stowage.engine.deidentify.ingest import store
+    return partial(store, project, archive)
 
 
 def _dataset(received: io.BytesIO | bytes) -> bytes | FileRange:
