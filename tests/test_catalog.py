@@ -166,6 +166,38 @@ def test_tail_uids_reads_each_new_row_once_and_skips_our_own_tail(tmp_path):
     assert learner.read() == []
 
 
+def test_batches_packed_by_many_threads_read_back_whole_and_as_msgpack_packs_them(tmp_path):
+    """Tails and record headers are packed with a msgpack Packer kept per thread (not one
+    made per call): every thread's batches must be the bytes msgpack.packb gives, and read
+    back row for row, whichever thread packed them."""
+    import threading
+
+    import msgpack
+
+    from stowage.catalog.tail import TailReader, TailWriter, packb
+    batches = [[row(f"1.2.{t}.{b}.{i}", "000-00000001.seg", i * 100, 1_700_000_000_000_000 + i, crc=i)
+                for i in range(1 + (t * 7 + b) % 20)] for t in range(4) for b in range(25)]
+    packed: dict[int, bytes] = {}
+
+    def pack(t: int) -> None:
+        for b in range(25):
+            packed[t * 25 + b] = packb(batches[t * 25 + b])
+
+    threads = [threading.Thread(target=pack, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [packed[i] for i in range(100)] == [msgpack.packb(b, use_bin_type=True) for b in batches]
+    tail = TailWriter(tmp_path / "000-1-00000001.tail")
+    for b in batches:
+        tail.append(b)
+    tail.close()
+    assert tail.path.read_bytes() == b"".join(packed[i] for i in range(100))
+    assert TailReader(tmp_path).read()["sop_instance_uid"].to_pylist() == [r["sop_instance_uid"] for b in batches
+                                                                            for r in b]
+
+
 def test_tail_uids_are_found_whatever_else_a_row_holds_and_wherever_a_read_stops(tmp_path):
     """The learner finds UIDs in the msgpack bytes by their key, unpacking nothing: a value
     or a header holding the key's bytes must not hide a real UID, at any cut of the stream."""

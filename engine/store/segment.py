@@ -29,6 +29,8 @@ import msgpack
 import numpy as np
 import zstandard
 
+from stowage.catalog.tail import packb
+
 try:  # the same CRC-32 as zlib's, several times faster (ISA-L, carry-less multiply; docs/benchmarks.md)
     from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - a platform without the wheel
@@ -105,7 +107,7 @@ def encode_record(header: dict[str, Any], payload: bytes, flags: int) -> bytes:
 
 def record_parts(header: dict[str, Any], payload: list[Part], flags: int) -> list[Part]:
     """The record as parts to append in order: its head, then the payload parts."""
-    hdr = msgpack.packb(header, use_bin_type=True)
+    hdr = packb(header)
     length = sum(len(p) if isinstance(p, bytes) else p.length for p in payload)
     prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(hdr), length)
     crc = crc32(hdr, crc32(prefix))
