@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,12 +66,16 @@ def _length(part: Part) -> int:
     return len(part) if isinstance(part, bytes) else part.length
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
+    """One store's record while it waits for its batch: slots, and nothing made before it
+    is needed (its Appended comes with the commit), as every store makes one."""
+
     record: list[Part]
     row: dict[str, Any]
+    length: int = 0  # of the record, all parts
     done: bool = False
-    where: Appended = field(default_factory=Appended)
+    where: Appended | None = None
     error: BaseException | None = None
     gate: Any = None  # a held lock while the store waits: released when done, or handed the lead
 
@@ -107,7 +111,8 @@ class SegmentWriter:
     def append(self, record: bytes | list[Part], row: dict[str, Any]) -> Appended:
         """Queue a record (whole, or as parts) and wait until it is durable; raises
         OutOfResources if it is not."""
-        item = _Pending([record] if isinstance(record, bytes) else record, row)
+        parts = [record] if isinstance(record, bytes) else record
+        item = _Pending(parts, row, sum(map(_length, parts)))
         with self._lock:
             if self._closed:
                 raise OutOfResources(errno.ESHUTDOWN, "the segment writer is shutting down")
@@ -215,13 +220,13 @@ class SegmentWriter:
             if self.fsync:
                 os.fdatasync(self._fd)
             if _replicate is not None:
-                _replicate(self._name, self._fd, start, start + sum(_length(part) for p in batch for part in p.record))
+                _replicate(self._name, self._fd, start, start + sum(p.length for p in batch))
         except OSError as e:
             self._fail(batch, start, e)
             return
         offset = start
         for p in batch:
-            length = sum(map(_length, p.record))
+            length = p.length
             p.where = Appended(self._name, offset, length)
             p.row.update(segment=self._name, offset=offset, record_length=length)
             offset += length
