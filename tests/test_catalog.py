@@ -198,6 +198,40 @@ def test_batches_packed_by_many_threads_read_back_whole_and_as_msgpack_packs_the
                                                                             for r in b]
 
 
+def test_filter_positions_are_the_formulas_whether_the_digest_was_kept_or_not():
+    """The store path probes several filters with one UID and the filters keep the last
+    UID's digest (catalog/bloom.py): the positions must stay the on-disk formula, for the
+    same UID twice, for UIDs that share a prefix or a length, and with threads interleaving."""
+    import hashlib
+    import struct
+    import threading
+
+    from stowage.catalog.bloom import UidFilter, positions
+
+    def formula(uid: str, bits: int) -> list[int]:
+        h1, h2 = struct.unpack("<QQ", hashlib.blake2b(uid.encode(), digest_size=16).digest())
+        return [(h1 + i * h2) % bits for i in range(4)]
+
+    uids = [f"1.2.826.0.1.{i % 7}.{i}" for i in range(400)] + ["1.2.3", "1.2.3", "1.2.4", "1.2.30"]
+    wrong: list[str] = []
+
+    def probe(offset: int) -> None:
+        for uid in uids[offset:] + uids[:offset]:
+            for bits in (1 << 27, 1 << 28, 1000003):
+                if list(positions(uid, bits, 4)) != formula(uid, bits):
+                    wrong.append(uid)
+
+    threads = [threading.Thread(target=probe, args=(k * 97,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+    f = UidFilter()
+    f.add("1.2.3")
+    assert "1.2.3" in f and "1.2.30" not in f and "1.2.4" not in f
+
+
 def test_tail_uids_are_found_whatever_else_a_row_holds_and_wherever_a_read_stops(tmp_path):
     """The learner finds UIDs in the msgpack bytes by their key, unpacking nothing: a value
     or a header holding the key's bytes must not hide a real UID, at any cut of the stream."""
