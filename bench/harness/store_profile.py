@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             if mon is not None:
                 mon.stop()
             stop_tree(proc, mon)
-        if args.out is None:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # the archive and logs; --out keeps the stacks apart
     return 0
 
 
