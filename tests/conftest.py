@@ -246,10 +246,38 @@ def orthancs():
         o.stop()
 
 
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`stowage *args` run inside this process by click's CliRunner: the same command code, its
+    output and exit code, without a new interpreter's ~1 s of imports (tests that read the
+    archive back in a loop call it dozens of times). An uncaught exception is a non-zero exit
+    with its traceback in stderr, as a subprocess would show it."""
+    import logging
+    import multiprocessing
+    import traceback
+    import warnings
+    from click.testing import CliRunner
+    from stowage.cli import main
+    # a command sets up logging for its process (root and audit handlers, warnings, the
+    # process name): give this one back what it had
+    loggers = [logging.getLogger(n) for n in ("", "stowage.audit", "pynetdicom", "pydicom")]
+    saved = [(g, g.handlers[:], g.level, g.propagate) for g in loggers]
+    shown, name = warnings.showwarning, multiprocessing.current_process().name
+    try:
+        r = CliRunner().invoke(main, list(args), env=env, catch_exceptions=True)
+    finally:
+        for g, handlers, level, propagate in saved:
+            for h in set(g.handlers) - set(handlers):
+                h.close()
+            g.handlers[:], g.level, g.propagate = handlers, level, propagate
+        warnings.showwarning, multiprocessing.current_process().name = shown, name
+    err = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        err += "".join(traceback.format_exception(r.exception))
+    return subprocess.CompletedProcess(["stowage", *args], r.exit_code, r.stdout, err)
+
+
 def export_all(data_dir: Path, out: Path, *selector: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.cli", "export", "--data-dir", str(data_dir),
-                           "--out", str(out), *(selector or ("--all",))], capture_output=True, text=True,
-                          timeout=120)
+    return cli("export", "--data-dir", str(data_dir), "--out", str(out), *(selector or ("--all",)))
 
 
 def dataset_bytes(path: Path) -> bytes:

@@ -159,6 +159,9 @@ def setup_logging(config: Config, process: str) -> None:
     _audit_fd = os.open(config.data_dir / "audit.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     _process = process
     audit_logger = logging.getLogger(_AUDIT)
+    for h in [h for h in audit_logger.handlers if isinstance(h, _AuditFile)]:  # set up again: one file, not two
+        audit_logger.removeHandler(h)
+        h.close()
     audit_logger.addHandler(audit)
     audit_logger.propagate = False  # one line per store belongs in the audit file, not on stderr
 

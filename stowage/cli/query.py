@@ -24,8 +24,9 @@ class QueryCommandError(Exception):
     """A query that did not run; the message says why."""
 
 
-def run_query(config: Config, sql: str, fmt: str = "table", out: TextIO = sys.stdout) -> int:
-    """Run `sql`; returns the number of rows printed."""
+def run_query(config: Config, sql: str, fmt: str = "table", out: TextIO | None = None) -> int:
+    """Run `sql`; returns the number of rows printed (to `out`, or sys.stdout as it is at the
+    call: a default bound at import would keep whatever stdout was then)."""
     catalog_dir = config.data_dir / "catalog"
     if not catalog_dir.is_dir():
         raise QueryCommandError(f"{config.data_dir} holds no archive (no catalog/ in it)")
@@ -38,12 +39,12 @@ def run_query(config: Config, sql: str, fmt: str = "table", out: TextIO = sys.st
         raise QueryCommandError(str(e).strip()) from None
     finally:
         catalog.close()
-    {"table": _table, "csv": _csv, "json": _json, "jsonl": _jsonl}[fmt](columns, rows, out)
+    {"table": _table, "csv": _csv, "json": _json, "jsonl": _jsonl}[fmt](columns, rows, out or sys.stdout)
     return len(rows)
 
 
-def print_schema(out: TextIO = sys.stdout) -> None:
-    out.write(schema_text() + "\n")
+def print_schema(out: TextIO | None = None) -> None:
+    (out or sys.stdout).write(schema_text() + "\n")
 
 
 def _plain(value: Any) -> Any:
