@@ -159,19 +159,45 @@ def loaded_orthanc(orthancs, tmp_path: Path, corpus: list[Path], stowage_port: i
     return orthanc
 
 
-def test_migrate_from_orthanc_by_move(make_server, tmp_path, corpus, orthancs):
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory, corpus):
+    """One Orthanc loaded with the corpus for the tests that only read from it (loading it
+    costs more than most of them); each points its `stowage` modality at its own archive
+    (pointed_at). Migrations never change what the source holds."""
+    from orthanc import Orthanc
+    o = Orthanc(tmp_path_factory.mktemp("legacy"), {"stowage": ("STOWAGE", HOST, free_port())})
+    try:
+        storescu(o.dicom_port, "ORTHANC", corpus)
+        assert len(o.rest("GET", "/instances")) == len(corpus)
+        yield o
+    finally:
+        o.stop()
+
+
+@pytest.fixture(scope="module")
+def legacy_files(legacy) -> dict[str, bytes]:
+    return orthanc_files(legacy)
+
+
+def pointed_at(orthanc, stowage_port: int):
+    """`orthanc` with its C-MOVE destination STOWAGE at `stowage_port` (its REST API)."""
+    orthanc.rest("PUT", "/modalities/stowage", {"AET": "STOWAGE", "Host": HOST, "Port": stowage_port})
+    return orthanc
+
+
+def test_migrate_from_orthanc_by_move(make_server, tmp_path, corpus, legacy, legacy_files):
     """Every instance arrives byte for byte as Orthanc holds it, every study is verified
     against Orthanc's IMAGE-level C-FIND, the source AE is recorded, and a re-run pulls
     nothing again."""
     server = make_server("--workers", "2")
-    orthanc = loaded_orthanc(orthancs, tmp_path, corpus, server.port)
+    orthanc = pointed_at(legacy, server.port)
     src = f"ORTHANC@{HOST}:{orthanc.dicom_port}"
     r = migrate(server.data_dir, "--from", src, "--parallel", "3")
     assert r.returncode == 0, r.stdout + r.stderr
     n_studies = len(study_uids(corpus))
     assert f"studies: {n_studies} found, {n_studies} done, 0 failed" in r.stdout, r.stdout
     assert f"{len(corpus)} received, {len(corpus)} verified" in r.stdout, r.stdout
-    source = orthanc_files(orthanc)
+    source = legacy_files
     got = exported(server.data_dir, tmp_path / "out")
     assert set(got) == set(source)
     assert [uid for uid in source if got[uid] != source[uid]] == []
@@ -230,16 +256,16 @@ def test_capped_find_still_finds_every_study_and_dry_run_pulls_nothing(tmp_path,
     assert f"studies: {len(listed)} found, 0 done, 0 failed, 0 in flight, {len(listed)} pending" in status.stdout
 
 
-def test_method_get_from_orthanc_without_a_running_archive(tmp_path, corpus, orthancs):
+def test_method_get_from_orthanc_without_a_running_archive(tmp_path, corpus, legacy, legacy_files):
     """C-GET: the migrate process receives and stores the instances itself, in its own slot,
     recording Orthanc's AE title as their calling AE; byte for byte as Orthanc holds them."""
-    orthanc = loaded_orthanc(orthancs, tmp_path, corpus, free_port())
+    orthanc = legacy
     data = tmp_path / "data"
     r = migrate(data, "--from", f"ORTHANC@{HOST}:{orthanc.dicom_port}", "--method", "get", "--verify-content")
     assert r.returncode == 0, r.stdout + r.stderr
     n = len(study_uids(corpus))
     assert f"studies: {n} found, {n} done, 0 failed" in r.stdout, r.stdout
-    source = orthanc_files(orthanc)
+    source = legacy_files
     got = exported(data, tmp_path / "out")
     assert set(got) == set(source)
     assert [uid for uid in source if got[uid] != source[uid]] == []
@@ -256,11 +282,11 @@ def test_move_without_a_running_archive_is_refused_in_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_kill_9_midway_then_resume(make_server, tmp_path, corpus, orthancs):
+def test_kill_9_midway_then_resume(make_server, tmp_path, corpus, legacy):
     """kill -9 during a paced migration; the re-run pulls again only what was not done, and
     in the end every instance is there, each stored once."""
     server = make_server("--workers", "2")
-    orthanc = loaded_orthanc(orthancs, tmp_path, corpus, server.port)
+    orthanc = pointed_at(legacy, server.port)
     src = f"ORTHANC@{HOST}:{orthanc.dicom_port}"
     cmd = [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(server.data_dir), "-q", "--from", src,
            "--parallel", "1", "--max-rate", "25"]
@@ -491,9 +517,9 @@ def test_time_window_and_rate():
     assert retry_delay(30, 1, True) == 120 and retry_delay(30, 20, False) == 3600
 
 
-def test_sigterm_finishes_the_studies_in_flight_and_says_how_to_continue(make_server, tmp_path, corpus, orthancs):
+def test_sigterm_finishes_the_studies_in_flight_and_says_how_to_continue(make_server, tmp_path, corpus, legacy):
     server = make_server("--workers", "2")
-    orthanc = loaded_orthanc(orthancs, tmp_path, corpus, server.port)
+    orthanc = pointed_at(legacy, server.port)
     cmd = [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(server.data_dir), "-q", "--from",
            f"ORTHANC@{HOST}:{orthanc.dicom_port}", "--parallel", "2", "--max-rate", "25"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
