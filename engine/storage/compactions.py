@@ -66,8 +66,11 @@ def replaced_in_bucket(store: ObjectStore, objects: set[str]) -> tuple[dict[str,
     for key, size in store.list(journal_prefix(store)).items():
         if not key.endswith(".json") or not size:
             continue
-        data = json.loads(store.get_range(key, 0, size))
-        journals[data["output"]] = list(data["replaced"])
+        try:
+            data = json.loads(store.get_range(key, 0, size))
+            journals[str(data["output"])] = [str(n) for n in data["replaced"]]
+        except (ValueError, KeyError, TypeError) as e:  # its segments are adopted: twice held, nothing lost
+            log.warning("unreadable compaction journal s3://%s/%s (%s); ignored", store.bucket, key, e)
     counts = {out for out in journals if out in objects}
     replaced: dict[str, str] = {}
     while counts:
