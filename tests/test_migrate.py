@@ -520,8 +520,10 @@ def test_time_window_and_rate():
 def test_sigterm_finishes_the_studies_in_flight_and_says_how_to_continue(make_server, tmp_path, corpus, legacy):
     server = make_server("--workers", "2")
     orthanc = pointed_at(legacy, server.port)
+    # 10 instances/s: the 248 take 25 s, so the --status call and the signal below land
+    # mid-way even on a loaded machine (at 25/s a slow --status once let it finish first)
     cmd = [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(server.data_dir), "-q", "--from",
-           f"ORTHANC@{HOST}:{orthanc.dicom_port}", "--parallel", "2", "--max-rate", "25"]
+           f"ORTHANC@{HOST}:{orthanc.dicom_port}", "--parallel", "2", "--max-rate", "10"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
