@@ -139,9 +139,11 @@ def start(base: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, S3Server
             f"-admin.port={admin}", f"-admin.port.grpc={admin + 10000}", "-admin.ui=false",
             f"-metricsPort={metrics}", "-webdav=false"]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    # setpriv --pdeathsig (util-linux): SeaweedFS gets SIGTERM when this test process dies,
+    # however it dies (kill -9, a timeout), so that no `weed` outlives its run
     with open(log, "wb") as out:
-        proc = subprocess.Popen(["nice", "-n", "15", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, cwd=base)
+        proc = subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "nice", "-n", "15", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=base)
     server = S3Server(f"http://{HOST}:{s3}", f"http://{HOST}:{iceberg}", ACCESS_KEY, SECRET_KEY, REGION,
                       proc.pid, data, log, f"http://{HOST}:{metrics}/metrics")
     deadline = time.monotonic() + timeout
