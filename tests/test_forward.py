@@ -4,6 +4,7 @@ the durable queue: a destination down then up, `kill -9` of serve right after th
 a second destination unaffected, refusals parked with the destination's status and comment."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -358,6 +359,14 @@ def test_series_and_study_go_out_after_their_quiet_time(make_server, scps, tmp_p
     wait_for(lambda: sum(done().values()) >= 10, 30, lambda: f"sends not recorded: {q.summary()}")
     assert done() == {"SERIES": 5, "STUDY": 5}
     q.close()
+
+    # an audit line per forwarded instance and destination, written after the queue's commit
+    def forwarded() -> list[dict]:
+        lines = (server.data_dir / "audit.jsonl").read_text().splitlines()
+        return [d for d in map(json.loads, lines) if d.get("event") == "forward"]
+    wait_for(lambda: len(forwarded()) >= 10, 10, lambda: f"audit lines: {forwarded()}")
+    assert sorted((d["destination"], d["sop_instance_uid"], d["status"]) for d in forwarded()) == \
+        sorted((dest, u, 0) for dest in ("SERIES", "STUDY") for u in uids(one + two + [late]))
 
 
 def test_a_clock_stepped_back_loses_nothing(tmp_path):

@@ -46,10 +46,8 @@ def audit_line(msg: str, fields: dict) -> None:
     if _audit_fd < 0:  # logging not set up (tests, tools): the audit logger decides
         logging.getLogger(_AUDIT).info(msg, extra={"fields": fields})
         return
-    d = {"ts": _timestamp(time.time()), "level": "info", "logger": _AUDIT, "process": _process, "msg": msg}
-    d.update(fields)
     try:
-        os.write(_audit_fd, (json.dumps(d) + "\n").encode())
+        os.write(_audit_fd, _json_line(_timestamp(time.time()), msg, fields).encode())
     except OSError as e:
         audit_write_failed(e)
 
@@ -62,12 +60,16 @@ def audit_lines(lines: list[tuple[str, dict]]) -> None:
             audit_line(msg, fields)
         return
     ts = _timestamp(time.time())
-    text = "".join(json.dumps({"ts": ts, "level": "info", "logger": _AUDIT, "process": _process, "msg": msg,
-                               **fields}) + "\n" for msg, fields in lines)
+    text = "".join(_json_line(ts, msg, fields) for msg, fields in lines)
     try:
         os.write(_audit_fd, text.encode())
     except OSError as e:
         audit_write_failed(e)
+
+
+def _json_line(ts: str, msg: str, fields: dict) -> str:
+    """An audit.jsonl line as the audit logger's JsonFormatter writes it (fields last, so they win)."""
+    return json.dumps({"ts": ts, "level": "info", "logger": _AUDIT, "process": _process, "msg": msg, **fields}) + "\n"
 
 
 _UID_CHARS = frozenset("0123456789.")
