@@ -261,13 +261,16 @@ def test_a_rejection_note_on_a_refuses_its_instances_on_b(pair, tmp_path):
     assert uids[0] not in instances_on(a.port, study)
     answers = {"a": (store_one(a.port, files[0]), store_one(a.port, files[3]))}
 
-    def in_b_view() -> bool:  # the note's two deletions folded into b's view, read as a user would
-        from stowage.catalog import cluster_view
+    def in_b_view() -> bool:  # a's study and the note's two deletions folded into b's view, read as a
+        from stowage.catalog import cluster_view  # user would (a's deletions may be published before its rows)
         view_dir = cluster_view.directory(b.data_dir)
         names = cluster_view.load(view_dir).deletions
         rejected = {u for n in names for u in pq.read_table(view_dir / n, columns=["sop_instance_uid"])
                     ["sop_instance_uid"].to_pylist()}
-        return {uids[0], uids[3]} <= rejected and uids[0] not in instances_on(b.port, study)
+        if not {uids[0], uids[3]} <= rejected:
+            return False
+        found = instances_on(b.port, study)
+        return set(uids[1:3]) <= found and uids[0] not in found
     wait_for(in_b_view, BOUND, lambda: f"a's note in b's view\n{pair.logs()}", 0.5)
     answers["b"] = (store_one(b.port, files[0]), store_one(b.port, files[3]))
     for node, statuses in answers.items():
