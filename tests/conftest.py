@@ -161,7 +161,10 @@ class Server:
 
     def start(self, wait: bool = True) -> "Server":
         self.log_path = (self.log_dir or self.data_dir.parent) / f"serve-{self.port}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(self.data_dir),
+        # setpriv --pdeathsig: the server gets SIGTERM if this test process dies (kill -9, a CI
+        # timeout), so no server outlives its run; started from the main thread (the signal
+        # follows the thread that forked), and exec keeps the PID the tests signal
+        cmd = ["setpriv", "--pdeathsig", "TERM", sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(self.data_dir),
                "--port", str(self.port), "--bind", HOST, *self.args]
         self._log = open(self.log_path, "wb")
         # No HTTP port unless a test asks for one (--http-port): not every test pays for its processes.

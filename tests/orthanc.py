@@ -13,6 +13,7 @@ from stowage.bench.harness import orthanc
 
 class Orthanc(orthanc.Orthanc):
     rest_timeout = 60.0  # a test waits no longer than that for one REST answer
+    launcher = ("setpriv", "--pdeathsig", "TERM")  # no Orthanc outlives a killed test run
 
     def __init__(self, workdir: Path, modalities: orthanc.Modalities, aet: str = "ORTHANC", **extra: Any) -> None:
         """`extra`: more keys of Orthanc's configuration (e.g. LimitFindResults)."""

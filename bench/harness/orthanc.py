@@ -56,6 +56,7 @@ class Orthanc:
     """
 
     rest_timeout = 600.0
+    launcher: tuple[str, ...] = ()  # a prefix for the command line (tests: setpriv --pdeathsig)
 
     def __init__(self, work: Path, modalities: Modalities | None = None, aet: str = "ORTHANC", *,
                  nodelay: bool = False, new_session: bool = False, timeout: float = 30.0, **extra: Any) -> None:
@@ -69,7 +70,7 @@ class Orthanc:
         self.log_path = work / "orthanc.log"
         env = dict(os.environ, TCP_NODELAY="1") if nodelay else None
         with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen([exe, str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen([*self.launcher, exe, str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=new_session)
         self._wait_ready(timeout)
 
