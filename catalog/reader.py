@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -37,6 +38,21 @@ from stowage.catalog.tail import TailReader
 
 T = TypeVar("T")
 MEMORY_LIMIT = "512MB"  # per process: a worker's memory must not grow with the archive
+_VIEWS: "weakref.WeakSet[Catalog]" = weakref.WeakSet()  # this process's open views (memory_report)
+
+
+def memory_report() -> list[dict[str, Any]]:
+    """What DuckDB holds in each of this process's catalog views (a probe's reading,
+    docs/fuzzing.md): its memory_limit, and duckdb_memory()'s bytes by tag."""
+    out = []
+    for view in list(_VIEWS):
+        with view._lock:
+            limit = view._con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+            tags = dict(view._con.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory() "
+                                          "WHERE memory_usage_bytes > 0").fetchall())
+        out.append({"directory": str(view.directory), "memory_limit": limit, "bytes": tags,
+                    "live_files": len(view._live), "cached_files": len(view._cached)})
+    return out
 
 
 def _quote(name: str) -> str:
@@ -81,6 +97,7 @@ class Catalog:
         self._file_columns: dict[str, tuple[str, ...]] = {}  # sealed file -> its columns (files never change)
         self._has_summary: dict[str, bool] = {}  # sealed file -> whether its study summary exists
         self._open()
+        _VIEWS.add(self)
 
     def _open(self) -> None:
         """A new DuckDB connection and everything this view has built in it."""

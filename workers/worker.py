@@ -314,6 +314,30 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         pass
 
 
+def _trace_memory() -> None:
+    """STOWAGE_TRACEMALLOC=<directory>, a probe's switch (bench/harness/fuzz_memory.py
+    --tracemalloc, as the HTTP processes have it): trace Python's allocations, and on
+    SIGUSR2 write a snapshot as worker-<pid>-<n>.tm and what DuckDB holds in each catalog
+    view as worker-<pid>-<n>.json (each written aside, then renamed)."""
+    where = os.environ.get("STOWAGE_TRACEMALLOC")
+    if not where:
+        return
+    import tracemalloc
+    from stowage.catalog import reader
+    tracemalloc.start(8)
+    taken = [0]
+
+    def dump(signum: int, frame: object) -> None:
+        path = os.path.join(where, f"worker-{os.getpid()}-{taken[0]}")
+        with open(path + ".json.tmp", "w") as f:
+            json.dump(reader.memory_report(), f)
+        tracemalloc.take_snapshot().dump(path + ".tm.tmp")
+        os.replace(path + ".json.tmp", path + ".json")
+        os.replace(path + ".tm.tmp", path + ".tm")
+        taken[0] += 1
+    signal.signal(signal.SIGUSR2, dump)
+
+
 def main() -> None:
     slot, fd = int(sys.argv[1]), int(sys.argv[2])
     config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
@@ -321,6 +345,7 @@ def main() -> None:
     setup_logging(config, f"worker-{slot}")
     keep_large_buffers_in_heap()
     faulthandler.enable()  # a fatal signal (SIGSEGV, SIGBUS…) leaves its stack in the log
+    _trace_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the acceptor decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     control = socket.socket(fileno=fd)

@@ -104,29 +104,38 @@ def _case(archive: fuzz.Archive, kind: str, i: int, ct: bytes, rq: bytes, batch:
 
 
 def _snapshots(archive: fuzz.Archive, where: Path, taken: int) -> dict[int, "tracemalloc.Snapshot"]:
-    """Each HTTP process's tracemalloc snapshot number `taken` (SIGUSR2: engine/web/process.py)."""
+    """Each serving process's tracemalloc snapshot number `taken` (SIGUSR2: engine/web/process.py,
+    workers/worker.py); a worker writes what DuckDB holds in its catalog views beside it."""
     out = {}
-    for pid in sorted(archive.http_pids):
+    roles = {pid: "http" for pid in archive.http_pids} | {pid: "worker" for pid in archive.pids}
+    for pid in sorted(roles):
         os.kill(pid, signal.SIGUSR2)
-    for pid in sorted(archive.http_pids):
-        path = where / f"http-{pid}-{taken}.tm"
+    for pid, role in sorted(roles.items()):
+        path = where / f"{role}-{pid}-{taken}.tm"
         deadline = time.monotonic() + 120
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         if path.exists():
             out[pid] = tracemalloc.Snapshot.load(str(path))
+        duck = path.with_suffix(".json")
+        if duck.exists():
+            for view in json.loads(duck.read_text()):
+                held = sum(view["bytes"].values()) >> 10
+                print(f"  worker {pid} view: memory_limit {view['memory_limit']}, DuckDB {held} KiB "
+                      f"{view['bytes']}, files live {view['live_files']}, cached {view['cached_files']}",
+                      file=sys.stderr, flush=True)
     return out
 
 
 def _grown(before: dict, after: dict) -> str:
-    """Where Python's allocations grew between two rounds, per HTTP process: the top lines."""
+    """Where Python's allocations grew between two rounds, per process: the top lines."""
     lines = []
     for pid, snap in after.items():
         if pid not in before:
             continue
         stats = snap.compare_to(before[pid], "lineno")
         total = sum(s.size_diff for s in stats)
-        lines.append(f"  http {pid}: traced {sum(s.size for s in stats) >> 10} KiB, {total / 1024:+.0f} KiB")
+        lines.append(f"  pid {pid}: traced {sum(s.size for s in stats) >> 10} KiB, {total / 1024:+.0f} KiB")
         lines += [f"    {s.size_diff / 1024:+8.0f} KiB {s.count_diff:+6d} {s.traceback[0].filename}:{s.traceback[0].lineno}"
                   for s in stats[:8]]
     return "\n".join(lines)
@@ -141,7 +150,7 @@ def probe(kind: str, rounds: int, per_round: int, work: Path, parallel: int = 4,
     rq = fuzz.association_request()
     (work / kind).mkdir(parents=True, exist_ok=True)
     traces = work / kind / "tracemalloc"
-    if trace:  # the HTTP processes trace Python's allocations (read once, at their start)
+    if trace:  # the serving processes trace Python's allocations (read once, at their start)
         traces.mkdir(exist_ok=True)
         os.environ["STOWAGE_TRACEMALLOC"] = str(traces)
     try:
@@ -193,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--work", type=Path)
     ap.add_argument("--tracemalloc", action="store_true",
-                    help="the HTTP processes trace Python's allocations: the lines that grew, each round")
+                    help="the workers and HTTP processes trace Python's allocations: the lines that grew, "
+                         "each round, and the workers' DuckDB memory per catalog view")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="stowage-memory-"))
     out = {kind: probe(kind, args.rounds, args.per_round, work, args.parallel, args.tracemalloc) for kind in args.kind.split(",")}
