@@ -58,3 +58,13 @@ def test_broken_bodies_say_what_is_wrong():
     p = RelatedParser(B)
     with pytest.raises(MultipartError, match="16 KB"):
         p.feed(f"--{B}\r\nX-Long: ".encode() + b"a" * (20 << 10))
+
+
+def test_a_delimiter_cut_anywhere_between_chunks():
+    """Parts are handed out as views of the chunks fed: a delimiter (or something that
+    starts like one) split across two chunks at every offset still ends its part exactly."""
+    payloads = [b"a" * 300 + f"\r\n--{B[:-2]}".encode(), f"\r\n-{B}".encode() * 20, b"\r\n" + b"z" * 999]
+    data = body(payloads, preamble=b"pre\r\n")
+    for cut in range(1, 400):
+        for sizes in (iter(lambda: cut, None), iter([cut, 1, len(data)])):
+            assert [d for _h, d in parse(data, sizes)] == payloads, cut

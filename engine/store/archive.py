@@ -34,6 +34,7 @@ from stowage.engine.store.segment import (
     FileRange,
     Part,
     crc32,
+    part_length,
     record_parts,
     shuffle,
     shuffle_joined,
@@ -73,17 +74,17 @@ class StoreResult:
         return self.status == SUCCESS
 
 
-def _head(dataset: bytes | FileRange) -> bytes:
+def _head(dataset: Part) -> bytes | bytearray | memoryview:
     """Enough of the dataset to find the catalog attributes (they come before pixel data)."""
-    if isinstance(dataset, bytes):
+    if not isinstance(dataset, FileRange):
         return dataset
     with open(dataset.path, "rb") as f:
         f.seek(dataset.offset)
         return f.read(min(dataset.length, _HEAD_BYTES))
 
 
-def _crc32(dataset: bytes | FileRange) -> tuple[int, int]:
-    if isinstance(dataset, bytes):
+def _crc32(dataset: Part) -> tuple[int, int]:
+    if not isinstance(dataset, FileRange):
         return crc32(dataset), len(dataset)
     crc = 0
     for chunk in dataset.chunks():
@@ -161,7 +162,7 @@ class Archive:
 
     # -- the store path -------------------------------------------------------------
 
-    def store(self, dataset: bytes | FileRange, transfer_syntax_uid: str, sop_class_uid: str,
+    def store(self, dataset: Part, transfer_syntax_uid: str, sop_class_uid: str,
               sop_instance_uid: str, calling_ae: str = "", called_ae: str = "",
               attrs: dict[str, Any] | None = None) -> StoreResult:
         """Store one instance exactly as received (in memory, or spooled to a file when
@@ -213,7 +214,7 @@ class Archive:
             return StoreResult(OUT_OF_RESOURCES, f"cannot spool the dataset: {e.strerror}")
         try:
             row = dict(attrs, transfer_syntax_uid=transfer_syntax_uid, dataset_length=length,
-                       stored_length=sum(len(p) if isinstance(p, bytes) else p.length for p in payload),
+                       stored_length=sum(map(part_length, payload)),
                        dataset_crc32=crc, calling_ae=calling_ae, called_ae=called_ae,
                        received_at=time.time_ns() // 1000)
             header = dict(row, meta_length=len(meta))
@@ -232,7 +233,7 @@ class Archive:
                                         row["received_at"], calling_ae)
         return StoreResult(SUCCESS)
 
-    def _rejection_note(self, dataset: bytes | FileRange, transfer_syntax_uid: str, sop_class_uid: str,
+    def _rejection_note(self, dataset: Part, transfer_syntax_uid: str, sop_class_uid: str,
                         sop_instance_uid: str, received_at: int | None, calling_ae: str) -> StoreResult:
         """A stored Key Object Selection document: if it is a rejection note, hide what it
         rejects (engine.store.rejection). received_at None: the copy the catalog serves."""
@@ -269,7 +270,7 @@ class Archive:
             cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.config.zstd_level)
         return cctx
 
-    def _payload(self, meta: bytes, dataset: bytes | FileRange,
+    def _payload(self, meta: bytes, dataset: Part,
                  transfer_syntax_uid: str) -> tuple[list[Part], int, Path | None]:
         """The payload parts, their flags, and the spool file to delete once appended.
 
@@ -279,7 +280,7 @@ class Archive:
         if transfer_syntax_uid not in NATIVE_SYNTAXES:
             return [meta, dataset], 0, None
         flags = FLAG_ZSTD | FLAG_SHUFFLE
-        if isinstance(dataset, bytes):
+        if not isinstance(dataset, FileRange):
             packed = self._compressor().compress(shuffle_joined(meta, dataset))
             if len(packed) < _INCOMPRESSIBLE * (len(meta) + len(dataset)):
                 return [packed], flags, None

@@ -97,7 +97,13 @@ class FileRange:
                 yield chunk
 
 
-Part = bytes | FileRange
+# A payload part: bytes in memory (bytes, or a bytearray/memoryview a door received into,
+# stored without a copy), or a FileRange.
+Part = bytes | bytearray | memoryview | FileRange
+
+
+def part_length(part: Part) -> int:
+    return part.length if isinstance(part, FileRange) else len(part)
 
 
 def encode_record(header: dict[str, Any], payload: bytes, flags: int) -> bytes:
@@ -108,11 +114,11 @@ def encode_record(header: dict[str, Any], payload: bytes, flags: int) -> bytes:
 def record_parts(header: dict[str, Any], payload: list[Part], flags: int) -> list[Part]:
     """The record as parts to append in order: its head, then the payload parts."""
     hdr = packb(header)
-    length = sum(len(p) if isinstance(p, bytes) else p.length for p in payload)
+    length = sum(map(part_length, payload))
     prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(hdr), length)
     crc = crc32(hdr, crc32(prefix))
     for part in payload:
-        for chunk in ([part] if isinstance(part, bytes) else part.chunks()):
+        for chunk in (part.chunks() if isinstance(part, FileRange) else [part]):
             crc = crc32(chunk, crc)
     return [prefix + _CRC.pack(crc) + hdr, *payload]
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from stowage.catalog import manifest
 from stowage.catalog.durable import fsync_dir
-from stowage.engine.store.segment import FileRange, Part, next_sequence, segment_name
+from stowage.engine.store.segment import FileRange, Part, next_sequence, part_length, segment_name
 
 log = logging.getLogger("stowage.writer")
 _IOV_MAX = 512
@@ -60,10 +60,6 @@ class Appended:
     segment: str = ""
     offset: int = 0
     length: int = 0
-
-
-def _length(part: Part) -> int:
-    return len(part) if isinstance(part, bytes) else part.length
 
 
 @dataclass(slots=True)
@@ -112,7 +108,7 @@ class SegmentWriter:
         """Queue a record (whole, or as parts) and wait until it is durable; raises
         OutOfResources if it is not."""
         parts = [record] if isinstance(record, bytes) else record
-        item = _Pending(parts, row, sum(map(_length, parts)))
+        item = _Pending(parts, row, sum(map(part_length, parts)))
         with self._lock:
             if self._closed:
                 raise OutOfResources(errno.ESHUTDOWN, "the segment writer is shutting down")
@@ -261,7 +257,7 @@ class SegmentWriter:
     def _write_all(self, parts: list[Part]) -> None:
         run: list[bytes] = []
         for part in parts:
-            if isinstance(part, bytes):
+            if not isinstance(part, FileRange):
                 run.append(part)
                 if len(run) == _IOV_MAX:
                     self._writev(run)
@@ -272,7 +268,7 @@ class SegmentWriter:
             self._copy(part)
         self._writev(run)
 
-    def _writev(self, chunks: list[bytes]) -> None:
+    def _writev(self, chunks: list[Part]) -> None:
         if not chunks:
             return
         written = os.writev(self._fd, chunks)

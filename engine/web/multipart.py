@@ -72,11 +72,14 @@ class MultipartError(ValueError):
 
 class RelatedParser:
     """A push parser of a multipart body (RFC 2046 5.1): feed() it bytes as they arrive and
-    it returns what they complete: ("start", headers), ("data", bytes) any number of times,
-    ("end",) per part, then ("done",) at the closing delimiter. Boundaries are found with
-    bytes.find (C speed), whatever the chunking; memory is the chunk plus the boundary."""
+    it returns what they complete: ("start", headers), ("data", bytes or memoryview) any
+    number of times, ("end",) per part, then ("done",) at the closing delimiter. Boundaries
+    are found with bytes.find (C speed), whatever the chunking; memory is the chunk plus the
+    boundary. A part's body is handed out as views of the chunks fed (valid while the caller
+    holds them), not copied: the receiver copies each byte once, where it keeps it."""
 
     MAX_HEADERS = 16 << 10
+    _STEP = 16 << 10  # what the small states (preamble, delimiter line, headers) take into the buffer at a time
 
     def __init__(self, boundary: str) -> None:
         if not 0 < len(boundary) <= 200:
@@ -87,15 +90,53 @@ class RelatedParser:
         self.parts = 0
 
     def feed(self, data: bytes) -> list[tuple]:
-        if self.state == "done":
-            return []  # the epilogue is ignored
-        self.buf += data
         events: list[tuple] = []
+        pos = 0
+        while pos < len(data) and self.state != "done":  # after "done" the epilogue is ignored
+            if self.state == "body" and len(self.buf) < len(self.delimiter):
+                pos = self._body_in(data, pos, events)
+                continue
+            step = data[pos:pos + self._STEP]
+            self.buf += step
+            pos += len(step)
+            self._run(events)
+        return events
+
+    def _run(self, events: list) -> None:
+        """Move the state machine over the buffer until it needs more bytes."""
         while True:
             before = (self.state, len(self.buf))
             getattr(self, "_" + self.state)(events)
             if self.state == "done" or (self.state, len(self.buf)) == before:
-                return events
+                return
+
+    def _body_in(self, data: bytes, pos: int, events: list) -> int:
+        """A part's body read from `data` itself (from `pos`), the buffer holding less than a
+        delimiter: views of `data` handed out up to the next delimiter, or to all but its
+        last len(delimiter) - 1 bytes (kept, as a delimiter may begin there). Returns where
+        the bytes not yet looked at begin."""
+        keep = len(self.delimiter) - 1
+        if self.buf:  # the tail kept from the last chunk: a delimiter across the two?
+            edge = data[pos:pos + keep]
+            if self.delimiter in bytes(self.buf) + edge or len(edge) < keep:  # across, or cannot tell yet
+                self.buf += edge
+                self._run(events)
+                return pos + len(edge)
+            events.append(("data", bytes(self.buf)))
+            self.buf.clear()
+        view = memoryview(data)
+        i = data.find(self.delimiter, pos)
+        if i < 0:
+            end = max(pos, len(data) - keep)
+            if end > pos:
+                events.append(("data", view[pos:end]))
+            self.buf += view[end:]
+            return len(data)
+        if i > pos:
+            events.append(("data", view[pos:i]))
+        events.append(("end",))
+        self.state = "after_delimiter"
+        return i + len(self.delimiter)
 
     def finish(self) -> None:
         """The body ended: raises MultipartError unless the closing delimiter was read."""
