@@ -1,10 +1,14 @@
 """WADO-RS retrieval, A/B: the same stored CT series served by two source trees of
 stowage in alternation (and by Orthanc with its DICOMweb plugin in the same run), each
 series retrieved as stored (`transfer-syntax=*`) by one client; the receiver's CPU per MB
-(its whole process tree) and MB/s, warm page cache. For cutting WADO-RS CPU: the archives
+(its whole process tree), the client's CPU per MB, and MB/s, warm page cache. For cutting WADO-RS CPU: the archives
 are stored once in DIR and served again by each tree, so only the serving code differs.
 
     python -m stowage.bench.harness.dicomweb_wado --dir D --tree A=/path/to/old --tree B=. --rounds 3
+
+`--lean N`: also the lean client (bench/harness/dicomweb_lean.py: the body read into a
+reused buffer, its parts counted) alone and as N processes asking for the series at once,
+so the server rather than one Python client is the bound; same rounds, same targets.
 
 `--profile OUT` records the HTTP processes of the last tree's last round with py-spy
 (`--native --idle off`, one SVG/speedscope file per process) while it serves.
@@ -22,7 +26,8 @@ from pathlib import Path
 import psutil
 
 from stowage.bench.command import CorpusSpec
-from stowage.bench.dicomweb import WebTarget, run_stow, run_wado
+from stowage.bench.dicomweb import WebTarget, run_stow, run_wado, series_of
+from stowage.bench.harness.dicomweb_lean import run_lean
 from stowage.bench.harness.dicomweb import PLUGIN, evict
 from stowage.bench.harness.orthanc import Orthanc
 from stowage.bench.loadgen import load_corpus
@@ -34,8 +39,12 @@ def _serve(tree: Path, data: Path) -> tuple[subprocess.Popen, WebTarget]:
     proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(data), "--port",
                              str(port), "--bind", "127.0.0.1", "--http-port", str(http_port)], cwd=tree,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_echo(find_dcmtk("echoscu"), port, "STOWAGE")
-    TreeMonitor(proc.pid).settle()
+    try:  # a loaded machine can take a minute or more to start it
+        wait_echo(find_dcmtk("echoscu"), port, "STOWAGE", timeout=300)
+        TreeMonitor(proc.pid).settle()
+    except BaseException:
+        stop_tree(proc, None)
+        raise
     return proc, WebTarget(f"http://127.0.0.1:{http_port}/dicom-web")
 
 
@@ -48,18 +57,34 @@ def _row(name: str, rs: list, load: float) -> dict:
     cpu = sum(r.target_cpu_s for r in rs)
     mb = sum(r.mb_per_s * r.wall_s for r in rs)
     return {"what": name, "mb_per_s": round(mb / sum(r.wall_s for r in rs), 1), "cpu_ms_per_mb": round(cpu / mb * 1e3, 3),
-            "failed": sum(r.failed for r in rs), "load": round(load, 2)}
+            "client_cpu_ms_per_mb": round(sum(r.sender_cpu_s for r in rs) / mb * 1e3, 3),
+            "failed": sum(r.failed for r in rs), "errors": sorted({e for r in rs for e in r.errors})[:2],
+            "load": round(load, 2)}
 
 
-def _retrieve(target: WebTarget, items: list, pid: int, repeat: int, cold: Path | None = None) -> list:
+def _clients(lean: int) -> list[tuple[str, int]]:
+    """(client, processes) of each way the series is retrieved: http.client's `read()`,
+    and with --lean N the lean client alone and N of it at once."""
+    return [("http.client", 1)] + ([("lean", 1), (f"lean x{lean}", lean)] if lean else [])
+
+
+def _once(target: WebTarget, items: list, series: list, pid: int, client: tuple[str, int]):
+    if client[0] == "http.client":
+        return run_wado(target, items, 1, "retrieve", pid)
+    return run_lean(target, series, client[1], sum(it.length for it in items), pid)
+
+
+def _retrieve(target: WebTarget, items: list, pid: int, repeat: int, cold: Path | None = None,
+              client: tuple[str, int] = ("http.client", 1)) -> list:
     """`repeat` retrieves after a warm-up one; `cold`: each from a cold page cache (that
     data directory evicted first)."""
-    run_wado(target, items, 1, "retrieve", pid)  # warm-up: buffers (and the page cache)
+    series = series_of(items)
+    _once(target, items, series, pid, client)  # warm-up: buffers (and the page cache)
     out = []
     for _ in range(repeat):
         if cold is not None:
             evict(cold)
-        out.append(run_wado(target, items, 1, "retrieve", pid))
+        out.append(_once(target, items, series, pid, client))
     return out
 
 
@@ -78,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="retrieves per tree per round")
     ap.add_argument("--orthanc", action="store_true")
     ap.add_argument("--cold", action="store_true", help="each retrieve from a cold page cache")
+    ap.add_argument("--lean", type=int, default=0, metavar="N",
+                    help="also the lean client, alone and N at once")
     ap.add_argument("--profile", type=Path)
     args = ap.parse_args(argv)
     trees = [(n, Path(p).resolve()) for n, p in (t.split("=", 1) for t in args.tree)]
@@ -99,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 spies = _profile(_http_pids(proc.pid), args.profile, 30) \
                     if args.profile and rnd == args.rounds - 1 and name == trees[-1][0] else []
-                rs = _retrieve(target, items, proc.pid, args.repeat * (4 if spies else 1),
-                               args.dir / "stowage" if args.cold else None)
+                for client in _clients(args.lean):
+                    rs = _retrieve(target, items, proc.pid, args.repeat * (4 if spies else 1),
+                                   args.dir / "stowage" if args.cold else None, client)
+                    rows.append(_row(f"round {rnd + 1} {name}{' cold' if args.cold else ''} {client[0]}", rs,
+                                     os.getloadavg()[0]))
+                    print(json.dumps(rows[-1]), flush=True)
                 for s in spies:
                     s.terminate()
                     s.wait(30)
-                rows.append(_row(f"round {rnd + 1} {name}{' cold' if args.cold else ''}", rs, os.getloadavg()[0]))
             finally:
                 stop_tree(proc, None)
-            print(json.dumps(rows[-1]), flush=True)
         if args.orthanc:
             db = args.dir / "orthanc"
             fresh = not db.exists()
@@ -118,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                     orthanc.upload(paths)
                 TreeMonitor(orthanc.proc.pid).settle()
                 target = WebTarget(f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
-                rows.append(_row(f"round {rnd + 1} orthanc", _retrieve(target, items, orthanc.proc.pid, args.repeat,
-                                                                        db if args.cold else None),
-                                 os.getloadavg()[0]))
+                for client in _clients(args.lean):
+                    rs = _retrieve(target, items, orthanc.proc.pid, args.repeat, db if args.cold else None, client)
+                    rows.append(_row(f"round {rnd + 1} orthanc {client[0]}", rs, os.getloadavg()[0]))
+                    print(json.dumps(rows[-1]), flush=True)
             finally:
                 orthanc.stop()
-            print(json.dumps(rows[-1]), flush=True)
     return 0
 
 
