@@ -419,3 +419,70 @@ def test_a_queue_made_by_the_first_release_is_upgraded_in_place(tmp_path):
     assert [(e.sop_instance_uid, e.project) for e in q.due("DEST", 10)] == [("1.2.3.0", ""), ("1.2.3.1", "TRIAL")]
     assert q.commitments() == {("DEST", "wanted"): 1}
     q.close()
+
+
+def sending_processes(server) -> list:
+    """The forwarding process's sending processes (engine/forward/sending.py)."""
+    import psutil
+    out = []
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "stowage.engine.forward.sending" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_a_sending_process_killed_mid_drain_loses_nothing(make_server, tmp_path):
+    """A full queue drains into a pynetdicom SCP (slower than us) when the destination's
+    sending process is killed -9: a new one is started, every instance arrives (those it
+    had in flight perhaps twice), every entry ends done, and serve's stop leaves no sending
+    process behind."""
+    import psutil
+    import sqlite3
+    import time as _time
+    from pydicom.uid import generate_uid
+    calls: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def on_store(event):
+        _time.sleep(0.005)
+        with lock:
+            uid = str(event.request.AffectedSOPInstanceUID)
+            calls[uid] = calls.get(uid, 0) + 1
+        return 0x0000
+
+    def count(state: str) -> int:
+        db = sqlite3.connect(server.data_dir / "forward" / "queue.sqlite", timeout=10)
+        try:
+            return db.execute("SELECT count(*) FROM entries WHERE state = ?", (state,)).fetchone()[0]
+        except sqlite3.OperationalError:  # not created yet
+            return 0
+        finally:
+            db.close()
+    n, port = 120, free_port()
+    conf = write_config(tmp_path / "f.toml", {"SLOW": port}, '[[forward]]\nto = "SLOW"\n')
+    files = series_instances(tmp_path / "mr", "PS", generate_uid(), generate_uid(), n, src=MR)
+    server = make_server("--workers", "1", "--config", str(conf))
+    storescu(server.port, files)
+    wait_for(lambda: count("pending") == n, 60, "entries not queued")
+    ae = AE("SLOW")
+    ae.supported_contexts = AllStoragePresentationContexts
+    scp = ae.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        wait_for(lambda: len(calls) >= 20, 60, lambda: f"the drain did not start:\n{server.log()}", interval=0.01)
+        killed, = sending_processes(server)
+        killed.kill()
+        assert len(calls) < n, "the drain ended before the kill: nothing tested"
+        wait_for(lambda: count("done") == n, 60, lambda: f"not every entry delivered:\n{server.log()}")
+    finally:
+        scp.shutdown()
+    assert set(calls) == uids(files)
+    assert (count("pending"), count("parked")) == (0, 0)
+    assert "sending process for SLOW ended (killed by signal 9" in server.log()
+    restarted, = sending_processes(server)
+    assert restarted.pid != killed.pid
+    server.stop()
+    wait_for(lambda: not psutil.pid_exists(restarted.pid) or restarted.status() == psutil.STATUS_ZOMBIE, 20,
+             "the sending process outlived serve")

@@ -91,7 +91,8 @@ def _span(out: Path, count: int) -> float:
 
 
 def _cpu(server: subprocess.Popen) -> dict[str, float]:
-    """CPU seconds so far of serve's workers and of its forwarding process."""
+    """CPU seconds so far of serve's workers and of its forwarding process (its sending
+    processes included)."""
     import psutil
     out = {"workers": 0.0, "forwarding": 0.0}
     for p in psutil.Process(server.pid).children(recursive=True):
@@ -99,7 +100,7 @@ def _cpu(server: subprocess.Popen) -> dict[str, float]:
             cmd, t = " ".join(p.cmdline()), p.cpu_times()
         except psutil.Error:
             continue
-        key = "workers" if "workers.worker" in cmd else "forwarding" if "forward.process" in cmd else None
+        key = "workers" if "workers.worker" in cmd else "forwarding" if "engine.forward." in cmd else None
         if key:
             out[key] += t.user + t.system
     return out
@@ -153,8 +154,16 @@ def _forwarder(server: subprocess.Popen):
 
 
 def _cpu_s(p) -> float:
-    t = p.cpu_times()
-    return t.user + t.system
+    """CPU seconds of `p` and its children (the forwarding process's sending processes)."""
+    import psutil
+    total = 0.0
+    for q in [p, *p.children(recursive=True)]:
+        try:
+            t = q.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def _children_cpu_s() -> float:
@@ -189,7 +198,7 @@ def _py_spy(profile: Path | None, name: str, gil: bool) -> list[str]:
     """py-spy record's arguments writing collapsed stacks to profile/name (none: [])."""
     if profile is None:
         return []
-    return ["py-spy", "record", "-r", "200", "-f", "raw", "-o", str(profile / name), "--nonblocking",
+    return ["py-spy", "record", "-r", "200", "-f", "raw", "-o", str(profile / name), "--nonblocking", "--subprocesses",
             *(["--gil"] if gil else []), "--"]
 
 

@@ -31,11 +31,11 @@ from stowage.catalog.reader import Catalog
 from stowage.engine.forward.deidentified import NOT_DEIDENTIFIED, rewrite_for
 from stowage.engine.forward.queue import Entry, Queue
 from stowage.engine.forward.scan import Deletions, Scanned
-from stowage.engine.forward.shared_reads import SharedReads
+from stowage.engine.forward.sending import Answer, SendingDied, SendingProcess
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_lines
 from stowage.engine.transfer.requestor import PeerError, peer_of
-from stowage.engine.transfer.send import Feed, Instance, Outcome, SendResult, Sender
+from stowage.engine.transfer.send import Context, Instance, context_batches
 
 log = logging.getLogger("stowage.forward")
 
@@ -54,15 +54,15 @@ _PERMANENT = ("accepted no presentation context", "accepts none of the syntaxes"
 
 
 class _Session:
-    """The bookkeeping of one `Destination._round`: which entries are in flight, their
-    outcomes (appended by the sending threads) settled in the queue every SETTLE_EVERY_S,
-    one transaction for all that came in meanwhile."""
+    """The bookkeeping of one `Destination._round`: which entries are in flight (given to
+    the sending process), their outcomes (as it sends them back) settled in the queue every
+    SETTLE_EVERY_S, one transaction for all that came in meanwhile."""
 
     def __init__(self, destination: "Destination", queue: Queue, project: str) -> None:
         self.destination, self.queue, self.project = destination, queue, project
-        self.feed: Feed | None = None
-        self.in_flight: dict[str, Entry] = {}  # SOP Instance UID -> entry given to the feed
-        self.outcomes: deque[Outcome] = deque()
+        self.contexts: set[Context] | None = None  # what its associations propose
+        self.in_flight: dict[str, Entry] = {}  # SOP Instance UID -> entry given to the sending process
+        self.outcomes: deque[Answer] = deque()
         self.retry: list[tuple[Entry, str]] = []  # no answer: settled at the end (back-off of whom?)
         self.done = 0
         self.mark: tuple[int, int] | None = None  # (received_at, id) of the newest entry read
@@ -77,25 +77,28 @@ class _Session:
             self.reread_at = time.monotonic()
         return entries
 
-    def admissible(self, entries: list[Entry]) -> list[Instance]:
-        """The instances of the entries this session's associations can carry, taken in
-        flight: the same project, a presentation context proposed for them, one record per
-        UID at a time (the rest wait for a later session, untouched)."""
+    def admissible(self, entries: list[Entry]) -> list[tuple]:
+        """The instances (as send.py `Instance` fields, for the pipe) of the entries this
+        session's associations can carry, taken in flight: the same project, a presentation
+        context proposed for them, one record per UID at a time (the rest wait for a later
+        session, untouched)."""
         out = []
         for e in entries:
             if e.project != self.project or e.sop_instance_uid in self.in_flight:
                 continue
-            inst = self.instance(e)
-            if self.feed is not None and not self.feed.fits(inst):
+            if self.contexts is not None and (e.sop_class_uid, e.transfer_syntax_uid) not in self.contexts:
                 continue
             self.in_flight[e.sop_instance_uid] = e
-            out.append(inst)
+            out.append(self.instance(e))
         return out
 
     @staticmethod
-    def instance(e: Entry) -> Instance:
-        return Instance(e.sop_instance_uid, e.sop_class_uid, e.transfer_syntax_uid, e.segment, e.offset,
-                        e.dataset_length)
+    def instance(e: Entry) -> tuple:
+        return (e.sop_instance_uid, e.sop_class_uid, e.transfer_syntax_uid, e.segment, e.offset, e.dataset_length)
+
+    def outstanding(self) -> int:
+        """Entries given and not answered yet."""
+        return len(self.in_flight) - len(self.outcomes)
 
     def busy(self) -> set[int]:
         """Entries not to be fetched again: in flight, or waiting to be settled as no answer."""
@@ -107,7 +110,7 @@ class _Session:
         name = self.destination.destination
         while self.outcomes:
             o = self.outcomes.popleft()
-            entry = self.in_flight.pop(o.instance.sop_instance_uid, None)
+            entry = self.in_flight.pop(o.sop_instance_uid, None)
             if entry is None:
                 continue
             verdict = classify(o)
@@ -128,12 +131,11 @@ class _Session:
         if lines:  # one write, after the commit: no line claims a delivery the queue could still forget
             audit_lines(lines)
 
-    def finish(self, result: SendResult) -> float:
+    def finish(self, untried: list[str]) -> float:
         """After the last association closed: the entries that got no answer (or were never
-        tried) wait; the seconds until the next session."""
+        tried: `untried`) wait; the seconds until the next session."""
         dest = self.destination
         if dest.stop.is_set():  # what was not tried stays as it is, for the next start
-            untried = {i.sop_instance_uid for i in result.remaining}
             for uid in untried:
                 self.in_flight.pop(uid, None)
         retry = self.retry + [(e, "not attempted") for e in self.in_flight.values()]
@@ -155,7 +157,7 @@ def backoff(failures: int, initial: float, maximum: float) -> float:
     return min(maximum, initial * 2 ** min(failures - 1, 30))
 
 
-def classify(outcome: Outcome) -> str:
+def classify(outcome: Answer) -> str:
     """done, parked, or retry."""
     if outcome.state != "failed":
         return "done"
@@ -168,13 +170,14 @@ class Destination(threading.Thread):
     """Delivers the pending entries of one destination, oldest first, until stopped."""
 
     def __init__(self, config: Config, name: str, stop: threading.Event, deletions: Deletions | None = None,
-                 scanned: Scanned | None = None, reads: SharedReads | None = None) -> None:
+                 scanned: Scanned | None = None) -> None:
         super().__init__(name=f"forward-{name}", daemon=True)
         self.config, self.destination, self.stop = config, name, stop
         self.deletions = deletions  # the scanner's: whether a batch must be looked up in the catalog
         self.scanned = scanned  # the scanner's: held series and studies are released only up to where it looked
-        self.reads = reads  # records read by one destination's thread kept for the others
         self.failures = 0  # attempts in a row that reached nobody
+        self.deaths = 0  # sessions in a row whose sending process died
+        self.sending = SendingProcess(config, name)
         self.projects: dict = {}  # [projects.NAME] opened for de-identifying rules, kept open
 
     def run(self) -> None:
@@ -190,6 +193,7 @@ class Destination(threading.Thread):
                 if delay:
                     self.stop.wait(delay)
         finally:
+            self.sending.close()
             queue.close()
             self.catalog.close()
             for project in self.projects.values():
@@ -255,34 +259,66 @@ class Destination(threading.Thread):
             return self._failed(queue, [e for e in entries if e.project == project], str(e))
         session = _Session(self, queue, project)
         session.read(entries, whole=True)
-        session.feed = feed = Feed([session.instance(e) for e in entries if e.project == project])
-        feed.give(session.admissible(entries))
-        sender = Sender(self.config.data_dir / "segments", peer, self.config.aet,
-                        dimse_timeout=self.config.dimse_timeout, acse_timeout=self.config.acse_timeout,
-                        max_pdu=self.config.max_pdu, associations=remote.associations,
-                        duplicates=self.config.duplicates, max_inflated_bytes=self.config.max_inflated_bytes,
-                        rewrite=rewrite, on_outcome=session.outcomes.append, cancelled=self.stop.is_set,
-                        **({"read": self.reads.read} if self.reads is not None else {}))
-        results: list[SendResult] = []
-        sending = threading.Thread(target=lambda: results.append(sender.send_feed(feed)),
-                                   name=f"forward-{self.destination}-send", daemon=True)
-        sending.start()
-        started = time.monotonic()
-        while sending.is_alive():
-            sending.join(SETTLE_EVERY_S)
-            session.settle()
-            if not feed.open_ended:
-                continue
-            if self.stop.is_set() or time.monotonic() - started > SESSION_S:
-                feed.end()  # a long session ends now and then: other projects
-            elif len(session.in_flight) < window:
-                more = session.admissible(self._more(queue, window, session))
-                if more:
-                    feed.give(more)
-                elif not session.in_flight:
-                    feed.end()  # nothing more it can carry: the queue is empty, or the rest waits
+        expected = [Instance(*session.instance(e)) for e in entries if e.project == project]
+        contexts = context_batches(expected)
+        session.contexts = set(contexts[0]) if contexts else set()
+        try:
+            self.sending.ensure()
+            self.sending.send("open", project, [session.instance(e) for e in entries if e.project == project])
+            self.sending.send("give", session.admissible(entries))
+            untried = self._exchange(queue, session, window)
+        except SendingDied as e:
+            session.settle()  # what it answered before it died
+            return self._sending_died(session, str(e))
         session.settle()
-        return session.finish(results[0] if results else SendResult())
+        self.deaths = 0
+        return session.finish(untried)
+
+    def _exchange(self, queue: Queue, session: _Session, window: int) -> list[str]:
+        """The session's messages with the sending process until it closed its associations:
+        outcomes recorded every SETTLE_EVERY_S, the entries in flight topped up to `window`
+        whenever half of them were answered; the UIDs it was given but did not try."""
+        sending = self.sending
+        started = time.monotonic()
+        settle_at = started + SETTLE_EVERY_S
+        ended = cancelled = False
+        while True:
+            for message in sending.receive(max(0.0, settle_at - time.monotonic())):
+                if message[0] == "outcomes":
+                    session.outcomes.extend(map(Answer._make, message[1]))
+                elif message[0] == "closed":
+                    return message[1]
+            if time.monotonic() >= settle_at:
+                session.settle()
+                settle_at = time.monotonic() + SETTLE_EVERY_S
+            if self.stop.is_set() and not cancelled:
+                sending.send("cancel")
+                cancelled = ended = True
+            if ended:
+                continue
+            if time.monotonic() - started > SESSION_S:
+                sending.send("end")  # a long session ends now and then: other projects
+                ended = True
+            elif session.outstanding() <= window // 2:
+                more = session.admissible(self._more(queue, window - session.outstanding(), session))
+                if more:
+                    sending.send("give", more)
+                elif not session.in_flight:
+                    sending.send("end")  # nothing more it can carry: the queue is empty, or the rest waits
+                    ended = True
+
+    def _sending_died(self, session: _Session, reason: str) -> float:
+        """The sending process ended mid-session (killed, crashed): the entries it had and
+        did not answer were never settled, so they are pending still, and go out again,
+        oldest first, with a new process after a back-off (one that dies on every session
+        is not restarted in a tight loop)."""
+        self.deaths += 1
+        how = self.sending.exit_status()
+        self.sending.close()
+        delay = backoff(self.deaths, self.config.forward_retry_initial, self.config.forward_retry_max)
+        log.error("forward: the sending process for %s ended (%s: %s); %d entr(ies) it had stay pending, "
+                  "sent again by a new one in %.1f s", self.destination, how, reason, len(session.in_flight), delay)
+        return delay
 
     def _more(self, queue: Queue, window: int, session: _Session) -> list[Entry]:
         """A top-up's entries: those after the session's mark; all due ones but those in

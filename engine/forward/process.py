@@ -1,6 +1,7 @@
 """The forwarding process that `stowage serve` runs beside its workers: one scanner thread
 (engine/forward/scan.py) and one delivering thread per destination
-(engine/forward/deliver.py). A process of its own, so sending never takes CPU time from
+(engine/forward/deliver.py), each with a sending process of its own
+(engine/forward/sending.py). A process of its own, so sending never takes CPU time from
 the workers' GIL; if it dies, the acceptor starts it again and it resumes from the queue."""
 from __future__ import annotations
 
@@ -70,9 +71,7 @@ def main() -> None:
         deletions, scanned = Deletions(config.data_dir / tombstones.DIRECTORY), Scanned()
         threads = [threading.Thread(target=_scan_loop, args=(config, stop, deletions, scanned), name="forward-scan",
                                     daemon=True)]
-        from stowage.engine.forward.shared_reads import SharedReads
-        reads = SharedReads() if len(destinations(config)) > 1 else None  # read once, sent to each
-        threads += [Destination(config, name, stop, deletions, scanned, reads) for name in destinations(config)]
+        threads += [Destination(config, name, stop, deletions, scanned) for name in destinations(config)]
         from stowage.engine.forward.commitment import committers
         threads += committers(config, destinations(config), stop)
         for t in threads:
