@@ -264,8 +264,8 @@ class Destination(threading.Thread):
         session.contexts = set(contexts[0]) if contexts else set()
         try:
             self.sending.ensure()
-            self.sending.send("open", project, [session.instance(e) for e in entries if e.project == project])
-            self.sending.send("give", session.admissible(entries))
+            self.sending.send("open", project, [session.instance(e) for e in entries if e.project == project],
+                              session.admissible(entries))
             untried = self._exchange(queue, session, window)
         except SendingDied as e:
             session.settle()  # what it answered before it died

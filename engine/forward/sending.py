@@ -9,8 +9,9 @@ outcomes back in batches. Nothing here writes the queue: if this process dies (k
 entries it had are still pending there and go out again in the next session, oldest first.
 
 Messages (pickled tuples, `multiprocessing.connection`):
-- to it: ("open", project, expected) starts a session whose associations propose the
-  contexts of `expected` (instances as tuples); ("give", instances); ("end",): close the
+- to it: ("open", project, expected, first) starts a session whose associations propose
+  the contexts of `expected` (instances as tuples), given `first` to send (as many
+  associations open as `first` can use); ("give", instances); ("end",): close the
   associations once what was given is sent; ("cancel",): stop now, the rest untried.
 - from it: ("outcomes", [Answer fields as tuples]) about every FLUSH_S while it sends; ("closed",
   [SOP Instance UIDs given but not attempted]) once the session's associations are closed.
@@ -203,13 +204,14 @@ class _Child:
         self.projects: dict = {}
         self.session: _Session | None = None
 
-    def open(self, project: str, expected: list[tuple]) -> None:
+    def open(self, project: str, expected: list[tuple], first: list[tuple]) -> None:
         from stowage.engine.forward.deidentified import rewrite_for
         from stowage.engine.transfer.requestor import peer_of
         from stowage.engine.transfer.send import Feed, Instance, Sender
         c = self.config
         remote = c.remotes[self.destination]
         feed = Feed([Instance(*i) for i in expected])
+        feed.give([Instance(*i) for i in first])  # before send_feed: it opens as many associations as these use
         rewrite = None
         if project:
             if project not in self.projects:
@@ -231,12 +233,12 @@ class _Child:
             if s is not None:
                 s.thread.join()  # the delivering thread opens only after "closed": never waits here
             try:
-                self.open(message[1], message[2])
+                self.open(message[1], message[2], message[3])
             except Exception as e:  # e.g. the project's key unreadable: nothing goes out, all untried
                 log.warning("forward: a session to %s could not start: %s", self.destination, e)
                 self.session = None
                 with self.lock:
-                    self.conn.send(("closed", [i[0] for i in message[2]]))
+                    self.conn.send(("closed", [i[0] for i in message[3]]))
         elif s is None or s.finished.is_set():
             return  # given or ended after its session closed: the delivering thread knows them untried
         elif kind == "give":
