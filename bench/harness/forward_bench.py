@@ -153,11 +153,11 @@ def _forwarder(server: subprocess.Popen):
     raise RuntimeError("no forwarding process")
 
 
-def _cpu_s(p) -> float:
-    """CPU seconds of `p` and its children (the forwarding process's sending processes)."""
+def _cpu_s(p, children: bool = True) -> float:
+    """CPU seconds of `p` and (`children`) its children (the forwarding process's sending processes)."""
     import psutil
     total = 0.0
-    for q in [p, *p.children(recursive=True)]:
+    for q in [p, *(p.children(recursive=True) if children else [])]:
         try:
             t = q.cpu_times()
         except psutil.Error:
@@ -204,9 +204,10 @@ def _py_spy(profile: Path | None, name: str, gil: bool) -> list[str]:
 
 def drain(work: Path, files: list[Path], study: str, associations: int, run_no: int,
           tools: tuple[str, str, str], same_priority: bool = True, profile: Path | None = None,
-          gil: bool = False) -> tuple[float, float, float, float]:
+          gil: bool = False) -> tuple[float, float, float, float, float]:
     """(forwarding instances/s, `stowage send` instances/s, CPU ms per instance of the
-    forwarding process and of `stowage send`) into storescp +B --fork. Send's CPU is net of
+    forwarding process with its sending process, of `stowage send`, and of the sending
+    process alone) into storescp +B --fork. Send's CPU is net of
     its start-up (a `send` of a study that does not exist, measured just before); with
     `profile`, py-spy records both into that folder (the CPU figures then include its cost)."""
     storescp, storescu, echoscu = tools
@@ -225,9 +226,10 @@ def drain(work: Path, files: list[Path], study: str, associations: int, run_no: 
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out = work / f"drain-rx-{run_no}"
         rx = start_storescp(storescp, echoscu, out, rx_port, fork=True)
-        cpu = _cpu_s(forwarder)
+        cpu, own = _cpu_s(forwarder), _cpu_s(forwarder, children=False)
         _wait(lambda: _done(data, "DEST") == count, 600, "the queue was not drained")
         forward_cpu = _cpu_s(forwarder) - cpu
+        sending_cpu = forward_cpu - (_cpu_s(forwarder, children=False) - own)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -251,7 +253,7 @@ def drain(work: Path, files: list[Path], study: str, associations: int, run_no: 
         stop_tree(rx, None)
         rx = None
         sent = count / _span(out, count)
-        return forwarded, sent, forward_cpu * 1000 / count, send_cpu * 1000 / count
+        return forwarded, sent, forward_cpu * 1000 / count, send_cpu * 1000 / count, sending_cpu * 1000 / count
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
@@ -308,18 +310,19 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"ingest, {rules} rule(s): {m:.0f} instances/s ({m / none:.2f}x of none){lag}; "
                       f"CPU per instance: workers {w:.2f} ms, forwarding {f:.2f} ms")
         if not args.skip_drain:
-            fwd, snd, fcpu, scpu = [], [], [], []
+            fwd, snd, fcpu, scpu, sgcpu = [], [], [], [], []
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
             for r in range(args.repeat):
-                f, s, fc, sc = drain(work, files, study, args.associations, r, tools, not args.send_at_own_priority,
+                f, s, fc, sc, sg = drain(work, files, study, args.associations, r, tools, not args.send_at_own_priority,
                                      args.profile, args.gil)
                 fwd.append(f)
                 snd.append(s)
                 fcpu.append(fc)
                 scpu.append(sc)
+                sgcpu.append(sg)
                 print(f"  run {r}: forwarding {f:.0f}/s, stowage send {s:.0f}/s ({f / s:.2f}x); "
-                      f"CPU ms/instance: forwarding {fc:.3f}, send {sc:.3f}; load {os.getloadavg()[0]:.1f}",
+                      f"CPU ms/instance: forwarding {fc:.3f} (its sending process {sg:.3f}), send {sc:.3f}; load {os.getloadavg()[0]:.1f}",
                       flush=True)
                 for name in ("forward", "send") if args.profile else ():
                     table = stage_table(args.profile / f"{name}-{r}.txt", args.count)
@@ -327,7 +330,9 @@ def main(argv: list[str] | None = None) -> None:
             f, s = statistics.median(fwd), statistics.median(snd)
             print(f"forwarding a full queue: {f:.0f} instances/s; stowage send: {s:.0f} instances/s; "
                   f"ratio {f / s:.2f}x (median of ratios {statistics.median(a / b for a, b in zip(fwd, snd)):.2f}x); "
-                  f"CPU per instance: forwarding {statistics.median(fcpu):.3f} ms, send {statistics.median(scpu):.3f} ms")
+                  f"CPU per instance: forwarding {statistics.median(fcpu):.3f} ms (its sending process "
+                  f"{statistics.median(sgcpu):.3f} ms), send {statistics.median(scpu):.3f} ms; "
+                  f"load {os.getloadavg()[0]:.1f}")
     finally:
         tear_down(work, None)
 

@@ -28,7 +28,7 @@ import time
 from collections import deque
 
 from stowage.catalog.reader import Catalog
-from stowage.engine.forward.deidentified import NOT_DEIDENTIFIED, rewrite_for
+from stowage.engine.forward.deidentified import NOT_DEIDENTIFIED
 from stowage.engine.forward.queue import Entry, Queue
 from stowage.engine.forward.scan import Deletions, Scanned
 from stowage.engine.forward.sending import Answer, SendingDied, SendingProcess
@@ -184,6 +184,10 @@ class Destination(threading.Thread):
         queue = Queue(self.config.data_dir)
         self.catalog = Catalog(self.config.data_dir / "catalog", self.config.duplicates)
         try:
+            try:
+                self.sending.ensure()  # now: its imports are done before the first entry is due
+            except OSError:  # a session tries again
+                log.exception("forward: starting the sending process for %s failed", self.destination)
             while not self.stop.is_set():
                 try:
                     delay = self._round(queue)
@@ -253,7 +257,8 @@ class Destination(threading.Thread):
             return self._failed(queue, entries, str(e))
         project = entries[0].project  # one project (usually none) per session: one rewrite
         try:
-            rewrite = rewrite_for(self._project(project)) if project else None
+            if project:
+                self._project(project)  # its key is readable (the sending process opens its own copy)
         except ValueError as e:  # the project's key unreadable: nothing of it goes out
             log.warning("forward: project %s for %s: %s", project, self.destination, e)
             return self._failed(queue, [e for e in entries if e.project == project], str(e))

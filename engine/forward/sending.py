@@ -140,8 +140,9 @@ class _Session:
     every FLUSH_S, so that the reading of messages (the main thread) never waits on a write
     (and the two processes never wait on each other's full pipe)."""
 
-    def __init__(self, conn: Connection, lock: threading.Lock, sender, feed, stop: threading.Event) -> None:
-        self.conn, self.lock, self.sender, self.feed, self.stop = conn, lock, sender, feed, stop
+    def __init__(self, conn: Connection, lock: threading.Lock, feed, stop: threading.Event) -> None:
+        self.conn, self.lock, self.feed, self.stop = conn, lock, feed, stop
+        self.sender = None  # set by _Child.open: it reports to this session's on_outcome
         self.outcomes: deque = deque()
         self.cancelled = threading.Event()
         self.finished = threading.Event()
@@ -205,7 +206,6 @@ class _Child:
         self.session: _Session | None = None
 
     def open(self, project: str, expected: list[tuple], first: list[tuple]) -> None:
-        from stowage.engine.forward.deidentified import rewrite_for
         from stowage.engine.transfer.requestor import peer_of
         from stowage.engine.transfer.send import Feed, Instance, Sender
         c = self.config
@@ -214,11 +214,12 @@ class _Child:
         feed.give([Instance(*i) for i in first])  # before send_feed: it opens as many associations as these use
         rewrite = None
         if project:
+            from stowage.engine.forward.deidentified import rewrite_for
             if project not in self.projects:
                 from stowage.engine.deidentify.project import open_project
                 self.projects[project] = open_project(c.projects, project, c.data_dir)
             rewrite = rewrite_for(self.projects[project])
-        session = _Session(self.conn, self.lock, None, feed, self.stop)
+        session = _Session(self.conn, self.lock, feed, self.stop)
         session.sender = Sender(c.data_dir / "segments", peer_of(remote), c.aet, dimse_timeout=c.dimse_timeout,
                                 acse_timeout=c.acse_timeout, max_pdu=c.max_pdu, associations=remote.associations,
                                 duplicates=c.duplicates, max_inflated_bytes=c.max_inflated_bytes, rewrite=rewrite,
