@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import msgpack
 import numpy as np
@@ -107,41 +107,6 @@ def read_payload_into(path: Path, offset: int, lead: int, alloc: Alloc) -> np.nd
     if flags & FLAG_SHUFFLE:
         segment._lanes_into(plain, out[lead:lead + n], inverse=True)
     return out
-
-
-def open_stored(path: Path, offset: int) -> tuple[BinaryIO, int, int] | None:
-    """A record whose payload is stored as is (no zstd, no shuffle: encapsulated syntaxes,
-    and what zstd would not shrink), to be sent with os.sendfile: (the open segment, where
-    the payload starts, its length), its CRC checked first by reading it through a kept
-    buffer, so a damaged record is never sent; None for a record stored otherwise. The
-    caller closes the file. Raises what read_payload does."""
-    f = open(path, "rb", buffering=0)
-    try:
-        fd = f.fileno()
-        head = os.pread(fd, _HEAD, offset)
-        flags, hlen, plen, expected_crc = segment._prefix(head, offset)
-        if flags or plen == 0:
-            f.close()
-            return None
-        if len(head) < PREFIX_SIZE + hlen:
-            head += os.pread(fd, PREFIX_SIZE + hlen - len(head), offset + len(head))
-        if len(head) < PREFIX_SIZE + hlen:
-            raise CorruptRecord(f"record at byte {offset} ends early")
-        running = crc32(head[PREFIX_SIZE:PREFIX_SIZE + hlen], crc32(head[:PREFIX_SIZE - 4]))
-        start, done = offset + PREFIX_SIZE + hlen, 0
-        scratch = _scratch("stored", min(plen, SCRATCH_MAX))
-        while done < plen:
-            n = os.preadv(fd, [scratch[:plen - done]], start + done)
-            if n <= 0:
-                raise CorruptRecord(f"record at byte {offset} ends early")
-            running = crc32(scratch[:n], running)
-            done += n
-        if running != expected_crc:
-            raise CorruptRecord(f"checksum mismatch in record at byte {offset}")
-        return f, start, plen
-    except BaseException:
-        f.close()
-        raise
 
 
 def _decompress_into(stored: np.ndarray, plain: np.ndarray, offset: int) -> None:

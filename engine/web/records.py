@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from stowage.catalog.reader import Catalog
 from stowage.engine.store.filemeta import PREAMBLE
 from stowage.engine.store.integrity import marks_of
 from stowage.engine.store.locate import Locator, RecordGone
-from stowage.engine.store.payload_into import Alloc, open_stored, payload_length, read_payload_into
+from stowage.engine.store.payload_into import Alloc, payload_length, read_payload_into
 from stowage.engine.store.readahead import will_need
 from stowage.engine.store.segment import CorruptRecord, read_payload, stream_payload
 
@@ -98,11 +98,6 @@ class Reader:
     def payload_into(self, inst: Instance, lead: int, alloc: Alloc) -> np.ndarray:
         """payload(), at [lead:] of a buffer from `alloc` (engine/store/payload_into.py)."""
         return self._read(inst, lambda path, offset: read_payload_into(path, offset, lead, alloc))
-
-    def stored_as_is(self, inst: Instance) -> tuple[BinaryIO, int, int] | None:
-        """(open segment, offset, length) of the payload when its record holds it as is, CRC
-        checked, for os.sendfile; None when it is compressed or shuffled."""
-        return self._read(inst, open_stored)
 
     def will_need(self, found: list[Instance]) -> None:
         """Start the kernel reading these records (engine/store/readahead.py): a series

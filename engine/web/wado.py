@@ -17,8 +17,6 @@ import asyncio
 import logging
 import sys
 import time
-from dataclasses import dataclass
-from typing import BinaryIO
 
 import numpy as np
 from aiohttp import web
@@ -92,26 +90,20 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     base = base_url(request)
     sizes = await store.run(_sizes, store, found) if target is None else None
     await writer.start(request, length=None if sizes is None else _body_length(writer, found, sizes, base))
-    sendfile = sizes is not None and _plain_tcp(request)  # records stored as is go out with os.sendfile
     ahead: dict[int, asyncio.Future] = {}  # the next instances' reads, in the pool while we send
     try:
         for i, inst in enumerate(found):
             for j in range(i, min(i + _AHEAD, len(found))):
                 if j not in ahead and _whole(found[j], target):
-                    ahead[j] = asyncio.ensure_future(store.run(_load, store, writer, found[j], target, base, j == 0,
-                                                               sendfile))
+                    ahead[j] = asyncio.ensure_future(store.run(_load, store, writer, found[j], target, base, j == 0))
             location = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
             try:
                 if i in ahead:
                     encoded, size = await ahead.pop(i)
                     if sizes is not None and size != sizes[i]:
-                        _close(encoded)
                         raise Unreadable(f"{inst.sop_instance_uid} is {size} bytes, its record's head said {sizes[i]}")
-                    if isinstance(encoded, _FilePart):
-                        await _send_file_part(request, writer, encoded)
-                    else:
-                        await writer.whole_part(encoded)
-                        _recycle(store, request, encoded)
+                    await writer.whole_part(encoded)
+                    _recycle(store, request, encoded)
                     nbytes += size
                 else:
                     size = await _stream_stored(store, writer, inst, location)
@@ -125,9 +117,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     finally:
         for future in ahead.values():
             future.cancel()
-        for done in await asyncio.gather(*ahead.values(), return_exceptions=True):
-            if isinstance(done, tuple):
-                _close(done[0])
+        await asyncio.gather(*ahead.values(), return_exceptions=True)
     process_counts.retrieved("WADO-RS", sent, len(found) - sent, 0, nbytes)
     audit.info("WADO-RS retrieve %s to %s: %d of %d instance(s), %.1f MB in %.2f s", request.path, request.remote,
                sent, len(found), nbytes / 1e6, time.monotonic() - started,
@@ -172,52 +162,13 @@ def _head(writer: MultipartWriter, inst: Instance, syntax: str, base: str, first
     return writer.head(f"{DICOM}; transfer-syntax={syntax}", location, first)
 
 
-@dataclass
-class _FilePart:
-    """A part whose payload is sent from its segment with os.sendfile: its head (delimiter,
-    headers, preamble) and where the payload lies, CRC checked (records.Reader.stored_as_is)."""
-    head: bytes
-    file: BinaryIO
-    offset: int
-    length: int
-
-
-def _plain_tcp(request: web.Request) -> bool:
-    """Whether the answer can go out with os.sendfile: a plain TCP socket, no TLS."""
-    transport = request.transport
-    return transport is not None and transport.get_extra_info("sslcontext") is None \
-        and transport.get_extra_info("socket") is not None
-
-
-def _close(part: object) -> None:
-    if isinstance(part, _FilePart):
-        part.file.close()
-
-
-async def _send_file_part(request: web.Request, writer: MultipartWriter, part: _FilePart) -> None:
-    """The head through the response (it counts the part), then the payload straight from
-    the page cache to the socket: no copy into a buffer of ours, none into the transport's.
-    The response's Content-Length covers it (retrieve() sends only such answers this way)."""
-    try:
-        await writer.whole_part(part.head)
-        if request.transport is None:
-            raise ConnectionResetError("the client went away")
-        await asyncio.get_running_loop().sendfile(request.transport, part.file, part.offset, part.length,
-                                                  fallback=False)
-    finally:
-        part.file.close()
-
-
 def _load(store: WebStore, writer: MultipartWriter, inst: Instance, target: str | None, base: str,
-          first: bool, sendfile: bool = False) -> tuple[bytes | memoryview | _FilePart, int]:
+          first: bool) -> tuple[bytes | memoryview, int]:
     """The whole part (delimiter, headers, the Part-10 file) in one buffer, and the file's
     size: the instance as stored (read into a buffer of store.parts, after its head), or
-    converted to `target`; with `sendfile`, a record stored as is as a _FilePart."""
+    converted to `target`."""
     if target is None or target == inst.transfer_syntax_uid:
         head = _head(writer, inst, inst.transfer_syntax_uid, base, first) + PREAMBLE
-        stored = store.reader.stored_as_is(inst) if sendfile else None
-        if stored is not None:
-            return _FilePart(head, *stored), len(PREAMBLE) + stored[2]
         part = store.reader.payload_into(inst, len(head), store.parts.take)
         part[:len(head)] = np.frombuffer(head, np.uint8)
         return memoryview(part), len(part) - len(head) + len(PREAMBLE)

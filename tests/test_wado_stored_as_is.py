@@ -1,8 +1,9 @@
-"""WADO-RS parts whose records hold the payload as is (encapsulated syntaxes: stored
-uncompressed, unshuffled) go out with os.sendfile from the segment, beside zstd records
-read into buffers, in one answer: byte-exact either way, every part delimited (the lean
-benchmark client counts them); a record damaged on disk after it was stored is never sent
-(its CRC is checked first) and the answer breaks off short of its Content-Length."""
+"""WADO-RS of a series whose records differ in how they hold their payload: as is
+(encapsulated syntaxes: neither compressed nor shuffled, read straight into the part's
+buffer) and zstd with the byte shuffle (decompressed into it), in one answer: each part the
+Part-10 file exactly, in instance order, every part delimited (the lean benchmark client
+counts them); a record held as is damaged on disk after it was stored is never sent (its
+CRC is checked first) and the answer breaks off short of its Content-Length."""
 from __future__ import annotations
 
 import http.client
@@ -23,7 +24,7 @@ import requests
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
-    w = start(tmp_path_factory.mktemp("sendfile"), corpus=False)
+    w = start(tmp_path_factory.mktemp("as_is"), corpus=False)
     yield w
     w.server.stop()
 
@@ -72,7 +73,7 @@ def test_a_record_damaged_on_disk_is_not_sent(web, tmp_path):
         victim = next((rec for rec in iter_records(seg) if rec.header.get("sop_instance_uid") == victim_uid), None)
         if victim is not None:
             break
-    assert victim is not None and victim.flags == 0  # held as is: the sendfile path
+    assert victim is not None and victim.flags == 0  # held as is
     with open(seg, "r+b") as f:  # bytes flipped in the middle of its pixel data
         f.seek(victim.payload_offset + victim.payload_length - 200)
         f.write(b"\xde\xad\xbe\xef")
