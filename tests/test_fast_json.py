@@ -69,3 +69,35 @@ def test_character_sets_and_person_names(charset, name):
     del want.SpecificCharacterSet
     assert _normal(dataset_json(raw, None)) == _normal(want.to_json_dict(1024, lambda e: ""))
 
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_header_json_writes_what_the_general_way_writes(implicit):
+    """engine/web/header_json.py writes the values that differ slice to slice (UI, TM, IS,
+    DS) and other ASCII strings as text directly: the same JSON as fast_json's conversion
+    of the same bytes, padded, empty, multi-valued or broken."""
+    import json
+    import struct
+
+    from stowage.engine.web.header_json import header_json
+
+    def element(tag: int, vr: str, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\x00" if vr == "UI" else b" "
+        group, elem = tag >> 16, tag & 0xFFFF
+        return (struct.pack("<HHL", group, elem, len(value)) if implicit
+                else struct.pack("<HH2sH", group, elem, vr.encode(), len(value))) + value
+
+    values = {(0x00080008, "CS"): [b"ORIGINAL\\PRIMARY", b"A\\", b" X \\Y", b"", b"\xe9t\xe9"],
+              (0x00080018, "UI"): [b"1.2.3", b"1.2.3 ", b"", b"1.2\\3.4", b'1.2"3'],
+              (0x00080033, "TM"): [b"101010.123 ", b"", b"10\\11", b"\\"],
+              (0x00200013, "IS"): [b"7", b" 7", b"", b"-3", b"1\\2", b"x", b"+5", b"1\\"],
+              (0x00200032, "DS"): [b"-158.1\\-179.0\\-75.7", b"1e3\\2E-1\\3.", b"1\\\\2", b"nan\\1\\2", b"inf\\1\\2",
+                                   b"00012\\1.50\\-0", b"abc\\1\\2", b" 1 \\ 2"],
+              (0x00201041, "DS"): [b"1.0", b"1", b"-0.0", b"12345678901234", b"1e400", b"0.1e-5"]}
+    for i in range(8):
+        raw = b"".join(element(tag, vr, v[i % len(v)]) for (tag, vr), v in values.items())
+        members, _sizes = header_json(raw, implicit, lambda tag: "")
+        got = json.loads(b"{" + b",".join(members) + b"}")
+        want = json.loads(json.dumps(dataset_json(read_dataset(BytesIO(raw), implicit, True), None)))
+        assert got == want, i

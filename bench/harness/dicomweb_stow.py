@@ -2,8 +2,10 @@
 started fresh on an empty data directory, then sent the same CT series by STOW-RS (K
 clients, `--batch` instances a request) and another by C-STORE (K associations). Reported
 per run: the receiver's CPU per instance (its whole process tree, and the HTTP processes
-alone during STOW-RS), instances/s, STOW-RS ÷ C-STORE, and the load average. For cutting
-STOW-RS CPU without Orthanc or WADO in the loop (bench/harness/dicomweb.py has both).
+alone during STOW-RS), instances/s, STOW-RS ÷ C-STORE, the STOW-RS series' metadata the
+first time (after a sync and the data directory dropped from the page cache) and again,
+and the load average. For cutting STOW-RS and metadata CPU without Orthanc or WADO-RS in
+the loop (bench/harness/dicomweb.py has both).
 
     python -m stowage.bench.harness.dicomweb_stow --dir D --tree base=/path/to/old --tree new=. --rounds 3
 
@@ -26,7 +28,8 @@ from pathlib import Path
 import psutil
 
 from stowage.bench.command import CorpusSpec
-from stowage.bench.dicomweb import WebTarget, run_stow
+from stowage.bench.dicomweb import WebTarget, run_stow, run_wado
+from stowage.bench.harness.dicomweb import evict
 from stowage.bench.loadgen import Target, load_corpus, run
 from stowage.bench.procs import TreeMonitor, find_dcmtk, free_port, stop_tree, wait_echo
 
@@ -85,6 +88,12 @@ def one_run(name: str, tree: Path, data: Path, stow_items: list, store_items: li
             s.send_signal(2)  # SIGINT: py-spy writes what it has
             s.wait(60)
         TreeMonitor(proc.pid).settle()  # the STOW-RS batch sealed before C-STORE is timed
+        meta = []
+        for cold in (True, False):  # the series' metadata the first time (cold page cache), then again
+            if cold:
+                evict(data)
+            meta.append(run_wado(WebTarget(f"http://127.0.0.1:{http_port}/dicom-web"), stow_items, 1, "metadata",
+                                 proc.pid))
         store = run(Target("127.0.0.1", port, "STOWAGE"), store_items, k, pid=proc.pid, progress=False)
     finally:
         stop_tree(proc, None)
@@ -98,7 +107,9 @@ def one_run(name: str, tree: Path, data: Path, stow_items: list, store_items: li
            "store_ms_per_inst": round(store.target_cpu_s / max(store.completed, 1) * 1e3, 3),
            "stow_inst_per_s": stow.inst_per_s, "store_inst_per_s": store.inst_per_s,
            "rate_ratio": round(stow.inst_per_s / store.inst_per_s, 3) if store.inst_per_s else None,
-           "failed": stow.failed + store.failed}
+           "meta_first_ms": meta[0].latency_ms.get("p50"), "meta_first_cpu_ms": round(meta[0].target_cpu_s * 1e3),
+           "meta_again_ms": meta[1].latency_ms.get("p50"),
+           "failed": stow.failed + store.failed + meta[0].failed + meta[1].failed}
     return row
 
 
@@ -134,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, _ in trees:
         mine = [r for r in rows if r["tree"] == name]
         med = {key: statistics.median(r[key] for r in mine) for key in
-               ("stow_ms_per_inst", "stow_http_ms_per_inst", "store_ms_per_inst", "rate_ratio")}
+               ("stow_ms_per_inst", "stow_http_ms_per_inst", "store_ms_per_inst", "rate_ratio", "meta_first_ms",
+                "meta_first_cpu_ms")}
         print(f"{name}: median STOW-RS {med['stow_ms_per_inst']:.3f} ms CPU/inst (HTTP processes "
               f"{med['stow_http_ms_per_inst']:.3f}), C-STORE {med['store_ms_per_inst']:.3f}, STOW÷C-STORE rate "
-              f"{med['rate_ratio']:.2f}x; load {min(r['load'] for r in mine)}-{max(r['load'] for r in mine)}")
+              f"{med['rate_ratio']:.2f}x; series metadata first time {med['meta_first_ms']:.0f} ms "
+              f"({med['meta_first_cpu_ms']:.0f} ms CPU); load {min(r['load'] for r in mine)}-{max(r['load'] for r in mine)}")
     return 0
 
 

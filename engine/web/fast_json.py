@@ -47,7 +47,7 @@ def _decode(value: bytes, vr: str, encodings: list[str]) -> str:
     return value.decode("ascii", "replace")
 
 
-def _number(text: str, vr: str) -> int | float:
+def number(text: str, vr: str) -> int | float:
     text = text.strip()
     if vr == "IS":
         return int(text)
@@ -82,7 +82,7 @@ def _value(tag: int, vr: str, value: bytes, encodings: list[str], bulk: Callable
         text = value.decode("ascii").strip(" \x00")
         if not text:
             return out
-        return dict(out, Value=[_number(p, vr) if p.strip() else None for p in text.split("\\")])
+        return dict(out, Value=[number(p, vr) if p.strip() else None for p in text.split("\\")])
     if vr in _NUMBERS:
         fmt = _NUMBERS[vr]
         size = struct.calcsize(fmt)

@@ -11,6 +11,7 @@ deeper than MAX_DEPTH) gives None: the caller converts the header the general wa
 from __future__ import annotations
 
 import json
+import math
 import struct
 import threading
 from io import BytesIO
@@ -22,7 +23,9 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_dataset
 
-from stowage.engine.web.fast_json import BULK_THRESHOLD, dataset_json, element_json
+from stowage.engine.web.fast_json import BULK_THRESHOLD, dataset_json, element_json, number
+
+_string = json.encoder.encode_basestring  # a JSON string as json.dumps(ensure_ascii=False) writes it
 
 _EXPLICIT = struct.Struct("<HHHH").unpack_from  # group, element, VR, 16-bit length
 _IMPLICIT = struct.Struct("<HHL").unpack_from  # group, element, 32-bit length
@@ -208,8 +211,12 @@ def _nested_element(buf: memoryview, pos: int, room: int) -> int:
 
 def _convert(raw: bytes, implicit: bool, charset: bytes, bulk: Callable[[int], str]) -> bytes:
     """One element (with the character set it is read in) as `"tag":{…}`, b"" for none:
-    a plain value by fast_json's conversion of its bytes, a sequence (or anything that
-    conversion declines) by reading it with pydicom first."""
+    an ASCII string or number straight to its text (_quick), another plain value by
+    fast_json's conversion of its bytes, a sequence (or anything that conversion
+    declines) by reading it with pydicom first."""
+    quick = _quick(raw, implicit)
+    if quick is not None:
+        return quick
     obj = _plain(raw, implicit, charset, bulk)
     if obj is None:
         prefix = b""
@@ -225,6 +232,52 @@ def _convert(raw: bytes, implicit: bool, charset: bytes, bulk: Callable[[int], s
     elif not obj:
         return b""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)[1:-1].encode("utf-8")
+
+
+_ASCII = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})  # strings the character set does not touch
+
+
+def _quick(raw: bytes, implicit: bool) -> bytes | None:
+    """The element's `"tag":{…}` text written directly when it is one of the values that
+    differ slice to slice (SOP Instance UID, times, Instance Number, positions: UI, TM,
+    IS, DS) or another ASCII string: the text fast_json and json.dumps give, without the
+    dict and the encoder (a fifth of the time). None: not one of those, or not plain
+    ASCII, or a number JSON cannot hold; the general way then decides."""
+    if implicit:
+        group, element, _length = _IMPLICIT(raw, 0)
+        tag, value = group << 16 | element, raw[8:]
+        try:
+            vr = _implicit_vr(tag)
+        except _Odd:
+            return None
+    else:
+        group, element, code, _length = _EXPLICIT(raw, 0)
+        tag = group << 16 | element
+        vr = raw[4:6].decode("ascii", "replace")
+        value = raw[12:] if code in _LONG else raw[8:]
+    if vr not in _ASCII and vr not in ("IS", "DS"):
+        return None
+    try:
+        text = bytes(value).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if vr in _ASCII:
+        parts = [p.rstrip(" \x00") if vr == "UI" else p.strip(" \x00") for p in text.split("\\")]
+        if not any(parts):
+            return f'"{tag:08X}":{{"vr":"{vr}"}}'.encode()
+        values = ",".join(_string(p) if p else "null" for p in parts)
+    else:
+        text = text.strip(" \x00")
+        if not text:
+            return f'"{tag:08X}":{{"vr":"{vr}"}}'.encode()
+        try:
+            numbers = [number(p, vr) if p.strip() else None for p in text.split("\\")]
+        except ValueError:
+            return None
+        if any(type(n) is float and not math.isfinite(n) for n in numbers):
+            return None
+        values = ",".join("null" if n is None else repr(n) for n in numbers)
+    return f'"{tag:08X}":{{"vr":"{vr}","Value":[{values}]}}'.encode()
 
 
 def _plain(raw: bytes, implicit: bool, charset: bytes, bulk: Callable[[int], str]) -> dict | None:

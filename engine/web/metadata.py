@@ -9,6 +9,7 @@ A record never changes once written, so (segment, offset, base URL) names its JS
 a compaction that moves it makes a new key, and the old entry ages out."""
 from __future__ import annotations
 
+import json
 import tempfile
 from functools import lru_cache
 import threading
@@ -35,6 +36,7 @@ from stowage.engine.web.transcode import NATIVE
 
 CACHE_BYTES = 64 << 20  # per HTTP process
 _BASE = BASE.encode()
+_string = json.encoder.encode_basestring  # a JSON string as dumps (ensure_ascii=False) writes it
 _DOCUMENT_CLASSES = frozenset({EncapsulatedPDFStorage, EncapsulatedCDAStorage, EncapsulatedSTLStorage,
                                EncapsulatedOBJStorage, EncapsulatedMTLStorage})
 
@@ -147,8 +149,11 @@ def _syntax(uid: str) -> tuple[bool, bool, bool]:
         return False, False, False
 
 
-def _member(tag: int, value: dict[str, Any]) -> bytes:
-    return f'"{tag:08X}":'.encode() + dumps(value)
+def _member(tag: int, vr: str, key: str, value: str) -> bytes:
+    """`"tag":{"vr":vr,key:value}` as dumps writes it (one string value, or Value: [it]),
+    without the encoder: two of these per instance."""
+    text = _string(value)
+    return f'"{tag:08X}":{{"vr":"{vr}","{key}":{"[" + text + "]" if key == "Value" else text}}}'.encode()
 
 
 def _encoded_from_header(inst: Instance, url: str) -> bytes | None:
@@ -176,10 +181,10 @@ def _encoded_from_header(inst: Instance, url: str) -> bytes | None:
         return None
     if 0x00280010 in sizes:
         vr = "OB" if encapsulated or 0 < bits <= 8 else "OW"
-        members.append(_member(0x7FE00010, {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}))
+        members.append(_member(0x7FE00010, vr, "BulkDataURI", f"{url}/bulkdata/7FE00010"))
     if inst.sop_class_uid in _DOCUMENT_CLASSES:
         return None  # its document is bulk: the general way adds it
-    members.append(_member(0x00083002, {"vr": "UI", "Value": [inst.transfer_syntax_uid]}))
+    members.append(_member(0x00083002, "UI", "Value", inst.transfer_syntax_uid))
     return b"{" + b",".join(members) + b"}"
 
 
