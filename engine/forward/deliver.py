@@ -3,7 +3,9 @@
 syntax, else converted; `associations` of the remote at once.
 
 Each destination has its own thread, so one that is down or slow holds up nobody else,
-and the store path never waits for any of them. Entries of a rule with `deidentify` go out
+and the store path never waits for any of them. The thread keeps the queue; the sending
+itself runs in the destination's sending process (sending.py), off this process's GIL,
+which gets entries as record locations and answers with their outcomes. Entries of a rule with `deidentify` go out
 as de-identified copies (deidentified.py); storage commitment of the studies that are ready
 for it is asked by another thread (commitment.py), so a wait for a report holds up no
 delivery. Outcomes:
