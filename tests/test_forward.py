@@ -461,7 +461,7 @@ def test_a_sending_process_killed_mid_drain_loses_nothing(make_server, tmp_path)
             return 0
         finally:
             db.close()
-    n, port = 120, free_port()
+    n, port = 80, free_port()
     conf = write_config(tmp_path / "f.toml", {"SLOW": port}, '[[forward]]\nto = "SLOW"\n')
     files = series_instances(tmp_path / "mr", "PS", generate_uid(), generate_uid(), n, src=MR)
     server = make_server("--workers", "1", "--config", str(conf))
