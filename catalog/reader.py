@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stowage.catalog import cluster_view, manifest, sealed_uids, studies, tombstones, versions_table
+from stowage.catalog import cluster_view, duckdb_spill, manifest, sealed_uids, studies, tombstones, versions_table
 from stowage.catalog.schema import SCHEMA
 from stowage.catalog.tail import TailReader
 
@@ -114,7 +114,8 @@ class Catalog:
         self._hidden_files: dict[str, pa.Table] = {}
         self._hidden_unknown = False
         self._views_shape: tuple | None = None
-        self._con = duckdb.connect(":memory:", config={"threads": self._threads, "memory_limit": MEMORY_LIMIT})
+        self._con = duckdb.connect(":memory:", config={"threads": self._threads, "memory_limit": MEMORY_LIMIT,
+                                                       "temp_directory": duckdb_spill.directory_for(self.directory)})
         self._con.execute("SET parquet_metadata_cache = true")
         self._cached: set[str] = set()  # sealed files the connection may hold metadata of (_stale)
         self._live: list[str] = []  # the sealed files the views read (this node's and the other nodes')

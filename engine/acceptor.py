@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import count
 
+from stowage.catalog import duckdb_spill
 from stowage.engine.receive.access import Policy
 from stowage.engine import metrics
 from stowage.engine.runtime.config import Config, ConfigError
@@ -135,6 +136,7 @@ class Acceptor:
 
     def run(self) -> int:
         self._lock_data_dir()
+        duckdb_spill.remove_stale(self.config.data_dir)  # of processes killed before they could
         try:
             restore_from_bucket(self.config)  # a node's data directory lost: its uploaded segments found again
         except RestoreError as e:
