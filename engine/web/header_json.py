@@ -99,10 +99,18 @@ def _members(buf: memoryview, implicit: bool, bulk: Callable[[int], str]) -> tup
             if vr in _LONG:
                 tag, vr, value_at, pos = _element(buf, pos, implicit)
             else:
-                tag, value_at = group << 16 | element, pos + 8
+                value_at = pos + 8
                 pos = value_at + length
                 if pos > end:
                     raise _Odd
+                piece = kept.get(data[start:pos])  # most elements: one the series' slices share, kept
+                if piece is not None:  # (never a character set or a group length: those are not kept)
+                    if group == 0x0028 and (0x00280000 | element) in _SIZES:
+                        sizes[0x00280000 | element] = data[value_at:pos]
+                    if piece:
+                        out.append(piece)
+                    continue
+                tag = group << 16 | element
         else:
             tag, vr, value_at, pos = _element(buf, pos, implicit)
         if tag == _CHARSET:
