@@ -1,8 +1,11 @@
 """WADO-RS against a running `stowage serve`, with dicomweb-client: retrieval byte-exact
 with transfer-syntax=*, converted on request, metadata from the catalog with BulkDataURIs,
-frames as stored and decoded, bulk data; 404 and 406 with reasons."""
+frames as stored and decoded, bulk data; 404 and 406 with reasons; a series mixing records
+held as is (JPEG 2000) and zstd ones byte-exact part by part, and a record damaged on disk
+never sent."""
 from __future__ import annotations
 
+import http.client
 from io import BytesIO
 
 import numpy as np
@@ -14,7 +17,9 @@ from requests import HTTPError
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from conftest import CT, dataset_bytes
+from conftest import CT, HOST, dataset_bytes
+from stowage.bench.harness.dicomweb_lean import ACCEPT, read_parts
+from stowage.engine.store.segment import iter_records
 from web_server import c_store, parts, start
 
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
@@ -325,3 +330,62 @@ def test_metadata_from_the_header_is_the_metadata_from_the_record():
                 assert json.loads(encoded) == metadata.instance_json(Store(raw), inst, "http://x"), path
                 fast.add(path.rsplit("/", 1)[-1])
     assert len(fast) >= 10, fast  # (CT_small and MR_small end in trailing padding: read from the record)
+
+
+# -- records held as is beside zstd ones; a damaged record -----------------------------
+
+def _as_is_series(out, n_j2k: int, n_ct: int):
+    """One series: JPEG 2000 instances (records stored as is) and native CT ones (zstd)."""
+    study, series = generate_uid(), generate_uid()
+    files = []
+    for i, src in enumerate([get_testdata_file("MR_small_jp2klossless.dcm")] * n_j2k + [CT] * n_ct):
+        ds = pydicom.dcmread(src)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        path = out / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return study, series, files
+
+
+def _get_series(web, study: str, series: str) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection(HOST, web.http_port, timeout=60)
+    conn.request("GET", f"/dicom-web/studies/{study}/series/{series}", headers={"Accept": ACCEPT})
+    return conn.getresponse()
+
+
+def test_stored_as_is_and_compressed_records_in_one_answer_are_byte_exact(web, tmp_path):
+    study, series, files = _as_is_series(tmp_path, 3, 2)
+    c_store(web.server.port, files)
+    r = requests.get(f"{web.base}/studies/{study}/series/{series}", headers={"Accept": ACCEPT}, timeout=60)
+    assert r.status_code == 200 and int(r.headers["Content-Length"]) == len(r.content)
+    got = parts(r)
+    assert len(got) == 5
+    for path, (_headers, body) in zip(files, got):  # in instance order
+        assert body[128:132] == b"DICM" and body.endswith(dataset_bytes(path)), path.name
+        assert pydicom.dcmread(BytesIO(body)).SOPInstanceUID == pydicom.dcmread(path).SOPInstanceUID
+    resp = _get_series(web, study, series)
+    nbytes, delimiters = read_parts(resp, bytearray(1 << 16))  # the benchmark's lean client
+    assert (nbytes, delimiters) == (len(r.content), 6)
+
+
+def test_a_record_damaged_on_disk_is_not_sent(web, tmp_path):
+    study, series, files = _as_is_series(tmp_path, 2, 0)
+    c_store(web.server.port, files)
+    victim_uid = pydicom.dcmread(files[1], stop_before_pixels=True).SOPInstanceUID
+    for seg in sorted((web.server.data_dir / "segments").glob("*.seg")):
+        victim = next((rec for rec in iter_records(seg) if rec.header.get("sop_instance_uid") == victim_uid), None)
+        if victim is not None:
+            break
+    assert victim is not None and victim.flags == 0  # held as is
+    with open(seg, "r+b") as f:  # bytes flipped in the middle of its pixel data
+        f.seek(victim.payload_offset + victim.payload_length - 200)
+        f.write(b"\xde\xad\xbe\xef")
+    resp = _get_series(web, study, series)
+    assert resp.status == 200
+    with pytest.raises(http.client.IncompleteRead) as cut:
+        resp.read()
+    partial = cut.value.partial
+    assert dataset_bytes(files[0]) in partial  # the sound instance before it was sent
+    assert b"\xde\xad\xbe\xef" not in partial  # the damaged one was not

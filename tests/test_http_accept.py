@@ -1,7 +1,7 @@
 """An HTTP process with a request in flight leaves new connections to an idle process
 (engine/web/process.py, defer_accept_while_busy): two asyncio servers stand in for two
 processes on one listening socket over loopback; the "other process" is a thread woken by
-select() on the same socket that waits a second before its accept(), so it takes a
+select() on the same socket that waits half a second before its accept(), so it takes a
 connection only when the event loop leaves it one. The deferral is made long (5 s) where the
 other side must win, so that which side takes a connection does not depend on the load."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from conftest import HOST
 from stowage.engine.web.process import defer_accept_while_busy
 
 
-_LAG = 1.0
+_LAG = 0.5
 
 
 class _Counted(asyncio.Protocol):
