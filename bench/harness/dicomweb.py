@@ -36,6 +36,7 @@ from pathlib import Path
 
 from stowage.bench.command import CorpusSpec
 from stowage.bench.dicomweb import WebTarget, run_stow, run_wado, series_of
+from stowage.bench.harness.dicomweb_lean import run_lean
 from stowage.bench.harness.orthanc import Orthanc
 from stowage.bench.loadgen import Target, load_corpus, run
 from stowage.bench.procs import TreeMonitor, find_dcmtk, free_port, serve_stowage, stop_tree
@@ -81,6 +82,13 @@ def _measure(target: WebTarget, pid: int, corpora: list, k: int, batch: int, dat
         if cold:
             evict(data)
         rows.append(_row(label, run_wado(target, corpora[0], 1, what, pid), series))
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    # The same warm retrieve by the lean client (http.client's read() costs the client up to
+    # 1.7 ms/MB, more than the server: bench/harness/dicomweb_lean.py), alone and two at once.
+    listed, nbytes = series_of(corpora[0]), sum(it.length for it in corpora[0])
+    for clients in (1, 2):
+        label = "WADO-RS retrieve (warm, lean)" + (f" x{clients}" if clients > 1 else "")
+        rows.append(_row(label, run_lean(target, listed, clients, nbytes, pid), series * clients))
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
