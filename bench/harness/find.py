@@ -45,6 +45,7 @@ from stowage.bench.harness import query_corpus as qc
 from stowage.bench.harness.find_client import FindClient
 from stowage.bench.harness.orthanc import Orthanc, executable
 from stowage.bench.procs import echo, find_dcmtk, free_port, tail
+from stowage.engine.runtime.stop_process import stop_process
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 REPO = Path(__file__).resolve().parents[2]
@@ -194,13 +195,7 @@ def _wait(ready: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    stop_process(proc, 60, kill_wait=10)
 
 
 def store_files(port: int, aet: str, files: list[Path], associations: int = 4) -> float:

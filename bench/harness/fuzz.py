@@ -48,6 +48,7 @@ from pynetdicom.transport import AddressInformation
 from stowage.bench.harness import damage, fuzz_http
 from stowage.bench.harness.mutation import mutate
 from stowage.bench.procs import free_port
+from stowage.engine.runtime.stop_process import stop_process
 
 HOST = "127.0.0.1"
 VERIFICATION, CT_STORAGE = "1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.2"
@@ -506,12 +507,7 @@ class Archive:
             return rsp[:1] == b"\x04" and _status(rsp) == "0x0000"
 
     def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        return stop_process(self.proc, 60, kill_wait=10)
 
 
 def _import_batch(archive: Archive, folder: Path, good: Path, report: Report) -> None:

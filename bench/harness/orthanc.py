@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stowage.bench.procs import free_port, tail
+from stowage.engine.runtime.stop_process import stop_process
 
 EXE = "/usr/sbin/Orthanc"
 Modalities = dict[str, tuple[str, str, int]]  # name -> (AE title, host, port)
@@ -119,10 +120,4 @@ class Orthanc:
 
     def stop(self, timeout: float = 20.0) -> None:
         """Terminate it by PID, kill it if it has not exited after ``timeout`` seconds."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, timeout, kill_wait=10)

@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.stop_process import stop_process
 
 log = logging.getLogger("stowage.forward")
 
@@ -123,13 +124,7 @@ class SendingProcess:
             self.conn.close()
             self.conn = None
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            stop_process(self.proc, timeout)
             self.proc = None
 
 

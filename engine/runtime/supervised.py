@@ -19,6 +19,7 @@ from typing import IO, Callable
 
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import setup_logging
+from stowage.engine.runtime.stop_process import stop_process
 
 log = logging.getLogger("stowage.acceptor")
 
@@ -56,12 +57,7 @@ class SupervisedProcess:
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout)
         self.proc = None
 
 
