@@ -20,9 +20,10 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless
 
-from conftest import HOST, MR, copies, dataset_bytes, dcmtk, echo_ok, export_all, free_port, series_instances, \
+from conftest import HOST, MR, copies, dataset_bytes, dcmtk, export_all, free_port, series_instances, \
     wait_for
 from stowage.engine.runtime import config as cfg
+from test_send import StoreSCP, scps  # noqa: F401  (scps: fixture)
 
 
 def stowage(*args: str) -> subprocess.CompletedProcess:
@@ -46,36 +47,6 @@ def send_as_is(port: int, path: Path) -> None:
     status = assoc.send_c_store(ds)
     assoc.release()
     assert status.Status == 0x0000
-
-
-class StoreSCP:
-    """DCMTK storescp on a port of the test's choosing, writing what it receives."""
-
-    def __init__(self, out: Path, port: int, aet: str) -> None:
-        self.out = out
-        out.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([dcmtk("storescp"), "+B", "-aet", aet, "-od", str(out), str(port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: echo_ok(port, aet=aet, timeout=1.0), 20, "storescp did not start")
-
-    def received(self) -> set[str]:
-        return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.out.iterdir()}
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-@pytest.fixture
-def scps():
-    started: list[StoreSCP] = []
-
-    def make(out: Path, port: int, aet: str) -> StoreSCP:
-        started.append(StoreSCP(out, port, aet))
-        return started[-1]
-    yield make
-    for s in started:
-        s.stop()
 
 
 def write_config(path: Path, remotes: dict[str, int], rules: str) -> Path:
@@ -123,7 +94,7 @@ def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp
     and once DEST is up it gets every CT, byte for byte as stored, but the one deleted meanwhile. OTHER (storescp accepts
     uncompressed syntaxes only) gets the RLE MR converted, its pixels the same."""
     dest_port, other_port, metrics_port = free_port(), free_port(), free_port()
-    other = scps(tmp_path / "other", other_port, "OTHER")
+    other = scps(tmp_path / "other", aet="OTHER", port=other_port)
     conf = write_config(tmp_path / "forward.toml", {"DEST": dest_port, "OTHER": other_port},
                         '[[forward]]\nname = "ct"\nto = "DEST"\nmatch = "Modality=CT"\n'
                         '[[forward]]\nname = "mr"\nto = "OTHER"\nmodality = "MR"\ncalled_ae = "STOWAGE"\n')
@@ -138,7 +109,7 @@ def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp
 
     server = make_server("--workers", "1", "--config", str(conf), "--metrics-port", str(metrics_port),
                          data_dir=server.data_dir, port=server.port)
-    wait_for(lambda: other.received() == uids(mrs), 60, lambda: f"OTHER did not get the MR:\n{server.log()}")
+    wait_for(lambda: other.received().keys() == uids(mrs), 60, lambda: f"OTHER did not get the MR:\n{server.log()}")
     counts = wait_for(lambda: (c := queue_counts(server.data_dir)).get("DEST", [0])[0] == 5 and c, 30,
                       "DEST's entries are not pending")
     assert counts["OTHER"] == [0, 4, 0, 0], counts
@@ -147,9 +118,9 @@ def test_down_destination_kill_9_and_restart_lose_nothing(make_server, scps, tmp
     r = stowage("delete", "--data-dir", str(server.data_dir), "--instance", *uids([deleted]), "--yes")
     assert r.returncode == 0, r.stderr
 
-    dest = scps(tmp_path / "dest", dest_port, "DEST")
-    wait_for(lambda: dest.received() == uids(cts), 60, lambda: f"DEST did not get every CT:\n{server.log()}")
-    assert other.received() == uids(mrs)  # no CT went to OTHER
+    dest = scps(tmp_path / "dest", aet="DEST", port=dest_port)
+    wait_for(lambda: dest.received().keys() == uids(cts), 60, lambda: f"DEST did not get every CT:\n{server.log()}")
+    assert other.received().keys() == uids(mrs)  # no CT went to OTHER
     r = export_all(server.data_dir, tmp_path / "export")
     assert r.returncode == 0, r.stderr
     stored = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p)
@@ -312,8 +283,8 @@ def test_series_and_study_go_out_after_their_quiet_time(make_server, scps, tmp_p
     import time
     quiet = 3.0
     series_port, study_port = free_port(), free_port()
-    series_dest = scps(tmp_path / "series", series_port, "SERIES")
-    study_dest = scps(tmp_path / "study", study_port, "STUDY")
+    series_dest = scps(tmp_path / "series", aet="SERIES", port=series_port)
+    study_dest = scps(tmp_path / "study", aet="STUDY", port=study_port)
     conf = write_config(tmp_path / "f.toml", {"SERIES": series_port, "STUDY": study_port},
                         f'[[forward]]\nname = "s"\nto = "SERIES"\nlevel = "series"\nquiet = {quiet}\n'
                         f'[[forward]]\nname = "t"\nto = "STUDY"\nlevel = "study"\nquiet = {quiet}\n')
@@ -335,7 +306,7 @@ def test_series_and_study_go_out_after_their_quiet_time(make_server, scps, tmp_p
 
     def quiet_since(files: list[Path]) -> float:
         return max(sent_at[u] for u in uids(files)) + quiet
-    wait_for(lambda: series_dest.received() == uids(one + two) and study_dest.received() == uids(one + two), 60,
+    wait_for(lambda: series_dest.received().keys() == uids(one + two) and study_dest.received().keys() == uids(one + two), 60,
              lambda: f"the series and the study were not forwarded:\n{server.log()}")
     for uid, at in written(series_dest).items():
         assert at >= quiet_since(one if uid in uids(one) else two), "a series went out before it was quiet"
@@ -343,8 +314,8 @@ def test_series_and_study_go_out_after_their_quiet_time(make_server, scps, tmp_p
 
     sent_at[str(pydicom.dcmread(late, stop_before_pixels=True).SOPInstanceUID)] = time.time()
     storescu(server.port, [late])
-    wait_for(lambda: series_dest.received() == uids(one + two + [late]) and
-             study_dest.received() == uids(one + two + [late]), 60, lambda: f"the late instance:\n{server.log()}")
+    wait_for(lambda: series_dest.received().keys() == uids(one + two + [late]) and
+             study_dest.received().keys() == uids(one + two + [late]), 60, lambda: f"the late instance:\n{server.log()}")
     (late_uid,) = uids([late])
     assert written(series_dest)[late_uid] >= quiet_since([late])
     assert written(study_dest)[late_uid] >= quiet_since([late])

@@ -67,8 +67,9 @@ def as_implicit(src: Path, out: Path, n: int, tag: str) -> list[Path]:
 class StoreSCP:
     """DCMTK storescp writing what it receives, bit-preserving, into a directory."""
 
-    def __init__(self, out: Path, *options: str, aet: str = "DEST") -> None:
-        self.out, self.port, self.aet = out, free_port(), aet
+    def __init__(self, out: Path, *options: str, aet: str = "DEST", port: int | None = None) -> None:
+        """`port`: one chosen beforehand (a destination configured before it comes up)."""
+        self.out, self.port, self.aet = out, port or free_port(), aet
         out.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([dcmtk("storescp"), "+B", "-aet", aet, "-od", str(out), *options,
                                       str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,8 +90,8 @@ class StoreSCP:
 def scps():
     started: list[StoreSCP] = []
 
-    def make(out: Path, *options: str, aet: str = "DEST") -> StoreSCP:
-        s = StoreSCP(out, *options, aet=aet)
+    def make(out: Path, *options: str, aet: str = "DEST", port: int | None = None) -> StoreSCP:
+        s = StoreSCP(out, *options, aet=aet, port=port)
         started.append(s)
         return s
 
