@@ -107,8 +107,11 @@ def test_an_ae_whose_reports_cannot_be_delivered_gets_no_more_than_its_share(mak
     assert status.Status == REFUSED, status
     assert status.ErrorComment == "AE MODALITY has 3 commitment requests not yet reported"
     assert len(pending_files(server.data_dir)) == 3, "the refused request was queued"
-    status, _assoc = other.request(server.port, references(2), release=True)
+    status, assoc = other.request(server.port, references(2), release=True)
     assert status.Status == 0x0000, "another AE was refused because of MODALITY's backlog"
+    # Its report, judged at once (the catalog open), was tried on this association as it was
+    # being released: the release is answered, not left to time out (30 s) and abort.
+    assert assoc.is_released and not assoc.is_aborted, "OTHER's A-RELEASE-RQ was not answered"
     report = other.report(30)  # none stored: both fail, but OTHER was served to the end
     assert report.event_type == 2 and len(report.failed()) == 2
     # (OTHER's own pending file may already be gone: its report was delivered.)
