@@ -24,6 +24,7 @@ from aiohttp import web
 
 from stowage.catalog.reader import Catalog
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.malloc import keep_large_buffers_in_heap
 from stowage.engine.store.archive import Archive
 from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import Slot, claim_slot
@@ -69,6 +70,9 @@ class WebStore:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.data_dir = config.data_dir
+        # STOW-RS parts, their shuffled copies and zstd frames are CT-sized: from the heap,
+        # reused, rather than fresh mmaps faulted in page by page (as in DIMSE workers)
+        keep_large_buffers_in_heap()
         sweep_spool(config.data_dir)
         self.segments = config.data_dir / "segments"
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
