@@ -26,8 +26,10 @@ def web(tmp_path_factory):
     cfg = tmp_path_factory.mktemp("cfg") / "web.toml"
     metrics_port = free_port()
     # spill_threshold 20 kB: every CT part is spooled to disk here (tests/test_dicomweb_orthanc.py's stay in memory)
+    # metadata_stable_seconds 0: the series metadata kept on disk is made by requests alone here
+    # (test_series_metadata_kept_on_disk_never_goes_stale counts the files a request writes)
     cfg.write_text(f"network_timeout = 3\nhttp_delete = true\nmetrics_port = {metrics_port}\n"
-                   "spill_threshold = 20000\n")
+                   "spill_threshold = 20000\nmetadata_stable_seconds = 0\n")
     w = start(tmp_path_factory.mktemp("stow"), "--config", str(cfg), corpus=False)
     w.metrics_port = metrics_port
     yield w

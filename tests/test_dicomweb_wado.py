@@ -17,7 +17,7 @@ from requests import HTTPError
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from conftest import CT, HOST, dataset_bytes
+from conftest import CT, HOST, dataset_bytes, wait_for
 from stowage.bench.harness.dicomweb_lean import ACCEPT, read_parts
 from stowage.engine.store.segment import iter_records
 from web_server import c_store, parts, start
@@ -27,7 +27,10 @@ JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
-    w = start(tmp_path_factory.mktemp("wado"))
+    # series metadata made ahead 1 s after a series goes quiet (engine/web/stable_series.py)
+    cfg = tmp_path_factory.mktemp("cfg") / "wado.toml"
+    cfg.write_text("metadata_stable_seconds = 1\n")
+    w = start(tmp_path_factory.mktemp("wado"), "--config", str(cfg))
     yield w
     w.server.stop()
 
@@ -185,6 +188,49 @@ def test_metadata_holds_every_attribute(web):
     r = requests.get(f"{web.base}/studies/{tail.StudyInstanceUID}/series/{tail.SeriesInstanceUID}/instances/"
                      f"{tail.SOPInstanceUID}/bulkdata/7FE00010.x")
     assert r.status_code == 400 and "eight hex digits" in r.text
+
+
+def _slices(tmp, n: int, study: str, series: str, first: int = 1) -> list:
+    ds = pydicom.dcmread(CT)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    paths = []
+    for i in range(first, first + n):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i
+        paths.append(tmp / f"{ds.SOPInstanceUID}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def test_series_metadata_is_made_once_the_series_is_stable(web, tmp_path):
+    """A series that has received nothing for metadata_stable_seconds has its metadata made
+    with no request (engine/web/stable_series.py): the kept file appears by itself, the first
+    request is answered from it (not made again), and is what the stored slices say; a slice
+    that joins later gets the series made anew, again with no request."""
+    import zstandard
+    from stowage.engine.store.series_cache import _name
+    study, series = generate_uid(), generate_uid()
+    first = _slices(tmp_path, 3, study, series)
+    c_store(web.server.port, first)
+    kept = web.server.data_dir / "cache" / "series-metadata" / _name(series)
+    wait_for(kept.exists, 60, "the stable series' metadata made ahead of any request")
+    made = kept.stat().st_ino
+    meta = web.client().retrieve_series_metadata(study, series)
+    assert kept.stat().st_ino == made  # answered from the file made ahead, not made again
+    assert [m["00080018"]["Value"][0] for m in meta] == [pydicom.dcmread(p).SOPInstanceUID for p in first]
+    for path, m in zip(first, meta):
+        original = pydicom.dcmread(path)
+        want = original.to_json_dict(1024, lambda e: "bulk", suppress_invalid_tags=True)
+        for key, value in want.items():
+            if not key.endswith("0000") and key not in ("00080005", "FFFCFFFC"):
+                assert _normal(m[key]) == _normal(value), key
+        assert m["7FE00010"]["BulkDataURI"].startswith(f"{web.base}/studies/{study}/series/{series}/instances/")
+    joined = _slices(tmp_path, 1, study, series, first=4)
+    c_store(web.server.port, joined)
+    wait_for(lambda: kept.stat().st_ino != made, 60, "the series made anew once stable again")
+    body = kept.read_bytes().split(b"\n", 1)[1]
+    assert pydicom.dcmread(joined[0]).SOPInstanceUID.encode() in zstandard.ZstdDecompressor().decompress(body)
+    assert len(web.client().retrieve_series_metadata(study, series)) == 4
 
 
 def test_frames_as_stored_and_decoded(web):

@@ -141,6 +141,10 @@ class Config:
     http_cors_origins: tuple[str, ...] = ()  # browser origins allowed to call it ("*": any)
     http_delete: bool = False              # DELETE of studies, series, instances over DICOMweb
     qido_max_limit: int = 1000             # QIDO-RS answers at most this many matches per request
+    # A series' WADO-RS metadata is made ahead of any request once the series has received
+    # nothing for this many seconds and the machine has a core to spare (engine/web/stable_series.py);
+    # 0: only when first asked for.
+    metadata_stable_seconds: float = 10.0
     # Bearer tokens: name -> {token, scopes = ["read", "write"]}; none: loopback clients only.
     http_tokens: Mapping[str, Token] = field(default_factory=dict)
     viewer_dir: str = ""                   # the OHIF viewer `stowage viewer install` puts there ("": <data_dir>/viewer)
@@ -255,6 +259,8 @@ class Config:
             raise ConfigError("http_tls is set: tls_cert and tls_key (PEM files) are needed as well")
         if self.http_processes < 0 or not 1 <= self.qido_max_limit <= 100000:
             raise ConfigError("http_processes must be >= 0 and qido_max_limit 1-100000")
+        if not 0 <= self.metadata_stable_seconds <= 86400:
+            raise ConfigError("metadata_stable_seconds must be in [0, 86400] (0: off)")
         for key in ("unknown_ae_services", "unknown_ae_loopback_services"):
             _check_services(key, getattr(self, key))
         for network in self.proxy_protocol_from:

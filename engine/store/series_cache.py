@@ -88,6 +88,16 @@ class SeriesCache:
             pass
         return data
 
+    def current(self, series: str, fp: bytes) -> bool:
+        """Whether the kept file was made from exactly the instances `fp` names (its first
+        line read, not the whole file)."""
+        try:
+            with open(self.folder / _name(series), "rb") as f:
+                head = f.readline(len(_MAGIC) + len(fp) + 2)
+        except OSError:
+            return False
+        return head.rstrip(b"\n") == _MAGIC + fp
+
     def holds(self, series: str) -> bool:
         """Whether a file for the series is there (current or not: get() decides)."""
         return (self.folder / _name(series)).exists()

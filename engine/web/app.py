@@ -17,7 +17,8 @@ import logging
 from aiohttp import web
 
 from stowage.engine.runtime.config import Config
-from stowage.engine.web import access, dashboard, delete_rs, errors, health, qido, rendered, stow, wado, wado_uri
+from stowage.engine.web import (access, dashboard, delete_rs, errors, health, qido, rendered, stable_series, stow, wado,
+                                wado_uri)
 from stowage.engine.web.context import CONFIG, DICOMWEB
 from stowage.engine.web.store import store_context
 
@@ -33,6 +34,7 @@ def build_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app.on_response_prepare.append(access.add_cors_headers)
     app.cleanup_ctx.append(store_context(config))
+    app.cleanup_ctx.append(stable_series.context(config))  # series metadata made once a series is stable
     app.add_routes(qido.routes(DICOMWEB))
     app.add_routes(wado.routes(DICOMWEB))
     app.add_routes(rendered.routes(DICOMWEB))

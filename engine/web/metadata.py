@@ -27,6 +27,7 @@ from pydicom.uid import (
     EncapsulatedSTLStorage,
 )
 
+from stowage.catalog import tombstones
 from stowage.engine.web.dicom_json import dumps, resource_url
 from stowage.engine.web.fast_json import BULK_THRESHOLD, dataset_json
 from stowage.engine.web.header_json import header_json
@@ -234,6 +235,23 @@ def _with_base(array: bytes, base: str) -> bytes:
     return array.replace(_BASE, base.encode())  # base_url() is ASCII, nothing in it to escape in JSON
 
 
+def deletions_stamp(store) -> tuple | None:
+    """The tombstone log's stamp: taken before a series' instances are looked up, it tells
+    whether a delete or a rejection may have come between the lookup and the keeping."""
+    return tombstones.stamp_of(store.lookups.tombstones_dir)
+
+
+def made_series(store, study: str, series: str, members: list[Instance], stamp: tuple | None) -> bytes:
+    """The series' metadata array (BASE for the base URL) made from `members` (looked up
+    with their headers after `stamp` was taken), and kept on disk: unless the series was
+    deleted meanwhile, so that no deleted patient's data stays behind in the cache."""
+    array = _array(store, members)
+    store.series_cache.put(series, fingerprint(members), array)
+    if deletions_stamp(store) != stamp and not find(store.lookups, study, series):
+        store.series_cache.forget([series])
+    return array
+
+
 def resource_metadata(store, study: str, series: str | None, instance: str | None, base: str) -> bytes | None:
     """The metadata of a study, a series or an instance (None: the archive holds none of
     it). Of a study or series, each series' array comes from the on-disk series cache when
@@ -244,6 +262,7 @@ def resource_metadata(store, study: str, series: str | None, instance: str | Non
     # A series asked for the first time has no file kept: its headers come with the lookup
     # (one catalog query, not a lookup and then the headers).
     headed = series is not None and not store.series_cache.holds(series)
+    stamp = deletions_stamp(store)
     found = find(store.lookups, study, series, with_header=headed)
     if not found:
         store.series_cache.forget([series] if series else [])
@@ -256,9 +275,9 @@ def resource_metadata(store, study: str, series: str | None, instance: str | Non
         array = None if headed else store.series_cache.get(uid, fingerprint(members))
         if array is None:
             if not headed:
+                stamp = deletions_stamp(store)
                 members = find(store.lookups, study, uid, with_header=True)  # the headers, only now
-            array = _array(store, members)
-            store.series_cache.put(uid, fingerprint(members), array)
+            array = made_series(store, study, uid, members, stamp)
         if len(array) > 2:
             arrays.append(array[1:-1])
     return _with_base(b"[" + b",".join(arrays) + b"]", base)
