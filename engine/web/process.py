@@ -1,9 +1,10 @@
 """One HTTP process of `stowage serve`: serves the application of app.py on the listening
 socket it inherited from the acceptor (every process accepts on the same socket, so the
-kernel spreads connections over them and every core is used). A process with a request in
-flight lets an idle one take a new connection first (defer_accept_while_busy): left to the
-kernel, two concurrent WADO-RS retrieves landed on one process in 3 rounds out of 4 while
-the other sat idle (docs/benchmarks.md, DICOMweb).
+kernel spreads connections over them and every core is used). It accepts them with its own
+loop (engine/web/accept.py): one connection per wake-up, and a process with a request in
+flight lets an idle one take a new connection first; left to the kernel and asyncio, two
+concurrent WADO-RS retrieves landed on one process in 3 rounds out of 4 while the other sat
+idle (docs/benchmarks.md, DICOMweb).
 
 It stops on SIGTERM (from the acceptor's drain: requests in flight finish) and when the
 acceptor dies (PR_SET_PDEATHSIG), never on SIGINT: the acceptor decides when we stop.
@@ -31,6 +32,7 @@ from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.runtime.tls import http_context
+from stowage.engine.web.accept import AcceptSite
 from stowage.engine.web.app import build_app
 from stowage.engine.iceberg.node_segments import read_other_nodes
 from stowage.engine.storage.remote import read_from_bucket
@@ -84,47 +86,6 @@ def in_flight(tasks: set[asyncio.Task]) -> Callable:
     return track
 
 
-_ACCEPT_DEFERRAL_S = 0.01  # long enough for an idle process to be scheduled on a loaded machine
-_JUST_ACCEPTED_S = 0.05  # a connection accepted this recently counts as a request about to come
-
-
-def defer_accept_while_busy(loop: asyncio.AbstractEventLoop, sock: socket.socket, busy: Callable[[], bool],
-                            delay: float = _ACCEPT_DEFERRAL_S) -> bool:
-    """Wrap asyncio's accept callback on the listening socket: one connection accepted per
-    wake-up (asyncio takes up to its backlog at once, so one process took two clients
-    connecting together), and while `busy()` or just after an accept, a connection waiting
-    is left `delay` seconds for another process (every process is woken for it), then
-    accepted here if it is still there. False, and nothing changed, when the loop is not the
-    selector loop this reaches into (asyncio keeps the callback private)."""
-    fd = sock.fileno()
-    try:
-        handle = loop._selector.get_key(fd).data[0]  # type: ignore[attr-defined]
-        accept, args = handle._callback, handle._args
-        if args[1] is not sock or not isinstance(args[4], int):  # (factory, sock, ssl, server, backlog, ...)
-            return False
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
-        return False
-    args = (*args[:4], 1, *args[5:])
-    deferred, last = False, -1.0
-
-    def ready() -> None:
-        nonlocal deferred, last
-        if not deferred and (busy() or loop.time() - last < _JUST_ACCEPTED_S):
-            deferred = True
-            loop.remove_reader(fd)
-            loop.call_later(delay, rearm)
-            return
-        deferred, last = False, loop.time()
-        accept(*args)
-
-    def rearm() -> None:
-        if sock.fileno() == fd:  # not closed by the site's stop meanwhile
-            loop.add_reader(fd, ready)
-
-    loop.add_reader(fd, ready)
-    return True
-
-
 async def shut_down(runner: web.AppRunner, site: web.BaseSite, tasks: set[asyncio.Task], timeout: float) -> None:
     """Stop accepting, let the requests in flight finish (at most `timeout`, then cancel them),
     and only then clean up. aiohttp's own wait for a request in flight (its shutdown_timeout)
@@ -170,12 +131,10 @@ async def _serve(config: Config, sock: socket.socket, index: int, control: socke
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=http_context(config), shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+    site = AcceptSite(runner, sock, lambda: bool(tasks), ssl_context=http_context(config))
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    if not defer_accept_while_busy(loop, sock, lambda: bool(tasks)):
-        log.warning("http process %d: cannot defer accepting while busy (not asyncio's selector loop)", index)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     _trace_memory(loop)
     threading.Thread(target=_report, args=(control, lambda: loop.call_soon_threadsafe(stop.set)),
