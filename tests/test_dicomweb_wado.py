@@ -208,11 +208,11 @@ def test_series_metadata_is_made_once_the_series_is_stable(web, tmp_path):
     request is answered from it (not made again), and is what the stored slices say; a slice
     that joins later gets the series made anew, again with no request."""
     import zstandard
-    from stowage.engine.store.series_cache import _name
+    from stowage.engine.store.series_cache import SeriesCache
     study, series = generate_uid(), generate_uid()
     first = _slices(tmp_path, 3, study, series)
     c_store(web.server.port, first)
-    kept = web.server.data_dir / "cache" / "series-metadata" / _name(series)
+    kept = SeriesCache(web.server.data_dir).path(series)
     wait_for(kept.exists, 60, "the stable series' metadata made ahead of any request")
     made = kept.stat().st_ino
     meta = web.client().retrieve_series_metadata(study, series)

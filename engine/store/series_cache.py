@@ -88,6 +88,10 @@ class SeriesCache:
             pass
         return data
 
+    def path(self, series: str) -> Path:
+        """The file that keeps the series' metadata."""
+        return self.folder / _name(series)
+
     def current(self, series: str, fp: bytes) -> bool:
         """Whether the kept file was made from exactly the instances `fp` names (its first
         line read, not the whole file)."""
