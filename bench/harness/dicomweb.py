@@ -88,11 +88,14 @@ def _measure(target: WebTarget, pid: int, corpora: list, k: int, batch: int, dat
             evict(data)
         rows.append(_row(label, run_wado(target, corpora[0], 1, what, pid), series))
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-    # The same warm retrieve by the lean client (http.client's read() costs the client up to
-    # 1.7 ms/MB, more than the server: bench/harness/dicomweb_lean.py), alone and two at once.
+    # The same retrieves by the lean client (http.client's read() costs the client up to 1.7
+    # ms/MB on Orthanc's chunked answer, more than the server: bench/harness/dicomweb_lean.py):
+    # cold, then warm alone and two at once.
     listed, nbytes = series_of(corpora[0]), sum(it.length for it in corpora[0])
-    for clients in (1, 2):
-        label = "WADO-RS retrieve (warm, lean)" + (f" x{clients}" if clients > 1 else "")
+    for clients, cold in ((1, True), (1, False), (2, False)):
+        label = f"WADO-RS retrieve ({'cold' if cold else 'warm'}, lean)" + (f" x{clients}" if clients > 1 else "")
+        if cold:
+            evict(data)
         rows.append(_row(label, run_lean(target, listed, clients, nbytes, pid), series * clients))
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     # The last run's series, asked for the first time once it has been stable a while: stowage
