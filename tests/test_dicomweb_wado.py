@@ -435,3 +435,37 @@ def test_a_record_damaged_on_disk_is_not_sent(web, tmp_path):
     partial = cut.value.partial
     assert dataset_bytes(files[0]) in partial  # the sound instance before it was sent
     assert b"\xde\xad\xbe\xef" not in partial  # the damaged one was not
+
+
+def test_a_busy_machine_makes_only_the_overdue_series_one_a_look(web, tmp_path):
+    """engine/web/stable_series.py's CPU policy, on the server's catalog (its own cache folder
+    here, so the server's maker does not interfere): while other processes keep the CPUs
+    busy, a series stable for less than OVERDUE times the stable age waits, and of the
+    overdue ones only the oldest is made per look; an idle machine makes every stable one."""
+    import time
+    from stowage.engine.runtime.config import Config
+    from stowage.engine.store.series_cache import SeriesCache
+    from stowage.engine.web import stable_series
+    from stowage.engine.web.store import WebStore
+    store = WebStore(Config.from_dict({"data_dir": str(web.server.data_dir)}))
+    try:
+        store.series_cache = SeriesCache(tmp_path)
+        busy = [1.0]
+        maker = stable_series.StableSeries(store, 1.0, busy=lambda: busy[0])
+        study = _ct_study(web)
+        series = list(web.corpus.studies[study])  # two series
+        now_us = int(time.time() * 1e6)
+        stable, overdue = now_us - 2_000_000, now_us - (stable_series.OVERDUE + 2) * 1_000_000
+        maker.pending = {series[0]: (study, stable)}
+        assert maker.make_due() == 0 and series[0] in maker.pending  # stable, not overdue, machine busy
+        maker.pending = {series[0]: (study, overdue), series[1]: (study, overdue - 1)}
+        assert maker.make_due() == 1  # overdue: the oldest alone
+        assert store.series_cache.path(series[1]).exists() and not store.series_cache.path(series[0]).exists()
+        assert list(maker.pending) == [series[0]]
+        busy[0] = 0.0
+        maker.pending[series[0]] = (study, stable)
+        assert maker.make_due() == 1 and store.series_cache.path(series[0]).exists()  # idle: made
+        maker.pending = {series[0]: (study, stable)}
+        assert maker.make_due() == 0  # its file is current: not made again
+    finally:
+        store.close()
