@@ -64,6 +64,27 @@ The patches, why each exists, and what to re-check on upgrade:
    association (A-ABORT, source service user) before the fragment is kept, and
    `on_command_limit(peer)` is told. Re-check: `DIMSEMessage.decode_msg` (the command
    buffer, `encoded_command_set`) and that `self.message` is None between messages.
+10. Sends give way to a release (in 1's loops: `_do_action`, `_give_way` and the release
+   branch of the association loop). Every pynetdicom `send_*()` pauses the association's
+   reactor (`_reactor_checkpoint`) until its response comes. A peer that asks to release
+   meanwhile has sent its A-RELEASE-RQ and may send no more P-DATA (PS3.8 Sta7): that
+   response can never come, and pynetdicom left the release unanswered until its DIMSE
+   timeout, then aborted; the peer's own release timed out first (30 s for pynetdicom) and
+   it aborted too. A Storage Commitment requester releasing right after the N-ACTION-RSP,
+   the common case, met this whenever its report was on its way as it released. Here the DUL
+   thread, as it hands the A-RELEASE indication up (Sta6 + Evt12, AR-2), lets a reactor
+   that a send_*() paused go on; the reactor answers the release (A-RELEASE-RP), marks the
+   association released, then ends any wait for a response on it with "no response" (the
+   `(None, None)` that pynetdicom's AA-2/3/4 queue when the peer aborts or the connection
+   drops, so an abort already ends the wait). The send returns its empty status, with no
+   A-ABORT (the association is no longer established); its caller goes on as after a
+   DIMSE timeout (workers/commitment.py: a new association). Not while our own release()
+   holds the reactor (a release collision stays pynetdicom's), and not for a send made in
+   a handler on the association's own thread: the reactor that would answer is the one
+   waiting (the DIMSE timeout, then A-ABORT, as before). Re-check: that every send_*()
+   waits in `dimse.get_msg(block=True)` between `_reactor_checkpoint.clear()` and `.set()`,
+   that only send_*() and release() clear it, `_handle_no_response`,
+   `Association._sent_release` (set by `acse.send_release`), and fsm AR-2.
 """
 from __future__ import annotations
 
@@ -117,7 +138,7 @@ _on_command_limit: Callable[[str], None] | None = None
 
 def install(*, dataset_buffer: type[io.BytesIO] | None = None, retrieve_scp: RetrieveScp | None = None,
             max_command_bytes: int = 0, on_command_limit: Callable[[str], None] | None = None) -> None:
-    """Apply patches 1-4 and 8 (this process; idempotent), and 6 / 5 when given
+    """Apply patches 1-4, 8 and 10 (this process; idempotent), and 6 / 5 when given
     `dataset_buffer` (the class pynetdicom collects received datasets in) or
     `retrieve_scp` (called as `retrieve_scp(service, request, context, C_MOVE or C_GET)`),
     9 when given `max_command_bytes` (`on_command_limit(peer)` is called on each abort).
@@ -289,13 +310,28 @@ def _do_action(dul: DULServiceProvider, event: str) -> None:
     primitive (Evt7, Evt14) arriving after a bad peer already put the association in
     Sta13, awaiting the close. The association is aborted, as the thread's end did before,
     with one log line where it was not closing already (the association's own line says
-    it was aborted)."""
+    it was aborted). After the peer's A-RELEASE-RQ has been handed up, a send_*() waiting
+    on the association gives way (10)."""
+    releasing = event == "Evt12" and dul.state_machine.current_state == "Sta6"  # AR-2: the peer releases
     try:
         dul.state_machine.do_action(event)
     except InvalidEventError as exc:
         closing = dul.state_machine.current_state == "Sta13"
         log.log(logging.DEBUG if closing else logging.WARNING, "aborting the association: %s", exc)
         _abort(dul)
+        return
+    if releasing:
+        _give_way(dul.assoc)
+
+
+def _give_way(assoc: Association) -> None:
+    """10: the peer asked to release (its A-RELEASE indication is queued for the reactor).
+    If a send_*() holds the reactor paused, waiting for a response the peer may no longer
+    send (PS3.8 Sta7), let the reactor go on: it answers the release, then ends that wait
+    (the release branch of `_assoc_run_reactor`). A paused reactor looks at nothing: this
+    is the only thing that lets it go on."""
+    if not assoc._reactor_checkpoint.is_set() and not assoc._sent_release:  # not our own release()
+        assoc._reactor_checkpoint.set()
 
 
 def _abort(dul: DULServiceProvider, pdu: bytes | None = None) -> None:
@@ -345,6 +381,9 @@ def _assoc_run_reactor(self: Association) -> None:
             self.acse.send_release(is_response=True)
             self.is_released = True
             self.is_established = False
+            # 10: a send_*() waiting for a response (or about to) gets "no response" now, not
+            # at its DIMSE timeout; no longer established, it does not abort.
+            self.dimse.msg_queue.put((None, None))
             evt.trigger(self, evt.EVT_RELEASED, {})
             self.kill()
             return

@@ -17,7 +17,10 @@ Limits (issue #25), each refused with REFUSED_BY_LIMIT before anything is queued
     cannot make the archive retry an unbounded number of them for 7 days.
 Reports never precede the N-ACTION-RSP: the delivery thread waits until pynetdicom has
 sent it (EVT_DIMSE_SENT), and a report on the same association goes through the
-association's reactor, which queues it behind the response.
+association's reactor, which queues it behind the response. A requester that releases
+its association while its report waits there for the N-EVENT-REPORT-RSP (PS3.8 Sta7: it
+may send none) has its release answered at once and the report ends with no response
+(protocol/pynetdicom_patches.py, patch 10); the report then goes on a new association.
 
 After a crash or restart, whichever worker first finds a pending report no process
 holds a lock on adopts and delivers it (every worker scans every few seconds).
@@ -37,7 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.dimse_messages import N_ACTION_RSP
-from pynetdicom.pdu_primitives import A_RELEASE, SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import build_context
 
 from stowage.engine.store import commitment as sc
@@ -65,8 +68,6 @@ _SCAN_INTERVAL_S = 3.0
 _TICK_S = 0.1
 _RESPONSE_WAIT_S = 5.0
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 1.0, 300.0
-_RELEASE_POLL_S = 0.02  # how often a report on the requester's association looks for its A-RELEASE-RQ
-_RELEASE_WAIT_S = 2.0  # then how long the reactor has to answer it before the report's wait ends
 _DELIVERY_THREADS = 4
 
 
@@ -314,7 +315,7 @@ class Commitment:
         assoc = p.assoc
         p.attempts += 1
         if assoc is not None and same_ok and assoc.is_established:
-            status = self._send_same(assoc, info, p.verdict.event_type)
+            status = self._send(assoc, info, p.verdict.event_type)
             if status == SUCCESS:
                 return self._delivered(p, "same")
             log.warning("commitment report %s on the requester's association: %s", r.transaction_uid,
@@ -337,33 +338,6 @@ class Commitment:
             log.info("N-EVENT-REPORT not sent: %s", e)
             return None
         return int(rsp.Status) if "Status" in rsp else None
-
-    def _send_same(self, assoc, info: Dataset, event_type: int) -> int | None:
-        """On the requester's own association, given up at once (None: no response) if the
-        requester asks to release it meanwhile. Having sent its A-RELEASE-RQ it may send no
-        more P-DATA (PS3.8 state Sta7), so it cannot answer; a requester that releases right
-        after the N-ACTION-RSP (the common case) otherwise held its report, and its release,
-        until its release timed out and it aborted (30 s for pynetdicom). The reactor, paused
-        by send_n_event_report, is let go to answer the release (A-RELEASE-RP), then the
-        wait is ended, and the report goes on a new association."""
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.wait(_RELEASE_POLL_S):
-                primitive = assoc.dul.peek_next_pdu()  # peeked, not taken: the reactor's to answer
-                if isinstance(primitive, A_RELEASE) and primitive.result is None:
-                    assoc._reactor_checkpoint.set()  # pynetdicom's pause of its reactor (private)
-                    for _ in range(int(_RELEASE_WAIT_S / _RELEASE_POLL_S)):  # released: not aborted below
-                        if not assoc.is_established or done.wait(_RELEASE_POLL_S):
-                            break
-                    assoc.dimse.msg_queue.put((None, None))  # ends send_n_event_report's wait
-                    return
-
-        threading.Thread(target=watch, name="commitment-release-watch", daemon=True).start()
-        try:
-            return self._send(assoc, info, event_type)
-        finally:
-            done.set()
 
     def _send_new(self, peer: Peer, info: Dataset, event_type: int) -> int | None:
         ae = new_ae(self.config.aet, acse_timeout=self.config.acse_timeout,
