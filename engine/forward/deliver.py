@@ -181,6 +181,7 @@ class Destination(threading.Thread):
         self.deaths = 0  # sessions in a row whose sending process died
         self.sending = SendingProcess(config, name)
         self.projects: dict = {}  # [projects.NAME] opened for de-identifying rules, kept open
+        self.last_due = time.monotonic()  # when entries were last due (the sending process's idle time)
 
     def run(self) -> None:
         queue = Queue(self.config.data_dir)
@@ -196,6 +197,7 @@ class Destination(threading.Thread):
                 except Exception:  # e.g. the queue database busy or the disk full: try again later
                     log.exception("forwarding to %s failed; trying again", self.destination)
                     delay = self.config.forward_retry_initial
+                self._stop_idle_sender()
                 if delay:
                     self.stop.wait(delay)
         finally:
@@ -204,6 +206,15 @@ class Destination(threading.Thread):
             self.catalog.close()
             for project in self.projects.values():
                 project.close()
+
+    def _stop_idle_sender(self) -> None:
+        """Stop the sending process once nothing has been due for forward_sender_idle
+        seconds: ~120 MB resident per destination, for nothing; the next session starts
+        it again (a second or two of imports before the first entry goes)."""
+        idle = self.config.forward_sender_idle
+        if idle and self.sending.running() and time.monotonic() - self.last_due > idle:
+            self.sending.close()
+            log.info("forward: sending process for %s stopped: nothing due for %.0f s", self.destination, idle)
 
     def _project(self, name: str):
         if name not in self.projects:
@@ -253,6 +264,7 @@ class Destination(threading.Thread):
         entries = self._due(queue, window)
         if not entries:
             return 0.5
+        self.last_due = time.monotonic()
         try:
             peer = peer_of(remote)
         except PeerError as e:

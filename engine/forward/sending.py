@@ -71,9 +71,12 @@ class SendingProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def ensure(self) -> None:
         """Running: started if it is not (or died)."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.running():
             return
         self.close()
         ours, theirs = socket.socketpair()

@@ -160,6 +160,9 @@ class Config:
     forward: tuple[ForwardRule, ...] = ()
     forward_retry_initial: float = 5.0
     forward_retry_max: float = 600.0
+    # A destination's sending process (~120 MB) stops once nothing has been due for it this
+    # long, and starts again with the next entry (0: kept running while serve runs).
+    forward_sender_idle: float = 300.0
     # This node's name in a multi-node archive ("": the host name): Iceberg data files are
     # named under it, so two nodes never write the same path (docs/scale-out.md).
     node_name: str = ""
@@ -270,6 +273,8 @@ class Config:
                 raise ConfigError(f"proxy_protocol_from: {network!r} is not an IP address or network") from None
         if not 0 < self.forward_retry_initial <= self.forward_retry_max <= 86400:
             raise ConfigError("forward_retry_initial must be > 0 and <= forward_retry_max <= 86400 seconds")
+        if self.forward_sender_idle < 0:
+            raise ConfigError("forward_sender_idle must be >= 0 seconds (0: never stopped)")
         if self.node_name and not _NODE_NAME.match(self.node_name):
             raise ConfigError(f"node_name: {self.node_name!r} must be 1-64 of A-Z a-z 0-9 . _ - (it names files)")
         if (not _NODE_NAME.match(self.iceberg_namespace) or not 0 < self.iceberg_interval <= 86400
