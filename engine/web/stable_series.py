@@ -45,28 +45,29 @@ _LOCK = ".maker.lock"
 
 
 class IdleCpu:
-    """How busy the machine's CPUs were since the last look, leaving out this process's own
-    use (making metadata must not read as the machine being busy)."""
+    """How busy the machine's CPUs were between calls, leaving out the calling thread's own
+    use (making metadata must not read as the machine being busy; requests this process
+    serves meanwhile do count). Called from one thread only."""
 
     def __init__(self) -> None:
-        self._me = psutil.Process()
-        self._cpus = psutil.cpu_count() or 1
-        self._last = self._sample()
+        self._last: tuple[float, float, float] | None = None
 
-    def _sample(self) -> tuple[float, float, float]:
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
         t = psutil.cpu_times()
-        mine = self._me.cpu_times()
-        return t.idle + getattr(t, "iowait", 0.0), sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0), \
-            mine.user + mine.system
+        total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)  # guest time is in user too
+        return t.idle + getattr(t, "iowait", 0.0), total, time.thread_time()
 
     def others_busy(self) -> float:
-        """The share of all CPUs (0-1) that other processes used since the last call."""
-        idle0, total0, mine0 = self._last
-        self._last = idle1, total1, mine1 = self._sample()
-        span = total1 - total0
+        """The share of all CPUs (0-1) used by others since the last call; 1.0 at the first."""
+        now = self._sample()
+        last, self._last = self._last, now
+        if last is None:
+            return 1.0  # no span yet: taken as busy until the next call measures one
+        span = now[1] - last[1]
         if span <= 0:
             return 0.0
-        return max(0.0, (span - (idle1 - idle0) - (mine1 - mine0)) / span)
+        return max(0.0, (span - (now[0] - last[0]) - (now[2] - last[2])) / span)
 
 
 class StableSeries:
