@@ -42,11 +42,23 @@ def test_precedence_file_env_flags(tmp_path):
                                            ({"zstd_level": -8}, "zstd_level"),
                                            ({"pending_interval": -1}, "pending_interval"),
                                            ({"tls_port": 70000}, "tls_port"), ({"tls_port": 2762}, "tls_cert"),
+                                           ({"s3_retries": -1}, "s3_retries"),
                                            ({"remotes": {"X": {"host": "h", "port": 1, "associations": 0}}},
                                             "associations")])
 def test_bad_values_name_the_key(values, needle):
     with pytest.raises(ConfigError, match=needle):
         load(None, env={}, overrides=values)
+
+
+def test_s3_retries_reach_the_s3_client():
+    """s3_retries is botocore's retry count (5 by default, as before the key: 6 tries in all);
+    tests of an unreachable bucket set fewer, so as not to wait out the backoff."""
+    from stowage.engine.storage.objects import ObjectStore
+    for retries in (None, 1):
+        config = load(None, env={}, overrides={"storage": "s3://bucket/prefix", "s3_endpoint": "http://127.0.0.1:9",
+                                               "s3_retries": retries})
+        got = ObjectStore(config).client.meta.config.retries
+        assert got == {"total_max_attempts": (5 if retries is None else retries) + 1, "mode": "standard"}, got
 
 
 def test_fast_zstd_levels_and_parallel_associations_are_accepted():

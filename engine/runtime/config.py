@@ -189,6 +189,7 @@ class Config:
     s3_path_style: bool = False            # path-style addressing (most S3-compatible servers); false: virtual-hosted
     s3_part_size: int = 64 << 20           # multipart upload part size (5 MiB to 5 GiB)
     s3_read_block: int = 1 << 20           # ranged GETs read, and the read cache keeps, this many bytes at a time
+    s3_retries: int = 5                    # a failed S3 request is tried again this many times (backoff up to 20 s)
     local_cache_bytes: int = 10 << 30      # local copies of uploaded segments plus the read cache: at most this
     upload_interval: float = 2.0           # seconds between the uploader's looks for sealed segments
     # With storage set, a worker's active segment holding records is rolled (sealed) once it is
@@ -295,6 +296,8 @@ class Config:
             raise ConfigError(f"storage: {self.storage!r} is not \"\" (local disk) or s3://bucket/prefix")
         if not (5 << 20) <= self.s3_part_size <= (5 << 30) or not 4096 <= self.s3_read_block <= (1 << 30):
             raise ConfigError("s3_part_size must be 5 MiB-5 GiB and s3_read_block 4 KiB-1 GiB")
+        if not 0 <= self.s3_retries <= 20:
+            raise ConfigError(f"s3_retries: {self.s3_retries} is outside 0-20 (retries of a failed S3 request)")
         if self.segment_max_age < 0:
             raise ConfigError("segment_max_age must be >= 0 seconds (0: roll by segment_size only)")
         if self.local_cache_bytes < 0 or not 0 < self.upload_interval <= 3600:

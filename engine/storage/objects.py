@@ -77,7 +77,7 @@ class ObjectStore:
             kwargs["aws_secret_access_key"] = config.s3_secret_key
         style = {"addressing_style": "path"} if config.s3_path_style else {}
         self.client = boto3.session.Session().client(
-            "s3", config=BotoConfig(s3=style, retries={"max_attempts": 5, "mode": "standard"},
+            "s3", config=BotoConfig(s3=style, retries={"max_attempts": config.s3_retries, "mode": "standard"},
                                     max_pool_connections=16, connect_timeout=10, read_timeout=60),
             **kwargs)
         self.counters = Counters()
