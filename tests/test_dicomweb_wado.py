@@ -441,7 +441,8 @@ def test_a_busy_machine_makes_only_the_overdue_series_one_a_look(web, tmp_path):
     """engine/web/stable_series.py's CPU policy, on the server's catalog (its own cache folder
     here, so the server's maker does not interfere): while other processes keep the CPUs
     busy, a series stable for less than OVERDUE times the stable age waits, and of the
-    overdue ones only the oldest is made per look; an idle machine makes every stable one."""
+    overdue ones only the oldest is made per look; an idle machine makes every stable one,
+    but not one with compressed pixel data (its records would all be read)."""
     import time
     from stowage.engine.runtime.config import Config
     from stowage.engine.store.series_cache import SeriesCache
@@ -467,5 +468,8 @@ def test_a_busy_machine_makes_only_the_overdue_series_one_a_look(web, tmp_path):
         assert maker.make_due() == 1 and store.series_cache.path(series[0]).exists()  # idle: made
         maker.pending = {series[0]: (study, stable)}
         assert maker.make_due() == 0  # its file is current: not made again
+        j2k_study, j2k_series = _where(web, _j2k(web))  # compressed pixels: every record would be read
+        maker.pending = {j2k_series: (j2k_study, stable)}
+        assert maker.make_due() == 0 and not store.series_cache.path(j2k_series).exists()
     finally:
         store.close()

@@ -150,6 +150,16 @@ def _syntax(uid: str) -> tuple[bool, bool, bool]:
         return False, False, False
 
 
+def from_headers(members: list[Instance]) -> bool:
+    """Whether these instances' metadata can come from their stored headers without reading
+    a record (little endian, native pixels; header_is_whole decides the rest per instance)."""
+    for inst in members:
+        walkable, _implicit, encapsulated = _syntax(inst.transfer_syntax_uid)
+        if not walkable or encapsulated or not inst.header:
+            return False
+    return True
+
+
 def _member(tag: int, vr: str, key: str, value: str) -> bytes:
     """`"tag":{"vr":vr,key:value}` as dumps writes it (one string value, or Value: [it]),
     without the encoder: two of these per instance."""

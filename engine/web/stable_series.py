@@ -13,8 +13,11 @@ it runs and its series are made once it ends (those past MAX_PENDING on their fi
 request). One HTTP process does it (the one holding the lock file); should it die, another
 takes over at its next look.
 
-A series that changes after it was made (an instance more, one deleted or rejected, a
-record moved) no longer matches its file's fingerprint: the next request makes it anew, as
+Only series whose metadata comes from the catalog's stored headers are made ahead (native
+pixels, little endian: the usual CT, MR, CR); one with compressed pixel data would have
+every record read for it (from object storage, where segments were evicted), so it is made
+on its first request. A series that changes after it was made (an instance more, one
+deleted or rejected, a record moved) no longer matches its file's fingerprint: the next request makes it anew, as
 does the next look once the series is stable again."""
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from aiohttp import web
 
 from stowage.engine.runtime.config import Config
 from stowage.engine.store.series_cache import fingerprint
-from stowage.engine.web.metadata import deletions_stamp, made_series
+from stowage.engine.web.metadata import deletions_stamp, from_headers, made_series
 from stowage.engine.web.records import find
 from stowage.engine.web.store import STORE, WebStore
 
@@ -147,7 +150,8 @@ class StableSeries:
         Returns how many were made."""
         now = time.time()
         quiet_since, overdue_since = int((now - self.age) * 1e6), int((now - OVERDUE * self.age) * 1e6)
-        due = sorted((newest, series, study) for series, (study, newest) in self.pending.items() if newest <= quiet_since)
+        due = sorted((newest, series, study) for series, (study, newest) in self.pending.items()
+                     if newest <= quiet_since)
         made = 0
         for n, (newest, series, study) in enumerate(due):
             if self._stop.is_set() or (self._busy() >= IDLE_SHARE and (n > 0 or newest > overdue_since)):
@@ -161,8 +165,8 @@ class StableSeries:
         """Make one series' metadata unless its kept file is current; 1 when made."""
         stamp = deletions_stamp(self.store)
         members = find(self.store.lookups, study, series, with_header=True)
-        if not members or self.store.series_cache.current(series, fingerprint(members)):
-            return 0
+        if not members or not from_headers(members) or self.store.series_cache.current(series, fingerprint(members)):
+            return 0  # gone, its records would all be read (compressed pixels), or made already
         made_series(self.store, study, series, members, stamp)
         self.made += 1
         log.debug("series %s: metadata of %d instance(s) made ahead", series, len(members))
