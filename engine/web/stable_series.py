@@ -157,8 +157,12 @@ class StableSeries:
             if self._stop.is_set() or (self._busy() >= IDLE_SHARE and (n > 0 or newest > overdue_since)):
                 break
             del self.pending[series]
-            made += self.make(study, series)
             self.looked_at[series] = newest
+            try:
+                made += self.make(study, series)
+            except Exception as e:  # a value nothing can convert: the first request answers (or refuses) it
+                log.warning("series %s: metadata not made ahead (%s: %s); it is made on its first request",
+                            series, type(e).__name__, str(e)[:200])
         return made
 
     def make(self, study: str, series: str) -> int:
