@@ -15,11 +15,15 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from stowage.bench.loadgen import Item, RunResult, find_listener
+
+RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'  # each instance as stored
 
 
 @dataclass(frozen=True)
@@ -99,30 +103,49 @@ def _stow_share(target: WebTarget, batches: list[list[Item]], go, results) -> No
                  "latencies": latencies, "bytes": sent, "cpu": time.process_time() - cpu0})
 
 
-def _wado_share(target: WebTarget, series: list[tuple[str, str, int]], what: str, go, results) -> None:
+class BadAnswer(Exception):
+    """The answer is not what a retrieve of that series should give; the message says how."""
+
+
+Fetch = Callable[[http.client.HTTPResponse, str, int], int]  # (answer, series UID, instances) -> bytes read
+
+
+def read_whole(resp: http.client.HTTPResponse, series: str, instances: int) -> int:
+    """The body gathered into one bytes object by `resp.read()`, as a plain client does."""
+    return len(resp.read())
+
+
+def get_share(target: WebTarget, series: list[tuple[str, str, int]], go, results, *, accept: str,
+              suffix: str = "", reader: Callable[[], Fetch] | None = None) -> None:
+    """One client process: GET `/studies/S/series/U{suffix}` of every series in turn on one
+    kept-alive connection, the body of each 200 read by read_whole, or by the fetch that
+    `reader()` makes (before the clock starts: the lean client's buffer). A status other
+    than 200, a connection error or a BadAnswer counts the series' instances as failed."""
     conn = target.connection()
-    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*' if what == "retrieve" \
-        else "application/dicom+json"
+    fetch = reader() if reader is not None else read_whole
     statuses: Counter = Counter()
     latencies, received, errors = [], 0, []
     go.wait()
     cpu0, start = time.process_time(), time.monotonic()
     for study, uid, n in series:
         t = time.monotonic()
-        url = target.path(f"/studies/{study}/series/{uid}" + ("/metadata" if what == "metadata" else ""))
         try:
-            conn.request("GET", url, headers=target.headers(Accept=accept))
+            conn.request("GET", target.path(f"/studies/{study}/series/{uid}{suffix}"), headers=target.headers(Accept=accept))
             resp = conn.getresponse()
-            body = resp.read()
-        except (OSError, http.client.HTTPException) as e:
+            if resp.status != 200:
+                resp.read()
+                statuses[f"HTTP {resp.status}"] += n
+                continue
+            nbytes = fetch(resp, uid, n)
+        except (OSError, http.client.HTTPException, BadAnswer) as e:
             errors.append(f"{type(e).__name__}: {e}")
-            statuses["not received: connection error"] += n
+            statuses["not received: " + type(e).__name__] += n
             conn.close()
             conn = target.connection()
             continue
         latencies.append(time.monotonic() - t)
-        statuses["0x0000" if resp.status == 200 else f"HTTP {resp.status}"] += n
-        received += len(body)
+        statuses["0x0000"] += n
+        received += nbytes
     results.put({"start": start, "end": time.monotonic(), "statuses": dict(statuses), "errors": errors,
                  "latencies": latencies, "bytes": received, "cpu": time.process_time() - cpu0})
 
@@ -150,8 +173,7 @@ def _run(target: WebTarget, label: str, shares: list, work, instances: int, nbyt
     monitor = TreeMonitor(pid) if pid else None
     ctx = mp.get_context("spawn")
     go, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=work, args=(target, share, *([label] if work is _wado_share else []), go, results),
-                         daemon=True) for share in shares]
+    procs = [ctx.Process(target=work, args=(target, share, go, results), daemon=True) for share in shares]
     for p in procs:
         p.start()
     time.sleep(0.5 + 0.002 * instances)  # let every sender read its share before the clock starts
@@ -209,8 +231,9 @@ def run_wado(target: WebTarget, items: list[Item], senders: int, what: str, pid:
     """`what`: "retrieve" (each series as stored) or "metadata" (each series' metadata)."""
     series = series_of(items)
     shares = [series[k::senders] for k in range(senders)]
-    return _run(target, what, [s for s in shares if s], _wado_share, len(items),
-                sum(it.length for it in items), pid)
+    work = partial(get_share, accept=RETRIEVE_ACCEPT) if what == "retrieve" else \
+        partial(get_share, accept="application/dicom+json", suffix="/metadata")
+    return _run(target, what, [s for s in shares if s], work, len(items), sum(it.length for it in items), pid)
 
 
 def run_web_bench(target: WebTarget, senders: list[int], repeat: int, *, corpus_dir, spec, pid: int | None,

@@ -14,17 +14,10 @@ usual RunResult with the clients' own CPU in `sender_cpu_s`.
 from __future__ import annotations
 
 import http.client
-import time
-from collections import Counter
+from functools import partial
 
-from stowage.bench.dicomweb import WebTarget, _run
-
-ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+from stowage.bench.dicomweb import RETRIEVE_ACCEPT as ACCEPT, BadAnswer, WebTarget, _run, get_share
 _BUFFER = 1 << 20
-
-
-class BadAnswer(Exception):
-    """The answer is not the multipart body a retrieve should give; the message says how."""
 
 
 def _boundary(content_type: str) -> bytes:
@@ -63,40 +56,23 @@ def read_parts(resp: http.client.HTTPResponse, buf: bytearray) -> tuple[int, int
     return total, found
 
 
-def _share(target: WebTarget, series: list[tuple[str, str, int]], go, results) -> None:
-    conn = target.connection()
-    buf = bytearray(_BUFFER)
-    statuses: Counter = Counter()
-    latencies, received, errors = [], 0, []
-    go.wait()
-    cpu0, start = time.process_time(), time.monotonic()
-    for study, uid, n in series:
-        t = time.monotonic()
-        try:
-            conn.request("GET", target.path(f"/studies/{study}/series/{uid}"), headers=target.headers(Accept=ACCEPT))
-            resp = conn.getresponse()
-            if resp.status != 200:
-                resp.read()
-                statuses[f"HTTP {resp.status}"] += n
-                continue
-            nbytes, delimiters = read_parts(resp, buf)
-            if delimiters != n + 1:
-                raise BadAnswer(f"{delimiters - 1} parts for the {n} instances of series {uid}")
-        except (OSError, http.client.HTTPException, BadAnswer) as e:
-            errors.append(f"{type(e).__name__}: {e}")
-            statuses["not received: " + type(e).__name__] += n
-            conn.close()
-            conn = target.connection()
-            continue
-        latencies.append(time.monotonic() - t)
-        statuses["0x0000"] += n
-        received += nbytes
-    results.put({"start": start, "end": time.monotonic(), "statuses": dict(statuses), "errors": errors,
-                 "latencies": latencies, "bytes": received, "cpu": time.process_time() - cpu0})
+class PartsReader:
+    """The lean client's fetch (bench/dicomweb.py get_share): the body read into one buffer
+    allocated once per client process, its parts counted against the series' instances."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(_BUFFER)
+
+    def __call__(self, resp: http.client.HTTPResponse, series: str, instances: int) -> int:
+        nbytes, delimiters = read_parts(resp, self.buf)
+        if delimiters != instances + 1:
+            raise BadAnswer(f"{delimiters - 1} parts for the {instances} instances of series {series}")
+        return nbytes
 
 
 def run_lean(target: WebTarget, series: list[tuple[str, str, int]], clients: int, nbytes: int,
              pid: int | None = None):
     """Every series retrieved as stored by each of `clients` processes at once."""
     instances = sum(n for _s, _u, n in series)
-    return _run(target, "retrieve (lean)", [series] * clients, _share, instances * clients, nbytes * clients, pid)
+    return _run(target, "retrieve (lean)", [series] * clients, partial(get_share, accept=ACCEPT, reader=PartsReader),
+                instances * clients, nbytes * clients, pid)
