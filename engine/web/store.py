@@ -70,9 +70,6 @@ class WebStore:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.data_dir = config.data_dir
-        # STOW-RS parts, their shuffled copies and zstd frames are CT-sized: from the heap,
-        # reused, rather than fresh mmaps faulted in page by page (as in DIMSE workers)
-        keep_large_buffers_in_heap()
         sweep_spool(config.data_dir)
         self.segments = config.data_dir / "segments"
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
@@ -94,6 +91,11 @@ class WebStore:
         holds no writer slot). Blocking: call it in the pool."""
         with self._archive_lock:
             if self._archive is None:
+                # STOW-RS parts, their shuffled copies and zstd frames are CT-sized: from the
+                # heap, reused, rather than fresh mmaps faulted in page by page (as in DIMSE
+                # workers). Here, not at __init__: a process that only reads (or a test that
+                # makes a WebStore in its own process) keeps glibc's defaults.
+                keep_large_buffers_in_heap()
                 self._slot = claim_slot(self.data_dir, HTTP_FIRST_SLOT, HTTP_LAST_SLOT)
                 recover(self.data_dir, self._slot.number)  # a previous holder may have died mid-write
                 self._archive = Archive(self.config, self._slot.number)
