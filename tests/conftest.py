@@ -329,19 +329,27 @@ def series_instances(out: Path, patient: str, study: str, series: str, n: int, s
     return paths
 
 
+# DCMTK leaves Nagle's algorithm on unless TCP_NODELAY=1 is in its environment: between two
+# DCMTK tools every PDU written in two pieces then waits for a delayed ACK, about 90 ms per
+# instance on loopback (50 CTs: 5 s instead of 0.2). bench/harness/ingest.py sets it too.
+DCMTK_NODELAY = {"TCP_NODELAY": "1"}
+
+
 def received_by_dcmtk(files: list[Path], out: Path) -> dict[str, bytes]:
     """What DCMTK storescu really sends for `files` (it re-encodes: e.g. it drops Data Set
-    Trailing Padding), as received bit-preserving by DCMTK storescp: uid -> dataset bytes."""
+    Trailing Padding), as received bit-preserving by DCMTK storescp: uid -> dataset bytes.
+    Both run with TCP_NODELAY=1 (DCMTK_NODELAY): the same bytes, without Nagle's delays."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    env = dict(os.environ, **DCMTK_NODELAY)
     scp = subprocess.Popen([dcmtk("storescp"), "+B", "-od", str(out), str(port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 20
         while not echo_ok(port, aet="ANY-SCP", timeout=1.0) and time.monotonic() < deadline:
             time.sleep(0.1)
         r = subprocess.run([dcmtk("storescu"), HOST, str(port), *map(str, files)], capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr
     finally:
         scp.terminate()
