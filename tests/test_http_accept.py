@@ -18,7 +18,7 @@ from aiohttp import web
 
 from conftest import HOST
 from test_tls import certs  # noqa: F401 (the module-scoped CA and certificates)
-from stowage.engine.web.accept import AcceptLoop, AcceptSite
+from stowage.engine.web.accept import ACCEPT_DEFERRAL_S, AcceptLoop, AcceptSite, deferral_for
 from stowage.engine.web.process import in_flight, shut_down
 
 
@@ -99,6 +99,12 @@ def test_an_idle_process_accepts_at_once_and_one_connection_per_wake_up():
 
 def test_a_busy_process_still_accepts_when_no_one_else_does():
     assert asyncio.run(_serve(_listener(), busy=True, clients=1, others=0, delay=0.3)) == (1, 0)
+
+
+def test_a_lone_process_never_defers():
+    """http_processes = 1: nobody to leave a connection to, so no deferral delays it."""
+    assert deferral_for(1) == 0.0 and deferral_for(2) == ACCEPT_DEFERRAL_S
+    assert asyncio.run(_serve(_listener(), busy=True, clients=1, others=0, delay=deferral_for(1))) == (1, 0)
 
 
 def test_a_busy_process_defers_again_after_another_took_what_it_left():

@@ -29,6 +29,12 @@ _OUT_OF_RESOURCES_S = 1.0  # asyncio's own pause when accept() fails for want of
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
+def deferral_for(processes: int) -> float:
+    """How long a busy process leaves a new connection to the others: not at all when it
+    is the only one (`http_processes = 1`), where waiting would only delay the client."""
+    return ACCEPT_DEFERRAL_S if processes > 1 else 0.0
+
+
 class AcceptLoop:
     """Accepts connections on `sock` (listening, shared with other processes) one per
     wake-up and hands each to `protocol_factory`; defers while `busy()` or just after an

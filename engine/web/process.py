@@ -32,7 +32,7 @@ from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.runtime.tls import http_context
-from stowage.engine.web.accept import AcceptSite
+from stowage.engine.web.accept import AcceptSite, deferral_for
 from stowage.engine.web.app import build_app
 from stowage.engine.iceberg.node_segments import read_other_nodes
 from stowage.engine.storage.remote import read_from_bucket
@@ -131,7 +131,8 @@ async def _serve(config: Config, sock: socket.socket, index: int, control: socke
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
     await runner.setup()
-    site = AcceptSite(runner, sock, lambda: bool(tasks), ssl_context=http_context(config))
+    site = AcceptSite(runner, sock, lambda: bool(tasks), ssl_context=http_context(config),
+                      delay=deferral_for(config.http_process_count()))
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
