@@ -58,8 +58,8 @@ def clear(d: Path) -> None:
 def archive(make_server, tmp_path, scps):  # noqa: F811
     """storescp DEST (all syntaxes) and IMPL (implicit VR LE only), stowage knowing both and
     sending one pending response per sub-operation (pending_interval 0), which tests count."""
-    dest = scps(tmp_path / "rx", "+xa")
-    impl = scps(tmp_path / "rx-impl", "+xi", aet="IMPL")
+    dest = scps(tmp_path / "rx", "+xa", nodelay=True)
+    impl = scps(tmp_path / "rx-impl", "+xi", aet="IMPL", nodelay=True)
     cfg = config_with(tmp_path, DEST=(HOST, dest.port), IMPL=(HOST, impl.port))
     server = make_server("--workers", "2", "--config", str(cfg), STOWAGE_PENDING_INTERVAL="0")
     return server, dest, impl, cfg
@@ -225,7 +225,7 @@ def test_pending_responses_are_spaced_by_pending_interval(make_server, tmp_path,
     """By default at most one pending response per 0.1 s (PS3.4 makes them optional): a
     fast move of 300 instances gets far fewer than 300, the first right after the first
     sub-operation, each with counts that add up, then the final one with all of them."""
-    dest = scps(tmp_path / "rx", "+xa")
+    dest = scps(tmp_path / "rx", "+xa", nodelay=True)
     server = make_server("--workers", "2", "--config", str(config_with(tmp_path, DEST=(HOST, dest.port))))
     mr = copies(MR, tmp_path / "mr", 300, "mr")
     store(server.port, mr)

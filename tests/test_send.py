@@ -2,6 +2,7 @@
 preserving, so what arrives is exactly what went over the wire) and pynetdicom."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, echo_ok, free_port
+from conftest import CT, DCMTK_NODELAY, HOST, MR, copies, dataset_bytes, dcmtk, echo_ok, free_port
 
 RLE_SRC = Path(get_testdata_file("MR_small_RLE.dcm"))
 J2K_SRC = Path(get_testdata_file("MR_small_jp2klossless.dcm"))  # the same SOP Instance UID as RLE_SRC
@@ -67,12 +68,16 @@ def as_implicit(src: Path, out: Path, n: int, tag: str) -> list[Path]:
 class StoreSCP:
     """DCMTK storescp writing what it receives, bit-preserving, into a directory."""
 
-    def __init__(self, out: Path, *options: str, aet: str = "DEST", port: int | None = None) -> None:
-        """`port`: one chosen beforehand (a destination configured before it comes up)."""
+    def __init__(self, out: Path, *options: str, aet: str = "DEST", port: int | None = None,
+                 nodelay: bool = False) -> None:
+        """`port`: one chosen beforehand (a destination configured before it comes up);
+        `nodelay`: TCP_NODELAY=1 (conftest.DCMTK_NODELAY), without which storescp's every
+        C-STORE response waits about 40 ms for a delayed ACK."""
         self.out, self.port, self.aet = out, port or free_port(), aet
         out.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([dcmtk("storescp"), "+B", "-aet", aet, "-od", str(out), *options,
-                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=dict(os.environ, **(DCMTK_NODELAY if nodelay else {})))
         deadline = time.monotonic() + 20
         while not echo_ok(self.port, aet=aet, timeout=1.0):
             assert time.monotonic() < deadline, "storescp did not start"
@@ -90,8 +95,8 @@ class StoreSCP:
 def scps():
     started: list[StoreSCP] = []
 
-    def make(out: Path, *options: str, aet: str = "DEST", port: int | None = None) -> StoreSCP:
-        s = StoreSCP(out, *options, aet=aet, port=port)
+    def make(out: Path, *options: str, aet: str = "DEST", port: int | None = None, nodelay: bool = False) -> StoreSCP:
+        s = StoreSCP(out, *options, aet=aet, port=port, nodelay=nodelay)
         started.append(s)
         return s
 
