@@ -161,9 +161,28 @@ def _archive_root(pid: int) -> int:
         proc = parent
 
 
+def _results(results, procs: list, timeout: float = 3600.0) -> list[dict]:
+    """One result from each client process; a client that died without one (a crash, a
+    kill) is one clear error, not an hour's wait."""
+    import queue
+    outs: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while len(outs) < len(procs):
+        try:
+            outs.append(results.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p for p in procs if not p.is_alive()]
+            if len(dead) == len(procs) or time.monotonic() > deadline:
+                from stowage.bench.command import BenchError
+                codes = ", ".join(str(p.exitcode) for p in dead)
+                raise BenchError(f"{len(procs) - len(outs)} of {len(procs)} client process(es) gave no result "
+                                 f"(exit codes {codes or 'none: still running'})") from None
+    return outs
+
+
 def _run(target: WebTarget, label: str, shares: list, work, instances: int, nbytes: int,
          pid: int | None) -> RunResult:
-    from stowage.bench.procs import TreeMonitor
+    from stowage.bench.procs import TreeMonitor, machine_busy_s
     res = RunResult(f"{target} {label}", len(shares), instances, nbytes)
     if pid is None:
         u = urlsplit(target.base)
@@ -180,8 +199,10 @@ def _run(target: WebTarget, label: str, shares: list, work, instances: int, nbyt
     if monitor is not None:
         cpu0 = monitor.sample()
         monitor.start()
+    busy0 = machine_busy_s()
     go.set()
-    outs = [results.get(timeout=3600) for _ in procs]
+    outs = _results(results, procs)
+    res.machine_cpu_s = round(machine_busy_s() - busy0, 3)
     for p in procs:
         p.join(10)
     if monitor is not None:

@@ -117,6 +117,7 @@ class RunResult:
     target_pid: int | None = None
     target_cpu_s: float | None = None
     target_peak_rss_mb: float | None = None
+    machine_cpu_s: float | None = None  # every core's busy time over the run (clients, receiver, kernel)
     comments: dict[str, str] = field(default_factory=dict)   # status -> one Error Comment seen with it
 
     def to_dict(self) -> dict:
@@ -275,6 +276,8 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
         if monitor is not None:
             cpu0 = monitor.sample()
             monitor.start()
+        from stowage.bench.procs import machine_busy_s
+        busy0 = machine_busy_s()
         go.set()
         if progress:
             from tqdm import tqdm
@@ -295,6 +298,7 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
                     bar.set_postfix(not_ok=bad, refresh=False)
                 bar.update(done - shown)
                 shown = done
+        res.machine_cpu_s = round(machine_busy_s() - busy0, 3)
         if bar is not None:
             bar.update(sum(counts[:len(procs)]) - shown)
     finally:

@@ -97,6 +97,12 @@ def tear_down(work: Path, server: subprocess.Popen | None, orthanc: Any = None) 
     shutil.rmtree(work, ignore_errors=True)
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all but idle and iowait)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
 class TreeMonitor:
     """Samples CPU seconds and RSS of a process and all its descendants.
 

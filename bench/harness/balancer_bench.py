@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stowage.bench.corpus import generate
-from stowage.bench.harness.ingest import machine_busy_s, page_cache_state, tool_env
+from stowage.bench.harness.ingest import page_cache_state, tool_env
+from stowage.bench.procs import machine_busy_s
 from stowage.bench.procs import TreeMonitor, find_dcmtk, free_port, serve_stowage, stop_tree, wait_echo
 
 REPO = Path(__file__).resolve().parents[2]

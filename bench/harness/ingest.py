@@ -32,7 +32,7 @@ from typing import Iterable
 import psutil
 
 from stowage.bench.corpus import KINDS, generate, series_layout
-from stowage.bench.procs import TreeMonitor, echo, find_dcmtk, free_port, stop_tree, tail
+from stowage.bench.procs import TreeMonitor, echo, find_dcmtk, free_port, machine_busy_s, stop_tree, tail
 from stowage.bench.harness.receivers import RECEIVERS, REPO_ROOT, Receiver, Unavailable
 
 SENDERS = ("storescu", "stowage-bench")
@@ -108,12 +108,6 @@ def page_cache_state() -> str:
           ("dirty_ratio", "dirty_background_ratio", "dirty_bytes", "dirty_expire_centisecs")}
     return (f"page cache: {m.get('Cached', 0):.0f} MB cached, {m.get('Dirty', 0):.0f} MB dirty of "
             f"{m.get('MemTotal', 0):.0f} MB; vm " + ", ".join(f"{k}={v}" for k, v in vm.items()))
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all but idle and iowait)."""
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 @dataclass

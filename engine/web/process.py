@@ -132,7 +132,7 @@ async def _serve(config: Config, sock: socket.socket, index: int, control: socke
                            shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     site = AcceptSite(runner, sock, lambda: bool(tasks), ssl_context=http_context(config),
-                      delay=deferral_for(config.http_process_count()))
+                      delay=deferral_for(config.http_process_count))
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
