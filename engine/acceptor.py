@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Callable
 
 from stowage.catalog import duckdb_spill
 from stowage.engine.receive.access import Policy
@@ -76,6 +77,7 @@ class WorkerSlot:
 class Acceptor:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.on_drain: Callable[[], None] | None = None
         self.sel = selectors.DefaultSelector()
         self.slots = [WorkerSlot(i) for i in range(config.worker_count)]
         self.listener: socket.socket | None = None
@@ -468,6 +470,8 @@ class Acceptor:
     # -- shutdown -----------------------------------------------------------------
 
     def _drain(self) -> int:
+        if self.on_drain is not None:
+            self.on_drain()
         self.scrub.stop()  # it saves its position and goes on from there next time
         self.upload.stop()  # the manifest says what is uploaded: the next one goes on from there
         self.forward.stop()  # the queue is durable: it goes on from there next time
@@ -503,5 +507,9 @@ class Acceptor:
         return 0
 
 
-def serve(config: Config) -> int:
-    return Acceptor(config).run()
+def serve(config: Config, on_drain: Callable[[], None] | None = None) -> int:
+    """Run the archive until a signal drains it; `on_drain` is called as the drain begins
+    (the background compaction is told to stop then, not once the workers are gone)."""
+    acceptor = Acceptor(config)
+    acceptor.on_drain = on_drain
+    return acceptor.run()

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -349,6 +350,9 @@ def test_kill_9_at_each_step_of_a_round(make_server, tmp_path, point):
     check(data, tmp_path / "out", expected, {victim})
 
 
+HOLD_S = 10  # longer than a background round's copy here (0.2-0.4 MB at 0.05 MB/s)
+
+
 def test_sigterm_during_background_compaction_rolls_the_round_back(make_server, tmp_path):
     env = dict(ENV, STOWAGE_COMPACT_INTERVAL="1", STOWAGE_COMPACT_RATE="0.05", STOWAGE_COMPACT_LIVE_RATIO="0.99")
     server = make_server("--workers", "2", **env)
@@ -369,6 +373,15 @@ def test_sigterm_during_background_compaction_rolls_the_round_back(make_server, 
 
     round_ = wait_for(copying, 60, lambda: "a background compaction round to copy\n" + server.log()[-2000:])
     assert round_["segment"] and round_["replaced"], round_
+    # An association held open makes the drain last longer than the round's copy: the round
+    # must be told to stop as the drain begins, not once the workers are gone (it finished,
+    # 1 run in 3, while the drain went on).
+    from pynetdicom import AE
+    holder = AE("HOLDER")
+    holder.add_requested_context("1.2.840.10008.1.1")
+    held = holder.associate(HOST, server.port, ae_title="STOWAGE")
+    assert held.is_established
+    threading.Timer(HOLD_S, held.release).start()
     # SIGTERM mid-copy (at 0.05 MB/s a round copies for seconds): the round is rolled back,
     # not finished first. stop() fails the test if the archive does not stop within 60 s.
     assert server.stop(timeout=60) == 0, server.log()[-3000:]

@@ -28,9 +28,15 @@ class Background:
             self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop, rolling back a round in progress (its copy checks the flag per MB)."""
+    def request_stop(self) -> None:
+        """Ask the round in progress to roll back and no other to start (the copy's rate
+        limiter wakes at once; unthrottled, it checks per chunk): called as `serve` begins
+        to drain, so that the round does not go on while the workers finish."""
         self._stop.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop, rolling back a round in progress, and wait for the thread."""
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
 

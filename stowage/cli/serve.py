@@ -41,7 +41,7 @@ def serve(config_file, **overrides) -> None:
     setup_logging(config, "acceptor")
     background = Background(config).start()  # compaction (and the delete-oldest quota) in this process
     try:
-        code = run(config)
+        code = run(config, on_drain=background.request_stop)
     except ServeError as e:
         raise click.ClickException(str(e)) from None
     finally:
