@@ -96,7 +96,7 @@ class SeriesCache:
         """Whether the kept file was made from exactly the instances `fp` names (its first
         line read, not the whole file)."""
         try:
-            with open(self.folder / _name(series), "rb") as f:
+            with open(self.path(series), "rb") as f:
                 head = f.readline(len(_MAGIC) + len(fp) + 2)
         except OSError:
             return False

@@ -17,8 +17,8 @@ Only series whose metadata comes from the catalog's stored headers are made ahea
 pixels, little endian: the usual CT, MR, CR); one with compressed pixel data would have
 every record read for it (from object storage, where segments were evicted), so it is made
 on its first request. A series that changes after it was made (an instance more, one
-deleted or rejected, a record moved) no longer matches its file's fingerprint: the next request makes it anew, as
-does the next look once the series is stable again."""
+deleted or rejected, a record moved) no longer matches its file's fingerprint: the next
+request makes it anew, as does the next look once the series is stable again."""
 from __future__ import annotations
 
 import fcntl
@@ -84,7 +84,6 @@ class StableSeries:
         self.pending: dict[str, tuple[str, int]] = {}  # series -> (study, newest received_at, µs)
         self.looked_at: dict[str, int] = {}  # series made (or found current) -> the newest stamp it had
         self.cursor = int((time.time() - START_BACK_S) * 1e6)
-        self.made = 0
         self._busy = busy or IdleCpu().others_busy
         self._lock_fd: int | None = None
         self._stop = threading.Event()
@@ -137,8 +136,7 @@ class StableSeries:
         self.looked_at = {k: v for k, v in self.looked_at.items() if v > since}  # out of every later look
         for study, series, newest in rows:
             if series and study and self.looked_at.get(series) != newest:
-                old = self.pending.get(series)
-                self.pending[series] = (study, max(newest, old[1] if old else 0))
+                self.pending[series] = (study, newest)
                 self.cursor = max(self.cursor, newest)
         if len(self.pending) > MAX_PENDING:
             for series, _v in sorted(self.pending.items(), key=lambda kv: kv[1][1])[:len(self.pending) - MAX_PENDING]:
@@ -172,7 +170,6 @@ class StableSeries:
         if not members or not from_headers(members) or self.store.series_cache.current(series, fingerprint(members)):
             return 0  # gone, its records would all be read (compressed pixels), or made already
         made_series(self.store, study, series, members, stamp)
-        self.made += 1
         log.debug("series %s: metadata of %d instance(s) made ahead", series, len(members))
         return 1
 
