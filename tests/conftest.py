@@ -79,7 +79,7 @@ def catalog_sealed(data_dir: Path) -> bool:
 
 
 def echo_ok(port: int, aet: str = "STOWAGE", timeout: float = 2.0) -> bool:
-    ae = AE(b"TESTSCU")
+    ae = AE("TESTSCU")
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     assoc = ae.associate(HOST, port, ae_title=aet)

@@ -52,7 +52,7 @@ def archive(tmp_path_factory):
 
 
 def associate(port: int, *sop_classes: str, relational: bool = False):
-    ae = AE(b"FINDTEST")
+    ae = AE("FINDTEST")
     for uid in sop_classes or (PATIENT_ROOT, STUDY_ROOT, PS_ONLY):
         ae.add_requested_context(uid)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -252,7 +252,7 @@ def test_failures_carry_status_and_error_comment(archive, sop_class, ds, status,
 def test_unsupported_sop_class(archive):
     """A SOP class we do not serve is refused at negotiation; a C-FIND whose Affected SOP
     Class is not its presentation context's gets 0x0122 (SOP Class not supported)."""
-    ae = AE(b"FINDTEST")
+    ae = AE("FINDTEST")
     ae.add_requested_context(MWL_FIND)
     ae.add_requested_context(STUDY_ROOT)
     assoc = ae.associate(HOST, archive.port, ae_title="STOWAGE")
@@ -329,7 +329,7 @@ def test_read_your_writes_across_associations(archive, tmp_path):
     """Each acknowledged store is found at once by a C-FIND on another association (which
     the acceptor may hand to the other worker)."""
     files = copies(CT, tmp_path / "fresh", 6, "fresh")
-    store = AE(b"STORETEST")
+    store = AE("STORETEST")
     store.add_requested_context(pydicom.dcmread(files[0]).SOPClassUID, "1.2.840.10008.1.2.1")
     for path in files:
         ds = pydicom.dcmread(path)

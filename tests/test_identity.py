@@ -27,7 +27,7 @@ def test_the_identity_is_ours_and_follows_the_package_version():
 
 @pytest.mark.parametrize("context", [CTImageStorage, Verification], ids=["lean storage path", "pynetdicom path"])
 def test_associations_we_accept_carry_our_identity(server, context):
-    ae = AE(b"IDCHECK")
+    ae = AE("IDCHECK")
     ae.add_requested_context(context)
     assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
     assert assoc.is_established
@@ -44,7 +44,7 @@ class Peer:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
         self.port = free_port()
-        ae = AE(b"PEER")
+        ae = AE("PEER")
         ae.add_supported_context(Verification)
         ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         self._lock = threading.Lock()

@@ -42,7 +42,7 @@ def test_a_peers_invalid_values_are_one_warning_line_each(make_server):
     from pynetdicom import AE
     from conftest import HOST
     server = make_server("--workers", "1")
-    ae = AE(b"LOGTEST")
+    ae = AE("LOGTEST")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
     ident = Dataset()

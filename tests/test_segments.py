@@ -204,8 +204,8 @@ def test_a_bulk_writer_leaves_the_page_cache_once_durable(tmp_path, keep_cache):
     (seg,) = tmp_path.glob("005-*.seg")
     resident, pages = resident_pages(seg)
     assert pages > 400
-    if keep_cache:
-        assert resident == pages
+    if keep_cache:  # the writer drops none; the kernel may reclaim a few meanwhile (seen: 2 of 489 in a full run)
+        assert resident >= pages * 0.95, f"only {resident} of {pages} pages still cached"
     else:
         assert resident <= 1, f"{resident} of {pages} pages still cached"
     assert [r.header["i"] for r in iter_records(seg)] == list(range(50))

@@ -19,7 +19,7 @@ RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 def test_compressed_first_choice_is_accepted_and_stored_byte_exact(server, tmp_path):
     from pynetdicom import AE
     ds = pydicom.dcmread(RLE)
-    ae = AE(b"RLESCU")
+    ae = AE("RLESCU")
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
     # one context, RLE first, then the uncompressed syntaxes: as dcmqrscp proposes for C-MOVE
     ae.add_requested_context(ds.SOPClassUID, [RLE_LOSSLESS, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])

@@ -105,7 +105,7 @@ def test_pydicom_test_data_round_trip(server, tmp_path, monkeypatch):
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes as they are
     files = [s for s in map(_sendable, get_testdata_files()) if s]
     assert len(files) > 50
-    ae = AE(b"ROUNDTRIP")
+    ae = AE("ROUNDTRIP")
     last_by_uid: dict[str, Path] = {}
     refused, skipped = [], []
     for path, ds in files:
@@ -145,7 +145,7 @@ def test_pynetdicom_concurrent_senders(server, tmp_path):
     failures: list[str] = []
 
     def send(paths: list[Path]) -> None:
-        ae = AE(b"PYSCU")
+        ae = AE("PYSCU")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
         assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
         if not assoc.is_established:

@@ -122,7 +122,7 @@ def _holders_rss(server) -> int:
 def _read_tombstones(server, http_port: int) -> None:
     """Make every holder follow the tombstone log: a C-FIND (the worker) and a QIDO-RS (the
     HTTP process) read the catalog, which reads the log's new entries first."""
-    ae = AE(b"TOMBSCU")
+    ae = AE("TOMBSCU")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")
     assoc = ae.associate("127.0.0.1", server.port, ae_title="STOWAGE")
     assert assoc.is_established
