@@ -77,6 +77,16 @@ def save_state(data_dir: Path, state: ScrubState) -> None:
     replace_durably(directory / STATE, json.dumps(asdict(state)))
 
 
+def next_pass_in(state: ScrubState, fixed: float, period: float, now: float) -> float:
+    """Seconds until the next pass: at a fixed rate, PASS_PAUSE_S; at "week" or "day", once
+    the period since the last pass began has run out. An archive small enough for MIN_RATE
+    to finish its pass early (under ~40 GB a week) is then read once a period, not again
+    every PASS_PAUSE_S with an audit line each time."""
+    if fixed or not state.pass_started:
+        return PASS_PAUSE_S
+    return max(PASS_PAUSE_S, state.pass_started + period - now)
+
+
 class Scrub:
     """Passes over the archive until `stop` is set."""
 
@@ -98,12 +108,18 @@ class Scrub:
         log.info("scrub running at %s (pass %d, from %s @ %d)", self._describe(), self.state.passes + 1,
                  self.state.segment or "the start", self.state.offset)
         try:
+            # a pass done before a restart: the next one when it is due, not at once
+            if not self.state.segment and self.state.passes and self.stop.wait(self._until_next()):
+                return
             while not self.stop.is_set():
-                if self._pass() and self.stop.wait(PASS_PAUSE_S):
+                if self._pass() and self.stop.wait(self._until_next()):
                     break
         finally:
             self._save()
             self.verifier.close()
+
+    def _until_next(self) -> float:
+        return next_pass_in(self.state, self.fixed, self.period, time.time())
 
     def _describe(self) -> str:
         return f"{self.fixed / 1e6:g} MB/s" if self.fixed else f"one pass per {self.period / 86400:g} day(s)"
