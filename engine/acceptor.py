@@ -75,9 +75,9 @@ class WorkerSlot:
 
 
 class Acceptor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_drain: Callable[[], None] | None = None) -> None:
         self.config = config
-        self.on_drain: Callable[[], None] | None = None
+        self.on_drain = on_drain  # called as the drain begins
         self.sel = selectors.DefaultSelector()
         self.slots = [WorkerSlot(i) for i in range(config.worker_count)]
         self.listener: socket.socket | None = None
@@ -510,6 +510,4 @@ class Acceptor:
 def serve(config: Config, on_drain: Callable[[], None] | None = None) -> int:
     """Run the archive until a signal drains it; `on_drain` is called as the drain begins
     (the background compaction is told to stop then, not once the workers are gone)."""
-    acceptor = Acceptor(config)
-    acceptor.on_drain = on_drain
-    return acceptor.run()
+    return Acceptor(config, on_drain).run()
