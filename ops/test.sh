@@ -20,4 +20,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 python3 -m pip install -q -e '.[test]'
-exec python3 -m pytest -q "$@"
+# One test process per core, up to 4 (pytest-xdist), each taking whole files (--dist loadfile:
+# a module's fixtures start once): most tests wait on peers, timeouts and fsyncs, so two on two
+# cores finish the suite in ~2/3 of the time of one. Later flags win: `-n 0` runs it serially.
+jobs=$(nproc); [ "$jobs" -le 4 ] || jobs=4
+exec python3 -m pytest -q -n "$jobs" --dist loadfile "$@"
