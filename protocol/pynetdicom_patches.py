@@ -336,13 +336,15 @@ def _give_way(assoc: Association) -> None:
 
 def _abort(dul: DULServiceProvider, pdu: bytes | None = None) -> None:
     """Send an A-ABORT (service provider, or `pdu`) if the socket still takes it, and end
-    both threads of the association."""
+    both threads of the association. A send_*() waiting for a response gets "no response"
+    now, not at its DIMSE timeout (as pynetdicom's own AA-2, AA-3 and AA-4 do)."""
     try:
         dul.socket.send(pdu or a_abort(ABORT_SERVICE_PROVIDER))
     except Exception:
         pass
     dul.assoc.is_aborted = True
     dul.assoc.is_established = False
+    dul.assoc.dimse.msg_queue.put((None, None))
     dul.assoc._kill = True
     dul._kill_thread = True
 

@@ -152,3 +152,36 @@ def test_commitment_requester_releasing_while_its_report_waits_gets_it_on_a_new_
     finally:
         let_go.set()
         modality.stop()
+
+
+def test_a_response_we_cannot_decode_aborts_and_ends_the_waiting_send_at_once():
+    """The peer answers a C-ECHO with a command set pynetdicom cannot decode (no Command
+    Field): we abort the association (patch 9, one log line), and the send_c_echo() waiting
+    for its response returns with none at once, not after its DIMSE timeout (60 s here): a
+    C-MOVE sub-operation or a forwarded instance moves on to its next association."""
+    ae = AE("SENDER")
+    ae.add_supported_context(Verification, ImplicitVRLittleEndian, scu_role=True, scp_role=True)
+    ae.dimse_timeout = 60
+    port = free_port()
+    server = ae.start_server((HOST, port), block=False)
+    result: queue.Queue = queue.Queue()
+    try:
+        with socket.create_connection((HOST, port), timeout=PEER_PATIENCE_S) as peer:
+            peer.sendall(associate_rq(str(Verification), acceptor_may_be_scu=True))
+            kind, _body = pdu.read_pdu(peer, 1 << 20, time.monotonic() + PEER_PATIENCE_S)
+            assert kind == pdu.A_ASSOCIATE_AC
+            (assoc,) = server.active_associations
+            threading.Thread(target=lambda: result.put(echo(assoc)), daemon=True).start()
+            read_message(peer, time.monotonic() + PEER_PATIENCE_S, False)  # the send now waits
+            # Affected SOP Class UID alone (implicit VR little endian): no Command Field
+            peer.sendall(pdu.p_data(1, b"\x00\x00\x02\x00\x12\x00\x00\x00" + b"1.2.840.10008.1.1\x00"))
+            kind, _body = pdu.read_pdu(peer, 1 << 20, time.monotonic() + PEER_PATIENCE_S)
+            assert kind == pdu.A_ABORT, f"PDU type 0x{kind:02X} instead of an A-ABORT"
+        try:
+            status, _reply = result.get(timeout=PEER_PATIENCE_S)
+        except queue.Empty:
+            pytest.fail(f"aborted, but the send still waits for its response after {PEER_PATIENCE_S:g} s")
+        assert "Status" not in status, "the send should end with no response"
+        assert assoc.is_aborted and not assoc.is_established
+    finally:
+        server.shutdown()
