@@ -1,6 +1,6 @@
 """The protocol layer stays one layer (issue #13): stowage.protocol imports nothing of the
 archive; every other module takes PDUs, DIMSE command fields and status codes from it
-and defines none of its own; and only protocol/pynetdicom_patches.py changes anything
+and defines none of its own; and only protocol/pynetdicom_patches/ changes anything
 inside pynetdicom. Read from the sources, so a new module is checked without a list."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parent.parent
-PATCHES = REPO / "protocol" / "pynetdicom_patches.py"
+PATCHES = REPO / "protocol" / "pynetdicom_patches"  # a package: a module per patch family
 # Code outside the protocol layer; tests build broken PDUs on purpose and are not checked.
 OUTSIDE = ("engine", "workers", "catalog", "bench", "ops", "stowage")
 
@@ -158,10 +158,10 @@ def _root(node: ast.AST) -> str | None:
 
 def test_only_the_patch_module_changes_pynetdicom():
     """No assignment, `setattr` or `del` on an attribute of something imported from
-    pynetdicom, and no `__class__` swap, outside protocol/pynetdicom_patches.py."""
+    pynetdicom, and no `__class__` swap, outside protocol/pynetdicom_patches/."""
     offenders = []
     for path in _sources(*OUTSIDE, "protocol"):
-        if path == PATCHES:
+        if path.parent == PATCHES:
             continue
         tree = _tree(path)
         ours = _pynetdicom_names(tree)
@@ -178,10 +178,10 @@ def test_only_the_patch_module_changes_pynetdicom():
 
 
 def test_the_patch_module_guards_the_version_once():
-    text = _text(PATCHES)
+    text = _text(PATCHES / "__init__.py")
     assert text.count("pynetdicom.__version__ !=") == 1
     assert len(re.findall(r"^def install\(", text, re.M)) == 1
-    others = [p for p in _sources(*OUTSIDE, "protocol") if p != PATCHES and "__version__" in _text(p)
+    others = [p for p in _sources(*OUTSIDE, "protocol") if p != PATCHES / "__init__.py" and "__version__" in _text(p)
               and "pynetdicom" in _text(p)]
     assert not others, others
 

@@ -1,5 +1,5 @@
 """A pynetdicom send_*() waiting for its response gives way when the peer asks to release
-(protocol/pynetdicom_patches.py, patch 10): the peer, having sent its A-RELEASE-RQ, may
+(protocol/pynetdicom_patches/reactors.py, patch 10): the peer, having sent its A-RELEASE-RQ, may
 send no more P-DATA (PS3.8 Sta7), so the response cannot come. The peer gets its
 A-RELEASE-RP at once, the send returns with no response, and the association ends
 released, not aborted. Unpatched, the release waited for the sender's DIMSE timeout and

@@ -49,7 +49,7 @@ def find(policy: Policy, serve: Callable, *args: Any) -> Callable[[evt.Event], I
 
 
 def retrieve(policy: Policy, serve: Callable) -> Callable[[Any, Any, Any, type], None]:
-    """The C-MOVE / C-GET SCP of protocol/pynetdicom_patches.py, called as
+    """The C-MOVE / C-GET SCP of protocol/pynetdicom_patches/retrieve_scp.py, called as
     serve(service_class, request, context, C_MOVE or C_GET)."""
     def guarded(service_class: Any, req: Any, context: Any, kind: type) -> None:
         name = "move" if kind.__name__ == "C_MOVE" else "get"

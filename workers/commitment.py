@@ -20,7 +20,7 @@ sent it (EVT_DIMSE_SENT), and a report on the same association goes through the
 association's reactor, which queues it behind the response. A requester that releases
 its association while its report waits there for the N-EVENT-REPORT-RSP (PS3.8 Sta7: it
 may send none) has its release answered at once and the report ends with no response
-(protocol/pynetdicom_patches.py, patch 10); the report then goes on a new association.
+(protocol/pynetdicom_patches/reactors.py, patch 10); the report then goes on a new association.
 
 After a crash or restart, whichever worker first finds a pending report no process
 holds a lock on adopts and delivers it (every worker scans every few seconds).

@@ -12,7 +12,7 @@ on the requester's association, on the storage contexts it proposed with SCP rol
 
 pynetdicom's own MOVE/GET SCP takes only decoded `Dataset`s from the handler and opens
 the sub-association itself, so the worker replaces its two methods with `scp`
-(protocol/pynetdicom_patches.py): pending responses with the
+(protocol/pynetdicom_patches/pending.py): pending responses with the
 remaining/completed/failed/warning counts, after the first sub-operation and then at most
 one per `pending_interval` (PS3.4 C.4.2.3.1 and C.4.3.3.1 make them optional; 0 sends one
 per sub-operation), then the final one (success, 0xB000 with a Failed SOP Instance UID
@@ -128,7 +128,7 @@ class Retriever:
 
 def scp(retriever: Retriever) -> Callable[[QueryRetrieveServiceClass, Any, Any, type], None]:
     """pynetdicom's C-MOVE and C-GET SCP, replaced by ours serving from `retriever`
-    (protocol/pynetdicom_patches.py, `install(retrieve_scp=...)`)."""
+    (protocol/pynetdicom_patches/, `install(retrieve_scp=...)`)."""
     return functools.partial(_serve, retriever)
 
 

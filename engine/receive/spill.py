@@ -2,7 +2,7 @@
 not grow with instance size (DESIGN.md, invariant 7).
 
 pynetdicom collects each DIMSE message's dataset in a BytesIO. We put `SpillBuffer` (a
-BytesIO) in its place (protocol/pynetdicom_patches.py, `install(dataset_buffer=...)`): small datasets stay in memory exactly as before; past
+BytesIO) in its place (protocol/pynetdicom_patches/, `install(dataset_buffer=...)`): small datasets stay in memory exactly as before; past
 `threshold` bytes the rest goes to a spool file on the archive's own disk, from which the
 store path streams (compression and the segment copy never hold it whole).
 

@@ -273,7 +273,7 @@ class _DirectLink:
     from this thread as one `sendmsg` (or `sendfile`s), where pynetdicom's `send_c_store`
     makes a P-DATA primitive per PDU for its DUL thread to encode and send (33 hand-offs
     for a CT at a 16 KiB PDU, about 5 ms per instance). pynetdicom's DUL thread still does
-    the reading; each C-STORE-RSP is decoded there (protocol/pynetdicom_patches.py, `route`) and queued
+    the reading; each C-STORE-RSP is decoded there (protocol/pynetdicom_patches/receive.py, `route`) and queued
     for us. Every other message of the C-GET while it runs (the pending responses) must be
     written here too, in turn."""
 
