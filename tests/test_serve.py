@@ -67,7 +67,7 @@ def test_associations_spread_over_workers(make_server):
     ae.add_requested_context("1.2.840.10008.1.1")
     assocs = [ae.associate(HOST, server.port, ae_title="STOWAGE") for _ in range(4)]
     assert all(a.is_established for a in assocs)
-    busy = {w.pid: len(w.connections(kind="tcp")) for w in server.workers()}
+    busy = {w.pid: len(w.net_connections(kind="tcp")) for w in server.workers()}
     for a in assocs:
         a.release()
     assert sorted(busy.values()) == [2, 2], busy

@@ -26,8 +26,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _EXPOSED = "Warning, Content-Type, Content-Length, Content-Location, Location, WWW-Authenticate"
 _ALLOWED_HEADERS = "Authorization, Content-Type, Accept, Accept-Charset, Cache-Control, X-Requested-With"
-TOKEN_NAME = "stowage.token"  # request key: the name of the token that let it in
-_ORIGIN = "stowage.cors_origin"
+TOKEN_NAME = web.RequestKey("stowage.token", str)  # the name of the token that let it in
+_ORIGIN = web.RequestKey("stowage.cors_origin", object)  # the CORS origin answered, or None
 
 
 def scope_for(method: str) -> str:
