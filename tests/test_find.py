@@ -348,7 +348,15 @@ def test_queries_while_stores_are_in_flight(archive, tmp_path):
     ds = q("SERIES", StudyInstanceUID=series.StudyInstanceUID, SeriesInstanceUID=series.SeriesInstanceUID,
            NumberOfSeriesRelatedInstances="")
     errors: list[str] = []
-    sender = threading.Thread(target=lambda: storescu(archive.port, files))
+
+    def send() -> None:
+        # In five associations with a pause after each, so that queries see the series part
+        # stored however fast storescu is (one association relied on its Nagle delays).
+        for at in range(0, len(files), 30):
+            storescu(archive.port, files[at:at + 30])
+            time.sleep(0.3)
+
+    sender = threading.Thread(target=send)
     seen = []
     sender.start()
     deadline = time.monotonic() + 120
