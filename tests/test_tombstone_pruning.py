@@ -144,10 +144,11 @@ def test_resident_memory_follows_the_live_archive_while_deleting_and_compacting(
     (9.2 MiB). Measured on the shared 2-core machine: pruned, -3.4 and +1.2 MiB in two runs
     (readings 6.3 MiB apart at most); with pruning turned off, +28.4 MiB, and the log holding
     all 24,000. Series metadata is not made ahead here (metadata_stable_seconds 0): its look
-    at the catalog every 2.5 s has the HTTP process's DuckDB read each Parquet file of the
-    catalog as it is sealed, and keep their metadata until 128 are retired (catalog/reader.py _stale,
-    tests/test_memory_history.py): with it on, that HTTP process rose ~15 MiB in the first four
-    of eight rounds and then held (with it off, flat), a bounded cost unrelated to tombstones."""
+    at the catalog every 2.5 s has the HTTP process check each new tail row's UID in the
+    sealed-UID filter (catalog/sealed_uids.py), a 32 MiB file every process maps, whose pages
+    then count in its resident size (+31 MiB of shared page cache, not its own memory; its
+    anonymous memory rose ~7 MiB over the rounds): read from /proc/<pid>/smaps, unrelated to
+    tombstones."""
     http_port = free_port()
     server = make_server("--workers", "1", "--http-port", str(http_port), STOWAGE_HTTP_PROCESSES="1",
                          STOWAGE_SEGMENT_SIZE="200000", STOWAGE_COMPACT_GRACE="0", STOWAGE_COMPACT_INTERVAL="0",

@@ -105,7 +105,7 @@ def _case(archive: fuzz.Archive, kind: str, i: int, ct: bytes, rq: bytes, batch:
 
 def _snapshots(archive: fuzz.Archive, where: Path, taken: int) -> dict[int, "tracemalloc.Snapshot"]:
     """Each serving process's tracemalloc snapshot number `taken` (SIGUSR2: engine/web/process.py,
-    workers/worker.py); a worker writes what DuckDB holds in its catalog views beside it."""
+    workers/worker.py); each writes what DuckDB holds in its catalog views beside it."""
     out = {}
     roles = {pid: "http" for pid in archive.http_pids} | {pid: "worker" for pid in archive.pids}
     for pid in sorted(roles):
@@ -121,7 +121,7 @@ def _snapshots(archive: fuzz.Archive, where: Path, taken: int) -> dict[int, "tra
         if duck.exists():
             for view in json.loads(duck.read_text()):
                 held = sum(view["bytes"].values()) >> 10
-                print(f"  worker {pid} view: memory_limit {view['memory_limit']}, DuckDB {held} KiB "
+                print(f"  {role} {pid} view: memory_limit {view['memory_limit']}, DuckDB {held} KiB "
                       f"{view['bytes']}, files live {view['live_files']}, cached {view['cached_files']}",
                       file=sys.stderr, flush=True)
     return out
