@@ -21,7 +21,9 @@ def test_an_idle_sending_process_stops_and_the_next_instance_starts_it(make_serv
     sender, = sending_processes(server)
     wait_for(lambda: not sending_processes(server), 30, lambda: f"the idle sending process still runs:\n{server.log()}")
     assert not psutil.pid_exists(sender.pid) or sender.status() == psutil.STATUS_ZOMBIE
-    assert "sending process for DEST stopped: nothing due for 1 s" in server.log()
+    # logged once the process has ended: a moment after it is gone from the process table
+    wait_for(lambda: "sending process for DEST stopped: nothing due for 1 s" in server.log(), 10,
+             lambda: f"no line for the stop:\n{server.log()}")
     later = copies(MR, tmp_path / "later", 2, "later")
     storescu(server.port, later)
     wait_for(lambda: uids(later) <= set(dest.received()), 60, lambda: f"not forwarded after the stop:\n{server.log()}")
