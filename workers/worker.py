@@ -25,6 +25,7 @@ import time
 from pynetdicom.sop_class import Verification
 
 from stowage.engine.store.archive import Archive
+from stowage.engine.runtime import memory_probe
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.store.recovery import recover
@@ -315,27 +316,10 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 
 def _trace_memory() -> None:
-    """STOWAGE_TRACEMALLOC=<directory>, a probe's switch (bench/harness/fuzz_memory.py
-    --tracemalloc, as the HTTP processes have it): trace Python's allocations, and on
-    SIGUSR2 write a snapshot as worker-<pid>-<n>.tm and what DuckDB holds in each catalog
-    view as worker-<pid>-<n>.json (each written aside, then renamed)."""
-    where = os.environ.get("STOWAGE_TRACEMALLOC")
-    if not where:
-        return
-    import tracemalloc
-    from stowage.catalog import reader
-    tracemalloc.start(8)
-    taken = [0]
-
-    def dump(signum: int, frame: object) -> None:
-        path = os.path.join(where, f"worker-{os.getpid()}-{taken[0]}")
-        with open(path + ".json.tmp", "w") as f:
-            json.dump(reader.memory_report(), f)
-        tracemalloc.take_snapshot().dump(path + ".tm.tmp")
-        os.replace(path + ".json.tmp", path + ".json")
-        os.replace(path + ".tm.tmp", path + ".tm")
-        taken[0] += 1
-    signal.signal(signal.SIGUSR2, dump)
+    """The memory probe (engine/runtime/memory_probe.py), dumped on SIGUSR2."""
+    dump = memory_probe.start("worker")
+    if dump is not None:
+        signal.signal(signal.SIGUSR2, lambda _signum, _frame: dump())
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import pyarrow as pa
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from stowage.engine.runtime import memory_probe
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.runtime.logs import setup_logging
@@ -106,27 +107,10 @@ async def shut_down(runner: web.AppRunner, site: web.BaseSite, tasks: set[asynci
 
 
 def _trace_memory(loop: asyncio.AbstractEventLoop) -> None:
-    """STOWAGE_TRACEMALLOC=<directory>, a probe's switch (bench/harness/fuzz_memory.py
-    --tracemalloc): trace Python's allocations, and on SIGUSR2 write a snapshot into the
-    directory as http-<pid>-<n>.tm and what DuckDB holds in each catalog view as
-    http-<pid>-<n>.json, as the workers do (each written aside, then renamed)."""
-    where = os.environ.get("STOWAGE_TRACEMALLOC")
-    if not where:
-        return
-    import tracemalloc
-    from stowage.catalog import reader
-    tracemalloc.start(8)
-    taken = [0]
-
-    def dump() -> None:
-        path = os.path.join(where, f"http-{os.getpid()}-{taken[0]}")
-        with open(path + ".json.tmp", "w") as f:
-            json.dump(reader.memory_report(), f)
-        tracemalloc.take_snapshot().dump(path + ".tm.tmp")
-        os.replace(path + ".json.tmp", path + ".json")
-        os.replace(path + ".tm.tmp", path + ".tm")
-        taken[0] += 1
-    loop.add_signal_handler(signal.SIGUSR2, dump)
+    """The memory probe (engine/runtime/memory_probe.py), dumped on SIGUSR2."""
+    dump = memory_probe.start("http")
+    if dump is not None:
+        loop.add_signal_handler(signal.SIGUSR2, dump)
 
 
 async def _serve(config: Config, sock: socket.socket, index: int, control: socket.socket) -> None:
