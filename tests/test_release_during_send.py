@@ -26,7 +26,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, SCP_SCU_RoleSelectionNegotiat
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
-from conftest import HOST, free_port
+from conftest import HOST, free_port, wait_for
 from test_commitment import Modality
 from test_send import config_with
 from stowage.protocol import pdu
@@ -98,6 +98,7 @@ def test_peer_releasing_while_a_send_waits_is_answered_and_the_send_ends(send, a
             kind, _body = pdu.read_pdu(peer, 1 << 20, time.monotonic() + PEER_PATIENCE_S)
             assert kind == pdu.A_ASSOCIATE_AC
             (assoc,) = server.active_associations
+            wait_for(lambda: assoc.is_established, PEER_PATIENCE_S, "the association never established")  # the A-ASSOCIATE-AC can come first
             threading.Thread(target=lambda: result.put(send(assoc)), daemon=True).start()
             read_message(peer, time.monotonic() + PEER_PATIENCE_S, with_data)  # the send now waits
             peer.sendall(pdu.A_RELEASE_RQ_PDU)  # instead of a response
@@ -171,6 +172,7 @@ def test_a_response_we_cannot_decode_aborts_and_ends_the_waiting_send_at_once():
             kind, _body = pdu.read_pdu(peer, 1 << 20, time.monotonic() + PEER_PATIENCE_S)
             assert kind == pdu.A_ASSOCIATE_AC
             (assoc,) = server.active_associations
+            wait_for(lambda: assoc.is_established, PEER_PATIENCE_S, "the association never established")  # the A-ASSOCIATE-AC can come first
             threading.Thread(target=lambda: result.put(echo(assoc)), daemon=True).start()
             read_message(peer, time.monotonic() + PEER_PATIENCE_S, False)  # the send now waits
             # Affected SOP Class UID alone (implicit VR little endian): no Command Field
