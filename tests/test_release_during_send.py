@@ -71,6 +71,22 @@ def read_message(sock: socket.socket, deadline: float, with_data: bool) -> None:
             at += 4 + length
 
 
+def send_once_associated(peer: socket.socket, server, abstract: str, send, with_data: bool,
+                         result: queue.Queue):
+    """Associate from the raw `peer`, start `send(assoc)` on the sender's side in a thread
+    (its return value into `result`), and read the request it sends: the send then waits for
+    its response. Returns the sender's association."""
+    peer.sendall(associate_rq(abstract, acceptor_may_be_scu=abstract == str(Verification)))
+    kind, _body = pdu.read_pdu(peer, 1 << 20, time.monotonic() + PEER_PATIENCE_S)
+    assert kind == pdu.A_ASSOCIATE_AC
+    (assoc,) = server.active_associations
+    # the A-ASSOCIATE-AC can reach the peer before the association counts as established
+    wait_for(lambda: assoc.is_established, PEER_PATIENCE_S, "the association never established")
+    threading.Thread(target=lambda: result.put(send(assoc)), daemon=True).start()
+    read_message(peer, time.monotonic() + PEER_PATIENCE_S, with_data)
+    return assoc
+
+
 def event_report(assoc) -> tuple[Dataset, Dataset | None]:
     info = Dataset()
     info.TransactionUID = generate_uid()
@@ -94,13 +110,7 @@ def test_peer_releasing_while_a_send_waits_is_answered_and_the_send_ends(send, a
     result: queue.Queue = queue.Queue()
     try:
         with socket.create_connection((HOST, port), timeout=PEER_PATIENCE_S) as peer:
-            peer.sendall(associate_rq(str(abstract), acceptor_may_be_scu=abstract == Verification))
-            kind, _body = pdu.read_pdu(peer, 1 << 20, time.monotonic() + PEER_PATIENCE_S)
-            assert kind == pdu.A_ASSOCIATE_AC
-            (assoc,) = server.active_associations
-            wait_for(lambda: assoc.is_established, PEER_PATIENCE_S, "the association never established")  # the A-ASSOCIATE-AC can come first
-            threading.Thread(target=lambda: result.put(send(assoc)), daemon=True).start()
-            read_message(peer, time.monotonic() + PEER_PATIENCE_S, with_data)  # the send now waits
+            assoc = send_once_associated(peer, server, str(abstract), send, with_data, result)
             peer.sendall(pdu.A_RELEASE_RQ_PDU)  # instead of a response
             try:
                 kind, _body = pdu.read_pdu(peer, 1 << 20, time.monotonic() + PEER_PATIENCE_S)
@@ -168,13 +178,7 @@ def test_a_response_we_cannot_decode_aborts_and_ends_the_waiting_send_at_once():
     result: queue.Queue = queue.Queue()
     try:
         with socket.create_connection((HOST, port), timeout=PEER_PATIENCE_S) as peer:
-            peer.sendall(associate_rq(str(Verification), acceptor_may_be_scu=True))
-            kind, _body = pdu.read_pdu(peer, 1 << 20, time.monotonic() + PEER_PATIENCE_S)
-            assert kind == pdu.A_ASSOCIATE_AC
-            (assoc,) = server.active_associations
-            wait_for(lambda: assoc.is_established, PEER_PATIENCE_S, "the association never established")  # the A-ASSOCIATE-AC can come first
-            threading.Thread(target=lambda: result.put(echo(assoc)), daemon=True).start()
-            read_message(peer, time.monotonic() + PEER_PATIENCE_S, False)  # the send now waits
+            assoc = send_once_associated(peer, server, str(Verification), echo, False, result)
             # Affected SOP Class UID alone (implicit VR little endian): no Command Field
             peer.sendall(pdu.p_data(1, b"\x00\x00\x02\x00\x12\x00\x00\x00" + b"1.2.840.10008.1.1\x00"))
             kind, _body = pdu.read_pdu(peer, 1 << 20, time.monotonic() + PEER_PATIENCE_S)
