@@ -27,7 +27,6 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +37,9 @@ from stowage.catalog import duckdb_spill
 from stowage.engine.receive.access import Policy
 from stowage.engine import metrics
 from stowage.engine.runtime.config import Config, ConfigError
+from stowage.engine.runtime import forkserver
 from stowage.engine.runtime.counts import REPORT
+from stowage.engine.runtime.forkserver import Fd, ForkedProcess
 from stowage.engine.store.recovery import recover
 from stowage.engine.forward.process import ForwardProcess, ForwardStartError
 from stowage.engine.iceberg.process import IcebergProcess
@@ -66,7 +67,7 @@ class ServeError(RuntimeError):
 @dataclass
 class WorkerSlot:
     slot: int
-    process: subprocess.Popen | None = None
+    process: ForkedProcess | None = None
     control: socket.socket | None = None
     ready: bool = False
     active: int = 0
@@ -126,8 +127,7 @@ class Acceptor:
     def _spawn(self, ws: WorkerSlot) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, STOWAGE_WORKER_CONFIG=json.dumps(self.config.to_dict()))
-        ws.process = subprocess.Popen([sys.executable, "-m", "stowage.workers.worker", str(ws.slot), str(child.fileno())],
-                                      pass_fds=[child.fileno()], env=env)
+        ws.process = forkserver.spawn("stowage.workers.worker", [str(ws.slot), Fd(child.fileno())], env)
         child.close()
         ws.control, ws.ready, ws.active, ws.started_at = parent, False, 0, time.monotonic()
         parent.setblocking(False)
@@ -175,7 +175,8 @@ class Acceptor:
                                  f"{e.strerror or e}") from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGCHLD, lambda *_: self._wake_w.send(b"c"))
+        signal.signal(signal.SIGCHLD, lambda *_: self._wake())
+        forkserver.server().on_exit = self._wake  # our workers and helpers are the fork server's children
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
@@ -252,9 +253,13 @@ class Acceptor:
         if not self.draining:
             log.info("signal %d: draining", signum)
         self.draining = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """Make the loop look round now (a signal, a child ended); the loop may be in select()."""
         try:
-            self._wake_w.send(b"s")
-        except OSError:
+            self._wake_w.send(b"w")
+        except OSError:  # full: it is awake already
             pass
 
     # -- admission ----------------------------------------------------------------
@@ -510,4 +515,7 @@ class Acceptor:
 def serve(config: Config, on_drain: Callable[[], None] | None = None) -> int:
     """Run the archive until a signal drains it; `on_drain` is called as the drain begins
     (the background compaction is told to stop then, not once the workers are gone)."""
-    return Acceptor(config, on_drain).run()
+    try:
+        return Acceptor(config, on_drain).run()
+    finally:
+        forkserver.stop()  # every child has stopped (or will, with it)

@@ -188,7 +188,8 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def workers(self) -> list[psutil.Process]:
-        return [p for p in psutil.Process(self.proc.pid).children() if "stowage.workers.worker" in " ".join(p.cmdline())]
+        return [p for p in psutil.Process(self.proc.pid).children(recursive=True)
+                if "stowage.workers.worker" in " ".join(p.cmdline())]
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, then SIGKILL to the whole process group if it hangs; returns the exit code."""

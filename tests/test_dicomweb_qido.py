@@ -150,7 +150,7 @@ def test_a_killed_http_process_is_replaced_and_the_port_keeps_answering(web):
     from conftest import wait_for
 
     def http_processes() -> set[int]:
-        return {p.pid for p in psutil.Process(web.server.proc.pid).children()
+        return {p.pid for p in psutil.Process(web.server.proc.pid).children(recursive=True)
                 if "stowage.engine.web.process" in " ".join(p.cmdline())}
     before = http_processes()
     assert len(before) == 2  # --http-processes 2

@@ -109,7 +109,7 @@ def _instances(out: Path, study: str, series: str, n: int) -> None:
 def _holders_rss(server) -> int:
     """Resident bytes of the processes that hold tombstones (the acceptor, its workers and its
     HTTP process), the median of five readings."""
-    procs = [psutil.Process(server.proc.pid)] + [p for p in psutil.Process(server.proc.pid).children()
+    procs = [psutil.Process(server.proc.pid)] + [p for p in psutil.Process(server.proc.pid).children(recursive=True)
                                                  if "workers.worker" in " ".join(p.cmdline())
                                                  or "web.process" in " ".join(p.cmdline())]
     readings = []

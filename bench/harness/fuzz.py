@@ -477,11 +477,11 @@ class Archive:
         return self.log_path.read_text(errors="replace")
 
     def worker_pids(self) -> set[int]:
-        return {p.pid for p in psutil.Process(self.proc.pid).children()
+        return {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)
                 if "stowage.workers.worker" in " ".join(p.cmdline())}
 
     def http_processes(self) -> set[int]:
-        return {p.pid for p in psutil.Process(self.proc.pid).children()
+        return {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)
                 if "stowage.engine.web.process" in " ".join(p.cmdline())}
 
     def usage(self) -> dict[int, dict[str, int]]:

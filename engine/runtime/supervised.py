@@ -1,7 +1,8 @@
 """A helper process of the acceptor's (the background scrub, forwarding): started once
 the workers are up, started again `restart_after` seconds after it dies (not while
-draining), and stopped on drain. The process is `python -m <module> <acceptor pid>` and
-reads the configuration from the environment variable `config_env`."""
+draining), and stopped on drain. The process is `python -m <module> <parent pid>`, forked
+by the fork server (engine/runtime/forkserver.py, its parent), and reads the configuration
+from the environment variable `config_env`."""
 from __future__ import annotations
 
 import ctypes
@@ -10,14 +11,15 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import IO, Callable
 
+from stowage.engine.runtime import forkserver
 from stowage.engine.runtime.config import Config
+from stowage.engine.runtime.forkserver import ForkedProcess
 from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.runtime.stop_process import stop_process
 
@@ -32,7 +34,7 @@ class SupervisedProcess:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.proc: subprocess.Popen | None = None
+        self.proc: ForkedProcess | None = None
         self._restart_at = 0.0
 
     def start(self) -> None:
@@ -40,7 +42,7 @@ class SupervisedProcess:
 
     def launch(self, detail: str = "") -> None:
         env = dict(os.environ, **{self.config_env: json.dumps(self.config.to_dict())})
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module, str(os.getpid())], env=env)
+        self.proc = forkserver.spawn(self.module, [forkserver.PARENT], env)
         self._restart_at = 0.0
         log.info("%s started (pid %d%s)", self.name, self.proc.pid, detail)
 
@@ -77,7 +79,8 @@ def wait_for_lock(lock: IO, stop: threading.Event, interval: float) -> bool:
 def child_start(config_env: str, name: str, nice: int = 0) -> tuple[Config, threading.Event]:
     """The start of a helper process's main(): its configuration (from `config_env`),
     logging as `name`, SIGINT ignored (the acceptor decides when it stops), SIGTERM setting
-    the returned event, death with the acceptor (argv[1]), and `nice` more niceness."""
+    the returned event, death with its parent (argv[1]: the fork server, which dies with the
+    acceptor; a sending process's forwarding process), and `nice` more niceness."""
     config = Config.from_dict(json.loads(os.environ[config_env]))
     setup_logging(config, name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -109,8 +112,9 @@ def run_exclusively(lock_path: Path, stop: threading.Event, run: Callable[[], No
 
 
 def die_with(parent: int) -> None:
-    """In a helper process: be sent SIGTERM when `parent` (the acceptor) dies, even by
-    kill -9, so that no helper outlives its server; exit now if it is already gone."""
+    """In a helper process: be sent SIGTERM when `parent` dies, even by kill -9, so that no
+    helper outlives its server (the fork server dies with the acceptor); exit now if it is
+    already gone."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -158,7 +158,7 @@ def main() -> None:
     pa.set_memory_pool(pa.system_memory_pool())
     parent = os.getppid()
     _die_with_parent()
-    if os.getppid() != parent:  # the acceptor died before we asked to be told
+    if os.getppid() != parent:  # the fork server (dying with the acceptor) died before we asked
         os._exit(0)
     config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
     read_other_nodes(config, read_from_bucket(config))  # segments evicted after their upload, other nodes'

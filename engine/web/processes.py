@@ -15,12 +15,13 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
+from stowage.engine.runtime import forkserver
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import REPORT
+from stowage.engine.runtime.forkserver import Fd, ForkedProcess
 
 log = logging.getLogger("stowage.http")
 _STOP_TIMEOUT_S = 20.0
@@ -50,7 +51,7 @@ METRICS_KEY = 1000  # http process i reports its counts as "worker" METRICS_KEY 
 @dataclass
 class _Process:
     index: int
-    popen: subprocess.Popen | None = None
+    popen: ForkedProcess | None = None
     control: socket.socket | None = None  # its counts come in here (REPORT + JSON), as a worker's do
     restarts: list[float] = field(default_factory=list)
     due: float = 0.0
@@ -95,13 +96,9 @@ class HttpProcesses:
 
     def _spawn(self, p: _Process) -> None:
         env = dict(os.environ, STOWAGE_WORKER_CONFIG=json.dumps(self.config.to_dict()))
-        # Arrow's C++ default pool is chosen from this once, at its first use: the system
-        # allocator, not mimalloc, whose arena kept growing in HTTP processes (process.py).
-        env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fds = [self.sock.fileno(), child.fileno()]
-        p.popen = subprocess.Popen([sys.executable, "-m", "stowage.engine.web.process", str(p.index), *map(str, fds)],
-                                   pass_fds=fds, env=env)
+        p.popen = forkserver.spawn("stowage.engine.web.process", [str(p.index), Fd(self.sock.fileno()),
+                                                                   Fd(child.fileno())], env)
         child.close()
         parent.setblocking(False)
         p.control = parent

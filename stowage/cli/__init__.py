@@ -8,6 +8,7 @@ third of a second of CPU per call)."""
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -43,9 +44,17 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name]
+        if name == "serve" and not _asks_for_help(ctx):
+            # its fork server imports what the workers need on the other core meanwhile
+            from stowage.engine.runtime import forkserver
+            forkserver.server()
         command = getattr(importlib.import_module(f"stowage.cli.{module}"), attr)
         assert command.name == name, f"stowage.cli.{module}.{attr} is named {command.name!r}, not {name!r}"
         return command
+
+
+def _asks_for_help(ctx: click.Context) -> bool:
+    return ctx.resilient_parsing or any(a in ("-h", "--help") for a in sys.argv[1:])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

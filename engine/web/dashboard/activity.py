@@ -60,8 +60,8 @@ def _flock_holders() -> dict[tuple[int, int, int], int]:
 
 
 def _argv(pid: int) -> list[str]:
-    try:
-        return psutil.Process(pid).cmdline()
+    try:  # a child of the fork server has its command as one title, padded (setproctitle)
+        return " ".join(psutil.Process(pid).cmdline()).split()
     except (psutil.Error, OSError):
         return []
 
