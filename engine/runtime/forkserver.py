@@ -66,6 +66,7 @@ class Fd:
     fd: int
 
 
+UNKNOWN_EXIT = 255  # the exit code of a child that ended after its fork server: lost with the server
 PARENT = "{fork-server-pid}"  # an argument the child sees as its parent's (the server's) pid
 
 
@@ -123,19 +124,20 @@ class ForkedProcess:
     def __init__(self, pid: int, args: list[str]) -> None:
         self.pid, self.args = pid, args
         self.returncode: int | None = None
-        self._ended = threading.Event()
+        self._changed = threading.Event()  # it ended, or the server died (then it is watched)
         self._orphaned = False  # the server died first: no exit code will come
 
     def _end(self, code: int) -> None:
         self.returncode = code
-        self._ended.set()
+        self._changed.set()
 
     def _orphan(self) -> None:
         self._orphaned = True
+        self._changed.set()
 
     def poll(self) -> int | None:
         if self.returncode is None and self._orphaned and not _exists(self.pid):
-            self._end(-signal.SIGTERM)  # what the server's death sent it (its own code is lost)
+            self._end(UNKNOWN_EXIT)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -144,7 +146,10 @@ class ForkedProcess:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise subprocess.TimeoutExpired(self.args, timeout)
-            self._ended.wait(0.05 if self._orphaned else left)
+            if self._orphaned:
+                time.sleep(0.05 if left is None else min(0.05, left))
+            else:
+                self._changed.wait(left)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
