@@ -185,7 +185,6 @@ class ForkServer:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._replies: queue.Queue = queue.Queue()
-        self._children: dict[int, ForkedProcess] = {}
 
     @property
     def pid(self) -> int | None:
@@ -202,8 +201,10 @@ class ForkServer:
         self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid()), str(theirs.fileno())],
                                      pass_fds=[theirs.fileno()], env=env)
         theirs.close()
+        # each server its own reply queue and children: a dead one's reader, ending late,
+        # must not take the next one's for its own
         self._sock, self._replies = ours, queue.Queue()
-        threading.Thread(target=self._read, args=(ours, self._replies), name="fork-server", daemon=True).start()
+        threading.Thread(target=self._read, args=(ours, self._replies, {}), name="fork-server", daemon=True).start()
 
     def spawn(self, module: str, args: list[str | Fd], env: dict[str, str]) -> ForkedProcess:
         """`python -m module args` with environment `env`, forked by the server."""
@@ -230,7 +231,7 @@ class ForkServer:
                     raise OSError(f"the fork server did not start {module}: {reply}")
         raise AssertionError("unreachable")
 
-    def _read(self, sock: socket.socket, replies: queue.Queue) -> None:
+    def _read(self, sock: socket.socket, replies: queue.Queue, children: dict[int, ForkedProcess]) -> None:
         while True:
             try:
                 frame = _recv(sock)
@@ -238,17 +239,17 @@ class ForkServer:
                 frame = None
             if frame is None:
                 replies.put(EOFError("the fork server ended"))
-                for child in list(self._children.values()):
+                for child in list(children.values()):
                     child._orphan()
                 if self.on_exit is not None:
                     self.on_exit()
                 return
             msg = frame[0]
             if "pid" in msg:  # registered here, before its exit can be read
-                child = self._children[msg["pid"]] = ForkedProcess(msg["pid"], [])
+                child = children[msg["pid"]] = ForkedProcess(msg["pid"], [])
                 replies.put(child)
             elif "exit" in msg:
-                child = self._children.pop(msg["exit"], None)
+                child = children.pop(msg["exit"], None)
                 if child is not None:
                     child._end(msg["code"])
                 if self.on_exit is not None:
@@ -258,17 +259,21 @@ class ForkServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
         if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, if it still waits
+            except OSError:
+                pass
             self._sock.close()
             self._sock = None
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close the server (it exits when its socket closes; its children are not stopped)."""
         with self._lock:
-            if self._sock is not None:
-                self._sock.shutdown(socket.SHUT_RDWR)
-                self._sock.close()
-                self._sock = None
+            self._close()
             if self.proc is not None:
                 try:
                     self.proc.wait(timeout)
