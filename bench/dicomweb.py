@@ -164,19 +164,13 @@ def _archive_root(pid: int) -> int:
 def _results(results, procs: list, timeout: float = 3600.0) -> list[dict]:
     """One result from each client process; a client that died without one (a crash, a
     kill) is one clear error, not an hour's wait."""
-    import queue
-    outs: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while len(outs) < len(procs):
-        try:
-            outs.append(results.get(timeout=1.0))
-        except queue.Empty:
-            dead = [p for p in procs if not p.is_alive()]
-            if len(dead) == len(procs) or time.monotonic() > deadline:
-                from stowage.bench.command import BenchError
-                codes = ", ".join(str(p.exitcode) for p in dead)
-                raise BenchError(f"{len(procs) - len(outs)} of {len(procs)} client process(es) gave no result "
-                                 f"(exit codes {codes or 'none: still running'})") from None
+    from stowage.bench.procs import collect
+    outs = collect(results, procs, poll=1.0, timeout=timeout)
+    if len(outs) < len(procs):
+        from stowage.bench.command import BenchError
+        codes = ", ".join(str(p.exitcode) for p in procs if not p.is_alive())
+        raise BenchError(f"{len(procs) - len(outs)} of {len(procs)} client process(es) gave no result "
+                         f"(exit codes {codes or 'none: still running'})")
     return outs
 
 

@@ -276,7 +276,7 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
         if monitor is not None:
             cpu0 = monitor.sample()
             monitor.start()
-        from stowage.bench.procs import machine_busy_s
+        from stowage.bench.procs import collect, machine_busy_s
         busy0 = machine_busy_s()
         go.set()
         if progress:
@@ -284,20 +284,18 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
             bar = tqdm(total=len(items), unit="inst", desc=label or f"{associations} assoc", file=sys.stderr,
                        dynamic_ncols=True, leave=True, disable=None, smoothing=0.1)
         shown = 0
-        while len(outs) < len(procs):
-            try:
-                outs.append(results.get(timeout=0.1))
-            except Exception:
-                if not any(p.is_alive() for p in procs) and results.empty():
-                    dead = [p for p in procs if p.exitcode not in (0, None)]
-                    res.errors += [f"sender {p.name} exited with {p.exitcode}" for p in dead]
-                    break
+
+        def tick() -> None:
+            nonlocal shown
             if bar is not None:
                 done, bad = sum(counts[:len(procs)]), sum(counts[len(procs):])
                 if bad:
                     bar.set_postfix(not_ok=bad, refresh=False)
                 bar.update(done - shown)
                 shown = done
+        outs = collect(results, procs, tick=tick)
+        if len(outs) < len(procs):  # a sender died without its result
+            res.errors += [f"sender {p.name} exited with {p.exitcode}" for p in procs if p.exitcode not in (0, None)]
         res.machine_cpu_s = round(machine_busy_s() - busy0, 3)
         if bar is not None:
             bar.update(sum(counts[:len(procs)]) - shown)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -11,7 +12,7 @@ import threading
 import time
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -181,6 +182,26 @@ class TreeMonitor:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+def collect(results: Any, procs: list, poll: float = 0.1, tick: Callable[[], None] | None = None,
+            timeout: float | None = None) -> list[dict]:
+    """One result from each of `procs` (multiprocessing processes putting one on the queue
+    `results`), as they come; `tick()` after each wait of up to `poll` seconds (a progress
+    bar). Returns early, with fewer results, once no process is alive and nothing is left
+    on the queue (one died without a result: a crash, a kill), or after `timeout` seconds."""
+    outs: list[dict] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while len(outs) < len(procs):
+        try:
+            outs.append(results.get(timeout=poll))
+        except queue.Empty:
+            if (not any(p.is_alive() for p in procs) and results.empty()) or \
+                    (deadline is not None and time.monotonic() > deadline):
+                break
+        if tick is not None:
+            tick()
+    return outs
 
 
 def stop_tree(proc: subprocess.Popen, monitor: TreeMonitor | None, timeout: float = 10.0) -> int:
