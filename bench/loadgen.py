@@ -162,7 +162,7 @@ def _send(index: int, target: Target, items: list[Item], contexts: list[tuple[st
                 errors.append(str(e))
                 failures_in_row += 1
                 if failures_in_row >= _REOPEN_TRIES or i == 0:
-                    statuses[f"not sent: association failed"] += len(datasets) - i
+                    statuses["not sent: association failed"] += len(datasets) - i
                     break
                 continue
         ds = datasets[i]
