@@ -7,8 +7,10 @@ hold that the manifest no longer names outnumber the live ones (and REOPEN_RETIR
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,20 +43,9 @@ def _object_cache(catalog: Catalog) -> int:
                                 ).fetchall()[0][0]
 
 
-def test_catalog_views_hold_the_live_catalog_not_every_file_it_ever_had(tmp_path, monkeypatch):
-    """Rounds of: store an instance, seal (merging every two small files), and read the
-    whole catalog from sixteen long-lived views, as C-FIND, retrieve and QIDO-RS do. Before
-    the fix each view kept the metadata of every catalog file it had read, ever: measured on
-    the shared 2-core machine, each view's DuckDB object cache grew by 0.77 MiB a round (0.78
-    to 4.02 MiB over five rounds) and the resident size by 46.4 MiB from the second round to
-    the last (292.8, 318.2, 333.9, 348.6, 364.6 MiB). Now no view's object cache may pass
-    2 MiB (the 16 retired files that start a new connection, plus the live ones: 0.94 MiB
-    at most, measured), the caches fall, and the resident size may grow by 20 MiB at most
-    from the second round (caches and pools warm) to the last (measured +4.5 to +14.8 MiB
-    with 8 views, +8.8 with 16: 292.9, 298.8, 293.7, 312.0, 307.6; the store path's and the
-    allocator's ups and downs). A deletion made before the views started anew stays
-    hidden after."""
-    monkeypatch.setattr(Catalog, "REOPEN_RETIRED", _RETIRED)
+def _rounds(tmp_path: Path) -> tuple[list[int], list[int]]:
+    """The rounds; the resident size and the largest view's object cache after each."""
+    Catalog.REOPEN_RETIRED = _RETIRED  # a process of its own: nothing to restore
     config = replace(Config(), data_dir=tmp_path, seal_interval=3600.0, compact_min_files=2)
     ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     dataset = ct[damage.meta_end(ct):]
@@ -82,6 +73,26 @@ def test_catalog_views_hold_the_live_catalog_not_every_file_it_ever_had(tmp_path
         for view in views:
             view.close()
         archive.close()
+    return rss, caches
+
+
+def test_catalog_views_hold_the_live_catalog_not_every_file_it_ever_had(tmp_path):
+    """Rounds of: store an instance, seal (merging every two small files), and read the
+    whole catalog from sixteen long-lived views, as C-FIND, retrieve and QIDO-RS do. Before
+    the fix each view kept the metadata of every catalog file it had read, ever: measured on
+    the shared 2-core machine, each view's DuckDB object cache grew by 0.77 MiB a round (0.78
+    to 4.02 MiB over five rounds) and the resident size by 46.4 MiB from the second round to
+    the last (292.8, 318.2, 333.9, 348.6, 364.6 MiB). Now no view's object cache may pass
+    2 MiB (the 16 retired files that start a new connection, plus the live ones: 0.94 MiB
+    at most, measured), the caches fall, and the resident size may grow by 20 MiB at most
+    from the second round (caches and pools warm) to the last (measured +4.5 to +14.8 MiB
+    with 8 views, +8.8 with 16: 292.9, 298.8, 293.7, 312.0, 307.6; the store path's and the
+    allocator's ups and downs). A deletion made before the views started anew stays
+    hidden after."""
+    # in a fresh process: the test process's resident size carries every test it ran before
+    # (under xdist, 500 MiB and its own ups and downs)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rss, caches = pool.submit(_rounds, tmp_path).result(timeout=600)
     growth = rss[-1] - rss[1]
     print(f"resident MiB after each round: {[round(r / 2**20, 1) for r in rss]}; largest object cache of a view "
           f"(MiB): {[round(c / 2**20, 2) for c in caches]}")
