@@ -504,9 +504,11 @@ class Acceptor:
                 log.error("worker %d did not finish draining; killing it", ws.slot)
                 ws.process.kill()
                 code = ws.process.wait()
+            if code != 0:
+                log.error("worker %d ended with %s while draining", ws.slot, code)
             failed += code != 0
         if failed:
-            log.error("stopped; %d worker(s) did not stop cleanly (see above)", failed)
+            log.error("stopped; %d worker or HTTP process(es) did not stop cleanly (see above)", failed)
             return 1
         log.info("stopped")
         return 0

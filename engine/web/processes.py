@@ -167,6 +167,8 @@ class HttpProcesses:
                 log.error("http process %d did not stop; killing it", p.index)
                 p.popen.kill()
                 code = p.popen.wait()
+            if code != 0:
+                log.error("http process %d ended with %s while stopping", p.index, code)
             failed += code != 0
             self._forget(p)
         return failed
