@@ -21,6 +21,8 @@ from pynetdicom import AE
 
 from stowage.protocol import pynetdicom_patches
 
+import file_seconds
+
 HOST = "127.0.0.1"
 # The test process's pynetdicom SCUs get the same fix for pynetdicom's lost-response race
 # (issue #875: the association thread can take a C-STORE-RSP meant for send_c_store, which
@@ -147,6 +149,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if not (item.get_closest_marker("unit") or item.get_closest_marker("integration")):
             item.add_marker(pytest.mark.integration if _needs_peers(item) else pytest.mark.unit)
+    # The longest files first (tests/file_seconds.py): pytest-xdist (--dist loadfile
+    # --no-loadscope-reorder, ops/test.sh) hands whole files out in this order, so the last
+    # handed out are short and the test processes finish together. Within a file, its order.
+    seconds = file_seconds.load()
+    items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))
 
 
 @dataclass
