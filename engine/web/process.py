@@ -153,7 +153,7 @@ def main() -> None:
     # Arrow's default pool (mimalloc) kept growing here, not in the workers: its arena held
     # 136 to 205 MiB of an HTTP process in a soak (a worker's 37), and with the system
     # allocator the HTTP processes stood at 391/400 MiB after 28,000 fuzzed cases against
-    # 547/492 (docs/fuzzing.md). the fork server runs with ARROW_DEFAULT_MEMORY_POOL=system for
+    # 547/492 (docs/fuzzing.md). The fork server runs with ARROW_DEFAULT_MEMORY_POOL=system for
     # Arrow's C++ code; this for pyarrow's calls, should the variable have been set otherwise.
     pa.set_memory_pool(pa.system_memory_pool())
     parent = os.getppid()
