@@ -25,4 +25,4 @@ python3 -m pip install -q -e '.[test]'
 # cores finish the suite in a little over half the time of one (1,167 s against 2,084 s). Later
 # flags win: `-n 0` runs it serially.
 jobs=$(nproc); [ "$jobs" -le 4 ] || jobs=4
-exec python3 -m pytest -q -n "$jobs" --dist loadfile "$@"
+exec python3 -m pytest -q -n "$jobs" --dist loadfile --no-loadscope-reorder "$@"
