@@ -319,7 +319,13 @@ def _serve(sock: socket.socket, preload: list[str]) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that the wake-up fd is written
     sel.register(sock, selectors.EVENT_READ, "request")
     sel.register(wake_r, selectors.EVENT_READ, "child")
-    preload = list(preload)
+    try:
+        _loop(sock, sel, wake_r, wake_w, list(preload))
+    except (BrokenPipeError, ConnectionResetError):  # the acceptor went first: nothing to tell
+        pass
+
+
+def _loop(sock: socket.socket, sel: selectors.BaseSelector, wake_r: int, wake_w: int, preload: list[str]) -> None:
     while True:
         events = sel.select(0 if preload else None)
         if not events and preload:
