@@ -326,6 +326,7 @@ def _serve(sock: socket.socket, preload: list[str]) -> None:
 
 
 def _loop(sock: socket.socket, sel: selectors.BaseSelector, wake_r: int, wake_w: int, preload: list[str]) -> None:
+    me = os.getpid()
     while True:
         events = sel.select(0 if preload else None)
         if not events and preload:
@@ -349,7 +350,7 @@ def _loop(sock: socket.socket, sel: selectors.BaseSelector, wake_r: int, wake_w:
                 sock.close()
                 os.close(wake_r)
                 os.close(wake_w)
-                _become(request, fds)  # never returns
+                _become(request, fds, me)  # never returns
             for fd in fds:
                 os.close(fd)
             _send(sock, {"pid": pid})
@@ -375,9 +376,10 @@ def _report_ended(sock: socket.socket) -> None:
         _send(sock, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
-def _become(request: dict, fds: list[int]) -> None:
-    """In the forked child: turn into `python -m module args`, then exit with its code."""
-    server_pid = os.getppid()
+def _become(request: dict, fds: list[int], server_pid: int) -> None:
+    """In the forked child: turn into `python -m module args`, then exit with its code.
+    `server_pid` is known from before the fork: asked now, getppid() would say 1 (or a
+    subreaper) had the server died already, and the child would outlive it."""
     code = 1
     try:
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
