@@ -47,6 +47,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+import psutil
+
 log = logging.getLogger("stowage.acceptor")
 
 # What the acceptor's children import: the workers', the HTTP processes' and the scrub's
@@ -105,8 +107,9 @@ def _recv(sock: socket.socket) -> tuple[dict, list[int]] | None:
     return (json.loads(body), fds) if body is not None else None
 
 
-def _die_with_parent(sig: int, parent: int) -> None:
-    """PR_SET_PDEATHSIG: `sig` when our parent dies; exit now if it already has."""
+def die_with_parent(sig: int, parent: int) -> None:
+    """PR_SET_PDEATHSIG: `sig` when our parent (pid `parent`, known from before: asked now,
+    getppid() may already say 1) dies, even by kill -9; exit now if it already has."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
@@ -168,9 +171,8 @@ class ForkedProcess:
 
 def _exists(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -385,7 +387,7 @@ def _become(request: dict, fds: list[int], server_pid: int) -> None:
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        _die_with_parent(signal.SIGTERM, server_pid)
+        die_with_parent(signal.SIGTERM, server_pid)
         for fd in fds:
             os.set_inheritable(fd, True)  # as Popen's pass_fds leaves them
         module = request["module"]
@@ -459,7 +461,7 @@ def _prepare_title() -> None:
 def main() -> None:
     parent, fd = int(sys.argv[1]), int(sys.argv[2])
     preload = [m for m in os.environ.pop(_PRELOAD_ENV, "").split(",") if m]
-    _die_with_parent(signal.SIGKILL, parent)  # nothing to clean up: its children get SIGTERM
+    die_with_parent(signal.SIGKILL, parent)  # nothing to clean up: its children get SIGTERM
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the acceptor decides
     sock = socket.socket(fileno=fd)
     _prepare_title()

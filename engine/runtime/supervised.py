@@ -5,7 +5,6 @@ by the fork server (engine/runtime/forkserver.py, its parent), and reads the con
 from the environment variable `config_env`."""
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import logging
@@ -19,7 +18,7 @@ from typing import IO, Callable
 
 from stowage.engine.runtime import forkserver
 from stowage.engine.runtime.config import Config
-from stowage.engine.runtime.forkserver import ForkedProcess
+from stowage.engine.runtime.forkserver import ForkedProcess, die_with_parent
 from stowage.engine.runtime.logs import setup_logging
 from stowage.engine.runtime.stop_process import stop_process
 
@@ -86,7 +85,7 @@ def child_start(config_env: str, name: str, nice: int = 0) -> tuple[Config, thre
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    die_with(int(sys.argv[1]))
+    die_with_parent(signal.SIGTERM, int(sys.argv[1]))
     if nice:
         try:
             os.nice(nice)
@@ -109,15 +108,3 @@ def run_exclusively(lock_path: Path, stop: threading.Event, run: Callable[[], No
             logging.shutdown()
             os._exit(1)
     logging.shutdown()
-
-
-def die_with(parent: int) -> None:
-    """In a helper process: be sent SIGTERM when `parent` dies, even by kill -9, so that no
-    helper outlives its server (the fork server dies with the acceptor); exit now if it is
-    already gone."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # it died before the line above
-        sys.exit(0)

@@ -7,12 +7,12 @@ concurrent WADO-RS retrieves landed on one process in 3 rounds out of 4 while th
 idle (docs/benchmarks.md, DICOMweb).
 
 It stops on SIGTERM (from the acceptor's drain: requests in flight finish) and when the
-acceptor dies (PR_SET_PDEATHSIG), never on SIGINT: the acceptor decides when we stop.
+acceptor dies (the fork server sets PR_SET_PDEATHSIG for it: docs/processes.md), never on SIGINT:
+the acceptor decides when we stop.
 """
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import faulthandler
 import json
 import logging
@@ -39,15 +39,7 @@ from stowage.engine.iceberg.node_segments import read_other_nodes
 from stowage.engine.storage.remote import read_from_bucket
 
 log = logging.getLogger("stowage.http")
-_PR_SET_PDEATHSIG = 1
 _SHUTDOWN_TIMEOUT_S = 15.0
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def _report(control: socket.socket, stop: Callable[[], None]) -> None:
@@ -156,10 +148,6 @@ def main() -> None:
     # 547/492 (docs/fuzzing.md). The fork server runs with ARROW_DEFAULT_MEMORY_POOL=system for
     # Arrow's C++ code; this for pyarrow's calls, should the variable have been set otherwise.
     pa.set_memory_pool(pa.system_memory_pool())
-    parent = os.getppid()
-    _die_with_parent()
-    if os.getppid() != parent:  # the fork server (dying with the acceptor) died before we asked
-        os._exit(0)
     config = Config.from_dict(json.loads(os.environ["STOWAGE_WORKER_CONFIG"]))
     read_other_nodes(config, read_from_bucket(config))  # segments evicted after their upload, other nodes'
     setup_logging(config, f"http-{index}")

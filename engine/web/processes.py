@@ -81,7 +81,6 @@ class HttpProcesses:
             raise HttpStartError(f"cannot listen for HTTP on {address}:{self.config.http_port}: {e.strerror}; "
                                  "set http_port (--http-port) to a free port, or 0 for no HTTP") from None
         sock.listen(1024)
-        sock.set_inheritable(True)
         self.sock = sock
         for p in self.procs:
             self._spawn(p)
