@@ -1,4 +1,4 @@
-"""The fork server (engine/runtime/forkserver.py): a child it forks behaves as `python -m
+"""The fork server (engine/runtime/forkserver/): a child it forks behaves as `python -m
 module args` would (arguments, environment, working directory, passed descriptors, exit
 code, atexit handlers and threads at its end, its command in ps), its end is reported, and
 nothing outlives the process that started the server, however either dies."""

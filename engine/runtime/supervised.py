@@ -1,7 +1,7 @@
 """A helper process of the acceptor's (the background scrub, forwarding): started once
 the workers are up, started again `restart_after` seconds after it dies (not while
 draining), and stopped on drain. The process is `python -m <module> <parent pid>`, forked
-by the fork server (engine/runtime/forkserver.py, its parent), and reads the configuration
+by the fork server (engine/runtime/forkserver/, its parent), and reads the configuration
 from the environment variable `config_env`."""
 from __future__ import annotations
 
