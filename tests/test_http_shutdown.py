@@ -1,4 +1,5 @@
-"""An HTTP process stops without a traceback while a request is in flight (issue #20).
+"""An HTTP process stops without a traceback while a request is in flight (issue #20), and
+cleanly when asked to as it starts.
 
 aiohttp's own shutdown waits for a request in flight with a timeout; when the handler's end
 and that timeout fall due in the same turn of the event loop (a loop kept busy, as under
@@ -12,11 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import socket
 import time
 
 from aiohttp import web
 
+from stowage.engine.runtime import forkserver
+from stowage.engine.runtime.config import Config
 from stowage.engine.web.process import in_flight, shut_down
+from stowage.engine.web.processes import HttpProcesses
 
 _HANDLER_S, _TIMEOUT_S = 0.2, 0.3  # the handler ends before the shutdown's timeout...
 _BUSY_AT_S, _BUSY_S = 0.1, 0.6      # ...and both are overdue when the loop runs again
@@ -68,3 +74,25 @@ def test_a_request_in_flight_is_answered_and_nothing_is_logged(caplog):
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done"), answer
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
         [(r.name, r.getMessage()) for r in caplog.records]
+
+
+def test_stopped_as_they_start_they_stop_cleanly(tmp_path):
+    """HTTP processes stopped within ms of their start (a drain just after a restart), before
+    their SIGTERM handler is in, die of the signal: that is a clean stop (they served
+    nothing), not a failure that makes `stowage serve` exit 1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = Config(data_dir=tmp_path / "data", bind="127.0.0.1", http_port=port, http_processes=2)
+    config.data_dir.mkdir()
+    procs = HttpProcesses(config)
+    try:
+        procs.start()
+        pids = [p.popen.pid for p in procs.procs]
+        failed = procs.stop()  # at once: they are still starting
+        codes = [p.popen.returncode for p in procs.procs]
+    finally:
+        forkserver.stop()
+    assert len(pids) == 2
+    assert all(code in (0, -signal.SIGTERM) for code in codes), codes
+    assert failed == 0

@@ -166,8 +166,12 @@ class HttpProcesses:
                 log.error("http process %d did not stop; killing it", p.index)
                 p.popen.kill()
                 code = p.popen.wait()
-            if code != 0:
+            if code == -signal.SIGTERM:
+                # killed by the signal itself: it had not yet put its handler in, so it was not
+                # serving (a restart just before the drain); nothing was in flight
+                log.info("http process %d stopped before it served", p.index)
+            elif code != 0:
                 log.error("http process %d ended with %s while stopping", p.index, code)
-            failed += code != 0
+                failed += 1
             self._forget(p)
         return failed
