@@ -18,6 +18,7 @@ import warnings
 from stowage.engine.runtime.forkserver import frames
 
 _PR_SET_PDEATHSIG = 1
+_BURST_S = 0.1  # how long after a fork the next request is waited for before importing on
 
 
 def die_with_parent(sig: int, parent: int) -> None:
@@ -51,8 +52,12 @@ def _serve(sock: socket.socket, preload: list[str]) -> None:
 
 def _loop(sock: socket.socket, sel: selectors.BaseSelector, wake_r: int, wake_w: int, preload: list[str]) -> None:
     me = os.getpid()
+    forked = False
     while True:
-        events = sel.select(0 if preload else None)
+        # a request comes in bursts (the acceptor starts its workers one after the other): after
+        # a fork, a moment for the next before the next import, which would make it wait ~1 s
+        events = sel.select((_BURST_S if forked else 0) if preload else None)
+        forked = False
         if not events and preload:
             _import(preload.pop(0))
             continue
@@ -61,6 +66,7 @@ def _loop(sock: socket.socket, sel: selectors.BaseSelector, wake_r: int, wake_w:
                 _drain(wake_r)
                 _report_ended(sock)
                 continue
+            forked = True
             frame = frames.recv(sock)
             if frame is None:
                 return
