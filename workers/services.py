@@ -2,6 +2,7 @@
 handler serves each DIMSE event. Adding a service is one entry here and one module."""
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -72,8 +73,8 @@ class Services:
 @contextmanager
 def _known_valid_uids() -> Iterator[None]:
     """pydicom validates every UID made, and pynetdicom makes one of each transfer syntax of
-    every supported context again (~8,200 of them): ~0.17 s of each worker's start. These are
-    pydicom's, pynetdicom's and our own constants; pynetdicom still checks each (validate_uid)."""
+    every supported context again (~8,200 of them): ~0.17 s. These are pydicom's,
+    pynetdicom's and our own constants; pynetdicom still checks each (validate_uid)."""
     settings = pydicom.config.settings
     mode, settings.reading_validation_mode = settings.reading_validation_mode, pydicom.config.IGNORE
     try:
@@ -84,11 +85,6 @@ def _known_valid_uids() -> Iterator[None]:
 
 def build_ae(config: Config) -> AE:
     """The AE whose supported contexts every association of this worker negotiates against."""
-    with _known_valid_uids():  # at start-up, before any other thread
-        return _build_ae(config)
-
-
-def _build_ae(config: Config) -> AE:
     ae = identify(AE(config.aet))
     ae.maximum_pdu_size = config.max_pdu
     ae.acse_timeout = config.acse_timeout
@@ -96,15 +92,27 @@ def _build_ae(config: Config) -> AE:
     ae.network_timeout = config.network_timeout
     ae.require_called_aet = False
     ae.maximum_associations = config.max_associations  # the acceptor enforces the cap; pynetdicom would add 10 per worker
-    syntaxes = transfer_syntaxes()
-    ae.add_supported_context(Verification, syntaxes)
-    for uid in storage_sop_classes():
-        # roles: a C-GET requester proposes SCP role for the storage classes it takes back
-        ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
-    ae.add_supported_context(STORAGE_COMMITMENT, COMMITMENT_SYNTAXES + [ExplicitVRBigEndian])
-    # Query/Retrieve identifiers in the uncompressed syntaxes only: pynetdicom would inflate
-    # a Deflated identifier whole, past max_inflated_bytes (issue #25)
-    identifiers = [s for s in syntaxes[:4] if s != DeflatedExplicitVRLittleEndian]
-    for uid in (*FIND_SOP_CLASSES, *MOVE_SOP_CLASSES, *GET_SOP_CLASSES):
-        ae.add_supported_context(uid, identifiers)
+    # pynetdicom's setter would check each context again: the dict it keeps them in, copied
+    ae._supported_contexts = dict(supported_contexts())
     return ae
+
+
+@functools.cache
+def supported_contexts() -> dict:
+    """The contexts we accept, as pynetdicom's AE keeps them (abstract syntax: context).
+    Constants, made once per process (~0.25 s: pynetdicom checks each of ~8,200 transfer
+    syntaxes): in the fork server as it imports the worker, so a forked worker has them."""
+    ae = AE()
+    with _known_valid_uids():
+        syntaxes = transfer_syntaxes()
+        ae.add_supported_context(Verification, syntaxes)
+        for uid in storage_sop_classes():
+            # roles: a C-GET requester proposes SCP role for the storage classes it takes back
+            ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
+        ae.add_supported_context(STORAGE_COMMITMENT, COMMITMENT_SYNTAXES + [ExplicitVRBigEndian])
+        # Query/Retrieve identifiers in the uncompressed syntaxes only: pynetdicom would inflate
+        # a Deflated identifier whole, past max_inflated_bytes (issue #25)
+        identifiers = [s for s in syntaxes[:4] if s != DeflatedExplicitVRLittleEndian]
+        for uid in (*FIND_SOP_CLASSES, *MOVE_SOP_CLASSES, *GET_SOP_CLASSES):
+            ae.add_supported_context(uid, identifiers)
+    return ae._supported_contexts

@@ -42,11 +42,12 @@ from stowage.engine.runtime.counts import counts as process_counts
 from stowage.workers.contexts import storage_sop_classes
 from stowage.engine.receive.ingest import StorageAssociation
 from stowage.engine.runtime.malloc import keep_large_buffers_in_heap
-from stowage.workers.services import Services, build_ae
+from stowage.workers.services import Services, build_ae, supported_contexts
 from stowage.engine.iceberg.node_segments import read_other_nodes
 from stowage.engine.storage.remote import read_from_bucket
 
 log = logging.getLogger("stowage.worker")
+supported_contexts()  # made as this is imported: in the fork server, once for all the workers it forks
 
 
 class Worker:
