@@ -7,6 +7,23 @@ import uuid
 from aiohttp import web
 
 
+class StreamedResponse(web.StreamResponse):
+    """A StreamResponse that sends no body to a HEAD request. aiohttp leaves the body out
+    of a HEAD answer for web.Response only; a StreamResponse writes whatever it is given,
+    and a client reads those bytes as the beginning of the next answer on its keep-alive
+    connection (RFC 9110 9.3.2: a HEAD answer has no content)."""
+
+    _head_only = False
+
+    async def prepare(self, request: web.BaseRequest):
+        self._head_only = request.method == "HEAD"
+        return await super().prepare(request)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._head_only:
+            await super().write(data)
+
+
 class MultipartWriter:
     """Streams parts into a prepared StreamResponse."""
 
@@ -24,7 +41,7 @@ class MultipartWriter:
         """Send the status and headers: the body's `length` when known beforehand (each
         part then goes to the socket as it is, without chunk framing joined to it), else
         chunked."""
-        response = web.StreamResponse(headers={"Content-Type": self.content_type, **(headers or {})})
+        response = StreamedResponse(headers={"Content-Type": self.content_type, **(headers or {})})
         if length is None:
             response.enable_chunked_encoding()
         else:

@@ -98,6 +98,14 @@ async def shut_down(runner: web.AppRunner, site: web.BaseSite, tasks: set[asynci
     await runner.cleanup()
 
 
+def _idle_timeout(config: Config) -> float:
+    """How long a connection may sit without a request: before its first one (a client
+    that connects and says nothing, or stops in the middle of its request head) and
+    between two. aiohttp's default is an hour, so silent clients held a descriptor each
+    that long; `network_timeout` is what every other wait on a peer gets."""
+    return config.network_timeout if config.network_timeout > 0 else 60.0
+
+
 def _trace_memory(loop: asyncio.AbstractEventLoop) -> None:
     """The memory probe (engine/runtime/memory_probe.py), dumped on SIGUSR2."""
     dump = memory_probe.start("http")
@@ -109,8 +117,8 @@ async def _serve(config: Config, sock: socket.socket, index: int, control: socke
     app = build_app(config)
     tasks: set[asyncio.Task] = set()
     app.middlewares.insert(0, in_flight(tasks))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+                           keepalive_timeout=_idle_timeout(config))
     await runner.setup()
     site = AcceptSite(runner, sock, lambda: bool(tasks), ssl_context=http_context(config),
                       delay=deferral_for(config.http_process_count))

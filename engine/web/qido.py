@@ -31,6 +31,7 @@ from stowage.engine.web.store import STORE
 from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url
 from stowage.engine.web.fast_json import dataset_json
 from stowage.engine.web.errors import refusal
+from stowage.engine.web.multipart import StreamedResponse
 
 audit = logging.getLogger("stowage.audit")
 _RESERVED = frozenset({"includefield", "limit", "offset", "fuzzymatching", "access_token"})
@@ -265,7 +266,7 @@ async def _answer(request: web.Request, level: str, fixed: dict[int, str]) -> we
         return web.Response(status=204, headers=headers)
     if len(pieces) == 1:
         return web.Response(body=pieces[0], content_type=MEDIA_TYPE, headers=headers)
-    response = web.StreamResponse(headers=headers)  # the pieces as they are, never joined into one body
+    response = StreamedResponse(headers=headers)  # the pieces as they are, never joined into one body
     response.content_type = MEDIA_TYPE
     await response.prepare(request)
     while pieces:

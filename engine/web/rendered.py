@@ -9,6 +9,7 @@ its first series' middle instance; a multi-frame instance its first frame (or th
 """
 from __future__ import annotations
 
+import math
 from io import BytesIO
 
 import numpy as np
@@ -34,6 +35,8 @@ def _numbers(text: str, n: int, what: str, low: float | None = None) -> list[flo
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise refusal(400, f"{what}={text[:40]!r}: numbers separated by commas") from None
+    if not all(math.isfinite(v) for v in values):  # float() takes nan, inf and 1e400: no size, window or quality
+        raise refusal(400, f"{what}={text[:40]!r}: finite numbers expected")
     if len(values) < n or (low is not None and any(v < low for v in values[:n])):
         raise refusal(400, f"{what}={text[:40]!r}: {n} numbers expected")
     return values

@@ -90,6 +90,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     base = base_url(request)
     sizes = await store.run(_sizes, store, found) if target is None else None
     await writer.start(request, length=None if sizes is None else _body_length(writer, found, sizes, base))
+    if request.method == "HEAD":  # the headers only: no record is read, nothing is sent
+        return await writer.finish()
     ahead: dict[int, asyncio.Future] = {}  # the next instances' reads, in the pool while we send
     try:
         for i, inst in enumerate(found):

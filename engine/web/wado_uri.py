@@ -5,6 +5,8 @@ does, none gives it as stored), or image/jpeg (the default) / image/png rendered
 `windowCenter`, `windowWidth`, `rows`, `columns`, `frameNumber`, `imageQuality`."""
 from __future__ import annotations
 
+import math
+
 from aiohttp import web
 
 from stowage.engine.store.archive import valid_uid
@@ -76,6 +78,8 @@ async def wado(request: web.Request) -> web.Response:
             opts["window"] = (float(q["windowCenter"]), float(q["windowWidth"]))
         except (KeyError, ValueError):
             raise refusal(400, "windowCenter and windowWidth: two numbers, both given") from None
+        if not all(math.isfinite(v) for v in opts["window"]):
+            raise refusal(400, "windowCenter and windowWidth: finite numbers (not nan or inf)")
         if opts["window"][1] <= 0:
             raise refusal(400, "windowWidth must be above 0")
     rows, columns = _int(q, "rows", 1, 4096), _int(q, "columns", 1, 4096)

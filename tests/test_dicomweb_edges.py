@@ -1,0 +1,151 @@
+"""The HTTP port at its edges, as curl, a proxy or a raw socket meet it: HEAD answers
+without a body on a keep-alive connection, rendered parameters that float() takes but no
+image can use (nan, inf), and clients that connect and say nothing."""
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import time
+
+import pydicom
+import pytest
+import requests
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from conftest import HOST
+from web_server import c_store, start
+
+NETWORK_TIMEOUT = 3
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("edges")
+    cfg = tmp / "edges.toml"
+    cfg.write_text(f"network_timeout = {NETWORK_TIMEOUT}\n")
+    w = start(tmp, "--config", str(cfg))
+    yield w
+    w.server.stop()
+
+
+def _some_instance(web) -> tuple[str, str, str]:
+    study = next(s for s, v in web.corpus.studies.items() if len(v) == 2)
+    series = next(iter(web.corpus.studies[study]))
+    return study, series, web.corpus.studies[study][series][0]
+
+
+def _many_instances(web, n: int) -> str:
+    """`n` small instances (no pixels) in one new series; its Series Instance UID."""
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for k in range(n):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, k + 1
+        ds.PatientName, ds.PatientID, ds.Modality = "EDGE^HEAD", "PID-EDGE", "OT"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        path = web.tmp / f"edge-{k}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    for start_at in range(0, n, 100):  # c_store asks a context per file: at most 128 an association
+        c_store(web.server.port, paths[start_at:start_at + 100])
+    return series
+
+
+def test_head_answers_have_no_body_and_the_connection_goes_on(web):
+    """RFC 9110 9.3.2: a HEAD answer has no content. aiohttp drops it for web.Response but
+    a StreamResponse wrote it anyway: the client then read the parts of a WADO-RS answer
+    as the status line of its next one on the same keep-alive connection."""
+    study, series, inst = _some_instance(web)
+    many = _many_instances(web, 150)  # a QIDO-RS answer over 100 matches is streamed in pieces
+    dicom = 'multipart/related; type="application/dicom"'
+    heads = [
+        (f"/studies/{study}", {"Accept": f"{dicom}; transfer-syntax=*"}),  # as stored, its length known
+        (f"/studies/{study}/series/{series}/instances/{inst}", {"Accept": dicom}),  # converted, chunked
+        (f"/studies/{study}/series/{series}/instances/{inst}/frames/1", {}),
+        (f"/studies/{study}/series/{series}/instances/{inst}/bulkdata/7FE00010", {}),
+        (f"/instances?SeriesInstanceUID={many}", {}),
+        (f"/studies/{study}/series/{series}/instances/{inst}/metadata", {}),
+    ]
+    conn = http.client.HTTPConnection(HOST, web.http_port, timeout=30)
+    try:
+        for path, headers in heads:
+            conn.request("HEAD", "/dicom-web" + path, headers=headers)
+            head = conn.getresponse()
+            assert head.status == 200 and head.read() == b"", path
+            get = requests.get(web.base + path, headers=headers)
+            assert get.status_code == 200 and get.content, path
+            assert head.getheader("Content-Type").split(";")[0] == get.headers["Content-Type"].split(";")[0]
+            # the next request on the same connection reads its own answer, not the HEAD's body
+            conn.request("GET", "/dicom-web/studies?PatientID=PID-1")
+            after = conn.getresponse()
+            assert after.status == 200, (path, after.status)
+            assert after.getheader("Content-Type") == "application/dicom+json", path
+            assert b"PID-1" in after.read()
+    finally:
+        conn.close()
+    assert "internal error" not in web.server.log()
+
+
+def test_rendered_numbers_must_be_finite(web):
+    """float() takes nan, inf and 1e400: a viewport or quality of those was a 500 (int() of
+    them raises), a window of them a blank image; now a 400 that says so."""
+    study, series, inst = _some_instance(web)
+    url = f"{web.base}/studies/{study}/series/{series}/instances/{inst}"
+    for params in ({"viewport": "inf,inf"}, {"viewport": "nan,10"}, {"viewport": "1e400,5"}, {"quality": "nan"},
+                   {"window": "nan,nan"}, {"window": "40,inf"}, {"window": "-inf,400"}):
+        for resource in ("/rendered", "/thumbnail", "/frames/1/rendered"):
+            r = requests.get(url + resource, params=params)
+            assert r.status_code == 400 and "finite" in r.text, (resource, params, r.status_code, r.text)
+    wado = {"requestType": "WADO", "studyUID": study, "seriesUID": series, "objectUID": inst}
+    for params in ({"windowCenter": "nan", "windowWidth": "400"}, {"windowCenter": "40", "windowWidth": "inf"}):
+        r = requests.get(f"{web.url}/wado", params={**wado, **params})
+        assert r.status_code == 400 and "finite" in r.text, (params, r.status_code, r.text)
+    assert requests.get(url + "/rendered", params={"viewport": "64,64", "quality": "50"}).status_code == 200
+    assert "internal error" not in web.server.log()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` (end of stream, or a reset) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _w, _x = select.select([sock], [], [], left)
+        if readable:
+            try:
+                if sock.recv(65536) == b"":
+                    return True
+            except ConnectionError:
+                return True
+    return False
+
+
+def test_a_silent_client_is_let_go_after_network_timeout(web):
+    """A connection that sends nothing, or stops in the middle of its request head, or sits
+    idle after an answer, was held for aiohttp's default hour, a descriptor each. They are
+    closed after network_timeout, as a stalled STOW-RS body is, and others are served meanwhile."""
+    silent = {
+        "nothing": b"",
+        "half a request line": b"GET /dicom-web/stu",
+        "half a head": f"GET /dicom-web/studies HTTP/1.1\r\nHost: {HOST}\r\nAccept: */*\r\n".encode(),
+        "idle after an answer": f"GET /dicom-web/studies?limit=1 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode(),
+    }
+    socks = {}
+    for what, data in silent.items():
+        s = socket.create_connection((HOST, web.http_port), timeout=10)
+        s.sendall(data)
+        socks[what] = s
+    try:
+        answer = socks["idle after an answer"].recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+        for _ in range(3):  # the port goes on answering everyone else meanwhile
+            assert requests.get(f"{web.base}/studies", timeout=10).status_code == 200
+        for what, s in socks.items():
+            assert _closed_within(s, NETWORK_TIMEOUT * 10), f"{what}: still open {NETWORK_TIMEOUT * 10} s on"
+    finally:
+        for s in socks.values():
+            s.close()
+    assert requests.get(f"{web.base}/studies", timeout=10).status_code == 200
