@@ -6,6 +6,7 @@ import pytest
 import requests
 from requests import HTTPError
 
+from conftest import wait_for
 from stowage.engine.runtime.config import load
 from stowage.engine.web.processes import http_bind
 from test_tls import certs  # noqa: F401 (the module-scoped CA and certificates)
@@ -47,6 +48,18 @@ def test_tokens_and_scopes(web, certs):  # noqa: F811
     with pytest.raises(HTTPError) as e:
         web.client(session=session).search_for_studies()
     assert e.value.response.status_code == 401
+
+
+def test_a_token_in_the_query_never_reaches_the_audit_trail(web, certs):  # noqa: F811
+    """?access_token= (RFC 6750 2.3) is the token itself: the QIDO-RS audit line copied the
+    query string whole into audit.jsonl."""
+    r = requests.get(f"{web.base}/series", verify=str(certs / "ca.pem"),
+                     params={"Modality": "XA", "access_token": READ, "limit": "7"})
+    assert r.status_code == 204
+    audit = web.server.data_dir / "audit.jsonl"
+    line = wait_for(lambda: next((ln for ln in audit.read_text().splitlines() if "Modality=XA" in ln), None),
+                    30, "the QIDO-RS audit line")
+    assert "limit=7" in line and READ not in line and READ not in audit.read_text()
 
 
 def test_plain_http_on_the_tls_port_gets_nothing(web):
