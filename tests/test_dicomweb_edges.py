@@ -149,3 +149,37 @@ def test_a_silent_client_is_let_go_after_network_timeout(web):
         for s in socks.values():
             s.close()
     assert requests.get(f"{web.base}/studies", timeout=10).status_code == 200
+
+
+def test_bulk_data_follows_the_accept_header(web):
+    """Bulk data is application/octet-stream: an Accept header that allows none of it gets a
+    406 saying so (it got octet-stream parts, whatever it asked for)."""
+    study, series, inst = _some_instance(web)
+    url = f"{web.base}/studies/{study}/series/{series}/instances/{inst}/bulkdata/7FE00010"
+    pixel_data = pydicom.dcmread(web.corpus.by_uid[inst]).PixelData
+    for accept in ("application/dicom+json", 'multipart/related; type="image/jp2"', "text/html", "image/*",
+                   "application/octet-stream; q=0"):
+        r = requests.get(url, headers={"Accept": accept})
+        assert r.status_code == 406 and "application/octet-stream" in r.text, (accept, r.status_code)
+    for accept, multipart in ((None, True), ("*/*", True), ("application/octet-stream", False),
+                              ('multipart/related; type="application/octet-stream"; transfer-syntax=*', True),
+                              ('image/jp2, application/octet-stream; q=0.5', False),
+                              ('text/html, multipart/related; type="application/octet-stream"; q=0.2', True)):
+        r = requests.get(url, headers={"Accept": accept} if accept else {})
+        assert r.status_code == 200, (accept, r.status_code, r.text[:200])
+        assert r.headers["Content-Type"].startswith("multipart/related" if multipart else "application/octet-stream")
+        assert (pixel_data in r.content) and (multipart or r.content == pixel_data), accept
+
+
+def test_one_attribute_named_twice_in_a_query_is_refused(web):
+    """A repeated key is a 400 (docs/dicomweb.md); the same attribute as a keyword and as a
+    tag was not seen as repeated: the second value silently replaced the first."""
+    for query in ("PatientName=DOE*&00100010=M*", "00100020=PID-1&PatientID=PID-2", "0010001a=X&0010001A=Y",
+                  "PatientName=DOE*&PatientName=M*"):
+        r = requests.get(f"{web.base}/studies?{query}")
+        assert r.status_code == 400 and "given twice" in r.text, (query, r.status_code, r.text)
+    study = next(iter(web.corpus.studies))
+    r = requests.get(f"{web.base}/studies/{study}/series?StudyInstanceUID={study}&0020000D={study}")
+    assert r.status_code == 400 and "given twice" in r.text
+    r = requests.get(f"{web.base}/studies?PatientName=DOE*&PatientID=PID-1")
+    assert r.status_code == 200 and len(r.json()) == 1

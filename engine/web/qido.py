@@ -156,14 +156,16 @@ def parse_search(query: web.MultiDictProxy, level: str, fixed: dict[int, str], m
         raise refusal(400, f"fuzzymatching={fuzzy[:16]!r}: must be true or false")
     for tag, uid in fixed.items():
         ds.add_new(tag, "UI", uid)
-    seen: set[str] = set()
+    seen: dict[tuple[int, ...], str] = {}  # by attribute: PatientName and 00100010 are one key
     for name, text in query.items():
         if name in _RESERVED:
             continue
-        if name in seen:
-            raise refusal(400, f"query key {name!r} given twice: give a list of values in one (a,b,c)")
-        seen.add(name)
         tags = _path(name)
+        if tuple(tags) in seen:
+            first = seen[tuple(tags)]
+            also = "" if first == name else f" (as {first!r} and {name!r})"
+            raise refusal(400, f"query key {name!r} given twice{also}: give a list of values in one (a,b,c)")
+        seen[tuple(tags)] = name
         if len(tags) == 1 and tags[0] in fixed:
             if text and text != fixed[tags[0]]:
                 raise refusal(400, f"query key {name!r} contradicts the UID in the path")

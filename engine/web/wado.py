@@ -331,8 +331,20 @@ def _bulk(store: WebStore, inst: Instance, path: list[int]) -> tuple[str, bytes]
     return f"{OCTETS}; transfer-syntax={label}", bytes(value)
 
 
+def _bulk_single_part(accept: str | None) -> bool:
+    """Whether the bulk data goes as a bare application/octet-stream body (the Accept
+    header's best alternative names it so) rather than multipart; 406 when no alternative
+    takes application/octet-stream at all (bulk data is given as nothing else)."""
+    for alt in alternatives(accept, OCTETS):
+        if alt.media_type in (OCTETS, "*/*", "application/*"):
+            return not alt.multipart and alt.media_type == OCTETS
+    raise refusal(406, f"bulk data is given as {OCTETS} only (single part or multipart/related), which the Accept "
+                       "header does not allow; compressed frames as image types: .../frames/{n}")
+
+
 async def bulkdata(request: web.Request) -> web.StreamResponse:
     path = _bulk_path(request.match_info["tag"])
+    single = _bulk_single_part(request.headers.get("Accept"))
     store = request.app[STORE]
     inst = (await _instances(store, request))[0]
     try:
@@ -341,8 +353,7 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
         raise refusal(e.status, str(e)) from None
     except Unreadable as e:
         raise refusal(500, str(e)) from None
-    accepted = alternatives(request.headers.get("Accept"), OCTETS)
-    if any(not a.multipart and a.media_type == OCTETS for a in accepted[:1]):
+    if single:
         return web.Response(body=data, headers={"Content-Type": ctype})
     writer = MultipartWriter(OCTETS)
     await writer.start(request)
