@@ -213,7 +213,7 @@ def proposed_contexts() -> str:
     from stowage.engine.transfer import commit_scu
     from stowage.engine.migrate import pull
     from stowage.engine.store.commitment import SOP_CLASS as COMMITMENT
-    from stowage.engine.transfer.send import FALLBACKS, MAX_CONTEXTS
+    from stowage.engine.transfer.contexts import FALLBACKS, MAX_CONTEXTS
     from stowage.workers import commitment
     fallbacks = " and ".join(uid_name(u) for u in FALLBACKS)
     rows = [["every storage SOP class among the instances sent",

@@ -93,7 +93,7 @@ def test_ingest_import_export_and_send_under_a_project(tmp_path, make_server):
     # Storage commitment answers for the UID the sender sent (held under its keyed UID).
     from stowage.engine.transfer.commit_scu import request_commitment
     from stowage.engine.transfer.requestor import Peer
-    from stowage.engine.transfer.send import Instance
+    from stowage.engine.transfer.results import Instance
     sent = Instance(original.SOPInstanceUID, original.SOPClassUID, str(original.file_meta.TransferSyntaxUID), "", 0)
     report = request_commitment(Peer("TRIAL", HOST, server.port), "CTSCANNER", [sent], timeout=60)
     assert report.committed == [original.SOPInstanceUID] and not report.failed

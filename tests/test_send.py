@@ -305,7 +305,8 @@ def test_send_on_an_existing_association(server, tmp_path, scps, monkeypatch):
     from stowage.catalog.reader import Catalog
     from stowage.engine.transfer.requestor import Peer, associate, new_ae
     from stowage.engine.transfer.selection import select
-    from stowage.engine.transfer.send import Sender, context_batches
+    from stowage.engine.transfer.contexts import context_batches
+    from stowage.engine.transfer.send import Sender
     from pynetdicom.presentation import build_context
     ct = copies(CT, tmp_path / "ct", 3, "ct")
     store(server.port, ct)
@@ -327,7 +328,8 @@ def test_send_on_an_existing_association(server, tmp_path, scps, monkeypatch):
 
 
 def test_context_batches_stay_within_128_and_keep_each_class_whole():
-    from stowage.engine.transfer.send import MAX_CONTEXTS, Instance, context_batches
+    from stowage.engine.transfer.contexts import MAX_CONTEXTS, context_batches
+    from stowage.engine.transfer.results import Instance
     instances = [Instance(f"1.2.3.{i}", f"1.2.840.10008.5.1.4.1.1.{i}", ts, "000-00000001.seg", 0)
                  for i in range(60) for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50")]
     batches = context_batches(instances)

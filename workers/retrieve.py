@@ -44,7 +44,9 @@ from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.runtime.logs import log_reference
 from stowage.engine.transfer.requestor import Peer, PeerError, peer_of
-from stowage.engine.transfer.send import Instance, Outcome, Sender, direct_socket
+from stowage.engine.transfer.links import direct_socket
+from stowage.engine.transfer.results import Instance, Outcome
+from stowage.engine.transfer.send import Sender
 from stowage.protocol.pdu import p_data
 from stowage.protocol.pynetdicom_patches import retrieve_pending_command, send_retrieve_pending
 from stowage.protocol.status import (

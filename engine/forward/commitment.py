@@ -23,7 +23,7 @@ from stowage.engine.runtime.forward_rules import ForwardRule
 from stowage.engine.runtime.logs import audit_line
 from stowage.engine.transfer.commit_scu import CommitError, request_commitment
 from stowage.engine.transfer.requestor import Peer, PeerError, peer_of
-from stowage.engine.transfer.send import Instance
+from stowage.engine.transfer.results import Instance
 
 log = logging.getLogger("stowage.forward")
 

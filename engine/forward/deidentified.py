@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from stowage.engine.deidentify.project import Project, Quarantined
 from stowage.engine.store.filemeta import file_meta, group_length
-from stowage.engine.transfer.send import Instance, Rewrite, RewriteError
+from stowage.engine.transfer.results import Instance, Rewrite, RewriteError
 
 NOT_DEIDENTIFIED = "not de-identified"  # starts every reason: deliver.py parks these, never retries them
 

@@ -37,7 +37,8 @@ from stowage.engine.forward.sending import Answer, SendingDied, SendingProcess
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_lines
 from stowage.engine.transfer.requestor import PeerError, peer_of
-from stowage.engine.transfer.send import Context, Instance, context_batches
+from stowage.engine.transfer.contexts import context_batches
+from stowage.engine.transfer.results import Context, Instance
 
 log = logging.getLogger("stowage.forward")
 

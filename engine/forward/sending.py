@@ -177,7 +177,7 @@ class _Session:
             self.cancelled.set()
 
     def _run(self) -> None:
-        from stowage.engine.transfer.send import SendResult
+        from stowage.engine.transfer.results import SendResult
         result = SendResult()
         try:
             result = self.sender.send_feed(self.feed)
@@ -205,7 +205,9 @@ class _Child:
 
     def open(self, project: str, expected: list[tuple], first: list[tuple]) -> None:
         from stowage.engine.transfer.requestor import peer_of
-        from stowage.engine.transfer.send import Feed, Instance, Sender
+        from stowage.engine.transfer.results import Instance
+        from stowage.engine.transfer.send import Sender
+        from stowage.engine.transfer.work import Feed
         c = self.config
         remote = c.remotes[self.destination]
         feed = Feed([Instance(*i) for i in expected])
@@ -226,7 +228,7 @@ class _Child:
         session.start()
 
     def handle(self, message: tuple) -> None:
-        from stowage.engine.transfer.send import Instance
+        from stowage.engine.transfer.results import Instance
         kind, s = message[0], self.session
         if kind == "open":
             if s is not None:

@@ -16,7 +16,7 @@ from pynetdicom.presentation import build_context
 
 from stowage.engine.transfer.requestor import Peer, PeerError, associate, new_ae
 from stowage.engine.store.commitment import SOP_CLASS, WELL_KNOWN_INSTANCE
-from stowage.engine.transfer.send import Instance
+from stowage.engine.transfer.results import Instance
 from stowage.protocol.status import SUCCESS
 
 log = logging.getLogger("stowage.commit")

@@ -19,7 +19,7 @@ from stowage.engine.deidentify.project import Project, Quarantined
 from stowage.engine.store.integrity import marks_of
 from stowage.engine.store.segment import read_payload
 from stowage.engine.transfer.selection import select
-from stowage.engine.transfer.send import Instance
+from stowage.engine.transfer.results import Instance
 from stowage.protocol.status import STORE_WARNINGS, SUCCESS
 
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from stowage.catalog.reader import Catalog
 from stowage.catalog.schema import COLUMN_NAMES, DICOM_COLUMNS, KEYWORD_TO_COLUMN
-from stowage.engine.transfer.send import Instance
+from stowage.engine.transfer.results import Instance
 
 LEVELS = {"patient": "patient_id", "study": "study_instance_uid",
           "series": "series_instance_uid", "instance": "sop_instance_uid"}

@@ -35,7 +35,7 @@ The patches, why each exists, and what to re-check on upgrade:
    watches EVT_DIMSE_SENT goes pynetdicom's way. Re-check: `send_msg`, the primitives'
    attribute names, `dimse_messages.C_FIND_RSP.primitive_to_message`, `dsutils.encode`.
 4. C-STORE responses routed to a queue: `DIMSEServiceProvider.receive_primitive`. On an
-   association we write C-STOREs on directly (C-GET, engine/transfer/send.py `_DirectLink`) each
+   association we write C-STOREs on directly (C-GET, engine/transfer/links.py `DirectLink`) each
    C-STORE-RSP is decoded by struct on the DUL thread and queued (`route`), instead of
    pynetdicom decoding it with pydicom into a validated primitive. Only while routed,
    only a whole command set in one PDV, only a C-STORE-RSP. Re-check: `receive_primitive`

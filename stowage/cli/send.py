@@ -13,7 +13,8 @@ from stowage.cli.options import common, load, quiet_libraries, split_values
 from stowage.engine.runtime.config import Config
 from stowage.engine.transfer.requestor import PeerError, resolve
 from stowage.engine.transfer.selection import SelectionError, parse_query, select
-from stowage.engine.transfer.send import Outcome, Sender
+from stowage.engine.transfer.results import Outcome
+from stowage.engine.transfer.send import Sender
 
 
 class SendCommandError(RuntimeError):
