@@ -44,7 +44,31 @@ def test_precedence_file_env_flags(tmp_path):
                                            ({"tls_port": 70000}, "tls_port"), ({"tls_port": 2762}, "tls_cert"),
                                            ({"s3_retries": -1}, "s3_retries"),
                                            ({"remotes": {"X": {"host": "h", "port": 1, "associations": 0}}},
-                                            "associations")])
+                                            "associations"),
+                                           # checked nowhere before: each failed later, elsewhere
+                                           ({"log_level": "verbose"}, "log_level"),
+                                           ({"network_timeout": -1}, "network_timeout"),
+                                           ({"acse_timeout": 0}, "acse_timeout"),
+                                           ({"dimse_timeout": float("inf")}, "dimse_timeout"),
+                                           ({"drain_timeout": -1}, "drain_timeout"),
+                                           ({"segment_size": -5}, "segment_size"),
+                                           ({"compact_min_files": 0}, "compact_min_files"),
+                                           ({"min_free_bytes": -1}, "min_free_bytes"),
+                                           ({"spill_threshold": -1}, "spill_threshold"),
+                                           ({"remotes": 5}, "remotes"),
+                                           ({"remotes": {"X": {"host": "h", "port": 70000}}}, "remotes.X.*port"),
+                                           ({"remotes": {"X": {"host": "h", "port": 0}}}, "remotes.X.*port"),
+                                           ({"remotes": {"X": {"host": "h", "port": True}}}, "remotes.X.*port"),
+                                           ({"remotes": {"X": {"host": "", "port": 104}}}, "remotes.X.*host"),
+                                           ({"remotes": {"ABCDEFGHIJKLMNOPQ": {"host": "h", "port": 104}}},
+                                            "not a valid AE title"),
+                                           # TOML values of the wrong type are refused, not converted
+                                           ({"port": True}, "port: True is not a whole number"),
+                                           ({"workers": 2.5}, "workers: 2.5 is not a whole number"),
+                                           ({"cache_writes": "maybe"}, "cache_writes: 'maybe' is not true or false"),
+                                           ({"cache_writes": 1}, "cache_writes"),
+                                           ({"aet": {"a": 1}}, "aet: .* is not a string"),
+                                           ({"data_dir": 5}, "data_dir: 5 is not a path")])
 def test_bad_values_name_the_key(values, needle):
     with pytest.raises(ConfigError, match=needle):
         load(None, env={}, overrides=values)
@@ -78,6 +102,29 @@ def test_cli_bad_config_file(tmp_path):
     f.write_text("port = [\n")
     r = stowage("serve", "--config", str(f))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "bad.toml" in r.stderr
+
+
+def test_values_of_the_right_type_still_load():
+    """What the stricter types still take: whole floats for sizes, strings from variables."""
+    c = load(None, env={"STOWAGE_CACHE_WRITES": "off", "STOWAGE_PORT": "2000", "STOWAGE_LOG_LEVEL": "DEBUG"},
+             overrides={"max_storage_bytes": 1e9, "compact_rate": 5, "scrub_rate": 20})
+    assert (c.cache_writes, c.port, c.max_storage_bytes, c.compact_rate, c.scrub_rate) == \
+        (False, 2000, 10 ** 9, 5.0, "20")
+
+
+@pytest.mark.parametrize("content,needle", [(b"\xff\xfeport = 1\n", "not UTF-8"),
+                                            (b"remotes = 5\n", "remotes"),
+                                            (b'log_level = "verbose"\n', "log_level")])
+def test_cli_config_files_that_cannot_be_used(tmp_path, content, needle):
+    """A file in UTF-16 (as some Windows editors save), a scalar where tables belong, an
+    unknown log level: each used to end in a traceback (log_level once serve set up logging)."""
+    f = tmp_path / "stowage.toml"
+    f.write_bytes(content)
+    r = stowage("serve", "--config", str(f), "--data-dir", str(tmp_path / "d"), "--bind", HOST,
+                "--port", str(free_port()), "--workers", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):

@@ -20,6 +20,7 @@ from stowage.engine.runtime.forward_rules import ForwardRule, RuleError, parse_r
 DURABILITY_MODES = ("fsync", "os-buffer", "object-store")  # object-store: fsync, then PUT (engine/storage/wal.py)
 DUPLICATE_POLICIES = ("keep-newest", "keep-first", "reject")
 QUOTA_POLICIES = ("refuse", "delete-oldest")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # logging's names, any case
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no controls
 # The services a peer may be allowed (docs/access.md): C-ECHO, C-STORE, C-FIND, C-MOVE,
 # C-GET, storage commitment (N-ACTION).
@@ -304,7 +305,26 @@ class Config:
             raise ConfigError("local_cache_bytes must be >= 0 and upload_interval in (0, 3600] seconds")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        self._validate_network_and_sizes()
         return self
+
+    def _validate_network_and_sizes(self) -> None:
+        """Timeouts and sizes nothing else checks: a value out of range here would only fail
+        later, and elsewhere (every association refused by a worker for a negative
+        network_timeout, a segment rolled per record for a negative segment_size)."""
+        for key in ("network_timeout", "acse_timeout", "dimse_timeout"):
+            if not 0 < getattr(self, key) <= 86400:
+                raise ConfigError(f"{key}: {getattr(self, key)!r} is outside (0, 86400] seconds")
+        if not 0 <= self.drain_timeout <= 86400 or not 0 <= self.compact_interval <= 86400 * 366:
+            raise ConfigError("drain_timeout must be in [0, 86400] seconds and compact_interval >= 0 (0: off)")
+        if self.segment_size < 1 or self.compact_min_files < 1:
+            raise ConfigError(f"segment_size ({self.segment_size}) and compact_min_files ({self.compact_min_files}) "
+                              "must be >= 1")
+        if self.min_free_bytes < 0 or self.spill_threshold < 0:
+            raise ConfigError(f"min_free_bytes ({self.min_free_bytes}) and spill_threshold ({self.spill_threshold}) "
+                              "must be >= 0 bytes")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, for handing the configuration to a worker process."""
@@ -348,10 +368,19 @@ def scrub_setting(value: str) -> tuple[float, float]:
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", tuple: "a list"}
+
+
 def _coerce(key: str, value: Any) -> Any:
+    """A value from the file (TOML types), a variable or a flag (strings) as the key's type.
+    What TOML gives of another type is refused, not converted: `port = true` is not port 1,
+    `workers = 2.5` not 2 workers, `cache_writes = "maybe"` not false."""
     default = _FIELDS[key].default
     try:
         if key == "data_dir":
+            if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+                raise ValueError(value)
             return Path(value)
         if key in ("protected_patients", "http_cors_origins", "proxy_protocol_from"):  # a TOML list, or comma-separated
             items = value.split(",") if isinstance(value, str) else list(value)
@@ -359,14 +388,26 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(default, tuple):  # a TOML list, or comma-separated in a flag or variable
             return _list(value)
         if isinstance(default, bool):
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            return value if isinstance(value, bool) else _truth(value)
+        if isinstance(value, bool) or isinstance(value, (Mapping, list, tuple)):
+            raise ValueError(value)
         if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
             return int(value)
         if isinstance(default, float):
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: {value!r} is not a valid {type(default).__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        kind = "a path" if key == "data_dir" else _KINDS.get(type(default), type(default).__name__)
+        raise ConfigError(f"{key}: {value!r} is not {kind}") from None
+
+
+def _truth(value: Any) -> bool:
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text is None or text not in _TRUE + _FALSE:
+        raise ValueError(value)
+    return text in _TRUE
 
 
 _REMOTE_KEYS = {"ae_title", "host", "port", "commitment_same_association", "associations", "tls", "tls_ca",
@@ -425,11 +466,12 @@ def _remotes(table: Mapping[str, Any]) -> dict[str, Remote]:
         services = _check_services(f"remotes.{title}.services", _list(spec.get("services", SERVICES)))
         flags = [_flag(title, spec, k, d) for k, d in
                  (("tls_check_hostname", True), ("check_host", False), ("require_certificate", False))]
-        try:
-            remotes[title] = Remote(title, str(spec["host"]), int(spec["port"]), same, associations, tls, ca, cert,
-                                    key, flags[0], services, *flags[1:])
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"remotes.{title}: needs host (string) and port (number)") from None
+        host, port = spec.get("host"), spec.get("port")
+        if not isinstance(host, str) or not host.strip() or type(port) is not int or not 0 < port < 65536:
+            raise ConfigError(f"remotes.{title}: needs host (a name or address) and port (1-65535); "
+                              f"got host {host!r}, port {port!r}")
+        remotes[title] = Remote(title, host.strip(), port, same, associations, tls, ca, cert, key, flags[0],
+                                services, *flags[1:])
         if not _AE_TITLE.match(title):
             raise ConfigError(f"remotes.{title}: not a valid AE title")
     return remotes
@@ -462,6 +504,8 @@ def _build(values: dict[str, Any]) -> Config:
     if unknown:
         raise ConfigError(f"unknown configuration key(s): {', '.join(sorted(unknown))}")
     remotes = values.pop("remotes", None) or {}
+    if not isinstance(remotes, Mapping):
+        raise ConfigError("remotes: must be [remotes.AE_TITLE] tables with host and port")
     tokens = values.pop("http_tokens", None) or {}
     if not isinstance(tokens, Mapping):
         raise ConfigError("http_tokens: must be a table of name = {token, scopes}")
@@ -495,6 +539,8 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"config file {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib decodes before it parses
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     env = os.environ if env is None else env
     for key in _FIELDS:
         if key not in ("remotes", "http_tokens", "projects", "forward") and f"STOWAGE_{key.upper()}" in env:
