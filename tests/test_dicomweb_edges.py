@@ -183,3 +183,70 @@ def test_one_attribute_named_twice_in_a_query_is_refused(web):
     assert r.status_code == 400 and "given twice" in r.text
     r = requests.get(f"{web.base}/studies?PatientName=DOE*&PatientID=PID-1")
     assert r.status_code == 200 and len(r.json()) == 1
+
+
+def _big_study(web, instances: int = 3, frames: int = 20) -> str:
+    """A study of `instances` multi-frame CTs of ~10 MB each (more than socket buffers hold),
+    stored with STOW-RS; its Study Instance UID."""
+    import io
+    import numpy as np
+    from pydicom.data import get_testdata_file
+    study, boundary = generate_uid(), "edge-boundary"
+    body = b""
+    for _ in range(instances):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.Rows = ds.Columns = 512
+        ds.NumberOfFrames, ds.BitsAllocated, ds.BitsStored, ds.HighBit = frames, 16, 16, 15
+        ds.PixelData = np.random.default_rng(7).integers(0, 4000, (frames, 512, 512), dtype=np.uint16).tobytes()
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + out.getvalue() + b"\r\n"
+    r = requests.post(f"{web.base}/studies", data=body + f"--{boundary}--\r\n".encode(),
+                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert r.status_code == 200, r.text[:300]
+    return study
+
+
+def test_a_client_that_stops_reading_is_let_go(web):
+    """A WADO-RS retrieve whose client reads the head and then nothing more: aiohttp waited
+    on the full socket for ever, the request and the instances read ahead for it (100 MB
+    and more) held until the client went. Its connection is closed once the client has taken
+    nothing for network_timeout; one that reads, however slowly, is served to the end."""
+    study = _big_study(web)
+    stalled = []
+    for syntax in ("*", ExplicitVRLittleEndian):  # as stored (streamed, its length known), and converted
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((HOST, web.http_port))
+        s.sendall(f"GET /dicom-web/studies/{study} HTTP/1.1\r\nHost: {HOST}\r\n"
+                  f'Accept: multipart/related; type="application/dicom"; transfer-syntax={syntax}\r\n\r\n'.encode())
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+        stalled.append(s)
+    time.sleep(NETWORK_TIMEOUT * 4)  # the server fills the socket buffers, then waits on them: 2 periods at most
+    try:
+        for s in stalled:  # now read what is there: a body cut short, not the whole answer
+            s.settimeout(10)
+            got = b""
+            try:
+                while chunk := s.recv(1 << 20):
+                    got += chunk
+            except (ConnectionError, socket.timeout):
+                pass
+            assert len(got) < 30_000_000 and not got.endswith(b"--\r\n") and not got.endswith(b"0\r\n\r\n"), \
+                f"a client that stopped reading for {NETWORK_TIMEOUT * 4} s was still sent the whole answer"
+    finally:
+        for s in stalled:
+            s.close()
+    assert "took nothing for" in web.server.log()
+    slow = requests.get(f"{web.base}/studies/{study}", stream=True,  # pauses shorter than network_timeout
+                        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    got = 0
+    for chunk in slow.iter_content(8 << 20):
+        got += len(chunk)
+        time.sleep(NETWORK_TIMEOUT * 0.7)
+    assert got == int(slow.headers["Content-Length"])
+    whole = requests.get(f"{web.base}/studies/{study}",
+                         headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert whole.status_code == 200 and len(whole.content) > 30_000_000
