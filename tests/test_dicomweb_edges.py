@@ -4,6 +4,7 @@ image can use (nan, inf), and clients that connect and say nothing."""
 from __future__ import annotations
 
 import http.client
+import io
 import select
 import socket
 import time
@@ -14,7 +15,7 @@ import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import HOST
+from conftest import HOST, wait_for
 from web_server import c_store, start
 
 NETWORK_TIMEOUT = 3
@@ -188,7 +189,6 @@ def test_one_attribute_named_twice_in_a_query_is_refused(web):
 def _big_study(web, instances: int = 3, frames: int = 20) -> str:
     """A study of `instances` multi-frame CTs of ~10 MB each (more than socket buffers hold),
     stored with STOW-RS; its Study Instance UID."""
-    import io
     import numpy as np
     from pydicom.data import get_testdata_file
     study, boundary = generate_uid(), "edge-boundary"
@@ -209,12 +209,17 @@ def _big_study(web, instances: int = 3, frames: int = 20) -> str:
     return study
 
 
-def test_a_client_that_stops_reading_is_let_go(web):
+@pytest.fixture(scope="module")
+def big_study(web) -> str:
+    return _big_study(web)
+
+
+def test_a_client_that_stops_reading_is_let_go(web, big_study):
     """A WADO-RS retrieve whose client reads the head and then nothing more: aiohttp waited
     on the full socket for ever, the request and the instances read ahead for it (100 MB
     and more) held until the client went. Its connection is closed once the client has taken
     nothing for network_timeout; one that reads, however slowly, is served to the end."""
-    study = _big_study(web)
+    study = big_study
     stalled = []
     for syntax in ("*", ExplicitVRLittleEndian):  # as stored (streamed, its length known), and converted
         s = socket.socket()
@@ -239,7 +244,7 @@ def test_a_client_that_stops_reading_is_let_go(web):
     finally:
         for s in stalled:
             s.close()
-    assert "took nothing for" in web.server.log()
+    assert "took nothing for" in web.server.log() and "failed (reference" not in web.server.log()
     slow = requests.get(f"{web.base}/studies/{study}", stream=True,  # pauses shorter than network_timeout
                         headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
     got = 0
@@ -250,3 +255,64 @@ def test_a_client_that_stops_reading_is_let_go(web):
     whole = requests.get(f"{web.base}/studies/{study}",
                          headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
     assert whole.status_code == 200 and len(whole.content) > 30_000_000
+
+
+def test_a_client_gone_mid_answer_is_audited_and_no_error(web, big_study):
+    """A viewer that moves on closes its connection in the middle of a retrieve: that was
+    logged as an internal error with a traceback (aiohttp's ConnectionError "Connection
+    lost" is not a ConnectionResetError), and the audit line of what it had been sent was
+    never written."""
+    import json
+    import struct
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((HOST, web.http_port))
+    s.sendall(f"GET /dicom-web/studies/{big_study} HTTP/1.1\r\nHost: {HOST}\r\n"
+              'Accept: multipart/related; type="application/dicom"; transfer-syntax=*\r\n\r\n'.encode())
+    got = b""
+    while len(got) < 12_000_000:  # the first instance and a bit of the second
+        got += s.recv(1 << 20)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # a reset, as a browser cancelling a fetch sends
+    audit = web.server.data_dir / "audit.jsonl"
+
+    def line():
+        for text in audit.read_text().splitlines():
+            entry = json.loads(text)
+            if entry.get("event") == "retrieve" and entry.get("path") == f"/dicom-web/studies/{big_study}" \
+                    and entry.get("client_left"):
+                return entry
+        return None
+    entry = wait_for(line, 30, "the audit line of the retrieve the client left")
+    assert 1 <= entry["completed"] < 3 and entry["failed"] == 3 - entry["completed"]
+    log = web.server.log()
+    assert "failed (reference" not in log and "Traceback" not in log, log[-3000:]
+    assert requests.get(f"{web.base}/studies/{big_study}/metadata").status_code == 200
+
+
+def test_frames_the_stored_pixel_data_lacks_are_404(web):
+    """Number of Frames says 3, the stored Pixel Data holds 1 (one JPEG 2000 fragment, or one
+    native frame's bytes): frame 2 as stored was a 500 "internal error" (an IndexError) for
+    the encapsulated one and an empty part for the native one."""
+    from pydicom.data import get_testdata_file
+    boundary, body, made = "short-frames", b"", []
+    for name in ("MR_small_jp2klossless.dcm", "CT_small.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.NumberOfFrames = 3
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + out.getvalue() + b"\r\n"
+        made.append(ds)
+    r = requests.post(f"{web.base}/studies", data=body + f"--{boundary}--\r\n".encode(),
+                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert r.status_code == 200, r.text[:300]
+    as_stored = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+    for ds in made:
+        url = f"{web.base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        assert requests.get(f"{url}/frames/1", headers=as_stored).status_code == 200
+        for frames in ("2", "1,3"):
+            r = requests.get(f"{url}/frames/{frames}", headers=as_stored)
+            assert r.status_code == 404 and "holds 1 frame(s)" in r.text, (ds.file_meta.TransferSyntaxUID, r.text)
+    assert "failed (reference" not in web.server.log()

@@ -35,7 +35,16 @@ def unexpected(logger: logging.Logger) -> Callable:
             raise
         except (ConnectionResetError, asyncio.CancelledError):
             raise
-        except Exception:
+        except Exception as e:
+            if isinstance(e, ConnectionError) and _client_gone(request):  # a viewer that moved on mid-answer:
+                raise  # routine; aiohttp closes the connection quietly
             ref = log_reference(logger, "%s %s failed", request.method, request.path[:200])
             raise refusal(500, f"internal error (archive log reference {ref})") from None
     return guard
+
+
+def _client_gone(request: web.Request) -> bool:
+    """Whether the request's connection is closed or closing: a ConnectionError raised then
+    (aiohttp's "Connection lost" from a write, a reset) is the client's leaving, not ours."""
+    transport = request.transport
+    return transport is None or transport.is_closing()

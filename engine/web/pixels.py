@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
 from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from stowage.engine.web.transcode import NATIVE, _decodable
@@ -49,13 +50,37 @@ def stored(ds: pydicom.Dataset, numbers: list[int]) -> tuple[str, list[bytes]]:
     are labelled Explicit VR Little Endian (the same pixel bytes)."""
     ts = str(ds.file_meta.TransferSyntaxUID)
     if UID(ts).is_compressed and ts not in NATIVE:
-        frames = list(generate_frames(ds.PixelData, number_of_frames=frame_count(ds)))
+        try:
+            frames = list(generate_frames(ds.PixelData, number_of_frames=frame_count(ds)))
+        except Exception as e:  # damaged encapsulation: its items cannot be walked
+            raise FrameError(500, f"the stored encapsulated Pixel Data cannot be split into frames: {e}") from None
+        _held(numbers, len(frames), ds)
         return ts, [frames[k - 1] for k in numbers]
     if ts == ExplicitVRBigEndian or int(ds.get("BitsAllocated", 8)) == 1:
         return ExplicitVRLittleEndian, decoded(ds, numbers)
-    size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+    size = _frame_bytes(ds)
     data = ds.PixelData
+    _held(numbers, len(data) // size if size else 0, ds)
     return ExplicitVRLittleEndian, [bytes(data[(k - 1) * size:k * size]) for k in numbers]
+
+
+def _frame_bytes(ds: pydicom.Dataset) -> int:
+    """One native frame's length: pydicom's count (YBR_FULL_422 holds 2 bytes a pixel for 3
+    samples), else rows x columns x samples x bytes."""
+    try:
+        return get_expected_length(ds, "bytes") // frame_count(ds)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+
+
+def _held(numbers: list[int], held: int, ds: pydicom.Dataset) -> None:
+    """404 for a frame that Number of Frames promises but the stored Pixel Data lacks (a
+    frame list past its fragments, pixel data cut short): an IndexError's 500, or an empty
+    part, otherwise."""
+    missing = [k for k in numbers if k > held]
+    if missing:
+        raise FrameError(404, f"frame {missing[0]} is not in the stored Pixel Data: it holds {held} frame(s), "
+                              f"though Number of Frames says {frame_count(ds)}")
 
 
 def decodable(ds: pydicom.Dataset) -> bool:

@@ -93,6 +93,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":  # the headers only: no record is read, nothing is sent
         return await writer.finish()
     ahead: dict[int, asyncio.Future] = {}  # the next instances' reads, in the pool while we send
+    gone: ConnectionError | None = None  # the client left mid-answer: what it had is audited all the same
     try:
         for i, inst in enumerate(found):
             for j in range(i, min(i + _AHEAD, len(found))):
@@ -116,16 +117,20 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             except (Unreadable, TranscodeError) as e:  # the status line is gone: end the body early
                 log.error("WADO-RS: %s; the answer to %s stops here", e, request.remote)
                 break
+    except ConnectionError as e:
+        gone = e
     finally:
         for future in ahead.values():
             future.cancel()
         await asyncio.gather(*ahead.values(), return_exceptions=True)
     process_counts.retrieved("WADO-RS", sent, len(found) - sent, 0, nbytes)
-    audit.info("WADO-RS retrieve %s to %s: %d of %d instance(s), %.1f MB in %.2f s", request.path, request.remote,
-               sent, len(found), nbytes / 1e6, time.monotonic() - started,
+    audit.info("WADO-RS retrieve %s to %s: %d of %d instance(s), %.1f MB in %.2f s%s", request.path, request.remote,
+               sent, len(found), nbytes / 1e6, time.monotonic() - started, " (the client left)" if gone else "",
                extra={"fields": {"event": "retrieve", "door": "dicomweb", "path": request.path,
                                  "peer": request.remote, "completed": sent, "failed": len(found) - sent,
-                                 "bytes": nbytes}})
+                                 "bytes": nbytes, **({"client_left": True} if gone else {})}})
+    if gone is not None:
+        raise gone
     if sent < len(found):
         request.transport and request.transport.close()  # a truncated body, never a complete-looking one
         return writer.response
