@@ -13,10 +13,13 @@ store would refuse it at the end anyway: it needs that much again for the segmen
 Past either, the buffer is `refused`: its file is removed at once, the rest of the
 dataset is read and let go, and the Storage SCP answers Out of Resources with
 `refused` as the Error Comment (engine/receive/store.py), on the lean path and
-pynetdicom's alike; the association goes on.
+pynetdicom's alike; the association goes on. A spool write that fails anyway (the disk
+filled between two looks, min_free_bytes 0, an I/O error) refuses the dataset the same
+way: raised, it would have ended the association with no answer to the sender.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -29,6 +32,11 @@ from stowage.engine.runtime.counts import counts as process_counts
 FREE_CHECK_BYTES = 4 << 20  # statvfs once per this many bytes a spool file grows, not per PDU
 SPOOL_FULL = "out of spool space (max_spool_bytes) while receiving"        # Error Comments (LO, <= 64)
 DISK_FULL = "disk almost full (min_free_bytes) while receiving; not stored"
+
+
+def write_failed(e: OSError) -> str:
+    """The Error Comment of a spool write that failed (at most 64 characters)."""
+    return f"cannot spool the dataset ({e.strerror or 'I/O error'}); not stored"[:64]
 
 
 class _SpoolUse:
@@ -82,18 +90,30 @@ class SpillBuffer(io.BytesIO):
                 return len(data)
         if not self._room(len(data)):
             return len(data)
-        return self._file.write(data)
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self._failed(e)
+            return len(data)
 
     def _spill(self) -> None:
         held = super().getvalue()
         if not self._room(len(held)):
             return
-        fd, name = tempfile.mkstemp(prefix="rx-", suffix=".part", dir=self.directory)
-        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
-        self.path = Path(name)
-        self._file.write(held)
+        try:
+            fd, name = tempfile.mkstemp(prefix="rx-", suffix=".part", dir=self.directory)
+            self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+            self.path = Path(name)
+            self._file.write(held)
+        except OSError as e:
+            self._failed(e)
+            return
         super().seek(0)
         super().truncate(0)
+
+    def _failed(self, e: OSError) -> None:
+        """A spool write failed: refuse the dataset (its file goes), read the rest and let it go."""
+        self._refuse("free_space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else None, write_failed(e))
 
     def _room(self, n: int) -> bool:
         """Whether `n` more bytes may go to the spool; refuses the dataset if not. Per
@@ -109,9 +129,12 @@ class SpillBuffer(io.BytesIO):
                 return False
         return True
 
-    def _refuse(self, limit: str, comment: str) -> None:
+    def _refuse(self, limit: str | None, comment: str) -> None:
+        """Refuse the dataset: `comment` is the Error Comment; `limit` the LIMITS name it
+        counts under (None: an I/O error, no limit of ours)."""
         self.refused = comment
-        process_counts.refused(limit)
+        if limit:
+            process_counts.refused(limit)
         self.discard()
         super().seek(0)
         super().truncate(0)
@@ -121,6 +144,16 @@ class SpillBuffer(io.BytesIO):
             raise RuntimeError("the dataset was spilled to disk: read it from .path")
         return super().getvalue()
 
+    def close_spool(self) -> None:
+        """Write the spool file's last buffered bytes and close it; if they cannot be
+        written, the dataset is `refused` as by a failed write on the way."""
+        if self._file is None or self._file.closed:
+            return
+        try:
+            self._file.close()
+        except OSError as e:
+            self._failed(e)
+
     def finish(self) -> tuple[Path, int]:
         """Close the spool file; returns its path and length."""
         assert self._file is not None and self.path is not None
@@ -129,7 +162,10 @@ class SpillBuffer(io.BytesIO):
 
     def discard(self) -> None:
         if self._file is not None and not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # its buffered bytes could not be written: the file goes anyway
+                pass
         self._file = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)

@@ -40,7 +40,9 @@ class StorageSCP:
         that came in one PDV) for the association `key` of the trail; never raises: a bug of ours must not cost the sender its association."""
         dataset: bytes | FileRange = b""
         try:
-            if isinstance(received, SpillBuffer) and received.refused:  # a spool limit, mid-transfer
+            if isinstance(received, SpillBuffer) and received.spilled:
+                received.close_spool()  # its last bytes reach the disk, or a failed write refuses it
+            if isinstance(received, SpillBuffer) and received.refused:  # a spool limit or a failed spool write
                 result = StoreResult(OUT_OF_RESOURCES, received.refused)
             else:
                 dataset = _dataset(received)

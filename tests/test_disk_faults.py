@@ -1,0 +1,80 @@
+"""Faults of the archive's disk while it receives, as an administrator meets them: the
+file system fills up in the middle of a large dataset, and the like. Every check is
+one a sender or an operator makes: the status and Error Comment the sender sees, that
+the association and the server go on, and what `stowage export` returns afterwards."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from conftest import HOST, dataset_bytes, dcmtk, echo_ok
+from test_bad_input import CT_STORAGE, EXPLICIT_LE, exported, part10, request_uid, tmpfs  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.timeout(300)
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def ct(path: Path, side: int = 0) -> Path:
+    """A copy of CT_small with fresh UIDs, with side x side 16-bit random pixels if `side`
+    (4000: 32 MB, past spill_threshold), without its Data Set Trailing Padding, which DCMTK
+    storescu leaves out when it sends: what it sends is then the file byte for byte."""
+    part10(path, pixels=os.urandom(side * side * 2) if side else None)
+    ds = pydicom.dcmread(path)
+    del ds[0xFFFC, 0xFFFC]
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_disk_filling_while_a_large_dataset_spools_refuses_it_and_the_association_goes_on(
+        make_server, tmpfs, tmp_path):
+    """min_free_bytes 0 (or another writer filling the disk between two looks at its free
+    space): the spool file of a 32 MB dataset meets ENOSPC on a 24 MB file system. That
+    C-STORE is answered 0xA700 with an Error Comment, on the lean receive path (DCMTK
+    storescu) and on pynetdicom's (an association that proposes a query class too), and
+    the small instances after it on the same association are stored."""
+    data_dir = tmpfs(tmp_path / "disk", "24m") / "data"
+    server = make_server("--workers", "1", data_dir=data_dir, STOWAGE_MIN_FREE_BYTES="0")
+    big = ct(tmp_path / "in" / "big.dcm", side=4000)
+    small = [ct(tmp_path / "in" / f"small-{i}.dcm") for i in range(4)]
+
+    # the lean path: a storage-only association
+    r = subprocess.run([dcmtk("storescu"), "-d", "-nh", "-aec", "STOWAGE", HOST, str(server.port),
+                        str(big), str(small[0]), str(small[1])], capture_output=True, text=True, timeout=120)
+    said = r.stdout + r.stderr
+    responses = [line for line in said.splitlines() if "DIMSE Status" in line]
+    assert len(responses) == 3, f"not every C-STORE was answered:\n{said[-3000:]}\n{server.log()[-3000:]}"
+    assert "0xa700: Refused: Out of resources" in responses[0], responses
+    assert "No space left on device" in said, said[-3000:]
+    assert all("0x0000: Success" in line for line in responses[1:]), responses
+
+    # pynetdicom's path: storage and a query class on one association
+    ae = AE("DISKFULL")
+    ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        refused = assoc.send_c_store(big)
+        assert "Status" in refused, f"no C-STORE response\n{server.log()[-3000:]}"
+        assert refused.Status == 0xA700, hex(refused.Status)
+        assert "No space left on device" in str(refused.get("ErrorComment", "")), refused
+        for f in small[2:]:
+            status = assoc.send_c_store(f)
+            assert assoc.is_established and "Status" in status and status.Status == 0, status
+    finally:
+        assoc.release()
+
+    assert echo_ok(server.port)
+    assert not list((data_dir / "spool").rglob("rx-*")), "a refused dataset left its spool file"
+    got = exported(data_dir, tmp_path / "out")
+    assert set(got) == {request_uid(f) for f in small}
+    for f in small:
+        assert dataset_bytes(got[request_uid(f)]) == dataset_bytes(f)
+    assert server.stop() == 0, server.log()[-3000:]
+    assert "Traceback" not in server.log(), server.log()[-3000:]
