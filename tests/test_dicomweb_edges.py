@@ -316,3 +316,27 @@ def test_frames_the_stored_pixel_data_lacks_are_404(web):
             r = requests.get(f"{url}/frames/{frames}", headers=as_stored)
             assert r.status_code == 404 and "holds 1 frame(s)" in r.text, (ds.file_meta.TransferSyntaxUID, r.text)
     assert "failed (reference" not in web.server.log()
+
+
+def test_an_http_1_0_client_gets_streamed_answers(web):
+    """HTTP/1.0 has no chunked encoding (nginx speaks it to its upstream by default): a
+    converted retrieve, frames and multipart bulk data were a 500 (aiohttp refuses to chunk
+    for it); they are sent whole, the connection's end ending the body."""
+    study, series, inst = _some_instance(web)
+    base = f"/dicom-web/studies/{study}/series/{series}/instances/{inst}"
+    many = _many_instances(web, 120)  # a QIDO-RS answer over 100 matches is streamed in pieces
+    for path in (base, f"/dicom-web/studies/{study}", base + "/frames/1", base + "/bulkdata/7FE00010",
+                 f"/dicom-web/instances?SeriesInstanceUID={many}"):
+        with socket.create_connection((HOST, web.http_port), timeout=30) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+            answer = b""
+            while chunk := s.recv(1 << 20):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200"), (path, head[:200], body[:200])
+        assert b"chunked" not in head.lower()
+        if b"multipart/related" in head:
+            assert body.endswith(b"--\r\n") and body.count(b"\r\nContent-Type: ") >= 1, path
+        else:
+            assert body.endswith(b"]") and body.count(b'"00080018"') == 120, path
+    assert "failed (reference" not in web.server.log()

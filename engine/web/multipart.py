@@ -93,11 +93,11 @@ class MultipartWriter:
                     length: int | None = None) -> web.StreamResponse:
         """Send the status and headers: the body's `length` when known beforehand (each
         part then goes to the socket as it is, without chunk framing joined to it), else
-        chunked."""
+        chunked; to an HTTP/1.0 client, which knows no chunks (nginx proxies in HTTP/1.0
+        unless told otherwise), aiohttp ends such a body by closing the connection.
+        enable_chunked_encoding() refused HTTP/1.0 with a RuntimeError: a 500."""
         response = StreamedResponse(headers={"Content-Type": self.content_type, **(headers or {})})
-        if length is None:
-            response.enable_chunked_encoding()
-        else:
+        if length is not None:
             response.content_length = length
         await response.prepare(request)
         self.response = response
