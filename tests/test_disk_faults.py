@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -14,6 +15,7 @@ from pynetdicom import AE
 
 from conftest import HOST, dataset_bytes, dcmtk, echo_ok
 from test_bad_input import CT_STORAGE, EXPLICIT_LE, exported, part10, request_uid, tmpfs  # noqa: F401 (fixture)
+from test_import import counts, report_of
 
 pytestmark = pytest.mark.timeout(300)
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -78,3 +80,36 @@ def test_a_disk_filling_while_a_large_dataset_spools_refuses_it_and_the_associat
         assert dataset_bytes(got[request_uid(f)]) == dataset_bytes(f)
     assert server.stop() == 0, server.log()[-3000:]
     assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+def test_import_of_a_large_file_onto_a_full_disk_stops_and_says_so(tmpfs, tmp_path):
+    """A file past spill_threshold is copied into the archive's spool first; on a full disk
+    that copy fails. It is the archive's disk, not the file: the report says so with
+    0xA700, as for a store refused for want of space, the import stops starting files,
+    and once there is room a re-run imports everything."""
+    disk = tmpfs(tmp_path / "disk", "24m")
+    data = disk / "data"
+    src = tmp_path / "src"
+    big = ct(src / "a-big.dcm", side=4000)  # walked first: one process, one thread
+    small = [ct(src / f"b-small-{i}.dcm") for i in range(3)]
+    env = dict(os.environ, STOWAGE_MIN_FREE_BYTES="0")
+    cmd = [sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q",
+           "--processes", "1", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    report = report_of(r.stdout)
+    outcome, why = report[str(big)]
+    assert outcome == "refused" and "0xA700" in why and "No space left on device" in why, why
+    assert "unreadable" not in why, why
+    assert {report[str(f)][0] for f in small} == {"not-attempted"}, report
+    assert not [p for p in (data / "spool").rglob("*") if p.is_file()], "the failed copy was left in the spool"
+
+    r = subprocess.run(["mount", "-o", "remount,size=96m", str(disk)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr  # room again
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert counts(r.stdout)["stored"] == 4, r.stdout
+    got = exported(data, tmp_path / "out")
+    assert set(got) == {request_uid(f) for f in [big, *small]}
+    for f in [big, *small]:
+        assert dataset_bytes(got[request_uid(f)]) == dataset_bytes(f)

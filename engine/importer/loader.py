@@ -55,6 +55,15 @@ _RENAMED = {
 }
 
 
+# Errors a spool copy can only get from writing into the data directory, never from
+# reading the source: the archive's disk is full or read-only, not the file unreadable.
+_OUR_DISK = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+class SpoolFailed(OSError):
+    """A large file could not be copied into the spool for want of room in the data directory."""
+
+
 def _open(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
@@ -142,6 +151,10 @@ class Loader:
         except LimitExceeded as e:  # what reading the file would cost is past a limit
             process_counts.refused(e.limit)
             return Outcome(index, REFUSED, str(e), size)
+        except SpoolFailed as e:  # the archive's disk, not the file: stop as Archive.store's 0xA700 does
+            self.stop.set()
+            return Outcome(index, REFUSED, f"cannot copy the file into the archive's spool ({e.strerror}); "
+                                           f"not stored (status 0x{OUT_OF_RESOURCES:04X})", size)
         except OSError as e:
             return Outcome(index, REFUSED, f"unreadable: {e.strerror or e}")
         except Exception as e:  # a failure of ours on one file: it is refused, the others go on
@@ -192,8 +205,10 @@ class Loader:
                     if sent == 0:
                         raise OSError(errno.EIO, "the file shrank while it was read")
                     pos += sent
-        except BaseException:
+        except BaseException as e:
             copy.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in _OUR_DISK:
+                raise SpoolFailed(e.errno, e.strerror) from None
             raise
         return copy
 
