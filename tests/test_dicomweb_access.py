@@ -62,6 +62,24 @@ def test_a_token_in_the_query_never_reaches_the_audit_trail(web, certs):  # noqa
     assert "limit=7" in line and READ not in line and READ not in audit.read_text()
 
 
+def test_a_token_of_bytes_that_are_not_utf8_is_refused_401(web, certs):  # noqa: F811
+    """aiohttp keeps header bytes that are not UTF-8 as surrogates, which str.encode()
+    refused: a 500 "Server got itself in trouble" and a traceback, for a client's bad header."""
+    import socket
+    import ssl
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    for value in (b"Bearer \xff\xfe\xfd", b"Bearer " + READ.encode()[:-1] + b"\xe9"):
+        with socket.create_connection(("127.0.0.1", web.http_port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b"GET /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                      b"Authorization: " + value + b"\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401") and b"invalid_token" in answer, answer[:300]
+    assert "Traceback" not in web.server.log()
+
+
 def test_plain_http_on_the_tls_port_gets_nothing(web):
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{web.http_port}/dicom-web/studies", timeout=10)

@@ -55,8 +55,10 @@ def authenticate(config: Config, request: web.Request) -> str:
         raise refusal(401, "a bearer token is required (Authorization: Bearer <token>)",
                       {"WWW-Authenticate": realm})
     wanted = scope_for(request.method)
+    # bytes a header held that are not UTF-8 come as surrogates: compared as those bytes, not a 500
+    offered = given.encode("utf-8", "surrogateescape")
     for token in config.http_tokens.values():
-        if hmac.compare_digest(token.token.encode(), given.encode()):
+        if hmac.compare_digest(token.token.encode(), offered):
             if wanted not in token.scopes:
                 raise refusal(403, f"token {token.name!r} lacks the {wanted!r} scope for {request.method}",
                               {"WWW-Authenticate": f'{realm}, error="insufficient_scope", scope="{wanted}"'})

@@ -29,7 +29,8 @@ log = logging.getLogger("stowage.http")
 
 
 def build_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[access.middleware(config), errors.unexpected(log)],
+    # the guard outermost: an error of ours in access control too is a 500 with a log reference
+    app = web.Application(middlewares=[errors.unexpected(log), access.middleware(config)],
                           client_max_size=_CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app.on_response_prepare.append(access.add_cors_headers)
