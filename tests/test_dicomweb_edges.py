@@ -340,3 +340,47 @@ def test_an_http_1_0_client_gets_streamed_answers(web):
         else:
             assert body.endswith(b"]") and body.count(b'"00080018"') == 120, path
     assert "failed (reference" not in web.server.log()
+
+
+def test_a_client_that_stops_reading_metadata_is_let_go(web):
+    """Series metadata is one ready-made body (megabytes for a large series): a client that
+    stopped reading it held the connection and the body for ever. It is let go after
+    network_timeout, as a streamed answer's is."""
+    study, series, boundary, body = generate_uid(), generate_uid(), "meta-boundary", b""
+    for k in range(100):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, k + 1
+        ds.PatientName, ds.PatientID, ds.Modality = "EDGE^META", "PID-META", "OT"
+        ds.add_new(0x0040A160, "UT", "long text " * 8000)  # 80 kB of text: in the metadata, not bulk data
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + out.getvalue() + b"\r\n"
+    r = requests.post(f"{web.base}/studies", data=body + f"--{boundary}--\r\n".encode(),
+                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert r.status_code == 200, r.text[:300]
+    path = f"/dicom-web/studies/{study}/series/{series}/metadata"
+    whole = requests.get(f"{web.url}{path}")
+    assert whole.status_code == 200 and len(whole.content) > 7_000_000
+    assert requests.head(f"{web.url}{path}").headers["Content-Length"] == str(len(whole.content))
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((HOST, web.http_port))
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+        time.sleep(NETWORK_TIMEOUT * 4)
+        s.settimeout(10)
+        got = b""
+        try:
+            while chunk := s.recv(1 << 20):
+                got += chunk
+        except (ConnectionError, socket.timeout):
+            pass
+        assert len(got) < len(whole.content), "a client that stopped reading was still sent the whole metadata"
+    finally:
+        s.close()
+    assert "failed (reference" not in web.server.log()

@@ -17,8 +17,8 @@ import logging
 from aiohttp import web
 
 from stowage.engine.runtime.config import Config
-from stowage.engine.web import (access, dashboard, delete_rs, errors, health, qido, rendered, stable_series, stow, wado,
-                                wado_uri)
+from stowage.engine.web import (access, dashboard, delete_rs, errors, health, qido, rendered, sending, stable_series,
+                                stow, wado, wado_uri)
 from stowage.engine.web.context import CONFIG, DICOMWEB
 from stowage.engine.web.store import store_context
 
@@ -30,7 +30,7 @@ log = logging.getLogger("stowage.http")
 
 def build_app(config: Config) -> web.Application:
     # the guard outermost: an error of ours in access control too is a 500 with a log reference
-    app = web.Application(middlewares=[errors.unexpected(log), access.middleware(config)],
+    app = web.Application(middlewares=[errors.unexpected(log), access.middleware(config), sending.watched_bodies()],
                           client_max_size=_CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app.on_response_prepare.append(access.add_cors_headers)

@@ -31,7 +31,7 @@ from stowage.engine.web.store import STORE
 from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url
 from stowage.engine.web.fast_json import dataset_json
 from stowage.engine.web.errors import refusal
-from stowage.engine.web.multipart import StreamedResponse
+from stowage.engine.web.sending import StreamedResponse
 
 audit = logging.getLogger("stowage.audit")
 _RESERVED = frozenset({"includefield", "limit", "offset", "fuzzymatching", "access_token"})
