@@ -28,6 +28,11 @@ _NODE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SERVICES = ("echo", "store", "find", "move", "get", "commitment")
 
 
+def valid_ae_title(title: str) -> bool:
+    """PS3.5 AE title: 1-16 printable ASCII characters, no backslash, not all spaces."""
+    return bool(_AE_TITLE.match(title)) and bool(title.strip())
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key."""
 

@@ -1,6 +1,7 @@
 """`stowage bench`: the load generator against any Storage SCP (bench/)."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import click
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="The Storage SCP's host.")
-@click.option("--port", type=int, default=11112, show_default=True, help="The Storage SCP's port.")
+@click.option("--port", type=click.IntRange(1, 65535), default=11112, show_default=True, help="The Storage SCP's port.")
 @click.option("--aet", default="STOWAGE", show_default=True, help="Called AE title (the target's).")
 @click.option("--calling-aet", default="STOWAGE-BENCH", show_default=True, help="Our AE title.")
 @click.option("--associations", "-k", multiple=True, default=["1"], show_default=True,
@@ -33,7 +34,7 @@ import click
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results here as JSON.")
 @click.option("--chart", "chart_path", type=click.Path(path_type=Path),
               help="Write a PNG chart here (needs the bench extra: matplotlib).")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the peer.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds to wait for the peer.")
 @click.option("--max-pdu", type=int, default=1 << 20, show_default=True, help="Maximum PDU we receive.")
 @click.option("--fresh", is_flag=True, help="Each run sends new instances (seed + run number), not the "
                                           "first run's again (generated corpora only).")
@@ -52,6 +53,13 @@ def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, 
     Exit status 1 if any store was not successful."""
     from stowage.bench.command import BenchError, CorpusSpec, run_bench, split_list
     from stowage.bench.loadgen import Target
+    from stowage.cli.options import check_ae_title, writable_file
+    check_ae_title(aet, "--aet")
+    check_ae_title(calling_aet, "--calling-aet")
+    writable_file(json_path, "--json")  # written after the runs: found out now, not after them
+    writable_file(chart_path, "--chart")
+    if dicomweb_url and not re.match(r"^https?://[^/\s]+", dicomweb_url):
+        raise click.UsageError(f"--dicomweb {dicomweb_url!r}: give the base URL, e.g. http://127.0.0.1:8080/dicom-web")
     try:
         ks = [int(k) for k in split_list(associations)]
     except ValueError:

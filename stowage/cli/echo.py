@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from stowage.cli.options import common, load, quiet_libraries
+from stowage.cli.options import check_ae_title, check_host, common, load, quiet_libraries
 
 
 @click.command()
@@ -11,15 +11,18 @@ from stowage.cli.options import common, load, quiet_libraries
 @common
 @click.option("--aet", help="Our (calling) AE title [the configured aet].")
 @click.option("--aec", help="Called AE title, for a host:port target [ANY-SCP].")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the peer.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds to wait for the peer.")
 def echo(target, config_file, data_dir, aet, aec, timeout) -> None:
     """C-ECHO a remote AE: a configured AE title, or host:port."""
     from stowage.engine.transfer.requestor import PeerError, resolve
     from stowage.engine.transfer.requestor import echo as run
     quiet_libraries()
+    check_ae_title(aet, "--aet")
+    check_ae_title(aec, "--aec")
     config = load(config_file, data_dir=data_dir)
     try:
         peer = resolve(target, config, aec)
+        check_host(peer.host, str(peer))
         status = run(peer, aet or config.aet, timeout)
     except PeerError as e:
         raise click.ClickException(str(e)) from None

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from stowage.cli.options import common, load
+from stowage.cli.options import check_host, common, load, writable_data_dir
 from stowage.engine.migrate import report
 from stowage.engine.migrate.pacing import PacingError, Rate, TimeWindow
 from stowage.engine.migrate.run import MigrateError, Options, checkpoint_path
@@ -108,7 +108,10 @@ def migrate(config_file, data_dir, source, method, aet, since, until, parallel, 
                        verify_content=verify_content, dry_run=dry_run, window=window, max_rate=max_rate,
                        stall_timeout=stall_timeout, retries=retries, retry_delay=retry_delay, rescan=rescan,
                        progress=not quiet)
-        code = run(config, source_of(source, config), opts, click.echo)
+        peer = source_of(source, config)
+        check_host(peer.host, f"--from {source}")
+        writable_data_dir(config)  # its checkpoint goes there before anything is pulled
+        code = run(config, peer, opts, click.echo)
     except MigrateError as e:
         raise click.ClickException(str(e)) from None
     if code:

@@ -9,7 +9,7 @@ import time
 import click
 
 from stowage.catalog.reader import Catalog
-from stowage.cli.options import common, load, quiet_libraries, split_values
+from stowage.cli.options import check_ae_title, common, load, quiet_libraries, split_values
 from stowage.engine.runtime.config import Config
 from stowage.engine.transfer.requestor import PeerError, resolve
 from stowage.engine.transfer.selection import SelectionError, parse_query, select
@@ -114,12 +114,12 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
 @click.option("--series", multiple=True, help="Series Instance UID (repeatable, or comma-separated).")
 @click.option("--instance", multiple=True, help="SOP Instance UID (repeatable, or comma-separated).")
 @click.option("--query", "query_text", help="Catalog matches, e.g. 'Modality=CT PatientName=DOE*'.")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="Seconds to wait for each C-STORE response (one retry on a new association).")
 @click.option("--commit", is_flag=True, help="Then ask the destination for storage commitment of what arrived.")
-@click.option("--commit-timeout", type=float, default=60.0, show_default=True,
+@click.option("--commit-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds to wait for the commitment report.")
-@click.option("--commit-port", type=int, help="Also listen on this port for a report sent on a new association.")
+@click.option("--commit-port", type=click.IntRange(1, 65535), help="Also listen on this port for a report sent on a new association.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--deidentify", "project", default="",
               help="Send de-identified copies under this [projects.NAME] (docs/deidentification.md).")
@@ -130,6 +130,8 @@ def send(config_file, data_dir, target, aet, aec, patient, study, series, instan
                                               ("instance", instance)) if v]
     if len(chosen) + bool(query_text) != 1:
         raise click.UsageError("choose exactly one of --patient, --study, --series, --instance, --query")
+    check_ae_title(aet, "--aet")
+    check_ae_title(aec, "--aec")
     config = load(config_file, data_dir=data_dir)
     level, values = chosen[0] if chosen else (None, [])
     if project:

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from stowage.cli.options import common, load
+from stowage.cli.options import common, load, writable_data_dir
 from stowage.engine.runtime import config as cfg
 
 
@@ -31,6 +31,7 @@ def serve(config_file, **overrides) -> None:
     from stowage.engine.lifecycle.background import Background
     from stowage.engine.runtime.logs import setup_logging
     config = load(config_file, **overrides)
+    writable_data_dir(config)  # a file there, or a read-only disk: one line, not setup_logging's traceback
     if config.projects:  # [projects.NAME] (de-identification): one clear line, before any worker starts
         from stowage.engine.deidentify.project import ProjectError, open_project
         try:

@@ -1,0 +1,108 @@
+"""The command line as a new administrator misuses it: a data directory that is a file or
+on a read-only disk, AE titles and hosts that cannot be used, out files that cannot be
+written. Each answer is one line naming what is wrong, a non-zero exit, no traceback;
+each of these used to end in a traceback (or, for bench --json, in one after the whole run)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CT, HOST, cli, copies, free_port
+
+
+def stowage(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_line(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode not in (0, None) and "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder on a read-only file system (a tmpfs mounted ro): root may not write there
+    either, as it may into a folder merely chmod'ed read-only."""
+    where = tmp_path / "ro"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(where)], capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {(r.stderr or r.stdout).strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def serve(data_dir: Path) -> subprocess.CompletedProcess:
+    return stowage("serve", "--data-dir", str(data_dir), "--bind", HOST, "--port", str(free_port()),
+                   "--workers", "1", "--http-port", "0")
+
+
+def test_serve_on_a_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    one_line(serve(tmp_path / "data"), "data", "is a file")
+    one_line(serve(tmp_path / "data" / "below"), "cannot create", "Not a directory")
+
+
+def test_serve_on_a_read_only_disk(read_only):
+    one_line(serve(read_only), "cannot write into", "read-only file system")
+    one_line(serve(read_only / "data"), "cannot create", "Read-only file system")
+
+
+def test_migrate_into_a_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    one_line(cli("migrate", "--data-dir", str(tmp_path / "data"), "--from", f"PACS@{HOST}:{free_port()}",
+                 "--method", "get", "-q"), "is a file")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["echo", "nohost.invalid:104"], ("cannot resolve", "nohost.invalid")),
+    (["echo", f"{HOST}:104", "--aec", "A\\B"], ("--aec", "not an AE title")),
+    (["echo", f"{HOST}:104", "--aet", "ABCDEFGHIJKLMNOPQ"], ("--aet", "not an AE title")),
+    (["migrate", "--from", "PACS@nohost.invalid:104", "--method", "get", "-q"], ("cannot resolve",)),
+    (["send", "--to", f"{HOST}:104", "--aet", "A\\B", "--study", "1.2.3"], ("--aet", "not an AE title")),
+    (["send", "--to", f"{HOST}:104", "--aec", "ABCDEFGHIJKLMNOPQ", "--study", "1.2.3"], ("--aec",)),
+    # a free port: before the check, bench ran (and must not reach anyone's 11112)
+    (["bench", "--port", str(free_port()), "--aet", "A\\B", "--count", "1", "-q"], ("--aet", "not an AE title")),
+    (["bench", "--port", str(free_port()), "--calling-aet", "ABCDEFGHIJKLMNOPQ", "--count", "1", "-q"],
+     ("--calling-aet",)),
+])
+def test_peers_and_titles_that_cannot_be_used(tmp_path, args, needles):
+    """Before: pynetdicom's ValueError or socket.gaierror as a traceback (echo, send,
+    migrate), or a bench run whose every store failed with "sender error: ValueError"."""
+    data = tmp_path / "data"
+    if args[0] == "send":  # an archive to send from
+        assert cli("import", "--data-dir", str(data), "-q", str(CT)).returncode == 0
+    one_line(cli(*args, "--data-dir", str(data)) if args[0] != "bench" else cli(*args), *needles)
+
+
+def test_bench_refuses_a_results_file_it_could_not_write_after_the_run(tmp_path, read_only):
+    """--json and --chart are written after every run: a folder that is missing or read-only
+    is said before the corpus is made, not with a traceback once the results are in."""
+    one_line(cli("bench", "--port", str(free_port()), "--count", "1", "-q", "--json", str(read_only / "r.json")),
+             "--json", "read-only")
+    one_line(cli("bench", "--port", str(free_port()), "--count", "1", "-q", "--chart",
+                 str(tmp_path / "missing" / "c.png")), "--chart", "no folder")
+
+
+def test_bench_dicomweb_without_a_url():
+    r = cli("bench", "--dicomweb", "notaurl", "--count", "1", "-q")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--dicomweb 'notaurl'" in r.stderr, r.stderr
+
+
+def test_deidentify_into_a_read_only_folder(tmp_path, read_only):
+    config = tmp_path / "s.toml"
+    config.write_text("[projects.p1]\n")
+    src = tmp_path / "src"
+    copies(CT, src, 2, "d")
+    one_line(cli("deidentify", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--project", "p1",
+                 str(src), str(read_only / "out")), "cannot create OUT", "Read-only file system")
