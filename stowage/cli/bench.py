@@ -8,6 +8,10 @@ from pathlib import Path
 import click
 
 
+# The runs print their lines as they end; the table, --json and --chart come after the last.
+_NO_RESULTS = "bench stopped: no results table{json}; the lines above are the runs that finished"
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="The Storage SCP's host.")
 @click.option("--port", type=click.IntRange(1, 65535), default=11112, show_default=True, help="The Storage SCP's port.")
@@ -53,7 +57,7 @@ def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, 
     Exit status 1 if any store was not successful."""
     from stowage.bench.command import BenchError, CorpusSpec, run_bench, split_list
     from stowage.bench.loadgen import Target
-    from stowage.cli.options import check_ae_title, writable_file
+    from stowage.cli.options import Interrupted, check_ae_title, writable_file
     check_ae_title(aet, "--aet")
     check_ae_title(calling_aet, "--calling-aet")
     writable_file(json_path, "--json")  # written after the runs: found out now, not after them
@@ -77,6 +81,9 @@ def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, 
                                     spec=spec, pid=pid, json_path=json_path, batch=batch, wado=wado)
         except BenchError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise Interrupted(_NO_RESULTS.format(json=f", nothing written to {json_path}" if json_path else "")) \
+                from None
         sys.exit(1 if any(r.failed for r in results) else 0)
     try:
         results = run_bench(Target(host, port, aet, calling_aet), ks, repeat, corpus_dir=corpus_dir, spec=spec,
@@ -84,5 +91,8 @@ def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, 
                             timeout=timeout, max_pdu=max_pdu, fresh=fresh)
     except BenchError as e:
         raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:  # the sender processes got it too; the generated corpus is removed
+        raise Interrupted(_NO_RESULTS.format(json=f", nothing written to {json_path}" if json_path else "")) \
+            from None
     if any(r.failed or r.warning for r in results):
         sys.exit(1)

@@ -5,7 +5,12 @@ from pathlib import Path
 
 import click
 
-from stowage.cli.options import common, load
+from stowage.cli.options import Interrupted, common, load
+
+
+def _before(seen: list[int]) -> str:
+    """How far an export that stopped on an error got, for its one line."""
+    return f" ({seen[0]} of {seen[1]} instance(s) done before it)" if seen[1] else ""
 
 
 @click.command()
@@ -42,11 +47,20 @@ def export(config_file, data_dir, out, everything, patient, study, series, insta
         from stowage.cli.deidentified import export_deidentified
         export_deidentified(config, project, out, level, values)
         return
+    seen = [0, 0]  # instances done (written, already there or failed), of how many
+
+    def progress(done: int, total: int) -> None:
+        seen[:] = done, total
+
     try:
         result = run(config.data_dir, out, level, values, config.duplicates, layout=layout, dicomdir=dicomdir,
-                     cluster=config.cluster_view)
+                     progress=progress, cluster=config.cluster_view)
     except ExportError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(f"{e}{_before(seen)}") from None
+    except KeyboardInterrupt:  # the file being written is removed (export.write_file): only whole ones remain
+        raise Interrupted(f"{seen[0]} of {seen[1] or 'the'} instance(s) exported to {out}, every file whole"
+                          f"{'; its DICOMDIR not written yet' if dicomdir else ''}. Run the same command again to "
+                          "finish: it writes only what is missing") from None
     for failure in result.failed:
         click.echo(f"failed: {failure}", err=True)
     click.echo(describe(result, out))

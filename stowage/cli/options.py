@@ -7,12 +7,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import click
 
 from stowage.engine.runtime import config as cfg
 from stowage.engine.storage import remote
+
+T = TypeVar("T")
 
 COMMON = [
     click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML configuration file."),
@@ -109,3 +113,46 @@ def writable_file(path: Path | None, what: str) -> None:
     why = _unwritable(folder)
     if why:
         raise click.ClickException(f"{what} {path}: cannot write into {folder}: {why}")
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line saying what was done and what was not, exit status 130 (128 + SIGINT)
+    as shells expect, instead of click's bare "Aborted!"."""
+
+    exit_code = 130
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"interrupted: {message}")
+
+
+def interruptible(work: Callable[[], T], stop: Callable[[], None]) -> tuple[T | None, bool]:
+    """Run `work` in a thread while this (the main) thread waits for Ctrl-C; on Ctrl-C call
+    `stop()` (which must make `work` wind down: finish its current item, release what it
+    holds) and wait for it. Returns (what `work` returned, or None if it was stopped, and
+    whether it was); an exception `work` raised is raised here. A second Ctrl-C while it
+    winds down is not caught: the process ends at once."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as e:  # noqa: B036 - handed to the main thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    # waited for on an Event, not by Thread.join: a join that Ctrl-C interrupts can leave
+    # the thread looking finished while it runs on (Python < 3.12)
+    threading.Thread(target=run, name="interruptible", daemon=True).start()
+    interrupted = False
+    try:
+        while not done.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        interrupted = True
+        stop()
+        done.wait()
+    if "error" in box and not interrupted:
+        raise box["error"]
+    return box.get("value"), interrupted

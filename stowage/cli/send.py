@@ -4,12 +4,14 @@ the destination for storage commitment (engine/transfer/commit_scu.py)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import click
 
 from stowage.catalog.reader import Catalog
-from stowage.cli.options import check_ae_title, common, load, quiet_libraries, split_values
+from stowage.cli.options import (Interrupted, check_ae_title, common, interruptible, load, quiet_libraries,
+                                 split_values)
 from stowage.engine.runtime.config import Config
 from stowage.engine.transfer.requestor import PeerError, resolve
 from stowage.engine.transfer.selection import SelectionError, parse_query, select
@@ -59,13 +61,16 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
 
     quiet_libraries()
     started = time.monotonic()
+    stop = threading.Event()
     sender = Sender(config.data_dir / "segments", peer, calling, dimse_timeout=timeout,
                     acse_timeout=config.acse_timeout,
                     max_pdu=config.max_pdu, on_outcome=on_outcome, duplicates=config.duplicates,
-                    max_inflated_bytes=config.max_inflated_bytes,
+                    max_inflated_bytes=config.max_inflated_bytes, cancelled=stop.is_set,
                     associations=remote.associations if (remote := config.remotes.get(target)) else 1)
     try:
-        result = sender.send(instances)
+        # Ctrl-C: no new C-STORE; the one on the wire gets its response, the association is
+        # released (not aborted), and the summary says what went
+        result, interrupted = interruptible(lambda: sender.send(instances), stop.set)
     finally:
         if bar is not None:
             if failed == len(instances):
@@ -73,6 +78,8 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
             bar.close()
     seconds = time.monotonic() - started
     total = len(instances)
+    if interrupted:
+        raise Interrupted(_what_went(result, total, peer))
     reasons = {o.reason for o in result.failures}
     if result.failed == total and len(reasons) == 1:
         raise SendCommandError(f"nothing sent to {peer}: {reasons.pop()}")
@@ -102,6 +109,15 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
             click.echo(f"not committed: {uid}: failure reason 0x{reason:04X}", err=True)
         ok = ok and not report.failed
     return ok
+
+
+def _what_went(result, total: int, peer) -> str:
+    if result is None:
+        return f"nothing is known to have arrived at {peer}"
+    done = result.completed + result.warning + result.failed
+    return (f"{done} of {total} instance(s) sent to {peer} ({result.completed} completed, {result.warning} warning, "
+            f"{result.failed} failed); {total - done} not sent. Run the same command again to send them "
+            "(what arrived is sent again)")
 
 
 @click.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import sys
 import threading
 import time
@@ -12,7 +13,7 @@ from typing import Any, TextIO
 
 import click
 
-from stowage.cli.options import common, load
+from stowage.cli.options import Interrupted, common, interruptible, load
 from stowage.engine.lifecycle.verify import Pacer, Problem, Tally, Verifier, verify_all
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_line, setup_logging
@@ -25,17 +26,38 @@ class VerifyCommandError(RuntimeError):
     """The archive cannot be verified; the message says why (one line, for a person)."""
 
 
+def _partial(path: Path) -> Path:
+    """Where the report is written until the pass ends: beside it, hidden. A pass cut short
+    leaves no report that reads like a whole pass with nothing wrong (and the previous
+    report, if any, stays as it was)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
 def _open_report(path: Path | None) -> tuple[TextIO | None, Any]:
     if path is None:
         return None, None
     try:
-        f = open(path, "w", newline="")
+        f = open(_partial(path), "w", newline="")
     except OSError as e:
         raise VerifyCommandError(f"cannot write the report {path}: {e.strerror or e}") from None
     writer = csv.writer(f)
     writer.writerow(REPORT_COLUMNS)
     f.flush()
     return f, writer
+
+
+def _close_report(out: TextIO | None, path: Path | None, whole: bool) -> None:
+    """Put a whole pass's report in place; drop a cut-short one's."""
+    if out is None or path is None:
+        return
+    out.close()
+    try:
+        if whole:
+            os.replace(_partial(path), path)
+        else:
+            os.unlink(_partial(path))
+    except OSError as e:
+        raise VerifyCommandError(f"cannot write the report {path}: {e.strerror or e}") from None
 
 
 def run_verify(config: Config, rate_mb: float | None, report: Path | None, progress: bool = True,
@@ -77,24 +99,34 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
     verifiers = [Verifier(data_dir, pacer, by="verify", duplicates=config.duplicates, on_problem=on_problem,
                           on_progress=on_progress) for _ in range(max(1, jobs))]
     started = time.monotonic()
+    interrupted, whole, total = False, False, 0
     try:
         spans = verifiers[0].plan()
+        total = sum(s.end for s in spans)
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=sum(s.end for s in spans), unit="B", unit_scale=True, desc="verify",
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify",
                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-        verify_all(verifiers, spans)
+        # Ctrl-C stops the pacer: each verifier finishes the record it is on (a corrupt mark
+        # is written whole) and stops
+        _, interrupted = interruptible(lambda: verify_all(verifiers, spans), pacer.stop.set)
+        whole = not interrupted
     finally:
         for v in verifiers:
             v.close()
         if bar is not None:
             bar.close()
-        if out is not None:
-            out.close()
+        _close_report(out, report, whole)
     tally = Tally()
     for v in verifiers:
         tally.add(v.tally)
     seconds = time.monotonic() - started
+    if interrupted:
+        raise Interrupted(f"verify stopped after {tally.records} record(s), {tally.bytes / 1e6:.1f} of "
+                          f"{total / 1e6:.1f} MB: {len(tally.problems)} problem(s) found so far"
+                          f"{f' ({tally.marked} corrupt record(s) marked)' if tally.marked else ''}"
+                          f"{f'; no report written to {report}' if report else ''}. Run verify again for a whole "
+                          "pass")
     if shown > _SHOWN:
         click.echo(f"... and {shown - _SHOWN} more problem(s)" + (f"; see {report}" if report else ""), err=True)
     click.echo(summary(tally, seconds))
