@@ -6,6 +6,7 @@ Import and migrate have their own (tests/test_import.py, tests/test_migrate.py).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,3 +175,20 @@ def test_ctrl_c_in_bench(tmp_path, run, slow_scp):
     assert code == 130 and "Aborted!" not in err and len(lines) == 1, err
     assert lines[0].startswith("Error: interrupted: bench stopped: no results table, nothing written to"), lines
     assert not (tmp_path / "r.json").exists() and list(tmp.iterdir()) == []
+
+
+def test_ctrl_c_in_rebuild_catalog(archive, tmp_path, run):
+    """The old catalog is thrown away first: stopped midway, queries see part of the archive.
+    Before, "Aborted!" alone; now the line says so and what makes it whole again."""
+    data = tmp_path / "data"
+    shutil.copytree(archive, data)
+    old = {p.name for p in (data / "catalog").glob("*.parquet")}
+    assert old
+    r = run("rebuild-catalog", "--data-dir", str(data))
+    wait_for(lambda: not old & {p.name for p in (data / "catalog").glob("*.parquet")}, 60,
+             lambda: "the old catalog to be thrown away\n" + r.stderr(), interval=0.01)
+    code, _, err = r.interrupt()
+    line = the_line(err)
+    assert code == 130 and "only partly rebuilt" in line and "rebuild-catalog` runs again" in line, line
+    again = cli("rebuild-catalog", "--data-dir", str(data))
+    assert again.returncode == 0 and f"{N} record(s) indexed" in again.stdout, again.stdout + again.stderr

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from stowage.cli.options import common, load
+from stowage.cli.options import Interrupted, common, load
 
 
 @click.command("rebuild-catalog")
@@ -47,6 +47,10 @@ def rebuild_catalog(config_file, data_dir) -> None:
                     except DeletionsUnknown as e:
                         raise click.ClickException(f"{e}; try again once the catalog is reachable") from None
             count = rebuild(config.data_dir)
+        except KeyboardInterrupt:  # the old catalog is gone and the new one holds only part of the records
+            raise Interrupted(f"the catalog of {config.data_dir} is only partly rebuilt: until `stowage "
+                              "rebuild-catalog` runs again to its end, queries, export and send see part of the "
+                              "archive (stowage serve's start-up recovery indexes the rest too)") from None
         except SlotError as e:  # e.g. a `stowage import` is writing: one line, no traceback
             raise click.ClickException(f"{config.data_dir}: {e.strerror}") from None
     click.echo(f"catalog rebuilt: {count} record(s) indexed")
