@@ -60,6 +60,9 @@ _PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENE
 _READY_TIMEOUT_S = 120.0
 
 
+_HELPERS_WAIT_S = 10.0  # the helpers start then even if the fork server has not said it has imported all
+
+
 class ServeError(RuntimeError):
     """The archive cannot start; the message says why and what to do."""
 
@@ -173,6 +176,11 @@ class Acceptor:
             except OSError as e:
                 raise ServeError(f"cannot serve metrics on {self.config.bind}:{self.config.metrics_port}: "
                                  f"{e.strerror or e}") from None
+        if self.config.http_port:
+            try:
+                self.http.bind()  # a busy port stops us here, before any worker starts
+            except HttpStartError as e:
+                raise ServeError(str(e)) from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGCHLD, lambda *_: self._wake())
@@ -183,22 +191,12 @@ class Acceptor:
         for ws in self.slots:
             self._spawn(ws)
         self._wait_ready()
-        self.scrub.start()
-        self.iceberg.start()
-        self.upload.start()
         try:
-            self.forward.start()  # before the listeners: its cursor must precede the first store
+            self.forward.start_cursor()  # before the listeners: its cursor must precede the first store
         except (OSError, ForwardStartError) as e:
             self.draining = True
             self._drain()
             raise ServeError(f"forwarding cannot start: {e}") from None
-        if self.config.http_port and not self.draining:
-            try:
-                self.http.start()
-            except HttpStartError as e:
-                self.draining = True
-                self._drain()
-                raise ServeError(str(e)) from None
         if self.listener is not None:
             self.sel.register(self.listener, selectors.EVENT_READ, ("listen", False))
         if self.tls_listener is not None:
@@ -210,9 +208,24 @@ class Acceptor:
         if self.proxies:
             log.info("connections from %s begin with a PROXY v2 header naming the client (proxy_protocol_from); "
                      "max_associations_per_address does not apply to them", ", ".join(self.config.proxy_protocol_from))
+        helpers_by = time.monotonic() + _HELPERS_WAIT_S
         while not self.draining:
             self._tick(0.5)
+            if helpers_by and (forkserver.server().preloaded.is_set() or time.monotonic() > helpers_by):
+                self._start_helpers()
+                helpers_by = 0.0
         return self._drain()
+
+    def _start_helpers(self) -> None:
+        """The scrub, Iceberg, uploader, forwarding and HTTP processes: once the DICOM port is
+        served and the fork server has imported their modules (asked before, a fork waits for
+        the import in progress, ~1 s at start-up, while no association is accepted)."""
+        self.scrub.start()
+        self.iceberg.start()
+        self.upload.start()
+        self.forward.start()
+        if self.config.http_port:
+            self.http.start()
 
     def _ports(self) -> str:
         """The ports served, for the start-up line: plain and/or TLS."""

@@ -87,6 +87,7 @@ def test_stopped_as_they_start_they_stop_cleanly(tmp_path):
     config.data_dir.mkdir()
     procs = HttpProcesses(config)
     try:
+        procs.bind()
         procs.start()
         pids = [p.popen.pid for p in procs.procs]
         failed = procs.stop()  # at once: they are still starting

@@ -124,3 +124,30 @@ def test_cache_writes_keeps_or_drops_what_serve_wrote(make_server, tmp_path, cac
     assert export_all(server.data_dir, tmp_path / "out").returncode == 0
     assert len(list((tmp_path / "out").glob("*.dcm"))) == 40
 
+
+
+def test_a_busy_http_port_stops_serve_before_any_worker_starts(tmp_path):
+    """The HTTP port is bound before the workers start (its processes start later, once the
+    DICOM port is served): a port in use is one line and a non-zero exit, with no worker
+    started and nothing left running."""
+    with socket.create_server((HOST, 0)) as taken:
+        http_port = taken.getsockname()[1]
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(["python3", "-m", "stowage.cli", "serve", "--data-dir", str(tmp_path / "data"),
+                                 "--bind", HOST, "--port", str(port), "--http-port", str(http_port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"cannot listen for HTTP on {HOST}:{http_port}" in out
+    assert "worker 0 started" not in out and "Traceback" not in out
+
+    def its_fork_server() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "stowage.engine.runtime.forkserver" in cmd and str(proc.pid) in cmd:
+                found.append(p)
+        return found
+    wait_for(lambda: not its_fork_server(), 10, "the fork server of the serve that stopped to end")

@@ -89,10 +89,9 @@ class ForwardProcess(SupervisedProcess):
     name, module, config_env, restart_after = "forwarding", "stowage.engine.forward.process", \
         "STOWAGE_FORWARD_CONFIG", RESTART_AFTER_S
 
-    def start(self) -> None:
-        """Create the queue and its cursor before the first association is accepted (what
-        is stored from then on is forwarded, even if this process is killed at once), then
-        start the process."""
+    def start_cursor(self) -> None:
+        """Create the queue and its cursor; before the first association is accepted, so
+        that what is stored from then on is forwarded, even if the process is killed at once."""
         if not self.config.forward:
             return
         import sqlite3
@@ -105,8 +104,11 @@ class ForwardProcess(SupervisedProcess):
                 queue.close()
         except sqlite3.Error as e:
             raise ForwardStartError(f"{path_of(self.config.data_dir)}: {e}") from None
-        self.launch()
 
+    def start(self) -> None:
+        """Start the process (after start_cursor)."""
+        if self.config.forward:
+            self.launch()
 
 if __name__ == "__main__":
     main()

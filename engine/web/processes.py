@@ -66,10 +66,12 @@ class HttpProcesses:
         self.sel = sel
         self.metrics = metrics
         self.sock: socket.socket | None = None
+        self.started = False  # bound, and its processes started (poll() restarts them from then on)
         self.procs = [_Process(i) for i in range(config.http_process_count)]
 
-    def start(self) -> None:
-        """Bind the port and start the processes; raises HttpStartError."""
+    def bind(self) -> None:
+        """Bind the port (clients queue on it until the processes are started); raises
+        HttpStartError."""
         address = http_bind(self.config)
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -82,10 +84,14 @@ class HttpProcesses:
                                  "set http_port (--http-port) to a free port, or 0 for no HTTP") from None
         sock.listen(1024)
         self.sock = sock
+
+    def start(self) -> None:
+        """Start the processes on the bound port."""
+        self.started = True
         for p in self.procs:
             self._spawn(p)
         scheme = "https" if self.config.http_tls else "http"
-        where = f"{scheme}://{address}:{self.config.http_port}/dicom-web"
+        where = f"{scheme}://{http_bind(self.config)}:{self.config.http_port}/dicom-web"
         if self.config.http_tokens:
             log.info("DICOMweb on %s with %d processes; bearer tokens required (%d configured)", where,
                      len(self.procs), len(self.config.http_tokens))
@@ -129,7 +135,7 @@ class HttpProcesses:
 
     def poll(self, draining: bool) -> None:
         """Restart processes that died (backing off when one keeps dying)."""
-        if self.sock is None or draining:
+        if not self.started or self.sock is None or draining:
             return
         now = time.monotonic()
         for p in self.procs:

@@ -23,7 +23,7 @@ held elsewhere. A child
 Frames (frames.py) on one stream socket are an 8-byte length and JSON. Acceptor to server:
 {"module", "args", "env", "cwd"} with the descriptors attached; server to acceptor: {"pid"}
 for each request in order, {"exit": pid, "code"} when a child ended (the code as Popen's
-returncode). client.py is the acceptor's side, forking.py the server's and its children's
+returncode), {"preloaded": true} once it has imported what it preloads. client.py is the acceptor's side, forking.py the server's and its children's
 (not server.py: a submodule by that name would hide the package's `server()`).
 """
 from stowage.engine.runtime.forkserver.client import (PRELOAD, UNKNOWN_EXIT, ForkedProcess, ForkServer,

@@ -86,11 +86,13 @@ def _exists(pid: int) -> bool:
 
 class ForkServer:
     """The acceptor's handle on its fork server; `on_exit` is called (from a reader
-    thread) whenever one of its children ended, as SIGCHLD would be for a direct child."""
+    thread) whenever one of its children ended, as SIGCHLD would be for a direct child,
+    and when `preloaded` is set."""
 
     def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
         self.preload = preload
         self.on_exit: Callable[[], None] | None = None
+        self.preloaded = threading.Event()  # it has imported every PRELOAD module (on_exit is called then too)
         self.proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
@@ -103,6 +105,7 @@ class ForkServer:
     def start(self) -> None:
         """Start the server (it imports in the background: the first spawn waits for it)."""
         ours, theirs = socket.socketpair()
+        self.preloaded.clear()
         env = dict(os.environ)
         # Arrow reads this as it loads, here in the server: the system allocator, not mimalloc,
         # whose arena kept growing in the HTTP processes (engine/web/process.py)
@@ -158,6 +161,10 @@ class ForkServer:
             if "pid" in msg:  # registered here, before its exit can be read
                 child = children[msg["pid"]] = ForkedProcess(msg["pid"], [])
                 replies.put(child)
+            elif "preloaded" in msg:
+                self.preloaded.set()
+                if self.on_exit is not None:
+                    self.on_exit()
             elif "exit" in msg:
                 child = children.pop(msg["exit"], None)
                 if child is not None:

@@ -53,6 +53,8 @@ def _serve(sock: socket.socket, preload: list[str]) -> None:
 def _loop(sock: socket.socket, sel: selectors.BaseSelector, wake_r: int, wake_w: int, preload: list[str]) -> None:
     me = os.getpid()
     forked = False
+    if not preload:
+        frames.send(sock, {"preloaded": True})
     while True:
         # a request comes in bursts (the acceptor starts its workers one after the other): after
         # a fork, a moment for the next before the next import, which would make it wait ~1 s
@@ -60,6 +62,8 @@ def _loop(sock: socket.socket, sel: selectors.BaseSelector, wake_r: int, wake_w:
         forked = False
         if not events and preload:
             _import(preload.pop(0))
+            if not preload:  # from now on a fork waits for no import
+                frames.send(sock, {"preloaded": True})
             continue
         for key, _mask in events:
             if key.data == "child":
