@@ -384,3 +384,27 @@ def test_a_client_that_stops_reading_metadata_is_let_go(web):
     finally:
         s.close()
     assert "failed (reference" not in web.server.log()
+
+
+def test_a_frame_named_many_times_is_made_once(web, big_study):
+    """/frames/1,1,1,… (about 4,000 fit in a URL): each mention held a copy of the frame
+    (512 kB here), 2 GB of one HTTP process for one request. Each is sent as often as
+    named, from one copy."""
+    import psutil
+    r = requests.get(f"{web.base}/studies/{big_study}/series")
+    series = r.json()[0]["0020000E"]["Value"][0]
+    r = requests.get(f"{web.base}/studies/{big_study}/series/{series}/instances")
+    inst = r.json()[0]["00080018"]["Value"][0]
+    url = f"{web.base}/studies/{big_study}/series/{series}/instances/{inst}/frames/"
+    http = [p for p in psutil.Process(web.server.proc.pid).children(recursive=True)
+            if "stowage.engine.web.process" in " ".join(p.cmdline())]
+    before = {p.pid: p.memory_info().rss for p in http}
+    for syntax in ("*", ExplicitVRLittleEndian):
+        r = requests.get(url + ",".join(["2", "1"] * 300), stream=True,
+                         headers={"Accept": f'multipart/related; type="application/octet-stream"; transfer-syntax={syntax}'})
+        got = 0
+        for chunk in r.iter_content(1 << 20):
+            got += len(chunk)
+        assert r.status_code == 200 and got > 600 * 512 * 512 * 2
+    grown = max(p.memory_info().rss - before[p.pid] for p in http)
+    assert grown < 100 << 20, f"an HTTP process grew by {grown >> 20} MB serving 2 frames 600 times"
