@@ -408,3 +408,19 @@ def test_a_frame_named_many_times_is_made_once(web, big_study):
         assert r.status_code == 200 and got > 600 * 512 * 512 * 2
     grown = max(p.memory_info().rss - before[p.pid] for p in http)
     assert grown < 100 << 20, f"an HTTP process grew by {grown >> 20} MB serving 2 frames 600 times"
+
+
+def test_delete_turned_off_names_the_methods_each_resource_takes(web):
+    """405's Allow listed POST and OPTIONS for every resource: a series or an instance
+    takes neither (STOW-RS posts to /studies and /studies/{study} only)."""
+    study, series, inst = _some_instance(web)
+    for path, allowed in ((f"/studies/{study}", {"GET", "HEAD", "POST"}),
+                          (f"/studies/{study}/series/{series}", {"GET", "HEAD"}),
+                          (f"/studies/{study}/series/{series}/instances/{inst}", {"GET", "HEAD"})):
+        r = requests.delete(web.base + path)
+        assert r.status_code == 405 and "http_delete" in r.text
+        assert {m.strip() for m in r.headers["Allow"].split(",")} == allowed, (path, r.headers["Allow"])
+        for method in allowed - {"POST"}:
+            assert requests.request(method, web.base + path).status_code == 200, (method, path)
+        assert requests.request("POST", web.base + path, data=b"").status_code != 405 or "POST" not in allowed
+        assert requests.options(web.base + path).status_code == 405

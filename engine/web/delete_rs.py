@@ -18,10 +18,10 @@ from stowage.engine.web.store import STORE
 
 async def delete_resource(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
-    if not config.http_delete:
-        raise refusal(405, "DELETE is turned off on this archive (set http_delete = true to allow it)",
-                      {"Allow": "GET, HEAD, POST, OPTIONS"})
     info = request.match_info
+    if not config.http_delete:  # Allow: what this resource takes (STOW-RS posts to a study, not below)
+        raise refusal(405, "DELETE is turned off on this archive (set http_delete = true to allow it)",
+                      {"Allow": "GET, HEAD" if "series" in info else "GET, HEAD, POST"})
     study = path_uid(request, "study")
     series = path_uid(request, "series") if "series" in info else None
     instance = path_uid(request, "instance") if "instance" in info else None
