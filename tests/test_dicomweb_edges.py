@@ -424,3 +424,23 @@ def test_delete_turned_off_names_the_methods_each_resource_takes(web):
             assert requests.request(method, web.base + path).status_code == 200, (method, path)
         assert requests.request("POST", web.base + path, data=b"").status_code != 405 or "POST" not in allowed
         assert requests.options(web.base + path).status_code == 405
+
+
+def test_q_zero_in_accept_is_a_refusal(web):
+    """RFC 9110 12.5.1: q=0 means "not acceptable". QIDO-RS answered JSON to
+    "application/dicom+json; q=0", and a rendered image was JPEG for "image/jpeg; q=0, */*"."""
+    study, series, inst = _some_instance(web)
+    for accept in ("application/dicom+json; q=0", "application/dicom+json;q=0, application/dicom+xml",
+                   "application/dicom+json; q=0, */*"):
+        r = requests.get(f"{web.base}/studies", headers={"Accept": accept})
+        assert r.status_code == 406 and "application/dicom+json" in r.text, (accept, r.status_code)
+    for accept in ("application/dicom+json; q=0.1", "text/html, */*; q=0.5", "application/json"):
+        assert requests.get(f"{web.base}/studies", headers={"Accept": accept}).status_code == 200, accept
+    url = f"{web.base}/studies/{study}/series/{series}/instances/{inst}/rendered"
+    for accept, media in (("image/jpeg; q=0, */*", "image/png"), ("image/jpeg;q=0, image/*", "image/png"),
+                          ("image/png; q=0, */*", "image/jpeg"), ("*/*", "image/jpeg"),
+                          ("image/png; q=0.5, image/jpeg", "image/jpeg")):
+        r = requests.get(url, headers={"Accept": accept})
+        assert r.status_code == 200 and r.headers["Content-Type"] == media, (accept, r.headers["Content-Type"])
+    r = requests.get(url, headers={"Accept": "image/jpeg; q=0, image/png; q=0, */*"})
+    assert r.status_code == 406

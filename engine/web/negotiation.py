@@ -92,5 +92,19 @@ def alternatives(header: str | None, default_part: str) -> list[Alternative]:
     return [a for _q, _i, a in sorted(found, key=lambda t: t[:2]) if a.q > 0]
 
 
+def refused(header: str | None) -> set[str]:
+    """The media types the Accept header names with q=0 (RFC 9110 12.5.1: "not acceptable"),
+    which a wildcard elsewhere in it does not bring back."""
+    out = set()
+    for text in _split(header or ""):
+        media, params = _params(text)
+        try:
+            if float(params.get("q", "1")) <= 0:
+                out.add(media)
+        except ValueError:
+            continue
+    return out
+
+
 def image_media_type(transfer_syntax: str) -> str:
     return IMAGE_MEDIA_TYPES.get(transfer_syntax, "application/octet-stream")

@@ -30,6 +30,7 @@ from stowage.engine.web.context import CONFIG, base_url, path_uid
 from stowage.engine.web.store import STORE
 from stowage.engine.web.dicom_json import MEDIA_TYPE, dumps, resource_url
 from stowage.engine.web.fast_json import dataset_json
+from stowage.engine.web.negotiation import refused
 from stowage.engine.web.errors import refusal
 from stowage.engine.web.sending import StreamedResponse
 
@@ -292,7 +293,9 @@ def search_of(request: web.Request, level: str, fixed: dict[int, str], max_limit
 def _acceptable(request: web.Request) -> None:
     accept = request.headers.get("Accept", "*/*")
     types = [a.split(";")[0].strip().lower() for a in accept.split(",")]
-    if not any(t in (MEDIA_TYPE, "application/json", "*/*", "application/*") for t in types):
+    no = refused(accept)  # "application/dicom+json; q=0" is a refusal, not a wish
+    if MEDIA_TYPE in no or not any(t in (MEDIA_TYPE, "application/json", "*/*", "application/*") and t not in no
+                                   for t in types):
         raise refusal(406, f"QIDO-RS answers {MEDIA_TYPE} only (Accept: {accept[:100]})")
 
 

@@ -20,7 +20,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 from stowage.engine.web import pixels
 from stowage.engine.web.context import path_uid
 from stowage.engine.web.errors import refusal
-from stowage.engine.web.negotiation import alternatives
+from stowage.engine.web.negotiation import alternatives, refused
 from stowage.engine.web.records import Instance, Unreadable, find
 from stowage.engine.web.store import STORE, WebStore
 from stowage.engine.web.transcode import MAX_BYTES
@@ -72,11 +72,15 @@ def _options(request: web.Request, thumbnail: bool) -> dict:
 
 
 def _media_type(request: web.Request) -> str:
-    for alt in alternatives(request.headers.get("Accept"), "image/jpeg"):
-        if alt.media_type in FORMATS:
+    accept = request.headers.get("Accept")
+    no = refused(accept)  # a wildcard means any format but these ("image/jpeg; q=0, image/*": PNG)
+    for alt in alternatives(accept, "image/jpeg"):
+        if alt.media_type in FORMATS and alt.media_type not in no:
             return alt.media_type
         if alt.media_type in ("*/*", "image/*") or alt.multipart:
-            return "image/jpeg"
+            for media in FORMATS:
+                if media not in no:
+                    return media
     raise refusal(406, "rendered images are given as image/jpeg or image/png")
 
 
