@@ -444,3 +444,51 @@ def test_q_zero_in_accept_is_a_refusal(web):
         assert r.status_code == 200 and r.headers["Content-Type"] == media, (accept, r.headers["Content-Type"])
     r = requests.get(url, headers={"Accept": "image/jpeg; q=0, image/png; q=0, */*"})
     assert r.status_code == 406
+
+
+def _with_odd_numbers(ds: Dataset) -> Dataset:
+    """DS values JSON has no number for ("nan", "1.5e999", "-Infinity") and an FD NaN, as
+    some modalities write them."""
+    import struct
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+    for tag, vr, value in ((0x00180050, "DS", b"1.5e999 "), (0x00281050, "DS", b"nan\\40 "),
+                           (0x00281051, "DS", b"-Infinity "), (0x00189327, "FD", struct.pack("<d", float("nan")))):
+        ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    return ds
+
+
+def test_metadata_is_valid_json_whatever_the_numbers(web):
+    """json.dumps writes NaN and Infinity, which are not JSON: JSON.parse in a browser (OHIF)
+    refused the whole series' metadata for one such value. They go out as strings."""
+    import json
+    from pydicom.data import get_testdata_file
+    study, boundary, body, made = generate_uid(), "odd-numbers", b"", []
+    for name in ("CT_small.dcm", "MR_small_jp2klossless.dcm"):  # metadata from the stored header, and from the record
+        ds = _with_odd_numbers(pydicom.dcmread(get_testdata_file(name)))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + out.getvalue() + b"\r\n"
+        made.append(ds)
+    r = requests.post(f"{web.base}/studies", data=body + f"--{boundary}--\r\n".encode(),
+                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert r.status_code == 200, r.text[:300]
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    urls = [f"/studies/{study}/metadata"]
+    for ds in made:
+        urls += [f"/studies/{study}/series/{ds.SeriesInstanceUID}/metadata",
+                 f"/studies/{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/metadata"]
+    for _ in range(2):  # made, then from the series metadata kept on disk
+        for url in urls:
+            r = requests.get(web.base + url)
+            assert r.status_code == 200, url
+            for inst in strict(r.text):
+                assert inst["00180050"]["Value"] == ["Infinity"] and inst["00281050"]["Value"] == ["NaN", 40]
+                assert inst["00281051"]["Value"] == ["-Infinity"] and inst["00189327"]["Value"] == ["NaN"]
+    r = requests.get(f"{web.base}/instances", params={"StudyInstanceUID": study, "includefield": "00180050,00189327"})
+    for inst in strict(r.text):
+        assert inst["00180050"]["Value"] == ["Infinity"]

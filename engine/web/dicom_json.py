@@ -3,6 +3,7 @@ JSON with BulkDataURIs for bulk values, and the resource URLs that answers carry
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable
 
 from pydicom.dataset import Dataset
@@ -49,7 +50,29 @@ def _without_bulk(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def dumps(objects: list[dict[str, Any]] | dict[str, Any]) -> bytes:
-    return json.dumps(objects, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json_text(objects).encode("utf-8")
+
+
+def json_text(obj: Any) -> str:
+    """`obj` as compact JSON, always valid (RFC 8259): a NaN or an infinity (an FL/FD value,
+    a DS such as "nan" or "1e999") goes out as the string "NaN", "Infinity" or "-Infinity",
+    not as the bare NaN json.dumps writes, which JSON.parse refuses (a viewer then loses the
+    whole series' metadata for one odd value). PS3.18 F.2.3.1 (CP 1861) allows strings for
+    DS and IS; for FL and FD no number can say it."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if obj != obj else "Infinity" if obj > 0 else "-Infinity"
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 Formatter = Callable[[Dataset], dict[str, Any]]

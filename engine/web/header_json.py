@@ -23,6 +23,7 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_dataset
 
+from stowage.engine.web.dicom_json import json_text
 from stowage.engine.web.fast_json import BULK_THRESHOLD, dataset_json, element_json, number
 
 _string = json.encoder.encode_basestring  # a JSON string as json.dumps(ensure_ascii=False) writes it
@@ -239,7 +240,7 @@ def _convert(raw: bytes, implicit: bool, charset: bytes, bulk: Callable[[int], s
         obj = {tag: value}
     elif not obj:
         return b""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)[1:-1].encode("utf-8")
+    return json_text(obj)[1:-1].encode("utf-8")
 
 
 _ASCII = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})  # strings the character set does not touch
