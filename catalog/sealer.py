@@ -34,17 +34,36 @@ def _write_parquet(directory: Path, table: pa.Table, name: str = "") -> str:
     """Write `table` as a new Parquet file (and its study summary); `name` if given (a
     compaction names its files so that a crash can find them), else a fresh one."""
     name = name or f"part-{time.time_ns():020d}-{os.getpid()}.parquet"
-    studies.write(directory, name, table)  # first: a file in the manifest always has its summary
     tmp = directory / f".{name}.tmp"
-    rows = min(ROW_GROUP_ROWS, max(table.num_rows, 1))
-    pq.write_table(table.sort_by(SORT_KEYS), tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
-                   write_statistics=True, write_page_index=True,
-                   bloom_filter_options={col: {"ndv": max(rows // per, 64), "fpp": 0.01}
-                                         for col, per in _BLOOM.items()})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / name)
+    try:
+        studies.write(directory, name, table)  # first: a file in the manifest always has its summary
+        rows = min(ROW_GROUP_ROWS, max(table.num_rows, 1))
+        pq.write_table(table.sort_by(SORT_KEYS), tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                       write_statistics=True, write_page_index=True,
+                       bloom_filter_options={col: {"ndv": max(rows // per, 64), "fpp": 0.01}
+                                             for col, per in _BLOOM.items()})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _discard_unnamed(directory, name)
+        raise
     return name
+
+
+def _discard_unnamed(directory: Path, name: str) -> None:
+    """Remove sealed file `name` and its summary when the manifest does not name them: a
+    seal or merge that failed (a full disk, typically) would otherwise leave them for
+    ever, holding the very space its next try needs. Left alone when the manifest cannot
+    be read: a file it names is never removed here."""
+    try:
+        if name in manifest.load(directory).files:
+            return
+        (directory / name).unlink(missing_ok=True)
+        (directory / studies.companion(name)).unlink(missing_ok=True)
+    except (OSError, ValueError) as e:
+        log.warning("could not remove %s, written by a failed seal: %s", name, e)
 
 
 def seal_rows(directory: Path, rows: pa.Table | list[dict[str, Any]]) -> str | None:
@@ -52,18 +71,22 @@ def seal_rows(directory: Path, rows: pa.Table | list[dict[str, Any]]) -> str | N
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=SCHEMA)
     if table.num_rows == 0:
         return None
-    name = _write_parquet(directory, table)
     ends: dict[str, int] = {}
     for seg, off, length in zip(table["segment"].to_pylist(), table["offset"].to_pylist(),
                                 table["record_length"].to_pylist()):
         ends[seg] = max(ends.get(seg, 0), off + length)
-    with manifest.update(directory) as m:
-        versions_table.note_sealed(directory, m, table)
-        m.files[name] = table.num_rows
-        if m.outbox is not None:  # fresh rows, for the Iceberg publisher (engine/iceberg)
-            m.outbox.append(name)
-        for seg, end in ends.items():
-            m.watermarks[seg] = max(m.watermarks.get(seg, 0), end)
+    name = _write_parquet(directory, table)
+    try:
+        with manifest.update(directory) as m:
+            versions_table.note_sealed(directory, m, table)
+            m.files[name] = table.num_rows
+            if m.outbox is not None:  # fresh rows, for the Iceberg publisher (engine/iceberg)
+                m.outbox.append(name)
+            for seg, end in ends.items():
+                m.watermarks[seg] = max(m.watermarks.get(seg, 0), end)
+    except BaseException:
+        _discard_unnamed(directory, name)
+        raise
     return name
 
 
@@ -117,12 +140,16 @@ def compact(directory: Path, min_files: int) -> str | None:
         rows = merged.num_rows
         del merged
         _give_back()
-        with manifest.update(directory) as m:
-            now = time.time()
-            for n in small:
-                m.files.pop(n, None)
-                m.retired[n] = now
-            m.files[name] = rows
+        try:
+            with manifest.update(directory) as m:
+                now = time.time()
+                for n in small:
+                    m.files.pop(n, None)
+                    m.retired[n] = now
+                m.files[name] = rows
+        except BaseException:
+            _discard_unnamed(directory, name)
+            raise
         log.info("compacted %d catalog files (%d rows) into %s", len(small), rows, name)
         return name
 

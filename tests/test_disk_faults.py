@@ -113,3 +113,52 @@ def test_import_of_a_large_file_onto_a_full_disk_stops_and_says_so(tmpfs, tmp_pa
     assert set(got) == {request_uid(f) for f in [big, *small]}
     for f in [big, *small]:
         assert dataset_bytes(got[request_uid(f)]) == dataset_bytes(f)
+
+
+def catalog_row(i: int) -> dict:
+    from stowage.catalog.schema import SCHEMA
+    row = {f.name: None for f in SCHEMA}
+    row.update(sop_instance_uid=f"1.2.826.0.1.3680043.9.7777.{i}", study_instance_uid="1.2.826.0.1.3680043.9.7777",
+               series_instance_uid="1.2.826.0.1.3680043.9.7777.0", segment="000-00000001.seg", offset=i * 1000,
+               record_length=1000, received_at=i, patient_id="FULLDISK")
+    return row
+
+
+def unnamed_catalog_files(directory: Path) -> list[str]:
+    """Parquet files in the catalog directory that the manifest does not name (sealed
+    files or their study summaries)."""
+    from stowage.catalog import manifest, studies
+    named = set(manifest.load(directory).files)
+    named |= {studies.companion(n) for n in named}
+    return sorted(p.name for p in directory.glob("*.parquet") if p.name not in named)
+
+
+def test_a_seal_that_fails_on_a_full_disk_leaves_no_file_behind(tmpfs, tmp_path):
+    """A seal writes its Parquet file (and study summary) first, then swaps the manifest;
+    when the disk fills in between, the files it wrote are not named by any manifest and
+    would stay for ever, holding the space its next try needs. They go; the rows stay in
+    the tail, and the seal after space came back catalogues them once."""
+    from stowage.catalog import manifest
+    from stowage.catalog.reader import Catalog
+    from stowage.catalog.sealer import Sealer
+    disk = tmpfs(tmp_path / "catalog-disk", "200k")
+    directory = disk / "catalog"
+    sealer = Sealer(directory, 0)
+    sealer.commit([catalog_row(i) for i in range(200)])
+    with pytest.raises(OSError):
+        sealer.seal()  # the uid filter's pages (or the Parquet file itself) do not fit
+    assert unnamed_catalog_files(directory) == [], "a failed seal left its files"
+    assert not list(directory.glob(".*.tmp")), "a failed seal left a temporary file"
+
+    r = subprocess.run(["mount", "-o", "remount,size=96m", str(disk)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr  # room again
+    sealer.seal()
+    sealer.close()
+    assert unnamed_catalog_files(directory) == []
+    assert sum(manifest.load(directory).files.values()) == 200
+    catalog = Catalog(directory, "keep-newest")
+    try:
+        _cols, rows = catalog.execute("SELECT count(*), count(DISTINCT sop_instance_uid) FROM records")
+    finally:
+        catalog.close()
+    assert rows == [(200, 200)]
