@@ -162,3 +162,52 @@ def test_a_seal_that_fails_on_a_full_disk_leaves_no_file_behind(tmpfs, tmp_path)
     finally:
         catalog.close()
     assert rows == [(200, 200)]
+
+
+def test_a_removed_newest_segment_does_not_lose_what_is_stored_next(make_server, tmp_path):
+    """The newest segment of a worker's slot is gone (moved away by an administrator, lost
+    with a disk, a backup restored without it). The next segment the worker opens must not
+    take its name: the manifest still holds the old file's sealed watermark, so recovery
+    after a kill -9 would skip every record below it (acknowledged, then lost), and the old
+    catalog rows would name the new file's records (another instance served under their
+    UIDs). What was stored after is all there after the crash; what was in the removed
+    file fails, and nothing is exported under another instance's name."""
+    server = make_server("--workers", "1")
+    data = server.data_dir
+    before = [ct(tmp_path / "before" / f"ct-{i}.dcm") for i in range(5)]
+    after = [ct(tmp_path / "after" / f"ct-{i}.dcm") for i in range(5)]
+    for f in before:
+        assert store_one(server.port, f) == 0
+    assert server.stop() == 0
+    (newest,) = [p for p in (data / "segments").glob("000-*.seg") if p.stat().st_size]
+    newest.rename(tmp_path / newest.name)  # moved away
+
+    again = make_server("--workers", "1", data_dir=data, STOWAGE_SEAL_INTERVAL="60")  # nothing sealed before the kill
+    for f in after:
+        assert store_one(again.port, f) == 0
+    again.kill()  # kill -9 of the whole server
+    make_server("--workers", "1", data_dir=data)
+    out = tmp_path / "out"
+    from conftest import export_all
+    export_all(data, out)  # exit 1: the instances of the removed segment cannot be exported
+    got = {p.stem: p for p in out.glob("*.dcm")}
+    for name, path in got.items():
+        assert str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) == name, \
+            f"{name}.dcm holds another instance"
+    assert {request_uid(f) for f in after} <= set(got), "acknowledged instances lost after the kill"
+    for f in after:
+        assert dataset_bytes(got[request_uid(f)]) == dataset_bytes(f)
+    assert not {request_uid(f) for f in before} & set(got)
+
+
+def store_one(port: int, path: Path) -> int:
+    """The status of one C-STORE of the file, on an association of its own."""
+    ae = AE("SEGMENTS")
+    ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(HOST, port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()

@@ -189,12 +189,17 @@ class SegmentWriter:
             self._fd = -1
 
     def _next_sequence(self) -> int:
-        """One past the highest sequence of our slot on local disk or uploaded: a data
-        directory found again in the bucket (engine/storage/restore.py) never reuses a name."""
+        """One past the highest sequence of our slot on local disk, uploaded, or known to
+        the manifest: a data directory found again in the bucket (engine/storage/restore.py)
+        never reuses a name, and neither does one whose newest segment file was removed
+        or lost. A reused name would inherit the old file's sealed watermark: recovery
+        would skip the new records below it (acknowledged, lost at the next crash), and
+        the old catalog rows would name the new file's records."""
         prefix = f"{self.slot:03d}-"
-        uploaded = manifest.load(self.directory.parent / "catalog").uploaded
-        remote = [int(n[4:12]) for n in uploaded if n.startswith(prefix) and n[4:12].isdigit()]
-        return max(next_sequence(self.directory, self.slot), max(remote, default=0) + 1)
+        m = manifest.load(self.directory.parent / "catalog")
+        known = [int(n[4:12]) for n in (*m.uploaded, *m.watermarks, *m.retired_segments)
+                 if n.startswith(prefix) and n[4:12].isdigit()]
+        return max(next_sequence(self.directory, self.slot), max(known, default=0) + 1)
 
     def _open_next(self) -> None:
         """Open the next segment, then close the active one: a failed open (a full disk)
