@@ -492,3 +492,27 @@ def test_metadata_is_valid_json_whatever_the_numbers(web):
     r = requests.get(f"{web.base}/instances", params={"StudyInstanceUID": study, "includefield": "00180050,00189327"})
     for inst in strict(r.text):
         assert inst["00180050"]["Value"] == ["Infinity"]
+
+
+def test_rendered_viewport_region_is_cut_out(web):
+    """viewport=vw,vh,sx,sy,sw,sh (PS3.18 8.3.5.1.3) names a region of the source image:
+    it was ignored and the whole image sent, scaled, as if none had been asked for."""
+    import numpy as np
+    from PIL import Image
+    study, series, inst = _some_instance(web)
+    url = f"{web.base}/studies/{study}/series/{series}/instances/{inst}/rendered"
+    png = {"Accept": "image/png"}
+
+    def image(viewport: str) -> np.ndarray:
+        r = requests.get(url, params={"viewport": viewport, "window": "40,400"}, headers=png)
+        assert r.status_code == 200, (viewport, r.text)
+        return np.asarray(Image.open(io.BytesIO(r.content)))
+    whole = image("128,128")  # CT_small is 128 x 128
+    assert whole.shape == (128, 128)
+    assert np.array_equal(image("64,64,0,0,64,64"), whole[:64, :64])
+    assert np.array_equal(image("32,64,96,64,32,64"), whole[64:, 96:])
+    assert np.array_equal(image("64,64,64,0,-64,64"), whole[:64, :64][:, ::-1])  # flipped left-right
+    assert np.array_equal(image("128,128,0,128,128,-128"), whole[::-1, :])  # flipped top-bottom
+    for bad in ("64,64,0,0,64", "64,64,0,0,0,64", "64,64,-1,0,64,64", "64,64,500,500,10,10"):
+        r = requests.get(url, params={"viewport": bad})
+        assert r.status_code == 400 and "viewport" in r.text, (bad, r.status_code, r.text)

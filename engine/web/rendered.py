@@ -4,8 +4,10 @@ PNG images of a study, series, instance or frame.
 Pixels go through the Modality LUT (rescale), then the VOI window: `window=center,width[,
 linear|linear-exact|sigmoid]` when given, else the data set's first Window Center/Width,
 else the frame's range. `viewport=vw,vh` fits the image into vw x vh keeping its aspect
-ratio; `quality` (1-100) is the JPEG quality. A series renders its middle instance, a study
-its first series' middle instance; a multi-frame instance its first frame (or the one named).
+ratio, after cutting out the source region `sx,sy,sw,sh` when given (`viewport=vw,vh,sx,sy,
+sw,sh`; a negative sw or sh flips); `quality` (1-100) is the JPEG quality. A series renders
+its middle instance, a study its first series' middle instance; a multi-frame instance its
+first frame (or the one named).
 """
 from __future__ import annotations
 
@@ -61,8 +63,14 @@ def _options(request: web.Request, thumbnail: bool) -> dict:
                 raise refusal(400, f"window function {fn[:20]!r}: linear, linear-exact or sigmoid")
             out["function"] = fn
     if "viewport" in q:
-        vw, vh = _numbers(q["viewport"], 2, "viewport", low=1)[:2]
+        values = _numbers(q["viewport"], 2, "viewport", low=1)
+        vw, vh = values[:2]
         out["viewport"] = (min(int(vw), _MAX_VIEWPORT), min(int(vh), _MAX_VIEWPORT))
+        if len(values) > 2:  # the source region (PS3.18 8.3.5.1.3): it was ignored, the whole image sent
+            if len(values) != 6 or min(values[2:4]) < 0 or 0 in values[4:6]:
+                raise refusal(400, f"viewport={q['viewport'][:60]!r}: vw,vh or vw,vh,sx,sy,sw,sh (sx, sy >= 0; "
+                                   "sw, sh not 0, negative to flip)")
+            out["region"] = tuple(values[2:6])
     if "quality" in q:
         quality = _numbers(q["quality"], 1, "quality", low=1)[0]
         if quality > 100:
@@ -125,6 +133,8 @@ def render(store: WebStore, inst: Instance, frame: int, opts: dict, media_type: 
     image = Image.fromarray(_to_8bit(arr, ds, opts))
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
+    if opts.get("region") is not None:
+        image = _region(image, *opts["region"])
     if opts["viewport"] is not None:  # fit, keeping the aspect ratio
         vw, vh = opts["viewport"]
         scale = min(vw / image.width, vh / image.height)
@@ -137,6 +147,23 @@ def render(store: WebStore, inst: Instance, frame: int, opts: dict, media_type: 
     else:
         image.save(out, "PNG")
     return out.getvalue()
+
+
+def _region(image: Image.Image, sx: float, sy: float, sw: float, sh: float) -> Image.Image:
+    """The part of `image` from (sx, sy) sw wide and sh high, flipped where sw or sh is
+    negative (the region then extends left of sx, or above sy)."""
+    x0, x1 = sorted((sx, sx + sw))
+    y0, y1 = sorted((sy, sy + sh))
+    box = (max(0, round(x0)), max(0, round(y0)), min(image.width, round(x1)), min(image.height, round(y1)))
+    if box[0] >= box[2] or box[1] >= box[3]:
+        raise pixels.FrameError(400, f"viewport: the region {sx:g},{sy:g},{sw:g},{sh:g} lies outside the "
+                                     f"{image.width}x{image.height} image")
+    image = image.crop(box)
+    if sw < 0:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if sh < 0:
+        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    return image
 
 
 async def _rendered(request: web.Request, thumbnail: bool) -> web.Response:
