@@ -192,3 +192,16 @@ def test_ctrl_c_in_rebuild_catalog(archive, tmp_path, run):
     assert code == 130 and "only partly rebuilt" in line and "rebuild-catalog` runs again" in line, line
     again = cli("rebuild-catalog", "--data-dir", str(data))
     assert again.returncode == 0 and f"{N} record(s) indexed" in again.stdout, again.stdout + again.stderr
+
+
+def test_ctrl_c_in_deidentify(archive, tmp_path, run):
+    config = tmp_path / "s.toml"
+    config.write_text("[projects.p1]\n")
+    out = tmp_path / "out"
+    r = run("deidentify", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--project", "p1",
+            str(archive.parent / "in"), str(out))
+    wait_for(lambda: len(list(out.glob("*.dcm"))) >= 10, 120, lambda: "the first files\n" + r.stderr())
+    code, _, err = r.interrupt()
+    line = the_line(err)
+    assert code == 130 and "deidentify stopped" in line and "same command again" in line, line
+    assert all(p.suffix == ".dcm" for p in out.iterdir())

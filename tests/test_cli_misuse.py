@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from conftest import CT, HOST, cli, copies, free_port
@@ -106,3 +107,34 @@ def test_deidentify_into_a_read_only_folder(tmp_path, read_only):
     copies(CT, src, 2, "d")
     one_line(cli("deidentify", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--project", "p1",
                  str(src), str(read_only / "out")), "cannot create OUT", "Read-only file system")
+
+
+@pytest.fixture
+def read_only_archive(tmp_path):
+    """An archive (two instances) on a tmpfs then remounted read-only: a backup mounted ro."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {(r.stderr or r.stdout).strip()}")
+    try:
+        src = copies(CT, tmp_path / "in", 2, "ro")
+        r = cli("import", "--data-dir", str(disk / "data"), "-q", *map(str, src), env={"STOWAGE_MIN_FREE_BYTES": "0"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True, timeout=30)
+        yield disk / "data", src
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def test_commands_that_write_on_a_read_only_archive(read_only_archive):
+    """compact, import and rebuild-catalog ended in tracebacks (audit.jsonl, the import
+    ledger, serve.lock); delete asked first, then said the deletion "may be incomplete"."""
+    data, src = read_only_archive
+    study = pydicom.dcmread(src[0], stop_before_pixels=True).StudyInstanceUID
+    for args in (["compact"], ["import", "-q", str(src[0])], ["rebuild-catalog"], ["delete", "--study", study]):
+        one_line(cli(*args, "--data-dir", str(data)), "cannot write into the data directory", "read-only")
+    # reading it still works
+    r = cli("query", "--data-dir", str(data), "--format", "csv", "SELECT count(*) AS n FROM instances")
+    assert r.returncode == 0 and r.stdout.split() == ["n", "2"], r.stdout + r.stderr

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from stowage.cli.options import common, load
+from stowage.cli.options import DATA_DIR, common, load, writable_later
 
 
 @click.command()
@@ -20,6 +20,7 @@ def compact(config_file, data_dir, dry_run, rate, ratio) -> None:
     config = load(config_file, data_dir=data_dir)
     if not (config.data_dir / "catalog").is_dir():
         raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
+    writable_later(config.data_dir, DATA_DIR)  # e.g. a backup mounted read-only: one line, not a traceback
     if ratio is not None and not 0 < ratio <= 1:
         raise click.UsageError("--ratio must be in (0, 1]")
     setup_logging(config, "compact")

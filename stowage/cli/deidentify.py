@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from stowage.cli.options import common, load, writable_folder
+from stowage.cli.options import Interrupted, common, load, writable_folder
 
 
 @click.command()
@@ -26,6 +26,9 @@ def deidentify(config_file, data_dir, project, jobs, src, out) -> None:
         result = deidentify_folder(config.projects, project, config.data_dir, src, out, jobs)
     except ProjectError as e:
         raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:  # each file is written under a temporary name, then renamed
+        raise Interrupted(f"deidentify stopped: the files in {out} are whole, the others not written; run the "
+                          "same command again for the rest") from None
     for line in result.quarantined:
         click.echo(f"quarantined: {line}", err=True)
     for line in result.failed:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from stowage.cli.options import common, load, split_values
+from stowage.cli.options import DATA_DIR, common, load, split_values, writable_later
 
 
 @click.command()
@@ -30,6 +30,7 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
     config = load(config_file, data_dir=data_dir)
     if not (config.data_dir / "catalog").is_dir():
         raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
+    writable_later(config.data_dir, DATA_DIR)  # before asking: a read-only archive deletes nothing
     level, values = chosen[0]
     comment = " ".join(reason.split())[:200]
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from stowage.cli.options import common, load
+from stowage.cli.options import DATA_DIR, common, load, writable_later
 
 
 @click.command("import")
@@ -33,6 +33,7 @@ def import_(paths, config_file, data_dir, processes, threads, report, quiet, pro
             raise click.ClickException(f"{p}: no such file or folder")
         if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
             raise click.ClickException(f"{p}: permission denied")
+    writable_later(config.data_dir, DATA_DIR)  # its ledger (SQLite) would fail first, with a traceback
     if project:
         from stowage.engine.deidentify.project import ProjectError, open_project
         try:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from stowage.cli.options import check_host, common, load, writable_data_dir
+from stowage.cli.options import DATA_DIR, check_host, common, load, writable_later
 from stowage.engine.migrate import report
 from stowage.engine.migrate.pacing import PacingError, Rate, TimeWindow
 from stowage.engine.migrate.run import MigrateError, Options, checkpoint_path
@@ -110,7 +110,7 @@ def migrate(config_file, data_dir, source, method, aet, since, until, parallel, 
                        progress=not quiet)
         peer = source_of(source, config)
         check_host(peer.host, f"--from {source}")
-        writable_data_dir(config)  # its checkpoint goes there before anything is pulled
+        writable_later(config.data_dir, DATA_DIR)  # its checkpoint goes there before anything is pulled
         code = run(config, peer, opts, click.echo)
     except MigrateError as e:
         raise click.ClickException(str(e)) from None

@@ -95,9 +95,25 @@ def writable_folder(folder: Path, what: str) -> Path:
     return folder
 
 
+def writable_later(folder: Path, what: str) -> None:
+    """`folder` is, or can be made, a folder to write into; nothing is made now (a command
+    that fails for another reason leaves no empty folder behind)."""
+    there = folder
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise click.ClickException(f"{what} {folder}: {there} is a file, not a folder")
+    why = _unwritable(there)
+    if why:
+        raise click.ClickException(f"cannot write into {what} {folder}: {why}")
+
+
+DATA_DIR = "the data directory (--data-dir, data_dir)"
+
+
 def writable_data_dir(config: cfg.Config) -> Path:
     """The data directory, made if missing, for a command that writes into it."""
-    return writable_folder(config.data_dir, "the data directory (--data-dir, data_dir)")
+    return writable_folder(config.data_dir, DATA_DIR)
 
 
 def writable_file(path: Path | None, what: str) -> None:

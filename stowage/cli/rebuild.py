@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from stowage.cli.options import Interrupted, common, load
+from stowage.cli.options import DATA_DIR, Interrupted, common, load, writable_later
 
 
 @click.command("rebuild-catalog")
@@ -17,6 +17,7 @@ def rebuild_catalog(config_file, data_dir) -> None:
     config = load(config_file, data_dir=data_dir)
     if not (config.data_dir / "segments").is_dir() and not config.storage:
         raise click.ClickException(f"{config.data_dir} holds no segments/ directory")
+    writable_later(config.data_dir, DATA_DIR)
     if config.storage:  # a lost data directory: rebuilt from the bucket alone
         config.data_dir.mkdir(parents=True, exist_ok=True)
     with open(config.data_dir / "serve.lock", "a") as lock:
