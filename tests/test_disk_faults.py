@@ -211,3 +211,32 @@ def store_one(port: int, path: Path) -> int:
         return int(assoc.send_c_store(path).Status)
     finally:
         assoc.release()
+
+
+def test_an_import_whose_ledger_disk_is_full_finishes_and_reports(tmpfs, tmp_path):
+    """The import ledger is a cache (docs/import.md): when it cannot be written ("database
+    or disk is full", here its own 64 KB file system), the import goes on, prints its
+    summary and writes its report, exit status 0 (every file is in the archive); the next
+    run reads the files the ledger missed again and finds them already held."""
+    from stowage.bench import corpus
+    src = tmp_path / "src"
+    corpus.generate(src, "small", 600, seed=7)
+    data = tmp_path / "data"
+    ledger_disk = tmpfs(data / "import", "64k")
+    cmd = [sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q",
+           "--report", str(tmp_path / "report.csv")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert counts(r.stdout)["stored"] == 600, r.stdout
+    assert "ledger" in r.stderr and "database or disk is full" in r.stderr, r.stderr[-3000:]
+    assert (tmp_path / "report.csv").exists()
+
+    r = subprocess.run(["mount", "-o", "remount,size=16m", str(ledger_disk)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr  # room again
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr[-3000:]
+    again = counts(r.stdout)
+    assert again["stored"] == 0 and again["held"] + again["unchanged"] == 600, r.stdout
+    assert len(exported(data, tmp_path / "out")) == 600

@@ -7,12 +7,17 @@ found already held), keyed by its absolute path and remembered with its size, mt
 and inode: a file whose three still match is skipped; any change and it is read again.
 The ledger is a cache, never the truth: losing its last rows in a crash only means
 that those files are read again, and the archive's duplicate check stores nothing twice.
+So a ledger that cannot be written (a full disk: "database or disk is full") costs a
+warning, never the import: its summary and report are what the operator needs then.
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from pathlib import Path
+
+log = logging.getLogger("stowage.import")
 
 Key = tuple[int, int, int]  # (size, mtime_ns, inode)
 
@@ -33,12 +38,18 @@ class Ledger:
         directory = data_dir / "import"
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "ledger.sqlite"
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # a lost last commit costs a re-read, nothing else
-        self.db.execute(_SCHEMA)
         self._pending: list[tuple] = []
         self._last_flush = time.monotonic()
+        self.lost = 0  # rows that could not be written
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # a lost last commit costs a re-read, nothing else
+            self.db.execute(_SCHEMA)
+        except sqlite3.Error as e:  # this run reads every file; nothing it stores is lost
+            log.warning("import ledger %s cannot be opened (%s): every file is read, none skipped", self.path, e)
+            self.db = sqlite3.connect(":memory:", isolation_level=None)
+            self.db.execute(_SCHEMA)
 
     def known(self, root: str) -> dict[str, Key]:
         """Files under `root` (a folder, or one file) that the ledger holds."""
@@ -62,11 +73,19 @@ class Ledger:
     def flush(self) -> None:
         if self._pending:
             rows, self._pending = self._pending, []
-            with self.db:
-                self.db.execute("BEGIN")
-                self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", rows)
+            try:
+                with self.db:
+                    self.db.execute("BEGIN")
+                    self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", rows)
+            except sqlite3.Error as e:
+                if not self.lost:
+                    log.warning("import ledger %s cannot be written (%s): the files imported from now on are "
+                                "read again by the next run, and found already held", self.path, e)
+                self.lost += len(rows)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        self.flush()
-        self.db.close()
+        try:
+            self.flush()
+        finally:
+            self.db.close()
