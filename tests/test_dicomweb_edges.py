@@ -516,3 +516,14 @@ def test_rendered_viewport_region_is_cut_out(web):
     for bad in ("64,64,0,0,64", "64,64,0,0,0,64", "64,64,-1,0,64,64", "64,64,500,500,10,10"):
         r = requests.get(url, params={"viewport": bad})
         assert r.status_code == 400 and "viewport" in r.text, (bad, r.status_code, r.text)
+
+
+def test_retrieve_urls_add_our_port_to_an_ipv6_host_without_one(web):
+    """A Host header of an IPv6 literal without a port ("[::1]", as a client that leaves out
+    the port sends it) got Retrieve URLs without our port, which point at port 80."""
+    study = next(iter(web.corpus.studies))
+    for host, want in (("[::1]", f"http://[::1]:{web.http_port}/dicom-web/studies/{study}"),
+                       (f"[::1]:{web.http_port}", f"http://[::1]:{web.http_port}/dicom-web/studies/{study}"),
+                       ("localhost", f"http://localhost:{web.http_port}/dicom-web/studies/{study}")):
+        r = requests.get(f"{web.base}/studies", params={"StudyInstanceUID": study}, headers={"Host": host})
+        assert r.status_code == 200 and r.json()[0]["00081190"]["Value"] == [want], (host, r.text[:300])

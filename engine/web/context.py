@@ -24,7 +24,7 @@ def base_url(request: web.Request) -> str:
     host = request.host
     if not _HOST.fullmatch(host):
         raise refusal(400, f"the Host header {host[:80]!r} is not a host name and port (RFC 9110 7.2)")
-    if not host.endswith("]") and ":" not in host.rsplit("]", 1)[-1]:
+    if ":" not in host.rsplit("]", 1)[-1]:  # no port after the name or the IPv6 literal ("[::1]" has none)
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         port = sockname[1] if sockname else None
         if port and port != (443 if request.scheme == "https" else 80):
