@@ -129,12 +129,29 @@ def read_only_archive(tmp_path):
 
 
 def test_commands_that_write_on_a_read_only_archive(read_only_archive):
-    """compact, import and rebuild-catalog ended in tracebacks (audit.jsonl, the import
-    ledger, serve.lock); delete asked first, then said the deletion "may be incomplete"."""
+    """compact, import, rebuild-catalog and iceberg publish ended in tracebacks (audit.jsonl,
+    the import ledger, serve.lock); delete asked first, then said the deletion "may be
+    incomplete"."""
     data, src = read_only_archive
     study = pydicom.dcmread(src[0], stop_before_pixels=True).StudyInstanceUID
     for args in (["compact"], ["import", "-q", str(src[0])], ["rebuild-catalog"], ["delete", "--study", study]):
         one_line(cli(*args, "--data-dir", str(data)), "cannot write into the data directory", "read-only")
+    config = read_only_archive[0].parent.parent / "iceberg.toml"
+    config.write_text(f'iceberg_catalog = "sqlite:///{config.parent}/iceberg.db"\n')
+    one_line(cli("iceberg", "publish", "--config", str(config), "--data-dir", str(data)), "read-only")
     # reading it still works
     r = cli("query", "--data-dir", str(data), "--format", "csv", "SELECT count(*) AS n FROM instances")
     assert r.returncode == 0 and r.stdout.split() == ["n", "2"], r.stdout + r.stderr
+
+
+def test_output_to_a_full_device(tmp_path):
+    """`> /dev/full` (or a file on a full disk): a traceback from the write, from --help and
+    --version too (click handles only a closed pipe)."""
+    data = tmp_path / "data"
+    assert cli("import", "--data-dir", str(data), "-q", str(CT)).returncode == 0
+    for args in (["--version"], ["export", "--help"],
+                 ["query", "--data-dir", str(data), "--format", "csv", "SELECT * FROM instances"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "stowage.cli", *args], stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=120)
+        one_line(r, "cannot write its output (standard output): No space left on device")

@@ -7,7 +7,10 @@ in a script should not pay for importing `serve`'s, `migrate`'s and `bench`'s (a
 third of a second of CPU per call)."""
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import stat
 import sys
 
 import click
@@ -37,6 +40,22 @@ COMMANDS = {
 class LazyGroup(click.Group):
     """A group whose commands are imported on first use (click's documented lazy-loading pattern)."""
 
+    def main(self, *args, **kwargs):
+        """click's main, then the output flushed here: a full disk or a failing device under
+        `> file` is one line, not a traceback (from a write, --help or --version included,
+        or at exit from the flush). click itself handles only a closed pipe."""
+        try:
+            try:
+                return super().main(*args, **kwargs)
+            finally:
+                sys.stdout.flush()
+        except OSError as e:
+            if e.errno not in _FULL or e.filename is not None:
+                raise
+            where = "its output (standard output)" if _stdout_failing() else "a file it writes"
+            click.echo(f"Error: cannot write {where}: {e.strerror}; make room, or send it elsewhere", err=True)
+            sys.exit(1)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
@@ -51,6 +70,24 @@ class LazyGroup(click.Group):
         command = getattr(importlib.import_module(f"stowage.cli.{module}"), attr)
         assert command.name == name, f"stowage.cli.{module}.{attr} is named {command.name!r}, not {name!r}"
         return command
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _stdout_failing() -> bool:
+    """Whether standard output is what failed: a device (/dev/full) or a file on a disk
+    with no room left. (A failed flush drops what it held: it cannot simply be tried again.)
+    If so, it is swapped for /dev/null: the interpreter's flush at exit has nothing to fail on."""
+    try:
+        fd = sys.stdout.fileno()
+        vfs = os.fstatvfs(fd)
+        failing = stat.S_ISCHR(os.fstat(fd).st_mode) or min(vfs.f_bavail, vfs.f_bfree) * vfs.f_frsize < 1 << 20
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+        return False
+    if failing:
+        sys.stdout = open(os.devnull, "w")
+    return failing
 
 
 def _asks_for_help(ctx: click.Context) -> bool:

@@ -57,7 +57,8 @@ def bench(host, port, aet, calling_aet, associations, repeat, corpus_dir, kind, 
     Exit status 1 if any store was not successful."""
     from stowage.bench.command import BenchError, CorpusSpec, run_bench, split_list
     from stowage.bench.loadgen import Target
-    from stowage.cli.options import Interrupted, check_ae_title, writable_file
+    from stowage.cli.checks import check_ae_title, writable_file
+    from stowage.cli.interrupt import Interrupted
     check_ae_title(aet, "--aet")
     check_ae_title(calling_aet, "--calling-aet")
     writable_file(json_path, "--json")  # written after the runs: found out now, not after them

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from stowage.cli.options import DATA_DIR, common, load, writable_later
+from stowage.cli.checks import DATA_DIR, writable_later
+from stowage.cli.options import common, load
 
 
 @click.command()

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from stowage.cli.options import Interrupted, common, load, writable_folder
+from stowage.cli.checks import writable_folder
+from stowage.cli.interrupt import Interrupted
+from stowage.cli.options import common, load
 
 
 @click.command()

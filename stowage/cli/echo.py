@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from stowage.cli.options import check_ae_title, check_host, common, load, quiet_libraries
+from stowage.cli.checks import check_ae_title, check_host
+from stowage.cli.options import common, load, quiet_libraries
 
 
 @click.command()

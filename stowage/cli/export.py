@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from stowage.cli.options import Interrupted, common, load
+from stowage.cli.interrupt import Interrupted
+from stowage.cli.options import common, load
 
 
 def _before(seen: list[int]) -> str:

@@ -6,6 +6,7 @@ import fcntl
 
 import click
 
+from stowage.cli.checks import DATA_DIR, writable_later
 from stowage.cli.options import common, load
 
 
@@ -32,6 +33,7 @@ def publish(config_file, data_dir) -> None:
     from stowage.engine.iceberg.publisher import Publisher, PublishError
     from stowage.engine.runtime.logs import setup_logging
     config = _configured(config_file, data_dir)
+    writable_later(config.data_dir, DATA_DIR)  # its ledger and audit lines go there
     setup_logging(config, "iceberg")
     home = config.data_dir / "iceberg"
     home.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,10 @@ def publish(config_file, data_dir) -> None:
         except PublishError as e:
             raise click.ClickException(str(e)) from None
         except Exception as e:  # the catalog or the warehouse unreachable, refused credentials
-            raise click.ClickException(f"{config.iceberg_catalog}: {type(e).__name__}: {e}") from None
+            # one line: a web server that is no REST catalog answers with a whole HTML page
+            text = " ".join(str(e).split())
+            raise click.ClickException(f"{config.iceberg_catalog}: {type(e).__name__}: "
+                                       f"{text[:300] + ' ...' if len(text) > 300 else text}") from None
     click.echo(f"published {done.instance_files} catalog file(s) ({done.instance_rows} instance row(s)) and "
                f"{done.deletion_rows} deletion(s) to {config.iceberg_namespace} in {len(done.commit_seconds)} "
                f"commit(s)" + (f"; {done.relocated_rows} row(s) relocated after a compaction" if done.relocated_rows

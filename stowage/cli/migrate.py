@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from stowage.cli.options import DATA_DIR, check_host, common, load, writable_later
+from stowage.cli.checks import DATA_DIR, check_host, writable_later
+from stowage.cli.options import common, load
 from stowage.engine.migrate import report
 from stowage.engine.migrate.pacing import PacingError, Rate, TimeWindow
 from stowage.engine.migrate.run import MigrateError, Options, checkpoint_path

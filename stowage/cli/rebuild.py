@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
-from stowage.cli.options import DATA_DIR, Interrupted, common, load, writable_later
+from stowage.cli.checks import DATA_DIR, writable_later
+from stowage.cli.interrupt import Interrupted
+from stowage.cli.options import common, load
 
 
 @click.command("rebuild-catalog")

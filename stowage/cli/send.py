@@ -10,8 +10,9 @@ import time
 import click
 
 from stowage.catalog.reader import Catalog
-from stowage.cli.options import (Interrupted, check_ae_title, common, interruptible, load, quiet_libraries,
-                                 split_values)
+from stowage.cli.checks import check_ae_title
+from stowage.cli.interrupt import Interrupted, interruptible
+from stowage.cli.options import common, load, quiet_libraries, split_values
 from stowage.engine.runtime.config import Config
 from stowage.engine.transfer.requestor import PeerError, resolve
 from stowage.engine.transfer.selection import SelectionError, parse_query, select

@@ -5,7 +5,8 @@ import sys
 
 import click
 
-from stowage.cli.options import common, load, writable_data_dir
+from stowage.cli.checks import writable_data_dir
+from stowage.cli.options import common, load
 from stowage.engine.runtime import config as cfg
 
 

@@ -13,7 +13,8 @@ from typing import Any, TextIO
 
 import click
 
-from stowage.cli.options import Interrupted, common, interruptible, load
+from stowage.cli.interrupt import Interrupted, interruptible
+from stowage.cli.options import common, load
 from stowage.engine.lifecycle.verify import Pacer, Problem, Tally, Verifier, verify_all
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_line, setup_logging
