@@ -107,9 +107,15 @@ class SlowSCP:
         self.lock = threading.Lock()
         ae = AE("DEST")
         ae.add_supported_context(str(CT_CLASS), ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        ae.add_supported_context(COMMITMENT, scp_role=True, scu_role=True)
+        self.commitment_asked = threading.Event()  # and never reported
         self.server = ae.start_server((HOST, self.port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, lambda e: self.ends.append("released")),
-            (evt.EVT_ABORTED, lambda e: self.ends.append("aborted"))])
+            (evt.EVT_ABORTED, lambda e: self.ends.append("aborted")), (evt.EVT_N_ACTION, self._on_action)])
+
+    def _on_action(self, event):
+        self.commitment_asked.set()
+        return 0x0000, None
 
     def _on_store(self, event) -> int:
         time.sleep(self.delay)
@@ -122,6 +128,7 @@ class SlowSCP:
 
 
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model
 
 
 @pytest.fixture
@@ -205,3 +212,19 @@ def test_ctrl_c_in_deidentify(archive, tmp_path, run):
     line = the_line(err)
     assert code == 130 and "deidentify stopped" in line and "same command again" in line, line
     assert all(p.suffix == ".dcm" for p in out.iterdir())
+
+
+def test_ctrl_c_while_waiting_for_a_commitment_report(archive, run, slow_scp):
+    """Everything was sent; Ctrl-C while the report is awaited said "Aborted!" alone."""
+    slow_scp.delay = 0
+    r = run("send", "--data-dir", str(archive), "--to", f"{HOST}:{slow_scp.port}", "--aec", "DEST",
+            "--instance", slow_uid(archive), "-q", "--commit", "--commit-timeout", "120")
+    wait_for(slow_scp.commitment_asked.is_set, 60, lambda: "the N-ACTION\n" + r.stderr())
+    code, out, err = r.interrupt()
+    line = the_line(err)
+    assert code == 130 and "sent 1 instance(s)" in out and "report not waited for" in line, out + err
+
+
+def slow_uid(archive: Path) -> str:
+    r = cli("query", "--data-dir", str(archive), "--format", "csv", "SELECT sop_instance_uid FROM instances LIMIT 1")
+    return r.stdout.split()[1]

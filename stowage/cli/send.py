@@ -103,6 +103,9 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
                                         bind=config.bind)
         except CommitError as e:
             raise SendCommandError(f"storage commitment: {e}") from None
+        except KeyboardInterrupt:  # the sending is over (its line is above): only the report is not known
+            raise Interrupted(f"storage commitment of the {len(sent)} instance(s) sent was asked for, but its "
+                              "report not waited for: what the destination holds is not confirmed") from None
         click.echo(f"storage commitment {report.transaction_uid}: {len(report.committed)} committed, "
                    f"{len(report.failed)} failed (event type {report.event_type}, "
                    f"{'same' if report.same_association else 'new'} association)")
