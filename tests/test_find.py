@@ -3,6 +3,7 @@ model and level, cancel, failures with their Error Comments, relational queries 
 extended negotiation, character sets, and queries while stores are in flight."""
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -20,7 +21,7 @@ from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 
 import find_corpus as fc
 from stowage.catalog.keys import models
-from conftest import CT, HOST, MR, Server, copies, dcmtk, free_port
+from conftest import CT, HOST, MR, Server, copies, dcmtk, free_port, wait_for
 
 PATIENT_ROOT, STUDY_ROOT, PS_ONLY = (m.find for m in models().values())
 MWL_FIND = "1.2.840.10008.5.1.4.31"
@@ -141,6 +142,24 @@ def test_findscu_every_model_and_level(archive, tmp_path, sop_class, level, keys
     r, results = findscu(archive.port, FLAGS[sop_class], tmp_path, *args)
     assert r.returncode == 0, r.stderr
     assert uids(results, unique) == expected
+
+
+def test_the_audit_line_keeps_its_log_level_and_names_the_query_level(archive, tmp_path):
+    """A C-FIND's audit line in audit.jsonl: "level" is the line's log level, as on every
+    other line (a log pipeline filters on it); the query's level is "query_level" (it was
+    "level", which overwrote the log level with "STUDY")."""
+    r, _results = findscu(archive.port, FLAGS[STUDY_ROOT], tmp_path, "QueryRetrieveLevel=STUDY",
+                          "PatientID=X", "StudyInstanceUID=", extra=("-aet", "LEVELPROBE"))
+    assert r.returncode == 0, r.stderr
+
+    def the_line() -> dict | None:
+        for line in (archive.data_dir / "audit.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            if d.get("event") == "find" and d.get("calling_ae") == "LEVELPROBE":
+                return d
+        return None
+    line = wait_for(the_line, 30, "the C-FIND's audit line")
+    assert line["level"] == "info" and line["query_level"] == "STUDY", line
 
 
 def test_findscu_matching_types(archive, tmp_path):

@@ -125,7 +125,7 @@ def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset
     audit.info("C-FIND %s %s from %s: %d match(es)%s in %.1f ms", request.model.name, request.level,
                event.assoc.requestor.ae_title, count, " (cancelled)" if cancelled else "",
                (time.monotonic() - started) * 1000,
-               extra={"fields": {"event": "find", "model": request.model.name, "level": request.level,
+               extra={"fields": {"event": "find", "model": request.model.name, "query_level": request.level,
                                  "relational": request.relational, "calling_ae": event.assoc.requestor.ae_title,
                                  "matches": count, "cancelled": cancelled}})
     if cancelled:

@@ -269,7 +269,7 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
     audit.info("%s %s from %s to %s: %d completed, %d failed, %d warning, %d remaining (%d converted) "
                "in %.2f s, status 0x%04X", name, level, requestor, dest, c, f, w, remaining, result.converted,
                seconds, status,
-               extra={"fields": {"event": name.lower(), "level": level, "calling_ae": requestor,
+               extra={"fields": {"event": name.lower(), "query_level": level, "calling_ae": requestor,
                                  "destination": dest, "completed": c, "failed": f, "warning": w,
                                  "remaining": remaining, "converted": result.converted,
                                  "bytes": result.bytes_sent, "seconds": round(seconds, 3),

@@ -68,7 +68,8 @@ def audit_lines(lines: list[tuple[str, dict]]) -> None:
 
 
 def _json_line(ts: str, msg: str, fields: dict) -> str:
-    """An audit.jsonl line as the audit logger's JsonFormatter writes it (fields last, so they win)."""
+    """An audit.jsonl line as the audit logger's JsonFormatter writes it (fields last, so they
+    win: a field never takes the name of one of the line's own keys, "level" least of all)."""
     return json.dumps({"ts": ts, "level": "info", "logger": _AUDIT, "process": _process, "msg": msg, **fields}) + "\n"
 
 

@@ -257,7 +257,7 @@ async def _answer(request: web.Request, level: str, fixed: dict[int, str]) -> we
     process_counts.add("finds")
     audit.info("QIDO-RS %s from %s: %d match(es) in %.1f ms", level, request.remote, found,
                (time.monotonic() - started) * 1000,
-               extra={"fields": {"event": "find", "door": "dicomweb", "level": level, "peer": request.remote,
+               extra={"fields": {"event": "find", "door": "dicomweb", "query_level": level, "peer": request.remote,
                                  "matches": found, "query": _logged_query(request)}})
     headers = {}
     warnings = list(wanted.warnings)
