@@ -155,3 +155,17 @@ def test_output_to_a_full_device(tmp_path):
             r = subprocess.run([sys.executable, "-m", "stowage.cli", *args], stdout=full, stderr=subprocess.PIPE,
                                text=True, timeout=120)
         one_line(r, "cannot write its output (standard output): No space left on device")
+
+
+def test_send_deidentified_to_a_peer_that_cannot_be_reached(tmp_path):
+    """An unresolvable host was a traceback after the whole selection was de-identified; a
+    peer that does not answer was one "association not established" line per instance."""
+    config = tmp_path / "s.toml"
+    config.write_text("[projects.p1]\n")
+    data = tmp_path / "data"
+    src = copies(CT, tmp_path / "in", 3, "deid")
+    assert cli("import", "--data-dir", str(data), "-q", *map(str, src)).returncode == 0
+    study = pydicom.dcmread(src[0], stop_before_pixels=True).StudyInstanceUID
+    base = ("send", "--config", str(config), "--data-dir", str(data), "--study", study, "--deidentify", "p1")
+    one_line(cli(*base, "--to", "nohost.invalid:104"), "cannot resolve", "nohost.invalid")
+    one_line(cli(*base, "--to", f"{HOST}:{free_port()}"), "nothing sent to", "not established")

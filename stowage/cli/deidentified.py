@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from stowage.cli.checks import check_host
 from stowage.engine.runtime.config import Config
 
 
@@ -54,11 +55,15 @@ def send_deidentified(config: Config, name: str, target: str, called_aet: str | 
         peer = resolve(target, config, called_aet)
     except PeerError as e:
         raise click.ClickException(str(e)) from None
+    check_host(peer.host, str(peer))  # before the de-identification, not as a traceback after it
     spool = config.data_dir / "spool"
     spool.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deidentified-", dir=spool) as tmp:
         result = _write(config, name, Path(tmp), level, values)
         sent, failures = send_files(peer, calling_aet or config.aet, result.written)
+    reasons = {line.split(": ", 1)[-1] for line in failures}
+    if not sent and failures and len(reasons) == 1:  # one reason for all (no association): one line, not one per file
+        raise click.ClickException(f"nothing sent to {peer}: {reasons.pop()}")
     for line in failures:
         click.echo(f"failed: {line}", err=True)
     click.echo(f"{sent} de-identified under project {name} sent to {peer}, {len(result.quarantined)} quarantined, "
