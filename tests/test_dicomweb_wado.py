@@ -473,3 +473,29 @@ def test_a_busy_machine_makes_only_the_overdue_series_one_a_look(web, tmp_path):
         assert maker.make_due() == 0 and not store.series_cache.path(j2k_series).exists()
     finally:
         store.close()
+
+
+def test_a_study_thumbnail_skips_series_without_pixel_data(tmp_path):
+    """A study's rendered and thumbnail resources show its first series that has pixels: a
+    study whose first series is an SR (a report stored before the images) got a 404, and the
+    dashboard's study showed no picture. A series of the SR alone still says why not."""
+    from PIL import Image
+    w = start(tmp_path, corpus=False)
+    try:
+        study = generate_uid()
+        sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+        ct = pydicom.dcmread(CT)
+        for ds, number in ((sr, 1), (ct, 2)):
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, generate_uid(), generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.SeriesNumber = number
+            ds.save_as(tmp_path / f"{number}.dcm")
+        c_store(w.server.port, [tmp_path / "1.dcm", tmp_path / "2.dcm"])
+        for what in ("thumbnail", "rendered"):
+            r = requests.get(f"{w.base}/studies/{study}/{what}", headers={"Accept": "image/jpeg"}, timeout=30)
+            assert r.status_code == 200, (what, r.text)
+            assert np.asarray(Image.open(BytesIO(r.content))).std() > 5  # the CT, not a blank
+        r = requests.get(f"{w.base}/studies/{study}/series/{sr.SeriesInstanceUID}/thumbnail", timeout=30)
+        assert r.status_code == 404 and "no Pixel Data" in r.text
+    finally:
+        w.server.stop()

@@ -22,6 +22,10 @@ class FrameError(ValueError):
         self.status = status
 
 
+class NoPixelData(FrameError):
+    """The instance has no Pixel Data (an SR, a KO, a PR…): nothing to frame or render."""
+
+
 def read(part10: bytes) -> pydicom.FileDataset:
     try:
         return pydicom.dcmread(BytesIO(part10))
@@ -38,7 +42,7 @@ def frame_count(ds: pydicom.Dataset) -> int:
 
 def check(ds: pydicom.Dataset, numbers: list[int]) -> None:
     if "PixelData" not in ds:
-        raise FrameError(404, "this instance has no Pixel Data (7FE0,0010): no frames")
+        raise NoPixelData(404, "this instance has no Pixel Data (7FE0,0010): no frames")
     n = frame_count(ds)
     wrong = [k for k in numbers if not 1 <= k <= n]
     if wrong:

@@ -27,6 +27,8 @@ from stowage.engine.web.records import Instance, Unreadable, find
 from stowage.engine.web.store import STORE, WebStore
 from stowage.engine.web.transcode import MAX_BYTES
 
+_STUDY_TRIES = 8  # a study renders the middle instance of its first series with pixel data among these
+
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG"}
 THUMBNAIL = (128, 128)
 _MAX_VIEWPORT = 4096
@@ -183,18 +185,29 @@ async def _rendered(request: web.Request, thumbnail: bool) -> web.Response:
     found = await store.run(find, store.lookups, study, series, instance)
     if not found:
         raise refusal(404, f"no such {'instance' if instance else 'series' if series else 'study'} in this archive")
-    if instance is None:
-        first_series = [i for i in found if i.series == found[0].series]
-        chosen = first_series[len(first_series) // 2]
-    else:
-        chosen = found[0]
-    try:
-        body = await store.run(render, store, chosen, frame, opts, media_type)
-    except pixels.FrameError as e:
-        raise refusal(e.status, str(e)) from None
-    except Unreadable as e:
-        raise refusal(500, str(e)) from None
-    return web.Response(body=body, content_type=media_type)
+    candidates = _middles(found)[:_STUDY_TRIES] if series is None else _middles(found)
+    for k, chosen in enumerate(candidates):
+        try:
+            body = await store.run(render, store, chosen, frame, opts, media_type)
+        except pixels.NoPixelData as e:
+            if k + 1 < len(candidates):
+                continue  # a study: its next series (an SR or KO series may come first)
+            raise refusal(e.status, str(e) if len(candidates) == 1 else
+                          f"none of the first {len(candidates)} series of this study has pixel data") from None
+        except pixels.FrameError as e:
+            raise refusal(e.status, str(e)) from None
+        except Unreadable as e:
+            raise refusal(500, str(e)) from None
+        return web.Response(body=body, content_type=media_type)
+    raise AssertionError("found is never empty here")
+
+
+def _middles(found: list[Instance]) -> list[Instance]:
+    """The middle instance of each series in `found`, in series order (one instance: itself)."""
+    by_series: dict[str, list[Instance]] = {}
+    for inst in found:
+        by_series.setdefault(inst.series, []).append(inst)
+    return [members[len(members) // 2] for members in by_series.values()]
 
 
 async def rendered(request: web.Request) -> web.Response:
