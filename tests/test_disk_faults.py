@@ -240,3 +240,35 @@ def test_an_import_whose_ledger_disk_is_full_finishes_and_reports(tmpfs, tmp_pat
     again = counts(r.stdout)
     assert again["stored"] == 0 and again["held"] + again["unchanged"] == 600, r.stdout
     assert len(exported(data, tmp_path / "out")) == 600
+
+
+def test_a_dataset_whose_compression_meets_a_full_disk_leaves_nothing_in_the_spool(make_server, tmpfs, tmp_path):
+    """A spooled dataset in a native syntax is compressed into a file beside its spool
+    file before it is appended. When that write meets a full disk (here the spool has a
+    file system of its own, 16 MB, for 10 MB datasets: as when concurrent associations
+    fill the disk between the free-space check and the write), the C-STORE is refused
+    0xA700 and the part written goes: left behind, it held that space until a restart,
+    and the next large dataset could not even be spooled."""
+    data = tmp_path / "data"
+    spool = tmpfs(data / "spool", "16m")
+    server = make_server("--workers", "1", data_dir=data, STOWAGE_MIN_FREE_BYTES="0",
+                         STOWAGE_SPILL_THRESHOLD=str(1 << 20))
+    big = [ct(tmp_path / "in" / f"big-{i}.dcm", side=2236) for i in range(2)]  # 10 MB each, incompressible
+    small = ct(tmp_path / "in" / "small.dcm")
+    for f in big:
+        ae = AE("ZSTFULL")
+        ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(f)
+        finally:
+            assoc.release()
+        assert status.Status == 0xA700, hex(status.Status)
+        assert "No space left on device" in str(status.get("ErrorComment", "")), status
+        left = [p.name for p in spool.rglob("*") if p.is_file()]
+        assert not left, f"left in the spool after the refusal: {left}"
+    assert store_one(server.port, small) == 0
+    got = exported(data, tmp_path / "out")
+    assert set(got) == {request_uid(small)}

@@ -286,8 +286,21 @@ class Archive:
                 return [packed], flags, None
             return [meta, dataset], 0, None
         packed_path = dataset.path.with_suffix(".zst")
+        try:
+            packed_length = self._pack(meta, dataset, packed_path)
+        except BaseException:  # e.g. a full disk: the part written goes, or it holds that space until a restart
+            packed_path.unlink(missing_ok=True)
+            raise
+        if packed_length < _INCOMPRESSIBLE * (len(meta) + dataset.length):
+            return [FileRange(packed_path, 0, packed_length)], flags, packed_path
+        packed_path.unlink()
+        return [meta, dataset], 0, None
+
+    def _pack(self, meta: bytes, dataset: FileRange, packed_path: Path) -> int:
+        """Shuffle and compress the spooled dataset into `packed_path`; its length."""
         with open(packed_path, "wb") as out:
-            with self._compressor().stream_writer(out, size=len(meta) + dataset.length, closefd=False) as z:
+            z = self._compressor().stream_writer(out, size=len(meta) + dataset.length, closefd=False)
+            try:
                 pending = bytearray(meta)
                 for chunk in dataset.chunks():
                     pending += chunk
@@ -296,11 +309,14 @@ class Archive:
                         z.write(shuffle(memoryview(pending)[:whole]))
                         del pending[:whole]
                 z.write(shuffle(pending))
-            packed_length = out.tell()
-        if packed_length < _INCOMPRESSIBLE * (len(meta) + dataset.length):
-            return [FileRange(packed_path, 0, packed_length)], flags, packed_path
-        packed_path.unlink()
-        return [meta, dataset], 0, None
+                z.close()  # ends the frame; `out` stays open (closefd=False)
+            except BaseException:
+                # The frame is abandoned. Ending it, as a `with` block would, raised zstd's
+                # "Src size is incorrect" over the real error: a full disk (0xA700) was
+                # answered as a processing failure. This thread's next store gets a fresh context.
+                self._local.cctx = None
+                raise
+            return out.tell()
 
     def _duplicate(self, uid: str, study: str, crc: int, length: int, calling_ae: str) -> StoreResult | None:
         """The answer for an instance already held, or None to store this one too."""
