@@ -527,3 +527,35 @@ def test_retrieve_urls_add_our_port_to_an_ipv6_host_without_one(web):
                        ("localhost", f"http://localhost:{web.http_port}/dicom-web/studies/{study}")):
         r = requests.get(f"{web.base}/studies", params={"StudyInstanceUID": study}, headers={"Host": host})
         assert r.status_code == 200 and r.json()[0]["00081190"]["Value"] == [want], (host, r.text[:300])
+
+
+def test_a_body_that_trickles_in_is_refused_and_stores_nothing(web):
+    """A STOW-RS body sent a byte at a time, each within network_timeout, held its connection
+    and spool for as long as the client liked (one byte every 2.9 s keeps a 10 MB body
+    going for a year). Past network_timeout it must come at MIN_BODY_RATE on average: 408."""
+    from stowage.engine.web.stow import MIN_BODY_RATE
+    study = generate_uid()
+    head = (f"POST /dicom-web/studies/{study} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {10 << 20}\r\n"
+            'Content-Type: multipart/related; type="application/dicom"; boundary=B\r\n\r\n').encode()
+    body = b"--B\r\nContent-Type: application/dicom\r\n\r\n" + b"\0" * 128 + b"DICM"
+    sock = socket.create_connection((HOST, web.http_port), timeout=10)
+    try:
+        sock.sendall(head)
+        answer, started = b"", time.monotonic()
+        for byte in body:  # bounded: the body's bytes, each well within network_timeout, and in time
+            if time.monotonic() - started > NETWORK_TIMEOUT * 4:
+                break
+            try:
+                sock.sendall(bytes([byte]))
+            except ConnectionError:
+                break
+            readable, _w, _x = select.select([sock], [], [], NETWORK_TIMEOUT * 0.6)
+            if readable:
+                answer = sock.recv(65536)
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert f"slower than {MIN_BODY_RATE} bytes/s".encode() in answer
+    finally:
+        sock.close()
+    assert requests.get(f"{web.base}/studies/{study}", timeout=10).status_code == 404
+    assert requests.get(f"{web.base}/studies", timeout=10).status_code == 200

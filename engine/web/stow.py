@@ -47,6 +47,7 @@ SOURCE_AE = "DICOMWEB"  # the calling AE of what arrives by STOW-RS (catalog, fi
 # spooled to disk as it arrives.
 _IN_MEMORY_PER_REQUEST = 64 << 20
 _MAX_EPILOGUE = 1 << 20
+MIN_BODY_RATE = 500  # bytes/s, on average, that a body must arrive at once network_timeout has passed
 _HEAD_BYTES = 4 << 20  # what Archive.store reads of a spooled data set for its attributes (all of one in memory)
 _ids = count(1)
 _trail = Trail()
@@ -96,6 +97,24 @@ async def _read(coro, timeout: float, what: str):
     except asyncio.TimeoutError:
         raise refusal(408, f"the request body stalled: nothing arrived for {timeout:g} s while reading {what}; "
                            "nothing was stored") from None
+
+
+class _Pace:
+    """A body that trickles in (a byte now and then, each read within network_timeout)
+    would hold its connection and spool for ever: after `grace` seconds it must have come
+    at MIN_BODY_RATE on average since then (Apache's RequestReadTimeout MinRate, 500 B/s)."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.started = time.monotonic()
+        self.received = 0
+
+    def add(self, n: int) -> None:
+        self.received += n
+        late = time.monotonic() - self.started - self.grace
+        if late > 0 and self.received < late * MIN_BODY_RATE:
+            raise refusal(408, f"the request body arrives slower than {MIN_BODY_RATE} bytes/s "
+                               f"({self.received} in {late + self.grace:.0f} s); nothing was stored")
 
 
 class _Receiver:
@@ -195,6 +214,7 @@ async def _spool(request: web.Request, store: WebStore) -> list[Part]:
         raise refusal(400, f"the multipart/related Content-Type cannot be used: {e}") from None
     receiver = _Receiver(store)
     timeout = store.config.network_timeout
+    pace = _Pace(timeout)
     try:
         try:
             while parser.state != "done":
@@ -202,6 +222,7 @@ async def _spool(request: web.Request, store: WebStore) -> list[Part]:
                 if not data:
                     parser.finish()
                     break
+                pace.add(len(data))
                 for ev in parser.feed(data):
                     if ev[0] != "done":
                         await receiver.event(ev)
