@@ -228,3 +228,18 @@ def test_ctrl_c_while_waiting_for_a_commitment_report(archive, run, slow_scp):
 def slow_uid(archive: Path) -> str:
     r = cli("query", "--data-dir", str(archive), "--format", "csv", "SELECT sop_instance_uid FROM instances LIMIT 1")
     return r.stdout.split()[1]
+
+
+def test_ctrl_c_in_export_deidentify(archive, tmp_path, run):
+    config = tmp_path / "s.toml"
+    config.write_text("[projects.p1]\n")
+    out = tmp_path / "out"
+    work = tmp_path / "data"
+    shutil.copytree(archive, work)  # the project's key and pseudonyms go into the data directory
+    r = run("export", "--config", str(config), "--data-dir", str(work), "--out", str(out), "--all",
+            "--deidentify", "p1")
+    wait_for(lambda: len(list(out.glob("*.dcm"))) >= 10, 120, lambda: "the first files\n" + r.stderr())
+    code, _, err = r.interrupt()
+    line = the_line(err)
+    assert code == 130 and "export --deidentify stopped" in line, line
+    assert all(p.suffix == ".dcm" for p in out.iterdir())

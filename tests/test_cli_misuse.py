@@ -169,3 +169,14 @@ def test_send_deidentified_to_a_peer_that_cannot_be_reached(tmp_path):
     base = ("send", "--config", str(config), "--data-dir", str(data), "--study", study, "--deidentify", "p1")
     one_line(cli(*base, "--to", "nohost.invalid:104"), "cannot resolve", "nohost.invalid")
     one_line(cli(*base, "--to", f"{HOST}:{free_port()}"), "nothing sent to", "not established")
+
+
+def test_export_deidentified_into_a_folder_that_cannot_be_made(tmp_path, read_only):
+    config = tmp_path / "s.toml"
+    config.write_text("[projects.p1]\n")
+    data = tmp_path / "data"
+    assert cli("import", "--data-dir", str(data), "-q", str(CT)).returncode == 0
+    (tmp_path / "afile").write_text("")
+    for out, needle in ((read_only / "out", "Read-only file system"), (tmp_path / "afile", "is a file")):
+        one_line(cli("export", "--config", str(config), "--data-dir", str(data), "--out", str(out), "--all",
+                     "--deidentify", "p1"), "--out", needle)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from stowage.cli.checks import check_host
+from stowage.cli.interrupt import Interrupted
 from stowage.engine.runtime.config import Config
 
 
@@ -39,7 +40,11 @@ def _write(config: Config, name: str, out: Path, level: str | None, values: list
 
 
 def export_deidentified(config: Config, name: str, out: Path, level: str | None, values: list[str]) -> None:
-    result = _write(config, name, out, level, values)
+    try:
+        result = _write(config, name, out, level, values)
+    except KeyboardInterrupt:  # each file is written under a temporary name, then renamed
+        raise Interrupted(f"export --deidentify stopped: the files in {out} are whole, the others not written; "
+                          "run the same command again for the rest") from None
     click.echo(f"{len(result.written)} de-identified under project {name} into {out}, "
                f"{len(result.quarantined)} quarantined, {len(result.failed)} failed")
     if result.failed:
@@ -60,7 +65,12 @@ def send_deidentified(config: Config, name: str, target: str, called_aet: str | 
     spool.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deidentified-", dir=spool) as tmp:
         result = _write(config, name, Path(tmp), level, values)
-        sent, failures = send_files(peer, calling_aet or config.aet, result.written)
+        try:
+            sent, failures = send_files(peer, calling_aet or config.aet, result.written)
+        except KeyboardInterrupt:  # the association is released (send_files), the copies removed
+            raise Interrupted(f"send --deidentify stopped while sending to {peer}: part of the "
+                              f"{len(result.written)} de-identified instance(s) arrived; run the same command again "
+                              "(what arrived is sent again)") from None
     reasons = {line.split(": ", 1)[-1] for line in failures}
     if not sent and failures and len(reasons) == 1:  # one reason for all (no association): one line, not one per file
         raise click.ClickException(f"nothing sent to {peer}: {reasons.pop()}")
