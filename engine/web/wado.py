@@ -97,8 +97,11 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     try:
         for i, inst in enumerate(found):
             for j in range(i, min(i + _AHEAD, len(found))):
-                if j not in ahead and _whole(found[j], target):
-                    ahead[j] = asyncio.ensure_future(store.run(_load, store, writer, found[j], target, base, j == 0))
+                if j in ahead or not _whole(found[j], target):
+                    continue
+                if j > i and sum(_weight(found[k], target) for k in (*ahead, j)) > _AHEAD_BYTES:
+                    break  # large instances (converted ones above all): fewer ahead, not GBs held
+                ahead[j] = asyncio.ensure_future(store.run(_load, store, writer, found[j], target, base, j == 0))
             location = resource_url(base, inst.study, inst.series, inst.sop_instance_uid)
             try:
                 if i in ahead:
@@ -138,6 +141,14 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 
 
 _AHEAD = 4  # instances read ahead of the one being sent (both cores decompress while the socket drains)
+_AHEAD_BYTES = 64 << 20  # ...while what they hold stays under this (the one to send next is always read)
+_CONVERTED_GROWTH = 8  # a converted instance may be this many times its stored size (a compressed one decoded)
+
+
+def _weight(inst: Instance, target: str | None) -> int:
+    """What reading `inst` ahead may hold in memory, at most."""
+    converted = target is not None and target != inst.transfer_syntax_uid
+    return inst.dataset_length * (_CONVERTED_GROWTH if converted else 1)
 
 
 def _whole(inst: Instance, target: str | None) -> bool:
