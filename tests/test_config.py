@@ -74,6 +74,12 @@ def test_bad_values_name_the_key(values, needle):
         load(None, env={}, overrides=values)
 
 
+def test_a_bad_environment_variable_is_named():
+    """Said as "workers: 'abc' is not a whole number" alone, it was looked for in the file."""
+    with pytest.raises(ConfigError, match="workers: 'abc' is not a whole number .*STOWAGE_WORKERS"):
+        load(None, env={"STOWAGE_WORKERS": "abc"})
+
+
 def test_s3_retries_reach_the_s3_client():
     """s3_retries is botocore's retry count (5 by default, as before the key: 6 tries in all);
     tests of an unreachable bucket set fewer, so as not to wait out the backoff."""

@@ -548,7 +548,11 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     env = os.environ if env is None else env
     for key in _FIELDS:
-        if key not in ("remotes", "http_tokens", "projects", "forward") and f"STOWAGE_{key.upper()}" in env:
-            values[key] = env[f"STOWAGE_{key.upper()}"]
+        name = f"STOWAGE_{key.upper()}"
+        if key not in ("remotes", "http_tokens", "projects", "forward") and name in env:
+            try:  # a stray variable is looked for in the file, unless the error names it
+                values[key] = _coerce(key, env[name])
+            except ConfigError as e:
+                raise ConfigError(f"{e} (from the environment variable {name})") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return _build(values)
