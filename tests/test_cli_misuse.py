@@ -106,7 +106,11 @@ def test_deidentify_into_a_read_only_folder(tmp_path, read_only):
     src = tmp_path / "src"
     copies(CT, src, 2, "d")
     one_line(cli("deidentify", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--project", "p1",
-                 str(src), str(read_only / "out")), "cannot create OUT", "Read-only file system")
+                 str(src), str(read_only / "out")), "cannot write into OUT", "read-only file system")
+    # a project that is not configured leaves no empty OUT behind either
+    one_line(cli("deidentify", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--project", "nope",
+                 str(src), str(tmp_path / "out")), "nope")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture
@@ -177,6 +181,6 @@ def test_export_deidentified_into_a_folder_that_cannot_be_made(tmp_path, read_on
     data = tmp_path / "data"
     assert cli("import", "--data-dir", str(data), "-q", str(CT)).returncode == 0
     (tmp_path / "afile").write_text("")
-    for out, needle in ((read_only / "out", "Read-only file system"), (tmp_path / "afile", "is a file")):
+    for out, needle in ((read_only / "out", "read-only file system"), (tmp_path / "afile", "is a file")):
         one_line(cli("export", "--config", str(config), "--data-dir", str(data), "--out", str(out), "--all",
                      "--deidentify", "p1"), "--out", needle)

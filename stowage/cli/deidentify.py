@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from stowage.cli.checks import writable_folder
+from stowage.cli.checks import writable_later
 from stowage.cli.interrupt import Interrupted
 from stowage.cli.options import common, load
 
@@ -23,7 +23,7 @@ def deidentify(config_file, data_dir, project, jobs, src, out) -> None:
     config = load(config_file, data_dir=data_dir)
     if out.resolve() == src.resolve():
         raise click.UsageError("OUT must not be SRC: the originals are never overwritten")
-    writable_folder(out, "OUT")
+    writable_later(out, "OUT")  # made by the de-identification, once the project is known good
     try:
         result = deidentify_folder(config.projects, project, config.data_dir, src, out, jobs)
     except ProjectError as e:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from stowage.cli.checks import writable_folder
+from stowage.cli.checks import writable_later
 from stowage.cli.interrupt import Interrupted
 from stowage.cli.options import common, load
 
@@ -47,7 +47,7 @@ def export(config_file, data_dir, out, everything, patient, study, series, insta
         if dicomdir or layout != "flat":
             raise click.UsageError("--deidentify writes flat files named by their new UIDs: drop --layout/--dicomdir")
         from stowage.cli.deidentified import export_deidentified
-        writable_folder(out, "--out")  # engine.transfer.export checks its own; this path did not
+        writable_later(out, "--out")  # engine.transfer.export checks its own; this path did not
         export_deidentified(config, project, out, level, values)
         return
     seen = [0, 0]  # instances done (written, already there or failed), of how many
