@@ -238,6 +238,11 @@ class Sealer:
     def close(self) -> None:
         self.seal()
         with self._lock:
-            if self._tail is not None:
-                self._tail.close()
-                self._tail.path.unlink(missing_ok=True)
+            tail, self._tail = self._tail, None
+        if tail is None:
+            return
+        tail.close()
+        try:
+            tail.path.unlink(missing_ok=True)
+        except OSError as e:  # e.g. a read-only file system: it holds no unsealed row, the next start drops it
+            log.warning("could not remove the empty catalog tail %s (%s)", tail.path.name, e.strerror or e)

@@ -272,3 +272,61 @@ def test_a_dataset_whose_compression_meets_a_full_disk_leaves_nothing_in_the_spo
     assert store_one(server.port, small) == 0
     got = exported(data, tmp_path / "out")
     assert set(got) == {request_uid(small)}
+
+
+@pytest.fixture
+def ext4(tmp_path):
+    """mount() -> (mount point, its /sys/fs/ext4 name): a 64 MB ext4 file system on a loop
+    device that turns read-only on an error (errors=remount-ro), as a data disk does."""
+    mounted: list[Path] = []
+
+    def mount() -> tuple[Path, str]:
+        image, where = tmp_path / "ext4.img", tmp_path / "ext4"
+        where.mkdir()
+        for cmd in (["truncate", "-s", "64M", str(image)], ["mkfs.ext4", "-q", "-m", "0", str(image)],
+                    ["mount", "-o", "loop,errors=remount-ro", str(image), str(where)]):
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                pytest.skip(f"cannot make an ext4 file system: {' '.join(cmd)}: {(r.stderr or r.stdout).strip()}")
+        mounted.append(where)
+        device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(where)], capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+        return where, Path(device).name
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def test_a_disk_turned_read_only_serves_on_and_stops_cleanly(make_server, ext4, tmp_path):
+    """The data disk hits an error and the kernel makes it read-only (errors=remount-ro).
+    Stores are refused 0xA700 with an Error Comment, queries and retrieves go on, and
+    with everything acknowledged already sealed, the stop is clean (exit 0): a worker
+    that could not remove its empty catalog tail said it could not seal and exited 1."""
+    where, device = ext4()
+    trigger = Path("/sys/fs/ext4") / device / "trigger_fs_error"
+    if not trigger.exists():
+        pytest.skip(f"no {trigger}")
+    data = where / "data"
+    server = make_server("--workers", "2", data_dir=data, STOWAGE_MIN_FREE_BYTES="0")
+    stored = [ct(tmp_path / "in" / f"ct-{i}.dcm") for i in range(3)]
+    for f in stored:
+        assert store_one(server.port, f) == 0
+    from conftest import catalog_sealed, wait_for
+    wait_for(lambda: catalog_sealed(data), 60, "the sealers to catalogue what was stored")
+    trigger.write_text("1")  # the file system is read-only from now on
+    late = ct(tmp_path / "in" / "late.dcm")
+    ae = AE("READONLY")
+    ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(late)
+    finally:
+        assoc.release()
+    assert status.Status == 0xA700 and str(status.get("ErrorComment", "")).strip(), status
+    got = exported(data, tmp_path / "out")
+    assert set(got) == {request_uid(f) for f in stored}
+    assert server.stop() == 0, server.log()[-3000:]
+    assert "could not seal" not in server.log(), server.log()[-3000:]
