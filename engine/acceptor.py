@@ -191,6 +191,8 @@ class Acceptor:
         for ws in self.slots:
             self._spawn(ws)
         self._wait_ready()
+        if self.draining:  # SIGTERM or Ctrl-C while the workers started: stop, never say "listening"
+            return self._drain()
         try:
             self.forward.start_cursor()  # before the listeners: its cursor must precede the first store
         except (OSError, ForwardStartError) as e:

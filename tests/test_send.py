@@ -238,6 +238,19 @@ def test_echo(tmp_path, scps):
     assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_remote_whose_host_does_not_resolve_is_one_clear_error(tmp_path):
+    """A remote AE configured with a host name that does not resolve (a typo, a DNS outage)
+    is a PeerError naming the host for every opener of associations (commitment reports,
+    migration's C-FIND, echo), not a socket.gaierror traceback; and one line from the CLI."""
+    from stowage.engine.transfer.requestor import Peer, PeerError, echo
+    with pytest.raises(PeerError, match="'nohost.invalid' does not resolve"):
+        echo(Peer("NOWHERE", "nohost.invalid", 104), "STOWAGE")
+    cfg = config_with(tmp_path, NOWHERE=("nohost.invalid", 104))
+    r = stowage("echo", "--config", str(cfg), "NOWHERE")
+    assert r.returncode == 1 and "nohost.invalid" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 class SlowSCP:
     """A pynetdicom Storage SCP that accepts only `classes`, and leaves the first C-STORE
     of `stall` unanswered for `delay` seconds (a lost response, as the sender sees it)."""

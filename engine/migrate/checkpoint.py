@@ -124,7 +124,8 @@ class Checkpoint:
                     self.con.execute(sql, params)
                 self.con.execute("COMMIT")
             except BaseException:
-                self.con.execute("ROLLBACK")
+                if self.con.in_transaction:  # a Ctrl-C just after COMMIT: nothing to roll back
+                    self.con.execute("ROLLBACK")
                 raise
 
     def _one(self, sql: str, params: Any = ()) -> Any:

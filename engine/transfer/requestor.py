@@ -96,10 +96,13 @@ def associate(ae: AE, peer: Peer, contexts: Sequence[PresentationContext], *, ma
               ext_neg: list | None = None, handlers: list[tuple[Any, Any]] | None = None) -> Association:
     """An established association to `peer`, or PeerError saying why not."""
     connected: list[bool] = []
-    assoc = ae.associate(peer.host, peer.port, contexts=list(contexts), ae_title=peer.ae_title,
-                         max_pdu=max_pdu, ext_neg=ext_neg,
-                         tls_args=(peer.tls, peer.host) if peer.tls is not None else None,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay, [connected]), *(handlers or [])])
+    try:
+        assoc = ae.associate(peer.host, peer.port, contexts=list(contexts), ae_title=peer.ae_title,
+                             max_pdu=max_pdu, ext_neg=ext_neg,
+                             tls_args=(peer.tls, peer.host) if peer.tls is not None else None,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay, [connected]), *(handlers or [])])
+    except socket.gaierror as e:  # pynetdicom resolves the name outside its own error handling
+        raise PeerError(f"{peer}: the host name {peer.host!r} does not resolve ({e.strerror})") from None
     if assoc.is_established:
         return assoc
     if not connected:
