@@ -53,7 +53,6 @@ def test_precedence_file_env_flags(tmp_path):
                                            ({"drain_timeout": -1}, "drain_timeout"),
                                            ({"segment_size": -5}, "segment_size"),
                                            ({"compact_min_files": 0}, "compact_min_files"),
-                                           ({"min_free_bytes": -1}, "min_free_bytes"),
                                            ({"spill_threshold": -1}, "spill_threshold"),
                                            ({"remotes": 5}, "remotes"),
                                            ({"remotes": {"X": {"host": "h", "port": 70000}}}, "remotes.X.*port"),
@@ -111,11 +110,13 @@ def test_cli_bad_config_file(tmp_path):
 
 
 def test_values_of_the_right_type_still_load():
-    """What the stricter types still take: whole floats for sizes, strings from variables."""
+    """What the stricter types still take: whole floats for sizes, strings from variables,
+    and a negative min_free_bytes (the free-space checks off: docs/configuration.md;
+    tests/test_bad_input.py's ENOSPC case runs so)."""
     c = load(None, env={"STOWAGE_CACHE_WRITES": "off", "STOWAGE_PORT": "2000", "STOWAGE_LOG_LEVEL": "DEBUG"},
-             overrides={"max_storage_bytes": 1e9, "compact_rate": 5, "scrub_rate": 20})
-    assert (c.cache_writes, c.port, c.max_storage_bytes, c.compact_rate, c.scrub_rate) == \
-        (False, 2000, 10 ** 9, 5.0, "20")
+             overrides={"max_storage_bytes": 1e9, "compact_rate": 5, "scrub_rate": 20, "min_free_bytes": -1})
+    assert (c.cache_writes, c.port, c.max_storage_bytes, c.compact_rate, c.scrub_rate, c.min_free_bytes) == \
+        (False, 2000, 10 ** 9, 5.0, "20", -1)
 
 
 @pytest.mark.parametrize("content,needle", [(b"\xff\xfeport = 1\n", "not UTF-8"),

@@ -327,9 +327,8 @@ class Config:
         if self.segment_size < 1 or self.compact_min_files < 1:
             raise ConfigError(f"segment_size ({self.segment_size}) and compact_min_files ({self.compact_min_files}) "
                               "must be >= 1")
-        if self.min_free_bytes < 0 or self.spill_threshold < 0:
-            raise ConfigError(f"min_free_bytes ({self.min_free_bytes}) and spill_threshold ({self.spill_threshold}) "
-                              "must be >= 0 bytes")
+        if self.spill_threshold < 0:  # (a negative min_free_bytes turns the free-space checks off)
+            raise ConfigError(f"spill_threshold ({self.spill_threshold}) must be >= 0 bytes")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, for handing the configuration to a worker process."""
