@@ -176,7 +176,7 @@ def _results(results, procs: list, timeout: float = 3600.0) -> list[dict]:
 
 def _run(target: WebTarget, label: str, shares: list, work, instances: int, nbytes: int,
          pid: int | None) -> RunResult:
-    from stowage.bench.procs import TreeMonitor, machine_busy_s
+    from stowage.bench.procs import TreeMonitor, machine_busy_s, without_sigint
     res = RunResult(f"{target} {label}", len(shares), instances, nbytes)
     if pid is None:
         u = urlsplit(target.base)
@@ -186,7 +186,8 @@ def _run(target: WebTarget, label: str, shares: list, work, instances: int, nbyt
     monitor = TreeMonitor(pid) if pid else None
     ctx = mp.get_context("spawn")
     go, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=work, args=(target, share, go, results), daemon=True) for share in shares]
+    procs = [ctx.Process(target=without_sigint, args=(work, target, share, go, results), daemon=True)
+             for share in shares]
     for p in procs:
         p.start()
     time.sleep(0.5 + 0.002 * instances)  # let every sender read its share before the clock starts

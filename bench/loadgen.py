@@ -260,12 +260,14 @@ def run(target: Target, items: list[Item], associations: int, *, pid: int | None
             except Exception:
                 monitor = None
 
+    from stowage.bench.procs import without_sigint
     ctx = mp.get_context("spawn")
     ready, go = ctx.Value("i", 0), ctx.Event()
     counts = ctx.Array("q", 2 * len(shares), lock=False)  # per sender: done, then not successful
     results = ctx.Queue()
-    procs = [ctx.Process(target=_send_share, name=f"bench-sender-{i}", daemon=True,
-                         args=(i, target, share, contexts, preload_limit, max_pdu, timeout, ready, go, counts, results))
+    procs = [ctx.Process(target=without_sigint, name=f"bench-sender-{i}", daemon=True,
+                         args=(_send_share, i, target, share, contexts, preload_limit, max_pdu, timeout, ready, go,
+                               counts, results))
              for i, share in enumerate(shares)]
     for p in procs:
         p.start()

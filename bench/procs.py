@@ -17,6 +17,14 @@ from typing import Any, Callable
 import psutil
 
 
+def without_sigint(target: Callable[..., None], *args: Any) -> None:
+    """A benchmark's client process: `target(*args)` with Ctrl-C ignored. The terminal sends
+    SIGINT to the whole group; the parent stops its clients itself and says what was done,
+    where each client would print a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(*args)
+
+
 @cache
 def find_dcmtk(name: str) -> str | None:
     """Absolute path of the DCMTK tool ``name``, or None.
