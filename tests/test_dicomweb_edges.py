@@ -214,6 +214,29 @@ def big_study(web) -> str:
     return _big_study(web)
 
 
+def _asked_then_not_reading(web, request: str) -> socket.socket:
+    """A connection with a small receive buffer that sent `request`, saw its 200, and reads
+    no further (until _what_is_left)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((HOST, web.http_port))
+    s.sendall(request.encode())
+    assert s.recv(64).startswith(b"HTTP/1.1 200")
+    return s
+
+
+def _what_is_left(s: socket.socket) -> bytes:
+    """What the server still sends on `s`, until it closes or is silent for 10 s."""
+    s.settimeout(10)
+    got = b""
+    try:
+        while chunk := s.recv(1 << 20):
+            got += chunk
+    except (ConnectionError, socket.timeout):
+        pass
+    return got
+
+
 def test_a_client_that_stops_reading_is_let_go(web, big_study):
     """A WADO-RS retrieve whose client reads the head and then nothing more: aiohttp waited
     on the full socket for ever, the request and the instances read ahead for it (100 MB
@@ -222,23 +245,13 @@ def test_a_client_that_stops_reading_is_let_go(web, big_study):
     study = big_study
     stalled = []
     for syntax in ("*", ExplicitVRLittleEndian):  # as stored (streamed, its length known), and converted
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect((HOST, web.http_port))
-        s.sendall(f"GET /dicom-web/studies/{study} HTTP/1.1\r\nHost: {HOST}\r\n"
-                  f'Accept: multipart/related; type="application/dicom"; transfer-syntax={syntax}\r\n\r\n'.encode())
-        assert s.recv(64).startswith(b"HTTP/1.1 200")
-        stalled.append(s)
+        stalled.append(_asked_then_not_reading(
+            web, f"GET /dicom-web/studies/{study} HTTP/1.1\r\nHost: {HOST}\r\n"
+                 f'Accept: multipart/related; type="application/dicom"; transfer-syntax={syntax}\r\n\r\n'))
     time.sleep(NETWORK_TIMEOUT * 4)  # the server fills the socket buffers, then waits on them: 2 periods at most
     try:
         for s in stalled:  # now read what is there: a body cut short, not the whole answer
-            s.settimeout(10)
-            got = b""
-            try:
-                while chunk := s.recv(1 << 20):
-                    got += chunk
-            except (ConnectionError, socket.timeout):
-                pass
+            got = _what_is_left(s)
             assert len(got) < 30_000_000 and not got.endswith(b"--\r\n") and not got.endswith(b"0\r\n\r\n"), \
                 f"a client that stopped reading for {NETWORK_TIMEOUT * 4} s was still sent the whole answer"
     finally:
@@ -366,20 +379,10 @@ def test_a_client_that_stops_reading_metadata_is_let_go(web):
     whole = requests.get(f"{web.url}{path}")
     assert whole.status_code == 200 and len(whole.content) > 7_000_000
     assert requests.head(f"{web.url}{path}").headers["Content-Length"] == str(len(whole.content))
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect((HOST, web.http_port))
+    s = _asked_then_not_reading(web, f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
     try:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-        assert s.recv(64).startswith(b"HTTP/1.1 200")
         time.sleep(NETWORK_TIMEOUT * 4)
-        s.settimeout(10)
-        got = b""
-        try:
-            while chunk := s.recv(1 << 20):
-                got += chunk
-        except (ConnectionError, socket.timeout):
-            pass
+        got = _what_is_left(s)
         assert len(got) < len(whole.content), "a client that stopped reading was still sent the whole metadata"
     finally:
         s.close()
