@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from conftest import HOST, dataset_bytes, dcmtk, echo_ok
@@ -202,13 +203,19 @@ def test_a_removed_newest_segment_does_not_lose_what_is_stored_next(make_server,
 
 def store_one(port: int, path: Path) -> int:
     """The status of one C-STORE of the file, on an association of its own."""
-    ae = AE("SEGMENTS")
+    return int(c_store(port, path, "SEGMENTS", 30).Status)
+
+
+def c_store(port: int, path: Path, calling: str, timeout: float) -> Dataset:
+    """The C-STORE response (status, Error Comment) of one store of a CT file, on an
+    association of its own."""
+    ae = AE(calling)
     ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     assoc = ae.associate(HOST, port, ae_title="STOWAGE")
     assert assoc.is_established
     try:
-        return int(assoc.send_c_store(path).Status)
+        return assoc.send_c_store(path)
     finally:
         assoc.release()
 
@@ -256,15 +263,7 @@ def test_a_dataset_whose_compression_meets_a_full_disk_leaves_nothing_in_the_spo
     big = [ct(tmp_path / "in" / f"big-{i}.dcm", side=2236) for i in range(2)]  # 10 MB each, incompressible
     small = ct(tmp_path / "in" / "small.dcm")
     for f in big:
-        ae = AE("ZSTFULL")
-        ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-        assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
-        assert assoc.is_established
-        try:
-            status = assoc.send_c_store(f)
-        finally:
-            assoc.release()
+        status = c_store(server.port, f, "ZSTFULL", 60)
         assert status.Status == 0xA700, hex(status.Status)
         assert "No space left on device" in str(status.get("ErrorComment", "")), status
         left = [p.name for p in spool.rglob("*") if p.is_file()]
@@ -315,16 +314,7 @@ def test_a_disk_turned_read_only_serves_on_and_stops_cleanly(make_server, ext4, 
     from conftest import catalog_sealed, wait_for
     wait_for(lambda: catalog_sealed(data), 60, "the sealers to catalogue what was stored")
     trigger.write_text("1")  # the file system is read-only from now on
-    late = ct(tmp_path / "in" / "late.dcm")
-    ae = AE("READONLY")
-    ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(late)
-    finally:
-        assoc.release()
+    status = c_store(server.port, ct(tmp_path / "in" / "late.dcm"), "READONLY", 30)
     assert status.Status == 0xA700 and str(status.get("ErrorComment", "")).strip(), status
     got = exported(data, tmp_path / "out")
     assert set(got) == {request_uid(f) for f in stored}
