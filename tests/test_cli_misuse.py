@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pydicom
 import pytest
@@ -31,9 +33,16 @@ def one_line(r: subprocess.CompletedProcess, *needles: str) -> None:
 def read_only(tmp_path):
     """A folder on a read-only file system (a tmpfs mounted ro): root may not write there
     either, as it may into a folder merely chmod'ed read-only."""
-    where = tmp_path / "ro"
+    with _tmpfs(tmp_path / "ro", "size=1m,ro") as where:
+        yield where
+
+
+@contextmanager
+def _tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `where` (made) with `options`, unmounted at the end; the test is
+    skipped where mounting is not allowed."""
     where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(where)], capture_output=True,
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
                        text=True, timeout=30)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {(r.stderr or r.stdout).strip()}")
@@ -116,20 +125,12 @@ def test_deidentify_into_a_read_only_folder(tmp_path, read_only):
 @pytest.fixture
 def read_only_archive(tmp_path):
     """An archive (two instances) on a tmpfs then remounted read-only: a backup mounted ro."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True,
-                       text=True, timeout=30)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {(r.stderr or r.stdout).strip()}")
-    try:
+    with _tmpfs(tmp_path / "disk", "size=20m") as disk:
         src = copies(CT, tmp_path / "in", 2, "ro")
         r = cli("import", "--data-dir", str(disk / "data"), "-q", *map(str, src), env={"STOWAGE_MIN_FREE_BYTES": "0"})
         assert r.returncode == 0, r.stdout + r.stderr
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True, timeout=30)
         yield disk / "data", src
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
 
 def test_commands_that_write_on_a_read_only_archive(read_only_archive):
