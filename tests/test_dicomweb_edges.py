@@ -303,24 +303,31 @@ def test_a_client_gone_mid_answer_is_audited_and_no_error(web, big_study):
     assert requests.get(f"{web.base}/studies/{big_study}/metadata").status_code == 200
 
 
+def _stow(web, datasets: list[Dataset]) -> None:
+    """STOW-RS the data sets (their file meta's SOP Instance UID set from theirs) in one body."""
+    boundary, body = "edges", b""
+    for ds in datasets:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + out.getvalue() + b"\r\n"
+    r = requests.post(f"{web.base}/studies", data=body + f"--{boundary}--\r\n".encode(),
+                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert r.status_code == 200, r.text[:300]
+
+
 def test_frames_the_stored_pixel_data_lacks_are_404(web):
     """Number of Frames says 3, the stored Pixel Data holds 1 (one JPEG 2000 fragment, or one
     native frame's bytes): frame 2 as stored was a 500 "internal error" (an IndexError) for
     the encapsulated one and an empty part for the native one."""
     from pydicom.data import get_testdata_file
-    boundary, body, made = "short-frames", b"", []
+    made = []
     for name in ("MR_small_jp2klossless.dcm", "CT_small.dcm"):
         ds = pydicom.dcmread(get_testdata_file(name))
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.NumberOfFrames = 3
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + out.getvalue() + b"\r\n"
         made.append(ds)
-    r = requests.post(f"{web.base}/studies", data=body + f"--{boundary}--\r\n".encode(),
-                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-    assert r.status_code == 200, r.text[:300]
+    _stow(web, made)
     as_stored = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
     for ds in made:
         url = f"{web.base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
@@ -466,18 +473,12 @@ def test_metadata_is_valid_json_whatever_the_numbers(web):
     refused the whole series' metadata for one such value. They go out as strings."""
     import json
     from pydicom.data import get_testdata_file
-    study, boundary, body, made = generate_uid(), "odd-numbers", b"", []
+    study, made = generate_uid(), []
     for name in ("CT_small.dcm", "MR_small_jp2klossless.dcm"):  # metadata from the stored header, and from the record
         ds = _with_odd_numbers(pydicom.dcmread(get_testdata_file(name)))
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, generate_uid(), generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + out.getvalue() + b"\r\n"
         made.append(ds)
-    r = requests.post(f"{web.base}/studies", data=body + f"--{boundary}--\r\n".encode(),
-                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-    assert r.status_code == 200, r.text[:300]
+    _stow(web, made)
 
     def strict(text: str):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
