@@ -32,6 +32,13 @@ def archive(tmp_path_factory) -> Path:
     return base / "data"
 
 
+def _ctrl_c_as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT to its default. pytest-xdist's worker processes
+    ignore SIGINT, and a child inherits that (Python then never raises KeyboardInterrupt):
+    under `ops/test.sh` every Ctrl-C here was ignored and each command ran to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """`stowage ARGS` in its own process group, stderr to a file one can poll."""
 
@@ -39,7 +46,8 @@ class Run:
         self.err_path = tmp_path / f"stderr-{time.monotonic_ns()}"
         self._err = open(self.err_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", *args], stdout=subprocess.PIPE,
-                                     stderr=self._err, start_new_session=True, env={**os.environ, **(env or {})})
+                                     stderr=self._err, start_new_session=True, env={**os.environ, **(env or {})},
+                                     preexec_fn=_ctrl_c_as_from_a_terminal)
 
     def stderr(self) -> str:
         return self.err_path.read_text(errors="replace")

@@ -467,7 +467,8 @@ class Archive:
                                      env=dict(os.environ, STOWAGE_MAX_ASSOCIATIONS_PER_ADDRESS="0",
                                               STOWAGE_HTTP_PORT=str(self.http_port), STOWAGE_HTTP_PROCESSES="2"))
         deadline = time.monotonic() + 120
-        while "listening on" not in self.log():
+        # the HTTP processes start after the DICOM port is served: "DICOMweb on" says they have
+        while "listening on" not in self.log() or "DICOMweb on" not in self.log():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"stowage serve did not start:\n{self.log()[-3000:]}")
             time.sleep(0.2)
