@@ -191,21 +191,15 @@ def _big_study(web, instances: int = 3, frames: int = 20) -> str:
     stored with STOW-RS; its Study Instance UID."""
     import numpy as np
     from pydicom.data import get_testdata_file
-    study, boundary = generate_uid(), "edge-boundary"
-    body = b""
+    study, made = generate_uid(), []
     for _ in range(instances):
         ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, generate_uid(), generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.Rows = ds.Columns = 512
         ds.NumberOfFrames, ds.BitsAllocated, ds.BitsStored, ds.HighBit = frames, 16, 16, 15
         ds.PixelData = np.random.default_rng(7).integers(0, 4000, (frames, 512, 512), dtype=np.uint16).tobytes()
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + out.getvalue() + b"\r\n"
-    r = requests.post(f"{web.base}/studies", data=body + f"--{boundary}--\r\n".encode(),
-                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-    assert r.status_code == 200, r.text[:300]
+        made.append(ds)
+    _stow(web, made)
     return study
 
 
