@@ -360,7 +360,7 @@ def test_a_client_that_stops_reading_metadata_is_let_go(web):
     """Series metadata is one ready-made body (megabytes for a large series): a client that
     stopped reading it held the connection and the body for ever. It is let go after
     network_timeout, as a streamed answer's is."""
-    study, series, boundary, body = generate_uid(), generate_uid(), "meta-boundary", b""
+    study, series, made = generate_uid(), generate_uid(), []
     for k in range(100):
         ds = Dataset()
         ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
@@ -369,13 +369,9 @@ def test_a_client_that_stops_reading_metadata_is_let_go(web):
         ds.add_new(0x0040A160, "UT", "long text " * 8000)  # 80 kB of text: in the metadata, not bulk data
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + out.getvalue() + b"\r\n"
-    r = requests.post(f"{web.base}/studies", data=body + f"--{boundary}--\r\n".encode(),
-                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
-    assert r.status_code == 200, r.text[:300]
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        made.append(ds)
+    _stow(web, made)
     path = f"/dicom-web/studies/{study}/series/{series}/metadata"
     whole = requests.get(f"{web.url}{path}")
     assert whole.status_code == 200 and len(whole.content) > 7_000_000
