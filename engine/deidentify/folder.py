@@ -3,7 +3,9 @@ processes: each reads, de-identifies and writes its share; the pseudonym table (
 and the audit log (O_APPEND) take writes from all of them."""
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import struct
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -176,16 +178,26 @@ def _through_pydicom(project: Project, path: Path, out: Path) -> tuple[str, str]
 
 
 _project: Project | None = None
+_stop: Any = None  # the parent's multiprocessing Event: set on Ctrl-C
 
 
-def _init(projects: Mapping[str, Any], name: str, data_dir: str) -> None:
-    global _project
-    _project = open_project(projects, name, Path(data_dir))
+def _init(projects: Mapping[str, Any], name: str, data_dir: str, stop: Any) -> None:
+    # Ctrl-C is the parent's to handle: a worker that died of it where the pool does not
+    # catch it (waiting for work) made the pool kill the others mid-write, leaving their
+    # temporary files behind. The parent sets `stop` instead, and each ends its file.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _project, _stop
+    _project, _stop = open_project(projects, name, Path(data_dir)), stop
 
 
 def _work(paths: list[str], out: str) -> list[tuple[str, str]]:
     assert _project is not None
-    return [one_file(_project, Path(p), Path(out)) for p in paths]
+    answers = []
+    for p in paths:
+        if _stop.is_set():
+            break
+        answers.append(one_file(_project, Path(p), Path(out)))
+    return answers
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -200,16 +212,28 @@ def deidentify_folder(projects: Mapping[str, Any], name: str, data_dir: Path, sr
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(paths) or 1))
     chunks = [paths[i::jobs * 8] for i in range(jobs * 8)]
     result = FolderResult()
-    with ProcessPoolExecutor(jobs, initializer=_init, initargs=(dict(projects), name, str(data_dir))) as pool:
-        for answers in pool.map(_work, chunks, [str(out)] * len(chunks)):
-            for kind, detail in answers:
-                if kind == "written":
-                    result.written += 1
-                elif kind == "skipped":
-                    result.skipped += 1
-                else:
-                    getattr(result, kind).append(detail)
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init,
+                             initargs=(dict(projects), name, str(data_dir), stop)) as pool:
+        try:
+            for answers in pool.map(_work, chunks, [str(out)] * len(chunks)):
+                _tally(result, answers)
+        except KeyboardInterrupt:  # each worker ends the file it is writing; the rest is not begun
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return result
+
+
+def _tally(result: FolderResult, answers: list[tuple[str, str]]) -> None:
+    for kind, detail in answers:
+        if kind == "written":
+            result.written += 1
+        elif kind == "skipped":
+            result.skipped += 1
+        else:
+            getattr(result, kind).append(detail)
 
 
 __all__ = ["FolderResult", "ProjectError", "deidentify_folder", "one_file", "write_part10"]
