@@ -49,10 +49,28 @@ class Modality:
         self.reports: queue.Queue[Report] = queue.Queue()
         self.server = None
         self.responded = False
+        self._answering: list[Report] = []   # reports received on the requester's association
+        self._answered: list[Report] = []    # ... whose answer is queued, not yet on the wire
 
     def _on_report(self, event: evt.Event, same: bool):
-        self.reports.put(Report(event.event_type, event.event_information, same, self.responded))
+        report = Report(event.event_type, event.event_information, same, self.responded)
+        if same:  # handed out once the answer is on its way (`_on_sent`)
+            self._answering.append(report)
+        else:
+            self.reports.put(report)
         return 0x0000, None
+
+    def _on_sent(self, event: evt.Event):
+        """On the requester's own association a report is handed to the test only once its
+        N-EVENT-REPORT-RSP is on the wire: a test that releases on seeing the report would
+        otherwise release before the answer goes out (pynetdicom then aborts, and stowage
+        rightly sends the report again on a new association)."""
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP" and self._answering:
+            self._answered.append(self._answering.pop(0))
+
+    def _on_pdu_sent(self, event: evt.Event):
+        if type(event.pdu).__name__ == "P_DATA_TF" and self._answered:  # the answer's one PDU (no data set)
+            self.reports.put(self._answered.pop(0))
 
     def listen(self) -> "Modality":
         ae = AE(self.aet)
@@ -68,7 +86,9 @@ class Modality:
         ae.add_requested_context(SCPM, SYNTAXES)
         ae.dimse_timeout = ae.acse_timeout = 30
         assoc = ae.associate(HOST, stowage_port, ae_title="STOWAGE",
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, [True])])
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report, [True]),
+                                           (evt.EVT_DIMSE_SENT, self._on_sent),
+                                           (evt.EVT_PDU_SENT, self._on_pdu_sent)])
         assert assoc.is_established
         if info is None:
             info = Dataset()
