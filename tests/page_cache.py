@@ -7,15 +7,15 @@ import mmap
 import os
 
 
-def resident_pages(path) -> tuple[int, int]:
-    """(pages of `path` in the page cache, pages in all), by mincore(2)."""
+def resident_pages(path, end: int | None = None) -> tuple[int, int]:
+    """(pages of `path` (its first `end` bytes) in the page cache, pages in all), by mincore(2)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    if size == 0:
+    size = path.stat().st_size if end is None else min(end, path.stat().st_size)
+    if size <= 0:
         return 0, 0
     pages = -(-size // mmap.PAGESIZE)
     fd = os.open(path, os.O_RDONLY)

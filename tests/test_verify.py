@@ -18,6 +18,7 @@ import pytest
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 from conftest import CT, HOST, copies, dcmtk, export_all, free_port
+from page_cache import file_system, resident_pages
 from test_commitment import Modality
 from test_get import _pyn_get, getscu, received
 from test_metrics import scrape
@@ -220,17 +221,25 @@ def test_scrub_finds_flipped_bytes_by_itself_and_counts_them(make_server, tmp_pa
 
 
 def test_scrub_resumes_where_it_stopped(make_server, tmp_path):
-    """A slow scrub stopped mid-pass saves its position, and goes on from it after a restart."""
+    """A slow scrub stopped mid-pass saves its position, and goes on from it after a restart.
+    Meanwhile it keeps out of the page cache: what it read is dropped within a second or so,
+    not at the segment's end (with the writes not cached, the segment's pages behind it are
+    gone from the cache)."""
     cfg = tmp_path / "stowage.toml"
     cfg.write_text("scrub_rate = 0.02   # MB/s: 20 KB/s, a pass of about ten seconds\n")
-    server = make_server("--workers", "1", "--config", str(cfg))
+    server = make_server("--workers", "1", "--config", str(cfg), STOWAGE_CACHE_WRITES="false")
     storescu(server.port, copies(CT, tmp_path / "ct", 12, "ct"))
     state_file = server.data_dir / "corrupt" / "scrub.json"
     deadline = time.monotonic() + 60
-    while not (state_file.exists() and json.loads(state_file.read_text())["offset"] > 0
+    while not (state_file.exists() and json.loads(state_file.read_text())["offset"] > 100_000
                and json.loads(state_file.read_text())["segment"]):
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.2)
+    at = json.loads(state_file.read_text())
+    if file_system(server.data_dir) not in ("tmpfs", "ramfs"):  # there the cache is the storage
+        behind = at["offset"] - 40_000  # at least a record (~30 KB here, 1.5 s at 20 KB/s) behind
+        cached, pages = resident_pages(server.data_dir / "segments" / at["segment"], behind)
+        assert cached <= 1, f"{cached} of the {pages} pages the scrub read more than a record ago still cached"
     assert server.stop() == 0
     stopped = json.loads(state_file.read_text())
     assert stopped["segment"] and stopped["offset"] > 0, stopped  # mid-pass

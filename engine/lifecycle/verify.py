@@ -33,6 +33,7 @@ from stowage.engine.store.integrity import CorruptMarks, dataset_problem, record
 from stowage.engine.store.segment import MAGIC, CorruptRecord, open_record, open_segment
 
 _SCAN_WINDOW = 8 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE")  # POSIX_FADV_DONTNEED leaves a partial page at either end
 
 
 class Stopped(Exception):
@@ -223,7 +224,7 @@ class Verifier:
         visited: set[int] = set()
         marked = self.marks.in_segment(segment)
         boundaries = sorted(rows)
-        last_drop = pos
+        last_drop, dropped_at = pos, time.monotonic()
         while pos < end:
             row = rows.get(pos)
             try:
@@ -247,9 +248,11 @@ class Verifier:
             self._check(segment, rec.header, row, pos, rec.length, crc, length, pos in marked)
             self._advance(segment, pos, pos + rec.length)
             pos += rec.length
-            if self.drop_cache and pos - last_drop >= 64 << 20:
+            # at least once a second: a scrub paced to a few KB/s would otherwise hold all it
+            # read of a segment in the cache until the segment's end, hours later
+            if self.drop_cache and (pos - last_drop >= 64 << 20 or time.monotonic() - dropped_at >= 1):
                 _drop(f, last_drop, pos)
-                last_drop = pos
+                last_drop, dropped_at = pos & ~(_PAGE - 1), time.monotonic()  # the kernel keeps a partial page
         if self.drop_cache:
             _drop(f, last_drop, pos)
         return visited
