@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pydicom
 import pytest
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from conftest import CT, HOST, copies, dcmtk, export_all, free_port
+from conftest import CT, HOST, cli, copies, dcmtk, export_all, free_port
 from page_cache import file_system, resident_pages
 from test_commitment import Modality
 from test_get import _pyn_get, getscu, received
@@ -354,3 +355,31 @@ def test_streamed_and_in_memory_checks_agree(tmp_path):
         rec, stored = open_record(f, 0)
         with pytest.raises(CorruptRecord, match="checksum mismatch"):
             record_dataset(path, rec, stored)
+
+
+def test_a_record_of_another_instance_is_refused_not_served(tmp_path, scps):
+    """A catalog row that leads to another instance's record (here a segment file put back
+    from another archive under the same name, as an administrator restoring a backup to the
+    wrong place would) is refused with the reason, never handed out under the row's UID:
+    export streams the record, send reads it into memory."""
+    archives = {}
+    for name in ("a", "b"):
+        src = copies(CT, tmp_path / f"in-{name}", 1, name)
+        r = cli("import", "--data-dir", str(tmp_path / name), "-q", str(src[0].parent))
+        assert r.returncode == 0, r.stderr
+        archives[name] = uid_of(src[0])
+    segment, offset = location(tmp_path / "a", archives["a"])
+    assert location(tmp_path / "b", archives["b"]) == (segment, offset)  # the same name, the same place
+    shutil.copyfile(tmp_path / "b" / "segments" / segment, tmp_path / "a" / "segments" / segment)
+
+    e = export_all(tmp_path / "a", tmp_path / "out")
+    assert e.returncode != 0
+    assert f"holds another instance than {archives['a']}" in e.stdout + e.stderr, e.stdout + e.stderr
+    assert not list((tmp_path / "out").rglob("*.dcm"))
+
+    dest = scps(tmp_path / "rx", aet="DEST")
+    s = stowage("send", "--data-dir", str(tmp_path / "a"), "--to", f"{HOST}:{dest.port}", "--aec", "DEST", "-q",
+                "--instance", archives["a"])
+    assert s.returncode != 0
+    assert f"holds another instance than {archives['a']}" in s.stdout + s.stderr, s.stdout + s.stderr
+    assert dest.received() == {}

@@ -73,24 +73,25 @@ def _size(head: bytes, hlen: int, plen: int, offset: int) -> int | None:
     return declared
 
 
-def read_payload_into(path: Path, offset: int, lead: int, alloc: Alloc) -> np.ndarray:
+def read_payload_into(path: Path, offset: int, lead: int, alloc: Alloc, uid: str | None = None) -> np.ndarray:
     """`alloc(lead + n)`'s buffer with the record's payload (n bytes, verified, decompressed,
     unshuffled) at [lead:lead + n]; the caller fills [:lead]. Raises what read_payload does."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return _copied(path, offset, lead, alloc)
+        return _copied(path, offset, lead, alloc, uid)
     try:
         head = os.pread(fd, _HEAD, offset)
         flags, hlen, plen, expected_crc = segment._prefix(head, offset)
         if len(head) < PREFIX_SIZE + hlen + min(plen, 18):
             head += os.pread(fd, PREFIX_SIZE + hlen + 18 - len(head), offset + len(head))
+        segment.check_holds(head[PREFIX_SIZE:PREFIX_SIZE + hlen], uid, offset)
         try:
             n = _size(head, hlen, plen, offset) if flags & FLAG_ZSTD else plen
         except CorruptRecord:  # not a zstd frame: read_payload says what is wrong with it
             n = None
         if n is None or plen > SCRATCH_MAX or n > SCRATCH_MAX:
-            return _copied(path, offset, lead, alloc)
+            return _copied(path, offset, lead, alloc, uid)
         running = crc32(head[PREFIX_SIZE:PREFIX_SIZE + hlen], crc32(head[:PREFIX_SIZE - 4]))
         out = alloc(lead + n)
         stored = out[lead:lead + n] if not flags & (FLAG_ZSTD | FLAG_SHUFFLE) else _scratch("stored", plen)
@@ -127,8 +128,8 @@ def _decompress_into(stored: np.ndarray, plain: np.ndarray, offset: int) -> None
         raise CorruptRecord(f"{where} does not decompress: {e}") from None
 
 
-def _copied(path: Path, offset: int, lead: int, alloc: Alloc) -> np.ndarray:
-    payload = segment.read_payload(path, offset)
+def _copied(path: Path, offset: int, lead: int, alloc: Alloc, uid: str | None) -> np.ndarray:
+    payload = segment.read_payload(path, offset, uid)
     out = alloc(lead + len(payload))
     out[lead:] = np.frombuffer(payload, np.uint8)
     return out

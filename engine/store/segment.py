@@ -159,6 +159,24 @@ def _read_head(f: BinaryIO, offset: int) -> tuple[Record, int, int]:
     return rec, expected, running
 
 
+_UID_KEY = packb("sop_instance_uid")
+
+
+def check_holds(hdr: bytes | memoryview, uid: str | None, offset: int) -> None:
+    """The record's header names `uid`, as the catalog row that led to it does: a row
+    pointing at another instance's record (a segment file replaced or renamed by hand, a
+    bug) is refused as corrupt, never served under the wrong UID. A byte search, not a
+    decode: msgpack writes a string with its length, so a longer UID does not match.
+    Records whose header names no instance (written by hand) are let through."""
+    if uid and packb(uid) not in hdr and _UID_KEY in hdr:
+        raise _not_held(uid, offset)
+
+
+def _not_held(uid: str, offset: int) -> CorruptRecord:
+    return CorruptRecord(f"the record at byte {offset} holds another instance than {uid}, which the catalog "
+                         "puts there")
+
+
 def _payload_chunks(f: BinaryIO, rec: Record, expected: int, running: int) -> Iterator[bytes]:
     """The payload as stored, in chunks; raises CorruptRecord after the last chunk if the
     CRC does not hold (so consumers must discard what they got)."""
@@ -393,11 +411,14 @@ def decoded(rec: Record, chunks: Iterator[bytes]) -> Iterator[bytes]:
     return chunks
 
 
-def stream_payload(path: Path, offset: int) -> Iterator[bytes]:
+def stream_payload(path: Path, offset: int, uid: str | None = None) -> Iterator[bytes]:
     """The record's payload (file meta + dataset as received), decompressed, in chunks;
-    raises CorruptRecord, after the last chunk at the latest, if its checksum fails."""
+    raises CorruptRecord, after the last chunk at the latest, if its checksum fails, and
+    before the first if the record is not `uid`'s (check_holds)."""
     with open_segment(path) as f:
         rec, expected, running = _read_head(f, offset)
+        if uid and rec.header.get("sop_instance_uid", uid) != uid:
+            raise _not_held(uid, offset)
         yield from decoded(rec, _payload_chunks(f, rec, expected, running))
 
 
@@ -413,30 +434,32 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def read_payload(path: Path, offset: int) -> bytes | memoryview:
+def read_payload(path: Path, offset: int, uid: str | None = None) -> bytes | memoryview:
     """The record's payload, checksum-verified and decompressed, in memory (records that
-    fit: one read, one CRC pass, one decompression, one unshuffle), as a bytes-like object.
-    The header is decoded only for a compressed payload: it bounds the decompression."""
+    fit: one read, one CRC pass, one decompression, one unshuffle), as a bytes-like object;
+    CorruptRecord if it is not `uid`'s (check_holds). The header is decoded only for a
+    compressed payload: it bounds the decompression."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         remote = _elsewhere(path) if _elsewhere is not None else None
         if remote is None:
             raise
-        return _verified_payload(remote.pread, offset)
+        return _verified_payload(remote.pread, offset, uid)
     try:
-        return _verified_payload(lambda n, at: os.pread(fd, n, at), offset)
+        return _verified_payload(lambda n, at: os.pread(fd, n, at), offset, uid)
     finally:
         os.close(fd)
 
 
-def _verified_payload(pread: Callable[[int, int], bytes], offset: int) -> bytes | memoryview:
+def _verified_payload(pread: Callable[[int, int], bytes], offset: int, uid: str | None) -> bytes | memoryview:
     head = pread(PREFIX_SIZE + _HEADER_GUESS, offset)
     flags, hlen, plen, expected = _prefix(head, offset)
     if len(head) < PREFIX_SIZE + hlen:
         head += pread(PREFIX_SIZE + hlen - len(head), offset + len(head))
     if len(head) < PREFIX_SIZE + hlen:
         raise CorruptRecord(f"record at byte {offset} ends early")
+    check_holds(head[PREFIX_SIZE:PREFIX_SIZE + hlen], uid, offset)
     running = crc32(head[PREFIX_SIZE:PREFIX_SIZE + hlen], crc32(head[:_PREFIX.size]))
     raw = pread(plen, offset + PREFIX_SIZE + hlen)
     if len(raw) != plen:

@@ -49,7 +49,7 @@ def write_deidentified(project: Project, data_dir: Path, instances: list[Instanc
         try:
             if mark is not None:  # found corrupt by verify or the scrub: never handed out
                 raise ValueError(f"stored record marked corrupt by {mark.by}: {mark.problem}")
-            ds = dcmread(DicomBytesIO(bytes(read_payload(data_dir / "segments" / inst.segment, inst.offset))),
+            ds = dcmread(DicomBytesIO(bytes(read_payload(data_dir / "segments" / inst.segment, inst.offset, uid))),
                          force=True)
             outcome = project.deidentify_dataset(ds)
             target = out / f"{outcome.sop_instance_uid[1]}.dcm"

@@ -152,7 +152,7 @@ class _SegmentGone(_Unreadable):
 
 
 def _payload(segments: Path, item: Item) -> Iterator[bytes]:
-    chunks = stream_payload(segments / item.segment, item.offset)
+    chunks = stream_payload(segments / item.segment, item.offset, item.uid)
     while True:
         try:
             chunk = next(chunks)

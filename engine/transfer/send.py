@@ -70,7 +70,7 @@ class Sender:
                  move_originator: tuple[str, int] | None = None, associations: int = 1,
                  duplicates: str = "keep-newest", max_inflated_bytes: int = MAX_INFLATED_BYTES,
                  rewrite: Rewrite | None = None,
-                 read: Callable[[Path, int], bytes | memoryview] = read_payload) -> None:
+                 read: Callable[[Path, int, str], bytes | memoryview] = read_payload) -> None:
         self.segments_dir = segments_dir
         self.read = read  # a record's payload (forwarding shares one read among its destinations)
         self.rewrite = rewrite  # e.g. forwarding's de-identification: a new copy goes out, never the record
@@ -321,7 +321,7 @@ class Sender:
         accept its syntax; FileNotFoundError if its segment is gone."""
         assert self.rewrite is not None
         try:
-            payload = self.read(self.segments_dir / inst.segment, inst.offset)
+            payload = self.read(self.segments_dir / inst.segment, inst.offset, inst.sop_instance_uid)
         except FileNotFoundError:
             raise
         except (OSError, CorruptRecord) as e:
@@ -359,7 +359,7 @@ class Sender:
         why = unreadable(inst)
         if target is None and in_memory and inst.dataset_length <= SPOOL_ABOVE:
             try:
-                return Prepared(inst, inst.transfer_syntax_uid, payload=self.read(segment, inst.offset))
+                return Prepared(inst, inst.transfer_syntax_uid, payload=self.read(segment, inst.offset, inst.sop_instance_uid))
             except FileNotFoundError:
                 raise
             except (OSError, CorruptRecord) as e:
@@ -368,7 +368,7 @@ class Sender:
         try:
             with open(path, "wb") as f:
                 f.write(PREAMBLE)
-                for chunk in stream_payload(segment, inst.offset):
+                for chunk in stream_payload(segment, inst.offset, inst.sop_instance_uid):
                     f.write(chunk)
         except FileNotFoundError:
             path.unlink(missing_ok=True)

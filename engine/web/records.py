@@ -97,7 +97,7 @@ class Reader:
 
     def payload_into(self, inst: Instance, lead: int, alloc: Alloc) -> np.ndarray:
         """payload(), at [lead:] of a buffer from `alloc` (engine/store/payload_into.py)."""
-        return self._read(inst, lambda path, offset: read_payload_into(path, offset, lead, alloc))
+        return self._read(inst, lambda path, offset, uid: read_payload_into(path, offset, lead, alloc, uid))
 
     def will_need(self, found: list[Instance]) -> None:
         """Start the kernel reading these records (engine/store/readahead.py): a series
@@ -109,11 +109,11 @@ class Reader:
         n = payload_length(self.segments / inst.segment, inst.offset)
         return None if n is None else len(PREAMBLE) + n
 
-    def _read(self, inst: Instance, read: Callable[[Path, int], T]) -> T:
+    def _read(self, inst: Instance, read: Callable[[Path, int, str], T]) -> T:
         self._check(inst)
         for attempt in (1, 2):
             try:
-                return read(self.segments / inst.segment, inst.offset)
+                return read(self.segments / inst.segment, inst.offset, inst.sop_instance_uid)
             except FileNotFoundError as e:
                 if attempt == 2:
                     raise Unreadable(f"{inst.sop_instance_uid}: its segment is missing") from None
@@ -129,12 +129,12 @@ class Reader:
         """The Part-10 file (preamble, file meta, data set) in chunks, streamed from the
         segment; raises Unreadable (before the first chunk when it can tell)."""
         self._check(inst)
-        stream = stream_payload(self.segments / inst.segment, inst.offset)
+        stream = stream_payload(self.segments / inst.segment, inst.offset, inst.sop_instance_uid)
         try:
             first = next(stream)
         except FileNotFoundError as e:
             inst = self._moved(inst, e)
-            stream = stream_payload(self.segments / inst.segment, inst.offset)
+            stream = stream_payload(self.segments / inst.segment, inst.offset, inst.sop_instance_uid)
             first = next(stream)
         except StopIteration:
             first = b""
