@@ -252,3 +252,22 @@ def test_ctrl_c_in_export_deidentify(archive, tmp_path, run):
     line = the_line(err)
     assert code == 130 and "export --deidentify stopped" in line, line
     assert not [p.name for p in out.iterdir() if p.suffix != ".dcm"]  # no temporary file left
+
+
+def test_ctrl_c_in_import(archive, tmp_path, run):
+    """The import processes end the files in hand and say what they stored: before, they
+    were terminated at once, and files they had stored were reported "not attempted"."""
+    data = tmp_path / "data"
+    r = run("import", "--data-dir", str(data), "--report", str(tmp_path / "report.csv"), str(archive.parent / "in"))
+    wait_for(lambda: sum(p.stat().st_size for p in (data / "segments").glob("*.seg")) > 4_000_000, 120,
+             lambda: "the first hundred files\n" + r.stderr(), interval=0.01)
+    code, out, err = r.interrupt()
+    line = the_line(err)
+    assert code == 130 and "import stopped" in line and "same command again" in line, line
+    stored = int(out.split(" stored")[0].rsplit(None, 1)[-1])
+    q = cli("query", "--data-dir", str(data), "--format", "csv", "SELECT count(*) AS n FROM instances")
+    assert q.returncode == 0, q.stderr
+    assert 0 < stored < N and int(q.stdout.split()[-1]) == stored, (out, q.stdout)
+    assert f"{N - stored} not attempted" in out, out
+    again = cli("import", "--data-dir", str(data), "-q", str(archive.parent / "in"))
+    assert again.returncode == 0 and f"{N - stored} stored" in again.stdout, again.stdout + again.stderr

@@ -226,43 +226,60 @@ def _dispatch(config: Config, found, todo: list[int], n: int, threads: int, ledg
         _recover_left_behind(config.data_dir)
     except OSError as e:
         summary.problems.append(f"could not recover an earlier import's slot: {e.strerror or e}")
-    feeder = threading.Thread(target=_feed, args=(files, tasks, n * threads, _CHUNK_FILES if first else 1),
+    feeder = threading.Thread(target=_feed, args=(files, tasks, n * threads, _CHUNK_FILES if first else 1, stop),
                               daemon=True)
     feeder.start()
     bar = _Bar(len(files), sum(key[0] for _path, key in files), quiet)
     done = [False] * len(files)
-    closed = 0
+    closed = [0]
     try:
-        while closed < n:
-            try:
-                kind, payload = results.get(timeout=1.0)
-            except queue.Empty:
-                if all(not p.is_alive() for p in procs) and results.empty():
-                    summary.problems.append(_DIED)
-                    break
-                continue
-            if kind == "done":
-                _count(payload, files, done, ledger, out, summary, bar)
-            elif kind == "failed":
-                summary.problems.append(payload)
-            elif kind == "closed":
-                closed += 1
+        _collect(results, procs, closed, files, done, ledger, out, summary, bar)
     except KeyboardInterrupt:
+        # Each process ends the files in hand and says what it stored (they ignore SIGINT):
+        # files stored but not heard of would be reported "not attempted". The feeder stops,
+        # and what is already queued comes back not attempted at once (Loader sees `stop`).
         stop.set()
         summary.problems.append("interrupted")
-        for p in procs:
-            p.terminate()
+        try:
+            _collect(results, procs, closed, files, done, ledger, out, summary, bar, time.monotonic() + 30)
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            pass
     finally:
         bar.close()
         for p in procs:
+            if "interrupted" in summary.problems and p.is_alive():
+                p.terminate()
             p.join(30)
             if p.is_alive():
                 p.kill()
     return [todo[i] for i, ok in enumerate(done) if not ok], _DIED in summary.problems
 
 
+def _collect(results, procs, closed: list[int], files, done: list[bool], ledger: Ledger, out: _Report,
+             summary: Summary, bar: _Bar, deadline: float | None = None) -> None:
+    """Count what the import processes send until all have closed (closed[0] counts them),
+    all died, or `deadline` passed."""
+    while closed[0] < len(procs) and (deadline is None or time.monotonic() < deadline):
+        try:
+            kind, payload = results.get(timeout=1.0)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs) and results.empty():
+                summary.problems.append(_DIED)
+                return
+            continue
+        if kind == "done":
+            _count(payload, files, done, ledger, out, summary, bar)
+        elif kind == "failed":
+            summary.problems.append(payload)
+        elif kind == "closed":
+            closed[0] += 1
+
+
+_INTERRUPTED = "interrupted before this file; run the import again to go on"
+
+
 def _not_attempted(found, left: list[int], summary: Summary, out: _Report) -> None:
-    why = ("interrupted before this file; run the import again to go on" if "interrupted" in summary.problems
+    why = (_INTERRUPTED if "interrupted" in summary.problems
            else f"no result from an import process ({_RETRIES} retries after one died)"
            if summary.retried else "no result from an import process")
     for i in left:
@@ -270,8 +287,10 @@ def _not_attempted(found, left: list[int], summary: Summary, out: _Report) -> No
         out.add(found.files[i][0], NOT_ATTEMPTED, why)
 
 
-def _feed(files, tasks, consumers: int, per_chunk: int = 0) -> None:
+def _feed(files, tasks, consumers: int, per_chunk: int, stop) -> None:
     for chunk in _chunks(files, per_chunk or _CHUNK_FILES):
+        if stop.is_set():  # the rest is reported not attempted, by _not_attempted
+            break
         tasks.put(chunk)
     for _ in range(consumers):
         tasks.put(None)
@@ -292,7 +311,8 @@ def _count(outcomes: list[Outcome], files, done: list[bool], ledger: Ledger, out
             else:
                 summary.held += 1
             continue
-        out.add(path, o.kind, o.reason)
+        interrupted = o.kind == NOT_ATTEMPTED and "interrupted" in summary.problems  # not the disk's doing
+        out.add(path, o.kind, _INTERRUPTED if interrupted else o.reason)
         for lost in o.missing:
             out.add(lost, REFUSED, f"referenced by {path}, but not there")
             summary.refused += 1

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from stowage.cli.checks import DATA_DIR, writable_later
+from stowage.cli.interrupt import Interrupted
 from stowage.cli.options import common, load
 
 
@@ -51,5 +52,9 @@ def import_(paths, config_file, data_dir, processes, threads, report, quiet, pro
                                    f"{f' ({e.filename})' if e.filename else ''}") from None
     click.echo(summary.line())
     for problem in summary.problems:
-        click.echo(f"import: {problem}", err=True)
+        if problem != "interrupted":
+            click.echo(f"import: {problem}", err=True)
+    if "interrupted" in summary.problems:
+        raise Interrupted(f"import stopped: the {summary.stored} file(s) stored are in the archive, "
+                          f"{summary.not_attempted} not attempted; run the same command again for the rest")
     sys.exit(summary.exit_code)
