@@ -87,8 +87,9 @@ def archive(tmp_path_factory, s3_server):  # noqa: F811
     dest = StoreSCP(tmp_path / "moved")
     env = env_for(s3_server, bucket, STOWAGE_LOCAL_CACHE_BYTES="100000")
     cfg = config_with(tmp_path, DEST=(HOST, dest.port))
-    server = Server(tmp_path / "data", free_port(), ["--workers", "2", "--config", str(cfg)], env).start()
+    server = Server(tmp_path / "data", free_port(), ["--workers", "2", "--config", str(cfg)], env)
     try:
+        server.start()  # in the try: a server that does not start must not leave storescp running
         files = series_instances(tmp_path / "ct", "S3-1", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(),
                                  30)
         storescu(server.port, files)
