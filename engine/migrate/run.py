@@ -2,7 +2,6 @@
 record each study, several at a time, under the pacing gate, with a progress bar."""
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import itertools
 import logging
@@ -12,7 +11,6 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,41 +22,16 @@ from stowage.engine.runtime.config import Config
 from stowage.engine.migrate import report
 from stowage.engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result, StudyRow
 from stowage.engine.migrate.enumerate import first_windows
-from stowage.engine.migrate.pacing import Gate, Rate, TimeWindow, retry_delay
+from stowage.engine.migrate.options import MigrateError, Options, checkpoint_path
+from stowage.engine.migrate.pacing import Gate, retry_delay
 from stowage.engine.migrate.scan import Scan
 from stowage.engine.migrate.pull import Pulled, get_study, move_study
-from stowage.engine.migrate.source import Session, SourceError, slug
+from stowage.engine.migrate.source import Session, SourceError
 from stowage.engine.migrate.verify import SourceListing, check_content, held, list_instances
 from stowage.protocol.status import MOVE_DESTINATION_UNKNOWN
 
 log = logging.getLogger("stowage.migrate")
 SLOT_BASE = 200  # migrate's own slots for C-GET (serve: 0.., import: 100..)
-
-
-class MigrateError(RuntimeError):
-    """The migration cannot go on; the message says why and what to do."""
-
-
-@dataclass
-class Options:
-    method: str = "move"
-    since: dt.date | None = None
-    until: dt.date | None = None
-    parallel: int = 3
-    find_limit: int = 0
-    verify_content: bool = False
-    dry_run: bool = False
-    window: TimeWindow | None = None
-    rate: Rate | None = None
-    stall_timeout: float = 300.0
-    retries: int = 5
-    retry_delay: float = 30.0
-    rescan: bool = False
-    progress: bool = True
-
-
-def checkpoint_path(data_dir: Path, peer: Peer) -> Path:
-    return data_dir / "migrate" / f"{slug(peer)}.sqlite"
 
 
 def serve_running(data_dir: Path) -> bool:

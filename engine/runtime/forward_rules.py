@@ -7,12 +7,10 @@ import datetime
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
-
-from stowage.catalog import matching
+if TYPE_CHECKING:
+    from stowage.catalog import matching
 
 LEVELS = ("instance", "series", "study")  # series, study: sent once none of it arrived for `quiet` s
 _KEYS = {"name", "to", "calling_ae", "called_ae", "sop_class", "modality", "match", "level", "schedule", "quiet",
@@ -76,6 +74,12 @@ def _strings(rule: str, key: str, value: Any) -> tuple[str, ...]:
 def conditions(text: str) -> list[tuple[str, matching.Match]]:
     """'Modality=CT PatientName=DOE*' -> [(keyword, Match)], matched as C-FIND matches
     (catalog/matching.py): wildcards, lists (CT\\MR), ranges (20240101-)."""
+    # imported here: the configuration is loaded by every command, `--help` included, and
+    # pydicom takes a good part of a second to import
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import DataElement
+
+    from stowage.catalog import matching
     lexer = shlex.shlex(text, posix=True)
     lexer.whitespace_split, lexer.escape = True, ""  # a backslash separates values (CT\MR), as in C-FIND
     try:

@@ -9,10 +9,8 @@ import click
 
 from stowage.cli.checks import DATA_DIR, check_host, writable_later
 from stowage.cli.options import common, load
-from stowage.engine.migrate import report
 from stowage.engine.migrate.pacing import PacingError, Rate, TimeWindow
-from stowage.engine.migrate.run import MigrateError, Options, checkpoint_path
-from stowage.engine.migrate.source import SourceError, parse_source
+from stowage.engine.migrate.options import MigrateError, Options, checkpoint_path
 from stowage.engine.runtime.config import Config
 
 
@@ -45,6 +43,7 @@ def options(*, method: str, since: str | None, until: str | None, parallel: int,
 
 
 def source_of(text: str, config: Config):
+    from stowage.engine.migrate.source import SourceError, parse_source
     try:
         return parse_source(text, config)
     except SourceError as e:
@@ -53,6 +52,7 @@ def source_of(text: str, config: Config):
 
 def status_lines(config: Config, source_text: str | None) -> list[str]:
     """--status for one source, or for every migration this data directory has seen."""
+    from stowage.engine.migrate import report
     if source_text:
         paths = [checkpoint_path(config.data_dir, source_of(source_text, config))]
     else:

@@ -12,7 +12,6 @@ from typing import Any, TextIO
 
 import click
 
-from stowage.catalog.analytics import QueryRefused, ReadOnlyCatalog, schema_text
 from stowage.cli.options import common, load
 from stowage.engine.runtime.config import Config
 
@@ -27,6 +26,7 @@ class QueryCommandError(Exception):
 def run_query(config: Config, sql: str, fmt: str = "table", out: TextIO | None = None) -> int:
     """Run `sql`; returns the number of rows printed (to `out`, or sys.stdout as it is at the
     call: a default bound at import would keep whatever stdout was then)."""
+    from stowage.catalog.analytics import QueryRefused, ReadOnlyCatalog  # duckdb: only when a query runs
     catalog_dir = config.data_dir / "catalog"
     if not catalog_dir.is_dir():
         raise QueryCommandError(f"{config.data_dir} holds no archive (no catalog/ in it)")
@@ -44,6 +44,7 @@ def run_query(config: Config, sql: str, fmt: str = "table", out: TextIO | None =
 
 
 def print_schema(out: TextIO | None = None) -> None:
+    from stowage.catalog.analytics import schema_text
     (out or sys.stdout).write(schema_text() + "\n")
 
 

@@ -9,15 +9,10 @@ import time
 
 import click
 
-from stowage.catalog.reader import Catalog
 from stowage.cli.checks import check_ae_title
 from stowage.cli.interrupt import Interrupted, interruptible
 from stowage.cli.options import common, load, quiet_libraries, split_values
 from stowage.engine.runtime.config import Config
-from stowage.engine.transfer.requestor import PeerError, resolve
-from stowage.engine.transfer.selection import SelectionError, parse_query, select
-from stowage.engine.transfer.results import Outcome
-from stowage.engine.transfer.send import Sender
 
 
 class SendCommandError(RuntimeError):
@@ -29,6 +24,11 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
              commit: bool = False, commit_timeout: float = 60.0, commit_port: int | None = None,
              progress: bool = True) -> bool:
     """True when everything selected arrived (and, with `commit`, was committed)."""
+    from stowage.catalog.reader import Catalog  # here, not at the top: `stowage --help` imports every command
+    from stowage.engine.transfer.requestor import PeerError, resolve
+    from stowage.engine.transfer.results import Outcome
+    from stowage.engine.transfer.selection import SelectionError, parse_query, select
+    from stowage.engine.transfer.send import Sender
     if not (config.data_dir / "catalog").exists():
         raise SendCommandError(f"{config.data_dir} holds no archive (no catalog/ in it)")
     try:

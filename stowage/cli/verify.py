@@ -9,15 +9,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
 from stowage.cli.interrupt import Interrupted, interruptible
 from stowage.cli.options import common, load
-from stowage.engine.lifecycle.verify import Pacer, Problem, Tally, Verifier, verify_all
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.logs import audit_line, setup_logging
+
+if TYPE_CHECKING:
+    from stowage.engine.lifecycle.verify import Problem, Tally
 
 REPORT_COLUMNS = ("segment", "offset", "sop_instance_uid", "problem")
 _SHOWN = 20  # problems printed on stderr; the report has them all
@@ -65,6 +67,7 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
                jobs: int = 1) -> Tally:
     """Verify the archive of `config`, `jobs` segments at a time (threads: decompression
     and CRCs run outside the GIL); the tally says what was found."""
+    from stowage.engine.lifecycle.verify import Pacer, Tally, Verifier, verify_all  # duckdb: not for `--help`
     data_dir = config.data_dir
     if not (data_dir / "segments").is_dir() and not (data_dir / "catalog").is_dir():
         raise VerifyCommandError(f"{data_dir} holds no archive (no segments/ or catalog/ in it)")
