@@ -133,6 +133,10 @@ function studyRows(ds) {
   return [tr, detail];
 }
 
+// Modalities whose series hold no image: no thumbnail is asked for (the answer is a 404).
+const NO_IMAGE = new Set(["SR", "KO", "PR", "DOC", "REG", "FID", "RWV", "AU", "ECG", "HD", "RTSTRUCT", "RTPLAN",
+                          "RTRECORD", "PLAN"]);
+
 async function toggleSeries(study, row, td) {
   row.hidden = !row.hidden;
   if (row.hidden || td.dataset.loaded) return;
@@ -145,7 +149,8 @@ async function toggleSeries(study, row, td) {
     for (const ds of series) {
       const uid = value(ds, "0020000E"), fig = document.createElement("figure"), img = document.createElement("img");
       img.alt = `series ${value(ds, "00200011")}`; img.loading = "lazy";
-      showThumbnail(img, `${ROOT}/studies/${encodeURIComponent(study)}/series/${encodeURIComponent(uid)}/thumbnail?viewport=128,128`);
+      if (NO_IMAGE.has(value(ds, "00080060"))) img.alt += " (no image)";
+      else showThumbnail(img, `${ROOT}/studies/${encodeURIComponent(study)}/series/${encodeURIComponent(uid)}/thumbnail?viewport=128,128`);
       const cap = document.createElement("figcaption");
       cap.textContent = `${value(ds, "00080060")} #${value(ds, "00200011")} ${value(ds, "0008103E")} (${value(ds, "00201209")})`;
       fig.dataset.uid = uid; fig.append(img, cap); box.append(fig);
