@@ -20,9 +20,11 @@ def shift_da(value: str, days: int) -> str:
     if date is None:
         return ""
     try:
-        return (date - _dt.timedelta(days=days)).strftime("%Y%m%d")
+        moved = date - _dt.timedelta(days=days)
     except OverflowError:
         return "00010101"
+    # not strftime: its %Y gives "911" for the year 911, an invalid DA of seven digits
+    return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}"
 
 
 @functools.lru_cache(maxsize=16384)

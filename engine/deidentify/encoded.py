@@ -18,7 +18,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from stowage.engine.deidentify.dates import shift_da, shift_dt
-from stowage.engine.deidentify.pixels import BURNING_MODALITIES, SECONDARY_CAPTURE_PREFIX
+from stowage.engine.deidentify.pixels import BURNING_MODALITIES, is_secondary_capture
 from stowage.engine.deidentify.profile import (single_action, _DUMMY, _FREE_TEXT_VRS, _PATIENT_ID, _PATIENT_NAME,
                                                BASIC_PROFILE, DUMMY_TEXT, OPTION_CODES, Outcome, Profile, _Instance)
 
@@ -181,8 +181,11 @@ class _Walk:
                     raise Fallback(f"unknown VR at offset {pos}")
                 if vr in _LONG_STR:
                     length, val = u32(b, pos + 8)[0], pos + 12
-                    if vr == "UN" and length == UNDEFINED:
-                        raise Fallback("Explicit VR UN of undefined length (an implicit sequence inside)")
+                    if vr == "UN" and (length == UNDEFINED or not group & 1 and _vr_of(tag) != "UN"):
+                        # an implicit sequence inside, or a standard attribute a system that did not
+                        # know it wrote as UN (a newer sequence holding UIDs, names): pydicom reads
+                        # it with its dictionary VR, so that the profile sees what it is
+                        raise Fallback("Explicit VR UN of undefined length, or of a standard attribute")
                 else:
                     val, length = pos + 8, rest >> 16
             nxt = self.skip_undefined(val) if length == UNDEFINED else val + length
@@ -419,7 +422,7 @@ def deidentify_parts(profile: Profile, data: bytes | memoryview, transfer_syntax
     # (the pydicom path decides for these, also whether there are pixels at all)
     if (str(values.get("BurnedInAnnotation", "")).upper() == "YES"
                                  or str(values.get("Modality", "")).upper() in BURNING_MODALITIES
-                                 or str(values.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX)
+                                 or is_secondary_capture(str(values.get("SOPClassUID", "")))
                                  or str(values.get("RecognizableVisualFeatures", "")).upper() == "YES"):
         raise Fallback("burned-in annotation to check")
     decoded = {k: (bytes(v, "latin-1").decode(w.codec) if isinstance(v, str) else v) for k, v in values.items()}

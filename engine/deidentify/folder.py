@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         MediaStorageDirectoryStorage)
 
 from stowage.engine.store.filemeta import PREAMBLE, file_meta, group_length
 from stowage.engine.deidentify.project import Project, ProjectError, Quarantined, open_project
@@ -27,6 +28,7 @@ class FolderResult:
     quarantined: list[str] = field(default_factory=list)   # "path: reason"
     failed: list[str] = field(default_factory=list)        # "path: reason"
     skipped: int = 0                                        # not DICOM files
+    dicomdirs: list[str] = field(default_factory=list)      # media directories: paths, not written
 
 
 def write_part10(ds, target: Path) -> None:
@@ -134,6 +136,8 @@ def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
     payload = memoryview(raw)[start:] if start else b""
     meta = _meta(payload) if payload else None
     ts = meta[1].get(0x00020010, "") if meta else ""
+    if meta and meta[1].get(0x00020002, "") == MediaStorageDirectoryStorage:
+        return "dicomdirs", str(path)
     if meta and ts and ts != DeflatedExplicitVRLittleEndian:
         try:  # the fast path: bytes in, bytes out (encoded.py); deidentify_bytes falls back itself
             result = project.deidentify_bytes(raw, ts, start + meta[0])
@@ -163,6 +167,8 @@ def _through_pydicom(project: Project, path: Path, out: Path) -> tuple[str, str]
         return "skipped", ""
     except Exception as e:  # a damaged file: say which and why, go on with the rest
         return "failed", f"{path}: cannot read ({type(e).__name__}: {e})"
+    if _is_dicomdir(ds):
+        return "dicomdirs", str(path)
     try:
         outcome = project.deidentify_dataset(ds)
     except Quarantined as e:
@@ -175,6 +181,15 @@ def _through_pydicom(project: Project, path: Path, out: Path) -> tuple[str, str]
     except Exception as e:
         return "failed", f"{path}: cannot write ({type(e).__name__}: {e})"
     return "written", ""
+
+
+def _is_dicomdir(ds) -> bool:
+    """A DICOMDIR is a media directory, not an instance (`stowage import` skips it too): its
+    records hold byte offsets into itself that a rewrite breaks, every patient's name and
+    the original UIDs and file paths of its instances, which are de-identified on their own."""
+    meta = getattr(ds, "file_meta", None)
+    return (meta is not None and meta.get("MediaStorageSOPClassUID", "") == MediaStorageDirectoryStorage) \
+        or "DirectoryRecordSequence" in ds
 
 
 _project: Project | None = None

@@ -32,6 +32,13 @@ class Signature:
                 and int(ds.get("Rows", 0)) == self.rows and int(ds.get("Columns", 0)) == self.columns)
 
 
+def is_secondary_capture(sop_class: str) -> bool:
+    """Secondary Capture (1.2.840.10008.5.1.4.1.1.7) or a multi-frame one (.7.1 to .7.4); not
+    the VL classes (.77.1.x: endoscopic, photographic, ophthalmic) that share the digits."""
+    sop_class = sop_class.strip()
+    return sop_class == SECONDARY_CAPTURE_PREFIX or sop_class.startswith(SECONDARY_CAPTURE_PREFIX + ".")
+
+
 def burned_in_reason(ds: Dataset) -> str:
     """Why this instance may have text in its pixels ("" if nothing says so)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -41,7 +48,7 @@ def burned_in_reason(ds: Dataset) -> str:
     modality = str(ds.get("Modality", "")).upper()
     if modality in BURNING_MODALITIES:
         return f"modality {modality} is known to burn text into its images"
-    if str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX):
+    if is_secondary_capture(str(ds.get("SOPClassUID", ""))):
         return "secondary capture: its pixels may carry any text"
     return ""
 

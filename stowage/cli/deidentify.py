@@ -35,7 +35,11 @@ def deidentify(config_file, data_dir, project, jobs, src, out) -> None:
         click.echo(f"quarantined: {line}", err=True)
     for line in result.failed:
         click.echo(f"failed: {line}", err=True)
+    for line in result.dicomdirs:
+        click.echo(f"skipped: {line}: a DICOMDIR (a media directory, not an instance; the files it names "
+                   "are de-identified on their own)", err=True)
+    dicomdirs = f", {len(result.dicomdirs)} DICOMDIR skipped" if result.dicomdirs else ""
     click.echo(f"{result.written} de-identified into {out}, {len(result.quarantined)} quarantined, "
-               f"{len(result.failed)} failed, {result.skipped} not DICOM")
+               f"{len(result.failed)} failed, {result.skipped} not DICOM{dicomdirs}")
     if result.failed:
         raise click.ClickException(f"{len(result.failed)} file(s) could not be de-identified")

@@ -1,0 +1,141 @@
+"""De-identification of unusual data, as a research site gets it: standard attributes a
+system that did not know them wrote as UN, dates near the start of the calendar, VL
+photographs beside Secondary Capture, a DICOMDIR in the folder. Each case is seconds."""
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from stowage.engine.deidentify import encoded
+from stowage.engine.deidentify.keys import Keyed
+from stowage.engine.deidentify.profile import Profile
+from stowage.engine.deidentify.project import Project, ProjectConfig, Quarantined
+
+KEY = bytes(range(32))
+ORIGINAL_REF = "1.2.3.4.5.6.7.8.99"
+
+
+def _encode(ds: Dataset, implicit: bool) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def _mr() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    ds.SOPInstanceUID = "1.2.3.4.5.6.7.8.1"
+    ds.StudyInstanceUID = "1.2.3.4.5.6.7.8.2"
+    ds.SeriesInstanceUID = "1.2.3.4.5.6.7.8.3"
+    ds.PatientName, ds.PatientID, ds.Modality = "SECRET^NAME", "MRN123456", "MR"
+    return ds
+
+
+def _with_un_sequence() -> bytes:
+    """An Enhanced MR whose Per-frame Functional Groups Sequence an older system wrote as
+    Explicit VR UN of defined length (its value Implicit VR, PS3.5 6.2.2): a Source Image
+    Sequence in it references another instance by its original UID."""
+    source = Dataset()
+    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.4", ORIGINAL_REF
+    source.PatientName = "SECRET^NAME"
+    derivation = Dataset()
+    derivation.SourceImageSequence = Sequence([source])
+    frame = Dataset()
+    frame.DerivationImageSequence = Sequence([derivation])
+    holder = Dataset()
+    holder.PerFrameFunctionalGroupsSequence = Sequence([frame])
+    implicit = _encode(holder, True)
+    _tag, length = struct.unpack_from("<II", implicit, 0)
+    value = implicit[8:-8] if length == 0xFFFFFFFF else implicit[8:]  # defined length: no delimiter
+    un = struct.pack("<HH", 0x5200, 0x9230) + b"UN\0\0" + struct.pack("<I", len(value)) + value
+    return _encode(_mr(), False) + un
+
+
+def test_a_standard_sequence_written_as_un_has_its_uids_replaced_on_the_element_path(tmp_path):
+    """Ingest, import and `stowage deidentify` (encoded.py) kept such a sequence as it came:
+    the original referenced UID and the patient's name went into the de-identified copy,
+    where the pydicom path (export, send) replaced them."""
+    raw = _with_un_sequence()
+    assert ORIGINAL_REF.encode() in raw
+    project = _project(tmp_path)
+    result = project.deidentify_bytes(raw, ExplicitVRLittleEndian)  # what ingest calls
+    data = result.dataset
+    assert ORIGINAL_REF.encode() not in data and b"SECRET" not in data
+    out = read_dataset(DicomBytesIO(data), False, True)
+    ref = out.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == project.profile.keyed.uid(ORIGINAL_REF)
+    assert out.SOPInstanceUID == project.profile.keyed.uid("1.2.3.4.5.6.7.8.1")
+    # a private UN element is no reason to leave the element path
+    private = struct.pack("<HH", 0x0009, 0x0010) + b"LO\x04\x00ACME" + \
+        struct.pack("<HH", 0x0009, 0x1001) + b"UN\0\0" + struct.pack("<I", 4) + b"abcd"
+    raw = _encode(_mr(), False)
+    at = raw.index(struct.pack("<HH", 0x0010, 0x0010))  # before Patient's Name, in tag order
+    raw = raw[:at] + private + raw[at:]
+    encoded.deidentify(Profile(frozenset(), Keyed(KEY)), raw, ExplicitVRLittleEndian)
+    project.close()
+
+
+def test_dates_shifted_into_the_first_millennium_keep_eight_digits():
+    """strftime's %Y wrote the year 91 as "91": a seven-digit DA that readers refuse."""
+    from stowage.engine.deidentify.dates import shift_da, shift_dt
+    assert shift_da("01000101", 3000) == "00911015"
+    assert shift_da("00100101-00100301", 365) == "00090101-00090301"
+    assert shift_dt("01000101120000+0100", 3000) == "00911015120000+0100"
+    assert shift_dt("0100", 400) == "0098"
+    assert shift_da("00010105", 10) == "00010101"  # before the calendar's start: its first day
+
+
+def _project(tmp_path: Path, options: frozenset[str] = frozenset()) -> Project:
+    return Project.open(ProjectConfig("P", options=options), tmp_path / "data")
+
+
+def test_a_vl_photograph_is_not_taken_for_a_secondary_capture(tmp_path):
+    """VL Photographic (…1.1.77.1.4) shares the digits of Secondary Capture (…1.1.7):
+    it was quarantined as 'secondary capture' on both paths."""
+    project = _project(tmp_path)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.4"
+    ds.Modality = "XC"
+    raw = _encode(ds, False)
+    result = project.deidentify_bytes(raw, ExplicitVRLittleEndian)
+    assert result.sop_class_uid == "1.2.840.10008.5.1.4.1.1.77.1.4"
+    project.deidentify_dataset(ds)  # the pydicom path
+    for sc in ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"):
+        other = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        other.SOPClassUID = sc
+        try:
+            project.deidentify_bytes(_encode(other, False), ExplicitVRLittleEndian)
+        except Quarantined as e:
+            assert "secondary capture" in str(e)
+        else:
+            raise AssertionError(f"{sc} was not quarantined")
+    project.close()
+
+
+def test_a_dicomdir_in_the_folder_is_skipped_not_written(tmp_path):
+    """`stowage deidentify` wrote a DICOMDIR out as an 'instance' named by a token: every
+    patient record under one pseudonym, the original file paths kept, its record offsets
+    broken by the rewrite. `stowage import` skips a DICOMDIR; so does the folder now."""
+    from stowage.engine.deidentify.folder import one_file
+    src = tmp_path / "DICOMDIR"
+    shutil.copy(get_testdata_file("DICOMDIR"), src)
+    no_preamble = tmp_path / "dicomdir-without-preamble"
+    no_preamble.write_bytes(src.read_bytes()[128:])
+    out = tmp_path / "out"
+    out.mkdir()
+    project = _project(tmp_path)
+    assert one_file(project, src, out) == ("dicomdirs", str(src))
+    assert one_file(project, no_preamble, out) == ("dicomdirs", str(no_preamble))
+    assert not list(out.iterdir())
+    project.close()
