@@ -155,6 +155,8 @@ def parse_rules(specs: Any, remotes: Mapping[str, Any],
         rules.append(ForwardRule(name, to, match=match, level=level, schedule=schedule, quiet=float(quiet),
                                  deidentify=project, commit=commit, commit_port=port, commit_timeout=float(timeout),
                                  commit_tries=tries, **lists))
-    if len({r.name for r in rules}) != len(rules):
-        raise RuleError("forward: two rules have the same name")
+    names = [r.name for r in rules]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # e.g. a rule named "rule-2" first, and an unnamed second rule (its default name)
+        raise RuleError(f"forward: two rules are named {twice[0]!r} (an unnamed rule N is named rule-N)")
     return tuple(rules)

@@ -27,6 +27,8 @@ def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
     try:
         q = Queue(config.data_dir)
         try:
+            for name in filter(None, (retry, cancel)):
+                _check_destination(q, config, name)
             if retry:
                 click.echo(f"{q.retry_parked(retry)} parked entr(ies) of {retry} queued again")
             if cancel:
@@ -61,3 +63,12 @@ def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
         click.echo(f"not committed {destination} {uid} {comment}")
     for destination, uid, comment in unreported:
         click.echo(f"commitment wanted {destination} {uid} {comment}")
+
+
+def _check_destination(q: Queue, config, name: str) -> None:
+    """A DEST that is neither in the queue nor a configured remote is a typo (AE titles are
+    case-sensitive): saying "0 entries" would let the operator believe it was done."""
+    known = {d for d, _s in q.summary()} | set(q.delivered()) | set(config.remotes)
+    if name not in known:
+        raise click.ClickException(f"{name} is not a forwarding destination (the queue's and [remotes]' are: "
+                                   f"{', '.join(sorted(known)) or 'none'}); AE titles are case-sensitive")

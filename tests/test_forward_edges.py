@@ -1,0 +1,60 @@
+"""Forwarding as a PACS administrator gets it wrong or hits its edges: a typo in the
+destination of `stowage queue --retry/--cancel`, rules with clashing names. Each case is
+seconds."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import HOST
+from stowage.engine.forward.queue import Queue
+from stowage.engine.runtime import config as cfg
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _stowage(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+
+
+def _queue_with_entries(data_dir: Path) -> None:
+    q = Queue(data_dir)
+    q.start_cursor(0)
+    q.add([("RESEARCH", "r", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3", "000-1.seg",
+            i * 100, 100, 1000 + i, "1.2.3.9", 0.0) for i in range(3)], 1002)
+    ids = [e.id for e in q.due("RESEARCH", 10)]
+    q.settle([], [(ids[0], 0xA700, "refused with status 0xA700: no room")], [])
+    q.close()
+
+
+def test_retry_or_cancel_of_a_destination_that_does_not_exist_says_so(tmp_path):
+    """`stowage queue --cancel research` (the AE title is RESEARCH) answered "0 entr(ies) of
+    research cancelled" and exit 0: the operator believed the destination stopped."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[remotes.RESEARCH]\nhost = "{HOST}"\nport = 11112\n'
+                      f'[remotes.SPARE]\nhost = "{HOST}"\nport = 11113\n')
+    _queue_with_entries(tmp_path / "data")
+    for flag in ("--cancel", "--retry"):
+        r = _stowage("queue", "--config", str(config), flag, "research")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "research is not a forwarding destination" in r.stderr and "RESEARCH, SPARE" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    q = Queue(tmp_path / "data")
+    assert {k: n for k, (n, _o) in q.summary().items()} == {("RESEARCH", "pending"): 2, ("RESEARCH", "parked"): 1}
+    q.close()
+    # the real names work, a configured remote with nothing queued included
+    r = _stowage("queue", "--config", str(config), "--retry", "RESEARCH")
+    assert r.returncode == 0 and "1 parked entr(ies) of RESEARCH queued again" in r.stdout, r.stdout + r.stderr
+    r = _stowage("queue", "--config", str(config), "--cancel", "SPARE")
+    assert r.returncode == 0 and "0 entr(ies) of SPARE cancelled" in r.stdout, r.stdout + r.stderr
+
+
+def test_two_rules_of_one_name_are_named_in_the_error():
+    """A rule named "rule-2" and an unnamed second rule (named rule-2 by default) were
+    refused with "two rules have the same name", naming neither."""
+    with pytest.raises(cfg.RuleError, match="two rules are named 'rule-2'"):
+        cfg.parse_rules([{"name": "rule-2", "to": "A"}, {"to": "A"}], {"A": 1})
