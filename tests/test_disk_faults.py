@@ -5,6 +5,7 @@ the association and the server go on, and what `stowage export` returns afterwar
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from conftest import HOST, dataset_bytes, dcmtk, echo_ok
-from test_bad_input import CT_STORAGE, EXPLICIT_LE, exported, part10, request_uid, tmpfs  # noqa: F401 (fixture)
+from conftest import HOST, cli, dataset_bytes, dcmtk, echo_ok
+from test_bad_input import CT_STORAGE, EXPLICIT_LE, exported, incompressible_ct, part10, request_uid, tmpfs  # noqa: F401,E501 (fixture)
 from test_import import counts, report_of
 
 pytestmark = pytest.mark.timeout(300)
@@ -320,3 +321,38 @@ def test_a_disk_turned_read_only_serves_on_and_stops_cleanly(make_server, ext4, 
     assert set(got) == {request_uid(f) for f in stored}
     assert server.stop() == 0, server.log()[-3000:]
     assert "could not seal" not in server.log(), server.log()[-3000:]
+
+
+def test_compaction_on_a_nearly_full_disk_keeps_the_stores_reserve(tmpfs, tmp_path):
+    """An administrator deletes to make room and compacts. Each round writes a new segment
+    while the ones it replaced wait out compact_grace (an hour), so on a nearly full disk
+    the rounds used to eat the free space the stores need (min_free_bytes). Compaction now
+    stops before a round that would, says why and what to do, and `--grace 0` frees the
+    replaced segments at once, round after round."""
+    data = tmpfs(tmp_path / "disk", "32m") / "data"
+    loose = tmp_path / "loose.toml"
+    loose.write_text("min_free_bytes = 0\nsegment_size = 2000000\n")
+    files = [incompressible_ct(tmp_path / "in" / f"{i:02d}.dcm") for i in range(36)]  # ~520 KB each
+    r = cli("import", "--config", str(loose), "--data-dir", str(data), "--processes", "1", "-q", str(tmp_path / "in"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    dead = [request_uid(f) for i, f in enumerate(files) if i % 3]
+    d = cli("delete", "--config", str(loose), "--data-dir", str(data), "--yes", *[a for u in dead for a in ("--instance", u)])
+    assert d.returncode == 0, d.stdout + d.stderr
+
+    free = shutil.disk_usage(data).free
+    reserve = free - 3_000_000  # room for one round (about one 2 MB segment of live records), not for two
+    tight = tmp_path / "tight.toml"
+    tight.write_text(f"min_free_bytes = {reserve}\nsegment_size = 2000000\n")
+    c = cli("compact", "--config", str(tight), "--data-dir", str(data), "--ratio", "0.6")
+    assert c.returncode == 1, c.stdout + c.stderr
+    line = c.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: compaction stopped short of disk space: ") and "not rewritten" in line, c.stderr
+    assert "--grace 0" in line, line
+    assert not c.stdout.startswith("rewrote 0 "), c.stdout  # the rounds that had room ran (which: the import's order)
+    assert shutil.disk_usage(data).free >= reserve, "compaction ate into the stores' reserve"
+
+    g = cli("compact", "--config", str(tight), "--data-dir", str(data), "--ratio", "0.6", "--grace", "0")
+    assert g.returncode == 0, g.stdout + g.stderr
+    assert shutil.disk_usage(data).free > free  # the dead records' space is back
+    got = exported(data, tmp_path / "out")
+    assert set(got) == {request_uid(f) for i, f in enumerate(files) if not i % 3}

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import threading
 import time
@@ -91,6 +92,7 @@ class Report:
     pruned: int = 0           # tombstones that hid nothing any more, pruned
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    short_of_space: str = ""  # why the rounds stopped early, when the disk had no room for the next
 
     @property
     def reclaimed(self) -> int:
@@ -378,6 +380,35 @@ def _copy(segments_dir: Path, new: str, live: list[tuple[str, int, int]], moves:
     return at
 
 
+def _no_room(config: Config, victims: list[Candidate], left: list[list[Candidate]], grace: float) -> str:
+    """Why the disk has no room for this round, or "": its new segment (the live bytes) and
+    the catalog files it rewrites (counted at 1 KB a record, generously) must fit above
+    `min_free_bytes`, the stores' reserve. Without the check, each round on a nearly full
+    disk wrote a new segment while the ones it replaced waited out `compact_grace`: the
+    disk ended fuller than before, and stores were refused."""
+    if config.min_free_bytes < 0:  # the free-space checks are off
+        return ""
+    need = sum(c.live_bytes + 1024 * c.live_records for c in victims)
+    free = shutil.disk_usage(config.data_dir / "segments").free
+    if free - need >= config.min_free_bytes:
+        return ""
+    retired = manifest.load(config.data_dir / "catalog").retired_segments
+    held = sum(_size(config.data_dir / "segments" / n) for n in retired)
+    later = (f"; the {len(retired)} segment(s) already replaced ({held / 1e6:.1f} MB) are removed "
+             f"{grace:g} s after their round (compact_grace): run `stowage compact --grace 0` to remove them "
+             "now, then again for the rest") if retired else "; free some space and run it again"
+    return (f"{sum(len(r) for r in left)} segment(s) not rewritten: the next round needs {need / 1e6:.1f} MB "
+            f"free above min_free_bytes ({config.min_free_bytes / 1e6:.1f} MB), and {free / 1e6:.1f} MB are "
+            f"free{later}")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 # -- the entry points ------------------------------------------------------------------
 
 def _may_hold_dead(data_dir: Path) -> bool:
@@ -416,8 +447,15 @@ def compact(config: Config, rate: float | None = None, dry_run: bool = False, ra
         if dry_run:
             return report
         throttle = _Throttle(config.compact_rate if rate is None else rate, stop)
-        for i, victims in enumerate(_rounds(report.candidates, config.segment_size)):
+        rounds = _rounds(report.candidates, config.segment_size)
+        for i, victims in enumerate(rounds):
             if (limit and i >= limit) or throttle.stop.is_set():
+                break
+            if i:
+                report.purged += purge(data_dir, grace)  # with grace 0, what the last round replaced
+            report.short_of_space = _no_room(config, victims, rounds[i:], grace)
+            if report.short_of_space:
+                log.warning("compaction stopped: %s", report.short_of_space)
                 break
             try:
                 _round(config, catalog, victims, throttle, report)

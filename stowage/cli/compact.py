@@ -12,7 +12,10 @@ from stowage.cli.options import common, load
 @click.option("--dry-run", is_flag=True, help="Only list the segments that would be rewritten.")
 @click.option("--rate", type=float, default=0.0, show_default=True, help="MB/s to copy at most (0: unlimited).")
 @click.option("--ratio", type=float, help="Rewrite segments whose live fraction is below this [compact_live_ratio].")
-def compact(config_file, data_dir, dry_run, rate, ratio) -> None:
+@click.option("--grace", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Remove replaced segments this long after their round [compact_grace]; 0 frees their space "
+                   "at once (a reader that still needs one looks its record up again).")
+def compact(config_file, data_dir, dry_run, rate, ratio, grace) -> None:
     """Reclaim the space of deleted and superseded instances (also while `stowage serve`
     runs): rewrite sparse segments into new ones, then drop the old ones."""
     from stowage.engine.lifecycle.compaction import CompactionBusy
@@ -26,7 +29,7 @@ def compact(config_file, data_dir, dry_run, rate, ratio) -> None:
         raise click.UsageError("--ratio must be in (0, 1]")
     setup_logging(config, "compact")
     try:
-        r = run(config, rate=rate, dry_run=dry_run, ratio=ratio)
+        r = run(config, rate=rate, dry_run=dry_run, ratio=ratio, grace=grace)
     except CompactionBusy as e:
         raise click.ClickException(f"{e}; try again when it is done") from None
     except OSError as e:
@@ -45,3 +48,5 @@ def compact(config_file, data_dir, dry_run, rate, ratio) -> None:
         for e in r.errors:
             click.echo(f"skipped: {e}", err=True)
         raise click.ClickException(f"{len(r.errors)} round(s) skipped (see above); run stowage verify")
+    if r.short_of_space:
+        raise click.ClickException(f"compaction stopped short of disk space: {r.short_of_space}")
