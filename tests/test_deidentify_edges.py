@@ -3,11 +3,14 @@ system that did not know them wrote as UN, dates near the start of the calendar,
 photographs beside Secondary Capture, a DICOMDIR in the folder. Each case is seconds."""
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import struct
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -16,10 +19,12 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from conftest import HOST
 from stowage.engine.deidentify import encoded
 from stowage.engine.deidentify.keys import Keyed
 from stowage.engine.deidentify.profile import Profile
 from stowage.engine.deidentify.project import Project, ProjectConfig, Quarantined
+from test_bad_input import tmpfs  # noqa: F401  (fixture)
 
 KEY = bytes(range(32))
 ORIGINAL_REF = "1.2.3.4.5.6.7.8.99"
@@ -138,4 +143,87 @@ def test_a_dicomdir_in_the_folder_is_skipped_not_written(tmp_path):
     assert one_file(project, src, out) == ("dicomdirs", str(src))
     assert one_file(project, no_preamble, out) == ("dicomdirs", str(no_preamble))
     assert not list(out.iterdir())
+    project.close()
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system of `folder` to the last byte; the filler, to free it again."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _patient(n: int) -> Dataset:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientID, ds.PatientName = f"FULL-{n}", f"FULL^{n}"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    return ds
+
+
+def test_a_full_disk_under_the_project_is_out_of_resources_not_a_bad_instance(make_server, tmpfs, tmp_path):
+    """C-STORE to a project whose pseudonym table cannot be written (its disk full) was
+    refused 0xC000 'cannot de-identify: OperationalError', which a modality takes for a bad
+    instance and does not send again; it is 0xA700 (out of resources), and once there is
+    room again the same instance is stored."""
+    from pynetdicom import AE
+    data = tmp_path / "data"
+    tmpfs(data / "projects" / "TRIAL", "256k")
+    config = tmp_path / "c.toml"
+    config.write_text(f'data_dir = "{data}"\n[projects.TRIAL]\ncalled_ae = "TRIAL"\n')
+    server = make_server("--config", str(config), "--workers", "1", data_dir=data)
+    ae = AE("MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+
+    def store(ds: Dataset) -> Dataset:
+        assoc = ae.associate(HOST, server.port, ae_title="TRIAL")
+        assert assoc.is_established
+        try:
+            return assoc.send_c_store(ds)
+        finally:
+            assoc.release()
+
+    assert store(_patient(1)).Status == 0x0000  # the key, the table and the audit log made
+    filler = _fill(data / "projects" / "TRIAL")
+    second = _patient(2)
+    answer = store(second)
+    assert answer.Status == 0xA700, answer
+    assert "TRIAL: cannot record pseudonyms" in str(answer.get("ErrorComment", "")), answer
+    filler.unlink()
+    assert store(second).Status == 0x0000
+
+
+def test_a_full_disk_keeps_a_de_identifying_forward_entry_pending_not_parked(tmpfs, tmp_path):
+    """A forwarding rule with `deidentify` parked every entry it could not record in the
+    pseudonym table (a full disk) as 'not de-identified', never to be retried until a
+    person ran `stowage queue --retry`; it is a passing condition: the entry stays pending."""
+    from stowage.engine.forward.deidentified import rewrite_for
+    from stowage.engine.forward.deliver import classify
+    from stowage.engine.forward.sending import Answer
+    from stowage.engine.transfer.results import Instance, RewriteError
+    from stowage.engine.store.filemeta import file_meta
+    data = tmp_path / "data"
+    tmpfs(data / "projects" / "P", "256k")
+    project = _project(tmp_path)
+    rewrite = rewrite_for(project)
+    ds = _patient(1)
+    payload = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian) + _encode(ds, False)
+    inst = Instance(ds.SOPInstanceUID, ds.SOPClassUID, ExplicitVRLittleEndian, "000-1.seg", 0, len(payload))
+    rewrite(inst, payload)  # the table and log made
+    filler = _fill(data / "projects" / "P")
+    ds = _patient(2)
+    payload = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian) + _encode(ds, False)
+    with pytest.raises(RewriteError) as refused:
+        rewrite(inst, payload)
+    reason = str(refused.value)
+    assert classify(Answer(ds.SOPInstanceUID, "failed", None, reason, "", "")) == "retry", reason
+    filler.unlink()
+    uid, _syntax, _payload = rewrite(inst, payload)
+    assert uid == project.profile.keyed.uid(ds.SOPInstanceUID)
     project.close()

@@ -10,10 +10,10 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
-from stowage.engine.deidentify.project import Project, ProjectConfig, Quarantined, parse
+from stowage.engine.deidentify.project import NotRecorded, Project, ProjectConfig, Quarantined, parse
 from stowage.engine.store.archive import Archive, StoreResult
 from stowage.engine.store.segment import FileRange
-from stowage.protocol.status import CANNOT_UNDERSTAND
+from stowage.protocol.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 
 log = logging.getLogger("stowage.deidentify")
 
@@ -63,9 +63,16 @@ def store(project: Project, archive: Archive, dataset: bytes | FileRange, transf
     except Quarantined as e:
         log.warning("%s quarantined by project %s: %s", sop_instance, project.config.name, e)
         return StoreResult(CANNOT_UNDERSTAND, f"quarantined ({project.config.name}): {e}"[:64])
+    except NotRecorded as e:  # a full disk under the project: out of resources, the sender may try again
+        log.warning("%s: %s", sop_instance, e)
+        return StoreResult(OUT_OF_RESOURCES, f"{project.config.name}: cannot record pseudonyms"[:64])
     except Exception as e:  # a data set pydicom cannot read cannot be de-identified: refused, not stored
         log.warning("%s: cannot de-identify for project %s: %s", sop_instance, project.config.name, e)
-        project.audit({"event": "refused", "sop_instance_uid": sop_instance, "reason": f"{type(e).__name__}: {e}"})
+        try:
+            project.audit({"event": "refused", "sop_instance_uid": sop_instance,
+                           "reason": f"{type(e).__name__}: {e}"})
+        except NotRecorded as full:
+            log.warning("%s: %s", sop_instance, full)
         return StoreResult(CANNOT_UNDERSTAND, f"cannot de-identify: {type(e).__name__}"[:64])
     return archive.store(result.dataset, result.transfer_syntax, result.sop_class_uid or sop_class,
                          result.outcome.sop_instance_uid[1], calling_ae=calling_ae, called_ae=called_ae)

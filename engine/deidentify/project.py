@@ -10,8 +10,10 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sqlite3
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -38,6 +40,13 @@ class ProjectError(ValueError):
 
 class Quarantined(Exception):
     """The instance may carry identity in its pixels and the project cannot clean them."""
+
+
+class NotRecorded(Exception):
+    """The project's pseudonym table or audit log could not be written (a full disk, a table
+    locked too long): the de-identified copy must not go anywhere unrecorded, but unlike
+    Quarantined this passes; the caller says "try again later" (C-STORE 0xA700, a forwarding
+    entry kept pending)."""
 
 
 @dataclass(frozen=True)
@@ -148,8 +157,11 @@ class Project:
         return outcome
 
     def _done(self, outcome: Outcome) -> None:
-        self.pseudonyms.record(outcome.pseudonym, outcome.patient_id, outcome.patient_name,
-                               outcome.date_offset_days, outcome.study_instance_uid)
+        try:
+            self.pseudonyms.record(outcome.pseudonym, outcome.patient_id, outcome.patient_name,
+                                   outcome.date_offset_days, outcome.study_instance_uid)
+        except (sqlite3.Error, OSError) as e:
+            raise NotRecorded(f"project {self.config.name}: cannot write its pseudonym table ({e})") from e
         # the line `audit` would write, its fixed start encoded once (one line per instance ingested)
         if self._done_prefix is None:
             self._done_prefix = json.dumps({"project": self.config.name, "event": "deidentified",
@@ -195,11 +207,16 @@ class Project:
 
     def _write_audit(self, line: bytes) -> None:
         with self._lock:
-            if self._audit_fd < 0:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                self._audit_fd = os.open(self.directory / "audit.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                                         0o600)
-            os.write(self._audit_fd, line)
+            try:
+                if self._audit_fd < 0:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    self._audit_fd = os.open(self.directory / "audit.jsonl",
+                                             os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                if os.write(self._audit_fd, line) != len(line):  # a full disk mid-line
+                    raise OSError(errno.ENOSPC, "the audit line was cut short")
+            except OSError as e:
+                raise NotRecorded(f"project {self.config.name}: cannot write its audit log "
+                                  f"({e.strerror or e})") from e
 
     def close(self) -> None:
         if self._audit_fd >= 0:

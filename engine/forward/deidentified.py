@@ -5,7 +5,7 @@ never edited. The copy keeps its record's transfer syntax (RLE Lossless where co
 pixels were cleaned) and is converted where the destination does not accept that."""
 from __future__ import annotations
 
-from stowage.engine.deidentify.project import Project, Quarantined
+from stowage.engine.deidentify.project import NotRecorded, Project, Quarantined
 from stowage.engine.store.filemeta import file_meta, group_length
 from stowage.engine.transfer.results import Instance, Rewrite, RewriteError
 
@@ -20,6 +20,8 @@ def rewrite_for(project: Project) -> Rewrite:
             result = project.deidentify_bytes(payload, inst.transfer_syntax_uid, group_length(payload))
         except Quarantined as e:
             raise RewriteError(f"{NOT_DEIDENTIFIED} under project {project.config.name} (quarantined): {e}") from None
+        except NotRecorded as e:  # a full disk passes: the entry stays pending (no NOT_DEIDENTIFIED, not parked)
+            raise RewriteError(f"{e}; tried again later") from None
         except Exception as e:  # bytes neither path can read: the record stays, the entry is parked
             raise RewriteError(f"{NOT_DEIDENTIFIED} under project {project.config.name}: "
                                f"{type(e).__name__}: {e}") from None
