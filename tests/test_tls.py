@@ -102,6 +102,9 @@ def test_a_tls_remote_that_does_not_speak_tls_is_one_clear_error(make_server, tm
         assert r.returncode == 1
         assert "TLS" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert list(plain.out.iterdir()) == []
+        e = stowage("echo", "--config", str(cfg), "DEST")  # the path every other requester takes
+        assert e.returncode != 0 and "Traceback" not in e.stderr, e.stderr
+        assert "the TLS handshake failed (is it a TLS port" in e.stderr, e.stderr
     finally:
         plain.stop()
 

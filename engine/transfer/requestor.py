@@ -106,6 +106,9 @@ def associate(ae: AE, peer: Peer, contexts: Sequence[PresentationContext], *, ma
     if assoc.is_established:
         return assoc
     if not connected:
+        if peer.tls is not None and _accepts_tcp(peer):
+            raise PeerError(f"{peer}: the TLS handshake failed (is it a TLS port, and does it trust our "
+                            "certificate as we trust its?)")
         raise PeerError(f"{peer} is unreachable (connection refused or timed out)")
     if assoc.is_rejected:
         raise PeerError(f"{peer} rejected the association (is {peer.ae_title!r} its AE title, "
@@ -113,6 +116,16 @@ def associate(ae: AE, peer: Peer, contexts: Sequence[PresentationContext], *, ma
     if assoc.is_aborted:
         raise PeerError(f"{peer} aborted the association request")
     raise PeerError(f"{peer} did not answer the association request within {ae.acse_timeout:g} s")
+
+
+def _accepts_tcp(peer: Peer) -> bool:
+    """Whether a plain TCP connection to `peer` opens: pynetdicom reports a failed TLS
+    handshake as a failed connection, and the remedy differs (a plain port, a certificate)."""
+    try:
+        socket.create_connection((peer.host, peer.port), timeout=5).close()
+    except OSError:
+        return False
+    return True
 
 
 def echo(peer: Peer, calling_aet: str, timeout: float = 10.0) -> int:
