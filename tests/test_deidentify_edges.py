@@ -227,3 +227,39 @@ def test_a_full_disk_keeps_a_de_identifying_forward_entry_pending_not_parked(tmp
     uid, _syntax, _payload = rewrite(inst, payload)
     assert uid == project.profile.keyed.uid(ds.SOPInstanceUID)
     project.close()
+
+
+def test_a_lost_or_other_key_is_refused_not_silently_replaced(tmp_path):
+    """A project whose key file went missing (a restore that skipped the owner-only file)
+    got a new key on its next use: every patient and UID a new pseudonym, the research
+    archive two of each. A key_file naming another key did the same. Both are refused now,
+    in one line, before anything is de-identified; the right key works again."""
+    import subprocess
+    import sys
+    from stowage.engine.deidentify.project import ProjectError, open_project
+    data = tmp_path / "data"
+    project = open_project({"P": {}}, "P", data)
+    project.deidentify_dataset(_patient(1))
+    project.close()
+    key = data / "projects" / "P" / "key"
+    saved = key.read_text()
+    key.unlink()
+    with pytest.raises(ProjectError, match=r"projects.P: its key .* is missing, but the project has de-identified"):
+        open_project({"P": {}}, "P", data)
+    assert not key.exists()
+    config = tmp_path / "c.toml"
+    config.write_text(f'data_dir = "{data}"\n[projects.P]\n')
+    (tmp_path / "src").mkdir()
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "deidentify", "--config", str(config), "--project", "P",
+                        str(tmp_path / "src"), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "is missing, but the project has de-identified before" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not key.exists()
+    other = tmp_path / "other.key"
+    other.write_text(bytes(range(32)).hex())
+    with pytest.raises(ProjectError, match="is not the one its pseudonym table"):
+        open_project({"P": {"key_file": str(other)}}, "P", data)
+    key.write_text(saved)
+    open_project({"P": {}}, "P", data).close()
+    elsewhere = tmp_path / "saved.key"
+    elsewhere.write_text(saved)
+    open_project({"P": {"key_file": str(elsewhere)}}, "P", data).close()

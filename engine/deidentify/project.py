@@ -128,14 +128,33 @@ class Project:
     def open(cls, config: ProjectConfig, data_dir: Path) -> "Project":
         directory = data_dir / "projects" / config.name
         key_path = Path(config.key_file) if config.key_file else directory / "key"
+        table_path = directory / "pseudonyms.sqlite"
+        # A project that has de-identified before and lost its key (a restore that left the
+        # owner-only file behind) must not make a new one: every patient and UID would get
+        # new pseudonyms, and the research side two of each.
+        if not config.key_file and table_path.exists() and not key_path.exists():
+            raise ProjectError(f"projects.{config.name}: its key {key_path} is missing, but the project has "
+                               f"de-identified before ({table_path}); restore the key (or name it in key_file), "
+                               f"or move {directory} away to start the project afresh")
         try:
             key = keys.parse(key_path.read_text(), key_path) if config.key_file else keys.load_or_create(key_path)
         except OSError as e:
             raise ProjectError(f"projects.{config.name}: cannot read key file {key_path}: {e.strerror}") from None
         except keys.KeyFileError as e:
             raise ProjectError(f"projects.{config.name}: {e}") from None
-        profile = Profile(config.options, keys.Keyed(key))
-        return cls(config, directory, profile, PseudonymTable(directory / "pseudonyms.sqlite"))
+        keyed = keys.Keyed(key)
+        table = PseudonymTable(table_path)
+        try:
+            kept = table.key_digest(keyed.digest("key check", "").hex()[:16])
+        except sqlite3.Error as e:
+            table.close()
+            raise ProjectError(f"projects.{config.name}: cannot read its pseudonym table {table_path}: {e}") from None
+        if kept != keyed.digest("key check", "").hex()[:16]:
+            table.close()
+            raise ProjectError(f"projects.{config.name}: the key {key_path} is not the one its pseudonym table "
+                               f"{table_path} was made with (its pseudonyms would not match); use that key, or "
+                               f"move {directory} away to start the project afresh")
+        return cls(config, directory, Profile(config.options, keyed), table)
 
     def deidentify_dataset(self, ds) -> Outcome:
         """De-identify a parsed data set in place; raises Quarantined."""

@@ -14,6 +14,7 @@ CREATE TABLE IF NOT EXISTS patients (pseudonym TEXT PRIMARY KEY, patient_id TEXT
     patient_name TEXT NOT NULL, date_offset_days INTEGER NOT NULL, first_seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS studies (new_uid TEXT PRIMARY KEY, original_uid TEXT NOT NULL,
     pseudonym TEXT NOT NULL, first_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS key_check (id INTEGER PRIMARY KEY CHECK (id = 0), digest TEXT NOT NULL);
 """
 
 
@@ -46,6 +47,13 @@ class PseudonymTable:
                 for sql, args, _ in rows:
                     self._db.execute(sql, args)
             self._seen.update(key for _, _, key in rows)
+
+    def key_digest(self, digest: str) -> str:
+        """The digest of the key this table's pseudonyms were made with: `digest` if it has
+        none yet (a new table, or one made before it kept one)."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO key_check VALUES (0, ?)", (digest,))
+            return self._db.execute("SELECT digest FROM key_check").fetchone()[0]
 
     def patients(self) -> list[tuple]:
         return self._db.execute("SELECT pseudonym, patient_id, patient_name, date_offset_days FROM patients "
