@@ -1,15 +1,19 @@
 """Forwarding as a PACS administrator gets it wrong or hits its edges: a typo in the
-destination of `stowage queue --retry/--cancel`, rules with clashing names. Each case is
-seconds."""
+destination of `stowage queue --retry/--cancel`, rules with clashing names, a destination
+that rejects our association. Each case is seconds."""
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pynetdicom import AE, AllStoragePresentationContexts
 
-from conftest import HOST
+from conftest import HOST, free_port
 from stowage.engine.forward.queue import Queue
 from stowage.engine.runtime import config as cfg
 
@@ -58,3 +62,37 @@ def test_two_rules_of_one_name_are_named_in_the_error():
     refused with "two rules have the same name", naming neither."""
     with pytest.raises(cfg.RuleError, match="two rules are named 'rule-2'"):
         cfg.parse_rules([{"name": "rule-2", "to": "A"}, {"to": "A"}], {"A": 1})
+
+
+def test_queue_says_why_a_destination_s_entries_wait(make_server, tmp_path):
+    """A destination that rejects our association (it knows itself by another AE title):
+    `stowage queue` showed only "pending 1" and an age, the reason being in serve's log
+    alone; it names the destination's answer now, and the attempts."""
+    scp = AE("OTHER")
+    scp.require_called_aet = True
+    scp.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server_scp = scp.start_server((HOST, port), block=False)
+    try:
+        config = tmp_path / "c.toml"
+        config.write_text(f'data_dir = "{tmp_path / "data"}"\nforward_retry_initial = 0.2\nforward_retry_max = 1.0\n'
+                          f'[remotes.RESEARCH]\nhost = "{HOST}"\nport = {port}\n[[forward]]\nto = "RESEARCH"\n')
+        server = make_server("--config", str(config), "--workers", "1", data_dir=tmp_path / "data")
+        scu = AE("MODALITY")
+        scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        assoc = scu.associate(HOST, server.port, ae_title="STOWAGE")
+        assert assoc.is_established
+        assert assoc.send_c_store(pydicom.dcmread(get_testdata_file("CT_small.dcm"))).Status == 0
+        assoc.release()
+        deadline = time.monotonic() + 60
+        while True:
+            r = _stowage("queue", "--config", str(config))
+            assert r.returncode == 0, r.stderr
+            if "retrying RESEARCH:" in r.stdout:
+                break
+            assert time.monotonic() < deadline, r.stdout
+            time.sleep(0.5)
+        line = next(x for x in r.stdout.splitlines() if x.startswith("retrying RESEARCH:"))
+        assert "reject" in line.lower() and "attempt(s)" in line, line
+    finally:
+        server_scp.shutdown()

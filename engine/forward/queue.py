@@ -281,6 +281,13 @@ class Queue:
                                   (time.time() - older_than,))
         return cur.rowcount
 
+    def retrying(self) -> list[tuple[str, int, str]]:
+        """(destination, attempts, why) of each destination whose pending entries failed to
+        go: the reason of its most tried one (unreachable, association rejected...)."""
+        return self.db.execute(
+            "SELECT destination, max(attempts), comment FROM entries WHERE state = 'pending' AND attempts > 0 "
+            "AND comment != '' GROUP BY destination ORDER BY destination").fetchall()
+
     def parked(self, destination: str | None = None) -> list[tuple]:
         sql = ("SELECT destination, sop_instance_uid, status, comment FROM entries WHERE state = 'parked'"
                + (" AND destination = ?" if destination else "") + " ORDER BY id")

@@ -36,6 +36,7 @@ def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
             summary = q.summary()
             for destination, n in q.delivered().items():  # done ever: done entries are pruned after a week
                 summary[(destination, "done")] = (n, None)
+            retrying = q.retrying()
             parked = q.parked() if show_parked else []
             commitments = q.commitments()
             not_committed = q.not_committed() if show_parked else []
@@ -51,6 +52,8 @@ def queue(config_file, data_dir, show_parked, retry, cancel) -> None:
         oldest = summary.get((destination, "pending"), (0, None))[1]
         age = f"{now - oldest:.0f} s" if oldest else "-"
         click.echo(f"{destination:16} " + " ".join(f"{n:>9}" for n in counts) + f"  {age}")
+    for destination, attempts, comment in retrying:  # why they wait: otherwise only in serve's log
+        click.echo(f"retrying {destination}: {comment} ({attempts} attempt(s))")
     for destination, uid, status, comment in parked:
         code = f"0x{status:04X}" if status is not None else "-"
         click.echo(f"parked {destination} {uid} {code} {comment}")
