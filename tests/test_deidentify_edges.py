@@ -263,3 +263,20 @@ def test_a_lost_or_other_key_is_refused_not_silently_replaced(tmp_path):
     elsewhere = tmp_path / "saved.key"
     elsewhere.write_text(saved)
     open_project({"P": {"key_file": str(elsewhere)}}, "P", data).close()
+
+
+def test_out_inside_src_is_not_read_again_as_originals(tmp_path):
+    """`stowage deidentify study/ study/anon` run twice read the first run's output as
+    originals: three runs left three files for one instance, de-identified once, twice and
+    three times, and pseudonyms of pseudonyms in the table."""
+    from stowage.engine.deidentify.folder import deidentify_folder
+    src = tmp_path / "study"
+    src.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "ct.dcm")
+    for _run in range(3):
+        result = deidentify_folder({"P": {}}, "P", tmp_path / "data", src, src / "anon", jobs=1)
+        assert (result.written, result.failed, result.quarantined) == (1, [], [])
+    assert len(list((src / "anon").iterdir())) == 1
+    project = _project(tmp_path)
+    assert len(project.pseudonyms.patients()) == 1
+    project.close()

@@ -215,15 +215,21 @@ def _work(paths: list[str], out: str) -> list[tuple[str, str]]:
     return answers
 
 
-def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def files_under(folder: Path, but: Path | None = None) -> list[Path]:
+    """The files under `folder`, none under `but` (OUT inside SRC: a second run read the first
+    one's output as originals and wrote de-identified copies of de-identified copies)."""
+    files = (p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if but is not None:
+        but = but.resolve()
+        files = (p for p in files if but not in p.resolve().parents)
+    return sorted(files)
 
 
 def deidentify_folder(projects: Mapping[str, Any], name: str, data_dir: Path, src: Path, out: Path,
                       jobs: int = 0) -> FolderResult:
     open_project(projects, name, data_dir).close()  # a bad project or key: one clear error, before any work
     out.mkdir(parents=True, exist_ok=True)
-    paths = [str(p) for p in files_under(src)]
+    paths = [str(p) for p in files_under(src, but=out)]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(paths) or 1))
     chunks = [paths[i::jobs * 8] for i in range(jobs * 8)]
     result = FolderResult()
