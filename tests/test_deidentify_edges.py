@@ -280,3 +280,23 @@ def test_out_inside_src_is_not_read_again_as_originals(tmp_path):
     project = _project(tmp_path)
     assert len(project.pseudonyms.patients()) == 1
     project.close()
+
+
+@pytest.mark.parametrize("patient_id, name, birth", [(" 4711", "DOE^JOHN", "19600203"),
+                                                     ("", " DOE^JOHN", "19600203")],
+                         ids=["right-aligned-id", "no-id-padded-name"])
+def test_padding_gives_one_patient_one_pseudonym_on_both_paths(tmp_path, patient_id, name, birth):
+    """Ingest (encoded.py) read " 4711" as "4711", export and send (pydicom) as " 4711": one
+    patient, two pseudonyms, two date offsets, depending on how the study came and went."""
+    import warnings
+    project = _project(tmp_path, frozenset({"retain_longitudinal_modified_dates"}))
+    ds = _patient(1)
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate = patient_id, name, birth
+    del ds.file_meta
+    fast = project.deidentify_bytes(_encode(ds, False), ExplicitVRLittleEndian).outcome
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slow = project.deidentify_dataset(read_dataset(DicomBytesIO(_encode(ds, False)), False, True))
+    assert (fast.pseudonym, fast.date_offset_days) == (slow.pseudonym, slow.date_offset_days)
+    assert len(project.pseudonyms.patients()) == 1
+    project.close()

@@ -94,13 +94,18 @@ class _Instance:
     top-level attribute's value by keyword ("" when absent); multi-valued ones as a list."""
 
     def __init__(self, get, keyed: Keyed) -> None:
-        self.patient_id = str(get("PatientID") or "")
-        self.patient_name = str(get("PatientName") or "")
+        # Padding is no part of who the patient is: encoded.py reads values without their
+        # leading and trailing spaces, pydicom keeps leading ones (" 123", a right-aligned ID),
+        # and both paths must give one patient one pseudonym.
+        def text(keyword: str) -> str:
+            return str(get(keyword) or "").strip(" \0")
+        self.patient_id = text("PatientID")
+        self.patient_name = text("PatientName")
         other = get("OtherPatientIDs") or []
-        other = tuple(str(v) for v in (other if isinstance(other, (list, MultiValue)) else [other]))
+        other = tuple(str(v).strip(" \0") for v in (other if isinstance(other, (list, MultiValue)) else [other]))
         self.patient_key, self.pseudonym, self.offset, self.scrub = _patient(
-            keyed, self.patient_id, self.patient_name, str(get("IssuerOfPatientID") or ""),
-            str(get("PatientBirthDate") or ""), str(get("AccessionNumber") or ""), other)
+            keyed, self.patient_id, self.patient_name, text("IssuerOfPatientID"), text("PatientBirthDate"),
+            text("AccessionNumber"), other)
         self.uids: dict[str, str] = {}
 
 
