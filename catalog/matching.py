@@ -6,7 +6,7 @@ Matching types: universal (zero length, or `*`), single value, wildcard (`*`, `?
 VRs that allow it), range (DA, TM, DT: `a-b`, `-b`, `a-`), list of values (UIDs, and
 backslash-separated values of any other key: any one matches), sequence (one item of
 keys, all of which an item must match). Date and time ranges given together are one
-date-time range (C.2.2.2.5.1).
+date-time range (C.2.2.2.5.1) when the request asks for it (catalog.query decides).
 
 Person names (PN): each component group (alphabetic, ideographic, phonetic) is matched on
 its own and a name matches when any group does (or, when the key has several groups,
@@ -100,6 +100,13 @@ def parse(elem: DataElement) -> Match:
     return Match("single", vr, value=text)
 
 
+def _wraps(m: Match) -> bool:
+    """A time range whose start is after its end (`2300-0100`): the times on either side
+    of midnight, as dcm4chee matches it; read literally it would match nothing. Matters
+    when a Study Time range is matched on its own (no combined date-time matching)."""
+    return m.vr == "TM" and m.low is not None and m.high is not None and m.low > m.high
+
+
 def _dt_offset_only(text: str) -> bool:
     """A DT whose only '-' is a UTC offset (YYYYMMDDHHMMSS-0500), not a range."""
     return text.count("-") == 1 and len(text.partition("-")[0]) > 8 and "&" not in text and \
@@ -161,6 +168,9 @@ def sql(column: str, m: Match, params: list[Any], pn_insensitive: bool = False) 
         params.append(m.values)
         return f"{col} IN (SELECT unnest(?))"
     if m.kind == "range":
+        if _wraps(m):  # 2300-0100: either side of midnight
+            params.extend([m.low, m.high + _TOP])
+            return f"({col} >= ? OR {col} <= ?)"
         parts = []
         if m.low is not None:
             params.append(m.low)
@@ -331,6 +341,8 @@ def matches(m: Match, value: Any, pn_insensitive: bool = False) -> bool:
         rx = _wild(m.value)
         return any(rx.fullmatch(t) for t in texts)
     if m.kind == "range":
+        if _wraps(m):
+            return any(t >= m.low or t <= m.high + _TOP for t in texts)
         return any((m.low is None or t >= m.low) and (m.high is None or t <= m.high + _TOP) for t in texts)
     return False
 

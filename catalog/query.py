@@ -73,6 +73,9 @@ class Request:
     relational: bool
     keys: list[RequestKey]
     charset: list[str] = field(default_factory=list)  # the request's Specific Character Set
+    # Date and time ranges given together are one continuum (C.2.2.2.5.1) only when the
+    # requester asked for combined date-time matching; otherwise each is matched alone.
+    combined_datetime: bool = True
 
 
 def _column(tag: int) -> str | None:
@@ -86,9 +89,11 @@ def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def parse_request(identifier: Dataset, sop_class_uid: str, relational: bool = False) -> Request:
+def parse_request(identifier: Dataset, sop_class_uid: str, relational: bool = False,
+                  combined_datetime: bool = True) -> Request:
     """The request an identifier makes under a FIND SOP class; QueryError when it cannot
-    be served as asked."""
+    be served as asked. `combined_datetime`: whether a date range and a time range given
+    together are one date-time range (C-FIND: when extended negotiation asked for it)."""
     model = models().get(str(sop_class_uid))
     if model is None:
         raise QueryError(SOP_CLASS_NOT_SUPPORTED, f"SOP Class {str(sop_class_uid)[:40]} not supported")
@@ -139,7 +144,7 @@ def parse_request(identifier: Dataset, sop_class_uid: str, relational: bool = Fa
         if source == "derived" and not _derived_at(tag, level, model):
             matched = False  # a count of another level: returned empty
         keys.append(RequestKey(tag, str(elem.VR), key_level, m, matched, source, _column(tag)))
-    return Request(model, level, relational, keys, charset_values)
+    return Request(model, level, relational, keys, charset_values, combined_datetime)
 
 
 def _derived_at(tag: int, level: str, model: Model) -> bool:
@@ -225,7 +230,7 @@ def plan(request: Request, pn_insensitive: bool = False) -> Plan:
     params: list[Any] = []
     by_tag = {k.tag: k for k in request.keys}
     combined: set[int] = set()
-    for date_tag, time_tag in _DATE_TIME:
+    for date_tag, time_tag in _DATE_TIME if request.combined_datetime else ():
         d, t = by_tag.get(date_tag), by_tag.get(time_tag)
         if d and t and d.matched and t.matched and d.match.kind == "range" and t.match.kind == "range":
             where.append(datetime_sql(d.column, t.column, d.match, t.match, params))

@@ -71,13 +71,25 @@ def _failure(status: int, comment: str) -> tuple[Dataset, None]:
     return rsp, None
 
 
-def relational(assoc: Any, sop_class_uid: str) -> bool:
-    """Whether the requester asked for (and so got) relational queries for the class."""
+def _asked(assoc: Any, sop_class_uid: str, byte: int) -> bool:
+    """Whether the requester set byte `byte` of the class's extended negotiation item to 1
+    (and so got it: we accept both bytes we read, _SUPPORTED)."""
     try:
         info = assoc.requestor.sop_class_extended.get(sop_class_uid)
     except Exception:
         return False
-    return bool(info) and info[0] == 1
+    return bool(info) and len(info) > byte and info[byte] == 1
+
+
+def relational(assoc: Any, sop_class_uid: str) -> bool:
+    """Whether the requester asked for (and so got) relational queries for the class."""
+    return _asked(assoc, sop_class_uid, 0)
+
+
+def combined_datetime(assoc: Any, sop_class_uid: str) -> bool:
+    """Whether the requester asked for combined date-time matching (byte 2): without it,
+    PS3.4 C.2.2.2.5.1 matches a date range and a time range each on its own."""
+    return _asked(assoc, sop_class_uid, 1)
 
 
 def handle_sop_extended(event: evt.Event) -> dict[str, bytes]:
@@ -101,7 +113,8 @@ def handle_find(event: evt.Event, finder: Finder) -> Iterator[tuple[Any, Dataset
         yield _failure(UNABLE_TO_PROCESS, f"cannot decode the identifier (archive log reference {ref})")
         return
     try:
-        request = parse_request(ident, sop_class, relational(event.assoc, sop_class))
+        request = parse_request(ident, sop_class, relational(event.assoc, sop_class),
+                                combined_datetime(event.assoc, sop_class))
     except QueryError as e:
         log.info("C-FIND from %s refused 0x%04X: %s", event.assoc.requestor.ae_title, e.status, e.comment)
         yield _failure(e.status, e.comment)

@@ -1,0 +1,107 @@
+"""DIMSE services at their edges, against real peers (DCMTK, pynetdicom): what PS3.4
+Annex C says about a C-FIND whose date and time ranges come together without extended
+negotiation, and what a failed C-MOVE tells its requester."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_FIND
+
+from conftest import CT, HOST, dcmtk, free_port
+
+# (study, date, time): three days, one study each, at different hours
+STUDIES = (("1.2.826.0.1.3680043.2.1143.77.1", "20240101", "090000"),
+           ("1.2.826.0.1.3680043.2.1143.77.2", "20240102", "153000"),
+           ("1.2.826.0.1.3680043.2.1143.77.3", "20240103", "083000"))
+
+
+def _write_studies(out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    src = pydicom.dcmread(CT)
+    paths = []
+    for n, (study, date, time) in enumerate(STUDIES):
+        ds = src.copy()
+        ds.PatientID, ds.StudyDate, ds.StudyTime = f"EDGE{n}", date, time
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, study + ".1"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = study + ".1.1"
+        paths.append(out / f"{n}.dcm")
+        ds.save_as(paths[-1])
+    return paths
+
+
+def _storescu(port: int, files: list[Path]) -> None:
+    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def _find_studies(port: int, ext: bytes | None, **keys: str) -> list[str]:
+    """Study Instance UIDs a Study Root STUDY query matches; `ext` the extended
+    negotiation bytes asked for (None: no extended negotiation)."""
+    ae = AE("EDGEFIND")
+    ae.add_requested_context(STUDY_FIND)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    items = []
+    if ext is not None:
+        item = SOPClassExtendedNegotiation()
+        item.sop_class_uid = STUDY_FIND
+        item.service_class_application_information = ext
+        items.append(item)
+    assoc = ae.associate(HOST, port, ae_title="STOWAGE", ext_neg=items or None)
+    assert assoc.is_established
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = ""
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    found = []
+    try:
+        for status, ident in assoc.send_c_find(ds, STUDY_FIND):
+            assert status is not None and "Status" in status
+            if status.Status == 0xFF00:
+                found.append(str(ident.StudyInstanceUID))
+            else:
+                assert status.Status == 0, hex(status.Status)
+    finally:
+        assoc.release()
+    return sorted(found)
+
+
+def test_date_and_time_ranges_are_separate_unless_combined_matching_was_negotiated(make_server, tmp_path):
+    """PS3.4 C.2.2.2.5.1: Study Date 20240101-20240103 with Study Time 0800-1000 is three
+    mornings unless the requester asked for combined date-time matching (extended
+    negotiation byte 2), when it is one continuum from the 1st 08:00 to the 3rd 10:00.
+    DCMTK's findscu never asks: it was given the continuum (the 2nd at 15:30 matched)."""
+    server = make_server("--workers", "1")
+    _storescu(server.port, _write_studies(tmp_path / "in"))
+    morning = {"StudyDate": "20240101-20240103", "StudyTime": "0800-1000"}
+    mornings = [STUDIES[0][0], STUDIES[2][0]]
+    assert _find_studies(server.port, None, **morning) == mornings
+    assert _find_studies(server.port, b"\x01", **morning) == mornings           # relational only
+    assert _find_studies(server.port, b"\x00\x01", **morning) == [s for s, _d, _t in STUDIES]
+    assert _find_studies(server.port, b"\x01\x01", **morning) == [s for s, _d, _t in STUDIES]
+    # DCMTK's findscu, which offers no extended negotiation
+    r = subprocess.run([dcmtk("findscu"), "-S", "-aec", "STOWAGE", "-k", "QueryRetrieveLevel=STUDY",
+                        "-k", "StudyInstanceUID", "-k", "StudyDate=20240101-20240103",
+                        "-k", "StudyTime=0800-1000", HOST, str(server.port)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert STUDIES[0][0] in out and STUDIES[2][0] in out and STUDIES[1][0] not in out, out
+
+
+def test_a_time_range_over_midnight_alone_matches_either_side(make_server, tmp_path):
+    """Matched on its own (no combined date-time matching), Study Time 1500-0845 is the
+    evening and the early morning: 15:30 and 08:30 match, 09:00 does not."""
+    server = make_server("--workers", "1")
+    _storescu(server.port, _write_studies(tmp_path / "in"))
+    assert _find_studies(server.port, None, StudyTime="1500-0845") == [STUDIES[1][0], STUDIES[2][0]]
+    assert _find_studies(server.port, None, StudyDate="20240102-", StudyTime="1500-0845") == \
+        [STUDIES[1][0], STUDIES[2][0]]
+    assert _find_studies(server.port, None, StudyDate="-20240102", StudyTime="1500-0845") == [STUDIES[1][0]]
