@@ -219,8 +219,8 @@ def search(catalog, search: Search, base: str, ae_title: str, pn_insensitive: bo
     try:
         request = parse_request(search.identifier, STUDY_ROOT_FIND, relational=True)
         fuzzy = search.fuzzy or pn_insensitive
-        results = run(catalog, request, fuzzy)
-        page = list(itertools.islice(results, search.offset, search.offset + search.limit + 1))
+        results = run(catalog, request, fuzzy, skip=search.offset)
+        page = list(itertools.islice(results, search.limit + 1))
     except QueryError as e:
         raise refusal(400, f"cannot search: {e.comment}") from None
     more = len(page) > search.limit
