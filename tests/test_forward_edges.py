@@ -96,3 +96,74 @@ def test_queue_says_why_a_destination_s_entries_wait(make_server, tmp_path):
         assert "reject" in line.lower() and "attempt(s)" in line, line
     finally:
         server_scp.shutdown()
+
+
+class _RecordingSCP:
+    """A pynetdicom Storage SCP on a port chosen beforehand (the destination comes up later),
+    keeping the Patient's Name of every instance it is sent, in order."""
+
+    def __init__(self, port: int) -> None:
+        from pynetdicom import evt
+        self.got: list[tuple[str, str]] = []
+        ae = AE("DEST")
+        ae.supported_contexts = AllStoragePresentationContexts
+
+        def on_store(event):
+            self.got.append((str(event.request.AffectedSOPInstanceUID), str(event.dataset.PatientName)))
+            return 0x0000
+        self.server = ae.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _store(port: int, ds) -> None:
+    scu = AE("MODALITY")
+    scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = scu.associate(HOST, port, ae_title="STOWAGE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0
+    finally:
+        assoc.release()
+
+
+def test_an_instance_deleted_and_sent_again_corrected_goes_out_corrected_only(make_server, tmp_path):
+    """Sent under the wrong patient while the destination was down, deleted, sent again
+    corrected under the same SOP Instance UID: the entry of the deleted record was not
+    cancelled (its UID is served again) and went out first, from the deleted record, so
+    the destination got the wrong patient, and one that keeps the first copy of a UID
+    (Orthanc's default) kept it."""
+    from conftest import wait_for
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\nforward_retry_initial = 0.2\nforward_retry_max = 1.0\n'
+                      f'[remotes.DEST]\nhost = "{HOST}"\nport = {port}\n[[forward]]\nto = "DEST"\n')
+    server = make_server("--config", str(config), "--workers", "1", data_dir=tmp_path / "data")
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientName = "WRONG^PATIENT"
+    _store(server.port, ds)
+    wait_for(lambda: "retrying DEST:" in _stowage("queue", "--config", str(config)).stdout, 60,
+             "the entry was not tried")
+    # The forwarding process paused (SIGSTOP, by its PID: a busy machine) while both happen,
+    # so that its next scan sees the deletion and the new record at once.
+    import psutil
+    forwarding = next(p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                      if "stowage.engine.forward.process" in " ".join(p.cmdline()))
+    forwarding.suspend()
+    try:
+        r = _stowage("delete", "--config", str(config), "--instance", str(ds.SOPInstanceUID), "--yes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        ds.PatientName = "RIGHT^PATIENT"
+        _store(server.port, ds)
+    finally:
+        forwarding.resume()
+    time.sleep(2)  # the scanner sees the deletion and the new record
+    dest = _RecordingSCP(port)
+    try:
+        wait_for(lambda: ("RIGHT^PATIENT" in {n for _u, n in dest.got}), 60,
+                 lambda: f"the corrected instance did not arrive: {dest.got}\n{server.log()}")
+        time.sleep(2)
+        assert [n for _u, n in dest.got] == ["RIGHT^PATIENT"], dest.got
+    finally:
+        dest.stop()

@@ -226,17 +226,20 @@ class Destination(threading.Thread):
     def _served(self, queue: Queue, entries: list[Entry]) -> list[Entry]:
         """The entries whose instance the archive still serves, with its record's place now;
         the others are cancelled."""
-        _c, rows = self.catalog.execute('SELECT sop_instance_uid, segment, "offset" FROM instances '
-                                        "WHERE sop_instance_uid IN (SELECT unnest(?))",
+        _c, rows = self.catalog.execute('SELECT sop_instance_uid, epoch_us(received_at), segment, "offset" '
+                                        "FROM instances WHERE sop_instance_uid IN (SELECT unnest(?))",
                                         [[e.sop_instance_uid for e in entries]])
-        where = {uid: (segment, offset) for uid, segment, offset in rows}
-        gone = [e.id for e in entries if e.sop_instance_uid not in where]
+        # by record: an instance deleted and sent again under its UID is another record (with
+        # an entry of its own); the deleted one's entry is cancelled, never sent from it
+        where = {(uid, at): (segment, offset) for uid, at, segment, offset in rows}
+        gone = [e.id for e in entries if (e.sop_instance_uid, e.received_at) not in where]
         if gone:
             queue.cancel_ids(gone, "deleted or rejected before it was forwarded")
             log.info("forward: %d entr(ies) for %s cancelled: deleted or rejected since", len(gone),
                      self.destination)
-        return [e._replace(segment=where[e.sop_instance_uid][0], offset=where[e.sop_instance_uid][1])
-                for e in entries if e.sop_instance_uid in where]
+        return [e._replace(segment=where[(e.sop_instance_uid, e.received_at)][0],
+                           offset=where[(e.sop_instance_uid, e.received_at)][1])
+                for e in entries if (e.sop_instance_uid, e.received_at) in where]
 
     def _due(self, queue: Queue, limit: int, exclude: set[int] | frozenset = frozenset(),
              after: tuple[int, int] | None = None) -> list[Entry]:

@@ -306,12 +306,26 @@ class Queue:
     def pending_uids(self) -> list[str]:
         return [u for u, in self.db.execute("SELECT DISTINCT sop_instance_uid FROM entries WHERE state = 'pending'")]
 
+    def pending_records(self) -> list[tuple[str, int]]:
+        """(SOP Instance UID, received_at) of the records pending entries are for."""
+        return self.db.execute("SELECT DISTINCT sop_instance_uid, received_at FROM entries "
+                               "WHERE state = 'pending'").fetchall()
+
     def cancel_uids(self, uids: list[str], comment: str) -> int:
         """Cancel the pending entries of these instances (deleted or rejected meanwhile)."""
         with self.db:
             cur = self.db.executemany("UPDATE entries SET state = 'cancelled', comment = ?, done_at = ? "
                                       "WHERE sop_instance_uid = ? AND state = 'pending'",
                                       [(comment, time.time(), u) for u in uids])
+        return cur.rowcount
+
+    def cancel_records(self, records: list[tuple[str, int]], comment: str) -> int:
+        """Cancel the pending entries of these records ((UID, received_at): deleted, or
+        deleted and its UID sent again since, a record of its own)."""
+        with self.db:
+            cur = self.db.executemany("UPDATE entries SET state = 'cancelled', comment = ?, done_at = ? "
+                                      "WHERE sop_instance_uid = ? AND received_at = ? AND state = 'pending'",
+                                      [(comment, time.time(), u, r) for u, r in records])
         return cur.rowcount
 
     def cancel_ids(self, ids: list[int], comment: str) -> None:

@@ -136,14 +136,18 @@ class Scanner:
         return added
 
     def _reconcile(self) -> None:
-        pending = self.queue.pending_uids()
+        """Cancel the pending entries of records the archive no longer serves. A record, not
+        a UID: an instance deleted and sent again (corrected) under its UID is served again,
+        from a new record that has an entry of its own; the deleted one must not go out."""
+        pending = self.queue.pending_records()
         if not pending:
             return
-        _c, rows = self.catalog.execute("SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN "
-                                        "(SELECT unnest(?))", [pending])
-        gone = set(pending) - {uid for uid, in rows}
+        _c, rows = self.catalog.execute("SELECT sop_instance_uid, epoch_us(received_at) FROM instances "
+                                        "WHERE sop_instance_uid IN (SELECT unnest(?))",
+                                        [sorted({uid for uid, _r in pending})])
+        gone = set(pending) - {(uid, at) for uid, at in rows}
         if gone:
-            n = self.queue.cancel_uids(sorted(gone), "deleted or rejected before it was forwarded")
+            n = self.queue.cancel_records(sorted(gone), "deleted or rejected before it was forwarded")
             log.info("forward: %d entr(ies) cancelled: their instances were deleted or rejected", n)
 
     def _scan(self) -> int:
