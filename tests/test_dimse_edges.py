@@ -1,6 +1,6 @@
 """DIMSE services at their edges, against real peers (DCMTK, pynetdicom): what PS3.4
 Annex C says about a C-FIND whose date and time ranges come together without extended
-negotiation, and what a failed C-MOVE tells its requester."""
+negotiation, and what a failed C-MOVE or C-GET tells its requester."""
 from __future__ import annotations
 
 import subprocess
@@ -9,9 +9,12 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_role
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+from pynetdicom.sop_class import MRImageStorage
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_FIND
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_GET
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_MOVE
 
 from conftest import CT, HOST, dcmtk, free_port
 
@@ -105,3 +108,40 @@ def test_a_time_range_over_midnight_alone_matches_either_side(make_server, tmp_p
     assert _find_studies(server.port, None, StudyDate="20240102-", StudyTime="1500-0845") == \
         [STUDIES[1][0], STUDIES[2][0]]
     assert _find_studies(server.port, None, StudyDate="-20240102", StudyTime="1500-0845") == [STUDIES[1][0]]
+
+
+def _retrieve(port: int, study: str, move_to: str | None = None) -> list[Dataset]:
+    """The responses to a Study Root STUDY C-MOVE to `move_to` or, without one, a C-GET
+    whose requester takes MR only (the studies are CT)."""
+    ae = AE("EDGEQR")
+    ae.add_requested_context(STUDY_MOVE if move_to else STUDY_GET)
+    ae.add_requested_context(MRImageStorage)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(HOST, port, ae_title="STOWAGE", ext_neg=[build_role(MRImageStorage, scp_role=True)])
+    assert assoc.is_established
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.StudyInstanceUID = "STUDY", study
+    try:
+        rsps = assoc.send_c_move(ds, move_to, STUDY_MOVE) if move_to else assoc.send_c_get(ds, STUDY_GET)
+        return [status for status, _ident in rsps]
+    finally:
+        assoc.release()
+
+
+def test_a_retrieve_whose_sub_operations_all_fail_says_why(make_server, tmp_path):
+    """0xA702 with only counts left the PACS administrator at the requester guessing: the
+    final response's Error Comment now says why the sub-operations failed (an unreachable
+    destination, a requester that takes no CT)."""
+    dead = free_port()  # nothing listens there
+    cfg = tmp_path / "stowage.toml"
+    cfg.write_text(f'[remotes.GONE]\nhost = "{HOST}"\nport = {dead}\n')
+    server = make_server("--workers", "1", "--config", str(cfg))
+    _storescu(server.port, _write_studies(tmp_path / "in"))
+    final = _retrieve(server.port, STUDIES[0][0], move_to="GONE")[-1]
+    assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 1, final
+    assert final.get("ErrorComment") == "GONE is unreachable: Connection refused", final
+    assert len(final.ErrorComment) <= 64
+    final = _retrieve(server.port, STUDIES[0][0])[-1]  # C-GET, no CT context
+    assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 1, final
+    assert final.get("ErrorComment") == "EDGEQR took no context for 1.2.840.10008.5.1.4.1.1.2", final
+    assert len(final.ErrorComment) <= 64

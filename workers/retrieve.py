@@ -111,6 +111,20 @@ def select(catalog: Catalog, sop_class_uid: str, identifier: Dataset) -> tuple[s
     return level, [Instance(*r[:5], dataset_length=r[5] or 0) for r in rows]
 
 
+def _why(failures: list[Outcome], peer: Peer) -> str:
+    """An Error Comment (LO, 64 characters) saying why sub-operations failed: the first
+    failure's reason, the destination named by its AE title alone (the requester knows
+    where it is), the rest counted; the log has every reason."""
+    if not failures:
+        return ""
+    reason = failures[0].reason.replace(f"{peer} ", f"{peer.ae_title} ", 1) or "failed"
+    reason = reason.replace(" accepted no presentation context for SOP class ", " took no context for ", 1)
+    others = sum(1 for o in failures[1:] if o.reason != failures[0].reason)
+    if others:
+        reason = f"{reason} (+{others} other reasons in our log)"
+    return reason if len(reason) <= 64 else reason[:61] + "..."
+
+
 class Retriever:
     """What the MOVE and GET SCP need: a catalog view, the remotes, timeouts."""
 
@@ -264,6 +278,8 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
         status, uids = SUBOPERATIONS_COMPLETE_WITH_FAILURES, failed_uids
     for o in result.failures[:20]:
         log.warning("%s %s to %s: %s failed: %s", name, level, dest, o.instance.sop_instance_uid, o.reason)
+    comment = _why(result.failures, peer) if status in (UNABLE_TO_PERFORM_SUBOPERATIONS,
+                                                         SUBOPERATIONS_COMPLETE_WITH_FAILURES) else ""
     seconds = time.monotonic() - started
     process_counts.retrieved(name, c, f, w, result.bytes_sent)
     audit.info("%s %s from %s to %s: %d completed, %d failed, %d warning, %d remaining (%d converted) "
@@ -275,4 +291,4 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
                                  "bytes": result.bytes_sent, "seconds": round(seconds, 3),
                                  "status": status}})
     if assoc.is_established:
-        respond(status, (remaining, c, f, w), uids)
+        respond(status, (remaining, c, f, w), uids, comment)
