@@ -300,3 +300,51 @@ def test_padding_gives_one_patient_one_pseudonym_on_both_paths(tmp_path, patient
     assert (fast.pseudonym, fast.date_offset_days) == (slow.pseudonym, slow.date_offset_days)
     assert len(project.pseudonyms.patients()) == 1
     project.close()
+
+
+def _regions_project(tmp_path: Path, ds: Dataset) -> Project:
+    from stowage.engine.deidentify.pixels import Signature
+    signature = Signature(str(ds.get("Manufacturer", "")), str(ds.get("ManufacturerModelName", "")), ds.Rows,
+                          ds.Columns, ((0, 0, 5, 5),))
+    return Project.open(ProjectConfig("P", options=frozenset({"clean_pixel_data"}), pixel_regions=(signature,)),
+                        tmp_path / "data")
+
+
+def _rgb_two_frames() -> tuple[Dataset, "np.ndarray"]:
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    ds.decompress()
+    ds.Modality, ds.BurnedInAnnotation = "US", "YES"
+    return ds, ds.pixel_array.copy()
+
+
+@pytest.mark.parametrize("layout", ["planar", "ybr", "one-bit"])
+def test_cleaned_uncompressed_pixels_keep_their_layout(tmp_path, layout):
+    """Clean Pixel Data wrote pydicom's decoded array back as it came out: interleaved RGB
+    under Planar Configuration 1 (an ultrasound read back with scrambled colours), RGB
+    under YBR_FULL (pydicom 3 decodes YBR as RGB), a byte per pixel under Bits Allocated 1."""
+    import numpy as np
+    from pydicom.pixels import convert_color_space
+    if layout == "one-bit":
+        ds = pydicom.dcmread(get_testdata_file("liver_1frame.dcm"))
+        ds.BurnedInAnnotation = "YES"
+        expected = ds.pixel_array.copy()
+        expected[:5, :5] = 0
+    else:
+        ds, rgb = _rgb_two_frames()
+        if layout == "planar":
+            ds.PlanarConfiguration = 1
+            ds.PixelData = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)).tobytes()
+            expected = rgb.copy()
+        else:
+            expected = convert_color_space(rgb, "RGB", "YBR_FULL")
+            ds.PhotometricInterpretation = "YBR_FULL"
+            ds.PixelData = expected.tobytes()
+            expected = expected.copy()
+        expected[:, :5, :5] = 0
+    project = _regions_project(tmp_path, ds)
+    size = len(ds.PixelData)
+    project.deidentify_dataset(ds)
+    assert len(ds.PixelData) == size and ds.BurnedInAnnotation == "NO"
+    ds.pixel_array_options(as_rgb=False)
+    assert (ds.pixel_array == expected).all()
+    project.close()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.pixels import pack_bits
 from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
 
 # Modalities and SOP Classes whose devices are known to burn text into the image.
@@ -56,6 +58,8 @@ def burned_in_reason(ds: Dataset) -> str:
 def blank(ds: Dataset, signature: Signature) -> None:
     """Set every configured rectangle to 0 in every frame, and say so in the data set."""
     compressed = ds.file_meta.TransferSyntaxUID.is_compressed
+    if not compressed:  # the values as stored: YBR stays YBR (pydicom would give RGB)
+        ds.pixel_array_options(as_rgb=False)
     arr = ds.pixel_array.copy()
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     view = arr if frames > 1 else arr[None, ...]
@@ -66,5 +70,20 @@ def blank(ds: Dataset, signature: Signature) -> None:
             ds.PhotometricInterpretation = "RGB"  # pydicom decoded to RGB
         ds.compress(RLELossless, arr, encoding_plugin="pydicom")
     else:
-        ds.PixelData = arr.tobytes()
+        ds.PixelData = _as_stored(ds, arr)
     ds.BurnedInAnnotation = "NO"
+
+
+def _as_stored(ds: Dataset, arr: np.ndarray) -> bytes:
+    """`arr` (frames x rows x columns x samples, as pydicom decodes any layout) in the layout
+    the data set says its uncompressed pixels have: written as it came, a colour-by-plane
+    image (Planar Configuration 1) was read back with its colours scrambled, and a 1-bit one
+    took eight times its size with every value but the first frame's garbage."""
+    if int(ds.get("BitsAllocated", 8)) == 1:
+        return pack_bits(arr.ravel())
+    if int(ds.get("SamplesPerPixel", 1)) > 1:
+        if ds.get("PhotometricInterpretation", "") == "YBR_FULL_422":
+            ds.PhotometricInterpretation = "YBR_FULL"  # pydicom gave every pixel its own Cb and Cr
+        if int(ds.get("PlanarConfiguration", 0)) == 1:
+            arr = np.moveaxis(arr, -1, -3)  # R plane, G plane, B plane (of each frame)
+    return np.ascontiguousarray(arr).tobytes()
