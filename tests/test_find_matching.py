@@ -483,6 +483,6 @@ def test_skip_gives_the_listing_after_the_first_n(catalog, keys):
     request = parse_request(query(**keys), STUDY_ROOT, relational=True)
     listing = [r.values for r in run(catalog, request, page=3)]
     assert len(listing) >= 2
-    for n in (0, 1, 2, len(listing) - 1, len(listing), len(listing) + 5):
-        for page in (1, 3, 2000):
+    for n in (0, 1, 3, len(listing) - 1, len(listing), len(listing) + 5):
+        for page in (2, 2000):  # the first page and the pages after it, and one page for all
             assert [r.values for r in run(catalog, request, page=page, skip=n)] == listing[n:], (n, page)
