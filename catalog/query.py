@@ -365,10 +365,11 @@ def run(catalog: Catalog, request: Request, pn_insensitive: bool = False, page: 
 
 
 def _skipped_in_sql(p: Plan) -> bool:
-    """Whether OFFSET in SQL skips whole results: one row per result (IMAGE, STUDY over
-    summaries) and no key matched in Python afterwards. Else they are skipped as made,
-    which costs a QIDO-RS client paging through 10^5 instances seconds a page."""
-    return p.keys is None and not p.header_keys
+    """Whether OFFSET in SQL skips whole results: one row per result (IMAGE and STUDY over
+    summaries; or keys that each have their rows, not keys listed in the request nor
+    dropped by HAVING) and no key matched in Python afterwards. Else they are skipped as
+    made, which costs a QIDO-RS client paging through 10^5 instances seconds a page."""
+    return (p.keys is None or (p.given is None and not p.having)) and not p.header_keys
 
 
 def _pages(catalog: Catalog, p: Plan, pn_insensitive: bool, page: int, skip: int) -> Iterator[Result]:
@@ -388,10 +389,11 @@ def _pages(catalog: Catalog, p: Plan, pn_insensitive: bool, page: int, skip: int
                 if keys else ([], [])
             found, last_key = len(keys), None
         elif not p.having:  # every key found has rows: keys and rows in one statement
+            offset = " OFFSET ?" if skip and last is None else ""
             columns, rows = catalog.execute(
-                f"WITH page_ AS (SELECT k FROM ({p.keys}) WHERE {after} ORDER BY k LIMIT ?) "
+                f"WITH page_ AS (SELECT k FROM ({p.keys}) WHERE {after} ORDER BY k LIMIT ?{offset}) "
                 f"SELECT * FROM ({p.select.replace('(SELECT unnest(?))', '(SELECT k FROM page_)', 1)}) ORDER BY k",
-                bound + p.select_params)
+                bound + ([skip] if offset else []) + p.select_params)
             found, last_key = len(rows), rows[-1][0] if rows else None
         else:
             def both(execute):

@@ -474,7 +474,9 @@ def test_docs_key_tables_are_current():
 @pytest.mark.parametrize("keys", [
     dict(level="IMAGE", SOPInstanceUID=""),                                   # skipped in SQL (OFFSET)
     dict(level="IMAGE", SOPInstanceUID="", Manufacturer="AC*"),               # a key matched in Python after
-    dict(level="SERIES", SeriesInstanceUID="", Modality=""),                  # keys, then rows
+    dict(level="SERIES", SeriesInstanceUID="", Modality=""),                  # keys, then rows (OFFSET on keys)
+    dict(level="SERIES", SeriesInstanceUID="", NumberOfSeriesRelatedInstances="2"),  # keys HAVING a count
+    dict(level="SERIES", SeriesInstanceUID=[fc.uid(1, 1, 1), fc.uid(2, 1, 1), fc.uid(9, 9, 9)]),  # keys asked for
     dict(level="STUDY", StudyInstanceUID="", AccessionNumber="ACC-*"),
 ])
 def test_skip_gives_the_listing_after_the_first_n(catalog, keys):
