@@ -348,3 +348,32 @@ def test_cleaned_uncompressed_pixels_keep_their_layout(tmp_path, layout):
     ds.pixel_array_options(as_rgb=False)
     assert (ds.pixel_array == expected).all()
     project.close()
+
+
+def test_bare_data_sets_and_files_starting_with_their_meta_are_de_identified(tmp_path):
+    """`stowage import` reads a data set without preamble and file meta (old ACR-NEMA-style
+    exports) and a file that starts with its file meta group; `stowage deidentify` counted
+    both as "not DICOM" and wrote nothing."""
+    from stowage.engine.deidentify.folder import one_file
+    from stowage.engine.store.filemeta import file_meta
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    shapes = {}
+    for n, shape in enumerate(("bare-implicit", "bare-explicit", "meta-first")):
+        ds = _patient(n)
+        del ds.file_meta
+        if shape == "meta-first":
+            data = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian) + _encode(ds, False)
+        else:
+            data = _encode(ds, shape == "bare-implicit")
+        (src / shape).write_bytes(data)
+        shapes[shape] = ds
+    (src / "notes.txt").write_text("not DICOM\n")
+    project = _project(tmp_path)
+    for shape, ds in shapes.items():
+        assert one_file(project, src / shape, out) == ("written", ""), shape
+        written = pydicom.dcmread(out / f"{project.profile.keyed.uid(ds.SOPInstanceUID)}.dcm")
+        assert written.PatientName == written.PatientID != ds.PatientID and written.PatientIdentityRemoved == "YES"
+    assert one_file(project, src / "notes.txt", out) == ("skipped", "")
+    project.close()

@@ -133,28 +133,64 @@ def one_file(project: Project, path: Path, out: Path) -> tuple[str, str]:
     except OSError as e:
         return "failed", f"{path}: cannot read ({e.strerror})"
     start = _meta_start(raw)
-    payload = memoryview(raw)[start:] if start else b""
-    meta = _meta(payload) if payload else None
+    if not start:
+        return _without_prefix(project, raw, path, out)
+    payload = memoryview(raw)[start:]
+    meta = _meta(payload)
     ts = meta[1].get(0x00020010, "") if meta else ""
     if meta and meta[1].get(0x00020002, "") == MediaStorageDirectoryStorage:
         return "dicomdirs", str(path)
     if meta and ts and ts != DeflatedExplicitVRLittleEndian:
-        try:  # the fast path: bytes in, bytes out (encoded.py); deidentify_bytes falls back itself
-            result = project.deidentify_bytes(raw, ts, start + meta[0])
-        except Quarantined as e:
-            return "quarantined", f"{path}: {e}"
-        except Exception as e:
-            return "failed", f"{path}: cannot de-identify ({type(e).__name__}: {e})"
-        sop = result.outcome.sop_instance_uid[1]
-        if sop and result.sop_class_uid:
-            try:
-                _write_parts(os.path.join(os.fspath(out), f"{sop}.dcm"),
-                             [PREAMBLE + file_meta(result.sop_class_uid, sop, result.transfer_syntax),
-                              *result.parts])
-            except OSError as e:
-                return "failed", f"{path}: cannot write ({e.strerror})"
-            return "written", ""
+        answer = _bytes_in_bytes_out(project, raw, ts, start + meta[0], path, out)
+        if answer is not None:
+            return answer
     return _through_pydicom(project, path, out)
+
+
+def _bytes_in_bytes_out(project: Project, raw: bytes, ts: str, offset: int, path: Path,
+                        out: Path) -> tuple[str, str] | None:
+    """The fast path (encoded.py; deidentify_bytes falls back itself); None: an instance
+    without SOP Class or Instance UID, which the pydicom path writes as it can."""
+    try:
+        result = project.deidentify_bytes(raw, ts, offset)
+    except Quarantined as e:
+        return "quarantined", f"{path}: {e}"
+    except Exception as e:
+        return "failed", f"{path}: cannot de-identify ({type(e).__name__}: {e})"
+    sop = result.outcome.sop_instance_uid[1]
+    if not (sop and result.sop_class_uid):
+        return None
+    try:
+        _write_parts(os.path.join(os.fspath(out), f"{sop}.dcm"),
+                     [PREAMBLE + file_meta(result.sop_class_uid, sop, result.transfer_syntax), *result.parts])
+    except OSError as e:
+        return "failed", f"{path}: cannot write ({e.strerror})"
+    return "written", ""
+
+
+def _without_prefix(project: Project, raw: bytes, path: Path, out: Path) -> tuple[str, str]:
+    """A file with neither preamble nor "DICM": one that starts with its file meta group, or
+    a bare data set (old ACR-NEMA-style exports), both of which `stowage import` reads too
+    (the transfer syntax guessed as import and DCMTK guess it); anything else is not DICOM."""
+    if len(raw) < 16:
+        return "skipped", ""
+    group, vr = struct.unpack_from("<H", raw, 0)[0], raw[4:6]
+    explicit = vr.isalpha() and vr.isupper()
+    if group == 0x0002 and explicit:
+        meta = _meta(memoryview(raw))
+        if meta is None:
+            return "failed", f"{path}: cannot read its file meta group"
+        if meta[1].get(0x00020002, "") == MediaStorageDirectoryStorage:
+            return "dicomdirs", str(path)
+        ts, offset = meta[1].get(0x00020010, ""), meta[0]
+        if not ts:
+            return "failed", f"{path}: no Transfer Syntax UID in its file meta group"
+    elif 0x0008 <= group <= 0x0028:  # a data set starts with a low group: 0008, 0010...
+        ts, offset = (ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian), 0
+    else:  # (big endian bare data sets are left out: pydicom and import read them; rare)
+        return "skipped", ""
+    answer = _bytes_in_bytes_out(project, raw, ts, offset, path, out)
+    return answer if answer is not None else ("failed", f"{path}: no SOP Class or Instance UID to name it by")
 
 
 def _through_pydicom(project: Project, path: Path, out: Path) -> tuple[str, str]:
