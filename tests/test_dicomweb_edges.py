@@ -444,6 +444,12 @@ def test_q_zero_in_accept_is_a_refusal(web):
         assert r.status_code == 200 and r.headers["Content-Type"] == media, (accept, r.headers["Content-Type"])
     r = requests.get(url, headers={"Accept": "image/jpeg; q=0, image/png; q=0, */*"})
     assert r.status_code == 406
+    # a wildcard does not bring back the DICOM parts a q=0 refuses
+    instance = f"{web.base}/studies/{study}/series/{series}/instances/{inst}"
+    for accept in ('multipart/related; type="application/dicom"; q=0, */*', "multipart/related; q=0, */*"):
+        assert requests.get(instance, headers={"Accept": accept}).status_code == 406, accept
+    r = requests.get(instance, headers={"Accept": 'multipart/related; type="application/dicom"; q=0.5, */*'})
+    assert r.status_code == 200 and 'type="application/dicom"' in r.headers["Content-Type"], r.headers
 
 
 def _with_odd_numbers(ds: Dataset) -> Dataset:

@@ -71,7 +71,10 @@ def _split(header: str) -> list[str]:
 
 def alternatives(header: str | None, default_part: str) -> list[Alternative]:
     """The Accept header's alternatives, best first (by q, then order). No header, or
-    `*/*`, is multipart of `default_part` in its default syntax."""
+    `*/*`, is multipart of `default_part` in its default syntax, unless the header refuses
+    that with q=0 (`multipart/related; type="application/dicom"; q=0, */*`: RFC 9110
+    12.5.1, a wildcard does not bring back what is named as not acceptable)."""
+    no = refused_parts(header)
     found = []
     for index, text in enumerate(_split(header or "*/*")):
         media, params = _params(text)
@@ -86,7 +89,8 @@ def alternatives(header: str | None, default_part: str) -> list[Alternative]:
             part = params.get("type", default_part).lower()
             found.append((-q, index, Alternative(True, part, ts, q)))
         elif media in ("*/*", "multipart/*"):
-            found.append((-q, index, Alternative(True, default_part, ts, q)))
+            if default_part not in no and "*" not in no:
+                found.append((-q, index, Alternative(True, default_part, ts, q)))
         else:
             found.append((-q, index, Alternative(False, media, ts, q)))
     return [a for _q, _i, a in sorted(found, key=lambda t: t[:2]) if a.q > 0]
@@ -98,11 +102,27 @@ def refused(header: str | None) -> set[str]:
     out = set()
     for text in _split(header or ""):
         media, params = _params(text)
-        try:
-            if float(params.get("q", "1")) <= 0:
-                out.add(media)
-        except ValueError:
-            continue
+        if _q(params) <= 0:
+            out.add(media)
+    return out
+
+
+def _q(params: dict[str, str]) -> float:
+    """An alternative's q; 1 when it cannot be read (alternatives() refuses such a header)."""
+    try:
+        return float(params.get("q", "1"))
+    except ValueError:
+        return 1.0
+
+
+def refused_parts(header: str | None) -> set[str]:
+    """The part types `multipart/related` is refused for with q=0 ("*": every part type,
+    when the refusal names none)."""
+    out = set()
+    for text in _split(header or ""):
+        media, params = _params(text)
+        if media == "multipart/related" and _q(params) <= 0:
+            out.add(params.get("type", "*").lower())
     return out
 
 
