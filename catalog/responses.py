@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from pydicom.charset import python_encoding
+from pydicom.charset import custom_encoders, python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -181,23 +181,30 @@ def fits(text: str, charset: list[str]) -> bool:
     if not codecs:
         return False
     if len(codecs) == 1:
-        try:
-            text.encode(codecs[0])
-            return True
-        except (UnicodeError, LookupError):
-            return False
+        return _encodes(text, codecs[0])
     for ch in set(text):
         if ch.isascii():
             continue
-        for codec in codecs:
-            try:
-                ch.encode(codec)
-                break
-            except (UnicodeError, LookupError):
-                continue
-        else:
+        if not any(_encodes(ch, codec) for codec in codecs):
             return False
     return True
+
+
+def _encodes(text: str, codec: str) -> bool:
+    """Whether `codec` encodes `text` within the DICOM repertoire it stands for. Python's
+    shift_jis (ISO_IR 13) and iso2022_jp_2 (ISO 2022 IR 159) encode far more than JIS X
+    0201 and JIS X 0212: a kanji name answered in ISO_IR 13 went out as '??'. JIS X 0201
+    is the characters shift_jis writes in one byte; JIS X 0212, pydicom's encoder."""
+    try:
+        if codec == "shift_jis":
+            return all(len(ch.encode(codec)) == 1 for ch in text)
+        if codec == "iso2022_jp_2":
+            custom_encoders[codec](text)
+            return True
+        text.encode(codec)
+        return True
+    except (UnicodeError, LookupError, KeyError):
+        return False
 
 
 def choose_charset(texts: Iterable[str], requested: list[str], stored: list[str]) -> list[str]:

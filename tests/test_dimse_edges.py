@@ -1,6 +1,7 @@
 """DIMSE services at their edges, against real peers (DCMTK, pynetdicom): what PS3.4
 Annex C says about a C-FIND whose date and time ranges come together without extended
-negotiation, and what a failed C-MOVE or C-GET tells its requester."""
+negotiation, what a failed C-MOVE or C-GET tells its requester, and the character set
+of a C-FIND response."""
 from __future__ import annotations
 
 import subprocess
@@ -145,3 +146,40 @@ def test_a_retrieve_whose_sub_operations_all_fail_says_why(make_server, tmp_path
     assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 1, final
     assert final.get("ErrorComment") == "EDGEQR took no context for 1.2.840.10008.5.1.4.1.1.2", final
     assert len(final.ErrorComment) <= 64
+
+
+def test_a_name_the_requested_character_set_cannot_carry_comes_back_whole(make_server, tmp_path):
+    """A request in ISO_IR 13 (JIS X 0201: romaji and half-width katakana) for a patient
+    stored in UTF-8 with a kanji and hiragana name: Python's shift_jis, which stands for
+    ISO_IR 13, writes kanji, so the response was labelled ISO_IR 13 and the name arrived
+    as 'Yamada^Tarou=??^??=???^???'. It comes back in the instance's own set; a
+    half-width katakana name still comes back in ISO_IR 13."""
+    server = make_server("--workers", "1")
+    src = pydicom.dcmread(CT)
+    paths = []
+    for n, name in enumerate(("Yamada^Tarou=山田^太郎=やまだ^たろう", "ﾔﾏﾀﾞ^ﾀﾛｳ")):
+        ds = src.copy()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientID, ds.PatientName = f"JIS{n}", name
+        ds.StudyInstanceUID = f"1.2.826.0.1.3680043.2.1143.78.{n}"
+        ds.SeriesInstanceUID = ds.StudyInstanceUID + ".1"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.StudyInstanceUID + ".1.1"
+        paths.append(tmp_path / f"jis{n}.dcm")
+        ds.save_as(paths[-1])
+    _storescu(server.port, paths)
+    ae = AE("EDGEFIND")
+    ae.add_requested_context(STUDY_FIND)
+    assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
+    assert assoc.is_established
+    query = Dataset()
+    query.SpecificCharacterSet = "ISO_IR 13"
+    query.QueryRetrieveLevel, query.PatientID, query.PatientName = "STUDY", "JIS*", ""
+    got = {}
+    try:
+        for status, ident in assoc.send_c_find(query, STUDY_FIND):
+            if status.Status == 0xFF00:
+                got[str(ident.PatientID)] = (str(ident.PatientName), ident.SpecificCharacterSet)
+    finally:
+        assoc.release()
+    assert got == {"JIS0": ("Yamada^Tarou=山田^太郎=やまだ^たろう", "ISO_IR 192"),
+                   "JIS1": ("ﾔﾏﾀﾞ^ﾀﾛｳ", "ISO_IR 13")}, got
