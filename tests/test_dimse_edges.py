@@ -17,7 +17,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as S
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_GET
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_MOVE
 
-from conftest import CT, HOST, dcmtk, free_port
+from conftest import CT, HOST, Server, dcmtk, free_port
 
 # (study, date, time): three days, one study each, at different hours
 STUDIES = (("1.2.826.0.1.3680043.2.1143.77.1", "20240101", "090000"),
@@ -37,6 +37,41 @@ def _write_studies(out: Path) -> list[Path]:
         paths.append(out / f"{n}.dcm")
         ds.save_as(paths[-1])
     return paths
+
+
+def _write_japanese(out: Path) -> list[Path]:
+    """Two patients stored in UTF-8: a kanji and hiragana name, a half-width katakana one
+    (their studies in 1999 at noon, out of the way of the date and time queries)."""
+    src = pydicom.dcmread(CT)
+    paths = []
+    for n, name in enumerate(JAPANESE):
+        ds = src.copy()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientID, ds.PatientName, ds.StudyDate, ds.StudyTime = f"JIS{n}", name, "19990101", "120000"
+        ds.StudyInstanceUID = f"1.2.826.0.1.3680043.2.1143.78.{n}"
+        ds.SeriesInstanceUID = ds.StudyInstanceUID + ".1"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.StudyInstanceUID + ".1.1"
+        paths.append(out / f"jis{n}.dcm")
+        ds.save_as(paths[-1])
+    return paths
+
+
+JAPANESE = ("Yamada^Tarou=山田^太郎=やまだ^たろう", "ﾔﾏﾀﾞ^ﾀﾛｳ")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """One archive (1 worker) for the file, holding STUDIES and the Japanese names, with a
+    move destination GONE where nothing listens."""
+    tmp = tmp_path_factory.mktemp("edges")
+    cfg = tmp / "stowage.toml"
+    cfg.write_text(f'[remotes.GONE]\nhost = "{HOST}"\nport = {free_port()}\n')
+    server = Server(tmp / "data", free_port(), ["--workers", "1", "--config", str(cfg)], log_dir=tmp).start()
+    try:
+        _storescu(server.port, _write_studies(tmp / "in") + _write_japanese(tmp / "in"))
+        yield server
+    finally:
+        server.kill()
 
 
 def _storescu(port: int, files: list[Path]) -> None:
@@ -77,13 +112,12 @@ def _find_studies(port: int, ext: bytes | None, **keys: str) -> list[str]:
     return sorted(found)
 
 
-def test_date_and_time_ranges_are_separate_unless_combined_matching_was_negotiated(make_server, tmp_path):
+def test_date_and_time_ranges_are_separate_unless_combined_matching_was_negotiated(archive):
     """PS3.4 C.2.2.2.5.1: Study Date 20240101-20240103 with Study Time 0800-1000 is three
     mornings unless the requester asked for combined date-time matching (extended
     negotiation byte 2), when it is one continuum from the 1st 08:00 to the 3rd 10:00.
     DCMTK's findscu never asks: it was given the continuum (the 2nd at 15:30 matched)."""
-    server = make_server("--workers", "1")
-    _storescu(server.port, _write_studies(tmp_path / "in"))
+    server = archive
     morning = {"StudyDate": "20240101-20240103", "StudyTime": "0800-1000"}
     mornings = [STUDIES[0][0], STUDIES[2][0]]
     assert _find_studies(server.port, None, **morning) == mornings
@@ -100,11 +134,10 @@ def test_date_and_time_ranges_are_separate_unless_combined_matching_was_negotiat
     assert STUDIES[0][0] in out and STUDIES[2][0] in out and STUDIES[1][0] not in out, out
 
 
-def test_a_time_range_over_midnight_alone_matches_either_side(make_server, tmp_path):
+def test_a_time_range_over_midnight_alone_matches_either_side(archive):
     """Matched on its own (no combined date-time matching), Study Time 1500-0845 is the
     evening and the early morning: 15:30 and 08:30 match, 09:00 does not."""
-    server = make_server("--workers", "1")
-    _storescu(server.port, _write_studies(tmp_path / "in"))
+    server = archive
     assert _find_studies(server.port, None, StudyTime="1500-0845") == [STUDIES[1][0], STUDIES[2][0]]
     assert _find_studies(server.port, None, StudyDate="20240102-", StudyTime="1500-0845") == \
         [STUDIES[1][0], STUDIES[2][0]]
@@ -129,15 +162,11 @@ def _retrieve(port: int, study: str, move_to: str | None = None) -> list[Dataset
         assoc.release()
 
 
-def test_a_retrieve_whose_sub_operations_all_fail_says_why(make_server, tmp_path):
+def test_a_retrieve_whose_sub_operations_all_fail_says_why(archive):
     """0xA702 with only counts left the PACS administrator at the requester guessing: the
     final response's Error Comment now says why the sub-operations failed (an unreachable
     destination, a requester that takes no CT)."""
-    dead = free_port()  # nothing listens there
-    cfg = tmp_path / "stowage.toml"
-    cfg.write_text(f'[remotes.GONE]\nhost = "{HOST}"\nport = {dead}\n')
-    server = make_server("--workers", "1", "--config", str(cfg))
-    _storescu(server.port, _write_studies(tmp_path / "in"))
+    server = archive
     final = _retrieve(server.port, STUDIES[0][0], move_to="GONE")[-1]
     assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 1, final
     assert final.get("ErrorComment") == "GONE is unreachable: Connection refused", final
@@ -148,25 +177,13 @@ def test_a_retrieve_whose_sub_operations_all_fail_says_why(make_server, tmp_path
     assert len(final.ErrorComment) <= 64
 
 
-def test_a_name_the_requested_character_set_cannot_carry_comes_back_whole(make_server, tmp_path):
+def test_a_name_the_requested_character_set_cannot_carry_comes_back_whole(archive):
     """A request in ISO_IR 13 (JIS X 0201: romaji and half-width katakana) for a patient
     stored in UTF-8 with a kanji and hiragana name: Python's shift_jis, which stands for
     ISO_IR 13, writes kanji, so the response was labelled ISO_IR 13 and the name arrived
     as 'Yamada^Tarou=??^??=???^???'. It comes back in the instance's own set; a
     half-width katakana name still comes back in ISO_IR 13."""
-    server = make_server("--workers", "1")
-    src = pydicom.dcmread(CT)
-    paths = []
-    for n, name in enumerate(("Yamada^Tarou=山田^太郎=やまだ^たろう", "ﾔﾏﾀﾞ^ﾀﾛｳ")):
-        ds = src.copy()
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.PatientID, ds.PatientName = f"JIS{n}", name
-        ds.StudyInstanceUID = f"1.2.826.0.1.3680043.2.1143.78.{n}"
-        ds.SeriesInstanceUID = ds.StudyInstanceUID + ".1"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.StudyInstanceUID + ".1.1"
-        paths.append(tmp_path / f"jis{n}.dcm")
-        ds.save_as(paths[-1])
-    _storescu(server.port, paths)
+    server = archive
     ae = AE("EDGEFIND")
     ae.add_requested_context(STUDY_FIND)
     assoc = ae.associate(HOST, server.port, ae_title="STOWAGE")
@@ -181,5 +198,4 @@ def test_a_name_the_requested_character_set_cannot_carry_comes_back_whole(make_s
                 got[str(ident.PatientID)] = (str(ident.PatientName), ident.SpecificCharacterSet)
     finally:
         assoc.release()
-    assert got == {"JIS0": ("Yamada^Tarou=山田^太郎=やまだ^たろう", "ISO_IR 192"),
-                   "JIS1": ("ﾔﾏﾀﾞ^ﾀﾛｳ", "ISO_IR 13")}, got
+    assert got == {"JIS0": (JAPANESE[0], "ISO_IR 192"), "JIS1": (JAPANESE[1], "ISO_IR 13")}, got
