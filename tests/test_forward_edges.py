@@ -117,8 +117,8 @@ class _RecordingSCP:
         self.server.shutdown()
 
 
-def _store(port: int, ds) -> None:
-    scu = AE("MODALITY")
+def _store(port: int, ds, calling: str = "MODALITY") -> None:
+    scu = AE(calling)
     scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     assoc = scu.associate(HOST, port, ae_title="STOWAGE")
     assert assoc.is_established
@@ -167,3 +167,27 @@ def test_an_instance_deleted_and_sent_again_corrected_goes_out_corrected_only(ma
         assert [n for _u, n in dest.got] == ["RIGHT^PATIENT"], dest.got
     finally:
         dest.stop()
+
+
+def test_an_instance_is_never_forwarded_back_to_the_ae_that_sent_it(make_server, tmp_path):
+    """A rule sending everything to PEER sent PEER's own instances back to it: two archives
+    forwarding to each other (a research site's two-way sync) passed each instance back and
+    forth for ever, a new record and a new entry at each turn."""
+    from conftest import wait_for
+    port = free_port()
+    peer = _RecordingSCP(port)
+    try:
+        config = tmp_path / "c.toml"
+        config.write_text(f'data_dir = "{tmp_path / "data"}"\n[remotes.PEER]\nhost = "{HOST}"\nport = {port}\n'
+                          '[[forward]]\nto = "PEER"\n')
+        server = make_server("--config", str(config), "--workers", "1", data_dir=tmp_path / "data")
+        from_peer = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        from_modality = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        from_modality.SOPInstanceUID = from_modality.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        _store(server.port, from_peer, calling="PEER")
+        _store(server.port, from_modality)
+        wait_for(lambda: peer.got, 60, lambda: f"nothing forwarded:\n{server.log()}")
+        time.sleep(2)  # the scan that saw both has queued whatever it would
+        assert [uid for uid, _n in peer.got] == [str(from_modality.SOPInstanceUID)], peer.got
+    finally:
+        peer.stop()

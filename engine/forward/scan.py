@@ -193,6 +193,8 @@ class Scanner:
                 until = values[7] / 1e6 + rule.quiet if rule.level != "instance" else 0.0
                 group = (values[8] if rule.commit_level() == "series" else values[3]) if rule.commit else ""
                 for destination in rule.to:
+                    if destination == (values[9] or "").strip():
+                        continue  # never back to the AE that sent it: two archives forwarding to each other would loop
                     entries.append((destination, rule.name, *values[:8], values[8], until, rule.deidentify, group))
                     if until:
                         key = (destination, rule.name, rule.level, uid)
