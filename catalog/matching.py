@@ -51,6 +51,10 @@ class Match:
 
     @property
     def universal(self) -> bool:
+        """Universal matching: so is a sequence whose item holds only universal keys
+        (return keys, C.2.2.2.3): it matches entities without the sequence too."""
+        if self.kind == "sequence":
+            return all(m.universal for m in self.items.values())
         return self.kind == "universal"
 
 
@@ -320,7 +324,7 @@ def _pn_matches(m: Match, stored: str, insensitive: bool) -> bool:
 
 def matches(m: Match, value: Any, pn_insensitive: bool = False) -> bool:
     """Does a stored value (pydicom's, from a header) match? Multi-valued: any value."""
-    if m.kind == "universal":
+    if m.universal:
         return True
     if m.kind == "sequence":
         return any(all(matches(sub, item.get(tag).value if tag in item else None, pn_insensitive)

@@ -199,3 +199,22 @@ def test_a_name_the_requested_character_set_cannot_carry_comes_back_whole(archiv
     finally:
         assoc.release()
     assert got == {"JIS0": (JAPANESE[0], "ISO_IR 192"), "JIS1": (JAPANESE[1], "ISO_IR 13")}, got
+
+
+def test_a_sequence_key_whose_item_holds_only_return_keys_matches_every_entity(archive, tmp_path):
+    """`findscu -k "ProcedureCodeSequence[0].CodeValue"` asks for the codes back: an item
+    of zero-length keys is return keys only (PS3.4 C.2.2.2.3: universal matching), so it
+    must not drop the studies that have no such sequence; it dropped every one."""
+    r = subprocess.run([dcmtk("findscu"), "-S", "-aec", "STOWAGE", "-k", "QueryRetrieveLevel=STUDY",
+                        "-k", "StudyInstanceUID", "-k", "StudyDate=20240101-20240103",
+                        "-k", "ProcedureCodeSequence[0].CodeValue", "-k", "ProcedureCodeSequence[0].CodeMeaning",
+                        HOST, str(archive.port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert all(study in out for study, _d, _t in STUDIES), out
+    item = Dataset()
+    item.CodeValue = "*"  # a lone `*` is universal too
+    assert _find_studies(archive.port, None, StudyDate="20240101-20240103",
+                         ProcedureCodeSequence=[item]) == [s for s, _d, _t in STUDIES]
+    item.CodeValue = "NOPE"  # a real matching key still matches
+    assert _find_studies(archive.port, None, StudyDate="20240101-20240103", ProcedureCodeSequence=[item]) == []
