@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from conftest import CT, HOST, dcmtk, export_all, series_instances
+from conftest import CT, HOST, cli, dcmtk, export_all, series_instances
 from stowage.engine.store.segment import iter_records
 from test_commitment import Modality, refs_of
 from test_find import findscu, storescu
@@ -40,10 +40,18 @@ def uid_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-def delete(data_dir: Path, *args: str, confirm: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stowage.cli", "delete", "--data-dir", str(data_dir), *args,
-                           *([] if confirm is not None else ["--yes"])], input=confirm, capture_output=True,
-                          text=True, timeout=timeout)
+def delete(data_dir: Path, *args: str, confirm: str | None = None) -> subprocess.CompletedProcess:
+    """`stowage delete`, run in this process (conftest.cli: the same command code, without a new
+    interpreter's imports, ~3-4 s a delete on the loaded 2-core machine); `confirm` answers
+    its question, else it runs with --yes."""
+    return cli("delete", "--data-dir", str(data_dir), *args, *([] if confirm is not None else ["--yes"]),
+               input=confirm)
+
+
+def delete_process(data_dir: Path, *args: str) -> subprocess.Popen:
+    """`stowage delete --yes` as a process of its own, to be killed."""
+    return subprocess.Popen([sys.executable, "-m", "stowage.cli", "delete", "--data-dir", str(data_dir), *args,
+                             "--yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def find(port: int, out: Path, level: str, *keys: str, model: str = "-S") -> list[Dataset]:
@@ -55,9 +63,11 @@ def find(port: int, out: Path, level: str, *keys: str, model: str = "-S") -> lis
 
 
 def visible(data_dir: Path) -> dict[str, int]:
-    """Instances the catalog serves, per study (`stowage query`, as an administrator asks)."""
-    r = stowage("query", "--data-dir", str(data_dir), "--format", "json",
-                "SELECT study_instance_uid AS s, count(*) AS n FROM instances GROUP BY 1")
+    """Instances the catalog serves, per study (`stowage query`, as an administrator asks; run
+    in this process: the kill -9 tests ask after every round, and a new interpreter's imports
+    cost ~3 s a question on the loaded 2-core machine)."""
+    r = cli("query", "--data-dir", str(data_dir), "--format", "json",
+            "SELECT study_instance_uid AS s, count(*) AS n FROM instances GROUP BY 1")
     assert r.returncode == 0, r.stderr
     return {row["s"]: row["n"] for row in json.loads(r.stdout or "[]")}
 
@@ -122,8 +132,8 @@ def test_each_level_is_gone_for_find_move_get_export_and_send(make_server, tmp_p
     # patient
     r = delete(server.data_dir, "--patient", "DELP2", "--reason", "consent  withdrawn")
     assert r.returncode == 0 and "1 study(ies), 1 series, 3 instance(s)" in r.stdout, r.stdout + r.stderr
-    r = stowage("query", "--data-dir", str(server.data_dir), "--format", "json",
-                "SELECT DISTINCT patient_id, reason, comment FROM deleted WHERE patient_id = 'DELP2'")
+    r = cli("query", "--data-dir", str(server.data_dir), "--format", "json",
+            "SELECT DISTINCT patient_id, reason, comment FROM deleted WHERE patient_id = 'DELP2'")
     assert json.loads(r.stdout) == [{"patient_id": "DELP2", "reason": "deleted", "comment": "consent withdrawn"}]
     patients = find(server.port, q, "PATIENT", "PatientID=", "NumberOfPatientRelatedStudies=", model="-P")
     assert [(p.PatientID, int(p.NumberOfPatientRelatedStudies)) for p in patients] == [("DELP1", 1)]
@@ -348,15 +358,15 @@ def test_kill_9_during_deletes_loses_nothing_live_and_brings_nothing_back(make_s
     # One delete left to finish tells how long one takes here; the others are killed at
     # random moments within that (or just after it).
     t0 = time.monotonic()
-    assert delete(server.data_dir, "--study", studies[0]).returncode == 0
+    first = delete_process(server.data_dir, "--study", studies[0])
+    assert first.communicate(timeout=120) and first.returncode == 0
     duration = time.monotonic() - t0
     deleted.add(studies[0])
     untouched.discard(studies[0])
     check()
     for round_, study in enumerate(studies[1:10]):
         storer = _storer(server.port, extra[round_ % len(extra)]) if round_ < len(extra) else None
-        proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "delete", "--data-dir", str(server.data_dir),
-                                 "--study", study, "--yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = delete_process(server.data_dir, "--study", study)
         untouched.discard(study)
         time.sleep(rng.uniform(0.05, 1.2) * duration)
         if proc.poll() is None:

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from conftest import HOST, Server, export_all
+from conftest import HOST, Server, cli, export_all
 from test_delete import audit, delete, find, instances, storescu, uid_of, visible
 from test_send import stowage
 
@@ -128,8 +128,7 @@ def test_a_rejection_note_hides_its_instances_and_stays_findable(make_server, tm
     assert {p.stem for p in (tmp_path / "export").glob("*.dcm")} == live | {note_uid}
     (line,) = audit(server.data_dir, "reject")
     assert line["note"] == note_uid and line["code"] == "113001" and line["records"] == 4
-    r = stowage("query", "--data-dir", str(server.data_dir), "--format", "json",
-                "SELECT DISTINCT reason FROM deleted")
+    r = cli("query", "--data-dir", str(server.data_dir), "--format", "json", "SELECT DISTINCT reason FROM deleted")
     assert json.loads(r.stdout) == [{"reason": "rejected:113001"}]
 
     # a rejected instance sent again is refused, saying why; the others are untouched
@@ -281,8 +280,8 @@ def test_kill_9_while_a_note_is_stored_never_leaves_it_unapplied(make_server, tm
         acknowledged = "Received Store Response (Success)" in said
         server.start()
         v = visible(server.data_dir).get(study, 0)
-        note_held = stowage("query", "--data-dir", str(server.data_dir), "--format", "json",
-                            f"SELECT count(*) AS n FROM instances WHERE sop_instance_uid = '{uid_of(note)}'")
+        note_held = cli("query", "--data-dir", str(server.data_dir), "--format", "json",
+                        f"SELECT count(*) AS n FROM instances WHERE sop_instance_uid = '{uid_of(note)}'")
         held = json.loads(note_held.stdout)[0]["n"] == 1
         assert v == (2 + 1 if held else 4), f"round {round_}: note held {held}, {v} instances served"
         assert held or not acknowledged, f"round {round_}: the note was acknowledged, and lost by the kill:\n{said}"
