@@ -24,7 +24,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from stowage.bench import corpus
-from conftest import HOST, dcmtk, export_all
+from conftest import HOST, cli, dcmtk, export_all
 from page_cache import file_system, resident_pages
 
 # Real files in several transfer syntaxes, each a distinct instance.
@@ -243,8 +243,8 @@ def exported(data_dir: Path, out: Path) -> dict[str, bytes]:
 
 
 def record_count(data_dir: Path) -> int:
-    r = subprocess.run([sys.executable, "-m", "stowage.cli", "query", "--data-dir", str(data_dir), "--format", "csv",
-                        "SELECT count(*) AS n FROM records"], capture_output=True, text=True, timeout=60)
+    """Records in the catalog (`stowage query`, run in this process: conftest.cli)."""
+    r = cli("query", "--data-dir", str(data_dir), "--format", "csv", "SELECT count(*) AS n FROM records")
     assert r.returncode == 0, r.stderr
     return int(r.stdout.split()[-1])
 
