@@ -9,6 +9,7 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -310,7 +311,7 @@ def _regions_project(tmp_path: Path, ds: Dataset) -> Project:
                         tmp_path / "data")
 
 
-def _rgb_two_frames() -> tuple[Dataset, "np.ndarray"]:
+def _rgb_two_frames() -> tuple[Dataset, np.ndarray]:
     ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
     ds.decompress()
     ds.Modality, ds.BurnedInAnnotation = "US", "YES"

@@ -13,7 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, AllStoragePresentationContexts
 
-from conftest import HOST, free_port
+from conftest import HOST, cli, free_port
 from stowage.engine.forward.queue import Queue
 from stowage.engine.runtime import config as cfg
 
@@ -86,7 +86,7 @@ def test_queue_says_why_a_destination_s_entries_wait(make_server, tmp_path):
         assoc.release()
         deadline = time.monotonic() + 60
         while True:
-            r = _stowage("queue", "--config", str(config))
+            r = cli("queue", "--config", str(config))  # in this process: no interpreter start per poll
             assert r.returncode == 0, r.stderr
             if "retrying RESEARCH:" in r.stdout:
                 break
@@ -143,7 +143,7 @@ def test_an_instance_deleted_and_sent_again_corrected_goes_out_corrected_only(ma
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.PatientName = "WRONG^PATIENT"
     _store(server.port, ds)
-    wait_for(lambda: "retrying DEST:" in _stowage("queue", "--config", str(config)).stdout, 60,
+    wait_for(lambda: "retrying DEST:" in cli("queue", "--config", str(config)).stdout, 60,
              "the entry was not tried")
     # The forwarding process paused (SIGSTOP, by its PID: a busy machine) while both happen,
     # so that its next scan sees the deletion and the new record at once.
@@ -152,7 +152,7 @@ def test_an_instance_deleted_and_sent_again_corrected_goes_out_corrected_only(ma
                       if "stowage.engine.forward.process" in " ".join(p.cmdline()))
     forwarding.suspend()
     try:
-        r = _stowage("delete", "--config", str(config), "--instance", str(ds.SOPInstanceUID), "--yes")
+        r = cli("delete", "--config", str(config), "--instance", str(ds.SOPInstanceUID), "--yes")
         assert r.returncode == 0, r.stdout + r.stderr
         ds.PatientName = "RIGHT^PATIENT"
         _store(server.port, ds)
