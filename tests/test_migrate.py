@@ -256,8 +256,7 @@ def test_capped_find_still_finds_every_study_and_dry_run_pulls_nothing(tmp_path,
     assert states.get("split", 0) >= 4 and "incomplete" not in states and "pending" not in states, states
     assert sum(n for _k, n in hours) == 7  # the seven studies of the crowded day, found hour by hour
     assert not (data / "catalog").exists() and not (data / "segments").exists()
-    status = subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "--status"],
-                            capture_output=True, text=True, timeout=60)
+    status = cli("migrate", "--data-dir", str(data), "--status")
     assert status.returncode == 0, status.stderr
     assert f"studies: {len(listed)} found, 0 done, 0 failed, 0 in flight, {len(listed)} pending" in status.stdout
 
@@ -380,8 +379,7 @@ def test_a_source_that_does_not_know_us_stops_the_migration_with_what_to_configu
     assert r.returncode == 1, r.stdout + r.stderr
     assert "does not know 'STOWAGE' as a C-MOVE destination (0xA801)" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    status = subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(server.data_dir),
-                             "--status"], capture_output=True, text=True, timeout=60)
+    status = cli("migrate", "--data-dir", str(server.data_dir), "--status")
     assert "0 done" in status.stdout and "0 failed" in status.stdout, status.stdout  # nothing counted against studies
 
 
@@ -539,8 +537,9 @@ def test_sigterm_finishes_the_studies_in_flight_and_says_how_to_continue(make_se
                     if con.execute("SELECT count(*) FROM studies WHERE state = 'done'").fetchone()[0] >= 2:
                         break
             time.sleep(0.2)
-        status = subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(server.data_dir),
-                                 "--status"], capture_output=True, text=True, timeout=60)
+        # in this process (conftest.cli): a new interpreter's imports took long enough on the
+        # loaded machine (load 10) for the migration to end before the signal below
+        status = cli("migrate", "--data-dir", str(server.data_dir), "--status")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
