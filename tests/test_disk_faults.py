@@ -226,9 +226,9 @@ def test_an_import_whose_ledger_disk_is_full_finishes_and_reports(tmpfs, tmp_pat
     or disk is full", here its own 64 KB file system), the import goes on, prints its
     summary and writes its report, exit status 0 (every file is in the archive); the next
     run reads the files the ledger missed again and finds them already held."""
-    from stowage.bench import corpus
+    from test_import import clones
     src = tmp_path / "src"
-    corpus.generate(src, "small", 600, seed=7)
+    clones(src, 24, 25, seed=7)  # 600 files, of 24 generated instances (pydicom writes each in 10-60 ms)
     data = tmp_path / "data"
     ledger_disk = tmpfs(data / "import", "64k")
     cmd = [sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q",

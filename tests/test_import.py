@@ -540,7 +540,7 @@ def test_no_space_stops_the_import(tmp_path):
     the import stops starting files, lists what it did not store, and exits 1; a later
     run with room imports everything."""
     src = tmp_path / "src"
-    corpus.generate(src, "small", 200, seed=31)
+    clones(src, 20, 10, seed=31)  # 200 files
     data = tmp_path / "data"
     r = subprocess.run([sys.executable, "-m", "stowage.cli", "import", str(src), "--data-dir", str(data), "-q"],
                        capture_output=True, text=True, timeout=120,
