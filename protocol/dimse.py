@@ -127,12 +127,19 @@ def store_response(message_id: int, sop_class: str, sop_instance: str, status: i
                      _el(0x0902, _lo(comment)) if comment else b"", _el(0x1000, _ui(sop_instance)))
 
 
+def suboperations(n: int) -> int:
+    """A sub-operation count as its US field can carry it: at most 65535. A retrieve of
+    more instances (a patient's whole history) says 65535 until fewer remain, rather than
+    failing to encode its response (which ended the C-MOVE or C-GET after one instance)."""
+    return min(max(int(n), 0), 0xFFFF)
+
+
 def retrieve_response(command_field: int, message_id: int, sop_class: str, status: int,
                       counts: tuple[int, int, int, int]) -> bytes:
     """A C-MOVE-RSP or C-GET-RSP without an identifier (PS3.7 9.3.3.2, 9.3.4.2):
     `counts` are the remaining, completed, failed and warning sub-operations."""
     return _response(command_field, message_id, sop_class, status,
-                     *(_el(0x1020 + i, _US.pack(n)) for i, n in enumerate(counts)))
+                     *(_el(0x1020 + i, _US.pack(suboperations(n))) for i, n in enumerate(counts)))
 
 
 def echo_response(message_id: int, sop_class: str) -> bytes:

@@ -218,3 +218,21 @@ def test_a_sequence_key_whose_item_holds_only_return_keys_matches_every_entity(a
                          ProcedureCodeSequence=[item]) == [s for s, _d, _t in STUDIES]
     item.CodeValue = "NOPE"  # a real matching key still matches
     assert _find_studies(archive.port, None, StudyDate="20240101-20240103", ProcedureCodeSequence=[item]) == []
+
+
+def test_sub_operation_counts_beyond_65535_are_sent_as_65535():
+    """The counts are US: a C-MOVE or C-GET of more than 65535 instances (a patient's
+    whole history) could not encode its first pending response (struct.error), which
+    ended the retrieve after one instance; the count now says 65535 until fewer remain.
+    (An archive of 65,537 instances takes minutes to fill: checked by hand, see the
+    commit; this checks the encoding the handler uses.)"""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+    from pynetdicom.dimse_primitives import C_MOVE
+
+    from stowage.protocol.pynetdicom_patches import retrieve_pending_command
+    command = retrieve_pending_command(C_MOVE, 7, "1.2.840.10008.5.1.4.1.2.2.2", (70000, 65536, 1, 0))
+    ds = read_dataset(BytesIO(command), True, True)
+    assert (ds.NumberOfRemainingSuboperations, ds.NumberOfCompletedSuboperations,
+            ds.NumberOfFailedSuboperations, ds.NumberOfWarningSuboperations) == (65535, 65535, 1, 0)

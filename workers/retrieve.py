@@ -47,6 +47,7 @@ from stowage.engine.transfer.requestor import Peer, PeerError, peer_of
 from stowage.engine.transfer.links import direct_socket
 from stowage.engine.transfer.results import Instance, Outcome
 from stowage.engine.transfer.send import Sender
+from stowage.protocol.dimse import suboperations
 from stowage.protocol.pdu import p_data
 from stowage.protocol.pynetdicom_patches import retrieve_pending_command, send_retrieve_pending
 from stowage.protocol.status import (
@@ -165,10 +166,10 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
         if counts is not None:
             remaining, completed, failed, warning = counts
             if status == PENDING or status == CANCEL:
-                rsp.NumberOfRemainingSuboperations = remaining
-            rsp.NumberOfCompletedSuboperations = completed
-            rsp.NumberOfFailedSuboperations = failed
-            rsp.NumberOfWarningSuboperations = warning
+                rsp.NumberOfRemainingSuboperations = suboperations(remaining)
+            rsp.NumberOfCompletedSuboperations = suboperations(completed)
+            rsp.NumberOfFailedSuboperations = suboperations(failed)
+            rsp.NumberOfWarningSuboperations = suboperations(warning)
         if comment:
             rsp.ErrorComment = comment[:64]
         if failed_uids:
