@@ -270,7 +270,7 @@ class Destination(threading.Thread):
             return 0.5
         self.last_due = time.monotonic()
         try:
-            peer = peer_of(remote)
+            peer_of(remote)  # the remote's address is usable (the sending process makes its own)
         except PeerError as e:
             return self._failed(queue, entries, str(e))
         project = entries[0].project  # one project (usually none) per session: one rewrite
