@@ -224,8 +224,10 @@ def test_sub_operation_counts_beyond_65535_are_sent_as_65535():
     """The counts are US: a C-MOVE or C-GET of more than 65535 instances (a patient's
     whole history) could not encode its first pending response (struct.error), which
     ended the retrieve after one instance; the count now says 65535 until fewer remain.
-    (An archive of 65,537 instances takes minutes to fill: checked by hand, see the
-    commit; this checks the encoding the handler uses.)"""
+    (An archive that large takes minutes to fill, too long here: checked by hand with
+    65,540 instances moved to an unreachable destination: 0xC000 'internal error' after
+    one sub-operation before, pending responses and a final 0xA702 after. This checks
+    the encoding the handler uses.)"""
     from io import BytesIO
 
     from pydicom.filereader import read_dataset
