@@ -25,4 +25,8 @@ python3 -m pip install -q -e '.[test]'
 # cores finish the suite in a little over half the time of one (1,167 s against 2,084 s). Later
 # flags win: `-n 0` runs it serially.
 jobs=$(nproc); [ "$jobs" -le 4 ] || jobs=4
+# Where apt-get puts DCMTK, tried first: otherwise each test process asks pynetdicom's
+# scripts of the same names for their --version first (a Python start-up each, seconds
+# under load) before it finds DCMTK's (bench/procs.find_dcmtk).
+export DCMTK_BIN="${DCMTK_BIN:-/usr/bin}"
 exec python3 -m pytest -q -n "$jobs" --dist loadfile --no-loadscope-reorder "$@"
