@@ -46,6 +46,13 @@ def dcmtk(name: str) -> str:
     return path
 
 
+def storescu(port: int, files: list[Path], *options: str) -> None:
+    """DCMTK storescu sends `files` to the stowage on `port` (with `options`); all must succeed."""
+    r = subprocess.run([dcmtk("storescu"), *options, "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

@@ -17,7 +17,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as S
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_GET
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_MOVE
 
-from conftest import CT, HOST, Server, dcmtk, free_port
+from conftest import CT, HOST, Server, dcmtk, free_port, storescu
 
 # (study, date, time): three days, one study each, at different hours
 STUDIES = (("1.2.826.0.1.3680043.2.1143.77.1", "20240101", "090000"),
@@ -68,16 +68,11 @@ def archive(tmp_path_factory):
     cfg.write_text(f'[remotes.GONE]\nhost = "{HOST}"\nport = {free_port()}\n')
     server = Server(tmp / "data", free_port(), ["--workers", "1", "--config", str(cfg)], log_dir=tmp).start()
     try:
-        _storescu(server.port, _write_studies(tmp / "in") + _write_japanese(tmp / "in"))
+        storescu(server.port, _write_studies(tmp / "in") + _write_japanese(tmp / "in"))
         yield server
     finally:
         server.kill()
 
-
-def _storescu(port: int, files: list[Path]) -> None:
-    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
 
 
 def _find_studies(port: int, ext: bytes | None, **keys: str) -> list[str]:

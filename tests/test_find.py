@@ -21,18 +21,13 @@ from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 
 import find_corpus as fc
 from stowage.catalog.keys import models
-from conftest import CT, HOST, MR, Server, copies, dcmtk, free_port, wait_for
+from conftest import CT, HOST, MR, Server, copies, dcmtk, free_port, storescu, wait_for
 
 PATIENT_ROOT, STUDY_ROOT, PS_ONLY = (m.find for m in models().values())
 MWL_FIND = "1.2.840.10008.5.1.4.31"
 S11, S12, S21 = fc.uid(1, 1), fc.uid(1, 2), fc.uid(2, 1)
 CANCEL_SERIES_SIZE = 1500  # enough matches that a C-CANCEL lands while they are still being sent
 
-
-def storescu(port: int, files: list[Path]) -> None:
-    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless
 
-from conftest import HOST, MR, copies, dataset_bytes, dcmtk, export_all, free_port, series_instances, \
-    wait_for
+from conftest import HOST, MR, copies, dataset_bytes, export_all, free_port, series_instances, \
+    storescu, wait_for
 from stowage.engine.runtime import config as cfg
 from test_send import StoreSCP, scps  # noqa: F401  (scps: fixture)
 
@@ -29,11 +29,6 @@ from test_send import StoreSCP, scps  # noqa: F401  (scps: fixture)
 def stowage(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True, timeout=120)
 
-
-def storescu(port: int, files: list[Path]) -> None:
-    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
 
 
 def send_as_is(port: int, path: Path) -> None:

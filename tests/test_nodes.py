@@ -31,7 +31,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from conftest import CT, HOST, MR, Server, copies, dataset_bytes, dcmtk, free_port, wait_for
+from conftest import CT, HOST, MR, Server, copies, dataset_bytes, dcmtk, free_port, storescu, wait_for
 from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS (fixture)
 from test_haproxy import BALANCER, Balancer, _audit
 from test_move import key_options
@@ -106,11 +106,6 @@ def pair(s3_server, tmp_path_factory):  # noqa: F811 - the session's fixture
     finally:
         p.stop()
 
-
-def storescu(port: int, files: list[Path]) -> None:
-    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
 
 
 def find(port: int, level: str, **keys: str) -> list[pydicom.Dataset]:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import HOST, Server, catalog_sealed, dcmtk, free_port, received_by_dcmtk, series_instances, wait_for
+from conftest import HOST, Server, catalog_sealed, free_port, received_by_dcmtk, series_instances, storescu, \
+    wait_for
 from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 from stowage.catalog import manifest
 from test_get import getscu, received
@@ -41,11 +42,6 @@ def stowage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stowage.cli", *args], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, **env))
 
-
-def storescu(port: int, files: list[Path]) -> None:
-    r = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
 
 
 def dataset(path: Path) -> bytes:

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from conftest import CT, HOST, cli, copies, dcmtk, export_all, free_port
+from conftest import CT, HOST, cli, copies, export_all, free_port, storescu
 from page_cache import file_system, resident_pages
 from test_commitment import Modality
 from test_get import _pyn_get, getscu, received
@@ -27,11 +27,6 @@ from test_send import RLE_SRC, config_with, flip_payload, scps, stowage  # noqa:
 
 pytestmark = pytest.mark.timeout(300)
 
-
-def storescu(port: int, files: list[Path], *options: str) -> None:
-    r = subprocess.run([dcmtk("storescu"), *options, "-aec", "STOWAGE", HOST, str(port), *map(str, files)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
 
 
 def verify(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
