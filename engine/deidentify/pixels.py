@@ -35,8 +35,8 @@ class Signature:
 
 
 def is_secondary_capture(sop_class: str) -> bool:
-    """Secondary Capture (1.2.840.10008.5.1.4.1.1.7) or a multi-frame one (.7.1 to .7.4); not
-    the VL classes (.77.1.x: endoscopic, photographic, ophthalmic) that share the digits."""
+    """Secondary Capture (SECONDARY_CAPTURE_PREFIX) or a multi-frame one (its .1 to .4); not
+    the VL classes (.77.1.x: endoscopic, photographic, ophthalmic) that share its digits."""
     sop_class = sop_class.strip()
     return sop_class == SECONDARY_CAPTURE_PREFIX or sop_class.startswith(SECONDARY_CAPTURE_PREFIX + ".")
 
