@@ -9,10 +9,15 @@ The ledger is a cache, never the truth: losing its last rows in a crash only mea
 that those files are read again, and the archive's duplicate check stores nothing twice.
 So a ledger that cannot be written (a full disk: "database or disk is full") costs a
 warning, never the import: its summary and report are what the operator needs then.
+
+Paths are text when they are UTF-8, as nearly all are. A file name that is not (Latin-1
+names copied from an old system, names from a CD's ISO 9660 records) cannot be SQLite text: it is kept
+as a BLOB of its bytes (os.fsencode), and read back as the str the walk gives for it.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -20,6 +25,21 @@ from pathlib import Path
 log = logging.getLogger("stowage.import")
 
 Key = tuple[int, int, int]  # (size, mtime_ns, inode)
+
+
+def _column(path: str) -> str | bytes:
+    """The path as the ledger stores it: text, or its bytes when it is not UTF-8."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode's surrogates: the name's bytes are not UTF-8
+        return os.fsencode(path)
+    return path
+
+
+def _below(root: str | bytes) -> tuple[str | bytes, str | bytes]:
+    """Bounds of the paths below the folder `root` (ending in "/"): from "root/" up to
+    "root0", '0' following '/'; text bounds select text rows, bytes bounds BLOB rows."""
+    return root, root[:-1] + ("0" if isinstance(root, str) else b"0")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -53,20 +73,22 @@ class Ledger:
 
     def known(self, root: str) -> dict[str, Key]:
         """Files under `root` (a folder, or one file) that the ledger holds."""
+        found: dict[str, Key] = {}
         if not root.endswith("/"):
-            exact = self.db.execute("SELECT path, size, mtime_ns, inode FROM files WHERE path = ?", (root,))
-            found = {p: (s, m, i) for p, s, m, i in exact}
+            found.update(self._rows("path = ?", (_column(root),)))
             root += "/"
-        else:
-            found = {}
-        # Paths below the folder: those between "root/" and "root0" ('0' follows '/').
-        rows = self.db.execute("SELECT path, size, mtime_ns, inode FROM files WHERE path >= ? AND path < ?",
-                               (root, root[:-1] + "0"))
-        found.update((p, (s, m, i)) for p, s, m, i in rows)
+        text = _column(root)
+        if isinstance(text, str):
+            found.update(self._rows("path >= ? AND path < ?", _below(text)))
+        found.update(self._rows("path >= ? AND path < ?", _below(os.fsencode(root))))  # names not UTF-8
         return found
 
+    def _rows(self, where: str, params: tuple) -> dict[str, Key]:
+        rows = self.db.execute(f"SELECT path, size, mtime_ns, inode FROM files WHERE {where}", params)
+        return {p if isinstance(p, str) else os.fsdecode(p): (s, m, i) for p, s, m, i in rows}
+
     def add(self, path: str, key: Key, outcome: str) -> None:
-        self._pending.append((path, *key, outcome, time.time()))
+        self._pending.append((_column(path), *key, outcome, time.time()))
         if len(self._pending) >= 5000 or time.monotonic() - self._last_flush > 1.0:
             self.flush()
 

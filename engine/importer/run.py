@@ -78,7 +78,9 @@ class _Report:
             self._open(path)
 
     def _open(self, path: Path) -> None:
-        self._file = open(path, "w", newline="", encoding="utf-8")
+        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, so
+        # that the report names the very file (a strict codec failed the whole import)
+        self._file = open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")
         self._writer = csv.writer(self._file)
         self._writer.writerow(["path", "outcome", "reason"])
 
