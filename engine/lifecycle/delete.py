@@ -49,6 +49,8 @@ class DeleteResult:
     records: int = 0            # stored records hidden (an instance stored twice has two)
     done: bool = False          # False: a dry run, nothing hidden
     study_uids: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # values no stored record has (a typo?)
+    already: list[str] = field(default_factory=list)  # values whose every record is hidden already
 
     def summary(self) -> str:
         return (f"{self.patients} patient(s), {self.studies} study(ies), {self.series} series, "
@@ -65,11 +67,25 @@ def live_records(catalog: Catalog, column: str, values: Sequence[str]) -> list[t
     return rows
 
 
+def _unmatched(catalog: Catalog, column: str, values: Sequence[str], rows: list[tuple]) -> tuple[list[str], list[str]]:
+    """The values that no live record has: (unknown to the archive, deleted already). A
+    mistyped UID in a list of right ones must be noticed, not silently left undeleted."""
+    index = {"patient_id": 4, "study_instance_uid": 2, "series_instance_uid": 3, "sop_instance_uid": 0}[column]
+    live = {r[index] for r in rows}
+    missing = [v for v in values if v not in live]
+    if not missing:
+        return [], []
+    _cols, held = catalog.execute(f"SELECT DISTINCT {column} FROM records WHERE {column} IN (SELECT unnest(?))",
+                                  [missing])
+    hidden = {h for (h,) in held}
+    return [v for v in missing if v not in hidden], [v for v in missing if v in hidden]
+
+
 def _check(level: str, values: Sequence[str]) -> list[str]:
     from stowage.engine.store.archive import valid_uid
     if level not in LEVELS:
         raise DeleteError(f"unknown level {level!r}: choose one of {', '.join(LEVELS)}")
-    values = [v.strip() for v in values if v and v.strip()]
+    values = list(dict.fromkeys(v.strip() for v in values if v and v.strip()))  # each once
     if not values:
         raise DeleteError(f"give at least one {level} to delete")
     for v in values:
@@ -90,13 +106,14 @@ def delete(config: Config, level: str, values: Sequence[str], reason: str = "del
     catalog = catalog or Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
     try:
         rows = live_records(catalog, LEVELS[level], values)
+        unknown, already = _unmatched(catalog, LEVELS[level], values, rows)
     finally:
         if own:
             catalog.close()
     result = DeleteResult(level, values, reason, patients=len({r[4] for r in rows}),
                           studies=len({r[2] for r in rows}), series=len({r[3] for r in rows}),
                           instances=len({r[0] for r in rows}), records=len(rows),
-                          study_uids=sorted({r[2] for r in rows if r[2]}))
+                          study_uids=sorted({r[2] for r in rows if r[2]}), unknown=unknown, already=already)
     if dry_run or not rows:
         return result
     tombstones.append(config.data_dir, [

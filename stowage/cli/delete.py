@@ -43,6 +43,7 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
         if not plan.records:
             raise click.ClickException(f"nothing to delete: no stored instance has that {level} "
                                        "(or it is deleted already)")
+        _tell_unmatched(level, plan.unknown, plan.already)
         click.echo(f"would delete {plan.summary()}")
         if not yes:
             click.confirm("delete them?", abort=True)
@@ -54,3 +55,18 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
         raise click.ClickException(f"cannot write the tombstones ({e.strerror or e}): the deletion may be "
                                    "incomplete; run it again once that is fixed") from None
     click.echo(f"deleted {result.summary()}")
+    if result.unknown:  # a mistyped value must not pass for done: the exit status says so too
+        raise click.ClickException(f"{len(result.unknown)} of the {len(result.values)} {level} value(s) given "
+                                   f"matched no stored instance, so nothing of them was deleted: {_some(result.unknown)}")
+
+
+def _some(values: list[str], shown: int = 5) -> str:
+    return ", ".join(values[:shown]) + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
+def _tell_unmatched(level: str, unknown: list[str], already: list[str]) -> None:
+    """Before asking: the values that match nothing (a typo?) and those deleted already."""
+    if unknown:
+        click.echo(f"not found: no stored instance has {level} {_some(unknown)}", err=True)
+    if already:
+        click.echo(f"deleted already: {level} {_some(already)}", err=True)
