@@ -5,6 +5,7 @@ of several hundred instances."""
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (MRImageStorage, PatientRootQueryRetrieveInformationModelMove,
                                   StudyRootQueryRetrieveInformationModelMove)
 
-from conftest import CT, HOST, MR, copies, dataset_bytes, dcmtk, free_port
-from test_send import RLE_SRC, J2K_SRC, as_implicit, by_uid, config_with, scps, store  # noqa: F401  (scps: fixture)
+from conftest import CT, HOST, MR, cli, copies, dataset_bytes, dcmtk, free_port
+from test_send import RLE_SRC, J2K_SRC, as_implicit, by_uid, config_with, scps, stowage, store  # noqa: F401  (scps: fixture)
 
 MODELS = {"P": "PATIENT STUDY SERIES IMAGE", "S": "STUDY SERIES IMAGE", "O": "PATIENT STUDY"}
 
@@ -139,8 +140,9 @@ def test_move_conversion_counts_and_unknown_destination(archive, tmp_path):
 class SlowSCP:
     """A pynetdicom Storage SCP taking only MR, each store taking `delay` seconds."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, hold_after: int = 0) -> None:
         self.port, self.received, self.delay = free_port(), [], delay
+        self.hold_after, self.go_on = hold_after, threading.Event()  # the hold_after-th store waits for go_on
         ae = AE("SLOW")
         ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         self.server = ae.start_server((HOST, self.port), block=False,
@@ -149,7 +151,15 @@ class SlowSCP:
     def _on_store(self, event) -> int:
         time.sleep(self.delay)
         self.received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(self.received) == self.hold_after:
+            self.go_on.wait(120)
         return 0
+
+    def wait_for(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < n:
+            assert time.monotonic() < deadline, f"{len(self.received)} of {n} stores arrived in {timeout} s"
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -205,6 +215,52 @@ def test_move_cancel(make_server, tmp_path):
         assert sorted(dest.received) == sorted(set(dest.received))
         assert len(dest.received) == final.NumberOfCompletedSuboperations, (len(dest.received), final)
     finally:
+        dest.stop()
+
+
+@pytest.mark.parametrize("how", ["C-MOVE", "stowage send"])
+def test_a_study_deleted_during_a_transfer_stops_going_out(make_server, tmp_path, how):
+    """A wrong-patient study deleted while a workstation pulls it (or `stowage send` pushes
+    it): what the destination already answered stays completed, not one more instance goes
+    out, and each one left is a failed sub-operation saying it was deleted."""
+    dest = SlowSCP(hold_after=3)
+    try:
+        cfg = config_with(tmp_path, SLOW=(HOST, dest.port))
+        server = make_server("--workers", "2", "--config", str(cfg))
+        mr = copies(MR, tmp_path / "mr", 20, "mr")
+        store(server.port, mr)
+        study = pydicom.dcmread(mr[0]).StudyInstanceUID
+        done: dict = {}
+        if how == "C-MOVE":
+            run = lambda: done.update(rsps=_pyn_move(server.port, "SLOW", {"QueryRetrieveLevel": "STUDY",  # noqa: E731
+                                                                         "StudyInstanceUID": study}))
+        else:
+            run = lambda: done.update(r=stowage("send", "--data-dir", str(server.data_dir), "--config",  # noqa: E731
+                                                str(cfg), "--study", study, "--to", "SLOW", "-q"))
+        transfer = threading.Thread(target=run, daemon=True)
+        transfer.start()
+        dest.wait_for(3)  # the third store waits for its answer while the study is deleted
+        deleted = cli("delete", "--data-dir", str(server.data_dir), "--study", study, "--yes")
+        assert deleted.returncode == 0, deleted.stderr
+        dest.go_on.set()
+        transfer.join(120)
+        assert not transfer.is_alive()
+        assert len(dest.received) == 3, dest.received
+        if how == "C-MOVE":
+            final = done["rsps"][-1][0]
+            assert final.Status == 0xB000, hex(final.Status)  # some completed, the rest failed
+            assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 17)
+            assert "deleted" in final.ErrorComment, final.ErrorComment
+            failed = set(done["rsps"][-1][1].FailedSOPInstanceUIDList)
+            sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in mr}
+            assert failed == sent - set(dest.received)
+        else:
+            r = done["r"]
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert "3 completed, 0 warning, 17 failed" in r.stdout, r.stdout
+            assert "deleted from the archive during the transfer" in r.stderr, r.stderr
+    finally:
+        dest.go_on.set()
         dest.stop()
 
 

@@ -44,6 +44,7 @@ from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.runtime.logs import log_reference
 from stowage.engine.transfer.requestor import Peer, PeerError, peer_of
+from stowage.engine.transfer.deleted import DeletionWatch
 from stowage.engine.transfer.links import direct_socket
 from stowage.engine.transfer.results import Instance, Outcome
 from stowage.engine.transfer.send import Sender
@@ -74,7 +75,8 @@ _MODELS = (  # (C-MOVE SOP class, C-GET SOP class, levels) of each Query/Retriev
 MOVE_SOP_CLASSES = tuple(move for move, _get, _levels in _MODELS)
 GET_SOP_CLASSES = tuple(get for _move, get, _levels in _MODELS)
 _ROOTS = {move.rsplit(".", 1)[0]: levels for move, _get, levels in _MODELS}  # a model's classes differ in the last part
-_FIELDS = "sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", dataset_length"
+_FIELDS = ("sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", dataset_length, "
+           "epoch_us(received_at)")
 
 
 class RetrieveError(Exception):
@@ -109,7 +111,7 @@ def select(catalog: Catalog, sop_class_uid: str, identifier: Dataset) -> tuple[s
         params.append(values)
     sql = f"SELECT {_FIELDS} FROM instances WHERE {' AND '.join(where)} ORDER BY segment, \"offset\""
     _cols, rows = catalog.execute(sql, params)
-    return level, [Instance(*r[:5], dataset_length=r[5] or 0) for r in rows]
+    return level, [Instance(*r[:5], dataset_length=r[5] or 0, received_at=r[6]) for r in rows]
 
 
 def _why(failures: list[Outcome], peer: Peer) -> str:
@@ -210,6 +212,7 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
         host, port = assoc.requestor.address, assoc.requestor.port
         peer = Peer(requestor, str(host), int(port or 0))
 
+    deleted = DeletionWatch(retriever.config.data_dir)  # before the selection: nothing deleted slips between
     try:
         level, instances = select(retriever.catalog, str(req.AffectedSOPClassUID), identifier)
     except RetrieveError as e:
@@ -255,7 +258,7 @@ def _serve(retriever: Retriever, service: QueryRetrieveServiceClass, req: Any, c
 
     sender = retriever.sender(peer, on_outcome=on_outcome, cancelled=is_cancelled,
                                move_originator=(requestor, req.MessageID) if kind is C_MOVE else None,
-                               associations=associations)
+                               associations=associations, deleted=deleted)
     try:
         if kind is C_MOVE:
             result = sender.send(instances)

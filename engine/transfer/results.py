@@ -18,6 +18,7 @@ class Instance:
     segment: str
     offset: int
     dataset_length: int = 0
+    received_at: int | None = None  # µs since the epoch: with the UID, names the record (as a tombstone does)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from stowage.engine.transfer.results import Instance
 LEVELS = {"patient": "patient_id", "study": "study_instance_uid",
           "series": "series_instance_uid", "instance": "sop_instance_uid"}
 _TEXT_COLUMNS = frozenset(c for c, _kw in DICOM_COLUMNS)
-_FIELDS = ("sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", dataset_length")
+_FIELDS = ("sop_instance_uid, sop_class_uid, transfer_syntax_uid, segment, \"offset\", dataset_length, "
+           "epoch_us(received_at)")
 
 
 class SelectionError(ValueError):
@@ -71,4 +72,4 @@ def select(catalog: Catalog, level: str | None = None, values: Sequence[str] = (
     if where:
         sql += " WHERE " + " AND ".join(where)
     _cols, rows = catalog.execute(sql + " ORDER BY segment, \"offset\"", params)
-    return [Instance(*r[:5], dataset_length=r[5] or 0) for r in rows]
+    return [Instance(*r[:5], dataset_length=r[5] or 0, received_at=r[6]) for r in rows]

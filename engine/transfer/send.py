@@ -18,7 +18,8 @@ this thread (engine/transfer/links.py `DirectLink`), or under TLS through pynetd
 
 A store with no response within `dimse_timeout`, or whose association breaks, is
 retried once on a new association. A record marked corrupt (engine/store/integrity.py) is never
-sent: it counts as a failed sub-operation, with the mark's reason.
+sent: it counts as a failed sub-operation, with the mark's reason; so does one deleted after the
+transfer made its selection (engine/transfer/deleted.py: `deleted`, started before it).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from stowage.engine.store.locate import Locator, RecordGone
 from stowage.engine.store.segment import CorruptRecord, read_payload, stream_payload
 from stowage.engine.transfer import convert
 from stowage.engine.transfer.contexts import context_batches
+from stowage.engine.transfer.deleted import DeletionWatch
 from stowage.engine.transfer.links import DirectLink, LeanLink, Link, PynetdicomLink
 from stowage.engine.transfer.prepared import Prepared, unreadable, unreadable_record
 from stowage.engine.transfer.requestor import Peer, PeerError
@@ -70,7 +72,8 @@ class Sender:
                  move_originator: tuple[str, int] | None = None, associations: int = 1,
                  duplicates: str = "keep-newest", max_inflated_bytes: int = MAX_INFLATED_BYTES,
                  rewrite: Rewrite | None = None,
-                 read: Callable[[Path, int, str], bytes | memoryview] = read_payload) -> None:
+                 read: Callable[[Path, int, str], bytes | memoryview] = read_payload,
+                 deleted: DeletionWatch | None = None) -> None:
         self.segments_dir = segments_dir
         self.read = read  # a record's payload (forwarding shares one read among its destinations)
         self.rewrite = rewrite  # e.g. forwarding's de-identification: a new copy goes out, never the record
@@ -87,6 +90,7 @@ class Sender:
         self.on_outcome = on_outcome or (lambda _o: None)
         self.cancelled = cancelled or (lambda: False)
         self.move_originator = move_originator
+        self.deleted = deleted  # tombstones added since the selection: those records stay home
         # pynetdicom sends Part-10 files from disk in PDU-sized pieces, dataset bytes
         # untouched (STORE_SEND_CHUNKED_DATASET, set by the patches).
         pynetdicom_patches.install()
@@ -252,6 +256,10 @@ class Sender:
                     if self.cancelled():
                         work.give_back(inst)
                         return
+                    why = self.deleted.why_deleted(inst) if self.deleted is not None else None
+                    if why is not None:
+                        self._record(result, Outcome(inst, "failed", reason=why))
+                        continue
                     status = link.store(prepared, self.move_originator)
                     if status is None:
                         if self._retry(inst, prepared, work, result):

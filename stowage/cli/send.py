@@ -28,6 +28,7 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
     from stowage.engine.transfer.requestor import PeerError, resolve
     from stowage.engine.transfer.results import Outcome
     from stowage.engine.transfer.selection import SelectionError, parse_query, select
+    from stowage.engine.transfer.deleted import DeletionWatch
     from stowage.engine.transfer.send import Sender
     if not (config.data_dir / "catalog").exists():
         raise SendCommandError(f"{config.data_dir} holds no archive (no catalog/ in it)")
@@ -36,6 +37,7 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
         query = parse_query(query_text) if query_text else []
     except (PeerError, SelectionError) as e:
         raise SendCommandError(str(e)) from None
+    deleted = DeletionWatch(config.data_dir)  # before the selection: nothing deleted slips between
     catalog = Catalog(config.data_dir / "catalog", config.duplicates)
     try:
         instances = select(catalog, level, values, query)
@@ -67,7 +69,8 @@ def run_send(config: Config, target: str, level: str | None, values: list[str], 
                     acse_timeout=config.acse_timeout,
                     max_pdu=config.max_pdu, on_outcome=on_outcome, duplicates=config.duplicates,
                     max_inflated_bytes=config.max_inflated_bytes, cancelled=stop.is_set,
-                    associations=remote.associations if (remote := config.remotes.get(target)) else 1)
+                    associations=remote.associations if (remote := config.remotes.get(target)) else 1,
+                    deleted=deleted)
     try:
         # Ctrl-C: no new C-STORE; the one on the wire gets its response, the association is
         # released (not aborted), and the summary says what went
