@@ -158,13 +158,18 @@ class ObjectStore:
         return Uploaded(key, size, whole.hexdigest(), expected)
 
     def _existing(self, key: str) -> dict | None:
-        """The HEAD of `key`, or None when the bucket has no such object."""
-        from botocore.exceptions import ClientError
+        """The HEAD of `key`, or None when the bucket has no such object. A bucket out of
+        reach (a refused connection, a timeout: botocore's own errors, not ClientError) is an
+        ObjectStoreError like any failed request, so that callers (the uploader, the scrub,
+        a restore) say so in one line and try again rather than die of it."""
+        from botocore.exceptions import BotoCoreError, ClientError
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
+            raise ObjectStoreError(f"HEAD s3://{self.bucket}/{key}: {e}") from None
+        except BotoCoreError as e:
             raise ObjectStoreError(f"HEAD s3://{self.bucket}/{key}: {e}") from None
         self.counters.add("head")
         return head

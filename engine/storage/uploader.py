@@ -201,7 +201,7 @@ class Uploader:
                 failing = False
             except (ObjectStoreError, OSError) as e:
                 if not failing:  # said once, not every interval
-                    log.error("uploads to %s fail, will retry every %.0f s: %s", self.config.storage,
+                    log.error("uploads to %s fail, will retry every %g s: %s", self.config.storage,
                               self.config.upload_interval, e)
                 failing = True
 
