@@ -105,11 +105,13 @@ class _RecordingSCP:
     def __init__(self, port: int) -> None:
         from pynetdicom import evt
         self.got: list[tuple[str, str]] = []
+        self.datasets: list = []
         ae = AE("DEST")
         ae.supported_contexts = AllStoragePresentationContexts
 
         def on_store(event):
             self.got.append((str(event.request.AffectedSOPInstanceUID), str(event.dataset.PatientName)))
+            self.datasets.append(event.dataset)
             return 0x0000
         self.server = ae.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
@@ -117,10 +119,10 @@ class _RecordingSCP:
         self.server.shutdown()
 
 
-def _store(port: int, ds, calling: str = "MODALITY") -> None:
+def _store(port: int, ds, calling: str = "MODALITY", called: str = "STOWAGE") -> None:
     scu = AE(calling)
     scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = scu.associate(HOST, port, ae_title="STOWAGE")
+    assoc = scu.associate(HOST, port, ae_title=called)
     assert assoc.is_established
     try:
         assert assoc.send_c_store(ds).Status == 0
@@ -189,5 +191,44 @@ def test_an_instance_is_never_forwarded_back_to_the_ae_that_sent_it(make_server,
         wait_for(lambda: peer.got, 60, lambda: f"nothing forwarded:\n{server.log()}")
         time.sleep(2)  # the scan that saw both has queued whatever it would
         assert [uid for uid, _n in peer.got] == [str(from_modality.SOPInstanceUID)], peer.got
+    finally:
+        peer.stop()
+
+
+def test_a_de_identifying_rule_sends_what_its_project_made_at_ingest_as_it_is(make_server, tmp_path):
+    """A rule de-identifying everything under TRIAL, and a study whose instances came in both
+    through the plain AE title and through TRIAL's (de-identified on the way in): the
+    ingested copies were de-identified a second time, so the destination got one patient
+    under two pseudonyms and one study under two Study Instance UIDs (UIDs hashed twice)."""
+    from conftest import wait_for
+    port = free_port()
+    peer = _RecordingSCP(port)
+    try:
+        config = tmp_path / "c.toml"
+        config.write_text(f'data_dir = "{tmp_path / "data"}"\n[remotes.PEER]\nhost = "{HOST}"\nport = {port}\n'
+                          '[projects.TRIAL]\ncalled_ae = "TRIAL"\n'
+                          '[[forward]]\nto = "PEER"\ndeidentify = "TRIAL"\n')
+        server = make_server("--config", str(config), "--workers", "1", data_dir=tmp_path / "data")
+        plain = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        through_trial = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # the same patient and study
+        through_trial.SOPInstanceUID = through_trial.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        _store(server.port, plain)
+        _store(server.port, through_trial, called="TRIAL")
+        wait_for(lambda: len(peer.datasets) >= 2, 60, lambda: f"not both forwarded:\n{server.log()}")
+        time.sleep(1)
+        got = peer.datasets
+        assert len(got) == 2, [str(ds.SOPInstanceUID) for ds in got]
+        assert {str(ds.PatientID) for ds in got} != {str(plain.PatientID)}
+        assert len({str(ds.PatientID) for ds in got}) == 1, [str(ds.PatientID) for ds in got]
+        assert len({str(ds.StudyInstanceUID) for ds in got}) == 1, [str(ds.StudyInstanceUID) for ds in got]
+        assert len({str(ds.get("StudyDate", "")) for ds in got}) == 1, [str(ds.get("StudyDate")) for ds in got]
+        # the TRIAL copy went out as the archive holds it (de-identified once, at ingest)
+        held = cli("query", "--data-dir", str(tmp_path / "data"), "--format", "csv",
+                   "SELECT sop_instance_uid FROM instances WHERE called_ae = 'TRIAL'")
+        assert held.returncode == 0, held.stderr
+        trial_uid = held.stdout.split()[-1]
+        assert trial_uid in {str(ds.SOPInstanceUID) for ds in got}, (held.stdout, got)
+        for ds in got:
+            assert str(ds.SOPInstanceUID) not in (str(plain.SOPInstanceUID), str(through_trial.SOPInstanceUID))
     finally:
         peer.stop()

@@ -105,6 +105,10 @@ class Scanner:
     def __init__(self, config: Config, queue: Queue, deletions: Deletions | None = None,
                  scanned: Scanned | None = None) -> None:
         self.rules = Rules(config.forward, config.pn_case_insensitive)
+        self.projects = {}  # [projects.NAME] of the de-identifying rules: whose AE title made a record
+        if any(r.deidentify for r in config.forward):
+            from stowage.engine.deidentify.project import parse
+            self.projects = parse(config.projects)
         self.queue = queue
         self.scanned = scanned or Scanned()
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates)
@@ -134,6 +138,16 @@ class Scanner:
             self._reconcile()
             self.deletions.reconciled = stamp
         return added
+
+    def _deidentify(self, rule: ForwardRule, row: dict[str, Any]) -> str:
+        """The project the rule's copy is de-identified under: none for a record that came in
+        through that project's own AE title, as that project already made it (de-identifying it
+        again would hash its UIDs twice and shift its dates twice: one patient would reach the
+        destination under two pseudonyms, its plain copies' and its project copies')."""
+        project = self.projects.get(rule.deidentify)
+        if project is not None and project.applies_to(row.get("called_ae") or "", row.get("calling_ae") or ""):
+            return ""
+        return rule.deidentify
 
     def _reconcile(self) -> None:
         """Cancel the pending entries of records the archive no longer serves. A record, not
@@ -195,7 +209,8 @@ class Scanner:
                 for destination in rule.to:
                     if destination == (values[9] or "").strip():
                         continue  # never back to the AE that sent it: two archives forwarding to each other would loop
-                    entries.append((destination, rule.name, *values[:8], values[8], until, rule.deidentify, group))
+                    entries.append((destination, rule.name, *values[:8], values[8], until,
+                                    self._deidentify(rule, row), group))
                     if until:
                         key = (destination, rule.name, rule.level, uid)
                         holds[key] = max(holds.get(key, 0.0), until)
