@@ -231,3 +231,59 @@ def test_an_open_association_is_counted(web_archive):
     finally:
         assoc.release()
     wait_for(lambda: status()["associations"] == 0, 30, "the released association to leave the dashboard")
+
+
+def _report_in_study_of(ct, out):
+    """A Basic Text SR in the study of `ct`, in a series of its own: a series without images."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    src = pydicom.dcmread(ct, stop_before_pixels=True)
+    ds = pydicom.Dataset()
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+        setattr(ds, keyword, src.get(keyword, ""))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = "SR", 2, 1, "report"
+    ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_a_series_without_images_gets_no_thumbnail_request(chromium, tmp_path):
+    """A study with a CT series and a report (SR): the study browser asked for the report
+    series' thumbnail too, a 404 in the browser's console; now it shows the series with no
+    image and asks for the CT's only."""
+    import subprocess
+    import pydicom
+    from browser import WebArchive
+    from conftest import CT, HOST, Server, dcmtk, free_port
+    http_port = free_port()
+    server = Server(tmp_path / "data", free_port(), ["--workers", "1", "--http-port", str(http_port),
+                                                     "--http-processes", "1"],
+                    {"STOWAGE_SCRUB_RATE": "off"}, log_dir=tmp_path).start()
+    try:
+        archive = WebArchive(server, http_port, str(pydicom.dcmread(CT, stop_before_pixels=True).StudyInstanceUID))
+        report = _report_in_study_of(CT, tmp_path / "sr.dcm")
+        sent = subprocess.run([dcmtk("storescu"), "-aec", "STOWAGE", HOST, str(server.port), str(CT), str(report)],
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        wait_for(lambda: b'"SR"' in archive.get(f"/dicom-web/studies/{archive.study_uid}/series")[2], 30,
+                 "the report's series over QIDO-RS")
+        _search(chromium, archive, "CompressedSamples").click()
+        figures = wait_for(lambda: len(found := chromium.find_elements(By.CSS_SELECTOR, "#study-results .series figure"))
+                           == 2 and found, 30, "both series under the study")
+        images = {f.find_element(By.TAG_NAME, "figcaption").text.split()[0]: f.find_element(By.TAG_NAME, "img")
+                  for f in figures}
+        wait_for(lambda: chromium.execute_script("return arguments[0].complete", images["CT"]), 30, "the CT thumbnail")
+        assert "(no image)" in images["SR"].get_attribute("alt")
+        assert not images["SR"].get_attribute("src")
+        assert not failed_requests(chromium)
+        assert not console_errors(chromium)
+    finally:
+        server.kill()
