@@ -15,6 +15,7 @@ archive does not store an identical re-sent instance twice.
 """
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import os
 import sqlite3
@@ -26,6 +27,7 @@ from typing import Any, Iterable
 
 from stowage.catalog.durable import fsync_dir
 from stowage.engine.migrate.enumerate import Study, Window
+from stowage.engine.migrate.options import MigrateError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -41,9 +43,35 @@ CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, next_attempt);
 """
 STATES = ("pending", "in-flight", "done", "failed")
 
+# A study found again (another window, or --rescan) takes the source's new count. A done
+# study whose new count is above what was verified has gained instances at the source
+# since it was pulled (a report, a late series): it is pulled again, with fresh attempts;
+# the instances already held are answered "already held" and not stored twice.
+_GREW = "studies.state = 'done' AND excluded.expected > studies.verified"
+_UPSERT_STUDY = f"""
+INSERT INTO studies (uid, patient_id, patient_name, study_date, modalities, expected, updated)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (uid) DO UPDATE SET expected = excluded.expected,
+    state = CASE WHEN {_GREW} THEN 'pending' ELSE studies.state END,
+    attempts = CASE WHEN {_GREW} THEN 0 ELSE studies.attempts END,
+    next_attempt = CASE WHEN {_GREW} THEN 0 ELSE studies.next_attempt END,
+    last_error = CASE WHEN {_GREW} THEN 'the source now counts ' || excluded.expected || ' instances, '
+                      || studies.verified || ' were verified: pulled again' ELSE studies.last_error END
+WHERE excluded.expected IS NOT NULL AND (studies.state != 'done' OR excluded.expected > studies.verified)
+"""
+
 
 class CheckpointBusy(RuntimeError):
     """Another `stowage migrate` holds this source's checkpoint."""
+
+
+class CheckpointUnreadable(MigrateError):
+    """The checkpoint file is damaged, or is not a checkpoint (SQLite cannot read it)."""
+
+    def __init__(self, path: Path, error: sqlite3.Error) -> None:
+        super().__init__(f"the migration checkpoint {path} cannot be read ({error}): it is damaged or not a "
+                         f"checkpoint; move it aside (with its -wal and -shm files) and run again to start this "
+                         f"source afresh (instances already in the archive are not stored twice)")
 
 
 @dataclass
@@ -67,6 +95,25 @@ class Result:
     verified_by: str = ""
     error: str = ""
     busy: bool = False          # the source said it is out of resources, or stalled
+
+
+DateRange = tuple[dt.date | None, dt.date | None]  # --since, --until (inclusive)
+
+
+def in_range(dates: DateRange) -> tuple[str, tuple[str, ...]]:
+    """SQL (and its values) selecting the studies whose StudyDate (DA, YYYYMMDD) is within
+    `dates`; with neither bound, every study, undated ones included (as the enumeration)."""
+    since, until = dates
+    if since is None and until is None:
+        return "1", ()
+    where, params = ["length(study_date) = 8"], []
+    if since is not None:
+        where.append("study_date >= ?")
+        params.append(since.strftime("%Y%m%d"))
+    if until is not None:
+        where.append("study_date <= ?")
+        params.append(until.strftime("%Y%m%d"))
+    return " AND ".join(where), tuple(params)
 
 
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -106,10 +153,15 @@ class Checkpoint:
             self._lock_file.close()
             raise CheckpointBusy(f"another stowage migrate is running from this source ({path.name}); "
                                  "see it with --status") from None
-        if not path.exists():
-            _create(path)
-        self.con = connect(path)
-        self.con.executescript(SCHEMA)  # an older checkpoint gains what it lacks
+        try:
+            if not path.exists():
+                _create(path)
+            self.con = connect(path)
+            self.con.executescript(SCHEMA)  # an older checkpoint gains what it lacks
+            self.con.execute("SELECT count(*) FROM studies").fetchone()  # reads the pages, not just the header
+        except sqlite3.DatabaseError as e:
+            self._lock_file.close()
+            raise CheckpointUnreadable(path, e) from None
         self._mutex = threading.Lock()
 
     def close(self) -> None:
@@ -157,11 +209,12 @@ class Checkpoint:
     # -- enumeration ---------------------------------------------------------------
 
     def seed_windows(self, windows: list[Window], rescan: bool) -> None:
-        """Start enumeration with `windows`, unless a previous run did (and no rescan)."""
+        """Start enumeration with `windows`, unless a previous run did (and no rescan). A
+        run asking for another --since/--until than the previous ones adds its own first
+        window: a migration of the last two years first, then of everything, must find the
+        older studies too (the first windows of every run are remembered, done or not)."""
         if rescan:
             self._tx([("DELETE FROM windows", ())])
-        if self._one("SELECT count(*) FROM windows"):
-            return
         now = time.time()
         self._tx(("INSERT OR IGNORE INTO windows (key, state, updated) VALUES (?, 'pending', ?)", (w.key, now))
                  for w in windows)
@@ -176,10 +229,7 @@ class Checkpoint:
         """One window's answer, atomically: its studies, its children, its state."""
         now = time.time()
         stmts: list[tuple[str, Any]] = [
-            ("INSERT INTO studies (uid, patient_id, patient_name, study_date, modalities, expected, updated) "
-             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO UPDATE SET expected = excluded.expected "
-             "WHERE studies.state != 'done' AND excluded.expected IS NOT NULL",
-             (s.uid, s.patient_id, s.patient_name, s.study_date, s.modalities, s.expected, now))
+            (_UPSERT_STUDY, (s.uid, s.patient_id, s.patient_name, s.study_date, s.modalities, s.expected, now))
             for s in studies]
         stmts += [("INSERT OR IGNORE INTO windows (key, state, updated) VALUES (?, 'pending', ?)", (c.key, now))
                   for c in children]
@@ -205,16 +255,23 @@ class Checkpoint:
 
     # -- pulling -------------------------------------------------------------------
 
-    def next_due(self, limit: int, now: float) -> list[StudyRow]:
+    def next_due(self, limit: int, now: float, dates: DateRange = (None, None)) -> list[StudyRow]:
+        where, params = in_range(dates)
         with self._mutex:
             rows = self.con.execute(
                 "SELECT uid, patient_id, study_date, expected, attempts FROM studies "
-                "WHERE state = 'pending' AND next_attempt <= ? ORDER BY attempts, study_date DESC, uid LIMIT ?",
-                (now, limit)).fetchall()
+                f"WHERE state = 'pending' AND next_attempt <= ? AND {where} "
+                "ORDER BY attempts, study_date DESC, uid LIMIT ?", (now, *params, limit)).fetchall()
         return [StudyRow(*r) for r in rows]
 
-    def earliest_retry(self) -> float | None:
-        return self._one("SELECT min(next_attempt) FROM studies WHERE state = 'pending'")
+    def earliest_retry(self, dates: DateRange = (None, None)) -> float | None:
+        where, params = in_range(dates)
+        return self._one(f"SELECT min(next_attempt) FROM studies WHERE state = 'pending' AND {where}", params)
+
+    def outside(self, dates: DateRange) -> int:
+        """Studies not done whose StudyDate is outside --since/--until: left to another run."""
+        where, params = in_range(dates)
+        return int(self._one(f"SELECT count(*) FROM studies WHERE state != 'done' AND NOT ({where})", params))
 
     def start(self, uid: str) -> None:
         self._tx([("UPDATE studies SET state = 'in-flight', attempts = attempts + 1, updated = ? WHERE uid = ?",

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stowage.engine.migrate.checkpoint import connect, totals
+from stowage.engine.migrate.checkpoint import CheckpointUnreadable, connect, totals
 
 _STUDY_COLUMNS = ("uid", "patient_id", "study_date", "modalities", "state", "attempts", "expected", "received",
                   "verified", "bytes", "verified_by", "last_error")
@@ -60,6 +60,8 @@ def status(path: Path) -> list[str]:
     con = connect(path, readonly=True)
     try:
         return lines(summary(con))
+    except sqlite3.DatabaseError as e:
+        raise CheckpointUnreadable(path, e) from None
     finally:
         con.close()
 

@@ -20,7 +20,7 @@ from stowage.catalog.reader import Catalog
 from stowage.engine.transfer.requestor import Peer
 from stowage.engine.runtime.config import Config
 from stowage.engine.migrate import report
-from stowage.engine.migrate.checkpoint import Checkpoint, CheckpointBusy, Result, StudyRow
+from stowage.engine.migrate.checkpoint import Checkpoint, CheckpointBusy, DateRange, Result, StudyRow, in_range
 from stowage.engine.migrate.enumerate import first_windows
 from stowage.engine.migrate.options import MigrateError, Options, checkpoint_path
 from stowage.engine.migrate.pacing import Gate, retry_delay
@@ -67,6 +67,7 @@ class Migration:
         self.bar: tqdm | None = None
         self._bar_lock = threading.Lock()
         self.gate = Gate(opts.window, opts.rate)
+        self.dates = (opts.since, opts.until)  # studies pulled: those of this run's range only
 
     # -- enumeration ---------------------------------------------------------------
 
@@ -111,10 +112,21 @@ class Migration:
     def _verify(self, row: StudyRow, listing: SourceListing, pulled: Pulled) -> Result:
         have = held(self.catalog, row.uid)
         received = pulled.completed + pulled.warning
+        note = listing.problem
         if listing.uids is not None:
             expected, verified_by = len(listing.uids), "sop-instance-uids"
             present = [u for u in listing.uids if u in have.rows]
             missing = expected - len(present)
+            if row.expected is not None and row.expected > expected:
+                # The listing is shorter than the study-level count: a SERIES- or IMAGE-level
+                # answer the source cut short without saying so (a "max query results" that
+                # applies to every level), or instances gone since the enumeration. The listed
+                # UIDs alone would certify a study that lacks what was not listed: the archive
+                # must hold every listed UID and the count too (--rescan takes a new count).
+                note = (f"the source's study-level C-FIND counts {row.expected} instances, its "
+                        f"IMAGE-level C-FIND listed {expected}")
+                missing = max(missing, row.expected - len(have.rows))
+                expected, verified_by, present = row.expected, "instance-count", list(have.rows)
         elif row.expected is not None:
             expected, verified_by = row.expected, "instance-count"
             present = list(have.rows)
@@ -130,8 +142,8 @@ class Migration:
             problems.append(f"{missing} of {expected} instances not in the archive")
             if not pulled.ok:
                 problems.append(f"C-{self.opts.method.upper()} {pulled.describe()}")
-            elif listing.problem:
-                problems.append(f"({listing.problem})")
+            if note:
+                problems.append(f"({note})")
         elif self.opts.verify_content and present:
             bad = check_content(self.catalog, self.config.data_dir, type(have)({u: have.rows[u] for u in present}))
             if bad:
@@ -172,13 +184,13 @@ class Migration:
                         return
                     free = 0 if stopping else opts.parallel - len(running)
                     if free > 0 and self._wait_gate("pulling", block=False) <= 0:
-                        for row in cp.next_due(free, time.time()):
+                        for row in cp.next_due(free, time.time(), self.dates):
                             cp.start(row.uid)
                             running[pool.submit(self.study, row)] = row
                     if running:
                         wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                         continue
-                    due = cp.earliest_retry()
+                    due = cp.earliest_retry(self.dates)
                     if due is None:
                         return
                     gate_wait = self._wait_gate("pulling", block=False)
@@ -300,7 +312,7 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
         except SourceError as e:
             raise MigrateError(str(e)) from None
         if opts.dry_run:
-            return _dry_run(cp, echo)
+            return _dry_run(cp, echo, m.dates)
         m.open_storage()
         try:
             _run_pulls(m, opts)
@@ -316,7 +328,10 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
         csv_path, json_path = report.write(path, s, cp.con)
         echo(f"report: {csv_path} and {json_path}")
         incomplete = [w for w in s["incomplete_windows"] if w["state"] != "pending"]
-        unfinished = s["studies_pending"] + s["studies_in_flight"]
+        outside = cp.outside(m.dates)
+        if outside:
+            echo(f"{outside} study(ies) not done are outside --since/--until: a run with their dates pulls them")
+        unfinished = s["studies_pending"] + s["studies_in_flight"] - outside
         if unfinished and not s["studies_failed"]:
             echo(f"stopped with {unfinished} study(ies) not done: run the same command again to continue")
         return 1 if s["studies_failed"] or incomplete or unfinished else 0
@@ -340,10 +355,11 @@ def _run_pulls(m: Migration, opts: Options) -> None:
             m.bar.close()
 
 
-def _dry_run(cp: Checkpoint, echo: Callable[[str], None]) -> int:
+def _dry_run(cp: Checkpoint, echo: Callable[[str], None], dates: DateRange) -> int:
+    where, params = in_range(dates)
     with cp._mutex:
         rows = cp.con.execute("SELECT uid, patient_id, study_date, modalities, expected, state FROM studies "
-                              "ORDER BY study_date, uid").fetchall()
+                              f"WHERE {where} ORDER BY study_date, uid", params).fetchall()
     todo = [r for r in rows if r[5] != "done"]
     for uid, patient, date, mods, expected, _state in todo:
         echo(f"would pull {uid}  patient {patient}  {date or 'no date'}  {mods or '-'}  "

@@ -1,0 +1,246 @@
+"""`stowage migrate` at the edges a PACS administrator meets moving an old archive out: a
+source whose IMAGE-level answers are cut short without a word, a migration planned in
+date ranges, studies that gain instances at the source after they were migrated, a
+damaged checkpoint. The source is a pynetdicom Study Root Q/R SCP run in this process
+(its answers shaped by each test); `stowage migrate` runs as a subprocess, by C-GET, into
+a real data directory, and what the archive holds is checked through the catalog."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelGet, Verification)
+
+from conftest import HOST, cli, free_port, fresh_uid, series_instances
+
+
+def migrate(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data_dir), "-q",
+                           "--method", "get", "--retry-delay", "0.1", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def held(data_dir: Path) -> dict[str, int]:
+    """Instances the archive holds, per study (the catalog, through `stowage query`)."""
+    r = cli("query", "--data-dir", str(data_dir), "--format", "json",
+            "SELECT study_instance_uid AS s, count(*) AS n FROM instances GROUP BY 1")
+    assert r.returncode == 0, r.stderr
+    return {row["s"]: row["n"] for row in json.loads(r.stdout)}
+
+
+def _in_range(value: str, wanted: str) -> bool:
+    if not wanted:
+        return True
+    if "-" not in wanted:
+        return value == wanted
+    lo, hi = wanted.split("-", 1)
+    return bool(value) and (not lo or value >= lo) and (not hi or value <= hi)
+
+
+@dataclass
+class Source:
+    """A legacy archive: Study Root C-FIND (STUDY, SERIES, IMAGE) and C-GET over `files`,
+    on a free loopback port, in a thread of this process. `image_cap`: answer at most that
+    many IMAGE-level matches, with success (a "max query results" that says nothing);
+    `lost`: SOP Instance UIDs in the index but not sent (their files are gone)."""
+
+    files: list[Path]
+    aet: str = "OLDPACS"
+    image_cap: int = 0
+    lost: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.port = free_port()
+        self.items = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.files]
+        self.paths = {ds.SOPInstanceUID: p for ds, p in zip(self.items, self.files)}
+
+    def add(self, files: list[Path]) -> None:
+        """New instances arrive at the source (while, or after, it is migrated)."""
+        for p in files:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            self.items.append(ds)
+            self.paths[ds.SOPInstanceUID] = p
+
+    def _find(self, event):
+        q = event.identifier
+        level = q.QueryRetrieveLevel
+        study, series = str(q.get("StudyInstanceUID", "") or ""), str(q.get("SeriesInstanceUID", "") or "")
+        seen: set[str] = set()
+        for ds in list(self.items):
+            if study and ds.StudyInstanceUID != study or series and ds.SeriesInstanceUID != series:
+                continue
+            if not _in_range(str(ds.get("StudyDate", "")), str(q.get("StudyDate", "") or "")):
+                continue
+            key = {"STUDY": ds.StudyInstanceUID, "SERIES": ds.SeriesInstanceUID}.get(level, ds.SOPInstanceUID)
+            if key in seen:
+                continue
+            if level == "IMAGE" and self.image_cap and len(seen) >= self.image_cap:
+                break
+            seen.add(key)
+            rsp = Dataset()
+            rsp.QueryRetrieveLevel = level
+            rsp.StudyInstanceUID = ds.StudyInstanceUID
+            if level == "STUDY":
+                rsp.PatientID, rsp.PatientName = ds.PatientID, ds.PatientName
+                rsp.StudyDate, rsp.StudyTime = ds.get("StudyDate", ""), ds.get("StudyTime", "")
+                rsp.ModalitiesInStudy = ds.Modality
+                rsp.NumberOfStudyRelatedInstances = sum(d.StudyInstanceUID == ds.StudyInstanceUID
+                                                        for d in self.items)
+            if level in ("SERIES", "IMAGE"):
+                rsp.SeriesInstanceUID = ds.SeriesInstanceUID
+            if level == "IMAGE":
+                rsp.SOPInstanceUID, rsp.SOPClassUID = ds.SOPInstanceUID, ds.SOPClassUID
+            yield 0xFF00, rsp
+
+    def _get(self, event):
+        study = str(event.identifier.get("StudyInstanceUID", ""))
+        uids = [ds.SOPInstanceUID for ds in self.items if ds.StudyInstanceUID == study and
+                ds.SOPInstanceUID not in self.lost]
+        yield len(uids)
+        for uid in uids:
+            yield 0xFF00, pydicom.dcmread(self.paths[uid])
+
+    def __enter__(self) -> "Source":
+        ae = AE(self.aet)
+        ae.add_supported_context(Verification)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        for cx in StoragePresentationContexts:  # C-GET: the requestor takes the SCP role for these
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False)
+        self.server = ae.start_server((HOST, self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_FIND, self._find), (evt.EVT_C_GET, self._get)])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+    @property
+    def address(self) -> str:
+        return f"{self.aet}@{HOST}:{self.port}"
+
+
+def study(root: Path, n: int, date: str, series: int = 1) -> list[Path]:
+    """A study of `n` CT instances (in `series` series) on `date`, as Part-10 files."""
+    uid, patient = fresh_uid(), f"P{date}"
+    files: list[Path] = []
+    for s in range(series):
+        files += series_instances(root / uid[-10:] / str(s), patient, uid, fresh_uid(), n // series,
+                                  StudyDate=date, PatientName=f"DOE^{date}")
+    return files
+
+
+def test_a_study_whose_image_level_answer_is_cut_short_is_not_called_done(tmp_path):
+    """The source counts 6 instances at study level, but answers IMAGE-level C-FIND with at
+    most 2 (success, no word of a cap) and sends 5 of the 6 (one file lost): the 2 listed
+    are there, yet the study is not verified, and the report says why. (It was "done",
+    exit status 0, one instance short.) A study whose instances all arrive is done, its
+    size checked against the study-level count."""
+    short, whole = study(tmp_path / "src", 6, "20190304", series=2), study(tmp_path / "src", 4, "20190305")
+    lost = pydicom.dcmread(short[-1], stop_before_pixels=True).SOPInstanceUID
+    data = tmp_path / "data"
+    with Source(short + whole, image_cap=2, lost={lost}) as source:
+        r = migrate(data, "--from", source.address, "--retries", "1")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "studies: 2 found, 1 done, 1 failed" in r.stdout, r.stdout
+    failed = [line for line in r.stdout.splitlines() if "failed study" in line]
+    assert len(failed) == 1 and "1 of 6 instances not in the archive" in failed[0], failed
+    assert "study-level C-FIND counts 6 instances, its IMAGE-level C-FIND listed" in failed[0], failed
+    short_uid = pydicom.dcmread(short[0], stop_before_pixels=True).StudyInstanceUID
+    whole_uid = pydicom.dcmread(whole[0], stop_before_pixels=True).StudyInstanceUID
+    assert held(data) == {short_uid: 5, whole_uid: 4}
+    assert "instances: 10 expected" in r.stdout and "9 verified" in r.stdout, r.stdout
+
+
+def test_a_migration_planned_in_date_ranges(tmp_path):
+    """The last years first (--since), then everything: the second run finds and pulls the
+    older studies (it reused the first run's enumeration, reported every study done and
+    exited 0 with the older ones never asked for). A run with a range pulls only the
+    studies of that range, even those an earlier run found, and says what it left."""
+    dates = ["20240110", "20231231", "20150606", "19990101"]
+    studies = {d: study(tmp_path / "src", 2, d) for d in dates}
+    uid = {d: pydicom.dcmread(f[0], stop_before_pixels=True).StudyInstanceUID for d, f in studies.items()}
+    data = tmp_path / "data"
+    with Source([p for files in studies.values() for p in files]) as source:
+        dry = migrate(data, "--from", source.address, "--dry-run")  # everything found, nothing pulled
+        assert dry.returncode == 0 and "dry run: 4 of 4 studies to pull" in dry.stdout, dry.stdout + dry.stderr
+        recent = migrate(data, "--from", source.address, "--since", "2023-12-31")
+        assert recent.returncode == 0, recent.stdout + recent.stderr
+        assert held(data) == {uid["20240110"]: 2, uid["20231231"]: 2}
+        assert "2 study(ies) not done are outside --since/--until" in recent.stdout, recent.stdout
+        middle = migrate(data, "--from", source.address, "--since", "2000-01-01", "--until", "20230101", "--dry-run")
+        assert middle.returncode == 0 and "dry run: 1 of 1 studies to pull" in middle.stdout, middle.stdout
+        rest = migrate(data, "--from", source.address)
+    assert rest.returncode == 0, rest.stdout + rest.stderr
+    assert "studies: 4 found, 4 done, 0 failed" in rest.stdout, rest.stdout
+    assert held(data) == {uid[d]: 2 for d in dates}
+
+
+def test_fresh_ranges_are_enumerated_too(tmp_path):
+    """A first run limited to recent years never asked the source for older studies; a run
+    of everything afterwards must (the checkpoint's windows were reused as they were)."""
+    old, new = study(tmp_path / "src", 2, "20010101"), study(tmp_path / "src", 2, "20250101")
+    data = tmp_path / "data"
+    with Source(old + new) as source:
+        first = migrate(data, "--from", source.address, "--since", "2020-01-01")
+        assert first.returncode == 0 and "studies: 1 found, 1 done" in first.stdout, first.stdout + first.stderr
+        everything = migrate(data, "--from", source.address)
+    assert everything.returncode == 0, everything.stdout + everything.stderr
+    assert "studies: 2 found, 2 done, 0 failed" in everything.stdout, everything.stdout
+    assert sum(held(data).values()) == 4
+
+
+def test_rescan_pulls_what_a_done_study_gained_at_the_source(tmp_path):
+    """A study migrated, then a late series arrives at the source (a report, a
+    reconstruction): --rescan pulls that study again, and the archive ends with every
+    instance, the old ones stored once (--rescan kept it done, exit status 0, the new
+    series never pulled)."""
+    files = study(tmp_path / "src", 3, "20220202")
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    patient = pydicom.dcmread(files[0], stop_before_pixels=True).PatientID
+    data = tmp_path / "data"
+    with Source(files) as source:
+        first = migrate(data, "--from", source.address)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert held(data) == {study_uid: 3}
+        source.add(series_instances(tmp_path / "late", patient, study_uid, fresh_uid(), 2, StudyDate="20220202"))
+        again = migrate(data, "--from", source.address)  # no --rescan: what was done stays done
+        assert again.returncode == 0 and held(data) == {study_uid: 3}, again.stdout + again.stderr
+        rescan = migrate(data, "--from", source.address, "--rescan")
+    assert rescan.returncode == 0, rescan.stdout + rescan.stderr
+    assert "studies: 1 found, 1 done, 0 failed" in rescan.stdout and "5 verified" in rescan.stdout, rescan.stdout
+    assert held(data) == {study_uid: 5}
+    r = cli("query", "--data-dir", str(data), "--format", "csv", "SELECT count(*) AS n FROM records")
+    assert r.stdout.split() == ["n", "5"], r.stdout  # the three already held were not stored again
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_checkpoint_is_one_line_saying_what_to_do(tmp_path, damage):
+    """A checkpoint overwritten or cut short (a disk error, a bad copy): migrate and
+    --status each say so in one line with what to do, never a traceback."""
+    files = study(tmp_path / "src", 2, "20200101")
+    data = tmp_path / "data"
+    with Source(files) as source:
+        r = migrate(data, "--from", source.address)
+        assert r.returncode == 0, r.stdout + r.stderr
+        (path,) = (data / "migrate").glob("*.sqlite")
+        raw = path.read_bytes()
+        path.write_bytes(os.urandom(len(raw)) if damage == "garbage" else raw[:len(raw) // 3 * 2 // 4096 * 4096 or 100])
+        for p in path.parent.glob(path.name + "-*"):
+            p.unlink()
+        again = migrate(data, "--from", source.address)
+    status = subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "--status"],
+                            capture_output=True, text=True, timeout=120)
+    for out in (again, status):
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert f"checkpoint {path} cannot be read" in out.stderr and "move it aside" in out.stderr, out.stderr
