@@ -8,16 +8,25 @@ test cuts the bucket off (tests/test_s3_wal.Relay), DCMTK storescu, findscu and 
 """
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pydicom
 import pytest
 
-from conftest import catalog_sealed, received_by_dcmtk, series_instances, storescu, wait_for, HOST
+from conftest import HOST, Server, catalog_sealed, free_port, received_by_dcmtk, series_instances, storescu, wait_for
 from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 from test_s3_restore import find_and_get
 from test_s3_storage import all_uploaded_and_evicted, env_for, sealed_segments, uploaded
+from test_find import findscu
 from test_s3_wal import Relay
 
 pytestmark = pytest.mark.timeout(300)
+BOUND = 60.0  # seconds: the staleness bound (about 1 s with these settings) with room for a busy machine
 
 
 def relayed(s3) -> Relay:
@@ -49,7 +58,6 @@ def test_an_unreachable_bucket_costs_a_log_line_and_the_uploads_wait(make_server
         found, got = find_and_get(server.port, tmp_path / "1", study, series)
         assert found == set(sent) and got == sent
         wait_for(lambda: server.log().count("will retry") >= 1, 30, "the log line")
-        import time
         time.sleep(8)  # several upload intervals (0.2 s) and more than the supervisor's restart delay (5 s)
         log = server.log()
         assert not uploaded(data_dir), "uploaded while the bucket was out of reach?"
@@ -64,3 +72,108 @@ def test_an_unreachable_bucket_costs_a_log_line_and_the_uploads_wait(make_server
         assert found == set(sent) and got == sent
     finally:
         relay.cut()
+
+
+# -- two nodes, one bucket, one Iceberg catalog ------------------------------------------
+
+class Nodes:
+    """Nodes a and b on one bucket (segments and the Iceberg warehouse) and one SQLite
+    Iceberg catalog, publishing and refreshing every half second (tests/test_nodes.py's
+    setup without the balancer). `start(name, **env)` starts one with extra settings."""
+
+    def __init__(self, tmp: Path, s3) -> None:
+        self.tmp, self.s3, self.bucket = tmp, s3, s3.new_bucket("edges")
+        self.common = {**s3.env(), "STOWAGE_STORAGE": f"s3://{self.bucket}/archive",
+                       "STOWAGE_S3_ENDPOINT": s3.endpoint, "STOWAGE_S3_PATH_STYLE": "true",
+                       "STOWAGE_S3_READ_BLOCK": "16384", "STOWAGE_SEGMENT_MAX_AGE": "0.5",
+                       "STOWAGE_SEAL_INTERVAL": "0.2", "STOWAGE_UPLOAD_INTERVAL": "0.2", "STOWAGE_SCRUB_RATE": "0",
+                       "STOWAGE_COMPACT_INTERVAL": "0", "STOWAGE_COMPACT_GRACE": "1",
+                       "STOWAGE_ICEBERG_CATALOG": f"sqlite:///{tmp / 'iceberg.db'}",
+                       "STOWAGE_ICEBERG_WAREHOUSE": f"s3://{self.bucket}/warehouse",
+                       "STOWAGE_ICEBERG_INTERVAL": "0.5", "STOWAGE_CLUSTER_REFRESH": "0.5"}
+        self.nodes: dict[str, Server] = {}
+
+    def env(self, name: str, **more: str) -> dict[str, str]:
+        return {**self.common, "STOWAGE_NODE_NAME": name, **more}
+
+    def start(self, name: str, **more: str) -> Server:
+        old = self.nodes.get(name)
+        node = Server(self.tmp / name, old.port if old else free_port(), ["--workers", "1"], self.env(name, **more),
+                      log_dir=self.tmp)
+        self.nodes[name] = node
+        return node.start()
+
+    def stowage(self, name: str, *args: str, **more: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stowage.cli", *args, "--data-dir",
+                               str(self.nodes[name].data_dir)], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, **self.env(name, **more)))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- node {name}:\n{n.log()[-2500:]}" for name, n in self.nodes.items())
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.kill()
+
+
+@pytest.fixture(scope="module")
+def nodes(s3_server, tmp_path_factory):  # noqa: F811 - the session's fixture
+    n = Nodes(tmp_path_factory.mktemp("edges"), s3_server)
+    try:
+        n.start("b")
+        yield n
+    finally:
+        n.stop()
+
+
+def found_on(port: int, study: str, out: Path) -> set[str]:
+    r, got = findscu(port, "-S", out, "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}", "SOPInstanceUID")
+    assert r.returncode == 0, r.stderr
+    for p in out.iterdir():
+        p.unlink()
+    return {str(ds.SOPInstanceUID) for ds in got}
+
+
+def test_a_disk_lost_before_its_last_segment_was_uploaded_leaves_no_phantoms(nodes, tmp_path):
+    """Node a stores a series; its rows are sealed and published (node b finds them all),
+    but its last segment is still the active one, on local disk only (durability = fsync,
+    segments rolled by size). The disk is lost and a is started again on an empty data
+    directory: what was only in that segment is gone (docs/scale-out.md, "A lost disk":
+    "What it cannot bring back"), but the archive must say so the same way on every node:
+    b stops listing the lost instances (a's published rows of a segment that no longer
+    exists anywhere are taken out of the instances table), a and b find the same set,
+    and what a stores next is found and got from b byte for byte (a never reuses the lost
+    segment's name, which rows of the table named)."""
+    b = nodes.nodes["b"]
+    a = nodes.start("a", STOWAGE_SEGMENT_MAX_AGE="0", STOWAGE_SEGMENT_SIZE="200000")
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    files = series_instances(tmp_path / "ct", "LOSTTAIL", study, series, 12)
+    storescu(a.port, files)
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    wait_for(lambda: found_on(b.port, study, tmp_path / "f") == uids and sealed_segments(a.data_dir)
+             and sealed_segments(a.data_dir) <= set(uploaded(a.data_dir)), BOUND,
+             lambda: f"a's rows published, its sealed segments uploaded\n{nodes.logs()}", 0.5)
+    a.kill()
+    shutil.rmtree(a.data_dir)
+    a = nodes.start("a", STOWAGE_SEGMENT_MAX_AGE="0.5")
+    kept = found_on(a.port, study, tmp_path / "f")
+    assert 0 < len(kept) < len(uids), "some records were in the last segment only: the test proves nothing"
+    wait_for(lambda: found_on(b.port, study, tmp_path / "f") == kept, BOUND,
+             lambda: f"b lists what a holds, not what was lost: {len(found_on(b.port, study, tmp_path / 'f'))} "
+                     f"against {len(kept)}\n{nodes.logs()}", 0.5)
+
+    more = series_instances(tmp_path / "ct2", "LOSTTAIL", study, pydicom.uid.generate_uid(), 3)
+    storescu(a.port, more)
+    sent = received_by_dcmtk(more, tmp_path / "sent")
+    wanted = kept | set(sent)
+    assert found_on(a.port, study, tmp_path / "f") == wanted
+    wait_for(lambda: found_on(b.port, study, tmp_path / "f") == wanted, BOUND,
+             lambda: f"b finds what a stored after the restore\n{nodes.logs()}", 0.5)
+    got: dict[str, bytes] = {}
+
+    def all_got() -> bool:  # a's new segment reaches the bucket a moment after its rows reach b
+        nonlocal got
+        got = find_and_get(b.port, tmp_path / "g", study, str(pydicom.dcmread(more[0]).SeriesInstanceUID))[1]
+        return set(got) == set(sent)
+    wait_for(all_got, BOUND, lambda: f"C-GET from b of what a stored after the restore\n{nodes.logs()}", 1.0)
+    assert got == sent

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from stowage.catalog import manifest, tombstones
 from stowage.engine.iceberg import ledger as ledgers
 from stowage.engine.iceberg import relocations
-from stowage.engine.iceberg.tables import DELETIONS, open_catalog
+from stowage.engine.iceberg.tables import DELETIONS, INSTANCES, open_catalog
 from stowage.engine.runtime.config import Config
 
 log = logging.getLogger("stowage.iceberg")
@@ -54,7 +54,62 @@ def restore_if_lost(config: Config) -> int:
         return 0
     if not any(e.get("adopted") for e in manifest.load(Path(config.data_dir) / "catalog").uploaded.values()):
         return 0
+    forget_lost_segments(config)
     return restore_deletions(config)
+
+
+def forget_lost_segments(config: Config) -> list[str]:
+    """This node's segments that the instances table has rows of but that neither the
+    bucket nor this data directory holds: sealed and published, then lost with the disk
+    before their upload (the active segment, say). Their names are recorded as used (the
+    segment writer numbers after them: a new segment of the same name would put other
+    records where those rows point), and their rows are to be taken out of the table: a
+    relocation of them (engine/iceberg/relocations.py) finds none of their records in the
+    local catalog and drops every row, so no node lists instances no node holds. Returns
+    their names. Raises DeletionsUnknown when the table cannot be read."""
+    from pyiceberg.exceptions import NoSuchTableError
+    catalog_dir, segments_dir = Path(config.data_dir) / "catalog", Path(config.data_dir) / "segments"
+    try:
+        table = open_catalog(config).load_table(f"{config.iceberg_namespace}.{INSTANCES}")
+        named = _segments_named(table, config.node)
+    except NoSuchTableError:
+        return []
+    except Exception as e:  # noqa: BLE001 - the catalog away: the caller decides
+        raise DeletionsUnknown(f"cannot read {config.iceberg_namespace}.{INSTANCES} from {config.iceberg_catalog} "
+                               f"({type(e).__name__}: {e})") from None
+    try:
+        local = set(os.listdir(segments_dir))
+    except FileNotFoundError:
+        local = set()
+    m = manifest.load(catalog_dir)
+    lost = sorted(n for n in named if n not in local and n not in m.uploaded and n not in m.watermarks
+                  and n not in m.retired_segments)
+    if not lost:
+        return []
+    with manifest.update(catalog_dir) as m:
+        for name in lost:
+            m.watermarks.setdefault(name, 0)      # its name stays used
+            m.relocations.setdefault(name, 0.0)   # its rows leave the table at the publisher's next pass
+    log.warning("%d segment(s) of node %s that %s.%s has rows of are neither in the bucket nor in this data "
+                "directory (lost before their upload: %s); their instances are gone, and their rows are taken "
+                "out of the table", len(lost), config.node, config.iceberg_namespace, INSTANCES, ", ".join(lost))
+    return lost
+
+
+def _segments_named(table, node: str) -> set[str]:
+    """Every `segment` value of `node`'s rows in the instances table (its files under
+    `data/<node>/`; only that column is read)."""
+    if table.current_snapshot() is None:
+        return set()
+    mine = f"/data/{node}/"
+    out: set[str] = set()
+    for task in table.scan(selected_fields=("segment",)).plan_files():
+        if mine not in task.file.file_path:
+            continue
+        with table.io.new_input(task.file.file_path).open() as f:
+            data = pq.read_table(pa.BufferReader(f.read()), columns=["segment"])
+        out.update(v for v in pc.unique(data["segment"]).to_pylist() if v)
+    return out
 
 
 def restore_deletions(config: Config) -> int:

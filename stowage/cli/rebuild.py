@@ -42,14 +42,16 @@ def rebuild_catalog(config_file, data_dir) -> None:
                     raise click.ClickException(f"cannot list this node's segments in the bucket: {e}") from None
                 if found:
                     click.echo(f"{len(found)} segment(s) of node {config.node} found in the bucket")
-                if config.iceberg_catalog:  # and its deletions, from the Iceberg deletions table
-                    from stowage.engine.iceberg.restore import DeletionsUnknown, restore_if_lost
-                    try:
-                        if restored := restore_if_lost(config):
-                            click.echo(f"{restored} deletion(s) of node {config.node} found in the Iceberg catalog")
-                    except DeletionsUnknown as e:
-                        raise click.ClickException(f"{e}; try again once the catalog is reachable") from None
             count = rebuild(config.data_dir)
+            if config.storage and config.iceberg_catalog:
+                # its deletions, from the Iceberg deletions table, and the names of segments lost before
+                # their upload (kept in the manifest: after the rebuild, which starts it afresh)
+                from stowage.engine.iceberg.restore import DeletionsUnknown, restore_if_lost
+                try:
+                    if restored := restore_if_lost(config):
+                        click.echo(f"{restored} deletion(s) of node {config.node} found in the Iceberg catalog")
+                except DeletionsUnknown as e:
+                    raise click.ClickException(f"{e}; try again once the catalog is reachable") from None
         except KeyboardInterrupt:  # the old catalog is gone and the new one holds only part of the records
             raise Interrupted(f"the catalog of {config.data_dir} is only partly rebuilt: until `stowage "
                               "rebuild-catalog` runs again to its end, queries, export and send see part of the "
