@@ -3,12 +3,19 @@ mistyped UID in it, and a damaged catalog file met by verify, compact and delete
 servers, DCMTK findscu and getscu, the CLI as a user runs it."""
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import shutil
+import signal
+import subprocess
+import sys
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import storescu
+from conftest import HOST, cli, dcmtk, series_instances, storescu
+from stowage.engine.lifecycle.compaction import JOURNAL
+from test_compaction import _INJECT, ENV, check, sent, store, wait_sealed
 from test_delete import delete, find, instances
 
 pytestmark = pytest.mark.timeout(600)
@@ -41,3 +48,45 @@ def test_a_mistyped_uid_in_a_list_is_not_passed_over_in_silence(make_server, tmp
     assert f"deleted already: study {s1}" in r.stderr
     studies = {x.StudyInstanceUID for x in find(server.port, q, "STUDY", "PatientID=EDGE*", "StudyInstanceUID=")}
     assert studies == {s3}
+
+
+@pytest.mark.parametrize("then", ["rebuild-catalog", "serve"])
+def test_catalog_deleted_after_a_killed_compaction_loses_nothing(make_server, tmp_path, then):
+    """kill -9 of `stowage compact` in the middle of a round (documented crash-safe), then
+    catalog/ deleted and rebuilt (by `rebuild-catalog`, or by `serve`'s start-up recovery):
+    the half-written round's output must not be what the catalog serves and then be
+    removed by the next compaction, taking the instances with it once the segments it
+    replaced are reclaimed."""
+    server = make_server("--workers", "1", **ENV)
+    data = server.data_dir
+    files = series_instances(tmp_path / "in", "EDGEC", generate_uid(), generate_uid(), 30)
+    store(server.port, files)
+    gone = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:12]]
+    assert cli("delete", "--data-dir", str(data), "--instance", ",".join(gone), "--yes").returncode == 0
+    expected = sent(files[12:], tmp_path / "dcmtk")
+    wait_sealed(data)
+    server.stop()
+    r = subprocess.run([sys.executable, "-c", _INJECT, "rewritten", str(data)], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, **ENV))
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    assert (data / "segments" / JOURNAL).exists()
+    shutil.rmtree(data / "catalog")
+    if then == "rebuild-catalog":
+        r = cli("rebuild-catalog", "--data-dir", str(data))
+        assert r.returncode == 0, r.stdout + r.stderr
+    else:
+        server.start()
+        server.stop()
+    r = cli("compact", "--data-dir", str(data), "--ratio", "0.99", "--grace", "0", env=ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("compact", "--data-dir", str(data), "--ratio", "0.99", "--grace", "0", env=ENV)  # the twins too
+    assert r.returncode == 0, r.stdout + r.stderr
+    check(data, tmp_path / "out", expected, set(gone))
+    server.start()
+    got = tmp_path / "get"
+    got.mkdir()
+    r = subprocess.run([dcmtk("getscu"), "-P", "-aec", "STOWAGE", "-k", "QueryRetrieveLevel=PATIENT", "-k",
+                        "PatientID=EDGEC", "-od", str(got), HOST, str(server.port)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(list(got.iterdir())) == len(expected), r.stdout + r.stderr

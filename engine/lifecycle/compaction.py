@@ -210,6 +210,14 @@ def settle(data_dir: Path) -> str:
     if committed:
         _drop_journal(segments_dir)
         return "committed"
+    if new and 0 < m.sealed_upto(new) < RESERVED:
+        # Indexed by a catalog rebuilt without the manifest that reserved it (catalog/
+        # deleted, then `serve` or `rebuild-catalog`): its rows may be the very ones served,
+        # and removing it would lose those instances once the replaced segments go too. Its
+        # records are intact copies; the old ones are dead twins the next rounds drop.
+        _drop_journal(segments_dir)
+        log.warning("an interrupted compaction's output %s is in the catalog (rebuilt since): kept", new)
+        return "kept"
     for p in relocate.orphans(catalog_dir, entry["prefix"], m):
         p.unlink(missing_ok=True)
     if new:
@@ -479,8 +487,8 @@ def prepare_rebuild(data_dir: Path) -> None:
     """Before `rebuild-catalog` indexes every segment: undo an interrupted compaction
     (its output would be indexed twice) and unlink retired segments now (their live
     records have copies). The archive is stopped, so no reader needs them."""
-    if not (data_dir / "catalog").exists():
-        return
+    # also without catalog/ (deleted to be rebuilt): an interrupted round's output would
+    # else be indexed, then removed by the next compaction's settle with the rows pointing at it
     slot = claim(data_dir)
     if slot is None:
         raise CompactionBusy(f"a compaction is running on {data_dir}; stop it first")
