@@ -91,6 +91,10 @@ def select(catalog: Catalog, sop_class_uid: str, identifier: Dataset) -> tuple[s
     if levels is None:
         raise RetrieveError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"not a retrieve SOP class: {sop_class_uid}")
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level == "PATIENT" and levels == _LEVELS[1:]:
+        # Orthanc retrieves a patient in the Study Root model (PS3.4 has no PATIENT level
+        # there): served as in the Patient Root one, rather than refusing its "retrieve patient"
+        levels = _LEVELS
     if level not in levels:
         raise RetrieveError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                             f"Query/Retrieve Level {level!r} is not one of {'/'.join(levels)} in this model")
