@@ -90,3 +90,22 @@ def test_catalog_deleted_after_a_killed_compaction_loses_nothing(make_server, tm
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(list(got.iterdir())) == len(expected), r.stdout + r.stderr
+
+
+def test_rebuild_catalog_mends_a_manifest_cut_to_nothing(make_server, tmp_path):
+    """A damaged catalog is what rebuild-catalog is for: a manifest.json cut to nothing (a
+    crash on a filesystem that lost it, a bad sector) must not stop it with a traceback."""
+    server = make_server("--workers", "1")
+    study = generate_uid()
+    storescu(server.port, instances(tmp_path / "in", "EDGEM", study, generate_uid(), 4))
+    gone = instances(tmp_path / "in2", "EDGEM", study, generate_uid(), 2)
+    storescu(server.port, gone)
+    assert delete(server.data_dir, "--series", str(pydicom.dcmread(gone[0]).SeriesInstanceUID)).returncode == 0
+    server.stop()
+    (server.data_dir / "catalog" / "manifest.json").write_bytes(b"")
+    r = cli("rebuild-catalog", "--data-dir", str(server.data_dir))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert "manifest could not be read" in r.stderr and "catalog rebuilt: 6 record(s)" in r.stdout
+    server.start()
+    images = find(server.port, tmp_path / "q", "IMAGE", f"StudyInstanceUID={study}", "SOPInstanceUID=")
+    assert len(images) == 4  # the deleted series stays deleted

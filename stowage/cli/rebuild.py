@@ -14,7 +14,7 @@ def rebuild_catalog(config_file, data_dir) -> None:
     """Rebuild the whole catalog from the segment files alone (archive must be stopped)."""
     import fcntl
 
-    from stowage.engine.lifecycle.rebuild import rebuild
+    from stowage.engine.lifecycle.rebuild import discard_unreadable_manifest, rebuild
     from stowage.engine.store.slots import SlotError
     config = load(config_file, data_dir=data_dir)
     if not (config.data_dir / "segments").is_dir() and not config.storage:
@@ -28,6 +28,8 @@ def rebuild_catalog(config_file, data_dir) -> None:
         except BlockingIOError:
             raise click.ClickException("the archive is running on this data directory; stop it first") from None
         try:
+            if note := discard_unreadable_manifest(config.data_dir / "catalog"):
+                click.echo(f"warning: {note}", err=True)
             if config.storage:  # this node's segments in the bucket that the data directory lost
                 from stowage.engine.storage.objects import ObjectStoreError
                 from stowage.engine.storage import wal
