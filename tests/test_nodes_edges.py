@@ -21,7 +21,7 @@ import pytest
 from conftest import HOST, Server, catalog_sealed, free_port, received_by_dcmtk, series_instances, storescu, wait_for
 from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 from test_s3_restore import find_and_get
-from test_s3_storage import all_uploaded_and_evicted, env_for, sealed_segments, uploaded
+from test_s3_storage import all_uploaded_and_evicted, env_for, sealed_segments, stowage, uploaded
 from test_find import findscu
 from test_s3_wal import Relay
 
@@ -70,6 +70,15 @@ def test_an_unreachable_bucket_costs_a_log_line_and_the_uploads_wait(make_server
         assert "go through again" in server.log()
         found, got = find_and_get(server.port, tmp_path / "2", study, series)
         assert found == set(sent) and got == sent
+
+        # Cut off again, the commands that read the evicted segments say so in one line.
+        relay.cut()
+        for args in (("export", "--out", str(tmp_path / "export"), "--all"), ("verify",)):
+            r = stowage(env, *args, "--data-dir", str(data_dir))
+            assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+            assert "Error: the object store failed: GET s3://" in r.stderr, r.stderr[-3000:]
+        assert not (data_dir / "corrupt").exists() or not (data_dir / "corrupt" / "marks.jsonl").read_text(), \
+            "a bucket out of reach is no corruption"
     finally:
         relay.cut()
 

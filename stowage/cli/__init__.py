@@ -55,6 +55,12 @@ class LazyGroup(click.Group):
             where = "its output (standard output)" if _stdout_failing() else "a file it writes"
             click.echo(f"Error: cannot write {where}: {e.strerror}; make room, or send it elsewhere", err=True)
             sys.exit(1)
+        except RuntimeError as e:  # the bucket out of reach or refusing (export, verify... of evicted segments)
+            if not _object_store_error(e):
+                raise
+            click.echo(f"Error: the object store failed: {' '.join(str(e).split())}; check that it is reachable "
+                       "and the credentials, then run the command again", err=True)
+            sys.exit(1)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -73,6 +79,14 @@ class LazyGroup(click.Group):
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _object_store_error(e: BaseException) -> bool:
+    """Whether `e` is a failed request to the bucket (imported only then: most commands never use one)."""
+    if "stowage.engine.storage.objects" not in sys.modules:
+        return False
+    from stowage.engine.storage.objects import ObjectStoreError
+    return isinstance(e, ObjectStoreError)
 
 
 def _stdout_failing() -> bool:
