@@ -3,6 +3,7 @@ mistyped UID in it, and a damaged catalog file met by verify, compact and delete
 servers, DCMTK findscu and getscu, the CLI as a user runs it."""
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from conftest import HOST, cli, dcmtk, series_instances, storescu
+from stowage.catalog import manifest
 from stowage.engine.lifecycle.compaction import JOURNAL
 from test_compaction import _INJECT, ENV, check, sent, store, wait_sealed
 from test_delete import delete, find, instances
@@ -109,3 +111,44 @@ def test_rebuild_catalog_mends_a_manifest_cut_to_nothing(make_server, tmp_path):
     server.start()
     images = find(server.port, tmp_path / "q", "IMAGE", f"StudyInstanceUID={study}", "SOPInstanceUID=")
     assert len(images) == 4  # the deleted series stays deleted
+
+
+def test_verify_names_the_instances_of_a_damaged_catalog_file_and_the_rest_is_served(make_server, tmp_path):
+    """A sealed catalog file with damaged bytes: `stowage verify` says which file and which
+    instances (not a traceback), still verifies every segment, and the archive keeps serving
+    the instances whose rows are elsewhere."""
+    server = make_server("--workers", "1", **ENV)
+    data = server.data_dir
+    first = series_instances(tmp_path / "a", "EDGEV1", generate_uid(), generate_uid(), 6)
+    store(server.port, first)
+    wait_sealed(data)
+    sealed_first = set(manifest.load(data / "catalog").files)
+    second = series_instances(tmp_path / "b", "EDGEV2", generate_uid(), generate_uid(), 6)
+    store(server.port, second)
+    wait_sealed(data)
+    server.stop()
+    m = manifest.load(data / "catalog")
+    assert sealed_first and set(m.files) - sealed_first, m.files  # two files: one damaged, one not
+    victim = data / "catalog" / sorted(sealed_first & set(m.files))[0]
+    raw = bytearray(victim.read_bytes())
+    for i in range(len(raw) // 10, len(raw) // 10 + len(raw) // 8):  # column chunks, not the footer
+        raw[i] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in first}
+
+    report = tmp_path / "problems.csv"
+    r = cli("verify", "--data-dir", str(data), "-q", "--report", str(report))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert "verified 12 record(s)" in r.stdout, r.stdout
+    rows = list(csv.DictReader(report.open()))
+    assert any(row["segment"] == f"catalog/{victim.name}" for row in rows), rows
+    named = {row["sop_instance_uid"] for row in rows if row["segment"].endswith(".seg")}
+    assert named == uids, rows
+
+    server.start()
+    got = tmp_path / "get"
+    got.mkdir()
+    r = subprocess.run([dcmtk("getscu"), "-P", "-aec", "STOWAGE", "-k", "QueryRetrieveLevel=PATIENT", "-k",
+                        "PatientID=EDGEV2", "-od", str(got), HOST, str(server.port)],
+                       capture_output=True, text=True, timeout=120)
+    assert len(list(got.iterdir())) == 6, r.stdout + r.stderr

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from stowage.catalog import manifest
 from stowage.catalog.reader import Catalog
 from stowage.engine.lifecycle.compaction import RESERVED
@@ -121,6 +124,40 @@ class Tally:
         self.cleared += other.cleared
 
 
+class _ReadableCatalog(Catalog):
+    """The catalog less the sealed files that cannot be read: one damaged file must not
+    stop the whole pass. Their records are then verified without rows, and reported as
+    records the catalog lacks, with the UIDs from their own headers."""
+
+    def __init__(self, directory: Path, duplicates: str, leave_out: frozenset[str]) -> None:
+        self.leave_out = leave_out
+        super().__init__(directory, duplicates)
+
+    def _names(self, m: manifest.Manifest) -> list[str]:
+        return [n for n in super()._names(m) if n not in self.leave_out]
+
+
+def damaged_catalog_files(catalog_dir: Path, names: list[str]) -> dict[str, str]:
+    """The sealed catalog files (and their study summaries) that cannot be read to their
+    end, each with why. Read batch by batch: memory stays bounded whatever a file's size."""
+    damaged: dict[str, str] = {}
+    for name in names:
+        for path in (catalog_dir / name, catalog_dir / name.replace(".parquet", ".studies.parquet")):
+            if path.name != name and not path.exists():
+                continue  # an older file without a study summary
+            try:
+                for _batch in pq.ParquetFile(path).iter_batches(batch_size=16384):
+                    pass
+            except FileNotFoundError:
+                if path.name == name and name in manifest.load(catalog_dir).files:  # not merged away meanwhile
+                    damaged[name] = f"{path.name} is missing"
+                break
+            except (OSError, pa.ArrowException, ValueError) as e:
+                damaged[name] = f"{path.name}: {str(e)[:120]}"
+                break
+    return damaged
+
+
 class Verifier:
     """Verifies spans of one data directory, reporting problems to `on_problem` and
     marking corrupt records as found by `by`."""
@@ -132,7 +169,9 @@ class Verifier:
         self.data_dir = data_dir
         self.segments_dir = data_dir / "segments"
         self.catalog_dir = data_dir / "catalog"
-        self.catalog = Catalog(self.catalog_dir, duplicates)
+        self.duplicates = duplicates
+        self.catalog: Catalog = _ReadableCatalog(self.catalog_dir, duplicates, frozenset())
+        self.damaged: dict[str, str] = {}  # catalog file -> why it cannot be read (the last plan's)
         self.marks = CorruptMarks(data_dir)
         self.pacer = pacer
         self.by = by
@@ -145,9 +184,22 @@ class Verifier:
     def close(self) -> None:
         self.catalog.close()
 
+    def leave_out(self, damaged: dict[str, str]) -> None:
+        """Read the catalog without these files from now on (a new view when they change)."""
+        if set(damaged) != set(self.damaged):
+            self.catalog.close()
+            self.catalog = _ReadableCatalog(self.catalog_dir, self.duplicates, frozenset(damaged))
+        self.damaged = dict(damaged)
+
     def plan(self) -> list[Span]:
         """Every segment on disk or named by a catalog row, in name order, with how far to
-        verify it."""
+        verify it. First the catalog files are read through: a damaged one is reported and
+        left out of the pass."""
+        self.leave_out(damaged_catalog_files(self.catalog_dir, sorted(manifest.load(self.catalog_dir).files)))
+        for name, why in sorted(self.damaged.items()):
+            self._tell(Problem(f"catalog/{name}", 0, "", f"catalog file cannot be read ({why}); the records it "
+                               "indexes are reported as not in the catalog: stowage rebuild-catalog (archive "
+                               "stopped) writes the catalog again", corrupt=False))
         _cols, rows = self.catalog.execute(
             "SELECT segment, max(\"offset\" + record_length), count(*) FROM records GROUP BY segment")
         known = {seg: (int(end or 0), int(n)) for seg, end, n in rows}

@@ -67,7 +67,9 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
                jobs: int = 1) -> Tally:
     """Verify the archive of `config`, `jobs` segments at a time (threads: decompression
     and CRCs run outside the GIL); the tally says what was found."""
-    from stowage.engine.lifecycle.verify import Pacer, Tally, Verifier, verify_all  # duckdb: not for `--help`
+    import duckdb  # not for `--help`
+
+    from stowage.engine.lifecycle.verify import Pacer, Tally, Verifier, verify_all
     data_dir = config.data_dir
     if not (data_dir / "segments").is_dir() and not (data_dir / "catalog").is_dir():
         raise VerifyCommandError(f"{data_dir} holds no archive (no segments/ or catalog/ in it)")
@@ -106,6 +108,8 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
     interrupted, whole, total = False, False, 0
     try:
         spans = verifiers[0].plan()
+        for v in verifiers[1:]:  # the catalog files that cannot be read: left out by every thread
+            v.leave_out(verifiers[0].damaged)
         total = sum(s.end for s in spans)
         if progress:
             from tqdm import tqdm
@@ -115,6 +119,9 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
         # is written whole) and stops
         _, interrupted = interruptible(lambda: verify_all(verifiers, spans), pacer.stop.set)
         whole = not interrupted
+    except duckdb.Error as e:  # damage the read-through of the catalog files did not find
+        raise VerifyCommandError(f"the catalog cannot be read ({str(e).splitlines()[0][:160]}): stowage "
+                                 "rebuild-catalog (archive stopped) writes it again from the segments") from None
     finally:
         for v in verifiers:
             v.close()
