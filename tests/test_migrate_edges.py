@@ -244,3 +244,31 @@ def test_a_damaged_checkpoint_is_one_line_saying_what_to_do(tmp_path, damage):
         assert out.returncode == 1, out.stdout + out.stderr
         assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
         assert f"checkpoint {path} cannot be read" in out.stderr and "move it aside" in out.stderr, out.stderr
+
+
+def test_a_full_archive_disk_stops_the_migration_instead_of_failing_every_study(tmp_path):
+    """The archive's disk reaches min_free_bytes overnight: the migration stops starting
+    studies, says so in one line with what to do, and spends no study's attempts (it went
+    on pulling every remaining study from the source, each refused 0xA700, until all were
+    "failed"). Once there is room, the same command pulls everything."""
+    import shutil
+    files = [p for d in ("20200101", "20200102", "20200103", "20200104", "20200105")
+             for p in study(tmp_path / "src", 2, d)]
+    data = tmp_path / "data"
+    data.mkdir()
+    no_room = str(shutil.disk_usage(data).free + (1 << 30))
+    with Source(files) as source:
+        r = subprocess.run([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "-q",
+                            "--method", "get", "--from", source.address, "--parallel", "1", "--retries", "2",
+                            "--retry-delay", "0.1"], capture_output=True, text=True, timeout=240,
+                           env=dict(os.environ, STOWAGE_MIN_FREE_BYTES=no_room))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr and "stopped: the archive's disk is full" in r.stderr, r.stderr
+        assert "studies: 5 found, 0 done, 0 failed" in r.stdout, r.stdout
+        status = cli("migrate", "--data-dir", str(data), "--status")
+        assert "(1 waiting to retry)" not in status.stdout, status.stdout  # the attempt was given back
+        assert held(data) == {}
+        again = migrate(data, "--from", source.address)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "studies: 5 found, 5 done, 0 failed" in again.stdout, again.stdout
+    assert sum(held(data).values()) == 10

@@ -101,17 +101,19 @@ DateRange = tuple[dt.date | None, dt.date | None]  # --since, --until (inclusive
 
 
 def in_range(dates: DateRange) -> tuple[str, tuple[str, ...]]:
-    """SQL (and its values) selecting the studies whose StudyDate (DA, YYYYMMDD) is within
-    `dates`; with neither bound, every study, undated ones included (as the enumeration)."""
+    """SQL (and its values) selecting the studies whose StudyDate (DA, YYYYMMDD; also the
+    YYYY.MM.DD of ACR-NEMA and YYYY-MM-DD some old archives answer) is within `dates`; with
+    neither bound, every study, undated ones included (as the enumeration)."""
     since, until = dates
     if since is None and until is None:
         return "1", ()
-    where, params = ["length(study_date) = 8"], []
+    day = "replace(replace(trim(study_date), '.', ''), '-', '')"
+    where, params = [f"length({day}) = 8"], []
     if since is not None:
-        where.append("study_date >= ?")
+        where.append(f"{day} >= ?")
         params.append(since.strftime("%Y%m%d"))
     if until is not None:
-        where.append("study_date <= ?")
+        where.append(f"{day} <= ?")
         params.append(until.strftime("%Y%m%d"))
     return " AND ".join(where), tuple(params)
 
@@ -277,16 +279,18 @@ class Checkpoint:
         self._tx([("UPDATE studies SET state = 'in-flight', attempts = attempts + 1, updated = ? WHERE uid = ?",
                    (time.time(), uid))])
 
-    def finish(self, uid: str, result: Result, retry_at: float | None) -> str:
-        """Record an attempt's result; a failure with `retry_at` goes back to pending."""
+    def finish(self, uid: str, result: Result, retry_at: float | None, attempts: int | None = None) -> str:
+        """Record an attempt's result; a failure with `retry_at` goes back to pending.
+        `attempts`: what the study's count of attempts becomes (an attempt that was not the
+        study's fault, e.g. our disk full, is given back)."""
         state = result.state
         if state == "failed" and retry_at is not None:
             state = "pending"
         self._tx([("UPDATE studies SET state = ?, next_attempt = ?, expected = coalesce(?, expected), "
-                   "received = ?, verified = ?, bytes = ?, verified_by = ?, last_error = ?, updated = ? "
-                   "WHERE uid = ?",
+                   "received = ?, verified = ?, bytes = ?, verified_by = ?, last_error = ?, updated = ?, "
+                   "attempts = coalesce(?, attempts) WHERE uid = ?",
                    (state, retry_at or 0, result.expected, result.received, result.verified, result.bytes,
-                    result.verified_by, result.error or None, time.time(), uid))])
+                    result.verified_by, result.error or None, time.time(), attempts, uid))])
         return state
 
     def done_bytes_and_instances(self) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import fcntl
 import itertools
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -48,6 +49,26 @@ def serve_running(data_dir: Path) -> bool:
     return False
 
 
+# A study failing while the archive has less than this above its reserve (min_free_bytes)
+# failed for want of room: no retry helps until someone frees space.
+ROOM_MARGIN = 64 << 20
+
+
+def archive_full(config: Config) -> str:
+    """Why the archive cannot take more (its disk down to min_free_bytes, or its quota
+    reached, as Archive.store refuses with 0xA700), or "" when it can."""
+    from stowage.engine.store.archive import CATALOG_RESERVE
+    from stowage.engine.store.usage import Usage
+    if config.min_free_bytes >= 0:
+        reserve = max(config.min_free_bytes, CATALOG_RESERVE)
+        free = shutil.disk_usage(config.data_dir).free
+        if free < reserve + ROOM_MARGIN:
+            return (f"the archive's disk is full ({free / 1e6:.0f} MB free of the {reserve / 1e6:.0f} MB "
+                    f"min_free_bytes keeps)")
+    over = Usage(config.data_dir, config.max_storage_bytes, config.quota_policy).refusal(ROOM_MARGIN)
+    return f"the archive's quota is reached ({over})" if over else ""
+
+
 class _Fatal(Exception):
     """An answer that no retry can fix (the source does not know our AE as a destination)."""
 
@@ -68,6 +89,7 @@ class Migration:
         self._bar_lock = threading.Lock()
         self.gate = Gate(opts.window, opts.rate)
         self.dates = (opts.since, opts.until)  # studies pulled: those of this run's range only
+        self.full = ""  # why the archive can take no more: the migration stops starting studies
 
     # -- enumeration ---------------------------------------------------------------
 
@@ -182,6 +204,7 @@ class Migration:
                         self._postfix(run_bytes, time.monotonic() - t0)
                     if stopping and not running:
                         return
+                    stopping = stopping or bool(self.full)
                     free = 0 if stopping else opts.parallel - len(running)
                     if free > 0 and self._wait_gate("pulling", block=False) <= 0:
                         for row in cp.next_due(free, time.time(), self.dates):
@@ -213,6 +236,14 @@ class Migration:
             result = Result("failed", error=f"internal error: {e!r}")
         attempts = row.attempts + 1
         retry_at = None
+        if result.state == "failed" and not self.full:
+            self.full = archive_full(self.config)
+            if self.full:  # every further study would be pulled from the source and refused
+                log.warning("migrate: %s: starting no more studies", self.full)
+        if result.state == "failed" and self.full:  # not the study's fault: no attempt spent
+            result.error = f"{result.error} ({self.full})"
+            self.cp.finish(row.uid, result, time.time(), attempts=row.attempts)
+            return 0
         if result.state == "failed" and attempts < self.opts.retries:
             delay = retry_delay(self.opts.retry_delay, attempts, result.busy)
             retry_at = time.time() + delay
@@ -327,6 +358,9 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
             echo(line)
         csv_path, json_path = report.write(path, s, cp.con)
         echo(f"report: {csv_path} and {json_path}")
+        if m.full:
+            raise MigrateError(f"stopped: {m.full}; free space (or raise the quota), then run the same "
+                               f"command again: the studies not done are pulled then")
         incomplete = [w for w in s["incomplete_windows"] if w["state"] != "pending"]
         outside = cp.outside(m.dates)
         if outside:
