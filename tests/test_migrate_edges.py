@@ -10,7 +10,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
+import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,12 +53,14 @@ class Source:
     """A legacy archive: Study Root C-FIND (STUDY, SERIES, IMAGE) and C-GET over `files`,
     on a free loopback port, in a thread of this process. `image_cap`: answer at most that
     many IMAGE-level matches, with success (a "max query results" that says nothing);
-    `lost`: SOP Instance UIDs in the index but not sent (their files are gone)."""
+    `lost`: SOP Instance UIDs in the index but not sent (their files are gone);
+    `find_delay`: seconds before each C-FIND answer (a slow, busy archive)."""
 
     files: list[Path]
     aet: str = "OLDPACS"
     image_cap: int = 0
     lost: set[str] = field(default_factory=set)
+    find_delay: float = 0.0
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -72,6 +75,7 @@ class Source:
             self.paths[ds.SOPInstanceUID] = p
 
     def _find(self, event):
+        time.sleep(self.find_delay)
         q = event.identifier
         level = q.QueryRetrieveLevel
         study, series = str(q.get("StudyInstanceUID", "") or ""), str(q.get("SeriesInstanceUID", "") or "")
@@ -272,3 +276,34 @@ def test_a_full_archive_disk_stops_the_migration_instead_of_failing_every_study(
     assert again.returncode == 0, again.stdout + again.stderr
     assert "studies: 5 found, 5 done, 0 failed" in again.stdout, again.stdout
     assert sum(held(data).values()) == 10
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_the_enumeration(tmp_path, sig):
+    """Ctrl-C (or a service stop) while the source is still being enumerated: one line
+    saying the next run goes on from there, exit status 130, as during the pulls (it was
+    click's bare "Aborted!", or a traceback from SIGTERM); the re-run finishes the job."""
+    files = [p for d in ("20200101", "20210101", "20220101") for p in study(tmp_path / "src", 1, d)]
+    data = tmp_path / "data"
+    with Source(files, find_delay=1.0) as source:
+        proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "-q",
+                                 "--method", "get", "--from", source.address, "--since", "2020-01-01"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            checkpoint = data / "migrate" / f"OLDPACS_{HOST}_{source.port}.sqlite"
+            deadline = time.monotonic() + 60
+            while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.1)
+            time.sleep(1.5)  # in the enumeration: the first C-FIND takes 1 s to answer
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 130, out + err
+        assert "Traceback" not in err and "Aborted" not in err, err
+        assert "interrupted" in out + err and "run the same command again" in out + err, out + err
+        source.find_delay = 0.0
+        again = migrate(data, "--from", source.address, "--since", "2020-01-01")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "studies: 3 found, 3 done, 0 failed" in again.stdout, again.stdout

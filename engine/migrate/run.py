@@ -342,15 +342,15 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
             m.enumerate()
         except SourceError as e:
             raise MigrateError(str(e)) from None
+        except KeyboardInterrupt:  # each window is one transaction: the next run asks the next one
+            _interrupted(cp, echo, "the enumeration goes on from the next window of the source")
         if opts.dry_run:
             return _dry_run(cp, echo, m.dates)
         m.open_storage()
         try:
             _run_pulls(m, opts)
         except KeyboardInterrupt:
-            cp.close()
-            echo("interrupted: the studies in flight are pulled again by the next run of the same command")
-            os._exit(130)  # pynetdicom's threads of abandoned associations would hold the exit
+            _interrupted(cp, echo, "the studies in flight are pulled again")
         finally:
             m.close_storage()
         s = report.summary(cp.con)
@@ -371,6 +371,13 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
         return 1 if s["studies_failed"] or incomplete or unfinished else 0
     finally:
         cp.close()
+
+
+def _interrupted(cp: Checkpoint, echo: Callable[[str], None], what: str) -> None:
+    """Ctrl-C or SIGTERM: one line, exit status 130."""
+    cp.close()
+    echo(f"interrupted: {what} when you run the same command again")
+    os._exit(130)  # pynetdicom's threads of abandoned associations would hold the exit
 
 
 def _run_pulls(m: Migration, opts: Options) -> None:
