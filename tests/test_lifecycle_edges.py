@@ -125,6 +125,8 @@ def test_verify_names_the_instances_of_a_damaged_catalog_file_and_the_rest_is_se
     sealed_first = set(manifest.load(data / "catalog").files)
     second = series_instances(tmp_path / "b", "EDGEV2", generate_uid(), generate_uid(), 6)
     store(server.port, second)
+    one = str(pydicom.dcmread(second[0], stop_before_pixels=True).SOPInstanceUID)
+    assert cli("delete", "--data-dir", str(data), "--instance", one, "--yes").returncode == 0  # dead space
     wait_sealed(data)
     server.stop()
     m = manifest.load(data / "catalog")
@@ -145,10 +147,20 @@ def test_verify_names_the_instances_of_a_damaged_catalog_file_and_the_rest_is_se
     named = {row["sop_instance_uid"] for row in rows if row["segment"].endswith(".seg")}
     assert named == uids, rows
 
+    for args in (("compact", "--ratio", "1"), ("delete", "--patient", "EDGEV1", "--yes")):
+        r = cli(*args, "--data-dir", str(data))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert "stowage rebuild-catalog" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
     server.start()
     got = tmp_path / "get"
     got.mkdir()
     r = subprocess.run([dcmtk("getscu"), "-P", "-aec", "STOWAGE", "-k", "QueryRetrieveLevel=PATIENT", "-k",
                         "PatientID=EDGEV2", "-od", str(got), HOST, str(server.port)],
                        capture_output=True, text=True, timeout=120)
-    assert len(list(got.iterdir())) == 6, r.stdout + r.stderr
+    assert len(list(got.iterdir())) == 5, r.stdout + r.stderr
+
+    server.stop()  # the remedy verify names: every instance back, nothing wrong
+    assert cli("rebuild-catalog", "--data-dir", str(data)).returncode == 0
+    r = cli("verify", "--data-dir", str(data), "-q")
+    assert r.returncode == 0 and "verified 12 record(s)" in r.stdout, r.stdout + r.stderr

@@ -158,6 +158,13 @@ def damaged_catalog_files(catalog_dir: Path, names: list[str]) -> dict[str, str]
     return damaged
 
 
+def catalog_unreadable(e: Exception) -> str:
+    """What to tell a person whose command met a catalog file it cannot read."""
+    return (f"the catalog cannot be read ({str(e).splitlines()[0][:160]}): stowage verify names the damaged "
+            "file and its instances; stowage rebuild-catalog (archive stopped) writes the catalog again "
+            "from the segments")
+
+
 class Verifier:
     """Verifies spans of one data directory, reporting problems to `on_problem` and
     marking corrupt records as found by `by`."""

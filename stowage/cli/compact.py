@@ -18,7 +18,10 @@ from stowage.cli.options import common, load
 def compact(config_file, data_dir, dry_run, rate, ratio, grace) -> None:
     """Reclaim the space of deleted and superseded instances (also while `stowage serve`
     runs): rewrite sparse segments into new ones, then drop the old ones."""
+    import duckdb
+
     from stowage.engine.lifecycle.compaction import CompactionBusy
+    from stowage.engine.lifecycle.verify import catalog_unreadable
     from stowage.engine.lifecycle.compaction import compact as run
     from stowage.engine.runtime.logs import setup_logging
     config = load(config_file, data_dir=data_dir)
@@ -35,6 +38,8 @@ def compact(config_file, data_dir, dry_run, rate, ratio, grace) -> None:
     except OSError as e:
         raise click.ClickException(f"compaction stopped: {e.strerror or e}; nothing was lost, "
                                    "run it again once that is fixed") from None
+    except duckdb.Error as e:  # a damaged catalog file: what is live is unknown, so nothing is rewritten
+        raise click.ClickException(f"compaction stopped: {catalog_unreadable(e)}; nothing was lost") from None
     if dry_run:
         for c in r.candidates:
             click.echo(f"{c.segment}: {c.size / 1e6:.1f} MB, {c.ratio:.0%} live ({c.live_records} record(s))")

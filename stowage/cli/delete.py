@@ -20,8 +20,11 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
     C-MOVE, C-GET, export, send and storage commitment; space comes back with compaction."""
     import getpass
 
+    import duckdb
+
     from stowage.engine.lifecycle.delete import DeleteError
     from stowage.engine.lifecycle.delete import delete as run
+    from stowage.engine.lifecycle.verify import catalog_unreadable
     from stowage.engine.runtime.logs import setup_logging
     chosen = [(lvl, [v for v in split_values(vals)] if lvl != "patient" else list(vals))
               for lvl, vals in (("patient", patient), ("study", study), ("series", series),
@@ -51,6 +54,8 @@ def delete(config_file, data_dir, patient, study, series, instance, reason, yes)
         result = run(config, level, values, actor=actor, comment=comment)
     except DeleteError as e:
         raise click.ClickException(str(e)) from None
+    except duckdb.Error as e:  # a damaged catalog file: what the selection holds is unknown
+        raise click.ClickException(f"nothing deleted: {catalog_unreadable(e)}") from None
     except OSError as e:
         raise click.ClickException(f"cannot write the tombstones ({e.strerror or e}): the deletion may be "
                                    "incomplete; run it again once that is fixed") from None

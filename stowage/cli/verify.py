@@ -69,7 +69,7 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
     and CRCs run outside the GIL); the tally says what was found."""
     import duckdb  # not for `--help`
 
-    from stowage.engine.lifecycle.verify import Pacer, Tally, Verifier, verify_all
+    from stowage.engine.lifecycle.verify import Pacer, Tally, Verifier, catalog_unreadable, verify_all
     data_dir = config.data_dir
     if not (data_dir / "segments").is_dir() and not (data_dir / "catalog").is_dir():
         raise VerifyCommandError(f"{data_dir} holds no archive (no segments/ or catalog/ in it)")
@@ -120,8 +120,7 @@ def run_verify(config: Config, rate_mb: float | None, report: Path | None, progr
         _, interrupted = interruptible(lambda: verify_all(verifiers, spans), pacer.stop.set)
         whole = not interrupted
     except duckdb.Error as e:  # damage the read-through of the catalog files did not find
-        raise VerifyCommandError(f"the catalog cannot be read ({str(e).splitlines()[0][:160]}): stowage "
-                                 "rebuild-catalog (archive stopped) writes it again from the segments") from None
+        raise VerifyCommandError(catalog_unreadable(e)) from None
     finally:
         for v in verifiers:
             v.close()
