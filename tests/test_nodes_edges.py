@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import HOST, Server, catalog_sealed, free_port, received_by_dcmtk, series_instances, storescu, wait_for
+from conftest import HOST, Server, catalog_sealed, echo_ok, free_port, received_by_dcmtk, series_instances, storescu, wait_for
 from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 from test_s3_restore import find_and_get
 from test_s3_storage import all_uploaded_and_evicted, env_for, sealed_segments, stowage, uploaded
@@ -186,3 +186,40 @@ def test_a_disk_lost_before_its_last_segment_was_uploaded_leaves_no_phantoms(nod
         return set(got) == set(sent)
     wait_for(all_got, BOUND, lambda: f"C-GET from b of what a stored after the restore\n{nodes.logs()}", 1.0)
     assert got == sent
+
+
+def test_an_instance_of_another_node_not_in_the_bucket_yet_is_a_failed_sub_operation(nodes, tmp_path):
+    """docs/scale-out.md, "Several nodes on one bucket": C-FIND on b may list what c stored
+    before c's segment reaches the bucket; a C-GET of it from b then fails its
+    sub-operation, answered with a failure status naming it, not silently (and b keeps
+    serving). Once c's segment is uploaded, the same C-GET from b gets the bytes."""
+    from pynetdicom.sop_class import CTImageStorage
+    from test_get import _pyn_get
+    b = nodes.nodes["b"]
+    c = nodes.start("c", STOWAGE_SEGMENT_MAX_AGE="0")    # its segment rolls at 1 GiB only: not uploaded
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    files = series_instances(tmp_path / "ct", "NOTYET", study, series, 2)
+    storescu(c.port, files)
+    sent = received_by_dcmtk(files, tmp_path / "sent")
+    wait_for(lambda: found_on(b.port, study, tmp_path / "f") == set(sent), BOUND,
+             lambda: f"b lists c's instances\n{nodes.logs()}", 0.5)
+    assert not uploaded(c.data_dir)
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+    rsps, got = _pyn_get(b.port, keys, classes=(CTImageStorage,))
+    final, ident = rsps[-1]
+    assert got == {} and final.Status == 0xA702, (hex(final.Status), final)
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, 2), final
+    failed = ident.FailedSOPInstanceUIDList
+    assert set([failed] if isinstance(failed, str) else failed) == set(sent)
+    assert echo_ok(b.port), "b goes on serving"
+
+    c.stop()
+    c = nodes.start("c", STOWAGE_SEGMENT_MAX_AGE="0.5")   # its last segment rolls and is uploaded now
+    got = {}
+
+    def all_got() -> bool:
+        nonlocal got
+        rsps, got = _pyn_get(b.port, keys, classes=(CTImageStorage,))
+        return rsps[-1][0].Status == 0
+    wait_for(all_got, BOUND, lambda: f"C-GET from b once c's segment is uploaded\n{nodes.logs()}", 1.0)
+    assert {u: ts_bytes[1] for u, ts_bytes in got.items()} == sent
