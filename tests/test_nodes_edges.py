@@ -22,6 +22,7 @@ from conftest import HOST, Server, catalog_sealed, echo_ok, free_port, received_
 from s3_server import s3_server  # noqa: F401 - the session's SeaweedFS
 from test_s3_restore import find_and_get
 from test_s3_storage import all_uploaded_and_evicted, env_for, sealed_segments, stowage, uploaded
+from test_bad_input import tmpfs  # noqa: F401 - fixture
 from test_find import findscu
 from test_s3_wal import Relay
 
@@ -223,3 +224,43 @@ def test_an_instance_of_another_node_not_in_the_bucket_yet_is_a_failed_sub_opera
         return rsps[-1][0].Status == 0
     wait_for(all_got, BOUND, lambda: f"C-GET from b once c's segment is uploaded\n{nodes.logs()}", 1.0)
     assert {u: ts_bytes[1] for u, ts_bytes in got.items()} == sent
+
+
+def test_a_full_local_disk_still_serves_evicted_segments_and_leaves_no_litter(make_server, tmpfs, tmp_path,
+                                                                              s3_server):  # noqa: F811
+    """The local disk (the data directory and its read cache) fills up, say with segments
+    the uploader cannot send: a C-GET of a series whose segments were evicted is still
+    answered from the bucket, byte for byte, the read going on uncached
+    (engine/storage/remote.ReadCache: "a full disk: the read goes on uncached"), and no
+    half-written cache block is left to take the room the disk lacks."""
+    bucket = s3_server.new_bucket("fullcache")
+    disk = tmpfs(tmp_path / "disk", "24m")
+    env = env_for(s3_server, bucket, STOWAGE_NODE_NAME="node-full", STOWAGE_LOCAL_CACHE_BYTES="0",
+                  STOWAGE_MIN_FREE_BYTES="-1")
+    server = make_server("--workers", "1", data_dir=disk / "data", **env)
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    files = series_instances(tmp_path / "ct", "FULL", study, series, 16)
+    storescu(server.port, files)
+    sent = received_by_dcmtk(files, tmp_path / "sent")
+    data_dir = server.data_dir
+    wait_for(lambda: catalog_sealed(data_dir) and all_uploaded_and_evicted(data_dir), 60,
+             lambda: f"uploaded and evicted: {uploaded(data_dir)}\n{server.log()[-2000:]}")
+    filler = disk / "filler"
+    with open(filler, "wb") as f:   # the disk full to the last block
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    try:
+        with open(filler, "ab") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:
+        pass
+    _found, got = find_and_get(server.port, tmp_path / "1", study, series)
+    assert got == sent
+    litter = [p.name for p in (data_dir / "segment-cache").rglob(".*")]
+    assert not litter, f"half-written cache blocks left on the full disk: {litter}"

@@ -102,14 +102,17 @@ class ReadCache:
     def put(self, name: str, index: int, data: bytes) -> None:
         _recent.put((self.directory, name, index), data)
         path = self._path(name, index)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except OSError:  # a full disk: the read goes on uncached
-            pass
+        except OSError:  # a full disk: the read goes on uncached, and leaves no half block taking room
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 class RemoteSegment:
