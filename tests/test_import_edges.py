@@ -65,3 +65,36 @@ def test_file_names_that_are_not_utf8(tmp_path):
     with sqlite3.connect(data / "import" / "ledger.sqlite") as con:
         assert sorted(p for (p,) in con.execute("SELECT path FROM files") if isinstance(p, bytes)) == \
             [latin, folder + b"/MR.dcm"]
+
+
+def test_symbolic_links_loops_and_broken_ones(tmp_path):
+    """A tree of symbolic links, as research groups build them over mounted storage: links
+    to files are imported; a link to a folder (here, to the tree's own root: a loop) is not
+    followed and listed as skipped; a link to itself is refused as unreadable; and links
+    whose storage is gone (not mounted) are refused with their target, so the command
+    exits 1 (they were left out in silence: "0 stored, 0 refused", exit status 0)."""
+    src, nas = tmp_path / "src", tmp_path / "nas"
+    (src / "sub").mkdir(parents=True)
+    nas.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), nas / "ct.dcm")
+    shutil.copy(get_testdata_file("MR_small.dcm"), nas / "mr.dcm")
+    (src / "ct.dcm").symlink_to(nas / "ct.dcm")
+    (src / "sub" / "mr.dcm").symlink_to(nas / "mr.dcm")
+    (src / "sub" / "up").symlink_to(src)                # a loop through a folder
+    (src / "self.dcm").symlink_to(src / "self.dcm")     # a loop on itself
+    (src / "gone.dcm").symlink_to(tmp_path / "unmounted" / "gone.dcm")
+    data = tmp_path / "data"
+    r = run_import(data, src)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert summary(r.stdout) == {"stored": 2, "already held": 0, "skipped": 1, "refused": 2}, r.stdout
+    report = report_bytes(r.stdout).decode()
+    assert f"{src}/sub/up,skipped,a symbolic link to a folder: not followed" in report, report
+    assert f"{src}/gone.dcm,refused,\"unreadable: a broken symbolic link (to {tmp_path}/unmounted/gone.dcm" \
+        in report, report
+    assert f"{src}/self.dcm,refused," in report, report
+
+    (src / "gone.dcm").unlink()
+    (src / "self.dcm").unlink()
+    followed = run_import(data, src / "sub" / "up")  # the link named as a PATH: followed, it is what was asked
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    assert summary(followed.stdout)["already held"] == 2, followed.stdout

@@ -167,6 +167,9 @@ def run_import(config: Config, paths: list[Path], *, processes: int = 0, threads
     for path, why in found.errors:
         out.add(path, REFUSED, why)
         summary.refused += 1
+    for path, why in found.skipped:
+        out.add(path, SKIPPED, why)
+        summary.skipped += 1
     try:
         if found.files:
             n = max(1, min(processes or (os.cpu_count() or 1), len(found.files)))
