@@ -264,3 +264,38 @@ def test_a_full_local_disk_still_serves_evicted_segments_and_leaves_no_litter(ma
     assert got == sent
     litter = [p.name for p in (data_dir / "segment-cache").rglob(".*")]
     assert not litter, f"half-written cache blocks left on the full disk: {litter}"
+
+
+def test_a_strangers_object_at_one_key_holds_up_no_other_upload(make_server, tmp_path, s3_server):  # noqa: F811
+    """docs/scale-out.md: an object already at a segment's key with other bytes is never
+    overwritten, and that segment stays local. The others must not wait on it: a stranger's
+    object (a second node started with the same node_name, a data directory started afresh)
+    at the key of the first sealed segment leaves every later one uploaded, verified and
+    evicted, the tombstone log copied, and the log names the refused one."""
+    bucket = s3_server.new_bucket("stranger")
+    env = env_for(s3_server, bucket, STOWAGE_NODE_NAME="node-s", STOWAGE_LOCAL_CACHE_BYTES="0",
+                  STOWAGE_UPLOAD_INTERVAL="3600")
+    server = make_server("--workers", "1", **env)
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    files = series_instances(tmp_path / "ct", "STRANGER", study, series, 24)
+    storescu(server.port, files)
+    sent = received_by_dcmtk(files, tmp_path / "sent")
+    data_dir = server.data_dir
+    wait_for(lambda: catalog_sealed(data_dir) and len(sealed_segments(data_dir)) >= 3, 30, "sealed segments")
+    server.kill()
+    first, *rest = sorted(sealed_segments(data_dir))
+    s3_server.client().put_object(Bucket=bucket, Key=f"archive/node-s/segments/{first}", Body=b"a stranger's segment")
+    deleted = str(pydicom.dcmread(files[-1], stop_before_pixels=True).SOPInstanceUID)
+    r = stowage(env, "delete", "--data-dir", str(data_dir), "--yes", "--instance", deleted)
+    assert r.returncode == 0, r.stdout + r.stderr
+    server = make_server("--workers", "1", data_dir=data_dir, **{**env, "STOWAGE_UPLOAD_INTERVAL": "0.2"})
+    tombstones = "archive/node-s/tombstones/tombstones.log"
+    wait_for(lambda: set(rest) <= set(uploaded(data_dir)) and tombstones in s3_server.objects(bucket), 60,
+             lambda: f"the other segments uploaded: {sorted(uploaded(data_dir))} of {rest}; "
+                     f"{server.log()[-3000:]}")
+    wait_for(lambda: not any((data_dir / "segments" / n).exists() for n in rest), 30, "the others evicted")
+    assert first not in uploaded(data_dir) and (data_dir / "segments" / first).exists(), "kept local"
+    assert "already holds a different segment named " + first in server.log()
+    sent.pop(deleted)
+    found, got = find_and_get(server.port, tmp_path / "1", study, series)
+    assert found == set(sent) and got == sent

@@ -24,6 +24,11 @@ class ObjectStoreError(RuntimeError):
     """The object store refused or failed a request; the message says which and why."""
 
 
+class SegmentConflict(ObjectStoreError):
+    """The bucket holds another object at a segment's key: never overwritten, and no
+    reason to hold up the other segments' uploads."""
+
+
 @dataclass(frozen=True)
 class Uploaded:
     """What a verified upload put where: recorded in the manifest."""
@@ -190,7 +195,7 @@ class ObjectStore:
         theirs = held.get("ChecksumSHA256")
         if held.get("ContentLength") == size and theirs == expected:
             return Uploaded(key, size, whole.hexdigest(), expected)
-        raise ObjectStoreError(f"s3://{self.bucket}/{key} already holds a different segment named {name} "
+        raise SegmentConflict(f"s3://{self.bucket}/{key} already holds a different segment named {name} "
                                f"({held.get('ContentLength')} bytes, checksum {theirs}); not overwritten. Is another "
                                "node, or a data directory started afresh, using the same storage prefix?")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from stowage.catalog import manifest
 from stowage.engine.runtime.config import Config
 from stowage.engine.runtime.supervised import SupervisedProcess, child_start, run_exclusively
-from stowage.engine.storage.objects import ObjectStore, ObjectStoreError, store_for
+from stowage.engine.storage.objects import ObjectStore, ObjectStoreError, SegmentConflict, store_for
 from stowage.engine.storage import compactions, wal
 from stowage.engine.storage.remote import CACHE
 from stowage.engine.storage.restore import copy_tombstones
@@ -67,12 +67,16 @@ def compaction_pending(data_dir: Path, m: manifest.Manifest) -> bool:
     return any(n.startswith(f"{_COMPACT_SLOT}-") for n in sealed_not_uploaded(data_dir, m))
 
 
-def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event, ahead: bool = False) -> list[str]:
+def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event, ahead: bool = False,
+                  refused: dict[str, str] | None = None) -> list[str]:
     """Upload, verify and record every sealed segment not yet uploaded; returns their names.
-    `ahead`: durability = object-store, delete each one's write-ahead objects (wal.py) too."""
+    `ahead`: durability = object-store, delete each one's write-ahead objects (wal.py) too.
+    A segment whose key holds another object stays local and the others go on; it is
+    logged once, and noted in `refused` (name -> why) when given."""
     catalog_dir = data_dir / "catalog"
     done = []
     m = manifest.load(catalog_dir)
+    refused = {} if refused is None else refused
     for name, size in sealed_not_uploaded(data_dir, m).items():
         if stop.is_set():
             break
@@ -83,6 +87,12 @@ def upload_sealed(data_dir: Path, store: ObjectStore, stop: threading.Event, ahe
             up = store.upload(data_dir / "segments" / name, name)
         except FileNotFoundError:  # a compaction retired and purged it meanwhile
             continue
+        except SegmentConflict as e:  # never overwritten; it waits on local disk for an operator
+            if name not in refused:
+                log.error("%s; %s stays on local disk until the object is moved away", e, name)
+            refused[name] = str(e)
+            continue
+        refused.pop(name, None)
         with manifest.update(catalog_dir) as m:
             if name in m.retired_segments:  # retired meanwhile: its object goes at the next purge
                 m.uploaded[name] = {**up.as_record(time.time()), "gone": True}
@@ -175,11 +185,12 @@ class Uploader:
         self.store = store_for(config)
         self.swept_at = float("-inf")
         self.tombstones: tuple | None = None  # the tombstone log's stamp when last copied to the bucket
+        self.refused: dict[str, str] = {}     # segments whose key holds another object (logged once each)
 
     def once(self) -> None:
         data_dir = self.config.data_dir
         ahead = self.config.durability == "object-store"  # else stale write-ahead objects go at start-up
-        upload_sealed(data_dir, self.store, self.stop, ahead)
+        upload_sealed(data_dir, self.store, self.stop, ahead, self.refused)
         delete_gone(data_dir, self.store, self.config.compact_grace)
         try:  # a lost disk gets its deletions back from this copy (restore.py)
             self.tombstones = copy_tombstones(data_dir, self.store, self.tombstones)
