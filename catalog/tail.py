@@ -23,6 +23,7 @@ import pyarrow as pa
 from stowage.catalog.schema import SCHEMA
 
 SUFFIX = ".tail"
+_EMPTY = SCHEMA.empty_table()  # made once: pyarrow takes ~0.3 ms to make a table of these 35 columns
 _UID_KEY = b"sop_instance_uid"
 
 
@@ -79,7 +80,8 @@ class TailReader:
         self.directory = directory
         self.skip_prefix = skip_prefix
         self._files: dict[str, _FileState] = {}
-        self.fresh: pa.Table = SCHEMA.empty_table()
+        self.fresh: pa.Table = _EMPTY
+        self._all: pa.Table = _EMPTY
 
     def read(self) -> pa.Table:
         try:
@@ -87,8 +89,10 @@ class TailReader:
                            and not (self.skip_prefix and n.startswith(self.skip_prefix)))
         except FileNotFoundError:
             names = []
+        changed = False
         for gone in set(self._files) - set(names):
             del self._files[gone]
+            changed = True
         fresh = []
         for name in names:
             state = self._files.setdefault(name, _FileState())
@@ -96,9 +100,11 @@ class TailReader:
             if table is not None:
                 state.chunks.append(table)
                 fresh.append(table)
-        self.fresh = pa.concat_tables(fresh) if fresh else SCHEMA.empty_table()
-        chunks = [c for s in self._files.values() for c in s.chunks]
-        return pa.concat_tables(chunks) if chunks else SCHEMA.empty_table()
+        self.fresh = pa.concat_tables(fresh) if fresh else _EMPTY
+        if fresh or changed:  # else the rows of the last call stand (a catalog query asks every time)
+            chunks = [c for s in self._files.values() for c in s.chunks]
+            self._all = pa.concat_tables(chunks) if chunks else _EMPTY
+        return self._all
 
     def _advance(self, name: str, state: _FileState) -> pa.Table | None:
         try:

@@ -50,6 +50,7 @@ _BATCH = 10_000  # entries per line: a line is all-or-nothing after a crash
 SCHEMA = pa.schema([("sop_instance_uid", pa.string()), ("received_at", pa.timestamp("us", tz="UTC")),
                     ("study_instance_uid", pa.string()), ("reason", pa.string()),
                     ("at", pa.timestamp("us", tz="UTC")), ("actor", pa.string()), ("comment", pa.string())])
+_EMPTY = SCHEMA.empty_table()  # made once (pyarrow takes tens of µs per column), shared: tables are immutable
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class TombstoneReader:
                 self._ino, self._offset, self._table = None, 0, SCHEMA.empty_table()
                 self.fresh = self._table
                 return self._table
-            self.fresh = SCHEMA.empty_table()
+            self.fresh = _EMPTY
             try:
                 st = os.fstat(fd)
                 if st.st_ino != self._ino or st.st_size < self._offset:  # replaced: read it all again
@@ -216,7 +217,7 @@ def read_from(tombstones_dir: Path, ino: int | None, offset: int) -> tuple[pa.Ta
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return SCHEMA.empty_table(), None, 0
+        return _EMPTY, None, 0
     try:
         st = os.fstat(fd)
         if st.st_ino != ino or st.st_size < offset:
@@ -227,7 +228,7 @@ def read_from(tombstones_dir: Path, ino: int | None, offset: int) -> tuple[pa.Ta
     end = data.rfind(b"\n") + 1
     chunks = [_table(parsed) for line in data[:end].split(b"\n")[:-1] if line
               for parsed in [_parse(line)] if parsed is not None]
-    return (pa.concat_tables(chunks) if chunks else SCHEMA.empty_table()), st.st_ino, offset + end
+    return (pa.concat_tables(chunks) if chunks else _EMPTY), st.st_ino, offset + end
 
 
 def load(data_dir: Path, with_unheld: bool = False) -> pa.Table:
