@@ -436,6 +436,13 @@ class Catalog:
                     self._generation, self._state = -1, None
         raise AssertionError("unreachable")
 
+    def version(self) -> tuple:
+        """A value that changes whenever a query could answer otherwise (rows appended or
+        sealed, deletions, compaction, other nodes' view): a result may be kept while it holds."""
+        with self._lock:
+            self._refresh()
+            return self._state, self._generation
+
     def snapshot(self, work: Callable[[Callable[..., tuple[list[str], list[tuple]]]], T]) -> T:
         """work(execute): several statements over one fresh view of the catalog (one
         refresh, the lock held throughout); execute(sql, params) returns (columns, rows)."""

@@ -255,6 +255,35 @@ def test_frames_as_stored_and_decoded(web):
     assert jp2 == stored
 
 
+def test_frames_of_a_series_follow_stores_and_deletes(web, tmp_path):
+    """A viewer loads a series frame by frame: each lookup is answered from its series' rows
+    kept while the catalog is unchanged (engine/web/records.SeriesLookups); an instance
+    stored into the series afterwards is found, one deleted afterwards is not served."""
+    from conftest import cli, copies
+    files = copies(CT, tmp_path / "ct", 4, "ct")
+    c_store(web.server.port, files[:3])
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    c = web.client()
+    pixels = pydicom.dcmread(files[0]).PixelData
+
+    def frame(uid):
+        return requests.get(f"{web.base}/studies/{study}/series/{series}/instances/{uid}/frames/1",
+                            headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})
+
+    for _ in range(2):  # every HTTP process asked, each keeping the series' rows
+        assert [c.retrieve_instance_frames(study, series, uid, [1])[0] == pixels for uid in uids[:3]] == [True] * 3
+    assert frame(uids[3]).status_code == 404
+    c_store(web.server.port, files[3:])
+    assert [frame(uids[3]).status_code for _ in range(4)] == [200] * 4
+    deleted = cli("delete", "--data-dir", str(web.server.data_dir), "--instance", uids[0], "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    answers = [frame(uids[0]) for _ in range(4)]
+    assert [r.status_code for r in answers] == [404] * 4, [r.text[:200] for r in answers]
+    assert [frame(uid).status_code for uid in uids[1:]] == [200] * 3
+
+
 def test_not_found_and_not_acceptable(web):
     c = web.client()
     study = _ct_study(web)

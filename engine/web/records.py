@@ -8,6 +8,8 @@ the scrub is never served (engine/store/integrity.py).
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -68,6 +70,36 @@ def find(catalog: Catalog, study: str, series: str | None = None, instance: str 
     _cols, rows = catalog.execute(f"SELECT {_COLUMNS}{header} FROM instances WHERE {' AND '.join(where)} {_ORDER}",
                                   params)
     return [Instance(*row) for row in rows]
+
+
+class SeriesLookups:
+    """One instance looked up from its series' rows, fetched in one catalog query and kept
+    while the catalog answers as it did (`Catalog.version`): a viewer asks for a series one
+    slice at a time (OHIF: `frames/1` of each instance), and each lookup of its own cost a
+    DuckDB query over the catalog's files, ~5-8 ms of CPU, more than the rest of the frame.
+    The answer is the query's: a row is kept only as long as nothing was stored, sealed,
+    deleted or compacted since. Thread-safe; the `keep` series used last are kept."""
+
+    def __init__(self, catalog: Catalog, keep: int = 32) -> None:
+        self.catalog, self.keep = catalog, keep
+        self._series: OrderedDict[tuple[str, str], tuple[tuple, dict[str, Instance]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def instance(self, study: str, series: str, instance: str) -> list[Instance]:
+        """[the instance] as find(catalog, study, series, instance) gives it, or []."""
+        version, key = self.catalog.version(), (study, series)
+        with self._lock:
+            kept = self._series.get(key)
+            if kept is not None and kept[0] == version:
+                self._series.move_to_end(key)
+                return [kept[1][instance]] if instance in kept[1] else []
+        members = {i.sop_instance_uid: i for i in find(self.catalog, study, series)}
+        with self._lock:  # under the version read before the query: a change meanwhile refetches
+            self._series[key] = (version, members)
+            self._series.move_to_end(key)
+            while len(self._series) > self.keep:
+                self._series.popitem(last=False)
+        return [members[instance]] if instance in members else []
 
 
 class Reader:

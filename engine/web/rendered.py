@@ -23,7 +23,7 @@ from stowage.engine.web import pixels
 from stowage.engine.web.context import path_uid
 from stowage.engine.web.errors import refusal
 from stowage.engine.web.negotiation import alternatives, refused
-from stowage.engine.web.records import Instance, Unreadable, find
+from stowage.engine.web.records import Instance, Unreadable
 from stowage.engine.web.store import STORE, WebStore
 from stowage.engine.web.transcode import MAX_BYTES
 
@@ -182,7 +182,7 @@ async def _rendered(request: web.Request, thumbnail: bool) -> web.Response:
     study = path_uid(request, "study")
     series = path_uid(request, "series") if "series" in info else None
     instance = path_uid(request, "instance") if "instance" in info else None
-    found = await store.run(find, store.lookups, study, series, instance)
+    found = await store.run(store.find, study, series, instance)
     if not found:
         raise refusal(404, f"no such {'instance' if instance else 'series' if series else 'study'} in this archive")
     candidates = _middles(found)[:_STUDY_TRIES] if series is None else _middles(found)

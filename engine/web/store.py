@@ -29,7 +29,7 @@ from stowage.engine.store.archive import Archive
 from stowage.engine.store.recovery import recover
 from stowage.engine.store.slots import Slot, claim_slot
 from stowage.engine.web.part_buffers import PartBuffers
-from stowage.engine.web.records import Reader
+from stowage.engine.web.records import Instance, Reader, SeriesLookups, find
 from stowage.engine.store.series_cache import SeriesCache
 
 log = logging.getLogger("stowage.http")
@@ -75,12 +75,19 @@ class WebStore:
         self.catalog = Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
         self.lookups = Catalog(config.data_dir / "catalog", config.duplicates, cluster=config.cluster_view)
         self.reader = Reader(config.data_dir, config.duplicates, cluster=config.cluster_view)
+        self.series_lookups = SeriesLookups(self.lookups)
         self.series_cache = SeriesCache(config.data_dir)
         self.parts = PartBuffers()  # WADO-RS's, reused part to part
         self.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="web")
         self._archive: Archive | None = None
         self._slot: Slot | None = None
         self._archive_lock = threading.Lock()
+
+    def find(self, study: str, series: str | None = None, instance: str | None = None) -> list[Instance]:
+        """records.find on the lookups' catalog; one instance from its series' kept rows."""
+        if series is not None and instance is not None:
+            return self.series_lookups.instance(study, series, instance)
+        return find(self.lookups, study, series, instance)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)` in the pool, awaited."""

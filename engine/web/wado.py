@@ -50,7 +50,8 @@ def _uids(request: web.Request) -> tuple[str, str | None, str | None]:
 
 async def _instances(store: WebStore, request: web.Request, with_header: bool = False) -> list[Instance]:
     study, series, instance = _uids(request)
-    found = await store.run(find, store.lookups, study, series, instance, with_header)
+    found = await (store.run(find, store.lookups, study, series, instance, with_header) if with_header else
+                   store.run(store.find, study, series, instance))
     if not found:
         what = "instance" if instance else "series" if series else "study"
         raise refusal(404, f"no such {what} in this archive")

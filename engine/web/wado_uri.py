@@ -12,7 +12,7 @@ from aiohttp import web
 from stowage.engine.store.archive import valid_uid
 from stowage.engine.web import pixels, rendered
 from stowage.engine.web.errors import refusal
-from stowage.engine.web.records import Unreadable, find
+from stowage.engine.web.records import Unreadable
 from stowage.engine.web.store import STORE
 from stowage.engine.web.transcode import MAX_BYTES, TranscodeError, possible, transcode
 
@@ -51,7 +51,7 @@ async def wado(request: web.Request) -> web.Response:
     if q.get("anonymize") == "yes":
         raise refusal(400, "anonymize=yes is not supported")
     store = request.app[STORE]
-    found = await store.run(find, store.lookups, study, series, instance)
+    found = await store.run(store.find, study, series, instance)
     if not found:
         raise refusal(404, "no such instance in this archive")
     inst = found[0]
