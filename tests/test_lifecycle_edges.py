@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -164,3 +165,49 @@ def test_verify_names_the_instances_of_a_damaged_catalog_file_and_the_rest_is_se
     assert cli("rebuild-catalog", "--data-dir", str(data)).returncode == 0
     r = cli("verify", "--data-dir", str(data), "-q")
     assert r.returncode == 0 and "verified 12 record(s)" in r.stdout, r.stdout + r.stderr
+
+
+def _drop_catalog_row(catalog_dir: Path, uid: str) -> None:
+    """The catalog loses the row of one instance (a damaged file read back without error,
+    a row lost by a bug): its sealed file written again without it."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    for name in manifest.load(catalog_dir).files:
+        table = pq.read_table(catalog_dir / name)
+        keep = pc.invert(pc.equal(table["sop_instance_uid"], uid))
+        if table.filter(keep).num_rows < table.num_rows:
+            pq.write_table(table.filter(keep), catalog_dir / name)
+            return
+    raise AssertionError(f"no sealed row of {uid}")
+
+
+def test_compaction_never_destroys_a_record_the_catalog_lacks(make_server, tmp_path):
+    """Compaction copies the live rows of a segment and drops the rest: a record whose row
+    the catalog lost is neither, and rewriting its segment would destroy an intact,
+    acknowledged instance. The segment is left as it is, the command says so, and
+    rebuild-catalog brings the instance back."""
+    server = make_server("--workers", "1", **ENV)
+    data = server.data_dir
+    files = series_instances(tmp_path / "in", "EDGEK", generate_uid(), generate_uid(), 24)
+    store(server.port, files)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    gone = uids[:12:2]  # sparse segments: candidates
+    assert cli("delete", "--data-dir", str(data), "--instance", ",".join(gone), "--yes").returncode == 0
+    expected = sent(files, tmp_path / "dcmtk")
+    for u in gone:
+        del expected[u]
+    wait_sealed(data)
+    server.stop()
+    lost = uids[1]
+    _drop_catalog_row(data / "catalog", lost)
+
+    r = cli("compact", "--data-dir", str(data), "--ratio", "1", "--grace", "0", env=ENV)
+    assert r.returncode == 1 and "not in the catalog" in r.stderr and "Traceback" not in r.stderr, \
+        r.stdout + r.stderr
+    assert cli("rebuild-catalog", "--data-dir", str(data)).returncode == 0
+    r = cli("compact", "--data-dir", str(data), "--ratio", "1", "--grace", "0", env=ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check(data, tmp_path / "out", expected, set(gone))  # the lost row's instance among them
+    server.start()
+    assert {x.SOPInstanceUID for x in find(server.port, tmp_path / "q", "IMAGE", "PatientID=EDGEK",
+                                           "SOPInstanceUID=")} == set(expected)

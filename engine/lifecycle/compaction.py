@@ -135,8 +135,22 @@ def _sealed_inactive(directory: Path, m: manifest.Manifest) -> dict[str, int]:
     return out
 
 
-def candidates(config: Config, catalog: Catalog, ratio: float | None = None) -> list[Candidate]:
-    """Segments whose live fraction is below `ratio`, sparsest first."""
+def _not_catalogued(catalog: Catalog, sealed: dict[str, int]) -> dict[str, int]:
+    """segment -> bytes of it that no catalog row covers, for the segments whose rows (live,
+    deleted or superseded) do not tile the file. A record without a row is neither live nor
+    dead to compaction, which copies live rows only: rewriting its segment would destroy an
+    intact instance that a damaged or lost catalog file no longer names."""
+    _cols, rows = catalog.execute(
+        "SELECT segment, sum(record_length) FROM (SELECT DISTINCT segment, \"offset\", record_length FROM records "
+        "WHERE segment IN (SELECT unnest(?))) GROUP BY segment", [sorted(sealed)])
+    covered = {seg: int(n or 0) for seg, n in rows}
+    return {seg: size - covered.get(seg, 0) for seg, size in sealed.items() if covered.get(seg, 0) < size}
+
+
+def candidates(config: Config, catalog: Catalog, ratio: float | None = None,
+               skipped: list[str] | None = None) -> list[Candidate]:
+    """Segments whose live fraction is below `ratio`, sparsest first. Segments holding
+    records the catalog lacks are left as they are, each said in `skipped`."""
     ratio = config.compact_live_ratio if ratio is None else ratio
     catalog_dir = config.data_dir / "catalog"
     sealed = _sealed_inactive(config.data_dir / "segments", manifest.load(catalog_dir))
@@ -145,6 +159,15 @@ def candidates(config: Config, catalog: Catalog, ratio: float | None = None) -> 
     # bytes stay where an administrator can look at them or restore them.
     marks = marks_of(config.data_dir)
     sealed = {name: size for name, size in sealed.items() if not marks.in_segment(name)}
+    if not sealed:
+        return []
+    for seg, missing in sorted(_not_catalogued(catalog, sealed).items()):
+        why = (f"{seg}: {missing} byte(s) of records are not in the catalog, so it is not rewritten (stowage "
+               "verify names them; stowage rebuild-catalog, archive stopped, indexes them again)")
+        log.error("compaction: %s", why)
+        if skipped is not None:
+            skipped.append(why)
+        del sealed[seg]
     if not sealed:
         return []
     _cols, rows = catalog.execute(
@@ -451,7 +474,7 @@ def compact(config: Config, rate: float | None = None, dry_run: bool = False, ra
         if not dry_run:
             settle(data_dir)
             report.purged += purge(data_dir, grace)
-        report.candidates = candidates(config, catalog, ratio) if catalog is not None else []
+        report.candidates = candidates(config, catalog, ratio, report.errors) if catalog is not None else []
         if dry_run:
             return report
         throttle = _Throttle(config.compact_rate if rate is None else rate, stop)

@@ -45,6 +45,8 @@ def compact(config_file, data_dir, dry_run, rate, ratio, grace) -> None:
             click.echo(f"{c.segment}: {c.size / 1e6:.1f} MB, {c.ratio:.0%} live ({c.live_records} record(s))")
         dead = sum(c.size - c.live_bytes for c in r.candidates)
         click.echo(f"would rewrite {len(r.candidates)} segment(s), reclaiming about {dead / 1e6:.1f} MB")
+        for e in r.errors:  # segments it would leave as they are, and why
+            click.echo(f"skipped: {e}", err=True)
         return
     click.echo(f"rewrote {len(r.rewritten)} segment(s) into {len(r.written)}: {r.records_copied} live record(s) "
                f"copied, {r.reclaimed / 1e6:.1f} MB reclaimed, {r.mb_per_s:.1f} MB/s; "
@@ -52,6 +54,6 @@ def compact(config_file, data_dir, dry_run, rate, ratio, grace) -> None:
     if r.errors:
         for e in r.errors:
             click.echo(f"skipped: {e}", err=True)
-        raise click.ClickException(f"{len(r.errors)} round(s) skipped (see above); run stowage verify")
+        raise click.ClickException(f"{len(r.errors)} round(s) or segment(s) skipped (see above); run stowage verify")
     if r.short_of_space:
         raise click.ClickException(f"compaction stopped short of disk space: {r.short_of_space}")
