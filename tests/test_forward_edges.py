@@ -232,3 +232,30 @@ def test_a_de_identifying_rule_sends_what_its_project_made_at_ingest_as_it_is(ma
             assert str(ds.SOPInstanceUID) not in (str(plain.SOPInstanceUID), str(through_trial.SOPInstanceUID))
     finally:
         peer.stop()
+
+
+def test_export_deidentify_hands_out_what_its_project_made_at_ingest_as_it_is(make_server, tmp_path):
+    """`export --deidentify TRIAL` of a patient's instances, one received plainly and one
+    through TRIAL's AE title: the second was de-identified again (two pseudonyms and two
+    Study Instance UIDs for one patient and study in the export)."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[projects.TRIAL]\ncalled_ae = "TRIAL"\n')
+    server = make_server("--config", str(config), "--workers", "1", data_dir=tmp_path / "data")
+    plain = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    through_trial = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    through_trial.SOPInstanceUID = through_trial.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    _store(server.port, plain)
+    _store(server.port, through_trial, called="TRIAL")
+    held = cli("query", "--config", str(config), "--format", "csv",
+               "SELECT sop_instance_uid FROM instances WHERE called_ae = 'TRIAL'")
+    assert held.returncode == 0, held.stderr
+    trial_uid = held.stdout.split()[-1]
+    r = cli("export", "--config", str(config), "--deidentify", "TRIAL", "--out", str(tmp_path / "out"),
+            "--instance", str(plain.SOPInstanceUID), "--instance", trial_uid)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = [pydicom.dcmread(p) for p in sorted((tmp_path / "out").glob("*.dcm"))]
+    assert len(got) == 2, r.stdout
+    assert len({str(ds.PatientID) for ds in got}) == 1, [str(ds.PatientID) for ds in got]
+    assert len({str(ds.StudyInstanceUID) for ds in got}) == 1, [str(ds.StudyInstanceUID) for ds in got]
+    assert trial_uid in {str(ds.SOPInstanceUID) for ds in got}
+    assert str(plain.PatientID) not in {str(ds.PatientID) for ds in got}

@@ -38,9 +38,28 @@ def selected(data_dir: Path, duplicates: str, level: str | None, values: list[st
         catalog.close()
 
 
+def made_by(project: Project, data_dir: Path, duplicates: str, instances: list[Instance]) -> frozenset[str]:
+    """The instances `project` made itself on the way in (received through its AE title):
+    handed out as stored, not de-identified a second time (their UIDs hashed twice, their
+    dates shifted twice: one patient under two pseudonyms beside the plain copies' one)."""
+    config = project.config
+    if not config.called_ae or not instances:
+        return frozenset()
+    catalog = Catalog(data_dir / "catalog", duplicates)
+    try:
+        _cols, rows = catalog.execute("SELECT sop_instance_uid, called_ae, calling_ae FROM instances "
+                                      "WHERE sop_instance_uid IN (SELECT unnest(?))",
+                                      [[i.sop_instance_uid for i in instances]])
+    finally:
+        catalog.close()
+    return frozenset(uid for uid, called, calling in rows if config.applies_to(called or "", calling or ""))
+
+
 def write_deidentified(project: Project, data_dir: Path, instances: list[Instance], out: Path,
-                       progress: Callable[[], None] | None = None) -> DeidentifiedResult:
-    """A de-identified Part-10 file in `out` for each instance."""
+                       progress: Callable[[], None] | None = None,
+                       as_stored: frozenset[str] = frozenset()) -> DeidentifiedResult:
+    """A de-identified Part-10 file in `out` for each instance (those of `as_stored`, which
+    the project made, as they are)."""
     out.mkdir(parents=True, exist_ok=True)
     marks, result = marks_of(data_dir), DeidentifiedResult()
     for inst in instances:
@@ -51,8 +70,11 @@ def write_deidentified(project: Project, data_dir: Path, instances: list[Instanc
                 raise ValueError(f"stored record marked corrupt by {mark.by}: {mark.problem}")
             ds = dcmread(DicomBytesIO(bytes(read_payload(data_dir / "segments" / inst.segment, inst.offset, uid))),
                          force=True)
-            outcome = project.deidentify_dataset(ds)
-            target = out / f"{outcome.sop_instance_uid[1]}.dcm"
+            if uid in as_stored:
+                target = out / f"{uid}.dcm"
+            else:
+                outcome = project.deidentify_dataset(ds)
+                target = out / f"{outcome.sop_instance_uid[1]}.dcm"
             write_part10(ds, target)
             result.written.append(target)
         except Quarantined as e:

@@ -21,7 +21,7 @@ def _project(config: Config, name: str):
 
 
 def _write(config: Config, name: str, out: Path, level: str | None, values: list[str]):
-    from stowage.engine.transfer.deidentified import selected, write_deidentified
+    from stowage.engine.transfer.deidentified import made_by, selected, write_deidentified
     if not (config.data_dir / "catalog").exists():
         raise click.ClickException(f"{config.data_dir} holds no archive (no catalog/ in it)")
     project = _project(config, name)
@@ -29,7 +29,8 @@ def _write(config: Config, name: str, out: Path, level: str | None, values: list
         instances = selected(config.data_dir, config.duplicates, level, values)
         if not instances:
             raise click.ClickException("nothing matches the selection")
-        result = write_deidentified(project, config.data_dir, instances, out)
+        result = write_deidentified(project, config.data_dir, instances, out,
+                                    as_stored=made_by(project, config.data_dir, config.duplicates, instances))
     finally:
         project.close()
     for line in result.quarantined:
