@@ -165,6 +165,22 @@ def test_a_study_whose_image_level_answer_is_cut_short_is_not_called_done(tmp_pa
     assert "instances: 10 expected" in r.stdout and "9 verified" in r.stdout, r.stdout
 
 
+def test_instances_deleted_at_the_source_after_the_enumeration(tmp_path):
+    """The enumeration counted 4 instances; one is deleted at the source before the study's
+    turn comes: the listing's 3 are all there, the source's count taken again says 3, and
+    the study is done (a short listing alone is not trusted, a fresh count is)."""
+    files = study(tmp_path / "src", 4, "20210707")
+    data = tmp_path / "data"
+    with Source(files) as source:
+        dry = migrate(data, "--from", source.address, "--dry-run")
+        assert dry.returncode == 0 and "4 instances expected" in dry.stdout, dry.stdout + dry.stderr
+        source.items.pop()
+        r = migrate(data, "--from", source.address, "--retries", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "studies: 1 found, 1 done, 0 failed" in r.stdout and "3 expected" in r.stdout, r.stdout
+    assert sum(held(data).values()) == 3
+
+
 def test_a_migration_planned_in_date_ranges(tmp_path):
     """The last years first (--since), then everything: the second run finds and pulls the
     older studies (it reused the first run's enumeration, reported every study done and

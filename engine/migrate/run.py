@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ from stowage.engine.migrate.pacing import Gate, retry_delay
 from stowage.engine.migrate.scan import Scan
 from stowage.engine.migrate.pull import Pulled, get_study, move_study
 from stowage.engine.migrate.source import Session, SourceError
-from stowage.engine.migrate.verify import SourceListing, check_content, held, list_instances
+from stowage.engine.migrate.verify import SourceListing, check_content, held, list_instances, study_count
 from stowage.protocol.status import MOVE_DESTINATION_UNKNOWN
 
 log = logging.getLogger("stowage.migrate")
@@ -110,11 +111,11 @@ class Migration:
         try:
             if self.opts.method == "move":
                 with Session(self.peer, self.aet, timeout=stall) as s:
-                    listing = list_instances(s, row.uid)
+                    listing, row = _listed(s, row)
                     pulled = move_study(s, row.uid, self.aet, stall, self._progress)
             else:
                 with Session(self.peer, self.aet, timeout=stall) as s:
-                    listing = list_instances(s, row.uid)
+                    listing, row = _listed(s, row)
                 key = next(self._keys)
                 self.trail.opened(key, str(self.peer))
                 outcome = "C-GET: no association"
@@ -300,6 +301,18 @@ class Migration:
             self.archive.close()
         if self.catalog is not None:
             self.catalog.close()
+
+
+def _listed(session: Session, row: StudyRow) -> tuple[SourceListing, StudyRow]:
+    """The study's instances at the source, and its row with the source's count of them
+    taken again if the listing is shorter than the enumeration's count said (a listing
+    cut short, or instances deleted since: the fresh count tells them apart)."""
+    listing = list_instances(session, row.uid)
+    if listing.uids is not None and row.expected is not None and len(listing.uids) < row.expected:
+        fresh = study_count(session, row.uid)
+        if fresh is not None:
+            row = replace(row, expected=fresh)
+    return listing, row
 
 
 def _quiet() -> None:

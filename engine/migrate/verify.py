@@ -65,6 +65,23 @@ def list_instances(session: Session, study_uid: str) -> SourceListing:
     return SourceListing(uids)
 
 
+def study_count(session: Session, study_uid: str) -> int | None:
+    """The source's Number of Study Related Instances for one study now (None if it
+    gives none): taken again when the IMAGE-level listing comes out shorter than the count
+    of the enumeration, which may be days old (instances deleted at the source since)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study_uid
+    ds.NumberOfStudyRelatedInstances = ""
+    answer = session.find(ds)
+    counts = [m.get("NumberOfStudyRelatedInstances", None) for m in answer.matches
+              if str(m.get("StudyInstanceUID", "") or "").strip() == study_uid]
+    try:
+        return int(counts[0]) if answer.ok and len(counts) == 1 and counts[0] not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 @dataclass
 class Held:
     """What the catalog holds of a study."""
