@@ -7,6 +7,7 @@ a real data directory, and what the archive holds is checked through the catalog
 from __future__ import annotations
 
 import json
+from fnmatch import fnmatchcase
 import os
 import subprocess
 import sys
@@ -20,9 +21,10 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
-                                  StudyRootQueryRetrieveInformationModelGet, Verification)
+                                  StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove, Verification)
 
-from conftest import HOST, cli, free_port, fresh_uid, series_instances
+from conftest import HOST, cli, free_port, fresh_uid, series_instances, wait_for
 
 
 def migrate(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -61,11 +63,14 @@ class Source:
     image_cap: int = 0
     lost: set[str] = field(default_factory=set)
     find_delay: float = 0.0
+    move_port: int = 0  # where STOWAGE, the C-MOVE destination, listens
+    odd_uids: list[str] = field(default_factory=list)  # more STUDY-level matches, with these UIDs
 
     def __post_init__(self) -> None:
         self.port = free_port()
         self.items = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.files]
         self.paths = {ds.SOPInstanceUID: p for ds, p in zip(self.items, self.files)}
+        self.sent = 0  # C-STORE sub-operations of C-GETs and C-MOVEs
 
     def add(self, files: list[Path]) -> None:
         """New instances arrive at the source (while, or after, it is migrated)."""
@@ -80,9 +85,14 @@ class Source:
         level = q.QueryRetrieveLevel
         study, series = str(q.get("StudyInstanceUID", "") or ""), str(q.get("SeriesInstanceUID", "") or "")
         seen: set[str] = set()
+        if level == "STUDY":
+            for uid in self.odd_uids:  # a broken index: a wildcard, a list, nothing
+                odd = Dataset()
+                odd.QueryRetrieveLevel, odd.StudyInstanceUID, odd.PatientID = level, uid, "ODD"
+                yield 0xFF00, odd
         for ds in list(self.items):
-            if study and ds.StudyInstanceUID != study or series and ds.SeriesInstanceUID != series:
-                continue
+            if study and not fnmatchcase(ds.StudyInstanceUID, study) or series and ds.SeriesInstanceUID != series:
+                continue  # a sloppy SCP: wildcards in a UID key match
             if not _in_range(str(ds.get("StudyDate", "")), str(q.get("StudyDate", "") or "")):
                 continue
             key = {"STUDY": ds.StudyInstanceUID, "SERIES": ds.SeriesInstanceUID}.get(level, ds.SOPInstanceUID)
@@ -106,12 +116,20 @@ class Source:
                 rsp.SOPInstanceUID, rsp.SOPClassUID = ds.SOPInstanceUID, ds.SOPClassUID
             yield 0xFF00, rsp
 
+    def _move(self, event):
+        if event.move_destination.strip() != "STOWAGE":
+            yield None, None
+            return
+        yield HOST, self.move_port
+        yield from self._get(event)
+
     def _get(self, event):
         study = str(event.identifier.get("StudyInstanceUID", ""))
-        uids = [ds.SOPInstanceUID for ds in self.items if ds.StudyInstanceUID == study and
+        uids = [ds.SOPInstanceUID for ds in self.items if fnmatchcase(ds.StudyInstanceUID, study) and
                 ds.SOPInstanceUID not in self.lost]
         yield len(uids)
         for uid in uids:
+            self.sent += 1
             yield 0xFF00, pydicom.dcmread(self.paths[uid])
 
     def __enter__(self) -> "Source":
@@ -119,10 +137,13 @@ class Source:
         ae.add_supported_context(Verification)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.requested_contexts = StoragePresentationContexts  # C-MOVE: we open the association
         for cx in StoragePresentationContexts:  # C-GET: the requestor takes the SCP role for these
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False)
         self.server = ae.start_server((HOST, self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_FIND, self._find), (evt.EVT_C_GET, self._get)])
+                                      evt_handlers=[(evt.EVT_C_FIND, self._find), (evt.EVT_C_GET, self._get),
+                                                    (evt.EVT_C_MOVE, self._move)])
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -179,6 +200,24 @@ def test_instances_deleted_at_the_source_after_the_enumeration(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "studies: 1 found, 1 done, 0 failed" in r.stdout and "3 expected" in r.stdout, r.stdout
     assert sum(held(data).values()) == 3
+
+
+def test_study_uids_with_wildcards_or_lists_are_left_out_and_said(tmp_path):
+    """A source whose index answers studies with StudyInstanceUID "*", "1.2.3?" or a list
+    (and that wildcard-matches a UID key when asked to retrieve): those are left out with a
+    warning naming them; the others migrate, each instance sent once (the "*" study was
+    retrieved as every study of the archive, again at every attempt)."""
+    files = study(tmp_path / "src", 2, "20180101") + study(tmp_path / "src", 2, "20180102")
+    data = tmp_path / "data"
+    with Source(files, odd_uids=["*", "1.2.3?", "1.2.3\\1.2.4"]) as source:
+        r = migrate(data, "--from", source.address, "--find-limit", "100")
+        sent = source.sent
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "studies: 2 found, 2 done, 0 failed" in r.stdout, r.stdout
+    for odd in ("'*'", "'1.2.3?'"):
+        assert f"StudyInstanceUID {odd} (patient 'ODD'): a wildcard or a list names no one study; left out" \
+            in r.stderr, r.stderr
+    assert sent == len(files) and sum(held(data).values()) == len(files)
 
 
 def test_a_migration_planned_in_date_ranges(tmp_path):
@@ -323,3 +362,40 @@ def test_ctrl_c_during_the_enumeration(tmp_path, sig):
         again = migrate(data, "--from", source.address, "--since", "2020-01-01")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "studies: 3 found, 3 done, 0 failed" in again.stdout, again.stdout
+
+
+def test_serve_stopping_mid_migration_stops_a_c_move_migration(make_server, tmp_path):
+    """C-MOVE into `stowage serve`, and serve dies midway (an upgrade, the OOM killer): the
+    migration stops starting studies and says to start serve again, the studies not done
+    keep their attempts (every remaining study was moved to nobody, failed and backed off
+    until all were "failed"); with serve back, the same command finishes."""
+    files = [p for d in range(1, 9) for p in study(tmp_path / "src", 2, f"202001{d:02d}")]
+    server = make_server("--workers", "1")
+    data = server.data_dir
+    with Source(files, move_port=server.port) as source:
+        proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "-q",
+                                 "--from", source.address, "--parallel", "1", "--max-rate", "4",
+                                 "--retry-delay", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def done() -> int:
+                try:
+                    r = cli("migrate", "--data-dir", str(data), "--status")
+                except Exception:  # noqa: BLE001 - not there yet
+                    return 0
+                return "studies: 8 found, 1 done" in r.stdout or "studies: 8 found, 2 done" in r.stdout
+            wait_for(done, 120, "a study or two migrated")
+            server.kill()
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 1, out + err
+        assert "stopped: `stowage serve --data-dir" in err and "is not running; start it" in err, err
+        assert "Traceback" not in err, err
+        status = cli("migrate", "--data-dir", str(data), "--status")
+        assert ", 0 failed," in status.stdout and "waiting to retry" not in status.stdout, status.stdout
+        make_server("--workers", "1", data_dir=data, port=server.port)
+        again = migrate(data, "--from", source.address, "--method", "move")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "studies: 8 found, 8 done, 0 failed" in again.stdout, again.stdout
+    assert sum(held(data).values()) == 16

@@ -185,8 +185,14 @@ class Study:
 
     @classmethod
     def of(cls, match: Dataset) -> "Study | None":
-        uid = str(match.get("StudyInstanceUID", "") or "").strip()
-        if not uid:
+        value = match.get("StudyInstanceUID", "")
+        uid = str(value or "").strip()
+        if not uid or isinstance(value, MultiValue) or any(c in uid for c in "*?\\"):
+            # A retrieve by such a key names no study, or (an SCP that wildcard-matches
+            # UIDs) every study: the whole archive pulled again, attempt after attempt.
+            log.warning("migrate: the source answered a study with StudyInstanceUID %r (patient %r): %s; left out",
+                        uid, str(match.get("PatientID", "") or ""),
+                        "no UID to retrieve it by" if not uid else "a wildcard or a list names no one study")
             return None
         count = match.get("NumberOfStudyRelatedInstances", None)
         try:

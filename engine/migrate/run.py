@@ -65,9 +65,9 @@ def archive_full(config: Config) -> str:
         free = shutil.disk_usage(config.data_dir).free
         if free < reserve + ROOM_MARGIN:
             return (f"the archive's disk is full ({free / 1e6:.0f} MB free of the {reserve / 1e6:.0f} MB "
-                    f"min_free_bytes keeps)")
+                    f"min_free_bytes keeps); free space")
     over = Usage(config.data_dir, config.max_storage_bytes, config.quota_policy).refusal(ROOM_MARGIN)
-    return f"the archive's quota is reached ({over})" if over else ""
+    return f"the archive's quota is reached ({over}); raise it or free space" if over else ""
 
 
 class _Fatal(Exception):
@@ -90,7 +90,7 @@ class Migration:
         self._bar_lock = threading.Lock()
         self.gate = Gate(opts.window, opts.rate)
         self.dates = (opts.since, opts.until)  # studies pulled: those of this run's range only
-        self.full = ""  # why the archive can take no more: the migration stops starting studies
+        self.full = ""  # why the archive can take no more (and what to do): no more studies start
 
     # -- enumeration ---------------------------------------------------------------
 
@@ -128,6 +128,10 @@ class Migration:
         except SourceError as e:
             return Result("failed", error=str(e), busy=True)
         if pulled.status == MOVE_DESTINATION_UNKNOWN:
+            gone = self._receiver_gone()  # some sources (pynetdicom's) say 0xA801 when we do not answer
+            if gone:
+                raise _Fatal(f"stopped: {gone}, then run the same command again: the studies not done are "
+                             f"pulled then")
             raise _Fatal(f"{self.peer} does not know {self.aet!r} as a C-MOVE destination (0xA801): add it, "
                          f"with this archive's host and port, to the source's configuration")
         return self._verify(row, listing, pulled)
@@ -230,7 +234,7 @@ class Migration:
         try:
             result = future.result()
         except _Fatal as e:
-            self.cp.finish(row.uid, Result("failed", error=str(e)), time.time())
+            self.cp.finish(row.uid, Result("failed", error=str(e)), time.time(), attempts=row.attempts)  # not its fault
             raise MigrateError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - one study's surprise must not end the migration
             log.exception("migrate: study %s", row.uid)
@@ -238,8 +242,9 @@ class Migration:
         attempts = row.attempts + 1
         retry_at = None
         if result.state == "failed" and not self.full:
-            self.full = archive_full(self.config)
-            if self.full:  # every further study would be pulled from the source and refused
+            # every further study would be pulled from the source and refused, or sent nowhere
+            self.full = archive_full(self.config) or self._receiver_gone()
+            if self.full:
                 log.warning("migrate: %s: starting no more studies", self.full)
         if result.state == "failed" and self.full:  # not the study's fault: no attempt spent
             result.error = f"{result.error} ({self.full})"
@@ -261,6 +266,12 @@ class Migration:
             with self._bar_lock:
                 self.bar.total += result.expected or 0
         return result.bytes if state == "done" else 0
+
+    def _receiver_gone(self) -> str:
+        if self.opts.method == "move" and not serve_running(self.config.data_dir):
+            return (f"`stowage serve --data-dir {self.config.data_dir}`, which receives the C-MOVEs, is not "
+                    f"running; start it")
+        return ""
 
     def _postfix(self, run_bytes: int, elapsed: float) -> None:
         if self.bar is None:
@@ -372,8 +383,8 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
         csv_path, json_path = report.write(path, s, cp.con)
         echo(f"report: {csv_path} and {json_path}")
         if m.full:
-            raise MigrateError(f"stopped: {m.full}; free space (or raise the quota), then run the same "
-                               f"command again: the studies not done are pulled then")
+            raise MigrateError(f"stopped: {m.full}, then run the same command again: the studies not done "
+                               f"are pulled then")
         incomplete = [w for w in s["incomplete_windows"] if w["state"] != "pending"]
         outside = cp.outside(m.dates)
         if outside:
