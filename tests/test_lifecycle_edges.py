@@ -211,3 +211,25 @@ def test_compaction_never_destroys_a_record_the_catalog_lacks(make_server, tmp_p
     server.start()
     assert {x.SOPInstanceUID for x in find(server.port, tmp_path / "q", "IMAGE", "PatientID=EDGEK",
                                            "SOPInstanceUID=")} == set(expected)
+
+
+def test_a_deleted_instance_whose_row_was_lost_stays_deleted_after_compaction_and_rebuild(make_server, tmp_path):
+    """A deleted instance (a wrong-patient study) whose catalog row is lost: its tombstone
+    seems to hide nothing, but the record is still in its segment. Pruning it would let
+    the next rebuild-catalog bring the instance back."""
+    server = make_server("--workers", "1", **ENV)
+    data = server.data_dir
+    files = series_instances(tmp_path / "in", "EDGET", generate_uid(), generate_uid(), 24)
+    store(server.port, files)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    wrong = uids[1]
+    gone = [wrong, *uids[12:24:2]]  # and dead space elsewhere, for compaction to reclaim
+    assert cli("delete", "--data-dir", str(data), "--instance", ",".join(gone), "--yes").returncode == 0
+    wait_sealed(data)
+    server.stop()
+    _drop_catalog_row(data / "catalog", wrong)
+    cli("compact", "--data-dir", str(data), "--ratio", "1", "--grace", "0", env=ENV)
+    assert cli("rebuild-catalog", "--data-dir", str(data)).returncode == 0
+    server.start()
+    found = {x.SOPInstanceUID for x in find(server.port, tmp_path / "q", "IMAGE", "PatientID=EDGET", "SOPInstanceUID=")}
+    assert found == set(uids) - set(gone), "a deleted instance came back" if wrong in found else found

@@ -147,6 +147,17 @@ def _not_catalogued(catalog: Catalog, sealed: dict[str, int]) -> dict[str, int]:
     return {seg: size - covered.get(seg, 0) for seg, size in sealed.items() if covered.get(seg, 0) < size}
 
 
+def uncatalogued(data_dir: Path, catalog: Catalog) -> list[str]:
+    """The segments holding records the catalog lacks: sealed ones its rows do not tile,
+    and any whose rows leave a hole between two records."""
+    sealed = _sealed_inactive(data_dir / "segments", manifest.load(data_dir / "catalog"))
+    gaps = set(_not_catalogued(catalog, sealed)) if sealed else set()
+    _cols, rows = catalog.execute(
+        "SELECT segment, sum(record_length), max(\"offset\" + record_length) FROM (SELECT DISTINCT segment, "
+        "\"offset\", record_length FROM records) GROUP BY segment")
+    return sorted(gaps | {seg for seg, total, end in rows if int(total or 0) < int(end or 0)})
+
+
 def candidates(config: Config, catalog: Catalog, ratio: float | None = None,
                skipped: list[str] | None = None) -> list[Candidate]:
     """Segments whose live fraction is below `ratio`, sparsest first. Segments holding
@@ -496,7 +507,7 @@ def compact(config: Config, rate: float | None = None, dry_run: bool = False, ra
         if report.rewritten:
             report.purged += purge(data_dir, grace)
         if catalog is not None:
-            report.pruned = tombstone_pruning.prune(data_dir, catalog)
+            report.pruned = tombstone_pruning.prune(data_dir, catalog, lambda: uncatalogued(data_dir, catalog))
     finally:
         if catalog is not None:
             catalog.close()

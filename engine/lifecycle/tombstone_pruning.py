@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 from stowage.catalog import manifest, tombstones
 from stowage.catalog.reader import Catalog
@@ -23,14 +24,20 @@ _GONE_SQL = ("SELECT sop_instance_uid, epoch_us(received_at) FROM tombstones "
              "EXCEPT SELECT sop_instance_uid, epoch_us(received_at) FROM deleted")
 
 
-def prune(data_dir: Path, catalog: Catalog) -> int:
+def prune(data_dir: Path, catalog: Catalog, uncatalogued: Callable[[], list[str]] = lambda: []) -> int:
     """Prune the tombstones no record needs; returns how many went (0 while a retired
-    segment is still on disk)."""
+    segment is still on disk, or while `uncatalogued` names a segment holding records the
+    catalog lacks: a deleted record whose row was lost would look gone, and come back with
+    the next `rebuild-catalog` once its tombstone went)."""
     if tombstones.stamp(data_dir) is None or manifest.load(data_dir / "catalog").retired_segments:
         return 0
     _cols, rows = catalog.execute(_GONE_SQL)
     gone = {(str(uid), int(at)) for uid, at in rows}
     if manifest.load(data_dir / "catalog").retired_segments:  # a compaction retired one meanwhile
+        return 0
+    if gone and (lacking := uncatalogued()):
+        log.error("tombstones not pruned: %s hold(s) records the catalog lacks (stowage verify, then "
+                  "stowage rebuild-catalog)", ", ".join(lacking[:5]))
         return 0
     removed = tombstones.prune(data_dir, gone)
     if removed:
