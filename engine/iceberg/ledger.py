@@ -44,6 +44,9 @@ class Ledger:
     commits: int = 0
     conflicts: int = 0           # commit attempts that lost a race to another writer and were made again
     extra: dict = field(default_factory=dict)
+    # segments of a lost data directory written back from write-ahead objects whose rows the
+    # instances table already held (engine/iceberg/restore.py): not published again, like adopted ones
+    rewritten: list[str] = field(default_factory=list)
 
 
 def load(home: Path) -> Ledger:

@@ -125,7 +125,8 @@ class Publisher:
     def _publish_instances(self, names: list[str]) -> None:
         location = self.tables[INSTANCES].location().rstrip("/")
         uploaded = manifest.load(self.catalog_dir).uploaded
-        adopted = {n for n, e in uploaded.items() if e.get("adopted")}
+        # a restored node: its segments found in the bucket, or written back from write-ahead objects
+        adopted = {n for n, e in uploaded.items() if e.get("adopted")} | set(self.ledger.rewritten)
         replaced = {n for n, e in uploaded.items() if e.get("replaced_by")}  # engine/storage/compactions.py
         files, rows, held = [], 0, []
         for name in names:

@@ -54,26 +54,34 @@ def restore_if_lost(config: Config) -> int:
         return 0
     if not any(e.get("adopted") for e in manifest.load(Path(config.data_dir) / "catalog").uploaded.values()):
         return 0
-    forget_lost_segments(config)
-    return restore_deletions(config)
+    rewritten = forget_lost_segments(config)[1]
+    restored = restore_deletions(config)
+    if rewritten:  # after the deletions: a ledger on disk says "not lost" at the next start
+        home = Path(config.data_dir) / "iceberg"
+        ledger = ledgers.load(home)
+        ledger.rewritten = sorted(set(ledger.rewritten) | set(rewritten))
+        ledgers.save(home, ledger)
+    return restored
 
 
-def forget_lost_segments(config: Config) -> list[str]:
+def forget_lost_segments(config: Config) -> tuple[list[str], list[str]]:
     """This node's segments that the instances table has rows of but that neither the
     bucket nor this data directory holds: sealed and published, then lost with the disk
     before their upload (the active segment, say). Their names are recorded as used (the
     segment writer numbers after them: a new segment of the same name would put other
     records where those rows point), and their rows are to be taken out of the table: a
     relocation of them (engine/iceberg/relocations.py) finds none of their records in the
-    local catalog and drops every row, so no node lists instances no node holds. Returns
-    their names. Raises DeletionsUnknown when the table cannot be read."""
+    local catalog and drops every row, so no node lists instances no node holds.
+    Returns (those, the segments the table has rows of that are on local disk but not in
+    the bucket: written back from write-ahead objects, engine/storage/wal.py, whose rows
+    the publisher must not add again). Raises DeletionsUnknown when the table cannot be read."""
     from pyiceberg.exceptions import NoSuchTableError
     catalog_dir, segments_dir = Path(config.data_dir) / "catalog", Path(config.data_dir) / "segments"
     try:
         table = open_catalog(config).load_table(f"{config.iceberg_namespace}.{INSTANCES}")
         named = _segments_named(table, config.node)
     except NoSuchTableError:
-        return []
+        return [], []
     except Exception as e:  # noqa: BLE001 - the catalog away: the caller decides
         raise DeletionsUnknown(f"cannot read {config.iceberg_namespace}.{INSTANCES} from {config.iceberg_catalog} "
                                f"({type(e).__name__}: {e})") from None
@@ -82,10 +90,11 @@ def forget_lost_segments(config: Config) -> list[str]:
     except FileNotFoundError:
         local = set()
     m = manifest.load(catalog_dir)
+    rewritten = sorted(n for n in named if n in local and n not in m.uploaded)
     lost = sorted(n for n in named if n not in local and n not in m.uploaded and n not in m.watermarks
                   and n not in m.retired_segments)
     if not lost:
-        return []
+        return [], rewritten
     with manifest.update(catalog_dir) as m:
         for name in lost:
             m.watermarks.setdefault(name, 0)      # its name stays used
@@ -93,7 +102,7 @@ def forget_lost_segments(config: Config) -> list[str]:
     log.warning("%d segment(s) of node %s that %s.%s has rows of are neither in the bucket nor in this data "
                 "directory (lost before their upload: %s); their instances are gone, and their rows are taken "
                 "out of the table", len(lost), config.node, config.iceberg_namespace, INSTANCES, ", ".join(lost))
-    return lost
+    return lost, rewritten
 
 
 def _segments_named(table, node: str) -> set[str]:
