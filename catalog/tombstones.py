@@ -29,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import threading
 import time
 import zlib
@@ -229,6 +230,35 @@ def read_from(tombstones_dir: Path, ino: int | None, offset: int) -> tuple[pa.Ta
     chunks = [_table(parsed) for line in data[:end].split(b"\n")[:-1] if line
               for parsed in [_parse(line)] if parsed is not None]
     return (pa.concat_tables(chunks) if chunks else _EMPTY), st.st_ino, offset + end
+
+
+@dataclass(frozen=True)
+class DamagedLine:
+    """A line of the log that fails its checksum: its deletions are not in force."""
+
+    offset: int             # byte offset of the line in the log
+    length: int
+    uids: tuple[str, ...]   # the SOP Instance UIDs still legible in it (maybe not all)
+
+
+_LEGIBLE_UID = re.compile(rb'"uid":\s*"([0-9.]{1,64})"')
+
+
+def damaged_lines(data_dir: Path) -> list[DamagedLine]:
+    """Every whole line of the log that fails its checksum (a torn last line without its
+    newline is a write still going on, or a crash's: not counted), with the UIDs still
+    legible in it, so that an administrator can delete those instances again."""
+    try:
+        data = (directory(data_dir) / LOG).read_bytes()
+    except FileNotFoundError:
+        return []
+    found, at = [], 0
+    for line in data[:data.rfind(b"\n") + 1].split(b"\n")[:-1]:
+        if line and _parse(line) is None:
+            uids = tuple(dict.fromkeys(m.decode() for m in _LEGIBLE_UID.findall(line)))
+            found.append(DamagedLine(at, len(line), uids))
+        at += len(line) + 1
+    return found
 
 
 def load(data_dir: Path, with_unheld: bool = False) -> pa.Table:

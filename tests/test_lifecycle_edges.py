@@ -233,3 +233,32 @@ def test_a_deleted_instance_whose_row_was_lost_stays_deleted_after_compaction_an
     server.start()
     found = {x.SOPInstanceUID for x in find(server.port, tmp_path / "q", "IMAGE", "PatientID=EDGET", "SOPInstanceUID=")}
     assert found == set(uids) - set(gone), "a deleted instance came back" if wrong in found else found
+
+
+def test_verify_names_the_instances_whose_deletion_a_damaged_tombstone_line_undid(make_server, tmp_path):
+    """A byte flipped in the middle of the tombstone log: the line fails its checksum and
+    its deletions silently stop being in force. Verify says so, with the UIDs to delete
+    again."""
+    server = make_server("--workers", "1")
+    study = generate_uid()
+    files = instances(tmp_path / "in", "EDGEL", study, generate_uid(), 4)
+    storescu(server.port, files)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    assert delete(server.data_dir, "--instance", uids[0]).returncode == 0
+    assert delete(server.data_dir, "--instance", uids[1]).returncode == 0
+    log = server.data_dir / "tombstones" / "tombstones.log"
+    raw = bytearray(log.read_bytes())
+    assert raw.index(b'"reason"') < raw.index(b"\n")
+    raw[raw.index(b'"reason"') + 1] ^= 0x01  # in the first line, not in a UID
+    log.write_bytes(bytes(raw))
+    images = find(server.port, tmp_path / "q", "IMAGE", f"StudyInstanceUID={study}", "SOPInstanceUID=")
+    assert {x.SOPInstanceUID for x in images} == set(uids[2:]) | {uids[0]}  # the deletion undone
+    report = tmp_path / "r.csv"
+    r = cli("verify", "--data-dir", str(server.data_dir), "-q", "--report", str(report))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    rows = [row for row in csv.DictReader(report.open()) if row["segment"] == "tombstones/tombstones.log"]
+    assert [(row["sop_instance_uid"], int(row["offset"])) for row in rows] == [(uids[0], 0)], rows
+    assert "delete these instances again" in rows[0]["problem"]
+    assert delete(server.data_dir, "--instance", uids[0]).returncode == 0  # as it says
+    images = find(server.port, tmp_path / "q", "IMAGE", f"StudyInstanceUID={study}", "SOPInstanceUID=")
+    assert {x.SOPInstanceUID for x in images} == set(uids[2:])

@@ -29,7 +29,7 @@ from typing import BinaryIO, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stowage.catalog import manifest
+from stowage.catalog import manifest, tombstones
 from stowage.catalog.reader import Catalog
 from stowage.engine.lifecycle.compaction import RESERVED
 from stowage.engine.store.integrity import CorruptMarks, dataset_problem, record_dataset
@@ -207,6 +207,7 @@ class Verifier:
             self._tell(Problem(f"catalog/{name}", 0, "", f"catalog file cannot be read ({why}); the records it "
                                "indexes are reported as not in the catalog: stowage rebuild-catalog (archive "
                                "stopped) writes the catalog again", corrupt=False))
+        self._tell_damaged_tombstones()
         _cols, rows = self.catalog.execute(
             "SELECT segment, max(\"offset\" + record_length), count(*) FROM records GROUP BY segment")
         known = {seg: (int(end or 0), int(n)) for seg, end, n in rows}
@@ -222,6 +223,16 @@ class Verifier:
             end, n = known.get(seg, (0, 0))
             spans.append(Span(seg, max(end, m.sealed_upto(seg)), n))
         return spans
+
+    def _tell_damaged_tombstones(self) -> None:
+        """Deletions the tombstone log lost to damage: those instances are visible again."""
+        where = f"{tombstones.DIRECTORY}/{tombstones.LOG}"
+        for bad in tombstones.damaged_lines(self.data_dir):
+            why = (f"tombstone line of {bad.length} bytes is damaged (checksum): its deletions are not in force; "
+                   "delete these instances again (stowage delete --instance)")
+            for uid in bad.uids or ("",):
+                self._tell(Problem(where, bad.offset, uid, why if uid else why + " (no UID legible in it)",
+                                   corrupt=False))
 
     def _rows(self, segment: str, start: int) -> dict[int, Row]:
         _cols, rows = self.catalog.execute(
