@@ -399,3 +399,29 @@ def test_serve_stopping_mid_migration_stops_a_c_move_migration(make_server, tmp_
     assert again.returncode == 0, again.stdout + again.stderr
     assert "studies: 8 found, 8 done, 0 failed" in again.stdout, again.stdout
     assert sum(held(data).values()) == 16
+
+
+def test_two_migrations_of_one_source_named_two_ways(tmp_path):
+    """The same archive named twice (127.0.0.1 and localhost, here under two AE titles, which
+    most archives answer alike): the second migration is refused in one line while the first
+    runs (each had its own checkpoint, and both pulled everything); the same name twice
+    was refused already."""
+    files = study(tmp_path / "src", 2, "20200101")
+    data = tmp_path / "data"
+    with Source(files, find_delay=2.0) as source:
+        cmd = [sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "-q", "--method", "get"]
+        first = subprocess.Popen([*cmd, "--from", source.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            wait_for(lambda: list((data / "migrate").glob("*.sqlite")), 60, "the first migration's checkpoint")
+            for other in (source.address, f"OTHER@localhost:{source.port}"):
+                second = subprocess.run([*cmd, "--from", other], capture_output=True, text=True, timeout=120)
+                assert second.returncode == 1, second.stdout + second.stderr
+                assert "another stowage migrate is running from" in second.stderr, second.stderr
+                assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr, second.stderr
+            out, err = first.communicate(timeout=120)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert first.returncode == 0, out + err
+    assert [p.name for p in (data / "migrate").glob("*.sqlite")] == [f"OLDPACS_{HOST}_{source.port}.sqlite"]

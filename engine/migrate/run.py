@@ -6,15 +6,17 @@ import fcntl
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 from tqdm import tqdm
 
@@ -353,6 +355,7 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
                            f"C-MOVE (the source sends to AE {config.aet!r}); start it, or use --method get")
     path = checkpoint_path(data_dir, peer)
     try:
+        address = _hold_address(path.parent, peer)  # noqa: F841 - held (flock) until the process ends
         cp = Checkpoint(path)
     except CheckpointBusy as e:
         raise MigrateError(str(e)) from None
@@ -395,6 +398,27 @@ def run(config: Config, peer: Peer, opts: Options, echo: Callable[[str], None] =
         return 1 if s["studies_failed"] or incomplete or unfinished else 0
     finally:
         cp.close()
+
+
+def _hold_address(folder: Path, peer: Peer) -> TextIO:
+    """A lock on the source's address (IP and port), beside the checkpoint's own: the
+    same archive named otherwise (localhost and 127.0.0.1, a host name and its IP, another
+    AE title) has another checkpoint, and two migrations of it at once would pull
+    everything twice, each on its own associations."""
+    try:
+        ip = socket.getaddrinfo(peer.host, peer.port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except OSError:  # no IPv4 address (or none at all: the first association will say so)
+        ip = peer.host
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{ip}_{peer.port}")
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / f".address-{name}.lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise CheckpointBusy(f"another stowage migrate is running from {ip}:{peer.port}, the address of "
+                             f"{peer.host}:{peer.port} (named otherwise there); see it with --status") from None
+    return f
 
 
 def _interrupted(cp: Checkpoint, echo: Callable[[str], None], what: str) -> None:
