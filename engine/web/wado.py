@@ -24,7 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from stowage.engine.runtime.counts import counts as process_counts
 from stowage.engine.store.filemeta import PREAMBLE
-from stowage.engine.web import pixels
+from stowage.engine.web import native_frame, pixels
 from stowage.engine.web.context import base_url, path_uid
 from stowage.engine.web.dicom_json import MEDIA_TYPE, resource_url
 from stowage.engine.web.errors import refusal
@@ -276,7 +276,12 @@ def _distinct_frames(store: WebStore, inst: Instance, numbers: list[int],
     if inst.dataset_length > MAX_BYTES:
         raise pixels.FrameError(413, f"frames of instances over {MAX_BYTES >> 20} MB are not served: "
                                      "retrieve the instance")
-    part10 = store.reader.part10(inst)
+    payload = store.reader.payload(inst)
+    if numbers == [1] and _native_octets(accept):  # a viewer's request for a slice: no pydicom parse
+        frame = native_frame.frame_one(payload)
+        if frame is not None:
+            return OCTETS, [(f"{OCTETS}; transfer-syntax={ExplicitVRLittleEndian}", bytes(frame))]
+    part10 = PREAMBLE + bytes(payload)
     ds = pixels.read(part10)
     pixels.check(ds, numbers)
     stored_ts = str(ds.file_meta.TransferSyntaxUID)
@@ -300,6 +305,17 @@ def _distinct_frames(store: WebStore, inst: Instance, numbers: list[int],
     raise pixels.FrameError(406, f"the frames are stored as {UID(stored_ts).name}; the Accept header allows "
                                  "none of what can be made of them (application/octet-stream with "
                                  "transfer-syntax=* always can)")
+
+
+def _native_octets(accept: str | None) -> bool:
+    """Whether the Accept header's first usable choice for a native frame is its bytes as
+    stored (octet-stream, transfer syntax * or Explicit VR Little Endian), as the loop in
+    _distinct_frames would find for a native instance (an image type never applies to one)."""
+    for alt in alternatives(accept, OCTETS):
+        if alt.media_type in (OCTETS, "*/*", "application/*"):
+            if alt.transfer_syntax in ("*", None, ExplicitVRLittleEndian):
+                return True
+    return False
 
 
 async def frames(request: web.Request) -> web.StreamResponse:
