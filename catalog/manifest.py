@@ -48,16 +48,26 @@ class Manifest:
         return self.watermarks.get(segment, 0)
 
 
+class ManifestUnreadable(ValueError):
+    """The manifest is there but cannot be read (cut to nothing, damaged): the message names
+    it and the remedy."""
+
+
 def load(directory: Path) -> Manifest:
     try:
         with open(directory / MANIFEST, "rb") as f:
             d = json.load(f)
+        return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"],
+                        d.get("uid_filter", ""), d.get("duplicates", ""), d.get("retired_segments", {}),
+                        d.get("outbox"), d.get("uploaded", {}), d.get("relocations", {}),
+                        d.get("compactions", {}))
     except FileNotFoundError:
         return Manifest()
-    return Manifest(d["files"], d["watermarks"], d.get("retired", {}), d["generation"],
-                    d.get("uid_filter", ""), d.get("duplicates", ""), d.get("retired_segments", {}),
-                    d.get("outbox"), d.get("uploaded", {}), d.get("relocations", {}),
-                    d.get("compactions", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors
+        raise ManifestUnreadable(
+            f"the catalog's manifest {directory / MANIFEST} cannot be read ({type(e).__name__}: {str(e)[:80]}); "
+            "stop stowage and run `stowage rebuild-catalog` (it sets the damaged file aside and indexes every "
+            "segment again: docs/lifecycle.md)") from None
 
 
 def _store(directory: Path, m: Manifest) -> None:

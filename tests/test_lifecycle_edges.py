@@ -106,6 +106,18 @@ def test_rebuild_catalog_mends_a_manifest_cut_to_nothing(make_server, tmp_path):
     assert delete(server.data_dir, "--series", str(pydicom.dcmread(gone[0]).SeriesInstanceUID)).returncode == 0
     server.stop()
     (server.data_dir / "catalog" / "manifest.json").write_bytes(b"")
+    # every other command meets it first: one line naming the file and the remedy, exit 1
+    for args in (["query", "SELECT count(*) FROM instances"], ["export", "--out", str(tmp_path / "out"), "--all"],
+                 ["verify"]):
+        r = cli(args[0], "--data-dir", str(server.data_dir), *args[1:])
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "manifest" in r.stderr and "run `stowage rebuild-catalog`" in r.stderr, (args, r.stderr)
+    from conftest import free_port
+    r = subprocess.run([sys.executable, "-m", "stowage.cli", "serve", "--data-dir", str(server.data_dir), "--port",
+                        str(free_port()), "--http-port", "0"], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "run `stowage rebuild-catalog`" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
     r = cli("rebuild-catalog", "--data-dir", str(server.data_dir))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert "manifest could not be read" in r.stderr and "catalog rebuilt: 6 record(s)" in r.stdout

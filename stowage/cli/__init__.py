@@ -55,6 +55,11 @@ class LazyGroup(click.Group):
             where = "its output (standard output)" if _stdout_failing() else "a file it writes"
             click.echo(f"Error: cannot write {where}: {e.strerror}; make room, or send it elsewhere", err=True)
             sys.exit(1)
+        except ValueError as e:  # a damaged catalog manifest, met by whichever command reads the catalog first
+            if type(e).__name__ != "ManifestUnreadable":
+                raise
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
         except RuntimeError as e:  # the bucket out of reach or refusing (export, verify... of evicted segments)
             if not _object_store_error(e):
                 raise
