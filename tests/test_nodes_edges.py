@@ -210,6 +210,9 @@ def test_an_instance_of_another_node_not_in_the_bucket_yet_is_a_failed_sub_opera
     final, ident = rsps[-1]
     assert got == {} and final.Status == 0xA702, (hex(final.Status), final)
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, 2), final
+    # the reason is the bucket's, not "deleted": b looks the record up again among every node's
+    # (before: "no longer in the archive: deleted, rejected or replaced", as if it had been deleted)
+    assert "its segme" in final.ErrorComment and "no longer" not in final.ErrorComment, final.ErrorComment
     failed = ident.FailedSOPInstanceUIDList
     assert set([failed] if isinstance(failed, str) else failed) == set(sent)
     assert echo_ok(b.port), "b goes on serving"

@@ -146,7 +146,7 @@ class Retriever:
         c = self.config
         return Sender(c.data_dir / "segments", peer, c.aet, dimse_timeout=c.dimse_timeout,
                       acse_timeout=c.acse_timeout, duplicates=c.duplicates,
-                      max_inflated_bytes=c.max_inflated_bytes, **kwargs)
+                      max_inflated_bytes=c.max_inflated_bytes, cluster=c.cluster_view, **kwargs)
 
 
 def scp(retriever: Retriever) -> Callable[[QueryRetrieveServiceClass, Any, Any, type], None]:

@@ -335,7 +335,7 @@ def export(data_dir: Path, out: Path, level: str | None, values: list[str],
             fileset = export_dicomdir.FileSet(out) if dicomdir else None
         except export_dicomdir.FileSetError as e:
             raise ExportError(str(e)) from None
-        run = _Run(out, data_dir / "segments", layout, names, fileset, Locator(data_dir, duplicates), folders={out})
+        run = _Run(out, data_dir / "segments", layout, names, fileset, Locator(data_dir, duplicates, cluster), folders={out})
         root, marks = os.path.realpath(out), marks_of(data_dir)
         try:
             for done, item in enumerate(tqdm(items, unit="inst", disable=None, leave=False), 1):

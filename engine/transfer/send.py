@@ -73,12 +73,13 @@ class Sender:
                  duplicates: str = "keep-newest", max_inflated_bytes: int = MAX_INFLATED_BYTES,
                  rewrite: Rewrite | None = None,
                  read: Callable[[Path, int, str], bytes | memoryview] = read_payload,
-                 deleted: DeletionWatch | None = None) -> None:
+                 deleted: DeletionWatch | None = None, cluster: bool = False) -> None:
         self.segments_dir = segments_dir
         self.read = read  # a record's payload (forwarding shares one read among its destinations)
         self.rewrite = rewrite  # e.g. forwarding's de-identification: a new copy goes out, never the record
         self.max_inflated_bytes = max_inflated_bytes  # a Deflated instance converted for the peer
-        self.locator = Locator(segments_dir.parent, duplicates)  # for records compacted away meanwhile
+        # for records compacted away meanwhile (with `cluster`, another node's too: catalog/cluster_view.py)
+        self.locator = Locator(segments_dir.parent, duplicates, cluster)
         self.associations = max(1, associations)
         self._lock = threading.Lock()
         self.peer = peer
