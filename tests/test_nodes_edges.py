@@ -8,6 +8,8 @@ test cuts the bucket off (tests/test_s3_wal.Relay), DCMTK storescu, findscu and 
 """
 from __future__ import annotations
 
+import http.client
+
 import os
 import shutil
 import subprocess
@@ -46,7 +48,8 @@ def test_an_unreachable_bucket_costs_a_log_line_and_the_uploads_wait(make_server
     try:
         env = env_for(s3_server, bucket, STOWAGE_NODE_NAME="node-down", STOWAGE_S3_ENDPOINT=f"http://{HOST}:{relay.port}",
                       STOWAGE_S3_RETRIES="1", STOWAGE_LOCAL_CACHE_BYTES="0")
-        server = make_server("--workers", "1", **env)
+        http_port = free_port()
+        server = make_server("--workers", "1", "--http-port", str(http_port), "--http-processes", "1", **env)
         relay.cut()
         study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
         files = series_instances(tmp_path / "ct", "DOWN", study, series, 16)
@@ -80,6 +83,20 @@ def test_an_unreachable_bucket_costs_a_log_line_and_the_uploads_wait(make_server
             assert "Error: the object store failed: GET s3://" in r.stderr, r.stderr[-3000:]
         assert not (data_dir / "corrupt").exists() or not (data_dir / "corrupt" / "marks.jsonl").read_text(), \
             "a bucket out of reach is no corruption"
+        # WADO-RS of an evicted series: its answer stops short (the status line has gone out),
+        # never a 500 written into the body after the 200, and the server goes on serving
+        conn = http.client.HTTPConnection(HOST, http_port, timeout=60)
+        conn.request("GET", f"/dicom-web/studies/{study}/series/{series}",
+                     headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        resp = conn.getresponse()
+        try:
+            body = resp.read()
+        except http.client.IncompleteRead as e:
+            body = e.partial
+        conn.close()
+        assert b"HTTP/1.1 500" not in body and b"Internal Server Error" not in body, body[-300:]
+        assert "Traceback" not in server.log(), server.log()[-3000:]
+        assert echo_ok(server.port)
     finally:
         relay.cut()
 

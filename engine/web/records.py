@@ -24,6 +24,7 @@ from stowage.engine.store.locate import Locator, RecordGone
 from stowage.engine.store.payload_into import Alloc, payload_length, read_payload_into
 from stowage.engine.store.readahead import will_need
 from stowage.engine.store.segment import CorruptRecord, read_payload, stream_payload
+from stowage.engine.storage.objects import ObjectStoreError
 
 IN_MEMORY = 64 << 20  # records up to this size are read in one go; larger ones stream
 T = TypeVar("T")
@@ -155,7 +156,7 @@ class Reader:
                 if attempt == 2:
                     raise Unreadable(f"{inst.sop_instance_uid}: its segment is missing") from None
                 inst = self._moved(inst, e)
-            except (OSError, CorruptRecord) as e:
+            except (OSError, CorruptRecord, ObjectStoreError) as e:
                 raise Unreadable(f"the stored record of {inst.sop_instance_uid} cannot be read: {e}") from None
         raise AssertionError("unreachable")
 
@@ -175,12 +176,12 @@ class Reader:
             first = next(stream)
         except StopIteration:
             first = b""
-        except (OSError, CorruptRecord) as e:
+        except (OSError, CorruptRecord, ObjectStoreError) as e:
             raise Unreadable(f"the stored record of {inst.sop_instance_uid} cannot be read: {e}") from None
         yield PREAMBLE + first
         try:
             yield from stream
-        except (OSError, CorruptRecord) as e:
+        except (OSError, CorruptRecord, ObjectStoreError) as e:
             raise Unreadable(f"the stored record of {inst.sop_instance_uid} broke off: {e}") from None
 
     def close(self) -> None:
