@@ -22,14 +22,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-from stowage.bench.command import CorpusSpec
-from stowage.bench.dicomweb import BadAnswer, WebTarget, _run, run_stow
-from stowage.bench.harness.dicomweb import PLUGIN, evict
+from stowage.bench.dicomweb import BadAnswer, WebTarget, _run
+from stowage.bench.harness.dicomweb import evict
 from stowage.bench.harness.dicomweb_lean import read_parts
-from stowage.bench.harness.dicomweb_wado import _serve
-from stowage.bench.harness.orthanc import Orthanc
-from stowage.bench.loadgen import load_corpus
-from stowage.bench.procs import TreeMonitor, stop_tree
+from stowage.bench.harness.dicomweb_wado import _serve, kept_archives, orthanc_serving
+from stowage.bench.procs import stop_tree
 
 ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 _BUFFER = 1 << 20
@@ -121,18 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", action="store_true", help="each load from a cold page cache")
     args = ap.parse_args(argv)
     trees = [(n, Path(p).resolve()) for n, p in (t.split("=", 1) for t in args.tree)]
-    corpus = args.dir / "corpus"
-    paths = sorted(corpus.glob("**/*.dcm")) if corpus.exists() else \
-        CorpusSpec(["ct"], ["explicit"], args.count, 1, 1, 1, None, seed=100).generate(corpus, lambda m: None)
-    items = load_corpus(paths)
+    paths, items = kept_archives(args.dir, args.count, trees[0][1])
     frames, nbytes = frames_of(paths), sum(it.length for it in items)
-    if not (args.dir / "stowage").exists():
-        proc, target = _serve(trees[0][1], args.dir / "stowage")
-        try:
-            run_stow(target, items, 4, 10, proc.pid)
-            time.sleep(3)
-        finally:
-            stop_tree(proc, None)
     rows: list[dict] = []
     for rnd in range(args.rounds):
         for name, tree in trees:
@@ -143,19 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop_tree(proc, None)
         if args.orthanc:
-            db = args.dir / "orthanc"
-            fresh = not db.exists()
-            orthanc = Orthanc(db, None, nodelay=True, timeout=120, Plugins=[PLUGIN],
-                              DicomWeb={"Enable": True, "Root": "/dicom-web/"}, SaveJobs=False)
-            try:
-                if fresh:
-                    orthanc.upload(paths)
-                TreeMonitor(orthanc.proc.pid).settle()
-                target = WebTarget(f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
+            with orthanc_serving(args.dir, paths) as (orthanc, target):
                 rows += _measure(f"round {rnd + 1} orthanc", target, frames, nbytes, orthanc.proc.pid,
-                                 args.clients, args.repeat, db if args.cold else None)
-            finally:
-                orthanc.stop()
+                                 args.clients, args.repeat, args.dir / "orthanc" if args.cold else None)
     return 0
 
 

@@ -21,7 +21,9 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 
@@ -46,6 +48,40 @@ def _serve(tree: Path, data: Path) -> tuple[subprocess.Popen, WebTarget]:
         stop_tree(proc, None)
         raise
     return proc, WebTarget(f"http://127.0.0.1:{http_port}/dicom-web")
+
+
+def kept_archives(work: Path, count: int, tree: Path) -> tuple[list[Path], list]:
+    """The CT corpus in WORK/corpus and stowage's archive of it in WORK/stowage (STOW-RS by
+    `tree`), made on the first run and kept: (paths, loaded items)."""
+    corpus = work / "corpus"
+    paths = sorted(corpus.glob("**/*.dcm")) if corpus.exists() else \
+        CorpusSpec(["ct"], ["explicit"], count, 1, 1, 1, None, seed=100).generate(corpus, lambda m: None)
+    items = load_corpus(paths)
+    if not (work / "stowage").exists():
+        proc, target = _serve(tree, work / "stowage")
+        try:
+            run_stow(target, items, 4, 10, proc.pid)
+            time.sleep(3)
+        finally:
+            stop_tree(proc, None)
+    return paths, items
+
+
+@contextmanager
+def orthanc_serving(work: Path, paths: list[Path]) -> Iterator[tuple[Orthanc, WebTarget]]:
+    """Orthanc with its DICOMweb plugin on WORK/orthanc (the corpus uploaded the first
+    time), settled: (orthanc, its DICOMweb target); stopped after."""
+    db = work / "orthanc"
+    fresh = not db.exists()
+    orthanc = Orthanc(db, None, nodelay=True, timeout=120, Plugins=[PLUGIN],
+                      DicomWeb={"Enable": True, "Root": "/dicom-web/"}, SaveJobs=False)
+    try:
+        if fresh:
+            orthanc.upload(paths)
+        TreeMonitor(orthanc.proc.pid).settle()
+        yield orthanc, WebTarget(f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
+    finally:
+        orthanc.stop()
 
 
 def _http_pids(root: int) -> list[int]:
@@ -108,17 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path)
     args = ap.parse_args(argv)
     trees = [(n, Path(p).resolve()) for n, p in (t.split("=", 1) for t in args.tree)]
-    corpus = args.dir / "corpus"
-    paths = sorted(corpus.glob("**/*.dcm")) if corpus.exists() else \
-        CorpusSpec(["ct"], ["explicit"], args.count, 1, 1, 1, None, seed=100).generate(corpus, lambda m: None)
-    items = load_corpus(paths)
-    if not (args.dir / "stowage").exists():
-        proc, target = _serve(trees[0][1], args.dir / "stowage")
-        try:
-            run_stow(target, items, 4, 10, proc.pid)
-            time.sleep(3)
-        finally:
-            stop_tree(proc, None)
+    paths, items = kept_archives(args.dir, args.count, trees[0][1])
     rows = []
     for rnd in range(args.rounds):
         for name, tree in trees:
@@ -138,21 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop_tree(proc, None)
         if args.orthanc:
-            db = args.dir / "orthanc"
-            fresh = not db.exists()
-            orthanc = Orthanc(db, None, nodelay=True, timeout=120, Plugins=[PLUGIN],
-                              DicomWeb={"Enable": True, "Root": "/dicom-web/"}, SaveJobs=False)
-            try:
-                if fresh:
-                    orthanc.upload(paths)
-                TreeMonitor(orthanc.proc.pid).settle()
-                target = WebTarget(f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
+            with orthanc_serving(args.dir, paths) as (orthanc, target):
                 for client in _clients(args.lean):
-                    rs = _retrieve(target, items, orthanc.proc.pid, args.repeat, db if args.cold else None, client)
+                    rs = _retrieve(target, items, orthanc.proc.pid, args.repeat,
+                                   args.dir / "orthanc" if args.cold else None, client)
                     rows.append(_row(f"round {rnd + 1} orthanc {client[0]}", rs, os.getloadavg()[0]))
                     print(json.dumps(rows[-1]), flush=True)
-            finally:
-                orthanc.stop()
     return 0
 
 
