@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,8 @@ class Source:
     on a free loopback port, in a thread of this process. `image_cap`: answer at most that
     many IMAGE-level matches, with success (a "max query results" that says nothing);
     `lost`: SOP Instance UIDs in the index but not sent (their files are gone);
-    `find_delay`: seconds before each C-FIND answer (a slow, busy archive)."""
+    `find_delay`: seconds before each C-FIND answer (a slow, busy archive); `gate`: each
+    C-FIND waits until it is set (a test holds one there), `finds` counts them."""
 
     files: list[Path]
     aet: str = "OLDPACS"
@@ -65,12 +67,15 @@ class Source:
     find_delay: float = 0.0
     move_port: int = 0  # where STOWAGE, the C-MOVE destination, listens
     odd_uids: list[str] = field(default_factory=list)  # more STUDY-level matches, with these UIDs
+    gate: threading.Event = field(default_factory=threading.Event)
+    finds: int = 0
 
     def __post_init__(self) -> None:
         self.port = free_port()
         self.items = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.files]
         self.paths = {ds.SOPInstanceUID: p for ds, p in zip(self.items, self.files)}
         self.sent = 0  # C-STORE sub-operations of C-GETs and C-MOVEs
+        self.gate.set()
 
     def add(self, files: list[Path]) -> None:
         """New instances arrive at the source (while, or after, it is migrated)."""
@@ -80,6 +85,8 @@ class Source:
             self.paths[ds.SOPInstanceUID] = p
 
     def _find(self, event):
+        self.finds += 1
+        self.gate.wait(120)
         time.sleep(self.find_delay)
         q = event.identifier
         level = q.QueryRetrieveLevel
@@ -340,25 +347,27 @@ def test_ctrl_c_during_the_enumeration(tmp_path, sig):
     click's bare "Aborted!", or a traceback from SIGTERM); the re-run finishes the job."""
     files = [p for d in ("20200101", "20210101", "20220101") for p in study(tmp_path / "src", 1, d)]
     data = tmp_path / "data"
-    with Source(files, find_delay=1.0) as source:
+    with Source(files) as source:
+        source.gate.clear()  # the enumeration's first C-FIND is held while the signal comes
         proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "-q",
                                  "--method", "get", "--from", source.address, "--since", "2020-01-01"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            checkpoint = data / "migrate" / f"OLDPACS_{HOST}_{source.port}.sqlite"
-            deadline = time.monotonic() + 60
-            while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.1)
-            time.sleep(1.5)  # in the enumeration: the first C-FIND takes 1 s to answer
+            deadline = time.monotonic() + 120
+            while source.finds == 0 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert source.finds, "the migration never asked the source"
             proc.send_signal(sig)
+            time.sleep(0.5)  # the signal taken while the C-FIND waits; then its answer comes
+            source.gate.set()
             out, err = proc.communicate(timeout=60)
         finally:
+            source.gate.set()
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 130, out + err
         assert "Traceback" not in err and "Aborted" not in err, err
         assert "interrupted" in out + err and "run the same command again" in out + err, out + err
-        source.find_delay = 0.0
         again = migrate(data, "--from", source.address, "--since", "2020-01-01")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "studies: 3 found, 3 done, 0 failed" in again.stdout, again.stdout

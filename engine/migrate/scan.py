@@ -60,6 +60,11 @@ class Scan:
                         outcome, children, note = "split", split(w), f"{count} matches: a silent cap? splitting"
                     self.cp.window_done(w, outcome, studies, children, note, count)
                     self._prove_suspicion()
+        except BaseException:  # Ctrl-C, SIGTERM or an error mid-answer: abort, no release handshake to wait for
+            if session is not None:
+                session.close(abort=True)
+                session = None
+            raise
         finally:
             if session is not None:
                 session.close()

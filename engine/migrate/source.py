@@ -81,8 +81,14 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Release the association; `abort` it instead when a C-FIND may still be answering
+        (an interrupted enumeration: a release would wait out the ACSE timeout, 30 s, behind
+        the answer's remaining responses)."""
         if self.assoc.is_established:
+            if abort:
+                self.assoc.abort()
+                return
             try:
                 self.assoc.release()
             except Exception:  # noqa: BLE001 - a peer gone mid-release needs no more from us
