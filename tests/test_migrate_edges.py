@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 
 from conftest import HOST, cli, free_port, fresh_uid, series_instances, wait_for
+from test_cli_interrupt import _ctrl_c_as_from_a_terminal
 
 
 def migrate(data_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -349,9 +350,12 @@ def test_ctrl_c_during_the_enumeration(tmp_path, sig):
     data = tmp_path / "data"
     with Source(files) as source:
         source.gate.clear()  # the enumeration's first C-FIND is held while the signal comes
+        # SIGINT to its default in the child: pytest-xdist's workers ignore it, and a child
+        # inherits that (its Ctrl-C was ignored under ops/test.sh: the migration ran to its end)
         proc = subprocess.Popen([sys.executable, "-m", "stowage.cli", "migrate", "--data-dir", str(data), "-q",
                                  "--method", "get", "--from", source.address, "--since", "2020-01-01"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_ctrl_c_as_from_a_terminal)
         try:
             deadline = time.monotonic() + 120
             while source.finds == 0 and time.monotonic() < deadline and proc.poll() is None:
