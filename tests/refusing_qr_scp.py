@@ -30,7 +30,8 @@ def load(folder: Path) -> list[tuple[Path, Dataset]]:
     return [(p, pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted(folder.rglob("*.dcm"))]
 
 
-def _in_range(value: str, wanted: str) -> bool:
+def in_range(value: str, wanted: str) -> bool:
+    """Whether a DA or TM value matches a C-FIND key: single value or range, either end open."""
     if not wanted:
         return True
     if "-" not in wanted:
@@ -57,9 +58,9 @@ def main() -> None:
         for _path, ds in items:
             if study and ds.StudyInstanceUID != study or series and ds.SeriesInstanceUID != series:
                 continue
-            if not _in_range(str(ds.get("StudyDate", "")), str(q.get("StudyDate", "") or "")):
+            if not in_range(str(ds.get("StudyDate", "")), str(q.get("StudyDate", "") or "")):
                 continue
-            if not _in_range(str(ds.get("StudyTime", "")), str(q.get("StudyTime", "") or "")):
+            if not in_range(str(ds.get("StudyTime", "")), str(q.get("StudyTime", "") or "")):
                 continue
             modality = str(q.get("ModalitiesInStudy", "") or "")
             if modality and modality != ds.Modality:

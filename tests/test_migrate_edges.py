@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 
 from conftest import HOST, cli, free_port, fresh_uid, series_instances, wait_for
+from refusing_qr_scp import in_range
 from test_cli_interrupt import _ctrl_c_as_from_a_terminal
 
 
@@ -41,15 +42,6 @@ def held(data_dir: Path) -> dict[str, int]:
             "SELECT study_instance_uid AS s, count(*) AS n FROM instances GROUP BY 1")
     assert r.returncode == 0, r.stderr
     return {row["s"]: row["n"] for row in json.loads(r.stdout)}
-
-
-def _in_range(value: str, wanted: str) -> bool:
-    if not wanted:
-        return True
-    if "-" not in wanted:
-        return value == wanted
-    lo, hi = wanted.split("-", 1)
-    return bool(value) and (not lo or value >= lo) and (not hi or value <= hi)
 
 
 @dataclass
@@ -101,7 +93,7 @@ class Source:
         for ds in list(self.items):
             if study and not fnmatchcase(ds.StudyInstanceUID, study) or series and ds.SeriesInstanceUID != series:
                 continue  # a sloppy SCP: wildcards in a UID key match
-            if not _in_range(str(ds.get("StudyDate", "")), str(q.get("StudyDate", "") or "")):
+            if not in_range(str(ds.get("StudyDate", "")), str(q.get("StudyDate", "") or "")):
                 continue
             key = {"STUDY": ds.StudyInstanceUID, "SERIES": ds.SeriesInstanceUID}.get(level, ds.SOPInstanceUID)
             if key in seen:
