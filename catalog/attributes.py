@@ -353,6 +353,16 @@ def _skip_items(buf: memoryview, pos: int, implicit: bool, room: int) -> int:
     raise _Fallback("sequence runs past the end")
 
 
+def skip_undefined(buf: memoryview, pos: int, implicit: bool, room: int = MAX_NESTING_DEPTH) -> int | None:
+    """Past the delimiter of the undefined-length value whose items start at pos (a byte
+    memoryview), or None where this walk cannot tell: a broken value, or one nested deeper
+    than `room` (engine/web/native_frame.py walks to Pixel Data with it)."""
+    try:
+        return _skip_items(buf, pos, implicit, room)
+    except (_Fallback, _TooDeep, RecursionError, struct.error):
+        return None
+
+
 def _tag_at(buf: memoryview, pos: int) -> int:
     group, element = _TAG(buf, pos)
     return group << 16 | element

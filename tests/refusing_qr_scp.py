@@ -40,6 +40,24 @@ def in_range(value: str, wanted: str) -> bool:
     return bool(value) and (not lo or value >= lo) and (not hi or value <= hi)
 
 
+def find_response(level: str, ds: Dataset, study_instances: int) -> Dataset:
+    """The C-FIND match of `ds` at `level` (STUDY, SERIES or IMAGE), with the keys a
+    migration reads; `study_instances`: its Number of Study Related Instances."""
+    rsp = Dataset()
+    rsp.QueryRetrieveLevel = level
+    rsp.StudyInstanceUID = ds.StudyInstanceUID
+    if level == "STUDY":
+        rsp.PatientID, rsp.PatientName = ds.PatientID, ds.PatientName
+        rsp.StudyDate, rsp.StudyTime = ds.get("StudyDate", ""), ds.get("StudyTime", "")
+        rsp.ModalitiesInStudy = ds.Modality
+        rsp.NumberOfStudyRelatedInstances = study_instances
+    if level in ("SERIES", "IMAGE"):
+        rsp.SeriesInstanceUID = ds.SeriesInstanceUID
+    if level == "IMAGE":
+        rsp.SOPInstanceUID, rsp.SOPClassUID = ds.SOPInstanceUID, ds.SOPClassUID
+    return rsp
+
+
 def main() -> None:
     port, aet, folder, dest = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
     refused = {a for a in sys.argv[5:] if ":" not in a}
@@ -74,19 +92,7 @@ def main() -> None:
             seen.add(key)
             if cap and len(seen) > cap:
                 return
-            rsp = Dataset()
-            rsp.QueryRetrieveLevel = level
-            rsp.StudyInstanceUID = ds.StudyInstanceUID
-            if level == "STUDY":
-                rsp.PatientID, rsp.PatientName = ds.PatientID, ds.PatientName
-                rsp.StudyDate, rsp.StudyTime = ds.get("StudyDate", ""), ds.get("StudyTime", "")
-                rsp.ModalitiesInStudy = ds.Modality
-                rsp.NumberOfStudyRelatedInstances = sum(d.StudyInstanceUID == ds.StudyInstanceUID for _p, d in items)
-            if level in ("SERIES", "IMAGE"):
-                rsp.SeriesInstanceUID = ds.SeriesInstanceUID
-            if level == "IMAGE":
-                rsp.SOPInstanceUID, rsp.SOPClassUID = ds.SOPInstanceUID, ds.SOPClassUID
-            yield 0xFF00, rsp
+            yield 0xFF00, find_response(level, ds, sum(d.StudyInstanceUID == ds.StudyInstanceUID for _p, d in items))
 
     def sub_operations(event):
         study = str(event.identifier.get("StudyInstanceUID", ""))

@@ -26,7 +26,7 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 
 from conftest import HOST, cli, free_port, fresh_uid, series_instances, wait_for
-from refusing_qr_scp import in_range
+from refusing_qr_scp import find_response, in_range
 from test_cli_interrupt import _ctrl_c_as_from_a_terminal
 
 
@@ -101,20 +101,7 @@ class Source:
             if level == "IMAGE" and self.image_cap and len(seen) >= self.image_cap:
                 break
             seen.add(key)
-            rsp = Dataset()
-            rsp.QueryRetrieveLevel = level
-            rsp.StudyInstanceUID = ds.StudyInstanceUID
-            if level == "STUDY":
-                rsp.PatientID, rsp.PatientName = ds.PatientID, ds.PatientName
-                rsp.StudyDate, rsp.StudyTime = ds.get("StudyDate", ""), ds.get("StudyTime", "")
-                rsp.ModalitiesInStudy = ds.Modality
-                rsp.NumberOfStudyRelatedInstances = sum(d.StudyInstanceUID == ds.StudyInstanceUID
-                                                        for d in self.items)
-            if level in ("SERIES", "IMAGE"):
-                rsp.SeriesInstanceUID = ds.SeriesInstanceUID
-            if level == "IMAGE":
-                rsp.SOPInstanceUID, rsp.SOPClassUID = ds.SOPInstanceUID, ds.SOPClassUID
-            yield 0xFF00, rsp
+            yield 0xFF00, find_response(level, ds, sum(d.StudyInstanceUID == ds.StudyInstanceUID for d in self.items))
 
     def _move(self, event):
         if event.move_destination.strip() != "STOWAGE":

@@ -10,8 +10,8 @@ the dozen element heads before Pixel Data and the six Image Pixel values it chec
 Anything it is not sure of answers None, and pixels.py (pydicom) decides: another syntax,
 more than one frame, 1-bit or YBR_*_422 pixels, float or double pixel data, a length that
 is not rows x columns x samples x bits, an element head it cannot read. Sequences of
-undefined length are skipped item by item, `MAX_NESTING_DEPTH` deep at most, as the
-catalog's own walk (catalog/attributes.py) does.
+undefined length are skipped by the catalog's own walk (catalog/attributes.py
+`skip_undefined`), as deep as it goes.
 """
 from __future__ import annotations
 
@@ -19,12 +19,11 @@ import struct
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from stowage.catalog.limits import MAX_NESTING_DEPTH
+from stowage.catalog.attributes import skip_undefined
 
 _IMPLICIT = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _TRANSFER_SYNTAX = 0x00020010
 # Image Pixel attributes checked (US, except Photometric Interpretation and Number of Frames)
@@ -101,47 +100,14 @@ def _to_pixel_data(buf: memoryview, pos: int, implicit: bool) -> tuple[dict[int,
             break
         pos += head
         if length == _UNDEFINED:  # a sequence (or UN holding one: implicit VR inside, PS3.5 6.2.2)
-            pos = _skip_items(buf, pos, implicit or vr == b"UN", MAX_NESTING_DEPTH)
+            pos = skip_undefined(buf, pos, implicit or vr == b"UN")
+            if pos is None:
+                raise _Odd
             continue
         if tag in _KEPT:
             values[tag] = bytes(buf[pos:pos + length])
         pos += length
     return values, -1, 0
-
-
-def _skip_items(buf: memoryview, pos: int, implicit: bool, room: int) -> int:
-    """Past the Sequence Delimitation Item of the undefined-length sequence whose items start at pos."""
-    if room <= 0:
-        raise _Odd
-    while pos + 8 <= len(buf):
-        group, element = _HEAD.unpack_from(buf, pos)
-        tag, length = group << 16 | element, _U32.unpack_from(buf, pos + 4)[0]
-        pos += 8
-        if tag == _SEQUENCE_END:
-            return pos
-        if tag != _ITEM:
-            raise _Odd
-        pos = _skip_item(buf, pos, implicit, room - 1) if length == _UNDEFINED else pos + length
-    raise _Odd
-
-
-def _skip_item(buf: memoryview, pos: int, implicit: bool, room: int) -> int:
-    """Past the Item Delimitation Item of the undefined-length item whose elements start at pos."""
-    while pos + 8 <= len(buf):
-        group, element = _HEAD.unpack_from(buf, pos)
-        tag = group << 16 | element
-        if tag == _ITEM_END:
-            return pos + 8
-        if implicit:
-            vr, length, head = b"", _U32.unpack_from(buf, pos + 4)[0], 8
-        else:
-            vr, length, head = _explicit_head(buf, pos)
-        pos += head
-        if length == _UNDEFINED:
-            pos = _skip_items(buf, pos, implicit or vr == b"UN", room)
-        else:
-            pos += length
-    raise _Odd
 
 
 def _frame_length(values: dict[int, bytes]) -> int:
